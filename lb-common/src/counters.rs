@@ -1,0 +1,107 @@
+//! Global reasons: every packet the load-balancer program sees is counted under
+//! exactly one of these, so the counters add up to the packets received.
+
+/// Why the load-balancer program passed, dropped or forwarded a packet.
+/// The discriminant is the index into the `LB_COUNTERS` per-CPU array.
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Not IPv4/IPv6 (ARP, LLDP, ...): passed to the kernel.
+    PassNotIp = 0,
+    /// IP, but no service matches (VIP, protocol, port): passed untouched.
+    PassNotService = 1,
+    /// A protocol other than TCP, UDP or an ICMP error quoting a service flow
+    /// (tunnels, ICMP echo, ...): passed untouched.
+    PassOtherProtocol = 2,
+    /// Frame too short for its Ethernet or VLAN headers: dropped.
+    DropMalformedEthernet = 3,
+    /// Truncated IPv4 header, IHL below 5, or total length disagreeing with
+    /// the frame: dropped.
+    DropMalformedIpv4 = 4,
+    /// Truncated IPv6 header or extension-header chain, payload length
+    /// disagreeing with the frame, or a chain longer than the parser walks: dropped.
+    DropMalformedIpv6 = 5,
+    /// Truncated or invalid TCP/UDP header on a packet to a VIP address: dropped.
+    DropMalformedL4 = 6,
+    /// ICMP error to a VIP address whose quoted packet is truncated: dropped.
+    DropMalformedIcmp = 7,
+    /// IP fragment addressed to a VIP address: dropped (see docs/dataplane.md).
+    DropFragment = 8,
+    /// The service has no backend in rotation: dropped.
+    DropNoBackend = 9,
+    /// Encapsulation would exceed the MTU: dropped.
+    DropTooBig = 10,
+    /// The kernel refused to grow the packet for encapsulation: dropped.
+    DropEncapFailed = 11,
+    /// Forwarded with a MAC rewrite (`dsr-l2`).
+    ForwardDsr = 12,
+    /// Forwarded in an IPIP/IP6IP6 tunnel (`ipip`).
+    ForwardIpip = 13,
+    /// An ICMP "fragmentation needed"/"packet too big" relayed to the backend
+    /// owning the quoted flow.
+    ForwardIcmpError = 14,
+}
+
+impl Counter {
+    /// Number of counters (the `LB_COUNTERS` array size).
+    pub const COUNT: u32 = 15;
+
+    /// Every counter, in index order.
+    pub const ALL: [Counter; Self::COUNT as usize] = [
+        Counter::PassNotIp,
+        Counter::PassNotService,
+        Counter::PassOtherProtocol,
+        Counter::DropMalformedEthernet,
+        Counter::DropMalformedIpv4,
+        Counter::DropMalformedIpv6,
+        Counter::DropMalformedL4,
+        Counter::DropMalformedIcmp,
+        Counter::DropFragment,
+        Counter::DropNoBackend,
+        Counter::DropTooBig,
+        Counter::DropEncapFailed,
+        Counter::ForwardDsr,
+        Counter::ForwardIpip,
+        Counter::ForwardIcmpError,
+    ];
+
+    /// Stable snake_case name, for logs, JSON and metric labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::PassNotIp => "pass_not_ip",
+            Counter::PassNotService => "pass_not_service",
+            Counter::PassOtherProtocol => "pass_other_protocol",
+            Counter::DropMalformedEthernet => "drop_malformed_ethernet",
+            Counter::DropMalformedIpv4 => "drop_malformed_ipv4",
+            Counter::DropMalformedIpv6 => "drop_malformed_ipv6",
+            Counter::DropMalformedL4 => "drop_malformed_l4",
+            Counter::DropMalformedIcmp => "drop_malformed_icmp",
+            Counter::DropFragment => "drop_fragment",
+            Counter::DropNoBackend => "drop_no_backend",
+            Counter::DropTooBig => "drop_too_big",
+            Counter::DropEncapFailed => "drop_encap_failed",
+            Counter::ForwardDsr => "forward_dsr",
+            Counter::ForwardIpip => "forward_ipip",
+            Counter::ForwardIcmpError => "forward_icmp_error",
+        }
+    }
+}
+
+/// What the decapsulation program did with a packet; index into `LB_DECAP_COUNTERS`.
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum DecapCounter {
+    /// Not an IPIP/IP6IP6 packet: passed untouched.
+    PassNotTunnel = 0,
+    /// A tunnel packet for an address that is not a configured endpoint: passed untouched.
+    PassNotLocal = 1,
+    /// Outer header stripped, inner packet passed to the stack.
+    Decapsulated = 2,
+    /// Truncated outer or inner header: dropped.
+    DropMalformed = 3,
+}
+
+impl DecapCounter {
+    /// Number of decap counters.
+    pub const COUNT: u32 = 4;
+}

@@ -1,0 +1,41 @@
+//! Capacities and sizes shared by the kernel and user space.
+//!
+//! The map capacities here are the defaults compiled into the eBPF object; the
+//! control plane may resize maps at load time (before the program is loaded)
+//! when its configuration asks for more.
+
+/// Default Maglev table size: a prime (Maglev needs M prime so that every
+/// `skip` in `1..M` generates a full permutation), and the size the Maglev paper
+/// and Katran use, large enough that 1000 backends each own ~65 slots.
+pub const DEFAULT_RING_SIZE: u32 = 65_537;
+
+/// Copies of each service's Maglev table: one live, one being written, so a
+/// rebuild never exposes a half-written table (write the inactive copy, then flip).
+pub const RING_COPIES: u32 = 2;
+
+/// Default number of service slots (service ids are `0..MAX_SERVICES`).
+/// The rings map holds `MAX_SERVICES * RING_COPIES * ring_size` u32 entries:
+/// 64 * 2 * 65537 * 4 B = 32 MiB by default.
+pub const DEFAULT_MAX_SERVICES: u32 = 64;
+
+/// Default number of backend slots. A backend id names one (service, backend)
+/// membership, so the same server in two services takes two ids.
+pub const DEFAULT_MAX_BACKENDS: u32 = 4_096;
+
+/// Default connection-table capacity (LRU; least recently used flows go first).
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
+
+/// Capacity of the VIP-address and decap-address sets.
+pub const MAX_ADDRESSES: u32 = 1_024;
+
+/// Ring slot value meaning "no backend": the ring of a service whose backends
+/// are all out of rotation is filled with it, and such packets are dropped and
+/// counted rather than passed (a VIP is not the host's own address).
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// 802.1Q/802.1ad tags the parser walks through (QinQ).
+pub const MAX_VLAN_TAGS: usize = 2;
+
+/// IPv6 extension headers the parser walks through before giving up (counted
+/// as malformed). Bounded so the verifier sees a finite loop.
+pub const MAX_IPV6_EXT_HEADERS: usize = 4;

@@ -1,0 +1,30 @@
+//! Map names, spelled once. The eBPF crate names its statics identically (the
+//! symbol name is the map name) and a contract test checks the object.
+
+/// Services: [`crate::ServiceKey`] → [`crate::ServiceValue`] (hash).
+pub const SERVICES: &str = "LB_SERVICES";
+/// VIP addresses with at least one service: [`crate::AddrKey`] → u32 (hash).
+pub const VIPS: &str = "LB_VIPS";
+/// Maglev tables: u32 index → backend id (array), see [`crate::ring_index`].
+pub const RINGS: &str = "LB_RINGS";
+/// Backends: backend id → [`crate::BackendValue`] (array).
+pub const BACKENDS: &str = "LB_BACKENDS";
+/// Connection table: [`crate::FlowKey`] → [`crate::FlowValue`] (LRU hash).
+pub const CONNTRACK: &str = "LB_CONNTRACK";
+/// Data-plane settings: index 0 → [`crate::Settings`] (array).
+pub const SETTINGS: &str = "LB_SETTINGS";
+/// Global reasons: [`crate::Counter`] → u64 (per-CPU array).
+pub const COUNTERS: &str = "LB_COUNTERS";
+/// Per-service counters: service id → [`crate::ServiceStats`] (per-CPU array).
+pub const SERVICE_STATS: &str = "LB_SERVICE_STATS";
+/// Per-backend counters: backend id → [`crate::BackendStats`] (per-CPU array).
+pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
+/// Decap program: local tunnel endpoints, [`crate::AddrKey`] → u32 (hash).
+pub const DECAP_ADDRS: &str = "LB_DECAP_ADDRS";
+/// Decap program's counters: [`crate::DecapCounter`] → u64 (per-CPU array).
+pub const DECAP_COUNTERS: &str = "LB_DECAP_COUNTERS";
+
+/// The load-balancer XDP program.
+pub const PROG_LB: &str = "lb_xdp";
+/// The backend-side decapsulation XDP program.
+pub const PROG_DECAP: &str = "lb_decap";

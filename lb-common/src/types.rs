@@ -1,0 +1,213 @@
+//! Map keys and values. Every type is `#[repr(C)]` with explicit padding
+//! fields (zeroed by user space, so hash keys compare byte-for-byte) and a
+//! compile-time size assert, because the kernel sees raw bytes.
+
+use core::{mem::size_of, net::IpAddr};
+
+/// Address family tag for IPv4 in keys and values (not the libc `AF_*` value).
+pub const FAMILY_V4: u8 = 4;
+/// Address family tag for IPv6.
+pub const FAMILY_V6: u8 = 6;
+
+/// Service flag: forward in an IPIP/IP6IP6 tunnel (`ipip`) instead of
+/// rewriting MACs (`dsr-l2`).
+pub const SERVICE_F_IPIP: u32 = 1 << 0;
+/// Service flag: hash the client address only (client affinity), not the 5-tuple.
+pub const SERVICE_F_AFFINITY: u32 = 1 << 1;
+
+/// Backend flag: established flows may use this backend. Cleared when the
+/// backend is down, in maintenance or removed, which turns its
+/// connection-table entries into misses. A draining backend keeps it (its
+/// flows stay) but is absent from the Maglev table (no new flows).
+pub const BACKEND_F_UP: u8 = 1 << 0;
+
+/// An address as 16 bytes in network order; IPv4 uses the first 4 bytes and
+/// leaves the rest zero, so one key shape serves both families.
+pub type Addr = [u8; 16];
+
+/// Converts an address to the 16-byte form and its family tag.
+pub fn addr_bytes(ip: IpAddr) -> (Addr, u8) {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&v4.octets());
+            (a, FAMILY_V4)
+        }
+        IpAddr::V6(v6) => (v6.octets(), FAMILY_V6),
+    }
+}
+
+/// A service: (VIP, protocol, port). Key of `LB_SERVICES`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceKey {
+    /// The VIP, network order.
+    pub addr: Addr,
+    /// Destination port, network order.
+    pub port: u16,
+    /// IP protocol number (TCP 6, UDP 17).
+    pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+}
+
+/// What the data plane needs of a service. Value of `LB_SERVICES`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct ServiceValue {
+    /// Dense id: index of the service's rings and counters.
+    pub id: u32,
+    /// `SERVICE_F_*` bits.
+    pub flags: u32,
+    /// Which ring copy (0 or 1) is live; flipped after the other is written.
+    pub active_ring: u32,
+    /// Explicit padding, zero.
+    pub _pad: u32,
+}
+
+/// An address with its family. Key of `LB_VIPS` and `LB_DECAP_ADDRS`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AddrKey {
+    /// Network order.
+    pub addr: Addr,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Explicit padding, zero.
+    pub _pad: [u8; 3],
+}
+
+impl AddrKey {
+    /// The key for `ip`.
+    pub fn new(ip: IpAddr) -> Self {
+        let (addr, family) = addr_bytes(ip);
+        AddrKey {
+            addr,
+            family,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// A backend of one service. Value of `LB_BACKENDS`, indexed by backend id.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct BackendValue {
+    /// Backend address (the tunnel destination for `ipip`), network order.
+    pub addr: Addr,
+    /// MAC of the next hop toward the backend (the backend itself when on-link).
+    pub mac: [u8; 6],
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// `BACKEND_F_*` bits.
+    pub flags: u8,
+    /// Bumped whenever the id is given to another backend, so connection-table
+    /// entries made for the previous holder become misses.
+    pub generation: u32,
+}
+
+/// A flow as the client sent it. Key of `LB_CONNTRACK` and input of the hash.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    /// Client address, network order.
+    pub src: Addr,
+    /// VIP, network order.
+    pub dst: Addr,
+    /// Client port, network order.
+    pub sport: u16,
+    /// Service port, network order.
+    pub dport: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Explicit padding, zero.
+    pub _pad: [u8; 2],
+}
+
+/// Where a flow went. Value of `LB_CONNTRACK`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct FlowValue {
+    /// Backend id.
+    pub backend: u32,
+    /// The backend's [`BackendValue::generation`] when the flow was pinned.
+    pub generation: u32,
+}
+
+/// Data-plane settings. Index 0 of `LB_SETTINGS`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct Settings {
+    /// Maglev table size (prime); the stride of `LB_RINGS`. Zero means "not
+    /// configured yet": every service packet is dropped as having no backend.
+    pub ring_size: u32,
+    /// Largest IP packet the egress link carries (its MTU); encapsulation
+    /// beyond it drops the packet (counted as `drop_too_big`).
+    pub mtu: u32,
+    /// Outer IPv4 source for `ipip`, network order.
+    pub tunnel_src_v4: [u8; 4],
+    /// Host-order mask of the outer IPv4 source bits taken from the flow hash,
+    /// so backends' receive-side scaling spreads tunnelled flows (0: fixed source).
+    pub tunnel_src_v4_hash_mask: u32,
+    /// Outer IPv6 source for `ipip`, network order.
+    pub tunnel_src_v6: Addr,
+    /// Host-order mask over the last 32 bits of the outer IPv6 source, as above.
+    pub tunnel_src_v6_hash_mask: u32,
+}
+
+/// Per-service counters (per CPU). Value of `LB_SERVICE_STATS`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct ServiceStats {
+    /// Packets forwarded.
+    pub packets: u64,
+    /// Bytes forwarded, as received (before encapsulation).
+    pub bytes: u64,
+    /// Flows that took a Maglev lookup (connection-table miss or TCP SYN).
+    pub new_flows: u64,
+}
+
+/// Per-backend counters (per CPU). Value of `LB_BACKEND_STATS`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct BackendStats {
+    /// Packets forwarded to the backend.
+    pub packets: u64,
+    /// Bytes forwarded, as received.
+    pub bytes: u64,
+}
+
+/// Index of a ring slot in `LB_RINGS`: each service owns [`crate::limits::RING_COPIES`]
+/// consecutive tables of `ring_size` slots.
+#[inline(always)]
+pub const fn ring_index(service_id: u32, copy: u32, ring_size: u32, slot: u32) -> u32 {
+    (service_id * crate::limits::RING_COPIES + copy) * ring_size + slot
+}
+
+const _: () = assert!(size_of::<ServiceKey>() == 20);
+const _: () = assert!(size_of::<ServiceValue>() == 16);
+const _: () = assert!(size_of::<AddrKey>() == 20);
+const _: () = assert!(size_of::<BackendValue>() == 28);
+const _: () = assert!(size_of::<FlowKey>() == 40);
+const _: () = assert!(size_of::<FlowValue>() == 8);
+const _: () = assert!(size_of::<Settings>() == 36);
+const _: () = assert!(size_of::<ServiceStats>() == 24);
+const _: () = assert!(size_of::<BackendStats>() == 16);
+
+#[cfg(feature = "user")]
+mod pod {
+    //! SAFETY (all impls): `#[repr(C)]`, only integer and byte-array fields,
+    //! no implicit padding (the size asserts above pin the layout).
+    use super::*;
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for AddrKey {}
+    unsafe impl aya::Pod for BackendValue {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for BackendStats {}
+}

@@ -1,0 +1,72 @@
+//! Wire-format constants (IEEE 802.3, RFC 791, RFC 8200, RFC 792, RFC 4443),
+//! named once for the parser, the packet builders of the tests and user space.
+
+/// Ethernet header length.
+pub const ETH_HLEN: usize = 14;
+/// 802.1Q/802.1ad tag length.
+pub const VLAN_HLEN: usize = 4;
+/// IPv4 header length without options.
+pub const IPV4_HLEN: usize = 20;
+/// IPv6 fixed header length.
+pub const IPV6_HLEN: usize = 40;
+/// TCP header length without options.
+pub const TCP_HLEN: usize = 20;
+/// UDP header length.
+pub const UDP_HLEN: usize = 8;
+/// ICMP/ICMPv6 header length (type, code, checksum, 4 bytes of rest).
+pub const ICMP_HLEN: usize = 8;
+
+/// EtherType IPv4.
+pub const ETH_P_IP: u16 = 0x0800;
+/// EtherType IPv6.
+pub const ETH_P_IPV6: u16 = 0x86dd;
+/// EtherType ARP.
+pub const ETH_P_ARP: u16 = 0x0806;
+/// EtherType 802.1Q VLAN tag.
+pub const ETH_P_8021Q: u16 = 0x8100;
+/// EtherType 802.1ad service VLAN tag (QinQ).
+pub const ETH_P_8021AD: u16 = 0x88a8;
+
+/// IP protocol: ICMP.
+pub const IPPROTO_ICMP: u8 = 1;
+/// IP protocol: IPv4 in IP (RFC 2003).
+pub const IPPROTO_IPIP: u8 = 4;
+/// IP protocol: TCP.
+pub const IPPROTO_TCP: u8 = 6;
+/// IP protocol: UDP.
+pub const IPPROTO_UDP: u8 = 17;
+/// IP protocol: IPv6 in IP (RFC 2473).
+pub const IPPROTO_IPV6: u8 = 41;
+/// IPv6 extension: hop-by-hop options.
+pub const IPPROTO_HOPOPTS: u8 = 0;
+/// IPv6 extension: routing header.
+pub const IPPROTO_ROUTING: u8 = 43;
+/// IPv6 extension: fragment header.
+pub const IPPROTO_FRAGMENT: u8 = 44;
+/// IP protocol: GRE.
+pub const IPPROTO_GRE: u8 = 47;
+/// IP protocol: ICMPv6.
+pub const IPPROTO_ICMPV6: u8 = 58;
+/// IPv6 extension: destination options.
+pub const IPPROTO_DSTOPTS: u8 = 60;
+
+/// IPv4 flags/fragment-offset field: "more fragments".
+pub const IPV4_MF: u16 = 0x2000;
+/// IPv4 flags/fragment-offset field: "don't fragment".
+pub const IPV4_DF: u16 = 0x4000;
+/// IPv4 flags/fragment-offset field: the offset bits.
+pub const IPV4_FRAG_OFFSET: u16 = 0x1fff;
+/// Default TTL of the outer header we build (RFC 1700's recommended 64).
+pub const DEFAULT_TTL: u8 = 64;
+
+/// ICMPv4 type "destination unreachable".
+pub const ICMP_DEST_UNREACH: u8 = 3;
+/// ICMPv4 code "fragmentation needed and DF set".
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+/// ICMPv6 type "packet too big".
+pub const ICMPV6_PKT_TOOBIG: u8 = 2;
+
+/// TCP flag SYN.
+pub const TCP_SYN: u8 = 0x02;
+/// TCP flag ACK.
+pub const TCP_ACK: u8 = 0x10;

@@ -1,0 +1,194 @@
+//! Forwarding: MAC rewrite (`dsr-l2`) and IPIP/IP6IP6 encapsulation (`ipip`),
+//! both sent back out of the receiving interface with XDP_TX; plus moving the
+//! link-layer header when a tunnel header is added or removed.
+
+use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use lb_common::{
+    Addr, Counter, FAMILY_V4, Settings,
+    wire::{DEFAULT_TTL, ETH_HLEN, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HLEN, IPV6_HLEN, VLAN_HLEN},
+};
+
+use crate::{
+    checksum,
+    packet::{load, store},
+    parse::Ip,
+    select::Choice,
+};
+
+/// IPv6 flow label mask (20 bits, RFC 6437).
+const FLOW_LABEL_MASK: u32 = 0x000f_ffff;
+
+/// The link-layer header (Ethernet and up to two VLAN tags), held aside while
+/// the packet's head moves.
+pub struct L2Header {
+    eth: [u8; ETH_HLEN],
+    tags: [[u8; VLAN_HLEN]; 2],
+    len: usize,
+}
+
+impl L2Header {
+    /// Copies the `len`-byte link-layer header from the start of the packet.
+    #[inline(always)]
+    pub fn load(ctx: &XdpContext, len: usize) -> Option<Self> {
+        let mut h = L2Header {
+            eth: load(ctx, 0)?,
+            tags: [[0; VLAN_HLEN]; 2],
+            len,
+        };
+        if len > ETH_HLEN {
+            h.tags[0] = load(ctx, ETH_HLEN)?;
+        }
+        if len > ETH_HLEN + VLAN_HLEN {
+            h.tags[1] = load(ctx, ETH_HLEN + VLAN_HLEN)?;
+        }
+        Some(h)
+    }
+
+    /// Writes the header at `off`.
+    #[inline(always)]
+    pub fn store(&self, ctx: &XdpContext, off: usize) -> Option<()> {
+        store(ctx, off, self.eth)?;
+        if self.len > ETH_HLEN {
+            store(ctx, off + ETH_HLEN, self.tags[0])?;
+        }
+        if self.len > ETH_HLEN + VLAN_HLEN {
+            store(ctx, off + ETH_HLEN + VLAN_HLEN, self.tags[1])?;
+        }
+        Some(())
+    }
+
+    /// Readdresses the frame to `next_hop`, from the MAC it was sent to (ours:
+    /// the packet leaves by the interface it arrived on).
+    #[inline(always)]
+    fn readdress(&mut self, next_hop: [u8; 6]) {
+        let mut i = 0;
+        while i < 6 {
+            self.eth[6 + i] = self.eth[i];
+            self.eth[i] = next_hop[i];
+            i += 1;
+        }
+    }
+}
+
+/// Moves the packet's head by `delta` bytes (negative grows it).
+#[inline(always)]
+pub fn adjust_head(ctx: &XdpContext, delta: i32) -> Result<(), Counter> {
+    // SAFETY: plain helper call on our own context; the kernel checks delta.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
+        return Err(Counter::DropEncapFailed);
+    }
+    Ok(())
+}
+
+/// `dsr-l2`: rewrite the MACs, leave the IP packet as it is.
+#[inline(always)]
+pub fn rewrite_macs(ctx: &XdpContext, ip: &Ip, choice: &Choice) -> Result<(), Counter> {
+    let mut l2 = L2Header::load(ctx, ip.l3_off).ok_or(Counter::DropMalformedEthernet)?;
+    l2.readdress(choice.backend.mac);
+    // Only the 12 address bytes changed; VLAN tags stay in place.
+    store(ctx, 0, l2.eth).ok_or(Counter::DropMalformedEthernet)
+}
+
+/// The outer source: the configured address with the bits under `mask`
+/// taken from the flow hash, so a backend's RSS spreads tunnelled flows.
+#[inline(always)]
+fn tunnel_source_word(base: [u8; 4], mask: u32, hash: u32) -> [u8; 4] {
+    ((u32::from_be_bytes(base) & !mask) | (hash & mask)).to_be_bytes()
+}
+
+/// `ipip`: prepend an IPv4 (IPIP, RFC 2003) or IPv6 (RFC 2473) header toward
+/// the backend. The outer family is the inner one, so the EtherType stays.
+#[inline(always)]
+pub fn encapsulate(
+    ctx: &XdpContext,
+    ip: &Ip,
+    choice: &Choice,
+    settings: &Settings,
+) -> Result<(), Counter> {
+    let backend = &choice.backend;
+    if backend.family != ip.family {
+        // Refused by config validation; counted in case the maps disagree.
+        return Err(Counter::DropEncapFailed);
+    }
+    let inner_len = ip.end - ip.l3_off;
+    let outer_len = if ip.family == FAMILY_V4 {
+        IPV4_HLEN
+    } else {
+        IPV6_HLEN
+    };
+    if inner_len + outer_len > settings.mtu as usize {
+        return Err(Counter::DropTooBig);
+    }
+    let mut l2 = L2Header::load(ctx, ip.l3_off).ok_or(Counter::DropMalformedEthernet)?;
+    // RFC 2003 §3.1: the outer TOS is copied from the inner header.
+    let tos = if ip.family == FAMILY_V4 {
+        load::<u8>(ctx, ip.l3_off + 1).ok_or(Counter::DropMalformedIpv4)?
+    } else {
+        0
+    };
+    adjust_head(ctx, -(outer_len as i32))?;
+    l2.readdress(backend.mac);
+    l2.store(ctx, 0).ok_or(Counter::DropEncapFailed)?;
+    let len = (inner_len + outer_len) as u16;
+    if ip.family == FAMILY_V4 {
+        let src = tunnel_source_word(
+            settings.tunnel_src_v4,
+            settings.tunnel_src_v4_hash_mask,
+            choice.hash,
+        );
+        let [l0, l1] = len.to_be_bytes();
+        let mut h: [u8; IPV4_HLEN] = [
+            0x45,
+            tos,
+            l0,
+            l1,
+            0,
+            0,
+            0,
+            0,
+            DEFAULT_TTL,
+            IPPROTO_IPIP,
+            0,
+            0,
+            src[0],
+            src[1],
+            src[2],
+            src[3],
+            backend.addr[0],
+            backend.addr[1],
+            backend.addr[2],
+            backend.addr[3],
+        ];
+        let [c0, c1] = checksum::ipv4_header(&h).to_be_bytes();
+        h[10] = c0;
+        h[11] = c1;
+        store(ctx, ip.l3_off, h).ok_or(Counter::DropEncapFailed)
+    } else {
+        let mut src: Addr = settings.tunnel_src_v6;
+        let last = tunnel_source_word(
+            [src[12], src[13], src[14], src[15]],
+            settings.tunnel_src_v6_hash_mask,
+            choice.hash,
+        );
+        src[12] = last[0];
+        src[13] = last[1];
+        src[14] = last[2];
+        src[15] = last[3];
+        // The flow label carries the flow hash so ECMP on the way spreads tunnels.
+        let label = choice.hash & FLOW_LABEL_MASK;
+        let [p0, p1] = (inner_len as u16).to_be_bytes();
+        let head: [u8; 8] = [
+            0x60,
+            (label >> 16) as u8,
+            (label >> 8) as u8,
+            label as u8,
+            p0,
+            p1,
+            IPPROTO_IPV6,
+            DEFAULT_TTL,
+        ];
+        store(ctx, ip.l3_off, head).ok_or(Counter::DropEncapFailed)?;
+        store(ctx, ip.l3_off + 8, src).ok_or(Counter::DropEncapFailed)?;
+        store(ctx, ip.l3_off + 24, backend.addr).ok_or(Counter::DropEncapFailed)
+    }
+}

@@ -1,0 +1,210 @@
+//! lb's XDP programs.
+//!
+//! `lb_xdp` is the load balancer; its path reads as a pipeline in which every
+//! step either continues or ends with the [`Counter`] that names the outcome.
+//! The XDP action follows from that counter, so every exit is counted exactly
+//! once. `lb_decap` runs on backends of `ipip` services.
+//!
+//! # Layout
+//! - `packet`: bounds-checked access (the only raw-pointer `unsafe`).
+//! - `parse`: Ethernet/VLAN, IPv4, IPv6, TCP/UDP, quoted ICMP packets.
+//! - `select`: connection table and Maglev lookup.
+//! - `forward`: MAC rewrite and IPIP encapsulation.
+//! - `checksum`: IPv4 header checksum.
+//! - `decap`: the backend-side decapsulator.
+//! - `maps`: every map and its accessors, counters included.
+#![no_std]
+#![no_main]
+#![expect(
+    missing_docs,
+    reason = "#[xdp] generates undocumented wrapper functions"
+)]
+
+mod checksum;
+mod decap;
+mod forward;
+mod maps;
+mod packet;
+mod parse;
+mod select;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use lb_common::{
+    AddrKey, Counter, FlowKey, SERVICE_F_IPIP, ServiceKey, ServiceValue,
+    wire::{
+        ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK,
+        TCP_SYN,
+    },
+};
+
+use crate::{packet::frame_len, parse::Ip, select::Choice};
+
+/// The load balancer.
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let counter = match balance(&ctx) {
+        Ok(c) | Err(c) => c,
+    };
+    maps::count(counter);
+    action(counter)
+}
+
+/// The decapsulator for backends of `ipip` services.
+#[xdp]
+pub fn lb_decap(ctx: XdpContext) -> u32 {
+    let (action, counter) = decap::decapsulate(&ctx);
+    maps::count_decap(counter);
+    action
+}
+
+/// The XDP action each outcome implies.
+#[inline(always)]
+fn action(c: Counter) -> u32 {
+    match c {
+        Counter::PassNotIp | Counter::PassNotService | Counter::PassOtherProtocol => {
+            xdp_action::XDP_PASS
+        }
+        Counter::ForwardDsr | Counter::ForwardIpip | Counter::ForwardIcmpError => {
+            xdp_action::XDP_TX
+        }
+        _ => xdp_action::XDP_DROP,
+    }
+}
+
+#[inline(always)]
+fn vip_key(ip: &Ip) -> AddrKey {
+    AddrKey {
+        addr: ip.dst,
+        family: ip.family,
+        _pad: [0; 3],
+    }
+}
+
+/// A problem on a packet to a VIP address is ours to drop and count; on any
+/// other packet it is the kernel's business, so the packet passes untouched.
+#[inline(always)]
+fn ours_or_pass(ip: &Ip, c: Counter) -> Counter {
+    if maps::is_vip(&vip_key(ip)) {
+        c
+    } else {
+        Counter::PassNotService
+    }
+}
+
+#[inline(always)]
+fn balance(ctx: &XdpContext) -> Result<Counter, Counter> {
+    let (ethertype, l3_off) = parse::ethernet(ctx)?;
+    let limit = parse::limit(ctx);
+    let ip = match ethertype {
+        ETH_P_IP => parse::ipv4(ctx, l3_off, limit, false)?,
+        ETH_P_IPV6 => parse::ipv6(ctx, l3_off, limit, false)?,
+        _ => return Ok(Counter::PassNotIp),
+    };
+    // Fragments: see docs/dataplane.md. Non-first fragments carry no ports,
+    // so the rule keys on the VIP address alone.
+    if ip.fragment {
+        return Ok(ours_or_pass(&ip, Counter::DropFragment));
+    }
+    match ip.proto {
+        IPPROTO_TCP | IPPROTO_UDP => balance_flow(ctx, &ip),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if parse::is_pmtu_error(ctx, &ip) => relay_icmp(ctx, &ip),
+        _ => Ok(Counter::PassOtherProtocol),
+    }
+}
+
+/// A TCP or UDP packet: to its service's backend, or passed if no service.
+#[inline(always)]
+fn balance_flow(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
+    let ports = parse::ports(ctx, ip).map_err(|c| ours_or_pass(ip, c))?;
+    let key = ServiceKey {
+        addr: ip.dst,
+        port: ports.dport,
+        proto: ip.proto,
+        family: ip.family,
+    };
+    let service = maps::service(&key).ok_or(Counter::PassNotService)?;
+    let settings = maps::settings().ok_or(Counter::DropNoBackend)?;
+    let flow = FlowKey {
+        src: ip.src,
+        dst: ip.dst,
+        sport: ports.sport,
+        dport: ports.dport,
+        proto: ip.proto,
+        family: ip.family,
+        _pad: [0; 2],
+    };
+    // A SYN starts a new connection: it re-picks even if the 5-tuple is
+    // remembered (port reuse), and its choice replaces the entry.
+    let syn = ip.proto == IPPROTO_TCP && ports.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let choice = select::select_backend(&settings, &service, &flow, syn, true)?;
+    forward(ctx, ip, &service, &choice, &settings)?;
+    Ok(if service.flags & SERVICE_F_IPIP != 0 {
+        Counter::ForwardIpip
+    } else {
+        Counter::ForwardDsr
+    })
+}
+
+/// An ICMP "fragmentation needed"/"packet too big" quoting a service flow
+/// goes to the backend that owns the flow, so its path MTU discovery works.
+#[inline(always)]
+fn relay_icmp(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
+    let (inner, ports) = match parse::quoted(ctx, ip) {
+        Ok(q) => q,
+        Err(Counter::DropMalformedIcmp) => {
+            return Err(ours_or_pass(ip, Counter::DropMalformedIcmp));
+        }
+        Err(_) => return Ok(Counter::PassOtherProtocol),
+    };
+    // The quoted packet went from the VIP to the client.
+    let key = ServiceKey {
+        addr: inner.src,
+        port: ports.sport,
+        proto: inner.proto,
+        family: inner.family,
+    };
+    let service = maps::service(&key).ok_or(Counter::PassOtherProtocol)?;
+    let settings = maps::settings().ok_or(Counter::DropNoBackend)?;
+    let flow = FlowKey {
+        src: inner.dst,
+        dst: inner.src,
+        sport: ports.dport,
+        dport: ports.sport,
+        proto: inner.proto,
+        family: inner.family,
+        _pad: [0; 2],
+    };
+    let choice = select::select_backend(&settings, &service, &flow, false, false)?;
+    forward(ctx, ip, &service, &choice, &settings)?;
+    Ok(Counter::ForwardIcmpError)
+}
+
+/// Sends the packet to the chosen backend by the service's mode and counts it.
+#[inline(always)]
+fn forward(
+    ctx: &XdpContext,
+    ip: &Ip,
+    service: &ServiceValue,
+    choice: &Choice,
+    settings: &lb_common::Settings,
+) -> Result<(), Counter> {
+    let bytes = frame_len(ctx) as u64;
+    if service.flags & SERVICE_F_IPIP != 0 {
+        forward::encapsulate(ctx, ip, choice, settings)?;
+    } else {
+        forward::rewrite_macs(ctx, ip, choice)?;
+    }
+    maps::count_forward(service.id, choice.id, bytes, choice.new_flow);
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// The kernel requires a GPL-compatible license for some helpers.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

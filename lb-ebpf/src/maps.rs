@@ -1,0 +1,159 @@
+//! The maps. Statics are named as `lb_common::maps` spells them (the symbol
+//! name is the map name user space opens); capacities are the defaults from
+//! `lb_common::limits`, which user space may raise at load time.
+
+use aya_ebpf::{
+    bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    AddrKey, BackendStats, BackendValue, Counter, FlowKey, FlowValue, ServiceKey, ServiceStats,
+    ServiceValue, Settings, counters::DecapCounter, limits,
+};
+
+/// Services. Not preallocated, so an update replaces the element under RCU and
+/// a reader never sees a recycled one (this is what makes the ring flip atomic).
+#[map]
+static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(limits::DEFAULT_MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// VIP addresses, to tell "for a VIP but malformed or fragmented" from "not ours".
+#[map]
+static LB_VIPS: HashMap<AddrKey, u32> =
+    HashMap::with_max_entries(limits::MAX_ADDRESSES, BPF_F_NO_PREALLOC);
+
+/// Maglev tables, `RING_COPIES` per service, indexed with `lb_common::ring_index`.
+#[map]
+static LB_RINGS: Array<u32> = Array::with_max_entries(
+    limits::DEFAULT_MAX_SERVICES * limits::RING_COPIES * limits::DEFAULT_RING_SIZE,
+    0,
+);
+
+/// Backends by id.
+#[map]
+static LB_BACKENDS: Array<BackendValue> = Array::with_max_entries(limits::DEFAULT_MAX_BACKENDS, 0);
+
+/// Connection table. One hash shared by all CPUs (a flow whose packets arrive
+/// on several CPUs still sticks) with per-CPU LRU lists, which avoids the
+/// global LRU lock on the packet path.
+#[map]
+static LB_CONNTRACK: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(limits::DEFAULT_CONNTRACK_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+/// Settings, one entry.
+#[map]
+static LB_SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// Global reasons, one per `Counter`.
+#[map]
+static LB_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+/// Per-service counters.
+#[map]
+static LB_SERVICE_STATS: PerCpuArray<ServiceStats> =
+    PerCpuArray::with_max_entries(limits::DEFAULT_MAX_SERVICES, 0);
+
+/// Per-backend counters.
+#[map]
+static LB_BACKEND_STATS: PerCpuArray<BackendStats> =
+    PerCpuArray::with_max_entries(limits::DEFAULT_MAX_BACKENDS, 0);
+
+/// Decap program: the host's tunnel endpoint addresses.
+#[map]
+static LB_DECAP_ADDRS: HashMap<AddrKey, u32> =
+    HashMap::with_max_entries(limits::MAX_ADDRESSES, BPF_F_NO_PREALLOC);
+
+/// Decap program's counters.
+#[map]
+static LB_DECAP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DecapCounter::COUNT, 0);
+
+/// The service for `key`, copied out of the map.
+#[inline(always)]
+pub fn service(key: &ServiceKey) -> Option<ServiceValue> {
+    // SAFETY: the map is not preallocated, so the element stays valid under
+    // RCU for the duration of the program; we copy it immediately.
+    unsafe { LB_SERVICES.get(key).copied() }
+}
+
+/// Whether `key` is a VIP address of some service.
+#[inline(always)]
+pub fn is_vip(key: &AddrKey) -> bool {
+    LB_VIPS.get_ptr(key).is_some()
+}
+
+/// The backend id in ring slot `index`.
+#[inline(always)]
+pub fn ring_slot(index: u32) -> Option<u32> {
+    LB_RINGS.get(index).copied()
+}
+
+/// The backend with id `id`.
+#[inline(always)]
+pub fn backend(id: u32) -> Option<BackendValue> {
+    LB_BACKENDS.get(id).copied()
+}
+
+/// The connection-table entry for `flow`.
+#[inline(always)]
+pub fn conntrack_get(flow: &FlowKey) -> Option<FlowValue> {
+    // SAFETY: LRU elements can be recycled under us; the 8-byte value is
+    // copied at once and then validated against the backend's generation.
+    unsafe { LB_CONNTRACK.get(flow).copied() }
+}
+
+/// Pins `flow` to a backend. Failure only means the flow re-hashes next time.
+#[inline(always)]
+pub fn conntrack_put(flow: &FlowKey, value: &FlowValue) {
+    let _ = LB_CONNTRACK.insert(flow, value, 0);
+}
+
+/// The data-plane settings.
+#[inline(always)]
+pub fn settings() -> Option<Settings> {
+    LB_SETTINGS.get(0).copied()
+}
+
+/// Adds one to the global counter `c`.
+#[inline(always)]
+pub fn count(c: Counter) {
+    if let Some(p) = LB_COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+/// Accounts a forwarded packet to its service and backend.
+#[inline(always)]
+pub fn count_forward(service_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
+    if let Some(s) = LB_SERVICE_STATS.get_ptr_mut(service_id) {
+        // SAFETY: per-CPU value.
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += bytes;
+            (*s).new_flows += new_flow as u64;
+        }
+    }
+    if let Some(b) = LB_BACKEND_STATS.get_ptr_mut(backend_id) {
+        // SAFETY: per-CPU value.
+        unsafe {
+            (*b).packets += 1;
+            (*b).bytes += bytes;
+        }
+    }
+}
+
+/// Whether `key` is one of this host's tunnel endpoints (decap program).
+#[inline(always)]
+pub fn is_decap_addr(key: &AddrKey) -> bool {
+    LB_DECAP_ADDRS.get_ptr(key).is_some()
+}
+
+/// Adds one to the decap counter `c`.
+#[inline(always)]
+pub fn count_decap(c: DecapCounter) {
+    if let Some(p) = LB_DECAP_COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: per-CPU value.
+        unsafe { *p += 1 };
+    }
+}

@@ -1,0 +1,340 @@
+//! The one owner of the eBPF object and its maps. Every write to the kernel
+//! goes through here, in an order that keeps the data plane consistent:
+//! a Maglev table is written to the inactive copy before the service flips
+//! to it, so no packet ever sees a half-written table.
+
+use std::net::IpAddr;
+
+use anyhow::{Context as _, Result, bail, ensure};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::Xdp,
+};
+use lb_common::{
+    AddrKey, BackendStats, BackendValue, Counter, FlowKey, FlowValue, ServiceKey, ServiceStats,
+    ServiceValue, Settings,
+    counters::DecapCounter,
+    limits::{
+        DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE,
+        RING_COPIES,
+    },
+    maps as names, ring_index,
+};
+
+/// The compiled XDP object, embedded so `lb` ships as one file.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// Map capacities, fixed when the object is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Service slots (ids `0..max_services`).
+    pub max_services: u32,
+    /// Backend slots (ids `0..max_backends`).
+    pub max_backends: u32,
+    /// Connection-table entries.
+    pub conntrack_entries: u32,
+    /// Maglev table size (prime).
+    pub ring_size: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity {
+            max_services: DEFAULT_MAX_SERVICES,
+            max_backends: DEFAULT_MAX_BACKENDS,
+            conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
+            ring_size: DEFAULT_RING_SIZE,
+        }
+    }
+}
+
+impl Capacity {
+    /// Entries of the rings map: every service's copies of its table.
+    pub fn ring_entries(&self) -> Result<u32> {
+        self.max_services
+            .checked_mul(RING_COPIES)
+            .and_then(|n| n.checked_mul(self.ring_size))
+            .with_context(|| {
+                format!(
+                    "{} services x {} slots x {RING_COPIES} copies exceeds the rings map's u32 index",
+                    self.max_services, self.ring_size
+                )
+            })
+    }
+}
+
+/// The loaded programs and typed handles on every map.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    capacity: Capacity,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    vips: HashMap<MapData, AddrKey, u32>,
+    rings: Array<MapData, u32>,
+    backends: Array<MapData, BackendValue>,
+    conntrack: HashMap<MapData, FlowKey, FlowValue>,
+    settings: Array<MapData, Settings>,
+    counters: PerCpuArray<MapData, u64>,
+    service_stats: PerCpuArray<MapData, ServiceStats>,
+    backend_stats: PerCpuArray<MapData, BackendStats>,
+    decap_addrs: HashMap<MapData, AddrKey, u32>,
+    decap_counters: PerCpuArray<MapData, u64>,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("map {name} missing from the eBPF object"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+impl Dataplane {
+    /// Loads the embedded object with `capacity` and verifies both programs
+    /// in the kernel. Nothing is attached yet.
+    pub fn load(capacity: Capacity) -> Result<Self> {
+        ensure!(
+            crate::maglev::is_prime(capacity.ring_size),
+            "ring size {} is not prime",
+            capacity.ring_size
+        );
+        let ring_entries = capacity.ring_entries()?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::SERVICES, capacity.max_services)
+            .map_max_entries(names::SERVICE_STATS, capacity.max_services)
+            .map_max_entries(names::RINGS, ring_entries)
+            .map_max_entries(names::BACKENDS, capacity.max_backends)
+            .map_max_entries(names::BACKEND_STATS, capacity.max_backends)
+            .map_max_entries(names::CONNTRACK, capacity.conntrack_entries)
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object (maps could not be created)")?;
+        for name in [names::PROG_LB, names::PROG_DECAP] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing"))?
+                .try_into()
+                .with_context(|| format!("program {name} is not XDP"))?;
+            prog.load()
+                .with_context(|| format!("the kernel refused program {name}"))?;
+        }
+        let mut dp = Dataplane {
+            services: take(&mut ebpf, names::SERVICES)?,
+            vips: take(&mut ebpf, names::VIPS)?,
+            rings: take(&mut ebpf, names::RINGS)?,
+            backends: take(&mut ebpf, names::BACKENDS)?,
+            conntrack: take(&mut ebpf, names::CONNTRACK)?,
+            settings: take(&mut ebpf, names::SETTINGS)?,
+            counters: take(&mut ebpf, names::COUNTERS)?,
+            service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
+            backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
+            decap_addrs: take(&mut ebpf, names::DECAP_ADDRS)?,
+            decap_counters: take(&mut ebpf, names::DECAP_COUNTERS)?,
+            ebpf,
+            capacity,
+        };
+        // Until the controller configures it, the data plane knows its table
+        // size but forwards nothing (no services).
+        dp.set_settings(Settings::default())?;
+        Ok(dp)
+    }
+
+    /// The capacities this data plane was loaded with.
+    pub fn capacity(&self) -> Capacity {
+        self.capacity
+    }
+
+    /// One of the XDP programs (`lb_common::maps::PROG_*`), to attach or test-run.
+    pub fn program(&mut self, name: &str) -> Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing"))?
+            .try_into()?)
+    }
+
+    /// Writes the settings; the ring size is always the loaded capacity's.
+    pub fn set_settings(&mut self, mut settings: Settings) -> Result<()> {
+        settings.ring_size = self.capacity.ring_size;
+        self.settings
+            .set(0, settings, 0)
+            .context("writing settings")
+    }
+
+    /// Writes backend `id`.
+    pub fn set_backend(&mut self, id: u32, backend: &BackendValue) -> Result<()> {
+        ensure!(
+            id < self.capacity.max_backends,
+            "backend id {id} beyond capacity {}",
+            self.capacity.max_backends
+        );
+        self.backends
+            .set(id, backend, 0)
+            .with_context(|| format!("writing backend {id}"))
+    }
+
+    /// Reads backend `id`.
+    pub fn backend(&self, id: u32) -> Result<BackendValue> {
+        Ok(self.backends.get(&id, 0)?)
+    }
+
+    /// The service's entry, if it exists.
+    pub fn service(&self, key: &ServiceKey) -> Result<Option<ServiceValue>> {
+        match self.services.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading a service"),
+        }
+    }
+
+    /// Creates or updates a service and makes `ring` its live table: the ring
+    /// goes into the inactive copy first, then the service entry flips to it
+    /// in one map update. `ring` holds backend ids (or `NO_BACKEND`).
+    pub fn publish_service(
+        &mut self,
+        key: &ServiceKey,
+        id: u32,
+        flags: u32,
+        ring: &[u32],
+    ) -> Result<()> {
+        ensure!(
+            id < self.capacity.max_services,
+            "service id {id} beyond capacity {}",
+            self.capacity.max_services
+        );
+        ensure!(
+            ring.len() == self.capacity.ring_size as usize,
+            "table has {} slots, the data plane {}",
+            ring.len(),
+            self.capacity.ring_size
+        );
+        let current = self.service(key)?;
+        if let Some(cur) = current {
+            ensure!(cur.id == id, "service id changed from {} to {id}", cur.id);
+        }
+        // A new service starts on copy 0 (it was inactive: nothing read it).
+        let next = current.map_or(0, |cur| 1 - (cur.active_ring & 1));
+        for (slot, backend) in ring.iter().enumerate() {
+            let index = ring_index(id, next, self.capacity.ring_size, slot as u32);
+            self.rings
+                .set(index, backend, 0)
+                .with_context(|| format!("writing ring slot {index}"))?;
+        }
+        let value = ServiceValue {
+            id,
+            flags,
+            active_ring: next,
+            _pad: 0,
+        };
+        self.services
+            .insert(key, value, 0)
+            .context("publishing the service")?;
+        if current.is_none() {
+            self.adjust_vip(key, 1)?;
+        }
+        Ok(())
+    }
+
+    /// Removes a service; its packets pass to the kernel from then on.
+    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
+        if self.service(key)?.is_none() {
+            bail!("no such service");
+        }
+        self.services.remove(key).context("removing the service")?;
+        self.adjust_vip(key, -1)
+    }
+
+    fn adjust_vip(&mut self, key: &ServiceKey, delta: i64) -> Result<()> {
+        let vip = AddrKey {
+            addr: key.addr,
+            family: key.family,
+            _pad: [0; 3],
+        };
+        let now = match self.vips.get(&vip, 0) {
+            Ok(n) => n as i64,
+            Err(aya::maps::MapError::KeyNotFound) => 0,
+            Err(e) => return Err(e).context("reading the VIP set"),
+        } + delta;
+        if now <= 0 {
+            match self.vips.remove(&vip) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(e).context("updating the VIP set"),
+            }
+        } else {
+            self.vips
+                .insert(vip, now as u32, 0)
+                .context("updating the VIP set")
+        }
+    }
+
+    /// The live table of a service, as the kernel reads it.
+    pub fn live_ring(&self, key: &ServiceKey) -> Result<Vec<u32>> {
+        let svc = self.service(key)?.context("no such service")?;
+        (0..self.capacity.ring_size)
+            .map(|slot| {
+                let index = ring_index(svc.id, svc.active_ring & 1, self.capacity.ring_size, slot);
+                Ok(self.rings.get(&index, 0)?)
+            })
+            .collect()
+    }
+
+    /// The connection-table entry of a flow.
+    pub fn conntrack(&self, flow: &FlowKey) -> Result<Option<FlowValue>> {
+        match self.conntrack.get(flow, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading the connection table"),
+        }
+    }
+
+    /// Makes `ip` a tunnel endpoint of the decap program.
+    pub fn add_decap_addr(&mut self, ip: IpAddr) -> Result<()> {
+        self.decap_addrs
+            .insert(AddrKey::new(ip), 1, 0)
+            .context("adding a decap address")
+    }
+
+    /// Global counters summed over CPUs, in `Counter::ALL` order.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
+        Counter::ALL
+            .iter()
+            .map(|&c| {
+                let per_cpu = self.counters.get(&(c as u32), 0)?;
+                Ok((c, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Decap counters summed over CPUs, indexed by `DecapCounter`.
+    pub fn decap_counters(&self) -> Result<[u64; DecapCounter::COUNT as usize]> {
+        let mut out = [0; DecapCounter::COUNT as usize];
+        for (i, v) in out.iter_mut().enumerate() {
+            *v = self.decap_counters.get(&(i as u32), 0)?.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Counters of service `id`, summed over CPUs.
+    pub fn service_stats(&self, id: u32) -> Result<ServiceStats> {
+        let per_cpu = self.service_stats.get(&id, 0)?;
+        Ok(per_cpu
+            .iter()
+            .fold(ServiceStats::default(), |a, s| ServiceStats {
+                packets: a.packets + s.packets,
+                bytes: a.bytes + s.bytes,
+                new_flows: a.new_flows + s.new_flows,
+            }))
+    }
+
+    /// Counters of backend `id`, summed over CPUs.
+    pub fn backend_stats(&self, id: u32) -> Result<BackendStats> {
+        let per_cpu = self.backend_stats.get(&id, 0)?;
+        Ok(per_cpu
+            .iter()
+            .fold(BackendStats::default(), |a, s| BackendStats {
+                packets: a.packets + s.packets,
+                bytes: a.bytes + s.bytes,
+            }))
+    }
+}

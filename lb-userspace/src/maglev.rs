@@ -1,0 +1,214 @@
+//! Weighted Maglev table construction (Eisenbud et al., "Maglev: A Fast and
+//! Reliable Software Network Load Balancer", NSDI 2016, §3.4), pure and
+//! deterministic: the same backend set gives the same table on every node,
+//! whatever order the backends were added in.
+//!
+//! Weights: backends take turns as in the paper, but in pass `k` a backend
+//! only claims a slot while it holds fewer than `k * weight / max_weight`
+//! slots, so shares follow weights to within a slot per backend.
+
+use lb_common::hash::hash_bytes;
+
+/// Seeds of the two permutation hashes (offset and skip); arbitrary but fixed,
+/// since changing them reshuffles every table.
+const OFFSET_SEED: u32 = 0x2545_f491;
+const SKIP_SEED: u32 = 0x9e37_79b9;
+
+/// Marks a slot not yet claimed while the table is built.
+const UNCLAIMED: u32 = u32::MAX;
+
+/// One backend as the table builder sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate<'a> {
+    /// Canonical identity (e.g. the backend's address and port as bytes).
+    /// Sorting by it makes the table independent of insertion order; it must
+    /// be unique within a service.
+    pub key: &'a [u8],
+    /// Relative weight; 0 takes no slot (drained, down, maintenance).
+    pub weight: u32,
+}
+
+/// Why a table cannot be built.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MaglevError {
+    /// The size is not prime, so some permutations would not cover the table.
+    #[error("table size {0} is not prime")]
+    SizeNotPrime(u32),
+    /// More backends with a weight than slots.
+    #[error("{backends} weighted backends do not fit a table of {size} slots")]
+    TooManyBackends {
+        /// Backends with a non-zero weight.
+        backends: usize,
+        /// Table size.
+        size: u32,
+    },
+}
+
+/// Whether `n` is prime (trial division; table sizes are at most a few million).
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let n = n as u64;
+    let mut d = 2u64;
+    while d * d <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+/// Builds a table of `size` slots. Each slot holds an index into `candidates`,
+/// or `None` for every slot when no candidate has a weight.
+pub fn build(candidates: &[Candidate<'_>], size: u32) -> Result<Vec<Option<u32>>, MaglevError> {
+    if !is_prime(size) {
+        return Err(MaglevError::SizeNotPrime(size));
+    }
+    let mut order: Vec<usize> = (0..candidates.len())
+        .filter(|&i| candidates[i].weight > 0)
+        .collect();
+    if order.len() > size as usize {
+        return Err(MaglevError::TooManyBackends {
+            backends: order.len(),
+            size,
+        });
+    }
+    if order.is_empty() {
+        return Ok(vec![None; size as usize]);
+    }
+    order.sort_by(|&a, &b| candidates[a].key.cmp(candidates[b].key));
+
+    let m = size as u64;
+    let perms: Vec<(u64, u64)> = order
+        .iter()
+        .map(|&i| {
+            let key = candidates[i].key;
+            let offset = hash_bytes(OFFSET_SEED, key) as u64 % m;
+            let skip = hash_bytes(SKIP_SEED, key) as u64 % (m - 1) + 1;
+            (offset, skip)
+        })
+        .collect();
+    let max_weight = order
+        .iter()
+        .map(|&i| candidates[i].weight as u64)
+        .max()
+        .unwrap_or(1);
+
+    let mut table = vec![UNCLAIMED; size as usize];
+    let mut next = vec![0u64; order.len()];
+    let mut held = vec![0u64; order.len()];
+    let mut filled = 0u64;
+    let mut pass = 0u64;
+    while filled < m {
+        pass += 1;
+        for (turn, &i) in order.iter().enumerate() {
+            let weight = candidates[i].weight as u64;
+            // Claim while below this pass's quota of k * w / w_max slots.
+            while held[turn] * max_weight < pass * weight && filled < m {
+                let (offset, skip) = perms[turn];
+                let mut slot = (offset + next[turn] * skip) % m;
+                while table[slot as usize] != UNCLAIMED {
+                    next[turn] += 1;
+                    slot = (offset + next[turn] * skip) % m;
+                }
+                table[slot as usize] = i as u32;
+                next[turn] += 1;
+                held[turn] += 1;
+                filled += 1;
+            }
+        }
+    }
+    Ok(table.into_iter().map(Some).collect())
+}
+
+/// The slot a flow hash falls in.
+pub fn slot_of(hash: u32, size: u32) -> u32 {
+    hash % size
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn keys(n: usize) -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|i| format!("198.18.{}.{}:80", i / 250, i % 250 + 1).into_bytes())
+            .collect()
+    }
+
+    fn shares(table: &[Option<u32>]) -> BTreeMap<u32, usize> {
+        let mut m = BTreeMap::new();
+        for s in table.iter().flatten() {
+            *m.entry(*s).or_default() += 1;
+        }
+        m
+    }
+
+    #[test]
+    fn primes() {
+        assert!(is_prime(65_537));
+        assert!(is_prime(2) && is_prime(3) && is_prime(251));
+        assert!(!is_prime(0) && !is_prime(1) && !is_prime(65_536) && !is_prime(65_535));
+    }
+
+    #[test]
+    fn refuses_bad_sizes() {
+        let k = keys(3);
+        let c: Vec<_> = k.iter().map(|k| Candidate { key: k, weight: 1 }).collect();
+        assert_eq!(build(&c, 100), Err(MaglevError::SizeNotPrime(100)));
+        assert_eq!(
+            build(&c, 2),
+            Err(MaglevError::TooManyBackends {
+                backends: 3,
+                size: 2
+            })
+        );
+    }
+
+    #[test]
+    fn no_weights_gives_an_empty_table() {
+        let k = keys(2);
+        let c: Vec<_> = k.iter().map(|k| Candidate { key: k, weight: 0 }).collect();
+        assert!(build(&c, 13).unwrap().iter().all(Option::is_none));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn equal_weights_differ_by_at_most_one(n in 1usize..60) {
+            let k = keys(n);
+            let c: Vec<_> = k.iter().map(|k| Candidate { key: k, weight: 7 }).collect();
+            let t = build(&c, 4_099).unwrap();
+            prop_assert!(t.iter().all(Option::is_some));
+            let s = shares(&t);
+            prop_assert_eq!(s.len(), n);
+            let (lo, hi) = (s.values().min().unwrap(), s.values().max().unwrap());
+            prop_assert!(hi - lo <= 1, "min {lo} max {hi}");
+        }
+
+        #[test]
+        fn insertion_order_does_not_matter(n in 1usize..30, seed in any::<u64>()) {
+            let k = keys(n);
+            let c: Vec<_> = k.iter().enumerate()
+                .map(|(i, k)| Candidate { key: k, weight: (i as u32 % 3) + 1 }).collect();
+            let mut shuffled: Vec<usize> = (0..n).collect();
+            // Deterministic shuffle from the seed.
+            let mut s = seed;
+            for i in (1..n).rev() {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                shuffled.swap(i, (s >> 33) as usize % (i + 1));
+            }
+            let c2: Vec<_> = shuffled.iter().map(|&i| c[i].clone()).collect();
+            let a = build(&c, 1_009).unwrap();
+            let b = build(&c2, 1_009).unwrap();
+            let a_keys: Vec<_> = a.iter().map(|s| c[s.unwrap() as usize].key).collect();
+            let b_keys: Vec<_> = b.iter().map(|s| c2[s.unwrap() as usize].key).collect();
+            prop_assert_eq!(a_keys, b_keys);
+        }
+    }
+}

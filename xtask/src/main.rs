@@ -1,0 +1,80 @@
+//! Developer entry points for lb: `cargo xtask setup|build|test`.
+//!
+//! # Layout
+//!
+//! - `setup`: installs what a fresh machine lacks (nightly's rust-src,
+//!   bpf-linker built against the nightly's LLVM, Debian packages).
+//! - `build`: builds the `lb` binary with the eBPF object embedded.
+//! - `test`: formatting, every test with privileged tests required, clippy,
+//!   and a one-line summary.
+//! - `exec`: how every external command is run, echoed and checked.
+
+mod build;
+mod exec;
+mod setup;
+mod test;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+/// `cargo xtask`: set up, build and test lb.
+#[derive(Debug, Parser)]
+#[command(name = "xtask", bin_name = "cargo xtask", about)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+/// The tasks, one module each.
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what building and testing need (idempotent; quiet when done).
+    Setup,
+    /// Run setup, then build the `lb` binary (release unless --debug).
+    Build {
+        /// Build the debug profile instead of release.
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Run setup, then cargo fmt --check, cargo test and cargo clippy.
+    Test {
+        /// Arguments for `cargo test`, after `--` (e.g. a test name filter).
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let root = match workspace_root() {
+        Ok(root) => root,
+        Err(error) => return fail(&error),
+    };
+    let result = match cli.task {
+        Task::Setup => setup::run(),
+        Task::Build { debug } => build::run(&root, debug),
+        // Reports its own failures: its summary line must come last.
+        Task::Test { cargo_test_args } => return test::run(&root, &cargo_test_args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(&error),
+    }
+}
+
+fn fail(error: &anyhow::Error) -> ExitCode {
+    eprintln!("error: {error:#}");
+    ExitCode::FAILURE
+}
+
+/// The workspace root: xtask lives one level below it, so this holds
+/// whichever directory cargo was started from.
+fn workspace_root() -> Result<PathBuf> {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask's manifest directory has no parent")
+}

@@ -1,0 +1,259 @@
+//! `cargo xtask setup`: makes a fresh machine able to build and test lb.
+//!
+//! Idempotent and silent when nothing is missing; prints one line per thing
+//! it installs. Needs rustup with a `nightly` toolchain, and root for the
+//! Debian packages.
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use crate::exec;
+
+/// The toolchain that builds the eBPF crate (aya-build needs `-Z build-std`).
+const NIGHTLY: &str = "nightly";
+
+/// The bpf-linker release known to work with aya 0.14 and LLVM 22.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Where the LLVM prefix that bpf-linker is built against lives, under
+/// cargo's home. bpf-linker's RUNPATH points at `<prefix>/lib`, so the prefix
+/// must outlive the build: under `target/` a `cargo clean` (or removing one
+/// of several checkouts sharing `~/.cargo/bin/bpf-linker`) would break it.
+const LLVM_PREFIX_DIR: &str = "bpf-linker-llvm";
+
+/// Debian packages the privileged tests and the demo call: `ip` (netns, veth,
+/// XDP attach), `ethtool` (offloads on veth) and `bpftool` (inspecting maps
+/// and programs).
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "ethtool", "bpftool"];
+
+/// Installs whatever is missing: nightly's rust-src, bpf-linker and the
+/// Debian packages.
+pub fn run() -> Result<()> {
+    ensure_rust_src()?;
+    ensure_bpf_linker()?;
+    ensure_debian_packages()
+}
+
+/// aya-build compiles `core` for the BPF target, which needs the sources.
+fn ensure_rust_src() -> Result<()> {
+    let installed = exec::query(exec::command("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        NIGHTLY,
+        "--installed",
+    ]))
+    .context(
+        "cannot list the nightly toolchain's components: \
+         install it with `rustup toolchain install nightly`",
+    )?;
+    if installed
+        .lines()
+        .any(|line| line.split_whitespace().next() == Some("rust-src"))
+    {
+        return Ok(());
+    }
+    eprintln!("setup: installing rust-src for the {NIGHTLY} toolchain");
+    exec::run(exec::command("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        NIGHTLY,
+    ]))
+    .context(
+        "installing rust-src failed: check network access to static.rust-lang.org, \
+         or run `rustup component add rust-src --toolchain nightly` yourself",
+    )
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    let found = bpf_linker_version()?;
+    if found.as_deref() == Some(BPF_LINKER_VERSION) {
+        return Ok(());
+    }
+    let why = match &found {
+        Some(version) => format!("found {version}"),
+        None => "none that runs".to_owned(),
+    };
+    eprintln!("setup: installing bpf-linker {BPF_LINKER_VERSION} ({why}), about a minute");
+    install_bpf_linker().context(
+        "building bpf-linker failed: it needs the nightly toolchain's libLLVM \
+         (`rustup toolchain install nightly`) and crates.io access",
+    )?;
+    match bpf_linker_version()? {
+        Some(version) if version == BPF_LINKER_VERSION => Ok(()),
+        other => bail!(
+            "installed bpf-linker {BPF_LINKER_VERSION}, but `bpf-linker --version` reports \
+             {other:?}: remove the other bpf-linker from PATH"
+        ),
+    }
+}
+
+/// The version of the bpf-linker that builds would use (cargo's bin
+/// directory first, then PATH), or `None` if there is none or it does not
+/// run: a copy whose libLLVM went away (a nightly update removes the old
+/// one) fails in the dynamic loader and must be rebuilt.
+fn bpf_linker_version() -> Result<Option<String>> {
+    let Some(output) = exec::probe(exec::command("bpf-linker").arg("--version"))? else {
+        return Ok(None);
+    };
+    if !output.status.success() {
+        return Ok(None);
+    }
+    // `bpf-linker 0.13.0`
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .nth(1)
+        .map(str::to_owned))
+}
+
+/// Builds bpf-linker against the nightly's own libLLVM, so that the linker
+/// and rustc agree on the LLVM bitcode version without a system LLVM.
+fn install_bpf_linker() -> Result<()> {
+    let sysroot =
+        exec::query(exec::command("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))?;
+    let libllvm = find_libllvm(&Path::new(sysroot.trim()).join("lib"))?;
+    let version = exec::query(exec::command("rustc").args([&format!("+{NIGHTLY}"), "-vV"]))?;
+    let major = llvm_major(&version)
+        .with_context(|| format!("no `LLVM version: N.M` line in `rustc +{NIGHTLY} -vV`"))?;
+    let prefix = make_llvm_prefix(&libllvm)?;
+    exec::run(
+        exec::cargo()
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args([
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{major}"),
+            ])
+            .env("LLVM_PREFIX", &prefix),
+    )
+}
+
+/// The versioned shared library in the nightly's `lib/`, e.g.
+/// `libLLVM.so.22.1-rust-1.97.0-nightly`. The sibling
+/// `libLLVM-22-rust-*.so` is not the one: llvm-sys looks for `libLLVM.so`,
+/// and the soname it records must be the versioned name.
+fn find_libllvm(lib_dir: &Path) -> Result<PathBuf> {
+    let entries = fs::read_dir(lib_dir)
+        .with_context(|| format!("cannot read the nightly's {}", lib_dir.display()))?;
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot read {}", lib_dir.display()))?;
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("libLLVM.so.")
+        {
+            found.push(entry.path());
+        }
+    }
+    found.sort();
+    found.into_iter().next().with_context(|| {
+        format!(
+            "no libLLVM.so.* in {}: reinstall the toolchain with \
+             `rustup toolchain install nightly --force`",
+            lib_dir.display()
+        )
+    })
+}
+
+/// The LLVM major version from `rustc -vV` output (`LLVM version: 22.1.4`),
+/// which picks bpf-linker's `llvm-<major>` feature.
+fn llvm_major(rustc_version: &str) -> Option<u32> {
+    rustc_version.lines().find_map(|line| {
+        let version = line.strip_prefix("LLVM version:")?.trim();
+        version.split('.').next()?.parse().ok()
+    })
+}
+
+/// Makes `<cargo home>/bpf-linker-llvm/lib` hold two symlinks to `libllvm`:
+/// `libLLVM.so`, which llvm-sys links with, and one under the library's own
+/// file name, its soname, which the built linker loads at run time.
+fn make_llvm_prefix(libllvm: &Path) -> Result<PathBuf> {
+    let prefix = exec::cargo_home()
+        .context("cannot find cargo's home: set CARGO_HOME or HOME")?
+        .join(LLVM_PREFIX_DIR);
+    let lib = prefix.join("lib");
+    // Start afresh: links to an older nightly's library would dangle.
+    if lib.exists() {
+        fs::remove_dir_all(&lib).with_context(|| format!("cannot remove {}", lib.display()))?;
+    }
+    fs::create_dir_all(&lib).with_context(|| format!("cannot create {}", lib.display()))?;
+    let own_name = libllvm
+        .file_name()
+        .with_context(|| format!("{} has no file name", libllvm.display()))?;
+    for name in [Path::new("libLLVM.so"), Path::new(own_name)] {
+        let link = lib.join(name);
+        symlink(libllvm, &link)
+            .with_context(|| format!("cannot link {} to {}", link.display(), libllvm.display()))?;
+    }
+    Ok(prefix)
+}
+
+fn ensure_debian_packages() -> Result<()> {
+    let missing = missing_debian_packages()?;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    eprintln!("setup: installing Debian packages: {list}");
+    let fix = || {
+        format!(
+            "installing Debian packages failed: run `cargo xtask setup` as root, \
+             or `apt-get install {list}` yourself"
+        )
+    };
+    exec::run(
+        exec::command("apt-get")
+            .args(["update", "-q"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(fix)?;
+    exec::run(
+        exec::command("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(fix)
+}
+
+fn missing_debian_packages() -> Result<Vec<&'static str>> {
+    let mut missing = Vec::new();
+    for &package in DEBIAN_PACKAGES {
+        // dpkg-query fails for a package it has never heard of: that is
+        // "missing" too, so only its output counts.
+        let output =
+            exec::probe(exec::command("dpkg-query").args(["-W", "-f", "${Status}", package]))?
+                .with_context(|| {
+                    format!(
+                        "dpkg-query not found: setup installs system packages on Debian only; \
+                 install {} with your package manager",
+                        DEBIAN_PACKAGES.join(", ")
+                    )
+                })?;
+        if !String::from_utf8_lossy(&output.stdout).contains("install ok installed") {
+            missing.push(package);
+        }
+    }
+    Ok(missing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llvm_major_comes_from_rustc_verbose_version() {
+        let version = "rustc 1.97.0-nightly (e50aa6fba 2026-05-19)\n\
+                       host: x86_64-unknown-linux-gnu\n\
+                       release: 1.97.0-nightly\n\
+                       LLVM version: 22.1.4\n";
+        assert_eq!(llvm_major(version), Some(22));
+        assert_eq!(llvm_major("rustc 1.97.0\n"), None);
+    }
+}

@@ -1,0 +1,230 @@
+//! `cargo xtask test`: formatting, every test, and clippy, then one summary
+//! line for machines: `xtask test: N passed, N failed[, N skipped]`.
+//!
+//! Every step runs even when an earlier one failed, so one CI run reports
+//! all problems; the exit status is non-zero if any step failed, any test
+//! failed, or no test ran at all.
+
+use std::ops::AddAssign;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use crate::{exec, setup};
+
+/// Set for `cargo test`: tests that need root and the kernel fail instead of
+/// skipping, so a CI run cannot pass without exercising the data plane.
+const REQUIRE_PRIVILEGED: (&str, &str) = ("LB_REQUIRE_PRIVILEGED", "1");
+
+/// Which packages `cargo test` and `cargo clippy` cover: the workspace's
+/// default members, i.e. everything but lb-ebpf, which only builds for the
+/// BPF target (lb-userspace's build script builds it; clippy checks it below).
+const PACKAGES: &[&str] = &[];
+
+/// Clippy for the eBPF crate, on its own target with the nightly toolchain.
+const EBPF_CLIPPY: &[&str] = &[
+    "run",
+    "nightly",
+    "cargo",
+    "clippy",
+    "--package",
+    "lb-ebpf",
+    "--release",
+    "--target",
+    "bpfel-unknown-none",
+    "-Z",
+    "build-std=core",
+    "--",
+    "-D",
+    "warnings",
+];
+
+/// Runs setup, `cargo fmt --check`, `cargo test` (with `test_args`
+/// appended) and `cargo clippy` from `root`, then prints the summary line.
+pub fn run(root: &Path, test_args: &[String]) -> ExitCode {
+    let mut totals = Counts::default();
+    let mut failed_steps = 0_u32;
+    let mut step = |result: Result<()>| {
+        if let Err(error) = result {
+            eprintln!("error: {error:#}");
+            failed_steps += 1;
+        }
+    };
+
+    match setup::run() {
+        Err(error) => step(Err(error.context("setup failed, so nothing was tested"))),
+        Ok(()) => {
+            step(check_format(root));
+            step(run_tests(root, test_args, &mut totals));
+            step(run_clippy(root));
+            step(exec::run(
+                std::process::Command::new("rustup")
+                    .current_dir(root)
+                    .args(EBPF_CLIPPY),
+            ));
+        }
+    }
+
+    // Zero tests means a filter matched nothing or the harness output
+    // changed: either way nothing was verified.
+    let nothing_ran = totals.passed == 0;
+    if nothing_ran && failed_steps == 0 {
+        eprintln!("error: no test passed (a filter that matches nothing?)");
+    }
+    println!("{}", totals.summary());
+    if failed_steps > 0 || totals.failed > 0 || nothing_ran {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn check_format(root: &Path) -> Result<()> {
+    exec::run(
+        exec::cargo()
+            .current_dir(root)
+            .args(["fmt", "--all", "--", "--check"]),
+    )
+}
+
+/// `--release` shares the eBPF build (and everything else) with
+/// `cargo xtask build`. `--no-fail-fast` keeps going after a failing test
+/// binary so the counts cover every test.
+fn run_tests(root: &Path, test_args: &[String], totals: &mut Counts) -> Result<()> {
+    let (key, value) = REQUIRE_PRIVILEGED;
+    exec::run_tee_stdout(
+        exec::cargo()
+            .current_dir(root)
+            .arg("test")
+            .args(PACKAGES)
+            .args(["--release", "--no-fail-fast"])
+            .args(test_args)
+            .env(key, value),
+        |line| {
+            if let Some(counts) = parse_test_result(line) {
+                *totals += counts;
+            }
+        },
+    )
+}
+
+fn run_clippy(root: &Path) -> Result<()> {
+    exec::run(
+        exec::cargo()
+            .current_dir(root)
+            .arg("clippy")
+            .args(PACKAGES)
+            .args(["--release", "--all-targets", "--", "-D", "warnings"]),
+    )
+}
+
+/// Test counts from libtest's result lines.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Counts {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl AddAssign for Counts {
+    fn add_assign(&mut self, other: Self) {
+        self.passed += other.passed;
+        self.failed += other.failed;
+        self.ignored += other.ignored;
+    }
+}
+
+impl Counts {
+    /// The machine-readable summary; ignored tests show only when there are
+    /// some.
+    fn summary(&self) -> String {
+        let mut line = format!("xtask test: {} passed, {} failed", self.passed, self.failed);
+        if self.ignored > 0 {
+            line.push_str(&format!(", {} skipped", self.ignored));
+        }
+        line
+    }
+}
+
+/// Parses libtest's per-binary line,
+/// `test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; ...`
+/// (`FAILED.` instead of `ok.` when a test failed).
+fn parse_test_result(line: &str) -> Option<Counts> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let (_verdict, fields) = rest.split_once(". ")?;
+    let mut counts = Counts::default();
+    for field in fields.split(';') {
+        let Some((number, label)) = field.trim().split_once(' ') else {
+            continue;
+        };
+        let Ok(number) = number.parse() else {
+            continue;
+        };
+        match label {
+            "passed" => counts.passed = number,
+            "failed" => counts.failed = number,
+            "ignored" => counts.ignored = number,
+            _ => {}
+        }
+    }
+    Some(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_passing_result_line() {
+        let line = "test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; \
+                    0 filtered out; finished in 0.42s\n";
+        assert_eq!(
+            parse_test_result(line),
+            Some(Counts {
+                passed: 12,
+                failed: 0,
+                ignored: 1
+            })
+        );
+    }
+
+    #[test]
+    fn parses_a_failing_result_line() {
+        let line = "test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; \
+                    0 filtered out; finished in 1.00s";
+        assert_eq!(
+            parse_test_result(line),
+            Some(Counts {
+                passed: 3,
+                failed: 2,
+                ignored: 0
+            })
+        );
+    }
+
+    #[test]
+    fn ignores_other_lines() {
+        assert_eq!(parse_test_result("test flow::hash ... ok"), None);
+        assert_eq!(parse_test_result("running 12 tests"), None);
+    }
+
+    #[test]
+    fn summary_mentions_skipped_only_when_some_were() {
+        let mut counts = Counts {
+            passed: 5,
+            failed: 1,
+            ignored: 0,
+        };
+        assert_eq!(counts.summary(), "xtask test: 5 passed, 1 failed");
+        counts += Counts {
+            passed: 1,
+            failed: 0,
+            ignored: 2,
+        };
+        assert_eq!(
+            counts.summary(),
+            "xtask test: 6 passed, 1 failed, 2 skipped"
+        );
+    }
+}
