@@ -60,7 +60,7 @@ fn try_decapsulate(ctx: &XdpContext) -> Result<DecapCounter, DecapCounter> {
     if !maps::is_decap_addr(&endpoint) {
         return Err(DecapCounter::PassNotLocal);
     }
-    let version = load::<u8>(ctx, outer.l4_off).ok_or(DecapCounter::DropMalformed)? >> 4;
+    let version = load::<[u8; 2]>(ctx, outer.l4_off).ok_or(DecapCounter::DropMalformed)?[0] >> 4;
     if version != inner_version || outer.l4_off + inner_hlen > outer.end {
         return Err(DecapCounter::DropMalformed);
     }

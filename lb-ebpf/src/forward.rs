@@ -122,7 +122,7 @@ pub fn encapsulate(
     let mut l2 = L2Header::load(ctx, ip.l3_off).ok_or(Counter::DropMalformedEthernet)?;
     // RFC 2003 §3.1: the outer TOS is copied from the inner header.
     let tos = if ip.family == FAMILY_V4 {
-        load::<u8>(ctx, ip.l3_off + 1).ok_or(Counter::DropMalformedIpv4)?
+        load::<[u8; 2]>(ctx, ip.l3_off).ok_or(Counter::DropMalformedIpv4)?[1]
     } else {
         0
     };

@@ -1,6 +1,11 @@
 //! Bounds-checked packet access: the only raw-pointer `unsafe` on the packet
 //! path. Every access checks `data + offset + size <= data_end` right before
 //! it, in the form the verifier tracks.
+//!
+//! Verifier shape: callers read whole headers (or at least two bytes), never
+//! a lone byte at a variable offset. For a one-byte access LLVM rewrites
+//! `p + 1 > end` as `p >= end`, and the verifier derives no readable range
+//! from that comparison when `p` has a variable offset.
 
 use aya_ebpf::programs::XdpContext;
 use core::mem::size_of;

@@ -76,17 +76,17 @@ fn v4_addr(b: [u8; 4]) -> Addr {
 /// cut short by the ICMP sender, so `quoted` skips the total-length check.
 #[inline(always)]
 pub fn ipv4(ctx: &XdpContext, l3_off: usize, limit: usize, quoted: bool) -> Result<Ip, Counter> {
-    let vihl = load::<u8>(ctx, l3_off).ok_or(Counter::DropMalformedIpv4)?;
-    let ihl = (vihl & 0x0f) as usize;
-    if vihl >> 4 != 4 || ihl < 5 {
+    let h = load::<[u8; IPV4_HLEN]>(ctx, l3_off).ok_or(Counter::DropMalformedIpv4)?;
+    let ihl = (h[0] & 0x0f) as usize;
+    if h[0] >> 4 != 4 || ihl < 5 {
         return Err(Counter::DropMalformedIpv4);
     }
     let hlen = ihl * 4;
-    let total = load_be16(ctx, l3_off + 2).ok_or(Counter::DropMalformedIpv4)? as usize;
-    let frag = load_be16(ctx, l3_off + 6).ok_or(Counter::DropMalformedIpv4)?;
-    let proto = load::<u8>(ctx, l3_off + 9).ok_or(Counter::DropMalformedIpv4)?;
-    let src = load::<[u8; 4]>(ctx, l3_off + 12).ok_or(Counter::DropMalformedIpv4)?;
-    let dst = load::<[u8; 4]>(ctx, l3_off + 16).ok_or(Counter::DropMalformedIpv4)?;
+    let total = u16::from_be_bytes([h[2], h[3]]) as usize;
+    let frag = u16::from_be_bytes([h[6], h[7]]);
+    let proto = h[9];
+    let src = [h[12], h[13], h[14], h[15]];
+    let dst = [h[16], h[17], h[18], h[19]];
     let l4_off = l3_off + hlen;
     // Options must be inside the frame and inside the datagram.
     if l4_off > limit || total < hlen {
@@ -117,14 +117,16 @@ pub fn ipv4(ctx: &XdpContext, l3_off: usize, limit: usize, quoted: bool) -> Resu
 /// is an atomic fragment (offset 0, no more fragments; RFC 8200 §4.5).
 #[inline(always)]
 pub fn ipv6(ctx: &XdpContext, l3_off: usize, limit: usize, quoted: bool) -> Result<Ip, Counter> {
-    let vtc = load::<u8>(ctx, l3_off).ok_or(Counter::DropMalformedIpv6)?;
-    if vtc >> 4 != 6 {
+    let h = load::<[u8; IPV6_HLEN]>(ctx, l3_off).ok_or(Counter::DropMalformedIpv6)?;
+    if h[0] >> 4 != 6 {
         return Err(Counter::DropMalformedIpv6);
     }
-    let payload = load_be16(ctx, l3_off + 4).ok_or(Counter::DropMalformedIpv6)? as usize;
-    let mut next = load::<u8>(ctx, l3_off + 6).ok_or(Counter::DropMalformedIpv6)?;
-    let src = load::<Addr>(ctx, l3_off + 8).ok_or(Counter::DropMalformedIpv6)?;
-    let dst = load::<Addr>(ctx, l3_off + 24).ok_or(Counter::DropMalformedIpv6)?;
+    let payload = u16::from_be_bytes([h[4], h[5]]) as usize;
+    let mut next = h[6];
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src.copy_from_slice(&h[8..24]);
+    dst.copy_from_slice(&h[24..40]);
     let end = if quoted {
         limit
     } else {
@@ -138,26 +140,29 @@ pub fn ipv6(ctx: &XdpContext, l3_off: usize, limit: usize, quoted: bool) -> Resu
     let mut walked = 0;
     // Bounded walk; the verifier sees at most MAX_IPV6_EXT_HEADERS + 1 rounds.
     for _ in 0..=MAX_IPV6_EXT_HEADERS {
-        let len = match next {
-            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
-                let hdr_len = load::<u8>(ctx, off + 1).ok_or(Counter::DropMalformedIpv6)?;
-                (hdr_len as usize + 1) * 8
-            }
-            IPPROTO_FRAGMENT => {
-                let offset_m = load_be16(ctx, off + 2).ok_or(Counter::DropMalformedIpv6)?;
-                // Fragment offset is the top 13 bits, M the lowest bit.
-                if offset_m & 0xfff9 != 0 {
-                    fragment = true;
-                }
-                8
-            }
-            _ => break,
-        };
+        if !matches!(
+            next,
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_FRAGMENT
+        ) {
+            break;
+        }
         if walked == MAX_IPV6_EXT_HEADERS {
             return Err(Counter::DropMalformedIpv6);
         }
         walked += 1;
-        next = load::<u8>(ctx, off).ok_or(Counter::DropMalformedIpv6)?;
+        // Every extension header starts with next-header and length bytes;
+        // the fragment header's offset and M flag follow (RFC 8200 §4.5).
+        let e = load::<[u8; 4]>(ctx, off).ok_or(Counter::DropMalformedIpv6)?;
+        let len = if next == IPPROTO_FRAGMENT {
+            // Fragment offset is the top 13 bits, M the lowest bit.
+            if u16::from_be_bytes([e[2], e[3]]) & 0xfff9 != 0 {
+                fragment = true;
+            }
+            8
+        } else {
+            (e[1] as usize + 1) * 8
+        };
+        next = e[0];
         off += len;
         if off > end {
             return Err(Counter::DropMalformedIpv6);
@@ -180,20 +185,27 @@ pub fn ipv6(ctx: &XdpContext, l3_off: usize, limit: usize, quoted: bool) -> Resu
 #[inline(always)]
 pub fn ports(ctx: &XdpContext, ip: &Ip) -> Result<Ports, Counter> {
     let off = ip.l4_off;
-    let sport = load::<u16>(ctx, off).ok_or(Counter::DropMalformedL4)?;
-    let dport = load::<u16>(ctx, off + 2).ok_or(Counter::DropMalformedL4)?;
-    let tcp_flags = if ip.proto == IPPROTO_TCP {
-        let doff = (load::<u8>(ctx, off + 12).ok_or(Counter::DropMalformedL4)? >> 4) as usize;
-        let flags = load::<u8>(ctx, off + 13).ok_or(Counter::DropMalformedL4)?;
+    let (sport, dport, tcp_flags) = if ip.proto == IPPROTO_TCP {
+        let h = load::<[u8; TCP_HLEN]>(ctx, off).ok_or(Counter::DropMalformedL4)?;
+        let doff = (h[12] >> 4) as usize;
         if doff * 4 < TCP_HLEN || off + doff * 4 > ip.end {
             return Err(Counter::DropMalformedL4);
         }
-        flags
+        (
+            u16::from_ne_bytes([h[0], h[1]]),
+            u16::from_ne_bytes([h[2], h[3]]),
+            h[13],
+        )
     } else {
+        let h = load::<[u8; UDP_HLEN]>(ctx, off).ok_or(Counter::DropMalformedL4)?;
         if off + UDP_HLEN > ip.end {
             return Err(Counter::DropMalformedL4);
         }
-        0
+        (
+            u16::from_ne_bytes([h[0], h[1]]),
+            u16::from_ne_bytes([h[2], h[3]]),
+            0,
+        )
     };
     // Ports stay in network order: they are compared with and hashed as the
     // wire bytes, so user space builds keys the same way.
@@ -232,8 +244,11 @@ pub fn quoted(ctx: &XdpContext, ip: &Ip) -> Result<(Ip, Ports), Counter> {
     if inner.proto != IPPROTO_TCP && inner.proto != IPPROTO_UDP {
         return Err(Counter::PassOtherProtocol);
     }
-    let sport = load::<u16>(ctx, inner.l4_off).ok_or(Counter::DropMalformedIcmp)?;
-    let dport = load::<u16>(ctx, inner.l4_off + 2).ok_or(Counter::DropMalformedIcmp)?;
+    let p = load::<[u8; 4]>(ctx, inner.l4_off).ok_or(Counter::DropMalformedIcmp)?;
+    let (sport, dport) = (
+        u16::from_ne_bytes([p[0], p[1]]),
+        u16::from_ne_bytes([p[2], p[3]]),
+    );
     if inner.l4_off + 4 > ip.end {
         return Err(Counter::DropMalformedIcmp);
     }

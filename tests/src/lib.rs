@@ -1,1 +1,27 @@
-//! tests
+//! Support for lb's privileged black-box tests.
+//!
+//! # Layout
+//! - [`packet`]: builds and inspects frames (Ethernet, VLAN, IPv4/IPv6, TCP,
+//!   UDP, ICMP) with valid lengths and checksums.
+//! - [`lab`]: a loaded data plane with services and backends, and a way to
+//!   run one frame through a program with BPF_PROG_TEST_RUN.
+//! - [`netns`]: network namespaces, veth links and a bridge, removed on drop,
+//!   and running code inside a namespace.
+
+pub mod lab;
+pub mod netns;
+pub mod packet;
+
+/// Whether privileged tests can run. Without root they are skipped, unless
+/// `LB_REQUIRE_PRIVILEGED` is set (as CI does), in which case they fail.
+pub fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("LB_REQUIRE_PRIVILEGED").is_some() {
+        panic!("LB_REQUIRE_PRIVILEGED is set but the tests do not run as root");
+    }
+    eprintln!("skipping: needs root (set LB_REQUIRE_PRIVILEGED=1 to make this fail)");
+    false
+}

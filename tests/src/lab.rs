@@ -1,0 +1,188 @@
+//! A loaded data plane for packet tests: services, backends, and one frame at
+//! a time through a program with BPF_PROG_TEST_RUN.
+
+use std::net::IpAddr;
+
+use anyhow::{Context as _, Result};
+use aya::programs::{TestRun as _, TestRunOptions};
+use lb::{
+    dataplane::{Capacity, Dataplane},
+    maglev::{self, Candidate},
+};
+use lb_common::{
+    AddrKey, BACKEND_F_UP, BackendValue, Counter, ServiceKey, Settings, addr_bytes,
+    limits::NO_BACKEND,
+};
+
+use crate::packet::Mac;
+
+/// XDP actions (enum xdp_action, include/uapi/linux/bpf.h).
+pub const DROP: u32 = 1;
+/// XDP_PASS.
+pub const PASS: u32 = 2;
+/// XDP_TX.
+pub const TX: u32 = 3;
+
+/// MAC of the load balancer's interface (frames to the LB are sent to it).
+pub const LB_MAC: Mac = [0x02, 0, 0, 0, 0, 0x01];
+/// MAC of the client's next hop (the router in front of the LB).
+pub const ROUTER_MAC: Mac = [0x02, 0, 0, 0, 0, 0xfe];
+/// The MTU the lab configures.
+pub const MTU: u32 = 1500;
+/// Outer IPv4 source prefix for `ipip`: 198.18.255.0/24, low byte from the hash.
+pub const TUNNEL_SRC_V4: [u8; 4] = [198, 18, 255, 0];
+/// Hash bits of the IPv4 tunnel source.
+pub const TUNNEL_SRC_V4_MASK: u32 = 0xff;
+/// Outer IPv6 source prefix: 2001:2:ff::/112, low 16 bits from the hash.
+pub const TUNNEL_SRC_V6: [u8; 16] = [0x20, 0x01, 0, 2, 0, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+/// Hash bits of the IPv6 tunnel source.
+pub const TUNNEL_SRC_V6_MASK: u32 = 0xffff;
+
+/// The MAC the lab gives backend `id`: unique, so an output frame names its backend.
+pub fn backend_mac(id: u32) -> Mac {
+    let b = id.to_be_bytes();
+    [0x02, 0xbe, b[0], b[1], b[2], b[3]]
+}
+
+/// The backend id a MAC from [`backend_mac`] names.
+pub fn backend_of_mac(mac: &[u8]) -> u32 {
+    u32::from_be_bytes([mac[2], mac[3], mac[4], mac[5]])
+}
+
+/// The outcome of one test run.
+#[derive(Debug)]
+pub struct Verdict {
+    /// The XDP action.
+    pub action: u32,
+    /// The frame as the program left it.
+    pub out: Vec<u8>,
+}
+
+/// A data plane loaded for tests.
+pub struct Lab {
+    /// The data plane under test.
+    pub dp: Dataplane,
+}
+
+/// Small capacities keep each lab's maps a few MiB.
+pub fn lab_capacity(ring_size: u32) -> Capacity {
+    Capacity {
+        max_services: 8,
+        max_backends: 256,
+        conntrack_entries: 65_536,
+        ring_size,
+    }
+}
+
+impl Lab {
+    /// Loads the object with a table of `ring_size` slots and lab settings.
+    pub fn new(ring_size: u32) -> Result<Lab> {
+        let mut dp = Dataplane::load(lab_capacity(ring_size))?;
+        dp.set_settings(Settings {
+            ring_size,
+            mtu: MTU,
+            tunnel_src_v4: TUNNEL_SRC_V4,
+            tunnel_src_v4_hash_mask: TUNNEL_SRC_V4_MASK,
+            tunnel_src_v6: TUNNEL_SRC_V6,
+            tunnel_src_v6_hash_mask: TUNNEL_SRC_V6_MASK,
+        })?;
+        Ok(Lab { dp })
+    }
+
+    /// Writes backend `id` at `ip`, up or not, with generation `generation`.
+    pub fn backend(&mut self, id: u32, ip: IpAddr, up: bool, generation: u32) -> Result<()> {
+        let (addr, family) = addr_bytes(ip);
+        self.dp.set_backend(
+            id,
+            &BackendValue {
+                addr,
+                mac: backend_mac(id),
+                family,
+                flags: if up { BACKEND_F_UP } else { 0 },
+                generation,
+            },
+        )
+    }
+
+    /// Builds the Maglev table of `members` (backend id, weight) from the
+    /// backends' addresses and publishes the service. Returns the table.
+    pub fn service(
+        &mut self,
+        id: u32,
+        key: ServiceKey,
+        flags: u32,
+        members: &[(u32, u32)],
+    ) -> Result<Vec<u32>> {
+        let addrs: Vec<AddrKey> = members
+            .iter()
+            .map(|&(b, _)| {
+                let v = self.dp.backend(b)?;
+                Ok(AddrKey {
+                    addr: v.addr,
+                    family: v.family,
+                    _pad: [0; 3],
+                })
+            })
+            .collect::<Result<_>>()?;
+        let keys: Vec<Vec<u8>> = addrs
+            .iter()
+            .map(|a| [&a.addr[..], &[a.family]].concat())
+            .collect();
+        let candidates: Vec<Candidate<'_>> = keys
+            .iter()
+            .zip(members)
+            .map(|(k, &(_, weight))| Candidate { key: k, weight })
+            .collect();
+        let size = self.dp.capacity().ring_size;
+        let ring: Vec<u32> = maglev::build(&candidates, size)?
+            .into_iter()
+            .map(|slot| slot.map_or(NO_BACKEND, |i| members[i as usize].0))
+            .collect();
+        self.dp.publish_service(&key, id, flags, &ring)?;
+        Ok(ring)
+    }
+
+    /// Runs `frame` through program `prog` once.
+    pub fn run(&mut self, prog: &str, frame: &[u8]) -> Result<Verdict> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        let result = self
+            .dp
+            .program(prog)?
+            .test_run(opts)
+            .context("BPF_PROG_TEST_RUN")?;
+        out.truncate(result.data_size_out as usize);
+        Ok(Verdict {
+            action: result.return_value,
+            out,
+        })
+    }
+
+    /// The global counter `c`.
+    pub fn counter(&self, c: Counter) -> Result<u64> {
+        Ok(self
+            .dp
+            .counters()?
+            .into_iter()
+            .find(|(k, _)| *k == c)
+            .map_or(0, |(_, v)| v))
+    }
+
+    /// All global counters summed.
+    pub fn counter_total(&self) -> Result<u64> {
+        Ok(self.dp.counters()?.iter().map(|(_, v)| v).sum())
+    }
+}
+
+/// A service key for `vip`:`port`/`proto`.
+pub fn service_key(vip: IpAddr, port: u16, proto: u8) -> ServiceKey {
+    let (addr, family) = addr_bytes(vip);
+    ServiceKey {
+        addr,
+        port: port.to_be(),
+        proto,
+        family,
+    }
+}

@@ -1,0 +1,165 @@
+//! Network namespaces for topology tests. Every namespace has a unique name
+//! per run and is deleted on drop (which also removes its links and detaches
+//! programs), so a failing test leaves nothing behind.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd as _,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Runs `ip` with `args`, failing with its stderr.
+pub fn ip(args: &[&str]) -> Result<()> {
+    run("ip", args)
+}
+
+/// Runs `program` with `args`, failing with its stderr.
+pub fn run(program: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    /// Its name under /run/netns.
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates a namespace named `lbt<pid>-<n><role>` with loopback up.
+    pub fn new(role: &str) -> Result<Netns> {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("lbt{}-{n}{role}", std::process::id());
+        ip(&["netns", "add", &name])?;
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Runs `ip -n <ns> args`.
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        ip(&full)
+    }
+
+    /// Runs a command inside the namespace (`ip netns exec`).
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<()> {
+        let mut full = vec!["netns", "exec", self.name.as_str(), program];
+        full.extend_from_slice(args);
+        ip(&full)
+    }
+
+    /// Sets a sysctl inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")])
+    }
+
+    /// Moves the calling thread into the namespace (for good: call it from a
+    /// thread made for the purpose, see [`Netns::run`] and [`Netns::spawn`]).
+    pub fn enter(&self) -> Result<()> {
+        enter(&self.name)
+    }
+
+    /// Runs `f` on a new thread inside the namespace and waits for it.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                self.enter()?;
+                f()
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
+        })
+    }
+
+    /// Starts `f` on a detached thread inside the namespace.
+    pub fn spawn(
+        &self,
+        f: impl FnOnce() -> Result<()> + Send + 'static,
+    ) -> std::thread::JoinHandle<Result<()>> {
+        let name = self.name.clone();
+        std::thread::spawn(move || {
+            enter(&name)?;
+            f()
+        })
+    }
+}
+
+fn enter(name: &str) -> Result<()> {
+    let f = File::open(format!("/run/netns/{name}"))
+        .with_context(|| format!("opening namespace {name}"))?;
+    // SAFETY: setns on a valid namespace fd; affects only this thread.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns {name}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
+            eprintln!("cleanup: {e:#}");
+        }
+    }
+}
+
+/// Connects `host` (interface `eth0` with `mac`, addresses `addrs`) to the
+/// bridge `br0` in `switch`, through a veth whose switch end is `port`.
+pub fn plug(switch: &Netns, port: &str, host: &Netns, mac: &str, addrs: &[&str]) -> Result<()> {
+    ip(&[
+        "link",
+        "add",
+        port,
+        "netns",
+        &switch.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &host.name,
+        "address",
+        mac,
+    ])?;
+    switch.ip(&["link", "set", port, "master", "br0", "up"])?;
+    for a in addrs {
+        let mut args = vec!["addr", "add", *a, "dev", "eth0"];
+        if a.contains(':') {
+            args.push("nodad");
+        }
+        host.ip(&args)?;
+    }
+    host.ip(&["link", "set", "eth0", "up"])?;
+    // Small test messages never need segmentation offload, and generic XDP
+    // must see wire-sized frames.
+    host.exec(
+        "ethtool",
+        &["-K", "eth0", "tso", "off", "gso", "off", "gro", "off"],
+    )?;
+    Ok(())
+}
+
+/// A namespace holding bridge `br0`: the shared L2 segment of a topology.
+pub fn switch() -> Result<Netns> {
+    let sw = Netns::new("sw")?;
+    sw.ip(&["link", "add", "br0", "type", "bridge"])?;
+    sw.ip(&["link", "set", "br0", "up"])?;
+    Ok(sw)
+}

@@ -1,0 +1,218 @@
+//! Frame builders and inspectors for the tests.
+
+use std::net::IpAddr;
+
+use lb_common::wire::*;
+
+/// A MAC address.
+pub type Mac = [u8; 6];
+
+/// RFC 1071 checksum over `data` with an initial partial sum.
+pub fn checksum(initial: u32, data: &[u8]) -> u16 {
+    let mut sum = initial;
+    for c in data.chunks(2) {
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from_be_bytes([c[0], 0])
+        };
+        sum += w as u32;
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn pseudo_header_sum(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u32 {
+    let mut bytes = Vec::new();
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            bytes.extend_from_slice(&s.octets());
+            bytes.extend_from_slice(&d.octets());
+            bytes.extend_from_slice(&[0, proto]);
+            bytes.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            bytes.extend_from_slice(&s.octets());
+            bytes.extend_from_slice(&d.octets());
+            bytes.extend_from_slice(&(len as u32).to_be_bytes());
+            bytes.extend_from_slice(&[0, 0, 0, proto]);
+        }
+        _ => panic!("mixed families"),
+    }
+    let mut sum = 0u32;
+    for c in bytes.chunks(2) {
+        sum += u16::from_be_bytes([c[0], c[1]]) as u32;
+    }
+    sum
+}
+
+/// A TCP segment (20-byte header plus `options`) with a valid checksum.
+pub fn tcp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut s = Vec::new();
+    s.extend_from_slice(&sport.to_be_bytes());
+    s.extend_from_slice(&dport.to_be_bytes());
+    s.extend_from_slice(&1u32.to_be_bytes());
+    s.extend_from_slice(&0u32.to_be_bytes());
+    s.push(((TCP_HLEN / 4) as u8) << 4);
+    s.push(flags);
+    s.extend_from_slice(&65535u16.to_be_bytes());
+    s.extend_from_slice(&[0, 0, 0, 0]);
+    s.extend_from_slice(payload);
+    let c = checksum(pseudo_header_sum(src, dst, IPPROTO_TCP, s.len()), &s);
+    s[16..18].copy_from_slice(&c.to_be_bytes());
+    s
+}
+
+/// A UDP datagram with a valid checksum.
+pub fn udp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut s = Vec::new();
+    s.extend_from_slice(&sport.to_be_bytes());
+    s.extend_from_slice(&dport.to_be_bytes());
+    s.extend_from_slice(&((UDP_HLEN + payload.len()) as u16).to_be_bytes());
+    s.extend_from_slice(&[0, 0]);
+    s.extend_from_slice(payload);
+    let c = checksum(pseudo_header_sum(src, dst, IPPROTO_UDP, s.len()), &s);
+    s[6..8].copy_from_slice(&c.to_be_bytes());
+    s
+}
+
+/// IPv4 header fields the tests vary.
+#[derive(Clone, Debug)]
+pub struct Ipv4 {
+    /// Source.
+    pub src: [u8; 4],
+    /// Destination.
+    pub dst: [u8; 4],
+    /// Protocol.
+    pub proto: u8,
+    /// Flags and fragment offset.
+    pub frag: u16,
+    /// Options (a multiple of 4 bytes).
+    pub options: Vec<u8>,
+    /// TOS byte.
+    pub tos: u8,
+}
+
+impl Ipv4 {
+    /// A header from `src` to `dst` carrying `proto`.
+    pub fn new(src: [u8; 4], dst: [u8; 4], proto: u8) -> Self {
+        Ipv4 {
+            src,
+            dst,
+            proto,
+            frag: 0,
+            options: Vec::new(),
+            tos: 0,
+        }
+    }
+
+    /// The packet: header with valid length and checksum, then `payload`.
+    pub fn build(&self, payload: &[u8]) -> Vec<u8> {
+        let hlen = IPV4_HLEN + self.options.len();
+        let mut p = vec![
+            0x40 | (hlen / 4) as u8,
+            self.tos,
+            0,
+            0,
+            0x12,
+            0x34,
+            (self.frag >> 8) as u8,
+            self.frag as u8,
+            64,
+            self.proto,
+            0,
+            0,
+        ];
+        p[2..4].copy_from_slice(&((hlen + payload.len()) as u16).to_be_bytes());
+        p.extend_from_slice(&self.src);
+        p.extend_from_slice(&self.dst);
+        p.extend_from_slice(&self.options);
+        let c = checksum(0, &p);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        p.extend_from_slice(payload);
+        p
+    }
+}
+
+/// An IPv6 packet; `ext` is a ready-made extension-header chain whose first
+/// header is `first_next` (pass `proto` and an empty chain for none).
+pub fn ipv6(src: [u8; 16], dst: [u8; 16], first_next: u8, ext: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&((ext.len() + payload.len()) as u16).to_be_bytes());
+    p.push(first_next);
+    p.push(64);
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(ext);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// One IPv6 options-style extension header (hop-by-hop, destination
+/// options) of 8 bytes: next header, length 0, six bytes of padding options.
+pub fn ipv6_opts_header(next: u8) -> Vec<u8> {
+    vec![next, 0, 1, 4, 0, 0, 0, 0]
+}
+
+/// An IPv6 fragment header.
+pub fn ipv6_fragment_header(next: u8, offset_units: u16, more: bool) -> Vec<u8> {
+    let field = (offset_units << 3) | more as u16;
+    let mut h = vec![next, 0];
+    h.extend_from_slice(&field.to_be_bytes());
+    h.extend_from_slice(&[0, 0, 0, 1]);
+    h
+}
+
+/// An Ethernet frame with optional VLAN tags (802.1ad outer, 802.1Q inner).
+pub fn ethernet(dst: Mac, src: Mac, vlans: &[u16], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    for (i, vid) in vlans.iter().enumerate() {
+        let tpid = if i + 1 < vlans.len() {
+            ETH_P_8021AD
+        } else {
+            ETH_P_8021Q
+        };
+        f.extend_from_slice(&tpid.to_be_bytes());
+        f.extend_from_slice(&vid.to_be_bytes());
+    }
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// ICMPv4 "fragmentation needed" quoting `quoted`, with a valid checksum.
+pub fn icmp4_frag_needed(mtu: u16, quoted: &[u8]) -> Vec<u8> {
+    let mut m = vec![ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0, 0, 0];
+    m.extend_from_slice(&mtu.to_be_bytes());
+    m.extend_from_slice(quoted);
+    let c = checksum(0, &m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+/// ICMPv4 echo request.
+pub fn icmp4_echo() -> Vec<u8> {
+    let mut m = vec![8, 0, 0, 0, 0, 1, 0, 1];
+    let c = checksum(0, &m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+/// ICMPv6 "packet too big" quoting `quoted` (checksum left zero: the data
+/// plane does not read it).
+pub fn icmp6_too_big(mtu: u32, quoted: &[u8]) -> Vec<u8> {
+    let mut m = vec![ICMPV6_PKT_TOOBIG, 0, 0, 0];
+    m.extend_from_slice(&mtu.to_be_bytes());
+    m.extend_from_slice(quoted);
+    m
+}
+
+/// Whether the 20-byte-or-longer IPv4 header at the start of `h` has a valid checksum.
+pub fn ipv4_header_valid(h: &[u8]) -> bool {
+    let hlen = (h[0] & 0x0f) as usize * 4;
+    checksum(0, &h[..hlen]) == 0
+}

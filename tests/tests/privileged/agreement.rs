@@ -1,0 +1,1 @@
+//! Agreement test: placeholder replaced below.

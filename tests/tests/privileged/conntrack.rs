@@ -1,0 +1,1 @@
+//! Connection table test: placeholder replaced below.

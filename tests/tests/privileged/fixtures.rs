@@ -1,0 +1,986 @@
+//! Packet fixtures: each case is a frame built by the packet builder, the
+//! verdict and counter it must produce, and checks on the output bytes.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use lb_common::{
+    Counter, FlowKey, SERVICE_F_AFFINITY, SERVICE_F_IPIP, addr_bytes,
+    counters::DecapCounter,
+    hash::flow_hash,
+    maps::{PROG_DECAP, PROG_LB},
+    wire::*,
+};
+use lb_tests::{
+    lab::{self, DROP, LB_MAC, Lab, PASS, ROUTER_MAC, TX, backend_of_mac, service_key},
+    packet::{self, Ipv4},
+    privileged,
+};
+
+/// A small prime keeps publishing fast; the agreement test uses the default.
+const RING: u32 = 251;
+
+const CLIENT4: [u8; 4] = [198, 18, 2, 7];
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 2, 0, 0, 0, 0, 7);
+const VIP4_DSR: [u8; 4] = [198, 18, 1, 1];
+const VIP4_IPIP: [u8; 4] = [198, 18, 1, 2];
+const VIP4_EMPTY: [u8; 4] = [198, 18, 1, 3];
+const VIP4_AFFINITY: [u8; 4] = [198, 18, 1, 4];
+const VIP6_DSR: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 1);
+const VIP6_IPIP: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 2);
+const HTTP: u16 = 80;
+const DNS: u16 = 53;
+
+fn v4(a: [u8; 4]) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(a))
+}
+
+fn b4(last: u8) -> IpAddr {
+    v4([198, 18, 0, last])
+}
+
+fn b6(last: u16) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, last))
+}
+
+/// The lab every fixture uses: services in both families and modes.
+struct Fixture {
+    lab: Lab,
+    rings: Vec<Vec<u32>>,
+}
+
+/// Service ids, in the order `fixture()` creates them.
+const SVC_TCP4: usize = 0;
+const SVC_UDP4: usize = 1;
+const SVC_TCP6: usize = 2;
+const SVC_IPIP4: usize = 3;
+const SVC_IPIP6: usize = 4;
+const SVC_AFFINITY: usize = 6;
+
+fn fixture() -> Fixture {
+    let mut lab = Lab::new(RING).expect("load the data plane");
+    // Backend ids: two per service.
+    let backends: [(u32, IpAddr); 12] = [
+        (1, b4(11)),
+        (2, b4(12)),
+        (3, b4(11)),
+        (4, b4(12)),
+        (5, b6(0x11)),
+        (6, b6(0x12)),
+        (7, b4(21)),
+        (8, b4(22)),
+        (9, b6(0x21)),
+        (10, b6(0x22)),
+        (11, b4(31)),
+        (12, b4(32)),
+    ];
+    for (id, ip) in backends {
+        lab.backend(id, ip, true, 1).expect("backend");
+    }
+    let services = [
+        (
+            service_key(v4(VIP4_DSR), HTTP, IPPROTO_TCP),
+            0,
+            [(1, 1), (2, 1)],
+        ),
+        (
+            service_key(v4(VIP4_DSR), DNS, IPPROTO_UDP),
+            0,
+            [(3, 1), (4, 1)],
+        ),
+        (
+            service_key(IpAddr::V6(VIP6_DSR), HTTP, IPPROTO_TCP),
+            0,
+            [(5, 1), (6, 1)],
+        ),
+        (
+            service_key(v4(VIP4_IPIP), HTTP, IPPROTO_TCP),
+            SERVICE_F_IPIP,
+            [(7, 1), (8, 1)],
+        ),
+        (
+            service_key(IpAddr::V6(VIP6_IPIP), HTTP, IPPROTO_TCP),
+            SERVICE_F_IPIP,
+            [(9, 1), (10, 1)],
+        ),
+        (
+            service_key(v4(VIP4_EMPTY), HTTP, IPPROTO_TCP),
+            0,
+            [(11, 0), (12, 0)],
+        ),
+        (
+            service_key(v4(VIP4_AFFINITY), HTTP, IPPROTO_TCP),
+            SERVICE_F_AFFINITY,
+            [(11, 1), (12, 1)],
+        ),
+    ];
+    let rings = services
+        .iter()
+        .enumerate()
+        .map(|(id, (key, flags, members))| {
+            lab.service(id as u32, *key, *flags, members)
+                .expect("service")
+        })
+        .collect();
+    Fixture { lab, rings }
+}
+
+impl Fixture {
+    /// Runs one described case: asserts the action, that exactly `counter`
+    /// moved (by one) among the global counters, and returns the output.
+    fn case(&mut self, what: &str, frame: &[u8], action: u32, counter: Counter) -> Vec<u8> {
+        let before = self.lab.dp.counters().expect("counters");
+        let v = self.lab.run(PROG_LB, frame).expect("test run");
+        let after = self.lab.dp.counters().expect("counters");
+        assert_eq!(v.action, action, "{what}: action");
+        for ((c, b), (_, a)) in before.iter().zip(&after) {
+            let want = if *c == counter { b + 1 } else { *b };
+            assert_eq!(*a, want, "{what}: counter {}", c.name());
+        }
+        if action == PASS || action == DROP {
+            assert_eq!(
+                v.out, frame,
+                "{what}: a passed or dropped frame is not modified"
+            );
+        }
+        v.out
+    }
+
+    /// The backend user space computes for a flow of service `svc`.
+    fn expected(&self, svc: usize, flow: &FlowKey, affinity: bool) -> u32 {
+        let ring = &self.rings[svc];
+        ring[(flow_hash(flow, affinity) % ring.len() as u32) as usize]
+    }
+}
+
+fn flow(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8) -> FlowKey {
+    let (s, family) = addr_bytes(src);
+    let (d, _) = addr_bytes(dst);
+    FlowKey {
+        src: s,
+        dst: d,
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto,
+        family,
+        _pad: [0; 2],
+    }
+}
+
+fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8, vlans: &[u16]) -> Vec<u8> {
+    let seg = packet::tcp(v4(src), v4(dst), sport, dport, flags, b"hello");
+    let ip = Ipv4::new(src, dst, IPPROTO_TCP).build(&seg);
+    packet::ethernet(LB_MAC, ROUTER_MAC, vlans, ETH_P_IP, &ip)
+}
+
+fn tcp6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16, flags: u8, vlans: &[u16]) -> Vec<u8> {
+    let seg = packet::tcp(
+        IpAddr::V6(src),
+        IpAddr::V6(dst),
+        sport,
+        dport,
+        flags,
+        b"hello",
+    );
+    let ip = packet::ipv6(src.octets(), dst.octets(), IPPROTO_TCP, &[], &seg);
+    packet::ethernet(LB_MAC, ROUTER_MAC, vlans, ETH_P_IPV6, &ip)
+}
+
+/// Checks a `dsr-l2` output: MACs rewritten, everything else identical.
+fn assert_dsr(what: &str, input: &[u8], out: &[u8], backend: u32) {
+    assert_eq!(out.len(), input.len(), "{what}: length");
+    assert_eq!(
+        &out[0..6],
+        &lab::backend_mac(backend),
+        "{what}: destination MAC"
+    );
+    assert_eq!(&out[6..12], &LB_MAC, "{what}: source MAC is the LB's");
+    assert_eq!(
+        &out[12..],
+        &input[12..],
+        "{what}: rest of the frame untouched"
+    );
+}
+
+#[test]
+fn non_service_traffic_passes_untouched() {
+    if !privileged() {
+        return;
+    }
+    let mut f = fixture();
+    let arp = packet::ethernet([0xff; 6], ROUTER_MAC, &[], ETH_P_ARP, &[0u8; 28]);
+    f.case("ARP", &arp, PASS, Counter::PassNotIp);
+    let other = tcp4(CLIENT4, [198, 18, 0, 2], 40000, 22, TCP_SYN, &[]);
+    f.case(
+        "TCP to the host's own address (SSH)",
+        &other,
+        PASS,
+        Counter::PassNotService,
+    );
+    let port = tcp4(CLIENT4, VIP4_DSR, 40000, 443, TCP_SYN, &[]);
+    f.case(
+        "TCP to a VIP on an unconfigured port",
+        &port,
+        PASS,
+        Counter::PassNotService,
+    );
+    let seg = packet::udp(v4(CLIENT4), v4(VIP4_DSR), 40000, HTTP, b"x");
+    let udp = packet::ethernet(
+        LB_MAC,
+        ROUTER_MAC,
+        &[],
+        ETH_P_IP,
+        &Ipv4::new(CLIENT4, VIP4_DSR, IPPROTO_UDP).build(&seg),
+    );
+    f.case(
+        "UDP to a VIP port configured for TCP only",
+        &udp,
+        PASS,
+        Counter::PassNotService,
+    );
+    let echo = Ipv4::new(CLIENT4, VIP4_DSR, IPPROTO_ICMP).build(&packet::icmp4_echo());
+    f.case(
+        "ICMP echo to a VIP",
+        &packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IP, &echo),
+        PASS,
+        Counter::PassOtherProtocol,
+    );
+    let inner = Ipv4::new(CLIENT4, VIP4_DSR, IPPROTO_TCP).build(&packet::tcp(
+        v4(CLIENT4),
+        v4(VIP4_DSR),
+        1,
+        HTTP,
+        TCP_SYN,
+        b"",
+    ));
+    let tunnel = Ipv4::new([198, 18, 0, 99], VIP4_DSR, IPPROTO_IPIP).build(&inner);
+    f.case(
+        "an IPIP tunnel packet",
+        &packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IP, &tunnel),
+        PASS,
+        Counter::PassOtherProtocol,
+    );
+    let gre = Ipv4::new([198, 18, 0, 99], [198, 18, 0, 2], IPPROTO_GRE).build(&[0u8; 8]);
+    f.case(
+        "a GRE packet",
+        &packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IP, &gre),
+        PASS,
+        Counter::PassOtherProtocol,
+    );
+    let other6 = tcp6(
+        CLIENT6,
+        Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2),
+        40000,
+        22,
+        TCP_SYN,
+        &[],
+    );
+    f.case(
+        "IPv6 TCP to the host",
+        &other6,
+        PASS,
+        Counter::PassNotService,
+    );
+}
+
+#[test]
+fn dsr_forwards_ipv4_ipv6_vlan_and_options_to_the_hashed_backend() {
+    if !privileged() {
+        return;
+    }
+    let mut f = fixture();
+    let cases: [(&str, Vec<u8>, FlowKey, usize); 6] = [
+        (
+            "IPv4 TCP SYN",
+            tcp4(CLIENT4, VIP4_DSR, 40001, HTTP, TCP_SYN, &[]),
+            flow(v4(CLIENT4), v4(VIP4_DSR), 40001, HTTP, IPPROTO_TCP),
+            SVC_TCP4,
+        ),
+        (
+            "IPv4 TCP behind one 802.1Q tag",
+            tcp4(CLIENT4, VIP4_DSR, 40002, HTTP, TCP_SYN, &[100]),
+            flow(v4(CLIENT4), v4(VIP4_DSR), 40002, HTTP, IPPROTO_TCP),
+            SVC_TCP4,
+        ),
+        (
+            "IPv6 TCP behind 802.1ad + 802.1Q (QinQ)",
+            tcp6(CLIENT6, VIP6_DSR, 40003, HTTP, TCP_SYN, &[200, 100]),
+            flow(
+                IpAddr::V6(CLIENT6),
+                IpAddr::V6(VIP6_DSR),
+                40003,
+                HTTP,
+                IPPROTO_TCP,
+            ),
+            SVC_TCP6,
+        ),
+        (
+            "IPv6 TCP",
+            tcp6(CLIENT6, VIP6_DSR, 40004, HTTP, TCP_SYN | TCP_ACK, &[]),
+            flow(
+                IpAddr::V6(CLIENT6),
+                IpAddr::V6(VIP6_DSR),
+                40004,
+                HTTP,
+                IPPROTO_TCP,
+            ),
+            SVC_TCP6,
+        ),
+        (
+            "IPv4 UDP",
+            packet::ethernet(
+                LB_MAC,
+                ROUTER_MAC,
+                &[],
+                ETH_P_IP,
+                &Ipv4::new(CLIENT4, VIP4_DSR, IPPROTO_UDP).build(&packet::udp(
+                    v4(CLIENT4),
+                    v4(VIP4_DSR),
+                    5353,
+                    DNS,
+                    b"query",
+                )),
+            ),
+            flow(v4(CLIENT4), v4(VIP4_DSR), 5353, DNS, IPPROTO_UDP),
+            SVC_UDP4,
+        ),
+        (
+            "IPv4 with 12 bytes of options (IHL 8)",
+            {
+                let mut ip = Ipv4::new(CLIENT4, VIP4_DSR, IPPROTO_TCP);
+                ip.options = vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0];
+                let seg = packet::tcp(v4(CLIENT4), v4(VIP4_DSR), 40005, HTTP, TCP_SYN, b"hi");
+                packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IP, &ip.build(&seg))
+            },
+            flow(v4(CLIENT4), v4(VIP4_DSR), 40005, HTTP, IPPROTO_TCP),
+            SVC_TCP4,
+        ),
+    ];
+    for (what, frame, key, svc) in cases {
+        let want = f.expected(svc, &key, false);
+        let stats_before = f.lab.dp.service_stats(svc as u32).expect("stats");
+        let backend_before = f.lab.dp.backend_stats(want).expect("stats");
+        let out = f.case(what, &frame, TX, Counter::ForwardDsr);
+        assert_dsr(what, &frame, &out, want);
+        let stats = f.lab.dp.service_stats(svc as u32).expect("stats");
+        assert_eq!(
+            stats.packets,
+            stats_before.packets + 1,
+            "{what}: service packets"
+        );
+        assert_eq!(
+            stats.bytes,
+            stats_before.bytes + frame.len() as u64,
+            "{what}: service bytes"
+        );
+        assert_eq!(
+            stats.new_flows,
+            stats_before.new_flows + 1,
+            "{what}: new flow"
+        );
+        let b = f.lab.dp.backend_stats(want).expect("stats");
+        assert_eq!(
+            b.packets,
+            backend_before.packets + 1,
+            "{what}: backend packets"
+        );
+    }
+
+    // IPv6 with hop-by-hop and destination-options headers before TCP.
+    let seg = packet::tcp(
+        IpAddr::V6(CLIENT6),
+        IpAddr::V6(VIP6_DSR),
+        40006,
+        HTTP,
+        TCP_SYN,
+        b"",
+    );
+    let ext = [
+        packet::ipv6_opts_header(IPPROTO_DSTOPTS),
+        packet::ipv6_opts_header(IPPROTO_TCP),
+    ]
+    .concat();
+    let ip = packet::ipv6(
+        CLIENT6.octets(),
+        VIP6_DSR.octets(),
+        IPPROTO_HOPOPTS,
+        &ext,
+        &seg,
+    );
+    let frame = packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IPV6, &ip);
+    let key = flow(
+        IpAddr::V6(CLIENT6),
+        IpAddr::V6(VIP6_DSR),
+        40006,
+        HTTP,
+        IPPROTO_TCP,
+    );
+    let out = f.case(
+        "IPv6 with two extension headers",
+        &frame,
+        TX,
+        Counter::ForwardDsr,
+    );
+    assert_dsr("IPv6 ext", &frame, &out, f.expected(SVC_TCP6, &key, false));
+
+    // An atomic IPv6 fragment (offset 0, no more fragments) is a whole packet.
+    let ext = packet::ipv6_fragment_header(IPPROTO_TCP, 0, false);
+    let ip = packet::ipv6(
+        CLIENT6.octets(),
+        VIP6_DSR.octets(),
+        IPPROTO_FRAGMENT,
+        &ext,
+        &seg,
+    );
+    let frame = packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IPV6, &ip);
+    let out = f.case("IPv6 atomic fragment", &frame, TX, Counter::ForwardDsr);
+    assert_dsr(
+        "IPv6 atomic fragment",
+        &frame,
+        &out,
+        f.expected(SVC_TCP6, &key, false),
+    );
+}
+
+#[test]
+fn client_affinity_hashes_the_client_address_only() {
+    if !privileged() {
+        return;
+    }
+    let mut f = fixture();
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 40000..40064u16 {
+        let frame = tcp4(CLIENT4, VIP4_AFFINITY, port, HTTP, TCP_SYN, &[]);
+        let out = f.case("affinity SYN", &frame, TX, Counter::ForwardDsr);
+        seen.insert(backend_of_mac(&out[0..6]));
+    }
+    assert_eq!(seen.len(), 1, "one client, one backend: {seen:?}");
+    let key = flow(v4(CLIENT4), v4(VIP4_AFFINITY), 1, HTTP, IPPROTO_TCP);
+    assert_eq!(
+        seen.into_iter().next(),
+        Some(f.expected(SVC_AFFINITY, &key, true))
+    );
+}
+
+/// Checks an `ipip` output: outer header toward the backend, inner packet intact.
+fn assert_ipip(what: &str, input: &[u8], out: &[u8], l3: usize, backend: IpAddr, backend_id: u32) {
+    assert_eq!(
+        &out[0..6],
+        &lab::backend_mac(backend_id),
+        "{what}: next-hop MAC"
+    );
+    assert_eq!(&out[6..12], &LB_MAC, "{what}: source MAC");
+    assert_eq!(
+        &out[12..l3],
+        &input[12..l3],
+        "{what}: VLAN tags and EtherType kept"
+    );
+    match backend {
+        IpAddr::V4(b) => {
+            let outer = &out[l3..l3 + IPV4_HLEN];
+            assert_eq!(outer[0], 0x45, "{what}: version/IHL");
+            let inner_len = input.len() - l3;
+            assert_eq!(
+                u16::from_be_bytes([outer[2], outer[3]]) as usize,
+                inner_len + IPV4_HLEN,
+                "{what}: total length"
+            );
+            assert_eq!(outer[8], DEFAULT_TTL, "{what}: TTL");
+            assert_eq!(outer[9], IPPROTO_IPIP, "{what}: protocol");
+            assert_eq!(outer[1], input[l3 + 1], "{what}: TOS copied");
+            assert!(packet::ipv4_header_valid(outer), "{what}: header checksum");
+            assert_eq!(
+                &outer[12..15],
+                &lab::TUNNEL_SRC_V4[..3],
+                "{what}: source prefix"
+            );
+            assert_eq!(
+                &outer[16..20],
+                &b.octets(),
+                "{what}: destination is the backend"
+            );
+            assert_eq!(
+                &out[l3 + IPV4_HLEN..],
+                &input[l3..],
+                "{what}: inner packet intact"
+            );
+        }
+        IpAddr::V6(b) => {
+            let outer = &out[l3..l3 + IPV6_HLEN];
+            assert_eq!(outer[0] >> 4, 6, "{what}: version");
+            let inner_len = input.len() - l3;
+            assert_eq!(
+                u16::from_be_bytes([outer[4], outer[5]]) as usize,
+                inner_len,
+                "{what}: payload length"
+            );
+            assert_eq!(outer[6], IPPROTO_IPV6, "{what}: next header");
+            assert_eq!(
+                &outer[8..22],
+                &lab::TUNNEL_SRC_V6[..14],
+                "{what}: source prefix"
+            );
+            assert_eq!(
+                &outer[24..40],
+                &b.octets(),
+                "{what}: destination is the backend"
+            );
+            assert_eq!(
+                &out[l3 + IPV6_HLEN..],
+                &input[l3..],
+                "{what}: inner packet intact"
+            );
+        }
+    }
+}
+
+#[test]
+fn ipip_encapsulates_toward_the_backend_in_both_families() {
+    if !privileged() {
+        return;
+    }
+    let mut f = fixture();
+    let frame = tcp4(CLIENT4, VIP4_IPIP, 41000, HTTP, TCP_SYN, &[]);
+    let want = f.expected(
+        SVC_IPIP4,
+        &flow(v4(CLIENT4), v4(VIP4_IPIP), 41000, HTTP, IPPROTO_TCP),
+        false,
+    );
+    let out = f.case("IPv4-in-IPv4", &frame, TX, Counter::ForwardIpip);
+    assert_eq!(out.len(), frame.len() + IPV4_HLEN);
+    let addr =
+        IpAddr::from(<[u8; 16]>::try_from(&f.lab.dp.backend(want).unwrap().addr[..]).unwrap());
+    let addr = match addr {
+        IpAddr::V6(a) => IpAddr::V4(Ipv4Addr::new(
+            a.octets()[0],
+            a.octets()[1],
+            a.octets()[2],
+            a.octets()[3],
+        )),
+        v => v,
+    };
+    assert_ipip("IPv4-in-IPv4", &frame, &out, ETH_HLEN, addr, want);
+
+    let frame = tcp4(CLIENT4, VIP4_IPIP, 41001, HTTP, TCP_SYN, &[7]);
+    let want = f.expected(
+        SVC_IPIP4,
+        &flow(v4(CLIENT4), v4(VIP4_IPIP), 41001, HTTP, IPPROTO_TCP),
+        false,
+    );
+    let out = f.case(
+        "IPv4-in-IPv4 behind a VLAN tag",
+        &frame,
+        TX,
+        Counter::ForwardIpip,
+    );
+    let b = f.lab.dp.backend(want).unwrap().addr;
+    assert_ipip(
+        "IPv4-in-IPv4 VLAN",
+        &frame,
+        &out,
+        ETH_HLEN + VLAN_HLEN,
+        v4([b[0], b[1], b[2], b[3]]),
+        want,
+    );
+
+    let frame = tcp6(CLIENT6, VIP6_IPIP, 41002, HTTP, TCP_SYN, &[]);
+    let want = f.expected(
+        SVC_IPIP6,
+        &flow(
+            IpAddr::V6(CLIENT6),
+            IpAddr::V6(VIP6_IPIP),
+            41002,
+            HTTP,
+            IPPROTO_TCP,
+        ),
+        false,
+    );
+    let out = f.case("IPv6-in-IPv6", &frame, TX, Counter::ForwardIpip);
+    assert_eq!(out.len(), frame.len() + IPV6_HLEN);
+    let b = IpAddr::V6(Ipv6Addr::from(f.lab.dp.backend(want).unwrap().addr));
+    assert_ipip("IPv6-in-IPv6", &frame, &out, ETH_HLEN, b, want);
+
+    // A packet that would exceed the MTU once encapsulated is dropped.
+    let seg = packet::tcp(
+        v4(CLIENT4),
+        v4(VIP4_IPIP),
+        41003,
+        HTTP,
+        TCP_ACK,
+        &vec![0u8; 1460],
+    );
+    let big = packet::ethernet(
+        LB_MAC,
+        ROUTER_MAC,
+        &[],
+        ETH_P_IP,
+        &Ipv4::new(CLIENT4, VIP4_IPIP, IPPROTO_TCP).build(&seg),
+    );
+    f.case(
+        "1500-byte packet into a 1500 MTU tunnel",
+        &big,
+        DROP,
+        Counter::DropTooBig,
+    );
+}
+
+#[test]
+fn malformed_fragmented_and_backendless_packets_are_dropped_and_counted() {
+    if !privileged() {
+        return;
+    }
+    let mut f = fixture();
+    let mut ihl = tcp4(CLIENT4, VIP4_DSR, 1, HTTP, TCP_SYN, &[]);
+    ihl[ETH_HLEN] = 0x44;
+    f.case("IPv4 IHL 4", &ihl, DROP, Counter::DropMalformedIpv4);
+    let mut ihl15 = tcp4(CLIENT4, VIP4_DSR, 1, HTTP, TCP_SYN, &[]);
+    ihl15[ETH_HLEN] = 0x4f;
+    f.case(
+        "IPv4 IHL 15 past the datagram",
+        &ihl15,
+        DROP,
+        Counter::DropMalformedIpv4,
+    );
+    let mut long = tcp4(CLIENT4, VIP4_DSR, 1, HTTP, TCP_SYN, &[]);
+    long[ETH_HLEN + 2] = 0x05;
+    f.case(
+        "IPv4 total length beyond the frame",
+        &long,
+        DROP,
+        Counter::DropMalformedIpv4,
+    );
+    let mut doff = tcp4(CLIENT4, VIP4_DSR, 1, HTTP, TCP_SYN, &[]);
+    doff[ETH_HLEN + IPV4_HLEN + 12] = 0x40;
+    f.case(
+        "TCP data offset 4 to a VIP",
+        &doff,
+        DROP,
+        Counter::DropMalformedL4,
+    );
+    let mut doff_other = tcp4(CLIENT4, [198, 18, 0, 2], 1, 22, TCP_SYN, &[]);
+    doff_other[ETH_HLEN + IPV4_HLEN + 12] = 0xf0;
+    f.case(
+        "TCP data offset 15 to the host: the kernel's business",
+        &doff_other,
+        PASS,
+        Counter::PassNotService,
+    );
+
+    let mut frag = Ipv4::new(CLIENT4, VIP4_DSR, IPPROTO_TCP);
+    frag.frag = IPV4_MF;
+    let seg = packet::tcp(v4(CLIENT4), v4(VIP4_DSR), 1, HTTP, TCP_SYN, b"");
+    f.case(
+        "IPv4 first fragment to a VIP",
+        &packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IP, &frag.build(&seg)),
+        DROP,
+        Counter::DropFragment,
+    );
+    frag.frag = 100;
+    f.case(
+        "IPv4 later fragment to a VIP",
+        &packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IP, &frag.build(&[0u8; 16])),
+        DROP,
+        Counter::DropFragment,
+    );
+    frag.dst = [198, 18, 0, 2];
+    f.case(
+        "IPv4 fragment to the host",
+        &packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IP, &frag.build(&[0u8; 16])),
+        PASS,
+        Counter::PassNotService,
+    );
+    let ext = packet::ipv6_fragment_header(IPPROTO_TCP, 0, true);
+    let seg6 = packet::tcp(
+        IpAddr::V6(CLIENT6),
+        IpAddr::V6(VIP6_DSR),
+        1,
+        HTTP,
+        TCP_SYN,
+        b"",
+    );
+    let ip = packet::ipv6(
+        CLIENT6.octets(),
+        VIP6_DSR.octets(),
+        IPPROTO_FRAGMENT,
+        &ext,
+        &seg6,
+    );
+    f.case(
+        "IPv6 first fragment to a VIP",
+        &packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IPV6, &ip),
+        DROP,
+        Counter::DropFragment,
+    );
+    let chain: Vec<u8> = (0..5)
+        .flat_map(|_| packet::ipv6_opts_header(IPPROTO_DSTOPTS))
+        .collect();
+    let ip = packet::ipv6(
+        CLIENT6.octets(),
+        VIP6_DSR.octets(),
+        IPPROTO_DSTOPTS,
+        &chain,
+        &seg6,
+    );
+    f.case(
+        "IPv6 chain of five extension headers",
+        &packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IPV6, &ip),
+        DROP,
+        Counter::DropMalformedIpv6,
+    );
+
+    let frame = tcp4(CLIENT4, VIP4_EMPTY, 1, HTTP, TCP_SYN, &[]);
+    f.case(
+        "a service with every backend out",
+        &frame,
+        DROP,
+        Counter::DropNoBackend,
+    );
+}
+
+#[test]
+fn truncation_at_every_offset_is_never_forwarded() {
+    if !privileged() {
+        return;
+    }
+    let mut f = fixture();
+    let frames = [
+        tcp4(CLIENT4, VIP4_DSR, 42000, HTTP, TCP_SYN, &[]),
+        tcp6(CLIENT6, VIP6_DSR, 42000, HTTP, TCP_SYN, &[100, 200]),
+        tcp4(CLIENT4, VIP4_IPIP, 42000, HTTP, TCP_SYN, &[5]),
+    ];
+    let mut runs = 0u64;
+    let total_before = f.lab.counter_total().unwrap();
+    for frame in &frames {
+        // BPF_PROG_TEST_RUN needs at least an Ethernet header.
+        for len in ETH_HLEN..frame.len() {
+            let cut = &frame[..len];
+            let v = f.lab.run(PROG_LB, cut).unwrap();
+            assert_ne!(v.action, TX, "a frame cut at {len} bytes was forwarded");
+            assert_eq!(v.out, cut, "a frame cut at {len} bytes was modified");
+            runs += 1;
+        }
+    }
+    assert_eq!(
+        f.lab.counter_total().unwrap() - total_before,
+        runs,
+        "every run counted once"
+    );
+    assert!(f.lab.counter(Counter::DropMalformedIpv4).unwrap() > 0);
+    assert!(f.lab.counter(Counter::DropMalformedIpv6).unwrap() > 0);
+    assert!(f.lab.counter(Counter::DropMalformedEthernet).unwrap() > 0);
+
+    // A datagram whose IP length is consistent but whose TCP header is cut.
+    let seg = packet::tcp(v4(CLIENT4), v4(VIP4_DSR), 1, HTTP, TCP_SYN, b"");
+    let short = Ipv4::new(CLIENT4, VIP4_DSR, IPPROTO_TCP).build(&seg[..12]);
+    f.case(
+        "TCP header cut inside a consistent datagram",
+        &packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IP, &short),
+        DROP,
+        Counter::DropMalformedL4,
+    );
+}
+
+#[test]
+fn icmp_errors_quoting_a_service_flow_go_to_its_backend() {
+    if !privileged() {
+        return;
+    }
+    let mut f = fixture();
+    // The client's flow, then an ICMP error about the backend's reply to it
+    // (sent from the VIP to the client) arriving at the VIP.
+    let key = flow(v4(CLIENT4), v4(VIP4_DSR), 43000, HTTP, IPPROTO_TCP);
+    let owner = f.expected(SVC_TCP4, &key, false);
+    let syn = tcp4(CLIENT4, VIP4_DSR, 43000, HTTP, TCP_SYN, &[]);
+    f.case("the flow's SYN", &syn, TX, Counter::ForwardDsr);
+    let reply = Ipv4::new(VIP4_DSR, CLIENT4, IPPROTO_TCP).build(&packet::tcp(
+        v4(VIP4_DSR),
+        v4(CLIENT4),
+        HTTP,
+        43000,
+        TCP_ACK,
+        &[0u8; 8],
+    ));
+    let icmp = Ipv4::new([198, 18, 3, 1], VIP4_DSR, IPPROTO_ICMP)
+        .build(&packet::icmp4_frag_needed(1400, &reply[..28]));
+    let frame = packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IP, &icmp);
+    let out = f.case(
+        "ICMP fragmentation needed",
+        &frame,
+        TX,
+        Counter::ForwardIcmpError,
+    );
+    assert_dsr("ICMP fragmentation needed", &frame, &out, owner);
+
+    let key6 = flow(
+        IpAddr::V6(CLIENT6),
+        IpAddr::V6(VIP6_DSR),
+        43001,
+        HTTP,
+        IPPROTO_TCP,
+    );
+    let owner6 = f.expected(SVC_TCP6, &key6, false);
+    let reply6 = packet::ipv6(
+        VIP6_DSR.octets(),
+        CLIENT6.octets(),
+        IPPROTO_TCP,
+        &[],
+        &packet::tcp(
+            IpAddr::V6(VIP6_DSR),
+            IpAddr::V6(CLIENT6),
+            HTTP,
+            43001,
+            TCP_ACK,
+            b"",
+        ),
+    );
+    let router6 = Ipv6Addr::new(0x2001, 2, 3, 0, 0, 0, 0, 1);
+    let icmp6 = packet::ipv6(
+        router6.octets(),
+        VIP6_DSR.octets(),
+        IPPROTO_ICMPV6,
+        &[],
+        &packet::icmp6_too_big(1280, &reply6),
+    );
+    let frame = packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IPV6, &icmp6);
+    let out = f.case(
+        "ICMPv6 packet too big",
+        &frame,
+        TX,
+        Counter::ForwardIcmpError,
+    );
+    assert_dsr("ICMPv6 packet too big", &frame, &out, owner6);
+
+    // About a flow of no service (the host's own connection): the host's.
+    let foreign = Ipv4::new([198, 18, 0, 2], CLIENT4, IPPROTO_TCP).build(&packet::tcp(
+        v4([198, 18, 0, 2]),
+        v4(CLIENT4),
+        22,
+        43002,
+        TCP_ACK,
+        b"",
+    ));
+    let icmp = Ipv4::new([198, 18, 3, 1], [198, 18, 0, 2], IPPROTO_ICMP)
+        .build(&packet::icmp4_frag_needed(1400, &foreign[..28]));
+    f.case(
+        "ICMP error about the host's own flow",
+        &packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IP, &icmp),
+        PASS,
+        Counter::PassOtherProtocol,
+    );
+
+    // Quoting a packet cut inside its IP header, sent to a VIP.
+    let icmp = Ipv4::new([198, 18, 3, 1], VIP4_DSR, IPPROTO_ICMP)
+        .build(&packet::icmp4_frag_needed(1400, &reply[..12]));
+    f.case(
+        "ICMP error quoting a truncated header",
+        &packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IP, &icmp),
+        DROP,
+        Counter::DropMalformedIcmp,
+    );
+}
+
+#[test]
+fn decap_strips_tunnels_to_local_endpoints_only() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = Lab::new(RING).unwrap();
+    let me4 = [198, 18, 0, 21];
+    let me6 = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x21);
+    lab.dp.add_decap_addr(v4(me4)).unwrap();
+    lab.dp.add_decap_addr(IpAddr::V6(me6)).unwrap();
+    let inner = Ipv4::new(CLIENT4, VIP4_IPIP, IPPROTO_TCP).build(&packet::tcp(
+        v4(CLIENT4),
+        v4(VIP4_IPIP),
+        1,
+        HTTP,
+        TCP_SYN,
+        b"x",
+    ));
+    let count = |lab: &mut Lab, what: &str, frame: &[u8], action: u32, c: DecapCounter| {
+        let before = lab.dp.decap_counters().unwrap()[c as usize];
+        let v = lab.run(PROG_DECAP, frame).unwrap();
+        assert_eq!(v.action, action, "{what}: action");
+        assert_eq!(
+            lab.dp.decap_counters().unwrap()[c as usize],
+            before + 1,
+            "{what}: counter"
+        );
+        v.out
+    };
+    for vlans in [&[][..], &[9][..]] {
+        let outer = Ipv4::new([198, 18, 255, 7], me4, IPPROTO_IPIP).build(&inner);
+        let frame = packet::ethernet(LB_MAC, ROUTER_MAC, vlans, ETH_P_IP, &outer);
+        let out = count(
+            &mut lab,
+            "IPIP to this host",
+            &frame,
+            PASS,
+            DecapCounter::Decapsulated,
+        );
+        let l2 = ETH_HLEN + VLAN_HLEN * vlans.len();
+        assert_eq!(&out[..l2], &frame[..l2], "link-layer header kept");
+        assert_eq!(&out[l2..], &inner[..], "outer header removed");
+    }
+    let inner6 = packet::ipv6(
+        CLIENT6.octets(),
+        VIP6_IPIP.octets(),
+        IPPROTO_TCP,
+        &[],
+        &packet::tcp(
+            IpAddr::V6(CLIENT6),
+            IpAddr::V6(VIP6_IPIP),
+            1,
+            HTTP,
+            TCP_SYN,
+            b"",
+        ),
+    );
+    let outer6 = packet::ipv6(lab::TUNNEL_SRC_V6, me6.octets(), IPPROTO_IPV6, &[], &inner6);
+    let out = count(
+        &mut lab,
+        "IP6IP6 to this host",
+        &packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IPV6, &outer6),
+        PASS,
+        DecapCounter::Decapsulated,
+    );
+    assert_eq!(&out[ETH_HLEN..], &inner6[..]);
+
+    let elsewhere = packet::ethernet(
+        LB_MAC,
+        ROUTER_MAC,
+        &[],
+        ETH_P_IP,
+        &Ipv4::new([198, 18, 255, 7], [198, 18, 0, 99], IPPROTO_IPIP).build(&inner),
+    );
+    let out = count(
+        &mut lab,
+        "IPIP to another host",
+        &elsewhere,
+        PASS,
+        DecapCounter::PassNotLocal,
+    );
+    assert_eq!(out, elsewhere);
+    let plain = tcp4(CLIENT4, me4, 1, 22, TCP_SYN, &[]);
+    let out = count(
+        &mut lab,
+        "plain TCP",
+        &plain,
+        PASS,
+        DecapCounter::PassNotTunnel,
+    );
+    assert_eq!(out, plain);
+    let broken = packet::ethernet(
+        LB_MAC,
+        ROUTER_MAC,
+        &[],
+        ETH_P_IP,
+        &Ipv4::new([198, 18, 255, 7], me4, IPPROTO_IPIP).build(&inner[..10]),
+    );
+    count(
+        &mut lab,
+        "IPIP with a truncated inner header",
+        &broken,
+        DROP,
+        DecapCounter::DropMalformed,
+    );
+}

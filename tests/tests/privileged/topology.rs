@@ -1,0 +1,1 @@
+//! Namespace topology test: placeholder replaced below.
