@@ -4,7 +4,7 @@
 /// Why the load-balancer program passed, dropped or forwarded a packet.
 /// The discriminant is the index into the `LB_COUNTERS` per-CPU array.
 #[repr(u32)]
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Counter {
     /// Not IPv4/IPv6 (ARP, LLDP, ...): passed to the kernel.
     PassNotIp = 0,

@@ -89,14 +89,27 @@ impl Lab {
         Ok(Lab { dp })
     }
 
-    /// Writes backend `id` at `ip`, up or not, with generation `generation`.
+    /// Writes backend `id` at `ip` with the MAC [`backend_mac`] gives it, up
+    /// or not, with generation `generation`.
     pub fn backend(&mut self, id: u32, ip: IpAddr, up: bool, generation: u32) -> Result<()> {
+        self.backend_at(id, ip, backend_mac(id), up, generation)
+    }
+
+    /// Writes backend `id` at `ip` reached through `mac`.
+    pub fn backend_at(
+        &mut self,
+        id: u32,
+        ip: IpAddr,
+        mac: Mac,
+        up: bool,
+        generation: u32,
+    ) -> Result<()> {
         let (addr, family) = addr_bytes(ip);
         self.dp.set_backend(
             id,
             &BackendValue {
                 addr,
-                mac: backend_mac(id),
+                mac,
                 family,
                 flags: if up { BACKEND_F_UP } else { 0 },
                 generation,

@@ -1,1 +1,332 @@
-//! Namespace topology test: placeholder replaced below.
+//! Real traffic through the attached program: a client, the load balancer and
+//! two backends in namespaces on one bridge; TCP and UDP servers that answer
+//! with their name; `dsr-l2` and `ipip` services in both families.
+
+use std::{
+    collections::BTreeMap,
+    io::{ErrorKind, Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::programs::XdpMode;
+use lb_common::{
+    Counter, SERVICE_F_IPIP,
+    counters::DecapCounter,
+    maps::{PROG_DECAP, PROG_LB},
+    wire::{IPPROTO_TCP, IPPROTO_UDP},
+};
+use lb_tests::{
+    lab::{Lab, service_key},
+    netns::{self, Netns},
+    privileged,
+};
+
+/// Every network wait is bounded by this.
+const TIMEOUT: Duration = Duration::from_secs(3);
+/// How often an idle server checks whether to stop.
+const POLL: Duration = Duration::from_millis(5);
+const RING: u32 = 251;
+
+const VIP_DSR4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+const VIP_IPIP4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+const VIP_DSR6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 1);
+const VIP_IPIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 2);
+const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const HOST_PORT: u16 = 2222;
+
+/// A TCP and UDP server answering every request with its name, until dropped.
+struct Server {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl Server {
+    /// Serves TCP and UDP on `port` of every address of `ns` and returns once
+    /// the sockets are bound.
+    fn start(ns: &Netns, name: &str, port: u16) -> Result<Server> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready, bound) = mpsc::channel();
+        let (flag, name) = (stop.clone(), format!("{name}\n"));
+        let thread = ns.spawn(move || {
+            let tcp = TcpListener::bind(("::", port))?;
+            let udp = UdpSocket::bind(("::", port))?;
+            tcp.set_nonblocking(true)?;
+            udp.set_nonblocking(true)?;
+            let _ = ready.send(());
+            let mut buf = [0u8; 512];
+            while !flag.load(Ordering::Relaxed) {
+                let mut idle = true;
+                match tcp.accept() {
+                    Ok((mut s, _)) => {
+                        idle = false;
+                        s.set_nonblocking(false)?;
+                        s.set_read_timeout(Some(TIMEOUT))?;
+                        let _ = s.read(&mut buf);
+                        let _ = s.write_all(name.as_bytes());
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e.into()),
+                }
+                match udp.recv_from(&mut buf) {
+                    Ok((_, peer)) => {
+                        idle = false;
+                        udp.send_to(name.as_bytes(), peer)?;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e.into()),
+                }
+                if idle {
+                    std::thread::sleep(POLL);
+                }
+            }
+            Ok(())
+        });
+        bound
+            .recv_timeout(TIMEOUT)
+            .context("server did not bind in time")?;
+        Ok(Server {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            match t.join() {
+                Ok(Err(e)) => eprintln!("server: {e:#}"),
+                Err(_) => eprintln!("server thread panicked"),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+}
+
+/// One TCP request to `to`; the answering server's name.
+fn tcp_request(to: SocketAddr) -> Result<String> {
+    let mut s =
+        TcpStream::connect_timeout(&to, TIMEOUT).with_context(|| format!("connect {to}"))?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.write_all(b"hello\n")?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)
+        .with_context(|| format!("read from {to}"))?;
+    Ok(answer.trim().to_string())
+}
+
+/// One UDP request to `to`; the answering server's name.
+fn udp_request(to: SocketAddr) -> Result<String> {
+    let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
+    let s = UdpSocket::bind(bind)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.send_to(b"query", to)?;
+    let mut buf = [0u8; 64];
+    let (n, _) = s
+        .recv_from(&mut buf)
+        .with_context(|| format!("no UDP answer from {to}"))?;
+    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+}
+
+/// Sends `n` requests from `client` and tallies the answering backends.
+fn spread(
+    client: &Netns,
+    n: usize,
+    to: SocketAddr,
+    request: fn(SocketAddr) -> Result<String>,
+) -> Result<BTreeMap<String, usize>> {
+    client.run(|| {
+        let mut tally = BTreeMap::new();
+        for _ in 0..n {
+            *tally.entry(request(to)?).or_insert(0) += 1;
+        }
+        Ok(tally)
+    })
+}
+
+struct Backend {
+    ns: Netns,
+    mac: [u8; 6],
+    v4: Ipv4Addr,
+    v6: Ipv6Addr,
+}
+
+fn mac_str(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+#[test]
+fn real_tcp_and_udp_reach_backends_in_both_modes_and_host_traffic_still_flows() {
+    if !privileged() {
+        return;
+    }
+    run_topology().unwrap();
+}
+
+fn run_topology() -> Result<()> {
+    let sw = netns::switch()?;
+    let client = Netns::new("cl")?;
+    let lb = Netns::new("lb")?;
+    netns::plug(
+        &sw,
+        "pcl",
+        &client,
+        "02:00:00:00:00:01",
+        &["198.18.0.1/24", "2001:2::1/64"],
+    )?;
+    netns::plug(
+        &sw,
+        "plb",
+        &lb,
+        "02:00:00:00:00:02",
+        &["198.18.0.2/24", "2001:2::2/64"],
+    )?;
+    client.ip(&["route", "add", "198.18.1.0/24", "via", "198.18.0.2"])?;
+    client.ip(&["-6", "route", "add", "2001:2:1::/64", "via", "2001:2::2"])?;
+
+    let mut backends = Vec::new();
+    for i in 1..=2u8 {
+        let b = Backend {
+            ns: Netns::new(&format!("b{i}"))?,
+            mac: [0x02, 0, 0, 0, 0, 0x10 + i],
+            v4: Ipv4Addr::new(198, 18, 0, 10 + i),
+            v6: Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x10 + i as u16),
+        };
+        let (a4, a6) = (format!("{}/24", b.v4), format!("{}/64", b.v6));
+        netns::plug(&sw, &format!("pb{i}"), &b.ns, &mac_str(b.mac), &[&a4, &a6])?;
+        // The VIPs are local on every backend, so it accepts and answers from them.
+        for vip in ["198.18.1.1/32", "198.18.1.2/32"] {
+            b.ns.ip(&["addr", "add", vip, "dev", "lo"])?;
+        }
+        for vip in ["2001:2:1::1/128", "2001:2:1::2/128"] {
+            b.ns.ip(&["addr", "add", vip, "dev", "lo", "nodad"])?;
+        }
+        backends.push(b);
+    }
+
+    // The load balancer: both modes, both families, TCP and UDP.
+    let mut lab = Lab::new(RING)?;
+    let services = [
+        (IpAddr::V4(VIP_DSR4), IPPROTO_TCP, 0),
+        (IpAddr::V4(VIP_DSR4), IPPROTO_UDP, 0),
+        (IpAddr::V6(VIP_DSR6), IPPROTO_TCP, 0),
+        (IpAddr::V4(VIP_IPIP4), IPPROTO_TCP, SERVICE_F_IPIP),
+        (IpAddr::V6(VIP_IPIP6), IPPROTO_TCP, SERVICE_F_IPIP),
+    ];
+    let mut next_id = 0;
+    for (svc, (vip, proto, flags)) in services.iter().enumerate() {
+        let mut members = Vec::new();
+        for b in &backends {
+            let addr = if vip.is_ipv4() {
+                IpAddr::V4(b.v4)
+            } else {
+                IpAddr::V6(b.v6)
+            };
+            lab.backend_at(next_id, addr, b.mac, true, 1)?;
+            members.push((next_id, 1));
+            next_id += 1;
+        }
+        lab.service(svc as u32, service_key(*vip, 80, *proto), *flags, &members)?;
+    }
+    lb.run(|| {
+        lab.dp.program(PROG_LB)?.attach("eth0", XdpMode::Skb)?;
+        Ok(())
+    })?;
+
+    // Backends of ipip services decapsulate with the decap program.
+    let mut decaps = Vec::new();
+    for b in &backends {
+        let mut d = Lab::new(RING)?;
+        d.dp.add_decap_addr(IpAddr::V4(b.v4))?;
+        d.dp.add_decap_addr(IpAddr::V6(b.v6))?;
+        b.ns.run(|| {
+            d.dp.program(PROG_DECAP)?.attach("eth0", XdpMode::Skb)?;
+            Ok(())
+        })?;
+        decaps.push(d);
+    }
+
+    let _servers: Vec<Server> = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| Server::start(&b.ns, &format!("backend-{}", i + 1), 80))
+        .collect::<Result<_>>()?;
+    let _host_service = Server::start(&lb, "lb-host", HOST_PORT)?;
+
+    let cases: [(&str, SocketAddr, fn(SocketAddr) -> Result<String>); 5] = [
+        (
+            "dsr-l2 IPv4 TCP",
+            SocketAddr::new(IpAddr::V4(VIP_DSR4), 80),
+            tcp_request,
+        ),
+        (
+            "dsr-l2 IPv4 UDP",
+            SocketAddr::new(IpAddr::V4(VIP_DSR4), 80),
+            udp_request,
+        ),
+        (
+            "dsr-l2 IPv6 TCP",
+            SocketAddr::new(IpAddr::V6(VIP_DSR6), 80),
+            tcp_request,
+        ),
+        (
+            "ipip IPv4 TCP",
+            SocketAddr::new(IpAddr::V4(VIP_IPIP4), 80),
+            tcp_request,
+        ),
+        (
+            "ipip IPv6 TCP",
+            SocketAddr::new(IpAddr::V6(VIP_IPIP6), 80),
+            tcp_request,
+        ),
+    ];
+    const REQUESTS: usize = 40;
+    for (what, to, request) in cases {
+        let tally = spread(&client, REQUESTS, to, request).with_context(|| what.to_string())?;
+        eprintln!("{what}: {tally:?}");
+        if tally.len() != backends.len() {
+            bail!("{what}: {REQUESTS} requests reached only {tally:?}");
+        }
+    }
+
+    // The load balancer's own service is untouched by the program.
+    let host = spread(
+        &client,
+        3,
+        SocketAddr::new(IpAddr::V4(LB_ADDR), HOST_PORT),
+        tcp_request,
+    )?;
+    assert_eq!(host.get("lb-host"), Some(&3), "host traffic: {host:?}");
+
+    let counters: BTreeMap<_, _> = lab.dp.counters()?.into_iter().collect();
+    eprintln!(
+        "lb counters: {:?}",
+        counters
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(c, v)| (c.name(), *v))
+            .collect::<Vec<_>>()
+    );
+    assert!(counters[&Counter::ForwardDsr] >= 3 * REQUESTS as u64);
+    assert!(counters[&Counter::ForwardIpip] >= 2 * REQUESTS as u64);
+    assert!(
+        counters[&Counter::PassNotService] > 0,
+        "host traffic was seen and passed"
+    );
+    for d in &decaps {
+        assert!(d.dp.decap_counters()?[DecapCounter::Decapsulated as usize] > 0);
+    }
+    Ok(())
+}
