@@ -137,9 +137,8 @@ pub fn ipv6(ctx: &XdpContext, l3_off: usize, limit: usize, quoted: bool) -> Resu
     };
     let mut off = l3_off + IPV6_HLEN;
     let mut fragment = false;
-    let mut walked = 0;
     // Bounded walk; the verifier sees at most MAX_IPV6_EXT_HEADERS + 1 rounds.
-    for _ in 0..=MAX_IPV6_EXT_HEADERS {
+    for walked in 0..=MAX_IPV6_EXT_HEADERS {
         if !matches!(
             next,
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_FRAGMENT
@@ -149,7 +148,6 @@ pub fn ipv6(ctx: &XdpContext, l3_off: usize, limit: usize, quoted: bool) -> Resu
         if walked == MAX_IPV6_EXT_HEADERS {
             return Err(Counter::DropMalformedIpv6);
         }
-        walked += 1;
         // Every extension header starts with next-header and length bytes;
         // the fragment header's offset and M flag follow (RFC 8200 §4.5).
         let e = load::<[u8; 4]>(ctx, off).ok_or(Counter::DropMalformedIpv6)?;

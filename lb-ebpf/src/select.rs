@@ -34,18 +34,18 @@ pub fn select_backend(
 ) -> Result<Choice, Counter> {
     let affinity = service.flags & SERVICE_F_AFFINITY != 0;
     let hash = flow_hash(flow, affinity);
-    if !repick && let Some(pinned) = maps::conntrack_get(flow) {
-        if let Some(backend) = maps::backend(pinned.backend)
-            && backend.flags & BACKEND_F_UP != 0
-            && backend.generation == pinned.generation
-        {
-            return Ok(Choice {
-                id: pinned.backend,
-                backend,
-                new_flow: false,
-                hash,
-            });
-        }
+    if !repick
+        && let Some(pinned) = maps::conntrack_get(flow)
+        && let Some(backend) = maps::backend(pinned.backend)
+        && backend.flags & BACKEND_F_UP != 0
+        && backend.generation == pinned.generation
+    {
+        return Ok(Choice {
+            id: pinned.backend,
+            backend,
+            new_flow: false,
+            hash,
+        });
     }
     let ring_size = settings.ring_size;
     if ring_size == 0 {

@@ -112,6 +112,9 @@ impl Drop for Server {
     }
 }
 
+/// A client request: sends to an address, returns the answering server's name.
+type Request = fn(SocketAddr) -> Result<String>;
+
 /// One TCP request to `to`; the answering server's name.
 fn tcp_request(to: SocketAddr) -> Result<String> {
     let mut s =
@@ -142,7 +145,7 @@ fn spread(
     client: &Netns,
     n: usize,
     to: SocketAddr,
-    request: fn(SocketAddr) -> Result<String>,
+    request: Request,
 ) -> Result<BTreeMap<String, usize>> {
     client.run(|| {
         let mut tally = BTreeMap::new();
@@ -265,7 +268,7 @@ fn run_topology() -> Result<()> {
         .collect::<Result<_>>()?;
     let _host_service = Server::start(&lb, "lb-host", HOST_PORT)?;
 
-    let cases: [(&str, SocketAddr, fn(SocketAddr) -> Result<String>); 5] = [
+    let cases: [(&str, SocketAddr, Request); 5] = [
         (
             "dsr-l2 IPv4 TCP",
             SocketAddr::new(IpAddr::V4(VIP_DSR4), 80),
