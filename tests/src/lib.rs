@@ -5,11 +5,10 @@
 //!   UDP, ICMP) with valid lengths and checksums.
 //! - [`lab`]: a loaded data plane with services and backends, and a way to
 //!   run one frame through a program with BPF_PROG_TEST_RUN.
-//! - [`netns`]: network namespaces, veth links and a bridge, removed on drop,
-//!   and running code inside a namespace.
+//!
+//! Network namespaces come from `lb::netns`, which the demo uses too.
 
 pub mod lab;
-pub mod netns;
 pub mod packet;
 
 /// Whether privileged tests can run. Without root they are skipped, unless

@@ -16,6 +16,13 @@ const BINARY: &str = "lb";
 
 /// Runs setup, builds `lb` (release unless `debug`) and prints where it is.
 pub fn run(root: &Path, debug: bool) -> Result<()> {
+    let binary = build(root, debug)?;
+    println!("{BINARY}: {}", binary.display());
+    Ok(())
+}
+
+/// Runs setup and builds `lb`; returns the binary's path.
+pub fn build(root: &Path, debug: bool) -> Result<PathBuf> {
     setup::run()?;
     let mut cargo = exec::cargo();
     cargo.current_dir(root).arg("build");
@@ -33,8 +40,7 @@ pub fn run(root: &Path, debug: bool) -> Result<()> {
         "cargo built {PACKAGE} but {} does not exist: is a target dir set in a cargo config?",
         binary.display()
     );
-    println!("{BINARY}: {}", binary.display());
-    Ok(())
+    Ok(binary)
 }
 
 /// Cargo's target directory: `CARGO_TARGET_DIR` (relative to the workspace,

@@ -5,11 +5,13 @@
 //! - `setup`: installs what a fresh machine lacks (nightly's rust-src,
 //!   bpf-linker built against the nightly's LLVM, Debian packages).
 //! - `build`: builds the `lb` binary with the eBPF object embedded.
+//! - `demo`: builds, then runs `lb demo` (the README's first command).
 //! - `test`: formatting, every test with privileged tests required, clippy,
 //!   and a one-line summary.
 //! - `exec`: how every external command is run, echoed and checked.
 
 mod build;
+mod demo;
 mod exec;
 mod setup;
 mod test;
@@ -39,6 +41,8 @@ enum Task {
         #[arg(long)]
         debug: bool,
     },
+    /// Run setup, build, then `lb demo`: the product end to end in network namespaces.
+    Demo,
     /// Run setup, then cargo fmt --check, cargo test and cargo clippy.
     Test {
         /// Arguments for `cargo test`, after `--` (e.g. a test name filter).
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup => setup::run(),
         Task::Build { debug } => build::run(&root, debug),
+        Task::Demo => demo::run(&root),
         // Reports its own failures: its summary line must come last.
         Task::Test { cargo_test_args } => return test::run(&root, &cargo_test_args),
     };

@@ -8,5 +8,6 @@
 
 mod agreement;
 mod conntrack;
+mod demo;
 mod fixtures;
 mod topology;

@@ -4,19 +4,15 @@
 
 use std::{
     collections::BTreeMap,
-    io::{ErrorKind, Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-        mpsc,
-    },
-    thread::JoinHandle,
-    time::Duration,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::XdpMode;
+use lb::{
+    demo::server::{NameServer, http_get, udp_request},
+    netns::{self, Netns},
+};
 use lb_common::{
     Counter, SERVICE_F_IPIP,
     counters::DecapCounter,
@@ -25,14 +21,9 @@ use lb_common::{
 };
 use lb_tests::{
     lab::{Lab, service_key},
-    netns::{self, Netns},
     privileged,
 };
 
-/// Every network wait is bounded by this.
-const TIMEOUT: Duration = Duration::from_secs(3);
-/// How often an idle server checks whether to stop.
-const POLL: Duration = Duration::from_millis(5);
 const RING: u32 = 251;
 
 const VIP_DSR4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
@@ -42,103 +33,8 @@ const VIP_IPIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 2);
 const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const HOST_PORT: u16 = 2222;
 
-/// A TCP and UDP server answering every request with its name, until dropped.
-struct Server {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Result<()>>>,
-}
-
-impl Server {
-    /// Serves TCP and UDP on `port` of every address of `ns` and returns once
-    /// the sockets are bound.
-    fn start(ns: &Netns, name: &str, port: u16) -> Result<Server> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready, bound) = mpsc::channel();
-        let (flag, name) = (stop.clone(), format!("{name}\n"));
-        let thread = ns.spawn(move || {
-            let tcp = TcpListener::bind(("::", port))?;
-            let udp = UdpSocket::bind(("::", port))?;
-            tcp.set_nonblocking(true)?;
-            udp.set_nonblocking(true)?;
-            let _ = ready.send(());
-            let mut buf = [0u8; 512];
-            while !flag.load(Ordering::Relaxed) {
-                let mut idle = true;
-                match tcp.accept() {
-                    Ok((mut s, _)) => {
-                        idle = false;
-                        s.set_nonblocking(false)?;
-                        s.set_read_timeout(Some(TIMEOUT))?;
-                        let _ = s.read(&mut buf);
-                        let _ = s.write_all(name.as_bytes());
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e.into()),
-                }
-                match udp.recv_from(&mut buf) {
-                    Ok((_, peer)) => {
-                        idle = false;
-                        udp.send_to(name.as_bytes(), peer)?;
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e.into()),
-                }
-                if idle {
-                    std::thread::sleep(POLL);
-                }
-            }
-            Ok(())
-        });
-        bound
-            .recv_timeout(TIMEOUT)
-            .context("server did not bind in time")?;
-        Ok(Server {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            match t.join() {
-                Ok(Err(e)) => eprintln!("server: {e:#}"),
-                Err(_) => eprintln!("server thread panicked"),
-                Ok(Ok(())) => {}
-            }
-        }
-    }
-}
-
 /// A client request: sends to an address, returns the answering server's name.
 type Request = fn(SocketAddr) -> Result<String>;
-
-/// One TCP request to `to`; the answering server's name.
-fn tcp_request(to: SocketAddr) -> Result<String> {
-    let mut s =
-        TcpStream::connect_timeout(&to, TIMEOUT).with_context(|| format!("connect {to}"))?;
-    s.set_read_timeout(Some(TIMEOUT))?;
-    s.write_all(b"hello\n")?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer)
-        .with_context(|| format!("read from {to}"))?;
-    Ok(answer.trim().to_string())
-}
-
-/// One UDP request to `to`; the answering server's name.
-fn udp_request(to: SocketAddr) -> Result<String> {
-    let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
-    let s = UdpSocket::bind(bind)?;
-    s.set_read_timeout(Some(TIMEOUT))?;
-    s.send_to(b"query", to)?;
-    let mut buf = [0u8; 64];
-    let (n, _) = s
-        .recv_from(&mut buf)
-        .with_context(|| format!("no UDP answer from {to}"))?;
-    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
-}
 
 /// Sends `n` requests from `client` and tallies the answering backends.
 fn spread(
@@ -208,7 +104,13 @@ fn run_topology() -> Result<()> {
             v6: Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x10 + i as u16),
         };
         let (a4, a6) = (format!("{}/24", b.v4), format!("{}/64", b.v6));
-        netns::plug(&sw, &format!("pb{i}"), &b.ns, &mac_str(b.mac), &[&a4, &a6])?;
+        netns::plug(
+            &sw,
+            &format!("pb{i}"),
+            &b.ns,
+            &netns::mac_string(&b.mac),
+            &[&a4, &a6],
+        )?;
         // The VIPs are local on every backend, so it accepts and answers from them.
         for vip in ["198.18.1.1/32", "198.18.1.2/32"] {
             b.ns.ip(&["addr", "add", vip, "dev", "lo"])?;
@@ -261,18 +163,18 @@ fn run_topology() -> Result<()> {
         decaps.push(d);
     }
 
-    let _servers: Vec<Server> = backends
+    let _servers: Vec<NameServer> = backends
         .iter()
         .enumerate()
-        .map(|(i, b)| Server::start(&b.ns, &format!("backend-{}", i + 1), 80))
+        .map(|(i, b)| NameServer::start(&b.ns, &format!("backend-{}", i + 1), 80))
         .collect::<Result<_>>()?;
-    let _host_service = Server::start(&lb, "lb-host", HOST_PORT)?;
+    let _host_service = NameServer::start(&lb, "lb-host", HOST_PORT)?;
 
     let cases: [(&str, SocketAddr, Request); 5] = [
         (
             "dsr-l2 IPv4 TCP",
             SocketAddr::new(IpAddr::V4(VIP_DSR4), 80),
-            tcp_request,
+            http_get,
         ),
         (
             "dsr-l2 IPv4 UDP",
@@ -282,17 +184,17 @@ fn run_topology() -> Result<()> {
         (
             "dsr-l2 IPv6 TCP",
             SocketAddr::new(IpAddr::V6(VIP_DSR6), 80),
-            tcp_request,
+            http_get,
         ),
         (
             "ipip IPv4 TCP",
             SocketAddr::new(IpAddr::V4(VIP_IPIP4), 80),
-            tcp_request,
+            http_get,
         ),
         (
             "ipip IPv6 TCP",
             SocketAddr::new(IpAddr::V6(VIP_IPIP6), 80),
-            tcp_request,
+            http_get,
         ),
     ];
     const REQUESTS: usize = 40;
@@ -309,7 +211,7 @@ fn run_topology() -> Result<()> {
         &client,
         3,
         SocketAddr::new(IpAddr::V4(LB_ADDR), HOST_PORT),
-        tcp_request,
+        http_get,
     )?;
     assert_eq!(host.get("lb-host"), Some(&3), "host traffic: {host:?}");
 

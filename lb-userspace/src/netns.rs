@@ -1,4 +1,4 @@
-//! Network namespaces for topology tests. Every namespace has a unique name
+//! Network namespaces for the demo and the topology tests. Every namespace has a unique name
 //! per run and is deleted on drop (which also removes its links and detaches
 //! programs), so a failing test leaves nothing behind.
 
@@ -89,10 +89,10 @@ impl Netns {
     }
 
     /// Starts `f` on a detached thread inside the namespace.
-    pub fn spawn(
+    pub fn spawn<T: Send + 'static>(
         &self,
-        f: impl FnOnce() -> Result<()> + Send + 'static,
-    ) -> std::thread::JoinHandle<Result<()>> {
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> std::thread::JoinHandle<Result<T>> {
         let name = self.name.clone();
         std::thread::spawn(move || {
             enter(&name)?;
@@ -154,6 +154,14 @@ pub fn plug(switch: &Netns, port: &str, host: &Netns, mac: &str, addrs: &[&str])
         &["-K", "eth0", "tso", "off", "gso", "off", "gro", "off"],
     )?;
     Ok(())
+}
+
+/// `aa:bb:cc:dd:ee:ff` for a MAC.
+pub fn mac_string(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// A namespace holding bridge `br0`: the shared L2 segment of a topology.
