@@ -352,8 +352,7 @@ impl Controller {
             .context("attaching to eth0")?;
         let _ = events.send(Event::Attached);
         while !stop.load(Ordering::Relaxed) {
-            for id in 0..BACKENDS.len() {
-                let (name, ip, ..) = BACKENDS[id];
+            for (id, &(name, ip, ..)) in BACKENDS.iter().enumerate() {
                 let ok = probe::tcp_connect(SocketAddr::new(IpAddr::V4(ip), PORT), PROBE_TIMEOUT)
                     .is_ok();
                 if let Some(state) = self.trackers[id].record(ok, THRESHOLDS) {

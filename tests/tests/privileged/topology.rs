@@ -59,13 +59,6 @@ struct Backend {
     v6: Ipv6Addr,
 }
 
-fn mac_str(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 #[test]
 fn real_tcp_and_udp_reach_backends_in_both_modes_and_host_traffic_still_flows() {
     if !privileged() {
