@@ -1,0 +1,1028 @@
+//! The configuration file: its TOML schema, and validation into a
+//! [`Desired`] state. Validation is pure and complete: a file is accepted as
+//! a whole or refused with every problem named by field and line, before
+//! anything touches the kernel.
+//!
+//! `docs/config.md` and `examples/lb.toml` document every field.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::{dataplane::Capacity, health::Thresholds, maglev::is_prime};
+use lb_common::limits;
+
+/// Largest weight: keeps `pass * weight` far from overflow in the builder and
+/// is more resolution than any operator needs.
+pub const MAX_WEIGHT: u32 = 65_535;
+/// Largest table size accepted (Maglev tables beyond this buy nothing but memory).
+pub const MAX_TABLE_SIZE: u32 = 4_194_301;
+/// Default socket of the control API.
+pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
+/// Default file where runtime changes (weights, drain, maintenance) persist.
+pub const DEFAULT_STATE_FILE: &str = "/var/lib/lb/state.json";
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    /// Host-wide settings.
+    #[serde(default)]
+    pub settings: SettingsFile,
+    /// Services, in any order.
+    #[serde(default, rename = "service")]
+    pub services: Vec<Spanned<ServiceFile>>,
+}
+
+/// `[settings]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsFile {
+    /// Interfaces to attach to.
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    /// `auto` (driver mode where the driver has it), `native` or `generic`.
+    #[serde(default)]
+    pub xdp_mode: XdpModeSetting,
+    /// Maglev table size (prime).
+    #[serde(default = "default_table_size")]
+    pub table_size: u32,
+    /// Service slots in the maps.
+    #[serde(default = "default_max_services")]
+    pub max_services: u32,
+    /// Backend slots in the maps (one per service membership).
+    #[serde(default = "default_max_backends")]
+    pub max_backends: u32,
+    /// Connection-table entries.
+    #[serde(default = "default_conntrack")]
+    pub conntrack_entries: u32,
+    /// MTU toward backends (`ipip` drops what would exceed it).
+    #[serde(default = "default_mtu")]
+    pub mtu: u32,
+    /// Control socket path.
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// Where runtime changes persist.
+    #[serde(default = "default_state_file")]
+    pub state_file: PathBuf,
+    /// Prometheus endpoint (`host:port`); none by default.
+    pub metrics: Option<String>,
+    /// Outer IPv4 source of `ipip` packets, as `address/prefix`: host bits
+    /// come from the flow hash.
+    pub tunnel_source_v4: Option<String>,
+    /// Outer IPv6 source, likewise (hash bits in the last 32 bits at most).
+    pub tunnel_source_v6: Option<String>,
+}
+
+impl Default for SettingsFile {
+    fn default() -> Self {
+        SettingsFile {
+            interfaces: Vec::new(),
+            xdp_mode: XdpModeSetting::default(),
+            table_size: default_table_size(),
+            max_services: default_max_services(),
+            max_backends: default_max_backends(),
+            conntrack_entries: default_conntrack(),
+            mtu: default_mtu(),
+            socket: default_socket(),
+            state_file: default_state_file(),
+            metrics: None,
+            tunnel_source_v4: None,
+            tunnel_source_v6: None,
+        }
+    }
+}
+
+fn default_table_size() -> u32 {
+    limits::DEFAULT_RING_SIZE
+}
+fn default_max_services() -> u32 {
+    limits::DEFAULT_MAX_SERVICES
+}
+fn default_max_backends() -> u32 {
+    limits::DEFAULT_MAX_BACKENDS
+}
+fn default_conntrack() -> u32 {
+    limits::DEFAULT_CONNTRACK_ENTRIES
+}
+fn default_mtu() -> u32 {
+    1500
+}
+fn default_socket() -> PathBuf {
+    DEFAULT_SOCKET.into()
+}
+fn default_state_file() -> PathBuf {
+    DEFAULT_STATE_FILE.into()
+}
+
+/// How XDP attaches.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum XdpModeSetting {
+    /// Driver mode, falling back to generic where the driver lacks XDP.
+    #[default]
+    Auto,
+    /// Driver mode only.
+    Native,
+    /// Generic (skb) mode.
+    Generic,
+}
+
+/// `[[service]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceFile {
+    /// Unique name, for the CLI and metrics.
+    pub name: String,
+    /// Virtual IP.
+    pub vip: String,
+    /// Port.
+    pub port: u16,
+    /// `tcp` or `udp`.
+    pub protocol: Protocol,
+    /// `dsr-l2` or `ipip`.
+    #[serde(default)]
+    pub mode: Mode,
+    /// `none` (5-tuple hash) or `client` (client address only).
+    #[serde(default)]
+    pub affinity: Affinity,
+    /// Health checking of this service's backends.
+    #[serde(default)]
+    pub health: HealthFile,
+    /// Backends.
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<Spanned<BackendFile>>,
+}
+
+/// `[[service.backend]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendFile {
+    /// Address (the tunnel endpoint for `ipip`).
+    pub address: String,
+    /// Relative weight; 0 drains.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// `[service.health]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthFile {
+    /// `tcp`, `http`, `udp` or `none`.
+    #[serde(default)]
+    pub check: CheckKind,
+    /// Port to probe (default: the service port).
+    pub port: Option<u16>,
+    /// Time between probes while the state is stable.
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Time between probes while results disagree with the state.
+    #[serde(default = "default_fast_interval", with = "humantime_serde")]
+    pub fast_interval: Duration,
+    /// Time a probe may take.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive successes that bring a backend up.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failures that take it down.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+    /// `http`: request path.
+    pub path: Option<String>,
+    /// `http`: expected status.
+    pub status: Option<u16>,
+    /// `udp`: request payload.
+    pub send: Option<String>,
+    /// `udp`: expected reply prefix.
+    pub expect: Option<String>,
+}
+
+impl Default for HealthFile {
+    fn default() -> Self {
+        HealthFile {
+            check: CheckKind::default(),
+            port: None,
+            interval: default_interval(),
+            fast_interval: default_fast_interval(),
+            timeout: default_timeout(),
+            rise: default_rise(),
+            fall: default_fall(),
+            path: None,
+            status: None,
+            send: None,
+            expect: None,
+        }
+    }
+}
+
+fn default_interval() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_fast_interval() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_rise() -> u32 {
+    Thresholds::default().rise
+}
+fn default_fall() -> u32 {
+    Thresholds::default().fall
+}
+
+/// Transport protocol of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::wire::IPPROTO_TCP,
+            Protocol::Udp => lb_common::wire::IPPROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// Forwarding mode of a service.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Rewrite MACs; backends share the load balancer's L2 segment and hold the VIP.
+    #[default]
+    DsrL2,
+    /// IPIP/IP6IP6 to the backend; backends decapsulate and hold the VIP.
+    Ipip,
+}
+
+/// Which part of a flow picks the backend.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Affinity {
+    /// The 5-tuple.
+    #[default]
+    None,
+    /// The client address: a client's flows share a backend.
+    Client,
+}
+
+/// Health probe kind.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// TCP connect.
+    #[default]
+    Tcp,
+    /// HTTP GET with an expected status.
+    Http,
+    /// UDP request with an expected reply.
+    Udp,
+    /// No probing: backends are always up.
+    None,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    /// Host-wide settings.
+    pub settings: Settings,
+    /// Services by name.
+    pub services: BTreeMap<String, Service>,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Interfaces to attach to.
+    pub interfaces: Vec<String>,
+    /// XDP attach mode.
+    pub xdp_mode: XdpModeSetting,
+    /// Map capacities and table size.
+    pub capacity: Capacity,
+    /// MTU toward backends.
+    pub mtu: u32,
+    /// Control socket.
+    pub socket: PathBuf,
+    /// Persisted runtime state.
+    pub state_file: PathBuf,
+    /// Metrics endpoint.
+    pub metrics: Option<SocketAddr>,
+    /// `ipip` outer IPv4 source and hash mask.
+    pub tunnel_source_v4: ([u8; 4], u32),
+    /// `ipip` outer IPv6 source and hash mask (last 32 bits).
+    pub tunnel_source_v6: ([u8; 16], u32),
+}
+
+/// A validated service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    /// Name.
+    pub name: String,
+    /// VIP.
+    pub vip: IpAddr,
+    /// Port.
+    pub port: u16,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Forwarding mode.
+    pub mode: Mode,
+    /// Hash on the client address only.
+    pub affinity: Affinity,
+    /// Health checking.
+    pub health: HealthCheck,
+    /// Backends by address.
+    pub backends: BTreeMap<IpAddr, u32>,
+}
+
+/// A validated health check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    /// What to probe.
+    pub kind: Probe,
+    /// Port probed.
+    pub port: u16,
+    /// Stable interval.
+    pub interval: Duration,
+    /// Interval while in transition.
+    pub fast_interval: Duration,
+    /// Probe timeout.
+    pub timeout: Duration,
+    /// Rise and fall.
+    pub thresholds: Thresholds,
+}
+
+/// A probe, with what it needs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Probe {
+    /// TCP connect.
+    Tcp,
+    /// HTTP GET `path`, expecting `status`.
+    Http {
+        /// Request path.
+        path: String,
+        /// Expected status code.
+        status: u16,
+    },
+    /// UDP `send`, expecting a reply starting with `expect`.
+    Udp {
+        /// Request payload.
+        send: Vec<u8>,
+        /// Expected reply prefix.
+        expect: Vec<u8>,
+    },
+    /// Always up.
+    None,
+}
+
+/// Every problem found in a file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+/// One problem: where, and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// Dotted field path, e.g. `service[web].backend[2].weight`.
+    pub field: String,
+    /// What is wrong and what would be right.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "line {line}: {}: {}", self.field, self.message),
+            None => write!(f, "{}: {}", self.field, self.message),
+        }
+    }
+}
+
+/// Parses and validates `text`.
+pub fn parse(text: &str) -> Result<Desired, ConfigErrors> {
+    let file: File = toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| line_of(text, s.start));
+        ConfigErrors(vec![ConfigError {
+            line,
+            field: "file".into(),
+            message: e.message().trim().to_string(),
+        }])
+    })?;
+    validate(&file, text)
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+struct Errors<'a> {
+    text: &'a str,
+    list: Vec<ConfigError>,
+}
+
+impl Errors<'_> {
+    fn push(&mut self, at: Option<usize>, field: impl Into<String>, message: impl Into<String>) {
+        self.list.push(ConfigError {
+            line: at.map(|o| line_of(self.text, o)),
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+}
+
+fn parse_prefix(s: &str) -> Option<(IpAddr, u8)> {
+    let (a, p) = s.split_once('/')?;
+    Some((a.parse().ok()?, p.parse().ok()?))
+}
+
+/// Mask of the host bits of a prefix within a 32-bit word.
+fn host_mask(prefix_in_word: u8) -> u32 {
+    if prefix_in_word >= 32 {
+        0
+    } else {
+        u32::MAX >> prefix_in_word
+    }
+}
+
+fn usable(ip: IpAddr) -> bool {
+    !(ip.is_unspecified() || ip.is_multicast() || ip.is_loopback())
+        && !matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+}
+
+fn validate(file: &File, text: &str) -> Result<Desired, ConfigErrors> {
+    let mut e = Errors {
+        text,
+        list: Vec::new(),
+    };
+    let s = &file.settings;
+    if s.interfaces.is_empty() {
+        e.push(
+            None,
+            "settings.interfaces",
+            "name at least one interface to attach to",
+        );
+    }
+    if !is_prime(s.table_size) || s.table_size > MAX_TABLE_SIZE {
+        e.push(
+            None,
+            "settings.table_size",
+            format!(
+                "{} is not a prime up to {MAX_TABLE_SIZE} (the default is 65537)",
+                s.table_size
+            ),
+        );
+    }
+    let capacity = Capacity {
+        max_services: s.max_services,
+        max_backends: s.max_backends,
+        conntrack_entries: s.conntrack_entries,
+        ring_size: s.table_size,
+    };
+    for (field, v) in [
+        ("settings.max_services", s.max_services),
+        ("settings.max_backends", s.max_backends),
+        ("settings.conntrack_entries", s.conntrack_entries),
+    ] {
+        if v == 0 {
+            e.push(None, field, "must be at least 1");
+        }
+    }
+    if capacity.ring_entries().is_err() {
+        e.push(
+            None,
+            "settings.max_services",
+            "max_services x table_size x 2 must fit in 32 bits",
+        );
+    }
+    if !(576..=65_535).contains(&s.mtu) {
+        e.push(
+            None,
+            "settings.mtu",
+            format!("{} is outside 576..=65535", s.mtu),
+        );
+    }
+    let metrics = s
+        .metrics
+        .as_ref()
+        .and_then(|m| match m.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                e.push(
+                    None,
+                    "settings.metrics",
+                    format!("{m:?} is not host:port, e.g. \"127.0.0.1:9108\""),
+                );
+                None
+            }
+        });
+    let v4 = match s.tunnel_source_v4.as_deref().map(parse_prefix) {
+        None => ([0; 4], 0),
+        Some(Some((IpAddr::V4(a), p))) if p <= 32 => (a.octets(), host_mask(p)),
+        Some(_) => {
+            e.push(
+                None,
+                "settings.tunnel_source_v4",
+                "expected an IPv4 prefix such as \"198.18.255.0/24\"",
+            );
+            ([0; 4], 0)
+        }
+    };
+    let v6 = match s.tunnel_source_v6.as_deref().map(parse_prefix) {
+        None => ([0; 16], 0),
+        Some(Some((IpAddr::V6(a), p))) if (96..=128).contains(&p) => {
+            (a.octets(), host_mask(p - 96))
+        }
+        Some(_) => {
+            e.push(
+                None,
+                "settings.tunnel_source_v6",
+                "expected an IPv6 prefix of /96 to /128 such as \"2001:2:ff::/112\"",
+            );
+            ([0; 16], 0)
+        }
+    };
+
+    let mut services = BTreeMap::new();
+    let mut keys = BTreeSet::new();
+    let mut memberships = 0usize;
+    for spanned in &file.services {
+        let at = Some(spanned.span().start);
+        let svc = spanned.get_ref();
+        let field = format!("service[{}]", svc.name);
+        if svc.name.is_empty()
+            || !svc
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            e.push(
+                at,
+                format!("{field}.name"),
+                "use letters, digits, '-', '_' or '.'",
+            );
+        }
+        if services.contains_key(&svc.name) {
+            e.push(at, format!("{field}.name"), "another service has this name");
+        }
+        let vip = match svc.vip.parse::<IpAddr>() {
+            Ok(ip) if usable(ip) => Some(ip),
+            Ok(_) => {
+                e.push(at, format!("{field}.vip"), "not a unicast address");
+                None
+            }
+            Err(_) => {
+                e.push(
+                    at,
+                    format!("{field}.vip"),
+                    format!("{:?} is not an IP address", svc.vip),
+                );
+                None
+            }
+        };
+        if svc.port == 0 {
+            e.push(
+                at,
+                format!("{field}.port"),
+                "port 0 cannot be balanced; use 1-65535",
+            );
+        }
+        if let Some(vip) = vip
+            && !keys.insert((vip, svc.port, svc.protocol))
+        {
+            e.push(
+                at,
+                format!("{field}"),
+                format!(
+                    "another service already has {vip} port {} {}",
+                    svc.port, svc.protocol
+                ),
+            );
+        }
+        let health = validate_health(&svc.health, svc.port, at, &field, &mut e);
+        let mut backends = BTreeMap::new();
+        for (i, b) in svc.backends.iter().enumerate() {
+            let bat = Some(b.span().start);
+            let b = b.get_ref();
+            let bfield = format!("{field}.backend[{i}]");
+            match b.address.parse::<IpAddr>() {
+                Ok(ip) if !usable(ip) => {
+                    e.push(bat, format!("{bfield}.address"), "not a unicast address")
+                }
+                Ok(ip) if vip.is_some_and(|v| v.is_ipv4() != ip.is_ipv4()) => e.push(
+                    bat,
+                    format!("{bfield}.address"),
+                    "backend and VIP must be the same family (IPv4-in-IPv4 or IPv6-in-IPv6)",
+                ),
+                Ok(ip) => {
+                    if backends.insert(ip, b.weight).is_some() {
+                        e.push(
+                            bat,
+                            format!("{bfield}.address"),
+                            format!("{ip} is listed twice in this service"),
+                        );
+                    }
+                }
+                Err(_) => e.push(
+                    bat,
+                    format!("{bfield}.address"),
+                    format!("{:?} is not an IP address", b.address),
+                ),
+            }
+            if b.weight > MAX_WEIGHT {
+                e.push(
+                    bat,
+                    format!("{bfield}.weight"),
+                    format!("{} exceeds the maximum weight {MAX_WEIGHT}", b.weight),
+                );
+            }
+        }
+        if backends.len() > s.table_size as usize {
+            e.push(
+                at,
+                format!("{field}.backend"),
+                "more backends than table slots",
+            );
+        }
+        memberships += backends.len();
+        if let (Some(vip), Some(health)) = (vip, health) {
+            services.insert(
+                svc.name.clone(),
+                Service {
+                    name: svc.name.clone(),
+                    vip,
+                    port: svc.port,
+                    protocol: svc.protocol,
+                    mode: svc.mode,
+                    affinity: svc.affinity,
+                    health,
+                    backends,
+                },
+            );
+        }
+    }
+    if file.services.len() > s.max_services as usize {
+        e.push(
+            None,
+            "settings.max_services",
+            format!(
+                "{} services configured, capacity is {}",
+                file.services.len(),
+                s.max_services
+            ),
+        );
+    }
+    if memberships > s.max_backends as usize {
+        e.push(
+            None,
+            "settings.max_backends",
+            format!(
+                "{memberships} backends configured across services, capacity is {}",
+                s.max_backends
+            ),
+        );
+    }
+    if !e.list.is_empty() {
+        return Err(ConfigErrors(e.list));
+    }
+    Ok(Desired {
+        settings: Settings {
+            interfaces: s.interfaces.clone(),
+            xdp_mode: s.xdp_mode,
+            capacity,
+            mtu: s.mtu,
+            socket: s.socket.clone(),
+            state_file: s.state_file.clone(),
+            metrics,
+            tunnel_source_v4: v4,
+            tunnel_source_v6: v6,
+        },
+        services,
+    })
+}
+
+fn validate_health(
+    h: &HealthFile,
+    port: u16,
+    at: Option<usize>,
+    field: &str,
+    e: &mut Errors<'_>,
+) -> Option<HealthCheck> {
+    let field = format!("{field}.health");
+    let errors_before = e.list.len();
+    if h.rise == 0 || h.fall == 0 {
+        e.push(
+            at,
+            format!("{field}.rise/fall"),
+            "rise and fall must be at least 1",
+        );
+    }
+    if h.interval.is_zero() || h.fast_interval.is_zero() {
+        e.push(
+            at,
+            format!("{field}.interval"),
+            "intervals must be positive",
+        );
+    }
+    if h.timeout.is_zero() || h.timeout > h.interval {
+        e.push(
+            at,
+            format!("{field}.timeout"),
+            "must be positive and at most the interval",
+        );
+    }
+    let kind = match h.check {
+        CheckKind::Tcp => Probe::Tcp,
+        CheckKind::None => Probe::None,
+        CheckKind::Http => {
+            let path = h.path.clone().unwrap_or_else(|| "/".into());
+            if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                e.push(
+                    at,
+                    format!("{field}.path"),
+                    "must start with '/' and contain no spaces",
+                );
+            }
+            let status = h.status.unwrap_or(200);
+            if !(100..=599).contains(&status) {
+                e.push(
+                    at,
+                    format!("{field}.status"),
+                    "must be an HTTP status (100-599)",
+                );
+            }
+            Probe::Http { path, status }
+        }
+        CheckKind::Udp => match (&h.send, &h.expect) {
+            (Some(send), Some(expect)) => Probe::Udp {
+                send: send.clone().into_bytes(),
+                expect: expect.clone().into_bytes(),
+            },
+            _ => {
+                e.push(
+                    at,
+                    format!("{field}"),
+                    "a udp check needs `send` and `expect`",
+                );
+                Probe::None
+            }
+        },
+    };
+    if h.check != CheckKind::Http && (h.path.is_some() || h.status.is_some()) {
+        e.push(
+            at,
+            format!("{field}.path"),
+            "path and status only apply to check = \"http\"",
+        );
+    }
+    if h.check != CheckKind::Udp && (h.send.is_some() || h.expect.is_some()) {
+        e.push(
+            at,
+            format!("{field}.send"),
+            "send and expect only apply to check = \"udp\"",
+        );
+    }
+    if h.port == Some(0) {
+        e.push(at, format!("{field}.port"), "port 0 cannot be probed");
+    }
+    (e.list.len() == errors_before).then(|| HealthCheck {
+        kind,
+        port: h.port.unwrap_or(port),
+        interval: h.interval,
+        fast_interval: h.fast_interval,
+        timeout: h.timeout,
+        thresholds: Thresholds {
+            rise: h.rise,
+            fall: h.fall,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[settings]
+interfaces = ["eth0"]
+
+[[service]]
+name = "web"
+vip = "198.18.1.1"
+port = 80
+protocol = "tcp"
+
+[[service.backend]]
+address = "198.18.0.11"
+"#;
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../../examples/lb.toml");
+        let d = parse(text).unwrap();
+        assert_eq!(d.services.len(), 2);
+        let web = &d.services["web"];
+        assert_eq!(web.backends.len(), 2);
+        assert_eq!(
+            web.health.kind,
+            Probe::Http {
+                path: "/healthz".into(),
+                status: 200
+            }
+        );
+        assert_eq!(d.settings.tunnel_source_v4, ([198, 18, 255, 0], 0xff));
+        assert_eq!(d.settings.tunnel_source_v6.1, 0xffff);
+    }
+
+    #[test]
+    fn defaults_are_haproxy_like() {
+        let d = parse(MINIMAL).unwrap();
+        let h = &d.services["web"].health;
+        assert_eq!(h.kind, Probe::Tcp);
+        assert_eq!(
+            (h.interval, h.timeout),
+            (Duration::from_secs(2), Duration::from_secs(1))
+        );
+        assert_eq!(h.thresholds, Thresholds { rise: 2, fall: 3 });
+        assert_eq!(d.settings.capacity.ring_size, 65_537);
+        assert_eq!(
+            d.services["web"]
+                .backends
+                .values()
+                .copied()
+                .collect::<Vec<_>>(),
+            [1]
+        );
+    }
+
+    /// Each invalid input, and a fragment its message must contain. This
+    /// table is the one docs/config.md shows.
+    const INVALID: &[(&str, &str, &str)] = &[
+        ("not TOML", "[settings\n", "line 1: file:"),
+        (
+            "unknown field",
+            "[settings]\ninterfaces=[\"eth0\"]\ncolour = 1\n",
+            "unknown field `colour`",
+        ),
+        (
+            "no interfaces",
+            "[settings]\n",
+            "settings.interfaces: name at least one interface",
+        ),
+        (
+            "table size not prime",
+            "[settings]\ninterfaces=[\"e\"]\ntable_size = 65536\n",
+            "settings.table_size: 65536 is not a prime",
+        ),
+        (
+            "bad VIP",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1\"\nport=80\nprotocol=\"tcp\"\n",
+            "line 3: service[a].vip: \"198.18.1\" is not an IP address",
+        ),
+        (
+            "multicast VIP",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"224.0.0.1\"\nport=80\nprotocol=\"tcp\"\n",
+            "service[a].vip: not a unicast address",
+        ),
+        (
+            "port 0",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=0\nprotocol=\"tcp\"\n",
+            "service[a].port: port 0 cannot be balanced",
+        ),
+        (
+            "port out of range",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=70000\nprotocol=\"tcp\"\n",
+            "line 6: file:",
+        ),
+        (
+            "unknown protocol",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"sctp\"\n",
+            "unknown variant `sctp`",
+        ),
+        (
+            "duplicate service",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[[service]]\nname=\"b\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n",
+            "line 8: service[b]: another service already has 198.18.1.1 port 80 tcp",
+        ),
+        (
+            "duplicate name",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=81\nprotocol=\"tcp\"\n",
+            "service[a].name: another service has this name",
+        ),
+        (
+            "duplicate backend",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[[service.backend]]\naddress=\"198.18.0.11\"\n[[service.backend]]\naddress=\"198.18.0.11\"\n",
+            "line 10: service[a].backend[1].address: 198.18.0.11 is listed twice",
+        ),
+        (
+            "weight too large",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[[service.backend]]\naddress=\"198.18.0.11\"\nweight=70000\n",
+            "service[a].backend[0].weight: 70000 exceeds the maximum weight",
+        ),
+        (
+            "negative weight",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[[service.backend]]\naddress=\"198.18.0.11\"\nweight=-1\n",
+            "line 10: file:",
+        ),
+        (
+            "family mismatch",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[[service.backend]]\naddress=\"2001:2::1\"\n",
+            "must be the same family",
+        ),
+        (
+            "udp check without payloads",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=53\nprotocol=\"udp\"\n[service.health]\ncheck=\"udp\"\n",
+            "a udp check needs `send` and `expect`",
+        ),
+        (
+            "timeout above interval",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[service.health]\ninterval=\"1s\"\ntimeout=\"2s\"\n",
+            "health.timeout: must be positive and at most the interval",
+        ),
+        (
+            "bad duration",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[service.health]\ninterval=\"soon\"\n",
+            "line 9: file:",
+        ),
+        (
+            "rise 0",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[service.health]\nrise=0\n",
+            "rise and fall must be at least 1",
+        ),
+        (
+            "bad metrics address",
+            "[settings]\ninterfaces=[\"e\"]\nmetrics=\"localhost\"\n",
+            "settings.metrics: \"localhost\" is not host:port",
+        ),
+        (
+            "bad tunnel prefix",
+            "[settings]\ninterfaces=[\"e\"]\ntunnel_source_v4=\"2001:2::/64\"\n",
+            "settings.tunnel_source_v4: expected an IPv4 prefix",
+        ),
+        (
+            "too many services",
+            "[settings]\ninterfaces=[\"e\"]\nmax_services=1\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[[service]]\nname=\"b\"\nvip=\"198.18.1.1\"\nport=81\nprotocol=\"tcp\"\n",
+            "2 services configured, capacity is 1",
+        ),
+    ];
+
+    #[test]
+    fn every_invalid_case_is_refused_with_its_message() {
+        for (what, text, fragment) in INVALID {
+            match parse(text) {
+                Ok(_) => panic!("{what}: accepted"),
+                Err(e) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(fragment), "{what}: {msg:?} lacks {fragment:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = "[settings]\ntable_size=10\n[[service]]\nname=\"a\"\nvip=\"x\"\nport=0\nprotocol=\"tcp\"\n";
+        let e = parse(text).unwrap_err();
+        assert_eq!(e.0.len(), 4, "{e}");
+    }
+
+    #[test]
+    fn the_docs_table_lists_every_case() {
+        let docs = include_str!("../../docs/config.md");
+        for (what, _, _) in INVALID {
+            assert!(
+                docs.contains(&format!("| {what} |")),
+                "docs/config.md lacks the case {what:?}"
+            );
+        }
+    }
+}
