@@ -39,7 +39,7 @@ pub fn addr_bytes(ip: IpAddr) -> (Addr, u8) {
 
 /// A service: (VIP, protocol, port). Key of `LB_SERVICES`.
 #[repr(C)]
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct ServiceKey {
     /// The VIP, network order.
     pub addr: Addr,

@@ -3,13 +3,20 @@
 //! a Maglev table is written to the inactive copy before the service flips
 //! to it, so no packet ever sees a half-written table.
 
-use std::net::IpAddr;
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::Xdp,
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
 };
 use lb_common::{
     AddrKey, BackendStats, BackendValue, Counter, FlowKey, FlowValue, ServiceKey, ServiceStats,
@@ -91,23 +98,87 @@ where
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
+/// Every map the object defines.
+const ALL_MAPS: [&str; 11] = [
+    names::SERVICES,
+    names::VIPS,
+    names::RINGS,
+    names::BACKENDS,
+    names::CONNTRACK,
+    names::SETTINGS,
+    names::COUNTERS,
+    names::SERVICE_STATS,
+    names::BACKEND_STATS,
+    names::DECAP_ADDRS,
+    names::DECAP_COUNTERS,
+];
+
+/// Where the daemon pins maps and links by default.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+
 impl Dataplane {
     /// Loads the embedded object with `capacity` and verifies both programs
-    /// in the kernel. Nothing is attached yet.
+    /// in the kernel. Nothing is attached and nothing is pinned.
     pub fn load(capacity: Capacity) -> Result<Self> {
+        Self::load_with(capacity, None)
+    }
+
+    /// Loads with every map pinned under `dir`: maps already pinned there
+    /// (by a previous daemon) are adopted with their contents, the others
+    /// are created and pinned. Returns whether state was adopted.
+    pub fn load_pinned(capacity: Capacity, dir: &Path) -> Result<(Self, bool)> {
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!(
+                "creating {} (is bpffs mounted on /sys/fs/bpf?)",
+                dir.display()
+            )
+        })?;
+        let adopted = dir.join(names::SERVICES).exists();
+        if adopted {
+            for (name, want) in [
+                (names::SERVICES, capacity.max_services),
+                (names::RINGS, capacity.ring_entries()?),
+                (names::BACKENDS, capacity.max_backends),
+                (names::CONNTRACK, capacity.conntrack_entries),
+            ] {
+                let have = MapData::from_pin(dir.join(name))
+                    .with_context(|| format!("opening pinned map {name}"))?
+                    .info()?
+                    .max_entries();
+                ensure!(
+                    have == want,
+                    "pinned map {name} holds {have} entries but the configuration needs {want}: \
+                     table size and capacities cannot change under a running data plane \
+                     (stop lb, remove {}, start again; forwarding stops meanwhile)",
+                    dir.display()
+                );
+            }
+        }
+        Ok((Self::load_with(capacity, Some(dir))?, adopted))
+    }
+
+    fn load_with(capacity: Capacity, pins: Option<&Path>) -> Result<Self> {
         ensure!(
             crate::maglev::is_prime(capacity.ring_size),
             "ring size {} is not prime",
             capacity.ring_size
         );
         let ring_entries = capacity.ring_entries()?;
-        let mut ebpf = EbpfLoader::new()
+        let pin_paths: Vec<(&str, PathBuf)> = pins
+            .map(|dir| ALL_MAPS.iter().map(|n| (*n, dir.join(n))).collect())
+            .unwrap_or_default();
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(names::SERVICES, capacity.max_services)
             .map_max_entries(names::SERVICE_STATS, capacity.max_services)
             .map_max_entries(names::RINGS, ring_entries)
             .map_max_entries(names::BACKENDS, capacity.max_backends)
             .map_max_entries(names::BACKEND_STATS, capacity.max_backends)
-            .map_max_entries(names::CONNTRACK, capacity.conntrack_entries)
+            .map_max_entries(names::CONNTRACK, capacity.conntrack_entries);
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (maps could not be created)")?;
         for name in [names::PROG_LB, names::PROG_DECAP] {
@@ -152,6 +223,46 @@ impl Dataplane {
             .program_mut(name)
             .with_context(|| format!("program {name} missing"))?
             .try_into()?)
+    }
+
+    /// Attaches the load balancer to `iface`. With `pin`, the XDP link is
+    /// pinned at that path so it outlives this process; an existing pinned
+    /// link there is switched to this program atomically (no packet sees the
+    /// interface without a program).
+    pub fn attach(&mut self, iface: &str, mode: XdpMode, pin: Option<&Path>) -> Result<()> {
+        let prog = self.program(names::PROG_LB)?;
+        match pin {
+            Some(path) if path.exists() => {
+                let link: FdLink = PinnedLink::from_pin(path)
+                    .with_context(|| format!("opening pinned link {}", path.display()))?
+                    .into();
+                let link = XdpLink::try_from(link).context("pinned link is not an XDP link")?;
+                prog.attach_to_link(link).with_context(|| {
+                    format!("switching {iface}'s pinned link to the new program")
+                })?;
+            }
+            Some(path) => {
+                let id = prog
+                    .attach(iface, mode)
+                    .with_context(|| format!("attaching to {iface} ({mode:?})"))?;
+                let link: FdLink = prog.take_link(id)?.try_into()?;
+                link.pin(path)
+                    .with_context(|| format!("pinning the link at {}", path.display()))?;
+            }
+            None => {
+                prog.attach(iface, mode)
+                    .with_context(|| format!("attaching to {iface} ({mode:?})"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The keys of every live service.
+    pub fn service_keys(&self) -> Result<Vec<ServiceKey>> {
+        self.services
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .context("listing services")
     }
 
     /// Writes the settings; the ring size is always the loaded capacity's.

@@ -5,14 +5,22 @@
 //! - [`maglev`]: weighted Maglev table construction (pure).
 //! - [`health`]: the per-backend health state machine (pure).
 //! - [`probe`]: health probes.
+//! - [`neighbor`]: next-hop MACs from the kernel's tables.
+//! - [`daemon`]: `lb daemon`: controller, probers, control API server.
+//! - [`api`]: the control API's messages, and the client side.
+//! - [`cli`]: the command line (daemon, operator commands, demo).
 //! - [`dataplane`]: the one owner of the eBPF object and its maps.
 //! - [`netns`]: network namespaces, for the demo and the tests.
 //! - [`demo`]: `lb demo`, the product end to end on an embedded default.
 
+pub mod api;
+pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod dataplane;
 pub mod demo;
 pub mod health;
 pub mod maglev;
+pub mod neighbor;
 pub mod netns;
 pub mod probe;

@@ -1,0 +1,221 @@
+//! The control API between the CLI and the daemon: one JSON request per
+//! connection on a unix socket only root can open, one JSON response back.
+
+use std::{net::IpAddr, path::Path, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::UnixStream,
+};
+
+use crate::daemon::runtime::Admin;
+
+/// Largest request the daemon reads; a longer one is refused.
+pub const MAX_REQUEST: u64 = 1 << 20;
+/// How long either side waits for the other.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the CLI asks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Daemon status.
+    Status,
+    /// Services with their tables' digests.
+    Services,
+    /// Backends, of one service or all.
+    Backends {
+        /// Service name.
+        service: Option<String>,
+    },
+    /// Per-service and per-backend counters and the global reasons.
+    Stats,
+    /// Health of every backend.
+    Health,
+    /// Sets a backend's weight (an override that persists).
+    SetWeight {
+        /// Service name.
+        service: String,
+        /// Backend address.
+        backend: IpAddr,
+        /// New weight.
+        weight: u32,
+    },
+    /// Sets a backend's operator state.
+    SetAdmin {
+        /// Service name.
+        service: String,
+        /// Backend address.
+        backend: IpAddr,
+        /// ready, drain or maintenance.
+        admin: Admin,
+    },
+    /// Makes the running state equal this configuration.
+    Apply {
+        /// The configuration file's text.
+        config: String,
+        /// Report what would change without changing it.
+        #[serde(default)]
+        dry_run: bool,
+    },
+    /// Which backend a flow goes to, and why.
+    Explain {
+        /// Service name.
+        service: String,
+        /// Client address.
+        client: IpAddr,
+        /// Client port.
+        port: u16,
+    },
+}
+
+/// The daemon's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    /// What went wrong, if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The answer.
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+/// A row of `lb service list`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceRow {
+    /// Name.
+    pub name: String,
+    /// VIP:port/protocol.
+    pub service: String,
+    /// dsr-l2 or ipip.
+    pub mode: String,
+    /// none or client.
+    pub affinity: String,
+    /// Backends configured.
+    pub backends: usize,
+    /// Backends with table slots.
+    pub in_table: usize,
+    /// Table digest (equal on every node computing the same table).
+    pub digest: String,
+    /// Tables published by this daemon.
+    pub rebuilds: u64,
+}
+
+/// A row of `lb backend list` and `lb health`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackendRow {
+    /// Service name.
+    pub service: String,
+    /// Backend address.
+    pub address: IpAddr,
+    /// Weight in force (configured, or the operator's override).
+    pub weight: u32,
+    /// Whether the weight is an operator override.
+    pub weight_overridden: bool,
+    /// ready, drain or maintenance.
+    pub admin: Admin,
+    /// up or down, as the probes say.
+    pub health: String,
+    /// Table slots it owns.
+    pub slots: usize,
+    /// Next-hop MAC, if resolved.
+    pub mac: Option<String>,
+    /// Seconds in the current health state.
+    pub since_seconds: u64,
+    /// Last probe passed.
+    pub last_probe_ok: Option<bool>,
+    /// Last probe's latency in milliseconds.
+    pub last_probe_ms: Option<f64>,
+    /// Why the last probe failed.
+    pub last_probe_error: Option<String>,
+    /// Health transitions.
+    pub transitions: u64,
+    /// Failed probes.
+    pub probe_failures: u64,
+    /// Packets forwarded to it.
+    pub packets: u64,
+    /// Bytes forwarded to it.
+    pub bytes: u64,
+}
+
+/// Per-service counters in `lb stats`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceStatsRow {
+    /// Name.
+    pub name: String,
+    /// Packets forwarded.
+    pub packets: u64,
+    /// Bytes forwarded.
+    pub bytes: u64,
+    /// New flows (Maglev lookups).
+    pub new_flows: u64,
+}
+
+/// `lb stats`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stats {
+    /// Per service.
+    pub services: Vec<ServiceStatsRow>,
+    /// Per backend.
+    pub backends: Vec<BackendRow>,
+    /// Global pass/drop/forward reasons.
+    pub reasons: std::collections::BTreeMap<String, u64>,
+}
+
+/// Reads one request from a connection, bounded in size.
+pub async fn read_request(stream: &mut UnixStream) -> Result<Request> {
+    let mut line = String::new();
+    let mut reader = BufReader::new(stream).take(MAX_REQUEST);
+    let n = reader.read_line(&mut line).await?;
+    if n as u64 >= MAX_REQUEST && !line.ends_with('\n') {
+        bail!("request larger than {MAX_REQUEST} bytes");
+    }
+    serde_json::from_str(line.trim()).context("malformed request")
+}
+
+/// Sends `request` to the daemon at `socket` and returns its answer.
+pub async fn call(socket: &Path, request: &Request) -> Result<serde_json::Value> {
+    let mut s = tokio::time::timeout(TIMEOUT, UnixStream::connect(socket))
+        .await
+        .context("the daemon did not accept the connection in time")?
+        .with_context(|| {
+            format!(
+                "cannot reach the daemon at {} (is `lb daemon` running? are you root?)",
+                socket.display()
+            )
+        })?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    s.write_all(&line).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(TIMEOUT, s.read_to_end(&mut answer))
+        .await
+        .context("the daemon did not answer in time")??;
+    let response: Response =
+        serde_json::from_slice(&answer).context("malformed response from the daemon")?;
+    match response.error {
+        Some(e) => bail!("{e}"),
+        None => Ok(response.data),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_unknown_ones_are_refused() {
+        let r = Request::SetWeight {
+            service: "web".into(),
+            backend: "198.18.0.11".parse().unwrap(),
+            weight: 3,
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
+        assert!(serde_json::from_str::<Request>(r#"{"command":"format-disk"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"command":"status","extra":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>("\u{0}\u{1}garbage").is_err());
+    }
+}

@@ -1,0 +1,486 @@
+//! The command line. One binary: `lb daemon` runs the daemon, the other
+//! subcommands talk to it over its control socket. Human tables by default,
+//! `--json` for scripts. Exit status: 0 on success, 1 on any error (with a
+//! message on stderr saying what to do), 2 on a usage error.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+use crate::{
+    api::{self, BackendRow, Request, ServiceRow, Stats},
+    config::DEFAULT_SOCKET,
+    daemon::{self, runtime::Admin},
+    dataplane::DEFAULT_PIN_DIR,
+};
+
+/// lb: an XDP L4 load balancer.
+#[derive(Parser)]
+#[command(name = "lb", version, about)]
+pub struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon in the foreground (fits systemd's Type=simple).
+    Daemon {
+        /// Configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// bpffs directory where maps and links are pinned.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Validate a configuration file without touching anything.
+    CheckConfig {
+        /// Configuration file.
+        file: PathBuf,
+    },
+    /// The daemon's status.
+    Status,
+    /// Services.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    /// Backends.
+    #[command(subcommand)]
+    Backend(BackendCommand),
+    /// Packets, bytes and new flows per service and backend, and the global reasons.
+    Stats {
+        /// Print again every second, with per-second rates.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Health of every backend: state, last probe, since when.
+    Health,
+    /// Make the running state equal a configuration file, atomically.
+    Apply {
+        /// Configuration file.
+        #[arg(short, long)]
+        file: PathBuf,
+        /// Show the changes and table slots that would move, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Which backend a client's flow goes to, and why.
+    Explain {
+        /// Client address and port, e.g. 198.18.0.1:40000 or [2001:2::1]:40000.
+        client: SocketAddr,
+        /// Service name.
+        service: String,
+    },
+    /// Run the product end to end on a demo topology in network namespaces.
+    Demo,
+}
+
+#[derive(Subcommand)]
+enum ServiceCommand {
+    /// List services with their table digests (equal digests: equal tables).
+    List,
+}
+
+#[derive(Subcommand)]
+enum BackendCommand {
+    /// List backends, of one service or all.
+    List {
+        /// Service name.
+        service: Option<String>,
+    },
+    /// Set a backend's weight (persists across restarts and reloads).
+    SetWeight {
+        /// Service name.
+        service: String,
+        /// Backend address.
+        backend: std::net::IpAddr,
+        /// Weight, 0-65535.
+        weight: u32,
+    },
+    /// No new flows to this backend; established flows stay until they end.
+    Drain {
+        /// Service name.
+        service: String,
+        /// Backend address.
+        backend: std::net::IpAddr,
+    },
+    /// Put a drained or maintained backend back in rotation.
+    Enable {
+        /// Service name.
+        service: String,
+        /// Backend address.
+        backend: std::net::IpAddr,
+    },
+    /// No traffic and no probes, whatever its health.
+    Maintenance {
+        /// Service name.
+        service: String,
+        /// Backend address.
+        backend: std::net::IpAddr,
+    },
+}
+
+/// Parses the command line and runs it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let call = |request: Request| -> Result<Value> {
+        runtime()?.block_on(api::call(&cli.socket, &request))
+    };
+    match cli.command {
+        Command::Daemon { config, pin_dir } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_env("LB_LOG")
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            runtime()?.block_on(daemon::run(daemon::Options { config, pin_dir }))
+        }
+        Command::CheckConfig { file } => {
+            let d = daemon::load_config(&file)?;
+            let backends: usize = d.services.values().map(|s| s.backends.len()).sum();
+            println!(
+                "{}: valid ({} services, {backends} backends)",
+                file.display(),
+                d.services.len()
+            );
+            Ok(())
+        }
+        Command::Demo => crate::demo::run(),
+        Command::Status => print(cli.json, call(Request::Status)?, |v| {
+            let mut out = String::new();
+            if let Value::Object(m) = v {
+                for (k, v) in m {
+                    out += &format!("{k:<16} {}\n", v.to_string().trim_matches('"'));
+                }
+            }
+            out
+        }),
+        Command::Service(ServiceCommand::List) => print(cli.json, call(Request::Services)?, |v| {
+            let rows: Vec<ServiceRow> = serde_json::from_value(v.clone()).unwrap_or_default();
+            table(
+                &[
+                    "NAME", "SERVICE", "MODE", "AFFINITY", "BACKENDS", "IN TABLE", "DIGEST",
+                    "REBUILDS",
+                ],
+                rows.iter().map(|r| {
+                    vec![
+                        r.name.clone(),
+                        r.service.clone(),
+                        r.mode.clone(),
+                        r.affinity.clone(),
+                        r.backends.to_string(),
+                        r.in_table.to_string(),
+                        r.digest.clone(),
+                        r.rebuilds.to_string(),
+                    ]
+                }),
+            )
+        }),
+        Command::Backend(BackendCommand::List { service }) => {
+            print(cli.json, call(Request::Backends { service })?, |v| {
+                backend_table(v, false)
+            })
+        }
+        Command::Health => print(cli.json, call(Request::Health)?, |v| backend_table(v, true)),
+        Command::Backend(BackendCommand::SetWeight {
+            service,
+            backend,
+            weight,
+        }) => print(
+            cli.json,
+            call(Request::SetWeight {
+                service,
+                backend,
+                weight,
+            })?,
+            moved,
+        ),
+        Command::Backend(BackendCommand::Drain { service, backend }) => print(
+            cli.json,
+            call(Request::SetAdmin {
+                service,
+                backend,
+                admin: Admin::Drain,
+            })?,
+            moved,
+        ),
+        Command::Backend(BackendCommand::Enable { service, backend }) => print(
+            cli.json,
+            call(Request::SetAdmin {
+                service,
+                backend,
+                admin: Admin::Ready,
+            })?,
+            moved,
+        ),
+        Command::Backend(BackendCommand::Maintenance { service, backend }) => print(
+            cli.json,
+            call(Request::SetAdmin {
+                service,
+                backend,
+                admin: Admin::Maintenance,
+            })?,
+            moved,
+        ),
+        Command::Apply { file, dry_run } => {
+            let config = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            print(cli.json, call(Request::Apply { config, dry_run })?, |v| {
+                let mut out = String::new();
+                let changes = v["changes"].as_array().cloned().unwrap_or_default();
+                if changes.is_empty() {
+                    out += "no changes\n";
+                }
+                for c in changes {
+                    out += &format!(
+                        "{}{}\n",
+                        if dry_run { "would: " } else { "" },
+                        c.as_str().unwrap_or_default()
+                    );
+                }
+                if let Some(m) = v["slots_moved"].as_object() {
+                    for (svc, n) in m {
+                        out += &format!(
+                            "service {svc}: {n} table slots {}\n",
+                            if dry_run { "would move" } else { "moved" }
+                        );
+                    }
+                }
+                out
+            })
+        }
+        Command::Explain { client, service } => {
+            let v = call(Request::Explain {
+                service,
+                client: client.ip(),
+                port: client.port(),
+            })?;
+            print(cli.json, v, |v| {
+                format!(
+                    "{}\n  hash {} -> table slot {} -> {}\n  connection table: {}\n  goes to: {} ({})\n",
+                    v["flow"].as_str().unwrap_or_default(),
+                    v["hash"].as_str().unwrap_or_default(),
+                    v["slot"],
+                    v["table_backend"].as_str().unwrap_or("no backend"),
+                    v["conntrack_backend"].as_str().unwrap_or("no entry"),
+                    v["backend"].as_str().unwrap_or("nowhere"),
+                    v["reason"].as_str().unwrap_or_default(),
+                )
+            })
+        }
+        Command::Stats { watch } => {
+            if !watch {
+                return print(cli.json, call(Request::Stats)?, |v| {
+                    stats_text(v, None, Duration::ZERO)
+                });
+            }
+            let mut last: Option<(Value, Instant)> = None;
+            loop {
+                let v = call(Request::Stats)?;
+                let now = Instant::now();
+                let elapsed = last.as_ref().map_or(Duration::ZERO, |(_, t)| now - *t);
+                let prev = last.as_ref().map(|(p, _)| p);
+                if cli.json {
+                    println!("{v}");
+                } else {
+                    print!("\x1b[2J\x1b[H{}", stats_text(&v, prev, elapsed));
+                }
+                last = Some((v, now));
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+fn print(json: bool, v: Value, human: impl FnOnce(&Value) -> String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", human(&v));
+    }
+    Ok(())
+}
+
+fn moved(v: &Value) -> String {
+    format!("done: {} table slots moved\n", v["slots_moved"])
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
+    let rows: Vec<Vec<String>> = rows.collect();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| -> String {
+        let mut s: String = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}  "))
+            .collect();
+        s.truncate(s.trim_end().len());
+        s + "\n"
+    };
+    let mut out = line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        out += &line(r);
+    }
+    out
+}
+
+fn backend_table(v: &Value, health: bool) -> String {
+    let rows: Vec<BackendRow> = serde_json::from_value(v.clone()).unwrap_or_default();
+    if health {
+        table(
+            &[
+                "SERVICE",
+                "BACKEND",
+                "HEALTH",
+                "ADMIN",
+                "SINCE",
+                "LAST PROBE",
+                "LATENCY",
+                "TRANSITIONS",
+                "FAILURES",
+            ],
+            rows.iter().map(|r| {
+                vec![
+                    r.service.clone(),
+                    r.address.to_string(),
+                    r.health.clone(),
+                    format!("{:?}", r.admin).to_lowercase(),
+                    format!("{}s", r.since_seconds),
+                    match (&r.last_probe_ok, &r.last_probe_error) {
+                        (Some(true), _) => "ok".into(),
+                        (Some(false), e) => format!("failed: {}", e.clone().unwrap_or_default()),
+                        (None, _) => "-".into(),
+                    },
+                    r.last_probe_ms
+                        .map_or("-".into(), |ms| format!("{ms:.1}ms")),
+                    r.transitions.to_string(),
+                    r.probe_failures.to_string(),
+                ]
+            }),
+        )
+    } else {
+        table(
+            &[
+                "SERVICE", "BACKEND", "WEIGHT", "ADMIN", "HEALTH", "SLOTS", "MAC", "PACKETS",
+                "BYTES",
+            ],
+            rows.iter().map(|r| {
+                vec![
+                    r.service.clone(),
+                    r.address.to_string(),
+                    format!("{}{}", r.weight, if r.weight_overridden { "*" } else { "" }),
+                    format!("{:?}", r.admin).to_lowercase(),
+                    r.health.clone(),
+                    r.slots.to_string(),
+                    r.mac.clone().unwrap_or_else(|| "unresolved".into()),
+                    r.packets.to_string(),
+                    r.bytes.to_string(),
+                ]
+            }),
+        )
+    }
+}
+
+fn rate(now: u64, prev: Option<u64>, elapsed: Duration) -> String {
+    match prev {
+        Some(p) if !elapsed.is_zero() => format!(
+            "{:.0}/s",
+            now.saturating_sub(p) as f64 / elapsed.as_secs_f64()
+        ),
+        _ => "-".into(),
+    }
+}
+
+fn stats_text(v: &Value, prev: Option<&Value>, elapsed: Duration) -> String {
+    let Ok(s) = serde_json::from_value::<Stats>(v.clone()) else {
+        return format!("{v}\n");
+    };
+    let p: Option<Stats> = prev.and_then(|p| serde_json::from_value(p.clone()).ok());
+    let mut out = table(
+        &[
+            "SERVICE",
+            "PACKETS",
+            "BYTES",
+            "NEW FLOWS",
+            "PKT RATE",
+            "FLOW RATE",
+        ],
+        s.services.iter().map(|r| {
+            let old = p
+                .as_ref()
+                .and_then(|p| p.services.iter().find(|o| o.name == r.name));
+            vec![
+                r.name.clone(),
+                r.packets.to_string(),
+                r.bytes.to_string(),
+                r.new_flows.to_string(),
+                rate(r.packets, old.map(|o| o.packets), elapsed),
+                rate(r.new_flows, old.map(|o| o.new_flows), elapsed),
+            ]
+        }),
+    );
+    out += "\n";
+    out += &table(
+        &["SERVICE", "BACKEND", "PACKETS", "BYTES", "PKT RATE"],
+        s.backends.iter().map(|r| {
+            let old = p.as_ref().and_then(|p| {
+                p.backends
+                    .iter()
+                    .find(|o| o.service == r.service && o.address == r.address)
+            });
+            vec![
+                r.service.clone(),
+                r.address.to_string(),
+                r.packets.to_string(),
+                r.bytes.to_string(),
+                rate(r.packets, old.map(|o| o.packets), elapsed),
+            ]
+        }),
+    );
+    out += "\n";
+    out += &table(
+        &["REASON", "PACKETS"],
+        s.reasons
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, n)| vec![k.clone(), n.to_string()]),
+    );
+    out
+}

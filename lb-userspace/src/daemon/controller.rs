@@ -1,0 +1,705 @@
+//! The controller: configuration, runtime overrides and health turned into
+//! backend values and Maglev tables, written through the map owner in an
+//! order that keeps the kernel consistent:
+//!
+//! - a backend that gains traffic is written (up, with its MAC) before the
+//!   table that names it is published;
+//! - a backend that loses traffic leaves the table first, and only then is
+//!   marked down (which releases its connection-table entries) or freed.
+//!
+//! Ids are kept in the runtime state so a restarted daemon addresses pinned
+//! maps as its predecessor did, and a table equal to the live one is never
+//! rewritten.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, Result, bail};
+use lb_common::{
+    BACKEND_F_UP, BackendValue, SERVICE_F_AFFINITY, SERVICE_F_IPIP, ServiceKey, addr_bytes,
+    limits::NO_BACKEND,
+};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use super::runtime::{Admin, Override, Runtime, ServiceIds};
+use crate::{
+    config::{self, Affinity, Desired, Mode},
+    dataplane::Dataplane,
+    health::{Health, Tracker},
+    maglev::{self, Candidate},
+};
+
+/// The last probe of a backend.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeReport {
+    /// Passed.
+    pub ok: bool,
+    /// How long it took.
+    pub latency: Duration,
+    /// Error text when it failed.
+    pub detail: String,
+}
+
+/// A backend of a service, as the controller tracks it.
+#[derive(Debug, Clone)]
+pub struct BackendState {
+    /// Data-plane id.
+    pub id: u32,
+    /// Generation of the id (connection-table entries must match it).
+    pub generation: u32,
+    /// Weight from the configuration file.
+    pub configured_weight: u32,
+    /// What the probes say.
+    pub health: Tracker,
+    /// Last probe and when it finished.
+    pub last_probe: Option<(ProbeReport, SystemTime)>,
+    /// When the health state last changed.
+    pub since: SystemTime,
+    /// Health transitions so far.
+    pub transitions: u64,
+    /// Failed probes so far.
+    pub probe_failures: u64,
+    /// What the data plane holds for it.
+    written: Option<BackendValue>,
+}
+
+/// A service, as the controller tracks it.
+#[derive(Debug, Clone)]
+pub struct ServiceState {
+    /// Its configuration.
+    pub config: config::Service,
+    /// Data-plane id.
+    pub id: u32,
+    /// Backends by address.
+    pub backends: BTreeMap<IpAddr, BackendState>,
+    /// The live table (backend ids); empty until first published.
+    pub ring: Vec<u32>,
+    /// Flags the live service entry carries.
+    published_flags: Option<u32>,
+    /// Digest of the table by backend address: equal on every node that
+    /// computes the same table.
+    pub digest: u64,
+    /// Tables published by this daemon.
+    pub rebuilds: u64,
+}
+
+/// What a change did (or, in a dry run, would do).
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct ChangeReport {
+    /// One line per change.
+    pub changes: Vec<String>,
+    /// Table slots that moved to another backend, per service.
+    pub slots_moved: BTreeMap<String, usize>,
+}
+
+/// Owner of the data plane's contents.
+pub struct Controller {
+    dp: Dataplane,
+    desired: Desired,
+    services: BTreeMap<String, ServiceState>,
+    runtime: Runtime,
+    macs: BTreeMap<IpAddr, [u8; 6]>,
+}
+
+/// The data-plane key of a service.
+pub fn service_key(svc: &config::Service) -> ServiceKey {
+    let (addr, family) = addr_bytes(svc.vip);
+    ServiceKey {
+        addr,
+        port: svc.port.to_be(),
+        proto: svc.protocol.number(),
+        family,
+    }
+}
+
+fn service_flags(svc: &config::Service) -> u32 {
+    let mut f = 0;
+    if svc.mode == Mode::Ipip {
+        f |= SERVICE_F_IPIP;
+    }
+    if svc.affinity == Affinity::Client {
+        f |= SERVICE_F_AFFINITY;
+    }
+    f
+}
+
+/// FNV-1a over the table as backend addresses (`NO_BACKEND` as 0xff bytes).
+fn digest(ring: &[u32], addr_of: &BTreeMap<u32, IpAddr>) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0100_0000_01b3;
+    let mut h = OFFSET;
+    for id in ring {
+        let bytes = addr_of.get(id).map_or([0xff; 17], |ip| {
+            let (a, f) = addr_bytes(*ip);
+            let mut b = [0u8; 17];
+            b[..16].copy_from_slice(&a);
+            b[16] = f;
+            b
+        });
+        for byte in bytes {
+            h = (h ^ byte as u64).wrapping_mul(PRIME);
+        }
+    }
+    h
+}
+
+fn moved(old: &[u32], new: &[u32]) -> usize {
+    if old.len() != new.len() {
+        return new.iter().filter(|&&id| id != NO_BACKEND).count();
+    }
+    old.iter().zip(new).filter(|(a, b)| a != b).count()
+}
+
+/// Lowest free ids below a capacity.
+struct IdPool(BTreeSet<u32>);
+
+impl IdPool {
+    fn new(capacity: u32, used: impl Iterator<Item = u32>) -> Self {
+        let mut free: BTreeSet<u32> = (0..capacity).collect();
+        for id in used {
+            free.remove(&id);
+        }
+        IdPool(free)
+    }
+
+    fn take(&mut self, what: &str) -> Result<u32> {
+        self.0
+            .pop_first()
+            .with_context(|| format!("no free {what} id: raise the capacity in [settings]"))
+    }
+}
+
+impl Controller {
+    /// Takes over `dp` (fresh, or adopted from pins) and applies `desired`:
+    /// services already live keep their ids, tables and connection-table
+    /// entries; kernel state nobody wants is removed.
+    pub fn new(
+        dp: Dataplane,
+        desired: Desired,
+        runtime: Runtime,
+        macs: BTreeMap<IpAddr, [u8; 6]>,
+    ) -> Result<(Controller, ChangeReport)> {
+        let mut c = Controller {
+            dp,
+            desired: Desired {
+                settings: desired.settings.clone(),
+                services: BTreeMap::new(),
+            },
+            services: BTreeMap::new(),
+            runtime,
+            macs,
+        };
+        c.adopt(&desired)?;
+        let report = c.apply(desired, false)?;
+        Ok((c, report))
+    }
+
+    /// Builds state for the desired services the kernel already serves.
+    fn adopt(&mut self, desired: &Desired) -> Result<()> {
+        let mut wanted = BTreeSet::new();
+        for (name, cfg) in &desired.services {
+            let key = service_key(cfg);
+            wanted.insert(key);
+            let Some(live) = self.dp.service(&key)? else {
+                continue;
+            };
+            let ring = self.dp.live_ring(&key)?;
+            let ids = self.runtime.ids.get(name).cloned().unwrap_or_default();
+            let mut backends = BTreeMap::new();
+            for (ip, id) in ids.backends {
+                let Ok(v) = self.dp.backend(id) else { continue };
+                if (v.addr, v.family) != addr_bytes(ip) || !cfg.backends.contains_key(&ip) {
+                    continue;
+                }
+                let up = v.flags & BACKEND_F_UP != 0;
+                backends.insert(
+                    ip,
+                    BackendState {
+                        id,
+                        generation: v.generation,
+                        configured_weight: cfg.backends[&ip],
+                        health: Tracker::new(if up { Health::Up } else { Health::Down }),
+                        last_probe: None,
+                        since: SystemTime::now(),
+                        transitions: 0,
+                        probe_failures: 0,
+                        written: Some(v),
+                    },
+                );
+            }
+            info!(service = %name, id = live.id, backends = backends.len(), "adopted live service");
+            self.services.insert(
+                name.clone(),
+                ServiceState {
+                    config: cfg.clone(),
+                    id: live.id,
+                    backends,
+                    ring,
+                    published_flags: Some(live.flags),
+                    digest: 0,
+                    rebuilds: 0,
+                },
+            );
+            self.desired.services.insert(name.clone(), cfg.clone());
+        }
+        for key in self.dp.service_keys()? {
+            if !wanted.contains(&key) {
+                self.dp.remove_service(&key)?;
+                info!(
+                    ?key,
+                    "removed a live service the configuration no longer has"
+                );
+            }
+        }
+        // Backend slots nobody holds must not honour old flows.
+        let held: BTreeSet<u32> = self
+            .services
+            .values()
+            .flat_map(|s| s.backends.values().map(|b| b.id))
+            .collect();
+        for id in 0..self.dp.capacity().max_backends {
+            if !held.contains(&id) {
+                let v = self.dp.backend(id)?;
+                if v.flags != 0 {
+                    self.dp.set_backend(id, &BackendValue { flags: 0, ..v })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The configuration in force.
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    /// The services.
+    pub fn services(&self) -> &BTreeMap<String, ServiceState> {
+        &self.services
+    }
+
+    /// The data plane (for counters).
+    pub fn dataplane(&self) -> &Dataplane {
+        &self.dp
+    }
+
+    /// The data plane, to attach it or change its settings.
+    pub fn dataplane_mut(&mut self) -> &mut Dataplane {
+        &mut self.dp
+    }
+
+    /// The operator override of a backend.
+    pub fn override_of(&self, service: &str, ip: IpAddr) -> Override {
+        self.runtime.get(service, ip)
+    }
+
+    /// Whether a backend's next-hop MAC is known.
+    pub fn has_mac(&self, ip: IpAddr) -> bool {
+        self.macs.contains_key(&ip)
+    }
+
+    /// The weight a backend has in its table now.
+    pub fn table_weight(&self, service: &str, ip: IpAddr, b: &BackendState) -> u32 {
+        let o = self.runtime.get(service, ip);
+        if o.admin != Admin::Ready || b.health.state() != Health::Up || !self.macs.contains_key(&ip)
+        {
+            return 0;
+        }
+        o.weight.unwrap_or(b.configured_weight)
+    }
+
+    fn backend_value(&self, service: &str, ip: IpAddr, b: &BackendState) -> BackendValue {
+        let o = self.runtime.get(service, ip);
+        let (addr, family) = addr_bytes(ip);
+        let mac = self.macs.get(&ip).copied();
+        let up = o.admin != Admin::Maintenance && b.health.state() == Health::Up && mac.is_some();
+        BackendValue {
+            addr,
+            mac: mac.unwrap_or_default(),
+            family,
+            flags: if up { BACKEND_F_UP } else { 0 },
+            generation: b.generation,
+        }
+    }
+
+    fn build_ring(&self, svc: &ServiceState) -> Result<Vec<u32>> {
+        let keys: Vec<(IpAddr, Vec<u8>)> = svc
+            .backends
+            .keys()
+            .map(|ip| {
+                let (a, f) = addr_bytes(*ip);
+                (*ip, [&a[..], &[f]].concat())
+            })
+            .collect();
+        let candidates: Vec<Candidate<'_>> = keys
+            .iter()
+            .map(|(ip, key)| Candidate {
+                key,
+                weight: self.table_weight(&svc.config.name, *ip, &svc.backends[ip]),
+            })
+            .collect();
+        let slots = maglev::build(&candidates, self.dp.capacity().ring_size)?;
+        Ok(slots
+            .into_iter()
+            .map(|s| s.map_or(NO_BACKEND, |i| svc.backends[&keys[i as usize].0].id))
+            .collect())
+    }
+
+    /// Makes the running state equal `desired`. With `dry_run`, only reports.
+    pub fn apply(&mut self, desired: Desired, dry_run: bool) -> Result<ChangeReport> {
+        let cap = self.dp.capacity();
+        if desired.settings.capacity != cap {
+            bail!(
+                "table size and capacities cannot change while running (restart the daemon with --reset to rebuild the maps)"
+            );
+        }
+        let mut report = ChangeReport::default();
+        let mut service_ids = IdPool::new(cap.max_services, self.services.values().map(|s| s.id));
+        let mut backend_ids = IdPool::new(
+            cap.max_backends,
+            self.services
+                .values()
+                .flat_map(|s| s.backends.values().map(|b| b.id)),
+        );
+        let mut next = BTreeMap::new();
+        for (name, cfg) in &desired.services {
+            let prev = self
+                .services
+                .get(name)
+                .filter(|s| service_key(&s.config) == service_key(cfg));
+            let mut state = match prev {
+                Some(s) => {
+                    if s.config.mode != cfg.mode || s.config.affinity != cfg.affinity {
+                        report.changes.push(format!(
+                            "service {name}: mode {:?} affinity {:?}",
+                            cfg.mode, cfg.affinity
+                        ));
+                    }
+                    if s.config.health != cfg.health {
+                        report
+                            .changes
+                            .push(format!("service {name}: health check changed"));
+                    }
+                    ServiceState {
+                        config: cfg.clone(),
+                        backends: BTreeMap::new(),
+                        ..s.clone()
+                    }
+                }
+                None => {
+                    report.changes.push(format!(
+                        "service {name}: added {}:{}/{} ({:?})",
+                        cfg.vip, cfg.port, cfg.protocol, cfg.mode
+                    ));
+                    ServiceState {
+                        config: cfg.clone(),
+                        id: service_ids.take("service")?,
+                        backends: BTreeMap::new(),
+                        ring: Vec::new(),
+                        published_flags: None,
+                        digest: 0,
+                        rebuilds: 0,
+                    }
+                }
+            };
+            for (ip, weight) in &cfg.backends {
+                let b = match prev.and_then(|s| s.backends.get(ip)) {
+                    Some(b) => {
+                        if b.configured_weight != *weight {
+                            report.changes.push(format!(
+                                "service {name}: backend {ip} weight {} -> {weight}",
+                                b.configured_weight
+                            ));
+                        }
+                        BackendState {
+                            configured_weight: *weight,
+                            ..b.clone()
+                        }
+                    }
+                    None => {
+                        report.changes.push(format!(
+                            "service {name}: backend {ip} added (weight {weight})"
+                        ));
+                        let id = backend_ids.take("backend")?;
+                        BackendState {
+                            id,
+                            generation: self.dp.backend(id)?.generation.wrapping_add(1),
+                            configured_weight: *weight,
+                            health: Tracker::new(Health::Up),
+                            last_probe: None,
+                            since: SystemTime::now(),
+                            transitions: 0,
+                            probe_failures: 0,
+                            written: None,
+                        }
+                    }
+                };
+                state.backends.insert(*ip, b);
+            }
+            if let Some(p) = prev {
+                for ip in p
+                    .backends
+                    .keys()
+                    .filter(|ip| !cfg.backends.contains_key(ip))
+                {
+                    report
+                        .changes
+                        .push(format!("service {name}: backend {ip} removed"));
+                }
+            }
+            let ring = self.build_ring(&state)?;
+            report.slots_moved.insert(
+                name.clone(),
+                if state.ring.is_empty() {
+                    0
+                } else {
+                    moved(&state.ring, &ring)
+                },
+            );
+            next.insert(name.clone(), (state, ring));
+        }
+        let gone: Vec<String> = self
+            .services
+            .iter()
+            .filter(|(n, s)| {
+                next.get(*n)
+                    .is_none_or(|(t, _)| service_key(&t.config) != service_key(&s.config))
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in &gone {
+            report.changes.push(format!("service {name}: removed"));
+        }
+        if dry_run {
+            return Ok(report);
+        }
+
+        // Services going away: out of the data plane, then their backends.
+        for name in &gone {
+            if let Some(old) = self.services.remove(name) {
+                self.dp.remove_service(&service_key(&old.config))?;
+                for b in old.backends.values() {
+                    self.release_backend(b)?;
+                }
+            }
+        }
+        for (name, (state, ring)) in next {
+            let old = self.services.remove(&name);
+            self.services.insert(name.clone(), state);
+            self.sync(&name, Some(ring))?;
+            if let Some(old) = old {
+                let kept = &self.services[&name].backends;
+                let removed: Vec<(IpAddr, BackendState)> = old
+                    .backends
+                    .into_iter()
+                    .filter(|(ip, _)| !kept.contains_key(ip))
+                    .collect();
+                for (ip, b) in removed {
+                    info!(service = %name, backend = %ip, "backend removed");
+                    self.release_backend(&b)?;
+                }
+            }
+        }
+        self.desired = desired;
+        let services = &self.services;
+        self.runtime.retain(|svc, ip| {
+            services
+                .get(svc)
+                .is_some_and(|s| s.backends.contains_key(&ip))
+        });
+        self.persist()?;
+        for line in &report.changes {
+            info!(change = %line, "config applied");
+        }
+        Ok(report)
+    }
+
+    fn release_backend(&mut self, b: &BackendState) -> Result<()> {
+        let v = self.dp.backend(b.id)?;
+        self.dp.set_backend(b.id, &BackendValue { flags: 0, ..v })
+    }
+
+    /// Brings one service's backends and table in line with its state:
+    /// gains first, then the table, then losses. Returns slots moved.
+    fn sync(&mut self, name: &str, ring: Option<Vec<u32>>) -> Result<usize> {
+        let svc = self.services.get(name).context("no such service")?;
+        let ring = match ring {
+            Some(r) => r,
+            None => self.build_ring(svc)?,
+        };
+        let mut gains = Vec::new();
+        let mut losses = Vec::new();
+        for (ip, b) in &svc.backends {
+            let v = self.backend_value(name, *ip, b);
+            if b.written == Some(v) {
+                continue;
+            }
+            if v.flags & BACKEND_F_UP != 0 {
+                gains.push((*ip, v));
+            } else {
+                losses.push((*ip, v));
+            }
+        }
+        let flags = service_flags(&svc.config);
+        let key = service_key(&svc.config);
+        let id = svc.id;
+        for (ip, v) in &gains {
+            self.write_backend(name, *ip, v)?;
+        }
+        let svc = &self.services[name];
+        let mut moved_slots = 0;
+        if svc.ring != ring || svc.published_flags != Some(flags) {
+            moved_slots = if svc.ring.is_empty() {
+                0
+            } else {
+                moved(&svc.ring, &ring)
+            };
+            self.dp.publish_service(&key, id, flags, &ring)?;
+            let addr_of: BTreeMap<u32, IpAddr> =
+                svc.backends.iter().map(|(ip, b)| (b.id, *ip)).collect();
+            let d = digest(&ring, &addr_of);
+            let svc = self.services.get_mut(name).context("no such service")?;
+            svc.ring = ring;
+            svc.published_flags = Some(flags);
+            svc.digest = d;
+            svc.rebuilds += 1;
+            info!(service = %name, slots_moved = moved_slots, digest = %format!("{d:016x}"), "table rebuilt");
+        } else if svc.digest == 0 {
+            let addr_of: BTreeMap<u32, IpAddr> =
+                svc.backends.iter().map(|(ip, b)| (b.id, *ip)).collect();
+            let d = digest(&svc.ring, &addr_of);
+            self.services
+                .get_mut(name)
+                .context("no such service")?
+                .digest = d;
+        }
+        for (ip, v) in &losses {
+            self.write_backend(name, *ip, v)?;
+        }
+        Ok(moved_slots)
+    }
+
+    fn write_backend(&mut self, service: &str, ip: IpAddr, v: &BackendValue) -> Result<()> {
+        let b = self
+            .services
+            .get_mut(service)
+            .and_then(|s| s.backends.get_mut(&ip))
+            .context("no such backend")?;
+        self.dp.set_backend(b.id, v)?;
+        b.written = Some(*v);
+        Ok(())
+    }
+
+    fn persist(&mut self) -> Result<()> {
+        self.runtime.ids = self
+            .services
+            .iter()
+            .map(|(n, s)| {
+                (
+                    n.clone(),
+                    ServiceIds {
+                        id: s.id,
+                        backends: s.backends.iter().map(|(ip, b)| (*ip, b.id)).collect(),
+                    },
+                )
+            })
+            .collect();
+        self.runtime.save(&self.desired.settings.state_file)
+    }
+
+    fn backend_mut(&mut self, service: &str, ip: IpAddr) -> Result<&mut BackendState> {
+        self.services
+            .get_mut(service)
+            .with_context(|| format!("no service named {service:?} (see `lb service list`)"))?
+            .backends
+            .get_mut(&ip)
+            .with_context(|| {
+                format!("service {service} has no backend {ip} (see `lb backend list`)")
+            })
+    }
+
+    /// Records a probe result; rebuilds the table when the state changes.
+    pub fn record_probe(
+        &mut self,
+        service: &str,
+        ip: IpAddr,
+        report: ProbeReport,
+    ) -> Result<Option<Health>> {
+        let thresholds = self
+            .services
+            .get(service)
+            .context("no such service")?
+            .config
+            .health
+            .thresholds;
+        let b = self.backend_mut(service, ip)?;
+        if !report.ok {
+            b.probe_failures += 1;
+        }
+        let changed = b.health.record(report.ok, thresholds);
+        let detail = report.detail.clone();
+        b.last_probe = Some((report, SystemTime::now()));
+        if let Some(state) = changed {
+            b.since = SystemTime::now();
+            b.transitions += 1;
+            match state {
+                Health::Down => warn!(service, backend = %ip, probe = %detail, "backend down"),
+                Health::Up => info!(service, backend = %ip, "backend up"),
+            }
+            self.sync(service, None)?;
+        }
+        Ok(changed)
+    }
+
+    /// Whether a backend's probes disagree with its state (probe faster).
+    pub fn in_transition(&self, service: &str, ip: IpAddr) -> bool {
+        self.services
+            .get(service)
+            .and_then(|s| s.backends.get(&ip))
+            .is_some_and(|b| b.health.in_transition())
+    }
+
+    /// Changes an operator override and applies it. Returns slots moved.
+    pub fn set_override(
+        &mut self,
+        service: &str,
+        ip: IpAddr,
+        change: impl FnOnce(&mut Override),
+    ) -> Result<usize> {
+        self.backend_mut(service, ip)?;
+        let mut o = self.runtime.get(service, ip);
+        change(&mut o);
+        self.runtime.set(service, ip, o);
+        let moved = self.sync(service, None)?;
+        self.persist()?;
+        info!(service, backend = %ip, admin = ?o.admin, weight = ?o.weight, slots_moved = moved, "operator change");
+        Ok(moved)
+    }
+
+    /// Records resolved next-hop MACs and resyncs the services that use them.
+    pub fn set_macs(&mut self, macs: BTreeMap<IpAddr, [u8; 6]>) -> Result<()> {
+        let changed: BTreeSet<IpAddr> = macs
+            .iter()
+            .filter(|(ip, mac)| self.macs.get(ip) != Some(mac))
+            .map(|(ip, _)| *ip)
+            .collect();
+        if changed.is_empty() {
+            return Ok(());
+        }
+        self.macs.extend(macs);
+        let names: Vec<String> = self
+            .services
+            .iter()
+            .filter(|(_, s)| s.backends.keys().any(|ip| changed.contains(ip)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in names {
+            self.sync(&n, None)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,281 @@
+//! `lb daemon`: owns the data plane, applies the configuration, probes
+//! backends, serves the control API, reloads on SIGHUP. On exit (SIGTERM,
+//! SIGINT, or a kill) the program and maps stay pinned and attached, so
+//! forwarding continues; the next daemon adopts them.
+//!
+//! - `controller`: configuration + overrides + health → maps (the core).
+//! - `runtime`: operator overrides and ids, persisted.
+//! - `probers`: one probe task per backend.
+//! - `views`: answers to the API's questions.
+
+pub mod controller;
+mod probers;
+pub mod runtime;
+mod views;
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::programs::XdpMode;
+use tokio::{
+    io::AsyncWriteExt as _,
+    net::{UnixListener, UnixStream},
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, oneshot, watch},
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    api::{self, Request, Response},
+    config::{self, Desired, XdpModeSetting},
+    dataplane::Dataplane,
+    neighbor,
+};
+use controller::Controller;
+use runtime::Runtime;
+
+/// How often next-hop MACs are re-read from the neighbour table.
+const MAC_REFRESH: Duration = Duration::from_secs(10);
+
+/// What `lb daemon` is started with.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The configuration file.
+    pub config: PathBuf,
+    /// Where maps and links are pinned.
+    pub pin_dir: PathBuf,
+}
+
+fn xdp_mode(m: XdpModeSetting) -> XdpMode {
+    match m {
+        // The kernel picks driver mode when the driver has it.
+        XdpModeSetting::Auto => XdpMode::Default,
+        XdpModeSetting::Native => XdpMode::Driver,
+        XdpModeSetting::Generic => XdpMode::Skb,
+    }
+}
+
+/// Reads and validates a configuration file.
+pub fn load_config(path: &Path) -> Result<Desired> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    config::parse(&text).map_err(|e| anyhow!("{} is invalid:\n{e}", path.display()))
+}
+
+fn dataplane_settings(d: &Desired) -> lb_common::Settings {
+    lb_common::Settings {
+        ring_size: d.settings.capacity.ring_size,
+        mtu: d.settings.mtu,
+        tunnel_src_v4: d.settings.tunnel_source_v4.0,
+        tunnel_src_v4_hash_mask: d.settings.tunnel_source_v4.1,
+        tunnel_src_v6: d.settings.tunnel_source_v6.0,
+        tunnel_src_v6_hash_mask: d.settings.tunnel_source_v6.1,
+    }
+}
+
+fn backend_addrs(d: &Desired) -> Vec<IpAddr> {
+    let set: BTreeSet<IpAddr> = d
+        .services
+        .values()
+        .flat_map(|s| s.backends.keys().copied())
+        .collect();
+    set.into_iter().collect()
+}
+
+/// Binds the control socket, mode 0600: only root can use the API.
+fn bind_socket(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("another daemon is serving {}", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+type Call = (Request, oneshot::Sender<Response>);
+
+async fn serve_connection(mut stream: UnixStream, calls: mpsc::Sender<Call>) {
+    let response = match tokio::time::timeout(api::TIMEOUT, api::read_request(&mut stream)).await {
+        Err(_) => Response {
+            error: Some("request timed out".into()),
+            data: Default::default(),
+        },
+        Ok(Err(e)) => Response {
+            error: Some(format!("{e:#}")),
+            data: Default::default(),
+        },
+        Ok(Ok(request)) => {
+            let (tx, rx) = oneshot::channel();
+            if calls.send((request, tx)).await.is_err() {
+                return;
+            }
+            match rx.await {
+                Ok(r) => r,
+                Err(_) => return,
+            }
+        }
+    };
+    if let Ok(bytes) = serde_json::to_vec(&response) {
+        let _ = stream.write_all(&bytes).await;
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(opts: Options) -> Result<()> {
+    let desired = load_config(&opts.config)?;
+    let settings = desired.settings.clone();
+    let (mut dp, adopted) = Dataplane::load_pinned(settings.capacity, &opts.pin_dir)?;
+    dp.set_settings(dataplane_settings(&desired))?;
+    let runtime = Runtime::load(&settings.state_file)?;
+    let macs = neighbor::resolve_all(backend_addrs(&desired)).await;
+    let (mut ctl, report) = Controller::new(dp, desired, runtime, macs)?;
+    for iface in &settings.interfaces {
+        let pin = opts.pin_dir.join(format!("link-{iface}"));
+        ctl.dataplane_mut()
+            .attach(iface, xdp_mode(settings.xdp_mode), Some(&pin))?;
+        info!(interface = %iface, mode = ?settings.xdp_mode, pinned = %pin.display(), "attached");
+    }
+    info!(
+        adopted,
+        services = ctl.services().len(),
+        changes = report.changes.len(),
+        "daemon ready"
+    );
+
+    let listener = bind_socket(&settings.socket)?;
+    let (call_tx, mut calls) = mpsc::channel::<Call>(64);
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve_connection(stream, call_tx.clone()));
+                }
+                Err(e) => warn!(error = %e, "accepting a control connection"),
+            }
+        }
+    });
+
+    let (probe_tx, mut results) = mpsc::channel(1024);
+    let mut probers = probers::Probers::new(probe_tx);
+    probers.sync(&ctl);
+
+    let (addrs_tx, addrs_rx) = watch::channel(backend_addrs(ctl.desired()));
+    let (mac_tx, mut mac_updates) = mpsc::channel(4);
+    tokio::spawn(refresh_macs(addrs_rx, mac_tx));
+
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let started = Instant::now();
+    loop {
+        tokio::select! {
+            Some((request, reply)) = calls.recv() => {
+                let response = match views::handle(&mut ctl, request, started, &opts) {
+                    Ok(data) => Response { error: None, data },
+                    Err(e) => Response { error: Some(format!("{e:#}")), data: Default::default() },
+                };
+                let _ = reply.send(response);
+                probers.sync(&ctl);
+                let _ = addrs_tx.send(backend_addrs(ctl.desired()));
+            }
+            Some(result) = results.recv() => {
+                let probers::Result { service, backend, report } = result;
+                if let Err(e) = ctl.record_probe(&service, backend, report) {
+                    error!(error = %format!("{e:#}"), "applying a probe result");
+                }
+                probers.sync(&ctl);
+            }
+            Some(macs) = mac_updates.recv() => {
+                if let Err(e) = ctl.set_macs(macs) {
+                    error!(error = %format!("{e:#}"), "applying next-hop MACs");
+                }
+            }
+            _ = hup.recv() => {
+                match reload(&mut ctl, &opts.config) {
+                    Ok(()) => info!("configuration reloaded"),
+                    Err(e) => error!(error = %format!("{e:#}"), "reload refused; running configuration unchanged"),
+                }
+                probers.sync(&ctl);
+                let _ = addrs_tx.send(backend_addrs(ctl.desired()));
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    let _ = std::fs::remove_file(&settings.socket);
+    info!(pins = %opts.pin_dir.display(), "exiting: the data plane stays attached and keeps forwarding");
+    Ok(())
+}
+
+/// Validates the file and applies only the difference.
+fn reload(ctl: &mut Controller, path: &Path) -> Result<()> {
+    let desired = load_config(path)?;
+    apply(ctl, desired, false).map(|_| ())
+}
+
+/// Applies a new configuration: settings that can change at run time (MTU,
+/// tunnel sources) and the services; anything else is refused whole.
+pub(crate) fn apply(
+    ctl: &mut Controller,
+    desired: Desired,
+    dry_run: bool,
+) -> Result<controller::ChangeReport> {
+    let now = &ctl.desired().settings;
+    let new = &desired.settings;
+    if now.interfaces != new.interfaces
+        || now.xdp_mode != new.xdp_mode
+        || now.socket != new.socket
+        || now.state_file != new.state_file
+        || now.metrics != new.metrics
+    {
+        bail!(
+            "interfaces, xdp_mode, socket, state_file and metrics only change with a daemon restart"
+        );
+    }
+    let dp_settings = dataplane_settings(&desired);
+    let report = ctl.apply(desired, dry_run)?;
+    if !dry_run {
+        ctl.dataplane_mut().set_settings(dp_settings)?;
+    }
+    Ok(report)
+}
+
+async fn refresh_macs(
+    mut addrs: watch::Receiver<Vec<IpAddr>>,
+    out: mpsc::Sender<std::collections::BTreeMap<IpAddr, [u8; 6]>>,
+) {
+    loop {
+        let list = addrs.borrow_and_update().clone();
+        let macs = neighbor::resolve_all(list).await;
+        if out.send(macs).await.is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(MAC_REFRESH, addrs.changed()).await;
+    }
+}
+
+/// Shared between the controller and a probe task.
+#[derive(Debug, Default)]
+pub(crate) struct ProbeControl {
+    /// Probe at the fast interval.
+    pub fast: std::sync::atomic::AtomicBool,
+    /// Do not probe (maintenance).
+    pub paused: std::sync::atomic::AtomicBool,
+}
+
+/// Keeps the type in one place for `probers`.
+pub(crate) type SharedControl = Arc<ProbeControl>;

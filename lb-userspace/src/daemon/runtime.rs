@@ -1,0 +1,134 @@
+//! Operator changes made at run time (weights, drain, maintenance). They
+//! override the configuration file and persist in the state file, so they
+//! survive a daemon restart and a configuration reload.
+
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+/// What an operator says of a backend, beside what the probes say.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Admin {
+    /// In rotation when healthy.
+    #[default]
+    Ready,
+    /// No new flows; established flows stay until they end.
+    Drain,
+    /// No traffic at all and no probes.
+    Maintenance,
+}
+
+/// One backend's overrides.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Override {
+    /// Weight replacing the configured one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    /// Operator state.
+    #[serde(default)]
+    pub admin: Admin,
+}
+
+/// Overrides by service name and backend address, and the ids the data
+/// plane knows services and backends by.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Runtime {
+    /// service → backend → override.
+    #[serde(default)]
+    pub overrides: BTreeMap<String, BTreeMap<IpAddr, Override>>,
+    /// service → its id and its backends' ids. Kept so that a restarted
+    /// daemon addresses the pinned maps exactly as its predecessor did.
+    #[serde(default)]
+    pub ids: BTreeMap<String, ServiceIds>,
+}
+
+/// The ids of one service and its backends.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceIds {
+    /// Service id.
+    pub id: u32,
+    /// Backend address → backend id.
+    pub backends: BTreeMap<IpAddr, u32>,
+}
+
+impl Runtime {
+    /// Reads the state file; a missing file is an empty state.
+    pub fn load(path: &Path) -> Result<Runtime> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => serde_json::from_str(&text)
+                .with_context(|| format!("state file {} is corrupt", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Runtime::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Writes the state file atomically (temporary file, then rename).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+    }
+
+    /// The override of one backend.
+    pub fn get(&self, service: &str, backend: IpAddr) -> Override {
+        self.overrides
+            .get(service)
+            .and_then(|m| m.get(&backend))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Sets one backend's override; a default override is removed.
+    pub fn set(&mut self, service: &str, backend: IpAddr, o: Override) {
+        let entry = self.overrides.entry(service.to_string()).or_default();
+        if o == Override::default() {
+            entry.remove(&backend);
+        } else {
+            entry.insert(backend, o);
+        }
+        if entry.is_empty() {
+            self.overrides.remove(service);
+        }
+    }
+
+    /// Drops overrides of backends the configuration no longer has.
+    pub fn retain(&mut self, exists: impl Fn(&str, IpAddr) -> bool) {
+        for (svc, m) in self.overrides.iter_mut() {
+            m.retain(|ip, _| exists(svc, *ip));
+        }
+        self.overrides.retain(|_, m| !m.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_forgets_defaults() {
+        let dir = std::env::temp_dir().join(format!("lb-runtime-{}", std::process::id()));
+        let path = dir.join("state.json");
+        let ip: IpAddr = "198.18.0.11".parse().unwrap();
+        let mut r = Runtime::default();
+        r.set(
+            "web",
+            ip,
+            Override {
+                weight: Some(5),
+                admin: Admin::Drain,
+            },
+        );
+        r.save(&path).unwrap();
+        assert_eq!(Runtime::load(&path).unwrap(), r);
+        r.set("web", ip, Override::default());
+        assert!(r.overrides.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(Runtime::load(&path).unwrap(), Runtime::default());
+    }
+}

@@ -1,0 +1,242 @@
+//! Answers to the control API, from the controller's state and the data
+//! plane's counters.
+
+use std::time::{Instant, SystemTime};
+
+use anyhow::{Context as _, Result, bail};
+use lb_common::{BACKEND_F_UP, FlowKey, addr_bytes, hash::flow_hash, limits::NO_BACKEND};
+use serde_json::{Value, json};
+
+use super::{Options, controller::Controller};
+use crate::{
+    api::{BackendRow, Request, ServiceRow, ServiceStatsRow, Stats},
+    config::{self, MAX_WEIGHT, Mode},
+};
+
+/// Answers one request.
+pub fn handle(
+    ctl: &mut Controller,
+    request: Request,
+    started: Instant,
+    opts: &Options,
+) -> Result<Value> {
+    Ok(match request {
+        Request::Status => {
+            let d = ctl.desired();
+            json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "uptime_seconds": started.elapsed().as_secs(),
+                "config": opts.config,
+                "pin_dir": opts.pin_dir,
+                "interfaces": d.settings.interfaces,
+                "xdp_mode": d.settings.xdp_mode,
+                "table_size": d.settings.capacity.ring_size,
+                "services": ctl.services().len(),
+                "backends": ctl.services().values().map(|s| s.backends.len()).sum::<usize>(),
+            })
+        }
+        Request::Services => serde_json::to_value(services(ctl))?,
+        Request::Backends { service } => {
+            if let Some(s) = &service
+                && !ctl.services().contains_key(s)
+            {
+                bail!("no service named {s:?} (see `lb service list`)");
+            }
+            serde_json::to_value(backends(ctl, service.as_deref())?)?
+        }
+        Request::Health => serde_json::to_value(backends(ctl, None)?)?,
+        Request::Stats => serde_json::to_value(stats(ctl)?)?,
+        Request::SetWeight {
+            service,
+            backend,
+            weight,
+        } => {
+            if weight > MAX_WEIGHT {
+                bail!("weight {weight} exceeds the maximum {MAX_WEIGHT}");
+            }
+            let moved = ctl.set_override(&service, backend, |o| o.weight = Some(weight))?;
+            json!({ "slots_moved": moved })
+        }
+        Request::SetAdmin {
+            service,
+            backend,
+            admin,
+        } => {
+            let moved = ctl.set_override(&service, backend, |o| o.admin = admin)?;
+            json!({ "slots_moved": moved })
+        }
+        Request::Apply { config, dry_run } => {
+            let desired = config::parse(&config).map_err(|e| {
+                anyhow::anyhow!("the configuration is invalid, nothing changed:\n{e}")
+            })?;
+            serde_json::to_value(super::apply(ctl, desired, dry_run)?)?
+        }
+        Request::Explain {
+            service,
+            client,
+            port,
+        } => explain(ctl, &service, client, port)?,
+    })
+}
+
+fn services(ctl: &Controller) -> Vec<ServiceRow> {
+    ctl.services()
+        .values()
+        .map(|s| ServiceRow {
+            name: s.config.name.clone(),
+            service: format!(
+                "{}:{}/{}",
+                fmt_ip(s.config.vip),
+                s.config.port,
+                s.config.protocol
+            ),
+            mode: match s.config.mode {
+                Mode::DsrL2 => "dsr-l2".into(),
+                Mode::Ipip => "ipip".into(),
+            },
+            affinity: format!("{:?}", s.config.affinity).to_lowercase(),
+            backends: s.backends.len(),
+            in_table: s
+                .backends
+                .iter()
+                .filter(|(ip, b)| ctl.table_weight(&s.config.name, **ip, b) > 0)
+                .count(),
+            digest: format!("{:016x}", s.digest),
+            rebuilds: s.rebuilds,
+        })
+        .collect()
+}
+
+fn fmt_ip(ip: std::net::IpAddr) -> String {
+    if ip.is_ipv6() {
+        format!("[{ip}]")
+    } else {
+        ip.to_string()
+    }
+}
+
+fn backends(ctl: &Controller, only: Option<&str>) -> Result<Vec<BackendRow>> {
+    let now = SystemTime::now();
+    let mut rows = Vec::new();
+    for (name, s) in ctl.services() {
+        if only.is_some_and(|o| o != name) {
+            continue;
+        }
+        for (ip, b) in &s.backends {
+            let o = ctl.override_of(name, *ip);
+            let stats = ctl.dataplane().backend_stats(b.id)?;
+            let kernel = ctl.dataplane().backend(b.id)?;
+            let (probe, _) = b.last_probe.clone().unzip();
+            rows.push(BackendRow {
+                service: name.clone(),
+                address: *ip,
+                weight: o.weight.unwrap_or(b.configured_weight),
+                weight_overridden: o.weight.is_some(),
+                admin: o.admin,
+                health: format!("{:?}", b.health.state()).to_lowercase(),
+                slots: s.ring.iter().filter(|&&id| id == b.id).count(),
+                mac: (kernel.flags & BACKEND_F_UP != 0 || ctl.has_mac(*ip))
+                    .then(|| crate::netns::mac_string(&kernel.mac)),
+                since_seconds: now.duration_since(b.since).unwrap_or_default().as_secs(),
+                last_probe_ok: probe.as_ref().map(|p| p.ok),
+                last_probe_ms: probe.as_ref().map(|p| p.latency.as_secs_f64() * 1000.0),
+                last_probe_error: probe.and_then(|p| (!p.ok).then_some(p.detail)),
+                transitions: b.transitions,
+                probe_failures: b.probe_failures,
+                packets: stats.packets,
+                bytes: stats.bytes,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+fn stats(ctl: &Controller) -> Result<Stats> {
+    let mut services = Vec::new();
+    for (name, s) in ctl.services() {
+        let st = ctl.dataplane().service_stats(s.id)?;
+        services.push(ServiceStatsRow {
+            name: name.clone(),
+            packets: st.packets,
+            bytes: st.bytes,
+            new_flows: st.new_flows,
+        });
+    }
+    Ok(Stats {
+        services,
+        backends: backends(ctl, None)?,
+        reasons: ctl
+            .dataplane()
+            .counters()?
+            .into_iter()
+            .map(|(c, v)| (c.name().to_string(), v))
+            .collect(),
+    })
+}
+
+/// Which backend a client's flow goes to: the same hash and table the
+/// kernel uses, and the connection-table entry if the flow has one.
+fn explain(ctl: &Controller, service: &str, client: std::net::IpAddr, port: u16) -> Result<Value> {
+    let s = ctl
+        .services()
+        .get(service)
+        .with_context(|| format!("no service named {service:?} (see `lb service list`)"))?;
+    if client.is_ipv4() != s.config.vip.is_ipv4() {
+        bail!("the client and the VIP are of different families");
+    }
+    let (src, family) = addr_bytes(client);
+    let (dst, _) = addr_bytes(s.config.vip);
+    let flow = FlowKey {
+        src,
+        dst,
+        sport: port.to_be(),
+        dport: s.config.port.to_be(),
+        proto: s.config.protocol.number(),
+        family,
+        _pad: [0; 2],
+    };
+    let affinity = s.config.affinity == config::Affinity::Client;
+    let hash = flow_hash(&flow, affinity);
+    let size = s.ring.len() as u32;
+    let slot = hash % size.max(1);
+    let by_id = |id: u32| {
+        s.backends
+            .iter()
+            .find(|(_, b)| b.id == id)
+            .map(|(ip, _)| *ip)
+    };
+    let table = s
+        .ring
+        .get(slot as usize)
+        .copied()
+        .filter(|&id| id != NO_BACKEND)
+        .and_then(by_id);
+    let pinned = ctl.dataplane().conntrack(&flow)?.and_then(|v| {
+        let b = ctl.dataplane().backend(v.backend).ok()?;
+        (b.flags & BACKEND_F_UP != 0 && b.generation == v.generation)
+            .then(|| by_id(v.backend))
+            .flatten()
+    });
+    let (goes_to, reason) = match (pinned, table) {
+        (Some(p), _) => (
+            Some(p),
+            "established flow: the connection table pins it (a new SYN would use the table)",
+        ),
+        (None, Some(t)) => (Some(t), "new flow: Maglev table slot"),
+        (None, None) => (
+            None,
+            "no backend in rotation: packets are dropped and counted as drop_no_backend",
+        ),
+    };
+    Ok(json!({
+        "service": service,
+        "flow": format!("{}:{port} -> {}:{}/{}", fmt_ip(client), fmt_ip(s.config.vip), s.config.port, s.config.protocol),
+        "hash": format!("{hash:08x}"),
+        "affinity": affinity,
+        "slot": slot,
+        "table_backend": table,
+        "conntrack_backend": pinned,
+        "backend": goes_to,
+        "reason": reason,
+    }))
+}
