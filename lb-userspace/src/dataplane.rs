@@ -115,6 +115,55 @@ const ALL_MAPS: [&str; 11] = [
 
 /// Where the daemon pins maps and links by default.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+/// The conventional bpffs mount point.
+const BPFFS: &str = "/sys/fs/bpf";
+/// `statfs` magic of a bpf filesystem (include/uapi/linux/magic.h).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+fn is_bpffs(path: &Path) -> Result<bool> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: statfs writes into the zeroed struct we pass; c is a valid C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", path.display()));
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// Makes sure `dir` can be created on a bpf filesystem: mounts bpffs on
+/// /sys/fs/bpf when nothing is mounted there (as systemd does at boot on
+/// most distributions; some hosts, these test machines among them, lack it).
+fn ensure_bpffs(dir: &Path) -> Result<()> {
+    let root = Path::new(BPFFS);
+    if dir.starts_with(root) && !is_bpffs(root)? {
+        let src = std::ffi::CString::new("bpf")?;
+        let target = std::ffi::CString::new(BPFFS)?;
+        // SAFETY: plain mount(2) with valid C strings and no data.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("mounting bpffs on /sys/fs/bpf");
+        }
+        tracing::info!("mounted bpffs on /sys/fs/bpf");
+    }
+    let parent = dir.parent().unwrap_or(dir);
+    if parent.exists() && !is_bpffs(parent)? && !dir.starts_with(root) {
+        bail!(
+            "{} is not on a bpf filesystem; pins must live on bpffs",
+            dir.display()
+        );
+    }
+    Ok(())
+}
 
 impl Dataplane {
     /// Loads the embedded object with `capacity` and verifies both programs
@@ -127,6 +176,7 @@ impl Dataplane {
     /// (by a previous daemon) are adopted with their contents, the others
     /// are created and pinned. Returns whether state was adopted.
     pub fn load_pinned(capacity: Capacity, dir: &Path) -> Result<(Self, bool)> {
+        ensure_bpffs(dir)?;
         std::fs::create_dir_all(dir).with_context(|| {
             format!(
                 "creating {} (is bpffs mounted on /sys/fs/bpf?)",

@@ -1,14 +1,18 @@
 //! Support for lb's privileged black-box tests.
 //!
 //! # Layout
+//! - [`lan`]: client, load balancer and backends on one bridge, in namespaces.
 //! - [`packet`]: builds and inspects frames (Ethernet, VLAN, IPv4/IPv6, TCP,
 //!   UDP, ICMP) with valid lengths and checksums.
+//! - [`daemon`]: a real `lb daemon` process in a namespace, driven by the CLI.
 //! - [`lab`]: a loaded data plane with services and backends, and a way to
 //!   run one frame through a program with BPF_PROG_TEST_RUN.
 //!
 //! Network namespaces come from `lb::netns`, which the demo uses too.
 
+pub mod daemon;
 pub mod lab;
+pub mod lan;
 pub mod packet;
 
 /// Whether privileged tests can run. Without root they are skipped, unless

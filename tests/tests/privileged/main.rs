@@ -8,6 +8,7 @@
 
 mod agreement;
 mod conntrack;
+mod daemon;
 mod demo;
 mod fixtures;
 mod topology;

@@ -11,7 +11,7 @@ use anyhow::{Context as _, Result, bail};
 use aya::programs::XdpMode;
 use lb::{
     demo::server::{NameServer, http_get, udp_request},
-    netns::{self, Netns},
+    netns::Netns,
 };
 use lb_common::{
     Counter, SERVICE_F_IPIP,
@@ -21,6 +21,7 @@ use lb_common::{
 };
 use lb_tests::{
     lab::{Lab, service_key},
+    lan::{LB_V4, Lan},
     privileged,
 };
 
@@ -30,7 +31,6 @@ const VIP_DSR4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 const VIP_IPIP4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 const VIP_DSR6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 1);
 const VIP_IPIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 2);
-const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const HOST_PORT: u16 = 2222;
 
 /// A client request: sends to an address, returns the answering server's name.
@@ -52,13 +52,6 @@ fn spread(
     })
 }
 
-struct Backend {
-    ns: Netns,
-    mac: [u8; 6],
-    v4: Ipv4Addr,
-    v6: Ipv6Addr,
-}
-
 #[test]
 fn real_tcp_and_udp_reach_backends_in_both_modes_and_host_traffic_still_flows() {
     if !privileged() {
@@ -68,51 +61,16 @@ fn real_tcp_and_udp_reach_backends_in_both_modes_and_host_traffic_still_flows() 
 }
 
 fn run_topology() -> Result<()> {
-    let sw = netns::switch()?;
-    let client = Netns::new("cl")?;
-    let lb = Netns::new("lb")?;
-    netns::plug(
-        &sw,
-        "pcl",
-        &client,
-        "02:00:00:00:00:01",
-        &["198.18.0.1/24", "2001:2::1/64"],
+    let lan = Lan::build(
+        2,
+        &[
+            "198.18.1.1/32",
+            "198.18.1.2/32",
+            "2001:2:1::1/128",
+            "2001:2:1::2/128",
+        ],
     )?;
-    netns::plug(
-        &sw,
-        "plb",
-        &lb,
-        "02:00:00:00:00:02",
-        &["198.18.0.2/24", "2001:2::2/64"],
-    )?;
-    client.ip(&["route", "add", "198.18.1.0/24", "via", "198.18.0.2"])?;
-    client.ip(&["-6", "route", "add", "2001:2:1::/64", "via", "2001:2::2"])?;
-
-    let mut backends = Vec::new();
-    for i in 1..=2u8 {
-        let b = Backend {
-            ns: Netns::new(&format!("b{i}"))?,
-            mac: [0x02, 0, 0, 0, 0, 0x10 + i],
-            v4: Ipv4Addr::new(198, 18, 0, 10 + i),
-            v6: Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x10 + i as u16),
-        };
-        let (a4, a6) = (format!("{}/24", b.v4), format!("{}/64", b.v6));
-        netns::plug(
-            &sw,
-            &format!("pb{i}"),
-            &b.ns,
-            &netns::mac_string(&b.mac),
-            &[&a4, &a6],
-        )?;
-        // The VIPs are local on every backend, so it accepts and answers from them.
-        for vip in ["198.18.1.1/32", "198.18.1.2/32"] {
-            b.ns.ip(&["addr", "add", vip, "dev", "lo"])?;
-        }
-        for vip in ["2001:2:1::1/128", "2001:2:1::2/128"] {
-            b.ns.ip(&["addr", "add", vip, "dev", "lo", "nodad"])?;
-        }
-        backends.push(b);
-    }
+    let (client, lb, backends) = (&lan.client, &lan.lb, &lan.backends);
 
     // The load balancer: both modes, both families, TCP and UDP.
     let mut lab = Lab::new(RING)?;
@@ -126,7 +84,7 @@ fn run_topology() -> Result<()> {
     let mut next_id = 0;
     for (svc, (vip, proto, flags)) in services.iter().enumerate() {
         let mut members = Vec::new();
-        for b in &backends {
+        for b in backends {
             let addr = if vip.is_ipv4() {
                 IpAddr::V4(b.v4)
             } else {
@@ -145,7 +103,7 @@ fn run_topology() -> Result<()> {
 
     // Backends of ipip services decapsulate with the decap program.
     let mut decaps = Vec::new();
-    for b in &backends {
+    for b in backends {
         let mut d = Lab::new(RING)?;
         d.dp.add_decap_addr(IpAddr::V4(b.v4))?;
         d.dp.add_decap_addr(IpAddr::V6(b.v6))?;
@@ -161,7 +119,7 @@ fn run_topology() -> Result<()> {
         .enumerate()
         .map(|(i, b)| NameServer::start(&b.ns, &format!("backend-{}", i + 1), 80))
         .collect::<Result<_>>()?;
-    let _host_service = NameServer::start(&lb, "lb-host", HOST_PORT)?;
+    let _host_service = NameServer::start(lb, "lb-host", HOST_PORT)?;
 
     let cases: [(&str, SocketAddr, Request); 5] = [
         (
@@ -192,7 +150,7 @@ fn run_topology() -> Result<()> {
     ];
     const REQUESTS: usize = 40;
     for (what, to, request) in cases {
-        let tally = spread(&client, REQUESTS, to, request).with_context(|| what.to_string())?;
+        let tally = spread(client, REQUESTS, to, request).with_context(|| what.to_string())?;
         eprintln!("{what}: {tally:?}");
         if tally.len() != backends.len() {
             bail!("{what}: {REQUESTS} requests reached only {tally:?}");
@@ -203,7 +161,7 @@ fn run_topology() -> Result<()> {
     let host = spread(
         &client,
         3,
-        SocketAddr::new(IpAddr::V4(LB_ADDR), HOST_PORT),
+        SocketAddr::new(IpAddr::V4(LB_V4), HOST_PORT),
         http_get,
     )?;
     assert_eq!(host.get("lb-host"), Some(&3), "host traffic: {host:?}");

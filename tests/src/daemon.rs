@@ -1,0 +1,207 @@
+//! A real `lb daemon` process in a namespace, driven through the real CLI.
+
+use std::{
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::Value;
+
+use lb::netns::Netns;
+
+/// The `lb` binary cargo built next to the test binary (`target/<profile>/lb`).
+pub fn lb_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test binary has no target directory")?
+        .join("lb");
+    if !path.exists() {
+        bail!(
+            "{} is missing: build it first (cargo xtask test does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A daemon started by this test: killed by PID and its pins and files
+/// removed on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    /// Its configuration file.
+    pub config: PathBuf,
+    /// Its bpffs pin directory.
+    pub pins: PathBuf,
+    /// Its control socket.
+    pub socket: PathBuf,
+    /// Working directory for config, socket, state and logs.
+    pub dir: PathBuf,
+    ns: String,
+}
+
+impl Daemon {
+    /// Writes `config` (with `socket` and `state_file` pointing into a fresh
+    /// directory) and starts `lb daemon` in `ns`; returns once it answers.
+    pub fn start(ns: &Netns, tag: &str, config: &str) -> Result<Daemon> {
+        let dir = std::env::temp_dir().join(format!("lbt-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let socket = dir.join("lb.sock");
+        let full = config.replacen(
+            "[settings]\n",
+            &format!(
+                "[settings]\nsocket = \"{}\"\nstate_file = \"{}\"\n",
+                socket.display(),
+                dir.join("state.json").display()
+            ),
+            1,
+        );
+        let path = dir.join("lb.toml");
+        std::fs::write(&path, full)?;
+        let mut d = Daemon {
+            child: None,
+            config: path,
+            pins: PathBuf::from(format!("/sys/fs/bpf/lbt-{}-{tag}", std::process::id())),
+            socket,
+            dir,
+            ns: ns.name.clone(),
+        };
+        d.spawn()?;
+        Ok(d)
+    }
+
+    /// Starts the daemon process (again) and waits until it answers.
+    pub fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))?;
+        // Enter only the network namespace: `ip netns exec` would also give
+        // the daemon a private /sys without the host's bpffs.
+        let netns = std::fs::File::open(format!("/run/netns/{}", self.ns))?;
+        let fd = netns.as_raw_fd();
+        let mut cmd = Command::new(lb_binary()?);
+        // SAFETY: setns is async-signal-safe; fd stays open until spawn returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .args(["daemon", "--config"])
+            .arg(&self.config)
+            .arg("--pin-dir")
+            .arg(&self.pins)
+            .stderr(log)
+            .spawn()
+            .context("starting lb daemon")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(c) = self.child.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                bail!("daemon exited with {status}: {}", self.log());
+            }
+            if self.cli(&["status"]).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("daemon did not answer within 20 s: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Sends `signal` to the daemon and waits for it to exit.
+    pub fn kill(&mut self, signal: i32) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on the PID of a child we started and have not reaped.
+            unsafe { libc::kill(c.id() as i32, signal) };
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Sends `signal` without waiting (SIGHUP).
+    pub fn signal(&self, signal: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: as in `kill`.
+            unsafe { libc::kill(c.id() as i32, signal) };
+        }
+    }
+
+    /// Runs `lb --socket S --json args` and returns its JSON output.
+    pub fn cli(&self, args: &[&str]) -> Result<Value> {
+        let out = Command::new(lb_binary()?)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--json")
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "lb {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Runs the CLI expecting failure; returns its exit code and stderr.
+    pub fn cli_fails(&self, args: &[&str]) -> Result<(i32, String)> {
+        let out = Command::new(lb_binary()?)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()?;
+        if out.status.success() {
+            bail!("lb {} succeeded", args.join(" "));
+        }
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// Polls `check` until it holds or `timeout` passes.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&Daemon) -> Result<bool>,
+    ) -> Result<Duration> {
+        let start = Instant::now();
+        loop {
+            if check(self)? {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                bail!("{what}: not within {timeout:?}; log: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.kill(libc::SIGKILL);
+        // Unpinning the link detaches the program; the maps go with it.
+        let _ = std::fs::remove_dir_all(&self.pins);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

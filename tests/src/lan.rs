@@ -1,0 +1,93 @@
+//! One L2 segment in namespaces: a client, the load balancer and backends on
+//! a bridge, with IPv4 and IPv6 addresses, the client routing the VIP ranges
+//! through the load balancer and every backend holding the VIPs on `lo`.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use anyhow::Result;
+use lb::netns::{self, Netns};
+
+/// The load balancer's address (the client's route to the VIPs).
+pub const LB_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// The client's address.
+pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+
+/// A backend host.
+pub struct Host {
+    /// Its namespace.
+    pub ns: Netns,
+    /// MAC of its `eth0`.
+    pub mac: [u8; 6],
+    /// IPv4 address.
+    pub v4: Ipv4Addr,
+    /// IPv6 address.
+    pub v6: Ipv6Addr,
+}
+
+/// The segment; dropping it removes every namespace.
+pub struct Lan {
+    /// Backends, in order (`backend-1` first).
+    pub backends: Vec<Host>,
+    /// The client.
+    pub client: Netns,
+    /// The load balancer.
+    pub lb: Netns,
+    _switch: Netns,
+}
+
+impl Lan {
+    /// Builds the segment with `n` backends at 198.18.0.11.. / 2001:2::11..,
+    /// each holding `vips` on its loopback.
+    pub fn build(n: u8, vips: &[&str]) -> Result<Lan> {
+        let switch = netns::switch()?;
+        let client = Netns::new("cl")?;
+        let lb = Netns::new("lb")?;
+        netns::plug(
+            &switch,
+            "pcl",
+            &client,
+            "02:00:00:00:00:01",
+            &["198.18.0.1/24", "2001:2::1/64"],
+        )?;
+        netns::plug(
+            &switch,
+            "plb",
+            &lb,
+            "02:00:00:00:00:02",
+            &["198.18.0.2/24", "2001:2::2/64"],
+        )?;
+        client.ip(&["route", "add", "198.18.1.0/24", "via", "198.18.0.2"])?;
+        client.ip(&["-6", "route", "add", "2001:2:1::/64", "via", "2001:2::2"])?;
+        let mut backends = Vec::new();
+        for i in 1..=n {
+            let h = Host {
+                ns: Netns::new(&format!("b{i}"))?,
+                mac: [0x02, 0, 0, 0, 0, 0x10 + i],
+                v4: Ipv4Addr::new(198, 18, 0, 10 + i),
+                v6: Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x10 + i as u16),
+            };
+            let (a4, a6) = (format!("{}/24", h.v4), format!("{}/64", h.v6));
+            netns::plug(
+                &switch,
+                &format!("pb{i}"),
+                &h.ns,
+                &netns::mac_string(&h.mac),
+                &[&a4, &a6],
+            )?;
+            for vip in vips {
+                let mut args = vec!["addr", "add", *vip, "dev", "lo"];
+                if vip.contains(':') {
+                    args.push("nodad");
+                }
+                h.ns.ip(&args)?;
+            }
+            backends.push(h);
+        }
+        Ok(Lan {
+            backends,
+            client,
+            lb,
+            _switch: switch,
+        })
+    }
+}

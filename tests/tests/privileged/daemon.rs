@@ -1,0 +1,250 @@
+//! The real daemon with real backends and traffic, driven by the real CLI:
+//! eviction and re-admission by health checks, drain, weights, `apply`
+//! refusing an invalid file, and SIGKILL + restart adopting the pinned data
+//! plane without losing a connection or rewriting a table.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Result, bail};
+use lb::demo::server::{NameServer, http_get};
+use lb_tests::{daemon::Daemon, lan::Lan, privileged};
+use serde_json::Value;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+/// Fast health checks keep the test short; the defaults are measured by the
+/// benchmarks.
+const CONFIG: &str = r#"[settings]
+interfaces = ["eth0"]
+xdp_mode = "generic"
+table_size = 4099
+max_services = 4
+max_backends = 16
+conntrack_entries = 4096
+
+[[service]]
+name = "web"
+vip = "198.18.1.1"
+port = 80
+protocol = "tcp"
+
+[service.health]
+check = "http"
+interval = "200ms"
+fast_interval = "100ms"
+timeout = "150ms"
+rise = 2
+fall = 2
+
+[[service.backend]]
+address = "198.18.0.11"
+
+[[service.backend]]
+address = "198.18.0.12"
+"#;
+const WAIT: Duration = Duration::from_secs(10);
+
+fn vip() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(VIP), 80)
+}
+
+fn tally(lan: &Lan, n: usize) -> Result<BTreeMap<String, usize>> {
+    lan.client.run(|| {
+        let mut t = BTreeMap::new();
+        for _ in 0..n {
+            *t.entry(http_get(vip())?).or_insert(0) += 1;
+        }
+        Ok(t)
+    })
+}
+
+fn backend<'a>(rows: &'a Value, addr: &str) -> &'a Value {
+    rows.as_array()
+        .and_then(|a| a.iter().find(|r| r["address"] == addr))
+        .unwrap_or(&Value::Null)
+}
+
+fn digest(d: &Daemon) -> Result<(String, u64)> {
+    let v = d.cli(&["service", "list"])?;
+    Ok((
+        v[0]["digest"].as_str().unwrap_or_default().to_string(),
+        v[0]["rebuilds"].as_u64().unwrap_or(0),
+    ))
+}
+
+#[test]
+fn daemon_evicts_drains_weighs_refuses_bad_input_and_survives_sigkill() {
+    if !privileged() {
+        return;
+    }
+    run().unwrap();
+}
+
+fn run() -> Result<()> {
+    let lan = Lan::build(2, &["198.18.1.1/32"])?;
+    let mut servers: Vec<Option<NameServer>> = lan
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, h)| NameServer::start(&h.ns, &format!("backend-{}", i + 1), 80).map(Some))
+        .collect::<Result<_>>()?;
+    let mut d = Daemon::start(&lan.lb, "daemon", CONFIG)?;
+    d.wait_until("both backends in the table", WAIT, |d| {
+        Ok(d.cli(&["service", "list"])?[0]["in_table"] == 2)
+    })?;
+    let t = tally(&lan, 60)?;
+    assert_eq!(t.len(), 2, "both backends serve: {t:?}");
+
+    // A backend whose server dies is evicted; new flows go to the other.
+    servers[0] = None;
+    let evicted = d.wait_until("backend-1 down", WAIT, |d| {
+        Ok(backend(&d.cli(&["health"])?, "198.18.0.11")["health"] == "down")
+    })?;
+    eprintln!(
+        "eviction: {} ms from server death to the table without it (interval 200ms, fall 2)",
+        evicted.as_millis()
+    );
+    assert_eq!(tally(&lan, 40)?.get("backend-2"), Some(&40));
+    // It comes back after `rise` probes.
+    servers[0] = Some(NameServer::start(&lan.backends[0].ns, "backend-1", 80)?);
+    let back = d.wait_until("backend-1 up", WAIT, |d| {
+        Ok(backend(&d.cli(&["health"])?, "198.18.0.11")["health"] == "up")
+    })?;
+    eprintln!("re-admission: {} ms (rise 2)", back.as_millis());
+    assert_eq!(tally(&lan, 60)?.len(), 2);
+
+    // Drain: an established connection stays on its backend to completion
+    // while new connections go elsewhere.
+    let held = lan.client.run(|| {
+        Ok(std::net::TcpStream::connect_timeout(
+            &vip(),
+            Duration::from_secs(3),
+        )?)
+    })?;
+    let local = held.local_addr()?;
+    let explained = d.cli(&["explain", &local.to_string(), "web"])?;
+    let owner = explained["backend"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let moved = d.cli(&["backend", "drain", "web", &owner])?["slots_moved"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(moved > 0, "draining moved no slot");
+    let other = if owner.ends_with(".11") {
+        "backend-2"
+    } else {
+        "backend-1"
+    };
+    assert_eq!(
+        tally(&lan, 20)?.get(other),
+        Some(&20),
+        "new flows avoid the drained backend"
+    );
+    let answer = lan.client.run(move || {
+        use std::io::{Read as _, Write as _};
+        let mut s = held;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+        let mut a = String::new();
+        s.read_to_string(&mut a)?;
+        Ok(a)
+    })?;
+    let drained_name = if owner.ends_with(".11") {
+        "backend-1"
+    } else {
+        "backend-2"
+    };
+    assert!(
+        answer.ends_with(&format!("{drained_name}\n")),
+        "the held connection finished on its backend: {answer:?}"
+    );
+    d.cli(&["backend", "enable", "web", &owner])?;
+
+    // Weights change the share of new flows in proportion.
+    d.cli(&["backend", "set-weight", "web", "198.18.0.11", "3"])?;
+    let t = tally(&lan, 400)?;
+    let share = *t.get("backend-1").unwrap_or(&0) as f64 / 400.0;
+    eprintln!(
+        "weights 3:1 -> backend-1 share {:.1}% over 400 connections",
+        share * 100.0
+    );
+    if !(0.65..=0.85).contains(&share) {
+        bail!("weight 3:1 gave backend-1 a share of {share:.2}: {t:?}");
+    }
+
+    // An invalid file changes nothing; a dry run reports without changing.
+    let before = digest(&d)?;
+    let running = std::fs::read_to_string(&d.config)?;
+    let bad = d.dir.join("bad.toml");
+    std::fs::write(&bad, running.replace("port = 80", "port = 0"))?;
+    let (code, err) = d.cli_fails(&["apply", "-f", bad.to_str().unwrap_or_default()])?;
+    assert_eq!(code, 1);
+    assert!(err.contains("port 0 cannot be balanced"), "{err}");
+    let fewer = d.dir.join("fewer.toml");
+    std::fs::write(
+        &fewer,
+        running.replace("[[service.backend]]\naddress = \"198.18.0.12\"\n", ""),
+    )?;
+    let dry = d.cli(&[
+        "apply",
+        "-f",
+        fewer.to_str().unwrap_or_default(),
+        "--dry-run",
+    ])?;
+    assert!(dry["slots_moved"]["web"].as_u64().unwrap_or(0) > 0, "{dry}");
+    assert_eq!(digest(&d)?, before, "nothing changed");
+
+    // SIGKILL during traffic: no connection is lost, and the restarted daemon
+    // adopts the pinned tables without rewriting them.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let traffic = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        lan.client.spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match http_get(vip()) {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+            Ok(())
+        })
+    };
+    d.wait_until("traffic flowing", WAIT, |_| {
+        Ok(ok.load(Ordering::Relaxed) > 50)
+    })?;
+    d.kill(libc::SIGKILL)?;
+    let at_kill = ok.load(Ordering::Relaxed);
+    d.wait_until("traffic flowing without a daemon", WAIT, |_| {
+        Ok(ok.load(Ordering::Relaxed) > at_kill + 100)
+    })?;
+    d.spawn()?;
+    let after = digest(&d)?;
+    let settled = ok.load(Ordering::Relaxed);
+    d.wait_until("traffic after restart", WAIT, |_| {
+        Ok(ok.load(Ordering::Relaxed) > settled + 100)
+    })?;
+    stop.store(true, Ordering::Relaxed);
+    let _ = traffic.join();
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("SIGKILL + restart under traffic: {ok} connections completed, {failed} failed");
+    assert_eq!(failed, 0, "connections lost across the daemon's death");
+    assert_eq!(
+        after.0, before.0,
+        "the restarted daemon computed a different table"
+    );
+    assert_eq!(
+        after.1, 0,
+        "the restarted daemon rewrote a table that had not changed"
+    );
+    assert!(d.log().contains("adopted live service"), "{}", d.log());
+    Ok(())
+}
