@@ -215,7 +215,8 @@ mod tests {
         let text = serde_json::to_string(&r).unwrap();
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
         assert!(serde_json::from_str::<Request>(r#"{"command":"format-disk"}"#).is_err());
-        assert!(serde_json::from_str::<Request>(r#"{"command":"status","extra":1}"#).is_err());
+        let bad_address = r#"{"command":"set-weight","service":"web","backend":"x","weight":1}"#;
+        assert!(serde_json::from_str::<Request>(bad_address).is_err());
         assert!(serde_json::from_str::<Request>("\u{0}\u{1}garbage").is_err());
     }
 }

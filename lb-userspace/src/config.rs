@@ -475,8 +475,8 @@ fn host_mask(prefix_in_word: u8) -> u32 {
 }
 
 fn usable(ip: IpAddr) -> bool {
-    !(ip.is_unspecified() || ip.is_multicast() || ip.is_loopback())
-        && !matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    !(ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() || broadcast)
 }
 
 fn validate(file: &File, text: &str) -> Result<Desired, ConfigErrors> {
@@ -621,7 +621,7 @@ fn validate(file: &File, text: &str) -> Result<Desired, ConfigErrors> {
         {
             e.push(
                 at,
-                format!("{field}"),
+                field.clone(),
                 format!(
                     "another service already has {vip} port {} {}",
                     svc.port, svc.protocol
@@ -788,11 +788,7 @@ fn validate_health(
                 expect: expect.clone().into_bytes(),
             },
             _ => {
-                e.push(
-                    at,
-                    format!("{field}"),
-                    "a udp check needs `send` and `expect`",
-                );
+                e.push(at, field.clone(), "a udp check needs `send` and `expect`");
                 Probe::None
             }
         },

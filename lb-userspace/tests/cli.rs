@@ -1,5 +1,9 @@
 //! The `lb` binary's own command line, without root: configuration checks
 //! and the error a CLI command gives when no daemon runs.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers fail loudly, like the tests"
+)]
 
 use std::process::Command;
 

@@ -159,7 +159,7 @@ fn run_topology() -> Result<()> {
 
     // The load balancer's own service is untouched by the program.
     let host = spread(
-        &client,
+        client,
         3,
         SocketAddr::new(IpAddr::V4(LB_V4), HOST_PORT),
         http_get,
