@@ -101,6 +101,9 @@ pub struct ServiceRow {
     pub digest: String,
     /// Tables published by this daemon.
     pub rebuilds: u64,
+    /// Probes not trusted: all ready backends kept in the table.
+    #[serde(default)]
+    pub panic: bool,
 }
 
 /// A row of `lb backend list` and `lb health`.

@@ -27,6 +27,15 @@ pub enum Health {
     Down,
 }
 
+/// Whether a service's probes are no longer trusted: fewer than half of its
+/// ready backends pass (Envoy's panic threshold, at 50 %). A fault on the
+/// prober's side, such as the load balancer's own link flapping, fails every
+/// probe at once; rather than evict every backend, the service keeps all
+/// ready backends in its table until at least half pass again.
+pub fn panic(ready: usize, healthy: usize) -> bool {
+    ready > 0 && healthy * 2 < ready
+}
+
 /// Tracks one backend's probe results.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tracker {
@@ -92,6 +101,17 @@ mod tests {
         assert!(!t.in_transition());
         assert_eq!(t.record(true, T), None);
         assert_eq!(t.record(true, T), Some(Health::Up));
+    }
+
+    #[test]
+    fn panic_below_half_healthy() {
+        assert!(!panic(0, 0), "nothing ready: nothing to keep");
+        assert!(panic(1, 0));
+        assert!(!panic(2, 1), "half is enough");
+        assert!(panic(3, 1));
+        assert!(!panic(3, 2));
+        assert!(panic(10, 4));
+        assert!(!panic(10, 5));
     }
 
     #[test]

@@ -29,7 +29,7 @@ use super::runtime::{Admin, Override, Runtime, ServiceIds};
 use crate::{
     config::{self, Affinity, Desired, Mode},
     dataplane::Dataplane,
-    health::{Health, Tracker},
+    health::{self, Health, Tracker},
     maglev::{self, Candidate},
 };
 
@@ -85,6 +85,8 @@ pub struct ServiceState {
     pub digest: u64,
     /// Tables published by this daemon.
     pub rebuilds: u64,
+    /// Probes are not trusted (see [`health::panic`]).
+    pub panic: bool,
 }
 
 /// What a change did (or, in a dry run, would do).
@@ -242,6 +244,7 @@ impl Controller {
                     published_flags: Some(live.flags),
                     digest: 0,
                     rebuilds: 0,
+                    panic: false,
                 },
             );
             self.desired.services.insert(name.clone(), cfg.clone());
@@ -302,11 +305,34 @@ impl Controller {
         self.macs.contains_key(&ip)
     }
 
+    /// Whether a service ignores its probes (see [`health::panic`]).
+    pub fn in_panic(&self, service: &str) -> bool {
+        let Some(s) = self.services.get(service) else {
+            return false;
+        };
+        let ready: Vec<&BackendState> = s
+            .backends
+            .iter()
+            .filter(|(ip, _)| self.runtime.get(service, **ip).admin == Admin::Ready)
+            .map(|(_, b)| b)
+            .collect();
+        let healthy = ready
+            .iter()
+            .filter(|b| b.health.state() == Health::Up)
+            .count();
+        health::panic(ready.len(), healthy)
+    }
+
+    /// Whether a backend counts as healthy: it passes probes, or its service
+    /// is in panic.
+    fn healthy(&self, service: &str, b: &BackendState) -> bool {
+        b.health.state() == Health::Up || self.in_panic(service)
+    }
+
     /// The weight a backend has in its table now.
     pub fn table_weight(&self, service: &str, ip: IpAddr, b: &BackendState) -> u32 {
         let o = self.runtime.get(service, ip);
-        if o.admin != Admin::Ready || b.health.state() != Health::Up || !self.macs.contains_key(&ip)
-        {
+        if o.admin != Admin::Ready || !self.healthy(service, b) || !self.macs.contains_key(&ip) {
             return 0;
         }
         o.weight.unwrap_or(b.configured_weight)
@@ -316,7 +342,7 @@ impl Controller {
         let o = self.runtime.get(service, ip);
         let (addr, family) = addr_bytes(ip);
         let mac = self.macs.get(&ip).copied();
-        let up = o.admin != Admin::Maintenance && b.health.state() == Health::Up && mac.is_some();
+        let up = o.admin != Admin::Maintenance && self.healthy(service, b) && mac.is_some();
         BackendValue {
             addr,
             mac: mac.unwrap_or_default(),
@@ -403,6 +429,7 @@ impl Controller {
                         published_flags: None,
                         digest: 0,
                         rebuilds: 0,
+                        panic: false,
                     }
                 }
             };
@@ -649,6 +676,20 @@ impl Controller {
             match state {
                 Health::Down => warn!(service, backend = %ip, probe = %detail, "backend down"),
                 Health::Up => info!(service, backend = %ip, "backend up"),
+            }
+            let panic = self.in_panic(service);
+            if panic != self.services.get(service).is_some_and(|s| s.panic) {
+                if panic {
+                    warn!(
+                        service,
+                        "panic: fewer than half the ready backends pass probes; keeping all ready backends in the table"
+                    );
+                } else {
+                    info!(service, "panic over: probes trusted again");
+                }
+                if let Some(s) = self.services.get_mut(service) {
+                    s.panic = panic;
+                }
             }
             self.sync(service, None)?;
         }

@@ -103,6 +103,7 @@ fn services(ctl: &Controller) -> Vec<ServiceRow> {
                 .count(),
             digest: format!("{:016x}", s.digest),
             rebuilds: s.rebuilds,
+            panic: s.panic,
         })
         .collect()
 }

@@ -1,5 +1,6 @@
 //! The real daemon with real backends and traffic, driven by the real CLI:
-//! eviction and re-admission by health checks, drain, weights, `apply`
+//! eviction and re-admission by health checks, panic when every probe
+//! fails, drain, weights, `apply`
 //! refusing an invalid file, and SIGKILL + restart adopting the pinned data
 //! plane without losing a connection or rewriting a table.
 
@@ -119,6 +120,30 @@ fn run() -> Result<()> {
     })?;
     eprintln!("re-admission: {} ms (rise 2)", back.as_millis());
     assert_eq!(tally(&lan, 60)?.len(), 2);
+
+    // Every probe failing at once (as when the load balancer's own link
+    // fails) puts the service in panic instead of evicting everything.
+    servers[0] = None;
+    servers[1] = None;
+    d.wait_until("both backends probed down", WAIT, |d| {
+        let h = d.cli(&["health"])?;
+        Ok(backend(&h, "198.18.0.11")["health"] == "down"
+            && backend(&h, "198.18.0.12")["health"] == "down")
+    })?;
+    let svc = d.cli(&["service", "list"])?;
+    assert_eq!(svc[0]["panic"], true, "{svc}");
+    assert_eq!(
+        svc[0]["in_table"], 2,
+        "panic keeps every ready backend: {svc}"
+    );
+    servers[0] = Some(NameServer::start(&lan.backends[0].ns, "backend-1", 80)?);
+    servers[1] = Some(NameServer::start(&lan.backends[1].ns, "backend-2", 80)?);
+    d.wait_until("panic over", WAIT, |d| {
+        let h = d.cli(&["health"])?;
+        let up = backend(&h, "198.18.0.11")["health"] == "up"
+            && backend(&h, "198.18.0.12")["health"] == "up";
+        Ok(up && d.cli(&["service", "list"])?[0]["panic"] == false)
+    })?;
 
     // Drain: an established connection stays on its backend to completion
     // while new connections go elsewhere.
