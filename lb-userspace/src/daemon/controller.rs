@@ -696,12 +696,12 @@ impl Controller {
         Ok(changed)
     }
 
-    /// Whether a backend's probes disagree with its state (probe faster).
-    pub fn in_transition(&self, service: &str, ip: IpAddr) -> bool {
+    /// Whether the probes say a backend is up.
+    pub fn is_up(&self, service: &str, ip: IpAddr) -> bool {
         self.services
             .get(service)
             .and_then(|s| s.backends.get(&ip))
-            .is_some_and(|b| b.health.in_transition())
+            .is_some_and(|b| b.health.state() == Health::Up)
     }
 
     /// Changes an operator override and applies it. Returns slots moved.

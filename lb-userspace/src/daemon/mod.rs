@@ -271,8 +271,10 @@ async fn refresh_macs(
 /// Shared between the controller and a probe task.
 #[derive(Debug, Default)]
 pub(crate) struct ProbeControl {
-    /// Probe at the fast interval.
-    pub fast: std::sync::atomic::AtomicBool,
+    /// The backend's health state is up. A probe whose result disagrees
+    /// with it starts a transition: the prober switches to the fast
+    /// interval at once, without waiting for the controller.
+    pub up: std::sync::atomic::AtomicBool,
     /// Do not probe (maintenance).
     pub paused: std::sync::atomic::AtomicBool,
 }

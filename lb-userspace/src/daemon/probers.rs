@@ -1,7 +1,7 @@
 //! One probe task per backend. Tasks only probe and report; the controller
 //! decides. Each task sleeps a jittered interval (±10 %) so probes of many
 //! backends do not synchronise, and probes at the fast interval while its
-//! backend's results disagree with its state.
+//! results disagree with its backend's state.
 
 use std::{
     collections::BTreeMap,
@@ -52,7 +52,7 @@ impl Probers {
     }
 
     /// Starts, restarts or stops tasks to match the controller's backends,
-    /// and passes each its fast/paused hints.
+    /// and passes each its backend's state and whether it is in maintenance.
     pub fn sync(&mut self, ctl: &Controller) {
         let mut wanted = BTreeMap::new();
         for (name, svc) in ctl.services() {
@@ -89,8 +89,8 @@ impl Probers {
                 .paused
                 .store(admin == Admin::Maintenance, Ordering::Relaxed);
             task.control
-                .fast
-                .store(ctl.in_transition(&service, ip), Ordering::Relaxed);
+                .up
+                .store(ctl.is_up(&service, ip), Ordering::Relaxed);
         }
     }
 }
@@ -126,6 +126,7 @@ async fn probe_loop(
     // Start at a random point of the first interval.
     tokio::time::sleep(jittered(check.interval / 2, &mut state)).await;
     loop {
+        let mut in_transition = false;
         if !control.paused.load(Ordering::Relaxed) {
             let report = match probe::run(&check.kind, addr, check.timeout).await {
                 Ok(latency) => ProbeReport {
@@ -139,6 +140,7 @@ async fn probe_loop(
                     detail,
                 },
             };
+            in_transition = report.ok != control.up.load(Ordering::Relaxed);
             let result = Result {
                 service: service.clone(),
                 backend: ip,
@@ -148,9 +150,7 @@ async fn probe_loop(
                 return;
             }
         }
-        // Give the controller a moment to update the fast hint.
-        tokio::task::yield_now().await;
-        let base = if control.fast.load(Ordering::Relaxed) {
+        let base = if in_transition {
             check.fast_interval
         } else {
             check.interval

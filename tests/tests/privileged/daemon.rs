@@ -273,3 +273,40 @@ fn run() -> Result<()> {
     assert!(d.log().contains("adopted live service"), "{}", d.log());
     Ok(())
 }
+
+/// Eviction under the default health settings (interval 2 s, fast interval
+/// 500 ms, timeout 1 s, fall 3). The figure is printed; the assertion is
+/// only the worst case the settings allow (a probe just missed, then
+/// `fall` probes at the fast interval, each up to its timeout), doubled.
+#[test]
+fn eviction_under_default_health_settings_is_bounded() {
+    if !privileged() {
+        return;
+    }
+    let lan = Lan::build(2, &["198.18.1.1/32"]).unwrap();
+    let mut servers: Vec<Option<NameServer>> = lan
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, h)| NameServer::start(&h.ns, &format!("backend-{}", i + 1), 80).map(Some))
+        .collect::<Result<_>>()
+        .unwrap();
+    let config = CONFIG.split("[service.health]").next().unwrap().to_string()
+        + "[[service.backend]]\naddress = \"198.18.0.11\"\n\n[[service.backend]]\naddress = \"198.18.0.12\"\n";
+    let d = Daemon::start(&lan.lb, "default-health", &config).unwrap();
+    d.wait_until("both in the table", WAIT, |d| {
+        Ok(d.cli(&["service", "list"])?[0]["in_table"] == 2)
+    })
+    .unwrap();
+    servers[0] = None;
+    let bound = Duration::from_millis(2 * (2_200 + 3 * (550 + 1_000)));
+    let t = d
+        .wait_until("evicted under default settings", bound, |d| {
+            Ok(backend(&d.cli(&["health"])?, "198.18.0.11")["health"] == "down")
+        })
+        .unwrap();
+    eprintln!(
+        "eviction under default health settings (2s/500ms/1s, fall 3): {} ms",
+        t.as_millis()
+    );
+}
