@@ -7,8 +7,10 @@
 //! - `runtime`: operator overrides and ids, persisted.
 //! - `probers`: one probe task per backend.
 //! - `views`: answers to the API's questions.
+//! - `metrics`: the Prometheus endpoint.
 
 pub mod controller;
+mod metrics;
 mod probers;
 pub mod runtime;
 mod views;
@@ -169,6 +171,15 @@ pub async fn run(opts: Options) -> Result<()> {
         }
     });
 
+    let (scrape_tx, mut scrapes) = mpsc::channel::<metrics::Scrape>(16);
+    if let Some(addr) = settings.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+        info!(%addr, "serving metrics");
+        tokio::spawn(metrics::serve(listener, scrape_tx));
+    }
+
     let (probe_tx, mut results) = mpsc::channel(1024);
     let mut probers = probers::Probers::new(probe_tx);
     probers.sync(&ctl);
@@ -198,6 +209,12 @@ pub async fn run(opts: Options) -> Result<()> {
                     error!(error = %format!("{e:#}"), "applying a probe result");
                 }
                 probers.sync(&ctl);
+            }
+            Some(scrape) = scrapes.recv() => {
+                match metrics::render(&ctl) {
+                    Ok(text) => { let _ = scrape.send(text); }
+                    Err(e) => error!(error = %format!("{e:#}"), "rendering metrics"),
+                }
             }
             Some(macs) = mac_updates.recv() => {
                 if let Err(e) = ctl.set_macs(macs) {

@@ -1,6 +1,6 @@
 //! The real daemon with real backends and traffic, driven by the real CLI:
 //! eviction and re-admission by health checks, panic when every probe
-//! fails, drain, weights, `apply`
+//! fails, drain, weights, metrics, `apply`
 //! refusing an invalid file, and SIGKILL + restart adopting the pinned data
 //! plane without losing a connection or rewriting a table.
 
@@ -25,6 +25,7 @@ const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 const CONFIG: &str = r#"[settings]
 interfaces = ["eth0"]
 xdp_mode = "generic"
+metrics = "127.0.0.1:9108"
 table_size = 4099
 max_services = 4
 max_backends = 16
@@ -204,6 +205,31 @@ fn run() -> Result<()> {
     if !(0.65..=0.85).contains(&share) {
         bail!("weight 3:1 gave backend-1 a share of {share:.2}: {t:?}");
     }
+
+    // Metrics, as Prometheus scrapes them on the load balancer.
+    let text = lan.lb.run(|| {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9108")?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut t = String::new();
+        s.read_to_string(&mut t)?;
+        Ok(t)
+    })?;
+    for line in [
+        "HTTP/1.0 200 OK",
+        "lb_backend_up{service=\"web\",backend=\"198.18.0.11\"} 1",
+        "lb_backend_weight{service=\"web\",backend=\"198.18.0.11\"} 3",
+        "# TYPE lb_packets counter",
+        "lb_table_info{service=\"web\",digest=",
+    ] {
+        assert!(text.contains(line), "metrics lack {line:?}:\n{text}");
+    }
+    let forwarded: u64 = text
+        .lines()
+        .find(|l| l.starts_with("lb_packets_total{reason=\"forward_dsr\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(forwarded > 400, "forward_dsr {forwarded}");
 
     // An invalid file changes nothing; a dry run reports without changing.
     let before = digest(&d)?;
