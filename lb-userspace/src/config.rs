@@ -200,6 +200,9 @@ pub struct HealthFile {
     /// Consecutive failures that take it down.
     #[serde(default = "default_fall")]
     pub fall: u32,
+    /// How long a recovered backend takes to reach its full weight (0: at once).
+    #[serde(default = "default_slow_start", with = "humantime_serde")]
+    pub slow_start: Duration,
     /// `http`: request path.
     pub path: Option<String>,
     /// `http`: expected status.
@@ -220,6 +223,7 @@ impl Default for HealthFile {
             timeout: default_timeout(),
             rise: default_rise(),
             fall: default_fall(),
+            slow_start: default_slow_start(),
             path: None,
             status: None,
             send: None,
@@ -236,6 +240,9 @@ fn default_fast_interval() -> Duration {
 }
 fn default_timeout() -> Duration {
     Duration::from_secs(1)
+}
+fn default_slow_start() -> Duration {
+    Duration::from_secs(8)
 }
 fn default_rise() -> u32 {
     Thresholds::default().rise
@@ -378,6 +385,8 @@ pub struct HealthCheck {
     pub timeout: Duration,
     /// Rise and fall.
     pub thresholds: Thresholds,
+    /// Ramp of a recovered backend's weight.
+    pub slow_start: Duration,
 }
 
 /// A probe, with what it needs.
@@ -820,6 +829,7 @@ fn validate_health(
             rise: h.rise,
             fall: h.fall,
         },
+        slow_start: h.slow_start,
     })
 }
 

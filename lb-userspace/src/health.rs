@@ -1,6 +1,9 @@
 //! The health state machine of one backend (pure): consecutive probe results
 //! move it between up and down after `rise` successes or `fall` failures, as
-//! HAProxy and IPVS/keepalived do.
+//! HAProxy and IPVS/keepalived do, damped against flapping; plus the slow
+//! start and panic rules that depend only on counts and time.
+
+use std::time::Duration;
 
 /// Probe results needed to change state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,6 +30,21 @@ pub enum Health {
     Down,
 }
 
+/// Steps of slow start: a recovered backend gets 1/4, 2/4, 3/4, then all of
+/// its weight, each for a quarter of the slow-start period (HAProxy ramps
+/// continuously; steps bound how often its table is rebuilt).
+pub const SLOW_START_STEPS: u32 = 4;
+
+/// Percent of its weight a backend up for `elapsed` gets, with slow start
+/// lasting `period` (zero: disabled).
+pub fn slow_start_percent(elapsed: Duration, period: Duration) -> u32 {
+    if period.is_zero() || elapsed >= period {
+        return 100;
+    }
+    let step = (elapsed.as_nanos() * SLOW_START_STEPS as u128 / period.as_nanos()) as u32;
+    (step + 1) * 100 / SLOW_START_STEPS
+}
+
 /// Whether a service's probes are no longer trusted: fewer than half of its
 /// ready backends pass (Envoy's panic threshold, at 50 %). A fault on the
 /// prober's side, such as the load balancer's own link flapping, fails every
@@ -36,18 +54,42 @@ pub fn panic(ready: usize, healthy: usize) -> bool {
     ready > 0 && healthy * 2 < ready
 }
 
+/// Successes in a row after which an up backend counts as stable again and
+/// its flap penalty is forgiven.
+pub const STABLE_SUCCESSES: u32 = 10;
+/// Largest flap penalty: a flapping backend needs at most `rise << 3`
+/// successes to come back.
+pub const MAX_FLAP_PENALTY: u32 = 3;
+
 /// Tracks one backend's probe results.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tracker {
     state: Health,
     /// Consecutive results that disagree with `state`.
     streak: u32,
+    /// Consecutive successes while up.
+    up_run: u32,
+    /// Flap damping: each return to down before the backend was stable
+    /// doubles the successes it needs to come back.
+    penalty: u32,
 }
 
 impl Tracker {
     /// A tracker in `state` with no disagreeing results.
     pub fn new(state: Health) -> Self {
-        Tracker { state, streak: 0 }
+        Tracker {
+            state,
+            streak: 0,
+            // A backend that starts up starts stable: its first failure is
+            // not a flap.
+            up_run: STABLE_SUCCESSES,
+            penalty: 0,
+        }
+    }
+
+    /// Successes a down backend needs now (rise, doubled per recent flap).
+    pub fn rise_needed(&self, t: Thresholds) -> u32 {
+        t.rise.max(1) << self.penalty
     }
 
     /// The current state.
@@ -65,20 +107,35 @@ impl Tracker {
         let agrees = ok == (self.state == Health::Up);
         if agrees {
             self.streak = 0;
+            if ok {
+                self.up_run += 1;
+                if self.up_run >= STABLE_SUCCESSES {
+                    self.penalty = 0;
+                }
+            }
             return None;
         }
         self.streak += 1;
         let needed = match self.state {
-            Health::Up => t.fall,
-            Health::Down => t.rise,
+            Health::Up => t.fall.max(1),
+            Health::Down => self.rise_needed(t),
         };
-        if self.streak < needed.max(1) {
+        if self.streak < needed {
             return None;
         }
         self.streak = 0;
         self.state = match self.state {
-            Health::Up => Health::Down,
-            Health::Down => Health::Up,
+            Health::Up => {
+                // Down again before it was stable: a flap.
+                if self.up_run < STABLE_SUCCESSES {
+                    self.penalty = (self.penalty + 1).min(MAX_FLAP_PENALTY);
+                }
+                Health::Down
+            }
+            Health::Down => {
+                self.up_run = 0;
+                Health::Up
+            }
         };
         Some(self.state)
     }
@@ -101,6 +158,54 @@ mod tests {
         assert!(!t.in_transition());
         assert_eq!(t.record(true, T), None);
         assert_eq!(t.record(true, T), Some(Health::Up));
+    }
+
+    #[test]
+    fn flapping_doubles_the_successes_needed_until_stable() {
+        let t = Thresholds { rise: 2, fall: 1 };
+        let mut tr = Tracker::new(Health::Up);
+        let mut needed = Vec::new();
+        for _ in 0..5 {
+            tr.record(false, t);
+            assert_eq!(tr.state(), Health::Down);
+            needed.push(tr.rise_needed(t));
+            while tr.record(true, t).is_none() {}
+        }
+        assert_eq!(
+            needed,
+            [2, 4, 8, 16, 16],
+            "each flap doubles rise, capped at 8x"
+        );
+        // Stable for long enough: forgiven.
+        for _ in 0..STABLE_SUCCESSES {
+            tr.record(true, t);
+        }
+        tr.record(false, t);
+        assert_eq!(tr.rise_needed(t), 2);
+    }
+
+    /// Ramp shares for slow start.
+    #[test]
+    fn slow_start_ramps_in_steps() {
+        let d = Duration::from_secs(8);
+        let f = |ms| slow_start_percent(Duration::from_millis(ms), d);
+        assert_eq!(
+            [
+                f(0),
+                f(1_999),
+                f(2_000),
+                f(4_000),
+                f(6_500),
+                f(8_000),
+                f(60_000)
+            ],
+            [25, 25, 50, 75, 100, 100, 100]
+        );
+        assert_eq!(
+            slow_start_percent(Duration::ZERO, Duration::ZERO),
+            100,
+            "disabled"
+        );
     }
 
     #[test]
@@ -128,16 +233,20 @@ mod tests {
     proptest! {
         /// Whatever the results, the state changes exactly when the last
         /// `fall` (or `rise`) results all disagreed with the previous state.
+        /// Whatever the results, the state changes exactly when the last
+        /// `fall` results failed, or the last `rise_needed` (rise, doubled
+        /// per recent flap, at most 8x) succeeded.
         #[test]
-        fn changes_only_after_a_full_streak(results in proptest::collection::vec(any::<bool>(), 0..200), rise in 1u32..5, fall in 1u32..5) {
+        fn changes_only_after_a_full_streak(results in proptest::collection::vec(any::<bool>(), 0..300), rise in 1u32..5, fall in 1u32..5) {
             let t = Thresholds { rise, fall };
             let mut tr = Tracker::new(Health::Up);
             let mut streak = 0u32;
             for ok in results {
                 let before = tr.state();
+                let needed = if before == Health::Up { fall } else { tr.rise_needed(t) };
+                prop_assert!(needed <= rise.max(fall) << MAX_FLAP_PENALTY);
                 let changed = tr.record(ok, t);
                 if ok == (before == Health::Up) { streak = 0; } else { streak += 1; }
-                let needed = if before == Health::Up { fall } else { rise };
                 if streak == needed {
                     prop_assert!(changed.is_some());
                     streak = 0;

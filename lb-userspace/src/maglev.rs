@@ -24,7 +24,8 @@ pub struct Candidate<'a> {
     /// Sorting by it makes the table independent of insertion order; it must
     /// be unique within a service.
     pub key: &'a [u8],
-    /// Relative weight; 0 takes no slot (drained, down, maintenance).
+    /// Relative weight; 0 takes no slot (drained, down, maintenance). Only
+    /// ratios matter.
     pub weight: u32,
 }
 

@@ -14,7 +14,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -63,6 +63,10 @@ pub struct BackendState {
     pub transitions: u64,
     /// Failed probes so far.
     pub probe_failures: u64,
+    /// When it recovered, while its slow start lasts.
+    pub ramp_started: Option<Instant>,
+    /// Percent of its weight it has in the table (slow start step).
+    pub ramp_percent: u32,
     /// What the data plane holds for it.
     written: Option<BackendValue>,
 }
@@ -229,6 +233,8 @@ impl Controller {
                         since: SystemTime::now(),
                         transitions: 0,
                         probe_failures: 0,
+                        ramp_started: None,
+                        ramp_percent: 100,
                         written: Some(v),
                     },
                 );
@@ -363,9 +369,12 @@ impl Controller {
             .collect();
         let candidates: Vec<Candidate<'_>> = keys
             .iter()
-            .map(|(ip, key)| Candidate {
-                key,
-                weight: self.table_weight(&svc.config.name, *ip, &svc.backends[ip]),
+            .map(|(ip, key)| {
+                let b = &svc.backends[ip];
+                // Maglev uses only weight ratios: scaling every weight by its
+                // slow-start percent ramps a weight of 1 as finely as 1000.
+                let weight = self.table_weight(&svc.config.name, *ip, b) * b.ramp_percent;
+                Candidate { key, weight }
             })
             .collect();
         let slots = maglev::build(&candidates, self.dp.capacity().ring_size)?;
@@ -461,6 +470,8 @@ impl Controller {
                             since: SystemTime::now(),
                             transitions: 0,
                             probe_failures: 0,
+                            ramp_started: None,
+                            ramp_percent: 100,
                             written: None,
                         }
                     }
@@ -656,13 +667,13 @@ impl Controller {
         ip: IpAddr,
         report: ProbeReport,
     ) -> Result<Option<Health>> {
-        let thresholds = self
+        let check = &self
             .services
             .get(service)
             .context("no such service")?
             .config
-            .health
-            .thresholds;
+            .health;
+        let (thresholds, slow_start) = (check.thresholds, check.slow_start);
         let b = self.backend_mut(service, ip)?;
         if !report.ok {
             b.probe_failures += 1;
@@ -674,8 +685,17 @@ impl Controller {
             b.since = SystemTime::now();
             b.transitions += 1;
             match state {
-                Health::Down => warn!(service, backend = %ip, probe = %detail, "backend down"),
-                Health::Up => info!(service, backend = %ip, "backend up"),
+                Health::Down => {
+                    b.ramp_started = None;
+                    b.ramp_percent = 100;
+                    warn!(service, backend = %ip, probe = %detail, "backend down");
+                }
+                Health::Up => {
+                    // Recovered: ramp up (a backend is never ramped at start).
+                    b.ramp_started = Some(Instant::now());
+                    b.ramp_percent = health::slow_start_percent(Duration::ZERO, slow_start);
+                    info!(service, backend = %ip, "backend up");
+                }
             }
             let panic = self.in_panic(service);
             if panic != self.services.get(service).is_some_and(|s| s.panic) {
@@ -694,6 +714,36 @@ impl Controller {
             self.sync(service, None)?;
         }
         Ok(changed)
+    }
+
+    /// Moves recovered backends to their next slow-start step and rebuilds
+    /// the tables whose weights changed.
+    pub fn advance_slow_start(&mut self) -> Result<()> {
+        let now = Instant::now();
+        let mut changed = Vec::new();
+        for (name, s) in self.services.iter_mut() {
+            let period = s.config.health.slow_start;
+            for (ip, b) in s.backends.iter_mut() {
+                let Some(start) = b.ramp_started else {
+                    continue;
+                };
+                let percent = health::slow_start_percent(now - start, period);
+                if percent != b.ramp_percent {
+                    b.ramp_percent = percent;
+                    info!(service = %name, backend = %ip, percent, "slow start");
+                    if !changed.contains(name) {
+                        changed.push(name.clone());
+                    }
+                }
+                if percent == 100 {
+                    b.ramp_started = None;
+                }
+            }
+        }
+        for name in changed {
+            self.sync(&name, None)?;
+        }
+        Ok(())
     }
 
     /// Whether the probes say a backend is up.

@@ -45,6 +45,8 @@ use runtime::Runtime;
 
 /// How often next-hop MACs are re-read from the neighbour table.
 const MAC_REFRESH: Duration = Duration::from_secs(10);
+/// How often slow-start ramps advance (their steps are seconds long).
+const SLOW_START_TICK: Duration = Duration::from_millis(250);
 
 /// What `lb daemon` is started with.
 #[derive(Debug, Clone)]
@@ -192,6 +194,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let started = Instant::now();
+    let mut ramp = tokio::time::interval(SLOW_START_TICK);
     loop {
         tokio::select! {
             Some((request, reply)) = calls.recv() => {
@@ -219,6 +222,11 @@ pub async fn run(opts: Options) -> Result<()> {
             Some(macs) = mac_updates.recv() => {
                 if let Err(e) = ctl.set_macs(macs) {
                     error!(error = %format!("{e:#}"), "applying next-hop MACs");
+                }
+            }
+            _ = ramp.tick() => {
+                if let Err(e) = ctl.advance_slow_start() {
+                    error!(error = %format!("{e:#}"), "advancing slow start");
                 }
             }
             _ = hup.recv() => {

@@ -1,6 +1,6 @@
 //! The real daemon with real backends and traffic, driven by the real CLI:
 //! eviction and re-admission by health checks, panic when every probe
-//! fails, drain, weights, metrics, `apply`
+//! fails, SIGHUP reload and slow start, drain, weights, metrics, `apply`
 //! refusing an invalid file, and SIGKILL + restart adopting the pinned data
 //! plane without losing a connection or rewriting a table.
 
@@ -44,6 +44,7 @@ fast_interval = "100ms"
 timeout = "150ms"
 rise = 2
 fall = 2
+slow_start = "0s"
 
 [[service.backend]]
 address = "198.18.0.11"
@@ -146,6 +147,44 @@ fn run() -> Result<()> {
         Ok(up && d.cli(&["service", "list"])?[0]["panic"] == false)
     })?;
 
+    // SIGHUP reloads the file: turn on a 2 s slow start, then watch a
+    // recovered backend's share of the table ramp up in steps.
+    let text = std::fs::read_to_string(&d.config)?;
+    std::fs::write(
+        &d.config,
+        text.replace("slow_start = \"0s\"", "slow_start = \"2s\""),
+    )?;
+    d.signal(libc::SIGHUP);
+    d.wait_until("reloaded", WAIT, |d| {
+        Ok(d.log().contains("configuration reloaded"))
+    })?;
+    servers[0] = None;
+    d.wait_until("backend-1 down", WAIT, |d| {
+        Ok(backend(&d.cli(&["health"])?, "198.18.0.11")["health"] == "down")
+    })?;
+    servers[0] = Some(NameServer::start(&lan.backends[0].ns, "backend-1", 80)?);
+    d.wait_until("backend-1 up", WAIT, |d| {
+        Ok(backend(&d.cli(&["health"])?, "198.18.0.11")["health"] == "up")
+    })?;
+    let slots = |d: &Daemon| -> Result<u64> {
+        Ok(
+            backend(&d.cli(&["backend", "list"])?, "198.18.0.11")["slots"]
+                .as_u64()
+                .unwrap_or(0),
+        )
+    };
+    let first = slots(&d)?;
+    // 25 % of weight 1 against a full 1: a fifth of 4099 slots.
+    assert!(
+        (600..=1100).contains(&first),
+        "first slow-start step holds {first} slots"
+    );
+    let ramp = d.wait_until("full share", WAIT, |d| Ok(slots(d)? > 1800))?;
+    eprintln!(
+        "slow start 2s: {first} slots at first, half the table after {} ms",
+        ramp.as_millis()
+    );
+
     // Drain: an established connection stays on its backend to completion
     // while new connections go elsewhere.
     let held = lan.client.run(|| {
@@ -196,10 +235,17 @@ fn run() -> Result<()> {
 
     // Weights change the share of new flows in proportion.
     d.cli(&["backend", "set-weight", "web", "198.18.0.11", "3"])?;
+    let rows = d.cli(&["backend", "list"])?;
+    let slots = backend(&rows, "198.18.0.11")["slots"].as_u64().unwrap_or(0);
+    // 3/4 of 4099 slots, within Maglev's 1 %.
+    assert!(
+        (3033..=3115).contains(&slots),
+        "weight 3:1 gave backend-1 {slots} of 4099 slots"
+    );
     let t = tally(&lan, 400)?;
     let share = *t.get("backend-1").unwrap_or(&0) as f64 / 400.0;
     eprintln!(
-        "weights 3:1 -> backend-1 share {:.1}% over 400 connections",
+        "weights 3:1 -> backend-1 holds {slots} of 4099 slots, {:.1}% of 400 connections",
         share * 100.0
     );
     if !(0.65..=0.85).contains(&share) {
