@@ -71,6 +71,25 @@ pub struct BackendState {
     written: Option<BackendValue>,
 }
 
+impl BackendState {
+    /// A backend with no probe history, at full weight, not yet written.
+    fn new(id: u32, generation: u32, configured_weight: u32, health: Health) -> Self {
+        BackendState {
+            id,
+            generation,
+            configured_weight,
+            health: Tracker::new(health),
+            last_probe: None,
+            since: SystemTime::now(),
+            transitions: 0,
+            probe_failures: 0,
+            ramp_started: None,
+            ramp_percent: 100,
+            written: None,
+        }
+    }
+}
+
 /// A service, as the controller tracks it.
 #[derive(Debug, Clone)]
 pub struct ServiceState {
@@ -221,23 +240,14 @@ impl Controller {
                 if (v.addr, v.family) != addr_bytes(ip) || !cfg.backends.contains_key(&ip) {
                     continue;
                 }
-                let up = v.flags & BACKEND_F_UP != 0;
-                backends.insert(
-                    ip,
-                    BackendState {
-                        id,
-                        generation: v.generation,
-                        configured_weight: cfg.backends[&ip],
-                        health: Tracker::new(if up { Health::Up } else { Health::Down }),
-                        last_probe: None,
-                        since: SystemTime::now(),
-                        transitions: 0,
-                        probe_failures: 0,
-                        ramp_started: None,
-                        ramp_percent: 100,
-                        written: Some(v),
-                    },
-                );
+                let health = if v.flags & BACKEND_F_UP != 0 {
+                    Health::Up
+                } else {
+                    Health::Down
+                };
+                let mut b = BackendState::new(id, v.generation, cfg.backends[&ip], health);
+                b.written = Some(v);
+                backends.insert(ip, b);
             }
             info!(service = %name, id = live.id, backends = backends.len(), "adopted live service");
             self.services.insert(
@@ -461,19 +471,9 @@ impl Controller {
                             "service {name}: backend {ip} added (weight {weight})"
                         ));
                         let id = backend_ids.take("backend")?;
-                        BackendState {
-                            id,
-                            generation: self.dp.backend(id)?.generation.wrapping_add(1),
-                            configured_weight: *weight,
-                            health: Tracker::new(Health::Up),
-                            last_probe: None,
-                            since: SystemTime::now(),
-                            transitions: 0,
-                            probe_failures: 0,
-                            ramp_started: None,
-                            ramp_percent: 100,
-                            written: None,
-                        }
+                        // A new holder of the id: its predecessor's flows must miss.
+                        let generation = self.dp.backend(id)?.generation.wrapping_add(1);
+                        BackendState::new(id, generation, *weight, Health::Up)
                     }
                 };
                 state.backends.insert(*ip, b);
