@@ -29,14 +29,17 @@ pub fn lb_binary() -> Result<PathBuf> {
     Ok(path)
 }
 
-/// A daemon started by this test: killed by PID and its pins and files
-/// removed on drop.
+/// A daemon started by this test: killed by PID, its private bpffs
+/// unmounted and its files removed on drop.
 pub struct Daemon {
     child: Option<Child>,
     /// Its configuration file.
     pub config: PathBuf,
-    /// Its bpffs pin directory.
+    /// Its bpffs pin directory, on a bpffs mounted for this daemon alone so
+    /// the host's /sys/fs/bpf is never touched.
     pub pins: PathBuf,
+    /// Where that bpffs is mounted.
+    bpffs: PathBuf,
     /// Its control socket.
     pub socket: PathBuf,
     /// Working directory for config, socket, state and logs.
@@ -62,10 +65,14 @@ impl Daemon {
         );
         let path = dir.join("lb.toml");
         std::fs::write(&path, full)?;
+        let bpffs = dir.join("bpffs");
+        std::fs::create_dir_all(&bpffs)?;
+        lb::netns::run("mount", &["-t", "bpf", "bpf", &bpffs.to_string_lossy()])?;
         let mut d = Daemon {
             child: None,
             config: path,
-            pins: PathBuf::from(format!("/sys/fs/bpf/lbt-{}-{tag}", std::process::id())),
+            pins: bpffs.join("lb"),
+            bpffs,
             socket,
             dir,
             ns: ns.name.clone(),
@@ -202,6 +209,9 @@ impl Drop for Daemon {
         let _ = self.kill(libc::SIGKILL);
         // Unpinning the link detaches the program; the maps go with it.
         let _ = std::fs::remove_dir_all(&self.pins);
+        if let Err(e) = lb::netns::run("umount", &[&self.bpffs.to_string_lossy()]) {
+            eprintln!("cleanup: {e:#}");
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -5,7 +5,10 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::Result;
-use lb::netns::{self, Netns};
+use lb::{
+    demo::server::NameServer,
+    netns::{self, Netns},
+};
 
 /// The load balancer's address (the client's route to the VIPs).
 pub const LB_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -89,5 +92,17 @@ impl Lan {
             lb,
             _switch: switch,
         })
+    }
+}
+
+impl Lan {
+    /// Starts a name server (`backend-1`, `backend-2`, ...) on `port` of
+    /// every backend.
+    pub fn serve_names(&self, port: u16) -> Result<Vec<NameServer>> {
+        self.backends
+            .iter()
+            .enumerate()
+            .map(|(i, h)| NameServer::start(&h.ns, &format!("backend-{}", i + 1), port))
+            .collect()
     }
 }

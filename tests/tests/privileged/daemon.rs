@@ -92,12 +92,7 @@ fn daemon_evicts_drains_weighs_refuses_bad_input_and_survives_sigkill() {
 
 fn run() -> Result<()> {
     let lan = Lan::build(2, &["198.18.1.1/32"])?;
-    let mut servers: Vec<Option<NameServer>> = lan
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, h)| NameServer::start(&h.ns, &format!("backend-{}", i + 1), 80).map(Some))
-        .collect::<Result<_>>()?;
+    let mut servers: Vec<Option<NameServer>> = lan.serve_names(80)?.into_iter().map(Some).collect();
     let mut d = Daemon::start(&lan.lb, "daemon", CONFIG)?;
     d.wait_until("both backends in the table", WAIT, |d| {
         Ok(d.cli(&["service", "list"])?[0]["in_table"] == 2)
@@ -356,13 +351,8 @@ fn eviction_under_default_health_settings_is_bounded() {
         return;
     }
     let lan = Lan::build(2, &["198.18.1.1/32"]).unwrap();
-    let mut servers: Vec<Option<NameServer>> = lan
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, h)| NameServer::start(&h.ns, &format!("backend-{}", i + 1), 80).map(Some))
-        .collect::<Result<_>>()
-        .unwrap();
+    let mut servers: Vec<Option<NameServer>> =
+        lan.serve_names(80).unwrap().into_iter().map(Some).collect();
     let config = CONFIG.split("[service.health]").next().unwrap().to_string()
         + "[[service.backend]]\naddress = \"198.18.0.11\"\n\n[[service.backend]]\naddress = \"198.18.0.12\"\n";
     let d = Daemon::start(&lan.lb, "default-health", &config).unwrap();

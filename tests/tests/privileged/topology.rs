@@ -114,11 +114,7 @@ fn run_topology() -> Result<()> {
         decaps.push(d);
     }
 
-    let _servers: Vec<NameServer> = backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| NameServer::start(&b.ns, &format!("backend-{}", i + 1), 80))
-        .collect::<Result<_>>()?;
+    let _servers = lan.serve_names(80)?;
     let _host_service = NameServer::start(lb, "lb-host", HOST_PORT)?;
 
     let cases: [(&str, SocketAddr, Request); 5] = [
