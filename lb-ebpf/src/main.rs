@@ -29,6 +29,7 @@ mod parse;
 mod select;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_log_ebpf::debug;
 use lb_common::{
     AddrKey, Counter, FlowKey, SERVICE_F_IPIP, ServiceKey, ServiceValue,
     wire::{
@@ -46,7 +47,11 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         Ok(c) | Err(c) => c,
     };
     maps::count(counter);
-    action(counter)
+    let action = action(counter);
+    if action == xdp_action::XDP_DROP {
+        log_drop(&ctx, counter);
+    }
+    action
 }
 
 /// The decapsulator for backends of `ipip` services.
@@ -68,6 +73,29 @@ fn action(c: Counter) -> u32 {
             xdp_action::XDP_TX
         }
         _ => xdp_action::XDP_DROP,
+    }
+}
+
+/// Reports a drop through aya-log, which the daemon forwards to its own log
+/// at debug level. User space sets the level when it loads the program; off
+/// (the default outside `LB_LOG=debug`), this costs one load and a branch.
+/// The counters, not these lines, are the record of drops: the ring buffer
+/// may be full under a flood, and then lines are lost.
+#[inline(never)]
+fn log_drop(ctx: &XdpContext, c: Counter) {
+    match c {
+        Counter::DropNoBackend => debug!(
+            ctx,
+            "drop_no_backend: the service has no backend in rotation"
+        ),
+        Counter::DropTooBig => debug!(
+            ctx,
+            "drop_too_big: the encapsulated packet would exceed the MTU"
+        ),
+        _ => debug!(
+            ctx,
+            "dropped a packet to a VIP address: reason {}", c as u32
+        ),
     }
 }
 

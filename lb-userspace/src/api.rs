@@ -10,7 +10,7 @@ use tokio::{
     net::UnixStream,
 };
 
-use crate::daemon::runtime::Admin;
+use crate::{config_edit::Edit, daemon::runtime::Admin};
 
 /// Largest request the daemon reads; a longer one is refused.
 pub const MAX_REQUEST: u64 = 1 << 20;
@@ -56,6 +56,15 @@ pub enum Request {
     Apply {
         /// The configuration file's text.
         config: String,
+        /// Report what would change without changing it.
+        #[serde(default)]
+        dry_run: bool,
+    },
+    /// Adds or removes a service or backend: an edit of the running
+    /// configuration, applied like `Apply` and written to the file.
+    Edit {
+        /// The change.
+        edit: Edit,
         /// Report what would change without changing it.
         #[serde(default)]
         dry_run: bool,

@@ -16,7 +16,8 @@ use serde_json::Value;
 
 use crate::{
     api::{self, BackendRow, Request, ServiceRow, Stats},
-    config::DEFAULT_SOCKET,
+    config::{Affinity, CheckKind, DEFAULT_SOCKET, Mode, Protocol},
+    config_edit::Edit,
     daemon::{self, runtime::Admin},
     dataplane::DEFAULT_PIN_DIR,
 };
@@ -91,6 +92,59 @@ enum Command {
 enum ServiceCommand {
     /// List services with their table digests (equal digests: equal tables).
     List,
+    /// Add a service (no backends yet); written to the configuration file.
+    Add {
+        /// Unique name.
+        name: String,
+        /// VIP:PORT/PROTO, e.g. 198.18.1.1:80/tcp or [2001:2:1::53]:53/udp.
+        endpoint: Endpoint,
+        /// dsr-l2 or ipip.
+        #[arg(long, default_value = "dsr-l2", value_parser = config_word::<Mode>)]
+        mode: Mode,
+        /// none (5-tuple) or client (client address only).
+        #[arg(long, default_value = "none", value_parser = config_word::<Affinity>)]
+        affinity: Affinity,
+        /// Health probe: tcp, http, udp or none (edit the file for its details).
+        #[arg(long, default_value = "tcp", value_parser = config_word::<CheckKind>)]
+        check: CheckKind,
+        /// Show the changes, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove a service and its backends; written to the configuration file.
+    Del {
+        /// Service name.
+        name: String,
+        /// Show the changes, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// A service's `VIP:PORT/PROTO` on the command line.
+#[derive(Clone, Debug)]
+struct Endpoint {
+    addr: SocketAddr,
+    protocol: Protocol,
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage = || format!("{s:?} is not VIP:PORT/PROTO, e.g. 198.18.1.1:80/tcp");
+        let (addr, proto) = s.split_once('/').ok_or_else(usage)?;
+        Ok(Endpoint {
+            addr: addr.parse().map_err(|_| usage())?,
+            protocol: config_word(proto)?,
+        })
+    }
+}
+
+/// Parses a word as the configuration file spells it (`dsr-l2`, `udp`, ...),
+/// so the CLI and the file accept the same values.
+fn config_word<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    serde_json::from_value(Value::String(s.to_string())).map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand)]
@@ -129,6 +183,31 @@ enum BackendCommand {
         service: String,
         /// Backend address.
         backend: std::net::IpAddr,
+    },
+    /// Add a backend to a service; written to the configuration file.
+    Add {
+        /// Service name.
+        service: String,
+        /// Backend address (the tunnel endpoint for ipip).
+        backend: std::net::IpAddr,
+        /// Weight, 1-65535.
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        /// Show the changes and table slots that would move, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove a backend from a service at once; written to the configuration
+    /// file. Its established flows move to other backends: drain it first and
+    /// wait for them to end to avoid resets.
+    Del {
+        /// Service name.
+        service: String,
+        /// Backend address.
+        backend: std::net::IpAddr,
+        /// Show the changes and table slots that would move, change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -257,27 +336,62 @@ fn run(cli: Cli) -> Result<()> {
             let config = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             print(cli.json, call(Request::Apply { config, dry_run })?, |v| {
-                let mut out = String::new();
-                let changes = v["changes"].as_array().cloned().unwrap_or_default();
-                if changes.is_empty() {
-                    out += "no changes\n";
-                }
-                for c in changes {
-                    out += &format!(
-                        "{}{}\n",
-                        if dry_run { "would: " } else { "" },
-                        c.as_str().unwrap_or_default()
-                    );
-                }
-                if let Some(m) = v["slots_moved"].as_object() {
-                    for (svc, n) in m {
-                        out += &format!(
-                            "service {svc}: {n} table slots {}\n",
-                            if dry_run { "would move" } else { "moved" }
-                        );
-                    }
-                }
-                out
+                change_report(v, dry_run)
+            })
+        }
+        Command::Service(ServiceCommand::Add {
+            name,
+            endpoint,
+            mode,
+            affinity,
+            check,
+            dry_run,
+        }) => {
+            let edit = Edit::AddService {
+                name,
+                vip: endpoint.addr.ip(),
+                port: endpoint.addr.port(),
+                protocol: endpoint.protocol,
+                mode,
+                affinity,
+                check,
+            };
+            print(cli.json, call(Request::Edit { edit, dry_run })?, |v| {
+                change_report(v, dry_run)
+            })
+        }
+        Command::Service(ServiceCommand::Del { name, dry_run }) => {
+            let edit = Edit::DelService { name };
+            print(cli.json, call(Request::Edit { edit, dry_run })?, |v| {
+                change_report(v, dry_run)
+            })
+        }
+        Command::Backend(BackendCommand::Add {
+            service,
+            backend,
+            weight,
+            dry_run,
+        }) => {
+            let edit = Edit::AddBackend {
+                service,
+                address: backend,
+                weight,
+            };
+            print(cli.json, call(Request::Edit { edit, dry_run })?, |v| {
+                change_report(v, dry_run)
+            })
+        }
+        Command::Backend(BackendCommand::Del {
+            service,
+            backend,
+            dry_run,
+        }) => {
+            let edit = Edit::DelBackend {
+                service,
+                address: backend,
+            };
+            print(cli.json, call(Request::Edit { edit, dry_run })?, |v| {
+                change_report(v, dry_run)
             })
         }
         Command::Explain { client, service } => {
@@ -330,6 +444,31 @@ fn print(json: bool, v: Value, human: impl FnOnce(&Value) -> String) -> Result<(
         print!("{}", human(&v));
     }
     Ok(())
+}
+
+/// What `apply` or an edit changed (or would change), and the slots moved.
+fn change_report(v: &Value, dry_run: bool) -> String {
+    let mut out = String::new();
+    let changes = v["changes"].as_array().cloned().unwrap_or_default();
+    if changes.is_empty() {
+        out += "no changes\n";
+    }
+    for c in changes {
+        out += &format!(
+            "{}{}\n",
+            if dry_run { "would: " } else { "" },
+            c.as_str().unwrap_or_default()
+        );
+    }
+    if let Some(m) = v["slots_moved"].as_object() {
+        for (svc, n) in m {
+            out += &format!(
+                "service {svc}: {n} table slots {}\n",
+                if dry_run { "would move" } else { "moved" }
+            );
+        }
+    }
+    out
 }
 
 fn moved(v: &Value) -> String {

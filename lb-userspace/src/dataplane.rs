@@ -29,6 +29,29 @@ use lb_common::{
     maps as names, ring_index,
 };
 
+/// The reader of the XDP program's aya-log ring buffer.
+pub type KernelLog = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+/// How much the XDP program reports through aya-log (its `AYA_LOG_LEVEL`,
+/// fixed at load): nothing, or debug lines about dropped packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelLogLevel {
+    /// No lines: the program skips its logging code.
+    Off,
+    /// Debug lines (aya-log's level 4) and above.
+    Debug,
+}
+
+impl KernelLogLevel {
+    /// The value of aya-log-ebpf's `AYA_LOG_LEVEL` global.
+    fn value(self) -> u8 {
+        match self {
+            KernelLogLevel::Off => 0,
+            KernelLogLevel::Debug => aya_log_common::Level::Debug as u8,
+        }
+    }
+}
+
 /// The compiled XDP object, embedded so `lb` ships as one file.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
@@ -169,13 +192,17 @@ impl Dataplane {
     /// Loads the embedded object with `capacity` and verifies both programs
     /// in the kernel. Nothing is attached and nothing is pinned.
     pub fn load(capacity: Capacity) -> Result<Self> {
-        Self::load_with(capacity, None)
+        Self::load_with(capacity, None, KernelLogLevel::Off)
     }
 
     /// Loads with every map pinned under `dir`: maps already pinned there
     /// (by a previous daemon) are adopted with their contents, the others
     /// are created and pinned. Returns whether state was adopted.
-    pub fn load_pinned(capacity: Capacity, dir: &Path) -> Result<(Self, bool)> {
+    pub fn load_pinned(
+        capacity: Capacity,
+        dir: &Path,
+        log: KernelLogLevel,
+    ) -> Result<(Self, bool)> {
         ensure_bpffs(dir)?;
         std::fs::create_dir_all(dir).with_context(|| {
             format!(
@@ -204,10 +231,10 @@ impl Dataplane {
                 );
             }
         }
-        Ok((Self::load_with(capacity, Some(dir))?, adopted))
+        Ok((Self::load_with(capacity, Some(dir), log)?, adopted))
     }
 
-    fn load_with(capacity: Capacity, pins: Option<&Path>) -> Result<Self> {
+    fn load_with(capacity: Capacity, pins: Option<&Path>, log: KernelLogLevel) -> Result<Self> {
         ensure!(
             crate::maglev::is_prime(capacity.ring_size),
             "ring size {} is not prime",
@@ -217,8 +244,10 @@ impl Dataplane {
         let pin_paths: Vec<(&str, PathBuf)> = pins
             .map(|dir| ALL_MAPS.iter().map(|n| (*n, dir.join(n))).collect())
             .unwrap_or_default();
+        let level = log.value();
         let mut loader = EbpfLoader::new();
         loader
+            .override_global(aya_log::LEVEL, &level, true)
             .map_max_entries(names::SERVICES, capacity.max_services)
             .map_max_entries(names::SERVICE_STATS, capacity.max_services)
             .map_max_entries(names::RINGS, ring_entries)
@@ -259,6 +288,12 @@ impl Dataplane {
         // size but forwards nothing (no services).
         dp.set_settings(Settings::default())?;
         Ok(dp)
+    }
+
+    /// Starts reading what the XDP program logs (see [`KernelLogLevel`]);
+    /// the reader forwards each line to the `log` facade. Call once.
+    pub fn kernel_log(&mut self) -> Result<KernelLog> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).context("opening the XDP program's log buffer")
     }
 
     /// The capacities this data plane was loaded with.

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`config`]: the configuration file and its validation (pure).
+//! - [`config_edit`]: `service|backend add|del` as edits of the file's text (pure).
 //! - [`maglev`]: weighted Maglev table construction (pure).
 //! - [`health`]: the per-backend health state machine (pure).
 //! - [`probe`]: health probes.
@@ -16,6 +17,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod config_edit;
 pub mod daemon;
 pub mod dataplane;
 pub mod demo;

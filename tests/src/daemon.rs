@@ -45,12 +45,23 @@ pub struct Daemon {
     /// Working directory for config, socket, state and logs.
     pub dir: PathBuf,
     ns: String,
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
     /// Writes `config` (with `socket` and `state_file` pointing into a fresh
     /// directory) and starts `lb daemon` in `ns`; returns once it answers.
     pub fn start(ns: &Netns, tag: &str, config: &str) -> Result<Daemon> {
+        Self::start_with_env(ns, tag, config, &[])
+    }
+
+    /// As [`Daemon::start`], with extra environment variables (`LB_LOG`).
+    pub fn start_with_env(
+        ns: &Netns,
+        tag: &str,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Daemon> {
         let dir = std::env::temp_dir().join(format!("lbt-{}-{tag}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("lb.sock");
@@ -76,6 +87,10 @@ impl Daemon {
             socket,
             dir,
             ns: ns.name.clone(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         d.spawn()?;
         Ok(d)
@@ -102,6 +117,7 @@ impl Daemon {
             });
         }
         let child = cmd
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(["daemon", "--config"])
             .arg(&self.config)
             .arg("--pin-dir")

@@ -399,7 +399,7 @@ impl Controller {
         let cap = self.dp.capacity();
         if desired.settings.capacity != cap {
             bail!(
-                "table size and capacities cannot change while running (restart the daemon with --reset to rebuild the maps)"
+                "table size and capacities cannot change under a running data plane: stop lb, remove its pin directory and start it again (forwarding stops meanwhile)"
             );
         }
         let mut report = ChangeReport::default();

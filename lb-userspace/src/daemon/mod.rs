@@ -27,7 +27,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::programs::XdpMode;
 use tokio::{
-    io::AsyncWriteExt as _,
+    io::{AsyncWriteExt as _, Interest, unix::AsyncFd},
     net::{UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
     sync::{mpsc, oneshot, watch},
@@ -37,7 +37,7 @@ use tracing::{error, info, warn};
 use crate::{
     api::{self, Request, Response},
     config::{self, Desired, XdpModeSetting},
-    dataplane::Dataplane,
+    dataplane::{Dataplane, KernelLog, KernelLogLevel},
     neighbor,
 };
 use controller::Controller;
@@ -68,9 +68,69 @@ fn xdp_mode(m: XdpModeSetting) -> XdpMode {
 
 /// Reads and validates a configuration file.
 pub fn load_config(path: &Path) -> Result<Desired> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    config::parse(&text).map_err(|e| anyhow!("{} is invalid:\n{e}", path.display()))
+    Ok(ConfigFile::read(path)?.1)
+}
+
+/// The configuration file and the text the daemon runs. The file always
+/// holds what runs: `apply` and `service|backend add|del` write their text
+/// back, so a reload or restart keeps them.
+pub(crate) struct ConfigFile {
+    path: PathBuf,
+    text: String,
+}
+
+impl ConfigFile {
+    /// Reads and validates the file.
+    fn read(path: &Path) -> Result<(ConfigFile, Desired)> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let desired =
+            config::parse(&text).map_err(|e| anyhow!("{} is invalid:\n{e}", path.display()))?;
+        let file = ConfigFile {
+            path: path.to_path_buf(),
+            text,
+        };
+        Ok((file, desired))
+    }
+
+    /// The text running now.
+    pub(crate) fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Makes `text` the running configuration with `change`, then the
+    /// file's content. The new text is written beside the file first, so a
+    /// file that cannot be written refuses the change before anything
+    /// changes; the rename that follows a successful change is atomic.
+    pub(crate) fn replace<T>(
+        &mut self,
+        text: String,
+        change: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let tmp = self.path.with_extension("lb-new");
+        std::fs::write(&tmp, &text).with_context(|| {
+            format!(
+                "cannot write beside {} (the change would be lost at the next restart); nothing changed",
+                self.path.display()
+            )
+        })?;
+        if let Ok(meta) = std::fs::metadata(&self.path) {
+            let _ = std::fs::set_permissions(&tmp, meta.permissions());
+        }
+        let result = change();
+        if result.is_ok() {
+            std::fs::rename(&tmp, &self.path).with_context(|| {
+                format!(
+                    "the change is live, but replacing {} failed: save the running configuration by hand",
+                    self.path.display()
+                )
+            })?;
+            self.text = text;
+        } else {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
 }
 
 fn dataplane_settings(d: &Desired) -> lb_common::Settings {
@@ -82,6 +142,29 @@ fn dataplane_settings(d: &Desired) -> lb_common::Settings {
         tunnel_src_v6: d.settings.tunnel_source_v6.0,
         tunnel_src_v6_hash_mask: d.settings.tunnel_source_v6.1,
     }
+}
+
+/// Backends a configuration change would add whose next-hop MAC is not
+/// known yet. They are resolved before the change, so the change (and its
+/// dry run) counts the slots they take at once instead of leaving them out
+/// until the next MAC refresh. Invalid changes yield none: they fail later.
+fn unresolved_backends(request: &Request, file: &ConfigFile, ctl: &Controller) -> Vec<IpAddr> {
+    let text = match request {
+        Request::Apply { config, .. } => config.clone(),
+        Request::Edit { edit, .. } => match edit.apply_to(file.text()) {
+            Ok(text) => text,
+            Err(_) => return Vec::new(),
+        },
+        _ => return Vec::new(),
+    };
+    config::parse(&text)
+        .map(|d| {
+            backend_addrs(&d)
+                .into_iter()
+                .filter(|ip| !ctl.has_mac(*ip))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn backend_addrs(d: &Desired) -> Vec<IpAddr> {
@@ -140,9 +223,20 @@ async fn serve_connection(mut stream: UnixStream, calls: mpsc::Sender<Call>) {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(opts: Options) -> Result<()> {
-    let desired = load_config(&opts.config)?;
+    let (mut file, desired) = ConfigFile::read(&opts.config)?;
     let settings = desired.settings.clone();
-    let (mut dp, adopted) = Dataplane::load_pinned(settings.capacity, &opts.pin_dir)?;
+    // The XDP program's own lines cost ring-buffer writes per dropped
+    // packet: only a daemon logging at debug level asks for them.
+    let kernel_debug = tracing::enabled!(target: KERNEL_LOG_TARGET, tracing::Level::DEBUG);
+    let level = if kernel_debug {
+        KernelLogLevel::Debug
+    } else {
+        KernelLogLevel::Off
+    };
+    let (mut dp, adopted) = Dataplane::load_pinned(settings.capacity, &opts.pin_dir, level)?;
+    if kernel_debug {
+        tokio::spawn(forward_kernel_log(dp.kernel_log()?));
+    }
     dp.set_settings(dataplane_settings(&desired))?;
     let runtime = Runtime::load(&settings.state_file)?;
     let macs = neighbor::resolve_all(backend_addrs(&desired)).await;
@@ -198,7 +292,13 @@ pub async fn run(opts: Options) -> Result<()> {
     loop {
         tokio::select! {
             Some((request, reply)) = calls.recv() => {
-                let response = match views::handle(&mut ctl, request, started, &opts) {
+                let new = unresolved_backends(&request, &file, &ctl);
+                if !new.is_empty()
+                    && let Err(e) = ctl.set_macs(neighbor::resolve_all(new).await)
+                {
+                    error!(error = %format!("{e:#}"), "applying next-hop MACs");
+                }
+                let response = match views::handle(&mut ctl, &mut file, request, started, &opts) {
                     Ok(data) => Response { error: None, data },
                     Err(e) => Response { error: Some(format!("{e:#}")), data: Default::default() },
                 };
@@ -230,7 +330,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 }
             }
             _ = hup.recv() => {
-                match reload(&mut ctl, &opts.config) {
+                match reload(&mut ctl, &mut file) {
                     Ok(()) => info!("configuration reloaded"),
                     Err(e) => error!(error = %format!("{e:#}"), "reload refused; running configuration unchanged"),
                 }
@@ -247,9 +347,11 @@ pub async fn run(opts: Options) -> Result<()> {
 }
 
 /// Validates the file and applies only the difference.
-fn reload(ctl: &mut Controller, path: &Path) -> Result<()> {
-    let desired = load_config(path)?;
-    apply(ctl, desired, false).map(|_| ())
+fn reload(ctl: &mut Controller, file: &mut ConfigFile) -> Result<()> {
+    let (read, desired) = ConfigFile::read(&file.path)?;
+    apply(ctl, desired, false)?;
+    *file = read;
+    Ok(())
 }
 
 /// Applies a new configuration: settings that can change at run time (MTU,
@@ -277,6 +379,30 @@ pub(crate) fn apply(
         ctl.dataplane_mut().set_settings(dp_settings)?;
     }
     Ok(report)
+}
+
+/// The `log` target aya-log gives the XDP program's lines (its crate name).
+const KERNEL_LOG_TARGET: &str = "lb_ebpf";
+
+/// Forwards the XDP program's aya-log lines into the daemon's log as they
+/// arrive (aya-log → `log` → tracing).
+async fn forward_kernel_log(log: KernelLog) {
+    // SAFETY: the logger owns its ring buffer's fd, which stays open and the
+    // same until the logger (owned by the AsyncFd) is dropped.
+    let registered = unsafe { AsyncFd::register_with_interest(log, Interest::READABLE) };
+    let mut log = match registered {
+        Ok(fd) => fd,
+        Err(e) => return warn!(error = %e, "cannot watch the XDP program's log buffer"),
+    };
+    loop {
+        match log.readable_mut().await {
+            Ok(mut guard) => {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            Err(e) => return warn!(error = %e, "reading the XDP program's log buffer"),
+        }
+    }
 }
 
 async fn refresh_macs(

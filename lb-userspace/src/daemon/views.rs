@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result, bail};
 use lb_common::{BACKEND_F_UP, FlowKey, addr_bytes, hash::flow_hash, limits::NO_BACKEND};
 use serde_json::{Value, json};
 
-use super::{Options, controller::Controller};
+use super::{ConfigFile, Options, controller::Controller};
 use crate::{
     api::{BackendRow, Request, ServiceRow, ServiceStatsRow, Stats},
     config::{self, MAX_WEIGHT, Mode},
@@ -16,6 +16,7 @@ use crate::{
 /// Answers one request.
 pub fn handle(
     ctl: &mut Controller,
+    file: &mut ConfigFile,
     request: Request,
     started: Instant,
     opts: &Options,
@@ -65,11 +66,10 @@ pub fn handle(
             let moved = ctl.set_override(&service, backend, |o| o.admin = admin)?;
             json!({ "slots_moved": moved })
         }
-        Request::Apply { config, dry_run } => {
-            let desired = config::parse(&config).map_err(|e| {
-                anyhow::anyhow!("the configuration is invalid, nothing changed:\n{e}")
-            })?;
-            serde_json::to_value(super::apply(ctl, desired, dry_run)?)?
+        Request::Apply { config, dry_run } => change(ctl, file, config, dry_run)?,
+        Request::Edit { edit, dry_run } => {
+            let text = edit.apply_to(file.text())?;
+            change(ctl, file, text, dry_run)?
         }
         Request::Explain {
             service,
@@ -77,6 +77,24 @@ pub fn handle(
             port,
         } => explain(ctl, &service, client, port)?,
     })
+}
+
+/// Makes `text` the running configuration (and the file's content), or with
+/// `dry_run` only reports what that would change.
+fn change(
+    ctl: &mut Controller,
+    file: &mut ConfigFile,
+    text: String,
+    dry_run: bool,
+) -> Result<Value> {
+    let desired = config::parse(&text)
+        .map_err(|e| anyhow::anyhow!("the configuration is invalid, nothing changed:\n{e}"))?;
+    let report = if dry_run {
+        super::apply(ctl, desired, true)?
+    } else {
+        file.replace(text, || super::apply(ctl, desired, false))?
+    };
+    Ok(serde_json::to_value(report)?)
 }
 
 fn services(ctl: &Controller) -> Vec<ServiceRow> {

@@ -372,3 +372,112 @@ fn eviction_under_default_health_settings_is_bounded() {
         t.as_millis()
     );
 }
+
+/// `lb service|backend add|del`: each change is live at once, written to the
+/// configuration file (so a reload keeps it), refused whole when it names
+/// something missing or duplicated; and with `LB_LOG=debug` the XDP
+/// program's own lines about drops reach the daemon's log (aya-log).
+#[test]
+fn services_and_backends_added_and_removed_at_run_time() {
+    if !privileged() {
+        return;
+    }
+    let lan = Lan::build(3, &["198.18.1.1/32"]).unwrap();
+    let _servers = lan.serve_names(80).unwrap();
+    let d = Daemon::start_with_env(&lan.lb, "edit", CONFIG, &[("LB_LOG", "info,lb_ebpf=debug")])
+        .unwrap();
+    let in_table = |d: &Daemon| -> Result<u64> {
+        Ok(d.cli(&["service", "list"])?[0]["in_table"]
+            .as_u64()
+            .unwrap_or(0))
+    };
+    d.wait_until(
+        "both backends in the table",
+        WAIT,
+        |d| Ok(in_table(d)? == 2),
+    )
+    .unwrap();
+    let file = || std::fs::read_to_string(&d.config).unwrap();
+    let before = file();
+
+    // A dry run reports the slots a new backend would take, changes nothing.
+    let dry = d
+        .cli(&["backend", "add", "web", "198.18.0.13", "--dry-run"])
+        .unwrap();
+    let would = dry["slots_moved"]["web"].as_u64().unwrap_or(0);
+    assert!((1100..=1650).contains(&would), "a third of 4099: {dry}");
+    assert_eq!(in_table(&d).unwrap(), 2);
+    assert_eq!(file(), before, "a dry run leaves the file alone");
+
+    let added = d
+        .cli(&["backend", "add", "web", "198.18.0.13", "--weight", "1"])
+        .unwrap();
+    assert_eq!(added["slots_moved"]["web"], would, "{added}");
+    assert_eq!(in_table(&d).unwrap(), 3);
+    assert!(file().contains("address = \"198.18.0.13\""), "{}", file());
+    assert_eq!(tally(&lan, 90).unwrap().len(), 3, "the new backend serves");
+
+    let (code, err) = d
+        .cli_fails(&["backend", "add", "web", "198.18.0.13"])
+        .unwrap();
+    assert_eq!(code, 1);
+    assert!(err.contains("already has backend 198.18.0.13"), "{err}");
+    let (code, err) = d
+        .cli_fails(&["backend", "del", "nope", "198.18.0.13"])
+        .unwrap();
+    assert_eq!(code, 1);
+    assert!(err.contains("no service named \"nope\""), "{err}");
+
+    d.cli(&["backend", "del", "web", "198.18.0.11"]).unwrap();
+    assert!(!file().contains("198.18.0.11"), "{}", file());
+    let t = tally(&lan, 60).unwrap();
+    assert!(
+        !t.contains_key("backend-1"),
+        "a removed backend gets nothing: {t:?}"
+    );
+
+    // A service with no backend drops what reaches it, counted; the XDP
+    // program says so in the daemon's log.
+    d.cli(&[
+        "service",
+        "add",
+        "dns",
+        "198.18.1.2:53/udp",
+        "--check",
+        "none",
+    ])
+    .unwrap();
+    assert_eq!(
+        d.cli(&["service", "list"])
+            .unwrap()
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+    let dns: SocketAddr = "198.18.1.2:53".parse().unwrap();
+    lan.client
+        .run(move || Ok(lb::demo::server::udp_request(dns).is_err()))
+        .unwrap();
+    let stats = d.cli(&["stats"]).unwrap();
+    assert!(
+        stats["reasons"]["drop_no_backend"].as_u64().unwrap_or(0) >= 1,
+        "{stats}"
+    );
+    d.wait_until("the XDP program's line in the log", WAIT, |d| {
+        Ok(d.log()
+            .contains("drop_no_backend: the service has no backend in rotation"))
+    })
+    .unwrap();
+    d.cli(&["service", "del", "dns"]).unwrap();
+
+    // The file holds what runs: a reload changes nothing.
+    let (digest_before, _) = digest(&d).unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_until("reloaded", WAIT, |d| {
+        Ok(d.log().contains("configuration reloaded"))
+    })
+    .unwrap();
+    let rows = d.cli(&["backend", "list"]).unwrap();
+    assert_eq!(rows.as_array().map(Vec::len), Some(2), "{rows}");
+    assert_eq!(digest(&d).unwrap().0, digest_before);
+}

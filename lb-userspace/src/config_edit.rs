@@ -1,0 +1,295 @@
+//! Edits of a configuration file's text for `lb service add|del` and
+//! `lb backend add|del`. The edits keep the operator's comments and layout
+//! (toml_edit), and the result is validated as a whole like any file: an edit
+//! is only a quicker way to write the next configuration.
+
+use std::net::IpAddr;
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+use toml_edit::{ArrayOfTables, DocumentMut, Item, Table, value};
+
+use crate::config::{Affinity, CheckKind, Mode, Protocol};
+
+/// One change to the set of services and backends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Edit {
+    /// A new service, with no backends yet and default health settings.
+    AddService {
+        /// Unique name.
+        name: String,
+        /// Virtual IP.
+        vip: IpAddr,
+        /// Port.
+        port: u16,
+        /// tcp or udp.
+        protocol: Protocol,
+        /// Forwarding mode.
+        mode: Mode,
+        /// What picks the backend.
+        affinity: Affinity,
+        /// Health probe kind.
+        check: CheckKind,
+    },
+    /// Removes a service and its backends.
+    DelService {
+        /// Service name.
+        name: String,
+    },
+    /// A new backend of a service.
+    AddBackend {
+        /// Service name.
+        service: String,
+        /// Backend address.
+        address: IpAddr,
+        /// Weight.
+        weight: u32,
+    },
+    /// Removes a backend from a service.
+    DelBackend {
+        /// Service name.
+        service: String,
+        /// Backend address.
+        address: IpAddr,
+    },
+}
+
+/// TOML keys of the configuration file, spelled once.
+const SERVICE: &str = "service";
+const BACKEND: &str = "backend";
+
+impl Edit {
+    /// Returns `text` with the edit made. Fails, saying why, if the service
+    /// or backend it names does not exist or already exists.
+    pub fn apply_to(&self, text: &str) -> Result<String> {
+        let mut doc: DocumentMut = text
+            .parse()
+            .context("the running configuration is not valid TOML")?;
+        match self {
+            Edit::AddService {
+                name,
+                vip,
+                port,
+                protocol,
+                mode,
+                affinity,
+                check,
+            } => {
+                if find_service(&doc, name).is_some() {
+                    bail!("service {name:?} already exists (see `lb service list`)");
+                }
+                let mut t = Table::new();
+                t.insert("name", value(name.as_str()));
+                t.insert("vip", value(vip.to_string()));
+                t.insert("port", value(i64::from(*port)));
+                t.insert("protocol", value(enum_str(protocol)?));
+                t.insert("mode", value(enum_str(mode)?));
+                t.insert("affinity", value(enum_str(affinity)?));
+                let mut health = Table::new();
+                health.insert("check", value(enum_str(check)?));
+                t.insert("health", Item::Table(health));
+                services_mut(&mut doc)?.push(t);
+            }
+            Edit::DelService { name } => {
+                let i = find_service(&doc, name).with_context(|| {
+                    format!("no service named {name:?} (see `lb service list`)")
+                })?;
+                services_mut(&mut doc)?.remove(i);
+            }
+            Edit::AddBackend {
+                service,
+                address,
+                weight,
+            } => {
+                let backends = backends_mut(&mut doc, service)?;
+                if find_backend(backends, *address).is_some() {
+                    bail!("service {service:?} already has backend {address}");
+                }
+                let mut t = Table::new();
+                t.insert("address", value(address.to_string()));
+                t.insert("weight", value(i64::from(*weight)));
+                backends.push(t);
+            }
+            Edit::DelBackend { service, address } => {
+                let backends = backends_mut(&mut doc, service)?;
+                let i = find_backend(backends, *address).with_context(|| {
+                    format!("service {service:?} has no backend {address} (see `lb backend list`)")
+                })?;
+                backends.remove(i);
+            }
+        }
+        Ok(doc.to_string())
+    }
+}
+
+/// The configuration spelling of a unit enum (`dsr-l2`, `tcp`, ...).
+fn enum_str(v: &impl Serialize) -> Result<String> {
+    match serde_json::to_value(v)? {
+        serde_json::Value::String(s) => Ok(s),
+        other => bail!("{other} is not a unit variant"),
+    }
+}
+
+fn services(doc: &DocumentMut) -> Option<&ArrayOfTables> {
+    doc.get(SERVICE)?.as_array_of_tables()
+}
+
+fn services_mut(doc: &mut DocumentMut) -> Result<&mut ArrayOfTables> {
+    doc.entry(SERVICE)
+        .or_insert(Item::ArrayOfTables(ArrayOfTables::new()))
+        .as_array_of_tables_mut()
+        .context("`service` is not an array of tables ([[service]])")
+}
+
+fn find_service(doc: &DocumentMut, name: &str) -> Option<usize> {
+    services(doc)?
+        .iter()
+        .position(|t| t.get("name").and_then(Item::as_str) == Some(name))
+}
+
+fn backends_mut<'a>(doc: &'a mut DocumentMut, service: &str) -> Result<&'a mut ArrayOfTables> {
+    let i = find_service(doc, service)
+        .with_context(|| format!("no service named {service:?} (see `lb service list`)"))?;
+    let svc = services_mut(doc)?
+        .get_mut(i)
+        .context("service vanished while editing")?;
+    svc.entry(BACKEND)
+        .or_insert(Item::ArrayOfTables(ArrayOfTables::new()))
+        .as_array_of_tables_mut()
+        .with_context(|| format!("service {service:?}: `backend` is not [[service.backend]]"))
+}
+
+/// Compares parsed addresses, so `2001:2::11` matches `2001:0002::0011`.
+fn find_backend(backends: &ArrayOfTables, address: IpAddr) -> Option<usize> {
+    backends.iter().position(|t| {
+        t.get("address")
+            .and_then(Item::as_str)
+            .and_then(|a| a.parse::<IpAddr>().ok())
+            == Some(address)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    const BASE: &str = r#"# operator's comment, kept
+[settings]
+interfaces = ["eth0"]
+
+[[service]]
+name = "web"   # the site
+vip = "198.18.1.1"
+port = 80
+protocol = "tcp"
+
+[[service.backend]]
+address = "198.18.0.11"
+"#;
+
+    fn add_backend(addr: &str, weight: u32) -> Edit {
+        Edit::AddBackend {
+            service: "web".into(),
+            address: addr.parse().unwrap(),
+            weight,
+        }
+    }
+
+    #[test]
+    fn adds_and_removes_backends_keeping_comments() {
+        let text = add_backend("198.18.0.12", 3).apply_to(BASE).unwrap();
+        assert!(text.contains("# operator's comment, kept"));
+        assert!(text.contains("name = \"web\"   # the site"));
+        let d = config::parse(&text).unwrap();
+        let web = &d.services["web"];
+        assert_eq!(web.backends[&"198.18.0.12".parse().unwrap()], 3);
+        assert_eq!(web.backends.len(), 2);
+
+        let del = Edit::DelBackend {
+            service: "web".into(),
+            address: "198.18.0.11".parse().unwrap(),
+        };
+        let text = del.apply_to(&text).unwrap();
+        let d = config::parse(&text).unwrap();
+        assert_eq!(d.services["web"].backends.len(), 1);
+        assert!(
+            del.apply_to(&text)
+                .unwrap_err()
+                .to_string()
+                .contains("has no backend")
+        );
+    }
+
+    #[test]
+    fn refuses_duplicates_and_unknown_names() {
+        let err = add_backend("198.18.0.11", 1).apply_to(BASE).unwrap_err();
+        assert!(err.to_string().contains("already has backend"), "{err}");
+        let err = Edit::AddBackend {
+            service: "nope".into(),
+            address: "198.18.0.12".parse().unwrap(),
+            weight: 1,
+        }
+        .apply_to(BASE)
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("no service named \"nope\""),
+            "{err}"
+        );
+        let err = Edit::DelService {
+            name: "nope".into(),
+        }
+        .apply_to(BASE)
+        .unwrap_err();
+        assert!(err.to_string().contains("no service named"), "{err}");
+    }
+
+    #[test]
+    fn adds_and_removes_services() {
+        let add = Edit::AddService {
+            name: "dns".into(),
+            vip: "2001:2:1::53".parse().unwrap(),
+            port: 53,
+            protocol: Protocol::Udp,
+            mode: Mode::Ipip,
+            affinity: Affinity::Client,
+            check: CheckKind::None,
+        };
+        let text = add.apply_to(BASE).unwrap();
+        let d = config::parse(&text).unwrap();
+        let dns = &d.services["dns"];
+        assert_eq!(dns.port, 53);
+        assert_eq!(dns.mode, Mode::Ipip);
+        assert_eq!(dns.affinity, Affinity::Client);
+        assert!(dns.backends.is_empty());
+        assert!(
+            add.apply_to(&text)
+                .unwrap_err()
+                .to_string()
+                .contains("already exists")
+        );
+
+        let text = Edit::DelService { name: "web".into() }
+            .apply_to(&text)
+            .unwrap();
+        let d = config::parse(&text).unwrap();
+        assert_eq!(d.services.keys().collect::<Vec<_>>(), ["dns"]);
+    }
+
+    #[test]
+    fn adds_the_first_service_to_a_file_without_any() {
+        let text = Edit::AddService {
+            name: "web".into(),
+            vip: "198.18.1.1".parse().unwrap(),
+            port: 443,
+            protocol: Protocol::Tcp,
+            mode: Mode::DsrL2,
+            affinity: Affinity::None,
+            check: CheckKind::Tcp,
+        }
+        .apply_to("[settings]\ninterfaces = [\"eth0\"]\n")
+        .unwrap();
+        assert_eq!(config::parse(&text).unwrap().services["web"].port, 443);
+    }
+}
