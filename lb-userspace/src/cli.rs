@@ -16,10 +16,11 @@ use serde_json::Value;
 
 use crate::{
     api::{self, BackendRow, Request, ServiceRow, Stats},
-    config::{Affinity, CheckKind, DEFAULT_SOCKET, Mode, Protocol},
+    config::{Affinity, CheckKind, DEFAULT_SOCKET, Mode, Protocol, XdpModeSetting},
     config_edit::Edit,
     daemon::{self, runtime::Admin},
     dataplane::DEFAULT_PIN_DIR,
+    doctor,
 };
 
 /// lb: an XDP L4 load balancer.
@@ -27,7 +28,7 @@ use crate::{
 #[command(name = "lb", version, about)]
 pub struct Cli {
     /// The daemon's control socket.
-    #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
+    #[arg(long, global = true, env = "LB_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
@@ -84,8 +85,35 @@ enum Command {
         /// Service name.
         service: String,
     },
+    /// Check this host before lb attaches (--config or --interface), or as a
+    /// backend (--backend VIP); prints the command that fixes each problem.
+    Doctor {
+        /// The daemon's configuration: its interfaces, XDP mode and backends' VIPs.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// An interface to check (instead of the configuration's).
+        #[arg(long = "interface")]
+        interfaces: Vec<String>,
+        /// XDP mode the interfaces are to run in.
+        #[arg(long, default_value = "auto", value_parser = config_word::<XdpModeSetting>)]
+        xdp_mode: XdpModeSetting,
+        /// This host is a backend of a service with this VIP.
+        #[arg(long = "backend")]
+        backend_vips: Vec<std::net::IpAddr>,
+        /// Mode of the --backend services.
+        #[arg(long, default_value = "dsr-l2", value_parser = config_word::<Mode>)]
+        mode: Mode,
+        /// bpffs directory where the daemon pins.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
     /// Run the product end to end on a demo topology in network namespaces.
-    Demo,
+    Demo {
+        /// Leave the topology and daemon running until Ctrl-C, and print how
+        /// to explore them.
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -255,7 +283,51 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Demo => crate::demo::run(),
+        Command::Demo { keep } => crate::demo::run(&crate::demo::Options { keep }),
+        Command::Doctor {
+            config,
+            interfaces,
+            xdp_mode,
+            backend_vips,
+            mode,
+            pin_dir,
+        } => {
+            let mut request = doctor::Request {
+                interfaces,
+                xdp_mode,
+                pin_dir: None,
+                backend_vips,
+                backend_mode: mode,
+            };
+            if let Some(path) = config {
+                let d = daemon::load_config(&path)?;
+                if request.interfaces.is_empty() {
+                    request.interfaces = d.settings.interfaces.clone();
+                }
+                request.xdp_mode = d.settings.xdp_mode;
+            }
+            if request.interfaces.is_empty() && request.backend_vips.is_empty() {
+                anyhow::bail!(
+                    "nothing to check: give --config FILE or --interface IF (this host as the \
+                     load balancer), or --backend VIP (this host as a backend)"
+                );
+            }
+            if !request.interfaces.is_empty() {
+                request.pin_dir = Some(pin_dir);
+            }
+            let findings = doctor::check(&request);
+            print(cli.json, serde_json::to_value(&findings)?, |_| {
+                doctor::render(&findings)
+            })?;
+            let failed = findings
+                .iter()
+                .filter(|f| f.level == doctor::Level::Fail)
+                .count();
+            if failed > 0 {
+                anyhow::bail!("{failed} problem(s) to fix first (commands above)");
+            }
+            Ok(())
+        }
         Command::Status => print(cli.json, call(Request::Status)?, |v| {
             let mut out = String::new();
             if let Value::Object(m) = v {

@@ -12,6 +12,7 @@
 //! - [`cli`]: the command line (daemon, operator commands, demo).
 //! - [`dataplane`]: the one owner of the eBPF object and its maps.
 //! - [`netns`]: network namespaces, for the demo and the tests.
+//! - [`doctor`]: `lb doctor`, host and backend checks with their fixes.
 //! - [`demo`]: `lb demo`, the product end to end on an embedded default.
 
 pub mod api;
@@ -21,6 +22,7 @@ pub mod config_edit;
 pub mod daemon;
 pub mod dataplane;
 pub mod demo;
+pub mod doctor;
 pub mod health;
 pub mod maglev;
 pub mod neighbor;

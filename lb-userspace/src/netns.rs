@@ -1,11 +1,13 @@
-//! Network namespaces for the demo and the topology tests. Every namespace has a unique name
-//! per run and is deleted on drop (which also removes its links and detaches
-//! programs), so a failing test leaves nothing behind.
+//! Network namespaces for the demo and the topology tests, processes started
+//! inside them, and private bpffs mounts. Every namespace is deleted on drop
+//! (which also removes its links and detaches programs), so a failing test
+//! or an interrupted demo leaves nothing behind.
 
 use std::{
     fs::File,
-    os::fd::AsRawFd as _,
-    process::Command,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command},
     sync::atomic::{AtomicU32, Ordering},
 };
 
@@ -49,6 +51,20 @@ impl Netns {
         let ns = Netns { name };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// Creates a namespace with a fixed name (the demo's, which operators
+    /// type); fails if it exists.
+    pub fn named(name: &str) -> Result<Netns> {
+        ip(&["netns", "add", name])?;
+        let ns = Netns { name: name.into() };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Starts `cmd` inside the namespace (see [`spawn_in`]).
+    pub fn spawn_process(&self, cmd: &mut Command) -> Result<Child> {
+        spawn_in(&self.name, cmd)
     }
 
     /// Runs `ip -n <ns> args`.
@@ -101,6 +117,27 @@ impl Netns {
     }
 }
 
+/// Starts `cmd` inside namespace `name`. Unlike `ip netns exec`, this
+/// enters only the network namespace: the process keeps the host's mounts,
+/// /sys included, and sees the same bpffs as its parent.
+pub fn spawn_in(name: &str, cmd: &mut Command) -> Result<Child> {
+    let netns = File::open(format!("/run/netns/{name}"))
+        .with_context(|| format!("opening namespace {name}"))?;
+    let fd = netns.as_raw_fd();
+    // SAFETY: setns is async-signal-safe; `netns` (and so `fd`) stays open
+    // until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .with_context(|| format!("starting {:?} in {name}", cmd.get_program()))
+}
+
 fn enter(name: &str) -> Result<()> {
     let f = File::open(format!("/run/netns/{name}"))
         .with_context(|| format!("opening namespace {name}"))?;
@@ -114,6 +151,42 @@ fn enter(name: &str) -> Result<()> {
 impl Drop for Netns {
     fn drop(&mut self) {
         if let Err(e) = ip(&["netns", "del", &self.name]) {
+            eprintln!("cleanup: {e:#}");
+        }
+    }
+}
+
+/// A bpffs mounted on a directory of our own, so pins never touch the
+/// host's /sys/fs/bpf. On drop, the pins are removed (unpinning a link
+/// detaches its program) and the mount is undone.
+pub struct PrivateBpffs {
+    mount: PathBuf,
+}
+
+impl PrivateBpffs {
+    /// Mounts a bpffs on `dir` (created if missing).
+    pub fn mount(dir: &Path) -> Result<PrivateBpffs> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        run("mount", &["-t", "bpf", "bpf", &dir.to_string_lossy()])?;
+        Ok(PrivateBpffs {
+            mount: dir.to_path_buf(),
+        })
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        &self.mount
+    }
+}
+
+impl Drop for PrivateBpffs {
+    fn drop(&mut self) {
+        if let Ok(entries) = std::fs::read_dir(&self.mount) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        if let Err(e) = run("umount", &[&self.mount.to_string_lossy()]) {
             eprintln!("cleanup: {e:#}");
         }
     }

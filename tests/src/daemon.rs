@@ -1,7 +1,6 @@
 //! A real `lb daemon` process in a namespace, driven through the real CLI.
 
 use std::{
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command},
     time::{Duration, Instant},
@@ -10,7 +9,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
-use lb::netns::Netns;
+use lb::netns::{Netns, PrivateBpffs, spawn_in};
 
 /// The `lb` binary cargo built next to the test binary (`target/<profile>/lb`).
 pub fn lb_binary() -> Result<PathBuf> {
@@ -38,8 +37,8 @@ pub struct Daemon {
     /// Its bpffs pin directory, on a bpffs mounted for this daemon alone so
     /// the host's /sys/fs/bpf is never touched.
     pub pins: PathBuf,
-    /// Where that bpffs is mounted.
-    bpffs: PathBuf,
+    /// That bpffs (dropped after the daemon is killed).
+    bpffs: Option<PrivateBpffs>,
     /// Its control socket.
     pub socket: PathBuf,
     /// Working directory for config, socket, state and logs.
@@ -76,14 +75,12 @@ impl Daemon {
         );
         let path = dir.join("lb.toml");
         std::fs::write(&path, full)?;
-        let bpffs = dir.join("bpffs");
-        std::fs::create_dir_all(&bpffs)?;
-        lb::netns::run("mount", &["-t", "bpf", "bpf", &bpffs.to_string_lossy()])?;
+        let bpffs = PrivateBpffs::mount(&dir.join("bpffs"))?;
         let mut d = Daemon {
             child: None,
             config: path,
-            pins: bpffs.join("lb"),
-            bpffs,
+            pins: bpffs.path().join("lb"),
+            bpffs: Some(bpffs),
             socket,
             dir,
             ns: ns.name.clone(),
@@ -102,29 +99,18 @@ impl Daemon {
             .create(true)
             .append(true)
             .open(self.dir.join("daemon.log"))?;
-        // Enter only the network namespace: `ip netns exec` would also give
-        // the daemon a private /sys without the host's bpffs.
-        let netns = std::fs::File::open(format!("/run/netns/{}", self.ns))?;
-        let fd = netns.as_raw_fd();
-        let mut cmd = Command::new(lb_binary()?);
-        // SAFETY: setns is async-signal-safe; fd stays open until spawn returns.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .args(["daemon", "--config"])
-            .arg(&self.config)
-            .arg("--pin-dir")
-            .arg(&self.pins)
-            .stderr(log)
-            .spawn()
-            .context("starting lb daemon")?;
+        // Only the network namespace: `ip netns exec` would also give the
+        // daemon a private /sys without the bpffs its pins live on.
+        let child = spawn_in(
+            &self.ns,
+            Command::new(lb_binary()?)
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
+                .args(["daemon", "--config"])
+                .arg(&self.config)
+                .arg("--pin-dir")
+                .arg(&self.pins)
+                .stderr(log),
+        )?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -223,11 +209,8 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.kill(libc::SIGKILL);
-        // Unpinning the link detaches the program; the maps go with it.
-        let _ = std::fs::remove_dir_all(&self.pins);
-        if let Err(e) = lb::netns::run("umount", &[&self.bpffs.to_string_lossy()]) {
-            eprintln!("cleanup: {e:#}");
-        }
+        // Unpins (detaching the program) and unmounts, then the files go.
+        drop(self.bpffs.take());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -28,3 +28,12 @@ pub fn privileged() -> bool {
     eprintln!("skipping: needs root (set LB_REQUIRE_PRIVILEGED=1 to make this fail)");
     false
 }
+
+/// Serializes the tests that run `lb demo`: the demo's namespaces and
+/// directory have fixed names, so two demos cannot run at once.
+pub fn demo_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A test that failed while holding the lock leaves nothing to protect.
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

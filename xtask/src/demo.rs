@@ -6,8 +6,13 @@ use anyhow::Result;
 
 use crate::{build, exec};
 
-/// Builds the release binary and runs its demo.
-pub fn run(root: &Path) -> Result<()> {
+/// Builds the release binary and runs its demo (`--keep` with `keep`).
+pub fn run(root: &Path, keep: bool) -> Result<()> {
     let lb = build::build(root, false)?;
-    exec::run(exec::command(&lb).arg("demo"))
+    let mut cmd = exec::command(&lb);
+    cmd.arg("demo");
+    if keep {
+        cmd.arg("--keep");
+    }
+    exec::run(&mut cmd)
 }

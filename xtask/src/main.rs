@@ -42,7 +42,11 @@ enum Task {
         debug: bool,
     },
     /// Run setup, build, then `lb demo`: the product end to end in network namespaces.
-    Demo,
+    Demo {
+        /// Leave the demo running until Ctrl-C (`lb demo --keep`).
+        #[arg(long)]
+        keep: bool,
+    },
     /// Run setup, then cargo fmt --check, cargo test and cargo clippy.
     Test {
         /// Arguments for `cargo test`, after `--` (e.g. a test name filter).
@@ -60,7 +64,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup => setup::run(),
         Task::Build { debug } => build::run(&root, debug),
-        Task::Demo => demo::run(&root),
+        Task::Demo { keep } => demo::run(&root, keep),
         // Reports its own failures: its summary line must come last.
         Task::Test { cargo_test_args } => return test::run(&root, &cargo_test_args),
     };

@@ -1,4 +1,4 @@
-//! `cargo xtask test`: formatting, every test, and clippy, then one summary
+//! `cargo xtask test`: the build, formatting, every test, and clippy, then one summary
 //! line for machines: `xtask test: N passed, N failed[, N skipped]`.
 //!
 //! Every step runs even when an earlier one failed, so one CI run reports
@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
-use crate::{exec, setup};
+use crate::{build, exec};
 
 /// Set for `cargo test`: tests that need root and the kernel fail instead of
 /// skipping, so a CI run cannot pass without exercising the data plane.
@@ -40,7 +40,7 @@ const EBPF_CLIPPY: &[&str] = &[
     "warnings",
 ];
 
-/// Runs setup, `cargo fmt --check`, `cargo test` (with `test_args`
+/// Runs setup and the build, `cargo fmt --check`, `cargo test` (with `test_args`
 /// appended) and `cargo clippy` from `root`, then prints the summary line.
 pub fn run(root: &Path, test_args: &[String]) -> ExitCode {
     let mut totals = Counts::default();
@@ -52,9 +52,13 @@ pub fn run(root: &Path, test_args: &[String]) -> ExitCode {
         }
     };
 
-    match setup::run() {
-        Err(error) => step(Err(error.context("setup failed, so nothing was tested"))),
-        Ok(()) => {
+    // The same build as `cargo xtask build`: the privileged tests run the
+    // `lb` binary it leaves in target/release.
+    match build::build(root, false) {
+        Err(error) => step(Err(
+            error.context("setup or the build of lb failed, so nothing was tested")
+        )),
+        Ok(_) => {
             step(check_format(root));
             step(run_tests(root, test_args, &mut totals));
             step(run_clippy(root));

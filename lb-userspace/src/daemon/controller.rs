@@ -467,8 +467,13 @@ impl Controller {
                         }
                     }
                     None => {
+                        let unresolved = if self.macs.contains_key(ip) {
+                            ""
+                        } else {
+                            "; its next hop's MAC is not resolved yet: out of the table until it is"
+                        };
                         report.changes.push(format!(
-                            "service {name}: backend {ip} added (weight {weight})"
+                            "service {name}: backend {ip} added (weight {weight}){unresolved}"
                         ));
                         let id = backend_ids.take("backend")?;
                         // A new holder of the id: its predecessor's flows must miss.

@@ -1,83 +1,68 @@
-//! `lb demo`: the whole product on an embedded default. A client, the load
-//! balancer and three backends in network namespaces; real HTTP connections
-//! to a VIP spread by weight; a backend's server dies, the health checker
-//! evicts it, it comes back and is re-admitted. Everything it creates is
-//! removed on every exit path, Ctrl-C included.
+//! `lb demo`: the product end to end on an embedded default, run by the
+//! real `lb daemon` and inspected with the real CLI. A client, the load
+//! balancer and three backends in network namespaces; `lb doctor` checks the
+//! hosts; real HTTP connections to a VIP spread by weight; a backend's server
+//! dies, the health checker evicts it, it comes back and is re-admitted.
+//! Everything it creates is removed on every exit path, Ctrl-C included;
+//! `--keep` leaves it all running until Ctrl-C.
+//!
+//! - `topology`: the namespaces and addresses.
+//! - `server`: the backends' small HTTP/UDP servers that say who they are.
+//! - `chart`: terminal bar charts of the spread.
 
 pub mod chart;
 pub mod server;
+pub mod topology;
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-        mpsc,
-    },
+    net::{IpAddr, SocketAddr},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
-use aya::programs::XdpMode;
-use lb_common::{
-    BACKEND_F_UP, BackendValue, Counter, ServiceKey, Settings, addr_bytes,
-    limits::{DEFAULT_RING_SIZE, NO_BACKEND},
-    maps::PROG_LB,
-    wire::IPPROTO_TCP,
-};
+use serde_json::Value;
 
 use crate::{
-    dataplane::{Capacity, Dataplane},
-    health::{Health, Thresholds, Tracker},
-    maglev::{self, Candidate},
-    netns::{self, Netns},
-    probe,
+    api::{self, BackendRow, Request},
+    config::{Mode, XdpModeSetting},
+    doctor,
+    netns::PrivateBpffs,
 };
 use server::NameServer;
+use topology::{BACKENDS, Topology, VIP};
 
-const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+/// Where the demo keeps its configuration, socket, state, log and bpffs.
+pub const DIR: &str = "/run/lb-demo";
 const PORT: u16 = 80;
-const CLIENT: &str = "198.18.0.1/24";
-const LB: &str = "198.18.0.2/24";
-/// Name, address, MAC and weight of each backend.
-const BACKENDS: [(&str, Ipv4Addr, [u8; 6], u32); 3] = [
-    (
-        "backend-1",
-        Ipv4Addr::new(198, 18, 0, 11),
-        [2, 0, 0, 0, 0, 0x11],
-        1,
-    ),
-    (
-        "backend-2",
-        Ipv4Addr::new(198, 18, 0, 12),
-        [2, 0, 0, 0, 0, 0x12],
-        1,
-    ),
-    (
-        "backend-3",
-        Ipv4Addr::new(198, 18, 0, 13),
-        [2, 0, 0, 0, 0, 0x13],
-        2,
-    ),
-];
 /// The backend whose server the demo kills.
 const VICTIM: usize = 1;
 /// Connections per round.
 const CONNECTIONS: usize = 300;
-/// Health checking as the demo runs it: HAProxy's rise/fall, a faster interval.
-const PROBE_INTERVAL: Duration = Duration::from_millis(250);
-const PROBE_TIMEOUT: Duration = Duration::from_millis(200);
-const THRESHOLDS: Thresholds = Thresholds { rise: 2, fall: 3 };
-/// Longest wait for the health checker to notice a change.
-const EVENT_TIMEOUT: Duration = Duration::from_secs(15);
-/// Small maps: one service.
-const CAPACITY: Capacity = Capacity {
-    max_services: 1,
-    max_backends: 16,
-    conntrack_entries: 16_384,
-    ring_size: DEFAULT_RING_SIZE,
-};
+/// Longest wait for the daemon to come up or the health checker to act.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often the demo asks the daemon while waiting.
+const POLL: Duration = Duration::from_millis(20);
+/// Health checks as the demo runs them: faster than the defaults (2 s) so
+/// the demo is short, HAProxy's rise and fall.
+const HEALTH: &str = r#"check = "http"
+interval = "1s"
+fast_interval = "250ms"
+timeout = "500ms"
+rise = 2
+fall = 3
+slow_start = "0s""#;
+
+/// What `lb demo` was asked.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Leave everything running, print how to explore it, and clean up on Ctrl-C.
+    pub keep: bool,
+}
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -87,313 +72,417 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 fn check_interrupted() -> Result<()> {
     if INTERRUPTED.load(Ordering::Relaxed) {
-        bail!("interrupted");
+        bail!("interrupted: everything the demo made is being removed");
     }
     Ok(())
 }
 
-/// Runs the demo; every namespace and thread it made is gone when it returns.
-pub fn run() -> Result<()> {
+/// The demo's configuration: the embedded default.
+fn config(dir: &Path) -> String {
+    let mut text = format!(
+        r#"# Written by `lb demo`.
+[settings]
+interfaces = ["eth0"]
+xdp_mode = "generic"            # veth in namespaces
+table_size = 65537
+max_services = 4
+max_backends = 16
+conntrack_entries = 16384
+socket = "{dir}/lb.sock"
+state_file = "{dir}/state.json"
+
+[[service]]
+name = "web"
+vip = "{VIP}"
+port = {PORT}
+protocol = "tcp"
+mode = "dsr-l2"
+
+[service.health]
+{HEALTH}
+"#,
+        dir = dir.display()
+    );
+    for b in &BACKENDS {
+        text += &format!(
+            "\n[[service.backend]]\naddress = \"{}\"\nweight = {}\n",
+            b.addr, b.weight
+        );
+    }
+    text
+}
+
+/// Runs the demo; every namespace, mount and process it made is gone when
+/// it returns.
+pub fn run(opts: &Options) -> Result<()> {
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
+    let lb = std::env::current_exe().context("finding the lb binary")?;
     println!(
-        "lb demo: {VIP}:{PORT}/tcp (dsr-l2) over {} backends\n",
+        "lb demo: {VIP}:{PORT}/tcp (dsr-l2) over {} backends, run by `lb daemon`\n",
         BACKENDS.len()
     );
-
-    step(
-        1,
-        "building the topology (network namespaces on one bridge)",
-    );
-    let topo = Topology::build()?;
-    let mut servers = BACKENDS
-        .iter()
-        .zip(&topo.backends)
-        .map(|((name, ..), ns)| NameServer::start(ns, name, PORT).map(Some))
-        .collect::<Result<Vec<_>>>()?;
-    println!("  client {CLIENT}, load balancer {LB}, backends 198.18.0.11-13 running HTTP servers");
-
-    step(
-        2,
-        "loading the XDP program and attaching it to the load balancer's eth0",
-    );
-    let stop = Arc::new(AtomicBool::new(false));
-    let (events, changes) = mpsc::channel();
-    let controller = Controller::new()?;
-    let flag = stop.clone();
-    let handle = topo.lb.spawn(move || controller.run(&flag, &events));
-    let mut report = || -> Result<()> {
-        match changes.recv_timeout(EVENT_TIMEOUT) {
-            Ok(Event::Attached) => {}
-            _ => bail!("the data plane did not come up"),
-        }
-        println!(
-            "  attached (generic XDP); health checks every {PROBE_INTERVAL:?}, rise {} fall {}",
-            THRESHOLDS.rise, THRESHOLDS.fall
-        );
-
-        step(
-            3,
-            &format!("{CONNECTIONS} HTTP connections from the client to the VIP"),
-        );
-        round(&topo.client, &[])?;
-
-        let (victim, ..) = BACKENDS[VICTIM];
-        step(4, &format!("killing {victim}'s server"));
-        servers[VICTIM] = None;
-        let killed = Instant::now();
-        wait_for(&changes, victim, Health::Down)?;
-        println!(
-            "  health checker evicted {victim} {} ms after its server died",
-            killed.elapsed().as_millis()
-        );
-        round(&topo.client, &[VICTIM])?;
-
-        step(5, &format!("restarting {victim}'s server"));
-        servers[VICTIM] = Some(NameServer::start(&topo.backends[VICTIM], victim, PORT)?);
-        let restarted = Instant::now();
-        wait_for(&changes, victim, Health::Up)?;
-        println!(
-            "  re-admitted {} ms after its server came back",
-            restarted.elapsed().as_millis()
-        );
-        round(&topo.client, &[])?;
-        Ok(())
-    };
-    let outcome = report();
-    stop.store(true, Ordering::Relaxed);
-    let stats = handle
-        .join()
-        .map_err(|_| anyhow::anyhow!("controller thread panicked"))?;
-    outcome?;
-    step(6, "data-plane counters");
-    print!("{}", stats?);
-    println!("\ndone: every namespace, link and program is removed on exit");
+    let mut demo = Demo::set_up(&lb)?;
+    let result = demo
+        .show()
+        .and_then(|()| if opts.keep { demo.keep() } else { Ok(()) });
+    drop(demo);
+    result?;
+    println!("\ndone: every namespace, mount and process the demo made is removed");
     Ok(())
 }
 
 fn step(n: usize, what: &str) {
-    println!("[{n}/6] {what}");
+    println!("[{n}/7] {what}");
 }
 
-/// Sends a round of connections and prints the spread; `out` are the
-/// backends expected to get none.
-fn round(client: &Netns, out: &[usize]) -> Result<()> {
-    let to = SocketAddr::new(IpAddr::V4(VIP), PORT);
-    let (tally, failed) = client.run(|| {
-        let mut tally = BTreeMap::new();
-        let mut failed = 0;
-        for _ in 0..CONNECTIONS {
-            check_interrupted()?;
-            match server::http_get(to) {
-                Ok(name) => *tally.entry(name).or_insert(0usize) += 1,
-                Err(_) => failed += 1,
-            }
-        }
-        Ok((tally, failed))
-    })?;
-    let rows: Vec<chart::Row<'_>> = BACKENDS
-        .iter()
-        .enumerate()
-        .map(|(i, (name, _, _, weight))| chart::Row {
-            name,
-            weight: if out.contains(&i) { 0 } else { *weight },
-            count: tally.get(*name).copied().unwrap_or(0),
-        })
-        .collect();
-    print!("{}", chart::render(&rows));
-    println!("  {} answered, {failed} failed", CONNECTIONS - failed);
-    if failed > 0 {
-        bail!("{failed} of {CONNECTIONS} connections failed");
-    }
-    for &i in out {
-        if tally.contains_key(BACKENDS[i].0) {
-            bail!("{} answered while out of rotation", BACKENDS[i].0);
-        }
-    }
-    Ok(())
+/// Everything the demo made. Dropping it stops the daemon (by PID), then
+/// unpins and unmounts, then deletes the namespaces and the directory.
+struct Demo {
+    lb: PathBuf,
+    dir: PathBuf,
+    socket: PathBuf,
+    rt: tokio::runtime::Runtime,
+    daemon: Option<Child>,
+    servers: Vec<Option<NameServer>>,
+    bpffs: Option<PrivateBpffs>,
+    topo: Option<Topology>,
 }
 
-fn wait_for(changes: &mpsc::Receiver<Event>, name: &str, want: Health) -> Result<()> {
-    let deadline = Instant::now() + EVENT_TIMEOUT;
-    loop {
-        check_interrupted()?;
-        let left = deadline.saturating_duration_since(Instant::now());
-        match changes.recv_timeout(left.min(Duration::from_millis(100))) {
-            Ok(Event::Changed(n, h)) if n == name && h == want => return Ok(()),
-            Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
-            _ => bail!("{name} did not go {want:?} within {EVENT_TIMEOUT:?}"),
-        }
-    }
-}
-
-/// The demo's namespaces; dropping it removes them all.
-struct Topology {
-    client: Netns,
-    lb: Netns,
-    backends: Vec<Netns>,
-    _switch: Netns,
-}
-
-impl Topology {
-    fn build() -> Result<Topology> {
-        let switch = netns::switch()?;
-        let client = Netns::new("cl")?;
-        let lb = Netns::new("lb")?;
-        netns::plug(&switch, "pcl", &client, "02:00:00:00:00:01", &[CLIENT])?;
-        netns::plug(&switch, "plb", &lb, "02:00:00:00:00:02", &[LB])?;
-        client.ip(&["route", "add", &format!("{VIP}/32"), "via", "198.18.0.2"])?;
-        let mut backends = Vec::new();
-        for (i, (_, addr, mac, _)) in BACKENDS.iter().enumerate() {
-            let ns = Netns::new(&format!("b{}", i + 1))?;
-            netns::plug(
-                &switch,
-                &format!("pb{}", i + 1),
-                &ns,
-                &netns::mac_string(mac),
-                &[&format!("{addr}/24")],
-            )?;
-            // The VIP is local on every backend: it accepts and answers from it.
-            ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
-            backends.push(ns);
-        }
-        Ok(Topology {
-            client,
-            lb,
-            backends,
-            _switch: switch,
-        })
-    }
-}
-
-/// What the health checker tells the demo.
-enum Event {
-    Attached,
-    Changed(&'static str, Health),
-}
-
-/// A minimal controller for one service: probes the backends from the load
-/// balancer's namespace and republishes the Maglev table on every change.
-struct Controller {
-    dp: Dataplane,
-    key: ServiceKey,
-    trackers: Vec<Tracker>,
-}
-
-impl Controller {
-    fn new() -> Result<Controller> {
-        let mut dp = Dataplane::load(CAPACITY)?;
-        dp.set_settings(Settings {
-            mtu: 1500,
-            ..Settings::default()
-        })?;
-        let (addr, family) = addr_bytes(IpAddr::V4(VIP));
-        let key = ServiceKey {
-            addr,
-            port: PORT.to_be(),
-            proto: IPPROTO_TCP,
-            family,
-        };
-        let mut c = Controller {
-            dp,
-            key,
-            trackers: vec![Tracker::new(Health::Up); BACKENDS.len()],
-        };
-        for id in 0..BACKENDS.len() {
-            c.write_backend(id)?;
-        }
-        c.publish()?;
-        Ok(c)
-    }
-
-    fn write_backend(&mut self, id: usize) -> Result<()> {
-        let (_, ip, mac, _) = BACKENDS[id];
-        let (addr, family) = addr_bytes(IpAddr::V4(ip));
-        let up = self.trackers[id].state() == Health::Up;
-        self.dp.set_backend(
-            id as u32,
-            &BackendValue {
-                addr,
-                mac,
-                family,
-                flags: if up { BACKEND_F_UP } else { 0 },
-                generation: 1,
-            },
-        )
-    }
-
-    /// Rebuilds the table from the backends that are up and flips to it.
-    fn publish(&mut self) -> Result<()> {
-        let keys: Vec<[u8; 4]> = BACKENDS.iter().map(|(_, ip, ..)| ip.octets()).collect();
-        let candidates: Vec<Candidate<'_>> = BACKENDS
-            .iter()
-            .zip(&keys)
-            .zip(&self.trackers)
-            .map(|(((_, _, _, weight), key), t)| Candidate {
-                key,
-                weight: if t.state() == Health::Up { *weight } else { 0 },
-            })
-            .collect();
-        let ring: Vec<u32> = maglev::build(&candidates, CAPACITY.ring_size)?
-            .into_iter()
-            .map(|s| s.unwrap_or(NO_BACKEND))
-            .collect();
-        self.dp.publish_service(&self.key, 0, 0, &ring)
-    }
-
-    /// Attaches, then probes until `stop`; returns the final counters.
-    fn run(mut self, stop: &AtomicBool, events: &mpsc::Sender<Event>) -> Result<String> {
-        self.dp
-            .program(PROG_LB)?
-            .attach("eth0", XdpMode::Skb)
-            .context("attaching to eth0")?;
-        let _ = events.send(Event::Attached);
-        while !stop.load(Ordering::Relaxed) {
-            for (id, &(name, ip, ..)) in BACKENDS.iter().enumerate() {
-                let ok = probe::tcp_connect(SocketAddr::new(IpAddr::V4(ip), PORT), PROBE_TIMEOUT)
-                    .is_ok();
-                if let Some(state) = self.trackers[id].record(ok, THRESHOLDS) {
-                    // Out of the table before its flows are let go; back in
-                    // the table only once it may take flows again.
-                    if state == Health::Down {
-                        self.publish()?;
-                        self.write_backend(id)?;
-                    } else {
-                        self.write_backend(id)?;
-                        self.publish()?;
-                    }
-                    let _ = events.send(Event::Changed(name, state));
-                }
-            }
-            std::thread::sleep(PROBE_INTERVAL);
-        }
-        self.stats()
-    }
-
-    fn stats(&self) -> Result<String> {
-        let mut out = String::new();
-        let svc = self.dp.service_stats(0)?;
-        out += &format!(
-            "  service {VIP}:{PORT}/tcp  packets {}  bytes {}  new flows {}\n",
-            svc.packets, svc.bytes, svc.new_flows
+impl Demo {
+    fn set_up(lb: &Path) -> Result<Demo> {
+        step(
+            1,
+            "building the topology: client, load balancer, 3 backends in namespaces",
         );
-        for (id, (name, ..)) in BACKENDS.iter().enumerate() {
-            let b = self.dp.backend_stats(id as u32)?;
-            out += &format!(
-                "  {name:<10} {:<5} packets {:>6}  bytes {:>8}\n",
-                format!("{:?}", self.trackers[id].state()).to_lowercase(),
-                b.packets,
-                b.bytes
+        let removed = topology::remove_leftovers(
+            Path::new(DIR).join("lb.sock").exists() && {
+                // A live socket means a demo (kept) is running right now.
+                std::os::unix::net::UnixStream::connect(Path::new(DIR).join("lb.sock")).is_ok()
+            },
+        )?;
+        if removed > 0 {
+            println!("  removed {removed} namespaces an interrupted demo left behind");
+        }
+        let dir = PathBuf::from(DIR);
+        if dir.exists() {
+            let _ = crate::netns::run("umount", &[&dir.join("bpffs").to_string_lossy()]);
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("removing a stale {}", dir.display()))?;
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let mut demo = Demo {
+            lb: lb.to_path_buf(),
+            socket: dir.join("lb.sock"),
+            dir,
+            rt,
+            daemon: None,
+            servers: Vec::new(),
+            bpffs: None,
+            topo: None,
+        };
+        let topo = demo.topo.insert(Topology::build()?);
+        demo.servers = BACKENDS
+            .iter()
+            .zip(&topo.backends)
+            .map(|(b, ns)| NameServer::start(ns, b.name, PORT).map(Some))
+            .collect::<Result<_>>()?;
+        println!(
+            "  client {}, load balancer {}, backends 198.18.0.11-13 serving HTTP, VIP {VIP} on their lo",
+            topology::CLIENT,
+            topology::LB
+        );
+        demo.bpffs = Some(PrivateBpffs::mount(&demo.dir.join("bpffs"))?);
+        Ok(demo)
+    }
+
+    fn topo(&self) -> Result<&Topology> {
+        self.topo.as_ref().context("the topology is gone")
+    }
+
+    fn pin_dir(&self) -> PathBuf {
+        self.dir.join("bpffs").join("lb")
+    }
+
+    fn show(&mut self) -> Result<()> {
+        step(2, "lb doctor on the load balancer and the backends");
+        self.doctor()?;
+        check_interrupted()?;
+
+        step(3, "starting lb daemon in the load balancer's namespace");
+        self.start_daemon()?;
+        check_interrupted()?;
+
+        step(
+            4,
+            &format!("{CONNECTIONS} HTTP connections from the client to the VIP"),
+        );
+        self.round(&[])?;
+
+        let victim = &BACKENDS[VICTIM];
+        step(5, &format!("killing {}'s server", victim.name));
+        self.servers[VICTIM] = None;
+        let killed = Instant::now();
+        self.wait_for_health(IpAddr::V4(victim.addr), "down")?;
+        println!(
+            "  the health checker evicted {} {} ms after its server died",
+            victim.name,
+            killed.elapsed().as_millis()
+        );
+        self.round(&[VICTIM])?;
+
+        step(6, &format!("restarting {}'s server", victim.name));
+        let ns = &self.topo()?.backends[VICTIM];
+        self.servers[VICTIM] = Some(NameServer::start(ns, victim.name, PORT)?);
+        let restarted = Instant::now();
+        self.wait_for_health(IpAddr::V4(victim.addr), "up")?;
+        println!(
+            "  re-admitted {} ms after its server came back (rise 2)",
+            restarted.elapsed().as_millis()
+        );
+        self.round(&[])?;
+
+        step(7, "lb stats and lb health, as an operator sees them");
+        for args in [&["stats"][..], &["health"][..]] {
+            println!("$ lb {}", args.join(" "));
+            print!("{}", self.cli(args)?);
+        }
+        Ok(())
+    }
+
+    fn doctor(&self) -> Result<()> {
+        let topo = self.topo()?;
+        let lb = doctor::Request {
+            interfaces: vec!["eth0".into()],
+            xdp_mode: XdpModeSetting::Generic,
+            pin_dir: Some(self.pin_dir()),
+            ..Default::default()
+        };
+        let mut findings = vec![("load balancer", topo.lb.run(|| Ok(doctor::check(&lb)))?)];
+        for (b, ns) in BACKENDS.iter().zip(&topo.backends) {
+            let req = doctor::Request {
+                backend_vips: vec![IpAddr::V4(VIP)],
+                backend_mode: Mode::DsrL2,
+                ..Default::default()
+            };
+            findings.push((b.name, ns.run(|| Ok(doctor::check(&req)))?));
+        }
+        let mut failed = 0;
+        for (host, f) in &findings {
+            println!("  {host}:");
+            for line in doctor::render(f).lines() {
+                println!("    {line}");
+            }
+            failed += f.iter().filter(|f| f.level == doctor::Level::Fail).count();
+        }
+        if failed > 0 {
+            bail!("lb doctor found {failed} problem(s) on the demo's hosts");
+        }
+        Ok(())
+    }
+
+    fn start_daemon(&mut self) -> Result<()> {
+        let config = self.dir.join("lb.toml");
+        std::fs::write(&config, self.config_text())?;
+        let log = std::fs::File::create(self.dir.join("daemon.log"))?;
+        let topo = self.topo()?;
+        let child = topo.lb.spawn_process(
+            Command::new(&self.lb)
+                .args(["daemon", "--config"])
+                .arg(&config)
+                .arg("--pin-dir")
+                .arg(self.pin_dir())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                // Its own process group: Ctrl-C reaches the demo, which
+                // stops the daemon itself, in order.
+                .process_group(0),
+        )?;
+        let pid = child.id();
+        self.daemon = Some(child);
+        let start = Instant::now();
+        self.wait("the daemon to put all 3 backends in the table", |d| {
+            let v = d.call(&Request::Services)?;
+            Ok(v[0]["in_table"] == BACKENDS.len())
+        })?;
+        println!(
+            "  lb daemon (pid {pid}) attached to eth0 (generic XDP) and probing in {} ms",
+            start.elapsed().as_millis()
+        );
+        println!(
+            "  configuration {}; health: {}",
+            config.display(),
+            HEALTH.lines().collect::<Vec<_>>().join(", ")
+        );
+        Ok(())
+    }
+
+    fn config_text(&self) -> String {
+        config(&self.dir)
+    }
+
+    fn call(&self, request: &Request) -> Result<Value> {
+        self.rt.block_on(api::call(&self.socket, request))
+    }
+
+    /// Runs the CLI against the demo's daemon and returns what it printed.
+    fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(&self.lb)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .context("running lb")?;
+        if !out.status.success() {
+            bail!(
+                "lb {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
             );
         }
-        for (c, v) in self.dp.counters()? {
-            if v > 0 || c == Counter::DropNoBackend {
-                out += &format!("  {:<24} {v}\n", c.name());
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Polls `done` until it holds; fails after [`EVENT_TIMEOUT`] with the
+    /// daemon's last log lines.
+    fn wait(&mut self, what: &str, mut done: impl FnMut(&Demo) -> Result<bool>) -> Result<()> {
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        loop {
+            check_interrupted()?;
+            if let Some(c) = self.daemon.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                bail!("lb daemon exited ({status}):\n{}", self.log_tail());
+            }
+            if done(self).unwrap_or(false) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "waited {EVENT_TIMEOUT:?} for {what}; the daemon's log ends:\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    fn wait_for_health(&mut self, backend: IpAddr, want: &str) -> Result<()> {
+        self.wait(&format!("{backend} to be {want}"), |d| {
+            let rows: Vec<BackendRow> = serde_json::from_value(d.call(&Request::Health)?)?;
+            Ok(rows
+                .iter()
+                .any(|r| r.address == backend && r.health == want))
+        })
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    /// Sends a round of connections and prints the spread; `out` are the
+    /// backends expected to get none.
+    fn round(&self, out: &[usize]) -> Result<()> {
+        let to = SocketAddr::new(IpAddr::V4(VIP), PORT);
+        let (tally, failed) = self.topo()?.client.run(|| {
+            let mut tally = BTreeMap::new();
+            let mut failed = 0;
+            for _ in 0..CONNECTIONS {
+                check_interrupted()?;
+                match server::http_get(to) {
+                    Ok(name) => *tally.entry(name).or_insert(0usize) += 1,
+                    Err(_) => failed += 1,
+                }
+            }
+            Ok((tally, failed))
+        })?;
+        let rows: Vec<chart::Row<'_>> = BACKENDS
+            .iter()
+            .enumerate()
+            .map(|(i, b)| chart::Row {
+                name: b.name,
+                weight: if out.contains(&i) { 0 } else { b.weight },
+                count: tally.get(b.name).copied().unwrap_or(0),
+            })
+            .collect();
+        print!("{}", chart::render(&rows));
+        println!("  {} answered, {failed} failed", CONNECTIONS - failed);
+        if failed > 0 {
+            bail!("{failed} of {CONNECTIONS} connections failed");
+        }
+        for &i in out {
+            if tally.contains_key(BACKENDS[i].name) {
+                bail!("{} answered while out of rotation", BACKENDS[i].name);
             }
         }
-        Ok(out)
+        Ok(())
     }
+
+    /// Leaves everything running until Ctrl-C, saying how to explore it.
+    fn keep(&mut self) -> Result<()> {
+        let lb = self.lb.display();
+        println!(
+            "\nThe demo stays up until Ctrl-C here. In another terminal (as root):\n\
+             \n  export LB_SOCKET={socket}\
+             \n  {lb} stats --watch                      # per-second rates\
+             \n  {lb} backend drain web 198.18.0.12      # new flows avoid it, established ones finish\
+             \n  {lb} backend enable web 198.18.0.12\
+             \n  {lb} backend set-weight web 198.18.0.11 4\
+             \n  {lb} explain 198.18.0.1:40000 web       # which backend a flow goes to, and why\
+             \n  ip netns exec {client} curl -s http://{VIP}/\
+             \n  cat {log}\
+             \n\nCtrl-C here stops the daemon and removes every namespace, mount and file.",
+            socket = self.socket.display(),
+            client = self.topo()?.client.name,
+            log = self.dir.join("daemon.log").display(),
+        );
+        while !INTERRUPTED.load(Ordering::Relaxed) {
+            if let Some(c) = self.daemon.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                bail!("lb daemon exited ({status}):\n{}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        println!("\nCtrl-C: tearing down");
+        Ok(())
+    }
+}
+
+/// How long the daemon gets to exit on SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            // SAFETY: kill(2) on the PID of the child we started and have
+            // not reaped.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + STOP_GRACE;
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(POLL);
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.servers.clear();
+        // Unpinning the link detaches the program; then the mount goes.
+        drop(self.bpffs.take());
+        drop(self.topo.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Hosts the demo made that are still there (for tests of its cleanup).
+pub fn leftovers() -> Vec<String> {
+    topology::leftovers()
 }

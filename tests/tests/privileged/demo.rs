@@ -1,12 +1,82 @@
 //! The README's first command runs `lb demo`: it must pass end to end
-//! (topology, weighted spread, eviction, re-admission) and leave nothing behind.
+//! (doctor, weighted spread, eviction, re-admission, stats and health) and
+//! leave nothing behind, also when interrupted with Ctrl-C.
 
-use lb_tests::privileged;
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+};
+
+use lb_tests::{daemon::lb_binary, privileged};
+
+fn demo_output(args: &[&str]) -> (bool, String) {
+    let out = Command::new(lb_binary().unwrap())
+        .arg("demo")
+        .args(args)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn assert_nothing_left() {
+    assert!(
+        lb::demo::leftovers().is_empty(),
+        "namespaces left: {:?}",
+        lb::demo::leftovers()
+    );
+    assert!(!std::path::Path::new(lb::demo::DIR).exists());
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(!mounts.contains(lb::demo::DIR), "{mounts}");
+}
 
 #[test]
-fn the_demo_runs_end_to_end() {
+fn the_demo_runs_end_to_end_and_is_interrupted_cleanly() {
     if !privileged() {
         return;
     }
-    lb::demo::run().unwrap();
+    let _demo = lb_tests::demo_lock();
+    let (ok, text) = demo_output(&[]);
+    println!("{text}");
+    assert!(ok, "lb demo failed:\n{text}");
+    for line in [
+        "[2/7] lb doctor",
+        "ARP for the VIP is suppressed",
+        "lb daemon (pid",
+        "the health checker evicted backend-2",
+        "re-admitted",
+        "$ lb stats",
+        "forward_dsr",
+        "$ lb health",
+        "done: every namespace",
+    ] {
+        assert!(text.contains(line), "demo output lacks {line:?}");
+    }
+    assert_eq!(text.matches("300 answered, 0 failed").count(), 3);
+    assert_nothing_left();
+
+    // Ctrl-C in the middle: exit 1, a clear message, nothing left.
+    let mut child = Command::new(lb_binary().unwrap())
+        .arg("demo")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("[4/7]") {
+            break;
+        }
+    }
+    // Keep reading: a closed pipe would fail the demo's next print.
+    let rest = std::thread::spawn(move || lines.count());
+    // SAFETY: kill(2) on the PID of the child we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    rest.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    assert_nothing_left();
 }

@@ -11,4 +11,5 @@ mod conntrack;
 mod daemon;
 mod demo;
 mod fixtures;
+mod readme;
 mod topology;

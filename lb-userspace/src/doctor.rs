@@ -1,0 +1,648 @@
+//! `lb doctor`: checks a host before lb attaches to it, or a backend before
+//! it takes traffic, and says for each problem the command that fixes it.
+//!
+//! Gathering facts (commands, /proc, a trial attach) is kept apart from
+//! judging them: [`assess_interface`], [`assess_host`] and
+//! [`assess_backend`] are pure and tested on their own.
+
+use std::{net::IpAddr, path::Path, process::Command};
+
+use anyhow::{Context as _, Result};
+use aya::programs::XdpMode;
+use lb_common::maps::{PROG_DECAP, PROG_LB};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::{
+    config::{Mode, XdpModeSetting},
+    dataplane::{Capacity, Dataplane},
+};
+
+/// How serious a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    /// As it should be.
+    Ok,
+    /// Works, but worse than it could (or will be fixed by lb itself).
+    Warn,
+    /// lb cannot work as configured until this is fixed.
+    Fail,
+}
+
+/// One check's result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    /// What was checked (`eth0: gro`, `bpffs`, ...).
+    pub check: String,
+    /// How it went.
+    pub level: Level,
+    /// What was found.
+    pub detail: String,
+    /// The command that fixes it, when not Ok.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+fn ok(check: impl Into<String>, detail: impl Into<String>) -> Finding {
+    Finding {
+        check: check.into(),
+        level: Level::Ok,
+        detail: detail.into(),
+        fix: None,
+    }
+}
+
+fn problem(
+    level: Level,
+    check: impl Into<String>,
+    detail: impl Into<String>,
+    fix: impl Into<String>,
+) -> Finding {
+    Finding {
+        check: check.into(),
+        level,
+        detail: detail.into(),
+        fix: Some(fix.into()),
+    }
+}
+
+/// What lb needs to know of an interface it will attach to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InterfaceFacts {
+    /// Interface name.
+    pub name: String,
+    /// It exists.
+    pub exists: bool,
+    /// Its driver (`ethtool -i`).
+    pub driver: Option<String>,
+    /// Name of an XDP program attached to it now, if any.
+    pub attached: Option<String>,
+    /// A trial attach in driver (native) mode worked; `None` if not tried
+    /// (a program is attached already).
+    pub native: Option<bool>,
+    /// Large receive offload is on.
+    pub lro: bool,
+    /// Generic receive offload is on.
+    pub gro: bool,
+}
+
+/// Host-wide facts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostFacts {
+    /// A bpffs is mounted at the pin directory's parent.
+    pub bpffs: bool,
+    /// Where pins go.
+    pub pin_root: String,
+    /// Kernel version (major, minor).
+    pub kernel: (u32, u32),
+    /// RLIMIT_MEMLOCK in bytes; `None` is unlimited.
+    pub memlock: Option<u64>,
+}
+
+/// What a backend of a service needs, as found on the backend host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackendFacts {
+    /// The VIP.
+    pub vip: Option<IpAddr>,
+    /// The VIP is on a loopback interface.
+    pub vip_on_lo: bool,
+    /// `net.ipv4.conf.all.arp_ignore`.
+    pub arp_ignore: u32,
+    /// `net.ipv4.conf.all.arp_announce`.
+    pub arp_announce: u32,
+    /// Effective rp_filter where decapsulated packets arrive (max of `all`
+    /// and the interface's).
+    pub rp_filter: u32,
+    /// lb's decapsulator is attached to an interface.
+    pub decap_attached: bool,
+    /// The kernel's `tunl0` (IPv4) or `ip6tnl0` (IPv6) is up.
+    pub kernel_tunnel_up: bool,
+}
+
+/// Kernel from which BPF memory is charged to the cgroup, not RLIMIT_MEMLOCK.
+const MEMCG_ACCOUNTING: (u32, u32) = (5, 11);
+
+/// Judges one interface for `mode`.
+pub fn assess_interface(f: &InterfaceFacts, mode: XdpModeSetting) -> Vec<Finding> {
+    let n = &f.name;
+    if !f.exists {
+        return vec![problem(
+            Level::Fail,
+            format!("{n}: exists"),
+            format!("there is no interface {n}"),
+            "ip link   # then name an existing interface in settings.interfaces",
+        )];
+    }
+    let mut out = Vec::new();
+    let driver = f.driver.as_deref().unwrap_or("unknown driver");
+    out.push(match (&f.attached, f.native) {
+        (Some(p), _) if p == PROG_LB => ok(
+            format!("{n}: xdp"),
+            format!("lb is attached already ({driver})"),
+        ),
+        (Some(p), _) => problem(
+            Level::Fail,
+            format!("{n}: xdp"),
+            format!("another XDP program ({p}) is attached"),
+            format!("ip link set dev {n} xdp off   # if nothing else needs it"),
+        ),
+        (None, Some(true)) if mode == XdpModeSetting::Generic => problem(
+            Level::Warn,
+            format!("{n}: xdp mode"),
+            format!("{driver} supports native XDP but generic mode is configured"),
+            "set xdp_mode = \"native\" (or \"auto\") in [settings] for driver-speed forwarding",
+        ),
+        (None, Some(true)) => ok(
+            format!("{n}: xdp mode"),
+            format!("{driver} supports native XDP"),
+        ),
+        (None, Some(false)) if mode == XdpModeSetting::Native => problem(
+            Level::Fail,
+            format!("{n}: xdp mode"),
+            format!("{driver} refused native XDP, which the configuration requires"),
+            "set xdp_mode = \"auto\" or \"generic\" in [settings]",
+        ),
+        (None, Some(false)) => problem(
+            Level::Warn,
+            format!("{n}: xdp mode"),
+            format!("{driver} has no native XDP: generic mode, several times slower"),
+            "use a NIC whose driver has XDP (ixgbe, i40e, ice, mlx5, virtio_net, ...)",
+        ),
+        (None, None) => ok(format!("{n}: xdp mode"), "not probed"),
+    });
+    if f.lro {
+        out.push(problem(
+            Level::Fail,
+            format!("{n}: lro"),
+            "large receive offload merges packets before XDP sees them",
+            format!("ethtool -K {n} lro off"),
+        ));
+    }
+    let generic = mode == XdpModeSetting::Generic || f.native == Some(false);
+    if f.gro && generic {
+        out.push(problem(
+            Level::Warn,
+            format!("{n}: gro"),
+            "generic XDP runs after GRO: merged packets exceed the MTU when forwarded",
+            format!("ethtool -K {n} gro off"),
+        ));
+    }
+    out
+}
+
+/// Judges the host.
+pub fn assess_host(h: &HostFacts) -> Vec<Finding> {
+    let mut out = vec![if h.bpffs {
+        ok("bpffs", format!("mounted at {}", h.pin_root))
+    } else {
+        problem(
+            Level::Warn,
+            "bpffs",
+            format!(
+                "nothing mounted at {} (lb daemon mounts it itself)",
+                h.pin_root
+            ),
+            format!("mount -t bpf bpf {}", h.pin_root),
+        )
+    }];
+    out.push(if h.kernel >= MEMCG_ACCOUNTING || h.memlock.is_none() {
+        ok(
+            "memlock",
+            format!(
+                "kernel {}.{} charges BPF memory to the cgroup",
+                h.kernel.0, h.kernel.1
+            ),
+        )
+    } else {
+        problem(
+            Level::Fail,
+            "memlock",
+            format!(
+                "kernel {}.{} limits BPF maps to RLIMIT_MEMLOCK ({} KiB)",
+                h.kernel.0,
+                h.kernel.1,
+                h.memlock.unwrap_or(0) / 1024
+            ),
+            "ulimit -l unlimited   # LimitMEMLOCK=infinity in the systemd unit",
+        )
+    });
+    out
+}
+
+/// Judges a backend host for a service of `mode`.
+pub fn assess_backend(b: &BackendFacts, mode: Mode) -> Vec<Finding> {
+    let Some(vip) = b.vip else {
+        return Vec::new();
+    };
+    let (plen, v6) = if vip.is_ipv6() {
+        (128, "-6 ")
+    } else {
+        (32, "")
+    };
+    let mut out = vec![if b.vip_on_lo {
+        ok(format!("{vip}: on lo"), "the backend accepts the VIP")
+    } else {
+        problem(
+            Level::Fail,
+            format!("{vip}: on lo"),
+            "the VIP is not on a loopback interface: the backend drops what lb sends",
+            format!("ip {v6}addr add {vip}/{plen} dev lo"),
+        )
+    }];
+    if vip.is_ipv4() && mode == Mode::DsrL2 {
+        out.push(if b.arp_ignore >= 1 && b.arp_announce >= 2 {
+            ok(format!("{vip}: arp"), "ARP for the VIP is suppressed")
+        } else {
+            problem(
+                Level::Fail,
+                format!("{vip}: arp"),
+                format!(
+                    "arp_ignore {} arp_announce {}: the backend answers ARP for the VIP and steals it from lb",
+                    b.arp_ignore, b.arp_announce
+                ),
+                "sysctl -w net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2",
+            )
+        });
+    }
+    if mode == Mode::Ipip {
+        out.push(if b.decap_attached {
+            ok(format!("{vip}: decap"), "lb_decap is attached")
+        } else if b.kernel_tunnel_up {
+            ok(format!("{vip}: decap"), "the kernel's tunnel device is up")
+        } else {
+            let dev = if vip.is_ipv6() { "ip6tnl0" } else { "tunl0" };
+            let module = if vip.is_ipv6() { "ip6_tunnel" } else { "ipip" };
+            problem(
+                Level::Fail,
+                format!("{vip}: decap"),
+                "nothing decapsulates the IPIP packets lb sends",
+                format!("modprobe {module} && ip link set {dev} up"),
+            )
+        });
+        out.push(if b.rp_filter == 1 {
+            problem(
+                Level::Fail,
+                format!("{vip}: rp_filter"),
+                "strict rp_filter drops decapsulated packets from clients",
+                "sysctl -w net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.tunl0.rp_filter=2",
+            )
+        } else {
+            ok(
+                format!("{vip}: rp_filter"),
+                format!("rp_filter {}", b.rp_filter),
+            )
+        });
+    }
+    out
+}
+
+// ---- gathering facts --------------------------------------------------------
+
+fn command_output(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn sysctl(path: &str) -> u32 {
+    std::fs::read_to_string(Path::new("/proc/sys").join(path))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The name of the XDP program attached to `link` (an `ip -j -d link` entry).
+fn attached_program(link: &Value) -> Option<String> {
+    let xdp = link.get("xdp")?;
+    let prog = xdp
+        .get("prog")
+        .or_else(|| xdp.get("attached")?.as_array()?.first()?.get("prog"))?;
+    Some(prog.get("name")?.as_str().unwrap_or("unnamed").to_string())
+}
+
+fn link(name: &str) -> Option<Value> {
+    let text = command_output("ip", &["-j", "-d", "link", "show", "dev", name])?;
+    let v: Value = serde_json::from_str(&text).ok()?;
+    v.as_array()?.first().cloned()
+}
+
+fn offload(name: &str, feature: &str) -> bool {
+    command_output("ethtool", &["-k", name]).is_some_and(|t| {
+        t.lines()
+            .any(|l| l.trim_start().starts_with(feature) && l.contains(": on"))
+    })
+}
+
+/// Gathers an interface's facts. With `probe_native`, tries attaching lb's
+/// program in driver mode for a moment (detached at once; it forwards
+/// nothing, having no services) when no program is attached.
+pub fn interface_facts(name: &str, probe_native: bool) -> InterfaceFacts {
+    let Some(l) = link(name) else {
+        return InterfaceFacts {
+            name: name.into(),
+            ..Default::default()
+        };
+    };
+    let attached = attached_program(&l);
+    let native = (probe_native && attached.is_none()).then(|| try_native(name).is_ok());
+    InterfaceFacts {
+        name: name.into(),
+        exists: true,
+        driver: command_output("ethtool", &["-i", name]).and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("driver: ").map(str::to_string))
+        }),
+        attached,
+        native,
+        lro: offload(name, "large-receive-offload"),
+        gro: offload(name, "generic-receive-offload"),
+    }
+}
+
+/// The smallest maps the object loads with: the trial attach forwards nothing.
+const PROBE_CAPACITY: Capacity = Capacity {
+    max_services: 1,
+    max_backends: 1,
+    conntrack_entries: 64,
+    ring_size: 2,
+};
+
+fn try_native(name: &str) -> Result<()> {
+    let mut dp = Dataplane::load(PROBE_CAPACITY)?;
+    let prog = dp.program(PROG_LB)?;
+    let id = prog
+        .attach(name, XdpMode::Driver)
+        .context("native attach")?;
+    prog.detach(id).context("detaching the trial program")?;
+    Ok(())
+}
+
+/// Gathers the host's facts for pins under `pin_dir`.
+pub fn host_facts(pin_dir: &Path) -> HostFacts {
+    let pin_root = pin_dir.parent().unwrap_or(pin_dir).to_path_buf();
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let bpffs = mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, at, kind) = (f.next(), f.next(), f.next());
+        kind == Some("bpf") && at.map(Path::new) == Some(pin_root.as_path())
+    });
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse().unwrap_or(0));
+    let kernel = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    let memlock = if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } == 0
+        && lim.rlim_cur != libc::RLIM_INFINITY
+    {
+        Some(lim.rlim_cur)
+    } else {
+        None
+    };
+    HostFacts {
+        bpffs,
+        pin_root: pin_root.display().to_string(),
+        kernel,
+        memlock,
+    }
+}
+
+/// Gathers a backend host's facts for `vip`.
+pub fn backend_facts(vip: IpAddr) -> BackendFacts {
+    let family = if vip.is_ipv6() { "-6" } else { "-4" };
+    let lo_addrs = command_output("ip", &["-j", family, "addr", "show", "dev", "lo"])
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .unwrap_or(Value::Null);
+    let vip_on_lo = lo_addrs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l.get("addr_info")?.as_array())
+        .flatten()
+        .any(|a| a.get("local").and_then(Value::as_str) == Some(&vip.to_string()));
+    let links = command_output("ip", &["-j", "-d", "link", "show"])
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .unwrap_or(Value::Null);
+    let links = links.as_array().cloned().unwrap_or_default();
+    let decap_attached = links
+        .iter()
+        .any(|l| attached_program(l).as_deref() == Some(PROG_DECAP));
+    let tunnel = if vip.is_ipv6() { "ip6tnl0" } else { "tunl0" };
+    let kernel_tunnel_up = links.iter().any(|l| {
+        l.get("ifname").and_then(Value::as_str) == Some(tunnel)
+            && l.get("flags")
+                .and_then(Value::as_array)
+                .is_some_and(|f| f.iter().any(|x| x == "UP"))
+    });
+    BackendFacts {
+        vip: Some(vip),
+        vip_on_lo,
+        arp_ignore: sysctl("net/ipv4/conf/all/arp_ignore"),
+        arp_announce: sysctl("net/ipv4/conf/all/arp_announce"),
+        rp_filter: sysctl("net/ipv4/conf/all/rp_filter")
+            .max(sysctl(&format!("net/ipv4/conf/{tunnel}/rp_filter"))),
+        decap_attached,
+        kernel_tunnel_up,
+    }
+}
+
+/// What `lb doctor` was asked to check.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    /// Interfaces the load balancer attaches to, and in which mode.
+    pub interfaces: Vec<String>,
+    /// The configured XDP mode.
+    pub xdp_mode: XdpModeSetting,
+    /// Where the daemon pins (checks the bpffs mount); only with interfaces.
+    pub pin_dir: Option<std::path::PathBuf>,
+    /// VIPs this host serves as a backend, and their services' mode.
+    pub backend_vips: Vec<IpAddr>,
+    /// Mode of the services the VIPs belong to.
+    pub backend_mode: Mode,
+}
+
+/// Runs every check asked for.
+pub fn check(r: &Request) -> Vec<Finding> {
+    let mut out = Vec::new();
+    if let Some(pins) = &r.pin_dir {
+        out.extend(assess_host(&host_facts(pins)));
+    }
+    for i in &r.interfaces {
+        // Probed in generic mode too: the report says when native would work.
+        out.extend(assess_interface(&interface_facts(i, true), r.xdp_mode));
+    }
+    for vip in &r.backend_vips {
+        out.extend(assess_backend(&backend_facts(*vip), r.backend_mode));
+    }
+    out
+}
+
+/// Renders findings as a table with each fix under its problem.
+pub fn render(findings: &[Finding]) -> String {
+    let width = findings.iter().map(|f| f.check.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for f in findings {
+        let tag = match f.level {
+            Level::Ok => "ok  ",
+            Level::Warn => "WARN",
+            Level::Fail => "FAIL",
+        };
+        out += &format!("{tag}  {:<width$}  {}\n", f.check, f.detail);
+        if let Some(fix) = &f.fix {
+            out += &format!("      {:<width$}  fix: {fix}\n", "");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iface() -> InterfaceFacts {
+        InterfaceFacts {
+            name: "eth0".into(),
+            exists: true,
+            driver: Some("veth".into()),
+            attached: None,
+            native: Some(true),
+            lro: false,
+            gro: false,
+        }
+    }
+
+    fn levels(f: &[Finding]) -> Vec<Level> {
+        f.iter().map(|f| f.level).collect()
+    }
+
+    #[test]
+    fn a_good_interface_passes_and_each_problem_names_its_fix() {
+        assert_eq!(
+            levels(&assess_interface(&iface(), XdpModeSetting::Auto)),
+            [Level::Ok]
+        );
+        let missing = InterfaceFacts {
+            exists: false,
+            ..iface()
+        };
+        assert_eq!(
+            levels(&assess_interface(&missing, XdpModeSetting::Auto)),
+            [Level::Fail]
+        );
+        let lro = InterfaceFacts {
+            lro: true,
+            ..iface()
+        };
+        let f = assess_interface(&lro, XdpModeSetting::Auto);
+        assert_eq!(f[1].fix.as_deref(), Some("ethtool -K eth0 lro off"));
+        // GRO only matters in generic mode.
+        let gro = InterfaceFacts {
+            gro: true,
+            ..iface()
+        };
+        assert_eq!(assess_interface(&gro, XdpModeSetting::Auto).len(), 1);
+        let f = assess_interface(&gro, XdpModeSetting::Generic);
+        assert_eq!(levels(&f), [Level::Warn, Level::Warn]);
+        assert_eq!(f[1].fix.as_deref(), Some("ethtool -K eth0 gro off"));
+        let no_native = InterfaceFacts {
+            native: Some(false),
+            ..iface()
+        };
+        assert_eq!(
+            levels(&assess_interface(&no_native, XdpModeSetting::Native)),
+            [Level::Fail]
+        );
+        assert_eq!(
+            levels(&assess_interface(&no_native, XdpModeSetting::Auto)),
+            [Level::Warn]
+        );
+        let other = InterfaceFacts {
+            attached: Some("xdp_firewall".into()),
+            ..iface()
+        };
+        assert_eq!(
+            levels(&assess_interface(&other, XdpModeSetting::Auto)),
+            [Level::Fail]
+        );
+    }
+
+    #[test]
+    fn host_checks() {
+        let good = HostFacts {
+            bpffs: true,
+            pin_root: "/sys/fs/bpf".into(),
+            kernel: (6, 1),
+            memlock: Some(8 << 20),
+        };
+        assert_eq!(levels(&assess_host(&good)), [Level::Ok, Level::Ok]);
+        let old = HostFacts {
+            bpffs: false,
+            kernel: (5, 4),
+            ..good
+        };
+        let f = assess_host(&old);
+        assert_eq!(levels(&f), [Level::Warn, Level::Fail]);
+        assert_eq!(f[0].fix.as_deref(), Some("mount -t bpf bpf /sys/fs/bpf"));
+    }
+
+    #[test]
+    fn backend_checks_per_mode() {
+        let vip: IpAddr = "198.18.1.1".parse().unwrap();
+        let good = BackendFacts {
+            vip: Some(vip),
+            vip_on_lo: true,
+            arp_ignore: 1,
+            arp_announce: 2,
+            rp_filter: 0,
+            decap_attached: false,
+            kernel_tunnel_up: true,
+        };
+        assert_eq!(
+            levels(&assess_backend(&good, Mode::DsrL2)),
+            [Level::Ok, Level::Ok]
+        );
+        assert_eq!(
+            levels(&assess_backend(&good, Mode::Ipip)),
+            [Level::Ok, Level::Ok, Level::Ok]
+        );
+        let bare = BackendFacts {
+            vip: Some(vip),
+            rp_filter: 1,
+            ..Default::default()
+        };
+        let f = assess_backend(&bare, Mode::DsrL2);
+        assert_eq!(levels(&f), [Level::Fail, Level::Fail]);
+        assert_eq!(
+            f[0].fix.as_deref(),
+            Some("ip addr add 198.18.1.1/32 dev lo")
+        );
+        let f = assess_backend(&bare, Mode::Ipip);
+        assert_eq!(levels(&f), [Level::Fail, Level::Fail, Level::Fail]);
+        assert_eq!(
+            f[1].fix.as_deref(),
+            Some("modprobe ipip && ip link set tunl0 up")
+        );
+    }
+
+    #[test]
+    fn reads_the_attached_program_from_ip_json() {
+        let single: Value = serde_json::from_str(
+            r#"{"ifname":"eth0","xdp":{"mode":2,"prog":{"id":7,"name":"lb_xdp"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(attached_program(&single).as_deref(), Some("lb_xdp"));
+        let multi: Value = serde_json::from_str(
+            r#"{"xdp":{"attached":[{"mode":1,"prog":{"id":9,"name":"lb_decap"}}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(attached_program(&multi).as_deref(), Some("lb_decap"));
+        assert_eq!(attached_program(&serde_json::json!({"ifname":"lo"})), None);
+    }
+}
