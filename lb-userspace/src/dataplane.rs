@@ -109,6 +109,45 @@ pub struct Dataplane {
     backend_stats: PerCpuArray<MapData, BackendStats>,
     decap_addrs: HashMap<MapData, AddrKey, u32>,
     decap_counters: PerCpuArray<MapData, u64>,
+    attachments: std::collections::BTreeMap<String, Attachment>,
+}
+
+/// Bytes of a map or program name the kernel keeps (BPF_OBJ_NAME_LEN - 1).
+const KERNEL_NAME_LEN: usize = 15;
+
+/// An interface the program is attached to.
+struct Attachment {
+    mode: XdpMode,
+    pin: Option<PathBuf>,
+    /// The interface's index when attached: another index means the
+    /// interface was removed and re-created, which detaches XDP.
+    ifindex: u32,
+    /// The link, held open so that it survives its pin being removed.
+    link: Option<FdLink>,
+    /// Its disappearance has been reported.
+    gone: bool,
+}
+
+/// What [`Dataplane::repair`] found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Repair {
+    /// The interface is gone; it is attached again when it returns.
+    InterfaceGone(String),
+    /// The interface came back (re-created) and the program is attached again.
+    Reattached(String),
+    /// The interface's link pin had been removed and is pinned again.
+    LinkRepinned(String),
+    /// These map pins had been removed and are pinned again.
+    MapsRepinned(Vec<&'static str>),
+}
+
+/// The index of interface `name`, 0 if there is none.
+fn ifindex(name: &str) -> u32 {
+    match std::ffi::CString::new(name) {
+        // SAFETY: a valid NUL-terminated string; the call only reads it.
+        Ok(c) => unsafe { libc::if_nametoindex(c.as_ptr()) },
+        Err(_) => 0,
+    }
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
@@ -281,6 +320,7 @@ impl Dataplane {
             backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
             decap_addrs: take(&mut ebpf, names::DECAP_ADDRS)?,
             decap_counters: take(&mut ebpf, names::DECAP_COUNTERS)?,
+            attachments: Default::default(),
             ebpf,
             capacity,
         };
@@ -313,10 +353,11 @@ impl Dataplane {
     /// Attaches the load balancer to `iface`. With `pin`, the XDP link is
     /// pinned at that path so it outlives this process; an existing pinned
     /// link there is switched to this program atomically (no packet sees the
-    /// interface without a program).
+    /// interface without a program). The link stays open here too, so it
+    /// survives its pin being removed (see [`Dataplane::repair`]).
     pub fn attach(&mut self, iface: &str, mode: XdpMode, pin: Option<&Path>) -> Result<()> {
         let prog = self.program(names::PROG_LB)?;
-        match pin {
+        let id = match pin {
             Some(path) if path.exists() => {
                 let link: FdLink = PinnedLink::from_pin(path)
                     .with_context(|| format!("opening pinned link {}", path.display()))?
@@ -324,20 +365,117 @@ impl Dataplane {
                 let link = XdpLink::try_from(link).context("pinned link is not an XDP link")?;
                 prog.attach_to_link(link).with_context(|| {
                     format!("switching {iface}'s pinned link to the new program")
-                })?;
+                })?
             }
-            Some(path) => {
-                let id = prog
-                    .attach(iface, mode)
-                    .with_context(|| format!("attaching to {iface} ({mode:?})"))?;
-                let link: FdLink = prog.take_link(id)?.try_into()?;
-                link.pin(path)
-                    .with_context(|| format!("pinning the link at {}", path.display()))?;
+            _ => prog
+                .attach(iface, mode)
+                .with_context(|| format!("attaching to {iface} ({mode:?})"))?,
+        };
+        let mut link: FdLink = prog.take_link(id)?.try_into()?;
+        if let Some(path) = pin
+            && !path.exists()
+        {
+            link = link
+                .pin(path)
+                .with_context(|| format!("pinning the link at {}", path.display()))?
+                .into();
+        }
+        self.attachments.insert(
+            iface.to_string(),
+            Attachment {
+                mode,
+                pin: pin.map(Path::to_path_buf),
+                ifindex: ifindex(iface),
+                link: Some(link),
+                gone: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// Repairs what happened to the data plane under the daemon, and says
+    /// what it did: an interface removed and re-created (which detaches XDP)
+    /// is attached again; a removed link pin is pinned again from the link
+    /// this process holds open; removed map pins (under `pin_dir`) are pinned
+    /// again, so a later daemon still adopts the state.
+    pub fn repair(&mut self, pin_dir: Option<&Path>) -> Result<Vec<Repair>> {
+        let mut done = Vec::new();
+        let mut reattach = Vec::new();
+        for (iface, a) in &mut self.attachments {
+            let now = ifindex(iface);
+            if now == 0 {
+                if !a.gone {
+                    a.gone = true;
+                    done.push(Repair::InterfaceGone(iface.clone()));
+                }
+            } else if now != a.ifindex {
+                reattach.push((iface.clone(), a.mode, a.pin.clone()));
+            } else if let Some(path) = &a.pin
+                && !path.exists()
+                && let Some(link) = a.link.take()
+            {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                // On failure the link closes with its fd: the interface is
+                // then attached again below, on the next repair.
+                match link.pin(path) {
+                    Ok(pinned) => {
+                        a.link = Some(pinned.into());
+                        done.push(Repair::LinkRepinned(iface.clone()));
+                    }
+                    Err(e) => {
+                        a.ifindex = 0;
+                        bail!("re-pinning {iface}'s link at {}: {e}", path.display());
+                    }
+                }
             }
-            None => {
-                prog.attach(iface, mode)
-                    .with_context(|| format!("attaching to {iface} ({mode:?})"))?;
+        }
+        for (iface, mode, pin) in reattach {
+            // The old link died with the old interface; its pin is stale.
+            self.attachments.remove(&iface);
+            if let Some(path) = &pin {
+                let _ = std::fs::remove_file(path);
             }
+            self.attach(&iface, mode, pin.as_deref())?;
+            done.push(Repair::Reattached(iface));
+        }
+        if let Some(dir) = pin_dir {
+            let missing: Vec<&'static str> = ALL_MAPS
+                .iter()
+                .copied()
+                .filter(|n| !dir.join(n).exists())
+                .collect();
+            if !missing.is_empty() {
+                std::fs::create_dir_all(dir)?;
+                self.pin_maps(dir, &missing)?;
+                done.push(Repair::MapsRepinned(missing));
+            }
+        }
+        Ok(done)
+    }
+
+    /// Pins the maps named in `which` under `dir`, found among the maps the
+    /// loaded programs use (the kernel keeps only the first
+    /// [`KERNEL_NAME_LEN`] bytes of a map's name).
+    fn pin_maps(&mut self, dir: &Path, which: &[&str]) -> Result<()> {
+        let mut ids = Vec::new();
+        for prog in [names::PROG_LB, names::PROG_DECAP] {
+            ids.extend(self.program(prog)?.info()?.map_ids()?.unwrap_or_default());
+        }
+        for name in which {
+            let short = &name[..name.len().min(KERNEL_NAME_LEN)];
+            let id = ids
+                .iter()
+                .copied()
+                .find(|id| {
+                    aya::maps::MapInfo::from_id(*id)
+                        .is_ok_and(|info| info.name_as_str() == Some(short))
+                })
+                .with_context(|| format!("map {name} is not among the programs' maps"))?;
+            MapData::from_id(id)?
+                .pin(dir.join(name))
+                .with_context(|| format!("pinning {name}"))?;
         }
         Ok(())
     }

@@ -51,7 +51,42 @@ fn commands_without_a_daemon_say_what_to_do() {
 }
 
 #[test]
-fn usage_errors_exit_2() {
-    let (code, _, _) = lb(&["backend", "set-weight", "web", "not-an-ip", "3"]);
-    assert_eq!(code, 2);
+fn usage_errors_exit_2_and_name_the_value() {
+    for (args, says) in [
+        (
+            &["backend", "set-weight", "web", "not-an-ip", "3"][..],
+            "invalid IP address syntax",
+        ),
+        (
+            &["service", "add", "dns", "198.18.1.2/udp"][..],
+            "is not VIP:PORT/PROTO",
+        ),
+        (
+            &["service", "add", "dns", "198.18.1.2:53/sctp"][..],
+            "unknown variant `sctp`",
+        ),
+        (
+            &[
+                "service",
+                "add",
+                "dns",
+                "198.18.1.2:53/udp",
+                "--mode",
+                "nat",
+            ][..],
+            "unknown variant `nat`",
+        ),
+        (
+            &["backend", "add", "web", "198.18.0.11", "--weight", "x"][..],
+            "invalid digit",
+        ),
+        (
+            &["explain", "198.18.0.1", "web"][..],
+            "invalid socket address",
+        ),
+    ] {
+        let (code, _, err) = lb(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
 }

@@ -35,7 +35,8 @@ pub struct Lan {
     pub client: Netns,
     /// The load balancer.
     pub lb: Netns,
-    _switch: Netns,
+    /// The bridge's namespace.
+    switch: Netns,
 }
 
 impl Lan {
@@ -52,13 +53,7 @@ impl Lan {
             "02:00:00:00:00:01",
             &["198.18.0.1/24", "2001:2::1/64"],
         )?;
-        netns::plug(
-            &switch,
-            "plb",
-            &lb,
-            "02:00:00:00:00:02",
-            &["198.18.0.2/24", "2001:2::2/64"],
-        )?;
+        plug_lb(&switch, &lb)?;
         client.ip(&["route", "add", "198.18.1.0/24", "via", "198.18.0.2"])?;
         client.ip(&["-6", "route", "add", "2001:2:1::/64", "via", "2001:2::2"])?;
         let mut backends = Vec::new();
@@ -90,12 +85,32 @@ impl Lan {
             backends,
             client,
             lb,
-            _switch: switch,
+            switch,
         })
     }
 }
 
+/// The load balancer's port on the switch, its MAC and addresses.
+const LB_PORT: &str = "plb";
+const LB_MAC: &str = "02:00:00:00:00:02";
+const LB_ADDRS: [&str; 2] = ["198.18.0.2/24", "2001:2::2/64"];
+
+fn plug_lb(switch: &Netns, lb: &Netns) -> Result<()> {
+    netns::plug(switch, LB_PORT, lb, LB_MAC, &LB_ADDRS)
+}
+
 impl Lan {
+    /// Removes the load balancer's interface (both ends of its veth), as
+    /// when a NIC or its driver goes away.
+    pub fn unplug_lb(&self) -> Result<()> {
+        self.switch.ip(&["link", "del", LB_PORT])
+    }
+
+    /// Creates the load balancer's interface again, as before.
+    pub fn replug_lb(&self) -> Result<()> {
+        plug_lb(&self.switch, &self.lb)
+    }
+
     /// Starts a name server (`backend-1`, `backend-2`, ...) on `port` of
     /// every backend.
     pub fn serve_names(&self, port: u16) -> Result<Vec<NameServer>> {

@@ -37,7 +37,7 @@ use tracing::{error, info, warn};
 use crate::{
     api::{self, Request, Response},
     config::{self, Desired, XdpModeSetting},
-    dataplane::{Dataplane, KernelLog, KernelLogLevel},
+    dataplane::{Dataplane, KernelLog, KernelLogLevel, Repair},
     neighbor,
 };
 use controller::Controller;
@@ -47,6 +47,9 @@ use runtime::Runtime;
 const MAC_REFRESH: Duration = Duration::from_secs(10);
 /// How often slow-start ramps advance (their steps are seconds long).
 const SLOW_START_TICK: Duration = Duration::from_millis(250);
+/// How often the daemon checks that its interfaces still have the program
+/// and its pins are still there (see `Dataplane::repair`).
+const REPAIR_TICK: Duration = Duration::from_secs(1);
 
 /// What `lb daemon` is started with.
 #[derive(Debug, Clone)]
@@ -289,6 +292,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let started = Instant::now();
     let mut ramp = tokio::time::interval(SLOW_START_TICK);
+    let mut repair = tokio::time::interval(REPAIR_TICK);
     loop {
         tokio::select! {
             Some((request, reply)) = calls.recv() => {
@@ -327,6 +331,12 @@ pub async fn run(opts: Options) -> Result<()> {
             _ = ramp.tick() => {
                 if let Err(e) = ctl.advance_slow_start() {
                     error!(error = %format!("{e:#}"), "advancing slow start");
+                }
+            }
+            _ = repair.tick() => {
+                match ctl.dataplane_mut().repair(Some(&opts.pin_dir)) {
+                    Ok(done) => done.iter().for_each(log_repair),
+                    Err(e) => error!(error = %format!("{e:#}"), "repairing the data plane; retrying in 1 s"),
                 }
             }
             _ = hup.recv() => {
@@ -379,6 +389,26 @@ pub(crate) fn apply(
         ctl.dataplane_mut().set_settings(dp_settings)?;
     }
     Ok(report)
+}
+
+fn log_repair(r: &Repair) {
+    match r {
+        Repair::InterfaceGone(iface) => warn!(
+            interface = %iface,
+            "interface gone: nothing to forward on; the program is attached again when it returns"
+        ),
+        Repair::Reattached(iface) => {
+            info!(interface = %iface, "interface re-created: attached again")
+        }
+        Repair::LinkRepinned(iface) => warn!(
+            interface = %iface,
+            "the link's pin was removed under the daemon: pinned again (forwarding never stopped)"
+        ),
+        Repair::MapsRepinned(maps) => warn!(
+            maps = ?maps,
+            "map pins were removed under the daemon: pinned again (forwarding never stopped)"
+        ),
+    }
 }
 
 /// The `log` target aya-log gives the XDP program's lines (its crate name).

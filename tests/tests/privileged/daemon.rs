@@ -422,6 +422,33 @@ fn services_and_backends_added_and_removed_at_run_time() {
         .unwrap();
     assert_eq!(code, 1);
     assert!(err.contains("already has backend 198.18.0.13"), "{err}");
+    for (args, says) in [
+        (
+            &["backend", "add", "web", "198.18.0.99", "--weight", "70000"][..],
+            "exceeds the maximum weight 65535",
+        ),
+        (
+            &["backend", "set-weight", "web", "198.18.0.12", "70000"][..],
+            "exceeds the maximum 65535",
+        ),
+        (
+            &["backend", "add", "web", "2001:2::99"][..],
+            "must be the same family",
+        ),
+        (
+            &["service", "add", "web2", "198.18.1.1:80/tcp"][..],
+            "another service already has 198.18.1.1 port 80 tcp",
+        ),
+        (
+            &["backend", "drain", "web", "198.18.0.99"][..],
+            "198.18.0.99",
+        ),
+    ] {
+        let (code, err) = d.cli_fails(args).unwrap();
+        assert_eq!(code, 1, "{args:?}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    assert_eq!(in_table(&d).unwrap(), 3, "refused changes changed nothing");
     let (code, err) = d
         .cli_fails(&["backend", "del", "nope", "198.18.0.13"])
         .unwrap();

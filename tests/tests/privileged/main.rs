@@ -10,6 +10,7 @@ mod agreement;
 mod conntrack;
 mod daemon;
 mod demo;
+mod faults;
 mod fixtures;
 mod readme;
 mod topology;
