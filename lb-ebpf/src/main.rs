@@ -128,6 +128,11 @@ fn balance(ctx: &XdpContext) -> Result<Counter, Counter> {
         ETH_P_IPV6 => parse::ipv6(ctx, l3_off, limit, false)?,
         _ => return Ok(Counter::PassNotIp),
     };
+    // Unicast IP in a link-layer broadcast or multicast (RFC 1122 3.3.6)
+    // is the kernel's business, never forwarded.
+    if parse::to_group_address(ctx) {
+        return Ok(Counter::PassNotService);
+    }
     // Fragments: see docs/dataplane.md. Non-first fragments carry no ports,
     // so the rule keys on the VIP address alone.
     if ip.fragment {

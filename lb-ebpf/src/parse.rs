@@ -128,6 +128,11 @@ pub fn ipv6(ctx: &XdpContext, l3_off: usize, limit: usize, quoted: bool) -> Resu
     src.copy_from_slice(&h[8..24]);
     dst.copy_from_slice(&h[24..40]);
     let end = if quoted {
+        // The quoted header must lie inside the ICMP message: the load
+        // above only checked the frame, which may go on into padding.
+        if l3_off + IPV6_HLEN > limit {
+            return Err(Counter::DropMalformedIpv6);
+        }
         limit
     } else {
         if l3_off + IPV6_HLEN + payload > limit {
@@ -250,6 +255,12 @@ pub fn quoted(ctx: &XdpContext, ip: &Ip) -> Result<(Ip, Ports), Counter> {
     if inner.l4_off + 4 > ip.end {
         return Err(Counter::DropMalformedIcmp);
     }
+    // Routers send errors to the quoted packet's source, the VIP. An error
+    // addressed elsewhere (the host, another VIP) is not about a flow of
+    // ours, whatever it quotes: the kernel's.
+    if !same_addr(&inner.src, &ip.dst) {
+        return Err(Counter::PassOtherProtocol);
+    }
     Ok((
         inner,
         Ports {
@@ -258,6 +269,32 @@ pub fn quoted(ctx: &XdpContext, ip: &Ip) -> Result<(Ip, Ports), Counter> {
             tcp_flags: 0,
         },
     ))
+}
+
+/// Whether two addresses are equal, byte by byte in a bounded loop (a
+/// 16-byte `==` may become a `memcmp` call, which BPF does not have).
+#[inline(always)]
+fn same_addr(a: &Addr, b: &Addr) -> bool {
+    let mut diff = 0u8;
+    let mut i = 0;
+    while i < a.len() {
+        diff |= a[i] ^ b[i];
+        i += 1;
+    }
+    diff == 0
+}
+
+/// The I/G bit of a MAC address's first byte: set for group (broadcast,
+/// multicast) addresses.
+const MAC_GROUP_BIT: u8 = 0x01;
+
+/// Whether the frame was sent to a group MAC address. Such a frame is not
+/// ours to forward: the copy would leave with that group address as its
+/// source (the source of a forwarded frame is the address it was sent to),
+/// which no switch accepts.
+#[inline(always)]
+pub fn to_group_address(ctx: &XdpContext) -> bool {
+    load::<[u8; 1]>(ctx, 0).is_none_or(|dst| dst[0] & MAC_GROUP_BIT != 0)
 }
 
 /// The frame length, as the limit for the outermost header.

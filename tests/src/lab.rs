@@ -77,7 +77,14 @@ pub fn lab_capacity(ring_size: u32) -> Capacity {
 impl Lab {
     /// Loads the object with a table of `ring_size` slots and lab settings.
     pub fn new(ring_size: u32) -> Result<Lab> {
-        let mut dp = Dataplane::load(lab_capacity(ring_size))?;
+        Lab::with_capacity(lab_capacity(ring_size))
+    }
+
+    /// Loads the object with `capacity` (for labs that need more services
+    /// or backends than [`lab_capacity`] gives) and lab settings.
+    pub fn with_capacity(capacity: Capacity) -> Result<Lab> {
+        let ring_size = capacity.ring_size;
+        let mut dp = Dataplane::load(capacity)?;
         dp.set_settings(Settings {
             ring_size,
             mtu: MTU,

@@ -7,10 +7,13 @@
 //! - [`daemon`]: a real `lb daemon` process in a namespace, driven by the CLI.
 //! - [`lab`]: a loaded data plane with services and backends, and a way to
 //!   run one frame through a program with BPF_PROG_TEST_RUN.
+//! - [`fuzz`]: the packet fuzzer: seeded frame generator, reference
+//!   classifier, and the properties every verdict of `lb_xdp` must keep.
 //!
 //! Network namespaces come from `lb::netns`, which the demo uses too.
 
 pub mod daemon;
+pub mod fuzz;
 pub mod lab;
 pub mod lan;
 pub mod packet;

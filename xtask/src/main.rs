@@ -1,4 +1,4 @@
-//! Developer entry points for lb: `cargo xtask setup|build|test`.
+//! Developer entry points for lb: `cargo xtask setup|build|demo|test|fuzz`.
 //!
 //! # Layout
 //!
@@ -8,11 +8,13 @@
 //! - `demo`: builds, then runs `lb demo` (the README's first command).
 //! - `test`: formatting, every test with privileged tests required, clippy,
 //!   and a one-line summary.
+//! - `fuzz`: the packet fuzzer of the XDP program, for any number of frames.
 //! - `exec`: how every external command is run, echoed and checked.
 
 mod build;
 mod demo;
 mod exec;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -53,6 +55,15 @@ enum Task {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
+    /// Run setup, then the packet fuzzer on the XDP program (needs root).
+    Fuzz {
+        /// Frames to run (default: the CI run's 200,000).
+        #[arg(long)]
+        frames: Option<u64>,
+        /// Seed, decimal or 0x hex (default: CI's fixed seed).
+        #[arg(long, value_parser = fuzz::parse_seed)]
+        seed: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -65,6 +76,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Build { debug } => build::run(&root, debug),
         Task::Demo { keep } => demo::run(&root, keep),
+        Task::Fuzz { frames, seed } => fuzz::run(&root, frames, seed),
         // Reports its own failures: its summary line must come last.
         Task::Test { cargo_test_args } => return test::run(&root, &cargo_test_args),
     };

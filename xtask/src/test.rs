@@ -15,7 +15,7 @@ use crate::{build, exec};
 
 /// Set for `cargo test`: tests that need root and the kernel fail instead of
 /// skipping, so a CI run cannot pass without exercising the data plane.
-const REQUIRE_PRIVILEGED: (&str, &str) = ("LB_REQUIRE_PRIVILEGED", "1");
+pub(crate) const REQUIRE_PRIVILEGED: (&str, &str) = ("LB_REQUIRE_PRIVILEGED", "1");
 
 /// Which packages `cargo test` and `cargo clippy` cover: the workspace's
 /// default members, i.e. everything but lb-ebpf, which only builds for the

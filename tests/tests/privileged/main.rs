@@ -12,5 +12,6 @@ mod daemon;
 mod demo;
 mod faults;
 mod fixtures;
+mod fuzz;
 mod readme;
 mod topology;

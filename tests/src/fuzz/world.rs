@@ -1,0 +1,995 @@
+//! The lab the fuzzer runs in, the model of its state, and the check of
+//! every property on one verdict.
+//!
+//! The lab has services in both families and both modes, TCP and UDP, one
+//! with client affinity and two without any backend. Before fuzzing, the
+//! connection table is seeded with the pool's flows (see
+//! [`Targets::clients`]), then the backend set changes under them the ways
+//! an operator changes it: a backend taken down (its table rebuilt first),
+//! one drained (out of the table, still up: its flows stay), one id given
+//! to another backend (generation bumped), and one marked down while its
+//! table still names it (the guard for a table not yet rebuilt).
+//!
+//! The model mirrors what the connection table may hold, so that for every
+//! service packet it knows the outcomes the documented rules allow: the
+//! flow's remembered backend if that is still valid, else the table's pick.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use lb::dataplane::Capacity;
+use lb_common::{
+    AddrKey, BACKEND_F_UP, BackendValue, Counter, FAMILY_V4, FlowKey, SERVICE_F_AFFINITY,
+    SERVICE_F_IPIP, ServiceKey, hash::flow_hash, limits::NO_BACKEND, maps::PROG_LB, wire::*,
+};
+
+use super::{
+    generate::Targets,
+    hex,
+    reference::{self, Class, Hit, Services},
+};
+use crate::{
+    lab::{self, DROP, LB_MAC, Lab, PASS, ROUTER_MAC, TX, backend_of_mac, service_key},
+    packet::{self, Ipv4},
+};
+
+/// Maglev table size: a small prime keeps publishing ten services fast.
+pub const RING: u32 = 251;
+/// Service slots: more than the fixtures' lab has.
+const MAX_SERVICES: u32 = 16;
+/// Backend slots.
+const MAX_BACKENDS: u32 = 64;
+/// Connection-table entries: the fixtures' size. Random flows evict pool
+/// flows now and then; the model allows for that (see [`World::outcomes`]).
+const CONNTRACK_ENTRIES: u32 = 65_536;
+/// IPv6 flow label bits (RFC 6437).
+const FLOW_LABEL_MASK: u32 = 0x000f_ffff;
+
+/// The service VIPs.
+pub const VIP4_DSR: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+/// IPv4 VIP of the `ipip` services.
+pub const VIP4_IPIP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+/// IPv4 VIP of a service without backends.
+pub const VIP4_EMPTY: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 3);
+/// IPv6 VIP of the `dsr-l2` services.
+pub const VIP6_DSR: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 1);
+/// IPv6 VIP of the `ipip` services.
+pub const VIP6_IPIP: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 2);
+/// IPv6 VIP of a service without backends.
+pub const VIP6_EMPTY: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 3);
+/// The load balancer's own IPv4 address: not a VIP, so its traffic is the host's.
+pub const HOST4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// The load balancer's own IPv6 address.
+pub const HOST6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
+/// Clients in the pool, per family.
+pub const CLIENTS: u8 = 8;
+/// Client ports of the pool.
+pub const CLIENT_PORTS: [u16; 8] = [40000, 40001, 40002, 40003, 40004, 40005, 40006, 40007];
+/// Service ports.
+const HTTP: u16 = 80;
+const DNS: u16 = 53;
+
+/// Taken down after seeding, its table rebuilt without it first (the order
+/// user space keeps): its flows' entries turn into misses.
+pub const DOWN: u32 = 3;
+/// Drained after seeding (out of the table, still up): its flows stay.
+pub const DRAINING: u32 = 12;
+/// Marked down after seeding while its table still names it, the state the
+/// data plane guards against: flows hashed to it are dropped (no backend).
+pub const DOWN_IN_TABLE: u32 = 14;
+/// Given to another backend after seeding (generation bumped): entries
+/// made for the previous holder turn into misses.
+pub const REUSED: u32 = 17;
+
+/// A service of the lab.
+struct Spec {
+    name: &'static str,
+    vip: IpAddr,
+    port: u16,
+    proto: u8,
+    flags: u32,
+    /// Backends in its table while the connection table is seeded.
+    seeded: &'static [u32],
+    /// Backends in its table while fuzzing.
+    fuzzed: &'static [u32],
+}
+
+/// The lab's services; the index is the service id.
+const SPECS: [Spec; 10] = [
+    Spec {
+        name: "tcp4-dsr",
+        vip: IpAddr::V4(VIP4_DSR),
+        port: HTTP,
+        proto: IPPROTO_TCP,
+        flags: 0,
+        seeded: &[1, 2, DOWN],
+        fuzzed: &[1, 2],
+    },
+    Spec {
+        name: "udp4-dsr",
+        vip: IpAddr::V4(VIP4_DSR),
+        port: DNS,
+        proto: IPPROTO_UDP,
+        flags: 0,
+        seeded: &[4, 5],
+        fuzzed: &[4, 5],
+    },
+    Spec {
+        name: "tcp4-ipip",
+        vip: IpAddr::V4(VIP4_IPIP),
+        port: HTTP,
+        proto: IPPROTO_TCP,
+        flags: SERVICE_F_IPIP,
+        seeded: &[6, 7],
+        fuzzed: &[6, 7],
+    },
+    Spec {
+        name: "udp4-ipip-affinity",
+        vip: IpAddr::V4(VIP4_IPIP),
+        port: DNS,
+        proto: IPPROTO_UDP,
+        flags: SERVICE_F_IPIP | SERVICE_F_AFFINITY,
+        seeded: &[8, 9],
+        fuzzed: &[8, 9],
+    },
+    Spec {
+        name: "tcp4-no-backend",
+        vip: IpAddr::V4(VIP4_EMPTY),
+        port: HTTP,
+        proto: IPPROTO_TCP,
+        flags: 0,
+        seeded: &[],
+        fuzzed: &[],
+    },
+    Spec {
+        name: "tcp6-dsr",
+        vip: IpAddr::V6(VIP6_DSR),
+        port: HTTP,
+        proto: IPPROTO_TCP,
+        flags: 0,
+        seeded: &[10, 11, DRAINING],
+        fuzzed: &[10, 11],
+    },
+    Spec {
+        name: "udp6-dsr",
+        vip: IpAddr::V6(VIP6_DSR),
+        port: DNS,
+        proto: IPPROTO_UDP,
+        flags: 0,
+        seeded: &[13, DOWN_IN_TABLE],
+        fuzzed: &[13, DOWN_IN_TABLE],
+    },
+    Spec {
+        name: "tcp6-ipip",
+        vip: IpAddr::V6(VIP6_IPIP),
+        port: HTTP,
+        proto: IPPROTO_TCP,
+        flags: SERVICE_F_IPIP,
+        seeded: &[15, 16, REUSED],
+        fuzzed: &[15, 16, REUSED],
+    },
+    Spec {
+        name: "udp6-ipip",
+        vip: IpAddr::V6(VIP6_IPIP),
+        port: DNS,
+        proto: IPPROTO_UDP,
+        flags: SERVICE_F_IPIP,
+        seeded: &[18, 19],
+        fuzzed: &[18, 19],
+    },
+    Spec {
+        name: "udp6-no-backend",
+        vip: IpAddr::V6(VIP6_EMPTY),
+        port: DNS,
+        proto: IPPROTO_UDP,
+        flags: SERVICE_F_IPIP,
+        seeded: &[],
+        fuzzed: &[],
+    },
+];
+
+/// The address of backend `id` (of family `v6`) in its `generation`.
+fn backend_ip(id: u32, v6: bool, generation: u32) -> IpAddr {
+    let (id, generation) = (id as u16, generation as u16);
+    if v6 {
+        IpAddr::V6(Ipv6Addr::new(0x2001, 2, 0, generation, 0, 0, 0, id))
+    } else {
+        // 198.18.1x.id: outside the VIP and host addresses.
+        IpAddr::V4(Ipv4Addr::new(198, 18, 10 + generation as u8, id as u8))
+    }
+}
+
+fn client4(i: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(198, 18, 2, 1 + i))
+}
+
+fn client6(i: u8) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::new(0x2001, 2, 2, 0, 0, 0, 0, 1 + u16::from(i)))
+}
+
+/// What the program may do with a service packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Forwarded to this backend.
+    Tx(u32),
+    /// Dropped, counted by this reason.
+    Drop(Counter),
+    /// Passed to the kernel, counted by this reason.
+    Pass(Counter),
+}
+
+/// What the program did with one frame.
+#[derive(Clone, Copy, Debug)]
+pub struct Verdict {
+    /// The XDP action.
+    pub action: u32,
+    /// The one counter that moved.
+    pub counter: Counter,
+}
+
+/// A property that did not hold.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    /// Which property, in a few words (stable: the shrinker compares it).
+    pub property: &'static str,
+    /// What was seen.
+    pub detail: String,
+    /// The XDP action.
+    pub action: u32,
+    /// The counter that moved, if exactly one did.
+    pub counter: Option<Counter>,
+    /// The frame as the program left it.
+    pub out: Vec<u8>,
+}
+
+/// The XDP action a counter implies, from its name alone (docs/dataplane.md:
+/// `pass_*` pass, `drop_*` drop, `forward_*` transmit).
+pub fn implied_action(c: Counter) -> Option<u32> {
+    let name = c.name();
+    if name.starts_with("pass_") {
+        Some(PASS)
+    } else if name.starts_with("drop_") {
+        Some(DROP)
+    } else if name.starts_with("forward_") {
+        Some(TX)
+    } else {
+        None
+    }
+}
+
+/// An XDP action's name.
+pub fn action_name(action: u32) -> &'static str {
+    match action {
+        DROP => "DROP",
+        PASS => "PASS",
+        TX => "TX",
+        _ => "other",
+    }
+}
+
+/// A service as the world knows it.
+struct Service {
+    spec: &'static Spec,
+    key: ServiceKey,
+    /// The live table.
+    ring: Vec<u32>,
+    /// Every backend that may carry its flows: table members and those
+    /// that left the table but stay up (draining).
+    members: Vec<u32>,
+}
+
+/// The lab and its model.
+pub struct World {
+    lab: Lab,
+    services: Vec<Service>,
+    backends: BTreeMap<u32, BackendValue>,
+    keys: HashMap<ServiceKey, usize>,
+    vips: HashSet<AddrKey>,
+    /// What the connection table may hold per flow: (backend, generation).
+    /// More than one when the model cannot tell which (see [`World::learn`]).
+    pinned: HashMap<FlowKey, Vec<(u32, u32)>>,
+    /// Global counters after the last run, in `Counter::ALL` order.
+    counters: Vec<u64>,
+    /// Frames run through the program.
+    runs: u64,
+    /// Forwarded packets and bytes per service id, and packets per backend.
+    forwarded: BTreeMap<u32, (u64, u64)>,
+    to_backend: BTreeMap<u32, u64>,
+}
+
+impl Services for World {
+    fn service(&self, key: &ServiceKey) -> Option<usize> {
+        self.keys.get(key).copied()
+    }
+
+    fn is_vip(&self, addr: &AddrKey) -> bool {
+        self.vips.contains(addr)
+    }
+}
+
+impl World {
+    /// Loads the data plane, publishes the services, seeds the connection
+    /// table and changes the backend set under it.
+    pub fn new() -> Result<World> {
+        let lab = Lab::with_capacity(Capacity {
+            max_services: MAX_SERVICES,
+            max_backends: MAX_BACKENDS,
+            conntrack_entries: CONNTRACK_ENTRIES,
+            ring_size: RING,
+        })?;
+        let mut w = World {
+            lab,
+            services: Vec::new(),
+            backends: BTreeMap::new(),
+            keys: HashMap::new(),
+            vips: HashSet::new(),
+            pinned: HashMap::new(),
+            counters: vec![0; Counter::ALL.len()],
+            runs: 0,
+            forwarded: BTreeMap::new(),
+            to_backend: BTreeMap::new(),
+        };
+        w.counters = w.read_counters()?;
+        for (i, spec) in SPECS.iter().enumerate() {
+            let key = service_key(spec.vip, spec.port, spec.proto);
+            w.keys.insert(key, i);
+            w.vips.insert(AddrKey::new(spec.vip));
+            let mut members: Vec<u32> = spec.seeded.iter().chain(spec.fuzzed).copied().collect();
+            members.sort_unstable();
+            members.dedup();
+            for &id in &members {
+                w.set_backend(id, backend_ip(id, spec.vip.is_ipv6(), 1), true, 1)?;
+            }
+            w.services.push(Service {
+                spec,
+                key,
+                ring: Vec::new(),
+                members,
+            });
+            w.publish(i, spec.seeded)?;
+        }
+        w.seed()?;
+        w.change_backends()?;
+        Ok(w)
+    }
+
+    /// What the generator aims at.
+    pub fn targets(&self) -> Targets {
+        let mut clients: Vec<IpAddr> = (0..CLIENTS).map(client4).collect();
+        clients.extend((0..CLIENTS).map(client6));
+        Targets {
+            services: SPECS.iter().map(|s| (s.vip, s.port, s.proto)).collect(),
+            hosts: vec![IpAddr::V4(HOST4), IpAddr::V6(HOST6)],
+            clients,
+            client_ports: CLIENT_PORTS.to_vec(),
+            routers: vec![
+                IpAddr::V4(Ipv4Addr::new(198, 18, 3, 1)),
+                IpAddr::V6(Ipv6Addr::new(0x2001, 2, 3, 0, 0, 0, 0, 1)),
+            ],
+        }
+    }
+
+    /// Service names, by id, for the summary.
+    pub fn service_names(&self) -> Vec<&'static str> {
+        SPECS.iter().map(|s| s.name).collect()
+    }
+
+    fn set_backend(&mut self, id: u32, ip: IpAddr, up: bool, generation: u32) -> Result<()> {
+        self.lab.backend(id, ip, up, generation)?;
+        self.backends.insert(id, self.lab.dp.backend(id)?);
+        Ok(())
+    }
+
+    /// Publishes service `i` with `members` (weight 1 each) as its table.
+    fn publish(&mut self, i: usize, members: &[u32]) -> Result<()> {
+        let (key, flags) = (self.services[i].key, self.services[i].spec.flags);
+        let ring = if members.is_empty() {
+            let ring = vec![NO_BACKEND; RING as usize];
+            self.lab.dp.publish_service(&key, i as u32, flags, &ring)?;
+            ring
+        } else {
+            let weighted: Vec<(u32, u32)> = members.iter().map(|&b| (b, 1)).collect();
+            self.lab.service(i as u32, key, flags, &weighted)?
+        };
+        self.services[i].ring = ring;
+        Ok(())
+    }
+
+    /// Sends a SYN (or a datagram) of every pool flow to every service
+    /// that has backends, so the connection table holds entries for them.
+    fn seed(&mut self) -> Result<()> {
+        for i in 0..self.services.len() {
+            let spec = self.services[i].spec;
+            if spec.seeded.is_empty() {
+                continue;
+            }
+            for c in 0..CLIENTS {
+                let client = if spec.vip.is_ipv6() {
+                    client6(c)
+                } else {
+                    client4(c)
+                };
+                for sport in CLIENT_PORTS {
+                    let frame = flow_frame(spec, client, sport);
+                    match self.check(&frame) {
+                        Ok(v) if v.action == TX => {}
+                        Ok(v) => bail!(
+                            "seeding {}: {} ({}) for {}",
+                            spec.name,
+                            action_name(v.action),
+                            v.counter.name(),
+                            hex(&frame)
+                        ),
+                        Err(f) => bail!("seeding {}: {}: {}", spec.name, f.property, f.detail),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes the backend set under the seeded flows (see the constants).
+    fn change_backends(&mut self) -> Result<()> {
+        let v6_of = |w: &World, id: u32| {
+            w.services
+                .iter()
+                .find(|s| s.members.contains(&id))
+                .map(|s| s.spec.vip.is_ipv6())
+                .context("a backend of no service")
+        };
+        // The reused id gets a new address and generation before its
+        // table is rebuilt (the table is built from addresses).
+        let v6 = v6_of(self, REUSED)?;
+        self.set_backend(REUSED, backend_ip(REUSED, v6, 2), true, 2)?;
+        for i in 0..self.services.len() {
+            let spec = self.services[i].spec;
+            if spec.seeded != spec.fuzzed || spec.fuzzed.contains(&REUSED) {
+                self.publish(i, spec.fuzzed)?;
+            }
+        }
+        for id in [DOWN, DOWN_IN_TABLE] {
+            let v6 = v6_of(self, id)?;
+            self.set_backend(id, backend_ip(id, v6, 1), false, 1)?;
+        }
+        Ok(())
+    }
+
+    fn read_counters(&self) -> Result<Vec<u64>> {
+        Ok(self
+            .lab
+            .dp
+            .counters()?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
+    }
+
+    /// Runs `frame` through `lb_xdp` and checks every property. Errors of
+    /// the machinery (a failing syscall) panic: they are not verdicts.
+    pub fn check(&mut self, frame: &[u8]) -> Result<Verdict, Failure> {
+        let class = reference::classify(frame, &*self);
+        let v = self.lab.run(PROG_LB, frame).expect("BPF_PROG_TEST_RUN");
+        self.runs += 1;
+        let now = self.read_counters().expect("reading the counters");
+        let moved: Vec<(Counter, u64)> = Counter::ALL
+            .iter()
+            .zip(now.iter().zip(&self.counters))
+            .filter(|(_, (a, b))| a != b)
+            .map(|(c, (a, b))| (*c, a.wrapping_sub(*b)))
+            .collect();
+        self.counters = now;
+        let single = match moved[..] {
+            [(c, 1)] => Some(c),
+            _ => None,
+        };
+        let fail = |property: &'static str, detail: String| Failure {
+            property,
+            detail,
+            action: v.action,
+            counter: single,
+            out: v.out.clone(),
+        };
+        if v.action == TX {
+            self.account(frame, &v.out);
+        }
+
+        // (4) Counters add up: exactly one moved, by one.
+        let Some(counter) = single else {
+            return Err(fail("counted once", format!("counters moved: {moved:?}")));
+        };
+        // (4) The counter that moved agrees with the verdict.
+        if implied_action(counter) != Some(v.action) {
+            return Err(fail(
+                "counter agrees with the action",
+                format!("{} with {}", counter.name(), action_name(v.action)),
+            ));
+        }
+        // (2) A dropped or passed frame is never modified.
+        if v.action != TX && v.out != frame {
+            return Err(fail(
+                "dropped or passed frames are not modified",
+                format!(
+                    "first difference at byte {}",
+                    first_difference(frame, &v.out)
+                ),
+            ));
+        }
+        let verdict = Verdict {
+            action: v.action,
+            counter,
+        };
+        match class {
+            // (1) Not for a service: passed untouched.
+            Class::Pass(allowed) => {
+                if v.action != PASS {
+                    return Err(fail(
+                        "frames not for a service pass",
+                        format!(
+                            "{} ({}), expected one of {}",
+                            action_name(v.action),
+                            counter.name(),
+                            names(&allowed)
+                        ),
+                    ));
+                }
+                if !allowed.contains(&counter) {
+                    return Err(fail(
+                        "counted by the expected reason",
+                        format!("{}, expected one of {}", counter.name(), names(&allowed)),
+                    ));
+                }
+            }
+            // (2) Malformed: never forwarded, counted.
+            Class::Reject(allowed) => {
+                if v.action == TX {
+                    return Err(fail(
+                        "malformed frames are never forwarded",
+                        format!("{}, expected one of {}", counter.name(), names(&allowed)),
+                    ));
+                }
+                if !allowed.contains(&counter) {
+                    return Err(fail(
+                        "counted by the expected reason",
+                        format!("{}, expected one of {}", counter.name(), names(&allowed)),
+                    ));
+                }
+            }
+            Class::Service(hit) => {
+                self.check_service(frame, &hit, &v.out, verdict)
+                    .map_err(|(property, detail)| fail(property, detail))?;
+            }
+        }
+        Ok(verdict)
+    }
+
+    /// (3) A service packet: forwarded to a valid backend of its service,
+    /// well formed, or dropped for a reason the state explains.
+    fn check_service(
+        &mut self,
+        frame: &[u8],
+        hit: &Hit,
+        out: &[u8],
+        v: Verdict,
+    ) -> Result<(), (&'static str, String)> {
+        let svc = &self.services[hit.service];
+        let ipip = svc.spec.flags & SERVICE_F_IPIP != 0;
+        let allowed = self.outcomes(hit);
+        let observed = match v.action {
+            TX if hit.group_destination => {
+                return Err((
+                    "frames sent to a group MAC are not forwarded",
+                    format!("{} to {}", v.counter.name(), hex(&frame[..6])),
+                ));
+            }
+            TX => {
+                let want = if hit.icmp {
+                    Counter::ForwardIcmpError
+                } else if ipip {
+                    Counter::ForwardIpip
+                } else {
+                    Counter::ForwardDsr
+                };
+                if v.counter != want {
+                    return Err((
+                        "the forward counter names the mode",
+                        format!("{}, expected {}", v.counter.name(), want.name()),
+                    ));
+                }
+                let id = backend_of_mac(&out[..6]);
+                let backend = match self.backends.get(&id) {
+                    Some(b) if b.mac[..] == out[..6] => *b,
+                    _ => {
+                        return Err((
+                            "forwarded to a backend's MAC",
+                            format!("destination MAC {}", hex(&out[..6])),
+                        ));
+                    }
+                };
+                if !svc.members.contains(&id) || backend.flags & BACKEND_F_UP == 0 {
+                    return Err((
+                        "the backend is up and a member of the service",
+                        format!(
+                            "backend {id} of {} (members {:?})",
+                            svc.spec.name, svc.members
+                        ),
+                    ));
+                }
+                if !allowed.contains(&Outcome::Tx(id)) {
+                    return Err((
+                        "the backend is the flow's",
+                        format!("backend {id}; allowed {allowed:?}"),
+                    ));
+                }
+                self.check_link(frame, out, &backend)?;
+                if ipip {
+                    self.check_ipip(frame, out, hit, &backend)?;
+                } else if out.len() != frame.len() || out[12..] != frame[12..] {
+                    return Err((
+                        "dsr-l2 changes only the MACs",
+                        format!(
+                            "first difference at byte {}",
+                            first_difference(&frame[12..], &out[12..]) + 12
+                        ),
+                    ));
+                }
+                Outcome::Tx(id)
+            }
+            DROP => {
+                let o = Outcome::Drop(v.counter);
+                if !allowed.contains(&o) {
+                    return Err((
+                        "service packets are dropped only for a reason",
+                        format!("{}; allowed {allowed:?}", v.counter.name()),
+                    ));
+                }
+                o
+            }
+            _ => {
+                let o = Outcome::Pass(v.counter);
+                if !allowed.contains(&o) {
+                    return Err((
+                        "service packets are passed only when sent to a group MAC",
+                        format!("{}; allowed {allowed:?}", v.counter.name()),
+                    ));
+                }
+                o
+            }
+        };
+        self.learn(hit, observed);
+        Ok(())
+    }
+
+    /// Counts a forwarded frame for [`World::check_totals`], by the backend
+    /// its destination MAC names (each backend id serves one service), so
+    /// that frames forwarded against a property are counted too.
+    fn account(&mut self, frame: &[u8], out: &[u8]) {
+        let id = backend_of_mac(&out[..6]);
+        let names_backend = self
+            .backends
+            .get(&id)
+            .is_some_and(|b| b.mac[..] == out[..6]);
+        if !names_backend {
+            return;
+        }
+        if let Some(service) = self.services.iter().position(|s| s.members.contains(&id)) {
+            let e = self.forwarded.entry(service as u32).or_default();
+            e.0 += 1;
+            e.1 += frame.len() as u64;
+        }
+        *self.to_backend.entry(id).or_default() += 1;
+    }
+
+    /// The link layer of a forwarded frame: to the backend's MAC, from the
+    /// MAC the frame was sent to. That is the LB's own (`LB_MAC` for every
+    /// frame the generator sends to the LB); a group address there would
+    /// make the transmitted frame invalid (IEEE 802: source addresses are
+    /// individual).
+    fn check_link(
+        &self,
+        frame: &[u8],
+        out: &[u8],
+        backend: &BackendValue,
+    ) -> Result<(), (&'static str, String)> {
+        if out[0..6] != backend.mac {
+            return Err(("destination MAC is the backend's", hex(&out[0..6])));
+        }
+        if out[6..12] != frame[0..6] {
+            return Err((
+                "source MAC is the LB's",
+                format!(
+                    "{} (frame was sent to {})",
+                    hex(&out[6..12]),
+                    hex(&frame[0..6])
+                ),
+            ));
+        }
+        if out[6] & 1 != 0 {
+            return Err((
+                "forwarded frames have an individual source MAC",
+                format!(
+                    "source {} copied from a group destination",
+                    hex(&out[6..12])
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// An `ipip` frame: the outer header valid and toward the backend, the
+    /// inner packet byte-identical to the input's IP packet.
+    fn check_ipip(
+        &self,
+        frame: &[u8],
+        out: &[u8],
+        hit: &Hit,
+        backend: &BackendValue,
+    ) -> Result<(), (&'static str, String)> {
+        let l3 = hit.l3_off;
+        let v4 = self.services[hit.service].key.family == FAMILY_V4;
+        let outer_len = if v4 { IPV4_HLEN } else { IPV6_HLEN };
+        let affinity = self.services[hit.service].spec.flags & SERVICE_F_AFFINITY != 0;
+        let hash = flow_hash(&hit.flow, affinity);
+        if out.len() != frame.len() + outer_len {
+            return Err((
+                "ipip adds one outer header",
+                format!("{} bytes out of {}", out.len(), frame.len()),
+            ));
+        }
+        if out[12..l3] != frame[12..l3] {
+            return Err(("ipip keeps VLAN tags and EtherType", hex(&out[12..l3])));
+        }
+        let o = &out[l3..l3 + outer_len];
+        let bad = |what: &str| Err(("ipip outer header is valid", format!("{what}: {}", hex(o))));
+        if v4 {
+            let total = usize::from(u16::from_be_bytes([o[2], o[3]]));
+            let src = u32::from_be_bytes([o[12], o[13], o[14], o[15]]);
+            let base = u32::from_be_bytes(lab::TUNNEL_SRC_V4);
+            let mask = lab::TUNNEL_SRC_V4_MASK;
+            if o[0] != 0x45 {
+                return bad("version/IHL");
+            }
+            if total != hit.ip_len + IPV4_HLEN {
+                return bad("total length");
+            }
+            if packet::checksum(0, o) != 0 {
+                return bad("checksum");
+            }
+            if o[9] != IPPROTO_IPIP {
+                return bad("protocol");
+            }
+            if o[8] == 0 {
+                return bad("TTL");
+            }
+            if u16::from_be_bytes([o[6], o[7]]) & (IPV4_MF | IPV4_FRAG_OFFSET) != 0 {
+                return bad("a fragment");
+            }
+            if o[1] != frame[l3 + 1] {
+                return bad("TOS not copied (RFC 2003)");
+            }
+            if src & !mask != base & !mask {
+                return bad("source outside the tunnel prefix");
+            }
+            if src & mask != hash & mask {
+                return bad("source host bits are not the flow hash's");
+            }
+            if o[16..20] != backend.addr[..4] {
+                return bad("destination is not the backend");
+            }
+        } else {
+            let payload = usize::from(u16::from_be_bytes([o[4], o[5]]));
+            let label = u32::from_be_bytes([0, o[1] & 0x0f, o[2], o[3]]);
+            let last = u32::from_be_bytes([o[20], o[21], o[22], o[23]]);
+            let base = lab::TUNNEL_SRC_V6;
+            let base_last = u32::from_be_bytes([base[12], base[13], base[14], base[15]]);
+            let mask = lab::TUNNEL_SRC_V6_MASK;
+            if o[0] >> 4 != 6 {
+                return bad("version");
+            }
+            if payload != hit.ip_len {
+                return bad("payload length");
+            }
+            if o[6] != IPPROTO_IPV6 {
+                return bad("next header");
+            }
+            if o[7] == 0 {
+                return bad("hop limit");
+            }
+            if label != hash & FLOW_LABEL_MASK {
+                return bad("flow label is not the flow hash's");
+            }
+            if o[8..20] != base[..12] || last & !mask != base_last & !mask {
+                return bad("source outside the tunnel prefix");
+            }
+            if last & mask != hash & mask {
+                return bad("source host bits are not the flow hash's");
+            }
+            if o[24..40] != backend.addr {
+                return bad("destination is not the backend");
+            }
+        }
+        let inner = &out[l3 + outer_len..];
+        if inner[..hit.ip_len] != frame[l3..l3 + hit.ip_len] {
+            return Err((
+                "ipip inner packet is the input's",
+                format!(
+                    "first difference at inner byte {}",
+                    first_difference(&frame[l3..l3 + hit.ip_len], &inner[..hit.ip_len])
+                ),
+            ));
+        }
+        if inner[hit.ip_len..] != frame[l3 + hit.ip_len..] {
+            return Err(("ipip keeps the padding after the packet", String::new()));
+        }
+        Ok(())
+    }
+
+    /// The table's pick for the flow, if it names a backend that is up.
+    fn table_pick(&self, hit: &Hit) -> Option<u32> {
+        let svc = &self.services[hit.service];
+        let affinity = svc.spec.flags & SERVICE_F_AFFINITY != 0;
+        let slot = flow_hash(&hit.flow, affinity) % svc.ring.len() as u32;
+        let id = svc.ring[slot as usize];
+        self.valid(id, None).then_some(id)
+    }
+
+    /// Whether backend `id` is up (and, given one, still of `generation`).
+    fn valid(&self, id: u32, generation: Option<u32>) -> bool {
+        id != NO_BACKEND
+            && self.backends.get(&id).is_some_and(|b| {
+                b.flags & BACKEND_F_UP != 0 && generation.is_none_or(|g| g == b.generation)
+            })
+    }
+
+    /// The outcomes the documented rules allow for a service packet: the
+    /// flow's remembered backend if still valid (not for a SYN, which
+    /// re-picks), and the table's pick (a remembered entry may have been
+    /// evicted from the LRU table by random flows, so the pick is always
+    /// allowed); no backend in the table's slot drops it; an `ipip`
+    /// packet too big for the MTU once encapsulated drops it. A frame sent
+    /// to a group MAC is never forwarded.
+    pub fn outcomes(&self, hit: &Hit) -> Vec<Outcome> {
+        let svc = &self.services[hit.service];
+        let mut v = Vec::new();
+        if !hit.syn {
+            for &(id, generation) in self.pinned.get(&hit.flow).into_iter().flatten() {
+                if self.valid(id, Some(generation)) {
+                    v.push(Outcome::Tx(id));
+                }
+            }
+        }
+        v.push(
+            self.table_pick(hit)
+                .map_or(Outcome::Drop(Counter::DropNoBackend), Outcome::Tx),
+        );
+        if svc.spec.flags & SERVICE_F_IPIP != 0 {
+            let outer = if svc.key.family == FAMILY_V4 {
+                IPV4_HLEN
+            } else {
+                IPV6_HLEN
+            };
+            if hit.ip_len + outer > lab::MTU as usize {
+                for o in &mut v {
+                    if let Outcome::Tx(_) = o {
+                        *o = Outcome::Drop(Counter::DropTooBig);
+                    }
+                }
+            }
+        }
+        if hit.group_destination {
+            // Never forwarded (see `reference::classify`): passed, or
+            // dropped as it would be otherwise.
+            v.retain(|o| !matches!(o, Outcome::Tx(_)));
+            v.push(Outcome::Pass(Counter::PassNotService));
+        }
+        v
+    }
+
+    /// Updates the model of the connection table after a service packet.
+    /// A forwarded packet's flow is remembered on its backend (a hit keeps
+    /// the entry, a miss writes it: the same backend). A packet dropped as
+    /// too big went through the choice too: a SYN or a miss wrote the
+    /// table's pick, a hit kept its entry; the model keeps both. Relayed
+    /// ICMP errors create no entry; "no backend" writes none.
+    fn learn(&mut self, hit: &Hit, observed: Outcome) {
+        if hit.icmp {
+            return;
+        }
+        let generation = |w: &World, id: u32| w.backends.get(&id).map_or(0, |b| b.generation);
+        match observed {
+            Outcome::Tx(id) => {
+                let g = generation(self, id);
+                self.pinned.insert(hit.flow, vec![(id, g)]);
+            }
+            // Whether the program passes a frame sent to a group MAC before
+            // or after choosing a backend is its business: either way.
+            Outcome::Drop(Counter::DropTooBig) | Outcome::Pass(_) => {
+                if let Some(id) = self.table_pick(hit) {
+                    let g = generation(self, id);
+                    let e = self.pinned.entry(hit.flow).or_default();
+                    if hit.syn {
+                        *e = vec![(id, g)];
+                    } else if !e.contains(&(id, g)) {
+                        e.push((id, g));
+                    }
+                }
+            }
+            Outcome::Drop(_) => {}
+        }
+    }
+
+    /// Checks what adds up over the whole run: the global counters sum to
+    /// the frames run, and per-service and per-backend packet and byte
+    /// counters match the frames forwarded.
+    pub fn check_totals(&self) -> Result<()> {
+        let total = self.lab.counter_total()?;
+        ensure!(
+            total == self.runs,
+            "global counters sum to {total}, frames run {}",
+            self.runs
+        );
+        for (i, svc) in self.services.iter().enumerate() {
+            let stats = self.lab.dp.service_stats(i as u32)?;
+            let (packets, bytes) = self.forwarded.get(&(i as u32)).copied().unwrap_or_default();
+            ensure!(
+                (stats.packets, stats.bytes) == (packets, bytes),
+                "service {}: counted {} packets / {} bytes, forwarded {packets} / {bytes}",
+                svc.spec.name,
+                stats.packets,
+                stats.bytes
+            );
+        }
+        for &id in self.backends.keys() {
+            let stats = self.lab.dp.backend_stats(id)?;
+            let packets = self.to_backend.get(&id).copied().unwrap_or_default();
+            ensure!(
+                stats.packets == packets,
+                "backend {id}: counted {} packets, forwarded {packets}",
+                stats.packets
+            );
+        }
+        Ok(())
+    }
+
+    /// Frames run so far (seeding and shrinking included).
+    pub fn runs(&self) -> u64 {
+        self.runs
+    }
+}
+
+/// A SYN (TCP) or a small datagram (UDP) of a pool flow to `spec`.
+fn flow_frame(spec: &Spec, client: IpAddr, sport: u16) -> Vec<u8> {
+    let seg = if spec.proto == IPPROTO_TCP {
+        packet::tcp(client, spec.vip, sport, spec.port, TCP_SYN, b"seed")
+    } else {
+        packet::udp(client, spec.vip, sport, spec.port, b"seed")
+    };
+    match (client, spec.vip) {
+        (IpAddr::V4(c), IpAddr::V4(v)) => {
+            let ip = Ipv4::new(c.octets(), v.octets(), spec.proto).build(&seg);
+            packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IP, &ip)
+        }
+        (IpAddr::V6(c), IpAddr::V6(v)) => {
+            let ip = packet::ipv6(c.octets(), v.octets(), spec.proto, &[], &seg);
+            packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IPV6, &ip)
+        }
+        _ => unreachable!("pool clients are of the service's family"),
+    }
+}
+
+fn names(counters: &[Counter]) -> String {
+    counters
+        .iter()
+        .map(|c| c.name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The first offset at which `a` and `b` differ (the shorter length if one
+/// is a prefix of the other).
+fn first_difference(a: &[u8], b: &[u8]) -> usize {
+    a.iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .unwrap_or(a.len().min(b.len()))
+}
