@@ -46,7 +46,7 @@ pub fn build(root: &Path, debug: bool) -> Result<PathBuf> {
 /// Cargo's target directory: `CARGO_TARGET_DIR` (relative to the workspace,
 /// where cargo runs; an absolute one replaces it in `join`) or
 /// `<workspace>/target`.
-fn target_dir(root: &Path) -> PathBuf {
+pub fn target_dir(root: &Path) -> PathBuf {
     env::var_os("CARGO_TARGET_DIR")
         .map(|dir| root.join(dir))
         .unwrap_or_else(|| root.join("target"))

@@ -1,4 +1,4 @@
-//! Developer entry points for lb: `cargo xtask setup|build|demo|test|fuzz`.
+//! Developer entry points for lb: `cargo xtask setup|build|demo|test|fuzz|bench`.
 //!
 //! # Layout
 //!
@@ -9,8 +9,10 @@
 //! - `test`: formatting, every test with privileged tests required, clippy,
 //!   and a one-line summary.
 //! - `fuzz`: the packet fuzzer of the XDP program, for any number of frames.
+//! - `bench`: the benchmarks, into BENCHMARKS.md and bench/results.json.
 //! - `exec`: how every external command is run, echoed and checked.
 
+mod bench;
 mod build;
 mod demo;
 mod exec;
@@ -49,6 +51,12 @@ enum Task {
         #[arg(long)]
         keep: bool,
     },
+    /// Run setup, build, then every benchmark (needs root): BENCHMARKS.md and bench/results.json.
+    Bench {
+        /// The same paths with fewer iterations: under five minutes, less precise.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Run setup, then cargo fmt --check, cargo test and cargo clippy.
     Test {
         /// Arguments for `cargo test`, after `--` (e.g. a test name filter).
@@ -75,6 +83,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup => setup::run(),
         Task::Build { debug } => build::run(&root, debug),
+        Task::Bench { quick } => bench::run(&root, quick),
         Task::Demo { keep } => demo::run(&root, keep),
         Task::Fuzz { frames, seed } => fuzz::run(&root, frames, seed),
         // Reports its own failures: its summary line must come last.

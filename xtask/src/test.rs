@@ -18,11 +18,12 @@ use crate::{build, exec};
 pub(crate) const REQUIRE_PRIVILEGED: (&str, &str) = ("LB_REQUIRE_PRIVILEGED", "1");
 
 /// Which packages `cargo test` and `cargo clippy` cover: the workspace's
-/// default members, i.e. everything but lb-ebpf, which only builds for the
-/// BPF target (lb-userspace's build script builds it; clippy checks it below).
+/// default members, i.e. everything but the eBPF crates, which only build for
+/// the BPF target (build scripts build them; clippy checks them below).
 const PACKAGES: &[&str] = &[];
 
-/// Clippy for the eBPF crate, on its own target with the nightly toolchain.
+/// Clippy for the eBPF crates (lb's programs and the benchmark-only ones),
+/// on their own target with the nightly toolchain.
 const EBPF_CLIPPY: &[&str] = &[
     "run",
     "nightly",
@@ -30,6 +31,8 @@ const EBPF_CLIPPY: &[&str] = &[
     "clippy",
     "--package",
     "lb-ebpf",
+    "--package",
+    "lb-bench-ebpf",
     "--release",
     "--target",
     "bpfel-unknown-none",

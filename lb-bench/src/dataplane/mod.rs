@@ -1,0 +1,831 @@
+//! Data-plane cost per packet: every path of `lb_xdp` timed with
+//! BPF_PROG_TEST_RUN and a large repeat count, next to two floors measured
+//! in the same run (a trivial XDP_PASS and a parse-and-swap XDP_TX) and to
+//! references that add one connection-table operation to the floor.
+//!
+//! Paths whose output would take another path on the next iteration
+//! (encapsulation; a new flow, which the first iteration remembers) run
+//! through the reset wrapper. The wrapper's own cost, measured in the same
+//! round as "wrapper → XDP_PASS", is taken off: the figure reported for
+//! such a path is `wrapper(path) - wrapper(pass) + pass`, per round.
+//!
+//! Measurements are grouped by data-plane configuration (services,
+//! backends, flows in the connection table). Within a group every case is
+//! measured once to warm up, then `rounds` times, interleaved, in an order
+//! that rotates every round.
+//!
+//! # Layout
+//! - `frames`: the frames, addresses and flow indexes.
+//! - `harness`: loading both objects, one timed and verified run.
+
+pub mod frames;
+pub mod harness;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result};
+use lb::dataplane::Capacity;
+use lb_bench_ebpf::{FRAME_LEN, ResetConfig};
+use lb_common::{
+    Counter, SERVICE_F_IPIP,
+    limits::{DEFAULT_CONNTRACK_ENTRIES, DEFAULT_RING_SIZE},
+    wire::{IPPROTO_TCP, IPV4_HLEN, IPV6_HLEN},
+};
+use lb_tests::lab::{PASS, TX, service_key};
+use serde::Serialize;
+
+use crate::stats::Summary;
+use frames::{Family, Mode, SERVICE_PORT, TCP_ACK, TCP_SYN};
+use harness::{Expect, Flows, Harness, Method, Program, Sample};
+use lb_bench_ebpf::LruCounter;
+
+/// How much to measure.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    /// Iterations per BPF_PROG_TEST_RUN.
+    pub repeat: u32,
+    /// Timed runs per case (after one warm-up run).
+    pub rounds: usize,
+    /// The same for the many-flows groups, whose runs are much longer.
+    pub many_flows_rounds: usize,
+    /// Backends per measured service, one group each.
+    pub backends: Vec<u32>,
+    /// Services in the table, one group each (4 is the measured ones alone).
+    pub services: Vec<u32>,
+    /// Established flows cycled through in the many-flows groups.
+    pub many_flows: Vec<u32>,
+    /// Backends per service in the many-flows groups.
+    pub many_flows_backends: u32,
+}
+
+impl Plan {
+    /// The full plan, or the quick one (fewer iterations and rounds; the
+    /// same paths and groups).
+    pub fn new(quick: bool) -> Plan {
+        Plan {
+            repeat: if quick { 100_000 } else { 1_000_000 },
+            rounds: if quick { 5 } else { 9 },
+            many_flows_rounds: if quick { 3 } else { 5 },
+            backends: vec![1, 100, 1000],
+            services: vec![MEASURED.len() as u32, 512],
+            many_flows: vec![10_000, 1_000_000],
+            many_flows_backends: 100,
+        }
+    }
+}
+
+/// The measured services: one per family and mode, ids 0 to 3.
+const MEASURED: [(Family, Mode); 4] = [
+    (Family::Ipv4, Mode::DsrL2),
+    (Family::Ipv4, Mode::Ipip),
+    (Family::Ipv6, Mode::DsrL2),
+    (Family::Ipv6, Mode::Ipip),
+];
+
+/// The VIP of the services that only fill the table (ports from
+/// `FILLER_PORT_BASE` on); no packet goes to them.
+const FILLER_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 3, 1);
+/// First port of the filler services.
+const FILLER_PORT_BASE: u16 = 1000;
+/// First IPv4 backend address; backend `id` gets this plus `id`.
+const BACKEND_V4_BASE: Ipv4Addr = Ipv4Addr::new(198, 18, 16, 0);
+/// IPv6 backends: 2001:2:b::<id>.
+const BACKEND_V6_BASE: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xb, 0, 0, 0, 0, 0);
+/// Backend slots: enough for the measured services' largest group.
+const MAX_BACKENDS: u32 = 4096;
+/// Headroom over the flows the many-flows groups insert, so the per-CPU
+/// LRU lists never have to evict one of them.
+const CONNTRACK_HEADROOM: f64 = 1.1;
+
+/// What a case measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Path {
+    /// Floor: XDP_PASS and nothing else.
+    FloorPass,
+    /// Floor: parse Ethernet/IP/TCP, swap MACs, XDP_TX.
+    FloorSwap,
+    /// The reset wrapper in front of the XDP_PASS floor: its own cost.
+    WrapperPass,
+    /// A packet of a flow in the connection table.
+    Established,
+    /// A non-SYN packet of a flow not in the connection table (Maglev lookup).
+    NewFlow,
+    /// A TCP SYN (Maglev lookup, replaces the connection-table entry).
+    Syn,
+    /// A TCP packet to an address that is no VIP.
+    NotService,
+    /// Reference: parse, insert the flow into an LRU hash like lb's
+    /// connection table, swap: what remembering a flow costs by itself.
+    RefInsert,
+    /// Reference: parse, look the flow up in that LRU hash, swap: what a
+    /// connection-table hit costs by itself.
+    RefLookup,
+}
+
+impl Path {
+    /// As the report names it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Path::FloorPass => "floor: XDP_PASS",
+            Path::FloorSwap => "floor: parse + swap MACs",
+            Path::WrapperPass => "reset wrapper → XDP_PASS",
+            Path::Established => "established flow",
+            Path::NewFlow => "new flow",
+            Path::Syn => "TCP SYN",
+            Path::NotService => "non-service pass",
+            Path::RefInsert => "reference: parse + LRU insert + swap",
+            Path::RefLookup => "reference: parse + LRU lookup + swap",
+        }
+    }
+}
+
+/// One thing measured in a group.
+struct Case {
+    path: Path,
+    family: Option<Family>,
+    mode: Option<Mode>,
+    program: Program,
+    method: Method,
+    template: ResetConfig,
+    expect: Expect,
+    /// Run once, untimed, before every timed run (with what that run must
+    /// do): puts the flow back in the connection table, from which other
+    /// cases' new flows may have evicted it.
+    prime: Option<(Program, Expect)>,
+    /// Distinct flows the iterations carry.
+    flows: u64,
+}
+
+/// A case's figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct CaseResult {
+    /// What it measures.
+    pub path: Path,
+    /// Address family, where it matters.
+    pub family: Option<Family>,
+    /// Forwarding mode, for forwarded paths.
+    pub mode: Option<Mode>,
+    /// `direct` or `reset wrapper`.
+    pub method: &'static str,
+    /// Distinct flows the iterations carried.
+    pub flows: u64,
+    /// Per round, ns per iteration as timed (the wrapper included).
+    pub raw_ns: Vec<f64>,
+    /// Per round, the kernel's own whole-ns figure for the same runs.
+    pub kernel_ns: Vec<u64>,
+    /// Per round, ns per packet of the program itself (wrapper taken off).
+    pub ns: Vec<f64>,
+    /// Summary of `ns`.
+    pub summary: Summary,
+    /// Median ns over the parse-and-swap floor's median (same family).
+    pub vs_swap: f64,
+    /// Median ns over the XDP_PASS floor's median.
+    pub vs_pass: f64,
+}
+
+/// One configuration's cases.
+#[derive(Clone, Debug, Serialize)]
+pub struct GroupResult {
+    /// Services in the table.
+    pub services: u32,
+    /// Backends of each measured service.
+    pub backends: u32,
+    /// Established flows the many-flows cases cycle through (0: not such a group).
+    pub many_flows: u32,
+    /// Capacity of lb's connection table (and of the reference LRU).
+    pub conntrack_entries: u32,
+    /// Iterations per run.
+    pub repeat: u32,
+    /// Cases, in report order.
+    pub cases: Vec<CaseResult>,
+}
+
+impl GroupResult {
+    /// The case measuring `path` for `family` and `mode`.
+    pub fn case(
+        &self,
+        path: Path,
+        family: Option<Family>,
+        mode: Option<Mode>,
+    ) -> Option<&CaseResult> {
+        self.cases
+            .iter()
+            .find(|c| c.path == path && c.family == family && c.mode == mode)
+    }
+}
+
+/// Everything the data-plane benchmark measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct DataplaneResults {
+    /// What was run.
+    pub plan: Plan,
+    /// Bytes of every frame.
+    pub frame_len: usize,
+    /// Groups by services and backends.
+    pub matrix: Vec<GroupResult>,
+    /// Groups with many established flows.
+    pub many_flows: Vec<GroupResult>,
+}
+
+/// Runs the whole data-plane benchmark.
+pub fn run(plan: &Plan) -> Result<DataplaneResults> {
+    let matrix = run_matrix(plan)?;
+    let many_flows = run_many_flows(plan)?;
+    Ok(DataplaneResults {
+        plan: plan.clone(),
+        frame_len: FRAME_LEN,
+        matrix,
+        many_flows,
+    })
+}
+
+fn backend_ip(family: Family, id: u32) -> IpAddr {
+    match family {
+        Family::Ipv4 => Ipv4Addr::from(u32::from(BACKEND_V4_BASE) + id).into(),
+        Family::Ipv6 => Ipv6Addr::from(u128::from(BACKEND_V6_BASE) + id as u128).into(),
+    }
+}
+
+fn service_flags(mode: Mode) -> u32 {
+    match mode {
+        Mode::DsrL2 => 0,
+        Mode::Ipip => SERVICE_F_IPIP,
+    }
+}
+
+/// Gives each measured service `backends` fresh backends (generation
+/// `generation`, so entries from an earlier group become misses) and
+/// publishes its table. Returns the first service's table.
+fn configure(h: &mut Harness, backends: u32, generation: u32) -> Result<Vec<u32>> {
+    let mut first = Vec::new();
+    for (sid, &(family, mode)) in MEASURED.iter().enumerate() {
+        let sid = sid as u32;
+        let members: Vec<(u32, u32)> = (0..backends).map(|j| (sid * backends + j, 1)).collect();
+        for &(id, _) in &members {
+            h.lab
+                .backend(id, backend_ip(family, id), true, generation)?;
+        }
+        let key = service_key(frames::vip(family, mode), SERVICE_PORT, IPPROTO_TCP);
+        let ring = h.lab.service(sid, key, service_flags(mode), &members)?;
+        if first.is_empty() {
+            first = ring;
+        }
+    }
+    Ok(first)
+}
+
+/// Publishes services `MEASURED.len()..total`, all with `ring`: they make
+/// the tables their real size; no packet goes to them.
+fn publish_fillers(h: &mut Harness, total: u32, ring: &[u32]) -> Result<()> {
+    for id in MEASURED.len() as u32..total {
+        let port = FILLER_PORT_BASE + id as u16;
+        let key = service_key(FILLER_VIP.into(), port, IPPROTO_TCP);
+        h.lab
+            .dp
+            .publish_service(&key, id, 0, ring)
+            .with_context(|| format!("publishing filler service {id}"))?;
+    }
+    Ok(())
+}
+
+fn expect_floor(verdict: u32, macs_swapped: bool) -> Expect {
+    Expect {
+        verdict,
+        counter: None,
+        lru: None,
+        new_flows: None,
+        out_len: FRAME_LEN,
+        macs_swapped,
+    }
+}
+
+/// The frame length after `mode` forwarded a frame of `family`.
+fn forwarded_len(family: Family, mode: Mode) -> usize {
+    match (family, mode) {
+        (_, Mode::DsrL2) => FRAME_LEN,
+        (Family::Ipv4, Mode::Ipip) => FRAME_LEN + IPV4_HLEN,
+        (Family::Ipv6, Mode::Ipip) => FRAME_LEN + IPV6_HLEN,
+    }
+}
+
+fn expect_forward(sid: u32, family: Family, mode: Mode, new_flow_every: bool) -> Expect {
+    Expect {
+        verdict: TX,
+        counter: Some(match mode {
+            Mode::DsrL2 => Counter::ForwardDsr,
+            Mode::Ipip => Counter::ForwardIpip,
+        }),
+        lru: None,
+        new_flows: Some((sid, new_flow_every)),
+        out_len: forwarded_len(family, mode),
+        macs_swapped: false,
+    }
+}
+
+/// What a reference program's run must do: count `c` every iteration.
+fn expect_reference(c: LruCounter) -> Expect {
+    Expect {
+        verdict: TX,
+        counter: None,
+        lru: Some(c),
+        new_flows: None,
+        out_len: FRAME_LEN,
+        macs_swapped: false,
+    }
+}
+
+/// Priming an lb flow: forwarded, whether or not it was in the table.
+fn prime_lb(sid: u32, family: Family, mode: Mode) -> Option<(Program, Expect)> {
+    let expect = Expect {
+        new_flows: None,
+        ..expect_forward(sid, family, mode, false)
+    };
+    Some((Program::Lb, expect))
+}
+
+/// Priming a reference lookup: the flow inserted.
+fn prime_reference() -> Option<(Program, Expect)> {
+    Some((Program::LruInsert, expect_reference(LruCounter::Inserted)))
+}
+
+/// The references for lb's connection-table work, on IPv4: an insert of
+/// the same flow every iteration (as a SYN does), of a new flow every
+/// iteration (as a new flow does), and a lookup that hits.
+fn reference_cases(h: &mut Harness) -> Result<Vec<Case>> {
+    let template = frames::template(frames::not_a_vip(Family::Ipv4), SERVICE_PORT, TCP_ACK);
+    let reference = |path, program, method, expect, prime, flows| Case {
+        path,
+        family: Some(Family::Ipv4),
+        mode: None,
+        program,
+        method,
+        template,
+        expect,
+        prime,
+        flows,
+    };
+    let same = h.fresh_flows(1)?;
+    let hit = h.fresh_flows(1)?;
+    Ok(vec![
+        reference(
+            Path::RefInsert,
+            Program::LruInsert,
+            Method::Direct(same),
+            expect_reference(LruCounter::Inserted),
+            None,
+            1,
+        ),
+        reference(
+            Path::RefInsert,
+            Program::LruInsert,
+            Method::Reset(Flows::Fresh),
+            expect_reference(LruCounter::Inserted),
+            None,
+            0,
+        ),
+        reference(
+            Path::RefLookup,
+            Program::LruLookup,
+            Method::Direct(hit),
+            expect_reference(LruCounter::Hit),
+            prime_reference(),
+            1,
+        ),
+    ])
+}
+
+/// The floors and the wrapper's own cost: in every group.
+fn floor_cases() -> Vec<Case> {
+    let mut cases = vec![Case {
+        path: Path::FloorPass,
+        family: None,
+        mode: None,
+        program: Program::Pass,
+        method: Method::Direct(0),
+        template: frames::template(frames::not_a_vip(Family::Ipv4), SERVICE_PORT, TCP_ACK),
+        expect: expect_floor(PASS, false),
+        prime: None,
+        flows: 1,
+    }];
+    for family in Family::ALL {
+        let template = frames::template(frames::not_a_vip(family), SERVICE_PORT, TCP_ACK);
+        cases.push(Case {
+            path: Path::FloorSwap,
+            family: Some(family),
+            mode: None,
+            program: Program::Swap,
+            method: Method::Direct(0),
+            template,
+            expect: expect_floor(TX, true),
+            prime: None,
+            flows: 1,
+        });
+        cases.push(Case {
+            path: Path::WrapperPass,
+            family: Some(family),
+            mode: None,
+            program: Program::Pass,
+            method: Method::Reset(Flows::One(0)),
+            template,
+            expect: expect_floor(PASS, false),
+            prime: None,
+            flows: 1,
+        });
+    }
+    cases
+}
+
+/// Every path of lb for one group of the matrix.
+fn matrix_cases(h: &mut Harness) -> Result<Vec<Case>> {
+    let mut cases = floor_cases();
+    for (sid, &(family, mode)) in MEASURED.iter().enumerate() {
+        let sid = sid as u32;
+        let vip = frames::vip(family, mode);
+        let ack = frames::template(vip, SERVICE_PORT, TCP_ACK);
+        let syn = frames::template(vip, SERVICE_PORT, TCP_SYN);
+        // The MAC rewrite leaves a frame that takes the same path again, so
+        // dsr-l2 runs directly; an encapsulated frame must be reset.
+        let stable = |index: u32| match mode {
+            Mode::DsrL2 => Method::Direct(index),
+            Mode::Ipip => Method::Reset(Flows::One(index)),
+        };
+        let established = h.fresh_flows(1)?;
+        cases.push(Case {
+            path: Path::Established,
+            family: Some(family),
+            mode: Some(mode),
+            program: Program::Lb,
+            method: stable(established),
+            template: ack,
+            expect: expect_forward(sid, family, mode, false),
+            prime: prime_lb(sid, family, mode),
+            flows: 1,
+        });
+        cases.push(Case {
+            path: Path::NewFlow,
+            family: Some(family),
+            mode: Some(mode),
+            program: Program::Lb,
+            method: Method::Reset(Flows::Fresh),
+            template: ack,
+            expect: expect_forward(sid, family, mode, true),
+            prime: None,
+            flows: 0,
+        });
+        let syn_flow = h.fresh_flows(1)?;
+        cases.push(Case {
+            path: Path::Syn,
+            family: Some(family),
+            mode: Some(mode),
+            program: Program::Lb,
+            method: stable(syn_flow),
+            template: syn,
+            expect: expect_forward(sid, family, mode, true),
+            prime: None,
+            flows: 1,
+        });
+    }
+    for family in Family::ALL {
+        cases.push(Case {
+            path: Path::NotService,
+            family: Some(family),
+            mode: None,
+            program: Program::Lb,
+            method: Method::Direct(0),
+            template: frames::template(frames::not_a_vip(family), SERVICE_PORT, TCP_ACK),
+            expect: Expect {
+                verdict: PASS,
+                counter: Some(Counter::PassNotService),
+                lru: None,
+                new_flows: None,
+                out_len: FRAME_LEN,
+                macs_swapped: false,
+            },
+            prime: None,
+            flows: 1,
+        });
+    }
+    // A check of the wrapper method itself: the same path measured both
+    // ways must agree.
+    let established = h.fresh_flows(1)?;
+    cases.push(Case {
+        path: Path::Established,
+        family: Some(Family::Ipv4),
+        mode: Some(Mode::DsrL2),
+        program: Program::Lb,
+        method: Method::Reset(Flows::One(established)),
+        template: frames::template(
+            frames::vip(Family::Ipv4, Mode::DsrL2),
+            SERVICE_PORT,
+            TCP_ACK,
+        ),
+        expect: expect_forward(0, Family::Ipv4, Mode::DsrL2, false),
+        prime: prime_lb(0, Family::Ipv4, Mode::DsrL2),
+        flows: 1,
+    });
+    cases.extend(reference_cases(h)?);
+    Ok(cases)
+}
+
+fn run_matrix(plan: &Plan) -> Result<Vec<GroupResult>> {
+    let max_services = plan.services.iter().copied().max().unwrap_or(1);
+    let mut h = Harness::load(Capacity {
+        max_services,
+        max_backends: MAX_BACKENDS,
+        conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
+        ring_size: DEFAULT_RING_SIZE,
+    })?;
+    let mut groups = Vec::new();
+    let mut generation = 0;
+    let mut published = MEASURED.len() as u32;
+    let mut services = plan.services.clone();
+    services.sort_unstable();
+    for &total in &services {
+        for &backends in &plan.backends {
+            generation += 1;
+            let started = Instant::now();
+            let ring = configure(&mut h, backends, generation)?;
+            if total > published {
+                let start = Instant::now();
+                publish_fillers(&mut h, total, &ring)?;
+                eprintln!(
+                    "data plane: published {} more services in {:.1?}",
+                    total - published,
+                    start.elapsed()
+                );
+                published = total;
+            }
+            let mut cases = matrix_cases(&mut h)?;
+            let samples = measure(&mut h, &mut cases, plan.repeat, plan.rounds)?;
+            eprintln!(
+                "data plane: {total} services, {backends} backends per service: {:.1?}",
+                started.elapsed()
+            );
+            groups.push(GroupResult {
+                services: total,
+                backends,
+                many_flows: 0,
+                conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
+                repeat: plan.repeat,
+                cases: summarise(&cases, &samples),
+            });
+        }
+    }
+    Ok(groups)
+}
+
+fn run_many_flows(plan: &Plan) -> Result<Vec<GroupResult>> {
+    let Some(&most) = plan.many_flows.iter().max() else {
+        return Ok(Vec::new());
+    };
+    let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    // The connection table keeps one LRU list per CPU, each with an equal
+    // share of the entries; every run happens on one CPU, so that CPU's
+    // share must hold every flow of every case at once.
+    let per_cpu = most as f64 * MEASURED.len() as f64 * CONNTRACK_HEADROOM;
+    let conntrack_entries = (per_cpu * nr_cpus as f64) as u32;
+    eprintln!("data plane: loading with a {conntrack_entries}-entry connection table");
+    let mut h = Harness::load(Capacity {
+        max_services: MEASURED.len() as u32,
+        max_backends: MAX_BACKENDS,
+        conntrack_entries,
+        ring_size: DEFAULT_RING_SIZE,
+    })?;
+    configure(&mut h, plan.many_flows_backends, 1)?;
+    let mut groups = Vec::new();
+    for (group, &count) in plan.many_flows.iter().enumerate() {
+        let started = Instant::now();
+        // The one-flow baselines, through the wrapper like the cycles, once.
+        let baselines = group == 0;
+        let mut cases = floor_cases();
+        for (sid, &(family, mode)) in MEASURED.iter().enumerate() {
+            let sid = sid as u32;
+            let template = frames::template(frames::vip(family, mode), SERVICE_PORT, TCP_ACK);
+            let one = h.fresh_flows(1)?;
+            if baselines {
+                cases.push(Case {
+                    path: Path::Established,
+                    family: Some(family),
+                    mode: Some(mode),
+                    program: Program::Lb,
+                    method: Method::Reset(Flows::One(one)),
+                    template,
+                    expect: expect_forward(sid, family, mode, false),
+                    prime: prime_lb(sid, family, mode),
+                    flows: 1,
+                });
+            }
+            // Every flow of the cycle goes into the table first, each a
+            // Maglev lookup, which the counters prove.
+            let base = h.fresh_flows(count)?;
+            let cycle = Method::Reset(Flows::Cycle { base, count });
+            h.run(
+                Program::Lb,
+                cycle,
+                &template,
+                count,
+                &expect_forward(sid, family, mode, true),
+            )
+            .with_context(|| format!("filling the table with {count} flows"))?;
+            cases.push(Case {
+                path: Path::Established,
+                family: Some(family),
+                mode: Some(mode),
+                program: Program::Lb,
+                method: cycle,
+                template,
+                expect: expect_forward(sid, family, mode, false),
+                prime: None,
+                flows: count as u64,
+            });
+        }
+        // The reference lookup, over as many flows, put in the same way.
+        let template = frames::template(frames::not_a_vip(Family::Ipv4), SERVICE_PORT, TCP_ACK);
+        let one = h.fresh_flows(1)?;
+        if baselines {
+            cases.push(Case {
+                path: Path::RefLookup,
+                family: Some(Family::Ipv4),
+                mode: None,
+                program: Program::LruLookup,
+                method: Method::Reset(Flows::One(one)),
+                template,
+                expect: expect_reference(LruCounter::Hit),
+                prime: prime_reference(),
+                flows: 1,
+            });
+        }
+        let base = h.fresh_flows(count)?;
+        let cycle = Method::Reset(Flows::Cycle { base, count });
+        h.run(
+            Program::LruInsert,
+            cycle,
+            &template,
+            count,
+            &expect_reference(LruCounter::Inserted),
+        )
+        .with_context(|| format!("filling the reference table with {count} flows"))?;
+        cases.push(Case {
+            path: Path::RefLookup,
+            family: Some(Family::Ipv4),
+            mode: None,
+            program: Program::LruLookup,
+            method: cycle,
+            template,
+            expect: expect_reference(LruCounter::Hit),
+            prime: None,
+            flows: count as u64,
+        });
+        // At least one pass over every flow per run.
+        let repeat = plan.repeat.max(count);
+        let samples = measure(&mut h, &mut cases, repeat, plan.many_flows_rounds)?;
+        eprintln!(
+            "data plane: {count} established flows per service: {:.1?}",
+            started.elapsed()
+        );
+        groups.push(GroupResult {
+            services: MEASURED.len() as u32,
+            backends: plan.many_flows_backends,
+            many_flows: count,
+            conntrack_entries,
+            repeat,
+            cases: summarise(&cases, &samples),
+        });
+    }
+    Ok(groups)
+}
+
+/// One warm-up run of every case, then `rounds` timed runs of every case,
+/// interleaved; returns the samples per case.
+fn measure(
+    h: &mut Harness,
+    cases: &mut [Case],
+    repeat: u32,
+    rounds: usize,
+) -> Result<Vec<Vec<Sample>>> {
+    let mut samples = vec![Vec::with_capacity(rounds); cases.len()];
+    for round in 0..=rounds {
+        for k in 0..cases.len() {
+            // Rotate the order each round, so that no case always follows
+            // the same neighbour (whose cache footprint it would inherit).
+            let i = (k + round) % cases.len();
+            let case = &cases[i];
+            if let Some((program, expect)) = &case.prime {
+                h.run(*program, case.method, &case.template, 1, expect)
+                    .with_context(|| format!("priming {}", describe(case)))?;
+            }
+            let sample = h
+                .run(
+                    case.program,
+                    case.method,
+                    &case.template,
+                    repeat,
+                    &case.expect,
+                )
+                .with_context(|| format!("measuring {}", describe(case)))?;
+            // Round 0 warms caches and fills the connection table; not kept.
+            if round > 0 {
+                samples[i].push(sample);
+            }
+        }
+    }
+    for case in cases.iter_mut() {
+        if case.flows == 0 {
+            case.flows = repeat as u64;
+        }
+    }
+    Ok(samples)
+}
+
+fn describe(case: &Case) -> String {
+    let mut s = case.path.label().to_owned();
+    if let Some(f) = case.family {
+        s = format!("{s} {}", f.label());
+    }
+    if let Some(m) = case.mode {
+        s = format!("{s} {}", m.label());
+    }
+    if let Method::Reset(_) = case.method {
+        s.push_str(" (reset wrapper)");
+    }
+    s
+}
+
+/// Per-round figures with the wrapper taken off, summaries and ratios.
+fn summarise(cases: &[Case], samples: &[Vec<Sample>]) -> Vec<CaseResult> {
+    let raw = |i: usize| -> Vec<f64> { samples[i].iter().map(|s| s.ns).collect() };
+    let find = |path: Path, family: Option<Family>| {
+        cases
+            .iter()
+            .position(|c| c.path == path && c.family == family)
+    };
+    let pass = find(Path::FloorPass, None).map(raw).unwrap_or_default();
+    let mut results: Vec<CaseResult> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, case)| {
+            let raw_ns = raw(i);
+            let ns = match (case.method, case.path) {
+                (Method::Reset(_), p) if p != Path::WrapperPass => {
+                    let wrapper = find(Path::WrapperPass, case.family)
+                        .map(raw)
+                        .unwrap_or_default();
+                    raw_ns
+                        .iter()
+                        .zip(&wrapper)
+                        .zip(&pass)
+                        .map(|((r, w), p)| r - w + p)
+                        .collect()
+                }
+                _ => raw_ns.clone(),
+            };
+            let summary = Summary::of(&ns).unwrap_or(Summary {
+                min: f64::NAN,
+                median: f64::NAN,
+                max: f64::NAN,
+                spread: f64::NAN,
+                n: 0,
+            });
+            CaseResult {
+                path: case.path,
+                family: case.family,
+                mode: case.mode,
+                method: match case.method {
+                    Method::Direct(_) => "direct",
+                    Method::Reset(_) => "reset wrapper",
+                },
+                flows: case.flows,
+                raw_ns,
+                kernel_ns: samples[i].iter().map(|s| s.kernel_ns).collect(),
+                ns,
+                summary,
+                vs_swap: f64::NAN,
+                vs_pass: f64::NAN,
+            }
+        })
+        .collect();
+    let median_of = |results: &[CaseResult], path: Path, family: Option<Family>| {
+        results
+            .iter()
+            .find(|c| c.path == path && c.family == family)
+            .map_or(f64::NAN, |c| c.summary.median)
+    };
+    let pass_median = median_of(&results, Path::FloorPass, None);
+    let swap: Vec<(Option<Family>, f64)> = Family::ALL
+        .iter()
+        .map(|&f| (Some(f), median_of(&results, Path::FloorSwap, Some(f))))
+        .collect();
+    for r in &mut results {
+        let swap_median = swap
+            .iter()
+            .find(|(f, _)| *f == r.family.or(Some(Family::Ipv4)))
+            .map_or(f64::NAN, |x| x.1);
+        r.vs_swap = r.summary.median / swap_median;
+        r.vs_pass = r.summary.median / pass_median;
+    }
+    results
+}

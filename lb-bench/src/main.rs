@@ -1,0 +1,135 @@
+//! `lb-bench`: lb's benchmarks, run by `cargo xtask bench` (as root: it
+//! loads XDP programs). Writes the report (BENCHMARKS.md) and the raw
+//! results (JSON).
+//!
+//! Every figure is measured in this run next to its reference on this
+//! machine and reported as a ratio to it.
+//!
+//! # Layout
+//! - `dataplane`: ns per packet of every XDP path against two floors,
+//!   with BPF_PROG_TEST_RUN (`frames`, `harness`).
+//! - `control`: Maglev table quality and build time.
+//! - `memory`: the daemon's resident memory and its maps' memory.
+//! - `machine`: what the machine is; CPU pinning and the CPU-time clock.
+//! - `stats`: min, median, spread.
+//! - `report`: BENCHMARKS.md from the results.
+
+mod control;
+mod dataplane;
+mod machine;
+mod memory;
+mod report;
+mod stats;
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use clap::Parser;
+use serde::Serialize;
+
+/// lb's benchmarks: data-plane cost per packet, Maglev quality, memory.
+#[derive(Debug, Parser)]
+#[command(name = "lb-bench", about)]
+struct Cli {
+    /// Fewer iterations and rounds (the same paths): under five minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the report.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    out: PathBuf,
+    /// Where to write the raw results.
+    #[arg(long, default_value = "bench/results.json")]
+    json: PathBuf,
+    /// The `lb` binary, for the daemon's memory (skipped without it).
+    #[arg(long)]
+    lb: Option<PathBuf>,
+    /// Criterion's output directory, for the Maglev build times.
+    #[arg(long)]
+    criterion: Option<PathBuf>,
+    /// Only these parts (dataplane, control, memory); all by default.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+/// Everything one run measured.
+#[derive(Debug, Serialize)]
+pub struct Results {
+    /// `lb-bench`'s version.
+    pub version: &'static str,
+    /// When the run started, UTC (RFC 3339).
+    pub started: String,
+    /// Whether this was a `--quick` run.
+    pub quick: bool,
+    /// The machine.
+    pub machine: machine::Machine,
+    /// Data-plane cost per packet.
+    pub dataplane: Option<dataplane::DataplaneResults>,
+    /// Maglev quality and build time.
+    pub control: Option<control::ControlResults>,
+    /// Resident and map memory.
+    pub memory: Option<memory::MemoryResults>,
+}
+
+fn main() -> ExitCode {
+    match run(&Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn wanted(cli: &Cli, part: &str) -> bool {
+    cli.only.is_empty() || cli.only.iter().any(|p| p == part)
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "lb-bench loads XDP programs: run it as root"
+    );
+    // The last CPU: the first tends to take more interrupts.
+    let cpu = machine::online_cpus() - 1;
+    machine::pin_to(cpu).context("pinning to one CPU")?;
+    let mut results = Results {
+        version: env!("CARGO_PKG_VERSION"),
+        started: machine::now_utc(),
+        quick: cli.quick,
+        machine: machine::describe(cpu),
+        dataplane: None,
+        control: None,
+        memory: None,
+    };
+    if wanted(cli, "dataplane") {
+        results.dataplane = Some(dataplane::run(&dataplane::Plan::new(cli.quick))?);
+    }
+    if wanted(cli, "control") {
+        results.control = Some(control::run(cli.quick, cli.criterion.as_deref())?);
+    }
+    if wanted(cli, "memory") {
+        results.memory = match &cli.lb {
+            Some(lb) => Some(memory::run(lb, cli.quick)?),
+            None => {
+                eprintln!("memory: skipped (no --lb binary given)");
+                None
+            }
+        };
+    }
+    results.machine.loadavg_end = machine::loadavg();
+    write(&cli.json, &serde_json::to_string_pretty(&results)?)?;
+    write(&cli.out, &report::render(&results))?;
+    eprintln!("wrote {} and {}", cli.out.display(), cli.json.display());
+    Ok(())
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}

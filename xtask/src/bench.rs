@@ -1,0 +1,57 @@
+//! `cargo xtask bench`: lb's benchmarks, written to `BENCHMARKS.md` (tables)
+//! and `bench/results.json` (every sample).
+//!
+//! Steps: setup; build `lb` (the memory part runs the real daemon); the
+//! criterion bench of the Maglev builder; then `lb-bench` (needs root: it
+//! loads XDP programs), which measures the rest and writes both files,
+//! taking the build times from criterion's estimates.
+
+use std::path::Path;
+
+use anyhow::Result;
+
+use crate::{build, exec};
+
+/// The report, at the workspace root.
+const REPORT: &str = "BENCHMARKS.md";
+/// The raw results, beside the report.
+const RESULTS: &str = "bench/results.json";
+/// The package and bench target of the Maglev builder's criterion bench.
+const MAGLEV_BENCH: [&str; 4] = ["--package", "lb-userspace", "--bench", "maglev"];
+/// The package of the benchmark driver.
+const DRIVER: &str = "lb-bench";
+
+/// Runs every benchmark; `quick` trades precision for a run under five
+/// minutes (the same paths and configurations, fewer iterations).
+pub fn run(root: &Path, quick: bool) -> Result<()> {
+    let lb = build::build(root, false)?;
+    let criterion = build::target_dir(root).join("criterion");
+
+    let mut maglev = exec::cargo();
+    maglev
+        .current_dir(root)
+        .arg("bench")
+        .args(MAGLEV_BENCH)
+        // Where criterion writes its estimates, so the driver finds them
+        // whatever the target directory.
+        .env("CRITERION_HOME", &criterion)
+        .arg("--");
+    if quick {
+        maglev.arg("--quick");
+    }
+    exec::run(&mut maglev)?;
+
+    let mut driver = exec::cargo();
+    driver
+        .current_dir(root)
+        .args(["run", "--release", "--package", DRIVER, "--"])
+        .args(["--out", REPORT, "--json", RESULTS])
+        .arg("--lb")
+        .arg(&lb)
+        .arg("--criterion")
+        .arg(&criterion);
+    if quick {
+        driver.arg("--quick");
+    }
+    exec::run(&mut driver)
+}
