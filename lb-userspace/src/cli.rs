@@ -262,6 +262,10 @@ fn run(cli: Cli) -> Result<()> {
     let call = |request: Request| -> Result<Value> {
         runtime()?.block_on(api::call(&cli.socket, &request))
     };
+    // apply and the edits print what changed (or would), and the slots moved.
+    let change = |request: Request, dry_run: bool| -> Result<()> {
+        print(cli.json, call(request)?, |v| change_report(v, dry_run))
+    };
     match cli.command {
         Command::Daemon { config, pin_dir } => {
             tracing_subscriber::fmt()
@@ -407,9 +411,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Apply { file, dry_run } => {
             let config = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            print(cli.json, call(Request::Apply { config, dry_run })?, |v| {
-                change_report(v, dry_run)
-            })
+            change(Request::Apply { config, dry_run }, dry_run)
         }
         Command::Service(ServiceCommand::Add {
             name,
@@ -428,15 +430,11 @@ fn run(cli: Cli) -> Result<()> {
                 affinity,
                 check,
             };
-            print(cli.json, call(Request::Edit { edit, dry_run })?, |v| {
-                change_report(v, dry_run)
-            })
+            change(Request::Edit { edit, dry_run }, dry_run)
         }
         Command::Service(ServiceCommand::Del { name, dry_run }) => {
             let edit = Edit::DelService { name };
-            print(cli.json, call(Request::Edit { edit, dry_run })?, |v| {
-                change_report(v, dry_run)
-            })
+            change(Request::Edit { edit, dry_run }, dry_run)
         }
         Command::Backend(BackendCommand::Add {
             service,
@@ -449,9 +447,7 @@ fn run(cli: Cli) -> Result<()> {
                 address: backend,
                 weight,
             };
-            print(cli.json, call(Request::Edit { edit, dry_run })?, |v| {
-                change_report(v, dry_run)
-            })
+            change(Request::Edit { edit, dry_run }, dry_run)
         }
         Command::Backend(BackendCommand::Del {
             service,
@@ -462,9 +458,7 @@ fn run(cli: Cli) -> Result<()> {
                 service,
                 address: backend,
             };
-            print(cli.json, call(Request::Edit { edit, dry_run })?, |v| {
-                change_report(v, dry_run)
-            })
+            change(Request::Edit { edit, dry_run }, dry_run)
         }
         Command::Explain { client, service } => {
             let v = call(Request::Explain {

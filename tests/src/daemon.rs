@@ -11,6 +11,44 @@ use serde_json::Value;
 
 use lb::netns::{Netns, PrivateBpffs, spawn_in};
 
+/// The configuration the namespace tests start from: service `web` on
+/// 198.18.1.1:80/tcp over `backends` backends (198.18.0.11 and up, as
+/// `Lan::build` numbers them), with fast health checks (200 ms, rise 2,
+/// fall 2, no slow start) so tests are short; the defaults are measured
+/// separately. Metrics on 127.0.0.1:9108 in the load balancer's namespace.
+pub fn web_config(backends: u8) -> String {
+    let mut text = String::from(
+        r#"[settings]
+interfaces = ["eth0"]
+xdp_mode = "generic"
+metrics = "127.0.0.1:9108"
+table_size = 4099
+max_services = 4
+max_backends = 16
+conntrack_entries = 4096
+
+[[service]]
+name = "web"
+vip = "198.18.1.1"
+port = 80
+protocol = "tcp"
+
+[service.health]
+check = "http"
+interval = "200ms"
+fast_interval = "100ms"
+timeout = "150ms"
+rise = 2
+fall = 2
+slow_start = "0s"
+"#,
+    );
+    for i in 1..=backends {
+        text += &format!("\n[[service.backend]]\naddress = \"198.18.0.{}\"\n", 10 + i);
+    }
+    text
+}
+
 /// The `lb` binary cargo built next to the test binary (`target/<profile>/lb`).
 pub fn lb_binary() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;

@@ -289,7 +289,7 @@ impl Demo {
 
     fn start_daemon(&mut self) -> Result<()> {
         let config = self.dir.join("lb.toml");
-        std::fs::write(&config, self.config_text())?;
+        std::fs::write(&config, self::config(&self.dir))?;
         let log = std::fs::File::create(self.dir.join("daemon.log"))?;
         let topo = self.topo()?;
         let child = topo.lb.spawn_process(
@@ -322,10 +322,6 @@ impl Demo {
             HEALTH.lines().collect::<Vec<_>>().join(", ")
         );
         Ok(())
-    }
-
-    fn config_text(&self) -> String {
-        config(&self.dir)
     }
 
     fn call(&self, request: &Request) -> Result<Value> {

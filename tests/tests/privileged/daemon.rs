@@ -16,42 +16,14 @@ use std::{
 
 use anyhow::{Result, bail};
 use lb::demo::server::{NameServer, http_get};
-use lb_tests::{daemon::Daemon, lan::Lan, privileged};
+use lb_tests::{
+    daemon::{Daemon, web_config},
+    lan::Lan,
+    privileged,
+};
 use serde_json::Value;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
-/// Fast health checks keep the test short; the defaults are measured by the
-/// benchmarks.
-const CONFIG: &str = r#"[settings]
-interfaces = ["eth0"]
-xdp_mode = "generic"
-metrics = "127.0.0.1:9108"
-table_size = 4099
-max_services = 4
-max_backends = 16
-conntrack_entries = 4096
-
-[[service]]
-name = "web"
-vip = "198.18.1.1"
-port = 80
-protocol = "tcp"
-
-[service.health]
-check = "http"
-interval = "200ms"
-fast_interval = "100ms"
-timeout = "150ms"
-rise = 2
-fall = 2
-slow_start = "0s"
-
-[[service.backend]]
-address = "198.18.0.11"
-
-[[service.backend]]
-address = "198.18.0.12"
-"#;
 const WAIT: Duration = Duration::from_secs(10);
 
 fn vip() -> SocketAddr {
@@ -93,7 +65,7 @@ fn daemon_evicts_drains_weighs_refuses_bad_input_and_survives_sigkill() {
 fn run() -> Result<()> {
     let lan = Lan::build(2, &["198.18.1.1/32"])?;
     let mut servers: Vec<Option<NameServer>> = lan.serve_names(80)?.into_iter().map(Some).collect();
-    let mut d = Daemon::start(&lan.lb, "daemon", CONFIG)?;
+    let mut d = Daemon::start(&lan.lb, "daemon", &web_config(2))?;
     d.wait_until("both backends in the table", WAIT, |d| {
         Ok(d.cli(&["service", "list"])?[0]["in_table"] == 2)
     })?;
@@ -353,7 +325,11 @@ fn eviction_under_default_health_settings_is_bounded() {
     let lan = Lan::build(2, &["198.18.1.1/32"]).unwrap();
     let mut servers: Vec<Option<NameServer>> =
         lan.serve_names(80).unwrap().into_iter().map(Some).collect();
-    let config = CONFIG.split("[service.health]").next().unwrap().to_string()
+    let config = web_config(2)
+        .split("[service.health]")
+        .next()
+        .unwrap()
+        .to_string()
         + "[[service.backend]]\naddress = \"198.18.0.11\"\n\n[[service.backend]]\naddress = \"198.18.0.12\"\n";
     let d = Daemon::start(&lan.lb, "default-health", &config).unwrap();
     d.wait_until("both in the table", WAIT, |d| {
@@ -384,8 +360,13 @@ fn services_and_backends_added_and_removed_at_run_time() {
     }
     let lan = Lan::build(3, &["198.18.1.1/32"]).unwrap();
     let _servers = lan.serve_names(80).unwrap();
-    let d = Daemon::start_with_env(&lan.lb, "edit", CONFIG, &[("LB_LOG", "info,lb_ebpf=debug")])
-        .unwrap();
+    let d = Daemon::start_with_env(
+        &lan.lb,
+        "edit",
+        &web_config(2),
+        &[("LB_LOG", "info,lb_ebpf=debug")],
+    )
+    .unwrap();
     let in_table = |d: &Daemon| -> Result<u64> {
         Ok(d.cli(&["service", "list"])?[0]["in_table"]
             .as_u64()

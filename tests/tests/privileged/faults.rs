@@ -20,46 +20,13 @@ use std::{
 use anyhow::Result;
 use lb::demo::server::{NameServer, http_get};
 use lb_tests::{
-    daemon::{Daemon, lb_binary},
+    daemon::{Daemon, lb_binary, web_config},
     lan::Lan,
     privileged,
 };
 use serde_json::Value;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
-/// Three backends, fast health checks (as in daemon.rs), no slow start.
-const CONFIG: &str = r#"[settings]
-interfaces = ["eth0"]
-xdp_mode = "generic"
-table_size = 4099
-max_services = 4
-max_backends = 16
-conntrack_entries = 4096
-
-[[service]]
-name = "web"
-vip = "198.18.1.1"
-port = 80
-protocol = "tcp"
-
-[service.health]
-check = "http"
-interval = "200ms"
-fast_interval = "100ms"
-timeout = "150ms"
-rise = 2
-fall = 2
-slow_start = "0s"
-
-[[service.backend]]
-address = "198.18.0.11"
-
-[[service.backend]]
-address = "198.18.0.12"
-
-[[service.backend]]
-address = "198.18.0.13"
-"#;
 const WAIT: Duration = Duration::from_secs(15);
 /// Unprivileged uid for the socket-permission check (nobody).
 const NOBODY: u32 = 65534;
@@ -183,7 +150,7 @@ fn the_daemon_keeps_serving_through_faults() {
     let lan = Lan::build(3, &["198.18.1.1/32"]).unwrap();
     let mut servers: Vec<Option<NameServer>> =
         lan.serve_names(80).unwrap().into_iter().map(Some).collect();
-    let mut d = Daemon::start(&lan.lb, "faults", CONFIG).unwrap();
+    let mut d = Daemon::start(&lan.lb, "faults", &web_config(3)).unwrap();
     d.wait_until("all three in the table", WAIT, |d| {
         Ok(d.cli(&["service", "list"])?[0]["in_table"] == 3)
     })
