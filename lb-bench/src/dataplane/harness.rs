@@ -13,16 +13,14 @@ use aya::{
     maps::{Array, MapData, PerCpuArray, PerCpuValues, ProgramArray},
     programs::{ProgramFd, TestRun as _, TestRunOptions, Xdp},
 };
-use lb::dataplane::{Capacity, Dataplane};
+use lb::dataplane::Capacity;
 use lb_bench_ebpf::{
     FRAME_LEN, LruCounter, MAP_LRU, MAP_LRU_COUNTERS, MAP_RESET_CONFIG, MAP_RESET_STATE,
     MAP_TARGET, PROG_LRU_INSERT, PROG_LRU_LOOKUP, PROG_PASS, PROG_RESET, PROG_SWAP, ResetConfig,
     ResetState, TARGET_SLOT,
 };
-use lb_common::{Counter, Settings, maps::PROG_LB};
-use lb_tests::lab::{
-    Lab, MTU, TUNNEL_SRC_V4, TUNNEL_SRC_V4_MASK, TUNNEL_SRC_V6, TUNNEL_SRC_V6_MASK,
-};
+use lb_common::{Counter, maps::PROG_LB};
+use lb_tests::lab::Lab;
 
 use crate::machine::thread_cpu_ns;
 
@@ -162,16 +160,9 @@ impl Harness {
     /// Loads lb's object with `capacity` and lab settings, and the benchmark
     /// object next to it.
     pub fn load(capacity: Capacity) -> Result<Harness> {
-        let mut dp = Dataplane::load(capacity).context("loading lb's object")?;
-        dp.set_settings(Settings {
-            ring_size: capacity.ring_size,
-            mtu: MTU,
-            tunnel_src_v4: TUNNEL_SRC_V4,
-            tunnel_src_v4_hash_mask: TUNNEL_SRC_V4_MASK,
-            tunnel_src_v6: TUNNEL_SRC_V6,
-            tunnel_src_v6_hash_mask: TUNNEL_SRC_V6_MASK,
-        })?;
-        let lb_fd = dp.program(PROG_LB)?.fd()?.try_clone()?;
+        // The packet tests' lab: the same settings, so the same paths.
+        let mut lab = Lab::with_capacity(capacity).context("loading lb's object")?;
+        let lb_fd = lab.dp.program(PROG_LB)?.fd()?.try_clone()?;
         // The reference LRU gets lb's connection-table capacity, so both
         // fill, evict and miss in cache alike.
         let mut bench = EbpfLoader::new()
@@ -196,7 +187,7 @@ impl Harness {
             config: take(&mut bench, MAP_RESET_CONFIG)?,
             state: take(&mut bench, MAP_RESET_STATE)?,
             lru_counters: take(&mut bench, MAP_LRU_COUNTERS)?,
-            lab: Lab { dp },
+            lab,
             bench,
             lb_fd,
             bench_fds,
