@@ -65,10 +65,7 @@ pub fn bench_pass(_ctx: XdpContext) -> u32 {
 /// Anything it cannot parse passes.
 #[xdp]
 pub fn bench_swap(ctx: XdpContext) -> u32 {
-    match swap_macs(&ctx) {
-        Some(()) => xdp_action::XDP_TX,
-        None => xdp_action::XDP_PASS,
-    }
+    swap_and_send(&ctx)
 }
 
 /// Reference: parse, insert the flow into an LRU hash, swap MACs.
@@ -80,10 +77,7 @@ pub fn bench_lru_insert(ctx: XdpContext) -> u32 {
     if BENCH_LRU.insert(key, 0, 0).is_ok() {
         count(LruCounter::Inserted);
     }
-    match swap_macs(&ctx) {
-        Some(()) => xdp_action::XDP_TX,
-        None => xdp_action::XDP_PASS,
-    }
+    swap_and_send(&ctx)
 }
 
 /// Reference: parse, look the flow up in an LRU hash, swap MACs on a hit.
@@ -97,10 +91,7 @@ pub fn bench_lru_lookup(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_DROP;
     }
     count(LruCounter::Hit);
-    match swap_macs(&ctx) {
-        Some(()) => xdp_action::XDP_TX,
-        None => xdp_action::XDP_PASS,
-    }
+    swap_and_send(&ctx)
 }
 
 /// Restores the input frame, then runs the program under test on it.
@@ -133,6 +124,16 @@ fn load<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
     // SAFETY: bytes_at checked the packet holds size_of::<T>() bytes at p;
     // packet data has no alignment guarantee, hence read_unaligned.
     Some(unsafe { (p as *const T).read_unaligned() })
+}
+
+/// The floor's ending: swap the MACs and send the frame back (XDP_TX), or
+/// pass what does not parse.
+#[inline(always)]
+fn swap_and_send(ctx: &XdpContext) -> u32 {
+    match swap_macs(ctx) {
+        Some(()) => xdp_action::XDP_TX,
+        None => xdp_action::XDP_PASS,
+    }
 }
 
 #[inline(always)]

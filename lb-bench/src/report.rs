@@ -149,6 +149,15 @@ fn header(out: &mut String, r: &Results) {
     }
 }
 
+/// `path`'s ratio to the parse-and-swap floor in every configuration.
+fn ratios_to_swap(d: &DataplaneResults, path: Path) -> Vec<f64> {
+    d.matrix
+        .iter()
+        .flat_map(|g| path_cases(g, path))
+        .map(|c| c.vs_swap)
+        .collect()
+}
+
 /// The cases of the matrix that measure `path` as the headline does
 /// (directly, or through the wrapper where that is the only way).
 fn path_cases(g: &GroupResult, path: Path) -> Vec<&CaseResult> {
@@ -208,12 +217,7 @@ fn dataplane(out: &mut String, d: &DataplaneResults) {
                     .map(|&(f, m)| cell(g.case(path, Some(f), Some(m))))
                     .collect()
             };
-            let all: Vec<f64> = d
-                .matrix
-                .iter()
-                .flat_map(|g| path_cases(g, path))
-                .map(|c| c.vs_swap)
-                .collect();
+            let all = ratios_to_swap(d, path);
             let worst = all.iter().copied().fold(0.0, f64::max);
             let met = if all.is_empty() {
                 "—".to_owned()
@@ -570,12 +574,7 @@ fn losses(out: &mut String, d: &DataplaneResults) {
     let _ = writeln!(out, "### Where lb loses, and why\n");
     let mut missed = false;
     for (path, goal) in GOALS {
-        let all: Vec<f64> = d
-            .matrix
-            .iter()
-            .flat_map(|g| path_cases(g, path))
-            .map(|c| c.vs_swap)
-            .collect();
+        let all = ratios_to_swap(d, path);
         let worst = all.iter().copied().fold(0.0, f64::max);
         let best = all.iter().copied().fold(f64::INFINITY, f64::min);
         if !all.is_empty() && worst > goal {
