@@ -44,6 +44,10 @@ pub const PROG_LRU_INSERT: &str = "bench_lru_insert";
 /// Reference for lb's connection-table hit: as [`PROG_LRU_INSERT`] but a
 /// lookup, XDP_TX on a hit and XDP_DROP on a miss.
 pub const PROG_LRU_LOOKUP: &str = "bench_lru_lookup";
+/// The live benchmark's sink, on the generator's interface: counts every
+/// frame the program under test sent back ([`MAP_SINK_COUNT`]) and drops it.
+/// A veth peer needs an XDP program of its own to receive XDP_TX frames.
+pub const PROG_SINK: &str = "bench_sink";
 /// The reset wrapper: restores the frame, then tail-calls slot
 /// [`TARGET_SLOT`] of [`MAP_TARGET`].
 pub const PROG_RESET: &str = "bench_reset";
@@ -60,6 +64,9 @@ pub const MAP_RESET_STATE: &str = "BENCH_RESET_STATE";
 pub const MAP_LRU: &str = "BENCH_LRU";
 /// The reference programs' counters (per-CPU array of u64, [`LruCounter`]).
 pub const MAP_LRU_COUNTERS: &str = "BENCH_LRU_COUNTERS";
+
+/// Frames the sink received: per-CPU array, one u64.
+pub const MAP_SINK_COUNT: &str = "BENCH_SINK_COUNT";
 
 /// Bytes of the reference programs' flow key: lb's `FlowKey`.
 pub const FLOW_KEY_LEN: usize = 40;

@@ -55,6 +55,10 @@ static BENCH_LRU: LruHashMap<[u8; FLOW_KEY_LEN], u64> =
 #[map]
 static BENCH_LRU_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(LruCounter::COUNT, 0);
 
+/// The sink's count of frames received, one per-CPU slot.
+#[map]
+static BENCH_SINK_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Floor: the cheapest XDP program there is.
 #[xdp]
 pub fn bench_pass(_ctx: XdpContext) -> u32 {
@@ -92,6 +96,16 @@ pub fn bench_lru_lookup(ctx: XdpContext) -> u32 {
     }
     count(LruCounter::Hit);
     swap_and_send(&ctx)
+}
+
+/// The live benchmark's sink: count the frame, drop it.
+#[xdp]
+pub fn bench_sink(_ctx: XdpContext) -> u32 {
+    if let Some(p) = BENCH_SINK_COUNT.get_ptr_mut(0) {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        unsafe { *p += 1 };
+    }
+    xdp_action::XDP_DROP
 }
 
 /// Restores the input frame, then runs the program under test on it.

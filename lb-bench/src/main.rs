@@ -8,6 +8,8 @@
 //! # Layout
 //! - `dataplane`: ns per packet of every XDP path against two floors,
 //!   with BPF_PROG_TEST_RUN (`frames`, `harness`).
+//! - `live`: packets per second forwarded from a real generator (trafgen)
+//!   through an attached program, lb against the swap floor.
 //! - `control`: Maglev table quality and build time.
 //! - `memory`: the daemon's resident memory and its maps' memory.
 //! - `machine`: what the machine is; CPU pinning and the CPU-time clock.
@@ -16,6 +18,7 @@
 
 mod control;
 mod dataplane;
+mod live;
 mod machine;
 mod memory;
 mod report;
@@ -49,7 +52,7 @@ struct Cli {
     /// Criterion's output directory, for the Maglev build times.
     #[arg(long)]
     criterion: Option<PathBuf>,
-    /// Only these parts (dataplane, control, memory); all by default.
+    /// Only these parts (dataplane, live, control, memory); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -67,6 +70,8 @@ pub struct Results {
     pub machine: machine::Machine,
     /// Data-plane cost per packet.
     pub dataplane: Option<dataplane::DataplaneResults>,
+    /// Live forwarding rates.
+    pub live: Option<live::LiveResults>,
     /// Maglev quality and build time.
     pub control: Option<control::ControlResults>,
     /// Resident and map memory.
@@ -102,11 +107,15 @@ fn run(cli: &Cli) -> Result<()> {
         quick: cli.quick,
         machine: machine::describe(cpu),
         dataplane: None,
+        live: None,
         control: None,
         memory: None,
     };
     if wanted(cli, "dataplane") {
         results.dataplane = Some(dataplane::run(&dataplane::Plan::new(cli.quick))?);
+    }
+    if wanted(cli, "live") {
+        results.live = Some(live::run(live::Plan::new(cli.quick))?);
     }
     if wanted(cli, "control") {
         results.control = Some(control::run(cli.quick, cli.criterion.as_deref())?);

@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: lb's benchmarks, written to `BENCHMARKS.md` (tables)
 //! and `bench/results.json` (every sample).
 //!
-//! Steps: setup; build `lb` (the memory part runs the real daemon); the
+//! Steps: setup, with the benchmarks' own packages; build `lb` (the memory part runs the real daemon); the
 //! criterion bench of the Maglev builder; then `lb-bench` (needs root: it
 //! loads XDP programs), which measures the rest and writes both files,
 //! taking the build times from criterion's estimates.
@@ -10,7 +10,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::{build, exec};
+use crate::{build, exec, setup};
 
 /// The report, at the workspace root.
 const REPORT: &str = "BENCHMARKS.md";
@@ -25,6 +25,7 @@ const DRIVER: &str = "lb-bench";
 /// minutes (the same paths and configurations, fewer iterations).
 pub fn run(root: &Path, quick: bool) -> Result<()> {
     let lb = build::build(root, false)?;
+    setup::bench()?;
     let criterion = build::target_dir(root).join("criterion");
 
     let mut maglev = exec::cargo();

@@ -29,12 +29,29 @@ const LLVM_PREFIX_DIR: &str = "bpf-linker-llvm";
 /// and programs).
 const DEBIAN_PACKAGES: &[&str] = &["iproute2", "ethtool", "bpftool"];
 
+/// Debian packages only the benchmarks call: trafgen (netsniff-ng) for live
+/// forwarding, and the proxies lb is compared with and their load: HAProxy,
+/// nginx with its stream module, wrk. nginx's package would start a server
+/// on port 80 where an init system runs; the benchmarks start their own.
+const BENCH_PACKAGES: &[&str] = &[
+    "netsniff-ng",
+    "haproxy",
+    "nginx",
+    "libnginx-mod-stream",
+    "wrk",
+];
+
 /// Installs whatever is missing: nightly's rust-src, bpf-linker and the
 /// Debian packages.
 pub fn run() -> Result<()> {
     ensure_rust_src()?;
     ensure_bpf_linker()?;
-    ensure_debian_packages()
+    ensure_debian_packages(DEBIAN_PACKAGES)
+}
+
+/// Installs what the benchmarks need beyond [`run`]'s.
+pub fn bench() -> Result<()> {
+    ensure_debian_packages(BENCH_PACKAGES)
 }
 
 /// aya-build compiles `core` for the BPF target, which needs the sources.
@@ -194,8 +211,8 @@ fn make_llvm_prefix(libllvm: &Path) -> Result<PathBuf> {
     Ok(prefix)
 }
 
-fn ensure_debian_packages() -> Result<()> {
-    let missing = missing_debian_packages()?;
+fn ensure_debian_packages(packages: &[&'static str]) -> Result<()> {
+    let missing = missing_debian_packages(packages)?;
     if missing.is_empty() {
         return Ok(());
     }
@@ -222,9 +239,9 @@ fn ensure_debian_packages() -> Result<()> {
     .with_context(fix)
 }
 
-fn missing_debian_packages() -> Result<Vec<&'static str>> {
+fn missing_debian_packages(packages: &[&'static str]) -> Result<Vec<&'static str>> {
     let mut missing = Vec::new();
-    for &package in DEBIAN_PACKAGES {
+    for &package in packages {
         // dpkg-query fails for a package it has never heard of: that is
         // "missing" too, so only its output counts.
         let output =
@@ -233,7 +250,7 @@ fn missing_debian_packages() -> Result<Vec<&'static str>> {
                     format!(
                         "dpkg-query not found: setup installs system packages on Debian only; \
                  install {} with your package manager",
-                        DEBIAN_PACKAGES.join(", ")
+                        packages.join(", ")
                     )
                 })?;
         if !String::from_utf8_lossy(&output.stdout).contains("install ok installed") {

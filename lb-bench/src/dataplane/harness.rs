@@ -16,8 +16,8 @@ use aya::{
 use lb::dataplane::Capacity;
 use lb_bench_ebpf::{
     FRAME_LEN, LruCounter, MAP_LRU, MAP_LRU_COUNTERS, MAP_RESET_CONFIG, MAP_RESET_STATE,
-    MAP_TARGET, PROG_LRU_INSERT, PROG_LRU_LOOKUP, PROG_PASS, PROG_RESET, PROG_SWAP, ResetConfig,
-    ResetState, TARGET_SLOT,
+    MAP_SINK_COUNT, MAP_TARGET, PROG_LRU_INSERT, PROG_LRU_LOOKUP, PROG_PASS, PROG_RESET, PROG_SINK,
+    PROG_SWAP, ResetConfig, ResetState, TARGET_SLOT,
 };
 use lb_common::{Counter, maps::PROG_LB};
 use lb_tests::lab::Lab;
@@ -50,6 +50,11 @@ pub enum Program {
 }
 
 impl Program {
+    /// Its name, in lb's object or the benchmark object.
+    pub fn name(self) -> &'static str {
+        self.bench_name().unwrap_or(PROG_LB)
+    }
+
     /// The benchmark object's name for it (lb's own program is not there).
     fn bench_name(self) -> Option<&'static str> {
         match self {
@@ -128,6 +133,7 @@ pub struct Harness {
     config: Array<MapData, ResetConfig>,
     state: PerCpuArray<MapData, ResetState>,
     lru_counters: PerCpuArray<MapData, u64>,
+    sink_count: PerCpuArray<MapData, u64>,
     lb_fd: ProgramFd,
     /// The benchmark object's programs, by `Program::bench_name`.
     bench_fds: Vec<(Program, ProgramFd)>,
@@ -181,12 +187,14 @@ impl Harness {
             }
         }
         load_xdp(&mut bench, PROG_RESET)?;
+        load_xdp(&mut bench, PROG_SINK)?;
         let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         Ok(Harness {
             target: take(&mut bench, MAP_TARGET)?,
             config: take(&mut bench, MAP_RESET_CONFIG)?,
             state: take(&mut bench, MAP_RESET_STATE)?,
             lru_counters: take(&mut bench, MAP_LRU_COUNTERS)?,
+            sink_count: take(&mut bench, MAP_SINK_COUNT)?,
             lab,
             bench,
             lb_fd,
@@ -201,6 +209,24 @@ impl Harness {
         let base = self.fresh;
         self.fresh = base.checked_add(count).context("flow indexes exhausted")?;
         Ok(base)
+    }
+
+    /// `program`, to attach to an interface or read its run-time stats.
+    pub fn xdp(&mut self, program: Program) -> Result<&mut Xdp> {
+        match program {
+            Program::Lb => self.lab.dp.program(PROG_LB),
+            _ => self.program(program.name()),
+        }
+    }
+
+    /// The sink program (`PROG_SINK`), to attach to the generator's side.
+    pub fn sink(&mut self) -> Result<&mut Xdp> {
+        self.program(PROG_SINK)
+    }
+
+    /// Frames the sink has received, over all CPUs.
+    pub fn sink_count(&self) -> Result<u64> {
+        Ok(self.sink_count.get(&0, 0)?.iter().sum())
     }
 
     fn program(&mut self, name: &str) -> Result<&mut Xdp> {

@@ -78,7 +78,7 @@ impl Plan {
 }
 
 /// The measured services: one per family and mode, ids 0 to 3.
-const MEASURED: [(Family, Mode); 4] = [
+pub(crate) const MEASURED: [(Family, Mode); 4] = [
     (Family::Ipv4, Mode::DsrL2),
     (Family::Ipv4, Mode::Ipip),
     (Family::Ipv6, Mode::DsrL2),
@@ -260,7 +260,7 @@ fn service_flags(mode: Mode) -> u32 {
 /// Gives each measured service `backends` fresh backends (generation
 /// `generation`, so entries from an earlier group become misses) and
 /// publishes its table. Returns the first service's table.
-fn configure(h: &mut Harness, backends: u32, generation: u32) -> Result<Vec<u32>> {
+pub(crate) fn configure(h: &mut Harness, backends: u32, generation: u32) -> Result<Vec<u32>> {
     let mut first = Vec::new();
     for (sid, &(family, mode)) in MEASURED.iter().enumerate() {
         let sid = sid as u32;

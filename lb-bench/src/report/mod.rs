@@ -2,6 +2,8 @@
 //! they were measured, then what lb loses and why. Only measured figures
 //! appear; what was not measured says so.
 
+mod live;
+
 use std::fmt::Write as _;
 
 use crate::{
@@ -38,6 +40,10 @@ pub fn render(r: &Results) -> String {
         dataplane(&mut out, d);
     } else {
         out.push_str("## Data plane\n\nNot measured in this run.\n\n");
+    }
+    match &r.live {
+        Some(l) => live::render(&mut out, l),
+        None => out.push_str("## Live forwarding\n\nNot measured in this run.\n\n"),
     }
     match &r.control {
         Some(c) => control(&mut out, c),
