@@ -20,9 +20,8 @@
 //! `xdp_redirect_map_err` tracepoint, which newer kernels removed.
 
 use std::{
-    os::unix::process::CommandExt as _,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -47,6 +46,7 @@ use crate::{
         frames::{self, Family, Mode, SERVICE_PORT},
         harness::{Harness, Program},
     },
+    procs::Group,
     stats::Summary,
 };
 
@@ -290,12 +290,13 @@ fn one_run(
     plan: Plan,
 ) -> Result<RunSample> {
     let counters_before = h.lab.dp.counters()?;
-    let mut trafgen = Trafgen::start(gen_ns, config)?;
+    // trafgen forks its worker: SIGINT to the group stops both.
+    let mut trafgen = start_trafgen(gen_ns, config)?;
     std::thread::sleep(WARMUP);
     let a = read(h, program, gen_ns)?;
     std::thread::sleep(Duration::from_secs_f64(plan.window_s));
     let b = read(h, program, gen_ns)?;
-    trafgen.stop()?;
+    trafgen.stop(libc::SIGINT)?;
     std::thread::sleep(DRAIN);
     let counters_after = h.lab.dp.counters()?;
     let delta = |c: Counter| -> u64 {
@@ -382,64 +383,20 @@ fn trafgen_version() -> Result<String> {
     Ok(text.lines().next().unwrap_or("trafgen").trim().to_string())
 }
 
-/// A running trafgen, stopped by its PID on drop.
-struct Trafgen {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Trafgen {
-    fn start(gen_ns: &str, config: &Path) -> Result<Trafgen> {
-        let log = config.with_extension("log");
-        let mut cmd = Command::new(TRAFGEN);
-        // Its own process group: trafgen forks a worker per CPU it uses, and
-        // the signal that stops it must reach them all.
-        cmd.process_group(0)
-            .args(["--dev", GEN_IF, "--conf"])
-            .arg(config)
-            // One process (on the first CPU); no socket-memory tuning, which
-            // would change the host's sysctls.
-            .args(["--cpus", "1", "--no-sock-mem", "--no-cpu-stats"])
-            // A small TX ring: the frames it holds in flight must fit the
-            // socket's send buffer (net.core.wmem_default, which a namespace
-            // cannot raise), or trafgen dies of EAGAIN when veth's queue
-            // to the receiver fills.
-            .args(["--ring-size", TX_RING])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?);
-        let child = netns::spawn_in(gen_ns, &mut cmd).context("starting trafgen")?;
-        Ok(Trafgen {
-            child: Some(child),
-            log,
-        })
-    }
-
-    /// Stops it (SIGINT, as an operator would) and checks it had not died.
-    fn stop(&mut self) -> Result<()> {
-        let mut child = self.child.take().context("trafgen already stopped")?;
-        if let Some(status) = child.try_wait()? {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            anyhow::bail!("trafgen exited early ({status}): {}", log.trim());
-        }
-        signal_group(&child, libc::SIGINT);
-        child.wait()?;
-        Ok(())
-    }
-}
-
-/// Sends `signal` to the process group `child` leads.
-fn signal_group(child: &Child, signal: i32) {
-    // SAFETY: kill has no memory preconditions; the group is our child's,
-    // which is not yet reaped, so its ID is not reused.
-    unsafe { libc::kill(-(child.id() as i32), signal) };
-}
-
-impl Drop for Trafgen {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal_group(&child, libc::SIGKILL);
-            let _ = child.wait();
-        }
-    }
+/// Starts trafgen flat out on `gen0` with the packet configuration at
+/// `config`.
+fn start_trafgen(gen_ns: &str, config: &Path) -> Result<Group> {
+    let mut cmd = Command::new(TRAFGEN);
+    cmd.args(["--dev", GEN_IF, "--conf"])
+        .arg(config)
+        // One process (on the first CPU); no socket-memory tuning, which
+        // would change the host's sysctls.
+        .args(["--cpus", "1", "--no-sock-mem", "--no-cpu-stats"])
+        // A small TX ring: the frames it holds in flight must fit the
+        // socket's send buffer (net.core.wmem_default, which a namespace
+        // cannot raise), or trafgen dies of EAGAIN when veth's queue to
+        // the receiver fills.
+        .args(["--ring-size", TX_RING])
+        .stdout(Stdio::null());
+    Group::start(gen_ns, TRAFGEN, &mut cmd, &config.with_extension("log"))
 }

@@ -100,6 +100,22 @@ pub fn pin_to(cpu: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Lets the calling thread (and what it starts from now on) run on every
+/// online CPU again.
+pub fn unpin() -> anyhow::Result<()> {
+    // SAFETY: as in pin_to.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in 0..online_cpus() {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+    }
+    Ok(())
+}
+
 /// CPU time this thread has used, in nanoseconds (CLOCK_THREAD_CPUTIME_ID).
 /// Time in the kernel on the thread's behalf counts, time spent preempted
 /// does not: the right clock around BPF_PROG_TEST_RUN.

@@ -10,6 +10,7 @@
 //!   with BPF_PROG_TEST_RUN (`frames`, `harness`).
 //! - `live`: packets per second forwarded from a real generator (trafgen)
 //!   through an attached program, lb against the swap floor.
+//! - `proxies`: lb against HAProxy and nginx as L4 proxies, under wrk.
 //! - `control`: Maglev table quality and build time.
 //! - `memory`: the daemon's resident memory and its maps' memory.
 //! - `machine`: what the machine is; CPU pinning and the CPU-time clock.
@@ -21,6 +22,8 @@ mod dataplane;
 mod live;
 mod machine;
 mod memory;
+mod procs;
+mod proxies;
 mod report;
 mod stats;
 
@@ -52,7 +55,7 @@ struct Cli {
     /// Criterion's output directory, for the Maglev build times.
     #[arg(long)]
     criterion: Option<PathBuf>,
-    /// Only these parts (dataplane, live, control, memory); all by default.
+    /// Only these parts (dataplane, live, control, memory, proxies); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -76,6 +79,8 @@ pub struct Results {
     pub control: Option<control::ControlResults>,
     /// Resident and map memory.
     pub memory: Option<memory::MemoryResults>,
+    /// lb against HAProxy and nginx.
+    pub proxies: Option<proxies::ProxyResults>,
 }
 
 fn main() -> ExitCode {
@@ -110,6 +115,7 @@ fn run(cli: &Cli) -> Result<()> {
         live: None,
         control: None,
         memory: None,
+        proxies: None,
     };
     if wanted(cli, "dataplane") {
         results.dataplane = Some(dataplane::run(&dataplane::Plan::new(cli.quick))?);
@@ -128,6 +134,12 @@ fn run(cli: &Cli) -> Result<()> {
                 None
             }
         };
+    }
+    if wanted(cli, "proxies") {
+        // Every process of this part (client, servers, proxies, daemon)
+        // must be free to use every CPU, as in production.
+        machine::unpin().context("unpinning")?;
+        results.proxies = Some(proxies::run(proxies::Plan::new(cli.quick))?);
     }
     results.machine.loadavg_end = machine::loadavg();
     write(&cli.json, &serde_json::to_string_pretty(&results)?)?;

@@ -1,7 +1,7 @@
 //! A real `lb daemon` process in a namespace, driven through the real CLI.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command},
     time::{Duration, Instant},
 };
@@ -49,21 +49,25 @@ slow_start = "0s"
     text
 }
 
-/// The `lb` binary cargo built next to the test binary (`target/<profile>/lb`).
+/// The `lb` binary cargo built next to the calling binary: beside it (a
+/// binary such as lb-bench, in `target/<profile>/`) or one level up (a test
+/// binary, in `target/<profile>/deps/`).
 pub fn lb_binary() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test binary has no target directory")?
-        .join("lb");
-    if !path.exists() {
-        bail!(
-            "{} is missing: build it first (cargo xtask test does)",
-            path.display()
-        );
+    let dir = exe.parent().context("the binary has no directory")?;
+    let candidates = [Some(dir), dir.parent()];
+    if let Some(path) = candidates
+        .into_iter()
+        .flatten()
+        .map(|d| d.join("lb"))
+        .find(|p| p.is_file())
+    {
+        return Ok(path);
     }
-    Ok(path)
+    bail!(
+        "no lb binary beside {} or in its parent directory: build it first (cargo xtask test does)",
+        exe.display()
+    )
 }
 
 /// A daemon started by this test: killed by PID, its private bpffs
@@ -165,6 +169,11 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The daemon's PID, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The daemon's log so far.

@@ -111,6 +111,12 @@ impl Lan {
         plug_lb(&self.switch, &self.lb)
     }
 
+    /// The switch's namespace and its port facing the load balancer (the
+    /// peer of the load balancer's `eth0`).
+    pub fn lb_port(&self) -> (&Netns, &'static str) {
+        (&self.switch, LB_PORT)
+    }
+
     /// Starts a name server (`backend-1`, `backend-2`, ...) on `port` of
     /// every backend.
     pub fn serve_names(&self, port: u16) -> Result<Vec<NameServer>> {

@@ -26,7 +26,7 @@ use crate::machine::thread_cpu_ns;
 
 /// The benchmark object: floors, references and the reset wrapper (never in
 /// lb's object).
-static BENCH_OBJECT: &[u8] =
+pub static BENCH_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench-ebpf"));
 
 /// Headroom BPF_PROG_TEST_RUN leaves before an XDP frame

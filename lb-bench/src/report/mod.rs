@@ -3,6 +3,7 @@
 //! appear; what was not measured says so.
 
 mod live;
+mod proxies;
 
 use std::fmt::Write as _;
 
@@ -52,6 +53,10 @@ pub fn render(r: &Results) -> String {
     match &r.memory {
         Some(m) => memory(&mut out, m, r.control.as_ref()),
         None => out.push_str("## Memory\n\nNot measured in this run.\n\n"),
+    }
+    match &r.proxies {
+        Some(p) => proxies::render(&mut out, p),
+        None => out.push_str("## Against HAProxy and nginx\n\nNot measured in this run.\n\n"),
     }
     not_done(&mut out);
     out
