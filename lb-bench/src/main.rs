@@ -11,6 +11,7 @@
 //! - `live`: packets per second forwarded from a real generator (trafgen)
 //!   through an attached program, lb against the swap floor.
 //! - `proxies`: lb against HAProxy and nginx as L4 proxies, under wrk.
+//! - `reaction`: set-weight to a live table, eviction after a backend dies.
 //! - `control`: Maglev table quality and build time.
 //! - `memory`: the daemon's resident memory and its maps' memory.
 //! - `machine`: what the machine is; CPU pinning and the CPU-time clock.
@@ -24,6 +25,7 @@ mod machine;
 mod memory;
 mod procs;
 mod proxies;
+mod reaction;
 mod report;
 mod stats;
 
@@ -55,7 +57,8 @@ struct Cli {
     /// Criterion's output directory, for the Maglev build times.
     #[arg(long)]
     criterion: Option<PathBuf>,
-    /// Only these parts (dataplane, live, control, memory, proxies); all by default.
+    /// Only these parts (dataplane, live, control, memory, proxies,
+    /// reaction); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -81,6 +84,8 @@ pub struct Results {
     pub memory: Option<memory::MemoryResults>,
     /// lb against HAProxy and nginx.
     pub proxies: Option<proxies::ProxyResults>,
+    /// The daemon's reaction times.
+    pub reaction: Option<reaction::ReactionResults>,
 }
 
 fn main() -> ExitCode {
@@ -116,6 +121,7 @@ fn run(cli: &Cli) -> Result<()> {
         control: None,
         memory: None,
         proxies: None,
+        reaction: None,
     };
     if wanted(cli, "dataplane") {
         results.dataplane = Some(dataplane::run(&dataplane::Plan::new(cli.quick))?);
@@ -135,11 +141,16 @@ fn run(cli: &Cli) -> Result<()> {
             }
         };
     }
-    if wanted(cli, "proxies") {
-        // Every process of this part (client, servers, proxies, daemon)
-        // must be free to use every CPU, as in production.
+    // The parts below run real processes (client, servers, proxies, the
+    // daemon), which must be free to use every CPU, as in production.
+    if wanted(cli, "proxies") || wanted(cli, "reaction") {
         machine::unpin().context("unpinning")?;
+    }
+    if wanted(cli, "proxies") {
         results.proxies = Some(proxies::run(proxies::Plan::new(cli.quick))?);
+    }
+    if wanted(cli, "reaction") {
+        results.reaction = Some(reaction::run(reaction::Plan::new(cli.quick))?);
     }
     results.machine.loadavg_end = machine::loadavg();
     write(&cli.json, &serde_json::to_string_pretty(&results)?)?;

@@ -31,7 +31,10 @@ use aya::{
 };
 use lb_bench_ebpf::PROG_PASS;
 use lb_common::maps::PROG_LB;
-use lb_tests::{daemon::Daemon, lan::Lan};
+use lb_tests::{
+    daemon::{Daemon, default_web_config},
+    lan::Lan,
+};
 use serde::Serialize;
 
 use crate::{
@@ -356,7 +359,8 @@ fn start(lan: &Lan, system: System, dir: &Path) -> Result<Running> {
             } else {
                 "generic"
             };
-            let d = Daemon::start(&lan.lb, "bench-proxies", &lb_config(mode, &backends))?;
+            let config = default_web_config(BACKENDS, mode);
+            let d = Daemon::start(&lan.lb, "bench-proxies", &config)?;
             d.wait_until("every backend in the table", READY_TIMEOUT, |d| {
                 Ok(d.cli(&["service", "list"])?[0]["in_table"] == backends.len())
             })?;
@@ -399,18 +403,6 @@ fn wait_ready(lan: &Lan) -> Result<()> {
             std::thread::sleep(Duration::from_millis(50));
         }
     })
-}
-
-/// lb's configuration: the default settings but the XDP mode.
-fn lb_config(mode: &str, backends: &[String]) -> String {
-    let mut text = format!(
-        "[settings]\ninterfaces = [\"eth0\"]\nxdp_mode = \"{mode}\"\n\n\
-         [[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = {PORT}\nprotocol = \"tcp\"\n"
-    );
-    for b in backends {
-        text += &format!("\n[[service.backend]]\naddress = \"{b}\"\n");
-    }
-    text
 }
 
 fn haproxy_config(backends: &[String]) -> String {

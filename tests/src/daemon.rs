@@ -49,6 +49,20 @@ slow_start = "0s"
     text
 }
 
+/// Service `web` on 198.18.1.1:80/tcp over `backends` backends as an
+/// operator would first write it: every setting at its default (health
+/// checks included) but the XDP mode.
+pub fn default_web_config(backends: u8, xdp_mode: &str) -> String {
+    let mut text = format!(
+        "[settings]\ninterfaces = [\"eth0\"]\nxdp_mode = \"{xdp_mode}\"\n\n\
+         [[service]]\nname = \"web\"\nvip = \"198.18.1.1\"\nport = 80\nprotocol = \"tcp\"\n"
+    );
+    for i in 1..=backends {
+        text += &format!("\n[[service.backend]]\naddress = \"198.18.0.{}\"\n", 10 + i);
+    }
+    text
+}
+
 /// The `lb` binary cargo built next to the calling binary: beside it (a
 /// binary such as lb-bench, in `target/<profile>/`) or one level up (a test
 /// binary, in `target/<profile>/deps/`).

@@ -4,6 +4,7 @@
 
 mod live;
 mod proxies;
+mod reaction;
 
 use std::fmt::Write as _;
 
@@ -49,6 +50,12 @@ pub fn render(r: &Results) -> String {
     match &r.control {
         Some(c) => control(&mut out, c),
         None => out.push_str("## Control plane\n\nNot measured in this run.\n\n"),
+    }
+    match &r.reaction {
+        Some(x) => reaction::render(&mut out, x),
+        None => out.push_str(
+            "## Control plane: how fast changes reach the data plane\n\nNot measured in this run.\n\n",
+        ),
     }
     match &r.memory {
         Some(m) => memory(&mut out, m, r.control.as_ref()),
@@ -918,12 +925,15 @@ fn memory(out: &mut String, m: &MemoryResults, control: Option<&ControlResults>)
 fn not_done(out: &mut String) {
     let _ = writeln!(
         out,
-        "## Not measured yet\n\n\
-         - Live forwarding between namespaces with a packet generator (trafgen), \
-         and the comparison with HAProxy and nginx in TCP mode: not done.\n\
-         - The data-plane figures come from BPF_PROG_TEST_RUN, which runs the \
+        "## Limits of these figures\n\n\
+         - The per-packet figures come from BPF_PROG_TEST_RUN, which runs the \
          program on a buffer in memory: no driver, no DMA, no cache misses on \
          packet data, no XDP_TX. They isolate the program's own cost, which is \
-         what the ratios compare."
+         what the ratios compare.\n\
+         - Live forwarding and the proxy comparison run on veths in one 2-core \
+         VM, generator or client included: they show relative costs, not what a \
+         NIC at line rate would carry.\n\
+         - No plots: every curve here has two or three points, which the tables \
+         show whole."
     );
 }

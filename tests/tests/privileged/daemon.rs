@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Result, bail};
 use lb::demo::server::{NameServer, http_get};
 use lb_tests::{
-    daemon::{Daemon, web_config},
+    daemon::{Daemon, default_web_config, web_config},
     lan::Lan,
     privileged,
 };
@@ -325,12 +325,7 @@ fn eviction_under_default_health_settings_is_bounded() {
     let lan = Lan::build(2, &["198.18.1.1/32"]).unwrap();
     let mut servers: Vec<Option<NameServer>> =
         lan.serve_names(80).unwrap().into_iter().map(Some).collect();
-    let config = web_config(2)
-        .split("[service.health]")
-        .next()
-        .unwrap()
-        .to_string()
-        + "[[service.backend]]\naddress = \"198.18.0.11\"\n\n[[service.backend]]\naddress = \"198.18.0.12\"\n";
+    let config = default_web_config(2, "generic");
     let d = Daemon::start(&lan.lb, "default-health", &config).unwrap();
     d.wait_until("both in the table", WAIT, |d| {
         Ok(d.cli(&["service", "list"])?[0]["in_table"] == 2)
