@@ -777,7 +777,10 @@ fn control(out: &mut String, c: &ControlResults) {
          Building a table (criterion, `lb-userspace/benches/maglev.rs`, median \
          with its 95 % interval) next to the reference: writing the same table \
          into the kernel's rings map the way the daemon does (`Dataplane::\
-         publish_service`, one map update per slot; median of the runs here).\n\n\
+         publish_service`: every slot of the inactive copy in one \
+         BPF_MAP_UPDATE_BATCH; median of the runs here). Before batching, with \
+         one map update per slot, the write took 56–80 ms on this machine \
+         (`cargo xtask bench --quick`, commit a5069de).\n\n\
          | backends | build | write into the kernel | build / write |\n| --- | --- | --- | --- |"
     );
     for t in &c.timing {
@@ -807,11 +810,13 @@ fn control(out: &mut String, c: &ControlResults) {
     if c.timing.iter().any(|t| t.build_over_publish.is_some()) && writes_dominate {
         let _ = writeln!(
             out,
-            "Where lb loses: a rebuild spends far more time writing the table than \
-             computing it, because the daemon writes every slot, one map update \
-             each. Writing only the slots that changed (Katran computes such \
-             deltas) would cut the write after one backend change to about the \
-             moved share shown above.\n"
+            "Where lb loses: a rebuild spends more time writing the table than \
+             computing it, because the daemon writes every slot of the new copy \
+             (double buffering: the copy it writes holds the table from two \
+             changes ago). Writing only the slots that changed (Katran computes \
+             such deltas and updates in place) would cut the write after one \
+             backend change to about the moved share shown above, at the price \
+             of a second copy of every table in the daemon or of the atomic flip.\n"
         );
     }
     if let Some(q) = c
@@ -906,7 +911,12 @@ fn memory(out: &mut String, m: &MemoryResults, control: Option<&ControlResults>)
         {
             let per_table = control
                 .and_then(|c| c.timing.first())
-                .map(|t| format!("; writing one table takes {:.0} ms here (one map update per slot, see Build time)", t.publish.median / 1e6))
+                .map(|t| {
+                    format!(
+                        "; writing one table takes {:.0} ms here (see Build time)",
+                        t.publish.median / 1e6
+                    )
+                })
                 .unwrap_or_default();
             let _ = writeln!(
                 out,

@@ -61,10 +61,10 @@ pub fn render(out: &mut String, r: &ReactionResults) {
          interval, so the default settings give 1 to 3 s; a refused connection fails \
          at once, a silent backend takes up to the timeout per probe. Readmission \
          waits for `rise` successes at the normal interval.\n\n\
-         `set-weight` returns only once the new table is live. Most of its time is \
-         writing the table: every one of the 65,537 slots is a map update (see \
-         Build time). Where lb loses: Katran-style delta writes (only the slots \
-         that change) would make a weight change a few milliseconds.\n",
+         `set-weight` returns only once the new table is live. Its time is the \
+         CLI's process start and round trip, the rebuild, and writing all 65,537 \
+         slots of the new copy (see Build time). Where lb loses: Katran-style delta \
+         writes (only the slots that change) would shorten the write.\n",
         list.join(", ")
     );
 }

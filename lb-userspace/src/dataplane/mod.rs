@@ -3,6 +3,8 @@
 //! a Maglev table is written to the inactive copy before the service flips
 //! to it, so no packet ever sees a half-written table.
 
+mod batch;
+
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
@@ -11,7 +13,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray},
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -549,12 +551,7 @@ impl Dataplane {
         }
         // A new service starts on copy 0 (it was inactive: nothing read it).
         let next = current.map_or(0, |cur| 1 - (cur.active_ring & 1));
-        for (slot, backend) in ring.iter().enumerate() {
-            let index = ring_index(id, next, self.capacity.ring_size, slot as u32);
-            self.rings
-                .set(index, backend, 0)
-                .with_context(|| format!("writing ring slot {index}"))?;
-        }
+        self.write_ring(id, next, ring)?;
         let value = ServiceValue {
             id,
             flags,
@@ -566,6 +563,24 @@ impl Dataplane {
             .context("publishing the service")?;
         if current.is_none() {
             self.adjust_vip(key, 1)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `ring` into table copy `copy` of service `id`: one batch
+    /// update, or one update per slot on kernels without batches.
+    fn write_ring(&mut self, id: u32, copy: u32, ring: &[u32]) -> Result<()> {
+        let first = ring_index(id, copy, self.capacity.ring_size, 0);
+        let indexes: Vec<u32> = (first..first + self.capacity.ring_size).collect();
+        match batch::update_u32s(self.rings.map(), &indexes, ring) {
+            Ok(()) => return Ok(()),
+            Err(e) if batch::unsupported(&e) => {}
+            Err(e) => return Err(e).context("writing the table"),
+        }
+        for (&index, backend) in indexes.iter().zip(ring) {
+            self.rings
+                .set(index, backend, 0)
+                .with_context(|| format!("writing ring slot {index}"))?;
         }
         Ok(())
     }

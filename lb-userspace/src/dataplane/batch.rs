@@ -1,0 +1,73 @@
+//! BPF_MAP_UPDATE_BATCH for array maps, which aya does not wrap: a Maglev
+//! table of 65,537 slots in one system call instead of one per slot.
+
+use std::{
+    io,
+    os::fd::{AsFd as _, AsRawFd as _},
+};
+
+use aya::maps::MapData;
+
+/// `BPF_MAP_UPDATE_BATCH` (enum bpf_cmd, linux/bpf.h; kernel 5.6+).
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// The batch operations' part of `union bpf_attr` (linux/bpf.h). The kernel
+/// accepts an attribute shorter than its own union.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Writes `values[i]` at `keys[i]` of the u32 array `map`, in one call.
+/// On error the kernel may have written a prefix of the elements; callers
+/// write only where no reader looks (the inactive table copy).
+pub fn update_u32s(map: &MapData, keys: &[u32], values: &[u32]) -> io::Result<()> {
+    if keys.len() != values.len() {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    let count = u32::try_from(keys.len()).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count,
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        ..BatchAttr::default()
+    };
+    // SAFETY: `attr` points at `keys` and `values`, which outlive the call
+    // and hold `count` u32s each (the map's key and value size); the kernel
+    // writes back only into `attr`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &raw mut attr,
+            size_of::<BatchAttr>() as u32,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether `e` says the kernel has no batch operations for the map (older
+/// than 5.6): the caller falls back to one update per element.
+pub fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
+    ) || e.raw_os_error() == Some(ENOTSUPP)
+}
+
+/// The kernel's internal ENOTSUPP, which BPF returns to user space.
+const ENOTSUPP: i32 = 524;
+
+const _: () = assert!(size_of::<BatchAttr>() == 56);
