@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use aya::maps::{HashMap, Map, MapData};
-use lb::{config::HealthFile, demo::server::NameServer};
+use lb::{config::HealthFile, demo::server::NameServer, health::STABLE_SUCCESSES};
 use lb_common::{ServiceKey, ServiceValue, maps::SERVICES, wire::IPPROTO_TCP};
 use lb_tests::{
     daemon::{Daemon, default_web_config},
@@ -59,7 +59,7 @@ impl Plan {
         if quick {
             Plan {
                 weight_changes: 5,
-                evictions: 3,
+                evictions: 2,
             }
         } else {
             Plan {
@@ -104,9 +104,15 @@ pub fn run(plan: Plan) -> Result<ReactionResults> {
         &default_web_config(BACKENDS, "generic"),
     )?;
     let defaults = HealthFile::default();
-    // Until slow start has ended, the daemon rebuilds the table as weights
-    // ramp: every flip watched must be the one caused.
-    let settle = defaults.slow_start + defaults.interval;
+    // Between runs: until slow start has ended, the daemon rebuilds the
+    // table as weights ramp (every flip watched must be the one caused);
+    // until a readmitted backend is stable, its next death counts as a flap
+    // and damping doubles the successes it needs to return. Each run starts
+    // from a stable backend, as a first failure in production does.
+    let settle = defaults
+        .slow_start
+        .max(defaults.interval * STABLE_SUCCESSES)
+        + defaults.interval;
     d.wait_until("every backend in the table", FLIP_TIMEOUT, |d| {
         Ok(d.cli(&["service", "list"])?[0]["in_table"] == u64::from(BACKENDS))
     })?;

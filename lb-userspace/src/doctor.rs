@@ -123,6 +123,30 @@ pub struct BackendFacts {
 /// Kernel from which BPF memory is charged to the cgroup, not RLIMIT_MEMLOCK.
 const MEMCG_ACCOUNTING: (u32, u32) = (5, 11);
 
+/// The veth driver's name, as ethtool reports it.
+const VETH: &str = "veth";
+
+/// A veth runs native XDP, but delivers a frame sent with XDP_TX only to a
+/// peer that runs an XDP program itself, and native XDP loses the checksum
+/// a local sender left to offload (measured by `cargo xtask bench`): on a
+/// veth, generic mode is the one that forwards whatever the peer is.
+fn veth_mode(n: &str, mode: XdpModeSetting) -> Finding {
+    match mode {
+        XdpModeSetting::Generic => ok(
+            format!("{n}: xdp mode"),
+            "generic, the mode that forwards on a veth whatever its peer runs",
+        ),
+        XdpModeSetting::Auto | XdpModeSetting::Native => problem(
+            Level::Warn,
+            format!("{n}: xdp mode"),
+            "native XDP on a veth forwards only if the veth's peer runs an XDP program, \
+             and only frames whose sender filled in their checksums",
+            "set xdp_mode = \"generic\" in [settings], or attach an XDP program to the peer \
+             and turn off TX checksum offload on local senders (ethtool -K IF tx off)",
+        ),
+    }
+}
+
 /// Judges one interface for `mode`.
 pub fn assess_interface(f: &InterfaceFacts, mode: XdpModeSetting) -> Vec<Finding> {
     let n = &f.name;
@@ -147,6 +171,7 @@ pub fn assess_interface(f: &InterfaceFacts, mode: XdpModeSetting) -> Vec<Finding
             format!("another XDP program ({p}) is attached"),
             format!("ip link set dev {n} xdp off   # if nothing else needs it"),
         ),
+        (None, Some(true)) if driver == VETH => veth_mode(n, mode),
         (None, Some(true)) if mode == XdpModeSetting::Generic => problem(
             Level::Warn,
             format!("{n}: xdp mode"),
@@ -510,7 +535,7 @@ mod tests {
         InterfaceFacts {
             name: "eth0".into(),
             exists: true,
-            driver: Some("veth".into()),
+            driver: Some("ixgbe".into()),
             attached: None,
             native: Some(true),
             lro: false,
@@ -571,6 +596,28 @@ mod tests {
             levels(&assess_interface(&other, XdpModeSetting::Auto)),
             [Level::Fail]
         );
+    }
+
+    #[test]
+    fn a_veth_is_fine_in_generic_mode_only() {
+        let veth = InterfaceFacts {
+            driver: Some(VETH.into()),
+            ..iface()
+        };
+        assert_eq!(
+            levels(&assess_interface(&veth, XdpModeSetting::Generic)),
+            [Level::Ok]
+        );
+        for mode in [XdpModeSetting::Auto, XdpModeSetting::Native] {
+            let f = assess_interface(&veth, mode);
+            assert_eq!(levels(&f), [Level::Warn]);
+            assert!(
+                f[0].fix
+                    .as_deref()
+                    .unwrap()
+                    .contains("xdp_mode = \"generic\"")
+            );
+        }
     }
 
     #[test]

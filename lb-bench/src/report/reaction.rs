@@ -60,11 +60,15 @@ pub fn render(out: &mut String, r: &ReactionResults) {
          (up to one interval after the death), then `fall` probes fail at the fast \
          interval, so the default settings give 1 to 3 s; a refused connection fails \
          at once, a silent backend takes up to the timeout per probe. Readmission \
-         waits for `rise` successes at the normal interval.\n\n\
+         waits for a first success at the normal interval, then the rest of `rise` \
+         at the fast one. Every run starts from a backend that had been up and \
+         stable ({} successes in a row): one that dies again sooner is damped, and needs \
+         twice the successes per recent flap to return.\n\n\
          `set-weight` returns only once the new table is live. Its time is the \
          CLI's process start and round trip, the rebuild, and writing all 65,537 \
          slots of the new copy (see Build time). Where lb loses: Katran-style delta \
          writes (only the slots that change) would shorten the write.\n",
-        list.join(", ")
+        list.join(", "),
+        lb::health::STABLE_SUCCESSES
     );
 }
