@@ -17,7 +17,7 @@
 //!   so the differences between rows are what the choice costs.
 
 use std::{
-    net::{SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -32,7 +32,7 @@ use aya::{
 use lb_bench_ebpf::PROG_PASS;
 use lb_common::maps::PROG_LB;
 use lb_tests::{
-    daemon::{Daemon, default_web_config},
+    daemon::{Daemon, WEB_PORT, WEB_VIP, default_web_config},
     lan::Lan,
 };
 use serde::Serialize;
@@ -44,10 +44,9 @@ use crate::{
 };
 
 /// The VIP, on the backends' `lo` (and on the load balancer's while a
-/// proxy runs, so its stack accepts the connections).
-const VIP: &str = "198.18.1.1";
-/// The service's port.
-const PORT: u16 = 80;
+/// proxy runs, so its stack accepts the connections), and its port.
+const VIP: Ipv4Addr = WEB_VIP;
+const PORT: u16 = WEB_PORT;
 /// Backends.
 const BACKENDS: u8 = 3;
 /// wrk's open connections.
@@ -361,9 +360,7 @@ fn start(lan: &Lan, system: System, dir: &Path) -> Result<Running> {
             };
             let config = default_web_config(BACKENDS, mode);
             let d = Daemon::start(&lan.lb, "bench-proxies", &config)?;
-            d.wait_until("every backend in the table", READY_TIMEOUT, |d| {
-                Ok(d.cli(&["service", "list"])?[0]["in_table"] == backends.len())
-            })?;
+            d.wait_in_table(backends.len(), READY_TIMEOUT)?;
             Ok(Running::Lb(d))
         }
         System::Haproxy | System::Nginx => {

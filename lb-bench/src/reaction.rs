@@ -21,7 +21,7 @@ use aya::maps::{HashMap, Map, MapData};
 use lb::{config::HealthFile, demo::server::NameServer, health::STABLE_SUCCESSES};
 use lb_common::{ServiceKey, ServiceValue, maps::SERVICES, wire::IPPROTO_TCP};
 use lb_tests::{
-    daemon::{Daemon, default_web_config},
+    daemon::{Daemon, WEB_PORT, WEB_VIP, default_web_config},
     lab::service_key,
     lan::Lan,
 };
@@ -30,8 +30,8 @@ use serde::Serialize;
 use crate::stats::Summary;
 
 /// The VIP and port of `default_web_config`'s service.
-const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
-const PORT: u16 = 80;
+const VIP: Ipv4Addr = WEB_VIP;
+const PORT: u16 = WEB_PORT;
 /// Backends; the first is the one reweighted and killed.
 const BACKENDS: u8 = 3;
 /// The backend reweighted and killed.
@@ -113,9 +113,7 @@ pub fn run(plan: Plan) -> Result<ReactionResults> {
         .slow_start
         .max(defaults.interval * STABLE_SUCCESSES)
         + defaults.interval;
-    d.wait_until("every backend in the table", FLIP_TIMEOUT, |d| {
-        Ok(d.cli(&["service", "list"])?[0]["in_table"] == u64::from(BACKENDS))
-    })?;
+    d.wait_in_table(BACKENDS.into(), FLIP_TIMEOUT)?;
     std::thread::sleep(settle);
     let services = d.pins.join(SERVICES);
     let key = service_key(IpAddr::V4(VIP), PORT, IPPROTO_TCP);

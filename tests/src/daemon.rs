@@ -1,6 +1,7 @@
 //! A real `lb daemon` process in a namespace, driven through the real CLI.
 
 use std::{
+    net::Ipv4Addr,
     path::PathBuf,
     process::{Child, Command},
     time::{Duration, Instant},
@@ -11,13 +12,30 @@ use serde_json::Value;
 
 use lb::netns::{Netns, PrivateBpffs, spawn_in};
 
-/// The configuration the namespace tests start from: service `web` on
-/// 198.18.1.1:80/tcp over `backends` backends (198.18.0.11 and up, as
-/// `Lan::build` numbers them), with fast health checks (200 ms, rise 2,
-/// fall 2, no slow start) so tests are short; the defaults are measured
-/// separately. Metrics on 127.0.0.1:9108 in the load balancer's namespace.
+/// The VIP of service `web` in the configurations below.
+pub const WEB_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+/// Its port (TCP).
+pub const WEB_PORT: u16 = 80;
+
+/// Service `web` on [`WEB_VIP`]:[`WEB_PORT`]/tcp, with `health` (a
+/// `[service.health]` table, or nothing for the defaults), over `backends`
+/// backends at 198.18.0.11 and up, as `Lan::build` numbers them.
+fn web_service(health: &str, backends: u8) -> String {
+    let mut text = format!(
+        "[[service]]\nname = \"web\"\nvip = \"{WEB_VIP}\"\nport = {WEB_PORT}\nprotocol = \"tcp\"\n{health}"
+    );
+    for i in 1..=backends {
+        text += &format!("\n[[service.backend]]\naddress = \"198.18.0.{}\"\n", 10 + i);
+    }
+    text
+}
+
+/// The configuration the namespace tests start from: service `web` (see
+/// [`web_service`]) with fast health checks (200 ms, rise 2, fall 2, no
+/// slow start) so tests are short; the defaults are measured separately.
+/// Metrics on 127.0.0.1:9108 in the load balancer's namespace.
 pub fn web_config(backends: u8) -> String {
-    let mut text = String::from(
+    String::from(
         r#"[settings]
 interfaces = ["eth0"]
 xdp_mode = "generic"
@@ -27,12 +45,9 @@ max_services = 4
 max_backends = 16
 conntrack_entries = 4096
 
-[[service]]
-name = "web"
-vip = "198.18.1.1"
-port = 80
-protocol = "tcp"
-
+"#,
+    ) + &web_service(
+        r#"
 [service.health]
 check = "http"
 interval = "200ms"
@@ -42,25 +57,15 @@ rise = 2
 fall = 2
 slow_start = "0s"
 "#,
-    );
-    for i in 1..=backends {
-        text += &format!("\n[[service.backend]]\naddress = \"198.18.0.{}\"\n", 10 + i);
-    }
-    text
+        backends,
+    )
 }
 
-/// Service `web` on 198.18.1.1:80/tcp over `backends` backends as an
-/// operator would first write it: every setting at its default (health
-/// checks included) but the XDP mode.
+/// Service `web` as an operator would first write it: every setting at its
+/// default (health checks included) but the XDP mode.
 pub fn default_web_config(backends: u8, xdp_mode: &str) -> String {
-    let mut text = format!(
-        "[settings]\ninterfaces = [\"eth0\"]\nxdp_mode = \"{xdp_mode}\"\n\n\
-         [[service]]\nname = \"web\"\nvip = \"198.18.1.1\"\nport = 80\nprotocol = \"tcp\"\n"
-    );
-    for i in 1..=backends {
-        text += &format!("\n[[service.backend]]\naddress = \"198.18.0.{}\"\n", 10 + i);
-    }
-    text
+    format!("[settings]\ninterfaces = [\"eth0\"]\nxdp_mode = \"{xdp_mode}\"\n\n")
+        + &web_service("", backends)
 }
 
 /// The `lb` binary cargo built next to the calling binary: beside it (a
@@ -245,6 +250,13 @@ impl Daemon {
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         ))
+    }
+
+    /// Waits until the first service's table holds `backends` backends.
+    pub fn wait_in_table(&self, backends: usize, timeout: Duration) -> Result<Duration> {
+        self.wait_until("the backends in the table", timeout, |d| {
+            Ok(d.cli(&["service", "list"])?[0]["in_table"] == backends)
+        })
     }
 
     /// Polls `check` until it holds or `timeout` passes.

@@ -63,8 +63,8 @@ pub fn update_u32s(map: &MapData, keys: &[u32], values: &[u32]) -> io::Result<()
 pub fn unsupported(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
-    ) || e.raw_os_error() == Some(ENOTSUPP)
+        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS | ENOTSUPP)
+    )
 }
 
 /// The kernel's internal ENOTSUPP, which BPF returns to user space.

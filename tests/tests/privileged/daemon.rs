@@ -66,9 +66,7 @@ fn run() -> Result<()> {
     let lan = Lan::build(2, &["198.18.1.1/32"])?;
     let mut servers: Vec<Option<NameServer>> = lan.serve_names(80)?.into_iter().map(Some).collect();
     let mut d = Daemon::start(&lan.lb, "daemon", &web_config(2))?;
-    d.wait_until("both backends in the table", WAIT, |d| {
-        Ok(d.cli(&["service", "list"])?[0]["in_table"] == 2)
-    })?;
+    d.wait_in_table(2, WAIT)?;
     let t = tally(&lan, 60)?;
     assert_eq!(t.len(), 2, "both backends serve: {t:?}");
 
@@ -327,10 +325,7 @@ fn eviction_under_default_health_settings_is_bounded() {
         lan.serve_names(80).unwrap().into_iter().map(Some).collect();
     let config = default_web_config(2, "generic");
     let d = Daemon::start(&lan.lb, "default-health", &config).unwrap();
-    d.wait_until("both in the table", WAIT, |d| {
-        Ok(d.cli(&["service", "list"])?[0]["in_table"] == 2)
-    })
-    .unwrap();
+    d.wait_in_table(2, WAIT).unwrap();
     servers[0] = None;
     let bound = Duration::from_millis(2 * (2_200 + 3 * (550 + 1_000)));
     let t = d
