@@ -1,7 +1,11 @@
 //! The control API between the CLI and the daemon: one JSON request per
 //! connection on a unix socket only root can open, one JSON response back.
 
-use std::{net::IpAddr, path::Path, time::Duration};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -10,7 +14,7 @@ use tokio::{
     net::UnixStream,
 };
 
-use crate::{config_edit::Edit, daemon::runtime::Admin};
+use crate::{announce::Withheld, bird::Protocol, config_edit::Edit, daemon::runtime::Admin};
 
 /// Largest request the daemon reads; a longer one is refused.
 pub const MAX_REQUEST: u64 = 1 << 20;
@@ -68,6 +72,13 @@ pub enum Request {
         /// Report what would change without changing it.
         #[serde(default)]
         dry_run: bool,
+    },
+    /// The node: drained or not, its VIPs and their announcement.
+    Node,
+    /// Drains the node (every VIP withdrawn, forwarding kept) or undrains it.
+    SetNodeDrained {
+        /// Drained.
+        drained: bool,
     },
     /// Which backend a flow goes to, and why.
     Explain {
@@ -174,6 +185,46 @@ pub struct Stats {
     pub backends: Vec<BackendRow>,
     /// Global pass/drop/forward reasons.
     pub reasons: std::collections::BTreeMap<String, u64>,
+}
+
+/// A VIP in `lb node status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VipRow {
+    /// The VIP.
+    pub vip: IpAddr,
+    /// Services on it.
+    pub services: Vec<String>,
+    /// Why the node does not announce it, if it does not.
+    pub withheld: Option<Withheld>,
+    /// Its route is in the announce table now.
+    pub announced: bool,
+}
+
+/// `lb node status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The operator drained the node.
+    pub drained: bool,
+    /// The kernel routing table of announced VIPs; `None` when the node
+    /// announces nothing (no `[announce]`).
+    pub announce_table: Option<u32>,
+    /// BIRD's control socket.
+    pub bird_socket: Option<PathBuf>,
+    /// Interfaces, and whether the program is attached to each.
+    pub interfaces: Vec<(String, bool)>,
+    /// Every VIP.
+    pub vips: Vec<VipRow>,
+    /// Why the last update of the announce table failed, if it did.
+    pub route_error: Option<String>,
+    /// Seconds since a new flow last arrived (or since the node was drained
+    /// or undrained, if later).
+    pub quiet_seconds: f64,
+    /// BIRD's BGP sessions (filled in by the CLI, which asks BIRD itself).
+    #[serde(default)]
+    pub bgp: Vec<Protocol>,
+    /// Why BIRD could not be asked, when the node announces.
+    #[serde(default)]
+    pub bgp_error: Option<String>,
 }
 
 /// Reads one request from a connection, bounded in size.

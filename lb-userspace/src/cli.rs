@@ -15,7 +15,8 @@ use clap::{Parser, Subcommand};
 use serde_json::Value;
 
 use crate::{
-    api::{self, BackendRow, Request, ServiceRow, Stats},
+    api::{self, BackendRow, NodeStatus, Request, ServiceRow, Stats},
+    bird,
     config::{Affinity, CheckKind, DEFAULT_SOCKET, Mode, Protocol, XdpModeSetting},
     config_edit::Edit,
     daemon::{self, runtime::Admin},
@@ -61,6 +62,9 @@ enum Command {
     /// Backends.
     #[command(subcommand)]
     Backend(BackendCommand),
+    /// This node: drained or not, each VIP announced or why not, BGP sessions.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Packets, bytes and new flows per service and backend, and the global reasons.
     Stats {
         /// Print again every second, with per-second rates.
@@ -114,6 +118,32 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Drained or not, each VIP announced or why not, and BIRD's BGP sessions.
+    Status,
+    /// Withdraw every VIP of this node; keep forwarding what still arrives so
+    /// established flows finish. Persists across restarts until `undrain`.
+    Drain {
+        /// Return once no new flow has arrived for --quiet (exit 1 after --timeout).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: how long without a new flow counts as drained.
+        #[arg(long, default_value = "5s", value_parser = duration)]
+        quiet: Duration,
+        /// With --wait: give up after this long.
+        #[arg(long, default_value = "5m", value_parser = duration)]
+        timeout: Duration,
+    },
+    /// Announce again the VIPs this node can serve.
+    Undrain,
+}
+
+/// Parses `500ms`, `5s`, `2m` as the configuration file does.
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime_serde::re::humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
 }
 
 #[derive(Subcommand)]
@@ -479,6 +509,41 @@ fn run(cli: Cli) -> Result<()> {
                 )
             })
         }
+        Command::Node(NodeCommand::Status) => {
+            let status = node_status(&cli.socket, Request::Node)?;
+            print(cli.json, serde_json::to_value(&status)?, |_| {
+                node_text(&status)
+            })
+        }
+        Command::Node(NodeCommand::Undrain) => {
+            let status = node_status(&cli.socket, Request::SetNodeDrained { drained: false })?;
+            print(cli.json, serde_json::to_value(&status)?, |_| {
+                node_text(&status)
+            })
+        }
+        Command::Node(NodeCommand::Drain {
+            wait,
+            quiet,
+            timeout,
+        }) => {
+            let mut status = node_status(&cli.socket, Request::SetNodeDrained { drained: true })?;
+            let start = Instant::now();
+            while wait && status.quiet_seconds < quiet.as_secs_f64() {
+                if start.elapsed() > timeout {
+                    anyhow::bail!(
+                        "the node is drained, but new flows still arrived {:.1}s ago, after {}: \
+                         something still routes traffic to it",
+                        status.quiet_seconds,
+                        humantime_serde::re::humantime::format_duration(timeout)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                status = node_status(&cli.socket, Request::Node)?;
+            }
+            print(cli.json, serde_json::to_value(&status)?, |_| {
+                node_text(&status)
+            })
+        }
         Command::Stats { watch } => {
             if !watch {
                 return print(cli.json, call(Request::Stats)?, |v| {
@@ -501,6 +566,77 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
     }
+}
+
+/// Asks the daemon (with `request`) for the node's status, then BIRD for
+/// its BGP sessions when the node announces.
+fn node_status(socket: &std::path::Path, request: Request) -> Result<NodeStatus> {
+    let rt = runtime()?;
+    let mut status: NodeStatus = serde_json::from_value(rt.block_on(api::call(socket, &request))?)
+        .context("malformed node status from the daemon")?;
+    if let Some(bird_socket) = &status.bird_socket {
+        match rt.block_on(bird::bgp_sessions(bird_socket)) {
+            Ok(sessions) => status.bgp = sessions,
+            Err(e) => status.bgp_error = Some(format!("{e:#}")),
+        }
+    }
+    Ok(status)
+}
+
+fn node_text(s: &NodeStatus) -> String {
+    let mut out = format!(
+        "node        {}\n",
+        if s.drained {
+            "drained: every VIP withdrawn, forwarding what still arrives"
+        } else {
+            "serving"
+        }
+    );
+    out += &match (&s.announce_table, &s.bird_socket) {
+        (Some(t), Some(b)) => format!("announce    routing table {t}, BIRD at {}\n", b.display()),
+        _ => "announce    off (no [announce] in the configuration)\n".into(),
+    };
+    for (iface, attached) in &s.interfaces {
+        out += &format!(
+            "interface   {iface}: {}\n",
+            if *attached {
+                "attached"
+            } else {
+                "NOT attached"
+            }
+        );
+    }
+    out += &format!(
+        "quiet       {:.1}s since the last new flow\n",
+        s.quiet_seconds
+    );
+    if let Some(e) = &s.route_error {
+        out += &format!("routes      FAILING: {e}\n");
+    }
+    out += "\n";
+    out += &table(
+        &["VIP", "SERVICES", "ANNOUNCED", "WITHHELD BECAUSE"],
+        s.vips.iter().map(|v| {
+            vec![
+                v.vip.to_string(),
+                v.services.join(","),
+                if v.announced { "yes" } else { "no" }.into(),
+                v.withheld.map_or("-", |w| w.describe()).into(),
+            ]
+        }),
+    );
+    if let Some(e) = &s.bgp_error {
+        out += &format!("\nBGP sessions unknown: {e}\n");
+    } else if s.bird_socket.is_some() {
+        out += "\n";
+        out += &table(
+            &["BGP SESSION", "STATE", "INFO"],
+            s.bgp
+                .iter()
+                .map(|p| vec![p.name.clone(), p.state.clone(), p.info.clone()]),
+        );
+    }
+    out
 }
 
 fn print(json: bool, v: Value, human: impl FnOnce(&Value) -> String) -> Result<()> {

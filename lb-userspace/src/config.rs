@@ -36,10 +36,34 @@ pub struct File {
     /// Host-wide settings.
     #[serde(default)]
     pub settings: SettingsFile,
+    /// BGP announcement of VIPs through a kernel routing table; off when absent.
+    pub announce: Option<Spanned<AnnounceFile>>,
     /// Services, in any order.
     #[serde(default, rename = "service")]
     pub services: Vec<Spanned<ServiceFile>>,
 }
+
+/// `[announce]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnnounceFile {
+    /// Kernel routing table lb keeps one host route per announced VIP in.
+    pub table: u32,
+    /// BIRD's control socket, for `lb node status` and `lb doctor`.
+    #[serde(default = "default_bird_socket")]
+    pub bird_socket: PathBuf,
+}
+
+/// Where Debian's BIRD 2 puts its control socket.
+pub const DEFAULT_BIRD_SOCKET: &str = "/run/bird/bird.ctl";
+
+fn default_bird_socket() -> PathBuf {
+    DEFAULT_BIRD_SOCKET.into()
+}
+
+/// Routing tables the kernel reserves (unspec, compat, default, main,
+/// local): lb's routes in them would route the host's own traffic.
+const RESERVED_TABLES: [u32; 5] = [0, 252, 253, 254, 255];
 
 /// `[settings]`.
 #[derive(Debug, Deserialize)]
@@ -347,6 +371,17 @@ pub struct Settings {
     pub tunnel_source_v4: ([u8; 4], u32),
     /// `ipip` outer IPv6 source and hash mask (last 32 bits).
     pub tunnel_source_v6: ([u8; 16], u32),
+    /// VIP announcement; `None` when the node announces nothing.
+    pub announce: Option<Announce>,
+}
+
+/// Validated `[announce]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announce {
+    /// Kernel routing table of the announced VIPs' routes.
+    pub table: u32,
+    /// BIRD's control socket.
+    pub bird_socket: PathBuf,
 }
 
 /// A validated service.
@@ -581,6 +616,25 @@ fn validate(file: &File, text: &str) -> Result<Desired, ConfigErrors> {
         }
     };
 
+    let announce = file.announce.as_ref().map(|a| {
+        let at = Some(a.span().start);
+        let a = a.get_ref();
+        if RESERVED_TABLES.contains(&a.table) {
+            e.push(
+                at,
+                "announce.table",
+                format!(
+                    "table {} is the kernel's own (0, 252-255): use a table no rule looks up, e.g. 100",
+                    a.table
+                ),
+            );
+        }
+        Announce {
+            table: a.table,
+            bird_socket: a.bird_socket.clone(),
+        }
+    });
+
     let mut services = BTreeMap::new();
     let mut keys = BTreeSet::new();
     let mut memberships = 0usize;
@@ -734,6 +788,7 @@ fn validate(file: &File, text: &str) -> Result<Desired, ConfigErrors> {
             metrics,
             tunnel_source_v4: v4,
             tunnel_source_v6: v6,
+            announce,
         },
         services,
     })
@@ -993,6 +1048,11 @@ address = "198.18.0.11"
             "bad tunnel prefix",
             "[settings]\ninterfaces=[\"e\"]\ntunnel_source_v4=\"2001:2::/64\"\n",
             "settings.tunnel_source_v4: expected an IPv4 prefix",
+        ),
+        (
+            "reserved routing table",
+            "[settings]\ninterfaces=[\"e\"]\n[announce]\ntable=254\n",
+            "line 3: announce.table: table 254 is the kernel's own",
         ),
         (
             "too many services",

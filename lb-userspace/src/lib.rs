@@ -7,6 +7,9 @@
 //! - [`health`]: the per-backend health state machine (pure).
 //! - [`probe`]: health probes.
 //! - [`neighbor`]: next-hop MACs from the kernel's tables.
+//! - [`announce`]: which VIPs the node announces, and why not (pure).
+//! - [`routes`]: announced VIPs as kernel routes, through netlink.
+//! - [`bird`]: BIRD's control socket, for the BGP sessions' state.
 //! - [`daemon`]: `lb daemon`: controller, probers, control API server.
 //! - [`api`]: the control API's messages, and the client side.
 //! - [`cli`]: the command line (daemon, operator commands, demo).
@@ -15,7 +18,9 @@
 //! - [`doctor`]: `lb doctor`, host and backend checks with their fixes.
 //! - [`demo`]: `lb demo`, the product end to end on an embedded default.
 
+pub mod announce;
 pub mod api;
+pub mod bird;
 pub mod cli;
 pub mod config;
 pub mod config_edit;
@@ -28,3 +33,4 @@ pub mod maglev;
 pub mod neighbor;
 pub mod netns;
 pub mod probe;
+pub mod routes;

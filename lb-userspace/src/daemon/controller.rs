@@ -345,6 +345,42 @@ impl Controller {
         b.health.state() == Health::Up || self.in_panic(service)
     }
 
+    /// Backends of a service that take new flows on their own probes' word:
+    /// ready, passing probes, next hop resolved, weight above 0. Unlike the
+    /// table, panic does not count (see [`crate::announce`]).
+    pub fn in_rotation(&self, service: &str) -> usize {
+        let Some(s) = self.services.get(service) else {
+            return 0;
+        };
+        s.backends
+            .iter()
+            .filter(|(ip, b)| {
+                let o = self.runtime.get(service, **ip);
+                o.admin == Admin::Ready
+                    && b.health.state() == Health::Up
+                    && self.macs.contains_key(*ip)
+                    && o.weight.unwrap_or(b.configured_weight) > 0
+            })
+            .count()
+    }
+
+    /// Whether the operator drained the node.
+    pub fn node_drained(&self) -> bool {
+        self.runtime.node.drained
+    }
+
+    /// Drains or undrains the node; persisted before it takes effect.
+    pub fn set_node_drained(&mut self, drained: bool) -> Result<()> {
+        let was = self.runtime.node.drained;
+        self.runtime.node.drained = drained;
+        if let Err(e) = self.runtime.save(&self.desired.settings.state_file) {
+            self.runtime.node.drained = was;
+            return Err(e.context("the node's state could not be saved; nothing changed"));
+        }
+        info!(drained, "node state changed");
+        Ok(())
+    }
+
     /// The weight a backend has in its table now.
     pub fn table_weight(&self, service: &str, ip: IpAddr, b: &BackendState) -> u32 {
         let o = self.runtime.get(service, ip);

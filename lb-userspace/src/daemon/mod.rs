@@ -5,12 +5,14 @@
 //!
 //! - `controller`: configuration + overrides + health → maps (the core).
 //! - `runtime`: operator overrides and ids, persisted.
+//! - `node`: the node's announcements and drain.
 //! - `probers`: one probe task per backend.
 //! - `views`: answers to the API's questions.
 //! - `metrics`: the Prometheus endpoint.
 
 pub mod controller;
 mod metrics;
+mod node;
 mod probers;
 pub mod runtime;
 mod views;
@@ -256,6 +258,8 @@ pub async fn run(opts: Options) -> Result<()> {
         changes = report.changes.len(),
         "daemon ready"
     );
+    let mut node = node::Node::start(settings.announce.clone())?;
+    node.update(&ctl);
 
     let listener = bind_socket(&settings.socket)?;
     let (call_tx, mut calls) = mpsc::channel::<Call>(64);
@@ -302,7 +306,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 {
                     error!(error = %format!("{e:#}"), "applying next-hop MACs");
                 }
-                let response = match views::handle(&mut ctl, &mut file, request, started, &opts) {
+                let response = match views::handle(&mut ctl, &mut node, &mut file, request, started, &opts) {
                     Ok(data) => Response { error: None, data },
                     Err(e) => Response { error: Some(format!("{e:#}")), data: Default::default() },
                 };
@@ -338,6 +342,7 @@ pub async fn run(opts: Options) -> Result<()> {
                     Ok(done) => done.iter().for_each(log_repair),
                     Err(e) => error!(error = %format!("{e:#}"), "repairing the data plane; retrying in 1 s"),
                 }
+                node.observe_flows(&ctl);
             }
             _ = hup.recv() => {
                 match reload(&mut ctl, &mut file) {
@@ -350,6 +355,8 @@ pub async fn run(opts: Options) -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
+        // Every event above can change what the node can serve.
+        node.update(&ctl);
     }
     let _ = std::fs::remove_file(&settings.socket);
     info!(pins = %opts.pin_dir.display(), "exiting: the data plane stays attached and keeps forwarding");
@@ -378,9 +385,10 @@ pub(crate) fn apply(
         || now.socket != new.socket
         || now.state_file != new.state_file
         || now.metrics != new.metrics
+        || now.announce != new.announce
     {
         bail!(
-            "interfaces, xdp_mode, socket, state_file and metrics only change with a daemon restart"
+            "interfaces, xdp_mode, socket, state_file, metrics and [announce] only change with a daemon restart"
         );
     }
     let dp_settings = dataplane_settings(&desired);

@@ -42,6 +42,18 @@ pub struct Runtime {
     /// daemon addresses the pinned maps exactly as its predecessor did.
     #[serde(default)]
     pub ids: BTreeMap<String, ServiceIds>,
+    /// What the operator says of the whole node.
+    #[serde(default)]
+    pub node: NodeState,
+}
+
+/// The operator's word on the node as a whole.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeState {
+    /// `lb node drain`: every VIP withdrawn, forwarding kept for what still
+    /// arrives, until `lb node undrain`.
+    #[serde(default)]
+    pub drained: bool,
 }
 
 /// The ids of one service and its backends.
@@ -124,6 +136,7 @@ mod tests {
                 admin: Admin::Drain,
             },
         );
+        r.node.drained = true;
         r.save(&path).unwrap();
         assert_eq!(Runtime::load(&path).unwrap(), r);
         r.set("web", ip, Override::default());

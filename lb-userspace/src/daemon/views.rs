@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result, bail};
 use lb_common::{BACKEND_F_UP, FlowKey, addr_bytes, hash::flow_hash, limits::NO_BACKEND};
 use serde_json::{Value, json};
 
-use super::{ConfigFile, Options, controller::Controller};
+use super::{ConfigFile, Options, controller::Controller, node::Node};
 use crate::{
     api::{BackendRow, Request, ServiceRow, ServiceStatsRow, Stats},
     config::{self, MAX_WEIGHT, Mode},
@@ -16,6 +16,7 @@ use crate::{
 /// Answers one request.
 pub fn handle(
     ctl: &mut Controller,
+    node: &mut Node,
     file: &mut ConfigFile,
     request: Request,
     started: Instant,
@@ -76,6 +77,11 @@ pub fn handle(
             client,
             port,
         } => explain(ctl, &service, client, port)?,
+        Request::Node => serde_json::to_value(node.status(ctl))?,
+        Request::SetNodeDrained { drained } => {
+            node.set_drained(ctl, drained)?;
+            serde_json::to_value(node.status(ctl))?
+        }
     })
 }
 

@@ -395,6 +395,14 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Whether `iface` has the program attached now: attached by this
+    /// process, and neither removed nor re-created since.
+    pub fn attached(&self, iface: &str) -> bool {
+        self.attachments
+            .get(iface)
+            .is_some_and(|a| !a.gone && a.ifindex != 0 && a.ifindex == ifindex(iface))
+    }
+
     /// Repairs what happened to the data plane under the daemon, and says
     /// what it did: an interface removed and re-created (which detaches XDP)
     /// is attached again; a removed link pin is pinned again from the link

@@ -7,6 +7,7 @@
 )]
 
 mod agreement;
+mod announce;
 mod conntrack;
 mod daemon;
 mod demo;

@@ -1,0 +1,150 @@
+//! The node as a whole: which VIPs it announces (through the route keeper,
+//! when `[announce]` is configured), its drain, and how long since a new
+//! flow last arrived.
+
+use std::{collections::BTreeSet, net::IpAddr, time::Instant};
+
+use anyhow::Result;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::controller::Controller;
+use crate::{
+    announce::{self, Decision, NodeView, ServiceView},
+    api::{NodeStatus, VipRow},
+    config::Announce,
+    routes::{self, Installed, VipRoutes},
+};
+
+/// The daemon's view of the node.
+pub(crate) struct Node {
+    announce: Option<Announce>,
+    /// What the route keeper is to install; `None` until the first decision.
+    wanted: watch::Sender<Option<BTreeSet<IpAddr>>>,
+    /// What it did.
+    installed: watch::Receiver<Installed>,
+    decisions: Vec<Decision>,
+    /// New flows over every service, and when that count last grew (or the
+    /// node was drained, whichever is later).
+    new_flows: u64,
+    quiet_since: Instant,
+}
+
+impl Node {
+    /// Starts the route keeper when `announce` is set. Nothing is added or
+    /// withdrawn before the first [`Node::update`].
+    pub(crate) fn start(announce: Option<Announce>) -> Result<Node> {
+        let (wanted, wanted_rx) = watch::channel(None);
+        let (installed_tx, installed) = watch::channel(Installed::default());
+        if let Some(a) = &announce {
+            let routes = VipRoutes::open(a.table)?;
+            tokio::spawn(routes::keep(routes, wanted_rx, installed_tx));
+            info!(
+                table = a.table,
+                "announcing VIPs through the kernel routing table"
+            );
+        }
+        Ok(Node {
+            announce,
+            wanted,
+            installed,
+            decisions: Vec::new(),
+            new_flows: 0,
+            quiet_since: Instant::now(),
+        })
+    }
+
+    /// Decides every VIP again from the controller's state, logs what
+    /// changed and hands the result to the route keeper.
+    pub(crate) fn update(&mut self, ctl: &Controller) {
+        let interfaces = &ctl.desired().settings.interfaces;
+        let view = NodeView {
+            drained: ctl.node_drained(),
+            attached: interfaces.iter().all(|i| ctl.dataplane().attached(i)),
+        };
+        let services: Vec<ServiceView> = ctl
+            .services()
+            .iter()
+            .map(|(name, s)| ServiceView {
+                name: name.clone(),
+                vip: s.config.vip,
+                in_rotation: ctl.in_rotation(name),
+            })
+            .collect();
+        let decisions = announce::decide(view, &services);
+        if decisions != self.decisions {
+            for d in &decisions {
+                let before = self.decisions.iter().find(|o| o.vip == d.vip);
+                if before.map(|b| b.withheld) == Some(d.withheld) {
+                    continue;
+                }
+                match d.withheld {
+                    Some(why) => warn!(vip = %d.vip, reason = why.describe(), "VIP withheld"),
+                    None => info!(vip = %d.vip, "VIP can be served"),
+                }
+            }
+            self.decisions = decisions;
+        }
+        let target = Some(announce::announced(&self.decisions));
+        self.wanted.send_if_modified(|wanted| {
+            let changed = *wanted != target;
+            *wanted = target;
+            changed
+        });
+    }
+
+    /// Notes the node's new-flow count (sampled about once a second).
+    pub(crate) fn observe_flows(&mut self, ctl: &Controller) {
+        let total: u64 = ctl
+            .services()
+            .values()
+            .filter_map(|s| ctl.dataplane().service_stats(s.id).ok())
+            .map(|s| s.new_flows)
+            .sum();
+        if total != self.new_flows {
+            self.new_flows = total;
+            self.quiet_since = Instant::now();
+        }
+    }
+
+    /// Drains or undrains the node.
+    pub(crate) fn set_drained(&mut self, ctl: &mut Controller, drained: bool) -> Result<()> {
+        if ctl.node_drained() != drained {
+            ctl.set_node_drained(drained)?;
+            self.quiet_since = Instant::now();
+        }
+        self.update(ctl);
+        Ok(())
+    }
+
+    /// `lb node status`, less the BGP sessions (the CLI asks BIRD).
+    pub(crate) fn status(&self, ctl: &Controller) -> NodeStatus {
+        let installed = self.installed.borrow();
+        NodeStatus {
+            drained: ctl.node_drained(),
+            announce_table: self.announce.as_ref().map(|a| a.table),
+            bird_socket: self.announce.as_ref().map(|a| a.bird_socket.clone()),
+            interfaces: ctl
+                .desired()
+                .settings
+                .interfaces
+                .iter()
+                .map(|i| (i.clone(), ctl.dataplane().attached(i)))
+                .collect(),
+            vips: self
+                .decisions
+                .iter()
+                .map(|d| VipRow {
+                    vip: d.vip,
+                    services: d.services.clone(),
+                    withheld: d.withheld,
+                    announced: installed.vips.contains(&d.vip),
+                })
+                .collect(),
+            route_error: installed.error.clone(),
+            quiet_seconds: self.quiet_since.elapsed().as_secs_f64(),
+            bgp: Vec::new(),
+            bgp_error: None,
+        }
+    }
+}

@@ -1,0 +1,482 @@
+//! An edge in namespaces: a client behind a router running BIRD, which
+//! learns the VIPs over BGP from lb nodes (each with its own BIRD and `lb
+//! daemon`) on one segment with the backends. The addresses and BIRD
+//! configurations are the shipped examples' (`examples/bird-*.conf`).
+//!
+//! ```text
+//!  client 198.18.2.2 ── 198.18.2.1 router 198.18.0.254 ─┐ br0
+//!                                    lb nodes 198.18.0.2, .3, .4
+//!                                    backends 198.18.0.11, .12, ...
+//! ```
+
+use std::{
+    io::{BufRead as _, BufReader, ErrorKind, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use lb::netns::{self, Netns, spawn_in};
+use serde_json::Value;
+
+/// The router's address on the lb segment (BGP peer of every node).
+pub const ROUTER_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+/// The client, on its own link to the router.
+pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 2);
+/// The router's address toward the client.
+const ROUTER_CLIENT_SIDE: &str = "198.18.2.1/24";
+/// The routing table lb announces into (`[announce] table`, as in the example).
+pub const ANNOUNCE_TABLE: u32 = 100;
+
+/// BIRD configurations as shipped.
+const NODE_CONF: &str = include_str!("../../examples/bird-lb-node.conf");
+const ROUTER_CONF: &str = include_str!("../../examples/bird-router.conf");
+/// The node address the node example is written for.
+const EXAMPLE_NODE: &str = "198.18.0.2";
+
+/// Address of lb node `i` (0-based), as the router example peers with them.
+pub fn node_v4(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, 2 + i as u8)
+}
+
+/// Address of backend `i` (0-based).
+pub fn backend_v4(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, 11 + i as u8)
+}
+
+/// A BIRD process started by a test: killed by PID on drop.
+pub struct Bird {
+    child: Child,
+    /// Its control socket.
+    pub socket: PathBuf,
+    dir: PathBuf,
+}
+
+impl Bird {
+    /// Starts `bird` in the foreground in `ns` with `config`, logging to a
+    /// file in a fresh directory; returns once its control socket answers.
+    pub fn start(ns: &Netns, tag: &str, config: &str) -> Result<Bird> {
+        let dir = std::env::temp_dir().join(format!("lbt-{}-bird-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let conf = dir.join("bird.conf");
+        std::fs::write(&conf, config.replace("log syslog all;", "log stderr all;"))?;
+        let socket = dir.join("bird.ctl");
+        let log = std::fs::File::create(dir.join("bird.log"))?;
+        let child = spawn_in(
+            &ns.name,
+            Command::new("bird")
+                .arg("-f")
+                .arg("-c")
+                .arg(&conf)
+                .arg("-s")
+                .arg(&socket)
+                .stdout(Stdio::null())
+                .stderr(log),
+        )?;
+        let bird = Bird { child, socket, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&bird.socket).is_err() {
+            if Instant::now() > deadline {
+                bail!("bird in {} did not start: {}", ns.name, bird.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(bird)
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("bird.log")).unwrap_or_default()
+    }
+
+    /// Whether every BGP session is established.
+    pub fn sessions_up(&self) -> Result<bool> {
+        let rt = tokio_runtime()?;
+        let sessions = rt.block_on(lb::bird::bgp_sessions(&self.socket))?;
+        Ok(!sessions.is_empty() && sessions.iter().all(lb::bird::Protocol::established))
+    }
+}
+
+impl Drop for Bird {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the PID of a child we started and have not reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn tokio_runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// An lb node's namespace and its BIRD (the daemon is the test's).
+pub struct Node {
+    /// Its BIRD, stopped before the namespace goes.
+    pub bird: Option<Bird>,
+    /// Its namespace.
+    pub ns: Netns,
+    /// Its address.
+    pub v4: Ipv4Addr,
+}
+
+/// The topology; dropping it stops every BIRD and removes every namespace.
+pub struct Edge {
+    /// The router's BIRD.
+    pub router_bird: Bird,
+    /// lb nodes.
+    pub nodes: Vec<Node>,
+    /// Backends, each holding the VIPs on `lo`.
+    pub backends: Vec<Netns>,
+    /// The client.
+    pub client: Netns,
+    /// The router.
+    pub router: Netns,
+    switch: Netns,
+}
+
+impl Edge {
+    /// Builds the edge with `nodes` lb nodes (each running BIRD) and
+    /// `backends` backends holding `vips` on `lo`.
+    pub fn build(nodes: usize, backends: usize, vips: &[Ipv4Addr]) -> Result<Edge> {
+        let switch = netns::switch()?;
+        let router = Netns::new("rt")?;
+        let client = Netns::new("cl")?;
+        netns::plug(
+            &switch,
+            "prt",
+            &router,
+            "02:00:00:00:00:fe",
+            &[&format!("{ROUTER_V4}/24")],
+        )?;
+        netns::ip(&[
+            "link",
+            "add",
+            "eth1",
+            "netns",
+            &router.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &client.name,
+        ])?;
+        router.ip(&["addr", "add", ROUTER_CLIENT_SIDE, "dev", "eth1"])?;
+        router.ip(&["link", "set", "eth1", "up"])?;
+        client.ip(&["addr", "add", &format!("{CLIENT_V4}/24"), "dev", "eth0"])?;
+        client.ip(&["link", "set", "eth0", "up"])?;
+        client.ip(&["route", "add", "default", "via", "198.18.2.1"])?;
+        for (ns, dev) in [(&router, "eth1"), (&client, "eth0")] {
+            ns.exec(
+                "ethtool",
+                &["-K", dev, "tso", "off", "gso", "off", "gro", "off"],
+            )?;
+        }
+        router.sysctl("net.ipv4.ip_forward", "1")?;
+        // Spread flows over the nodes by their 5-tuple.
+        router.sysctl("net.ipv4.fib_multipath_hash_policy", "1")?;
+        let router_bird = Bird::start(&router, "router", ROUTER_CONF)?;
+
+        let mut backend_ns = Vec::new();
+        for i in 0..backends {
+            let ns = Netns::new(&format!("b{i}"))?;
+            netns::plug(
+                &switch,
+                &format!("pb{i}"),
+                &ns,
+                &format!("02:00:00:00:01:{:02x}", i + 1),
+                &[&format!("{}/24", backend_v4(i))],
+            )?;
+            ns.ip(&["route", "add", "default", "via", &ROUTER_V4.to_string()])?;
+            for vip in vips {
+                ns.ip(&["addr", "add", &format!("{vip}/32"), "dev", "lo"])?;
+            }
+            // The VIP is the backend's own, but only lb may answer for it
+            // on the segment.
+            ns.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
+            ns.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
+            backend_ns.push(ns);
+        }
+
+        let mut edge = Edge {
+            router_bird,
+            nodes: Vec::new(),
+            backends: backend_ns,
+            client,
+            router,
+            switch,
+        };
+        for i in 0..nodes {
+            let ns = Netns::new(&format!("lb{i}"))?;
+            let v4 = node_v4(i);
+            netns::plug(
+                &edge.switch,
+                &format!("plb{i}"),
+                &ns,
+                &format!("02:00:00:00:00:{:02x}", 2 + i),
+                &[&format!("{v4}/24")],
+            )?;
+            let bird = Bird::start(&ns, &format!("lb{i}"), &node_bird_config(v4))?;
+            edge.nodes.push(Node {
+                bird: Some(bird),
+                ns,
+                v4,
+            });
+        }
+        Ok(edge)
+    }
+
+    /// The next hops the router's kernel has for `vip` (empty when no node
+    /// announces it).
+    pub fn paths(&self, vip: Ipv4Addr) -> Result<Vec<Ipv4Addr>> {
+        let out = Command::new("ip")
+            .args(["-n", &self.router.name, "-j", "route", "show", "exact"])
+            .arg(format!("{vip}/32"))
+            .output()?;
+        let routes: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let mut hops = Vec::new();
+        for r in routes {
+            if let Some(gw) = r["gateway"].as_str() {
+                hops.push(gw.parse()?);
+            }
+            for h in r["nexthops"].as_array().into_iter().flatten() {
+                if let Some(gw) = h["gateway"].as_str() {
+                    hops.push(gw.parse()?);
+                }
+            }
+        }
+        hops.sort();
+        Ok(hops)
+    }
+
+    /// Waits until the router's next hops for `vip` are exactly `nodes`.
+    pub fn wait_paths(
+        &self,
+        vip: Ipv4Addr,
+        nodes: &[Ipv4Addr],
+        timeout: Duration,
+    ) -> Result<Duration> {
+        let mut want = nodes.to_vec();
+        want.sort();
+        let start = Instant::now();
+        loop {
+            let now = self.paths(vip)?;
+            if now == want {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "the router's paths to {vip} are {now:?}, not {want:?}, after {timeout:?}; router BIRD: {}",
+                    self.router_bird.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The VIP routes lb keeps in node `i`'s announce table.
+    pub fn announced(&self, i: usize) -> Result<Vec<String>> {
+        let out = Command::new("ip")
+            .args(["-n", &self.nodes[i].ns.name, "-j", "route", "show", "table"])
+            .arg(ANNOUNCE_TABLE.to_string())
+            .args(["proto", &lb::routes::ROUTE_PROTOCOL.to_string()])
+            .output()?;
+        let routes: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        Ok(routes
+            .iter()
+            .filter_map(|r| r["dst"].as_str().map(str::to_string))
+            .collect())
+    }
+}
+
+/// The node example with this node's address.
+fn node_bird_config(v4: Ipv4Addr) -> String {
+    NODE_CONF
+        .replace(&format!("{EXAMPLE_NODE};"), &format!("{v4};"))
+        .replace(&format!("{EXAMPLE_NODE} as"), &format!("{v4} as"))
+}
+
+/// The `lb daemon` configuration of a node: service `echo` on `vip` port
+/// [`ECHO_PORT`] over `backends` backends, fast TCP health checks, and
+/// announcements into [`ANNOUNCE_TABLE`] through `bird`.
+pub fn node_config(vip: Ipv4Addr, backends: usize, bird: &Bird) -> String {
+    let mut text = format!(
+        r#"[settings]
+interfaces = ["eth0"]
+xdp_mode = "generic"
+table_size = 4099
+max_services = 4
+max_backends = 16
+conntrack_entries = 4096
+
+[announce]
+table = {ANNOUNCE_TABLE}
+bird_socket = "{}"
+
+[[service]]
+name = "echo"
+vip = "{vip}"
+port = {ECHO_PORT}
+protocol = "tcp"
+
+[service.health]
+check = "tcp"
+interval = "200ms"
+fast_interval = "100ms"
+timeout = "150ms"
+rise = 2
+fall = 2
+slow_start = "0s"
+"#,
+        bird.socket.display()
+    );
+    for i in 0..backends {
+        text += &format!("\n[[service.backend]]\naddress = \"{}\"\n", backend_v4(i));
+    }
+    text
+}
+
+/// The port of the echo service.
+pub const ECHO_PORT: u16 = 7;
+
+/// A TCP server that answers every line with its name, one thread per
+/// connection, so connections can live as long as a test needs.
+pub struct EchoServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+/// How long a client or server waits for the other.
+const IO_TIMEOUT: Duration = Duration::from_secs(3);
+
+impl EchoServer {
+    /// Serves [`ECHO_PORT`] in `ns`; returns once bound.
+    pub fn start(ns: &Netns, name: &str) -> Result<EchoServer> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready, bound) = std::sync::mpsc::channel();
+        let (flag, name) = (stop.clone(), name.to_string());
+        let thread = ns.spawn(move || {
+            let listener = TcpListener::bind(("0.0.0.0", ECHO_PORT))?;
+            listener.set_nonblocking(true)?;
+            let _ = ready.send(());
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let (name, flag) = (name.clone(), flag.clone());
+                        std::thread::spawn(move || echo(s, &name, &flag));
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(())
+        });
+        bound
+            .recv_timeout(IO_TIMEOUT)
+            .context("echo server did not start")?;
+        Ok(EchoServer {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+fn echo(s: TcpStream, name: &str, stop: &AtomicBool) {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+    let Ok(mut w) = s.try_clone() else { return };
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        match r.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if w.write_all(format!("{name}\n").as_bytes()).is_err() {
+                    return;
+                }
+                line.clear();
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Long-lived TCP connections from the client to a VIP, each remembering
+/// the backend that answered first.
+pub struct Sessions {
+    conns: Vec<(BufReader<TcpStream>, String)>,
+}
+
+impl Sessions {
+    /// Opens `n` connections to `to` from `client` and asks each once.
+    pub fn open(client: &Netns, to: SocketAddr, n: usize) -> Result<Sessions> {
+        client.run(move || {
+            let mut conns = Vec::new();
+            for i in 0..n {
+                let s = TcpStream::connect_timeout(&to, IO_TIMEOUT)
+                    .with_context(|| format!("connection {i} to {to}"))?;
+                s.set_read_timeout(Some(IO_TIMEOUT))?;
+                let mut r = BufReader::new(s);
+                let name = ask(&mut r).with_context(|| format!("connection {i}: first answer"))?;
+                conns.push((r, name));
+            }
+            Ok(Sessions { conns })
+        })
+    }
+
+    /// Asks on every connection; returns how many answered from their first
+    /// backend, and a description of each that did not.
+    pub fn check(&mut self) -> (usize, Vec<String>) {
+        let mut ok = 0;
+        let mut bad = Vec::new();
+        for (i, (r, first)) in self.conns.iter_mut().enumerate() {
+            match ask(r) {
+                Ok(name) if name == *first => ok += 1,
+                Ok(name) => bad.push(format!("connection {i}: {first} then {name}")),
+                Err(e) => bad.push(format!("connection {i} (on {first}): {e:#}")),
+            }
+        }
+        (ok, bad)
+    }
+
+    /// Connections per backend name.
+    pub fn spread(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut m = std::collections::BTreeMap::new();
+        for (_, name) in &self.conns {
+            *m.entry(name.clone()).or_default() += 1;
+        }
+        m
+    }
+}
+
+fn ask(r: &mut BufReader<TcpStream>) -> Result<String> {
+    r.get_mut().write_all(b"who?\n")?;
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        bail!("closed by the other end");
+    }
+    Ok(line.trim().to_string())
+}

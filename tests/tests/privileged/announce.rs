@@ -1,0 +1,168 @@
+//! VIP announcements over BGP: real BIRD on a router and on every lb node,
+//! real `lb daemon`s, and long-lived TCP connections from a client behind
+//! the router. A node announces a VIP only while it can serve it; drain,
+//! a node without backends in rotation and a restart move no connection.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use lb_tests::{
+    daemon::Daemon,
+    edge::{ECHO_PORT, EchoServer, Edge, Sessions, backend_v4, node_config, node_v4},
+    privileged,
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+const BACKENDS: usize = 3;
+/// Long-lived connections held through every step.
+const CONNECTIONS: usize = 200;
+/// BGP sessions start with BIRD's connect delay; withdrawals take
+/// milliseconds. Both bounds are generous: they catch hangs, not slowness.
+const SESSION_UP: Duration = Duration::from_secs(30);
+const CONVERGED: Duration = Duration::from_secs(5);
+
+fn assert_all_alive(sessions: &mut Sessions, step: &str) {
+    let (ok, bad) = sessions.check();
+    assert!(
+        bad.is_empty(),
+        "{step}: {} of {CONNECTIONS} connections broke or moved: {bad:?}",
+        bad.len()
+    );
+    assert_eq!(ok, CONNECTIONS, "{step}");
+    eprintln!("{step}: all {ok} connections alive on their backends");
+}
+
+fn vip_state(d: &Daemon) -> (bool, serde_json::Value) {
+    let s = d.cli(&["node", "status"]).unwrap();
+    let vip = &s["vips"][0];
+    assert_eq!(vip["vip"], VIP.to_string());
+    (vip["announced"].as_bool().unwrap(), vip["withheld"].clone())
+}
+
+#[test]
+fn nodes_announce_what_they_serve_and_withdrawals_reset_nothing() {
+    if !privileged() {
+        return;
+    }
+    let edge = Edge::build(2, BACKENDS, &[VIP]).unwrap();
+    let _servers: Vec<EchoServer> = edge
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| EchoServer::start(ns, &format!("backend-{}", i + 1)).unwrap())
+        .collect();
+    let mut daemons: Vec<Daemon> = edge
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let config = node_config(VIP, BACKENDS, n.bird.as_ref().unwrap());
+            Daemon::start(&n.ns, &format!("lb{i}"), &config).unwrap()
+        })
+        .collect();
+    let both = [node_v4(0), node_v4(1)];
+    let t = edge.wait_paths(VIP, &both, SESSION_UP).unwrap();
+    eprintln!("both nodes announced within {t:?} of start");
+    for (i, n) in edge.nodes.iter().enumerate() {
+        assert!(n.bird.as_ref().unwrap().sessions_up().unwrap(), "node {i}");
+        assert_eq!(edge.announced(i).unwrap(), [VIP.to_string()]);
+        assert_eq!(vip_state(&daemons[i]), (true, serde_json::Value::Null));
+    }
+    let digests: Vec<_> = daemons
+        .iter()
+        .map(|d| d.cli(&["service", "list"]).unwrap()[0]["digest"].clone())
+        .collect();
+    assert_eq!(digests[0], digests[1], "same configuration, same table");
+
+    let mut sessions = Sessions::open(
+        &edge.client,
+        SocketAddr::new(VIP.into(), ECHO_PORT),
+        CONNECTIONS,
+    )
+    .unwrap();
+    let spread = sessions.spread();
+    eprintln!("connections per backend: {spread:?}");
+    assert_eq!(spread.len(), BACKENDS, "every backend serves some");
+    let through: Vec<u64> = daemons
+        .iter()
+        .map(|d| {
+            d.cli(&["stats"]).unwrap()["services"][0]["new_flows"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        through.iter().all(|&n| n > 0),
+        "ECMP spreads the connections over both nodes: {through:?}"
+    );
+    assert_all_alive(&mut sessions, "both nodes");
+
+    // Drain node 0: the router withdraws it, its connections move to node
+    // 1, which sends them to the same backends.
+    let drained = daemons[0].cli(&["node", "drain"]).unwrap();
+    assert_eq!(drained["drained"], true);
+    let t = edge.wait_paths(VIP, &[node_v4(1)], CONVERGED).unwrap();
+    eprintln!("drain: withdrawn from the router within {t:?}");
+    assert!(edge.announced(0).unwrap().is_empty());
+    assert_eq!(vip_state(&daemons[0]), (false, "drained".into()));
+    assert_all_alive(&mut sessions, "node 0 drained");
+    // Nothing reaches node 0 any more: `drain --wait` says so.
+    daemons[0]
+        .cli(&[
+            "node",
+            "drain",
+            "--wait",
+            "--quiet",
+            "1s",
+            "--timeout",
+            "20s",
+        ])
+        .unwrap();
+
+    // The drain persists across a restart of the daemon.
+    daemons[0].kill(libc::SIGTERM).unwrap();
+    daemons[0].spawn().unwrap();
+    assert_eq!(vip_state(&daemons[0]), (false, "drained".into()));
+    assert_eq!(edge.paths(VIP).unwrap(), [node_v4(1)]);
+
+    // Undrain: announced again, and the connections ECMP moves back to
+    // node 0 (which may still hold their old entries) stay where they were.
+    daemons[0].cli(&["node", "undrain"]).unwrap();
+    edge.wait_paths(VIP, &both, CONVERGED).unwrap();
+    assert_all_alive(&mut sessions, "node 0 undrained");
+
+    // Node 1 loses every backend (maintenance): it has nothing in rotation
+    // and withdraws; node 0 serves all, to the same backends.
+    for i in 0..BACKENDS {
+        let b = backend_v4(i).to_string();
+        daemons[1]
+            .cli(&["backend", "maintenance", "echo", &b])
+            .unwrap();
+    }
+    edge.wait_paths(VIP, &[node_v4(0)], CONVERGED).unwrap();
+    assert_eq!(
+        vip_state(&daemons[1]),
+        (false, "no-backend-in-rotation".into())
+    );
+    assert_all_alive(&mut sessions, "node 1 without backends");
+    for i in 0..BACKENDS {
+        let b = backend_v4(i).to_string();
+        daemons[1].cli(&["backend", "enable", "echo", &b]).unwrap();
+    }
+    edge.wait_paths(VIP, &both, CONVERGED).unwrap();
+
+    // A killed daemon leaves its route, and the data plane forwarding: the
+    // router keeps both paths and no connection notices.
+    daemons[1].kill(libc::SIGKILL).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(edge.announced(1).unwrap(), [VIP.to_string()]);
+    assert_eq!(edge.paths(VIP).unwrap(), both);
+    assert_all_alive(&mut sessions, "node 1's daemon killed");
+    // Its successor adopts the route without withdrawing it.
+    daemons[1].spawn().unwrap();
+    assert_eq!(vip_state(&daemons[1]), (true, serde_json::Value::Null));
+    assert_eq!(edge.paths(VIP).unwrap(), both);
+    assert_all_alive(&mut sessions, "node 1's daemon restarted");
+}
