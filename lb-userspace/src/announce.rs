@@ -7,13 +7,18 @@
 //!
 //! 1. the node is not drained (`lb node drain`);
 //! 2. every configured interface has the XDP program attached;
-//! 3. at least one service on the VIP has a backend in rotation on its own
+//! 3. in a fleet, the node has converged: it applied the fleet's newest
+//!    state, and every service on the VIP has the table most live nodes at
+//!    that revision have (a node whose view drifted, or that is back from an
+//!    outage and not caught up, would send ECMP-moved flows elsewhere);
+//! 4. at least one service on the VIP has a backend in rotation on its own
 //!    probes' word (panic mode, which keeps failing backends in the table,
 //!    does not count: a VIP whose every backend fails is withdrawn, so the
 //!    routers can send its clients elsewhere).
 //!
 //! A VIP that several services share (ports, protocols) is announced while
 //! any of them can serve: one broken service must not take its siblings down.
+//! But every one of them must have the fleet's table.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -29,6 +34,8 @@ pub struct NodeView {
     pub drained: bool,
     /// Every configured interface has the program attached.
     pub attached: bool,
+    /// Standalone, or a fleet node that applied the fleet's newest state.
+    pub converged: bool,
 }
 
 /// One service as the rule sees it.
@@ -40,6 +47,8 @@ pub struct ServiceView {
     pub vip: IpAddr,
     /// Backends that take new flows on their own probes' word.
     pub in_rotation: usize,
+    /// Its table is the fleet's (always, standalone).
+    pub agreed: bool,
 }
 
 /// Why a VIP is not announced.
@@ -50,6 +59,8 @@ pub enum Withheld {
     Drained,
     /// An interface lacks the program (gone, or not attached yet).
     NotAttached,
+    /// Behind the fleet's state, or a table differs from the fleet's.
+    NotConverged,
     /// No service on the VIP has a backend in rotation.
     NoBackendInRotation,
 }
@@ -60,6 +71,7 @@ impl Withheld {
         match self {
             Withheld::Drained => "node drained",
             Withheld::NotAttached => "an interface lacks the XDP program",
+            Withheld::NotConverged => "not converged with the fleet",
             Withheld::NoBackendInRotation => "no backend in rotation",
         }
     }
@@ -78,21 +90,24 @@ pub struct Decision {
 
 /// Decides every VIP of `services`.
 pub fn decide(node: NodeView, services: &[ServiceView]) -> Vec<Decision> {
-    let mut by_vip: BTreeMap<IpAddr, (Vec<String>, usize)> = BTreeMap::new();
+    let mut by_vip: BTreeMap<IpAddr, (Vec<String>, usize, bool)> = BTreeMap::new();
     for s in services {
-        let entry = by_vip.entry(s.vip).or_default();
+        let entry = by_vip.entry(s.vip).or_insert((Vec::new(), 0, true));
         entry.0.push(s.name.clone());
         entry.1 += s.in_rotation;
+        entry.2 &= s.agreed;
     }
     by_vip
         .into_iter()
-        .map(|(vip, (names, in_rotation))| Decision {
+        .map(|(vip, (names, in_rotation, agreed))| Decision {
             vip,
             services: names,
             withheld: if node.drained {
                 Some(Withheld::Drained)
             } else if !node.attached {
                 Some(Withheld::NotAttached)
+            } else if !node.converged || !agreed {
+                Some(Withheld::NotConverged)
             } else if in_rotation == 0 {
                 Some(Withheld::NoBackendInRotation)
             } else {
@@ -118,6 +133,7 @@ mod tests {
     const SERVING: NodeView = NodeView {
         drained: false,
         attached: true,
+        converged: true,
     };
 
     fn svc(name: &str, vip: &str, in_rotation: usize) -> ServiceView {
@@ -125,6 +141,7 @@ mod tests {
             name: name.into(),
             vip: vip.parse().unwrap(),
             in_rotation,
+            agreed: true,
         }
     }
 
@@ -154,21 +171,44 @@ mod tests {
                 NodeView {
                     drained: true,
                     attached: false,
+                    converged: false,
                 },
                 Withheld::Drained,
             ),
             (
                 NodeView {
-                    drained: false,
                     attached: false,
+                    converged: false,
+                    ..SERVING
                 },
                 Withheld::NotAttached,
+            ),
+            (
+                NodeView {
+                    converged: false,
+                    ..SERVING
+                },
+                Withheld::NotConverged,
             ),
         ] {
             let d = decide(node, &services);
             assert!(d.iter().all(|d| d.withheld == Some(reason)), "{d:?}");
             assert!(announced(&d).is_empty());
         }
+    }
+
+    #[test]
+    fn one_service_with_another_table_than_the_fleets_withholds_its_vip() {
+        let mut tls = svc("web-tls", "198.18.1.1", 2);
+        tls.agreed = false;
+        let services = [
+            svc("web", "198.18.1.1", 2),
+            tls,
+            svc("dns", "198.18.1.2", 1),
+        ];
+        let d = decide(SERVING, &services);
+        assert_eq!(d[0].withheld, Some(Withheld::NotConverged));
+        assert_eq!(d[1].withheld, None);
     }
 
     #[test]

@@ -14,7 +14,10 @@ use tokio::{
     net::UnixStream,
 };
 
-use crate::{announce::Withheld, bird::Protocol, config_edit::Edit, daemon::runtime::Admin};
+use crate::{
+    announce::Withheld, bird::Protocol, config_edit::Edit, daemon::runtime::Admin,
+    fleet::state::NodeReport,
+};
 
 /// Largest request the daemon reads; a longer one is refused.
 pub const MAX_REQUEST: u64 = 1 << 20;
@@ -80,6 +83,19 @@ pub enum Request {
         /// Drained.
         drained: bool,
     },
+    /// The fleet as this node sees it.
+    FleetStatus,
+    /// Seeds the fleet's services from a configuration file's `[[service]]`
+    /// tables.
+    FleetImport {
+        /// The file's text.
+        config: String,
+        /// Replace services the fleet already has.
+        #[serde(default)]
+        replace: bool,
+    },
+    /// The fleet's state as a standalone configuration file.
+    FleetExport,
     /// Which backend a flow goes to, and why.
     Explain {
         /// Service name.
@@ -188,7 +204,7 @@ pub struct Stats {
 }
 
 /// A VIP in `lb node status`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VipRow {
     /// The VIP.
     pub vip: IpAddr,
@@ -225,6 +241,46 @@ pub struct NodeStatus {
     /// Why BIRD could not be asked, when the node announces.
     #[serde(default)]
     pub bgp_error: Option<String>,
+}
+
+/// A node in `lb fleet status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FleetNodeRow {
+    /// Its name.
+    pub name: String,
+    /// Its status key is alive (its lease holds).
+    pub alive: bool,
+    /// Seconds since this node last saw its status.
+    pub seen_seconds_ago: u64,
+    /// It holds the leadership.
+    pub leader: bool,
+    /// It has not applied the fleet's newest state.
+    pub behind: bool,
+    /// Services whose table differs from most nodes' at its revision.
+    pub disagreeing: Vec<String>,
+    /// What it published last.
+    pub report: NodeReport,
+}
+
+/// `lb fleet status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FleetStatus {
+    /// The node answering.
+    pub node: String,
+    /// The fleet's key prefix.
+    pub prefix: String,
+    /// Why etcd cannot be reached now; `None` when it can.
+    pub etcd_error: Option<String>,
+    /// The newest revision of the fleet's desired state.
+    pub revision: i64,
+    /// The revision this node applied.
+    pub applied: i64,
+    /// The leader, if any.
+    pub leader: Option<String>,
+    /// Every node seen since this daemon started, alive or not.
+    pub nodes: Vec<FleetNodeRow>,
+    /// Data under the prefix refused or ignored, with why.
+    pub problems: Vec<String>,
 }
 
 /// Reads one request from a connection, bounded in size.

@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 use serde_json::Value;
 
 use crate::{
-    api::{self, BackendRow, NodeStatus, Request, ServiceRow, Stats},
+    api::{self, BackendRow, FleetStatus, NodeStatus, Request, ServiceRow, Stats},
     bird,
     config::{Affinity, CheckKind, DEFAULT_SOCKET, Mode, Protocol, XdpModeSetting},
     config_edit::Edit,
@@ -65,6 +65,9 @@ enum Command {
     /// This node: drained or not, each VIP announced or why not, BGP sessions.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// The fleet this node belongs to (with [fleet] in its configuration).
+    #[command(subcommand)]
+    Fleet(FleetCommand),
     /// Packets, bytes and new flows per service and backend, and the global reasons.
     Stats {
         /// Print again every second, with per-second rates.
@@ -118,6 +121,24 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Every node, alive or not: revision, table digests (disagreements
+    /// marked), announced VIPs, BGP sessions, drained.
+    Status,
+    /// Seed the fleet's services from a configuration file's [[service]]
+    /// tables (its other sections are this node's own and stay local).
+    Import {
+        /// Configuration file.
+        file: PathBuf,
+        /// Replace the services the fleet already has.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Print the fleet's state as a standalone configuration file.
+    Export,
 }
 
 #[derive(Subcommand)]
@@ -509,6 +530,30 @@ fn run(cli: Cli) -> Result<()> {
                 )
             })
         }
+        Command::Fleet(FleetCommand::Status) => {
+            let v = call(Request::FleetStatus)?;
+            print(cli.json, v, |v| {
+                match serde_json::from_value::<FleetStatus>(v.clone()) {
+                    Ok(s) => fleet_text(&s),
+                    Err(_) => format!("{v}\n"),
+                }
+            })
+        }
+        Command::Fleet(FleetCommand::Import { file, replace }) => {
+            let config = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            change(Request::FleetImport { config, replace }, false)
+        }
+        Command::Fleet(FleetCommand::Export) => {
+            let v = call(Request::FleetExport)?;
+            print(cli.json, v, |v| {
+                format!(
+                    "# The fleet's state at revision {}, as a standalone file.\n{}",
+                    v["revision"],
+                    v["config"].as_str().unwrap_or_default()
+                )
+            })
+        }
         Command::Node(NodeCommand::Status) => {
             let status = node_status(&cli.socket, Request::Node)?;
             print(cli.json, serde_json::to_value(&status)?, |_| {
@@ -581,6 +626,84 @@ fn node_status(socket: &std::path::Path, request: Request) -> Result<NodeStatus>
         }
     }
     Ok(status)
+}
+
+/// Digest characters `lb fleet status` shows (enough to tell tables apart).
+const SHORT_DIGEST: usize = 8;
+
+fn fleet_text(s: &FleetStatus) -> String {
+    let mut out = format!(
+        "fleet       {} (this node: {}, applied revision {} of {})\nleader      {}\netcd        {}\n\n",
+        s.prefix,
+        s.node,
+        s.applied,
+        s.revision,
+        s.leader.as_deref().unwrap_or("none"),
+        s.etcd_error
+            .as_deref()
+            .map_or("reachable".to_string(), |e| format!("UNREACHABLE: {e}")),
+    );
+    out += &table(
+        &[
+            "NODE",
+            "ALIVE",
+            "REVISION",
+            "DRAINED",
+            "ANNOUNCED",
+            "BGP",
+            "TABLES (! differs)",
+        ],
+        s.nodes.iter().map(|n| {
+            let r = &n.report;
+            let announced: Vec<String> = r
+                .vips
+                .iter()
+                .filter(|v| v.announced)
+                .map(|v| v.vip.to_string())
+                .collect();
+            let bgp = match &r.bgp_error {
+                Some(_) => "unknown".to_string(),
+                None => r
+                    .bgp
+                    .iter()
+                    .map(|p| format!("{}:{}", p.name, p.info.split(' ').next().unwrap_or("")))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            };
+            let tables: Vec<String> = r
+                .digests
+                .iter()
+                .map(|(svc, d)| {
+                    let mark = if n.disagreeing.contains(svc) { "!" } else { "" };
+                    format!("{svc}={}{mark}", &d[..d.len().min(SHORT_DIGEST)])
+                })
+                .collect();
+            vec![
+                format!("{}{}", n.name, if n.leader { "*" } else { "" }),
+                if n.alive {
+                    "yes".into()
+                } else {
+                    format!("no ({}s ago)", n.seen_seconds_ago)
+                },
+                format!("{}{}", r.revision, if n.behind { " (behind)" } else { "" }),
+                if r.drained { "yes" } else { "no" }.into(),
+                if announced.is_empty() {
+                    "-".into()
+                } else {
+                    announced.join(",")
+                },
+                if bgp.is_empty() { "-".into() } else { bgp },
+                tables.join(" "),
+            ]
+        }),
+    );
+    if !s.problems.is_empty() {
+        out += "\nproblems under the prefix:\n";
+        for p in &s.problems {
+            out += &format!("  {p}\n");
+        }
+    }
+    out
 }
 
 fn node_text(s: &NodeStatus) -> String {

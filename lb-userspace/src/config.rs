@@ -38,6 +38,8 @@ pub struct File {
     pub settings: SettingsFile,
     /// BGP announcement of VIPs through a kernel routing table; off when absent.
     pub announce: Option<Spanned<AnnounceFile>>,
+    /// Fleet mode: the services live in etcd; off (standalone) when absent.
+    pub fleet: Option<Spanned<FleetFile>>,
     /// Services, in any order.
     #[serde(default, rename = "service")]
     pub services: Vec<Spanned<ServiceFile>>,
@@ -52,6 +54,38 @@ pub struct AnnounceFile {
     /// BIRD's control socket, for `lb node status` and `lb doctor`.
     #[serde(default = "default_bird_socket")]
     pub bird_socket: PathBuf,
+}
+
+/// `[fleet]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetFile {
+    /// etcd endpoints, `http://host:port`.
+    pub endpoints: Vec<String>,
+    /// Key prefix of the fleet's state.
+    #[serde(default = "default_fleet_prefix")]
+    pub prefix: String,
+    /// This node's name in the fleet (default: the host name).
+    pub node: Option<String>,
+    /// TTL of this node's status and leadership in etcd.
+    #[serde(default = "default_lease", with = "humantime_serde")]
+    pub lease: Duration,
+}
+
+fn default_fleet_prefix() -> String {
+    "/lb".into()
+}
+fn default_lease() -> Duration {
+    Duration::from_secs(3)
+}
+
+/// The services of a fleet, as etcd holds them: `[[service]]` tables only.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicesFile {
+    /// Services, in any order.
+    #[serde(default, rename = "service")]
+    pub services: Vec<Spanned<ServiceFile>>,
 }
 
 /// Where Debian's BIRD 2 puts its control socket.
@@ -373,7 +407,26 @@ pub struct Settings {
     pub tunnel_source_v6: ([u8; 16], u32),
     /// VIP announcement; `None` when the node announces nothing.
     pub announce: Option<Announce>,
+    /// Fleet mode; `None` when standalone.
+    pub fleet: Option<Fleet>,
 }
+
+/// Validated `[fleet]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fleet {
+    /// etcd endpoints.
+    pub endpoints: Vec<String>,
+    /// Key prefix, without a trailing `/`.
+    pub prefix: String,
+    /// This node's name.
+    pub node: String,
+    /// TTL of this node's status and leadership.
+    pub lease: Duration,
+}
+
+/// Shortest and longest lease: under a second, a busy etcd drops live
+/// nodes; over a minute, a dead node's view outlives it for too long.
+const LEASE_RANGE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
 
 /// Validated `[announce]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -474,15 +527,65 @@ impl fmt::Display for ConfigError {
 
 /// Parses and validates `text`.
 pub fn parse(text: &str) -> Result<Desired, ConfigErrors> {
-    let file: File = toml::from_str(text).map_err(|e| {
+    let file: File = from_toml(text, "file")?;
+    if file.fleet.is_some() && !file.services.is_empty() {
+        let at = file.services[0].span().start;
+        return Err(ConfigErrors(vec![ConfigError {
+            line: Some(line_of(text, at)),
+            field: "service".into(),
+            message: "with [fleet], services live in etcd: seed them with `lb fleet import`, \
+                      and keep only node settings here"
+                .into(),
+        }]));
+    }
+    validate(&file, text, text)
+}
+
+/// Parses and validates a fleet node's configuration: its own file
+/// (`node_text`: settings, `[announce]`, `[fleet]`) with the fleet's
+/// services from etcd (`services_text`: `[[service]]` tables only). Line
+/// numbers of service errors are the services text's.
+pub fn parse_fleet(node_text: &str, services_text: &str) -> Result<Desired, ConfigErrors> {
+    let node: File = from_toml(node_text, "file")?;
+    let services: ServicesFile = from_toml(services_text, "fleet services")?;
+    let file = File {
+        services: services.services,
+        ..node
+    };
+    validate(&file, node_text, services_text)
+}
+
+/// Each service's backend addresses and slow-start period, read from a
+/// fleet's services text without a node's settings (the fleet leader's
+/// view; every node validates the text in full against its own).
+pub fn service_backends(
+    services_text: &str,
+) -> Result<BTreeMap<String, (Vec<IpAddr>, Duration)>, ConfigErrors> {
+    let file: ServicesFile = from_toml(services_text, "fleet services")?;
+    Ok(file
+        .services
+        .iter()
+        .map(|s| {
+            let s = s.get_ref();
+            let ips = s
+                .backends
+                .iter()
+                .filter_map(|b| b.get_ref().address.parse().ok())
+                .collect();
+            (s.name.clone(), (ips, s.health.slow_start))
+        })
+        .collect())
+}
+
+fn from_toml<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T, ConfigErrors> {
+    toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| line_of(text, s.start));
         ConfigErrors(vec![ConfigError {
             line,
-            field: "file".into(),
+            field: what.into(),
             message: e.message().trim().to_string(),
         }])
-    })?;
-    validate(&file, text)
+    })
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -490,7 +593,10 @@ fn line_of(text: &str, offset: usize) -> usize {
 }
 
 struct Errors<'a> {
+    /// The text service spans point into.
     text: &'a str,
+    /// The text the node's own sections' spans point into.
+    node_text: &'a str,
     list: Vec<ConfigError>,
 }
 
@@ -502,6 +608,23 @@ impl Errors<'_> {
             message: message.into(),
         });
     }
+
+    /// A problem in the node's own sections (`[announce]`, `[fleet]`).
+    fn push_node(&mut self, at: usize, field: impl Into<String>, message: impl Into<String>) {
+        self.list.push(ConfigError {
+            line: Some(line_of(self.node_text, at)),
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Service and node names: letters, digits, `-`, `_`, `.`.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 fn parse_prefix(s: &str) -> Option<(IpAddr, u8)> {
@@ -523,9 +646,10 @@ fn usable(ip: IpAddr) -> bool {
     !(ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() || broadcast)
 }
 
-fn validate(file: &File, text: &str) -> Result<Desired, ConfigErrors> {
+fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigErrors> {
     let mut e = Errors {
         text,
+        node_text,
         list: Vec::new(),
     };
     let s = &file.settings;
@@ -617,10 +741,10 @@ fn validate(file: &File, text: &str) -> Result<Desired, ConfigErrors> {
     };
 
     let announce = file.announce.as_ref().map(|a| {
-        let at = Some(a.span().start);
+        let at = a.span().start;
         let a = a.get_ref();
         if RESERVED_TABLES.contains(&a.table) {
-            e.push(
+            e.push_node(
                 at,
                 "announce.table",
                 format!(
@@ -634,6 +758,51 @@ fn validate(file: &File, text: &str) -> Result<Desired, ConfigErrors> {
             bird_socket: a.bird_socket.clone(),
         }
     });
+    let fleet = file.fleet.as_ref().map(|f| {
+        let at = f.span().start;
+        let f = f.get_ref();
+        if f.endpoints.is_empty() {
+            e.push_node(at, "fleet.endpoints", "name at least one etcd endpoint");
+        }
+        for ep in &f.endpoints {
+            if !ep.starts_with("http://") {
+                e.push_node(
+                    at,
+                    "fleet.endpoints",
+                    format!(
+                        "{ep:?}: write it as http://host:port (TLS to etcd is not supported yet)"
+                    ),
+                );
+            }
+        }
+        if !f.prefix.starts_with('/') || f.prefix.ends_with('/') || f.prefix.len() < 2 {
+            e.push_node(
+                at,
+                "fleet.prefix",
+                format!(
+                    "{:?}: start with '/', end without one, e.g. \"/lb\"",
+                    f.prefix
+                ),
+            );
+        }
+        let node = f.node.clone().unwrap_or_else(host_name);
+        if !valid_name(&node) {
+            e.push_node(
+                at,
+                "fleet.node",
+                format!("{node:?}: use letters, digits, '-', '_' or '.'"),
+            );
+        }
+        if !(LEASE_RANGE.0..=LEASE_RANGE.1).contains(&f.lease) {
+            e.push_node(at, "fleet.lease", "must be between 1s and 60s");
+        }
+        Fleet {
+            endpoints: f.endpoints.clone(),
+            prefix: f.prefix.clone(),
+            node,
+            lease: f.lease,
+        }
+    });
 
     let mut services = BTreeMap::new();
     let mut keys = BTreeSet::new();
@@ -642,12 +811,7 @@ fn validate(file: &File, text: &str) -> Result<Desired, ConfigErrors> {
         let at = Some(spanned.span().start);
         let svc = spanned.get_ref();
         let field = format!("service[{}]", svc.name);
-        if svc.name.is_empty()
-            || !svc
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
+        if !valid_name(&svc.name) {
             e.push(
                 at,
                 format!("{field}.name"),
@@ -789,9 +953,21 @@ fn validate(file: &File, text: &str) -> Result<Desired, ConfigErrors> {
             tunnel_source_v4: v4,
             tunnel_source_v6: v6,
             announce,
+            fleet,
         },
         services,
     })
+}
+
+/// The host's name, the default node name of a fleet.
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 fn validate_health(
@@ -1055,6 +1231,16 @@ address = "198.18.0.11"
             "line 3: announce.table: table 254 is the kernel's own",
         ),
         (
+            "fleet without endpoints",
+            "[settings]\ninterfaces=[\"e\"]\n[fleet]\nendpoints=[]\nnode=\"a\"\n",
+            "fleet.endpoints: name at least one etcd endpoint",
+        ),
+        (
+            "fleet with services",
+            "[settings]\ninterfaces=[\"e\"]\n[fleet]\nendpoints=[\"http://198.18.0.254:2379\"]\nnode=\"a\"\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n",
+            "line 6: service: with [fleet], services live in etcd",
+        ),
+        (
             "too many services",
             "[settings]\ninterfaces=[\"e\"]\nmax_services=1\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[[service]]\nname=\"b\"\nvip=\"198.18.1.1\"\nport=81\nprotocol=\"tcp\"\n",
             "2 services configured, capacity is 1",
@@ -1072,6 +1258,31 @@ address = "198.18.0.11"
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_fleet_node_takes_its_services_from_the_fleet_text() {
+        let node = "[settings]\ninterfaces=[\"eth0\"]\n[fleet]\nendpoints=[\"http://198.18.0.254:2379\"]\nnode=\"lb1\"\n";
+        let services = "[[service]]\nname=\"web\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n";
+        let d = parse_fleet(node, services).unwrap();
+        assert_eq!(d.services.len(), 1);
+        let f = d.settings.fleet.unwrap();
+        assert_eq!((f.node.as_str(), f.prefix.as_str()), ("lb1", "/lb"));
+        assert_eq!(f.lease, Duration::from_secs(3));
+        // The node file alone is valid too (no services yet).
+        assert!(parse(node).unwrap().services.is_empty());
+        // Service errors carry the services text's lines.
+        let bad = "[[service]]\nname=\"web\"\nvip=\"x\"\nport=80\nprotocol=\"tcp\"\n";
+        let e = parse_fleet(node, bad).unwrap_err().to_string();
+        assert!(e.starts_with("line 1: service[web].vip"), "{e}");
+        // Only services belong in the fleet's text.
+        let e = parse_fleet(node, "[settings]\ninterfaces=[\"x\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("fleet services") && e.contains("unknown field `settings`"),
+            "{e}"
+        );
     }
 
     #[test]

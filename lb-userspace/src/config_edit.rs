@@ -124,6 +124,31 @@ impl Edit {
 }
 
 /// The configuration spelling of a unit enum (`dsr-l2`, `tcp`, ...).
+/// The `[[service]]` tables of a configuration file, and nothing else: what
+/// a fleet keeps in etcd (`lb fleet import`, `lb apply` on a fleet node).
+pub fn services_only(text: &str) -> Result<String> {
+    let mut doc: DocumentMut = text.parse().context("the file is not valid TOML")?;
+    let others: Vec<String> = doc
+        .iter()
+        .map(|(k, _)| k.to_string())
+        .filter(|k| k != SERVICE)
+        .collect();
+    for k in others {
+        doc.remove(&k);
+    }
+    Ok(doc.to_string().trim_start().to_string())
+}
+
+/// A fleet node's file as a standalone one: without `[fleet]`, with the
+/// fleet's services appended (`lb fleet export`).
+pub fn standalone(node_text: &str, services_text: &str) -> Result<String> {
+    let mut doc: DocumentMut = node_text
+        .parse()
+        .context("the node's file is not valid TOML")?;
+    doc.remove("fleet");
+    Ok(format!("{}\n{services_text}", doc.to_string().trim_end()))
+}
+
 fn enum_str(v: &impl Serialize) -> Result<String> {
     match serde_json::to_value(v)? {
         serde_json::Value::String(s) => Ok(s),
@@ -172,6 +197,19 @@ fn find_backend(backends: &ArrayOfTables, address: IpAddr) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_file_splits_into_node_settings_and_fleet_services() {
+        let file = "[settings]\ninterfaces = [\"eth0\"]\n\n[fleet]\nendpoints = [\"http://198.18.0.254:2379\"]\n\n# the web tier\n[[service]]\nname = \"web\"\nvip = \"198.18.1.1\"\nport = 80\nprotocol = \"tcp\"\n";
+        let services = super::services_only(file).unwrap();
+        assert!(services.contains("[[service]]") && services.contains("the web tier"));
+        assert!(!services.contains("settings") && !services.contains("fleet"));
+        let node = "[settings]\ninterfaces = [\"eth0\"]\n\n[fleet]\nendpoints = [\"http://198.18.0.254:2379\"]\n";
+        let back = super::standalone(node, &services).unwrap();
+        let d = crate::config::parse(&back).unwrap();
+        assert!(d.settings.fleet.is_none());
+        assert_eq!(d.services.len(), 1);
+    }
+
     use super::*;
     use crate::config;
 

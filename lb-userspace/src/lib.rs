@@ -10,6 +10,7 @@
 //! - [`announce`]: which VIPs the node announces, and why not (pure).
 //! - [`routes`]: announced VIPs as kernel routes, through netlink.
 //! - [`bird`]: BIRD's control socket, for the BGP sessions' state.
+//! - [`fleet`]: the fleet's shared state in etcd, and the agreed health view.
 //! - [`daemon`]: `lb daemon`: controller, probers, control API server.
 //! - [`api`]: the control API's messages, and the client side.
 //! - [`cli`]: the command line (daemon, operator commands, demo).
@@ -28,6 +29,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod demo;
 pub mod doctor;
+pub mod fleet;
 pub mod health;
 pub mod maglev;
 pub mod neighbor;

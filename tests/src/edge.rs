@@ -129,8 +129,131 @@ pub struct Node {
     pub v4: Ipv4Addr,
 }
 
+/// etcd's address on the lb segment.
+pub const ETCD_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 250);
+/// Its client port.
+pub const ETCD_PORT: u16 = 2379;
+/// The fleet's key prefix in the tests.
+pub const FLEET_PREFIX: &str = "/lb";
+
+/// An etcd server started by a test in its own namespace: killed by PID on
+/// drop, its data directory removed.
+pub struct Etcd {
+    child: Option<Child>,
+    dir: PathBuf,
+    /// Its namespace, removed after the process is gone.
+    ns: Netns,
+}
+
+impl Etcd {
+    /// Starts etcd in `ns` (which it then owns) on [`ETCD_V4`], data in a
+    /// fresh directory.
+    pub fn start(ns: Netns) -> Result<Etcd> {
+        let dir = std::env::temp_dir().join(format!("lbt-{}-etcd", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let mut etcd = Etcd {
+            child: None,
+            dir,
+            ns,
+        };
+        etcd.spawn()?;
+        Ok(etcd)
+    }
+
+    /// Starts the server (again, on the same data) and waits until it answers.
+    pub fn spawn(&mut self) -> Result<()> {
+        let client = format!("http://{ETCD_V4}:{ETCD_PORT}");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("etcd.log"))?;
+        let child = spawn_in(
+            &self.ns.name,
+            Command::new("etcd")
+                .args(["--name", "lbt", "--data-dir"])
+                .arg(self.dir.join("data"))
+                .args(["--listen-client-urls", &client])
+                .args(["--advertise-client-urls", &client])
+                .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
+                .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
+                .args(["--initial-cluster", "lbt=http://127.0.0.1:2380"])
+                .stdout(Stdio::null())
+                .stderr(log),
+        )?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self
+                .client(|c| async move {
+                    let mut c = c;
+                    c.status().await?;
+                    Ok(())
+                })
+                .is_ok()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("etcd did not start: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the server (its data stays for [`Etcd::spawn`]).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on the PID of a child we started and have not reaped.
+            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            let _ = c.wait();
+        }
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()
+    }
+
+    /// Runs `f` with a client connected from etcd's namespace (the test
+    /// writes keys by hand through it).
+    pub fn client<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        T: Send,
+        F: FnOnce(etcd_client::Client) -> Fut + Send,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        self.ns.run(move || {
+            tokio_runtime()?.block_on(async move {
+                let options =
+                    etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_secs(1));
+                let client = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    etcd_client::Client::connect(
+                        [format!("http://{ETCD_V4}:{ETCD_PORT}")],
+                        Some(options),
+                    ),
+                )
+                .await
+                .context("etcd did not answer")??;
+                tokio::time::timeout(Duration::from_secs(5), f(client))
+                    .await
+                    .context("etcd call timed out")?
+            })
+        })
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// The topology; dropping it stops every BIRD and removes every namespace.
 pub struct Edge {
+    /// etcd, when the edge has a fleet (stopped before the namespaces go).
+    pub etcd: Option<Etcd>,
     /// The router's BIRD.
     pub router_bird: Bird,
     /// lb nodes.
@@ -210,6 +333,7 @@ impl Edge {
         }
 
         let mut edge = Edge {
+            etcd: None,
             router_bird,
             nodes: Vec::new(),
             backends: backend_ns,
@@ -235,6 +359,20 @@ impl Edge {
             });
         }
         Ok(edge)
+    }
+
+    /// Starts etcd in a namespace of its own on the segment, at [`ETCD_V4`].
+    pub fn start_etcd(&mut self) -> Result<()> {
+        let ns = Netns::new("etcd")?;
+        netns::plug(
+            &self.switch,
+            "petcd",
+            &ns,
+            "02:00:00:00:00:fa",
+            &[&format!("{ETCD_V4}/24")],
+        )?;
+        self.etcd = Some(Etcd::start(ns)?);
+        Ok(())
     }
 
     /// The next hops the router's kernel has for `vip` (empty when no node
@@ -307,11 +445,10 @@ fn node_bird_config(v4: Ipv4Addr) -> String {
         .replace(&format!("{EXAMPLE_NODE} as"), &format!("{v4} as"))
 }
 
-/// The `lb daemon` configuration of a node: service `echo` on `vip` port
-/// [`ECHO_PORT`] over `backends` backends, fast TCP health checks, and
+/// A node's own settings: generic XDP on `eth0`, small maps, and
 /// announcements into [`ANNOUNCE_TABLE`] through `bird`.
-pub fn node_config(vip: Ipv4Addr, backends: usize, bird: &Bird) -> String {
-    let mut text = format!(
+fn node_settings(bird: &Bird) -> String {
+    format!(
         r#"[settings]
 interfaces = ["eth0"]
 xdp_mode = "generic"
@@ -323,8 +460,16 @@ conntrack_entries = 4096
 [announce]
 table = {ANNOUNCE_TABLE}
 bird_socket = "{}"
+"#,
+        bird.socket.display()
+    )
+}
 
-[[service]]
+/// Service `echo` on `vip` port [`ECHO_PORT`] over `backends` backends,
+/// with fast TCP health checks.
+fn echo_service(vip: Ipv4Addr, backends: usize) -> String {
+    let mut text = format!(
+        r#"[[service]]
 name = "echo"
 vip = "{vip}"
 port = {ECHO_PORT}
@@ -338,13 +483,31 @@ timeout = "150ms"
 rise = 2
 fall = 2
 slow_start = "0s"
-"#,
-        bird.socket.display()
+"#
     );
     for i in 0..backends {
         text += &format!("\n[[service.backend]]\naddress = \"{}\"\n", backend_v4(i));
     }
     text
+}
+
+/// A standalone node's configuration: its settings and service `echo`.
+pub fn node_config(vip: Ipv4Addr, backends: usize, bird: &Bird) -> String {
+    format!("{}\n{}", node_settings(bird), echo_service(vip, backends))
+}
+
+/// A fleet node's own file: its settings, in the fleet at [`ETCD_V4`] as
+/// node `lb<i>`.
+pub fn fleet_node_config(i: usize, bird: &Bird) -> String {
+    format!(
+        "{}\n[fleet]\nendpoints = [\"http://{ETCD_V4}:{ETCD_PORT}\"]\nprefix = \"{FLEET_PREFIX}\"\nnode = \"lb{i}\"\nlease = \"2s\"\n",
+        node_settings(bird)
+    )
+}
+
+/// The fleet's services, as `lb fleet import` reads them: service `echo`.
+pub fn fleet_services(vip: Ipv4Addr, backends: usize) -> String {
+    echo_service(vip, backends)
 }
 
 /// The port of the echo service.

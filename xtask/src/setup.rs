@@ -24,10 +24,22 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// of several checkouts sharing `~/.cargo/bin/bpf-linker`) would break it.
 const LLVM_PREFIX_DIR: &str = "bpf-linker-llvm";
 
-/// Debian packages the privileged tests and the demo call: `ip` (netns, veth,
-/// XDP attach), `ethtool` (offloads on veth) and `bpftool` (inspecting maps
-/// and programs).
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "ethtool", "bpftool"];
+/// Debian packages the build, the privileged tests and the demo need: `ip`
+/// (netns, veth, XDP attach), `ethtool` (offloads on veth), `bpftool`
+/// (inspecting maps and programs), BIRD 2 and etcd for the fleet, nftables
+/// (a firewall that drops one node's probes in the fleet tests), and `protoc`
+/// with its well-known types, which etcd-client's build runs. Installing
+/// bird2 or etcd-server starts no daemon here: tests start them.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "ethtool",
+    "bpftool",
+    "nftables",
+    "bird2",
+    "etcd-server",
+    "protobuf-compiler",
+    "libprotobuf-dev",
+];
 
 /// Debian packages only the benchmarks call: trafgen (netsniff-ng) for live
 /// forwarding, and the proxies lb is compared with and their load: HAProxy,

@@ -29,6 +29,7 @@ use super::runtime::{Admin, Override, Runtime, ServiceIds};
 use crate::{
     config::{self, Affinity, Desired, Mode},
     dataplane::Dataplane,
+    fleet::state::{AgreedHealth, FleetState, HealthView, Overrides},
     health::{self, Health, Tracker},
     maglev::{self, Candidate},
 };
@@ -128,6 +129,24 @@ pub struct Controller {
     services: BTreeMap<String, ServiceState>,
     runtime: Runtime,
     macs: BTreeMap<IpAddr, [u8; 6]>,
+    fleet_health: Option<FleetHealth>,
+}
+
+/// Where a fleet node's tables take backend health from: the fleet's
+/// agreed view (see [`crate::fleet::agree`]), not its own probes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FleetHealth {
+    /// The agreed view as last read. A backend it does not name yet is up
+    /// (the leader's verdict on a backend nobody has probed).
+    pub agreed: AgreedHealth,
+    /// etcd is unreachable: this node also evicts backends its own probes
+    /// see down (readmission waits for the fleet).
+    pub own_eviction: bool,
+}
+
+/// A table digest as the CLI, metrics and the fleet show it.
+pub fn digest_text(digest: u64) -> String {
+    format!("{digest:016x}")
 }
 
 /// The data-plane key of a service.
@@ -202,11 +221,13 @@ impl Controller {
     /// Takes over `dp` (fresh, or adopted from pins) and applies `desired`:
     /// services already live keep their ids, tables and connection-table
     /// entries; kernel state nobody wants is removed.
+    /// A fleet node passes the agreed health its tables are built from.
     pub fn new(
         dp: Dataplane,
         desired: Desired,
         runtime: Runtime,
         macs: BTreeMap<IpAddr, [u8; 6]>,
+        fleet_health: Option<FleetHealth>,
     ) -> Result<(Controller, ChangeReport)> {
         let mut c = Controller {
             dp,
@@ -217,6 +238,7 @@ impl Controller {
             services: BTreeMap::new(),
             runtime,
             macs,
+            fleet_health,
         };
         c.adopt(&desired)?;
         let report = c.apply(desired, false)?;
@@ -326,23 +348,52 @@ impl Controller {
         let Some(s) = self.services.get(service) else {
             return false;
         };
-        let ready: Vec<&BackendState> = s
+        let ready: Vec<(&IpAddr, &BackendState)> = s
             .backends
             .iter()
             .filter(|(ip, _)| self.runtime.get(service, **ip).admin == Admin::Ready)
-            .map(|(_, b)| b)
             .collect();
         let healthy = ready
             .iter()
-            .filter(|b| b.health.state() == Health::Up)
+            .filter(|(ip, b)| self.probe_up(service, **ip, b))
             .count();
         health::panic(ready.len(), healthy)
     }
 
+    /// Whether the probes that count say a backend is up: its own, or in a
+    /// fleet the agreed view (and its own too while etcd is unreachable).
+    fn probe_up(&self, service: &str, ip: IpAddr, b: &BackendState) -> bool {
+        let own = b.health.state() == Health::Up;
+        match &self.fleet_health {
+            None => own,
+            Some(f) => {
+                let agreed = f
+                    .agreed
+                    .get(service)
+                    .and_then(|m| m.get(&ip))
+                    .is_none_or(|a| a.up);
+                agreed && (own || !f.own_eviction)
+            }
+        }
+    }
+
+    /// Percent of its weight a backend has (slow start): its own ramp, or
+    /// in a fleet the agreed view's step.
+    fn ramp_percent(&self, service: &str, ip: IpAddr, b: &BackendState) -> u32 {
+        match &self.fleet_health {
+            None => b.ramp_percent,
+            Some(f) => f
+                .agreed
+                .get(service)
+                .and_then(|m| m.get(&ip))
+                .map_or(100, |a| a.percent),
+        }
+    }
+
     /// Whether a backend counts as healthy: it passes probes, or its service
     /// is in panic.
-    fn healthy(&self, service: &str, b: &BackendState) -> bool {
-        b.health.state() == Health::Up || self.in_panic(service)
+    fn healthy(&self, service: &str, ip: IpAddr, b: &BackendState) -> bool {
+        self.probe_up(service, ip, b) || self.in_panic(service)
     }
 
     /// Backends of a service that take new flows on their own probes' word:
@@ -357,11 +408,64 @@ impl Controller {
             .filter(|(ip, b)| {
                 let o = self.runtime.get(service, **ip);
                 o.admin == Admin::Ready
-                    && b.health.state() == Health::Up
+                    && self.probe_up(service, **ip, b)
                     && self.macs.contains_key(*ip)
                     && o.weight.unwrap_or(b.configured_weight) > 0
             })
             .count()
+    }
+
+    /// A fleet node's operator overrides and agreed health, as the fleet's
+    /// state holds them; [`Controller::apply`] then builds the tables.
+    pub fn set_fleet(&mut self, overrides: Overrides, health: FleetHealth) {
+        self.runtime.overrides = overrides;
+        self.fleet_health = Some(health);
+    }
+
+    /// Whether a fleet node evicts on its own probes too (etcd unreachable);
+    /// rebuilds the tables that changes.
+    pub fn set_own_eviction(&mut self, on: bool) -> Result<()> {
+        let Some(f) = self.fleet_health.as_mut() else {
+            return Ok(());
+        };
+        if f.own_eviction == on {
+            return Ok(());
+        }
+        f.own_eviction = on;
+        let names: Vec<String> = self.services.keys().cloned().collect();
+        for name in names {
+            self.sync(&name, None)?;
+        }
+        Ok(())
+    }
+
+    /// What this node's own probes say of every backend they probe
+    /// (maintenance pauses probes: those are left out).
+    pub fn own_view(&self) -> HealthView {
+        self.services
+            .iter()
+            .map(|(name, s)| {
+                let view = s
+                    .backends
+                    .iter()
+                    .filter(|(ip, _)| self.runtime.get(name, **ip).admin != Admin::Maintenance)
+                    .map(|(ip, b)| (*ip, b.health.state() == Health::Up))
+                    .collect();
+                (name.clone(), view)
+            })
+            .collect()
+    }
+
+    /// The runtime state (ids, overrides, the node's state, the fleet cache).
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    /// Keeps the fleet state last applied in the state file, for a restart
+    /// while etcd is unreachable.
+    pub fn cache_fleet_state(&mut self, state: FleetState) -> Result<()> {
+        self.runtime.fleet = Some(state);
+        self.runtime.save(&self.desired.settings.state_file)
     }
 
     /// Whether the operator drained the node.
@@ -384,7 +488,8 @@ impl Controller {
     /// The weight a backend has in its table now.
     pub fn table_weight(&self, service: &str, ip: IpAddr, b: &BackendState) -> u32 {
         let o = self.runtime.get(service, ip);
-        if o.admin != Admin::Ready || !self.healthy(service, b) || !self.macs.contains_key(&ip) {
+        if o.admin != Admin::Ready || !self.healthy(service, ip, b) || !self.macs.contains_key(&ip)
+        {
             return 0;
         }
         o.weight.unwrap_or(b.configured_weight)
@@ -394,7 +499,7 @@ impl Controller {
         let o = self.runtime.get(service, ip);
         let (addr, family) = addr_bytes(ip);
         let mac = self.macs.get(&ip).copied();
-        let up = o.admin != Admin::Maintenance && self.healthy(service, b) && mac.is_some();
+        let up = o.admin != Admin::Maintenance && self.healthy(service, ip, b) && mac.is_some();
         BackendValue {
             addr,
             mac: mac.unwrap_or_default(),
@@ -419,7 +524,8 @@ impl Controller {
                 let b = &svc.backends[ip];
                 // Maglev uses only weight ratios: scaling every weight by its
                 // slow-start percent ramps a weight of 1 as finely as 1000.
-                let weight = self.table_weight(&svc.config.name, *ip, b) * b.ramp_percent;
+                let name = &svc.config.name;
+                let weight = self.table_weight(name, *ip, b) * self.ramp_percent(name, *ip, b);
                 Candidate { key, weight }
             })
             .collect();
@@ -646,7 +752,7 @@ impl Controller {
             svc.published_flags = Some(flags);
             svc.digest = d;
             svc.rebuilds += 1;
-            info!(service = %name, slots_moved = moved_slots, digest = %format!("{d:016x}"), "table rebuilt");
+            info!(service = %name, slots_moved = moved_slots, digest = %digest_text(d), "table rebuilt");
         } else if svc.digest == 0 {
             let addr_of: BTreeMap<u32, IpAddr> =
                 svc.backends.iter().map(|(ip, b)| (b.id, *ip)).collect();

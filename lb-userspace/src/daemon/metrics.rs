@@ -153,7 +153,7 @@ pub fn render(ctl: &Controller) -> Result<String> {
         table
             .get_or_create(&TableLabels {
                 service: name.clone(),
-                digest: format!("{:016x}", s.digest),
+                digest: super::controller::digest_text(s.digest),
             })
             .set(1);
         for (ip, b) in &s.backends {

@@ -4,6 +4,7 @@
 //! forwarding continues; the next daemon adopts them.
 //!
 //! - `controller`: configuration + overrides + health → maps (the core).
+//! - `fleet`: a fleet node's link to etcd (state in, changes out, report).
 //! - `runtime`: operator overrides and ids, persisted.
 //! - `node`: the node's announcements and drain.
 //! - `probers`: one probe task per backend.
@@ -11,6 +12,7 @@
 //! - `metrics`: the Prometheus endpoint.
 
 pub mod controller;
+mod fleet;
 mod metrics;
 mod node;
 mod probers;
@@ -36,6 +38,7 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
+use crate::fleet::store::Event as FleetEvent;
 use crate::{
     api::{self, Request, Response},
     config::{self, Desired, XdpModeSetting},
@@ -43,6 +46,7 @@ use crate::{
     neighbor,
 };
 use controller::Controller;
+use fleet::FleetNode;
 use runtime::Runtime;
 
 /// How often next-hop MACs are re-read from the neighbour table.
@@ -228,8 +232,8 @@ async fn serve_connection(mut stream: UnixStream, calls: mpsc::Sender<Call>) {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(opts: Options) -> Result<()> {
-    let (mut file, desired) = ConfigFile::read(&opts.config)?;
-    let settings = desired.settings.clone();
+    let (mut file, local) = ConfigFile::read(&opts.config)?;
+    let settings = local.settings.clone();
     // The XDP program's own lines cost ring-buffer writes per dropped
     // packet: only a daemon logging at debug level asks for them.
     let kernel_debug = tracing::enabled!(target: KERNEL_LOG_TARGET, tracing::Level::DEBUG);
@@ -242,10 +246,22 @@ pub async fn run(opts: Options) -> Result<()> {
     if kernel_debug {
         tokio::spawn(forward_kernel_log(dp.kernel_log()?));
     }
+    let mut runtime = Runtime::load(&settings.state_file)?;
+    // A fleet node's services come from etcd (or, unreachable, its cache).
+    let fleet_start = match &settings.fleet {
+        Some(f) => Some(fleet::start(f, file.text(), local.clone(), runtime.fleet.clone()).await),
+        None => None,
+    };
+    let desired = fleet_start.as_ref().map_or(local, |s| s.desired.clone());
+    let fleet_health = fleet_start.as_ref().map(|s| {
+        if let Some(state) = &s.state {
+            runtime.overrides = state.overrides.clone();
+        }
+        fleet::health_of(s.state.as_ref(), !s.fresh)
+    });
     dp.set_settings(dataplane_settings(&desired))?;
-    let runtime = Runtime::load(&settings.state_file)?;
     let macs = neighbor::resolve_all(backend_addrs(&desired)).await;
-    let (mut ctl, report) = Controller::new(dp, desired, runtime, macs)?;
+    let (mut ctl, report) = Controller::new(dp, desired, runtime, macs, fleet_health)?;
     for iface in &settings.interfaces {
         let pin = opts.pin_dir.join(format!("link-{iface}"));
         ctl.dataplane_mut()
@@ -258,8 +274,17 @@ pub async fn run(opts: Options) -> Result<()> {
         changes = report.changes.len(),
         "daemon ready"
     );
+    let (mut fleet_node, mut fleet_events) = match (&settings.fleet, &fleet_start) {
+        (Some(f), Some(start)) => {
+            let bird = settings.announce.as_ref().map(|a| a.bird_socket.clone());
+            let (link, events) =
+                FleetNode::spawn(f.clone(), file.text().to_string(), bird, start, adopted);
+            (Some(link), Some(events))
+        }
+        _ => (None, None),
+    };
     let mut node = node::Node::start(settings.announce.clone())?;
-    node.update(&ctl);
+    update_node(&mut node, &ctl, fleet_node.as_ref());
 
     let listener = bind_socket(&settings.socket)?;
     let (call_tx, mut calls) = mpsc::channel::<Call>(64);
@@ -306,7 +331,11 @@ pub async fn run(opts: Options) -> Result<()> {
                 {
                     error!(error = %format!("{e:#}"), "applying next-hop MACs");
                 }
-                let response = match views::handle(&mut ctl, &mut node, &mut file, request, started, &opts) {
+                let result = match fleet_node.as_mut() {
+                    Some(f) if FleetNode::handles(&request) => f.handle(&mut ctl, &node, request).await,
+                    _ => views::handle(&mut ctl, &mut node, &mut file, request, started, &opts),
+                };
+                let response = match result {
                     Ok(data) => Response { error: None, data },
                     Err(e) => Response { error: Some(format!("{e:#}")), data: Default::default() },
                 };
@@ -344,8 +373,15 @@ pub async fn run(opts: Options) -> Result<()> {
                 }
                 node.observe_flows(&ctl);
             }
+            Some(event) = next_event(&mut fleet_events) => {
+                if let Some(f) = fleet_node.as_mut() {
+                    f.on_event(&mut ctl, event);
+                }
+                probers.sync(&ctl);
+                let _ = addrs_tx.send(backend_addrs(ctl.desired()));
+            }
             _ = hup.recv() => {
-                match reload(&mut ctl, &mut file) {
+                match reload(&mut ctl, &mut file, fleet_node.as_mut()) {
                     Ok(()) => info!("configuration reloaded"),
                     Err(e) => error!(error = %format!("{e:#}"), "reload refused; running configuration unchanged"),
                 }
@@ -356,19 +392,45 @@ pub async fn run(opts: Options) -> Result<()> {
             _ = int.recv() => break,
         }
         // Every event above can change what the node can serve.
-        node.update(&ctl);
+        update_node(&mut node, &ctl, fleet_node.as_ref());
     }
     let _ = std::fs::remove_file(&settings.socket);
     info!(pins = %opts.pin_dir.display(), "exiting: the data plane stays attached and keeps forwarding");
     Ok(())
 }
 
-/// Validates the file and applies only the difference.
-fn reload(ctl: &mut Controller, file: &mut ConfigFile) -> Result<()> {
+/// Validates the file and applies only the difference. A fleet node's file
+/// holds its own settings: it is validated with the fleet's services.
+fn reload(
+    ctl: &mut Controller,
+    file: &mut ConfigFile,
+    fleet: Option<&mut FleetNode>,
+) -> Result<()> {
     let (read, desired) = ConfigFile::read(&file.path)?;
+    let desired = match fleet {
+        Some(f) => f.with_node_text(read.text())?,
+        None => desired,
+    };
     apply(ctl, desired, false)?;
     *file = read;
     Ok(())
+}
+
+/// Decides the node's announcements again and, in a fleet, publishes its report.
+fn update_node(node: &mut node::Node, ctl: &Controller, fleet: Option<&FleetNode>) {
+    let convergence = fleet.map(|f| f.convergence(ctl)).unwrap_or_default();
+    node.update(ctl, &convergence);
+    if let Some(f) = fleet {
+        f.publish(ctl, node);
+    }
+}
+
+/// The fleet session's next event; never, for a standalone node.
+async fn next_event(events: &mut Option<mpsc::Receiver<FleetEvent>>) -> Option<FleetEvent> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Applies a new configuration: settings that can change at run time (MTU,
@@ -386,9 +448,10 @@ pub(crate) fn apply(
         || now.state_file != new.state_file
         || now.metrics != new.metrics
         || now.announce != new.announce
+        || now.fleet != new.fleet
     {
         bail!(
-            "interfaces, xdp_mode, socket, state_file, metrics and [announce] only change with a daemon restart"
+            "interfaces, xdp_mode, socket, state_file, metrics, [announce] and [fleet] only change with a daemon restart"
         );
     }
     let dp_settings = dataplane_settings(&desired);

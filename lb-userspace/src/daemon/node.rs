@@ -8,7 +8,7 @@ use anyhow::Result;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::controller::Controller;
+use super::{controller::Controller, fleet::Convergence};
 use crate::{
     announce::{self, Decision, NodeView, ServiceView},
     api::{NodeStatus, VipRow},
@@ -24,6 +24,8 @@ pub(crate) struct Node {
     /// What it did.
     installed: watch::Receiver<Installed>,
     decisions: Vec<Decision>,
+    /// The fleet's word at the last update.
+    convergence: Convergence,
     /// New flows over every service, and when that count last grew (or the
     /// node was drained, whichever is later).
     new_flows: u64,
@@ -49,6 +51,7 @@ impl Node {
             wanted,
             installed,
             decisions: Vec::new(),
+            convergence: Convergence::default(),
             new_flows: 0,
             quiet_since: Instant::now(),
         })
@@ -56,11 +59,13 @@ impl Node {
 
     /// Decides every VIP again from the controller's state, logs what
     /// changed and hands the result to the route keeper.
-    pub(crate) fn update(&mut self, ctl: &Controller) {
+    pub(crate) fn update(&mut self, ctl: &Controller, convergence: &Convergence) {
+        self.convergence = convergence.clone();
         let interfaces = &ctl.desired().settings.interfaces;
         let view = NodeView {
             drained: ctl.node_drained(),
             attached: interfaces.iter().all(|i| ctl.dataplane().attached(i)),
+            converged: !convergence.behind,
         };
         let services: Vec<ServiceView> = ctl
             .services()
@@ -69,6 +74,7 @@ impl Node {
                 name: name.clone(),
                 vip: s.config.vip,
                 in_rotation: ctl.in_rotation(name),
+                agreed: !convergence.differing.contains(name),
             })
             .collect();
         let decisions = announce::decide(view, &services);
@@ -113,7 +119,8 @@ impl Node {
             ctl.set_node_drained(drained)?;
             self.quiet_since = Instant::now();
         }
-        self.update(ctl);
+        let convergence = self.convergence.clone();
+        self.update(ctl, &convergence);
         Ok(())
     }
 

@@ -7,6 +7,8 @@ use std::{collections::BTreeMap, net::IpAddr, path::Path};
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::fleet::state::FleetState;
+
 /// What an operator says of a backend, beside what the probes say.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -45,6 +47,10 @@ pub struct Runtime {
     /// What the operator says of the whole node.
     #[serde(default)]
     pub node: NodeState,
+    /// A fleet node's last applied fleet state, so a restart while etcd is
+    /// unreachable still has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetState>,
 }
 
 /// The operator's word on the node as a whole.

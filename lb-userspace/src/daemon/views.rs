@@ -34,6 +34,7 @@ pub fn handle(
                 "xdp_mode": d.settings.xdp_mode,
                 "table_size": d.settings.capacity.ring_size,
                 "services": ctl.services().len(),
+                "fleet": d.settings.fleet.as_ref().map_or("standalone".to_string(), |f| format!("node {} at {}", f.node, f.endpoints.join(","))),
                 "backends": ctl.services().values().map(|s| s.backends.len()).sum::<usize>(),
             })
         }
@@ -78,6 +79,9 @@ pub fn handle(
             port,
         } => explain(ctl, &service, client, port)?,
         Request::Node => serde_json::to_value(node.status(ctl))?,
+        Request::FleetStatus | Request::FleetImport { .. } | Request::FleetExport => bail!(
+            "this node is standalone: a [fleet] section in its configuration makes it a fleet node (docs/fleet.md)"
+        ),
         Request::SetNodeDrained { drained } => {
             node.set_drained(ctl, drained)?;
             serde_json::to_value(node.status(ctl))?
@@ -125,7 +129,7 @@ fn services(ctl: &Controller) -> Vec<ServiceRow> {
                 .iter()
                 .filter(|(ip, b)| ctl.table_weight(&s.config.name, **ip, b) > 0)
                 .count(),
-            digest: format!("{:016x}", s.digest),
+            digest: super::controller::digest_text(s.digest),
             rebuilds: s.rebuilds,
             panic: s.panic,
         })

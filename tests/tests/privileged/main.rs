@@ -13,6 +13,7 @@ mod daemon;
 mod demo;
 mod faults;
 mod fixtures;
+mod fleet;
 mod fuzz;
 mod readme;
 mod topology;

@@ -1,0 +1,670 @@
+//! A fleet node's side of the daemon: applies the fleet's state as the
+//! background session reads it, turns operators' changes into etcd writes
+//! guarded by the revision this node applied, publishes this node's report,
+//! and says whether this node has converged with the others (see
+//! [`crate::announce`]).
+//!
+//! Every change, made here or on another node, reaches the tables the same
+//! way: a read of the prefix, validated as a whole against this node's own
+//! settings and applied, or refused and reported with the last good state
+//! kept.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    time::SystemTime,
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use super::{
+    controller::{ChangeReport, Controller, FleetHealth, digest_text},
+    node::Node,
+    runtime::{Admin, Override},
+};
+use crate::{
+    api::{FleetNodeRow, FleetStatus, Request},
+    config::{self, Desired, Fleet},
+    config_edit,
+    fleet::{
+        agree,
+        state::{FleetState, Guard, NodeReport, Overrides, Snapshot},
+        store::{self, Event, Store, WriteError},
+    },
+};
+
+/// Whether this node's tables are the fleet's (standalone: always).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Convergence {
+    /// Not yet caught up with the fleet's newest state.
+    pub behind: bool,
+    /// Services whose table differs from most nodes' at this revision.
+    pub differing: BTreeSet<String>,
+}
+
+/// What a fleet node starts from, read before its controller exists.
+pub(crate) struct Start {
+    /// The desired state: the node's file with the fleet's services.
+    pub desired: Desired,
+    /// The fleet state it comes from (etcd's, or the cached one).
+    pub state: Option<FleetState>,
+    /// Read from etcd now (not from the cache).
+    pub fresh: bool,
+}
+
+/// Reads the fleet's state for a starting daemon: from etcd, or, when etcd
+/// cannot be reached or its state is refused, the state this node applied
+/// last (kept in its state file).
+pub(crate) async fn start(
+    fleet: &Fleet,
+    node_text: &str,
+    node: Desired,
+    cache: Option<FleetState>,
+) -> Start {
+    let read = async {
+        let store = Store::connect(fleet).await?;
+        let snapshot = store.read().await?;
+        let state = snapshot.state.map_err(|e| anyhow!("refused: {e}"))?;
+        let desired = config::parse_fleet(node_text, &state.services)
+            .map_err(|e| anyhow!("the fleet's services are invalid here:\n{e}"))?;
+        anyhow::Ok((state, desired))
+    };
+    match read.await {
+        Ok((state, desired)) => Start {
+            desired,
+            state: Some(state),
+            fresh: true,
+        },
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "cannot read the fleet's state at start; using the state applied last");
+            let cached = cache.and_then(|state| {
+                config::parse_fleet(node_text, &state.services)
+                    .ok()
+                    .map(|d| (state, d))
+            });
+            match cached {
+                Some((state, desired)) => Start {
+                    desired,
+                    state: Some(state),
+                    fresh: false,
+                },
+                None => Start {
+                    desired: node,
+                    state: None,
+                    fresh: false,
+                },
+            }
+        }
+    }
+}
+
+/// The agreed health a state gives the controller.
+pub(crate) fn health_of(state: Option<&FleetState>, own_eviction: bool) -> FleetHealth {
+    FleetHealth {
+        agreed: state.map(|s| s.health.clone()).unwrap_or_default(),
+        own_eviction,
+    }
+}
+
+/// The daemon's link to the fleet.
+pub(crate) struct FleetNode {
+    settings: Fleet,
+    /// The node's own file, which the fleet's services are validated with.
+    node_text: String,
+    /// For writes; reconnected after a failure.
+    store: Option<Store>,
+    report: watch::Sender<Option<NodeReport>>,
+    /// The state applied last.
+    applied: Option<FleetState>,
+    /// The newest read of the prefix.
+    latest: Option<Snapshot>,
+    /// Why etcd is unreachable, while it is.
+    unreachable: Option<String>,
+    /// Applied a read from etcd since the daemon started.
+    synced: bool,
+    /// Before the first read: whether the state applied at start counts as
+    /// converged (a daemon restarted over a live data plane and its cached
+    /// state; not a fresh host).
+    trust_start: bool,
+    /// Why the fleet's newest state is refused, while it is.
+    refused: Option<String>,
+    /// Every node seen, with when.
+    seen: BTreeMap<String, (NodeReport, SystemTime)>,
+}
+
+impl FleetNode {
+    /// Starts the background session (watch, status, leadership); returns
+    /// the link and the receiver of its events.
+    pub(crate) fn spawn(
+        settings: Fleet,
+        node_text: String,
+        bird_socket: Option<std::path::PathBuf>,
+        start: &Start,
+        adopted: bool,
+    ) -> (FleetNode, mpsc::Receiver<Event>) {
+        let (report, report_rx) = watch::channel(None);
+        let (events_tx, events) = mpsc::channel(16);
+        tokio::spawn(store::run(store::Session {
+            fleet: settings.clone(),
+            bird_socket,
+            report: report_rx,
+            events: events_tx,
+        }));
+        let node = FleetNode {
+            settings,
+            node_text,
+            store: None,
+            report,
+            applied: start.state.clone(),
+            latest: None,
+            unreachable: None,
+            synced: start.fresh,
+            trust_start: adopted && start.state.is_some(),
+            refused: None,
+            seen: BTreeMap::new(),
+        };
+        (node, events)
+    }
+
+    /// Validates a new text of the node's own file with the fleet's
+    /// services (a reload), and keeps it.
+    pub(crate) fn with_node_text(&mut self, text: &str) -> Result<Desired> {
+        let services = self.applied.as_ref().map_or("", |s| s.services.as_str());
+        let desired = config::parse_fleet(text, services)
+            .map_err(|e| anyhow!("the file is invalid with the fleet's services:\n{e}"))?;
+        self.node_text = text.to_string();
+        Ok(desired)
+    }
+
+    /// Applies what the session read, or notes that etcd is unreachable
+    /// (then this node also evicts on its own probes).
+    pub(crate) fn on_event(&mut self, ctl: &mut Controller, event: Event) {
+        match event {
+            Event::Unreachable(why) => {
+                if self.unreachable.as_ref() != Some(&why) {
+                    warn!(error = %why, "etcd unreachable: forwarding with the state applied last; this node evicts on its own probes until etcd is back");
+                }
+                self.unreachable = Some(why);
+                if let Err(e) = ctl.set_own_eviction(true) {
+                    error!(error = %format!("{e:#}"), "evicting on this node's own probes");
+                }
+            }
+            Event::Snapshot(snapshot) => {
+                if self.unreachable.take().is_some() {
+                    info!("etcd reachable again");
+                }
+                let now = SystemTime::now();
+                for (name, r) in &snapshot.nodes {
+                    self.seen.insert(name.clone(), (r.clone(), now));
+                }
+                let result = self.apply(ctl, &snapshot);
+                self.latest = Some(*snapshot);
+                match result {
+                    Ok(_) => self.refused = None,
+                    Err(e) => {
+                        let why = format!("{e:#}");
+                        if self.refused.as_ref() != Some(&why) {
+                            error!(error = %why, "the fleet's state is refused; keeping the last good state");
+                        }
+                        self.refused = Some(why);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies a snapshot's state if it is new; returns what changed.
+    fn apply(&mut self, ctl: &mut Controller, snapshot: &Snapshot) -> Result<Option<ChangeReport>> {
+        let state = snapshot.state.clone().map_err(|e| anyhow!(e))?;
+        let unchanged = self.synced && self.applied.as_ref() == Some(&state);
+        if unchanged {
+            ctl.set_own_eviction(false)?;
+            return Ok(None);
+        }
+        let desired = config::parse_fleet(&self.node_text, &state.services).map_err(|e| {
+            anyhow!(
+                "the fleet's services (revision {}) are invalid:\n{e}",
+                state.revision
+            )
+        })?;
+        if let Err(e) = validate_overrides(&state.overrides, &desired) {
+            bail!(
+                "the fleet's overrides (revision {}) are invalid: {e}",
+                state.revision
+            );
+        }
+        ctl.set_fleet(state.overrides.clone(), health_of(Some(&state), false));
+        let report = super::apply(ctl, desired, false)?;
+        info!(
+            revision = state.revision,
+            changes = report.changes.len(),
+            "fleet state applied"
+        );
+        ctl.cache_fleet_state(state.clone())?;
+        self.applied = Some(state);
+        self.synced = true;
+        Ok(Some(report))
+    }
+
+    /// Reads the prefix now and applies it (after this node's own write).
+    async fn refresh(&mut self, ctl: &mut Controller) -> Result<Option<ChangeReport>> {
+        let store = self.store().await?;
+        let snapshot = store.read().await?;
+        let report = self.apply(ctl, &snapshot)?;
+        self.latest = Some(snapshot);
+        Ok(report)
+    }
+
+    async fn store(&mut self) -> Result<Store> {
+        if let Some(s) = &self.store {
+            return Ok(s.clone());
+        }
+        let s = Store::connect(&self.settings).await?;
+        self.store = Some(s.clone());
+        Ok(s)
+    }
+
+    /// The state writes are based on: the one this node applied.
+    fn base(&self) -> Result<FleetState> {
+        if let Some(why) = &self.unreachable {
+            bail!(
+                "etcd is unreachable ({why}): fleet changes are refused until it is back; forwarding continues with the state applied last"
+            );
+        }
+        if !self.synced {
+            bail!("this node has not read the fleet's state yet; retry in a moment");
+        }
+        Ok(self.applied.clone().unwrap_or_default())
+    }
+
+    /// Requests a fleet node answers itself: changes to the fleet's state
+    /// and the fleet's status. Everything else is the node's own.
+    pub(crate) fn handles(request: &Request) -> bool {
+        matches!(
+            request,
+            Request::Apply { .. }
+                | Request::Edit { .. }
+                | Request::SetWeight { .. }
+                | Request::SetAdmin { .. }
+                | Request::FleetStatus
+                | Request::FleetImport { .. }
+                | Request::FleetExport
+        )
+    }
+
+    /// Answers one of the requests [`FleetNode::handles`].
+    pub(crate) async fn handle(
+        &mut self,
+        ctl: &mut Controller,
+        node: &Node,
+        request: Request,
+    ) -> Result<Value> {
+        match request {
+            Request::Apply { config, dry_run } => {
+                let services = config_edit::services_only(&config)?;
+                self.change_services(ctl, services, dry_run).await
+            }
+            Request::FleetImport { config, replace } => {
+                let base = self.base()?;
+                if !replace && !base.services.trim().is_empty() {
+                    bail!(
+                        "the fleet already has services (revision {}): `lb fleet import --replace` replaces them, `lb apply -f` too",
+                        base.revision
+                    );
+                }
+                let services = config_edit::services_only(&config)?;
+                self.change_services(ctl, services, false).await
+            }
+            Request::Edit { edit, dry_run } => {
+                let base = self.base()?;
+                let text = edit.apply_to(&base.services)?;
+                self.change_services(ctl, text, dry_run).await
+            }
+            Request::SetWeight {
+                service,
+                backend,
+                weight,
+            } => {
+                if weight > config::MAX_WEIGHT {
+                    bail!("weight {weight} exceeds the maximum {}", config::MAX_WEIGHT);
+                }
+                self.change_override(ctl, &service, backend, |o| o.weight = Some(weight))
+                    .await
+            }
+            Request::SetAdmin {
+                service,
+                backend,
+                admin,
+            } => {
+                self.change_override(ctl, &service, backend, |o| o.admin = admin)
+                    .await
+            }
+            Request::FleetStatus => Ok(serde_json::to_value(self.status(ctl, node))?),
+            Request::FleetExport => {
+                let base = self.applied.clone().unwrap_or_default();
+                let mut text = config_edit::standalone(&self.node_text, &base.services)?;
+                text += &overrides_comment(&base.overrides);
+                Ok(json!({ "config": text, "revision": base.revision }))
+            }
+            other => bail!("not a fleet request: {other:?}"),
+        }
+    }
+
+    /// Makes `services` the fleet's services (with the overrides of
+    /// backends that remain), or with `dry_run` reports what would change.
+    async fn change_services(
+        &mut self,
+        ctl: &mut Controller,
+        services: String,
+        dry_run: bool,
+    ) -> Result<Value> {
+        let base = self.base()?;
+        let desired = config::parse_fleet(&self.node_text, &services)
+            .map_err(|e| anyhow!("the fleet's services would be invalid, nothing changed:\n{e}"))?;
+        if dry_run {
+            return Ok(serde_json::to_value(super::apply(ctl, desired, true)?)?);
+        }
+        let mut overrides = base.overrides.clone();
+        for (svc, m) in overrides.iter_mut() {
+            m.retain(|ip, _| {
+                desired
+                    .services
+                    .get(svc)
+                    .is_some_and(|s| s.backends.contains_key(ip))
+            });
+        }
+        overrides.retain(|_, m| !m.is_empty());
+        let overrides = (overrides != base.overrides).then_some(overrides);
+        self.write(ctl, &base, Some(&services), overrides.as_ref())
+            .await
+    }
+
+    async fn change_override(
+        &mut self,
+        ctl: &mut Controller,
+        service: &str,
+        backend: IpAddr,
+        change: impl FnOnce(&mut Override),
+    ) -> Result<Value> {
+        let base = self.base()?;
+        let known = ctl
+            .services()
+            .get(service)
+            .with_context(|| format!("no service named {service:?} (see `lb service list`)"))?;
+        if !known.backends.contains_key(&backend) {
+            bail!("service {service} has no backend {backend} (see `lb backend list`)");
+        }
+        let mut overrides = base.overrides.clone();
+        let entry = overrides.entry(service.to_string()).or_default();
+        let mut o = entry.get(&backend).copied().unwrap_or_default();
+        change(&mut o);
+        if o == Override::default() {
+            entry.remove(&backend);
+        } else {
+            entry.insert(backend, o);
+        }
+        overrides.retain(|_, m| !m.is_empty());
+        let v = self.write(ctl, &base, None, Some(&overrides)).await?;
+        let moved = v["slots_moved"][service].as_u64().unwrap_or(0);
+        Ok(json!({ "slots_moved": moved, "revision": v["revision"] }))
+    }
+
+    /// One guarded write, then this node applies the result at once (the
+    /// other nodes through their watch).
+    async fn write(
+        &mut self,
+        ctl: &mut Controller,
+        base: &FleetState,
+        services: Option<&str>,
+        overrides: Option<&Overrides>,
+    ) -> Result<Value> {
+        let store = self.store().await?;
+        // A write over data this node refused replaces it: guard it by what
+        // etcd holds, not by the last good state.
+        let guard = match (&self.refused, &self.latest) {
+            (Some(_), Some(latest)) => latest.raw,
+            _ => Guard::of(base),
+        };
+        match store.write(guard, services, overrides).await {
+            Ok(revision) => {
+                let report = self.refresh(ctl).await?.unwrap_or_default();
+                let mut v = serde_json::to_value(report)?;
+                v["revision"] = json!(revision);
+                Ok(v)
+            }
+            Err(WriteError::Conflict(_)) => {
+                let now = store.read().await.ok();
+                let what = now
+                    .as_ref()
+                    .and_then(|s| s.state.as_ref().ok())
+                    .map_or_else(
+                        || "its state".into(),
+                        |s| changed_since(base, s, &self.node_text),
+                    );
+                // Catch up, so a retry is based on the newest state.
+                if let Some(s) = now {
+                    let _ = self.apply(ctl, &s);
+                    self.latest = Some(s);
+                }
+                bail!(
+                    "conflict: another change to the fleet landed first ({what}); nothing changed: check the new state and retry"
+                )
+            }
+            Err(WriteError::Unreachable(e)) => {
+                self.store = None;
+                Err(e.context("writing the fleet's state to etcd; nothing changed"))
+            }
+        }
+    }
+
+    /// This node's report, handed to the session when it changes.
+    pub(crate) fn publish(&self, ctl: &Controller, node: &Node) {
+        let report = NodeReport {
+            name: self.settings.node.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            revision: self.applied.as_ref().map_or(0, |s| s.revision),
+            digests: digests(ctl),
+            health: ctl.own_view(),
+            vips: node.status(ctl).vips,
+            drained: ctl.node_drained(),
+            bgp: Vec::new(),
+            bgp_error: None,
+        };
+        self.report.send_if_modified(|r| {
+            let changed = r.as_ref() != Some(&report);
+            *r = Some(report);
+            changed
+        });
+    }
+
+    /// Whether this node's tables are the fleet's.
+    pub(crate) fn convergence(&self, ctl: &Controller) -> Convergence {
+        if !self.synced {
+            return Convergence {
+                behind: !self.trust_start,
+                differing: BTreeSet::new(),
+            };
+        }
+        // etcd trouble never withdraws: keep serving what was applied.
+        if self.unreachable.is_some() {
+            return Convergence::default();
+        }
+        let applied = self.applied.as_ref().map_or(0, |s| s.revision);
+        // Refused data is no newer state: every node keeps the last good one.
+        let newest = self
+            .latest
+            .as_ref()
+            .filter(|_| self.refused.is_none())
+            .and_then(|s| s.state.as_ref().ok())
+            .map_or(applied, |s| s.revision);
+        let mine = digests(ctl);
+        let me = self.settings.node.as_str();
+        let mut tables: Vec<agree::Tables<'_>> = vec![(me, applied, &mine)];
+        if let Some(s) = &self.latest {
+            tables.extend(
+                s.nodes
+                    .values()
+                    .filter(|r| r.name != me)
+                    .map(|r| (r.name.as_str(), r.revision, &r.digests)),
+            );
+        }
+        Convergence {
+            behind: applied < newest,
+            differing: agree::digest_outliers(&tables)
+                .remove(me)
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    fn status(&self, ctl: &Controller, node: &Node) -> FleetStatus {
+        let latest = self.latest.as_ref();
+        let live: BTreeSet<&String> = latest.map(|s| s.nodes.keys().collect()).unwrap_or_default();
+        let leader = latest.and_then(|s| s.leader.clone());
+        let applied = self.applied.as_ref().map_or(0, |s| s.revision);
+        let revision = latest
+            .and_then(|s| s.state.as_ref().ok())
+            .map_or(applied, |s| s.revision);
+        let mut seen = self.seen.clone();
+        // This node as it is now, not as etcd last heard it.
+        let mut me = self.report.borrow().clone().unwrap_or_default();
+        me.vips = node.status(ctl).vips;
+        seen.insert(self.settings.node.clone(), (me, SystemTime::now()));
+        let tables: Vec<agree::Tables<'_>> = seen
+            .iter()
+            .filter(|(n, _)| live.contains(n) || **n == self.settings.node)
+            .map(|(n, (r, _))| (n.as_str(), r.revision, &r.digests))
+            .collect();
+        let outliers = agree::digest_outliers(&tables);
+        let nodes = seen
+            .iter()
+            .map(|(name, (report, when))| FleetNodeRow {
+                name: name.clone(),
+                alive: live.contains(name) || *name == self.settings.node,
+                seen_seconds_ago: when.elapsed().map_or(0, |d| d.as_secs()),
+                leader: leader.as_ref() == Some(name),
+                behind: report.revision < revision,
+                disagreeing: outliers.get(name).cloned().unwrap_or_default(),
+                report: report.clone(),
+            })
+            .collect();
+        let mut problems: Vec<String> = latest.map(|s| s.problems.clone()).unwrap_or_default();
+        if let Some(r) = &self.refused {
+            problems.insert(0, format!("refused, last good state kept: {r}"));
+        }
+        FleetStatus {
+            node: self.settings.node.clone(),
+            prefix: self.settings.prefix.clone(),
+            etcd_error: self.unreachable.clone(),
+            revision,
+            applied,
+            leader,
+            nodes,
+            problems,
+        }
+    }
+}
+
+fn digests(ctl: &Controller) -> BTreeMap<String, String> {
+    ctl.services()
+        .iter()
+        .map(|(n, s)| (n.clone(), digest_text(s.digest)))
+        .collect()
+}
+
+/// Overrides must name services and backends the services have.
+fn validate_overrides(overrides: &Overrides, desired: &Desired) -> Result<()> {
+    for (svc, m) in overrides {
+        let s = desired
+            .services
+            .get(svc)
+            .with_context(|| format!("service {svc:?} does not exist"))?;
+        for ip in m.keys() {
+            if !s.backends.contains_key(ip) {
+                bail!("service {svc} has no backend {ip}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What changed between the state a write was based on and the newest.
+fn changed_since(base: &FleetState, now: &FleetState, node_text: &str) -> String {
+    let mut parts = Vec::new();
+    if now.services_revision != base.services_revision {
+        let names = |text: &str| {
+            config::parse_fleet(node_text, text)
+                .map(|d| d.services)
+                .unwrap_or_default()
+        };
+        let (old, new) = (names(&base.services), names(&now.services));
+        let differing: BTreeSet<&String> = old
+            .keys()
+            .chain(new.keys())
+            .filter(|n| old.get(*n) != new.get(*n))
+            .collect();
+        parts.push(format!(
+            "services changed at revision {} (was {}): {}",
+            now.services_revision,
+            base.services_revision,
+            if differing.is_empty() {
+                "formatting only".to_string()
+            } else {
+                differing
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        ));
+    }
+    if now.overrides_revision != base.overrides_revision {
+        let differing: BTreeSet<&String> = base
+            .overrides
+            .keys()
+            .chain(now.overrides.keys())
+            .filter(|n| base.overrides.get(*n) != now.overrides.get(*n))
+            .collect();
+        parts.push(format!(
+            "operator overrides changed at revision {} (was {}): {}",
+            now.overrides_revision,
+            base.overrides_revision,
+            differing
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    if parts.is_empty() {
+        "the state changed".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
+/// The fleet's operator overrides as comments of an exported file (a
+/// standalone file has no place for them; `lb backend ...` restores them).
+fn overrides_comment(overrides: &Overrides) -> String {
+    let mut out = String::new();
+    for (svc, m) in overrides {
+        for (ip, o) in m {
+            if out.is_empty() {
+                out += "\n# Operator overrides in the fleet (restore with `lb backend ...`):\n";
+            }
+            if let Some(w) = o.weight {
+                out += &format!("#   lb backend set-weight {svc} {ip} {w}\n");
+            }
+            match o.admin {
+                Admin::Ready => {}
+                Admin::Drain => out += &format!("#   lb backend drain {svc} {ip}\n"),
+                Admin::Maintenance => out += &format!("#   lb backend maintenance {svc} {ip}\n"),
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,10 @@
+//! A fleet of lb nodes sharing one desired state in etcd (docs/fleet.md).
+//!
+//! - [`state`]: the keys under the prefix and what they hold (pure).
+//! - [`agree`]: the agreed health view and lockstep slow start (pure).
+//! - [`store`]: etcd reads, guarded writes, and the background session
+//!   (watch, this node's status under a lease, the leader's work).
+
+pub mod agree;
+pub mod state;
+pub mod store;

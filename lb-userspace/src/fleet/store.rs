@@ -1,0 +1,405 @@
+//! The fleet's state in etcd: reads of the prefix, writes guarded by the
+//! revisions they read, and the background session that watches the prefix,
+//! keeps this node's status alive under a lease, and does the leader's work.
+//!
+//! Nothing here touches the data plane: the daemon applies what the session
+//! sends it. When etcd is unreachable the session says so and retries every
+//! second; the daemon keeps forwarding with what it applied last.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use super::{
+    agree::{self, Ramps},
+    state::{self, Entry, Guard, Keys, NodeReport, Snapshot},
+};
+use crate::{bird, config};
+
+/// How long one etcd call may take before the fleet counts as unreachable.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Between attempts to reach etcd again.
+const RETRY: Duration = Duration::from_secs(1);
+/// How often the leader steps slow-start ramps.
+const RAMP_TICK: Duration = Duration::from_millis(250);
+/// How often the session asks BIRD for the BGP sessions it reports.
+const BGP_POLL: Duration = Duration::from_secs(2);
+
+/// What the session tells the daemon.
+#[derive(Debug)]
+pub enum Event {
+    /// A fresh read of the prefix.
+    Snapshot(Box<Snapshot>),
+    /// etcd cannot be reached, with why.
+    Unreachable(String),
+}
+
+/// One connection to etcd, for reads and guarded writes.
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+    keys: Keys,
+}
+
+/// Why a guarded write did not land.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// Another write landed between the read and this write.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// etcd could not be reached.
+    #[error("etcd: {0:#}")]
+    Unreachable(anyhow::Error),
+}
+
+fn compare(key: String, revision: i64) -> Compare {
+    if revision == 0 {
+        Compare::version(key, CompareOp::Equal, 0)
+    } else {
+        Compare::mod_revision(key, CompareOp::Equal, revision)
+    }
+}
+
+impl Store {
+    /// Connects to the fleet's etcd (the first endpoint that answers).
+    pub async fn connect(fleet: &config::Fleet) -> Result<Store> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(CALL_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(1), CALL_TIMEOUT)
+            .with_keep_alive_while_idle(true);
+        let client = tokio::time::timeout(
+            CALL_TIMEOUT,
+            Client::connect(&fleet.endpoints, Some(options)),
+        )
+        .await
+        .map_err(|_| anyhow!("no answer within {CALL_TIMEOUT:?}"))?
+        .with_context(|| format!("connecting to etcd at {}", fleet.endpoints.join(", ")))?;
+        Ok(Store {
+            client,
+            keys: Keys::new(&fleet.prefix),
+        })
+    }
+
+    /// The fleet's keys.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Reads the whole prefix at one revision.
+    pub async fn read(&self) -> Result<Snapshot> {
+        let mut kv = self.client.kv_client();
+        let response = tokio::time::timeout(
+            CALL_TIMEOUT,
+            kv.get(self.keys.all(), Some(GetOptions::new().with_prefix())),
+        )
+        .await
+        .map_err(|_| anyhow!("etcd did not answer a read within {CALL_TIMEOUT:?}"))?
+        .context("reading the fleet's state from etcd")?;
+        let revision = response.header().map_or(0, |h| h.revision());
+        let entries: Vec<Entry> = response
+            .kvs()
+            .iter()
+            .map(|kv| Entry {
+                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                value: kv.value().to_vec(),
+                mod_revision: kv.mod_revision(),
+            })
+            .collect();
+        Ok(state::decode(&self.keys, revision, &entries))
+    }
+
+    /// Writes the desired keys in one transaction that lands only if both
+    /// are as `guard` read them. `None` leaves a key as it is. Returns the
+    /// revision the write created.
+    pub async fn write(
+        &self,
+        guard: Guard,
+        services: Option<&str>,
+        overrides: Option<&state::Overrides>,
+    ) -> Result<i64, WriteError> {
+        let mut ops = Vec::new();
+        if let Some(text) = services {
+            ops.push(TxnOp::put(self.keys.services(), text, None));
+        }
+        if let Some(o) = overrides {
+            let json = serde_json::to_string(o).map_err(|e| WriteError::Unreachable(e.into()))?;
+            ops.push(TxnOp::put(self.keys.overrides(), json, None));
+        }
+        let txn = Txn::new()
+            .when(vec![
+                compare(self.keys.services(), guard.services),
+                compare(self.keys.overrides(), guard.overrides),
+            ])
+            .and_then(ops);
+        let mut kv = self.client.kv_client();
+        let response = tokio::time::timeout(CALL_TIMEOUT, kv.txn(txn))
+            .await
+            .map_err(|_| WriteError::Unreachable(anyhow!("no answer within {CALL_TIMEOUT:?}")))?
+            .map_err(|e| WriteError::Unreachable(e.into()))?;
+        if !response.succeeded() {
+            return Err(WriteError::Conflict(
+                "the fleet's state changed since it was read".into(),
+            ));
+        }
+        Ok(response.header().map_or(0, |h| h.revision()))
+    }
+
+    /// The leader's write of the agreed view, guarded by its leadership.
+    async fn write_health(&self, node: &str, health: &state::AgreedHealth) -> Result<bool> {
+        let txn = Txn::new()
+            .when(vec![Compare::value(
+                self.keys.leader(),
+                CompareOp::Equal,
+                node,
+            )])
+            .and_then(vec![TxnOp::put(
+                self.keys.health(),
+                serde_json::to_string(health)?,
+                None,
+            )]);
+        let mut kv = self.client.kv_client();
+        let r = tokio::time::timeout(CALL_TIMEOUT, kv.txn(txn))
+            .await
+            .map_err(|_| anyhow!("etcd did not answer within {CALL_TIMEOUT:?}"))??;
+        Ok(r.succeeded())
+    }
+
+    /// Becomes the leader if there is none: the leader key, under `lease`.
+    async fn campaign(&self, node: &str, lease: i64) -> Result<bool> {
+        let txn = Txn::new()
+            .when(vec![Compare::version(
+                self.keys.leader(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(vec![TxnOp::put(
+                self.keys.leader(),
+                node,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let mut kv = self.client.kv_client();
+        let r = tokio::time::timeout(CALL_TIMEOUT, kv.txn(txn))
+            .await
+            .map_err(|_| anyhow!("etcd did not answer within {CALL_TIMEOUT:?}"))??;
+        Ok(r.succeeded())
+    }
+}
+
+/// What the daemon hands the session.
+pub struct Session {
+    /// The fleet settings.
+    pub fleet: config::Fleet,
+    /// BIRD's control socket, when the node announces.
+    pub bird_socket: Option<PathBuf>,
+    /// This node's report (without BGP, which the session adds).
+    pub report: watch::Receiver<Option<NodeReport>>,
+    /// Where snapshots go.
+    pub events: mpsc::Sender<Event>,
+}
+
+/// Runs the session until the daemon drops its receiver: connects, and on
+/// any failure reports etcd unreachable and starts over after [`RETRY`].
+pub async fn run(mut s: Session) {
+    let mut bgp = Bgp::default();
+    loop {
+        let error = match connected(&mut s, &mut bgp).await {
+            Ok(()) => return,
+            Err(e) => format!("{e:#}"),
+        };
+        if s.events.send(Event::Unreachable(error)).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+/// The BGP sessions last read from BIRD.
+#[derive(Default)]
+struct Bgp {
+    read: Option<Instant>,
+    sessions: Vec<bird::Protocol>,
+    error: Option<String>,
+}
+
+impl Bgp {
+    async fn refresh(&mut self, socket: Option<&PathBuf>) {
+        let Some(socket) = socket else { return };
+        if self.read.is_some_and(|t| t.elapsed() < BGP_POLL) {
+            return;
+        }
+        self.read = Some(Instant::now());
+        match bird::bgp_sessions(socket).await {
+            Ok(s) => (self.sessions, self.error) = (s, None),
+            Err(e) => (self.sessions, self.error) = (Vec::new(), Some(format!("{e:#}"))),
+        }
+    }
+}
+
+/// One connected session; returns `Ok` only when the daemon is gone.
+async fn connected(s: &mut Session, bgp: &mut Bgp) -> Result<()> {
+    let store = Store::connect(&s.fleet).await?;
+    let node = s.fleet.node.clone();
+    let ttl = s.fleet.lease.as_secs().max(1) as i64;
+    let mut leases = store.client.lease_client();
+    let lease = tokio::time::timeout(CALL_TIMEOUT, leases.grant(ttl, None))
+        .await
+        .map_err(|_| anyhow!("etcd did not grant a lease within {CALL_TIMEOUT:?}"))?
+        .context("granting this node's lease")?
+        .id();
+    let (mut keeper, mut kept) = leases.keep_alive(lease).await?;
+    let mut last_kept = Instant::now();
+    let snapshot = store.read().await?;
+    let mut watch = store
+        .client
+        .watch_client()
+        .watch(
+            store.keys.all(),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(snapshot.revision + 1),
+            ),
+        )
+        .await
+        .context("watching the fleet's prefix")?;
+    info!(
+        node,
+        lease,
+        revision = snapshot.revision,
+        "joined the fleet"
+    );
+    let mut leader = Leader::default();
+    let mut published: Option<NodeReport> = None;
+    let mut snapshot = snapshot;
+    let mut renew = tokio::time::interval(s.fleet.lease / 3);
+    let mut tick = tokio::time::interval(RAMP_TICK);
+    loop {
+        leader.act(&store, &node, lease, &snapshot).await?;
+        if s.events
+            .send(Event::Snapshot(Box::new(snapshot.clone())))
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+        // Publish this node's report when it (or BIRD's view) changed.
+        bgp.refresh(s.bird_socket.as_ref()).await;
+        let report = s.report.borrow_and_update().clone().map(|mut r| {
+            r.bgp = bgp.sessions.clone();
+            r.bgp_error = bgp.error.clone();
+            r
+        });
+        if let Some(r) = report
+            && published.as_ref() != Some(&r)
+        {
+            let mut kv = store.client.kv_client();
+            tokio::time::timeout(
+                CALL_TIMEOUT,
+                kv.put(
+                    store.keys.node(&node),
+                    serde_json::to_string(&r)?,
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+            )
+            .await
+            .map_err(|_| anyhow!("etcd did not take this node's status in time"))?
+            .context("publishing this node's status")?;
+            published = Some(r);
+        }
+        // Wait for something to happen; anything but a lease renewal or an
+        // idle tick means the prefix may have changed: read it again.
+        loop {
+            tokio::select! {
+                message = watch.message() => {
+                    match message.context("watching the fleet's prefix")? {
+                        Some(m) if m.canceled() => bail!("etcd cancelled the watch: {}", m.cancel_reason()),
+                        Some(_) => break,
+                        None => bail!("etcd closed the watch"),
+                    }
+                }
+                changed = s.report.changed() => {
+                    if changed.is_err() { return Ok(()); }
+                    break;
+                }
+                _ = renew.tick() => {
+                    if last_kept.elapsed() > s.fleet.lease {
+                        bail!("this node's lease lapsed: etcd did not answer keep-alives for {:?}", s.fleet.lease);
+                    }
+                    keeper.keep_alive().await.context("renewing this node's lease")?;
+                }
+                answer = kept.message() => {
+                    match answer.context("renewing this node's lease")? {
+                        Some(a) if a.ttl() > 0 => last_kept = Instant::now(),
+                        _ => bail!("this node's lease expired"),
+                    }
+                }
+                _ = tick.tick() => {
+                    let bgp_due = s.bird_socket.is_some() && bgp.read.is_none_or(|t| t.elapsed() >= BGP_POLL);
+                    if leader.ramps.ramping() || bgp_due { break; }
+                }
+            }
+        }
+        snapshot = store.read().await?;
+    }
+}
+
+/// The leader's part: hold the leader key, and keep `P/health` equal to
+/// the live nodes' majority verdict with slow-start steps.
+#[derive(Default)]
+struct Leader {
+    ramps: Ramps,
+    leading: bool,
+}
+
+impl Leader {
+    async fn act(&mut self, store: &Store, node: &str, lease: i64, snap: &Snapshot) -> Result<()> {
+        let mine = snap.leader.as_deref() == Some(node);
+        if snap.leader.is_none() && store.campaign(node, lease).await? {
+            info!(node, "became the fleet's leader");
+            // The next snapshot (the watch sees the key) does the work.
+            return Ok(());
+        }
+        if mine != self.leading {
+            self.leading = mine;
+            self.ramps = Ramps::default();
+        }
+        let Ok(state) = &snap.state else {
+            return Ok(());
+        };
+        if !mine {
+            return Ok(());
+        }
+        let Ok(services) = config::service_backends(&state.services) else {
+            return Ok(());
+        };
+        let backends: BTreeMap<String, Vec<std::net::IpAddr>> = services
+            .iter()
+            .map(|(n, (ips, _))| (n.clone(), ips.clone()))
+            .collect();
+        let slow_start: BTreeMap<String, Duration> = services
+            .iter()
+            .map(|(n, (_, slow))| (n.clone(), *slow))
+            .collect();
+        let views: Vec<&state::HealthView> = snap.nodes.values().map(|r| &r.health).collect();
+        let verdicts = agree::majority(&backends, &views);
+        let health = self
+            .ramps
+            .step(&state.health, &verdicts, &slow_start, Instant::now());
+        if health != state.health && !store.write_health(node, &health).await? {
+            warn!(
+                node,
+                "lost the fleet's leadership while writing the agreed view"
+            );
+        }
+        Ok(())
+    }
+}
