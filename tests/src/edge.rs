@@ -250,6 +250,60 @@ impl Drop for Etcd {
     }
 }
 
+/// The nftables table the tests' firewall rules go in.
+const FIREWALL_TABLE: &str = "lbt";
+
+impl Node {
+    /// Drops what this node sends to `dst` (and to `port` of it, if given)
+    /// in its output path: its own traffic (probes, etcd), never what its
+    /// XDP program forwards.
+    pub fn block(&self, dst: Ipv4Addr, port: Option<u16>) -> Result<()> {
+        let _ = self
+            .ns
+            .exec("nft", &["add", "table", "inet", FIREWALL_TABLE]);
+        self.ns.exec(
+            "nft",
+            &[&format!(
+                "add chain inet {FIREWALL_TABLE} out {{ type filter hook output priority 0 ; }}"
+            )],
+        )?;
+        let rule = match port {
+            Some(p) => {
+                format!("add rule inet {FIREWALL_TABLE} out ip daddr {dst} tcp dport {p} drop")
+            }
+            None => format!("add rule inet {FIREWALL_TABLE} out ip daddr {dst} drop"),
+        };
+        self.ns.exec("nft", &[&rule])
+    }
+
+    /// Removes every rule [`Node::block`] added.
+    pub fn unblock(&self) -> Result<()> {
+        self.ns
+            .exec("nft", &["delete", "table", "inet", FIREWALL_TABLE])
+    }
+
+    /// Takes its link down or up (a cable pulled or put back).
+    pub fn link(&self, up: bool) -> Result<()> {
+        self.ns
+            .ip(&["link", "set", "eth0", if up { "up" } else { "down" }])
+    }
+
+    /// Stops its BIRD (as a crashed or rebooted host's goes).
+    pub fn stop_bird(&mut self) {
+        self.bird = None;
+    }
+
+    /// Starts its BIRD again, as configured at first.
+    pub fn start_bird(&mut self, i: usize) -> Result<()> {
+        self.bird = Some(Bird::start(
+            &self.ns,
+            &format!("lb{i}"),
+            &node_bird_config(self.v4),
+        )?);
+        Ok(())
+    }
+}
+
 /// The topology; dropping it stops every BIRD and removes every namespace.
 pub struct Edge {
     /// etcd, when the edge has a fleet (stopped before the namespaces go).

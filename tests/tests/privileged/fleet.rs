@@ -28,7 +28,7 @@ const PROPAGATION: Duration = Duration::from_secs(1);
 /// The edge, its servers and a daemon per node.
 struct Fleet {
     daemons: Vec<Daemon>,
-    _servers: Vec<EchoServer>,
+    servers: Vec<EchoServer>,
     edge: Edge,
 }
 
@@ -60,7 +60,7 @@ impl Fleet {
             .unwrap();
         let fleet = Fleet {
             daemons,
-            _servers: servers,
+            servers: servers,
             edge,
         };
         for d in &fleet.daemons {
@@ -315,4 +315,226 @@ fn one_desired_state_changes_everywhere_and_refuses_conflicts_and_bad_data() {
         "etcd back: a write landed and every node agreed {t:?} later; {ok} connections never noticed"
     );
     assert!(sessions.check().1.is_empty());
+}
+
+/// Long-lived connections held through node failures.
+const CONNECTIONS: usize = 200;
+/// What the issue asks of BFD: the router withdraws a failed node within 1 s.
+const BFD_WITHDRAWAL: Duration = Duration::from_secs(1);
+
+fn assert_all_alive(sessions: &mut Sessions, step: &str) {
+    let (ok, bad) = sessions.check();
+    assert!(
+        bad.is_empty(),
+        "{step}: {} connections broke or moved: {bad:?}",
+        bad.len()
+    );
+    eprintln!("{step}: all {ok} connections alive on their backends");
+}
+
+/// Node `i`'s applied revision and digests equal every other node's.
+fn converged_with_the_rest(fleet: &Fleet, i: usize) -> bool {
+    let status = fleet.daemons[i].cli(&["fleet", "status"]).unwrap();
+    let digests = fleet.digests();
+    status["applied"] == status["revision"] && digests.iter().all(|d| *d == digests[i])
+}
+
+#[test]
+fn a_failed_node_is_withdrawn_at_once_and_returns_only_converged_resetting_nothing() {
+    if !privileged() {
+        return;
+    }
+    let mut fleet = Fleet::start();
+    let mut sessions = Sessions::open(
+        &fleet.edge.client,
+        SocketAddr::new(VIP.into(), ECHO_PORT),
+        CONNECTIONS,
+    )
+    .unwrap();
+    eprintln!("connections per backend: {:?}", sessions.spread());
+    let survivors = [node_v4(0), node_v4(1)];
+    let all: Vec<Ipv4Addr> = (0..NODES).map(node_v4).collect();
+
+    // Node 2 dies: its daemon SIGKILLed and its link down. BFD withdraws
+    // it; the router moves its flows to nodes with the same table.
+    fleet.daemons[2].kill(libc::SIGKILL).unwrap();
+    fleet.edge.nodes[2].link(false).unwrap();
+    let t = fleet
+        .edge
+        .wait_paths(VIP, &survivors, Duration::from_secs(5))
+        .unwrap();
+    eprintln!("node failure: the router withdrew node 2 {t:?} after its link went down");
+    assert!(
+        t < BFD_WITHDRAWAL,
+        "BFD should withdraw within {BFD_WITHDRAWAL:?}, took {t:?}"
+    );
+    assert_all_alive(&mut sessions, "node 2 failed");
+
+    // It comes back: link up, BIRD restarted, the daemon restarted over its
+    // pinned data plane. It is announced once converged, and nothing resets.
+    fleet.edge.nodes[2].link(true).unwrap();
+    fleet.edge.nodes[2].stop_bird();
+    fleet.edge.nodes[2].start_bird(2).unwrap();
+    fleet.daemons[2].spawn().unwrap();
+    let t = fleet.edge.wait_paths(VIP, &all, SESSION_UP).unwrap();
+    assert!(
+        converged_with_the_rest(&fleet, 2),
+        "announced before converging"
+    );
+    eprintln!(
+        "node 2 back (daemon restarted): announced {t:?} after its daemon answered, converged"
+    );
+    assert_all_alive(&mut sessions, "node 2 back");
+
+    // The host restarts: a fresh data plane, no state file, and at first no
+    // way to etcd. It stays withdrawn until it has read the fleet's state.
+    fleet.daemons[2].kill(libc::SIGKILL).unwrap();
+    fleet.edge.nodes[2].link(false).unwrap();
+    fleet
+        .edge
+        .wait_paths(VIP, &survivors, Duration::from_secs(5))
+        .unwrap();
+    fleet.edge.nodes[2].stop_bird();
+    std::fs::remove_dir_all(&fleet.daemons[2].pins).unwrap();
+    std::fs::remove_file(fleet.daemons[2].dir.join("state.json")).unwrap();
+    fleet.edge.nodes[2]
+        .block(lb_tests::edge::ETCD_V4, None)
+        .unwrap();
+    fleet.edge.nodes[2].link(true).unwrap();
+    fleet.edge.nodes[2].start_bird(2).unwrap();
+    fleet.daemons[2].spawn().unwrap();
+    let start = Instant::now();
+    while !fleet.edge.nodes[2]
+        .bird
+        .as_ref()
+        .unwrap()
+        .sessions_up()
+        .unwrap()
+    {
+        assert!(
+            start.elapsed() < SESSION_UP,
+            "node 2's BGP session did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        fleet.edge.paths(VIP).unwrap(),
+        survivors,
+        "announced without the fleet's state"
+    );
+    let status = fleet.daemons[2].cli(&["fleet", "status"]).unwrap();
+    assert!(!status["etcd_error"].is_null(), "{status}");
+    eprintln!("fresh host without etcd: BGP up, VIP withheld");
+    fleet.edge.nodes[2].unblock().unwrap();
+    let t = fleet
+        .edge
+        .wait_paths(VIP, &all, Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        converged_with_the_rest(&fleet, 2),
+        "announced before converging"
+    );
+    eprintln!("fresh host: announced {t:?} after etcd became reachable, converged");
+    assert_all_alive(&mut sessions, "node 2 back (fresh host)");
+}
+
+#[test]
+fn nodes_that_disagree_on_a_backends_health_keep_identical_tables() {
+    if !privileged() {
+        return;
+    }
+    let mut fleet = Fleet::start();
+    let mut sessions = Sessions::open(
+        &fleet.edge.client,
+        SocketAddr::new(VIP.into(), ECHO_PORT),
+        CONNECTIONS,
+    )
+    .unwrap();
+    let b0 = backend_v4(0).to_string();
+    let own = |fleet: &Fleet, node: usize| -> Value {
+        let s = fleet.daemons[node].cli(&["health"]).unwrap();
+        s.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["address"] == b0)
+            .unwrap()["health"]
+            .clone()
+    };
+
+    // Node 2 alone cannot reach backend 0 (a firewall drops its probes):
+    // its own view says down, the fleet's majority says up.
+    fleet.edge.nodes[2]
+        .block(backend_v4(0), Some(ECHO_PORT))
+        .unwrap();
+    let start = Instant::now();
+    while own(&fleet, 2) != "down" {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "node 2 never saw backend 0 down"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Give a wrong rule time to act before judging.
+    std::thread::sleep(Duration::from_secs(1));
+    fleet.wait_agreed(PROPAGATION);
+    for n in 0..NODES {
+        let rows = fleet.daemons[n].cli(&["service", "list"]).unwrap();
+        assert_eq!(
+            rows[0]["in_table"], BACKENDS,
+            "node {n} evicted a backend most nodes reach"
+        );
+    }
+    let status = fleet.daemons[0].cli(&["fleet", "status"]).unwrap();
+    let lb2 = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "lb2")
+        .unwrap();
+    assert_eq!(
+        lb2["report"]["health"]["echo"][&b0], false,
+        "node 2 publishes its own view"
+    );
+    assert!(
+        status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["disagreeing"].as_array().unwrap().is_empty())
+    );
+    assert_eq!(
+        fleet.edge.paths(VIP).unwrap().len(),
+        NODES,
+        "node 2 still announced"
+    );
+    assert_all_alive(&mut sessions, "node 2 cannot probe backend 0");
+    eprintln!("split views: node 2 sees backend 0 down, every table keeps it, digests equal");
+
+    // Backend 0 really dies: every node sees it, the fleet evicts it
+    // everywhere at once, and only its own connections end.
+    drop(fleet.servers.remove(0));
+    let start = Instant::now();
+    loop {
+        let in_table: Vec<Value> = fleet
+            .daemons
+            .iter()
+            .map(|d| d.cli(&["service", "list"]).unwrap()[0]["in_table"].clone())
+            .collect();
+        if in_table.iter().all(|n| *n == BACKENDS - 1) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "not evicted everywhere: {in_table:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t = fleet.wait_agreed(PROPAGATION);
+    eprintln!("backend 0 died: evicted on every node, tables equal {t:?} later");
+    let (_, bad) = sessions.check();
+    assert!(
+        bad.iter().all(|b| b.contains("backend-1")),
+        "connections to live backends broke: {bad:?}"
+    );
 }
