@@ -229,9 +229,9 @@ pub async fn keep(
                 changed
             });
         }
-        match tokio::time::timeout(RESYNC, wanted.changed()).await {
-            Ok(Err(_)) => return,
-            Ok(Ok(())) | Err(_) => {}
+        // A change, or the resync period: sync again. A closed channel: done.
+        if let Ok(Err(_)) = tokio::time::timeout(RESYNC, wanted.changed()).await {
+            return;
         }
     }
 }

@@ -60,7 +60,7 @@ impl Fleet {
             .unwrap();
         let fleet = Fleet {
             daemons,
-            servers: servers,
+            servers,
             edge,
         };
         for d in &fleet.daemons {
