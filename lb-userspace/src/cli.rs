@@ -353,6 +353,7 @@ fn run(cli: Cli) -> Result<()> {
                 pin_dir: None,
                 backend_vips,
                 backend_mode: mode,
+                announce: None,
             };
             if let Some(path) = config {
                 let d = daemon::load_config(&path)?;
@@ -360,6 +361,7 @@ fn run(cli: Cli) -> Result<()> {
                     request.interfaces = d.settings.interfaces.clone();
                 }
                 request.xdp_mode = d.settings.xdp_mode;
+                request.announce = d.settings.announce.clone();
             }
             if request.interfaces.is_empty() && request.backend_vips.is_empty() {
                 anyhow::bail!(

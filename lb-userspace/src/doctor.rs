@@ -120,6 +120,24 @@ pub struct BackendFacts {
     pub kernel_tunnel_up: bool,
 }
 
+/// What the node side of BGP announcements looks like: lb's routes, and
+/// BIRD's view of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AnnounceFacts {
+    /// The kernel table lb announces through.
+    pub table: u32,
+    /// BIRD's control socket, and why it does not answer, if it does not.
+    pub bird: (String, Option<String>),
+    /// BIRD's BGP sessions.
+    pub sessions: Vec<crate::bird::Protocol>,
+    /// VIPs with a route of lb's in the table now.
+    pub vips: Vec<IpAddr>,
+    /// Of those, the ones BIRD has learned.
+    pub learned: Vec<IpAddr>,
+    /// Per established session, the VIPs BIRD exports to it.
+    pub exported: Vec<(String, Vec<IpAddr>)>,
+}
+
 /// Kernel from which BPF memory is charged to the cgroup, not RLIMIT_MEMLOCK.
 const MEMCG_ACCOUNTING: (u32, u32) = (5, 11);
 
@@ -491,6 +509,161 @@ pub struct Request {
     pub backend_vips: Vec<IpAddr>,
     /// Mode of the services the VIPs belong to.
     pub backend_mode: Mode,
+    /// The node's announcements, to check BIRD's side of them.
+    pub announce: Option<crate::config::Announce>,
+}
+
+/// Judges the node side of announcements: BIRD answers, its BGP sessions
+/// are up, it learns lb's table and exports every VIP route in it.
+pub fn assess_announce(f: &AnnounceFacts) -> Vec<Finding> {
+    let (socket, error) = &f.bird;
+    if let Some(e) = error {
+        return vec![problem(
+            Level::Fail,
+            "bird",
+            format!("BIRD's control socket does not answer: {e}"),
+            format!(
+                "start BIRD with a configuration like examples/bird-lb-node.conf, or point [announce] bird_socket at it (now {socket})"
+            ),
+        )];
+    }
+    let mut out = vec![ok("bird", format!("answers on {socket}"))];
+    if f.sessions.is_empty() {
+        out.push(problem(
+            Level::Fail,
+            "bgp",
+            "BIRD has no BGP session: nothing carries the VIPs to the routers",
+            "add one `protocol bgp` per router (examples/bird-lb-node.conf)",
+        ));
+    }
+    for s in &f.sessions {
+        out.push(if s.established() {
+            ok(format!("bgp {}", s.name), "established")
+        } else {
+            problem(
+                Level::Warn,
+                format!("bgp {}", s.name),
+                format!("{} {}", s.state, s.info),
+                "check the neighbor's address and AS on both sides, and that TCP 179 passes",
+            )
+        });
+    }
+    let check = format!("table {}", f.table);
+    if f.vips.is_empty() {
+        out.push(problem(
+            Level::Warn,
+            check,
+            "no VIP route in the table yet, so BIRD's side cannot be checked (`lb node status` says why)",
+            "run lb doctor again once a VIP is announced",
+        ));
+        return out;
+    }
+    let unlearned: Vec<String> = f
+        .vips
+        .iter()
+        .filter(|v| !f.learned.contains(v))
+        .map(ToString::to_string)
+        .collect();
+    if !unlearned.is_empty() {
+        out.push(problem(
+            Level::Fail,
+            check,
+            format!("BIRD does not learn lb's routes ({})", unlearned.join(", ")),
+            format!(
+                "add `protocol kernel {{ kernel table {}; learn; ipv4 {{ import all; export none; }}; }}` (and its ipv6 twin) to BIRD's configuration",
+                f.table
+            ),
+        ));
+        return out;
+    }
+    out.push(ok(
+        check.clone(),
+        format!("BIRD learns all {} VIP routes", f.vips.len()),
+    ));
+    for (session, exported) in &f.exported {
+        let missing: Vec<String> = f
+            .vips
+            .iter()
+            .filter(|v| !exported.contains(v))
+            .map(ToString::to_string)
+            .collect();
+        out.push(if missing.is_empty() {
+            ok(format!("export {session}"), "every VIP route")
+        } else {
+            problem(
+                Level::Fail,
+                format!("export {session}"),
+                format!("not exported: {}", missing.join(", ")),
+                format!(
+                    "export lb's kernel protocol in `protocol bgp {session}`: `export where proto = \"lb_vips4\";` (examples/bird-lb-node.conf)"
+                ),
+            )
+        });
+    }
+    out
+}
+
+/// Gathers [`AnnounceFacts`]: lb's routes through netlink, BIRD's view
+/// through its control socket.
+pub fn announce_facts(a: &crate::config::Announce) -> AnnounceFacts {
+    let socket = a.bird_socket.display().to_string();
+    let mut facts = AnnounceFacts {
+        table: a.table,
+        bird: (socket, None),
+        ..AnnounceFacts::default()
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            facts.bird.1 = Some(e.to_string());
+            return facts;
+        }
+    };
+    rt.block_on(async {
+        if let Ok(routes) = crate::routes::VipRoutes::open(a.table) {
+            facts.vips = routes
+                .list()
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
+        }
+        match crate::bird::bgp_sessions(&a.bird_socket).await {
+            Ok(s) => facts.sessions = s,
+            Err(e) => {
+                facts.bird.1 = Some(format!("{e:#}"));
+                return;
+            }
+        }
+        for vip in &facts.vips {
+            let reply = crate::bird::command(&a.bird_socket, &format!("show route for {vip}"))
+                .await
+                .unwrap_or_default();
+            if reply.iter().any(|(_, line)| line.contains("blackhole")) {
+                facts.learned.push(*vip);
+            }
+        }
+        for s in facts.sessions.iter().filter(|s| s.established()) {
+            let reply =
+                crate::bird::command(&a.bird_socket, &format!("show route export {}", s.name))
+                    .await
+                    .unwrap_or_default();
+            let exported = facts
+                .vips
+                .iter()
+                .copied()
+                .filter(|v| {
+                    let host = format!("{v}/{}", if v.is_ipv4() { 32 } else { 128 });
+                    reply.iter().any(|(_, line)| line.starts_with(&host))
+                })
+                .collect();
+            facts.exported.push((s.name.clone(), exported));
+        }
+    });
+    facts
 }
 
 /// Runs every check asked for.
@@ -505,6 +678,9 @@ pub fn check(r: &Request) -> Vec<Finding> {
     }
     for vip in &r.backend_vips {
         out.extend(assess_backend(&backend_facts(*vip), r.backend_mode));
+    }
+    if let Some(a) = &r.announce {
+        out.extend(assess_announce(&announce_facts(a)));
     }
     out
 }
@@ -525,6 +701,72 @@ pub fn render(findings: &[Finding]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod announce_tests {
+    use super::*;
+    use crate::bird::Protocol;
+
+    fn session(info: &str) -> Protocol {
+        Protocol {
+            name: "upstream".into(),
+            proto: "BGP".into(),
+            state: if info == "Established" { "up" } else { "start" }.into(),
+            info: info.into(),
+        }
+    }
+
+    fn levels(f: &[Finding]) -> Vec<Level> {
+        f.iter().map(|f| f.level).collect()
+    }
+
+    #[test]
+    fn each_broken_link_of_the_announcement_chain_is_named_with_its_fix() {
+        let vip: IpAddr = "198.18.1.1".parse().unwrap();
+        let good = AnnounceFacts {
+            table: 100,
+            bird: ("/run/bird/bird.ctl".into(), None),
+            sessions: vec![session("Established")],
+            vips: vec![vip],
+            learned: vec![vip],
+            exported: vec![("upstream".into(), vec![vip])],
+        };
+        assert!(assess_announce(&good).iter().all(|f| f.level == Level::Ok));
+        let down = AnnounceFacts {
+            bird: ("/x".into(), Some("connection refused".into())),
+            ..good.clone()
+        };
+        assert_eq!(levels(&assess_announce(&down)), [Level::Fail]);
+        let unlearned = AnnounceFacts {
+            learned: vec![],
+            ..good.clone()
+        };
+        let f = assess_announce(&unlearned);
+        assert_eq!(f.last().unwrap().level, Level::Fail);
+        assert!(
+            f.last()
+                .unwrap()
+                .fix
+                .as_ref()
+                .unwrap()
+                .contains("kernel table 100")
+        );
+        let unexported = AnnounceFacts {
+            exported: vec![("upstream".into(), vec![])],
+            ..good.clone()
+        };
+        assert_eq!(
+            assess_announce(&unexported).last().unwrap().level,
+            Level::Fail
+        );
+        let idle = AnnounceFacts {
+            sessions: vec![session("Active")],
+            exported: vec![],
+            ..good
+        };
+        assert!(levels(&assess_announce(&idle)).contains(&Level::Warn));
+    }
 }
 
 #[cfg(test)]

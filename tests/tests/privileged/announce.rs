@@ -70,6 +70,32 @@ fn nodes_announce_what_they_serve_and_withdrawals_reset_nothing() {
         assert_eq!(edge.announced(i).unwrap(), [VIP.to_string()]);
         assert_eq!(vip_state(&daemons[i]), (true, serde_json::Value::Null));
     }
+    // `lb doctor` finds every link of the chain in place: BIRD answers, its
+    // session is up, it learns the table and exports the VIP.
+    let doctor = edge.nodes[0]
+        .ns
+        .run(|| {
+            let out = std::process::Command::new(lb_tests::daemon::lb_binary()?)
+                .args(["--json", "doctor", "--config"])
+                .arg(&daemons[0].config)
+                .output()?;
+            Ok(serde_json::from_slice::<serde_json::Value>(&out.stdout)?)
+        })
+        .unwrap();
+    let announce_checks: Vec<&serde_json::Value> = doctor
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| {
+            let c = f["check"].as_str().unwrap();
+            c == "bird" || c.starts_with("bgp") || c.starts_with("table") || c.starts_with("export")
+        })
+        .collect();
+    assert_eq!(announce_checks.len(), 4, "{doctor}");
+    assert!(
+        announce_checks.iter().all(|f| f["level"] == "ok"),
+        "{doctor}"
+    );
     let digests: Vec<_> = daemons
         .iter()
         .map(|d| d.cli(&["service", "list"]).unwrap()[0]["digest"].clone())
