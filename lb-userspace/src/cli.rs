@@ -118,8 +118,13 @@ enum Command {
     Demo {
         /// Leave the topology and daemon running until Ctrl-C, and print how
         /// to explore them.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "fleet")]
         keep: bool,
+        /// Three lb nodes behind a BIRD router with one etcd: announcements,
+        /// a change live on every node, a node failure under long-lived
+        /// connections.
+        #[arg(long)]
+        fleet: bool,
     },
 }
 
@@ -338,7 +343,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Demo { keep } => crate::demo::run(&crate::demo::Options { keep }),
+        Command::Demo { keep, fleet } => crate::demo::run(&crate::demo::Options { keep, fleet }),
         Command::Doctor {
             config,
             interfaces,

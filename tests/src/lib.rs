@@ -6,7 +6,8 @@
 //!   UDP, ICMP) with valid lengths and checksums.
 //! - [`daemon`]: a real `lb daemon` process in a namespace, driven by the CLI.
 //! - [`edge`]: a client behind a BIRD router that learns VIPs over BGP from
-//!   lb nodes, each with its own BIRD; echo servers and long-lived sessions.
+//!   lb nodes, each with its own BIRD; etcd; echo servers and long-lived
+//!   sessions (`lb::demo::edge`, which `lb demo --fleet` runs too).
 //! - [`lab`]: a loaded data plane with services and backends, and a way to
 //!   run one frame through a program with BPF_PROG_TEST_RUN.
 //! - [`fuzz`]: the packet fuzzer: seeded frame generator, reference
@@ -15,7 +16,7 @@
 //! Network namespaces come from `lb::netns`, which the demo uses too.
 
 pub mod daemon;
-pub mod edge;
+pub use lb::demo::edge;
 pub mod fuzz;
 pub mod lab;
 pub mod lan;

@@ -6,13 +6,17 @@ use anyhow::Result;
 
 use crate::{build, exec};
 
-/// Builds the release binary and runs its demo (`--keep` with `keep`).
-pub fn run(root: &Path, keep: bool) -> Result<()> {
+/// Builds the release binary and runs its demo (`--keep` with `keep`, the
+/// fleet demo with `fleet`).
+pub fn run(root: &Path, keep: bool, fleet: bool) -> Result<()> {
     let lb = build::build(root, false)?;
     let mut cmd = exec::command(&lb);
     cmd.arg("demo");
     if keep {
         cmd.arg("--keep");
+    }
+    if fleet {
+        cmd.arg("--fleet");
     }
     exec::run(&mut cmd)
 }

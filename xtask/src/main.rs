@@ -50,6 +50,9 @@ enum Task {
         /// Leave the demo running until Ctrl-C (`lb demo --keep`).
         #[arg(long)]
         keep: bool,
+        /// Three lb nodes behind a BGP router with one etcd (`lb demo --fleet`).
+        #[arg(long)]
+        fleet: bool,
     },
     /// Run setup, build, then every benchmark (needs root): BENCHMARKS.md and bench/results.json.
     Bench {
@@ -84,7 +87,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Build { debug } => build::run(&root, debug),
         Task::Bench { quick } => bench::run(&root, quick),
-        Task::Demo { keep } => demo::run(&root, keep),
+        Task::Demo { keep, fleet } => demo::run(&root, keep, fleet),
         Task::Fuzz { frames, seed } => fuzz::run(&root, frames, seed),
         // Reports its own failures: its summary line must come last.
         Task::Test { cargo_test_args } => return test::run(&root, &cargo_test_args),

@@ -7,10 +7,14 @@
 //! `--keep` leaves it all running until Ctrl-C.
 //!
 //! - `topology`: the namespaces and addresses.
+//! - `edge`: the fleet's topology: router, lb nodes with BIRD, etcd.
+//! - `fleet`: `lb demo --fleet`, three nodes behind a BGP router.
 //! - `server`: the backends' small HTTP/UDP servers that say who they are.
 //! - `chart`: terminal bar charts of the spread.
 
 pub mod chart;
+pub mod edge;
+mod fleet;
 pub mod server;
 pub mod topology;
 
@@ -33,6 +37,7 @@ use crate::{
     doctor,
     netns::PrivateBpffs,
 };
+pub use fleet::DIR as FLEET_DIR;
 use server::NameServer;
 use topology::{BACKENDS, Topology, VIP};
 
@@ -62,6 +67,8 @@ slow_start = "0s""#;
 pub struct Options {
     /// Leave everything running, print how to explore it, and clean up on Ctrl-C.
     pub keep: bool,
+    /// The fleet demo instead: three nodes behind a BGP router, one etcd.
+    pub fleet: bool,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -121,6 +128,9 @@ pub fn run(opts: &Options) -> Result<()> {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     let lb = std::env::current_exe().context("finding the lb binary")?;
+    if opts.fleet {
+        return fleet::run(&lb);
+    }
     println!(
         "lb demo: {VIP}:{PORT}/tcp (dsr-l2) over {} backends, run by `lb daemon`\n",
         BACKENDS.len()

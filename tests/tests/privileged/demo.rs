@@ -80,3 +80,37 @@ fn the_demo_runs_end_to_end_and_is_interrupted_cleanly() {
     assert!(err.contains("interrupted"), "{err}");
     assert_nothing_left();
 }
+
+#[test]
+fn the_fleet_demo_runs_end_to_end_and_leaves_nothing() {
+    if !privileged() {
+        return;
+    }
+    let child = Command::new(lb_binary().unwrap())
+        .args(["demo", "--fleet"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    println!("{text}");
+    assert!(out.status.success(), "lb demo --fleet failed:\n{text}");
+    for line in [
+        "every node announced 198.18.1.1",
+        "nexthop via 198.18.0.4",
+        "live on all 3 nodes",
+        "the router withdrew lb2",
+        "connections still answer from their backend",
+        "status left etcd with its lease",
+        "done: every namespace",
+    ] {
+        assert!(text.contains(line), "fleet demo output lacks {line:?}");
+    }
+    let namespaces = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let namespaces = String::from_utf8_lossy(&namespaces.stdout);
+    assert!(!namespaces.contains(&format!("lbt{pid}-")), "{namespaces}");
+    assert!(!std::path::Path::new(lb::demo::FLEET_DIR).exists());
+}

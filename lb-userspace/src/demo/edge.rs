@@ -1,7 +1,8 @@
-//! An edge in namespaces: a client behind a router running BIRD, which
-//! learns the VIPs over BGP from lb nodes (each with its own BIRD and `lb
-//! daemon`) on one segment with the backends. The addresses and BIRD
-//! configurations are the shipped examples' (`examples/bird-*.conf`).
+//! An edge in namespaces, for `lb demo --fleet` and the fleet tests: a
+//! client behind a router running BIRD, which learns the VIPs over BGP from
+//! lb nodes (each with its own BIRD and `lb daemon`) on one segment with the
+//! backends and etcd. The addresses and BIRD configurations are the shipped
+//! examples' (`examples/bird-*.conf`), embedded in the binary.
 //!
 //! ```text
 //!  client 198.18.2.2 ── 198.18.2.1 router 198.18.0.254 ─┐ br0
@@ -22,8 +23,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::netns::{self, Netns, spawn_in};
 use anyhow::{Context as _, Result, bail};
-use lb::netns::{self, Netns, spawn_in};
 use serde_json::Value;
 
 /// The router's address on the lb segment (BGP peer of every node).
@@ -36,14 +37,19 @@ const ROUTER_CLIENT_SIDE: &str = "198.18.2.1/24";
 pub const ANNOUNCE_TABLE: u32 = 100;
 
 /// BIRD configurations as shipped.
-const NODE_CONF: &str = include_str!("../../examples/bird-lb-node.conf");
-const ROUTER_CONF: &str = include_str!("../../examples/bird-router.conf");
+const NODE_CONF: &str = include_str!("../../../examples/bird-lb-node.conf");
+const ROUTER_CONF: &str = include_str!("../../../examples/bird-router.conf");
 /// The node address the node example is written for.
 const EXAMPLE_NODE: &str = "198.18.0.2";
 
 /// Address of lb node `i` (0-based), as the router example peers with them.
 pub fn node_v4(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 0, 2 + i as u8)
+}
+
+/// The name backend `i`'s echo server answers with.
+pub fn backend_name(i: usize) -> String {
+    format!("backend-{}", i + 1)
 }
 
 /// Address of backend `i` (0-based).
@@ -99,8 +105,8 @@ impl Bird {
     /// Whether every BGP session is established.
     pub fn sessions_up(&self) -> Result<bool> {
         let rt = tokio_runtime()?;
-        let sessions = rt.block_on(lb::bird::bgp_sessions(&self.socket))?;
-        Ok(!sessions.is_empty() && sessions.iter().all(lb::bird::Protocol::established))
+        let sessions = rt.block_on(crate::bird::bgp_sessions(&self.socket))?;
+        Ok(!sessions.is_empty() && sessions.iter().all(crate::bird::Protocol::established))
     }
 }
 
@@ -482,7 +488,7 @@ impl Edge {
         let out = Command::new("ip")
             .args(["-n", &self.nodes[i].ns.name, "-j", "route", "show", "table"])
             .arg(ANNOUNCE_TABLE.to_string())
-            .args(["proto", &lb::routes::ROUTE_PROTOCOL.to_string()])
+            .args(["proto", &crate::routes::ROUTE_PROTOCOL.to_string()])
             .output()?;
         let routes: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
         Ok(routes
@@ -667,16 +673,37 @@ impl Sessions {
     /// Asks on every connection; returns how many answered from their first
     /// backend, and a description of each that did not.
     pub fn check(&mut self) -> (usize, Vec<String>) {
-        let mut ok = 0;
-        let mut bad = Vec::new();
-        for (i, (r, first)) in self.conns.iter_mut().enumerate() {
-            match ask(r) {
-                Ok(name) if name == *first => ok += 1,
-                Ok(name) => bad.push(format!("connection {i}: {first} then {name}")),
-                Err(e) => bad.push(format!("connection {i} (on {first}): {e:#}")),
-            }
+        let broken = self.broken();
+        let bad: Vec<String> = broken
+            .iter()
+            .map(|b| {
+                format!(
+                    "connection from port {} (on {}): {}",
+                    b.port, b.first, b.what
+                )
+            })
+            .collect();
+        (self.conns.len() - bad.len(), bad)
+    }
+
+    /// Asks on every connection; returns those that did not answer from
+    /// their first backend.
+    pub fn broken(&mut self) -> Vec<Broken> {
+        let mut out = Vec::new();
+        for (r, first) in self.conns.iter_mut() {
+            let port = r.get_ref().local_addr().map_or(0, |a| a.port());
+            let what = match ask(r) {
+                Ok(name) if name == *first => continue,
+                Ok(name) => format!("answered by {name}"),
+                Err(e) => format!("{e:#}"),
+            };
+            out.push(Broken {
+                port,
+                first: first.clone(),
+                what,
+            });
         }
-        (ok, bad)
+        out
     }
 
     /// Connections per backend name.
@@ -687,6 +714,17 @@ impl Sessions {
         }
         m
     }
+}
+
+/// A connection that did not answer from its first backend.
+#[derive(Debug, Clone)]
+pub struct Broken {
+    /// The client's port.
+    pub port: u16,
+    /// The backend that answered first.
+    pub first: String,
+    /// What happened instead.
+    pub what: String,
 }
 
 fn ask(r: &mut BufReader<TcpStream>) -> Result<String> {
