@@ -12,6 +12,8 @@
 //!   through an attached program, lb against the swap floor.
 //! - `proxies`: lb against HAProxy and nginx as L4 proxies, under wrk.
 //! - `reaction`: set-weight to a live table, eviction after a backend dies.
+//! - `fleet`: node failure to the router's withdrawal, a change live on
+//!   every node, etcd latency.
 //! - `control`: Maglev table quality and build time.
 //! - `memory`: the daemon's resident memory and its maps' memory.
 //! - `machine`: what the machine is; CPU pinning and the CPU-time clock.
@@ -20,6 +22,7 @@
 
 mod control;
 mod dataplane;
+mod fleet;
 mod live;
 mod machine;
 mod memory;
@@ -58,7 +61,7 @@ struct Cli {
     #[arg(long)]
     criterion: Option<PathBuf>,
     /// Only these parts (dataplane, live, control, memory, proxies,
-    /// reaction); all by default.
+    /// reaction, fleet); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -86,6 +89,8 @@ pub struct Results {
     pub proxies: Option<proxies::ProxyResults>,
     /// The daemon's reaction times.
     pub reaction: Option<reaction::ReactionResults>,
+    /// The fleet: failures, propagation, etcd.
+    pub fleet: Option<fleet::FleetResults>,
 }
 
 fn main() -> ExitCode {
@@ -122,6 +127,7 @@ fn run(cli: &Cli) -> Result<()> {
         memory: None,
         proxies: None,
         reaction: None,
+        fleet: None,
     };
     if wanted(cli, "dataplane") {
         results.dataplane = Some(dataplane::run(&dataplane::Plan::new(cli.quick))?);
@@ -143,7 +149,7 @@ fn run(cli: &Cli) -> Result<()> {
     }
     // The parts below run real processes (client, servers, proxies, the
     // daemon), which must be free to use every CPU, as in production.
-    if wanted(cli, "proxies") || wanted(cli, "reaction") {
+    if wanted(cli, "proxies") || wanted(cli, "reaction") || wanted(cli, "fleet") {
         machine::unpin().context("unpinning")?;
     }
     if wanted(cli, "proxies") {
@@ -151,6 +157,9 @@ fn run(cli: &Cli) -> Result<()> {
     }
     if wanted(cli, "reaction") {
         results.reaction = Some(reaction::run(reaction::Plan::new(cli.quick))?);
+    }
+    if wanted(cli, "fleet") {
+        results.fleet = Some(fleet::run(fleet::Plan::new(cli.quick))?);
     }
     results.machine.loadavg_end = machine::loadavg();
     write(&cli.json, &serde_json::to_string_pretty(&results)?)?;

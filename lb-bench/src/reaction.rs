@@ -178,7 +178,7 @@ pub fn run(plan: Plan) -> Result<ReactionResults> {
     })
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
@@ -191,13 +191,13 @@ fn ms_signed(later: Instant, earlier: Instant) -> f64 {
 }
 
 /// A thread watching one service's live table copy until it changes.
-struct Watch {
+pub(crate) struct Watch {
     thread: JoinHandle<Result<Instant>>,
 }
 
 impl Watch {
     /// Reads the service's live copy now, then watches it from a thread.
-    fn start(pin: &Path, key: ServiceKey) -> Result<Watch> {
+    pub(crate) fn start(pin: &Path, key: ServiceKey) -> Result<Watch> {
         let before = live_copy(&open(pin)?, &key)?;
         let pin: PathBuf = pin.to_owned();
         let thread = std::thread::spawn(move || {
@@ -218,7 +218,7 @@ impl Watch {
     }
 
     /// When the live copy changed.
-    fn flipped(self) -> Result<Instant> {
+    pub(crate) fn flipped(self) -> Result<Instant> {
         self.thread
             .join()
             .map_err(|_| anyhow::anyhow!("the watcher panicked"))?

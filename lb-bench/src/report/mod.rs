@@ -2,6 +2,7 @@
 //! they were measured, then what lb loses and why. Only measured figures
 //! appear; what was not measured says so.
 
+mod fleet;
 mod live;
 mod proxies;
 mod reaction;
@@ -56,6 +57,10 @@ pub fn render(r: &Results) -> String {
         None => out.push_str(
             "## Control plane: how fast changes reach the data plane\n\nNot measured in this run.\n\n",
         ),
+    }
+    match &r.fleet {
+        Some(f) => fleet::render(&mut out, f),
+        None => out.push_str("## The fleet\n\nNot measured in this run.\n\n"),
     }
     match &r.memory {
         Some(m) => memory(&mut out, m, r.control.as_ref()),

@@ -125,6 +125,31 @@ fn tokio_runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// How BGP sessions detect a dead peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timers {
+    /// BFD, 100 ms x 3, as the examples ship.
+    Bfd,
+    /// No BFD: the BGP hold timer alone, in seconds (keepalives at a third).
+    HoldTime(u32),
+}
+
+impl Timers {
+    /// A BIRD configuration from the examples with these timers.
+    fn apply(self, config: &str) -> String {
+        match self {
+            Timers::Bfd => config.to_string(),
+            Timers::HoldTime(s) => config.replace(
+                "bfd on;",
+                &format!(
+                    "bfd off;\n    hold time {s};\n    keepalive time {};",
+                    (s / 3).max(1)
+                ),
+            ),
+        }
+    }
+}
+
 /// An lb node's namespace and its BIRD (the daemon is the test's).
 pub struct Node {
     /// Its BIRD, stopped before the namespace goes.
@@ -133,12 +158,16 @@ pub struct Node {
     pub ns: Netns,
     /// Its address.
     pub v4: Ipv4Addr,
+    /// Its BGP timers.
+    timers: Timers,
 }
 
 /// etcd's address on the lb segment.
 pub const ETCD_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 250);
 /// Its client port.
 pub const ETCD_PORT: u16 = 2379;
+/// Bound on what [`Etcd::client`] runs (hangs, not slowness).
+const ETCD_CALLS_TIMEOUT: Duration = Duration::from_secs(30);
 /// The fleet's key prefix in the tests.
 pub const FLEET_PREFIX: &str = "/lb";
 
@@ -241,9 +270,9 @@ impl Etcd {
                 )
                 .await
                 .context("etcd did not answer")??;
-                tokio::time::timeout(Duration::from_secs(5), f(client))
+                tokio::time::timeout(ETCD_CALLS_TIMEOUT, f(client))
                     .await
-                    .context("etcd call timed out")?
+                    .context("etcd calls timed out")?
             })
         })
     }
@@ -304,7 +333,7 @@ impl Node {
         self.bird = Some(Bird::start(
             &self.ns,
             &format!("lb{i}"),
-            &node_bird_config(self.v4),
+            &self.timers.apply(&node_bird_config(self.v4)),
         )?);
         Ok(())
     }
@@ -331,6 +360,16 @@ impl Edge {
     /// Builds the edge with `nodes` lb nodes (each running BIRD) and
     /// `backends` backends holding `vips` on `lo`.
     pub fn build(nodes: usize, backends: usize, vips: &[Ipv4Addr]) -> Result<Edge> {
+        Edge::build_with(nodes, backends, vips, Timers::Bfd)
+    }
+
+    /// As [`Edge::build`], with BGP `timers` on the router and every node.
+    pub fn build_with(
+        nodes: usize,
+        backends: usize,
+        vips: &[Ipv4Addr],
+        timers: Timers,
+    ) -> Result<Edge> {
         let switch = netns::switch()?;
         let router = Netns::new("rt")?;
         let client = Netns::new("cl")?;
@@ -369,7 +408,7 @@ impl Edge {
         router.sysctl("net.ipv4.ip_forward", "1")?;
         // Spread flows over the nodes by their 5-tuple.
         router.sysctl("net.ipv4.fib_multipath_hash_policy", "1")?;
-        let router_bird = Bird::start(&router, "router", ROUTER_CONF)?;
+        let router_bird = Bird::start(&router, "router", &timers.apply(ROUTER_CONF))?;
 
         let mut backend_ns = Vec::new();
         for i in 0..backends {
@@ -411,11 +450,12 @@ impl Edge {
                 &format!("02:00:00:00:00:{:02x}", 2 + i),
                 &[&format!("{v4}/24")],
             )?;
-            let bird = Bird::start(&ns, &format!("lb{i}"), &node_bird_config(v4))?;
+            let bird = Bird::start(&ns, &format!("lb{i}"), &timers.apply(&node_bird_config(v4)))?;
             edge.nodes.push(Node {
                 bird: Some(bird),
                 ns,
                 v4,
+                timers,
             });
         }
         Ok(edge)
