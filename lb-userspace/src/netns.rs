@@ -192,25 +192,22 @@ impl Drop for PrivateBpffs {
     }
 }
 
+/// A veth pair: `a_name` in `a`, `b_name` (with `b_mac`, if given) in `b`.
+pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str, b_mac: Option<&str>) -> Result<()> {
+    let mut args = vec![
+        "link", "add", a_name, "netns", &a.name, "type", "veth", "peer", "name", b_name, "netns",
+        &b.name,
+    ];
+    if let Some(mac) = b_mac {
+        args.extend(["address", mac]);
+    }
+    ip(&args)
+}
+
 /// Connects `host` (interface `eth0` with `mac`, addresses `addrs`) to the
 /// bridge `br0` in `switch`, through a veth whose switch end is `port`.
 pub fn plug(switch: &Netns, port: &str, host: &Netns, mac: &str, addrs: &[&str]) -> Result<()> {
-    ip(&[
-        "link",
-        "add",
-        port,
-        "netns",
-        &switch.name,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        &host.name,
-        "address",
-        mac,
-    ])?;
+    veth(switch, port, host, "eth0", Some(mac))?;
     switch.ip(&["link", "set", port, "master", "br0", "up"])?;
     for a in addrs {
         let mut args = vec!["addr", "add", *a, "dev", "eth0"];

@@ -4,6 +4,7 @@ use std::{
     net::Ipv4Addr,
     path::PathBuf,
     process::{Child, Command},
+    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
@@ -122,7 +123,10 @@ impl Daemon {
         config: &str,
         env: &[(&str, &str)],
     ) -> Result<Daemon> {
-        let dir = std::env::temp_dir().join(format!("lbt-{}-{tag}", std::process::id()));
+        // Unique per daemon: tests that share a tag run in parallel.
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("lbt-{}-{n}-{tag}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("lb.sock");
         let full = config.replacen(

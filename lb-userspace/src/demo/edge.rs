@@ -69,7 +69,8 @@ impl Bird {
     /// Starts `bird` in the foreground in `ns` with `config`, logging to a
     /// file in a fresh directory; returns once its control socket answers.
     pub fn start(ns: &Netns, tag: &str, config: &str) -> Result<Bird> {
-        let dir = std::env::temp_dir().join(format!("lbt-{}-bird-{tag}", std::process::id()));
+        // Named after the namespace, which is unique: tests run in parallel.
+        let dir = std::env::temp_dir().join(format!("{}-bird-{tag}", ns.name));
         std::fs::create_dir_all(&dir)?;
         let conf = dir.join("bird.conf");
         std::fs::write(&conf, config.replace("log syslog all;", "log stderr all;"))?;
@@ -184,7 +185,7 @@ impl Etcd {
     /// Starts etcd in `ns` (which it then owns) on [`ETCD_V4`], data in a
     /// fresh directory.
     pub fn start(ns: Netns) -> Result<Etcd> {
-        let dir = std::env::temp_dir().join(format!("lbt-{}-etcd", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("{}-etcd", ns.name));
         std::fs::create_dir_all(&dir)?;
         let mut etcd = Etcd {
             child: None,
@@ -380,20 +381,7 @@ impl Edge {
             "02:00:00:00:00:fe",
             &[&format!("{ROUTER_V4}/24")],
         )?;
-        netns::ip(&[
-            "link",
-            "add",
-            "eth1",
-            "netns",
-            &router.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &client.name,
-        ])?;
+        netns::veth(&router, "eth1", &client, "eth0", None)?;
         router.ip(&["addr", "add", ROUTER_CLIENT_SIDE, "dev", "eth1"])?;
         router.ip(&["link", "set", "eth1", "up"])?;
         client.ip(&["addr", "add", &format!("{CLIENT_V4}/24"), "dev", "eth0"])?;

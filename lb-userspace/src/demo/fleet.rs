@@ -27,7 +27,7 @@ use crate::{api, netns::PrivateBpffs};
 
 /// Where the fleet demo keeps each node's configuration, socket, state,
 /// log and bpffs.
-pub const DIR: &str = "/run/lb-demo-fleet";
+pub const DIR: &str = "/run/lb-fleet-demo";
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 const NODES: usize = 3;
 const BACKENDS: usize = 3;

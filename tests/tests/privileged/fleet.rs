@@ -72,6 +72,11 @@ impl Fleet {
         fleet
     }
 
+    /// `n` long-lived connections from the client to the VIP.
+    fn sessions(&self, n: usize) -> Sessions {
+        Sessions::open(&self.edge.client, SocketAddr::new(VIP.into(), ECHO_PORT), n).unwrap()
+    }
+
     fn digests(&self) -> Vec<Value> {
         self.daemons
             .iter()
@@ -238,12 +243,7 @@ fn one_desired_state_changes_everywhere_and_refuses_conflicts_and_bad_data() {
     };
     eprintln!("bad keys reported: {problems}");
     assert_eq!(fleet.digests(), before, "the last good state is kept");
-    let mut sessions = Sessions::open(
-        &fleet.edge.client,
-        SocketAddr::new(VIP.into(), ECHO_PORT),
-        50,
-    )
-    .unwrap();
+    let mut sessions = fleet.sessions(50);
     assert!(
         sessions.check().1.is_empty(),
         "forwarding with the last good state"
@@ -345,12 +345,7 @@ fn a_failed_node_is_withdrawn_at_once_and_returns_only_converged_resetting_nothi
         return;
     }
     let mut fleet = Fleet::start();
-    let mut sessions = Sessions::open(
-        &fleet.edge.client,
-        SocketAddr::new(VIP.into(), ECHO_PORT),
-        CONNECTIONS,
-    )
-    .unwrap();
+    let mut sessions = fleet.sessions(CONNECTIONS);
     eprintln!("connections per backend: {:?}", sessions.spread());
     let survivors = [node_v4(0), node_v4(1)];
     let all: Vec<Ipv4Addr> = (0..NODES).map(node_v4).collect();
@@ -445,12 +440,7 @@ fn nodes_that_disagree_on_a_backends_health_keep_identical_tables() {
         return;
     }
     let mut fleet = Fleet::start();
-    let mut sessions = Sessions::open(
-        &fleet.edge.client,
-        SocketAddr::new(VIP.into(), ECHO_PORT),
-        CONNECTIONS,
-    )
-    .unwrap();
+    let mut sessions = fleet.sessions(CONNECTIONS);
     let b0 = backend_v4(0).to_string();
     let own = |fleet: &Fleet, node: usize| -> Value {
         let s = fleet.daemons[node].cli(&["health"]).unwrap();
