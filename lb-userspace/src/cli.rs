@@ -568,7 +568,7 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Node(NodeCommand::Undrain) => {
-            let status = node_status(&cli.socket, Request::SetNodeDrained { drained: false })?;
+            let status = set_drained(&cli.socket, false)?;
             print(cli.json, serde_json::to_value(&status)?, |_| {
                 node_text(&status)
             })
@@ -578,7 +578,7 @@ fn run(cli: Cli) -> Result<()> {
             quiet,
             timeout,
         }) => {
-            let mut status = node_status(&cli.socket, Request::SetNodeDrained { drained: true })?;
+            let mut status = set_drained(&cli.socket, true)?;
             let start = Instant::now();
             while wait && status.quiet_seconds < quiet.as_secs_f64() {
                 if start.elapsed() > timeout {
@@ -711,6 +711,24 @@ fn fleet_text(s: &FleetStatus) -> String {
         }
     }
     out
+}
+
+/// How long `lb node drain|undrain` waits for the routes to follow.
+const ROUTES_FOLLOW: Duration = Duration::from_secs(2);
+
+/// Drains or undrains the node, then waits (briefly) until the announce
+/// table matches the decisions, so the status printed is the routes' own.
+fn set_drained(socket: &std::path::Path, drained: bool) -> Result<NodeStatus> {
+    let mut status = node_status(socket, Request::SetNodeDrained { drained })?;
+    let start = Instant::now();
+    let settled = |s: &NodeStatus| {
+        s.announce_table.is_none() || s.vips.iter().all(|v| v.announced == v.withheld.is_none())
+    };
+    while !settled(&status) && start.elapsed() < ROUTES_FOLLOW {
+        std::thread::sleep(Duration::from_millis(20));
+        status = node_status(socket, Request::Node)?;
+    }
+    Ok(status)
 }
 
 fn node_text(s: &NodeStatus) -> String {

@@ -38,11 +38,11 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
-use crate::fleet::store::Event as FleetEvent;
 use crate::{
     api::{self, Request, Response},
     config::{self, Desired, XdpModeSetting},
     dataplane::{Dataplane, KernelLog, KernelLogLevel, Repair},
+    fleet::store::Event as FleetEvent,
     neighbor,
 };
 use controller::Controller;
