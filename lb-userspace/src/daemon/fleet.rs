@@ -280,6 +280,18 @@ impl FleetNode {
         Ok(self.applied.clone().unwrap_or_default())
     }
 
+    /// The desired state a change request would lead to, if it is valid.
+    pub(crate) fn proposed(&self, request: &Request) -> Option<Desired> {
+        let services = match request {
+            Request::Apply { config, .. } | Request::FleetImport { config, .. } => {
+                config_edit::services_only(config).ok()?
+            }
+            Request::Edit { edit, .. } => edit.apply_to(&self.applied.as_ref()?.services).ok()?,
+            _ => return None,
+        };
+        config::parse_fleet(&self.node_text, &services).ok()
+    }
+
     /// Requests a fleet node answers itself: changes to the fleet's state
     /// and the fleet's status. Everything else is the node's own.
     pub(crate) fn handles(request: &Request) -> bool {

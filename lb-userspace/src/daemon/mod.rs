@@ -157,16 +157,22 @@ fn dataplane_settings(d: &Desired) -> lb_common::Settings {
 /// known yet. They are resolved before the change, so the change (and its
 /// dry run) counts the slots they take at once instead of leaving them out
 /// until the next MAC refresh. Invalid changes yield none: they fail later.
-fn unresolved_backends(request: &Request, file: &ConfigFile, ctl: &Controller) -> Vec<IpAddr> {
-    let text = match request {
-        Request::Apply { config, .. } => config.clone(),
-        Request::Edit { edit, .. } => match edit.apply_to(file.text()) {
-            Ok(text) => text,
-            Err(_) => return Vec::new(),
-        },
-        _ => return Vec::new(),
+fn unresolved_backends(
+    request: &Request,
+    file: &ConfigFile,
+    fleet: Option<&FleetNode>,
+    ctl: &Controller,
+) -> Vec<IpAddr> {
+    let proposed = match (fleet, request) {
+        (Some(f), _) => f.proposed(request),
+        (None, Request::Apply { config, .. }) => config::parse(config).ok(),
+        (None, Request::Edit { edit, .. }) => edit
+            .apply_to(file.text())
+            .ok()
+            .and_then(|text| config::parse(&text).ok()),
+        _ => None,
     };
-    config::parse(&text)
+    proposed
         .map(|d| {
             backend_addrs(&d)
                 .into_iter()
@@ -325,7 +331,7 @@ pub async fn run(opts: Options) -> Result<()> {
     loop {
         tokio::select! {
             Some((request, reply)) = calls.recv() => {
-                let new = unresolved_backends(&request, &file, &ctl);
+                let new = unresolved_backends(&request, &file, fleet_node.as_ref(), &ctl);
                 if !new.is_empty()
                     && let Err(e) = ctl.set_macs(neighbor::resolve_all(new).await)
                 {

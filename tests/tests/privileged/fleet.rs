@@ -33,9 +33,9 @@ struct Fleet {
 }
 
 impl Fleet {
-    /// Three nodes in one fleet, the services imported through node 0, every
-    /// node announcing.
-    fn start() -> Fleet {
+    /// Three nodes in one fleet, service `echo` with the first `imported`
+    /// backends imported through node 0, every node announcing.
+    fn start(imported: usize) -> Fleet {
         let mut edge = Edge::build(NODES, BACKENDS, &[VIP]).unwrap();
         edge.start_etcd().unwrap();
         let servers = edge
@@ -54,7 +54,7 @@ impl Fleet {
             })
             .collect();
         let services = daemons[0].dir.join("services.toml");
-        std::fs::write(&services, fleet_services(VIP, BACKENDS)).unwrap();
+        std::fs::write(&services, fleet_services(VIP, imported)).unwrap();
         daemons[0]
             .cli(&["fleet", "import", services.to_str().unwrap()])
             .unwrap();
@@ -64,7 +64,7 @@ impl Fleet {
             edge,
         };
         for d in &fleet.daemons {
-            d.wait_in_table(BACKENDS, Duration::from_secs(10)).unwrap();
+            d.wait_in_table(imported, Duration::from_secs(10)).unwrap();
         }
         let all: Vec<Ipv4Addr> = (0..NODES).map(node_v4).collect();
         let t = fleet.edge.wait_paths(VIP, &all, SESSION_UP).unwrap();
@@ -128,9 +128,28 @@ fn one_desired_state_changes_everywhere_and_refuses_conflicts_and_bad_data() {
     if !privileged() {
         return;
     }
-    let mut fleet = Fleet::start();
+    let mut fleet = Fleet::start(BACKENDS - 1);
     let t = fleet.wait_agreed(Duration::from_secs(5));
     eprintln!("equal revisions and digests on every node after {t:?}");
+
+    // A backend added through node 1 takes its slots at once: its next hop
+    // is resolved before the change, and every node follows.
+    let added = backend_v4(BACKENDS - 1).to_string();
+    let report = fleet.daemons[1]
+        .cli(&["backend", "add", "echo", &added])
+        .unwrap();
+    assert!(
+        report["slots_moved"]["echo"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert!(
+        !report["changes"].to_string().contains("not resolved"),
+        "{report}"
+    );
+    for d in &fleet.daemons {
+        d.wait_in_table(BACKENDS, Duration::from_secs(2)).unwrap();
+    }
+    fleet.wait_agreed(Duration::from_secs(2));
 
     // A change through node 0 is live on every node within a second.
     let start = Instant::now();
@@ -250,6 +269,7 @@ fn one_desired_state_changes_everywhere_and_refuses_conflicts_and_bad_data() {
     );
     // An operator's write replaces the bad data.
     let services = fleet.daemons[0].dir.join("services.toml");
+    std::fs::write(&services, fleet_services(VIP, BACKENDS)).unwrap();
     fleet.daemons[0]
         .cli(&["fleet", "import", "--replace", services.to_str().unwrap()])
         .unwrap();
@@ -344,7 +364,7 @@ fn a_failed_node_is_withdrawn_at_once_and_returns_only_converged_resetting_nothi
     if !privileged() {
         return;
     }
-    let mut fleet = Fleet::start();
+    let mut fleet = Fleet::start(BACKENDS);
     let mut sessions = fleet.sessions(CONNECTIONS);
     eprintln!("connections per backend: {:?}", sessions.spread());
     let survivors = [node_v4(0), node_v4(1)];
@@ -439,7 +459,7 @@ fn nodes_that_disagree_on_a_backends_health_keep_identical_tables() {
     if !privileged() {
         return;
     }
-    let mut fleet = Fleet::start();
+    let mut fleet = Fleet::start(BACKENDS);
     let mut sessions = fleet.sessions(CONNECTIONS);
     let b0 = backend_v4(0).to_string();
     let own = |fleet: &Fleet, node: usize| -> Value {
