@@ -505,15 +505,26 @@ impl FleetNode {
             return Convergence::default();
         }
         let applied = self.applied.as_ref().map_or(0, |s| s.revision);
-        // Refused data is no newer state: every node keeps the last good one.
-        let newest = self
+        let me = self.settings.node.as_str();
+        // Refused data is no newer state when every node refuses it (all
+        // keep the last good one); a state other nodes applied is, even if
+        // this node refused it (its own settings cannot hold it).
+        let newest_read = self
             .latest
             .as_ref()
             .filter(|_| self.refused.is_none())
             .and_then(|s| s.state.as_ref().ok())
             .map_or(applied, |s| s.revision);
+        let newest_applied = self
+            .latest
+            .iter()
+            .flat_map(|s| s.nodes.values())
+            .filter(|r| r.name != me)
+            .map(|r| r.revision)
+            .max()
+            .unwrap_or(0);
+        let newest = newest_read.max(newest_applied);
         let mine = digests(ctl);
-        let me = self.settings.node.as_str();
         let mut tables: Vec<agree::Tables<'_>> = vec![(me, applied, &mine)];
         if let Some(s) = &self.latest {
             tables.extend(
