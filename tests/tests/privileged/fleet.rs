@@ -547,4 +547,45 @@ fn nodes_that_disagree_on_a_backends_health_keep_identical_tables() {
         bad.iter().all(|b| b.contains("backend-1")),
         "connections to live backends broke: {bad:?}"
     );
+
+    // Node 2 comes back as a smaller host (room for 3 backends) and the
+    // fleet grows to 4: it refuses that state, the others apply it, and it
+    // withdraws rather than serve with an older table. Shrinking back
+    // brings it in again.
+    fleet.daemons[2].kill(libc::SIGKILL).unwrap();
+    std::fs::remove_dir_all(&fleet.daemons[2].pins).unwrap();
+    let config = std::fs::read_to_string(&fleet.daemons[2].config).unwrap();
+    std::fs::write(
+        &fleet.daemons[2].config,
+        config.replace("max_backends = 16", "max_backends = 3"),
+    )
+    .unwrap();
+    fleet.daemons[2].spawn().unwrap();
+    let all: Vec<Ipv4Addr> = (0..NODES).map(node_v4).collect();
+    fleet.edge.wait_paths(VIP, &all, SESSION_UP).unwrap();
+    let fourth = "198.18.0.99";
+    fleet.daemons[0]
+        .cli(&["backend", "add", "echo", fourth])
+        .unwrap();
+    fleet
+        .edge
+        .wait_paths(VIP, &[node_v4(0), node_v4(1)], Duration::from_secs(5))
+        .unwrap();
+    let status = fleet.daemons[2].cli(&["node", "status"]).unwrap();
+    assert_eq!(status["vips"][0]["withheld"], "not-converged", "{status}");
+    let fleet_status = fleet.daemons[2].cli(&["fleet", "status"]).unwrap();
+    assert!(
+        fleet_status["problems"]
+            .to_string()
+            .contains("max_backends"),
+        "{fleet_status}"
+    );
+    eprintln!("a node that cannot hold the fleet's state withdrew");
+    fleet.daemons[0]
+        .cli(&["backend", "del", "echo", fourth])
+        .unwrap();
+    fleet
+        .edge
+        .wait_paths(VIP, &all, Duration::from_secs(5))
+        .unwrap();
 }
