@@ -492,6 +492,14 @@ impl FleetNode {
         });
     }
 
+    /// The node's fleet figures for the metrics.
+    pub(crate) fn gauges(&self) -> super::metrics::FleetGauges {
+        super::metrics::FleetGauges {
+            applied_revision: self.applied.as_ref().map_or(0, |s| s.revision),
+            etcd_reachable: self.unreachable.is_none(),
+        }
+    }
+
     /// Whether this node's tables are the fleet's.
     pub(crate) fn convergence(&self, ctl: &Controller) -> Convergence {
         if !self.synced {

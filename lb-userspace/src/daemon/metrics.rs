@@ -17,6 +17,7 @@ use tokio::{
 };
 
 use super::controller::Controller;
+use crate::api::NodeStatus;
 
 /// Largest request head read from a scraper.
 const MAX_HEAD: usize = 4096;
@@ -38,6 +39,20 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VipLabels {
+    vip: String,
+}
+
+/// A fleet node's figures for the metrics.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FleetGauges {
+    /// The revision of the fleet state its tables are built from.
+    pub applied_revision: i64,
+    /// etcd answers.
+    pub etcd_reachable: bool,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TableLabels {
     service: String,
     digest: String,
@@ -53,8 +68,48 @@ type Counters<L> = Family<L, Counter>;
 type Gauges<L> = Family<L, Gauge>;
 
 /// The metrics in Prometheus text format.
-pub fn render(ctl: &Controller) -> Result<String> {
+pub(crate) fn render(
+    ctl: &Controller,
+    node: &NodeStatus,
+    fleet: Option<FleetGauges>,
+) -> Result<String> {
     let mut r = Registry::with_prefix("lb");
+    let announced = register(
+        &mut r,
+        "vip_announced",
+        "1 while the VIP's route is in the announce table (BGP through BIRD)",
+        Gauges::<VipLabels>::default(),
+    );
+    for v in &node.vips {
+        announced
+            .get_or_create(&VipLabels {
+                vip: v.vip.to_string(),
+            })
+            .set(i64::from(v.announced));
+    }
+    let drained = register(
+        &mut r,
+        "node_drained",
+        "1 while the operator has drained the node",
+        Gauge::<i64, std::sync::atomic::AtomicI64>::default(),
+    );
+    drained.set(i64::from(node.drained));
+    if let Some(f) = fleet {
+        let revision = register(
+            &mut r,
+            "fleet_applied_revision",
+            "Revision of the fleet's state the tables are built from",
+            Gauge::<i64, std::sync::atomic::AtomicI64>::default(),
+        );
+        revision.set(f.applied_revision);
+        let reachable = register(
+            &mut r,
+            "fleet_etcd_reachable",
+            "1 while etcd answers",
+            Gauge::<i64, std::sync::atomic::AtomicI64>::default(),
+        );
+        reachable.set(i64::from(f.etcd_reachable));
+    }
     let svc_packets = register(
         &mut r,
         "service_packets",

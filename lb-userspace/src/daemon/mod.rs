@@ -357,7 +357,8 @@ pub async fn run(opts: Options) -> Result<()> {
                 probers.sync(&ctl);
             }
             Some(scrape) = scrapes.recv() => {
-                match metrics::render(&ctl) {
+                let fleet = fleet_node.as_ref().map(FleetNode::gauges);
+                match metrics::render(&ctl, &node.status(&ctl), fleet) {
                     Ok(text) => { let _ = scrape.send(text); }
                     Err(e) => error!(error = %format!("{e:#}"), "rendering metrics"),
                 }

@@ -544,6 +544,7 @@ table_size = 4099
 max_services = 4
 max_backends = 16
 conntrack_entries = 4096
+metrics = "{METRICS}"
 
 [announce]
 table = {ANNOUNCE_TABLE}
@@ -552,6 +553,9 @@ bird_socket = "{}"
         bird.socket.display()
     )
 }
+
+/// Where each node's daemon serves its metrics, in its own namespace.
+pub const METRICS: &str = "127.0.0.1:9108";
 
 /// Service `echo` on `vip` port [`ECHO_PORT`] over `backends` backends,
 /// with fast TCP health checks.

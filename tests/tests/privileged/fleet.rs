@@ -3,6 +3,7 @@
 //! TCP connections from a client behind the router.
 
 use std::{
+    io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
@@ -10,8 +11,8 @@ use std::{
 use lb_tests::{
     daemon::Daemon,
     edge::{
-        ECHO_PORT, EchoServer, Edge, FLEET_PREFIX, Sessions, backend_v4, fleet_node_config,
-        fleet_services, node_v4,
+        ECHO_PORT, EchoServer, Edge, FLEET_PREFIX, METRICS, Sessions, backend_v4,
+        fleet_node_config, fleet_services, node_v4,
     },
     privileged,
 };
@@ -106,6 +107,20 @@ impl Fleet {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Node `node`'s Prometheus metrics.
+    fn metrics(&self, node: usize) -> String {
+        self.edge.nodes[node]
+            .ns
+            .run(|| {
+                let mut s = std::net::TcpStream::connect(METRICS)?;
+                s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+                let mut text = String::new();
+                s.read_to_string(&mut text)?;
+                Ok(text)
+            })
+            .unwrap()
     }
 
     fn weight(&self, node: usize, backend: usize) -> u64 {
@@ -299,6 +314,14 @@ fn one_desired_state_changes_everywhere_and_refuses_conflicts_and_bad_data() {
         std::thread::sleep(Duration::from_millis(100));
     };
     eprintln!("write with etcd down: {}", message.trim());
+    let metrics = fleet.metrics(0);
+    for line in [
+        "lb_fleet_etcd_reachable 0",
+        "lb_vip_announced{vip=\"198.18.1.1\"} 1",
+        "lb_node_drained 0",
+    ] {
+        assert!(metrics.contains(line), "metrics lack {line:?}:\n{metrics}");
+    }
     let (ok, bad) = sessions.check();
     assert!(bad.is_empty(), "etcd down touched forwarding: {bad:?}");
     assert_eq!(
@@ -331,6 +354,7 @@ fn one_desired_state_changes_everywhere_and_refuses_conflicts_and_bad_data() {
     }
     let t = fleet.wait_agreed(Duration::from_secs(5));
     assert!((0..NODES).all(|n| fleet.weight(n, 0) == 5));
+    assert!(fleet.metrics(1).contains("lb_fleet_etcd_reachable 1"));
     eprintln!(
         "etcd back: a write landed and every node agreed {t:?} later; {ok} connections never noticed"
     );
