@@ -561,8 +561,13 @@ impl FleetNode {
             .and_then(|s| s.state.as_ref().ok())
             .map_or(applied, |s| s.revision);
         let mut seen = self.seen.clone();
-        // This node as it is now, not as etcd last heard it.
+        // This node's tables and VIPs as they are now, with the BGP
+        // sessions its session last published.
         let mut me = self.report.borrow().clone().unwrap_or_default();
+        if let Some(published) = latest.and_then(|s| s.nodes.get(&self.settings.node)) {
+            me.bgp = published.bgp.clone();
+            me.bgp_error = published.bgp_error.clone();
+        }
         me.vips = node.status(ctl).vips;
         seen.insert(self.settings.node.clone(), (me, SystemTime::now()));
         let tables: Vec<agree::Tables<'_>> = seen
