@@ -15,10 +15,10 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow};
 use lb::{
-    config::{self, Fleet},
+    config,
     demo::edge::{
-        ECHO_PORT, ETCD_PORT, ETCD_V4, EchoServer, Edge, Sessions, Timers, backend_name,
-        backend_v4, fleet_node_config, fleet_services, node_v4,
+        ECHO_PORT, EchoServer, Edge, Sessions, Timers, backend_name, backend_v4, fleet_node_config,
+        fleet_services, node_v4,
     },
     fleet::{
         state::{FleetState, Guard},
@@ -140,20 +140,21 @@ struct Fleet3 {
 impl Fleet3 {
     fn start(timers: Timers, tag: &str) -> Result<Fleet3> {
         let mut edge = Edge::build_with(NODES, BACKENDS, &[VIP], timers)?;
-        edge.start_etcd()?;
+        edge.start_etcd(false)?;
         let servers = edge
             .backends
             .iter()
             .enumerate()
             .map(|(i, ns)| EchoServer::start(ns, &backend_name(i)))
             .collect::<Result<_>>()?;
+        let etcd = edge.etcd.as_ref().context("no etcd")?;
         let mut daemons = Vec::new();
         for (i, n) in edge.nodes.iter().enumerate() {
             let bird = n.bird.as_ref().context("no BIRD")?;
             daemons.push(Daemon::start(
                 &n.ns,
                 &format!("bench-{tag}{i}"),
-                &fleet_node_config(i, bird),
+                &fleet_node_config(i, bird, etcd),
             )?);
         }
         let services = daemons[0].dir.join("services.toml");
@@ -272,14 +273,9 @@ const BENCH_NODE: &str = "[settings]\ninterfaces = [\"eth0\"]\nmax_backends = 40
 
 fn etcd(writes: usize) -> Result<Vec<EtcdRun>> {
     let mut edge = Edge::build(0, 0, &[])?;
-    edge.start_etcd()?;
+    edge.start_etcd(false)?;
     let etcd = edge.etcd.as_ref().context("no etcd")?;
-    let fleet = Fleet {
-        endpoints: vec![format!("http://{ETCD_V4}:{ETCD_PORT}")],
-        prefix: BENCH_PREFIX.into(),
-        node: "bench".into(),
-        lease: Duration::from_secs(3),
-    };
+    let fleet = etcd.fleet(BENCH_PREFIX, "bench");
     let mut out = Vec::new();
     for n in ETCD_BACKENDS {
         eprintln!("fleet: etcd with {n} backends");

@@ -70,6 +70,12 @@ pub struct FleetFile {
     /// TTL of this node's status and leadership in etcd.
     #[serde(default = "default_lease", with = "humantime_serde")]
     pub lease: Duration,
+    /// PEM CA certificate that signed etcd's server certificate (`https://`).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for etcd's `--client-cert-auth`.
+    pub cert_file: Option<PathBuf>,
+    /// Its PEM private key.
+    pub key_file: Option<PathBuf>,
 }
 
 fn default_fleet_prefix() -> String {
@@ -422,6 +428,18 @@ pub struct Fleet {
     pub node: String,
     /// TTL of this node's status and leadership.
     pub lease: Duration,
+    /// TLS to etcd, for `https://` endpoints.
+    pub tls: Option<FleetTls>,
+}
+
+/// TLS to etcd: the CA that signed its certificate, and this node's own
+/// certificate when etcd checks clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetTls {
+    /// PEM CA certificate.
+    pub ca_file: PathBuf,
+    /// PEM client certificate and key.
+    pub identity: Option<(PathBuf, PathBuf)>,
 }
 
 /// Shortest and longest lease: under a second, a busy etcd drops live
@@ -764,16 +782,38 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
         if f.endpoints.is_empty() {
             e.push_node(at, "fleet.endpoints", "name at least one etcd endpoint");
         }
+        let tls = f.endpoints.iter().any(|ep| ep.starts_with("https://"));
         for ep in &f.endpoints {
-            if !ep.starts_with("http://") {
+            if !ep.starts_with("http://") && !ep.starts_with("https://") {
                 e.push_node(
                     at,
                     "fleet.endpoints",
-                    format!(
-                        "{ep:?}: write it as http://host:port (TLS to etcd is not supported yet)"
-                    ),
+                    format!("{ep:?}: write it as http://host:port or https://host:port"),
+                );
+            } else if tls != ep.starts_with("https://") {
+                e.push_node(
+                    at,
+                    "fleet.endpoints",
+                    "use https:// for every endpoint or for none",
                 );
             }
+        }
+        if tls && f.ca_file.is_none() {
+            e.push_node(
+                at,
+                "fleet.ca_file",
+                "https:// endpoints need the CA that signed etcd's certificate",
+            );
+        }
+        if !tls && (f.ca_file.is_some() || f.cert_file.is_some()) {
+            e.push_node(at, "fleet.ca_file", "TLS files are for https:// endpoints");
+        }
+        if f.cert_file.is_some() != f.key_file.is_some() {
+            e.push_node(
+                at,
+                "fleet.cert_file",
+                "give cert_file and key_file together",
+            );
         }
         if !f.prefix.starts_with('/') || f.prefix.ends_with('/') || f.prefix.len() < 2 {
             e.push_node(
@@ -801,6 +841,10 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
             prefix: f.prefix.clone(),
             node,
             lease: f.lease,
+            tls: f.ca_file.clone().filter(|_| tls).map(|ca_file| FleetTls {
+                ca_file,
+                identity: f.cert_file.clone().zip(f.key_file.clone()),
+            }),
         }
     });
 
@@ -1234,6 +1278,11 @@ address = "198.18.0.11"
             "fleet without endpoints",
             "[settings]\ninterfaces=[\"e\"]\n[fleet]\nendpoints=[]\nnode=\"a\"\n",
             "fleet.endpoints: name at least one etcd endpoint",
+        ),
+        (
+            "fleet over https without a CA",
+            "[settings]\ninterfaces=[\"e\"]\n[fleet]\nendpoints=[\"https://198.18.0.250:2379\"]\nnode=\"a\"\n",
+            "fleet.ca_file: https:// endpoints need the CA",
         ),
         (
             "fleet with services",

@@ -27,14 +27,16 @@ const LLVM_PREFIX_DIR: &str = "bpf-linker-llvm";
 /// Debian packages the build, the privileged tests and the demo need: `ip`
 /// (netns, veth, XDP attach), `ethtool` (offloads on veth), `bpftool`
 /// (inspecting maps and programs), BIRD 2 and etcd for the fleet, nftables
-/// (a firewall that drops one node's probes in the fleet tests), and `protoc`
-/// with its well-known types, which etcd-client's build runs. Installing
-/// bird2 or etcd-server starts no daemon here: tests start them.
+/// (a firewall that drops one node's probes in the fleet tests), openssl
+/// (their etcd certificates), and `protoc` with its well-known types, which
+/// etcd-client's build runs. Installing bird2 or etcd-server starts no
+/// daemon here: tests start them.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
     "bpftool",
     "nftables",
+    "openssl",
     "bird2",
     "etcd-server",
     "protobuf-compiler",

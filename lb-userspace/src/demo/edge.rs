@@ -13,7 +13,7 @@
 use std::{
     io::{BufRead as _, BufReader, ErrorKind, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
         Arc,
@@ -23,7 +23,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::netns::{self, Netns, spawn_in};
+use crate::{
+    config::{Fleet, FleetTls},
+    netns::{self, Netns, spawn_in},
+};
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
@@ -167,6 +170,8 @@ pub struct Node {
 pub const ETCD_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 250);
 /// Its client port.
 pub const ETCD_PORT: u16 = 2379;
+/// The fleet nodes' lease in the tests: short, so a dead node leaves soon.
+const FLEET_LEASE: Duration = Duration::from_secs(2);
 /// Bound on what [`Etcd::client`] runs (hangs, not slowness).
 const ETCD_CALLS_TIMEOUT: Duration = Duration::from_secs(30);
 /// The fleet's key prefix in the tests.
@@ -177,45 +182,159 @@ pub const FLEET_PREFIX: &str = "/lb";
 pub struct Etcd {
     child: Option<Child>,
     dir: PathBuf,
+    /// Clients' TLS files, when it serves `https://` and checks clients.
+    tls: Option<FleetTls>,
     /// Its namespace, removed after the process is gone.
     ns: Netns,
 }
 
+/// How long the test certificates are valid.
+const CERT_DAYS: &str = "2";
+
+/// Makes a CA, a server certificate for [`ETCD_V4`] and a client
+/// certificate in `dir` with `openssl`; returns the clients' files.
+fn make_certificates(dir: &Path) -> Result<FleetTls> {
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    netns::run(
+        "openssl",
+        &[
+            &["req", "-x509"][..],
+            &key,
+            &[
+                "-keyout",
+                &path("ca.key"),
+                "-out",
+                &path("ca.pem"),
+                "-days",
+                CERT_DAYS,
+                "-subj",
+                "/CN=lbt-ca",
+            ],
+        ]
+        .concat(),
+    )?;
+    for (name, usage) in [
+        (
+            "server",
+            format!("subjectAltName=IP:{ETCD_V4}\nextendedKeyUsage=serverAuth\n"),
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n".to_string()),
+    ] {
+        std::fs::write(dir.join(format!("{name}.ext")), usage)?;
+        netns::run(
+            "openssl",
+            &[
+                &["req"][..],
+                &key,
+                &[
+                    "-keyout",
+                    &path(&format!("{name}.key")),
+                    "-out",
+                    &path(&format!("{name}.csr")),
+                    "-subj",
+                    &format!("/CN=lbt-{name}"),
+                ],
+            ]
+            .concat(),
+        )?;
+        netns::run(
+            "openssl",
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &path(&format!("{name}.csr")),
+                "-CA",
+                &path("ca.pem"),
+                "-CAkey",
+                &path("ca.key"),
+                "-CAcreateserial",
+                "-days",
+                CERT_DAYS,
+                "-out",
+                &path(&format!("{name}.pem")),
+                "-extfile",
+                &path(&format!("{name}.ext")),
+            ],
+        )?;
+    }
+    Ok(FleetTls {
+        ca_file: dir.join("ca.pem"),
+        identity: Some((dir.join("client.pem"), dir.join("client.key"))),
+    })
+}
+
 impl Etcd {
     /// Starts etcd in `ns` (which it then owns) on [`ETCD_V4`], data in a
-    /// fresh directory.
-    pub fn start(ns: Netns) -> Result<Etcd> {
+    /// fresh directory; with `tls`, on `https://` with client certificates
+    /// checked.
+    pub fn start(ns: Netns, tls: bool) -> Result<Etcd> {
         let dir = std::env::temp_dir().join(format!("{}-etcd", ns.name));
         std::fs::create_dir_all(&dir)?;
         let mut etcd = Etcd {
             child: None,
+            tls: None,
             dir,
             ns,
         };
+        if tls {
+            etcd.tls = Some(make_certificates(&etcd.dir)?);
+        }
         etcd.spawn()?;
         Ok(etcd)
     }
 
+    /// Its client endpoint.
+    pub fn endpoint(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{ETCD_V4}:{ETCD_PORT}")
+    }
+
+    /// The fleet settings of node `node` using this etcd under `prefix`.
+    pub fn fleet(&self, prefix: &str, node: &str) -> Fleet {
+        Fleet {
+            endpoints: vec![self.endpoint()],
+            prefix: prefix.into(),
+            node: node.into(),
+            lease: FLEET_LEASE,
+            tls: self.tls.clone(),
+        }
+    }
+
     /// Starts the server (again, on the same data) and waits until it answers.
     pub fn spawn(&mut self) -> Result<()> {
-        let client = format!("http://{ETCD_V4}:{ETCD_PORT}");
+        let client = self.endpoint();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join("etcd.log"))?;
-        let child = spawn_in(
-            &self.ns.name,
-            Command::new("etcd")
-                .args(["--name", "lbt", "--data-dir"])
-                .arg(self.dir.join("data"))
-                .args(["--listen-client-urls", &client])
-                .args(["--advertise-client-urls", &client])
-                .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
-                .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
-                .args(["--initial-cluster", "lbt=http://127.0.0.1:2380"])
-                .stdout(Stdio::null())
-                .stderr(log),
-        )?;
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", "lbt", "--data-dir"])
+            .arg(self.dir.join("data"))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-cluster", "lbt=http://127.0.0.1:2380"])
+            .stdout(Stdio::null())
+            .stderr(log);
+        if self.tls.is_some() {
+            cmd.arg("--cert-file")
+                .arg(self.dir.join("server.pem"))
+                .arg("--key-file")
+                .arg(self.dir.join("server.key"))
+                .arg("--trusted-ca-file")
+                .arg(self.dir.join("ca.pem"))
+                .arg("--client-cert-auth");
+        }
+        let child = spawn_in(&self.ns.name, &mut cmd)?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -258,19 +377,10 @@ impl Etcd {
         F: FnOnce(etcd_client::Client) -> Fut + Send,
         Fut: std::future::Future<Output = Result<T>>,
     {
+        let fleet = self.fleet(FLEET_PREFIX, "test");
         self.ns.run(move || {
             tokio_runtime()?.block_on(async move {
-                let options =
-                    etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_secs(1));
-                let client = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    etcd_client::Client::connect(
-                        [format!("http://{ETCD_V4}:{ETCD_PORT}")],
-                        Some(options),
-                    ),
-                )
-                .await
-                .context("etcd did not answer")??;
+                let client = crate::fleet::store::Store::connect(&fleet).await?.client();
                 tokio::time::timeout(ETCD_CALLS_TIMEOUT, f(client))
                     .await
                     .context("etcd calls timed out")?
@@ -449,8 +559,9 @@ impl Edge {
         Ok(edge)
     }
 
-    /// Starts etcd in a namespace of its own on the segment, at [`ETCD_V4`].
-    pub fn start_etcd(&mut self) -> Result<()> {
+    /// Starts etcd in a namespace of its own on the segment, at
+    /// [`ETCD_V4`]; with `tls`, on `https://` with client certificates.
+    pub fn start_etcd(&mut self, tls: bool) -> Result<()> {
         let ns = Netns::new("etcd")?;
         netns::plug(
             &self.switch,
@@ -459,7 +570,7 @@ impl Edge {
             "02:00:00:00:00:fa",
             &[&format!("{ETCD_V4}/24")],
         )?;
-        self.etcd = Some(Etcd::start(ns)?);
+        self.etcd = Some(Etcd::start(ns, tls)?);
         Ok(())
     }
 
@@ -588,13 +699,29 @@ pub fn node_config(vip: Ipv4Addr, backends: usize, bird: &Bird) -> String {
     format!("{}\n{}", node_settings(bird), echo_service(vip, backends))
 }
 
-/// A fleet node's own file: its settings, in the fleet at [`ETCD_V4`] as
-/// node `lb<i>`.
-pub fn fleet_node_config(i: usize, bird: &Bird) -> String {
-    format!(
-        "{}\n[fleet]\nendpoints = [\"http://{ETCD_V4}:{ETCD_PORT}\"]\nprefix = \"{FLEET_PREFIX}\"\nnode = \"lb{i}\"\nlease = \"2s\"\n",
-        node_settings(bird)
-    )
+/// A fleet node's own file: its settings, in the fleet on `etcd` as node
+/// `lb<i>`.
+pub fn fleet_node_config(i: usize, bird: &Bird, etcd: &Etcd) -> String {
+    let f = etcd.fleet(FLEET_PREFIX, &format!("lb{i}"));
+    let mut text = format!(
+        "{}\n[fleet]\nendpoints = [\"{}\"]\nprefix = \"{}\"\nnode = \"{}\"\nlease = \"{}\"\n",
+        node_settings(bird),
+        f.endpoints[0],
+        f.prefix,
+        f.node,
+        humantime_serde::re::humantime::format_duration(f.lease)
+    );
+    if let Some(tls) = &f.tls {
+        text += &format!("ca_file = \"{}\"\n", tls.ca_file.display());
+        if let Some((cert, key)) = &tls.identity {
+            text += &format!(
+                "cert_file = \"{}\"\nkey_file = \"{}\"\n",
+                cert.display(),
+                key.display()
+            );
+        }
+    }
+    text
 }
 
 /// The fleet's services, as `lb fleet import` reads them: service `echo`.

@@ -132,7 +132,7 @@ impl FleetDemo {
             "router, 3 lb nodes (each with BIRD), etcd, 3 backends, a client",
         );
         let mut edge = Edge::build(NODES, BACKENDS, &[VIP])?;
-        edge.start_etcd()?;
+        edge.start_etcd(false)?;
         for (i, ns) in edge.backends.iter().enumerate() {
             self.servers.push(EchoServer::start(ns, &backend_name(i))?);
         }
@@ -336,8 +336,9 @@ impl FleetDemo {
         let edge = self.edge()?;
         let node = &edge.nodes[i];
         let bird = node.bird.as_ref().context("the node's BIRD is gone")?;
+        let etcd = edge.etcd.as_ref().context("etcd is gone")?;
         let socket = dir.join("lb.sock");
-        let config = fleet_node_config(i, bird).replacen(
+        let config = fleet_node_config(i, bird, etcd).replacen(
             "[settings]\n",
             &format!(
                 "[settings]\nsocket = \"{}\"\nstate_file = \"{}\"\n",

@@ -14,7 +14,8 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, PutOptions,
+    TlsOptions, Txn, TxnOp, WatchOptions,
 };
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
@@ -69,13 +70,28 @@ fn compare(key: String, revision: i64) -> Compare {
     }
 }
 
+/// rustls settings from the node's PEM files.
+fn tls_options(tls: &config::FleetTls) -> Result<TlsOptions> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).with_context(|| format!("reading {} ([fleet] TLS)", p.display()))
+    };
+    let mut options = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca_file)?));
+    if let Some((cert, key)) = &tls.identity {
+        options = options.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(options)
+}
+
 impl Store {
     /// Connects to the fleet's etcd (the first endpoint that answers).
     pub async fn connect(fleet: &config::Fleet) -> Result<Store> {
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(CALL_TIMEOUT)
             .with_keep_alive(Duration::from_secs(1), CALL_TIMEOUT)
             .with_keep_alive_while_idle(true);
+        if let Some(tls) = &fleet.tls {
+            options = options.with_tls(tls_options(tls)?);
+        }
         let client = tokio::time::timeout(
             CALL_TIMEOUT,
             Client::connect(&fleet.endpoints, Some(options)),
@@ -87,6 +103,11 @@ impl Store {
             client,
             keys: Keys::new(&fleet.prefix),
         })
+    }
+
+    /// The etcd client itself (tests write keys by hand through it).
+    pub fn client(&self) -> Client {
+        self.client.clone()
     }
 
     /// The fleet's keys.

@@ -34,11 +34,12 @@ struct Fleet {
 }
 
 impl Fleet {
-    /// Three nodes in one fleet, service `echo` with the first `imported`
-    /// backends imported through node 0, every node announcing.
-    fn start(imported: usize) -> Fleet {
+    /// Three nodes in one fleet (etcd over TLS with client certificates
+    /// with `tls`), service `echo` with the first `imported` backends
+    /// imported through node 0, every node announcing.
+    fn start(imported: usize, tls: bool) -> Fleet {
         let mut edge = Edge::build(NODES, BACKENDS, &[VIP]).unwrap();
-        edge.start_etcd().unwrap();
+        edge.start_etcd(tls).unwrap();
         let servers = edge
             .backends
             .iter()
@@ -50,7 +51,8 @@ impl Fleet {
             .iter()
             .enumerate()
             .map(|(i, n)| {
-                let config = fleet_node_config(i, n.bird.as_ref().unwrap());
+                let etcd = edge.etcd.as_ref().unwrap();
+                let config = fleet_node_config(i, n.bird.as_ref().unwrap(), etcd);
                 Daemon::start(&n.ns, &format!("fleet{i}"), &config).unwrap()
             })
             .collect();
@@ -143,7 +145,7 @@ fn one_desired_state_changes_everywhere_and_refuses_conflicts_and_bad_data() {
     if !privileged() {
         return;
     }
-    let mut fleet = Fleet::start(BACKENDS - 1);
+    let mut fleet = Fleet::start(BACKENDS - 1, false);
     let t = fleet.wait_agreed(Duration::from_secs(5));
     eprintln!("equal revisions and digests on every node after {t:?}");
 
@@ -388,7 +390,7 @@ fn a_failed_node_is_withdrawn_at_once_and_returns_only_converged_resetting_nothi
     if !privileged() {
         return;
     }
-    let mut fleet = Fleet::start(BACKENDS);
+    let mut fleet = Fleet::start(BACKENDS, false);
     let mut sessions = fleet.sessions(CONNECTIONS);
     eprintln!("connections per backend: {:?}", sessions.spread());
     let survivors = [node_v4(0), node_v4(1)];
@@ -478,12 +480,14 @@ fn a_failed_node_is_withdrawn_at_once_and_returns_only_converged_resetting_nothi
     assert_all_alive(&mut sessions, "node 2 back (fresh host)");
 }
 
+/// Runs over TLS to etcd, with client certificates (`[fleet] ca_file`,
+/// `cert_file`, `key_file`).
 #[test]
 fn nodes_that_disagree_on_a_backends_health_keep_identical_tables() {
     if !privileged() {
         return;
     }
-    let mut fleet = Fleet::start(BACKENDS);
+    let mut fleet = Fleet::start(BACKENDS, true);
     let mut sessions = fleet.sessions(CONNECTIONS);
     let b0 = backend_v4(0).to_string();
     let own = |fleet: &Fleet, node: usize| -> Value {
