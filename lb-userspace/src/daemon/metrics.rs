@@ -2,7 +2,7 @@
 //! state and the data plane's counters (`lb_` prefix, base units, `_total`
 //! on counters, no per-client labels), served on `settings.metrics`.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicI64, AtomicU64};
 
 use anyhow::Result;
 use prometheus_client::{
@@ -64,6 +64,11 @@ fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, 
     metric
 }
 
+/// Registers a gauge without labels, set to `value`.
+fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
+    register(registry, name, help, Gauge::<i64, AtomicI64>::default()).set(value);
+}
+
 type Counters<L> = Family<L, Counter>;
 type Gauges<L> = Family<L, Gauge>;
 
@@ -87,28 +92,25 @@ pub(crate) fn render(
             })
             .set(i64::from(v.announced));
     }
-    let drained = register(
+    gauge(
         &mut r,
         "node_drained",
         "1 while the operator has drained the node",
-        Gauge::<i64, std::sync::atomic::AtomicI64>::default(),
+        i64::from(node.drained),
     );
-    drained.set(i64::from(node.drained));
     if let Some(f) = fleet {
-        let revision = register(
+        gauge(
             &mut r,
             "fleet_applied_revision",
             "Revision of the fleet's state the tables are built from",
-            Gauge::<i64, std::sync::atomic::AtomicI64>::default(),
+            f.applied_revision,
         );
-        revision.set(f.applied_revision);
-        let reachable = register(
+        gauge(
             &mut r,
             "fleet_etcd_reachable",
             "1 while etcd answers",
-            Gauge::<i64, std::sync::atomic::AtomicI64>::default(),
+            i64::from(f.etcd_reachable),
         );
-        reachable.set(i64::from(f.etcd_reachable));
     }
     let svc_packets = register(
         &mut r,

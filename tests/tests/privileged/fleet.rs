@@ -125,6 +125,13 @@ impl Fleet {
             .unwrap()
     }
 
+    /// `lb backend set-weight echo BACKEND WEIGHT` through node `node`: its
+    /// JSON answer, or its error message.
+    fn set_weight(&self, node: usize, backend: usize, weight: u64) -> anyhow::Result<Value> {
+        let (addr, weight) = (backend_v4(backend).to_string(), weight.to_string());
+        self.daemons[node].cli(&["backend", "set-weight", "echo", &addr, &weight])
+    }
+
     fn weight(&self, node: usize, backend: usize) -> u64 {
         let rows = self.daemons[node]
             .cli(&["backend", "list", "echo"])
@@ -170,15 +177,7 @@ fn one_desired_state_changes_everywhere_and_refuses_conflicts_and_bad_data() {
 
     // A change through node 0 is live on every node within a second.
     let start = Instant::now();
-    fleet.daemons[0]
-        .cli(&[
-            "backend",
-            "set-weight",
-            "echo",
-            &backend_v4(0).to_string(),
-            "3",
-        ])
-        .unwrap();
+    fleet.set_weight(0, 0, 3).unwrap();
     let returned = start.elapsed();
     loop {
         if (0..NODES).all(|n| fleet.weight(n, 0) == 3) {
@@ -202,31 +201,14 @@ fn one_desired_state_changes_everywhere_and_refuses_conflicts_and_bad_data() {
     for round in 0..5u64 {
         let (a, b) = (10 + round, 20 + round);
         let (ra, rb) = std::thread::scope(|s| {
-            let one = s.spawn(|| {
-                fleet.daemons[1].cli_fails(&[
-                    "backend",
-                    "set-weight",
-                    "echo",
-                    &backend_v4(1).to_string(),
-                    &a.to_string(),
-                ])
-            });
-            let two = s.spawn(|| {
-                fleet.daemons[2].cli_fails(&[
-                    "backend",
-                    "set-weight",
-                    "echo",
-                    &backend_v4(2).to_string(),
-                    &b.to_string(),
-                ])
-            });
+            let one = s.spawn(|| fleet.set_weight(1, 1, a));
+            let two = s.spawn(|| fleet.set_weight(2, 2, b));
             (one.join().unwrap(), two.join().unwrap())
         });
         fleet.wait_agreed(PROPAGATION);
         for (result, backend, weight) in [(ra, 1, a), (rb, 2, b)] {
             match result {
-                // cli_fails "fails" when the command succeeded: it landed.
-                Err(_) => {
+                Ok(_) => {
                     landed += 1;
                     assert_eq!(
                         fleet.weight(0, backend),
@@ -234,7 +216,8 @@ fn one_desired_state_changes_everywhere_and_refuses_conflicts_and_bad_data() {
                         "round {round}: a landed write was lost"
                     );
                 }
-                Ok((_, message)) => {
+                Err(e) => {
+                    let message = e.to_string();
                     refused += 1;
                     assert!(message.contains("conflict"), "round {round}: {message}");
                     assert_ne!(
@@ -299,16 +282,7 @@ fn one_desired_state_changes_everywhere_and_refuses_conflicts_and_bad_data() {
     fleet.edge.etcd.as_mut().unwrap().stop();
     let start = Instant::now();
     let message = loop {
-        let (code, message) = fleet.daemons[0]
-            .cli_fails(&[
-                "backend",
-                "set-weight",
-                "echo",
-                &backend_v4(0).to_string(),
-                "5",
-            ])
-            .unwrap();
-        assert_eq!(code, 1);
+        let message = fleet.set_weight(0, 0, 5).unwrap_err().to_string();
         if message.contains("etcd is unreachable") {
             break message;
         }
@@ -335,17 +309,7 @@ fn one_desired_state_changes_everywhere_and_refuses_conflicts_and_bad_data() {
     let start = Instant::now();
     loop {
         let s = fleet.daemons[0].cli(&["fleet", "status"]).unwrap();
-        if s["etcd_error"].is_null()
-            && fleet.daemons[0]
-                .cli_fails(&[
-                    "backend",
-                    "set-weight",
-                    "echo",
-                    &backend_v4(0).to_string(),
-                    "5",
-                ])
-                .is_err()
-        {
+        if s["etcd_error"].is_null() && fleet.set_weight(0, 0, 5).is_ok() {
             break;
         }
         assert!(
