@@ -47,19 +47,7 @@ max_backends = 16
 conntrack_entries = 4096
 
 "#,
-    ) + &web_service(
-        r#"
-[service.health]
-check = "http"
-interval = "200ms"
-fast_interval = "100ms"
-timeout = "150ms"
-rise = 2
-fall = 2
-slow_start = "0s"
-"#,
-        backends,
-    )
+    ) + &web_service(&lb::demo::edge::fast_health("http"), backends)
 }
 
 /// Service `web` as an operator would first write it: every setting at its

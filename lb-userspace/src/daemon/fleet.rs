@@ -53,6 +53,8 @@ pub(crate) struct Start {
     pub state: Option<FleetState>,
     /// Read from etcd now (not from the cache).
     pub fresh: bool,
+    /// The connection that read it, kept for this node's writes.
+    pub store: Option<Store>,
 }
 
 /// Reads the fleet's state for a starting daemon: from etcd, or, when etcd
@@ -70,13 +72,14 @@ pub(crate) async fn start(
         let state = snapshot.state.map_err(|e| anyhow!("refused: {e}"))?;
         let desired = config::parse_fleet(node_text, &state.services)
             .map_err(|e| anyhow!("the fleet's services are invalid here:\n{e}"))?;
-        anyhow::Ok((state, desired))
+        anyhow::Ok((state, desired, store))
     };
     match read.await {
-        Ok((state, desired)) => Start {
+        Ok((state, desired, store)) => Start {
             desired,
             state: Some(state),
             fresh: true,
+            store: Some(store),
         },
         Err(e) => {
             warn!(error = %format!("{e:#}"), "cannot read the fleet's state at start; using the state applied last");
@@ -90,11 +93,13 @@ pub(crate) async fn start(
                     desired,
                     state: Some(state),
                     fresh: false,
+                    store: None,
                 },
                 None => Start {
                     desired: node,
                     state: None,
                     fresh: false,
+                    store: None,
                 },
             }
         }
@@ -156,7 +161,7 @@ impl FleetNode {
         let node = FleetNode {
             settings,
             node_text,
-            store: None,
+            store: start.store.clone(),
             report,
             applied: start.state.clone(),
             latest: None,

@@ -672,14 +672,23 @@ pub const METRICS: &str = "127.0.0.1:9108";
 /// with fast TCP health checks.
 fn echo_service(vip: Ipv4Addr, backends: usize) -> String {
     let mut text = format!(
-        r#"[[service]]
-name = "echo"
-vip = "{vip}"
-port = {ECHO_PORT}
-protocol = "tcp"
+        "[[service]]\nname = \"echo\"\nvip = \"{vip}\"\nport = {ECHO_PORT}\nprotocol = \"tcp\"\n{}",
+        fast_health("tcp")
+    );
+    for i in 0..backends {
+        text += &format!("\n[[service.backend]]\naddress = \"{}\"\n", backend_v4(i));
+    }
+    text
+}
 
+/// A `[service.health]` table with `check` probing fast (200 ms, rise 2,
+/// fall 2, no slow start), so namespace tests are short; the defaults are
+/// measured by the benchmarks.
+pub fn fast_health(check: &str) -> String {
+    format!(
+        r#"
 [service.health]
-check = "tcp"
+check = "{check}"
 interval = "200ms"
 fast_interval = "100ms"
 timeout = "150ms"
@@ -687,11 +696,7 @@ rise = 2
 fall = 2
 slow_start = "0s"
 "#
-    );
-    for i in 0..backends {
-        text += &format!("\n[[service.backend]]\naddress = \"{}\"\n", backend_v4(i));
-    }
-    text
+    )
 }
 
 /// A standalone node's configuration: its settings and service `echo`.

@@ -234,12 +234,13 @@ pub fn decode(keys: &Keys, revision: i64, entries: &[Entry]) -> Snapshot {
     };
     for e in entries {
         let kind = keys.classify(&e.key);
+        // Valid or not, a write over these keys is guarded by what is there.
+        match kind {
+            Key::Services => snapshot.raw.services = e.mod_revision,
+            Key::Overrides => snapshot.raw.overrides = e.mod_revision,
+            _ => {}
+        }
         if e.value.len() > MAX_VALUE {
-            match kind {
-                Key::Services => snapshot.raw.services = e.mod_revision,
-                Key::Overrides => snapshot.raw.overrides = e.mod_revision,
-                _ => {}
-            }
             let why = format!(
                 "{}: {} bytes, over the {MAX_VALUE}-byte limit",
                 e.key,
@@ -250,11 +251,6 @@ pub fn decode(keys: &Keys, revision: i64, entries: &[Entry]) -> Snapshot {
                 _ => snapshot.problems.push(why),
             }
             continue;
-        }
-        match kind {
-            Key::Services => snapshot.raw.services = e.mod_revision,
-            Key::Overrides => snapshot.raw.overrides = e.mod_revision,
-            _ => {}
         }
         let text = std::str::from_utf8(&e.value);
         match kind {
