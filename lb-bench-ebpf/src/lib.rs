@@ -59,8 +59,8 @@ pub const MAP_RESET_CONFIG: &str = "BENCH_RESET_CONFIG";
 /// The wrapper's per-CPU state: index 0 → [`ResetState`] (per-CPU array).
 pub const MAP_RESET_STATE: &str = "BENCH_RESET_STATE";
 
-/// The LRU hash of the reference programs: flow key → u64, per-CPU LRU
-/// lists, capacity set at load to lb's connection table's.
+/// The LRU hash of the reference programs: flow key → u64, the common LRU
+/// list, capacity set at load to lb's connection table's.
 pub const MAP_LRU: &str = "BENCH_LRU";
 /// The reference programs' counters (per-CPU array of u64, [`LruCounter`]).
 pub const MAP_LRU_COUNTERS: &str = "BENCH_LRU_COUNTERS";

@@ -16,7 +16,7 @@
 )]
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_COMMON_LRU, xdp_action},
+    bindings::xdp_action,
     cty::c_void,
     helpers::{bpf_xdp_adjust_head, bpf_xdp_store_bytes},
     macros::{map, xdp},
@@ -45,11 +45,11 @@ static BENCH_RESET_CONFIG: Array<ResetConfig> = Array::with_max_entries(1, 0);
 #[map]
 static BENCH_RESET_STATE: PerCpuArray<ResetState> = PerCpuArray::with_max_entries(1, 0);
 
-/// The reference programs' connection table, shaped like lb's (per-CPU LRU
-/// lists, one hash); user space sets the capacity to lb's.
+/// The reference programs' connection table, shaped like lb's (one hash,
+/// the common LRU list); user space sets the capacity to lb's.
 #[map]
 static BENCH_LRU: LruHashMap<[u8; FLOW_KEY_LEN], u64> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, BPF_F_NO_COMMON_LRU);
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
 
 /// The reference programs' counters, indexed by `LruCounter`.
 #[map]

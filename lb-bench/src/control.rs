@@ -219,7 +219,7 @@ fn publish_times(lab: &mut Lab, n: u32, rounds: usize) -> Result<Summary> {
     let mut samples = Vec::with_capacity(rounds);
     for _ in 0..rounds {
         let start = Instant::now();
-        lab.dp.publish_service(&key, 0, 0, &ring)?;
+        lab.dp.publish_service(&key, 0, 0, 0, &ring)?;
         samples.push(duration_ns(start.elapsed()));
     }
     Summary::of(&samples).context("no publish samples")

@@ -145,12 +145,15 @@ struct RunSample {
 /// Runs the live benchmark.
 pub fn run(plan: Plan) -> Result<LiveResults> {
     let generator = trafgen_version()?;
-    let mut h = Harness::load(Capacity {
-        max_services: dataplane::MEASURED.len() as u32,
-        max_backends: BACKENDS * dataplane::MEASURED.len() as u32,
-        conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
-        ring_size: DEFAULT_RING_SIZE,
-    })?;
+    let mut h = Harness::load(
+        Capacity {
+            max_services: dataplane::MEASURED.len() as u32,
+            max_backends: BACKENDS * dataplane::MEASURED.len() as u32,
+            conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
+            ring_size: DEFAULT_RING_SIZE,
+        },
+        None,
+    )?;
     configure(&mut h, BACKENDS, 0)?;
     let dir = std::env::temp_dir().join(format!("lb-bench-live-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;

@@ -60,6 +60,13 @@ struct Cli {
     /// Criterion's output directory, for the Maglev build times.
     #[arg(long)]
     criterion: Option<PathBuf>,
+    /// lb's XDP object built at an earlier revision, run beside the current
+    /// one in the data-plane part (`cargo xtask bench --baseline REV`).
+    #[arg(long, requires = "baseline_rev")]
+    baseline_object: Option<PathBuf>,
+    /// The commit the baseline object was built from.
+    #[arg(long, requires = "baseline_object")]
+    baseline_rev: Option<String>,
     /// Only these parts (dataplane, live, control, memory, proxies,
     /// reaction, fleet); all by default.
     #[arg(long, value_delimiter = ',')]
@@ -130,7 +137,11 @@ fn run(cli: &Cli) -> Result<()> {
         fleet: None,
     };
     if wanted(cli, "dataplane") {
-        results.dataplane = Some(dataplane::run(&dataplane::Plan::new(cli.quick))?);
+        let baseline = cli
+            .baseline_rev
+            .as_deref()
+            .zip(cli.baseline_object.as_deref());
+        results.dataplane = Some(dataplane::run(&dataplane::Plan::new(cli.quick), baseline)?);
     }
     if wanted(cli, "live") {
         results.live = Some(live::run(live::Plan::new(cli.quick))?);

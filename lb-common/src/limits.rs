@@ -25,8 +25,23 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 4_096;
 /// Default connection-table capacity (LRU; least recently used flows go first).
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 
+/// Default of [`crate::ConntrackSettings::inserts_per_cpu`]: Katran's
+/// default rate (125,000 new flows a second per CPU), rounded down. A CPU
+/// inserting that many spends a fraction of its time on it; beyond it, a
+/// flood of new flows (spoofed SYNs) would spend the rest and evict the
+/// entries of established flows.
+pub const DEFAULT_CONNTRACK_INSERTS_PER_CPU: u32 = 100_000;
+
 /// Capacity of the VIP-address and decap-address sets.
 pub const MAX_ADDRESSES: u32 = 1_024;
+
+/// log2 of the bits in the VIP filter (`LB_VIP_FILTER`): 65,536 bits, so
+/// with `MAX_ADDRESSES` VIPs at most one address in 64 that is no VIP passes
+/// the filter and pays the service lookup.
+pub const VIP_FILTER_BITS_LOG2: u32 = 16;
+
+/// 64-bit words of the VIP filter.
+pub const VIP_FILTER_WORDS: u32 = 1 << (VIP_FILTER_BITS_LOG2 - 6);
 
 /// Ring slot value meaning "no backend": the ring of a service whose backends
 /// are all out of rotation is filled with it, and such packets are dropped and

@@ -5,12 +5,18 @@
 pub const SERVICES: &str = "LB_SERVICES";
 /// VIP addresses with at least one service: [`crate::AddrKey`] → u32 (hash).
 pub const VIPS: &str = "LB_VIPS";
+/// VIP filter: word index → u64 bitmap over [`crate::hash::vip_filter_bit`] (array).
+pub const VIP_FILTER: &str = "LB_VIP_FILTER";
 /// Maglev tables: u32 index → backend id (array), see [`crate::ring_index`].
 pub const RINGS: &str = "LB_RINGS";
 /// Backends: backend id → [`crate::BackendValue`] (array).
 pub const BACKENDS: &str = "LB_BACKENDS";
 /// Connection table: [`crate::FlowKey`] → [`crate::FlowValue`] (LRU hash).
 pub const CONNTRACK: &str = "LB_CONNTRACK";
+/// Connection-table policy: index 0 → [`crate::ConntrackSettings`] (array).
+pub const CONNTRACK_SETTINGS: &str = "LB_CONNTRACK_SETTINGS";
+/// Connection-table accounting: index 0 → [`crate::ConntrackStats`] (per-CPU array).
+pub const CONNTRACK_STATS: &str = "LB_CONNTRACK_STATS";
 /// Data-plane settings: index 0 → [`crate::Settings`] (array).
 pub const SETTINGS: &str = "LB_SETTINGS";
 /// Global reasons: [`crate::Counter`] → u64 (per-CPU array).

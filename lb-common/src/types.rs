@@ -61,8 +61,10 @@ pub struct ServiceValue {
     pub flags: u32,
     /// Which ring copy (0 or 1) is live; flipped after the other is written.
     pub active_ring: u32,
-    /// Explicit padding, zero.
-    pub _pad: u32,
+    /// Seconds a flow of this service may stay idle before its
+    /// connection-table entry lapses; 0 takes the protocol's default from
+    /// [`ConntrackSettings`].
+    pub idle_timeout: u32,
 }
 
 /// An address with its family. Key of `LB_VIPS` and `LB_DECAP_ADDRS`.
@@ -126,6 +128,10 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
+/// Flow flag: a TCP FIN or RST was seen; the entry lapses after
+/// [`ConntrackSettings::closed_timeout`].
+pub const FLOW_F_CLOSED: u32 = 1 << 0;
+
 /// Where a flow went. Value of `LB_CONNTRACK`.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
@@ -134,6 +140,25 @@ pub struct FlowValue {
     pub backend: u32,
     /// The backend's [`BackendValue::generation`] when the flow was pinned.
     pub generation: u32,
+    /// The flow's last packet, whole seconds of `CLOCK_MONOTONIC` (coarse).
+    pub last_seen: u32,
+    /// `FLOW_F_*` bits.
+    pub flags: u32,
+}
+
+impl FlowValue {
+    /// Whether the entry has lapsed at `now` (seconds, as `last_seen`):
+    /// idle for longer than its timeout, `closed` for a closed TCP
+    /// connection, else `idle`. A timeout of 0 never lapses.
+    #[inline(always)]
+    pub fn lapsed(&self, now: u32, idle: u32, closed: u32) -> bool {
+        let timeout = if self.flags & FLOW_F_CLOSED != 0 {
+            closed
+        } else {
+            idle
+        };
+        timeout != 0 && now.wrapping_sub(self.last_seen) > timeout
+    }
 }
 
 /// Data-plane settings. Index 0 of `LB_SETTINGS`.
@@ -155,6 +180,38 @@ pub struct Settings {
     pub tunnel_src_v6: Addr,
     /// Host-order mask over the last 32 bits of the outer IPv6 source, as above.
     pub tunnel_src_v6_hash_mask: u32,
+}
+
+/// Connection-table policy. Index 0 of `LB_CONNTRACK_SETTINGS`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct ConntrackSettings {
+    /// Entries each CPU may add per second; a new flow beyond it is
+    /// forwarded by the Maglev table without an entry. 0: no limit.
+    pub inserts_per_cpu: u32,
+    /// Seconds the entry of a TCP connection that saw a FIN or RST
+    /// outlives its last packet (0: as long as an open one).
+    pub closed_timeout: u32,
+    /// Default idle timeout of TCP flows, seconds (0: never lapse).
+    pub tcp_idle_timeout: u32,
+    /// Default idle timeout of UDP flows, seconds (0: never lapse).
+    pub udp_idle_timeout: u32,
+}
+
+/// One CPU's connection-table accounting. Value of `LB_CONNTRACK_STATS`
+/// (per CPU, one entry).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct ConntrackStats {
+    /// Entries added (or replaced).
+    pub inserts: u64,
+    /// New flows forwarded without an entry because the CPU had spent its
+    /// [`ConntrackSettings::inserts_per_cpu`] for the second.
+    pub refused: u64,
+    /// Start of the current one-second window, `CLOCK_MONOTONIC` (coarse) ns.
+    pub window_start: u64,
+    /// Entries added in the current window.
+    pub window_inserts: u64,
 }
 
 /// Per-service counters (per CPU). Value of `LB_SERVICE_STATS`.
@@ -191,8 +248,10 @@ const _: () = assert!(size_of::<ServiceValue>() == 16);
 const _: () = assert!(size_of::<AddrKey>() == 20);
 const _: () = assert!(size_of::<BackendValue>() == 28);
 const _: () = assert!(size_of::<FlowKey>() == 40);
-const _: () = assert!(size_of::<FlowValue>() == 8);
+const _: () = assert!(size_of::<FlowValue>() == 16);
 const _: () = assert!(size_of::<Settings>() == 36);
+const _: () = assert!(size_of::<ConntrackSettings>() == 16);
+const _: () = assert!(size_of::<ConntrackStats>() == 32);
 const _: () = assert!(size_of::<ServiceStats>() == 24);
 const _: () = assert!(size_of::<BackendStats>() == 16);
 
@@ -208,6 +267,8 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for ConntrackSettings {}
+    unsafe impl aya::Pod for ConntrackStats {}
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for BackendStats {}
 }

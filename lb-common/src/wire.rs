@@ -68,5 +68,9 @@ pub const ICMPV6_PKT_TOOBIG: u8 = 2;
 
 /// TCP flag SYN.
 pub const TCP_SYN: u8 = 0x02;
+/// TCP flag FIN.
+pub const TCP_FIN: u8 = 0x01;
+/// TCP flag RST.
+pub const TCP_RST: u8 = 0x04;
 /// TCP flag ACK.
 pub const TCP_ACK: u8 = 0x10;

@@ -32,10 +32,7 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use aya_log_ebpf::debug;
 use lb_common::{
     AddrKey, Counter, FlowKey, SERVICE_F_IPIP, ServiceKey, ServiceValue,
-    wire::{
-        ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK,
-        TCP_SYN,
-    },
+    wire::{ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
 };
 
 use crate::{packet::frame_len, parse::Ip, select::Choice};
@@ -112,7 +109,7 @@ fn vip_key(ip: &Ip) -> AddrKey {
 /// other packet it is the kernel's business, so the packet passes untouched.
 #[inline(always)]
 fn ours_or_pass(ip: &Ip, c: Counter) -> Counter {
-    if maps::is_vip(&vip_key(ip)) {
+    if maps::may_be_vip(&ip.dst) && maps::is_vip(&vip_key(ip)) {
         c
     } else {
         Counter::PassNotService
@@ -148,6 +145,9 @@ fn balance(ctx: &XdpContext) -> Result<Counter, Counter> {
 /// A TCP or UDP packet: to its service's backend, or passed if no service.
 #[inline(always)]
 fn balance_flow(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
+    if !maps::may_be_vip(&ip.dst) {
+        return Ok(Counter::PassNotService);
+    }
     let ports = parse::ports(ctx, ip).map_err(|c| ours_or_pass(ip, c))?;
     let key = ServiceKey {
         addr: ip.dst,
@@ -166,10 +166,8 @@ fn balance_flow(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
         family: ip.family,
         _pad: [0; 2],
     };
-    // A SYN starts a new connection: it re-picks even if the 5-tuple is
-    // remembered (port reuse), and its choice replaces the entry.
-    let syn = ip.proto == IPPROTO_TCP && ports.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let choice = select::select_backend(&settings, &service, &flow, syn, true)?;
+    let ct = maps::conntrack_settings();
+    let choice = select::select_backend(&settings, &ct, &service, &flow, ports.tcp_flags, true)?;
     forward(ctx, ip, &service, &choice, &settings)?;
     Ok(if service.flags & SERVICE_F_IPIP != 0 {
         Counter::ForwardIpip
@@ -207,7 +205,8 @@ fn relay_icmp(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
         family: inner.family,
         _pad: [0; 2],
     };
-    let choice = select::select_backend(&settings, &service, &flow, false, false)?;
+    let ct = maps::conntrack_settings();
+    let choice = select::select_backend(&settings, &ct, &service, &flow, 0, false)?;
     forward(ctx, ip, &service, &choice, &settings)?;
     Ok(Counter::ForwardIcmpError)
 }

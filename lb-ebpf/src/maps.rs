@@ -3,13 +3,15 @@
 //! `lb_common::limits`, which user space may raise at load time.
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
+    bindings::BPF_F_NO_PREALLOC,
+    helpers::generated::bpf_ktime_get_coarse_ns,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AddrKey, BackendStats, BackendValue, Counter, FlowKey, FlowValue, ServiceKey, ServiceStats,
-    ServiceValue, Settings, counters::DecapCounter, limits,
+    Addr, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter, FlowKey,
+    FlowValue, ServiceKey, ServiceStats, ServiceValue, Settings, counters::DecapCounter,
+    hash::vip_filter_bit, limits,
 };
 
 /// Services. Not preallocated, so an update replaces the element under RCU and
@@ -23,6 +25,11 @@ static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
 static LB_VIPS: HashMap<AddrKey, u32> =
     HashMap::with_max_entries(limits::MAX_ADDRESSES, BPF_F_NO_PREALLOC);
 
+/// Bitmap over hashed VIP addresses: traffic to no VIP (most of what a host
+/// receives) leaves after one array read instead of a hash lookup.
+#[map]
+static LB_VIP_FILTER: Array<u64> = Array::with_max_entries(limits::VIP_FILTER_WORDS, 0);
+
 /// Maglev tables, `RING_COPIES` per service, indexed with `lb_common::ring_index`.
 #[map]
 static LB_RINGS: Array<u32> = Array::with_max_entries(
@@ -35,11 +42,20 @@ static LB_RINGS: Array<u32> = Array::with_max_entries(
 static LB_BACKENDS: Array<BackendValue> = Array::with_max_entries(limits::DEFAULT_MAX_BACKENDS, 0);
 
 /// Connection table. One hash shared by all CPUs (a flow whose packets arrive
-/// on several CPUs still sticks) with per-CPU LRU lists, which avoids the
-/// global LRU lock on the packet path.
+/// on several CPUs still sticks) with the common LRU list: its capacity is
+/// the configured one whatever the CPUs, and replacing or adding an entry
+/// costs a third of what per-CPU lists cost (docs/dataplane.md).
 #[map]
 static LB_CONNTRACK: LruHashMap<FlowKey, FlowValue> =
-    LruHashMap::with_max_entries(limits::DEFAULT_CONNTRACK_ENTRIES, BPF_F_NO_COMMON_LRU);
+    LruHashMap::with_max_entries(limits::DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// Connection-table policy, one entry.
+#[map]
+static LB_CONNTRACK_SETTINGS: Array<ConntrackSettings> = Array::with_max_entries(1, 0);
+
+/// Connection-table accounting and each CPU's insert budget, one entry.
+#[map]
+static LB_CONNTRACK_STATS: PerCpuArray<ConntrackStats> = PerCpuArray::with_max_entries(1, 0);
 
 /// Settings, one entry.
 #[map]
@@ -82,6 +98,13 @@ pub fn is_vip(key: &AddrKey) -> bool {
     LB_VIPS.get_ptr(key).is_some()
 }
 
+/// Whether `addr` may be a VIP address: `false` proves it is none.
+#[inline(always)]
+pub fn may_be_vip(addr: &Addr) -> bool {
+    let (word, mask) = vip_filter_bit(addr);
+    LB_VIP_FILTER.get(word).is_some_and(|w| w & mask != 0)
+}
+
 /// The backend id in ring slot `index`.
 #[inline(always)]
 pub fn ring_slot(index: u32) -> Option<u32> {
@@ -94,17 +117,56 @@ pub fn backend(id: u32) -> Option<BackendValue> {
     LB_BACKENDS.get(id).copied()
 }
 
-/// The connection-table entry for `flow`.
+/// The connection-table entry for `flow`, in place.
 #[inline(always)]
-pub fn conntrack_get(flow: &FlowKey) -> Option<FlowValue> {
-    // SAFETY: LRU elements can be recycled under us; the 8-byte value is
-    // copied at once and then validated against the backend's generation.
-    unsafe { LB_CONNTRACK.get(flow).copied() }
+pub fn conntrack_entry(flow: &FlowKey) -> Option<*mut FlowValue> {
+    LB_CONNTRACK.get_ptr_mut(flow)
 }
 
-/// Pins `flow` to a backend. Failure only means the flow re-hashes next time.
+/// The connection-table policy (all zero, no limits and no aging, until
+/// user space writes it).
 #[inline(always)]
-pub fn conntrack_put(flow: &FlowKey, value: &FlowValue) {
+pub fn conntrack_settings() -> ConntrackSettings {
+    LB_CONNTRACK_SETTINGS.get(0).copied().unwrap_or_default()
+}
+
+/// Nanoseconds in a second.
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// `CLOCK_MONOTONIC` in whole seconds, from the coarse clock (tick
+/// resolution), a fraction of the precise clock's cost.
+#[inline(always)]
+pub fn now_seconds() -> u32 {
+    // SAFETY: helper without arguments.
+    (unsafe { bpf_ktime_get_coarse_ns() } / NS_PER_SEC) as u32
+}
+
+/// Pins `flow` to a backend if this CPU's insert budget (`ct`) allows;
+/// accounts the insert or the refusal. Not pinning only means the flow
+/// follows the Maglev table, as it does anyway while the table does not
+/// change.
+#[inline(always)]
+pub fn conntrack_put(ct: &ConntrackSettings, flow: &FlowKey, value: &FlowValue) {
+    let Some(stats) = LB_CONNTRACK_STATS.get_ptr_mut(0) else {
+        return;
+    };
+    let limit = ct.inserts_per_cpu as u64;
+    // SAFETY: per-CPU value, no concurrent writer on this CPU.
+    let stats = unsafe { &mut *stats };
+    if limit != 0 {
+        // SAFETY: helper without arguments.
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        if now.wrapping_sub(stats.window_start) >= NS_PER_SEC {
+            stats.window_start = now;
+            stats.window_inserts = 0;
+        }
+        if stats.window_inserts >= limit {
+            stats.refused += 1;
+            return;
+        }
+        stats.window_inserts += 1;
+    }
+    stats.inserts += 1;
     let _ = LB_CONNTRACK.insert(flow, value, 0);
 }
 

@@ -2,8 +2,12 @@
 //! Maglev table indexed by the flow hash.
 
 use lb_common::{
-    BACKEND_F_UP, BackendValue, Counter, FlowKey, FlowValue, SERVICE_F_AFFINITY, ServiceValue,
-    Settings, hash::flow_hash, limits::NO_BACKEND, ring_index,
+    BACKEND_F_UP, BackendValue, ConntrackSettings, Counter, FLOW_F_CLOSED, FlowKey, FlowValue,
+    SERVICE_F_AFFINITY, SERVICE_F_IPIP, ServiceValue, Settings,
+    hash::flow_hash,
+    limits::NO_BACKEND,
+    ring_index,
+    wire::{IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 use crate::maps;
@@ -16,30 +20,74 @@ pub struct Choice {
     pub backend: BackendValue,
     /// Chosen by a Maglev lookup rather than a connection-table hit.
     pub new_flow: bool,
-    /// The flow hash (also feeds the tunnel source address).
+    /// The flow hash: the Maglev slot's source, and the tunnel source's for
+    /// `ipip`. A `dsr-l2` connection-table hit has no use for it and leaves
+    /// it 0 (the hash is a fair share of that path's cost).
     pub hash: u32,
 }
 
-/// Picks the backend of `flow`. A TCP SYN (`repick`) skips the connection
-/// table; a hit whose backend is no longer up, or whose id now names another
-/// backend (generation changed), counts as a miss. `remember` is false for
-/// packets that must not create state (relayed ICMP errors).
+/// Whether a remembered entry still stands: its backend is up and the id
+/// still names the backend it was pinned to (same generation).
+#[inline(always)]
+fn stands(pinned: &FlowValue, backend: &BackendValue) -> bool {
+    backend.flags & BACKEND_F_UP != 0 && backend.generation == pinned.generation
+}
+
+/// The idle timeout of `flow`'s entry: the service's own, else its
+/// protocol's default.
+#[inline(always)]
+fn idle_timeout(ct: &ConntrackSettings, service: &ServiceValue, flow: &FlowKey) -> u32 {
+    if service.idle_timeout != 0 {
+        service.idle_timeout
+    } else if flow.proto == IPPROTO_TCP {
+        ct.tcp_idle_timeout
+    } else {
+        ct.udp_idle_timeout
+    }
+}
+
+/// Picks the backend of `flow`, whose packet carries `tcp_flags` (0 for
+/// UDP). A TCP SYN ignores the connection table's entry (a new connection
+/// on a reused 5-tuple must not inherit the old one's backend), as does a
+/// lapsed entry (idle past its timeout). A FIN or RST marks the entry
+/// closed, which shortens its life. `remember` is false for packets that
+/// must not create state (relayed ICMP errors).
 #[inline(always)]
 pub fn select_backend(
     settings: &Settings,
+    ct: &ConntrackSettings,
     service: &ServiceValue,
     flow: &FlowKey,
-    repick: bool,
+    tcp_flags: u8,
     remember: bool,
 ) -> Result<Choice, Counter> {
     let affinity = service.flags & SERVICE_F_AFFINITY != 0;
-    let hash = flow_hash(flow, affinity);
-    if !repick
-        && let Some(pinned) = maps::conntrack_get(flow)
+    let syn = flow.proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let closing = if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        FLOW_F_CLOSED
+    } else {
+        0
+    };
+    let now = maps::now_seconds();
+    let entry = maps::conntrack_entry(flow);
+    // SAFETY: LRU elements can be recycled under us; the value is copied at
+    // once and then validated against the backend's generation.
+    let pinned = entry
+        .map(|p| unsafe { *p })
+        .filter(|p| !p.lapsed(now, idle_timeout(ct, service, flow), ct.closed_timeout));
+    if !syn
+        && let (Some(p), Some(pinned)) = (entry, pinned)
         && let Some(backend) = maps::backend(pinned.backend)
-        && backend.flags & BACKEND_F_UP != 0
-        && backend.generation == pinned.generation
+        && stands(&pinned, &backend)
     {
+        if remember {
+            refresh(p, &pinned, now, pinned.flags | closing);
+        }
+        let hash = if service.flags & SERVICE_F_IPIP != 0 {
+            flow_hash(flow, affinity)
+        } else {
+            0
+        };
         return Ok(Choice {
             id: pinned.backend,
             backend,
@@ -51,6 +99,7 @@ pub fn select_backend(
     if ring_size == 0 {
         return Err(Counter::DropNoBackend);
     }
+    let hash = flow_hash(flow, affinity);
     let slot = hash % ring_size;
     let id = maps::ring_slot(ring_index(
         service.id,
@@ -69,13 +118,24 @@ pub fn select_backend(
         return Err(Counter::DropNoBackend);
     }
     if remember {
-        maps::conntrack_put(
-            flow,
-            &FlowValue {
-                backend: id,
-                generation: backend.generation,
-            },
-        );
+        match (entry, pinned) {
+            // Writing an entry costs far more than updating one in place:
+            // a SYN that picks the backend its entry names (a retransmitted
+            // SYN) only refreshes it, and reopens it if it was closed.
+            (Some(p), Some(old)) if old.backend == id && old.generation == backend.generation => {
+                refresh(p, &old, now, closing);
+            }
+            _ => maps::conntrack_put(
+                ct,
+                flow,
+                &FlowValue {
+                    backend: id,
+                    generation: backend.generation,
+                    last_seen: now,
+                    flags: closing,
+                },
+            ),
+        }
     }
     Ok(Choice {
         id,
@@ -83,4 +143,21 @@ pub fn select_backend(
         new_flow: true,
         hash,
     })
+}
+
+/// Brings the entry `seen` was read from up to date in place: its last
+/// packet `now`, its flags `flags`. Writes only what changed: the time at
+/// most once a second per flow.
+#[inline(always)]
+fn refresh(p: *mut FlowValue, seen: &FlowValue, now: u32, flags: u32) {
+    if seen.last_seen != now || flags != seen.flags {
+        // SAFETY: a pointer into the map's value, valid under RCU for the
+        // program's run. Were the element recycled meanwhile (evicted and
+        // reused by another CPU), the write would only touch the time and
+        // flags of another flow's entry, never its backend.
+        unsafe {
+            (*p).last_seen = now;
+            (*p).flags = flags;
+        }
+    }
 }

@@ -127,6 +127,19 @@ pub struct SettingsFile {
     /// Connection-table entries.
     #[serde(default = "default_conntrack")]
     pub conntrack_entries: u32,
+    /// Connection-table entries each CPU may add per second (0: no limit).
+    #[serde(default = "default_conntrack_inserts")]
+    pub conntrack_inserts_per_cpu: u32,
+    /// Idle time after which a TCP flow's entry lapses.
+    #[serde(default = "default_tcp_idle", with = "humantime_serde")]
+    pub tcp_idle_timeout: Duration,
+    /// Idle time after which a UDP flow's entry lapses.
+    #[serde(default = "default_udp_idle", with = "humantime_serde")]
+    pub udp_idle_timeout: Duration,
+    /// How long the entry of a TCP connection that saw a FIN or RST outlives
+    /// its last packet.
+    #[serde(default = "default_closed", with = "humantime_serde")]
+    pub tcp_closed_timeout: Duration,
     /// MTU toward backends (`ipip` drops what would exceed it).
     #[serde(default = "default_mtu")]
     pub mtu: u32,
@@ -154,6 +167,10 @@ impl Default for SettingsFile {
             max_services: default_max_services(),
             max_backends: default_max_backends(),
             conntrack_entries: default_conntrack(),
+            conntrack_inserts_per_cpu: default_conntrack_inserts(),
+            tcp_idle_timeout: default_tcp_idle(),
+            udp_idle_timeout: default_udp_idle(),
+            tcp_closed_timeout: default_closed(),
             mtu: default_mtu(),
             socket: default_socket(),
             state_file: default_state_file(),
@@ -175,6 +192,18 @@ fn default_max_backends() -> u32 {
 }
 fn default_conntrack() -> u32 {
     limits::DEFAULT_CONNTRACK_ENTRIES
+}
+fn default_conntrack_inserts() -> u32 {
+    limits::DEFAULT_CONNTRACK_INSERTS_PER_CPU
+}
+fn default_tcp_idle() -> Duration {
+    Duration::from_secs(900)
+}
+fn default_udp_idle() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_closed() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_mtu() -> u32 {
     1500
@@ -220,6 +249,10 @@ pub struct ServiceFile {
     /// Health checking of this service's backends.
     #[serde(default)]
     pub health: HealthFile,
+    /// How long a flow may stay idle before its connection-table entry
+    /// lapses; the protocol's default (`[settings]`) when absent.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
     /// Backends.
     #[serde(default, rename = "backend")]
     pub backends: Vec<Spanned<BackendFile>>,
@@ -399,6 +432,10 @@ pub struct Settings {
     pub xdp_mode: XdpModeSetting,
     /// Map capacities and table size.
     pub capacity: Capacity,
+    /// Connection-table entries each CPU may add per second (0: no limit).
+    pub conntrack_inserts_per_cpu: u32,
+    /// Idle timeouts (TCP, UDP) and the closed-TCP timeout, whole seconds.
+    pub conntrack_timeouts: ConntrackTimeouts,
     /// MTU toward backends.
     pub mtu: u32,
     /// Control socket.
@@ -415,6 +452,40 @@ pub struct Settings {
     pub announce: Option<Announce>,
     /// Fleet mode; `None` when standalone.
     pub fleet: Option<Fleet>,
+}
+
+/// Connection-table timeouts, whole seconds (what the data plane keeps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConntrackTimeouts {
+    /// Idle TCP flows.
+    pub tcp_idle: u32,
+    /// Idle UDP flows.
+    pub udp_idle: u32,
+    /// TCP connections that saw a FIN or RST, after their last packet.
+    pub tcp_closed: u32,
+}
+
+/// Connection-table timeouts are whole seconds from 1 s to a week: the data
+/// plane's clock ticks in seconds, and 0 would mean "never".
+const TIMEOUT_RANGE: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(7 * 24 * 3600));
+
+fn validate_timeout(t: Duration, at: Option<usize>, field: &str, e: &mut Errors<'_>) {
+    if !(TIMEOUT_RANGE.0..=TIMEOUT_RANGE.1).contains(&t) || t.subsec_nanos() != 0 {
+        e.push(
+            at,
+            field,
+            format!(
+                "{} is not a whole number of seconds from 1s to 7days",
+                humantime_serde::re::humantime::format_duration(t)
+            ),
+        );
+    }
+}
+
+/// A validated timeout in whole seconds (the range keeps it in u32).
+fn timeout_secs(t: Duration) -> u32 {
+    u32::try_from(t.as_secs()).unwrap_or(u32::MAX)
 }
 
 /// Validated `[fleet]`.
@@ -470,6 +541,9 @@ pub struct Service {
     pub mode: Mode,
     /// Hash on the client address only.
     pub affinity: Affinity,
+    /// Idle timeout of its flows, whole seconds; `None` takes the
+    /// protocol's default.
+    pub idle_timeout: Option<u32>,
     /// Health checking.
     pub health: HealthCheck,
     /// Backends by address.
@@ -710,6 +784,13 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
             "max_services x table_size x 2 must fit in 32 bits",
         );
     }
+    for (field, t) in [
+        ("settings.tcp_idle_timeout", s.tcp_idle_timeout),
+        ("settings.udp_idle_timeout", s.udp_idle_timeout),
+        ("settings.tcp_closed_timeout", s.tcp_closed_timeout),
+    ] {
+        validate_timeout(t, None, field, &mut e);
+    }
     if !(576..=65_535).contains(&s.mtu) {
         e.push(
             None,
@@ -900,6 +981,9 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
             );
         }
         let health = validate_health(&svc.health, svc.port, at, &field, &mut e);
+        if let Some(t) = svc.idle_timeout {
+            validate_timeout(t, at, &format!("{field}.idle_timeout"), &mut e);
+        }
         let mut backends = BTreeMap::new();
         for (i, b) in svc.backends.iter().enumerate() {
             let bat = Some(b.span().start);
@@ -955,6 +1039,7 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
                     protocol: svc.protocol,
                     mode: svc.mode,
                     affinity: svc.affinity,
+                    idle_timeout: svc.idle_timeout.map(timeout_secs),
                     health,
                     backends,
                 },
@@ -990,6 +1075,12 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
             interfaces: s.interfaces.clone(),
             xdp_mode: s.xdp_mode,
             capacity,
+            conntrack_inserts_per_cpu: s.conntrack_inserts_per_cpu,
+            conntrack_timeouts: ConntrackTimeouts {
+                tcp_idle: timeout_secs(s.tcp_idle_timeout),
+                udp_idle: timeout_secs(s.udp_idle_timeout),
+                tcp_closed: timeout_secs(s.tcp_closed_timeout),
+            },
             mtu: s.mtu,
             socket: s.socket.clone(),
             state_file: s.state_file.clone(),

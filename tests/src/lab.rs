@@ -64,6 +64,18 @@ pub struct Lab {
     pub dp: Dataplane,
 }
 
+/// The settings every lab runs with.
+pub fn lab_settings(ring_size: u32) -> Settings {
+    Settings {
+        ring_size,
+        mtu: MTU,
+        tunnel_src_v4: TUNNEL_SRC_V4,
+        tunnel_src_v4_hash_mask: TUNNEL_SRC_V4_MASK,
+        tunnel_src_v6: TUNNEL_SRC_V6,
+        tunnel_src_v6_hash_mask: TUNNEL_SRC_V6_MASK,
+    }
+}
+
 /// Small capacities keep each lab's maps a few MiB.
 pub fn lab_capacity(ring_size: u32) -> Capacity {
     Capacity {
@@ -83,16 +95,8 @@ impl Lab {
     /// Loads the object with `capacity` (for labs that need more services
     /// or backends than [`lab_capacity`] gives) and lab settings.
     pub fn with_capacity(capacity: Capacity) -> Result<Lab> {
-        let ring_size = capacity.ring_size;
         let mut dp = Dataplane::load(capacity)?;
-        dp.set_settings(Settings {
-            ring_size,
-            mtu: MTU,
-            tunnel_src_v4: TUNNEL_SRC_V4,
-            tunnel_src_v4_hash_mask: TUNNEL_SRC_V4_MASK,
-            tunnel_src_v6: TUNNEL_SRC_V6,
-            tunnel_src_v6_hash_mask: TUNNEL_SRC_V6_MASK,
-        })?;
+        dp.set_settings(lab_settings(capacity.ring_size))?;
         Ok(Lab { dp })
     }
 
@@ -158,7 +162,7 @@ impl Lab {
             .into_iter()
             .map(|slot| slot.map_or(NO_BACKEND, |i| members[i as usize].0))
             .collect();
-        self.dp.publish_service(&key, id, flags, &ring)?;
+        self.dp.publish_service(&key, id, flags, 0, &ring)?;
         Ok(ring)
     }
 

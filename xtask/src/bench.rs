@@ -10,7 +10,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::{build, exec, setup};
+use crate::{baseline, build, exec, setup};
 
 /// The report, at the workspace root.
 const REPORT: &str = "BENCHMARKS.md";
@@ -21,38 +21,65 @@ const MAGLEV_BENCH: [&str; 4] = ["--package", "lb-userspace", "--bench", "maglev
 /// The package of the benchmark driver.
 const DRIVER: &str = "lb-bench";
 
-/// Runs every benchmark; `quick` trades precision for a run under five
-/// minutes (the same paths and configurations, fewer iterations).
-pub fn run(root: &Path, quick: bool) -> Result<()> {
+/// Runs every benchmark (or the parts in `only`); `quick` trades precision
+/// for a run under five minutes (the same paths and configurations, fewer
+/// iterations); `baseline` adds lb's object at that revision to the
+/// data-plane part.
+pub fn run(root: &Path, quick: bool, baseline: Option<&str>, only: &[String]) -> Result<()> {
+    let baseline = baseline
+        .map(|rev| baseline::object(root, rev))
+        .transpose()?;
     let lb = build::build(root, false)?;
     setup::bench()?;
     let criterion = build::target_dir(root).join("criterion");
 
-    let mut maglev = exec::cargo();
-    maglev
-        .current_dir(root)
-        .arg("bench")
-        .args(MAGLEV_BENCH)
-        // Where criterion writes its estimates, so the driver finds them
-        // whatever the target directory.
-        .env("CRITERION_HOME", &criterion)
-        .arg("--");
-    if quick {
-        maglev.arg("--quick");
+    // The Maglev build times feed the control part only.
+    if only.is_empty() || only.iter().any(|p| p == "control") {
+        let mut maglev = exec::cargo();
+        maglev
+            .current_dir(root)
+            .arg("bench")
+            .args(MAGLEV_BENCH)
+            // Where criterion writes its estimates, so the driver finds them
+            // whatever the target directory.
+            .env("CRITERION_HOME", &criterion)
+            .arg("--");
+        if quick {
+            maglev.arg("--quick");
+        }
+        exec::run(&mut maglev)?;
     }
-    exec::run(&mut maglev)?;
 
+    // A partial run is not the report of record: it goes beside the build.
+    let (report, results) = if only.is_empty() {
+        (root.join(REPORT), root.join(RESULTS))
+    } else {
+        let dir = build::target_dir(root).join("bench");
+        (dir.join(REPORT), dir.join(RESULTS))
+    };
     let mut driver = exec::cargo();
     driver
         .current_dir(root)
         .args(["run", "--release", "--package", DRIVER, "--"])
-        .args(["--out", REPORT, "--json", RESULTS])
+        .arg("--out")
+        .arg(&report)
+        .arg("--json")
+        .arg(&results)
         .arg("--lb")
         .arg(&lb)
         .arg("--criterion")
         .arg(&criterion);
     if quick {
         driver.arg("--quick");
+    }
+    if let Some((commit, object)) = &baseline {
+        driver
+            .args(["--baseline-rev", commit])
+            .arg("--baseline-object")
+            .arg(object);
+    }
+    if !only.is_empty() {
+        driver.arg("--only").arg(only.join(","));
     }
     exec::run(&mut driver)
 }

@@ -10,8 +10,10 @@
 //!   and a one-line summary.
 //! - `fuzz`: the packet fuzzer of the XDP program, for any number of frames.
 //! - `bench`: the benchmarks, into BENCHMARKS.md and bench/results.json.
+//! - `baseline`: lb's eBPF object at an earlier revision, for `bench --baseline`.
 //! - `exec`: how every external command is run, echoed and checked.
 
+mod baseline;
 mod bench;
 mod build;
 mod demo;
@@ -59,6 +61,14 @@ enum Task {
         /// The same paths with fewer iterations: under five minutes, less precise.
         #[arg(long)]
         quick: bool,
+        /// Also run lb's XDP object as it was at this git revision, side by
+        /// side with the current one (data-plane part; a worktree build).
+        #[arg(long, value_name = "REV")]
+        baseline: Option<String>,
+        /// Only these parts (dataplane, live, control, memory, proxies,
+        /// reaction, fleet); all by default.
+        #[arg(long, value_delimiter = ',', value_name = "PARTS")]
+        only: Vec<String>,
     },
     /// Run setup, then cargo fmt --check, cargo test and cargo clippy.
     Test {
@@ -86,7 +96,11 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup => setup::run(),
         Task::Build { debug } => build::run(&root, debug),
-        Task::Bench { quick } => bench::run(&root, quick),
+        Task::Bench {
+            quick,
+            baseline,
+            only,
+        } => bench::run(&root, quick, baseline.as_deref(), &only),
         Task::Demo { keep, fleet } => demo::run(&root, keep, fleet),
         Task::Fuzz { frames, seed } => fuzz::run(&root, frames, seed),
         // Reports its own failures: its summary line must come last.

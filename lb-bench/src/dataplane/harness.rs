@@ -19,9 +19,12 @@ use lb_bench_ebpf::{
     MAP_SINK_COUNT, MAP_TARGET, PROG_LRU_INSERT, PROG_LRU_LOOKUP, PROG_PASS, PROG_RESET, PROG_SINK,
     PROG_SWAP, ResetConfig, ResetState, TARGET_SLOT,
 };
-use lb_common::{Counter, maps::PROG_LB};
-use lb_tests::lab::Lab;
+use std::{net::IpAddr, path::Path};
 
+use lb_common::{Counter, ServiceKey, ServiceStats, maps::PROG_LB};
+use lb_tests::lab::{Lab, lab_settings};
+
+use super::baseline::Baseline;
 use crate::machine::thread_cpu_ns;
 
 /// The benchmark object: floors, references and the reset wrapper (never in
@@ -39,6 +42,8 @@ const OUT_SLACK: usize = 256;
 pub enum Program {
     /// lb's `lb_xdp`.
     Lb,
+    /// lb's `lb_xdp` at the baseline revision (`--baseline`).
+    Baseline,
     /// The XDP_PASS floor.
     Pass,
     /// The parse-and-swap floor.
@@ -58,7 +63,7 @@ impl Program {
     /// The benchmark object's name for it (lb's own program is not there).
     fn bench_name(self) -> Option<&'static str> {
         match self {
-            Program::Lb => None,
+            Program::Lb | Program::Baseline => None,
             Program::Pass => Some(PROG_PASS),
             Program::Swap => Some(PROG_SWAP),
             Program::LruInsert => Some(PROG_LRU_INSERT),
@@ -128,6 +133,8 @@ pub struct Sample {
 pub struct Harness {
     /// lb's data plane, with lab helpers to configure it.
     pub lab: Lab,
+    /// lb's object at the baseline revision, given the same tables.
+    pub baseline: Option<Baseline>,
     bench: Ebpf,
     target: ProgramArray<MapData>,
     config: Array<MapData, ResetConfig>,
@@ -163,11 +170,20 @@ fn load_xdp(ebpf: &mut Ebpf, name: &str) -> Result<ProgramFd> {
 }
 
 impl Harness {
-    /// Loads lb's object with `capacity` and lab settings, and the benchmark
-    /// object next to it.
-    pub fn load(capacity: Capacity) -> Result<Harness> {
+    /// Loads lb's object with `capacity` and lab settings, the benchmark
+    /// object next to it, and the baseline's object (revision, file) if
+    /// given, configured alike.
+    pub fn load(capacity: Capacity, baseline: Option<(&str, &Path)>) -> Result<Harness> {
         // The packet tests' lab: the same settings, so the same paths.
         let mut lab = Lab::with_capacity(capacity).context("loading lb's object")?;
+        let baseline = match baseline {
+            Some((_, path)) => {
+                let mut b = Baseline::load(path, capacity)?;
+                b.set_settings(lab_settings(capacity.ring_size))?;
+                Some(b)
+            }
+            None => None,
+        };
         let lb_fd = lab.dp.program(PROG_LB)?.fd()?.try_clone()?;
         // The reference LRU gets lb's connection-table capacity, so both
         // fill, evict and miss in cache alike.
@@ -196,12 +212,59 @@ impl Harness {
             lru_counters: take(&mut bench, MAP_LRU_COUNTERS)?,
             sink_count: take(&mut bench, MAP_SINK_COUNT)?,
             lab,
+            baseline,
             bench,
             lb_fd,
             bench_fds,
             nr_cpus,
             fresh: 0,
         })
+    }
+
+    /// Writes backend `id` (see [`Lab::backend`]) into both objects.
+    pub fn backend(&mut self, id: u32, ip: IpAddr, up: bool, generation: u32) -> Result<()> {
+        self.lab.backend(id, ip, up, generation)?;
+        if let Some(b) = &mut self.baseline {
+            b.set_backend(id, self.lab.dp.backend(id)?)?;
+        }
+        Ok(())
+    }
+
+    /// Builds and publishes a service (see [`Lab::service`]) in both
+    /// objects; returns its table.
+    pub fn service(
+        &mut self,
+        id: u32,
+        key: ServiceKey,
+        flags: u32,
+        members: &[(u32, u32)],
+    ) -> Result<Vec<u32>> {
+        let ring = self.lab.service(id, key, flags, members)?;
+        self.mirror_service(&key, &ring)?;
+        Ok(ring)
+    }
+
+    /// Publishes a service with a ready table in both objects.
+    pub fn publish_service(&mut self, key: &ServiceKey, id: u32, ring: &[u32]) -> Result<()> {
+        self.lab.dp.publish_service(key, id, 0, 0, ring)?;
+        self.mirror_service(key, ring)
+    }
+
+    fn mirror_service(&mut self, key: &ServiceKey, ring: &[u32]) -> Result<()> {
+        if let Some(b) = &mut self.baseline {
+            let value = self.lab.dp.service(key)?.context("service not published")?;
+            b.set_service(key, value, ring)?;
+        }
+        Ok(())
+    }
+
+    /// lb's program, and the baseline's if there is one.
+    pub fn lb_programs(&self) -> Vec<Program> {
+        let mut programs = vec![Program::Lb];
+        if self.baseline.is_some() {
+            programs.push(Program::Baseline);
+        }
+        programs
     }
 
     /// Reserves `count` flow indexes no other run uses.
@@ -215,6 +278,7 @@ impl Harness {
     pub fn xdp(&mut self, program: Program) -> Result<&mut Xdp> {
         match program {
             Program::Lb => self.lab.dp.program(PROG_LB),
+            Program::Baseline => self.baseline_mut()?.program(),
             _ => self.program(program.name()),
         }
     }
@@ -227,6 +291,12 @@ impl Harness {
     /// Frames the sink has received, over all CPUs.
     pub fn sink_count(&self) -> Result<u64> {
         Ok(self.sink_count.get(&0, 0)?.iter().sum())
+    }
+
+    fn baseline_mut(&mut self) -> Result<&mut Baseline> {
+        self.baseline
+            .as_mut()
+            .context("no baseline object was given")
     }
 
     fn program(&mut self, name: &str) -> Result<&mut Xdp> {
@@ -247,7 +317,7 @@ impl Harness {
         repeat: u32,
         expect: &Expect,
     ) -> Result<Sample> {
-        let before = Snapshot::take(&self.lab, &self.lru_counters, expect)?;
+        let before = self.snapshot(program, expect)?;
         let (first_flow, config) = match method {
             Method::Direct(index) => (index, None),
             Method::Reset(flows) => {
@@ -269,8 +339,8 @@ impl Harness {
         opts.data_out = Some(&mut out);
         opts.repeat = repeat;
         let (start, result) = match (config, program) {
-            (None, Program::Lb) => {
-                let prog = self.lab.dp.program(PROG_LB)?;
+            (None, Program::Lb | Program::Baseline) => {
+                let prog = self.xdp(program)?;
                 let start = thread_cpu_ns();
                 (start, prog.test_run(opts))
             }
@@ -283,6 +353,7 @@ impl Harness {
             (Some(config), _) => {
                 let fd = match program {
                     Program::Lb => self.lb_fd.try_clone()?,
+                    Program::Baseline => self.baseline_mut()?.fd()?,
                     _ => self
                         .bench_fds
                         .iter()
@@ -328,7 +399,7 @@ impl Harness {
                 "the swap floor's output frame is wrong"
             );
         }
-        let after = Snapshot::take(&self.lab, &self.lru_counters, expect)?;
+        let after = self.snapshot(program, expect)?;
         before.check(&after, expect, repeat as u64)?;
         if config.is_some() {
             let iterations: u64 = self.state.get(&0, 0)?.iter().map(|s| s.iterations).sum();
@@ -352,31 +423,48 @@ struct Snapshot {
     packets: u64,
 }
 
-impl Snapshot {
-    fn take(
-        lab: &Lab,
-        lru_counters: &PerCpuArray<MapData, u64>,
-        expect: &Expect,
-    ) -> Result<Snapshot> {
+impl Harness {
+    /// The counters a run of `program` is checked by: the baseline's own
+    /// for a baseline run, lb's otherwise.
+    fn snapshot(&self, program: Program, expect: &Expect) -> Result<Snapshot> {
         let mut lru = [0; LruCounter::COUNT as usize];
         for (i, v) in lru.iter_mut().enumerate() {
-            *v = lru_counters.get(&(i as u32), 0)?.iter().sum();
+            *v = self.lru_counters.get(&(i as u32), 0)?.iter().sum();
         }
+        let baseline = match program {
+            Program::Baseline => Some(
+                self.baseline
+                    .as_ref()
+                    .context("no baseline object was given")?,
+            ),
+            _ => None,
+        };
+        let stats = |id| -> Result<ServiceStats> {
+            match baseline {
+                Some(b) => b.service_stats(id),
+                None => self.lab.dp.service_stats(id),
+            }
+        };
         let (new_flows, packets) = match expect.new_flows {
             Some((id, _)) => {
-                let s = lab.dp.service_stats(id)?;
+                let s = stats(id)?;
                 (s.new_flows, s.packets)
             }
             None => (0, 0),
         };
         Ok(Snapshot {
-            counters: lab.dp.counters()?,
+            counters: match baseline {
+                Some(b) => b.counters()?,
+                None => self.lab.dp.counters()?,
+            },
             lru,
             new_flows,
             packets,
         })
     }
+}
 
+impl Snapshot {
     /// Checks the deltas of a run of `repeat` iterations of lb.
     fn check(&self, after: &Snapshot, expect: &Expect, repeat: u64) -> Result<()> {
         let delta = |c: Counter| -> u64 {

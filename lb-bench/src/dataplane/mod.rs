@@ -17,12 +17,16 @@
 //! # Layout
 //! - `frames`: the frames, addresses and flow indexes.
 //! - `harness`: loading both objects, one timed and verified run.
+//! - `baseline`: lb's object at an earlier revision, run beside the current
+//!   one (`--baseline`): every lb case of every group runs on both.
 
+pub mod baseline;
 pub mod frames;
 pub mod harness;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path as FilePath,
     time::Instant,
 };
 
@@ -114,8 +118,11 @@ pub enum Path {
     Established,
     /// A non-SYN packet of a flow not in the connection table (Maglev lookup).
     NewFlow,
-    /// A TCP SYN (Maglev lookup, replaces the connection-table entry).
+    /// A TCP SYN of the same flow every packet (a retransmitted SYN, a
+    /// reused port): Maglev lookup, the flow already in the table.
     Syn,
+    /// A TCP SYN of a new flow every packet (Maglev lookup, insert).
+    SynNewFlow,
     /// A TCP packet to an address that is no VIP.
     NotService,
     /// Reference: parse, insert the flow into an LRU hash like lb's
@@ -136,6 +143,7 @@ impl Path {
             Path::Established => "established flow",
             Path::NewFlow => "new flow",
             Path::Syn => "TCP SYN",
+            Path::SynNewFlow => "TCP SYN, new flow",
             Path::NotService => "non-service pass",
             Path::RefInsert => "reference: parse + LRU insert + swap",
             Path::RefLookup => "reference: parse + LRU lookup + swap",
@@ -144,6 +152,7 @@ impl Path {
 }
 
 /// One thing measured in a group.
+#[derive(Clone)]
 struct Case {
     path: Path,
     family: Option<Family>,
@@ -169,6 +178,8 @@ pub struct CaseResult {
     pub family: Option<Family>,
     /// Forwarding mode, for forwarded paths.
     pub mode: Option<Mode>,
+    /// Measured on the baseline object.
+    pub baseline: bool,
     /// `direct` or `reset wrapper`.
     pub method: &'static str,
     /// Distinct flows the iterations carried.
@@ -202,6 +213,8 @@ pub struct GroupResult {
     pub repeat: u32,
     /// Cases, in report order.
     pub cases: Vec<CaseResult>,
+    /// The same lb cases run on the baseline object (with `--baseline`).
+    pub baseline: Vec<CaseResult>,
 }
 
 impl GroupResult {
@@ -229,17 +242,23 @@ pub struct DataplaneResults {
     pub matrix: Vec<GroupResult>,
     /// Groups with many established flows.
     pub many_flows: Vec<GroupResult>,
+    /// The commit of the baseline object, if one ran beside lb's.
+    pub baseline_rev: Option<String>,
 }
 
-/// Runs the whole data-plane benchmark.
-pub fn run(plan: &Plan) -> Result<DataplaneResults> {
-    let matrix = run_matrix(plan)?;
-    let many_flows = run_many_flows(plan)?;
+/// The baseline to run beside lb's object: its commit and object file.
+pub type BaselineObject<'a> = (&'a str, &'a FilePath);
+
+/// Runs the whole data-plane benchmark, with `baseline` beside lb if given.
+pub fn run(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<DataplaneResults> {
+    let matrix = run_matrix(plan, baseline)?;
+    let many_flows = run_many_flows(plan, baseline)?;
     Ok(DataplaneResults {
         plan: plan.clone(),
         frame_len: FRAME_LEN,
         matrix,
         many_flows,
+        baseline_rev: baseline.map(|(rev, _)| rev.to_owned()),
     })
 }
 
@@ -266,11 +285,10 @@ pub(crate) fn configure(h: &mut Harness, backends: u32, generation: u32) -> Resu
         let sid = sid as u32;
         let members: Vec<(u32, u32)> = (0..backends).map(|j| (sid * backends + j, 1)).collect();
         for &(id, _) in &members {
-            h.lab
-                .backend(id, backend_ip(family, id), true, generation)?;
+            h.backend(id, backend_ip(family, id), true, generation)?;
         }
         let key = service_key(frames::vip(family, mode), SERVICE_PORT, IPPROTO_TCP);
-        let ring = h.lab.service(sid, key, service_flags(mode), &members)?;
+        let ring = h.service(sid, key, service_flags(mode), &members)?;
         if first.is_empty() {
             first = ring;
         }
@@ -284,9 +302,7 @@ fn publish_fillers(h: &mut Harness, total: u32, ring: &[u32]) -> Result<()> {
     for id in MEASURED.len() as u32..total {
         let port = FILLER_PORT_BASE + id as u16;
         let key = service_key(FILLER_VIP.into(), port, IPPROTO_TCP);
-        h.lab
-            .dp
-            .publish_service(&key, id, 0, ring)
+        h.publish_service(&key, id, ring)
             .with_context(|| format!("publishing filler service {id}"))?;
     }
     Ok(())
@@ -488,6 +504,17 @@ fn matrix_cases(h: &mut Harness) -> Result<Vec<Case>> {
             prime: None,
             flows: 1,
         });
+        cases.push(Case {
+            path: Path::SynNewFlow,
+            family: Some(family),
+            mode: Some(mode),
+            program: Program::Lb,
+            method: Method::Reset(Flows::Fresh),
+            template: syn,
+            expect: expect_forward(sid, family, mode, true),
+            prime: None,
+            flows: 0,
+        });
     }
     for family in Family::ALL {
         cases.push(Case {
@@ -531,14 +558,63 @@ fn matrix_cases(h: &mut Harness) -> Result<Vec<Case>> {
     Ok(cases)
 }
 
-fn run_matrix(plan: &Plan) -> Result<Vec<GroupResult>> {
+/// With a baseline, every case of lb's program again on the baseline's.
+fn with_baseline(h: &Harness, mut cases: Vec<Case>) -> Vec<Case> {
+    if h.baseline.is_none() {
+        return cases;
+    }
+    let on_baseline: Vec<Case> = cases
+        .iter()
+        .filter(|c| c.program == Program::Lb)
+        .map(|c| Case {
+            program: Program::Baseline,
+            prime: c.prime.map(|(p, e)| {
+                let p = if p == Program::Lb {
+                    Program::Baseline
+                } else {
+                    p
+                };
+                (p, e)
+            }),
+            ..c.clone()
+        })
+        .collect();
+    cases.extend(on_baseline);
+    cases
+}
+
+/// The group's results: lb's and the baseline's cases apart.
+fn group_result(
+    cases: &[Case],
+    samples: &[Vec<Sample>],
+    shape: (u32, u32, u32, u32, u32),
+) -> GroupResult {
+    let (services, backends, many_flows, conntrack_entries, repeat) = shape;
+    let (baseline, cases): (Vec<CaseResult>, Vec<CaseResult>) = summarise(cases, samples)
+        .into_iter()
+        .partition(|c| c.baseline);
+    GroupResult {
+        services,
+        backends,
+        many_flows,
+        conntrack_entries,
+        repeat,
+        cases,
+        baseline,
+    }
+}
+
+fn run_matrix(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<Vec<GroupResult>> {
     let max_services = plan.services.iter().copied().max().unwrap_or(1);
-    let mut h = Harness::load(Capacity {
-        max_services,
-        max_backends: MAX_BACKENDS,
-        conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
-        ring_size: DEFAULT_RING_SIZE,
-    })?;
+    let mut h = Harness::load(
+        Capacity {
+            max_services,
+            max_backends: MAX_BACKENDS,
+            conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
+            ring_size: DEFAULT_RING_SIZE,
+        },
+        baseline,
+    )?;
     let mut groups = Vec::new();
     let mut generation = 0;
     let mut published = MEASURED.len() as u32;
@@ -559,42 +635,44 @@ fn run_matrix(plan: &Plan) -> Result<Vec<GroupResult>> {
                 );
                 published = total;
             }
-            let mut cases = matrix_cases(&mut h)?;
+            let cases = matrix_cases(&mut h)?;
+            let mut cases = with_baseline(&h, cases);
             let samples = measure(&mut h, &mut cases, plan.repeat, plan.rounds)?;
             eprintln!(
                 "data plane: {total} services, {backends} backends per service: {:.1?}",
                 started.elapsed()
             );
-            groups.push(GroupResult {
-                services: total,
-                backends,
-                many_flows: 0,
-                conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
-                repeat: plan.repeat,
-                cases: summarise(&cases, &samples),
-            });
+            groups.push(group_result(
+                &cases,
+                &samples,
+                (total, backends, 0, DEFAULT_CONNTRACK_ENTRIES, plan.repeat),
+            ));
         }
     }
     Ok(groups)
 }
 
-fn run_many_flows(plan: &Plan) -> Result<Vec<GroupResult>> {
+fn run_many_flows(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<Vec<GroupResult>> {
     let Some(&most) = plan.many_flows.iter().max() else {
         return Ok(Vec::new());
     };
     let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-    // The connection table keeps one LRU list per CPU, each with an equal
-    // share of the entries; every run happens on one CPU, so that CPU's
-    // share must hold every flow of every case at once.
+    // A connection table with per-CPU LRU lists (the reference's and lb's
+    // before, a baseline's) gives each CPU an equal share of the entries;
+    // every run happens on one CPU, so that CPU's share must hold every
+    // flow of every case at once. Both objects get the same size.
     let per_cpu = most as f64 * MEASURED.len() as f64 * CONNTRACK_HEADROOM;
     let conntrack_entries = (per_cpu * nr_cpus as f64) as u32;
     eprintln!("data plane: loading with a {conntrack_entries}-entry connection table");
-    let mut h = Harness::load(Capacity {
-        max_services: MEASURED.len() as u32,
-        max_backends: MAX_BACKENDS,
-        conntrack_entries,
-        ring_size: DEFAULT_RING_SIZE,
-    })?;
+    let mut h = Harness::load(
+        Capacity {
+            max_services: MEASURED.len() as u32,
+            max_backends: MAX_BACKENDS,
+            conntrack_entries,
+            ring_size: DEFAULT_RING_SIZE,
+        },
+        baseline,
+    )?;
     configure(&mut h, plan.many_flows_backends, 1)?;
     let mut groups = Vec::new();
     for (group, &count) in plan.many_flows.iter().enumerate() {
@@ -623,14 +701,16 @@ fn run_many_flows(plan: &Plan) -> Result<Vec<GroupResult>> {
             // Maglev lookup, which the counters prove.
             let base = h.fresh_flows(count)?;
             let cycle = Method::Reset(Flows::Cycle { base, count });
-            h.run(
-                Program::Lb,
-                cycle,
-                &template,
-                count,
-                &expect_forward(sid, family, mode, true),
-            )
-            .with_context(|| format!("filling the table with {count} flows"))?;
+            for program in h.lb_programs() {
+                h.run(
+                    program,
+                    cycle,
+                    &template,
+                    count,
+                    &expect_forward(sid, family, mode, true),
+                )
+                .with_context(|| format!("filling the table with {count} flows"))?;
+            }
             cases.push(Case {
                 path: Path::Established,
                 family: Some(family),
@@ -682,19 +762,23 @@ fn run_many_flows(plan: &Plan) -> Result<Vec<GroupResult>> {
         });
         // At least one pass over every flow per run.
         let repeat = plan.repeat.max(count);
+        let mut cases = with_baseline(&h, cases);
         let samples = measure(&mut h, &mut cases, repeat, plan.many_flows_rounds)?;
         eprintln!(
             "data plane: {count} established flows per service: {:.1?}",
             started.elapsed()
         );
-        groups.push(GroupResult {
-            services: MEASURED.len() as u32,
-            backends: plan.many_flows_backends,
-            many_flows: count,
-            conntrack_entries,
-            repeat,
-            cases: summarise(&cases, &samples),
-        });
+        groups.push(group_result(
+            &cases,
+            &samples,
+            (
+                MEASURED.len() as u32,
+                plan.many_flows_backends,
+                count,
+                conntrack_entries,
+                repeat,
+            ),
+        ));
     }
     Ok(groups)
 }
@@ -794,6 +878,7 @@ fn summarise(cases: &[Case], samples: &[Vec<Sample>]) -> Vec<CaseResult> {
                 path: case.path,
                 family: case.family,
                 mode: case.mode,
+                baseline: case.program == Program::Baseline,
                 method: match case.method {
                     Method::Direct(_) => "direct",
                     Method::Reset(_) => "reset wrapper",

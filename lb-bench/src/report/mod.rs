@@ -2,6 +2,7 @@
 //! they were measured, then what lb loses and why. Only measured figures
 //! appear; what was not measured says so.
 
+mod baseline;
 mod fleet;
 mod live;
 mod proxies;
@@ -259,6 +260,7 @@ fn dataplane(out: &mut String, d: &DataplaneResults) {
         }
         out.push('\n');
     }
+    baseline::render(out, d);
     floors(out, d);
     references(out, d);
     matrix(out, d);
@@ -537,7 +539,7 @@ fn method(out: &mut String, d: &DataplaneResults) {
          - **Program under test**: `lb_xdp` from lb's production object, loaded \
          with its maps by `lb::dataplane` (the daemon's own loader) and configured \
          through it: a Maglev table of 65,537 slots per service, backends up, the \
-         default connection table (262,144 entries, per-CPU LRU lists).\n\
+         default connection table (262,144 entries, one LRU list).\n\
          - **Frames**: TCP, {} bytes (Ethernet + IP + TCP + payload, IP lengths \
          covering the frame), from 198.19.0.0/16 or 2001:2:c::/48 to the VIPs; \
          the non-service frames go to an address that is no VIP.\n\

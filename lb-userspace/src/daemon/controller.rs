@@ -102,8 +102,8 @@ pub struct ServiceState {
     pub backends: BTreeMap<IpAddr, BackendState>,
     /// The live table (backend ids); empty until first published.
     pub ring: Vec<u32>,
-    /// Flags the live service entry carries.
-    published_flags: Option<u32>,
+    /// Flags and idle timeout the live service entry carries.
+    published: Option<(u32, u32)>,
     /// Digest of the table by backend address: equal on every node that
     /// computes the same table.
     pub digest: u64,
@@ -279,7 +279,7 @@ impl Controller {
                     id: live.id,
                     backends,
                     ring,
-                    published_flags: Some(live.flags),
+                    published: Some((live.flags, live.idle_timeout)),
                     digest: 0,
                     rebuilds: 0,
                     panic: false,
@@ -587,7 +587,7 @@ impl Controller {
                         id: service_ids.take("service")?,
                         backends: BTreeMap::new(),
                         ring: Vec::new(),
-                        published_flags: None,
+                        published: None,
                         digest: 0,
                         rebuilds: 0,
                         panic: false,
@@ -730,6 +730,8 @@ impl Controller {
             }
         }
         let flags = service_flags(&svc.config);
+        // 0: the protocol's default, from the connection-table settings.
+        let idle_timeout = svc.config.idle_timeout.unwrap_or(0);
         let key = service_key(&svc.config);
         let id = svc.id;
         for (ip, v) in &gains {
@@ -737,19 +739,20 @@ impl Controller {
         }
         let svc = &self.services[name];
         let mut moved_slots = 0;
-        if svc.ring != ring || svc.published_flags != Some(flags) {
+        if svc.ring != ring || svc.published != Some((flags, idle_timeout)) {
             moved_slots = if svc.ring.is_empty() {
                 0
             } else {
                 moved(&svc.ring, &ring)
             };
-            self.dp.publish_service(&key, id, flags, &ring)?;
+            self.dp
+                .publish_service(&key, id, flags, idle_timeout, &ring)?;
             let addr_of: BTreeMap<u32, IpAddr> =
                 svc.backends.iter().map(|(ip, b)| (b.id, *ip)).collect();
             let d = digest(&ring, &addr_of);
             let svc = self.services.get_mut(name).context("no such service")?;
             svc.ring = ring;
-            svc.published_flags = Some(flags);
+            svc.published = Some((flags, idle_timeout));
             svc.digest = d;
             svc.rebuilds += 1;
             info!(service = %name, slots_moved = moved_slots, digest = %digest_text(d), "table rebuilt");

@@ -153,6 +153,16 @@ fn dataplane_settings(d: &Desired) -> lb_common::Settings {
     }
 }
 
+fn conntrack_settings(d: &Desired) -> lb_common::ConntrackSettings {
+    let t = d.settings.conntrack_timeouts;
+    lb_common::ConntrackSettings {
+        inserts_per_cpu: d.settings.conntrack_inserts_per_cpu,
+        closed_timeout: t.tcp_closed,
+        tcp_idle_timeout: t.tcp_idle,
+        udp_idle_timeout: t.udp_idle,
+    }
+}
+
 /// Backends a configuration change would add whose next-hop MAC is not
 /// known yet. They are resolved before the change, so the change (and its
 /// dry run) counts the slots they take at once instead of leaving them out
@@ -266,6 +276,7 @@ pub async fn run(opts: Options) -> Result<()> {
         fleet::health_of(s.state.as_ref(), !s.fresh)
     });
     dp.set_settings(dataplane_settings(&desired))?;
+    dp.set_conntrack_settings(conntrack_settings(&desired))?;
     let macs = neighbor::resolve_all(backend_addrs(&desired)).await;
     let (mut ctl, report) = Controller::new(dp, desired, runtime, macs, fleet_health)?;
     for iface in &settings.interfaces {
@@ -462,9 +473,11 @@ pub(crate) fn apply(
         );
     }
     let dp_settings = dataplane_settings(&desired);
+    let ct_settings = conntrack_settings(&desired);
     let report = ctl.apply(desired, dry_run)?;
     if !dry_run {
         ctl.dataplane_mut().set_settings(dp_settings)?;
+        ctl.dataplane_mut().set_conntrack_settings(ct_settings)?;
     }
     Ok(report)
 }

@@ -5,6 +5,8 @@
 
 mod batch;
 
+pub use batch::update_u32s;
+
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
@@ -21,12 +23,13 @@ use aya::{
     },
 };
 use lb_common::{
-    AddrKey, BackendStats, BackendValue, Counter, FlowKey, FlowValue, ServiceKey, ServiceStats,
-    ServiceValue, Settings,
+    AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter, FlowKey,
+    FlowValue, ServiceKey, ServiceStats, ServiceValue, Settings,
     counters::DecapCounter,
+    hash::vip_filter_bit,
     limits::{
         DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE,
-        RING_COPIES,
+        RING_COPIES, VIP_FILTER_WORDS,
     },
     maps as names, ring_index,
 };
@@ -102,9 +105,12 @@ pub struct Dataplane {
     capacity: Capacity,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     vips: HashMap<MapData, AddrKey, u32>,
+    vip_filter: Array<MapData, u64>,
     rings: Array<MapData, u32>,
     backends: Array<MapData, BackendValue>,
     conntrack: HashMap<MapData, FlowKey, FlowValue>,
+    conntrack_settings: Array<MapData, ConntrackSettings>,
+    conntrack_stats: PerCpuArray<MapData, ConntrackStats>,
     settings: Array<MapData, Settings>,
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, ServiceStats>,
@@ -163,12 +169,15 @@ where
 }
 
 /// Every map the object defines.
-const ALL_MAPS: [&str; 11] = [
+const ALL_MAPS: [&str; 14] = [
     names::SERVICES,
     names::VIPS,
+    names::VIP_FILTER,
     names::RINGS,
     names::BACKENDS,
     names::CONNTRACK,
+    names::CONNTRACK_SETTINGS,
+    names::CONNTRACK_STATS,
     names::SETTINGS,
     names::COUNTERS,
     names::SERVICE_STATS,
@@ -313,9 +322,12 @@ impl Dataplane {
         let mut dp = Dataplane {
             services: take(&mut ebpf, names::SERVICES)?,
             vips: take(&mut ebpf, names::VIPS)?,
+            vip_filter: take(&mut ebpf, names::VIP_FILTER)?,
             rings: take(&mut ebpf, names::RINGS)?,
             backends: take(&mut ebpf, names::BACKENDS)?,
             conntrack: take(&mut ebpf, names::CONNTRACK)?,
+            conntrack_settings: take(&mut ebpf, names::CONNTRACK_SETTINGS)?,
+            conntrack_stats: take(&mut ebpf, names::CONNTRACK_STATS)?,
             settings: take(&mut ebpf, names::SETTINGS)?,
             counters: take(&mut ebpf, names::COUNTERS)?,
             service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
@@ -329,6 +341,9 @@ impl Dataplane {
         // Until the controller configures it, the data plane knows its table
         // size but forwards nothing (no services).
         dp.set_settings(Settings::default())?;
+        // Adopted VIPs may come from a version without the filter, whose
+        // pins lack it: derive it from the VIP set, always.
+        dp.rebuild_vip_filter()?;
         Ok(dp)
     }
 
@@ -506,6 +521,24 @@ impl Dataplane {
             .context("writing settings")
     }
 
+    /// Writes the connection-table policy.
+    pub fn set_conntrack_settings(&mut self, settings: ConntrackSettings) -> Result<()> {
+        self.conntrack_settings
+            .set(0, settings, 0)
+            .context("writing the connection-table settings")
+    }
+
+    /// The connection table's accounting, per CPU.
+    pub fn conntrack_stats(&self) -> Result<Vec<ConntrackStats>> {
+        Ok(self
+            .conntrack_stats
+            .get(&0, 0)
+            .context("reading the connection-table accounting")?
+            .iter()
+            .copied()
+            .collect())
+    }
+
     /// Writes backend `id`.
     pub fn set_backend(&mut self, id: u32, backend: &BackendValue) -> Result<()> {
         ensure!(
@@ -534,12 +567,14 @@ impl Dataplane {
 
     /// Creates or updates a service and makes `ring` its live table: the ring
     /// goes into the inactive copy first, then the service entry flips to it
-    /// in one map update. `ring` holds backend ids (or `NO_BACKEND`).
+    /// in one map update. `ring` holds backend ids (or `NO_BACKEND`);
+    /// `idle_timeout` is [`ServiceValue::idle_timeout`].
     pub fn publish_service(
         &mut self,
         key: &ServiceKey,
         id: u32,
         flags: u32,
+        idle_timeout: u32,
         ring: &[u32],
     ) -> Result<()> {
         ensure!(
@@ -564,7 +599,7 @@ impl Dataplane {
             id,
             flags,
             active_ring: next,
-            _pad: 0,
+            idle_timeout,
         };
         self.services
             .insert(key, value, 0)
@@ -615,14 +650,41 @@ impl Dataplane {
         } + delta;
         if now <= 0 {
             match self.vips.remove(&vip) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-                Err(e) => Err(e).context("updating the VIP set"),
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("updating the VIP set"),
             }
         } else {
             self.vips
                 .insert(vip, now as u32, 0)
-                .context("updating the VIP set")
+                .context("updating the VIP set")?;
         }
+        // The VIP's filter word, from every VIP that shares it: set before
+        // a new VIP's packets could need it, cleared only when no VIP does.
+        let (word, _) = vip_filter_bit(&vip.addr);
+        let bits = self.vip_filter_words()?[word as usize];
+        self.vip_filter
+            .set(word, bits, 0)
+            .context("updating the VIP filter")
+    }
+
+    /// The VIP filter as the VIP set implies it.
+    fn vip_filter_words(&self) -> Result<Vec<u64>> {
+        let mut words = vec![0u64; VIP_FILTER_WORDS as usize];
+        for vip in self.vips.keys() {
+            let (word, mask) = vip_filter_bit(&vip.context("listing VIPs")?.addr);
+            words[word as usize] |= mask;
+        }
+        Ok(words)
+    }
+
+    /// Writes the whole VIP filter from the VIP set.
+    fn rebuild_vip_filter(&mut self) -> Result<()> {
+        for (word, bits) in self.vip_filter_words()?.into_iter().enumerate() {
+            self.vip_filter
+                .set(word as u32, bits, 0)
+                .context("writing the VIP filter")?;
+        }
+        Ok(())
     }
 
     /// The live table of a service, as the kernel reads it.

@@ -10,9 +10,11 @@
 //! to another backend (generation bumped), and one marked down while its
 //! table still names it (the guard for a table not yet rebuilt).
 //!
-//! The model mirrors what the connection table may hold, so that for every
-//! service packet it knows the outcomes the documented rules allow: the
-//! flow's remembered backend if that is still valid, else the table's pick.
+//! Before every service packet the check reads the flow's entry from the
+//! connection table, so it knows the one outcome the documented rules
+//! allow: the entry's backend if the entry is still valid (and the packet
+//! no SYN), else the table's pick. After the packet it reads the entry
+//! again: it must name the backend the packet was sent to.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -20,8 +22,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use anyhow::{Context as _, Result, bail, ensure};
 use lb::dataplane::Capacity;
 use lb_common::{
-    AddrKey, BACKEND_F_UP, BackendValue, Counter, FAMILY_V4, FlowKey, SERVICE_F_AFFINITY,
-    SERVICE_F_IPIP, ServiceKey, hash::flow_hash, limits::NO_BACKEND, maps::PROG_LB, wire::*,
+    AddrKey, BACKEND_F_UP, BackendValue, Counter, FAMILY_V4, FlowKey, FlowValue,
+    SERVICE_F_AFFINITY, SERVICE_F_IPIP, ServiceKey, hash::flow_hash, limits::NO_BACKEND,
+    maps::PROG_LB, wire::*,
 };
 
 use super::{
@@ -286,9 +289,6 @@ pub struct World {
     backends: BTreeMap<u32, BackendValue>,
     keys: HashMap<ServiceKey, usize>,
     vips: HashSet<AddrKey>,
-    /// What the connection table may hold per flow: (backend, generation).
-    /// More than one when the model cannot tell which (see [`World::learn`]).
-    pinned: HashMap<FlowKey, Vec<(u32, u32)>>,
     /// Global counters after the last run, in `Counter::ALL` order.
     counters: Vec<u64>,
     /// Frames run through the program.
@@ -324,7 +324,6 @@ impl World {
             backends: BTreeMap::new(),
             keys: HashMap::new(),
             vips: HashSet::new(),
-            pinned: HashMap::new(),
             counters: vec![0; Counter::ALL.len()],
             runs: 0,
             forwarded: BTreeMap::new(),
@@ -386,7 +385,9 @@ impl World {
         let (key, flags) = (self.services[i].key, self.services[i].spec.flags);
         let ring = if members.is_empty() {
             let ring = vec![NO_BACKEND; RING as usize];
-            self.lab.dp.publish_service(&key, i as u32, flags, &ring)?;
+            self.lab
+                .dp
+                .publish_service(&key, i as u32, flags, 0, &ring)?;
             ring
         } else {
             let weighted: Vec<(u32, u32)> = members.iter().map(|&b| (b, 1)).collect();
@@ -469,6 +470,10 @@ impl World {
     /// the machinery (a failing syscall) panic: they are not verdicts.
     pub fn check(&mut self, frame: &[u8]) -> Result<Verdict, Failure> {
         let class = reference::classify(frame, &*self);
+        let entry = match &class {
+            Class::Service(hit) => self.entry(&hit.flow),
+            _ => None,
+        };
         let v = self.lab.run(PROG_LB, frame).expect("BPF_PROG_TEST_RUN");
         self.runs += 1;
         let now = self.read_counters().expect("reading the counters");
@@ -556,7 +561,7 @@ impl World {
                 }
             }
             Class::Service(hit) => {
-                self.check_service(frame, &hit, &v.out, verdict)
+                self.check_service(frame, &hit, entry, &v.out, verdict)
                     .map_err(|(property, detail)| fail(property, detail))?;
             }
         }
@@ -569,12 +574,13 @@ impl World {
         &mut self,
         frame: &[u8],
         hit: &Hit,
+        entry: Option<FlowValue>,
         out: &[u8],
         v: Verdict,
     ) -> Result<(), (&'static str, String)> {
         let svc = &self.services[hit.service];
         let ipip = svc.spec.flags & SERVICE_F_IPIP != 0;
-        let allowed = self.outcomes(hit);
+        let allowed = self.outcomes(hit, entry);
         let observed = match v.action {
             TX if hit.group_destination => {
                 return Err((
@@ -656,8 +662,7 @@ impl World {
                 o
             }
         };
-        self.learn(hit, observed);
-        Ok(())
+        self.check_entry(hit, entry, observed)
     }
 
     /// Counts a forwarded frame for [`World::check_totals`], by the backend
@@ -841,39 +846,40 @@ impl World {
             })
     }
 
-    /// The outcomes the documented rules allow for a service packet: the
-    /// flow's remembered backend if still valid (not for a SYN, which
-    /// re-picks), and the table's pick (a remembered entry may have been
-    /// evicted from the LRU table by random flows, so the pick is always
-    /// allowed); no backend in the table's slot drops it; an `ipip`
-    /// packet too big for the MTU once encapsulated drops it. A frame sent
-    /// to a group MAC is never forwarded.
-    pub fn outcomes(&self, hit: &Hit) -> Vec<Outcome> {
+    /// The flow's connection-table entry, as the kernel holds it.
+    fn entry(&self, flow: &FlowKey) -> Option<FlowValue> {
+        self.lab
+            .dp
+            .conntrack(flow)
+            .expect("reading the connection table")
+    }
+
+    /// The backend a valid entry pins the flow to: a SYN re-picks, and an
+    /// entry whose backend is down or whose id now names another backend
+    /// (generation) is a miss.
+    fn pinned(&self, hit: &Hit, entry: Option<FlowValue>) -> Option<u32> {
+        entry
+            .filter(|e| !hit.syn && self.valid(e.backend, Some(e.generation)))
+            .map(|e| e.backend)
+    }
+
+    /// The outcome the documented rules allow for a service packet, given
+    /// the flow's entry before it: the pinned backend, else the table's pick
+    /// (no backend in the table's slot drops it); an `ipip` packet too big
+    /// for the MTU once encapsulated drops it. A frame sent to a group MAC
+    /// is never forwarded.
+    pub fn outcomes(&self, hit: &Hit, entry: Option<FlowValue>) -> Vec<Outcome> {
         let svc = &self.services[hit.service];
-        let mut v = Vec::new();
-        if !hit.syn {
-            for &(id, generation) in self.pinned.get(&hit.flow).into_iter().flatten() {
-                if self.valid(id, Some(generation)) {
-                    v.push(Outcome::Tx(id));
-                }
-            }
-        }
-        v.push(
-            self.table_pick(hit)
-                .map_or(Outcome::Drop(Counter::DropNoBackend), Outcome::Tx),
-        );
+        let chosen = self.pinned(hit, entry).or_else(|| self.table_pick(hit));
+        let mut v = vec![chosen.map_or(Outcome::Drop(Counter::DropNoBackend), Outcome::Tx)];
         if svc.spec.flags & SERVICE_F_IPIP != 0 {
             let outer = if svc.key.family == FAMILY_V4 {
                 IPV4_HLEN
             } else {
                 IPV6_HLEN
             };
-            if hit.ip_len + outer > lab::MTU as usize {
-                for o in &mut v {
-                    if let Outcome::Tx(_) = o {
-                        *o = Outcome::Drop(Counter::DropTooBig);
-                    }
-                }
+            if hit.ip_len + outer > lab::MTU as usize && chosen.is_some() {
+                v = vec![Outcome::Drop(Counter::DropTooBig)];
             }
         }
         if hit.group_destination {
@@ -885,37 +891,44 @@ impl World {
         v
     }
 
-    /// Updates the model of the connection table after a service packet.
-    /// A forwarded packet's flow is remembered on its backend (a hit keeps
-    /// the entry, a miss writes it: the same backend). A packet dropped as
-    /// too big went through the choice too: a SYN or a miss wrote the
-    /// table's pick, a hit kept its entry; the model keeps both. Relayed
-    /// ICMP errors create no entry; "no backend" writes none.
-    fn learn(&mut self, hit: &Hit, observed: Outcome) {
-        if hit.icmp {
-            return;
+    /// The connection table after a service packet: a packet that went
+    /// through the choice (forwarded, or dropped as too big) leaves the
+    /// entry naming its backend (a valid entry kept, a miss or a SYN
+    /// written); relayed ICMP errors and packets that never reached the
+    /// choice leave it as it was.
+    fn check_entry(
+        &self,
+        hit: &Hit,
+        entry_before: Option<FlowValue>,
+        observed: Outcome,
+    ) -> Result<(), (&'static str, String)> {
+        // The lab ages nothing: an entry is its (backend, generation).
+        let pin = |e: Option<FlowValue>| e.map(|e| (e.backend, e.generation));
+        let (before, after) = (pin(entry_before), pin(self.entry(&hit.flow)));
+        let chosen = self
+            .pinned(hit, entry_before)
+            .or_else(|| self.table_pick(hit))
+            .map(|id| (id, self.backends.get(&id).map_or(0, |b| b.generation)));
+        let chose = matches!(
+            observed,
+            Outcome::Tx(_) | Outcome::Drop(Counter::DropTooBig)
+        );
+        let mut allowed = vec![if hit.icmp || !chose { before } else { chosen }];
+        // Whether the program passes a frame sent to a group MAC before or
+        // after choosing a backend is its business: either way.
+        if hit.group_destination && !hit.icmp {
+            allowed.push(chosen);
         }
-        let generation = |w: &World, id: u32| w.backends.get(&id).map_or(0, |b| b.generation);
-        match observed {
-            Outcome::Tx(id) => {
-                let g = generation(self, id);
-                self.pinned.insert(hit.flow, vec![(id, g)]);
-            }
-            // Whether the program passes a frame sent to a group MAC before
-            // or after choosing a backend is its business: either way.
-            Outcome::Drop(Counter::DropTooBig) | Outcome::Pass(_) => {
-                if let Some(id) = self.table_pick(hit) {
-                    let g = generation(self, id);
-                    let e = self.pinned.entry(hit.flow).or_default();
-                    if hit.syn {
-                        *e = vec![(id, g)];
-                    } else if !e.contains(&(id, g)) {
-                        e.push((id, g));
-                    }
-                }
-            }
-            Outcome::Drop(_) => {}
+        if !allowed.contains(&after) {
+            return Err((
+                "the connection table remembers the flow's backend",
+                format!(
+                    "entry {after:?} after {observed:?}, expected one of {allowed:?} \
+                     (before: {before:?})"
+                ),
+            ));
         }
+        Ok(())
     }
 
     /// Checks what adds up over the whole run: the global counters sum to

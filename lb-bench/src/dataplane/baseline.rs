@@ -1,0 +1,161 @@
+//! lb's XDP object at an earlier revision (`cargo xtask bench --baseline
+//! REV`), loaded next to the current one with the same capacities and given
+//! the same tables, so that every lb case runs on both, interleaved.
+//!
+//! The baseline is configured through the maps the benchmark writes
+//! (services, VIPs, rings, backends, settings) with this tree's types, and
+//! read through its counters. A revision whose layout of one of those maps
+//! differs is refused with the map named, rather than given tables it would
+//! misread. Maps added since (and the connection table, which only the
+//! programs touch) are the baseline's own business.
+
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray},
+    programs::{ProgramFd, Xdp},
+};
+use lb::dataplane::Capacity;
+use lb_common::{
+    AddrKey, BackendValue, Counter, ServiceKey, ServiceStats, ServiceValue, Settings,
+    maps as names, ring_index,
+};
+
+/// The baseline object, loaded and configured like the current one.
+pub struct Baseline {
+    ebpf: Ebpf,
+    fd: ProgramFd,
+    capacity: Capacity,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    vips: HashMap<MapData, AddrKey, u32>,
+    rings: Array<MapData, u32>,
+    backends: Array<MapData, BackendValue>,
+    settings: Array<MapData, Settings>,
+    counters: PerCpuArray<MapData, u64>,
+    service_stats: PerCpuArray<MapData, ServiceStats>,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("the baseline object has no map {name}"))?;
+    T::try_from(map).with_context(|| {
+        format!("the baseline's map {name} is laid out differently from this tree's")
+    })
+}
+
+impl Baseline {
+    /// Loads the object at `path` with `capacity`.
+    pub fn load(path: &Path, capacity: Capacity) -> Result<Baseline> {
+        let object = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::SERVICES, capacity.max_services)
+            .map_max_entries(names::SERVICE_STATS, capacity.max_services)
+            .map_max_entries(names::RINGS, capacity.ring_entries()?)
+            .map_max_entries(names::BACKENDS, capacity.max_backends)
+            .map_max_entries(names::BACKEND_STATS, capacity.max_backends)
+            .map_max_entries(names::CONNTRACK, capacity.conntrack_entries)
+            .load(&object)
+            .with_context(|| format!("loading the baseline object {}", path.display()))?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(names::PROG_LB)
+            .context("the baseline object has no load-balancer program")?
+            .try_into()?;
+        prog.load()
+            .context("the kernel refused the baseline's program")?;
+        let fd = prog.fd()?.try_clone()?;
+        Ok(Baseline {
+            fd,
+            capacity,
+            services: take(&mut ebpf, names::SERVICES)?,
+            vips: take(&mut ebpf, names::VIPS)?,
+            rings: take(&mut ebpf, names::RINGS)?,
+            backends: take(&mut ebpf, names::BACKENDS)?,
+            settings: take(&mut ebpf, names::SETTINGS)?,
+            counters: take(&mut ebpf, names::COUNTERS)?,
+            service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
+            ebpf,
+        })
+    }
+
+    /// The load-balancer program.
+    pub fn program(&mut self) -> Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(names::PROG_LB)
+            .context("the baseline's program is gone")?
+            .try_into()?)
+    }
+
+    /// The program's fd, for the reset wrapper's tail call.
+    pub fn fd(&self) -> Result<ProgramFd> {
+        Ok(self.fd.try_clone()?)
+    }
+
+    /// Writes the settings the current object has.
+    pub fn set_settings(&mut self, settings: Settings) -> Result<()> {
+        Ok(self.settings.set(0, settings, 0)?)
+    }
+
+    /// Writes backend `id` as the current object has it.
+    pub fn set_backend(&mut self, id: u32, backend: BackendValue) -> Result<()> {
+        Ok(self.backends.set(id, backend, 0)?)
+    }
+
+    /// Gives the service `key` the value and live table the current object
+    /// has: the table first, in the copy the value names (the baseline
+    /// forwards nothing while it is being configured, so any copy will do).
+    pub fn set_service(
+        &mut self,
+        key: &ServiceKey,
+        value: ServiceValue,
+        ring: &[u32],
+    ) -> Result<()> {
+        let first = ring_index(value.id, value.active_ring & 1, self.capacity.ring_size, 0);
+        let indexes: Vec<u32> = (first..first + self.capacity.ring_size).collect();
+        lb::dataplane::update_u32s(self.rings.map(), &indexes, ring)
+            .context("writing the baseline's table")?;
+        self.services.insert(key, value, 0)?;
+        let vip = AddrKey {
+            addr: key.addr,
+            family: key.family,
+            _pad: [0; 3],
+        };
+        Ok(self.vips.insert(vip, 1, 0)?)
+    }
+
+    /// Global counters summed over CPUs, in `Counter::ALL` order: those the
+    /// baseline has (a counter added since reads as zero).
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
+        let have = self.counters.map().info()?.max_entries();
+        Counter::ALL
+            .iter()
+            .map(|&c| {
+                let n = if (c as u32) < have {
+                    self.counters.get(&(c as u32), 0)?.iter().sum()
+                } else {
+                    0
+                };
+                Ok((c, n))
+            })
+            .collect()
+    }
+
+    /// Counters of service `id`, summed over CPUs.
+    pub fn service_stats(&self, id: u32) -> Result<ServiceStats> {
+        Ok(self
+            .service_stats
+            .get(&id, 0)?
+            .iter()
+            .fold(ServiceStats::default(), |a, s| ServiceStats {
+                packets: a.packets + s.packets,
+                bytes: a.bytes + s.bytes,
+                new_flows: a.new_flows + s.new_flows,
+            }))
+    }
+}
