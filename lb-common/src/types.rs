@@ -140,7 +140,7 @@ pub struct FlowValue {
     pub backend: u32,
     /// The backend's [`BackendValue::generation`] when the flow was pinned.
     pub generation: u32,
-    /// The flow's last packet, whole seconds of `CLOCK_MONOTONIC` (coarse).
+    /// The flow's last packet, as [`ConntrackSettings::now`] said then.
     pub last_seen: u32,
     /// `FLOW_F_*` bits.
     pub flags: u32,
@@ -196,6 +196,13 @@ pub struct ConntrackSettings {
     pub tcp_idle_timeout: u32,
     /// Default idle timeout of UDP flows, seconds (0: never lapse).
     pub udp_idle_timeout: u32,
+    /// The data plane's clock: whole seconds of `CLOCK_MONOTONIC`, written
+    /// by user space every second. One array read on the packet path
+    /// instead of a clock helper call; while nothing writes it, nothing
+    /// lapses.
+    pub now: u32,
+    /// Explicit padding, zero.
+    pub _pad: u32,
 }
 
 /// One CPU's connection-table accounting. Value of `LB_CONNTRACK_STATS`
@@ -250,7 +257,7 @@ const _: () = assert!(size_of::<BackendValue>() == 28);
 const _: () = assert!(size_of::<FlowKey>() == 40);
 const _: () = assert!(size_of::<FlowValue>() == 16);
 const _: () = assert!(size_of::<Settings>() == 36);
-const _: () = assert!(size_of::<ConntrackSettings>() == 16);
+const _: () = assert!(size_of::<ConntrackSettings>() == 24);
 const _: () = assert!(size_of::<ConntrackStats>() == 32);
 const _: () = assert!(size_of::<ServiceStats>() == 24);
 const _: () = assert!(size_of::<BackendStats>() == 16);

@@ -133,14 +133,6 @@ pub fn conntrack_settings() -> ConntrackSettings {
 /// Nanoseconds in a second.
 const NS_PER_SEC: u64 = 1_000_000_000;
 
-/// `CLOCK_MONOTONIC` in whole seconds, from the coarse clock (tick
-/// resolution), a fraction of the precise clock's cost.
-#[inline(always)]
-pub fn now_seconds() -> u32 {
-    // SAFETY: helper without arguments.
-    (unsafe { bpf_ktime_get_coarse_ns() } / NS_PER_SEC) as u32
-}
-
 /// Pins `flow` to a backend if this CPU's insert budget (`ct`) allows;
 /// accounts the insert or the refusal. Not pinning only means the flow
 /// follows the Maglev table, as it does anyway while the table does not
@@ -154,6 +146,9 @@ pub fn conntrack_put(ct: &ConntrackSettings, flow: &FlowKey, value: &FlowValue) 
     // SAFETY: per-CPU value, no concurrent writer on this CPU.
     let stats = unsafe { &mut *stats };
     if limit != 0 {
+        // The coarse clock (tick resolution) is a fraction of the precise
+        // one's cost, and this is the insert path: the budget holds even
+        // when nothing writes `ct.now`.
         // SAFETY: helper without arguments.
         let now = unsafe { bpf_ktime_get_coarse_ns() };
         if now.wrapping_sub(stats.window_start) >= NS_PER_SEC {

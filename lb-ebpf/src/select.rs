@@ -68,7 +68,7 @@ pub fn select_backend(
     } else {
         0
     };
-    let now = maps::now_seconds();
+    let now = ct.now;
     let entry = maps::conntrack_entry(flow);
     // SAFETY: LRU elements can be recycled under us; the value is copied at
     // once and then validated against the backend's generation.

@@ -105,6 +105,21 @@ pub enum Request {
         /// Client port.
         port: u16,
     },
+    /// Connection-table entries, of one service or all, optionally only
+    /// those on one backend.
+    Conntrack {
+        /// Service name.
+        service: Option<String>,
+        /// Backend address.
+        backend: Option<IpAddr>,
+    },
+    /// Removes the connection-table entries of one service, or all.
+    ConntrackFlush {
+        /// Service name.
+        service: Option<String>,
+    },
+    /// Connection-table occupancy, inserts, refusals and timeouts.
+    ConntrackStats,
 }
 
 /// The daemon's answer.
@@ -177,6 +192,61 @@ pub struct BackendRow {
     pub packets: u64,
     /// Bytes forwarded to it.
     pub bytes: u64,
+    /// Flows the connection table pins to it (entries neither lapsed nor stale).
+    #[serde(default)]
+    pub active_flows: u64,
+}
+
+/// A row of `lb conntrack list`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FlowRow {
+    /// Service name.
+    pub service: String,
+    /// Client address and port.
+    pub client: String,
+    /// tcp or udp.
+    pub protocol: String,
+    /// The backend the entry names, if it is still one of the service's.
+    pub backend: Option<IpAddr>,
+    /// established, closing (a FIN or RST seen), lapsed (idle past its
+    /// timeout) or stale (its backend down or gone): only the first two
+    /// decide where packets go.
+    pub state: String,
+    /// Seconds since the flow's last packet (to the data plane's second).
+    pub idle_seconds: u32,
+}
+
+/// `lb conntrack stats`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConntrackStatsView {
+    /// Entries the table holds at most.
+    pub capacity: u32,
+    /// Entries it holds.
+    pub entries: u64,
+    /// Entries pinning an open flow.
+    pub established: u64,
+    /// Entries pinning a TCP connection that saw a FIN or RST.
+    pub closing: u64,
+    /// Entries idle past their timeout, waiting to be reused.
+    pub lapsed: u64,
+    /// Entries whose backend is down or gone.
+    pub stale: u64,
+    /// Entries of no configured service (removed services).
+    pub other: u64,
+    /// Entries added since the data plane was loaded, over all CPUs.
+    pub inserts: u64,
+    /// New flows forwarded without an entry, a CPU's insert budget spent.
+    pub refused: u64,
+    /// The insert budget: entries each CPU may add per second (0: none).
+    pub inserts_per_cpu: u32,
+    /// CPUs refusing inserts right now (their budget for this second spent).
+    pub refusing_cpus: usize,
+    /// Idle timeout of TCP flows, seconds.
+    pub tcp_idle_timeout: u32,
+    /// Idle timeout of UDP flows, seconds.
+    pub udp_idle_timeout: u32,
+    /// How long a closed TCP connection's entry stays, seconds.
+    pub tcp_closed_timeout: u32,
 }
 
 /// Per-service counters in `lb stats`.

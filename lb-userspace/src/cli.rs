@@ -15,7 +15,10 @@ use clap::{Parser, Subcommand};
 use serde_json::Value;
 
 use crate::{
-    api::{self, BackendRow, FleetStatus, NodeStatus, Request, ServiceRow, Stats},
+    api::{
+        self, BackendRow, ConntrackStatsView, FleetStatus, FlowRow, NodeStatus, Request,
+        ServiceRow, Stats,
+    },
     bird,
     config::{Affinity, CheckKind, DEFAULT_SOCKET, Mode, Protocol, XdpModeSetting},
     config_edit::Edit,
@@ -68,6 +71,9 @@ enum Command {
     /// The fleet this node belongs to (with [fleet] in its configuration).
     #[command(subcommand)]
     Fleet(FleetCommand),
+    /// The connection table: its entries, flushes, occupancy.
+    #[command(subcommand)]
+    Conntrack(ConntrackCommand),
     /// Packets, bytes and new flows per service and backend, and the global reasons.
     Stats {
         /// Print again every second, with per-second rates.
@@ -167,6 +173,27 @@ enum NodeCommand {
     Undrain,
 }
 
+#[derive(Subcommand)]
+enum ConntrackCommand {
+    /// Entries of one service or all: client, backend, state, idle time.
+    List {
+        /// Service name.
+        service: Option<String>,
+        /// Only the entries on this backend.
+        #[arg(long)]
+        backend: Option<std::net::IpAddr>,
+    },
+    /// Remove the entries of one service, or all: their flows' next packets
+    /// take the Maglev table (they stay put unless the table moved them).
+    Flush {
+        /// Service name.
+        service: Option<String>,
+    },
+    /// Occupancy by state, inserts, refused inserts, the insert budget's
+    /// state and the timeouts.
+    Stats,
+}
+
 /// Parses `500ms`, `5s`, `2m` as the configuration file does.
 fn duration(s: &str) -> Result<Duration, String> {
     humantime_serde::re::humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
@@ -253,6 +280,10 @@ enum BackendCommand {
         service: String,
         /// Backend address.
         backend: std::net::IpAddr,
+        /// Return once the connection table pins no flow to the backend; give
+        /// up (exit 1, with the count left) after TIMEOUT (default 5m).
+        #[arg(long, value_name = "TIMEOUT", num_args = 0..=1, default_missing_value = "5m", value_parser = duration)]
+        wait: Option<Duration>,
     },
     /// Put a drained or maintained backend back in rotation.
     Enable {
@@ -439,15 +470,21 @@ fn run(cli: Cli) -> Result<()> {
             })?,
             moved,
         ),
-        Command::Backend(BackendCommand::Drain { service, backend }) => print(
-            cli.json,
-            call(Request::SetAdmin {
-                service,
+        Command::Backend(BackendCommand::Drain {
+            service,
+            backend,
+            wait,
+        }) => {
+            let v = call(Request::SetAdmin {
+                service: service.clone(),
                 backend,
                 admin: Admin::Drain,
-            })?,
-            moved,
-        ),
+            })?;
+            if let Some(timeout) = wait {
+                wait_for_no_flows(&call, &service, backend, timeout)?;
+            }
+            print(cli.json, v, moved)
+        }
         Command::Backend(BackendCommand::Enable { service, backend }) => print(
             cli.json,
             call(Request::SetAdmin {
@@ -596,6 +633,21 @@ fn run(cli: Cli) -> Result<()> {
                 node_text(&status)
             })
         }
+        Command::Conntrack(ConntrackCommand::List { service, backend }) => print(
+            cli.json,
+            call(Request::Conntrack { service, backend })?,
+            flow_table,
+        ),
+        Command::Conntrack(ConntrackCommand::Flush { service }) => {
+            print(cli.json, call(Request::ConntrackFlush { service })?, |v| {
+                format!("removed {} entries\n", v["removed"])
+            })
+        }
+        Command::Conntrack(ConntrackCommand::Stats) => print(
+            cli.json,
+            call(Request::ConntrackStats)?,
+            conntrack_stats_text,
+        ),
         Command::Stats { watch } => {
             if !watch {
                 return print(cli.json, call(Request::Stats)?, |v| {
@@ -887,8 +939,8 @@ fn backend_table(v: &Value, health: bool) -> String {
     } else {
         table(
             &[
-                "SERVICE", "BACKEND", "WEIGHT", "ADMIN", "HEALTH", "SLOTS", "MAC", "PACKETS",
-                "BYTES",
+                "SERVICE", "BACKEND", "WEIGHT", "ADMIN", "HEALTH", "SLOTS", "MAC", "FLOWS",
+                "PACKETS", "BYTES",
             ],
             rows.iter().map(|r| {
                 vec![
@@ -899,12 +951,104 @@ fn backend_table(v: &Value, health: bool) -> String {
                     r.health.clone(),
                     r.slots.to_string(),
                     r.mac.clone().unwrap_or_else(|| "unresolved".into()),
+                    r.active_flows.to_string(),
                     r.packets.to_string(),
                     r.bytes.to_string(),
                 ]
             }),
         )
     }
+}
+
+/// How often `lb backend drain --wait` asks.
+const DRAIN_POLL: Duration = Duration::from_secs(1);
+
+/// Waits until the connection table pins no flow to `backend` of `service`,
+/// saying how many are left as they go; an error after `timeout`.
+fn wait_for_no_flows(
+    call: &dyn Fn(Request) -> Result<Value>,
+    service: &str,
+    backend: std::net::IpAddr,
+    timeout: Duration,
+) -> Result<()> {
+    let start = Instant::now();
+    let mut last = None;
+    loop {
+        let rows: Vec<BackendRow> = serde_json::from_value(call(Request::Backends {
+            service: Some(service.to_owned()),
+        })?)?;
+        let left = rows
+            .iter()
+            .find(|r| r.address == backend)
+            .map(|r| r.active_flows)
+            .with_context(|| format!("{backend} is no longer a backend of {service}"))?;
+        if left == 0 {
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            anyhow::bail!(
+                "{left} flow(s) still on {backend} after {}: they end when their clients \
+                 close them or idle out (`lb conntrack list {service} --backend {backend}`)",
+                humantime_serde::re::humantime::format_duration(timeout)
+            );
+        }
+        if last != Some(left) {
+            eprintln!("waiting for {left} flow(s) on {backend} to end");
+            last = Some(left);
+        }
+        std::thread::sleep(DRAIN_POLL);
+    }
+}
+
+fn flow_table(v: &Value) -> String {
+    let rows: Vec<FlowRow> = serde_json::from_value(v.clone()).unwrap_or_default();
+    table(
+        &["SERVICE", "CLIENT", "PROTO", "BACKEND", "STATE", "IDLE"],
+        rows.iter().map(|r| {
+            vec![
+                r.service.clone(),
+                r.client.clone(),
+                r.protocol.clone(),
+                r.backend.map_or("(gone)".into(), |b| b.to_string()),
+                r.state.clone(),
+                format!("{}s", r.idle_seconds),
+            ]
+        }),
+    )
+}
+
+fn conntrack_stats_text(v: &Value) -> String {
+    let Ok(s) = serde_json::from_value::<ConntrackStatsView>(v.clone()) else {
+        return format!("{v}\n");
+    };
+    let budget = if s.inserts_per_cpu == 0 {
+        "no limit".to_owned()
+    } else if s.refusing_cpus > 0 {
+        format!(
+            "{} per CPU per second; {} CPU(s) refusing inserts now (a flood of new flows?)",
+            s.inserts_per_cpu, s.refusing_cpus
+        )
+    } else {
+        format!("{} per CPU per second; not reached now", s.inserts_per_cpu)
+    };
+    format!(
+        "entries: {} of {} ({} established, {} closing, {} lapsed, {} stale, {} of no service)\n\
+         inserts: {}, refused: {}\n\
+         insert budget: {budget}\n\
+         timeouts: tcp idle {}s, udp idle {}s, tcp closed {}s\n",
+        s.entries,
+        s.capacity,
+        s.established,
+        s.closing,
+        s.lapsed,
+        s.stale,
+        s.other,
+        s.inserts,
+        s.refused,
+        s.tcp_idle_timeout,
+        s.udp_idle_timeout,
+        s.tcp_closed_timeout
+    )
 }
 
 fn rate(now: u64, prev: Option<u64>, elapsed: Duration) -> String {

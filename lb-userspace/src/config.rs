@@ -1385,6 +1385,16 @@ address = "198.18.0.11"
             "[settings]\ninterfaces=[\"e\"]\nmax_services=1\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[[service]]\nname=\"b\"\nvip=\"198.18.1.1\"\nport=81\nprotocol=\"tcp\"\n",
             "2 services configured, capacity is 1",
         ),
+        (
+            "idle timeout of zero",
+            "[settings]\ninterfaces=[\"e\"]\nudp_idle_timeout=\"0s\"\n",
+            "settings.udp_idle_timeout: 0s is not a whole number of seconds from 1s to 7days",
+        ),
+        (
+            "service idle timeout in ms",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"udp\"\nidle_timeout=\"1500ms\"\n",
+            "line 4: service[a].idle_timeout: 1s 500ms is not a whole number of seconds",
+        ),
     ];
 
     #[test]

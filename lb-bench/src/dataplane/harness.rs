@@ -21,7 +21,7 @@ use lb_bench_ebpf::{
 };
 use std::{net::IpAddr, path::Path};
 
-use lb_common::{Counter, ServiceKey, ServiceStats, maps::PROG_LB};
+use lb_common::{ConntrackSettings, Counter, ServiceKey, ServiceStats, maps::PROG_LB};
 use lb_tests::lab::{Lab, lab_settings};
 
 use super::baseline::Baseline;
@@ -256,6 +256,15 @@ impl Harness {
             b.set_service(key, value, ring)?;
         }
         Ok(())
+    }
+
+    /// Sets lb's connection-table insert budget (per CPU per second; 0: no
+    /// limit, as every other case runs).
+    pub fn set_insert_budget(&mut self, inserts_per_cpu: u32) -> Result<()> {
+        self.lab.dp.set_conntrack_settings(ConntrackSettings {
+            inserts_per_cpu,
+            ..ConntrackSettings::default()
+        })
     }
 
     /// lb's program, and the baseline's if there is one.

@@ -123,6 +123,10 @@ pub enum Path {
     Syn,
     /// A TCP SYN of a new flow every packet (Maglev lookup, insert).
     SynNewFlow,
+    /// A new flow every packet while the CPU's insert budget is spent, as
+    /// under a flood (Maglev lookup, no insert). lb only: the baseline has
+    /// no budget.
+    NewFlowRefused,
     /// A TCP packet to an address that is no VIP.
     NotService,
     /// Reference: parse, insert the flow into an LRU hash like lb's
@@ -144,6 +148,7 @@ impl Path {
             Path::NewFlow => "new flow",
             Path::Syn => "TCP SYN",
             Path::SynNewFlow => "TCP SYN, new flow",
+            Path::NewFlowRefused => "new flow, insert budget spent (flood)",
             Path::NotService => "non-service pass",
             Path::RefInsert => "reference: parse + LRU insert + swap",
             Path::RefLookup => "reference: parse + LRU lookup + swap",
@@ -492,6 +497,17 @@ fn matrix_cases(h: &mut Harness) -> Result<Vec<Case>> {
             prime: None,
             flows: 0,
         });
+        cases.push(Case {
+            path: Path::NewFlowRefused,
+            family: Some(family),
+            mode: Some(mode),
+            program: Program::Lb,
+            method: Method::Reset(Flows::Fresh),
+            template: ack,
+            expect: expect_forward(sid, family, mode, true),
+            prime: None,
+            flows: 0,
+        });
         let syn_flow = h.fresh_flows(1)?;
         cases.push(Case {
             path: Path::Syn,
@@ -565,7 +581,7 @@ fn with_baseline(h: &Harness, mut cases: Vec<Case>) -> Vec<Case> {
     }
     let on_baseline: Vec<Case> = cases
         .iter()
-        .filter(|c| c.program == Program::Lb)
+        .filter(|c| c.program == Program::Lb && c.path != Path::NewFlowRefused)
         .map(|c| Case {
             program: Program::Baseline,
             prime: c.prime.map(|(p, e)| {
@@ -802,6 +818,9 @@ fn measure(
                 h.run(*program, case.method, &case.template, 1, expect)
                     .with_context(|| format!("priming {}", describe(case)))?;
             }
+            // A budget of one insert a second: spent by the first packet.
+            let budget = (case.path == Path::NewFlowRefused).then_some(1);
+            h.set_insert_budget(budget.unwrap_or(0))?;
             let sample = h
                 .run(
                     case.program,
@@ -810,7 +829,11 @@ fn measure(
                     repeat,
                     &case.expect,
                 )
-                .with_context(|| format!("measuring {}", describe(case)))?;
+                .with_context(|| format!("measuring {}", describe(case)));
+            if budget.is_some() {
+                h.set_insert_budget(0)?;
+            }
+            let sample = sample?;
             // Round 0 warms caches and fills the connection table; not kept.
             if round > 0 {
                 samples[i].push(sample);

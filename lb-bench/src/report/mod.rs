@@ -261,6 +261,7 @@ fn dataplane(out: &mut String, d: &DataplaneResults) {
         out.push('\n');
     }
     baseline::render(out, d);
+    flood(out, d);
     floors(out, d);
     references(out, d);
     matrix(out, d);
@@ -278,6 +279,62 @@ const MEASURED_ORDER: [(Family, Mode); 4] = [
     (Family::Ipv6, Mode::DsrL2),
     (Family::Ipv6, Mode::Ipip),
 ];
+
+/// The goal for a new flow under a flood, as a multiple of the
+/// established path of the same service.
+const FLOOD_GOAL: f64 = 1.5;
+
+/// The established path of one measured service as the headline measures
+/// it: directly for `dsr-l2`, through the wrapper for `ipip`.
+fn established(g: &GroupResult, family: Family, mode: Mode) -> Option<&CaseResult> {
+    g.cases.iter().find(|c| {
+        c.path == Path::Established
+            && c.family == Some(family)
+            && c.mode == Some(mode)
+            && (mode == Mode::Ipip || c.method == "direct")
+    })
+}
+
+/// A new flow while the insert budget is spent, against the established
+/// path, in every group of the matrix.
+fn flood(out: &mut String, d: &DataplaneResults) {
+    let _ = writeln!(
+        out,
+        "### Under a flood of new flows
+
+         A new flow every packet while the CPU's connection-table insert budget is          spent (`conntrack_inserts_per_cpu`, as under a flood of spoofed SYNs): the          Maglev lookup without the insert. As a multiple of the established path of          the same service and group (median ns in brackets); goal ≤ {FLOOD_GOAL}×.
+"
+    );
+    let mut head = "| family | mode |".to_owned();
+    let mut rule = "| --- | --- |".to_owned();
+    for g in &d.matrix {
+        let _ = write!(head, " {} |", group_label(g));
+        rule.push_str(" --- |");
+    }
+    let _ = writeln!(out, "{head}\n{rule}");
+    let mut worst: f64 = 0.0;
+    for (family, mode) in MEASURED_ORDER {
+        let _ = write!(out, "| {} | {} |", family.label(), mode.label());
+        for g in &d.matrix {
+            let refused = g.case(Path::NewFlowRefused, Some(family), Some(mode));
+            match (refused, established(g, family, mode)) {
+                (Some(r), Some(e)) => {
+                    let x = r.summary.median / e.summary.median;
+                    worst = worst.max(x);
+                    let _ = write!(out, " {} ({} ns) |", ratio(x), ns(r.summary.median));
+                }
+                _ => out.push_str(" — |"),
+            }
+        }
+        out.push('\n');
+    }
+    let met = if worst <= FLOOD_GOAL {
+        "met"
+    } else {
+        "not met"
+    };
+    let _ = writeln!(out, "\nWorst: {}; goal {met}.\n", ratio(worst));
+}
 
 fn group_label(g: &GroupResult) -> String {
     if g.many_flows > 0 {

@@ -190,12 +190,52 @@ pub(crate) fn render(
         "Latency of the last probe",
         Family::<BackendLabels, Gauge<f64, AtomicU64>>::default(),
     );
+    let b_flows = register(
+        &mut r,
+        "backend_active_flows",
+        "Flows the connection table pins to the backend (neither lapsed nor stale)",
+        Gauges::<BackendLabels>::default(),
+    );
     let reasons = register(
         &mut r,
         "packets",
         "Packets seen by the data plane, by outcome",
         Counters::<ReasonLabels>::default(),
     );
+    let ct = super::flows::stats(ctl)?;
+    gauge(
+        &mut r,
+        "conntrack_entries",
+        "Entries in the connection table",
+        ct.entries as i64,
+    );
+    gauge(
+        &mut r,
+        "conntrack_capacity",
+        "Entries the connection table holds at most",
+        i64::from(ct.capacity),
+    );
+    gauge(
+        &mut r,
+        "conntrack_refusing_cpus",
+        "CPUs whose connection-table insert budget for this second is spent",
+        ct.refusing_cpus as i64,
+    );
+    register(
+        &mut r,
+        "conntrack_inserts",
+        "Connection-table entries added",
+        Counter::<u64>::default(),
+    )
+    .inc_by(ct.inserts);
+    register(
+        &mut r,
+        "conntrack_refused",
+        "New flows forwarded without an entry, their CPU's insert budget spent",
+        Counter::<u64>::default(),
+    )
+    .inc_by(ct.refused);
+    let active = super::flows::active_by_backend(ctl)?;
 
     for (name, s) in ctl.services() {
         let l = ServiceLabels {
@@ -227,6 +267,9 @@ pub(crate) fn render(
                 .set(i64::from(ctl.table_weight(name, *ip, b)));
             b_fail.get_or_create(&l).inc_by(b.probe_failures);
             b_trans.get_or_create(&l).inc_by(b.transitions);
+            b_flows
+                .get_or_create(&l)
+                .set(active.get(&b.id).copied().unwrap_or(0) as i64);
             if let Some((p, _)) = &b.last_probe {
                 b_latency.get_or_create(&l).set(p.latency.as_secs_f64());
             }

@@ -13,6 +13,7 @@
 
 pub mod controller;
 mod fleet;
+mod flows;
 mod metrics;
 mod node;
 mod probers;
@@ -54,7 +55,8 @@ const MAC_REFRESH: Duration = Duration::from_secs(10);
 /// How often slow-start ramps advance (their steps are seconds long).
 const SLOW_START_TICK: Duration = Duration::from_millis(250);
 /// How often the daemon checks that its interfaces still have the program
-/// and its pins are still there (see `Dataplane::repair`).
+/// and its pins are still there (see `Dataplane::repair`), and advances the
+/// data plane's clock (`ConntrackSettings::now`, whole seconds).
 const REPAIR_TICK: Duration = Duration::from_secs(1);
 
 /// What `lb daemon` is started with.
@@ -153,6 +155,7 @@ fn dataplane_settings(d: &Desired) -> lb_common::Settings {
     }
 }
 
+/// The connection-table settings `d` asks for, with the clock at now.
 fn conntrack_settings(d: &Desired) -> lb_common::ConntrackSettings {
     let t = d.settings.conntrack_timeouts;
     lb_common::ConntrackSettings {
@@ -160,6 +163,8 @@ fn conntrack_settings(d: &Desired) -> lb_common::ConntrackSettings {
         closed_timeout: t.tcp_closed,
         tcp_idle_timeout: t.tcp_idle,
         udp_idle_timeout: t.udp_idle,
+        now: crate::dataplane::monotonic_seconds(),
+        _pad: 0,
     }
 }
 
@@ -385,6 +390,11 @@ pub async fn run(opts: Options) -> Result<()> {
                 }
             }
             _ = repair.tick() => {
+                // The data plane's clock, for aging the connection table.
+                let ct = conntrack_settings(ctl.desired());
+                if let Err(e) = ctl.dataplane_mut().set_conntrack_settings(ct) {
+                    error!(error = %format!("{e:#}"), "advancing the data plane's clock");
+                }
                 match ctl.dataplane_mut().repair(Some(&opts.pin_dir)) {
                     Ok(done) => done.iter().for_each(log_repair),
                     Err(e) => error!(error = %format!("{e:#}"), "repairing the data plane; retrying in 1 s"),

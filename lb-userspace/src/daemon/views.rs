@@ -5,9 +5,12 @@ use std::time::{Instant, SystemTime};
 
 use anyhow::{Context as _, Result, bail};
 use lb_common::{BACKEND_F_UP, FlowKey, addr_bytes, hash::flow_hash, limits::NO_BACKEND};
+
+use super::flows::FlowState;
+use crate::dataplane::monotonic_seconds;
 use serde_json::{Value, json};
 
-use super::{ConfigFile, Options, controller::Controller, node::Node};
+use super::{ConfigFile, Options, controller::Controller, flows, node::Node};
 use crate::{
     api::{BackendRow, Request, ServiceRow, ServiceStatsRow, Stats},
     config::{self, MAX_WEIGHT, Mode},
@@ -82,6 +85,14 @@ pub fn handle(
         Request::FleetStatus | Request::FleetImport { .. } | Request::FleetExport => bail!(
             "this node is standalone: a [fleet] section in its configuration makes it a fleet node (docs/fleet.md)"
         ),
+        Request::Conntrack { service, backend } => {
+            serde_json::to_value(flows::list(ctl, service.as_deref(), backend)?)?
+        }
+        Request::ConntrackFlush { service } => {
+            let removed = flows::flush(ctl, service.as_deref())?;
+            json!({ "removed": removed })
+        }
+        Request::ConntrackStats => serde_json::to_value(flows::stats(ctl)?)?,
         Request::SetNodeDrained { drained } => {
             node.set_drained(ctl, drained)?;
             serde_json::to_value(node.status(ctl))?
@@ -146,6 +157,7 @@ fn fmt_ip(ip: std::net::IpAddr) -> String {
 
 fn backends(ctl: &Controller, only: Option<&str>) -> Result<Vec<BackendRow>> {
     let now = SystemTime::now();
+    let active = flows::active_by_backend(ctl)?;
     let mut rows = Vec::new();
     for (name, s) in ctl.services() {
         if only.is_some_and(|o| o != name) {
@@ -174,6 +186,7 @@ fn backends(ctl: &Controller, only: Option<&str>) -> Result<Vec<BackendRow>> {
                 probe_failures: b.probe_failures,
                 packets: stats.packets,
                 bytes: stats.bytes,
+                active_flows: active.get(&b.id).copied().unwrap_or(0),
             });
         }
     }
@@ -240,19 +253,35 @@ fn explain(ctl: &Controller, service: &str, client: std::net::IpAddr, port: u16)
         .copied()
         .filter(|&id| id != NO_BACKEND)
         .and_then(by_id);
-    let pinned = ctl.dataplane().conntrack(&flow)?.and_then(|v| {
-        let b = ctl.dataplane().backend(v.backend).ok()?;
-        (b.flags & BACKEND_F_UP != 0 && b.generation == v.generation)
-            .then(|| by_id(v.backend))
-            .flatten()
-    });
-    let (goes_to, reason) = match (pinned, table) {
-        (Some(p), _) => (
+    let entry = ctl.dataplane().conntrack(&flow)?;
+    let state = entry
+        .map(|v| flows::judge(ctl, &s.config, &v, monotonic_seconds()))
+        .transpose()?;
+    let pinned = entry
+        .filter(|_| state.is_some_and(FlowState::pins))
+        .and_then(|v| by_id(v.backend));
+    let (goes_to, reason) = match (pinned, state, table) {
+        (Some(p), Some(FlowState::Closing), _) => (
+            Some(p),
+            "closing connection (FIN or RST seen): the connection table pins it until the \
+             closed timeout (a new SYN would use the table)",
+        ),
+        (Some(p), _, _) => (
             Some(p),
             "established flow: the connection table pins it (a new SYN would use the table)",
         ),
-        (None, Some(t)) => (Some(t), "new flow: Maglev table slot"),
-        (None, None) => (
+        (None, Some(FlowState::Lapsed), Some(t)) => (
+            Some(t),
+            "the flow's entry lapsed (idle past its timeout): the next packet takes the \
+             Maglev table slot",
+        ),
+        (None, Some(FlowState::Stale), Some(t)) => (
+            Some(t),
+            "the flow's entry names a backend that is down or gone: the next packet takes \
+             the Maglev table slot",
+        ),
+        (None, _, Some(t)) => (Some(t), "new flow: Maglev table slot"),
+        (None, _, None) => (
             None,
             "no backend in rotation: packets are dropped and counted as drop_no_backend",
         ),
@@ -265,6 +294,7 @@ fn explain(ctl: &Controller, service: &str, client: std::net::IpAddr, port: u16)
         "slot": slot,
         "table_backend": table,
         "conntrack_backend": pinned,
+        "conntrack_state": state.map(FlowState::name),
         "backend": goes_to,
         "reason": reason,
     }))

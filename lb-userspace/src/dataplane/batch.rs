@@ -1,5 +1,7 @@
-//! BPF_MAP_UPDATE_BATCH for array maps, which aya does not wrap: a Maglev
-//! table of 65,537 slots in one system call instead of one per slot.
+//! The batch operations aya does not wrap: BPF_MAP_UPDATE_BATCH for array
+//! maps (a Maglev table of 65,537 slots in one system call instead of one
+//! per slot) and BPF_MAP_LOOKUP_BATCH for hash maps (the connection table
+//! in a few calls instead of two per entry).
 
 use std::{
     io,
@@ -8,8 +10,12 @@ use std::{
 
 use aya::maps::MapData;
 
-/// `BPF_MAP_UPDATE_BATCH` (enum bpf_cmd, linux/bpf.h; kernel 5.6+).
+/// `BPF_MAP_LOOKUP_BATCH` (enum bpf_cmd, linux/bpf.h; kernel 5.6+).
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+/// `BPF_MAP_UPDATE_BATCH`.
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+/// Elements one lookup call returns at most.
+const LOOKUP_CHUNK: u32 = 8192;
 
 /// The batch operations' part of `union bpf_attr` (linux/bpf.h). The kernel
 /// accepts an attribute shorter than its own union.
@@ -56,6 +62,60 @@ pub fn update_u32s(map: &MapData, keys: &[u32], values: &[u32]) -> io::Result<()
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Every (key, value) of the hash map `map`, whose keys are `K` and values
+/// `V` (the caller's types must be the map's: aya checked them when it
+/// opened the map). Entries added or removed meanwhile may or may not be
+/// seen; none is seen twice.
+pub fn lookup_all<K: aya::Pod, V: aya::Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
+    let mut out = Vec::new();
+    // SAFETY (both): Pod types are plain bytes, any bit pattern is valid.
+    let mut keys: Vec<K> = vec![unsafe { std::mem::zeroed() }; LOOKUP_CHUNK as usize];
+    let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; LOOKUP_CHUNK as usize];
+    // For hash maps the batch token is the next bucket, a u32.
+    let mut token: u32 = 0;
+    let mut first = true;
+    loop {
+        let mut next: u32 = 0;
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { (&raw const token) as u64 },
+            out_batch: (&raw mut next) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: LOOKUP_CHUNK,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` points at buffers of LOOKUP_CHUNK keys and values
+        // of the map's sizes and at the two tokens, all of which outlive the
+        // call; the kernel writes at most `count` elements.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &raw mut attr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
+        let got = (attr.count as usize).min(keys.len());
+        out.extend(
+            keys[..got]
+                .iter()
+                .copied()
+                .zip(values[..got].iter().copied()),
+        );
+        if ret < 0 {
+            let e = io::Error::last_os_error();
+            // ENOENT: the walk reached the last bucket.
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                return Ok(out);
+            }
+            return Err(e);
+        }
+        token = next;
+        first = false;
+    }
 }
 
 /// Whether `e` says the kernel has no batch operations for the map (older

@@ -34,6 +34,24 @@ use lb_common::{
     maps as names, ring_index,
 };
 
+/// Nanoseconds in a second.
+pub const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// `CLOCK_MONOTONIC` from the coarse clock, in ns: the data plane's clock
+/// (`bpf_ktime_get_coarse_ns`).
+pub fn monotonic_ns() -> u64 {
+    // SAFETY: clock_gettime writes the zeroed timespec we pass; it cannot
+    // fail for this clock id with a valid pointer.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * NS_PER_SEC + ts.tv_nsec as u64
+}
+
+/// The same in whole seconds, as [`FlowValue::last_seen`] counts.
+pub fn monotonic_seconds() -> u32 {
+    (monotonic_ns() / NS_PER_SEC) as u32
+}
+
 /// The reader of the XDP program's aya-log ring buffer.
 pub type KernelLog = aya_log::EbpfLogger<&'static dyn log::Log>;
 
@@ -705,6 +723,34 @@ impl Dataplane {
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e).context("reading the connection table"),
         }
+    }
+
+    /// Every connection-table entry: one batch walk, or one lookup per
+    /// entry on kernels without batches.
+    pub fn conntrack_dump(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
+        match batch::lookup_all(self.conntrack.map()) {
+            Ok(all) => return Ok(all),
+            Err(e) if batch::unsupported(&e) => {}
+            Err(e) => return Err(e).context("reading the connection table"),
+        }
+        self.conntrack
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the connection table")
+    }
+
+    /// Removes the entries of `flows` (those still there); returns how many
+    /// it removed. The flows' next packets take the Maglev table.
+    pub fn conntrack_remove(&mut self, flows: &[FlowKey]) -> Result<usize> {
+        let mut removed = 0;
+        for flow in flows {
+            match self.conntrack.remove(flow) {
+                Ok(()) => removed += 1,
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("removing a connection-table entry"),
+            }
+        }
+        Ok(removed)
     }
 
     /// Makes `ip` a tunnel endpoint of the decap program.

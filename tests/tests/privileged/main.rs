@@ -9,6 +9,7 @@
 mod agreement;
 mod announce;
 mod conntrack;
+mod conntrack_life;
 mod daemon;
 mod demo;
 mod faults;

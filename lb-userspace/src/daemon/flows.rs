@@ -1,0 +1,257 @@
+//! The connection table as operators see it: every entry resolved to its
+//! service and backend and judged by the data plane's own rules (a lapsed
+//! entry or one whose backend no longer stands is a miss), per-backend
+//! counts of the flows that stand, and flushes.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use anyhow::{Result, bail};
+use lb_common::{BACKEND_F_UP, FLOW_F_CLOSED, FlowKey, FlowValue, ServiceKey, wire::IPPROTO_TCP};
+
+use super::controller::{Controller, service_key};
+use crate::{
+    api::{ConntrackStatsView, FlowRow},
+    config::{self, ConntrackTimeouts, Protocol},
+    dataplane::{NS_PER_SEC, monotonic_ns, monotonic_seconds},
+};
+
+/// What the data plane makes of an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowState {
+    /// Pins the flow to its backend.
+    Established,
+    /// Pins it too, but the TCP connection saw a FIN or RST: the entry
+    /// lapses after the closed timeout.
+    Closing,
+    /// Idle past its timeout: the next packet takes the Maglev table.
+    Lapsed,
+    /// Its backend is down or gone (the id names another): a miss.
+    Stale,
+}
+
+impl FlowState {
+    /// Whether the entry still decides where the flow's packets go.
+    pub fn pins(self) -> bool {
+        matches!(self, FlowState::Established | FlowState::Closing)
+    }
+
+    /// As the API and the CLI spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            FlowState::Established => "established",
+            FlowState::Closing => "closing",
+            FlowState::Lapsed => "lapsed",
+            FlowState::Stale => "stale",
+        }
+    }
+}
+
+/// How the data plane judges `value` of a flow of `svc` at `now`: the
+/// rules of `select_backend`, with the backend as the kernel holds it.
+pub fn judge(
+    ctl: &Controller,
+    svc: &config::Service,
+    value: &FlowValue,
+    now: u32,
+) -> Result<FlowState> {
+    let t = ctl.desired().settings.conntrack_timeouts;
+    if value.lapsed(now, idle_timeout(&t, svc), t.tcp_closed) {
+        return Ok(FlowState::Lapsed);
+    }
+    let backend = ctl.dataplane().backend(value.backend)?;
+    Ok(
+        if backend.flags & BACKEND_F_UP == 0 || backend.generation != value.generation {
+            FlowState::Stale
+        } else if value.flags & FLOW_F_CLOSED != 0 {
+            FlowState::Closing
+        } else {
+            FlowState::Established
+        },
+    )
+}
+
+fn idle_timeout(t: &ConntrackTimeouts, svc: &config::Service) -> u32 {
+    svc.idle_timeout
+        .unwrap_or(if svc.protocol == Protocol::Tcp {
+            t.tcp_idle
+        } else {
+            t.udp_idle
+        })
+}
+
+/// One entry, resolved.
+struct Flow {
+    service: String,
+    key: FlowKey,
+    value: FlowValue,
+    state: FlowState,
+}
+
+/// Reads the whole table once and resolves every entry of a configured
+/// service (entries of removed services are left out: they match nothing).
+fn read(ctl: &Controller) -> Result<Vec<Flow>> {
+    let by_key: BTreeMap<ServiceKey, &str> = ctl
+        .services()
+        .iter()
+        .map(|(name, s)| (service_key(&s.config), name.as_str()))
+        .collect();
+    let now = monotonic_seconds();
+    let mut flows = Vec::new();
+    for (key, value) in ctl.dataplane().conntrack_dump()? {
+        let skey = ServiceKey {
+            addr: key.dst,
+            port: key.dport,
+            proto: key.proto,
+            family: key.family,
+        };
+        let Some(&name) = by_key.get(&skey) else {
+            continue;
+        };
+        let state = judge(ctl, &ctl.services()[name].config, &value, now)?;
+        flows.push(Flow {
+            service: name.to_owned(),
+            key,
+            value,
+            state,
+        });
+    }
+    Ok(flows)
+}
+
+/// Flows each backend (by id) holds: entries that pin a flow to it.
+pub fn active_by_backend(ctl: &Controller) -> Result<BTreeMap<u32, u64>> {
+    let mut counts = BTreeMap::new();
+    for f in read(ctl)? {
+        if f.state.pins() {
+            *counts.entry(f.value.backend).or_default() += 1;
+        }
+    }
+    Ok(counts)
+}
+
+fn check_service(ctl: &Controller, service: Option<&str>) -> Result<()> {
+    if let Some(s) = service
+        && !ctl.services().contains_key(s)
+    {
+        bail!("no service named {s:?} (see `lb service list`)");
+    }
+    Ok(())
+}
+
+fn client_of(key: &FlowKey) -> String {
+    let ip = ip_of(&key.src, key.family);
+    let port = u16::from_be(key.sport);
+    match ip {
+        IpAddr::V4(v4) => format!("{v4}:{port}"),
+        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+    }
+}
+
+fn ip_of(addr: &[u8; 16], family: u8) -> IpAddr {
+    if family == lb_common::FAMILY_V4 {
+        IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
+    } else {
+        IpAddr::from(*addr)
+    }
+}
+
+/// The entries of one service or all, optionally only those on `backend`.
+pub fn list(
+    ctl: &Controller,
+    service: Option<&str>,
+    backend: Option<IpAddr>,
+) -> Result<Vec<FlowRow>> {
+    check_service(ctl, service)?;
+    let now = monotonic_seconds();
+    let mut rows = Vec::new();
+    for f in read(ctl)? {
+        if service.is_some_and(|s| s != f.service) {
+            continue;
+        }
+        let svc = &ctl.services()[&f.service];
+        let address = svc
+            .backends
+            .iter()
+            .find(|(_, b)| b.id == f.value.backend)
+            .map(|(ip, _)| *ip);
+        if backend.is_some_and(|b| Some(b) != address) {
+            continue;
+        }
+        rows.push(FlowRow {
+            service: f.service.clone(),
+            client: client_of(&f.key),
+            protocol: if f.key.proto == IPPROTO_TCP {
+                "tcp"
+            } else {
+                "udp"
+            }
+            .to_owned(),
+            backend: address,
+            state: f.state.name().to_owned(),
+            idle_seconds: now.wrapping_sub(f.value.last_seen),
+        });
+    }
+    rows.sort_by(|a, b| (&a.service, &a.client).cmp(&(&b.service, &b.client)));
+    Ok(rows)
+}
+
+/// Removes the entries of one service, or every entry; returns how many.
+/// Their flows' next packets take the Maglev table: established
+/// connections stay where they are unless the table moved them.
+pub fn flush(ctl: &mut Controller, service: Option<&str>) -> Result<usize> {
+    check_service(ctl, service)?;
+    let keys: Vec<FlowKey> = match service {
+        Some(s) => read(ctl)?
+            .into_iter()
+            .filter(|f| f.service == s)
+            .map(|f| f.key)
+            .collect(),
+        None => ctl
+            .dataplane()
+            .conntrack_dump()?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect(),
+    };
+    ctl.dataplane_mut().conntrack_remove(&keys)
+}
+
+/// Occupancy by state, inserts and refusals, and whether the insert budget
+/// is being hit right now.
+pub fn stats(ctl: &Controller) -> Result<ConntrackStatsView> {
+    let d = ctl.desired();
+    let limit = d.settings.conntrack_inserts_per_cpu;
+    let mut by_state = BTreeMap::<&str, u64>::new();
+    let flows = read(ctl)?;
+    for f in &flows {
+        *by_state.entry(f.state.name()).or_default() += 1;
+    }
+    let entries = ctl.dataplane().conntrack_dump()?.len() as u64;
+    let per_cpu = ctl.dataplane().conntrack_stats()?;
+    let now_ns = monotonic_ns();
+    let refusing_cpus = per_cpu
+        .iter()
+        .filter(|c| {
+            limit != 0
+                && c.window_inserts >= u64::from(limit)
+                && now_ns.saturating_sub(c.window_start) < NS_PER_SEC
+        })
+        .count();
+    let t = d.settings.conntrack_timeouts;
+    Ok(ConntrackStatsView {
+        capacity: d.settings.capacity.conntrack_entries,
+        entries,
+        established: by_state.get("established").copied().unwrap_or(0),
+        closing: by_state.get("closing").copied().unwrap_or(0),
+        lapsed: by_state.get("lapsed").copied().unwrap_or(0),
+        stale: by_state.get("stale").copied().unwrap_or(0),
+        other: entries - flows.len() as u64,
+        inserts: per_cpu.iter().map(|c| c.inserts).sum(),
+        refused: per_cpu.iter().map(|c| c.refused).sum(),
+        inserts_per_cpu: limit,
+        refusing_cpus,
+        tcp_idle_timeout: t.tcp_idle,
+        udp_idle_timeout: t.udp_idle,
+        tcp_closed_timeout: t.tcp_closed,
+    })
+}
