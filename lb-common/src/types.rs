@@ -215,9 +215,9 @@ pub struct ConntrackStats {
     /// New flows forwarded without an entry because the CPU had spent its
     /// [`ConntrackSettings::inserts_per_cpu`] for the second.
     pub refused: u64,
-    /// Start of the current one-second window, `CLOCK_MONOTONIC` (coarse) ns.
-    pub window_start: u64,
-    /// Entries added in the current window.
+    /// The second ([`ConntrackSettings::now`]) the budget is counting.
+    pub window: u64,
+    /// Entries added in that second.
     pub window_inserts: u64,
 }
 

@@ -4,7 +4,6 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    helpers::generated::bpf_ktime_get_coarse_ns,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
@@ -130,8 +129,18 @@ pub fn conntrack_settings() -> ConntrackSettings {
     LB_CONNTRACK_SETTINGS.get(0).copied().unwrap_or_default()
 }
 
-/// Nanoseconds in a second.
-const NS_PER_SEC: u64 = 1_000_000_000;
+/// Whether this CPU's insert budget (`ct`) allows another entry in the
+/// second `ct.now`. The budget counts in the data plane's clock, which user
+/// space advances: while it does not (no daemon), a CPU adds at most one
+/// second's budget, and unpinned flows follow the Maglev table, which
+/// nothing changes meanwhile.
+#[inline(always)]
+pub fn may_insert(ct: &ConntrackSettings) -> bool {
+    ct.inserts_per_cpu == 0
+        || LB_CONNTRACK_STATS.get(0).is_none_or(|s| {
+            s.window != ct.now as u64 || s.window_inserts < ct.inserts_per_cpu as u64
+        })
+}
 
 /// Pins `flow` to a backend if this CPU's insert budget (`ct`) allows;
 /// accounts the insert or the refusal. Not pinning only means the flow
@@ -142,20 +151,14 @@ pub fn conntrack_put(ct: &ConntrackSettings, flow: &FlowKey, value: &FlowValue) 
     let Some(stats) = LB_CONNTRACK_STATS.get_ptr_mut(0) else {
         return;
     };
-    let limit = ct.inserts_per_cpu as u64;
     // SAFETY: per-CPU value, no concurrent writer on this CPU.
     let stats = unsafe { &mut *stats };
-    if limit != 0 {
-        // The coarse clock (tick resolution) is a fraction of the precise
-        // one's cost, and this is the insert path: the budget holds even
-        // when nothing writes `ct.now`.
-        // SAFETY: helper without arguments.
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
-        if now.wrapping_sub(stats.window_start) >= NS_PER_SEC {
-            stats.window_start = now;
+    if ct.inserts_per_cpu != 0 {
+        if stats.window != ct.now as u64 {
+            stats.window = ct.now as u64;
             stats.window_inserts = 0;
         }
-        if stats.window_inserts >= limit {
+        if stats.window_inserts >= ct.inserts_per_cpu as u64 {
             stats.refused += 1;
             return;
         }

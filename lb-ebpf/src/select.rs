@@ -69,7 +69,14 @@ pub fn select_backend(
         0
     };
     let now = ct.now;
-    let entry = maps::conntrack_entry(flow);
+    // A SYN reads its entry only to spare a rewrite; with the insert budget
+    // spent there will be no write, so it skips the lookup: a flood of SYNs
+    // costs a Maglev lookup a packet, no hash-table miss.
+    let entry = if syn && !maps::may_insert(ct) {
+        None
+    } else {
+        maps::conntrack_entry(flow)
+    };
     // SAFETY: LRU elements can be recycled under us; the value is copied at
     // once and then validated against the backend's generation.
     let pinned = entry

@@ -1393,7 +1393,7 @@ address = "198.18.0.11"
         (
             "service idle timeout in ms",
             "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"udp\"\nidle_timeout=\"1500ms\"\n",
-            "line 4: service[a].idle_timeout: 1s 500ms is not a whole number of seconds",
+            "line 3: service[a].idle_timeout: 1s 500ms is not a whole number of seconds",
         ),
     ];
 

@@ -55,7 +55,10 @@ pub fn run(root: &Path, quick: bool, baseline: Option<&str>, only: &[String]) ->
         (root.join(REPORT), root.join(RESULTS))
     } else {
         let dir = build::target_dir(root).join("bench");
-        (dir.join(REPORT), dir.join(RESULTS))
+        (
+            dir.join(REPORT),
+            dir.join(Path::new(RESULTS).file_name().unwrap_or_default()),
+        )
     };
     let mut driver = exec::cargo();
     driver

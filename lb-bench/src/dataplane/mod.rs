@@ -123,10 +123,13 @@ pub enum Path {
     Syn,
     /// A TCP SYN of a new flow every packet (Maglev lookup, insert).
     SynNewFlow,
-    /// A new flow every packet while the CPU's insert budget is spent, as
-    /// under a flood (Maglev lookup, no insert). lb only: the baseline has
-    /// no budget.
-    NewFlowRefused,
+    /// A TCP SYN of a new flow every packet while the CPU's insert budget
+    /// is spent, as under a SYN flood (Maglev lookup, no insert). lb only:
+    /// the baseline has no budget.
+    FloodSyn,
+    /// The same with packets other than SYNs (an ACK flood): these need the
+    /// connection-table lookup.
+    FloodNewFlow,
     /// A TCP packet to an address that is no VIP.
     NotService,
     /// Reference: parse, insert the flow into an LRU hash like lb's
@@ -138,6 +141,11 @@ pub enum Path {
 }
 
 impl Path {
+    /// Whether the path runs with the insert budget spent.
+    pub fn floods(self) -> bool {
+        matches!(self, Path::FloodSyn | Path::FloodNewFlow)
+    }
+
     /// As the report names it.
     pub fn label(self) -> &'static str {
         match self {
@@ -148,7 +156,8 @@ impl Path {
             Path::NewFlow => "new flow",
             Path::Syn => "TCP SYN",
             Path::SynNewFlow => "TCP SYN, new flow",
-            Path::NewFlowRefused => "new flow, insert budget spent (flood)",
+            Path::FloodSyn => "TCP SYN flood, insert budget spent",
+            Path::FloodNewFlow => "new-flow flood (not SYN), insert budget spent",
             Path::NotService => "non-service pass",
             Path::RefInsert => "reference: parse + LRU insert + swap",
             Path::RefLookup => "reference: parse + LRU lookup + swap",
@@ -373,6 +382,23 @@ fn prime_reference() -> Option<(Program, Expect)> {
     Some((Program::LruInsert, expect_reference(LruCounter::Inserted)))
 }
 
+/// Fresh flows with the insert budget spent, SYNs and other packets, to
+/// the measured service `sid`.
+fn flood_cases(sid: u32, family: Family, mode: Mode) -> [Case; 2] {
+    let vip = frames::vip(family, mode);
+    [(Path::FloodSyn, TCP_SYN), (Path::FloodNewFlow, TCP_ACK)].map(|(path, flags)| Case {
+        path,
+        family: Some(family),
+        mode: Some(mode),
+        program: Program::Lb,
+        method: Method::Reset(Flows::Fresh),
+        template: frames::template(vip, SERVICE_PORT, flags),
+        expect: expect_forward(sid, family, mode, true),
+        prime: None,
+        flows: 0,
+    })
+}
+
 /// The references for lb's connection-table work, on IPv4: an insert of
 /// the same flow every iteration (as a SYN does), of a new flow every
 /// iteration (as a new flow does), and a lookup that hits.
@@ -497,17 +523,7 @@ fn matrix_cases(h: &mut Harness) -> Result<Vec<Case>> {
             prime: None,
             flows: 0,
         });
-        cases.push(Case {
-            path: Path::NewFlowRefused,
-            family: Some(family),
-            mode: Some(mode),
-            program: Program::Lb,
-            method: Method::Reset(Flows::Fresh),
-            template: ack,
-            expect: expect_forward(sid, family, mode, true),
-            prime: None,
-            flows: 0,
-        });
+        cases.extend(flood_cases(sid, family, mode));
         let syn_flow = h.fresh_flows(1)?;
         cases.push(Case {
             path: Path::Syn,
@@ -581,7 +597,7 @@ fn with_baseline(h: &Harness, mut cases: Vec<Case>) -> Vec<Case> {
     }
     let on_baseline: Vec<Case> = cases
         .iter()
-        .filter(|c| c.program == Program::Lb && c.path != Path::NewFlowRefused)
+        .filter(|c| c.program == Program::Lb && !c.path.floods())
         .map(|c| Case {
             program: Program::Baseline,
             prime: c.prime.map(|(p, e)| {
@@ -778,6 +794,12 @@ fn run_many_flows(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<V
         });
         // At least one pass over every flow per run.
         let repeat = plan.repeat.max(count);
+        // The flood against as many established flows, like for like.
+        if group + 1 == plan.many_flows.len() {
+            for (sid, &(family, mode)) in MEASURED.iter().enumerate() {
+                cases.extend(flood_cases(sid as u32, family, mode));
+            }
+        }
         let mut cases = with_baseline(&h, cases);
         let samples = measure(&mut h, &mut cases, repeat, plan.many_flows_rounds)?;
         eprintln!(
@@ -819,7 +841,7 @@ fn measure(
                     .with_context(|| format!("priming {}", describe(case)))?;
             }
             // A budget of one insert a second: spent by the first packet.
-            let budget = (case.path == Path::NewFlowRefused).then_some(1);
+            let budget = case.path.floods().then_some(1);
             h.set_insert_budget(budget.unwrap_or(0))?;
             let sample = h
                 .run(

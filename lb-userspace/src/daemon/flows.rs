@@ -12,7 +12,7 @@ use super::controller::{Controller, service_key};
 use crate::{
     api::{ConntrackStatsView, FlowRow},
     config::{self, ConntrackTimeouts, Protocol},
-    dataplane::{NS_PER_SEC, monotonic_ns, monotonic_seconds},
+    dataplane::monotonic_seconds,
 };
 
 /// What the data plane makes of an entry.
@@ -228,13 +228,12 @@ pub fn stats(ctl: &Controller) -> Result<ConntrackStatsView> {
     }
     let entries = ctl.dataplane().conntrack_dump()?.len() as u64;
     let per_cpu = ctl.dataplane().conntrack_stats()?;
-    let now_ns = monotonic_ns();
+    // The data plane's clock lags ours by up to a tick.
+    let now = u64::from(monotonic_seconds());
     let refusing_cpus = per_cpu
         .iter()
         .filter(|c| {
-            limit != 0
-                && c.window_inserts >= u64::from(limit)
-                && now_ns.saturating_sub(c.window_start) < NS_PER_SEC
+            limit != 0 && c.window_inserts >= u64::from(limit) && now.saturating_sub(c.window) <= 1
         })
         .count();
     let t = d.settings.conntrack_timeouts;

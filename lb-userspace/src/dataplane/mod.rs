@@ -34,22 +34,14 @@ use lb_common::{
     maps as names, ring_index,
 };
 
-/// Nanoseconds in a second.
-pub const NS_PER_SEC: u64 = 1_000_000_000;
-
-/// `CLOCK_MONOTONIC` from the coarse clock, in ns: the data plane's clock
-/// (`bpf_ktime_get_coarse_ns`).
-pub fn monotonic_ns() -> u64 {
+/// `CLOCK_MONOTONIC` in whole seconds from the coarse clock: what the
+/// daemon writes as the data plane's clock ([`ConntrackSettings::now`]).
+pub fn monotonic_seconds() -> u32 {
     // SAFETY: clock_gettime writes the zeroed timespec we pass; it cannot
     // fail for this clock id with a valid pointer.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * NS_PER_SEC + ts.tv_nsec as u64
-}
-
-/// The same in whole seconds, as [`FlowValue::last_seen`] counts.
-pub fn monotonic_seconds() -> u32 {
-    (monotonic_ns() / NS_PER_SEC) as u32
+    ts.tv_sec as u32
 }
 
 /// The reader of the XDP program's aya-log ring buffer.

@@ -15,6 +15,7 @@ mod demo;
 mod faults;
 mod fixtures;
 mod fleet;
+mod flood;
 mod fuzz;
 mod readme;
 mod topology;
