@@ -61,14 +61,15 @@ pub fn ethernet(ctx: &XdpContext) -> Result<(u16, usize), Counter> {
     Ok((ethertype, off))
 }
 
+/// The 16-byte form of an IPv4 address. Built from words: zeroing a byte
+/// array and then writing four bytes makes LLVM call `memset` for the
+/// other twelve, a byte loop on every packet.
 #[inline(always)]
 fn v4_addr(b: [u8; 4]) -> Addr {
-    let mut a = [0u8; 16];
-    a[0] = b[0];
-    a[1] = b[1];
-    a[2] = b[2];
-    a[3] = b[3];
-    a
+    let words = [u32::from_ne_bytes(b), 0, 0, 0];
+    // SAFETY: [u32; 4] and [u8; 16] have the same size, and any bytes are
+    // a valid [u8; 16]; the words' native order keeps the bytes in place.
+    unsafe { core::mem::transmute::<[u32; 4], Addr>(words) }
 }
 
 /// Parses an IPv4 header at `l3_off`, bounded by `limit` (the frame length, or
