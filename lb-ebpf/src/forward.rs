@@ -105,7 +105,7 @@ pub fn encapsulate(
     choice: &Choice,
     settings: &Settings,
 ) -> Result<(), Counter> {
-    let backend = &choice.backend;
+    let backend = choice.backend;
     if backend.family != ip.family {
         // Refused by config validation; counted in case the maps disagree.
         return Err(Counter::DropEncapFailed);

@@ -156,7 +156,6 @@ fn balance_flow(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
         family: ip.family,
     };
     let service = maps::service(&key).ok_or(Counter::PassNotService)?;
-    let settings = maps::settings().ok_or(Counter::DropNoBackend)?;
     let flow = FlowKey {
         src: ip.src,
         dst: ip.dst,
@@ -166,9 +165,9 @@ fn balance_flow(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
         family: ip.family,
         _pad: [0; 2],
     };
-    let ct = maps::conntrack_settings();
-    let choice = select::select_backend(&settings, &ct, &service, &flow, ports.tcp_flags, true)?;
-    forward(ctx, ip, &service, &choice, &settings)?;
+    let ct = maps::conntrack_settings().ok_or(Counter::DropNoBackend)?;
+    let choice = select::select_backend(ct, &service, &flow, ports.tcp_flags, true)?;
+    forward(ctx, ip, &service, &choice)?;
     Ok(if service.flags & SERVICE_F_IPIP != 0 {
         Counter::ForwardIpip
     } else {
@@ -195,7 +194,6 @@ fn relay_icmp(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
         family: inner.family,
     };
     let service = maps::service(&key).ok_or(Counter::PassOtherProtocol)?;
-    let settings = maps::settings().ok_or(Counter::DropNoBackend)?;
     let flow = FlowKey {
         src: inner.dst,
         dst: inner.src,
@@ -205,9 +203,9 @@ fn relay_icmp(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
         family: inner.family,
         _pad: [0; 2],
     };
-    let ct = maps::conntrack_settings();
-    let choice = select::select_backend(&settings, &ct, &service, &flow, 0, false)?;
-    forward(ctx, ip, &service, &choice, &settings)?;
+    let ct = maps::conntrack_settings().ok_or(Counter::DropNoBackend)?;
+    let choice = select::select_backend(ct, &service, &flow, 0, false)?;
+    forward(ctx, ip, &service, &choice)?;
     Ok(Counter::ForwardIcmpError)
 }
 
@@ -218,10 +216,10 @@ fn forward(
     ip: &Ip,
     service: &ServiceValue,
     choice: &Choice,
-    settings: &lb_common::Settings,
 ) -> Result<(), Counter> {
     let bytes = frame_len(ctx) as u64;
     if service.flags & SERVICE_F_IPIP != 0 {
+        let settings = maps::settings().ok_or(Counter::DropNoBackend)?;
         forward::encapsulate(ctx, ip, choice, settings)?;
     } else {
         forward::rewrite_macs(ctx, ip, choice)?;

@@ -112,8 +112,8 @@ pub fn ring_slot(index: u32) -> Option<u32> {
 
 /// The backend with id `id`.
 #[inline(always)]
-pub fn backend(id: u32) -> Option<BackendValue> {
-    LB_BACKENDS.get(id).copied()
+pub fn backend(id: u32) -> Option<&'static BackendValue> {
+    LB_BACKENDS.get(id)
 }
 
 /// The connection-table entry for `flow`, in place.
@@ -123,10 +123,12 @@ pub fn conntrack_entry(flow: &FlowKey) -> Option<*mut FlowValue> {
 }
 
 /// The connection-table policy (all zero, no limits and no aging, until
-/// user space writes it).
+/// user space writes it). Array elements are never freed, so the reference
+/// lives as long as the program; user space rewrites the entry in place,
+/// one field at a time, which is fine for each of them.
 #[inline(always)]
-pub fn conntrack_settings() -> ConntrackSettings {
-    LB_CONNTRACK_SETTINGS.get(0).copied().unwrap_or_default()
+pub fn conntrack_settings() -> Option<&'static ConntrackSettings> {
+    LB_CONNTRACK_SETTINGS.get(0)
 }
 
 /// Whether this CPU's insert budget (`ct`) allows another entry in the
@@ -170,8 +172,8 @@ pub fn conntrack_put(ct: &ConntrackSettings, flow: &FlowKey, value: &FlowValue) 
 
 /// The data-plane settings.
 #[inline(always)]
-pub fn settings() -> Option<Settings> {
-    LB_SETTINGS.get(0).copied()
+pub fn settings() -> Option<&'static Settings> {
+    LB_SETTINGS.get(0)
 }
 
 /// Adds one to the global counter `c`.

@@ -3,7 +3,7 @@
 
 use lb_common::{
     BACKEND_F_UP, BackendValue, ConntrackSettings, Counter, FLOW_F_CLOSED, FlowKey, FlowValue,
-    SERVICE_F_AFFINITY, SERVICE_F_IPIP, ServiceValue, Settings,
+    SERVICE_F_AFFINITY, SERVICE_F_IPIP, ServiceValue,
     hash::flow_hash,
     limits::NO_BACKEND,
     ring_index,
@@ -17,7 +17,7 @@ pub struct Choice {
     /// Backend id.
     pub id: u32,
     /// The backend.
-    pub backend: BackendValue,
+    pub backend: &'static BackendValue,
     /// Chosen by a Maglev lookup rather than a connection-table hit.
     pub new_flow: bool,
     /// The flow hash: the Maglev slot's source, and the tunnel source's for
@@ -54,7 +54,6 @@ fn idle_timeout(ct: &ConntrackSettings, service: &ServiceValue, flow: &FlowKey) 
 /// must not create state (relayed ICMP errors).
 #[inline(always)]
 pub fn select_backend(
-    settings: &Settings,
     ct: &ConntrackSettings,
     service: &ServiceValue,
     flow: &FlowKey,
@@ -102,7 +101,8 @@ pub fn select_backend(
             hash,
         });
     }
-    let ring_size = settings.ring_size;
+    // Only a miss needs the settings (the table's size).
+    let ring_size = maps::settings().ok_or(Counter::DropNoBackend)?.ring_size;
     if ring_size == 0 {
         return Err(Counter::DropNoBackend);
     }
