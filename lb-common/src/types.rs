@@ -233,6 +233,19 @@ pub struct ServiceStats {
     pub new_flows: u64,
 }
 
+impl ServiceStats {
+    /// The sum of per-CPU values.
+    pub fn total<'a>(per_cpu: impl IntoIterator<Item = &'a ServiceStats>) -> ServiceStats {
+        per_cpu
+            .into_iter()
+            .fold(ServiceStats::default(), |a, s| ServiceStats {
+                packets: a.packets + s.packets,
+                bytes: a.bytes + s.bytes,
+                new_flows: a.new_flows + s.new_flows,
+            })
+    }
+}
+
 /// Per-backend counters (per CPU). Value of `LB_BACKEND_STATS`.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]

@@ -84,7 +84,7 @@ pub fn select_backend(
     if !syn
         && let (Some(p), Some(pinned)) = (entry, pinned)
         && let Some(backend) = maps::backend(pinned.backend)
-        && stands(&pinned, &backend)
+        && stands(&pinned, backend)
     {
         if remember {
             refresh(p, &pinned, now, pinned.flags | closing);

@@ -148,14 +148,6 @@ impl Baseline {
 
     /// Counters of service `id`, summed over CPUs.
     pub fn service_stats(&self, id: u32) -> Result<ServiceStats> {
-        Ok(self
-            .service_stats
-            .get(&id, 0)?
-            .iter()
-            .fold(ServiceStats::default(), |a, s| ServiceStats {
-                packets: a.packets + s.packets,
-                bytes: a.bytes + s.bytes,
-                new_flows: a.new_flows + s.new_flows,
-            }))
+        Ok(ServiceStats::total(self.service_stats.get(&id, 0)?.iter()))
     }
 }

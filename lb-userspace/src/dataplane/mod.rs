@@ -774,14 +774,7 @@ impl Dataplane {
 
     /// Counters of service `id`, summed over CPUs.
     pub fn service_stats(&self, id: u32) -> Result<ServiceStats> {
-        let per_cpu = self.service_stats.get(&id, 0)?;
-        Ok(per_cpu
-            .iter()
-            .fold(ServiceStats::default(), |a, s| ServiceStats {
-                packets: a.packets + s.packets,
-                bytes: a.bytes + s.bytes,
-                new_flows: a.new_flows + s.new_flows,
-            }))
+        Ok(ServiceStats::total(self.service_stats.get(&id, 0)?.iter()))
     }
 
     /// Counters of backend `id`, summed over CPUs.

@@ -1,12 +1,20 @@
 //! The connection table keeps established flows on their backend while the
 //! table changes, lets go when the backend is down or its id is reused, and
-//! a SYN always re-picks.
+//! a SYN always re-picks. Its life: a retransmitted SYN writes nothing, a
+//! FIN or RST shortens an entry's life, idle entries lapse after their
+//! service's timeout, and a flood of new flows spends each CPU's insert
+//! budget instead of the established flows' entries. Entries are read back
+//! from the map.
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use lb_common::{FlowKey, addr_bytes, hash::flow_hash, maps::PROG_LB, wire::*};
+use lb::dataplane::Capacity;
+use lb_common::{
+    ConntrackSettings, FLOW_F_CLOSED, FlowKey, FlowValue, addr_bytes, hash::flow_hash,
+    maps::PROG_LB, wire::*,
+};
 use lb_tests::{
-    lab::{LB_MAC, Lab, ROUTER_MAC, TX, backend_of_mac, service_key},
+    lab::{LB_MAC, Lab, ROUTER_MAC, TX, backend_of_mac, lab_capacity, service_key},
     packet::{self, Ipv4},
     privileged,
 };
@@ -14,57 +22,77 @@ use lb_tests::{
 const RING: u32 = 251;
 const CLIENT: [u8; 4] = [198, 18, 2, 9];
 const VIP: [u8; 4] = [198, 18, 1, 1];
+const PORT: u16 = 80;
 
 fn ip(a: [u8; 4]) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(a))
 }
 
-fn frame(sport: u16, proto: u8, flags: u8) -> Vec<u8> {
+fn frame(src: [u8; 4], sport: u16, proto: u8, flags: u8) -> Vec<u8> {
     let l4 = if proto == IPPROTO_TCP {
-        packet::tcp(ip(CLIENT), ip(VIP), sport, 80, flags, b"data")
+        packet::tcp(ip(src), ip(VIP), sport, PORT, flags, b"data")
     } else {
-        packet::udp(ip(CLIENT), ip(VIP), sport, 80, b"data")
+        packet::udp(ip(src), ip(VIP), sport, PORT, b"data")
     };
     packet::ethernet(
         LB_MAC,
         ROUTER_MAC,
         &[],
         ETH_P_IP,
-        &Ipv4::new(CLIENT, VIP, proto).build(&l4),
+        &Ipv4::new(src, VIP, proto).build(&l4),
     )
 }
 
-fn send(lab: &mut Lab, sport: u16, proto: u8, flags: u8) -> u32 {
-    let v = lab.run(PROG_LB, &frame(sport, proto, flags)).unwrap();
+fn flow(src: [u8; 4], sport: u16, proto: u8) -> FlowKey {
+    let (s, family) = addr_bytes(ip(src));
+    let (d, _) = addr_bytes(ip(VIP));
+    FlowKey {
+        src: s,
+        dst: d,
+        sport: sport.to_be(),
+        dport: PORT.to_be(),
+        proto,
+        family,
+        _pad: [0; 2],
+    }
+}
+
+/// Sends one packet from `src`; returns the backend it went to.
+fn send_from(lab: &mut Lab, src: [u8; 4], sport: u16, proto: u8, flags: u8) -> u32 {
+    let v = lab.run(PROG_LB, &frame(src, sport, proto, flags)).unwrap();
     assert_eq!(v.action, TX);
     backend_of_mac(&v.out[0..6])
 }
 
+/// Sends one packet from `CLIENT`.
+fn send(lab: &mut Lab, sport: u16, proto: u8, flags: u8) -> u32 {
+    send_from(lab, CLIENT, sport, proto, flags)
+}
+
 fn slot_owner(ring: &[u32], sport: u16, proto: u8) -> u32 {
-    let (src, family) = addr_bytes(ip(CLIENT));
-    let (dst, _) = addr_bytes(ip(VIP));
-    let flow = FlowKey {
-        src,
-        dst,
-        sport: sport.to_be(),
-        dport: 80u16.to_be(),
-        proto,
-        family,
-        _pad: [0; 2],
-    };
-    ring[(flow_hash(&flow, false) % ring.len() as u32) as usize]
+    ring[(flow_hash(&flow(CLIENT, sport, proto), false) % ring.len() as u32) as usize]
 }
 
 /// Backends 1..=3 of one service at 198.18.0.11..13.
+/// Backends 1..=3 of one service, no aging and no insert budget.
 fn setup(proto: u8) -> (Lab, lb_common::ServiceKey) {
-    let mut lab = Lab::new(RING).unwrap();
+    let lab = setup_with(lab_capacity(RING), proto, ConntrackSettings::default(), 0);
+    (lab, service_key(ip(VIP), PORT, proto))
+}
+
+/// The same with `capacity`, `ct` and the service's own idle timeout
+/// `idle` (0: the protocol's default).
+fn setup_with(capacity: Capacity, proto: u8, ct: ConntrackSettings, idle: u32) -> Lab {
+    let mut lab = Lab::with_capacity(capacity).unwrap();
     for id in 1..=3u32 {
         lab.backend(id, ip([198, 18, 0, 10 + id as u8]), true, 1)
             .unwrap();
     }
-    let key = service_key(ip(VIP), 80, proto);
-    lab.service(0, key, 0, &[(1, 1), (2, 1), (3, 1)]).unwrap();
-    (lab, key)
+    let key = service_key(ip(VIP), PORT, proto);
+    let ring = lab.service(0, key, 0, &[(1, 1), (2, 1), (3, 1)]).unwrap();
+    lab.dp.publish_service(&key, 0, 0, idle, &ring).unwrap();
+    lab.dp.set_conntrack_settings(ct).unwrap();
+    lab
 }
 
 #[test]
@@ -148,5 +176,237 @@ fn udp_flows_stick_too() {
         (stats.packets, stats.new_flows),
         (4, 1),
         "one new flow, four packets"
+    );
+}
+
+/// Client `n` of the connection-life tests: 198.18.2.x.
+fn client(n: u16) -> [u8; 4] {
+    [198, 18, 2, n as u8]
+}
+
+/// Clients of the flood: 198.18.128.0/17, one address and port per flow.
+const FLOOD_NET: [u8; 2] = [198, 18];
+
+fn entry(lab: &Lab, src: [u8; 4], sport: u16, proto: u8) -> Option<FlowValue> {
+    lab.dp.conntrack(&flow(src, sport, proto)).unwrap()
+}
+
+fn inserts(lab: &Lab) -> (u64, u64) {
+    let stats = lab.dp.conntrack_stats().unwrap();
+    (
+        stats.iter().map(|s| s.inserts).sum(),
+        stats.iter().map(|s| s.refused).sum(),
+    )
+}
+
+fn new_flows(lab: &Lab) -> u64 {
+    lab.dp.service_stats(0).unwrap().new_flows
+}
+
+#[test]
+fn a_retransmitted_syn_leaves_its_entry_alone_and_a_new_one_reopens_a_closed_entry() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = setup_with(
+        lab_capacity(RING),
+        IPPROTO_TCP,
+        ConntrackSettings::default(),
+        0,
+    );
+    let c = client(1);
+    let a = send_from(&mut lab, c, 40_000, IPPROTO_TCP, TCP_SYN);
+    let first = entry(&lab, c, 40_000, IPPROTO_TCP).expect("the SYN made an entry");
+    assert_eq!((first.backend, first.flags), (a, 0));
+    assert_eq!(inserts(&lab), (1, 0));
+    for _ in 0..3 {
+        assert_eq!(send_from(&mut lab, c, 40_000, IPPROTO_TCP, TCP_SYN), a);
+    }
+    assert_eq!(
+        inserts(&lab),
+        (1, 0),
+        "a SYN that picks the backend its entry names wrote an entry"
+    );
+    let e = entry(&lab, c, 40_000, IPPROTO_TCP).unwrap();
+    assert_eq!((e.backend, e.generation), (first.backend, first.generation));
+    // A FIN marks the entry closed; a later SYN on the same 5-tuple (a new
+    // connection) reopens it, still without a new entry.
+    send_from(&mut lab, c, 40_000, IPPROTO_TCP, TCP_FIN | TCP_ACK);
+    assert_eq!(
+        entry(&lab, c, 40_000, IPPROTO_TCP).unwrap().flags,
+        FLOW_F_CLOSED
+    );
+    send_from(&mut lab, c, 40_000, IPPROTO_TCP, TCP_SYN);
+    assert_eq!(entry(&lab, c, 40_000, IPPROTO_TCP).unwrap().flags, 0);
+    assert_eq!(inserts(&lab), (1, 0));
+}
+
+/// The data plane's clock at the start of a test (user space writes it).
+const START: u32 = 1_000;
+
+/// Moves the data plane's clock to `now`, keeping the other settings.
+fn set_clock(lab: &mut Lab, ct: ConntrackSettings, now: u32) {
+    lab.dp
+        .set_conntrack_settings(ConntrackSettings { now, ..ct })
+        .unwrap();
+}
+
+#[test]
+fn a_closed_tcp_entry_lapses_after_the_closed_timeout_an_open_one_does_not() {
+    if !privileged() {
+        return;
+    }
+    let ct = ConntrackSettings {
+        closed_timeout: 10,
+        tcp_idle_timeout: 3_600,
+        now: START,
+        ..ConntrackSettings::default()
+    };
+    let mut lab = setup_with(lab_capacity(RING), IPPROTO_TCP, ct, 0);
+    let (open, closed) = (client(2), client(3));
+    send_from(&mut lab, open, 40_001, IPPROTO_TCP, TCP_SYN);
+    send_from(&mut lab, closed, 40_002, IPPROTO_TCP, TCP_SYN);
+    send_from(&mut lab, closed, 40_002, IPPROTO_TCP, TCP_RST);
+    assert_eq!(
+        entry(&lab, closed, 40_002, IPPROTO_TCP).unwrap().flags,
+        FLOW_F_CLOSED
+    );
+    // At the timeout the entry still stands; one second later it lapsed.
+    set_clock(&mut lab, ct, START + 10);
+    let before = new_flows(&lab);
+    send_from(&mut lab, closed, 40_002, IPPROTO_TCP, TCP_ACK);
+    assert_eq!(new_flows(&lab), before, "the closed entry lapsed early");
+    set_clock(&mut lab, ct, START + 21);
+    send_from(&mut lab, open, 40_001, IPPROTO_TCP, TCP_ACK);
+    assert_eq!(
+        new_flows(&lab),
+        before,
+        "the open connection's entry lapsed"
+    );
+    send_from(&mut lab, closed, 40_002, IPPROTO_TCP, TCP_ACK);
+    assert_eq!(
+        new_flows(&lab),
+        before + 1,
+        "the closed connection's entry outlived the closed timeout"
+    );
+    // The lapsed entry was replaced by a fresh, open one.
+    assert_eq!(entry(&lab, closed, 40_002, IPPROTO_TCP).unwrap().flags, 0);
+}
+
+#[test]
+fn idle_entries_lapse_after_their_services_timeout_or_the_protocols() {
+    if !privileged() {
+        return;
+    }
+    // The service's own timeout (30 s) over a long UDP default.
+    let long = ConntrackSettings {
+        udp_idle_timeout: 3_600,
+        now: START,
+        ..ConntrackSettings::default()
+    };
+    let mut own = setup_with(lab_capacity(RING), IPPROTO_UDP, long, 30);
+    // The protocol's default (30 s), the service having none.
+    let short = ConntrackSettings {
+        udp_idle_timeout: 30,
+        ..long
+    };
+    let mut default = setup_with(lab_capacity(RING), IPPROTO_UDP, short, 0);
+    for (lab, ct) in [(&mut own, long), (&mut default, short)] {
+        let c = client(4);
+        send_from(lab, c, 40_003, IPPROTO_UDP, 0);
+        // Idle for the timeout: still pinned, and the packet refreshes it.
+        set_clock(lab, ct, START + 30);
+        send_from(lab, c, 40_003, IPPROTO_UDP, 0);
+        assert_eq!(new_flows(lab), 1, "the entry lapsed at its timeout");
+        assert_eq!(
+            entry(lab, c, 40_003, IPPROTO_UDP).unwrap().last_seen,
+            START + 30
+        );
+        // Idle past it: lapsed, the next datagram is a new flow.
+        set_clock(lab, ct, START + 61);
+        send_from(lab, c, 40_003, IPPROTO_UDP, 0);
+        assert_eq!(new_flows(lab), 2, "the idle entry did not lapse");
+    }
+}
+
+/// Entries of the flood's lab: room for the established flows and a
+/// second's budget, far fewer than the flood's flows.
+const FLOOD_TABLE: u32 = 4_096;
+/// Flows established before the flood.
+const ESTABLISHED: u16 = 200;
+/// The flood: new flows from spoofed sources, 40x the established ones.
+const FLOOD: u32 = 8_000;
+/// The insert budget under test, per CPU per second.
+const BUDGET: u32 = 1_000;
+
+/// Establishes `ESTABLISHED` flows, floods `FLOOD` SYNs of new flows, then
+/// adds a backend. Returns the established flows that kept their backend
+/// and the inserts refused.
+fn flood(budget: u32) -> (usize, u64) {
+    let capacity = Capacity {
+        conntrack_entries: FLOOD_TABLE,
+        ..lab_capacity(RING)
+    };
+    let ct = ConntrackSettings {
+        inserts_per_cpu: budget,
+        ..ConntrackSettings::default()
+    };
+    let mut lab = setup_with(capacity, IPPROTO_TCP, ct, 0);
+    let established: Vec<(u16, u32)> = (1..=ESTABLISHED)
+        .map(|sport| {
+            (
+                sport,
+                send_from(&mut lab, client(5), sport, IPPROTO_TCP, TCP_SYN),
+            )
+        })
+        .collect();
+    for n in 0..FLOOD {
+        let [_, _, a, b] = (0x8000 + n).to_be_bytes();
+        let src = [FLOOD_NET[0], FLOOD_NET[1], a | 0x80, b];
+        send_from(
+            &mut lab,
+            src,
+            1024 + (n % 60_000) as u16,
+            IPPROTO_TCP,
+            TCP_SYN,
+        );
+    }
+    // A backend added during the flood: the table moves about a quarter of
+    // its slots, so every flow that lost its entry has a fair chance to move.
+    lab.backend(4, ip([198, 18, 0, 14]), true, 1).unwrap();
+    let key = service_key(ip(VIP), PORT, IPPROTO_TCP);
+    lab.service(0, key, 0, &[(1, 1), (2, 1), (3, 1), (4, 1)])
+        .unwrap();
+    let kept = established
+        .iter()
+        .filter(|&&(sport, b)| send_from(&mut lab, client(5), sport, IPPROTO_TCP, TCP_ACK) == b)
+        .count();
+    (kept, inserts(&lab).1)
+}
+
+#[test]
+fn a_flood_of_new_flows_spends_the_insert_budget_not_the_established_entries() {
+    if !privileged() {
+        return;
+    }
+    let (kept, refused) = flood(BUDGET);
+    assert_eq!(
+        kept, ESTABLISHED as usize,
+        "established flows moved when a backend was added during the flood"
+    );
+    // The lab's clock stands still: one second's budget, all of it.
+    assert_eq!(
+        refused,
+        u64::from(FLOOD) + u64::from(ESTABLISHED) - u64::from(BUDGET),
+        "the budget let in more or fewer than one second's entries"
+    );
+    // Without the budget the same flood evicts established entries, and
+    // the backend added moves some of those flows: the budget is what
+    // keeps them.
+    let (kept, refused) = flood(0);
+    assert_eq!(refused, 0);
+    assert!(
+        kept < ESTABLISHED as usize,
+        "without a budget the flood evicted nothing: the test proves nothing"
     );
 }

@@ -58,7 +58,14 @@ fn config() -> String {
 /// port: its SYN, then an ACK, so that the flow's entry (if it got one) is
 /// used once and the kernel's LRU keeps it like an established flow's.
 fn spoofed(n: u32) -> Vec<u8> {
-    let (flow, flags) = (n / 2, if n.is_multiple_of(2) { TCP_SYN } else { TCP_ACK });
+    let (flow, flags) = (
+        n / 2,
+        if n.is_multiple_of(2) {
+            TCP_SYN
+        } else {
+            TCP_ACK
+        },
+    );
     let n = flow;
     let [_, _, hi, lo] = n.to_be_bytes();
     let src = [198, 18, 0x80 | (hi & 0x7f), lo];

@@ -9,7 +9,6 @@
 mod agreement;
 mod announce;
 mod conntrack;
-mod conntrack_life;
 mod daemon;
 mod demo;
 mod faults;
