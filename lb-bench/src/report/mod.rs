@@ -126,11 +126,13 @@ fn loadavg_1min(s: &str) -> f64 {
 
 fn header(out: &mut String, r: &Results) {
     let m = &r.machine;
-    let command = if r.quick {
-        "cargo xtask bench --quick"
-    } else {
-        "cargo xtask bench"
-    };
+    let mut command = "cargo xtask bench".to_owned();
+    if r.quick {
+        command.push_str(" --quick");
+    }
+    if let Some(rev) = r.dataplane.as_ref().and_then(|d| d.baseline_rev.as_ref()) {
+        let _ = write!(command, " --baseline {}", &rev[..rev.len().min(7)]);
+    }
     let _ = writeln!(
         out,
         "# lb benchmarks\n\n\
