@@ -37,6 +37,16 @@ pub fn addr_bytes(ip: IpAddr) -> (Addr, u8) {
     }
 }
 
+/// The address the 16-byte form and family tag stand for (the inverse of
+/// [`addr_bytes`]).
+pub fn addr_ip(addr: &Addr, family: u8) -> IpAddr {
+    if family == FAMILY_V4 {
+        IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
+    } else {
+        IpAddr::from(*addr)
+    }
+}
+
 /// A service: (VIP, protocol, port). Key of `LB_SERVICES`.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]

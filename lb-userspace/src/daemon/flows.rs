@@ -3,10 +3,16 @@
 //! entry or one whose backend no longer stands is a miss), per-backend
 //! counts of the flows that stand, and flushes.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+};
 
 use anyhow::{Result, bail};
-use lb_common::{BACKEND_F_UP, FLOW_F_CLOSED, FlowKey, FlowValue, ServiceKey, wire::IPPROTO_TCP};
+use lb_common::{
+    BACKEND_F_UP, BackendValue, FLOW_F_CLOSED, FlowKey, FlowValue, ServiceKey, addr_ip,
+    wire::IPPROTO_TCP,
+};
 
 use super::controller::{Controller, service_key};
 use crate::{
@@ -46,28 +52,25 @@ impl FlowState {
     }
 }
 
-/// How the data plane judges `value` of a flow of `svc` at `now`: the
-/// rules of `select_backend`, with the backend as the kernel holds it.
+/// How the data plane judges `value` of a flow of `svc` at `now` (its
+/// clock), `backend` being the kernel's entry for the value's backend id:
+/// the rules of `select_backend`.
 pub fn judge(
-    ctl: &Controller,
+    t: &ConntrackTimeouts,
     svc: &config::Service,
     value: &FlowValue,
+    backend: &BackendValue,
     now: u32,
-) -> Result<FlowState> {
-    let t = ctl.desired().settings.conntrack_timeouts;
-    if value.lapsed(now, idle_timeout(&t, svc), t.tcp_closed) {
-        return Ok(FlowState::Lapsed);
+) -> FlowState {
+    if value.lapsed(now, idle_timeout(t, svc), t.tcp_closed) {
+        FlowState::Lapsed
+    } else if backend.flags & BACKEND_F_UP == 0 || backend.generation != value.generation {
+        FlowState::Stale
+    } else if value.flags & FLOW_F_CLOSED != 0 {
+        FlowState::Closing
+    } else {
+        FlowState::Established
     }
-    let backend = ctl.dataplane().backend(value.backend)?;
-    Ok(
-        if backend.flags & BACKEND_F_UP == 0 || backend.generation != value.generation {
-            FlowState::Stale
-        } else if value.flags & FLOW_F_CLOSED != 0 {
-            FlowState::Closing
-        } else {
-            FlowState::Established
-        },
-    )
 }
 
 fn idle_timeout(t: &ConntrackTimeouts, svc: &config::Service) -> u32 {
@@ -87,46 +90,67 @@ struct Flow {
     state: FlowState,
 }
 
-/// Reads the whole table once and resolves every entry of a configured
-/// service (entries of removed services are left out: they match nothing).
-fn read(ctl: &Controller) -> Result<Vec<Flow>> {
-    let by_key: BTreeMap<ServiceKey, &str> = ctl
-        .services()
-        .iter()
-        .map(|(name, s)| (service_key(&s.config), name.as_str()))
-        .collect();
-    let now = monotonic_seconds();
-    let mut flows = Vec::new();
-    for (key, value) in ctl.dataplane().conntrack_dump()? {
-        let skey = ServiceKey {
-            addr: key.dst,
-            port: key.dport,
-            proto: key.proto,
-            family: key.family,
-        };
-        let Some(&name) = by_key.get(&skey) else {
-            continue;
-        };
-        let state = judge(ctl, &ctl.services()[name].config, &value, now)?;
-        flows.push(Flow {
-            service: name.to_owned(),
-            key,
-            value,
-            state,
-        });
-    }
-    Ok(flows)
+/// The connection table, read once (one batch walk) and resolved.
+pub struct Table {
+    /// The entries of configured services.
+    flows: Vec<Flow>,
+    /// Every entry, those of removed services included.
+    entries: usize,
 }
 
-/// Flows each backend (by id) holds: entries that pin a flow to it.
-pub fn active_by_backend(ctl: &Controller) -> Result<BTreeMap<u32, u64>> {
-    let mut counts = BTreeMap::new();
-    for f in read(ctl)? {
-        if f.state.pins() {
+impl Table {
+    /// Reads the whole table and judges every entry of a configured service
+    /// (entries of removed services match nothing; they are only counted).
+    pub fn read(ctl: &Controller) -> Result<Table> {
+        let by_key: BTreeMap<ServiceKey, &str> = ctl
+            .services()
+            .iter()
+            .map(|(name, s)| (service_key(&s.config), name.as_str()))
+            .collect();
+        let t = ctl.desired().settings.conntrack_timeouts;
+        let now = monotonic_seconds();
+        let all = ctl.dataplane().conntrack_dump()?;
+        let mut backends = BTreeMap::new();
+        let mut flows = Vec::new();
+        for &(key, value) in &all {
+            let skey = ServiceKey {
+                addr: key.dst,
+                port: key.dport,
+                proto: key.proto,
+                family: key.family,
+            };
+            let Some(&name) = by_key.get(&skey) else {
+                continue;
+            };
+            let backend = match backends.get(&value.backend) {
+                Some(b) => b,
+                None => {
+                    let b = ctl.dataplane().backend(value.backend)?;
+                    backends.entry(value.backend).or_insert(b)
+                }
+            };
+            let state = judge(&t, &ctl.services()[name].config, &value, backend, now);
+            flows.push(Flow {
+                service: name.to_owned(),
+                key,
+                value,
+                state,
+            });
+        }
+        Ok(Table {
+            flows,
+            entries: all.len(),
+        })
+    }
+
+    /// Flows each backend (by id) holds: entries that pin a flow to it.
+    pub fn active_by_backend(&self) -> BTreeMap<u32, u64> {
+        let mut counts = BTreeMap::new();
+        for f in self.flows.iter().filter(|f| f.state.pins()) {
             *counts.entry(f.value.backend).or_default() += 1;
         }
+        counts
     }
-    Ok(counts)
 }
 
 fn check_service(ctl: &Controller, service: Option<&str>) -> Result<()> {
@@ -138,23 +162,6 @@ fn check_service(ctl: &Controller, service: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-fn client_of(key: &FlowKey) -> String {
-    let ip = ip_of(&key.src, key.family);
-    let port = u16::from_be(key.sport);
-    match ip {
-        IpAddr::V4(v4) => format!("{v4}:{port}"),
-        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
-    }
-}
-
-fn ip_of(addr: &[u8; 16], family: u8) -> IpAddr {
-    if family == lb_common::FAMILY_V4 {
-        IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
-    } else {
-        IpAddr::from(*addr)
-    }
-}
-
 /// The entries of one service or all, optionally only those on `backend`.
 pub fn list(
     ctl: &Controller,
@@ -164,12 +171,11 @@ pub fn list(
     check_service(ctl, service)?;
     let now = monotonic_seconds();
     let mut rows = Vec::new();
-    for f in read(ctl)? {
+    for f in Table::read(ctl)?.flows {
         if service.is_some_and(|s| s != f.service) {
             continue;
         }
-        let svc = &ctl.services()[&f.service];
-        let address = svc
+        let address = ctl.services()[&f.service]
             .backends
             .iter()
             .find(|(_, b)| b.id == f.value.backend)
@@ -177,9 +183,10 @@ pub fn list(
         if backend.is_some_and(|b| Some(b) != address) {
             continue;
         }
+        let client = SocketAddr::new(addr_ip(&f.key.src, f.key.family), u16::from_be(f.key.sport));
         rows.push(FlowRow {
-            service: f.service.clone(),
-            client: client_of(&f.key),
+            service: f.service,
+            client: client.to_string(),
             protocol: if f.key.proto == IPPROTO_TCP {
                 "tcp"
             } else {
@@ -201,7 +208,8 @@ pub fn list(
 pub fn flush(ctl: &mut Controller, service: Option<&str>) -> Result<usize> {
     check_service(ctl, service)?;
     let keys: Vec<FlowKey> = match service {
-        Some(s) => read(ctl)?
+        Some(s) => Table::read(ctl)?
+            .flows
             .into_iter()
             .filter(|f| f.service == s)
             .map(|f| f.key)
@@ -217,16 +225,11 @@ pub fn flush(ctl: &mut Controller, service: Option<&str>) -> Result<usize> {
 }
 
 /// Occupancy by state, inserts and refusals, and whether the insert budget
-/// is being hit right now.
-pub fn stats(ctl: &Controller) -> Result<ConntrackStatsView> {
+/// is being hit right now, from `table` and the data plane's accounting.
+pub fn stats(ctl: &Controller, table: &Table) -> Result<ConntrackStatsView> {
     let d = ctl.desired();
     let limit = d.settings.conntrack_inserts_per_cpu;
-    let mut by_state = BTreeMap::<&str, u64>::new();
-    let flows = read(ctl)?;
-    for f in &flows {
-        *by_state.entry(f.state.name()).or_default() += 1;
-    }
-    let entries = ctl.dataplane().conntrack_dump()?.len() as u64;
+    let count = |state: FlowState| table.flows.iter().filter(|f| f.state == state).count() as u64;
     let per_cpu = ctl.dataplane().conntrack_stats()?;
     // The data plane's clock lags ours by up to a tick.
     let now = u64::from(monotonic_seconds());
@@ -239,12 +242,12 @@ pub fn stats(ctl: &Controller) -> Result<ConntrackStatsView> {
     let t = d.settings.conntrack_timeouts;
     Ok(ConntrackStatsView {
         capacity: d.settings.capacity.conntrack_entries,
-        entries,
-        established: by_state.get("established").copied().unwrap_or(0),
-        closing: by_state.get("closing").copied().unwrap_or(0),
-        lapsed: by_state.get("lapsed").copied().unwrap_or(0),
-        stale: by_state.get("stale").copied().unwrap_or(0),
-        other: entries - flows.len() as u64,
+        entries: table.entries as u64,
+        established: count(FlowState::Established),
+        closing: count(FlowState::Closing),
+        lapsed: count(FlowState::Lapsed),
+        stale: count(FlowState::Stale),
+        other: (table.entries - table.flows.len()) as u64,
         inserts: per_cpu.iter().map(|c| c.inserts).sum(),
         refused: per_cpu.iter().map(|c| c.refused).sum(),
         inserts_per_cpu: limit,

@@ -202,7 +202,8 @@ pub(crate) fn render(
         "Packets seen by the data plane, by outcome",
         Counters::<ReasonLabels>::default(),
     );
-    let ct = super::flows::stats(ctl)?;
+    let flows = super::flows::Table::read(ctl)?;
+    let ct = super::flows::stats(ctl, &flows)?;
     gauge(
         &mut r,
         "conntrack_entries",
@@ -235,7 +236,7 @@ pub(crate) fn render(
         Counter::<u64>::default(),
     )
     .inc_by(ct.refused);
-    let active = super::flows::active_by_backend(ctl)?;
+    let active = flows.active_by_backend();
 
     for (name, s) in ctl.services() {
         let l = ServiceLabels {

@@ -5,15 +5,18 @@ use std::time::{Instant, SystemTime};
 
 use anyhow::{Context as _, Result, bail};
 use lb_common::{BACKEND_F_UP, FlowKey, addr_bytes, hash::flow_hash, limits::NO_BACKEND};
-
-use super::flows::FlowState;
-use crate::dataplane::monotonic_seconds;
 use serde_json::{Value, json};
 
-use super::{ConfigFile, Options, controller::Controller, flows, node::Node};
+use super::{
+    ConfigFile, Options,
+    controller::Controller,
+    flows::{self, FlowState},
+    node::Node,
+};
 use crate::{
     api::{BackendRow, Request, ServiceRow, ServiceStatsRow, Stats},
     config::{self, MAX_WEIGHT, Mode},
+    dataplane::monotonic_seconds,
 };
 
 /// Answers one request.
@@ -92,7 +95,9 @@ pub fn handle(
             let removed = flows::flush(ctl, service.as_deref())?;
             json!({ "removed": removed })
         }
-        Request::ConntrackStats => serde_json::to_value(flows::stats(ctl)?)?,
+        Request::ConntrackStats => {
+            serde_json::to_value(flows::stats(ctl, &flows::Table::read(ctl)?)?)?
+        }
         Request::SetNodeDrained { drained } => {
             node.set_drained(ctl, drained)?;
             serde_json::to_value(node.status(ctl))?
@@ -157,7 +162,7 @@ fn fmt_ip(ip: std::net::IpAddr) -> String {
 
 fn backends(ctl: &Controller, only: Option<&str>) -> Result<Vec<BackendRow>> {
     let now = SystemTime::now();
-    let active = flows::active_by_backend(ctl)?;
+    let active = flows::Table::read(ctl)?.active_by_backend();
     let mut rows = Vec::new();
     for (name, s) in ctl.services() {
         if only.is_some_and(|o| o != name) {
@@ -254,9 +259,16 @@ fn explain(ctl: &Controller, service: &str, client: std::net::IpAddr, port: u16)
         .filter(|&id| id != NO_BACKEND)
         .and_then(by_id);
     let entry = ctl.dataplane().conntrack(&flow)?;
-    let state = entry
-        .map(|v| flows::judge(ctl, &s.config, &v, monotonic_seconds()))
-        .transpose()?;
+    let state = match &entry {
+        Some(v) => Some(flows::judge(
+            &ctl.desired().settings.conntrack_timeouts,
+            &s.config,
+            v,
+            &ctl.dataplane().backend(v.backend)?,
+            monotonic_seconds(),
+        )),
+        None => None,
+    };
     let pinned = entry
         .filter(|_| state.is_some_and(FlowState::pins))
         .and_then(|v| by_id(v.backend));
