@@ -23,6 +23,8 @@ use lb_common::{
     maps as names, ring_index,
 };
 
+use super::harness::take;
+
 /// The baseline object, loaded and configured like the current one.
 pub struct Baseline {
     ebpf: Ebpf,
@@ -37,17 +39,8 @@ pub struct Baseline {
     service_stats: PerCpuArray<MapData, ServiceStats>,
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
-where
-    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf
-        .take_map(name)
-        .with_context(|| format!("the baseline object has no map {name}"))?;
-    T::try_from(map).with_context(|| {
-        format!("the baseline's map {name} is laid out differently from this tree's")
-    })
-}
+/// The baseline object, as error messages name it.
+const OBJECT: &str = "the baseline object";
 
 impl Baseline {
     /// Loads the object at `path` with `capacity`.
@@ -72,13 +65,13 @@ impl Baseline {
         Ok(Baseline {
             fd,
             capacity,
-            services: take(&mut ebpf, names::SERVICES)?,
-            vips: take(&mut ebpf, names::VIPS)?,
-            rings: take(&mut ebpf, names::RINGS)?,
-            backends: take(&mut ebpf, names::BACKENDS)?,
-            settings: take(&mut ebpf, names::SETTINGS)?,
-            counters: take(&mut ebpf, names::COUNTERS)?,
-            service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
+            services: take(&mut ebpf, OBJECT, names::SERVICES)?,
+            vips: take(&mut ebpf, OBJECT, names::VIPS)?,
+            rings: take(&mut ebpf, OBJECT, names::RINGS)?,
+            backends: take(&mut ebpf, OBJECT, names::BACKENDS)?,
+            settings: take(&mut ebpf, OBJECT, names::SETTINGS)?,
+            counters: take(&mut ebpf, OBJECT, names::COUNTERS)?,
+            service_stats: take(&mut ebpf, OBJECT, names::SERVICE_STATS)?,
             ebpf,
         })
     }

@@ -149,15 +149,20 @@ pub struct Harness {
     fresh: u32,
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+/// Map `name` of `object` (which the messages name) as a `T`.
+pub(super) fn take<T>(ebpf: &mut Ebpf, object: &str, name: &str) -> Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
     let map = ebpf
         .take_map(name)
-        .with_context(|| format!("map {name} missing from the benchmark object"))?;
-    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+        .with_context(|| format!("map {name} missing from {object}"))?;
+    T::try_from(map)
+        .with_context(|| format!("map {name} of {object} is not the type or layout this tree has"))
 }
+
+/// The benchmark object, as error messages name it.
+const BENCH: &str = "the benchmark object";
 
 fn load_xdp(ebpf: &mut Ebpf, name: &str) -> Result<ProgramFd> {
     let prog: &mut Xdp = ebpf
@@ -206,11 +211,11 @@ impl Harness {
         load_xdp(&mut bench, PROG_SINK)?;
         let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         Ok(Harness {
-            target: take(&mut bench, MAP_TARGET)?,
-            config: take(&mut bench, MAP_RESET_CONFIG)?,
-            state: take(&mut bench, MAP_RESET_STATE)?,
-            lru_counters: take(&mut bench, MAP_LRU_COUNTERS)?,
-            sink_count: take(&mut bench, MAP_SINK_COUNT)?,
+            target: take(&mut bench, BENCH, MAP_TARGET)?,
+            config: take(&mut bench, BENCH, MAP_RESET_CONFIG)?,
+            state: take(&mut bench, BENCH, MAP_RESET_STATE)?,
+            lru_counters: take(&mut bench, BENCH, MAP_LRU_COUNTERS)?,
+            sink_count: take(&mut bench, BENCH, MAP_SINK_COUNT)?,
             lab,
             baseline,
             bench,
