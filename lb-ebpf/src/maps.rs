@@ -42,8 +42,9 @@ static LB_BACKENDS: Array<BackendValue> = Array::with_max_entries(limits::DEFAUL
 
 /// Connection table. One hash shared by all CPUs (a flow whose packets arrive
 /// on several CPUs still sticks) with the common LRU list: its capacity is
-/// the configured one whatever the CPUs, and replacing or adding an entry
-/// costs a third of what per-CPU lists cost (docs/dataplane.md).
+/// the configured one whatever the CPUs, and replacing an entry costs about
+/// a third of what per-CPU lists cost (adding one to a full table costs the
+/// same either way; docs/dataplane.md).
 #[map]
 static LB_CONNTRACK: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(limits::DEFAULT_CONNTRACK_ENTRIES, 0);
