@@ -13,7 +13,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result};
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray},
     programs::{ProgramFd, Xdp},
 };
@@ -46,13 +46,8 @@ impl Baseline {
     /// Loads the object at `path` with `capacity`.
     pub fn load(path: &Path, capacity: Capacity) -> Result<Baseline> {
         let object = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::SERVICES, capacity.max_services)
-            .map_max_entries(names::SERVICE_STATS, capacity.max_services)
-            .map_max_entries(names::RINGS, capacity.ring_entries()?)
-            .map_max_entries(names::BACKENDS, capacity.max_backends)
-            .map_max_entries(names::BACKEND_STATS, capacity.max_backends)
-            .map_max_entries(names::CONNTRACK, capacity.conntrack_entries)
+        let mut ebpf = capacity
+            .loader()?
             .load(&object)
             .with_context(|| format!("loading the baseline object {}", path.display()))?;
         let prog: &mut Xdp = ebpf

@@ -4,6 +4,7 @@
 //! to it, so no packet ever sees a half-written table.
 
 mod batch;
+mod pins;
 
 pub use batch::update_u32s;
 
@@ -106,6 +107,28 @@ impl Capacity {
                     self.max_services, self.ring_size
                 )
             })
+    }
+
+    /// The entries of every map whose size is a capacity, by map name: what
+    /// the loader overrides in the object.
+    pub fn map_entries(&self) -> Result<[(&'static str, u32); 6]> {
+        Ok([
+            (names::SERVICES, self.max_services),
+            (names::SERVICE_STATS, self.max_services),
+            (names::RINGS, self.ring_entries()?),
+            (names::BACKENDS, self.max_backends),
+            (names::BACKEND_STATS, self.max_backends),
+            (names::CONNTRACK, self.conntrack_entries),
+        ])
+    }
+
+    /// A loader for the object with these capacities.
+    pub fn loader<'a>(&self) -> Result<EbpfLoader<'a>> {
+        let mut loader = EbpfLoader::new();
+        for (name, entries) in self.map_entries()? {
+            loader.map_max_entries(name, entries);
+        }
+        Ok(loader)
     }
 }
 
@@ -271,26 +294,7 @@ impl Dataplane {
             )
         })?;
         let adopted = dir.join(names::SERVICES).exists();
-        if adopted {
-            for (name, want) in [
-                (names::SERVICES, capacity.max_services),
-                (names::RINGS, capacity.ring_entries()?),
-                (names::BACKENDS, capacity.max_backends),
-                (names::CONNTRACK, capacity.conntrack_entries),
-            ] {
-                let have = MapData::from_pin(dir.join(name))
-                    .with_context(|| format!("opening pinned map {name}"))?
-                    .info()?
-                    .max_entries();
-                ensure!(
-                    have == want,
-                    "pinned map {name} holds {have} entries but the configuration needs {want}: \
-                     table size and capacities cannot change under a running data plane \
-                     (stop lb, remove {}, start again; forwarding stops meanwhile)",
-                    dir.display()
-                );
-            }
-        }
+        pins::reconcile(dir, &capacity)?;
         Ok((Self::load_with(capacity, Some(dir), log)?, adopted))
     }
 
@@ -300,20 +304,12 @@ impl Dataplane {
             "ring size {} is not prime",
             capacity.ring_size
         );
-        let ring_entries = capacity.ring_entries()?;
         let pin_paths: Vec<(&str, PathBuf)> = pins
             .map(|dir| ALL_MAPS.iter().map(|n| (*n, dir.join(n))).collect())
             .unwrap_or_default();
         let level = log.value();
-        let mut loader = EbpfLoader::new();
-        loader
-            .override_global(aya_log::LEVEL, &level, true)
-            .map_max_entries(names::SERVICES, capacity.max_services)
-            .map_max_entries(names::SERVICE_STATS, capacity.max_services)
-            .map_max_entries(names::RINGS, ring_entries)
-            .map_max_entries(names::BACKENDS, capacity.max_backends)
-            .map_max_entries(names::BACKEND_STATS, capacity.max_backends)
-            .map_max_entries(names::CONNTRACK, capacity.conntrack_entries);
+        let mut loader = capacity.loader()?;
+        loader.override_global(aya_log::LEVEL, &level, true);
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }

@@ -479,3 +479,57 @@ fn services_and_backends_added_and_removed_at_run_time() {
     assert_eq!(rows.as_array().map(Vec::len), Some(2), "{rows}");
     assert_eq!(digest(&d).unwrap().0, digest_before);
 }
+
+/// A restart with another connection-table size replaces that table (its
+/// entries are the data plane's own) and adopts everything else; another
+/// service capacity is refused, naming the map, and leaves the pins as they
+/// were for the configuration that made them.
+#[test]
+fn a_restart_replaces_a_resized_connection_table_and_refuses_resized_tables() {
+    if !privileged() {
+        return;
+    }
+    let lan = Lan::build(2, &["198.18.1.1/32"]).unwrap();
+    let _servers = lan.serve_names(80).unwrap();
+    let config = web_config(2);
+    let mut d = Daemon::start(&lan.lb, "repin", &config).unwrap();
+    d.wait_in_table(2, WAIT).unwrap();
+    let original = std::fs::read_to_string(&d.config).unwrap();
+    let before = digest(&d).unwrap();
+
+    d.kill(libc::SIGKILL).unwrap();
+    let resized = original.replace("conntrack_entries = 4096", "conntrack_entries = 8192");
+    assert_ne!(resized, original);
+    std::fs::write(&d.config, &resized).unwrap();
+    d.spawn().unwrap();
+    let log = d.log();
+    assert!(
+        log.contains("replacing the pinned map LB_CONNTRACK")
+            && log.contains("entries: pinned 4096, needed 8192"),
+        "{log}"
+    );
+    assert!(log.contains("adopted live service"), "{log}");
+    let stats = d.cli(&["conntrack", "stats"]).unwrap();
+    assert_eq!(stats["capacity"], 8192, "{stats}");
+    let after = digest(&d).unwrap();
+    assert_eq!(after.0, before.0, "the adopted table changed");
+    assert_eq!(tally(&lan, 20).unwrap().len(), 2, "both backends serve");
+
+    d.kill(libc::SIGKILL).unwrap();
+    std::fs::write(
+        &d.config,
+        resized.replace("max_services = 4", "max_services = 8"),
+    )
+    .unwrap();
+    let err = d.spawn().unwrap_err().to_string();
+    assert!(
+        err.contains("LB_SERVICES (entries: pinned 4, needed 8)")
+            && err.contains("cannot change under a running data plane"),
+        "{err}"
+    );
+    // Nothing was removed: the configuration that made the pins adopts them.
+    std::fs::write(&d.config, &resized).unwrap();
+    d.spawn().unwrap();
+    assert_eq!(digest(&d).unwrap().0, before.0);
+    assert_eq!(tally(&lan, 20).unwrap().len(), 2, "both backends serve");
+}

@@ -1,0 +1,200 @@
+//! Adopting the maps a previous daemon pinned. A pin is adopted only if it
+//! has exactly the shape this version's programs were compiled against
+//! (type, key and value sizes, flags, capacity): a program given a map of
+//! another shape would misread it, or the kernel would refuse the program.
+//!
+//! What happens to a pin of another shape depends on what it holds. The
+//! desired state (services, VIPs, tables, backends, tunnel endpoints) is
+//! refused, all of it checked before anything changes, with the way out in
+//! the error. Maps that only hold what the programs or the daemon derive
+//! again (connection table, counters, settings, the VIP filter) are
+//! replaced, with a warning that says what is lost: an upgrade that changes
+//! their layout, or a new connection-table size, needs no stop.
+
+use std::path::Path;
+
+use anyhow::{Context as _, Result, bail};
+use aya::maps::MapData;
+use lb_common::maps as names;
+
+use super::{ALL_MAPS, Capacity, EBPF_OBJECT};
+
+/// What a map's contents are, for what adopting a pin of another shape means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Holds {
+    /// State the controller wrote: refused, never silently dropped.
+    Desired,
+    /// Rebuilt or re-counted from nothing: replaced, with this consequence.
+    Derived(&'static str),
+}
+
+fn holds(name: &str) -> Holds {
+    match name {
+        names::SERVICES | names::VIPS | names::RINGS | names::BACKENDS | names::DECAP_ADDRS => {
+            Holds::Desired
+        }
+        names::CONNTRACK => Holds::Derived(
+            "its entries are dropped: established flows follow the Maglev tables, \
+             which send each to the backend it had unless a table changed since",
+        ),
+        names::COUNTERS | names::SERVICE_STATS | names::BACKEND_STATS | names::DECAP_COUNTERS => {
+            Holds::Derived("its counters start again from zero")
+        }
+        _ => Holds::Derived("the daemon writes it again"),
+    }
+}
+
+/// A map's shape, as the kernel reports it and as the object declares it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Shape {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    flags: u32,
+    max_entries: u32,
+}
+
+impl Shape {
+    /// What differs between `self` (pinned) and `want`, in words.
+    fn differences(&self, want: &Shape) -> String {
+        let mut out = Vec::new();
+        let mut field = |what: &str, have: u32, want: u32| {
+            if have != want {
+                out.push(format!("{what}: pinned {have}, needed {want}"));
+            }
+        };
+        field("map type", self.map_type, want.map_type);
+        field("key bytes", self.key_size, want.key_size);
+        field("value bytes", self.value_size, want.value_size);
+        field("flags", self.flags, want.flags);
+        field("entries", self.max_entries, want.max_entries);
+        out.join("; ")
+    }
+}
+
+/// The shape of map `name` this object needs with `capacity`.
+fn wanted(object: &aya_obj::Object, name: &str, capacity: &Capacity) -> Result<Shape> {
+    let map = object
+        .maps
+        .get(name)
+        .with_context(|| format!("map {name} missing from the eBPF object"))?;
+    let overridden = capacity
+        .map_entries()?
+        .into_iter()
+        .find_map(|(n, entries)| (n == name).then_some(entries));
+    Ok(Shape {
+        map_type: map.map_type(),
+        key_size: map.key_size(),
+        value_size: map.value_size(),
+        flags: map.map_flags(),
+        max_entries: overridden.unwrap_or(map.max_entries()),
+    })
+}
+
+fn pinned(path: &Path, name: &str) -> Result<Shape> {
+    let info = MapData::from_pin(path)
+        .with_context(|| format!("opening pinned map {name}"))?
+        .info()
+        .with_context(|| format!("reading pinned map {name}"))?;
+    Ok(Shape {
+        map_type: info.map_type().map(|t| t as u32).unwrap_or(u32::MAX),
+        key_size: info.key_size(),
+        value_size: info.value_size(),
+        flags: info.map_flags(),
+        max_entries: info.max_entries(),
+    })
+}
+
+/// Makes every pin under `dir` adoptable by this object with `capacity`:
+/// refuses (changing nothing) if a map of desired state has another shape,
+/// else removes the pins of derived maps that do, so they are created anew.
+pub(super) fn reconcile(dir: &Path, capacity: &Capacity) -> Result<()> {
+    let object = aya_obj::Object::parse(EBPF_OBJECT).context("parsing the eBPF object")?;
+    let mut refused = Vec::new();
+    let mut replace = Vec::new();
+    for name in ALL_MAPS {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let (have, want) = (pinned(&path, name)?, wanted(&object, name, capacity)?);
+        if have == want {
+            continue;
+        }
+        let differences = have.differences(&want);
+        match holds(name) {
+            Holds::Desired => refused.push(format!("{name} ({differences})")),
+            Holds::Derived(consequence) => replace.push((name, path, differences, consequence)),
+        }
+    }
+    if !refused.is_empty() {
+        bail!(
+            "pinned maps made by another version or configuration: {}. The table size, \
+             capacities and layouts of the desired state cannot change under a running data \
+             plane (stop lb, remove {}, start again; forwarding stops meanwhile)",
+            refused.join(", "),
+            dir.display()
+        );
+    }
+    for (name, path, differences, consequence) in replace {
+        std::fs::remove_file(&path)
+            .with_context(|| format!("removing the pin {}", path.display()))?;
+        tracing::warn!(
+            map = name,
+            "replacing the pinned map {name}, made by another version or configuration \
+             ({differences}): {consequence}"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_map_of_the_object_is_classified_and_sized() {
+        let object = aya_obj::Object::parse(EBPF_OBJECT).unwrap();
+        let capacity = Capacity::default();
+        for name in ALL_MAPS {
+            let shape = wanted(&object, name, &capacity).unwrap();
+            assert!(shape.key_size > 0 && shape.value_size > 0, "{name}");
+        }
+        for desired in [names::SERVICES, names::RINGS, names::BACKENDS] {
+            assert_eq!(holds(desired), Holds::Desired);
+        }
+        assert!(matches!(holds(names::CONNTRACK), Holds::Derived(_)));
+    }
+
+    #[test]
+    fn capacities_override_the_objects_sizes() {
+        let object = aya_obj::Object::parse(EBPF_OBJECT).unwrap();
+        let capacity = Capacity {
+            conntrack_entries: 4096,
+            ..Capacity::default()
+        };
+        let shape = wanted(&object, names::CONNTRACK, &capacity).unwrap();
+        assert_eq!(shape.max_entries, 4096);
+        assert_eq!(shape.value_size as usize, size_of::<lb_common::FlowValue>());
+    }
+
+    #[test]
+    fn differences_name_each_field() {
+        let want = Shape {
+            map_type: 9,
+            key_size: 40,
+            value_size: 16,
+            flags: 0,
+            max_entries: 100,
+        };
+        let have = Shape {
+            value_size: 8,
+            flags: 2,
+            ..want
+        };
+        assert_eq!(
+            have.differences(&want),
+            "value bytes: pinned 8, needed 16; flags: pinned 2, needed 0"
+        );
+    }
+}
