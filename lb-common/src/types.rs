@@ -47,8 +47,9 @@ pub fn addr_ip(addr: &Addr, family: u8) -> IpAddr {
     }
 }
 
-/// A service: (VIP, protocol, port). Key of `LB_SERVICES`.
-#[repr(C)]
+/// A service: (VIP, protocol, port). Key of `LB_SERVICES`. Aligned (the
+/// layout is unchanged) so the data plane builds it with word stores.
+#[repr(C, align(4))]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct ServiceKey {
     /// The VIP, network order.
@@ -78,7 +79,8 @@ pub struct ServiceValue {
 }
 
 /// An address with its family. Key of `LB_VIPS` and `LB_DECAP_ADDRS`.
-#[repr(C)]
+/// Aligned like [`ServiceKey`].
+#[repr(C, align(4))]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Default)]
 pub struct AddrKey {
     /// Network order.
@@ -93,11 +95,27 @@ impl AddrKey {
     /// The key for `ip`.
     pub fn new(ip: IpAddr) -> Self {
         let (addr, family) = addr_bytes(ip);
-        AddrKey {
-            addr,
-            family,
-            _pad: [0; 3],
+        Self::from_bytes(addr, family)
+    }
+
+    /// The key for the 16-byte form `addr` of an address of `family`.
+    /// Built as words: a literal with `_pad: [0; 3]` makes LLVM call
+    /// `memset` for the padding in the data plane, a byte loop.
+    #[inline(always)]
+    pub fn from_bytes(addr: Addr, family: u8) -> Self {
+        #[repr(C, align(4))]
+        struct Words {
+            addr: Addr,
+            tail: u32,
         }
+        let words = Words {
+            addr,
+            tail: u32::from_ne_bytes([family, 0, 0, 0]),
+        };
+        // SAFETY: both are repr(C), 20 bytes and 4-aligned with the address
+        // first; the tail's bytes in memory are the family then three zero
+        // bytes, whatever the byte order; any bytes are a valid AddrKey.
+        unsafe { core::mem::transmute::<Words, AddrKey>(words) }
     }
 }
 
@@ -118,8 +136,10 @@ pub struct BackendValue {
     pub generation: u32,
 }
 
-/// A flow as the client sent it. Key of `LB_CONNTRACK` and input of the hash.
-#[repr(C)]
+/// A flow as the client sent it. Key of `LB_CONNTRACK` and input of the
+/// hash. Aligned (the layout is unchanged) so the data plane copies its
+/// addresses and hashes its words with 8- and 4-byte accesses.
+#[repr(C, align(8))]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     /// Client address, network order.
@@ -278,6 +298,8 @@ const _: () = assert!(size_of::<ServiceValue>() == 16);
 const _: () = assert!(size_of::<AddrKey>() == 20);
 const _: () = assert!(size_of::<BackendValue>() == 28);
 const _: () = assert!(size_of::<FlowKey>() == 40);
+const _: () = assert!(align_of::<FlowKey>() == 8 && align_of::<ServiceKey>() == 4);
+const _: () = assert!(align_of::<AddrKey>() == 4);
 const _: () = assert!(size_of::<FlowValue>() == 16);
 const _: () = assert!(size_of::<Settings>() == 36);
 const _: () = assert!(size_of::<ConntrackSettings>() == 24);

@@ -52,11 +52,7 @@ fn try_decapsulate(ctx: &XdpContext) -> Result<DecapCounter, DecapCounter> {
     if outer.proto != tunnel_proto || outer.fragment {
         return Err(DecapCounter::PassNotTunnel);
     }
-    let endpoint = AddrKey {
-        addr: outer.dst,
-        family: outer.family,
-        _pad: [0; 3],
-    };
+    let endpoint = AddrKey::from_bytes(outer.dst, outer.family);
     if !maps::is_decap_addr(&endpoint) {
         return Err(DecapCounter::PassNotLocal);
     }

@@ -18,20 +18,45 @@ use crate::{
 /// IPv6 flow label mask (20 bits, RFC 6437).
 const FLOW_LABEL_MASK: u32 = 0x000f_ffff;
 
+/// The two addresses that open an Ethernet header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Macs {
+    to: [u8; 6],
+    from: [u8; 6],
+}
+
+impl Macs {
+    /// The addresses of a frame readdressed to `next_hop`, from the MAC it
+    /// was sent to (ours: the packet leaves by the interface it arrived on).
+    #[inline(always)]
+    fn toward(&self, next_hop: [u8; 6]) -> Macs {
+        Macs {
+            to: next_hop,
+            from: self.to,
+        }
+    }
+}
+
 /// The link-layer header (Ethernet and up to two VLAN tags), held aside while
 /// the packet's head moves.
 pub struct L2Header {
-    eth: [u8; ETH_HLEN],
+    macs: Macs,
+    ethertype: [u8; 2],
     tags: [[u8; VLAN_HLEN]; 2],
     len: usize,
 }
+
+/// Offset of the EtherType (or the first VLAN tag's TPID).
+const ETHERTYPE_OFF: usize = 12;
 
 impl L2Header {
     /// Copies the `len`-byte link-layer header from the start of the packet.
     #[inline(always)]
     pub fn load(ctx: &XdpContext, len: usize) -> Option<Self> {
         let mut h = L2Header {
-            eth: load(ctx, 0)?,
+            macs: load(ctx, 0)?,
+            ethertype: load(ctx, ETHERTYPE_OFF)?,
             tags: [[0; VLAN_HLEN]; 2],
             len,
         };
@@ -47,7 +72,8 @@ impl L2Header {
     /// Writes the header at `off`.
     #[inline(always)]
     pub fn store(&self, ctx: &XdpContext, off: usize) -> Option<()> {
-        store(ctx, off, self.eth)?;
+        store(ctx, off, self.macs)?;
+        store(ctx, off + ETHERTYPE_OFF, self.ethertype)?;
         if self.len > ETH_HLEN {
             store(ctx, off + ETH_HLEN, self.tags[0])?;
         }
@@ -55,18 +81,6 @@ impl L2Header {
             store(ctx, off + ETH_HLEN + VLAN_HLEN, self.tags[1])?;
         }
         Some(())
-    }
-
-    /// Readdresses the frame to `next_hop`, from the MAC it was sent to (ours:
-    /// the packet leaves by the interface it arrived on).
-    #[inline(always)]
-    fn readdress(&mut self, next_hop: [u8; 6]) {
-        let mut i = 0;
-        while i < 6 {
-            self.eth[6 + i] = self.eth[i];
-            self.eth[i] = next_hop[i];
-            i += 1;
-        }
     }
 }
 
@@ -82,19 +96,24 @@ pub fn adjust_head(ctx: &XdpContext, delta: i32) -> Result<(), Counter> {
 
 /// `dsr-l2`: rewrite the MACs, leave the IP packet as it is.
 #[inline(always)]
-pub fn rewrite_macs(ctx: &XdpContext, ip: &Ip, choice: &Choice) -> Result<(), Counter> {
-    let mut l2 = L2Header::load(ctx, ip.l3_off).ok_or(Counter::DropMalformedEthernet)?;
-    l2.readdress(choice.backend.mac);
-    // Only the 12 address bytes changed; VLAN tags stay in place.
-    store(ctx, 0, l2.eth).ok_or(Counter::DropMalformedEthernet)
+pub fn rewrite_macs(ctx: &XdpContext, choice: &Choice) -> Result<(), Counter> {
+    // Only the 12 address bytes change; VLAN tags stay in place.
+    let macs: Macs = load(ctx, 0).ok_or(Counter::DropMalformedEthernet)?;
+    store(ctx, 0, macs.toward(choice.backend.mac)).ok_or(Counter::DropMalformedEthernet)
 }
 
-/// The outer source: the configured address with the bits under `mask`
-/// taken from the flow hash, so a backend's RSS spreads tunnelled flows.
+/// The outer source (its last 32 bits for IPv6, host order): the
+/// configured address with the bits under `mask` taken from the flow hash,
+/// so a backend's RSS spreads tunnelled flows.
 #[inline(always)]
-fn tunnel_source_word(base: [u8; 4], mask: u32, hash: u32) -> [u8; 4] {
-    ((u32::from_be_bytes(base) & !mask) | (hash & mask)).to_be_bytes()
+fn tunnel_source(base: [u8; 4], mask: u32, hash: u32) -> u32 {
+    (u32::from_be_bytes(base) & !mask) | (hash & mask)
 }
+
+/// The first byte of an IPv4 header without options: version 4, 5 words.
+const IPV4_VERSION_IHL: u8 = 0x45;
+/// The index of the checksum among an IPv4 header's 16-bit words.
+const IPV4_CHECKSUM_WORD: usize = 5;
 
 /// `ipip`: prepend an IPv4 (IPIP, RFC 2003) or IPv6 (RFC 2473) header toward
 /// the backend. The outer family is the inner one, so the EtherType stays.
@@ -127,49 +146,41 @@ pub fn encapsulate(
         0
     };
     adjust_head(ctx, -(outer_len as i32))?;
-    l2.readdress(backend.mac);
+    l2.macs = l2.macs.toward(backend.mac);
     l2.store(ctx, 0).ok_or(Counter::DropEncapFailed)?;
     let len = (inner_len + outer_len) as u16;
     if ip.family == FAMILY_V4 {
-        let src = tunnel_source_word(
+        let src = tunnel_source(
             settings.tunnel_src_v4,
             settings.tunnel_src_v4_hash_mask,
             choice.hash,
         );
-        let [l0, l1] = len.to_be_bytes();
-        let mut h: [u8; IPV4_HLEN] = [
-            0x45,
-            tos,
-            l0,
-            l1,
+        let a = &backend.addr;
+        let dst = u32::from_be_bytes([a[0], a[1], a[2], a[3]]);
+        // The header's 16-bit words; identification, flags and fragment
+        // offset are zero.
+        let mut h: [u16; IPV4_HLEN / 2] = [
+            u16::from_be_bytes([IPV4_VERSION_IHL, tos]),
+            len,
             0,
             0,
+            u16::from_be_bytes([DEFAULT_TTL, IPPROTO_IPIP]),
             0,
-            0,
-            DEFAULT_TTL,
-            IPPROTO_IPIP,
-            0,
-            0,
-            src[0],
-            src[1],
-            src[2],
-            src[3],
-            backend.addr[0],
-            backend.addr[1],
-            backend.addr[2],
-            backend.addr[3],
+            (src >> 16) as u16,
+            src as u16,
+            (dst >> 16) as u16,
+            dst as u16,
         ];
-        let [c0, c1] = checksum::ipv4_header(&h).to_be_bytes();
-        h[10] = c0;
-        h[11] = c1;
-        store(ctx, ip.l3_off, h).ok_or(Counter::DropEncapFailed)
+        h[IPV4_CHECKSUM_WORD] = checksum::ipv4_header(&h);
+        store(ctx, ip.l3_off, h.map(u16::to_be)).ok_or(Counter::DropEncapFailed)
     } else {
         let mut src: Addr = settings.tunnel_src_v6;
-        let last = tunnel_source_word(
+        let last = tunnel_source(
             [src[12], src[13], src[14], src[15]],
             settings.tunnel_src_v6_hash_mask,
             choice.hash,
-        );
+        )
+        .to_be_bytes();
         src[12] = last[0];
         src[13] = last[1];
         src[14] = last[2];

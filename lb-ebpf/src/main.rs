@@ -15,6 +15,8 @@
 //! - `maps`: every map and its accessors, counters included.
 #![no_std]
 #![no_main]
+// Wide packet loads (`packet`): BPF inline assembly is unstable in Rust.
+#![feature(asm_experimental_arch)]
 #![expect(
     missing_docs,
     reason = "#[xdp] generates undocumented wrapper functions"
@@ -98,11 +100,7 @@ fn log_drop(ctx: &XdpContext, c: Counter) {
 
 #[inline(always)]
 fn vip_key(ip: &Ip) -> AddrKey {
-    AddrKey {
-        addr: ip.dst,
-        family: ip.family,
-        _pad: [0; 3],
-    }
+    AddrKey::from_bytes(ip.dst, ip.family)
 }
 
 /// A problem on a packet to a VIP address is ours to drop and count; on any
@@ -222,7 +220,7 @@ fn forward(
         let settings = maps::settings().ok_or(Counter::DropNoBackend)?;
         forward::encapsulate(ctx, ip, choice, settings)?;
     } else {
-        forward::rewrite_macs(ctx, ip, choice)?;
+        forward::rewrite_macs(ctx, choice)?;
     }
     maps::count_forward(service.id, choice.id, bytes, choice.new_flow);
     Ok(())

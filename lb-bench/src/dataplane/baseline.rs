@@ -6,8 +6,9 @@
 //! (services, VIPs, rings, backends, settings) with this tree's types, and
 //! read through its counters. A revision whose layout of one of those maps
 //! differs is refused with the map named, rather than given tables it would
-//! misread. Maps added since (and the connection table, which only the
-//! programs touch) are the baseline's own business.
+//! misread. The VIP filter is kept too where the revision has one. Maps
+//! added since (and the connection table, which only the programs touch)
+//! are the baseline's own business.
 
 use std::path::Path;
 
@@ -20,7 +21,7 @@ use aya::{
 use lb::dataplane::Capacity;
 use lb_common::{
     AddrKey, BackendValue, Counter, ServiceKey, ServiceStats, ServiceValue, Settings,
-    maps as names, ring_index,
+    hash::vip_filter_bit, maps as names, ring_index,
 };
 
 use super::harness::take;
@@ -32,6 +33,8 @@ pub struct Baseline {
     capacity: Capacity,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     vips: HashMap<MapData, AddrKey, u32>,
+    /// The VIP filter, in revisions that have one.
+    vip_filter: Option<Array<MapData, u64>>,
     rings: Array<MapData, u32>,
     backends: Array<MapData, BackendValue>,
     settings: Array<MapData, Settings>,
@@ -62,6 +65,11 @@ impl Baseline {
             capacity,
             services: take(&mut ebpf, OBJECT, names::SERVICES)?,
             vips: take(&mut ebpf, OBJECT, names::VIPS)?,
+            vip_filter: ebpf
+                .take_map(names::VIP_FILTER)
+                .map(Array::try_from)
+                .transpose()
+                .context("the baseline's VIP filter is not the layout this tree has")?,
             rings: take(&mut ebpf, OBJECT, names::RINGS)?,
             backends: take(&mut ebpf, OBJECT, names::BACKENDS)?,
             settings: take(&mut ebpf, OBJECT, names::SETTINGS)?,
@@ -109,12 +117,14 @@ impl Baseline {
         lb::dataplane::update_u32s(self.rings.map(), &indexes, ring)
             .context("writing the baseline's table")?;
         self.services.insert(key, value, 0)?;
-        let vip = AddrKey {
-            addr: key.addr,
-            family: key.family,
-            _pad: [0; 3],
-        };
-        Ok(self.vips.insert(vip, 1, 0)?)
+        if let Some(filter) = &mut self.vip_filter {
+            let (word, bit) = vip_filter_bit(&key.addr);
+            let bits = filter.get(&word, 0)?;
+            filter.set(word, bits | bit, 0)?;
+        }
+        Ok(self
+            .vips
+            .insert(AddrKey::from_bytes(key.addr, key.family), 1, 0)?)
     }
 
     /// Global counters summed over CPUs, in `Counter::ALL` order: those the

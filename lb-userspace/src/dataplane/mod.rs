@@ -644,11 +644,7 @@ impl Dataplane {
     }
 
     fn adjust_vip(&mut self, key: &ServiceKey, delta: i64) -> Result<()> {
-        let vip = AddrKey {
-            addr: key.addr,
-            family: key.family,
-            _pad: [0; 3],
-        };
+        let vip = AddrKey::from_bytes(key.addr, key.family);
         let now = match self.vips.get(&vip, 0) {
             Ok(n) => n as i64,
             Err(aya::maps::MapError::KeyNotFound) => 0,
