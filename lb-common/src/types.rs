@@ -78,6 +78,43 @@ pub struct ServiceValue {
     pub idle_timeout: u32,
 }
 
+/// A live service by id: its key with its value. Element of
+/// `LB_SERVICE_SLOTS`, indexed by [`ServiceValue::id`]; all zero (family 0,
+/// which no packet has) when no service has the id.
+///
+/// A packet of an established flow finds its service here, from the id its
+/// connection-table entry keeps, with an array read instead of a hash
+/// lookup; the key must match the flow's destination, so an entry outliving
+/// its service (or a reused id) is never taken for another service.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct ServiceSlot {
+    /// The service's key.
+    pub key: ServiceKey,
+    /// Its value, as `LB_SERVICES` holds it.
+    pub value: ServiceValue,
+}
+
+impl ServiceSlot {
+    /// Whether this slot's service is the one `flow` was sent to.
+    #[inline(always)]
+    pub fn serves(&self, flow: &FlowKey) -> bool {
+        let k = &self.key;
+        k.family == flow.family
+            && k.proto == flow.proto
+            && k.port == flow.dport
+            && same_words(&k.addr, &flow.dst)
+    }
+}
+
+/// Whether two addresses are equal, compared as four 32-bit words (a
+/// 16-byte `==` may become a `memcmp` call, which BPF does not have).
+#[inline(always)]
+pub fn same_words(a: &Addr, b: &Addr) -> bool {
+    let w = |x: &Addr, i: usize| u32::from_ne_bytes([x[i], x[i + 1], x[i + 2], x[i + 3]]);
+    (w(a, 0) ^ w(b, 0)) | (w(a, 4) ^ w(b, 4)) | (w(a, 8) ^ w(b, 8)) | (w(a, 12) ^ w(b, 12)) == 0
+}
+
 /// An address with its family. Key of `LB_VIPS` and `LB_DECAP_ADDRS`.
 /// Aligned like [`ServiceKey`].
 #[repr(C, align(4))]
@@ -174,6 +211,8 @@ pub struct FlowValue {
     pub last_seen: u32,
     /// `FLOW_F_*` bits.
     pub flags: u32,
+    /// The id of the flow's service ([`ServiceSlot`]).
+    pub service: u32,
 }
 
 impl FlowValue {
@@ -300,7 +339,8 @@ const _: () = assert!(size_of::<BackendValue>() == 28);
 const _: () = assert!(size_of::<FlowKey>() == 40);
 const _: () = assert!(align_of::<FlowKey>() == 8 && align_of::<ServiceKey>() == 4);
 const _: () = assert!(align_of::<AddrKey>() == 4);
-const _: () = assert!(size_of::<FlowValue>() == 16);
+const _: () = assert!(size_of::<FlowValue>() == 20);
+const _: () = assert!(size_of::<ServiceSlot>() == 36);
 const _: () = assert!(size_of::<Settings>() == 36);
 const _: () = assert!(size_of::<ConntrackSettings>() == 24);
 const _: () = assert!(size_of::<ConntrackStats>() == 32);
@@ -318,6 +358,7 @@ mod pod {
     unsafe impl aya::Pod for BackendValue {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for ServiceSlot {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for ConntrackSettings {}
     unsafe impl aya::Pod for ConntrackStats {}

@@ -33,7 +33,7 @@ mod select;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use aya_log_ebpf::debug;
 use lb_common::{
-    AddrKey, Counter, FlowKey, SERVICE_F_IPIP, ServiceKey, ServiceValue,
+    AddrKey, Counter, FlowKey, SERVICE_F_IPIP, ServiceValue,
     wire::{ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
 };
 
@@ -147,13 +147,6 @@ fn balance_flow(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
         return Ok(Counter::PassNotService);
     }
     let ports = parse::ports(ctx, ip).map_err(|c| ours_or_pass(ip, c))?;
-    let key = ServiceKey {
-        addr: ip.dst,
-        port: ports.dport,
-        proto: ip.proto,
-        family: ip.family,
-    };
-    let service = maps::service(&key).ok_or(Counter::PassNotService)?;
     let flow = FlowKey {
         src: ip.src,
         dst: ip.dst,
@@ -164,7 +157,7 @@ fn balance_flow(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
         _pad: [0; 2],
     };
     let ct = maps::conntrack_settings().ok_or(Counter::DropNoBackend)?;
-    let choice = select::select_backend(ct, &service, &flow, ports.tcp_flags, true)?;
+    let (service, choice) = select::select_backend(ct, &flow, ports.tcp_flags, true)?;
     forward(ctx, ip, &service, &choice)?;
     Ok(if service.flags & SERVICE_F_IPIP != 0 {
         Counter::ForwardIpip
@@ -184,14 +177,8 @@ fn relay_icmp(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
         }
         Err(_) => return Ok(Counter::PassOtherProtocol),
     };
-    // The quoted packet went from the VIP to the client.
-    let key = ServiceKey {
-        addr: inner.src,
-        port: ports.sport,
-        proto: inner.proto,
-        family: inner.family,
-    };
-    let service = maps::service(&key).ok_or(Counter::PassOtherProtocol)?;
+    // The quoted packet went from the VIP to the client: the flow is its
+    // reverse.
     let flow = FlowKey {
         src: inner.dst,
         dst: inner.src,
@@ -202,7 +189,10 @@ fn relay_icmp(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
         _pad: [0; 2],
     };
     let ct = maps::conntrack_settings().ok_or(Counter::DropNoBackend)?;
-    let choice = select::select_backend(ct, &service, &flow, 0, false)?;
+    let (service, choice) = match select::select_backend(ct, &flow, 0, false) {
+        Err(Counter::PassNotService) => return Ok(Counter::PassOtherProtocol),
+        other => other?,
+    };
     forward(ctx, ip, &service, &choice)?;
     Ok(Counter::ForwardIcmpError)
 }

@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter, FlowKey,
-    FlowValue, ServiceKey, ServiceStats, ServiceValue, Settings, counters::DecapCounter,
-    hash::vip_filter_bit, limits,
+    FlowValue, ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings,
+    counters::DecapCounter, hash::vip_filter_bit, limits,
 };
 
 /// Services. Not preallocated, so an update replaces the element under RCU and
@@ -18,6 +18,13 @@ use lb_common::{
 #[map]
 static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::with_max_entries(limits::DEFAULT_MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// Live services by id, for packets whose connection-table entry names
+/// their service: an array read instead of a hash lookup on the path most
+/// packets take. User space keeps it equal to `LB_SERVICES`.
+#[map]
+static LB_SERVICE_SLOTS: Array<ServiceSlot> =
+    Array::with_max_entries(limits::DEFAULT_MAX_SERVICES, 0);
 
 /// VIP addresses, to tell "for a VIP but malformed or fragmented" from "not ours".
 #[map]
@@ -90,6 +97,14 @@ pub fn service(key: &ServiceKey) -> Option<ServiceValue> {
     // SAFETY: the map is not preallocated, so the element stays valid under
     // RCU for the duration of the program; we copy it immediately.
     unsafe { LB_SERVICES.get(key).copied() }
+}
+
+/// The slot of service `id`, in place. User space rewrites a slot in place;
+/// each field is read whole, and a slot whose key is being cleared or
+/// replaced fails [`ServiceSlot::serves`] for the flows of another service.
+#[inline(always)]
+pub fn service_slot(id: u32) -> Option<&'static ServiceSlot> {
+    LB_SERVICE_SLOTS.get(id)
 }
 
 /// Whether `key` is a VIP address of some service.

@@ -7,6 +7,7 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{
     Addr, Counter, FAMILY_V4, FAMILY_V6,
     limits::{MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS},
+    same_words,
     wire::*,
 };
 
@@ -259,7 +260,7 @@ pub fn quoted(ctx: &XdpContext, ip: &Ip) -> Result<(Ip, Ports), Counter> {
     // Routers send errors to the quoted packet's source, the VIP. An error
     // addressed elsewhere (the host, another VIP) is not about a flow of
     // ours, whatever it quotes: the kernel's.
-    if !same_addr(&inner.src, &ip.dst) {
+    if !same_words(&inner.src, &ip.dst) {
         return Err(Counter::PassOtherProtocol);
     }
     Ok((
@@ -270,19 +271,6 @@ pub fn quoted(ctx: &XdpContext, ip: &Ip) -> Result<(Ip, Ports), Counter> {
             tcp_flags: 0,
         },
     ))
-}
-
-/// Whether two addresses are equal, byte by byte in a bounded loop (a
-/// 16-byte `==` may become a `memcmp` call, which BPF does not have).
-#[inline(always)]
-fn same_addr(a: &Addr, b: &Addr) -> bool {
-    let mut diff = 0u8;
-    let mut i = 0;
-    while i < a.len() {
-        diff |= a[i] ^ b[i];
-        i += 1;
-    }
-    diff == 0
 }
 
 /// Offset of the source address in an IPv6 header (the destination follows).

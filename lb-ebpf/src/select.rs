@@ -3,7 +3,7 @@
 
 use lb_common::{
     BACKEND_F_UP, BackendValue, ConntrackSettings, Counter, FLOW_F_CLOSED, FlowKey, FlowValue,
-    SERVICE_F_AFFINITY, SERVICE_F_IPIP, ServiceValue,
+    SERVICE_F_AFFINITY, SERVICE_F_IPIP, ServiceKey, ServiceValue,
     hash::flow_hash,
     limits::NO_BACKEND,
     ring_index,
@@ -46,21 +46,22 @@ fn idle_timeout(ct: &ConntrackSettings, service: &ServiceValue, flow: &FlowKey) 
     }
 }
 
-/// Picks the backend of `flow`, whose packet carries `tcp_flags` (0 for
-/// UDP). A TCP SYN ignores the connection table's entry (a new connection
-/// on a reused 5-tuple must not inherit the old one's backend), as does a
-/// lapsed entry (idle past its timeout). A FIN or RST marks the entry
-/// closed, which shortens its life. `remember` is false for packets that
-/// must not create state (relayed ICMP errors).
+/// Picks the service and backend of `flow`, whose packet carries `tcp_flags` (0 for UDP). An established flow finds
+/// both through its connection-table entry: the service in its slot by the
+/// id the entry keeps, with no hash lookup. A TCP SYN ignores the entry (a
+/// new connection on a reused 5-tuple must not inherit the old one's
+/// backend), as does a lapsed entry (idle past its timeout) or one whose
+/// service is gone. A FIN or RST marks the entry closed, which shortens its
+/// life. `remember` is false for packets that must not create state
+/// (relayed ICMP errors). `Err(PassNotService)` when the flow's
+/// destination is no service.
 #[inline(always)]
 pub fn select_backend(
     ct: &ConntrackSettings,
-    service: &ServiceValue,
     flow: &FlowKey,
     tcp_flags: u8,
     remember: bool,
-) -> Result<Choice, Counter> {
-    let affinity = service.flags & SERVICE_F_AFFINITY != 0;
+) -> Result<(ServiceValue, Choice), Counter> {
     let syn = flow.proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let closing = if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         FLOW_F_CLOSED
@@ -77,36 +78,49 @@ pub fn select_backend(
         maps::conntrack_entry(flow)
     };
     // SAFETY: LRU elements can be recycled under us; the value is copied at
-    // once and then validated against the backend's generation.
-    let pinned = entry
-        .map(|p| unsafe { *p })
-        .filter(|p| !p.lapsed(now, idle_timeout(ct, service, flow), ct.closed_timeout));
+    // once and then validated against its service's slot and the backend's
+    // generation.
+    let pinned = entry.map(|p| unsafe { *p });
     if !syn
         && let (Some(p), Some(pinned)) = (entry, pinned)
-        && let Some(backend) = maps::backend(pinned.backend)
-        && stands(&pinned, backend)
+        && let Some(slot) = maps::service_slot(pinned.service)
+        && slot.serves(flow)
     {
-        if remember {
-            refresh(p, &pinned, now, pinned.flags | closing);
+        let service = slot.value;
+        if !pinned.lapsed(now, idle_timeout(ct, &service, flow), ct.closed_timeout)
+            && let Some(backend) = maps::backend(pinned.backend)
+            && stands(&pinned, backend)
+        {
+            if remember {
+                refresh(p, &pinned, now, pinned.flags | closing);
+            }
+            let hash = if service.flags & SERVICE_F_IPIP != 0 {
+                flow_hash(flow, service.flags & SERVICE_F_AFFINITY != 0)
+            } else {
+                0
+            };
+            let choice = Choice {
+                id: pinned.backend,
+                backend,
+                new_flow: false,
+                hash,
+            };
+            return Ok((service, choice));
         }
-        let hash = if service.flags & SERVICE_F_IPIP != 0 {
-            flow_hash(flow, affinity)
-        } else {
-            0
-        };
-        return Ok(Choice {
-            id: pinned.backend,
-            backend,
-            new_flow: false,
-            hash,
-        });
     }
+    let key = ServiceKey {
+        addr: flow.dst,
+        port: flow.dport,
+        proto: flow.proto,
+        family: flow.family,
+    };
+    let service = maps::service(&key).ok_or(Counter::PassNotService)?;
     // Only a miss needs the settings (the table's size).
     let ring_size = maps::settings().ok_or(Counter::DropNoBackend)?.ring_size;
     if ring_size == 0 {
         return Err(Counter::DropNoBackend);
     }
-    let hash = flow_hash(flow, affinity);
+    let hash = flow_hash(flow, service.flags & SERVICE_F_AFFINITY != 0);
     let slot = hash % ring_size;
     let id = maps::ring_slot(ring_index(
         service.id,
@@ -129,7 +143,12 @@ pub fn select_backend(
             // Writing an entry costs far more than updating one in place:
             // a SYN that picks the backend its entry names (a retransmitted
             // SYN) only refreshes it, and reopens it if it was closed.
-            (Some(p), Some(old)) if old.backend == id && old.generation == backend.generation => {
+            (Some(p), Some(old))
+                if old.backend == id
+                    && old.generation == backend.generation
+                    && old.service == service.id
+                    && !old.lapsed(now, idle_timeout(ct, &service, flow), ct.closed_timeout) =>
+            {
                 refresh(p, &old, now, closing);
             }
             _ => maps::conntrack_put(
@@ -140,16 +159,18 @@ pub fn select_backend(
                     generation: backend.generation,
                     last_seen: now,
                     flags: closing,
+                    service: service.id,
                 },
             ),
         }
     }
-    Ok(Choice {
+    let choice = Choice {
         id,
         backend,
         new_flow: true,
         hash,
-    })
+    };
+    Ok((service, choice))
 }
 
 /// Brings the entry `seen` was read from up to date in place: its last

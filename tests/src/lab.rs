@@ -141,11 +141,7 @@ impl Lab {
             .iter()
             .map(|&(b, _)| {
                 let v = self.dp.backend(b)?;
-                Ok(AddrKey {
-                    addr: v.addr,
-                    family: v.family,
-                    _pad: [0; 3],
-                })
+                Ok(AddrKey::from_bytes(v.addr, v.family))
             })
             .collect::<Result<_>>()?;
         let keys: Vec<Vec<u8>> = addrs

@@ -6,9 +6,9 @@
 //! (services, VIPs, rings, backends, settings) with this tree's types, and
 //! read through its counters. A revision whose layout of one of those maps
 //! differs is refused with the map named, rather than given tables it would
-//! misread. The VIP filter is kept too where the revision has one. Maps
-//! added since (and the connection table, which only the programs touch)
-//! are the baseline's own business.
+//! misread. The VIP filter and the service slots are kept too where the
+//! revision has them. Maps added since (and the connection table, which
+//! only the programs touch) are the baseline's own business.
 
 use std::path::Path;
 
@@ -20,7 +20,7 @@ use aya::{
 };
 use lb::dataplane::Capacity;
 use lb_common::{
-    AddrKey, BackendValue, Counter, ServiceKey, ServiceStats, ServiceValue, Settings,
+    AddrKey, BackendValue, Counter, ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings,
     hash::vip_filter_bit, maps as names, ring_index,
 };
 
@@ -35,6 +35,8 @@ pub struct Baseline {
     vips: HashMap<MapData, AddrKey, u32>,
     /// The VIP filter, in revisions that have one.
     vip_filter: Option<Array<MapData, u64>>,
+    /// The service slots, in revisions that have them.
+    service_slots: Option<Array<MapData, ServiceSlot>>,
     rings: Array<MapData, u32>,
     backends: Array<MapData, BackendValue>,
     settings: Array<MapData, Settings>,
@@ -70,6 +72,11 @@ impl Baseline {
                 .map(Array::try_from)
                 .transpose()
                 .context("the baseline's VIP filter is not the layout this tree has")?,
+            service_slots: ebpf
+                .take_map(names::SERVICE_SLOTS)
+                .map(Array::try_from)
+                .transpose()
+                .context("the baseline's service slots are not the layout this tree has")?,
             rings: take(&mut ebpf, OBJECT, names::RINGS)?,
             backends: take(&mut ebpf, OBJECT, names::BACKENDS)?,
             settings: take(&mut ebpf, OBJECT, names::SETTINGS)?,
@@ -117,6 +124,9 @@ impl Baseline {
         lb::dataplane::update_u32s(self.rings.map(), &indexes, ring)
             .context("writing the baseline's table")?;
         self.services.insert(key, value, 0)?;
+        if let Some(slots) = &mut self.service_slots {
+            slots.set(value.id, ServiceSlot { key: *key, value }, 0)?;
+        }
         if let Some(filter) = &mut self.vip_filter {
             let (word, bit) = vip_filter_bit(&key.addr);
             let bits = filter.get(&word, 0)?;

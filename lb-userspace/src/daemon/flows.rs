@@ -14,7 +14,7 @@ use lb_common::{
     wire::IPPROTO_TCP,
 };
 
-use super::controller::{Controller, service_key};
+use super::controller::{Controller, ServiceState, service_key};
 use crate::{
     api::{ConntrackStatsView, FlowRow},
     config::{self, ConntrackTimeouts, Protocol},
@@ -54,17 +54,22 @@ impl FlowState {
 
 /// How the data plane judges `value` of a flow of `svc` at `now` (its
 /// clock), `backend` being the kernel's entry for the value's backend id:
-/// the rules of `select_backend`.
+/// the rules of `select_backend`. An entry made for an earlier service on
+/// the same address and port (another id) is stale: the data plane finds
+/// the service by the entry's id, and that slot no longer serves the flow.
 pub fn judge(
     t: &ConntrackTimeouts,
-    svc: &config::Service,
+    svc: &ServiceState,
     value: &FlowValue,
     backend: &BackendValue,
     now: u32,
 ) -> FlowState {
-    if value.lapsed(now, idle_timeout(t, svc), t.tcp_closed) {
+    if value.lapsed(now, idle_timeout(t, &svc.config), t.tcp_closed) {
         FlowState::Lapsed
-    } else if backend.flags & BACKEND_F_UP == 0 || backend.generation != value.generation {
+    } else if backend.flags & BACKEND_F_UP == 0
+        || backend.generation != value.generation
+        || value.service != svc.id
+    {
         FlowState::Stale
     } else if value.flags & FLOW_F_CLOSED != 0 {
         FlowState::Closing
@@ -129,7 +134,7 @@ impl Table {
                     backends.entry(value.backend).or_insert(b)
                 }
             };
-            let state = judge(&t, &ctl.services()[name].config, &value, backend, now);
+            let state = judge(&t, &ctl.services()[name], &value, backend, now);
             flows.push(Flow {
                 service: name.to_owned(),
                 key,

@@ -262,7 +262,7 @@ fn explain(ctl: &Controller, service: &str, client: std::net::IpAddr, port: u16)
     let state = match &entry {
         Some(v) => Some(flows::judge(
             &ctl.desired().settings.conntrack_timeouts,
-            &s.config,
+            s,
             v,
             &ctl.dataplane().backend(v.backend)?,
             monotonic_seconds(),

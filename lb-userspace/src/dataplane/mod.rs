@@ -25,7 +25,7 @@ use aya::{
 };
 use lb_common::{
     AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter, FlowKey,
-    FlowValue, ServiceKey, ServiceStats, ServiceValue, Settings,
+    FlowValue, ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings,
     counters::DecapCounter,
     hash::vip_filter_bit,
     limits::{
@@ -111,9 +111,10 @@ impl Capacity {
 
     /// The entries of every map whose size is a capacity, by map name: what
     /// the loader overrides in the object.
-    pub fn map_entries(&self) -> Result<[(&'static str, u32); 6]> {
+    pub fn map_entries(&self) -> Result<[(&'static str, u32); 7]> {
         Ok([
             (names::SERVICES, self.max_services),
+            (names::SERVICE_SLOTS, self.max_services),
             (names::SERVICE_STATS, self.max_services),
             (names::RINGS, self.ring_entries()?),
             (names::BACKENDS, self.max_backends),
@@ -137,6 +138,7 @@ pub struct Dataplane {
     ebpf: Ebpf,
     capacity: Capacity,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
+    service_slots: Array<MapData, ServiceSlot>,
     vips: HashMap<MapData, AddrKey, u32>,
     vip_filter: Array<MapData, u64>,
     rings: Array<MapData, u32>,
@@ -202,8 +204,9 @@ where
 }
 
 /// Every map the object defines.
-const ALL_MAPS: [&str; 14] = [
+const ALL_MAPS: [&str; 15] = [
     names::SERVICES,
+    names::SERVICE_SLOTS,
     names::VIPS,
     names::VIP_FILTER,
     names::RINGS,
@@ -327,6 +330,7 @@ impl Dataplane {
         }
         let mut dp = Dataplane {
             services: take(&mut ebpf, names::SERVICES)?,
+            service_slots: take(&mut ebpf, names::SERVICE_SLOTS)?,
             vips: take(&mut ebpf, names::VIPS)?,
             vip_filter: take(&mut ebpf, names::VIP_FILTER)?,
             rings: take(&mut ebpf, names::RINGS)?,
@@ -347,8 +351,9 @@ impl Dataplane {
         // Until the controller configures it, the data plane knows its table
         // size but forwards nothing (no services).
         dp.set_settings(Settings::default())?;
-        // Adopted VIPs may come from a version without the filter, whose
-        // pins lack it: derive it from the VIP set, always.
+        // Adopted services and VIPs may come from a version without the
+        // slots or the filter, whose pins lack them: derive both, always.
+        dp.rebuild_service_slots()?;
         dp.rebuild_vip_filter()?;
         Ok(dp)
     }
@@ -607,9 +612,12 @@ impl Dataplane {
             active_ring: next,
             idle_timeout,
         };
+        // The slot after the entry: both only ever name the live copy. A
+        // packet reading the slot mid-write sees each field whole.
         self.services
             .insert(key, value, 0)
             .context("publishing the service")?;
+        self.set_service_slot(id, ServiceSlot { key: *key, value })?;
         if current.is_none() {
             self.adjust_vip(key, 1)?;
         }
@@ -636,11 +644,41 @@ impl Dataplane {
 
     /// Removes a service; its packets pass to the kernel from then on.
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
-        if self.service(key)?.is_none() {
+        let Some(value) = self.service(key)? else {
             bail!("no such service");
-        }
+        };
+        // The slot first, so no established flow finds the service after
+        // it is gone: its family (a key byte no flow matches at 0) is
+        // cleared alone before the rest, so a packet never reads this key
+        // with a half-cleared value.
+        let mut slot = self.service_slots.get(&value.id, 0)?;
+        slot.key.family = 0;
+        self.set_service_slot(value.id, slot)?;
+        self.set_service_slot(value.id, ServiceSlot::default())?;
         self.services.remove(key).context("removing the service")?;
         self.adjust_vip(key, -1)
+    }
+
+    fn set_service_slot(&mut self, id: u32, slot: ServiceSlot) -> Result<()> {
+        self.service_slots
+            .set(id, slot, 0)
+            .with_context(|| format!("writing the slot of service {id}"))
+    }
+
+    /// Writes every service slot from the services map: the live ones with
+    /// their service, the others empty.
+    fn rebuild_service_slots(&mut self) -> Result<()> {
+        let mut slots = vec![ServiceSlot::default(); self.capacity.max_services as usize];
+        for entry in self.services.iter() {
+            let (key, value) = entry.context("listing services")?;
+            if let Some(slot) = slots.get_mut(value.id as usize) {
+                *slot = ServiceSlot { key, value };
+            }
+        }
+        for (id, slot) in slots.into_iter().enumerate() {
+            self.set_service_slot(id as u32, slot)?;
+        }
+        Ok(())
     }
 
     fn adjust_vip(&mut self, key: &ServiceKey, delta: i64) -> Result<()> {

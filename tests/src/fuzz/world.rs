@@ -856,10 +856,15 @@ impl World {
 
     /// The backend a valid entry pins the flow to: a SYN re-picks, and an
     /// entry whose backend is down or whose id now names another backend
-    /// (generation) is a miss.
+    /// (generation), or that names another service (the world's services
+    /// have their index as id), is a miss.
     fn pinned(&self, hit: &Hit, entry: Option<FlowValue>) -> Option<u32> {
         entry
-            .filter(|e| !hit.syn && self.valid(e.backend, Some(e.generation)))
+            .filter(|e| {
+                !hit.syn
+                    && e.service == hit.service as u32
+                    && self.valid(e.backend, Some(e.generation))
+            })
             .map(|e| e.backend)
     }
 

@@ -410,3 +410,49 @@ fn a_flood_of_new_flows_spends_the_insert_budget_not_the_established_entries() {
         "without a budget the flood evicted nothing: the test proves nothing"
     );
 }
+
+/// An established flow finds its service through the id its entry keeps;
+/// the id's slot must still serve the flow's address and port. Removing the
+/// service stops its established flows at once, and a service that reuses
+/// the id (another address) inherits none of them.
+#[test]
+fn an_entry_outliving_its_service_is_not_taken_for_the_service_reusing_its_id() {
+    if !privileged() {
+        return;
+    }
+    let (mut lab, key) = setup(IPPROTO_TCP);
+    let sport = 41_000;
+    let a = send(&mut lab, sport, IPPROTO_TCP, TCP_SYN);
+    let e = entry(&lab, CLIENT, sport, IPPROTO_TCP).expect("the SYN made an entry");
+    assert_eq!((e.backend, e.service), (a, 0));
+    assert_eq!(send(&mut lab, sport, IPPROTO_TCP, TCP_ACK), a);
+
+    lab.dp.remove_service(&key).unwrap();
+    let ack = frame(CLIENT, sport, IPPROTO_TCP, TCP_ACK);
+    let v = lab.run(PROG_LB, &ack).unwrap();
+    assert_eq!(
+        v.out, ack,
+        "a removed service's established flow was touched"
+    );
+    assert_ne!(
+        v.action, TX,
+        "a removed service's established flow was forwarded"
+    );
+
+    // Id 0 now belongs to a service elsewhere, with backend 3 alone.
+    let other = service_key(ip([198, 18, 1, 2]), PORT, IPPROTO_TCP);
+    lab.service(0, other, 0, &[(3, 1)]).unwrap();
+    let v = lab.run(PROG_LB, &ack).unwrap();
+    assert_ne!(
+        v.action, TX,
+        "the old flow was taken for the id's new service"
+    );
+
+    // The service back under another id: its old flow follows the table and
+    // its entry is made again, naming the new id.
+    let ring = lab.service(1, key, 0, &[(1, 1), (2, 1), (3, 1)]).unwrap();
+    let want = slot_owner(&ring, sport, IPPROTO_TCP);
+    assert_eq!(send(&mut lab, sport, IPPROTO_TCP, TCP_ACK), want);
+    let e = entry(&lab, CLIENT, sport, IPPROTO_TCP).unwrap();
+    assert_eq!((e.backend, e.service), (want, 1));
+}
