@@ -81,12 +81,12 @@ pub fn select_backend(
     // once and then validated against its service's slot and the backend's
     // generation.
     let pinned = entry.map(|p| unsafe { *p });
-    if !syn
-        && let (Some(p), Some(pinned)) = (entry, pinned)
-        && let Some(slot) = maps::service_slot(pinned.service)
-        && slot.serves(flow)
-    {
-        let service = slot.value;
+    // The entry's service, if its slot still serves the flow.
+    let slotted = pinned
+        .and_then(|e| maps::service_slot(e.service))
+        .filter(|slot| slot.serves(flow))
+        .map(|slot| slot.value);
+    if !syn && let (Some(p), Some(pinned), Some(service)) = (entry, pinned, slotted) {
         if !pinned.lapsed(now, idle_timeout(ct, &service, flow), ct.closed_timeout)
             && let Some(backend) = maps::backend(pinned.backend)
             && stands(&pinned, backend)
@@ -108,13 +108,17 @@ pub fn select_backend(
             return Ok((service, choice));
         }
     }
-    let key = ServiceKey {
-        addr: flow.dst,
-        port: flow.dport,
-        proto: flow.proto,
-        family: flow.family,
+    // A SYN on a flow with an entry (a retransmission) has its service too.
+    let service = match slotted {
+        Some(service) => service,
+        None => maps::service(&ServiceKey {
+            addr: flow.dst,
+            port: flow.dport,
+            proto: flow.proto,
+            family: flow.family,
+        })
+        .ok_or(Counter::PassNotService)?,
     };
-    let service = maps::service(&key).ok_or(Counter::PassNotService)?;
     // Only a miss needs the settings (the table's size).
     let ring_size = maps::settings().ok_or(Counter::DropNoBackend)?.ring_size;
     if ring_size == 0 {
