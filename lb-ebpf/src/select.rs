@@ -86,27 +86,27 @@ pub fn select_backend(
         .and_then(|e| maps::service_slot(e.service))
         .filter(|slot| slot.serves(flow))
         .map(|slot| slot.value);
-    if !syn && let (Some(p), Some(pinned), Some(service)) = (entry, pinned, slotted) {
-        if !pinned.lapsed(now, idle_timeout(ct, &service, flow), ct.closed_timeout)
-            && let Some(backend) = maps::backend(pinned.backend)
-            && stands(&pinned, backend)
-        {
-            if remember {
-                refresh(p, &pinned, now, pinned.flags | closing);
-            }
-            let hash = if service.flags & SERVICE_F_IPIP != 0 {
-                flow_hash(flow, service.flags & SERVICE_F_AFFINITY != 0)
-            } else {
-                0
-            };
-            let choice = Choice {
-                id: pinned.backend,
-                backend,
-                new_flow: false,
-                hash,
-            };
-            return Ok((service, choice));
+    if !syn
+        && let (Some(p), Some(pinned), Some(service)) = (entry, pinned, slotted)
+        && !pinned.lapsed(now, idle_timeout(ct, &service, flow), ct.closed_timeout)
+        && let Some(backend) = maps::backend(pinned.backend)
+        && stands(&pinned, backend)
+    {
+        if remember {
+            refresh(p, &pinned, now, pinned.flags | closing);
         }
+        let hash = if service.flags & SERVICE_F_IPIP != 0 {
+            flow_hash(flow, service.flags & SERVICE_F_AFFINITY != 0)
+        } else {
+            0
+        };
+        let choice = Choice {
+            id: pinned.backend,
+            backend,
+            new_flow: false,
+            hash,
+        };
+        return Ok((service, choice));
     }
     // A SYN on a flow with an entry (a retransmission) has its service too.
     let service = match slotted {
