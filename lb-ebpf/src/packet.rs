@@ -79,6 +79,21 @@ unsafe fn read_u64(p: usize) -> u64 {
     v
 }
 
+/// One 4-byte load from packet memory.
+///
+/// # Safety
+/// As for [`read_u64`], for 4 bytes.
+#[inline(always)]
+unsafe fn read_u32(p: usize) -> u32 {
+    let v: u32;
+    // SAFETY: the caller's; the instruction only reads those 4 bytes.
+    unsafe {
+        asm!("{v} = *(u32 *)({p} + 0)", p = in(reg) p, v = lateout(reg) v,
+             options(nostack, readonly, preserves_flags));
+    }
+    v
+}
+
 /// One 8-byte store to packet memory.
 ///
 /// # Safety
@@ -103,21 +118,6 @@ unsafe fn write_u32(p: usize, v: u32) {
         asm!("*(u32 *)({p} + 0) = {v}", p = in(reg) p, v = in(reg) v,
              options(nostack, preserves_flags));
     }
-}
-
-/// One 4-byte load from packet memory.
-///
-/// # Safety
-/// As for [`read_u64`], for 4 bytes.
-#[inline(always)]
-unsafe fn read_u32(p: usize) -> u32 {
-    let v: u32;
-    // SAFETY: the caller's; the instruction only reads those 4 bytes.
-    unsafe {
-        asm!("{v} = *(u32 *)({p} + 0)", p = in(reg) p, v = lateout(reg) v,
-             options(nostack, readonly, preserves_flags));
-    }
-    v
 }
 
 /// Writes `value` at `off`, in 8-byte words and then the 4-, 2- and 1-byte
