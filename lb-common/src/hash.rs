@@ -35,7 +35,7 @@ fn finish(h: u32, len_bytes: u32) -> u32 {
 }
 
 #[inline(always)]
-fn word(a: &Addr, i: usize) -> u32 {
+pub(crate) fn word(a: &Addr, i: usize) -> u32 {
     u32::from_le_bytes([a[i * 4], a[i * 4 + 1], a[i * 4 + 2], a[i * 4 + 3]])
 }
 

@@ -111,8 +111,12 @@ impl ServiceSlot {
 /// 16-byte `==` may become a `memcmp` call, which BPF does not have).
 #[inline(always)]
 pub fn same_words(a: &Addr, b: &Addr) -> bool {
-    let w = |x: &Addr, i: usize| u32::from_ne_bytes([x[i], x[i + 1], x[i + 2], x[i + 3]]);
-    (w(a, 0) ^ w(b, 0)) | (w(a, 4) ^ w(b, 4)) | (w(a, 8) ^ w(b, 8)) | (w(a, 12) ^ w(b, 12)) == 0
+    use crate::hash::word;
+    (word(a, 0) ^ word(b, 0))
+        | (word(a, 1) ^ word(b, 1))
+        | (word(a, 2) ^ word(b, 2))
+        | (word(a, 3) ^ word(b, 3))
+        == 0
 }
 
 /// An address with its family. Key of `LB_VIPS` and `LB_DECAP_ADDRS`.
@@ -193,6 +197,19 @@ pub struct FlowKey {
     pub family: u8,
     /// Explicit padding, zero.
     pub _pad: [u8; 2],
+}
+
+impl FlowKey {
+    /// The service the flow was sent to.
+    #[inline(always)]
+    pub fn service_key(&self) -> ServiceKey {
+        ServiceKey {
+            addr: self.dst,
+            port: self.dport,
+            proto: self.proto,
+            family: self.family,
+        }
+    }
 }
 
 /// Flow flag: a TCP FIN or RST was seen; the entry lapses after

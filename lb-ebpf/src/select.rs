@@ -3,7 +3,7 @@
 
 use lb_common::{
     BACKEND_F_UP, BackendValue, ConntrackSettings, Counter, FLOW_F_CLOSED, FlowKey, FlowValue,
-    SERVICE_F_AFFINITY, SERVICE_F_IPIP, ServiceKey, ServiceValue,
+    SERVICE_F_AFFINITY, SERVICE_F_IPIP, ServiceValue,
     hash::flow_hash,
     limits::NO_BACKEND,
     ring_index,
@@ -33,6 +33,18 @@ fn stands(pinned: &FlowValue, backend: &BackendValue) -> bool {
     backend.flags & BACKEND_F_UP != 0 && backend.generation == pinned.generation
 }
 
+/// Whether `entry` of `flow`, a flow of `service`, has lapsed by the
+/// data plane's clock.
+#[inline(always)]
+fn lapsed(
+    ct: &ConntrackSettings,
+    service: &ServiceValue,
+    flow: &FlowKey,
+    entry: &FlowValue,
+) -> bool {
+    entry.lapsed(ct.now, idle_timeout(ct, service, flow), ct.closed_timeout)
+}
+
 /// The idle timeout of `flow`'s entry: the service's own, else its
 /// protocol's default.
 #[inline(always)]
@@ -46,9 +58,10 @@ fn idle_timeout(ct: &ConntrackSettings, service: &ServiceValue, flow: &FlowKey) 
     }
 }
 
-/// Picks the service and backend of `flow`, whose packet carries `tcp_flags` (0 for UDP). An established flow finds
-/// both through its connection-table entry: the service in its slot by the
-/// id the entry keeps, with no hash lookup. A TCP SYN ignores the entry (a
+/// Picks the service and backend of `flow`, whose packet carries
+/// `tcp_flags` (0 for UDP). An established flow finds both through its
+/// connection-table entry: the service in its slot by the id the entry
+/// keeps, with no hash lookup. A TCP SYN ignores the entry (a
 /// new connection on a reused 5-tuple must not inherit the old one's
 /// backend), as does a lapsed entry (idle past its timeout) or one whose
 /// service is gone. A FIN or RST marks the entry closed, which shortens its
@@ -88,7 +101,7 @@ pub fn select_backend(
         .map(|slot| slot.value);
     if !syn
         && let (Some(p), Some(pinned), Some(service)) = (entry, pinned, slotted)
-        && !pinned.lapsed(now, idle_timeout(ct, &service, flow), ct.closed_timeout)
+        && !lapsed(ct, &service, flow, &pinned)
         && let Some(backend) = maps::backend(pinned.backend)
         && stands(&pinned, backend)
     {
@@ -111,13 +124,7 @@ pub fn select_backend(
     // A SYN on a flow with an entry (a retransmission) has its service too.
     let service = match slotted {
         Some(service) => service,
-        None => maps::service(&ServiceKey {
-            addr: flow.dst,
-            port: flow.dport,
-            proto: flow.proto,
-            family: flow.family,
-        })
-        .ok_or(Counter::PassNotService)?,
+        None => maps::service(&flow.service_key()).ok_or(Counter::PassNotService)?,
     };
     // Only a miss needs the settings (the table's size).
     let ring_size = maps::settings().ok_or(Counter::DropNoBackend)?.ring_size;
@@ -151,7 +158,7 @@ pub fn select_backend(
                 if old.backend == id
                     && old.generation == backend.generation
                     && old.service == service.id
-                    && !old.lapsed(now, idle_timeout(ct, &service, flow), ct.closed_timeout) =>
+                    && !lapsed(ct, &service, flow, &old) =>
             {
                 refresh(p, &old, now, closing);
             }

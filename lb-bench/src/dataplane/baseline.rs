@@ -44,6 +44,14 @@ pub struct Baseline {
     service_stats: PerCpuArray<MapData, ServiceStats>,
 }
 
+/// Map `name` of the baseline, if the revision has it.
+fn take_if_any<V: aya::Pod>(ebpf: &mut Ebpf, name: &str) -> Result<Option<Array<MapData, V>>> {
+    ebpf.take_map(name)
+        .map(Array::try_from)
+        .transpose()
+        .with_context(|| format!("map {name} of {OBJECT} is not the layout this tree has"))
+}
+
 /// The baseline object, as error messages name it.
 const OBJECT: &str = "the baseline object";
 
@@ -67,16 +75,8 @@ impl Baseline {
             capacity,
             services: take(&mut ebpf, OBJECT, names::SERVICES)?,
             vips: take(&mut ebpf, OBJECT, names::VIPS)?,
-            vip_filter: ebpf
-                .take_map(names::VIP_FILTER)
-                .map(Array::try_from)
-                .transpose()
-                .context("the baseline's VIP filter is not the layout this tree has")?,
-            service_slots: ebpf
-                .take_map(names::SERVICE_SLOTS)
-                .map(Array::try_from)
-                .transpose()
-                .context("the baseline's service slots are not the layout this tree has")?,
+            vip_filter: take_if_any(&mut ebpf, names::VIP_FILTER)?,
+            service_slots: take_if_any(&mut ebpf, names::SERVICE_SLOTS)?,
             rings: take(&mut ebpf, OBJECT, names::RINGS)?,
             backends: take(&mut ebpf, OBJECT, names::BACKENDS)?,
             settings: take(&mut ebpf, OBJECT, names::SETTINGS)?,

@@ -118,13 +118,7 @@ impl Table {
         let mut backends = BTreeMap::new();
         let mut flows = Vec::new();
         for &(key, value) in &all {
-            let skey = ServiceKey {
-                addr: key.dst,
-                port: key.dport,
-                proto: key.proto,
-                family: key.family,
-            };
-            let Some(&name) = by_key.get(&skey) else {
+            let Some(&name) = by_key.get(&key.service_key()) else {
                 continue;
             };
             let backend = match backends.get(&value.backend) {
