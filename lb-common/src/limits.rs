@@ -22,8 +22,23 @@ pub const DEFAULT_MAX_SERVICES: u32 = 64;
 /// membership, so the same server in two services takes two ids.
 pub const DEFAULT_MAX_BACKENDS: u32 = 4_096;
 
-/// Default connection-table capacity (LRU; least recently used flows go first).
-pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
+/// Default connection-table capacity, in entries (64 bytes each: 32 MiB).
+/// A flow may only live in two buckets, so a table holds about half its
+/// entries before a new flow replaces an entry early (docs/dataplane.md):
+/// this holds some 260,000 flows.
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 524_288;
+
+/// Entries in one bucket of the connection table (its ways). A flow's entry
+/// can only be in one of its two buckets; a new flow whose buckets are both
+/// full replaces their least recently seen entry. A bucket is four adjacent
+/// 64-byte cache lines. (Eight ways would overflow later, but the verifier
+/// gives up on a walk of sixteen entries: docs/dataplane.md.)
+pub const CONNTRACK_WAYS: u32 = 4;
+
+/// Buckets in a group: a flow's two buckets are in the same group of 4 KiB
+/// (16 buckets of four 64-byte entries), so both are mostly in one page.
+/// The table holds whole groups. A power of two.
+pub const CONNTRACK_BUCKET_GROUP: u32 = 16;
 
 /// Default of [`crate::ConntrackSettings::inserts_per_cpu`]: Katran's
 /// default rate (125,000 new flows a second per CPU), rounded down. A CPU

@@ -4,6 +4,8 @@
 
 use core::{mem::size_of, net::IpAddr};
 
+use crate::limits::{CONNTRACK_BUCKET_GROUP, CONNTRACK_WAYS};
+
 /// Address family tag for IPv4 in keys and values (not the libc `AF_*` value).
 pub const FAMILY_V4: u8 = 4;
 /// Address family tag for IPv6.
@@ -177,7 +179,7 @@ pub struct BackendValue {
     pub generation: u32,
 }
 
-/// A flow as the client sent it. Key of `LB_CONNTRACK` and input of the
+/// A flow as the client sent it. Key of [`FlowEntry`] and input of the
 /// hash. Aligned (the layout is unchanged) so the data plane copies its
 /// addresses and hashes its words with 8- and 4-byte accesses.
 #[repr(C, align(8))]
@@ -200,6 +202,25 @@ pub struct FlowKey {
 }
 
 impl FlowKey {
+    /// Whether `self` and `other` are the same flow, compared as five
+    /// 64-bit words (a 40-byte `==` may become a `memcmp` call, which BPF
+    /// does not have).
+    #[inline(always)]
+    pub fn same_flow(&self, other: &FlowKey) -> bool {
+        let (a, b) = (self.word(0) ^ other.word(0), self.word(1) ^ other.word(1));
+        let (c, d) = (self.word(2) ^ other.word(2), self.word(3) ^ other.word(3));
+        a | b | c | d | (self.word(4) ^ other.word(4)) == 0
+    }
+
+    /// The `i`th 64-bit word of the key (`i < 5`).
+    #[inline(always)]
+    fn word(&self, i: usize) -> u64 {
+        debug_assert!(i < 5);
+        // SAFETY: the key is 40 bytes aligned to 8 with explicit padding (see
+        // the asserts), so each of its five words is initialised and aligned.
+        unsafe { (self as *const FlowKey).cast::<u64>().add(i).read() }
+    }
+
     /// The service the flow was sent to.
     #[inline(always)]
     pub fn service_key(&self) -> ServiceKey {
@@ -216,7 +237,7 @@ impl FlowKey {
 /// [`ConntrackSettings::closed_timeout`].
 pub const FLOW_F_CLOSED: u32 = 1 << 0;
 
-/// Where a flow went. Value of `LB_CONNTRACK`.
+/// Where a flow went. Value of [`FlowEntry`].
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
 pub struct FlowValue {
@@ -245,6 +266,73 @@ impl FlowValue {
         };
         timeout != 0 && now.wrapping_sub(self.last_seen) > timeout
     }
+}
+
+/// One connection-table entry: an element of `LB_CONNTRACK`, an array of
+/// buckets of [`CONNTRACK_WAYS`] entries ([`flow_buckets`]). An
+/// all-zero entry (family 0) is free. Any CPU may rewrite an entry while
+/// another reads it, and user space clears entries in place, so each entry
+/// carries a seal over its flow hash and the fields that pick the backend: a
+/// torn read fails [`FlowEntry::is_sealed`] and counts as a miss.
+#[repr(C, align(8))]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct FlowEntry {
+    /// The flow.
+    pub key: FlowKey,
+    /// Where it goes. `last_seen` and `flags` are updated in place and are
+    /// outside the seal: a torn update of either only ages the entry wrongly.
+    pub value: FlowValue,
+    /// [`FlowEntry::seal`] of the rest.
+    pub seal: u32,
+}
+
+impl FlowEntry {
+    /// The entry pinning `key`, whose [`flow_hash`](crate::hash::flow_hash)
+    /// of the 5-tuple is `hash`, to `value`.
+    #[inline(always)]
+    pub fn new(key: FlowKey, value: FlowValue, hash: u32) -> Self {
+        FlowEntry {
+            key,
+            value,
+            seal: Self::seal(hash, &value),
+        }
+    }
+
+    /// The seal of an entry of a flow hashing to `hash` with `value`. Each
+    /// field is multiplied by its own odd constant, so fields from two
+    /// different entries do not cancel out as small ids would under XOR.
+    #[inline(always)]
+    pub fn seal(hash: u32, value: &FlowValue) -> u32 {
+        hash ^ value.backend.wrapping_mul(0x9e37_79b1)
+            ^ value.generation.wrapping_mul(0x85eb_ca6b)
+            ^ value.service.wrapping_mul(0xc2b2_ae35)
+    }
+
+    /// Whether `value`, as read from this entry of a flow hashing to `hash`,
+    /// was written whole with the seal read.
+    #[inline(always)]
+    pub fn is_sealed(hash: u32, value: &FlowValue, seal: u32) -> bool {
+        Self::seal(hash, value) == seal
+    }
+}
+
+/// The indices in `LB_CONNTRACK` of the first entries of the two buckets a
+/// flow whose 5-tuple hashes to `hash` may live in, in a table of `buckets`
+/// buckets (a multiple of [`CONNTRACK_BUCKET_GROUP`]). A new entry goes to
+/// the less loaded of the two: with two choices, a bucket fills long after
+/// it would with one. Both buckets are in one group of 4 KiB, mostly one
+/// page, so a lookup in a table far larger than the TLB's reach costs one
+/// page walk, not two. The first bucket is the hash scaled (`(hash *
+/// buckets) >> 32`, no division); the second is another of its group, from
+/// the hash multiplied by an odd constant.
+#[inline(always)]
+pub fn flow_buckets(hash: u32, buckets: u32) -> [u32; 2] {
+    const GROUP: u32 = CONNTRACK_BUCKET_GROUP;
+    let first = (((hash as u64) * (buckets as u64)) >> 32) as u32;
+    // 1..GROUP: never the first bucket itself.
+    let step = 1 + ((((hash.wrapping_mul(0x9e37_79b1)) as u64 * (GROUP - 1) as u64) >> 32) as u32);
+    let second = (first & !(GROUP - 1)) | ((first + step) & (GROUP - 1));
+    [first * CONNTRACK_WAYS, second * CONNTRACK_WAYS]
 }
 
 /// Data-plane settings. Index 0 of `LB_SETTINGS`.
@@ -287,8 +375,9 @@ pub struct ConntrackSettings {
     /// instead of a clock helper call; while nothing writes it, nothing
     /// lapses.
     pub now: u32,
-    /// Explicit padding, zero.
-    pub _pad: u32,
+    /// Buckets of `LB_CONNTRACK` (its entries / [`CONNTRACK_WAYS`]), which
+    /// user space writes when it loads the table. 0: no connection table.
+    pub buckets: u32,
 }
 
 /// One CPU's connection-table accounting. Value of `LB_CONNTRACK_STATS`
@@ -357,6 +446,8 @@ const _: () = assert!(size_of::<FlowKey>() == 40);
 const _: () = assert!(align_of::<FlowKey>() == 8 && align_of::<ServiceKey>() == 4);
 const _: () = assert!(align_of::<AddrKey>() == 4);
 const _: () = assert!(size_of::<FlowValue>() == 20);
+// One cache line an entry.
+const _: () = assert!(size_of::<FlowEntry>() == 64 && align_of::<FlowEntry>() == 8);
 const _: () = assert!(size_of::<ServiceSlot>() == 36);
 const _: () = assert!(size_of::<Settings>() == 36);
 const _: () = assert!(size_of::<ConntrackSettings>() == 24);
@@ -375,10 +466,107 @@ mod pod {
     unsafe impl aya::Pod for BackendValue {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for FlowEntry {}
     unsafe impl aya::Pod for ServiceSlot {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for ConntrackSettings {}
     unsafe impl aya::Pod for ConntrackStats {}
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for BackendStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::{CONNTRACK_BUCKET_GROUP, CONNTRACK_WAYS};
+
+    #[test]
+    fn a_flows_two_buckets_are_distinct_whole_and_in_one_group() {
+        let group_entries = CONNTRACK_BUCKET_GROUP * CONNTRACK_WAYS;
+        for buckets in [16, 32, 4096, 65_536 * 16] {
+            for i in 0..20_000u32 {
+                let hash = i.wrapping_mul(0x2545_f491) ^ (i << 7);
+                let [a, b] = flow_buckets(hash, buckets);
+                assert!(a < buckets * CONNTRACK_WAYS && b < buckets * CONNTRACK_WAYS);
+                assert_eq!((a % CONNTRACK_WAYS, b % CONNTRACK_WAYS), (0, 0));
+                assert_ne!(a, b, "hash {hash:#x}: one bucket twice");
+                assert_eq!(a / group_entries, b / group_entries, "hash {hash:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_seal_changes_with_each_field_it_covers() {
+        let value = FlowValue {
+            backend: 1,
+            generation: 2,
+            last_seen: 3,
+            flags: 0,
+            service: 3,
+        };
+        let seal = FlowEntry::seal(7, &value);
+        assert!(FlowEntry::is_sealed(7, &value, seal));
+        assert!(
+            !FlowEntry::is_sealed(8, &value, seal),
+            "another flow's hash"
+        );
+        // Fields of another entry, alone or swapped: small ids that XOR
+        // alone would cancel (1 ^ 2 == 2 ^ 1).
+        for other in [
+            FlowValue {
+                backend: 2,
+                ..value
+            },
+            FlowValue {
+                generation: 3,
+                ..value
+            },
+            FlowValue {
+                service: 1,
+                ..value
+            },
+            FlowValue {
+                backend: 2,
+                generation: 1,
+                ..value
+            },
+        ] {
+            assert!(!FlowEntry::is_sealed(7, &other, seal), "{other:?}");
+        }
+        // Refreshed in place, outside the seal.
+        let refreshed = FlowValue {
+            last_seen: 99,
+            flags: FLOW_F_CLOSED,
+            ..value
+        };
+        assert!(FlowEntry::is_sealed(7, &refreshed, seal));
+    }
+
+    #[test]
+    fn flows_compare_by_every_field() {
+        let a = FlowKey {
+            src: [198, 18, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            dst: [198, 18, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            sport: 1000,
+            dport: 80,
+            proto: 6,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        };
+        assert!(a.same_flow(&a));
+        let mut src = a.src;
+        src[15] = 1;
+        for b in [
+            FlowKey { src, ..a },
+            FlowKey { sport: 1001, ..a },
+            FlowKey { dport: 81, ..a },
+            FlowKey { proto: 17, ..a },
+            FlowKey {
+                family: FAMILY_V6,
+                ..a
+            },
+        ] {
+            assert!(!a.same_flow(&b), "{b:?}");
+        }
+    }
 }

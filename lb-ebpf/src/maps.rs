@@ -2,15 +2,17 @@
 //! name is the map name user space opens); capacities are the defaults from
 //! `lb_common::limits`, which user space may raise at load time.
 
+use core::ptr::{self, NonNull};
+
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
 };
 use lb_common::{
-    Addr, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter, FlowKey,
-    FlowValue, ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings,
-    counters::DecapCounter, hash::vip_filter_bit, limits,
+    Addr, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter,
+    FlowEntry, FlowKey, FlowValue, ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings,
+    counters::DecapCounter, flow_buckets, hash::vip_filter_bit, limits, limits::CONNTRACK_WAYS,
 };
 
 /// Services. Not preallocated, so an update replaces the element under RCU and
@@ -47,14 +49,18 @@ static LB_RINGS: Array<u32> = Array::with_max_entries(
 #[map]
 static LB_BACKENDS: Array<BackendValue> = Array::with_max_entries(limits::DEFAULT_MAX_BACKENDS, 0);
 
-/// Connection table. One hash shared by all CPUs (a flow whose packets arrive
-/// on several CPUs still sticks) with the common LRU list: its capacity is
-/// the configured one whatever the CPUs, and replacing an entry costs about
-/// a third of what per-CPU lists cost (adding one to a full table costs the
-/// same either way; docs/dataplane.md).
+/// Connection table: buckets of `CONNTRACK_WAYS` entries in one array shared
+/// by all CPUs (a flow whose packets arrive on several CPUs still sticks).
+/// An array element is read and written in place, where a hash map's insert
+/// takes a free element off a list and links it in under a lock: replacing
+/// an entry costs a few stores. The price is that a flow can only live in
+/// its two buckets, so a table evicts before it is full (docs/dataplane.md).
+/// Memory-mappable only for where the kernel puts it: the entries of such an
+/// array start on a page, so each is one cache line and each bucket group
+/// one page (elsewhere they start a header's length in, straddling lines).
 #[map]
-static LB_CONNTRACK: LruHashMap<FlowKey, FlowValue> =
-    LruHashMap::with_max_entries(limits::DEFAULT_CONNTRACK_ENTRIES, 0);
+static LB_CONNTRACK: Array<FlowEntry> =
+    Array::with_max_entries(limits::DEFAULT_CONNTRACK_ENTRIES, BPF_F_MMAPABLE);
 
 /// Connection-table policy, one entry.
 #[map]
@@ -132,10 +138,92 @@ pub fn backend(id: u32) -> Option<&'static BackendValue> {
     LB_BACKENDS.get(id)
 }
 
-/// The connection-table entry for `flow`, in place.
+/// Where a flow stands in the connection table.
+pub struct Lookup {
+    /// Its entry, in place, with the value as read when it was found whole.
+    pub hit: Option<(NonNull<FlowEntry>, FlowValue)>,
+    /// The entry a new one for the flow would replace: a free one, the
+    /// flow's own torn one, else the bucket's least recently seen.
+    victim: Option<NonNull<FlowEntry>>,
+}
+
+impl Lookup {
+    /// Nothing found and nowhere to write: no table, or a lookup skipped.
+    pub const NONE: Lookup = Lookup {
+        hit: None,
+        victim: None,
+    };
+}
+
+/// Looks `flow`, whose 5-tuple hashes to `hash`, up in its two buckets.
 #[inline(always)]
-pub fn conntrack_entry(flow: &FlowKey) -> Option<*mut FlowValue> {
-    LB_CONNTRACK.get_ptr_mut(flow)
+pub fn conntrack_lookup(ct: &ConntrackSettings, flow: &FlowKey, hash: u32) -> Lookup {
+    if ct.buckets == 0 {
+        return Lookup::NONE;
+    }
+    let [a, b] = flow_buckets(hash, ct.buckets);
+    // Nullable pointers for "none yet", and `NonNull` in `Lookup`, never
+    // `Option<*mut _>`: LLVM leaves the payload of such a `None` undefined,
+    // and the verifier refuses to spill a register never set. Scalars, not
+    // arrays indexed by bucket: LLVM would index a stack array with a
+    // bitwise or, which the verifier refuses on a pointer.
+    // Per bucket: its first free entry, and how many are free.
+    let (mut free_a, mut free_b): (*mut FlowEntry, *mut FlowEntry) =
+        (ptr::null_mut(), ptr::null_mut());
+    let (mut frees_a, mut frees_b) = (0u32, 0u32);
+    let mut oldest: *mut FlowEntry = ptr::null_mut();
+    let mut oldest_seen = u32::MAX;
+    // A loop of a constant few rounds, which LLVM unrolls. The buckets'
+    // ways alternate (a0, b0, a1, b1, ...): entries fill a bucket from its
+    // first way, so most hits come in the first few cache lines read.
+    for i in 0..2 * CONNTRACK_WAYS {
+        let in_a = i & 1 == 0;
+        let index = if in_a { a + (i >> 1) } else { b + (i >> 1) };
+        let Some(p) = LB_CONNTRACK.get_ptr_mut(index).and_then(NonNull::new) else {
+            return Lookup::NONE;
+        };
+        // SAFETY: an array element, never freed; other CPUs may rewrite
+        // it meanwhile, which the seal detects.
+        let e = unsafe { p.as_ref() };
+        if e.key.same_flow(flow) {
+            let value = e.value;
+            // Torn (being rewritten, or cleared by user space): a miss, and
+            // the place to write the flow again.
+            let hit = FlowEntry::is_sealed(hash, &value, e.seal).then_some((p, value));
+            return Lookup {
+                hit,
+                victim: Some(p),
+            };
+        }
+        if e.key.family == 0 {
+            if in_a {
+                if free_a.is_null() {
+                    free_a = p.as_ptr();
+                }
+                frees_a += 1;
+            } else {
+                if free_b.is_null() {
+                    free_b = p.as_ptr();
+                }
+                frees_b += 1;
+            }
+        } else if oldest.is_null() || e.value.last_seen < oldest_seen {
+            oldest_seen = e.value.last_seen;
+            oldest = p.as_ptr();
+        }
+    }
+    // The less loaded bucket's free entry, else the least recently seen.
+    let victim = if frees_a >= frees_b && frees_a != 0 {
+        free_a
+    } else if frees_b != 0 {
+        free_b
+    } else {
+        oldest
+    };
+    Lookup {
+        hit: None,
+        victim: NonNull::new(victim),
+    }
 }
 
 /// The connection-table policy (all zero, no limits and no aging, until
@@ -160,12 +248,18 @@ pub fn may_insert(ct: &ConntrackSettings) -> bool {
         })
 }
 
-/// Pins `flow` to a backend if this CPU's insert budget (`ct`) allows;
-/// accounts the insert or the refusal. Not pinning only means the flow
-/// follows the Maglev table, as it does anyway while the table does not
-/// change.
+/// Pins `flow` (5-tuple hash `hash`) to a backend in the entry `at` found
+/// for it, if this CPU's insert budget (`ct`) allows; accounts the insert or
+/// the refusal. Not pinning only means the flow follows the Maglev table,
+/// as it does anyway while the table does not change.
 #[inline(always)]
-pub fn conntrack_put(ct: &ConntrackSettings, flow: &FlowKey, value: &FlowValue) {
+pub fn conntrack_put(
+    ct: &ConntrackSettings,
+    at: &Lookup,
+    flow: &FlowKey,
+    value: &FlowValue,
+    hash: u32,
+) {
     let Some(stats) = LB_CONNTRACK_STATS.get_ptr_mut(0) else {
         return;
     };
@@ -182,8 +276,15 @@ pub fn conntrack_put(ct: &ConntrackSettings, flow: &FlowKey, value: &FlowValue) 
         }
         stats.window_inserts += 1;
     }
+    // No table, or a lookup skipped because the budget was spent (refused
+    // above).
+    let Some(p) = at.victim else {
+        return;
+    };
     stats.inserts += 1;
-    let _ = LB_CONNTRACK.insert(flow, value, 0);
+    // SAFETY: an array element, never freed. Another CPU writing the same
+    // entry at once leaves it torn, which the seal tells readers.
+    unsafe { *p.as_ptr() = FlowEntry::new(*flow, *value, hash) };
 }
 
 /// The data-plane settings.

@@ -1,16 +1,18 @@
 //! Backend choice: the connection table first, then the service's live
 //! Maglev table indexed by the flow hash.
 
+use core::ptr::NonNull;
+
 use lb_common::{
-    BACKEND_F_UP, BackendValue, ConntrackSettings, Counter, FLOW_F_CLOSED, FlowKey, FlowValue,
-    SERVICE_F_AFFINITY, SERVICE_F_IPIP, ServiceValue,
+    BACKEND_F_UP, BackendValue, ConntrackSettings, Counter, FLOW_F_CLOSED, FlowEntry, FlowKey,
+    FlowValue, SERVICE_F_AFFINITY, SERVICE_F_IPIP, ServiceValue,
     hash::flow_hash,
     limits::NO_BACKEND,
     ring_index,
     wire::{IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-use crate::maps;
+use crate::maps::{self, Lookup};
 
 /// The backend a packet goes to.
 pub struct Choice {
@@ -21,8 +23,8 @@ pub struct Choice {
     /// Chosen by a Maglev lookup rather than a connection-table hit.
     pub new_flow: bool,
     /// The flow hash: the Maglev slot's source, and the tunnel source's for
-    /// `ipip`. A `dsr-l2` connection-table hit has no use for it and leaves
-    /// it 0 (the hash is a fair share of that path's cost).
+    /// `ipip`. A `dsr-l2` connection-table hit has no use for it; with client
+    /// affinity it is then the 5-tuple's, not the client's.
     pub hash: u32,
 }
 
@@ -82,25 +84,25 @@ pub fn select_backend(
         0
     };
     let now = ct.now;
+    // The 5-tuple's hash finds the flow's bucket, and is the Maglev slot's
+    // source too unless the service hashes the client alone.
+    let tuple_hash = flow_hash(flow, false);
     // A SYN reads its entry only to spare a rewrite; with the insert budget
     // spent there will be no write, so it skips the lookup: a flood of SYNs
-    // costs a Maglev lookup a packet, no hash-table miss.
-    let entry = if syn && !maps::may_insert(ct) {
-        None
+    // costs a Maglev lookup a packet, no bucket walk.
+    let at = if syn && !maps::may_insert(ct) {
+        Lookup::NONE
     } else {
-        maps::conntrack_entry(flow)
+        maps::conntrack_lookup(ct, flow, tuple_hash)
     };
-    // SAFETY: LRU elements can be recycled under us; the value is copied at
-    // once and then validated against its service's slot and the backend's
-    // generation.
-    let pinned = entry.map(|p| unsafe { *p });
     // The entry's service, if its slot still serves the flow.
-    let slotted = pinned
-        .and_then(|e| maps::service_slot(e.service))
+    let slotted = at
+        .hit
+        .and_then(|(_, e)| maps::service_slot(e.service))
         .filter(|slot| slot.serves(flow))
         .map(|slot| slot.value);
     if !syn
-        && let (Some(p), Some(pinned), Some(service)) = (entry, pinned, slotted)
+        && let (Some((p, pinned)), Some(service)) = (at.hit, slotted)
         && !lapsed(ct, &service, flow, &pinned)
         && let Some(backend) = maps::backend(pinned.backend)
         && stands(&pinned, backend)
@@ -108,10 +110,11 @@ pub fn select_backend(
         if remember {
             refresh(p, &pinned, now, pinned.flags | closing);
         }
+        // Only `ipip` uses the hash of a flow it already knows.
         let hash = if service.flags & SERVICE_F_IPIP != 0 {
-            flow_hash(flow, service.flags & SERVICE_F_AFFINITY != 0)
+            maglev_hash(&service, flow, tuple_hash)
         } else {
-            0
+            tuple_hash
         };
         let choice = Choice {
             id: pinned.backend,
@@ -131,7 +134,7 @@ pub fn select_backend(
     if ring_size == 0 {
         return Err(Counter::DropNoBackend);
     }
-    let hash = flow_hash(flow, service.flags & SERVICE_F_AFFINITY != 0);
+    let hash = maglev_hash(&service, flow, tuple_hash);
     let slot = hash % ring_size;
     let id = maps::ring_slot(ring_index(
         service.id,
@@ -150,11 +153,11 @@ pub fn select_backend(
         return Err(Counter::DropNoBackend);
     }
     if remember {
-        match (entry, pinned) {
-            // Writing an entry costs far more than updating one in place:
-            // a SYN that picks the backend its entry names (a retransmitted
-            // SYN) only refreshes it, and reopens it if it was closed.
-            (Some(p), Some(old))
+        match at.hit {
+            // Writing an entry costs more than updating one in place: a SYN
+            // that picks the backend its entry names (a retransmitted SYN)
+            // only refreshes it, and reopens it if it was closed.
+            Some((p, old))
                 if old.backend == id
                     && old.generation == backend.generation
                     && old.service == service.id
@@ -164,6 +167,7 @@ pub fn select_backend(
             }
             _ => maps::conntrack_put(
                 ct,
+                &at,
                 flow,
                 &FlowValue {
                     backend: id,
@@ -172,6 +176,7 @@ pub fn select_backend(
                     flags: closing,
                     service: service.id,
                 },
+                tuple_hash,
             ),
         }
     }
@@ -184,19 +189,29 @@ pub fn select_backend(
     Ok((service, choice))
 }
 
+/// The hash whose remainder picks `flow`'s slot in `service`'s Maglev table:
+/// the client address's with client affinity, else the 5-tuple's (given).
+#[inline(always)]
+fn maglev_hash(service: &ServiceValue, flow: &FlowKey, tuple_hash: u32) -> u32 {
+    if service.flags & SERVICE_F_AFFINITY != 0 {
+        flow_hash(flow, true)
+    } else {
+        tuple_hash
+    }
+}
+
 /// Brings the entry `seen` was read from up to date in place: its last
 /// packet `now`, its flags `flags`. Writes only what changed: the time at
 /// most once a second per flow.
 #[inline(always)]
-fn refresh(p: *mut FlowValue, seen: &FlowValue, now: u32, flags: u32) {
+fn refresh(p: NonNull<FlowEntry>, seen: &FlowValue, now: u32, flags: u32) {
     if seen.last_seen != now || flags != seen.flags {
-        // SAFETY: a pointer into the map's value, valid under RCU for the
-        // program's run. Were the element recycled meanwhile (evicted and
-        // reused by another CPU), the write would only touch the time and
-        // flags of another flow's entry, never its backend.
+        // SAFETY: an array element, never freed. Were it rewritten for
+        // another flow meanwhile, this would only touch that flow's time and
+        // flags, which the seal leaves out, never its backend.
         unsafe {
-            (*p).last_seen = now;
-            (*p).flags = flags;
+            (*p.as_ptr()).value.last_seen = now;
+            (*p.as_ptr()).value.flags = flags;
         }
     }
 }

@@ -465,10 +465,11 @@ fn references(out: &mut String, d: &DataplaneResults) {
     let _ = writeln!(
         out,
         "### The connection table's share\n\n\
-         The floor's parse and swap plus one operation on an LRU hash shaped like \
-         lb's connection table (same key, capacity and flags), measured in the \
-         same rounds ({} svc / {} be): how much of lb's path is that one map \
-         operation. IPv4, dsr-l2; ns per packet, medians.\n\n\
+         The floor's parse and swap plus one operation on an LRU hash keyed like \
+         lb's connection table, of its capacity (the kind of table lb used \
+         before its own buckets in an array, and Katran's), measured in the \
+         same rounds ({} svc / {} be): what that one map operation would cost \
+         lb's path. IPv4, dsr-l2; ns per packet, medians.\n\n\
          | lb path | lb | reference | reference alone | lb beyond the reference |\n\
          | --- | --- | --- | --- | --- |",
         g.services, g.backends
@@ -646,7 +647,7 @@ fn method(out: &mut String, d: &DataplaneResults) {
          - **Program under test**: `lb_xdp` from lb's production object, loaded \
          with its maps by `lb::dataplane` (the daemon's own loader) and configured \
          through it: a Maglev table of 65,537 slots per service, backends up, the \
-         default connection table (262,144 entries, one LRU list).\n\
+         default connection table (524,288 entries in buckets of four).\n\
          - **Frames**: TCP, {} bytes (Ethernet + IP + TCP + payload, IP lengths \
          covering the frame), from 198.19.0.0/16 or 2001:2:c::/48 to the VIPs; \
          the non-service frames go to an address that is no VIP.\n\
@@ -767,10 +768,12 @@ fn many_flows_loss(out: &mut String, d: &DataplaneResults) {
             out,
             "- **Many established flows** (IPv4, dsr-l2): {} ns with one flow, {} ns \
              cycling through {} flows (+{} ns). The reference lookup alone goes from \
-             {} to {} ns (+{} ns) over the same flows, {} of lb's growth: that \
-             much is the kernel's LRU hash missing in cache and TLB (its buckets \
-             and entries spread over a large preallocated area); the rest is lb's \
-             other per-packet memory competing for the same caches.",
+             {} to {} ns (+{} ns) over the same flows, {} of lb's growth. Both \
+             tables miss in cache and TLB: each flow's entry is at a random place \
+             in a large preallocated area (lb's two buckets share a page, the LRU \
+             hash's bucket and entry do not, but the cycle visits flows in the \
+             order they were inserted, which is the order of the LRU hash's \
+             entries in memory).",
             ns(lb1),
             ns(lbn),
             thousands(last.many_flows as u64),
@@ -788,19 +791,16 @@ fn why(path: Path) -> &'static str {
     match path {
         Path::Established => {
             "A hit costs the service lookup (hash map), the settings, \
-             connection-table settings and backend lookups (arrays), the \
-             connection-table lookup (LRU hash, which also marks the entry \
-             referenced), the entry's age check, and the counters: several map \
-             accesses the floor does not make. The connection-table lookup alone \
-             is most of the difference (see \"The connection table's share\")."
+             connection-table settings and backend lookups (arrays), the flow \
+             hash and the connection-table lookup (its entry among the eight of \
+             its two buckets), the entry's age check, and the counters: several \
+             map accesses the floor does not make."
         }
         Path::NewFlow => {
-            "On top of a miss in the connection table and the Maglev lookup, the \
-             flow is inserted into the LRU hash: with the table full, the kernel \
-             evicts the least recently used entry (its bucket, its node and the new \
-             node are each a cache miss). The reference insert of a new flow alone \
-             is most of this path (see \"The connection table's share\"); only a \
-             cheaper way to remember flows would close the gap."
+            "On top of a miss in the connection table (eight entries read, in \
+             two buckets of a page that is not in cache) and the Maglev lookup (a \
+             table slot that is not in cache either), the flow's entry is written \
+             over a free or the least recently seen one."
         }
         Path::Syn => {
             "A SYN of a flow the table already holds (a retransmitted SYN, a reused \
@@ -963,7 +963,7 @@ fn memory(out: &mut String, m: &MemoryResults, control: Option<&ControlResults>)
          `none`), `max_services` equal to the services configured and the other \
          capacities at their defaults; measured once it answers `lb status`. \
          Map memory is what the kernel charges for the daemon's maps \
-         (`memlock`; the connection table's 262,144 entries are most of it at \
+         (`memlock`; the connection table's 524,288 entries, 32 MiB, are most of it at \
          few services); the rings map holds every service's Maglev tables, \
          next to the reference: the tables' own size, services × 2 copies × \
          65,537 slots × 4 bytes.\n\n\

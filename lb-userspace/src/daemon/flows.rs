@@ -240,7 +240,7 @@ pub fn stats(ctl: &Controller, table: &Table) -> Result<ConntrackStatsView> {
         .count();
     let t = d.settings.conntrack_timeouts;
     Ok(ConntrackStatsView {
-        capacity: d.settings.capacity.conntrack_entries,
+        capacity: ctl.dataplane().capacity().conntrack_table_entries()?,
         entries: table.entries as u64,
         established: count(FlowState::Established),
         closing: count(FlowState::Closing),

@@ -164,7 +164,8 @@ fn conntrack_settings(d: &Desired) -> lb_common::ConntrackSettings {
         tcp_idle_timeout: t.tcp_idle,
         udp_idle_timeout: t.udp_idle,
         now: crate::dataplane::monotonic_seconds(),
-        _pad: 0,
+        // The data plane's own (`Dataplane::set_conntrack_settings`).
+        buckets: 0,
     }
 }
 

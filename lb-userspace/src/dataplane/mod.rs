@@ -24,13 +24,14 @@ use aya::{
     },
 };
 use lb_common::{
-    AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter, FlowKey,
-    FlowValue, ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings,
+    AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter, FlowEntry,
+    FlowKey, FlowValue, ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings,
     counters::DecapCounter,
-    hash::vip_filter_bit,
+    flow_buckets,
+    hash::{flow_hash, vip_filter_bit},
     limits::{
-        DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE,
-        RING_COPIES, VIP_FILTER_WORDS,
+        CONNTRACK_BUCKET_GROUP, CONNTRACK_WAYS, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS,
+        DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, RING_COPIES, VIP_FILTER_WORDS,
     },
     maps as names, ring_index,
 };
@@ -78,7 +79,8 @@ pub struct Capacity {
     pub max_services: u32,
     /// Backend slots (ids `0..max_backends`).
     pub max_backends: u32,
-    /// Connection-table entries.
+    /// Connection-table entries, rounded up to whole groups of buckets
+    /// ([`Capacity::conntrack_buckets`]).
     pub conntrack_entries: u32,
     /// Maglev table size (prime).
     pub ring_size: u32,
@@ -109,6 +111,26 @@ impl Capacity {
             })
     }
 
+    /// Buckets of the connection table: `conntrack_entries` rounded up to
+    /// whole groups of buckets (`CONNTRACK_BUCKET_GROUP`).
+    pub fn conntrack_buckets(&self) -> u32 {
+        self.conntrack_entries
+            .div_ceil(CONNTRACK_WAYS * CONNTRACK_BUCKET_GROUP)
+            .saturating_mul(CONNTRACK_BUCKET_GROUP)
+    }
+
+    /// Entries of the connection table: whole buckets.
+    pub fn conntrack_table_entries(&self) -> Result<u32> {
+        self.conntrack_buckets()
+            .checked_mul(CONNTRACK_WAYS)
+            .with_context(|| {
+                format!(
+                    "{} connection-table entries exceed the table's u32 index",
+                    self.conntrack_entries
+                )
+            })
+    }
+
     /// The entries of every map whose size is a capacity, by map name: what
     /// the loader overrides in the object.
     pub fn map_entries(&self) -> Result<[(&'static str, u32); 7]> {
@@ -119,7 +141,7 @@ impl Capacity {
             (names::RINGS, self.ring_entries()?),
             (names::BACKENDS, self.max_backends),
             (names::BACKEND_STATS, self.max_backends),
-            (names::CONNTRACK, self.conntrack_entries),
+            (names::CONNTRACK, self.conntrack_table_entries()?),
         ])
     }
 
@@ -143,7 +165,7 @@ pub struct Dataplane {
     vip_filter: Array<MapData, u64>,
     rings: Array<MapData, u32>,
     backends: Array<MapData, BackendValue>,
-    conntrack: HashMap<MapData, FlowKey, FlowValue>,
+    conntrack: Array<MapData, FlowEntry>,
     conntrack_settings: Array<MapData, ConntrackSettings>,
     conntrack_stats: PerCpuArray<MapData, ConntrackStats>,
     settings: Array<MapData, Settings>,
@@ -351,6 +373,13 @@ impl Dataplane {
         // Until the controller configures it, the data plane knows its table
         // size but forwards nothing (no services).
         dp.set_settings(Settings::default())?;
+        // Adopted connection-table settings keep their policy and clock; the
+        // table's size is always this one's.
+        let ct = dp
+            .conntrack_settings
+            .get(&0, 0)
+            .context("reading the connection-table settings")?;
+        dp.set_conntrack_settings(ct)?;
         // Adopted services and VIPs may come from a version without the
         // slots or the filter, whose pins lack them: derive both, always.
         dp.rebuild_service_slots()?;
@@ -532,8 +561,10 @@ impl Dataplane {
             .context("writing settings")
     }
 
-    /// Writes the connection-table policy.
-    pub fn set_conntrack_settings(&mut self, settings: ConntrackSettings) -> Result<()> {
+    /// Writes the connection-table policy; the bucket count is always the
+    /// loaded table's.
+    pub fn set_conntrack_settings(&mut self, mut settings: ConntrackSettings) -> Result<()> {
+        settings.buckets = self.capacity.conntrack_buckets();
         self.conntrack_settings
             .set(0, settings, 0)
             .context("writing the connection-table settings")
@@ -740,36 +771,63 @@ impl Dataplane {
 
     /// The connection-table entry of a flow.
     pub fn conntrack(&self, flow: &FlowKey) -> Result<Option<FlowValue>> {
-        match self.conntrack.get(flow, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e).context("reading the connection table"),
-        }
+        Ok(self.conntrack_find(flow)?.map(|(_, e)| e.value))
     }
 
-    /// Every connection-table entry: one batch walk, or one lookup per
-    /// entry on kernels without batches.
-    pub fn conntrack_dump(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
-        match batch::lookup_all(self.conntrack.map()) {
-            Ok(all) => return Ok(all),
-            Err(e) if batch::unsupported(&e) => {}
-            Err(e) => return Err(e).context("reading the connection table"),
+    /// Where `flow`'s entry is in the table, and the entry: one read for
+    /// each entry of its two buckets at most.
+    fn conntrack_find(&self, flow: &FlowKey) -> Result<Option<(u32, FlowEntry)>> {
+        let hash = flow_hash(flow, false);
+        let [a, b] = flow_buckets(hash, self.capacity.conntrack_buckets());
+        for index in (0..CONNTRACK_WAYS).flat_map(|way| [a + way, b + way]) {
+            let e = self
+                .conntrack
+                .get(&index, 0)
+                .context("reading the connection table")?;
+            if e.key.same_flow(flow) && FlowEntry::is_sealed(hash, &e.value, e.seal) {
+                return Ok(Some((index, e)));
+            }
         }
-        self.conntrack
-            .iter()
-            .collect::<Result<_, _>>()
-            .context("reading the connection table")
+        Ok(None)
+    }
+
+    /// Every connection-table entry in use: one batch walk over the whole
+    /// array (its cost follows the capacity, not the entries in use), or one
+    /// read per element on kernels without batches. An entry caught
+    /// mid-write by the data plane is left out.
+    pub fn conntrack_dump(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
+        let all: Vec<(u32, FlowEntry)> = match batch::lookup_all(self.conntrack.map()) {
+            Ok(all) => all,
+            Err(e) if batch::unsupported(&e) => (0..self.conntrack.len())
+                .map(|i| self.conntrack.get(&i, 0).map(|e| (i, e)))
+                .collect::<Result<_, _>>()
+                .context("reading the connection table")?,
+            Err(e) => return Err(e).context("reading the connection table"),
+        };
+        Ok(all
+            .into_iter()
+            .map(|(_, e)| e)
+            .filter(|e| {
+                e.key.family != 0
+                    && FlowEntry::is_sealed(flow_hash(&e.key, false), &e.value, e.seal)
+            })
+            .map(|e| (e.key, e.value))
+            .collect())
     }
 
     /// Removes the entries of `flows` (those still there); returns how many
-    /// it removed. The flows' next packets take the Maglev table.
+    /// it removed. The flows' next packets take the Maglev table. An entry
+    /// the data plane replaces between the read and the clearing write (a
+    /// new flow in the same place) is cleared too: that flow's next packet
+    /// makes it again.
     pub fn conntrack_remove(&mut self, flows: &[FlowKey]) -> Result<usize> {
         let mut removed = 0;
         for flow in flows {
-            match self.conntrack.remove(flow) {
-                Ok(()) => removed += 1,
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(e).context("removing a connection-table entry"),
+            if let Some((index, _)) = self.conntrack_find(flow)? {
+                self.conntrack
+                    .set(index, FlowEntry::default(), 0)
+                    .context("removing a connection-table entry")?;
+                removed += 1;
             }
         }
         Ok(removed)

@@ -10,8 +10,8 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use lb::dataplane::Capacity;
 use lb_common::{
-    ConntrackSettings, FLOW_F_CLOSED, FlowKey, FlowValue, addr_bytes, hash::flow_hash,
-    maps::PROG_LB, wire::*,
+    ConntrackSettings, FLOW_F_CLOSED, FlowKey, FlowValue, addr_bytes, flow_buckets,
+    hash::flow_hash, limits::CONNTRACK_WAYS, maps::PROG_LB, wire::*,
 };
 use lb_tests::{
     lab::{LB_MAC, Lab, ROUTER_MAC, TX, backend_of_mac, lab_capacity, service_key},
@@ -455,4 +455,133 @@ fn an_entry_outliving_its_service_is_not_taken_for_the_service_reusing_its_id() 
     assert_eq!(send(&mut lab, sport, IPPROTO_TCP, TCP_ACK), want);
     let e = entry(&lab, CLIENT, sport, IPPROTO_TCP).unwrap();
     assert_eq!((e.backend, e.service), (want, 1));
+}
+
+/// Entries of the fill test's table: 128 groups of 16 buckets of 4.
+const FILL_TABLE: u32 = 8_192;
+
+/// Sends a SYN of each of `flows` fresh flows from 198.18.128.0/17 with
+/// the clock at `now`; returns them as (source, port).
+fn fill(
+    lab: &mut Lab,
+    ct: ConntrackSettings,
+    first: u32,
+    flows: u32,
+    now: u32,
+) -> Vec<([u8; 4], u16)> {
+    lab.dp
+        .set_conntrack_settings(ConntrackSettings { now, ..ct })
+        .unwrap();
+    (first..first + flows)
+        .map(|n| {
+            let [_, _, a, b] = n.to_be_bytes();
+            let src = [FLOOD_NET[0], FLOOD_NET[1], a | 0x80, b];
+            let sport = 1024 + (n % 60_000) as u16;
+            send_from(lab, src, sport, IPPROTO_TCP, TCP_SYN);
+            (src, sport)
+        })
+        .collect()
+}
+
+/// The table is buckets of four entries, and a flow may live in either of
+/// two buckets: a quarter full, it holds every flow put in it; half full,
+/// all but a few in ten thousand (docs/dataplane.md: size it at twice the
+/// flows).
+#[test]
+fn a_quarter_full_table_holds_every_flow_and_a_half_full_one_nearly_all() {
+    if !privileged() {
+        return;
+    }
+    let capacity = Capacity {
+        conntrack_entries: FILL_TABLE,
+        ..lab_capacity(RING)
+    };
+    let ct = ConntrackSettings::default();
+    let mut lab = setup_with(capacity, IPPROTO_TCP, ct, 0);
+    let held = |lab: &Lab, flows: &[([u8; 4], u16)]| {
+        flows
+            .iter()
+            .filter(|&&(src, sport)| entry(lab, src, sport, IPPROTO_TCP).is_some())
+            .count()
+    };
+    let mut half = fill(&mut lab, ct, 0, FILL_TABLE / 4, 100);
+    assert_eq!(
+        held(&lab, &half),
+        half.len(),
+        "a quarter-full table lost entries"
+    );
+    half.extend(fill(&mut lab, ct, FILL_TABLE / 4, FILL_TABLE / 4, 100));
+    let lost = half.len() - held(&lab, &half);
+    assert!(
+        lost * 1000 <= half.len(),
+        "a half-full table lost {lost} of {} entries",
+        half.len()
+    );
+    assert_eq!(inserts(&lab), (u64::from(FILL_TABLE / 2), 0));
+}
+
+/// `count` flows of the fill test's table (client, port) whose two buckets
+/// are the same two: found with the data plane's own hash and placement.
+fn sharing_buckets(lab: &Lab, count: usize) -> Vec<([u8; 4], u16)> {
+    let buckets = lab.dp.capacity().conntrack_buckets();
+    let place = |src: [u8; 4], sport: u16| {
+        let mut pair = flow_buckets(flow_hash(&flow(src, sport, IPPROTO_TCP), false), buckets);
+        pair.sort_unstable();
+        pair
+    };
+    let first = place(client(1), 1024);
+    let mut found = vec![(client(1), 1024)];
+    for n in 0u32.. {
+        let [_, _, a, b] = n.to_be_bytes();
+        let src = [FLOOD_NET[0], FLOOD_NET[1], a | 0x80, b];
+        for sport in [2000, 3000, 4000, 5000] {
+            if place(src, sport) == first {
+                found.push((src, sport));
+                if found.len() == count {
+                    return found;
+                }
+            }
+        }
+    }
+    unreachable!()
+}
+
+/// Two full buckets: a new flow of theirs replaces the entry seen least
+/// recently, whichever bucket it is in; a flow seen since keeps its entry.
+#[test]
+fn a_new_flow_in_full_buckets_replaces_the_least_recently_seen_entry() {
+    if !privileged() {
+        return;
+    }
+    let capacity = Capacity {
+        conntrack_entries: FILL_TABLE,
+        ..lab_capacity(RING)
+    };
+    let ct = ConntrackSettings::default();
+    let mut lab = setup_with(capacity, IPPROTO_TCP, ct, 0);
+    let ways = 2 * CONNTRACK_WAYS as usize;
+    let flows = sharing_buckets(&lab, ways + 1);
+    let at = |lab: &mut Lab, now: u32| {
+        lab.dp
+            .set_conntrack_settings(ConntrackSettings { now, ..ct })
+            .unwrap()
+    };
+    // Flow i arrives at second 100 + i: the two buckets are full.
+    for (i, &(src, sport)) in flows[..ways].iter().enumerate() {
+        at(&mut lab, 100 + i as u32);
+        send_from(&mut lab, src, sport, IPPROTO_TCP, TCP_SYN);
+    }
+    // The first flow sends again, so the second is now the idlest.
+    at(&mut lab, 200);
+    let (src, sport) = flows[0];
+    send_from(&mut lab, src, sport, IPPROTO_TCP, TCP_ACK);
+    let (src, sport) = flows[ways];
+    send_from(&mut lab, src, sport, IPPROTO_TCP, TCP_SYN);
+    let held: Vec<bool> = flows
+        .iter()
+        .map(|&(src, sport)| entry(&lab, src, sport, IPPROTO_TCP).is_some())
+        .collect();
+    let mut want = vec![true; ways + 1];
+    want[1] = false;
+    assert_eq!(held, want, "entries held, flow by flow");
 }
