@@ -169,13 +169,14 @@ mod tests {
     #[test]
     fn capacities_override_the_objects_sizes() {
         let object = aya_obj::Object::parse(EBPF_OBJECT).unwrap();
+        // Rounded up to whole groups of buckets.
         let capacity = Capacity {
-            conntrack_entries: 4096,
+            conntrack_entries: 4000,
             ..Capacity::default()
         };
         let shape = wanted(&object, names::CONNTRACK, &capacity).unwrap();
-        assert_eq!(shape.max_entries, 4096);
-        assert_eq!(shape.value_size as usize, size_of::<lb_common::FlowValue>());
+        assert_eq!(shape.max_entries, 4032);
+        assert_eq!(shape.value_size as usize, size_of::<lb_common::FlowEntry>());
     }
 
     #[test]
