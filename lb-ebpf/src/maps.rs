@@ -142,8 +142,9 @@ pub fn backend(id: u32) -> Option<&'static BackendValue> {
 pub struct Lookup {
     /// Its entry, in place, with the value as read when it was found whole.
     pub hit: Option<(NonNull<FlowEntry>, FlowValue)>,
-    /// The entry a new one for the flow would replace: a free one, the
-    /// flow's own torn one, else the bucket's least recently seen.
+    /// The entry a new one for the flow would replace: the flow's own (torn
+    /// or not), else a free one of the less loaded bucket, else the least
+    /// recently seen of both buckets.
     victim: Option<NonNull<FlowEntry>>,
 }
 

@@ -187,6 +187,12 @@ fn client(n: u16) -> [u8; 4] {
 /// Clients of the flood: 198.18.128.0/17, one address and port per flow.
 const FLOOD_NET: [u8; 2] = [198, 18];
 
+/// The flood's client `n`.
+fn flood_client(n: u32) -> [u8; 4] {
+    let [_, _, a, b] = n.to_be_bytes();
+    [FLOOD_NET[0], FLOOD_NET[1], a | 0x80, b]
+}
+
 fn entry(lab: &Lab, src: [u8; 4], sport: u16, proto: u8) -> Option<FlowValue> {
     lab.dp.conntrack(&flow(src, sport, proto)).unwrap()
 }
@@ -361,8 +367,7 @@ fn flood(budget: u32) -> (usize, u64) {
         })
         .collect();
     for n in 0..FLOOD {
-        let [_, _, a, b] = (0x8000 + n).to_be_bytes();
-        let src = [FLOOD_NET[0], FLOOD_NET[1], a | 0x80, b];
+        let src = flood_client(0x8000 + n);
         send_from(
             &mut lab,
             src,
@@ -460,27 +465,35 @@ fn an_entry_outliving_its_service_is_not_taken_for_the_service_reusing_its_id() 
 /// Entries of the fill test's table: 128 groups of 16 buckets of 4.
 const FILL_TABLE: u32 = 8_192;
 
-/// Sends a SYN of each of `flows` fresh flows from 198.18.128.0/17 with
-/// the clock at `now`; returns them as (source, port).
-fn fill(
-    lab: &mut Lab,
-    ct: ConntrackSettings,
-    first: u32,
-    flows: u32,
-    now: u32,
-) -> Vec<([u8; 4], u16)> {
-    lab.dp
-        .set_conntrack_settings(ConntrackSettings { now, ..ct })
-        .unwrap();
+/// A lab with the fill tests' table, no aging and no insert budget.
+fn fill_lab() -> Lab {
+    let capacity = Capacity {
+        conntrack_entries: FILL_TABLE,
+        ..lab_capacity(RING)
+    };
+    setup_with(capacity, IPPROTO_TCP, ConntrackSettings::default(), 0)
+}
+
+/// Sends a SYN of each of `flows` fresh flows from the flood's clients,
+/// from client `first` on, with the clock at `now`; returns them as
+/// (client, port).
+fn fill(lab: &mut Lab, first: u32, flows: u32, now: u32) -> Vec<([u8; 4], u16)> {
+    set_clock(lab, ConntrackSettings::default(), now);
     (first..first + flows)
         .map(|n| {
-            let [_, _, a, b] = n.to_be_bytes();
-            let src = [FLOOD_NET[0], FLOOD_NET[1], a | 0x80, b];
-            let sport = 1024 + (n % 60_000) as u16;
+            let (src, sport) = (flood_client(n), 1024 + (n % 60_000) as u16);
             send_from(lab, src, sport, IPPROTO_TCP, TCP_SYN);
             (src, sport)
         })
         .collect()
+}
+
+/// How many of `flows` (client, port) have an entry.
+fn held(lab: &Lab, flows: &[([u8; 4], u16)]) -> usize {
+    flows
+        .iter()
+        .filter(|&&(src, sport)| entry(lab, src, sport, IPPROTO_TCP).is_some())
+        .count()
 }
 
 /// The table is buckets of four entries, and a flow may live in either of
@@ -492,25 +505,14 @@ fn a_quarter_full_table_holds_every_flow_and_a_half_full_one_nearly_all() {
     if !privileged() {
         return;
     }
-    let capacity = Capacity {
-        conntrack_entries: FILL_TABLE,
-        ..lab_capacity(RING)
-    };
-    let ct = ConntrackSettings::default();
-    let mut lab = setup_with(capacity, IPPROTO_TCP, ct, 0);
-    let held = |lab: &Lab, flows: &[([u8; 4], u16)]| {
-        flows
-            .iter()
-            .filter(|&&(src, sport)| entry(lab, src, sport, IPPROTO_TCP).is_some())
-            .count()
-    };
-    let mut half = fill(&mut lab, ct, 0, FILL_TABLE / 4, 100);
+    let mut lab = fill_lab();
+    let mut half = fill(&mut lab, 0, FILL_TABLE / 4, 100);
     assert_eq!(
         held(&lab, &half),
         half.len(),
         "a quarter-full table lost entries"
     );
-    half.extend(fill(&mut lab, ct, FILL_TABLE / 4, FILL_TABLE / 4, 100));
+    half.extend(fill(&mut lab, FILL_TABLE / 4, FILL_TABLE / 4, 100));
     let lost = half.len() - held(&lab, &half);
     assert!(
         lost * 1000 <= half.len(),
@@ -532,8 +534,7 @@ fn sharing_buckets(lab: &Lab, count: usize) -> Vec<([u8; 4], u16)> {
     let first = place(client(1), 1024);
     let mut found = vec![(client(1), 1024)];
     for n in 0u32.. {
-        let [_, _, a, b] = n.to_be_bytes();
-        let src = [FLOOD_NET[0], FLOOD_NET[1], a | 0x80, b];
+        let src = flood_client(n);
         for sport in [2000, 3000, 4000, 5000] {
             if place(src, sport) == first {
                 found.push((src, sport));
@@ -553,35 +554,23 @@ fn a_new_flow_in_full_buckets_replaces_the_least_recently_seen_entry() {
     if !privileged() {
         return;
     }
-    let capacity = Capacity {
-        conntrack_entries: FILL_TABLE,
-        ..lab_capacity(RING)
-    };
-    let ct = ConntrackSettings::default();
-    let mut lab = setup_with(capacity, IPPROTO_TCP, ct, 0);
+    let mut lab = fill_lab();
     let ways = 2 * CONNTRACK_WAYS as usize;
     let flows = sharing_buckets(&lab, ways + 1);
-    let at = |lab: &mut Lab, now: u32| {
-        lab.dp
-            .set_conntrack_settings(ConntrackSettings { now, ..ct })
-            .unwrap()
-    };
+    let ct = ConntrackSettings::default();
     // Flow i arrives at second 100 + i: the two buckets are full.
     for (i, &(src, sport)) in flows[..ways].iter().enumerate() {
-        at(&mut lab, 100 + i as u32);
+        set_clock(&mut lab, ct, 100 + i as u32);
         send_from(&mut lab, src, sport, IPPROTO_TCP, TCP_SYN);
     }
     // The first flow sends again, so the second is now the idlest.
-    at(&mut lab, 200);
+    set_clock(&mut lab, ct, 200);
     let (src, sport) = flows[0];
     send_from(&mut lab, src, sport, IPPROTO_TCP, TCP_ACK);
     let (src, sport) = flows[ways];
     send_from(&mut lab, src, sport, IPPROTO_TCP, TCP_SYN);
-    let held: Vec<bool> = flows
-        .iter()
-        .map(|&(src, sport)| entry(&lab, src, sport, IPPROTO_TCP).is_some())
-        .collect();
+    let kept: Vec<bool> = flows.iter().map(|f| held(&lab, &[*f]) == 1).collect();
     let mut want = vec![true; ways + 1];
     want[1] = false;
-    assert_eq!(held, want, "entries held, flow by flow");
+    assert_eq!(kept, want, "entries held, flow by flow");
 }
