@@ -112,11 +112,13 @@ impl Capacity {
     }
 
     /// Buckets of the connection table: `conntrack_entries` rounded up to
-    /// whole groups of buckets (`CONNTRACK_BUCKET_GROUP`).
+    /// whole groups of buckets (`CONNTRACK_BUCKET_GROUP`). At most 2^32 / 4,
+    /// so the product cannot overflow; the entries can
+    /// ([`Capacity::conntrack_table_entries`]).
     pub fn conntrack_buckets(&self) -> u32 {
         self.conntrack_entries
             .div_ceil(CONNTRACK_WAYS * CONNTRACK_BUCKET_GROUP)
-            .saturating_mul(CONNTRACK_BUCKET_GROUP)
+            * CONNTRACK_BUCKET_GROUP
     }
 
     /// Entries of the connection table: whole buckets.
