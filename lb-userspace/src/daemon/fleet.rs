@@ -198,6 +198,18 @@ impl FleetNode {
                 }
             }
             Event::Snapshot(snapshot) => {
+                // The session may have read this before the node's own
+                // write and its read after it (`refresh`): applying it would
+                // undo that write here, and base the next one on a stale
+                // guard. After a reconnect any revision is taken, as etcd
+                // may have been restored from a backup.
+                let older = self
+                    .latest
+                    .as_ref()
+                    .is_some_and(|l| snapshot.revision < l.revision);
+                if older && self.unreachable.is_none() {
+                    return;
+                }
                 if self.unreachable.take().is_some() {
                     info!("etcd reachable again");
                 }
