@@ -7,8 +7,11 @@
 //! read through its counters. A revision whose layout of one of those maps
 //! differs is refused with the map named, rather than given tables it would
 //! misread. The VIP filter and the service slots are kept too where the
-//! revision has them. Maps added since (and the connection table, which
-//! only the programs touch) are the baseline's own business.
+//! revision has them, and so is the connection table's bucket count, which
+//! a revision with buckets in an array reads from its settings (the rest of
+//! those settings stays at the defaults, as in the current object). Maps
+//! added since (and the connection table, which only the programs touch)
+//! are the baseline's own business.
 
 use std::path::Path;
 
@@ -20,8 +23,8 @@ use aya::{
 };
 use lb::dataplane::Capacity;
 use lb_common::{
-    AddrKey, BackendValue, Counter, ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings,
-    hash::vip_filter_bit, maps as names, ring_index,
+    AddrKey, BackendValue, ConntrackSettings, Counter, ServiceKey, ServiceSlot, ServiceStats,
+    ServiceValue, Settings, hash::vip_filter_bit, maps as names, ring_index,
 };
 
 use super::harness::take;
@@ -70,6 +73,16 @@ impl Baseline {
         prog.load()
             .context("the kernel refused the baseline's program")?;
         let fd = prog.fd()?.try_clone()?;
+        // Without its bucket count such a revision has no table, and every
+        // packet would take the Maglev lookup.
+        if let Some(mut ct) = take_if_any(&mut ebpf, names::CONNTRACK_SETTINGS)? {
+            let settings = ConntrackSettings {
+                buckets: capacity.conntrack_buckets(),
+                ..ConntrackSettings::default()
+            };
+            ct.set(0, settings, 0)
+                .context("writing the baseline's connection-table settings")?;
+        }
         Ok(Baseline {
             fd,
             capacity,
