@@ -107,7 +107,8 @@ pub struct ResetConfig {
     /// Flow index of the first iteration.
     pub flow_base: u32,
     /// Flows cycled through: iteration `i` gets flow index
-    /// `flow_base + i % flows`; 0 never wraps (every iteration a new flow).
+    /// `flow_base + (i * stride) % flows`; 0 never wraps (every iteration a
+    /// new flow, `flow_base + i`).
     pub flows: u32,
     /// Offset of the two bytes that take the flow index's low 16 bits,
     /// big-endian (the last two bytes of the source address).
@@ -117,8 +118,9 @@ pub struct ResetConfig {
     pub port_off: u16,
     /// Source port of flow indexes 0 to 65535.
     pub port_base: u16,
-    /// Zero.
-    pub _pad: u16,
+    /// Step through the cycle, coprime with `flows` so that each pass
+    /// visits every flow once: 1 visits them in order.
+    pub stride: u16,
 }
 
 /// The wrapper's state on one CPU; user space zeroes it before each run.
@@ -159,7 +161,7 @@ impl ResetConfig {
             addr_off,
             port_off,
             port_base,
-            _pad: 0,
+            stride: 1,
         }
     }
 

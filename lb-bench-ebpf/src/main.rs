@@ -259,7 +259,12 @@ fn reset(ctx: &XdpContext) -> Option<()> {
     }
     // SAFETY: per-CPU value, no concurrent writer on this CPU.
     let s = unsafe { &mut *state };
-    let index = config.flow_base.wrapping_add(s.next);
+    let step = if config.flows != 0 {
+        (s.next as u64 * config.stride as u64 % config.flows as u64) as u32
+    } else {
+        s.next
+    };
+    let index = config.flow_base.wrapping_add(step);
     s.next += 1;
     if config.flows != 0 && s.next >= config.flows {
         s.next = 0;

@@ -77,12 +77,15 @@ impl Program {
 pub enum Flows {
     /// Every iteration the same flow.
     One(u32),
-    /// Iteration `i` carries flow `base + i % count`.
+    /// Iteration `i` carries flow `base + (i * stride) % count`.
     Cycle {
         /// First flow index.
         base: u32,
         /// Flows in the cycle.
         count: u32,
+        /// Step through the cycle, coprime with `count`: 1 visits the flows
+        /// in order.
+        stride: u16,
     },
     /// Every iteration a flow never seen before.
     Fresh,
@@ -335,14 +338,25 @@ impl Harness {
         let (first_flow, config) = match method {
             Method::Direct(index) => (index, None),
             Method::Reset(flows) => {
-                let (base, count) = match flows {
-                    Flows::One(index) => (index, 1),
-                    Flows::Cycle { base, count } => (base, count),
-                    Flows::Fresh => (self.fresh_flows(repeat)?, 0),
+                let (base, count, stride) = match flows {
+                    Flows::One(index) => (index, 1, 1),
+                    Flows::Cycle {
+                        base,
+                        count,
+                        stride,
+                    } => {
+                        ensure!(
+                            gcd(u32::from(stride), count) == 1,
+                            "a stride of {stride} through {count} flows would skip some"
+                        );
+                        (base, count, stride)
+                    }
+                    Flows::Fresh => (self.fresh_flows(repeat)?, 0, 1),
                 };
                 let mut config = *template;
                 config.flow_base = base;
                 config.flows = count;
+                config.stride = stride;
                 (base, Some(config))
             }
         };
@@ -525,4 +539,9 @@ impl Snapshot {
         }
         Ok(())
     }
+}
+
+/// Greatest common divisor.
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
 }

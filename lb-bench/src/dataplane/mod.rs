@@ -105,6 +105,11 @@ const MAX_BACKENDS: u32 = 4096;
 /// buckets, which overflow before the table is full (at 1.1 a few flows in a
 /// million lost their entries; docs/dataplane.md).
 const CONNTRACK_HEADROOM: f64 = 2.0;
+/// The many-flows cycles' step between consecutive flows (in the order they
+/// were put in the table): a prime, so coprime with every count measured
+/// that it does not divide, and large enough that consecutive entries of a
+/// table filled in order are pages apart.
+pub(crate) const CYCLE_STRIDE: u16 = 7919;
 
 /// What a case measures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -686,6 +691,23 @@ fn run_matrix(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<Vec<G
     Ok(groups)
 }
 
+/// The many-flows groups' runs over `count` flows from `base`: the fill,
+/// which visits them in the order of their indexes, and the timed cycle,
+/// which strides through them. Visited in the fill's order, consecutive
+/// flows of a table that places entries as they come (an LRU hash hands out
+/// its preallocated elements in order) would sit next to each other in
+/// memory, unlike those of real traffic.
+fn fill_and_cycle(base: u32, count: u32) -> (Method, Method) {
+    let run = |stride| {
+        Method::Reset(Flows::Cycle {
+            base,
+            count,
+            stride,
+        })
+    };
+    (run(1), run(CYCLE_STRIDE))
+}
+
 fn run_many_flows(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<Vec<GroupResult>> {
     let Some(&most) = plan.many_flows.iter().max() else {
         return Ok(Vec::new());
@@ -731,14 +753,14 @@ fn run_many_flows(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<V
                     flows: 1,
                 });
             }
-            // Every flow of the cycle goes into the table first, each a
-            // Maglev lookup, which the counters prove.
+            // Every flow of the cycle goes into the table first, in order,
+            // each a Maglev lookup, which the counters prove.
             let base = h.fresh_flows(count)?;
-            let cycle = Method::Reset(Flows::Cycle { base, count });
+            let (fill, cycle) = fill_and_cycle(base, count);
             for program in h.lb_programs() {
                 h.run(
                     program,
-                    cycle,
+                    fill,
                     &template,
                     count,
                     &expect_forward(sid, family, mode, true),
@@ -774,10 +796,10 @@ fn run_many_flows(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<V
             });
         }
         let base = h.fresh_flows(count)?;
-        let cycle = Method::Reset(Flows::Cycle { base, count });
+        let (fill, cycle) = fill_and_cycle(base, count);
         h.run(
             Program::LruInsert,
-            cycle,
+            fill,
             &template,
             count,
             &expect_reference(LruCounter::Inserted),

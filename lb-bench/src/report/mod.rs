@@ -543,15 +543,19 @@ fn many_flows(out: &mut String, d: &DataplaneResults) {
     let _ = writeln!(
         out,
         "### Many established flows\n\n\
-         Established flows cycled through, one after the other, so that the \
-         connection table's entries (and the pages holding them) are no longer \
-         in cache: each flow is first put in the table (every one a Maglev \
-         lookup, which the counters prove), then every run visits each flow at \
-         least once and every iteration must hit. {} backends per service; \
+         Established flows cycled through, so that the connection table's \
+         entries (and the pages holding them) are no longer in cache: each \
+         flow is first put in the table, in order (every one a Maglev lookup, \
+         which the counters prove), then every run visits each flow at least \
+         once and every iteration must hit. The runs stride through the flows \
+         ({} flows apart in the order they were put in), as real traffic does \
+         not follow that order, in which a table that places entries as they \
+         come (an LRU hash) would have them side by side. {} backends per service; \
          a connection table of {} entries (lb's and the reference's alike), \
          sized so that no flow is evicted. Ratio to the \
          parse-and-swap floor (median ns); all through the reset wrapper, which \
          writes the flow into the frame.\n",
+        thousands(u64::from(crate::dataplane::CYCLE_STRIDE)),
         g0.backends,
         thousands(g0.conntrack_entries as u64)
     );
@@ -771,9 +775,7 @@ fn many_flows_loss(out: &mut String, d: &DataplaneResults) {
              {} to {} ns (+{} ns) over the same flows, {} of lb's growth. Both \
              tables miss in cache and TLB: each flow's entry is at a random place \
              in a large preallocated area (lb's two buckets share a page, the LRU \
-             hash's bucket and entry do not, but the cycle visits flows in the \
-             order they were inserted, which is the order of the LRU hash's \
-             entries in memory).",
+             hash's bucket and entry do not).",
             ns(lb1),
             ns(lbn),
             thousands(last.many_flows as u64),
