@@ -271,8 +271,14 @@ fn dataplane(out: &mut String, d: &DataplaneResults) {
     wrapper(out, d);
     method(out, d);
     losses(out, d);
+    out.push_str(LEVERS);
+    out.push('\n');
     details(out, d);
 }
+
+/// The levers tried on the packet path, kept by hand with the figures that
+/// decided them (one run cannot measure a lever already taken out).
+const LEVERS: &str = include_str!("../../../bench/levers.md");
 
 /// The measured services in table column order.
 const MEASURED_ORDER: [(Family, Mode); 4] = [
@@ -792,11 +798,11 @@ fn many_flows_loss(out: &mut String, d: &DataplaneResults) {
 fn why(path: Path) -> &'static str {
     match path {
         Path::Established => {
-            "A hit costs the service lookup (hash map), the settings, \
-             connection-table settings and backend lookups (arrays), the flow \
-             hash and the connection-table lookup (its entry among the eight of \
-             its two buckets), the entry's age check, and the counters: several \
-             map accesses the floor does not make."
+            "A hit costs the VIP filter, the connection-table settings, the \
+             service's slot and the backend (array reads), the bucket hash and \
+             the connection-table lookup (its entry among the eight of its two \
+             buckets), the entry's age check, and the counters: several map \
+             accesses the floor does not make."
         }
         Path::NewFlow => {
             "On top of a miss in the connection table (eight entries read, in \
