@@ -214,7 +214,7 @@ impl FlowKey {
 
     /// The `i`th 64-bit word of the key (`i < 5`).
     #[inline(always)]
-    fn word(&self, i: usize) -> u64 {
+    pub(crate) fn word(&self, i: usize) -> u64 {
         debug_assert!(i < 5);
         // SAFETY: the key is 40 bytes aligned to 8 with explicit padding (see
         // the asserts), so each of its five words is initialised and aligned.
@@ -287,8 +287,8 @@ pub struct FlowEntry {
 }
 
 impl FlowEntry {
-    /// The entry pinning `key`, whose [`flow_hash`](crate::hash::flow_hash)
-    /// of the 5-tuple is `hash`, to `value`.
+    /// The entry pinning `key`, whose [`bucket_hash`](crate::hash::bucket_hash)
+    /// is `hash`, to `value`.
     #[inline(always)]
     pub fn new(key: FlowKey, value: FlowValue, hash: u32) -> Self {
         FlowEntry {
@@ -313,6 +313,13 @@ impl FlowEntry {
     #[inline(always)]
     pub fn is_sealed(hash: u32, value: &FlowValue, seal: u32) -> bool {
         Self::seal(hash, value) == seal
+    }
+
+    /// Whether an entry read whole (a copy) is sealed: written whole, by a
+    /// version that hashes flows as this one does. User space only; the
+    /// data plane has the hash already.
+    pub fn is_readable(&self) -> bool {
+        Self::is_sealed(crate::hash::bucket_hash(&self.key), &self.value, self.seal)
     }
 }
 

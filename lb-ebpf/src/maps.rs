@@ -156,7 +156,7 @@ impl Lookup {
     };
 }
 
-/// Looks `flow`, whose 5-tuple hashes to `hash`, up in its two buckets.
+/// Looks `flow`, whose bucket hash is `hash`, up in its two buckets.
 #[inline(always)]
 pub fn conntrack_lookup(ct: &ConntrackSettings, flow: &FlowKey, hash: u32) -> Lookup {
     if ct.buckets == 0 {
@@ -249,7 +249,7 @@ pub fn may_insert(ct: &ConntrackSettings) -> bool {
         })
 }
 
-/// Pins `flow` (5-tuple hash `hash`) to a backend in the entry `at` found
+/// Pins `flow` (bucket hash `hash`) to a backend in the entry `at` found
 /// for it, if this CPU's insert budget (`ct`) allows; accounts the insert or
 /// the refusal. Not pinning only means the flow follows the Maglev table,
 /// as it does anyway while the table does not change.

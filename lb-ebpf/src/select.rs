@@ -5,8 +5,8 @@ use core::ptr::NonNull;
 
 use lb_common::{
     BACKEND_F_UP, BackendValue, ConntrackSettings, Counter, FLOW_F_CLOSED, FlowEntry, FlowKey,
-    FlowValue, SERVICE_F_AFFINITY, SERVICE_F_IPIP, ServiceValue,
-    hash::flow_hash,
+    FlowValue, SERVICE_F_AFFINITY, ServiceValue,
+    hash::{bucket_hash, flow_hash},
     limits::NO_BACKEND,
     ring_index,
     wire::{IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -22,9 +22,9 @@ pub struct Choice {
     pub backend: &'static BackendValue,
     /// Chosen by a Maglev lookup rather than a connection-table hit.
     pub new_flow: bool,
-    /// The flow hash: the Maglev slot's source, and the tunnel source's for
-    /// `ipip`. A `dsr-l2` connection-table hit has no use for it; with client
-    /// affinity it is then the 5-tuple's, not the client's.
+    /// The flow's [`bucket_hash`], which `ipip` spreads tunnels by (outer
+    /// source, flow label): computed for every packet anyway, and one flow
+    /// per tunnel spreads better than one client per tunnel.
     pub hash: u32,
 }
 
@@ -84,16 +84,16 @@ pub fn select_backend(
         0
     };
     let now = ct.now;
-    // The 5-tuple's hash finds the flow's bucket, and is the Maglev slot's
-    // source too unless the service hashes the client alone.
-    let tuple_hash = flow_hash(flow, false);
+    // The bucket hash finds the flow's entry; the Maglev hash (the client
+    // address's alone with client affinity) is left to misses.
+    let bucket = bucket_hash(flow);
     // A SYN reads its entry only to spare a rewrite; with the insert budget
     // spent there will be no write, so it skips the lookup: a flood of SYNs
     // costs a Maglev lookup a packet, no bucket walk.
     let at = if syn && !maps::may_insert(ct) {
         Lookup::NONE
     } else {
-        maps::conntrack_lookup(ct, flow, tuple_hash)
+        maps::conntrack_lookup(ct, flow, bucket)
     };
     // The entry's service, if its slot still serves the flow.
     let slotted = at
@@ -110,17 +110,11 @@ pub fn select_backend(
         if remember {
             refresh(p, &pinned, now, pinned.flags | closing);
         }
-        // Only `ipip` uses the hash of a flow it already knows.
-        let hash = if service.flags & SERVICE_F_IPIP != 0 {
-            maglev_hash(&service, flow, tuple_hash)
-        } else {
-            tuple_hash
-        };
         let choice = Choice {
             id: pinned.backend,
             backend,
             new_flow: false,
-            hash,
+            hash: bucket,
         };
         return Ok((service, choice));
     }
@@ -134,8 +128,7 @@ pub fn select_backend(
     if ring_size == 0 {
         return Err(Counter::DropNoBackend);
     }
-    let hash = maglev_hash(&service, flow, tuple_hash);
-    let slot = hash % ring_size;
+    let slot = flow_hash(flow, service.flags & SERVICE_F_AFFINITY != 0) % ring_size;
     let id = maps::ring_slot(ring_index(
         service.id,
         service.active_ring & 1,
@@ -176,7 +169,7 @@ pub fn select_backend(
                     flags: closing,
                     service: service.id,
                 },
-                tuple_hash,
+                bucket,
             ),
         }
     }
@@ -184,20 +177,9 @@ pub fn select_backend(
         id,
         backend,
         new_flow: true,
-        hash,
+        hash: bucket,
     };
     Ok((service, choice))
-}
-
-/// The hash whose remainder picks `flow`'s slot in `service`'s Maglev table:
-/// the client address's with client affinity, else the 5-tuple's (given).
-#[inline(always)]
-fn maglev_hash(service: &ServiceValue, flow: &FlowKey, tuple_hash: u32) -> u32 {
-    if service.flags & SERVICE_F_AFFINITY != 0 {
-        flow_hash(flow, true)
-    } else {
-        tuple_hash
-    }
 }
 
 /// Brings the entry `seen` was read from up to date in place: its last

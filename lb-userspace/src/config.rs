@@ -152,7 +152,7 @@ pub struct SettingsFile {
     /// Prometheus endpoint (`host:port`); none by default.
     pub metrics: Option<String>,
     /// Outer IPv4 source of `ipip` packets, as `address/prefix`: host bits
-    /// come from the flow hash.
+    /// come from the flow's bucket hash.
     pub tunnel_source_v4: Option<String>,
     /// Outer IPv6 source, likewise (hash bits in the last 32 bits at most).
     pub tunnel_source_v6: Option<String>,

@@ -291,6 +291,16 @@ pub async fn run(opts: Options) -> Result<()> {
             .attach(iface, xdp_mode(settings.xdp_mode), Some(&pin))?;
         info!(interface = %iface, mode = ?settings.xdp_mode, pinned = %pin.display(), "attached");
     }
+    if adopted {
+        // This version's program now runs in place of the previous one.
+        let dropped = ctl.dataplane_mut().conntrack_clear_unreadable()?;
+        if dropped > 0 {
+            warn!(
+                dropped,
+                "connection-table entries this version cannot read (an earlier version placed them) were dropped; their flows follow the Maglev tables, the same backend unless a table changed since they started"
+            );
+        }
+    }
     info!(
         adopted,
         services = ctl.services().len(),

@@ -28,7 +28,7 @@ use lb_common::{
     FlowKey, FlowValue, ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings,
     counters::DecapCounter,
     flow_buckets,
-    hash::{flow_hash, vip_filter_bit},
+    hash::{bucket_hash, vip_filter_bit},
     limits::{
         CONNTRACK_BUCKET_GROUP, CONNTRACK_WAYS, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS,
         DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, RING_COPIES, VIP_FILTER_WORDS,
@@ -779,7 +779,7 @@ impl Dataplane {
     /// Where `flow`'s entry is in the table, and the entry: one read for
     /// each entry of its two buckets at most.
     fn conntrack_find(&self, flow: &FlowKey) -> Result<Option<(u32, FlowEntry)>> {
-        let hash = flow_hash(flow, false);
+        let hash = bucket_hash(flow);
         let [a, b] = flow_buckets(hash, self.capacity.conntrack_buckets());
         for index in (0..CONNTRACK_WAYS).flat_map(|way| [a + way, b + way]) {
             let e = self
@@ -793,26 +793,48 @@ impl Dataplane {
         Ok(None)
     }
 
-    /// Every connection-table entry in use: one batch walk over the whole
-    /// array (its cost follows the capacity, not the entries in use), or one
-    /// read per element on kernels without batches. An entry caught
-    /// mid-write by the data plane is left out.
-    pub fn conntrack_dump(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
-        let all: Vec<(u32, FlowEntry)> = match batch::lookup_all(self.conntrack.map()) {
-            Ok(all) => all,
+    /// Clears the entries in use that this version cannot read (their seal
+    /// does not match: placed by an earlier version, whose hash put them
+    /// elsewhere, or caught mid-write); returns how many. Run after this
+    /// version's program replaced the previous one, so that nothing writes
+    /// such entries again. Their flows' next packets take the Maglev tables.
+    pub fn conntrack_clear_unreadable(&mut self) -> Result<usize> {
+        let unreadable: Vec<u32> = self
+            .conntrack_all()?
+            .into_iter()
+            .filter(|(_, e)| e.key.family != 0 && !e.is_readable())
+            .map(|(i, _)| i)
+            .collect();
+        for &index in &unreadable {
+            self.conntrack
+                .set(index, FlowEntry::default(), 0)
+                .context("clearing a connection-table entry")?;
+        }
+        Ok(unreadable.len())
+    }
+
+    /// Every element of the connection table, with its index: one batch
+    /// walk over the whole array (its cost follows the capacity, not the
+    /// entries in use), or one read per element on kernels without batches.
+    fn conntrack_all(&self) -> Result<Vec<(u32, FlowEntry)>> {
+        match batch::lookup_all(self.conntrack.map()) {
+            Ok(all) => Ok(all),
             Err(e) if batch::unsupported(&e) => (0..self.conntrack.len())
                 .map(|i| self.conntrack.get(&i, 0).map(|e| (i, e)))
                 .collect::<Result<_, _>>()
-                .context("reading the connection table")?,
-            Err(e) => return Err(e).context("reading the connection table"),
-        };
-        Ok(all
+                .context("reading the connection table"),
+            Err(e) => Err(e).context("reading the connection table"),
+        }
+    }
+
+    /// Every connection-table entry in use (see [`Self::conntrack_all`] for
+    /// the cost). An entry caught mid-write by the data plane is left out.
+    pub fn conntrack_dump(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
+        Ok(self
+            .conntrack_all()?
             .into_iter()
             .map(|(_, e)| e)
-            .filter(|e| {
-                e.key.family != 0
-                    && FlowEntry::is_sealed(flow_hash(&e.key, false), &e.value, e.seal)
-            })
+            .filter(|e| e.key.family != 0 && e.is_readable())
             .map(|e| (e.key, e.value))
             .collect())
     }

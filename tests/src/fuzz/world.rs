@@ -23,8 +23,11 @@ use anyhow::{Context as _, Result, bail, ensure};
 use lb::dataplane::Capacity;
 use lb_common::{
     AddrKey, BACKEND_F_UP, BackendValue, Counter, FAMILY_V4, FlowKey, FlowValue,
-    SERVICE_F_AFFINITY, SERVICE_F_IPIP, ServiceKey, hash::flow_hash, limits::NO_BACKEND,
-    maps::PROG_LB, wire::*,
+    SERVICE_F_AFFINITY, SERVICE_F_IPIP, ServiceKey,
+    hash::{bucket_hash, flow_hash},
+    limits::NO_BACKEND,
+    maps::PROG_LB,
+    wire::*,
 };
 
 use super::{
@@ -733,8 +736,7 @@ impl World {
         let l3 = hit.l3_off;
         let v4 = self.services[hit.service].key.family == FAMILY_V4;
         let outer_len = if v4 { IPV4_HLEN } else { IPV6_HLEN };
-        let affinity = self.services[hit.service].spec.flags & SERVICE_F_AFFINITY != 0;
-        let hash = flow_hash(&hit.flow, affinity);
+        let hash = bucket_hash(&hit.flow);
         if out.len() != frame.len() + outer_len {
             return Err((
                 "ipip adds one outer header",

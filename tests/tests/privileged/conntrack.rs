@@ -11,7 +11,10 @@ use std::net::{IpAddr, Ipv4Addr};
 use lb::dataplane::Capacity;
 use lb_common::{
     ConntrackSettings, FLOW_F_CLOSED, FlowKey, FlowValue, addr_bytes, flow_buckets,
-    hash::flow_hash, limits::CONNTRACK_WAYS, maps::PROG_LB, wire::*,
+    hash::{bucket_hash, flow_hash},
+    limits::CONNTRACK_WAYS,
+    maps::PROG_LB,
+    wire::*,
 };
 use lb_tests::{
     lab::{LB_MAC, Lab, ROUTER_MAC, TX, backend_of_mac, lab_capacity, service_key},
@@ -527,7 +530,7 @@ fn a_quarter_full_table_holds_every_flow_and_a_half_full_one_nearly_all() {
 fn sharing_buckets(lab: &Lab, count: usize) -> Vec<([u8; 4], u16)> {
     let buckets = lab.dp.capacity().conntrack_buckets();
     let place = |src: [u8; 4], sport: u16| {
-        let mut pair = flow_buckets(flow_hash(&flow(src, sport, IPPROTO_TCP), false), buckets);
+        let mut pair = flow_buckets(bucket_hash(&flow(src, sport, IPPROTO_TCP)), buckets);
         pair.sort_unstable();
         pair
     };

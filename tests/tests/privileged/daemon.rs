@@ -15,7 +15,9 @@ use std::{
 };
 
 use anyhow::{Result, bail};
+use aya::maps::{Array, Map, MapData};
 use lb::demo::server::{NameServer, http_get};
+use lb_common::{FlowEntry, FlowKey, FlowValue, addr_bytes, hash::flow_hash};
 use lb_tests::{
     daemon::{Daemon, default_web_config, web_config},
     lan::Lan,
@@ -531,5 +533,43 @@ fn a_restart_replaces_a_resized_connection_table_and_refuses_resized_tables() {
     std::fs::write(&d.config, &resized).unwrap();
     d.spawn().unwrap();
     assert_eq!(digest(&d).unwrap().0, before.0);
+    assert_eq!(tally(&lan, 20).unwrap().len(), 2, "both backends serve");
+
+    // An entry this version cannot read, as an earlier version placed and
+    // sealed it (by the Maglev hash): dropped once the new program runs.
+    d.kill(libc::SIGKILL).unwrap();
+    let pin = d.pins.join(lb_common::maps::CONNTRACK);
+    let table = || {
+        let map = MapData::from_pin(&pin).unwrap();
+        Array::<MapData, FlowEntry>::try_from(Map::Array(map)).unwrap()
+    };
+    let (src, _) = addr_bytes(IpAddr::V4(Ipv4Addr::new(198, 18, 2, 9)));
+    let (dst, family) = addr_bytes(IpAddr::V4(VIP));
+    let key = FlowKey {
+        src,
+        dst,
+        sport: 40000u16.to_be(),
+        dport: 80u16.to_be(),
+        proto: 6,
+        family,
+        _pad: [0; 2],
+    };
+    let value = FlowValue {
+        backend: 1,
+        generation: 1,
+        ..FlowValue::default()
+    };
+    let old = FlowEntry {
+        key,
+        value,
+        seal: FlowEntry::seal(flow_hash(&key, false), &value),
+    };
+    assert!(!old.is_readable());
+    let last = table().len() - 1;
+    table().set(last, old, 0).unwrap();
+    d.spawn().unwrap();
+    let log = d.log();
+    assert!(log.contains("entries this version cannot read"), "{log}");
+    assert_eq!(table().get(&last, 0).unwrap(), FlowEntry::default());
     assert_eq!(tally(&lan, 20).unwrap().len(), 2, "both backends serve");
 }
