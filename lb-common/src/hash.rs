@@ -1,7 +1,9 @@
-//! The flow hash: one implementation, compiled into the XDP program and into
-//! user space, so `lb explain` and the tests compute exactly the backend the
-//! kernel picks. MurmurHash3's 32-bit mixing over the key's words, written
-//! without loops or slices so the verifier sees straight-line code.
+//! The hashes of a flow, each one implementation compiled into the XDP
+//! program and into user space, so `lb explain` and the tests compute
+//! exactly what the kernel does: [`flow_hash`] (MurmurHash3's 32-bit mixing)
+//! picks the Maglev slot, [`bucket_hash`] (64-bit multiplications, cheaper in
+//! BPF) the connection-table buckets. Written without loops or slices so the
+//! verifier sees straight-line code.
 
 use crate::{
     limits::VIP_FILTER_BITS_LOG2,

@@ -6,7 +6,7 @@
 //! - [`maps`]: the names of the maps, as both sides spell them.
 //! - [`types`]: map keys and values (`#[repr(C)]`, explicit padding, size asserts).
 //! - [`counters`]: the global pass/drop/forward reasons.
-//! - [`hash`]: the flow hash, one implementation for the kernel and user space.
+//! - [`hash`]: the flow and bucket hashes, one implementation for the kernel and user space.
 //! - [`wire`]: protocol numbers and header sizes.
 //!
 //! Byte order: addresses and ports are kept as they appear on the wire
