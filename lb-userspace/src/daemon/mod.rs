@@ -12,6 +12,7 @@
 //! - `metrics`: the Prometheus endpoint.
 
 pub mod controller;
+mod durable;
 mod fleet;
 mod flows;
 mod metrics;
@@ -119,7 +120,7 @@ impl ConfigFile {
         change: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
         let tmp = self.path.with_extension("lb-new");
-        std::fs::write(&tmp, &text).with_context(|| {
+        durable::write_synced(&tmp, text.as_bytes()).with_context(|| {
             format!(
                 "cannot write beside {} (the change would be lost at the next restart); nothing changed",
                 self.path.display()
@@ -130,7 +131,7 @@ impl ConfigFile {
         }
         let result = change();
         if result.is_ok() {
-            std::fs::rename(&tmp, &self.path).with_context(|| {
+            durable::rename_synced(&tmp, &self.path).with_context(|| {
                 format!(
                     "the change is live, but replacing {} failed: save the running configuration by hand",
                     self.path.display()

@@ -82,15 +82,17 @@ impl Runtime {
         }
     }
 
-    /// Writes the state file atomically (temporary file, then rename).
+    /// Writes the state file so that a crash leaves the old state or the
+    /// new one, whole (written beside it, flushed, renamed, flushed).
     pub fn save(&self, path: &Path) -> Result<()> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)
+        super::durable::write_synced(&tmp, &serde_json::to_vec_pretty(self)?)
             .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+        super::durable::rename_synced(&tmp, path)
+            .with_context(|| format!("replacing {}", path.display()))
     }
 
     /// The override of one backend.

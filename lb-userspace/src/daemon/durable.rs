@@ -1,0 +1,48 @@
+//! Files that survive a crash or a power cut: the new content is written
+//! beside the file and flushed to the disk, then renamed over the file, and
+//! the rename is flushed with the directory that holds it. A reader after a
+//! crash finds the old content or the new one, whole (without the flushes,
+//! a file system may commit the rename before the data: an empty or torn
+//! file, which stops the daemon from starting).
+
+use std::{fs::File, io::Write as _, path::Path};
+
+/// Writes `bytes` to `path` (created or truncated) and flushes them.
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut file = File::create(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+/// Renames `from` over `to`, then flushes `to`'s directory, which holds the
+/// rename.
+pub(crate) fn rename_synced(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::rename(from, to)?;
+    let dir = match to.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_synced_replacement_leaves_the_new_content_and_no_temporary() {
+        let dir = std::env::temp_dir().join(format!("lb-durable-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (path, tmp) = (dir.join("state.json"), dir.join("state.tmp"));
+        std::fs::write(&path, b"old").unwrap();
+        write_synced(&tmp, b"new").unwrap();
+        rename_synced(&tmp, &path).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        assert!(!tmp.exists());
+        assert!(
+            rename_synced(&tmp, &path).is_err(),
+            "nothing left to rename"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
