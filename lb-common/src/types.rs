@@ -315,6 +315,13 @@ impl FlowEntry {
         Self::seal(hash, value) == seal
     }
 
+    /// Whether the entry holds no flow (never written, or cleared): a
+    /// flow's family is never 0.
+    #[inline(always)]
+    pub fn is_free(&self) -> bool {
+        self.key.family == 0
+    }
+
     /// Whether an entry read whole (a copy) is sealed: written whole, by a
     /// version that hashes flows as this one does. User space only; the
     /// data plane has the hash already.

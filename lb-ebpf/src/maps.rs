@@ -196,7 +196,7 @@ pub fn conntrack_lookup(ct: &ConntrackSettings, flow: &FlowKey, hash: u32) -> Lo
                 victim: Some(p),
             };
         }
-        if e.key.family == 0 {
+        if e.is_free() {
             if in_a {
                 if free_a.is_null() {
                     free_a = p.as_ptr();

@@ -802,15 +802,20 @@ impl Dataplane {
         let unreadable: Vec<u32> = self
             .conntrack_all()?
             .into_iter()
-            .filter(|(_, e)| e.key.family != 0 && !e.is_readable())
+            .filter(|(_, e)| !e.is_free() && !e.is_readable())
             .map(|(i, _)| i)
             .collect();
         for &index in &unreadable {
-            self.conntrack
-                .set(index, FlowEntry::default(), 0)
-                .context("clearing a connection-table entry")?;
+            self.conntrack_clear(index)?;
         }
         Ok(unreadable.len())
+    }
+
+    /// Frees entry `index` in place.
+    fn conntrack_clear(&mut self, index: u32) -> Result<()> {
+        self.conntrack
+            .set(index, FlowEntry::default(), 0)
+            .context("clearing a connection-table entry")
     }
 
     /// Every element of the connection table, with its index: one batch
@@ -834,7 +839,7 @@ impl Dataplane {
             .conntrack_all()?
             .into_iter()
             .map(|(_, e)| e)
-            .filter(|e| e.key.family != 0 && e.is_readable())
+            .filter(|e| !e.is_free() && e.is_readable())
             .map(|e| (e.key, e.value))
             .collect())
     }
@@ -848,9 +853,7 @@ impl Dataplane {
         let mut removed = 0;
         for flow in flows {
             if let Some((index, _)) = self.conntrack_find(flow)? {
-                self.conntrack
-                    .set(index, FlowEntry::default(), 0)
-                    .context("removing a connection-table entry")?;
+                self.conntrack_clear(index)?;
                 removed += 1;
             }
         }
