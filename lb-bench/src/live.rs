@@ -237,6 +237,8 @@ fn measure(
         .attach(GEN_IF, XdpMode::Driver)
         .context("attaching the sink to the generator's veth")?;
     fwd_ns.enter()?;
+    let fwd = lb::dataplane::read_interface(FWD_IF)?;
+    h.lab.dp.set_interface(&fwd)?;
     let mut samples: Vec<Vec<RunSample>> = (0..PROGRAMS.len() * MODES.len())
         .map(|_| Vec::new())
         .collect();

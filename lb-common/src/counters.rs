@@ -40,11 +40,15 @@ pub enum Counter {
     /// An ICMP "fragmentation needed"/"packet too big" relayed to the backend
     /// owning the quoted flow.
     ForwardIcmpError = 14,
+    /// Sent to a MAC other than the receiving interface's own (another
+    /// host's, flooded by a switch; broadcast; multicast), or received on an
+    /// interface lb was not attached to: passed untouched, never forwarded.
+    PassForeignMac = 15,
 }
 
 impl Counter {
     /// Number of counters (the `LB_COUNTERS` array size).
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -63,6 +67,7 @@ impl Counter {
         Counter::ForwardDsr,
         Counter::ForwardIpip,
         Counter::ForwardIcmpError,
+        Counter::PassForeignMac,
     ];
 
     /// Stable snake_case name, for logs, JSON and metric labels.
@@ -83,6 +88,7 @@ impl Counter {
             Counter::ForwardDsr => "forward_dsr",
             Counter::ForwardIpip => "forward_ipip",
             Counter::ForwardIcmpError => "forward_icmp_error",
+            Counter::PassForeignMac => "pass_foreign_mac",
         }
     }
 }

@@ -58,6 +58,12 @@ pub const VIP_FILTER_BITS_LOG2: u32 = 16;
 /// 64-bit words of the VIP filter.
 pub const VIP_FILTER_WORDS: u32 = 1 << (VIP_FILTER_BITS_LOG2 - 6);
 
+/// Slots of the interface table (`LB_INTERFACES`), a power of two. An
+/// interface lives in slot [`crate::interface_slot`] of its index; user space
+/// refuses to attach to two interfaces whose indexes share a slot (their
+/// indexes would have to differ by a multiple of this).
+pub const INTERFACE_SLOTS: u32 = 256;
+
 /// Ring slot value meaning "no backend": the ring of a service whose backends
 /// are all out of rotation is filled with it, and such packets are dropped and
 /// counted rather than passed (a VIP is not the host's own address).

@@ -21,6 +21,9 @@ pub const CONNTRACK_SETTINGS: &str = "LB_CONNTRACK_SETTINGS";
 pub const CONNTRACK_STATS: &str = "LB_CONNTRACK_STATS";
 /// Data-plane settings: index 0 → [`crate::Settings`] (array).
 pub const SETTINGS: &str = "LB_SETTINGS";
+/// Interfaces the load balancer is attached to: [`crate::interface_slot`]
+/// → [`crate::Interface`] (array).
+pub const INTERFACES: &str = "LB_INTERFACES";
 /// Global reasons: [`crate::Counter`] → u64 (per-CPU array).
 pub const COUNTERS: &str = "LB_COUNTERS";
 /// Per-service counters: service id → [`crate::ServiceStats`] (per-CPU array).

@@ -356,8 +356,10 @@ pub struct Settings {
     /// Maglev table size (prime); the stride of `LB_RINGS`. Zero means "not
     /// configured yet": every service packet is dropped as having no backend.
     pub ring_size: u32,
-    /// Largest IP packet the egress link carries (its MTU); encapsulation
-    /// beyond it drops the packet (counted as `drop_too_big`).
+    /// The operator's cap on the largest IP packet sent toward backends
+    /// (the `mtu` setting); 0: none, the egress interface's own MTU
+    /// ([`Interface::mtu`]) alone. Encapsulation beyond the smaller of the
+    /// two drops the packet (counted as `drop_too_big`).
     pub mtu: u32,
     /// Outer IPv4 source for `ipip`, network order.
     pub tunnel_src_v4: [u8; 4],
@@ -368,6 +370,53 @@ pub struct Settings {
     pub tunnel_src_v6: Addr,
     /// Host-order mask over the last 32 bits of the outer IPv6 source, as above.
     pub tunnel_src_v6_hash_mask: u32,
+}
+
+/// An interface the load balancer is attached to. Value of `LB_INTERFACES`
+/// at [`interface_slot`] of its index; user space writes it when it
+/// attaches and again whenever the interface's MAC or MTU changes.
+#[repr(C, align(8))]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct Interface {
+    /// Its index (0, which no interface has, marks a free slot).
+    pub ifindex: u32,
+    /// Its MTU: the largest IP packet it sends.
+    pub mtu: u32,
+    /// Its MAC. A frame sent to any other is not the load balancer's: it
+    /// passes untouched. A forwarded frame leaves from this MAC.
+    pub mac: [u8; 6],
+    /// Explicit padding, zero.
+    pub _pad: [u8; 2],
+}
+
+impl Interface {
+    /// Whether `mac` is this interface's, compared as a 4- and a 2-byte word.
+    #[inline(always)]
+    pub fn owns(&self, mac: &[u8; 6]) -> bool {
+        let [a0, a1, a2, a3, a4, a5] = self.mac;
+        let [b0, b1, b2, b3, b4, b5] = *mac;
+        u32::from_ne_bytes([a0, a1, a2, a3]) == u32::from_ne_bytes([b0, b1, b2, b3])
+            && u16::from_ne_bytes([a4, a5]) == u16::from_ne_bytes([b4, b5])
+    }
+}
+
+/// The slot of `LB_INTERFACES` an interface with index `ifindex` lives in.
+#[inline(always)]
+pub const fn interface_slot(ifindex: u32) -> u32 {
+    ifindex & (crate::limits::INTERFACE_SLOTS - 1)
+}
+
+impl Settings {
+    /// The largest IP packet to send out of `iface`: its MTU, or the
+    /// operator's cap where that is lower.
+    #[inline(always)]
+    pub fn mtu_of(&self, iface: &Interface) -> u32 {
+        if self.mtu != 0 && self.mtu < iface.mtu {
+            self.mtu
+        } else {
+            iface.mtu
+        }
+    }
 }
 
 /// Connection-table policy. Index 0 of `LB_CONNTRACK_SETTINGS`.
@@ -464,6 +513,8 @@ const _: () = assert!(size_of::<FlowValue>() == 20);
 const _: () = assert!(size_of::<FlowEntry>() == 64 && align_of::<FlowEntry>() == 8);
 const _: () = assert!(size_of::<ServiceSlot>() == 36);
 const _: () = assert!(size_of::<Settings>() == 36);
+const _: () = assert!(size_of::<Interface>() == 16);
+const _: () = assert!(crate::limits::INTERFACE_SLOTS.is_power_of_two());
 const _: () = assert!(size_of::<ConntrackSettings>() == 24);
 const _: () = assert!(size_of::<ConntrackStats>() == 32);
 const _: () = assert!(size_of::<ServiceStats>() == 24);
@@ -483,6 +534,7 @@ mod pod {
     unsafe impl aya::Pod for FlowEntry {}
     unsafe impl aya::Pod for ServiceSlot {}
     unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for Interface {}
     unsafe impl aya::Pod for ConntrackSettings {}
     unsafe impl aya::Pod for ConntrackStats {}
     unsafe impl aya::Pod for ServiceStats {}

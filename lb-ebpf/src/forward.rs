@@ -2,10 +2,15 @@
 //! both sent back out of the receiving interface with XDP_TX; plus moving the
 //! link-layer header when a tunnel header is added or removed.
 
-use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use aya_ebpf::{
+    helpers::{bpf_get_prandom_u32, bpf_xdp_adjust_head},
+    programs::XdpContext,
+};
 use lb_common::{
     Addr, Counter, FAMILY_V4, Settings,
-    wire::{DEFAULT_TTL, ETH_HLEN, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HLEN, IPV6_HLEN, VLAN_HLEN},
+    wire::{
+        DEFAULT_TTL, ETH_HLEN, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_DF, IPV4_HLEN, IPV6_HLEN, VLAN_HLEN,
+    },
 };
 
 use crate::{
@@ -115,13 +120,29 @@ const IPV4_VERSION_IHL: u8 = 0x45;
 /// The index of the checksum among an IPv4 header's 16-bit words.
 const IPV4_CHECKSUM_WORD: usize = 5;
 
+/// The outer header's identification and flags words, from the inner
+/// header's flags word (RFC 2003 §3.1): DF copied; without DF, a random
+/// non-zero id, so fragments of different packets on the way are not
+/// mixed up (RFC 6864 lets a packet with DF carry any id: 0).
+#[inline(always)]
+fn outer_id_and_flags(inner_flags: u16) -> (u16, u16) {
+    if inner_flags & IPV4_DF != 0 {
+        return (0, IPV4_DF);
+    }
+    // SAFETY: plain helper call.
+    let id = unsafe { bpf_get_prandom_u32() } as u16;
+    (if id == 0 { 1 } else { id }, 0)
+}
+
 /// `ipip`: prepend an IPv4 (IPIP, RFC 2003) or IPv6 (RFC 2473) header toward
-/// the backend. The outer family is the inner one, so the EtherType stays.
+/// the backend, for a packet that fits in `mtu` once encapsulated. The
+/// outer family is the inner one, so the EtherType stays.
 #[inline(always)]
 pub fn encapsulate(
     ctx: &XdpContext,
     ip: &Ip,
     choice: &Choice,
+    mtu: u32,
     settings: &Settings,
 ) -> Result<(), Counter> {
     let backend = choice.backend;
@@ -135,15 +156,16 @@ pub fn encapsulate(
     } else {
         IPV6_HLEN
     };
-    if inner_len + outer_len > settings.mtu as usize {
+    if inner_len + outer_len > mtu as usize {
         return Err(Counter::DropTooBig);
     }
     let mut l2 = L2Header::load(ctx, ip.l3_off).ok_or(Counter::DropMalformedEthernet)?;
-    // RFC 2003 §3.1: the outer TOS is copied from the inner header.
-    let tos = if ip.family == FAMILY_V4 {
-        load::<[u8; 2]>(ctx, ip.l3_off).ok_or(Counter::DropMalformedIpv4)?[1]
+    // RFC 2003 §3.1: the outer TOS and DF are copied from the inner header.
+    let (tos, inner_flags) = if ip.family == FAMILY_V4 {
+        let h = load::<[u8; 8]>(ctx, ip.l3_off).ok_or(Counter::DropMalformedIpv4)?;
+        (h[1], u16::from_be_bytes([h[6], h[7]]))
     } else {
-        0
+        (0, 0)
     };
     adjust_head(ctx, -(outer_len as i32))?;
     l2.macs = l2.macs.toward(backend.mac);
@@ -157,13 +179,13 @@ pub fn encapsulate(
         );
         let a = &backend.addr;
         let dst = u32::from_be_bytes([a[0], a[1], a[2], a[3]]);
-        // The header's 16-bit words; identification, flags and fragment
-        // offset are zero.
+        let (id, flags) = outer_id_and_flags(inner_flags);
+        // The header's 16-bit words; the fragment offset is zero.
         let mut h: [u16; IPV4_HLEN / 2] = [
             u16::from_be_bytes([IPV4_VERSION_IHL, tos]),
             len,
-            0,
-            0,
+            id,
+            flags,
             u16::from_be_bytes([DEFAULT_TTL, IPPROTO_IPIP]),
             0,
             (src >> 16) as u16,

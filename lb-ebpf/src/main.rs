@@ -33,7 +33,7 @@ mod select;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use aya_log_ebpf::debug;
 use lb_common::{
-    AddrKey, Counter, FlowKey, SERVICE_F_IPIP, ServiceValue,
+    AddrKey, Counter, FlowKey, Interface, SERVICE_F_IPIP, ServiceValue,
     wire::{ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
 };
 
@@ -65,9 +65,10 @@ pub fn lb_decap(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn action(c: Counter) -> u32 {
     match c {
-        Counter::PassNotIp | Counter::PassNotService | Counter::PassOtherProtocol => {
-            xdp_action::XDP_PASS
-        }
+        Counter::PassNotIp
+        | Counter::PassNotService
+        | Counter::PassOtherProtocol
+        | Counter::PassForeignMac => xdp_action::XDP_PASS,
         Counter::ForwardDsr | Counter::ForwardIpip | Counter::ForwardIcmpError => {
             xdp_action::XDP_TX
         }
@@ -103,14 +104,32 @@ fn vip_key(ip: &Ip) -> AddrKey {
     AddrKey::from_bytes(ip.dst, ip.family)
 }
 
-/// A problem on a packet to a VIP address is ours to drop and count; on any
-/// other packet it is the kernel's business, so the packet passes untouched.
+/// The interface the frame arrived on, if the frame was sent to its MAC.
+/// Only such frames are the load balancer's: one a switch floods (unknown
+/// unicast for another host), or sent to a group address, passes untouched,
+/// so a forwarded frame always leaves from the interface's own MAC.
 #[inline(always)]
-fn ours_or_pass(ip: &Ip, c: Counter) -> Counter {
-    if maps::may_be_vip(&ip.dst) && maps::is_vip(&vip_key(ip)) {
-        c
+fn receiving_interface(ctx: &XdpContext) -> Result<&'static Interface, Counter> {
+    let iface = maps::interface(ctx.ingress_ifindex() as u32).ok_or(Counter::PassForeignMac)?;
+    let to = parse::destination_mac(ctx).ok_or(Counter::DropMalformedEthernet)?;
+    if iface.owns(&to) {
+        Ok(iface)
     } else {
+        Err(Counter::PassForeignMac)
+    }
+}
+
+/// A problem on a packet to a VIP address, sent to this interface's MAC,
+/// is ours to drop and count; on any other packet it is the kernel's
+/// business, so the packet passes untouched.
+#[inline(always)]
+fn ours_or_pass(ctx: &XdpContext, ip: &Ip, c: Counter) -> Counter {
+    if !(maps::may_be_vip(&ip.dst) && maps::is_vip(&vip_key(ip))) {
         Counter::PassNotService
+    } else if let Err(foreign) = receiving_interface(ctx) {
+        foreign
+    } else {
+        c
     }
 }
 
@@ -123,15 +142,10 @@ fn balance(ctx: &XdpContext) -> Result<Counter, Counter> {
         ETH_P_IPV6 => parse::ipv6(ctx, l3_off, limit, false)?,
         _ => return Ok(Counter::PassNotIp),
     };
-    // Unicast IP in a link-layer broadcast or multicast (RFC 1122 3.3.6)
-    // is the kernel's business, never forwarded.
-    if parse::to_group_address(ctx) {
-        return Ok(Counter::PassNotService);
-    }
     // Fragments: see docs/dataplane.md. Non-first fragments carry no ports,
     // so the rule keys on the VIP address alone.
     if ip.fragment {
-        return Ok(ours_or_pass(&ip, Counter::DropFragment));
+        return Ok(ours_or_pass(ctx, &ip, Counter::DropFragment));
     }
     match ip.proto {
         IPPROTO_TCP | IPPROTO_UDP => balance_flow(ctx, &ip),
@@ -146,7 +160,8 @@ fn balance_flow(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
     if !maps::may_be_vip(&ip.dst) {
         return Ok(Counter::PassNotService);
     }
-    let ports = parse::ports(ctx, ip).map_err(|c| ours_or_pass(ip, c))?;
+    let iface = receiving_interface(ctx)?;
+    let ports = parse::ports(ctx, ip).map_err(|c| ours_or_pass(ctx, ip, c))?;
     let flow = FlowKey {
         src: ip.src,
         dst: ip.dst,
@@ -158,7 +173,7 @@ fn balance_flow(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
     };
     let ct = maps::conntrack_settings().ok_or(Counter::DropNoBackend)?;
     let (service, choice) = select::select_backend(ct, &flow, ports.tcp_flags, true)?;
-    forward(ctx, ip, &service, &choice)?;
+    forward(ctx, ip, iface, &service, &choice)?;
     Ok(if service.flags & SERVICE_F_IPIP != 0 {
         Counter::ForwardIpip
     } else {
@@ -173,10 +188,11 @@ fn relay_icmp(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
     let (inner, ports) = match parse::quoted(ctx, ip) {
         Ok(q) => q,
         Err(Counter::DropMalformedIcmp) => {
-            return Err(ours_or_pass(ip, Counter::DropMalformedIcmp));
+            return Err(ours_or_pass(ctx, ip, Counter::DropMalformedIcmp));
         }
         Err(_) => return Ok(Counter::PassOtherProtocol),
     };
+    let iface = receiving_interface(ctx)?;
     // The quoted packet went from the VIP to the client: the flow is its
     // reverse.
     let flow = FlowKey {
@@ -193,22 +209,24 @@ fn relay_icmp(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
         Err(Counter::PassNotService) => return Ok(Counter::PassOtherProtocol),
         other => other?,
     };
-    forward(ctx, ip, &service, &choice)?;
+    forward(ctx, ip, iface, &service, &choice)?;
     Ok(Counter::ForwardIcmpError)
 }
 
-/// Sends the packet to the chosen backend by the service's mode and counts it.
+/// Sends the packet to the chosen backend by the service's mode, back out
+/// of `iface`, and counts it.
 #[inline(always)]
 fn forward(
     ctx: &XdpContext,
     ip: &Ip,
+    iface: &Interface,
     service: &ServiceValue,
     choice: &Choice,
 ) -> Result<(), Counter> {
     let bytes = frame_len(ctx) as u64;
     if service.flags & SERVICE_F_IPIP != 0 {
         let settings = maps::settings().ok_or(Counter::DropNoBackend)?;
-        forward::encapsulate(ctx, ip, choice, settings)?;
+        forward::encapsulate(ctx, ip, choice, settings.mtu_of(iface), settings)?;
     } else {
         forward::rewrite_macs(ctx, choice)?;
     }

@@ -11,8 +11,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter,
-    FlowEntry, FlowKey, FlowValue, ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings,
-    counters::DecapCounter, flow_buckets, hash::vip_filter_bit, limits, limits::CONNTRACK_WAYS,
+    FlowEntry, FlowKey, FlowValue, Interface, ServiceKey, ServiceSlot, ServiceStats, ServiceValue,
+    Settings, counters::DecapCounter, flow_buckets, hash::vip_filter_bit, interface_slot, limits,
+    limits::CONNTRACK_WAYS,
 };
 
 /// Services. Not preallocated, so an update replaces the element under RCU and
@@ -73,6 +74,10 @@ static LB_CONNTRACK_STATS: PerCpuArray<ConntrackStats> = PerCpuArray::with_max_e
 /// Settings, one entry.
 #[map]
 static LB_SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// The interfaces the program is attached to, by [`interface_slot`].
+#[map]
+static LB_INTERFACES: Array<Interface> = Array::with_max_entries(limits::INTERFACE_SLOTS, 0);
 
 /// Global reasons, one per `Counter`.
 #[map]
@@ -292,6 +297,16 @@ pub fn conntrack_put(
 #[inline(always)]
 pub fn settings() -> Option<&'static Settings> {
     LB_SETTINGS.get(0)
+}
+
+/// The interface with index `ifindex`, if user space registered it. User
+/// space rewrites an entry in place when the interface's MAC or MTU
+/// changes: a frame read against a half-written MAC passes to the kernel.
+#[inline(always)]
+pub fn interface(ifindex: u32) -> Option<&'static Interface> {
+    LB_INTERFACES
+        .get(interface_slot(ifindex))
+        .filter(|i| i.ifindex == ifindex)
 }
 
 /// Adds one to the global counter `c`.

@@ -276,17 +276,10 @@ pub fn quoted(ctx: &XdpContext, ip: &Ip) -> Result<(Ip, Ports), Counter> {
 /// Offset of the source address in an IPv6 header (the destination follows).
 const IPV6_ADDRS_OFF: usize = 8;
 
-/// The I/G bit of a MAC address's first byte: set for group (broadcast,
-/// multicast) addresses.
-const MAC_GROUP_BIT: u8 = 0x01;
-
-/// Whether the frame was sent to a group MAC address. Such a frame is not
-/// ours to forward: the copy would leave with that group address as its
-/// source (the source of a forwarded frame is the address it was sent to),
-/// which no switch accepts.
+/// The MAC the frame was sent to.
 #[inline(always)]
-pub fn to_group_address(ctx: &XdpContext) -> bool {
-    load::<[u8; 1]>(ctx, 0).is_none_or(|dst| dst[0] & MAC_GROUP_BIT != 0)
+pub fn destination_mac(ctx: &XdpContext) -> Option<[u8; 6]> {
+    load(ctx, 0)
 }
 
 /// The frame length, as the limit for the outermost header.

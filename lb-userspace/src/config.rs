@@ -140,9 +140,11 @@ pub struct SettingsFile {
     /// its last packet.
     #[serde(default = "default_closed", with = "humantime_serde")]
     pub tcp_closed_timeout: Duration,
-    /// MTU toward backends (`ipip` drops what would exceed it).
-    #[serde(default = "default_mtu")]
-    pub mtu: u32,
+    /// A cap on the MTU toward backends, below the attached interface's
+    /// own (`ipip` drops what would exceed the smaller). None: the
+    /// interface's MTU alone.
+    #[serde(default)]
+    pub mtu: Option<u32>,
     /// Control socket path.
     #[serde(default = "default_socket")]
     pub socket: PathBuf,
@@ -171,7 +173,7 @@ impl Default for SettingsFile {
             tcp_idle_timeout: default_tcp_idle(),
             udp_idle_timeout: default_udp_idle(),
             tcp_closed_timeout: default_closed(),
-            mtu: default_mtu(),
+            mtu: None,
             socket: default_socket(),
             state_file: default_state_file(),
             metrics: None,
@@ -204,9 +206,6 @@ fn default_udp_idle() -> Duration {
 }
 fn default_closed() -> Duration {
     Duration::from_secs(10)
-}
-fn default_mtu() -> u32 {
-    1500
 }
 fn default_socket() -> PathBuf {
     DEFAULT_SOCKET.into()
@@ -436,8 +435,8 @@ pub struct Settings {
     pub conntrack_inserts_per_cpu: u32,
     /// Idle timeouts (TCP, UDP) and the closed-TCP timeout, whole seconds.
     pub conntrack_timeouts: ConntrackTimeouts,
-    /// MTU toward backends.
-    pub mtu: u32,
+    /// The operator's cap on the MTU toward backends, if any.
+    pub mtu: Option<u32>,
     /// Control socket.
     pub socket: PathBuf,
     /// Persisted runtime state.
@@ -791,11 +790,13 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
     ] {
         validate_timeout(t, None, field, &mut e);
     }
-    if !(576..=65_535).contains(&s.mtu) {
+    if let Some(mtu) = s.mtu
+        && !(576..=65_535).contains(&mtu)
+    {
         e.push(
             None,
             "settings.mtu",
-            format!("{} is outside 576..=65535", s.mtu),
+            format!("{mtu} is outside 576..=65535"),
         );
     }
     let metrics = s

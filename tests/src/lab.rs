@@ -10,7 +10,7 @@ use lb::{
     maglev::{self, Candidate},
 };
 use lb_common::{
-    AddrKey, BACKEND_F_UP, BackendValue, Counter, ServiceKey, Settings, addr_bytes,
+    AddrKey, BACKEND_F_UP, BackendValue, Counter, Interface, ServiceKey, Settings, addr_bytes,
     limits::NO_BACKEND,
 };
 
@@ -27,8 +27,22 @@ pub const TX: u32 = 3;
 pub const LB_MAC: Mac = [0x02, 0, 0, 0, 0, 0x01];
 /// MAC of the client's next hop (the router in front of the LB).
 pub const ROUTER_MAC: Mac = [0x02, 0, 0, 0, 0, 0xfe];
-/// The MTU the lab configures.
+/// The MTU the lab configures, as the receiving interface's and as the cap.
 pub const MTU: u32 = 1500;
+/// The index of the interface BPF_PROG_TEST_RUN delivers frames on without
+/// a context: the loopback device's, 1 in every network namespace.
+pub const TEST_RUN_IFINDEX: u32 = 1;
+
+/// The receiving interface as the lab registers it: frames sent to
+/// [`LB_MAC`] are the load balancer's.
+pub fn lab_interface(mtu: u32) -> Interface {
+    Interface {
+        ifindex: TEST_RUN_IFINDEX,
+        mtu,
+        mac: LB_MAC,
+        _pad: [0; 2],
+    }
+}
 /// Outer IPv4 source prefix for `ipip`: 198.18.255.0/24, low byte from the hash.
 pub const TUNNEL_SRC_V4: [u8; 4] = [198, 18, 255, 0];
 /// Hash bits of the IPv4 tunnel source.
@@ -97,6 +111,7 @@ impl Lab {
     pub fn with_capacity(capacity: Capacity) -> Result<Lab> {
         let mut dp = Dataplane::load(capacity)?;
         dp.set_settings(lab_settings(capacity.ring_size))?;
+        dp.set_interface(&lab_interface(MTU))?;
         Ok(Lab { dp })
     }
 

@@ -148,7 +148,7 @@ impl ConfigFile {
 fn dataplane_settings(d: &Desired) -> lb_common::Settings {
     lb_common::Settings {
         ring_size: d.settings.capacity.ring_size,
-        mtu: d.settings.mtu,
+        mtu: d.settings.mtu.unwrap_or(0),
         tunnel_src_v4: d.settings.tunnel_source_v4.0,
         tunnel_src_v4_hash_mask: d.settings.tunnel_source_v4.1,
         tunnel_src_v6: d.settings.tunnel_source_v6.0,
@@ -516,6 +516,12 @@ fn log_repair(r: &Repair) {
         Repair::LinkRepinned(iface) => warn!(
             interface = %iface,
             "the link's pin was removed under the daemon: pinned again (forwarding never stopped)"
+        ),
+        Repair::InterfaceChanged(iface, now) => info!(
+            interface = %iface,
+            mac = %crate::netns::mac_string(&now.mac),
+            mtu = now.mtu,
+            "interface's MAC or MTU changed: the data plane takes frames to the new MAC and encapsulates up to the new MTU"
         ),
         Repair::MapsRepinned(maps) => warn!(
             maps = ?maps,

@@ -4,9 +4,11 @@
 //! to it, so no packet ever sees a half-written table.
 
 mod batch;
+mod link;
 mod pins;
 
 pub use batch::update_u32s;
+pub use link::read as read_interface;
 
 use std::{
     net::IpAddr,
@@ -25,10 +27,11 @@ use aya::{
 };
 use lb_common::{
     AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter, FlowEntry,
-    FlowKey, FlowValue, ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings,
+    FlowKey, FlowValue, Interface, ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings,
     counters::DecapCounter,
     flow_buckets,
     hash::{bucket_hash, vip_filter_bit},
+    interface_slot,
     limits::{
         CONNTRACK_BUCKET_GROUP, CONNTRACK_WAYS, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS,
         DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, RING_COPIES, VIP_FILTER_WORDS,
@@ -171,6 +174,7 @@ pub struct Dataplane {
     conntrack_settings: Array<MapData, ConntrackSettings>,
     conntrack_stats: PerCpuArray<MapData, ConntrackStats>,
     settings: Array<MapData, Settings>,
+    interfaces: Array<MapData, Interface>,
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, ServiceStats>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
@@ -189,6 +193,8 @@ struct Attachment {
     /// The interface's index when attached: another index means the
     /// interface was removed and re-created, which detaches XDP.
     ifindex: u32,
+    /// The interface as last written to the interface table.
+    written: Interface,
     /// The link, held open so that it survives its pin being removed.
     link: Option<FdLink>,
     /// Its disappearance has been reported.
@@ -204,6 +210,9 @@ pub enum Repair {
     Reattached(String),
     /// The interface's link pin had been removed and is pinned again.
     LinkRepinned(String),
+    /// The interface's MAC or MTU changed; the data plane now uses the new
+    /// ones.
+    InterfaceChanged(String, Interface),
     /// These map pins had been removed and are pinned again.
     MapsRepinned(Vec<&'static str>),
 }
@@ -228,7 +237,7 @@ where
 }
 
 /// Every map the object defines.
-const ALL_MAPS: [&str; 15] = [
+const ALL_MAPS: [&str; 16] = [
     names::SERVICES,
     names::SERVICE_SLOTS,
     names::VIPS,
@@ -239,6 +248,7 @@ const ALL_MAPS: [&str; 15] = [
     names::CONNTRACK_SETTINGS,
     names::CONNTRACK_STATS,
     names::SETTINGS,
+    names::INTERFACES,
     names::COUNTERS,
     names::SERVICE_STATS,
     names::BACKEND_STATS,
@@ -363,6 +373,7 @@ impl Dataplane {
             conntrack_settings: take(&mut ebpf, names::CONNTRACK_SETTINGS)?,
             conntrack_stats: take(&mut ebpf, names::CONNTRACK_STATS)?,
             settings: take(&mut ebpf, names::SETTINGS)?,
+            interfaces: take(&mut ebpf, names::INTERFACES)?,
             counters: take(&mut ebpf, names::COUNTERS)?,
             service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
@@ -409,12 +420,52 @@ impl Dataplane {
             .try_into()?)
     }
 
-    /// Attaches the load balancer to `iface`. With `pin`, the XDP link is
+    /// Attaches the load balancer to `iface`, registered first in the
+    /// interface table (its MAC and MTU), so the program takes the frames
+    /// sent to it from the first packet. With `pin`, the XDP link is
     /// pinned at that path so it outlives this process; an existing pinned
     /// link there is switched to this program atomically (no packet sees the
     /// interface without a program). The link stays open here too, so it
     /// survives its pin being removed (see [`Dataplane::repair`]).
     pub fn attach(&mut self, iface: &str, mode: XdpMode, pin: Option<&Path>) -> Result<()> {
+        let info = link::read(iface)?;
+        if let Some((other, _)) = self.attachments.iter().find(|(name, a)| {
+            name.as_str() != iface
+                && !a.gone
+                && a.ifindex != info.ifindex
+                && interface_slot(a.ifindex) == interface_slot(info.ifindex)
+        }) {
+            bail!(
+                "{iface} (index {}) and {other} share a slot of the interface table (indexes \
+                 that differ by a multiple of {}); re-create one of them to give it another index",
+                info.ifindex,
+                lb_common::limits::INTERFACE_SLOTS
+            );
+        }
+        self.set_interface(&info)?;
+        let attached = self.attach_program(iface, mode, pin);
+        if attached.is_err() {
+            // Nothing half-applied: the entry names an interface without us.
+            let _ = self.clear_interface(info.ifindex);
+        }
+        let link = attached?;
+        self.attachments.insert(
+            iface.to_string(),
+            Attachment {
+                mode,
+                pin: pin.map(Path::to_path_buf),
+                ifindex: info.ifindex,
+                written: info,
+                link: Some(link),
+                gone: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// Attaches (or switches the pinned link of) the load balancer on
+    /// `iface`, and returns the link.
+    fn attach_program(&mut self, iface: &str, mode: XdpMode, pin: Option<&Path>) -> Result<FdLink> {
         let prog = self.program(names::PROG_LB)?;
         let id = match pin {
             Some(path) if path.exists() => {
@@ -439,16 +490,25 @@ impl Dataplane {
                 .with_context(|| format!("pinning the link at {}", path.display()))?
                 .into();
         }
-        self.attachments.insert(
-            iface.to_string(),
-            Attachment {
-                mode,
-                pin: pin.map(Path::to_path_buf),
-                ifindex: ifindex(iface),
-                link: Some(link),
-                gone: false,
-            },
-        );
+        Ok(link)
+    }
+
+    /// Writes `iface` into the interface table: the program takes frames
+    /// that arrive on it sent to its MAC. [`Dataplane::attach`] does this;
+    /// tests that run the program on frames call it for the interface the
+    /// frames come in by.
+    pub fn set_interface(&mut self, iface: &Interface) -> Result<()> {
+        self.interfaces
+            .set(interface_slot(iface.ifindex), iface, 0)
+            .with_context(|| format!("writing interface {} to the interface table", iface.ifindex))
+    }
+
+    /// Clears interface `ifindex` from the interface table, if it is there.
+    fn clear_interface(&mut self, ifindex: u32) -> Result<()> {
+        let slot = interface_slot(ifindex);
+        if self.interfaces.get(&slot, 0)?.ifindex == ifindex {
+            self.interfaces.set(slot, Interface::default(), 0)?;
+        }
         Ok(())
     }
 
@@ -468,15 +528,24 @@ impl Dataplane {
     pub fn repair(&mut self, pin_dir: Option<&Path>) -> Result<Vec<Repair>> {
         let mut done = Vec::new();
         let mut reattach = Vec::new();
+        let mut gone = Vec::new();
+        let mut changed = Vec::new();
         for (iface, a) in &mut self.attachments {
             let now = ifindex(iface);
             if now == 0 {
                 if !a.gone {
                     a.gone = true;
+                    gone.push(a.ifindex);
                     done.push(Repair::InterfaceGone(iface.clone()));
                 }
             } else if now != a.ifindex {
+                gone.push(a.ifindex);
                 reattach.push((iface.clone(), a.mode, a.pin.clone()));
+            } else if let Ok(info) = link::read(iface)
+                && info != a.written
+            {
+                a.written = info;
+                changed.push((iface.clone(), info));
             } else if let Some(path) = &a.pin
                 && !path.exists()
                 && let Some(link) = a.link.take()
@@ -497,6 +566,13 @@ impl Dataplane {
                     }
                 }
             }
+        }
+        for ifindex in gone {
+            self.clear_interface(ifindex)?;
+        }
+        for (iface, info) in changed {
+            self.set_interface(&info)?;
+            done.push(Repair::InterfaceChanged(iface, info));
         }
         for (iface, mode, pin) in reattach {
             // The old link died with the old interface; its pin is stale.

@@ -13,15 +13,17 @@
 //!   message that carries it);
 //! - an ICMP error is about a service flow only if it is addressed to the
 //!   VIP that sent the quoted packet (`icmp`);
-//! - a frame sent to a group (broadcast, multicast) MAC is never forwarded
-//!   ([`classify`]).
+//! - a frame not sent to the LB's MAC (another host's, a group's) is never
+//!   forwarded or dropped for a VIP's rules ([`classify`]).
 //!
 //! Where the program may legitimately differ, the reference allows both
 //! outcomes and says why: a message cut before its ICMP type byte
-//! (`icmp`), and where a frame sent to a group MAC is turned away.
+//! (`icmp`), and a frame not sent to the LB's MAC whose destination falls
+//! in the VIP filter without being a VIP.
 //! IP and transport checksums are not verified, as the program does not
 //! verify them (backends' kernels do); nor is the UDP length.
 
+use crate::lab::LB_MAC;
 use lb_common::{
     Addr, AddrKey, Counter, FAMILY_V4, FAMILY_V6, FlowKey, ServiceKey,
     limits::{MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS},
@@ -67,9 +69,9 @@ pub struct Hit {
     /// Length of the IP packet, from its own length field (the frame may
     /// carry padding after it).
     pub ip_len: usize,
-    /// Sent to a group (broadcast or multicast) MAC: never forwarded (see
-    /// [`classify`]).
-    pub group_destination: bool,
+    /// Not sent to the LB's MAC (another host's, broadcast, multicast):
+    /// never forwarded (see [`classify`]).
+    pub foreign_destination: bool,
 }
 
 /// The network layer as the reference reads it.
@@ -143,28 +145,42 @@ pub fn classify(frame: &[u8], cfg: &impl Services) -> Class {
         Err(class) => return class,
     };
     let class = network(frame, &ip, cfg);
-    if !group_destination(frame) {
+    if frame[..6] == LB_MAC {
         return class;
     }
-    // Sent to a group MAC (broadcast, multicast): not addressed to the LB
-    // alone, and forwarding it would transmit it from that group address
-    // (the source MAC is the one the frame was sent to). Never forwarded;
-    // it may pass as not the service's, or end as it would otherwise
-    // (dropped), depending on where the program makes the check.
+    // Not sent to the LB's MAC: another host's frame a switch flooded, or a
+    // group address's. Forwarding it would carry another host's traffic
+    // (and send it from another host's MAC), so the LB never forwards it,
+    // nor drops it for a VIP's rules: it passes as `pass_foreign_mac`. The
+    // program checks the MAC only where it would act on a packet to a VIP,
+    // so what passes before that keeps its counter; a destination that
+    // falls in the VIP filter without being a VIP may pass as foreign too.
     match class {
         Class::Pass(mut allowed) => {
-            allowed.push(Counter::PassNotService);
+            allowed.push(Counter::PassForeignMac);
             Class::Pass(allowed)
         }
-        Class::Reject(mut allowed) => {
-            allowed.push(Counter::PassNotService);
-            Class::Reject(allowed)
+        Class::Reject(allowed) => {
+            let mut passed: Vec<Counter> = allowed.into_iter().filter(|c| passes(*c)).collect();
+            passed.push(Counter::PassForeignMac);
+            Class::Pass(passed)
         }
         Class::Service(hit) => Class::Service(Hit {
-            group_destination: true,
+            foreign_destination: true,
             ..hit
         }),
     }
+}
+
+/// Whether counter `c` records a frame passed to the kernel.
+fn passes(c: Counter) -> bool {
+    matches!(
+        c,
+        Counter::PassNotIp
+            | Counter::PassNotService
+            | Counter::PassOtherProtocol
+            | Counter::PassForeignMac
+    )
 }
 
 /// The part of [`classify`] after a well-formed IP header.
@@ -178,12 +194,6 @@ fn network(frame: &[u8], ip: &Ip, cfg: &impl Services) -> Class {
         (FAMILY_V4, IPPROTO_ICMP) | (FAMILY_V6, IPPROTO_ICMPV6) => icmp(frame, ip, cfg, to_vip),
         _ => Class::Pass(vec![Counter::PassOtherProtocol]),
     }
-}
-
-/// Whether the frame's destination MAC is a group address (the I/G bit,
-/// the lowest bit of its first byte).
-fn group_destination(f: &[u8]) -> bool {
-    f[0] & 1 != 0
 }
 
 /// A problem on a packet to a VIP address is the program's to drop; on
@@ -358,7 +368,7 @@ fn transport(f: &[u8], ip: &Ip, cfg: &impl Services, to_vip: bool) -> Class {
         icmp: false,
         l3_off: ip.l3,
         ip_len: ip.end - ip.l3,
-        group_destination: false,
+        foreign_destination: false,
     })
 }
 
@@ -447,7 +457,7 @@ fn icmp(f: &[u8], ip: &Ip, cfg: &impl Services, to_vip: bool) -> Class {
         icmp: true,
         l3_off: ip.l3,
         ip_len: ip.end - ip.l3,
-        group_destination: false,
+        foreign_destination: false,
     })
 }
 

@@ -585,9 +585,9 @@ impl World {
         let ipip = svc.spec.flags & SERVICE_F_IPIP != 0;
         let allowed = self.outcomes(hit, entry);
         let observed = match v.action {
-            TX if hit.group_destination => {
+            TX if hit.foreign_destination => {
                 return Err((
-                    "frames sent to a group MAC are not forwarded",
+                    "frames not sent to the LB's MAC are not forwarded",
                     format!("{} to {}", v.counter.name(), hex(&frame[..6])),
                 ));
             }
@@ -658,7 +658,7 @@ impl World {
                 let o = Outcome::Pass(v.counter);
                 if !allowed.contains(&o) {
                     return Err((
-                        "service packets are passed only when sent to a group MAC",
+                        "service packets are passed only when not sent to the LB's MAC",
                         format!("{}; allowed {allowed:?}", v.counter.name()),
                     ));
                 }
@@ -689,10 +689,7 @@ impl World {
     }
 
     /// The link layer of a forwarded frame: to the backend's MAC, from the
-    /// MAC the frame was sent to. That is the LB's own (`LB_MAC` for every
-    /// frame the generator sends to the LB); a group address there would
-    /// make the transmitted frame invalid (IEEE 802: source addresses are
-    /// individual).
+    /// LB's own (only frames sent to it are forwarded).
     fn check_link(
         &self,
         frame: &[u8],
@@ -702,22 +699,13 @@ impl World {
         if out[0..6] != backend.mac {
             return Err(("destination MAC is the backend's", hex(&out[0..6])));
         }
-        if out[6..12] != frame[0..6] {
+        if out[6..12] != LB_MAC {
             return Err((
                 "source MAC is the LB's",
                 format!(
                     "{} (frame was sent to {})",
                     hex(&out[6..12]),
                     hex(&frame[0..6])
-                ),
-            ));
-        }
-        if out[6] & 1 != 0 {
-            return Err((
-                "forwarded frames have an individual source MAC",
-                format!(
-                    "source {} copied from a group destination",
-                    hex(&out[6..12])
                 ),
             ));
         }
@@ -873,8 +861,8 @@ impl World {
     /// The outcome the documented rules allow for a service packet, given
     /// the flow's entry before it: the pinned backend, else the table's pick
     /// (no backend in the table's slot drops it); an `ipip` packet too big
-    /// for the MTU once encapsulated drops it. A frame sent to a group MAC
-    /// is never forwarded.
+    /// for the MTU once encapsulated drops it. A frame not sent to the LB's
+    /// MAC passes before any of that.
     pub fn outcomes(&self, hit: &Hit, entry: Option<FlowValue>) -> Vec<Outcome> {
         let svc = &self.services[hit.service];
         let chosen = self.pinned(hit, entry).or_else(|| self.table_pick(hit));
@@ -889,11 +877,9 @@ impl World {
                 v = vec![Outcome::Drop(Counter::DropTooBig)];
             }
         }
-        if hit.group_destination {
-            // Never forwarded (see `reference::classify`): passed, or
-            // dropped as it would be otherwise.
-            v.retain(|o| !matches!(o, Outcome::Tx(_)));
-            v.push(Outcome::Pass(Counter::PassNotService));
+        if hit.foreign_destination {
+            // See `reference::classify`.
+            v = vec![Outcome::Pass(Counter::PassForeignMac)];
         }
         v
     }
@@ -920,18 +906,12 @@ impl World {
             observed,
             Outcome::Tx(_) | Outcome::Drop(Counter::DropTooBig)
         );
-        let mut allowed = vec![if hit.icmp || !chose { before } else { chosen }];
-        // Whether the program passes a frame sent to a group MAC before or
-        // after choosing a backend is its business: either way.
-        if hit.group_destination && !hit.icmp {
-            allowed.push(chosen);
-        }
-        if !allowed.contains(&after) {
+        let expected = if hit.icmp || !chose { before } else { chosen };
+        if after != expected {
             return Err((
                 "the connection table remembers the flow's backend",
                 format!(
-                    "entry {after:?} after {observed:?}, expected one of {allowed:?} \
-                     (before: {before:?})"
+                    "entry {after:?} after {observed:?}, expected {expected:?} (before: {before:?})"
                 ),
             ));
         }

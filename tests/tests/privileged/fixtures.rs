@@ -487,6 +487,17 @@ fn assert_ipip(what: &str, input: &[u8], out: &[u8], l3: usize, backend: IpAddr,
             assert_eq!(outer[8], DEFAULT_TTL, "{what}: TTL");
             assert_eq!(outer[9], IPPROTO_IPIP, "{what}: protocol");
             assert_eq!(outer[1], input[l3 + 1], "{what}: TOS copied");
+            let inner_flags = u16::from_be_bytes([input[l3 + 6], input[l3 + 7]]);
+            let flags = u16::from_be_bytes([outer[6], outer[7]]);
+            assert_eq!(
+                flags,
+                inner_flags & IPV4_DF,
+                "{what}: DF copied, no fragment"
+            );
+            let id = u16::from_be_bytes([outer[4], outer[5]]);
+            if flags & IPV4_DF == 0 {
+                assert_ne!(id, 0, "{what}: an id where fragmenting is allowed");
+            }
             assert!(packet::ipv4_header_valid(outer), "{what}: header checksum");
             assert_eq!(
                 &outer[12..15],
@@ -620,6 +631,170 @@ fn ipip_encapsulates_toward_the_backend_in_both_families() {
         &big,
         DROP,
         Counter::DropTooBig,
+    );
+
+    // DF is copied to the outer header; with DF, the id may be zero.
+    let mut df = Ipv4::new(CLIENT4, VIP4_IPIP, IPPROTO_TCP);
+    df.frag = IPV4_DF;
+    let seg = packet::tcp(v4(CLIENT4), v4(VIP4_IPIP), 41004, HTTP, TCP_ACK, b"df");
+    let frame = packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IP, &df.build(&seg));
+    let want = f.expected(
+        SVC_IPIP4,
+        &flow(v4(CLIENT4), v4(VIP4_IPIP), 41004, HTTP, IPPROTO_TCP),
+        false,
+    );
+    let out = f.case("IPv4-in-IPv4 with DF", &frame, TX, Counter::ForwardIpip);
+    let b = f.lab.dp.backend(want).unwrap().addr;
+    assert_ipip(
+        "IPv4-in-IPv4 with DF",
+        &frame,
+        &out,
+        ETH_HLEN,
+        v4([b[0], b[1], b[2], b[3]]),
+        want,
+    );
+
+    // The MTU is the receiving interface's, or the configured cap where
+    // that is lower: a packet that fits 1500 once encapsulated is dropped
+    // under either at 1400.
+    let seg = packet::tcp(
+        v4(CLIENT4),
+        v4(VIP4_IPIP),
+        41005,
+        HTTP,
+        TCP_ACK,
+        &vec![0u8; 1400],
+    );
+    let fits = packet::ethernet(
+        LB_MAC,
+        ROUTER_MAC,
+        &[],
+        ETH_P_IP,
+        &Ipv4::new(CLIENT4, VIP4_IPIP, IPPROTO_TCP).build(&seg),
+    );
+    f.case(
+        "1440-byte packet, 1500 MTU",
+        &fits,
+        TX,
+        Counter::ForwardIpip,
+    );
+    f.lab.dp.set_interface(&lab::lab_interface(1400)).unwrap();
+    f.case(
+        "1440-byte packet, interface MTU 1400",
+        &fits,
+        DROP,
+        Counter::DropTooBig,
+    );
+    f.lab
+        .dp
+        .set_interface(&lab::lab_interface(lab::MTU))
+        .unwrap();
+    let mut capped = lab::lab_settings(RING);
+    capped.mtu = 1400;
+    f.lab.dp.set_settings(capped).unwrap();
+    f.case(
+        "1440-byte packet, MTU capped at 1400",
+        &fits,
+        DROP,
+        Counter::DropTooBig,
+    );
+    capped.mtu = 0;
+    f.lab.dp.set_settings(capped).unwrap();
+    f.case(
+        "1440-byte packet, no cap, interface MTU 1500",
+        &fits,
+        TX,
+        Counter::ForwardIpip,
+    );
+}
+
+/// `frame` sent to `mac` instead.
+fn sent_to(mac: [u8; 6], frame: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[..6].copy_from_slice(&mac);
+    f
+}
+
+#[test]
+fn frames_not_sent_to_the_lbs_mac_pass_untouched() {
+    if !privileged() {
+        return;
+    }
+    let mut f = fixture();
+    // Another host's MAC: a switch floods unknown unicast to every port.
+    let other_host = [0x02, 0, 0, 0, 0, 0x77];
+    let syn = tcp4(CLIENT4, VIP4_DSR, 42000, HTTP, TCP_SYN, &[]);
+    let flow4 = flow(v4(CLIENT4), v4(VIP4_DSR), 42000, HTTP, IPPROTO_TCP);
+    for (what, mac) in [
+        ("another host's MAC", other_host),
+        ("the router's MAC", ROUTER_MAC),
+        ("broadcast", [0xff; 6]),
+        ("IPv4 multicast", [0x01, 0x00, 0x5e, 0, 0, 1]),
+    ] {
+        let frame = sent_to(mac, &syn);
+        f.case(
+            &format!("service SYN to {what}"),
+            &frame,
+            PASS,
+            Counter::PassForeignMac,
+        );
+    }
+    assert_eq!(
+        f.lab.dp.conntrack(&flow4).unwrap(),
+        None,
+        "a passed frame leaves no connection-table entry"
+    );
+    let syn6 = tcp6(CLIENT6, VIP6_IPIP, 42001, HTTP, TCP_SYN, &[]);
+    f.case(
+        "IPv6 service SYN to another host's MAC",
+        &sent_to(other_host, &syn6),
+        PASS,
+        Counter::PassForeignMac,
+    );
+    f.case(
+        "IPv6 service SYN to IPv6 multicast",
+        &sent_to([0x33, 0x33, 0, 0, 0, 1], &syn6),
+        PASS,
+        Counter::PassForeignMac,
+    );
+    // What would be dropped for a VIP's rules passes too.
+    let mut frag = Ipv4::new(CLIENT4, VIP4_DSR, IPPROTO_TCP);
+    frag.frag = 0x2000;
+    let seg = packet::tcp(v4(CLIENT4), v4(VIP4_DSR), 42002, HTTP, TCP_ACK, b"x");
+    let frag = packet::ethernet(other_host, ROUTER_MAC, &[], ETH_P_IP, &frag.build(&seg));
+    f.case(
+        "a fragment to a VIP, to another host's MAC",
+        &frag,
+        PASS,
+        Counter::PassForeignMac,
+    );
+    let empty = tcp4(CLIENT4, VIP4_EMPTY, 42003, HTTP, TCP_SYN, &[]);
+    f.case(
+        "a SYN to a backendless service, to another host's MAC",
+        &sent_to(other_host, &empty),
+        PASS,
+        Counter::PassForeignMac,
+    );
+    // Traffic to no VIP passes as before.
+    let ssh = tcp4(CLIENT4, [198, 18, 0, 2], 42004, 22, TCP_SYN, &[]);
+    f.case(
+        "TCP to the host, to another host's MAC",
+        &sent_to(other_host, &ssh),
+        PASS,
+        Counter::PassNotService,
+    );
+    // The same frame to the LB's own MAC is forwarded...
+    f.case("service SYN to the LB's MAC", &syn, TX, Counter::ForwardDsr);
+    // ... but not when it arrives on an interface the table does not hold
+    // (an index sharing the receiving interface's slot).
+    let mut elsewhere = lab::lab_interface(lab::MTU);
+    elsewhere.ifindex += lb_common::limits::INTERFACE_SLOTS;
+    f.lab.dp.set_interface(&elsewhere).unwrap();
+    f.case(
+        "service SYN on an interface not attached",
+        &syn,
+        PASS,
+        Counter::PassForeignMac,
     );
 }
 

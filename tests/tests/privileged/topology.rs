@@ -16,7 +16,7 @@ use lb::{
 use lb_common::{
     Counter, SERVICE_F_IPIP,
     counters::DecapCounter,
-    maps::{PROG_DECAP, PROG_LB},
+    maps::PROG_DECAP,
     wire::{IPPROTO_TCP, IPPROTO_UDP},
 };
 use lb_tests::{
@@ -50,6 +50,89 @@ fn spread(
         }
         Ok(tally)
     })
+}
+
+#[test]
+fn frames_a_switch_floods_for_another_host_are_not_forwarded() {
+    if !privileged() {
+        return;
+    }
+    run_flooded().unwrap();
+}
+
+/// The client sends to the VIP through a next hop that is not there (a
+/// permanent neighbour entry with a MAC no port has): the bridge floods
+/// those frames to every port, the load balancer's included. They are not
+/// the load balancer's: it must neither answer them through a backend nor
+/// send them out under the other host's MAC (which would teach the switch
+/// that MAC is on its port).
+fn run_flooded() -> Result<()> {
+    const GHOST_V4: &str = "198.18.0.3";
+    const GHOST_MAC: &str = "02:00:00:00:00:77";
+    let lan = Lan::build(1, &["198.18.1.1/32"])?;
+    let mut lab = Lab::new(RING)?;
+    let b = &lan.backends[0];
+    lab.backend_at(0, IpAddr::V4(b.v4), b.mac, true, 1)?;
+    lab.service(
+        0,
+        service_key(IpAddr::V4(VIP_DSR4), 80, IPPROTO_UDP),
+        0,
+        &[(0, 1)],
+    )?;
+    lan.lb.run(|| lab.dp.attach("eth0", XdpMode::Skb, None))?;
+    let _servers = lan.serve_names(80)?;
+    let vip = SocketAddr::new(IpAddr::V4(VIP_DSR4), 80);
+
+    // Through the load balancer's own MAC, the service answers.
+    let through_lb = spread(&lan.client, 2, vip, udp_request)?;
+    assert_eq!(through_lb.get("backend-1"), Some(&2), "{through_lb:?}");
+    let forwarded = |lab: &Lab| -> Result<u64> {
+        let c: BTreeMap<_, _> = lab.dp.counters()?.into_iter().collect();
+        Ok(c[&Counter::ForwardDsr])
+    };
+    let (fwd_before, foreign_before) = (forwarded(&lab)?, lab.counter(Counter::PassForeignMac)?);
+
+    // Through the ghost, nothing answers.
+    lan.client.ip(&[
+        "neigh",
+        "add",
+        GHOST_V4,
+        "lladdr",
+        GHOST_MAC,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ])?;
+    lan.client
+        .ip(&["route", "add", "198.18.1.1/32", "via", GHOST_V4])?;
+    const FLOODED: usize = 2;
+    for _ in 0..FLOODED {
+        let answer = lan.client.run(|| udp_request(vip));
+        assert!(
+            answer.is_err(),
+            "a frame for another host was answered: {answer:?}"
+        );
+    }
+    assert_eq!(
+        forwarded(&lab)?,
+        fwd_before,
+        "flooded frames were forwarded"
+    );
+    assert!(
+        lab.counter(Counter::PassForeignMac)? >= foreign_before + FLOODED as u64,
+        "flooded frames are counted as passed"
+    );
+    let (switch, port) = lan.lb_port();
+    let fdb = std::process::Command::new("bridge")
+        .args(["-n", &switch.name, "fdb", "show", "dev", port])
+        .output()?;
+    let fdb = String::from_utf8_lossy(&fdb.stdout);
+    assert!(
+        !fdb.contains(GHOST_MAC),
+        "the switch learned the other host's MAC on the load balancer's port:\n{fdb}"
+    );
+    Ok(())
 }
 
 #[test]
@@ -97,7 +180,7 @@ fn run_topology() -> Result<()> {
         lab.service(svc as u32, service_key(*vip, 80, *proto), *flags, &members)?;
     }
     lb.run(|| {
-        lab.dp.program(PROG_LB)?.attach("eth0", XdpMode::Skb)?;
+        lab.dp.attach("eth0", XdpMode::Skb, None)?;
         Ok(())
     })?;
 
