@@ -10,8 +10,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::programs::XdpMode;
 use lb::{
+    dataplane::Repair,
     demo::server::{NameServer, http_get, udp_request},
-    netns::Netns,
+    netns::{self, Netns},
 };
 use lb_common::{
     Counter, SERVICE_F_IPIP,
@@ -53,7 +54,7 @@ fn spread(
 }
 
 #[test]
-fn frames_a_switch_floods_for_another_host_are_not_forwarded() {
+fn only_frames_sent_to_the_lbs_current_mac_are_forwarded() {
     if !privileged() {
         return;
     }
@@ -65,7 +66,9 @@ fn frames_a_switch_floods_for_another_host_are_not_forwarded() {
 /// those frames to every port, the load balancer's included. They are not
 /// the load balancer's: it must neither answer them through a backend nor
 /// send them out under the other host's MAC (which would teach the switch
-/// that MAC is on its port).
+/// that MAC is on its port). Then the load balancer's interface changes
+/// its MAC: once the data plane has repaired itself, frames to the new MAC
+/// are served.
 fn run_flooded() -> Result<()> {
     const GHOST_V4: &str = "198.18.0.3";
     const GHOST_MAC: &str = "02:00:00:00:00:77";
@@ -131,6 +134,32 @@ fn run_flooded() -> Result<()> {
     assert!(
         !fdb.contains(GHOST_MAC),
         "the switch learned the other host's MAC on the load balancer's port:\n{fdb}"
+    );
+
+    // A new MAC on the load balancer's interface, which the client learns
+    // by ARP again.
+    lan.client.ip(&["route", "del", "198.18.1.1/32"])?;
+    const NEW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
+    lan.lb.ip(&[
+        "link",
+        "set",
+        "eth0",
+        "address",
+        &netns::mac_string(&NEW_MAC),
+    ])?;
+    lan.client.ip(&["neigh", "flush", "dev", "eth0"])?;
+    let repairs = lan.lb.run(|| lab.dp.repair(None))?;
+    assert!(
+        repairs
+            .iter()
+            .any(|r| matches!(r, Repair::InterfaceChanged(_, i) if i.mac == NEW_MAC)),
+        "the new MAC is noticed: {repairs:?}"
+    );
+    let after = spread(&lan.client, 2, vip, udp_request)?;
+    assert_eq!(
+        after.get("backend-1"),
+        Some(&2),
+        "after the new MAC: {after:?}"
     );
     Ok(())
 }
