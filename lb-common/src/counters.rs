@@ -27,7 +27,9 @@ pub enum Counter {
     DropMalformedIcmp = 7,
     /// IP fragment addressed to a VIP address: dropped (see docs/dataplane.md).
     DropFragment = 8,
-    /// The service has no backend in rotation: dropped.
+    /// The service has no backend in rotation (or, for an instant, the
+    /// chosen backend's entry is being rewritten and was read half-written
+    /// twice): dropped.
     DropNoBackend = 9,
     /// Encapsulation would exceed the MTU: dropped.
     DropTooBig = 10,

@@ -79,7 +79,7 @@ const BUCKET_FINISH: u64 = 0x94d0_49bb_1331_11eb;
 /// One word into the bucket hash: a multiplication, which carries each bit
 /// of `h ^ w` only upward, then a shift that brings the upper half down.
 #[inline(always)]
-fn fold(h: u64, w: u64) -> u64 {
+pub(crate) fn fold(h: u64, w: u64) -> u64 {
     let h = (h ^ w).wrapping_mul(BUCKET_MULTIPLIER);
     h ^ (h >> 32)
 }
@@ -99,6 +99,12 @@ pub fn bucket_hash(key: &FlowKey) -> u32 {
     let h = fold(h, key.word(2));
     let h = fold(h, key.word(3));
     let h = fold(h, key.word(4));
+    finish64(h)
+}
+
+/// The bucket hash's finaliser, down to 32 bits.
+#[inline(always)]
+pub(crate) fn finish64(h: u64) -> u32 {
     let h = (h ^ (h >> 29)).wrapping_mul(BUCKET_FINISH);
     (h ^ (h >> 32)) as u32
 }

@@ -163,7 +163,15 @@ impl AddrKey {
 }
 
 /// A backend of one service. Value of `LB_BACKENDS`, indexed by backend id.
-#[repr(C)]
+///
+/// User space rewrites a backend in place (a new MAC, up or down, the id
+/// given to another backend), and the kernel copies the value in without
+/// a lock, so a packet could read it half old, half new: a frame to a MAC
+/// that names no host, or a new holder's MAC under the old holder's
+/// generation. The seal over the rest tells a whole value from such a
+/// mix: user space writes [`BackendValue::sealed`], and the data plane
+/// uses a copy only if [`BackendValue::is_whole`].
+#[repr(C, align(8))]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
 pub struct BackendValue {
     /// Backend address (the tunnel destination for `ipip`), network order.
@@ -177,7 +185,44 @@ pub struct BackendValue {
     /// Bumped whenever the id is given to another backend, so connection-table
     /// entries made for the previous holder become misses.
     pub generation: u32,
+    /// [`BackendValue::seal_of`] the fields above, as written.
+    pub seal: u32,
 }
+
+impl BackendValue {
+    /// The value with its seal set: what user space writes.
+    pub fn sealed(self) -> Self {
+        BackendValue {
+            seal: Self::seal_of(&self),
+            ..self
+        }
+    }
+
+    /// Whether this copy was read whole: its fields are the ones sealed
+    /// together (a never-written, all-zero value is not).
+    #[inline(always)]
+    pub fn is_whole(&self) -> bool {
+        self.seal == Self::seal_of(self)
+    }
+
+    /// The seal of `v`'s fields: the bucket hash's folds over its first
+    /// 28 bytes as four words. Any mix of two values differs in some word
+    /// from both, and so, but for a chance in 2^32, in its seal.
+    #[inline(always)]
+    fn seal_of(v: &BackendValue) -> u32 {
+        // SAFETY: 32 bytes, 8-aligned, and any bits are a valid [u64; 4].
+        let w = unsafe { core::mem::transmute::<BackendValue, [u64; 4]>(*v) };
+        // The last word's bytes 4..8 are the seal itself.
+        let generation = u64::from_le(w[3]) & u32::MAX as u64;
+        let h = crate::hash::fold(BACKEND_SEAL_SEED, w[0]);
+        let h = crate::hash::fold(h, w[1]);
+        let h = crate::hash::fold(h, w[2]);
+        crate::hash::finish64(crate::hash::fold(h, generation))
+    }
+}
+
+/// Seed of [`BackendValue`]'s seal (arbitrary, odd).
+const BACKEND_SEAL_SEED: u64 = 0x6a09_e667_f3bc_c909;
 
 /// A flow as the client sent it. Key of [`FlowEntry`] and input of the
 /// hash. Aligned (the layout is unchanged) so the data plane copies its
@@ -504,7 +549,7 @@ pub const fn ring_index(service_id: u32, copy: u32, ring_size: u32, slot: u32) -
 const _: () = assert!(size_of::<ServiceKey>() == 20);
 const _: () = assert!(size_of::<ServiceValue>() == 16);
 const _: () = assert!(size_of::<AddrKey>() == 20);
-const _: () = assert!(size_of::<BackendValue>() == 28);
+const _: () = assert!(size_of::<BackendValue>() == 32 && align_of::<BackendValue>() == 8);
 const _: () = assert!(size_of::<FlowKey>() == 40);
 const _: () = assert!(align_of::<FlowKey>() == 8 && align_of::<ServiceKey>() == 4);
 const _: () = assert!(align_of::<AddrKey>() == 4);
@@ -545,6 +590,71 @@ mod pod {
 mod tests {
     use super::*;
     use crate::limits::{CONNTRACK_BUCKET_GROUP, CONNTRACK_WAYS};
+
+    /// Two backend values that differ in every byte but the family.
+    fn two_backends() -> [BackendValue; 2] {
+        let v = |b: u8, generation: u32| BackendValue {
+            addr: [b; 16],
+            mac: [b; 6],
+            family: FAMILY_V6,
+            flags: b,
+            generation,
+            seal: 0,
+        };
+        [v(0x11, 0x1111_1111).sealed(), v(0xee, 0xeeee_eeee).sealed()]
+    }
+
+    fn bytes(v: &BackendValue) -> [u8; 32] {
+        // SAFETY: 32 bytes of plain integers.
+        unsafe { core::mem::transmute(*v) }
+    }
+
+    fn value(b: [u8; 32]) -> BackendValue {
+        // SAFETY: any bits are a valid BackendValue.
+        unsafe { core::mem::transmute(b) }
+    }
+
+    #[test]
+    fn a_sealed_backend_is_whole_and_any_changed_byte_is_not() {
+        for v in two_backends() {
+            assert!(v.is_whole());
+            for i in 0..32 {
+                let mut b = bytes(&v);
+                b[i] ^= 0x01;
+                assert!(!value(b).is_whole(), "byte {i} changed");
+            }
+        }
+        assert!(
+            !BackendValue::default().is_whole(),
+            "a never-written slot is not whole"
+        );
+    }
+
+    #[test]
+    fn no_mix_of_two_backends_is_whole() {
+        // Whatever order the kernel copies bytes in, a reader sees some
+        // bytes of the new value and the rest of the old: every subset of
+        // the four 8-byte words, and every cut within each word.
+        let [a, b] = two_backends();
+        let (a, b) = (bytes(&a), bytes(&b));
+        for mask in 1..15u32 {
+            let mut m = a;
+            for w in 0..4 {
+                if mask & (1 << w) != 0 {
+                    m[w * 8..w * 8 + 8].copy_from_slice(&b[w * 8..w * 8 + 8]);
+                }
+            }
+            assert!(!value(m).is_whole(), "words {mask:04b} new");
+        }
+        for cut in 1..32 {
+            let mut m = a;
+            m[cut..].copy_from_slice(&b[cut..]);
+            assert!(!value(m).is_whole(), "new from byte {cut}");
+            let mut m = b;
+            m[cut..].copy_from_slice(&a[cut..]);
+            assert!(!value(m).is_whole(), "old from byte {cut}");
+        }
+    }
 
     #[test]
     fn a_flows_two_buckets_are_distinct_whole_and_in_one_group() {

@@ -145,7 +145,7 @@ pub fn encapsulate(
     mtu: u32,
     settings: &Settings,
 ) -> Result<(), Counter> {
-    let backend = choice.backend;
+    let backend = &choice.backend;
     if backend.family != ip.family {
         // Refused by config validation; counted in case the maps disagree.
         return Err(Counter::DropEncapFailed);

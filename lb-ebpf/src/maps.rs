@@ -137,10 +137,37 @@ pub fn ring_slot(index: u32) -> Option<u32> {
     LB_RINGS.get(index).copied()
 }
 
-/// The backend with id `id`.
+/// A whole copy of the backend with id `id`: `None` if the id is out of
+/// range, never written, or being rewritten by user space as it is read
+/// twice (a write takes nanoseconds; the second read is the retry).
 #[inline(always)]
-pub fn backend(id: u32) -> Option<&'static BackendValue> {
-    LB_BACKENDS.get(id)
+pub fn backend(id: u32) -> Option<BackendValue> {
+    let p = LB_BACKENDS.get_ptr(id)?;
+    let v = read_backend(p);
+    if v.is_whole() {
+        return Some(v);
+    }
+    let v = read_backend(p);
+    v.is_whole().then_some(v)
+}
+
+/// One copy of the backend at `p`, as four 8-byte loads. Volatile: the
+/// retry above must read memory again, which LLVM would otherwise fold
+/// into the first copy.
+#[inline(always)]
+fn read_backend(p: *const BackendValue) -> BackendValue {
+    let words = p as *const [u64; 4];
+    // SAFETY: `p` is an element of the array, 8-aligned and 32 bytes long,
+    // never freed; any bits are a valid value.
+    unsafe {
+        let w = [
+            ptr::read_volatile(&(*words)[0]),
+            ptr::read_volatile(&(*words)[1]),
+            ptr::read_volatile(&(*words)[2]),
+            ptr::read_volatile(&(*words)[3]),
+        ];
+        core::mem::transmute::<[u64; 4], BackendValue>(w)
+    }
 }
 
 /// Where a flow stands in the connection table.

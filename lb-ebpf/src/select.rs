@@ -18,8 +18,8 @@ use crate::maps::{self, Lookup};
 pub struct Choice {
     /// Backend id.
     pub id: u32,
-    /// The backend.
-    pub backend: &'static BackendValue,
+    /// The backend, a whole copy.
+    pub backend: BackendValue,
     /// Chosen by a Maglev lookup rather than a connection-table hit.
     pub new_flow: bool,
     /// The flow's [`bucket_hash`], which `ipip` spreads tunnels by (outer
@@ -105,7 +105,7 @@ pub fn select_backend(
         && let (Some((p, pinned)), Some(service)) = (at.hit, slotted)
         && !lapsed(ct, &service, flow, &pinned)
         && let Some(backend) = maps::backend(pinned.backend)
-        && stands(&pinned, backend)
+        && stands(&pinned, &backend)
     {
         if remember {
             refresh(p, &pinned, now, pinned.flags | closing);
@@ -141,7 +141,8 @@ pub fn select_backend(
     }
     let backend = maps::backend(id).ok_or(Counter::DropNoBackend)?;
     // User space rebuilds the tables before it takes a backend down, so this
-    // only guards against a table that names a backend not yet written.
+    // only guards against a table that names a backend not yet written (a
+    // backend being rewritten as it is read is `None` above).
     if backend.flags & BACKEND_F_UP == 0 {
         return Err(Counter::DropNoBackend);
     }

@@ -4,14 +4,17 @@
 use std::net::IpAddr;
 
 use anyhow::{Context as _, Result};
-use aya::programs::{TestRun as _, TestRunOptions};
+use aya::{
+    maps::{Array, Map, MapData, MapInfo},
+    programs::{TestRun as _, TestRunOptions},
+};
 use lb::{
     dataplane::{Capacity, Dataplane},
     maglev::{self, Candidate},
 };
 use lb_common::{
     AddrKey, BACKEND_F_UP, BackendValue, Counter, Interface, ServiceKey, Settings, addr_bytes,
-    limits::NO_BACKEND,
+    limits::NO_BACKEND, maps::PROG_LB,
 };
 
 use crate::packet::Mac;
@@ -139,6 +142,7 @@ impl Lab {
                 family,
                 flags: if up { BACKEND_F_UP } else { 0 },
                 generation,
+                seal: 0,
             },
         )
     }
@@ -193,6 +197,24 @@ impl Lab {
             action: result.return_value,
             out,
         })
+    }
+
+    /// A second handle on the array map `name` of the load balancer's
+    /// program, for a thread that writes it while this one runs packets.
+    pub fn array_handle<V: aya::Pod>(&mut self, name: &str) -> Result<Array<MapData, V>> {
+        let ids = self
+            .dp
+            .program(PROG_LB)?
+            .info()?
+            .map_ids()?
+            .unwrap_or_default();
+        // The kernel keeps the first 15 bytes of a map's name.
+        let short = &name[..name.len().min(15)];
+        let id = ids
+            .into_iter()
+            .find(|id| MapInfo::from_id(*id).is_ok_and(|i| i.name_as_str() == Some(short)))
+            .with_context(|| format!("map {name} is not the program's"))?;
+        Ok(Array::try_from(Map::Array(MapData::from_id(id)?))?)
     }
 
     /// The global counter `c`.

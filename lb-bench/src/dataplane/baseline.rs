@@ -6,7 +6,8 @@
 //! (services, VIPs, rings, backends, settings) with this tree's types, and
 //! read through its counters. A revision whose layout of one of those maps
 //! differs is refused with the map named, rather than given tables it would
-//! misread. The VIP filter and the service slots are kept too where the
+//! misread; backends of a revision before their seal are written in that
+//! layout. The VIP filter and the service slots are kept too where the
 //! revision has them, and so is the connection table's bucket count, which
 //! a revision with buckets in an array reads from its settings (the rest of
 //! those settings stays at the defaults, as in the current object). Maps
@@ -41,10 +42,54 @@ pub struct Baseline {
     /// The service slots, in revisions that have them.
     service_slots: Option<Array<MapData, ServiceSlot>>,
     rings: Array<MapData, u32>,
-    backends: Array<MapData, BackendValue>,
+    backends: Backends,
     settings: Array<MapData, Settings>,
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, ServiceStats>,
+}
+
+/// Bytes of a backend before the seal: this tree's [`BackendValue`] but its
+/// last field.
+const UNSEALED_BACKEND: usize = 28;
+
+/// The baseline's backends, in its layout.
+enum Backends {
+    /// This tree's, sealed.
+    Sealed(Array<MapData, BackendValue>),
+    /// Before the seal.
+    Unsealed(Array<MapData, [u8; UNSEALED_BACKEND]>),
+}
+
+impl Backends {
+    fn take(ebpf: &mut Ebpf) -> Result<Backends> {
+        let map = ebpf
+            .take_map(names::BACKENDS)
+            .with_context(|| format!("map {} missing from {OBJECT}", names::BACKENDS))?;
+        let value_size = match &map {
+            aya::maps::Map::Array(data) => data.info()?.value_size() as usize,
+            _ => 0,
+        };
+        let layout = || format!("map {} of {OBJECT} has another layout", names::BACKENDS);
+        Ok(if value_size == UNSEALED_BACKEND {
+            Backends::Unsealed(Array::try_from(map).with_context(layout)?)
+        } else {
+            Backends::Sealed(Array::try_from(map).with_context(layout)?)
+        })
+    }
+
+    fn set(&mut self, id: u32, backend: BackendValue) -> Result<()> {
+        match self {
+            Backends::Sealed(a) => a.set(id, backend.sealed(), 0)?,
+            Backends::Unsealed(a) => {
+                // SAFETY: 32 bytes of plain integers.
+                let bytes: [u8; 32] = unsafe { std::mem::transmute(backend) };
+                let mut old = [0; UNSEALED_BACKEND];
+                old.copy_from_slice(&bytes[..UNSEALED_BACKEND]);
+                a.set(id, old, 0)?
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Map `name` of the baseline, if the revision has it.
@@ -91,7 +136,7 @@ impl Baseline {
             vip_filter: take_if_any(&mut ebpf, names::VIP_FILTER)?,
             service_slots: take_if_any(&mut ebpf, names::SERVICE_SLOTS)?,
             rings: take(&mut ebpf, OBJECT, names::RINGS)?,
-            backends: take(&mut ebpf, OBJECT, names::BACKENDS)?,
+            backends: Backends::take(&mut ebpf)?,
             settings: take(&mut ebpf, OBJECT, names::SETTINGS)?,
             counters: take(&mut ebpf, OBJECT, names::COUNTERS)?,
             service_stats: take(&mut ebpf, OBJECT, names::SERVICE_STATS)?,
@@ -120,7 +165,7 @@ impl Baseline {
 
     /// Writes backend `id` as the current object has it.
     pub fn set_backend(&mut self, id: u32, backend: BackendValue) -> Result<()> {
-        Ok(self.backends.set(id, backend, 0)?)
+        self.backends.set(id, backend)
     }
 
     /// Gives the service `key` the value and live table the current object

@@ -506,6 +506,7 @@ impl Controller {
             family,
             flags: if up { BACKEND_F_UP } else { 0 },
             generation: b.generation,
+            seal: 0,
         }
     }
 

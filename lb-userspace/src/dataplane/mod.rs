@@ -312,7 +312,7 @@ impl Dataplane {
     /// Loads the embedded object with `capacity` and verifies both programs
     /// in the kernel. Nothing is attached and nothing is pinned.
     pub fn load(capacity: Capacity) -> Result<Self> {
-        Self::load_with(capacity, None, KernelLogLevel::Off)
+        Self::load_with(capacity, None, KernelLogLevel::Off, &Default::default())
     }
 
     /// Loads with every map pinned under `dir`: maps already pinned there
@@ -331,18 +331,57 @@ impl Dataplane {
             )
         })?;
         let adopted = dir.join(names::SERVICES).exists();
-        pins::reconcile(dir, &capacity)?;
-        Ok((Self::load_with(capacity, Some(dir), log)?, adopted))
+        let migration = pins::reconcile(dir, &capacity)?;
+        let mut dp = Self::load_with(capacity, Some(dir), log, &migration)?;
+        if let Some(backends) = &migration.backends {
+            dp.carry_backends(dir, backends)?;
+        }
+        Ok((dp, adopted))
     }
 
-    fn load_with(capacity: Capacity, pins: Option<&Path>, log: KernelLogLevel) -> Result<Self> {
+    /// Writes `backends`, read from the pin of an earlier layout, into this
+    /// object's new map, and pins that map in the old one's place in one
+    /// rename: a crash before it leaves the old pin to migrate again.
+    fn carry_backends(&mut self, dir: &Path, backends: &[(u32, BackendValue)]) -> Result<()> {
+        for (id, b) in backends {
+            self.set_backend(*id, b)?;
+        }
+        let path = dir.join(names::BACKENDS);
+        // bpffs refuses names with dots.
+        let fresh = dir.join(format!("{}_MIGRATING", names::BACKENDS));
+        let _ = std::fs::remove_file(&fresh);
+        self.backends
+            .map()
+            .pin(&fresh)
+            .context("pinning the migrated backends")?;
+        std::fs::rename(&fresh, &path).context("replacing the pinned backends")?;
+        tracing::info!(
+            backends = backends.len(),
+            "carried the pinned backends over to this version's layout (sealed values)"
+        );
+        Ok(())
+    }
+
+    fn load_with(
+        capacity: Capacity,
+        pins: Option<&Path>,
+        log: KernelLogLevel,
+        migration: &pins::Migration,
+    ) -> Result<Self> {
         ensure!(
             crate::maglev::is_prime(capacity.ring_size),
             "ring size {} is not prime",
             capacity.ring_size
         );
+        // Backends being migrated get a new map, pinned once it is filled.
         let pin_paths: Vec<(&str, PathBuf)> = pins
-            .map(|dir| ALL_MAPS.iter().map(|n| (*n, dir.join(n))).collect())
+            .map(|dir| {
+                ALL_MAPS
+                    .iter()
+                    .filter(|n| !(**n == names::BACKENDS && migration.backends.is_some()))
+                    .map(|n| (*n, dir.join(n)))
+                    .collect()
+            })
             .unwrap_or_default();
         let level = log.value();
         let mut loader = capacity.loader()?;
@@ -659,7 +698,8 @@ impl Dataplane {
             .collect())
     }
 
-    /// Writes backend `id`.
+    /// Writes backend `id`, sealed (see [`BackendValue`]): a packet that
+    /// reads it while it is written tells the mix from a whole value.
     pub fn set_backend(&mut self, id: u32, backend: &BackendValue) -> Result<()> {
         ensure!(
             id < self.capacity.max_backends,
@@ -667,13 +707,15 @@ impl Dataplane {
             self.capacity.max_backends
         );
         self.backends
-            .set(id, backend, 0)
+            .set(id, backend.sealed(), 0)
             .with_context(|| format!("writing backend {id}"))
     }
 
-    /// Reads backend `id`.
+    /// Reads backend `id`, as it was given to [`Dataplane::set_backend`]
+    /// (without the seal, which is the data plane's business).
     pub fn backend(&self, id: u32) -> Result<BackendValue> {
-        Ok(self.backends.get(&id, 0)?)
+        let v = self.backends.get(&id, 0)?;
+        Ok(BackendValue { seal: 0, ..v })
     }
 
     /// The service's entry, if it exists.

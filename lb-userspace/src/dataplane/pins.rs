@@ -6,7 +6,8 @@
 //! What happens to a pin of another shape depends on what it holds. The
 //! desired state (services, VIPs, tables, backends, tunnel endpoints) is
 //! refused, all of it checked before anything changes, with the way out in
-//! the error. Maps that only hold what the programs or the daemon derive
+//! the error; but the backends of a version before their seal
+//! ([`LEGACY_BACKEND_BYTES`]) are carried over ([`Migration`]). Maps that only hold what the programs or the daemon derive
 //! again (connection table, counters, settings, the VIP filter) are
 //! replaced, with a warning that says what is lost: an upgrade that changes
 //! their layout, or a new connection-table size, needs no stop.
@@ -15,7 +16,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::MapData;
-use lb_common::maps as names;
+use lb_common::{BackendValue, maps as names};
 
 use super::{ALL_MAPS, Capacity, EBPF_OBJECT};
 
@@ -105,13 +106,60 @@ fn pinned(path: &Path, name: &str) -> Result<Shape> {
     })
 }
 
+/// The size of a backend before the seal (address, MAC, family, flags and
+/// generation, in [`BackendValue`]'s order): lb up to commit bb2cc88.
+const LEGACY_BACKEND_BYTES: u32 = 28;
+
+/// Desired state carried over from pins of an earlier layout: the backends
+/// by id, to write (sealed) into a new map that replaces the old pin.
+#[derive(Debug, Default)]
+pub(super) struct Migration {
+    /// Backends of a pinned map without seals, by id.
+    pub backends: Option<Vec<(u32, BackendValue)>>,
+}
+
+/// Reads every backend of the pinned map at `path`, of the layout before
+/// the seal.
+fn legacy_backends(path: &Path) -> Result<Vec<(u32, BackendValue)>> {
+    let map = MapData::from_pin(path).context("opening the pinned backends")?;
+    let entries = map.info()?.max_entries();
+    let array: aya::maps::Array<MapData, [u8; LEGACY_BACKEND_BYTES as usize]> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(map))?;
+    let mut out = Vec::new();
+    for id in 0..entries {
+        let b = array.get(&id, 0).context("reading a pinned backend")?;
+        if b.iter().all(|&x| x == 0) {
+            continue;
+        }
+        let mut addr = [0u8; 16];
+        addr.copy_from_slice(&b[..16]);
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&b[16..22]);
+        out.push((
+            id,
+            BackendValue {
+                addr,
+                mac,
+                family: b[22],
+                flags: b[23],
+                generation: u32::from_ne_bytes([b[24], b[25], b[26], b[27]]),
+                seal: 0,
+            },
+        ));
+    }
+    Ok(out)
+}
+
 /// Makes every pin under `dir` adoptable by this object with `capacity`:
 /// refuses (changing nothing) if a map of desired state has another shape,
 /// else removes the pins of derived maps that do, so they are created anew.
-pub(super) fn reconcile(dir: &Path, capacity: &Capacity) -> Result<()> {
+/// Backends of the layout before the seal are read for the caller to carry
+/// over; their pin stays until the new map replaces it.
+pub(super) fn reconcile(dir: &Path, capacity: &Capacity) -> Result<Migration> {
     let object = aya_obj::Object::parse(EBPF_OBJECT).context("parsing the eBPF object")?;
     let mut refused = Vec::new();
     let mut replace = Vec::new();
+    let mut migration = Migration::default();
     for name in ALL_MAPS {
         let path = dir.join(name);
         if !path.exists() {
@@ -122,6 +170,16 @@ pub(super) fn reconcile(dir: &Path, capacity: &Capacity) -> Result<()> {
             continue;
         }
         let differences = have.differences(&want);
+        if name == names::BACKENDS
+            && have.value_size == LEGACY_BACKEND_BYTES
+            && (Shape {
+                value_size: want.value_size,
+                ..have
+            }) == want
+        {
+            migration.backends = Some(legacy_backends(&path)?);
+            continue;
+        }
         match holds(name) {
             Holds::Desired => refused.push(format!("{name} ({differences})")),
             Holds::Derived(consequence) => replace.push((name, path, differences, consequence)),
@@ -145,7 +203,7 @@ pub(super) fn reconcile(dir: &Path, capacity: &Capacity) -> Result<()> {
              ({differences}): {consequence}"
         );
     }
-    Ok(())
+    Ok(migration)
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Result, bail};
 use aya::maps::{Array, Map, MapData};
 use lb::demo::server::{NameServer, http_get};
-use lb_common::{FlowEntry, FlowKey, FlowValue, addr_bytes, hash::flow_hash};
+use lb_common::{BackendValue, FlowEntry, FlowKey, FlowValue, addr_bytes, hash::flow_hash};
 use lb_tests::{
     daemon::{Daemon, default_web_config, web_config},
     lan::Lan,
@@ -485,7 +485,9 @@ fn services_and_backends_added_and_removed_at_run_time() {
 /// A restart with another connection-table size replaces that table (its
 /// entries are the data plane's own) and adopts everything else; another
 /// service capacity is refused, naming the map, and leaves the pins as they
-/// were for the configuration that made them.
+/// were for the configuration that made them. Pins of earlier layouts: a
+/// connection table's unreadable entries are dropped, backends without
+/// seals carried over.
 #[test]
 fn a_restart_replaces_a_resized_connection_table_and_refuses_resized_tables() {
     if !privileged() {
@@ -571,5 +573,42 @@ fn a_restart_replaces_a_resized_connection_table_and_refuses_resized_tables() {
     let log = d.log();
     assert!(log.contains("entries this version cannot read"), "{log}");
     assert_eq!(table().get(&last, 0).unwrap(), FlowEntry::default());
+    assert_eq!(tally(&lan, 20).unwrap().len(), 2, "both backends serve");
+
+    // Backends pinned by a version before their seal (28-byte values):
+    // carried over into a sealed map, the tables kept.
+    d.kill(libc::SIGKILL).unwrap();
+    let pin = d.pins.join(lb_common::maps::BACKENDS);
+    let backends = || {
+        let map = MapData::from_pin(&pin).unwrap();
+        Array::<MapData, BackendValue>::try_from(Map::Array(map)).unwrap()
+    };
+    let sealed: Vec<BackendValue> = (0..backends().len())
+        .map(|id| backends().get(&id, 0).unwrap())
+        .collect();
+    assert!(sealed.iter().filter(|b| b.is_whole()).count() >= 2);
+    const LEGACY: usize = 28;
+    let mut legacy = Array::<MapData, [u8; LEGACY]>::create(sealed.len() as u32, 0).unwrap();
+    for (id, b) in sealed.iter().enumerate() {
+        // SAFETY: a BackendValue is 32 bytes of plain integers.
+        let bytes: [u8; 32] = unsafe { std::mem::transmute(*b) };
+        legacy
+            .set(
+                id as u32,
+                <[u8; LEGACY]>::try_from(&bytes[..LEGACY]).unwrap(),
+                0,
+            )
+            .unwrap();
+    }
+    std::fs::remove_file(&pin).unwrap();
+    legacy.pin(&pin).unwrap();
+    d.spawn().unwrap();
+    let log = d.log();
+    assert!(log.contains("carried the pinned backends over"), "{log}");
+    let carried: Vec<BackendValue> = (0..backends().len())
+        .map(|id| backends().get(&id, 0).unwrap())
+        .collect();
+    assert_eq!(carried, sealed, "every backend carried over, sealed");
+    assert_eq!(digest(&d).unwrap().0, before.0, "the tables were kept");
     assert_eq!(tally(&lan, 20).unwrap().len(), 2, "both backends serve");
 }

@@ -8,6 +8,7 @@
 
 mod agreement;
 mod announce;
+mod backends;
 mod conntrack;
 mod daemon;
 mod demo;
