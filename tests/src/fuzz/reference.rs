@@ -495,7 +495,7 @@ mod tests {
         let v4 = |a| IpAddr::V4(Ipv4Addr::from(a));
         let seg = packet::tcp(v4(CLIENT), v4(dst), 40000, PORT, flags, b"x");
         let ip = Ipv4::new(CLIENT, dst, IPPROTO_TCP).build(&seg);
-        packet::ethernet([2; 6], [4; 6], &[], ETH_P_IP, &ip)
+        packet::ethernet(LB_MAC, [4; 6], &[], ETH_P_IP, &ip)
     }
 
     #[test]
@@ -530,6 +530,35 @@ mod tests {
         assert_eq!(
             classify(&[0u8; ETH_HLEN - 1], &One),
             Class::Reject(vec![Counter::DropMalformedEthernet])
+        );
+    }
+
+    #[test]
+    fn frames_to_another_mac_are_never_the_lbs() {
+        let other = |mut f: Vec<u8>| {
+            f[..6].copy_from_slice(&[2; 6]);
+            f
+        };
+        match classify(&other(tcp_frame(VIP, TCP_SYN)), &One) {
+            Class::Service(hit) => assert!(hit.foreign_destination),
+            c => panic!("{c:?}"),
+        }
+        let mut doff = tcp_frame(VIP, TCP_ACK);
+        doff[ETH_HLEN + IPV4_HLEN + TCP_DOFF_BYTE] = 0xf0;
+        assert_eq!(
+            classify(&other(doff), &One),
+            Class::Pass(vec![Counter::PassForeignMac])
+        );
+        assert_eq!(
+            classify(&other(tcp_frame([198, 18, 0, 2], TCP_SYN)), &One),
+            Class::Pass(vec![Counter::PassNotService, Counter::PassForeignMac])
+        );
+        let mut ihl = other(tcp_frame(VIP, TCP_ACK));
+        ihl[ETH_HLEN] = 0x44;
+        assert_eq!(
+            classify(&ihl, &One),
+            Class::Reject(vec![Counter::DropMalformedIpv4]),
+            "a malformed IP header is dropped whatever the MAC"
         );
     }
 }
