@@ -31,7 +31,8 @@ pub enum Counter {
     /// chosen backend's entry is being rewritten and was read half-written
     /// twice): dropped.
     DropNoBackend = 9,
-    /// Encapsulation would exceed the MTU: dropped.
+    /// Encapsulation would exceed the MTU, and no ICMP error is sent (IPv4
+    /// without DF, the CPU's ICMP budget spent): dropped.
     DropTooBig = 10,
     /// The kernel refused to grow the packet for encapsulation: dropped.
     DropEncapFailed = 11,
@@ -46,11 +47,15 @@ pub enum Counter {
     /// host's, flooded by a switch; broadcast; multicast), or received on an
     /// interface lb was not attached to: passed untouched, never forwarded.
     PassForeignMac = 15,
+    /// `ipip`: the packet would exceed the MTU once encapsulated; answered
+    /// with an ICMP "fragmentation needed" (IPv4 with DF) or ICMPv6 "packet
+    /// too big" telling the client the MTU to use.
+    ReplyTooBig = 16,
 }
 
 impl Counter {
     /// Number of counters (the `LB_COUNTERS` array size).
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -70,6 +75,7 @@ impl Counter {
         Counter::ForwardIpip,
         Counter::ForwardIcmpError,
         Counter::PassForeignMac,
+        Counter::ReplyTooBig,
     ];
 
     /// Stable snake_case name, for logs, JSON and metric labels.
@@ -91,6 +97,7 @@ impl Counter {
             Counter::ForwardIpip => "forward_ipip",
             Counter::ForwardIcmpError => "forward_icmp_error",
             Counter::PassForeignMac => "pass_foreign_mac",
+            Counter::ReplyTooBig => "reply_too_big",
         }
     }
 }

@@ -64,6 +64,12 @@ pub const VIP_FILTER_WORDS: u32 = 1 << (VIP_FILTER_BITS_LOG2 - 6);
 /// indexes would have to differ by a multiple of this).
 pub const INTERFACE_SLOTS: u32 = 256;
 
+/// ICMP errors each CPU sends per second of the data plane's clock
+/// (`reply_too_big`); beyond it the packet is dropped (`drop_too_big`), so
+/// a flood of oversized packets cannot turn the load balancer into a
+/// source of as many replies.
+pub const ICMP_ERRORS_PER_CPU: u32 = 1_000;
+
 /// Ring slot value meaning "no backend": the ring of a service whose backends
 /// are all out of rotation is filled with it, and such packets are dropped and
 /// counted rather than passed (a VIP is not the host's own address).

@@ -445,6 +445,17 @@ impl Interface {
     }
 }
 
+/// A CPU's ICMP errors in the current second of the data plane's clock.
+/// Index 0 of `LB_ICMP_BUDGET`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct IcmpBudget {
+    /// The second (`ConntrackSettings::now`) `sent` counts in.
+    pub window: u32,
+    /// Errors sent in it.
+    pub sent: u32,
+}
+
 /// The slot of `LB_INTERFACES` an interface with index `ifindex` lives in.
 #[inline(always)]
 pub const fn interface_slot(ifindex: u32) -> u32 {
@@ -559,6 +570,7 @@ const _: () = assert!(size_of::<FlowEntry>() == 64 && align_of::<FlowEntry>() ==
 const _: () = assert!(size_of::<ServiceSlot>() == 36);
 const _: () = assert!(size_of::<Settings>() == 36);
 const _: () = assert!(size_of::<Interface>() == 16);
+const _: () = assert!(size_of::<IcmpBudget>() == 8);
 const _: () = assert!(crate::limits::INTERFACE_SLOTS.is_power_of_two());
 const _: () = assert!(size_of::<ConntrackSettings>() == 24);
 const _: () = assert!(size_of::<ConntrackStats>() == 32);
@@ -580,6 +592,7 @@ mod pod {
     unsafe impl aya::Pod for ServiceSlot {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for Interface {}
+    unsafe impl aya::Pod for IcmpBudget {}
     unsafe impl aya::Pod for ConntrackSettings {}
     unsafe impl aya::Pod for ConntrackStats {}
     unsafe impl aya::Pod for ServiceStats {}

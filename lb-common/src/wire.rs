@@ -65,6 +65,12 @@ pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_FRAG_NEEDED: u8 = 4;
 /// ICMPv6 type "packet too big".
 pub const ICMPV6_PKT_TOOBIG: u8 = 2;
+/// Bytes of the offending packet the ICMP errors lb sends quote: its IP
+/// header and the start of its payload, enough for the sender to find its
+/// socket (RFC 792 asks for the header and 8 bytes; IPv4 options and IPv6
+/// extension headers take more). A multiple of 4 (the checksum helper's
+/// unit), and far below RFC 1812's 576-byte bound.
+pub const ICMP_QUOTE_LEN: usize = 128;
 
 /// TCP flag SYN.
 pub const TCP_SYN: u8 = 0x02;

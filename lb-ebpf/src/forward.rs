@@ -74,6 +74,16 @@ impl L2Header {
         Some(h)
     }
 
+    /// Readdresses the header back to where the frame came from, from the
+    /// MAC it was sent to (ours).
+    #[inline(always)]
+    pub fn reply(&mut self) {
+        self.macs = Macs {
+            to: self.macs.from,
+            from: self.macs.to,
+        };
+    }
+
     /// Writes the header at `off`.
     #[inline(always)]
     pub fn store(&self, ctx: &XdpContext, off: usize) -> Option<()> {
@@ -134,6 +144,16 @@ fn outer_id_and_flags(inner_flags: u16) -> (u16, u16) {
     (if id == 0 { 1 } else { id }, 0)
 }
 
+/// The bytes `ipip` adds to `ip`: an outer header of its family.
+#[inline(always)]
+pub fn outer_len(ip: &Ip) -> usize {
+    if ip.family == FAMILY_V4 {
+        IPV4_HLEN
+    } else {
+        IPV6_HLEN
+    }
+}
+
 /// `ipip`: prepend an IPv4 (IPIP, RFC 2003) or IPv6 (RFC 2473) header toward
 /// the backend, for a packet that fits in `mtu` once encapsulated. The
 /// outer family is the inner one, so the EtherType stays.
@@ -151,11 +171,7 @@ pub fn encapsulate(
         return Err(Counter::DropEncapFailed);
     }
     let inner_len = ip.end - ip.l3_off;
-    let outer_len = if ip.family == FAMILY_V4 {
-        IPV4_HLEN
-    } else {
-        IPV6_HLEN
-    };
+    let outer_len = outer_len(ip);
     if inner_len + outer_len > mtu as usize {
         return Err(Counter::DropTooBig);
     }

@@ -10,6 +10,7 @@
 //! - `parse`: Ethernet/VLAN, IPv4, IPv6, TCP/UDP, quoted ICMP packets.
 //! - `select`: connection table and Maglev lookup.
 //! - `forward`: MAC rewrite and IPIP encapsulation.
+//! - `icmp`: the ICMP errors lb sends (packet too big for the tunnel).
 //! - `checksum`: IPv4 header checksum.
 //! - `decap`: the backend-side decapsulator.
 //! - `maps`: every map and its accessors, counters included.
@@ -25,6 +26,7 @@
 mod checksum;
 mod decap;
 mod forward;
+mod icmp;
 mod maps;
 mod packet;
 mod parse;
@@ -69,9 +71,10 @@ fn action(c: Counter) -> u32 {
         | Counter::PassNotService
         | Counter::PassOtherProtocol
         | Counter::PassForeignMac => xdp_action::XDP_PASS,
-        Counter::ForwardDsr | Counter::ForwardIpip | Counter::ForwardIcmpError => {
-            xdp_action::XDP_TX
-        }
+        Counter::ForwardDsr
+        | Counter::ForwardIpip
+        | Counter::ForwardIcmpError
+        | Counter::ReplyTooBig => xdp_action::XDP_TX,
         _ => xdp_action::XDP_DROP,
     }
 }
@@ -226,7 +229,13 @@ fn forward(
     let bytes = frame_len(ctx) as u64;
     if service.flags & SERVICE_F_IPIP != 0 {
         let settings = maps::settings().ok_or(Counter::DropNoBackend)?;
-        forward::encapsulate(ctx, ip, choice, settings.mtu_of(iface), settings)?;
+        let mtu = settings.mtu_of(iface);
+        match forward::encapsulate(ctx, ip, choice, mtu, settings) {
+            Err(Counter::DropTooBig) => {
+                return Err(icmp::reply_too_big(ctx, ip, mtu, forward::outer_len(ip))?);
+            }
+            done => done?,
+        }
     } else {
         forward::rewrite_macs(ctx, choice)?;
     }

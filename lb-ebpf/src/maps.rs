@@ -11,9 +11,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter,
-    FlowEntry, FlowKey, FlowValue, Interface, ServiceKey, ServiceSlot, ServiceStats, ServiceValue,
-    Settings, counters::DecapCounter, flow_buckets, hash::vip_filter_bit, interface_slot, limits,
-    limits::CONNTRACK_WAYS,
+    FlowEntry, FlowKey, FlowValue, IcmpBudget, Interface, ServiceKey, ServiceSlot, ServiceStats,
+    ServiceValue, Settings, counters::DecapCounter, flow_buckets, hash::vip_filter_bit,
+    interface_slot, limits, limits::CONNTRACK_WAYS,
 };
 
 /// Services. Not preallocated, so an update replaces the element under RCU and
@@ -78,6 +78,10 @@ static LB_SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 /// The interfaces the program is attached to, by [`interface_slot`].
 #[map]
 static LB_INTERFACES: Array<Interface> = Array::with_max_entries(limits::INTERFACE_SLOTS, 0);
+
+/// Each CPU's ICMP errors in the current second.
+#[map]
+static LB_ICMP_BUDGET: PerCpuArray<IcmpBudget> = PerCpuArray::with_max_entries(1, 0);
 
 /// Global reasons, one per `Counter`.
 #[map]
@@ -334,6 +338,26 @@ pub fn interface(ifindex: u32) -> Option<&'static Interface> {
     LB_INTERFACES
         .get(interface_slot(ifindex))
         .filter(|i| i.ifindex == ifindex)
+}
+
+/// Takes one ICMP error from this CPU's budget for second `now`, if any
+/// is left ([`limits::ICMP_ERRORS_PER_CPU`]).
+#[inline(always)]
+pub fn take_icmp_budget(now: u32) -> bool {
+    let Some(b) = LB_ICMP_BUDGET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU value, no concurrent writer on this CPU.
+    let b = unsafe { &mut *b };
+    if b.window != now {
+        b.window = now;
+        b.sent = 0;
+    }
+    if b.sent >= limits::ICMP_ERRORS_PER_CPU {
+        return false;
+    }
+    b.sent += 1;
+    true
 }
 
 /// Adds one to the global counter `c`.

@@ -153,6 +153,13 @@ pub fn store<T: Copy>(ctx: &XdpContext, off: usize, value: T) -> Option<()> {
     Some(())
 }
 
+/// The `N` bytes at `off`, in place, for a helper that reads packet
+/// memory; `None` if the packet is too short.
+#[inline(always)]
+pub fn bytes_at<const N: usize>(ctx: &XdpContext, off: usize) -> Option<*const [u8; N]> {
+    ptr_at::<[u8; N]>(ctx, off).map(|p| p as *const [u8; N])
+}
+
 /// Big-endian u16 at `off`.
 #[inline(always)]
 pub fn load_be16(ctx: &XdpContext, off: usize) -> Option<u16> {

@@ -44,3 +44,22 @@ pub fn demo_lock() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
+
+/// Pins the calling thread to the CPU it runs on, so that packets it runs
+/// through BPF_PROG_TEST_RUN all meet the same per-CPU state.
+pub fn pin_to_this_cpu() -> std::io::Result<()> {
+    // SAFETY: sched_getcpu has no preconditions; the set is zeroed, then
+    // filled with one CPU, and only read by sched_setaffinity.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        if cpu < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

@@ -216,3 +216,72 @@ pub fn ipv4_header_valid(h: &[u8]) -> bool {
     let hlen = (h[0] & 0x0f) as usize * 4;
     checksum(0, &h[..hlen]) == 0
 }
+
+/// What is wrong with `out` as the load balancer's ICMP answer to the
+/// frame `input` (its IP packet at `l3`) that was too big for a tunnel
+/// whose path takes `mtu`-byte packets: "fragmentation needed" for IPv4,
+/// "packet too big" for IPv6, from the VIP to the client, quoting the
+/// first [`ICMP_QUOTE_LEN`] bytes of the packet, all checksums valid.
+pub fn too_big_reply_problems(input: &[u8], out: &[u8], l3: usize, mtu: u32) -> Vec<String> {
+    let mut bad = Vec::new();
+    let mut want = |ok: bool, what: &str| {
+        if !ok {
+            bad.push(what.to_string());
+        }
+    };
+    let v4 = input[l3] >> 4 == 4;
+    let ip_hlen = if v4 { IPV4_HLEN } else { IPV6_HLEN };
+    if out.len() != l3 + ip_hlen + ICMP_HLEN + ICMP_QUOTE_LEN {
+        return vec![format!("length {}", out.len())];
+    }
+    want(out[0..6] == input[6..12], "to the MAC the frame came from");
+    want(out[6..12] == input[0..6], "from the MAC it was sent to");
+    want(out[12..l3] == input[12..l3], "VLAN tags and EtherType kept");
+    let (ip, msg) = out[l3..].split_at(ip_hlen);
+    want(
+        msg[ICMP_HLEN..] == input[l3..l3 + ICMP_QUOTE_LEN],
+        "quotes the packet's first bytes",
+    );
+    if v4 {
+        want(ip[0] == 0x45 && ipv4_header_valid(ip), "IPv4 header valid");
+        want(
+            u16::from_be_bytes([ip[2], ip[3]]) as usize == ip_hlen + msg.len(),
+            "total length",
+        );
+        want(ip[9] == IPPROTO_ICMP, "protocol ICMP");
+        want(ip[12..16] == input[l3 + 16..l3 + 20], "from the VIP");
+        want(ip[16..20] == input[l3 + 12..l3 + 16], "to the client");
+        want(
+            msg[0] == ICMP_DEST_UNREACH && msg[1] == ICMP_FRAG_NEEDED,
+            "fragmentation needed",
+        );
+        want(
+            u16::from_be_bytes([msg[6], msg[7]]) as u32 == mtu && msg[4..6] == [0, 0],
+            "the MTU to use",
+        );
+        want(checksum(0, msg) == 0, "ICMP checksum");
+    } else {
+        want(ip[0] >> 4 == 6, "IPv6 header");
+        want(
+            u16::from_be_bytes([ip[4], ip[5]]) as usize == msg.len(),
+            "payload length",
+        );
+        want(ip[6] == IPPROTO_ICMPV6, "next header ICMPv6");
+        want(ip[8..24] == input[l3 + 24..l3 + 40], "from the VIP");
+        want(ip[24..40] == input[l3 + 8..l3 + 24], "to the client");
+        want(msg[0] == ICMPV6_PKT_TOOBIG && msg[1] == 0, "packet too big");
+        want(
+            u32::from_be_bytes([msg[4], msg[5], msg[6], msg[7]]) == mtu,
+            "the MTU to use",
+        );
+        let addr = |b: &[u8]| IpAddr::from(<[u8; 16]>::try_from(b).unwrap_or_default());
+        let sum = pseudo_header_sum(
+            addr(&ip[8..24]),
+            addr(&ip[24..40]),
+            IPPROTO_ICMPV6,
+            msg.len(),
+        );
+        want(checksum(sum, msg) == 0, "ICMPv6 checksum");
+    }
+    bad
+}

@@ -237,7 +237,7 @@ where
 }
 
 /// Every map the object defines.
-const ALL_MAPS: [&str; 16] = [
+const ALL_MAPS: [&str; 17] = [
     names::SERVICES,
     names::SERVICE_SLOTS,
     names::VIPS,
@@ -249,6 +249,7 @@ const ALL_MAPS: [&str; 16] = [
     names::CONNTRACK_STATS,
     names::SETTINGS,
     names::INTERFACES,
+    names::ICMP_BUDGET,
     names::COUNTERS,
     names::SERVICE_STATS,
     names::BACKEND_STATS,

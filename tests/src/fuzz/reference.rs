@@ -72,6 +72,10 @@ pub struct Hit {
     /// Not sent to the LB's MAC (another host's, broadcast, multicast):
     /// never forwarded (see [`classify`]).
     pub foreign_destination: bool,
+    /// The sender forbids fragmenting it on the way: IPv4 with DF, and
+    /// every IPv6 packet (RFC 8200: only sources fragment). Such a packet
+    /// too big for a tunnel is answered with an ICMP error.
+    pub dont_fragment: bool,
 }
 
 /// The network layer as the reference reads it.
@@ -353,6 +357,8 @@ fn transport(f: &[u8], ip: &Ip, cfg: &impl Services, to_vip: bool) -> Class {
         return Class::Pass(vec![Counter::PassNotService]);
     };
     let syn = ip.proto == IPPROTO_TCP && seg[TCP_FLAGS_BYTE] & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let dont_fragment =
+        ip.family == FAMILY_V6 || u16::from_be_bytes([f[ip.l3 + 6], f[ip.l3 + 7]]) & IPV4_DF != 0;
     Class::Service(Hit {
         service,
         flow: FlowKey {
@@ -369,6 +375,7 @@ fn transport(f: &[u8], ip: &Ip, cfg: &impl Services, to_vip: bool) -> Class {
         l3_off: ip.l3,
         ip_len: ip.end - ip.l3,
         foreign_destination: false,
+        dont_fragment,
     })
 }
 
@@ -458,6 +465,7 @@ fn icmp(f: &[u8], ip: &Ip, cfg: &impl Services, to_vip: bool) -> Class {
         l3_off: ip.l3,
         ip_len: ip.end - ip.l3,
         foreign_destination: false,
+        dont_fragment: false,
     })
 }
 

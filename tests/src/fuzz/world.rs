@@ -223,6 +223,8 @@ pub enum Outcome {
     Drop(Counter),
     /// Passed to the kernel, counted by this reason.
     Pass(Counter),
+    /// Answered with an ICMP error telling the client the MTU to use.
+    Reply,
 }
 
 /// What the program did with one frame.
@@ -250,14 +252,14 @@ pub struct Failure {
 }
 
 /// The XDP action a counter implies, from its name alone (docs/dataplane.md:
-/// `pass_*` pass, `drop_*` drop, `forward_*` transmit).
+/// `pass_*` pass, `drop_*` drop, `forward_*` and `reply_*` transmit).
 pub fn implied_action(c: Counter) -> Option<u32> {
     let name = c.name();
     if name.starts_with("pass_") {
         Some(PASS)
     } else if name.starts_with("drop_") {
         Some(DROP)
-    } else if name.starts_with("forward_") {
+    } else if name.starts_with("forward_") || name.starts_with("reply_") {
         Some(TX)
     } else {
         None
@@ -591,6 +593,28 @@ impl World {
                     format!("{} to {}", v.counter.name(), hex(&frame[..6])),
                 ));
             }
+            TX if v.counter == Counter::ReplyTooBig => {
+                if !allowed.contains(&Outcome::Reply) {
+                    return Err((
+                        "ICMP errors answer only packets too big for the tunnel",
+                        format!("allowed {allowed:?}"),
+                    ));
+                }
+                let overhead = if svc.key.family == FAMILY_V4 {
+                    IPV4_HLEN
+                } else {
+                    IPV6_HLEN
+                };
+                let mtu = lab::MTU - overhead as u32;
+                let bad = packet::too_big_reply_problems(frame, out, hit.l3_off, mtu);
+                if !bad.is_empty() {
+                    return Err((
+                        "a generated ICMP error is well formed and goes to the packet's source",
+                        bad.join(", "),
+                    ));
+                }
+                Outcome::Reply
+            }
             TX => {
                 let want = if hit.icmp {
                     Counter::ForwardIcmpError
@@ -874,7 +898,12 @@ impl World {
                 IPV6_HLEN
             };
             if hit.ip_len + outer > lab::MTU as usize && chosen.is_some() {
+                // Answered unless it may be fragmented on the way, or is
+                // itself an error, or the CPU's ICMP budget is spent.
                 v = vec![Outcome::Drop(Counter::DropTooBig)];
+                if hit.dont_fragment && !hit.icmp {
+                    v.push(Outcome::Reply);
+                }
             }
         }
         if hit.foreign_destination {
@@ -904,7 +933,7 @@ impl World {
             .map(|id| (id, self.backends.get(&id).map_or(0, |b| b.generation)));
         let chose = matches!(
             observed,
-            Outcome::Tx(_) | Outcome::Drop(Counter::DropTooBig)
+            Outcome::Tx(_) | Outcome::Drop(Counter::DropTooBig) | Outcome::Reply
         );
         let expected = if hit.icmp || !chose { before } else { chosen };
         if after != expected {

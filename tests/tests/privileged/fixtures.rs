@@ -4,9 +4,10 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
-    Counter, FlowKey, SERVICE_F_AFFINITY, SERVICE_F_IPIP, addr_bytes,
+    ConntrackSettings, Counter, FlowKey, SERVICE_F_AFFINITY, SERVICE_F_IPIP, addr_bytes,
     counters::DecapCounter,
     hash::flow_hash,
+    limits::ICMP_ERRORS_PER_CPU,
     maps::{PROG_DECAP, PROG_LB},
     wire::*,
 };
@@ -706,6 +707,91 @@ fn ipip_encapsulates_toward_the_backend_in_both_families() {
         TX,
         Counter::ForwardIpip,
     );
+}
+
+/// A full-size (`ip_len`-byte) TCP segment of the client's to `vip`,
+/// behind `vlans`, with DF for IPv4.
+fn full_size(vip: IpAddr, sport: u16, ip_len: usize, vlans: &[u16]) -> Vec<u8> {
+    let (client, hlen) = match vip {
+        IpAddr::V4(_) => (v4(CLIENT4), IPV4_HLEN),
+        IpAddr::V6(_) => (IpAddr::V6(CLIENT6), IPV6_HLEN),
+    };
+    let data = vec![0x5a; ip_len - hlen - TCP_HLEN];
+    let seg = packet::tcp(client, vip, sport, HTTP, TCP_ACK, &data);
+    let (ethertype, ip) = match vip {
+        IpAddr::V4(v) => {
+            let mut h = Ipv4::new(CLIENT4, v.octets(), IPPROTO_TCP);
+            h.frag = IPV4_DF;
+            (ETH_P_IP, h.build(&seg))
+        }
+        IpAddr::V6(v) => (
+            ETH_P_IPV6,
+            packet::ipv6(CLIENT6.octets(), v.octets(), IPPROTO_TCP, &[], &seg),
+        ),
+    };
+    packet::ethernet(LB_MAC, ROUTER_MAC, vlans, ethertype, &ip)
+}
+
+#[test]
+fn packets_too_big_for_the_tunnel_are_answered_with_the_mtu_to_use() {
+    if !privileged() {
+        return;
+    }
+    // Every reply below is counted against this CPU's budget.
+    lb_tests::pin_to_this_cpu().unwrap();
+    let mut f = fixture();
+    let v4_mtu = lab::MTU - IPV4_HLEN as u32;
+    for (what, frame, l3, mtu) in [
+        (
+            "IPv4 with DF",
+            full_size(v4(VIP4_IPIP), 43000, 1500, &[]),
+            ETH_HLEN,
+            v4_mtu,
+        ),
+        (
+            "IPv4 with DF behind a VLAN tag",
+            full_size(v4(VIP4_IPIP), 43001, 1500, &[7]),
+            ETH_HLEN + VLAN_HLEN,
+            v4_mtu,
+        ),
+        (
+            "IPv6",
+            full_size(IpAddr::V6(VIP6_IPIP), 43002, 1500, &[]),
+            ETH_HLEN,
+            lab::MTU - IPV6_HLEN as u32,
+        ),
+    ] {
+        let out = f.case(what, &frame, TX, Counter::ReplyTooBig);
+        let bad = packet::too_big_reply_problems(&frame, &out, l3, mtu);
+        assert!(bad.is_empty(), "{what}: {bad:?}");
+    }
+    // The MTU told is the interface's or the cap, whichever is lower.
+    let mut capped = lab::lab_settings(RING);
+    capped.mtu = 1400;
+    f.lab.dp.set_settings(capped).unwrap();
+    let frame = full_size(v4(VIP4_IPIP), 43003, 1400, &[]);
+    let out = f.case("IPv4 under a cap", &frame, TX, Counter::ReplyTooBig);
+    let bad = packet::too_big_reply_problems(&frame, &out, ETH_HLEN, 1400 - IPV4_HLEN as u32);
+    assert!(bad.is_empty(), "under a cap: {bad:?}");
+    f.lab.dp.set_settings(lab::lab_settings(RING)).unwrap();
+
+    // A CPU sends at most ICMP_ERRORS_PER_CPU a second: then drops.
+    let frame = full_size(v4(VIP4_IPIP), 43004, 1500, &[]);
+    let mut replies = 4;
+    while replies < ICMP_ERRORS_PER_CPU {
+        assert_eq!(f.lab.run(PROG_LB, &frame).unwrap().action, TX);
+        replies += 1;
+    }
+    f.case("over the budget", &frame, DROP, Counter::DropTooBig);
+    // The next second of the data plane's clock brings a new budget.
+    f.lab
+        .dp
+        .set_conntrack_settings(ConntrackSettings {
+            now: 1,
+            ..ConntrackSettings::default()
+        })
+        .unwrap();
+    f.case("the next second", &frame, TX, Counter::ReplyTooBig);
 }
 
 /// `frame` sent to `mac` instead.

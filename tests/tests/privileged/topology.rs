@@ -4,7 +4,9 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -163,6 +165,82 @@ fn run_flooded() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn full_size_uploads_through_a_tunnel_find_the_path_mtu() {
+    if !privileged() {
+        return;
+    }
+    run_uploads().unwrap();
+}
+
+/// Bytes each upload sends.
+const UPLOAD: usize = 10 << 20;
+/// How long an upload may take: a stalled path MTU discovery takes longer.
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Every host's link is 1500 bytes, so the client's full-size segments do
+/// not fit in the load balancer's `ipip` tunnel: 10 MB uploads in both
+/// families finish only if the client learns the tunnel's MTU from the
+/// load balancer's ICMP errors.
+fn run_uploads() -> Result<()> {
+    let lan = Lan::build(1, &["198.18.1.2/32", "2001:2:1::2/128"])?;
+    let b = &lan.backends[0];
+    let mut lab = Lab::new(RING)?;
+    lab.backend_at(0, IpAddr::V4(b.v4), b.mac, true, 1)?;
+    lab.backend_at(1, IpAddr::V6(b.v6), b.mac, true, 1)?;
+    for (id, vip, backend) in [(0, IpAddr::V4(VIP_IPIP4), 0), (1, IpAddr::V6(VIP_IPIP6), 1)] {
+        lab.service(
+            id,
+            service_key(vip, SINK_PORT, IPPROTO_TCP),
+            SERVICE_F_IPIP,
+            &[(backend, 1)],
+        )?;
+    }
+    lan.lb.run(|| lab.dp.attach("eth0", XdpMode::Skb, None))?;
+    let mut decap = Lab::new(RING)?;
+    decap.dp.add_decap_addr(IpAddr::V4(b.v4))?;
+    decap.dp.add_decap_addr(IpAddr::V6(b.v6))?;
+    b.ns.run(|| {
+        decap.dp.program(PROG_DECAP)?.attach("eth0", XdpMode::Skb)?;
+        Ok(())
+    })?;
+    let sink = b.ns.run(|| Ok(std::net::TcpListener::bind("[::]:9000")?))?;
+    const UPLOADS: usize = 2;
+    // Counts what each connection sends and answers with the count.
+    let server = std::thread::spawn(move || {
+        for mut conn in sink.incoming().take(UPLOADS).flatten() {
+            let mut n = 0u64;
+            let mut buf = vec![0u8; 1 << 16];
+            while let Ok(k @ 1..) = conn.read(&mut buf) {
+                n += k as u64;
+            }
+            let _ = conn.write_all(n.to_string().as_bytes());
+        }
+    });
+    for vip in [IpAddr::V4(VIP_IPIP4), IpAddr::V6(VIP_IPIP6)] {
+        let to = SocketAddr::new(vip, SINK_PORT);
+        let received = lan.client.run(move || {
+            let mut c = TcpStream::connect_timeout(&to, UPLOAD_TIMEOUT)?;
+            c.set_write_timeout(Some(UPLOAD_TIMEOUT))?;
+            c.set_read_timeout(Some(UPLOAD_TIMEOUT))?;
+            c.write_all(&vec![0x5a; UPLOAD])
+                .with_context(|| format!("uploading to {to}"))?;
+            c.shutdown(Shutdown::Write)?;
+            let mut answer = String::new();
+            c.read_to_string(&mut answer)?;
+            Ok(answer)
+        })?;
+        assert_eq!(received, UPLOAD.to_string(), "bytes {vip} received");
+    }
+    server.join().expect("the sink thread");
+    let replies = lab.counter(Counter::ReplyTooBig)?;
+    assert!(replies >= 2, "the clients were told the MTU: {replies}");
+    Ok(())
+}
+
+/// The upload sink's port on the backend.
+const SINK_PORT: u16 = 9000;
 
 #[test]
 fn real_tcp_and_udp_reach_backends_in_both_modes_and_host_traffic_still_flows() {

@@ -1,0 +1,173 @@
+//! The ICMP errors the load balancer sends: "fragmentation needed" (IPv4,
+//! RFC 1191) and "packet too big" (IPv6, RFC 8201) for `ipip` packets that
+//! would exceed the MTU once encapsulated, so the client's path MTU
+//! discovery learns the tunnel's overhead instead of stalling.
+//!
+//! The reply is built in place: the frame grows by the new IP and ICMP
+//! headers at the front, is cut after [`ICMP_QUOTE_LEN`] bytes of the
+//! offending packet, and goes back out with the addresses swapped: from
+//! the VIP to the client, from the interface's MAC to the one the frame
+//! came from. VLAN tags stay.
+
+use aya_ebpf::{
+    helpers::{bpf_csum_diff, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use lb_common::{
+    Counter, FAMILY_V4,
+    wire::{
+        DEFAULT_TTL, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_HLEN, ICMP_QUOTE_LEN,
+        ICMPV6_PKT_TOOBIG, IPPROTO_ICMP, IPPROTO_ICMPV6, IPV4_DF, IPV4_HLEN, IPV6_HLEN,
+    },
+};
+
+use crate::{
+    checksum,
+    forward::{L2Header, adjust_head},
+    maps,
+    packet::{bytes_at, frame_len, load, store},
+    parse::Ip,
+};
+
+/// What the ICMP checksum covers after the IP header: the ICMP header and
+/// the quoted bytes.
+const ICMP_MESSAGE_LEN: usize = ICMP_HLEN + ICMP_QUOTE_LEN;
+
+/// Answers a packet that does not fit in `mtu` once `overhead` bytes of
+/// tunnel header are added with an ICMP error carrying `mtu - overhead`.
+/// `Err(DropTooBig)` when no error is due (IPv4 without DF: XDP cannot
+/// fragment, and such a sender expects fragmentation, not an error) or
+/// this CPU's budget is spent; the packet is then dropped.
+#[inline(always)]
+pub fn reply_too_big(
+    ctx: &XdpContext,
+    ip: &Ip,
+    mtu: u32,
+    overhead: usize,
+) -> Result<Counter, Counter> {
+    // Never an error about an error (RFC 1122 §3.2.2): a relayed ICMP
+    // error too big for the tunnel is only dropped.
+    if ip.proto == IPPROTO_ICMP || ip.proto == IPPROTO_ICMPV6 {
+        return Err(Counter::DropTooBig);
+    }
+    if ip.end - ip.l3_off < ICMP_QUOTE_LEN {
+        // An MTU below the quote: nothing sensible to send.
+        return Err(Counter::DropTooBig);
+    }
+    let v4 = ip.family == FAMILY_V4;
+    if v4 {
+        let h = load::<[u8; 8]>(ctx, ip.l3_off).ok_or(Counter::DropMalformedIpv4)?;
+        if u16::from_be_bytes([h[6], h[7]]) & IPV4_DF == 0 {
+            return Err(Counter::DropTooBig);
+        }
+    }
+    let now = maps::conntrack_settings().map_or(0, |ct| ct.now);
+    if !maps::take_icmp_budget(now) {
+        return Err(Counter::DropTooBig);
+    }
+    let next_hop_mtu = mtu.saturating_sub(overhead as u32);
+    let ip_hlen = if v4 { IPV4_HLEN } else { IPV6_HLEN };
+    let mut l2 = L2Header::load(ctx, ip.l3_off).ok_or(Counter::DropMalformedEthernet)?;
+    adjust_head(ctx, -((ip_hlen + ICMP_HLEN) as i32))?;
+    l2.reply();
+    l2.store(ctx, 0).ok_or(Counter::DropEncapFailed)?;
+    // Cut what follows the quote (and any Ethernet padding). The frame's
+    // length is made opaque: LLVM would fold `len - (end - start)` into
+    // arithmetic on the end pointer, which the verifier refuses.
+    let len = ip.l3_off + ip_hlen + ICMP_MESSAGE_LEN;
+    let now_len = core::hint::black_box(frame_len(ctx));
+    // SAFETY: plain helper call on our own context; the kernel checks delta.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, len as i32 - now_len as i32) } != 0 {
+        return Err(Counter::DropEncapFailed);
+    }
+    let icmp_off = ip.l3_off + ip_hlen;
+    if v4 {
+        let [m0, m1] = (next_hop_mtu.min(u16::MAX as u32) as u16).to_be_bytes();
+        store(
+            ctx,
+            icmp_off,
+            [ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0, 0, 0, m0, m1],
+        )
+        .ok_or(Counter::DropEncapFailed)?;
+        let src = u32::from_be_bytes([ip.dst[0], ip.dst[1], ip.dst[2], ip.dst[3]]);
+        let dst = u32::from_be_bytes([ip.src[0], ip.src[1], ip.src[2], ip.src[3]]);
+        let mut h: [u16; IPV4_HLEN / 2] = [
+            0x4500,
+            (IPV4_HLEN + ICMP_MESSAGE_LEN) as u16,
+            0,
+            IPV4_DF,
+            u16::from_be_bytes([DEFAULT_TTL, IPPROTO_ICMP]),
+            0,
+            (src >> 16) as u16,
+            src as u16,
+            (dst >> 16) as u16,
+            dst as u16,
+        ];
+        h[5] = checksum::ipv4_header(&h);
+        store(ctx, ip.l3_off, h.map(u16::to_be)).ok_or(Counter::DropEncapFailed)?;
+        let sum = message_sum(ctx, icmp_off, 0)?;
+        store(ctx, icmp_off + 2, checksum::fold(sum)).ok_or(Counter::DropEncapFailed)?;
+    } else {
+        store(ctx, icmp_off, [ICMPV6_PKT_TOOBIG, 0, 0, 0]).ok_or(Counter::DropEncapFailed)?;
+        store(ctx, icmp_off + 4, next_hop_mtu.to_be()).ok_or(Counter::DropEncapFailed)?;
+        let [l0, l1] = (ICMP_MESSAGE_LEN as u16).to_be_bytes();
+        store(
+            ctx,
+            ip.l3_off,
+            [0x60, 0, 0, 0, l0, l1, IPPROTO_ICMPV6, DEFAULT_TTL],
+        )
+        .ok_or(Counter::DropEncapFailed)?;
+        // From the VIP, to the client.
+        store(ctx, ip.l3_off + 8, ip.dst).ok_or(Counter::DropEncapFailed)?;
+        store(ctx, ip.l3_off + 24, ip.src).ok_or(Counter::DropEncapFailed)?;
+        // The pseudo-header (RFC 8200 §8.1): addresses, length, next header.
+        let mut pseudo = [0u32; 10];
+        // SAFETY: [u8; 16] and [u32; 4] have the same size.
+        let (s, d) = unsafe {
+            (
+                core::mem::transmute::<[u8; 16], [u32; 4]>(ip.dst),
+                core::mem::transmute::<[u8; 16], [u32; 4]>(ip.src),
+            )
+        };
+        pseudo[..4].copy_from_slice(&s);
+        pseudo[4..8].copy_from_slice(&d);
+        pseudo[8] = (ICMP_MESSAGE_LEN as u32).to_be();
+        pseudo[9] = (IPPROTO_ICMPV6 as u32).to_be();
+        // SAFETY: plain helper call over a stack buffer of 40 bytes.
+        let seed = unsafe {
+            bpf_csum_diff(
+                core::ptr::null_mut(),
+                0,
+                pseudo.as_mut_ptr(),
+                size_of_val(&pseudo) as u32,
+                0,
+            )
+        };
+        let sum = message_sum(ctx, icmp_off, seed as u32)?;
+        store(ctx, icmp_off + 2, checksum::fold(sum)).ok_or(Counter::DropEncapFailed)?;
+    }
+    Ok(Counter::ReplyTooBig)
+}
+
+/// The unfolded one's-complement sum of the ICMP message at `off` (its
+/// checksum field zero), starting from `seed`. The helper sums the bytes
+/// as they lie in memory, so its folded checksum is stored as it is, not
+/// byte-swapped.
+#[inline(always)]
+fn message_sum(ctx: &XdpContext, off: usize, seed: u32) -> Result<u64, Counter> {
+    let msg = bytes_at::<ICMP_MESSAGE_LEN>(ctx, off).ok_or(Counter::DropEncapFailed)?;
+    // SAFETY: plain helper call; `msg` is inside the packet, checked above.
+    let sum = unsafe {
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            msg as *mut u32,
+            ICMP_MESSAGE_LEN as u32,
+            seed,
+        )
+    };
+    if sum < 0 {
+        return Err(Counter::DropEncapFailed);
+    }
+    Ok(sum as u64)
+}
