@@ -144,6 +144,34 @@ fn outer_id_and_flags(inner_flags: u16) -> (u16, u16) {
     (if id == 0 { 1 } else { id }, 0)
 }
 
+/// A 20-byte IPv4 header as its ten 16-bit words (host order), checksum
+/// filled in: no options, TTL 64, fragment offset 0, addresses host order.
+#[inline(always)]
+pub fn ipv4_header(
+    tos: u8,
+    len: u16,
+    id: u16,
+    flags: u16,
+    proto: u8,
+    src: u32,
+    dst: u32,
+) -> [u16; 10] {
+    let mut h: [u16; IPV4_HLEN / 2] = [
+        u16::from_be_bytes([IPV4_VERSION_IHL, tos]),
+        len,
+        id,
+        flags,
+        u16::from_be_bytes([DEFAULT_TTL, proto]),
+        0,
+        (src >> 16) as u16,
+        src as u16,
+        (dst >> 16) as u16,
+        dst as u16,
+    ];
+    h[IPV4_CHECKSUM_WORD] = checksum::ipv4_header(&h);
+    h
+}
+
 /// The bytes `ipip` adds to `ip`: an outer header of its family.
 #[inline(always)]
 pub fn outer_len(ip: &Ip) -> usize {
@@ -196,20 +224,7 @@ pub fn encapsulate(
         let a = &backend.addr;
         let dst = u32::from_be_bytes([a[0], a[1], a[2], a[3]]);
         let (id, flags) = outer_id_and_flags(inner_flags);
-        // The header's 16-bit words; the fragment offset is zero.
-        let mut h: [u16; IPV4_HLEN / 2] = [
-            u16::from_be_bytes([IPV4_VERSION_IHL, tos]),
-            len,
-            id,
-            flags,
-            u16::from_be_bytes([DEFAULT_TTL, IPPROTO_IPIP]),
-            0,
-            (src >> 16) as u16,
-            src as u16,
-            (dst >> 16) as u16,
-            dst as u16,
-        ];
-        h[IPV4_CHECKSUM_WORD] = checksum::ipv4_header(&h);
+        let h = ipv4_header(tos, len, id, flags, IPPROTO_IPIP, src, dst);
         store(ctx, ip.l3_off, h.map(u16::to_be)).ok_or(Counter::DropEncapFailed)
     } else {
         let mut src: Addr = settings.tunnel_src_v6;

@@ -23,7 +23,7 @@ use lb_common::{
 
 use crate::{
     checksum,
-    forward::{L2Header, adjust_head},
+    forward::{L2Header, adjust_head, ipv4_header},
     maps,
     packet::{bytes_at, frame_len, load, store},
     parse::Ip,
@@ -91,19 +91,8 @@ pub fn reply_too_big(
         .ok_or(Counter::DropEncapFailed)?;
         let src = u32::from_be_bytes([ip.dst[0], ip.dst[1], ip.dst[2], ip.dst[3]]);
         let dst = u32::from_be_bytes([ip.src[0], ip.src[1], ip.src[2], ip.src[3]]);
-        let mut h: [u16; IPV4_HLEN / 2] = [
-            0x4500,
-            (IPV4_HLEN + ICMP_MESSAGE_LEN) as u16,
-            0,
-            IPV4_DF,
-            u16::from_be_bytes([DEFAULT_TTL, IPPROTO_ICMP]),
-            0,
-            (src >> 16) as u16,
-            src as u16,
-            (dst >> 16) as u16,
-            dst as u16,
-        ];
-        h[5] = checksum::ipv4_header(&h);
+        let len = (IPV4_HLEN + ICMP_MESSAGE_LEN) as u16;
+        let h = ipv4_header(0, len, 0, IPV4_DF, IPPROTO_ICMP, src, dst);
         store(ctx, ip.l3_off, h.map(u16::to_be)).ok_or(Counter::DropEncapFailed)?;
         let sum = message_sum(ctx, icmp_off, 0)?;
         store(ctx, icmp_off + 2, checksum::fold(sum)).ok_or(Counter::DropEncapFailed)?;

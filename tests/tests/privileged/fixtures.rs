@@ -611,22 +611,9 @@ fn ipip_encapsulates_toward_the_backend_in_both_families() {
     let b = IpAddr::V6(Ipv6Addr::from(f.lab.dp.backend(want).unwrap().addr));
     assert_ipip("IPv6-in-IPv6", &frame, &out, ETH_HLEN, b, want);
 
-    // A packet that would exceed the MTU once encapsulated is dropped.
-    let seg = packet::tcp(
-        v4(CLIENT4),
-        v4(VIP4_IPIP),
-        41003,
-        HTTP,
-        TCP_ACK,
-        &vec![0u8; 1460],
-    );
-    let big = packet::ethernet(
-        LB_MAC,
-        ROUTER_MAC,
-        &[],
-        ETH_P_IP,
-        &Ipv4::new(CLIENT4, VIP4_IPIP, IPPROTO_TCP).build(&seg),
-    );
+    // A packet that would exceed the MTU once encapsulated, without DF, is
+    // dropped.
+    let big = sized(v4(VIP4_IPIP), 41003, 1500, &[], false);
     f.case(
         "1500-byte packet into a 1500 MTU tunnel",
         &big,
@@ -635,10 +622,7 @@ fn ipip_encapsulates_toward_the_backend_in_both_families() {
     );
 
     // DF is copied to the outer header; with DF, the id may be zero.
-    let mut df = Ipv4::new(CLIENT4, VIP4_IPIP, IPPROTO_TCP);
-    df.frag = IPV4_DF;
-    let seg = packet::tcp(v4(CLIENT4), v4(VIP4_IPIP), 41004, HTTP, TCP_ACK, b"df");
-    let frame = packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IP, &df.build(&seg));
+    let frame = sized(v4(VIP4_IPIP), 41004, 100, &[], true);
     let want = f.expected(
         SVC_IPIP4,
         &flow(v4(CLIENT4), v4(VIP4_IPIP), 41004, HTTP, IPPROTO_TCP),
@@ -658,21 +642,7 @@ fn ipip_encapsulates_toward_the_backend_in_both_families() {
     // The MTU is the receiving interface's, or the configured cap where
     // that is lower: a packet that fits 1500 once encapsulated is dropped
     // under either at 1400.
-    let seg = packet::tcp(
-        v4(CLIENT4),
-        v4(VIP4_IPIP),
-        41005,
-        HTTP,
-        TCP_ACK,
-        &vec![0u8; 1400],
-    );
-    let fits = packet::ethernet(
-        LB_MAC,
-        ROUTER_MAC,
-        &[],
-        ETH_P_IP,
-        &Ipv4::new(CLIENT4, VIP4_IPIP, IPPROTO_TCP).build(&seg),
-    );
+    let fits = sized(v4(VIP4_IPIP), 41005, 1440, &[], false);
     f.case(
         "1440-byte packet, 1500 MTU",
         &fits,
@@ -709,9 +679,9 @@ fn ipip_encapsulates_toward_the_backend_in_both_families() {
     );
 }
 
-/// A full-size (`ip_len`-byte) TCP segment of the client's to `vip`,
-/// behind `vlans`, with DF for IPv4.
-fn full_size(vip: IpAddr, sport: u16, ip_len: usize, vlans: &[u16]) -> Vec<u8> {
+/// An `ip_len`-byte TCP segment of the client's to `vip`, behind `vlans`,
+/// with DF set if `df` (IPv4).
+fn sized(vip: IpAddr, sport: u16, ip_len: usize, vlans: &[u16], df: bool) -> Vec<u8> {
     let (client, hlen) = match vip {
         IpAddr::V4(_) => (v4(CLIENT4), IPV4_HLEN),
         IpAddr::V6(_) => (IpAddr::V6(CLIENT6), IPV6_HLEN),
@@ -721,7 +691,7 @@ fn full_size(vip: IpAddr, sport: u16, ip_len: usize, vlans: &[u16]) -> Vec<u8> {
     let (ethertype, ip) = match vip {
         IpAddr::V4(v) => {
             let mut h = Ipv4::new(CLIENT4, v.octets(), IPPROTO_TCP);
-            h.frag = IPV4_DF;
+            h.frag = if df { IPV4_DF } else { 0 };
             (ETH_P_IP, h.build(&seg))
         }
         IpAddr::V6(v) => (
@@ -744,19 +714,19 @@ fn packets_too_big_for_the_tunnel_are_answered_with_the_mtu_to_use() {
     for (what, frame, l3, mtu) in [
         (
             "IPv4 with DF",
-            full_size(v4(VIP4_IPIP), 43000, 1500, &[]),
+            sized(v4(VIP4_IPIP), 43000, 1500, &[], true),
             ETH_HLEN,
             v4_mtu,
         ),
         (
             "IPv4 with DF behind a VLAN tag",
-            full_size(v4(VIP4_IPIP), 43001, 1500, &[7]),
+            sized(v4(VIP4_IPIP), 43001, 1500, &[7], true),
             ETH_HLEN + VLAN_HLEN,
             v4_mtu,
         ),
         (
             "IPv6",
-            full_size(IpAddr::V6(VIP6_IPIP), 43002, 1500, &[]),
+            sized(IpAddr::V6(VIP6_IPIP), 43002, 1500, &[], true),
             ETH_HLEN,
             lab::MTU - IPV6_HLEN as u32,
         ),
@@ -769,14 +739,14 @@ fn packets_too_big_for_the_tunnel_are_answered_with_the_mtu_to_use() {
     let mut capped = lab::lab_settings(RING);
     capped.mtu = 1400;
     f.lab.dp.set_settings(capped).unwrap();
-    let frame = full_size(v4(VIP4_IPIP), 43003, 1400, &[]);
+    let frame = sized(v4(VIP4_IPIP), 43003, 1400, &[], true);
     let out = f.case("IPv4 under a cap", &frame, TX, Counter::ReplyTooBig);
     let bad = packet::too_big_reply_problems(&frame, &out, ETH_HLEN, 1400 - IPV4_HLEN as u32);
     assert!(bad.is_empty(), "under a cap: {bad:?}");
     f.lab.dp.set_settings(lab::lab_settings(RING)).unwrap();
 
     // A CPU sends at most ICMP_ERRORS_PER_CPU a second: then drops.
-    let frame = full_size(v4(VIP4_IPIP), 43004, 1500, &[]);
+    let frame = sized(v4(VIP4_IPIP), 43004, 1500, &[], true);
     let mut replies = 4;
     while replies < ICMP_ERRORS_PER_CPU {
         assert_eq!(f.lab.run(PROG_LB, &frame).unwrap().action, TX);
