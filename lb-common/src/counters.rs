@@ -34,7 +34,8 @@ pub enum Counter {
     /// Encapsulation would exceed the MTU, and no ICMP error is sent (IPv4
     /// without DF, the CPU's ICMP budget spent): dropped.
     DropTooBig = 10,
-    /// The kernel refused to grow the packet for encapsulation: dropped.
+    /// The kernel refused to grow or cut the packet (for a tunnel header or
+    /// an ICMP error): dropped.
     DropEncapFailed = 11,
     /// Forwarded with a MAC rewrite (`dsr-l2`).
     ForwardDsr = 12,

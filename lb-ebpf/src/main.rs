@@ -11,7 +11,7 @@
 //! - `select`: connection table and Maglev lookup.
 //! - `forward`: MAC rewrite and IPIP encapsulation.
 //! - `icmp`: the ICMP errors lb sends (packet too big for the tunnel).
-//! - `checksum`: IPv4 header checksum.
+//! - `checksum`: the Internet checksum (IPv4 headers, ICMP errors).
 //! - `decap`: the backend-side decapsulator.
 //! - `maps`: every map and its accessors, counters included.
 #![no_std]

@@ -22,7 +22,7 @@ use lb_bench_ebpf::{
 use std::{net::IpAddr, path::Path};
 
 use lb_common::{ConntrackSettings, Counter, ServiceKey, ServiceStats, maps::PROG_LB};
-use lb_tests::lab::{Lab, lab_settings};
+use lb_tests::lab::{LB_MAC, Lab, lab_settings};
 
 use super::baseline::Baseline;
 use crate::machine::thread_cpu_ns;
@@ -229,9 +229,13 @@ impl Harness {
         })
     }
 
-    /// Writes backend `id` (see [`Lab::backend`]) into both objects.
+    /// Writes backend `id` at `ip` into both objects. Every backend's next
+    /// hop is the load balancer's own MAC: lb takes only frames sent to its
+    /// MAC, and a `dsr-l2` frame that leaves addressed to it takes the same
+    /// path when it runs again (the rewrite costs the same whatever the
+    /// MAC), so such paths run without the reset wrapper.
     pub fn backend(&mut self, id: u32, ip: IpAddr, up: bool, generation: u32) -> Result<()> {
-        self.lab.backend(id, ip, up, generation)?;
+        self.lab.backend_at(id, ip, LB_MAC, up, generation)?;
         if let Some(b) = &mut self.baseline {
             b.set_backend(id, self.lab.dp.backend(id)?)?;
         }

@@ -501,8 +501,9 @@ fn matrix_cases(h: &mut Harness) -> Result<Vec<Case>> {
         let vip = frames::vip(family, mode);
         let ack = frames::template(vip, SERVICE_PORT, TCP_ACK);
         let syn = frames::template(vip, SERVICE_PORT, TCP_SYN);
-        // The MAC rewrite leaves a frame that takes the same path again, so
-        // dsr-l2 runs directly; an encapsulated frame must be reset.
+        // The MAC rewrite leaves a frame that takes the same path again (to
+        // backends at lb's own MAC: `Harness::backend`), so dsr-l2 runs
+        // directly; an encapsulated frame must be reset.
         let stable = |index: u32| match mode {
             Mode::DsrL2 => Method::Direct(index),
             Mode::Ipip => Method::Reset(Flows::One(index)),
