@@ -107,7 +107,7 @@ fn pinned(path: &Path, name: &str) -> Result<Shape> {
 }
 
 /// The size of a backend before the seal (address, MAC, family, flags and
-/// generation, in [`BackendValue`]'s order): lb up to commit bb2cc88.
+/// generation, in [`BackendValue`]'s order): lb up to commit 843bb42.
 const LEGACY_BACKEND_BYTES: u32 = 28;
 
 /// Desired state carried over from pins of an earlier layout: the backends
