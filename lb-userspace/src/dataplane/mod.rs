@@ -190,10 +190,9 @@ const KERNEL_NAME_LEN: usize = 15;
 struct Attachment {
     mode: XdpMode,
     pin: Option<PathBuf>,
-    /// The interface's index when attached: another index means the
-    /// interface was removed and re-created, which detaches XDP.
-    ifindex: u32,
-    /// The interface as last written to the interface table.
+    /// The interface as last written to the interface table. Another index
+    /// now means the interface was removed and re-created, which detaches
+    /// XDP; index 0 marks a link lost while re-pinning.
     written: Interface,
     /// The link, held open so that it survives its pin being removed.
     link: Option<FdLink>,
@@ -472,8 +471,8 @@ impl Dataplane {
         if let Some((other, _)) = self.attachments.iter().find(|(name, a)| {
             name.as_str() != iface
                 && !a.gone
-                && a.ifindex != info.ifindex
-                && interface_slot(a.ifindex) == interface_slot(info.ifindex)
+                && a.written.ifindex != info.ifindex
+                && interface_slot(a.written.ifindex) == interface_slot(info.ifindex)
         }) {
             bail!(
                 "{iface} (index {}) and {other} share a slot of the interface table (indexes \
@@ -494,7 +493,6 @@ impl Dataplane {
             Attachment {
                 mode,
                 pin: pin.map(Path::to_path_buf),
-                ifindex: info.ifindex,
                 written: info,
                 link: Some(link),
                 gone: false,
@@ -555,9 +553,9 @@ impl Dataplane {
     /// Whether `iface` has the program attached now: attached by this
     /// process, and neither removed nor re-created since.
     pub fn attached(&self, iface: &str) -> bool {
-        self.attachments
-            .get(iface)
-            .is_some_and(|a| !a.gone && a.ifindex != 0 && a.ifindex == ifindex(iface))
+        self.attachments.get(iface).is_some_and(|a| {
+            !a.gone && a.written.ifindex != 0 && a.written.ifindex == ifindex(iface)
+        })
     }
 
     /// Repairs what happened to the data plane under the daemon, and says
@@ -575,11 +573,11 @@ impl Dataplane {
             if now == 0 {
                 if !a.gone {
                     a.gone = true;
-                    gone.push(a.ifindex);
+                    gone.push(a.written.ifindex);
                     done.push(Repair::InterfaceGone(iface.clone()));
                 }
-            } else if now != a.ifindex {
-                gone.push(a.ifindex);
+            } else if now != a.written.ifindex {
+                gone.push(a.written.ifindex);
                 reattach.push((iface.clone(), a.mode, a.pin.clone()));
             } else if let Ok(info) = link::read(iface)
                 && info != a.written
@@ -601,7 +599,7 @@ impl Dataplane {
                         done.push(Repair::LinkRepinned(iface.clone()));
                     }
                     Err(e) => {
-                        a.ifindex = 0;
+                        a.written.ifindex = 0;
                         bail!("re-pinning {iface}'s link at {}: {e}", path.display());
                     }
                 }
