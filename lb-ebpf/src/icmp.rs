@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Counter, FAMILY_V4,
+    Counter, FAMILY_V4, Interface,
     wire::{
         DEFAULT_TTL, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_HLEN, ICMP_QUOTE_LEN,
         ICMPV6_PKT_TOOBIG, IPPROTO_ICMP, IPPROTO_ICMPV6, IPV4_DF, IPV4_HLEN, IPV6_HLEN,
@@ -23,7 +23,7 @@ use lb_common::{
 
 use crate::{
     checksum,
-    forward::{L2Header, adjust_head, ipv4_header},
+    forward::{L2Header, adjust_head, ipv4_header, outer_len},
     maps,
     packet::{bytes_at, frame_len, load, store},
     parse::Ip,
@@ -33,23 +33,14 @@ use crate::{
 /// the quoted bytes.
 const ICMP_MESSAGE_LEN: usize = ICMP_HLEN + ICMP_QUOTE_LEN;
 
-/// Answers a packet that does not fit in `mtu` once `overhead` bytes of
-/// tunnel header are added with an ICMP error carrying `mtu - overhead`.
-/// `Err(DropTooBig)` when no error is due (IPv4 without DF: XDP cannot
-/// fragment, and such a sender expects fragmentation, not an error) or
-/// this CPU's budget is spent; the packet is then dropped.
+/// Answers a TCP or UDP packet that arrived on `iface` and does not fit
+/// in its MTU once the tunnel header is added with an ICMP error carrying
+/// the MTU less that header. `Err(DropTooBig)` when no error is due (IPv4
+/// without DF: XDP cannot fragment, and such a sender expects
+/// fragmentation, not an error) or this CPU's budget is spent; the packet
+/// is then dropped.
 #[inline(always)]
-pub fn reply_too_big(
-    ctx: &XdpContext,
-    ip: &Ip,
-    mtu: u32,
-    overhead: usize,
-) -> Result<Counter, Counter> {
-    // Never an error about an error (RFC 1122 §3.2.2): a relayed ICMP
-    // error too big for the tunnel is only dropped.
-    if ip.proto == IPPROTO_ICMP || ip.proto == IPPROTO_ICMPV6 {
-        return Err(Counter::DropTooBig);
-    }
+pub fn reply_too_big(ctx: &XdpContext, ip: &Ip, iface: &Interface) -> Result<Counter, Counter> {
     if ip.end - ip.l3_off < ICMP_QUOTE_LEN {
         // An MTU below the quote: nothing sensible to send.
         return Err(Counter::DropTooBig);
@@ -65,7 +56,8 @@ pub fn reply_too_big(
     if !maps::take_icmp_budget(now) {
         return Err(Counter::DropTooBig);
     }
-    let next_hop_mtu = mtu.saturating_sub(overhead as u32);
+    let mtu = maps::settings().ok_or(Counter::DropTooBig)?.mtu_of(iface);
+    let next_hop_mtu = mtu.saturating_sub(outer_len(ip) as u32);
     let ip_hlen = if v4 { IPV4_HLEN } else { IPV6_HLEN };
     let mut l2 = L2Header::load(ctx, ip.l3_off).ok_or(Counter::DropMalformedEthernet)?;
     adjust_head(ctx, -((ip_hlen + ICMP_HLEN) as i32))?;

@@ -176,7 +176,12 @@ fn balance_flow(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
     };
     let ct = maps::conntrack_settings().ok_or(Counter::DropNoBackend)?;
     let (service, choice) = select::select_backend(ct, &flow, ports.tcp_flags, true)?;
-    forward(ctx, ip, iface, &service, &choice)?;
+    match forward(ctx, ip, iface, &service, &choice) {
+        // Only here, not for relayed ICMP errors: never an error about an
+        // error (RFC 1122 §3.2.2), so those are only dropped.
+        Err(Counter::DropTooBig) => return icmp::reply_too_big(ctx, ip, iface),
+        done => done?,
+    }
     Ok(if service.flags & SERVICE_F_IPIP != 0 {
         Counter::ForwardIpip
     } else {
@@ -229,13 +234,7 @@ fn forward(
     let bytes = frame_len(ctx) as u64;
     if service.flags & SERVICE_F_IPIP != 0 {
         let settings = maps::settings().ok_or(Counter::DropNoBackend)?;
-        let mtu = settings.mtu_of(iface);
-        match forward::encapsulate(ctx, ip, choice, mtu, settings) {
-            Err(Counter::DropTooBig) => {
-                return Err(icmp::reply_too_big(ctx, ip, mtu, forward::outer_len(ip))?);
-            }
-            done => done?,
-        }
+        forward::encapsulate(ctx, ip, choice, settings.mtu_of(iface), settings)?;
     } else {
         forward::rewrite_macs(ctx, choice)?;
     }

@@ -10,7 +10,9 @@
 //! layout. The VIP filter and the service slots are kept too where the
 //! revision has them, and so is the connection table's bucket count, which
 //! a revision with buckets in an array reads from its settings (the rest of
-//! those settings stays at the defaults, as in the current object). Maps
+//! those settings stays at the defaults, as in the current object), and so
+//! is the receiving interface, which a revision with an interface table
+//! forwards only frames addressed to. Maps
 //! added since (and the connection table, which only the programs touch)
 //! are the baseline's own business.
 
@@ -24,9 +26,11 @@ use aya::{
 };
 use lb::dataplane::Capacity;
 use lb_common::{
-    AddrKey, BackendValue, ConntrackSettings, Counter, ServiceKey, ServiceSlot, ServiceStats,
-    ServiceValue, Settings, hash::vip_filter_bit, maps as names, ring_index,
+    AddrKey, BackendValue, ConntrackSettings, Counter, Interface, ServiceKey, ServiceSlot,
+    ServiceStats, ServiceValue, Settings, hash::vip_filter_bit, interface_slot, maps as names,
+    ring_index,
 };
+use lb_tests::lab::{MTU, lab_interface};
 
 use super::harness::take;
 
@@ -127,6 +131,12 @@ impl Baseline {
             };
             ct.set(0, settings, 0)
                 .context("writing the baseline's connection-table settings")?;
+        }
+        if let Some(mut interfaces) = take_if_any::<Interface>(&mut ebpf, names::INTERFACES)? {
+            let iface = lab_interface(MTU);
+            interfaces
+                .set(interface_slot(iface.ifindex), iface, 0)
+                .context("writing the baseline's interface")?;
         }
         Ok(Baseline {
             fd,

@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_bench_ebpf::{FRAME_LEN, ResetConfig};
 use lb_common::wire::{
-    ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPV4_HLEN, IPV6_HLEN, TCP_HLEN,
+    ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPV4_DF, IPV4_HLEN, IPV6_HLEN, TCP_HLEN,
 };
 use lb_tests::{
     lab::{LB_MAC, ROUTER_MAC},
@@ -117,9 +117,12 @@ pub fn template(dst: IpAddr, dport: u16, flags: u8) -> ResetConfig {
     let payload = vec![0x5a; FRAME_LEN - ETH_HLEN - ip_hlen - TCP_HLEN];
     let segment = packet::tcp(src, dst, PORT_BASE, dport, flags, &payload);
     let ip = match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            packet::Ipv4::new(s.octets(), d.octets(), IPPROTO_TCP).build(&segment)
+        (IpAddr::V4(s), IpAddr::V4(d)) => packet::Ipv4 {
+            // Don't fragment, as TCP stacks send (path MTU discovery).
+            frag: IPV4_DF,
+            ..packet::Ipv4::new(s.octets(), d.octets(), IPPROTO_TCP)
         }
+        .build(&segment),
         (IpAddr::V6(s), IpAddr::V6(d)) => {
             packet::ipv6(s.octets(), d.octets(), IPPROTO_TCP, &[], &segment)
         }
