@@ -52,11 +52,17 @@ pub enum Counter {
     /// with an ICMP "fragmentation needed" (IPv4 with DF) or ICMPv6 "packet
     /// too big" telling the client the MTU to use.
     ReplyTooBig = 16,
+    /// An ICMP echo request ("ping") to a VIP whose service answers echo:
+    /// answered with an echo reply from the VIP.
+    ReplyEcho = 17,
+    /// An ICMP echo request to a VIP that answers echo, beyond this CPU's
+    /// echo budget: dropped.
+    DropEchoLimit = 18,
 }
 
 impl Counter {
     /// Number of counters (the `LB_COUNTERS` array size).
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 19;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -77,6 +83,8 @@ impl Counter {
         Counter::ForwardIcmpError,
         Counter::PassForeignMac,
         Counter::ReplyTooBig,
+        Counter::ReplyEcho,
+        Counter::DropEchoLimit,
     ];
 
     /// Stable snake_case name, for logs, JSON and metric labels.
@@ -99,6 +107,8 @@ impl Counter {
             Counter::ForwardIcmpError => "forward_icmp_error",
             Counter::PassForeignMac => "pass_foreign_mac",
             Counter::ReplyTooBig => "reply_too_big",
+            Counter::ReplyEcho => "reply_echo",
+            Counter::DropEchoLimit => "drop_echo_limit",
         }
     }
 }

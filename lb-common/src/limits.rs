@@ -70,6 +70,11 @@ pub const INTERFACE_SLOTS: u32 = 256;
 /// source of as many replies.
 pub const ICMP_ERRORS_PER_CPU: u32 = 1_000;
 
+/// Echo replies each CPU sends per second of the data plane's clock
+/// (`reply_echo`); beyond it the request is dropped (`drop_echo_limit`).
+/// A budget of its own, so pings cannot spend the errors' budget.
+pub const ECHO_REPLIES_PER_CPU: u32 = 1_000;
+
 /// Ring slot value meaning "no backend": the ring of a service whose backends
 /// are all out of rotation is filled with it, and such packets are dropped and
 /// counted rather than passed (a VIP is not the host's own address).

@@ -24,7 +24,7 @@ pub const SETTINGS: &str = "LB_SETTINGS";
 /// Interfaces the load balancer is attached to: [`crate::interface_slot`]
 /// → [`crate::Interface`] (array).
 pub const INTERFACES: &str = "LB_INTERFACES";
-/// Each CPU's ICMP error budget: index 0 → [`crate::IcmpBudget`] (per-CPU array).
+/// Each CPU's ICMP budgets: [`crate::IcmpKind`] → [`crate::IcmpBudget`] (per-CPU array).
 pub const ICMP_BUDGET: &str = "LB_ICMP_BUDGET";
 /// Global reasons: [`crate::Counter`] → u64 (per-CPU array).
 pub const COUNTERS: &str = "LB_COUNTERS";

@@ -16,6 +16,19 @@ pub const FAMILY_V6: u8 = 6;
 pub const SERVICE_F_IPIP: u32 = 1 << 0;
 /// Service flag: hash the client address only (client affinity), not the 5-tuple.
 pub const SERVICE_F_AFFINITY: u32 = 1 << 1;
+/// Service flag: answer ICMP echo requests to the service's VIP.
+pub const SERVICE_F_ECHO: u32 = 1 << 2;
+
+/// What `LB_VIPS` holds for an address: the services on it, plus this
+/// unit for each of them that answers echo ([`SERVICE_F_ECHO`]). A VIP
+/// has fewer services than the unit (`limits::MAX_SERVICES_LIMIT`).
+pub const VIP_ECHO_UNIT: u32 = 1 << 16;
+
+/// Whether a VIP whose `LB_VIPS` value is `v` answers echo.
+#[inline(always)]
+pub fn vip_answers_echo(v: u32) -> bool {
+    v >= VIP_ECHO_UNIT
+}
 
 /// Backend flag: established flows may use this backend. Cleared when the
 /// backend is down, in maintenance or removed, which turns its
@@ -445,15 +458,40 @@ impl Interface {
     }
 }
 
-/// A CPU's ICMP errors in the current second of the data plane's clock.
-/// Index 0 of `LB_ICMP_BUDGET`.
+/// A CPU's ICMP messages of one kind in the current second of the data
+/// plane's clock. An entry of `LB_ICMP_BUDGET`, by [`IcmpKind`].
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
 pub struct IcmpBudget {
     /// The second (`ConntrackSettings::now`) `sent` counts in.
     pub window: u32,
-    /// Errors sent in it.
+    /// Messages sent in it.
     pub sent: u32,
+}
+
+/// The ICMP messages the data plane sends, each with a budget of its own;
+/// the index into `LB_ICMP_BUDGET`.
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum IcmpKind {
+    /// "Fragmentation needed" / "packet too big".
+    TooBig = 0,
+    /// Echo replies.
+    Echo = 1,
+}
+
+impl IcmpKind {
+    /// Number of kinds (the `LB_ICMP_BUDGET` array size).
+    pub const COUNT: u32 = 2;
+
+    /// Messages of this kind each CPU may send per second.
+    #[inline(always)]
+    pub fn per_cpu(self) -> u32 {
+        match self {
+            IcmpKind::TooBig => crate::limits::ICMP_ERRORS_PER_CPU,
+            IcmpKind::Echo => crate::limits::ECHO_REPLIES_PER_CPU,
+        }
+    }
 }
 
 /// The slot of `LB_INTERFACES` an interface with index `ifindex` lives in.

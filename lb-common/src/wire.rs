@@ -65,6 +65,14 @@ pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_FRAG_NEEDED: u8 = 4;
 /// ICMPv6 type "packet too big".
 pub const ICMPV6_PKT_TOOBIG: u8 = 2;
+/// ICMPv4 type "echo request".
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+/// ICMPv4 type "echo reply".
+pub const ICMP_ECHO_REPLY: u8 = 0;
+/// ICMPv6 type "echo request".
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+/// ICMPv6 type "echo reply".
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
 /// Bytes of the offending packet the ICMP errors lb sends quote: its IP
 /// header and the start of its payload, enough for the sender to find its
 /// socket (RFC 792 asks for the header and 8 bytes; IPv4 options and IPv6

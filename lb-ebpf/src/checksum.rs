@@ -1,5 +1,5 @@
-//! Internet checksum (RFC 1071) of the IPv4 headers we build, and the
-//! folding of a sum the checksum helper made.
+//! Internet checksum (RFC 1071) of the IPv4 headers we build, the folding
+//! of a sum the checksum helper made, and updates for one changed word.
 
 /// Checksum of an IPv4 header given as its ten 16-bit words (host order,
 /// as read big-endian from the wire), the checksum's own word zero.
@@ -12,6 +12,13 @@ pub fn ipv4_header(words: &[u16; 10]) -> u16 {
         i += 1;
     }
     fold(sum as u64)
+}
+
+/// The checksum after one 16-bit word it covers changes from `old` to
+/// `new` (RFC 1624, eqn. 3), all host order.
+#[inline(always)]
+pub fn replace(check: u16, old: u16, new: u16) -> u16 {
+    fold(u64::from(!check) + u64::from(!old) + u64::from(new))
 }
 
 /// The checksum of a one's-complement sum of 16-bit words: the carries

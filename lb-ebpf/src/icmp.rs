@@ -1,9 +1,11 @@
-//! The ICMP errors the load balancer sends: "fragmentation needed" (IPv4,
+//! The ICMP messages the load balancer sends: "fragmentation needed" (IPv4,
 //! RFC 1191) and "packet too big" (IPv6, RFC 8201) for `ipip` packets that
 //! would exceed the MTU once encapsulated, so the client's path MTU
-//! discovery learns the tunnel's overhead instead of stalling.
+//! discovery learns the tunnel's overhead instead of stalling; and echo
+//! replies for VIPs whose service answers ping. Each kind has its own
+//! per-CPU budget.
 //!
-//! The reply is built in place: the frame grows by the new IP and ICMP
+//! The error is built in place: the frame grows by the new IP and ICMP
 //! headers at the front, is cut after [`ICMP_QUOTE_LEN`] bytes of the
 //! offending packet, and goes back out with the addresses swapped: from
 //! the VIP to the client, from the interface's MAC to the one the frame
@@ -14,16 +16,17 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Counter, FAMILY_V4, Interface,
+    Counter, FAMILY_V4, IcmpKind, Interface,
     wire::{
-        DEFAULT_TTL, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_HLEN, ICMP_QUOTE_LEN,
-        ICMPV6_PKT_TOOBIG, IPPROTO_ICMP, IPPROTO_ICMPV6, IPV4_DF, IPV4_HLEN, IPV6_HLEN,
+        DEFAULT_TTL, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_FRAG_NEEDED, ICMP_HLEN,
+        ICMP_QUOTE_LEN, ICMPV6_ECHO_REPLY, ICMPV6_PKT_TOOBIG, IPPROTO_ICMP, IPPROTO_ICMPV6,
+        IPV4_DF, IPV4_HLEN, IPV6_HLEN,
     },
 };
 
 use crate::{
     checksum,
-    forward::{L2Header, adjust_head, ipv4_header, outer_len},
+    forward::{L2Header, adjust_head, ipv4_header, outer_len, return_to_sender},
     maps,
     packet::{bytes_at, frame_len, load, store},
     parse::Ip,
@@ -53,7 +56,7 @@ pub fn reply_too_big(ctx: &XdpContext, ip: &Ip, iface: &Interface) -> Result<Cou
         }
     }
     let now = maps::conntrack_settings().map_or(0, |ct| ct.now);
-    if !maps::take_icmp_budget(now) {
+    if !maps::take_icmp_budget(IcmpKind::TooBig, now) {
         return Err(Counter::DropTooBig);
     }
     let mtu = maps::settings().ok_or(Counter::DropTooBig)?.mtu_of(iface);
@@ -152,3 +155,80 @@ fn message_sum(ctx: &XdpContext, off: usize, seed: u32) -> Result<u64, Counter> 
     }
     Ok(sum as u64)
 }
+
+/// Answers an ICMP/ICMPv6 echo request in place: the same message back as
+/// an echo reply, from the VIP it was sent to, to the MAC it came from.
+/// The checksums are updated for the words that change (RFC 1624), so a
+/// request with a bad checksum gets a reply with one, which its sender
+/// discards as the kernel would have discarded the request.
+/// `Err(DropEchoLimit)` when this CPU's echo budget is spent, and
+/// `Err(DropMalformedIcmp)` for a message shorter than an echo header.
+#[inline(always)]
+pub fn reply_echo(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
+    if ip.l4_off + ICMP_HLEN > ip.end {
+        return Err(Counter::DropMalformedIcmp);
+    }
+    let now = maps::conntrack_settings().map_or(0, |ct| ct.now);
+    if !maps::take_icmp_budget(IcmpKind::Echo, now) {
+        return Err(Counter::DropEchoLimit);
+    }
+    let v4 = ip.family == FAMILY_V4;
+    let reply = if v4 {
+        ICMP_ECHO_REPLY
+    } else {
+        ICMPV6_ECHO_REPLY
+    };
+    // Type, code, checksum. The ICMPv6 checksum also covers the addresses,
+    // whose sum the swap below leaves as it was.
+    let [ty, code, c0, c1] = load::<[u8; 4]>(ctx, ip.l4_off).ok_or(Counter::DropMalformedIcmp)?;
+    let [s0, s1] = checksum::replace(
+        u16::from_be_bytes([c0, c1]),
+        u16::from_be_bytes([ty, code]),
+        u16::from_be_bytes([reply, code]),
+    )
+    .to_be_bytes();
+    store(ctx, ip.l4_off, [reply, code, s0, s1]).ok_or(Counter::DropMalformedIcmp)?;
+    if v4 {
+        // TTL, protocol, header checksum; then the addresses, swapped
+        // (which leaves the header's sum as it was).
+        let [ttl, proto, h0, h1] =
+            load::<[u8; 4]>(ctx, ip.l3_off + IPV4_TTL_OFF).ok_or(Counter::DropMalformedIpv4)?;
+        let [h0, h1] = checksum::replace(
+            u16::from_be_bytes([h0, h1]),
+            u16::from_be_bytes([ttl, proto]),
+            u16::from_be_bytes([DEFAULT_TTL, proto]),
+        )
+        .to_be_bytes();
+        let (d, s) = (ip.dst, ip.src);
+        let h = [
+            DEFAULT_TTL,
+            proto,
+            h0,
+            h1,
+            d[0],
+            d[1],
+            d[2],
+            d[3],
+            s[0],
+            s[1],
+            s[2],
+            s[3],
+        ];
+        store(ctx, ip.l3_off + IPV4_TTL_OFF, h).ok_or(Counter::DropMalformedIpv4)?;
+    } else {
+        store(ctx, ip.l3_off + IPV6_HOP_LIMIT_OFF, DEFAULT_TTL)
+            .ok_or(Counter::DropMalformedIpv6)?;
+        store(ctx, ip.l3_off + IPV6_SRC_OFF, ip.dst).ok_or(Counter::DropMalformedIpv6)?;
+        store(ctx, ip.l3_off + IPV6_SRC_OFF + 16, ip.src).ok_or(Counter::DropMalformedIpv6)?;
+    }
+    return_to_sender(ctx)?;
+    Ok(Counter::ReplyEcho)
+}
+
+/// Offset of the TTL in an IPv4 header (protocol, checksum and the
+/// addresses follow).
+const IPV4_TTL_OFF: usize = 8;
+/// Offset of the hop limit in an IPv6 header.
+const IPV6_HOP_LIMIT_OFF: usize = 7;
+/// Offset of the source address in an IPv6 header (the destination follows).
+const IPV6_SRC_OFF: usize = 8;

@@ -11,9 +11,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter,
-    FlowEntry, FlowKey, FlowValue, IcmpBudget, Interface, ServiceKey, ServiceSlot, ServiceStats,
-    ServiceValue, Settings, counters::DecapCounter, flow_buckets, hash::vip_filter_bit,
-    interface_slot, limits, limits::CONNTRACK_WAYS,
+    FlowEntry, FlowKey, FlowValue, IcmpBudget, IcmpKind, Interface, ServiceKey, ServiceSlot,
+    ServiceStats, ServiceValue, Settings, counters::DecapCounter, flow_buckets,
+    hash::vip_filter_bit, interface_slot, limits, limits::CONNTRACK_WAYS, vip_answers_echo,
 };
 
 /// Services. Not preallocated, so an update replaces the element under RCU and
@@ -79,9 +79,9 @@ static LB_SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 #[map]
 static LB_INTERFACES: Array<Interface> = Array::with_max_entries(limits::INTERFACE_SLOTS, 0);
 
-/// Each CPU's ICMP errors in the current second.
+/// Each CPU's ICMP messages of each kind in the current second.
 #[map]
-static LB_ICMP_BUDGET: PerCpuArray<IcmpBudget> = PerCpuArray::with_max_entries(1, 0);
+static LB_ICMP_BUDGET: PerCpuArray<IcmpBudget> = PerCpuArray::with_max_entries(IcmpKind::COUNT, 0);
 
 /// Global reasons, one per `Counter`.
 #[map]
@@ -126,6 +126,15 @@ pub fn service_slot(id: u32) -> Option<&'static ServiceSlot> {
 #[inline(always)]
 pub fn is_vip(key: &AddrKey) -> bool {
     LB_VIPS.get_ptr(key).is_some()
+}
+
+/// Whether `key` is a VIP address with a service that answers echo.
+#[inline(always)]
+pub fn answers_echo(key: &AddrKey) -> bool {
+    // SAFETY: a u32 in the map, read whole.
+    LB_VIPS
+        .get_ptr(key)
+        .is_some_and(|v| vip_answers_echo(unsafe { *v }))
 }
 
 /// Whether `addr` may be a VIP address: `false` proves it is none.
@@ -340,11 +349,11 @@ pub fn interface(ifindex: u32) -> Option<&'static Interface> {
         .filter(|i| i.ifindex == ifindex)
 }
 
-/// Takes one ICMP error from this CPU's budget for second `now`, if any
-/// is left ([`limits::ICMP_ERRORS_PER_CPU`]).
+/// Takes one ICMP message of `kind` from this CPU's budget for second
+/// `now`, if any is left ([`IcmpKind::per_cpu`]).
 #[inline(always)]
-pub fn take_icmp_budget(now: u32) -> bool {
-    let Some(b) = LB_ICMP_BUDGET.get_ptr_mut(0) else {
+pub fn take_icmp_budget(kind: IcmpKind, now: u32) -> bool {
+    let Some(b) = LB_ICMP_BUDGET.get_ptr_mut(kind as u32) else {
         return false;
     };
     // SAFETY: per-CPU value, no concurrent writer on this CPU.
@@ -353,7 +362,7 @@ pub fn take_icmp_budget(now: u32) -> bool {
         b.window = now;
         b.sent = 0;
     }
-    if b.sent >= limits::ICMP_ERRORS_PER_CPU {
+    if b.sent >= kind.per_cpu() {
         return false;
     }
     b.sent += 1;

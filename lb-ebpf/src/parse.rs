@@ -221,17 +221,30 @@ pub fn ports(ctx: &XdpContext, ip: &Ip) -> Result<Ports, Counter> {
     })
 }
 
-/// Whether the ICMP/ICMPv6 message at `ip.l4_off` is a "fragmentation needed"
-/// or "packet too big" error, the only errors relayed to backends.
+/// The ICMP/ICMPv6 messages the load balancer acts on.
+pub enum IcmpMessage {
+    /// "Fragmentation needed" or "packet too big", the only errors relayed
+    /// to backends.
+    PmtuError,
+    /// An echo request, answered for VIPs that ask for it.
+    EchoRequest,
+    /// Any other, or too short to tell.
+    Other,
+}
+
+/// What the ICMP/ICMPv6 message at `ip.l4_off` is.
 #[inline(always)]
-pub fn is_pmtu_error(ctx: &XdpContext, ip: &Ip) -> bool {
+pub fn icmp_message(ctx: &XdpContext, ip: &Ip) -> IcmpMessage {
     let Some([ty, code]) = load::<[u8; 2]>(ctx, ip.l4_off) else {
-        return false;
+        return IcmpMessage::Other;
     };
-    if ip.family == FAMILY_V4 {
-        ip.proto == IPPROTO_ICMP && ty == ICMP_DEST_UNREACH && code == ICMP_FRAG_NEEDED
-    } else {
-        ip.proto == IPPROTO_ICMPV6 && ty == ICMPV6_PKT_TOOBIG
+    let v4 = ip.family == FAMILY_V4;
+    match (ip.proto, ty, code) {
+        (IPPROTO_ICMP, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED) if v4 => IcmpMessage::PmtuError,
+        (IPPROTO_ICMP, ICMP_ECHO_REQUEST, 0) if v4 => IcmpMessage::EchoRequest,
+        (IPPROTO_ICMPV6, ICMPV6_PKT_TOOBIG, _) if !v4 => IcmpMessage::PmtuError,
+        (IPPROTO_ICMPV6, ICMPV6_ECHO_REQUEST, 0) if !v4 => IcmpMessage::EchoRequest,
+        _ => IcmpMessage::Other,
     }
 }
 

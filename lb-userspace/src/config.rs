@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::{dataplane::Capacity, health::Thresholds, maglev::is_prime};
-use lb_common::limits;
+use lb_common::{VIP_ECHO_UNIT, limits};
 
 /// Largest weight: keeps `pass * weight` far from overflow in the builder and
 /// is more resolution than any operator needs.
@@ -245,6 +245,10 @@ pub struct ServiceFile {
     /// `none` (5-tuple hash) or `client` (client address only).
     #[serde(default)]
     pub affinity: Affinity,
+    /// Answer ICMP echo requests ("ping") to the VIP from the data plane.
+    /// Off by default: a VIP then does not answer ping at all.
+    #[serde(default)]
+    pub echo: bool,
     /// Health checking of this service's backends.
     #[serde(default)]
     pub health: HealthFile,
@@ -540,6 +544,8 @@ pub struct Service {
     pub mode: Mode,
     /// Hash on the client address only.
     pub affinity: Affinity,
+    /// Answer echo requests to the VIP.
+    pub echo: bool,
     /// Idle timeout of its flows, whole seconds; `None` takes the
     /// protocol's default.
     pub idle_timeout: Option<u32>,
@@ -781,6 +787,14 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
             None,
             "settings.max_services",
             "max_services x table_size x 2 must fit in 32 bits",
+        );
+    }
+    if s.max_services >= VIP_ECHO_UNIT {
+        // The VIP set counts a VIP's services below this unit.
+        e.push(
+            None,
+            "settings.max_services",
+            format!("must be below {VIP_ECHO_UNIT}"),
         );
     }
     for (field, t) in [
@@ -1040,6 +1054,7 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
                     protocol: svc.protocol,
                     mode: svc.mode,
                     affinity: svc.affinity,
+                    echo: svc.echo,
                     idle_timeout: svc.idle_timeout.map(timeout_secs),
                     health,
                     backends,
@@ -1380,6 +1395,11 @@ address = "198.18.0.11"
             "fleet with services",
             "[settings]\ninterfaces=[\"e\"]\n[fleet]\nendpoints=[\"http://198.18.0.254:2379\"]\nnode=\"a\"\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n",
             "line 6: service: with [fleet], services live in etcd",
+        ),
+        (
+            "services past the VIP set's count",
+            "[settings]\ninterfaces=[\"e\"]\nmax_services=65536\ntable_size=13\n",
+            "settings.max_services: must be below 65536",
         ),
         (
             "too many services",

@@ -202,6 +202,103 @@ pub fn icmp4_echo() -> Vec<u8> {
     m
 }
 
+/// An ICMP (IPv4) or ICMPv6 echo request from `src` to `dst` with a valid
+/// checksum (ICMPv6's over the pseudo-header too).
+pub fn icmp_echo(src: IpAddr, dst: IpAddr, id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
+    let v4 = src.is_ipv4();
+    let ty = if v4 {
+        ICMP_ECHO_REQUEST
+    } else {
+        ICMPV6_ECHO_REQUEST
+    };
+    let mut m = vec![ty, 0, 0, 0];
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(payload);
+    let initial = if v4 {
+        0
+    } else {
+        pseudo_header_sum(src, dst, IPPROTO_ICMPV6, m.len())
+    };
+    let c = checksum(initial, &m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+/// What is wrong with `out` as the load balancer's echo reply to the echo
+/// request `input`: its IP packet at `l3`, the ICMP message at `l4`, the
+/// packet's end at `end` (Ethernet padding may follow). The same frame
+/// back to the MAC it came from, from the VIP to the client with a fresh
+/// TTL, options or extension headers kept, an echo reply of the same
+/// identifier, sequence and data. Checksums are updated, not recomputed: each
+/// is valid in the reply if and only if it was in the request.
+pub fn echo_reply_problems(
+    input: &[u8],
+    out: &[u8],
+    l3: usize,
+    l4: usize,
+    end: usize,
+) -> Vec<String> {
+    let mut bad = Vec::new();
+    let mut want = |ok: bool, what: &str| {
+        if !ok {
+            bad.push(what.to_string());
+        }
+    };
+    if out.len() != input.len() {
+        return vec![format!("length {} for {}", out.len(), input.len())];
+    }
+    want(out[0..6] == input[6..12], "to the MAC the frame came from");
+    want(out[6..12] == input[0..6], "from the MAC it was sent to");
+    want(out[12..l3] == input[12..l3], "VLAN tags and EtherType kept");
+    want(out[end..] == input[end..], "padding kept");
+    let (i, o) = (&input[l3..l4], &out[l3..l4]);
+    let (msg_in, msg) = (&input[l4..end], &out[l4..end]);
+    want(
+        msg[1..2] == msg_in[1..2] && msg[4..] == msg_in[4..],
+        "code, identifier, sequence and data kept",
+    );
+    if i[0] >> 4 == 4 {
+        want(o[..8] == i[..8], "version to flags as they were");
+        want(o[8] == DEFAULT_TTL && o[9] == i[9], "TTL and protocol");
+        want(
+            ipv4_header_valid(o) == ipv4_header_valid(i),
+            "IPv4 header checksum updated",
+        );
+        want(
+            o[12..16] == i[16..20] && o[16..20] == i[12..16],
+            "addresses swapped",
+        );
+        want(o[20..] == i[20..], "options kept");
+        want(msg[0] == ICMP_ECHO_REPLY, "an echo reply");
+        want(
+            (checksum(0, msg) == 0) == (checksum(0, msg_in) == 0),
+            "ICMP checksum updated",
+        );
+    } else {
+        want(o[..7] == i[..7], "version to next header as they were");
+        want(o[7] == DEFAULT_TTL, "hop limit");
+        want(
+            o[8..24] == i[24..40] && o[24..40] == i[8..24],
+            "addresses swapped",
+        );
+        want(o[40..] == i[40..], "extension headers kept");
+        want(msg[0] == ICMPV6_ECHO_REPLY, "an echo reply");
+        let addr = |b: &[u8]| IpAddr::from(<[u8; 16]>::try_from(b).unwrap_or_default());
+        let valid = |ip: &[u8], msg: &[u8]| {
+            let sum = pseudo_header_sum(
+                addr(&ip[8..24]),
+                addr(&ip[24..40]),
+                IPPROTO_ICMPV6,
+                msg.len(),
+            );
+            checksum(sum, msg) == 0
+        };
+        want(valid(o, msg) == valid(i, msg_in), "ICMPv6 checksum updated");
+    }
+    bad
+}
+
 /// ICMPv6 "packet too big" quoting `quoted` (checksum left zero: the data
 /// plane does not read it).
 pub fn icmp6_too_big(mtu: u32, quoted: &[u8]) -> Vec<u8> {

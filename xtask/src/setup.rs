@@ -28,8 +28,9 @@ const LLVM_PREFIX_DIR: &str = "bpf-linker-llvm";
 /// (netns, veth, XDP attach), `ethtool` (offloads on veth), `bpftool`
 /// (inspecting maps and programs), BIRD 2 and etcd for the fleet, nftables
 /// (a firewall that drops one node's probes in the fleet tests), openssl
-/// (their etcd certificates), and `protoc` with its well-known types, which
-/// etcd-client's build runs. Installing bird2 or etcd-server starts no
+/// (their etcd certificates), `protoc` with its well-known types, which
+/// etcd-client's build runs, and `ping` (an operator's check of a VIP that
+/// answers echo). Installing bird2 or etcd-server starts no
 /// daemon here: tests start them.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
@@ -41,6 +42,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "etcd-server",
     "protobuf-compiler",
     "libprotobuf-dev",
+    "iputils-ping",
 ];
 
 /// Debian packages only the benchmarks call: trafgen (netsniff-ng) for live

@@ -19,8 +19,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use lb_common::{
-    BACKEND_F_UP, BackendValue, SERVICE_F_AFFINITY, SERVICE_F_IPIP, ServiceKey, addr_bytes,
-    limits::NO_BACKEND,
+    BACKEND_F_UP, BackendValue, SERVICE_F_AFFINITY, SERVICE_F_ECHO, SERVICE_F_IPIP, ServiceKey,
+    addr_bytes, limits::NO_BACKEND,
 };
 use serde::Serialize;
 use tracing::{info, warn};
@@ -167,6 +167,9 @@ fn service_flags(svc: &config::Service) -> u32 {
     }
     if svc.affinity == Affinity::Client {
         f |= SERVICE_F_AFFINITY;
+    }
+    if svc.echo {
+        f |= SERVICE_F_ECHO;
     }
     f
 }

@@ -27,7 +27,8 @@ use aya::{
 };
 use lb_common::{
     AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter, FlowEntry,
-    FlowKey, FlowValue, Interface, ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings,
+    FlowKey, FlowValue, Interface, SERVICE_F_ECHO, ServiceKey, ServiceSlot, ServiceStats,
+    ServiceValue, Settings, VIP_ECHO_UNIT,
     counters::DecapCounter,
     flow_buckets,
     hash::{bucket_hash, vip_filter_bit},
@@ -255,6 +256,17 @@ const ALL_MAPS: [&str; 17] = [
     names::DECAP_ADDRS,
     names::DECAP_COUNTERS,
 ];
+
+/// What a service with `flags` adds to its VIP's value in the VIP set:
+/// one service, and the echo unit if it answers echo.
+fn vip_share(flags: u32) -> i64 {
+    let echo = if flags & SERVICE_F_ECHO != 0 {
+        VIP_ECHO_UNIT
+    } else {
+        0
+    };
+    1 + i64::from(echo)
+}
 
 /// Where the daemon pins maps and links by default.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
@@ -768,8 +780,12 @@ impl Dataplane {
             .insert(key, value, 0)
             .context("publishing the service")?;
         self.set_service_slot(id, ServiceSlot { key: *key, value })?;
-        if current.is_none() {
-            self.adjust_vip(key, 1)?;
+        let delta = match current {
+            None => vip_share(flags),
+            Some(cur) => vip_share(flags) - vip_share(cur.flags),
+        };
+        if delta != 0 {
+            self.adjust_vip(key, delta)?;
         }
         Ok(())
     }
@@ -806,7 +822,7 @@ impl Dataplane {
         self.set_service_slot(value.id, slot)?;
         self.set_service_slot(value.id, ServiceSlot::default())?;
         self.services.remove(key).context("removing the service")?;
-        self.adjust_vip(key, -1)
+        self.adjust_vip(key, -vip_share(value.flags))
     }
 
     fn set_service_slot(&mut self, id: u32, slot: ServiceSlot) -> Result<()> {
@@ -831,6 +847,9 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Adds `delta` to the VIP set's value for the service's address (see
+    /// [`VIP_ECHO_UNIT`]); the address leaves the set when no service is
+    /// left on it.
     fn adjust_vip(&mut self, key: &ServiceKey, delta: i64) -> Result<()> {
         let vip = AddrKey::from_bytes(key.addr, key.family);
         let now = match self.vips.get(&vip, 0) {
@@ -838,7 +857,7 @@ impl Dataplane {
             Err(aya::maps::MapError::KeyNotFound) => 0,
             Err(e) => return Err(e).context("reading the VIP set"),
         } + delta;
-        if now <= 0 {
+        if now % i64::from(VIP_ECHO_UNIT) <= 0 {
             match self.vips.remove(&vip) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(e) => return Err(e).context("updating the VIP set"),
@@ -1033,8 +1052,9 @@ mod tests {
     /// LLVM moved the whole body of `lb_xdp` into a function of its own,
     /// called from a stub, once the body grew past its inlining budget:
     /// every packet then paid a BPF-to-BPF call (a quick benchmark A/B
-    /// measured the non-service pass 12% slower). Rarely taken steps may be
-    /// outlined (`log_drop` is); the path itself must stay in the program.
+    /// measured the non-service pass 12% slower). `lb_xdp` is now
+    /// `#[inline(always)]`; this catches whatever undoes that. Rarely taken
+    /// steps may be outlined (`log_drop` is); the path itself may not.
     #[test]
     fn the_packet_path_is_the_programs_own_function() {
         let object = aya_obj::Object::parse(EBPF_OBJECT).unwrap();

@@ -207,6 +207,8 @@ pub struct Targets {
     pub client_ports: Vec<u16>,
     /// Routers that send ICMP errors.
     pub routers: Vec<IpAddr>,
+    /// VIPs with a service that answers echo.
+    pub echo_vips: Vec<IpAddr>,
 }
 
 impl Targets {
@@ -649,6 +651,9 @@ pub enum Shape {
     /// An ICMP error (mostly frag-needed / packet-too-big), quoting a
     /// service flow, a foreign flow, or a packet cut anywhere.
     IcmpError,
+    /// An echo request, mostly to a VIP that answers echo: enough of them
+    /// to spend a CPU's echo budget.
+    Echo,
     /// Not IP: ARP, LLDP, any EtherType.
     NonIp,
 }
@@ -660,7 +665,8 @@ impl Shape {
             45..53 => Shape::VipOtherPort,
             53..60 => Shape::VipOtherProtocol,
             60..72 => Shape::HostTraffic,
-            72..95 => Shape::IcmpError,
+            72..92 => Shape::IcmpError,
+            92..95 => Shape::Echo,
             _ => Shape::NonIp,
         }
     }
@@ -673,6 +679,7 @@ impl Shape {
             Shape::VipOtherProtocol => "vip-other-protocol",
             Shape::HostTraffic => "host-traffic",
             Shape::IcmpError => "icmp-error",
+            Shape::Echo => "echo",
             Shape::NonIp => "non-ip",
         }
     }
@@ -801,6 +808,28 @@ pub fn base_of(rng: &mut FuzzRng, t: &Targets, shape: Shape) -> (Frame, String) 
             )
         }
         Shape::IcmpError => icmp_error(rng, t, v6),
+        Shape::Echo => {
+            let answering = Targets::of_family(&t.echo_vips, v6);
+            let dst = match answering.choose(rng) {
+                Some(&vip) if rng.random_bool(0.8) => vip,
+                _ => *t.vips(v6).choose(rng).expect("vips"),
+            };
+            let client = t.client(rng, v6);
+            let (s, d) = (octets(client), octets(dst));
+            let (proto, ty) = if v6 {
+                (IPPROTO_ICMPV6, ICMPV6_ECHO)
+            } else {
+                (IPPROTO_ICMP, ICMP_ECHO)
+            };
+            // Identifier and sequence.
+            let rest: [u8; 4] = rng.random();
+            let len = rng.random_range(0..=64);
+            let l4 = icmp(&s, &d, ty, 0, rest, &payload(rng, len));
+            (
+                ip_packet(rng, client, dst, proto, &l4),
+                format!("echo request to {dst}"),
+            )
+        }
         Shape::NonIp => {
             let (ethertype, len) = match rng.random_range(0..3) {
                 0 => (ETH_P_ARP, ARP_LEN),
@@ -1272,6 +1301,7 @@ pub fn sweep(seed: u64, t: &Targets) -> Vec<Case> {
         Shape::HostTraffic,
         Shape::IcmpError,
         Shape::IcmpError,
+        Shape::Echo,
         Shape::NonIp,
     ];
     let mut cases = Vec::new();

@@ -36,6 +36,8 @@ pub trait Services {
     fn service(&self, key: &ServiceKey) -> Option<usize>;
     /// Whether at least one service uses this address as its VIP.
     fn is_vip(&self, addr: &AddrKey) -> bool;
+    /// Whether a service on this VIP answers echo.
+    fn answers_echo(&self, addr: &AddrKey) -> bool;
 }
 
 /// The reference's verdict on a frame.
@@ -50,6 +52,20 @@ pub enum Class {
     /// A well-formed packet of a configured service: it goes to a backend
     /// of that service, or is dropped for a reason the world decides.
     Service(Hit),
+    /// An echo request to a VIP that answers echo: answered, or dropped
+    /// over the CPU's echo budget.
+    Echo(Echo),
+}
+
+/// Where an echo request's parts are, for checking the reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Echo {
+    /// The IP header.
+    pub l3: usize,
+    /// The ICMP message.
+    pub l4: usize,
+    /// One past the IP packet.
+    pub end: usize,
 }
 
 /// A frame the reference attributes to a service.
@@ -173,6 +189,7 @@ pub fn classify(frame: &[u8], cfg: &impl Services) -> Class {
             foreign_destination: true,
             ..hit
         }),
+        Class::Echo(_) => Class::Pass(vec![Counter::PassForeignMac]),
     }
 }
 
@@ -379,9 +396,10 @@ fn transport(f: &[u8], ip: &Ip, cfg: &impl Services, to_vip: bool) -> Class {
     })
 }
 
-/// An ICMP or ICMPv6 message. Only "fragmentation needed" (type 3 code 4)
-/// and "packet too big" (ICMPv6 type 2) errors about a service flow are the
-/// program's: the quoted packet is a reply the backend sent from the VIP,
+/// An ICMP or ICMPv6 message. Echo requests (code 0) to a VIP that answers
+/// echo are the program's to answer. Of the rest, only "fragmentation
+/// needed" (type 3 code 4) and "packet too big" (ICMPv6 type 2) errors
+/// about a service flow are the program's: the quoted packet is a reply the backend sent from the VIP,
 /// so its source (VIP, port, protocol) names the service, and the error
 /// must be addressed to that VIP (routers send errors to the quoted
 /// packet's source). Everything else passes.
@@ -400,11 +418,28 @@ fn icmp(f: &[u8], ip: &Ip, cfg: &impl Services, to_vip: bool) -> Class {
             Class::Pass(vec![Counter::PassOtherProtocol, Counter::PassNotService])
         };
     }
-    let pmtu = if ip.family == FAMILY_V4 {
-        msg[0] == ICMP_DEST_UNREACH && msg[1] == ICMP_FRAG_NEEDED
+    let (pmtu, echo) = if ip.family == FAMILY_V4 {
+        (
+            msg[0] == ICMP_DEST_UNREACH && msg[1] == ICMP_FRAG_NEEDED,
+            msg[0] == ICMP_ECHO_REQUEST && msg[1] == 0,
+        )
     } else {
-        msg[0] == ICMPV6_PKT_TOOBIG
+        (
+            msg[0] == ICMPV6_PKT_TOOBIG,
+            msg[0] == ICMPV6_ECHO_REQUEST && msg[1] == 0,
+        )
     };
+    if echo && cfg.answers_echo(&ip.dst_key()) {
+        // Identifier and sequence are part of the message.
+        if msg.len() < ICMP_HLEN {
+            return Class::Reject(vec![Counter::DropMalformedIcmp]);
+        }
+        return Class::Echo(Echo {
+            l3: ip.l3,
+            l4: ip.l4,
+            end: ip.end,
+        });
+    }
     if !pmtu {
         return Class::Pass(vec![Counter::PassOtherProtocol]);
     }
@@ -497,6 +532,49 @@ mod tests {
         fn is_vip(&self, a: &AddrKey) -> bool {
             a.addr == addr_bytes(IpAddr::V4(Ipv4Addr::from(VIP))).0
         }
+        fn answers_echo(&self, a: &AddrKey) -> bool {
+            self.is_vip(a)
+        }
+    }
+
+    #[test]
+    fn echo_requests_to_a_vip_that_answers_are_the_programs() {
+        let v4 = |a| IpAddr::V4(Ipv4Addr::from(a));
+        let frame = |dst: [u8; 4], ty: u8, data: &[u8]| {
+            let mut m = packet::icmp_echo(v4(CLIENT), v4(dst), 1, 1, data);
+            m[0] = ty;
+            let ip = Ipv4::new(CLIENT, dst, IPPROTO_ICMP).build(&m);
+            packet::ethernet(LB_MAC, [4; 6], &[], ETH_P_IP, &ip)
+        };
+        let l3 = ETH_HLEN;
+        let l4 = l3 + IPV4_HLEN;
+        let f = frame(VIP, ICMP_ECHO_REQUEST, b"ping");
+        let end = f.len();
+        assert_eq!(classify(&f, &One), Class::Echo(Echo { l3, l4, end }));
+        assert_eq!(
+            classify(&frame([198, 18, 9, 9], ICMP_ECHO_REQUEST, b""), &One),
+            Class::Pass(vec![Counter::PassOtherProtocol]),
+            "not a VIP"
+        );
+        assert_eq!(
+            classify(&frame(VIP, ICMP_ECHO_REPLY, b""), &One),
+            Class::Pass(vec![Counter::PassOtherProtocol]),
+            "a reply"
+        );
+        let mut foreign = f.clone();
+        foreign[..6].copy_from_slice(&[2, 0, 0, 0, 0, 0x77]);
+        assert_eq!(
+            classify(&foreign, &One),
+            Class::Pass(vec![Counter::PassForeignMac])
+        );
+        // Cut before the identifier by the IP length.
+        let mut short = frame(VIP, ICMP_ECHO_REQUEST, b"");
+        short.truncate(l4 + ICMP_HLEN - 1);
+        short[l3 + 2..l3 + 4].copy_from_slice(&((IPV4_HLEN + ICMP_HLEN - 1) as u16).to_be_bytes());
+        assert_eq!(
+            classify(&short, &One),
+            Class::Reject(vec![Counter::DropMalformedIcmp])
+        );
     }
 
     fn tcp_frame(dst: [u8; 4], flags: u8) -> Vec<u8> {

@@ -23,7 +23,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use lb::dataplane::Capacity;
 use lb_common::{
     AddrKey, BACKEND_F_UP, BackendValue, Counter, FAMILY_V4, FlowKey, FlowValue,
-    SERVICE_F_AFFINITY, SERVICE_F_IPIP, ServiceKey,
+    SERVICE_F_AFFINITY, SERVICE_F_ECHO, SERVICE_F_IPIP, ServiceKey,
     hash::{bucket_hash, flow_hash},
     limits::NO_BACKEND,
     maps::PROG_LB,
@@ -117,7 +117,7 @@ const SPECS: [Spec; 10] = [
         vip: IpAddr::V4(VIP4_DSR),
         port: DNS,
         proto: IPPROTO_UDP,
-        flags: 0,
+        flags: SERVICE_F_ECHO,
         seeded: &[4, 5],
         fuzzed: &[4, 5],
     },
@@ -180,7 +180,7 @@ const SPECS: [Spec; 10] = [
         vip: IpAddr::V6(VIP6_IPIP),
         port: DNS,
         proto: IPPROTO_UDP,
-        flags: SERVICE_F_IPIP,
+        flags: SERVICE_F_IPIP | SERVICE_F_ECHO,
         seeded: &[18, 19],
         fuzzed: &[18, 19],
     },
@@ -294,6 +294,8 @@ pub struct World {
     backends: BTreeMap<u32, BackendValue>,
     keys: HashMap<ServiceKey, usize>,
     vips: HashSet<AddrKey>,
+    /// The VIPs with a service that answers echo.
+    echo_vips: HashSet<AddrKey>,
     /// Global counters after the last run, in `Counter::ALL` order.
     counters: Vec<u64>,
     /// Frames run through the program.
@@ -310,6 +312,10 @@ impl Services for World {
 
     fn is_vip(&self, addr: &AddrKey) -> bool {
         self.vips.contains(addr)
+    }
+
+    fn answers_echo(&self, addr: &AddrKey) -> bool {
+        self.echo_vips.contains(addr)
     }
 }
 
@@ -329,6 +335,7 @@ impl World {
             backends: BTreeMap::new(),
             keys: HashMap::new(),
             vips: HashSet::new(),
+            echo_vips: HashSet::new(),
             counters: vec![0; Counter::ALL.len()],
             runs: 0,
             forwarded: BTreeMap::new(),
@@ -339,6 +346,9 @@ impl World {
             let key = service_key(spec.vip, spec.port, spec.proto);
             w.keys.insert(key, i);
             w.vips.insert(AddrKey::new(spec.vip));
+            if spec.flags & SERVICE_F_ECHO != 0 {
+                w.echo_vips.insert(AddrKey::new(spec.vip));
+            }
             let mut members: Vec<u32> = spec.seeded.iter().chain(spec.fuzzed).copied().collect();
             members.sort_unstable();
             members.dedup();
@@ -371,6 +381,11 @@ impl World {
                 IpAddr::V4(Ipv4Addr::new(198, 18, 3, 1)),
                 IpAddr::V6(Ipv6Addr::new(0x2001, 2, 3, 0, 0, 0, 0, 1)),
             ],
+            echo_vips: SPECS
+                .iter()
+                .filter(|s| s.flags & SERVICE_F_ECHO != 0)
+                .map(|s| s.vip)
+                .collect(),
         }
     }
 
@@ -569,6 +584,26 @@ impl World {
                 self.check_service(frame, &hit, entry, &v.out, verdict)
                     .map_err(|(property, detail)| fail(property, detail))?;
             }
+            // (5) An echo request the program owns: answered with a well
+            // formed reply to its source, or over the budget.
+            Class::Echo(e) => match counter {
+                Counter::ReplyEcho => {
+                    let bad = packet::echo_reply_problems(frame, &v.out, e.l3, e.l4, e.end);
+                    if !bad.is_empty() {
+                        return Err(fail(
+                            "an echo reply is well formed and goes to the request's source",
+                            bad.join(", "),
+                        ));
+                    }
+                }
+                Counter::DropEchoLimit => {}
+                _ => {
+                    return Err(fail(
+                        "echo requests to a VIP that answers echo are answered",
+                        format!("{}, expected reply_echo or drop_echo_limit", counter.name()),
+                    ));
+                }
+            },
         }
         Ok(verdict)
     }

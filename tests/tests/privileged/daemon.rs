@@ -612,3 +612,59 @@ fn a_restart_replaces_a_resized_connection_table_and_refuses_resized_tables() {
     assert_eq!(digest(&d).unwrap().0, before.0, "the tables were kept");
     assert_eq!(tally(&lan, 20).unwrap().len(), 2, "both backends serve");
 }
+
+/// The real `ping` from the client, `count` requests to [`VIP`]: whether
+/// every one was answered (with a deadline, ping fails on fewer replies).
+fn ping(lan: &Lan, count: u32) -> bool {
+    let count = count.to_string();
+    let vip = VIP.to_string();
+    lan.client
+        .exec(
+            "ping",
+            &["-q", "-n", "-c", &count, "-i", "0.2", "-W", "1", &vip],
+        )
+        .is_ok()
+}
+
+#[test]
+fn a_vip_answers_ping_only_when_a_service_asks() {
+    if !privileged() {
+        return;
+    }
+    let lan = Lan::build(1, &["198.18.1.1/32"]).unwrap();
+    let d = Daemon::start(&lan.lb, "echo", &web_config(1)).unwrap();
+    d.wait_in_table(1, WAIT).unwrap();
+    let replies = |d: &Daemon| -> u64 {
+        d.cli(&["stats"]).unwrap()["reasons"]["reply_echo"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    // Off by default: lb leaves the request to its kernel, which has no
+    // route to the VIP.
+    assert!(!ping(&lan, 2), "a VIP without echo answered ping");
+    assert_eq!(replies(&d), 0);
+
+    // `echo = true` in the file, reloaded: the data plane answers.
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    let on = text.replace("protocol = \"tcp\"", "protocol = \"tcp\"\necho = true");
+    assert_ne!(on, text, "the service's protocol line is where echo goes");
+    std::fs::write(&d.config, &on).unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_until("echo on", WAIT, |d| {
+        Ok(d.log().contains("configuration reloaded"))
+    })
+    .unwrap();
+    assert!(ping(&lan, 5), "a VIP with echo did not answer every ping");
+    assert!(replies(&d) >= 5, "{}", d.cli(&["stats"]).unwrap());
+
+    // And off again.
+    std::fs::write(&d.config, &text).unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_until("echo off", WAIT, |d| {
+        Ok(d.log().matches("configuration reloaded").count() >= 2)
+    })
+    .unwrap();
+    let before = replies(&d);
+    assert!(!ping(&lan, 2), "echo turned off, the VIP still answered");
+    assert_eq!(replies(&d), before);
+}

@@ -4,10 +4,11 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
-    ConntrackSettings, Counter, FlowKey, SERVICE_F_AFFINITY, SERVICE_F_IPIP, addr_bytes,
+    ConntrackSettings, Counter, FlowKey, SERVICE_F_AFFINITY, SERVICE_F_ECHO, SERVICE_F_IPIP,
+    ServiceKey, addr_bytes,
     counters::DecapCounter,
     hash::flow_hash,
-    limits::ICMP_ERRORS_PER_CPU,
+    limits::{ECHO_REPLIES_PER_CPU, ICMP_ERRORS_PER_CPU},
     maps::{PROG_DECAP, PROG_LB},
     wire::*,
 };
@@ -762,6 +763,150 @@ fn packets_too_big_for_the_tunnel_are_answered_with_the_mtu_to_use() {
         })
         .unwrap();
     f.case("the next second", &frame, TX, Counter::ReplyTooBig);
+}
+
+#[test]
+fn echo_requests_to_a_vip_that_asks_are_answered() {
+    if !privileged() {
+        return;
+    }
+    // Every reply below is counted against this CPU's budget.
+    lb_tests::pin_to_this_cpu().unwrap();
+    let mut f = fixture();
+    let (c4, c6) = (v4(CLIENT4), IpAddr::V6(CLIENT6));
+    let (vip4, vip6) = (v4(VIP4_DSR), IpAddr::V6(VIP6_DSR));
+    let echo = |src: IpAddr, dst: IpAddr, seq: u16, vlans: &[u16]| {
+        let m = packet::icmp_echo(src, dst, 0x4c42, seq, b"are you there?");
+        let (ethertype, ip) = match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => (
+                ETH_P_IP,
+                Ipv4::new(s.octets(), d.octets(), IPPROTO_ICMP).build(&m),
+            ),
+            (IpAddr::V6(s), IpAddr::V6(d)) => (
+                ETH_P_IPV6,
+                packet::ipv6(s.octets(), d.octets(), IPPROTO_ICMPV6, &[], &m),
+            ),
+            _ => unreachable!("one family"),
+        };
+        packet::ethernet(LB_MAC, ROUTER_MAC, vlans, ethertype, &ip)
+    };
+    // Off by default: the kernel's.
+    f.case(
+        "IPv4 echo, echo off",
+        &echo(c4, vip4, 1, &[]),
+        PASS,
+        Counter::PassOtherProtocol,
+    );
+    f.case(
+        "IPv6 echo, echo off",
+        &echo(c6, vip6, 1, &[]),
+        PASS,
+        Counter::PassOtherProtocol,
+    );
+
+    // One service on each VIP asks for it (the VIP's other services do not).
+    let with_echo = |f: &mut Fixture, svc: usize, key: ServiceKey, flags: u32| {
+        let ring = f.rings[svc].clone();
+        f.lab
+            .dp
+            .publish_service(&key, svc as u32, flags, 0, &ring)
+            .unwrap();
+    };
+    let tcp4 = service_key(vip4, HTTP, IPPROTO_TCP);
+    let tcp6 = service_key(vip6, HTTP, IPPROTO_TCP);
+    with_echo(&mut f, SVC_TCP4, tcp4, SERVICE_F_ECHO);
+    with_echo(&mut f, SVC_TCP6, tcp6, SERVICE_F_ECHO);
+    for (what, frame, l3) in [
+        ("IPv4", echo(c4, vip4, 2, &[]), ETH_HLEN),
+        (
+            "IPv4 behind a VLAN tag",
+            echo(c4, vip4, 3, &[7]),
+            ETH_HLEN + VLAN_HLEN,
+        ),
+        ("IPv6", echo(c6, vip6, 2, &[]), ETH_HLEN),
+    ] {
+        let out = f.case(what, &frame, TX, Counter::ReplyEcho);
+        let ip_hlen = if frame[l3] >> 4 == 4 {
+            IPV4_HLEN
+        } else {
+            IPV6_HLEN
+        };
+        let bad = packet::echo_reply_problems(&frame, &out, l3, l3 + ip_hlen, frame.len());
+        assert!(bad.is_empty(), "{what}: {bad:?}");
+    }
+    // Not a request, not addressed to lb's MAC, or to another address.
+    let mut reply = echo(c4, vip4, 4, &[]);
+    reply[ETH_HLEN + IPV4_HLEN] = ICMP_ECHO_REPLY;
+    f.case("an echo reply", &reply, PASS, Counter::PassOtherProtocol);
+    // The IPv4 length cuts the message before its identifier (the frame
+    // keeps the bytes, as Ethernet padding).
+    let mut short = echo(c4, vip4, 5, &[]);
+    let short_len = (IPV4_HLEN + ICMP_HLEN - 1) as u16;
+    short[ETH_HLEN + 2..ETH_HLEN + 4].copy_from_slice(&short_len.to_be_bytes());
+    let h = &mut short[ETH_HLEN..ETH_HLEN + IPV4_HLEN];
+    h[10..12].fill(0);
+    let c = packet::checksum(0, h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    f.case(
+        "shorter than an echo header",
+        &short,
+        DROP,
+        Counter::DropMalformedIcmp,
+    );
+    let foreign = sent_to([0x02, 0, 0, 0, 0, 0x77], &echo(c4, vip4, 5, &[]));
+    f.case(
+        "to another host's MAC",
+        &foreign,
+        PASS,
+        Counter::PassForeignMac,
+    );
+    f.case(
+        "to a VIP without echo",
+        &echo(c4, v4(VIP4_IPIP), 6, &[]),
+        PASS,
+        Counter::PassOtherProtocol,
+    );
+
+    // A CPU sends at most ECHO_REPLIES_PER_CPU a second; errors have a
+    // budget of their own.
+    let frame = echo(c4, vip4, 7, &[]);
+    for _ in 3..ECHO_REPLIES_PER_CPU {
+        assert_eq!(f.lab.run(PROG_LB, &frame).unwrap().action, TX);
+    }
+    f.case("over the budget", &frame, DROP, Counter::DropEchoLimit);
+    let too_big = sized(v4(VIP4_IPIP), 43100, 1500, &[], true);
+    f.case(
+        "an error after the echo budget",
+        &too_big,
+        TX,
+        Counter::ReplyTooBig,
+    );
+    f.lab
+        .dp
+        .set_conntrack_settings(ConntrackSettings {
+            now: 1,
+            ..ConntrackSettings::default()
+        })
+        .unwrap();
+    f.case("the next second", &frame, TX, Counter::ReplyEcho);
+
+    // Turned off again: the VIP stays (its services do), its echo goes.
+    with_echo(&mut f, SVC_TCP4, tcp4, 0);
+    f.case(
+        "echo turned off",
+        &echo(c4, vip4, 8, &[]),
+        PASS,
+        Counter::PassOtherProtocol,
+    );
+    let udp = service_key(vip4, DNS, IPPROTO_UDP);
+    f.lab.dp.remove_service(&udp).unwrap();
+    with_echo(&mut f, SVC_TCP4, tcp4, SERVICE_F_ECHO);
+    f.case(
+        "on, with one service left",
+        &echo(c4, vip4, 9, &[]),
+        TX,
+        Counter::ReplyEcho,
+    );
 }
 
 /// `frame` sent to `mac` instead.
