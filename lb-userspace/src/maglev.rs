@@ -124,11 +124,6 @@ pub fn build(candidates: &[Candidate<'_>], size: u32) -> Result<Vec<Option<u32>>
     Ok(table.into_iter().map(Some).collect())
 }
 
-/// The slot a flow hash falls in.
-pub fn slot_of(hash: u32, size: u32) -> u32 {
-    hash % size
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,7 @@
 //! with how long the answer took or why it failed.
 
 use std::{
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
@@ -16,13 +16,6 @@ use crate::config::Probe;
 
 /// Largest response read from an HTTP or UDP probe.
 const MAX_RESPONSE: usize = 4096;
-
-/// TCP connect, blocking: succeeds when the handshake completes within `timeout`.
-pub fn tcp_connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<Duration> {
-    let start = Instant::now();
-    TcpStream::connect_timeout(&addr, timeout)?;
-    Ok(start.elapsed())
-}
 
 /// Runs one probe of `kind` against `addr`; `Ok(latency)` or the reason it failed.
 pub async fn run(kind: &Probe, addr: SocketAddr, limit: Duration) -> Result<Duration, String> {

@@ -17,11 +17,6 @@ use crate::{build, exec};
 /// skipping, so a CI run cannot pass without exercising the data plane.
 pub(crate) const REQUIRE_PRIVILEGED: (&str, &str) = ("LB_REQUIRE_PRIVILEGED", "1");
 
-/// Which packages `cargo test` and `cargo clippy` cover: the workspace's
-/// default members, i.e. everything but the eBPF crates, which only build for
-/// the BPF target (build scripts build them; clippy checks them below).
-const PACKAGES: &[&str] = &[];
-
 /// Clippy for the eBPF crates (lb's programs and the benchmark-only ones),
 /// on their own target with the nightly toolchain.
 const EBPF_CLIPPY: &[&str] = &[
@@ -95,8 +90,10 @@ fn check_format(root: &Path) -> Result<()> {
     )
 }
 
-/// `--release` shares the eBPF build (and everything else) with
-/// `cargo xtask build`. `--no-fail-fast` keeps going after a failing test
+/// The workspace's default members: everything but the eBPF crates, which
+/// only build for the BPF target (build scripts build them; clippy checks
+/// them on their own). `--release` shares the eBPF build (and everything
+/// else) with `cargo xtask build`. `--no-fail-fast` keeps going after a failing test
 /// binary so the counts cover every test.
 fn run_tests(root: &Path, test_args: &[String], totals: &mut Counts) -> Result<()> {
     let (key, value) = REQUIRE_PRIVILEGED;
@@ -104,7 +101,6 @@ fn run_tests(root: &Path, test_args: &[String], totals: &mut Counts) -> Result<(
         exec::cargo()
             .current_dir(root)
             .arg("test")
-            .args(PACKAGES)
             .args(["--release", "--no-fail-fast"])
             .args(test_args)
             .env(key, value),
@@ -117,13 +113,13 @@ fn run_tests(root: &Path, test_args: &[String], totals: &mut Counts) -> Result<(
 }
 
 fn run_clippy(root: &Path) -> Result<()> {
-    exec::run(
-        exec::cargo()
-            .current_dir(root)
-            .arg("clippy")
-            .args(PACKAGES)
-            .args(["--release", "--all-targets", "--", "-D", "warnings"]),
-    )
+    exec::run(exec::cargo().current_dir(root).arg("clippy").args([
+        "--release",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
 }
 
 /// Test counts from libtest's result lines.

@@ -389,11 +389,6 @@ impl World {
         }
     }
 
-    /// Service names, by id, for the summary.
-    pub fn service_names(&self) -> Vec<&'static str> {
-        SPECS.iter().map(|s| s.name).collect()
-    }
-
     fn set_backend(&mut self, id: u32, ip: IpAddr, up: bool, generation: u32) -> Result<()> {
         self.lab.backend(id, ip, up, generation)?;
         self.backends.insert(id, self.lab.dp.backend(id)?);
