@@ -127,6 +127,18 @@ fn fixture() -> Fixture {
 }
 
 impl Fixture {
+    /// Sets the data plane's clock to second `now` (a new second brings
+    /// new ICMP budgets).
+    fn set_clock(&mut self, now: u32) {
+        self.lab
+            .dp
+            .set_conntrack_settings(ConntrackSettings {
+                now,
+                ..ConntrackSettings::default()
+            })
+            .unwrap();
+    }
+
     /// Runs one described case: asserts the action, that exactly `counter`
     /// moved (by one) among the global counters, and returns the output.
     fn case(&mut self, what: &str, frame: &[u8], action: u32, counter: Counter) -> Vec<u8> {
@@ -755,13 +767,7 @@ fn packets_too_big_for_the_tunnel_are_answered_with_the_mtu_to_use() {
     }
     f.case("over the budget", &frame, DROP, Counter::DropTooBig);
     // The next second of the data plane's clock brings a new budget.
-    f.lab
-        .dp
-        .set_conntrack_settings(ConntrackSettings {
-            now: 1,
-            ..ConntrackSettings::default()
-        })
-        .unwrap();
+    f.set_clock(1);
     f.case("the next second", &frame, TX, Counter::ReplyTooBig);
 }
 
@@ -881,13 +887,7 @@ fn echo_requests_to_a_vip_that_asks_are_answered() {
         TX,
         Counter::ReplyTooBig,
     );
-    f.lab
-        .dp
-        .set_conntrack_settings(ConntrackSettings {
-            now: 1,
-            ..ConntrackSettings::default()
-        })
-        .unwrap();
+    f.set_clock(1);
     f.case("the next second", &frame, TX, Counter::ReplyEcho);
 
     // Turned off again: the VIP stays (its services do), its echo goes.
