@@ -16,7 +16,7 @@ use lb_common::{
 use crate::{
     checksum,
     packet::{load, store},
-    parse::Ip,
+    parse::{IPV6_ADDRS_OFF, Ip},
     select::Choice,
 };
 
@@ -265,7 +265,7 @@ pub fn encapsulate(
             DEFAULT_TTL,
         ];
         store(ctx, ip.l3_off, head).ok_or(Counter::DropEncapFailed)?;
-        store(ctx, ip.l3_off + 8, src).ok_or(Counter::DropEncapFailed)?;
-        store(ctx, ip.l3_off + 24, backend.addr).ok_or(Counter::DropEncapFailed)
+        store(ctx, ip.l3_off + IPV6_ADDRS_OFF, src).ok_or(Counter::DropEncapFailed)?;
+        store(ctx, ip.l3_off + IPV6_ADDRS_OFF + 16, backend.addr).ok_or(Counter::DropEncapFailed)
     }
 }

@@ -29,7 +29,7 @@ use crate::{
     forward::{L2Header, adjust_head, ipv4_header, outer_len, return_to_sender},
     maps,
     packet::{bytes_at, frame_len, load, store},
-    parse::Ip,
+    parse::{IPV6_ADDRS_OFF, Ip},
 };
 
 /// What the ICMP checksum covers after the IP header: the ICMP header and
@@ -102,8 +102,8 @@ pub fn reply_too_big(ctx: &XdpContext, ip: &Ip, iface: &Interface) -> Result<Cou
         )
         .ok_or(Counter::DropEncapFailed)?;
         // From the VIP, to the client.
-        store(ctx, ip.l3_off + 8, ip.dst).ok_or(Counter::DropEncapFailed)?;
-        store(ctx, ip.l3_off + 24, ip.src).ok_or(Counter::DropEncapFailed)?;
+        store(ctx, ip.l3_off + IPV6_ADDRS_OFF, ip.dst).ok_or(Counter::DropEncapFailed)?;
+        store(ctx, ip.l3_off + IPV6_ADDRS_OFF + 16, ip.src).ok_or(Counter::DropEncapFailed)?;
         // The pseudo-header (RFC 8200 §8.1): addresses, length, next header.
         let mut pseudo = [0u32; 10];
         // SAFETY: [u8; 16] and [u32; 4] have the same size.
@@ -218,8 +218,8 @@ pub fn reply_echo(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
     } else {
         store(ctx, ip.l3_off + IPV6_HOP_LIMIT_OFF, DEFAULT_TTL)
             .ok_or(Counter::DropMalformedIpv6)?;
-        store(ctx, ip.l3_off + IPV6_SRC_OFF, ip.dst).ok_or(Counter::DropMalformedIpv6)?;
-        store(ctx, ip.l3_off + IPV6_SRC_OFF + 16, ip.src).ok_or(Counter::DropMalformedIpv6)?;
+        store(ctx, ip.l3_off + IPV6_ADDRS_OFF, ip.dst).ok_or(Counter::DropMalformedIpv6)?;
+        store(ctx, ip.l3_off + IPV6_ADDRS_OFF + 16, ip.src).ok_or(Counter::DropMalformedIpv6)?;
     }
     return_to_sender(ctx)?;
     Ok(Counter::ReplyEcho)
@@ -230,5 +230,3 @@ pub fn reply_echo(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
 const IPV4_TTL_OFF: usize = 8;
 /// Offset of the hop limit in an IPv6 header.
 const IPV6_HOP_LIMIT_OFF: usize = 7;
-/// Offset of the source address in an IPv6 header (the destination follows).
-const IPV6_SRC_OFF: usize = 8;

@@ -287,7 +287,7 @@ pub fn quoted(ctx: &XdpContext, ip: &Ip) -> Result<(Ip, Ports), Counter> {
 }
 
 /// Offset of the source address in an IPv6 header (the destination follows).
-const IPV6_ADDRS_OFF: usize = 8;
+pub const IPV6_ADDRS_OFF: usize = 8;
 
 /// The MAC the frame was sent to.
 #[inline(always)]
