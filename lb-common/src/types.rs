@@ -21,7 +21,8 @@ pub const SERVICE_F_ECHO: u32 = 1 << 2;
 
 /// What `LB_VIPS` holds for an address: the services on it, plus this
 /// unit for each of them that answers echo ([`SERVICE_F_ECHO`]). A VIP
-/// has fewer services than the unit (`limits::MAX_SERVICES_LIMIT`).
+/// has fewer services than the unit (configuration validation keeps
+/// `max_services` below it).
 pub const VIP_ECHO_UNIT: u32 = 1 << 16;
 
 /// Whether a VIP whose `LB_VIPS` value is `v` answers echo.

@@ -112,22 +112,22 @@ pub fn adjust_head(ctx: &XdpContext, delta: i32) -> Result<(), Counter> {
 /// `dsr-l2`: rewrite the MACs, leave the IP packet as it is.
 #[inline(always)]
 pub fn rewrite_macs(ctx: &XdpContext, choice: &Choice) -> Result<(), Counter> {
-    readdress(ctx, choice.backend.mac)
+    readdress(ctx, |_| choice.backend.mac)
 }
 
 /// Sends the frame back to the MAC it came from, for a reply built in place.
 #[inline(always)]
 pub fn return_to_sender(ctx: &XdpContext) -> Result<(), Counter> {
-    let macs: Macs = load(ctx, 0).ok_or(Counter::DropMalformedEthernet)?;
-    readdress(ctx, macs.from)
+    readdress(ctx, |macs| macs.from)
 }
 
-/// Readdresses the frame to `next_hop`, from the MAC it was sent to.
+/// Readdresses the frame to the next hop `next_hop` picks from its current
+/// addresses, from the MAC it was sent to.
 #[inline(always)]
-fn readdress(ctx: &XdpContext, next_hop: [u8; 6]) -> Result<(), Counter> {
+fn readdress(ctx: &XdpContext, next_hop: impl FnOnce(&Macs) -> [u8; 6]) -> Result<(), Counter> {
     // Only the 12 address bytes change; VLAN tags stay in place.
     let macs: Macs = load(ctx, 0).ok_or(Counter::DropMalformedEthernet)?;
-    store(ctx, 0, macs.toward(next_hop)).ok_or(Counter::DropMalformedEthernet)
+    store(ctx, 0, macs.toward(next_hop(&macs))).ok_or(Counter::DropMalformedEthernet)
 }
 
 /// The outer source (its last 32 bits for IPv6, host order): the
