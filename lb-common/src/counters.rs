@@ -125,9 +125,37 @@ pub enum DecapCounter {
     Decapsulated = 2,
     /// Truncated outer or inner header: dropped.
     DropMalformed = 3,
+    /// A tunnel packet to a local endpoint from a source outside the
+    /// accepted prefixes: dropped, so nobody else can tunnel packets in.
+    DropForeignSource = 4,
+    /// A tunnel packet whose inner packet is not addressed to a VIP
+    /// configured here: dropped.
+    DropNotVip = 5,
 }
 
 impl DecapCounter {
     /// Number of decap counters.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 6;
+
+    /// Every counter, in index order.
+    pub const ALL: [DecapCounter; Self::COUNT as usize] = [
+        DecapCounter::PassNotTunnel,
+        DecapCounter::PassNotLocal,
+        DecapCounter::Decapsulated,
+        DecapCounter::DropMalformed,
+        DecapCounter::DropForeignSource,
+        DecapCounter::DropNotVip,
+    ];
+
+    /// Stable snake_case name, for `lb decap status` and JSON.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DecapCounter::PassNotTunnel => "pass_not_tunnel",
+            DecapCounter::PassNotLocal => "pass_not_local",
+            DecapCounter::Decapsulated => "decapsulated",
+            DecapCounter::DropMalformed => "drop_malformed",
+            DecapCounter::DropForeignSource => "drop_foreign_source",
+            DecapCounter::DropNotVip => "drop_not_vip",
+        }
+    }
 }

@@ -47,8 +47,12 @@ pub const CONNTRACK_BUCKET_GROUP: u32 = 16;
 /// entries of established flows.
 pub const DEFAULT_CONNTRACK_INSERTS_PER_CPU: u32 = 100_000;
 
-/// Capacity of the VIP-address and decap-address sets.
+/// Capacity of the VIP-address sets and of the decapsulator's endpoint
+/// and VIP sets.
 pub const MAX_ADDRESSES: u32 = 1_024;
+
+/// Capacity of the decapsulator's accepted-source prefixes.
+pub const MAX_DECAP_SOURCES: u32 = 1_024;
 
 /// log2 of the bits in the VIP filter (`LB_VIP_FILTER`): 65,536 bits, so
 /// with `MAX_ADDRESSES` VIPs at most one address in 64 that is no VIP passes

@@ -34,6 +34,13 @@ pub const SERVICE_STATS: &str = "LB_SERVICE_STATS";
 pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
 /// Decap program: local tunnel endpoints, [`crate::AddrKey`] → u32 (hash).
 pub const DECAP_ADDRS: &str = "LB_DECAP_ADDRS";
+/// Decap program: the prefixes whose tunnel packets it accepts (the load
+/// balancers' tunnel sources), `lpm_trie::Key<`[`crate::SourceKey`]`>` → u32
+/// (LPM trie).
+pub const DECAP_SOURCES: &str = "LB_DECAP_SOURCES";
+/// Decap program: the VIPs inner packets may be addressed to,
+/// [`crate::AddrKey`] → u32 (hash).
+pub const DECAP_VIPS: &str = "LB_DECAP_VIPS";
 /// Decap program's counters: [`crate::DecapCounter`] → u64 (per-CPU array).
 pub const DECAP_COUNTERS: &str = "LB_DECAP_COUNTERS";
 

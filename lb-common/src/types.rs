@@ -176,6 +176,30 @@ impl AddrKey {
     }
 }
 
+/// Bits of a [`SourceKey`] before its address: the family.
+pub const SOURCE_FAMILY_BITS: u32 = 8;
+
+/// Key data of `LB_DECAP_SOURCES`, the LPM trie of prefixes whose tunnel
+/// packets the decapsulator accepts. The family comes first so that one
+/// trie holds both families: a prefix of `n` bits is stored with a prefix
+/// length of [`SOURCE_FAMILY_BITS`]` + n`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct SourceKey {
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Network order; an IPv4 address fills the first 4 bytes.
+    pub addr: Addr,
+}
+
+impl SourceKey {
+    /// The key data for `ip`.
+    pub fn new(ip: IpAddr) -> Self {
+        let (addr, family) = addr_bytes(ip);
+        SourceKey { family, addr }
+    }
+}
+
 /// A backend of one service. Value of `LB_BACKENDS`, indexed by backend id.
 ///
 /// User space rewrites a backend in place (a new MAC, up or down, the id
@@ -599,6 +623,7 @@ pub const fn ring_index(service_id: u32, copy: u32, ring_size: u32, slot: u32) -
 const _: () = assert!(size_of::<ServiceKey>() == 20);
 const _: () = assert!(size_of::<ServiceValue>() == 16);
 const _: () = assert!(size_of::<AddrKey>() == 20);
+const _: () = assert!(size_of::<SourceKey>() == 17);
 const _: () = assert!(size_of::<BackendValue>() == 32 && align_of::<BackendValue>() == 8);
 const _: () = assert!(size_of::<FlowKey>() == 40);
 const _: () = assert!(align_of::<FlowKey>() == 8 && align_of::<ServiceKey>() == 4);
@@ -624,6 +649,7 @@ mod pod {
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for AddrKey {}
+    unsafe impl aya::Pod for SourceKey {}
     unsafe impl aya::Pod for BackendValue {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}

@@ -1,19 +1,20 @@
-//! The backend-side program for `ipip` services: strip the outer IPv4/IPv6
-//! header of tunnel packets addressed to this host and pass the inner packet
-//! to the stack (for kernels without the ipip/ip6_tunnel modules).
+//! The backend-side program for `ipip` services (`lb decap`): strip the
+//! outer IPv4/IPv6 header of tunnel packets addressed to this host and pass
+//! the inner packet to the stack (for kernels without the ipip/ip6_tunnel
+//! modules). Only the load balancers may tunnel packets in: a tunnel packet
+//! from outside the accepted source prefixes, or one whose inner packet is
+//! not for a VIP configured here, is dropped.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
     AddrKey,
     counters::DecapCounter,
-    wire::{ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HLEN, IPV6_HLEN},
+    wire::{ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6},
 };
 
 use crate::{
     forward::{L2Header, adjust_head},
-    maps,
-    packet::load,
-    parse,
+    maps, parse,
 };
 
 /// Decapsulates if the packet is a tunnel packet for this host.
@@ -23,8 +24,12 @@ pub fn decapsulate(ctx: &XdpContext) -> (u32, DecapCounter) {
         Ok(c) | Err(c) => c,
     };
     let action = match counter {
-        DecapCounter::DropMalformed => xdp_action::XDP_DROP,
-        _ => xdp_action::XDP_PASS,
+        DecapCounter::DropMalformed
+        | DecapCounter::DropForeignSource
+        | DecapCounter::DropNotVip => xdp_action::XDP_DROP,
+        DecapCounter::PassNotTunnel | DecapCounter::PassNotLocal | DecapCounter::Decapsulated => {
+            xdp_action::XDP_PASS
+        }
     };
     (action, counter)
 }
@@ -34,18 +39,14 @@ fn try_decapsulate(ctx: &XdpContext) -> Result<DecapCounter, DecapCounter> {
     let not_tunnel = |_| DecapCounter::PassNotTunnel;
     let (ethertype, l3_off) = parse::ethernet(ctx).map_err(not_tunnel)?;
     let limit = parse::limit(ctx);
-    let (outer, tunnel_proto, inner_hlen, inner_version) = match ethertype {
+    let (outer, tunnel_proto) = match ethertype {
         ETH_P_IP => (
             parse::ipv4(ctx, l3_off, limit, false).map_err(not_tunnel)?,
             IPPROTO_IPIP,
-            IPV4_HLEN,
-            4,
         ),
         ETH_P_IPV6 => (
             parse::ipv6(ctx, l3_off, limit, false).map_err(not_tunnel)?,
             IPPROTO_IPV6,
-            IPV6_HLEN,
-            6,
         ),
         _ => return Err(DecapCounter::PassNotTunnel),
     };
@@ -56,11 +57,20 @@ fn try_decapsulate(ctx: &XdpContext) -> Result<DecapCounter, DecapCounter> {
     if !maps::is_decap_addr(&endpoint) {
         return Err(DecapCounter::PassNotLocal);
     }
-    let version = load::<[u8; 2]>(ctx, outer.l4_off).ok_or(DecapCounter::DropMalformed)?[0] >> 4;
-    if version != inner_version || outer.l4_off + inner_hlen > outer.end {
-        return Err(DecapCounter::DropMalformed);
+    if !maps::is_decap_source(outer.src, outer.family) {
+        return Err(DecapCounter::DropForeignSource);
     }
-    // The inner family equals the outer one (checked above), so the
+    // The inner packet is of the outer family (the parsers check its
+    // version) and must fit inside the outer one.
+    let malformed = |_| DecapCounter::DropMalformed;
+    let inner = match tunnel_proto {
+        IPPROTO_IPIP => parse::ipv4(ctx, outer.l4_off, outer.end, false).map_err(malformed)?,
+        _ => parse::ipv6(ctx, outer.l4_off, outer.end, false).map_err(malformed)?,
+    };
+    if !maps::is_decap_vip(&AddrKey::from_bytes(inner.dst, inner.family)) {
+        return Err(DecapCounter::DropNotVip);
+    }
+    // The inner family equals the outer one, so the
     // EtherType stays; move the link-layer header up to the inner packet.
     let outer_len = outer.l4_off - l3_off;
     let l2 = L2Header::load(ctx, l3_off).ok_or(DecapCounter::DropMalformed)?;

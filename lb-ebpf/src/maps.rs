@@ -7,12 +7,12 @@ use core::ptr::{self, NonNull};
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
 };
 use lb_common::{
     Addr, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter,
     FlowEntry, FlowKey, FlowValue, IcmpBudget, IcmpKind, Interface, ServiceKey, ServiceSlot,
-    ServiceStats, ServiceValue, Settings, counters::DecapCounter, flow_buckets,
+    ServiceStats, ServiceValue, Settings, SourceKey, counters::DecapCounter, flow_buckets,
     hash::vip_filter_bit, interface_slot, limits, limits::CONNTRACK_WAYS, vip_answers_echo,
 };
 
@@ -100,6 +100,16 @@ static LB_BACKEND_STATS: PerCpuArray<BackendStats> =
 /// Decap program: the host's tunnel endpoint addresses.
 #[map]
 static LB_DECAP_ADDRS: HashMap<AddrKey, u32> =
+    HashMap::with_max_entries(limits::MAX_ADDRESSES, BPF_F_NO_PREALLOC);
+
+/// Decap program: the prefixes whose tunnel packets it accepts.
+#[map]
+static LB_DECAP_SOURCES: LpmTrie<SourceKey, u32> =
+    LpmTrie::with_max_entries(limits::MAX_DECAP_SOURCES, BPF_F_NO_PREALLOC);
+
+/// Decap program: the VIPs an inner packet may be addressed to.
+#[map]
+static LB_DECAP_VIPS: HashMap<AddrKey, u32> =
     HashMap::with_max_entries(limits::MAX_ADDRESSES, BPF_F_NO_PREALLOC);
 
 /// Decap program's counters.
@@ -402,6 +412,22 @@ pub fn count_forward(service_id: u32, backend_id: u32, bytes: u64, new_flow: boo
 #[inline(always)]
 pub fn is_decap_addr(key: &AddrKey) -> bool {
     LB_DECAP_ADDRS.get_ptr(key).is_some()
+}
+
+/// Whether `src` of `family` is inside an accepted source prefix (decap
+/// program).
+#[inline(always)]
+pub fn is_decap_source(src: Addr, family: u8) -> bool {
+    let bits = lb_common::SOURCE_FAMILY_BITS + 8 * core::mem::size_of::<Addr>() as u32;
+    LB_DECAP_SOURCES
+        .get(Key::new(bits, SourceKey { family, addr: src }))
+        .is_some()
+}
+
+/// Whether `key` is a VIP configured on this host (decap program).
+#[inline(always)]
+pub fn is_decap_vip(key: &AddrKey) -> bool {
+    LB_DECAP_VIPS.get_ptr(key).is_some()
 }
 
 /// Adds one to the decap counter `c`.

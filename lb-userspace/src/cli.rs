@@ -23,7 +23,8 @@ use crate::{
     config::{Affinity, CheckKind, DEFAULT_SOCKET, Mode, Protocol, XdpModeSetting},
     config_edit::Edit,
     daemon::{self, runtime::Admin},
-    dataplane::DEFAULT_PIN_DIR,
+    dataplane::{DEFAULT_DECAP_PIN_DIR, DEFAULT_PIN_DIR},
+    decap::{self, DEFAULT_DECAP_FILE},
     doctor,
 };
 
@@ -120,6 +121,9 @@ enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// The decapsulator a backend of `ipip` services runs (docs/decap.md).
+    #[command(subcommand)]
+    Decap(DecapCommand),
     /// Run the product end to end on a demo topology in network namespaces.
     Demo {
         /// Leave the topology and daemon running until Ctrl-C, and print how
@@ -131,6 +135,33 @@ enum Command {
         /// connections.
         #[arg(long)]
         fleet: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DecapCommand {
+    /// Make the decapsulator run as the file says: fill its addresses,
+    /// attach it (switching a running one in place), pin it, and exit; the
+    /// pins keep it running. Nothing changes if any of it fails.
+    Apply {
+        /// The decapsulator's file.
+        #[arg(short, long, default_value = DEFAULT_DECAP_FILE)]
+        file: PathBuf,
+        /// bpffs directory for its maps and links.
+        #[arg(long, default_value = DEFAULT_DECAP_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Its interfaces, endpoints, accepted sources, VIPs and counters.
+    Status {
+        /// bpffs directory of its maps and links.
+        #[arg(long, default_value = DEFAULT_DECAP_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Detach it from every interface and remove its pins.
+    Remove {
+        /// bpffs directory of its maps and links.
+        #[arg(long, default_value = DEFAULT_DECAP_PIN_DIR)]
+        pin_dir: PathBuf,
     },
 }
 
@@ -338,6 +369,16 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Log lines to stderr, filtered by `LB_LOG` (default `info`).
+fn log_to_stderr() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LB_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -355,13 +396,7 @@ fn run(cli: Cli) -> Result<()> {
     };
     match cli.command {
         Command::Daemon { config, pin_dir } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_env("LB_LOG")
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .with_writer(std::io::stderr)
-                .init();
+            log_to_stderr();
             runtime()?.block_on(daemon::run(daemon::Options { config, pin_dir }))
         }
         Command::CheckConfig { file } => {
@@ -375,6 +410,50 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Demo { keep, fleet } => crate::demo::run(&crate::demo::Options { keep, fleet }),
+        Command::Decap(DecapCommand::Apply { file, pin_dir }) => {
+            log_to_stderr();
+            let config = decap::read(&file)?;
+            let applied = decap::apply(&config, &pin_dir)?;
+            print(cli.json, serde_json::to_value(&applied)?, |_| {
+                let mut out = format!("lb_decap runs on {}\n", applied.attached.join(", "));
+                if !applied.detached.is_empty() {
+                    out += &format!("detached from {}\n", applied.detached.join(", "));
+                }
+                out
+            })
+        }
+        Command::Decap(DecapCommand::Status { pin_dir }) => {
+            let status = decap::status(&pin_dir)?;
+            print(cli.json, serde_json::to_value(&status)?, |_| {
+                let list = |v: Vec<String>| {
+                    if v.is_empty() {
+                        "-".into()
+                    } else {
+                        v.join(" ")
+                    }
+                };
+                let mut out = String::new();
+                out += &format!("{:<20} {}\n", "interfaces", list(status.interfaces.clone()));
+                let ips =
+                    |v: &[std::net::IpAddr]| list(v.iter().map(ToString::to_string).collect());
+                out += &format!("{:<20} {}\n", "endpoints", ips(&status.endpoints));
+                out += &format!(
+                    "{:<20} {}\n",
+                    "accept_from",
+                    list(status.accept_from.clone())
+                );
+                out += &format!("{:<20} {}\n", "vips", ips(&status.vips));
+                for (name, n) in &status.counters {
+                    out += &format!("{name:<20} {n}\n");
+                }
+                out
+            })
+        }
+        Command::Decap(DecapCommand::Remove { pin_dir }) => {
+            crate::dataplane::remove_pinned(&pin_dir)?;
+            println!("lb_decap removed ({} unpinned)", pin_dir.display());
+            Ok(())
+        }
         Command::Doctor {
             config,
             interfaces,

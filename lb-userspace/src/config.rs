@@ -674,7 +674,10 @@ pub fn service_backends(
         .collect())
 }
 
-fn from_toml<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T, ConfigErrors> {
+pub(crate) fn from_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    what: &str,
+) -> Result<T, ConfigErrors> {
     toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| line_of(text, s.start));
         ConfigErrors(vec![ConfigError {
@@ -685,7 +688,7 @@ fn from_toml<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T
     })
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
+pub(crate) fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
@@ -738,7 +741,8 @@ fn host_mask(prefix_in_word: u8) -> u32 {
     }
 }
 
-fn usable(ip: IpAddr) -> bool {
+/// Whether `ip` can be a host's unicast address.
+pub(crate) fn usable(ip: IpAddr) -> bool {
     let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
     !(ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() || broadcast)
 }

@@ -15,7 +15,8 @@ use serde_json::Value;
 
 use crate::{
     config::{Mode, XdpModeSetting},
-    dataplane::{Capacity, Dataplane},
+    dataplane::{self, Capacity, DEFAULT_DECAP_PIN_DIR, Dataplane, DecapTables},
+    decap::DEFAULT_DECAP_FILE,
 };
 
 /// How serious a finding is.
@@ -116,6 +117,8 @@ pub struct BackendFacts {
     pub rp_filter: u32,
     /// lb's decapsulator is attached to an interface.
     pub decap_attached: bool,
+    /// What `lb decap`'s pinned maps hold, when they can be read.
+    pub decap_tables: Option<DecapTables>,
     /// The kernel's `tunl0` (IPv4) or `ip6tnl0` (IPv6) is up.
     pub kernel_tunnel_up: bool,
 }
@@ -273,6 +276,49 @@ pub fn assess_host(h: &HostFacts) -> Vec<Finding> {
     out
 }
 
+/// Whether anything decapsulates what lb tunnels to `vip`, and lets it in.
+fn assess_decap(b: &BackendFacts, vip: IpAddr) -> Finding {
+    let name = format!("{vip}: decap");
+    let apply = format!("add {vip} to vips in {DEFAULT_DECAP_FILE}, then: lb decap apply");
+    match (&b.decap_tables, b.decap_attached) {
+        (Some(t), true) if t.vips.contains(&vip) && !t.sources.is_empty() => ok(
+            name,
+            format!(
+                "lb_decap is attached and accepts tunnel packets for the VIP from {} prefix(es)",
+                t.sources.len()
+            ),
+        ),
+        (Some(_), true) => problem(
+            Level::Fail,
+            name,
+            "lb_decap is attached but drops tunnel packets for this VIP (not among its vips)",
+            apply,
+        ),
+        (None, true) => problem(
+            Level::Warn,
+            name,
+            format!(
+                "lb_decap is attached, but not by `lb decap` (nothing pinned at {DEFAULT_DECAP_PIN_DIR}): \
+                 its VIPs and sources cannot be checked"
+            ),
+            apply,
+        ),
+        (_, false) if b.kernel_tunnel_up => problem(
+            Level::Warn,
+            name,
+            "the kernel's tunnel device decapsulates, from any source: anyone who reaches this \
+             host can tunnel packets into its stack",
+            format!("{apply}   # accepts only the load balancers' tunnel sources"),
+        ),
+        (_, false) => problem(
+            Level::Fail,
+            name,
+            "nothing decapsulates the IPIP packets lb sends",
+            format!("{apply}   # see docs/decap.md"),
+        ),
+    }
+}
+
 /// Judges a backend host for a service of `mode`.
 pub fn assess_backend(b: &BackendFacts, mode: Mode) -> Vec<Finding> {
     let Some(vip) = b.vip else {
@@ -309,20 +355,7 @@ pub fn assess_backend(b: &BackendFacts, mode: Mode) -> Vec<Finding> {
         });
     }
     if mode == Mode::Ipip {
-        out.push(if b.decap_attached {
-            ok(format!("{vip}: decap"), "lb_decap is attached")
-        } else if b.kernel_tunnel_up {
-            ok(format!("{vip}: decap"), "the kernel's tunnel device is up")
-        } else {
-            let dev = if vip.is_ipv6() { "ip6tnl0" } else { "tunl0" };
-            let module = if vip.is_ipv6() { "ip6_tunnel" } else { "ipip" };
-            problem(
-                Level::Fail,
-                format!("{vip}: decap"),
-                "nothing decapsulates the IPIP packets lb sends",
-                format!("modprobe {module} && ip link set {dev} up"),
-            )
-        });
+        out.push(assess_decap(b, vip));
         out.push(if b.rp_filter == 1 {
             problem(
                 Level::Fail,
@@ -492,6 +525,9 @@ pub fn backend_facts(vip: IpAddr) -> BackendFacts {
         rp_filter: sysctl("net/ipv4/conf/all/rp_filter")
             .max(sysctl(&format!("net/ipv4/conf/{tunnel}/rp_filter"))),
         decap_attached,
+        decap_tables: dataplane::read_pinned(Path::new(DEFAULT_DECAP_PIN_DIR))
+            .ok()
+            .map(|(tables, _)| tables),
         kernel_tunnel_up,
     }
 }
@@ -890,8 +926,13 @@ mod tests {
             arp_ignore: 1,
             arp_announce: 2,
             rp_filter: 0,
-            decap_attached: false,
-            kernel_tunnel_up: true,
+            decap_attached: true,
+            decap_tables: Some(DecapTables {
+                sources: [("198.18.0.0".parse().unwrap(), 24)].into(),
+                vips: [vip].into(),
+                ..Default::default()
+            }),
+            kernel_tunnel_up: false,
         };
         assert_eq!(
             levels(&assess_backend(&good, Mode::DsrL2)),
@@ -900,6 +941,26 @@ mod tests {
         assert_eq!(
             levels(&assess_backend(&good, Mode::Ipip)),
             [Level::Ok, Level::Ok, Level::Ok]
+        );
+        let other_vip = BackendFacts {
+            decap_tables: Some(DecapTables {
+                vips: ["198.18.1.2".parse().unwrap()].into(),
+                ..good.decap_tables.clone().unwrap()
+            }),
+            ..good.clone()
+        };
+        let f = assess_backend(&other_vip, Mode::Ipip);
+        assert_eq!(levels(&f), [Level::Ok, Level::Fail, Level::Ok]);
+        assert!(f[1].fix.as_deref().unwrap().contains("lb decap apply"));
+        let kernel = BackendFacts {
+            decap_attached: false,
+            decap_tables: None,
+            kernel_tunnel_up: true,
+            ..good.clone()
+        };
+        assert_eq!(
+            levels(&assess_backend(&kernel, Mode::Ipip)),
+            [Level::Ok, Level::Warn, Level::Ok]
         );
         let bare = BackendFacts {
             vip: Some(vip),
@@ -916,7 +977,10 @@ mod tests {
         assert_eq!(levels(&f), [Level::Fail, Level::Fail, Level::Fail]);
         assert_eq!(
             f[1].fix.as_deref(),
-            Some("modprobe ipip && ip link set tunl0 up")
+            Some(
+                "add 198.18.1.1 to vips in /etc/lb/decap.toml, then: lb decap apply   \
+                 # see docs/decap.md"
+            )
         );
     }
 

@@ -15,6 +15,7 @@
 //! - [`api`]: the control API's messages, and the client side.
 //! - [`cli`]: the command line (daemon, operator commands, demo).
 //! - [`dataplane`]: the one owner of the eBPF object and its maps.
+//! - [`decap`]: `lb decap`, the decapsulator backends of `ipip` services run.
 //! - [`netns`]: network namespaces, for the demo and the tests.
 //! - [`doctor`]: `lb doctor`, host and backend checks with their fixes.
 //! - [`demo`]: `lb demo`, the product end to end on an embedded default.
@@ -27,6 +28,7 @@ pub mod config;
 pub mod config_edit;
 pub mod daemon;
 pub mod dataplane;
+pub mod decap;
 pub mod demo;
 pub mod doctor;
 pub mod fleet;

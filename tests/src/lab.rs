@@ -6,10 +6,10 @@ use std::net::IpAddr;
 use anyhow::{Context as _, Result};
 use aya::{
     maps::{Array, Map, MapData, MapInfo},
-    programs::{TestRun as _, TestRunOptions},
+    programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use lb::{
-    dataplane::{Capacity, Dataplane},
+    dataplane::{Capacity, Dataplane, Prefix},
     maglev::{self, Candidate},
 };
 use lb_common::{
@@ -55,6 +55,15 @@ pub const TUNNEL_SRC_V6: [u8; 16] = [0x20, 0x01, 0, 2, 0, 0xff, 0, 0, 0, 0, 0, 0
 /// Hash bits of the IPv6 tunnel source.
 pub const TUNNEL_SRC_V6_MASK: u32 = 0xffff;
 
+/// The lab's tunnel source prefixes, as a decapsulator accepts them.
+pub fn tunnel_sources() -> std::collections::BTreeSet<Prefix> {
+    [
+        (IpAddr::from(TUNNEL_SRC_V4), 24),
+        (IpAddr::from(TUNNEL_SRC_V6), 112),
+    ]
+    .into()
+}
+
 /// The MAC the lab gives backend `id`: unique, so an output frame names its backend.
 pub fn backend_mac(id: u32) -> Mac {
     let b = id.to_be_bytes();
@@ -73,6 +82,21 @@ pub struct Verdict {
     pub action: u32,
     /// The frame as the program left it.
     pub out: Vec<u8>,
+}
+
+/// Runs `frame` through `prog` once.
+pub fn test_run(prog: &mut Xdp, frame: &[u8]) -> Result<Verdict> {
+    // Room for what the program may add in front (encapsulation).
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut out);
+    let result = prog.test_run(opts).context("BPF_PROG_TEST_RUN")?;
+    out.truncate(result.data_size_out as usize);
+    Ok(Verdict {
+        action: result.return_value,
+        out,
+    })
 }
 
 /// A data plane loaded for tests.
@@ -183,20 +207,7 @@ impl Lab {
 
     /// Runs `frame` through program `prog` once.
     pub fn run(&mut self, prog: &str, frame: &[u8]) -> Result<Verdict> {
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        let result = self
-            .dp
-            .program(prog)?
-            .test_run(opts)
-            .context("BPF_PROG_TEST_RUN")?;
-        out.truncate(result.data_size_out as usize);
-        Ok(Verdict {
-            action: result.return_value,
-            out,
-        })
+        test_run(self.dp.program(prog)?, frame)
     }
 
     /// A second handle on the array map `name` of the load balancer's

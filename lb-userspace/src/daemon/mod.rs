@@ -69,7 +69,8 @@ pub struct Options {
     pub pin_dir: PathBuf,
 }
 
-fn xdp_mode(m: XdpModeSetting) -> XdpMode {
+/// The attach mode aya takes for the setting.
+pub(crate) fn xdp_mode(m: XdpModeSetting) -> XdpMode {
     match m {
         // The kernel picks driver mode when the driver has it.
         XdpModeSetting::Auto => XdpMode::Default,

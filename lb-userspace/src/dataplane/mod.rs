@@ -4,16 +4,18 @@
 //! to it, so no packet ever sees a half-written table.
 
 mod batch;
+mod decap;
 mod link;
 mod pins;
 
 pub use batch::update_u32s;
+pub use decap::{
+    DEFAULT_DECAP_PIN_DIR, DecapTables, Decapsulator, Prefix, detach, pinned_interfaces,
+    read_pinned, remove_pinned,
+};
 pub use link::read as read_interface;
 
-use std::{
-    net::IpAddr,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
@@ -28,9 +30,7 @@ use aya::{
 use lb_common::{
     AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter, FlowEntry,
     FlowKey, FlowValue, Interface, SERVICE_F_ECHO, ServiceKey, ServiceSlot, ServiceStats,
-    ServiceValue, Settings, VIP_ECHO_UNIT,
-    counters::DecapCounter,
-    flow_buckets,
+    ServiceValue, Settings, VIP_ECHO_UNIT, flow_buckets,
     hash::{bucket_hash, vip_filter_bit},
     interface_slot,
     limits::{
@@ -179,8 +179,6 @@ pub struct Dataplane {
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, ServiceStats>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
-    decap_addrs: HashMap<MapData, AddrKey, u32>,
-    decap_counters: PerCpuArray<MapData, u64>,
     attachments: std::collections::BTreeMap<String, Attachment>,
 }
 
@@ -236,8 +234,9 @@ where
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
-/// Every map the object defines.
-const ALL_MAPS: [&str; 17] = [
+/// Every map of the load balancer (the decapsulator's are its own,
+/// [`decap`]).
+const ALL_MAPS: [&str; 15] = [
     names::SERVICES,
     names::SERVICE_SLOTS,
     names::VIPS,
@@ -253,8 +252,6 @@ const ALL_MAPS: [&str; 17] = [
     names::COUNTERS,
     names::SERVICE_STATS,
     names::BACKEND_STATS,
-    names::DECAP_ADDRS,
-    names::DECAP_COUNTERS,
 ];
 
 /// What a service with `flags` adds to its VIP's value in the VIP set:
@@ -320,6 +317,35 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Attaches `prog` to `iface`, or switches the link pinned at `pin` to it
+/// (atomically: no packet sees the interface without a program), and
+/// returns the link, pinned at `pin` if given.
+fn attach_xdp(prog: &mut Xdp, iface: &str, mode: XdpMode, pin: Option<&Path>) -> Result<FdLink> {
+    let id = match pin {
+        Some(path) if path.exists() => {
+            let link: FdLink = PinnedLink::from_pin(path)
+                .with_context(|| format!("opening pinned link {}", path.display()))?
+                .into();
+            let link = XdpLink::try_from(link).context("pinned link is not an XDP link")?;
+            prog.attach_to_link(link)
+                .with_context(|| format!("switching {iface}'s pinned link to the new program"))?
+        }
+        _ => prog
+            .attach(iface, mode)
+            .with_context(|| format!("attaching to {iface} ({mode:?})"))?,
+    };
+    let mut link: FdLink = prog.take_link(id)?.try_into()?;
+    if let Some(path) = pin
+        && !path.exists()
+    {
+        link = link
+            .pin(path)
+            .with_context(|| format!("pinning the link at {}", path.display()))?
+            .into();
+    }
+    Ok(link)
+}
+
 impl Dataplane {
     /// Loads the embedded object with `capacity` and verifies both programs
     /// in the kernel. Nothing is attached and nothing is pinned.
@@ -343,7 +369,14 @@ impl Dataplane {
             )
         })?;
         let adopted = dir.join(names::SERVICES).exists();
-        let migration = pins::reconcile(dir, &capacity)?;
+        // Daemons before `lb decap` pinned the decapsulator's maps with
+        // their own; they are `lb decap`'s now, under its directory.
+        if adopted {
+            for name in [names::DECAP_ADDRS, names::DECAP_COUNTERS] {
+                let _ = std::fs::remove_file(dir.join(name));
+            }
+        }
+        let migration = pins::reconcile(dir, &ALL_MAPS, &capacity)?;
         let mut dp = Self::load_with(capacity, Some(dir), log, &migration)?;
         if let Some(backends) = &migration.backends {
             dp.carry_backends(dir, backends)?;
@@ -404,15 +437,12 @@ impl Dataplane {
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (maps could not be created)")?;
-        for name in [names::PROG_LB, names::PROG_DECAP] {
-            let prog: &mut Xdp = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing"))?
-                .try_into()
-                .with_context(|| format!("program {name} is not XDP"))?;
-            prog.load()
-                .with_context(|| format!("the kernel refused program {name}"))?;
-        }
+        let prog: &mut Xdp = ebpf
+            .program_mut(names::PROG_LB)
+            .context("program lb_xdp missing")?
+            .try_into()
+            .context("program lb_xdp is not XDP")?;
+        prog.load().context("the kernel refused program lb_xdp")?;
         let mut dp = Dataplane {
             services: take(&mut ebpf, names::SERVICES)?,
             service_slots: take(&mut ebpf, names::SERVICE_SLOTS)?,
@@ -428,8 +458,6 @@ impl Dataplane {
             counters: take(&mut ebpf, names::COUNTERS)?,
             service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
-            decap_addrs: take(&mut ebpf, names::DECAP_ADDRS)?,
-            decap_counters: take(&mut ebpf, names::DECAP_COUNTERS)?,
             attachments: Default::default(),
             ebpf,
             capacity,
@@ -494,7 +522,7 @@ impl Dataplane {
             );
         }
         self.set_interface(&info)?;
-        let attached = self.attach_program(iface, mode, pin);
+        let attached = attach_xdp(self.program(names::PROG_LB)?, iface, mode, pin);
         if attached.is_err() {
             // Nothing half-applied: the entry names an interface without us.
             let _ = self.clear_interface(info.ifindex);
@@ -511,36 +539,6 @@ impl Dataplane {
             },
         );
         Ok(())
-    }
-
-    /// Attaches (or switches the pinned link of) the load balancer on
-    /// `iface`, and returns the link.
-    fn attach_program(&mut self, iface: &str, mode: XdpMode, pin: Option<&Path>) -> Result<FdLink> {
-        let prog = self.program(names::PROG_LB)?;
-        let id = match pin {
-            Some(path) if path.exists() => {
-                let link: FdLink = PinnedLink::from_pin(path)
-                    .with_context(|| format!("opening pinned link {}", path.display()))?
-                    .into();
-                let link = XdpLink::try_from(link).context("pinned link is not an XDP link")?;
-                prog.attach_to_link(link).with_context(|| {
-                    format!("switching {iface}'s pinned link to the new program")
-                })?
-            }
-            _ => prog
-                .attach(iface, mode)
-                .with_context(|| format!("attaching to {iface} ({mode:?})"))?,
-        };
-        let mut link: FdLink = prog.take_link(id)?.try_into()?;
-        if let Some(path) = pin
-            && !path.exists()
-        {
-            link = link
-                .pin(path)
-                .with_context(|| format!("pinning the link at {}", path.display()))?
-                .into();
-        }
-        Ok(link)
     }
 
     /// Writes `iface` into the interface table: the program takes frames
@@ -652,10 +650,11 @@ impl Dataplane {
     /// loaded programs use (the kernel keeps only the first
     /// [`KERNEL_NAME_LEN`] bytes of a map's name).
     fn pin_maps(&mut self, dir: &Path, which: &[&str]) -> Result<()> {
-        let mut ids = Vec::new();
-        for prog in [names::PROG_LB, names::PROG_DECAP] {
-            ids.extend(self.program(prog)?.info()?.map_ids()?.unwrap_or_default());
-        }
+        let ids = self
+            .program(names::PROG_LB)?
+            .info()?
+            .map_ids()?
+            .unwrap_or_default();
         for name in which {
             let short = &name[..name.len().min(KERNEL_NAME_LEN)];
             let id = ids
@@ -996,13 +995,6 @@ impl Dataplane {
         Ok(removed)
     }
 
-    /// Makes `ip` a tunnel endpoint of the decap program.
-    pub fn add_decap_addr(&mut self, ip: IpAddr) -> Result<()> {
-        self.decap_addrs
-            .insert(AddrKey::new(ip), 1, 0)
-            .context("adding a decap address")
-    }
-
     /// Global counters summed over CPUs, in `Counter::ALL` order.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
         Counter::ALL
@@ -1012,15 +1004,6 @@ impl Dataplane {
                 Ok((c, per_cpu.iter().sum()))
             })
             .collect()
-    }
-
-    /// Decap counters summed over CPUs, indexed by `DecapCounter`.
-    pub fn decap_counters(&self) -> Result<[u64; DecapCounter::COUNT as usize]> {
-        let mut out = [0; DecapCounter::COUNT as usize];
-        for (i, v) in out.iter_mut().enumerate() {
-            *v = self.decap_counters.get(&(i as u32), 0)?.iter().sum();
-        }
-        Ok(out)
     }
 
     /// Counters of service `id`, summed over CPUs.

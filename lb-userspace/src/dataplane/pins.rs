@@ -18,7 +18,7 @@ use anyhow::{Context as _, Result, bail};
 use aya::maps::MapData;
 use lb_common::{BackendValue, maps as names};
 
-use super::{ALL_MAPS, Capacity, EBPF_OBJECT};
+use super::{Capacity, EBPF_OBJECT};
 
 /// What a map's contents are, for what adopting a pin of another shape means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,15 +31,16 @@ enum Holds {
 
 fn holds(name: &str) -> Holds {
     match name {
-        names::SERVICES | names::VIPS | names::RINGS | names::BACKENDS | names::DECAP_ADDRS => {
-            Holds::Desired
-        }
+        names::SERVICES | names::VIPS | names::RINGS | names::BACKENDS => Holds::Desired,
         names::CONNTRACK => Holds::Derived(
             "its entries are dropped: established flows follow the Maglev tables, \
              which send each to the backend it had unless a table changed since",
         ),
         names::COUNTERS | names::SERVICE_STATS | names::BACKEND_STATS | names::DECAP_COUNTERS => {
             Holds::Derived("its counters start again from zero")
+        }
+        names::DECAP_ADDRS | names::DECAP_SOURCES | names::DECAP_VIPS => {
+            Holds::Derived("lb decap writes it again from its file")
         }
         _ => Holds::Derived("the daemon writes it again"),
     }
@@ -150,17 +151,17 @@ fn legacy_backends(path: &Path) -> Result<Vec<(u32, BackendValue)>> {
     Ok(out)
 }
 
-/// Makes every pin under `dir` adoptable by this object with `capacity`:
+/// Makes the pins of `maps` under `dir` adoptable by this object with `capacity`:
 /// refuses (changing nothing) if a map of desired state has another shape,
 /// else removes the pins of derived maps that do, so they are created anew.
 /// Backends of the layout before the seal are read for the caller to carry
 /// over; their pin stays until the new map replaces it.
-pub(super) fn reconcile(dir: &Path, capacity: &Capacity) -> Result<Migration> {
+pub(super) fn reconcile(dir: &Path, maps: &[&str], capacity: &Capacity) -> Result<Migration> {
     let object = aya_obj::Object::parse(EBPF_OBJECT).context("parsing the eBPF object")?;
     let mut refused = Vec::new();
     let mut replace = Vec::new();
     let mut migration = Migration::default();
-    for name in ALL_MAPS {
+    for &name in maps {
         let path = dir.join(name);
         if !path.exists() {
             continue;
@@ -209,12 +210,13 @@ pub(super) fn reconcile(dir: &Path, capacity: &Capacity) -> Result<Migration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataplane::{ALL_MAPS, decap::DECAP_MAPS};
 
     #[test]
     fn every_map_of_the_object_is_classified_and_sized() {
         let object = aya_obj::Object::parse(EBPF_OBJECT).unwrap();
         let capacity = Capacity::default();
-        for name in ALL_MAPS {
+        for name in ALL_MAPS.iter().chain(&DECAP_MAPS) {
             let shape = wanted(&object, name, &capacity).unwrap();
             assert!(shape.key_size > 0 && shape.value_size > 0, "{name}");
         }

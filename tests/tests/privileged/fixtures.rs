@@ -3,13 +3,14 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use lb::dataplane::{DecapTables, Decapsulator};
 use lb_common::{
     ConntrackSettings, Counter, FlowKey, SERVICE_F_AFFINITY, SERVICE_F_ECHO, SERVICE_F_IPIP,
     ServiceKey, addr_bytes,
     counters::DecapCounter,
     hash::flow_hash,
     limits::{ECHO_REPLIES_PER_CPU, ICMP_ERRORS_PER_CPU},
-    maps::{PROG_DECAP, PROG_LB},
+    maps::PROG_LB,
     wire::*,
 };
 use lb_tests::{
@@ -1255,15 +1256,20 @@ fn icmp_errors_quoting_a_service_flow_go_to_its_backend() {
 }
 
 #[test]
-fn decap_strips_tunnels_to_local_endpoints_only() {
+fn decap_strips_tunnels_from_accepted_sources_to_local_endpoints_and_vips_only() {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::new(RING).unwrap();
     let me4 = [198, 18, 0, 21];
     let me6 = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x21);
-    lab.dp.add_decap_addr(v4(me4)).unwrap();
-    lab.dp.add_decap_addr(IpAddr::V6(me6)).unwrap();
+    let mut decap = Decapsulator::load().unwrap();
+    decap
+        .set_tables(&DecapTables {
+            endpoints: [v4(me4), IpAddr::V6(me6)].into(),
+            sources: lab::tunnel_sources(),
+            vips: [v4(VIP4_IPIP), IpAddr::V6(VIP6_IPIP)].into(),
+        })
+        .unwrap();
     let inner = Ipv4::new(CLIENT4, VIP4_IPIP, IPPROTO_TCP).build(&packet::tcp(
         v4(CLIENT4),
         v4(VIP4_IPIP),
@@ -1272,22 +1278,30 @@ fn decap_strips_tunnels_to_local_endpoints_only() {
         TCP_SYN,
         b"x",
     ));
-    let count = |lab: &mut Lab, what: &str, frame: &[u8], action: u32, c: DecapCounter| {
-        let before = lab.dp.decap_counters().unwrap()[c as usize];
-        let v = lab.run(PROG_DECAP, frame).unwrap();
+    let mut count = |what: &str, frame: &[u8], action: u32, c: DecapCounter| {
+        let before = decap.counters().unwrap()[c as usize];
+        let v = lab::test_run(decap.program().unwrap(), frame).unwrap();
         assert_eq!(v.action, action, "{what}: action");
         assert_eq!(
-            lab.dp.decap_counters().unwrap()[c as usize],
+            decap.counters().unwrap()[c as usize],
             before + 1,
             "{what}: counter"
         );
         v.out
     };
+    let ipip = |src: [u8; 4], dst: [u8; 4], inner: &[u8]| {
+        packet::ethernet(
+            LB_MAC,
+            ROUTER_MAC,
+            &[],
+            ETH_P_IP,
+            &Ipv4::new(src, dst, IPPROTO_IPIP).build(inner),
+        )
+    };
     for vlans in [&[][..], &[9][..]] {
         let outer = Ipv4::new([198, 18, 255, 7], me4, IPPROTO_IPIP).build(&inner);
         let frame = packet::ethernet(LB_MAC, ROUTER_MAC, vlans, ETH_P_IP, &outer);
         let out = count(
-            &mut lab,
             "IPIP to this host",
             &frame,
             PASS,
@@ -1297,39 +1311,71 @@ fn decap_strips_tunnels_to_local_endpoints_only() {
         assert_eq!(&out[..l2], &frame[..l2], "link-layer header kept");
         assert_eq!(&out[l2..], &inner[..], "outer header removed");
     }
-    let inner6 = packet::ipv6(
-        CLIENT6.octets(),
-        VIP6_IPIP.octets(),
-        IPPROTO_TCP,
-        &[],
-        &packet::tcp(
-            IpAddr::V6(CLIENT6),
-            IpAddr::V6(VIP6_IPIP),
-            1,
-            HTTP,
-            TCP_SYN,
-            b"",
-        ),
-    );
-    let outer6 = packet::ipv6(lab::TUNNEL_SRC_V6, me6.octets(), IPPROTO_IPV6, &[], &inner6);
+    let tcp6 = |vip: Ipv6Addr| {
+        packet::ipv6(
+            CLIENT6.octets(),
+            vip.octets(),
+            IPPROTO_TCP,
+            &[],
+            &packet::tcp(IpAddr::V6(CLIENT6), IpAddr::V6(vip), 1, HTTP, TCP_SYN, b""),
+        )
+    };
+    let ip6ip6 = |src: [u8; 16], inner: &[u8]| {
+        let outer = packet::ipv6(src, me6.octets(), IPPROTO_IPV6, &[], inner);
+        packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IPV6, &outer)
+    };
+    let inner6 = tcp6(VIP6_IPIP);
     let out = count(
-        &mut lab,
         "IP6IP6 to this host",
-        &packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IPV6, &outer6),
+        &ip6ip6(lab::TUNNEL_SRC_V6, &inner6),
         PASS,
         DecapCounter::Decapsulated,
     );
     assert_eq!(&out[ETH_HLEN..], &inner6[..]);
 
-    let elsewhere = packet::ethernet(
-        LB_MAC,
-        ROUTER_MAC,
-        &[],
-        ETH_P_IP,
-        &Ipv4::new([198, 18, 255, 7], [198, 18, 0, 99], IPPROTO_IPIP).build(&inner),
+    // Only the load balancers may tunnel packets in.
+    for (what, frame) in [
+        (
+            "IPIP from outside the accepted prefix",
+            ipip([198, 18, 254, 7], me4, &inner),
+        ),
+        (
+            "IP6IP6 from outside the accepted prefix",
+            ip6ip6(
+                Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 1, 1).octets(),
+                &inner6,
+            ),
+        ),
+    ] {
+        count(what, &frame, DROP, DecapCounter::DropForeignSource);
+    }
+    // And only to the VIPs this host serves.
+    let not_vip = Ipv4::new(CLIENT4, me4, IPPROTO_TCP).build(&packet::tcp(
+        v4(CLIENT4),
+        v4(me4),
+        1,
+        22,
+        TCP_SYN,
+        b"",
+    ));
+    count(
+        "IPIP to this host's own address inside",
+        &ipip([198, 18, 255, 7], me4, &not_vip),
+        DROP,
+        DecapCounter::DropNotVip,
     );
+    count(
+        "IP6IP6 to another VIP inside",
+        &ip6ip6(
+            lab::TUNNEL_SRC_V6,
+            &tcp6(Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x99)),
+        ),
+        DROP,
+        DecapCounter::DropNotVip,
+    );
+
+    let elsewhere = ipip([198, 18, 255, 7], [198, 18, 0, 99], &inner);
     let out = count(
-        &mut lab,
         "IPIP to another host",
         &elsewhere,
         PASS,
@@ -1337,26 +1383,53 @@ fn decap_strips_tunnels_to_local_endpoints_only() {
     );
     assert_eq!(out, elsewhere);
     let plain = tcp4(CLIENT4, me4, 1, 22, TCP_SYN, &[]);
-    let out = count(
-        &mut lab,
-        "plain TCP",
-        &plain,
-        PASS,
-        DecapCounter::PassNotTunnel,
-    );
+    let out = count("plain TCP", &plain, PASS, DecapCounter::PassNotTunnel);
     assert_eq!(out, plain);
-    let broken = packet::ethernet(
-        LB_MAC,
-        ROUTER_MAC,
-        &[],
-        ETH_P_IP,
-        &Ipv4::new([198, 18, 255, 7], me4, IPPROTO_IPIP).build(&inner[..10]),
-    );
     count(
-        &mut lab,
         "IPIP with a truncated inner header",
-        &broken,
+        &ipip([198, 18, 255, 7], me4, &inner[..10]),
         DROP,
         DecapCounter::DropMalformed,
     );
+    let mut long = inner.clone();
+    long[3] += 1; // the inner total length runs past the outer packet
+    count(
+        "IPIP whose inner packet is longer than the outer one",
+        &ipip([198, 18, 255, 7], me4, &long),
+        DROP,
+        DecapCounter::DropMalformed,
+    );
+}
+
+#[test]
+fn decap_tables_are_replaced_whole_and_read_back() {
+    if !privileged() {
+        return;
+    }
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let mut decap = Decapsulator::load().unwrap();
+    let first = DecapTables {
+        endpoints: [ip("198.18.0.21"), ip("2001:2::21")].into(),
+        sources: [(ip("198.18.255.0"), 24), (ip("0.0.0.0"), 0)].into(),
+        vips: [ip("198.18.100.1")].into(),
+    };
+    decap.set_tables(&first).unwrap();
+    assert_eq!(decap.tables().unwrap(), first);
+    let second = DecapTables {
+        endpoints: [ip("198.18.0.21")].into(),
+        sources: [(ip("2001:2:ff::"), 112)].into(),
+        vips: [ip("198.18.100.2"), ip("2001:2:100::1")].into(),
+    };
+    decap.set_tables(&second).unwrap();
+    assert_eq!(decap.tables().unwrap(), second);
+    // Beyond the map's capacity: refused, and nothing changed.
+    let too_many = DecapTables {
+        vips: (0..=lb_common::limits::MAX_ADDRESSES)
+            .map(|i| IpAddr::V6(Ipv6Addr::new(0x2001, 2, 0x100, 0, 0, 0, 0, i as u16)))
+            .collect(),
+        ..second.clone()
+    };
+    let e = decap.set_tables(&too_many).unwrap_err();
+    assert!(format!("{e:#}").contains("nothing changed"), "{e:#}");
+    assert_eq!(decap.tables().unwrap(), second);
 }

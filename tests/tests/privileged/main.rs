@@ -11,6 +11,7 @@ mod announce;
 mod backends;
 mod conntrack;
 mod daemon;
+mod decap;
 mod demo;
 mod faults;
 mod fixtures;

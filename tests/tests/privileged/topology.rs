@@ -12,19 +12,18 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::programs::XdpMode;
 use lb::{
-    dataplane::Repair,
+    dataplane::{DecapTables, Decapsulator, Repair},
     demo::server::{NameServer, http_get, udp_request},
     netns::{self, Netns},
 };
 use lb_common::{
     Counter, SERVICE_F_IPIP,
     counters::DecapCounter,
-    maps::PROG_DECAP,
     wire::{IPPROTO_TCP, IPPROTO_UDP},
 };
 use lb_tests::{
-    lab::{Lab, service_key},
-    lan::{LB_V4, Lan},
+    lab::{self, Lab, service_key},
+    lan::{Host, LB_V4, Lan},
     privileged,
 };
 
@@ -35,6 +34,19 @@ const VIP_IPIP4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 const VIP_DSR6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 1);
 const VIP_IPIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 2);
 const HOST_PORT: u16 = 2222;
+
+/// The decapsulator of backend `b`, attached to its `eth0`, accepting the
+/// lab's tunnel sources and inner packets to `vips`.
+fn decapsulator(b: &Host, vips: &[IpAddr]) -> Result<Decapsulator> {
+    let mut decap = Decapsulator::load()?;
+    decap.set_tables(&DecapTables {
+        endpoints: [IpAddr::V4(b.v4), IpAddr::V6(b.v6)].into(),
+        sources: lab::tunnel_sources(),
+        vips: vips.iter().copied().collect(),
+    })?;
+    b.ns.run(|| decap.attach("eth0", XdpMode::Skb, None))?;
+    Ok(decap)
+}
 
 /// A client request: sends to an address, returns the answering server's name.
 type Request = fn(SocketAddr) -> Result<String>;
@@ -198,13 +210,7 @@ fn run_uploads() -> Result<()> {
         )?;
     }
     lan.lb.run(|| lab.dp.attach("eth0", XdpMode::Skb, None))?;
-    let mut decap = Lab::new(RING)?;
-    decap.dp.add_decap_addr(IpAddr::V4(b.v4))?;
-    decap.dp.add_decap_addr(IpAddr::V6(b.v6))?;
-    b.ns.run(|| {
-        decap.dp.program(PROG_DECAP)?.attach("eth0", XdpMode::Skb)?;
-        Ok(())
-    })?;
+    let _decap = decapsulator(b, &[IpAddr::V4(VIP_IPIP4), IpAddr::V6(VIP_IPIP6)])?;
     let sink = b.ns.run(|| Ok(std::net::TcpListener::bind("[::]:9000")?))?;
     const UPLOADS: usize = 2;
     // Counts what each connection sends and answers with the count.
@@ -294,14 +300,10 @@ fn run_topology() -> Result<()> {
     // Backends of ipip services decapsulate with the decap program.
     let mut decaps = Vec::new();
     for b in backends {
-        let mut d = Lab::new(RING)?;
-        d.dp.add_decap_addr(IpAddr::V4(b.v4))?;
-        d.dp.add_decap_addr(IpAddr::V6(b.v6))?;
-        b.ns.run(|| {
-            d.dp.program(PROG_DECAP)?.attach("eth0", XdpMode::Skb)?;
-            Ok(())
-        })?;
-        decaps.push(d);
+        decaps.push(decapsulator(
+            b,
+            &[IpAddr::V4(VIP_IPIP4), IpAddr::V6(VIP_IPIP6)],
+        )?);
     }
 
     let _servers = lan.serve_names(80)?;
@@ -368,7 +370,7 @@ fn run_topology() -> Result<()> {
         "host traffic was seen and passed"
     );
     for d in &decaps {
-        assert!(d.dp.decap_counters()?[DecapCounter::Decapsulated as usize] > 0);
+        assert!(d.counters()?[DecapCounter::Decapsulated as usize] > 0);
     }
     Ok(())
 }

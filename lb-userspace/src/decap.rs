@@ -1,0 +1,405 @@
+//! `lb decap`: the decapsulator a backend of `ipip` services runs. Its file
+//! names the interfaces, this host's tunnel endpoints, the prefixes the load
+//! balancers tunnel from, and the VIPs this host serves; `lb decap apply`
+//! makes the pinned program and maps match it and exits (the pins keep it
+//! running), `status` shows it, `remove` takes it away. See docs/decap.md.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::Path,
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use lb_common::{
+    counters::DecapCounter,
+    limits::{MAX_ADDRESSES, MAX_DECAP_SOURCES},
+};
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::{
+    config::{ConfigError, ConfigErrors, XdpModeSetting, from_toml, line_of, usable},
+    daemon::xdp_mode,
+    dataplane::{self, DecapTables, Decapsulator, Prefix},
+};
+
+/// Where operators keep the file by convention.
+pub const DEFAULT_DECAP_FILE: &str = "/etc/lb/decap.toml";
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecapFile {
+    /// Interfaces tunnel packets arrive on.
+    interfaces: Vec<String>,
+    /// `auto`, `native` or `generic`.
+    #[serde(default)]
+    xdp_mode: XdpModeSetting,
+    /// This host's addresses that load balancers tunnel to.
+    endpoints: Vec<Spanned<String>>,
+    /// The load balancers' tunnel sources, `address/prefix`.
+    accept_from: Vec<Spanned<String>>,
+    /// The VIPs of the `ipip` services this host is a backend of.
+    vips: Vec<Spanned<String>>,
+}
+
+/// A validated decapsulator file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecapConfig {
+    /// Interfaces to attach to.
+    pub interfaces: Vec<String>,
+    /// How to attach.
+    pub xdp_mode: XdpModeSetting,
+    /// What the maps are to hold.
+    pub tables: DecapTables,
+}
+
+/// Parses and validates `text`, reporting every problem at once.
+pub fn parse(text: &str) -> Result<DecapConfig, ConfigErrors> {
+    let file: DecapFile = from_toml(text, "file")?;
+    let mut errors = Vec::new();
+    let mut push = |at: Option<usize>, field: String, message: String| {
+        errors.push(ConfigError {
+            line: at.map(|o| line_of(text, o)),
+            field,
+            message,
+        })
+    };
+    if file.interfaces.is_empty() {
+        push(
+            None,
+            "interfaces".into(),
+            "name at least one interface tunnel packets arrive on".into(),
+        );
+    }
+    let mut seen = BTreeSet::new();
+    for (i, iface) in file.interfaces.iter().enumerate() {
+        if !seen.insert(iface) {
+            push(
+                None,
+                format!("interfaces[{i}]"),
+                format!("{iface} is listed twice"),
+            );
+        }
+    }
+    let mut addresses = |list: &[Spanned<String>], field: &str, what: &str| {
+        let mut out = BTreeSet::new();
+        if list.is_empty() {
+            push(None, field.into(), format!("name at least one {what}"));
+        }
+        if list.len() > MAX_ADDRESSES as usize {
+            push(
+                None,
+                field.into(),
+                format!(
+                    "{} addresses, more than the {MAX_ADDRESSES} lb decap holds",
+                    list.len()
+                ),
+            );
+        }
+        for (i, a) in list.iter().enumerate() {
+            let at = Some(a.span().start);
+            match a.get_ref().parse::<IpAddr>() {
+                Ok(ip) if usable(ip) => {
+                    if !out.insert(ip) {
+                        push(at, format!("{field}[{i}]"), format!("{ip} is listed twice"));
+                    }
+                }
+                Ok(_) => push(at, format!("{field}[{i}]"), "not a unicast address".into()),
+                Err(_) => push(
+                    at,
+                    format!("{field}[{i}]"),
+                    format!("{:?} is not an IP address", a.get_ref()),
+                ),
+            }
+        }
+        out
+    };
+    let endpoints = addresses(
+        &file.endpoints,
+        "endpoints",
+        "tunnel endpoint address of this host",
+    );
+    let vips = addresses(&file.vips, "vips", "VIP this host serves");
+    let mut sources = BTreeSet::new();
+    if file.accept_from.is_empty() {
+        push(
+            None,
+            "accept_from".into(),
+            "name the load balancers' tunnel sources (their tunnel_source_v4/v6 prefixes): \
+             with none, every tunnel packet would be dropped"
+                .into(),
+        );
+    }
+    if file.accept_from.len() > MAX_DECAP_SOURCES as usize {
+        push(
+            None,
+            "accept_from".into(),
+            format!(
+                "{} prefixes, more than the {MAX_DECAP_SOURCES} lb decap holds",
+                file.accept_from.len()
+            ),
+        );
+    }
+    for (i, p) in file.accept_from.iter().enumerate() {
+        match parse_source(p.get_ref()) {
+            Ok(prefix) => {
+                if !sources.insert(prefix) {
+                    push(
+                        Some(p.span().start),
+                        format!("accept_from[{i}]"),
+                        "listed twice".into(),
+                    );
+                }
+            }
+            Err(message) => push(Some(p.span().start), format!("accept_from[{i}]"), message),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    Ok(DecapConfig {
+        interfaces: file.interfaces,
+        xdp_mode: file.xdp_mode,
+        tables: DecapTables {
+            endpoints,
+            sources,
+            vips,
+        },
+    })
+}
+
+/// Parses `address/prefix`, refusing host bits (a typo more often than
+/// not) with the prefix that was probably meant.
+fn parse_source(s: &str) -> Result<Prefix, String> {
+    let bad = || format!("{s:?} is not a prefix such as \"198.18.0.0/24\" or \"2001:2::/64\"");
+    let (addr, len) = s.split_once('/').ok_or_else(bad)?;
+    let ip: IpAddr = addr.parse().map_err(|_| bad())?;
+    let len: u8 = len.parse().map_err(|_| bad())?;
+    let bits = if ip.is_ipv4() { 32 } else { 128 };
+    if len > bits {
+        return Err(format!(
+            "/{len} is longer than an address of {ip}'s family ({bits} bits)"
+        ));
+    }
+    let network = mask(ip, len);
+    if network != ip {
+        return Err(format!(
+            "{s} has host bits set; the prefix is {network}/{len}"
+        ));
+    }
+    Ok((ip, len))
+}
+
+/// `ip` with all but its first `len` bits cleared.
+fn mask(ip: IpAddr, len: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(a) => {
+            let m = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::V4((u32::from(a) & m).into())
+        }
+        IpAddr::V6(a) => {
+            let m = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            IpAddr::V6((u128::from(a) & m).into())
+        }
+    }
+}
+
+/// Reads and validates the file at `path`.
+pub fn read(path: &Path) -> Result<DecapConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    parse(&text).map_err(|e| anyhow!("{} is invalid:\n{e}", path.display()))
+}
+
+/// What [`apply`] changed.
+#[derive(Debug, Default, Serialize)]
+pub struct Applied {
+    /// Interfaces the decapsulator now runs on.
+    pub attached: Vec<String>,
+    /// Interfaces it ran on before and no longer does.
+    pub detached: Vec<String>,
+}
+
+/// Makes the decapsulator pinned under `dir` run as `config` says: the maps
+/// first (new entries before stale ones go), then every interface attached
+/// (a link already pinned is switched in place), then interfaces no longer
+/// named detached. Every interface is checked before anything changes; if
+/// an attach fails, the maps and the interfaces attached by this call are
+/// put back as they were.
+pub fn apply(config: &DecapConfig, dir: &Path) -> Result<Applied> {
+    for iface in &config.interfaces {
+        dataplane::read_interface(iface)?;
+    }
+    let mut decap = Decapsulator::load_pinned(dir)?;
+    let before = decap.tables()?;
+    let had = dataplane::pinned_interfaces(dir)?;
+    decap.set_tables(&config.tables)?;
+    let mode = xdp_mode(config.xdp_mode);
+    for (i, iface) in config.interfaces.iter().enumerate() {
+        if let Err(e) = decap.attach(iface, mode, Some(dir)) {
+            for done in &config.interfaces[..i] {
+                if !had.contains(done) {
+                    let _ = dataplane::detach(dir, done);
+                }
+            }
+            let restored = decap.set_tables(&before);
+            return Err(match restored {
+                Ok(()) => e.context("nothing changed"),
+                Err(r) => e.context(format!(
+                    "and restoring the previous addresses failed: {r:#}"
+                )),
+            });
+        }
+    }
+    let mut applied = Applied {
+        attached: config.interfaces.clone(),
+        detached: Vec::new(),
+    };
+    for iface in had {
+        if !config.interfaces.contains(&iface) {
+            dataplane::detach(dir, &iface)?;
+            applied.detached.push(iface);
+        }
+    }
+    Ok(applied)
+}
+
+/// The decapsulator pinned under a directory, as `lb decap status` shows it.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// Interfaces with a pinned link.
+    pub interfaces: Vec<String>,
+    /// Tunnel endpoints.
+    pub endpoints: Vec<IpAddr>,
+    /// Accepted source prefixes, `address/len`.
+    pub accept_from: Vec<String>,
+    /// VIPs inner packets may be addressed to.
+    pub vips: Vec<IpAddr>,
+    /// Every counter by name, summed over CPUs.
+    pub counters: BTreeMap<&'static str, u64>,
+}
+
+/// Reads the decapsulator pinned under `dir`.
+pub fn status(dir: &Path) -> Result<Status> {
+    let (tables, counters) = dataplane::read_pinned(dir)?;
+    Ok(Status {
+        interfaces: dataplane::pinned_interfaces(dir)?.into_iter().collect(),
+        endpoints: tables.endpoints.into_iter().collect(),
+        accept_from: tables
+            .sources
+            .iter()
+            .map(|(ip, len)| format!("{ip}/{len}"))
+            .collect(),
+        vips: tables.vips.into_iter().collect(),
+        counters: DecapCounter::ALL
+            .iter()
+            .map(|c| (c.name(), counters[*c as usize]))
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+interfaces = ["eth0"]
+endpoints = ["198.18.1.10", "2001:2:0:1::10"]
+accept_from = ["198.18.0.0/24", "2001:2::/64"]
+vips = ["198.18.100.1", "2001:2:100::1"]
+"#;
+
+    #[test]
+    fn a_good_file_reads_as_written() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.interfaces, ["eth0"]);
+        assert_eq!(c.xdp_mode, XdpModeSetting::Auto);
+        assert_eq!(c.tables.endpoints.len(), 2);
+        assert!(
+            c.tables
+                .sources
+                .contains(&("198.18.0.0".parse().unwrap(), 24))
+        );
+        assert!(
+            c.tables
+                .sources
+                .contains(&("2001:2::".parse().unwrap(), 64))
+        );
+        assert_eq!(c.tables.vips.len(), 2);
+    }
+
+    fn errors(text: &str) -> Vec<String> {
+        parse(text)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn the_example_file_is_valid() {
+        let c = parse(include_str!("../../examples/decap.toml")).unwrap();
+        assert_eq!(c.tables.sources.len(), 2);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_where_it_is() {
+        let text = r#"
+interfaces = []
+endpoints = ["198.18.1.300", "224.0.0.1"]
+accept_from = ["198.18.0.1/24", "2001:2::/129", "nonsense", "198.18.0.0/24", "198.18.0.0/24"]
+vips = []
+"#;
+        let e = errors(text);
+        let want = [
+            "interfaces: name at least one interface",
+            "line 3: endpoints[0]: \"198.18.1.300\" is not an IP address",
+            "line 3: endpoints[1]: not a unicast address",
+            "vips: name at least one VIP",
+            "line 4: accept_from[0]: 198.18.0.1/24 has host bits set; the prefix is 198.18.0.0/24",
+            "line 4: accept_from[1]: /129 is longer",
+            "line 4: accept_from[2]: \"nonsense\" is not a prefix",
+            "line 4: accept_from[4]: listed twice",
+        ];
+        for w in want {
+            assert!(
+                e.iter().any(|x| x.starts_with(w)),
+                "missing {w:?} in {e:#?}"
+            );
+        }
+        assert_eq!(e.len(), want.len(), "{e:#?}");
+    }
+
+    #[test]
+    fn no_accepted_source_is_refused_not_read_as_anyone() {
+        let text = GOOD.replace(
+            r#"accept_from = ["198.18.0.0/24", "2001:2::/64"]"#,
+            "accept_from = []",
+        );
+        let e = errors(&text);
+        assert!(
+            e[0].starts_with("accept_from: name the load balancers'"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_sections_are_errors() {
+        assert!(errors(&format!("{GOOD}\nextra = 1"))[0].contains("unknown field"));
+        assert!(errors("interfaces = [\"eth0\"]")[0].contains("missing field"));
+    }
+
+    #[test]
+    fn masks_clear_exactly_the_host_bits() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(mask(ip("198.18.255.255"), 0), ip("0.0.0.0"));
+        assert_eq!(mask(ip("198.18.255.255"), 17), ip("198.18.128.0"));
+        assert_eq!(mask(ip("198.18.255.255"), 32), ip("198.18.255.255"));
+        assert_eq!(mask(ip("2001:2::ffff"), 120), ip("2001:2::ff00"));
+        assert_eq!(mask(ip("2001:2::ffff"), 0), ip("::"));
+        assert_eq!(parse_source("0.0.0.0/0"), Ok((ip("0.0.0.0"), 0)));
+    }
+}
