@@ -58,11 +58,13 @@ pub enum Counter {
     /// An ICMP echo request to a VIP that answers echo, beyond this CPU's
     /// echo budget: dropped.
     DropEchoLimit = 18,
+    /// Sent to the backend in a GUE tunnel (`gue`).
+    ForwardGue = 19,
 }
 
 impl Counter {
     /// Number of counters (the `LB_COUNTERS` array size).
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -85,6 +87,7 @@ impl Counter {
         Counter::ReplyTooBig,
         Counter::ReplyEcho,
         Counter::DropEchoLimit,
+        Counter::ForwardGue,
     ];
 
     /// Stable snake_case name, for logs, JSON and metric labels.
@@ -109,6 +112,7 @@ impl Counter {
             Counter::ReplyTooBig => "reply_too_big",
             Counter::ReplyEcho => "reply_echo",
             Counter::DropEchoLimit => "drop_echo_limit",
+            Counter::ForwardGue => "forward_gue",
         }
     }
 }
@@ -117,7 +121,8 @@ impl Counter {
 #[repr(u32)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum DecapCounter {
-    /// Not an IPIP/IP6IP6 packet: passed untouched.
+    /// Not an IPIP/IP6IP6 packet, nor UDP to the GUE port of an endpoint:
+    /// passed untouched.
     PassNotTunnel = 0,
     /// A tunnel packet for an address that is not a configured endpoint: passed untouched.
     PassNotLocal = 1,

@@ -90,3 +90,14 @@ pub const MAX_VLAN_TAGS: usize = 2;
 /// IPv6 extension headers the parser walks through before giving up (counted
 /// as malformed). Bounded so the verifier sees a finite loop.
 pub const MAX_IPV6_EXT_HEADERS: usize = 4;
+
+/// Default UDP destination port of `gue` packets, which `lb decap`
+/// recognises them by: Katran's.
+pub const DEFAULT_GUE_PORT: u16 = 6080;
+
+/// `gue` packets leave from a UDP source port in the dynamic range
+/// (RFC 6335), its low bits taken from the flow hash, so backends' RSS and
+/// ECMP on the way spread flows: this base ...
+pub const GUE_SOURCE_PORT_BASE: u16 = 0xc000;
+/// ... and these bits from the hash.
+pub const GUE_SOURCE_PORT_MASK: u16 = 0x3fff;

@@ -18,6 +18,12 @@ pub const SERVICE_F_IPIP: u32 = 1 << 0;
 pub const SERVICE_F_AFFINITY: u32 = 1 << 1;
 /// Service flag: answer ICMP echo requests to the service's VIP.
 pub const SERVICE_F_ECHO: u32 = 1 << 2;
+/// Service flag: forward in a GUE tunnel (`gue`): the packet in UDP, right
+/// after the UDP header (GUE variant 1), instead of rewriting MACs. Never
+/// set with [`SERVICE_F_IPIP`].
+pub const SERVICE_F_GUE: u32 = 1 << 3;
+/// Either tunnel.
+pub const SERVICE_F_TUNNEL: u32 = SERVICE_F_IPIP | SERVICE_F_GUE;
 
 /// What `LB_VIPS` holds for an address: the services on it, plus this
 /// unit for each of them that answers echo ([`SERVICE_F_ECHO`]). A VIP
@@ -453,6 +459,10 @@ pub struct Settings {
     pub tunnel_src_v6: Addr,
     /// Host-order mask over the last 32 bits of the outer IPv6 source, as above.
     pub tunnel_src_v6_hash_mask: u32,
+    /// UDP destination port of `gue` packets, network order.
+    pub gue_port: u16,
+    /// Explicit padding, zero.
+    pub _pad: [u8; 2],
 }
 
 /// An interface the load balancer is attached to. Value of `LB_INTERFACES`
@@ -632,7 +642,7 @@ const _: () = assert!(size_of::<FlowValue>() == 20);
 // One cache line an entry.
 const _: () = assert!(size_of::<FlowEntry>() == 64 && align_of::<FlowEntry>() == 8);
 const _: () = assert!(size_of::<ServiceSlot>() == 36);
-const _: () = assert!(size_of::<Settings>() == 36);
+const _: () = assert!(size_of::<Settings>() == 40);
 const _: () = assert!(size_of::<Interface>() == 16);
 const _: () = assert!(size_of::<IcmpBudget>() == 8);
 const _: () = assert!(crate::limits::INTERFACE_SLOTS.is_power_of_two());

@@ -1,6 +1,7 @@
-//! Forwarding: MAC rewrite (`dsr-l2`) and IPIP/IP6IP6 encapsulation (`ipip`),
-//! both sent back out of the receiving interface with XDP_TX; plus moving the
-//! link-layer header when a tunnel header is added or removed.
+//! Forwarding: MAC rewrite (`dsr-l2`) and encapsulation in IPIP/IP6IP6
+//! (`ipip`) or GUE (`gue`), all sent back out of the receiving interface
+//! with XDP_TX; plus moving the link-layer header when a tunnel header is
+//! added or removed.
 
 use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_xdp_adjust_head},
@@ -8,8 +9,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr, Counter, FAMILY_V4, Settings,
+    limits::{GUE_SOURCE_PORT_BASE, GUE_SOURCE_PORT_MASK},
     wire::{
-        DEFAULT_TTL, ETH_HLEN, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_DF, IPV4_HLEN, IPV6_HLEN, VLAN_HLEN,
+        DEFAULT_TTL, ETH_HLEN, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, IPV4_DF, IPV4_HLEN,
+        IPV6_HLEN, UDP_HLEN, VLAN_HLEN,
     },
 };
 
@@ -185,19 +188,33 @@ pub fn ipv4_header(
     h
 }
 
-/// The bytes `ipip` adds to `ip`: an outer header of its family.
+/// Which tunnel a packet goes in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Tunnel {
+    /// IPIP (RFC 2003) or IPv6-in-IPv6 (RFC 2473).
+    Ipip,
+    /// GUE variant 1: an outer IP header, a UDP header, then the packet.
+    Gue,
+}
+
+/// The bytes `tunnel` adds to `ip`: an outer header of its family, and for
+/// GUE a UDP header.
 #[inline(always)]
-pub fn outer_len(ip: &Ip) -> usize {
-    if ip.family == FAMILY_V4 {
+pub fn outer_len(ip: &Ip, tunnel: Tunnel) -> usize {
+    let ip_len = if ip.family == FAMILY_V4 {
         IPV4_HLEN
     } else {
         IPV6_HLEN
+    };
+    match tunnel {
+        Tunnel::Ipip => ip_len,
+        Tunnel::Gue => ip_len + UDP_HLEN,
     }
 }
 
-/// `ipip`: prepend an IPv4 (IPIP, RFC 2003) or IPv6 (RFC 2473) header toward
-/// the backend, for a packet that fits in `mtu` once encapsulated. The
-/// outer family is the inner one, so the EtherType stays.
+/// Prepends `tunnel`'s headers toward the backend, for a packet that fits
+/// in `mtu` once encapsulated. The outer family is the inner one, so the
+/// EtherType stays.
 #[inline(always)]
 pub fn encapsulate(
     ctx: &XdpContext,
@@ -205,6 +222,7 @@ pub fn encapsulate(
     choice: &Choice,
     mtu: u32,
     settings: &Settings,
+    tunnel: Tunnel,
 ) -> Result<(), Counter> {
     let backend = &choice.backend;
     if backend.family != ip.family {
@@ -212,7 +230,7 @@ pub fn encapsulate(
         return Err(Counter::DropEncapFailed);
     }
     let inner_len = ip.end - ip.l3_off;
-    let outer_len = outer_len(ip);
+    let outer_len = outer_len(ip, tunnel);
     if inner_len + outer_len > mtu as usize {
         return Err(Counter::DropTooBig);
     }
@@ -228,6 +246,19 @@ pub fn encapsulate(
     l2.macs = l2.macs.toward(backend.mac);
     l2.store(ctx, 0).ok_or(Counter::DropEncapFailed)?;
     let len = (inner_len + outer_len) as u16;
+    let (proto, ip_hlen) = match (tunnel, ip.family == FAMILY_V4) {
+        (Tunnel::Gue, v4) => (IPPROTO_UDP, if v4 { IPV4_HLEN } else { IPV6_HLEN }),
+        (Tunnel::Ipip, true) => (IPPROTO_IPIP, IPV4_HLEN),
+        (Tunnel::Ipip, false) => (IPPROTO_IPV6, IPV6_HLEN),
+    };
+    if tunnel == Tunnel::Gue {
+        store(
+            ctx,
+            ip.l3_off + ip_hlen,
+            gue_udp_header(choice.hash, settings.gue_port, len - ip_hlen as u16),
+        )
+        .ok_or(Counter::DropEncapFailed)?;
+    }
     if ip.family == FAMILY_V4 {
         let src = tunnel_source(
             settings.tunnel_src_v4,
@@ -237,7 +268,7 @@ pub fn encapsulate(
         let a = &backend.addr;
         let dst = u32::from_be_bytes([a[0], a[1], a[2], a[3]]);
         let (id, flags) = outer_id_and_flags(inner_flags);
-        let h = ipv4_header(tos, len, id, flags, IPPROTO_IPIP, src, dst);
+        let h = ipv4_header(tos, len, id, flags, proto, src, dst);
         store(ctx, ip.l3_off, h.map(u16::to_be)).ok_or(Counter::DropEncapFailed)
     } else {
         let mut src: Addr = settings.tunnel_src_v6;
@@ -253,7 +284,7 @@ pub fn encapsulate(
         src[15] = last[3];
         // The flow label carries the flow hash so ECMP on the way spreads tunnels.
         let label = choice.hash & FLOW_LABEL_MASK;
-        let [p0, p1] = (inner_len as u16).to_be_bytes();
+        let [p0, p1] = (len - IPV6_HLEN as u16).to_be_bytes();
         let head: [u8; 8] = [
             0x60,
             (label >> 16) as u8,
@@ -261,11 +292,21 @@ pub fn encapsulate(
             label as u8,
             p0,
             p1,
-            IPPROTO_IPV6,
+            proto,
             DEFAULT_TTL,
         ];
         store(ctx, ip.l3_off, head).ok_or(Counter::DropEncapFailed)?;
         store(ctx, ip.l3_off + IPV6_ADDRS_OFF, src).ok_or(Counter::DropEncapFailed)?;
         store(ctx, ip.l3_off + IPV6_ADDRS_OFF + 16, backend.addr).ok_or(Counter::DropEncapFailed)
     }
+}
+
+/// The UDP header of a GUE packet of `udp_len` bytes (header included):
+/// the source port from the flow hash, so backends' RSS and ECMP on the
+/// way spread flows; to `port` (network order); no checksum (RFC 6935 lets
+/// tunnels over IPv6 leave it zero, as over IPv4; `lb decap` needs none).
+#[inline(always)]
+fn gue_udp_header(hash: u32, port: u16, udp_len: u16) -> [u16; UDP_HLEN / 2] {
+    let sport = GUE_SOURCE_PORT_BASE | (hash as u16 & GUE_SOURCE_PORT_MASK);
+    [sport.to_be(), port, udp_len.to_be(), 0]
 }

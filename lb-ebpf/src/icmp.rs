@@ -26,7 +26,7 @@ use lb_common::{
 
 use crate::{
     checksum,
-    forward::{L2Header, adjust_head, ipv4_header, outer_len, return_to_sender},
+    forward::{L2Header, adjust_head, ipv4_header, return_to_sender},
     maps,
     packet::{bytes_at, frame_len, load, store},
     parse::{IPV6_ADDRS_OFF, Ip},
@@ -37,13 +37,18 @@ use crate::{
 const ICMP_MESSAGE_LEN: usize = ICMP_HLEN + ICMP_QUOTE_LEN;
 
 /// Answers a TCP or UDP packet that arrived on `iface` and does not fit
-/// in its MTU once the tunnel header is added with an ICMP error carrying
-/// the MTU less that header. `Err(DropTooBig)` when no error is due (IPv4
+/// in its MTU once the tunnel's `overhead` bytes are added with an ICMP
+/// error carrying the MTU less that overhead. `Err(DropTooBig)` when no error is due (IPv4
 /// without DF: XDP cannot fragment, and such a sender expects
 /// fragmentation, not an error) or this CPU's budget is spent; the packet
 /// is then dropped.
 #[inline(always)]
-pub fn reply_too_big(ctx: &XdpContext, ip: &Ip, iface: &Interface) -> Result<Counter, Counter> {
+pub fn reply_too_big(
+    ctx: &XdpContext,
+    ip: &Ip,
+    iface: &Interface,
+    overhead: usize,
+) -> Result<Counter, Counter> {
     if ip.end - ip.l3_off < ICMP_QUOTE_LEN {
         // An MTU below the quote: nothing sensible to send.
         return Err(Counter::DropTooBig);
@@ -60,7 +65,7 @@ pub fn reply_too_big(ctx: &XdpContext, ip: &Ip, iface: &Interface) -> Result<Cou
         return Err(Counter::DropTooBig);
     }
     let mtu = maps::settings().ok_or(Counter::DropTooBig)?.mtu_of(iface);
-    let next_hop_mtu = mtu.saturating_sub(outer_len(ip) as u32);
+    let next_hop_mtu = mtu.saturating_sub(overhead as u32);
     let ip_hlen = if v4 { IPV4_HLEN } else { IPV6_HLEN };
     let mut l2 = L2Header::load(ctx, ip.l3_off).ok_or(Counter::DropMalformedEthernet)?;
     adjust_head(ctx, -((ip_hlen + ICMP_HLEN) as i32))?;

@@ -3,13 +3,13 @@
 //! `lb_xdp` is the load balancer; its path reads as a pipeline in which every
 //! step either continues or ends with the [`Counter`] that names the outcome.
 //! The XDP action follows from that counter, so every exit is counted exactly
-//! once. `lb_decap` runs on backends of `ipip` services.
+//! once. `lb_decap` runs on backends of `ipip` and `gue` services.
 //!
 //! # Layout
 //! - `packet`: bounds-checked access (the only raw-pointer `unsafe`).
 //! - `parse`: Ethernet/VLAN, IPv4, IPv6, TCP/UDP, quoted ICMP packets.
 //! - `select`: connection table and Maglev lookup.
-//! - `forward`: MAC rewrite and IPIP encapsulation.
+//! - `forward`: MAC rewrite and IPIP/GUE encapsulation.
 //! - `icmp`: the ICMP messages lb sends (packet too big, echo replies).
 //! - `checksum`: the Internet checksum (IPv4 headers, ICMP errors).
 //! - `decap`: the backend-side decapsulator.
@@ -35,11 +35,12 @@ mod select;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use aya_log_ebpf::debug;
 use lb_common::{
-    AddrKey, Counter, FlowKey, Interface, SERVICE_F_IPIP, ServiceValue,
+    AddrKey, Counter, FlowKey, Interface, SERVICE_F_GUE, SERVICE_F_TUNNEL, ServiceValue,
     wire::{ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
 };
 
 use crate::{
+    forward::Tunnel,
     packet::frame_len,
     parse::{IcmpMessage, Ip},
     select::Choice,
@@ -62,7 +63,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     action
 }
 
-/// The decapsulator for backends of `ipip` services.
+/// The decapsulator for backends of `ipip` and `gue` services.
 #[xdp]
 pub fn lb_decap(ctx: XdpContext) -> u32 {
     let (action, counter) = decap::decapsulate(&ctx);
@@ -80,10 +81,21 @@ fn action(c: Counter) -> u32 {
         | Counter::PassForeignMac => xdp_action::XDP_PASS,
         Counter::ForwardDsr
         | Counter::ForwardIpip
+        | Counter::ForwardGue
         | Counter::ForwardIcmpError
         | Counter::ReplyTooBig
         | Counter::ReplyEcho => xdp_action::XDP_TX,
-        _ => xdp_action::XDP_DROP,
+        // Spelled out, so a new counter must be given its action here.
+        Counter::DropMalformedEthernet
+        | Counter::DropMalformedIpv4
+        | Counter::DropMalformedIpv6
+        | Counter::DropMalformedL4
+        | Counter::DropMalformedIcmp
+        | Counter::DropFragment
+        | Counter::DropNoBackend
+        | Counter::DropTooBig
+        | Counter::DropEncapFailed
+        | Counter::DropEchoLimit => xdp_action::XDP_DROP,
     }
 }
 
@@ -191,14 +203,29 @@ fn balance_flow(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
     match forward(ctx, ip, iface, &service, &choice) {
         // Only here, not for relayed ICMP errors: never an error about an
         // error (RFC 1122 §3.2.2), so those are only dropped.
-        Err(Counter::DropTooBig) => return icmp::reply_too_big(ctx, ip, iface),
+        Err(Counter::DropTooBig) => {
+            let overhead = tunnel(&service).map_or(0, |t| forward::outer_len(ip, t));
+            return icmp::reply_too_big(ctx, ip, iface, overhead);
+        }
         done => done?,
     }
-    Ok(if service.flags & SERVICE_F_IPIP != 0 {
-        Counter::ForwardIpip
-    } else {
-        Counter::ForwardDsr
+    Ok(match tunnel(&service) {
+        None => Counter::ForwardDsr,
+        Some(Tunnel::Ipip) => Counter::ForwardIpip,
+        Some(Tunnel::Gue) => Counter::ForwardGue,
     })
+}
+
+/// The tunnel `service` forwards in, if any.
+#[inline(always)]
+fn tunnel(service: &ServiceValue) -> Option<Tunnel> {
+    if service.flags & SERVICE_F_TUNNEL == 0 {
+        None
+    } else if service.flags & SERVICE_F_GUE != 0 {
+        Some(Tunnel::Gue)
+    } else {
+        Some(Tunnel::Ipip)
+    }
 }
 
 /// An ICMP "fragmentation needed"/"packet too big" quoting a service flow
@@ -255,9 +282,9 @@ fn forward(
     choice: &Choice,
 ) -> Result<(), Counter> {
     let bytes = frame_len(ctx) as u64;
-    if service.flags & SERVICE_F_IPIP != 0 {
+    if let Some(t) = tunnel(service) {
         let settings = maps::settings().ok_or(Counter::DropNoBackend)?;
-        forward::encapsulate(ctx, ip, choice, settings.mtu_of(iface), settings)?;
+        forward::encapsulate(ctx, ip, choice, settings.mtu_of(iface), settings, t)?;
     } else {
         forward::rewrite_macs(ctx, choice)?;
     }

@@ -97,7 +97,8 @@ static LB_SERVICE_STATS: PerCpuArray<ServiceStats> =
 static LB_BACKEND_STATS: PerCpuArray<BackendStats> =
     PerCpuArray::with_max_entries(limits::DEFAULT_MAX_BACKENDS, 0);
 
-/// Decap program: the host's tunnel endpoint addresses.
+/// Decap program: the host's tunnel endpoint addresses, each with the UDP
+/// port its GUE packets come to (0: none).
 #[map]
 static LB_DECAP_ADDRS: HashMap<AddrKey, u32> =
     HashMap::with_max_entries(limits::MAX_ADDRESSES, BPF_F_NO_PREALLOC);
@@ -408,10 +409,12 @@ pub fn count_forward(service_id: u32, backend_id: u32, bytes: u64, new_flow: boo
     }
 }
 
-/// Whether `key` is one of this host's tunnel endpoints (decap program).
+/// If `key` is one of this host's tunnel endpoints, the UDP port of GUE
+/// packets to it (0: none) (decap program).
 #[inline(always)]
-pub fn is_decap_addr(key: &AddrKey) -> bool {
-    LB_DECAP_ADDRS.get_ptr(key).is_some()
+pub fn decap_endpoint(key: &AddrKey) -> Option<u32> {
+    // SAFETY: a hash value, read once.
+    LB_DECAP_ADDRS.get_ptr(key).map(|p| unsafe { *p })
 }
 
 /// Whether `src` of `family` is inside an accepted source prefix (decap

@@ -443,6 +443,7 @@ fn run(cli: Cli) -> Result<()> {
                     list(status.accept_from.clone())
                 );
                 out += &format!("{:<20} {}\n", "vips", ips(&status.vips));
+                out += &format!("{:<20} {}\n", "gue_port", status.gue_port);
                 for (name, n) in &status.counters {
                     out += &format!("{name:<20} {n}\n");
                 }

@@ -158,6 +158,9 @@ pub struct SettingsFile {
     pub tunnel_source_v4: Option<String>,
     /// Outer IPv6 source, likewise (hash bits in the last 32 bits at most).
     pub tunnel_source_v6: Option<String>,
+    /// UDP destination port of `gue` packets.
+    #[serde(default = "default_gue_port")]
+    pub gue_port: u16,
 }
 
 impl Default for SettingsFile {
@@ -179,8 +182,13 @@ impl Default for SettingsFile {
             metrics: None,
             tunnel_source_v4: None,
             tunnel_source_v6: None,
+            gue_port: default_gue_port(),
         }
     }
+}
+
+fn default_gue_port() -> u16 {
+    lb_common::limits::DEFAULT_GUE_PORT
 }
 
 fn default_table_size() -> u32 {
@@ -389,6 +397,9 @@ pub enum Mode {
     DsrL2,
     /// IPIP/IP6IP6 to the backend; backends decapsulate and hold the VIP.
     Ipip,
+    /// The packet in UDP to the backend (GUE variant 1), to `gue_port`;
+    /// backends decapsulate (`lb decap`) and hold the VIP.
+    Gue,
 }
 
 /// Which part of a flow picks the backend.
@@ -451,6 +462,8 @@ pub struct Settings {
     pub tunnel_source_v4: ([u8; 4], u32),
     /// `ipip` outer IPv6 source and hash mask (last 32 bits).
     pub tunnel_source_v6: ([u8; 16], u32),
+    /// UDP destination port of `gue` packets.
+    pub gue_port: u16,
     /// VIP announcement; `None` when the node announces nothing.
     pub announce: Option<Announce>,
     /// Fleet mode; `None` when standalone.
@@ -831,6 +844,13 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
                 None
             }
         });
+    if s.gue_port == 0 {
+        e.push(
+            None,
+            "settings.gue_port",
+            "port 0 cannot be a destination: use 1-65535 (6080 by default)",
+        );
+    }
     let v4 = match s.tunnel_source_v4.as_deref().map(parse_prefix) {
         None => ([0; 4], 0),
         Some(Some((IpAddr::V4(a), p))) if p <= 32 => (a.octets(), host_mask(p)),
@@ -1107,6 +1127,7 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
             metrics,
             tunnel_source_v4: v4,
             tunnel_source_v6: v6,
+            gue_port: s.gue_port,
             announce,
             fleet,
         },
@@ -1369,6 +1390,11 @@ address = "198.18.0.11"
             "rise 0",
             "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[service.health]\nrise=0\n",
             "rise and fall must be at least 1",
+        ),
+        (
+            "GUE port 0",
+            "[settings]\ninterfaces=[\"e\"]\ngue_port=0\n",
+            "settings.gue_port: port 0 cannot be a destination",
         ),
         (
             "bad metrics address",

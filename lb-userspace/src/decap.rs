@@ -1,4 +1,4 @@
-//! `lb decap`: the decapsulator a backend of `ipip` services runs. Its file
+//! `lb decap`: the decapsulator a backend of `ipip` and `gue` services runs. Its file
 //! names the interfaces, this host's tunnel endpoints, the prefixes the load
 //! balancers tunnel from, and the VIPs this host serves; `lb decap apply`
 //! makes the pinned program and maps match it and exits (the pins keep it
@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use lb_common::{
     counters::DecapCounter,
-    limits::{MAX_ADDRESSES, MAX_DECAP_SOURCES},
+    limits::{DEFAULT_GUE_PORT, MAX_ADDRESSES, MAX_DECAP_SOURCES},
 };
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
@@ -40,8 +40,15 @@ struct DecapFile {
     endpoints: Vec<Spanned<String>>,
     /// The load balancers' tunnel sources, `address/prefix`.
     accept_from: Vec<Spanned<String>>,
-    /// The VIPs of the `ipip` services this host is a backend of.
+    /// The VIPs of the `ipip` and `gue` services this host is a backend of.
     vips: Vec<Spanned<String>>,
+    /// The load balancers' `gue_port`; 0 takes no GUE packets.
+    #[serde(default = "default_gue_port")]
+    gue_port: u16,
+}
+
+fn default_gue_port() -> u16 {
+    DEFAULT_GUE_PORT
 }
 
 /// A validated decapsulator file.
@@ -166,6 +173,7 @@ pub fn parse(text: &str) -> Result<DecapConfig, ConfigErrors> {
             endpoints,
             sources,
             vips,
+            gue_port: file.gue_port,
         },
     })
 }
@@ -277,6 +285,8 @@ pub struct Status {
     pub accept_from: Vec<String>,
     /// VIPs inner packets may be addressed to.
     pub vips: Vec<IpAddr>,
+    /// The UDP port GUE packets come to (0: none taken).
+    pub gue_port: u16,
     /// Every counter by name, summed over CPUs.
     pub counters: BTreeMap<&'static str, u64>,
 }
@@ -293,6 +303,7 @@ pub fn status(dir: &Path) -> Result<Status> {
             .map(|(ip, len)| format!("{ip}/{len}"))
             .collect(),
         vips: tables.vips.into_iter().collect(),
+        gue_port: tables.gue_port,
         counters: DecapCounter::ALL
             .iter()
             .map(|c| (c.name(), counters[*c as usize]))
@@ -328,6 +339,7 @@ vips = ["198.18.100.1", "2001:2:100::1"]
                 .contains(&("2001:2::".parse().unwrap(), 64))
         );
         assert_eq!(c.tables.vips.len(), 2);
+        assert_eq!(c.tables.gue_port, DEFAULT_GUE_PORT);
     }
 
     fn errors(text: &str) -> Vec<String> {

@@ -276,11 +276,20 @@ pub fn assess_host(h: &HostFacts) -> Vec<Finding> {
     out
 }
 
-/// Whether anything decapsulates what lb tunnels to `vip`, and lets it in.
-fn assess_decap(b: &BackendFacts, vip: IpAddr) -> Finding {
+/// Whether anything decapsulates what lb tunnels to `vip` in `mode`, and
+/// lets it in.
+fn assess_decap(b: &BackendFacts, vip: IpAddr, mode: Mode) -> Finding {
     let name = format!("{vip}: decap");
     let apply = format!("add {vip} to vips in {DEFAULT_DECAP_FILE}, then: lb decap apply");
     match (&b.decap_tables, b.decap_attached) {
+        (Some(t), true) if mode == Mode::Gue && t.gue_port == 0 => problem(
+            Level::Fail,
+            name,
+            "lb_decap is attached but takes no GUE packets (gue_port = 0)",
+            format!(
+                "set gue_port in {DEFAULT_DECAP_FILE} to the load balancers', then: lb decap apply"
+            ),
+        ),
         (Some(t), true) if t.vips.contains(&vip) && !t.sources.is_empty() => ok(
             name,
             format!(
@@ -303,7 +312,7 @@ fn assess_decap(b: &BackendFacts, vip: IpAddr) -> Finding {
             ),
             apply,
         ),
-        (_, false) if b.kernel_tunnel_up => problem(
+        (_, false) if b.kernel_tunnel_up && mode == Mode::Ipip => problem(
             Level::Warn,
             name,
             "the kernel's tunnel device decapsulates, from any source: anyone who reaches this \
@@ -313,7 +322,7 @@ fn assess_decap(b: &BackendFacts, vip: IpAddr) -> Finding {
         (_, false) => problem(
             Level::Fail,
             name,
-            "nothing decapsulates the IPIP packets lb sends",
+            "nothing decapsulates the tunnel packets lb sends",
             format!("{apply}   # see docs/decap.md"),
         ),
     }
@@ -354,8 +363,8 @@ pub fn assess_backend(b: &BackendFacts, mode: Mode) -> Vec<Finding> {
             )
         });
     }
-    if mode == Mode::Ipip {
-        out.push(assess_decap(b, vip));
+    if matches!(mode, Mode::Ipip | Mode::Gue) {
+        out.push(assess_decap(b, vip, mode));
         out.push(if b.rp_filter == 1 {
             problem(
                 Level::Fail,

@@ -14,7 +14,8 @@ use lb::{
 };
 use lb_common::{
     AddrKey, BACKEND_F_UP, BackendValue, Counter, Interface, ServiceKey, Settings, addr_bytes,
-    limits::NO_BACKEND, maps::PROG_LB,
+    limits::{DEFAULT_GUE_PORT, NO_BACKEND},
+    maps::PROG_LB,
 };
 
 use crate::packet::Mac;
@@ -114,13 +115,15 @@ pub fn lab_settings(ring_size: u32) -> Settings {
         tunnel_src_v4_hash_mask: TUNNEL_SRC_V4_MASK,
         tunnel_src_v6: TUNNEL_SRC_V6,
         tunnel_src_v6_hash_mask: TUNNEL_SRC_V6_MASK,
+        gue_port: DEFAULT_GUE_PORT.to_be(),
+        _pad: [0; 2],
     }
 }
 
 /// Small capacities keep each lab's maps a few MiB.
 pub fn lab_capacity(ring_size: u32) -> Capacity {
     Capacity {
-        max_services: 8,
+        max_services: 16,
         max_backends: 256,
         conntrack_entries: 65_536,
         ring_size,

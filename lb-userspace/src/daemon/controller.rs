@@ -19,8 +19,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use lb_common::{
-    BACKEND_F_UP, BackendValue, SERVICE_F_AFFINITY, SERVICE_F_ECHO, SERVICE_F_IPIP, ServiceKey,
-    addr_bytes, limits::NO_BACKEND,
+    BACKEND_F_UP, BackendValue, SERVICE_F_AFFINITY, SERVICE_F_ECHO, SERVICE_F_GUE, SERVICE_F_IPIP,
+    ServiceKey, addr_bytes, limits::NO_BACKEND,
 };
 use serde::Serialize;
 use tracing::{info, warn};
@@ -162,8 +162,10 @@ pub fn service_key(svc: &config::Service) -> ServiceKey {
 
 fn service_flags(svc: &config::Service) -> u32 {
     let mut f = 0;
-    if svc.mode == Mode::Ipip {
-        f |= SERVICE_F_IPIP;
+    match svc.mode {
+        Mode::DsrL2 => {}
+        Mode::Ipip => f |= SERVICE_F_IPIP,
+        Mode::Gue => f |= SERVICE_F_GUE,
     }
     if svc.affinity == Affinity::Client {
         f |= SERVICE_F_AFFINITY;

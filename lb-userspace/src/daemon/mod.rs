@@ -154,6 +154,8 @@ fn dataplane_settings(d: &Desired) -> lb_common::Settings {
         tunnel_src_v4_hash_mask: d.settings.tunnel_source_v4.1,
         tunnel_src_v6: d.settings.tunnel_source_v6.0,
         tunnel_src_v6_hash_mask: d.settings.tunnel_source_v6.1,
+        gue_port: d.settings.gue_port.to_be(),
+        _pad: [0; 2],
     }
 }
 

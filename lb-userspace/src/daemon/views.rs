@@ -137,6 +137,7 @@ fn services(ctl: &Controller) -> Vec<ServiceRow> {
             mode: match s.config.mode {
                 Mode::DsrL2 => "dsr-l2".into(),
                 Mode::Ipip => "ipip".into(),
+                Mode::Gue => "gue".into(),
             },
             affinity: format!("{:?}", s.config.affinity).to_lowercase(),
             backends: s.backends.len(),

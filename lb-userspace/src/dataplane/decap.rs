@@ -62,6 +62,8 @@ pub struct DecapTables {
     pub sources: BTreeSet<Prefix>,
     /// The VIPs an inner packet may be addressed to.
     pub vips: BTreeSet<IpAddr>,
+    /// The UDP port GUE packets come to (0: none are taken).
+    pub gue_port: u16,
 }
 
 /// Typed handles on the decapsulator's maps.
@@ -79,7 +81,8 @@ fn source_key((ip, len): Prefix) -> Key<SourceKey> {
 
 /// One key added by [`Maps::write`], to take back if a later one fails.
 enum Added {
-    Endpoint(AddrKey),
+    /// With the GUE port it had, if it was there already.
+    Endpoint(AddrKey, Option<u32>),
     Source(Key<SourceKey>),
     Vip(AddrKey),
 }
@@ -134,10 +137,16 @@ impl Maps {
                 Ok((addr_ip(&data.addr, data.family), len))
             })
             .collect::<Result<_>>()?;
+        // Every endpoint holds the same port.
+        let gue_port = match self.endpoints.iter().next() {
+            Some(entry) => entry.context("reading a tunnel endpoint")?.1 as u16,
+            None => 0,
+        };
         Ok(DecapTables {
             endpoints: addrs(&self.endpoints).context("listing the tunnel endpoints")?,
             sources,
             vips: addrs(&self.vips).context("listing the VIPs")?,
+            gue_port,
         })
     }
 
@@ -164,7 +173,8 @@ impl Maps {
         if let Err(e) = result {
             for key in added.iter().rev() {
                 let _ = match key {
-                    Added::Endpoint(k) => self.endpoints.remove(k),
+                    Added::Endpoint(k, Some(port)) => self.endpoints.insert(k, port, 0),
+                    Added::Endpoint(k, None) => self.endpoints.remove(k),
                     Added::Source(k) => self.sources.remove(k),
                     Added::Vip(k) => self.vips.remove(k),
                 };
@@ -189,12 +199,21 @@ impl Maps {
         want: &DecapTables,
         added: &mut Vec<Added>,
     ) -> Result<()> {
-        for ip in want.endpoints.difference(&have.endpoints) {
+        // A new GUE port is written to every endpoint.
+        let port = u32::from(want.gue_port);
+        for ip in &want.endpoints {
+            let had = have
+                .endpoints
+                .contains(ip)
+                .then_some(u32::from(have.gue_port));
+            if had == Some(port) {
+                continue;
+            }
             let k = AddrKey::new(*ip);
             self.endpoints
-                .insert(k, 0, 0)
+                .insert(k, port, 0)
                 .with_context(|| format!("adding tunnel endpoint {ip}"))?;
-            added.push(Added::Endpoint(k));
+            added.push(Added::Endpoint(k, had));
         }
         for p in want.sources.difference(&have.sources) {
             let k = source_key(*p);

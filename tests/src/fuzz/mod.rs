@@ -7,7 +7,7 @@
 //!    passed frame is never modified;
 //! 3. a forwarded frame is well formed (`dsr-l2`: only the MACs changed;
 //!    `ipip`: a valid outer header toward the backend around the input's
-//!    IP packet), and its backend is up, a member of the service, and the
+//!    IP packet; `gue`: the same with a valid UDP header between), and its backend is up, a member of the service, and the
 //!    one the documented rules pick;
 //! 4. exactly one global counter moves per frame, and it agrees with the
 //!    verdict (`pass_*` pass, `drop_*` drop, `forward_*` transmit).
@@ -17,7 +17,7 @@
 //!   every field, truncated at every offset, random bytes.
 //! - [`reference`](mod@reference): an independent, simple classifier written from
 //!   docs/dataplane.md: is a frame a well-formed packet of a service?
-//! - [`world`]: the lab (services in both modes and families, backends
+//! - [`world`]: the lab (services in every mode and both families, backends
 //!   down, draining, reused, none), the model of its connection table, and
 //!   the check of one verdict.
 //! - [`shrink`]: makes a failing frame smaller for the report.

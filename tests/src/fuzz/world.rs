@@ -23,9 +23,10 @@ use anyhow::{Context as _, Result, bail, ensure};
 use lb::dataplane::Capacity;
 use lb_common::{
     AddrKey, BACKEND_F_UP, BackendValue, Counter, FAMILY_V4, FlowKey, FlowValue,
-    SERVICE_F_AFFINITY, SERVICE_F_ECHO, SERVICE_F_IPIP, ServiceKey,
+    SERVICE_F_AFFINITY, SERVICE_F_ECHO, SERVICE_F_GUE, SERVICE_F_IPIP, SERVICE_F_TUNNEL,
+    ServiceKey,
     hash::{bucket_hash, flow_hash},
-    limits::NO_BACKEND,
+    limits::{DEFAULT_GUE_PORT, GUE_SOURCE_PORT_BASE, GUE_SOURCE_PORT_MASK, NO_BACKEND},
     maps::PROG_LB,
     wire::*,
 };
@@ -52,15 +53,32 @@ const CONNTRACK_ENTRIES: u32 = 65_536;
 /// IPv6 flow label bits (RFC 6437).
 const FLOW_LABEL_MASK: u32 = 0x000f_ffff;
 
+/// The bytes a tunnel service of `flags` adds to a packet of `family`:
+/// none for `dsr-l2`.
+fn tunnel_overhead(flags: u32, family: u8) -> usize {
+    let ip = if family == FAMILY_V4 {
+        IPV4_HLEN
+    } else {
+        IPV6_HLEN
+    };
+    if flags & SERVICE_F_GUE != 0 {
+        ip + UDP_HLEN
+    } else if flags & SERVICE_F_IPIP != 0 {
+        ip
+    } else {
+        0
+    }
+}
+
 /// The service VIPs.
 pub const VIP4_DSR: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
-/// IPv4 VIP of the `ipip` services.
+/// IPv4 VIP of the tunnel (`ipip`, `gue`) services.
 pub const VIP4_IPIP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 /// IPv4 VIP of a service without backends.
 pub const VIP4_EMPTY: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 3);
 /// IPv6 VIP of the `dsr-l2` services.
 pub const VIP6_DSR: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 1);
-/// IPv6 VIP of the `ipip` services.
+/// IPv6 VIP of the tunnel (`ipip`, `gue`) services.
 pub const VIP6_IPIP: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 2);
 /// IPv6 VIP of a service without backends.
 pub const VIP6_EMPTY: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 3);
@@ -131,11 +149,11 @@ const SPECS: [Spec; 10] = [
         fuzzed: &[6, 7],
     },
     Spec {
-        name: "udp4-ipip-affinity",
+        name: "udp4-gue-affinity",
         vip: IpAddr::V4(VIP4_IPIP),
         port: DNS,
         proto: IPPROTO_UDP,
-        flags: SERVICE_F_IPIP | SERVICE_F_AFFINITY,
+        flags: SERVICE_F_GUE | SERVICE_F_AFFINITY,
         seeded: &[8, 9],
         fuzzed: &[8, 9],
     },
@@ -176,11 +194,11 @@ const SPECS: [Spec; 10] = [
         fuzzed: &[15, 16, REUSED],
     },
     Spec {
-        name: "udp6-ipip",
+        name: "udp6-gue",
         vip: IpAddr::V6(VIP6_IPIP),
         port: DNS,
         proto: IPPROTO_UDP,
-        flags: SERVICE_F_IPIP | SERVICE_F_ECHO,
+        flags: SERVICE_F_GUE | SERVICE_F_ECHO,
         seeded: &[18, 19],
         fuzzed: &[18, 19],
     },
@@ -614,7 +632,7 @@ impl World {
         v: Verdict,
     ) -> Result<(), (&'static str, String)> {
         let svc = &self.services[hit.service];
-        let ipip = svc.spec.flags & SERVICE_F_IPIP != 0;
+        let tunnel = svc.spec.flags & SERVICE_F_TUNNEL != 0;
         let allowed = self.outcomes(hit, entry);
         let observed = match v.action {
             TX if hit.foreign_destination => {
@@ -630,11 +648,7 @@ impl World {
                         format!("allowed {allowed:?}"),
                     ));
                 }
-                let overhead = if svc.key.family == FAMILY_V4 {
-                    IPV4_HLEN
-                } else {
-                    IPV6_HLEN
-                };
+                let overhead = tunnel_overhead(svc.spec.flags, svc.key.family);
                 let mtu = lab::MTU - overhead as u32;
                 let bad = packet::too_big_reply_problems(frame, out, hit.l3_off, mtu);
                 if !bad.is_empty() {
@@ -648,7 +662,9 @@ impl World {
             TX => {
                 let want = if hit.icmp {
                     Counter::ForwardIcmpError
-                } else if ipip {
+                } else if svc.spec.flags & SERVICE_F_GUE != 0 {
+                    Counter::ForwardGue
+                } else if tunnel {
                     Counter::ForwardIpip
                 } else {
                     Counter::ForwardDsr
@@ -685,8 +701,8 @@ impl World {
                     ));
                 }
                 self.check_link(frame, out, &backend)?;
-                if ipip {
-                    self.check_ipip(frame, out, hit, &backend)?;
+                if tunnel {
+                    self.check_tunnel(frame, out, hit, &backend)?;
                 } else if out.len() != frame.len() || out[12..] != frame[12..] {
                     return Err((
                         "dsr-l2 changes only the MACs",
@@ -766,9 +782,9 @@ impl World {
         Ok(())
     }
 
-    /// An `ipip` frame: the outer header valid and toward the backend, the
-    /// inner packet byte-identical to the input's IP packet.
-    fn check_ipip(
+    /// An `ipip` or `gue` frame: the outer headers valid and toward the
+    /// backend, the inner packet byte-identical to the input's IP packet.
+    fn check_tunnel(
         &self,
         frame: &[u8],
         out: &[u8],
@@ -776,20 +792,29 @@ impl World {
         backend: &BackendValue,
     ) -> Result<(), (&'static str, String)> {
         let l3 = hit.l3_off;
-        let v4 = self.services[hit.service].key.family == FAMILY_V4;
-        let outer_len = if v4 { IPV4_HLEN } else { IPV6_HLEN };
+        let svc = &self.services[hit.service];
+        let v4 = svc.key.family == FAMILY_V4;
+        let gue = svc.spec.flags & SERVICE_F_GUE != 0;
+        let outer_len = tunnel_overhead(svc.spec.flags, svc.key.family);
+        let ip_hlen = if v4 { IPV4_HLEN } else { IPV6_HLEN };
+        // What follows the outer IP header: the packet, or a UDP header.
+        let (proto4, proto6) = if gue {
+            (IPPROTO_UDP, IPPROTO_UDP)
+        } else {
+            (IPPROTO_IPIP, IPPROTO_IPV6)
+        };
         let hash = bucket_hash(&hit.flow);
         if out.len() != frame.len() + outer_len {
             return Err((
-                "ipip adds one outer header",
+                "a tunnel adds its outer headers",
                 format!("{} bytes out of {}", out.len(), frame.len()),
             ));
         }
         if out[12..l3] != frame[12..l3] {
-            return Err(("ipip keeps VLAN tags and EtherType", hex(&out[12..l3])));
+            return Err(("a tunnel keeps VLAN tags and EtherType", hex(&out[12..l3])));
         }
         let o = &out[l3..l3 + outer_len];
-        let bad = |what: &str| Err(("ipip outer header is valid", format!("{what}: {}", hex(o))));
+        let bad = |what: &str| Err(("the outer headers are valid", format!("{what}: {}", hex(o))));
         if v4 {
             let total = usize::from(u16::from_be_bytes([o[2], o[3]]));
             let src = u32::from_be_bytes([o[12], o[13], o[14], o[15]]);
@@ -798,13 +823,13 @@ impl World {
             if o[0] != 0x45 {
                 return bad("version/IHL");
             }
-            if total != hit.ip_len + IPV4_HLEN {
+            if total != hit.ip_len + outer_len {
                 return bad("total length");
             }
-            if packet::checksum(0, o) != 0 {
+            if packet::checksum(0, &o[..IPV4_HLEN]) != 0 {
                 return bad("checksum");
             }
-            if o[9] != IPPROTO_IPIP {
+            if o[9] != proto4 {
                 return bad("protocol");
             }
             if o[8] == 0 {
@@ -835,10 +860,10 @@ impl World {
             if o[0] >> 4 != 6 {
                 return bad("version");
             }
-            if payload != hit.ip_len {
+            if payload != hit.ip_len + outer_len - IPV6_HLEN {
                 return bad("payload length");
             }
-            if o[6] != IPPROTO_IPV6 {
+            if o[6] != proto6 {
                 return bad("next header");
             }
             if o[7] == 0 {
@@ -857,10 +882,28 @@ impl World {
                 return bad("destination is not the backend");
             }
         }
+        if gue {
+            let u = &o[ip_hlen..];
+            let sport = u16::from_be_bytes([u[0], u[1]]);
+            if sport & !GUE_SOURCE_PORT_MASK != GUE_SOURCE_PORT_BASE
+                || sport & GUE_SOURCE_PORT_MASK != hash as u16 & GUE_SOURCE_PORT_MASK
+            {
+                return bad("UDP source port is not the flow hash's");
+            }
+            if u16::from_be_bytes([u[2], u[3]]) != DEFAULT_GUE_PORT {
+                return bad("UDP destination port is not the GUE port");
+            }
+            if usize::from(u16::from_be_bytes([u[4], u[5]])) != hit.ip_len + UDP_HLEN {
+                return bad("UDP length");
+            }
+            if u[6..8] != [0, 0] {
+                return bad("UDP checksum is not zero");
+            }
+        }
         let inner = &out[l3 + outer_len..];
         if inner[..hit.ip_len] != frame[l3..l3 + hit.ip_len] {
             return Err((
-                "ipip inner packet is the input's",
+                "the inner packet is the input's",
                 format!(
                     "first difference at inner byte {}",
                     first_difference(&frame[l3..l3 + hit.ip_len], &inner[..hit.ip_len])
@@ -868,7 +911,7 @@ impl World {
             ));
         }
         if inner[hit.ip_len..] != frame[l3 + hit.ip_len..] {
-            return Err(("ipip keeps the padding after the packet", String::new()));
+            return Err(("a tunnel keeps the padding after the packet", String::new()));
         }
         Ok(())
     }
@@ -914,19 +957,15 @@ impl World {
 
     /// The outcome the documented rules allow for a service packet, given
     /// the flow's entry before it: the pinned backend, else the table's pick
-    /// (no backend in the table's slot drops it); an `ipip` packet too big
+    /// (no backend in the table's slot drops it); a tunnelled packet too big
     /// for the MTU once encapsulated drops it. A frame not sent to the LB's
     /// MAC passes before any of that.
     pub fn outcomes(&self, hit: &Hit, entry: Option<FlowValue>) -> Vec<Outcome> {
         let svc = &self.services[hit.service];
         let chosen = self.pinned(hit, entry).or_else(|| self.table_pick(hit));
         let mut v = vec![chosen.map_or(Outcome::Drop(Counter::DropNoBackend), Outcome::Tx)];
-        if svc.spec.flags & SERVICE_F_IPIP != 0 {
-            let outer = if svc.key.family == FAMILY_V4 {
-                IPV4_HLEN
-            } else {
-                IPV6_HLEN
-            };
+        if svc.spec.flags & SERVICE_F_TUNNEL != 0 {
+            let outer = tunnel_overhead(svc.spec.flags, svc.key.family);
             if hit.ip_len + outer > lab::MTU as usize && chosen.is_some() {
                 // Answered unless it may be fragmented on the way, or is
                 // itself an error, or the CPU's ICMP budget is spent.

@@ -1,6 +1,6 @@
 //! `lb decap` on a backend, end to end with the real binary: it attaches the
-//! decapsulator from its file and pins it, `ipip` services are served
-//! through it in both families, a tunnelled packet from outside its accepted
+//! decapsulator from its file and pins it, `ipip` and `gue` services are
+//! served through it in both families, a tunnelled packet from outside its accepted
 //! prefixes never reaches the backend's stack, and `lb decap remove` takes
 //! it all away.
 
@@ -17,7 +17,7 @@ use lb::{
     netns::{Netns, PrivateBpffs, spawn_in},
 };
 use lb_common::{
-    SERVICE_F_IPIP,
+    SERVICE_F_GUE, SERVICE_F_IPIP,
     wire::{IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP},
 };
 use lb_tests::{
@@ -32,6 +32,9 @@ use serde_json::Value;
 const RING: u32 = 251;
 const VIP4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 2);
+/// The VIPs of the `gue` services.
+const GUE4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 5);
+const GUE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 5);
 const PORT: u16 = 80;
 
 #[test]
@@ -92,22 +95,27 @@ fn send_raw(ns: &Netns, to: Ipv4Addr, packet: &[u8]) -> Result<()> {
 }
 
 fn run() -> Result<()> {
-    let lan = Lan::build(1, &[&format!("{VIP4}/32"), &format!("{VIP6}/128")])?;
+    let lan = Lan::build(
+        1,
+        &[
+            &format!("{VIP4}/32"),
+            &format!("{VIP6}/128"),
+            &format!("{GUE4}/32"),
+            &format!("{GUE6}/128"),
+        ],
+    )?;
     let b = &lan.backends[0];
     let mut lab = Lab::new(RING)?;
     lab.backend_at(0, IpAddr::V4(b.v4), b.mac, true, 1)?;
     lab.backend_at(1, IpAddr::V6(b.v6), b.mac, true, 1)?;
-    for (id, vip, proto, backend) in [
-        (0, IpAddr::V4(VIP4), IPPROTO_TCP, 0),
-        (1, IpAddr::V6(VIP6), IPPROTO_TCP, 1),
-        (2, IpAddr::V4(VIP4), IPPROTO_UDP, 0),
+    for (id, vip, proto, flags, backend) in [
+        (0, IpAddr::V4(VIP4), IPPROTO_TCP, SERVICE_F_IPIP, 0),
+        (1, IpAddr::V6(VIP6), IPPROTO_TCP, SERVICE_F_IPIP, 1),
+        (2, IpAddr::V4(VIP4), IPPROTO_UDP, SERVICE_F_IPIP, 0),
+        (3, IpAddr::V4(GUE4), IPPROTO_TCP, SERVICE_F_GUE, 0),
+        (4, IpAddr::V6(GUE6), IPPROTO_TCP, SERVICE_F_GUE, 1),
     ] {
-        lab.service(
-            id,
-            service_key(vip, PORT, proto),
-            SERVICE_F_IPIP,
-            &[(backend, 1)],
-        )?;
+        lab.service(id, service_key(vip, PORT, proto), flags, &[(backend, 1)])?;
     }
     lan.lb
         .run(|| lab.dp.attach("eth0", aya::programs::XdpMode::Skb, None))?;
@@ -124,7 +132,7 @@ fn run() -> Result<()> {
              endpoints = [\"{}\", \"{}\"]\n\
              # the lab load balancer's tunnel sources\n\
              accept_from = [\"198.18.255.0/24\", \"2001:2:ff::/112\"]\n\
-             vips = [\"{VIP4}\", \"{VIP6}\"]\n",
+             vips = [\"{VIP4}\", \"{VIP6}\", \"{GUE4}\", \"{GUE6}\"]\n",
             b.v4, b.v6
         ),
     )?;
@@ -146,10 +154,13 @@ fn exercise(lan: &Lan, file: &std::path::Path, pins: &std::path::Path) -> Result
     // Applying again switches the pinned program in place.
     lb(&b.ns, &["decap", "apply", "-f", file, "--pin-dir", pins])?;
 
-    for to in [
-        SocketAddr::new(IpAddr::V4(VIP4), PORT),
-        SocketAddr::new(IpAddr::V6(VIP6), PORT),
+    for vip in [
+        IpAddr::V4(VIP4),
+        IpAddr::V6(VIP6),
+        IpAddr::V4(GUE4),
+        IpAddr::V6(GUE6),
     ] {
+        let to = SocketAddr::new(vip, PORT);
         let name = lan.client.run(|| http_get(to))?;
         ensure!(name == "backend-1", "{to}: answered by {name:?}");
     }
@@ -203,9 +214,10 @@ fn exercise(lan: &Lan, file: &std::path::Path, pins: &std::path::Path) -> Result
         "{status}"
     );
     ensure!(
-        status["vips"].as_array().map(Vec::len) == Some(2),
+        status["vips"].as_array().map(Vec::len) == Some(4),
         "{status}"
     );
+    ensure!(status["gue_port"] == 6080, "{status}");
 
     // Gone again: unpinned and detached.
     lb(&b.ns, &["decap", "remove", "--pin-dir", pins])?;

@@ -5,11 +5,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb::dataplane::{DecapTables, Decapsulator};
 use lb_common::{
-    ConntrackSettings, Counter, FlowKey, SERVICE_F_AFFINITY, SERVICE_F_ECHO, SERVICE_F_IPIP,
-    ServiceKey, addr_bytes,
+    ConntrackSettings, Counter, FlowKey, SERVICE_F_AFFINITY, SERVICE_F_ECHO, SERVICE_F_GUE,
+    SERVICE_F_IPIP, ServiceKey, addr_bytes,
     counters::DecapCounter,
     hash::flow_hash,
-    limits::{ECHO_REPLIES_PER_CPU, ICMP_ERRORS_PER_CPU},
+    limits::{
+        DEFAULT_GUE_PORT, ECHO_REPLIES_PER_CPU, GUE_SOURCE_PORT_BASE, GUE_SOURCE_PORT_MASK,
+        ICMP_ERRORS_PER_CPU,
+    },
     maps::PROG_LB,
     wire::*,
 };
@@ -30,6 +33,8 @@ const VIP4_EMPTY: [u8; 4] = [198, 18, 1, 3];
 const VIP4_AFFINITY: [u8; 4] = [198, 18, 1, 4];
 const VIP6_DSR: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 1);
 const VIP6_IPIP: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 2);
+const VIP4_GUE: [u8; 4] = [198, 18, 1, 5];
+const VIP6_GUE: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 5);
 const HTTP: u16 = 80;
 const DNS: u16 = 53;
 
@@ -58,11 +63,13 @@ const SVC_TCP6: usize = 2;
 const SVC_IPIP4: usize = 3;
 const SVC_IPIP6: usize = 4;
 const SVC_AFFINITY: usize = 6;
+const SVC_GUE4: usize = 7;
+const SVC_GUE6: usize = 8;
 
 fn fixture() -> Fixture {
     let mut lab = Lab::new(RING).expect("load the data plane");
     // Backend ids: two per service.
-    let backends: [(u32, IpAddr); 12] = [
+    let backends: [(u32, IpAddr); 16] = [
         (1, b4(11)),
         (2, b4(12)),
         (3, b4(11)),
@@ -75,6 +82,10 @@ fn fixture() -> Fixture {
         (10, b6(0x22)),
         (11, b4(31)),
         (12, b4(32)),
+        (13, b4(41)),
+        (14, b4(42)),
+        (15, b6(0x41)),
+        (16, b6(0x42)),
     ];
     for (id, ip) in backends {
         lab.backend(id, ip, true, 1).expect("backend");
@@ -114,6 +125,16 @@ fn fixture() -> Fixture {
             service_key(v4(VIP4_AFFINITY), HTTP, IPPROTO_TCP),
             SERVICE_F_AFFINITY,
             [(11, 1), (12, 1)],
+        ),
+        (
+            service_key(v4(VIP4_GUE), HTTP, IPPROTO_TCP),
+            SERVICE_F_GUE,
+            [(13, 1), (14, 1)],
+        ),
+        (
+            service_key(IpAddr::V6(VIP6_GUE), HTTP, IPPROTO_TCP),
+            SERVICE_F_GUE,
+            [(15, 1), (16, 1)],
         ),
     ];
     let rings = services
@@ -477,7 +498,25 @@ fn client_affinity_hashes_the_client_address_only() {
 }
 
 /// Checks an `ipip` output: outer header toward the backend, inner packet intact.
-fn assert_ipip(what: &str, input: &[u8], out: &[u8], l3: usize, backend: IpAddr, backend_id: u32) {
+/// Which tunnel a fixture expects.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tunnel {
+    Ipip,
+    Gue,
+}
+
+/// Asserts that `out` is `input`'s IP packet in `tunnel` toward `backend`
+/// (id `backend_id`), the link-layer header readdressed and kept.
+fn assert_tunnelled(
+    what: &str,
+    tunnel: Tunnel,
+    input: &[u8],
+    out: &[u8],
+    l3: usize,
+    backend: IpAddr,
+    backend_id: u32,
+) {
+    let udp = if tunnel == Tunnel::Gue { UDP_HLEN } else { 0 };
     assert_eq!(
         &out[0..6],
         &lab::backend_mac(backend_id),
@@ -496,11 +535,15 @@ fn assert_ipip(what: &str, input: &[u8], out: &[u8], l3: usize, backend: IpAddr,
             let inner_len = input.len() - l3;
             assert_eq!(
                 u16::from_be_bytes([outer[2], outer[3]]) as usize,
-                inner_len + IPV4_HLEN,
+                inner_len + IPV4_HLEN + udp,
                 "{what}: total length"
             );
             assert_eq!(outer[8], DEFAULT_TTL, "{what}: TTL");
-            assert_eq!(outer[9], IPPROTO_IPIP, "{what}: protocol");
+            let proto = match tunnel {
+                Tunnel::Ipip => IPPROTO_IPIP,
+                Tunnel::Gue => IPPROTO_UDP,
+            };
+            assert_eq!(outer[9], proto, "{what}: protocol");
             assert_eq!(outer[1], input[l3 + 1], "{what}: TOS copied");
             let inner_flags = u16::from_be_bytes([input[l3 + 6], input[l3 + 7]]);
             let flags = u16::from_be_bytes([outer[6], outer[7]]);
@@ -524,8 +567,14 @@ fn assert_ipip(what: &str, input: &[u8], out: &[u8], l3: usize, backend: IpAddr,
                 &b.octets(),
                 "{what}: destination is the backend"
             );
+            if tunnel == Tunnel::Gue {
+                // The source's host bits and the UDP source port's low bits
+                // are both the flow's hash.
+                let host = u16::from(outer[15]);
+                assert_gue_udp(what, &out[l3 + IPV4_HLEN..], inner_len, host, 0xff);
+            }
             assert_eq!(
-                &out[l3 + IPV4_HLEN..],
+                &out[l3 + IPV4_HLEN + udp..],
                 &input[l3..],
                 "{what}: inner packet intact"
             );
@@ -536,10 +585,14 @@ fn assert_ipip(what: &str, input: &[u8], out: &[u8], l3: usize, backend: IpAddr,
             let inner_len = input.len() - l3;
             assert_eq!(
                 u16::from_be_bytes([outer[4], outer[5]]) as usize,
-                inner_len,
+                inner_len + udp,
                 "{what}: payload length"
             );
-            assert_eq!(outer[6], IPPROTO_IPV6, "{what}: next header");
+            let next = match tunnel {
+                Tunnel::Ipip => IPPROTO_IPV6,
+                Tunnel::Gue => IPPROTO_UDP,
+            };
+            assert_eq!(outer[6], next, "{what}: next header");
             assert_eq!(
                 &outer[8..22],
                 &lab::TUNNEL_SRC_V6[..14],
@@ -550,13 +603,43 @@ fn assert_ipip(what: &str, input: &[u8], out: &[u8], l3: usize, backend: IpAddr,
                 &b.octets(),
                 "{what}: destination is the backend"
             );
+            if tunnel == Tunnel::Gue {
+                let host = u16::from_be_bytes([outer[22], outer[23]]);
+                let mask = GUE_SOURCE_PORT_MASK;
+                assert_gue_udp(what, &out[l3 + IPV6_HLEN..], inner_len, host, mask);
+            }
             assert_eq!(
-                &out[l3 + IPV6_HLEN..],
+                &out[l3 + IPV6_HLEN + udp..],
                 &input[l3..],
                 "{what}: inner packet intact"
             );
         }
     }
+}
+
+/// Asserts the UDP header of a GUE packet around `inner_len` bytes whose
+/// outer source's host bits are `host`: the source port from the same hash
+/// (compared under `mask`), to the GUE port, no checksum.
+fn assert_gue_udp(what: &str, udp: &[u8], inner_len: usize, host: u16, mask: u16) {
+    let word = |i: usize| u16::from_be_bytes([udp[i], udp[i + 1]]);
+    let sport = word(0);
+    assert_eq!(
+        sport & !GUE_SOURCE_PORT_MASK,
+        GUE_SOURCE_PORT_BASE,
+        "{what}: source port in the dynamic range"
+    );
+    assert_eq!(
+        sport & mask,
+        host & mask,
+        "{what}: source port from the flow hash"
+    );
+    assert_eq!(word(2), DEFAULT_GUE_PORT, "{what}: destination port");
+    assert_eq!(
+        usize::from(word(4)),
+        inner_len + UDP_HLEN,
+        "{what}: UDP length"
+    );
+    assert_eq!(word(6), 0, "{what}: no UDP checksum");
 }
 
 #[test]
@@ -584,7 +667,15 @@ fn ipip_encapsulates_toward_the_backend_in_both_families() {
         )),
         v => v,
     };
-    assert_ipip("IPv4-in-IPv4", &frame, &out, ETH_HLEN, addr, want);
+    assert_tunnelled(
+        "IPv4-in-IPv4",
+        Tunnel::Ipip,
+        &frame,
+        &out,
+        ETH_HLEN,
+        addr,
+        want,
+    );
 
     let frame = tcp4(CLIENT4, VIP4_IPIP, 41001, HTTP, TCP_SYN, &[7]);
     let want = f.expected(
@@ -599,8 +690,9 @@ fn ipip_encapsulates_toward_the_backend_in_both_families() {
         Counter::ForwardIpip,
     );
     let b = f.lab.dp.backend(want).unwrap().addr;
-    assert_ipip(
+    assert_tunnelled(
         "IPv4-in-IPv4 VLAN",
+        Tunnel::Ipip,
         &frame,
         &out,
         ETH_HLEN + VLAN_HLEN,
@@ -623,7 +715,15 @@ fn ipip_encapsulates_toward_the_backend_in_both_families() {
     let out = f.case("IPv6-in-IPv6", &frame, TX, Counter::ForwardIpip);
     assert_eq!(out.len(), frame.len() + IPV6_HLEN);
     let b = IpAddr::V6(Ipv6Addr::from(f.lab.dp.backend(want).unwrap().addr));
-    assert_ipip("IPv6-in-IPv6", &frame, &out, ETH_HLEN, b, want);
+    assert_tunnelled(
+        "IPv6-in-IPv6",
+        Tunnel::Ipip,
+        &frame,
+        &out,
+        ETH_HLEN,
+        b,
+        want,
+    );
 
     // A packet that would exceed the MTU once encapsulated, without DF, is
     // dropped.
@@ -644,8 +744,9 @@ fn ipip_encapsulates_toward_the_backend_in_both_families() {
     );
     let out = f.case("IPv4-in-IPv4 with DF", &frame, TX, Counter::ForwardIpip);
     let b = f.lab.dp.backend(want).unwrap().addr;
-    assert_ipip(
+    assert_tunnelled(
         "IPv4-in-IPv4 with DF",
+        Tunnel::Ipip,
         &frame,
         &out,
         ETH_HLEN,
@@ -691,6 +792,56 @@ fn ipip_encapsulates_toward_the_backend_in_both_families() {
         TX,
         Counter::ForwardIpip,
     );
+}
+
+/// The address of backend `id` as the data plane holds it.
+fn backend_addr(f: &Fixture, id: u32) -> IpAddr {
+    let b = f.lab.dp.backend(id).unwrap();
+    lb_common::addr_ip(&b.addr, b.family)
+}
+
+#[test]
+fn gue_encapsulates_in_udp_toward_the_backend_in_both_families() {
+    if !privileged() {
+        return;
+    }
+    let mut f = fixture();
+    for (what, vlans, sport) in [
+        ("IPv4 in GUE", &[][..], 42000),
+        ("IPv4 in GUE, VLAN", &[7][..], 42001),
+    ] {
+        let frame = tcp4(CLIENT4, VIP4_GUE, sport, HTTP, TCP_SYN, vlans);
+        let want = f.expected(
+            SVC_GUE4,
+            &flow(v4(CLIENT4), v4(VIP4_GUE), sport, HTTP, IPPROTO_TCP),
+            false,
+        );
+        let out = f.case(what, &frame, TX, Counter::ForwardGue);
+        assert_eq!(out.len(), frame.len() + IPV4_HLEN + UDP_HLEN, "{what}");
+        let l3 = ETH_HLEN + VLAN_HLEN * vlans.len();
+        let b = backend_addr(&f, want);
+        assert_tunnelled(what, Tunnel::Gue, &frame, &out, l3, b, want);
+    }
+    let frame = tcp6(CLIENT6, VIP6_GUE, 42002, HTTP, TCP_SYN, &[]);
+    let flow6 = flow(
+        IpAddr::V6(CLIENT6),
+        IpAddr::V6(VIP6_GUE),
+        42002,
+        HTTP,
+        IPPROTO_TCP,
+    );
+    let want = f.expected(SVC_GUE6, &flow6, false);
+    let out = f.case("IPv6 in GUE", &frame, TX, Counter::ForwardGue);
+    assert_eq!(out.len(), frame.len() + IPV6_HLEN + UDP_HLEN);
+    let b = backend_addr(&f, want);
+    assert_tunnelled("IPv6 in GUE", Tunnel::Gue, &frame, &out, ETH_HLEN, b, want);
+
+    // The UDP header counts against the MTU too: a packet that fits an
+    // `ipip` tunnel by 4 bytes does not fit GUE.
+    let frame = sized(v4(VIP4_GUE), 42003, 1476, &[], false);
+    f.case("1476 bytes, 1500 MTU", &frame, DROP, Counter::DropTooBig);
+    let frame = sized(v4(VIP4_GUE), 42004, 1472, &[], false);
+    f.case("1472 bytes, 1500 MTU", &frame, TX, Counter::ForwardGue);
 }
 
 /// An `ip_len`-byte TCP segment of the client's to `vip`, behind `vlans`,
@@ -744,6 +895,18 @@ fn packets_too_big_for_the_tunnel_are_answered_with_the_mtu_to_use() {
             ETH_HLEN,
             lab::MTU - IPV6_HLEN as u32,
         ),
+        (
+            "IPv4 with DF to a GUE service",
+            sized(v4(VIP4_GUE), 43010, 1500, &[], true),
+            ETH_HLEN,
+            lab::MTU - (IPV4_HLEN + UDP_HLEN) as u32,
+        ),
+        (
+            "IPv6 to a GUE service",
+            sized(IpAddr::V6(VIP6_GUE), 43011, 1500, &[], true),
+            ETH_HLEN,
+            lab::MTU - (IPV6_HLEN + UDP_HLEN) as u32,
+        ),
     ] {
         let out = f.case(what, &frame, TX, Counter::ReplyTooBig);
         let bad = packet::too_big_reply_problems(&frame, &out, l3, mtu);
@@ -761,7 +924,7 @@ fn packets_too_big_for_the_tunnel_are_answered_with_the_mtu_to_use() {
 
     // A CPU sends at most ICMP_ERRORS_PER_CPU a second: then drops.
     let frame = sized(v4(VIP4_IPIP), 43004, 1500, &[], true);
-    let mut replies = 4;
+    let mut replies = 6;
     while replies < ICMP_ERRORS_PER_CPU {
         assert_eq!(f.lab.run(PROG_LB, &frame).unwrap().action, TX);
         replies += 1;
@@ -1268,6 +1431,7 @@ fn decap_strips_tunnels_from_accepted_sources_to_local_endpoints_and_vips_only()
             endpoints: [v4(me4), IpAddr::V6(me6)].into(),
             sources: lab::tunnel_sources(),
             vips: [v4(VIP4_IPIP), IpAddr::V6(VIP6_IPIP)].into(),
+            gue_port: DEFAULT_GUE_PORT,
         })
         .unwrap();
     let inner = Ipv4::new(CLIENT4, VIP4_IPIP, IPPROTO_TCP).build(&packet::tcp(
@@ -1333,6 +1497,58 @@ fn decap_strips_tunnels_from_accepted_sources_to_local_endpoints_and_vips_only()
     );
     assert_eq!(&out[ETH_HLEN..], &inner6[..]);
 
+    // GUE: the same, in UDP to the GUE port.
+    let gue4 = |src: [u8; 4], port: u16, inner: &[u8]| {
+        let udp = packet::udp(v4(src), v4(me4), 49999, port, inner);
+        packet::ethernet(
+            LB_MAC,
+            ROUTER_MAC,
+            &[],
+            ETH_P_IP,
+            &Ipv4::new(src, me4, IPPROTO_UDP).build(&udp),
+        )
+    };
+    let out = count(
+        "GUE to this host",
+        &gue4([198, 18, 255, 7], DEFAULT_GUE_PORT, &inner),
+        PASS,
+        DecapCounter::Decapsulated,
+    );
+    assert_eq!(
+        &out[ETH_HLEN..],
+        &inner[..],
+        "outer IP and UDP headers removed"
+    );
+    let udp6 = packet::udp(
+        IpAddr::from(lab::TUNNEL_SRC_V6),
+        IpAddr::V6(me6),
+        49999,
+        DEFAULT_GUE_PORT,
+        &inner6,
+    );
+    let gue6 = packet::ipv6(lab::TUNNEL_SRC_V6, me6.octets(), IPPROTO_UDP, &[], &udp6);
+    let out = count(
+        "GUE over IPv6 to this host",
+        &packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IPV6, &gue6),
+        PASS,
+        DecapCounter::Decapsulated,
+    );
+    assert_eq!(&out[ETH_HLEN..], &inner6[..]);
+    let other_port = gue4([198, 18, 255, 7], 53, &inner);
+    let out = count(
+        "UDP to another port",
+        &other_port,
+        PASS,
+        DecapCounter::PassNotTunnel,
+    );
+    assert_eq!(out, other_port);
+    count(
+        "GUE from outside the accepted prefix",
+        &gue4([198, 18, 254, 7], DEFAULT_GUE_PORT, &inner),
+        DROP,
+        DecapCounter::DropForeignSource,
+    );
+
     // Only the load balancers may tunnel packets in.
     for (what, frame) in [
         (
@@ -1361,6 +1577,12 @@ fn decap_strips_tunnels_from_accepted_sources_to_local_endpoints_and_vips_only()
     count(
         "IPIP to this host's own address inside",
         &ipip([198, 18, 255, 7], me4, &not_vip),
+        DROP,
+        DecapCounter::DropNotVip,
+    );
+    count(
+        "GUE to this host's own address inside",
+        &gue4([198, 18, 255, 7], DEFAULT_GUE_PORT, &not_vip),
         DROP,
         DecapCounter::DropNotVip,
     );
@@ -1412,6 +1634,7 @@ fn decap_tables_are_replaced_whole_and_read_back() {
         endpoints: [ip("198.18.0.21"), ip("2001:2::21")].into(),
         sources: [(ip("198.18.255.0"), 24), (ip("0.0.0.0"), 0)].into(),
         vips: [ip("198.18.100.1")].into(),
+        gue_port: DEFAULT_GUE_PORT,
     };
     decap.set_tables(&first).unwrap();
     assert_eq!(decap.tables().unwrap(), first);
@@ -1419,6 +1642,8 @@ fn decap_tables_are_replaced_whole_and_read_back() {
         endpoints: [ip("198.18.0.21")].into(),
         sources: [(ip("2001:2:ff::"), 112)].into(),
         vips: [ip("198.18.100.2"), ip("2001:2:100::1")].into(),
+        // A new port is written to the endpoints that stay.
+        gue_port: 7000,
     };
     decap.set_tables(&second).unwrap();
     assert_eq!(decap.tables().unwrap(), second);

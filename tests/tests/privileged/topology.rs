@@ -17,8 +17,9 @@ use lb::{
     netns::{self, Netns},
 };
 use lb_common::{
-    Counter, SERVICE_F_IPIP,
+    Counter, SERVICE_F_GUE, SERVICE_F_IPIP,
     counters::DecapCounter,
+    limits::DEFAULT_GUE_PORT,
     wire::{IPPROTO_TCP, IPPROTO_UDP},
 };
 use lb_tests::{
@@ -33,6 +34,8 @@ const VIP_DSR4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 const VIP_IPIP4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 const VIP_DSR6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 1);
 const VIP_IPIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 2);
+const VIP_GUE4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 5);
+const VIP_GUE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 5);
 const HOST_PORT: u16 = 2222;
 
 /// The decapsulator of backend `b`, attached to its `eth0`, accepting the
@@ -43,6 +46,7 @@ fn decapsulator(b: &Host, vips: &[IpAddr]) -> Result<Decapsulator> {
         endpoints: [IpAddr::V4(b.v4), IpAddr::V6(b.v6)].into(),
         sources: lab::tunnel_sources(),
         vips: vips.iter().copied().collect(),
+        gue_port: DEFAULT_GUE_PORT,
     })?;
     b.ns.run(|| decap.attach("eth0", XdpMode::Skb, None))?;
     Ok(decap)
@@ -192,27 +196,43 @@ const UPLOAD: usize = 10 << 20;
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Every host's link is 1500 bytes, so the client's full-size segments do
-/// not fit in the load balancer's `ipip` tunnel: 10 MB uploads in both
-/// families finish only if the client learns the tunnel's MTU from the
-/// load balancer's ICMP errors.
+/// not fit in the load balancer's `ipip` or `gue` tunnels: 10 MB uploads in
+/// both families and both tunnels finish only if the client learns each
+/// tunnel's MTU from the load balancer's ICMP errors.
 fn run_uploads() -> Result<()> {
-    let lan = Lan::build(1, &["198.18.1.2/32", "2001:2:1::2/128"])?;
+    let lan = Lan::build(
+        1,
+        &[
+            "198.18.1.2/32",
+            "2001:2:1::2/128",
+            "198.18.1.5/32",
+            "2001:2:1::5/128",
+        ],
+    )?;
     let b = &lan.backends[0];
     let mut lab = Lab::new(RING)?;
     lab.backend_at(0, IpAddr::V4(b.v4), b.mac, true, 1)?;
     lab.backend_at(1, IpAddr::V6(b.v6), b.mac, true, 1)?;
-    for (id, vip, backend) in [(0, IpAddr::V4(VIP_IPIP4), 0), (1, IpAddr::V6(VIP_IPIP6), 1)] {
+    let vips = [
+        (IpAddr::V4(VIP_IPIP4), SERVICE_F_IPIP),
+        (IpAddr::V6(VIP_IPIP6), SERVICE_F_IPIP),
+        (IpAddr::V4(VIP_GUE4), SERVICE_F_GUE),
+        (IpAddr::V6(VIP_GUE6), SERVICE_F_GUE),
+    ];
+    for (id, (vip, flags)) in vips.iter().enumerate() {
+        let backend = if vip.is_ipv4() { 0 } else { 1 };
         lab.service(
-            id,
-            service_key(vip, SINK_PORT, IPPROTO_TCP),
-            SERVICE_F_IPIP,
+            id as u32,
+            service_key(*vip, SINK_PORT, IPPROTO_TCP),
+            *flags,
             &[(backend, 1)],
         )?;
     }
     lan.lb.run(|| lab.dp.attach("eth0", XdpMode::Skb, None))?;
-    let _decap = decapsulator(b, &[IpAddr::V4(VIP_IPIP4), IpAddr::V6(VIP_IPIP6)])?;
+    // Held: its links detach when it drops.
+    let _decap = decapsulator(b, &vips.map(|(vip, _)| vip))?;
     let sink = b.ns.run(|| Ok(std::net::TcpListener::bind("[::]:9000")?))?;
-    const UPLOADS: usize = 2;
+    const UPLOADS: usize = 4;
     // Counts what each connection sends and answers with the count.
     let server = std::thread::spawn(move || {
         for mut conn in sink.incoming().take(UPLOADS).flatten() {
@@ -224,7 +244,7 @@ fn run_uploads() -> Result<()> {
             let _ = conn.write_all(n.to_string().as_bytes());
         }
     });
-    for vip in [IpAddr::V4(VIP_IPIP4), IpAddr::V6(VIP_IPIP6)] {
+    for (vip, _) in vips {
         let to = SocketAddr::new(vip, SINK_PORT);
         let received = lan.client.run(move || {
             let mut c = TcpStream::connect_timeout(&to, UPLOAD_TIMEOUT)?;
@@ -241,7 +261,8 @@ fn run_uploads() -> Result<()> {
     }
     server.join().expect("the sink thread");
     let replies = lab.counter(Counter::ReplyTooBig)?;
-    assert!(replies >= 2, "the clients were told the MTU: {replies}");
+    assert!(replies >= 4, "the clients were told the MTU: {replies}");
+    assert!(lab.counter(Counter::ForwardGue)? > 0);
     Ok(())
 }
 
