@@ -6,8 +6,8 @@
 //! (services, VIPs, rings, backends, settings) with this tree's types, and
 //! read through its counters. A revision whose layout of one of those maps
 //! differs is refused with the map named, rather than given tables it would
-//! misread; backends of a revision before their seal are written in that
-//! layout. The VIP filter and the service slots are kept too where the
+//! misread; backends of a revision before their seal, and settings of one
+//! before `gue`, are written in that layout. The VIP filter and the service slots are kept too where the
 //! revision has them, and so is the connection table's bucket count, which
 //! a revision with buckets in an array reads from its settings (the rest of
 //! those settings stays at the defaults, as in the current object), and so
@@ -47,7 +47,7 @@ pub struct Baseline {
     service_slots: Option<Array<MapData, ServiceSlot>>,
     rings: Array<MapData, u32>,
     backends: Backends,
-    settings: Array<MapData, Settings>,
+    settings: SettingsMap,
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, ServiceStats>,
 }
@@ -90,6 +90,50 @@ impl Backends {
                 let mut old = [0; UNSEALED_BACKEND];
                 old.copy_from_slice(&bytes[..UNSEALED_BACKEND]);
                 a.set(id, old, 0)?
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Bytes of the settings before `gue_port`: this tree's [`Settings`] but
+/// its last two fields.
+const SETTINGS_BEFORE_GUE: usize = 36;
+
+/// The baseline's settings, in its layout.
+enum SettingsMap {
+    /// This tree's.
+    Current(Array<MapData, Settings>),
+    /// Before `gue`: the same fields up to the GUE port.
+    BeforeGue(Array<MapData, [u8; SETTINGS_BEFORE_GUE]>),
+}
+
+impl SettingsMap {
+    fn take(ebpf: &mut Ebpf) -> Result<SettingsMap> {
+        let map = ebpf
+            .take_map(names::SETTINGS)
+            .with_context(|| format!("map {} missing from {OBJECT}", names::SETTINGS))?;
+        let value_size = match &map {
+            aya::maps::Map::Array(data) => data.info()?.value_size() as usize,
+            _ => 0,
+        };
+        let layout = || format!("map {} of {OBJECT} has another layout", names::SETTINGS);
+        Ok(if value_size == SETTINGS_BEFORE_GUE {
+            SettingsMap::BeforeGue(Array::try_from(map).with_context(layout)?)
+        } else {
+            SettingsMap::Current(Array::try_from(map).with_context(layout)?)
+        })
+    }
+
+    fn set(&mut self, settings: Settings) -> Result<()> {
+        match self {
+            SettingsMap::Current(a) => a.set(0, settings, 0)?,
+            SettingsMap::BeforeGue(a) => {
+                // SAFETY: 40 bytes of plain integers.
+                let bytes: [u8; 40] = unsafe { std::mem::transmute(settings) };
+                let mut old = [0; SETTINGS_BEFORE_GUE];
+                old.copy_from_slice(&bytes[..SETTINGS_BEFORE_GUE]);
+                a.set(0, old, 0)?
             }
         }
         Ok(())
@@ -147,7 +191,7 @@ impl Baseline {
             service_slots: take_if_any(&mut ebpf, names::SERVICE_SLOTS)?,
             rings: take(&mut ebpf, OBJECT, names::RINGS)?,
             backends: Backends::take(&mut ebpf)?,
-            settings: take(&mut ebpf, OBJECT, names::SETTINGS)?,
+            settings: SettingsMap::take(&mut ebpf)?,
             counters: take(&mut ebpf, OBJECT, names::COUNTERS)?,
             service_stats: take(&mut ebpf, OBJECT, names::SERVICE_STATS)?,
             ebpf,
@@ -170,7 +214,7 @@ impl Baseline {
 
     /// Writes the settings the current object has.
     pub fn set_settings(&mut self, settings: Settings) -> Result<()> {
-        Ok(self.settings.set(0, settings, 0)?)
+        self.settings.set(settings)
     }
 
     /// Writes backend `id` as the current object has it.
