@@ -369,12 +369,15 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Log lines to stderr, filtered by `LB_LOG` (default `info`).
+/// Log lines to stderr, filtered by `LB_LOG` (default `info`); colour only
+/// on a terminal, so a file or the journal gets plain text.
 fn log_to_stderr() {
+    use std::io::IsTerminal as _;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LB_LOG").unwrap_or_else(|_| "info".into()),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }

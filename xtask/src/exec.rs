@@ -209,11 +209,11 @@ mod tests {
     #[test]
     fn display_shows_env_program_name_and_quoted_args() {
         let mut cmd = Command::new("/opt/toolchain/bin/cargo");
-        cmd.env("LB_REQUIRE_PRIVILEGED", "1")
+        cmd.env("LB_LOG", "debug")
             .args(["test", "--workspace", "-f=${Status}", "it's"]);
         assert_eq!(
             display(&cmd),
-            r"LB_REQUIRE_PRIVILEGED=1 cargo test --workspace '-f=${Status}' 'it'\''s'"
+            r"LB_LOG=debug cargo test --workspace '-f=${Status}' 'it'\''s'"
         );
     }
 

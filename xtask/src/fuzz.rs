@@ -10,7 +10,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result};
 
-use crate::{exec, setup, test::REQUIRE_PRIVILEGED};
+use crate::{exec, setup, test::INCLUDE_PRIVILEGED};
 
 /// How many frames the test runs (it defaults to the CI run's count).
 const FRAMES_VAR: &str = "LB_FUZZ_FRAMES";
@@ -23,12 +23,11 @@ const FILTER: &str = "fuzz::";
 /// with their output shown as it comes.
 pub fn run(root: &Path, frames: Option<u64>, seed: Option<u64>) -> Result<()> {
     setup::run()?;
-    let (key, value) = REQUIRE_PRIVILEGED;
     let mut cmd = exec::cargo();
     cmd.current_dir(root)
         .args(["test", "--release", "--package", "lb-tests"])
-        .args(["--test", "privileged", "--", FILTER, "--nocapture"])
-        .env(key, value);
+        .args(["--test", "privileged", "--", FILTER, INCLUDE_PRIVILEGED])
+        .arg("--nocapture");
     if let Some(frames) = frames {
         cmd.env(FRAMES_VAR, frames.to_string());
     }

@@ -13,9 +13,21 @@ use anyhow::Result;
 
 use crate::{build, exec};
 
-/// Set for `cargo test`: tests that need root and the kernel fail instead of
-/// skipping, so a CI run cannot pass without exercising the data plane.
-pub(crate) const REQUIRE_PRIVILEGED: (&str, &str) = ("LB_REQUIRE_PRIVILEGED", "1");
+/// The libtest flag that runs the tests that need root: they are
+/// `#[ignore]`d (with that reason) so that a plain `cargo test` lists them
+/// as ignored rather than passing them unrun (see `lb_tests::require_root`).
+pub(crate) const INCLUDE_PRIVILEGED: &str = "--include-ignored";
+
+/// `test_args` (cargo's arguments, then the harness's after `--`) with
+/// [`INCLUDE_PRIVILEGED`] among the harness's.
+pub(crate) fn with_privileged(test_args: &[String]) -> Vec<String> {
+    let mut args = test_args.to_vec();
+    if !args.iter().any(|a| a == "--") {
+        args.push("--".into());
+    }
+    args.push(INCLUDE_PRIVILEGED.into());
+    args
+}
 
 /// Clippy for the eBPF crates (lb's programs and the benchmark-only ones),
 /// on their own target with the nightly toolchain.
@@ -74,8 +86,13 @@ pub fn run(root: &Path, test_args: &[String]) -> ExitCode {
     if nothing_ran && failed_steps == 0 {
         eprintln!("error: no test passed (a filter that matches nothing?)");
     }
+    // Every test runs here, those that need root included: one left out
+    // was not verified.
+    if totals.ignored > 0 {
+        eprintln!("error: {} test(s) ignored", totals.ignored);
+    }
     println!("{}", totals.summary());
-    if failed_steps > 0 || totals.failed > 0 || nothing_ran {
+    if failed_steps > 0 || totals.failed > 0 || nothing_ran || totals.ignored > 0 {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
@@ -96,14 +113,12 @@ fn check_format(root: &Path) -> Result<()> {
 /// else) with `cargo xtask build`. `--no-fail-fast` keeps going after a failing test
 /// binary so the counts cover every test.
 fn run_tests(root: &Path, test_args: &[String], totals: &mut Counts) -> Result<()> {
-    let (key, value) = REQUIRE_PRIVILEGED;
     exec::run_tee_stdout(
         exec::cargo()
             .current_dir(root)
             .arg("test")
             .args(["--release", "--no-fail-fast"])
-            .args(test_args)
-            .env(key, value),
+            .args(with_privileged(test_args)),
         |line| {
             if let Some(counts) = parse_test_result(line) {
                 *totals += counts;
@@ -210,6 +225,20 @@ mod tests {
     fn ignores_other_lines() {
         assert_eq!(parse_test_result("test flow::hash ... ok"), None);
         assert_eq!(parse_test_result("running 12 tests"), None);
+    }
+
+    #[test]
+    fn the_tests_that_need_root_are_included_after_any_filter() {
+        let args = |v: &[&str]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(with_privileged(&[]), args(&["--", INCLUDE_PRIVILEGED]));
+        assert_eq!(
+            with_privileged(&args(&["--", "fixtures"])),
+            args(&["--", "fixtures", INCLUDE_PRIVILEGED])
+        );
+        assert_eq!(
+            with_privileged(&args(&["-p", "lb-tests"])),
+            args(&["-p", "lb-tests", "--", INCLUDE_PRIVILEGED])
+        );
     }
 
     #[test]

@@ -1050,4 +1050,128 @@ mod tests {
             body.instructions.len()
         );
     }
+
+    /// The kernel/user ABI, checked without root: every map the object
+    /// defines has the key and value sizes of lb-common's types and its
+    /// default capacity, and none goes unchecked (aya's own sections aside).
+    #[test]
+    fn the_objects_maps_are_the_shapes_lb_common_declares() {
+        use lb_common::{
+            IcmpBudget, IcmpKind, SourceKey,
+            counters::DecapCounter,
+            limits::{INTERFACE_SLOTS, MAX_ADDRESSES, MAX_DECAP_SOURCES, VIP_FILTER_WORDS},
+        };
+        use std::mem::size_of;
+        /// An LPM trie's key: the prefix length, then the data.
+        const PREFIX_LEN: usize = size_of::<u32>();
+        let u32s = size_of::<u32>();
+        let want: [(&str, usize, usize, u32); 19] = [
+            (
+                names::SERVICES,
+                size_of::<ServiceKey>(),
+                size_of::<ServiceValue>(),
+                DEFAULT_MAX_SERVICES,
+            ),
+            (
+                names::SERVICE_SLOTS,
+                u32s,
+                size_of::<ServiceSlot>(),
+                DEFAULT_MAX_SERVICES,
+            ),
+            (names::VIPS, size_of::<AddrKey>(), u32s, MAX_ADDRESSES),
+            (names::VIP_FILTER, u32s, size_of::<u64>(), VIP_FILTER_WORDS),
+            (
+                names::RINGS,
+                u32s,
+                u32s,
+                DEFAULT_MAX_SERVICES * RING_COPIES * DEFAULT_RING_SIZE,
+            ),
+            (
+                names::BACKENDS,
+                u32s,
+                size_of::<BackendValue>(),
+                DEFAULT_MAX_BACKENDS,
+            ),
+            (
+                names::CONNTRACK,
+                u32s,
+                size_of::<FlowEntry>(),
+                DEFAULT_CONNTRACK_ENTRIES,
+            ),
+            (
+                names::CONNTRACK_SETTINGS,
+                u32s,
+                size_of::<ConntrackSettings>(),
+                1,
+            ),
+            (names::CONNTRACK_STATS, u32s, size_of::<ConntrackStats>(), 1),
+            (names::SETTINGS, u32s, size_of::<Settings>(), 1),
+            (
+                names::INTERFACES,
+                u32s,
+                size_of::<Interface>(),
+                INTERFACE_SLOTS,
+            ),
+            (
+                names::ICMP_BUDGET,
+                u32s,
+                size_of::<IcmpBudget>(),
+                IcmpKind::COUNT,
+            ),
+            (names::COUNTERS, u32s, size_of::<u64>(), Counter::COUNT),
+            (
+                names::SERVICE_STATS,
+                u32s,
+                size_of::<ServiceStats>(),
+                DEFAULT_MAX_SERVICES,
+            ),
+            (
+                names::BACKEND_STATS,
+                u32s,
+                size_of::<BackendStats>(),
+                DEFAULT_MAX_BACKENDS,
+            ),
+            (
+                names::DECAP_ADDRS,
+                size_of::<AddrKey>(),
+                u32s,
+                MAX_ADDRESSES,
+            ),
+            (
+                names::DECAP_SOURCES,
+                PREFIX_LEN + size_of::<SourceKey>(),
+                u32s,
+                MAX_DECAP_SOURCES,
+            ),
+            (names::DECAP_VIPS, size_of::<AddrKey>(), u32s, MAX_ADDRESSES),
+            (
+                names::DECAP_COUNTERS,
+                u32s,
+                size_of::<u64>(),
+                DecapCounter::COUNT,
+            ),
+        ];
+        let object = aya_obj::Object::parse(EBPF_OBJECT).unwrap();
+        for (name, key, value, entries) in want {
+            let map = object
+                .maps
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} missing"));
+            assert_eq!(map.key_size() as usize, key, "{name}: key bytes");
+            assert_eq!(map.value_size() as usize, value, "{name}: value bytes");
+            assert_eq!(map.max_entries(), entries, "{name}: entries");
+        }
+        for name in object.maps.keys() {
+            let aya_own = name.starts_with('.') || name.starts_with("AYA_");
+            assert!(
+                aya_own || want.iter().any(|(n, ..)| n == name),
+                "map {name} of the object is not checked here"
+            );
+        }
+        // Both map lists cover exactly the object's maps.
+        let listed: std::collections::BTreeSet<&str> =
+            ALL_MAPS.iter().chain(&decap::DECAP_MAPS).copied().collect();
+        let checked: std::collections::BTreeSet<&str> = want.iter().map(|w| w.0).collect();
+        assert_eq!(listed, checked);
+    }
 }

@@ -11,7 +11,7 @@ use std::{
 use lb_tests::{
     daemon::Daemon,
     edge::{ECHO_PORT, EchoServer, Edge, Sessions, backend_v4, node_config, node_v4},
-    privileged,
+    require_root,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
@@ -42,10 +42,9 @@ fn vip_state(d: &Daemon) -> (bool, serde_json::Value) {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test runs it"]
 fn nodes_announce_what_they_serve_and_withdrawals_reset_nothing() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let edge = Edge::build(2, BACKENDS, &[VIP]).unwrap();
     let _servers: Vec<EchoServer> = edge
         .backends

@@ -25,7 +25,7 @@ use lb_tests::{
     lab::{Lab, service_key},
     lan::{CLIENT_V4, Lan},
     packet::{self, Ipv4},
-    privileged,
+    require_root,
 };
 use serde_json::Value;
 
@@ -38,10 +38,9 @@ const GUE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 5);
 const PORT: u16 = 80;
 
 #[test]
+#[ignore = "needs root: cargo xtask test runs it"]
 fn a_backend_running_lb_decap_serves_ipip_and_refuses_spoofed_tunnels() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     run().unwrap();
 }
 

@@ -7,7 +7,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use lb_tests::{daemon::lb_binary, privileged};
+use lb_tests::{daemon::lb_binary, require_root};
 
 fn demo_output(args: &[&str]) -> (bool, String) {
     let out = Command::new(lb_binary().unwrap())
@@ -32,10 +32,9 @@ fn assert_nothing_left() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test runs it"]
 fn the_demo_runs_end_to_end_and_is_interrupted_cleanly() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let _demo = lb_tests::demo_lock();
     let (ok, text) = demo_output(&[]);
     println!("{text}");
@@ -82,10 +81,9 @@ fn the_demo_runs_end_to_end_and_is_interrupted_cleanly() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test runs it"]
 fn the_fleet_demo_runs_end_to_end_and_leaves_nothing() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let child = Command::new(lb_binary().unwrap())
         .args(["demo", "--fleet"])
         .stdout(Stdio::piped())

@@ -19,7 +19,7 @@ use lb_common::{
 use lb_tests::{
     lab::{self, DROP, LB_MAC, Lab, PASS, ROUTER_MAC, TX, backend_of_mac, service_key},
     packet::{self, Ipv4},
-    privileged,
+    require_root,
 };
 
 /// A small prime keeps publishing fast; the agreement test uses the default.
@@ -238,10 +238,9 @@ fn assert_dsr(what: &str, input: &[u8], out: &[u8], backend: u32) {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test runs it"]
 fn non_service_traffic_passes_untouched() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut f = fixture();
     let arp = packet::ethernet([0xff; 6], ROUTER_MAC, &[], ETH_P_ARP, &[0u8; 28]);
     f.case("ARP", &arp, PASS, Counter::PassNotIp);
@@ -319,10 +318,9 @@ fn non_service_traffic_passes_untouched() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test runs it"]
 fn dsr_forwards_ipv4_ipv6_vlan_and_options_to_the_hashed_backend() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut f = fixture();
     let cases: [(&str, Vec<u8>, FlowKey, usize); 6] = [
         (
@@ -478,10 +476,9 @@ fn dsr_forwards_ipv4_ipv6_vlan_and_options_to_the_hashed_backend() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test runs it"]
 fn client_affinity_hashes_the_client_address_only() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut f = fixture();
     let mut seen = std::collections::BTreeSet::new();
     for port in 40000..40064u16 {
@@ -643,10 +640,9 @@ fn assert_gue_udp(what: &str, udp: &[u8], inner_len: usize, host: u16, mask: u16
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test runs it"]
 fn ipip_encapsulates_toward_the_backend_in_both_families() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut f = fixture();
     let frame = tcp4(CLIENT4, VIP4_IPIP, 41000, HTTP, TCP_SYN, &[]);
     let want = f.expected(
@@ -801,10 +797,9 @@ fn backend_addr(f: &Fixture, id: u32) -> IpAddr {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test runs it"]
 fn gue_encapsulates_in_udp_toward_the_backend_in_both_families() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut f = fixture();
     for (what, vlans, sport) in [
         ("IPv4 in GUE", &[][..], 42000),
@@ -868,10 +863,9 @@ fn sized(vip: IpAddr, sport: u16, ip_len: usize, vlans: &[u16], df: bool) -> Vec
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test runs it"]
 fn packets_too_big_for_the_tunnel_are_answered_with_the_mtu_to_use() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     // Every reply below is counted against this CPU's budget.
     lb_tests::pin_to_this_cpu().unwrap();
     let mut f = fixture();
@@ -936,10 +930,9 @@ fn packets_too_big_for_the_tunnel_are_answered_with_the_mtu_to_use() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test runs it"]
 fn echo_requests_to_a_vip_that_asks_are_answered() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     // Every reply below is counted against this CPU's budget.
     lb_tests::pin_to_this_cpu().unwrap();
     let mut f = fixture();
@@ -1081,10 +1074,9 @@ fn sent_to(mac: [u8; 6], frame: &[u8]) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test runs it"]
 fn frames_not_sent_to_the_lbs_mac_pass_untouched() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut f = fixture();
     // Another host's MAC: a switch floods unknown unicast to every port.
     let other_host = [0x02, 0, 0, 0, 0, 0x77];
@@ -1164,10 +1156,9 @@ fn frames_not_sent_to_the_lbs_mac_pass_untouched() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test runs it"]
 fn malformed_fragmented_and_backendless_packets_are_dropped_and_counted() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut f = fixture();
     let mut ihl = tcp4(CLIENT4, VIP4_DSR, 1, HTTP, TCP_SYN, &[]);
     ihl[ETH_HLEN] = 0x44;
@@ -1277,10 +1268,9 @@ fn malformed_fragmented_and_backendless_packets_are_dropped_and_counted() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test runs it"]
 fn truncation_at_every_offset_is_never_forwarded() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut f = fixture();
     let frames = [
         tcp4(CLIENT4, VIP4_DSR, 42000, HTTP, TCP_SYN, &[]),
@@ -1320,10 +1310,9 @@ fn truncation_at_every_offset_is_never_forwarded() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test runs it"]
 fn icmp_errors_quoting_a_service_flow_go_to_its_backend() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut f = fixture();
     // The client's flow, then an ICMP error about the backend's reply to it
     // (sent from the VIP to the client) arriving at the VIP.
@@ -1419,10 +1408,9 @@ fn icmp_errors_quoting_a_service_flow_go_to_its_backend() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test runs it"]
 fn decap_strips_tunnels_from_accepted_sources_to_local_endpoints_and_vips_only() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let me4 = [198, 18, 0, 21];
     let me6 = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x21);
     let mut decap = Decapsulator::load().unwrap();
@@ -1624,10 +1612,9 @@ fn decap_strips_tunnels_from_accepted_sources_to_local_endpoints_and_vips_only()
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test runs it"]
 fn decap_tables_are_replaced_whole_and_read_back() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();
     let mut decap = Decapsulator::load().unwrap();
     let first = DecapTables {

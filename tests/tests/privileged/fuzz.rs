@@ -22,7 +22,7 @@ use lb_tests::{
         world::{Failure, World, action_name},
     },
     lab::{DROP, PASS, TX},
-    privileged,
+    require_root,
 };
 
 /// Frames a run has by default: what CI runs.
@@ -153,10 +153,10 @@ fn report(world: &mut World, seed: u64, index: Option<u64>, case: &Case, f: &Fai
     let replay = match index {
         Some(i) => format!(
             "LB_FUZZ_SEED={seed:#x} LB_FUZZ_CASE={i} cargo test --release -p lb-tests \
-             --test privileged -- fuzz --nocapture"
+             --test privileged -- fuzz --include-ignored --nocapture"
         ),
         None => format!(
-            "LB_FUZZ_FRAME={} cargo test --release -p lb-tests --test privileged -- fuzz --nocapture",
+            "LB_FUZZ_FRAME={} cargo test --release -p lb-tests --test privileged -- fuzz --include-ignored --nocapture",
             hex(&case.frame)
         ),
     };
@@ -178,10 +178,9 @@ fn report(world: &mut World, seed: u64, index: Option<u64>, case: &Case, f: &Fai
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test runs it"]
 fn fuzz_lb_xdp() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let frames = env_u64(FRAMES_VAR).unwrap_or(DEFAULT_FRAMES);
     let seed = env_u64(SEED_VAR).unwrap_or(DEFAULT_SEED);
     let only_case = env_u64(CASE_VAR);
@@ -269,10 +268,9 @@ fn fuzz_lb_xdp() {
 
 /// Frames that once broke a property keep passing.
 #[test]
+#[ignore = "needs root: cargo xtask test runs it"]
 fn fuzz_regressions() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut world = World::new().expect("setting up the fuzz lab");
     let mut failures = Vec::new();
     for (what, text) in REGRESSIONS {

@@ -25,7 +25,7 @@ use lb_common::{
 use lb_tests::{
     lab::{self, Lab, service_key},
     lan::{Host, LB_V4, Lan},
-    privileged,
+    require_root,
 };
 
 const RING: u32 = 251;
@@ -72,10 +72,9 @@ fn spread(
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test runs it"]
 fn only_frames_sent_to_the_lbs_current_mac_are_forwarded() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     run_flooded().unwrap();
 }
 
@@ -183,10 +182,9 @@ fn run_flooded() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test runs it"]
 fn full_size_uploads_through_a_tunnel_find_the_path_mtu() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     run_uploads().unwrap();
 }
 
@@ -270,10 +268,9 @@ fn run_uploads() -> Result<()> {
 const SINK_PORT: u16 = 9000;
 
 #[test]
+#[ignore = "needs root: cargo xtask test runs it"]
 fn real_tcp_and_udp_reach_backends_in_both_modes_and_host_traffic_still_flows() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     run_topology().unwrap();
 }
 
