@@ -47,8 +47,9 @@ pub enum Request {
         service: String,
         /// Backend address.
         backend: IpAddr,
-        /// New weight.
-        weight: u32,
+        /// New weight; `None` clears the operator's weight, so the
+        /// configured one applies again.
+        weight: Option<u32>,
     },
     /// Sets a backend's operator state.
     SetAdmin {
@@ -399,7 +400,7 @@ mod tests {
         let r = Request::SetWeight {
             service: "web".into(),
             backend: "198.18.0.11".parse().unwrap(),
-            weight: 3,
+            weight: Some(3),
         };
         let text = serde_json::to_string(&r).unwrap();
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);

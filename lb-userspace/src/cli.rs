@@ -225,6 +225,14 @@ enum ConntrackCommand {
     Stats,
 }
 
+/// Parses a weight, 0-65535, with the one message for anything else.
+fn weight(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(w) if w <= crate::config::MAX_WEIGHT => Ok(w),
+        _ => Err(crate::config::weight_range_error(s)),
+    }
+}
+
 /// Parses `500ms`, `5s`, `2m` as the configuration file does.
 fn duration(s: &str) -> Result<Duration, String> {
     humantime_serde::re::humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
@@ -296,14 +304,19 @@ enum BackendCommand {
         /// Service name.
         service: Option<String>,
     },
-    /// Set a backend's weight (persists across restarts and reloads).
+    /// Set a backend's weight (persists across restarts and reloads), or
+    /// with --reset go back to the configured one.
     SetWeight {
         /// Service name.
         service: String,
         /// Backend address.
         backend: std::net::IpAddr,
-        /// Weight, 0-65535.
-        weight: u32,
+        /// Weight, 0-65535 (0 takes no new flows).
+        #[arg(required_unless_present = "reset", value_parser = weight)]
+        weight: Option<u32>,
+        /// Clear the weight set here: the configured weight applies again.
+        #[arg(long, conflicts_with = "weight")]
+        reset: bool,
     },
     /// No new flows to this backend; established flows stay until they end.
     Drain {
@@ -336,8 +349,8 @@ enum BackendCommand {
         service: String,
         /// Backend address (the tunnel endpoint for ipip).
         backend: std::net::IpAddr,
-        /// Weight, 1-65535.
-        #[arg(long, default_value_t = 1)]
+        /// Weight, 0-65535 (0 takes no new flows).
+        #[arg(long, default_value_t = 1, value_parser = weight)]
         weight: u32,
         /// Show the changes and table slots that would move, change nothing.
         #[arg(long)]
@@ -544,6 +557,7 @@ fn run(cli: Cli) -> Result<()> {
             service,
             backend,
             weight,
+            reset: _,
         }) => print(
             cli.json,
             call(Request::SetWeight {

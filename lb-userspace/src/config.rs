@@ -22,6 +22,21 @@ use lb_common::{VIP_ECHO_UNIT, limits};
 /// Largest weight: keeps `pass * weight` far from overflow in the builder and
 /// is more resolution than any operator needs.
 pub const MAX_WEIGHT: u32 = 65_535;
+
+/// The one wording of a weight outside its range, for the CLI, the control
+/// API and the fleet alike.
+pub fn weight_range_error(weight: impl fmt::Display) -> String {
+    format!("{weight}: a weight is a whole number from 0 to {MAX_WEIGHT} (0 takes no new flows)")
+}
+
+/// Refuses an operator's weight outside 0..=[`MAX_WEIGHT`] (`None`: no
+/// weight of the operator's).
+pub fn check_weight(weight: Option<u32>) -> anyhow::Result<()> {
+    match weight {
+        Some(w) if w > MAX_WEIGHT => anyhow::bail!(weight_range_error(w)),
+        _ => Ok(()),
+    }
+}
 /// Largest table size accepted (Maglev tables beyond this buy nothing but memory).
 pub const MAX_TABLE_SIZE: u32 = 4_194_301;
 /// Default socket of the control API.
@@ -1056,7 +1071,7 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
                 e.push(
                     bat,
                     format!("{bfield}.weight"),
-                    format!("{} exceeds the maximum weight {MAX_WEIGHT}", b.weight),
+                    weight_range_error(b.weight),
                 );
             }
         }
@@ -1359,7 +1374,7 @@ address = "198.18.0.11"
         (
             "weight too large",
             "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[[service.backend]]\naddress=\"198.18.0.11\"\nweight=70000\n",
-            "service[a].backend[0].weight: 70000 exceeds the maximum weight",
+            "service[a].backend[0].weight: 70000: a weight is a whole number from 0 to 65535",
         ),
         (
             "negative weight",

@@ -78,7 +78,7 @@ fn usage_errors_exit_2_and_name_the_value() {
         ),
         (
             &["backend", "add", "web", "198.18.0.11", "--weight", "x"][..],
-            "invalid digit",
+            "x: a weight is a whole number from 0 to 65535",
         ),
         (
             &["explain", "198.18.0.1", "web"][..],

@@ -357,10 +357,8 @@ impl FleetNode {
                 backend,
                 weight,
             } => {
-                if weight > config::MAX_WEIGHT {
-                    bail!("weight {weight} exceeds the maximum {}", config::MAX_WEIGHT);
-                }
-                self.change_override(ctl, &service, backend, |o| o.weight = Some(weight))
+                config::check_weight(weight)?;
+                self.change_override(ctl, &service, backend, |o| o.weight = weight)
                     .await
             }
             Request::SetAdmin {

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     api::{BackendRow, Request, ServiceRow, ServiceStatsRow, Stats},
-    config::{self, MAX_WEIGHT, Mode},
+    config::{self, Mode},
     dataplane::monotonic_seconds,
 };
 
@@ -60,10 +60,8 @@ pub fn handle(
             backend,
             weight,
         } => {
-            if weight > MAX_WEIGHT {
-                bail!("weight {weight} exceeds the maximum {MAX_WEIGHT}");
-            }
-            let moved = ctl.set_override(&service, backend, |o| o.weight = Some(weight))?;
+            config::check_weight(weight)?;
+            let moved = ctl.set_override(&service, backend, |o| o.weight = weight)?;
             json!({ "slots_moved": moved })
         }
         Request::SetAdmin {

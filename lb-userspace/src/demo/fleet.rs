@@ -208,7 +208,7 @@ impl FleetDemo {
             &api::Request::SetWeight {
                 service: "echo".into(),
                 backend: b0.into(),
-                weight: 3,
+                weight: Some(3),
             },
         )?;
         let returned = start.elapsed();
