@@ -12,6 +12,7 @@ use super::{
     controller::Controller,
     flows::{self, FlowState},
     node::Node,
+    runtime::Admin,
 };
 use crate::{
     api::{BackendRow, Request, ServiceRow, ServiceStatsRow, Stats},
@@ -178,7 +179,13 @@ fn backends(ctl: &Controller, only: Option<&str>) -> Result<Vec<BackendRow>> {
                 weight: o.weight.unwrap_or(b.configured_weight),
                 weight_overridden: o.weight.is_some(),
                 admin: o.admin,
-                health: format!("{:?}", b.health.state()).to_lowercase(),
+                // Probes stop in maintenance, so the last verdict would
+                // stay: the backend takes no traffic, and says so.
+                health: if o.admin == Admin::Maintenance {
+                    "down".into()
+                } else {
+                    format!("{:?}", b.health.state()).to_lowercase()
+                },
                 slots: s.ring.iter().filter(|&&id| id == b.id).count(),
                 mac: (kernel.flags & BACKEND_F_UP != 0 || ctl.has_mac(*ip))
                     .then(|| crate::netns::mac_string(&kernel.mac)),

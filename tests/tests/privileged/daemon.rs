@@ -331,6 +331,17 @@ fn run() -> Result<()> {
         (Some(1), Some(false)),
         "{reset}"
     );
+
+    // Maintenance stops the probes; `lb health` shows the backend down
+    // from then on, not its last verdict.
+    d.cli(&["backend", "maintenance", "web", "198.18.0.12"])?;
+    let health = d.cli(&["health"])?;
+    assert_eq!(
+        backend(&health, "198.18.0.12")["health"],
+        "down",
+        "{health}"
+    );
+    d.cli(&["backend", "enable", "web", "198.18.0.12"])?;
     Ok(())
 }
 
