@@ -652,7 +652,7 @@ impl fmt::Display for ConfigError {
 
 /// Parses and validates `text`.
 pub fn parse(text: &str) -> Result<Desired, ConfigErrors> {
-    let file: File = from_toml(text, "file")?;
+    let file: File = from_toml(text, "file").map_err(|e| every_missing_field(e, text))?;
     if file.fleet.is_some() && !file.services.is_empty() {
         let at = file.services[0].span().start;
         return Err(ConfigErrors(vec![ConfigError {
@@ -671,8 +671,9 @@ pub fn parse(text: &str) -> Result<Desired, ConfigErrors> {
 /// services from etcd (`services_text`: `[[service]]` tables only). Line
 /// numbers of service errors are the services text's.
 pub fn parse_fleet(node_text: &str, services_text: &str) -> Result<Desired, ConfigErrors> {
-    let node: File = from_toml(node_text, "file")?;
-    let services: ServicesFile = from_toml(services_text, "fleet services")?;
+    let node: File = from_toml(node_text, "file").map_err(|e| every_missing_field(e, node_text))?;
+    let services: ServicesFile = from_toml(services_text, "fleet services")
+        .map_err(|e| every_missing_field(e, services_text))?;
     let file = File {
         services: services.services,
         ..node
@@ -714,6 +715,60 @@ pub(crate) fn from_toml<T: serde::de::DeserializeOwned>(
             message: e.message().trim().to_string(),
         }])
     })
+}
+
+/// Serde reports the first required field it misses; `check-config`
+/// promises every problem at once. When `e` is such a report and more
+/// fields are missing, the list of all of them replaces it.
+fn every_missing_field(e: ConfigErrors, text: &str) -> ConfigErrors {
+    let missing = missing_fields(text);
+    let first_missing = e.0.iter().any(|c| c.message.starts_with("missing field"));
+    if first_missing && missing.len() > 1 {
+        ConfigErrors(missing)
+    } else {
+        e
+    }
+}
+
+/// The required fields absent from `text`'s tables, if it is TOML at all.
+fn missing_fields(text: &str) -> Vec<ConfigError> {
+    let Ok(doc) = text.parse::<toml::Table>() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut need = |t: &toml::Table, field: &str, keys: &[&str]| {
+        for key in keys.iter().filter(|k| !t.contains_key(**k)) {
+            out.push(ConfigError {
+                line: None,
+                field: field.to_string(),
+                message: format!("missing field `{key}`"),
+            });
+        }
+    };
+    let tables = |v: Option<&toml::Value>| -> Vec<toml::Table> {
+        v.and_then(toml::Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.as_table().cloned())
+            .collect()
+    };
+    if let Some(a) = doc.get("announce").and_then(toml::Value::as_table) {
+        need(a, "announce", &["table"]);
+    }
+    if let Some(f) = doc.get("fleet").and_then(toml::Value::as_table) {
+        need(f, "fleet", &["endpoints"]);
+    }
+    for (i, svc) in tables(doc.get("service")).iter().enumerate() {
+        let field = match svc.get("name").and_then(toml::Value::as_str) {
+            Some(name) => format!("service[{name}]"),
+            None => format!("service[{i}]"),
+        };
+        need(svc, &field, &["name", "vip", "port", "protocol"]);
+        for (j, b) in tables(svc.get("backend")).iter().enumerate() {
+            need(b, &format!("{field}.backend[{j}]"), &["address"]);
+        }
+    }
+    out
 }
 
 pub(crate) fn line_of(text: &str, offset: usize) -> usize {
@@ -1506,6 +1561,29 @@ address = "198.18.0.11"
         let text = "[settings]\ntable_size=10\n[[service]]\nname=\"a\"\nvip=\"x\"\nport=0\nprotocol=\"tcp\"\n";
         let e = parse(text).unwrap_err();
         assert_eq!(e.0.len(), 4, "{e}");
+    }
+
+    #[test]
+    fn every_missing_field_is_reported_at_once() {
+        let text = "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nprotocol=\"tcp\"\n\
+                    [[service.backend]]\nweight=2\n[[service]]\nvip=\"198.18.1.2\"\n";
+        let e = parse(text).unwrap_err().to_string();
+        for want in [
+            "service[a]: missing field `vip`",
+            "service[a]: missing field `port`",
+            "service[a].backend[0]: missing field `address`",
+            "service[1]: missing field `name`",
+            "service[1]: missing field `port`",
+            "service[1]: missing field `protocol`",
+        ] {
+            assert!(e.contains(want), "{want:?} not in:\n{e}");
+        }
+        assert_eq!(e.lines().count(), 6, "{e}");
+        // One missing field keeps serde's report, with its line.
+        let one = parse(
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nprotocol=\"tcp\"\n",
+        );
+        assert!(one.unwrap_err().to_string().starts_with("line "));
     }
 
     #[test]

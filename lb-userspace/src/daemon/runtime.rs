@@ -75,8 +75,13 @@ impl Runtime {
     /// Reads the state file; a missing file is an empty state.
     pub fn load(path: &Path) -> Result<Runtime> {
         match std::fs::read_to_string(path) {
-            Ok(text) => serde_json::from_str(&text)
-                .with_context(|| format!("state file {} is corrupt", path.display())),
+            Ok(text) => serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "state file {} is corrupt, so the operator's weights, drains and \
+                     maintenance it holds are unknown; move it aside to start without them",
+                    path.display()
+                )
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Runtime::default()),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
@@ -149,6 +154,12 @@ mod tests {
         assert_eq!(Runtime::load(&path).unwrap(), r);
         r.set("web", ip, Override::default());
         assert!(r.overrides.is_empty());
+        std::fs::write(&path, b"{\"overrides\": {\"web\"").unwrap();
+        let e = format!("{:#}", Runtime::load(&path).unwrap_err());
+        assert!(
+            e.contains("is corrupt") && e.contains("move it aside"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(Runtime::load(&path).unwrap(), Runtime::default());
     }
