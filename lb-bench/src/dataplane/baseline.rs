@@ -46,8 +46,8 @@ pub struct Baseline {
     /// The service slots, in revisions that have them.
     service_slots: Option<Array<MapData, ServiceSlot>>,
     rings: Array<MapData, u32>,
-    backends: Backends,
-    settings: SettingsMap,
+    backends: Prefixed<BackendValue, UNSEALED_BACKEND>,
+    settings: Prefixed<Settings, SETTINGS_BEFORE_GUE>,
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, ServiceStats>,
 }
@@ -56,84 +56,47 @@ pub struct Baseline {
 /// last field.
 const UNSEALED_BACKEND: usize = 28;
 
-/// The baseline's backends, in its layout.
-enum Backends {
-    /// This tree's, sealed.
-    Sealed(Array<MapData, BackendValue>),
-    /// Before the seal.
-    Unsealed(Array<MapData, [u8; UNSEALED_BACKEND]>),
-}
-
-impl Backends {
-    fn take(ebpf: &mut Ebpf) -> Result<Backends> {
-        let map = ebpf
-            .take_map(names::BACKENDS)
-            .with_context(|| format!("map {} missing from {OBJECT}", names::BACKENDS))?;
-        let value_size = match &map {
-            aya::maps::Map::Array(data) => data.info()?.value_size() as usize,
-            _ => 0,
-        };
-        let layout = || format!("map {} of {OBJECT} has another layout", names::BACKENDS);
-        Ok(if value_size == UNSEALED_BACKEND {
-            Backends::Unsealed(Array::try_from(map).with_context(layout)?)
-        } else {
-            Backends::Sealed(Array::try_from(map).with_context(layout)?)
-        })
-    }
-
-    fn set(&mut self, id: u32, backend: BackendValue) -> Result<()> {
-        match self {
-            Backends::Sealed(a) => a.set(id, backend.sealed(), 0)?,
-            Backends::Unsealed(a) => {
-                // SAFETY: 32 bytes of plain integers.
-                let bytes: [u8; 32] = unsafe { std::mem::transmute(backend) };
-                let mut old = [0; UNSEALED_BACKEND];
-                old.copy_from_slice(&bytes[..UNSEALED_BACKEND]);
-                a.set(id, old, 0)?
-            }
-        }
-        Ok(())
-    }
-}
-
 /// Bytes of the settings before `gue_port`: this tree's [`Settings`] but
 /// its last two fields.
 const SETTINGS_BEFORE_GUE: usize = 36;
 
-/// The baseline's settings, in its layout.
-enum SettingsMap {
-    /// This tree's.
-    Current(Array<MapData, Settings>),
-    /// Before `gue`: the same fields up to the GUE port.
-    BeforeGue(Array<MapData, [u8; SETTINGS_BEFORE_GUE]>),
+/// An array of the baseline whose values are this tree's `V`, or, in a
+/// revision from before fields were appended to `V`, its first `N` bytes.
+enum Prefixed<V: aya::Pod, const N: usize> {
+    /// This tree's layout.
+    Current(Array<MapData, V>),
+    /// The earlier one.
+    Earlier(Array<MapData, [u8; N]>),
 }
 
-impl SettingsMap {
-    fn take(ebpf: &mut Ebpf) -> Result<SettingsMap> {
+impl<V: aya::Pod, const N: usize> Prefixed<V, N> {
+    fn take(ebpf: &mut Ebpf, name: &str) -> Result<Self> {
         let map = ebpf
-            .take_map(names::SETTINGS)
-            .with_context(|| format!("map {} missing from {OBJECT}", names::SETTINGS))?;
+            .take_map(name)
+            .with_context(|| format!("map {name} missing from {OBJECT}"))?;
         let value_size = match &map {
             aya::maps::Map::Array(data) => data.info()?.value_size() as usize,
             _ => 0,
         };
-        let layout = || format!("map {} of {OBJECT} has another layout", names::SETTINGS);
-        Ok(if value_size == SETTINGS_BEFORE_GUE {
-            SettingsMap::BeforeGue(Array::try_from(map).with_context(layout)?)
+        let layout = || format!("map {name} of {OBJECT} has another layout");
+        Ok(if value_size == N {
+            Prefixed::Earlier(Array::try_from(map).with_context(layout)?)
         } else {
-            SettingsMap::Current(Array::try_from(map).with_context(layout)?)
+            Prefixed::Current(Array::try_from(map).with_context(layout)?)
         })
     }
 
-    fn set(&mut self, settings: Settings) -> Result<()> {
+    fn set(&mut self, index: u32, value: V) -> Result<()> {
         match self {
-            SettingsMap::Current(a) => a.set(0, settings, 0)?,
-            SettingsMap::BeforeGue(a) => {
-                // SAFETY: 40 bytes of plain integers.
-                let bytes: [u8; 40] = unsafe { std::mem::transmute(settings) };
-                let mut old = [0; SETTINGS_BEFORE_GUE];
-                old.copy_from_slice(&bytes[..SETTINGS_BEFORE_GUE]);
-                a.set(0, old, 0)?
+            Prefixed::Current(a) => a.set(index, value, 0)?,
+            Prefixed::Earlier(a) => {
+                // SAFETY: `V` is plain integers (aya::Pod), read as bytes.
+                let bytes = unsafe {
+                    std::slice::from_raw_parts((&raw const value).cast::<u8>(), size_of::<V>())
+                };
+                let mut old = [0; N];
+                old.copy_from_slice(&bytes[..N]);
+                a.set(index, old, 0)?
             }
         }
         Ok(())
@@ -190,8 +153,8 @@ impl Baseline {
             vip_filter: take_if_any(&mut ebpf, names::VIP_FILTER)?,
             service_slots: take_if_any(&mut ebpf, names::SERVICE_SLOTS)?,
             rings: take(&mut ebpf, OBJECT, names::RINGS)?,
-            backends: Backends::take(&mut ebpf)?,
-            settings: SettingsMap::take(&mut ebpf)?,
+            backends: Prefixed::take(&mut ebpf, names::BACKENDS)?,
+            settings: Prefixed::take(&mut ebpf, names::SETTINGS)?,
             counters: take(&mut ebpf, OBJECT, names::COUNTERS)?,
             service_stats: take(&mut ebpf, OBJECT, names::SERVICE_STATS)?,
             ebpf,
@@ -214,12 +177,12 @@ impl Baseline {
 
     /// Writes the settings the current object has.
     pub fn set_settings(&mut self, settings: Settings) -> Result<()> {
-        self.settings.set(settings)
+        self.settings.set(0, settings)
     }
 
     /// Writes backend `id` as the current object has it.
     pub fn set_backend(&mut self, id: u32, backend: BackendValue) -> Result<()> {
-        self.backends.set(id, backend)
+        self.backends.set(id, backend.sealed())
     }
 
     /// Gives the service `key` the value and live table the current object

@@ -25,7 +25,7 @@ use lb_common::{
     AddrKey, SOURCE_FAMILY_BITS, SourceKey, addr_ip, counters::DecapCounter, maps as names,
 };
 
-use super::{Capacity, EBPF_OBJECT, attach_xdp, ensure_bpffs, pins, take};
+use super::{Capacity, EBPF_OBJECT, attach_xdp, ensure_bpffs, pins, take, xdp_program};
 
 /// Where `lb decap` pins its maps and links by default.
 pub const DEFAULT_DECAP_PIN_DIR: &str = "/sys/fs/bpf/lb-decap";
@@ -268,11 +268,8 @@ impl Decapsulator {
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (maps could not be created)")?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(names::PROG_DECAP)
-            .with_context(|| format!("program {} missing", names::PROG_DECAP))?
-            .try_into()?;
-        prog.load()
+        xdp_program(&mut ebpf, names::PROG_DECAP)?
+            .load()
             .with_context(|| format!("the kernel refused program {}", names::PROG_DECAP))?;
         let maps = Maps::take(&mut ebpf)?;
         Ok(Decapsulator {
@@ -284,11 +281,7 @@ impl Decapsulator {
 
     /// The program, to attach or test-run.
     pub fn program(&mut self) -> Result<&mut Xdp> {
-        Ok(self
-            .ebpf
-            .program_mut(names::PROG_DECAP)
-            .context("program lb_decap missing")?
-            .try_into()?)
+        xdp_program(&mut self.ebpf, names::PROG_DECAP)
     }
 
     /// Makes the maps hold `tables`; on error nothing changed.

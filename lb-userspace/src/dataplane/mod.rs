@@ -317,6 +317,14 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// XDP program `name` of the object.
+fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    ebpf.program_mut(name)
+        .with_context(|| format!("program {name} missing"))?
+        .try_into()
+        .with_context(|| format!("program {name} is not XDP"))
+}
+
 /// Attaches `prog` to `iface`, or switches the link pinned at `pin` to it
 /// (atomically: no packet sees the interface without a program), and
 /// returns the link, pinned at `pin` if given.
@@ -437,12 +445,9 @@ impl Dataplane {
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (maps could not be created)")?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(names::PROG_LB)
-            .context("program lb_xdp missing")?
-            .try_into()
-            .context("program lb_xdp is not XDP")?;
-        prog.load().context("the kernel refused program lb_xdp")?;
+        xdp_program(&mut ebpf, names::PROG_LB)?
+            .load()
+            .context("the kernel refused program lb_xdp")?;
         let mut dp = Dataplane {
             services: take(&mut ebpf, names::SERVICES)?,
             service_slots: take(&mut ebpf, names::SERVICE_SLOTS)?,
@@ -492,11 +497,7 @@ impl Dataplane {
 
     /// One of the XDP programs (`lb_common::maps::PROG_*`), to attach or test-run.
     pub fn program(&mut self, name: &str) -> Result<&mut Xdp> {
-        Ok(self
-            .ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing"))?
-            .try_into()?)
+        xdp_program(&mut self.ebpf, name)
     }
 
     /// Attaches the load balancer to `iface`, registered first in the
