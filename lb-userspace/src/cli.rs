@@ -121,7 +121,7 @@ enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
-    /// The decapsulator a backend of `ipip` services runs (docs/decap.md).
+    /// The decapsulator a backend of `ipip` and `gue` services runs (docs/decap.md).
     #[command(subcommand)]
     Decap(DecapCommand),
     /// Run the product end to end on a demo topology in network namespaces.
@@ -441,29 +441,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Decap(DecapCommand::Status { pin_dir }) => {
             let status = decap::status(&pin_dir)?;
             print(cli.json, serde_json::to_value(&status)?, |_| {
-                let list = |v: Vec<String>| {
-                    if v.is_empty() {
-                        "-".into()
-                    } else {
-                        v.join(" ")
-                    }
-                };
-                let mut out = String::new();
-                out += &format!("{:<20} {}\n", "interfaces", list(status.interfaces.clone()));
-                let ips =
-                    |v: &[std::net::IpAddr]| list(v.iter().map(ToString::to_string).collect());
-                out += &format!("{:<20} {}\n", "endpoints", ips(&status.endpoints));
-                out += &format!(
-                    "{:<20} {}\n",
-                    "accept_from",
-                    list(status.accept_from.clone())
-                );
-                out += &format!("{:<20} {}\n", "vips", ips(&status.vips));
-                out += &format!("{:<20} {}\n", "gue_port", status.gue_port);
-                for (name, n) in &status.counters {
-                    out += &format!("{name:<20} {n}\n");
-                }
-                out
+                status.render()
             })
         }
         Command::Decap(DecapCommand::Remove { pin_dir }) => {

@@ -291,6 +291,29 @@ pub struct Status {
     pub counters: BTreeMap<&'static str, u64>,
 }
 
+impl Status {
+    /// One line per field, then one per counter, for a terminal.
+    pub fn render(&self) -> String {
+        let list = |v: Vec<String>| {
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                v.join(" ")
+            }
+        };
+        let ips = |v: &[IpAddr]| list(v.iter().map(ToString::to_string).collect());
+        let mut rows = vec![
+            ("interfaces", list(self.interfaces.clone())),
+            ("endpoints", ips(&self.endpoints)),
+            ("accept_from", list(self.accept_from.clone())),
+            ("vips", ips(&self.vips)),
+            ("gue_port", self.gue_port.to_string()),
+        ];
+        rows.extend(self.counters.iter().map(|(name, n)| (*name, n.to_string())));
+        rows.iter().map(|(k, v)| format!("{k:<20} {v}\n")).collect()
+    }
+}
+
 /// Reads the decapsulator pinned under `dir`.
 pub fn status(dir: &Path) -> Result<Status> {
     let (tables, counters) = dataplane::read_pinned(dir)?;
@@ -402,6 +425,33 @@ vips = []
     fn unknown_keys_and_missing_sections_are_errors() {
         assert!(errors(&format!("{GOOD}\nextra = 1"))[0].contains("unknown field"));
         assert!(errors("interfaces = [\"eth0\"]")[0].contains("missing field"));
+    }
+
+    #[test]
+    fn status_renders_a_line_per_field_and_counter() {
+        let status = Status {
+            interfaces: vec!["eth0".into()],
+            endpoints: vec!["198.18.0.11".parse().unwrap()],
+            accept_from: Vec::new(),
+            vips: vec![
+                "198.18.1.2".parse().unwrap(),
+                "2001:2:1::2".parse().unwrap(),
+            ],
+            gue_port: DEFAULT_GUE_PORT,
+            counters: [("decapsulated", 7)].into(),
+        };
+        let text = status.render();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 6, "{text}");
+        assert!(
+            lines[2].starts_with("accept_from") && lines[2].ends_with(" -"),
+            "{text}"
+        );
+        assert!(lines[3].ends_with("198.18.1.2 2001:2:1::2"), "{text}");
+        assert!(
+            lines[5].starts_with("decapsulated") && lines[5].ends_with(" 7"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -290,7 +290,7 @@ fn assess_decap(b: &BackendFacts, vip: IpAddr, mode: Mode) -> Finding {
                 "set gue_port in {DEFAULT_DECAP_FILE} to the load balancers', then: lb decap apply"
             ),
         ),
-        (Some(t), true) if t.vips.contains(&vip) && !t.sources.is_empty() => ok(
+        (Some(t), true) if t.vips.contains(&vip) => ok(
             name,
             format!(
                 "lb_decap is attached and accepts tunnel packets for the VIP from {} prefix(es)",
