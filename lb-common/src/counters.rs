@@ -60,11 +60,19 @@ pub enum Counter {
     DropEchoLimit = 18,
     /// Sent to the backend in a GUE tunnel (`gue`).
     ForwardGue = 19,
+    /// Forwarded (in any mode, an ICMP error too) to a backend whose route
+    /// leaves by another interface lb is attached to: redirected there
+    /// through the device map, with that interface's MAC and MTU.
+    RedirectBackend = 20,
+    /// The backend's route leaves by an interface that is no longer
+    /// attached (its device-map entry is gone); dropped until the daemon
+    /// takes the backend out or attaches the interface again.
+    DropNoEgress = 21,
 }
 
 impl Counter {
     /// Number of counters (the `LB_COUNTERS` array size).
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 22;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -88,6 +96,8 @@ impl Counter {
         Counter::ReplyEcho,
         Counter::DropEchoLimit,
         Counter::ForwardGue,
+        Counter::RedirectBackend,
+        Counter::DropNoEgress,
     ];
 
     /// Stable snake_case name, for logs, JSON and metric labels.
@@ -113,6 +123,8 @@ impl Counter {
             Counter::ReplyEcho => "reply_echo",
             Counter::DropEchoLimit => "drop_echo_limit",
             Counter::ForwardGue => "forward_gue",
+            Counter::RedirectBackend => "redirect_backend",
+            Counter::DropNoEgress => "drop_no_egress",
         }
     }
 }

@@ -68,6 +68,11 @@ pub const VIP_FILTER_WORDS: u32 = 1 << (VIP_FILTER_BITS_LOG2 - 6);
 /// indexes would have to differ by a multiple of this).
 pub const INTERFACE_SLOTS: u32 = 256;
 
+/// Interfaces the load balancer attaches to at once: their ports
+/// ([`crate::Interface::port`]) run from 1 to this, so `LB_EGRESS` has one
+/// entry more (port 0 is "the receiving interface").
+pub const MAX_PORTS: u32 = 127;
+
 /// ICMP errors each CPU sends per second of the data plane's clock
 /// (`reply_too_big`); beyond it the packet is dropped (`drop_too_big`), so
 /// a flood of oversized packets cannot turn the load balancer into a

@@ -24,6 +24,10 @@ pub const SETTINGS: &str = "LB_SETTINGS";
 /// Interfaces the load balancer is attached to: [`crate::interface_slot`]
 /// → [`crate::Interface`] (array).
 pub const INTERFACES: &str = "LB_INTERFACES";
+/// The device map frames to backends behind another attached interface
+/// are redirected through: [`crate::Interface::port`] → its ifindex
+/// (devmap).
+pub const EGRESS: &str = "LB_EGRESS";
 /// Each CPU's ICMP budgets: [`crate::IcmpKind`] → [`crate::IcmpBudget`] (per-CPU array).
 pub const ICMP_BUDGET: &str = "LB_ICMP_BUDGET";
 /// Global reasons: [`crate::Counter`] → u64 (per-CPU array).

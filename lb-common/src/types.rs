@@ -43,6 +43,12 @@ pub fn vip_answers_echo(v: u32) -> bool {
 /// flows stay) but is absent from the Maglev table (no new flows).
 pub const BACKEND_F_UP: u8 = 1 << 0;
 
+/// Where [`BackendValue::flags`] keeps the backend's egress port (the bits
+/// above [`BACKEND_F_UP`]): the [`Interface::port`] of the attached
+/// interface its route leaves by, or 0 for the interface each packet
+/// arrived on. In `flags`, so the seal covers it with the MAC it goes with.
+pub const BACKEND_PORT_SHIFT: u8 = 1;
+
 /// An address as 16 bytes in network order; IPv4 uses the first 4 bytes and
 /// leaves the rest zero, so one key shape serves both families.
 pub type Addr = [u8; 16];
@@ -224,7 +230,7 @@ pub struct BackendValue {
     pub mac: [u8; 6],
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
-    /// `BACKEND_F_*` bits.
+    /// `BACKEND_F_*` bits, and the egress port ([`BACKEND_PORT_SHIFT`]).
     pub flags: u8,
     /// Bumped whenever the id is given to another backend, so connection-table
     /// entries made for the previous holder become misses.
@@ -234,6 +240,23 @@ pub struct BackendValue {
 }
 
 impl BackendValue {
+    /// The port of the interface frames to this backend leave by (0: the
+    /// one each packet arrived on).
+    #[inline(always)]
+    pub fn port(&self) -> u8 {
+        self.flags >> BACKEND_PORT_SHIFT
+    }
+
+    /// The value with egress port `port` (at most
+    /// [`crate::limits::MAX_PORTS`]).
+    pub fn with_port(self, port: u8) -> Self {
+        let keep = (1 << BACKEND_PORT_SHIFT) - 1;
+        BackendValue {
+            flags: (self.flags & keep) | (port << BACKEND_PORT_SHIFT),
+            ..self
+        }
+    }
+
     /// The value with its seal set: what user space writes.
     pub fn sealed(self) -> Self {
         BackendValue {
@@ -478,8 +501,12 @@ pub struct Interface {
     /// Its MAC. A frame sent to any other is not the load balancer's: it
     /// passes untouched. A forwarded frame leaves from this MAC.
     pub mac: [u8; 6],
+    /// Its port, 1 to [`crate::limits::MAX_PORTS`]: its key in `LB_EGRESS`,
+    /// the device map frames redirected to it go through, and what a
+    /// backend behind it names ([`BackendValue::port`]).
+    pub port: u8,
     /// Explicit padding, zero.
-    pub _pad: [u8; 2],
+    pub _pad: u8,
 }
 
 impl Interface {
@@ -646,6 +673,9 @@ const _: () = assert!(size_of::<Settings>() == 40);
 const _: () = assert!(size_of::<Interface>() == 16);
 const _: () = assert!(size_of::<IcmpBudget>() == 8);
 const _: () = assert!(crate::limits::INTERFACE_SLOTS.is_power_of_two());
+// The port fits in the flag bits above BACKEND_F_UP.
+const _: () = assert!(crate::limits::MAX_PORTS <= (u8::MAX >> BACKEND_PORT_SHIFT) as u32);
+const _: () = assert!(BACKEND_F_UP < 1 << BACKEND_PORT_SHIFT);
 const _: () = assert!(size_of::<ConntrackSettings>() == 24);
 const _: () = assert!(size_of::<ConntrackStats>() == 32);
 const _: () = assert!(size_of::<ServiceStats>() == 24);
@@ -700,6 +730,23 @@ mod tests {
     fn value(b: [u8; 32]) -> BackendValue {
         // SAFETY: any bits are a valid BackendValue.
         unsafe { core::mem::transmute(b) }
+    }
+
+    #[test]
+    fn the_port_rides_in_the_flags_beside_up_and_under_the_seal() {
+        for v in two_backends() {
+            for port in [0, 1, 2, crate::limits::MAX_PORTS as u8] {
+                for up in [0, BACKEND_F_UP] {
+                    let w = BackendValue { flags: up, ..v }.with_port(port);
+                    assert_eq!(w.port(), port);
+                    assert_eq!(w.flags & BACKEND_F_UP, up, "port {port}");
+                    assert_eq!(w.with_port(0).flags, up);
+                }
+            }
+            let moved = v.with_port(2);
+            assert!(!moved.is_whole(), "a new port needs a new seal");
+            assert!(moved.sealed().is_whole());
+        }
     }
 
     #[test]

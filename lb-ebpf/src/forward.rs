@@ -1,14 +1,15 @@
 //! Forwarding: MAC rewrite (`dsr-l2`) and encapsulation in IPIP/IP6IP6
-//! (`ipip`) or GUE (`gue`), all sent back out of the receiving interface
-//! with XDP_TX; plus moving the link-layer header when a tunnel header is
-//! added or removed.
+//! (`ipip`) or GUE (`gue`), addressed from the interface the frame leaves
+//! by (the receiving one, or another attached one it is redirected to);
+//! plus moving the link-layer header when a tunnel header is added or
+//! removed.
 
 use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
 use lb_common::{
-    Addr, Counter, FAMILY_V4, Settings,
+    Addr, Counter, FAMILY_V4, Interface, Settings,
     limits::{GUE_SOURCE_PORT_BASE, GUE_SOURCE_PORT_MASK},
     wire::{
         DEFAULT_TTL, ETH_HLEN, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, IPV4_DF, IPV4_HLEN,
@@ -35,12 +36,12 @@ struct Macs {
 }
 
 impl Macs {
-    /// The addresses of a frame readdressed to `next_hop`, from the MAC it
-    /// was sent to (ours: the packet leaves by the interface it arrived on).
+    /// The addresses of a reply: back to the sender, from the MAC it sent
+    /// to (ours: only frames sent to it are the load balancer's).
     #[inline(always)]
-    fn toward(&self, next_hop: [u8; 6]) -> Macs {
+    fn reply(&self) -> Macs {
         Macs {
-            to: next_hop,
+            to: self.from,
             from: self.to,
         }
     }
@@ -81,10 +82,7 @@ impl L2Header {
     /// MAC it was sent to (ours).
     #[inline(always)]
     pub fn reply(&mut self) {
-        self.macs = Macs {
-            to: self.macs.from,
-            from: self.macs.to,
-        };
+        self.macs = self.macs.reply();
     }
 
     /// Writes the header at `off`.
@@ -112,25 +110,23 @@ pub fn adjust_head(ctx: &XdpContext, delta: i32) -> Result<(), Counter> {
     Ok(())
 }
 
-/// `dsr-l2`: rewrite the MACs, leave the IP packet as it is.
+/// `dsr-l2`: readdress the frame to the backend's next hop, from `out`
+/// (the interface it leaves by); leave the IP packet as it is. Only the
+/// 12 address bytes change; VLAN tags stay in place.
 #[inline(always)]
-pub fn rewrite_macs(ctx: &XdpContext, choice: &Choice) -> Result<(), Counter> {
-    readdress(ctx, |_| choice.backend.mac)
+pub fn rewrite_macs(ctx: &XdpContext, choice: &Choice, out: &Interface) -> Result<(), Counter> {
+    let macs = Macs {
+        to: choice.backend.mac,
+        from: out.mac,
+    };
+    store(ctx, 0, macs).ok_or(Counter::DropMalformedEthernet)
 }
 
 /// Sends the frame back to the MAC it came from, for a reply built in place.
 #[inline(always)]
 pub fn return_to_sender(ctx: &XdpContext) -> Result<(), Counter> {
-    readdress(ctx, |macs| macs.from)
-}
-
-/// Readdresses the frame to the next hop `next_hop` picks from its current
-/// addresses, from the MAC it was sent to.
-#[inline(always)]
-fn readdress(ctx: &XdpContext, next_hop: impl FnOnce(&Macs) -> [u8; 6]) -> Result<(), Counter> {
-    // Only the 12 address bytes change; VLAN tags stay in place.
     let macs: Macs = load(ctx, 0).ok_or(Counter::DropMalformedEthernet)?;
-    store(ctx, 0, macs.toward(next_hop(&macs))).ok_or(Counter::DropMalformedEthernet)
+    store(ctx, 0, macs.reply()).ok_or(Counter::DropMalformedEthernet)
 }
 
 /// The outer source (its last 32 bits for IPv6, host order): the
@@ -213,14 +209,14 @@ pub fn outer_len(ip: &Ip, tunnel: Tunnel) -> usize {
 }
 
 /// Prepends `tunnel`'s headers toward the backend, for a packet that fits
-/// in `mtu` once encapsulated. The outer family is the inner one, so the
-/// EtherType stays.
+/// `out` (the interface it leaves by) once encapsulated. The outer family
+/// is the inner one, so the EtherType stays.
 #[inline(always)]
 pub fn encapsulate(
     ctx: &XdpContext,
     ip: &Ip,
     choice: &Choice,
-    mtu: u32,
+    out: &Interface,
     settings: &Settings,
     tunnel: Tunnel,
 ) -> Result<(), Counter> {
@@ -231,7 +227,7 @@ pub fn encapsulate(
     }
     let inner_len = ip.end - ip.l3_off;
     let outer_len = outer_len(ip, tunnel);
-    if inner_len + outer_len > mtu as usize {
+    if inner_len + outer_len > settings.mtu_of(out) as usize {
         return Err(Counter::DropTooBig);
     }
     let mut l2 = L2Header::load(ctx, ip.l3_off).ok_or(Counter::DropMalformedEthernet)?;
@@ -243,7 +239,10 @@ pub fn encapsulate(
         (0, 0)
     };
     adjust_head(ctx, -(outer_len as i32))?;
-    l2.macs = l2.macs.toward(backend.mac);
+    l2.macs = Macs {
+        to: backend.mac,
+        from: out.mac,
+    };
     l2.store(ctx, 0).ok_or(Counter::DropEncapFailed)?;
     let len = (inner_len + outer_len) as u16;
     let (proto, ip_hlen) = match (tunnel, ip.family == FAMILY_V4) {

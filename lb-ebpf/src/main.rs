@@ -85,6 +85,8 @@ fn action(c: Counter) -> u32 {
         | Counter::ForwardIcmpError
         | Counter::ReplyTooBig
         | Counter::ReplyEcho => xdp_action::XDP_TX,
+        // `forward` has named the device-map entry.
+        Counter::RedirectBackend => xdp_action::XDP_REDIRECT,
         // Spelled out, so a new counter must be given its action here.
         Counter::DropMalformedEthernet
         | Counter::DropMalformedIpv4
@@ -95,7 +97,8 @@ fn action(c: Counter) -> u32 {
         | Counter::DropNoBackend
         | Counter::DropTooBig
         | Counter::DropEncapFailed
-        | Counter::DropEchoLimit => xdp_action::XDP_DROP,
+        | Counter::DropEchoLimit
+        | Counter::DropNoEgress => xdp_action::XDP_DROP,
     }
 }
 
@@ -200,19 +203,46 @@ fn balance_flow(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
     };
     let ct = maps::conntrack_settings().ok_or(Counter::DropNoBackend)?;
     let (service, choice) = select::select_backend(ct, &flow, ports.tcp_flags, true)?;
-    match forward(ctx, ip, iface, &service, &choice) {
+    let out = egress(iface, &choice)?;
+    match forward(ctx, ip, &out, &service, &choice) {
         // Only here, not for relayed ICMP errors: never an error about an
         // error (RFC 1122 §3.2.2), so those are only dropped.
         Err(Counter::DropTooBig) => {
             let overhead = tunnel(&service).map_or(0, |t| forward::outer_len(ip, t));
-            return icmp::reply_too_big(ctx, ip, iface, overhead);
+            return icmp::reply_too_big(ctx, ip, out.iface, overhead);
         }
         done => done?,
     }
-    Ok(match tunnel(&service) {
-        None => Counter::ForwardDsr,
-        Some(Tunnel::Ipip) => Counter::ForwardIpip,
-        Some(Tunnel::Gue) => Counter::ForwardGue,
+    Ok(match (out.redirect, tunnel(&service)) {
+        (Some(_), _) => Counter::RedirectBackend,
+        (None, None) => Counter::ForwardDsr,
+        (None, Some(Tunnel::Ipip)) => Counter::ForwardIpip,
+        (None, Some(Tunnel::Gue)) => Counter::ForwardGue,
+    })
+}
+
+/// Where a frame to a backend leaves: the interface, and the port to
+/// redirect it to when that is not the receiving one.
+struct Egress {
+    iface: &'static Interface,
+    redirect: Option<u8>,
+}
+
+/// The attached interface the chosen backend's route leaves by (its
+/// [`BackendValue::port`](lb_common::BackendValue::port)), found before the
+/// frame is touched so that a detached one drops it unchanged.
+#[inline(always)]
+fn egress(arrived: &'static Interface, choice: &Choice) -> Result<Egress, Counter> {
+    let port = choice.backend.port();
+    if port == 0 || port == arrived.port {
+        return Ok(Egress {
+            iface: arrived,
+            redirect: None,
+        });
+    }
+    Ok(Egress {
+        iface: maps::egress(port).ok_or(Counter::DropNoEgress)?,
+        redirect: Some(port),
     })
 }
 
@@ -256,8 +286,13 @@ fn relay_icmp(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
         Err(Counter::PassNotService) => return Ok(Counter::PassOtherProtocol),
         other => other?,
     };
-    forward(ctx, ip, iface, &service, &choice)?;
-    Ok(Counter::ForwardIcmpError)
+    let out = egress(iface, &choice)?;
+    forward(ctx, ip, &out, &service, &choice)?;
+    Ok(if out.redirect.is_some() {
+        Counter::RedirectBackend
+    } else {
+        Counter::ForwardIcmpError
+    })
 }
 
 /// An echo request to a VIP whose service answers echo is answered here;
@@ -271,22 +306,28 @@ fn answer_echo(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
     icmp::reply_echo(ctx, ip)
 }
 
-/// Sends the packet to the chosen backend by the service's mode, back out
-/// of `iface`, and counts it.
+/// Sends the packet to the chosen backend by the service's mode, out of
+/// `out`, and counts it in the service's and backend's stats.
 #[inline(always)]
 fn forward(
     ctx: &XdpContext,
     ip: &Ip,
-    iface: &Interface,
+    out: &Egress,
     service: &ServiceValue,
     choice: &Choice,
 ) -> Result<(), Counter> {
     let bytes = frame_len(ctx) as u64;
     if let Some(t) = tunnel(service) {
         let settings = maps::settings().ok_or(Counter::DropNoBackend)?;
-        forward::encapsulate(ctx, ip, choice, settings.mtu_of(iface), settings, t)?;
+        forward::encapsulate(ctx, ip, choice, out.iface, settings, t)?;
     } else {
-        forward::rewrite_macs(ctx, choice)?;
+        forward::rewrite_macs(ctx, choice, out.iface)?;
+    }
+    if let Some(port) = out.redirect
+        && !maps::redirect(port)
+    {
+        // Detached since `egress` found it.
+        return Err(Counter::DropNoEgress);
     }
     maps::count_forward(service.id, choice.id, bytes, choice.new_flow);
     Ok(())

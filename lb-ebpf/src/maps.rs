@@ -7,7 +7,7 @@ use core::ptr::{self, NonNull};
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, DevMap, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
 };
 use lb_common::{
     Addr, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter,
@@ -78,6 +78,11 @@ static LB_SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 /// The interfaces the program is attached to, by [`interface_slot`].
 #[map]
 static LB_INTERFACES: Array<Interface> = Array::with_max_entries(limits::INTERFACE_SLOTS, 0);
+
+/// The attached interfaces by port, for XDP_REDIRECT to backends behind
+/// another interface than the receiving one.
+#[map]
+static LB_EGRESS: DevMap = DevMap::with_max_entries(limits::MAX_PORTS + 1, 0);
 
 /// Each CPU's ICMP messages of each kind in the current second.
 #[map]
@@ -358,6 +363,21 @@ pub fn interface(ifindex: u32) -> Option<&'static Interface> {
     LB_INTERFACES
         .get(interface_slot(ifindex))
         .filter(|i| i.ifindex == ifindex)
+}
+
+/// The attached interface with port `port`: its device-map entry and its
+/// interface-table entry agree. `None` once it is detached or gone (the
+/// kernel takes a removed device out of the device map).
+#[inline(always)]
+pub fn egress(port: u8) -> Option<&'static Interface> {
+    interface(LB_EGRESS.get_ifindex(port as u32)?).filter(|i| i.port == port)
+}
+
+/// Tells the kernel to send the frame out of the interface with port
+/// `port` when the program returns XDP_REDIRECT. False if it has no entry.
+#[inline(always)]
+pub fn redirect(port: u8) -> bool {
+    LB_EGRESS.redirect(port as u32, 0).is_ok()
 }
 
 /// Takes one ICMP message of `kind` from this CPU's budget for second

@@ -177,6 +177,10 @@ pub struct BackendRow {
     pub slots: usize,
     /// Next-hop MAC, if resolved.
     pub mac: Option<String>,
+    /// The interface the backend's route leaves by, when lb is not attached
+    /// to it (the backend is then out of the tables).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unattached_interface: Option<String>,
     /// Seconds in the current health state.
     pub since_seconds: u64,
     /// Last probe passed.

@@ -1025,7 +1025,11 @@ fn backend_table(v: &Value, health: bool) -> String {
                     format!("{:?}", r.admin).to_lowercase(),
                     r.health.clone(),
                     r.slots.to_string(),
-                    r.mac.clone().unwrap_or_else(|| "unresolved".into()),
+                    match (&r.mac, &r.unattached_interface) {
+                        (Some(mac), _) => mac.clone(),
+                        (None, Some(dev)) => format!("via {dev} (not attached)"),
+                        (None, None) => "unresolved".into(),
+                    },
                     r.active_flows.to_string(),
                     r.packets.to_string(),
                     r.bytes.to_string(),

@@ -455,7 +455,8 @@ pub struct Desired {
 /// Validated settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
-    /// Interfaces to attach to.
+    /// Interfaces to attach to, each once, at most [`limits::MAX_PORTS`]:
+    /// the data plane knows each by its port ([`Settings::port_of`]).
     pub interfaces: Vec<String>,
     /// XDP attach mode.
     pub xdp_mode: XdpModeSetting,
@@ -830,6 +831,17 @@ pub(crate) fn usable(ip: IpAddr) -> bool {
     !(ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() || broadcast)
 }
 
+impl Settings {
+    /// The data plane's port of interface `name` (see
+    /// [`lb_common::Interface::port`]): its place in `interfaces`, from 1,
+    /// so a restarted daemon gives every interface the port backends
+    /// already name. `None` if lb is not attached to it.
+    pub fn port_of(&self, name: &str) -> Option<u8> {
+        let i = self.interfaces.iter().position(|i| i == name)?;
+        u8::try_from(i + 1).ok()
+    }
+}
+
 fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigErrors> {
     let mut e = Errors {
         text,
@@ -843,6 +855,26 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
             "settings.interfaces",
             "name at least one interface to attach to",
         );
+    } else if s.interfaces.len() > limits::MAX_PORTS as usize {
+        e.push(
+            None,
+            "settings.interfaces",
+            format!(
+                "{} interfaces; lb attaches to at most {}",
+                s.interfaces.len(),
+                limits::MAX_PORTS
+            ),
+        );
+    }
+    let mut seen = BTreeSet::new();
+    for name in &s.interfaces {
+        if !seen.insert(name) {
+            e.push(
+                None,
+                "settings.interfaces",
+                format!("{name} is named twice"),
+            );
+        }
     }
     if !is_prime(s.table_size) || s.table_size > MAX_TABLE_SIZE {
         e.push(
@@ -1382,6 +1414,11 @@ address = "198.18.0.11"
             "settings.interfaces: name at least one interface",
         ),
         (
+            "an interface twice",
+            "[settings]\ninterfaces=[\"e\", \"f\", \"e\"]\n",
+            "settings.interfaces: e is named twice",
+        ),
+        (
             "table size not prime",
             "[settings]\ninterfaces=[\"e\"]\ntable_size = 65536\n",
             "settings.table_size: 65536 is not a prime",
@@ -1584,6 +1621,23 @@ address = "198.18.0.11"
             "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nprotocol=\"tcp\"\n",
         );
         assert!(one.unwrap_err().to_string().starts_with("line "));
+    }
+
+    #[test]
+    fn interfaces_get_ports_in_the_order_they_are_named() {
+        let d = parse("[settings]\ninterfaces=[\"eth0\", \"bond0\"]\n").unwrap();
+        assert_eq!(d.settings.port_of("eth0"), Some(1));
+        assert_eq!(d.settings.port_of("bond0"), Some(2));
+        assert_eq!(d.settings.port_of("eth2"), None);
+        let many: Vec<String> = (0..=limits::MAX_PORTS)
+            .map(|i| format!("\"e{i}\""))
+            .collect();
+        let e = parse(&format!("[settings]\ninterfaces=[{}]\n", many.join(","))).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("128 interfaces; lb attaches to at most 127"),
+            "{e}"
+        );
     }
 
     #[test]

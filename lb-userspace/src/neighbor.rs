@@ -64,8 +64,17 @@ async fn lookup(next_hop: IpAddr, dev: &str) -> Result<Option<[u8; 6]>> {
         .find_map(|n| n.lladdr.as_deref().and_then(parse_mac)))
 }
 
-/// The MAC of `backend`'s next hop.
-pub async fn resolve(backend: IpAddr) -> Result<[u8; 6]> {
+/// Where frames to a backend go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NextHop {
+    /// The MAC of the backend, or of its gateway when not on-link.
+    pub mac: [u8; 6],
+    /// The interface the route leaves by.
+    pub dev: String,
+}
+
+/// `backend`'s next hop.
+pub async fn resolve(backend: IpAddr) -> Result<NextHop> {
     let text = ip_json(&["route", "get", &backend.to_string()]).await?;
     let routes: Vec<Route> = serde_json::from_str(text.trim()).context("parsing ip route get")?;
     let route = routes
@@ -75,7 +84,7 @@ pub async fn resolve(backend: IpAddr) -> Result<[u8; 6]> {
     let next_hop = route.gateway.unwrap_or(backend);
     let dev = route.dev.context("route without a device")?;
     if let Some(mac) = lookup(next_hop, &dev).await? {
-        return Ok(mac);
+        return Ok(NextHop { mac, dev });
     }
     let any: std::net::SocketAddr = if next_hop.is_ipv4() {
         "0.0.0.0:0"
@@ -89,7 +98,7 @@ pub async fn resolve(backend: IpAddr) -> Result<[u8; 6]> {
     while tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
         if let Some(mac) = lookup(next_hop, &dev).await? {
-            return Ok(mac);
+            return Ok(NextHop { mac, dev });
         }
     }
     bail!("{next_hop} on {dev} did not answer neighbour resolution")
@@ -97,16 +106,16 @@ pub async fn resolve(backend: IpAddr) -> Result<[u8; 6]> {
 
 /// Resolves every address concurrently; unresolved ones are left out (their
 /// backends stay out of the tables until a later attempt succeeds).
-pub async fn resolve_all(addrs: impl IntoIterator<Item = IpAddr>) -> BTreeMap<IpAddr, [u8; 6]> {
+pub async fn resolve_all(addrs: impl IntoIterator<Item = IpAddr>) -> BTreeMap<IpAddr, NextHop> {
     let tasks: Vec<_> = addrs
         .into_iter()
         .map(|ip| tokio::spawn(async move { (ip, resolve(ip).await) }))
         .collect();
-    let mut macs = BTreeMap::new();
+    let mut hops = BTreeMap::new();
     for t in tasks {
         match t.await {
-            Ok((ip, Ok(mac))) => {
-                macs.insert(ip, mac);
+            Ok((ip, Ok(hop))) => {
+                hops.insert(ip, hop);
             }
             Ok((ip, Err(e))) => {
                 tracing::warn!(backend = %ip, error = %format!("{e:#}"), "next-hop MAC unresolved")
@@ -114,7 +123,7 @@ pub async fn resolve_all(addrs: impl IntoIterator<Item = IpAddr>) -> BTreeMap<Ip
             Err(_) => {}
         }
     }
-    macs
+    hops
 }
 
 #[cfg(test)]

@@ -207,21 +207,33 @@ pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str, b_mac: Option<&str
 /// Connects `host` (interface `eth0` with `mac`, addresses `addrs`) to the
 /// bridge `br0` in `switch`, through a veth whose switch end is `port`.
 pub fn plug(switch: &Netns, port: &str, host: &Netns, mac: &str, addrs: &[&str]) -> Result<()> {
-    veth(switch, port, host, "eth0", Some(mac))?;
+    plug_as(switch, port, host, "eth0", mac, addrs)
+}
+
+/// [`plug`], with the host's interface named `iface`.
+pub fn plug_as(
+    switch: &Netns,
+    port: &str,
+    host: &Netns,
+    iface: &str,
+    mac: &str,
+    addrs: &[&str],
+) -> Result<()> {
+    veth(switch, port, host, iface, Some(mac))?;
     switch.ip(&["link", "set", port, "master", "br0", "up"])?;
     for a in addrs {
-        let mut args = vec!["addr", "add", *a, "dev", "eth0"];
+        let mut args = vec!["addr", "add", *a, "dev", iface];
         if a.contains(':') {
             args.push("nodad");
         }
         host.ip(&args)?;
     }
-    host.ip(&["link", "set", "eth0", "up"])?;
+    host.ip(&["link", "set", iface, "up"])?;
     // Small test messages never need segmentation offload, and generic XDP
     // must see wire-sized frames.
     host.exec(
         "ethtool",
-        &["-K", "eth0", "tso", "off", "gso", "off", "gro", "off"],
+        &["-K", iface, "tso", "off", "gso", "off", "gro", "off"],
     )?;
     Ok(())
 }

@@ -9,8 +9,9 @@ use aya::{
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use lb::{
-    dataplane::{Capacity, Dataplane, Prefix},
+    dataplane::{Capacity, Dataplane, Prefix, read_interface},
     maglev::{self, Candidate},
+    netns::Netns,
 };
 use lb_common::{
     AddrKey, BACKEND_F_UP, BackendValue, Counter, Interface, ServiceKey, Settings, addr_bytes,
@@ -26,6 +27,8 @@ pub const DROP: u32 = 1;
 pub const PASS: u32 = 2;
 /// XDP_TX.
 pub const TX: u32 = 3;
+/// XDP_REDIRECT.
+pub const REDIRECT: u32 = 4;
 
 /// MAC of the load balancer's interface (frames to the LB are sent to it).
 pub const LB_MAC: Mac = [0x02, 0, 0, 0, 0, 0x01];
@@ -38,13 +41,45 @@ pub const MTU: u32 = 1500;
 pub const TEST_RUN_IFINDEX: u32 = 1;
 
 /// The receiving interface as the lab registers it: frames sent to
-/// [`LB_MAC`] are the load balancer's.
+/// [`LB_MAC`] are the load balancer's. It has no port (it is not in the
+/// device map): backends with port 0 are behind it.
 pub fn lab_interface(mtu: u32) -> Interface {
     Interface {
         ifindex: TEST_RUN_IFINDEX,
         mtu,
         mac: LB_MAC,
-        _pad: [0; 2],
+        port: 0,
+        _pad: 0,
+    }
+}
+
+/// The port of the lab's second interface ([`Lab::add_segment`]).
+pub const SEGMENT_PORT: u8 = 2;
+/// A port no interface has: backends behind it cannot be reached.
+pub const NO_SUCH_PORT: u8 = 3;
+/// The second interface's MAC.
+pub const SEGMENT_MAC: Mac = [0x02, 0, 0, 0, 0, 0x02];
+/// The second interface's MTU, below the receiving one's.
+pub const SEGMENT_MTU: u32 = 1400;
+
+/// A second interface the load balancer is attached to, for frames to
+/// backends behind it (redirected): one end of a veth pair in a namespace
+/// of its own, since the device map holds only devices that exist. It lives as
+/// long as this.
+pub struct Segment {
+    /// The interface as registered.
+    pub iface: Interface,
+    ns: Netns,
+}
+
+/// The device a [`Segment`] is.
+const SEGMENT_DEVICE: &str = "seg0";
+
+impl Segment {
+    /// Removes the device (the kernel takes it out of the device map
+    /// before this returns).
+    pub fn remove_device(&self) -> Result<()> {
+        self.ns.ip(&["link", "del", SEGMENT_DEVICE])
     }
 }
 /// Outer IPv4 source prefix for `ipip`: 198.18.255.0/24, low byte from the hash.
@@ -143,6 +178,42 @@ impl Lab {
         dp.set_settings(lab_settings(capacity.ring_size))?;
         dp.set_interface(&lab_interface(MTU))?;
         Ok(Lab { dp })
+    }
+
+    /// Registers a second interface ([`Segment`]) with port
+    /// [`SEGMENT_PORT`], MAC [`SEGMENT_MAC`] and MTU [`SEGMENT_MTU`].
+    pub fn add_segment(&mut self) -> Result<Segment> {
+        let ns = Netns::new("seg")?;
+        let mac = lb::netns::mac_string(&SEGMENT_MAC);
+        let mtu = SEGMENT_MTU.to_string();
+        ns.ip(&[
+            "link",
+            "add",
+            SEGMENT_DEVICE,
+            "address",
+            &mac,
+            "mtu",
+            &mtu,
+            "type",
+            "veth",
+        ])?;
+        ns.ip(&["link", "set", SEGMENT_DEVICE, "up"])?;
+        let dp = &mut self.dp;
+        let iface = ns.run(|| {
+            let iface = Interface {
+                port: SEGMENT_PORT,
+                ..read_interface(SEGMENT_DEVICE)?
+            };
+            dp.set_interface(&iface)?;
+            Ok(iface)
+        })?;
+        Ok(Segment { iface, ns })
+    }
+
+    /// Rewrites backend `id` to leave by the interface with port `port`.
+    pub fn route_backend(&mut self, id: u32, port: u8) -> Result<()> {
+        let b = self.dp.backend(id)?;
+        self.dp.set_backend(id, &b.with_port(port))
     }
 
     /// Writes backend `id` at `ip` with the MAC [`backend_mac`] gives it, up

@@ -32,6 +32,7 @@ use crate::{
     fleet::state::{AgreedHealth, FleetState, HealthView, Overrides},
     health::{self, Health, Tracker},
     maglev::{self, Candidate},
+    neighbor::NextHop,
 };
 
 /// The last probe of a backend.
@@ -128,8 +129,19 @@ pub struct Controller {
     desired: Desired,
     services: BTreeMap<String, ServiceState>,
     runtime: Runtime,
-    macs: BTreeMap<IpAddr, [u8; 6]>,
+    hops: BTreeMap<IpAddr, Hop>,
+    /// Backends whose route leaves by an interface lb is not attached to,
+    /// with that interface.
+    unattached: BTreeMap<IpAddr, String>,
     fleet_health: Option<FleetHealth>,
+}
+
+/// A backend's next hop as the data plane takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Hop {
+    mac: [u8; 6],
+    /// The port of the attached interface the route leaves by.
+    port: u8,
 }
 
 /// Where a fleet node's tables take backend health from: the fleet's
@@ -231,7 +243,7 @@ impl Controller {
         dp: Dataplane,
         desired: Desired,
         runtime: Runtime,
-        macs: BTreeMap<IpAddr, [u8; 6]>,
+        hops: BTreeMap<IpAddr, NextHop>,
         fleet_health: Option<FleetHealth>,
     ) -> Result<(Controller, ChangeReport)> {
         let mut c = Controller {
@@ -242,9 +254,11 @@ impl Controller {
             },
             services: BTreeMap::new(),
             runtime,
-            macs,
+            hops: BTreeMap::new(),
+            unattached: BTreeMap::new(),
             fleet_health,
         };
+        c.hops = c.attached_hops(hops);
         c.adopt(&desired)?;
         let report = c.apply(desired, false)?;
         Ok((c, report))
@@ -343,9 +357,9 @@ impl Controller {
         self.runtime.get(service, ip)
     }
 
-    /// Whether a backend's next-hop MAC is known.
+    /// Whether a backend's next hop is known, on an attached interface.
     pub fn has_mac(&self, ip: IpAddr) -> bool {
-        self.macs.contains_key(&ip)
+        self.hops.contains_key(&ip)
     }
 
     /// Whether a service ignores its probes (see [`health::panic`]).
@@ -414,7 +428,7 @@ impl Controller {
                 let o = self.runtime.get(service, **ip);
                 o.admin == Admin::Ready
                     && self.probe_up(service, **ip, b)
-                    && self.macs.contains_key(*ip)
+                    && self.hops.contains_key(*ip)
                     && o.weight.unwrap_or(b.configured_weight) > 0
             })
             .count()
@@ -493,7 +507,7 @@ impl Controller {
     /// The weight a backend has in its table now.
     pub fn table_weight(&self, service: &str, ip: IpAddr, b: &BackendState) -> u32 {
         let o = self.runtime.get(service, ip);
-        if o.admin != Admin::Ready || !self.healthy(service, ip, b) || !self.macs.contains_key(&ip)
+        if o.admin != Admin::Ready || !self.healthy(service, ip, b) || !self.hops.contains_key(&ip)
         {
             return 0;
         }
@@ -503,16 +517,17 @@ impl Controller {
     fn backend_value(&self, service: &str, ip: IpAddr, b: &BackendState) -> BackendValue {
         let o = self.runtime.get(service, ip);
         let (addr, family) = addr_bytes(ip);
-        let mac = self.macs.get(&ip).copied();
-        let up = o.admin != Admin::Maintenance && self.healthy(service, ip, b) && mac.is_some();
+        let hop = self.hops.get(&ip).copied();
+        let up = o.admin != Admin::Maintenance && self.healthy(service, ip, b) && hop.is_some();
         BackendValue {
             addr,
-            mac: mac.unwrap_or_default(),
+            mac: hop.map_or([0; 6], |h| h.mac),
             family,
             flags: if up { BACKEND_F_UP } else { 0 },
             generation: b.generation,
             seal: 0,
         }
+        .with_port(hop.map_or(0, |h| h.port))
     }
 
     fn build_ring(&self, svc: &ServiceState) -> Result<Vec<u32>> {
@@ -615,7 +630,7 @@ impl Controller {
                         }
                     }
                     None => {
-                        let unresolved = if self.macs.contains_key(ip) {
+                        let unresolved = if self.hops.contains_key(ip) {
                             ""
                         } else {
                             "; its next hop's MAC is not resolved yet: out of the table until it is"
@@ -927,17 +942,25 @@ impl Controller {
         Ok(moved)
     }
 
-    /// Records resolved next-hop MACs and resyncs the services that use them.
-    pub fn set_macs(&mut self, macs: BTreeMap<IpAddr, [u8; 6]>) -> Result<()> {
-        let changed: BTreeSet<IpAddr> = macs
-            .iter()
-            .filter(|(ip, mac)| self.macs.get(ip) != Some(mac))
-            .map(|(ip, _)| *ip)
+    /// Records resolved next hops and resyncs the services that use them.
+    /// A backend whose route now leaves by an interface lb is not attached
+    /// to is taken out of its tables (see [`Controller::unattached`]).
+    pub fn set_next_hops(&mut self, hops: BTreeMap<IpAddr, NextHop>) -> Result<()> {
+        let resolved: Vec<IpAddr> = hops.keys().copied().collect();
+        let hops = self.attached_hops(hops);
+        let changed: BTreeSet<IpAddr> = resolved
+            .into_iter()
+            .filter(|ip| self.hops.get(ip) != hops.get(ip))
             .collect();
         if changed.is_empty() {
             return Ok(());
         }
-        self.macs.extend(macs);
+        for ip in &changed {
+            match hops.get(ip) {
+                Some(hop) => self.hops.insert(*ip, *hop),
+                None => self.hops.remove(ip),
+            };
+        }
         let names: Vec<String> = self
             .services
             .iter()
@@ -948,5 +971,42 @@ impl Controller {
             self.sync(&n, None)?;
         }
         Ok(())
+    }
+
+    /// Of `hops`, those on interfaces lb is attached to, by port. The
+    /// others are recorded as unattached, and reported when that is news.
+    fn attached_hops(&mut self, hops: BTreeMap<IpAddr, NextHop>) -> BTreeMap<IpAddr, Hop> {
+        let mut attached = BTreeMap::new();
+        for (ip, hop) in hops {
+            if let Some(port) = self.desired.settings.port_of(&hop.dev) {
+                attached.insert(ip, Hop { mac: hop.mac, port });
+                self.unattached.remove(&ip);
+            } else if self.unattached.get(&ip) != Some(&hop.dev) {
+                self.unattached.insert(ip, hop.dev);
+                if let Some(message) = self.unattached(ip) {
+                    warn!("{message}");
+                }
+            }
+        }
+        attached
+    }
+
+    /// The interface backend `ip`'s route leaves by, if lb is not attached
+    /// to it.
+    pub fn unattached_interface(&self, ip: IpAddr) -> Option<String> {
+        self.unattached.get(&ip).cloned()
+    }
+
+    /// Why backend `ip` is out of the tables, if its route leaves by an
+    /// interface lb is not attached to: frames sent to it out of another
+    /// one would carry that segment's MACs onto the wrong one.
+    pub fn unattached(&self, ip: IpAddr) -> Option<String> {
+        let dev = self.unattached.get(&ip)?;
+        Some(format!(
+            "backend {ip}: its route leaves by {dev}, which lb is not attached to \
+             (settings.interfaces: {}); it stays out of the tables: attach lb to {dev} \
+             too, or route the backend through one of those",
+            self.desired.settings.interfaces.join(", "),
+        ))
     }
 }

@@ -287,12 +287,15 @@ pub async fn run(opts: Options) -> Result<()> {
     });
     dp.set_settings(dataplane_settings(&desired))?;
     dp.set_conntrack_settings(conntrack_settings(&desired))?;
-    let macs = neighbor::resolve_all(backend_addrs(&desired)).await;
-    let (mut ctl, report) = Controller::new(dp, desired, runtime, macs, fleet_health)?;
+    let hops = neighbor::resolve_all(backend_addrs(&desired)).await;
+    let (mut ctl, report) = Controller::new(dp, desired, runtime, hops, fleet_health)?;
     for iface in &settings.interfaces {
         let pin = opts.pin_dir.join(format!("link-{iface}"));
+        let port = settings
+            .port_of(iface)
+            .context("an interface without a port")?;
         ctl.dataplane_mut()
-            .attach(iface, xdp_mode(settings.xdp_mode), Some(&pin))?;
+            .attach(iface, port, xdp_mode(settings.xdp_mode), Some(&pin))?;
         info!(interface = %iface, mode = ?settings.xdp_mode, pinned = %pin.display(), "attached");
     }
     if adopted {
@@ -364,11 +367,15 @@ pub async fn run(opts: Options) -> Result<()> {
             Some((request, reply)) = calls.recv() => {
                 let new = unresolved_backends(&request, &file, fleet_node.as_ref(), &ctl);
                 if !new.is_empty()
-                    && let Err(e) = ctl.set_macs(neighbor::resolve_all(new).await)
+                    && let Err(e) = ctl.set_next_hops(neighbor::resolve_all(new.clone()).await)
                 {
-                    error!(error = %format!("{e:#}"), "applying next-hop MACs");
+                    error!(error = %format!("{e:#}"), "applying next hops");
                 }
+                // Nothing half-applied: a change that adds a backend lb
+                // cannot reach through its interfaces is refused whole.
+                let unattached: Vec<String> = new.iter().filter_map(|ip| ctl.unattached(*ip)).collect();
                 let result = match fleet_node.as_mut() {
+                    _ if !unattached.is_empty() => Err(anyhow!("{}", unattached.join("\n"))),
                     Some(f) if FleetNode::handles(&request) => f.handle(&mut ctl, &node, request).await,
                     _ => views::handle(&mut ctl, &mut node, &mut file, request, started, &opts),
                 };
@@ -394,9 +401,9 @@ pub async fn run(opts: Options) -> Result<()> {
                     Err(e) => error!(error = %format!("{e:#}"), "rendering metrics"),
                 }
             }
-            Some(macs) = mac_updates.recv() => {
-                if let Err(e) = ctl.set_macs(macs) {
-                    error!(error = %format!("{e:#}"), "applying next-hop MACs");
+            Some(hops) = mac_updates.recv() => {
+                if let Err(e) = ctl.set_next_hops(hops) {
+                    error!(error = %format!("{e:#}"), "applying next hops");
                 }
             }
             _ = ramp.tick() => {
@@ -559,12 +566,12 @@ async fn forward_kernel_log(log: KernelLog) {
 
 async fn refresh_macs(
     mut addrs: watch::Receiver<Vec<IpAddr>>,
-    out: mpsc::Sender<std::collections::BTreeMap<IpAddr, [u8; 6]>>,
+    out: mpsc::Sender<std::collections::BTreeMap<IpAddr, neighbor::NextHop>>,
 ) {
     loop {
         let list = addrs.borrow_and_update().clone();
-        let macs = neighbor::resolve_all(list).await;
-        if out.send(macs).await.is_err() {
+        let hops = neighbor::resolve_all(list).await;
+        if out.send(hops).await.is_err() {
             return;
         }
         let _ = tokio::time::timeout(MAC_REFRESH, addrs.changed()).await;

@@ -189,6 +189,7 @@ fn backends(ctl: &Controller, only: Option<&str>) -> Result<Vec<BackendRow>> {
                 slots: s.ring.iter().filter(|&&id| id == b.id).count(),
                 mac: (kernel.flags & BACKEND_F_UP != 0 || ctl.has_mac(*ip))
                     .then(|| crate::netns::mac_string(&kernel.mac)),
+                unattached_interface: ctl.unattached_interface(*ip),
                 since_seconds: now.duration_since(b.since).unwrap_or_default().as_secs(),
                 last_probe_ok: probe.as_ref().map(|p| p.ok),
                 last_probe_ms: probe.as_ref().map(|p| p.latency.as_secs_f64() * 1000.0),

@@ -62,7 +62,9 @@ pub fn read(name: &str) -> Result<Interface> {
         ifindex,
         mtu: mtu.max(0) as u32,
         mac,
-        _pad: [0; 2],
+        // Given by the attachment.
+        port: 0,
+        _pad: 0,
     })
 }
 

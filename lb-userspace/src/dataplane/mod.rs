@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray},
+    maps::{Array, DevMap, HashMap, IterableMap as _, MapData, PerCpuArray},
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -35,7 +35,7 @@ use lb_common::{
     interface_slot,
     limits::{
         CONNTRACK_BUCKET_GROUP, CONNTRACK_WAYS, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS,
-        DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, RING_COPIES, VIP_FILTER_WORDS,
+        DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, MAX_PORTS, RING_COPIES, VIP_FILTER_WORDS,
     },
     maps as names, ring_index,
 };
@@ -176,6 +176,7 @@ pub struct Dataplane {
     conntrack_stats: PerCpuArray<MapData, ConntrackStats>,
     settings: Array<MapData, Settings>,
     interfaces: Array<MapData, Interface>,
+    egress: DevMap<MapData>,
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, ServiceStats>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
@@ -236,7 +237,7 @@ where
 
 /// Every map of the load balancer (the decapsulator's are its own,
 /// [`decap`]).
-const ALL_MAPS: [&str; 15] = [
+const ALL_MAPS: [&str; 16] = [
     names::SERVICES,
     names::SERVICE_SLOTS,
     names::VIPS,
@@ -248,6 +249,7 @@ const ALL_MAPS: [&str; 15] = [
     names::CONNTRACK_STATS,
     names::SETTINGS,
     names::INTERFACES,
+    names::EGRESS,
     names::ICMP_BUDGET,
     names::COUNTERS,
     names::SERVICE_STATS,
@@ -460,6 +462,7 @@ impl Dataplane {
             conntrack_stats: take(&mut ebpf, names::CONNTRACK_STATS)?,
             settings: take(&mut ebpf, names::SETTINGS)?,
             interfaces: take(&mut ebpf, names::INTERFACES)?,
+            egress: take(&mut ebpf, names::EGRESS)?,
             counters: take(&mut ebpf, names::COUNTERS)?,
             service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
@@ -501,14 +504,37 @@ impl Dataplane {
     }
 
     /// Attaches the load balancer to `iface`, registered first in the
-    /// interface table (its MAC and MTU), so the program takes the frames
-    /// sent to it from the first packet. With `pin`, the XDP link is
+    /// interface table (its MAC and MTU) and the device map under `port`
+    /// (1 to [`MAX_PORTS`], unique among the interfaces attached; what
+    /// backends behind it name), so the program takes the frames sent to
+    /// it, and can send frames out of it, from the first packet. With
+    /// `pin`, the XDP link is
     /// pinned at that path so it outlives this process; an existing pinned
     /// link there is switched to this program atomically (no packet sees the
     /// interface without a program). The link stays open here too, so it
     /// survives its pin being removed (see [`Dataplane::repair`]).
-    pub fn attach(&mut self, iface: &str, mode: XdpMode, pin: Option<&Path>) -> Result<()> {
-        let info = link::read(iface)?;
+    pub fn attach(
+        &mut self,
+        iface: &str,
+        port: u8,
+        mode: XdpMode,
+        pin: Option<&Path>,
+    ) -> Result<()> {
+        ensure!(
+            (1..=MAX_PORTS).contains(&u32::from(port)),
+            "port {port} of {iface} is outside 1 to {MAX_PORTS}"
+        );
+        let info = Interface {
+            port,
+            ..link::read(iface)?
+        };
+        if let Some((other, _)) = self
+            .attachments
+            .iter()
+            .find(|(name, a)| name.as_str() != iface && !a.gone && a.written.port == port)
+        {
+            bail!("{iface} and {other} were both given port {port}");
+        }
         if let Some((other, _)) = self.attachments.iter().find(|(name, a)| {
             name.as_str() != iface
                 && !a.gone
@@ -542,17 +568,40 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Writes `iface` into the interface table: the program takes frames
-    /// that arrive on it sent to its MAC. [`Dataplane::attach`] does this;
-    /// tests that run the program on frames call it for the interface the
-    /// frames come in by.
+    /// Writes `iface` into the interface table, and under its port into
+    /// the device map: the program takes frames that arrive on it sent to
+    /// its MAC, and redirects frames to it for backends behind it.
+    /// [`Dataplane::attach`] does this; tests that run the program on
+    /// frames call it for the interfaces frames come in by and go out of.
+    /// The device map resolves the index in the caller's network namespace.
     pub fn set_interface(&mut self, iface: &Interface) -> Result<()> {
         self.interfaces
             .set(interface_slot(iface.ifindex), iface, 0)
-            .with_context(|| format!("writing interface {} to the interface table", iface.ifindex))
+            .with_context(|| {
+                format!("writing interface {} to the interface table", iface.ifindex)
+            })?;
+        if iface.port != 0 {
+            let written = self
+                .egress
+                .set(u32::from(iface.port), iface.ifindex, None, 0);
+            if let Err(e) = written {
+                // Nothing half-applied.
+                let _ = self.clear_interface(iface.ifindex);
+                return Err(e).with_context(|| {
+                    format!(
+                        "writing interface {} to the device map as port {}",
+                        iface.ifindex, iface.port
+                    )
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Clears interface `ifindex` from the interface table, if it is there.
+    /// Its device-map entry may stay (the kernel clears those of removed
+    /// devices): the program redirects only to a port whose device is in
+    /// the interface table too.
     fn clear_interface(&mut self, ifindex: u32) -> Result<()> {
         let slot = interface_slot(ifindex);
         if self.interfaces.get(&slot, 0)?.ifindex == ifindex {
@@ -589,9 +638,11 @@ impl Dataplane {
                 }
             } else if now != a.written.ifindex {
                 gone.push(a.written.ifindex);
-                reattach.push((iface.clone(), a.mode, a.pin.clone()));
-            } else if let Ok(info) = link::read(iface)
-                && info != a.written
+                reattach.push((iface.clone(), a.written.port, a.mode, a.pin.clone()));
+            } else if let Ok(info) = link::read(iface).map(|i| Interface {
+                port: a.written.port,
+                ..i
+            }) && info != a.written
             {
                 a.written = info;
                 changed.push((iface.clone(), info));
@@ -623,13 +674,13 @@ impl Dataplane {
             self.set_interface(&info)?;
             done.push(Repair::InterfaceChanged(iface, info));
         }
-        for (iface, mode, pin) in reattach {
+        for (iface, port, mode, pin) in reattach {
             // The old link died with the old interface; its pin is stale.
             self.attachments.remove(&iface);
             if let Some(path) = &pin {
                 let _ = std::fs::remove_file(path);
             }
-            self.attach(&iface, mode, pin.as_deref())?;
+            self.attach(&iface, port, mode, pin.as_deref())?;
             done.push(Repair::Reattached(iface));
         }
         if let Some(dir) = pin_dir {
@@ -1066,7 +1117,7 @@ mod tests {
         /// An LPM trie's key: the prefix length, then the data.
         const PREFIX_LEN: usize = size_of::<u32>();
         let u32s = size_of::<u32>();
-        let want: [(&str, usize, usize, u32); 19] = [
+        let want: [(&str, usize, usize, u32); 20] = [
             (
                 names::SERVICES,
                 size_of::<ServiceKey>(),
@@ -1113,6 +1164,8 @@ mod tests {
                 size_of::<Interface>(),
                 INTERFACE_SLOTS,
             ),
+            // A device map's value: the ifindex, and a program's id (unused).
+            (names::EGRESS, u32s, 2 * u32s, MAX_PORTS + 1),
             (
                 names::ICMP_BUDGET,
                 u32s,

@@ -7,10 +7,13 @@
 //!    passed frame is never modified;
 //! 3. a forwarded frame is well formed (`dsr-l2`: only the MACs changed;
 //!    `ipip`: a valid outer header toward the backend around the input's
-//!    IP packet; `gue`: the same with a valid UDP header between), and its backend is up, a member of the service, and the
-//!    one the documented rules pick;
+//!    IP packet; `gue`: the same with a valid UDP header between), its
+//!    backend is up, a member of the service, and the one the documented
+//!    rules pick, and it leaves by the backend's interface, from its MAC,
+//!    within its MTU (XDP_TX, or XDP_REDIRECT to the lab's second one);
 //! 4. exactly one global counter moves per frame, and it agrees with the
-//!    verdict (`pass_*` pass, `drop_*` drop, `forward_*` transmit).
+//!    verdict (`pass_*` pass, `drop_*` drop, `forward_*` and `reply_*`
+//!    transmit, `redirect_*` redirect).
 //!
 //! # Layout
 //! - [`generate`]: seeded frames: valid frames of every shape, mutated at
@@ -18,7 +21,8 @@
 //! - [`reference`](mod@reference): an independent, simple classifier written from
 //!   docs/dataplane.md: is a frame a well-formed packet of a service?
 //! - [`world`]: the lab (services in every mode and both families, backends
-//!   down, draining, reused, none), the model of its connection table, and
+//!   down, draining, reused, none, behind a second interface or one that
+//!   is gone), the model of its connection table, and
 //!   the check of one verdict.
 //! - [`shrink`]: makes a failing frame smaller for the report.
 

@@ -37,7 +37,7 @@ use super::{
     reference::{self, Class, Hit, Services},
 };
 use crate::{
-    lab::{self, DROP, LB_MAC, Lab, PASS, ROUTER_MAC, TX, backend_of_mac, service_key},
+    lab::{self, DROP, LB_MAC, Lab, PASS, REDIRECT, ROUTER_MAC, TX, backend_of_mac, service_key},
     packet::{self, Ipv4},
 };
 
@@ -105,6 +105,38 @@ pub const DOWN_IN_TABLE: u32 = 14;
 /// Given to another backend after seeding (generation bumped): entries
 /// made for the previous holder turn into misses.
 pub const REUSED: u32 = 17;
+
+/// Backends behind the lab's second interface ([`lab::Segment`]): one or
+/// two of each service that has several, so both ways out are taken.
+const BEHIND_SEGMENT: [u32; 6] = [2, 7, 9, 11, 16, 19];
+/// A backend whose port no interface has: its flows are dropped.
+pub const UNREACHABLE: u32 = 5;
+
+/// The port backend `id` leaves by (0: the receiving interface).
+fn port_of(id: u32) -> u8 {
+    if BEHIND_SEGMENT.contains(&id) {
+        lab::SEGMENT_PORT
+    } else if id == UNREACHABLE {
+        lab::NO_SUCH_PORT
+    } else {
+        0
+    }
+}
+
+/// The MAC and MTU of the interface frames to backend `id` leave by.
+fn egress_of(id: u32) -> (packet::Mac, u32) {
+    if port_of(id) == lab::SEGMENT_PORT {
+        (lab::SEGMENT_MAC, lab::SEGMENT_MTU)
+    } else {
+        (LB_MAC, lab::MTU)
+    }
+}
+
+/// Whether `action` sends the frame on (back out, or out of another
+/// interface).
+fn forwards(action: u32) -> bool {
+    action == TX || action == REDIRECT
+}
 
 /// A service of the lab.
 struct Spec {
@@ -279,6 +311,8 @@ pub fn implied_action(c: Counter) -> Option<u32> {
         Some(DROP)
     } else if name.starts_with("forward_") || name.starts_with("reply_") {
         Some(TX)
+    } else if name.starts_with("redirect_") {
+        Some(REDIRECT)
     } else {
         None
     }
@@ -290,6 +324,7 @@ pub fn action_name(action: u32) -> &'static str {
         DROP => "DROP",
         PASS => "PASS",
         TX => "TX",
+        REDIRECT => "REDIRECT",
         _ => "other",
     }
 }
@@ -308,6 +343,8 @@ struct Service {
 /// The lab and its model.
 pub struct World {
     lab: Lab,
+    /// The second interface, for as long as the world lives.
+    _segment: lab::Segment,
     services: Vec<Service>,
     backends: BTreeMap<u32, BackendValue>,
     keys: HashMap<ServiceKey, usize>,
@@ -341,14 +378,16 @@ impl World {
     /// Loads the data plane, publishes the services, seeds the connection
     /// table and changes the backend set under it.
     pub fn new() -> Result<World> {
-        let lab = Lab::with_capacity(Capacity {
+        let mut lab = Lab::with_capacity(Capacity {
             max_services: MAX_SERVICES,
             max_backends: MAX_BACKENDS,
             conntrack_entries: CONNTRACK_ENTRIES,
             ring_size: RING,
         })?;
+        let segment = lab.add_segment()?;
         let mut w = World {
             lab,
+            _segment: segment,
             services: Vec::new(),
             backends: BTreeMap::new(),
             keys: HashMap::new(),
@@ -409,6 +448,7 @@ impl World {
 
     fn set_backend(&mut self, id: u32, ip: IpAddr, up: bool, generation: u32) -> Result<()> {
         self.lab.backend(id, ip, up, generation)?;
+        self.lab.route_backend(id, port_of(id))?;
         self.backends.insert(id, self.lab.dp.backend(id)?);
         Ok(())
     }
@@ -447,7 +487,9 @@ impl World {
                 for sport in CLIENT_PORTS {
                     let frame = flow_frame(spec, client, sport);
                     match self.check(&frame) {
-                        Ok(v) if v.action == TX => {}
+                        // A flow to the unreachable backend is dropped, but
+                        // its entry made all the same.
+                        Ok(v) if forwards(v.action) || v.counter == Counter::DropNoEgress => {}
                         Ok(v) => bail!(
                             "seeding {}: {} ({}) for {}",
                             spec.name,
@@ -528,7 +570,7 @@ impl World {
             counter: single,
             out: v.out.clone(),
         };
-        if v.action == TX {
+        if forwards(v.action) {
             self.account(frame, &v.out);
         }
 
@@ -544,7 +586,7 @@ impl World {
             ));
         }
         // (2) A dropped or passed frame is never modified.
-        if v.action != TX && v.out != frame {
+        if !forwards(v.action) && v.out != frame {
             return Err(fail(
                 "dropped or passed frames are not modified",
                 format!(
@@ -580,7 +622,7 @@ impl World {
             }
             // (2) Malformed: never forwarded, counted.
             Class::Reject(allowed) => {
-                if v.action == TX {
+                if forwards(v.action) {
                     return Err(fail(
                         "malformed frames are never forwarded",
                         format!("{}, expected one of {}", counter.name(), names(&allowed)),
@@ -635,7 +677,7 @@ impl World {
         let tunnel = svc.spec.flags & SERVICE_F_TUNNEL != 0;
         let allowed = self.outcomes(hit, entry);
         let observed = match v.action {
-            TX if hit.foreign_destination => {
+            a if forwards(a) && hit.foreign_destination => {
                 return Err((
                     "frames not sent to the LB's MAC are not forwarded",
                     format!("{} to {}", v.counter.name(), hex(&frame[..6])),
@@ -649,7 +691,8 @@ impl World {
                     ));
                 }
                 let overhead = tunnel_overhead(svc.spec.flags, svc.key.family);
-                let mtu = lab::MTU - overhead as u32;
+                let (_, egress_mtu) = egress_of(self.chosen(hit, entry).unwrap_or_default());
+                let mtu = egress_mtu - overhead as u32;
                 let bad = packet::too_big_reply_problems(frame, out, hit.l3_off, mtu);
                 if !bad.is_empty() {
                     return Err((
@@ -659,22 +702,7 @@ impl World {
                 }
                 Outcome::Reply
             }
-            TX => {
-                let want = if hit.icmp {
-                    Counter::ForwardIcmpError
-                } else if svc.spec.flags & SERVICE_F_GUE != 0 {
-                    Counter::ForwardGue
-                } else if tunnel {
-                    Counter::ForwardIpip
-                } else {
-                    Counter::ForwardDsr
-                };
-                if v.counter != want {
-                    return Err((
-                        "the forward counter names the mode",
-                        format!("{}, expected {}", v.counter.name(), want.name()),
-                    ));
-                }
+            TX | REDIRECT => {
                 let id = backend_of_mac(&out[..6]);
                 let backend = match self.backends.get(&id) {
                     Some(b) if b.mac[..] == out[..6] => *b,
@@ -685,6 +713,23 @@ impl World {
                         ));
                     }
                 };
+                let want = if port_of(id) == lab::SEGMENT_PORT {
+                    Counter::RedirectBackend
+                } else if hit.icmp {
+                    Counter::ForwardIcmpError
+                } else if svc.spec.flags & SERVICE_F_GUE != 0 {
+                    Counter::ForwardGue
+                } else if tunnel {
+                    Counter::ForwardIpip
+                } else {
+                    Counter::ForwardDsr
+                };
+                if v.counter != want {
+                    return Err((
+                        "the forward counter names the mode and the way out",
+                        format!("{}, expected {}", v.counter.name(), want.name()),
+                    ));
+                }
                 if !svc.members.contains(&id) || backend.flags & BACKEND_F_UP == 0 {
                     return Err((
                         "the backend is up and a member of the service",
@@ -700,7 +745,7 @@ impl World {
                         format!("backend {id}; allowed {allowed:?}"),
                     ));
                 }
-                self.check_link(frame, out, &backend)?;
+                self.check_link(frame, out, id, &backend)?;
                 if tunnel {
                     self.check_tunnel(frame, out, hit, &backend)?;
                 } else if out.len() != frame.len() || out[12..] != frame[12..] {
@@ -759,19 +804,21 @@ impl World {
     }
 
     /// The link layer of a forwarded frame: to the backend's MAC, from the
-    /// LB's own (only frames sent to it are forwarded).
+    /// LB's own on the interface it leaves by (only frames sent to it are
+    /// forwarded).
     fn check_link(
         &self,
         frame: &[u8],
         out: &[u8],
+        id: u32,
         backend: &BackendValue,
     ) -> Result<(), (&'static str, String)> {
         if out[0..6] != backend.mac {
             return Err(("destination MAC is the backend's", hex(&out[0..6])));
         }
-        if out[6..12] != LB_MAC {
+        if out[6..12] != egress_of(id).0 {
             return Err((
-                "source MAC is the LB's",
+                "source MAC is the LB's on the interface the frame leaves by",
                 format!(
                     "{} (frame was sent to {})",
                     hex(&out[6..12]),
@@ -962,11 +1009,16 @@ impl World {
     /// MAC passes before any of that.
     pub fn outcomes(&self, hit: &Hit, entry: Option<FlowValue>) -> Vec<Outcome> {
         let svc = &self.services[hit.service];
-        let chosen = self.pinned(hit, entry).or_else(|| self.table_pick(hit));
+        let chosen = self.chosen(hit, entry);
         let mut v = vec![chosen.map_or(Outcome::Drop(Counter::DropNoBackend), Outcome::Tx)];
-        if svc.spec.flags & SERVICE_F_TUNNEL != 0 {
+        if chosen == Some(UNREACHABLE) {
+            // Its way out is looked up before anything else is done.
+            v = vec![Outcome::Drop(Counter::DropNoEgress)];
+        } else if let Some(id) = chosen
+            && svc.spec.flags & SERVICE_F_TUNNEL != 0
+        {
             let outer = tunnel_overhead(svc.spec.flags, svc.key.family);
-            if hit.ip_len + outer > lab::MTU as usize && chosen.is_some() {
+            if hit.ip_len + outer > egress_of(id).1 as usize {
                 // Answered unless it may be fragmented on the way, or is
                 // itself an error, or the CPU's ICMP budget is spent.
                 v = vec![Outcome::Drop(Counter::DropTooBig)];
@@ -982,8 +1034,14 @@ impl World {
         v
     }
 
+    /// The backend the flow goes to: the pinned one, else the table's pick.
+    fn chosen(&self, hit: &Hit, entry: Option<FlowValue>) -> Option<u32> {
+        self.pinned(hit, entry).or_else(|| self.table_pick(hit))
+    }
+
     /// The connection table after a service packet: a packet that went
-    /// through the choice (forwarded, or dropped as too big) leaves the
+    /// through the choice (forwarded, or dropped as too big or for want
+    /// of a way out) leaves the
     /// entry naming its backend (a valid entry kept, a miss or a SYN
     /// written); relayed ICMP errors and packets that never reached the
     /// choice leave it as it was.
@@ -997,12 +1055,13 @@ impl World {
         let pin = |e: Option<FlowValue>| e.map(|e| (e.backend, e.generation));
         let (before, after) = (pin(entry_before), pin(self.entry(&hit.flow)));
         let chosen = self
-            .pinned(hit, entry_before)
-            .or_else(|| self.table_pick(hit))
+            .chosen(hit, entry_before)
             .map(|id| (id, self.backends.get(&id).map_or(0, |b| b.generation)));
         let chose = matches!(
             observed,
-            Outcome::Tx(_) | Outcome::Drop(Counter::DropTooBig) | Outcome::Reply
+            Outcome::Tx(_)
+                | Outcome::Drop(Counter::DropTooBig | Counter::DropNoEgress)
+                | Outcome::Reply
         );
         let expected = if hit.icmp || !chose { before } else { chosen };
         if after != expected {

@@ -117,7 +117,7 @@ fn run() -> Result<()> {
         lab.service(id, service_key(vip, PORT, proto), flags, &[(backend, 1)])?;
     }
     lan.lb
-        .run(|| lab.dp.attach("eth0", aya::programs::XdpMode::Skb, None))?;
+        .run(|| lab.dp.attach("eth0", 1, aya::programs::XdpMode::Skb, None))?;
     let _servers = lan.serve_names(PORT)?;
 
     let dir = std::env::temp_dir().join(format!("lbt-{}-decap", std::process::id()));

@@ -17,7 +17,7 @@ use lb_common::{
     wire::*,
 };
 use lb_tests::{
-    lab::{self, DROP, LB_MAC, Lab, PASS, ROUTER_MAC, TX, backend_of_mac, service_key},
+    lab::{self, DROP, LB_MAC, Lab, PASS, REDIRECT, ROUTER_MAC, TX, backend_of_mac, service_key},
     packet::{self, Ipv4},
     require_root,
 };
@@ -1071,6 +1071,108 @@ fn sent_to(mac: [u8; 6], frame: &[u8]) -> Vec<u8> {
     let mut f = frame.to_vec();
     f[..6].copy_from_slice(&mac);
     f
+}
+
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn frames_to_backends_behind_another_interface_are_redirected_from_its_mac() {
+    require_root();
+    /// A port for the receiving interface.
+    const LAB_PORT: u8 = 1;
+    let mut f = fixture();
+    let segment = f.lab.add_segment().unwrap();
+    let flow4 = |sport, vip, svc, f: &Fixture| {
+        f.expected(
+            svc,
+            &flow(v4(CLIENT4), v4(vip), sport, HTTP, IPPROTO_TCP),
+            false,
+        )
+    };
+
+    // dsr-l2: the backend's port names the second interface.
+    let syn = tcp4(CLIENT4, VIP4_DSR, 42100, HTTP, TCP_SYN, &[]);
+    let want = flow4(42100, VIP4_DSR, SVC_TCP4, &f);
+    f.lab.route_backend(want, lab::SEGMENT_PORT).unwrap();
+    let out = f.case(
+        "dsr-l2, other interface",
+        &syn,
+        REDIRECT,
+        Counter::RedirectBackend,
+    );
+    assert_eq!(out[0..6], lab::backend_mac(want), "to the backend");
+    assert_eq!(
+        out[6..12],
+        lab::SEGMENT_MAC,
+        "from the egress interface's MAC"
+    );
+    assert_eq!(out[12..], syn[12..], "dsr-l2 changes only the MACs");
+    // Port 0, and the receiving interface's own port, stay on XDP_TX.
+    f.lab.route_backend(want, 0).unwrap();
+    let out = f.case("dsr-l2, port 0", &syn, TX, Counter::ForwardDsr);
+    assert_eq!(out[6..12], LB_MAC);
+    let mut own = lab::lab_interface(lab::MTU);
+    own.port = LAB_PORT;
+    f.lab.dp.set_interface(&own).unwrap();
+    f.lab.route_backend(want, LAB_PORT).unwrap();
+    f.case("dsr-l2, the receiving port", &syn, TX, Counter::ForwardDsr);
+    // A device-map entry whose interface has another port is not used.
+    f.lab
+        .dp
+        .set_interface(&lab::lab_interface(lab::MTU))
+        .unwrap();
+    f.case("dsr-l2, a stale port", &syn, DROP, Counter::DropNoEgress);
+    f.lab.route_backend(want, lab::SEGMENT_PORT).unwrap();
+
+    // ipip: encapsulated from the egress interface's MAC, within its MTU.
+    let frame = sized(v4(VIP4_IPIP), 42101, 1300, &[], true);
+    let want = flow4(42101, VIP4_IPIP, SVC_IPIP4, &f);
+    f.lab.route_backend(want, lab::SEGMENT_PORT).unwrap();
+    let out = f.case(
+        "ipip, other interface",
+        &frame,
+        REDIRECT,
+        Counter::RedirectBackend,
+    );
+    assert_eq!(
+        out[6..12],
+        lab::SEGMENT_MAC,
+        "from the egress interface's MAC"
+    );
+    // The rest as on the receiving interface.
+    let mut as_if_back = out.clone();
+    as_if_back[6..12].copy_from_slice(&LB_MAC);
+    let b = f.lab.dp.backend(want).unwrap().addr;
+    assert_tunnelled(
+        "ipip, other interface",
+        Tunnel::Ipip,
+        &frame,
+        &as_if_back,
+        ETH_HLEN,
+        v4([b[0], b[1], b[2], b[3]]),
+        want,
+    );
+    // 1390 bytes fit the receiving interface's 1500 but not the egress
+    // one's 1400 once encapsulated: the client is told 1380, from the
+    // receiving interface (XDP_TX back to it).
+    let frame = sized(v4(VIP4_IPIP), 42102, 1390, &[], true);
+    let want = flow4(42102, VIP4_IPIP, SVC_IPIP4, &f);
+    f.lab.route_backend(want, lab::SEGMENT_PORT).unwrap();
+    let out = f.case("too big for the egress", &frame, TX, Counter::ReplyTooBig);
+    let mtu = lab::SEGMENT_MTU - IPV4_HLEN as u32;
+    let bad = packet::too_big_reply_problems(&frame, &out, ETH_HLEN, mtu);
+    assert!(bad.is_empty(), "too big for the egress: {bad:?}");
+
+    // A port no interface has: dropped untouched (the connection table
+    // still remembers the flow's backend).
+    let syn = tcp4(CLIENT4, VIP4_DSR, 42103, HTTP, TCP_SYN, &[]);
+    let want = flow4(42103, VIP4_DSR, SVC_TCP4, &f);
+    f.lab.route_backend(want, lab::NO_SUCH_PORT).unwrap();
+    f.case("no such port", &syn, DROP, Counter::DropNoEgress);
+    // Nor one whose device is gone (the kernel empties its entry).
+    f.lab.route_backend(want, lab::SEGMENT_PORT).unwrap();
+    f.case("registered port", &syn, REDIRECT, Counter::RedirectBackend);
+    segment.remove_device().unwrap();
+    f.case("its device gone", &syn, DROP, Counter::DropNoEgress);
 }
 
 #[test]

@@ -21,7 +21,7 @@ use lb_tests::{
         hex, shrink, unhex,
         world::{Failure, World, action_name},
     },
-    lab::{DROP, PASS, TX},
+    lab::{DROP, PASS, REDIRECT, TX},
     require_root,
 };
 
@@ -102,7 +102,7 @@ impl Tally {
     fn summary(&self, seed: u64, sweep: usize, secs: f64) -> String {
         let join = |parts: Vec<String>| parts.join(", ");
         let actions = join(
-            [PASS, DROP, TX]
+            [PASS, DROP, TX, REDIRECT]
                 .iter()
                 .map(|&a| {
                     let name = action_name(a);

@@ -18,5 +18,6 @@ mod fixtures;
 mod fleet;
 mod flood;
 mod fuzz;
+mod interfaces;
 mod readme;
 mod topology;

@@ -99,7 +99,8 @@ fn run_flooded() -> Result<()> {
         0,
         &[(0, 1)],
     )?;
-    lan.lb.run(|| lab.dp.attach("eth0", XdpMode::Skb, None))?;
+    lan.lb
+        .run(|| lab.dp.attach("eth0", 1, XdpMode::Skb, None))?;
     let _servers = lan.serve_names(80)?;
     let vip = SocketAddr::new(IpAddr::V4(VIP_DSR4), 80);
 
@@ -226,7 +227,8 @@ fn run_uploads() -> Result<()> {
             &[(backend, 1)],
         )?;
     }
-    lan.lb.run(|| lab.dp.attach("eth0", XdpMode::Skb, None))?;
+    lan.lb
+        .run(|| lab.dp.attach("eth0", 1, XdpMode::Skb, None))?;
     // Held: its links detach when it drops.
     let _decap = decapsulator(b, &vips.map(|(vip, _)| vip))?;
     let sink = b.ns.run(|| Ok(std::net::TcpListener::bind("[::]:9000")?))?;
@@ -311,7 +313,7 @@ fn run_topology() -> Result<()> {
         lab.service(svc as u32, service_key(*vip, 80, *proto), *flags, &members)?;
     }
     lb.run(|| {
-        lab.dp.attach("eth0", XdpMode::Skb, None)?;
+        lab.dp.attach("eth0", 1, XdpMode::Skb, None)?;
         Ok(())
     })?;
 
