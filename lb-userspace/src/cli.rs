@@ -352,6 +352,10 @@ enum BackendCommand {
         /// Weight, 0-65535 (0 takes no new flows).
         #[arg(long, default_value_t = 1, value_parser = weight)]
         weight: u32,
+        /// Put it in the table on its first successful probe, not its first
+        /// `rise` (it is always checked before it takes a flow).
+        #[arg(long)]
+        trust_first_probe: bool,
         /// Show the changes and table slots that would move, change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -610,12 +614,14 @@ fn run(cli: Cli) -> Result<()> {
             service,
             backend,
             weight,
+            trust_first_probe,
             dry_run,
         }) => {
             let edit = Edit::AddBackend {
                 service,
                 address: backend,
                 weight,
+                trust_first_probe,
             };
             change(Request::Edit { edit, dry_run }, dry_run)
         }
@@ -942,6 +948,13 @@ fn change_report(v: &Value, dry_run: bool) -> String {
             out += &format!(
                 "service {svc}: {n} table slots {}\n",
                 if dry_run { "would move" } else { "moved" }
+            );
+        }
+    }
+    if let Some(m) = v["slots_when_checked"].as_object() {
+        for (svc, n) in m {
+            out += &format!(
+                "service {svc}: {n} table slots move once its new backends pass their checks\n"
             );
         }
     }

@@ -45,6 +45,10 @@ pub enum Edit {
         address: IpAddr,
         /// Weight.
         weight: u32,
+        /// Into the table on its first successful probe instead of its
+        /// first `rise` (a run-time hint: the file does not keep it).
+        #[serde(default)]
+        trust_first_probe: bool,
     },
     /// Removes a backend from a service.
     DelBackend {
@@ -101,6 +105,7 @@ impl Edit {
                 service,
                 address,
                 weight,
+                ..
             } => {
                 let backends = backends_mut(&mut doc, service)?;
                 if find_backend(backends, *address).is_some() {
@@ -232,6 +237,7 @@ address = "198.18.0.11"
             service: "web".into(),
             address: addr.parse().unwrap(),
             weight,
+            trust_first_probe: false,
         }
     }
 
@@ -268,6 +274,7 @@ address = "198.18.0.11"
             service: "nope".into(),
             address: "198.18.0.12".parse().unwrap(),
             weight: 1,
+            trust_first_probe: false,
         }
         .apply_to(BASE)
         .unwrap_err();

@@ -1,7 +1,8 @@
 //! The health state machine of one backend (pure): consecutive probe results
 //! move it between up and down after `rise` successes or `fall` failures, as
-//! HAProxy and IPVS/keepalived do, damped against flapping; plus the slow
-//! start and panic rules that depend only on counts and time.
+//! HAProxy and IPVS/keepalived do, damped against flapping; a new backend
+//! is checked before it takes any flow; plus the slow start and panic rules
+//! that depend only on counts and time.
 
 use std::time::Duration;
 
@@ -28,6 +29,10 @@ pub enum Health {
     Up,
     /// Failing: out of rotation, its flows re-hash.
     Down,
+    /// New, not proven yet: out of rotation until its first `rise`
+    /// successes (up), or a failure (down). Not counted by the panic rule:
+    /// a backend nobody has seen work is no sign the probes are wrong.
+    Checking,
 }
 
 /// Steps of slow start: a recovered backend gets 1/4, 2/4, 3/4, then all of
@@ -72,9 +77,23 @@ pub struct Tracker {
     /// Flap damping: each return to down before the backend was stable
     /// doubles the successes it needs to come back.
     penalty: u32,
+    /// While checking, one success is enough.
+    trust_first_probe: bool,
 }
 
 impl Tracker {
+    /// A tracker for a new backend: [`Health::Checking`] until `rise`
+    /// successes, or only one if `trust_first_probe`.
+    pub fn checking(trust_first_probe: bool) -> Self {
+        Tracker {
+            state: Health::Checking,
+            streak: 0,
+            up_run: 0,
+            penalty: 0,
+            trust_first_probe,
+        }
+    }
+
     /// A tracker in `state` with no disagreeing results.
     pub fn new(state: Health) -> Self {
         Tracker {
@@ -84,12 +103,18 @@ impl Tracker {
             // not a flap.
             up_run: STABLE_SUCCESSES,
             penalty: 0,
+            trust_first_probe: false,
         }
     }
 
-    /// Successes a down backend needs now (rise, doubled per recent flap).
+    /// Successes a down or checking backend needs now (rise, doubled per
+    /// recent flap; one for a checking backend trusted on its first probe).
     pub fn rise_needed(&self, t: Thresholds) -> u32 {
-        t.rise.max(1) << self.penalty
+        if self.state == Health::Checking && self.trust_first_probe {
+            1
+        } else {
+            t.rise.max(1) << self.penalty
+        }
     }
 
     /// The current state.
@@ -104,6 +129,12 @@ impl Tracker {
 
     /// Records one probe result; returns the new state if it changed.
     pub fn record(&mut self, ok: bool, t: Thresholds) -> Option<Health> {
+        if self.state == Health::Checking && !ok {
+            // A new backend that fails is down, its probe saying why.
+            self.streak = 0;
+            self.state = Health::Down;
+            return Some(Health::Down);
+        }
         let agrees = ok == (self.state == Health::Up);
         if agrees {
             self.streak = 0;
@@ -118,7 +149,7 @@ impl Tracker {
         self.streak += 1;
         let needed = match self.state {
             Health::Up => t.fall.max(1),
-            Health::Down => self.rise_needed(t),
+            Health::Down | Health::Checking => self.rise_needed(t),
         };
         if self.streak < needed {
             return None;
@@ -132,7 +163,7 @@ impl Tracker {
                 }
                 Health::Down
             }
-            Health::Down => {
+            Health::Down | Health::Checking => {
                 self.up_run = 0;
                 Health::Up
             }
@@ -217,6 +248,25 @@ mod tests {
         assert!(!panic(3, 2));
         assert!(panic(10, 4));
         assert!(!panic(10, 5));
+    }
+
+    #[test]
+    fn a_new_backend_is_up_after_rise_successes_and_down_at_its_first_failure() {
+        let mut t = Tracker::checking(false);
+        assert_eq!(t.state(), Health::Checking);
+        assert_eq!(t.record(true, T), None);
+        assert!(t.in_transition());
+        assert_eq!(t.record(true, T), Some(Health::Up));
+        let mut t = Tracker::checking(false);
+        assert_eq!(t.record(true, T), None);
+        assert_eq!(t.record(false, T), Some(Health::Down));
+        assert_eq!(t.rise_needed(T), 2, "then as any down backend");
+        assert_eq!(t.record(true, T), None);
+        assert_eq!(t.record(true, T), Some(Health::Up));
+        let mut t = Tracker::checking(true);
+        assert_eq!(t.rise_needed(T), 1);
+        assert_eq!(t.record(true, T), Some(Health::Up));
+        assert_eq!(t.rise_needed(T), 2, "trust is for the first probe only");
     }
 
     #[test]

@@ -74,13 +74,14 @@ pub struct BackendState {
 }
 
 impl BackendState {
-    /// A backend with no probe history, at full weight, not yet written.
-    fn new(id: u32, generation: u32, configured_weight: u32, health: Health) -> Self {
+    /// A backend with no probe history but `health`'s, at full weight, not
+    /// yet written.
+    fn new(id: u32, generation: u32, configured_weight: u32, health: Tracker) -> Self {
         BackendState {
             id,
             generation,
             configured_weight,
-            health: Tracker::new(health),
+            health,
             last_probe: None,
             since: SystemTime::now(),
             transitions: 0,
@@ -121,6 +122,10 @@ pub struct ChangeReport {
     pub changes: Vec<String>,
     /// Table slots that moved to another backend, per service.
     pub slots_moved: BTreeMap<String, usize>,
+    /// For services with new backends (checked before they take flows):
+    /// the slots that move, from the table now, once those pass.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub slots_when_checked: BTreeMap<String, usize>,
 }
 
 /// Owner of the data plane's contents.
@@ -133,6 +138,9 @@ pub struct Controller {
     /// Backends whose route leaves by an interface lb is not attached to,
     /// with that interface.
     unattached: BTreeMap<IpAddr, String>,
+    /// Backends about to be added that enter the table on their first
+    /// successful probe (`--trust-first-probe`), by service.
+    trusted_first_probe: BTreeSet<(String, IpAddr)>,
     fleet_health: Option<FleetHealth>,
 }
 
@@ -256,6 +264,7 @@ impl Controller {
             runtime,
             hops: BTreeMap::new(),
             unattached: BTreeMap::new(),
+            trusted_first_probe: BTreeSet::new(),
             fleet_health,
         };
         c.hops = c.attached_hops(hops);
@@ -286,7 +295,8 @@ impl Controller {
                 } else {
                     Health::Down
                 };
-                let mut b = BackendState::new(id, v.generation, cfg.backends[&ip], health);
+                let mut b =
+                    BackendState::new(id, v.generation, cfg.backends[&ip], Tracker::new(health));
                 b.written = Some(v);
                 backends.insert(ip, b);
             }
@@ -370,7 +380,10 @@ impl Controller {
         let ready: Vec<(&IpAddr, &BackendState)> = s
             .backends
             .iter()
-            .filter(|(ip, _)| self.runtime.get(service, **ip).admin == Admin::Ready)
+            .filter(|(ip, b)| {
+                self.runtime.get(service, **ip).admin == Admin::Ready
+                    && b.health.state() != Health::Checking
+            })
             .collect();
         let healthy = ready
             .iter()
@@ -381,8 +394,12 @@ impl Controller {
 
     /// Whether the probes that count say a backend is up: its own, or in a
     /// fleet the agreed view (and its own too while etcd is unreachable).
+    /// A backend this node is still checking is never up.
     fn probe_up(&self, service: &str, ip: IpAddr, b: &BackendState) -> bool {
         let own = b.health.state() == Health::Up;
+        if b.health.state() == Health::Checking {
+            return false;
+        }
         match &self.fleet_health {
             None => own,
             Some(f) => {
@@ -636,12 +653,14 @@ impl Controller {
                             "; its next hop's MAC is not resolved yet: out of the table until it is"
                         };
                         report.changes.push(format!(
-                            "service {name}: backend {ip} added (weight {weight}){unresolved}"
+                            "service {name}: backend {ip} added (weight {weight}); it takes flows once its probes pass{unresolved}"
                         ));
                         let id = backend_ids.take("backend")?;
                         // A new holder of the id: its predecessor's flows must miss.
                         let generation = self.dp.backend(id)?.generation.wrapping_add(1);
-                        BackendState::new(id, generation, *weight, Health::Up)
+                        // Out of the table until its probes pass.
+                        let trust = self.trusted_first_probe.remove(&(name.clone(), *ip));
+                        BackendState::new(id, generation, *weight, Tracker::checking(trust))
                     }
                 };
                 state.backends.insert(*ip, b);
@@ -658,14 +677,32 @@ impl Controller {
                 }
             }
             let ring = self.build_ring(&state)?;
-            report.slots_moved.insert(
-                name.clone(),
+            let moved_from_now = |to: &[u32]| {
                 if state.ring.is_empty() {
                     0
                 } else {
-                    moved(&state.ring, &ring)
-                },
-            );
+                    moved(&state.ring, to)
+                }
+            };
+            report
+                .slots_moved
+                .insert(name.clone(), moved_from_now(&ring));
+            if state
+                .backends
+                .values()
+                .any(|b| b.health.state() == Health::Checking)
+            {
+                let mut checked = state.clone();
+                for b in checked.backends.values_mut() {
+                    if b.health.state() == Health::Checking {
+                        b.health = Tracker::new(Health::Up);
+                    }
+                }
+                let ring = self.build_ring(&checked)?;
+                report
+                    .slots_when_checked
+                    .insert(name.clone(), moved_from_now(&ring));
+            }
             next.insert(name.clone(), (state, ring));
         }
         let gone: Vec<String> = self
@@ -856,13 +893,14 @@ impl Controller {
             b.since = SystemTime::now();
             b.transitions += 1;
             match state {
-                Health::Down => {
+                Health::Down | Health::Checking => {
                     b.ramp_started = None;
                     b.ramp_percent = 100;
                     warn!(service, backend = %ip, probe = %detail, "backend down");
                 }
                 Health::Up => {
-                    // Recovered: ramp up (a backend is never ramped at start).
+                    // Recovered or proven new: ramp up (an adopted backend
+                    // is never ramped).
                     b.ramp_started = Some(Instant::now());
                     b.ramp_percent = health::slow_start_percent(Duration::ZERO, slow_start);
                     info!(service, backend = %ip, "backend up");
@@ -915,6 +953,18 @@ impl Controller {
             self.sync(&name, None)?;
         }
         Ok(())
+    }
+
+    /// Lets backend `ip` of `service`, when a change adds it next, into the
+    /// table on its first successful probe instead of `rise` of them; or,
+    /// `trust` false, no longer (the change that was to add it failed).
+    pub fn trust_first_probe(&mut self, service: &str, ip: IpAddr, trust: bool) {
+        let key = (service.to_string(), ip);
+        if trust {
+            self.trusted_first_probe.insert(key);
+        } else {
+            self.trusted_first_probe.remove(&key);
+        }
     }
 
     /// Whether the probes say a backend is up.

@@ -43,6 +43,7 @@ use tracing::{error, info, warn};
 use crate::{
     api::{self, Request, Response},
     config::{self, Desired, XdpModeSetting},
+    config_edit::Edit,
     dataplane::{Dataplane, KernelLog, KernelLogLevel, Repair},
     fleet::store::Event as FleetEvent,
     neighbor,
@@ -371,6 +372,16 @@ pub async fn run(opts: Options) -> Result<()> {
                 {
                     error!(error = %format!("{e:#}"), "applying next hops");
                 }
+                let trusted = match &request {
+                    Request::Edit {
+                        edit: Edit::AddBackend { service, address, trust_first_probe: true, .. },
+                        dry_run: false,
+                    } => Some((service.clone(), *address)),
+                    _ => None,
+                };
+                if let Some((service, address)) = &trusted {
+                    ctl.trust_first_probe(service, *address, true);
+                }
                 // Nothing half-applied: a change that adds a backend lb
                 // cannot reach through its interfaces is refused whole.
                 let unattached: Vec<String> = new.iter().filter_map(|ip| ctl.unattached(*ip)).collect();
@@ -379,6 +390,9 @@ pub async fn run(opts: Options) -> Result<()> {
                     Some(f) if FleetNode::handles(&request) => f.handle(&mut ctl, &node, request).await,
                     _ => views::handle(&mut ctl, &mut node, &mut file, request, started, &opts),
                 };
+                if let (Some((service, address)), Err(_)) = (&trusted, &result) {
+                    ctl.trust_first_probe(service, *address, false);
+                }
                 let response = match result {
                     Ok(data) => Response { error: None, data },
                     Err(e) => Response { error: Some(format!("{e:#}")), data: Default::default() },

@@ -380,8 +380,10 @@ fn eviction_under_default_health_settings_is_bounded() {
 #[ignore = "needs root: cargo xtask test runs it"]
 fn services_and_backends_added_and_removed_at_run_time() {
     require_root();
-    let lan = Lan::build(3, &["198.18.1.1/32"]).unwrap();
-    let _servers = lan.serve_names(80).unwrap();
+    let lan = Lan::build(4, &["198.18.1.1/32"]).unwrap();
+    let mut servers = lan.serve_names(80).unwrap();
+    // The fourth host serves nothing.
+    drop(servers.pop());
     let d = Daemon::start_with_env(
         &lan.lb,
         "edit",
@@ -404,21 +406,41 @@ fn services_and_backends_added_and_removed_at_run_time() {
     let before = file();
 
     // A dry run reports the slots a new backend would take, changes nothing.
+    // A dry run reports the slots a new backend takes once its probes
+    // pass (none before: it is checked first).
     let dry = d
         .cli(&["backend", "add", "web", "198.18.0.13", "--dry-run"])
         .unwrap();
-    let would = dry["slots_moved"]["web"].as_u64().unwrap_or(0);
+    let would = dry["slots_when_checked"]["web"].as_u64().unwrap_or(0);
     assert!((1100..=1650).contains(&would), "a third of 4099: {dry}");
+    assert_eq!(dry["slots_moved"]["web"], 0, "{dry}");
     assert_eq!(in_table(&d).unwrap(), 2);
     assert_eq!(file(), before, "a dry run leaves the file alone");
 
     let added = d
         .cli(&["backend", "add", "web", "198.18.0.13", "--weight", "1"])
         .unwrap();
-    assert_eq!(added["slots_moved"]["web"], would, "{added}");
-    assert_eq!(in_table(&d).unwrap(), 3);
+    assert_eq!(added["slots_when_checked"]["web"], would, "{added}");
+    d.wait_until("the new backend checked", WAIT, |d| Ok(in_table(d)? == 3))
+        .unwrap();
     assert!(file().contains("address = \"198.18.0.13\""), "{}", file());
     assert_eq!(tally(&lan, 90).unwrap().len(), 3, "the new backend serves");
+
+    // A backend whose server does not answer never takes a flow: it is
+    // checked before it enters the table, then found down.
+    d.cli(&["backend", "add", "web", "198.18.0.14"]).unwrap();
+    let t = tally(&lan, 300).unwrap();
+    assert_eq!(
+        t.values().sum::<usize>(),
+        300,
+        "no connection failed: {t:?}"
+    );
+    d.wait_until("the silent backend down", WAIT, |d| {
+        Ok(backend(&d.cli(&["health"])?, "198.18.0.14")["health"] == "down")
+    })
+    .unwrap();
+    assert_eq!(in_table(&d).unwrap(), 3);
+    d.cli(&["backend", "del", "web", "198.18.0.14"]).unwrap();
 
     let (code, err) = d
         .cli_fails(&["backend", "add", "web", "198.18.0.13"])

@@ -158,14 +158,14 @@ fn one_desired_state_changes_everywhere_and_refuses_conflicts_and_bad_data() {
     let t = fleet.wait_agreed(Duration::from_secs(5));
     eprintln!("equal revisions and digests on every node after {t:?}");
 
-    // A backend added through node 1 takes its slots at once: its next hop
-    // is resolved before the change, and every node follows.
+    // A backend added through node 1 takes its slots once its probes pass:
+    // its next hop is resolved before the change, and every node follows.
     let added = backend_v4(BACKENDS - 1).to_string();
     let report = fleet.daemons[1]
         .cli(&["backend", "add", "echo", &added])
         .unwrap();
     assert!(
-        report["slots_moved"]["echo"].as_u64().unwrap() > 0,
+        report["slots_when_checked"]["echo"].as_u64().unwrap() > 0,
         "{report}"
     );
     assert!(
