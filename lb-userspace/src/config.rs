@@ -303,7 +303,7 @@ fn default_weight() -> u32 {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthFile {
-    /// `tcp`, `http`, `udp` or `none`.
+    /// `tcp`, `http`, `https`, `udp` or `none`.
     #[serde(default)]
     pub check: CheckKind,
     /// Port to probe (default: the service port).
@@ -326,13 +326,24 @@ pub struct HealthFile {
     /// How long a recovered backend takes to reach its full weight (0: at once).
     #[serde(default = "default_slow_start", with = "humantime_serde")]
     pub slow_start: Duration,
-    /// `http`: request path.
+    /// `http`, `https`: request path.
     pub path: Option<String>,
-    /// `http`: expected status.
+    /// `http`, `https`: expected status.
     pub status: Option<u16>,
-    /// `udp`: request payload.
+    /// `http`, `https`: a string the response body must contain.
+    pub body: Option<String>,
+    /// `https`: the server name to send (SNI) and verify; default: the
+    /// backend's address, verified against the certificate's IP addresses.
+    pub sni: Option<String>,
+    /// `https`: PEM file of the CA certificates to trust; default: the
+    /// host's trust store.
+    pub ca_file: Option<PathBuf>,
+    /// `https`: accept any certificate (still TLS, not verified).
+    #[serde(default)]
+    pub insecure: bool,
+    /// `udp` (required), `tcp` (optional): request payload.
     pub send: Option<String>,
-    /// `udp`: expected reply prefix.
+    /// `udp` (required), `tcp` (optional): expected reply prefix.
     pub expect: Option<String>,
 }
 
@@ -348,6 +359,10 @@ impl Default for HealthFile {
             fall: default_fall(),
             slow_start: default_slow_start(),
             path: None,
+            body: None,
+            sni: None,
+            ca_file: None,
+            insecure: false,
             status: None,
             send: None,
             expect: None,
@@ -437,6 +452,8 @@ pub enum CheckKind {
     Tcp,
     /// HTTP GET with an expected status.
     Http,
+    /// HTTP GET over TLS with an expected status.
+    Https,
     /// UDP request with an expected reply.
     Udp,
     /// No probing: backends are always up.
@@ -606,14 +623,24 @@ pub struct HealthCheck {
 /// A probe, with what it needs.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Probe {
-    /// TCP connect.
-    Tcp,
-    /// HTTP GET `path`, expecting `status`.
+    /// TCP connect; then, if given, `send`, and a reply starting with
+    /// `expect` (so a server that accepts but hangs fails).
+    Tcp {
+        /// Sent once connected.
+        send: Option<Vec<u8>>,
+        /// Expected reply prefix.
+        expect: Option<Vec<u8>>,
+    },
+    /// HTTP GET `path`, expecting `status` (over TLS with `tls`).
     Http {
         /// Request path.
         path: String,
         /// Expected status code.
         status: u16,
+        /// A string the body must contain.
+        body: Option<String>,
+        /// TLS (`https`), and how the server's certificate is checked.
+        tls: Option<Tls>,
     },
     /// UDP `send`, expecting a reply starting with `expect`.
     Udp {
@@ -624,6 +651,26 @@ pub enum Probe {
     },
     /// Always up.
     None,
+}
+
+/// An `https` check's TLS.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Tls {
+    /// The name sent and verified (SNI); `None`: the backend's address.
+    pub server_name: Option<String>,
+    /// What a certificate is verified against.
+    pub roots: TlsRoots,
+}
+
+/// The certificates an `https` check trusts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum TlsRoots {
+    /// The host's trust store.
+    System,
+    /// The CA certificates in this PEM file.
+    File(PathBuf),
+    /// Any certificate (`insecure = true`).
+    Insecure,
 }
 
 /// Every problem found in a file.
@@ -1279,9 +1326,12 @@ fn validate_health(
         );
     }
     let kind = match h.check {
-        CheckKind::Tcp => Probe::Tcp,
+        CheckKind::Tcp => Probe::Tcp {
+            send: h.send.clone().map(String::into_bytes),
+            expect: h.expect.clone().map(String::into_bytes),
+        },
         CheckKind::None => Probe::None,
-        CheckKind::Http => {
+        CheckKind::Http | CheckKind::Https => {
             let path = h.path.clone().unwrap_or_else(|| "/".into());
             if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 e.push(
@@ -1298,7 +1348,40 @@ fn validate_health(
                     "must be an HTTP status (100-599)",
                 );
             }
-            Probe::Http { path, status }
+            if h.body.as_deref() == Some("") {
+                e.push(at, format!("{field}.body"), "must not be empty");
+            }
+            let tls = (h.check == CheckKind::Https).then(|| Tls {
+                server_name: h.sni.clone(),
+                roots: match (&h.ca_file, h.insecure) {
+                    (Some(_), true) => {
+                        e.push(
+                            at,
+                            format!("{field}.insecure"),
+                            "insecure = true verifies nothing: drop ca_file, or insecure",
+                        );
+                        TlsRoots::Insecure
+                    }
+                    (Some(file), false) => TlsRoots::File(file.clone()),
+                    (None, true) => TlsRoots::Insecure,
+                    (None, false) => TlsRoots::System,
+                },
+            });
+            if let Some(name) = &h.sni
+                && tokio_rustls::rustls::pki_types::ServerName::try_from(name.as_str()).is_err()
+            {
+                e.push(
+                    at,
+                    format!("{field}.sni"),
+                    format!("{name:?} is not a server name"),
+                );
+            }
+            Probe::Http {
+                path,
+                status,
+                body: h.body.clone(),
+                tls,
+            }
         }
         CheckKind::Udp => match (&h.send, &h.expect) {
             (Some(send), Some(expect)) => Probe::Udp {
@@ -1311,18 +1394,28 @@ fn validate_health(
             }
         },
     };
-    if h.check != CheckKind::Http && (h.path.is_some() || h.status.is_some()) {
+    let http = matches!(h.check, CheckKind::Http | CheckKind::Https);
+    if !http && (h.path.is_some() || h.status.is_some() || h.body.is_some()) {
         e.push(
             at,
             format!("{field}.path"),
-            "path and status only apply to check = \"http\"",
+            "path, status and body only apply to check = \"http\" or \"https\"",
         );
     }
-    if h.check != CheckKind::Udp && (h.send.is_some() || h.expect.is_some()) {
+    if h.check != CheckKind::Https && (h.sni.is_some() || h.ca_file.is_some() || h.insecure) {
+        e.push(
+            at,
+            format!("{field}.sni"),
+            "sni, ca_file and insecure only apply to check = \"https\"",
+        );
+    }
+    if !matches!(h.check, CheckKind::Udp | CheckKind::Tcp)
+        && (h.send.is_some() || h.expect.is_some())
+    {
         e.push(
             at,
             format!("{field}.send"),
-            "send and expect only apply to check = \"udp\"",
+            "send and expect only apply to check = \"tcp\" or \"udp\"",
         );
     }
     if h.port == Some(0) {
@@ -1371,7 +1464,9 @@ address = "198.18.0.11"
             web.health.kind,
             Probe::Http {
                 path: "/healthz".into(),
-                status: 200
+                status: 200,
+                body: None,
+                tls: None,
             }
         );
         assert_eq!(d.settings.tunnel_source_v4, ([198, 18, 255, 0], 0xff));
@@ -1382,7 +1477,13 @@ address = "198.18.0.11"
     fn defaults_are_haproxy_like() {
         let d = parse(MINIMAL).unwrap();
         let h = &d.services["web"].health;
-        assert_eq!(h.kind, Probe::Tcp);
+        assert_eq!(
+            h.kind,
+            Probe::Tcp {
+                send: None,
+                expect: None
+            }
+        );
         assert_eq!(
             (h.interval, h.timeout),
             (Duration::from_secs(2), Duration::from_secs(1))
@@ -1477,6 +1578,26 @@ address = "198.18.0.11"
             "family mismatch",
             "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[[service.backend]]\naddress=\"2001:2::1\"\n",
             "must be the same family",
+        ),
+        (
+            "https options on an http check",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[service.health]\ncheck=\"http\"\ninsecure=true\n",
+            "sni, ca_file and insecure only apply to check = \"https\"",
+        ),
+        (
+            "insecure with a CA file",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=443\nprotocol=\"tcp\"\n[service.health]\ncheck=\"https\"\nca_file=\"/etc/lb/ca.pem\"\ninsecure=true\n",
+            "insecure = true verifies nothing: drop ca_file, or insecure",
+        ),
+        (
+            "bad server name",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=443\nprotocol=\"tcp\"\n[service.health]\ncheck=\"https\"\nsni=\"not a name\"\n",
+            "service[a].health.sni: \"not a name\" is not a server name",
+        ),
+        (
+            "body on a tcp check",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[service.health]\nbody=\"ok\"\n",
+            "path, status and body only apply to check = \"http\" or \"https\"",
         ),
         (
             "udp check without payloads",
