@@ -1,26 +1,55 @@
 //! Prometheus metrics: a registry built at each scrape from the controller's
 //! state and the data plane's counters (`lb_` prefix, base units, `_total`
-//! on counters, no per-client labels), served on `settings.metrics`.
+//! on counters, no per-client labels), served on `settings.metrics` in
+//! OpenMetrics to scrapers that ask for it and in Prometheus' text format
+//! 0.0.4 to the rest.
 
-use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, AtomicU64},
+    },
+    time::Duration,
+};
 
 use anyhow::Result;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::Incoming,
+    header::{ACCEPT, CONTENT_TYPE, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::{Metric, Registry},
 };
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-    sync::{mpsc, oneshot},
+    net::TcpListener,
+    sync::{Semaphore, mpsc, oneshot},
 };
 
 use super::controller::Controller;
 use crate::api::NodeStatus;
 
-/// Largest request head read from a scraper.
-const MAX_HEAD: usize = 4096;
+/// Connections served at once; more are closed at once (a Prometheus
+/// server scrapes one at a time).
+const MAX_CONNECTIONS: usize = 16;
+/// Time a scraper has to send its request head.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a connection may take in all, the daemon's answer included.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(15);
+/// What OpenMetrics scrapers put in `Accept`.
+const OPENMETRICS: &str = "application/openmetrics-text";
+/// The content types of the two formats.
+const OPENMETRICS_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const TEXT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServiceLabels {
@@ -293,35 +322,163 @@ pub type Scrape = oneshot::Sender<String>;
 
 /// Serves `GET /metrics`, asking the daemon's loop through `scrapes`.
 pub async fn serve(listener: TcpListener, scrapes: mpsc::Sender<Scrape>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        tokio::spawn(answer(stream, scrapes.clone()));
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("metrics: connection cap reached, closing a connection");
+            continue;
+        };
+        let scrapes = scrapes.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| answer(request, scrapes.clone()));
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
+            drop(slot);
+        });
     }
 }
 
-async fn answer(mut stream: TcpStream, scrapes: mpsc::Sender<Scrape>) {
-    let mut head = vec![0u8; MAX_HEAD];
-    let Ok(Ok(n)) = tokio::time::timeout(crate::api::TIMEOUT, stream.read(&mut head)).await else {
-        return;
+async fn answer(
+    request: Request<Incoming>,
+    scrapes: mpsc::Sender<Scrape>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let reply = |status: StatusCode, content_type: &'static str, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        *r.version_mut() = request.version();
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        Ok(r)
     };
-    let wants_metrics = head[..n].starts_with(b"GET /metrics ");
-    let (status, body) = if wants_metrics {
-        let (tx, rx) = oneshot::channel();
-        if scrapes.send(tx).await.is_err() {
-            return;
-        }
-        match rx.await {
-            Ok(text) => ("200 OK", text),
-            Err(_) => ("503 Service Unavailable", String::new()),
-        }
+    if request.method() != Method::GET || request.uri().path() != "/metrics" {
+        return reply(StatusCode::NOT_FOUND, TEXT_TYPE, "try /metrics\n".into());
+    }
+    let (tx, rx) = oneshot::channel();
+    let text = match scrapes.send(tx).await {
+        Ok(()) => rx.await.ok(),
+        Err(_) => None,
+    };
+    let Some(text) = text else {
+        return reply(StatusCode::SERVICE_UNAVAILABLE, TEXT_TYPE, String::new());
+    };
+    let open = request
+        .headers()
+        .get_all(ACCEPT)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.contains(OPENMETRICS)));
+    if open {
+        reply(StatusCode::OK, OPENMETRICS_TYPE, text)
     } else {
-        ("404 Not Found", "try /metrics\n".to_string())
-    };
-    let response = format!(
-        "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(response.as_bytes()).await;
+        reply(StatusCode::OK, TEXT_TYPE, text_format(&text))
+    }
+}
+
+/// OpenMetrics text as Prometheus' text format 0.0.4: a counter family is
+/// named by its samples' `_total` name, an info family becomes a gauge
+/// named by its `_info` samples, and the `# UNIT` and `# EOF` lines, which
+/// 0.0.4 lacks, go.
+fn text_format(openmetrics: &str) -> String {
+    let renamed: HashMap<&str, (String, &str)> = openmetrics
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.strip_prefix("# TYPE ")?.split(' ');
+            let (name, kind) = (words.next()?, words.next()?);
+            match kind {
+                "counter" => Some((name, (format!("{name}_total"), "counter"))),
+                "info" => Some((name, (format!("{name}_info"), "gauge"))),
+                _ => None,
+            }
+        })
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                match renamed.get(name) {
+                    Some((new, kind)) if prefix == "# TYPE " => {
+                        out += &format!("{prefix}{new} {kind}");
+                    }
+                    Some((new, _)) => out += &format!("{prefix}{new} {tail}"),
+                    None => out += line,
+                }
+            }
+            None => out += line,
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::metrics::info::Info;
+
+    #[test]
+    fn the_text_format_types_every_family_by_its_samples_names() {
+        let mut r = Registry::default();
+        register(
+            &mut r,
+            "packets",
+            "Packets, by reason",
+            Counters::<ReasonLabels>::default(),
+        )
+        .get_or_create(&ReasonLabels {
+            reason: "forward_dsr".into(),
+        })
+        .inc_by(7);
+        gauge(&mut r, "services", "Services.", 2);
+        r.register("build", "The build.", Info::new(vec![("version", "1.0")]));
+        let mut open = String::new();
+        encode(&mut open, &r).unwrap();
+        assert!(open.contains("# TYPE packets counter\n"), "{open}");
+        assert!(open.ends_with("# EOF\n"), "{open}");
+
+        let text = text_format(&open);
+        let parsed =
+            prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+        let kind = |name: &str| {
+            parsed
+                .samples
+                .iter()
+                .find(|s| s.metric == name)
+                .map(|s| s.value.clone())
+        };
+        assert!(
+            matches!(
+                kind("packets_total"),
+                Some(prometheus_parse::Value::Counter(7.0))
+            ),
+            "{text}"
+        );
+        assert!(matches!(
+            kind("services"),
+            Some(prometheus_parse::Value::Gauge(2.0))
+        ));
+        assert!(matches!(
+            kind("build_info"),
+            Some(prometheus_parse::Value::Gauge(1.0))
+        ));
+        assert_eq!(parsed.docs["packets_total"], "Packets, by reason.");
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE packets_total counter\n"), "{text}");
+        assert!(text.contains("# TYPE build_info gauge\n"), "{text}");
+    }
 }

@@ -218,24 +218,48 @@ fn run() -> Result<()> {
         bail!("weight 3:1 gave backend-1 a share of {share:.2}: {t:?}");
     }
 
-    // Metrics, as Prometheus scrapes them on the load balancer.
-    let text = lan.lb.run(|| {
-        use std::io::{Read as _, Write as _};
-        let mut s = std::net::TcpStream::connect("127.0.0.1:9108")?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
-        let mut t = String::new();
-        s.read_to_string(&mut t)?;
-        Ok(t)
-    })?;
+    // Metrics, as Prometheus scrapes them on the load balancer: the text
+    // format 0.0.4 by default (here a request head split across two
+    // segments), OpenMetrics when asked for.
+    let scrape = |parts: &'static [&'static [u8]]| {
+        lan.lb.run(move || {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect("127.0.0.1:9108")?;
+            for part in parts {
+                s.write_all(part)?;
+                s.flush()?;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let mut t = String::new();
+            s.read_to_string(&mut t)?;
+            Ok(t)
+        })
+    };
+    let text = scrape(&[b"GET /met", b"rics HTTP/1.0\r\n\r\n"])?;
     for line in [
         "HTTP/1.0 200 OK",
+        "content-type: text/plain; version=0.0.4",
         "lb_backend_up{service=\"web\",backend=\"198.18.0.11\"} 1",
         "lb_backend_weight{service=\"web\",backend=\"198.18.0.11\"} 3",
-        "# TYPE lb_packets counter",
+        "# TYPE lb_packets_total counter",
+        "# TYPE lb_table_info gauge",
         "lb_table_info{service=\"web\",digest=",
     ] {
         assert!(text.contains(line), "metrics lack {line:?}:\n{text}");
     }
+    assert!(!text.contains("# EOF"), "{text}");
+    let open = scrape(&[
+        b"GET /metrics HTTP/1.1\r\nHost: lb\r\nAccept: application/openmetrics-text;version=1.0.0\r\nConnection: close\r\n\r\n",
+    ])?;
+    for line in [
+        "content-type: application/openmetrics-text; version=1.0.0",
+        "# TYPE lb_packets counter",
+        "# EOF",
+    ] {
+        assert!(open.contains(line), "OpenMetrics lack {line:?}:\n{open}");
+    }
+    let other = scrape(&[b"GET /other HTTP/1.0\r\n\r\n"])?;
+    assert!(other.starts_with("HTTP/1.0 404"), "{other}");
     let forwarded: u64 = text
         .lines()
         .find(|l| l.starts_with("lb_packets_total{reason=\"forward_dsr\"}"))
