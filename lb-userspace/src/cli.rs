@@ -386,17 +386,26 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Log lines to stderr, filtered by `LB_LOG` (default `info`); colour only
-/// on a terminal, so a file or the journal gets plain text.
+/// Log lines to stderr, filtered by `LB_LOG` (default `info`): one JSON
+/// object a line with `LB_LOG_FORMAT=json`, else text, coloured only on a
+/// terminal, so a file or the journal gets plain text.
 fn log_to_stderr() {
     use std::io::IsTerminal as _;
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LB_LOG").unwrap_or_else(|_| "info".into()),
         )
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    let format = std::env::var("LB_LOG_FORMAT").unwrap_or_default();
+    match format.as_str() {
+        "json" => logs.json().init(),
+        _ => {
+            logs.with_ansi(std::io::stderr().is_terminal()).init();
+            if !matches!(format.as_str(), "" | "text") {
+                tracing::warn!("LB_LOG_FORMAT={format:?} is neither json nor text: logging text");
+            }
+        }
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

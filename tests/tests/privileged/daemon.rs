@@ -412,7 +412,7 @@ fn services_and_backends_added_and_removed_at_run_time() {
         &lan.lb,
         "edit",
         &web_config(2),
-        &[("LB_LOG", "info,lb_ebpf=debug")],
+        &[("LB_LOG", "info,lb_ebpf=debug"), ("LB_LOG_FORMAT", "json")],
     )
     .unwrap();
     let in_table = |d: &Daemon| -> Result<u64> {
@@ -561,6 +561,25 @@ fn services_and_backends_added_and_removed_at_run_time() {
     let rows = d.cli(&["backend", "list"]).unwrap();
     assert_eq!(rows.as_array().map(Vec::len), Some(2), "{rows}");
     assert_eq!(digest(&d).unwrap().0, digest_before);
+
+    // LB_LOG_FORMAT=json: every line one object, the XDP program's too.
+    let log = d.log();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["level"].is_string() && l["fields"]["message"].is_string()),
+        "{log}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "table rebuilt" && l["fields"]["digest"].is_string()),
+        "{log}"
+    );
 }
 
 /// A restart with another connection-table size replaces that table (its
