@@ -25,7 +25,7 @@ use lb_common::{
 use serde::Serialize;
 use tracing::{info, warn};
 
-use super::runtime::{Admin, Override, Runtime, ServiceIds};
+use super::runtime::{Admin, History, Override, Runtime, ServiceIds};
 use crate::{
     config::{self, Affinity, Desired, Mode},
     dataplane::Dataplane,
@@ -74,6 +74,29 @@ pub struct BackendState {
 }
 
 impl BackendState {
+    /// What the state file keeps of it.
+    fn history(&self) -> History {
+        History {
+            since: self
+                .since
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
+            transitions: self.transitions,
+            probe_failures: self.probe_failures,
+        }
+    }
+
+    /// It with the history a previous daemon kept.
+    fn with_history(self, h: &History) -> Self {
+        BackendState {
+            since: SystemTime::UNIX_EPOCH + Duration::from_secs(h.since),
+            transitions: h.transitions,
+            probe_failures: h.probe_failures,
+            ..self
+        }
+    }
+
     /// A backend with no probe history but `health`'s, at full weight, not
     /// yet written.
     fn new(id: u32, generation: u32, configured_weight: u32, health: Tracker) -> Self {
@@ -297,6 +320,9 @@ impl Controller {
                 };
                 let mut b =
                     BackendState::new(id, v.generation, cfg.backends[&ip], Tracker::new(health));
+                if let Some(h) = self.runtime.history.get(name).and_then(|m| m.get(&ip)) {
+                    b = b.with_history(h);
+                }
                 b.written = Some(v);
                 backends.insert(ip, b);
             }
@@ -854,6 +880,14 @@ impl Controller {
                 )
             })
             .collect();
+        self.runtime.history = self
+            .services
+            .iter()
+            .map(|(n, s)| {
+                let backends = s.backends.iter().map(|(ip, b)| (*ip, b.history()));
+                (n.clone(), backends.collect())
+            })
+            .collect();
         self.runtime.save(&self.desired.settings.state_file)
     }
 
@@ -921,6 +955,11 @@ impl Controller {
                 }
             }
             self.sync(service, None)?;
+            // The change already applies; a state file that cannot be
+            // written loses only the history.
+            if let Err(e) = self.persist() {
+                warn!(error = %format!("{e:#}"), "saving the health history to the state file");
+            }
         }
         Ok(changed)
     }

@@ -1,6 +1,7 @@
 //! Operator changes made at run time (weights, drain, maintenance). They
 //! override the configuration file and persist in the state file, so they
-//! survive a daemon restart and a configuration reload.
+//! survive a daemon restart and a configuration reload; so does each
+//! backend's health history.
 
 use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
@@ -44,6 +45,11 @@ pub struct Runtime {
     /// daemon addresses the pinned maps exactly as its predecessor did.
     #[serde(default)]
     pub ids: BTreeMap<String, ServiceIds>,
+    /// service → backend → its health history, as of the last health
+    /// transition or change, so `lb health` after a restart still says
+    /// since when a backend is up and how often it changed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub history: BTreeMap<String, BTreeMap<IpAddr, History>>,
     /// What the operator says of the whole node.
     #[serde(default)]
     pub node: NodeState,
@@ -60,6 +66,17 @@ pub struct NodeState {
     /// arrives, until `lb node undrain`.
     #[serde(default)]
     pub drained: bool,
+}
+
+/// A backend's health history.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct History {
+    /// When its health state last changed, in seconds since the Unix epoch.
+    pub since: u64,
+    /// Health transitions so far.
+    pub transitions: u64,
+    /// Failed probes so far (as of the last transition).
+    pub probe_failures: u64,
 }
 
 /// The ids of one service and its backends.

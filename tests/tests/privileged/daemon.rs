@@ -308,6 +308,16 @@ fn run() -> Result<()> {
     d.wait_until("traffic flowing", WAIT, |_| {
         Ok(ok.load(Ordering::Relaxed) > 50)
     })?;
+    let history = |d: &Daemon| -> Result<(u64, u64)> {
+        let row = backend(&d.cli(&["health"])?, "198.18.0.11").clone();
+        let field = |k: &str| row[k].as_u64().unwrap_or(0);
+        Ok((field("transitions"), field("since_seconds")))
+    };
+    let (transitions, since) = history(&d)?;
+    assert!(
+        transitions >= 4,
+        "backend-1 went down and up twice: {transitions}"
+    );
     d.kill(libc::SIGKILL)?;
     let at_kill = ok.load(Ordering::Relaxed);
     d.wait_until("traffic flowing without a daemon", WAIT, |_| {
@@ -333,6 +343,16 @@ fn run() -> Result<()> {
         "the restarted daemon rewrote a table that had not changed"
     );
     assert!(d.log().contains("adopted live service"), "{}", d.log());
+    // The health history outlived the restart too.
+    let (kept_transitions, kept_since) = history(&d)?;
+    assert_eq!(
+        kept_transitions, transitions,
+        "transitions restarted from zero"
+    );
+    assert!(
+        kept_since >= since,
+        "since {kept_since} s, was {since} s before"
+    );
     // Its stderr is a file, not a terminal: plain text, no colour codes.
     assert!(!d.log().contains('\x1b'), "ANSI escapes in the log file");
 
