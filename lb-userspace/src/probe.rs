@@ -4,7 +4,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{Arc, LazyLock, Mutex},
     time::{Duration, Instant},
 };
 
@@ -182,11 +182,11 @@ fn server_name(tls: &Tls, addr: SocketAddr) -> Result<ServerName<'static>, Strin
 /// The client configuration for `roots`, built once per daemon (a CA file
 /// is read again when the daemon restarts).
 fn client_config(roots: &TlsRoots) -> Result<Arc<ClientConfig>, String> {
-    static BUILT: Mutex<Option<HashMap<TlsRoots, Arc<ClientConfig>>>> = Mutex::new(None);
+    static BUILT: LazyLock<Mutex<HashMap<TlsRoots, Arc<ClientConfig>>>> =
+        LazyLock::new(Mutex::default);
     let mut built = BUILT
         .lock()
         .map_err(|_| "TLS configuration lock poisoned")?;
-    let built = built.get_or_insert_with(HashMap::new);
     if let Some(c) = built.get(roots) {
         return Ok(c.clone());
     }

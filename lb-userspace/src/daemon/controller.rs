@@ -422,10 +422,10 @@ impl Controller {
     /// fleet the agreed view (and its own too while etcd is unreachable).
     /// A backend this node is still checking is never up.
     fn probe_up(&self, service: &str, ip: IpAddr, b: &BackendState) -> bool {
-        let own = b.health.state() == Health::Up;
         if b.health.state() == Health::Checking {
             return false;
         }
+        let own = b.health.state() == Health::Up;
         match &self.fleet_health {
             None => own,
             Some(f) => {

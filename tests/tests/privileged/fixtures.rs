@@ -513,13 +513,31 @@ fn assert_tunnelled(
     backend: IpAddr,
     backend_id: u32,
 ) {
+    assert_tunnelled_from(what, tunnel, input, out, l3, backend, backend_id, LB_MAC);
+}
+
+/// [`assert_tunnelled`], sent from `from` (the interface it leaves by).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one assertion's expected values, each named"
+)]
+fn assert_tunnelled_from(
+    what: &str,
+    tunnel: Tunnel,
+    input: &[u8],
+    out: &[u8],
+    l3: usize,
+    backend: IpAddr,
+    backend_id: u32,
+    from: packet::Mac,
+) {
     let udp = if tunnel == Tunnel::Gue { UDP_HLEN } else { 0 };
     assert_eq!(
         &out[0..6],
         &lab::backend_mac(backend_id),
         "{what}: next-hop MAC"
     );
-    assert_eq!(&out[6..12], &LB_MAC, "{what}: source MAC");
+    assert_eq!(out[6..12], from, "{what}: source MAC");
     assert_eq!(
         &out[12..l3],
         &input[12..l3],
@@ -1138,18 +1156,16 @@ fn frames_to_backends_behind_another_interface_are_redirected_from_its_mac() {
         lab::SEGMENT_MAC,
         "from the egress interface's MAC"
     );
-    // The rest as on the receiving interface.
-    let mut as_if_back = out.clone();
-    as_if_back[6..12].copy_from_slice(&LB_MAC);
     let b = f.lab.dp.backend(want).unwrap().addr;
-    assert_tunnelled(
+    assert_tunnelled_from(
         "ipip, other interface",
         Tunnel::Ipip,
         &frame,
-        &as_if_back,
+        &out,
         ETH_HLEN,
         v4([b[0], b[1], b[2], b[3]]),
         want,
+        lab::SEGMENT_MAC,
     );
     // 1390 bytes fit the receiving interface's 1500 but not the egress
     // one's 1400 once encapsulated: the client is told 1380, from the
