@@ -200,6 +200,28 @@ pub struct BackendRow {
     /// Flows the connection table pins to it (entries neither lapsed nor stale).
     #[serde(default)]
     pub active_flows: u64,
+    /// Weight in the table now: 0 while down, drained or in maintenance,
+    /// ramping during slow start.
+    #[serde(default)]
+    pub table_weight: f64,
+    /// What sets the table weight now: `config`, `operator`, `slow start`
+    /// or `health`.
+    #[serde(default)]
+    pub weight_set_by: String,
+    /// Per-second rates from the daemon's counter history.
+    #[serde(default)]
+    pub rates: Option<Rates>,
+}
+
+/// Per-second rates over the daemon's last few seconds of counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Rates {
+    /// Packets a second.
+    pub packets: f64,
+    /// Bytes a second.
+    pub bytes: f64,
+    /// New flows (table lookups) a second; 0 for backends.
+    pub new_flows: f64,
 }
 
 /// A row of `lb conntrack list`.
@@ -265,6 +287,9 @@ pub struct ServiceStatsRow {
     pub bytes: u64,
     /// New flows (Maglev lookups).
     pub new_flows: u64,
+    /// Per-second rates from the daemon's counter history.
+    #[serde(default)]
+    pub rates: Option<Rates>,
 }
 
 /// `lb stats`.
@@ -276,6 +301,10 @@ pub struct Stats {
     pub backends: Vec<BackendRow>,
     /// Global pass/drop/forward reasons.
     pub reasons: std::collections::BTreeMap<String, u64>,
+    /// Their packets a second, from the daemon's counter history (empty
+    /// in the daemon's first seconds).
+    #[serde(default)]
+    pub reason_rates: std::collections::BTreeMap<String, f64>,
 }
 
 /// A VIP in `lb node status`.

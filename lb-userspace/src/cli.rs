@@ -75,9 +75,10 @@ enum Command {
     /// The connection table: its entries, flushes, occupancy.
     #[command(subcommand)]
     Conntrack(ConntrackCommand),
-    /// Packets, bytes and new flows per service and backend, and the global reasons.
+    /// Packets, bytes and new flows per service and backend, and the global
+    /// reasons, with per-second rates over the daemon's last five seconds.
     Stats {
-        /// Print again every second, with per-second rates.
+        /// Print again every second.
         #[arg(long)]
         watch: bool,
     },
@@ -388,23 +389,27 @@ pub fn main() -> ExitCode {
 
 /// Log lines to stderr, filtered by `LB_LOG` (default `info`): one JSON
 /// object a line with `LB_LOG_FORMAT=json`, else text, coloured only on a
-/// terminal, so a file or the journal gets plain text.
+/// terminal, so a file or the journal gets plain text. The daemon's own
+/// lines at info and above are also kept for the status page's events.
 fn log_to_stderr() {
     use std::io::IsTerminal as _;
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LB_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr);
+    use tracing_subscriber::{Layer, fmt, layer::SubscriberExt as _, util::SubscriberInitExt as _};
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("LB_LOG").unwrap_or_else(|_| "info".into());
     let format = std::env::var("LB_LOG_FORMAT").unwrap_or_default();
-    match format.as_str() {
-        "json" => logs.json().init(),
-        _ => {
-            logs.with_ansi(std::io::stderr().is_terminal()).init();
-            if !matches!(format.as_str(), "" | "text") {
-                tracing::warn!("LB_LOG_FORMAT={format:?} is neither json nor text: logging text");
-            }
-        }
+    let json = format == "json";
+    let text = (!json).then(|| {
+        fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+    });
+    let lines = json.then(|| fmt::layer().json().with_writer(std::io::stderr));
+    tracing_subscriber::registry()
+        .with(Layer::and_then(text, lines).with_filter(filter))
+        .with(crate::daemon::events::layer())
+        .init();
+    if !matches!(format.as_str(), "" | "text" | "json") {
+        tracing::warn!("LB_LOG_FORMAT={format:?} is neither json nor text: logging text");
     }
 }
 
@@ -738,27 +743,18 @@ fn run(cli: Cli) -> Result<()> {
             call(Request::ConntrackStats)?,
             conntrack_stats_text,
         ),
-        Command::Stats { watch } => {
+        Command::Stats { watch } => loop {
+            let v = call(Request::Stats)?;
             if !watch {
-                return print(cli.json, call(Request::Stats)?, |v| {
-                    stats_text(v, None, Duration::ZERO)
-                });
+                return print(cli.json, v, stats_text);
             }
-            let mut last: Option<(Value, Instant)> = None;
-            loop {
-                let v = call(Request::Stats)?;
-                let now = Instant::now();
-                let elapsed = last.as_ref().map_or(Duration::ZERO, |(_, t)| now - *t);
-                let prev = last.as_ref().map(|(p, _)| p);
-                if cli.json {
-                    println!("{v}");
-                } else {
-                    print!("\x1b[2J\x1b[H{}", stats_text(&v, prev, elapsed));
-                }
-                last = Some((v, now));
-                std::thread::sleep(Duration::from_secs(1));
+            if cli.json {
+                println!("{v}");
+            } else {
+                print!("\x1b[2J\x1b[H{}", stats_text(&v));
             }
-        }
+            std::thread::sleep(Duration::from_secs(1));
+        },
     }
 }
 
@@ -1152,21 +1148,15 @@ fn conntrack_stats_text(v: &Value) -> String {
     )
 }
 
-fn rate(now: u64, prev: Option<u64>, elapsed: Duration) -> String {
-    match prev {
-        Some(p) if !elapsed.is_zero() => format!(
-            "{:.0}/s",
-            now.saturating_sub(p) as f64 / elapsed.as_secs_f64()
-        ),
-        _ => "-".into(),
-    }
+/// A per-second rate, `-` before the daemon has two samples.
+fn rate(per_second: Option<f64>) -> String {
+    per_second.map_or("-".into(), |r| format!("{r:.0}/s"))
 }
 
-fn stats_text(v: &Value, prev: Option<&Value>, elapsed: Duration) -> String {
+fn stats_text(v: &Value) -> String {
     let Ok(s) = serde_json::from_value::<Stats>(v.clone()) else {
         return format!("{v}\n");
     };
-    let p: Option<Stats> = prev.and_then(|p| serde_json::from_value(p.clone()).ok());
     let mut out = table(
         &[
             "SERVICE",
@@ -1174,47 +1164,52 @@ fn stats_text(v: &Value, prev: Option<&Value>, elapsed: Duration) -> String {
             "BYTES",
             "NEW FLOWS",
             "PKT RATE",
+            "BYTE RATE",
             "FLOW RATE",
         ],
         s.services.iter().map(|r| {
-            let old = p
-                .as_ref()
-                .and_then(|p| p.services.iter().find(|o| o.name == r.name));
             vec![
                 r.name.clone(),
                 r.packets.to_string(),
                 r.bytes.to_string(),
                 r.new_flows.to_string(),
-                rate(r.packets, old.map(|o| o.packets), elapsed),
-                rate(r.new_flows, old.map(|o| o.new_flows), elapsed),
+                rate(r.rates.map(|x| x.packets)),
+                rate(r.rates.map(|x| x.bytes)),
+                rate(r.rates.map(|x| x.new_flows)),
             ]
         }),
     );
     out += "\n";
     out += &table(
-        &["SERVICE", "BACKEND", "PACKETS", "BYTES", "PKT RATE"],
+        &[
+            "SERVICE",
+            "BACKEND",
+            "PACKETS",
+            "BYTES",
+            "PKT RATE",
+            "BYTE RATE",
+        ],
         s.backends.iter().map(|r| {
-            let old = p.as_ref().and_then(|p| {
-                p.backends
-                    .iter()
-                    .find(|o| o.service == r.service && o.address == r.address)
-            });
             vec![
                 r.service.clone(),
                 r.address.to_string(),
                 r.packets.to_string(),
                 r.bytes.to_string(),
-                rate(r.packets, old.map(|o| o.packets), elapsed),
+                rate(r.rates.map(|x| x.packets)),
+                rate(r.rates.map(|x| x.bytes)),
             ]
         }),
     );
     out += "\n";
     out += &table(
-        &["REASON", "PACKETS"],
-        s.reasons
-            .iter()
-            .filter(|(_, n)| **n > 0)
-            .map(|(k, n)| vec![k.clone(), n.to_string()]),
+        &["REASON", "PACKETS", "RATE"],
+        s.reasons.iter().filter(|(_, n)| **n > 0).map(|(k, n)| {
+            vec![
+                k.clone(),
+                n.to_string(),
+                rate(s.reason_rates.get(k).copied()),
+            ]
+        }),
     );
     out
 }

@@ -469,6 +469,34 @@ pub struct Desired {
     pub services: BTreeMap<String, Service>,
 }
 
+/// The address the daemon's status page and metrics are served on when
+/// `settings.metrics` is not set.
+pub const DEFAULT_METRICS: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9108);
+
+/// Where the daemon serves its status page and metrics (`settings.metrics`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    /// Not set: [`DEFAULT_METRICS`], skipped with a warning when another
+    /// program holds it, so an unset field cannot stop the daemon.
+    Default,
+    /// Set: the daemon does not start without it.
+    At(SocketAddr),
+    /// `"off"`.
+    Off,
+}
+
+impl Listen {
+    /// The address to bind, if any.
+    pub fn addr(self) -> Option<SocketAddr> {
+        match self {
+            Listen::Default => Some(DEFAULT_METRICS),
+            Listen::At(a) => Some(a),
+            Listen::Off => None,
+        }
+    }
+}
+
 /// Validated settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -489,8 +517,8 @@ pub struct Settings {
     pub socket: PathBuf,
     /// Persisted runtime state.
     pub state_file: PathBuf,
-    /// Metrics endpoint.
-    pub metrics: Option<SocketAddr>,
+    /// Where the status page and metrics are served.
+    pub metrics: Listen,
     /// `ipip` outer IPv4 source and hash mask.
     pub tunnel_source_v4: ([u8; 4], u32),
     /// `ipip` outer IPv6 source and hash mask (last 32 bits).
@@ -979,20 +1007,21 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
             format!("{mtu} is outside 576..=65535"),
         );
     }
-    let metrics = s
-        .metrics
-        .as_ref()
-        .and_then(|m| match m.parse::<SocketAddr>() {
-            Ok(a) => Some(a),
+    let metrics = match s.metrics.as_deref() {
+        None => Listen::Default,
+        Some("off") => Listen::Off,
+        Some(m) => match m.parse::<SocketAddr>() {
+            Ok(a) => Listen::At(a),
             Err(_) => {
                 e.push(
                     None,
                     "settings.metrics",
-                    format!("{m:?} is not host:port, e.g. \"127.0.0.1:9108\""),
+                    format!("{m:?} is not host:port (e.g. \"127.0.0.1:9108\") or \"off\""),
                 );
-                None
+                Listen::Off
             }
-        });
+        },
+    };
     if s.gue_port == 0 {
         e.push(
             None,
@@ -1627,7 +1656,7 @@ address = "198.18.0.11"
         (
             "bad metrics address",
             "[settings]\ninterfaces=[\"e\"]\nmetrics=\"localhost\"\n",
-            "settings.metrics: \"localhost\" is not host:port",
+            "settings.metrics: \"localhost\" is not host:port (e.g.",
         ),
         (
             "bad tunnel prefix",

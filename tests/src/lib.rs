@@ -5,6 +5,7 @@
 //! - [`packet`]: builds and inspects frames (Ethernet, VLAN, IPv4/IPv6, TCP,
 //!   UDP, ICMP) with valid lengths and checksums.
 //! - [`daemon`]: a real `lb daemon` process in a namespace, driven by the CLI.
+//! - [`browser`]: headless Chromium in a namespace, driven through WebDriver.
 //! - [`edge`]: a client behind a BIRD router that learns VIPs over BGP from
 //!   lb nodes, each with its own BIRD; etcd; echo servers and long-lived
 //!   sessions (`lb::demo::edge`, which `lb demo --fleet` runs too).
@@ -15,6 +16,7 @@
 //!
 //! Network namespaces come from `lb::netns`, which the demo uses too.
 
+pub mod browser;
 pub mod daemon;
 pub use lb::demo::edge;
 pub mod fuzz;

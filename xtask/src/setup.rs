@@ -29,9 +29,10 @@ const LLVM_PREFIX_DIR: &str = "bpf-linker-llvm";
 /// (inspecting maps and programs), BIRD 2 and etcd for the fleet, nftables
 /// (a firewall that drops one node's probes in the fleet tests), openssl
 /// (their etcd certificates), `protoc` with its well-known types, which
-/// etcd-client's build runs, and `ping` (an operator's check of a VIP that
-/// answers echo). Installing bird2 or etcd-server starts no
-/// daemon here: tests start them.
+/// etcd-client's build runs, `ping` (an operator's check of a VIP that
+/// answers echo), and headless Chromium with its WebDriver server (the
+/// status page's test opens the page in a real browser). Installing bird2
+/// or etcd-server starts no daemon here: tests start them.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -43,6 +44,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "protobuf-compiler",
     "libprotobuf-dev",
     "iputils-ping",
+    "chromium",
+    "chromium-driver",
 ];
 
 /// Debian packages only the benchmarks call: trafgen (netsniff-ng) for live

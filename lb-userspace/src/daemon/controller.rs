@@ -557,6 +557,30 @@ impl Controller {
         o.weight.unwrap_or(b.configured_weight)
     }
 
+    /// The weight a backend takes in its table now, slow start included,
+    /// and what sets it: `operator` (drain, maintenance or a weight
+    /// override), `health` (down), `neighbour` (no MAC), `slow start` or
+    /// `config`.
+    pub fn effective_weight(&self, service: &str, ip: IpAddr, b: &BackendState) -> (f64, &str) {
+        let o = self.runtime.get(service, ip);
+        let percent = self.ramp_percent(service, ip, b);
+        let weight = f64::from(self.table_weight(service, ip, b)) * f64::from(percent) / 100.0;
+        let by = if o.admin != Admin::Ready {
+            "operator"
+        } else if !self.healthy(service, ip, b) {
+            "health"
+        } else if !self.hops.contains_key(&ip) {
+            "neighbour"
+        } else if percent < 100 {
+            "slow start"
+        } else if o.weight.is_some() {
+            "operator"
+        } else {
+            "config"
+        };
+        (weight, by)
+    }
+
     fn backend_value(&self, service: &str, ip: IpAddr, b: &BackendState) -> BackendValue {
         let o = self.runtime.get(service, ip);
         let (addr, family) = addr_bytes(ip);

@@ -1,55 +1,23 @@
 //! Prometheus metrics: a registry built at each scrape from the controller's
 //! state and the data plane's counters (`lb_` prefix, base units, `_total`
-//! on counters, no per-client labels), served on `settings.metrics` in
-//! OpenMetrics to scrapers that ask for it and in Prometheus' text format
-//! 0.0.4 to the rest.
+//! on counters, no per-client labels), rendered in OpenMetrics; `http`
+//! serves them as such to scrapers that ask for it and in Prometheus' text
+//! format 0.0.4 (see [`text_format`]) to the rest.
 
 use std::{
     collections::HashMap,
-    convert::Infallible,
-    sync::{
-        Arc,
-        atomic::{AtomicI64, AtomicU64},
-    },
-    time::Duration,
+    sync::atomic::{AtomicI64, AtomicU64},
 };
 
 use anyhow::Result;
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{
-    Method, Request, Response, StatusCode,
-    body::Incoming,
-    header::{ACCEPT, CONTENT_TYPE, HeaderValue},
-    server::conn::http1,
-    service::service_fn,
-};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::{Metric, Registry},
 };
-use tokio::{
-    net::TcpListener,
-    sync::{Semaphore, mpsc, oneshot},
-};
 
 use super::controller::Controller;
 use crate::api::NodeStatus;
-
-/// Connections served at once; more are closed at once (a Prometheus
-/// server scrapes one at a time).
-const MAX_CONNECTIONS: usize = 16;
-/// Time a scraper has to send its request head.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Time a connection may take in all, the daemon's answer included.
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(15);
-/// What OpenMetrics scrapers put in `Accept`.
-const OPENMETRICS: &str = "application/openmetrics-text";
-/// The content types of the two formats.
-const OPENMETRICS_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-const TEXT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServiceLabels {
@@ -317,74 +285,11 @@ pub(crate) fn render(
     Ok(out)
 }
 
-/// A scrape waiting for the controller's answer.
-pub type Scrape = oneshot::Sender<String>;
-
-/// Serves `GET /metrics`, asking the daemon's loop through `scrapes`.
-pub async fn serve(listener: TcpListener, scrapes: mpsc::Sender<Scrape>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!("metrics: connection cap reached, closing a connection");
-            continue;
-        };
-        let scrapes = scrapes.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request| answer(request, scrapes.clone()));
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .keep_alive(false)
-                .serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
-            drop(slot);
-        });
-    }
-}
-
-async fn answer(
-    request: Request<Incoming>,
-    scrapes: mpsc::Sender<Scrape>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let reply = |status: StatusCode, content_type: &'static str, body: String| {
-        let mut r = Response::new(Full::new(Bytes::from(body)));
-        *r.status_mut() = status;
-        *r.version_mut() = request.version();
-        r.headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-        Ok(r)
-    };
-    if request.method() != Method::GET || request.uri().path() != "/metrics" {
-        return reply(StatusCode::NOT_FOUND, TEXT_TYPE, "try /metrics\n".into());
-    }
-    let (tx, rx) = oneshot::channel();
-    let text = match scrapes.send(tx).await {
-        Ok(()) => rx.await.ok(),
-        Err(_) => None,
-    };
-    let Some(text) = text else {
-        return reply(StatusCode::SERVICE_UNAVAILABLE, TEXT_TYPE, String::new());
-    };
-    let open = request
-        .headers()
-        .get_all(ACCEPT)
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|v| v.contains(OPENMETRICS)));
-    if open {
-        reply(StatusCode::OK, OPENMETRICS_TYPE, text)
-    } else {
-        reply(StatusCode::OK, TEXT_TYPE, text_format(&text))
-    }
-}
-
 /// OpenMetrics text as Prometheus' text format 0.0.4: a counter family is
 /// named by its samples' `_total` name, an info family becomes a gauge
 /// named by its `_info` samples, and the `# UNIT` and `# EOF` lines, which
 /// 0.0.4 lacks, go.
-fn text_format(openmetrics: &str) -> String {
+pub(super) fn text_format(openmetrics: &str) -> String {
     let renamed: HashMap<&str, (String, &str)> = openmetrics
         .lines()
         .filter_map(|l| {

@@ -9,16 +9,22 @@
 //! - `node`: the node's announcements and drain.
 //! - `probers`: one probe task per backend.
 //! - `views`: answers to the API's questions.
-//! - `metrics`: the Prometheus endpoint.
+//! - `history`: the counters' last minute, for rates.
+//! - `http`: the status page (`status`) and Prometheus metrics (`metrics`).
+//! - `events`: recent events, for the status page.
 
 pub mod controller;
 mod durable;
+pub(crate) mod events;
 mod fleet;
 mod flows;
+mod history;
+mod http;
 mod metrics;
 mod node;
 mod probers;
 pub mod runtime;
+mod status;
 mod views;
 
 use std::{
@@ -340,14 +346,22 @@ pub async fn run(opts: Options) -> Result<()> {
         }
     });
 
-    let (scrape_tx, mut scrapes) = mpsc::channel::<metrics::Scrape>(16);
-    if let Some(addr) = settings.metrics {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the metrics endpoint {addr}"))?;
-        info!(%addr, "serving metrics");
-        tokio::spawn(metrics::serve(listener, scrape_tx));
+    let (ask_tx, mut asks) = mpsc::channel::<http::Ask>(16);
+    if let Some(addr) = settings.metrics.addr() {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                info!(%addr, "serving the status page at / and metrics at /metrics");
+                tokio::spawn(http::serve(listener, ask_tx));
+            }
+            // Only an address the operator chose is worth not starting for.
+            Err(e) if settings.metrics == config::Listen::Default => warn!(
+                %addr, error = %e,
+                "no status page or metrics: the default address is taken (set settings.metrics to another, or to \"off\")"
+            ),
+            Err(e) => return Err(anyhow!(e).context(format!("binding settings.metrics {addr}"))),
+        }
     }
+    let mut history = history::History::default();
 
     let (probe_tx, mut results) = mpsc::channel(1024);
     let mut probers = probers::Probers::new(probe_tx);
@@ -388,7 +402,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 let result = match fleet_node.as_mut() {
                     _ if !unattached.is_empty() => Err(anyhow!("{}", unattached.join("\n"))),
                     Some(f) if FleetNode::handles(&request) => f.handle(&mut ctl, &node, request).await,
-                    _ => views::handle(&mut ctl, &mut node, &mut file, request, started, &opts),
+                    _ => views::handle(&mut ctl, &mut node, &mut file, request, started, &opts, &history),
                 };
                 if let (Some((service, address)), Err(_)) = (&trusted, &result) {
                     ctl.trust_first_probe(service, *address, false);
@@ -408,11 +422,19 @@ pub async fn run(opts: Options) -> Result<()> {
                 }
                 probers.sync(&ctl);
             }
-            Some(scrape) = scrapes.recv() => {
-                let fleet = fleet_node.as_ref().map(FleetNode::gauges);
-                match metrics::render(&ctl, &node.status(&ctl), fleet) {
-                    Ok(text) => { let _ = scrape.send(text); }
-                    Err(e) => error!(error = %format!("{e:#}"), "rendering metrics"),
+            Some((page, reply)) = asks.recv() => {
+                let status = node.status(&ctl);
+                let answer = match page {
+                    http::Page::Metrics => {
+                        let fleet = fleet_node.as_ref().map(FleetNode::gauges);
+                        metrics::render(&ctl, &status, fleet)
+                    }
+                    http::Page::Status => status::snapshot(&ctl, &status, &history, started)
+                        .map(|v| v.to_string()),
+                };
+                match answer {
+                    Ok(text) => { let _ = reply.send(text); }
+                    Err(e) => error!(error = %format!("{e:#}"), page = ?page, "answering an HTTP request"),
                 }
             }
             Some(hops) = mac_updates.recv() => {
@@ -436,6 +458,10 @@ pub async fn run(opts: Options) -> Result<()> {
                     Err(e) => error!(error = %format!("{e:#}"), "repairing the data plane; retrying in 1 s"),
                 }
                 node.observe_flows(&ctl);
+                match history::Sample::read(&ctl) {
+                    Ok(sample) => history.push(sample),
+                    Err(e) => error!(error = %format!("{e:#}"), "reading the counters for their history"),
+                }
             }
             Some(event) = next_event(&mut fleet_events) => {
                 if let Some(f) = fleet_node.as_mut() {

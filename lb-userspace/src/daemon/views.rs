@@ -11,6 +11,7 @@ use super::{
     ConfigFile, Options,
     controller::Controller,
     flows::{self, FlowState},
+    history::{History, Key},
     node::Node,
     runtime::Admin,
 };
@@ -28,6 +29,7 @@ pub fn handle(
     request: Request,
     started: Instant,
     opts: &Options,
+    history: &History,
 ) -> Result<Value> {
     Ok(match request {
         Request::Status => {
@@ -52,10 +54,10 @@ pub fn handle(
             {
                 bail!("no service named {s:?} (see `lb service list`)");
             }
-            serde_json::to_value(backends(ctl, service.as_deref())?)?
+            serde_json::to_value(backends(ctl, service.as_deref(), history)?)?
         }
-        Request::Health => serde_json::to_value(backends(ctl, None)?)?,
-        Request::Stats => serde_json::to_value(stats(ctl)?)?,
+        Request::Health => serde_json::to_value(backends(ctl, None, history)?)?,
+        Request::Stats => serde_json::to_value(stats(ctl, history)?)?,
         Request::SetWeight {
             service,
             backend,
@@ -122,7 +124,8 @@ fn change(
     Ok(serde_json::to_value(report)?)
 }
 
-fn services(ctl: &Controller) -> Vec<ServiceRow> {
+/// `lb service list`.
+pub(super) fn services(ctl: &Controller) -> Vec<ServiceRow> {
     ctl.services()
         .values()
         .map(|s| ServiceRow {
@@ -152,7 +155,8 @@ fn services(ctl: &Controller) -> Vec<ServiceRow> {
         .collect()
 }
 
-fn fmt_ip(ip: std::net::IpAddr) -> String {
+/// An address as it is written before `:port`.
+pub(super) fn fmt_ip(ip: std::net::IpAddr) -> String {
     if ip.is_ipv6() {
         format!("[{ip}]")
     } else {
@@ -160,7 +164,12 @@ fn fmt_ip(ip: std::net::IpAddr) -> String {
     }
 }
 
-fn backends(ctl: &Controller, only: Option<&str>) -> Result<Vec<BackendRow>> {
+/// `lb backend list`, of one service or all.
+pub(super) fn backends(
+    ctl: &Controller,
+    only: Option<&str>,
+    history: &History,
+) -> Result<Vec<BackendRow>> {
     let now = SystemTime::now();
     let active = flows::Table::read(ctl)?.active_by_backend();
     let mut rows = Vec::new();
@@ -173,6 +182,7 @@ fn backends(ctl: &Controller, only: Option<&str>) -> Result<Vec<BackendRow>> {
             let stats = ctl.dataplane().backend_stats(b.id)?;
             let kernel = ctl.dataplane().backend(b.id)?;
             let (probe, _) = b.last_probe.clone().unzip();
+            let (table_weight, set_by) = ctl.effective_weight(name, *ip, b);
             rows.push(BackendRow {
                 service: name.clone(),
                 address: *ip,
@@ -199,13 +209,16 @@ fn backends(ctl: &Controller, only: Option<&str>) -> Result<Vec<BackendRow>> {
                 packets: stats.packets,
                 bytes: stats.bytes,
                 active_flows: active.get(&b.id).copied().unwrap_or(0),
+                table_weight,
+                weight_set_by: set_by.to_string(),
+                rates: history.rates(&Key::Backend(name.clone(), *ip)),
             });
         }
     }
     Ok(rows)
 }
 
-fn stats(ctl: &Controller) -> Result<Stats> {
+fn stats(ctl: &Controller, history: &History) -> Result<Stats> {
     let mut services = Vec::new();
     for (name, s) in ctl.services() {
         let st = ctl.dataplane().service_stats(s.id)?;
@@ -214,17 +227,24 @@ fn stats(ctl: &Controller) -> Result<Stats> {
             packets: st.packets,
             bytes: st.bytes,
             new_flows: st.new_flows,
+            rates: history.rates(&Key::Service(name.clone())),
         });
     }
+    let reasons: std::collections::BTreeMap<String, u64> = ctl
+        .dataplane()
+        .counters()?
+        .into_iter()
+        .map(|(c, v)| (c.name().to_string(), v))
+        .collect();
+    let reason_rates = reasons
+        .keys()
+        .filter_map(|r| Some((r.clone(), history.rates(&Key::Reason(r.clone()))?.packets)))
+        .collect();
     Ok(Stats {
         services,
-        backends: backends(ctl, None)?,
-        reasons: ctl
-            .dataplane()
-            .counters()?
-            .into_iter()
-            .map(|(c, v)| (c.name().to_string(), v))
-            .collect(),
+        backends: backends(ctl, None, history)?,
+        reasons,
+        reason_rates,
     })
 }
 

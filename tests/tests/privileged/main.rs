@@ -20,4 +20,5 @@ mod flood;
 mod fuzz;
 mod interfaces;
 mod readme;
+mod status_page;
 mod topology;

@@ -1,0 +1,156 @@
+//! Recent events for the status page: the daemon's own log lines at info
+//! and above (backends down and up, tables rebuilt, configuration applied,
+//! operator changes), the newest [`KEPT`] kept in memory. They are the log's
+//! lines, so the page and the journal never tell different stories.
+
+use std::{
+    collections::VecDeque,
+    fmt::{Debug, Write as _},
+    sync::{LazyLock, Mutex},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde::Serialize;
+use tracing::{
+    Event, Level, Subscriber,
+    field::{Field, Visit},
+};
+use tracing_subscriber::{
+    Layer,
+    filter::Targets,
+    layer::{Context, Filter},
+};
+
+/// Events kept.
+pub const KEPT: usize = 100;
+/// The daemon's modules: the XDP program's log lines and the crates lb
+/// uses are not events.
+const DAEMON_TARGET: &str = concat!(env!("CARGO_CRATE_NAME"), "::daemon");
+
+/// One event.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EventRow {
+    /// When, in seconds since the Unix epoch.
+    pub unix_seconds: f64,
+    /// `info`, `warn` or `error`.
+    pub level: String,
+    /// The log line's message and its fields.
+    pub text: String,
+}
+
+static RECENT: LazyLock<Mutex<VecDeque<EventRow>>> =
+    LazyLock::new(|| Mutex::new(VecDeque::with_capacity(KEPT)));
+
+/// The kept events, newest first.
+pub fn recent() -> Vec<EventRow> {
+    RECENT
+        .lock()
+        .map(|r| r.iter().rev().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// The layer that keeps them; it sees only the daemon's lines at info and
+/// above, whatever `LB_LOG` lets through to stderr.
+pub fn layer<S: Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>>() -> impl Layer<S>
+{
+    Recorder.with_filter(daemon_lines())
+}
+
+fn daemon_lines<S>() -> impl Filter<S> {
+    Targets::new().with_target(DAEMON_TARGET, Level::INFO)
+}
+
+struct Recorder;
+
+impl<S: Subscriber> Layer<S> for Recorder {
+    fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
+        let mut line = Line::default();
+        event.record(&mut line);
+        let row = EventRow {
+            unix_seconds: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+            level: event.metadata().level().as_str().to_lowercase(),
+            text: line.message + &line.fields,
+        };
+        if let Ok(mut recent) = RECENT.lock() {
+            if recent.len() == KEPT {
+                recent.pop_front();
+            }
+            recent.push_back(row);
+        }
+    }
+}
+
+/// A log line as text: the message, then ` field=value` for each field.
+#[derive(Default)]
+struct Line {
+    message: String,
+    fields: String,
+}
+
+impl Visit for Line {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        match field.name() {
+            "message" => self.message.push_str(value),
+            name => {
+                let _ = write!(self.fields, " {name}={value}");
+            }
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn Debug) {
+        match field.name() {
+            "message" => {
+                let _ = write!(self.message, "{value:?}");
+            }
+            name => {
+                let _ = write!(self.fields, " {name}={value:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    use super::*;
+
+    #[test]
+    fn keeps_the_daemons_lines_at_info_and_above_with_their_fields() {
+        let subscriber = tracing_subscriber::registry().with(layer());
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(target: "lb::daemon::controller", service = "web", backend = %"198.18.0.11", "backend down");
+            tracing::debug!(target: "lb::daemon::controller", "not an event");
+            tracing::info!(target: "lb_ebpf", "the XDP program's line");
+            for i in 0..KEPT {
+                tracing::info!(target: "lb::daemon", i, "filler");
+            }
+            tracing::info!(target: "lb::daemon", "table rebuilt");
+        });
+        let events = recent();
+        assert_eq!(events.len(), KEPT);
+        assert_eq!(events[0].text, "table rebuilt");
+        assert_eq!(events[0].level, "info");
+        assert!(
+            events
+                .iter()
+                .all(|e| !e.text.contains("XDP") && e.text != "not an event")
+        );
+        // The oldest kept is the second filler line: the warning and the
+        // first filler line fell out.
+        assert_eq!(events[KEPT - 1].text, "filler i=1");
+
+        let subscriber = tracing_subscriber::registry().with(layer());
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(target: "lb::daemon::controller", service = "web", backend = %"198.18.0.11", "backend down");
+        });
+        assert_eq!(
+            recent()[0].text,
+            "backend down service=web backend=198.18.0.11"
+        );
+        assert_eq!(recent()[0].level, "warn");
+    }
+}

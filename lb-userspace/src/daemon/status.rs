@@ -1,0 +1,76 @@
+//! The status page: one self-contained HTML file (its style and script
+//! inline, nothing fetched from anywhere), and the JSON it polls, which
+//! scripts can read too. The JSON is the API's own rows (`lb service list`,
+//! `lb backend list`, `lb stats`) with the counter history and the recent
+//! events added, so the page shows nothing the CLI cannot.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use serde_json::{Value, json};
+
+use super::{
+    controller::Controller,
+    events,
+    history::{History, Key},
+    views,
+};
+use crate::api::NodeStatus;
+
+/// The page, served at `/`.
+pub const PAGE: &str = include_str!("status.html");
+
+/// What the page shows, as served at `/status.json`.
+pub fn snapshot(
+    ctl: &Controller,
+    node: &NodeStatus,
+    history: &History,
+    started: Instant,
+) -> Result<Value> {
+    let settings = &ctl.desired().settings;
+    let table_size = f64::from(settings.capacity.ring_size);
+    let services: Vec<Value> = views::services(ctl)
+        .into_iter()
+        .map(|row| {
+            let key = Key::Service(row.name.clone());
+            let mut v = serde_json::to_value(&row)?;
+            v["rates"] = serde_json::to_value(history.rates(&key))?;
+            v["history"] = serde_json::to_value(history.packet_series(&key))?;
+            Ok(v)
+        })
+        .collect::<Result<_>>()?;
+    let backends: Vec<Value> = views::backends(ctl, None, history)?
+        .into_iter()
+        .map(|row| {
+            let key = Key::Backend(row.service.clone(), row.address);
+            let mut v = serde_json::to_value(&row)?;
+            v["share"] = json!(row.slots as f64 / table_size);
+            v["history"] = serde_json::to_value(history.packet_series(&key))?;
+            Ok(v)
+        })
+        .collect::<Result<_>>()?;
+    let reasons: Vec<Value> = ctl
+        .dataplane()
+        .counters()?
+        .into_iter()
+        .map(|(c, packets)| {
+            let rate = history.rates(&Key::Reason(c.name().to_string()));
+            json!({
+                "reason": c.name(),
+                "packets": packets,
+                "per_second": rate.map(|r| r.packets),
+            })
+        })
+        .collect();
+    Ok(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": started.elapsed().as_secs(),
+        "interfaces": settings.interfaces,
+        "drained": node.drained,
+        "vips": node.vips.iter().map(|v| json!({"vip": v.vip, "announced": v.announced})).collect::<Vec<_>>(),
+        "services": services,
+        "backends": backends,
+        "reasons": reasons,
+        "events": events::recent(),
+    }))
+}
