@@ -5,14 +5,16 @@
 //! format 0.0.4 (see [`text_format`]) to the rest.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
+    net::IpAddr,
     sync::atomic::{AtomicI64, AtomicU64},
+    time::Duration,
 };
 
 use anyhow::Result;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, info::Info},
     registry::{Metric, Registry},
 };
 
@@ -55,6 +57,59 @@ struct TableLabels {
     digest: String,
 }
 
+/// Upper bounds of the probe-duration buckets, seconds: from a probe on the
+/// same segment (well under a millisecond) to a timed-out one (the timeout,
+/// a second or two by default).
+const PROBE_BUCKETS: [f64; 13] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// Every probe's duration, per backend: unlike the rest, a histogram
+/// accumulates between scrapes, so it lives as long as the daemon.
+pub(crate) struct ProbeDurations {
+    family: Family<BackendLabels, Histogram, fn() -> Histogram>,
+    seen: HashSet<BackendLabels>,
+}
+
+impl Default for ProbeDurations {
+    fn default() -> Self {
+        ProbeDurations {
+            family: Family::new_with_constructor(|| Histogram::new(PROBE_BUCKETS)),
+            seen: HashSet::new(),
+        }
+    }
+}
+
+impl ProbeDurations {
+    /// Counts one probe of `backend` that took `took` (failed ones too: a
+    /// timeout counts its timeout).
+    pub(crate) fn observe(&mut self, service: &str, backend: IpAddr, took: Duration) {
+        let labels = BackendLabels {
+            service: service.to_string(),
+            backend: backend.to_string(),
+        };
+        self.family
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        self.seen.insert(labels);
+    }
+
+    /// Forgets backends that are no longer configured, so their series end.
+    fn retain(&mut self, ctl: &Controller) {
+        let family = &self.family;
+        self.seen.retain(|l| {
+            let live = ctl
+                .services()
+                .get(&l.service)
+                .is_some_and(|s| s.backends.keys().any(|ip| ip.to_string() == l.backend));
+            if !live {
+                family.remove(l);
+            }
+            live
+        });
+    }
+}
+
 /// Registers `metric` and returns a handle to fill it.
 fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
     registry.register(name, help, metric.clone());
@@ -74,8 +129,20 @@ pub(crate) fn render(
     ctl: &Controller,
     node: &NodeStatus,
     fleet: Option<FleetGauges>,
+    durations: &mut ProbeDurations,
 ) -> Result<String> {
     let mut r = Registry::with_prefix("lb");
+    r.register(
+        "build",
+        "The running lb's version",
+        Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+    );
+    durations.retain(ctl);
+    r.register(
+        "backend_probe_duration_seconds",
+        "How long health probes took, failed ones included (a timeout counts its timeout)",
+        durations.family.clone(),
+    );
     let announced = register(
         &mut r,
         "vip_announced",
@@ -348,6 +415,13 @@ mod tests {
         .inc_by(7);
         gauge(&mut r, "services", "Services.", 2);
         r.register("build", "The build.", Info::new(vec![("version", "1.0")]));
+        let mut durations = ProbeDurations::default();
+        durations.observe(
+            "web",
+            "198.18.0.11".parse().unwrap(),
+            Duration::from_millis(3),
+        );
+        r.register("probe_seconds", "Probes.", durations.family.clone());
         let mut open = String::new();
         encode(&mut open, &r).unwrap();
         assert!(open.contains("# TYPE packets counter\n"), "{open}");
@@ -385,5 +459,19 @@ mod tests {
         );
         assert!(text.contains("# TYPE packets_total counter\n"), "{text}");
         assert!(text.contains("# TYPE build_info gauge\n"), "{text}");
+        let histogram = parsed
+            .samples
+            .iter()
+            .find(|s| s.metric == "probe_seconds")
+            .map(|s| s.value.clone());
+        let Some(prometheus_parse::Value::Histogram(buckets)) = histogram else {
+            panic!("no histogram in {text}");
+        };
+        let count = |le: f64| buckets.iter().find(|b| b.less_than == le).map(|b| b.count);
+        assert_eq!(
+            (count(0.0025), count(0.005)),
+            (Some(0.0), Some(1.0)),
+            "{text}"
+        );
     }
 }

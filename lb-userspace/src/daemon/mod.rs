@@ -362,6 +362,7 @@ pub async fn run(opts: Options) -> Result<()> {
         }
     }
     let mut history = history::History::default();
+    let mut probe_durations = metrics::ProbeDurations::default();
 
     let (probe_tx, mut results) = mpsc::channel(1024);
     let mut probers = probers::Probers::new(probe_tx);
@@ -417,6 +418,7 @@ pub async fn run(opts: Options) -> Result<()> {
             }
             Some(result) = results.recv() => {
                 let probers::Result { service, backend, report } = result;
+                probe_durations.observe(&service, backend, report.latency);
                 if let Err(e) = ctl.record_probe(&service, backend, report) {
                     error!(error = %format!("{e:#}"), "applying a probe result");
                 }
@@ -427,7 +429,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 let answer = match page {
                     http::Page::Metrics => {
                         let fleet = fleet_node.as_ref().map(FleetNode::gauges);
-                        metrics::render(&ctl, &status, fleet)
+                        metrics::render(&ctl, &status, fleet, &mut probe_durations)
                     }
                     http::Page::Status => status::snapshot(&ctl, &status, &history, started)
                         .map(|v| v.to_string()),

@@ -311,6 +311,14 @@ fn one_desired_state_changes_everywhere_and_refuses_conflicts_and_bad_data() {
     ] {
         assert!(metrics.contains(line), "metrics lack {line:?}:\n{metrics}");
     }
+    for name in dashboard_metrics() {
+        let sample =
+            |l: &str| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} "));
+        assert!(
+            metrics.lines().any(sample),
+            "examples/grafana-dashboard.json queries {name}, which a fleet node's scrape lacks:\n{metrics}"
+        );
+    }
     let (ok, bad) = sessions.check();
     assert!(bad.is_empty(), "etcd down touched forwarding: {bad:?}");
     assert_eq!(
@@ -591,4 +599,42 @@ fn nodes_that_disagree_on_a_backends_health_keep_identical_tables() {
         .edge
         .wait_paths(VIP, &all, Duration::from_secs(5))
         .unwrap();
+}
+
+/// Every metric name (`lb_...`) the example Grafana dashboard's queries and
+/// variables use.
+fn dashboard_metrics() -> std::collections::BTreeSet<String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/grafana-dashboard.json"
+    );
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut queries = Vec::new();
+    collect_queries(&dashboard, &mut queries);
+    let names: std::collections::BTreeSet<String> = queries
+        .iter()
+        .flat_map(|q| {
+            q.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("lb_"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(names.len() > 20, "the dashboard queries only {names:?}");
+    names
+}
+
+fn collect_queries(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v) {
+                    ("expr" | "query", Value::String(q)) => out.push(q.clone()),
+                    _ => collect_queries(v, out),
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|v| collect_queries(v, out)),
+        _ => {}
+    }
 }
