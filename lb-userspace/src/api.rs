@@ -41,6 +41,10 @@ pub enum Request {
     Stats,
     /// Health of every backend.
     Health,
+    /// Reads the daemon's configuration file again and applies what
+    /// changed (as SIGHUP does), answering with the changes or why the file
+    /// was refused.
+    Reload,
     /// Sets a backend's weight (an override that persists).
     SetWeight {
         /// Service name.

@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use serde_json::Value;
 
 use crate::{
@@ -44,7 +44,8 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the daemon in the foreground (fits systemd's Type=simple).
+    /// Run the daemon in the foreground; under systemd (Type=notify) it says
+    /// READY=1 once attached, its tables live and its socket answering.
     Daemon {
         /// Configuration file.
         #[arg(long, short)]
@@ -84,6 +85,19 @@ enum Command {
     },
     /// Health of every backend: state, last probe, since when.
     Health,
+    /// Print a shell completion script (bash, zsh, fish, elvish or
+    /// powershell) for lb.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the lb(8) man page (roff), as packages install it.
+    #[command(hide = true)]
+    Man,
+    /// Read the daemon's configuration file again and apply what changed;
+    /// an invalid file changes nothing and this exits non-zero (what
+    /// `systemctl reload lb` runs).
+    Reload,
     /// Make the running state equal a configuration file, atomically.
     Apply {
         /// Configuration file.
@@ -596,6 +610,23 @@ fn run(cli: Cli) -> Result<()> {
             })?,
             moved,
         ),
+        Command::Reload => change(Request::Reload, false),
+        Command::Completions { shell } => {
+            use clap_complete::Generator as _;
+            let mut command = Cli::command();
+            command.set_bin_name("lb");
+            command.build();
+            shell
+                .try_generate(&command, &mut std::io::stdout())
+                .context("writing the completion script")
+        }
+        Command::Man => {
+            let page = clap_mangen::Man::new(Cli::command())
+                .section("8")
+                .manual("System Administration");
+            page.render(&mut std::io::stdout())
+                .context("writing the man page")
+        }
         Command::Apply { file, dry_run } => {
             let config = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;

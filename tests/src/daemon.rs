@@ -95,6 +95,7 @@ pub struct Daemon {
     pub dir: PathBuf,
     ns: String,
     env: Vec<(String, String)>,
+    wrapper: Vec<String>,
 }
 
 impl Daemon {
@@ -110,6 +111,19 @@ impl Daemon {
         tag: &str,
         config: &str,
         env: &[(&str, &str)],
+    ) -> Result<Daemon> {
+        Self::start_under(ns, tag, config, env, &[])
+    }
+
+    /// As [`Daemon::start_with_env`], run through `wrapper` (a program and
+    /// its arguments, before `lb daemon ...`), such as `setpriv` dropping
+    /// capabilities.
+    pub fn start_under(
+        ns: &Netns,
+        tag: &str,
+        config: &str,
+        env: &[(&str, &str)],
+        wrapper: &[&str],
     ) -> Result<Daemon> {
         // Unique per daemon: tests that share a tag run in parallel.
         static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -141,6 +155,7 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
         };
         d.spawn()?;
         Ok(d)
@@ -154,9 +169,18 @@ impl Daemon {
             .open(self.dir.join("daemon.log"))?;
         // Only the network namespace: `ip netns exec` would also give the
         // daemon a private /sys without the bpffs its pins live on.
+        let lb = lb_binary()?;
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&lb);
+                c
+            }
+            None => Command::new(&lb),
+        };
         let child = spawn_in(
             &self.ns,
-            Command::new(lb_binary()?)
+            command
                 .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .args(["daemon", "--config"])
                 .arg(&self.config)

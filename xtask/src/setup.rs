@@ -30,9 +30,10 @@ const LLVM_PREFIX_DIR: &str = "bpf-linker-llvm";
 /// (a firewall that drops one node's probes in the fleet tests), openssl
 /// (their etcd certificates), `protoc` with its well-known types, which
 /// etcd-client's build runs, `ping` (an operator's check of a VIP that
-/// answers echo), and headless Chromium with its WebDriver server (the
-/// status page's test opens the page in a real browser). Installing bird2
-/// or etcd-server starts no daemon here: tests start them.
+/// answers echo), headless Chromium with its WebDriver server (the status
+/// page's test opens the page in a real browser), and `systemd-analyze`
+/// and `man` (the unit's and the man page's test). Installing bird2 or
+/// etcd-server starts no daemon here: tests start them.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -46,6 +47,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iputils-ping",
     "chromium",
     "chromium-driver",
+    "systemd",
+    "man-db",
 ];
 
 /// Debian packages only the benchmarks call: trafgen (netsniff-ng) for live

@@ -38,6 +38,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::programs::XdpMode;
+use sd_notify::NotifyState;
 use tokio::{
     io::{AsyncWriteExt as _, Interest, unix::AsyncFd},
     net::{UnixListener, UnixStream},
@@ -372,6 +373,13 @@ pub async fn run(opts: Options) -> Result<()> {
     let (mac_tx, mut mac_updates) = mpsc::channel(4);
     tokio::spawn(refresh_macs(addrs_rx, mac_tx));
 
+    // Attached, tables live, the socket and the status page answering:
+    // systemd (Type=notify) may start what depends on lb, and `systemctl
+    // reload` may call `lb reload`. Outside systemd this does nothing.
+    let ready = format!("serving {} services", ctl.services().len());
+    if let Err(e) = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&ready)]) {
+        warn!(error = %e, "telling systemd the daemon is ready");
+    }
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -402,6 +410,10 @@ pub async fn run(opts: Options) -> Result<()> {
                 let unattached: Vec<String> = new.iter().filter_map(|ip| ctl.unattached(*ip)).collect();
                 let result = match fleet_node.as_mut() {
                     _ if !unattached.is_empty() => Err(anyhow!("{}", unattached.join("\n"))),
+                    _ if request == Request::Reload => reload(&mut ctl, &mut file, fleet_node.as_mut())
+                        .inspect(log_reload)
+                        .map_err(|e| e.context("reload refused; running configuration unchanged"))
+                        .and_then(|report| Ok(serde_json::to_value(report)?)),
                     Some(f) if FleetNode::handles(&request) => f.handle(&mut ctl, &node, request).await,
                     _ => views::handle(&mut ctl, &mut node, &mut file, request, started, &opts, &history),
                 };
@@ -474,7 +486,7 @@ pub async fn run(opts: Options) -> Result<()> {
             }
             _ = hup.recv() => {
                 match reload(&mut ctl, &mut file, fleet_node.as_mut()) {
-                    Ok(()) => info!("configuration reloaded"),
+                    Ok(report) => log_reload(&report),
                     Err(e) => error!(error = %format!("{e:#}"), "reload refused; running configuration unchanged"),
                 }
                 probers.sync(&ctl);
@@ -486,6 +498,7 @@ pub async fn run(opts: Options) -> Result<()> {
         // Every event above can change what the node can serve.
         update_node(&mut node, &ctl, fleet_node.as_ref());
     }
+    let _ = sd_notify::notify(&[NotifyState::Stopping]);
     let _ = std::fs::remove_file(&settings.socket);
     info!(pins = %opts.pin_dir.display(), "exiting: the data plane stays attached and keeps forwarding");
     Ok(())
@@ -497,15 +510,19 @@ fn reload(
     ctl: &mut Controller,
     file: &mut ConfigFile,
     fleet: Option<&mut FleetNode>,
-) -> Result<()> {
+) -> Result<controller::ChangeReport> {
     let (read, desired) = ConfigFile::read(&file.path)?;
     let desired = match fleet {
         Some(f) => f.with_node_text(read.text())?,
         None => desired,
     };
-    apply(ctl, desired, false)?;
+    let report = apply(ctl, desired, false)?;
     *file = read;
-    Ok(())
+    Ok(report)
+}
+
+fn log_reload(report: &controller::ChangeReport) {
+    info!(changes = report.changes.len(), "configuration reloaded");
 }
 
 /// Decides the node's announcements again and, in a fleet, publishes its report.

@@ -86,6 +86,8 @@ pub fn handle(
             port,
         } => explain(ctl, &service, client, port)?,
         Request::Node => serde_json::to_value(node.status(ctl))?,
+        // The loop answers it: a fleet node's reload needs its fleet link.
+        Request::Reload => bail!("internal: reload reached the views"),
         Request::FleetStatus | Request::FleetImport { .. } | Request::FleetExport => bail!(
             "this node is standalone: a [fleet] section in its configuration makes it a fleet node (docs/fleet.md)"
         ),

@@ -21,4 +21,5 @@ mod fuzz;
 mod interfaces;
 mod readme;
 mod status_page;
+mod systemd;
 mod topology;
