@@ -9,7 +9,7 @@ use crate::{exec, setup};
 
 /// The package that holds the `lb` binary; its build script builds the eBPF
 /// crate (aya-build) and embeds the object.
-const PACKAGE: &str = "lb-userspace";
+pub const PACKAGE: &str = "lb-userspace";
 
 /// The binary operators run.
 const BINARY: &str = "lb";

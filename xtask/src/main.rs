@@ -1,4 +1,4 @@
-//! Developer entry points for lb: `cargo xtask setup|build|demo|test|fuzz|bench`.
+//! Developer entry points for lb: `cargo xtask setup|build|demo|test|fuzz|bench|package`.
 //!
 //! # Layout
 //!
@@ -10,6 +10,7 @@
 //!   and a one-line summary.
 //! - `fuzz`: the packet fuzzer of the XDP program, for any number of frames.
 //! - `bench`: the benchmarks, into BENCHMARKS.md and bench/results.json.
+//! - `package`: the Debian package (cargo-deb), with lb(8) and completions.
 //! - `baseline`: lb's eBPF object at an earlier revision, for `bench --baseline`.
 //! - `exec`: how every external command is run, echoed and checked.
 
@@ -19,6 +20,7 @@ mod build;
 mod demo;
 mod exec;
 mod fuzz;
+mod package;
 mod setup;
 mod test;
 
@@ -85,6 +87,9 @@ enum Task {
         #[arg(long, value_parser = fuzz::parse_seed)]
         seed: Option<u64>,
     },
+    /// Run setup, build, then the Debian package (cargo-deb) in target/debian:
+    /// the binary, the systemd unit, lb(8), completions and the examples.
+    Package,
 }
 
 fn main() -> ExitCode {
@@ -103,6 +108,7 @@ fn main() -> ExitCode {
         } => bench::run(&root, quick, baseline.as_deref(), &only),
         Task::Demo { keep, fleet } => demo::run(&root, keep, fleet),
         Task::Fuzz { frames, seed } => fuzz::run(&root, frames, seed),
+        Task::Package => package::run(&root).map(drop),
         // Reports its own failures: its summary line must come last.
         Task::Test { cargo_test_args } => return test::run(&root, &cargo_test_args),
     };

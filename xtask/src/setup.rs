@@ -51,6 +51,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "man-db",
 ];
 
+/// The cargo-deb `cargo xtask package` builds the package with.
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
 /// Debian packages only the benchmarks call: trafgen (netsniff-ng) for live
 /// forwarding, and the proxies lb is compared with and their load: HAProxy,
 /// nginx with its stream module, wrk. nginx's package would start a server
@@ -69,6 +72,29 @@ pub fn run() -> Result<()> {
     ensure_rust_src()?;
     ensure_bpf_linker()?;
     ensure_debian_packages(DEBIAN_PACKAGES)
+}
+
+/// Installs what `cargo xtask package` needs beyond [`run`]'s: cargo-deb.
+pub fn package() -> Result<()> {
+    let found = exec::probe(exec::cargo().args(["deb", "--version"]))?
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    // `cargo-deb 3.8.0`
+    if found.as_deref().and_then(|v| v.split_whitespace().nth(1)) == Some(CARGO_DEB_VERSION) {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-deb {CARGO_DEB_VERSION}, a minute or two");
+    // Without its default features it compresses with the system's xz
+    // (always on Debian) instead of building liblzma.
+    exec::run(exec::cargo().args([
+        "install",
+        "cargo-deb",
+        "--version",
+        CARGO_DEB_VERSION,
+        "--locked",
+        "--no-default-features",
+    ]))
+    .context("installing cargo-deb failed: it needs crates.io access")
 }
 
 /// Installs what the benchmarks need beyond [`run`]'s.

@@ -1,4 +1,4 @@
-//! `cargo xtask test`: the build, formatting, every test, and clippy, then one summary
+//! `cargo xtask test`: the build and the Debian package, formatting, every test, and clippy, then one summary
 //! line for machines: `xtask test: N passed, N failed[, N skipped]`.
 //!
 //! Every step runs even when an earlier one failed, so one CI run reports
@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
-use crate::{build, exec};
+use crate::{build, exec, package};
 
 /// The libtest flag that runs the tests that need root: they are
 /// `#[ignore]`d (with that reason) so that a plain `cargo test` lists them
@@ -69,6 +69,8 @@ pub fn run(root: &Path, test_args: &[String]) -> ExitCode {
             error.context("setup or the build of lb failed, so nothing was tested")
         )),
         Ok(_) => {
+            // The package's test installs what this builds.
+            step(package::run(root).map(drop));
             step(check_format(root));
             step(run_tests(root, test_args, &mut totals));
             step(run_clippy(root));

@@ -19,6 +19,7 @@ mod fleet;
 mod flood;
 mod fuzz;
 mod interfaces;
+mod package;
 mod readme;
 mod status_page;
 mod systemd;
