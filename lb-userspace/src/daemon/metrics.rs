@@ -427,6 +427,16 @@ mod tests {
         assert!(open.contains("# TYPE packets counter\n"), "{open}");
         assert!(open.ends_with("# EOF\n"), "{open}");
 
+        // An OpenMetrics scrape reads the same samples.
+        let samples = prometheus_parse::Scrape::parse(open.lines().map(|l| Ok(l.to_string())))
+            .unwrap()
+            .samples;
+        let packets = samples.iter().find(|s| s.metric == "packets_total");
+        assert!(
+            packets.is_some_and(|s| s.labels.get("reason") == Some("forward_dsr")),
+            "{open}"
+        );
+
         let text = text_format(&open);
         let parsed =
             prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();

@@ -24,6 +24,10 @@ const XTASK_ELSEWHERE: &[(&str, &str)] = &[
         "build",
         "cargo xtask test starts with the same build (xtask/src/build.rs)",
     ),
+    (
+        "package",
+        "cargo xtask test builds the package, which package.rs installs",
+    ),
 ];
 /// How long `lb stats --watch` runs before it is stopped.
 const WATCH_FOR: Duration = Duration::from_millis(2500);
