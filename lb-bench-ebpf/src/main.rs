@@ -10,10 +10,6 @@
 //! map operation.
 #![no_std]
 #![no_main]
-#![expect(
-    missing_docs,
-    reason = "#[xdp] generates undocumented wrapper functions"
-)]
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -61,20 +57,20 @@ static BENCH_SINK_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Floor: the cheapest XDP program there is.
 #[xdp]
-pub fn bench_pass(_ctx: XdpContext) -> u32 {
+pub(crate) fn bench_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
 /// Floor: parse Ethernet, IPv4/IPv6 and TCP, swap the MACs, send it back.
 /// Anything it cannot parse passes.
 #[xdp]
-pub fn bench_swap(ctx: XdpContext) -> u32 {
+pub(crate) fn bench_swap(ctx: XdpContext) -> u32 {
     swap_and_send(&ctx)
 }
 
 /// Reference: parse, insert the flow into an LRU hash, swap MACs.
 #[xdp]
-pub fn bench_lru_insert(ctx: XdpContext) -> u32 {
+pub(crate) fn bench_lru_insert(ctx: XdpContext) -> u32 {
     let Some(key) = flow_key(&ctx) else {
         return xdp_action::XDP_PASS;
     };
@@ -86,7 +82,7 @@ pub fn bench_lru_insert(ctx: XdpContext) -> u32 {
 
 /// Reference: parse, look the flow up in an LRU hash, swap MACs on a hit.
 #[xdp]
-pub fn bench_lru_lookup(ctx: XdpContext) -> u32 {
+pub(crate) fn bench_lru_lookup(ctx: XdpContext) -> u32 {
     let Some(key) = flow_key(&ctx) else {
         return xdp_action::XDP_PASS;
     };
@@ -100,7 +96,7 @@ pub fn bench_lru_lookup(ctx: XdpContext) -> u32 {
 
 /// The live benchmark's sink: count the frame, drop it.
 #[xdp]
-pub fn bench_sink(_ctx: XdpContext) -> u32 {
+pub(crate) fn bench_sink(_ctx: XdpContext) -> u32 {
     if let Some(p) = BENCH_SINK_COUNT.get_ptr_mut(0) {
         // SAFETY: per-CPU value, no concurrent writer on this CPU.
         unsafe { *p += 1 };
@@ -110,7 +106,7 @@ pub fn bench_sink(_ctx: XdpContext) -> u32 {
 
 /// Restores the input frame, then runs the program under test on it.
 #[xdp]
-pub fn bench_reset(ctx: XdpContext) -> u32 {
+pub(crate) fn bench_reset(ctx: XdpContext) -> u32 {
     if reset(&ctx).is_none() {
         return XDP_ABORTED;
     }
@@ -260,7 +256,7 @@ fn reset(ctx: &XdpContext) -> Option<()> {
     // SAFETY: per-CPU value, no concurrent writer on this CPU.
     let s = unsafe { &mut *state };
     let step = if config.flows != 0 {
-        (s.next as u64 * config.stride as u64 % config.flows as u64) as u32
+        (u64::from(s.next) * u64::from(config.stride) % u64::from(config.flows)) as u32
     } else {
         s.next
     };

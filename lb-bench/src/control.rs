@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::stats::Summary;
 
 /// Backend counts the quality and timing figures are given for.
-pub const BACKEND_COUNTS: [u32; 3] = [10, 100, 1000];
+pub(crate) const BACKEND_COUNTS: [u32; 3] = [10, 100, 1000];
 
 /// Weights cycled over the backends for the weighted-share figure: a
 /// spread of 1 to 4, as an operator mixing server generations might use.
@@ -35,7 +35,7 @@ const PUBLISH_ROUNDS_FULL: usize = 7;
 const PUBLISH_ROUNDS_QUICK: usize = 3;
 
 /// The criterion group the Maglev bench (lb-userspace/benches/maglev.rs) uses.
-pub const CRITERION_GROUP: &str = "maglev_build";
+pub(crate) const CRITERION_GROUP: &str = "maglev_build";
 
 /// Table quality for one backend count.
 #[derive(Clone, Debug, Serialize)]
@@ -119,26 +119,26 @@ fn slot_counts(table: &[Option<u32>], n: usize) -> Vec<u64> {
 }
 
 /// The quality figures for `n` backends in a table of `size` slots.
-pub fn quality(n: u32, size: u32) -> Result<Quality> {
+pub(crate) fn quality(n: u32, size: u32) -> Result<Quality> {
     let keys = keys(n);
     let equal = vec![1; n as usize];
     let table = build(&keys, &equal, size)?;
     let counts = slot_counts(&table, n as usize);
-    let mean = size as f64 / n as f64;
+    let mean = f64::from(size) / f64::from(n);
     let max = counts.iter().copied().max().unwrap_or(0) as f64;
     let min = counts.iter().copied().min().unwrap_or(0) as f64;
 
     let weights: Vec<u32> = (0..n as usize)
         .map(|i| WEIGHT_CYCLE[i % WEIGHT_CYCLE.len()])
         .collect();
-    let total: u64 = weights.iter().map(|&w| w as u64).sum();
+    let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
     let weighted = slot_counts(&build(&keys, &weights, size)?, n as usize);
     let errors: Vec<f64> = weighted
         .iter()
         .zip(&weights)
         .map(|(&c, &w)| {
-            let want = w as f64 / total as f64;
-            ((c as f64 / size as f64) - want).abs() / want
+            let want = f64::from(w) / total as f64;
+            ((c as f64 / f64::from(size)) - want).abs() / want
         })
         .collect();
 
@@ -153,10 +153,10 @@ pub fn quality(n: u32, size: u32) -> Result<Quality> {
         w[gone] = 0;
         let after = build(&keys, &w, size)?;
         let changed = table.iter().zip(&after).filter(|(a, b)| a != b).count();
-        moved += changed as f64 / size as f64;
+        moved += changed as f64 / f64::from(size);
     }
     let moved = moved / tries.len() as f64;
-    let ideal = 1.0 / n as f64;
+    let ideal = 1.0 / f64::from(n);
     Ok(Quality {
         backends: n,
         table_size: size,
@@ -230,7 +230,7 @@ fn duration_ns(d: Duration) -> f64 {
 }
 
 /// Measures quality, and build time against write time.
-pub fn run(quick: bool, criterion: Option<&Path>) -> Result<ControlResults> {
+pub(crate) fn run(quick: bool, criterion: Option<&Path>) -> Result<ControlResults> {
     let quality = BACKEND_COUNTS
         .iter()
         .map(|&n| quality(n, DEFAULT_RING_SIZE))

@@ -320,7 +320,7 @@ fn etcd(writes: usize) -> Result<Vec<EtcdRun>> {
 }
 
 /// Runs the part.
-pub fn run(plan: Plan) -> Result<FleetResults> {
+pub(crate) fn run(plan: Plan) -> Result<FleetResults> {
     let bfd = failures(Timers::Bfd, plan.bfd_failures, "bfd")?;
     let hold = failures(Timers::HoldTime(HOLD_TIME), plan.hold_failures, "hold")?;
     let (change_return_ms, change_all_live_ms) = changes(plan.changes)?;

@@ -52,7 +52,7 @@ use crate::{
 
 /// Distinct flows trafgen cycles through (source ports from
 /// [`frames::PORT_BASE`]): all established after their first packet.
-pub const FLOWS: u16 = 1000;
+pub(crate) const FLOWS: u16 = 1000;
 /// Backends of the measured service.
 const BACKENDS: u32 = 100;
 /// The generator's interface, and its MAC.
@@ -130,7 +130,7 @@ pub struct LiveResults {
 }
 
 /// The floor's label in the results.
-pub const FLOOR_LABEL: &str = "swap floor";
+pub(crate) const FLOOR_LABEL: &str = "swap floor";
 /// The programs and modes measured, in report order.
 const PROGRAMS: [(Program, &str); 2] = [(Program::Swap, FLOOR_LABEL), (Program::Lb, "lb")];
 const MODES: [(XdpMode, &str); 2] = [(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")];
@@ -143,7 +143,7 @@ struct RunSample {
 }
 
 /// Runs the live benchmark.
-pub fn run(plan: Plan) -> Result<LiveResults> {
+pub(crate) fn run(plan: Plan) -> Result<LiveResults> {
     let generator = trafgen_version()?;
     let mut h = Harness::load(
         Capacity {

@@ -34,7 +34,7 @@ fn read(path: &str) -> String {
 }
 
 /// The machine as it is now; `pinned_cpu` is where the run measures.
-pub fn describe(pinned_cpu: usize) -> Machine {
+pub(crate) fn describe(pinned_cpu: usize) -> Machine {
     let cpuinfo = read("/proc/cpuinfo");
     let cpu = cpuinfo
         .lines()
@@ -69,14 +69,14 @@ pub fn describe(pinned_cpu: usize) -> Machine {
 }
 
 /// CPUs online (not those this thread may run on: it is pinned).
-pub fn online_cpus() -> usize {
+pub(crate) fn online_cpus() -> usize {
     // SAFETY: sysconf has no preconditions.
     let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
     usize::try_from(n).unwrap_or(1).max(1)
 }
 
 /// /proc/loadavg's three averages.
-pub fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     read("/proc/loadavg")
         .split_whitespace()
         .take(3)
@@ -87,7 +87,7 @@ pub fn loadavg() -> String {
 /// Pins the calling thread to `cpu`, so every BPF_PROG_TEST_RUN runs there:
 /// per-CPU maps and the per-CPU LRU lists of the connection table then see
 /// one CPU, and the scheduler cannot move a run halfway.
-pub fn pin_to(cpu: usize) -> anyhow::Result<()> {
+pub(crate) fn pin_to(cpu: usize) -> anyhow::Result<()> {
     // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it; the call
     // only reads the set we pass.
     unsafe {
@@ -102,7 +102,7 @@ pub fn pin_to(cpu: usize) -> anyhow::Result<()> {
 
 /// Lets the calling thread (and what it starts from now on) run on every
 /// online CPU again.
-pub fn unpin() -> anyhow::Result<()> {
+pub(crate) fn unpin() -> anyhow::Result<()> {
     // SAFETY: as in pin_to.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -119,7 +119,7 @@ pub fn unpin() -> anyhow::Result<()> {
 /// CPU time this thread has used, in nanoseconds (CLOCK_THREAD_CPUTIME_ID).
 /// Time in the kernel on the thread's behalf counts, time spent preempted
 /// does not: the right clock around BPF_PROG_TEST_RUN.
-pub fn thread_cpu_ns() -> u64 {
+pub(crate) fn thread_cpu_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -130,7 +130,7 @@ pub fn thread_cpu_ns() -> u64 {
 }
 
 /// Now, UTC, as RFC 3339 (seconds).
-pub fn now_utc() -> String {
+pub(crate) fn now_utc() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

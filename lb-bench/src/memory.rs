@@ -19,10 +19,10 @@ use lb_common::limits::{DEFAULT_RING_SIZE, RING_COPIES};
 use serde::Serialize;
 
 /// Service counts measured.
-pub const SERVICE_COUNTS: [u32; 3] = [1, 64, 512];
+pub(crate) const SERVICE_COUNTS: [u32; 3] = [1, 64, 512];
 /// With `--quick`: a daemon with 512 services takes minutes to write its
 /// tables, more than a quick run has.
-pub const SERVICE_COUNTS_QUICK: [u32; 2] = [1, 64];
+pub(crate) const SERVICE_COUNTS_QUICK: [u32; 2] = [1, 64];
 /// Backends per service (health check `none`: always up).
 const BACKENDS_PER_SERVICE: u32 = 8;
 /// How long a daemon may take to load and write every table.
@@ -65,7 +65,7 @@ pub struct MemoryResults {
 }
 
 /// Runs a daemon per service count and measures it.
-pub fn run(lb: &Path, quick: bool) -> Result<MemoryResults> {
+pub(crate) fn run(lb: &Path, quick: bool) -> Result<MemoryResults> {
     let counts: &[u32] = if quick {
         &SERVICE_COUNTS_QUICK
     } else {
@@ -197,7 +197,8 @@ fn measure(lb: &Path, services: u32) -> Result<Footprint> {
     let maps = map_memory(pid)?;
     let maps_kib = maps.values().sum::<u64>();
     let rings_kib = maps.get(RINGS_NAME).copied().unwrap_or(0);
-    let tables_kib = services as u64 * RING_COPIES as u64 * DEFAULT_RING_SIZE as u64 * 4 / 1024;
+    let tables_kib =
+        u64::from(services) * u64::from(RING_COPIES) * u64::from(DEFAULT_RING_SIZE) * 4 / 1024;
     drop(daemon);
     Ok(Footprint {
         services,

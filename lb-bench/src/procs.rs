@@ -17,7 +17,7 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 /// A program started in a namespace, as the leader of a process group of
 /// its own (nginx and trafgen fork workers); the group is signalled by the
 /// leader's PID and killed on drop.
-pub struct Group {
+pub(crate) struct Group {
     child: Option<Child>,
     /// What it was, for errors.
     name: String,
@@ -27,7 +27,7 @@ pub struct Group {
 
 impl Group {
     /// Starts `cmd` in namespace `ns`, its standard error going to `log`.
-    pub fn start(ns: &str, name: &str, cmd: &mut Command, log: &Path) -> Result<Group> {
+    pub(crate) fn start(ns: &str, name: &str, cmd: &mut Command, log: &Path) -> Result<Group> {
         cmd.process_group(0)
             .stdin(Stdio::null())
             .stderr(std::fs::File::create(log)?);
@@ -40,12 +40,12 @@ impl Group {
     }
 
     /// The leader's PID.
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
     }
 
     /// Fails, with its log, if the leader has exited.
-    pub fn check_running(&mut self) -> Result<()> {
+    pub(crate) fn check_running(&mut self) -> Result<()> {
         if let Some(child) = self.child.as_mut()
             && let Some(status) = child.try_wait()?
         {
@@ -57,7 +57,7 @@ impl Group {
 
     /// Stops the group with `signal` and waits for the leader (killing the
     /// group if it outlives [`STOP_GRACE`]); fails if it had died before.
-    pub fn stop(&mut self, signal: i32) -> Result<()> {
+    pub(crate) fn stop(&mut self, signal: i32) -> Result<()> {
         self.check_running()?;
         if let Some(child) = self.child.take() {
             end(child, signal)?;
@@ -67,7 +67,7 @@ impl Group {
 
     /// Waits for the leader to exit by itself and returns its standard
     /// output (the command must have piped it).
-    pub fn output(mut self) -> Result<String> {
+    pub(crate) fn output(mut self) -> Result<String> {
         let child = self.child.take().context("already stopped")?;
         let out = child.wait_with_output()?;
         if !out.status.success() {
@@ -112,7 +112,7 @@ impl Drop for Group {
 
 /// CPU time, ns, of every thread of the processes whose process group is
 /// `pgid` (`/proc/PID/task/TID/schedstat`: time on a CPU, kernel included).
-pub fn group_cpu_ns(pgid: u32) -> u64 {
+pub(crate) fn group_cpu_ns(pgid: u32) -> u64 {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return 0;
     };
@@ -124,7 +124,7 @@ pub fn group_cpu_ns(pgid: u32) -> u64 {
 }
 
 /// CPU time, ns, of every thread of process `pid`.
-pub fn process_cpu_ns(pid: u32) -> u64 {
+pub(crate) fn process_cpu_ns(pid: u32) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;
     };
@@ -145,7 +145,7 @@ fn process_group(pid: u32) -> Option<u32> {
 
 /// CPU time the whole machine spent busy (not idle or waiting for I/O),
 /// ns, from /proc/stat.
-pub fn machine_busy_ns() -> u64 {
+pub(crate) fn machine_busy_ns() -> u64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
         return 0;

@@ -176,7 +176,7 @@ pub struct ProxyResults {
 }
 
 /// Runs the comparison.
-pub fn run(plan: Plan) -> Result<ProxyResults> {
+pub(crate) fn run(plan: Plan) -> Result<ProxyResults> {
     for tool in ["wrk", "haproxy", "nginx"] {
         ensure!(
             which(tool),

@@ -94,7 +94,7 @@ pub struct ReactionResults {
 }
 
 /// Runs the part.
-pub fn run(plan: Plan) -> Result<ReactionResults> {
+pub(crate) fn run(plan: Plan) -> Result<ReactionResults> {
     let lan = Lan::build(BACKENDS, &[&format!("{VIP}/32")])?;
     let mut servers: Vec<Option<NameServer>> =
         lan.serve_names(PORT)?.into_iter().map(Some).collect();

@@ -64,8 +64,8 @@ pub fn flow_hash(key: &FlowKey, client_affinity: bool) -> u32 {
         return finish(h, 16);
     }
     let h = mix_addr(h, &key.dst);
-    let h = mix(h, ((key.sport as u32) << 16) | key.dport as u32);
-    let h = mix(h, ((key.family as u32) << 8) | key.proto as u32);
+    let h = mix(h, (u32::from(key.sport) << 16) | u32::from(key.dport));
+    let h = mix(h, (u32::from(key.family) << 8) | u32::from(key.proto));
     finish(h, 40)
 }
 
@@ -133,7 +133,7 @@ pub fn hash_bytes(seed: u32, bytes: &[u8]) -> u32 {
     }
     let mut tail = 0u32;
     for (i, b) in chunks.remainder().iter().enumerate() {
-        tail |= (*b as u32) << (8 * i);
+        tail |= u32::from(*b) << (8 * i);
     }
     if !chunks.remainder().is_empty() {
         h = mix(h, tail);
@@ -213,7 +213,7 @@ mod tests {
                         k as *const _ as *const u8,
                         bytes.as_mut_ptr(),
                         40,
-                    )
+                    );
                 };
                 bytes[bit / 8] ^= 1 << (bit % 8);
                 // SAFETY: any 40 bytes are a FlowKey.
@@ -224,7 +224,7 @@ mod tests {
                 }
             }
             for (o, f) in flips.iter().enumerate() {
-                let p = *f as f64 / keys.len() as f64;
+                let p = f64::from(*f) / keys.len() as f64;
                 assert!(
                     (0.4..0.6).contains(&p),
                     "input bit {bit}, output bit {o}: {p}"
@@ -244,7 +244,7 @@ mod tests {
                 sport: port as u16,
                 ..base
             };
-            load[((bucket_hash(&k) as u64 * 4096) >> 32) as usize] += 1;
+            load[((u64::from(bucket_hash(&k)) * 4096) >> 32) as usize] += 1;
         }
         let max = *load.iter().max().unwrap();
         assert!(max < 40, "a bucket got {max} of 65,536 flows");

@@ -280,7 +280,7 @@ impl BackendValue {
         // SAFETY: 32 bytes, 8-aligned, and any bits are a valid [u64; 4].
         let w = unsafe { core::mem::transmute::<BackendValue, [u64; 4]>(*v) };
         // The last word's bytes 4..8 are the seal itself.
-        let generation = u64::from_le(w[3]) & u32::MAX as u64;
+        let generation = u64::from_le(w[3]) & u64::from(u32::MAX);
         let h = crate::hash::fold(BACKEND_SEAL_SEED, w[0]);
         let h = crate::hash::fold(h, w[1]);
         let h = crate::hash::fold(h, w[2]);
@@ -454,9 +454,10 @@ impl FlowEntry {
 #[inline(always)]
 pub fn flow_buckets(hash: u32, buckets: u32) -> [u32; 2] {
     const GROUP: u32 = CONNTRACK_BUCKET_GROUP;
-    let first = (((hash as u64) * (buckets as u64)) >> 32) as u32;
+    let first = ((u64::from(hash) * u64::from(buckets)) >> 32) as u32;
     // 1..GROUP: never the first bucket itself.
-    let step = 1 + ((((hash.wrapping_mul(0x9e37_79b1)) as u64 * (GROUP - 1) as u64) >> 32) as u32);
+    let step =
+        1 + (((u64::from(hash.wrapping_mul(0x9e37_79b1)) * u64::from(GROUP - 1)) >> 32) as u32);
     let second = (first & !(GROUP - 1)) | ((first + step) & (GROUP - 1));
     [first * CONNTRACK_WAYS, second * CONNTRACK_WAYS]
 }

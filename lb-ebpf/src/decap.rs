@@ -22,7 +22,7 @@ use crate::{
 
 /// Decapsulates if the packet is a tunnel packet for this host.
 #[inline(always)]
-pub fn decapsulate(ctx: &XdpContext) -> (u32, DecapCounter) {
+pub(crate) fn decapsulate(ctx: &XdpContext) -> (u32, DecapCounter) {
     let counter = match try_decapsulate(ctx) {
         Ok(c) | Err(c) => c,
     };

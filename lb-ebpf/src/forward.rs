@@ -49,7 +49,7 @@ impl Macs {
 
 /// The link-layer header (Ethernet and up to two VLAN tags), held aside while
 /// the packet's head moves.
-pub struct L2Header {
+pub(crate) struct L2Header {
     macs: Macs,
     ethertype: [u8; 2],
     tags: [[u8; VLAN_HLEN]; 2],
@@ -62,7 +62,7 @@ const ETHERTYPE_OFF: usize = 12;
 impl L2Header {
     /// Copies the `len`-byte link-layer header from the start of the packet.
     #[inline(always)]
-    pub fn load(ctx: &XdpContext, len: usize) -> Option<Self> {
+    pub(crate) fn load(ctx: &XdpContext, len: usize) -> Option<Self> {
         let mut h = L2Header {
             macs: load(ctx, 0)?,
             ethertype: load(ctx, ETHERTYPE_OFF)?,
@@ -81,13 +81,13 @@ impl L2Header {
     /// Readdresses the header back to where the frame came from, from the
     /// MAC it was sent to (ours).
     #[inline(always)]
-    pub fn reply(&mut self) {
+    pub(crate) fn reply(&mut self) {
         self.macs = self.macs.reply();
     }
 
     /// Writes the header at `off`.
     #[inline(always)]
-    pub fn store(&self, ctx: &XdpContext, off: usize) -> Option<()> {
+    pub(crate) fn store(&self, ctx: &XdpContext, off: usize) -> Option<()> {
         store(ctx, off, self.macs)?;
         store(ctx, off + ETHERTYPE_OFF, self.ethertype)?;
         if self.len > ETH_HLEN {
@@ -102,7 +102,7 @@ impl L2Header {
 
 /// Moves the packet's head by `delta` bytes (negative grows it).
 #[inline(always)]
-pub fn adjust_head(ctx: &XdpContext, delta: i32) -> Result<(), Counter> {
+pub(crate) fn adjust_head(ctx: &XdpContext, delta: i32) -> Result<(), Counter> {
     // SAFETY: plain helper call on our own context; the kernel checks delta.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
         return Err(Counter::DropEncapFailed);
@@ -114,7 +114,11 @@ pub fn adjust_head(ctx: &XdpContext, delta: i32) -> Result<(), Counter> {
 /// (the interface it leaves by); leave the IP packet as it is. Only the
 /// 12 address bytes change; VLAN tags stay in place.
 #[inline(always)]
-pub fn rewrite_macs(ctx: &XdpContext, choice: &Choice, out: &Interface) -> Result<(), Counter> {
+pub(crate) fn rewrite_macs(
+    ctx: &XdpContext,
+    choice: &Choice,
+    out: &Interface,
+) -> Result<(), Counter> {
     let macs = Macs {
         to: choice.backend.mac,
         from: out.mac,
@@ -124,7 +128,7 @@ pub fn rewrite_macs(ctx: &XdpContext, choice: &Choice, out: &Interface) -> Resul
 
 /// Sends the frame back to the MAC it came from, for a reply built in place.
 #[inline(always)]
-pub fn return_to_sender(ctx: &XdpContext) -> Result<(), Counter> {
+pub(crate) fn return_to_sender(ctx: &XdpContext) -> Result<(), Counter> {
     let macs: Macs = load(ctx, 0).ok_or(Counter::DropMalformedEthernet)?;
     store(ctx, 0, macs.reply()).ok_or(Counter::DropMalformedEthernet)
 }
@@ -159,7 +163,7 @@ fn outer_id_and_flags(inner_flags: u16) -> (u16, u16) {
 /// A 20-byte IPv4 header as its ten 16-bit words (host order), checksum
 /// filled in: no options, TTL 64, fragment offset 0, addresses host order.
 #[inline(always)]
-pub fn ipv4_header(
+pub(crate) fn ipv4_header(
     tos: u8,
     len: u16,
     id: u16,
@@ -186,7 +190,7 @@ pub fn ipv4_header(
 
 /// Which tunnel a packet goes in.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Tunnel {
+pub(crate) enum Tunnel {
     /// IPIP (RFC 2003) or IPv6-in-IPv6 (RFC 2473).
     Ipip,
     /// GUE variant 1: an outer IP header, a UDP header, then the packet.
@@ -196,7 +200,7 @@ pub enum Tunnel {
 /// The bytes `tunnel` adds to `ip`: an outer header of its family, and for
 /// GUE a UDP header.
 #[inline(always)]
-pub fn outer_len(ip: &Ip, tunnel: Tunnel) -> usize {
+pub(crate) fn outer_len(ip: &Ip, tunnel: Tunnel) -> usize {
     let ip_len = if ip.family == FAMILY_V4 {
         IPV4_HLEN
     } else {
@@ -212,7 +216,7 @@ pub fn outer_len(ip: &Ip, tunnel: Tunnel) -> usize {
 /// `out` (the interface it leaves by) once encapsulated. The outer family
 /// is the inner one, so the EtherType stays.
 #[inline(always)]
-pub fn encapsulate(
+pub(crate) fn encapsulate(
     ctx: &XdpContext,
     ip: &Ip,
     choice: &Choice,

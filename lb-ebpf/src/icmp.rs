@@ -43,7 +43,7 @@ const ICMP_MESSAGE_LEN: usize = ICMP_HLEN + ICMP_QUOTE_LEN;
 /// fragmentation, not an error) or this CPU's budget is spent; the packet
 /// is then dropped.
 #[inline(always)]
-pub fn reply_too_big(
+pub(crate) fn reply_too_big(
     ctx: &XdpContext,
     ip: &Ip,
     iface: &Interface,
@@ -82,7 +82,7 @@ pub fn reply_too_big(
     }
     let icmp_off = ip.l3_off + ip_hlen;
     if v4 {
-        let [m0, m1] = (next_hop_mtu.min(u16::MAX as u32) as u16).to_be_bytes();
+        let [m0, m1] = (next_hop_mtu.min(u32::from(u16::MAX)) as u16).to_be_bytes();
         store(
             ctx,
             icmp_off,
@@ -121,7 +121,7 @@ pub fn reply_too_big(
         pseudo[..4].copy_from_slice(&s);
         pseudo[4..8].copy_from_slice(&d);
         pseudo[8] = (ICMP_MESSAGE_LEN as u32).to_be();
-        pseudo[9] = (IPPROTO_ICMPV6 as u32).to_be();
+        pseudo[9] = u32::from(IPPROTO_ICMPV6).to_be();
         // SAFETY: plain helper call over a stack buffer of 40 bytes.
         let seed = unsafe {
             bpf_csum_diff(
@@ -169,7 +169,7 @@ fn message_sum(ctx: &XdpContext, off: usize, seed: u32) -> Result<u64, Counter> 
 /// `Err(DropEchoLimit)` when this CPU's echo budget is spent, and
 /// `Err(DropMalformedIcmp)` for a message shorter than an echo header.
 #[inline(always)]
-pub fn reply_echo(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
+pub(crate) fn reply_echo(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
     if ip.l4_off + ICMP_HLEN > ip.end {
         return Err(Counter::DropMalformedIcmp);
     }

@@ -18,10 +18,6 @@
 #![no_main]
 // Wide packet loads (`packet`): BPF inline assembly is unstable in Rust.
 #![feature(asm_experimental_arch)]
-#![expect(
-    missing_docs,
-    reason = "#[xdp] generates undocumented wrapper functions"
-)]
 
 mod checksum;
 mod decap;
@@ -51,7 +47,7 @@ use crate::{
 /// packet paid for (see the `dataplane` unit tests).
 #[xdp]
 #[inline(always)]
-pub fn lb_xdp(ctx: XdpContext) -> u32 {
+pub(crate) fn lb_xdp(ctx: XdpContext) -> u32 {
     let counter = match balance(&ctx) {
         Ok(c) | Err(c) => c,
     };
@@ -65,7 +61,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 
 /// The decapsulator for backends of `ipip` and `gue` services.
 #[xdp]
-pub fn lb_decap(ctx: XdpContext) -> u32 {
+pub(crate) fn lb_decap(ctx: XdpContext) -> u32 {
     let (action, counter) = decap::decapsulate(&ctx);
     maps::count_decap(counter);
     action

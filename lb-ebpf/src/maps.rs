@@ -124,7 +124,7 @@ static LB_DECAP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Decap
 
 /// The service for `key`, copied out of the map.
 #[inline(always)]
-pub fn service(key: &ServiceKey) -> Option<ServiceValue> {
+pub(crate) fn service(key: &ServiceKey) -> Option<ServiceValue> {
     // SAFETY: the map is not preallocated, so the element stays valid under
     // RCU for the duration of the program; we copy it immediately.
     unsafe { LB_SERVICES.get(key).copied() }
@@ -134,19 +134,19 @@ pub fn service(key: &ServiceKey) -> Option<ServiceValue> {
 /// each field is read whole, and a slot whose key is being cleared or
 /// replaced fails [`ServiceSlot::serves`] for the flows of another service.
 #[inline(always)]
-pub fn service_slot(id: u32) -> Option<&'static ServiceSlot> {
+pub(crate) fn service_slot(id: u32) -> Option<&'static ServiceSlot> {
     LB_SERVICE_SLOTS.get(id)
 }
 
 /// Whether `key` is a VIP address of some service.
 #[inline(always)]
-pub fn is_vip(key: &AddrKey) -> bool {
+pub(crate) fn is_vip(key: &AddrKey) -> bool {
     LB_VIPS.get_ptr(key).is_some()
 }
 
 /// Whether `key` is a VIP address with a service that answers echo.
 #[inline(always)]
-pub fn answers_echo(key: &AddrKey) -> bool {
+pub(crate) fn answers_echo(key: &AddrKey) -> bool {
     // SAFETY: a u32 in the map, read whole.
     LB_VIPS
         .get_ptr(key)
@@ -155,14 +155,14 @@ pub fn answers_echo(key: &AddrKey) -> bool {
 
 /// Whether `addr` may be a VIP address: `false` proves it is none.
 #[inline(always)]
-pub fn may_be_vip(addr: &Addr) -> bool {
+pub(crate) fn may_be_vip(addr: &Addr) -> bool {
     let (word, mask) = vip_filter_bit(addr);
     LB_VIP_FILTER.get(word).is_some_and(|w| w & mask != 0)
 }
 
 /// The backend id in ring slot `index`.
 #[inline(always)]
-pub fn ring_slot(index: u32) -> Option<u32> {
+pub(crate) fn ring_slot(index: u32) -> Option<u32> {
     LB_RINGS.get(index).copied()
 }
 
@@ -170,7 +170,7 @@ pub fn ring_slot(index: u32) -> Option<u32> {
 /// range, never written, or being rewritten by user space as it is read
 /// twice (a write takes nanoseconds; the second read is the retry).
 #[inline(always)]
-pub fn backend(id: u32) -> Option<BackendValue> {
+pub(crate) fn backend(id: u32) -> Option<BackendValue> {
     let p = LB_BACKENDS.get_ptr(id)?;
     let v = read_backend(p);
     if v.is_whole() {
@@ -200,7 +200,7 @@ fn read_backend(p: *const BackendValue) -> BackendValue {
 }
 
 /// Where a flow stands in the connection table.
-pub struct Lookup {
+pub(crate) struct Lookup {
     /// Its entry, in place, with the value as read when it was found whole.
     pub hit: Option<(NonNull<FlowEntry>, FlowValue)>,
     /// The entry a new one for the flow would replace: the flow's own (torn
@@ -211,7 +211,7 @@ pub struct Lookup {
 
 impl Lookup {
     /// Nothing found and nowhere to write: no table, or a lookup skipped.
-    pub const NONE: Lookup = Lookup {
+    pub(crate) const NONE: Lookup = Lookup {
         hit: None,
         victim: None,
     };
@@ -219,7 +219,7 @@ impl Lookup {
 
 /// Looks `flow`, whose bucket hash is `hash`, up in its two buckets.
 #[inline(always)]
-pub fn conntrack_lookup(ct: &ConntrackSettings, flow: &FlowKey, hash: u32) -> Lookup {
+pub(crate) fn conntrack_lookup(ct: &ConntrackSettings, flow: &FlowKey, hash: u32) -> Lookup {
     if ct.buckets == 0 {
         return Lookup::NONE;
     }
@@ -293,7 +293,7 @@ pub fn conntrack_lookup(ct: &ConntrackSettings, flow: &FlowKey, hash: u32) -> Lo
 /// lives as long as the program; user space rewrites the entry in place,
 /// one field at a time, which is fine for each of them.
 #[inline(always)]
-pub fn conntrack_settings() -> Option<&'static ConntrackSettings> {
+pub(crate) fn conntrack_settings() -> Option<&'static ConntrackSettings> {
     LB_CONNTRACK_SETTINGS.get(0)
 }
 
@@ -303,10 +303,10 @@ pub fn conntrack_settings() -> Option<&'static ConntrackSettings> {
 /// second's budget, and unpinned flows follow the Maglev table, which
 /// nothing changes meanwhile.
 #[inline(always)]
-pub fn may_insert(ct: &ConntrackSettings) -> bool {
+pub(crate) fn may_insert(ct: &ConntrackSettings) -> bool {
     ct.inserts_per_cpu == 0
         || LB_CONNTRACK_STATS.get(0).is_none_or(|s| {
-            s.window != ct.now as u64 || s.window_inserts < ct.inserts_per_cpu as u64
+            s.window != u64::from(ct.now) || s.window_inserts < u64::from(ct.inserts_per_cpu)
         })
 }
 
@@ -315,7 +315,7 @@ pub fn may_insert(ct: &ConntrackSettings) -> bool {
 /// the refusal. Not pinning only means the flow follows the Maglev table,
 /// as it does anyway while the table does not change.
 #[inline(always)]
-pub fn conntrack_put(
+pub(crate) fn conntrack_put(
     ct: &ConntrackSettings,
     at: &Lookup,
     flow: &FlowKey,
@@ -328,11 +328,11 @@ pub fn conntrack_put(
     // SAFETY: per-CPU value, no concurrent writer on this CPU.
     let stats = unsafe { &mut *stats };
     if ct.inserts_per_cpu != 0 {
-        if stats.window != ct.now as u64 {
-            stats.window = ct.now as u64;
+        if stats.window != u64::from(ct.now) {
+            stats.window = u64::from(ct.now);
             stats.window_inserts = 0;
         }
-        if stats.window_inserts >= ct.inserts_per_cpu as u64 {
+        if stats.window_inserts >= u64::from(ct.inserts_per_cpu) {
             stats.refused += 1;
             return;
         }
@@ -351,7 +351,7 @@ pub fn conntrack_put(
 
 /// The data-plane settings.
 #[inline(always)]
-pub fn settings() -> Option<&'static Settings> {
+pub(crate) fn settings() -> Option<&'static Settings> {
     LB_SETTINGS.get(0)
 }
 
@@ -359,7 +359,7 @@ pub fn settings() -> Option<&'static Settings> {
 /// space rewrites an entry in place when the interface's MAC or MTU
 /// changes: a frame read against a half-written MAC passes to the kernel.
 #[inline(always)]
-pub fn interface(ifindex: u32) -> Option<&'static Interface> {
+pub(crate) fn interface(ifindex: u32) -> Option<&'static Interface> {
     LB_INTERFACES
         .get(interface_slot(ifindex))
         .filter(|i| i.ifindex == ifindex)
@@ -369,21 +369,21 @@ pub fn interface(ifindex: u32) -> Option<&'static Interface> {
 /// interface-table entry agree. `None` once it is detached or gone (the
 /// kernel takes a removed device out of the device map).
 #[inline(always)]
-pub fn egress(port: u8) -> Option<&'static Interface> {
-    interface(LB_EGRESS.get_ifindex(port as u32)?).filter(|i| i.port == port)
+pub(crate) fn egress(port: u8) -> Option<&'static Interface> {
+    interface(LB_EGRESS.get_ifindex(u32::from(port))?).filter(|i| i.port == port)
 }
 
 /// Tells the kernel to send the frame out of the interface with port
 /// `port` when the program returns XDP_REDIRECT. False if it has no entry.
 #[inline(always)]
-pub fn redirect(port: u8) -> bool {
-    LB_EGRESS.redirect(port as u32, 0).is_ok()
+pub(crate) fn redirect(port: u8) -> bool {
+    LB_EGRESS.redirect(u32::from(port), 0).is_ok()
 }
 
 /// Takes one ICMP message of `kind` from this CPU's budget for second
 /// `now`, if any is left ([`IcmpKind::per_cpu`]).
 #[inline(always)]
-pub fn take_icmp_budget(kind: IcmpKind, now: u32) -> bool {
+pub(crate) fn take_icmp_budget(kind: IcmpKind, now: u32) -> bool {
     let Some(b) = LB_ICMP_BUDGET.get_ptr_mut(kind as u32) else {
         return false;
     };
@@ -402,7 +402,7 @@ pub fn take_icmp_budget(kind: IcmpKind, now: u32) -> bool {
 
 /// Adds one to the global counter `c`.
 #[inline(always)]
-pub fn count(c: Counter) {
+pub(crate) fn count(c: Counter) {
     if let Some(p) = LB_COUNTERS.get_ptr_mut(c as u32) {
         // SAFETY: per-CPU value, no concurrent writer on this CPU.
         unsafe { *p += 1 };
@@ -411,13 +411,13 @@ pub fn count(c: Counter) {
 
 /// Accounts a forwarded packet to its service and backend.
 #[inline(always)]
-pub fn count_forward(service_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
+pub(crate) fn count_forward(service_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
     if let Some(s) = LB_SERVICE_STATS.get_ptr_mut(service_id) {
         // SAFETY: per-CPU value.
         unsafe {
             (*s).packets += 1;
             (*s).bytes += bytes;
-            (*s).new_flows += new_flow as u64;
+            (*s).new_flows += u64::from(new_flow);
         }
     }
     if let Some(b) = LB_BACKEND_STATS.get_ptr_mut(backend_id) {
@@ -432,7 +432,7 @@ pub fn count_forward(service_id: u32, backend_id: u32, bytes: u64, new_flow: boo
 /// If `key` is one of this host's tunnel endpoints, the UDP port of GUE
 /// packets to it (0: none) (decap program).
 #[inline(always)]
-pub fn decap_endpoint(key: &AddrKey) -> Option<u32> {
+pub(crate) fn decap_endpoint(key: &AddrKey) -> Option<u32> {
     // SAFETY: a hash value, read once.
     LB_DECAP_ADDRS.get_ptr(key).map(|p| unsafe { *p })
 }
@@ -440,7 +440,7 @@ pub fn decap_endpoint(key: &AddrKey) -> Option<u32> {
 /// Whether `src` of `family` is inside an accepted source prefix (decap
 /// program).
 #[inline(always)]
-pub fn is_decap_source(src: Addr, family: u8) -> bool {
+pub(crate) fn is_decap_source(src: Addr, family: u8) -> bool {
     let bits = lb_common::SOURCE_FAMILY_BITS + 8 * core::mem::size_of::<Addr>() as u32;
     LB_DECAP_SOURCES
         .get(Key::new(bits, SourceKey { family, addr: src }))
@@ -449,13 +449,13 @@ pub fn is_decap_source(src: Addr, family: u8) -> bool {
 
 /// Whether `key` is a VIP configured on this host (decap program).
 #[inline(always)]
-pub fn is_decap_vip(key: &AddrKey) -> bool {
+pub(crate) fn is_decap_vip(key: &AddrKey) -> bool {
     LB_DECAP_VIPS.get_ptr(key).is_some()
 }
 
 /// Adds one to the decap counter `c`.
 #[inline(always)]
-pub fn count_decap(c: DecapCounter) {
+pub(crate) fn count_decap(c: DecapCounter) {
     if let Some(p) = LB_DECAP_COUNTERS.get_ptr_mut(c as u32) {
         // SAFETY: per-CPU value.
         unsafe { *p += 1 };

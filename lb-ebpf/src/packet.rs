@@ -24,7 +24,7 @@ fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
 /// the 4-, 2- and 1-byte rest, into an 8-byte-aligned buffer: the fields
 /// are then read from registers or aligned stack words, not byte by byte.
 #[inline(always)]
-pub fn load<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
+pub(crate) fn load<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
     let src = ptr_at::<T>(ctx, off)? as usize;
     let mut buf = Aligned::<T>(MaybeUninit::uninit());
     let dst = buf.0.as_mut_ptr() as *mut u8;
@@ -123,7 +123,7 @@ unsafe fn write_u32(p: usize, v: u32) {
 /// Writes `value` at `off`, in 8-byte words and then the 4-, 2- and 1-byte
 /// rest (as [`load`] reads); `None` if the packet is too short.
 #[inline(always)]
-pub fn store<T: Copy>(ctx: &XdpContext, off: usize, value: T) -> Option<()> {
+pub(crate) fn store<T: Copy>(ctx: &XdpContext, off: usize, value: T) -> Option<()> {
     let dst = ptr_at::<T>(ctx, off)? as usize;
     let buf = Aligned::<T>(MaybeUninit::new(value));
     let src = buf.0.as_ptr() as *const u8;
@@ -156,18 +156,18 @@ pub fn store<T: Copy>(ctx: &XdpContext, off: usize, value: T) -> Option<()> {
 /// The `N` bytes at `off`, in place, for a helper that reads packet
 /// memory; `None` if the packet is too short.
 #[inline(always)]
-pub fn bytes_at<const N: usize>(ctx: &XdpContext, off: usize) -> Option<*const [u8; N]> {
+pub(crate) fn bytes_at<const N: usize>(ctx: &XdpContext, off: usize) -> Option<*const [u8; N]> {
     ptr_at::<[u8; N]>(ctx, off).map(|p| p as *const [u8; N])
 }
 
 /// Big-endian u16 at `off`.
 #[inline(always)]
-pub fn load_be16(ctx: &XdpContext, off: usize) -> Option<u16> {
+pub(crate) fn load_be16(ctx: &XdpContext, off: usize) -> Option<u16> {
     load::<[u8; 2]>(ctx, off).map(u16::from_be_bytes)
 }
 
 /// Length of the frame in bytes.
 #[inline(always)]
-pub fn frame_len(ctx: &XdpContext) -> usize {
+pub(crate) fn frame_len(ctx: &XdpContext) -> usize {
     ctx.data_end() - ctx.data()
 }

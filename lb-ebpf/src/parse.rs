@@ -15,7 +15,7 @@ use crate::packet::{frame_len, load, load_be16};
 
 /// The network layer of a packet.
 #[derive(Clone, Copy)]
-pub struct Ip {
+pub(crate) struct Ip {
     /// Offset of the IP header (after Ethernet and VLAN tags).
     pub l3_off: usize,
     /// Offset of the transport header.
@@ -36,7 +36,7 @@ pub struct Ip {
 
 /// Ports of a TCP or UDP header, network order, and the TCP flags (0 for UDP).
 #[derive(Clone, Copy)]
-pub struct Ports {
+pub(crate) struct Ports {
     /// Source port.
     pub sport: u16,
     /// Destination port.
@@ -48,7 +48,7 @@ pub struct Ports {
 /// Walks Ethernet and VLAN tags. Returns the EtherType of the payload and the
 /// offset of the network header.
 #[inline(always)]
-pub fn ethernet(ctx: &XdpContext) -> Result<(u16, usize), Counter> {
+pub(crate) fn ethernet(ctx: &XdpContext) -> Result<(u16, usize), Counter> {
     let mut off = ETH_HLEN;
     let mut ethertype = load_be16(ctx, off - 2).ok_or(Counter::DropMalformedEthernet)?;
     for _ in 0..MAX_VLAN_TAGS {
@@ -77,7 +77,12 @@ fn v4_addr(b: [u8; 4]) -> Addr {
 /// the end of the enclosing packet for a quoted one). A quoted header may be
 /// cut short by the ICMP sender, so `quoted` skips the total-length check.
 #[inline(always)]
-pub fn ipv4(ctx: &XdpContext, l3_off: usize, limit: usize, quoted: bool) -> Result<Ip, Counter> {
+pub(crate) fn ipv4(
+    ctx: &XdpContext,
+    l3_off: usize,
+    limit: usize,
+    quoted: bool,
+) -> Result<Ip, Counter> {
     let h = load::<[u8; IPV4_HLEN]>(ctx, l3_off).ok_or(Counter::DropMalformedIpv4)?;
     let ihl = (h[0] & 0x0f) as usize;
     if h[0] >> 4 != 4 || ihl < 5 {
@@ -118,7 +123,12 @@ pub fn ipv4(ctx: &XdpContext, l3_off: usize, limit: usize, quoted: bool) -> Resu
 /// extension headers. A fragment header makes the packet a fragment unless it
 /// is an atomic fragment (offset 0, no more fragments; RFC 8200 §4.5).
 #[inline(always)]
-pub fn ipv6(ctx: &XdpContext, l3_off: usize, limit: usize, quoted: bool) -> Result<Ip, Counter> {
+pub(crate) fn ipv6(
+    ctx: &XdpContext,
+    l3_off: usize,
+    limit: usize,
+    quoted: bool,
+) -> Result<Ip, Counter> {
     // The fixed part, then each address straight into place: copying the
     // whole 40-byte header first would move every byte twice.
     let h = load::<[u8; IPV6_ADDRS_OFF]>(ctx, l3_off).ok_or(Counter::DropMalformedIpv6)?;
@@ -188,7 +198,7 @@ pub fn ipv6(ctx: &XdpContext, l3_off: usize, limit: usize, quoted: bool) -> Resu
 /// Parses the TCP or UDP header at `ip.l4_off`. `Err` means it is truncated
 /// or (TCP) its data offset is out of range.
 #[inline(always)]
-pub fn ports(ctx: &XdpContext, ip: &Ip) -> Result<Ports, Counter> {
+pub(crate) fn ports(ctx: &XdpContext, ip: &Ip) -> Result<Ports, Counter> {
     let off = ip.l4_off;
     let (sport, dport, tcp_flags) = if ip.proto == IPPROTO_TCP {
         let h = load::<[u8; TCP_HLEN]>(ctx, off).ok_or(Counter::DropMalformedL4)?;
@@ -222,7 +232,7 @@ pub fn ports(ctx: &XdpContext, ip: &Ip) -> Result<Ports, Counter> {
 }
 
 /// The ICMP/ICMPv6 messages the load balancer acts on.
-pub enum IcmpMessage {
+pub(crate) enum IcmpMessage {
     /// "Fragmentation needed" or "packet too big", the only errors relayed
     /// to backends.
     PmtuError,
@@ -234,7 +244,7 @@ pub enum IcmpMessage {
 
 /// What the ICMP/ICMPv6 message at `ip.l4_off` is.
 #[inline(always)]
-pub fn icmp_message(ctx: &XdpContext, ip: &Ip) -> IcmpMessage {
+pub(crate) fn icmp_message(ctx: &XdpContext, ip: &Ip) -> IcmpMessage {
     let Some([ty, code]) = load::<[u8; 2]>(ctx, ip.l4_off) else {
         return IcmpMessage::Other;
     };
@@ -251,7 +261,7 @@ pub fn icmp_message(ctx: &XdpContext, ip: &Ip) -> IcmpMessage {
 /// The packet an ICMP error quotes (sent by the VIP, so its source is the VIP)
 /// and its first four transport bytes (the ports, RFC 792 guarantees eight).
 #[inline(always)]
-pub fn quoted(ctx: &XdpContext, ip: &Ip) -> Result<(Ip, Ports), Counter> {
+pub(crate) fn quoted(ctx: &XdpContext, ip: &Ip) -> Result<(Ip, Ports), Counter> {
     let inner_off = ip.l4_off + ICMP_HLEN;
     let inner = if ip.family == FAMILY_V4 {
         ipv4(ctx, inner_off, ip.end, true)
@@ -287,16 +297,16 @@ pub fn quoted(ctx: &XdpContext, ip: &Ip) -> Result<(Ip, Ports), Counter> {
 }
 
 /// Offset of the source address in an IPv6 header (the destination follows).
-pub const IPV6_ADDRS_OFF: usize = 8;
+pub(crate) const IPV6_ADDRS_OFF: usize = 8;
 
 /// The MAC the frame was sent to.
 #[inline(always)]
-pub fn destination_mac(ctx: &XdpContext) -> Option<[u8; 6]> {
+pub(crate) fn destination_mac(ctx: &XdpContext) -> Option<[u8; 6]> {
     load(ctx, 0)
 }
 
 /// The frame length, as the limit for the outermost header.
 #[inline(always)]
-pub fn limit(ctx: &XdpContext) -> usize {
+pub(crate) fn limit(ctx: &XdpContext) -> usize {
     frame_len(ctx)
 }

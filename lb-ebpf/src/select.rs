@@ -15,7 +15,7 @@ use lb_common::{
 use crate::maps::{self, Lookup};
 
 /// The backend a packet goes to.
-pub struct Choice {
+pub(crate) struct Choice {
     /// Backend id.
     pub id: u32,
     /// The backend, a whole copy.
@@ -71,7 +71,7 @@ fn idle_timeout(ct: &ConntrackSettings, service: &ServiceValue, flow: &FlowKey) 
 /// (relayed ICMP errors). `Err(PassNotService)` when the flow's
 /// destination is no service.
 #[inline(always)]
-pub fn select_backend(
+pub(crate) fn select_backend(
     ct: &ConntrackSettings,
     flow: &FlowKey,
     tcp_flags: u8,

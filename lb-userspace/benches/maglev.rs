@@ -34,7 +34,7 @@ fn maglev_build(c: &mut Criterion) {
             .map(|k| Candidate { key: k, weight: 1 })
             .collect();
         group.bench_with_input(BenchmarkId::from_parameter(n), &candidates, |b, c| {
-            b.iter(|| maglev::build(black_box(c), DEFAULT_RING_SIZE))
+            b.iter(|| maglev::build(black_box(c), DEFAULT_RING_SIZE));
         });
     }
     group.finish();

@@ -1019,7 +1019,12 @@ fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
         s.truncate(s.trim_end().len());
         s + "\n"
     };
-    let mut out = line(headers.iter().map(|h| h.to_string()).collect());
+    let mut out = line(
+        headers
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect(),
+    );
     for r in rows {
         out += &line(r);
     }

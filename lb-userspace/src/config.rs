@@ -1208,7 +1208,7 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
             let bfield = format!("{field}.backend[{i}]");
             match b.address.parse::<IpAddr>() {
                 Ok(ip) if !usable(ip) => {
-                    e.push(bat, format!("{bfield}.address"), "not a unicast address")
+                    e.push(bat, format!("{bfield}.address"), "not a unicast address");
                 }
                 Ok(ip) if vip.is_some_and(|v| v.is_ipv4() != ip.is_ipv4()) => e.push(
                     bat,

@@ -71,7 +71,7 @@ pub fn parse(text: &str) -> Result<DecapConfig, ConfigErrors> {
             line: at.map(|o| line_of(text, o)),
             field,
             message,
-        })
+        });
     };
     if file.interfaces.is_empty() {
         push(

@@ -46,7 +46,7 @@ pub fn slow_start_percent(elapsed: Duration, period: Duration) -> u32 {
     if period.is_zero() || elapsed >= period {
         return 100;
     }
-    let step = (elapsed.as_nanos() * SLOW_START_STEPS as u128 / period.as_nanos()) as u32;
+    let step = (elapsed.as_nanos() * u128::from(SLOW_START_STEPS) / period.as_nanos()) as u32;
     (step + 1) * 100 / SLOW_START_STEPS
 }
 

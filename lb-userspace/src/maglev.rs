@@ -50,7 +50,7 @@ pub fn is_prime(n: u32) -> bool {
     if n < 2 {
         return false;
     }
-    let n = n as u64;
+    let n = u64::from(n);
     let mut d = 2u64;
     while d * d <= n {
         if n.is_multiple_of(d) {
@@ -81,19 +81,19 @@ pub fn build(candidates: &[Candidate<'_>], size: u32) -> Result<Vec<Option<u32>>
     }
     order.sort_by(|&a, &b| candidates[a].key.cmp(candidates[b].key));
 
-    let m = size as u64;
+    let m = u64::from(size);
     let perms: Vec<(u64, u64)> = order
         .iter()
         .map(|&i| {
             let key = candidates[i].key;
-            let offset = hash_bytes(OFFSET_SEED, key) as u64 % m;
-            let skip = hash_bytes(SKIP_SEED, key) as u64 % (m - 1) + 1;
+            let offset = u64::from(hash_bytes(OFFSET_SEED, key)) % m;
+            let skip = u64::from(hash_bytes(SKIP_SEED, key)) % (m - 1) + 1;
             (offset, skip)
         })
         .collect();
     let max_weight = order
         .iter()
-        .map(|&i| candidates[i].weight as u64)
+        .map(|&i| u64::from(candidates[i].weight))
         .max()
         .unwrap_or(1);
 
@@ -105,7 +105,7 @@ pub fn build(candidates: &[Candidate<'_>], size: u32) -> Result<Vec<Option<u32>>
     while filled < m {
         pass += 1;
         for (turn, &i) in order.iter().enumerate() {
-            let weight = candidates[i].weight as u64;
+            let weight = u64::from(candidates[i].weight);
             // Claim while below this pass's quota of k * w / w_max slots.
             while held[turn] * max_weight < pass * weight && filled < m {
                 let (offset, skip) = perms[turn];
@@ -235,7 +235,7 @@ mod tests {
             let s = shares(&t);
             let total: u32 = weights.iter().sum();
             for (i, w) in weights.iter().enumerate() {
-                let want = *w as f64 / total as f64 * size as f64;
+                let want = f64::from(*w) / f64::from(total) * f64::from(size);
                 let got = *s.get(&(i as u32)).unwrap_or(&0) as f64;
                 let tolerance = (0.01 * want).max(2.0);
                 prop_assert!((got - want).abs() <= tolerance, "backend {i} weight {w}: {got} slots, want {want:.1}");

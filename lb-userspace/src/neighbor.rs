@@ -118,7 +118,7 @@ pub async fn resolve_all(addrs: impl IntoIterator<Item = IpAddr>) -> BTreeMap<Ip
                 hops.insert(ip, hop);
             }
             Ok((ip, Err(e))) => {
-                tracing::warn!(backend = %ip, error = %format!("{e:#}"), "next-hop MAC unresolved")
+                tracing::warn!(backend = %ip, error = %format!("{e:#}"), "next-hop MAC unresolved");
             }
             Err(_) => {}
         }

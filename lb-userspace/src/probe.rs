@@ -211,7 +211,7 @@ fn client_config(roots: &TlsRoots) -> Result<Arc<ClientConfig>, String> {
         TlsRoots::File(path) => {
             let mut store = RootCertStore::empty();
             let certs = CertificateDer::pem_file_iter(path)
-                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .and_then(std::iter::Iterator::collect::<Result<Vec<_>, _>>)
                 .map_err(|e| format!("reading CA file {}: {e}", path.display()))?;
             store.add_parsable_certificates(certs);
             if store.is_empty() {
@@ -341,7 +341,7 @@ mod tests {
                         None => answer(Box::new(s)).await,
                         Some(a) => {
                             if let Ok(s) = a.accept(s).await {
-                                answer(Box::new(s)).await
+                                answer(Box::new(s)).await;
                             }
                         }
                     }

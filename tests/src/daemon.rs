@@ -155,7 +155,10 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
+            wrapper: wrapper
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect(),
         };
         d.spawn()?;
         Ok(d)

@@ -62,7 +62,7 @@ impl Lan {
                 ns: Netns::new(&format!("b{i}"))?,
                 mac: [0x02, 0, 0, 0, 0, 0x10 + i],
                 v4: Ipv4Addr::new(198, 18, 0, 10 + i),
-                v6: Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x10 + i as u16),
+                v6: Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x10 + u16::from(i)),
             };
             let (a4, a6) = (format!("{}/24", h.v4), format!("{}/64", h.v6));
             netns::plug(

@@ -16,7 +16,7 @@ pub fn checksum(initial: u32, data: &[u8]) -> u16 {
         } else {
             u16::from_be_bytes([c[0], 0])
         };
-        sum += w as u32;
+        sum += u32::from(w);
     }
     while sum >> 16 != 0 {
         sum = (sum & 0xffff) + (sum >> 16);
@@ -43,7 +43,7 @@ fn pseudo_header_sum(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u32 {
     }
     let mut sum = 0u32;
     for c in bytes.chunks(2) {
-        sum += u16::from_be_bytes([c[0], c[1]]) as u32;
+        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
     }
     sum
 }
@@ -158,7 +158,7 @@ pub fn ipv6_opts_header(next: u8) -> Vec<u8> {
 
 /// An IPv6 fragment header.
 pub fn ipv6_fragment_header(next: u8, offset_units: u16, more: bool) -> Vec<u8> {
-    let field = (offset_units << 3) | more as u16;
+    let field = (offset_units << 3) | u16::from(more);
     let mut h = vec![next, 0];
     h.extend_from_slice(&field.to_be_bytes());
     h.extend_from_slice(&[0, 0, 0, 1]);
@@ -353,7 +353,7 @@ pub fn too_big_reply_problems(input: &[u8], out: &[u8], l3: usize, mtu: u32) -> 
             "fragmentation needed",
         );
         want(
-            u16::from_be_bytes([msg[6], msg[7]]) as u32 == mtu && msg[4..6] == [0, 0],
+            u32::from(u16::from_be_bytes([msg[6], msg[7]])) == mtu && msg[4..6] == [0, 0],
             "the MTU to use",
         );
         want(checksum(0, msg) == 0, "ICMP checksum");

@@ -23,7 +23,7 @@ const RUSTFLAGS: &str = "--cfg=bpf_target_arch=\"x86_64\"\x1f-Cdebuginfo=2\x1f-C
 
 /// The object of lb's XDP programs at `rev`: built once per commit, then
 /// taken from the cache.
-pub fn object(root: &Path, rev: &str) -> Result<(String, PathBuf)> {
+pub(crate) fn object(root: &Path, rev: &str) -> Result<(String, PathBuf)> {
     let commit = exec::query(
         exec::command("git")
             .current_dir(root)

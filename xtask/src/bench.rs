@@ -25,7 +25,7 @@ const DRIVER: &str = "lb-bench";
 /// for a run under five minutes (the same paths and configurations, fewer
 /// iterations); `baseline` adds lb's object at that revision to the
 /// data-plane part.
-pub fn run(root: &Path, quick: bool, baseline: Option<&str>, only: &[String]) -> Result<()> {
+pub(crate) fn run(root: &Path, quick: bool, baseline: Option<&str>, only: &[String]) -> Result<()> {
     let baseline = baseline
         .map(|rev| baseline::object(root, rev))
         .transpose()?;

@@ -9,20 +9,20 @@ use crate::{exec, setup};
 
 /// The package that holds the `lb` binary; its build script builds the eBPF
 /// crate (aya-build) and embeds the object.
-pub const PACKAGE: &str = "lb-userspace";
+pub(crate) const PACKAGE: &str = "lb-userspace";
 
 /// The binary operators run.
 const BINARY: &str = "lb";
 
 /// Runs setup, builds `lb` (release unless `debug`) and prints where it is.
-pub fn run(root: &Path, debug: bool) -> Result<()> {
+pub(crate) fn run(root: &Path, debug: bool) -> Result<()> {
     let binary = build(root, debug)?;
     println!("{BINARY}: {}", binary.display());
     Ok(())
 }
 
 /// Runs setup and builds `lb`; returns the binary's path.
-pub fn build(root: &Path, debug: bool) -> Result<PathBuf> {
+pub(crate) fn build(root: &Path, debug: bool) -> Result<PathBuf> {
     setup::run()?;
     let mut cargo = exec::cargo();
     cargo.current_dir(root).arg("build");
@@ -46,7 +46,7 @@ pub fn build(root: &Path, debug: bool) -> Result<PathBuf> {
 /// Cargo's target directory: `CARGO_TARGET_DIR` (relative to the workspace,
 /// where cargo runs; an absolute one replaces it in `join`) or
 /// `<workspace>/target`.
-pub fn target_dir(root: &Path) -> PathBuf {
+pub(crate) fn target_dir(root: &Path) -> PathBuf {
     env::var_os("CARGO_TARGET_DIR")
         .map(|dir| root.join(dir))
         .unwrap_or_else(|| root.join("target"))

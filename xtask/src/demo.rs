@@ -8,7 +8,7 @@ use crate::{build, exec};
 
 /// Builds the release binary and runs its demo (`--keep` with `keep`, the
 /// fleet demo with `fleet`).
-pub fn run(root: &Path, keep: bool, fleet: bool) -> Result<()> {
+pub(crate) fn run(root: &Path, keep: bool, fleet: bool) -> Result<()> {
     let lb = build::build(root, false)?;
     let mut cmd = exec::command(&lb);
     cmd.arg("demo");

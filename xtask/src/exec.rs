@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 
 /// Cargo's home (`$CARGO_HOME`, else `~/.cargo`), where `cargo install` puts
 /// binaries.
-pub fn cargo_home() -> Option<PathBuf> {
+pub(crate) fn cargo_home() -> Option<PathBuf> {
     env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| env::var_os("HOME").map(|home| Path::new(&home).join(".cargo")))
@@ -26,7 +26,7 @@ pub fn cargo_home() -> Option<PathBuf> {
 /// bpf-linker lands there; aya-build finds the linker through PATH, so
 /// putting that directory first makes the copy `setup` installed the one that
 /// is used, even when the caller's PATH lacks it or holds an older copy.
-pub fn command(program: impl AsRef<OsStr>) -> Command {
+pub(crate) fn command(program: impl AsRef<OsStr>) -> Command {
     let mut cmd = Command::new(program);
     if let Some(path) = path_with_cargo_bin() {
         cmd.env("PATH", path);
@@ -36,7 +36,7 @@ pub fn command(program: impl AsRef<OsStr>) -> Command {
 
 /// A `cargo` command using the toolchain that runs xtask (`cargo run`
 /// exports it as `CARGO`), so `cargo +toolchain xtask` is honoured.
-pub fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     command(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
@@ -54,7 +54,7 @@ fn path_with_cargo_bin() -> Option<OsString> {
 
 /// Runs `cmd` after echoing it, with stdout and stderr passed through, and
 /// fails unless it exits successfully.
-pub fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let shown = echo(cmd);
     let status = cmd.status().with_context(|| not_started(&shown))?;
     check(&shown, status)
@@ -63,7 +63,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 /// Runs `cmd` after echoing it, copying its stdout to ours unchanged as it
 /// arrives and handing every complete line to `on_line`; stderr is not
 /// touched. Fails unless the command exits successfully.
-pub fn run_tee_stdout(cmd: &mut Command, mut on_line: impl FnMut(&str)) -> Result<()> {
+pub(crate) fn run_tee_stdout(cmd: &mut Command, mut on_line: impl FnMut(&str)) -> Result<()> {
     let shown = echo(cmd);
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -121,7 +121,7 @@ fn forward(
 /// Runs a read-only probe silently and returns its output whatever its exit
 /// status, or `None` when the program does not exist, so that callers can
 /// treat a missing or broken tool as "not installed".
-pub fn probe(cmd: &mut Command) -> Result<Option<Output>> {
+pub(crate) fn probe(cmd: &mut Command) -> Result<Option<Output>> {
     match cmd.stdin(Stdio::null()).output() {
         Ok(output) => Ok(Some(output)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -131,7 +131,7 @@ pub fn probe(cmd: &mut Command) -> Result<Option<Output>> {
 
 /// Runs a read-only query silently and returns its stdout; the program must
 /// exist and succeed.
-pub fn query(cmd: &mut Command) -> Result<String> {
+pub(crate) fn query(cmd: &mut Command) -> Result<String> {
     let shown = display(cmd);
     let output = cmd
         .stdin(Stdio::null())
@@ -167,7 +167,7 @@ fn not_started(shown: &str) -> String {
 
 /// `cmd` as a shell line: the variables it sets (but PATH, which every
 /// command gets), the program's file name and the quoted arguments.
-pub fn display(cmd: &Command) -> String {
+pub(crate) fn display(cmd: &Command) -> String {
     let mut words = Vec::new();
     for (key, value) in cmd.get_envs() {
         if let Some(value) = value
@@ -223,7 +223,7 @@ mod tests {
         let mut out = Vec::new();
         let input: &[u8] = b"one\ntwo\nthree";
         let result = forward(input, &mut out, &mut |line: &str| {
-            lines.push(line.to_owned())
+            lines.push(line.to_owned());
         });
         assert!(result.is_ok());
         assert_eq!(out, b"one\ntwo\nthree\n");

@@ -21,7 +21,7 @@ const FILTER: &str = "fuzz::";
 
 /// Runs setup, then the fuzz tests in release (the speed is the point),
 /// with their output shown as it comes.
-pub fn run(root: &Path, frames: Option<u64>, seed: Option<u64>) -> Result<()> {
+pub(crate) fn run(root: &Path, frames: Option<u64>, seed: Option<u64>) -> Result<()> {
     setup::run()?;
     let mut cmd = exec::cargo();
     cmd.current_dir(root)
@@ -38,7 +38,7 @@ pub fn run(root: &Path, frames: Option<u64>, seed: Option<u64>) -> Result<()> {
 }
 
 /// Parses a seed given as decimal or as `0x` hex (as the test prints it).
-pub fn parse_seed(text: &str) -> Result<u64> {
+pub(crate) fn parse_seed(text: &str) -> Result<u64> {
     let parsed = match text.strip_prefix("0x") {
         Some(hex) => u64::from_str_radix(hex, 16),
         None => text.parse(),

@@ -22,7 +22,7 @@ const COMPLETIONS: [(&str, &str); 3] = [("bash", "lb.bash"), ("zsh", "_lb"), ("f
 
 /// Runs setup, builds lb, generates its man page and completions, and
 /// builds the package; returns its path.
-pub fn run(root: &Path) -> Result<PathBuf> {
+pub(crate) fn run(root: &Path) -> Result<PathBuf> {
     let binary = build::build(root, false)?;
     setup::package()?;
     let release = build::target_dir(root).join("release");

@@ -68,14 +68,14 @@ const BENCH_PACKAGES: &[&str] = &[
 
 /// Installs whatever is missing: nightly's rust-src, bpf-linker and the
 /// Debian packages.
-pub fn run() -> Result<()> {
+pub(crate) fn run() -> Result<()> {
     ensure_rust_src()?;
     ensure_bpf_linker()?;
     ensure_debian_packages(DEBIAN_PACKAGES)
 }
 
 /// Installs what `cargo xtask package` needs beyond [`run`]'s: cargo-deb.
-pub fn package() -> Result<()> {
+pub(crate) fn package() -> Result<()> {
     let found = exec::probe(exec::cargo().args(["deb", "--version"]))?
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
@@ -98,7 +98,7 @@ pub fn package() -> Result<()> {
 }
 
 /// Installs what the benchmarks need beyond [`run`]'s.
-pub fn bench() -> Result<()> {
+pub(crate) fn bench() -> Result<()> {
     ensure_debian_packages(BENCH_PACKAGES)
 }
 

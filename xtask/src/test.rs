@@ -52,7 +52,7 @@ const EBPF_CLIPPY: &[&str] = &[
 
 /// Runs setup and the build, `cargo fmt --check`, `cargo test` (with `test_args`
 /// appended) and `cargo clippy` from `root`, then prints the summary line.
-pub fn run(root: &Path, test_args: &[String]) -> ExitCode {
+pub(crate) fn run(root: &Path, test_args: &[String]) -> ExitCode {
     let mut totals = Counts::default();
     let mut failed_steps = 0_u32;
     let mut step = |result: Result<()>| {

@@ -35,7 +35,7 @@ use lb_tests::lab::{MTU, lab_interface};
 use super::harness::take;
 
 /// The baseline object, loaded and configured like the current one.
-pub struct Baseline {
+pub(crate) struct Baseline {
     ebpf: Ebpf,
     fd: ProgramFd,
     capacity: Capacity,
@@ -96,7 +96,7 @@ impl<V: aya::Pod, const N: usize> Prefixed<V, N> {
                 };
                 let mut old = [0; N];
                 old.copy_from_slice(&bytes[..N]);
-                a.set(index, old, 0)?
+                a.set(index, old, 0)?;
             }
         }
         Ok(())
@@ -116,7 +116,7 @@ const OBJECT: &str = "the baseline object";
 
 impl Baseline {
     /// Loads the object at `path` with `capacity`.
-    pub fn load(path: &Path, capacity: Capacity) -> Result<Baseline> {
+    pub(crate) fn load(path: &Path, capacity: Capacity) -> Result<Baseline> {
         let object = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let mut ebpf = capacity
             .loader()?
@@ -162,7 +162,7 @@ impl Baseline {
     }
 
     /// The load-balancer program.
-    pub fn program(&mut self) -> Result<&mut Xdp> {
+    pub(crate) fn program(&mut self) -> Result<&mut Xdp> {
         Ok(self
             .ebpf
             .program_mut(names::PROG_LB)
@@ -171,24 +171,24 @@ impl Baseline {
     }
 
     /// The program's fd, for the reset wrapper's tail call.
-    pub fn fd(&self) -> Result<ProgramFd> {
+    pub(crate) fn fd(&self) -> Result<ProgramFd> {
         Ok(self.fd.try_clone()?)
     }
 
     /// Writes the settings the current object has.
-    pub fn set_settings(&mut self, settings: Settings) -> Result<()> {
+    pub(crate) fn set_settings(&mut self, settings: Settings) -> Result<()> {
         self.settings.set(0, settings)
     }
 
     /// Writes backend `id` as the current object has it.
-    pub fn set_backend(&mut self, id: u32, backend: BackendValue) -> Result<()> {
+    pub(crate) fn set_backend(&mut self, id: u32, backend: BackendValue) -> Result<()> {
         self.backends.set(id, backend.sealed())
     }
 
     /// Gives the service `key` the value and live table the current object
     /// has: the table first, in the copy the value names (the baseline
     /// forwards nothing while it is being configured, so any copy will do).
-    pub fn set_service(
+    pub(crate) fn set_service(
         &mut self,
         key: &ServiceKey,
         value: ServiceValue,
@@ -214,7 +214,7 @@ impl Baseline {
 
     /// Global counters summed over CPUs, in `Counter::ALL` order: those the
     /// baseline has (a counter added since reads as zero).
-    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
+    pub(crate) fn counters(&self) -> Result<Vec<(Counter, u64)>> {
         let have = self.counters.map().info()?.max_entries();
         Counter::ALL
             .iter()
@@ -230,7 +230,7 @@ impl Baseline {
     }
 
     /// Counters of service `id`, summed over CPUs.
-    pub fn service_stats(&self, id: u32) -> Result<ServiceStats> {
+    pub(crate) fn service_stats(&self, id: u32) -> Result<ServiceStats> {
         Ok(ServiceStats::total(self.service_stats.get(&id, 0)?.iter()))
     }
 }

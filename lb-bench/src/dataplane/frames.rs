@@ -21,23 +21,23 @@ use lb_tests::{
 use serde::Serialize;
 
 /// TCP flags of a packet in an established connection.
-pub const TCP_ACK: u8 = 0x10;
+pub(crate) const TCP_ACK: u8 = 0x10;
 /// TCP flags of a connection's first packet.
-pub const TCP_SYN: u8 = 0x02;
+pub(crate) const TCP_SYN: u8 = 0x02;
 
 /// Source port of flow indexes 0 to 65535 (the wrapper adds `index >> 16`).
-pub const PORT_BASE: u16 = 1024;
+pub(crate) const PORT_BASE: u16 = 1024;
 /// The port every measured service listens on.
-pub const SERVICE_PORT: u16 = 80;
+pub(crate) const SERVICE_PORT: u16 = 80;
 
 /// IPv4 clients: 198.19.0.0/16, the flow index in the last two bytes.
 const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 0);
 /// IPv6 clients: 2001:2:c::/112.
 const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xc, 0, 0, 0, 0, 0);
 /// An IPv4 destination that is no VIP: the "not a service" path.
-pub const NOT_A_VIP_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 250, 1);
+pub(crate) const NOT_A_VIP_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 250, 1);
 /// An IPv6 destination that is no VIP.
-pub const NOT_A_VIP_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xfa, 0, 0, 0, 0, 1);
+pub(crate) const NOT_A_VIP_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xfa, 0, 0, 0, 0, 1);
 
 /// IP version of a measured path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -86,7 +86,7 @@ impl Mode {
 }
 
 /// The VIP of the measured service of `family` and `mode`.
-pub fn vip(family: Family, mode: Mode) -> IpAddr {
+pub(crate) fn vip(family: Family, mode: Mode) -> IpAddr {
     let host = match mode {
         Mode::DsrL2 => 1,
         Mode::Ipip => 2,
@@ -98,7 +98,7 @@ pub fn vip(family: Family, mode: Mode) -> IpAddr {
 }
 
 /// A destination of `family` that is not a VIP.
-pub fn not_a_vip(family: Family) -> IpAddr {
+pub(crate) fn not_a_vip(family: Family) -> IpAddr {
     match family {
         Family::Ipv4 => NOT_A_VIP_V4.into(),
         Family::Ipv6 => NOT_A_VIP_V6.into(),
@@ -107,7 +107,7 @@ pub fn not_a_vip(family: Family) -> IpAddr {
 
 /// The template frame (flow index 0) from a client to `dst`:`dport` with
 /// TCP `flags`, and where the wrapper writes the flow index.
-pub fn template(dst: IpAddr, dport: u16, flags: u8) -> ResetConfig {
+pub(crate) fn template(dst: IpAddr, dport: u16, flags: u8) -> ResetConfig {
     let (src, ip_hlen, ethertype): (IpAddr, usize, u16) = match dst {
         IpAddr::V4(_) => (CLIENT_V4.into(), IPV4_HLEN, ETH_P_IP),
         IpAddr::V6(_) => (CLIENT_V6.into(), IPV6_HLEN, ETH_P_IPV6),

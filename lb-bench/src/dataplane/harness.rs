@@ -29,7 +29,7 @@ use crate::machine::thread_cpu_ns;
 
 /// The benchmark object: floors, references and the reset wrapper (never in
 /// lb's object).
-pub static BENCH_OBJECT: &[u8] =
+pub(crate) static BENCH_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench-ebpf"));
 
 /// Headroom BPF_PROG_TEST_RUN leaves before an XDP frame
@@ -39,7 +39,7 @@ const OUT_SLACK: usize = 256;
 
 /// A program that can be measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Program {
+pub(crate) enum Program {
     /// lb's `lb_xdp`.
     Lb,
     /// lb's `lb_xdp` at the baseline revision (`--baseline`).
@@ -56,7 +56,7 @@ pub enum Program {
 
 impl Program {
     /// Its name, in lb's object or the benchmark object.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         self.bench_name().unwrap_or(PROG_LB)
     }
 
@@ -74,7 +74,7 @@ impl Program {
 
 /// Which flows the iterations of a run carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Flows {
+pub(crate) enum Flows {
     /// Every iteration the same flow.
     One(u32),
     /// Iteration `i` carries flow `base + (i * stride) % count`.
@@ -93,7 +93,7 @@ pub enum Flows {
 
 /// How a run reaches the program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Method {
+pub(crate) enum Method {
     /// BPF_PROG_TEST_RUN on the program itself, with the given flow: only
     /// for paths whose output takes the same path again (the MAC rewrite, a
     /// pass, the floors).
@@ -104,7 +104,7 @@ pub enum Method {
 
 /// What every iteration of a run must have done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Expect {
+pub(crate) struct Expect {
     /// XDP action (xdp_action: 1 drop, 2 pass, 3 tx).
     pub verdict: u32,
     /// lb's reason counter every iteration must have bumped (lb runs only;
@@ -125,7 +125,7 @@ pub struct Expect {
 
 /// One timed run.
 #[derive(Clone, Copy, Debug)]
-pub struct Sample {
+pub(crate) struct Sample {
     /// Thread CPU time per iteration, ns (fractional: the figure we use).
     pub ns: f64,
     /// The kernel's own figure, whole ns per iteration (a cross-check).
@@ -133,7 +133,7 @@ pub struct Sample {
 }
 
 /// lb's data plane and the benchmark programs, loaded.
-pub struct Harness {
+pub(crate) struct Harness {
     /// lb's data plane, with lab helpers to configure it.
     pub lab: Lab,
     /// lb's object at the baseline revision, given the same tables.
@@ -181,7 +181,7 @@ impl Harness {
     /// Loads lb's object with `capacity` and lab settings, the benchmark
     /// object next to it, and the baseline's object (revision, file) if
     /// given, configured alike.
-    pub fn load(capacity: Capacity, baseline: Option<(&str, &Path)>) -> Result<Harness> {
+    pub(crate) fn load(capacity: Capacity, baseline: Option<(&str, &Path)>) -> Result<Harness> {
         // The packet tests' lab: the same settings, so the same paths.
         let mut lab = Lab::with_capacity(capacity).context("loading lb's object")?;
         let baseline = match baseline {
@@ -234,7 +234,7 @@ impl Harness {
     /// MAC, and a `dsr-l2` frame that leaves addressed to it takes the same
     /// path when it runs again (the rewrite costs the same whatever the
     /// MAC), so such paths run without the reset wrapper.
-    pub fn backend(&mut self, id: u32, ip: IpAddr, up: bool, generation: u32) -> Result<()> {
+    pub(crate) fn backend(&mut self, id: u32, ip: IpAddr, up: bool, generation: u32) -> Result<()> {
         self.lab.backend_at(id, ip, LB_MAC, up, generation)?;
         if let Some(b) = &mut self.baseline {
             b.set_backend(id, self.lab.dp.backend(id)?)?;
@@ -244,7 +244,7 @@ impl Harness {
 
     /// Builds and publishes a service (see [`Lab::service`]) in both
     /// objects; returns its table.
-    pub fn service(
+    pub(crate) fn service(
         &mut self,
         id: u32,
         key: ServiceKey,
@@ -257,7 +257,12 @@ impl Harness {
     }
 
     /// Publishes a service with a ready table in both objects.
-    pub fn publish_service(&mut self, key: &ServiceKey, id: u32, ring: &[u32]) -> Result<()> {
+    pub(crate) fn publish_service(
+        &mut self,
+        key: &ServiceKey,
+        id: u32,
+        ring: &[u32],
+    ) -> Result<()> {
         self.lab.dp.publish_service(key, id, 0, 0, ring)?;
         self.mirror_service(key, ring)
     }
@@ -272,7 +277,7 @@ impl Harness {
 
     /// Sets lb's connection-table insert budget (per CPU per second; 0: no
     /// limit, as every other case runs).
-    pub fn set_insert_budget(&mut self, inserts_per_cpu: u32) -> Result<()> {
+    pub(crate) fn set_insert_budget(&mut self, inserts_per_cpu: u32) -> Result<()> {
         self.lab.dp.set_conntrack_settings(ConntrackSettings {
             inserts_per_cpu,
             ..ConntrackSettings::default()
@@ -280,7 +285,7 @@ impl Harness {
     }
 
     /// lb's program, and the baseline's if there is one.
-    pub fn lb_programs(&self) -> Vec<Program> {
+    pub(crate) fn lb_programs(&self) -> Vec<Program> {
         let mut programs = vec![Program::Lb];
         if self.baseline.is_some() {
             programs.push(Program::Baseline);
@@ -289,14 +294,14 @@ impl Harness {
     }
 
     /// Reserves `count` flow indexes no other run uses.
-    pub fn fresh_flows(&mut self, count: u32) -> Result<u32> {
+    pub(crate) fn fresh_flows(&mut self, count: u32) -> Result<u32> {
         let base = self.fresh;
         self.fresh = base.checked_add(count).context("flow indexes exhausted")?;
         Ok(base)
     }
 
     /// `program`, to attach to an interface or read its run-time stats.
-    pub fn xdp(&mut self, program: Program) -> Result<&mut Xdp> {
+    pub(crate) fn xdp(&mut self, program: Program) -> Result<&mut Xdp> {
         match program {
             Program::Lb => self.lab.dp.program(PROG_LB),
             Program::Baseline => self.baseline_mut()?.program(),
@@ -305,12 +310,12 @@ impl Harness {
     }
 
     /// The sink program (`PROG_SINK`), to attach to the generator's side.
-    pub fn sink(&mut self) -> Result<&mut Xdp> {
+    pub(crate) fn sink(&mut self) -> Result<&mut Xdp> {
         self.program(PROG_SINK)
     }
 
     /// Frames the sink has received, over all CPUs.
-    pub fn sink_count(&self) -> Result<u64> {
+    pub(crate) fn sink_count(&self) -> Result<u64> {
         Ok(self.sink_count.get(&0, 0)?.iter().sum())
     }
 
@@ -330,7 +335,7 @@ impl Harness {
 
     /// Runs `template` through `program` by `method`, `repeat` times, and
     /// checks that every iteration met `expect`.
-    pub fn run(
+    pub(crate) fn run(
         &mut self,
         program: Program,
         method: Method,
@@ -432,16 +437,16 @@ impl Harness {
             );
         }
         let after = self.snapshot(program, expect)?;
-        before.check(&after, expect, repeat as u64)?;
+        before.check(&after, expect, u64::from(repeat))?;
         if config.is_some() {
             let iterations: u64 = self.state.get(&0, 0)?.iter().map(|s| s.iterations).sum();
             ensure!(
-                iterations == repeat as u64,
+                iterations == u64::from(repeat),
                 "the wrapper reset {iterations} frames in {repeat} iterations"
             );
         }
         Ok(Sample {
-            ns: elapsed as f64 / repeat as f64,
+            ns: elapsed as f64 / f64::from(repeat),
             kernel_ns: result.duration.as_nanos() as u64,
         })
     }

@@ -20,9 +20,9 @@
 //! - `baseline`: lb's object at an earlier revision, run beside the current
 //!   one (`--baseline`): every lb case of every group runs on both.
 
-pub mod baseline;
-pub mod frames;
-pub mod harness;
+pub(crate) mod baseline;
+pub(crate) mod frames;
+pub(crate) mod harness;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -268,10 +268,10 @@ pub struct DataplaneResults {
 }
 
 /// The baseline to run beside lb's object: its commit and object file.
-pub type BaselineObject<'a> = (&'a str, &'a FilePath);
+pub(crate) type BaselineObject<'a> = (&'a str, &'a FilePath);
 
 /// Runs the whole data-plane benchmark, with `baseline` beside lb if given.
-pub fn run(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<DataplaneResults> {
+pub(crate) fn run(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<DataplaneResults> {
     let matrix = run_matrix(plan, baseline)?;
     let many_flows = run_many_flows(plan, baseline)?;
     Ok(DataplaneResults {
@@ -286,7 +286,7 @@ pub fn run(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<Dataplan
 fn backend_ip(family: Family, id: u32) -> IpAddr {
     match family {
         Family::Ipv4 => Ipv4Addr::from(u32::from(BACKEND_V4_BASE) + id).into(),
-        Family::Ipv6 => Ipv6Addr::from(u128::from(BACKEND_V6_BASE) + id as u128).into(),
+        Family::Ipv6 => Ipv6Addr::from(u128::from(BACKEND_V6_BASE) + u128::from(id)).into(),
     }
 }
 
@@ -718,7 +718,7 @@ fn run_many_flows(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<V
     // before, a baseline's) gives each CPU an equal share of the entries;
     // every run happens on one CPU, so that CPU's share must hold every
     // flow of every case at once. Both objects get the same size.
-    let per_cpu = most as f64 * MEASURED.len() as f64 * CONNTRACK_HEADROOM;
+    let per_cpu = f64::from(most) * MEASURED.len() as f64 * CONNTRACK_HEADROOM;
     let conntrack_entries = (per_cpu * nr_cpus as f64) as u32;
     eprintln!("data plane: loading with a {conntrack_entries}-entry connection table");
     let mut h = Harness::load(
@@ -777,7 +777,7 @@ fn run_many_flows(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<V
                 template,
                 expect: expect_forward(sid, family, mode, false),
                 prime: None,
-                flows: count as u64,
+                flows: u64::from(count),
             });
         }
         // The reference lookup, over as many flows, put in the same way.
@@ -815,7 +815,7 @@ fn run_many_flows(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<V
             template,
             expect: expect_reference(LruCounter::Hit),
             prime: None,
-            flows: count as u64,
+            flows: u64::from(count),
         });
         // At least one pass over every flow per run.
         let repeat = plan.repeat.max(count);
@@ -889,7 +889,7 @@ fn measure(
     }
     for case in cases.iter_mut() {
         if case.flows == 0 {
-            case.flows = repeat as u64;
+            case.flows = u64::from(repeat);
         }
     }
     Ok(samples)

@@ -66,7 +66,7 @@ fn x(r: f64) -> String {
 }
 
 /// The section, if the run had a baseline.
-pub fn render(out: &mut String, d: &DataplaneResults) {
+pub(super) fn render(out: &mut String, d: &DataplaneResults) {
     let Some(rev) = &d.baseline_rev else {
         return;
     };

@@ -25,7 +25,7 @@ fn survived(f: &Failures) -> String {
 }
 
 /// The fleet section.
-pub fn render(out: &mut String, r: &FleetResults) {
+pub(super) fn render(out: &mut String, r: &FleetResults) {
     let _ = writeln!(
         out,
         "## The fleet\n\n\

@@ -14,7 +14,7 @@ fn floor_of<'a>(l: &'a LiveResults, r: &LiveResult) -> Option<&'a LiveResult> {
 }
 
 /// The live-forwarding section.
-pub fn render(out: &mut String, l: &LiveResults) {
+pub(super) fn render(out: &mut String, l: &LiveResults) {
     let _ = writeln!(
         out,
         "## Live forwarding\n\n\
@@ -29,7 +29,7 @@ pub fn render(out: &mut String, l: &LiveResults) {
          | program | XDP mode | forwarded | offered | forwarded / floor's | program time | program time / floor's | core share in the program |\n\
          | --- | --- | --- | --- | --- | --- | --- | --- |",
         l.generator,
-        thousands(l.flows as u64),
+        thousands(u64::from(l.flows)),
         l.frame_len,
         l.plan.rounds,
         l.plan.window_s

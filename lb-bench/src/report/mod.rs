@@ -37,7 +37,7 @@ const GOALS: [(Path, f64); 4] = [
 const HEADLINE_BACKENDS: u32 = 100;
 
 /// The whole report.
-pub fn render(r: &Results) -> String {
+pub(crate) fn render(r: &Results) -> String {
     let mut out = String::new();
     header(&mut out, r);
     if let Some(d) = &r.dataplane {
@@ -222,7 +222,7 @@ fn dataplane(out: &mut String, d: &DataplaneResults) {
             g.services,
             g.backends,
             d.plan.rounds,
-            thousands(g.repeat as u64)
+            thousands(u64::from(g.repeat))
         );
         let _ = writeln!(
             out,
@@ -326,7 +326,7 @@ fn flood(out: &mut String, d: &DataplaneResults) {
              hash bucket too). Ratio to the established flows, median ns in brackets.\n\n\
              | family | mode | TCP SYN flood | other new flows | established, cycled |\n\
              | --- | --- | --- | --- | --- |",
-            thousands(g.many_flows as u64)
+            thousands(u64::from(g.many_flows))
         );
         for (family, mode) in MEASURED_ORDER {
             let cycled = g.cases.iter().find(|c| {
@@ -394,7 +394,7 @@ fn flood(out: &mut String, d: &DataplaneResults) {
 
 fn group_label(g: &GroupResult) -> String {
     if g.many_flows > 0 {
-        format!("{} flows", thousands(g.many_flows as u64))
+        format!("{} flows", thousands(u64::from(g.many_flows)))
     } else {
         format!("{} svc / {} be", g.services, g.backends)
     }
@@ -563,12 +563,12 @@ fn many_flows(out: &mut String, d: &DataplaneResults) {
          writes the flow into the frame.\n",
         thousands(u64::from(crate::dataplane::CYCLE_STRIDE)),
         g0.backends,
-        thousands(g0.conntrack_entries as u64)
+        thousands(u64::from(g0.conntrack_entries))
     );
     let mut head = "| family | mode | 1 flow |".to_owned();
     let mut rule = "| --- | --- | --- |".to_owned();
     for g in &d.many_flows {
-        let _ = write!(head, " {} flows |", thousands(g.many_flows as u64));
+        let _ = write!(head, " {} flows |", thousands(u64::from(g.many_flows)));
         rule.push_str(" --- |");
     }
     let _ = writeln!(out, "{head}\n{rule}");
@@ -701,11 +701,11 @@ fn method(out: &mut String, d: &DataplaneResults) {
          (one untimed packet) before each run, since the new-flow runs evict \
          them.\n",
         d.frame_len,
-        thousands(d.plan.repeat as u64),
+        thousands(u64::from(d.plan.repeat)),
         d.plan
             .many_flows
             .iter()
-            .map(|&n| thousands(n as u64))
+            .map(|&n| thousands(u64::from(n)))
             .collect::<Vec<_>>()
             .join(" and "),
         d.plan.rounds,
@@ -784,7 +784,7 @@ fn many_flows_loss(out: &mut String, d: &DataplaneResults) {
              hash's bucket and entry do not).",
             ns(lb1),
             ns(lbn),
-            thousands(last.many_flows as u64),
+            thousands(u64::from(last.many_flows)),
             ns(lbn - lb1),
             ns(ref1),
             ns(refn),
@@ -838,7 +838,7 @@ fn details(out: &mut String, d: &DataplaneResults) {
              | path | family | mode | method | flows | min | median | spread | × XDP_PASS | × parse + swap |\n\
              | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             group_label(g),
-            thousands(g.repeat as u64)
+            thousands(u64::from(g.repeat))
         );
         for c in &g.cases {
             let _ = writeln!(
@@ -875,7 +875,7 @@ fn control(out: &mut String, c: &ControlResults) {
              leaving backend's flows).\n\n\
              | backends | max / mean | min / mean | weighted: max error | weighted: mean error | moved when one leaves | ideal 1/N | moved / ideal |\n\
              | --- | --- | --- | --- | --- | --- | --- | --- |",
-            thousands(q.table_size as u64)
+            thousands(u64::from(q.table_size))
         );
         for q in &c.quality {
             let _ = writeln!(

@@ -7,7 +7,7 @@ use crate::proxies::{ProxyResults, SystemResult};
 use super::{pct, thousands};
 
 /// The comparison section.
-pub fn render(out: &mut String, p: &ProxyResults) {
+pub(super) fn render(out: &mut String, p: &ProxyResults) {
     let _ = writeln!(
         out,
         "## Against HAProxy and nginx\n\n\

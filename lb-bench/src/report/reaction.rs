@@ -13,7 +13,7 @@ fn row(out: &mut String, what: &str, s: &Summary) {
 }
 
 /// The reaction-times section.
-pub fn render(out: &mut String, r: &ReactionResults) {
+pub(super) fn render(out: &mut String, r: &ReactionResults) {
     let _ = writeln!(
         out,
         "## Control plane: how fast changes reach the data plane\n\n\

@@ -233,7 +233,7 @@ fn digest(ring: &[u32], addr_of: &BTreeMap<u32, IpAddr>) -> u64 {
             b
         });
         for byte in bytes {
-            h = (h ^ byte as u64).wrapping_mul(PRIME);
+            h = (h ^ u64::from(byte)).wrapping_mul(PRIME);
         }
     }
     h
@@ -993,9 +993,9 @@ impl Controller {
     pub fn advance_slow_start(&mut self) -> Result<()> {
         let now = Instant::now();
         let mut changed = Vec::new();
-        for (name, s) in self.services.iter_mut() {
+        for (name, s) in &mut self.services {
             let period = s.config.health.slow_start;
-            for (ip, b) in s.backends.iter_mut() {
+            for (ip, b) in &mut s.backends {
                 let Some(start) = b.ramp_started else {
                     continue;
                 };

@@ -22,14 +22,14 @@ use tracing_subscriber::{
 };
 
 /// Events kept.
-pub const KEPT: usize = 100;
+pub(crate) const KEPT: usize = 100;
 /// The daemon's modules: the XDP program's log lines and the crates lb
 /// uses are not events.
 const DAEMON_TARGET: &str = concat!(env!("CARGO_CRATE_NAME"), "::daemon");
 
 /// One event.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct EventRow {
+pub(crate) struct EventRow {
     /// When, in seconds since the Unix epoch.
     pub unix_seconds: f64,
     /// `info`, `warn` or `error`.
@@ -42,7 +42,7 @@ static RECENT: LazyLock<Mutex<VecDeque<EventRow>>> =
     LazyLock::new(|| Mutex::new(VecDeque::with_capacity(KEPT)));
 
 /// The kept events, newest first.
-pub fn recent() -> Vec<EventRow> {
+pub(crate) fn recent() -> Vec<EventRow> {
     RECENT
         .lock()
         .map(|r| r.iter().rev().cloned().collect())
@@ -51,8 +51,8 @@ pub fn recent() -> Vec<EventRow> {
 
 /// The layer that keeps them; it sees only the daemon's lines at info and
 /// above, whatever `LB_LOG` lets through to stderr.
-pub fn layer<S: Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>>() -> impl Layer<S>
-{
+pub(crate) fn layer<S: Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>>()
+-> impl Layer<S> {
     Recorder.with_filter(daemon_lines())
 }
 

@@ -395,7 +395,7 @@ impl FleetNode {
             return Ok(serde_json::to_value(super::apply(ctl, desired, true)?)?);
         }
         let mut overrides = base.overrides.clone();
-        for (svc, m) in overrides.iter_mut() {
+        for (svc, m) in &mut overrides {
             m.retain(|ip, _| {
                 desired
                     .services

@@ -23,7 +23,7 @@ use crate::{
 
 /// What the data plane makes of an entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FlowState {
+pub(super) enum FlowState {
     /// Pins the flow to its backend.
     Established,
     /// Pins it too, but the TCP connection saw a FIN or RST: the entry
@@ -37,12 +37,12 @@ pub enum FlowState {
 
 impl FlowState {
     /// Whether the entry still decides where the flow's packets go.
-    pub fn pins(self) -> bool {
+    pub(super) fn pins(self) -> bool {
         matches!(self, FlowState::Established | FlowState::Closing)
     }
 
     /// As the API and the CLI spell it.
-    pub fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             FlowState::Established => "established",
             FlowState::Closing => "closing",
@@ -57,7 +57,7 @@ impl FlowState {
 /// the rules of `select_backend`. An entry made for an earlier service on
 /// the same address and port (another id) is stale: the data plane finds
 /// the service by the entry's id, and that slot no longer serves the flow.
-pub fn judge(
+pub(super) fn judge(
     t: &ConntrackTimeouts,
     svc: &ServiceState,
     value: &FlowValue,
@@ -96,7 +96,7 @@ struct Flow {
 }
 
 /// The connection table, read once (one batch walk) and resolved.
-pub struct Table {
+pub(super) struct Table {
     /// The entries of configured services.
     flows: Vec<Flow>,
     /// Every entry, those of removed services included.
@@ -106,7 +106,7 @@ pub struct Table {
 impl Table {
     /// Reads the whole table and judges every entry of a configured service
     /// (entries of removed services match nothing; they are only counted).
-    pub fn read(ctl: &Controller) -> Result<Table> {
+    pub(super) fn read(ctl: &Controller) -> Result<Table> {
         let by_key: BTreeMap<ServiceKey, &str> = ctl
             .services()
             .iter()
@@ -143,7 +143,7 @@ impl Table {
     }
 
     /// Flows each backend (by id) holds: entries that pin a flow to it.
-    pub fn active_by_backend(&self) -> BTreeMap<u32, u64> {
+    pub(super) fn active_by_backend(&self) -> BTreeMap<u32, u64> {
         let mut counts = BTreeMap::new();
         for f in self.flows.iter().filter(|f| f.state.pins()) {
             *counts.entry(f.value.backend).or_default() += 1;
@@ -162,7 +162,7 @@ fn check_service(ctl: &Controller, service: Option<&str>) -> Result<()> {
 }
 
 /// The entries of one service or all, optionally only those on `backend`.
-pub fn list(
+pub(super) fn list(
     ctl: &Controller,
     service: Option<&str>,
     backend: Option<IpAddr>,
@@ -204,7 +204,7 @@ pub fn list(
 /// Removes the entries of one service, or every entry; returns how many.
 /// Their flows' next packets take the Maglev table: established
 /// connections stay where they are unless the table moved them.
-pub fn flush(ctl: &mut Controller, service: Option<&str>) -> Result<usize> {
+pub(super) fn flush(ctl: &mut Controller, service: Option<&str>) -> Result<usize> {
     check_service(ctl, service)?;
     let keys: Vec<FlowKey> = match service {
         Some(s) => Table::read(ctl)?
@@ -225,7 +225,7 @@ pub fn flush(ctl: &mut Controller, service: Option<&str>) -> Result<usize> {
 
 /// Occupancy by state, inserts and refusals, and whether the insert budget
 /// is being hit right now, from `table` and the data plane's accounting.
-pub fn stats(ctl: &Controller, table: &Table) -> Result<ConntrackStatsView> {
+pub(super) fn stats(ctl: &Controller, table: &Table) -> Result<ConntrackStatsView> {
     let d = ctl.desired();
     let limit = d.settings.conntrack_inserts_per_cpu;
     let count = |state: FlowState| table.flows.iter().filter(|f| f.state == state).count() as u64;

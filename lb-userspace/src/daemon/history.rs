@@ -14,13 +14,13 @@ use super::controller::Controller;
 use crate::api::Rates;
 
 /// Samples kept: a minute of one-second intervals.
-pub const SAMPLES: usize = 61;
+pub(super) const SAMPLES: usize = 61;
 /// Intervals a rate averages over (fewer right after the daemon starts).
-pub const RATE_WINDOW: usize = 5;
+pub(super) const RATE_WINDOW: usize = 5;
 
 /// What a counter belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Key {
+pub(super) enum Key {
     /// A service, by name.
     Service(String),
     /// A backend of a service.
@@ -32,7 +32,7 @@ pub enum Key {
 /// Monotonic counters of one thing at one instant (a reason counts only
 /// packets).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counts {
+pub(super) struct Counts {
     /// Packets.
     pub packets: u64,
     /// Bytes.
@@ -43,7 +43,7 @@ pub struct Counts {
 
 /// Every counter at one instant.
 #[derive(Clone, Debug)]
-pub struct Sample {
+pub(super) struct Sample {
     /// When it was read.
     pub at: Instant,
     /// The counters.
@@ -52,7 +52,7 @@ pub struct Sample {
 
 impl Sample {
     /// Reads every service's, backend's and outcome's counters.
-    pub fn read(ctl: &Controller) -> Result<Sample> {
+    pub(super) fn read(ctl: &Controller) -> Result<Sample> {
         let dp = ctl.dataplane();
         let mut counts = BTreeMap::new();
         for (name, s) in ctl.services() {
@@ -95,13 +95,13 @@ impl Sample {
 
 /// The last [`SAMPLES`] samples, oldest first.
 #[derive(Debug, Default)]
-pub struct History {
+pub(super) struct History {
     samples: VecDeque<Sample>,
 }
 
 impl History {
     /// Adds the newest sample, forgetting the oldest beyond [`SAMPLES`].
-    pub fn push(&mut self, sample: Sample) {
+    pub(super) fn push(&mut self, sample: Sample) {
         if self.samples.len() == SAMPLES {
             self.samples.pop_front();
         }
@@ -111,7 +111,7 @@ impl History {
     /// Per-second rates of `key` over the last [`RATE_WINDOW`] intervals;
     /// none before two samples, or when the window's first sample lacks the
     /// key (it was just added).
-    pub fn rates(&self, key: &Key) -> Option<Rates> {
+    pub(super) fn rates(&self, key: &Key) -> Option<Rates> {
         let newest = self.samples.back()?;
         let first = self.samples.len().saturating_sub(RATE_WINDOW + 1);
         per_second(self.samples.get(first)?, newest, key)
@@ -119,7 +119,7 @@ impl History {
 
     /// Packets per second of `key` in each interval of the history, oldest
     /// first; 0 where it was not there.
-    pub fn packet_series(&self, key: &Key) -> Vec<f64> {
+    pub(super) fn packet_series(&self, key: &Key) -> Vec<f64> {
         self.samples
             .iter()
             .zip(self.samples.iter().skip(1))

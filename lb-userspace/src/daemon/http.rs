@@ -44,7 +44,7 @@ const PAGE_POLICY: &str = "default-src 'none'; script-src 'unsafe-inline'; \
 
 /// What the daemon's loop is asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Page {
+pub(super) enum Page {
     /// The metrics, in OpenMetrics.
     Metrics,
     /// The status page's data, as JSON.
@@ -52,10 +52,10 @@ pub enum Page {
 }
 
 /// A request waiting for the loop's answer.
-pub type Ask = (Page, oneshot::Sender<String>);
+pub(super) type Ask = (Page, oneshot::Sender<String>);
 
 /// Serves the listener, asking the daemon's loop through `asks`.
-pub async fn serve(listener: TcpListener, asks: mpsc::Sender<Ask>) {
+pub(super) async fn serve(listener: TcpListener, asks: mpsc::Sender<Ask>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {

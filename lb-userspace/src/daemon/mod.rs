@@ -580,7 +580,7 @@ fn log_repair(r: &Repair) {
             "interface gone: nothing to forward on; the program is attached again when it returns"
         ),
         Repair::Reattached(iface) => {
-            info!(interface = %iface, "interface re-created: attached again")
+            info!(interface = %iface, "interface re-created: attached again");
         }
         Repair::LinkRepinned(iface) => warn!(
             interface = %iface,

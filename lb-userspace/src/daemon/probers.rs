@@ -21,7 +21,7 @@ use super::{
 use crate::{config::HealthCheck, probe};
 
 /// A probe's outcome, for the controller.
-pub struct Result {
+pub(super) struct Result {
     /// Service name.
     pub service: String,
     /// Backend address.
@@ -37,14 +37,14 @@ struct Task {
 }
 
 /// The running probe tasks.
-pub struct Probers {
+pub(super) struct Probers {
     tasks: BTreeMap<(String, IpAddr), Task>,
     out: mpsc::Sender<Result>,
 }
 
 impl Probers {
     /// No tasks yet; results go to `out`.
-    pub fn new(out: mpsc::Sender<Result>) -> Self {
+    pub(super) fn new(out: mpsc::Sender<Result>) -> Self {
         Probers {
             tasks: BTreeMap::new(),
             out,
@@ -53,7 +53,7 @@ impl Probers {
 
     /// Starts, restarts or stops tasks to match the controller's backends,
     /// and passes each its backend's state and whether it is in maintenance.
-    pub fn sync(&mut self, ctl: &Controller) {
+    pub(super) fn sync(&mut self, ctl: &Controller) {
         let mut wanted = BTreeMap::new();
         for (name, svc) in ctl.services() {
             for ip in svc.backends.keys() {

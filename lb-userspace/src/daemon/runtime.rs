@@ -141,7 +141,7 @@ impl Runtime {
 
     /// Drops overrides of backends the configuration no longer has.
     pub fn retain(&mut self, exists: impl Fn(&str, IpAddr) -> bool) {
-        for (svc, m) in self.overrides.iter_mut() {
+        for (svc, m) in &mut self.overrides {
             m.retain(|ip, _| exists(svc, *ip));
         }
         self.overrides.retain(|_, m| !m.is_empty());

@@ -18,10 +18,10 @@ use super::{
 use crate::api::NodeStatus;
 
 /// The page, served at `/`.
-pub const PAGE: &str = include_str!("status.html");
+pub(super) const PAGE: &str = include_str!("status.html");
 
 /// What the page shows, as served at `/status.json`.
-pub fn snapshot(
+pub(super) fn snapshot(
     ctl: &Controller,
     node: &NodeStatus,
     history: &History,

@@ -22,7 +22,7 @@ use crate::{
 };
 
 /// Answers one request.
-pub fn handle(
+pub(super) fn handle(
     ctl: &mut Controller,
     node: &mut Node,
     file: &mut ConfigFile,

@@ -68,7 +68,7 @@ pub fn update_u32s(map: &MapData, keys: &[u32], values: &[u32]) -> io::Result<()
 /// `V` (the caller's types must be the map's: aya checked them when it
 /// opened the map). Entries added or removed meanwhile may or may not be
 /// seen; none is seen twice.
-pub fn lookup_all<K: aya::Pod, V: aya::Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
+pub(super) fn lookup_all<K: aya::Pod, V: aya::Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
     let mut out = Vec::new();
     // SAFETY (both): Pod types are plain bytes, any bit pattern is valid.
     let mut keys: Vec<K> = vec![unsafe { std::mem::zeroed() }; LOOKUP_CHUNK as usize];
@@ -120,7 +120,7 @@ pub fn lookup_all<K: aya::Pod, V: aya::Pod>(map: &MapData) -> io::Result<Vec<(K,
 
 /// Whether `e` says the kernel has no batch operations for the map (older
 /// than 5.6): the caller falls back to one update per element.
-pub fn unsupported(e: &io::Error) -> bool {
+pub(super) fn unsupported(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS | ENOTSUPP)

@@ -886,7 +886,7 @@ impl Dataplane {
     /// their service, the others empty.
     fn rebuild_service_slots(&mut self) -> Result<()> {
         let mut slots = vec![ServiceSlot::default(); self.capacity.max_services as usize];
-        for entry in self.services.iter() {
+        for entry in &self.services {
             let (key, value) = entry.context("listing services")?;
             if let Some(slot) = slots.get_mut(value.id as usize) {
                 *slot = ServiceSlot { key, value };
@@ -904,7 +904,7 @@ impl Dataplane {
     fn adjust_vip(&mut self, key: &ServiceKey, delta: i64) -> Result<()> {
         let vip = AddrKey::from_bytes(key.addr, key.family);
         let now = match self.vips.get(&vip, 0) {
-            Ok(n) => n as i64,
+            Ok(n) => i64::from(n),
             Err(aya::maps::MapError::KeyNotFound) => 0,
             Err(e) => return Err(e).context("reading the VIP set"),
         } + delta;

@@ -26,7 +26,7 @@ pub fn render(rows: &[Row<'_>]) -> String {
     for r in rows {
         let bar = "█".repeat(r.count * BAR_WIDTH / max);
         let share = pct(r.count as f64, total as f64);
-        let target = pct(r.weight as f64, weights as f64);
+        let target = pct(f64::from(r.weight), f64::from(weights));
         let _ = writeln!(
             out,
             "  {:<name_width$}  weight {:>2} ({target:>5.1}%)  {bar:<BAR_WIDTH$} {:>4} ({share:>5.1}%)",

@@ -854,7 +854,7 @@ impl Sessions {
     /// their first backend.
     pub fn broken(&mut self) -> Vec<Broken> {
         let mut out = Vec::new();
-        for (r, first) in self.conns.iter_mut() {
+        for (r, first) in &mut self.conns {
             let port = r.get_ref().local_addr().map_or(0, |a| a.port());
             let what = match ask(r) {
                 Ok(name) if name == *first => continue,

@@ -100,7 +100,7 @@ fn step(n: usize, what: &str) {
 }
 
 /// Runs the fleet demo (signal handlers are set by the caller).
-pub fn run(lb: &Path) -> Result<()> {
+pub(super) fn run(lb: &Path) -> Result<()> {
     let dir = PathBuf::from(DIR);
     if dir.exists() {
         bail!(

@@ -125,7 +125,9 @@ impl Store {
         .await
         .map_err(|_| anyhow!("etcd did not answer a read within {CALL_TIMEOUT:?}"))?
         .context("reading the fleet's state from etcd")?;
-        let revision = response.header().map_or(0, |h| h.revision());
+        let revision = response
+            .header()
+            .map_or(0, etcd_client::ResponseHeader::revision);
         let entries: Vec<Entry> = response
             .kvs()
             .iter()
@@ -171,7 +173,9 @@ impl Store {
                 "the fleet's state changed since it was read".into(),
             ));
         }
-        Ok(response.header().map_or(0, |h| h.revision()))
+        Ok(response
+            .header()
+            .map_or(0, etcd_client::ResponseHeader::revision))
     }
 
     /// The leader's write of the agreed view, guarded by its leadership.
