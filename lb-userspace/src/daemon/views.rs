@@ -157,8 +157,7 @@ pub(super) fn services(ctl: &Controller) -> Vec<ServiceRow> {
         .collect()
 }
 
-/// An address as it is written before `:port`.
-pub(super) fn fmt_ip(ip: std::net::IpAddr) -> String {
+fn fmt_ip(ip: std::net::IpAddr) -> String {
     if ip.is_ipv6() {
         format!("[{ip}]")
     } else {
