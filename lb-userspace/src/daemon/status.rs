@@ -39,7 +39,11 @@ pub(super) fn snapshot(
             Ok(v)
         })
         .collect::<Result<_>>()?;
-    let backends: Vec<Value> = views::backends(ctl, None, history)?
+    // `lb stats`' rows: the backends with their rates, and every outcome's
+    // count and rate, in one read of the counters and the connection table.
+    let stats = views::stats(ctl, history)?;
+    let backends: Vec<Value> = stats
+        .backends
         .into_iter()
         .map(|row| {
             let key = Key::Backend(row.service.clone(), row.address);
@@ -49,16 +53,14 @@ pub(super) fn snapshot(
             Ok(v)
         })
         .collect::<Result<_>>()?;
-    let reasons: Vec<Value> = ctl
-        .dataplane()
-        .counters()?
-        .into_iter()
-        .map(|(c, packets)| {
-            let rate = history.rates(&Key::Reason(c.name().to_string()));
+    let reasons: Vec<Value> = stats
+        .reasons
+        .iter()
+        .map(|(reason, packets)| {
             json!({
-                "reason": c.name(),
+                "reason": reason,
                 "packets": packets,
-                "per_second": rate.map(|r| r.packets),
+                "per_second": stats.reason_rates.get(reason),
             })
         })
         .collect();

@@ -219,7 +219,8 @@ pub(super) fn backends(
     Ok(rows)
 }
 
-fn stats(ctl: &Controller, history: &History) -> Result<Stats> {
+/// `lb stats`.
+pub(super) fn stats(ctl: &Controller, history: &History) -> Result<Stats> {
     let mut services = Vec::new();
     for (name, s) in ctl.services() {
         let st = ctl.dataplane().service_stats(s.id)?;
