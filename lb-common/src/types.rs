@@ -626,6 +626,11 @@ pub struct ServiceStats {
     pub bytes: u64,
     /// Flows that took a Maglev lookup (connection-table miss or TCP SYN).
     pub new_flows: u64,
+    /// Packets matched to the service and then dropped: no backend in
+    /// rotation, too big to encapsulate, or no way out to the backend. The
+    /// reason is in the global counters; drops before a packet is matched
+    /// (malformed headers, fragments) are there only.
+    pub drops: u64,
 }
 
 impl ServiceStats {
@@ -637,6 +642,7 @@ impl ServiceStats {
                 packets: a.packets + s.packets,
                 bytes: a.bytes + s.bytes,
                 new_flows: a.new_flows + s.new_flows,
+                drops: a.drops + s.drops,
             })
     }
 }
@@ -679,7 +685,7 @@ const _: () = assert!(crate::limits::MAX_PORTS <= (u8::MAX >> BACKEND_PORT_SHIFT
 const _: () = assert!(BACKEND_F_UP < 1 << BACKEND_PORT_SHIFT);
 const _: () = assert!(size_of::<ConntrackSettings>() == 24);
 const _: () = assert!(size_of::<ConntrackStats>() == 32);
-const _: () = assert!(size_of::<ServiceStats>() == 24);
+const _: () = assert!(size_of::<ServiceStats>() == 32);
 const _: () = assert!(size_of::<BackendStats>() == 16);
 
 #[cfg(feature = "user")]

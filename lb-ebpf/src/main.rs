@@ -199,17 +199,29 @@ fn balance_flow(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
     };
     let ct = maps::conntrack_settings().ok_or(Counter::DropNoBackend)?;
     let (service, choice) = select::select_backend(ct, &flow, ports.tcp_flags, true)?;
-    let out = egress(iface, &choice)?;
-    match forward(ctx, ip, &out, &service, &choice) {
+    charged(&service, deliver(ctx, ip, iface, &service, &choice))
+}
+
+/// Sends a TCP or UDP packet of `service` to its chosen backend.
+#[inline(always)]
+fn deliver(
+    ctx: &XdpContext,
+    ip: &Ip,
+    iface: &'static Interface,
+    service: &ServiceValue,
+    choice: &Choice,
+) -> Result<Counter, Counter> {
+    let out = egress(iface, choice)?;
+    match forward(ctx, ip, &out, service, choice) {
         // Only here, not for relayed ICMP errors: never an error about an
         // error (RFC 1122 §3.2.2), so those are only dropped.
         Err(Counter::DropTooBig) => {
-            let overhead = tunnel(&service).map_or(0, |t| forward::outer_len(ip, t));
+            let overhead = tunnel(service).map_or(0, |t| forward::outer_len(ip, t));
             return icmp::reply_too_big(ctx, ip, out.iface, overhead);
         }
         done => done?,
     }
-    Ok(match (out.redirect, tunnel(&service)) {
+    Ok(match (out.redirect, tunnel(service)) {
         (Some(_), _) => Counter::RedirectBackend,
         (None, None) => Counter::ForwardDsr,
         (None, Some(Tunnel::Ipip)) => Counter::ForwardIpip,
@@ -282,13 +294,37 @@ fn relay_icmp(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
         Err(Counter::PassNotService) => return Ok(Counter::PassOtherProtocol),
         other => other?,
     };
-    let out = egress(iface, &choice)?;
-    forward(ctx, ip, &out, &service, &choice)?;
+    charged(&service, relay_to(ctx, ip, iface, &service, &choice))
+}
+
+/// Sends a relayed ICMP error about a flow of `service` to the flow's backend.
+#[inline(always)]
+fn relay_to(
+    ctx: &XdpContext,
+    ip: &Ip,
+    iface: &'static Interface,
+    service: &ServiceValue,
+    choice: &Choice,
+) -> Result<Counter, Counter> {
+    let out = egress(iface, choice)?;
+    forward(ctx, ip, &out, service, choice)?;
     Ok(if out.redirect.is_some() {
         Counter::RedirectBackend
     } else {
         Counter::ForwardIcmpError
     })
+}
+
+/// `outcome`, of a packet matched to `service`: a drop is counted against
+/// the service too, so its own counters show what it lost.
+#[inline(always)]
+fn charged(service: &ServiceValue, outcome: Result<Counter, Counter>) -> Result<Counter, Counter> {
+    if let Ok(c) | Err(c) = outcome
+        && action(c) == xdp_action::XDP_DROP
+    {
+        maps::count_service_drop(service.id);
+    }
+    outcome
 }
 
 /// An echo request to a VIP whose service answers echo is answered here;

@@ -429,6 +429,15 @@ pub(crate) fn count_forward(service_id: u32, backend_id: u32, bytes: u64, new_fl
     }
 }
 
+/// Counts a drop of a packet matched to service `service_id`.
+#[inline(always)]
+pub(crate) fn count_service_drop(service_id: u32) {
+    if let Some(s) = LB_SERVICE_STATS.get_ptr_mut(service_id) {
+        // SAFETY: per-CPU value.
+        unsafe { (*s).drops += 1 };
+    }
+}
+
 /// If `key` is one of this host's tunnel endpoints, the UDP port of GUE
 /// packets to it (0: none) (decap program).
 #[inline(always)]

@@ -69,7 +69,8 @@ fn idle_timeout(ct: &ConntrackSettings, service: &ServiceValue, flow: &FlowKey) 
 /// service is gone. A FIN or RST marks the entry closed, which shortens its
 /// life. `remember` is false for packets that must not create state
 /// (relayed ICMP errors). `Err(PassNotService)` when the flow's
-/// destination is no service.
+/// destination is no service; a drop once the service is known is counted
+/// against it.
 #[inline(always)]
 pub(crate) fn select_backend(
     ct: &ConntrackSettings,
@@ -123,29 +124,8 @@ pub(crate) fn select_backend(
         Some(service) => service,
         None => maps::service(&flow.service_key()).ok_or(Counter::PassNotService)?,
     };
-    // Only a miss needs the settings (the table's size).
-    let ring_size = maps::settings().ok_or(Counter::DropNoBackend)?.ring_size;
-    if ring_size == 0 {
-        return Err(Counter::DropNoBackend);
-    }
-    let slot = flow_hash(flow, service.flags & SERVICE_F_AFFINITY != 0) % ring_size;
-    let id = maps::ring_slot(ring_index(
-        service.id,
-        service.active_ring & 1,
-        ring_size,
-        slot,
-    ))
-    .ok_or(Counter::DropNoBackend)?;
-    if id == NO_BACKEND {
-        return Err(Counter::DropNoBackend);
-    }
-    let backend = maps::backend(id).ok_or(Counter::DropNoBackend)?;
-    // User space rebuilds the tables before it takes a backend down, so this
-    // only guards against a table that names a backend not yet written (a
-    // backend being rewritten as it is read is `None` above).
-    if backend.flags & BACKEND_F_UP == 0 {
-        return Err(Counter::DropNoBackend);
-    }
+    let (id, backend) =
+        maglev(flow, &service).inspect_err(|_| maps::count_service_drop(service.id))?;
     if remember {
         match at.hit {
             // Writing an entry costs more than updating one in place: a SYN
@@ -181,6 +161,35 @@ pub(crate) fn select_backend(
         hash: bucket,
     };
     Ok((service, choice))
+}
+
+/// The backend `service`'s live Maglev table gives `flow`, and its value.
+#[inline(always)]
+fn maglev(flow: &FlowKey, service: &ServiceValue) -> Result<(u32, BackendValue), Counter> {
+    // Only a miss needs the settings (the table's size).
+    let ring_size = maps::settings().ok_or(Counter::DropNoBackend)?.ring_size;
+    if ring_size == 0 {
+        return Err(Counter::DropNoBackend);
+    }
+    let slot = flow_hash(flow, service.flags & SERVICE_F_AFFINITY != 0) % ring_size;
+    let id = maps::ring_slot(ring_index(
+        service.id,
+        service.active_ring & 1,
+        ring_size,
+        slot,
+    ))
+    .ok_or(Counter::DropNoBackend)?;
+    if id == NO_BACKEND {
+        return Err(Counter::DropNoBackend);
+    }
+    let backend = maps::backend(id).ok_or(Counter::DropNoBackend)?;
+    // User space rebuilds the tables before it takes a backend down, so this
+    // only guards against a table that names a backend not yet written (a
+    // backend being rewritten as it is read is `None` above).
+    if backend.flags & BACKEND_F_UP == 0 {
+        return Err(Counter::DropNoBackend);
+    }
+    Ok((id, backend))
 }
 
 /// Brings the entry `seen` was read from up to date in place: its last

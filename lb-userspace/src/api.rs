@@ -226,6 +226,10 @@ pub struct Rates {
     pub bytes: f64,
     /// New flows (table lookups) a second; 0 for backends.
     pub new_flows: f64,
+    /// Packets dropped a second, once matched to the service; 0 for
+    /// backends.
+    #[serde(default)]
+    pub drops: f64,
 }
 
 /// A row of `lb conntrack list`.
@@ -291,6 +295,10 @@ pub struct ServiceStatsRow {
     pub bytes: u64,
     /// New flows (Maglev lookups).
     pub new_flows: u64,
+    /// Packets dropped once matched to the service (no backend in rotation,
+    /// too big to encapsulate, no way out); the global reasons say why.
+    #[serde(default)]
+    pub drops: u64,
     /// Per-second rates from the daemon's counter history.
     #[serde(default)]
     pub rates: Option<Rates>,

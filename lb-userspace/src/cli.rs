@@ -1199,9 +1199,11 @@ fn stats_text(v: &Value) -> String {
             "PACKETS",
             "BYTES",
             "NEW FLOWS",
+            "DROPS",
             "PKT RATE",
             "BYTE RATE",
             "FLOW RATE",
+            "DROP RATE",
         ],
         s.services.iter().map(|r| {
             vec![
@@ -1209,9 +1211,11 @@ fn stats_text(v: &Value) -> String {
                 r.packets.to_string(),
                 r.bytes.to_string(),
                 r.new_flows.to_string(),
+                r.drops.to_string(),
                 rate(r.rates.map(|x| x.packets)),
                 rate(r.rates.map(|x| x.bytes)),
                 rate(r.rates.map(|x| x.new_flows)),
+                rate(r.rates.map(|x| x.drops)),
             ]
         }),
     );

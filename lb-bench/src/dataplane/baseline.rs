@@ -7,14 +7,15 @@
 //! read through its counters. A revision whose layout of one of those maps
 //! differs is refused with the map named, rather than given tables it would
 //! misread; backends of a revision before their seal, and settings of one
-//! before `gue`, are written in that layout. The VIP filter and the service slots are kept too where the
-//! revision has them, and so is the connection table's bucket count, which
-//! a revision with buckets in an array reads from its settings (the rest of
-//! those settings stays at the defaults, as in the current object), and so
-//! is the receiving interface, which a revision with an interface table
-//! forwards only frames addressed to. Maps
-//! added since (and the connection table, which only the programs touch)
-//! are the baseline's own business.
+//! before `gue`, are written in that layout, and per-service counters of one
+//! before per-service drops are read in theirs. The VIP filter and the
+//! service slots are kept too where the revision has them, and so is the
+//! connection table's bucket count, which a revision with buckets in an
+//! array reads from its settings (the rest of those settings stays at the
+//! defaults, as in the current object), and so is the receiving interface,
+//! which a revision with an interface table forwards only frames addressed
+//! to. Maps added since (and the connection table, which only the programs
+//! touch) are the baseline's own business.
 
 use std::path::Path;
 
@@ -49,7 +50,7 @@ pub(crate) struct Baseline {
     backends: Prefixed<BackendValue, UNSEALED_BACKEND>,
     settings: Prefixed<Settings, SETTINGS_BEFORE_GUE>,
     counters: PerCpuArray<MapData, u64>,
-    service_stats: PerCpuArray<MapData, ServiceStats>,
+    service_stats: ServiceCounters,
 }
 
 /// Bytes of a backend before the seal: this tree's [`BackendValue`] but its
@@ -100,6 +101,50 @@ impl<V: aya::Pod, const N: usize> Prefixed<V, N> {
             }
         }
         Ok(())
+    }
+}
+
+/// The baseline's per-service counters: this tree's layout, or that of a
+/// revision before per-service drops (packets, bytes and new flows only).
+enum ServiceCounters {
+    Current(PerCpuArray<MapData, ServiceStats>),
+    BeforeDrops(PerCpuArray<MapData, [u64; 3]>),
+}
+
+impl ServiceCounters {
+    fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        let name = names::SERVICE_STATS;
+        let map = ebpf
+            .take_map(name)
+            .with_context(|| format!("map {name} missing from {OBJECT}"))?;
+        let value_size = match &map {
+            aya::maps::Map::PerCpuArray(data) => data.info()?.value_size() as usize,
+            _ => 0,
+        };
+        let layout = || format!("map {name} of {OBJECT} has another layout");
+        Ok(if value_size == size_of::<[u64; 3]>() {
+            ServiceCounters::BeforeDrops(PerCpuArray::try_from(map).with_context(layout)?)
+        } else {
+            ServiceCounters::Current(PerCpuArray::try_from(map).with_context(layout)?)
+        })
+    }
+
+    fn total(&self, id: u32) -> Result<ServiceStats> {
+        Ok(match self {
+            ServiceCounters::Current(a) => ServiceStats::total(a.get(&id, 0)?.iter()),
+            ServiceCounters::BeforeDrops(a) => {
+                let per_cpu = a.get(&id, 0)?;
+                let [packets, bytes, new_flows] = per_cpu
+                    .iter()
+                    .fold([0; 3], |t, v| [t[0] + v[0], t[1] + v[1], t[2] + v[2]]);
+                ServiceStats {
+                    packets,
+                    bytes,
+                    new_flows,
+                    drops: 0,
+                }
+            }
+        })
     }
 }
 
@@ -156,7 +201,7 @@ impl Baseline {
             backends: Prefixed::take(&mut ebpf, names::BACKENDS)?,
             settings: Prefixed::take(&mut ebpf, names::SETTINGS)?,
             counters: take(&mut ebpf, OBJECT, names::COUNTERS)?,
-            service_stats: take(&mut ebpf, OBJECT, names::SERVICE_STATS)?,
+            service_stats: ServiceCounters::take(&mut ebpf)?,
             ebpf,
         })
     }
@@ -231,6 +276,6 @@ impl Baseline {
 
     /// Counters of service `id`, summed over CPUs.
     pub(crate) fn service_stats(&self, id: u32) -> Result<ServiceStats> {
-        Ok(ServiceStats::total(self.service_stats.get(&id, 0)?.iter()))
+        self.service_stats.total(id)
     }
 }

@@ -39,6 +39,8 @@ pub(super) struct Counts {
     pub bytes: u64,
     /// Flows that took a table lookup.
     pub new_flows: u64,
+    /// Packets dropped once matched to a service.
+    pub drops: u64,
 }
 
 /// Every counter at one instant.
@@ -63,6 +65,7 @@ impl Sample {
                     packets: st.packets,
                     bytes: st.bytes,
                     new_flows: st.new_flows,
+                    drops: st.drops,
                 },
             );
             for (ip, b) in &s.backends {
@@ -72,7 +75,7 @@ impl Sample {
                     Counts {
                         packets: st.packets,
                         bytes: st.bytes,
-                        new_flows: 0,
+                        ..Counts::default()
                     },
                 );
             }
@@ -141,6 +144,7 @@ fn per_second(a: &Sample, b: &Sample, key: &Key) -> Option<Rates> {
         packets: rate(y.packets, x.packets),
         bytes: rate(y.bytes, x.bytes),
         new_flows: rate(y.new_flows, x.new_flows),
+        drops: rate(y.drops, x.drops),
     })
 }
 
@@ -157,6 +161,7 @@ mod tests {
                 packets,
                 bytes: packets * 100,
                 new_flows: packets / 10,
+                drops: packets / 100,
             },
         )]
         .into_iter()
@@ -185,8 +190,8 @@ mod tests {
         }
         let r = h.rates(&web).unwrap();
         assert_eq!(
-            (r.packets, r.bytes, r.new_flows),
-            (3000.0, 300_000.0, 300.0)
+            (r.packets, r.bytes, r.new_flows, r.drops),
+            (3000.0, 300_000.0, 300.0, 30.0)
         );
         let series = h.packet_series(&web);
         assert_eq!(series.len(), 15);

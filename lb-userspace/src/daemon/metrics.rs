@@ -194,6 +194,12 @@ pub(crate) fn render(
         "Flows that took a Maglev lookup",
         Counters::<ServiceLabels>::default(),
     );
+    let svc_drops = register(
+        &mut r,
+        "service_drops",
+        "Packets dropped once matched to a service (lb_packets_total's drop reasons say why)",
+        Counters::<ServiceLabels>::default(),
+    );
     let rebuilds = register(
         &mut r,
         "table_rebuilds",
@@ -310,6 +316,7 @@ pub(crate) fn render(
         svc_packets.get_or_create(&l).inc_by(st.packets);
         svc_bytes.get_or_create(&l).inc_by(st.bytes);
         svc_flows.get_or_create(&l).inc_by(st.new_flows);
+        svc_drops.get_or_create(&l).inc_by(st.drops);
         rebuilds.get_or_create(&l).inc_by(s.rebuilds);
         panic.get_or_create(&l).set(i64::from(s.panic));
         table

@@ -29,6 +29,10 @@ pub(super) fn snapshot(
 ) -> Result<Value> {
     let settings = &ctl.desired().settings;
     let table_size = f64::from(settings.capacity.ring_size);
+    // `lb stats`' rows: the services' drops, the backends with their
+    // rates, and every outcome's count and rate, in one read of the counters
+    // and the connection table.
+    let stats = views::stats(ctl, history)?;
     let services: Vec<Value> = views::services(ctl)
         .into_iter()
         .map(|row| {
@@ -36,12 +40,16 @@ pub(super) fn snapshot(
             let mut v = serde_json::to_value(&row)?;
             v["rates"] = serde_json::to_value(history.rates(&key))?;
             v["history"] = serde_json::to_value(history.packet_series(&key))?;
+            v["drops"] = json!(
+                stats
+                    .services
+                    .iter()
+                    .find(|s| s.name == row.name)
+                    .map_or(0, |s| s.drops)
+            );
             Ok(v)
         })
         .collect::<Result<_>>()?;
-    // `lb stats`' rows: the backends with their rates, and every outcome's
-    // count and rate, in one read of the counters and the connection table.
-    let stats = views::stats(ctl, history)?;
     let backends: Vec<Value> = stats
         .backends
         .into_iter()

@@ -229,6 +229,7 @@ pub(super) fn stats(ctl: &Controller, history: &History) -> Result<Stats> {
             packets: st.packets,
             bytes: st.bytes,
             new_flows: st.new_flows,
+            drops: st.drops,
             rates: history.rates(&Key::Service(name.clone())),
         });
     }

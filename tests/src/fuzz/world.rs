@@ -358,6 +358,8 @@ pub struct World {
     /// Forwarded packets and bytes per service id, and packets per backend.
     forwarded: BTreeMap<u32, (u64, u64)>,
     to_backend: BTreeMap<u32, u64>,
+    /// Service packets dropped, per service id.
+    dropped: BTreeMap<u32, u64>,
 }
 
 impl Services for World {
@@ -396,6 +398,7 @@ impl World {
             counters: vec![0; Counter::ALL.len()],
             runs: 0,
             forwarded: BTreeMap::new(),
+            dropped: BTreeMap::new(),
             to_backend: BTreeMap::new(),
         };
         w.counters = w.read_counters()?;
@@ -760,6 +763,8 @@ impl World {
                 Outcome::Tx(id)
             }
             DROP => {
+                // Every drop of a matched packet is its service's too.
+                *self.dropped.entry(hit.service as u32).or_default() += 1;
                 let o = Outcome::Drop(v.counter);
                 if !allowed.contains(&o) {
                     return Err((
@@ -1076,8 +1081,9 @@ impl World {
     }
 
     /// Checks what adds up over the whole run: the global counters sum to
-    /// the frames run, and per-service and per-backend packet and byte
-    /// counters match the frames forwarded.
+    /// the frames run, per-service and per-backend packet and byte counters
+    /// match the frames forwarded, and per-service drops the service
+    /// packets dropped.
     pub fn check_totals(&self) -> Result<()> {
         let total = self.lab.counter_total()?;
         ensure!(
@@ -1088,12 +1094,15 @@ impl World {
         for (i, svc) in self.services.iter().enumerate() {
             let stats = self.lab.dp.service_stats(i as u32)?;
             let (packets, bytes) = self.forwarded.get(&(i as u32)).copied().unwrap_or_default();
+            let drops = self.dropped.get(&(i as u32)).copied().unwrap_or_default();
             ensure!(
-                (stats.packets, stats.bytes) == (packets, bytes),
-                "service {}: counted {} packets / {} bytes, forwarded {packets} / {bytes}",
+                (stats.packets, stats.bytes, stats.drops) == (packets, bytes, drops),
+                "service {}: counted {} packets / {} bytes / {} drops, forwarded {packets} / \
+                 {bytes} and dropped {drops}",
                 svc.spec.name,
                 stats.packets,
-                stats.bytes
+                stats.bytes,
+                stats.drops
             );
         }
         for &id in self.backends.keys() {

@@ -564,6 +564,13 @@ fn services_and_backends_added_and_removed_at_run_time() {
         stats["reasons"]["drop_no_backend"].as_u64().unwrap_or(0) >= 1,
         "{stats}"
     );
+    // ...and against the service, which forwarded nothing.
+    let row = stats["services"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["name"] == "dns"))
+        .unwrap_or_else(|| panic!("no dns row: {stats}"));
+    assert!(row["drops"].as_u64().unwrap_or(0) >= 1, "{row}");
+    assert_eq!(row["packets"], 0, "{row}");
     d.wait_until("the XDP program's line in the log", WAIT, |d| {
         Ok(d.log()
             .contains("drop_no_backend: the service has no backend in rotation"))
