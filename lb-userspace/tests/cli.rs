@@ -1,6 +1,6 @@
 //! The `lb` binary's own command line, without root: configuration checks
 //! and the error a CLI command gives when no daemon runs.
-#![allow(
+#![expect(
     clippy::unwrap_used,
     reason = "test helpers fail loudly, like the tests"
 )]

@@ -8,7 +8,7 @@
 //! These stand in for cargo-fuzz targets (which need nightly and
 //! libFuzzer): a few thousand cases each, deterministic per proptest's
 //! seed, quick enough for every `cargo test`.
-#![allow(
+#![expect(
     clippy::unwrap_used,
     reason = "test helpers fail loudly, like the tests"
 )]
