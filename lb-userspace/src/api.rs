@@ -173,8 +173,12 @@ pub struct BackendRow {
     pub weight: u32,
     /// Whether the weight is an operator override.
     pub weight_overridden: bool,
-    /// ready, drain or maintenance.
+    /// ready, drain or maintenance: the operator's, or while that is ready,
+    /// the agent's.
     pub admin: Admin,
+    /// What the backend's agent says, when its service has an agent check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentRow>,
     /// up or down, as the probes say.
     pub health: String,
     /// Table slots it owns.
@@ -208,13 +212,33 @@ pub struct BackendRow {
     /// ramping during slow start.
     #[serde(default)]
     pub table_weight: f64,
-    /// What sets the table weight now: `config`, `operator`, `slow start`
-    /// or `health`.
+    /// What sets the table weight now: `config`, `operator`, `agent`,
+    /// `slow start`, `health` or `neighbour`.
     #[serde(default)]
     pub weight_set_by: String,
     /// Per-second rates from the daemon's counter history.
     #[serde(default)]
     pub rates: Option<Rates>,
+}
+
+/// A backend's agent in `lb backend list` and `lb health`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentRow {
+    /// What the tables follow: its state, up or down, and percent of the
+    /// configured weight (`ready up 100%` changes nothing).
+    pub applied: String,
+    /// What it says and is not applied yet (its service's tables change at
+    /// most once per agent interval).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<String>,
+    /// Its last line.
+    pub last_answer: Option<String>,
+    /// Why the last question got no usable answer (the applied state stands).
+    pub last_error: Option<String>,
+    /// Seconds since the last answer or failure.
+    pub seconds_ago: Option<u64>,
+    /// Changes applied since the daemon started.
+    pub changes: u64,
 }
 
 /// Per-second rates over the daemon's last few seconds of counters.

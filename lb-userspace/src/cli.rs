@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use crate::{
     api::{
-        self, BackendRow, ConntrackStatsView, FleetStatus, FlowRow, NodeStatus, Request,
+        self, AgentRow, BackendRow, ConntrackStatsView, FleetStatus, FlowRow, NodeStatus, Request,
         ServiceRow, Stats,
     },
     bird,
@@ -688,12 +688,26 @@ fn run(cli: Cli) -> Result<()> {
                 port: client.port(),
             })?;
             print(cli.json, v, |v| {
+                let weights: Vec<String> = v["table_weights"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|w| {
+                        format!(
+                            "{} {:.1} ({})",
+                            w["backend"].as_str().unwrap_or_default(),
+                            w["weight"].as_f64().unwrap_or_default(),
+                            w["set_by"].as_str().unwrap_or_default()
+                        )
+                    })
+                    .collect();
                 format!(
-                    "{}\n  hash {} -> table slot {} -> {}\n  connection table: {}\n  goes to: {} ({})\n",
+                    "{}\n  hash {} -> table slot {} -> {}\n  table weights: {}\n  connection table: {}\n  goes to: {} ({})\n",
                     v["flow"].as_str().unwrap_or_default(),
                     v["hash"].as_str().unwrap_or_default(),
                     v["slot"],
                     v["table_backend"].as_str().unwrap_or("no backend"),
+                    weights.join(", "),
                     v["conntrack_backend"].as_str().unwrap_or("no entry"),
                     v["backend"].as_str().unwrap_or("nowhere"),
                     v["reason"].as_str().unwrap_or_default(),
@@ -1045,6 +1059,7 @@ fn backend_table(v: &Value, health: bool) -> String {
                 "LATENCY",
                 "TRANSITIONS",
                 "FAILURES",
+                "AGENT",
             ],
             rows.iter().map(|r| {
                 vec![
@@ -1062,20 +1077,22 @@ fn backend_table(v: &Value, health: bool) -> String {
                         .map_or("-".into(), |ms| format!("{ms:.1}ms")),
                     r.transitions.to_string(),
                     r.probe_failures.to_string(),
+                    r.agent.as_ref().map_or("-".into(), agent_cell),
                 ]
             }),
         )
     } else {
         table(
             &[
-                "SERVICE", "BACKEND", "WEIGHT", "ADMIN", "HEALTH", "SLOTS", "MAC", "FLOWS",
-                "PACKETS", "BYTES",
+                "SERVICE", "BACKEND", "WEIGHT", "IN TABLE", "ADMIN", "HEALTH", "SLOTS", "MAC",
+                "FLOWS", "PACKETS", "BYTES",
             ],
             rows.iter().map(|r| {
                 vec![
                     r.service.clone(),
                     r.address.to_string(),
                     format!("{}{}", r.weight, if r.weight_overridden { "*" } else { "" }),
+                    format!("{:.1} {}", r.table_weight, r.weight_set_by),
                     format!("{:?}", r.admin).to_lowercase(),
                     r.health.clone(),
                     r.slots.to_string(),
@@ -1091,6 +1108,21 @@ fn backend_table(v: &Value, health: bool) -> String {
             }),
         )
     }
+}
+
+/// A backend's agent in `lb health`: what applies, what waits, and the
+/// last answer or failure.
+fn agent_cell(a: &AgentRow) -> String {
+    let mut cell = a.applied.clone();
+    if let Some(p) = &a.pending {
+        cell += &format!(" (to {p})");
+    }
+    match (&a.last_answer, &a.last_error, a.seconds_ago) {
+        (_, Some(e), Some(s)) => cell += &format!("; failed {s}s ago: {e}"),
+        (Some(line), None, Some(s)) => cell += &format!("; said {line:?} {s}s ago"),
+        _ => cell += "; not asked yet",
+    }
+    cell
 }
 
 /// How often `lb backend drain --wait` asks.

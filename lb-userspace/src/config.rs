@@ -275,6 +275,8 @@ pub struct ServiceFile {
     /// Health checking of this service's backends.
     #[serde(default)]
     pub health: HealthFile,
+    /// An agent on each backend that sets its state and weight.
+    pub agent: Option<AgentFile>,
     /// How long a flow may stay idle before its connection-table entry
     /// lapses; the protocol's default (`[settings]`) when absent.
     #[serde(default, with = "humantime_serde")]
@@ -368,6 +370,34 @@ impl Default for HealthFile {
             expect: None,
         }
     }
+}
+
+/// `[service.agent]`: HAProxy's agent check (see [`crate::agent`]).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    /// Port of the agent on each backend.
+    pub port: u16,
+    /// Time between questions.
+    #[serde(default = "default_agent_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Time an answer may take.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Sent once connected, before the agent answers (HAProxy's
+    /// `agent-send`).
+    pub send: Option<String>,
+    /// Weight changes smaller than this many percentage points are ignored.
+    #[serde(default = "default_agent_step")]
+    pub step: u32,
+}
+
+fn default_agent_interval() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn default_agent_step() -> u32 {
+    5
 }
 
 fn default_interval() -> Duration {
@@ -625,6 +655,8 @@ pub struct Service {
     pub idle_timeout: Option<u32>,
     /// Health checking.
     pub health: HealthCheck,
+    /// The agent check, if any.
+    pub agent: Option<AgentCheck>,
     /// Backends by address.
     pub backends: BTreeMap<IpAddr, u32>,
 }
@@ -646,6 +678,22 @@ pub struct HealthCheck {
     pub thresholds: Thresholds,
     /// Ramp of a recovered backend's weight.
     pub slow_start: Duration,
+}
+
+/// A validated agent check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentCheck {
+    /// Port of the agent.
+    pub port: u16,
+    /// Time between questions; also the least time between two table
+    /// rebuilds of the service that its agents cause.
+    pub interval: Duration,
+    /// Time an answer may take.
+    pub timeout: Duration,
+    /// Sent once connected.
+    pub send: Option<Vec<u8>>,
+    /// Least weight change applied, in percentage points.
+    pub step: u32,
 }
 
 /// A probe, with what it needs.
@@ -1198,6 +1246,18 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
             );
         }
         let health = validate_health(&svc.health, svc.port, at, &field, &mut e);
+        let agent = svc.agent.as_ref().map(|a| {
+            let agent = validate_agent(a, at, &field, &mut e);
+            if file.fleet.is_some() {
+                e.push(
+                    at,
+                    format!("{field}.agent"),
+                    "agent checks are for single nodes: in a fleet every node must weigh \
+                     backends alike, and each node's agents answer it alone",
+                );
+            }
+            agent
+        });
         if let Some(t) = svc.idle_timeout {
             validate_timeout(t, at, &format!("{field}.idle_timeout"), &mut e);
         }
@@ -1259,6 +1319,7 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
                     echo: svc.echo,
                     idle_timeout: svc.idle_timeout.map(timeout_secs),
                     health,
+                    agent,
                     backends,
                 },
             );
@@ -1322,6 +1383,37 @@ fn host_name() -> String {
     }
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+fn validate_agent(a: &AgentFile, at: Option<usize>, field: &str, e: &mut Errors<'_>) -> AgentCheck {
+    let field = format!("{field}.agent");
+    if a.port == 0 {
+        e.push(at, format!("{field}.port"), "port 0 cannot be asked");
+    }
+    if a.interval.is_zero() {
+        e.push(at, format!("{field}.interval"), "must be positive");
+    }
+    if a.timeout.is_zero() || a.timeout > a.interval {
+        e.push(
+            at,
+            format!("{field}.timeout"),
+            "must be positive and at most the interval",
+        );
+    }
+    if a.step > crate::agent::MAX_PERCENT {
+        e.push(
+            at,
+            format!("{field}.step"),
+            "percentage points, from 0 to 100",
+        );
+    }
+    AgentCheck {
+        port: a.port,
+        interval: a.interval,
+        timeout: a.timeout,
+        send: a.send.clone().map(String::into_bytes),
+        step: a.step,
+    }
 }
 
 fn validate_health(
@@ -1639,6 +1731,21 @@ address = "198.18.0.11"
             "health.timeout: must be positive and at most the interval",
         ),
         (
+            "agent timeout above interval",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[service.agent]\nport=10000\ninterval=\"1s\"\ntimeout=\"2s\"\n",
+            "service[a].agent.timeout: must be positive and at most the interval",
+        ),
+        (
+            "agent step above 100",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[service.agent]\nport=10000\nstep=150\n",
+            "service[a].agent.step: percentage points, from 0 to 100",
+        ),
+        (
+            "agent port 0",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[service.agent]\nport=0\n",
+            "service[a].agent.port: port 0 cannot be asked",
+        ),
+        (
             "bad duration",
             "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[service.health]\ninterval=\"soon\"\n",
             "line 9: file:",
@@ -1741,6 +1848,31 @@ address = "198.18.0.11"
             e.contains("fleet services") && e.contains("unknown field `settings`"),
             "{e}"
         );
+        // Agents answer one node each: not in a fleet.
+        let agent = format!("{services}[service.agent]\nport=10000\n");
+        let e = parse_fleet(node, &agent).unwrap_err().to_string();
+        assert!(
+            e.contains("service[web].agent: agent checks are for single nodes"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_agent_check_takes_its_defaults() {
+        let text = "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[service.agent]\nport=10000\nsend=\"hello\\n\"\n";
+        let agent = parse(text).unwrap().services["a"].agent.clone().unwrap();
+        assert_eq!(
+            agent,
+            AgentCheck {
+                port: 10000,
+                interval: Duration::from_secs(2),
+                timeout: Duration::from_secs(1),
+                send: Some(b"hello\n".to_vec()),
+                step: 5,
+            }
+        );
+        let none = parse(&text.replace("[service.agent]\nport=10000\nsend=\"hello\\n\"\n", ""));
+        assert_eq!(none.unwrap().services["a"].agent, None);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`config_edit`]: `service|backend add|del` as edits of the file's text (pure).
 //! - [`maglev`]: weighted Maglev table construction (pure).
 //! - [`health`]: the per-backend health state machine (pure).
+//! - [`agent`]: the agent check's protocol and what an agent changes (pure).
 //! - [`probe`]: health probes.
 //! - [`neighbor`]: next-hop MACs from the kernel's tables.
 //! - [`announce`]: which VIPs the node announces, and why not (pure).
@@ -20,6 +21,7 @@
 //! - [`doctor`]: `lb doctor`, host and backend checks with their fixes.
 //! - [`demo`]: `lb demo`, the product end to end on an embedded default.
 
+pub mod agent;
 pub mod announce;
 pub mod api;
 pub mod bird;

@@ -23,7 +23,10 @@ use tokio_rustls::{
     },
 };
 
-use crate::config::{Probe, Tls, TlsRoots};
+use crate::{
+    agent,
+    config::{Probe, Tls, TlsRoots},
+};
 
 /// Largest response read from an HTTP, TCP or UDP probe.
 const MAX_RESPONSE: usize = 16 * 1024;
@@ -102,6 +105,38 @@ async fn attempt(kind: &Probe, addr: SocketAddr) -> Result<(), String> {
             }
         }
     }
+}
+
+/// Asks the agent at `addr` (sending `send` first, if given) for its line,
+/// within `limit`: the line and what it says, or why there is none.
+pub async fn ask_agent(
+    addr: SocketAddr,
+    send: Option<&[u8]>,
+    limit: Duration,
+) -> Result<(String, agent::Reply), String> {
+    let exchange = async {
+        let mut s = connect(addr).await?;
+        if let Some(send) = send {
+            s.write_all(send).await.map_err(|e| format!("send: {e}"))?;
+        }
+        let got = read_until(&mut s, |got| {
+            got.contains(&b'\n') || got.len() >= agent::MAX_REPLY
+        })
+        .await?;
+        let end = got.iter().position(|&b| b == b'\n').unwrap_or(got.len());
+        let line = std::str::from_utf8(&got[..end.min(agent::MAX_REPLY)])
+            .map_err(|_| "the answer is not text".to_string())?
+            .trim_end_matches('\r')
+            .to_string();
+        if got.is_empty() {
+            return Err("the agent closed without answering".into());
+        }
+        let reply = agent::parse(&line)?;
+        Ok((line, reply))
+    };
+    timeout(limit, exchange)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
 }
 
 async fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
@@ -434,6 +469,43 @@ mod tests {
         // Plain HTTP to a TLS server fails too.
         assert!(ok(http("/", 204, None, None)).await.is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_agent_is_asked_for_one_line() {
+        // Answers each connection with the next line (after reading what
+        // lb sends, if anything), then closes; the last one never answers.
+        let agent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = agent.local_addr().unwrap();
+        tokio::spawn(async move {
+            let lines: [&[u8]; 4] = [b"up 75%\r\n", b"drain # full", b"sleepy\n", b""];
+            let mut held = Vec::new();
+            for line in lines {
+                let Ok((mut s, _)) = agent.accept().await else {
+                    return;
+                };
+                let mut buf = [0u8; 16];
+                let _ = s.read(&mut buf).await;
+                s.write_all(line).await.unwrap();
+                drop(s);
+            }
+            while let Ok((s, _)) = agent.accept().await {
+                held.push(s);
+            }
+        });
+        let t = Duration::from_millis(300);
+        let (line, reply) = ask_agent(addr, Some(b"hi\n"), t).await.unwrap();
+        assert_eq!((line.as_str(), reply.percent), ("up 75%", Some(75)));
+        // No line end: the line is what came before the close.
+        let (line, reply) = ask_agent(addr, Some(b"hi\n"), t).await.unwrap();
+        assert_eq!(line, "drain # full");
+        assert_eq!(reply.admin, Some(crate::daemon::runtime::Admin::Drain));
+        let bad = ask_agent(addr, Some(b"hi\n"), t).await.unwrap_err();
+        assert!(bad.contains("unknown word"), "{bad}");
+        let empty = ask_agent(addr, Some(b"hi\n"), t).await.unwrap_err();
+        assert!(empty.contains("without answering"), "{empty}");
+        let hung = ask_agent(addr, None, t).await.unwrap_err();
+        assert_eq!(hung, "no answer within 300ms");
     }
 
     #[tokio::test]

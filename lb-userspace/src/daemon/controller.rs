@@ -27,6 +27,7 @@ use tracing::{info, warn};
 
 use super::runtime::{Admin, History, Override, Runtime, ServiceIds};
 use crate::{
+    agent,
     config::{self, Affinity, Desired, Mode},
     dataplane::Dataplane,
     fleet::state::{AgreedHealth, FleetState, HealthView, Overrides},
@@ -69,8 +70,23 @@ pub struct BackendState {
     pub ramp_started: Option<Instant>,
     /// Percent of its weight it has in the table (slow start step).
     pub ramp_percent: u32,
+    /// What its agent says, when the service has an agent check.
+    pub agent: AgentState,
     /// What the data plane holds for it.
     written: Option<BackendValue>,
+}
+
+/// What a backend's agent said, and what of it the tables follow.
+#[derive(Debug, Clone, Default)]
+pub struct AgentState {
+    /// What the tables follow.
+    pub applied: agent::View,
+    /// What the agent says, applied once its service may rebuild again.
+    pub wanted: agent::View,
+    /// The last answer (the line) or why there was none, and when.
+    pub last: Option<(Result<String, String>, SystemTime)>,
+    /// Changes applied, for `lb_weight_changes_total`.
+    pub changes: u64,
 }
 
 impl BackendState {
@@ -111,6 +127,7 @@ impl BackendState {
             probe_failures: 0,
             ramp_started: None,
             ramp_percent: 100,
+            agent: AgentState::default(),
             written: None,
         }
     }
@@ -136,6 +153,9 @@ pub struct ServiceState {
     pub rebuilds: u64,
     /// Probes are not trusted (see [`health::panic`]).
     pub panic: bool,
+    /// When its agents' answers last changed its table: they do at most
+    /// once per agent interval.
+    agents_applied: Option<Instant>,
 }
 
 /// What a change did (or, in a dry run, would do).
@@ -338,6 +358,7 @@ impl Controller {
                     digest: 0,
                     rebuilds: 0,
                     panic: false,
+                    agents_applied: None,
                 },
             );
             self.desired.services.insert(name.clone(), cfg.clone());
@@ -407,7 +428,8 @@ impl Controller {
             .backends
             .iter()
             .filter(|(ip, b)| {
-                self.runtime.get(service, **ip).admin == Admin::Ready
+                self.admin(service, **ip, b) == Admin::Ready
+                    && !b.agent.applied.down
                     && b.health.state() != Health::Checking
             })
             .collect();
@@ -452,10 +474,29 @@ impl Controller {
         }
     }
 
-    /// Whether a backend counts as healthy: it passes probes, or its service
-    /// is in panic.
+    /// Whether a backend counts as healthy: its agent does not say down,
+    /// and it passes probes or its service is in panic.
     fn healthy(&self, service: &str, ip: IpAddr, b: &BackendState) -> bool {
-        self.probe_up(service, ip, b) || self.in_panic(service)
+        !b.agent.applied.down && (self.probe_up(service, ip, b) || self.in_panic(service))
+    }
+
+    /// A backend's operator state: the operator's, or while that is
+    /// `ready`, its agent's (operator commands win over the agent).
+    pub fn admin(&self, service: &str, ip: IpAddr, b: &BackendState) -> Admin {
+        match self.runtime.get(service, ip).admin {
+            Admin::Ready => b.agent.applied.admin,
+            operator => operator,
+        }
+    }
+
+    /// Percent of its weight a backend's agent gives it: none while the
+    /// operator has set its weight (operator commands win).
+    fn agent_percent(&self, service: &str, ip: IpAddr, b: &BackendState) -> u32 {
+        if self.runtime.get(service, ip).weight.is_some() {
+            agent::MAX_PERCENT
+        } else {
+            b.agent.applied.percent
+        }
     }
 
     /// Backends of a service that take new flows on their own probes' word:
@@ -469,10 +510,12 @@ impl Controller {
             .iter()
             .filter(|(ip, b)| {
                 let o = self.runtime.get(service, **ip);
-                o.admin == Admin::Ready
+                self.admin(service, **ip, b) == Admin::Ready
+                    && !b.agent.applied.down
                     && self.probe_up(service, **ip, b)
                     && self.hops.contains_key(*ip)
                     && o.weight.unwrap_or(b.configured_weight) > 0
+                    && self.agent_percent(service, **ip, b) > 0
             })
             .count()
     }
@@ -547,34 +590,44 @@ impl Controller {
         Ok(())
     }
 
-    /// The weight a backend has in its table now.
+    /// The weight a backend has in its table now, before slow start and
+    /// its agent scale it.
     pub fn table_weight(&self, service: &str, ip: IpAddr, b: &BackendState) -> u32 {
         let o = self.runtime.get(service, ip);
-        if o.admin != Admin::Ready || !self.healthy(service, ip, b) || !self.hops.contains_key(&ip)
+        if self.admin(service, ip, b) != Admin::Ready
+            || !self.healthy(service, ip, b)
+            || !self.hops.contains_key(&ip)
         {
             return 0;
         }
         o.weight.unwrap_or(b.configured_weight)
     }
 
-    /// The weight a backend takes in its table now, slow start included,
-    /// and what sets it: `operator` (drain, maintenance or a weight
-    /// override), `health` (down), `neighbour` (no MAC), `slow start` or
-    /// `config`.
+    /// The weight a backend takes in its table now, slow start and agent
+    /// included, and what sets it: `operator` (drain, maintenance or a
+    /// weight override), `agent` (its state, `down` or a percent),
+    /// `health` (down), `neighbour` (no MAC), `slow start` or `config`.
     pub fn effective_weight(&self, service: &str, ip: IpAddr, b: &BackendState) -> (f64, &str) {
         let o = self.runtime.get(service, ip);
-        let percent = self.ramp_percent(service, ip, b);
-        let weight = f64::from(self.table_weight(service, ip, b)) * f64::from(percent) / 100.0;
+        let ramp = self.ramp_percent(service, ip, b);
+        let agent = self.agent_percent(service, ip, b);
+        let weight = f64::from(self.table_weight(service, ip, b)) * f64::from(ramp) / 100.0
+            * f64::from(agent)
+            / 100.0;
         let by = if o.admin != Admin::Ready {
             "operator"
+        } else if b.agent.applied.admin != Admin::Ready || b.agent.applied.down {
+            "agent"
         } else if !self.healthy(service, ip, b) {
             "health"
         } else if !self.hops.contains_key(&ip) {
             "neighbour"
-        } else if percent < 100 {
+        } else if ramp < 100 {
             "slow start"
         } else if o.weight.is_some() {
             "operator"
+        } else if agent < agent::MAX_PERCENT {
+            "agent"
         } else {
             "config"
         };
@@ -582,10 +635,11 @@ impl Controller {
     }
 
     fn backend_value(&self, service: &str, ip: IpAddr, b: &BackendState) -> BackendValue {
-        let o = self.runtime.get(service, ip);
         let (addr, family) = addr_bytes(ip);
         let hop = self.hops.get(&ip).copied();
-        let up = o.admin != Admin::Maintenance && self.healthy(service, ip, b) && hop.is_some();
+        let up = self.admin(service, ip, b) != Admin::Maintenance
+            && self.healthy(service, ip, b)
+            && hop.is_some();
         BackendValue {
             addr,
             mac: hop.map_or([0; 6], |h| h.mac),
@@ -611,9 +665,12 @@ impl Controller {
             .map(|(ip, key)| {
                 let b = &svc.backends[ip];
                 // Maglev uses only weight ratios: scaling every weight by its
-                // slow-start percent ramps a weight of 1 as finely as 1000.
+                // slow-start and agent percents ramps a weight of 1 as
+                // finely as 1000 (at most 65,535 × 100 × 100, within u32).
                 let name = &svc.config.name;
-                let weight = self.table_weight(name, *ip, b) * self.ramp_percent(name, *ip, b);
+                let weight = self.table_weight(name, *ip, b)
+                    * self.ramp_percent(name, *ip, b)
+                    * self.agent_percent(name, *ip, b);
                 Candidate { key, weight }
             })
             .collect();
@@ -659,6 +716,11 @@ impl Controller {
                             .changes
                             .push(format!("service {name}: health check changed"));
                     }
+                    if s.config.agent != cfg.agent {
+                        report
+                            .changes
+                            .push(format!("service {name}: agent check changed"));
+                    }
                     ServiceState {
                         config: cfg.clone(),
                         backends: BTreeMap::new(),
@@ -679,6 +741,7 @@ impl Controller {
                         digest: 0,
                         rebuilds: 0,
                         panic: false,
+                        agents_applied: None,
                     }
                 }
             };
@@ -693,6 +756,12 @@ impl Controller {
                         }
                         BackendState {
                             configured_weight: *weight,
+                            // Without an agent check, what agents said stops counting.
+                            agent: if cfg.agent.is_some() {
+                                b.agent.clone()
+                            } else {
+                                AgentState::default()
+                            },
                             ..b.clone()
                         }
                     }
@@ -1015,6 +1084,74 @@ impl Controller {
         for name in changed {
             self.sync(&name, None)?;
         }
+        Ok(())
+    }
+
+    /// Records what backend `ip`'s agent answered (`Ok`: the line and what
+    /// it says) or why it did not, and applies it when its service may
+    /// rebuild again. An agent that does not answer changes nothing: the
+    /// probes, not the agent, say whether a backend serves.
+    pub fn record_agent(
+        &mut self,
+        service: &str,
+        ip: IpAddr,
+        answer: Result<(String, agent::Reply), String>,
+    ) -> Result<()> {
+        let step = self
+            .services
+            .get(service)
+            .context("no such service")?
+            .config
+            .agent
+            .as_ref()
+            .map_or(0, |a| a.step);
+        let b = self.backend_mut(service, ip)?;
+        let failed_before = matches!(b.agent.last, Some((Err(_), _)));
+        match &answer {
+            Ok((_, reply)) => b.agent.wanted = b.agent.wanted.after(reply, step),
+            Err(e) if !failed_before => {
+                warn!(service, backend = %ip, error = %e, "agent check failed; its last answer stands");
+            }
+            Err(_) => {}
+        }
+        if failed_before && answer.is_ok() {
+            info!(service, backend = %ip, "agent answers again");
+        }
+        b.agent.last = Some((answer.map(|(line, _)| line), SystemTime::now()));
+        self.apply_agents_of(service)
+    }
+
+    /// Applies what agents said to every service whose table may change
+    /// again (at most once per agent interval).
+    pub fn apply_agents(&mut self) -> Result<()> {
+        let names: Vec<String> = self.services.keys().cloned().collect();
+        for name in names {
+            self.apply_agents_of(&name)?;
+        }
+        Ok(())
+    }
+
+    fn apply_agents_of(&mut self, service: &str) -> Result<()> {
+        let svc = self.services.get_mut(service).context("no such service")?;
+        let Some(interval) = svc.config.agent.as_ref().map(|a| a.interval) else {
+            return Ok(());
+        };
+        let pending = svc
+            .backends
+            .values()
+            .any(|b| b.agent.wanted != b.agent.applied);
+        if !pending || svc.agents_applied.is_some_and(|t| t.elapsed() < interval) {
+            return Ok(());
+        }
+        svc.agents_applied = Some(Instant::now());
+        for (ip, b) in &mut svc.backends {
+            if b.agent.wanted != b.agent.applied {
+                info!(service, backend = %ip, from = %b.agent.applied, to = %b.agent.wanted, cause = "agent", "weight change");
+                b.agent.applied = b.agent.wanted;
+                b.agent.changes += 1;
+            }
+        }
+        self.sync(service, None)?;
         Ok(())
     }
 

@@ -33,6 +33,14 @@ struct BackendLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WeightChangeLabels {
+    service: String,
+    backend: String,
+    /// What changed the weight (`agent`).
+    cause: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: String,
 }
@@ -242,6 +250,18 @@ pub(crate) fn render(
         "Weight in the table now (0: out of rotation)",
         Gauges::<BackendLabels>::default(),
     );
+    let b_effective = register(
+        &mut r,
+        "backend_effective_weight",
+        "Weight in the table now, slow start and agent included (0: out of rotation)",
+        Family::<BackendLabels, Gauge<f64, AtomicU64>>::default(),
+    );
+    let weight_changes = register(
+        &mut r,
+        "weight_changes",
+        "Weight and state changes applied from a backend's agent",
+        Counters::<WeightChangeLabels>::default(),
+    );
     let b_fail = register(
         &mut r,
         "backend_probe_failures",
@@ -337,6 +357,18 @@ pub(crate) fn render(
             b_weight
                 .get_or_create(&l)
                 .set(i64::from(ctl.table_weight(name, *ip, b)));
+            b_effective
+                .get_or_create(&l)
+                .set(ctl.effective_weight(name, *ip, b).0);
+            if s.config.agent.is_some() {
+                weight_changes
+                    .get_or_create(&WeightChangeLabels {
+                        service: name.clone(),
+                        backend: ip.to_string(),
+                        cause: "agent".into(),
+                    })
+                    .inc_by(b.agent.changes);
+            }
             b_fail.get_or_create(&l).inc_by(b.probe_failures);
             b_trans.get_or_create(&l).inc_by(b.transitions);
             b_flows

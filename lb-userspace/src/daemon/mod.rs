@@ -430,9 +430,15 @@ pub async fn run(opts: Options) -> Result<()> {
             }
             Some(result) = results.recv() => {
                 let probers::Result { service, backend, report } = result;
-                probe_durations.observe(&service, backend, report.latency);
-                if let Err(e) = ctl.record_probe(&service, backend, report) {
-                    error!(error = %format!("{e:#}"), "applying a probe result");
+                let applied = match report {
+                    probers::Report::Probe(report) => {
+                        probe_durations.observe(&service, backend, report.latency);
+                        ctl.record_probe(&service, backend, report).map(drop)
+                    }
+                    probers::Report::Agent(answer) => ctl.record_agent(&service, backend, answer),
+                };
+                if let Err(e) = applied {
+                    error!(error = %format!("{e:#}"), "applying a probe or agent result");
                 }
                 probers.sync(&ctl);
             }
@@ -470,6 +476,10 @@ pub async fn run(opts: Options) -> Result<()> {
                 match ctl.dataplane_mut().repair(Some(&opts.pin_dir)) {
                     Ok(done) => done.iter().for_each(log_repair),
                     Err(e) => error!(error = %format!("{e:#}"), "repairing the data plane; retrying in 1 s"),
+                }
+                // Agents' answers held back by their service's rebuild limit.
+                if let Err(e) = ctl.apply_agents() {
+                    error!(error = %format!("{e:#}"), "applying agents' answers");
                 }
                 node.observe_flows(&ctl);
                 match history::Sample::read(&ctl) {

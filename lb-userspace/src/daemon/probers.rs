@@ -1,7 +1,8 @@
-//! One probe task per backend. Tasks only probe and report; the controller
+//! One probe task per backend, and one agent task per backend of a service
+//! with an agent check. Tasks only probe and report; the controller
 //! decides. Each task sleeps a jittered interval (±10 %) so probes of many
-//! backends do not synchronise, and probes at the fast interval while its
-//! results disagree with its backend's state.
+//! backends do not synchronise; a probe task probes at the fast interval
+//! while its results disagree with its backend's state.
 
 use std::{
     collections::BTreeMap,
@@ -18,22 +19,41 @@ use super::{
     controller::{Controller, ProbeReport},
     runtime::Admin,
 };
-use crate::{config::HealthCheck, probe};
+use crate::{
+    agent,
+    config::{AgentCheck, HealthCheck},
+    probe,
+};
 
-/// A probe's outcome, for the controller.
+/// A probe's or an agent's outcome, for the controller.
 pub(super) struct Result {
     /// Service name.
     pub service: String,
     /// Backend address.
     pub backend: IpAddr,
     /// The outcome.
-    pub report: ProbeReport,
+    pub report: Report,
+}
+
+/// What a task found.
+pub(super) enum Report {
+    /// The health probe's outcome.
+    Probe(ProbeReport),
+    /// The agent's line and what it says, or why there was none.
+    Agent(std::result::Result<(String, agent::Reply), String>),
+}
+
+/// What a backend's tasks run.
+#[derive(Clone, PartialEq)]
+struct Checks {
+    health: HealthCheck,
+    agent: Option<AgentCheck>,
 }
 
 struct Task {
-    check: HealthCheck,
+    checks: Checks,
     control: SharedControl,
-    handle: JoinHandle<()>,
+    handles: Vec<JoinHandle<()>>,
 }
 
 /// The running probe tasks.
@@ -57,31 +77,43 @@ impl Probers {
         let mut wanted = BTreeMap::new();
         for (name, svc) in ctl.services() {
             for ip in svc.backends.keys() {
-                wanted.insert((name.clone(), *ip), svc.config.health.clone());
+                let checks = Checks {
+                    health: svc.config.health.clone(),
+                    agent: svc.config.agent.clone(),
+                };
+                wanted.insert((name.clone(), *ip), checks);
             }
         }
         self.tasks.retain(|key, task| {
-            let keep = wanted.get(key) == Some(&task.check);
+            let keep = wanted.get(key) == Some(&task.checks);
             if !keep {
-                task.handle.abort();
+                task.handles.iter().for_each(JoinHandle::abort);
             }
             keep
         });
-        for (key, check) in wanted {
+        for (key, checks) in wanted {
             let (service, ip) = key.clone();
             let task = self.tasks.entry(key).or_insert_with(|| {
                 let control = SharedControl::default();
-                let handle = tokio::spawn(probe_loop(
+                let mut handles = vec![tokio::spawn(probe_loop(
                     service.clone(),
                     ip,
-                    check.clone(),
+                    checks.health.clone(),
                     control.clone(),
                     self.out.clone(),
-                ));
+                ))];
+                if let Some(agent) = &checks.agent {
+                    handles.push(tokio::spawn(agent_loop(
+                        service.clone(),
+                        ip,
+                        agent.clone(),
+                        self.out.clone(),
+                    )));
+                }
                 Task {
-                    check,
+                    checks,
                     control,
-                    handle,
+                    handles,
                 }
             });
             let admin = ctl.override_of(&service, ip).admin;
@@ -98,7 +130,7 @@ impl Probers {
 impl Drop for Probers {
     fn drop(&mut self) {
         for t in self.tasks.values() {
-            t.handle.abort();
+            t.handles.iter().for_each(JoinHandle::abort);
         }
     }
 }
@@ -112,6 +144,34 @@ fn jittered(base: Duration, state: &mut u64) -> Duration {
     base * permille as u32 / 1000
 }
 
+/// A jitter state of its own for each task: the same backend's probe and
+/// agent tasks, and different backends, do not run in step.
+fn jitter_seed(service: &str, ip: IpAddr, task: &str) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (service, ip, task, std::process::id()).hash(&mut hasher);
+    hasher.finish() | 1
+}
+
+/// Asks the backend's agent every interval, whatever its state: an agent
+/// may bring a backend it took out back.
+async fn agent_loop(service: String, ip: IpAddr, check: AgentCheck, out: mpsc::Sender<Result>) {
+    let mut state = jitter_seed(&service, ip, "agent");
+    let addr = SocketAddr::new(ip, check.port);
+    tokio::time::sleep(jittered(check.interval / 2, &mut state)).await;
+    loop {
+        let answer = probe::ask_agent(addr, check.send.as_deref(), check.timeout).await;
+        let result = Result {
+            service: service.clone(),
+            backend: ip,
+            report: Report::Agent(answer),
+        };
+        if out.send(result).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(jittered(check.interval, &mut state)).await;
+    }
+}
+
 async fn probe_loop(
     service: String,
     ip: IpAddr,
@@ -119,9 +179,7 @@ async fn probe_loop(
     control: SharedControl,
     out: mpsc::Sender<Result>,
 ) {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    (&service, ip, std::process::id()).hash(&mut hasher);
-    let mut state = hasher.finish() | 1;
+    let mut state = jitter_seed(&service, ip, "probe");
     let addr = SocketAddr::new(ip, check.port);
     // Start at a random point of the first interval.
     tokio::time::sleep(jittered(check.interval / 2, &mut state)).await;
@@ -144,7 +202,7 @@ async fn probe_loop(
             let result = Result {
                 service: service.clone(),
                 backend: ip,
-                report,
+                report: Report::Probe(report),
             };
             if out.send(result).await.is_err() {
                 return;

@@ -9,14 +9,14 @@ use serde_json::{Value, json};
 
 use super::{
     ConfigFile, Options,
-    controller::Controller,
+    controller::{AgentState, Controller},
     flows::{self, FlowState},
     history::{History, Key},
     node::Node,
     runtime::Admin,
 };
 use crate::{
-    api::{BackendRow, Request, ServiceRow, ServiceStatsRow, Stats},
+    api::{AgentRow, BackendRow, Request, ServiceRow, ServiceStatsRow, Stats},
     config::{self, Mode},
     dataplane::monotonic_seconds,
 };
@@ -189,7 +189,8 @@ pub(super) fn backends(
                 address: *ip,
                 weight: o.weight.unwrap_or(b.configured_weight),
                 weight_overridden: o.weight.is_some(),
-                admin: o.admin,
+                admin: ctl.admin(name, *ip, b),
+                agent: s.config.agent.is_some().then(|| agent_row(&b.agent, now)),
                 // Probes stop in maintenance, so the last verdict would
                 // stay: the backend takes no traffic, and says so.
                 health: if o.admin == Admin::Maintenance {
@@ -339,5 +340,24 @@ fn explain(ctl: &Controller, service: &str, client: std::net::IpAddr, port: u16)
         "conntrack_state": state.map(FlowState::name),
         "backend": goes_to,
         "reason": reason,
+        // What a new flow's slot was drawn by: each backend's weight in
+        // the table and what set it (an agent's percent shows here).
+        "table_weights": s.backends.iter().map(|(ip, b)| {
+            let (weight, set_by) = ctl.effective_weight(service, *ip, b);
+            json!({"backend": ip, "weight": weight, "set_by": set_by})
+        }).collect::<Vec<_>>(),
     }))
+}
+
+/// `lb backend list`'s view of a backend's agent.
+fn agent_row(a: &AgentState, now: SystemTime) -> AgentRow {
+    let (answer, at) = a.last.clone().unzip();
+    AgentRow {
+        applied: a.applied.to_string(),
+        pending: (a.wanted != a.applied).then(|| a.wanted.to_string()),
+        last_answer: answer.clone().and_then(Result::ok),
+        last_error: answer.and_then(Result::err),
+        seconds_ago: at.map(|t| now.duration_since(t).unwrap_or_default().as_secs()),
+        changes: a.changes,
+    }
 }
