@@ -179,6 +179,10 @@ pub struct BackendRow {
     /// What the backend's agent says, when its service has an agent check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentRow>,
+    /// Its weight by its probes' latency, when its service has load
+    /// feedback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feedback: Option<FeedbackRow>,
     /// up or down, as the probes say.
     pub health: String,
     /// Table slots it owns.
@@ -237,6 +241,21 @@ pub struct AgentRow {
     pub last_error: Option<String>,
     /// Seconds since the last answer or failure.
     pub seconds_ago: Option<u64>,
+    /// Changes applied since the daemon started.
+    pub changes: u64,
+}
+
+/// A backend's load feedback in `lb backend list`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FeedbackRow {
+    /// Percent of its weight the tables give it.
+    pub percent: u32,
+    /// Percent its latency asks for, not applied yet (its service's tables
+    /// change at most once per health-check interval).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<u32>,
+    /// Smoothed latency of its successful probes, milliseconds.
+    pub latency_ms: Option<f64>,
     /// Changes applied since the daemon started.
     pub changes: u64,
 }

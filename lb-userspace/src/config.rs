@@ -277,6 +277,8 @@ pub struct ServiceFile {
     pub health: HealthFile,
     /// An agent on each backend that sets its state and weight.
     pub agent: Option<AgentFile>,
+    /// Weights that follow the backends' probe latency.
+    pub feedback: Option<FeedbackFile>,
     /// How long a flow may stay idle before its connection-table entry
     /// lapses; the protocol's default (`[settings]`) when absent.
     #[serde(default, with = "humantime_serde")]
@@ -390,6 +392,30 @@ pub struct AgentFile {
     /// Weight changes smaller than this many percentage points are ignored.
     #[serde(default = "default_agent_step")]
     pub step: u32,
+}
+
+/// `[service.feedback]`: weights that follow probe latency (see
+/// [`crate::feedback`]).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedbackFile {
+    /// The least percent of its weight a slow backend keeps.
+    #[serde(default = "default_min_percent")]
+    pub min_percent: u32,
+    /// Latencies this close to the fastest backend's count as equal.
+    #[serde(default = "default_tolerance", with = "humantime_serde")]
+    pub tolerance: Duration,
+    /// Weight changes smaller than this many percentage points are ignored.
+    #[serde(default = "default_agent_step")]
+    pub step: u32,
+}
+
+fn default_min_percent() -> u32 {
+    50
+}
+
+fn default_tolerance() -> Duration {
+    Duration::from_millis(50)
 }
 
 fn default_agent_interval() -> Duration {
@@ -657,6 +683,8 @@ pub struct Service {
     pub health: HealthCheck,
     /// The agent check, if any.
     pub agent: Option<AgentCheck>,
+    /// Load feedback, if any.
+    pub feedback: Option<Feedback>,
     /// Backends by address.
     pub backends: BTreeMap<IpAddr, u32>,
 }
@@ -692,6 +720,17 @@ pub struct AgentCheck {
     pub timeout: Duration,
     /// Sent once connected.
     pub send: Option<Vec<u8>>,
+    /// Least weight change applied, in percentage points.
+    pub step: u32,
+}
+
+/// Validated load feedback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Feedback {
+    /// The least percent of its weight a slow backend keeps.
+    pub min_percent: u32,
+    /// Latencies this close to the fastest count as equal.
+    pub tolerance: Duration,
     /// Least weight change applied, in percentage points.
     pub step: u32,
 }
@@ -1258,6 +1297,43 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
             }
             agent
         });
+        let feedback = svc.feedback.as_ref().map(|f| {
+            let field = format!("{field}.feedback");
+            if f.min_percent > crate::feedback::FULL {
+                e.push(
+                    at,
+                    format!("{field}.min_percent"),
+                    "a percent of the weight, from 0 to 100",
+                );
+            }
+            if f.step > crate::feedback::FULL {
+                e.push(
+                    at,
+                    format!("{field}.step"),
+                    "percentage points, from 0 to 100",
+                );
+            }
+            if svc.health.check == CheckKind::None {
+                e.push(
+                    at,
+                    field.clone(),
+                    "follows the health probes' latency: set a health check other than \"none\"",
+                );
+            }
+            if file.fleet.is_some() {
+                e.push(
+                    at,
+                    field,
+                    "load feedback is for single nodes: in a fleet every node must weigh \
+                     backends alike, and each node measures its own latencies",
+                );
+            }
+            Feedback {
+                min_percent: f.min_percent,
+                tolerance: f.tolerance,
+                step: f.step,
+            }
+        });
         if let Some(t) = svc.idle_timeout {
             validate_timeout(t, at, &format!("{field}.idle_timeout"), &mut e);
         }
@@ -1320,6 +1396,7 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
                     idle_timeout: svc.idle_timeout.map(timeout_secs),
                     health,
                     agent,
+                    feedback,
                     backends,
                 },
             );
@@ -1741,6 +1818,16 @@ address = "198.18.0.11"
             "service[a].agent.step: percentage points, from 0 to 100",
         ),
         (
+            "feedback bound above 100",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[service.feedback]\nmin_percent=120\n",
+            "service[a].feedback.min_percent: a percent of the weight, from 0 to 100",
+        ),
+        (
+            "feedback without probes",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[service.health]\ncheck=\"none\"\n[service.feedback]\n",
+            "service[a].feedback: follows the health probes' latency",
+        ),
+        (
             "agent port 0",
             "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[service.agent]\nport=0\n",
             "service[a].agent.port: port 0 cannot be asked",
@@ -1848,11 +1935,18 @@ address = "198.18.0.11"
             e.contains("fleet services") && e.contains("unknown field `settings`"),
             "{e}"
         );
-        // Agents answer one node each: not in a fleet.
+        // Agents answer, and latencies are measured by, one node each: not
+        // in a fleet.
         let agent = format!("{services}[service.agent]\nport=10000\n");
         let e = parse_fleet(node, &agent).unwrap_err().to_string();
         assert!(
             e.contains("service[web].agent: agent checks are for single nodes"),
+            "{e}"
+        );
+        let feedback = format!("{services}[service.feedback]\n");
+        let e = parse_fleet(node, &feedback).unwrap_err().to_string();
+        assert!(
+            e.contains("service[web].feedback: load feedback is for single nodes"),
             "{e}"
         );
     }

@@ -6,6 +6,7 @@
 //! - [`maglev`]: weighted Maglev table construction (pure).
 //! - [`health`]: the per-backend health state machine (pure).
 //! - [`agent`]: the agent check's protocol and what an agent changes (pure).
+//! - [`feedback`]: weights that follow probe latency (pure).
 //! - [`probe`]: health probes.
 //! - [`neighbor`]: next-hop MACs from the kernel's tables.
 //! - [`announce`]: which VIPs the node announces, and why not (pure).
@@ -33,6 +34,7 @@ pub mod dataplane;
 pub mod decap;
 pub mod demo;
 pub mod doctor;
+pub mod feedback;
 pub mod fleet;
 pub mod health;
 pub mod maglev;

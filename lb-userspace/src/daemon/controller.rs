@@ -30,6 +30,7 @@ use crate::{
     agent,
     config::{self, Affinity, Desired, Mode},
     dataplane::Dataplane,
+    feedback,
     fleet::state::{AgreedHealth, FleetState, HealthView, Overrides},
     health::{self, Health, Tracker},
     maglev::{self, Candidate},
@@ -72,8 +73,36 @@ pub struct BackendState {
     pub ramp_percent: u32,
     /// What its agent says, when the service has an agent check.
     pub agent: AgentState,
+    /// Its weight by its probes' latency, when the service has load
+    /// feedback.
+    pub feedback: FeedbackState,
     /// What the data plane holds for it.
     written: Option<BackendValue>,
+}
+
+/// A backend's probe latency, and the percent of its weight it gives.
+#[derive(Debug, Clone)]
+pub struct FeedbackState {
+    /// Smoothed latency of its successful probes.
+    pub latency: Option<Duration>,
+    /// Percent the tables follow.
+    pub applied: u32,
+    /// Percent its latency asks for, applied once its service may rebuild
+    /// again.
+    pub wanted: u32,
+    /// Changes applied, for `lb_weight_changes_total`.
+    pub changes: u64,
+}
+
+impl Default for FeedbackState {
+    fn default() -> Self {
+        FeedbackState {
+            latency: None,
+            applied: feedback::FULL,
+            wanted: feedback::FULL,
+            changes: 0,
+        }
+    }
 }
 
 /// What a backend's agent said, and what of it the tables follow.
@@ -128,6 +157,7 @@ impl BackendState {
             ramp_started: None,
             ramp_percent: 100,
             agent: AgentState::default(),
+            feedback: FeedbackState::default(),
             written: None,
         }
     }
@@ -156,6 +186,9 @@ pub struct ServiceState {
     /// When its agents' answers last changed its table: they do at most
     /// once per agent interval.
     agents_applied: Option<Instant>,
+    /// When load feedback last changed its table: it does at most once per
+    /// health-check interval.
+    feedback_applied: Option<Instant>,
 }
 
 /// What a change did (or, in a dry run, would do).
@@ -359,6 +392,7 @@ impl Controller {
                     rebuilds: 0,
                     panic: false,
                     agents_applied: None,
+                    feedback_applied: None,
                 },
             );
             self.desired.services.insert(name.clone(), cfg.clone());
@@ -489,13 +523,14 @@ impl Controller {
         }
     }
 
-    /// Percent of its weight a backend's agent gives it: none while the
-    /// operator has set its weight (operator commands win).
-    fn agent_percent(&self, service: &str, ip: IpAddr, b: &BackendState) -> u32 {
+    /// Percent of its weight a backend's agent and its latency (load
+    /// feedback) leave it: all of it while the operator has set its weight
+    /// (operator commands win).
+    fn scale_percent(&self, service: &str, ip: IpAddr, b: &BackendState) -> u32 {
         if self.runtime.get(service, ip).weight.is_some() {
-            agent::MAX_PERCENT
+            feedback::FULL
         } else {
-            b.agent.applied.percent
+            b.agent.applied.percent * b.feedback.applied / feedback::FULL
         }
     }
 
@@ -515,7 +550,7 @@ impl Controller {
                     && self.probe_up(service, **ip, b)
                     && self.hops.contains_key(*ip)
                     && o.weight.unwrap_or(b.configured_weight) > 0
-                    && self.agent_percent(service, **ip, b) > 0
+                    && self.scale_percent(service, **ip, b) > 0
             })
             .count()
     }
@@ -603,16 +638,17 @@ impl Controller {
         o.weight.unwrap_or(b.configured_weight)
     }
 
-    /// The weight a backend takes in its table now, slow start and agent
-    /// included, and what sets it: `operator` (drain, maintenance or a
-    /// weight override), `agent` (its state, `down` or a percent),
-    /// `health` (down), `neighbour` (no MAC), `slow start` or `config`.
+    /// The weight a backend takes in its table now, slow start, agent and
+    /// load feedback included, and what sets it: `operator` (drain,
+    /// maintenance or a weight override), `agent` (its state, `down` or a
+    /// percent), `health` (down), `neighbour` (no MAC), `slow start`,
+    /// `feedback` (its latency) or `config`.
     pub fn effective_weight(&self, service: &str, ip: IpAddr, b: &BackendState) -> (f64, &str) {
         let o = self.runtime.get(service, ip);
         let ramp = self.ramp_percent(service, ip, b);
-        let agent = self.agent_percent(service, ip, b);
+        let scale = self.scale_percent(service, ip, b);
         let weight = f64::from(self.table_weight(service, ip, b)) * f64::from(ramp) / 100.0
-            * f64::from(agent)
+            * f64::from(scale)
             / 100.0;
         let by = if o.admin != Admin::Ready {
             "operator"
@@ -626,8 +662,10 @@ impl Controller {
             "slow start"
         } else if o.weight.is_some() {
             "operator"
-        } else if agent < agent::MAX_PERCENT {
+        } else if b.agent.applied.percent < agent::MAX_PERCENT {
             "agent"
+        } else if b.feedback.applied < feedback::FULL {
+            "feedback"
         } else {
             "config"
         };
@@ -665,12 +703,13 @@ impl Controller {
             .map(|(ip, key)| {
                 let b = &svc.backends[ip];
                 // Maglev uses only weight ratios: scaling every weight by its
-                // slow-start and agent percents ramps a weight of 1 as
-                // finely as 1000 (at most 65,535 × 100 × 100, within u32).
+                // slow-start and agent-and-feedback percents ramps a weight
+                // of 1 as finely as 1000 (at most 65,535 × 100 × 100,
+                // within u32).
                 let name = &svc.config.name;
                 let weight = self.table_weight(name, *ip, b)
                     * self.ramp_percent(name, *ip, b)
-                    * self.agent_percent(name, *ip, b);
+                    * self.scale_percent(name, *ip, b);
                 Candidate { key, weight }
             })
             .collect();
@@ -721,6 +760,11 @@ impl Controller {
                             .changes
                             .push(format!("service {name}: agent check changed"));
                     }
+                    if s.config.feedback != cfg.feedback {
+                        report
+                            .changes
+                            .push(format!("service {name}: load feedback changed"));
+                    }
                     ServiceState {
                         config: cfg.clone(),
                         backends: BTreeMap::new(),
@@ -742,6 +786,7 @@ impl Controller {
                         rebuilds: 0,
                         panic: false,
                         agents_applied: None,
+                        feedback_applied: None,
                     }
                 }
             };
@@ -761,6 +806,11 @@ impl Controller {
                                 b.agent.clone()
                             } else {
                                 AgentState::default()
+                            },
+                            feedback: if cfg.feedback.is_some() {
+                                b.feedback.clone()
+                            } else {
+                                FeedbackState::default()
                             },
                             ..b.clone()
                         }
@@ -1010,7 +1060,9 @@ impl Controller {
             .health;
         let (thresholds, slow_start) = (check.thresholds, check.slow_start);
         let b = self.backend_mut(service, ip)?;
-        if !report.ok {
+        if report.ok {
+            b.feedback.latency = Some(feedback::smooth(b.feedback.latency, report.latency));
+        } else {
             b.probe_failures += 1;
         }
         let changed = b.health.record(report.ok, thresholds);
@@ -1054,7 +1106,60 @@ impl Controller {
                 warn!(error = %format!("{e:#}"), "saving the health history to the state file");
             }
         }
+        self.weigh_by_latency(service)?;
         Ok(changed)
+    }
+
+    /// Load feedback: what each backend of `service` should keep of its
+    /// weight by its smoothed probe latency, against the fastest's; applied
+    /// when the service may rebuild again.
+    fn weigh_by_latency(&mut self, service: &str) -> Result<()> {
+        let svc = self.services.get_mut(service).context("no such service")?;
+        let Some(f) = svc.config.feedback else {
+            return Ok(());
+        };
+        // The fastest backend that is up: a dead one's last latency says
+        // nothing of the others.
+        let fastest = svc
+            .backends
+            .values()
+            .filter(|b| b.health.state() == Health::Up)
+            .filter_map(|b| b.feedback.latency)
+            .min();
+        let Some(fastest) = fastest else {
+            return Ok(());
+        };
+        for b in svc.backends.values_mut() {
+            let asked = b.feedback.latency.map_or(feedback::FULL, |l| {
+                feedback::percent(l, fastest, f.tolerance, f.min_percent)
+            });
+            b.feedback.wanted = feedback::next(b.feedback.applied, asked, f.step, f.min_percent);
+        }
+        self.apply_feedback_of(service)
+    }
+
+    fn apply_feedback_of(&mut self, service: &str) -> Result<()> {
+        let svc = self.services.get_mut(service).context("no such service")?;
+        let interval = svc.config.health.interval;
+        let pending = svc
+            .backends
+            .values()
+            .any(|b| b.feedback.wanted != b.feedback.applied);
+        if !pending || svc.feedback_applied.is_some_and(|t| t.elapsed() < interval) {
+            return Ok(());
+        }
+        svc.feedback_applied = Some(Instant::now());
+        for (ip, b) in &mut svc.backends {
+            let (from, to) = (b.feedback.applied, b.feedback.wanted);
+            if from != to {
+                let latency = b.feedback.latency.unwrap_or_default();
+                info!(service, backend = %ip, from_percent = from, to_percent = to, latency = ?latency, cause = "feedback", "weight change");
+                b.feedback.applied = to;
+                b.feedback.changes += 1;
+            }
+        }
+        self.sync(service, None)?;
+        Ok(())
     }
 
     /// Moves recovered backends to their next slow-start step and rebuilds
@@ -1121,12 +1226,14 @@ impl Controller {
         self.apply_agents_of(service)
     }
 
-    /// Applies what agents said to every service whose table may change
-    /// again (at most once per agent interval).
-    pub fn apply_agents(&mut self) -> Result<()> {
+    /// Applies what agents and load feedback asked for to every service
+    /// whose table may change again (at most once per agent interval, and
+    /// once per health-check interval).
+    pub fn apply_weight_changes(&mut self) -> Result<()> {
         let names: Vec<String> = self.services.keys().cloned().collect();
         for name in names {
             self.apply_agents_of(&name)?;
+            self.apply_feedback_of(&name)?;
         }
         Ok(())
     }

@@ -36,7 +36,7 @@ struct BackendLabels {
 struct WeightChangeLabels {
     service: String,
     backend: String,
-    /// What changed the weight (`agent`).
+    /// What changed the weight (`agent`, `feedback`).
     cause: String,
 }
 
@@ -259,7 +259,7 @@ pub(crate) fn render(
     let weight_changes = register(
         &mut r,
         "weight_changes",
-        "Weight and state changes applied from a backend's agent",
+        "Weight and state changes applied from a backend's agent or load feedback",
         Counters::<WeightChangeLabels>::default(),
     );
     let b_fail = register(
@@ -360,14 +360,20 @@ pub(crate) fn render(
             b_effective
                 .get_or_create(&l)
                 .set(ctl.effective_weight(name, *ip, b).0);
-            if s.config.agent.is_some() {
-                weight_changes
-                    .get_or_create(&WeightChangeLabels {
-                        service: name.clone(),
-                        backend: ip.to_string(),
-                        cause: "agent".into(),
-                    })
-                    .inc_by(b.agent.changes);
+            let causes = [
+                ("agent", s.config.agent.is_some(), b.agent.changes),
+                ("feedback", s.config.feedback.is_some(), b.feedback.changes),
+            ];
+            for (cause, configured, changes) in causes {
+                if configured {
+                    weight_changes
+                        .get_or_create(&WeightChangeLabels {
+                            service: name.clone(),
+                            backend: ip.to_string(),
+                            cause: cause.into(),
+                        })
+                        .inc_by(changes);
+                }
             }
             b_fail.get_or_create(&l).inc_by(b.probe_failures);
             b_trans.get_or_create(&l).inc_by(b.transitions);

@@ -477,9 +477,10 @@ pub async fn run(opts: Options) -> Result<()> {
                     Ok(done) => done.iter().for_each(log_repair),
                     Err(e) => error!(error = %format!("{e:#}"), "repairing the data plane; retrying in 1 s"),
                 }
-                // Agents' answers held back by their service's rebuild limit.
-                if let Err(e) = ctl.apply_agents() {
-                    error!(error = %format!("{e:#}"), "applying agents' answers");
+                // Agents' answers and load feedback held back by their
+                // service's rebuild limit.
+                if let Err(e) = ctl.apply_weight_changes() {
+                    error!(error = %format!("{e:#}"), "applying weight changes");
                 }
                 node.observe_flows(&ctl);
                 match history::Sample::read(&ctl) {

@@ -16,7 +16,7 @@ use super::{
     runtime::Admin,
 };
 use crate::{
-    api::{AgentRow, BackendRow, Request, ServiceRow, ServiceStatsRow, Stats},
+    api::{AgentRow, BackendRow, FeedbackRow, Request, ServiceRow, ServiceStatsRow, Stats},
     config::{self, Mode},
     dataplane::monotonic_seconds,
 };
@@ -191,6 +191,12 @@ pub(super) fn backends(
                 weight_overridden: o.weight.is_some(),
                 admin: ctl.admin(name, *ip, b),
                 agent: s.config.agent.is_some().then(|| agent_row(&b.agent, now)),
+                feedback: s.config.feedback.is_some().then(|| FeedbackRow {
+                    percent: b.feedback.applied,
+                    pending: (b.feedback.wanted != b.feedback.applied).then_some(b.feedback.wanted),
+                    latency_ms: b.feedback.latency.map(|l| l.as_secs_f64() * 1000.0),
+                    changes: b.feedback.changes,
+                }),
                 // Probes stop in maintenance, so the last verdict would
                 // stay: the backend takes no traffic, and says so.
                 health: if o.admin == Admin::Maintenance {

@@ -6,7 +6,6 @@
     reason = "test helpers fail loudly, like the tests"
 )]
 
-mod agent;
 mod agreement;
 mod announce;
 mod backends;
@@ -25,3 +24,4 @@ mod readme;
 mod status_page;
 mod systemd;
 mod topology;
+mod weights;
