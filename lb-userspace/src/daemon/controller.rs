@@ -80,27 +80,57 @@ pub struct BackendState {
     written: Option<BackendValue>,
 }
 
-/// A backend's probe latency, and the percent of its weight it gives.
+/// A change asked from the backend's side (its agent, its latency): what
+/// the tables follow, and what is asked, which waits for its service's
+/// next chance to rebuild (see [`ServiceState::adjust_interval`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Adjustment<T> {
+    /// What the tables follow.
+    pub applied: T,
+    /// What is asked.
+    pub wanted: T,
+    /// Changes applied, for `lb_weight_changes_total`.
+    pub changes: u64,
+}
+
+impl<T: Copy + PartialEq> Adjustment<T> {
+    fn new(value: T) -> Self {
+        Adjustment {
+            applied: value,
+            wanted: value,
+            changes: 0,
+        }
+    }
+
+    /// What is asked and not applied yet.
+    pub fn pending(&self) -> Option<T> {
+        (self.wanted != self.applied).then_some(self.wanted)
+    }
+
+    /// Applies what is asked; the change (from, to), if any.
+    fn apply(&mut self) -> Option<(T, T)> {
+        let from = self.applied;
+        let to = self.pending()?;
+        self.applied = to;
+        self.changes += 1;
+        Some((from, to))
+    }
+}
+
+/// A backend's probe latency, and the percent of its weight it leaves it.
 #[derive(Debug, Clone)]
 pub struct FeedbackState {
     /// Smoothed latency of its successful probes.
     pub latency: Option<Duration>,
-    /// Percent the tables follow.
-    pub applied: u32,
-    /// Percent its latency asks for, applied once its service may rebuild
-    /// again.
-    pub wanted: u32,
-    /// Changes applied, for `lb_weight_changes_total`.
-    pub changes: u64,
+    /// Percent of its weight.
+    pub percent: Adjustment<u32>,
 }
 
 impl Default for FeedbackState {
     fn default() -> Self {
         FeedbackState {
             latency: None,
-            applied: feedback::FULL,
-            wanted: feedback::FULL,
-            changes: 0,
+            percent: Adjustment::new(feedback::FULL),
         }
     }
 }
@@ -108,14 +138,10 @@ impl Default for FeedbackState {
 /// What a backend's agent said, and what of it the tables follow.
 #[derive(Debug, Clone, Default)]
 pub struct AgentState {
-    /// What the tables follow.
-    pub applied: agent::View,
-    /// What the agent says, applied once its service may rebuild again.
-    pub wanted: agent::View,
+    /// Its state, up or down, and percent.
+    pub view: Adjustment<agent::View>,
     /// The last answer (the line) or why there was none, and when.
     pub last: Option<(Result<String, String>, SystemTime)>,
-    /// Changes applied, for `lb_weight_changes_total`.
-    pub changes: u64,
 }
 
 impl BackendState {
@@ -183,12 +209,21 @@ pub struct ServiceState {
     pub rebuilds: u64,
     /// Probes are not trusted (see [`health::panic`]).
     pub panic: bool,
-    /// When its agents' answers last changed its table: they do at most
-    /// once per agent interval.
-    agents_applied: Option<Instant>,
-    /// When load feedback last changed its table: it does at most once per
-    /// health-check interval.
-    feedback_applied: Option<Instant>,
+    /// When its backends' agents or load feedback last changed its table.
+    adjusted: Option<Instant>,
+}
+
+impl ServiceState {
+    /// The least time between two table rebuilds its backends' agents and
+    /// load feedback cause: the agent interval, else the health-check
+    /// interval; none without either.
+    pub fn adjust_interval(&self) -> Option<Duration> {
+        match (&self.config.agent, &self.config.feedback) {
+            (Some(a), _) => Some(a.interval),
+            (None, Some(_)) => Some(self.config.health.interval),
+            (None, None) => None,
+        }
+    }
 }
 
 /// What a change did (or, in a dry run, would do).
@@ -391,8 +426,7 @@ impl Controller {
                     digest: 0,
                     rebuilds: 0,
                     panic: false,
-                    agents_applied: None,
-                    feedback_applied: None,
+                    adjusted: None,
                 },
             );
             self.desired.services.insert(name.clone(), cfg.clone());
@@ -463,7 +497,7 @@ impl Controller {
             .iter()
             .filter(|(ip, b)| {
                 self.admin(service, **ip, b) == Admin::Ready
-                    && !b.agent.applied.down
+                    && !b.agent.view.applied.down
                     && b.health.state() != Health::Checking
             })
             .collect();
@@ -511,14 +545,14 @@ impl Controller {
     /// Whether a backend counts as healthy: its agent does not say down,
     /// and it passes probes or its service is in panic.
     fn healthy(&self, service: &str, ip: IpAddr, b: &BackendState) -> bool {
-        !b.agent.applied.down && (self.probe_up(service, ip, b) || self.in_panic(service))
+        !b.agent.view.applied.down && (self.probe_up(service, ip, b) || self.in_panic(service))
     }
 
     /// A backend's operator state: the operator's, or while that is
     /// `ready`, its agent's (operator commands win over the agent).
     pub fn admin(&self, service: &str, ip: IpAddr, b: &BackendState) -> Admin {
         match self.runtime.get(service, ip).admin {
-            Admin::Ready => b.agent.applied.admin,
+            Admin::Ready => b.agent.view.applied.admin,
             operator => operator,
         }
     }
@@ -530,7 +564,7 @@ impl Controller {
         if self.runtime.get(service, ip).weight.is_some() {
             feedback::FULL
         } else {
-            b.agent.applied.percent * b.feedback.applied / feedback::FULL
+            b.agent.view.applied.percent * b.feedback.percent.applied / feedback::FULL
         }
     }
 
@@ -546,7 +580,7 @@ impl Controller {
             .filter(|(ip, b)| {
                 let o = self.runtime.get(service, **ip);
                 self.admin(service, **ip, b) == Admin::Ready
-                    && !b.agent.applied.down
+                    && !b.agent.view.applied.down
                     && self.probe_up(service, **ip, b)
                     && self.hops.contains_key(*ip)
                     && o.weight.unwrap_or(b.configured_weight) > 0
@@ -652,7 +686,7 @@ impl Controller {
             / 100.0;
         let by = if o.admin != Admin::Ready {
             "operator"
-        } else if b.agent.applied.admin != Admin::Ready || b.agent.applied.down {
+        } else if b.agent.view.applied.admin != Admin::Ready || b.agent.view.applied.down {
             "agent"
         } else if !self.healthy(service, ip, b) {
             "health"
@@ -662,9 +696,9 @@ impl Controller {
             "slow start"
         } else if o.weight.is_some() {
             "operator"
-        } else if b.agent.applied.percent < agent::MAX_PERCENT {
+        } else if b.agent.view.applied.percent < agent::MAX_PERCENT {
             "agent"
-        } else if b.feedback.applied < feedback::FULL {
+        } else if b.feedback.percent.applied < feedback::FULL {
             "feedback"
         } else {
             "config"
@@ -785,8 +819,7 @@ impl Controller {
                         digest: 0,
                         rebuilds: 0,
                         panic: false,
-                        agents_applied: None,
-                        feedback_applied: None,
+                        adjusted: None,
                     }
                 }
             };
@@ -1133,29 +1166,35 @@ impl Controller {
             let asked = b.feedback.latency.map_or(feedback::FULL, |l| {
                 feedback::percent(l, fastest, f.tolerance, f.min_percent)
             });
-            b.feedback.wanted = feedback::next(b.feedback.applied, asked, f.step, f.min_percent);
+            let p = &mut b.feedback.percent;
+            p.wanted = feedback::next(p.applied, asked, f.step, f.min_percent);
         }
-        self.apply_feedback_of(service)
+        self.apply_adjustments(service)
     }
 
-    fn apply_feedback_of(&mut self, service: &str) -> Result<()> {
+    /// Applies what `service`'s backends' agents and latencies ask for, if
+    /// any and if its table may be rebuilt again (once per
+    /// [`ServiceState::adjust_interval`]): one rebuild for all of them.
+    fn apply_adjustments(&mut self, service: &str) -> Result<()> {
         let svc = self.services.get_mut(service).context("no such service")?;
-        let interval = svc.config.health.interval;
+        let Some(interval) = svc.adjust_interval() else {
+            return Ok(());
+        };
         let pending = svc
             .backends
             .values()
-            .any(|b| b.feedback.wanted != b.feedback.applied);
-        if !pending || svc.feedback_applied.is_some_and(|t| t.elapsed() < interval) {
+            .any(|b| b.agent.view.pending().is_some() || b.feedback.percent.pending().is_some());
+        if !pending || svc.adjusted.is_some_and(|t| t.elapsed() < interval) {
             return Ok(());
         }
-        svc.feedback_applied = Some(Instant::now());
+        svc.adjusted = Some(Instant::now());
         for (ip, b) in &mut svc.backends {
-            let (from, to) = (b.feedback.applied, b.feedback.wanted);
-            if from != to {
+            if let Some((from, to)) = b.agent.view.apply() {
+                info!(service, backend = %ip, from = %from, to = %to, cause = "agent", "weight change");
+            }
+            if let Some((from, to)) = b.feedback.percent.apply() {
                 let latency = b.feedback.latency.unwrap_or_default();
-                info!(service, backend = %ip, from_percent = from, to_percent = to, latency = ?latency, cause = "feedback", "weight change");
-                b.feedback.applied = to;
-                b.feedback.changes += 1;
+                info!(service, backend = %ip, from = %format!("{from}%"), to = %format!("{to}%"), latency = ?latency, cause = "feedback", "weight change");
             }
         }
         self.sync(service, None)?;
@@ -1213,7 +1252,7 @@ impl Controller {
         let b = self.backend_mut(service, ip)?;
         let failed_before = matches!(b.agent.last, Some((Err(_), _)));
         match &answer {
-            Ok((_, reply)) => b.agent.wanted = b.agent.wanted.after(reply, step),
+            Ok((_, reply)) => b.agent.view.wanted = b.agent.view.wanted.after(reply, step),
             Err(e) if !failed_before => {
                 warn!(service, backend = %ip, error = %e, "agent check failed; its last answer stands");
             }
@@ -1223,42 +1262,16 @@ impl Controller {
             info!(service, backend = %ip, "agent answers again");
         }
         b.agent.last = Some((answer.map(|(line, _)| line), SystemTime::now()));
-        self.apply_agents_of(service)
+        self.apply_adjustments(service)
     }
 
     /// Applies what agents and load feedback asked for to every service
-    /// whose table may change again (at most once per agent interval, and
-    /// once per health-check interval).
+    /// whose table may change again.
     pub fn apply_weight_changes(&mut self) -> Result<()> {
         let names: Vec<String> = self.services.keys().cloned().collect();
         for name in names {
-            self.apply_agents_of(&name)?;
-            self.apply_feedback_of(&name)?;
+            self.apply_adjustments(&name)?;
         }
-        Ok(())
-    }
-
-    fn apply_agents_of(&mut self, service: &str) -> Result<()> {
-        let svc = self.services.get_mut(service).context("no such service")?;
-        let Some(interval) = svc.config.agent.as_ref().map(|a| a.interval) else {
-            return Ok(());
-        };
-        let pending = svc
-            .backends
-            .values()
-            .any(|b| b.agent.wanted != b.agent.applied);
-        if !pending || svc.agents_applied.is_some_and(|t| t.elapsed() < interval) {
-            return Ok(());
-        }
-        svc.agents_applied = Some(Instant::now());
-        for (ip, b) in &mut svc.backends {
-            if b.agent.wanted != b.agent.applied {
-                info!(service, backend = %ip, from = %b.agent.applied, to = %b.agent.wanted, cause = "agent", "weight change");
-                b.agent.applied = b.agent.wanted;
-                b.agent.changes += 1;
-            }
-        }
-        self.sync(service, None)?;
         Ok(())
     }
 

@@ -361,8 +361,12 @@ pub(crate) fn render(
                 .get_or_create(&l)
                 .set(ctl.effective_weight(name, *ip, b).0);
             let causes = [
-                ("agent", s.config.agent.is_some(), b.agent.changes),
-                ("feedback", s.config.feedback.is_some(), b.feedback.changes),
+                ("agent", s.config.agent.is_some(), b.agent.view.changes),
+                (
+                    "feedback",
+                    s.config.feedback.is_some(),
+                    b.feedback.percent.changes,
+                ),
             ];
             for (cause, configured, changes) in causes {
                 if configured {

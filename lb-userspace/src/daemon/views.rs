@@ -192,10 +192,10 @@ pub(super) fn backends(
                 admin: ctl.admin(name, *ip, b),
                 agent: s.config.agent.is_some().then(|| agent_row(&b.agent, now)),
                 feedback: s.config.feedback.is_some().then(|| FeedbackRow {
-                    percent: b.feedback.applied,
-                    pending: (b.feedback.wanted != b.feedback.applied).then_some(b.feedback.wanted),
+                    percent: b.feedback.percent.applied,
+                    pending: b.feedback.percent.pending(),
                     latency_ms: b.feedback.latency.map(|l| l.as_secs_f64() * 1000.0),
-                    changes: b.feedback.changes,
+                    changes: b.feedback.percent.changes,
                 }),
                 // Probes stop in maintenance, so the last verdict would
                 // stay: the backend takes no traffic, and says so.
@@ -359,11 +359,11 @@ fn explain(ctl: &Controller, service: &str, client: std::net::IpAddr, port: u16)
 fn agent_row(a: &AgentState, now: SystemTime) -> AgentRow {
     let (answer, at) = a.last.clone().unzip();
     AgentRow {
-        applied: a.applied.to_string(),
-        pending: (a.wanted != a.applied).then(|| a.wanted.to_string()),
+        applied: a.view.applied.to_string(),
+        pending: a.view.pending().map(|v| v.to_string()),
         last_answer: answer.clone().and_then(Result::ok),
         last_error: answer.and_then(Result::err),
         seconds_ago: at.map(|t| now.duration_since(t).unwrap_or_default().as_secs()),
-        changes: a.changes,
+        changes: a.view.changes,
     }
 }
