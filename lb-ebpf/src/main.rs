@@ -199,10 +199,11 @@ fn balance_flow(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
     };
     let ct = maps::conntrack_settings().ok_or(Counter::DropNoBackend)?;
     let (service, choice) = select::select_backend(ct, &flow, ports.tcp_flags, true)?;
-    charged(&service, deliver(ctx, ip, iface, &service, &choice))
+    charged(&service, deliver(ctx, ip, iface, &service, &choice, false))
 }
 
-/// Sends a TCP or UDP packet of `service` to its chosen backend.
+/// Sends a packet of `service` to its chosen backend: a TCP or UDP packet,
+/// or with `relayed` an ICMP error about one of its flows.
 #[inline(always)]
 fn deliver(
     ctx: &XdpContext,
@@ -210,22 +211,24 @@ fn deliver(
     iface: &'static Interface,
     service: &ServiceValue,
     choice: &Choice,
+    relayed: bool,
 ) -> Result<Counter, Counter> {
     let out = egress(iface, choice)?;
     match forward(ctx, ip, &out, service, choice) {
-        // Only here, not for relayed ICMP errors: never an error about an
-        // error (RFC 1122 §3.2.2), so those are only dropped.
-        Err(Counter::DropTooBig) => {
+        // Never for relayed ICMP errors: never an error about an error
+        // (RFC 1122 §3.2.2), so those are only dropped.
+        Err(Counter::DropTooBig) if !relayed => {
             let overhead = tunnel(service).map_or(0, |t| forward::outer_len(ip, t));
             return icmp::reply_too_big(ctx, ip, out.iface, overhead);
         }
         done => done?,
     }
-    Ok(match (out.redirect, tunnel(service)) {
-        (Some(_), _) => Counter::RedirectBackend,
-        (None, None) => Counter::ForwardDsr,
-        (None, Some(Tunnel::Ipip)) => Counter::ForwardIpip,
-        (None, Some(Tunnel::Gue)) => Counter::ForwardGue,
+    Ok(match (out.redirect, relayed, tunnel(service)) {
+        (Some(_), _, _) => Counter::RedirectBackend,
+        (None, true, _) => Counter::ForwardIcmpError,
+        (None, false, None) => Counter::ForwardDsr,
+        (None, false, Some(Tunnel::Ipip)) => Counter::ForwardIpip,
+        (None, false, Some(Tunnel::Gue)) => Counter::ForwardGue,
     })
 }
 
@@ -294,25 +297,7 @@ fn relay_icmp(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
         Err(Counter::PassNotService) => return Ok(Counter::PassOtherProtocol),
         other => other?,
     };
-    charged(&service, relay_to(ctx, ip, iface, &service, &choice))
-}
-
-/// Sends a relayed ICMP error about a flow of `service` to the flow's backend.
-#[inline(always)]
-fn relay_to(
-    ctx: &XdpContext,
-    ip: &Ip,
-    iface: &'static Interface,
-    service: &ServiceValue,
-    choice: &Choice,
-) -> Result<Counter, Counter> {
-    let out = egress(iface, choice)?;
-    forward(ctx, ip, &out, service, choice)?;
-    Ok(if out.redirect.is_some() {
-        Counter::RedirectBackend
-    } else {
-        Counter::ForwardIcmpError
-    })
+    charged(&service, deliver(ctx, ip, iface, &service, &choice, true))
 }
 
 /// `outcome`, of a packet matched to `service`: a drop is counted against

@@ -72,13 +72,7 @@ enum Prefixed<V: aya::Pod, const N: usize> {
 
 impl<V: aya::Pod, const N: usize> Prefixed<V, N> {
     fn take(ebpf: &mut Ebpf, name: &str) -> Result<Self> {
-        let map = ebpf
-            .take_map(name)
-            .with_context(|| format!("map {name} missing from {OBJECT}"))?;
-        let value_size = match &map {
-            aya::maps::Map::Array(data) => data.info()?.value_size() as usize,
-            _ => 0,
-        };
+        let (map, value_size) = take_sized(ebpf, name)?;
         let layout = || format!("map {name} of {OBJECT} has another layout");
         Ok(if value_size == N {
             Prefixed::Earlier(Array::try_from(map).with_context(layout)?)
@@ -114,13 +108,7 @@ enum ServiceCounters {
 impl ServiceCounters {
     fn take(ebpf: &mut Ebpf) -> Result<Self> {
         let name = names::SERVICE_STATS;
-        let map = ebpf
-            .take_map(name)
-            .with_context(|| format!("map {name} missing from {OBJECT}"))?;
-        let value_size = match &map {
-            aya::maps::Map::PerCpuArray(data) => data.info()?.value_size() as usize,
-            _ => 0,
-        };
+        let (map, value_size) = take_sized(ebpf, name)?;
         let layout = || format!("map {name} of {OBJECT} has another layout");
         Ok(if value_size == size_of::<[u64; 3]>() {
             ServiceCounters::BeforeDrops(PerCpuArray::try_from(map).with_context(layout)?)
@@ -146,6 +134,20 @@ impl ServiceCounters {
             }
         })
     }
+}
+
+/// Map `name` of the baseline, with its value size (0 unless an array).
+fn take_sized(ebpf: &mut Ebpf, name: &str) -> Result<(aya::maps::Map, usize)> {
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("map {name} missing from {OBJECT}"))?;
+    let value_size = match &map {
+        aya::maps::Map::Array(data) | aya::maps::Map::PerCpuArray(data) => {
+            data.info()?.value_size() as usize
+        }
+        _ => 0,
+    };
+    Ok((map, value_size))
 }
 
 /// Map `name` of the baseline, if the revision has it.
