@@ -186,11 +186,26 @@ impl Drop for PrivateBpffs {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
-        if let Err(e) = run("umount", &[&self.mount.to_string_lossy()]) {
+        // A process that just ended may hold the mount a moment longer (its
+        // maps and links go with its last reference): retry, then detach it
+        // so the kernel unmounts it once nothing uses it.
+        let path = self.mount.to_string_lossy();
+        for _ in 0..UMOUNT_TRIES {
+            if run("umount", &[&path]).is_ok() {
+                return;
+            }
+            std::thread::sleep(UMOUNT_RETRY);
+        }
+        if let Err(e) = run("umount", &["--lazy", &path]) {
             eprintln!("cleanup: {e:#}");
         }
     }
 }
+
+/// Tries of a busy bpffs's unmount before it is detached lazily.
+const UMOUNT_TRIES: u32 = 10;
+/// Time between them.
+const UMOUNT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A veth pair: `a_name` in `a`, `b_name` (with `b_mac`, if given) in `b`.
 pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str, b_mac: Option<&str>) -> Result<()> {

@@ -384,6 +384,28 @@ impl Controller {
         Ok((c, report))
     }
 
+    /// The configured backends of `cfg` that `ring` (a live table) names,
+    /// by their ids.
+    fn backends_in(&self, ring: &[u32], cfg: &config::Service) -> Result<BTreeMap<IpAddr, u32>> {
+        let ids: BTreeSet<u32> = ring
+            .iter()
+            .copied()
+            .filter(|&id| id != NO_BACKEND)
+            .collect();
+        let mut found = BTreeMap::new();
+        for id in ids {
+            let v = self.dp.backend(id)?;
+            if let Some(ip) = cfg
+                .backends
+                .keys()
+                .find(|ip| addr_bytes(**ip) == (v.addr, v.family))
+            {
+                found.insert(*ip, id);
+            }
+        }
+        Ok(found)
+    }
+
     /// Builds state for the desired services the kernel already serves.
     fn adopt(&mut self, desired: &Desired) -> Result<()> {
         let mut wanted = BTreeSet::new();
@@ -394,9 +416,14 @@ impl Controller {
                 continue;
             };
             let ring = self.dp.live_ring(&key)?;
-            let ids = self.runtime.ids.get(name).cloned().unwrap_or_default();
+            let ids = match self.runtime.ids.get(name) {
+                Some(ids) => ids.backends.clone(),
+                // No state file (lost, or corrupt and set aside): the live
+                // table names the backends that serve.
+                None => self.backends_in(&ring, cfg)?,
+            };
             let mut backends = BTreeMap::new();
-            for (ip, id) in ids.backends {
+            for (ip, id) in ids {
                 let Ok(v) = self.dp.backend(id) else { continue };
                 if (v.addr, v.family) != addr_bytes(ip) || !cfg.backends.contains_key(&ip) {
                     continue;

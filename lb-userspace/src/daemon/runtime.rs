@@ -3,10 +3,16 @@
 //! survive a daemon restart and a configuration reload; so does each
 //! backend's health history.
 
-use std::{collections::BTreeMap, net::IpAddr, path::Path};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
 
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
+use tracing::{error, warn};
 
 use crate::fleet::state::FleetState;
 
@@ -32,6 +38,21 @@ pub struct Override {
     /// Operator state.
     #[serde(default)]
     pub admin: Admin,
+}
+
+/// Where the state file at `path` keeps its previous copy.
+fn previous_copy(path: &Path) -> PathBuf {
+    path.with_extension("prev")
+}
+
+/// The state file at `path`: `None` if there is none, else what it parses
+/// to.
+fn read(path: &Path) -> Result<Option<Result<Runtime, serde_json::Error>>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(serde_json::from_str(&text))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
 }
 
 /// Overrides by service name and backend address, and the ids the data
@@ -91,21 +112,52 @@ pub struct ServiceIds {
 impl Runtime {
     /// Reads the state file; a missing file is an empty state.
     pub fn load(path: &Path) -> Result<Runtime> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => serde_json::from_str(&text).with_context(|| {
-                format!(
-                    "state file {} is corrupt, so the operator's weights, drains and \
-                     maintenance it holds are unknown; move it aside to start without them",
-                    path.display()
-                )
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Runtime::default()),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        let previous = previous_copy(path);
+        match read(path)? {
+            Some(Ok(r)) => return Ok(r),
+            // A crash between the two renames of `save`.
+            None => return Ok(read(&previous)?.and_then(Result::ok).unwrap_or_default()),
+            Some(Err(e)) => {
+                let aside = path.with_extension(format!(
+                    "corrupt-{}",
+                    SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_secs()
+                ));
+                let kept = std::fs::rename(path, &aside).is_ok();
+                error!(
+                    file = %path.display(),
+                    error = %e,
+                    moved_to = %if kept { aside.display().to_string() } else { "nowhere (it stays)".into() },
+                    "the state file is corrupt"
+                );
+            }
+        }
+        match read(&previous)? {
+            Some(Ok(r)) => {
+                warn!(
+                    file = %previous.display(),
+                    "starting from the state file's previous copy: the last operator change or \
+                     health transition may be missing"
+                );
+                Ok(r)
+            }
+            _ => {
+                error!(
+                    "starting without a state file: tables come from the pinned maps and the \
+                     configuration; the operator's weights, drains, maintenance and node drain \
+                     are forgotten, and health history starts again"
+                );
+                Ok(Runtime::default())
+            }
         }
     }
 
     /// Writes the state file so that a crash leaves the old state or the
-    /// new one, whole (written beside it, flushed, renamed, flushed).
+    /// new one, whole (written beside it, flushed, renamed, flushed); the
+    /// old one is kept as the previous copy, for a file corrupted anyway
+    /// (a hand edit, a disk that lies about its flushes).
     pub fn save(&self, path: &Path) -> Result<()> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -113,6 +165,11 @@ impl Runtime {
         let tmp = path.with_extension("tmp");
         super::durable::write_synced(&tmp, &serde_json::to_vec_pretty(self)?)
             .with_context(|| format!("writing {}", tmp.display()))?;
+        if path.exists() {
+            let previous = previous_copy(path);
+            std::fs::rename(path, &previous)
+                .with_context(|| format!("keeping {} as {}", path.display(), previous.display()))?;
+        }
         super::durable::rename_synced(&tmp, path)
             .with_context(|| format!("replacing {}", path.display()))
     }
@@ -171,12 +228,30 @@ mod tests {
         assert_eq!(Runtime::load(&path).unwrap(), r);
         r.set("web", ip, Override::default());
         assert!(r.overrides.is_empty());
+        // Saved again: the first save is the previous copy now.
+        r.save(&path).unwrap();
+        assert_eq!(Runtime::load(&path).unwrap(), r);
+        // Torn: moved aside, and the previous copy read instead.
+        let first = Runtime::load(&previous_copy(&path)).unwrap();
+        assert_eq!(first.get("web", ip).weight, Some(5));
         std::fs::write(&path, b"{\"overrides\": {\"web\"").unwrap();
-        let e = format!("{:#}", Runtime::load(&path).unwrap_err());
-        assert!(
-            e.contains("is corrupt") && e.contains("move it aside"),
-            "{e}"
-        );
+        assert_eq!(Runtime::load(&path).unwrap(), first);
+        assert!(!path.exists(), "the corrupt file is moved aside");
+        let aside = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains("corrupt-"))
+            .count();
+        assert_eq!(aside, 1);
+        // Both torn: a fresh start, not a refusal.
+        std::fs::write(&path, b"\0\0\0").unwrap();
+        std::fs::write(previous_copy(&path), b"").unwrap();
+        assert_eq!(Runtime::load(&path).unwrap(), Runtime::default());
+        // Only the previous copy (a crash between save's renames): read.
+        r.save(&path).unwrap();
+        r.save(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(Runtime::load(&path).unwrap(), r);
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(Runtime::load(&path).unwrap(), Runtime::default());
     }

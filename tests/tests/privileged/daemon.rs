@@ -386,6 +386,30 @@ fn run() -> Result<()> {
         "{health}"
     );
     d.cli(&["backend", "enable", "web", "198.18.0.12"])?;
+
+    // A corrupt state file and previous copy (a hand edit, a lying disk):
+    // the restarted daemon starts anyway, from the pinned maps and the
+    // configuration, sets the file aside, says so, and rewrites no table.
+    let (live, _) = digest(&d)?;
+    d.kill(libc::SIGKILL)?;
+    std::fs::write(d.dir.join("state.json"), b"{\"overrides\": {\"we")?;
+    std::fs::write(d.dir.join("state.prev"), b"")?;
+    d.spawn()?;
+    assert_eq!(
+        digest(&d)?,
+        (live, 0),
+        "the live table was adopted as it was"
+    );
+    assert!(d.log().contains("the state file is corrupt"), "{}", d.log());
+    assert!(d.log().contains("starting without a state file"));
+    let set_aside = std::fs::read_dir(&d.dir)?.flatten().any(|e| {
+        e.file_name()
+            .to_string_lossy()
+            .starts_with("state.corrupt-")
+    });
+    assert!(set_aside, "the corrupt file is kept beside");
+    let t = tally(&lan, 40)?;
+    assert_eq!(t.values().sum::<usize>(), 40, "{t:?}");
     Ok(())
 }
 
