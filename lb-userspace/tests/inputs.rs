@@ -147,10 +147,16 @@ fn apply(text: &str, edits: &[Edit]) -> String {
 }
 
 /// Whether an error's field names a field of the file: `file` for what the
-/// TOML parser refuses (syntax, types, unknown keys), or a dotted path
-/// under `settings` or `service[...]` for what validation refuses.
+/// TOML parser refuses (syntax, types, unknown keys), a table (`fleet`,
+/// `announce`: one missing a required field) or a dotted path under
+/// `settings`, `fleet`, `announce` or `service[...]` for what validation
+/// refuses.
 fn names_a_field(field: &str) -> bool {
-    field == "file" || field.starts_with("settings.") || field.starts_with("service[")
+    field == "file"
+        || ["settings", "fleet", "announce"]
+            .iter()
+            .any(|t| field == *t || field.starts_with(&format!("{t}.")))
+        || field.starts_with("service[")
 }
 
 /// `parse` does not panic, and a refusal is well formed.
