@@ -100,11 +100,6 @@ impl View {
             percent,
         }
     }
-
-    /// Whether the agent changes nothing.
-    pub fn is_neutral(&self) -> bool {
-        *self == View::default()
-    }
 }
 
 impl fmt::Display for View {
@@ -196,7 +191,7 @@ mod tests {
         let down = drained.after(&parse("down").unwrap(), 5);
         assert_eq!((down.admin, down.down), (Admin::Drain, true));
         let back = down.after(&parse("ready up 100%").unwrap(), 5);
-        assert!(back.is_neutral(), "{back}");
+        assert_eq!(back, View::default(), "{back}");
         assert_eq!(down.to_string(), "drain down 50%");
     }
 

@@ -121,16 +121,17 @@ impl ServiceCounters {
         Ok(match self {
             ServiceCounters::Current(a) => ServiceStats::total(a.get(&id, 0)?.iter()),
             ServiceCounters::BeforeDrops(a) => {
-                let per_cpu = a.get(&id, 0)?;
-                let [packets, bytes, new_flows] = per_cpu
+                let per_cpu: Vec<ServiceStats> = a
+                    .get(&id, 0)?
                     .iter()
-                    .fold([0; 3], |t, v| [t[0] + v[0], t[1] + v[1], t[2] + v[2]]);
-                ServiceStats {
-                    packets,
-                    bytes,
-                    new_flows,
-                    drops: 0,
-                }
+                    .map(|&[packets, bytes, new_flows]| ServiceStats {
+                        packets,
+                        bytes,
+                        new_flows,
+                        drops: 0,
+                    })
+                    .collect();
+                ServiceStats::total(&per_cpu)
             }
         })
     }
