@@ -71,6 +71,22 @@ struct Cli {
     /// reaction, fleet); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Data plane: only the groups with these backends per service (an
+    /// A/B of one change needs fewer groups and more rounds).
+    #[arg(long, value_delimiter = ',')]
+    backends: Vec<u32>,
+    /// Data plane: only the groups with these services in the table.
+    #[arg(long, value_delimiter = ',')]
+    services: Vec<u32>,
+    /// Data plane: only these many-flows groups (0: none).
+    #[arg(long, value_delimiter = ',')]
+    many_flows: Vec<u32>,
+    /// Data plane: only these paths in the matrix groups (the floors always).
+    #[arg(long, value_delimiter = ',', value_enum)]
+    paths: Vec<dataplane::Path>,
+    /// Data plane: timed rounds per case, in place of the plan's.
+    #[arg(long)]
+    rounds: Option<usize>,
 }
 
 /// Everything one run measured.
@@ -114,6 +130,26 @@ fn wanted(cli: &Cli, part: &str) -> bool {
     cli.only.is_empty() || cli.only.iter().any(|p| p == part)
 }
 
+/// The data-plane plan, narrowed by the command line.
+fn plan(cli: &Cli) -> dataplane::Plan {
+    let mut plan = dataplane::Plan::new(cli.quick);
+    if !cli.backends.is_empty() {
+        plan.backends.clone_from(&cli.backends);
+    }
+    if !cli.services.is_empty() {
+        plan.services.clone_from(&cli.services);
+    }
+    if !cli.many_flows.is_empty() {
+        plan.many_flows = cli.many_flows.iter().copied().filter(|&n| n > 0).collect();
+    }
+    plan.paths.clone_from(&cli.paths);
+    if let Some(rounds) = cli.rounds {
+        plan.rounds = rounds;
+        plan.many_flows_rounds = rounds;
+    }
+    plan
+}
+
 fn run(cli: &Cli) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     ensure!(
@@ -141,7 +177,7 @@ fn run(cli: &Cli) -> Result<()> {
             .baseline_rev
             .as_deref()
             .zip(cli.baseline_object.as_deref());
-        results.dataplane = Some(dataplane::run(&dataplane::Plan::new(cli.quick), baseline)?);
+        results.dataplane = Some(dataplane::run(&plan(cli), baseline)?);
     }
     if wanted(cli, "live") {
         results.live = Some(live::run(live::Plan::new(cli.quick))?);

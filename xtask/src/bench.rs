@@ -24,8 +24,14 @@ const DRIVER: &str = "lb-bench";
 /// Runs every benchmark (or the parts in `only`); `quick` trades precision
 /// for a run under five minutes (the same paths and configurations, fewer
 /// iterations); `baseline` adds lb's object at that revision to the
-/// data-plane part.
-pub(crate) fn run(root: &Path, quick: bool, baseline: Option<&str>, only: &[String]) -> Result<()> {
+/// data-plane part; `driver_args` go to `lb-bench` as they are.
+pub(crate) fn run(
+    root: &Path,
+    quick: bool,
+    baseline: Option<&str>,
+    only: &[String],
+    driver_args: &[String],
+) -> Result<()> {
     let baseline = baseline
         .map(|rev| baseline::object(root, rev))
         .transpose()?;
@@ -50,8 +56,9 @@ pub(crate) fn run(root: &Path, quick: bool, baseline: Option<&str>, only: &[Stri
         exec::run(&mut maglev)?;
     }
 
-    // A partial run is not the report of record: it goes beside the build.
-    let (report, results) = if only.is_empty() {
+    // A partial or narrowed run is not the report of record: it goes
+    // beside the build.
+    let (report, results) = if only.is_empty() && driver_args.is_empty() {
         (root.join(REPORT), root.join(RESULTS))
     } else {
         let dir = build::target_dir(root).join("bench");
@@ -84,5 +91,6 @@ pub(crate) fn run(root: &Path, quick: bool, baseline: Option<&str>, only: &[Stri
     if !only.is_empty() {
         driver.arg("--only").arg(only.join(","));
     }
+    driver.args(driver_args);
     exec::run(&mut driver)
 }

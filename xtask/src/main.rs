@@ -71,6 +71,10 @@ enum Task {
         /// reaction, fleet); all by default.
         #[arg(long, value_delimiter = ',', value_name = "PARTS")]
         only: Vec<String>,
+        /// Arguments for `lb-bench`, after `--` (e.g. `--backends 100
+        /// --services 4 --many-flows 0 --rounds 21` for an A/B of one group).
+        #[arg(last = true)]
+        driver_args: Vec<String>,
     },
     /// Run setup, then cargo fmt --check, cargo test and cargo clippy.
     Test {
@@ -105,7 +109,8 @@ fn main() -> ExitCode {
             quick,
             baseline,
             only,
-        } => bench::run(&root, quick, baseline.as_deref(), &only),
+            driver_args,
+        } => bench::run(&root, quick, baseline.as_deref(), &only, &driver_args),
         Task::Demo { keep, fleet } => demo::run(&root, keep, fleet),
         Task::Fuzz { frames, seed } => fuzz::run(&root, frames, seed),
         Task::Package => package::run(&root).map(drop),

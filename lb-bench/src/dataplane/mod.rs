@@ -63,6 +63,9 @@ pub struct Plan {
     pub many_flows: Vec<u32>,
     /// Backends per service in the many-flows groups.
     pub many_flows_backends: u32,
+    /// Only these paths of the matrix groups (and the floors every ratio
+    /// needs); all when empty.
+    pub paths: Vec<Path>,
 }
 
 impl Plan {
@@ -77,6 +80,7 @@ impl Plan {
             services: vec![MEASURED.len() as u32, 512],
             many_flows: vec![10_000, 1_000_000],
             many_flows_backends: 100,
+            paths: Vec::new(),
         }
     }
 }
@@ -112,7 +116,7 @@ const CONNTRACK_HEADROOM: f64 = 2.0;
 pub(crate) const CYCLE_STRIDE: u16 = 7919;
 
 /// What a case measures.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Path {
     /// Floor: XDP_PASS and nothing else.
@@ -148,6 +152,11 @@ pub enum Path {
 }
 
 impl Path {
+    /// Whether the path is a floor, which every other figure is a ratio to.
+    pub fn is_floor(self) -> bool {
+        matches!(self, Path::FloorPass | Path::FloorSwap | Path::WrapperPass)
+    }
+
     /// Whether the path runs with the insert budget spent.
     pub fn floods(self) -> bool {
         matches!(self, Path::FloodSyn | Path::FloodNewFlow)
@@ -675,7 +684,10 @@ fn run_matrix(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<Vec<G
                 );
                 published = total;
             }
-            let cases = matrix_cases(&mut h)?;
+            let mut cases = matrix_cases(&mut h)?;
+            cases.retain(|c| {
+                plan.paths.is_empty() || c.path.is_floor() || plan.paths.contains(&c.path)
+            });
             let mut cases = with_baseline(&h, cases);
             let samples = measure(&mut h, &mut cases, plan.repeat, plan.rounds)?;
             eprintln!(
