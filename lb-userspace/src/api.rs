@@ -256,6 +256,10 @@ pub struct FeedbackRow {
     pub pending: Option<u32>,
     /// Smoothed latency of its successful probes, milliseconds.
     pub latency_ms: Option<f64>,
+    /// The active flows it was last weighed by (services that weigh by
+    /// flows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_flows: Option<u64>,
     /// Changes applied since the daemon started.
     pub changes: u64,
 }

@@ -394,8 +394,8 @@ pub struct AgentFile {
     pub step: u32,
 }
 
-/// `[service.feedback]`: weights that follow probe latency (see
-/// [`crate::feedback`]).
+/// `[service.feedback]`: weights that follow probe latency, and optionally
+/// active flows (see [`crate::feedback`]).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FeedbackFile {
@@ -408,6 +408,18 @@ pub struct FeedbackFile {
     /// Weight changes smaller than this many percentage points are ignored.
     #[serde(default = "default_agent_step")]
     pub step: u32,
+    /// Also weigh backends by their active flows (the connection table,
+    /// read once a second).
+    #[serde(default)]
+    pub flows: bool,
+    /// Flows over its share a backend may hold before it loses weight
+    /// for them, so that small counts do not churn the table.
+    #[serde(default = "default_flow_tolerance")]
+    pub flow_tolerance: u64,
+}
+
+fn default_flow_tolerance() -> u64 {
+    100
 }
 
 fn default_min_percent() -> u32 {
@@ -733,6 +745,8 @@ pub struct Feedback {
     pub tolerance: Duration,
     /// Least weight change applied, in percentage points.
     pub step: u32,
+    /// Also by active flows, with this tolerance (flows over the share).
+    pub flows: Option<u64>,
 }
 
 /// A probe, with what it needs.
@@ -1332,6 +1346,7 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
                 min_percent: f.min_percent,
                 tolerance: f.tolerance,
                 step: f.step,
+                flows: f.flows.then_some(f.flow_tolerance),
             }
         });
         if let Some(t) = svc.idle_timeout {

@@ -1,12 +1,16 @@
 //! Load feedback (pure): a backend's weight follows its health probes'
 //! latency, so a slow (loaded) backend gets fewer new flows before it
-//! fails its checks.
+//! fails its checks, and optionally its active flows, so one holding more
+//! than its share of long-lived connections gets fewer new ones.
 //!
 //! Each backend's successful probes are smoothed (an exponentially weighted
 //! average); a backend whose smoothed latency is `L` keeps `(F + T) / (L + T)`
 //! of its weight, `F` being the fastest backend's of the service and `T` the
 //! tolerance, so that latencies within a few milliseconds of each other
-//! count as equal; never less than the service's lower bound.
+//! count as equal; never less than the service's lower bound. By flows, a
+//! backend holding `A` active flows where its weight's share of them all is
+//! `S` keeps `(S + T) / (A + T)`, `T` being the flow tolerance; the lower
+//! of the two percents applies.
 
 use std::time::Duration;
 
@@ -33,6 +37,20 @@ pub fn percent(own: Duration, fastest: Duration, tolerance: Duration, min_percen
     }
     let share = (fastest + tolerance).as_secs_f64() / (own + tolerance).as_secs_f64().max(1e-9);
     ((share * f64::from(FULL)).round() as u32).clamp(min_percent.min(FULL), FULL)
+}
+
+/// Percent of its weight a backend holding `active` flows keeps when its
+/// weight's share of the service's active flows is `share`: `(share +
+/// tolerance) / (active + tolerance)`, rounded, between `min_percent` and
+/// 100. A backend at or under its share keeps all of its weight.
+pub fn flow_percent(active: u64, share: f64, tolerance: u64, min_percent: u32) -> u32 {
+    let active = active as f64;
+    if active <= share {
+        return FULL;
+    }
+    let tolerance = tolerance as f64;
+    let kept = (share + tolerance) / (active + tolerance).max(f64::MIN_POSITIVE);
+    ((kept * f64::from(FULL)).round() as u32).clamp(min_percent.min(FULL), FULL)
 }
 
 /// The percent to apply next, from `applied`, when `wanted` is asked:
@@ -94,7 +112,32 @@ mod tests {
         assert_eq!(next(52, 51, 5, 50), 52);
     }
 
+    #[test]
+    fn backends_over_their_share_of_flows_lose_weight_down_to_the_bound() {
+        // At or under the share: all of it.
+        assert_eq!(flow_percent(50, 50.0, 100, 50), 100);
+        assert_eq!(flow_percent(0, 50.0, 100, 50), 100);
+        // A few flows over: within the step of all of it.
+        assert!(flow_percent(55, 50.0, 100, 50) >= 96);
+        // Twice its share, many flows: about half.
+        assert_eq!(flow_percent(2000, 1000.0, 0, 10), 50);
+        assert_eq!(flow_percent(2000, 1000.0, 100, 10), 52);
+        // Far over: the bound; no tolerance and no share: the bound too.
+        assert_eq!(flow_percent(10_000, 100.0, 100, 50), 50);
+        assert_eq!(flow_percent(3, 0.0, 0, 20), 20);
+    }
+
     proptest! {
+        #[test]
+        fn the_flow_percent_is_bounded_and_falls_with_flows(
+            active in 0u64..1_000_000, more in 0u64..1_000_000, share in 0.0f64..1e6,
+            tolerance in 0u64..1000, min in 0u32..=100,
+        ) {
+            let p = flow_percent(active, share, tolerance, min);
+            prop_assert!((min..=FULL).contains(&p));
+            prop_assert!(flow_percent(active + more, share, tolerance, min) <= p);
+        }
+
         #[test]
         fn the_percent_is_bounded_and_falls_with_latency(
             own in 0u64..10_000, more in 0u64..10_000, fastest in 0u64..10_000,

@@ -117,11 +117,15 @@ impl<T: Copy + PartialEq> Adjustment<T> {
     }
 }
 
-/// A backend's probe latency, and the percent of its weight it leaves it.
+/// A backend's probe latency and active flows, and the percent of its
+/// weight they leave it.
 #[derive(Debug, Clone)]
 pub struct FeedbackState {
     /// Smoothed latency of its successful probes.
     pub latency: Option<Duration>,
+    /// Flows the connection table pins to it, when its service weighs by
+    /// them (read about once a second).
+    pub flows: Option<u64>,
     /// Percent of its weight.
     pub percent: Adjustment<u32>,
 }
@@ -130,6 +134,7 @@ impl Default for FeedbackState {
     fn default() -> Self {
         FeedbackState {
             latency: None,
+            flows: None,
             percent: Adjustment::new(feedback::FULL),
         }
     }
@@ -1166,37 +1171,98 @@ impl Controller {
                 warn!(error = %format!("{e:#}"), "saving the health history to the state file");
             }
         }
-        self.weigh_by_latency(service)?;
+        self.reweigh(service)?;
         Ok(changed)
     }
 
     /// Load feedback: what each backend of `service` should keep of its
-    /// weight by its smoothed probe latency, against the fastest's; applied
-    /// when the service may rebuild again.
-    fn weigh_by_latency(&mut self, service: &str) -> Result<()> {
-        let svc = self.services.get_mut(service).context("no such service")?;
+    /// weight by its smoothed probe latency, against the fastest's, and by
+    /// its active flows, against its weight's share of them (the lower of
+    /// the two); applied when the service may rebuild again.
+    fn reweigh(&mut self, service: &str) -> Result<()> {
+        let svc = self.services.get(service).context("no such service")?;
         let Some(f) = svc.config.feedback else {
             return Ok(());
         };
-        // The fastest backend that is up: a dead one's last latency says
-        // nothing of the others.
+        // Measured against the backends taking new flows: a dead one's
+        // last latency says nothing of the others, and a drained one's
+        // flows are no share of the new ones.
+        let serving: BTreeMap<IpAddr, u32> = svc
+            .backends
+            .iter()
+            .filter(|(ip, b)| {
+                b.health.state() == Health::Up && self.admin(service, **ip, b) == Admin::Ready
+            })
+            .map(|(ip, b)| {
+                (
+                    *ip,
+                    self.runtime
+                        .get(service, *ip)
+                        .weight
+                        .unwrap_or(b.configured_weight),
+                )
+            })
+            .collect();
         let fastest = svc
             .backends
-            .values()
-            .filter(|b| b.health.state() == Health::Up)
-            .filter_map(|b| b.feedback.latency)
+            .iter()
+            .filter(|(ip, _)| serving.contains_key(*ip))
+            .filter_map(|(_, b)| b.feedback.latency)
             .min();
-        let Some(fastest) = fastest else {
-            return Ok(());
-        };
-        for b in svc.backends.values_mut() {
-            let asked = b.feedback.latency.map_or(feedback::FULL, |l| {
-                feedback::percent(l, fastest, f.tolerance, f.min_percent)
-            });
+        let total_weight: u64 = serving.values().map(|&w| u64::from(w)).sum();
+        let total_flows: u64 = svc
+            .backends
+            .iter()
+            .filter(|(ip, _)| serving.contains_key(*ip))
+            .filter_map(|(_, b)| b.feedback.flows)
+            .sum();
+        let svc = self.services.get_mut(service).context("no such service")?;
+        for (ip, b) in &mut svc.backends {
+            let by_latency = match (b.feedback.latency, fastest) {
+                (Some(l), Some(fastest)) => {
+                    feedback::percent(l, fastest, f.tolerance, f.min_percent)
+                }
+                _ => feedback::FULL,
+            };
+            let by_flows = match (f.flows, b.feedback.flows, serving.get(ip)) {
+                (Some(tolerance), Some(active), Some(&weight)) if total_weight > 0 => {
+                    let share = total_flows as f64 * f64::from(weight) / total_weight as f64;
+                    feedback::flow_percent(active, share, tolerance, f.min_percent)
+                }
+                _ => feedback::FULL,
+            };
             let p = &mut b.feedback.percent;
-            p.wanted = feedback::next(p.applied, asked, f.step, f.min_percent);
+            p.wanted = feedback::next(p.applied, by_latency.min(by_flows), f.step, f.min_percent);
         }
         self.apply_adjustments(service)
+    }
+
+    /// Whether a service weighs its backends by their active flows, so the
+    /// connection table must be read for [`Controller::observe_active_flows`].
+    pub fn weighs_by_flows(&self) -> bool {
+        self.services
+            .values()
+            .any(|s| s.config.feedback.is_some_and(|f| f.flows.is_some()))
+    }
+
+    /// Records each backend's active flows (by backend id, from the
+    /// connection table) for the services that weigh by them, and weighs
+    /// those services' backends again.
+    pub fn observe_active_flows(&mut self, active: &BTreeMap<u32, u64>) -> Result<()> {
+        let names: Vec<String> = self
+            .services
+            .iter()
+            .filter(|(_, s)| s.config.feedback.is_some_and(|f| f.flows.is_some()))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in names {
+            let svc = self.services.get_mut(&name).context("no such service")?;
+            for b in svc.backends.values_mut() {
+                b.feedback.flows = Some(active.get(&b.id).copied().unwrap_or(0));
+            }
+            self.reweigh(&name)?;
+        }
+        Ok(())
     }
 
     /// Applies what `service`'s backends' agents and latencies ask for, if
@@ -1221,7 +1287,8 @@ impl Controller {
             }
             if let Some((from, to)) = b.feedback.percent.apply() {
                 let latency = b.feedback.latency.unwrap_or_default();
-                info!(service, backend = %ip, from = %format!("{from}%"), to = %format!("{to}%"), latency = ?latency, cause = "feedback", "weight change");
+                let flows = b.feedback.flows.map_or("-".to_string(), |f| f.to_string());
+                info!(service, backend = %ip, from = %format!("{from}%"), to = %format!("{to}%"), latency = ?latency, active_flows = %flows, cause = "feedback", "weight change");
             }
         }
         self.sync(service, None)?;

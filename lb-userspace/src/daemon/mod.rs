@@ -482,6 +482,12 @@ pub async fn run(opts: Options) -> Result<()> {
                 if let Err(e) = ctl.apply_weight_changes() {
                     error!(error = %format!("{e:#}"), "applying weight changes");
                 }
+                if ctl.weighs_by_flows() {
+                    let active = flows::Table::read(&ctl).map(|t| t.active_by_backend());
+                    if let Err(e) = active.and_then(|a| ctl.observe_active_flows(&a)) {
+                        error!(error = %format!("{e:#}"), "weighing backends by their active flows");
+                    }
+                }
                 node.observe_flows(&ctl);
                 match history::Sample::read(&ctl) {
                     Ok(sample) => history.push(sample),

@@ -195,6 +195,7 @@ pub(super) fn backends(
                     percent: b.feedback.percent.applied,
                     pending: b.feedback.percent.pending(),
                     latency_ms: b.feedback.latency.map(|l| l.as_secs_f64() * 1000.0),
+                    active_flows: b.feedback.flows,
                     changes: b.feedback.percent.changes,
                 }),
                 // Probes stop in maintenance, so the last verdict would

@@ -3,7 +3,8 @@
 //! `maint` and `down` act as the CLI's commands and a failed probe do, an
 //! operator's command wins over it, and a flapping agent rebuilds the table
 //! at most once per agent interval; under load feedback a backend whose
-//! health checks answer slowly gets a smaller share, within the bounds set.
+//! health checks answer slowly gets a smaller share, within the bounds set,
+//! and so does one holding more than its share of active flows.
 
 use std::{
     collections::BTreeMap,
@@ -352,4 +353,57 @@ fn a_backend_whose_checks_answer_slowly_gets_fewer_new_flows_within_bounds() {
     );
     drop(d);
     drop(checks);
+}
+
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn a_backend_holding_more_than_its_share_of_flows_gets_fewer_new_ones() {
+    require_root();
+    let lan = Lan::build(2, &["198.18.1.1/32"]).unwrap();
+    let _servers = lan.serve_names(WEB_PORT).unwrap();
+    let feedback = "\n[service.feedback]\nflows = true\nflow_tolerance = 10\nmin_percent = 30\n";
+    let config = web_config(2) + feedback;
+    let d = Daemon::start(&lan.lb, "flows", &config).unwrap();
+    let two = "198.18.0.12";
+    wait_for_backend(&d, two, "ready", 1.0, "config");
+
+    // While backend 2 is drained, 100 connections all go to backend 1 and
+    // stay open (each asks once, then idles: its entry stays).
+    d.cli(&["backend", "drain", "web", two]).unwrap();
+    wait_for_backend(&d, two, "drain", 0.0, "operator");
+    let vip = SocketAddr::new(IpAddr::V4(WEB_VIP), WEB_PORT);
+    let held: Vec<std::net::TcpStream> = lan
+        .client
+        .run(|| {
+            (0..100)
+                .map(|_| {
+                    let mut s = std::net::TcpStream::connect_timeout(&vip, WAIT)?;
+                    s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+                    let mut answer = String::new();
+                    std::io::Read::read_to_string(&mut s, &mut answer)?;
+                    anyhow::ensure!(answer.ends_with("backend-1\n"), "{answer}");
+                    Ok(s)
+                })
+                .collect()
+        })
+        .unwrap();
+    // Alone in rotation, its 100 flows are its whole share: full weight.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(row(&d, ONE).unwrap()["table_weight"], 1.0);
+
+    // Back with no flow: backend 1 holds twice its share of 50, so it
+    // keeps (50 + 10) / (100 + 10), 55 %, of its weight; the table follows.
+    d.cli(&["backend", "enable", "web", two]).unwrap();
+    wait_for_backend(&d, ONE, "ready", 0.55, "feedback");
+    let r = row(&d, ONE).unwrap();
+    assert_eq!(r["feedback"]["active_flows"], 100, "{r}");
+    assert_eq!(row(&d, two).unwrap()["table_weight"], 1.0);
+    let share = table_share(&d, ONE);
+    assert!((share - 0.55 / 1.55).abs() < 0.01, "table share {share}");
+
+    // Its flows gone (flushed): its weight again.
+    d.cli(&["conntrack", "flush", "web"]).unwrap();
+    wait_for_backend(&d, ONE, "ready", 1.0, "config");
+    drop(held);
+    drop(d);
 }
