@@ -349,6 +349,22 @@ pub struct HealthFile {
     pub send: Option<String>,
     /// `udp` (required), `tcp` (optional): expected reply prefix.
     pub expect: Option<String>,
+    /// Where probes go: the backend's own address, or the service's VIP
+    /// delivered to the backend as clients' packets are (the default for
+    /// `dsr-l2`).
+    pub via: Option<Via>,
+}
+
+/// Where a backend's health probes are addressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// The backend's own address.
+    Address,
+    /// The service's VIP, sent to the backend the way the data plane sends
+    /// clients' packets (see [`crate::probe_path`]): a backend that lost the
+    /// VIP fails.
+    Vip,
 }
 
 impl Default for HealthFile {
@@ -370,6 +386,7 @@ impl Default for HealthFile {
             status: None,
             send: None,
             expect: None,
+            via: None,
         }
     }
 }
@@ -718,6 +735,8 @@ pub struct HealthCheck {
     pub thresholds: Thresholds,
     /// Ramp of a recovered backend's weight.
     pub slow_start: Duration,
+    /// Where probes are addressed.
+    pub via: Via,
 }
 
 /// A validated agent check.
@@ -1016,6 +1035,12 @@ impl Settings {
         let i = self.interfaces.iter().position(|i| i == name)?;
         u8::try_from(i + 1).ok()
     }
+
+    /// The interface with port `port` (see [`Settings::port_of`]).
+    pub fn interface_of(&self, port: u8) -> Option<&str> {
+        let i = usize::from(port).checked_sub(1)?;
+        self.interfaces.get(i).map(String::as_str)
+    }
 }
 
 fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigErrors> {
@@ -1298,7 +1323,7 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
                 ),
             );
         }
-        let health = validate_health(&svc.health, svc.port, at, &field, &mut e);
+        let health = validate_health(&svc.health, svc.port, svc.mode, at, &field, &mut e);
         let agent = svc.agent.as_ref().map(|a| {
             let agent = validate_agent(a, at, &field, &mut e);
             if file.fleet.is_some() {
@@ -1511,6 +1536,7 @@ fn validate_agent(a: &AgentFile, at: Option<usize>, field: &str, e: &mut Errors<
 fn validate_health(
     h: &HealthFile,
     port: u16,
+    mode: Mode,
     at: Option<usize>,
     field: &str,
     e: &mut Errors<'_>,
@@ -1634,6 +1660,20 @@ fn validate_health(
     if h.port == Some(0) {
         e.push(at, format!("{field}.port"), "port 0 cannot be probed");
     }
+    // Through the VIP wherever lb can route a probe so: dsr-l2.
+    let via = h.via.unwrap_or(if mode == Mode::DsrL2 {
+        Via::Vip
+    } else {
+        Via::Address
+    });
+    if via == Via::Vip && mode != Mode::DsrL2 {
+        e.push(
+            at,
+            format!("{field}.via"),
+            "probes through the VIP are for dsr-l2 services so far: probe ipip and gue \
+             backends at their address",
+        );
+    }
     (e.list.len() == errors_before).then(|| HealthCheck {
         kind,
         port: h.port.unwrap_or(port),
@@ -1645,6 +1685,7 @@ fn validate_health(
             fall: h.fall,
         },
         slow_start: h.slow_start,
+        via,
     })
 }
 
@@ -1831,6 +1872,11 @@ address = "198.18.0.11"
             "agent step above 100",
             "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[service.agent]\nport=10000\nstep=150\n",
             "service[a].agent.step: percentage points, from 0 to 100",
+        ),
+        (
+            "probes through the VIP of a tunnel service",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\nmode=\"ipip\"\n[service.health]\nvia=\"vip\"\n",
+            "service[a].health.via: probes through the VIP are for dsr-l2 services so far",
         ),
         (
             "feedback bound above 100",

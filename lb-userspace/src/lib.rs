@@ -8,6 +8,7 @@
 //! - [`agent`]: the agent check's protocol and what an agent changes (pure).
 //! - [`feedback`]: weights that follow probe latency (pure).
 //! - [`probe`]: health probes.
+//! - [`probe_path`]: probes through the VIP, by policy routes to one backend.
 //! - [`neighbor`]: next-hop MACs from the kernel's tables.
 //! - [`announce`]: which VIPs the node announces, and why not (pure).
 //! - [`routes`]: announced VIPs as kernel routes, through netlink.
@@ -41,4 +42,5 @@ pub mod maglev;
 pub mod neighbor;
 pub mod netns;
 pub mod probe;
+pub mod probe_path;
 pub mod routes;

@@ -69,6 +69,8 @@ async fn lookup(next_hop: IpAddr, dev: &str) -> Result<Option<[u8; 6]>> {
 pub struct NextHop {
     /// The MAC of the backend, or of its gateway when not on-link.
     pub mac: [u8; 6],
+    /// The address that MAC answers for: the backend's, or its gateway's.
+    pub addr: IpAddr,
     /// The interface the route leaves by.
     pub dev: String,
 }
@@ -84,7 +86,11 @@ pub async fn resolve(backend: IpAddr) -> Result<NextHop> {
     let next_hop = route.gateway.unwrap_or(backend);
     let dev = route.dev.context("route without a device")?;
     if let Some(mac) = lookup(next_hop, &dev).await? {
-        return Ok(NextHop { mac, dev });
+        return Ok(NextHop {
+            mac,
+            addr: next_hop,
+            dev,
+        });
     }
     let any: std::net::SocketAddr = if next_hop.is_ipv4() {
         "0.0.0.0:0"
@@ -98,7 +104,11 @@ pub async fn resolve(backend: IpAddr) -> Result<NextHop> {
     while tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
         if let Some(mac) = lookup(next_hop, &dev).await? {
-            return Ok(NextHop { mac, dev });
+            return Ok(NextHop {
+                mac,
+                addr: next_hop,
+                dev,
+            });
         }
     }
     bail!("{next_hop} on {dev} did not answer neighbour resolution")

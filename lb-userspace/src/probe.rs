@@ -3,14 +3,15 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
     sync::{Arc, LazyLock, Mutex},
     time::{Duration, Instant},
 };
 
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
-    net::{TcpStream, UdpSocket},
+    net::{TcpSocket, TcpStream, UdpSocket},
     time::timeout,
 };
 use tokio_rustls::{
@@ -31,10 +32,27 @@ use crate::{
 /// Largest response read from an HTTP, TCP or UDP probe.
 const MAX_RESPONSE: usize = 16 * 1024;
 
-/// Runs one probe of `kind` against `addr`; `Ok(latency)` or the reason it failed.
-pub async fn run(kind: &Probe, addr: SocketAddr, limit: Duration) -> Result<Duration, String> {
+/// A probe sent to the service's VIP rather than the backend's address,
+/// routed to the backend by its mark (see [`crate::probe_path`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThroughVip {
+    /// The service's VIP.
+    pub vip: IpAddr,
+    /// The backend's probe mark (SO_MARK).
+    pub mark: u32,
+}
+
+/// Runs one probe of `kind` against the backend at `addr` (at its address,
+/// or `through` its service's VIP); `Ok(latency)` or the reason it failed.
+/// HTTP's `Host` and TLS's server name stay the backend's either way.
+pub async fn run(
+    kind: &Probe,
+    addr: SocketAddr,
+    through: Option<ThroughVip>,
+    limit: Duration,
+) -> Result<Duration, String> {
     let start = Instant::now();
-    let outcome = timeout(limit, attempt(kind, addr)).await;
+    let outcome = timeout(limit, attempt(kind, addr, through)).await;
     match outcome {
         Ok(Ok(())) => Ok(start.elapsed()),
         Ok(Err(e)) => Err(e),
@@ -42,11 +60,20 @@ pub async fn run(kind: &Probe, addr: SocketAddr, limit: Duration) -> Result<Dura
     }
 }
 
-async fn attempt(kind: &Probe, addr: SocketAddr) -> Result<(), String> {
+async fn attempt(
+    kind: &Probe,
+    addr: SocketAddr,
+    through: Option<ThroughVip>,
+) -> Result<(), String> {
+    // Where packets go, and the mark that routes them there.
+    let (to, mark) = match through {
+        Some(t) => (SocketAddr::new(t.vip, addr.port()), Some(t.mark)),
+        None => (addr, None),
+    };
     match kind {
         Probe::None => Ok(()),
         Probe::Tcp { send, expect } => {
-            let mut s = connect(addr).await?;
+            let mut s = connect(to, mark).await?;
             if let Some(send) = send {
                 s.write_all(send).await.map_err(|e| format!("send: {e}"))?;
             }
@@ -66,7 +93,7 @@ async fn attempt(kind: &Probe, addr: SocketAddr) -> Result<(), String> {
             body,
             tls,
         } => {
-            let s = connect(addr).await?;
+            let s = connect(to, mark).await?;
             match tls {
                 None => http(s, addr, path, *status, body.as_deref()).await,
                 Some(tls) => {
@@ -91,7 +118,10 @@ async fn attempt(kind: &Probe, addr: SocketAddr) -> Result<(), String> {
             let s = UdpSocket::bind(any)
                 .await
                 .map_err(|e| format!("bind: {e}"))?;
-            s.connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+            if let Some(mark) = mark {
+                set_mark(&s, mark)?;
+            }
+            s.connect(to).await.map_err(|e| format!("connect: {e}"))?;
             s.send(send).await.map_err(|e| format!("send: {e}"))?;
             let mut buf = vec![0u8; MAX_RESPONSE];
             let n = s
@@ -115,7 +145,7 @@ pub async fn ask_agent(
     limit: Duration,
 ) -> Result<(String, agent::Reply), String> {
     let exchange = async {
-        let mut s = connect(addr).await?;
+        let mut s = connect(addr, None).await?;
         if let Some(send) = send {
             s.write_all(send).await.map_err(|e| format!("send: {e}"))?;
         }
@@ -139,10 +169,43 @@ pub async fn ask_agent(
         .unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
 }
 
-async fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
-    TcpStream::connect(addr)
+async fn connect(addr: SocketAddr, mark: Option<u32>) -> Result<TcpStream, String> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|e| format!("socket: {e}"))?;
+    if let Some(mark) = mark {
+        set_mark(&socket, mark)?;
+    }
+    socket
+        .connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))
+}
+
+/// Marks every packet `socket` sends with `mark`, which the policy rules of
+/// [`crate::probe_path`] route by (needs CAP_NET_ADMIN).
+fn set_mark(socket: &impl AsRawFd, mark: u32) -> Result<(), String> {
+    // SAFETY: a valid socket descriptor and a u32 option of that size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&raw const mark).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "marking the probe socket: {}",
+            std::io::Error::last_os_error()
+        ))
+    }
 }
 
 /// Reads until `enough` says so, the peer closes, or [`MAX_RESPONSE`].
@@ -392,18 +455,24 @@ mod tests {
     #[tokio::test]
     async fn http_checks_the_status_and_the_body() {
         let addr = http_server(None).await;
-        assert!(run(&http("/", 204, None, None), addr, T).await.is_ok());
         assert!(
-            run(&http("/", 204, Some("ready"), None), addr, T)
+            run(&http("/", 204, None, None), addr, None, T)
+                .await
+                .is_ok()
+        );
+        assert!(
+            run(&http("/", 204, Some("ready"), None), addr, None, T)
                 .await
                 .is_ok()
         );
         assert_eq!(
-            run(&http("/", 200, None, None), addr, T).await.unwrap_err(),
+            run(&http("/", 200, None, None), addr, None, T)
+                .await
+                .unwrap_err(),
             "status 204, expected 200"
         );
         assert_eq!(
-            run(&http("/", 204, Some("starting"), None), addr, T)
+            run(&http("/", 204, Some("starting"), None), addr, None, T)
                 .await
                 .unwrap_err(),
             "the body does not contain \"starting\""
@@ -436,7 +505,7 @@ mod tests {
             })
         };
         let trusted = TlsRoots::File(ca_file.clone());
-        let ok = |p: Probe| async move { run(&p, addr, T).await };
+        let ok = |p: Probe| async move { run(&p, addr, None, T).await };
         assert!(
             ok(http("/", 204, Some("ready"), tls(None, trusted.clone())))
                 .await
@@ -522,16 +591,16 @@ mod tests {
         });
         let t = Duration::from_millis(300);
         assert!(
-            run(&tcp(None, None), hung_addr, t).await.is_ok(),
+            run(&tcp(None, None), hung_addr, None, t).await.is_ok(),
             "connect alone passes"
         );
         assert_eq!(
-            run(&tcp(Some("PING\r\n"), Some("+PONG")), hung_addr, t)
+            run(&tcp(Some("PING\r\n"), Some("+PONG")), hung_addr, None, t)
                 .await
                 .unwrap_err(),
             "no answer within 300ms"
         );
-        let http_hung = run(&http("/", 200, None, None), hung_addr, t).await;
+        let http_hung = run(&http("/", 200, None, None), hung_addr, None, t).await;
         assert_eq!(http_hung.unwrap_err(), "no answer within 300ms");
 
         let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -550,12 +619,12 @@ mod tests {
             }
         });
         assert!(
-            run(&tcp(Some("PING\r\n"), Some("+PONG")), echo_addr, T)
+            run(&tcp(Some("PING\r\n"), Some("+PONG")), echo_addr, None, T)
                 .await
                 .is_ok()
         );
         assert_eq!(
-            run(&tcp(Some("HELLO\r\n"), Some("+PONG")), echo_addr, T)
+            run(&tcp(Some("HELLO\r\n"), Some("+PONG")), echo_addr, None, T)
                 .await
                 .unwrap_err(),
             "unexpected reply"
@@ -582,19 +651,19 @@ mod tests {
             send: b"ping".to_vec(),
             expect: b"pong".to_vec(),
         };
-        assert!(run(&udp_ok, udp_addr, T).await.is_ok());
+        assert!(run(&udp_ok, udp_addr, None, T).await.is_ok());
         let udp_bad = Probe::Udp {
             send: b"hi".to_vec(),
             expect: b"pong".to_vec(),
         };
-        assert!(run(&udp_bad, udp_addr, T).await.is_err());
+        assert!(run(&udp_bad, udp_addr, None, T).await.is_err());
         // Nothing listens on this port.
         let closed = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap();
         assert!(
-            run(&tcp(None, None), closed, T)
+            run(&tcp(None, None), closed, None, T)
                 .await
                 .unwrap_err()
                 .starts_with("connect")

@@ -28,13 +28,15 @@ use tracing::{info, warn};
 use super::runtime::{Admin, History, Override, Runtime, ServiceIds};
 use crate::{
     agent,
-    config::{self, Affinity, Desired, Mode},
+    config::{self, Affinity, Desired, Mode, Via},
     dataplane::Dataplane,
     feedback,
     fleet::state::{AgreedHealth, FleetState, HealthView, Overrides},
     health::{self, Health, Tracker},
     maglev::{self, Candidate},
     neighbor::NextHop,
+    probe::ThroughVip,
+    probe_path::{self, ProbePath},
 };
 
 /// The last probe of a backend.
@@ -266,6 +268,8 @@ struct Hop {
     mac: [u8; 6],
     /// The port of the attached interface the route leaves by.
     port: u8,
+    /// The address the MAC answers for (the backend's, or its gateway's).
+    addr: IpAddr,
 }
 
 /// Where a fleet node's tables take backend health from: the fleet's
@@ -598,6 +602,49 @@ impl Controller {
         } else {
             b.agent.view.applied.percent * b.feedback.percent.applied / feedback::FULL
         }
+    }
+
+    /// How backend `ip` of `service` is probed: at its address (`None`),
+    /// or with `via = "vip"` through the service's VIP, with the mark that
+    /// routes the probe to it (see [`crate::probe_path`]). `Err` for no
+    /// such backend.
+    pub fn probe_route(&self, service: &str, ip: IpAddr) -> Result<Option<ThroughVip>> {
+        let s = self.services.get(service).context("no such service")?;
+        let b = s.backends.get(&ip).context("no such backend")?;
+        Ok(match s.config.health.via {
+            Via::Address => None,
+            Via::Vip => probe_path::mark(b.id).map(|mark| ThroughVip {
+                vip: s.config.vip,
+                mark,
+            }),
+        })
+    }
+
+    /// The probe paths that `via = "vip"` services need: one per backend
+    /// whose next hop is known, by the interface the data plane sends its
+    /// frames from.
+    pub fn probe_paths(&self) -> BTreeSet<ProbePath> {
+        let mut paths = BTreeSet::new();
+        for s in self.services.values() {
+            if s.config.health.via != Via::Vip || s.config.health.kind == config::Probe::None {
+                continue;
+            }
+            for (ip, b) in &s.backends {
+                let (Some(hop), Some(mark)) = (self.hops.get(ip), probe_path::mark(b.id)) else {
+                    continue;
+                };
+                let Some(dev) = self.desired.settings.interface_of(hop.port) else {
+                    continue;
+                };
+                paths.insert(ProbePath {
+                    mark,
+                    vip: s.config.vip,
+                    next_hop: hop.addr,
+                    dev: dev.to_string(),
+                });
+            }
+        }
+        paths
     }
 
     /// Backends of a service that take new flows on their own probes' word:
@@ -1443,7 +1490,14 @@ impl Controller {
         let mut attached = BTreeMap::new();
         for (ip, hop) in hops {
             if let Some(port) = self.desired.settings.port_of(&hop.dev) {
-                attached.insert(ip, Hop { mac: hop.mac, port });
+                attached.insert(
+                    ip,
+                    Hop {
+                        mac: hop.mac,
+                        port,
+                        addr: hop.addr,
+                    },
+                );
                 self.unattached.remove(&ip);
             } else if self.unattached.get(&ip) != Some(&hop.dev) {
                 self.unattached.insert(ip, hop.dev);

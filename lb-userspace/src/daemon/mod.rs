@@ -461,6 +461,8 @@ pub async fn run(opts: Options) -> Result<()> {
                 if let Err(e) = ctl.set_next_hops(hops) {
                     error!(error = %format!("{e:#}"), "applying next hops");
                 }
+                // Probes through the VIP route by the next hops.
+                probers.sync(&ctl);
             }
             _ = ramp.tick() => {
                 if let Err(e) = ctl.advance_slow_start() {

@@ -5,14 +5,17 @@
 //! while its results disagree with its backend's state.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     hash::{Hash as _, Hasher as _},
     net::{IpAddr, SocketAddr},
     sync::atomic::Ordering,
     time::Duration,
 };
 
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
 
 use super::{
     SharedControl,
@@ -23,6 +26,7 @@ use crate::{
     agent,
     config::{AgentCheck, HealthCheck},
     probe,
+    probe_path::{self, ProbePath},
 };
 
 /// A probe's or an agent's outcome, for the controller.
@@ -48,6 +52,8 @@ pub(super) enum Report {
 struct Checks {
     health: HealthCheck,
     agent: Option<AgentCheck>,
+    /// Its health probes go through the VIP, or to its address.
+    through: Option<probe::ThroughVip>,
 }
 
 struct Task {
@@ -60,26 +66,42 @@ struct Task {
 pub(super) struct Probers {
     tasks: BTreeMap<(String, IpAddr), Task>,
     out: mpsc::Sender<Result>,
+    /// The routes probes through the VIP need, for [`probe_path::keep`].
+    paths: watch::Sender<BTreeSet<ProbePath>>,
 }
 
 impl Probers {
-    /// No tasks yet; results go to `out`.
+    /// No tasks yet; results go to `out`. Starts the keeper of the probe
+    /// paths.
     pub(super) fn new(out: mpsc::Sender<Result>) -> Self {
+        let (paths, wanted) = watch::channel(BTreeSet::new());
+        tokio::spawn(probe_path::keep(wanted));
         Probers {
             tasks: BTreeMap::new(),
             out,
+            paths,
         }
     }
 
     /// Starts, restarts or stops tasks to match the controller's backends,
     /// and passes each its backend's state and whether it is in maintenance.
     pub(super) fn sync(&mut self, ctl: &Controller) {
+        let paths = ctl.probe_paths();
+        self.paths.send_if_modified(|old| {
+            let changed = *old != paths;
+            *old = paths;
+            changed
+        });
         let mut wanted = BTreeMap::new();
         for (name, svc) in ctl.services() {
             for ip in svc.backends.keys() {
+                let Ok(through) = ctl.probe_route(name, *ip) else {
+                    continue;
+                };
                 let checks = Checks {
                     health: svc.config.health.clone(),
                     agent: svc.config.agent.clone(),
+                    through,
                 };
                 wanted.insert((name.clone(), *ip), checks);
             }
@@ -98,7 +120,7 @@ impl Probers {
                 let mut handles = vec![tokio::spawn(probe_loop(
                     service.clone(),
                     ip,
-                    checks.health.clone(),
+                    checks.clone(),
                     control.clone(),
                     self.out.clone(),
                 ))];
@@ -175,18 +197,19 @@ async fn agent_loop(service: String, ip: IpAddr, check: AgentCheck, out: mpsc::S
 async fn probe_loop(
     service: String,
     ip: IpAddr,
-    check: HealthCheck,
+    checks: Checks,
     control: SharedControl,
     out: mpsc::Sender<Result>,
 ) {
     let mut state = jitter_seed(&service, ip, "probe");
+    let (check, through) = (checks.health, checks.through);
     let addr = SocketAddr::new(ip, check.port);
     // Start at a random point of the first interval.
     tokio::time::sleep(jittered(check.interval / 2, &mut state)).await;
     loop {
         let mut in_transition = false;
         if !control.paused.load(Ordering::Relaxed) {
-            let report = match probe::run(&check.kind, addr, check.timeout).await {
+            let report = match probe::run(&check.kind, addr, through, check.timeout).await {
                 Ok(latency) => ProbeReport {
                     ok: true,
                     latency,

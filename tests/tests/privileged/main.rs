@@ -20,6 +20,7 @@ mod flood;
 mod fuzz;
 mod interfaces;
 mod package;
+mod probes;
 mod readme;
 mod status_page;
 mod systemd;
