@@ -11,6 +11,7 @@
 //! - [`probe_path`]: probes through the VIP, by policy routes to one backend.
 //! - [`neighbor`]: next-hop MACs from the kernel's tables.
 //! - [`announce`]: which VIPs the node announces, and why not (pure).
+//! - [`arp`]: whether a `dsr-l2` backend answers ARP for its VIP.
 //! - [`routes`]: announced VIPs as kernel routes, through netlink.
 //! - [`bird`]: BIRD's control socket, for the BGP sessions' state.
 //! - [`fleet`]: the fleet's shared state in etcd, and the agreed health view.
@@ -26,6 +27,7 @@
 pub mod agent;
 pub mod announce;
 pub mod api;
+pub mod arp;
 pub mod bird;
 pub mod cli;
 pub mod config;

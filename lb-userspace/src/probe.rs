@@ -34,13 +34,20 @@ const MAX_RESPONSE: usize = 16 * 1024;
 
 /// A probe sent to the service's VIP rather than the backend's address,
 /// routed to the backend by its mark (see [`crate::probe_path`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ThroughVip {
     /// The service's VIP.
     pub vip: IpAddr,
     /// The backend's probe mark (SO_MARK).
     pub mark: u32,
+    /// For an IPv4 VIP, once the backend's next hop is known: the interface
+    /// and MAC to ask whether it answers ARP for the VIP ([`crate::arp`]).
+    pub arp: Option<(String, [u8; 6])>,
 }
+
+/// How long a backend has to answer ARP for the VIP (it must not): on a
+/// segment an answer takes well under a millisecond.
+const ARP_WAIT: Duration = Duration::from_millis(50);
 
 /// Runs one probe of `kind` against the backend at `addr` (at its address,
 /// or `through` its service's VIP); `Ok(latency)` or the reason it failed.
@@ -48,13 +55,28 @@ pub struct ThroughVip {
 pub async fn run(
     kind: &Probe,
     addr: SocketAddr,
-    through: Option<ThroughVip>,
+    through: Option<&ThroughVip>,
     limit: Duration,
 ) -> Result<Duration, String> {
     let start = Instant::now();
     let outcome = timeout(limit, attempt(kind, addr, through)).await;
     match outcome {
-        Ok(Ok(())) => Ok(start.elapsed()),
+        Ok(Ok(())) => {
+            let latency = start.elapsed();
+            if let Some(ThroughVip {
+                vip: IpAddr::V4(vip),
+                arp: Some((dev, mac)),
+                ..
+            }) = through
+                && crate::arp::answers_for_vip(dev, *mac, *vip, ARP_WAIT.min(limit)).await?
+            {
+                return Err(format!(
+                    "answers ARP for the VIP {vip}: set net.ipv4.conf.all.arp_ignore = 1 \
+                     and arp_announce = 2 on the backend (lb doctor --backend)"
+                ));
+            }
+            Ok(latency)
+        }
         Ok(Err(e)) => Err(e),
         Err(_) => Err(format!("no answer within {limit:?}")),
     }
@@ -63,7 +85,7 @@ pub async fn run(
 async fn attempt(
     kind: &Probe,
     addr: SocketAddr,
-    through: Option<ThroughVip>,
+    through: Option<&ThroughVip>,
 ) -> Result<(), String> {
     // Where packets go, and the mark that routes them there.
     let (to, mark) = match through {

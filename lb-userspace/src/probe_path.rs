@@ -28,14 +28,14 @@ use rtnetlink::{
     Handle, IpVersion, RouteMessageBuilder,
     packet_route::{
         AddressFamily,
-        route::{RouteAttribute, RouteMessage, RouteProtocol},
+        route::RouteProtocol,
         rule::{RuleAction, RuleAttribute, RuleMessage},
     },
 };
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::routes::ROUTE_PROTOCOL;
+use crate::routes::{ROUTE_PROTOCOL, table_of};
 
 /// The first of lb's probe marks and routing tables: backend `id`'s are
 /// this plus `id` ("LB" in the upper half, so `ip rule` shows them apart).
@@ -137,28 +137,28 @@ impl Paths {
 
     async fn add_route(&self, p: &ProbePath) -> Result<()> {
         let index = ifindex(&p.dev)?;
-        let message = match (p.vip, p.next_hop) {
-            (IpAddr::V4(vip), IpAddr::V4(hop)) => RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(vip, 32)
-                .gateway(hop)
-                .output_interface(index)
-                .table_id(p.mark)
-                .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
-                .onlink()
-                .build(),
-            (IpAddr::V6(vip), IpAddr::V6(hop)) => RouteMessageBuilder::<Ipv6Addr>::new()
-                .destination_prefix(vip, 128)
-                .gateway(hop)
-                .output_interface(index)
-                .table_id(p.mark)
-                .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
-                .onlink()
-                .build(),
+        let route = match (p.vip, p.next_hop) {
+            (IpAddr::V4(vip), IpAddr::V4(hop)) => {
+                in_table(RouteMessageBuilder::<Ipv4Addr>::new(), p.mark)
+                    .destination_prefix(vip, 32)
+                    .gateway(hop)
+                    .output_interface(index)
+                    .onlink()
+                    .build()
+            }
+            (IpAddr::V6(vip), IpAddr::V6(hop)) => {
+                in_table(RouteMessageBuilder::<Ipv6Addr>::new(), p.mark)
+                    .destination_prefix(vip, 128)
+                    .gateway(hop)
+                    .output_interface(index)
+                    .onlink()
+                    .build()
+            }
             (vip, hop) => bail!("{vip} and its next hop {hop} differ in family"),
         };
         self.handle
             .route()
-            .add(message)
+            .add(route)
             .replace()
             .execute()
             .await
@@ -168,15 +168,9 @@ impl Paths {
     /// Removes lb's routes from the table of `key`.
     async fn flush_table(&self, (mark, v6): Key) -> Result<()> {
         let filter = if v6 {
-            RouteMessageBuilder::<Ipv6Addr>::new()
-                .table_id(mark)
-                .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
-                .build()
+            in_table(RouteMessageBuilder::<Ipv6Addr>::new(), mark).build()
         } else {
-            RouteMessageBuilder::<Ipv4Addr>::new()
-                .table_id(mark)
-                .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
-                .build()
+            in_table(RouteMessageBuilder::<Ipv4Addr>::new(), mark).build()
         };
         let mut dump = self.handle.route().get(filter).execute();
         let mut found = Vec::new();
@@ -247,19 +241,15 @@ impl Paths {
     }
 }
 
-/// The table a dumped route is in.
-fn table_of(m: &RouteMessage) -> u32 {
-    m.attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Table(t) => Some(*t),
-            _ => None,
-        })
-        .unwrap_or(m.header.table.into())
+/// `route` in lb's table `mark`, as lb's.
+fn in_table<T>(route: RouteMessageBuilder<T>, mark: u32) -> RouteMessageBuilder<T> {
+    route
+        .table_id(mark)
+        .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
 }
 
 /// The index of interface `dev`.
-fn ifindex(dev: &str) -> Result<u32> {
+pub(crate) fn ifindex(dev: &str) -> Result<u32> {
     let name = std::ffi::CString::new(dev).context("an interface name with a NUL byte")?;
     // SAFETY: a valid NUL-terminated string.
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) };

@@ -74,7 +74,8 @@ fn set_selectors(message: &mut RouteMessage, table: u32) {
     message.attributes.push(RouteAttribute::Table(table));
 }
 
-fn table_of(m: &RouteMessage) -> u32 {
+/// The table a dumped route is in (above 255 only in its attribute).
+pub(crate) fn table_of(m: &RouteMessage) -> u32 {
     m.attributes
         .iter()
         .find_map(|a| match a {

@@ -1,6 +1,7 @@
 //! One L2 segment in namespaces: a client, the load balancer and backends on
 //! a bridge, with IPv4 and IPv6 addresses, the client routing the VIP ranges
-//! through the load balancer and every backend holding the VIPs on `lo`.
+//! through the load balancer and every backend holding the VIPs on `lo`
+//! (answering no ARP for them, as a `dsr-l2` backend must not).
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -79,6 +80,10 @@ impl Lan {
                 }
                 h.ns.ip(&args)?;
             }
+            // The VIPs are the backend's own, but only lb may answer for
+            // them on the segment (probes through the VIP check it).
+            h.ns.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
+            h.ns.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
             backends.push(h);
         }
         Ok(Lan {

@@ -611,11 +611,16 @@ impl Controller {
     pub fn probe_route(&self, service: &str, ip: IpAddr) -> Result<Option<ThroughVip>> {
         let s = self.services.get(service).context("no such service")?;
         let b = s.backends.get(&ip).context("no such backend")?;
+        let arp = self.hops.get(&ip).and_then(|hop| {
+            let dev = self.desired.settings.interface_of(hop.port)?;
+            Some((dev.to_string(), hop.mac))
+        });
         Ok(match s.config.health.via {
             Via::Address => None,
             Via::Vip => probe_path::mark(b.id).map(|mark| ThroughVip {
                 vip: s.config.vip,
                 mark,
+                arp: arp.filter(|_| s.config.vip.is_ipv4()),
             }),
         })
     }

@@ -209,7 +209,8 @@ async fn probe_loop(
     loop {
         let mut in_transition = false;
         if !control.paused.load(Ordering::Relaxed) {
-            let report = match probe::run(&check.kind, addr, through, check.timeout).await {
+            let report = match probe::run(&check.kind, addr, through.as_ref(), check.timeout).await
+            {
                 Ok(latency) => ProbeReport {
                     ok: true,
                     latency,

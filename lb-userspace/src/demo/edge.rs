@@ -402,7 +402,8 @@ const FIREWALL_TABLE: &str = "lbt";
 impl Node {
     /// Drops what this node sends to `dst` (and to `port` of it, if given)
     /// in its output path: its own traffic (probes, etcd), never what its
-    /// XDP program forwards.
+    /// XDP program forwards. Addressed to `dst`, or routed to it as the
+    /// next hop: probes through a VIP go to the VIP, by way of the backend.
     pub fn block(&self, dst: Ipv4Addr, port: Option<u16>) -> Result<()> {
         let _ = self
             .ns
@@ -413,13 +414,12 @@ impl Node {
                 "add chain inet {FIREWALL_TABLE} out {{ type filter hook output priority 0 ; }}"
             )],
         )?;
-        let rule = match port {
-            Some(p) => {
-                format!("add rule inet {FIREWALL_TABLE} out ip daddr {dst} tcp dport {p} drop")
-            }
-            None => format!("add rule inet {FIREWALL_TABLE} out ip daddr {dst} drop"),
-        };
-        self.ns.exec("nft", &[&rule])
+        let port = port.map_or(String::new(), |p| format!(" tcp dport {p}"));
+        for to in [format!("ip daddr {dst}"), format!("rt ip nexthop {dst}")] {
+            let rule = format!("add rule inet {FIREWALL_TABLE} out {to}{port} drop");
+            self.ns.exec("nft", &[&rule])?;
+        }
+        Ok(())
     }
 
     /// Removes every rule [`Node::block`] added.

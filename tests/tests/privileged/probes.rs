@@ -2,7 +2,8 @@
 //! that loses the VIP from its loopback fails its checks although its own
 //! address still answers, and comes back once the VIP is back; for IPv4
 //! and IPv6 services alike, each probe reaching the one backend it checks
-//! by lb's policy rule and route.
+//! by lb's policy rule and route. One that answers ARP for the VIP fails
+//! too.
 
 use std::time::Duration;
 
@@ -102,5 +103,21 @@ fn a_backend_without_the_vip_fails_probes_through_the_vip() {
         .unwrap();
     wait_for(&d, "web", "198.18.0.11", "up");
     wait_for(&d, "web6", "2001:2::11", "up");
+
+    // Backend 2 answers ARP for the VIPs it holds on `lo` (its ARP
+    // suppression undone): it would draw the segment's traffic for the VIP
+    // past lb, so it fails; IPv6 has no such answer (neighbour discovery
+    // answers for the receiving interface's addresses only).
+    let b2 = &lan.backends[1].ns;
+    b2.sysctl("net.ipv4.conf.all.arp_ignore", "0").unwrap();
+    wait_for(&d, "web", "198.18.0.12", "down");
+    let detail = d.cli(&["backend", "list"]).unwrap().to_string();
+    assert!(
+        detail.contains("answers ARP for the VIP 198.18.1.1"),
+        "{detail}"
+    );
+    assert_eq!(health(&d, "web6", "2001:2::12"), "up");
+    b2.sysctl("net.ipv4.conf.all.arp_ignore", "1").unwrap();
+    wait_for(&d, "web", "198.18.0.12", "up");
     drop(d);
 }
