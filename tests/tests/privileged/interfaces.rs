@@ -53,6 +53,9 @@ fn run() -> Result<()> {
     )?;
     netns::plug(&switch, "pfar", &far, FAR_MAC, &[&format!("{FAR}/24")])?;
     far.ip(&["addr", "add", &format!("{WEB_VIP}/32"), "dev", "lo"])?;
+    // A DSR backend answers no ARP for the VIP (probes through it check).
+    far.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
+    far.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
     far.ip(&["route", "add", "default", "via", LB_FAR])?;
     lan.lb.sysctl("net.ipv4.ip_forward", "1")?;
     // eth2: a segment lb is not attached to, its one neighbour known.
