@@ -361,7 +361,10 @@ fn a_backend_holding_more_than_its_share_of_flows_gets_fewer_new_ones() {
     require_root();
     let lan = Lan::build(2, &["198.18.1.1/32"]).unwrap();
     let _servers = lan.serve_names(WEB_PORT).unwrap();
-    let feedback = "\n[service.feedback]\nflows = true\nflow_tolerance = 10\nmin_percent = 30\n";
+    // A latency tolerance of a second: probe latencies on a busy host
+    // wander by milliseconds, which must not weigh here.
+    let feedback = "\n[service.feedback]\nflows = true\nflow_tolerance = 10\nmin_percent = 30\n\
+                    tolerance = \"1s\"\n";
     let config = web_config(2) + feedback;
     let d = Daemon::start(&lan.lb, "flows", &config).unwrap();
     let two = "198.18.0.12";
