@@ -16,8 +16,6 @@ use std::{
 
 use tokio::io::{Interest, unix::AsyncFd};
 
-use crate::neighbor::parse_mac;
-
 /// EtherType of ARP.
 const ETH_P_ARP: u16 = 0x0806;
 /// Ethernet header, then ARP for IPv4 over Ethernet: 14 + 28 bytes.
@@ -85,6 +83,33 @@ fn arp_socket(index: u32) -> std::io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// The MAC of interface `dev`, asked of the kernel through `socket` (sysfs
+/// shows the interfaces of the namespace it was mounted in, which need not
+/// be the daemon's).
+fn interface_mac(socket: &OwnedFd, dev: &str) -> std::io::Result<[u8; 6]> {
+    // SAFETY: all-zero is a valid ifreq.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = dev.as_bytes();
+    if name.len() >= req.ifr_name.len() {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: a valid socket and ifreq; SIOCGIFHWADDR fills ifru_hwaddr.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFHWADDR, &raw mut req) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel wrote the hardware address into the union.
+    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    let mut mac = [0u8; 6];
+    for (m, d) in mac.iter_mut().zip(data) {
+        *m = d as u8;
+    }
+    Ok(mac)
+}
+
 /// Whether the backend with MAC `backend`, on interface `dev`, answers an
 /// ARP request for `vip` within `wait`. `Err` if lb cannot ask.
 pub async fn answers_for_vip(
@@ -93,12 +118,9 @@ pub async fn answers_for_vip(
     vip: Ipv4Addr,
     wait: Duration,
 ) -> Result<bool, String> {
-    let ours = std::fs::read_to_string(format!("/sys/class/net/{dev}/address"))
-        .ok()
-        .and_then(|s| parse_mac(s.trim()))
-        .ok_or_else(|| format!("no MAC for interface {dev}"))?;
     let index = crate::probe_path::ifindex(dev).map_err(|e| format!("{e:#}"))?;
     let fd = arp_socket(index).map_err(|e| format!("ARP socket on {dev}: {e}"))?;
+    let ours = interface_mac(&fd, dev).map_err(|e| format!("the MAC of {dev}: {e}"))?;
     // SAFETY: the AsyncFd owns the descriptor, which stays open and the
     // same until it is dropped.
     let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }

@@ -122,6 +122,11 @@ fn run() -> Result<()> {
         "{err}"
     );
     assert_eq!(std::fs::read_to_string(&d.config)?, before);
-    assert_eq!(d.cli(&["service", "list"])?[0]["in_table"], 2);
+    assert_eq!(
+        d.cli(&["service", "list"])?[0]["in_table"],
+        2,
+        "{}",
+        d.cli(&["backend", "list"])?
+    );
     Ok(())
 }
