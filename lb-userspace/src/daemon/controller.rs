@@ -611,18 +611,18 @@ impl Controller {
     pub fn probe_route(&self, service: &str, ip: IpAddr) -> Result<Option<ThroughVip>> {
         let s = self.services.get(service).context("no such service")?;
         let b = s.backends.get(&ip).context("no such backend")?;
-        let arp = self.hops.get(&ip).and_then(|hop| {
-            let dev = self.desired.settings.interface_of(hop.port)?;
-            Some((dev.to_string(), hop.mac))
-        });
-        Ok(match s.config.health.via {
-            Via::Address => None,
-            Via::Vip => probe_path::mark(b.id).map(|mark| ThroughVip {
-                vip: s.config.vip,
-                mark,
-                arp: arp.filter(|_| s.config.vip.is_ipv4()),
-            }),
-        })
+        if s.config.health.via == Via::Address {
+            return Ok(None);
+        }
+        let arp = self
+            .next_hop_on(ip)
+            .filter(|_| s.config.vip.is_ipv4())
+            .map(|(hop, dev)| (dev.to_string(), hop.mac));
+        Ok(probe_path::mark(b.id).map(|mark| ThroughVip {
+            vip: s.config.vip,
+            mark,
+            arp,
+        }))
     }
 
     /// The probe paths that `via = "vip"` services need: one per backend
@@ -635,21 +635,25 @@ impl Controller {
                 continue;
             }
             for (ip, b) in &s.backends {
-                let (Some(hop), Some(mark)) = (self.hops.get(ip), probe_path::mark(b.id)) else {
-                    continue;
-                };
-                let Some(dev) = self.desired.settings.interface_of(hop.port) else {
-                    continue;
-                };
-                paths.insert(ProbePath {
-                    mark,
-                    vip: s.config.vip,
-                    next_hop: hop.addr,
-                    dev: dev.to_string(),
-                });
+                if let (Some((hop, dev)), Some(mark)) =
+                    (self.next_hop_on(*ip), probe_path::mark(b.id))
+                {
+                    paths.insert(ProbePath {
+                        mark,
+                        vip: s.config.vip,
+                        next_hop: hop.addr,
+                        dev: dev.to_string(),
+                    });
+                }
             }
         }
         paths
+    }
+
+    /// Backend `ip`'s next hop and the attached interface it is reached by.
+    fn next_hop_on(&self, ip: IpAddr) -> Option<(&Hop, &str)> {
+        let hop = self.hops.get(&ip)?;
+        Some((hop, self.desired.settings.interface_of(hop.port)?))
     }
 
     /// Backends of a service that take new flows on their own probes' word:
@@ -1255,19 +1259,15 @@ impl Controller {
                 )
             })
             .collect();
-        let fastest = svc
-            .backends
-            .iter()
-            .filter(|(ip, _)| serving.contains_key(*ip))
-            .filter_map(|(_, b)| b.feedback.latency)
-            .min();
+        let serving_states = || {
+            svc.backends
+                .iter()
+                .filter(|(ip, _)| serving.contains_key(*ip))
+                .map(|(_, b)| &b.feedback)
+        };
+        let fastest = serving_states().filter_map(|f| f.latency).min();
+        let total_flows: u64 = serving_states().filter_map(|f| f.flows).sum();
         let total_weight: u64 = serving.values().map(|&w| u64::from(w)).sum();
-        let total_flows: u64 = svc
-            .backends
-            .iter()
-            .filter(|(ip, _)| serving.contains_key(*ip))
-            .filter_map(|(_, b)| b.feedback.flows)
-            .sum();
         let svc = self.services.get_mut(service).context("no such service")?;
         for (ip, b) in &mut svc.backends {
             let by_latency = match (b.feedback.latency, fastest) {
