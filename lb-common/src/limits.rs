@@ -106,3 +106,10 @@ pub const DEFAULT_GUE_PORT: u16 = 6080;
 pub const GUE_SOURCE_PORT_BASE: u16 = 0xc000;
 /// ... and these bits from the hash.
 pub const GUE_SOURCE_PORT_MASK: u16 = 0x3fff;
+
+/// The first of lb's probe marks (SO_MARK) and routing tables: backend
+/// `id`'s are this plus `id` ("LB" in the upper half, so `ip rule` shows
+/// them apart). The probe encapsulator looks at no packet outside them.
+pub const PROBE_MARK_BASE: u32 = 0x4c42_0000;
+/// Backend ids that have a probe mark of their own.
+pub const PROBE_MARKS: u32 = 0x1_0000;

@@ -48,7 +48,14 @@ pub const DECAP_VIPS: &str = "LB_DECAP_VIPS";
 /// Decap program's counters: [`crate::DecapCounter`] → u64 (per-CPU array).
 pub const DECAP_COUNTERS: &str = "LB_DECAP_COUNTERS";
 
+/// The probe encapsulator: a probe's mark (see
+/// [`crate::limits::PROBE_MARK_BASE`]) → [`crate::ProbeTunnel`] (hash).
+pub const PROBE_TUNNELS: &str = "LB_PROBE_TUNNELS";
+
 /// The load-balancer XDP program.
 pub const PROG_LB: &str = "lb_xdp";
 /// The backend-side decapsulation XDP program.
 pub const PROG_DECAP: &str = "lb_decap";
+/// The TC egress program that puts lb's probes to backends of `ipip` and
+/// `gue` services in their tunnel.
+pub const PROG_PROBE_ENCAP: &str = "lb_probe_encap";

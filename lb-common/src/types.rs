@@ -657,6 +657,25 @@ pub struct BackendStats {
     pub bytes: u64,
 }
 
+/// How lb's probes to one backend of an `ipip` or `gue` service are put in
+/// its tunnel, as the data plane would put clients' packets. Value of
+/// `LB_PROBE_TUNNELS`, by the probe's mark.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct ProbeTunnel {
+    /// Outer source (the data plane's tunnel source), network order; an
+    /// IPv4 address in the first 4 bytes.
+    pub src: Addr,
+    /// Outer destination: the backend.
+    pub dst: Addr,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`], the outer and the inner header's.
+    pub family: u8,
+    /// Padding, zero.
+    pub _pad: u8,
+    /// UDP destination port of a `gue` tunnel, network order; 0 for `ipip`.
+    pub gue_port: u16,
+}
+
 /// Index of a ring slot in `LB_RINGS`: each service owns [`crate::limits::RING_COPIES`]
 /// consecutive tables of `ring_size` slots.
 #[inline(always)]
@@ -687,6 +706,7 @@ const _: () = assert!(size_of::<ConntrackSettings>() == 24);
 const _: () = assert!(size_of::<ConntrackStats>() == 32);
 const _: () = assert!(size_of::<ServiceStats>() == 32);
 const _: () = assert!(size_of::<BackendStats>() == 16);
+const _: () = assert!(size_of::<ProbeTunnel>() == 36);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -709,6 +729,7 @@ mod pod {
     unsafe impl aya::Pod for ConntrackStats {}
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for BackendStats {}
+    unsafe impl aya::Pod for ProbeTunnel {}
 }
 
 #[cfg(test)]

@@ -286,22 +286,30 @@ pub(crate) fn encapsulate(
         src[14] = last[2];
         src[15] = last[3];
         // The flow label carries the flow hash so ECMP on the way spreads tunnels.
-        let label = choice.hash & FLOW_LABEL_MASK;
-        let [p0, p1] = (len - IPV6_HLEN as u16).to_be_bytes();
-        let head: [u8; 8] = [
-            0x60,
-            (label >> 16) as u8,
-            (label >> 8) as u8,
-            label as u8,
-            p0,
-            p1,
-            proto,
-            DEFAULT_TTL,
-        ];
+        let head = ipv6_head(choice.hash, len - IPV6_HLEN as u16, proto);
         store(ctx, ip.l3_off, head).ok_or(Counter::DropEncapFailed)?;
         store(ctx, ip.l3_off + IPV6_ADDRS_OFF, src).ok_or(Counter::DropEncapFailed)?;
         store(ctx, ip.l3_off + IPV6_ADDRS_OFF + 16, backend.addr).ok_or(Counter::DropEncapFailed)
     }
+}
+
+/// The first 8 bytes of an IPv6 header (the addresses follow): flow label
+/// `label`'s low 20 bits, `payload_len` bytes after the header, next
+/// header `proto`, hop limit 64.
+#[inline(always)]
+pub(crate) fn ipv6_head(label: u32, payload_len: u16, proto: u8) -> [u8; 8] {
+    let label = label & FLOW_LABEL_MASK;
+    let [p0, p1] = payload_len.to_be_bytes();
+    [
+        0x60,
+        (label >> 16) as u8,
+        (label >> 8) as u8,
+        label as u8,
+        p0,
+        p1,
+        proto,
+        DEFAULT_TTL,
+    ]
 }
 
 /// The UDP header of a GUE packet of `udp_len` bytes (header included):
@@ -309,7 +317,7 @@ pub(crate) fn encapsulate(
 /// way spread flows; to `port` (network order); no checksum (RFC 6935 lets
 /// tunnels over IPv6 leave it zero, as over IPv4; `lb decap` needs none).
 #[inline(always)]
-fn gue_udp_header(hash: u32, port: u16, udp_len: u16) -> [u16; UDP_HLEN / 2] {
+pub(crate) fn gue_udp_header(hash: u32, port: u16, udp_len: u16) -> [u16; UDP_HLEN / 2] {
     let sport = GUE_SOURCE_PORT_BASE | (hash as u16 & GUE_SOURCE_PORT_MASK);
     [sport.to_be(), port, udp_len.to_be(), 0]
 }

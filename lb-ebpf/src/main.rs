@@ -3,7 +3,9 @@
 //! `lb_xdp` is the load balancer; its path reads as a pipeline in which every
 //! step either continues or ends with the [`Counter`] that names the outcome.
 //! The XDP action follows from that counter, so every exit is counted exactly
-//! once. `lb_decap` runs on backends of `ipip` and `gue` services.
+//! once. `lb_decap` runs on backends of `ipip` and `gue` services;
+//! `lb_probe_encap` (TC egress) puts lb's probes of their backends in the
+//! tunnel.
 //!
 //! # Layout
 //! - `packet`: bounds-checked access (the only raw-pointer `unsafe`).
@@ -13,6 +15,7 @@
 //! - `icmp`: the ICMP messages lb sends (packet too big, echo replies).
 //! - `checksum`: the Internet checksum (IPv4 headers, ICMP errors).
 //! - `decap`: the backend-side decapsulator.
+//! - `probe_encap`: the tunnel for lb's probes through the VIP.
 //! - `maps`: every map and its accessors, counters included.
 #![no_std]
 #![no_main]
@@ -26,9 +29,14 @@ mod icmp;
 mod maps;
 mod packet;
 mod parse;
+mod probe_encap;
 mod select;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 use aya_log_ebpf::debug;
 use lb_common::{
     AddrKey, Counter, FlowKey, Interface, SERVICE_F_GUE, SERVICE_F_TUNNEL, ServiceValue,
@@ -65,6 +73,13 @@ pub(crate) fn lb_decap(ctx: XdpContext) -> u32 {
     let (action, counter) = decap::decapsulate(&ctx);
     maps::count_decap(counter);
     action
+}
+
+/// The probe encapsulator (TC egress) for backends of `ipip` and `gue`
+/// services probed through the VIP.
+#[classifier]
+pub(crate) fn lb_probe_encap(ctx: TcContext) -> i32 {
+    probe_encap::encapsulate(&ctx)
 }
 
 /// The XDP action each outcome implies.

@@ -11,9 +11,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter,
-    FlowEntry, FlowKey, FlowValue, IcmpBudget, IcmpKind, Interface, ServiceKey, ServiceSlot,
-    ServiceStats, ServiceValue, Settings, SourceKey, counters::DecapCounter, flow_buckets,
-    hash::vip_filter_bit, interface_slot, limits, limits::CONNTRACK_WAYS, vip_answers_echo,
+    FlowEntry, FlowKey, FlowValue, IcmpBudget, IcmpKind, Interface, ProbeTunnel, ServiceKey,
+    ServiceSlot, ServiceStats, ServiceValue, Settings, SourceKey, counters::DecapCounter,
+    flow_buckets, hash::vip_filter_bit, interface_slot, limits, limits::CONNTRACK_WAYS,
+    vip_answers_echo,
 };
 
 /// Services. Not preallocated, so an update replaces the element under RCU and
@@ -121,6 +122,11 @@ static LB_DECAP_VIPS: HashMap<AddrKey, u32> =
 /// Decap program's counters.
 #[map]
 static LB_DECAP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DecapCounter::COUNT, 0);
+
+/// The probe encapsulator's tunnels, by probe mark.
+#[map]
+static LB_PROBE_TUNNELS: HashMap<u32, ProbeTunnel> =
+    HashMap::with_max_entries(limits::PROBE_MARKS, BPF_F_NO_PREALLOC);
 
 /// The service for `key`, copied out of the map.
 #[inline(always)]
@@ -469,4 +475,12 @@ pub(crate) fn count_decap(c: DecapCounter) {
         // SAFETY: per-CPU value.
         unsafe { *p += 1 };
     }
+}
+
+/// The tunnel of the probe with `mark`, if its backend's service has one
+/// (probe encapsulator).
+#[inline(always)]
+pub(crate) fn probe_tunnel(mark: u32) -> Option<ProbeTunnel> {
+    // SAFETY: a hash value, copied out at once.
+    LB_PROBE_TUNNELS.get_ptr(mark).map(|p| unsafe { *p })
 }

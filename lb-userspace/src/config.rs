@@ -1036,6 +1036,21 @@ impl Settings {
         u8::try_from(i + 1).ok()
     }
 
+    /// The first address of the tunnel source prefix of `v6`'s family:
+    /// where lb's probes through a tunnel come from (the data plane fills
+    /// the host bits from each flow's hash).
+    pub fn tunnel_source(&self, v6: bool) -> IpAddr {
+        if v6 {
+            let (mut a, mask) = self.tunnel_source_v6;
+            let last = u32::from_be_bytes([a[12], a[13], a[14], a[15]]) & !mask;
+            a[12..].copy_from_slice(&last.to_be_bytes());
+            IpAddr::from(a)
+        } else {
+            let (a, mask) = self.tunnel_source_v4;
+            IpAddr::from((u32::from_be_bytes(a) & !mask).to_be_bytes())
+        }
+    }
+
     /// The interface with port `port` (see [`Settings::port_of`]).
     pub fn interface_of(&self, port: u8) -> Option<&str> {
         let i = usize::from(port).checked_sub(1)?;
@@ -1323,7 +1338,7 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
                 ),
             );
         }
-        let health = validate_health(&svc.health, svc.port, svc.mode, at, &field, &mut e);
+        let health = validate_health(&svc.health, svc.port, at, &field, &mut e);
         let agent = svc.agent.as_ref().map(|a| {
             let agent = validate_agent(a, at, &field, &mut e);
             if file.fleet.is_some() {
@@ -1536,7 +1551,6 @@ fn validate_agent(a: &AgentFile, at: Option<usize>, field: &str, e: &mut Errors<
 fn validate_health(
     h: &HealthFile,
     port: u16,
-    mode: Mode,
     at: Option<usize>,
     field: &str,
     e: &mut Errors<'_>,
@@ -1660,20 +1674,8 @@ fn validate_health(
     if h.port == Some(0) {
         e.push(at, format!("{field}.port"), "port 0 cannot be probed");
     }
-    // Through the VIP wherever lb can route a probe so: dsr-l2.
-    let via = h.via.unwrap_or(if mode == Mode::DsrL2 {
-        Via::Vip
-    } else {
-        Via::Address
-    });
-    if via == Via::Vip && mode != Mode::DsrL2 {
-        e.push(
-            at,
-            format!("{field}.via"),
-            "probes through the VIP are for dsr-l2 services so far: probe ipip and gue \
-             backends at their address",
-        );
-    }
+    // Through the VIP by default in every mode: see docs/config.md.
+    let via = h.via.unwrap_or(Via::Vip);
     (e.list.len() == errors_before).then(|| HealthCheck {
         kind,
         port: h.port.unwrap_or(port),
@@ -1872,11 +1874,6 @@ address = "198.18.0.11"
             "agent step above 100",
             "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[service.agent]\nport=10000\nstep=150\n",
             "service[a].agent.step: percentage points, from 0 to 100",
-        ),
-        (
-            "probes through the VIP of a tunnel service",
-            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\nmode=\"ipip\"\n[service.health]\nvia=\"vip\"\n",
-            "service[a].health.via: probes through the VIP are for dsr-l2 services so far",
         ),
         (
             "feedback bound above 100",

@@ -1,23 +1,30 @@
 //! Probes through the data path (`[service.health] via = "vip"`): a probe
 //! addressed to the service's VIP reaches one chosen backend the way
 //! clients' packets do, so a backend that lost the VIP, or whose server
-//! listens on its own address only, fails its checks.
+//! listens on its own address only, or (`ipip`, `gue`) whose decapsulator
+//! is gone, fails its checks.
 //!
-//! For `dsr-l2` that means the backend's MAC. Each such backend gets a
-//! routing table of its own holding one route, the VIP via the backend's
-//! next hop (`onlink`, on the interface the data plane sends its frames
-//! from), and a policy rule sending packets that carry the backend's mark to
-//! that table. Its probe sockets carry the mark (SO_MARK), so only probes
-//! take these routes; the host's other traffic never matches the rules.
-//! Replies come from the VIP to the host's own address, as a client's do.
+//! Each such backend gets a routing table of its own holding one route per
+//! VIP, via the backend's next hop (`onlink`, on the interface the data
+//! plane sends its frames from), and a policy rule sending packets that
+//! carry the backend's mark to that table. Its probe sockets carry the mark
+//! (SO_MARK), so only probes take these routes; the host's other traffic
+//! never matches the rules. For `dsr-l2` that delivers the probe to the
+//! backend's MAC as it is. For `ipip` and `gue` the probe encapsulator
+//! ([`ProbeEncapsulator`], TC egress on that interface) adds the tunnel
+//! header the data plane would, from the data plane's tunnel source; where
+//! it cannot run, those routes are `unreachable`, so the probes fail rather
+//! than reach the backend outside the tunnel. Replies come from the VIP to
+//! the host's own address, as a client's do.
 //!
 //! Tables, marks and rules are lb's by number ([`mark`], [`RULE_PRIORITY`])
 //! and routes by protocol ([`ROUTE_PROTOCOL`]): lb changes nothing else. A
-//! daemon that stops leaves them (only marked packets use them); the next
-//! one removes those no service asks for.
+//! daemon that stops leaves them (only marked packets use them; the
+//! encapsulator goes with it); the next one removes those no service asks
+//! for.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Duration,
 };
@@ -28,20 +35,21 @@ use rtnetlink::{
     Handle, IpVersion, RouteMessageBuilder,
     packet_route::{
         AddressFamily,
-        route::RouteProtocol,
+        route::{RouteProtocol, RouteType},
         rule::{RuleAction, RuleAttribute, RuleMessage},
     },
 };
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::routes::{ROUTE_PROTOCOL, table_of};
+use lb_common::{ProbeTunnel, addr_bytes};
 
-/// The first of lb's probe marks and routing tables: backend `id`'s are
-/// this plus `id` ("LB" in the upper half, so `ip rule` shows them apart).
-pub const PROBE_BASE: u32 = 0x4c42_0000;
-/// Backend ids that have a mark and a table of their own.
-pub const PROBE_IDS: u32 = 0x1_0000;
+use crate::{
+    dataplane::ProbeEncapsulator,
+    routes::{ROUTE_PROTOCOL, table_of},
+};
+
+pub use lb_common::limits::{PROBE_MARK_BASE, PROBE_MARKS};
 /// Priority of lb's probe rules: ahead of the `main` table's (32766), where
 /// the host's route to the VIP, if any, would win.
 pub const RULE_PRIORITY: u32 = 100;
@@ -49,14 +57,15 @@ pub const RULE_PRIORITY: u32 = 100;
 /// even when nothing changed, so one removed by hand comes back.
 const RESYNC: Duration = Duration::from_secs(5);
 
-/// The mark of backend `id`'s probes, and the number of its routing table;
-/// `None` for an id past [`PROBE_IDS`].
+/// The mark of backend `id`'s probes, and the number of its routing table
+/// ([`PROBE_MARK_BASE`] + `id`);
+/// `None` for an id past [`PROBE_MARKS`].
 pub fn mark(id: u32) -> Option<u32> {
-    (id < PROBE_IDS).then_some(PROBE_BASE + id)
+    (id < PROBE_MARKS).then_some(PROBE_MARK_BASE + id)
 }
 
 /// One backend's path: its probes (`mark`) to `vip` leave by `dev` to
-/// `next_hop`'s MAC.
+/// `next_hop`'s MAC, in `tunnel` if it has one.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ProbePath {
     /// The backend's mark, also its table.
@@ -67,6 +76,34 @@ pub struct ProbePath {
     pub next_hop: IpAddr,
     /// The interface the data plane sends its frames from.
     pub dev: String,
+    /// The tunnel of an `ipip` or `gue` backend.
+    pub tunnel: Option<Tunnel>,
+}
+
+/// The tunnel a probe goes in, as the data plane's packets to the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Tunnel {
+    /// Outer source: the data plane's tunnel source of the family.
+    pub src: IpAddr,
+    /// Outer destination: the backend.
+    pub dst: IpAddr,
+    /// The UDP port of a `gue` tunnel; `None` for `ipip`.
+    pub gue_port: Option<u16>,
+}
+
+impl Tunnel {
+    /// The probe encapsulator's map value.
+    fn value(&self) -> ProbeTunnel {
+        let (src, _) = addr_bytes(self.src);
+        let (dst, family) = addr_bytes(self.dst);
+        ProbeTunnel {
+            src,
+            dst,
+            family,
+            _pad: 0,
+            gue_port: self.gue_port.unwrap_or(0).to_be(),
+        }
+    }
 }
 
 /// A rule's or table's key: the mark, and whether it is IPv6's.
@@ -92,7 +129,7 @@ fn probe_rule(rule: &RuleMessage) -> Option<Key> {
     let mark = mark?;
     let ours = priority == Some(RULE_PRIORITY)
         && table == Some(mark)
-        && (PROBE_BASE..PROBE_BASE + PROBE_IDS).contains(&mark);
+        && (PROBE_MARK_BASE..PROBE_MARK_BASE + PROBE_MARKS).contains(&mark);
     let v6 = match rule.header.family {
         AddressFamily::Inet => false,
         AddressFamily::Inet6 => true,
@@ -108,6 +145,8 @@ struct Paths {
     /// deleted; `None` before the first sync, which empties every wanted
     /// table first (of what a previous daemon left).
     installed: Option<BTreeSet<ProbePath>>,
+    /// The probe encapsulator, loaded for the first tunnel path.
+    encapsulator: Option<ProbeEncapsulator>,
 }
 
 impl Paths {
@@ -118,6 +157,7 @@ impl Paths {
         Ok(Paths {
             handle,
             installed: None,
+            encapsulator: None,
         })
     }
 
@@ -135,24 +175,28 @@ impl Paths {
         Ok(found)
     }
 
-    async fn add_route(&self, p: &ProbePath) -> Result<()> {
+    /// Adds (or replaces) `p`'s route; an `unreachable` one unless
+    /// `reachable`.
+    async fn add_route(&self, p: &ProbePath, reachable: bool) -> Result<()> {
         let index = ifindex(&p.dev)?;
         let route = match (p.vip, p.next_hop) {
             (IpAddr::V4(vip), IpAddr::V4(hop)) => {
-                in_table(RouteMessageBuilder::<Ipv4Addr>::new(), p.mark)
-                    .destination_prefix(vip, 32)
-                    .gateway(hop)
-                    .output_interface(index)
-                    .onlink()
-                    .build()
+                let to = in_table(RouteMessageBuilder::<Ipv4Addr>::new(), p.mark)
+                    .destination_prefix(vip, 32);
+                if reachable {
+                    to.gateway(hop).output_interface(index).onlink().build()
+                } else {
+                    to.kind(RouteType::Unreachable).build()
+                }
             }
             (IpAddr::V6(vip), IpAddr::V6(hop)) => {
-                in_table(RouteMessageBuilder::<Ipv6Addr>::new(), p.mark)
-                    .destination_prefix(vip, 128)
-                    .gateway(hop)
-                    .output_interface(index)
-                    .onlink()
-                    .build()
+                let to = in_table(RouteMessageBuilder::<Ipv6Addr>::new(), p.mark)
+                    .destination_prefix(vip, 128);
+                if reachable {
+                    to.gateway(hop).output_interface(index).onlink().build()
+                } else {
+                    to.kind(RouteType::Unreachable).build()
+                }
             }
             (vip, hop) => bail!("{vip} and its next hop {hop} differ in family"),
         };
@@ -191,11 +235,38 @@ impl Paths {
         Ok(())
     }
 
-    /// Makes lb's probe rules and routes equal `wanted`: the tables of
-    /// changed paths emptied, every wanted route added (or replaced), the
-    /// missing rules added, and the rules (and tables) of paths no longer
-    /// wanted removed.
+    /// Makes the probe encapsulator hold the tunnels of `wanted` and sit
+    /// at the egress of the interfaces they leave by; loads it for the
+    /// first tunnel.
+    fn encapsulate(&mut self, wanted: &BTreeSet<ProbePath>) -> Result<()> {
+        let tunnels: BTreeMap<u32, ProbeTunnel> = wanted
+            .iter()
+            .filter_map(|p| Some((p.mark, p.tunnel?.value())))
+            .collect();
+        let encapsulator = match &mut self.encapsulator {
+            Some(e) => e,
+            None if tunnels.is_empty() => return Ok(()),
+            None => self
+                .encapsulator
+                .insert(ProbeEncapsulator::load().context("loading the probe encapsulator")?),
+        };
+        let devs: BTreeSet<&str> = wanted
+            .iter()
+            .filter(|p| p.tunnel.is_some())
+            .map(|p| p.dev.as_str())
+            .collect();
+        encapsulator.set_tunnels(&tunnels)?;
+        encapsulator.attach(&devs)
+    }
+
+    /// Makes lb's probe rules and routes equal `wanted`: the encapsulator
+    /// first (so no tunnel path's route precedes it), the tables of changed
+    /// paths emptied, every wanted route added (or replaced), the missing
+    /// rules added, and the rules (and tables) of paths no longer wanted
+    /// removed. Tunnel paths get `unreachable` routes while the
+    /// encapsulator fails, and its error is returned last.
     async fn sync(&mut self, wanted: &BTreeSet<ProbePath>) -> Result<()> {
+        let encapsulated = self.encapsulate(wanted);
         let stale: BTreeSet<Key> = match &self.installed {
             Some(installed) => installed.difference(wanted).map(ProbePath::key).collect(),
             None => wanted.iter().map(ProbePath::key).collect(),
@@ -204,7 +275,8 @@ impl Paths {
             self.flush_table(key).await?;
         }
         for p in wanted {
-            self.add_route(p).await?;
+            let reachable = p.tunnel.is_none() || encapsulated.is_ok();
+            self.add_route(p, reachable).await?;
         }
         let rules = self.rules().await?;
         let have: BTreeSet<Key> = rules.iter().map(|(k, _)| *k).collect();
@@ -237,7 +309,7 @@ impl Paths {
             info!(mark = %format!("{:#x}", key.0), "probe path removed");
         }
         self.installed = Some(wanted.clone());
-        Ok(())
+        encapsulated
     }
 }
 
@@ -250,11 +322,10 @@ fn in_table<T>(route: RouteMessageBuilder<T>, mark: u32) -> RouteMessageBuilder<
 
 /// The index of interface `dev`.
 pub(crate) fn ifindex(dev: &str) -> Result<u32> {
-    let name = std::ffi::CString::new(dev).context("an interface name with a NUL byte")?;
-    // SAFETY: a valid NUL-terminated string.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    anyhow::ensure!(index != 0, "no interface named {dev}");
-    Ok(index)
+    match crate::dataplane::ifindex(dev) {
+        0 => bail!("no interface named {dev}"),
+        index => Ok(index),
+    }
 }
 
 /// Keeps lb's probe rules and routes equal to `wanted` until its sender is
@@ -290,10 +361,10 @@ mod tests {
 
     #[test]
     fn marks_are_lbs_and_bounded() {
-        assert_eq!(mark(0), Some(PROBE_BASE));
+        assert_eq!(mark(0), Some(PROBE_MARK_BASE));
         assert_eq!(mark(7), Some(0x4c42_0007));
-        assert_eq!(mark(PROBE_IDS - 1), Some(0x4c42_ffff));
-        assert_eq!(mark(PROBE_IDS), None);
+        assert_eq!(mark(PROBE_MARKS - 1), Some(0x4c42_ffff));
+        assert_eq!(mark(PROBE_MARKS), None);
     }
 
     #[test]
@@ -302,10 +373,10 @@ mod tests {
         rule.header.family = AddressFamily::Inet;
         rule.attributes = vec![
             RuleAttribute::Priority(RULE_PRIORITY),
-            RuleAttribute::FwMark(PROBE_BASE + 3),
-            RuleAttribute::Table(PROBE_BASE + 3),
+            RuleAttribute::FwMark(PROBE_MARK_BASE + 3),
+            RuleAttribute::Table(PROBE_MARK_BASE + 3),
         ];
-        assert_eq!(probe_rule(&rule), Some((PROBE_BASE + 3, false)));
+        assert_eq!(probe_rule(&rule), Some((PROBE_MARK_BASE + 3, false)));
         let mut other_table = rule.clone();
         other_table.attributes[2] = RuleAttribute::Table(100);
         assert_eq!(probe_rule(&other_table), None);

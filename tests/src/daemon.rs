@@ -57,6 +57,28 @@ pub fn default_web_config(backends: u8, xdp_mode: &str) -> String {
         + &web_service("", backends)
 }
 
+/// `lb --json <args>` run in namespace `ns` (a one-shot command such as
+/// `lb decap`), its JSON output; its error output on failure.
+pub fn lb_in(ns: &Netns, args: &[&str]) -> Result<Value> {
+    let out = spawn_in(
+        &ns.name,
+        Command::new(lb_binary()?)
+            .arg("--json")
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+    )?
+    .wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "lb {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
+}
+
 /// The `lb` binary cargo built next to the calling binary: beside it (a
 /// binary such as lb-bench, in `target/<profile>/`) or one level up (a test
 /// binary, in `target/<profile>/deps/`).

@@ -36,7 +36,7 @@ use crate::{
     maglev::{self, Candidate},
     neighbor::NextHop,
     probe::ThroughVip,
-    probe_path::{self, ProbePath},
+    probe_path::{self, ProbePath, Tunnel},
 };
 
 /// The last probe of a backend.
@@ -614,9 +614,10 @@ impl Controller {
         if s.config.health.via == Via::Address {
             return Ok(None);
         }
+        // A tunnelled backend's ARP does not decide where clients' packets go.
         let arp = self
             .next_hop_on(ip)
-            .filter(|_| s.config.vip.is_ipv4())
+            .filter(|_| s.config.vip.is_ipv4() && s.config.mode == Mode::DsrL2)
             .map(|(hop, dev)| (dev.to_string(), hop.mac));
         Ok(probe_path::mark(b.id).map(|mark| ThroughVip {
             vip: s.config.vip,
@@ -627,8 +628,9 @@ impl Controller {
 
     /// The probe paths that `via = "vip"` services need: one per backend
     /// whose next hop is known, by the interface the data plane sends its
-    /// frames from.
+    /// frames from, in the tunnel the data plane would use.
     pub fn probe_paths(&self) -> BTreeSet<ProbePath> {
+        let settings = &self.desired.settings;
         let mut paths = BTreeSet::new();
         for s in self.services.values() {
             if s.config.health.via != Via::Vip || s.config.health.kind == config::Probe::None {
@@ -638,11 +640,17 @@ impl Controller {
                 if let (Some((hop, dev)), Some(mark)) =
                     (self.next_hop_on(*ip), probe_path::mark(b.id))
                 {
+                    let tunnel = (s.config.mode != Mode::DsrL2).then(|| Tunnel {
+                        src: settings.tunnel_source(ip.is_ipv6()),
+                        dst: *ip,
+                        gue_port: (s.config.mode == Mode::Gue).then_some(settings.gue_port),
+                    });
                     paths.insert(ProbePath {
                         mark,
                         vip: s.config.vip,
                         next_hop: hop.addr,
                         dev: dev.to_string(),
+                        tunnel,
                     });
                 }
             }

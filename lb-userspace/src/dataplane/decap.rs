@@ -25,7 +25,7 @@ use lb_common::{
     AddrKey, SOURCE_FAMILY_BITS, SourceKey, addr_ip, counters::DecapCounter, maps as names,
 };
 
-use super::{Capacity, EBPF_OBJECT, attach_xdp, ensure_bpffs, pins, take, xdp_program};
+use super::{EBPF_OBJECT, UNUSED_LB_CAPACITY, attach_xdp, ensure_bpffs, pins, take, xdp_program};
 
 /// Where `lb decap` pins its maps and links by default.
 pub const DEFAULT_DECAP_PIN_DIR: &str = "/sys/fs/bpf/lb-decap";
@@ -37,15 +37,6 @@ pub(super) const DECAP_MAPS: [&str; 4] = [
     names::DECAP_VIPS,
     names::DECAP_COUNTERS,
 ];
-
-/// The load balancer's maps live in the same object and are created with
-/// it; the decapsulator never uses them, so they get the smallest sizes.
-const UNUSED_LB_CAPACITY: Capacity = Capacity {
-    max_services: 1,
-    max_backends: 1,
-    conntrack_entries: 1,
-    ring_size: 2,
-};
 
 /// Prefix of the link pins' names in the pin directory: `link_<interface>`.
 const LINK_PIN_PREFIX: &str = "link_";

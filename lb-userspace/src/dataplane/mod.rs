@@ -7,6 +7,7 @@ mod batch;
 mod decap;
 mod link;
 mod pins;
+mod probe_encap;
 
 pub use batch::update_u32s;
 pub use decap::{
@@ -14,6 +15,7 @@ pub use decap::{
     read_pinned, remove_pinned,
 };
 pub use link::read as read_interface;
+pub use probe_encap::ProbeEncapsulator;
 
 use std::path::{Path, PathBuf};
 
@@ -217,7 +219,7 @@ pub enum Repair {
 }
 
 /// The index of interface `name`, 0 if there is none.
-fn ifindex(name: &str) -> u32 {
+pub(crate) fn ifindex(name: &str) -> u32 {
     match std::ffi::CString::new(name) {
         // SAFETY: a valid NUL-terminated string; the call only reads it.
         Ok(c) => unsafe { libc::if_nametoindex(c.as_ptr()) },
@@ -234,6 +236,16 @@ where
         .with_context(|| format!("map {name} missing from the eBPF object"))?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
+
+/// The load balancer's maps live in the same object as the decapsulator
+/// and the probe encapsulator, and are created with each; those never use
+/// them, so they get the smallest sizes.
+const UNUSED_LB_CAPACITY: Capacity = Capacity {
+    max_services: 1,
+    max_backends: 1,
+    conntrack_entries: 1,
+    ring_size: 2,
+};
 
 /// Every map of the load balancer (the decapsulator's are its own,
 /// [`decap`]).
@@ -1109,15 +1121,17 @@ mod tests {
     #[test]
     fn the_objects_maps_are_the_shapes_lb_common_declares() {
         use lb_common::{
-            IcmpBudget, IcmpKind, SourceKey,
+            IcmpBudget, IcmpKind, ProbeTunnel, SourceKey,
             counters::DecapCounter,
-            limits::{INTERFACE_SLOTS, MAX_ADDRESSES, MAX_DECAP_SOURCES, VIP_FILTER_WORDS},
+            limits::{
+                INTERFACE_SLOTS, MAX_ADDRESSES, MAX_DECAP_SOURCES, PROBE_MARKS, VIP_FILTER_WORDS,
+            },
         };
         use std::mem::size_of;
         /// An LPM trie's key: the prefix length, then the data.
         const PREFIX_LEN: usize = size_of::<u32>();
         let u32s = size_of::<u32>();
-        let want: [(&str, usize, usize, u32); 20] = [
+        let want: [(&str, usize, usize, u32); 21] = [
             (
                 names::SERVICES,
                 size_of::<ServiceKey>(),
@@ -1204,6 +1218,12 @@ mod tests {
                 size_of::<u64>(),
                 DecapCounter::COUNT,
             ),
+            (
+                names::PROBE_TUNNELS,
+                u32s,
+                size_of::<ProbeTunnel>(),
+                PROBE_MARKS,
+            ),
         ];
         let object = aya_obj::Object::parse(EBPF_OBJECT).unwrap();
         for (name, key, value, entries) in want {
@@ -1223,8 +1243,12 @@ mod tests {
             );
         }
         // Both map lists cover exactly the object's maps.
-        let listed: std::collections::BTreeSet<&str> =
-            ALL_MAPS.iter().chain(&decap::DECAP_MAPS).copied().collect();
+        let listed: std::collections::BTreeSet<&str> = ALL_MAPS
+            .iter()
+            .chain(&decap::DECAP_MAPS)
+            .chain(&probe_encap::PROBE_ENCAP_MAPS)
+            .copied()
+            .collect();
         let checked: std::collections::BTreeSet<&str> = want.iter().map(|w| w.0).collect();
         assert_eq!(listed, checked);
     }

@@ -14,20 +14,19 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use lb::{
     demo::server::{http_get, udp_request},
-    netns::{Netns, PrivateBpffs, spawn_in},
+    netns::{Netns, PrivateBpffs},
 };
 use lb_common::{
     SERVICE_F_GUE, SERVICE_F_IPIP,
     wire::{IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP},
 };
 use lb_tests::{
-    daemon::lb_binary,
+    daemon::lb_in as lb,
     lab::{Lab, service_key},
     lan::{CLIENT_V4, Lan},
     packet::{self, Ipv4},
     require_root,
 };
-use serde_json::Value;
 
 const RING: u32 = 251;
 const VIP4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
@@ -42,27 +41,6 @@ const PORT: u16 = 80;
 fn a_backend_running_lb_decap_serves_ipip_and_refuses_spoofed_tunnels() {
     require_root();
     run().unwrap();
-}
-
-/// `lb <args>` in namespace `ns`, its JSON output.
-fn lb(ns: &Netns, args: &[&str]) -> Result<Value> {
-    let out = spawn_in(
-        &ns.name,
-        Command::new(lb_binary()?)
-            .arg("--json")
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped()),
-    )?
-    .wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "lb {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
 }
 
 /// Sends `packet` (a whole IPv4 packet, header included) from `ns` to `to`.

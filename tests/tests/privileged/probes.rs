@@ -3,13 +3,15 @@
 //! address still answers, and comes back once the VIP is back; for IPv4
 //! and IPv6 services alike, each probe reaching the one backend it checks
 //! by lb's policy rule and route. One that answers ARP for the VIP fails
-//! too.
+//! too. An `ipip` or `gue` backend whose decapsulator is removed fails its
+//! probes, which lb puts in the tunnel as it does clients' packets.
 
 use std::time::Duration;
 
-use lb::probe_path::PROBE_BASE;
+use lb::netns::PrivateBpffs;
+use lb::probe_path::PROBE_MARK_BASE;
 use lb_tests::{
-    daemon::{Daemon, WEB_PORT, web_config},
+    daemon::{Daemon, WEB_PORT, lb_in, web_config},
     lan::Lan,
     require_root,
 };
@@ -17,6 +19,8 @@ use serde_json::Value;
 
 const VIP4: &str = "198.18.1.1";
 const VIP6: &str = "2001:2:1::1";
+/// The `gue` service's VIP.
+const GUE4: &str = "198.18.1.5";
 const WAIT: Duration = Duration::from_secs(10);
 
 /// Backend `addr`'s health in service `service`.
@@ -76,7 +80,7 @@ fn a_backend_without_the_vip_fails_probes_through_the_vip() {
             String::from_utf8_lossy(&out.stdout).into_owned()
         })
         .collect::<String>();
-    let ours = format!("fwmark {:#x}", PROBE_BASE >> 16);
+    let ours = format!("fwmark {:#x}", PROBE_MARK_BASE >> 16);
     assert_eq!(
         rules.lines().filter(|l| l.contains(&ours)).count(),
         4,
@@ -120,4 +124,113 @@ fn a_backend_without_the_vip_fails_probes_through_the_vip() {
     b2.sysctl("net.ipv4.conf.all.arp_ignore", "1").unwrap();
     wait_for(&d, "web", "198.18.0.12", "up");
     drop(d);
+}
+
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn a_tunnel_backend_without_its_decapsulator_fails_probes_through_the_vip() {
+    require_root();
+    let lan = Lan::build(
+        2,
+        &[
+            &format!("{VIP4}/32"),
+            &format!("{VIP6}/128"),
+            &format!("{GUE4}/32"),
+        ],
+    )
+    .unwrap();
+    let _servers = lan.serve_names(WEB_PORT).unwrap();
+    let dir = std::env::temp_dir().join(format!("lbt-{}-probe-tunnel", std::process::id()));
+    let bpffs = PrivateBpffs::mount(&dir.join("bpffs")).unwrap();
+    // Each backend's `lb decap`: its file and its pins.
+    let decaps: Vec<_> = lan
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let file = dir.join(format!("decap{i}.toml"));
+            std::fs::write(
+                &file,
+                format!(
+                    "interfaces = [\"eth0\"]\nxdp_mode = \"generic\"\n\
+                     endpoints = [\"{}\", \"{}\"]\n\
+                     accept_from = [\"198.18.255.0/24\", \"2001:2:ff::/112\"]\n\
+                     vips = [\"{VIP4}\", \"{VIP6}\", \"{GUE4}\"]\n",
+                    b.v4, b.v6
+                ),
+            )
+            .unwrap();
+            let pins = bpffs.path().join(format!("decap{i}"));
+            (
+                file.to_string_lossy().into_owned(),
+                pins.to_string_lossy().into_owned(),
+            )
+        })
+        .collect();
+    let decap = |i: usize, verb: &str| {
+        let (file, pins) = &decaps[i];
+        let args = match verb {
+            "apply" => vec!["decap", "apply", "-f", file, "--pin-dir", pins],
+            _ => vec!["decap", verb, "--pin-dir", pins],
+        };
+        lb_in(&lan.backends[i].ns, &args).unwrap()
+    };
+    decap(0, "apply");
+    decap(1, "apply");
+
+    // Three tunnel services probed through their VIPs (the default).
+    let service = |name: &str, vip: &str, mode: &str, backends: [&str; 2]| {
+        let mut text = format!(
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {WEB_PORT}\n\
+             protocol = \"tcp\"\nmode = \"{mode}\"\n{}",
+            lb::demo::edge::fast_health("http")
+        );
+        for b in backends {
+            text += &format!("[[service.backend]]\naddress = \"{b}\"\n");
+        }
+        text
+    };
+    let v4 = ["198.18.0.11", "198.18.0.12"];
+    let v6 = ["2001:2::11", "2001:2::12"];
+    // web_config's settings, with the lab's tunnel sources.
+    let settings = web_config(0);
+    let settings = &settings[..settings.find("[[service]]").unwrap()];
+    let config = settings.replace(
+        "[settings]\n",
+        "[settings]\ntunnel_source_v4 = \"198.18.255.0/24\"\n\
+         tunnel_source_v6 = \"2001:2:ff::/112\"\n",
+    ) + &service("ipip4", VIP4, "ipip", v4)
+        + &service("ipip6", VIP6, "ipip", v6)
+        + &service("gue4", GUE4, "gue", v4);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let d = Daemon::start(&lan.lb, "via-tunnel", &config).unwrap();
+        let services = [("ipip4", v4), ("ipip6", v6), ("gue4", v4)];
+        for (name, [one, two]) in services {
+            wait_for(&d, name, one, "up");
+            wait_for(&d, name, two, "up");
+        }
+        // The probes reached the backends in their tunnels.
+        let decapsulated = decap(1, "status")["counters"]["decapsulated"]
+            .as_u64()
+            .unwrap_or(0);
+        assert!(decapsulated > 0, "backend 2 decapsulated no probe");
+
+        // Backend 1 without its decapsulator still holds the VIPs and
+        // answers at its address, but no tunnel packet reaches its stack.
+        decap(0, "remove");
+        for (name, [one, two]) in services {
+            wait_for(&d, name, one, "down");
+            assert_eq!(health(&d, name, two), "up", "{name} {two}");
+        }
+        decap(0, "apply");
+        for (name, [one, _]) in services {
+            wait_for(&d, name, one, "up");
+        }
+        drop(d);
+    }));
+    drop(bpffs);
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
 }
