@@ -68,11 +68,16 @@ pub enum Counter {
     /// attached (its device-map entry is gone); dropped until the daemon
     /// takes the backend out or attaches the interface again.
     DropNoEgress = 21,
+    /// The source is in the service's deny list: dropped (established
+    /// flows too, from the moment the prefix is added).
+    DropDenied = 22,
+    /// The service has an allow list and the source is not in it: dropped.
+    DropNotAllowed = 23,
 }
 
 impl Counter {
     /// Number of counters (the `LB_COUNTERS` array size).
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 24;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -98,6 +103,8 @@ impl Counter {
         Counter::ForwardGue,
         Counter::RedirectBackend,
         Counter::DropNoEgress,
+        Counter::DropDenied,
+        Counter::DropNotAllowed,
     ];
 
     /// Stable snake_case name, for logs, JSON and metric labels.
@@ -125,6 +132,8 @@ impl Counter {
             Counter::ForwardGue => "forward_gue",
             Counter::RedirectBackend => "redirect_backend",
             Counter::DropNoEgress => "drop_no_egress",
+            Counter::DropDenied => "drop_denied",
+            Counter::DropNotAllowed => "drop_not_allowed",
         }
     }
 }

@@ -113,3 +113,7 @@ pub const GUE_SOURCE_PORT_MASK: u16 = 0x3fff;
 pub const PROBE_MARK_BASE: u32 = 0x4c42_0000;
 /// Backend ids that have a probe mark of their own.
 pub const PROBE_MARKS: u32 = 0x1_0000;
+
+/// Prefixes each source list map (`LB_ACL_DENY`, `LB_ACL_ALLOW`) holds,
+/// over every service: an LPM trie takes memory only for what it holds.
+pub const MAX_ACL_PREFIXES: u32 = 65_536;

@@ -36,6 +36,12 @@ pub const COUNTERS: &str = "LB_COUNTERS";
 pub const SERVICE_STATS: &str = "LB_SERVICE_STATS";
 /// Per-backend counters: backend id → [`crate::BackendStats`] (per-CPU array).
 pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
+/// Services' deny lists: `lpm_trie::Key<`[`crate::AclKey`]`>` → u32 (LPM trie).
+pub const ACL_DENY: &str = "LB_ACL_DENY";
+/// Services' allow lists: `lpm_trie::Key<`[`crate::AclKey`]`>` → u32 (LPM trie).
+pub const ACL_ALLOW: &str = "LB_ACL_ALLOW";
+/// Per-service source-list drops: service id → [`crate::AclStats`] (per-CPU array).
+pub const ACL_STATS: &str = "LB_ACL_STATS";
 /// Decap program: local tunnel endpoints, [`crate::AddrKey`] → u32 (hash).
 pub const DECAP_ADDRS: &str = "LB_DECAP_ADDRS";
 /// Decap program: the prefixes whose tunnel packets it accepts (the load

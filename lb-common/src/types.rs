@@ -24,6 +24,14 @@ pub const SERVICE_F_ECHO: u32 = 1 << 2;
 pub const SERVICE_F_GUE: u32 = 1 << 3;
 /// Either tunnel.
 pub const SERVICE_F_TUNNEL: u32 = SERVICE_F_IPIP | SERVICE_F_GUE;
+/// Service flag: the service has a deny list (`LB_ACL_DENY` entries):
+/// packets from a source in it are dropped.
+pub const SERVICE_F_DENY_LIST: u32 = 1 << 4;
+/// Service flag: the service has an allow list (`LB_ACL_ALLOW` entries):
+/// packets from a source outside it are dropped.
+pub const SERVICE_F_ALLOW_LIST: u32 = 1 << 5;
+/// Either source list: a service with neither pays one test for both.
+pub const SERVICE_F_SOURCE_LISTS: u32 = SERVICE_F_DENY_LIST | SERVICE_F_ALLOW_LIST;
 
 /// What `LB_VIPS` holds for an address: the services on it, plus this
 /// unit for each of them that answers echo ([`SERVICE_F_ECHO`]). A VIP
@@ -616,6 +624,40 @@ pub struct ConntrackStats {
     pub window_inserts: u64,
 }
 
+/// Bits of an [`AclKey`] before its address: the service id, matched whole.
+pub const ACL_SERVICE_BITS: u32 = 32;
+
+/// Key data of `LB_ACL_DENY` and `LB_ACL_ALLOW`, the LPM tries of the
+/// services' source prefixes. The service id comes first, then the source
+/// as the decapsulator keys it, so one trie holds every service's list: a
+/// prefix of `n` bits is stored with a prefix length of
+/// [`ACL_SERVICE_BITS`]` + `[`SOURCE_FAMILY_BITS`]` + n`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct AclKey {
+    /// The service id, big-endian (bytes, so the key has no padding).
+    pub service: [u8; 4],
+    /// The source.
+    pub source: SourceKey,
+}
+
+impl AclKey {
+    /// The key's prefix length for a prefix of `bits` bits.
+    pub const fn prefix_len(bits: u32) -> u32 {
+        ACL_SERVICE_BITS + SOURCE_FAMILY_BITS + bits
+    }
+}
+
+/// Per-service source-list drops (per CPU). Value of `LB_ACL_STATS`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct AclStats {
+    /// Packets from a source in the deny list.
+    pub denied: u64,
+    /// Packets from a source outside the allow list.
+    pub not_allowed: u64,
+}
+
 /// Per-service counters (per CPU). Value of `LB_SERVICE_STATS`.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
@@ -707,6 +749,8 @@ const _: () = assert!(size_of::<ConntrackStats>() == 32);
 const _: () = assert!(size_of::<ServiceStats>() == 32);
 const _: () = assert!(size_of::<BackendStats>() == 16);
 const _: () = assert!(size_of::<ProbeTunnel>() == 36);
+const _: () = assert!(size_of::<AclKey>() == 21 && align_of::<AclKey>() == 1);
+const _: () = assert!(size_of::<AclStats>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -730,6 +774,8 @@ mod pod {
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for ProbeTunnel {}
+    unsafe impl aya::Pod for AclKey {}
+    unsafe impl aya::Pod for AclStats {}
 }
 
 #[cfg(test)]

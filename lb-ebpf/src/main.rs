@@ -109,7 +109,9 @@ fn action(c: Counter) -> u32 {
         | Counter::DropTooBig
         | Counter::DropEncapFailed
         | Counter::DropEchoLimit
-        | Counter::DropNoEgress => xdp_action::XDP_DROP,
+        | Counter::DropNoEgress
+        | Counter::DropDenied
+        | Counter::DropNotAllowed => xdp_action::XDP_DROP,
     }
 }
 

@@ -10,11 +10,11 @@ use aya_ebpf::{
     maps::{Array, DevMap, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
 };
 use lb_common::{
-    Addr, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter,
-    FlowEntry, FlowKey, FlowValue, IcmpBudget, IcmpKind, Interface, ProbeTunnel, ServiceKey,
-    ServiceSlot, ServiceStats, ServiceValue, Settings, SourceKey, counters::DecapCounter,
-    flow_buckets, hash::vip_filter_bit, interface_slot, limits, limits::CONNTRACK_WAYS,
-    vip_answers_echo,
+    AclKey, AclStats, Addr, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats,
+    Counter, FlowEntry, FlowKey, FlowValue, IcmpBudget, IcmpKind, Interface, ProbeTunnel,
+    ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings, SourceKey,
+    counters::DecapCounter, flow_buckets, hash::vip_filter_bit, interface_slot, limits,
+    limits::CONNTRACK_WAYS, vip_answers_echo,
 };
 
 /// Services. Not preallocated, so an update replaces the element under RCU and
@@ -102,6 +102,22 @@ static LB_SERVICE_STATS: PerCpuArray<ServiceStats> =
 #[map]
 static LB_BACKEND_STATS: PerCpuArray<BackendStats> =
     PerCpuArray::with_max_entries(limits::DEFAULT_MAX_BACKENDS, 0);
+
+/// Services' deny lists: packets from these sources are dropped.
+#[map]
+static LB_ACL_DENY: LpmTrie<AclKey, u32> =
+    LpmTrie::with_max_entries(limits::MAX_ACL_PREFIXES, BPF_F_NO_PREALLOC);
+
+/// Services' allow lists: a service with one takes packets from these
+/// sources only.
+#[map]
+static LB_ACL_ALLOW: LpmTrie<AclKey, u32> =
+    LpmTrie::with_max_entries(limits::MAX_ACL_PREFIXES, BPF_F_NO_PREALLOC);
+
+/// Per-service source-list drops.
+#[map]
+static LB_ACL_STATS: PerCpuArray<AclStats> =
+    PerCpuArray::with_max_entries(limits::DEFAULT_MAX_SERVICES, 0);
 
 /// Decap program: the host's tunnel endpoint addresses, each with the UDP
 /// port its GUE packets come to (0: none).
@@ -442,6 +458,41 @@ pub(crate) fn count_service_drop(service_id: u32) {
         // SAFETY: per-CPU value.
         unsafe { (*s).drops += 1 };
     }
+}
+
+/// Whether `src` (of `family`) lies in a prefix of service `service_id`'s deny list
+/// (`allow`: allow list).
+#[inline(always)]
+pub(crate) fn in_source_list(allow: bool, service_id: u32, src: Addr, family: u8) -> bool {
+    let key = Key::new(
+        AclKey::prefix_len(8 * core::mem::size_of::<Addr>() as u32),
+        AclKey {
+            service: service_id.to_be_bytes(),
+            source: SourceKey { family, addr: src },
+        },
+    );
+    if allow {
+        LB_ACL_ALLOW.get(key).is_some()
+    } else {
+        LB_ACL_DENY.get(key).is_some()
+    }
+}
+
+/// Counts a packet of service `service_id` dropped by its source lists:
+/// `denied`, or else outside its allow list.
+#[inline(always)]
+pub(crate) fn count_source_drop(service_id: u32, denied: bool) {
+    if let Some(s) = LB_ACL_STATS.get_ptr_mut(service_id) {
+        // SAFETY: per-CPU value.
+        unsafe {
+            if denied {
+                (*s).denied += 1;
+            } else {
+                (*s).not_allowed += 1;
+            }
+        }
+    }
+    count_service_drop(service_id);
 }
 
 /// If `key` is one of this host's tunnel endpoints, the UDP port of GUE

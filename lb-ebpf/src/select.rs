@@ -5,7 +5,8 @@ use core::ptr::NonNull;
 
 use lb_common::{
     BACKEND_F_UP, BackendValue, ConntrackSettings, Counter, FLOW_F_CLOSED, FlowEntry, FlowKey,
-    FlowValue, SERVICE_F_AFFINITY, ServiceValue,
+    FlowValue, SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST, SERVICE_F_DENY_LIST,
+    SERVICE_F_SOURCE_LISTS, ServiceValue,
     hash::{bucket_hash, flow_hash},
     limits::NO_BACKEND,
     ring_index,
@@ -60,6 +61,30 @@ fn idle_timeout(ct: &ConntrackSettings, service: &ServiceValue, flow: &FlowKey) 
     }
 }
 
+/// Whether `service` takes packets from `flow`'s source: not in its deny
+/// list (deny wins), and in its allow list if it has one. Checked on every
+/// packet, established flows included, so a prefix denied now stops a flow
+/// at its next packet; a service without lists pays one flag test.
+#[inline(always)]
+fn admits(service: &ServiceValue, flow: &FlowKey) -> Result<(), Counter> {
+    if service.flags & SERVICE_F_SOURCE_LISTS == 0 {
+        return Ok(());
+    }
+    let refused = if service.flags & SERVICE_F_DENY_LIST != 0
+        && maps::in_source_list(false, service.id, flow.src, flow.family)
+    {
+        Counter::DropDenied
+    } else if service.flags & SERVICE_F_ALLOW_LIST != 0
+        && !maps::in_source_list(true, service.id, flow.src, flow.family)
+    {
+        Counter::DropNotAllowed
+    } else {
+        return Ok(());
+    };
+    maps::count_source_drop(service.id, refused == Counter::DropDenied);
+    Err(refused)
+}
+
 /// Picks the service and backend of `flow`, whose packet carries
 /// `tcp_flags` (0 for UDP). An established flow finds both through its
 /// connection-table entry: the service in its slot by the id the entry
@@ -69,8 +94,8 @@ fn idle_timeout(ct: &ConntrackSettings, service: &ServiceValue, flow: &FlowKey) 
 /// service is gone. A FIN or RST marks the entry closed, which shortens its
 /// life. `remember` is false for packets that must not create state
 /// (relayed ICMP errors). `Err(PassNotService)` when the flow's
-/// destination is no service; a drop once the service is known is counted
-/// against it.
+/// destination is no service; a drop once the service is known (its source
+/// lists refusing the source, no backend) is counted against it.
 #[inline(always)]
 pub(crate) fn select_backend(
     ct: &ConntrackSettings,
@@ -108,6 +133,7 @@ pub(crate) fn select_backend(
         && let Some(backend) = maps::backend(pinned.backend)
         && stands(&pinned, &backend)
     {
+        admits(&service, flow)?;
         if remember {
             refresh(p, &pinned, now, pinned.flags | closing);
         }
@@ -124,6 +150,9 @@ pub(crate) fn select_backend(
         Some(service) => service,
         None => maps::service(&flow.service_key()).ok_or(Counter::PassNotService)?,
     };
+    // Before the Maglev lookup and any write: a refused source costs no
+    // state.
+    admits(&service, flow)?;
     let (id, backend) =
         maglev(flow, &service).inspect_err(|_| maps::count_service_drop(service.id))?;
     if remember {

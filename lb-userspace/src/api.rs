@@ -37,6 +37,11 @@ pub enum Request {
         /// Service name.
         service: Option<String>,
     },
+    /// The source lists' prefixes, of one service or all.
+    SourceLists {
+        /// Service name.
+        service: Option<String>,
+    },
     /// Per-service and per-backend counters and the global reasons.
     Stats,
     /// Health of every backend.
@@ -136,6 +141,17 @@ pub struct Response {
     /// The answer.
     #[serde(default)]
     pub data: serde_json::Value,
+}
+
+/// A row of `lb acl list`: one prefix of one service's list.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SourceRow {
+    /// Service name.
+    pub service: String,
+    /// `deny` or `allow`.
+    pub list: String,
+    /// The prefix, `address/length`.
+    pub prefix: String,
 }
 
 /// A row of `lb service list`.
@@ -346,6 +362,12 @@ pub struct ServiceStatsRow {
     /// too big to encapsulate, no way out); the global reasons say why.
     #[serde(default)]
     pub drops: u64,
+    /// Of the drops: sources in the deny list.
+    #[serde(default)]
+    pub denied: u64,
+    /// Of the drops: sources outside the allow list.
+    #[serde(default)]
+    pub not_allowed: u64,
     /// Per-second rates from the daemon's counter history.
     #[serde(default)]
     pub rates: Option<Rates>,

@@ -17,13 +17,13 @@ use serde_json::Value;
 use crate::{
     api::{
         self, AgentRow, BackendRow, ConntrackStatsView, FleetStatus, FlowRow, NodeStatus, Request,
-        ServiceRow, Stats,
+        ServiceRow, SourceRow, Stats,
     },
     bird,
     config::{Affinity, CheckKind, DEFAULT_SOCKET, Mode, Protocol, XdpModeSetting},
     config_edit::Edit,
     daemon::{self, runtime::Admin},
-    dataplane::{DEFAULT_DECAP_PIN_DIR, DEFAULT_PIN_DIR},
+    dataplane::{DEFAULT_DECAP_PIN_DIR, DEFAULT_PIN_DIR, SourceList},
     decap::{self, DEFAULT_DECAP_FILE},
     doctor,
 };
@@ -67,6 +67,10 @@ enum Command {
     /// Backends.
     #[command(subcommand)]
     Backend(BackendCommand),
+    /// Services' source lists: prefixes whose packets are dropped (deny),
+    /// or the only ones taken (allow).
+    #[command(subcommand)]
+    Acl(AclCommand),
     /// This node: drained or not, each VIP announced or why not, BGP sessions.
     #[command(subcommand)]
     Node(NodeCommand),
@@ -310,6 +314,61 @@ impl std::str::FromStr for Endpoint {
 /// so the CLI and the file accept the same values.
 fn config_word<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
     serde_json::from_value(Value::String(s.to_string())).map_err(|e| e.to_string())
+}
+
+#[derive(Subcommand)]
+enum AclCommand {
+    /// List the prefixes of the services' lists, of one service or all.
+    List {
+        /// Service name.
+        service: Option<String>,
+    },
+    /// Add a prefix to a service's list; written to the configuration file.
+    Add {
+        /// Service name.
+        service: String,
+        /// ADDRESS/LENGTH, e.g. 198.18.0.0/16 or 2001:2::/48, host bits clear.
+        prefix: String,
+        #[command(flatten)]
+        list: ListChoice,
+        /// Show the changes, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove a prefix from a service's list; written to the configuration file.
+    Del {
+        /// Service name.
+        service: String,
+        /// ADDRESS/LENGTH, as listed.
+        prefix: String,
+        #[command(flatten)]
+        list: ListChoice,
+        /// Show the changes, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// Which source list a command changes.
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct ListChoice {
+    /// The deny list: packets from the prefix are dropped (deny wins).
+    #[arg(long)]
+    deny: bool,
+    /// The allow list: once it has a prefix, only its sources are taken.
+    #[arg(long)]
+    allow: bool,
+}
+
+impl ListChoice {
+    fn list(&self) -> SourceList {
+        if self.allow {
+            SourceList::Allow
+        } else {
+            SourceList::Deny
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -678,6 +737,44 @@ fn run(cli: Cli) -> Result<()> {
             let edit = Edit::DelBackend {
                 service,
                 address: backend,
+            };
+            change(Request::Edit { edit, dry_run }, dry_run)
+        }
+        Command::Acl(AclCommand::List { service }) => {
+            print(cli.json, call(Request::SourceLists { service })?, |v| {
+                let rows: Vec<SourceRow> = serde_json::from_value(v.clone()).unwrap_or_default();
+                table(
+                    &["SERVICE", "LIST", "PREFIX"],
+                    rows.iter()
+                        .map(|r| vec![r.service.clone(), r.list.clone(), r.prefix.clone()]),
+                )
+            })
+        }
+        Command::Acl(AclCommand::Add {
+            service,
+            prefix,
+            list,
+            dry_run,
+        }) => {
+            let list = list.list();
+            let edit = Edit::AddSource {
+                service,
+                list,
+                prefix,
+            };
+            change(Request::Edit { edit, dry_run }, dry_run)
+        }
+        Command::Acl(AclCommand::Del {
+            service,
+            prefix,
+            list,
+            dry_run,
+        }) => {
+            let list = list.list();
+            let edit = Edit::DelSource {
+                service,
+                list,
+                prefix,
             };
             change(Request::Edit { edit, dry_run }, dry_run)
         }
@@ -1232,6 +1329,8 @@ fn stats_text(v: &Value) -> String {
             "BYTES",
             "NEW FLOWS",
             "DROPS",
+            "DENIED",
+            "NOT ALLOWED",
             "PKT RATE",
             "BYTE RATE",
             "FLOW RATE",
@@ -1244,6 +1343,8 @@ fn stats_text(v: &Value) -> String {
                 r.bytes.to_string(),
                 r.new_flows.to_string(),
                 r.drops.to_string(),
+                r.denied.to_string(),
+                r.not_allowed.to_string(),
                 rate(r.rates.map(|x| x.packets)),
                 rate(r.rates.map(|x| x.bytes)),
                 rate(r.rates.map(|x| x.new_flows)),

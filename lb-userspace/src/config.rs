@@ -16,7 +16,11 @@ use std::{
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use crate::{dataplane::Capacity, health::Thresholds, maglev::is_prime};
+use crate::{
+    dataplane::{Capacity, Prefix},
+    health::Thresholds,
+    maglev::is_prime,
+};
 use lb_common::{VIP_ECHO_UNIT, limits};
 
 /// Largest weight: keeps `pass * weight` far from overflow in the builder and
@@ -283,6 +287,12 @@ pub struct ServiceFile {
     /// lapses; the protocol's default (`[settings]`) when absent.
     #[serde(default, with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
+    /// Sources (`address/prefix`) whose packets are dropped.
+    #[serde(default)]
+    pub deny: Vec<Spanned<String>>,
+    /// When not empty, the only sources whose packets are taken.
+    #[serde(default)]
+    pub allow: Vec<Spanned<String>>,
     /// Backends.
     #[serde(default, rename = "backend")]
     pub backends: Vec<Spanned<BackendFile>>,
@@ -714,6 +724,10 @@ pub struct Service {
     pub agent: Option<AgentCheck>,
     /// Load feedback, if any.
     pub feedback: Option<Feedback>,
+    /// Source prefixes whose packets are dropped (deny wins over allow).
+    pub deny: BTreeSet<Prefix>,
+    /// Source prefixes taken when not empty; empty admits every source.
+    pub allow: BTreeSet<Prefix>,
     /// Backends by address.
     pub backends: BTreeMap<IpAddr, u32>,
 }
@@ -1011,6 +1025,74 @@ fn parse_prefix(s: &str) -> Option<(IpAddr, u8)> {
     Some((a.parse().ok()?, p.parse().ok()?))
 }
 
+/// Parses `address/prefix`, refusing host bits (a typo more often than
+/// not) with the prefix that was probably meant.
+pub fn parse_source(s: &str) -> Result<Prefix, String> {
+    let bad = || format!("{s:?} is not a prefix such as \"198.18.0.0/24\" or \"2001:2::/64\"");
+    let (addr, len) = s.split_once('/').ok_or_else(bad)?;
+    let ip: IpAddr = addr.parse().map_err(|_| bad())?;
+    let len: u8 = len.parse().map_err(|_| bad())?;
+    let bits = if ip.is_ipv4() { 32 } else { 128 };
+    if len > bits {
+        return Err(format!(
+            "/{len} is longer than an address of {ip}'s family ({bits} bits)"
+        ));
+    }
+    let network = mask(ip, len);
+    if network != ip {
+        return Err(format!(
+            "{s} has host bits set; the prefix is {network}/{len}"
+        ));
+    }
+    Ok((ip, len))
+}
+
+/// `ip` with all but its first `len` bits cleared.
+fn mask(ip: IpAddr, len: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(a) => {
+            let m = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::V4((u32::from(a) & m).into())
+        }
+        IpAddr::V6(a) => {
+            let m = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            IpAddr::V6((u128::from(a) & m).into())
+        }
+    }
+}
+
+/// A service's source list: prefixes of its VIP's family, host bits
+/// clear, each once.
+fn validate_sources(
+    list: &[Spanned<String>],
+    vip: Option<IpAddr>,
+    field: &str,
+    e: &mut Errors<'_>,
+) -> BTreeSet<Prefix> {
+    let mut out = BTreeSet::new();
+    for (i, p) in list.iter().enumerate() {
+        let at = Some(p.span().start);
+        match parse_source(p.get_ref()) {
+            Ok((ip, _)) if vip.is_some_and(|v| v.is_ipv4() != ip.is_ipv4()) => e.push(
+                at,
+                format!("{field}[{i}]"),
+                format!(
+                    "{} is not of the VIP's family: the service only sees {} sources",
+                    p.get_ref(),
+                    if ip.is_ipv4() { "IPv6" } else { "IPv4" }
+                ),
+            ),
+            Ok(prefix) => {
+                if !out.insert(prefix) {
+                    e.push(at, format!("{field}[{i}]"), "listed twice");
+                }
+            }
+            Err(message) => e.push(at, format!("{field}[{i}]"), message),
+        }
+    }
+    out
+}
+
 /// Mask of the host bits of a prefix within a 32-bit word.
 fn host_mask(prefix_in_word: u8) -> u32 {
     if prefix_in_word >= 32 {
@@ -1290,6 +1372,8 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
     let mut services = BTreeMap::new();
     let mut keys = BTreeSet::new();
     let mut memberships = 0usize;
+    // Prefixes in the deny lists and the allow lists, over every service.
+    let mut list_prefixes = [0usize; 2];
     for spanned in &file.services {
         let at = Some(spanned.span().start);
         let svc = spanned.get_ref();
@@ -1392,6 +1476,10 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
         if let Some(t) = svc.idle_timeout {
             validate_timeout(t, at, &format!("{field}.idle_timeout"), &mut e);
         }
+        let deny = validate_sources(&svc.deny, vip, &format!("{field}.deny"), &mut e);
+        let allow = validate_sources(&svc.allow, vip, &format!("{field}.allow"), &mut e);
+        list_prefixes[0] += deny.len();
+        list_prefixes[1] += allow.len();
         let mut backends = BTreeMap::new();
         for (i, b) in svc.backends.iter().enumerate() {
             let bat = Some(b.span().start);
@@ -1452,8 +1540,22 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
                     health,
                     agent,
                     feedback,
+                    deny,
+                    allow,
                     backends,
                 },
+            );
+        }
+    }
+    for (list, prefixes) in ["deny", "allow"].into_iter().zip(list_prefixes) {
+        if prefixes > limits::MAX_ACL_PREFIXES as usize {
+            e.push(
+                None,
+                format!("service.{list}"),
+                format!(
+                    "{prefixes} prefixes in the services' {list} lists, more than the {} lb holds",
+                    limits::MAX_ACL_PREFIXES
+                ),
             );
         }
     }
@@ -1695,6 +1797,17 @@ fn validate_health(
 mod tests {
     use super::*;
 
+    #[test]
+    fn masks_clear_exactly_the_host_bits() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(mask(ip("198.18.255.255"), 0), ip("0.0.0.0"));
+        assert_eq!(mask(ip("198.18.255.255"), 17), ip("198.18.128.0"));
+        assert_eq!(mask(ip("198.18.255.255"), 32), ip("198.18.255.255"));
+        assert_eq!(mask(ip("2001:2::ffff"), 120), ip("2001:2::ff00"));
+        assert_eq!(mask(ip("2001:2::ffff"), 0), ip("::"));
+        assert_eq!(parse_source("0.0.0.0/0"), Ok((ip("0.0.0.0"), 0)));
+    }
+
     const MINIMAL: &str = r#"
 [settings]
 interfaces = ["eth0"]
@@ -1760,6 +1873,26 @@ address = "198.18.0.11"
     /// table is the one docs/config.md shows.
     const INVALID: &[(&str, &str, &str)] = &[
         ("not TOML", "[settings\n", "line 1: file:"),
+        (
+            "source prefix with host bits",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\ndeny=[\"198.18.2.7/24\"]\n",
+            "service[a].deny[0]: 198.18.2.7/24 has host bits set; the prefix is 198.18.2.0/24",
+        ),
+        (
+            "source prefix of the other family",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\nallow=[\"2001:2::/48\"]\n",
+            "service[a].allow[0]: 2001:2::/48 is not of the VIP's family: the service only sees IPv4 sources",
+        ),
+        (
+            "source prefix listed twice",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\nallow=[\"198.18.0.0/16\", \"198.18.0.0/16\"]\n",
+            "service[a].allow[1]: listed twice",
+        ),
+        (
+            "not a source prefix",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\ndeny=[\"198.18.2.7\"]\n",
+            "service[a].deny[0]: \"198.18.2.7\" is not a prefix such as",
+        ),
         (
             "unknown field",
             "[settings]\ninterfaces=[\"eth0\"]\ncolour = 1\n",
@@ -2032,6 +2165,33 @@ address = "198.18.0.11"
         let text = "[settings]\ntable_size=10\n[[service]]\nname=\"a\"\nvip=\"x\"\nport=0\nprotocol=\"tcp\"\n";
         let e = parse(text).unwrap_err();
         assert_eq!(e.0.len(), 4, "{e}");
+    }
+
+    #[test]
+    fn more_source_prefixes_than_the_tries_hold_are_refused() {
+        let list = |n: u32| {
+            (0..n)
+                .map(|i| format!("\"2001:2::{:x}:{:x}/128\"", i >> 16, i & 0xffff))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let config = |n: u32| {
+            format!(
+                "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"2001:2:1::1\"\n\
+                 port=80\nprotocol=\"tcp\"\ndeny=[{}]\n",
+                list(n)
+            )
+        };
+        let full = limits::MAX_ACL_PREFIXES;
+        assert_eq!(
+            parse(&config(full)).unwrap().services["a"].deny.len(),
+            full as usize
+        );
+        let err = parse(&config(full + 1)).unwrap_err().to_string();
+        assert!(
+            err.contains("service.deny: 65537 prefixes in the services' deny lists, more than the 65536 lb holds"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Edits of a configuration file's text for `lb service add|del` and
-//! `lb backend add|del`. The edits keep the operator's comments and layout
+//! Edits of a configuration file's text for `lb service add|del`,
+//! `lb backend add|del` and `lb acl add|del`. The edits keep the operator's comments and layout
 //! (toml_edit), and the result is validated as a whole like any file: an edit
 //! is only a quicker way to write the next configuration.
 
@@ -7,9 +7,12 @@ use std::net::IpAddr;
 
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
-use toml_edit::{ArrayOfTables, DocumentMut, Item, Table, value};
+use toml_edit::{Array, ArrayOfTables, DocumentMut, Item, Table, value};
 
-use crate::config::{Affinity, CheckKind, Mode, Protocol};
+use crate::{
+    config::{Affinity, CheckKind, Mode, Protocol, parse_source},
+    dataplane::SourceList,
+};
 
 /// One change to the set of services and backends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +59,24 @@ pub enum Edit {
         service: String,
         /// Backend address.
         address: IpAddr,
+    },
+    /// A prefix added to one of a service's source lists.
+    AddSource {
+        /// Service name.
+        service: String,
+        /// Which list.
+        list: SourceList,
+        /// `address/length`, validated with the rest of the file.
+        prefix: String,
+    },
+    /// A prefix removed from one of a service's source lists.
+    DelSource {
+        /// Service name.
+        service: String,
+        /// Which list.
+        list: SourceList,
+        /// `address/length`, as listed (compared as a prefix when it parses).
+        prefix: String,
     },
 }
 
@@ -122,6 +143,34 @@ impl Edit {
                     format!("service {service:?} has no backend {address} (see `lb backend list`)")
                 })?;
                 backends.remove(i);
+            }
+            Edit::AddSource {
+                service,
+                list,
+                prefix,
+            } => {
+                let prefixes = source_list_mut(&mut doc, service, *list)?;
+                if find_prefix(prefixes, prefix).is_some() {
+                    bail!(
+                        "service {service:?}'s {} list already has {prefix}",
+                        list.name()
+                    );
+                }
+                prefixes.push(prefix.as_str());
+            }
+            Edit::DelSource {
+                service,
+                list,
+                prefix,
+            } => {
+                let prefixes = source_list_mut(&mut doc, service, *list)?;
+                let i = find_prefix(prefixes, prefix).with_context(|| {
+                    format!(
+                        "service {service:?}'s {} list has no {prefix} (see `lb acl list`)",
+                        list.name()
+                    )
+                })?;
+                prefixes.remove(i);
             }
         }
         Ok(doc.to_string())
@@ -190,6 +239,36 @@ fn backends_mut<'a>(doc: &'a mut DocumentMut, service: &str) -> Result<&'a mut A
         .with_context(|| format!("service {service:?}: `backend` is not [[service.backend]]"))
 }
 
+/// Service `service`'s `list` (`deny = [...]`), made if missing.
+fn source_list_mut<'a>(
+    doc: &'a mut DocumentMut,
+    service: &str,
+    list: SourceList,
+) -> Result<&'a mut Array> {
+    let i = find_service(doc, service)
+        .with_context(|| format!("no service named {service:?} (see `lb service list`)"))?;
+    let svc = services_mut(doc)?
+        .get_mut(i)
+        .context("service vanished while editing")?;
+    svc.entry(list.name())
+        .or_insert(Item::Value(toml_edit::Value::Array(Array::new())))
+        .as_array_mut()
+        .with_context(|| format!("service {service:?}: `{}` is not an array", list.name()))
+}
+
+/// Compares parsed prefixes where both parse, so `2001:2::/64` matches
+/// `2001:0002::/64`; the text otherwise.
+fn find_prefix(prefixes: &Array, prefix: &str) -> Option<usize> {
+    let parsed = parse_source(prefix).ok();
+    prefixes.iter().position(|v| {
+        v.as_str()
+            .is_some_and(|p| match (&parsed, parse_source(p)) {
+                (Some(want), Ok(have)) => *want == have,
+                _ => p == prefix,
+            })
+    })
+}
+
 /// Compares parsed addresses, so `2001:2::11` matches `2001:0002::0011`.
 fn find_backend(backends: &ArrayOfTables, address: IpAddr) -> Option<usize> {
     backends.iter().position(|t| {
@@ -239,6 +318,61 @@ address = "198.18.0.11"
             weight,
             trust_first_probe: false,
         }
+    }
+
+    #[test]
+    fn adds_and_removes_source_prefixes_keeping_comments() {
+        let edit = |add: bool, list: SourceList, prefix: &str| {
+            let (service, prefix) = ("web".to_string(), prefix.to_string());
+            if add {
+                Edit::AddSource {
+                    service,
+                    list,
+                    prefix,
+                }
+            } else {
+                Edit::DelSource {
+                    service,
+                    list,
+                    prefix,
+                }
+            }
+        };
+        let text = edit(true, SourceList::Deny, "198.18.2.0/24")
+            .apply_to(BASE)
+            .unwrap();
+        let text = edit(true, SourceList::Allow, "198.18.0.0/16")
+            .apply_to(&text)
+            .unwrap();
+        assert!(text.contains("name = \"web\"   # the site"), "{text}");
+        let web = &config::parse(&text).unwrap().services["web"];
+        let prefix = |s: &str| config::parse_source(s).unwrap();
+        assert_eq!(web.deny, [prefix("198.18.2.0/24")].into());
+        assert_eq!(web.allow, [prefix("198.18.0.0/16")].into());
+        let err = edit(true, SourceList::Deny, "198.18.2.0/24")
+            .apply_to(&text)
+            .unwrap_err();
+        assert!(err.to_string().contains("already has"), "{err}");
+        let text = edit(false, SourceList::Deny, "198.18.2.0/24")
+            .apply_to(&text)
+            .unwrap();
+        assert!(
+            config::parse(&text).unwrap().services["web"]
+                .deny
+                .is_empty()
+        );
+        let err = edit(false, SourceList::Deny, "198.18.2.0/24")
+            .apply_to(&text)
+            .unwrap_err();
+        assert!(err.to_string().contains("has no 198.18.2.0/24"), "{err}");
+        let err = Edit::AddSource {
+            service: "nope".into(),
+            list: SourceList::Allow,
+            prefix: "198.18.0.0/16".into(),
+        }
+        .apply_to(&text)
+        .unwrap_err();
+        assert!(err.to_string().contains("no service named"), "{err}");
     }
 
     #[test]

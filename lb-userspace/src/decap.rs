@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::{
-    config::{ConfigError, ConfigErrors, XdpModeSetting, from_toml, line_of, usable},
+    config::{ConfigError, ConfigErrors, XdpModeSetting, from_toml, line_of, parse_source, usable},
     daemon::xdp_mode,
-    dataplane::{self, DecapTables, Decapsulator, Prefix},
+    dataplane::{self, DecapTables, Decapsulator},
 };
 
 /// Where operators keep the file by convention.
@@ -176,42 +176,6 @@ pub fn parse(text: &str) -> Result<DecapConfig, ConfigErrors> {
             gue_port: file.gue_port,
         },
     })
-}
-
-/// Parses `address/prefix`, refusing host bits (a typo more often than
-/// not) with the prefix that was probably meant.
-fn parse_source(s: &str) -> Result<Prefix, String> {
-    let bad = || format!("{s:?} is not a prefix such as \"198.18.0.0/24\" or \"2001:2::/64\"");
-    let (addr, len) = s.split_once('/').ok_or_else(bad)?;
-    let ip: IpAddr = addr.parse().map_err(|_| bad())?;
-    let len: u8 = len.parse().map_err(|_| bad())?;
-    let bits = if ip.is_ipv4() { 32 } else { 128 };
-    if len > bits {
-        return Err(format!(
-            "/{len} is longer than an address of {ip}'s family ({bits} bits)"
-        ));
-    }
-    let network = mask(ip, len);
-    if network != ip {
-        return Err(format!(
-            "{s} has host bits set; the prefix is {network}/{len}"
-        ));
-    }
-    Ok((ip, len))
-}
-
-/// `ip` with all but its first `len` bits cleared.
-fn mask(ip: IpAddr, len: u8) -> IpAddr {
-    match ip {
-        IpAddr::V4(a) => {
-            let m = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-            IpAddr::V4((u32::from(a) & m).into())
-        }
-        IpAddr::V6(a) => {
-            let m = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
-            IpAddr::V6((u128::from(a) & m).into())
-        }
-    }
 }
 
 /// Reads and validates the file at `path`.
@@ -452,16 +416,5 @@ vips = []
             lines[5].starts_with("decapsulated") && lines[5].ends_with(" 7"),
             "{text}"
         );
-    }
-
-    #[test]
-    fn masks_clear_exactly_the_host_bits() {
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert_eq!(mask(ip("198.18.255.255"), 0), ip("0.0.0.0"));
-        assert_eq!(mask(ip("198.18.255.255"), 17), ip("198.18.128.0"));
-        assert_eq!(mask(ip("198.18.255.255"), 32), ip("198.18.255.255"));
-        assert_eq!(mask(ip("2001:2::ffff"), 120), ip("2001:2::ff00"));
-        assert_eq!(mask(ip("2001:2::ffff"), 0), ip("::"));
-        assert_eq!(parse_source("0.0.0.0/0"), Ok((ip("0.0.0.0"), 0)));
     }
 }

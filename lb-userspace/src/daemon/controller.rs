@@ -19,8 +19,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use lb_common::{
-    BACKEND_F_UP, BackendValue, SERVICE_F_AFFINITY, SERVICE_F_ECHO, SERVICE_F_GUE, SERVICE_F_IPIP,
-    ServiceKey, addr_bytes, limits::NO_BACKEND,
+    BACKEND_F_UP, BackendValue, SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST, SERVICE_F_DENY_LIST,
+    SERVICE_F_ECHO, SERVICE_F_GUE, SERVICE_F_IPIP, ServiceKey, addr_bytes, limits::NO_BACKEND,
 };
 use serde::Serialize;
 use tracing::{info, warn};
@@ -29,7 +29,7 @@ use super::runtime::{Admin, History, Override, Runtime, ServiceIds};
 use crate::{
     agent,
     config::{self, Affinity, Desired, Mode, Via},
-    dataplane::Dataplane,
+    dataplane::{Dataplane, SourceEntry, SourceList},
     feedback,
     fleet::state::{AgreedHealth, FleetState, HealthView, Overrides},
     health::{self, Health, Tracker},
@@ -260,6 +260,8 @@ pub struct Controller {
     /// successful probe (`--trust-first-probe`), by service.
     trusted_first_probe: BTreeSet<(String, IpAddr)>,
     fleet_health: Option<FleetHealth>,
+    /// The source-list prefixes in the kernel's tries.
+    source_entries: BTreeSet<SourceEntry>,
 }
 
 /// A backend's next hop as the data plane takes it.
@@ -313,7 +315,27 @@ fn service_flags(svc: &config::Service) -> u32 {
     if svc.echo {
         f |= SERVICE_F_ECHO;
     }
+    if !svc.deny.is_empty() {
+        f |= SERVICE_F_DENY_LIST;
+    }
+    if !svc.allow.is_empty() {
+        f |= SERVICE_F_ALLOW_LIST;
+    }
     f
+}
+
+/// The source-list prefixes `services` need in the kernel.
+fn source_entries<'a>(services: impl Iterator<Item = &'a ServiceState>) -> BTreeSet<SourceEntry> {
+    let mut out = BTreeSet::new();
+    for s in services {
+        for (list, prefixes) in [
+            (SourceList::Deny, &s.config.deny),
+            (SourceList::Allow, &s.config.allow),
+        ] {
+            out.extend(prefixes.iter().map(|p| (list, s.id, *p)));
+        }
+    }
+    out
 }
 
 /// FNV-1a over the table as backend addresses (`NO_BACKEND` as 0xff bytes).
@@ -386,11 +408,31 @@ impl Controller {
             unattached: BTreeMap::new(),
             trusted_first_probe: BTreeSet::new(),
             fleet_health,
+            source_entries: BTreeSet::new(),
         };
+        c.source_entries = c.dp.source_entries()?;
         c.hops = c.attached_hops(hops);
         c.adopt(&desired)?;
         let report = c.apply(desired, false)?;
         Ok((c, report))
+    }
+
+    /// Writes the prefixes of `wanted` the kernel lacks.
+    fn add_source_entries(&mut self, wanted: &BTreeSet<SourceEntry>) -> Result<()> {
+        for e in wanted.difference(&self.source_entries.clone()) {
+            self.dp.add_source_entry(e)?;
+            self.source_entries.insert(*e);
+        }
+        Ok(())
+    }
+
+    /// Removes the kernel's prefixes `wanted` does not name.
+    fn remove_source_entries(&mut self, wanted: &BTreeSet<SourceEntry>) -> Result<()> {
+        for e in self.source_entries.clone().difference(wanted) {
+            self.dp.remove_source_entry(e)?;
+            self.source_entries.remove(e);
+        }
+        Ok(())
     }
 
     /// The configured backends of `cfg` that `ring` (a live table) names,
@@ -895,6 +937,13 @@ impl Controller {
                             .changes
                             .push(format!("service {name}: load feedback changed"));
                     }
+                    if (&s.config.deny, &s.config.allow) != (&cfg.deny, &cfg.allow) {
+                        report.changes.push(format!(
+                            "service {name}: source lists now deny {} and allow {} prefixes",
+                            cfg.deny.len(),
+                            cfg.allow.len()
+                        ));
+                    }
                     ServiceState {
                         config: cfg.clone(),
                         backends: BTreeMap::new(),
@@ -1028,6 +1077,10 @@ impl Controller {
                 }
             }
         }
+        // Source lists: new prefixes in before a service's flags name its
+        // lists, stale ones out once none does (removed services' too).
+        let sources = source_entries(next.values().map(|(s, _)| s));
+        self.add_source_entries(&sources)?;
         for (name, (state, ring)) in next {
             let old = self.services.remove(&name);
             self.services.insert(name.clone(), state);
@@ -1045,6 +1098,7 @@ impl Controller {
                 }
             }
         }
+        self.remove_source_entries(&sources)?;
         self.desired = desired;
         let services = &self.services;
         self.runtime.retain(|svc, ip| {

@@ -27,6 +27,13 @@ struct ServiceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceDropLabels {
+    service: String,
+    /// `denied` (in the deny list) or `not_allowed` (outside the allow list).
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendLabels {
     service: String,
     backend: String,
@@ -208,6 +215,12 @@ pub(crate) fn render(
         "Packets dropped once matched to a service (lb_packets_total's drop reasons say why)",
         Counters::<ServiceLabels>::default(),
     );
+    let source_drops = register(
+        &mut r,
+        "service_source_drops",
+        "Packets a service's source lists dropped, by reason (denied, not_allowed)",
+        Counters::<SourceDropLabels>::default(),
+    );
     let rebuilds = register(
         &mut r,
         "table_rebuilds",
@@ -337,6 +350,15 @@ pub(crate) fn render(
         svc_bytes.get_or_create(&l).inc_by(st.bytes);
         svc_flows.get_or_create(&l).inc_by(st.new_flows);
         svc_drops.get_or_create(&l).inc_by(st.drops);
+        let lists = ctl.dataplane().source_list_stats(s.id)?;
+        for (reason, n) in [("denied", lists.denied), ("not_allowed", lists.not_allowed)] {
+            source_drops
+                .get_or_create(&SourceDropLabels {
+                    service: name.clone(),
+                    reason: reason.into(),
+                })
+                .inc_by(n);
+        }
         rebuilds.get_or_create(&l).inc_by(s.rebuilds);
         panic.get_or_create(&l).set(i64::from(s.panic));
         table

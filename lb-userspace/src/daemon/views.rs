@@ -16,7 +16,9 @@ use super::{
     runtime::Admin,
 };
 use crate::{
-    api::{AgentRow, BackendRow, FeedbackRow, Request, ServiceRow, ServiceStatsRow, Stats},
+    api::{
+        AgentRow, BackendRow, FeedbackRow, Request, ServiceRow, ServiceStatsRow, SourceRow, Stats,
+    },
     config::{self, Mode},
     dataplane::monotonic_seconds,
 };
@@ -55,6 +57,14 @@ pub(super) fn handle(
                 bail!("no service named {s:?} (see `lb service list`)");
             }
             serde_json::to_value(backends(ctl, service.as_deref(), history)?)?
+        }
+        Request::SourceLists { service } => {
+            if let Some(s) = &service
+                && !ctl.services().contains_key(s)
+            {
+                bail!("no service named {s:?} (see `lb service list`)");
+            }
+            serde_json::to_value(source_lists(ctl, service.as_deref()))?
         }
         Request::Health => serde_json::to_value(backends(ctl, None, history)?)?,
         Request::Stats => serde_json::to_value(stats(ctl, history)?)?,
@@ -227,17 +237,39 @@ pub(super) fn backends(
     Ok(rows)
 }
 
+/// `lb acl list`: every prefix of the services' lists (of `only`), deny
+/// lists first.
+fn source_lists(ctl: &Controller, only: Option<&str>) -> Vec<SourceRow> {
+    let mut rows = Vec::new();
+    for (name, s) in ctl.services() {
+        if only.is_some_and(|o| o != name) {
+            continue;
+        }
+        for (list, prefixes) in [("deny", &s.config.deny), ("allow", &s.config.allow)] {
+            rows.extend(prefixes.iter().map(|(ip, len)| SourceRow {
+                service: name.clone(),
+                list: list.into(),
+                prefix: format!("{ip}/{len}"),
+            }));
+        }
+    }
+    rows
+}
+
 /// `lb stats`.
 pub(super) fn stats(ctl: &Controller, history: &History) -> Result<Stats> {
     let mut services = Vec::new();
     for (name, s) in ctl.services() {
         let st = ctl.dataplane().service_stats(s.id)?;
+        let lists = ctl.dataplane().source_list_stats(s.id)?;
         services.push(ServiceStatsRow {
             name: name.clone(),
             packets: st.packets,
             bytes: st.bytes,
             new_flows: st.new_flows,
             drops: st.drops,
+            denied: lists.denied,
+            not_allowed: lists.not_allowed,
             rates: history.rates(&Key::Service(name.clone())),
         });
     }

@@ -8,6 +8,7 @@ mod decap;
 mod link;
 mod pins;
 mod probe_encap;
+mod source_lists;
 
 pub use batch::update_u32s;
 pub use decap::{
@@ -16,13 +17,14 @@ pub use decap::{
 };
 pub use link::read as read_interface;
 pub use probe_encap::ProbeEncapsulator;
+pub use source_lists::{SourceEntry, SourceList};
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMap, HashMap, IterableMap as _, MapData, PerCpuArray},
+    maps::{Array, DevMap, HashMap, IterableMap as _, MapData, PerCpuArray, lpm_trie::LpmTrie},
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -30,9 +32,9 @@ use aya::{
     },
 };
 use lb_common::{
-    AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter, FlowEntry,
-    FlowKey, FlowValue, Interface, SERVICE_F_ECHO, ServiceKey, ServiceSlot, ServiceStats,
-    ServiceValue, Settings, VIP_ECHO_UNIT, flow_buckets,
+    AclKey, AclStats, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats,
+    Counter, FlowEntry, FlowKey, FlowValue, Interface, SERVICE_F_ECHO, ServiceKey, ServiceSlot,
+    ServiceStats, ServiceValue, Settings, VIP_ECHO_UNIT, flow_buckets,
     hash::{bucket_hash, vip_filter_bit},
     interface_slot,
     limits::{
@@ -141,11 +143,12 @@ impl Capacity {
 
     /// The entries of every map whose size is a capacity, by map name: what
     /// the loader overrides in the object.
-    pub fn map_entries(&self) -> Result<[(&'static str, u32); 7]> {
+    pub fn map_entries(&self) -> Result<[(&'static str, u32); 8]> {
         Ok([
             (names::SERVICES, self.max_services),
             (names::SERVICE_SLOTS, self.max_services),
             (names::SERVICE_STATS, self.max_services),
+            (names::ACL_STATS, self.max_services),
             (names::RINGS, self.ring_entries()?),
             (names::BACKENDS, self.max_backends),
             (names::BACKEND_STATS, self.max_backends),
@@ -182,6 +185,9 @@ pub struct Dataplane {
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, ServiceStats>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
+    acl_deny: LpmTrie<MapData, AclKey, u32>,
+    acl_allow: LpmTrie<MapData, AclKey, u32>,
+    acl_stats: PerCpuArray<MapData, AclStats>,
     attachments: std::collections::BTreeMap<String, Attachment>,
 }
 
@@ -249,7 +255,7 @@ const UNUSED_LB_CAPACITY: Capacity = Capacity {
 
 /// Every map of the load balancer (the decapsulator's are its own,
 /// [`decap`]).
-const ALL_MAPS: [&str; 16] = [
+const ALL_MAPS: [&str; 19] = [
     names::SERVICES,
     names::SERVICE_SLOTS,
     names::VIPS,
@@ -266,6 +272,9 @@ const ALL_MAPS: [&str; 16] = [
     names::COUNTERS,
     names::SERVICE_STATS,
     names::BACKEND_STATS,
+    names::ACL_DENY,
+    names::ACL_ALLOW,
+    names::ACL_STATS,
 ];
 
 /// What a service with `flags` adds to its VIP's value in the VIP set:
@@ -478,6 +487,9 @@ impl Dataplane {
             counters: take(&mut ebpf, names::COUNTERS)?,
             service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
+            acl_deny: take(&mut ebpf, names::ACL_DENY)?,
+            acl_allow: take(&mut ebpf, names::ACL_ALLOW)?,
+            acl_stats: take(&mut ebpf, names::ACL_STATS)?,
             attachments: Default::default(),
             ebpf,
             capacity,
@@ -1124,14 +1136,15 @@ mod tests {
             IcmpBudget, IcmpKind, ProbeTunnel, SourceKey,
             counters::DecapCounter,
             limits::{
-                INTERFACE_SLOTS, MAX_ADDRESSES, MAX_DECAP_SOURCES, PROBE_MARKS, VIP_FILTER_WORDS,
+                INTERFACE_SLOTS, MAX_ACL_PREFIXES, MAX_ADDRESSES, MAX_DECAP_SOURCES, PROBE_MARKS,
+                VIP_FILTER_WORDS,
             },
         };
         use std::mem::size_of;
         /// An LPM trie's key: the prefix length, then the data.
         const PREFIX_LEN: usize = size_of::<u32>();
         let u32s = size_of::<u32>();
-        let want: [(&str, usize, usize, u32); 21] = [
+        let want: [(&str, usize, usize, u32); 24] = [
             (
                 names::SERVICES,
                 size_of::<ServiceKey>(),
@@ -1217,6 +1230,24 @@ mod tests {
                 u32s,
                 size_of::<u64>(),
                 DecapCounter::COUNT,
+            ),
+            (
+                names::ACL_DENY,
+                PREFIX_LEN + size_of::<AclKey>(),
+                u32s,
+                MAX_ACL_PREFIXES,
+            ),
+            (
+                names::ACL_ALLOW,
+                PREFIX_LEN + size_of::<AclKey>(),
+                u32s,
+                MAX_ACL_PREFIXES,
+            ),
+            (
+                names::ACL_STATS,
+                u32s,
+                size_of::<AclStats>(),
+                DEFAULT_MAX_SERVICES,
             ),
             (
                 names::PROBE_TUNNELS,

@@ -4,7 +4,7 @@
 //! another shape would misread it, or the kernel would refuse the program.
 //!
 //! What happens to a pin of another shape depends on what it holds. The
-//! desired state (services, VIPs, tables, backends, tunnel endpoints) is
+//! desired state (services, VIPs, tables, backends, source lists) is
 //! refused, all of it checked before anything changes, with the way out in
 //! the error; but the backends of a version before their seal
 //! ([`LEGACY_BACKEND_BYTES`]) are carried over ([`Migration`]). Maps that only hold what the programs or the daemon derive
@@ -31,14 +31,21 @@ enum Holds {
 
 fn holds(name: &str) -> Holds {
     match name {
-        names::SERVICES | names::VIPS | names::RINGS | names::BACKENDS => Holds::Desired,
+        names::SERVICES
+        | names::VIPS
+        | names::RINGS
+        | names::BACKENDS
+        | names::ACL_DENY
+        | names::ACL_ALLOW => Holds::Desired,
         names::CONNTRACK => Holds::Derived(
             "its entries are dropped: established flows follow the Maglev tables, \
              which send each to the backend it had unless a table changed since",
         ),
-        names::COUNTERS | names::SERVICE_STATS | names::BACKEND_STATS | names::DECAP_COUNTERS => {
-            Holds::Derived("its counters start again from zero")
-        }
+        names::COUNTERS
+        | names::SERVICE_STATS
+        | names::BACKEND_STATS
+        | names::ACL_STATS
+        | names::DECAP_COUNTERS => Holds::Derived("its counters start again from zero"),
         names::DECAP_ADDRS | names::DECAP_SOURCES | names::DECAP_VIPS => {
             Holds::Derived("lb decap writes it again from its file")
         }

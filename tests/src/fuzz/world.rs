@@ -10,6 +10,10 @@
 //! to another backend (generation bumped), and one marked down while its
 //! table still names it (the guard for a table not yet rebuilt).
 //!
+//! Three services then get source lists (a deny list, an allow list with
+//! a deny list inside it, an allow list), so some seeded flows come from
+//! sources refused from then on.
+//!
 //! Before every service packet the check reads the flow's entry from the
 //! connection table, so it knows the one outcome the documented rules
 //! allow: the entry's backend if the entry is still valid (and the packet
@@ -20,11 +24,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use lb::dataplane::Capacity;
+use lb::dataplane::{Capacity, SourceList};
 use lb_common::{
     AddrKey, BACKEND_F_UP, BackendValue, Counter, FAMILY_V4, FlowKey, FlowValue,
-    SERVICE_F_AFFINITY, SERVICE_F_ECHO, SERVICE_F_GUE, SERVICE_F_IPIP, SERVICE_F_TUNNEL,
-    ServiceKey,
+    SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST, SERVICE_F_DENY_LIST, SERVICE_F_ECHO, SERVICE_F_GUE,
+    SERVICE_F_IPIP, SERVICE_F_TUNNEL, ServiceKey, addr_ip,
     hash::{bucket_hash, flow_hash},
     limits::{DEFAULT_GUE_PORT, GUE_SOURCE_PORT_BASE, GUE_SOURCE_PORT_MASK, NO_BACKEND},
     maps::PROG_LB,
@@ -245,6 +249,32 @@ const SPECS: [Spec; 10] = [
     },
 ];
 
+/// The services' source lists, by service index: deny one pool client of
+/// `tcp4-dsr`; allow the first seven of `udp4-dsr` but deny four of those
+/// (the longer prefix inside the shorter, and deny wins); allow three of
+/// `tcp6-dsr`. Seeded flows from refused sources are dropped from then on.
+const SOURCE_LISTS: &[(usize, SourceList, &str)] = &[
+    (0, SourceList::Deny, "198.18.2.2/32"),
+    (1, SourceList::Allow, "198.18.2.0/29"),
+    (1, SourceList::Deny, "198.18.2.4/30"),
+    (5, SourceList::Allow, "2001:2:2::/126"),
+];
+
+/// Whether `prefix` holds `ip`.
+fn contains((net, len): (IpAddr, u8), ip: IpAddr) -> bool {
+    match (net, ip) {
+        (IpAddr::V4(n), IpAddr::V4(a)) => {
+            let m = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            u32::from(n) == u32::from(a) & m
+        }
+        (IpAddr::V6(n), IpAddr::V6(a)) => {
+            let m = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            u128::from(n) == u128::from(a) & m
+        }
+        _ => false,
+    }
+}
+
 /// The address of backend `id` (of family `v6`) in its `generation`.
 fn backend_ip(id: u32, v6: bool, generation: u32) -> IpAddr {
     let (id, generation) = (id as u16, generation as u16);
@@ -333,6 +363,8 @@ pub fn action_name(action: u32) -> &'static str {
 struct Service {
     spec: &'static Spec,
     key: ServiceKey,
+    /// Its source lists' flags (`SERVICE_F_*_LIST`), once they are set.
+    list_flags: u32,
     /// The live table.
     ring: Vec<u32>,
     /// Every backend that may carry its flows: table members and those
@@ -360,6 +392,8 @@ pub struct World {
     to_backend: BTreeMap<u32, u64>,
     /// Service packets dropped, per service id.
     dropped: BTreeMap<u32, u64>,
+    /// Of those, dropped by the service's source lists: (denied, not allowed).
+    refused: BTreeMap<u32, (u64, u64)>,
 }
 
 impl Services for World {
@@ -399,6 +433,7 @@ impl World {
             runs: 0,
             forwarded: BTreeMap::new(),
             dropped: BTreeMap::new(),
+            refused: BTreeMap::new(),
             to_backend: BTreeMap::new(),
         };
         w.counters = w.read_counters()?;
@@ -418,6 +453,7 @@ impl World {
             w.services.push(Service {
                 spec,
                 key,
+                list_flags: 0,
                 ring: Vec::new(),
                 members,
             });
@@ -425,7 +461,48 @@ impl World {
         }
         w.seed()?;
         w.change_backends()?;
+        w.set_source_lists()?;
         Ok(w)
+    }
+
+    /// Gives the services of [`SOURCE_LISTS`] their lists, after seeding.
+    fn set_source_lists(&mut self) -> Result<()> {
+        for &(i, list, prefix) in SOURCE_LISTS {
+            let prefix = lb::config::parse_source(prefix).map_err(anyhow::Error::msg)?;
+            self.lab.dp.add_source_entry(&(list, i as u32, prefix))?;
+            self.services[i].list_flags |= match list {
+                SourceList::Deny => SERVICE_F_DENY_LIST,
+                SourceList::Allow => SERVICE_F_ALLOW_LIST,
+            };
+        }
+        for i in 0..self.services.len() {
+            if self.services[i].list_flags != 0 {
+                let members: Vec<u32> = self.services[i].spec.fuzzed.to_vec();
+                self.publish(i, &members)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The counter that drops `hit` for its source, if its service's lists
+    /// refuse it: in the deny list (deny wins), or outside an allow list.
+    fn refused(&self, hit: &Hit) -> Option<Counter> {
+        let flags = self.services[hit.service].list_flags;
+        let src = addr_ip(&hit.flow.src, hit.flow.family);
+        let listed = |want: SourceList| {
+            SOURCE_LISTS.iter().any(|&(i, list, prefix)| {
+                i == hit.service
+                    && list == want
+                    && lb::config::parse_source(prefix).is_ok_and(|p| contains(p, src))
+            })
+        };
+        if flags & SERVICE_F_DENY_LIST != 0 && listed(SourceList::Deny) {
+            Some(Counter::DropDenied)
+        } else if flags & SERVICE_F_ALLOW_LIST != 0 && !listed(SourceList::Allow) {
+            Some(Counter::DropNotAllowed)
+        } else {
+            None
+        }
     }
 
     /// What the generator aims at.
@@ -458,7 +535,8 @@ impl World {
 
     /// Publishes service `i` with `members` (weight 1 each) as its table.
     fn publish(&mut self, i: usize, members: &[u32]) -> Result<()> {
-        let (key, flags) = (self.services[i].key, self.services[i].spec.flags);
+        let svc = &self.services[i];
+        let (key, flags) = (svc.key, svc.spec.flags | svc.list_flags);
         let ring = if members.is_empty() {
             let ring = vec![NO_BACKEND; RING as usize];
             self.lab
@@ -765,6 +843,12 @@ impl World {
             DROP => {
                 // Every drop of a matched packet is its service's too.
                 *self.dropped.entry(hit.service as u32).or_default() += 1;
+                let refused = self.refused.entry(hit.service as u32).or_default();
+                match v.counter {
+                    Counter::DropDenied => refused.0 += 1,
+                    Counter::DropNotAllowed => refused.1 += 1,
+                    _ => {}
+                }
                 let o = Outcome::Drop(v.counter);
                 if !allowed.contains(&o) {
                     return Err((
@@ -1032,6 +1116,10 @@ impl World {
                 }
             }
         }
+        if let Some(refused) = self.refused(hit) {
+            // Checked once the service is known, before anything else.
+            v = vec![Outcome::Drop(refused)];
+        }
         if hit.foreign_destination {
             // See `reference::classify`.
             v = vec![Outcome::Pass(Counter::PassForeignMac)];
@@ -1103,6 +1191,15 @@ impl World {
                 stats.packets,
                 stats.bytes,
                 stats.drops
+            );
+            let lists = self.lab.dp.source_list_stats(i as u32)?;
+            let refused = self.refused.get(&(i as u32)).copied().unwrap_or_default();
+            ensure!(
+                (lists.denied, lists.not_allowed) == refused,
+                "service {}: counted {} denied / {} not allowed, dropped {refused:?}",
+                svc.spec.name,
+                lists.denied,
+                lists.not_allowed
             );
         }
         for &id in self.backends.keys() {

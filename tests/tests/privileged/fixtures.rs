@@ -3,10 +3,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use lb::dataplane::{DecapTables, Decapsulator};
+use lb::dataplane::{DecapTables, Decapsulator, SourceList};
 use lb_common::{
-    ConntrackSettings, Counter, FlowKey, SERVICE_F_AFFINITY, SERVICE_F_ECHO, SERVICE_F_GUE,
-    SERVICE_F_IPIP, ServiceKey, addr_bytes,
+    ConntrackSettings, Counter, FlowKey, SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST,
+    SERVICE_F_DENY_LIST, SERVICE_F_ECHO, SERVICE_F_GUE, SERVICE_F_IPIP, ServiceKey, addr_bytes,
     counters::DecapCounter,
     hash::flow_hash,
     limits::{
@@ -1762,4 +1762,124 @@ fn decap_tables_are_replaced_whole_and_read_back() {
     let e = decap.set_tables(&too_many).unwrap_err();
     assert!(format!("{e:#}").contains("nothing changed"), "{e:#}");
     assert_eq!(decap.tables().unwrap(), second);
+}
+
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn source_lists_drop_denied_and_unlisted_sources_established_flows_too() {
+    require_root();
+    let mut f = fixture();
+    f.set_clock(1);
+    let near = [198, 18, 2, 200];
+    let far = [198, 19, 0, 7];
+    // An established flow from CLIENT4 before any list.
+    let syn = tcp4(CLIENT4, VIP4_DSR, 40000, HTTP, TCP_SYN, &[]);
+    let ack = tcp4(CLIENT4, VIP4_DSR, 40000, HTTP, TCP_ACK, &[]);
+    f.case("no lists: SYN", &syn, TX, Counter::ForwardDsr);
+    f.case("no lists: ACK", &ack, TX, Counter::ForwardDsr);
+
+    let set_lists = |f: &mut Fixture, svc: usize, flags: u32, entries: &[(SourceList, &str)]| {
+        for (list, prefix) in entries {
+            let prefix = lb::config::parse_source(prefix).unwrap();
+            f.lab
+                .dp
+                .add_source_entry(&(*list, svc as u32, prefix))
+                .unwrap();
+        }
+        let (key, members) = match svc {
+            SVC_TCP4 => (
+                service_key(v4(VIP4_DSR), HTTP, IPPROTO_TCP),
+                [(1, 1), (2, 1)],
+            ),
+            _ => (
+                service_key(IpAddr::V6(VIP6_DSR), HTTP, IPPROTO_TCP),
+                [(5, 1), (6, 1)],
+            ),
+        };
+        f.lab.service(svc as u32, key, flags, &members).unwrap();
+    };
+
+    // Entries without the service's flag are never consulted.
+    set_lists(&mut f, SVC_TCP4, 0, &[(SourceList::Deny, "198.18.2.0/24")]);
+    f.case("entries, no flag", &ack, TX, Counter::ForwardDsr);
+
+    // The deny list: the established flow is dropped from its next packet.
+    set_lists(&mut f, SVC_TCP4, SERVICE_F_DENY_LIST, &[]);
+    f.case("denied: established ACK", &ack, DROP, Counter::DropDenied);
+    f.case("denied: SYN", &syn, DROP, Counter::DropDenied);
+    let other = tcp4([198, 18, 3, 7], VIP4_DSR, 40000, HTTP, TCP_SYN, &[]);
+    f.case("outside the deny list", &other, TX, Counter::ForwardDsr);
+
+    // An allow list around it: deny still wins; outside the allow list is
+    // refused; the longest prefix decides, so a /25 deny inside a /16 allow
+    // refuses only its half.
+    set_lists(
+        &mut f,
+        SVC_TCP4,
+        SERVICE_F_DENY_LIST | SERVICE_F_ALLOW_LIST,
+        &[(SourceList::Allow, "198.18.0.0/16")],
+    );
+    f.lab
+        .dp
+        .remove_source_entry(&(
+            SourceList::Deny,
+            SVC_TCP4 as u32,
+            lb::config::parse_source("198.18.2.0/24").unwrap(),
+        ))
+        .unwrap();
+    set_lists(
+        &mut f,
+        SVC_TCP4,
+        SERVICE_F_DENY_LIST | SERVICE_F_ALLOW_LIST,
+        &[(SourceList::Deny, "198.18.2.128/25")],
+    );
+    f.case("allowed, deny /25 elsewhere", &syn, TX, Counter::ForwardDsr);
+    let denied = tcp4(near, VIP4_DSR, 40000, HTTP, TCP_SYN, &[]);
+    f.case(
+        "allowed but denied by /25",
+        &denied,
+        DROP,
+        Counter::DropDenied,
+    );
+    let outside = tcp4(far, VIP4_DSR, 40000, HTTP, TCP_SYN, &[]);
+    f.case(
+        "outside the allow list",
+        &outside,
+        DROP,
+        Counter::DropNotAllowed,
+    );
+    let stats = f.lab.dp.source_list_stats(SVC_TCP4 as u32).unwrap();
+    assert_eq!((stats.denied, stats.not_allowed), (3, 1));
+    assert_eq!(
+        f.lab.dp.service_stats(SVC_TCP4 as u32).unwrap().drops,
+        4,
+        "every refused packet is the service's drop too"
+    );
+
+    // IPv6: an allow list of one /126, a /128 denied inside it.
+    set_lists(
+        &mut f,
+        SVC_TCP6,
+        SERVICE_F_ALLOW_LIST | SERVICE_F_DENY_LIST,
+        &[
+            (SourceList::Allow, "2001:2:2::4/126"),
+            (SourceList::Deny, "2001:2:2::6/128"),
+        ],
+    );
+    let from6 = |last: u16| {
+        let src = Ipv6Addr::new(0x2001, 2, 2, 0, 0, 0, 0, last);
+        tcp6(src, VIP6_DSR, 40000, HTTP, TCP_SYN, &[])
+    };
+    f.case("IPv6 allowed", &from6(7), TX, Counter::ForwardDsr);
+    f.case("IPv6 denied inside", &from6(6), DROP, Counter::DropDenied);
+    f.case("IPv6 not allowed", &from6(8), DROP, Counter::DropNotAllowed);
+
+    // Every prefix reads back as written.
+    let entries = f.lab.dp.source_entries().unwrap();
+    assert_eq!(entries.len(), 4, "{entries:?}");
+    assert!(entries.contains(&(
+        SourceList::Deny,
+        SVC_TCP6 as u32,
+        lb::config::parse_source("2001:2:2::6/128").unwrap()
+    )));
 }

@@ -6,6 +6,7 @@
     reason = "test helpers fail loudly, like the tests"
 )]
 
+mod acl;
 mod agreement;
 mod announce;
 mod backends;
