@@ -87,6 +87,10 @@ struct Cli {
     /// Data plane: timed rounds per case, in place of the plan's.
     #[arg(long)]
     rounds: Option<usize>,
+    /// Data plane: prefixes per source list in the source-lists groups
+    /// (0: none).
+    #[arg(long)]
+    source_prefixes: Option<u32>,
 }
 
 /// Everything one run measured.
@@ -146,6 +150,9 @@ fn plan(cli: &Cli) -> dataplane::Plan {
     if let Some(rounds) = cli.rounds {
         plan.rounds = rounds;
         plan.many_flows_rounds = rounds;
+    }
+    if let Some(prefixes) = cli.source_prefixes {
+        plan.source_prefixes = prefixes;
     }
     plan
 }

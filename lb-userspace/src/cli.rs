@@ -324,29 +324,47 @@ enum AclCommand {
         service: Option<String>,
     },
     /// Add a prefix to a service's list; written to the configuration file.
-    Add {
-        /// Service name.
-        service: String,
-        /// ADDRESS/LENGTH, e.g. 198.18.0.0/16 or 2001:2::/48, host bits clear.
-        prefix: String,
-        #[command(flatten)]
-        list: ListChoice,
-        /// Show the changes, change nothing.
-        #[arg(long)]
-        dry_run: bool,
-    },
+    Add(AclChange),
     /// Remove a prefix from a service's list; written to the configuration file.
-    Del {
-        /// Service name.
-        service: String,
-        /// ADDRESS/LENGTH, as listed.
-        prefix: String,
-        #[command(flatten)]
-        list: ListChoice,
-        /// Show the changes, change nothing.
-        #[arg(long)]
-        dry_run: bool,
-    },
+    Del(AclChange),
+}
+
+/// One prefix of one service's list, added or removed.
+#[derive(clap::Args)]
+struct AclChange {
+    /// Service name.
+    service: String,
+    /// ADDRESS/LENGTH, e.g. 198.18.0.0/16 or 2001:2::/48, host bits clear.
+    prefix: String,
+    #[command(flatten)]
+    list: ListChoice,
+    /// Show the changes, change nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+impl AclChange {
+    /// The request making the change: adding the prefix, or removing it.
+    fn request(self, add: bool) -> Request {
+        let (service, list, prefix) = (self.service, self.list.list(), self.prefix);
+        let edit = if add {
+            Edit::AddSource {
+                service,
+                list,
+                prefix,
+            }
+        } else {
+            Edit::DelSource {
+                service,
+                list,
+                prefix,
+            }
+        };
+        Request::Edit {
+            edit,
+            dry_run: self.dry_run,
+        }
+    }
 }
 
 /// Which source list a command changes.
@@ -750,33 +768,13 @@ fn run(cli: Cli) -> Result<()> {
                 )
             })
         }
-        Command::Acl(AclCommand::Add {
-            service,
-            prefix,
-            list,
-            dry_run,
-        }) => {
-            let list = list.list();
-            let edit = Edit::AddSource {
-                service,
-                list,
-                prefix,
-            };
-            change(Request::Edit { edit, dry_run }, dry_run)
+        Command::Acl(AclCommand::Add(c)) => {
+            let dry_run = c.dry_run;
+            change(c.request(true), dry_run)
         }
-        Command::Acl(AclCommand::Del {
-            service,
-            prefix,
-            list,
-            dry_run,
-        }) => {
-            let list = list.list();
-            let edit = Edit::DelSource {
-                service,
-                list,
-                prefix,
-            };
-            change(Request::Edit { edit, dry_run }, dry_run)
+        Command::Acl(AclCommand::Del(c)) => {
+            let dry_run = c.dry_run;
+            change(c.request(false), dry_run)
         }
         Command::Explain { client, service } => {
             let v = call(Request::Explain {

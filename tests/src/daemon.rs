@@ -69,6 +69,12 @@ pub fn lb_in(ns: &Netns, args: &[&str]) -> Result<Value> {
             .stderr(std::process::Stdio::piped()),
     )?
     .wait_with_output()?;
+    json_output(&out, args)
+}
+
+/// What `lb <args>` printed, as JSON (`null` for nothing); its error
+/// output as the error if it failed.
+fn json_output(out: &std::process::Output, args: &[&str]) -> Result<Value> {
     if !out.status.success() {
         bail!(
             "lb {}: {}",
@@ -76,7 +82,10 @@ pub fn lb_in(ns: &Netns, args: &[&str]) -> Result<Value> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
+    if out.stdout.is_empty() {
+        return Ok(Value::Null);
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 /// The `lb` binary cargo built next to the calling binary: beside it (a
@@ -267,14 +276,7 @@ impl Daemon {
             .arg("--json")
             .args(args)
             .output()?;
-        if !out.status.success() {
-            bail!(
-                "lb {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(serde_json::from_slice(&out.stdout)?)
+        json_output(&out, args)
     }
 
     /// Runs the CLI expecting failure; returns its exit code and stderr.

@@ -97,6 +97,14 @@ pub(crate) fn vip(family: Family, mode: Mode) -> IpAddr {
     }
 }
 
+/// The prefix every client of `family` is in.
+pub(crate) fn client_net(family: Family) -> (IpAddr, u8) {
+    match family {
+        Family::Ipv4 => (CLIENT_V4.into(), 16),
+        Family::Ipv6 => (CLIENT_V6.into(), 48),
+    }
+}
+
 /// A destination of `family` that is not a VIP.
 pub(crate) fn not_a_vip(family: Family) -> IpAddr {
     match family {

@@ -31,10 +31,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use lb::dataplane::Capacity;
+use lb::dataplane::{Capacity, SourceList};
 use lb_bench_ebpf::{FRAME_LEN, ResetConfig};
 use lb_common::{
-    Counter, SERVICE_F_IPIP,
+    Counter, SERVICE_F_ALLOW_LIST, SERVICE_F_DENY_LIST, SERVICE_F_IPIP,
     limits::{DEFAULT_CONNTRACK_ENTRIES, DEFAULT_RING_SIZE},
     wire::{IPPROTO_TCP, IPV4_HLEN, IPV6_HLEN},
 };
@@ -66,6 +66,9 @@ pub struct Plan {
     /// Only these paths of the matrix groups (and the floors every ratio
     /// needs); all when empty.
     pub paths: Vec<Path>,
+    /// Prefixes in each measured service's deny list and in its allow
+    /// list in the source-lists groups (0: no such groups).
+    pub source_prefixes: u32,
 }
 
 impl Plan {
@@ -81,9 +84,16 @@ impl Plan {
             many_flows: vec![10_000, 1_000_000],
             many_flows_backends: 100,
             paths: Vec::new(),
+            source_prefixes: SOURCE_PREFIXES,
         }
     }
 }
+
+/// Prefixes per list and service in the source-lists groups: issue 16's
+/// "1,000 prefixes each".
+const SOURCE_PREFIXES: u32 = 1000;
+/// Backends per measured service in the source-lists groups.
+const SOURCE_LISTS_BACKENDS: u32 = 100;
 
 /// The measured services: one per family and mode, ids 0 to 3.
 pub(crate) const MEASURED: [(Family, Mode); 4] = [
@@ -237,6 +247,8 @@ pub struct GroupResult {
     pub backends: u32,
     /// Established flows the many-flows cases cycle through (0: not such a group).
     pub many_flows: u32,
+    /// Prefixes in each measured service's deny and allow lists (0: none).
+    pub source_prefixes: u32,
     /// Capacity of lb's connection table (and of the reference LRU).
     pub conntrack_entries: u32,
     /// Iterations per run.
@@ -272,6 +284,9 @@ pub struct DataplaneResults {
     pub matrix: Vec<GroupResult>,
     /// Groups with many established flows.
     pub many_flows: Vec<GroupResult>,
+    /// The measured services without, then with, source lists (deny and
+    /// allow lists of `plan.source_prefixes` each, the clients allowed).
+    pub source_lists: Vec<GroupResult>,
     /// The commit of the baseline object, if one ran beside lb's.
     pub baseline_rev: Option<String>,
 }
@@ -283,11 +298,13 @@ pub(crate) type BaselineObject<'a> = (&'a str, &'a FilePath);
 pub(crate) fn run(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<DataplaneResults> {
     let matrix = run_matrix(plan, baseline)?;
     let many_flows = run_many_flows(plan, baseline)?;
+    let source_lists = run_source_lists(plan)?;
     Ok(DataplaneResults {
         plan: plan.clone(),
         frame_len: FRAME_LEN,
         matrix,
         many_flows,
+        source_lists,
         baseline_rev: baseline.map(|(rev, _)| rev.to_owned()),
     })
 }
@@ -646,6 +663,7 @@ fn group_result(
         services,
         backends,
         many_flows,
+        source_prefixes: 0,
         conntrack_entries,
         repeat,
         cases,
@@ -703,6 +721,96 @@ fn run_matrix(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<Vec<G
     }
     Ok(groups)
 }
+
+/// The matrix cases of the measured services with `SOURCE_LISTS_BACKENDS`
+/// backends, in two groups in one run: without source lists, then with a
+/// deny list and an allow list of `plan.source_prefixes` prefixes each on
+/// every measured service (the benchmark's clients in the allow list, in
+/// none of the deny list's). lb's object only: the baseline has no lists.
+fn run_source_lists(plan: &Plan) -> Result<Vec<GroupResult>> {
+    if plan.source_prefixes == 0 {
+        return Ok(Vec::new());
+    }
+    let mut h = Harness::load(
+        Capacity {
+            max_services: MEASURED.len() as u32,
+            max_backends: MAX_BACKENDS,
+            conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
+            ring_size: DEFAULT_RING_SIZE,
+        },
+        None,
+    )?;
+    let mut groups = Vec::new();
+    for prefixes in [0, plan.source_prefixes] {
+        let started = Instant::now();
+        if prefixes == 0 {
+            configure(&mut h, SOURCE_LISTS_BACKENDS, 1)?;
+        } else {
+            add_source_lists(&mut h, prefixes)?;
+        }
+        let mut cases = matrix_cases(&mut h)?;
+        cases.retain(|c| plan.paths.is_empty() || c.path.is_floor() || plan.paths.contains(&c.path));
+        let samples = measure(&mut h, &mut cases, plan.repeat, plan.rounds)?;
+        eprintln!(
+            "data plane: {prefixes} source prefixes per list: {:.1?}",
+            started.elapsed()
+        );
+        let mut g = group_result(
+            &cases,
+            &samples,
+            (
+                MEASURED.len() as u32,
+                SOURCE_LISTS_BACKENDS,
+                0,
+                DEFAULT_CONNTRACK_ENTRIES,
+                plan.repeat,
+            ),
+        );
+        g.source_prefixes = prefixes;
+        groups.push(g);
+    }
+    Ok(groups)
+}
+
+/// Gives every measured service a deny list and an allow list of
+/// `prefixes` prefixes each, the benchmark's clients (`frames::client_net`)
+/// the allow list's first: the deny list's are single addresses in a range
+/// no client is in, the allow list's others likewise elsewhere. Then
+/// republishes the services with the flags that make the program read them.
+fn add_source_lists(h: &mut Harness, prefixes: u32) -> Result<()> {
+    for (sid, &(family, mode)) in MEASURED.iter().enumerate() {
+        let sid = sid as u32;
+        for i in 0..prefixes {
+            let (deny, allow) = match family {
+                Family::Ipv4 => (
+                    (Ipv4Addr::from(u32::from(DENIED_V4) + i).into(), 32),
+                    (Ipv4Addr::from(u32::from(OTHER_ALLOWED_V4) + i).into(), 32),
+                ),
+                Family::Ipv6 => (
+                    (Ipv6Addr::from(u128::from(DENIED_V6) + u128::from(i)).into(), 128),
+                    (Ipv6Addr::from(u128::from(OTHER_ALLOWED_V6) + u128::from(i)).into(), 128),
+                ),
+            };
+            let allow = if i == 0 { frames::client_net(family) } else { allow };
+            h.lab.dp.add_source_entry(&(SourceList::Deny, sid, deny))?;
+            h.lab.dp.add_source_entry(&(SourceList::Allow, sid, allow))?;
+        }
+        let members: Vec<(u32, u32)> = (0..SOURCE_LISTS_BACKENDS)
+            .map(|j| (sid * SOURCE_LISTS_BACKENDS + j, 1))
+            .collect();
+        let key = service_key(frames::vip(family, mode), SERVICE_PORT, IPPROTO_TCP);
+        let flags = service_flags(mode) | SERVICE_F_DENY_LIST | SERVICE_F_ALLOW_LIST;
+        h.service(sid, key, flags, &members)?;
+    }
+    Ok(())
+}
+
+/// Where the source-lists groups' denied addresses start: no client's.
+const DENIED_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 0);
+const DENIED_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xd, 0, 0, 0, 0, 0);
+/// Where their other allowed addresses start: no client's either.
+const OTHER_ALLOWED_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 204, 0);
+const OTHER_ALLOWED_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xe, 0, 0, 0, 0, 0);
 
 /// The many-flows groups' runs over `count` flows from `base`: the fill,
 /// which visits them in the order of their indexes, and the timed cycle,

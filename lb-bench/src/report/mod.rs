@@ -264,6 +264,7 @@ fn dataplane(out: &mut String, d: &DataplaneResults) {
     }
     baseline::render(out, d);
     flood(out, d);
+    source_lists(out, d);
     floors(out, d);
     references(out, d);
     matrix(out, d);
@@ -301,6 +302,62 @@ fn established(g: &GroupResult, family: Family, mode: Mode) -> Option<&CaseResul
             && c.mode == Some(mode)
             && (mode == Mode::Ipip || c.method == "direct")
     })
+}
+
+/// The goal for a service with source lists, as a multiple of the same
+/// path without them.
+const SOURCE_LISTS_GOAL: f64 = 1.15;
+
+/// Every path of the measured services with source lists, against the same
+/// path without them, measured in the same run.
+fn source_lists(out: &mut String, d: &DataplaneResults) {
+    let [without, with] = d.source_lists.as_slice() else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "### With source lists
+
+         The four measured services with {} backends each, measured without source          lists and then, in the same run, with a deny list and an allow list of {}          prefixes each on every service (the clients in the allow list, in none of          the deny list's): both lists are looked up on every packet. Each cell is          with / without (median ns with lists in brackets). Goal: ≤          {SOURCE_LISTS_GOAL}×.
+
+         | path | IPv4 dsr-l2 | IPv4 ipip | IPv6 dsr-l2 | IPv6 ipip |
+         | --- | --- | --- | --- | --- |",
+        with.backends,
+        thousands(u64::from(with.source_prefixes))
+    );
+    let mut worst: f64 = 0.0;
+    // The services' paths: those with a mode (not the floors, the
+    // references or traffic to no VIP, which no list concerns).
+    let mut paths: Vec<Path> = with
+        .cases
+        .iter()
+        .filter(|c| c.mode.is_some())
+        .map(|c| c.path)
+        .collect();
+    paths.dedup();
+    for path in paths {
+        let cells: Vec<String> = MEASURED_ORDER
+            .iter()
+            .map(|&(f, m)| {
+                match (
+                    with.case(path, Some(f), Some(m)),
+                    without.case(path, Some(f), Some(m)),
+                ) {
+                    (Some(a), Some(b)) => {
+                        let r = a.summary.median / b.summary.median;
+                        worst = worst.max(r);
+                        format!("{:.2}× ({} ns)", r, ns(a.summary.median))
+                    }
+                    _ => "—".to_owned(),
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "| {} | {} |", path.label(), cells.join(" | "));
+    }
+    let met = if worst <= SOURCE_LISTS_GOAL { "met" } else { "not met" };
+    let _ = writeln!(out, "
+Worst: {worst:.2}× (goal {met}).
+");
 }
 
 /// New flows while the insert budget is spent (SYNs, and other packets),
