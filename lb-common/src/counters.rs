@@ -68,10 +68,11 @@ pub enum Counter {
     /// attached (its device-map entry is gone); dropped until the daemon
     /// takes the backend out or attaches the interface again.
     DropNoEgress = 21,
-    /// The source is in the service's deny list: dropped (established
-    /// flows too, from the moment the prefix is added).
+    /// A new flow (no connection-table entry) from a source in the
+    /// service's deny list: dropped. User space removes the entries of
+    /// flows a list change refuses, so their next packets land here.
     DropDenied = 22,
-    /// The service has an allow list and the source is not in it: dropped.
+    /// Likewise, the service having an allow list without the source.
     DropNotAllowed = 23,
 }
 

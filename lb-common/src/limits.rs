@@ -114,6 +114,9 @@ pub const PROBE_MARK_BASE: u32 = 0x4c42_0000;
 /// Backend ids that have a probe mark of their own.
 pub const PROBE_MARKS: u32 = 0x1_0000;
 
-/// Prefixes each source list map (`LB_ACL_DENY`, `LB_ACL_ALLOW`) holds,
-/// over every service: an LPM trie takes memory only for what it holds.
-pub const MAX_ACL_PREFIXES: u32 = 65_536;
+/// Prefixes in all the services' deny lists together, and as many in their
+/// allow lists.
+pub const MAX_LIST_PREFIXES: u32 = 65_536;
+/// Prefixes the source lists' trie (`LB_ACL`) holds: both kinds of list.
+/// An LPM trie takes memory only for what it holds.
+pub const MAX_ACL_PREFIXES: u32 = 2 * MAX_LIST_PREFIXES;

@@ -36,10 +36,9 @@ pub const COUNTERS: &str = "LB_COUNTERS";
 pub const SERVICE_STATS: &str = "LB_SERVICE_STATS";
 /// Per-backend counters: backend id → [`crate::BackendStats`] (per-CPU array).
 pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
-/// Services' deny lists: `lpm_trie::Key<`[`crate::AclKey`]`>` → u32 (LPM trie).
-pub const ACL_DENY: &str = "LB_ACL_DENY";
-/// Services' allow lists: `lpm_trie::Key<`[`crate::AclKey`]`>` → u32 (LPM trie).
-pub const ACL_ALLOW: &str = "LB_ACL_ALLOW";
+/// Services' source lists: `lpm_trie::Key<`[`crate::AclKey`]`>` →
+/// [`crate::ACL_DENY`] or [`crate::ACL_ALLOW`] (LPM trie).
+pub const ACL: &str = "LB_ACL";
 /// Per-service source-list drops: service id → [`crate::AclStats`] (per-CPU array).
 pub const ACL_STATS: &str = "LB_ACL_STATS";
 /// Decap program: local tunnel endpoints, [`crate::AddrKey`] → u32 (hash).

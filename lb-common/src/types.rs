@@ -24,14 +24,21 @@ pub const SERVICE_F_ECHO: u32 = 1 << 2;
 pub const SERVICE_F_GUE: u32 = 1 << 3;
 /// Either tunnel.
 pub const SERVICE_F_TUNNEL: u32 = SERVICE_F_IPIP | SERVICE_F_GUE;
-/// Service flag: the service has a deny list (`LB_ACL_DENY` entries):
-/// packets from a source in it are dropped.
+/// Service flag: the service has a deny list (`LB_ACL` entries of
+/// [`ACL_DENY`]): new flows from a source in it are dropped.
 pub const SERVICE_F_DENY_LIST: u32 = 1 << 4;
-/// Service flag: the service has an allow list (`LB_ACL_ALLOW` entries):
-/// packets from a source outside it are dropped.
+/// Service flag: the service has an allow list (`LB_ACL` entries of
+/// [`ACL_ALLOW`]): new flows from a source in no prefix of `LB_ACL` are
+/// dropped.
 pub const SERVICE_F_ALLOW_LIST: u32 = 1 << 5;
 /// Either source list: a service with neither pays one test for both.
 pub const SERVICE_F_SOURCE_LISTS: u32 = SERVICE_F_DENY_LIST | SERVICE_F_ALLOW_LIST;
+/// `LB_ACL` value: the prefix is in the service's deny list.
+pub const ACL_DENY: u32 = 1;
+/// `LB_ACL` value: the prefix is in the service's allow list (and in no
+/// deny prefix of the service: user space leaves those out, so that the
+/// longest match gives deny-wins).
+pub const ACL_ALLOW: u32 = 2;
 
 /// What `LB_VIPS` holds for an address: the services on it, plus this
 /// unit for each of them that answers echo ([`SERVICE_F_ECHO`]). A VIP
@@ -627,9 +634,9 @@ pub struct ConntrackStats {
 /// Bits of an [`AclKey`] before its address: the service id, matched whole.
 pub const ACL_SERVICE_BITS: u32 = 32;
 
-/// Key data of `LB_ACL_DENY` and `LB_ACL_ALLOW`, the LPM tries of the
-/// services' source prefixes. The service id comes first, then the source
-/// as the decapsulator keys it, so one trie holds every service's list: a
+/// Key data of `LB_ACL`, the LPM trie of the services' source prefixes.
+/// The service id comes first, then the source as the decapsulator keys
+/// it, so one trie holds every service's lists: a
 /// prefix of `n` bits is stored with a prefix length of
 /// [`ACL_SERVICE_BITS`]` + `[`SOURCE_FAMILY_BITS`]` + n`.
 #[repr(C)]

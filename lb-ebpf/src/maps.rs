@@ -103,15 +103,9 @@ static LB_SERVICE_STATS: PerCpuArray<ServiceStats> =
 static LB_BACKEND_STATS: PerCpuArray<BackendStats> =
     PerCpuArray::with_max_entries(limits::DEFAULT_MAX_BACKENDS, 0);
 
-/// Services' deny lists: packets from these sources are dropped.
+/// Services' source lists: each prefix with the list it is in.
 #[map]
-static LB_ACL_DENY: LpmTrie<AclKey, u32> =
-    LpmTrie::with_max_entries(limits::MAX_ACL_PREFIXES, BPF_F_NO_PREALLOC);
-
-/// Services' allow lists: a service with one takes packets from these
-/// sources only.
-#[map]
-static LB_ACL_ALLOW: LpmTrie<AclKey, u32> =
+static LB_ACL: LpmTrie<AclKey, u32> =
     LpmTrie::with_max_entries(limits::MAX_ACL_PREFIXES, BPF_F_NO_PREALLOC);
 
 /// Per-service source-list drops.
@@ -460,10 +454,10 @@ pub(crate) fn count_service_drop(service_id: u32) {
     }
 }
 
-/// Whether `src` (of `family`) lies in a prefix of service `service_id`'s deny list
-/// (`allow`: allow list).
+/// The list (`ACL_DENY`, `ACL_ALLOW`) of service `service_id`'s longest
+/// prefix holding `src` (of `family`), if any.
 #[inline(always)]
-pub(crate) fn in_source_list(allow: bool, service_id: u32, src: Addr, family: u8) -> bool {
+pub(crate) fn source_list(service_id: u32, src: Addr, family: u8) -> Option<u32> {
     let key = Key::new(
         AclKey::prefix_len(8 * core::mem::size_of::<Addr>() as u32),
         AclKey {
@@ -471,11 +465,7 @@ pub(crate) fn in_source_list(allow: bool, service_id: u32, src: Addr, family: u8
             source: SourceKey { family, addr: src },
         },
     );
-    if allow {
-        LB_ACL_ALLOW.get(key).is_some()
-    } else {
-        LB_ACL_DENY.get(key).is_some()
-    }
+    LB_ACL.get(key).copied()
 }
 
 /// Counts a packet of service `service_id` dropped by its source lists:

@@ -4,9 +4,9 @@
 use core::ptr::NonNull;
 
 use lb_common::{
-    BACKEND_F_UP, BackendValue, ConntrackSettings, Counter, FLOW_F_CLOSED, FlowEntry, FlowKey,
-    FlowValue, SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST, SERVICE_F_DENY_LIST,
-    SERVICE_F_SOURCE_LISTS, ServiceValue,
+    ACL_DENY, BACKEND_F_UP, BackendValue, ConntrackSettings, Counter, FLOW_F_CLOSED, FlowEntry,
+    FlowKey, FlowValue, SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST, SERVICE_F_SOURCE_LISTS,
+    ServiceValue,
     hash::{bucket_hash, flow_hash},
     limits::NO_BACKEND,
     ring_index,
@@ -61,25 +61,21 @@ fn idle_timeout(ct: &ConntrackSettings, service: &ServiceValue, flow: &FlowKey) 
     }
 }
 
-/// Whether `service` takes packets from `flow`'s source: not in its deny
-/// list (deny wins), and in its allow list if it has one. Checked on every
-/// packet, established flows included, so a prefix denied now stops a flow
-/// at its next packet; a service without lists pays one flag test.
+/// Whether `service` takes a new flow from `flow`'s source: not in its
+/// deny list (deny wins: user space leaves out allow prefixes inside deny
+/// ones, so the longest match says), and in its allow list if it has one.
+/// One trie lookup, for new flows only: user space removes the entries of
+/// flows whose source a list change refuses, so their next packets come
+/// here. A service without lists pays one flag test.
 #[inline(always)]
 fn admits(service: &ServiceValue, flow: &FlowKey) -> Result<(), Counter> {
     if service.flags & SERVICE_F_SOURCE_LISTS == 0 {
         return Ok(());
     }
-    let refused = if service.flags & SERVICE_F_DENY_LIST != 0
-        && maps::in_source_list(false, service.id, flow.src, flow.family)
-    {
-        Counter::DropDenied
-    } else if service.flags & SERVICE_F_ALLOW_LIST != 0
-        && !maps::in_source_list(true, service.id, flow.src, flow.family)
-    {
-        Counter::DropNotAllowed
-    } else {
-        return Ok(());
+    let refused = match maps::source_list(service.id, flow.src, flow.family) {
+        Some(ACL_DENY) => Counter::DropDenied,
+        None if service.flags & SERVICE_F_ALLOW_LIST != 0 => Counter::DropNotAllowed,
+        _ => return Ok(()),
     };
     maps::count_source_drop(service.id, refused == Counter::DropDenied);
     Err(refused)
@@ -133,7 +129,6 @@ pub(crate) fn select_backend(
         && let Some(backend) = maps::backend(pinned.backend)
         && stands(&pinned, &backend)
     {
-        admits(&service, flow)?;
         if remember {
             refresh(p, &pinned, now, pinned.flags | closing);
         }
@@ -145,14 +140,18 @@ pub(crate) fn select_backend(
         };
         return Ok((service, choice));
     }
-    // A SYN on a flow with an entry (a retransmission) has its service too.
+    // A SYN on a flow with an entry (a retransmission) has its service too,
+    // and was admitted when the entry was made.
     let service = match slotted {
         Some(service) => service,
-        None => maps::service(&flow.service_key()).ok_or(Counter::PassNotService)?,
+        None => {
+            let service = maps::service(&flow.service_key()).ok_or(Counter::PassNotService)?;
+            // Before the Maglev lookup and any write: a refused source
+            // costs no state.
+            admits(&service, flow)?;
+            service
+        }
     };
-    // Before the Maglev lookup and any write: a refused source costs no
-    // state.
-    admits(&service, flow)?;
     let (id, backend) =
         maglev(flow, &service).inspect_err(|_| maps::count_service_drop(service.id))?;
     if remember {

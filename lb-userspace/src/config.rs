@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::{
-    dataplane::{Capacity, Prefix},
+    dataplane::{Capacity, Prefix, SourceList},
     health::Thresholds,
     maglev::is_prime,
 };
@@ -730,6 +730,36 @@ pub struct Service {
     pub allow: BTreeSet<Prefix>,
     /// Backends by address.
     pub backends: BTreeMap<IpAddr, u32>,
+}
+
+impl Service {
+    /// The source-list trie's entries this service needs: every deny
+    /// prefix, and every allow prefix no deny prefix holds, so that the
+    /// longest match gives deny-wins.
+    pub fn source_entries(&self) -> impl Iterator<Item = (Prefix, SourceList)> + '_ {
+        let deny = self.deny.iter().map(|p| (*p, SourceList::Deny));
+        let allow = self
+            .allow
+            .iter()
+            .filter(|a| !self.deny.iter().any(|d| prefix_holds(*d, **a)))
+            .map(|p| (*p, SourceList::Allow));
+        deny.chain(allow)
+    }
+
+    /// Whether the lists refuse new flows from `src`: a deny prefix holds
+    /// it, or there is an allow list and none of its prefixes does.
+    pub fn refuses(&self, src: IpAddr) -> bool {
+        let holds = |p: &Prefix| prefix_holds(*p, (src, if src.is_ipv4() { 32 } else { 128 }));
+        self.deny.iter().any(holds) || (!self.allow.is_empty() && !self.allow.iter().any(holds))
+    }
+}
+
+/// Whether prefix `outer` holds prefix `inner`: the same family, no longer,
+/// and the same leading bits.
+pub fn prefix_holds(outer: Prefix, inner: Prefix) -> bool {
+    outer.0.is_ipv4() == inner.0.is_ipv4()
+        && outer.1 <= inner.1
+        && mask(inner.0, outer.1) == outer.0
 }
 
 /// A validated health check.
@@ -1548,13 +1578,13 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
         }
     }
     for (list, prefixes) in ["deny", "allow"].into_iter().zip(list_prefixes) {
-        if prefixes > limits::MAX_ACL_PREFIXES as usize {
+        if prefixes > limits::MAX_LIST_PREFIXES as usize {
             e.push(
                 None,
                 format!("service.{list}"),
                 format!(
                     "{prefixes} prefixes in the services' {list} lists, more than the {} lb holds",
-                    limits::MAX_ACL_PREFIXES
+                    limits::MAX_LIST_PREFIXES
                 ),
             );
         }
@@ -1796,6 +1826,89 @@ fn validate_health(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Service `a` on an IPv4 VIP with these source lists.
+    fn listed(deny: &[Prefix], allow: &[Prefix]) -> Service {
+        let list = |ps: &[Prefix]| {
+            ps.iter()
+                .map(|(ip, len)| format!("\"{ip}/{len}\""))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let text = format!(
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\n\
+             port=80\nprotocol=\"tcp\"\ndeny=[{}]\nallow=[{}]\n",
+            list(deny),
+            list(allow)
+        );
+        parse(&text).unwrap().services["a"].clone()
+    }
+
+    #[test]
+    fn allow_prefixes_inside_deny_ones_are_left_out_so_deny_wins() {
+        let p = |s: &str| parse_source(s).unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let svc = listed(
+            &[p("198.18.2.0/24")],
+            &[p("198.18.0.0/16"), p("198.18.2.128/25")],
+        );
+        let entries: Vec<_> = svc.source_entries().collect();
+        assert_eq!(
+            entries,
+            [
+                (p("198.18.2.0/24"), SourceList::Deny),
+                (p("198.18.0.0/16"), SourceList::Allow)
+            ]
+        );
+        assert!(
+            svc.refuses(ip("198.18.2.200")),
+            "denied, though allowed by a /25"
+        );
+        assert!(!svc.refuses(ip("198.18.3.1")));
+        assert!(svc.refuses(ip("198.19.0.1")), "outside the allow list");
+        assert!(!listed(&[p("198.18.2.0/24")], &[]).refuses(ip("198.19.0.1")));
+        assert!(!listed(&[], &[]).refuses(ip("198.18.2.1")));
+    }
+
+    /// A prefix of 198.18.0.0/16 (what the property test draws from).
+    fn prefix() -> impl Strategy<Value = Prefix> {
+        (any::<u16>(), 16u8..=32).prop_map(|(bits, len)| {
+            let ip = IpAddr::V4(std::net::Ipv4Addr::from(0xc612_0000 | u32::from(bits)));
+            (mask(ip, len), len)
+        })
+    }
+
+    proptest! {
+        /// What the data plane decides from the trie (the longest prefix
+        /// holding the source: deny drops, allow takes, none drops only
+        /// with an allow list) is what the lists say (deny wins).
+        #[test]
+        fn the_longest_match_of_the_entries_is_deny_wins(
+            deny in proptest::collection::btree_set(prefix(), 0..6),
+            allow in proptest::collection::btree_set(prefix(), 0..6),
+            sources in proptest::collection::vec(any::<u16>(), 1..40),
+        ) {
+            let deny: Vec<Prefix> = deny.into_iter().collect();
+            let allow: Vec<Prefix> = allow.into_iter().collect();
+            let svc = listed(&deny, &allow);
+            let entries: Vec<(Prefix, SourceList)> = svc.source_entries().collect();
+            for bits in sources {
+                let src = IpAddr::V4(std::net::Ipv4Addr::from(0xc612_0000 | u32::from(bits)));
+                let longest = entries
+                    .iter()
+                    .filter(|(p, _)| prefix_holds(*p, (src, 32)))
+                    .max_by_key(|(p, _)| p.1)
+                    .map(|(_, list)| *list);
+                let trie_refuses = match longest {
+                    Some(SourceList::Deny) => true,
+                    Some(SourceList::Allow) => false,
+                    None => !svc.allow.is_empty(),
+                };
+                prop_assert_eq!(trie_refuses, svc.refuses(src), "source {}", src);
+            }
+        }
+    }
 
     #[test]
     fn masks_clear_exactly_the_host_bits() {
@@ -2182,7 +2295,7 @@ address = "198.18.0.11"
                 list(n)
             )
         };
-        let full = limits::MAX_ACL_PREFIXES;
+        let full = limits::MAX_LIST_PREFIXES;
         assert_eq!(
             parse(&config(full)).unwrap().services["a"].deny.len(),
             full as usize

@@ -749,7 +749,8 @@ fn run_source_lists(plan: &Plan) -> Result<Vec<GroupResult>> {
             add_source_lists(&mut h, prefixes)?;
         }
         let mut cases = matrix_cases(&mut h)?;
-        cases.retain(|c| plan.paths.is_empty() || c.path.is_floor() || plan.paths.contains(&c.path));
+        cases
+            .retain(|c| plan.paths.is_empty() || c.path.is_floor() || plan.paths.contains(&c.path));
         let samples = measure(&mut h, &mut cases, plan.repeat, plan.rounds)?;
         eprintln!(
             "data plane: {prefixes} source prefixes per list: {:.1?}",
@@ -787,13 +788,23 @@ fn add_source_lists(h: &mut Harness, prefixes: u32) -> Result<()> {
                     (Ipv4Addr::from(u32::from(OTHER_ALLOWED_V4) + i).into(), 32),
                 ),
                 Family::Ipv6 => (
-                    (Ipv6Addr::from(u128::from(DENIED_V6) + u128::from(i)).into(), 128),
-                    (Ipv6Addr::from(u128::from(OTHER_ALLOWED_V6) + u128::from(i)).into(), 128),
+                    (
+                        Ipv6Addr::from(u128::from(DENIED_V6) + u128::from(i)).into(),
+                        128,
+                    ),
+                    (
+                        Ipv6Addr::from(u128::from(OTHER_ALLOWED_V6) + u128::from(i)).into(),
+                        128,
+                    ),
                 ),
             };
-            let allow = if i == 0 { frames::client_net(family) } else { allow };
-            h.lab.dp.add_source_entry(&(SourceList::Deny, sid, deny))?;
-            h.lab.dp.add_source_entry(&(SourceList::Allow, sid, allow))?;
+            let allow = if i == 0 {
+                frames::client_net(family)
+            } else {
+                allow
+            };
+            h.lab.dp.set_source_entry(sid, deny, SourceList::Deny)?;
+            h.lab.dp.set_source_entry(sid, allow, SourceList::Allow)?;
         }
         let members: Vec<(u32, u32)> = (0..SOURCE_LISTS_BACKENDS)
             .map(|j| (sid * SOURCE_LISTS_BACKENDS + j, 1))

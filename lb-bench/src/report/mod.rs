@@ -316,11 +316,14 @@ fn source_lists(out: &mut String, d: &DataplaneResults) {
     };
     let _ = writeln!(
         out,
-        "### With source lists
-
-         The four measured services with {} backends each, measured without source          lists and then, in the same run, with a deny list and an allow list of {}          prefixes each on every service (the clients in the allow list, in none of          the deny list's): both lists are looked up on every packet. Each cell is          with / without (median ns with lists in brackets). Goal: ≤          {SOURCE_LISTS_GOAL}×.
-
-         | path | IPv4 dsr-l2 | IPv4 ipip | IPv6 dsr-l2 | IPv6 ipip |
+        "### With source lists\n\n\
+         The four measured services with {} backends each, measured without source \
+         lists and then, in the same run, with a deny list and an allow list of {} \
+         prefixes each on every service (the clients in the allow list, in none of \
+         the deny list's): one trie lookup for each new flow, none for established \
+         flows. Each cell is with / without (median ns with lists in brackets). \
+         Goal: ≤ {SOURCE_LISTS_GOAL}×.\n\n\
+         | path | IPv4 dsr-l2 | IPv4 ipip | IPv6 dsr-l2 | IPv6 ipip |\n\
          | --- | --- | --- | --- | --- |",
         with.backends,
         thousands(u64::from(with.source_prefixes))
@@ -328,13 +331,12 @@ fn source_lists(out: &mut String, d: &DataplaneResults) {
     let mut worst: f64 = 0.0;
     // The services' paths: those with a mode (not the floors, the
     // references or traffic to no VIP, which no list concerns).
-    let mut paths: Vec<Path> = with
-        .cases
-        .iter()
-        .filter(|c| c.mode.is_some())
-        .map(|c| c.path)
-        .collect();
-    paths.dedup();
+    let mut paths: Vec<Path> = Vec::new();
+    for c in with.cases.iter().filter(|c| c.mode.is_some()) {
+        if !paths.contains(&c.path) {
+            paths.push(c.path);
+        }
+    }
     for path in paths {
         let cells: Vec<String> = MEASURED_ORDER
             .iter()
@@ -354,10 +356,17 @@ fn source_lists(out: &mut String, d: &DataplaneResults) {
             .collect();
         let _ = writeln!(out, "| {} | {} |", path.label(), cells.join(" | "));
     }
-    let met = if worst <= SOURCE_LISTS_GOAL { "met" } else { "not met" };
-    let _ = writeln!(out, "
+    let met = if worst <= SOURCE_LISTS_GOAL {
+        "met"
+    } else {
+        "not met"
+    };
+    let _ = writeln!(
+        out,
+        "
 Worst: {worst:.2}× (goal {met}).
-");
+"
+    );
 }
 
 /// New flows while the insert budget is spent (SYNs, and other packets),

@@ -19,8 +19,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use lb_common::{
-    BACKEND_F_UP, BackendValue, SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST, SERVICE_F_DENY_LIST,
-    SERVICE_F_ECHO, SERVICE_F_GUE, SERVICE_F_IPIP, ServiceKey, addr_bytes, limits::NO_BACKEND,
+    BACKEND_F_UP, BackendValue, FlowKey, SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST,
+    SERVICE_F_DENY_LIST, SERVICE_F_ECHO, SERVICE_F_GUE, SERVICE_F_IPIP, ServiceKey, addr_bytes,
+    addr_ip, limits::NO_BACKEND,
 };
 use serde::Serialize;
 use tracing::{info, warn};
@@ -29,7 +30,7 @@ use super::runtime::{Admin, History, Override, Runtime, ServiceIds};
 use crate::{
     agent,
     config::{self, Affinity, Desired, Mode, Via},
-    dataplane::{Dataplane, SourceEntry, SourceList},
+    dataplane::{Dataplane, Prefix, SourceEntries},
     feedback,
     fleet::state::{AgreedHealth, FleetState, HealthView, Overrides},
     health::{self, Health, Tracker},
@@ -260,8 +261,8 @@ pub struct Controller {
     /// successful probe (`--trust-first-probe`), by service.
     trusted_first_probe: BTreeSet<(String, IpAddr)>,
     fleet_health: Option<FleetHealth>,
-    /// The source-list prefixes in the kernel's tries.
-    source_entries: BTreeSet<SourceEntry>,
+    /// The source-list prefixes in the kernel's trie.
+    source_entries: SourceEntries,
 }
 
 /// A backend's next hop as the data plane takes it.
@@ -324,18 +325,15 @@ fn service_flags(svc: &config::Service) -> u32 {
     f
 }
 
-/// The source-list prefixes `services` need in the kernel.
-fn source_entries<'a>(services: impl Iterator<Item = &'a ServiceState>) -> BTreeSet<SourceEntry> {
-    let mut out = BTreeSet::new();
-    for s in services {
-        for (list, prefixes) in [
-            (SourceList::Deny, &s.config.deny),
-            (SourceList::Allow, &s.config.allow),
-        ] {
-            out.extend(prefixes.iter().map(|p| (list, s.id, *p)));
-        }
-    }
-    out
+/// The source-list trie's entries `services` need.
+fn source_entries<'a>(services: impl Iterator<Item = &'a ServiceState>) -> SourceEntries {
+    services
+        .flat_map(|s| {
+            s.config
+                .source_entries()
+                .map(move |(prefix, list)| ((s.id, prefix), list))
+        })
+        .collect()
 }
 
 /// FNV-1a over the table as backend addresses (`NO_BACKEND` as 0xff bytes).
@@ -408,31 +406,83 @@ impl Controller {
             unattached: BTreeMap::new(),
             trusted_first_probe: BTreeSet::new(),
             fleet_health,
-            source_entries: BTreeSet::new(),
+            source_entries: SourceEntries::new(),
         };
         c.source_entries = c.dp.source_entries()?;
         c.hops = c.attached_hops(hops);
         c.adopt(&desired)?;
         let report = c.apply(desired, false)?;
+        // Lists may have changed while no daemon ran.
+        let listed = c
+            .services
+            .values()
+            .filter(|s| !(s.config.deny.is_empty() && s.config.allow.is_empty()))
+            .map(|s| s.id)
+            .collect();
+        c.forget_refused_flows(&listed)?;
         Ok((c, report))
     }
 
-    /// Writes the prefixes of `wanted` the kernel lacks.
-    fn add_source_entries(&mut self, wanted: &BTreeSet<SourceEntry>) -> Result<()> {
-        for e in wanted.difference(&self.source_entries.clone()) {
-            self.dp.add_source_entry(e)?;
-            self.source_entries.insert(*e);
+    /// Writes the prefixes of `wanted` the kernel lacks or holds for the
+    /// other list.
+    fn add_source_entries(&mut self, wanted: &SourceEntries) -> Result<()> {
+        for (&(id, prefix), &list) in wanted {
+            if self.source_entries.get(&(id, prefix)) != Some(&list) {
+                self.dp.set_source_entry(id, prefix, list)?;
+                self.source_entries.insert((id, prefix), list);
+            }
         }
         Ok(())
     }
 
     /// Removes the kernel's prefixes `wanted` does not name.
-    fn remove_source_entries(&mut self, wanted: &BTreeSet<SourceEntry>) -> Result<()> {
-        for e in self.source_entries.clone().difference(wanted) {
-            self.dp.remove_source_entry(e)?;
-            self.source_entries.remove(e);
+    fn remove_source_entries(&mut self, wanted: &SourceEntries) -> Result<()> {
+        let stale: Vec<(u32, Prefix)> = self
+            .source_entries
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
+        for (id, prefix) in stale {
+            self.dp.remove_source_entry(id, prefix)?;
+            self.source_entries.remove(&(id, prefix));
         }
         Ok(())
+    }
+
+    /// Removes the connection-table entries of the flows of services `ids`
+    /// whose sources their lists now refuse. The data plane checks the
+    /// lists for new flows only, so the next packet of such a flow misses
+    /// and is dropped; returns how many were removed.
+    fn forget_refused_flows(&mut self, ids: &BTreeSet<u32>) -> Result<usize> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let lists: BTreeMap<u32, &config::Service> = self
+            .services
+            .values()
+            .filter(|s| ids.contains(&s.id))
+            .map(|s| (s.id, &s.config))
+            .collect();
+        let refused: Vec<FlowKey> = self
+            .dp
+            .conntrack_dump()?
+            .into_iter()
+            .filter(|(k, v)| {
+                lists
+                    .get(&v.service)
+                    .is_some_and(|c| c.refuses(addr_ip(&k.src, k.family)))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        let removed = self.dp.conntrack_remove(&refused)?;
+        if removed > 0 {
+            info!(
+                flows = removed,
+                "forgot the flows of sources the lists now refuse"
+            );
+        }
+        Ok(removed)
     }
 
     /// The configured backends of `cfg` that `ring` (a live table) names,
@@ -909,6 +959,8 @@ impl Controller {
                 .flat_map(|s| s.backends.values().map(|b| b.id)),
         );
         let mut next = BTreeMap::new();
+        // Services whose source lists change.
+        let mut relisted = BTreeSet::new();
         for (name, cfg) in &desired.services {
             let prev = self
                 .services
@@ -938,6 +990,7 @@ impl Controller {
                             .push(format!("service {name}: load feedback changed"));
                     }
                     if (&s.config.deny, &s.config.allow) != (&cfg.deny, &cfg.allow) {
+                        relisted.insert(s.id);
                         report.changes.push(format!(
                             "service {name}: source lists now deny {} and allow {} prefixes",
                             cfg.deny.len(),
@@ -1099,6 +1152,7 @@ impl Controller {
             }
         }
         self.remove_source_entries(&sources)?;
+        self.forget_refused_flows(&relisted)?;
         self.desired = desired;
         let services = &self.services;
         self.runtime.retain(|svc, ip| {

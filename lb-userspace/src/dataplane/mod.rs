@@ -17,7 +17,7 @@ pub use decap::{
 };
 pub use link::read as read_interface;
 pub use probe_encap::ProbeEncapsulator;
-pub use source_lists::{SourceEntry, SourceList};
+pub use source_lists::{SourceEntries, SourceList};
 
 use std::path::{Path, PathBuf};
 
@@ -185,8 +185,7 @@ pub struct Dataplane {
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, ServiceStats>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
-    acl_deny: LpmTrie<MapData, AclKey, u32>,
-    acl_allow: LpmTrie<MapData, AclKey, u32>,
+    acl: LpmTrie<MapData, AclKey, u32>,
     acl_stats: PerCpuArray<MapData, AclStats>,
     attachments: std::collections::BTreeMap<String, Attachment>,
 }
@@ -255,7 +254,7 @@ const UNUSED_LB_CAPACITY: Capacity = Capacity {
 
 /// Every map of the load balancer (the decapsulator's are its own,
 /// [`decap`]).
-const ALL_MAPS: [&str; 19] = [
+const ALL_MAPS: [&str; 18] = [
     names::SERVICES,
     names::SERVICE_SLOTS,
     names::VIPS,
@@ -272,8 +271,7 @@ const ALL_MAPS: [&str; 19] = [
     names::COUNTERS,
     names::SERVICE_STATS,
     names::BACKEND_STATS,
-    names::ACL_DENY,
-    names::ACL_ALLOW,
+    names::ACL,
     names::ACL_STATS,
 ];
 
@@ -487,8 +485,7 @@ impl Dataplane {
             counters: take(&mut ebpf, names::COUNTERS)?,
             service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
-            acl_deny: take(&mut ebpf, names::ACL_DENY)?,
-            acl_allow: take(&mut ebpf, names::ACL_ALLOW)?,
+            acl: take(&mut ebpf, names::ACL)?,
             acl_stats: take(&mut ebpf, names::ACL_STATS)?,
             attachments: Default::default(),
             ebpf,
@@ -1144,7 +1141,7 @@ mod tests {
         /// An LPM trie's key: the prefix length, then the data.
         const PREFIX_LEN: usize = size_of::<u32>();
         let u32s = size_of::<u32>();
-        let want: [(&str, usize, usize, u32); 24] = [
+        let want: [(&str, usize, usize, u32); 23] = [
             (
                 names::SERVICES,
                 size_of::<ServiceKey>(),
@@ -1232,13 +1229,7 @@ mod tests {
                 DecapCounter::COUNT,
             ),
             (
-                names::ACL_DENY,
-                PREFIX_LEN + size_of::<AclKey>(),
-                u32s,
-                MAX_ACL_PREFIXES,
-            ),
-            (
-                names::ACL_ALLOW,
+                names::ACL,
                 PREFIX_LEN + size_of::<AclKey>(),
                 u32s,
                 MAX_ACL_PREFIXES,

@@ -31,12 +31,9 @@ enum Holds {
 
 fn holds(name: &str) -> Holds {
     match name {
-        names::SERVICES
-        | names::VIPS
-        | names::RINGS
-        | names::BACKENDS
-        | names::ACL_DENY
-        | names::ACL_ALLOW => Holds::Desired,
+        names::SERVICES | names::VIPS | names::RINGS | names::BACKENDS | names::ACL => {
+            Holds::Desired
+        }
         names::CONNTRACK => Holds::Derived(
             "its entries are dropped: established flows follow the Maglev tables, \
              which send each to the backend it had unless a table changed since",

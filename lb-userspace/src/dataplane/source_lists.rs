@@ -1,12 +1,13 @@
-//! The services' source lists (`deny`, `allow`): LPM tries keyed by service
-//! id, then family and address, which the program consults for services
-//! whose flags say they have a list (see `admits` in lb-ebpf).
+//! The services' source lists (`deny`, `allow`) in the kernel: one LPM trie
+//! keyed by service id, then family and address, each prefix with the list
+//! it is in, which the program consults for new flows of services whose
+//! flags say they have a list (see `admits` in lb-ebpf).
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use aya::maps::lpm_trie::Key;
-use lb_common::{AclKey, AclStats, SourceKey, addr_ip};
+use lb_common::{ACL_ALLOW, ACL_DENY, AclKey, AclStats, SourceKey, addr_ip};
 use serde::{Deserialize, Serialize};
 
 use super::{Dataplane, Prefix};
@@ -29,10 +30,18 @@ impl SourceList {
             SourceList::Allow => "allow",
         }
     }
+
+    /// The trie's value for a prefix of this list.
+    fn value(self) -> u32 {
+        match self {
+            SourceList::Deny => ACL_DENY,
+            SourceList::Allow => ACL_ALLOW,
+        }
+    }
 }
 
-/// One prefix of one service's list, as the maps hold it.
-pub type SourceEntry = (SourceList, u32, Prefix);
+/// The trie's prefixes: (service id, prefix) → the list it stands for.
+pub type SourceEntries = BTreeMap<(u32, Prefix), SourceList>;
 
 fn key(service_id: u32, (ip, len): Prefix) -> Key<AclKey> {
     Key::new(
@@ -45,32 +54,33 @@ fn key(service_id: u32, (ip, len): Prefix) -> Key<AclKey> {
 }
 
 impl Dataplane {
-    /// Every prefix of every service's lists.
-    pub fn source_entries(&self) -> Result<BTreeSet<SourceEntry>> {
-        let mut out = BTreeSet::new();
-        for (list, trie) in [
-            (SourceList::Deny, &self.acl_deny),
-            (SourceList::Allow, &self.acl_allow),
-        ] {
-            for k in trie.keys() {
-                let k = k.with_context(|| format!("listing the {} lists", list.name()))?;
-                let data = k.data();
-                let bits = AclKey::prefix_len(0);
-                let len = k.prefix_len().saturating_sub(bits) as u8;
-                let ip = addr_ip(&data.source.addr, data.source.family);
-                out.insert((list, u32::from_be_bytes(data.service), (ip, len)));
-            }
+    /// Every prefix of the trie.
+    pub fn source_entries(&self) -> Result<SourceEntries> {
+        let mut out = BTreeMap::new();
+        for entry in &self.acl {
+            let (k, v) = entry.context("listing the source lists")?;
+            let list = match v {
+                ACL_DENY => SourceList::Deny,
+                ACL_ALLOW => SourceList::Allow,
+                other => bail!("a source-list entry holds {other}, neither deny nor allow"),
+            };
+            let data = k.data();
+            let len = k.prefix_len().saturating_sub(AclKey::prefix_len(0)) as u8;
+            let ip = addr_ip(&data.source.addr, data.source.family);
+            out.insert((u32::from_be_bytes(data.service), (ip, len)), list);
         }
         Ok(out)
     }
 
-    /// Adds `prefix` to service `service_id`'s `list`.
-    pub fn add_source_entry(&mut self, (list, service_id, prefix): &SourceEntry) -> Result<()> {
-        let trie = match list {
-            SourceList::Deny => &mut self.acl_deny,
-            SourceList::Allow => &mut self.acl_allow,
-        };
-        trie.insert(&key(*service_id, *prefix), 1, 0)
+    /// Puts `prefix` of service `service_id` in the trie as `list`'s.
+    pub fn set_source_entry(
+        &mut self,
+        service_id: u32,
+        prefix: Prefix,
+        list: SourceList,
+    ) -> Result<()> {
+        self.acl
+            .insert(&key(service_id, prefix), list.value(), 0)
             .with_context(|| {
                 format!(
                     "adding {}/{} to the {} list of service {service_id}",
@@ -81,18 +91,12 @@ impl Dataplane {
             })
     }
 
-    /// Removes `prefix` from service `service_id`'s `list`.
-    pub fn remove_source_entry(&mut self, (list, service_id, prefix): &SourceEntry) -> Result<()> {
-        let trie = match list {
-            SourceList::Deny => &mut self.acl_deny,
-            SourceList::Allow => &mut self.acl_allow,
-        };
-        trie.remove(&key(*service_id, *prefix)).with_context(|| {
+    /// Takes `prefix` of service `service_id` out of the trie.
+    pub fn remove_source_entry(&mut self, service_id: u32, prefix: Prefix) -> Result<()> {
+        self.acl.remove(&key(service_id, prefix)).with_context(|| {
             format!(
-                "removing {}/{} from the {} list of service {service_id}",
-                prefix.0,
-                prefix.1,
-                list.name()
+                "removing {}/{} from the source lists of service {service_id}",
+                prefix.0, prefix.1
             )
         })
     }

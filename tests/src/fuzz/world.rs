@@ -11,8 +11,10 @@
 //! table still names it (the guard for a table not yet rebuilt).
 //!
 //! Three services then get source lists (a deny list, an allow list with
-//! a deny list inside it, an allow list), so some seeded flows come from
-//! sources refused from then on.
+//! a deny list inside it, an allow list), and the entries of seeded flows
+//! from sources they refuse are removed, as the daemon does: the program
+//! checks the lists for new flows only, so those flows are dropped from
+//! then on.
 //!
 //! Before every service packet the check reads the flow's entry from the
 //! connection table, so it knows the one outcome the documented rules
@@ -469,7 +471,7 @@ impl World {
     fn set_source_lists(&mut self) -> Result<()> {
         for &(i, list, prefix) in SOURCE_LISTS {
             let prefix = lb::config::parse_source(prefix).map_err(anyhow::Error::msg)?;
-            self.lab.dp.add_source_entry(&(list, i as u32, prefix))?;
+            self.lab.dp.set_source_entry(i as u32, prefix, list)?;
             self.services[i].list_flags |= match list {
                 SourceList::Deny => SERVICE_F_DENY_LIST,
                 SourceList::Allow => SERVICE_F_ALLOW_LIST,
@@ -481,17 +483,38 @@ impl World {
                 self.publish(i, &members)?;
             }
         }
+        let refused: Vec<FlowKey> = self
+            .lab
+            .dp
+            .conntrack_dump()?
+            .into_iter()
+            .filter(|(k, v)| {
+                let src = addr_ip(&k.src, k.family);
+                self.refuses(v.service as usize, src).is_some()
+            })
+            .map(|(k, _)| k)
+            .collect();
+        ensure!(
+            !refused.is_empty(),
+            "no seeded flow comes from a refused source"
+        );
+        self.lab.dp.conntrack_remove(&refused)?;
         Ok(())
     }
 
     /// The counter that drops `hit` for its source, if its service's lists
     /// refuse it: in the deny list (deny wins), or outside an allow list.
     fn refused(&self, hit: &Hit) -> Option<Counter> {
-        let flags = self.services[hit.service].list_flags;
-        let src = addr_ip(&hit.flow.src, hit.flow.family);
+        self.refuses(hit.service, addr_ip(&hit.flow.src, hit.flow.family))
+    }
+
+    /// The counter that drops new flows from `src` to service `service`,
+    /// if its lists refuse them.
+    fn refuses(&self, service: usize, src: IpAddr) -> Option<Counter> {
+        let flags = self.services.get(service)?.list_flags;
         let listed = |want: SourceList| {
             SOURCE_LISTS.iter().any(|&(i, list, prefix)| {
-                i == hit.service
+                i == service
                     && list == want
                     && lb::config::parse_source(prefix).is_ok_and(|p| contains(p, src))
             })

@@ -1,8 +1,8 @@
 //! Source lists end to end, with the real binary and real TCP: `lb acl add
-//! --deny` refuses a client (its open connection too, at its next packet),
-//! `lb acl del` lets it back, an allow list without it refuses it, bad
-//! prefixes are refused with nothing changed, and the lists outlive a
-//! daemon restart.
+//! --deny` refuses a client (its open connection too: the daemon removes
+//! its entry, so its next packet is checked), `lb acl del` lets it back,
+//! an allow list without it refuses it, bad prefixes are refused with
+//! nothing changed, and the lists outlive a daemon restart.
 
 use std::{
     io::{Read as _, Write as _},

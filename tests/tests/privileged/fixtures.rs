@@ -1766,24 +1766,16 @@ fn decap_tables_are_replaced_whole_and_read_back() {
 
 #[test]
 #[ignore = "needs root: cargo xtask test runs it"]
-fn source_lists_drop_denied_and_unlisted_sources_established_flows_too() {
+fn source_lists_drop_new_flows_from_denied_and_unlisted_sources() {
     require_root();
     let mut f = fixture();
     f.set_clock(1);
-    let near = [198, 18, 2, 200];
-    let far = [198, 19, 0, 7];
-    // An established flow from CLIENT4 before any list.
-    let syn = tcp4(CLIENT4, VIP4_DSR, 40000, HTTP, TCP_SYN, &[]);
-    let ack = tcp4(CLIENT4, VIP4_DSR, 40000, HTTP, TCP_ACK, &[]);
-    f.case("no lists: SYN", &syn, TX, Counter::ForwardDsr);
-    f.case("no lists: ACK", &ack, TX, Counter::ForwardDsr);
-
-    let set_lists = |f: &mut Fixture, svc: usize, flags: u32, entries: &[(SourceList, &str)]| {
-        for (list, prefix) in entries {
-            let prefix = lb::config::parse_source(prefix).unwrap();
+    let parse = |p: &str| lb::config::parse_source(p).unwrap();
+    let set_lists = |f: &mut Fixture, svc: usize, flags: u32, entries: &[(&str, SourceList)]| {
+        for (prefix, list) in entries {
             f.lab
                 .dp
-                .add_source_entry(&(*list, svc as u32, prefix))
+                .set_source_entry(svc as u32, parse(prefix), *list)
                 .unwrap();
         }
         let (key, members) = match svc {
@@ -1798,50 +1790,84 @@ fn source_lists_drop_denied_and_unlisted_sources_established_flows_too() {
         };
         f.lab.service(svc as u32, key, flags, &members).unwrap();
     };
+    // An established flow from CLIENT4 before any list.
+    let syn = tcp4(CLIENT4, VIP4_DSR, 40000, HTTP, TCP_SYN, &[]);
+    let ack = tcp4(CLIENT4, VIP4_DSR, 40000, HTTP, TCP_ACK, &[]);
+    f.case("no lists: SYN", &syn, TX, Counter::ForwardDsr);
 
     // Entries without the service's flag are never consulted.
-    set_lists(&mut f, SVC_TCP4, 0, &[(SourceList::Deny, "198.18.2.0/24")]);
-    f.case("entries, no flag", &ack, TX, Counter::ForwardDsr);
+    set_lists(&mut f, SVC_TCP4, 0, &[("198.18.2.0/24", SourceList::Deny)]);
+    let fresh = tcp4(CLIENT4, VIP4_DSR, 40001, HTTP, TCP_SYN, &[]);
+    f.case("entries, no flag", &fresh, TX, Counter::ForwardDsr);
 
-    // The deny list: the established flow is dropped from its next packet.
+    // The deny list refuses new flows, SYN or not. The established flow's
+    // entry still pins it (the program checks new flows only) until it is
+    // removed, as the daemon removes the entries of flows a list change
+    // refuses: then its next packet is dropped.
     set_lists(&mut f, SVC_TCP4, SERVICE_F_DENY_LIST, &[]);
-    f.case("denied: established ACK", &ack, DROP, Counter::DropDenied);
-    f.case("denied: SYN", &syn, DROP, Counter::DropDenied);
+    let new_syn = tcp4(CLIENT4, VIP4_DSR, 40003, HTTP, TCP_SYN, &[]);
+    f.case(
+        "denied: a new flow's SYN",
+        &new_syn,
+        DROP,
+        Counter::DropDenied,
+    );
+    // A flow with an entry was admitted when it was made: its SYN
+    // (retransmitted) is too.
+    f.case(
+        "denied: a SYN with an entry",
+        &fresh,
+        TX,
+        Counter::ForwardDsr,
+    );
+    let fresh_ack = tcp4(CLIENT4, VIP4_DSR, 40002, HTTP, TCP_ACK, &[]);
+    f.case(
+        "denied: a new flow's ACK",
+        &fresh_ack,
+        DROP,
+        Counter::DropDenied,
+    );
+    f.case(
+        "denied: established, entry kept",
+        &ack,
+        TX,
+        Counter::ForwardDsr,
+    );
+    let key = flow(v4(CLIENT4), v4(VIP4_DSR), 40000, HTTP, IPPROTO_TCP);
+    assert_eq!(f.lab.dp.conntrack_remove(&[key]).unwrap(), 1);
+    f.case(
+        "denied: established, entry removed",
+        &ack,
+        DROP,
+        Counter::DropDenied,
+    );
     let other = tcp4([198, 18, 3, 7], VIP4_DSR, 40000, HTTP, TCP_SYN, &[]);
     f.case("outside the deny list", &other, TX, Counter::ForwardDsr);
 
-    // An allow list around it: deny still wins; outside the allow list is
-    // refused; the longest prefix decides, so a /25 deny inside a /16 allow
-    // refuses only its half.
-    set_lists(
-        &mut f,
-        SVC_TCP4,
-        SERVICE_F_DENY_LIST | SERVICE_F_ALLOW_LIST,
-        &[(SourceList::Allow, "198.18.0.0/16")],
-    );
+    // An allow list around it: the longest prefix decides, and deny wins
+    // because user space leaves out allow prefixes inside deny ones.
     f.lab
         .dp
-        .remove_source_entry(&(
-            SourceList::Deny,
-            SVC_TCP4 as u32,
-            lb::config::parse_source("198.18.2.0/24").unwrap(),
-        ))
+        .remove_source_entry(SVC_TCP4 as u32, parse("198.18.2.0/24"))
         .unwrap();
     set_lists(
         &mut f,
         SVC_TCP4,
         SERVICE_F_DENY_LIST | SERVICE_F_ALLOW_LIST,
-        &[(SourceList::Deny, "198.18.2.128/25")],
+        &[
+            ("198.18.0.0/16", SourceList::Allow),
+            ("198.18.2.128/25", SourceList::Deny),
+        ],
     );
     f.case("allowed, deny /25 elsewhere", &syn, TX, Counter::ForwardDsr);
-    let denied = tcp4(near, VIP4_DSR, 40000, HTTP, TCP_SYN, &[]);
+    let denied = tcp4([198, 18, 2, 200], VIP4_DSR, 40000, HTTP, TCP_SYN, &[]);
     f.case(
-        "allowed but denied by /25",
+        "allowed but denied by a /25",
         &denied,
         DROP,
         Counter::DropDenied,
     );
-    let outside = tcp4(far, VIP4_DSR, 40000, HTTP, TCP_SYN, &[]);
+    let outside = tcp4([198, 19, 0, 7], VIP4_DSR, 40000, HTTP, TCP_SYN, &[]);
     f.case(
         "outside the allow list",
         &outside,
@@ -1849,10 +1875,10 @@ fn source_lists_drop_denied_and_unlisted_sources_established_flows_too() {
         Counter::DropNotAllowed,
     );
     let stats = f.lab.dp.source_list_stats(SVC_TCP4 as u32).unwrap();
-    assert_eq!((stats.denied, stats.not_allowed), (3, 1));
+    assert_eq!((stats.denied, stats.not_allowed), (4, 1));
     assert_eq!(
         f.lab.dp.service_stats(SVC_TCP4 as u32).unwrap().drops,
-        4,
+        5,
         "every refused packet is the service's drop too"
     );
 
@@ -1862,8 +1888,8 @@ fn source_lists_drop_denied_and_unlisted_sources_established_flows_too() {
         SVC_TCP6,
         SERVICE_F_ALLOW_LIST | SERVICE_F_DENY_LIST,
         &[
-            (SourceList::Allow, "2001:2:2::4/126"),
-            (SourceList::Deny, "2001:2:2::6/128"),
+            ("2001:2:2::4/126", SourceList::Allow),
+            ("2001:2:2::6/128", SourceList::Deny),
         ],
     );
     let from6 = |last: u16| {
@@ -1874,12 +1900,15 @@ fn source_lists_drop_denied_and_unlisted_sources_established_flows_too() {
     f.case("IPv6 denied inside", &from6(6), DROP, Counter::DropDenied);
     f.case("IPv6 not allowed", &from6(8), DROP, Counter::DropNotAllowed);
 
-    // Every prefix reads back as written.
+    // Every prefix reads back with its list.
     let entries = f.lab.dp.source_entries().unwrap();
     assert_eq!(entries.len(), 4, "{entries:?}");
-    assert!(entries.contains(&(
-        SourceList::Deny,
-        SVC_TCP6 as u32,
-        lb::config::parse_source("2001:2:2::6/128").unwrap()
-    )));
+    assert_eq!(
+        entries.get(&(SVC_TCP6 as u32, parse("2001:2:2::6/128"))),
+        Some(&SourceList::Deny)
+    );
+    assert_eq!(
+        entries.get(&(SVC_TCP4 as u32, parse("198.18.0.0/16"))),
+        Some(&SourceList::Allow)
+    );
 }
