@@ -69,12 +69,12 @@ pub fn lb_in(ns: &Netns, args: &[&str]) -> Result<Value> {
             .stderr(std::process::Stdio::piped()),
     )?
     .wait_with_output()?;
-    json_output(&out, args)
+    // Some (`lb decap remove`) print no JSON.
+    Ok(serde_json::from_slice(succeeded(&out, args)?).unwrap_or(Value::Null))
 }
 
-/// What `lb <args>` printed, as JSON (`null` for nothing); its error
-/// output as the error if it failed.
-fn json_output(out: &std::process::Output, args: &[&str]) -> Result<Value> {
+/// What `lb <args>` printed; its error output as the error if it failed.
+fn succeeded<'a>(out: &'a std::process::Output, args: &[&str]) -> Result<&'a [u8]> {
     if !out.status.success() {
         bail!(
             "lb {}: {}",
@@ -82,10 +82,7 @@ fn json_output(out: &std::process::Output, args: &[&str]) -> Result<Value> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    if out.stdout.is_empty() {
-        return Ok(Value::Null);
-    }
-    Ok(serde_json::from_slice(&out.stdout)?)
+    Ok(&out.stdout)
 }
 
 /// The `lb` binary cargo built next to the calling binary: beside it (a
@@ -276,7 +273,7 @@ impl Daemon {
             .arg("--json")
             .args(args)
             .output()?;
-        json_output(&out, args)
+        Ok(serde_json::from_slice(succeeded(&out, args)?)?)
     }
 
     /// Runs the CLI expecting failure; returns its exit code and stderr.
