@@ -749,8 +749,21 @@ impl Service {
     /// Whether the lists refuse new flows from `src`: a deny prefix holds
     /// it, or there is an allow list and none of its prefixes does.
     pub fn refuses(&self, src: IpAddr) -> bool {
+        self.refusal(src).is_some()
+    }
+
+    /// The counter that drops new flows from `src`, if the lists refuse
+    /// them: `drop_denied` (a deny prefix holds it, whatever `allow` says)
+    /// or `drop_not_allowed` (an allow list without it).
+    pub fn refusal(&self, src: IpAddr) -> Option<lb_common::Counter> {
         let holds = |p: &Prefix| prefix_holds(*p, (src, if src.is_ipv4() { 32 } else { 128 }));
-        self.deny.iter().any(holds) || (!self.allow.is_empty() && !self.allow.iter().any(holds))
+        if self.deny.iter().any(holds) {
+            Some(lb_common::Counter::DropDenied)
+        } else if !self.allow.is_empty() && !self.allow.iter().any(holds) {
+            Some(lb_common::Counter::DropNotAllowed)
+        } else {
+            None
+        }
     }
 }
 

@@ -368,6 +368,19 @@ fn explain(ctl: &Controller, service: &str, client: std::net::IpAddr, port: u16)
             "no backend in rotation: packets are dropped and counted as drop_no_backend",
         ),
     };
+    // A flow without a live entry is checked against the source lists first.
+    let refusal = s.config.refusal(client).filter(|_| pinned.is_none());
+    let (goes_to, reason) = match refusal {
+        Some(c) => (
+            None,
+            format!(
+                "the service's source lists refuse the client: its new flows are dropped and \
+                 counted as {}",
+                c.name()
+            ),
+        ),
+        None => (goes_to, reason.to_string()),
+    };
     Ok(json!({
         "service": service,
         "flow": format!("{}:{port} -> {}:{}/{}", fmt_ip(client), fmt_ip(s.config.vip), s.config.port, s.config.protocol),

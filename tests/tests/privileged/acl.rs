@@ -52,6 +52,16 @@ fn denied_and_unlisted_clients_are_refused_and_bad_prefixes_change_nothing() {
     );
     assert!(!served(), "a denied client is served");
     assert!(stats(&d)["denied"].as_u64().unwrap() > 0, "{}", stats(&d));
+    let explained = d
+        .cli(&["explain", &format!("{CLIENT_V4}:40000"), "web"])
+        .unwrap();
+    assert_eq!(explained["backend"], Value::Null, "{explained}");
+    assert!(
+        explained["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("drop_denied")),
+        "{explained}"
+    );
     let one = serde_json::json!([{"service": "web", "list": "deny", "prefix": client}]);
     assert_eq!(lists(&d), one);
 
