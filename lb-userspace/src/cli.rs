@@ -346,22 +346,8 @@ struct AclChange {
 impl AclChange {
     /// The request making the change: adding the prefix, or removing it.
     fn request(self, add: bool) -> Request {
-        let (service, list, prefix) = (self.service, self.list.list(), self.prefix);
-        let edit = if add {
-            Edit::AddSource {
-                service,
-                list,
-                prefix,
-            }
-        } else {
-            Edit::DelSource {
-                service,
-                list,
-                prefix,
-            }
-        };
         Request::Edit {
-            edit,
+            edit: Edit::source(add, self.service, self.list.list(), self.prefix),
             dry_run: self.dry_run,
         }
     }

@@ -85,6 +85,23 @@ const SERVICE: &str = "service";
 const BACKEND: &str = "backend";
 
 impl Edit {
+    /// Adding `prefix` to service `service`'s `list` (`add`), or removing it.
+    pub fn source(add: bool, service: String, list: SourceList, prefix: String) -> Edit {
+        if add {
+            Edit::AddSource {
+                service,
+                list,
+                prefix,
+            }
+        } else {
+            Edit::DelSource {
+                service,
+                list,
+                prefix,
+            }
+        }
+    }
+
     /// Returns `text` with the edit made. Fails, saying why, if the service
     /// or backend it names does not exist or already exists.
     pub fn apply_to(&self, text: &str) -> Result<String> {
@@ -323,20 +340,7 @@ address = "198.18.0.11"
     #[test]
     fn adds_and_removes_source_prefixes_keeping_comments() {
         let edit = |add: bool, list: SourceList, prefix: &str| {
-            let (service, prefix) = ("web".to_string(), prefix.to_string());
-            if add {
-                Edit::AddSource {
-                    service,
-                    list,
-                    prefix,
-                }
-            } else {
-                Edit::DelSource {
-                    service,
-                    list,
-                    prefix,
-                }
-            }
+            Edit::source(add, "web".into(), list, prefix.into())
         };
         let text = edit(true, SourceList::Deny, "198.18.2.0/24")
             .apply_to(BASE)
