@@ -262,21 +262,6 @@ const SOURCE_LISTS: &[(usize, SourceList, &str)] = &[
     (5, SourceList::Allow, "2001:2:2::/126"),
 ];
 
-/// Whether `prefix` holds `ip`.
-fn contains((net, len): (IpAddr, u8), ip: IpAddr) -> bool {
-    match (net, ip) {
-        (IpAddr::V4(n), IpAddr::V4(a)) => {
-            let m = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-            u32::from(n) == u32::from(a) & m
-        }
-        (IpAddr::V6(n), IpAddr::V6(a)) => {
-            let m = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
-            u128::from(n) == u128::from(a) & m
-        }
-        _ => false,
-    }
-}
-
 /// The address of backend `id` (of family `v6`) in its `generation`.
 fn backend_ip(id: u32, v6: bool, generation: u32) -> IpAddr {
     let (id, generation) = (id as u16, generation as u16);
@@ -512,11 +497,13 @@ impl World {
     /// if its lists refuse them.
     fn refuses(&self, service: usize, src: IpAddr) -> Option<Counter> {
         let flags = self.services.get(service)?.list_flags;
+        let host_len = if src.is_ipv4() { 32 } else { 128 };
         let listed = |want: SourceList| {
             SOURCE_LISTS.iter().any(|&(i, list, prefix)| {
                 i == service
                     && list == want
-                    && lb::config::parse_source(prefix).is_ok_and(|p| contains(p, src))
+                    && lb::config::parse_source(prefix)
+                        .is_ok_and(|p| lb::config::prefix_holds(p, (src, host_len)))
             })
         };
         if flags & SERVICE_F_DENY_LIST != 0 && listed(SourceList::Deny) {
