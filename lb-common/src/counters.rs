@@ -74,11 +74,14 @@ pub enum Counter {
     DropDenied = 22,
     /// Likewise, the service having an allow list without the source.
     DropNotAllowed = 23,
+    /// A new flow (a TCP SYN, or a UDP packet without an entry) from a
+    /// source prefix over the service's new-flow limit: dropped.
+    DropRateLimited = 24,
 }
 
 impl Counter {
     /// Number of counters (the `LB_COUNTERS` array size).
-    pub const COUNT: u32 = 24;
+    pub const COUNT: u32 = 25;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -106,6 +109,7 @@ impl Counter {
         Counter::DropNoEgress,
         Counter::DropDenied,
         Counter::DropNotAllowed,
+        Counter::DropRateLimited,
     ];
 
     /// Stable snake_case name, for logs, JSON and metric labels.
@@ -135,6 +139,7 @@ impl Counter {
             Counter::DropNoEgress => "drop_no_egress",
             Counter::DropDenied => "drop_denied",
             Counter::DropNotAllowed => "drop_not_allowed",
+            Counter::DropRateLimited => "drop_rate_limited",
         }
     }
 }

@@ -109,6 +109,21 @@ pub(crate) fn finish64(h: u64) -> u32 {
     (h ^ (h >> 32)) as u32
 }
 
+/// Seed of the source hash (arbitrary).
+const SOURCE_SEED: u64 = 0x6a09_e667_f3bc_c909;
+
+/// Hash of a source prefix of service `service_id`: its bucket in the
+/// table of recent sources and its slot in the sample of limited ones.
+/// The bucket hash's folding, over the service and the prefix's words.
+#[inline(always)]
+pub fn source_hash(service_id: u32, prefix: &Addr) -> u32 {
+    let lo = u64::from(word(prefix, 0)) | (u64::from(word(prefix, 1)) << 32);
+    let hi = u64::from(word(prefix, 2)) | (u64::from(word(prefix, 3)) << 32);
+    let h = fold(SOURCE_SEED, u64::from(service_id));
+    let h = fold(h, lo);
+    finish64(fold(h, hi))
+}
+
 /// Multiplier of the VIP filter's Fibonacci hashing (2^32 / golden ratio).
 const FILTER_MULTIPLIER: u32 = 0x9e37_79b1;
 

@@ -120,3 +120,19 @@ pub const MAX_LIST_PREFIXES: u32 = 65_536;
 /// Prefixes the source lists' trie (`LB_ACL`) holds: both kinds of list.
 /// An LPM trie takes memory only for what it holds.
 pub const MAX_ACL_PREFIXES: u32 = 2 * MAX_LIST_PREFIXES;
+
+/// Buckets of each CPU's table of recent sources (`LB_SOURCE_RATES`), a
+/// power of two: with [`SOURCE_RATE_WAYS`] ways, 16,384 sources a CPU in
+/// 512 KiB.
+pub const SOURCE_RATE_BUCKETS: u32 = 8_192;
+/// Sources a bucket of that table holds: two 32-byte ways, one cache line.
+pub const SOURCE_RATE_WAYS: usize = 2;
+/// Slots of each CPU's sample of limited sources (`LB_LIMITED_SOURCES`), a
+/// power of two.
+pub const LIMITED_SOURCE_SLOTS: u32 = 256;
+/// Seconds without a limited flow after which a sampled source gives its
+/// slot to another.
+pub const LIMITED_SOURCE_QUIET_SECS: u32 = 10;
+/// The highest new-flow rate and burst a source limit takes: one new flow
+/// a microsecond, a million at once.
+pub const MAX_SOURCE_LIMIT: u32 = 1_000_000;

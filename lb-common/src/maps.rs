@@ -39,8 +39,16 @@ pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
 /// Services' source lists: `lpm_trie::Key<`[`crate::AclKey`]`>` →
 /// [`crate::ACL_DENY`] or [`crate::ACL_ALLOW`] (LPM trie).
 pub const ACL: &str = "LB_ACL";
-/// Per-service source-list drops: service id → [`crate::AclStats`] (per-CPU array).
-pub const ACL_STATS: &str = "LB_ACL_STATS";
+/// Per-service drops by source: service id → [`crate::SourceDrops`] (per-CPU array).
+pub const SOURCE_DROPS: &str = "LB_SOURCE_DROPS";
+/// Services' new-flow limits per source: service id → [`crate::SourceLimit`] (array).
+pub const SOURCE_LIMITS: &str = "LB_SOURCE_LIMITS";
+/// Each CPU's recent sources of limited services: bucket →
+/// [`crate::SourceRateBucket`] (per-CPU array).
+pub const SOURCE_RATES: &str = "LB_SOURCE_RATES";
+/// Each CPU's sample of limited sources: slot → [`crate::LimitedSource`]
+/// (per-CPU array).
+pub const LIMITED_SOURCES: &str = "LB_LIMITED_SOURCES";
 /// Decap program: local tunnel endpoints, [`crate::AddrKey`] → u32 (hash).
 pub const DECAP_ADDRS: &str = "LB_DECAP_ADDRS";
 /// Decap program: the prefixes whose tunnel packets it accepts (the load

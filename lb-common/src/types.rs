@@ -33,6 +33,9 @@ pub const SERVICE_F_DENY_LIST: u32 = 1 << 4;
 pub const SERVICE_F_ALLOW_LIST: u32 = 1 << 5;
 /// Either source list: a service with neither pays one test for both.
 pub const SERVICE_F_SOURCE_LISTS: u32 = SERVICE_F_DENY_LIST | SERVICE_F_ALLOW_LIST;
+/// Service flag: the service limits the new flows of each source prefix
+/// (its [`SourceLimit`] in `LB_SOURCE_LIMITS`).
+pub const SERVICE_F_SOURCE_LIMIT: u32 = 1 << 6;
 /// `LB_ACL` value: the prefix is in the service's deny list.
 pub const ACL_DENY: u32 = 1;
 /// `LB_ACL` value: the prefix is in the service's allow list (and in no
@@ -655,14 +658,130 @@ impl AclKey {
     }
 }
 
-/// Per-service source-list drops (per CPU). Value of `LB_ACL_STATS`.
+/// Per-service drops by source (per CPU). Value of `LB_SOURCE_DROPS`.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
-pub struct AclStats {
+pub struct SourceDrops {
     /// Packets from a source in the deny list.
     pub denied: u64,
     /// Packets from a source outside the allow list.
     pub not_allowed: u64,
+    /// New flows from a source prefix over the service's [`SourceLimit`].
+    pub limited: u64,
+}
+
+/// Nanoseconds in a second.
+pub const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// A service's limit on the new flows of each source prefix: a generic
+/// cell rate algorithm (GCRA), which keeps one time per source, the
+/// earliest its next new flow is due. Value of `LB_SOURCE_LIMITS`, indexed
+/// by service id, read only when the service has
+/// [`SERVICE_F_SOURCE_LIMIT`].
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct SourceLimit {
+    /// Nanoseconds one new flow costs: a second over the rate.
+    pub interval_ns: u64,
+    /// How far a source's due time may run ahead of the clock and still
+    /// be admitted: `burst - 1` intervals.
+    pub tolerance_ns: u64,
+    /// The mask that takes a source address to its prefix (network order).
+    pub mask: Addr,
+}
+
+impl SourceLimit {
+    /// `rate` new flows a second (at least 1) and bursts of `burst` (at
+    /// least 1), per prefix of `prefix_len` bits of an address of `family`.
+    pub fn new(rate: u32, burst: u32, family: u8, prefix_len: u8) -> Self {
+        let interval_ns = NS_PER_SEC / u64::from(rate.max(1));
+        let bits: u32 = if family == FAMILY_V4 { 32 } else { 128 };
+        let len = u32::from(prefix_len).min(bits);
+        let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+        SourceLimit {
+            interval_ns,
+            tolerance_ns: interval_ns * u64::from(burst.max(1) - 1),
+            mask: mask.to_be_bytes(),
+        }
+    }
+
+    /// `src`'s prefix under this limit.
+    #[inline(always)]
+    pub fn prefix_of(&self, src: &Addr) -> Addr {
+        // SAFETY: [u8; 16] and [u32; 4] have the same size and any bits
+        // are valid for both; AND is bytewise, so the order does not matter.
+        let (s, m) = unsafe {
+            (
+                core::mem::transmute::<Addr, [u32; 4]>(*src),
+                core::mem::transmute::<Addr, [u32; 4]>(self.mask),
+            )
+        };
+        let masked = [s[0] & m[0], s[1] & m[1], s[2] & m[2], s[3] & m[3]];
+        // SAFETY: as above.
+        unsafe { core::mem::transmute::<[u32; 4], Addr>(masked) }
+    }
+
+    /// Whether a new flow at `now_ns` (`CLOCK_MONOTONIC`) from a source
+    /// whose next flow is due at `due_ns` (0: never seen) is admitted, and if so the source's next
+    /// due time. A refused flow leaves the due time as it was.
+    #[inline(always)]
+    pub fn admit(&self, due_ns: u64, now_ns: u64) -> Option<u64> {
+        let due = if due_ns > now_ns { due_ns } else { now_ns };
+        if due - now_ns > self.tolerance_ns {
+            None
+        } else {
+            Some(due + self.interval_ns)
+        }
+    }
+}
+
+/// One source prefix's due time under its service's [`SourceLimit`].
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct SourceRate {
+    /// The source prefix (the address masked by the limit).
+    pub prefix: Addr,
+    /// The service id plus one; 0: an empty way.
+    pub service: u32,
+    /// Padding, zero.
+    pub _pad: u32,
+    /// When the prefix's next new flow is due, in nanoseconds of
+    /// `CLOCK_MONOTONIC` ([`SourceLimit::admit`]).
+    pub due_ns: u64,
+}
+
+/// A bucket of each CPU's table of recent sources (`LB_SOURCE_RATES`, per
+/// CPU, indexed by [`crate::hash::source_hash`] modulo
+/// [`limits::SOURCE_RATE_BUCKETS`](crate::limits::SOURCE_RATE_BUCKETS)),
+/// one cache line. A source not in its bucket takes the way due earliest:
+/// a way due in the past is as good as empty (the source would be admitted
+/// with a full burst either way), so a source loses its state early only
+/// when both ways hold sources being limited.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct SourceRateBucket {
+    /// The ways.
+    pub ways: [SourceRate; crate::limits::SOURCE_RATE_WAYS],
+}
+
+/// A source prefix whose new flows were limited, in one slot of each CPU's
+/// sample of them (`LB_LIMITED_SOURCES`, per CPU, indexed by
+/// [`crate::hash::source_hash`] modulo
+/// [`limits::LIMITED_SOURCE_SLOTS`](crate::limits::LIMITED_SOURCE_SLOTS)).
+/// A slot keeps its source while the source goes on being limited; another
+/// source takes it once it has been quiet for
+/// [`limits::LIMITED_SOURCE_QUIET_SECS`](crate::limits::LIMITED_SOURCE_QUIET_SECS).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct LimitedSource {
+    /// The source prefix.
+    pub prefix: Addr,
+    /// The service id plus one; 0: an empty slot.
+    pub service: u32,
+    /// The second of the data plane's clock of its last limited flow.
+    pub last: u32,
+    /// Its new flows limited since it took the slot.
+    pub drops: u64,
 }
 
 /// Per-service counters (per CPU). Value of `LB_SERVICE_STATS`.
@@ -757,7 +876,12 @@ const _: () = assert!(size_of::<ServiceStats>() == 32);
 const _: () = assert!(size_of::<BackendStats>() == 16);
 const _: () = assert!(size_of::<ProbeTunnel>() == 36);
 const _: () = assert!(size_of::<AclKey>() == 21 && align_of::<AclKey>() == 1);
-const _: () = assert!(size_of::<AclStats>() == 16);
+const _: () = assert!(size_of::<SourceDrops>() == 24);
+const _: () = assert!(size_of::<SourceLimit>() == 32);
+const _: () = assert!(size_of::<SourceRate>() == 32);
+// One cache line a bucket.
+const _: () = assert!(size_of::<SourceRateBucket>() == 64);
+const _: () = assert!(size_of::<LimitedSource>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -782,7 +906,10 @@ mod pod {
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for ProbeTunnel {}
     unsafe impl aya::Pod for AclKey {}
-    unsafe impl aya::Pod for AclStats {}
+    unsafe impl aya::Pod for SourceDrops {}
+    unsafe impl aya::Pod for SourceLimit {}
+    unsafe impl aya::Pod for SourceRateBucket {}
+    unsafe impl aya::Pod for LimitedSource {}
 }
 
 #[cfg(test)]
@@ -960,5 +1087,80 @@ mod tests {
         ] {
             assert!(!a.same_flow(&b), "{b:?}");
         }
+    }
+
+    /// A source limit admits `burst` new flows at once, at most
+    /// `burst + rate × d` in any span of `d` seconds, and `rate` a second
+    /// in the long run to a source that keeps trying.
+    #[test]
+    fn a_source_limit_admits_its_burst_then_its_rate() {
+        const SECONDS: usize = 12;
+        for rate in [1, 3, 10, 1_000] {
+            for burst in [1, 2, 5, 20] {
+                let limit = SourceLimit::new(rate, burst, FAMILY_V4, 32);
+                // All at one instant: the burst.
+                let mut due = 0;
+                let at_once = (0..50)
+                    .filter(|_| {
+                        limit
+                            .admit(due, NS_PER_SEC)
+                            .map(|next| due = next)
+                            .is_some()
+                    })
+                    .count();
+                assert_eq!(at_once, burst as usize, "{rate}/s {burst}: at once");
+                for tries in [1, 2, 3, 7, 10, 11, 25, 40, 3_000] {
+                    // `tries` a second, evenly spread.
+                    let mut due = 0;
+                    let mut admitted = [0u64; SECONDS];
+                    for (second, n) in admitted.iter_mut().enumerate() {
+                        for k in 0..tries {
+                            let now = (second as u64 + 1) * NS_PER_SEC + k * NS_PER_SEC / tries;
+                            if let Some(next) = limit.admit(due, now) {
+                                due = next;
+                                *n += 1;
+                            }
+                        }
+                    }
+                    let (r, b) = (u64::from(rate), u64::from(burst));
+                    for from in 0..SECONDS {
+                        for to in from..SECONDS {
+                            let n: u64 = admitted[from..=to].iter().sum();
+                            let span = (to - from + 1) as u64;
+                            assert!(
+                                n <= b + r * span,
+                                "{rate}/s {burst}, {tries}: {n} in {from}..={to}"
+                            );
+                        }
+                    }
+                    // Each admitted flow waits at most one gap between
+                    // tries past its interval.
+                    if tries >= r {
+                        let total: u64 = admitted.iter().sum();
+                        let pace = limit.interval_ns + NS_PER_SEC / tries;
+                        assert!(
+                            total * pace >= (SECONDS as u64 - 1) * NS_PER_SEC,
+                            "{rate}/s {burst}, {tries}: {total}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_source_limit_masks_sources_to_their_prefix() {
+        let v4 = SourceLimit::new(1, 1, FAMILY_V4, 24);
+        let mut a = [0u8; 16];
+        a[..4].copy_from_slice(&[198, 19, 7, 9]);
+        assert_eq!(&v4.prefix_of(&a)[..4], &[198, 19, 7, 0]);
+        let v6 = SourceLimit::new(1, 1, FAMILY_V6, 64);
+        let b = [0x20, 1, 0, 2, 0, 0xc, 0, 7, 1, 2, 3, 4, 5, 6, 7, 8];
+        assert_eq!(
+            v6.prefix_of(&b),
+            [0x20, 1, 0, 2, 0, 0xc, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(SourceLimit::new(1, 1, FAMILY_V6, 0).prefix_of(&b), [0; 16]);
+        assert_eq!(SourceLimit::new(1, 1, FAMILY_V6, 128).prefix_of(&b), b);
     }
 }

@@ -111,7 +111,8 @@ fn action(c: Counter) -> u32 {
         | Counter::DropEchoLimit
         | Counter::DropNoEgress
         | Counter::DropDenied
-        | Counter::DropNotAllowed => xdp_action::XDP_DROP,
+        | Counter::DropNotAllowed
+        | Counter::DropRateLimited => xdp_action::XDP_DROP,
     }
 }
 

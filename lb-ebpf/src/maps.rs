@@ -10,11 +10,11 @@ use aya_ebpf::{
     maps::{Array, DevMap, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
 };
 use lb_common::{
-    AclKey, AclStats, Addr, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats,
-    Counter, FlowEntry, FlowKey, FlowValue, IcmpBudget, IcmpKind, Interface, ProbeTunnel,
-    ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings, SourceKey,
-    counters::DecapCounter, flow_buckets, hash::vip_filter_bit, interface_slot, limits,
-    limits::CONNTRACK_WAYS, vip_answers_echo,
+    AclKey, Addr, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter,
+    FlowEntry, FlowKey, FlowValue, IcmpBudget, IcmpKind, Interface, LimitedSource, ProbeTunnel,
+    ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings, SourceDrops, SourceKey,
+    SourceLimit, SourceRateBucket, counters::DecapCounter, flow_buckets, hash::vip_filter_bit,
+    interface_slot, limits, limits::CONNTRACK_WAYS, same_words, vip_answers_echo,
 };
 
 /// Services. Not preallocated, so an update replaces the element under RCU and
@@ -108,10 +108,27 @@ static LB_BACKEND_STATS: PerCpuArray<BackendStats> =
 static LB_ACL: LpmTrie<AclKey, u32> =
     LpmTrie::with_max_entries(limits::MAX_ACL_PREFIXES, BPF_F_NO_PREALLOC);
 
-/// Per-service source-list drops.
+/// Per-service drops by source: its lists and its new-flow limit.
 #[map]
-static LB_ACL_STATS: PerCpuArray<AclStats> =
+static LB_SOURCE_DROPS: PerCpuArray<SourceDrops> =
     PerCpuArray::with_max_entries(limits::DEFAULT_MAX_SERVICES, 0);
+
+/// Services' new-flow limits per source, by service id.
+#[map]
+static LB_SOURCE_LIMITS: Array<SourceLimit> =
+    Array::with_max_entries(limits::DEFAULT_MAX_SERVICES, 0);
+
+/// Each CPU's recent sources of limited services and when their next new
+/// flow is due. Per CPU, so an update is a few plain stores: a source
+/// whose flows land on n CPUs may open up to n times its rate.
+#[map]
+static LB_SOURCE_RATES: PerCpuArray<SourceRateBucket> =
+    PerCpuArray::with_max_entries(limits::SOURCE_RATE_BUCKETS, 0);
+
+/// Each CPU's sample of limited sources, for `lb stats`.
+#[map]
+static LB_LIMITED_SOURCES: PerCpuArray<LimitedSource> =
+    PerCpuArray::with_max_entries(limits::LIMITED_SOURCE_SLOTS, 0);
 
 /// Decap program: the host's tunnel endpoint addresses, each with the UDP
 /// port its GUE packets come to (0: none).
@@ -472,7 +489,7 @@ pub(crate) fn source_list(service_id: u32, src: Addr, family: u8) -> Option<u32>
 /// `denied`, or else outside its allow list.
 #[inline(always)]
 pub(crate) fn count_source_drop(service_id: u32, denied: bool) {
-    if let Some(s) = LB_ACL_STATS.get_ptr_mut(service_id) {
+    if let Some(s) = LB_SOURCE_DROPS.get_ptr_mut(service_id) {
         // SAFETY: per-CPU value.
         unsafe {
             if denied {
@@ -483,6 +500,86 @@ pub(crate) fn count_source_drop(service_id: u32, denied: bool) {
         }
     }
     count_service_drop(service_id);
+}
+
+/// Service `service_id`'s new-flow limit per source.
+#[inline(always)]
+pub(crate) fn source_limit(service_id: u32) -> Option<SourceLimit> {
+    LB_SOURCE_LIMITS.get(service_id).copied()
+}
+
+/// Takes a new flow of service `service_id` from source prefix `prefix`
+/// (hashed to `hash`) at `now_ns` under `limit`: whether it is admitted.
+/// The prefix's way in its bucket of this CPU's table, or the way due
+/// earliest, is read and written in place.
+#[inline(always)]
+pub(crate) fn take_source_rate(
+    limit: &SourceLimit,
+    service_id: u32,
+    prefix: &Addr,
+    hash: u32,
+    now_ns: u64,
+) -> bool {
+    let Some(b) = LB_SOURCE_RATES.get_ptr_mut(hash & (limits::SOURCE_RATE_BUCKETS - 1)) else {
+        return true;
+    };
+    // SAFETY: a per-CPU value: no other program touches it meanwhile.
+    let ways = unsafe { &mut (*b).ways };
+    let owner = service_id + 1;
+    let mine = |w: &lb_common::SourceRate| w.service == owner && same_words(&w.prefix, prefix);
+    // Two ways spelled out: no loop for the verifier to bound.
+    let (i, known) = if mine(&ways[0]) {
+        (0, true)
+    } else if mine(&ways[1]) {
+        (1, true)
+    } else {
+        (usize::from(ways[1].due_ns < ways[0].due_ns), false)
+    };
+    // `& 1`: in bounds for the compiler too, so no panic branch.
+    let way = &mut ways[i & 1];
+    if !known {
+        way.prefix = *prefix;
+        way.service = owner;
+        way.due_ns = 0;
+    }
+    let due = way.due_ns;
+    match limit.admit(due, now_ns) {
+        Some(next) => {
+            way.due_ns = next;
+            true
+        }
+        None => false,
+    }
+}
+
+/// Counts a new flow of service `service_id` from `prefix` (hashed to
+/// `hash`) dropped by its limit, and samples the prefix: it keeps its slot
+/// while it goes on being limited, and gives it up after a quiet spell.
+#[inline(always)]
+pub(crate) fn count_limited_source(service_id: u32, prefix: &Addr, hash: u32, now: u32) {
+    if let Some(s) = LB_SOURCE_DROPS.get_ptr_mut(service_id) {
+        // SAFETY: per-CPU value.
+        unsafe { (*s).limited += 1 };
+    }
+    count_service_drop(service_id);
+    let Some(slot) = LB_LIMITED_SOURCES.get_ptr_mut(hash & (limits::LIMITED_SOURCE_SLOTS - 1))
+    else {
+        return;
+    };
+    // SAFETY: per-CPU value.
+    let slot = unsafe { &mut *slot };
+    let owner = service_id + 1;
+    if slot.service == owner && same_words(&slot.prefix, prefix) {
+        slot.drops += 1;
+    } else if slot.service == 0 || now.wrapping_sub(slot.last) >= limits::LIMITED_SOURCE_QUIET_SECS
+    {
+        slot.prefix = *prefix;
+        slot.service = owner;
+        slot.drops = 1;
+    } else {
+        return;
+    }
+    slot.last = now;
 }
 
 /// If `key` is one of this host's tunnel endpoints, the UDP port of GUE

@@ -3,14 +3,16 @@
 
 use core::ptr::NonNull;
 
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+
 use lb_common::{
     ACL_DENY, BACKEND_F_UP, BackendValue, ConntrackSettings, Counter, FLOW_F_CLOSED, FlowEntry,
-    FlowKey, FlowValue, SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST, SERVICE_F_SOURCE_LISTS,
-    ServiceValue,
-    hash::{bucket_hash, flow_hash},
+    FlowKey, FlowValue, SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST, SERVICE_F_SOURCE_LIMIT,
+    SERVICE_F_SOURCE_LISTS, ServiceValue,
+    hash::{bucket_hash, flow_hash, source_hash},
     limits::NO_BACKEND,
     ring_index,
-    wire::{IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    wire::{IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 use crate::maps::{self, Lookup};
@@ -81,6 +83,39 @@ fn admits(service: &ServiceValue, flow: &FlowKey) -> Result<(), Counter> {
     Err(refused)
 }
 
+/// Whether `service` takes another new flow from `flow`'s source prefix
+/// now. Only packets that open a flow are limited, a TCP SYN or a UDP
+/// packet without an entry: a TCP packet of an established connection
+/// whose entry is gone (evicted, or never written under a flood) passes,
+/// so established flows are never limited. A service without a limit pays
+/// one flag test.
+#[inline(always)]
+fn within_limit(
+    ct: &ConntrackSettings,
+    service: &ServiceValue,
+    flow: &FlowKey,
+    syn: bool,
+) -> Result<(), Counter> {
+    if service.flags & SERVICE_F_SOURCE_LIMIT == 0 || !(syn || flow.proto == IPPROTO_UDP) {
+        return Ok(());
+    }
+    let Some(limit) = maps::source_limit(service.id) else {
+        return Ok(());
+    };
+    let prefix = limit.prefix_of(&flow.src);
+    let hash = source_hash(service.id, &prefix);
+    // The clock helper, not the data plane's whole seconds: a rate above
+    // one a second with a smaller burst needs finer time. Only limited new
+    // flows pay for it.
+    // SAFETY: a helper without arguments.
+    let now_ns = unsafe { bpf_ktime_get_ns() };
+    if maps::take_source_rate(&limit, service.id, &prefix, hash, now_ns) {
+        return Ok(());
+    }
+    maps::count_limited_source(service.id, &prefix, hash, ct.now);
+    Err(Counter::DropRateLimited)
+}
+
 /// Picks the service and backend of `flow`, whose packet carries
 /// `tcp_flags` (0 for UDP). An established flow finds both through its
 /// connection-table entry: the service in its slot by the id the entry
@@ -147,8 +182,10 @@ pub(crate) fn select_backend(
         None => {
             let service = maps::service(&flow.service_key()).ok_or(Counter::PassNotService)?;
             // Before the Maglev lookup and any write: a refused source
-            // costs no state.
+            // costs no state, and a denied one no place among the
+            // limited service's recent sources.
             admits(&service, flow)?;
+            within_limit(ct, &service, flow, syn)?;
             service
         }
     };

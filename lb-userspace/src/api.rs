@@ -368,6 +368,9 @@ pub struct ServiceStatsRow {
     /// Of the drops: sources outside the allow list.
     #[serde(default)]
     pub not_allowed: u64,
+    /// Of the drops: new flows over the service's limit per source.
+    #[serde(default)]
+    pub limited: u64,
     /// Per-second rates from the daemon's counter history.
     #[serde(default)]
     pub rates: Option<Rates>,
@@ -386,6 +389,23 @@ pub struct Stats {
     /// in the daemon's first seconds).
     #[serde(default)]
     pub reason_rates: std::collections::BTreeMap<String, f64>,
+    /// The source prefixes limited most, from the data plane's sample.
+    #[serde(default)]
+    pub limited_sources: Vec<LimitedSourceRow>,
+}
+
+/// A source prefix whose new flows a service's limit dropped, in `lb stats`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitedSourceRow {
+    /// The service.
+    pub service: String,
+    /// The source prefix (`address/length`).
+    pub prefix: String,
+    /// New flows dropped, as sampled: at least this many since the prefix
+    /// took its place in the sample.
+    pub drops: u64,
+    /// Seconds since its last dropped new flow.
+    pub seconds_ago: u32,
 }
 
 /// A VIP in `lb node status`.

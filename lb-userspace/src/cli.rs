@@ -1315,6 +1315,7 @@ fn stats_text(v: &Value) -> String {
             "DROPS",
             "DENIED",
             "NOT ALLOWED",
+            "LIMITED",
             "PKT RATE",
             "BYTE RATE",
             "FLOW RATE",
@@ -1329,6 +1330,7 @@ fn stats_text(v: &Value) -> String {
                 r.drops.to_string(),
                 r.denied.to_string(),
                 r.not_allowed.to_string(),
+                r.limited.to_string(),
                 rate(r.rates.map(|x| x.packets)),
                 rate(r.rates.map(|x| x.bytes)),
                 rate(r.rates.map(|x| x.new_flows)),
@@ -1368,5 +1370,19 @@ fn stats_text(v: &Value) -> String {
             ]
         }),
     );
+    if !s.limited_sources.is_empty() {
+        out += "\n";
+        out += &table(
+            &["SERVICE", "LIMITED SOURCE", "NEW FLOWS DROPPED", "LAST"],
+            s.limited_sources.iter().map(|r| {
+                vec![
+                    r.service.clone(),
+                    r.prefix.clone(),
+                    r.drops.to_string(),
+                    format!("{}s ago", r.seconds_ago),
+                ]
+            }),
+        );
+    }
     out
 }

@@ -293,10 +293,29 @@ pub struct ServiceFile {
     /// When not empty, the only sources whose packets are taken.
     #[serde(default)]
     pub allow: Vec<Spanned<String>>,
+    /// A limit on the new flows of each source prefix.
+    pub new_flow_limit: Option<NewFlowLimitFile>,
     /// Backends.
     #[serde(default, rename = "backend")]
     pub backends: Vec<Spanned<BackendFile>>,
 }
+
+/// `[service.new_flow_limit]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewFlowLimitFile {
+    /// New flows a second from one source prefix.
+    pub rate: u32,
+    /// New flows a source prefix may open at once (default: `rate`).
+    pub burst: Option<u32>,
+    /// Leading bits of a source address that make its prefix (default: 32
+    /// for IPv4, 64 for IPv6).
+    pub prefix: Option<u8>,
+}
+
+/// Default bits of an IPv6 source that are one source to a new-flow
+/// limit: a /64 is one host's, or one LAN's, to choose from.
+pub const DEFAULT_LIMIT_PREFIX_V6: u8 = 64;
 
 /// `[[service.backend]]`.
 #[derive(Debug, Deserialize)]
@@ -728,11 +747,31 @@ pub struct Service {
     pub deny: BTreeSet<Prefix>,
     /// Source prefixes taken when not empty; empty admits every source.
     pub allow: BTreeSet<Prefix>,
+    /// The limit on each source prefix's new flows, if any.
+    pub new_flow_limit: Option<NewFlowLimit>,
     /// Backends by address.
     pub backends: BTreeMap<IpAddr, u32>,
 }
 
+/// A validated new-flow limit per source prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewFlowLimit {
+    /// New flows a second.
+    pub rate: u32,
+    /// New flows at once.
+    pub burst: u32,
+    /// Leading bits of a source address that make its prefix.
+    pub prefix: u8,
+}
+
 impl Service {
+    /// The data plane's form of the service's new-flow limit, if any.
+    pub fn source_limit(&self) -> Option<lb_common::SourceLimit> {
+        let (_, family) = lb_common::addr_bytes(self.vip);
+        self.new_flow_limit
+            .map(|l| lb_common::SourceLimit::new(l.rate, l.burst, family, l.prefix))
+    }
+
     /// The source-list trie's entries this service needs: every deny
     /// prefix, and every allow prefix no deny prefix holds, so that the
     /// longest match gives deny-wins.
@@ -1136,6 +1175,53 @@ fn validate_sources(
     out
 }
 
+/// A service's new-flow limit: a rate and a burst within what the data
+/// plane counts, and a prefix no longer than the VIP family's addresses.
+fn validate_new_flow_limit(
+    l: &NewFlowLimitFile,
+    vip: Option<IpAddr>,
+    field: &str,
+    at: Option<usize>,
+    e: &mut Errors<'_>,
+) -> NewFlowLimit {
+    let max = limits::MAX_SOURCE_LIMIT;
+    let burst = l.burst.unwrap_or(l.rate);
+    for (name, value, what) in [
+        ("rate", l.rate, "new flows a second"),
+        ("burst", burst, "new flows at once"),
+    ] {
+        if value == 0 || value > max {
+            e.push(
+                at,
+                format!("{field}.{name}"),
+                format!("{value}: {what} from one source prefix, from 1 to {max}"),
+            );
+        }
+    }
+    let v4 = vip.is_none_or(|v| v.is_ipv4());
+    let (bits, default) = if v4 {
+        (32, 32)
+    } else {
+        (128, DEFAULT_LIMIT_PREFIX_V6)
+    };
+    let prefix = l.prefix.unwrap_or(default);
+    if prefix > bits {
+        e.push(
+            at,
+            format!("{field}.prefix"),
+            format!(
+                "/{prefix} is longer than an {} address (0 to {bits})",
+                if v4 { "IPv4" } else { "IPv6" }
+            ),
+        );
+    }
+    NewFlowLimit {
+        rate: l.rate,
+        burst,
+        prefix,
+    }
+}
+
 /// Mask of the host bits of a prefix within a 32-bit word.
 fn host_mask(prefix_in_word: u8) -> u32 {
     if prefix_in_word >= 32 {
@@ -1523,6 +1609,9 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
         let allow = validate_sources(&svc.allow, vip, &format!("{field}.allow"), &mut e);
         list_prefixes[0] += deny.len();
         list_prefixes[1] += allow.len();
+        let new_flow_limit = svc.new_flow_limit.as_ref().map(|l| {
+            validate_new_flow_limit(l, vip, &format!("{field}.new_flow_limit"), at, &mut e)
+        });
         let mut backends = BTreeMap::new();
         for (i, b) in svc.backends.iter().enumerate() {
             let bat = Some(b.span().start);
@@ -1585,6 +1674,7 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
                     feedback,
                     deny,
                     allow,
+                    new_flow_limit,
                     backends,
                 },
             );
@@ -1995,6 +2085,45 @@ address = "198.18.0.11"
         );
     }
 
+    #[test]
+    fn a_new_flow_limit_takes_its_defaults_from_the_rate_and_the_family() {
+        let text = |vip: &str, limit: &str| {
+            format!(
+                "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"{vip}\"\n\
+                 port=80\nprotocol=\"tcp\"\nnew_flow_limit={limit}\n"
+            )
+        };
+        let limit = |vip: &str, limit: &str| {
+            let d = parse(&text(vip, limit)).unwrap();
+            d.services["a"].new_flow_limit.unwrap()
+        };
+        let l = limit("198.18.1.1", "{rate=50}");
+        assert_eq!((l.rate, l.burst, l.prefix), (50, 50, 32));
+        let l = limit("2001:2::1", "{rate=5, burst=20}");
+        assert_eq!(
+            (l.rate, l.burst, l.prefix),
+            (5, 20, DEFAULT_LIMIT_PREFIX_V6)
+        );
+        let l = limit("2001:2::1", "{rate=5, prefix=128}");
+        assert_eq!(l.prefix, 128);
+        let e = parse(&text("2001:2::1", "{rate=5, prefix=129}")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("/129 is longer than an IPv6 address (0 to 128)"),
+            "{e}"
+        );
+        // The data plane's form: a /24 mask, a tenth of a second a flow,
+        // nine more at once.
+        let d = parse(&text("198.18.1.1", "{rate=10, burst=10, prefix=24}")).unwrap();
+        let sl = d.services["a"].source_limit().unwrap();
+        assert_eq!(sl.interval_ns, 100_000_000);
+        assert_eq!(sl.tolerance_ns, 900_000_000);
+        assert_eq!(&sl.mask[..4], &[255, 255, 255, 0]);
+        assert!(sl.mask[4..].iter().all(|b| *b == 0));
+        let none = parse(&text("198.18.1.1", "{rate=1}").replace("new_flow_limit={rate=1}\n", ""));
+        assert_eq!(none.unwrap().services["a"].source_limit(), None);
+    }
+
     /// Each invalid input, and a fragment its message must contain. This
     /// table is the one docs/config.md shows.
     const INVALID: &[(&str, &str, &str)] = &[
@@ -2013,6 +2142,21 @@ address = "198.18.0.11"
             "source prefix listed twice",
             "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\nallow=[\"198.18.0.0/16\", \"198.18.0.0/16\"]\n",
             "service[a].allow[1]: listed twice",
+        ),
+        (
+            "new-flow rate of 0",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\nnew_flow_limit={rate=0}\n",
+            "service[a].new_flow_limit.rate: 0: new flows a second from one source prefix, from 1 to 1000000",
+        ),
+        (
+            "new-flow burst too large",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\nnew_flow_limit={rate=10, burst=2000000}\n",
+            "service[a].new_flow_limit.burst: 2000000: new flows at once from one source prefix, from 1 to 1000000",
+        ),
+        (
+            "limit prefix too long",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\nnew_flow_limit={rate=10, prefix=33}\n",
+            "service[a].new_flow_limit.prefix: /33 is longer than an IPv4 address (0 to 32)",
         ),
         (
             "not a source prefix",

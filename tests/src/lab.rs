@@ -122,11 +122,20 @@ pub struct Verdict {
 
 /// Runs `frame` through `prog` once.
 pub fn test_run(prog: &mut Xdp, frame: &[u8]) -> Result<Verdict> {
+    test_run_repeated(prog, frame, 1)
+}
+
+/// Runs `frame` through `prog` `repeat` times in one BPF_PROG_TEST_RUN; the
+/// verdict is the last run's. Each run sees the previous one's output, so
+/// only a frame the program passes or drops untouched means the same
+/// packet `repeat` times.
+pub fn test_run_repeated(prog: &mut Xdp, frame: &[u8], repeat: u32) -> Result<Verdict> {
     // Room for what the program may add in front (encapsulation).
     let mut out = vec![0u8; frame.len() + 256];
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(frame);
     opts.data_out = Some(&mut out);
+    opts.repeat = repeat;
     let result = prog.test_run(opts).context("BPF_PROG_TEST_RUN")?;
     out.truncate(result.data_size_out as usize);
     Ok(Verdict {

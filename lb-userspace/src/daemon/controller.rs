@@ -20,8 +20,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use lb_common::{
     BACKEND_F_UP, BackendValue, FlowKey, SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST,
-    SERVICE_F_DENY_LIST, SERVICE_F_ECHO, SERVICE_F_GUE, SERVICE_F_IPIP, ServiceKey, addr_bytes,
-    addr_ip, limits::NO_BACKEND,
+    SERVICE_F_DENY_LIST, SERVICE_F_ECHO, SERVICE_F_GUE, SERVICE_F_IPIP, SERVICE_F_SOURCE_LIMIT,
+    ServiceKey, SourceLimit, addr_bytes, addr_ip, limits::NO_BACKEND,
 };
 use serde::Serialize;
 use tracing::{info, warn};
@@ -210,6 +210,8 @@ pub struct ServiceState {
     pub ring: Vec<u32>,
     /// Flags and idle timeout the live service entry carries.
     published: Option<(u32, u32)>,
+    /// The new-flow limit last written to the data plane for its id.
+    limit_written: Option<Option<SourceLimit>>,
     /// Digest of the table by backend address: equal on every node that
     /// computes the same table.
     pub digest: u64,
@@ -321,6 +323,9 @@ fn service_flags(svc: &config::Service) -> u32 {
     }
     if !svc.allow.is_empty() {
         f |= SERVICE_F_ALLOW_LIST;
+    }
+    if svc.new_flow_limit.is_some() {
+        f |= SERVICE_F_SOURCE_LIMIT;
     }
     f
 }
@@ -551,6 +556,7 @@ impl Controller {
                     backends,
                     ring,
                     published: Some((live.flags, live.idle_timeout)),
+                    limit_written: None,
                     digest: 0,
                     rebuilds: 0,
                     panic: false,
@@ -1014,6 +1020,7 @@ impl Controller {
                         backends: BTreeMap::new(),
                         ring: Vec::new(),
                         published: None,
+                        limit_written: None,
                         digest: 0,
                         rebuilds: 0,
                         panic: false,
@@ -1200,6 +1207,13 @@ impl Controller {
         let id = svc.id;
         for (ip, v) in &gains {
             self.write_backend(name, *ip, v)?;
+        }
+        // The limit before the flags that name it.
+        let limit = self.services[name].config.source_limit();
+        if self.services[name].limit_written != Some(limit) {
+            self.dp.set_source_limit(id, limit.as_ref())?;
+            let svc = self.services.get_mut(name).context("no such service")?;
+            svc.limit_written = Some(limit);
         }
         let svc = &self.services[name];
         let mut moved_slots = 0;

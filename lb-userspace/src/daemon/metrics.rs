@@ -29,8 +29,16 @@ struct ServiceLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SourceDropLabels {
     service: String,
-    /// `denied` (in the deny list) or `not_allowed` (outside the allow list).
+    /// `denied` (in the deny list), `not_allowed` (outside the allow
+    /// list) or `limited` (over the new-flow limit).
     reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitedSourceLabels {
+    service: String,
+    /// The source prefix, `address/length`.
+    source: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -218,9 +226,25 @@ pub(crate) fn render(
     let source_drops = register(
         &mut r,
         "service_source_drops",
-        "Packets a service's source lists dropped, by reason (denied, not_allowed)",
+        "Packets a service's source lists and new-flow limit dropped, by reason \
+         (denied, not_allowed, limited)",
         Counters::<SourceDropLabels>::default(),
     );
+    let limited_sources = register(
+        &mut r,
+        "limited_source_drops",
+        "New flows dropped by a service's limit, for the source prefixes limited most \
+         (sampled: at least this many)",
+        Gauges::<LimitedSourceLabels>::default(),
+    );
+    for row in super::views::limited_sources(ctl, super::views::TOP_LIMITED_SOURCES)? {
+        limited_sources
+            .get_or_create(&LimitedSourceLabels {
+                service: row.service,
+                source: row.prefix,
+            })
+            .set(i64::try_from(row.drops).unwrap_or(i64::MAX));
+    }
     let rebuilds = register(
         &mut r,
         "table_rebuilds",
@@ -350,8 +374,12 @@ pub(crate) fn render(
         svc_bytes.get_or_create(&l).inc_by(st.bytes);
         svc_flows.get_or_create(&l).inc_by(st.new_flows);
         svc_drops.get_or_create(&l).inc_by(st.drops);
-        let lists = ctl.dataplane().source_list_stats(s.id)?;
-        for (reason, n) in [("denied", lists.denied), ("not_allowed", lists.not_allowed)] {
+        let lists = ctl.dataplane().source_drops(s.id)?;
+        for (reason, n) in [
+            ("denied", lists.denied),
+            ("not_allowed", lists.not_allowed),
+            ("limited", lists.limited),
+        ] {
             source_drops
                 .get_or_create(&SourceDropLabels {
                     service: name.clone(),

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::{
     ConfigFile, Options,
-    controller::{AgentState, Controller},
+    controller::{AgentState, Controller, ServiceState},
     flows::{self, FlowState},
     history::{History, Key},
     node::Node,
@@ -17,7 +17,8 @@ use super::{
 };
 use crate::{
     api::{
-        AgentRow, BackendRow, FeedbackRow, Request, ServiceRow, ServiceStatsRow, SourceRow, Stats,
+        AgentRow, BackendRow, FeedbackRow, LimitedSourceRow, Request, ServiceRow, ServiceStatsRow,
+        SourceRow, Stats,
     },
     config::{self, Mode},
     dataplane::monotonic_seconds,
@@ -261,7 +262,7 @@ pub(super) fn stats(ctl: &Controller, history: &History) -> Result<Stats> {
     let mut services = Vec::new();
     for (name, s) in ctl.services() {
         let st = ctl.dataplane().service_stats(s.id)?;
-        let lists = ctl.dataplane().source_list_stats(s.id)?;
+        let lists = ctl.dataplane().source_drops(s.id)?;
         services.push(ServiceStatsRow {
             name: name.clone(),
             packets: st.packets,
@@ -270,6 +271,7 @@ pub(super) fn stats(ctl: &Controller, history: &History) -> Result<Stats> {
             drops: st.drops,
             denied: lists.denied,
             not_allowed: lists.not_allowed,
+            limited: lists.limited,
             rates: history.rates(&Key::Service(name.clone())),
         });
     }
@@ -288,7 +290,36 @@ pub(super) fn stats(ctl: &Controller, history: &History) -> Result<Stats> {
         backends: backends(ctl, None, history)?,
         reasons,
         reason_rates,
+        limited_sources: limited_sources(ctl, TOP_LIMITED_SOURCES)?,
     })
+}
+
+/// Limited source prefixes `lb stats` and the metrics show.
+pub(super) const TOP_LIMITED_SOURCES: usize = 10;
+
+/// The `top` source prefixes the data plane's sample holds with the most
+/// limited new flows, of services that still exist.
+pub(super) fn limited_sources(ctl: &Controller, top: usize) -> Result<Vec<LimitedSourceRow>> {
+    let by_id: std::collections::BTreeMap<u32, (&String, &ServiceState)> =
+        ctl.services().iter().map(|(n, s)| (s.id, (n, s))).collect();
+    let now = monotonic_seconds();
+    Ok(ctl
+        .dataplane()
+        .limited_prefixes()?
+        .into_iter()
+        .filter_map(|p| {
+            let (name, s) = by_id.get(&p.service)?;
+            let limit = s.config.new_flow_limit?;
+            let ip = lb_common::addr_ip(&p.prefix, addr_bytes(s.config.vip).1);
+            Some(LimitedSourceRow {
+                service: (*name).clone(),
+                prefix: format!("{ip}/{}", limit.prefix),
+                drops: p.drops,
+                seconds_ago: now.saturating_sub(p.last),
+            })
+        })
+        .take(top)
+        .collect())
 }
 
 /// Which backend a client's flow goes to: the same hash and table the

@@ -8,6 +8,7 @@ mod decap;
 mod link;
 mod pins;
 mod probe_encap;
+mod source_limits;
 mod source_lists;
 
 pub use batch::update_u32s;
@@ -17,6 +18,7 @@ pub use decap::{
 };
 pub use link::read as read_interface;
 pub use probe_encap::ProbeEncapsulator;
+pub use source_limits::LimitedPrefix;
 pub use source_lists::{SourceEntries, SourceList};
 
 use std::path::{Path, PathBuf};
@@ -32,9 +34,10 @@ use aya::{
     },
 };
 use lb_common::{
-    AclKey, AclStats, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats,
-    Counter, FlowEntry, FlowKey, FlowValue, Interface, SERVICE_F_ECHO, ServiceKey, ServiceSlot,
-    ServiceStats, ServiceValue, Settings, VIP_ECHO_UNIT, flow_buckets,
+    AclKey, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter,
+    FlowEntry, FlowKey, FlowValue, Interface, LimitedSource, SERVICE_F_ECHO, ServiceKey,
+    ServiceSlot, ServiceStats, ServiceValue, Settings, SourceDrops, SourceLimit, VIP_ECHO_UNIT,
+    flow_buckets,
     hash::{bucket_hash, vip_filter_bit},
     interface_slot,
     limits::{
@@ -143,12 +146,13 @@ impl Capacity {
 
     /// The entries of every map whose size is a capacity, by map name: what
     /// the loader overrides in the object.
-    pub fn map_entries(&self) -> Result<[(&'static str, u32); 8]> {
+    pub fn map_entries(&self) -> Result<[(&'static str, u32); 9]> {
         Ok([
             (names::SERVICES, self.max_services),
             (names::SERVICE_SLOTS, self.max_services),
             (names::SERVICE_STATS, self.max_services),
-            (names::ACL_STATS, self.max_services),
+            (names::SOURCE_DROPS, self.max_services),
+            (names::SOURCE_LIMITS, self.max_services),
             (names::RINGS, self.ring_entries()?),
             (names::BACKENDS, self.max_backends),
             (names::BACKEND_STATS, self.max_backends),
@@ -186,7 +190,9 @@ pub struct Dataplane {
     service_stats: PerCpuArray<MapData, ServiceStats>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
     acl: LpmTrie<MapData, AclKey, u32>,
-    acl_stats: PerCpuArray<MapData, AclStats>,
+    source_drops: PerCpuArray<MapData, SourceDrops>,
+    source_limits: Array<MapData, SourceLimit>,
+    limited_sources: PerCpuArray<MapData, LimitedSource>,
     attachments: std::collections::BTreeMap<String, Attachment>,
 }
 
@@ -254,7 +260,7 @@ const UNUSED_LB_CAPACITY: Capacity = Capacity {
 
 /// Every map of the load balancer (the decapsulator's are its own,
 /// [`decap`]).
-const ALL_MAPS: [&str; 18] = [
+const ALL_MAPS: [&str; 21] = [
     names::SERVICES,
     names::SERVICE_SLOTS,
     names::VIPS,
@@ -272,7 +278,10 @@ const ALL_MAPS: [&str; 18] = [
     names::SERVICE_STATS,
     names::BACKEND_STATS,
     names::ACL,
-    names::ACL_STATS,
+    names::SOURCE_DROPS,
+    names::SOURCE_LIMITS,
+    names::SOURCE_RATES,
+    names::LIMITED_SOURCES,
 ];
 
 /// What a service with `flags` adds to its VIP's value in the VIP set:
@@ -486,7 +495,9 @@ impl Dataplane {
             service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
             acl: take(&mut ebpf, names::ACL)?,
-            acl_stats: take(&mut ebpf, names::ACL_STATS)?,
+            source_drops: take(&mut ebpf, names::SOURCE_DROPS)?,
+            source_limits: take(&mut ebpf, names::SOURCE_LIMITS)?,
+            limited_sources: take(&mut ebpf, names::LIMITED_SOURCES)?,
             attachments: Default::default(),
             ebpf,
             capacity,
@@ -1130,18 +1141,18 @@ mod tests {
     #[test]
     fn the_objects_maps_are_the_shapes_lb_common_declares() {
         use lb_common::{
-            IcmpBudget, IcmpKind, ProbeTunnel, SourceKey,
+            IcmpBudget, IcmpKind, ProbeTunnel, SourceKey, SourceRateBucket,
             counters::DecapCounter,
             limits::{
-                INTERFACE_SLOTS, MAX_ACL_PREFIXES, MAX_ADDRESSES, MAX_DECAP_SOURCES, PROBE_MARKS,
-                VIP_FILTER_WORDS,
+                INTERFACE_SLOTS, LIMITED_SOURCE_SLOTS, MAX_ACL_PREFIXES, MAX_ADDRESSES,
+                MAX_DECAP_SOURCES, PROBE_MARKS, SOURCE_RATE_BUCKETS, VIP_FILTER_WORDS,
             },
         };
         use std::mem::size_of;
         /// An LPM trie's key: the prefix length, then the data.
         const PREFIX_LEN: usize = size_of::<u32>();
         let u32s = size_of::<u32>();
-        let want: [(&str, usize, usize, u32); 23] = [
+        let want: [(&str, usize, usize, u32); 26] = [
             (
                 names::SERVICES,
                 size_of::<ServiceKey>(),
@@ -1235,10 +1246,28 @@ mod tests {
                 MAX_ACL_PREFIXES,
             ),
             (
-                names::ACL_STATS,
+                names::SOURCE_DROPS,
                 u32s,
-                size_of::<AclStats>(),
+                size_of::<SourceDrops>(),
                 DEFAULT_MAX_SERVICES,
+            ),
+            (
+                names::SOURCE_LIMITS,
+                u32s,
+                size_of::<SourceLimit>(),
+                DEFAULT_MAX_SERVICES,
+            ),
+            (
+                names::SOURCE_RATES,
+                u32s,
+                size_of::<SourceRateBucket>(),
+                SOURCE_RATE_BUCKETS,
+            ),
+            (
+                names::LIMITED_SOURCES,
+                u32s,
+                size_of::<LimitedSource>(),
+                LIMITED_SOURCE_SLOTS,
             ),
             (
                 names::PROBE_TUNNELS,

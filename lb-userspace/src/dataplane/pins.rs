@@ -41,7 +41,7 @@ fn holds(name: &str) -> Holds {
         names::COUNTERS
         | names::SERVICE_STATS
         | names::BACKEND_STATS
-        | names::ACL_STATS
+        | names::SOURCE_DROPS
         | names::DECAP_COUNTERS => Holds::Derived("its counters start again from zero"),
         names::DECAP_ADDRS | names::DECAP_SOURCES | names::DECAP_VIPS => {
             Holds::Derived("lb decap writes it again from its file")

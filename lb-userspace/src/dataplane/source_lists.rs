@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::lpm_trie::Key;
-use lb_common::{ACL_ALLOW, ACL_DENY, AclKey, AclStats, SourceKey, addr_ip};
+use lb_common::{ACL_ALLOW, ACL_DENY, AclKey, SourceKey, addr_ip};
 use serde::{Deserialize, Serialize};
 
 use super::{Dataplane, Prefix};
@@ -99,17 +99,5 @@ impl Dataplane {
                 prefix.0, prefix.1
             )
         })
-    }
-
-    /// Packets of service `id` its source lists dropped, summed over CPUs.
-    pub fn source_list_stats(&self, id: u32) -> Result<AclStats> {
-        Ok(self
-            .acl_stats
-            .get(&id, 0)?
-            .iter()
-            .fold(AclStats::default(), |a, s| AclStats {
-                denied: a.denied + s.denied,
-                not_allowed: a.not_allowed + s.not_allowed,
-            }))
     }
 }

@@ -1202,7 +1202,7 @@ impl World {
                 stats.bytes,
                 stats.drops
             );
-            let lists = self.lab.dp.source_list_stats(i as u32)?;
+            let lists = self.lab.dp.source_drops(i as u32)?;
             let refused = self.refused.get(&(i as u32)).copied().unwrap_or_default();
             ensure!(
                 (lists.denied, lists.not_allowed) == refused,

@@ -5,8 +5,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb::dataplane::{DecapTables, Decapsulator, SourceList};
 use lb_common::{
-    ConntrackSettings, Counter, FlowKey, SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST,
-    SERVICE_F_DENY_LIST, SERVICE_F_ECHO, SERVICE_F_GUE, SERVICE_F_IPIP, ServiceKey, addr_bytes,
+    ConntrackSettings, Counter, FAMILY_V4, FAMILY_V6, FlowKey, SERVICE_F_AFFINITY,
+    SERVICE_F_ALLOW_LIST, SERVICE_F_DENY_LIST, SERVICE_F_ECHO, SERVICE_F_GUE, SERVICE_F_IPIP,
+    SERVICE_F_SOURCE_LIMIT, ServiceKey, SourceLimit, addr_bytes,
     counters::DecapCounter,
     hash::flow_hash,
     limits::{
@@ -164,12 +165,31 @@ impl Fixture {
     /// Runs one described case: asserts the action, that exactly `counter`
     /// moved (by one) among the global counters, and returns the output.
     fn case(&mut self, what: &str, frame: &[u8], action: u32, counter: Counter) -> Vec<u8> {
+        self.cases(what, frame, 1, action, counter)
+    }
+
+    /// [`Fixture::case`] run `repeat` times in one BPF_PROG_TEST_RUN: for
+    /// frames the program passes or drops (untouched), so every run sees
+    /// the same packet; `counter` moves by `repeat`.
+    fn cases(
+        &mut self,
+        what: &str,
+        frame: &[u8],
+        repeat: u32,
+        action: u32,
+        counter: Counter,
+    ) -> Vec<u8> {
         let before = self.lab.dp.counters().expect("counters");
-        let v = self.lab.run(PROG_LB, frame).expect("test run");
+        let prog = self.lab.dp.program(PROG_LB).expect("program");
+        let v = lab::test_run_repeated(prog, frame, repeat).expect("test run");
         let after = self.lab.dp.counters().expect("counters");
         assert_eq!(v.action, action, "{what}: action");
         for ((c, b), (_, a)) in before.iter().zip(&after) {
-            let want = if *c == counter { b + 1 } else { *b };
+            let want = if *c == counter {
+                b + u64::from(repeat)
+            } else {
+                *b
+            };
             assert_eq!(*a, want, "{what}: counter {}", c.name());
         }
         if action == PASS || action == DROP {
@@ -1874,7 +1894,7 @@ fn source_lists_drop_new_flows_from_denied_and_unlisted_sources() {
         DROP,
         Counter::DropNotAllowed,
     );
-    let stats = f.lab.dp.source_list_stats(SVC_TCP4 as u32).unwrap();
+    let stats = f.lab.dp.source_drops(SVC_TCP4 as u32).unwrap();
     assert_eq!((stats.denied, stats.not_allowed), (4, 1));
     assert_eq!(
         f.lab.dp.service_stats(SVC_TCP4 as u32).unwrap().drops,
@@ -1910,5 +1930,165 @@ fn source_lists_drop_new_flows_from_denied_and_unlisted_sources() {
     assert_eq!(
         entries.get(&(SVC_TCP4 as u32, parse("198.18.0.0/16"))),
         Some(&SourceList::Allow)
+    );
+}
+
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn new_flow_limits_drop_a_prefixs_new_flows_past_its_burst_until_it_refills() {
+    require_root();
+    // The table of recent sources is per CPU: every run on one.
+    lb_tests::pin_to_this_cpu().unwrap();
+    let mut f = fixture();
+    f.set_clock(1);
+    // Each service of the fixture whose limit a case sets, with its key
+    // and members, to republish it with the limit's flag.
+    let limit = |f: &mut Fixture, svc: usize, l: Option<SourceLimit>| {
+        let (key, members) = match svc {
+            SVC_TCP4 => (
+                service_key(v4(VIP4_DSR), HTTP, IPPROTO_TCP),
+                [(1, 1), (2, 1)],
+            ),
+            SVC_UDP4 => (
+                service_key(v4(VIP4_DSR), DNS, IPPROTO_UDP),
+                [(3, 1), (4, 1)],
+            ),
+            _ => (
+                service_key(IpAddr::V6(VIP6_DSR), HTTP, IPPROTO_TCP),
+                [(5, 1), (6, 1)],
+            ),
+        };
+        f.lab.dp.set_source_limit(svc as u32, l.as_ref()).unwrap();
+        let flags = if l.is_some() {
+            SERVICE_F_SOURCE_LIMIT
+        } else {
+            0
+        };
+        f.lab.service(svc as u32, key, flags, &members).unwrap();
+    };
+    let syn = |src: [u8; 4], sport: u16| tcp4(src, VIP4_DSR, sport, HTTP, TCP_SYN, &[]);
+
+    // 2 new flows a second per /24, 2 at once: a 500 ms interval, so the
+    // cases up to the refill run well within one.
+    limit(
+        &mut f,
+        SVC_TCP4,
+        Some(SourceLimit::new(2, 2, FAMILY_V4, 24)),
+    );
+    f.case("burst: 1st", &syn(CLIENT4, 41000), TX, Counter::ForwardDsr);
+    f.case("burst: 2nd", &syn(CLIENT4, 41001), TX, Counter::ForwardDsr);
+    let over = syn(CLIENT4, 41002);
+    f.cases("over: 100 SYNs", &over, 100, DROP, Counter::DropRateLimited);
+    let neighbour = [198, 18, 2, 8];
+    f.case(
+        "over: the same /24",
+        &syn(neighbour, 41000),
+        DROP,
+        Counter::DropRateLimited,
+    );
+    f.case(
+        "another /24",
+        &syn([198, 18, 3, 7], 41000),
+        TX,
+        Counter::ForwardDsr,
+    );
+    // Established flows are never limited: an admitted flow's packets and
+    // its retransmitted SYN find its entry; a TCP packet without one (an
+    // entry lost) opens nothing at the backend and is not counted.
+    let ack = tcp4(CLIENT4, VIP4_DSR, 41000, HTTP, TCP_ACK, &[]);
+    f.case("established ACK", &ack, TX, Counter::ForwardDsr);
+    f.case(
+        "retransmitted SYN",
+        &syn(CLIENT4, 41001),
+        TX,
+        Counter::ForwardDsr,
+    );
+    let lost = tcp4(CLIENT4, VIP4_DSR, 41099, HTTP, TCP_ACK, &[]);
+    f.case("ACK without an entry", &lost, TX, Counter::ForwardDsr);
+
+    let drops = f.lab.dp.source_drops(SVC_TCP4 as u32).unwrap();
+    assert_eq!((drops.limited, drops.denied), (101, 0));
+    let sampled = f.lab.dp.limited_prefixes().unwrap();
+    assert_eq!(sampled.len(), 1, "{sampled:?}");
+    assert_eq!(sampled[0].service, SVC_TCP4 as u32);
+    assert_eq!(&sampled[0].prefix[..4], &[198, 18, 2, 0]);
+    assert_eq!((sampled[0].drops, sampled[0].last), (101, 1));
+
+    // After the burst's worth of intervals, the burst again, and no more.
+    std::thread::sleep(std::time::Duration::from_millis(1_100));
+    f.case(
+        "refilled: 1st",
+        &syn(CLIENT4, 41003),
+        TX,
+        Counter::ForwardDsr,
+    );
+    f.case(
+        "refilled: 2nd",
+        &syn(neighbour, 41004),
+        TX,
+        Counter::ForwardDsr,
+    );
+    f.case(
+        "refilled: over",
+        &syn(CLIENT4, 41005),
+        DROP,
+        Counter::DropRateLimited,
+    );
+
+    // The limit's entry without the service's flag is never read.
+    limit(&mut f, SVC_TCP4, None);
+    f.lab
+        .dp
+        .set_source_limit(
+            SVC_TCP4 as u32,
+            Some(&SourceLimit::new(1, 1, FAMILY_V4, 32)),
+        )
+        .unwrap();
+    for port in 41010..41015 {
+        f.case("no flag", &syn(CLIENT4, port), TX, Counter::ForwardDsr);
+    }
+
+    // UDP: every packet without an entry opens a flow; a flow's next
+    // packets find its entry.
+    limit(
+        &mut f,
+        SVC_UDP4,
+        Some(SourceLimit::new(1, 1, FAMILY_V4, 32)),
+    );
+    let dns = |sport: u16| {
+        let seg = packet::udp(v4(CLIENT4), v4(VIP4_DSR), sport, DNS, b"query");
+        let ip = Ipv4::new(CLIENT4, VIP4_DSR, IPPROTO_UDP).build(&seg);
+        packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IP, &ip)
+    };
+    f.case("UDP: a flow", &dns(5300), TX, Counter::ForwardDsr);
+    f.case("UDP: its next packet", &dns(5300), TX, Counter::ForwardDsr);
+    f.case(
+        "UDP: another flow",
+        &dns(5301),
+        DROP,
+        Counter::DropRateLimited,
+    );
+
+    // IPv6 by /64.
+    limit(
+        &mut f,
+        SVC_TCP6,
+        Some(SourceLimit::new(1, 1, FAMILY_V6, 64)),
+    );
+    let from6 = |a: Ipv6Addr| tcp6(a, VIP6_DSR, 41000, HTTP, TCP_SYN, &[]);
+    f.case("IPv6: first", &from6(CLIENT6), TX, Counter::ForwardDsr);
+    let same64 = Ipv6Addr::new(0x2001, 2, 2, 0, 9, 9, 9, 9);
+    f.case(
+        "IPv6: same /64",
+        &from6(same64),
+        DROP,
+        Counter::DropRateLimited,
+    );
+    let other64 = Ipv6Addr::new(0x2001, 2, 2, 1, 0, 0, 0, 7);
+    f.case(
+        "IPv6: another /64",
+        &from6(other64),
+        TX,
+        Counter::ForwardDsr,
     );
 }
