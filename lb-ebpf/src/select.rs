@@ -87,16 +87,16 @@ fn admits(service: &ServiceValue, flow: &FlowKey) -> Result<(), Counter> {
 /// now. Only packets that open a flow are limited, a TCP SYN or a UDP
 /// packet without an entry: a TCP packet of an established connection
 /// whose entry is gone (evicted, or never written under a flood) passes,
-/// so established flows are never limited. A service without a limit pays
-/// one flag test.
+/// so established flows are never limited, and so do relayed ICMP errors
+/// (`opens` false). A service without a limit pays one flag test.
 #[inline(always)]
 fn within_limit(
     ct: &ConntrackSettings,
     service: &ServiceValue,
     flow: &FlowKey,
-    syn: bool,
+    opens: bool,
 ) -> Result<(), Counter> {
-    if service.flags & SERVICE_F_SOURCE_LIMIT == 0 || !(syn || flow.proto == IPPROTO_UDP) {
+    if service.flags & SERVICE_F_SOURCE_LIMIT == 0 || !opens {
         return Ok(());
     }
     let Some(limit) = maps::source_limit(service.id) else {
@@ -185,7 +185,8 @@ pub(crate) fn select_backend(
             // costs no state, and a denied one no place among the
             // limited service's recent sources.
             admits(&service, flow)?;
-            within_limit(ct, &service, flow, syn)?;
+            let opens = remember && (syn || flow.proto == IPPROTO_UDP);
+            within_limit(ct, &service, flow, opens)?;
             service
         }
     };

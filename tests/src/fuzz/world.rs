@@ -14,7 +14,7 @@
 //! a deny list inside it, an allow list), and the entries of seeded flows
 //! from sources they refuse are removed, as the daemon does: the program
 //! checks the lists for new flows only, so those flows are dropped from
-//! then on.
+//! then on. Two services get new-flow limits.
 //!
 //! Before every service packet the check reads the flow's entry from the
 //! connection table, so it knows the one outcome the documented rules
@@ -30,7 +30,7 @@ use lb::dataplane::{Capacity, SourceList};
 use lb_common::{
     AddrKey, BACKEND_F_UP, BackendValue, Counter, FAMILY_V4, FlowKey, FlowValue,
     SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST, SERVICE_F_DENY_LIST, SERVICE_F_ECHO, SERVICE_F_GUE,
-    SERVICE_F_IPIP, SERVICE_F_TUNNEL, ServiceKey, addr_ip,
+    SERVICE_F_IPIP, SERVICE_F_SOURCE_LIMIT, SERVICE_F_TUNNEL, ServiceKey, SourceLimit, addr_ip,
     hash::{bucket_hash, flow_hash},
     limits::{DEFAULT_GUE_PORT, GUE_SOURCE_PORT_BASE, GUE_SOURCE_PORT_MASK, NO_BACKEND},
     maps::PROG_LB,
@@ -262,6 +262,14 @@ const SOURCE_LISTS: &[(usize, SourceList, &str)] = &[
     (5, SourceList::Allow, "2001:2:2::/126"),
 ];
 
+/// The services' new-flow limits, by service index: (rate, burst, prefix
+/// length). `udp6-dsr`'s admits one flow a second from the clients' /64,
+/// so most of its new flows are dropped; `tcp4-ipip`'s a burst of five
+/// from each client. The limit's table is per CPU and its clock the real
+/// one, so the model allows a flow that opens (a SYN, a UDP packet) without
+/// an entry either outcome, and checks the drops add up.
+const SOURCE_LIMITS: &[(usize, u32, u32, u8)] = &[(2, 50, 5, 32), (6, 1, 1, 64)];
+
 /// The address of backend `id` (of family `v6`) in its `generation`.
 fn backend_ip(id: u32, v6: bool, generation: u32) -> IpAddr {
     let (id, generation) = (id as u16, generation as u16);
@@ -350,8 +358,9 @@ pub fn action_name(action: u32) -> &'static str {
 struct Service {
     spec: &'static Spec,
     key: ServiceKey,
-    /// Its source lists' flags (`SERVICE_F_*_LIST`), once they are set.
-    list_flags: u32,
+    /// Its source lists' and limit's flags (`SERVICE_F_*_LIST`,
+    /// `SERVICE_F_SOURCE_LIMIT`), once they are set.
+    source_flags: u32,
     /// The live table.
     ring: Vec<u32>,
     /// Every backend that may carry its flows: table members and those
@@ -379,8 +388,9 @@ pub struct World {
     to_backend: BTreeMap<u32, u64>,
     /// Service packets dropped, per service id.
     dropped: BTreeMap<u32, u64>,
-    /// Of those, dropped by the service's source lists: (denied, not allowed).
-    refused: BTreeMap<u32, (u64, u64)>,
+    /// Of those, dropped by the service's source lists and limit:
+    /// (denied, not allowed, limited).
+    refused: BTreeMap<u32, (u64, u64, u64)>,
 }
 
 impl Services for World {
@@ -440,7 +450,7 @@ impl World {
             w.services.push(Service {
                 spec,
                 key,
-                list_flags: 0,
+                source_flags: 0,
                 ring: Vec::new(),
                 members,
             });
@@ -452,18 +462,25 @@ impl World {
         Ok(w)
     }
 
-    /// Gives the services of [`SOURCE_LISTS`] their lists, after seeding.
+    /// Gives the services of [`SOURCE_LISTS`] their lists and those of
+    /// [`SOURCE_LIMITS`] their limits, after seeding.
     fn set_source_lists(&mut self) -> Result<()> {
         for &(i, list, prefix) in SOURCE_LISTS {
             let prefix = lb::config::parse_source(prefix).map_err(anyhow::Error::msg)?;
             self.lab.dp.set_source_entry(i as u32, prefix, list)?;
-            self.services[i].list_flags |= match list {
+            self.services[i].source_flags |= match list {
                 SourceList::Deny => SERVICE_F_DENY_LIST,
                 SourceList::Allow => SERVICE_F_ALLOW_LIST,
             };
         }
+        for &(i, rate, burst, prefix) in SOURCE_LIMITS {
+            let family = self.services[i].key.family;
+            let limit = SourceLimit::new(rate, burst, family, prefix);
+            self.lab.dp.set_source_limit(i as u32, Some(&limit))?;
+            self.services[i].source_flags |= SERVICE_F_SOURCE_LIMIT;
+        }
         for i in 0..self.services.len() {
-            if self.services[i].list_flags != 0 {
+            if self.services[i].source_flags != 0 {
                 let members: Vec<u32> = self.services[i].spec.fuzzed.to_vec();
                 self.publish(i, &members)?;
             }
@@ -496,7 +513,7 @@ impl World {
     /// The counter that drops new flows from `src` to service `service`,
     /// if its lists refuse them.
     fn refuses(&self, service: usize, src: IpAddr) -> Option<Counter> {
-        let flags = self.services.get(service)?.list_flags;
+        let flags = self.services.get(service)?.source_flags;
         let host_len = if src.is_ipv4() { 32 } else { 128 };
         let listed = |want: SourceList| {
             SOURCE_LISTS.iter().any(|&(i, list, prefix)| {
@@ -546,7 +563,7 @@ impl World {
     /// Publishes service `i` with `members` (weight 1 each) as its table.
     fn publish(&mut self, i: usize, members: &[u32]) -> Result<()> {
         let svc = &self.services[i];
-        let (key, flags) = (svc.key, svc.spec.flags | svc.list_flags);
+        let (key, flags) = (svc.key, svc.spec.flags | svc.source_flags);
         let ring = if members.is_empty() {
             let ring = vec![NO_BACKEND; RING as usize];
             self.lab
@@ -857,6 +874,7 @@ impl World {
                 match v.counter {
                     Counter::DropDenied => refused.0 += 1,
                     Counter::DropNotAllowed => refused.1 += 1,
+                    Counter::DropRateLimited => refused.2 += 1,
                     _ => {}
                 }
                 let o = Outcome::Drop(v.counter);
@@ -1126,6 +1144,10 @@ impl World {
                 }
             }
         }
+        if self.may_limit(hit, entry) {
+            // After the lists, before the choice.
+            v.push(Outcome::Drop(Counter::DropRateLimited));
+        }
         if let Some(refused) = self.refused(hit) {
             // Checked once the service is known, before anything else.
             v = vec![Outcome::Drop(refused)];
@@ -1135,6 +1157,18 @@ impl World {
             v = vec![Outcome::Pass(Counter::PassForeignMac)];
         }
         v
+    }
+
+    /// Whether `hit` may be dropped by its service's new-flow limit: the
+    /// service has one, the packet opens a flow (a SYN or UDP, no relayed
+    /// ICMP error), and it has no entry of its service to find it by (any
+    /// entry of the service, even one whose backend is gone: the program
+    /// then takes the service from the entry's slot).
+    fn may_limit(&self, hit: &Hit, entry: Option<FlowValue>) -> bool {
+        self.services[hit.service].source_flags & SERVICE_F_SOURCE_LIMIT != 0
+            && !hit.icmp
+            && (hit.syn || hit.flow.proto == IPPROTO_UDP)
+            && entry.is_none_or(|e| e.service != hit.service as u32)
     }
 
     /// The backend the flow goes to: the pinned one, else the table's pick.
@@ -1205,11 +1239,12 @@ impl World {
             let lists = self.lab.dp.source_drops(i as u32)?;
             let refused = self.refused.get(&(i as u32)).copied().unwrap_or_default();
             ensure!(
-                (lists.denied, lists.not_allowed) == refused,
-                "service {}: counted {} denied / {} not allowed, dropped {refused:?}",
+                (lists.denied, lists.not_allowed, lists.limited) == refused,
+                "service {}: counted {} denied / {} not allowed / {} limited, dropped {refused:?}",
                 svc.spec.name,
                 lists.denied,
-                lists.not_allowed
+                lists.not_allowed,
+                lists.limited
             );
         }
         for &id in self.backends.keys() {
