@@ -15,6 +15,8 @@ use lb::{
 pub const LB_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 /// The client's address.
 pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The second client's address ([`Lan::second_client`]).
+pub const SECOND_CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
 
 /// A backend host.
 pub struct Host {
@@ -55,8 +57,7 @@ impl Lan {
             &["198.18.0.1/24", "2001:2::1/64"],
         )?;
         plug_lb(&switch, &lb)?;
-        client.ip(&["route", "add", "198.18.1.0/24", "via", "198.18.0.2"])?;
-        client.ip(&["-6", "route", "add", "2001:2:1::/64", "via", "2001:2::2"])?;
+        route_vips(&client)?;
         let mut backends = Vec::new();
         for i in 1..=n {
             let h = Host {
@@ -95,6 +96,12 @@ impl Lan {
     }
 }
 
+/// Routes the VIP ranges of a client through the load balancer.
+fn route_vips(client: &Netns) -> Result<()> {
+    client.ip(&["route", "add", "198.18.1.0/24", "via", "198.18.0.2"])?;
+    client.ip(&["-6", "route", "add", "2001:2:1::/64", "via", "2001:2::2"])
+}
+
 /// The load balancer's port on the switch, its MAC and addresses.
 const LB_PORT: &str = "plb";
 const LB_MAC: &str = "02:00:00:00:00:02";
@@ -120,6 +127,22 @@ impl Lan {
     /// peer of the load balancer's `eth0`).
     pub fn lb_port(&self) -> (&Netns, &'static str) {
         (&self.switch, LB_PORT)
+    }
+
+    /// Plugs a second client into the segment, at [`SECOND_CLIENT_V4`] and
+    /// 2001:2::3, routing the VIPs as the first does. Its namespace goes
+    /// when the returned value is dropped.
+    pub fn second_client(&self) -> Result<Netns> {
+        let client = Netns::new("cl2")?;
+        netns::plug(
+            &self.switch,
+            "pcl2",
+            &client,
+            "02:00:00:00:00:03",
+            &[&format!("{SECOND_CLIENT_V4}/24"), "2001:2::3/64"],
+        )?;
+        route_vips(&client)?;
+        Ok(client)
     }
 
     /// Starts a name server (`backend-1`, `backend-2`, ...) on `port` of

@@ -20,6 +20,7 @@ mod fleet;
 mod flood;
 mod fuzz;
 mod interfaces;
+mod limits;
 mod package;
 mod probes;
 mod readme;
