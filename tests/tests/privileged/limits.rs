@@ -118,7 +118,7 @@ fn a_flooding_client_is_limited_while_another_is_served() {
         "protocol = \"tcp\"\n",
         &format!("protocol = \"tcp\"\n{LIMIT}"),
     );
-    let mut d = Daemon::start(&lan.lb, "limits", &limited).unwrap();
+    let d = Daemon::start(&lan.lb, "limits", &limited).unwrap();
     d.wait_in_table(2, WAIT).unwrap();
     let vip = SocketAddrV4::new(WEB_VIP, WEB_PORT);
     let served = |ns: &lb::netns::Netns| ns.run(|| http_get(SocketAddr::V4(vip))).is_ok();
