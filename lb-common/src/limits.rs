@@ -133,6 +133,12 @@ pub const LIMITED_SOURCE_SLOTS: u32 = 256;
 /// Seconds without a limited flow after which a sampled source gives its
 /// slot to another.
 pub const LIMITED_SOURCE_QUIET_SECS: u32 = 10;
+/// The longest tick of the clock new-flow limits read
+/// (`bpf_ktime_get_coarse_ns`, which advances a tick at a time: 1 to 10 ms
+/// by the kernel's `CONFIG_HZ`). Flows within one tick see one time, so a
+/// limit admits at least a tick's worth of its rate at once, or it could
+/// not keep its rate.
+pub const COARSE_CLOCK_TICK_NS: u64 = 10_000_000;
 /// The highest new-flow rate and burst a source limit takes: one new flow
 /// a microsecond, a million at once.
 pub const MAX_SOURCE_LIMIT: u32 = 1_000_000;

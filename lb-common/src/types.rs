@@ -698,11 +698,20 @@ impl SourceLimit {
         let bits: u32 = if family == FAMILY_V4 { 32 } else { 128 };
         let len = u32::from(prefix_len).min(bits);
         let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+        let burst_ns = interval_ns * u64::from(burst.max(1) - 1);
+        let tick_ns = crate::limits::COARSE_CLOCK_TICK_NS.saturating_sub(interval_ns);
         SourceLimit {
             interval_ns,
-            tolerance_ns: interval_ns * u64::from(burst.max(1) - 1),
+            tolerance_ns: burst_ns.max(tick_ns),
             mask: mask.to_be_bytes(),
         }
+    }
+
+    /// The new flows a fresh source may open at once: the burst asked
+    /// for, or a tick's worth of the rate if that is more
+    /// ([`COARSE_CLOCK_TICK_NS`](crate::limits::COARSE_CLOCK_TICK_NS)).
+    pub fn burst(&self) -> u64 {
+        1 + self.tolerance_ns / self.interval_ns
     }
 
     /// `src`'s prefix under this limit.
@@ -1089,9 +1098,9 @@ mod tests {
         }
     }
 
-    /// A source limit admits `burst` new flows at once, at most
-    /// `burst + rate × d` in any span of `d` seconds, and `rate` a second
-    /// in the long run to a source that keeps trying.
+    /// A source limit admits its burst at once, at most `burst + rate × d`
+    /// in any span of `d` seconds, and `rate` a second in the long run to a
+    /// source that keeps trying, also on a clock that moves by ticks.
     #[test]
     fn a_source_limit_admits_its_burst_then_its_rate() {
         const SECONDS: usize = 12;
@@ -1108,21 +1117,31 @@ mod tests {
                             .is_some()
                     })
                     .count();
-                assert_eq!(at_once, burst as usize, "{rate}/s {burst}: at once");
-                for tries in [1, 2, 3, 7, 10, 11, 25, 40, 3_000] {
+                assert_eq!(at_once as u64, limit.burst(), "{rate}/s {burst}: at once");
+                let tick = crate::limits::COARSE_CLOCK_TICK_NS;
+                assert_eq!(
+                    limit.burst(),
+                    u64::from(burst).max(tick / limit.interval_ns),
+                    "{rate}/s {burst}: a tick's worth"
+                );
+                for (tries, tick) in [1, 2, 3, 7, 10, 11, 25, 40, 3_000]
+                    .into_iter()
+                    .flat_map(|t| [(t, 1), (t, 4_000_000)])
+                {
                     // `tries` a second, evenly spread.
                     let mut due = 0;
                     let mut admitted = [0u64; SECONDS];
                     for (second, n) in admitted.iter_mut().enumerate() {
                         for k in 0..tries {
                             let now = (second as u64 + 1) * NS_PER_SEC + k * NS_PER_SEC / tries;
+                            let now = now / tick * tick;
                             if let Some(next) = limit.admit(due, now) {
                                 due = next;
                                 *n += 1;
                             }
                         }
                     }
-                    let (r, b) = (u64::from(rate), u64::from(burst));
+                    let (r, b) = (u64::from(rate), limit.burst());
                     for from in 0..SECONDS {
                         for to in from..SECONDS {
                             let n: u64 = admitted[from..=to].iter().sum();
@@ -1134,10 +1153,12 @@ mod tests {
                         }
                     }
                     // Each admitted flow waits at most one gap between
-                    // tries past its interval.
+                    // tries past its interval, and a tick more on a
+                    // ticking clock.
                     if tries >= r {
                         let total: u64 = admitted.iter().sum();
-                        let pace = limit.interval_ns + NS_PER_SEC / tries;
+                        let gap = NS_PER_SEC / tries + tick;
+                        let pace = limit.interval_ns + gap;
                         assert!(
                             total * pace >= (SECONDS as u64 - 1) * NS_PER_SEC,
                             "{rate}/s {burst}, {tries}: {total}"
@@ -1146,6 +1167,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// On a clock that moves by 4 ms ticks, a limit of 1,000 a second with
+    /// a burst of 1 still keeps its rate: it admits a tick's worth at once.
+    #[test]
+    fn a_source_limit_keeps_a_rate_above_the_clocks_ticks() {
+        let limit = SourceLimit::new(1_000, 1, FAMILY_V4, 32);
+        let tick = 4_000_000;
+        let mut due = 0;
+        let mut admitted = 0u64;
+        // 3,000 tries a second for 10 seconds.
+        for i in 0..30_000u64 {
+            let now = NS_PER_SEC + i * NS_PER_SEC / 3_000;
+            if let Some(next) = limit.admit(due, now / tick * tick) {
+                due = next;
+                admitted += 1;
+            }
+        }
+        assert!((9_900..=10_020).contains(&admitted), "{admitted} in 10 s");
     }
 
     #[test]

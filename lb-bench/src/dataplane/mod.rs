@@ -34,8 +34,9 @@ use anyhow::{Context as _, Result};
 use lb::dataplane::{Capacity, SourceList};
 use lb_bench_ebpf::{FRAME_LEN, ResetConfig};
 use lb_common::{
-    Counter, SERVICE_F_ALLOW_LIST, SERVICE_F_DENY_LIST, SERVICE_F_IPIP,
-    limits::{DEFAULT_CONNTRACK_ENTRIES, DEFAULT_RING_SIZE},
+    Counter, FAMILY_V4, FAMILY_V6, SERVICE_F_ALLOW_LIST, SERVICE_F_DENY_LIST, SERVICE_F_IPIP,
+    SERVICE_F_SOURCE_LIMIT, SourceLimit,
+    limits::{DEFAULT_CONNTRACK_ENTRIES, DEFAULT_RING_SIZE, MAX_SOURCE_LIMIT},
     wire::{IPPROTO_TCP, IPV4_HLEN, IPV6_HLEN},
 };
 use lb_tests::lab::{PASS, TX, service_key};
@@ -726,7 +727,8 @@ fn run_matrix(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<Vec<G
 /// backends, in two groups in one run: without source lists, then with a
 /// deny list and an allow list of `plan.source_prefixes` prefixes each on
 /// every measured service (the benchmark's clients in the allow list, in
-/// none of the deny list's). lb's object only: the baseline has no lists.
+/// none of the deny list's) and a new-flow limit per client address that
+/// no run reaches. lb's object only: the baseline has neither.
 fn run_source_lists(plan: &Plan) -> Result<Vec<GroupResult>> {
     if plan.source_prefixes == 0 {
         return Ok(Vec::new());
@@ -773,8 +775,8 @@ fn run_source_lists(plan: &Plan) -> Result<Vec<GroupResult>> {
     Ok(groups)
 }
 
-/// Gives every measured service a deny list and an allow list of
-/// `prefixes` prefixes each, the benchmark's clients (`frames::client_net`)
+/// Gives every measured service a new-flow limit per client address and a
+/// deny list and an allow list of `prefixes` prefixes each, the benchmark's clients (`frames::client_net`)
 /// the allow list's first: the deny list's are single addresses in a range
 /// no client is in, the allow list's others likewise elsewhere. Then
 /// republishes the services with the flags that make the program read them.
@@ -809,8 +811,20 @@ fn add_source_lists(h: &mut Harness, prefixes: u32) -> Result<()> {
         let members: Vec<(u32, u32)> = (0..SOURCE_LISTS_BACKENDS)
             .map(|j| (sid * SOURCE_LISTS_BACKENDS + j, 1))
             .collect();
+        // A limit per client address no run reaches (a fresh flow's index
+        // picks its source address every 65,536 flows), so every path is
+        // the one without it plus the limit's work.
+        let (family_tag, host_bits) = match family {
+            Family::Ipv4 => (FAMILY_V4, 32),
+            Family::Ipv6 => (FAMILY_V6, 128),
+        };
+        let limit = SourceLimit::new(MAX_SOURCE_LIMIT, MAX_SOURCE_LIMIT, family_tag, host_bits);
+        h.lab.dp.set_source_limit(sid, Some(&limit))?;
         let key = service_key(frames::vip(family, mode), SERVICE_PORT, IPPROTO_TCP);
-        let flags = service_flags(mode) | SERVICE_F_DENY_LIST | SERVICE_F_ALLOW_LIST;
+        let flags = service_flags(mode)
+            | SERVICE_F_DENY_LIST
+            | SERVICE_F_ALLOW_LIST
+            | SERVICE_F_SOURCE_LIMIT;
         h.service(sid, key, flags, &members)?;
     }
     Ok(())

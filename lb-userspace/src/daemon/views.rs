@@ -410,7 +410,20 @@ fn explain(ctl: &Controller, service: &str, client: std::net::IpAddr, port: u16)
                 c.name()
             ),
         ),
-        None => (goes_to, reason.to_string()),
+        None => match s.config.new_flow_limit.filter(|_| pinned.is_none()) {
+            Some(l) => (
+                goes_to,
+                format!(
+                    "{reason}, if its prefix is within the service's new-flow limit ({} a \
+                     second, {} at once, per /{}): beyond it, dropped and counted as {}",
+                    l.rate,
+                    l.burst,
+                    l.prefix,
+                    lb_common::Counter::DropRateLimited.name()
+                ),
+            ),
+            None => (goes_to, reason.to_string()),
+        },
     };
     Ok(json!({
         "service": service,
