@@ -55,7 +55,12 @@ fn b6(last: u16) -> IpAddr {
 struct Fixture {
     lab: Lab,
     rings: Vec<Vec<u32>>,
+    /// Each service as published, by id.
+    services: Vec<FixtureService>,
 }
+
+/// A fixture service's key, flags and (backend, weight) members.
+type FixtureService = (ServiceKey, u32, [(u32, u32); 2]);
 
 /// Service ids, in the order `fixture()` creates them.
 const SVC_TCP4: usize = 0;
@@ -146,7 +151,11 @@ fn fixture() -> Fixture {
                 .expect("service")
         })
         .collect();
-    Fixture { lab, rings }
+    Fixture {
+        lab,
+        rings,
+        services: services.to_vec(),
+    }
 }
 
 impl Fixture {
@@ -199,6 +208,14 @@ impl Fixture {
             );
         }
         v.out
+    }
+
+    /// Publishes service `svc` again with `flags` besides its own.
+    fn republish(&mut self, svc: usize, flags: u32) {
+        let (key, own, members) = self.services[svc];
+        self.lab
+            .service(svc as u32, key, own | flags, &members)
+            .unwrap();
     }
 
     /// The backend user space computes for a flow of service `svc`.
@@ -1798,17 +1815,7 @@ fn source_lists_drop_new_flows_from_denied_and_unlisted_sources() {
                 .set_source_entry(svc as u32, parse(prefix), *list)
                 .unwrap();
         }
-        let (key, members) = match svc {
-            SVC_TCP4 => (
-                service_key(v4(VIP4_DSR), HTTP, IPPROTO_TCP),
-                [(1, 1), (2, 1)],
-            ),
-            _ => (
-                service_key(IpAddr::V6(VIP6_DSR), HTTP, IPPROTO_TCP),
-                [(5, 1), (6, 1)],
-            ),
-        };
-        f.lab.service(svc as u32, key, flags, &members).unwrap();
+        f.republish(svc, flags);
     };
     // An established flow from CLIENT4 before any list.
     let syn = tcp4(CLIENT4, VIP4_DSR, 40000, HTTP, TCP_SYN, &[]);
@@ -1941,30 +1948,17 @@ fn new_flow_limits_drop_a_prefixs_new_flows_past_its_burst_until_it_refills() {
     lb_tests::pin_to_this_cpu().unwrap();
     let mut f = fixture();
     f.set_clock(1);
-    // Each service of the fixture whose limit a case sets, with its key
-    // and members, to republish it with the limit's flag.
+    // Sets a service's limit, and its flag with it.
     let limit = |f: &mut Fixture, svc: usize, l: Option<SourceLimit>| {
-        let (key, members) = match svc {
-            SVC_TCP4 => (
-                service_key(v4(VIP4_DSR), HTTP, IPPROTO_TCP),
-                [(1, 1), (2, 1)],
-            ),
-            SVC_UDP4 => (
-                service_key(v4(VIP4_DSR), DNS, IPPROTO_UDP),
-                [(3, 1), (4, 1)],
-            ),
-            _ => (
-                service_key(IpAddr::V6(VIP6_DSR), HTTP, IPPROTO_TCP),
-                [(5, 1), (6, 1)],
-            ),
-        };
         f.lab.dp.set_source_limit(svc as u32, l.as_ref()).unwrap();
-        let flags = if l.is_some() {
-            SERVICE_F_SOURCE_LIMIT
-        } else {
-            0
-        };
-        f.lab.service(svc as u32, key, flags, &members).unwrap();
+        f.republish(
+            svc,
+            if l.is_some() {
+                SERVICE_F_SOURCE_LIMIT
+            } else {
+                0
+            },
+        );
     };
     let syn = |src: [u8; 4], sport: u16| tcp4(src, VIP4_DSR, sport, HTTP, TCP_SYN, &[]);
 
