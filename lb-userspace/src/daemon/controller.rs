@@ -1003,6 +1003,16 @@ impl Controller {
                             cfg.allow.len()
                         ));
                     }
+                    if s.config.new_flow_limit != cfg.new_flow_limit {
+                        report.changes.push(match cfg.new_flow_limit {
+                            Some(l) => format!(
+                                "service {name}: new flows limited to {} a second, {} at once, \
+                                 per /{}",
+                                l.rate, l.burst, l.prefix
+                            ),
+                            None => format!("service {name}: new flows no longer limited"),
+                        });
+                    }
                     ServiceState {
                         config: cfg.clone(),
                         backends: BTreeMap::new(),

@@ -1,7 +1,8 @@
 //! The batch operations aya does not wrap: BPF_MAP_UPDATE_BATCH for array
 //! maps (a Maglev table of 65,537 slots in one system call instead of one
-//! per slot) and BPF_MAP_LOOKUP_BATCH for hash maps (the connection table
-//! in a few calls instead of two per entry).
+//! per slot) and BPF_MAP_LOOKUP_BATCH (the connection table in a few calls
+//! instead of two per entry, a live table read back in a few instead of
+//! one per slot).
 
 use std::{
     io,
@@ -64,32 +65,57 @@ pub fn update_u32s(map: &MapData, keys: &[u32], values: &[u32]) -> io::Result<()
     Ok(())
 }
 
-/// Every (key, value) of the hash map `map`, whose keys are `K` and values
-/// `V` (the caller's types must be the map's: aya checked them when it
-/// opened the map). Entries added or removed meanwhile may or may not be
-/// seen; none is seen twice.
+/// Every (key, value) of the map `map`, whose keys are `K` and values `V`
+/// (the caller's types must be the map's: aya checked them when it opened
+/// the map). Entries added or removed meanwhile may or may not be seen;
+/// none is seen twice.
 pub(super) fn lookup_all<K: aya::Pod, V: aya::Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
+    lookup_from(map, None, usize::MAX)
+}
+
+/// `count` elements of the u32 array `map` from index `first`, in as many
+/// calls as [`LOOKUP_CHUNK`] needs: a Maglev table of 65,537 slots in 8
+/// calls instead of 65,537.
+pub(super) fn lookup_u32s(map: &MapData, first: u32, count: u32) -> io::Result<Vec<u32>> {
+    // An array's batch token is the last index read: start before `first`.
+    let before = first.checked_sub(1);
+    let got: Vec<(u32, u32)> = lookup_from(map, before, count as usize)?;
+    if got.len() != count as usize || got.iter().zip(first..).any(|((k, _), i)| *k != i) {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("{} of {count} elements from index {first}", got.len()),
+        ));
+    }
+    Ok(got.into_iter().map(|(_, v)| v).collect())
+}
+
+/// Up to `limit` (key, value)s of `map` after batch token `token` (`None`:
+/// from the start). The token is a u32 for the maps lb walks: the next
+/// bucket of a hash map, the last index read of an array.
+fn lookup_from<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    mut token: Option<u32>,
+    limit: usize,
+) -> io::Result<Vec<(K, V)>> {
     let mut out = Vec::new();
+    let chunk = limit.min(LOOKUP_CHUNK as usize);
     // SAFETY (both): Pod types are plain bytes, any bit pattern is valid.
-    let mut keys: Vec<K> = vec![unsafe { std::mem::zeroed() }; LOOKUP_CHUNK as usize];
-    let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; LOOKUP_CHUNK as usize];
-    // For hash maps the batch token is the next bucket, a u32.
-    let mut token: u32 = 0;
-    let mut first = true;
-    loop {
+    let mut keys: Vec<K> = vec![unsafe { std::mem::zeroed() }; chunk];
+    let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; chunk];
+    while out.len() < limit {
         let mut next: u32 = 0;
         let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { (&raw const token) as u64 },
+            in_batch: token.as_ref().map_or(0, |t| std::ptr::from_ref(t) as u64),
             out_batch: (&raw mut next) as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
-            count: LOOKUP_CHUNK,
+            count: chunk.min(limit - out.len()) as u32,
             map_fd: map.fd().as_fd().as_raw_fd() as u32,
             ..BatchAttr::default()
         };
-        // SAFETY: `attr` points at buffers of LOOKUP_CHUNK keys and values
-        // of the map's sizes and at the two tokens, all of which outlive the
-        // call; the kernel writes at most `count` elements.
+        // SAFETY: `attr` points at buffers of `chunk` keys and values of
+        // the map's sizes and at the two tokens, all of which outlive the
+        // call; the kernel writes at most `count` (≤ `chunk`) elements.
         let ret = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -107,15 +133,15 @@ pub(super) fn lookup_all<K: aya::Pod, V: aya::Pod>(map: &MapData) -> io::Result<
         );
         if ret < 0 {
             let e = io::Error::last_os_error();
-            // ENOENT: the walk reached the last bucket.
+            // ENOENT: the walk reached the map's end.
             if e.raw_os_error() == Some(libc::ENOENT) {
                 return Ok(out);
             }
             return Err(e);
         }
-        token = next;
-        first = false;
+        token = Some(next);
     }
+    Ok(out)
 }
 
 /// Whether `e` says the kernel has no batch operations for the map (older

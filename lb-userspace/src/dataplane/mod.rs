@@ -979,14 +979,19 @@ impl Dataplane {
         Ok(())
     }
 
-    /// The live table of a service, as the kernel reads it.
+    /// The live table of a service, as the kernel reads it: a few batch
+    /// reads, or one read per slot on kernels without batches.
     pub fn live_ring(&self, key: &ServiceKey) -> Result<Vec<u32>> {
         let svc = self.service(key)?.context("no such service")?;
-        (0..self.capacity.ring_size)
-            .map(|slot| {
-                let index = ring_index(svc.id, svc.active_ring & 1, self.capacity.ring_size, slot);
-                Ok(self.rings.get(&index, 0)?)
-            })
+        let size = self.capacity.ring_size;
+        let first = ring_index(svc.id, svc.active_ring & 1, size, 0);
+        match batch::lookup_u32s(self.rings.map(), first, size) {
+            Ok(ring) => return Ok(ring),
+            Err(e) if batch::unsupported(&e) => {}
+            Err(e) => return Err(e).context("reading the live table"),
+        }
+        (first..first + size)
+            .map(|index| Ok(self.rings.get(&index, 0)?))
             .collect()
     }
 

@@ -66,6 +66,13 @@ fn kernel_and_user_space_pick_the_same_backend() {
     let live6 = lab.dp.live_ring(&key6).unwrap();
     assert_eq!(live4, built4);
     assert_eq!(live6, built6);
+    // A new table goes to the other copy, and reads back from there; then
+    // the first one again.
+    let fewer = lab.service(1, key6, 0, &members6[1..]).unwrap();
+    assert_ne!(fewer, built6);
+    assert_eq!(lab.dp.live_ring(&key6).unwrap(), fewer);
+    assert_eq!(lab.service(1, key6, 0, &members6).unwrap(), built6);
+    assert_eq!(lab.dp.live_ring(&key6).unwrap(), built6);
 
     let mut rng = Rng(0x1b_2f3c_4d5e);
     let mut checked = 0usize;
