@@ -759,6 +759,14 @@ pub struct SourceRate {
     pub due_ns: u64,
 }
 
+impl SourceRate {
+    /// Whether this way holds `prefix` of service `service_id`.
+    #[inline(always)]
+    pub fn holds(&self, service_id: u32, prefix: &Addr) -> bool {
+        self.service == service_id + 1 && same_words(&self.prefix, prefix)
+    }
+}
+
 /// A bucket of each CPU's table of recent sources (`LB_SOURCE_RATES`, per
 /// CPU, indexed by [`crate::hash::source_hash`] modulo
 /// [`limits::SOURCE_RATE_BUCKETS`](crate::limits::SOURCE_RATE_BUCKETS)),
@@ -791,6 +799,14 @@ pub struct LimitedSource {
     pub last: u32,
     /// Its new flows limited since it took the slot.
     pub drops: u64,
+}
+
+impl LimitedSource {
+    /// Whether this slot holds `prefix` of service `service_id`.
+    #[inline(always)]
+    pub fn holds(&self, service_id: u32, prefix: &Addr) -> bool {
+        self.service == service_id + 1 && same_words(&self.prefix, prefix)
+    }
 }
 
 /// Per-service counters (per CPU). Value of `LB_SERVICE_STATS`.

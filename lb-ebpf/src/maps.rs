@@ -14,7 +14,7 @@ use lb_common::{
     FlowEntry, FlowKey, FlowValue, IcmpBudget, IcmpKind, Interface, LimitedSource, ProbeTunnel,
     ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings, SourceDrops, SourceKey,
     SourceLimit, SourceRateBucket, counters::DecapCounter, flow_buckets, hash::vip_filter_bit,
-    interface_slot, limits, limits::CONNTRACK_WAYS, same_words, vip_answers_echo,
+    interface_slot, limits, limits::CONNTRACK_WAYS, vip_answers_echo,
 };
 
 /// Services. Not preallocated, so an update replaces the element under RCU and
@@ -525,12 +525,10 @@ pub(crate) fn take_source_rate(
     };
     // SAFETY: a per-CPU value: no other program touches it meanwhile.
     let ways = unsafe { &mut (*b).ways };
-    let owner = service_id + 1;
-    let mine = |w: &lb_common::SourceRate| w.service == owner && same_words(&w.prefix, prefix);
     // Two ways spelled out: no loop for the verifier to bound.
-    let (i, known) = if mine(&ways[0]) {
+    let (i, known) = if ways[0].holds(service_id, prefix) {
         (0, true)
-    } else if mine(&ways[1]) {
+    } else if ways[1].holds(service_id, prefix) {
         (1, true)
     } else {
         (usize::from(ways[1].due_ns < ways[0].due_ns), false)
@@ -539,7 +537,7 @@ pub(crate) fn take_source_rate(
     let way = &mut ways[i & 1];
     if !known {
         way.prefix = *prefix;
-        way.service = owner;
+        way.service = service_id + 1;
         way.due_ns = 0;
     }
     let due = way.due_ns;
@@ -568,13 +566,12 @@ pub(crate) fn count_limited_source(service_id: u32, prefix: &Addr, hash: u32, no
     };
     // SAFETY: per-CPU value.
     let slot = unsafe { &mut *slot };
-    let owner = service_id + 1;
-    if slot.service == owner && same_words(&slot.prefix, prefix) {
+    if slot.holds(service_id, prefix) {
         slot.drops += 1;
     } else if slot.service == 0 || now.wrapping_sub(slot.last) >= limits::LIMITED_SOURCE_QUIET_SECS
     {
         slot.prefix = *prefix;
-        slot.service = owner;
+        slot.service = service_id + 1;
         slot.drops = 1;
     } else {
         return;

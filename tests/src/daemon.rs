@@ -57,6 +57,20 @@ pub fn default_web_config(backends: u8, xdp_mode: &str) -> String {
         + &web_service("", backends)
 }
 
+/// The metrics page of the daemon in namespace `ns`, which serves it on
+/// [`lb::demo::edge::METRICS`] as the configurations here and the demo's
+/// ask.
+pub fn metrics_in(ns: &Netns) -> Result<String> {
+    ns.run(|| {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(lb::demo::edge::METRICS)?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    })
+}
+
 /// `lb --json <args>` run in namespace `ns` (a one-shot command such as
 /// `lb decap`), its JSON output; its error output on failure.
 pub fn lb_in(ns: &Netns, args: &[&str]) -> Result<Value> {

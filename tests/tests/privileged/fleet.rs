@@ -3,7 +3,6 @@
 //! TCP connections from a client behind the router.
 
 use std::{
-    io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
@@ -11,8 +10,8 @@ use std::{
 use lb_tests::{
     daemon::Daemon,
     edge::{
-        ECHO_PORT, EchoServer, Edge, FLEET_PREFIX, METRICS, Sessions, backend_v4,
-        fleet_node_config, fleet_services, node_v4,
+        ECHO_PORT, EchoServer, Edge, FLEET_PREFIX, Sessions, backend_v4, fleet_node_config,
+        fleet_services, node_v4,
     },
     require_root,
 };
@@ -116,16 +115,7 @@ impl Fleet {
 
     /// Node `node`'s Prometheus metrics.
     fn metrics(&self, node: usize) -> String {
-        self.edge.nodes[node]
-            .ns
-            .run(|| {
-                let mut s = std::net::TcpStream::connect(METRICS)?;
-                s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
-                let mut text = String::new();
-                s.read_to_string(&mut text)?;
-                Ok(text)
-            })
-            .unwrap()
+        lb_tests::daemon::metrics_in(&self.edge.nodes[node].ns).unwrap()
     }
 
     /// `lb backend set-weight echo BACKEND WEIGHT` through node `node`: its

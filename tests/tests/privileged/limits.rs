@@ -9,8 +9,7 @@
 
 use std::{
     collections::VecDeque,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, SocketAddrV4, TcpStream},
+    net::{SocketAddr, SocketAddrV4},
     os::fd::{FromRawFd as _, OwnedFd},
     time::{Duration, Instant},
 };
@@ -18,7 +17,7 @@ use std::{
 use anyhow::{Result, bail};
 use lb::demo::server::http_get;
 use lb_tests::{
-    daemon::{Daemon, WEB_PORT, WEB_VIP, web_config},
+    daemon::{Daemon, WEB_PORT, WEB_VIP, metrics_in, web_config},
     lan::{CLIENT_V4, Lan, SECOND_CLIENT_V4},
     require_root,
 };
@@ -94,19 +93,6 @@ fn stats(d: &Daemon) -> (Value, Value) {
     (s["services"][0].clone(), s["limited_sources"].clone())
 }
 
-/// The daemon's metrics page, scraped in the load balancer's namespace.
-fn metrics(lan: &Lan) -> String {
-    lan.lb
-        .run(|| {
-            let mut s = TcpStream::connect("127.0.0.1:9108")?;
-            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
-            let mut text = String::new();
-            s.read_to_string(&mut text)?;
-            Ok(text)
-        })
-        .unwrap()
-}
-
 #[test]
 #[ignore = "needs root: cargo xtask test runs it"]
 fn a_flooding_client_is_limited_while_another_is_served() {
@@ -170,7 +156,7 @@ fn a_flooding_client_is_limited_while_another_is_served() {
             .any(|s| s["prefix"] == second_prefix.as_str()),
         "{sources}"
     );
-    let text = metrics(&lan);
+    let text = metrics_in(&lan.lb).unwrap();
     for line in [
         format!("lb_limited_source_drops{{service=\"web\",source=\"{flooder}\"}}"),
         "lb_service_source_drops_total{service=\"web\",reason=\"limited\"}".into(),

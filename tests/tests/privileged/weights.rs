@@ -9,7 +9,7 @@
 use std::{
     collections::BTreeMap,
     io::{ErrorKind, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener},
+    net::{IpAddr, SocketAddr, TcpListener},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -257,16 +257,7 @@ fn agents_set_weights_and_states_and_rebuild_at_most_once_an_interval() {
     );
 
     // Every change applied is counted, by cause.
-    let metrics = lan
-        .lb
-        .run(|| {
-            let mut s = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, 9108))?;
-            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
-            let mut text = String::new();
-            std::io::Read::read_to_string(&mut s, &mut text)?;
-            Ok(text)
-        })
-        .unwrap();
+    let metrics = lb_tests::daemon::metrics_in(&lan.lb).unwrap();
     let changes = metrics
         .lines()
         .find(|l| {
