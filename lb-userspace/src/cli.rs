@@ -102,7 +102,9 @@ enum Command {
     /// an invalid file changes nothing and this exits non-zero (what
     /// `systemctl reload lb` runs).
     Reload,
-    /// Make the running state equal a configuration file, atomically.
+    /// Make the running state equal a configuration file: all of it or,
+    /// should a kernel write fail part way, none of it (what was written is
+    /// undone).
     Apply {
         /// Configuration file.
         #[arg(short, long)]

@@ -2,6 +2,7 @@
 
 use std::{
     net::Ipv4Addr,
+    os::fd::{AsFd as _, AsRawFd as _},
     path::PathBuf,
     process::{Child, Command},
     sync::atomic::{AtomicU32, Ordering},
@@ -9,6 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use aya::maps::MapData;
 use serde_json::Value;
 
 use lb::netns::{Netns, PrivateBpffs, spawn_in};
@@ -304,6 +306,33 @@ impl Daemon {
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         ))
+    }
+
+    /// Makes the daemon's pinned map `name` read-only to system calls
+    /// (`BPF_MAP_FREEZE`), for good: every write the daemon tries from then
+    /// on fails, while the XDP program still reads and writes it. How a
+    /// test makes a kernel write fail part way through a change.
+    pub fn freeze_map(&self, name: &str) -> Result<()> {
+        /// `enum bpf_cmd`'s `BPF_MAP_FREEZE`.
+        const BPF_MAP_FREEZE: libc::c_long = 22;
+        let map = MapData::from_pin(self.pins.join(name))
+            .with_context(|| format!("opening the pin of {name}"))?;
+        // `union bpf_attr`, zeroed but its first field, `map_fd`.
+        let mut attr = [0u64; 16];
+        attr[0] = u64::from(map.fd().as_fd().as_raw_fd() as u32);
+        // SAFETY: `attr` outlives the call, which reads at most its size.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_FREEZE,
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(&attr),
+            )
+        };
+        if r != 0 {
+            bail!("freezing {name}: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Waits until the first service's table holds `backends` backends.

@@ -14,6 +14,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -24,7 +25,7 @@ use lb_common::{
     ServiceKey, SourceLimit, addr_bytes, addr_ip, limits::NO_BACKEND,
 };
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::runtime::{Admin, History, Override, Runtime, ServiceIds};
 use crate::{
@@ -206,8 +207,9 @@ pub struct ServiceState {
     pub id: u32,
     /// Backends by address.
     pub backends: BTreeMap<IpAddr, BackendState>,
-    /// The live table (backend ids); empty until first published.
-    pub ring: Vec<u32>,
+    /// The live table (backend ids); empty until first published. Shared,
+    /// so a copy of the state taken before a change costs no table copy.
+    pub ring: Arc<[u32]>,
     /// Flags and idle timeout the live service entry carries.
     published: Option<(u32, u32)>,
     /// The new-flow limit last written to the data plane for its id.
@@ -554,7 +556,7 @@ impl Controller {
                     config: cfg.clone(),
                     id: live.id,
                     backends,
-                    ring,
+                    ring: ring.into(),
                     published: Some((live.flags, live.idle_timeout)),
                     limit_written: None,
                     digest: 0,
@@ -1028,7 +1030,7 @@ impl Controller {
                         config: cfg.clone(),
                         id: service_ids.take("service")?,
                         backends: BTreeMap::new(),
-                        ring: Vec::new(),
+                        ring: Arc::from([]),
                         published: None,
                         limit_written: None,
                         digest: 0,
@@ -1138,8 +1140,25 @@ impl Controller {
             return Ok(report);
         }
 
+        self.atomically(|c| c.commit(&gone, next, &relisted))?;
+        self.desired = desired;
+        for line in &report.changes {
+            info!(change = %line, "config applied");
+        }
+        Ok(report)
+    }
+
+    /// Writes a planned change: `gone` services out, the `next` services
+    /// (each with its table) in, the flows of sources the `relisted`
+    /// services' lists now refuse forgotten, and the state file saved.
+    fn commit(
+        &mut self,
+        gone: &[String],
+        next: BTreeMap<String, (ServiceState, Vec<u32>)>,
+        relisted: &BTreeSet<u32>,
+    ) -> Result<()> {
         // Services going away: out of the data plane, then their backends.
-        for name in &gone {
+        for name in gone {
             if let Some(old) = self.services.remove(name) {
                 self.dp.remove_service(&service_key(&old.config))?;
                 for b in old.backends.values() {
@@ -1169,19 +1188,108 @@ impl Controller {
             }
         }
         self.remove_source_entries(&sources)?;
-        self.forget_refused_flows(&relisted)?;
-        self.desired = desired;
+        self.forget_refused_flows(relisted)?;
         let services = &self.services;
         self.runtime.retain(|svc, ip| {
             services
                 .get(svc)
                 .is_some_and(|s| s.backends.contains_key(&ip))
         });
-        self.persist()?;
-        for line in &report.changes {
-            info!(change = %line, "config applied");
+        self.persist()
+    }
+
+    /// Runs `change`, which writes the data plane. If it fails, puts the
+    /// services, backends, tables, source lists and overrides back as they
+    /// were before it, and says so in the error: a change is applied whole
+    /// or not at all.
+    fn atomically<T>(&mut self, change: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        // Cheap: the tables are shared, not copied.
+        let services = self.services.clone();
+        let runtime = self.runtime.clone();
+        let failed = match change(self) {
+            Ok(t) => return Ok(t),
+            Err(e) => e,
+        };
+        match self.restore(services, runtime) {
+            Ok(()) => {
+                warn!(error = %format!("{failed:#}"), "change failed half way: what it had written is undone");
+                Err(failed
+                    .context("nothing changed: what the change had already written is undone"))
+            }
+            Err(undo) => {
+                error!(error = %format!("{failed:#}"), undo = %format!("{undo:#}"), "change failed half way, and undoing it failed too");
+                Err(failed.context(format!(
+                    "the change failed half way, and undoing what it had written failed too \
+                     ({undo:#}): the data plane may be half changed; `lb reload` writes the \
+                     running configuration again"
+                )))
+            }
         }
-        Ok(report)
+    }
+
+    /// Brings the data plane back to `services` and the overrides back to
+    /// `runtime` after a change failed part way. The current state says what
+    /// the change managed to write (each write is recorded as it succeeds),
+    /// so only that is written again, in the order of any change: services
+    /// the change added out, then each service's gains, table and losses,
+    /// then backends the change added released.
+    fn restore(
+        &mut self,
+        services: BTreeMap<String, ServiceState>,
+        runtime: Runtime,
+    ) -> Result<()> {
+        self.runtime = runtime;
+        let now = std::mem::take(&mut self.services);
+        let old_services: BTreeSet<u32> = services.values().map(|s| s.id).collect();
+        let old_backends: BTreeSet<u32> = services
+            .values()
+            .flat_map(|s| s.backends.values().map(|b| b.id))
+            .collect();
+        for cur in now.values().filter(|c| !old_services.contains(&c.id)) {
+            let key = service_key(&cur.config);
+            if self.dp.service(&key)?.is_some_and(|v| v.id == cur.id) {
+                self.dp.remove_service(&key)?;
+            }
+        }
+        let sources = source_entries(services.values());
+        self.add_source_entries(&sources)?;
+        for (name, mut old) in services {
+            let ring = old.ring.to_vec();
+            match now.get(&name).filter(|cur| cur.id == old.id) {
+                // What the kernel holds now.
+                Some(cur) => {
+                    old.ring = cur.ring.clone();
+                    old.published = cur.published;
+                    old.limit_written = cur.limit_written;
+                    old.digest = cur.digest;
+                    old.rebuilds = cur.rebuilds;
+                    for (ip, b) in &mut old.backends {
+                        b.written = cur
+                            .backends
+                            .get(ip)
+                            .filter(|c| c.id == b.id)
+                            .and_then(|c| c.written);
+                    }
+                }
+                // Taken out by the change: written whole again.
+                None => {
+                    old.ring = Arc::from([]);
+                    old.published = None;
+                    old.limit_written = None;
+                    for b in old.backends.values_mut() {
+                        b.written = None;
+                    }
+                }
+            }
+            self.services.insert(name.clone(), old);
+            self.sync(&name, Some(ring))?;
+        }
+        for b in now.values().flat_map(|s| s.backends.values()) {
+            if !old_backends.contains(&b.id) && b.written.is_some() {
+                self.release_backend(b)?;
+            }
+        }
+        self.remove_source_entries(&sources)
     }
 
     fn release_backend(&mut self, b: &BackendState) -> Result<()> {
@@ -1227,7 +1335,7 @@ impl Controller {
         }
         let svc = &self.services[name];
         let mut moved_slots = 0;
-        if svc.ring != ring || svc.published != Some((flags, idle_timeout)) {
+        if *svc.ring != *ring || svc.published != Some((flags, idle_timeout)) {
             moved_slots = if svc.ring.is_empty() {
                 0
             } else {
@@ -1239,7 +1347,7 @@ impl Controller {
                 svc.backends.iter().map(|(ip, b)| (b.id, *ip)).collect();
             let d = digest(&ring, &addr_of);
             let svc = self.services.get_mut(name).context("no such service")?;
-            svc.ring = ring;
+            svc.ring = ring.into();
             svc.published = Some((flags, idle_timeout));
             svc.digest = d;
             svc.rebuilds += 1;
@@ -1591,9 +1699,12 @@ impl Controller {
         self.backend_mut(service, ip)?;
         let mut o = self.runtime.get(service, ip);
         change(&mut o);
-        self.runtime.set(service, ip, o);
-        let moved = self.sync(service, None)?;
-        self.persist()?;
+        let moved = self.atomically(|c| {
+            c.runtime.set(service, ip, o);
+            let moved = c.sync(service, None)?;
+            c.persist()?;
+            Ok(moved)
+        })?;
         info!(service, backend = %ip, admin = ?o.admin, weight = ?o.weight, slots_moved = moved, "operator change");
         Ok(moved)
     }

@@ -582,14 +582,35 @@ pub(crate) fn apply(
             "interfaces, xdp_mode, socket, state_file, metrics, [announce] and [fleet] only change with a daemon restart"
         );
     }
-    let dp_settings = dataplane_settings(&desired);
-    let ct_settings = conntrack_settings(&desired);
-    let report = ctl.apply(desired, dry_run)?;
-    if !dry_run {
-        ctl.dataplane_mut().set_settings(dp_settings)?;
-        ctl.dataplane_mut().set_conntrack_settings(ct_settings)?;
+    if dry_run {
+        return ctl.apply(desired, true);
     }
-    Ok(report)
+    let before = (
+        dataplane_settings(ctl.desired()),
+        conntrack_settings(ctl.desired()),
+    );
+    let after = (dataplane_settings(&desired), conntrack_settings(&desired));
+    // The settings first, and back as they were if the services cannot
+    // follow (which undo their own writes): all or nothing.
+    let applied = write_settings(ctl, after).and_then(|()| ctl.apply(desired, false));
+    if let Err(e) = &applied
+        && let Err(undo) = write_settings(ctl, before)
+    {
+        return Err(anyhow!(
+            "{e:#}; putting the data-plane settings back failed too ({undo:#}): \
+             `lb reload` writes the running configuration again"
+        ));
+    }
+    applied
+}
+
+/// Writes the data plane's settings and the connection table's.
+fn write_settings(
+    ctl: &mut Controller,
+    (dp, ct): (lb_common::Settings, lb_common::ConntrackSettings),
+) -> Result<()> {
+    ctl.dataplane_mut().set_settings(dp)?;
+    ctl.dataplane_mut().set_conntrack_settings(ct)
 }
 
 fn log_repair(r: &Repair) {
