@@ -209,6 +209,10 @@ pub struct BackendRow {
     /// to it (the backend is then out of the tables).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unattached_interface: Option<String>,
+    /// Why its next hop does not resolve (no route, its neighbour entry
+    /// failed): it is then out of the tables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_hop_error: Option<String>,
     /// Seconds in the current health state.
     pub since_seconds: u64,
     /// Last probe passed.

@@ -1,68 +1,38 @@
-//! Next-hop MACs from the kernel's routing and neighbour tables, never from
-//! constants. A backend's next hop is the backend itself when on-link, else
-//! its gateway. Resolution is triggered with a datagram to the discard port
-//! when the kernel does not know the neighbour yet.
+//! Next-hop MACs from the kernel's routing and neighbour tables, read (and
+//! watched) through netlink, never from constants and with no `ip` forks. A
+//! backend's next hop is the backend itself when on-link, else its gateway.
+//! Resolution is triggered with a datagram to the discard port when the
+//! kernel has no usable neighbour entry.
 
-use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, bail};
-use serde::Deserialize;
-use tokio::process::Command;
+use futures_util::{StreamExt as _, TryStreamExt as _, stream::BoxStream};
+use rtnetlink::{
+    Handle, MulticastGroup,
+    packet_core::{NetlinkMessage, NetlinkPayload},
+    packet_route::{
+        AddressFamily, RouteNetlinkMessage,
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol},
+    },
+};
+use tokio::time::Instant;
+use tracing::warn;
+
+use crate::routes::ROUTE_PROTOCOL;
 
 /// The discard service (RFC 863): a datagram to it makes the kernel resolve
 /// the neighbour without asking the backend for anything.
 const DISCARD_PORT: u16 = 9;
 /// How long to wait for the kernel to resolve a neighbour.
 const RESOLVE_WAIT: Duration = Duration::from_millis(500);
-
-#[derive(Deserialize)]
-struct Route {
-    gateway: Option<IpAddr>,
-    dev: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct Neighbor {
-    lladdr: Option<String>,
-    #[serde(default)]
-    state: Vec<String>,
-}
-
-async fn ip_json(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip")
-        .arg("-j")
-        .args(args)
-        .output()
-        .await
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Parses `aa:bb:cc:dd:ee:ff`.
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in &mut mac {
-        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
-
-async fn lookup(next_hop: IpAddr, dev: &str) -> Result<Option<[u8; 6]>> {
-    let text = ip_json(&["neigh", "show", "to", &next_hop.to_string(), "dev", dev]).await?;
-    let neighbors: Vec<Neighbor> = serde_json::from_str(text.trim()).unwrap_or_default();
-    Ok(neighbors
-        .iter()
-        .filter(|n| !n.state.iter().any(|s| s == "FAILED" || s == "INCOMPLETE"))
-        .find_map(|n| n.lladdr.as_deref().and_then(parse_mac)))
-}
+/// How often the neighbour table is read again while waiting.
+const RESOLVE_POLL: Duration = Duration::from_millis(20);
 
 /// Where frames to a backend go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,65 +45,287 @@ pub struct NextHop {
     pub dev: String,
 }
 
-/// `backend`'s next hop.
-pub async fn resolve(backend: IpAddr) -> Result<NextHop> {
-    let text = ip_json(&["route", "get", &backend.to_string()]).await?;
-    let routes: Vec<Route> = serde_json::from_str(text.trim()).context("parsing ip route get")?;
-    let route = routes
-        .into_iter()
-        .next()
-        .context("no route to the backend")?;
-    let next_hop = route.gateway.unwrap_or(backend);
-    let dev = route.dev.context("route without a device")?;
-    if let Some(mac) = lookup(next_hop, &dev).await? {
-        return Ok(NextHop {
-            mac,
-            addr: next_hop,
-            dev,
-        });
-    }
-    let any: std::net::SocketAddr = if next_hop.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    }
-    .parse()?;
-    let s = tokio::net::UdpSocket::bind(any).await?;
-    let _ = s.send_to(b"", (next_hop, DISCARD_PORT)).await;
-    let deadline = tokio::time::Instant::now() + RESOLVE_WAIT;
-    while tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        if let Some(mac) = lookup(next_hop, &dev).await? {
-            return Ok(NextHop {
-                mac,
-                addr: next_hop,
-                dev,
-            });
-        }
-    }
-    bail!("{next_hop} on {dev} did not answer neighbour resolution")
+/// What resolving a set of backends found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resolution {
+    /// The backends' next hops.
+    pub hops: BTreeMap<IpAddr, NextHop>,
+    /// The backends without one, and why: no route, or their next hop's
+    /// neighbour entry failed or was not answered in time.
+    pub unresolved: BTreeMap<IpAddr, String>,
+    /// The next hops of those whose neighbour entry was not usable.
+    waiting: BTreeSet<IpAddr>,
 }
 
-/// Resolves every address concurrently; unresolved ones are left out (their
-/// backends stay out of the tables until a later attempt succeeds).
-pub async fn resolve_all(addrs: impl IntoIterator<Item = IpAddr>) -> BTreeMap<IpAddr, NextHop> {
-    let tasks: Vec<_> = addrs
-        .into_iter()
-        .map(|ip| tokio::spawn(async move { (ip, resolve(ip).await) }))
-        .collect();
-    let mut hops = BTreeMap::new();
-    for t in tasks {
-        match t.await {
-            Ok((ip, Ok(hop))) => {
-                hops.insert(ip, hop);
+impl Resolution {
+    /// Whether the kernel's change `message` may change what resolving the
+    /// same backends finds: a next hop's neighbour entry failing, going or
+    /// changing its MAC, an awaited one becoming usable, a route added or
+    /// removed (but lb's own). Other neighbour updates (a probe confirming
+    /// a stale entry, lb's own resolution starting) are not.
+    pub fn affected_by(&self, message: &NetlinkMessage<RouteNetlinkMessage>) -> bool {
+        let NetlinkPayload::InnerMessage(m) = &message.payload else {
+            return false;
+        };
+        match m {
+            RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n) => {
+                let Some((addr, entry)) = parse_neighbour(n) else {
+                    return false;
+                };
+                let gone = matches!(m, RouteNetlinkMessage::DelNeighbour(_));
+                let usable = entry.usable().filter(|_| !gone);
+                self.hops
+                    .values()
+                    .any(|h| h.addr == addr && usable != Some(h.mac))
+                    || (usable.is_some() && self.waiting.contains(&addr))
             }
-            Ok((ip, Err(e))) => {
-                tracing::warn!(backend = %ip, error = %format!("{e:#}"), "next-hop MAC unresolved");
+            RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => {
+                r.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL)
             }
-            Err(_) => {}
+            _ => false,
         }
     }
-    hops
+}
+
+/// The address and entry of neighbour message `n`.
+fn parse_neighbour(n: &NeighbourMessage) -> Option<(IpAddr, Neighbour)> {
+    let (mut addr, mut mac) = (None, None);
+    for a in &n.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
+                addr = Some(IpAddr::V4(*ip));
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => {
+                addr = Some(IpAddr::V6(*ip));
+            }
+            NeighbourAttribute::LinkLayerAddress(l) => mac = l.as_slice().try_into().ok(),
+            _ => {}
+        }
+    }
+    let state = n.header.state;
+    Some((addr?, Neighbour { state, mac }))
+}
+
+/// A neighbour entry as the kernel holds it.
+#[derive(Debug, Clone)]
+struct Neighbour {
+    state: NeighbourState,
+    mac: Option<[u8; 6]>,
+}
+
+impl Neighbour {
+    /// The MAC frames may go to: any entry with one but a failed or
+    /// incomplete resolution (a stale entry is confirmed by the kernel as
+    /// soon as it sends to it, and fails if nobody answers).
+    fn usable(&self) -> Option<[u8; 6]> {
+        match self.state {
+            NeighbourState::Failed | NeighbourState::Incomplete => None,
+            _ => self.mac,
+        }
+    }
+}
+
+/// A netlink connection to the kernel's routing and neighbour tables.
+#[derive(Debug, Clone)]
+pub struct Resolver {
+    handle: Handle,
+}
+
+/// Neighbour and route changes in the kernel: each message is a hint that
+/// next hops may have changed.
+pub type Changes = BoxStream<
+    'static,
+    (
+        NetlinkMessage<RouteNetlinkMessage>,
+        rtnetlink::sys::SocketAddr,
+    ),
+>;
+
+impl Resolver {
+    /// Opens a connection, served by a task on the current runtime.
+    pub fn open() -> Result<Resolver> {
+        let (connection, handle, _) =
+            rtnetlink::new_connection().context("opening a netlink socket for next hops")?;
+        tokio::spawn(connection);
+        Ok(Resolver { handle })
+    }
+
+    /// Opens a connection, and another that receives the kernel's
+    /// neighbour and route changes (on a socket of its own: its
+    /// notifications must not mingle with the answers to requests).
+    pub fn watching() -> Result<(Resolver, Changes)> {
+        let (connection, _, changes) = rtnetlink::new_multicast_connection(&[
+            MulticastGroup::Neigh,
+            MulticastGroup::Ipv4Route,
+            MulticastGroup::Ipv6Route,
+        ])
+        .context("subscribing to neighbour and route changes")?;
+        tokio::spawn(connection);
+        Ok((Resolver::open()?, changes.boxed()))
+    }
+
+    /// The route to `backend`: its next hop (the gateway, else the backend
+    /// itself) and the interface it leaves by, as `ip route get` says;
+    /// `None` when the kernel answers that there is none.
+    async fn route(&self, backend: IpAddr) -> Result<Option<(IpAddr, String)>> {
+        let mut query = RouteMessage::default();
+        (
+            query.header.address_family,
+            query.header.destination_prefix_length,
+        ) = match backend {
+            IpAddr::V4(_) => (AddressFamily::Inet, 32),
+            IpAddr::V6(_) => (AddressFamily::Inet6, 128),
+        };
+        query
+            .attributes
+            .push(RouteAttribute::Destination(backend.into()));
+        let route = match self.handle.route().get(query).execute().try_next().await {
+            Ok(Some(route)) => route,
+            Ok(None) | Err(rtnetlink::Error::NetlinkError(_)) => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("asking for the route to {backend}")),
+        };
+        let (mut gateway, mut oif) = (None, None);
+        for a in route.attributes {
+            match a {
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(IpAddr::V4(g)),
+                RouteAttribute::Gateway(RouteAddress::Inet6(g)) => gateway = Some(IpAddr::V6(g)),
+                RouteAttribute::Oif(index) => oif = Some(index),
+                _ => {}
+            }
+        }
+        let index = oif.with_context(|| format!("the route to {backend} has no interface"))?;
+        Ok(Some((gateway.unwrap_or(backend), ifname(index)?)))
+    }
+
+    /// The kernel's neighbour entries, by interface and address.
+    async fn neighbours(&self) -> Result<BTreeMap<(String, IpAddr), Neighbour>> {
+        let mut names = BTreeMap::new();
+        let mut table = BTreeMap::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut dump = self
+                .handle
+                .neighbours()
+                .get()
+                .set_address_family(family)
+                .execute();
+            while let Some(n) = dump
+                .try_next()
+                .await
+                .context("reading the neighbour table")?
+            {
+                let Some((addr, entry)) = parse_neighbour(&n) else {
+                    continue;
+                };
+                let index = n.header.ifindex;
+                let dev = names.entry(index).or_insert_with(|| ifname(index).ok());
+                if let Some(dev) = dev {
+                    table.insert((dev.clone(), addr), entry);
+                }
+            }
+        }
+        Ok(table)
+    }
+
+    /// Resolves every address: its route, then its next hop's neighbour
+    /// entry, making the kernel resolve those it has no usable entry for
+    /// and waiting up to [`RESOLVE_WAIT`] for them. An address lb could not
+    /// ask the kernel about (a netlink failure, not the kernel's answer) is
+    /// in neither part of the result: what was known of it stands.
+    pub async fn resolve_all(&self, addrs: impl IntoIterator<Item = IpAddr>) -> Resolution {
+        let mut out = Resolution::default();
+        let mut pending = BTreeMap::new();
+        for ip in addrs {
+            match self.route(ip).await {
+                Ok(Some(route)) => {
+                    pending.insert(ip, route);
+                }
+                Ok(None) => {
+                    out.unresolved.insert(ip, format!("no route to {ip}"));
+                }
+                Err(e) => warn!(backend = %ip, error = %format!("{e:#}"), "next hop not checked"),
+            }
+        }
+        let deadline = Instant::now() + RESOLVE_WAIT;
+        let mut triggered = false;
+        let mut table = BTreeMap::new();
+        while !pending.is_empty() {
+            table = match self.neighbours().await {
+                Ok(t) => t,
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "next hops not checked");
+                    return out;
+                }
+            };
+            pending.retain(|ip, (hop, dev): &mut (IpAddr, String)| {
+                let Some(mac) = table.get(&(dev.clone(), *hop)).and_then(Neighbour::usable) else {
+                    return true;
+                };
+                let dev = dev.clone();
+                out.hops.insert(
+                    *ip,
+                    NextHop {
+                        mac,
+                        addr: *hop,
+                        dev,
+                    },
+                );
+                false
+            });
+            if pending.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            if !triggered {
+                trigger(pending.values().map(|(hop, _)| *hop)).await;
+                triggered = true;
+            }
+            tokio::time::sleep(RESOLVE_POLL).await;
+        }
+        for (ip, (hop, dev)) in pending {
+            out.waiting.insert(hop);
+            let state = match table.get(&(dev.clone(), hop)).map(|n| n.state) {
+                Some(NeighbourState::Failed) => "failed",
+                Some(NeighbourState::Incomplete) => "not answered yet",
+                _ => "not answered",
+            };
+            out.unresolved.insert(
+                ip,
+                format!("neighbour resolution of {hop} on {dev}: {state}"),
+            );
+        }
+        out
+    }
+}
+
+/// Sends an empty datagram to the discard port of each of `hops`, which
+/// makes the kernel resolve them (it reports nothing: the answer is the
+/// neighbour table).
+async fn trigger(hops: impl Iterator<Item = IpAddr>) {
+    let (mut v4, mut v6) = (None, None);
+    for hop in hops {
+        let (socket, any) = match hop {
+            IpAddr::V4(_) => (&mut v4, SocketAddr::from(([0u8; 4], 0))),
+            IpAddr::V6(_) => (&mut v6, SocketAddr::from(([0u16; 8], 0))),
+        };
+        if socket.is_none() {
+            *socket = tokio::net::UdpSocket::bind(any).await.ok();
+        }
+        if let Some(s) = socket {
+            let _ = s.send_to(b"", (hop, DISCARD_PORT)).await;
+        }
+    }
+}
+
+/// The name of interface `index`.
+fn ifname(index: u32) -> Result<String> {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `name` has the IF_NAMESIZE bytes the call may write.
+    let p = unsafe { libc::if_indextoname(index, name.as_mut_ptr()) };
+    if p.is_null() {
+        bail!("no interface with index {index}");
+    }
+    // SAFETY: on success, `name` holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+    Ok(name.to_string_lossy().into_owned())
 }
 
 #[cfg(test)]
@@ -141,13 +333,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn macs() {
-        assert_eq!(
-            parse_mac("02:00:0a:ff:00:11"),
-            Some([2, 0, 0x0a, 0xff, 0, 0x11])
-        );
-        assert_eq!(parse_mac("02:00:0a:ff:00"), None);
-        assert_eq!(parse_mac("02:00:0a:ff:00:11:22"), None);
-        assert_eq!(parse_mac("zz:00:0a:ff:00:11"), None);
+    fn failed_and_incomplete_entries_are_not_used() {
+        let mac = Some([2, 0, 0, 0, 0, 1]);
+        let entry = |state| Neighbour { state, mac };
+        assert_eq!(entry(NeighbourState::Reachable).usable(), mac);
+        assert_eq!(entry(NeighbourState::Stale).usable(), mac);
+        assert_eq!(entry(NeighbourState::Permanent).usable(), mac);
+        assert_eq!(entry(NeighbourState::Failed).usable(), None);
+        assert_eq!(entry(NeighbourState::Incomplete).usable(), None);
+        let none = Neighbour {
+            state: NeighbourState::Reachable,
+            mac: None,
+        };
+        assert_eq!(none.usable(), None);
     }
 }

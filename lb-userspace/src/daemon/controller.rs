@@ -36,7 +36,7 @@ use crate::{
     fleet::state::{AgreedHealth, FleetState, HealthView, Overrides},
     health::{self, Health, Tracker},
     maglev::{self, Candidate},
-    neighbor::NextHop,
+    neighbor::{NextHop, Resolution},
     probe::ThroughVip,
     probe_path::{self, ProbePath, Tunnel},
 };
@@ -261,6 +261,11 @@ pub struct Controller {
     /// Backends whose route leaves by an interface lb is not attached to,
     /// with that interface.
     unattached: BTreeMap<IpAddr, String>,
+    /// Backends without a next hop, and why (no route, neighbour failed).
+    unresolved: BTreeMap<IpAddr, String>,
+    /// Times a backend's next hop stopped resolving, taking it out of the
+    /// tables.
+    next_hops_lost: u64,
     /// Backends about to be added that enter the table on their first
     /// successful probe (`--trust-first-probe`), by service.
     trusted_first_probe: BTreeSet<(String, IpAddr)>,
@@ -398,7 +403,7 @@ impl Controller {
         dp: Dataplane,
         desired: Desired,
         runtime: Runtime,
-        hops: BTreeMap<IpAddr, NextHop>,
+        hops: Resolution,
         fleet_health: Option<FleetHealth>,
     ) -> Result<(Controller, ChangeReport)> {
         let mut c = Controller {
@@ -411,12 +416,17 @@ impl Controller {
             runtime,
             hops: BTreeMap::new(),
             unattached: BTreeMap::new(),
+            unresolved: hops.unresolved,
+            next_hops_lost: 0,
             trusted_first_probe: BTreeSet::new(),
             fleet_health,
             source_entries: SourceEntries::new(),
         };
         c.source_entries = c.dp.source_entries()?;
-        c.hops = c.attached_hops(hops);
+        for (ip, why) in &c.unresolved {
+            warn!(backend = %ip, reason = %why, "next hop unresolved: out of the tables until it resolves");
+        }
+        c.hops = c.attached_hops(hops.hops);
         c.adopt(&desired)?;
         let report = c.apply(desired, false)?;
         // Lists may have changed while no daemon ran.
@@ -1709,24 +1719,44 @@ impl Controller {
         Ok(moved)
     }
 
-    /// Records resolved next hops and resyncs the services that use them.
-    /// A backend whose route now leaves by an interface lb is not attached
-    /// to is taken out of its tables (see [`Controller::unattached`]).
-    pub fn set_next_hops(&mut self, hops: BTreeMap<IpAddr, NextHop>) -> Result<()> {
-        let resolved: Vec<IpAddr> = hops.keys().copied().collect();
-        let hops = self.attached_hops(hops);
-        let changed: BTreeSet<IpAddr> = resolved
-            .into_iter()
-            .filter(|ip| self.hops.get(ip) != hops.get(ip))
+    /// Records what resolving next hops found and resyncs the services
+    /// whose backends it changes. A backend whose next hop no longer
+    /// resolves (no route, its neighbour entry failed) leaves the tables,
+    /// counted, until it resolves again; one whose route now leaves by an
+    /// interface lb is not attached to is taken out of its tables (see
+    /// [`Controller::unattached`]).
+    pub fn set_next_hops(&mut self, found: Resolution) -> Result<()> {
+        let configured: BTreeSet<IpAddr> = self
+            .services
+            .values()
+            .flat_map(|s| s.backends.keys().copied())
             .collect();
+        self.unresolved.retain(|ip, _| configured.contains(ip));
+        let mut changed = BTreeSet::new();
+        for (ip, why) in found.unresolved {
+            if self.hops.remove(&ip).is_some() {
+                self.next_hops_lost += 1;
+                warn!(backend = %ip, reason = %why, "next hop lost: out of the tables until it resolves again");
+                changed.insert(ip);
+            }
+            self.unresolved.insert(ip, why);
+        }
+        let resolved: Vec<IpAddr> = found.hops.keys().copied().collect();
+        let hops = self.attached_hops(found.hops);
+        for ip in resolved {
+            if self.unresolved.remove(&ip).is_some() && hops.contains_key(&ip) {
+                info!(backend = %ip, "next hop resolved");
+            }
+            if self.hops.get(&ip) != hops.get(&ip) {
+                match hops.get(&ip) {
+                    Some(hop) => self.hops.insert(ip, *hop),
+                    None => self.hops.remove(&ip),
+                };
+                changed.insert(ip);
+            }
+        }
         if changed.is_empty() {
             return Ok(());
-        }
-        for ip in &changed {
-            match hops.get(ip) {
-                Some(hop) => self.hops.insert(*ip, *hop),
-                None => self.hops.remove(ip),
-            };
         }
         let names: Vec<String> = self
             .services
@@ -1738,6 +1768,16 @@ impl Controller {
             self.sync(&n, None)?;
         }
         Ok(())
+    }
+
+    /// Why backend `ip` has no next hop, if it has none.
+    pub fn next_hop_error(&self, ip: IpAddr) -> Option<&str> {
+        self.unresolved.get(&ip).map(String::as_str)
+    }
+
+    /// Times a backend's next hop stopped resolving.
+    pub fn next_hops_lost(&self) -> u64 {
+        self.next_hops_lost
     }
 
     /// Of `hops`, those on interfaces lb is attached to, by port. The

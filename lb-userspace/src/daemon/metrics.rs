@@ -363,6 +363,13 @@ pub(crate) fn render(
         Counter::<u64>::default(),
     )
     .inc_by(ct.refused);
+    register(
+        &mut r,
+        "next_hops_lost",
+        "Times a backend's next hop stopped resolving (no route, its neighbour entry failed), taking it out of the tables until it resolves again",
+        Counter::<u64>::default(),
+    )
+    .inc_by(ctl.next_hops_lost());
     let active = flows.active_by_backend();
 
     for (name, s) in ctl.services() {

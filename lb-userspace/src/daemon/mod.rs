@@ -38,6 +38,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::programs::XdpMode;
+use futures_util::{FutureExt as _, StreamExt as _};
 use sd_notify::NotifyState;
 use tokio::{
     io::{AsyncWriteExt as _, Interest, unix::AsyncFd},
@@ -61,6 +62,9 @@ use runtime::Runtime;
 
 /// How often next-hop MACs are re-read from the neighbour table.
 const MAC_REFRESH: Duration = Duration::from_secs(10);
+/// How long a burst of neighbour and route changes is let settle before
+/// the next hops are resolved again.
+const NEXT_HOP_SETTLE: Duration = Duration::from_millis(100);
 /// How often slow-start ramps advance (their steps are seconds long).
 const SLOW_START_TICK: Duration = Duration::from_millis(250);
 /// How often the daemon checks that its interfaces still have the program
@@ -295,7 +299,8 @@ pub async fn run(opts: Options) -> Result<()> {
     });
     dp.set_settings(dataplane_settings(&desired))?;
     dp.set_conntrack_settings(conntrack_settings(&desired))?;
-    let hops = neighbor::resolve_all(backend_addrs(&desired)).await;
+    let resolver = neighbor::Resolver::open()?;
+    let hops = resolver.resolve_all(backend_addrs(&desired)).await;
     let (mut ctl, report) = Controller::new(dp, desired, runtime, hops, fleet_health)?;
     for iface in &settings.interfaces {
         let pin = opts.pin_dir.join(format!("link-{iface}"));
@@ -391,7 +396,7 @@ pub async fn run(opts: Options) -> Result<()> {
             Some((request, reply)) = calls.recv() => {
                 let new = unresolved_backends(&request, &file, fleet_node.as_ref(), &ctl);
                 if !new.is_empty()
-                    && let Err(e) = ctl.set_next_hops(neighbor::resolve_all(new.clone()).await)
+                    && let Err(e) = ctl.set_next_hops(resolver.resolve_all(new.clone()).await)
                 {
                     error!(error = %format!("{e:#}"), "applying next hops");
                 }
@@ -663,17 +668,37 @@ async fn forward_kernel_log(log: KernelLog) {
     }
 }
 
+/// Resolves the backends' next hops again whenever the list of backends
+/// changes, the kernel reports a neighbour or route change, and every
+/// [`MAC_REFRESH`] regardless, and sends what it finds to the control loop.
 async fn refresh_macs(
     mut addrs: watch::Receiver<Vec<IpAddr>>,
-    out: mpsc::Sender<std::collections::BTreeMap<IpAddr, neighbor::NextHop>>,
+    out: mpsc::Sender<neighbor::Resolution>,
 ) {
+    let (resolver, mut changes) = match neighbor::Resolver::watching() {
+        Ok(r) => r,
+        Err(e) => return error!(error = %format!("{e:#}"), "next hops will not be refreshed"),
+    };
     loop {
         let list = addrs.borrow_and_update().clone();
-        let hops = neighbor::resolve_all(list).await;
-        if out.send(hops).await.is_err() {
+        let last = resolver.resolve_all(list).await;
+        if out.send(last.clone()).await.is_err() {
             return;
         }
-        let _ = tokio::time::timeout(MAC_REFRESH, addrs.changed()).await;
+        let refresh = tokio::time::sleep(MAC_REFRESH);
+        tokio::pin!(refresh);
+        loop {
+            tokio::select! {
+                _ = &mut refresh => break,
+                _ = addrs.changed() => break,
+                Some((change, _)) = changes.next() => if last.affected_by(&change) {
+                    // One resolution for a burst of changes.
+                    tokio::time::sleep(NEXT_HOP_SETTLE).await;
+                    while let Some(Some(_)) = changes.next().now_or_never() {}
+                    break;
+                },
+            }
+        }
     }
 }
 

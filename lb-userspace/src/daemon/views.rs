@@ -220,6 +220,7 @@ pub(super) fn backends(
                 mac: (kernel.flags & BACKEND_F_UP != 0 || ctl.has_mac(*ip))
                     .then(|| crate::netns::mac_string(&kernel.mac)),
                 unattached_interface: ctl.unattached_interface(*ip),
+                next_hop_error: ctl.next_hop_error(*ip).map(str::to_string),
                 since_seconds: now.duration_since(b.since).unwrap_or_default().as_secs(),
                 last_probe_ok: probe.as_ref().map(|p| p.ok),
                 last_probe_ms: probe.as_ref().map(|p| p.latency.as_secs_f64() * 1000.0),

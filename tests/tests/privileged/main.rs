@@ -21,6 +21,7 @@ mod flood;
 mod fuzz;
 mod interfaces;
 mod limits;
+mod next_hops;
 mod package;
 mod probes;
 mod readme;

@@ -1,0 +1,105 @@
+//! Next hops through netlink: a backend whose next hop stops resolving
+//! leaves the table (counted, with the reason in `lb backend list`) even
+//! when nothing else finds it wrong, and comes back once it resolves.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use anyhow::Result;
+use lb::demo::server::http_get;
+use lb_tests::{
+    daemon::{Daemon, WEB_PORT, WEB_VIP, metrics_in, web_config},
+    lan::Lan,
+    require_root,
+};
+use serde_json::Value;
+
+/// Neighbour resolution gives up after 500 ms; the periodic refresh is
+/// every 10 s.
+const WAIT: Duration = Duration::from_secs(15);
+/// The backend whose host goes away.
+const LOST: &str = "198.18.0.12";
+
+fn tally(lan: &Lan, n: usize) -> Result<BTreeMap<String, usize>> {
+    let vip = SocketAddr::new(IpAddr::V4(WEB_VIP), WEB_PORT);
+    lan.client.run(move || {
+        let mut t = BTreeMap::new();
+        for _ in 0..n {
+            *t.entry(http_get(vip)?).or_insert(0) += 1;
+        }
+        Ok(t)
+    })
+}
+
+fn lost_row(d: &Daemon) -> Result<Value> {
+    let rows = d.cli(&["backend", "list"])?;
+    Ok(rows
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["address"] == LOST))
+        .cloned()
+        .unwrap_or(Value::Null))
+}
+
+fn in_table(d: &Daemon) -> Result<u64> {
+    Ok(d.cli(&["service", "list"])?[0]["in_table"]
+        .as_u64()
+        .unwrap_or(0))
+}
+
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn a_backend_whose_next_hop_fails_leaves_the_table_until_it_resolves() {
+    require_root();
+    let lan = Lan::build(2, &["198.18.1.1/32"]).unwrap();
+    let _servers = lan.serve_names(WEB_PORT).unwrap();
+    // No health checks: only the next hop can take a backend out.
+    let config = web_config(2).replace("check = \"http\"", "check = \"none\"");
+    let d = Daemon::start(&lan.lb, "hops", &config).unwrap();
+    d.wait_until(
+        "both backends in the table",
+        WAIT,
+        |d| Ok(in_table(d)? == 2),
+    )
+    .unwrap();
+
+    // Backend 2's host goes away, and the load balancer's neighbour entry
+    // for it with it (as when it ages out): resolving it again fails.
+    let host = &lan.backends[1].ns;
+    host.ip(&["link", "set", "eth0", "down"]).unwrap();
+    lan.lb.ip(&["neigh", "del", LOST, "dev", "eth0"]).unwrap();
+    d.wait_until(
+        "backend 2 out of the table",
+        WAIT,
+        |d| Ok(in_table(d)? == 1),
+    )
+    .unwrap();
+    let row = lost_row(&d).unwrap();
+    let why = row["next_hop_error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("neighbour resolution of 198.18.0.12 on eth0"),
+        "{row}"
+    );
+    assert_eq!(row["health"], "up", "its health is not the cause: {row}");
+    let metrics = metrics_in(&lan.lb).unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("lb_next_hops_lost_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    let t = tally(&lan, 60).unwrap();
+    assert_eq!(t.get("backend-1"), Some(&60), "all to backend 1: {t:?}");
+
+    // Back: resolved by the next refresh, and in the table again.
+    host.ip(&["link", "set", "eth0", "up"]).unwrap();
+    d.wait_until("backend 2 back in the table", WAIT, |d| {
+        Ok(in_table(d)? == 2)
+    })
+    .unwrap();
+    assert_eq!(lost_row(&d).unwrap()["next_hop_error"], Value::Null);
+    let t = tally(&lan, 60).unwrap();
+    assert_eq!(t.len(), 2, "both backends serve again: {t:?}");
+}
