@@ -445,7 +445,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 if let Err(e) = applied {
                     error!(error = %format!("{e:#}"), "applying a probe or agent result");
                 }
-                probers.sync(&ctl);
+                probers.update(&ctl, &service, backend);
             }
             Some((page, reply)) = asks.recv() => {
                 let status = node.status(&ctl);

@@ -138,14 +138,31 @@ impl Probers {
                     handles,
                 }
             });
-            let admin = ctl.override_of(&service, ip).admin;
-            task.control
-                .paused
-                .store(admin == Admin::Maintenance, Ordering::Relaxed);
-            task.control
-                .up
-                .store(ctl.is_up(&service, ip), Ordering::Relaxed);
+            task.pass_state(ctl, &service, ip);
         }
+    }
+
+    /// Passes one backend's state to its task: all that a probe or agent
+    /// result of that backend can change. One task's lookup, where
+    /// [`Probers::sync`] walks every backend.
+    pub(super) fn update(&self, ctl: &Controller, service: &str, ip: IpAddr) {
+        if let Some(task) = self.tasks.get(&(service.to_string(), ip)) {
+            task.pass_state(ctl, service, ip);
+        }
+    }
+}
+
+impl Task {
+    /// Tells the task whether its backend is up and whether it is in
+    /// maintenance.
+    fn pass_state(&self, ctl: &Controller, service: &str, ip: IpAddr) {
+        let admin = ctl.override_of(service, ip).admin;
+        self.control
+            .paused
+            .store(admin == Admin::Maintenance, Ordering::Relaxed);
+        self.control
+            .up
+            .store(ctl.is_up(service, ip), Ordering::Relaxed);
     }
 }
 
