@@ -1222,14 +1222,14 @@ impl Controller {
         };
         match self.restore(services, runtime) {
             Ok(()) => {
-                warn!(error = %format!("{failed:#}"), "change failed half way: what it had written is undone");
+                warn!(error = %format!("{failed:#}"), "change failed part way: what it had written is undone");
                 Err(failed
                     .context("nothing changed: what the change had already written is undone"))
             }
             Err(undo) => {
-                error!(error = %format!("{failed:#}"), undo = %format!("{undo:#}"), "change failed half way, and undoing it failed too");
+                error!(error = %format!("{failed:#}"), undo = %format!("{undo:#}"), "change failed part way, and undoing it failed too");
                 Err(failed.context(format!(
-                    "the change failed half way, and undoing what it had written failed too \
+                    "the change failed part way, and undoing what it had written failed too \
                      ({undo:#}): the data plane may be half changed; `lb reload` writes the \
                      running configuration again"
                 )))
