@@ -165,9 +165,9 @@ impl Resolver {
     }
 
     /// The route to `backend`: its next hop (the gateway, else the backend
-    /// itself) and the interface it leaves by, as `ip route get` says;
-    /// `None` when the kernel answers that there is none.
-    async fn route(&self, backend: IpAddr) -> Result<Option<(IpAddr, String)>> {
+    /// itself) and the interface it leaves by (index and name), as `ip
+    /// route get` says; `None` when the kernel answers that there is none.
+    async fn route(&self, backend: IpAddr) -> Result<Option<(IpAddr, u32, String)>> {
         let mut query = RouteMessage::default();
         (
             query.header.address_family,
@@ -194,12 +194,11 @@ impl Resolver {
             }
         }
         let index = oif.with_context(|| format!("the route to {backend} has no interface"))?;
-        Ok(Some((gateway.unwrap_or(backend), ifname(index)?)))
+        Ok(Some((gateway.unwrap_or(backend), index, ifname(index)?)))
     }
 
-    /// The kernel's neighbour entries, by interface and address.
-    async fn neighbours(&self) -> Result<BTreeMap<(String, IpAddr), Neighbour>> {
-        let mut names = BTreeMap::new();
+    /// The kernel's neighbour entries, by interface index and address.
+    async fn neighbours(&self) -> Result<BTreeMap<(u32, IpAddr), Neighbour>> {
         let mut table = BTreeMap::new();
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
             let mut dump = self
@@ -213,13 +212,8 @@ impl Resolver {
                 .await
                 .context("reading the neighbour table")?
             {
-                let Some((addr, entry)) = parse_neighbour(&n) else {
-                    continue;
-                };
-                let index = n.header.ifindex;
-                let dev = names.entry(index).or_insert_with(|| ifname(index).ok());
-                if let Some(dev) = dev {
-                    table.insert((dev.clone(), addr), entry);
+                if let Some((addr, entry)) = parse_neighbour(&n) {
+                    table.insert((n.header.ifindex, addr), entry);
                 }
             }
         }
@@ -256,33 +250,26 @@ impl Resolver {
                     return out;
                 }
             };
-            pending.retain(|ip, (hop, dev): &mut (IpAddr, String)| {
-                let Some(mac) = table.get(&(dev.clone(), *hop)).and_then(Neighbour::usable) else {
+            pending.retain(|ip, (hop, index, dev): &mut (IpAddr, u32, String)| {
+                let Some(mac) = table.get(&(*index, *hop)).and_then(Neighbour::usable) else {
                     return true;
                 };
-                let dev = dev.clone();
-                out.hops.insert(
-                    *ip,
-                    NextHop {
-                        mac,
-                        addr: *hop,
-                        dev,
-                    },
-                );
+                let (addr, dev) = (*hop, dev.clone());
+                out.hops.insert(*ip, NextHop { mac, addr, dev });
                 false
             });
             if pending.is_empty() || Instant::now() >= deadline {
                 break;
             }
             if !triggered {
-                trigger(pending.values().map(|(hop, _)| *hop)).await;
+                trigger(pending.values().map(|(hop, _, _)| *hop)).await;
                 triggered = true;
             }
             tokio::time::sleep(RESOLVE_POLL).await;
         }
-        for (ip, (hop, dev)) in pending {
+        for (ip, (hop, index, dev)) in pending {
             out.waiting.insert(hop);
-            let state = match table.get(&(dev.clone(), hop)).map(|n| n.state) {
+            let state = match table.get(&(index, hop)).map(|n| n.state) {
                 Some(NeighbourState::Failed) => "failed",
                 Some(NeighbourState::Incomplete) => "not answered yet",
                 _ => "not answered",
