@@ -31,6 +31,7 @@ mod proxies;
 mod reaction;
 mod report;
 mod stats;
+mod storm;
 
 use std::{
     path::{Path, PathBuf},
@@ -68,7 +69,7 @@ struct Cli {
     #[arg(long, requires = "baseline_object")]
     baseline_rev: Option<String>,
     /// Only these parts (dataplane, live, control, memory, proxies,
-    /// reaction, fleet); all by default.
+    /// reaction, fleet, storm); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Data plane: only the groups with these backends per service (an
@@ -118,6 +119,8 @@ pub struct Results {
     pub reaction: Option<reaction::ReactionResults>,
     /// The fleet: failures, propagation, etcd.
     pub fleet: Option<fleet::FleetResults>,
+    /// The controller under a probe storm.
+    pub storm: Option<storm::StormResults>,
 }
 
 fn main() -> ExitCode {
@@ -178,6 +181,7 @@ fn run(cli: &Cli) -> Result<()> {
         proxies: None,
         reaction: None,
         fleet: None,
+        storm: None,
     };
     if wanted(cli, "dataplane") {
         let baseline = cli
@@ -203,7 +207,10 @@ fn run(cli: &Cli) -> Result<()> {
     }
     // The parts below run real processes (client, servers, proxies, the
     // daemon), which must be free to use every CPU, as in production.
-    if wanted(cli, "proxies") || wanted(cli, "reaction") || wanted(cli, "fleet") {
+    if ["proxies", "reaction", "fleet", "storm"]
+        .iter()
+        .any(|p| wanted(cli, p))
+    {
         machine::unpin().context("unpinning")?;
     }
     if wanted(cli, "proxies") {
@@ -214,6 +221,9 @@ fn run(cli: &Cli) -> Result<()> {
     }
     if wanted(cli, "fleet") {
         results.fleet = Some(fleet::run(fleet::Plan::new(cli.quick))?);
+    }
+    if wanted(cli, "storm") {
+        results.storm = Some(storm::run(storm::Plan::new(cli.quick))?);
     }
     results.machine.loadavg_end = machine::loadavg();
     write(&cli.json, &serde_json::to_string_pretty(&results)?)?;

@@ -5,7 +5,7 @@
 //! kernel has no usable neighbour entry.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, btree_map::Entry},
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
@@ -165,9 +165,9 @@ impl Resolver {
     }
 
     /// The route to `backend`: its next hop (the gateway, else the backend
-    /// itself) and the interface it leaves by (index and name), as `ip
-    /// route get` says; `None` when the kernel answers that there is none.
-    async fn route(&self, backend: IpAddr) -> Result<Option<(IpAddr, u32, String)>> {
+    /// itself) and the index of the interface it leaves by, as `ip route
+    /// get` says; `None` when the kernel answers that there is none.
+    async fn route(&self, backend: IpAddr) -> Result<Option<(IpAddr, u32)>> {
         let mut query = RouteMessage::default();
         (
             query.header.address_family,
@@ -194,7 +194,7 @@ impl Resolver {
             }
         }
         let index = oif.with_context(|| format!("the route to {backend} has no interface"))?;
-        Ok(Some((gateway.unwrap_or(backend), index, ifname(index)?)))
+        Ok(Some((gateway.unwrap_or(backend), index)))
     }
 
     /// The kernel's neighbour entries, by interface index and address.
@@ -228,8 +228,21 @@ impl Resolver {
     pub async fn resolve_all(&self, addrs: impl IntoIterator<Item = IpAddr>) -> Resolution {
         let mut out = Resolution::default();
         let mut pending = BTreeMap::new();
+        // Interface names by index, asked once a round (each costs a
+        // socket), not once a backend.
+        let mut names: BTreeMap<u32, String> = BTreeMap::new();
         for ip in addrs {
-            match self.route(ip).await {
+            let route = self.route(ip).await.and_then(|r| {
+                r.map(|(hop, index)| {
+                    let dev = match names.entry(index) {
+                        Entry::Occupied(e) => e.get().clone(),
+                        Entry::Vacant(e) => e.insert(ifname(index)?).clone(),
+                    };
+                    Ok((hop, index, dev))
+                })
+                .transpose()
+            });
+            match route {
                 Ok(Some(route)) => {
                     pending.insert(ip, route);
                 }

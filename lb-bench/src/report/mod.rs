@@ -7,6 +7,7 @@ mod fleet;
 mod live;
 mod proxies;
 mod reaction;
+mod storm;
 
 use std::fmt::Write as _;
 
@@ -58,6 +59,10 @@ pub(crate) fn render(r: &Results) -> String {
         None => out.push_str(
             "## Control plane: how fast changes reach the data plane\n\nNot measured in this run.\n\n",
         ),
+    }
+    match &r.storm {
+        Some(s) => storm::render(&mut out, s),
+        None => out.push_str("## Control plane: a probe storm\n\nNot measured in this run.\n\n"),
     }
     match &r.fleet {
         Some(f) => fleet::render(&mut out, f),

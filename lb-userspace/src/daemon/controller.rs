@@ -84,6 +84,12 @@ pub struct BackendState {
     written: Option<BackendValue>,
 }
 
+/// The least time between two rebuilds of a service's table for its
+/// backends' health: changes within it wait for its end and are applied
+/// together, so a storm of flapping backends costs each service at most
+/// one rebuild per gap, while a change after a quiet spell applies at once.
+pub const HEALTH_REBUILD_GAP: Duration = Duration::from_millis(100);
+
 /// A change asked from the backend's side (its agent, its latency): what
 /// the tables follow, and what is asked, which waits for its service's
 /// next chance to rebuild (see [`ServiceState::adjust_interval`]).
@@ -210,6 +216,8 @@ pub struct ServiceState {
     /// The live table (backend ids); empty until first published. Shared,
     /// so a copy of the state taken before a change costs no table copy.
     pub ring: Arc<[u32]>,
+    /// Its backends that hold slots in the live table.
+    pub in_table: usize,
     /// Flags and idle timeout the live service entry carries.
     published: Option<(u32, u32)>,
     /// The new-flow limit last written to the data plane for its id.
@@ -223,6 +231,11 @@ pub struct ServiceState {
     pub panic: bool,
     /// When its backends' agents or load feedback last changed its table.
     adjusted: Option<Instant>,
+    /// When its table and backends were last brought in line with its state.
+    synced: Option<Instant>,
+    /// Its backends' health changed since, and waits for the next rebuild
+    /// ([`HEALTH_REBUILD_GAP`]).
+    health_pending: bool,
 }
 
 impl ServiceState {
@@ -272,6 +285,9 @@ pub struct Controller {
     fleet_health: Option<FleetHealth>,
     /// The source-list prefixes in the kernel's trie.
     source_entries: SourceEntries,
+    /// Health changes since the state file was last saved
+    /// ([`Controller::save_history`]).
+    history_unsaved: bool,
 }
 
 /// A backend's next hop as the data plane takes it.
@@ -352,20 +368,41 @@ fn source_entries<'a>(services: impl Iterator<Item = &'a ServiceState>) -> Sourc
 fn digest(ring: &[u32], addr_of: &BTreeMap<u32, IpAddr>) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0100_0000_01b3;
+    // Each id's bytes once, indexed by id: a slot costs no map lookup.
+    let ids = addr_of
+        .keys()
+        .next_back()
+        .map_or(0, |&max| max as usize + 1);
+    let mut bytes_of = vec![[0xff; 17]; ids];
+    for (&id, ip) in addr_of {
+        let (a, f) = addr_bytes(*ip);
+        bytes_of[id as usize][..16].copy_from_slice(&a);
+        bytes_of[id as usize][16] = f;
+    }
     let mut h = OFFSET;
-    for id in ring {
-        let bytes = addr_of.get(id).map_or([0xff; 17], |ip| {
-            let (a, f) = addr_bytes(*ip);
-            let mut b = [0u8; 17];
-            b[..16].copy_from_slice(&a);
-            b[16] = f;
-            b
-        });
-        for byte in bytes {
+    for &id in ring {
+        let bytes = bytes_of.get(id as usize).unwrap_or(&[0xff; 17]);
+        for &byte in bytes {
             h = (h ^ u64::from(byte)).wrapping_mul(PRIME);
         }
     }
     h
+}
+
+/// How many of `backends` hold slots in `ring`.
+fn holding_slots(ring: &[u32], backends: &BTreeMap<IpAddr, BackendState>) -> usize {
+    let ids = backends
+        .values()
+        .map(|b| b.id as usize + 1)
+        .max()
+        .unwrap_or(0);
+    let mut holds = vec![false; ids];
+    for &id in ring {
+        if let Some(h) = holds.get_mut(id as usize) {
+            *h = true;
+        }
+    }
+    backends.values().filter(|b| holds[b.id as usize]).count()
 }
 
 fn moved(old: &[u32], new: &[u32]) -> usize {
@@ -421,6 +458,7 @@ impl Controller {
             trusted_first_probe: BTreeSet::new(),
             fleet_health,
             source_entries: SourceEntries::new(),
+            history_unsaved: false,
         };
         c.source_entries = c.dp.source_entries()?;
         for (ip, why) in &c.unresolved {
@@ -565,6 +603,7 @@ impl Controller {
                 ServiceState {
                     config: cfg.clone(),
                     id: live.id,
+                    in_table: holding_slots(&ring, &backends),
                     backends,
                     ring: ring.into(),
                     published: Some((live.flags, live.idle_timeout)),
@@ -573,6 +612,8 @@ impl Controller {
                     rebuilds: 0,
                     panic: false,
                     adjusted: None,
+                    synced: None,
+                    health_pending: false,
                 },
             );
             self.desired.services.insert(name.clone(), cfg.clone());
@@ -633,25 +674,50 @@ impl Controller {
         self.hops.contains_key(&ip)
     }
 
-    /// Whether a service ignores its probes (see [`health::panic`]).
+    /// Whether a service's table ignores its probes (see
+    /// [`health::panic`]), as of its last rebuild.
     pub fn in_panic(&self, service: &str) -> bool {
-        let Some(s) = self.services.get(service) else {
-            return false;
-        };
-        let ready: Vec<(&IpAddr, &BackendState)> = s
-            .backends
-            .iter()
-            .filter(|(ip, b)| {
-                self.admin(service, **ip, b) == Admin::Ready
-                    && !b.agent.view.applied.down
-                    && b.health.state() != Health::Checking
-            })
-            .collect();
-        let healthy = ready
-            .iter()
-            .filter(|(ip, b)| self.probe_up(service, **ip, b))
-            .count();
-        health::panic(ready.len(), healthy)
+        self.services.get(service).is_some_and(|s| s.panic)
+    }
+
+    /// Whether `svc`'s probes are not to be trusted now: O(backends), so
+    /// worked out once a rebuild ([`Self::refresh_panic`]), not once a
+    /// backend.
+    fn panic_of(&self, svc: &ServiceState) -> bool {
+        let name = &svc.config.name;
+        let ready = svc.backends.iter().filter(|(ip, b)| {
+            self.admin(name, **ip, b) == Admin::Ready
+                && !b.agent.view.applied.down
+                && b.health.state() != Health::Checking
+        });
+        let (mut ready_count, mut healthy) = (0, 0);
+        for (ip, b) in ready {
+            ready_count += 1;
+            healthy += usize::from(self.probe_up(name, *ip, b));
+        }
+        health::panic(ready_count, healthy)
+    }
+
+    /// Works out whether `service` is in panic before its table is rebuilt,
+    /// and says so when that changes.
+    fn refresh_panic(&mut self, service: &str) -> Result<()> {
+        let svc = self.services.get(service).context("no such service")?;
+        let panic = self.panic_of(svc);
+        if panic != svc.panic {
+            if panic {
+                warn!(
+                    service,
+                    "panic: fewer than half the ready backends pass probes; keeping all ready backends in the table"
+                );
+            } else {
+                info!(service, "panic over: probes trusted again");
+            }
+            self.services
+                .get_mut(service)
+                .context("no such service")?
+                .panic = panic;
+        }
+        Ok(())
     }
 
     /// Whether the probes that count say a backend is up: its own, or in a
@@ -689,9 +755,9 @@ impl Controller {
     }
 
     /// Whether a backend counts as healthy: its agent does not say down,
-    /// and it passes probes or its service is in panic.
-    fn healthy(&self, service: &str, ip: IpAddr, b: &BackendState) -> bool {
-        !b.agent.view.applied.down && (self.probe_up(service, ip, b) || self.in_panic(service))
+    /// and it passes probes or its service is in `panic`.
+    fn healthy(&self, service: &str, ip: IpAddr, b: &BackendState, panic: bool) -> bool {
+        !b.agent.view.applied.down && (panic || self.probe_up(service, ip, b))
     }
 
     /// A backend's operator state: the operator's, or while that is
@@ -868,9 +934,14 @@ impl Controller {
     /// The weight a backend has in its table now, before slow start and
     /// its agent scale it.
     pub fn table_weight(&self, service: &str, ip: IpAddr, b: &BackendState) -> u32 {
+        self.weight_in_table(service, ip, b, self.in_panic(service))
+    }
+
+    /// [`Self::table_weight`] with its service in `panic` or not.
+    fn weight_in_table(&self, service: &str, ip: IpAddr, b: &BackendState, panic: bool) -> u32 {
         let o = self.runtime.get(service, ip);
         if self.admin(service, ip, b) != Admin::Ready
-            || !self.healthy(service, ip, b)
+            || !self.healthy(service, ip, b, panic)
             || !self.hops.contains_key(&ip)
         {
             return 0;
@@ -894,7 +965,7 @@ impl Controller {
             "operator"
         } else if b.agent.view.applied.admin != Admin::Ready || b.agent.view.applied.down {
             "agent"
-        } else if !self.healthy(service, ip, b) {
+        } else if !self.healthy(service, ip, b, self.in_panic(service)) {
             "health"
         } else if !self.hops.contains_key(&ip) {
             "neighbour"
@@ -916,7 +987,7 @@ impl Controller {
         let (addr, family) = addr_bytes(ip);
         let hop = self.hops.get(&ip).copied();
         let up = self.admin(service, ip, b) != Admin::Maintenance
-            && self.healthy(service, ip, b)
+            && self.healthy(service, ip, b, self.in_panic(service))
             && hop.is_some();
         BackendValue {
             addr,
@@ -930,6 +1001,7 @@ impl Controller {
     }
 
     fn build_ring(&self, svc: &ServiceState) -> Result<Vec<u32>> {
+        let panic = self.panic_of(svc);
         let keys: Vec<(IpAddr, Vec<u8>)> = svc
             .backends
             .keys()
@@ -947,16 +1019,17 @@ impl Controller {
                 // of 1 as finely as 1000 (at most 65,535 × 100 × 100,
                 // within u32).
                 let name = &svc.config.name;
-                let weight = self.table_weight(name, *ip, b)
+                let weight = self.weight_in_table(name, *ip, b, panic)
                     * self.ramp_percent(name, *ip, b)
                     * self.scale_percent(name, *ip, b);
                 Candidate { key, weight }
             })
             .collect();
         let slots = maglev::build(&candidates, self.dp.capacity().ring_size)?;
+        let ids: Vec<u32> = keys.iter().map(|(ip, _)| svc.backends[ip].id).collect();
         Ok(slots
             .into_iter()
-            .map(|s| s.map_or(NO_BACKEND, |i| svc.backends[&keys[i as usize].0].id))
+            .map(|s| s.map_or(NO_BACKEND, |i| ids[i as usize]))
             .collect())
     }
 
@@ -1041,12 +1114,15 @@ impl Controller {
                         id: service_ids.take("service")?,
                         backends: BTreeMap::new(),
                         ring: Arc::from([]),
+                        in_table: 0,
                         published: None,
                         limit_written: None,
                         digest: 0,
                         rebuilds: 0,
                         panic: false,
                         adjusted: None,
+                        synced: None,
+                        health_pending: false,
                     }
                 }
             };
@@ -1269,6 +1345,7 @@ impl Controller {
                 // What the kernel holds now.
                 Some(cur) => {
                     old.ring = cur.ring.clone();
+                    old.in_table = cur.in_table;
                     old.published = cur.published;
                     old.limit_written = cur.limit_written;
                     old.digest = cur.digest;
@@ -1284,6 +1361,7 @@ impl Controller {
                 // Taken out by the change: written whole again.
                 None => {
                     old.ring = Arc::from([]);
+                    old.in_table = 0;
                     old.published = None;
                     old.limit_written = None;
                     for b in old.backends.values_mut() {
@@ -1310,6 +1388,7 @@ impl Controller {
     /// Brings one service's backends and table in line with its state:
     /// gains first, then the table, then losses. Returns slots moved.
     fn sync(&mut self, name: &str, ring: Option<Vec<u32>>) -> Result<usize> {
+        self.refresh_panic(name)?;
         let svc = self.services.get(name).context("no such service")?;
         let ring = match ring {
             Some(r) => r,
@@ -1357,6 +1436,7 @@ impl Controller {
                 svc.backends.iter().map(|(ip, b)| (b.id, *ip)).collect();
             let d = digest(&ring, &addr_of);
             let svc = self.services.get_mut(name).context("no such service")?;
+            svc.in_table = holding_slots(&ring, &svc.backends);
             svc.ring = ring.into();
             svc.published = Some((flags, idle_timeout));
             svc.digest = d;
@@ -1374,6 +1454,9 @@ impl Controller {
         for (ip, v) in &losses {
             self.write_backend(name, *ip, v)?;
         }
+        let svc = self.services.get_mut(name).context("no such service")?;
+        svc.synced = Some(Instant::now());
+        svc.health_pending = false;
         Ok(moved_slots)
     }
 
@@ -1410,7 +1493,9 @@ impl Controller {
                 (n.clone(), backends.collect())
             })
             .collect();
-        self.runtime.save(&self.desired.settings.state_file)
+        self.runtime.save(&self.desired.settings.state_file)?;
+        self.history_unsaved = false;
+        Ok(())
     }
 
     fn backend_mut(&mut self, service: &str, ip: IpAddr) -> Result<&mut BackendState> {
@@ -1424,7 +1509,8 @@ impl Controller {
             })
     }
 
-    /// Records a probe result; rebuilds the table when the state changes.
+    /// Records a probe result; rebuilds the table when the state changes
+    /// (held back within [`HEALTH_REBUILD_GAP`] of the last rebuild).
     pub fn record_probe(
         &mut self,
         service: &str,
@@ -1464,29 +1550,70 @@ impl Controller {
                     info!(service, backend = %ip, "backend up");
                 }
             }
-            let panic = self.in_panic(service);
-            if panic != self.services.get(service).is_some_and(|s| s.panic) {
-                if panic {
-                    warn!(
-                        service,
-                        "panic: fewer than half the ready backends pass probes; keeping all ready backends in the table"
-                    );
-                } else {
-                    info!(service, "panic over: probes trusted again");
-                }
-                if let Some(s) = self.services.get_mut(service) {
-                    s.panic = panic;
-                }
-            }
-            self.sync(service, None)?;
-            // The change already applies; a state file that cannot be
-            // written loses only the history.
-            if let Err(e) = self.persist() {
-                warn!(error = %format!("{e:#}"), "saving the health history to the state file");
-            }
+            self.health_changed(service)?;
         }
         self.reweigh(service)?;
         Ok(changed)
+    }
+
+    /// Brings `service`'s table in line with its backends' health: at
+    /// once, or within [`HEALTH_REBUILD_GAP`] of its last rebuild at the
+    /// end of the gap ([`Self::flush_health_changes`]), so a storm of
+    /// probe results costs each service at most one rebuild a gap.
+    fn health_changed(&mut self, service: &str) -> Result<()> {
+        let svc = self.services.get_mut(service).context("no such service")?;
+        if svc.synced.is_some_and(|t| t.elapsed() < HEALTH_REBUILD_GAP) {
+            svc.health_pending = true;
+            return Ok(());
+        }
+        self.sync(service, None)?;
+        self.history_unsaved = true;
+        Ok(())
+    }
+
+    /// When the next held-back health change is due
+    /// ([`Self::flush_health_changes`]), if any is waiting.
+    pub fn health_changes_due(&self) -> Option<Instant> {
+        self.services
+            .values()
+            .filter(|s| s.health_pending)
+            .map(|s| {
+                s.synced
+                    .map_or_else(Instant::now, |t| t + HEALTH_REBUILD_GAP)
+            })
+            .min()
+    }
+
+    /// Rebuilds the tables of the services whose health changes were held
+    /// back and whose gap has passed.
+    pub fn flush_health_changes(&mut self) -> Result<()> {
+        let due: Vec<String> = self
+            .services
+            .iter()
+            .filter(|(_, s)| {
+                s.health_pending && s.synced.is_none_or(|t| t.elapsed() >= HEALTH_REBUILD_GAP)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in &due {
+            self.sync(name, None)?;
+        }
+        self.history_unsaved |= !due.is_empty();
+        Ok(())
+    }
+
+    /// Saves the health history if changes since the last save left it
+    /// unsaved: once a second at most (the daemon's repair tick), not once
+    /// a rebuild. The changes already apply, so a crash loses at most that
+    /// second of history, and a file that cannot be written only the
+    /// history.
+    pub fn save_history(&mut self) {
+        if !self.history_unsaved {
+            return;
+        }
+        if let Err(e) = self.persist() {
+            warn!(error = %format!("{e:#}"), "saving the health history to the state file");
+        }
     }
 
     /// Load feedback: what each backend of `service` should keep of its
@@ -1822,5 +1949,52 @@ impl Controller {
              too, or route the backend through one of those",
             self.desired.settings.interfaces.join(", "),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The digest by its definition: each slot's backend address and
+    /// family (all ones for none), FNV-1a over them all.
+    fn digest_by_definition(ring: &[u32], addr_of: &BTreeMap<u32, IpAddr>) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for id in ring {
+            let bytes = addr_of.get(id).map_or([0xff; 17], |ip| {
+                let (a, f) = addr_bytes(*ip);
+                let mut b = [0u8; 17];
+                b[..16].copy_from_slice(&a);
+                b[16] = f;
+                b
+            });
+            for byte in bytes {
+                h = (h ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        h
+    }
+
+    #[test]
+    fn the_digest_is_the_same_by_definition() {
+        let addr_of: BTreeMap<u32, IpAddr> = [
+            (0, "198.18.0.11".parse().unwrap()),
+            (7, "2001:2::12".parse().unwrap()),
+            (3, "198.18.0.13".parse().unwrap()),
+        ]
+        .into();
+        // Ids without an address (a stale id, no backend) included.
+        let ring: Vec<u32> = (0..1_000u32)
+            .map(|i| [0, 7, 3, 5, NO_BACKEND][(i * 7 % 5) as usize])
+            .collect();
+        assert_eq!(
+            digest(&ring, &addr_of),
+            digest_by_definition(&ring, &addr_of)
+        );
+        assert_eq!(digest(&[], &addr_of), digest_by_definition(&[], &addr_of));
+        assert_eq!(
+            digest(&ring, &BTreeMap::new()),
+            digest_by_definition(&ring, &BTreeMap::new())
+        );
     }
 }

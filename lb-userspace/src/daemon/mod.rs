@@ -392,7 +392,13 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut ramp = tokio::time::interval(SLOW_START_TICK);
     let mut repair = tokio::time::interval(REPAIR_TICK);
     loop {
+        let health_due = ctl.health_changes_due();
         tokio::select! {
+            _ = tokio::time::sleep_until(health_due.unwrap_or_else(Instant::now).into()), if health_due.is_some() => {
+                if let Err(e) = ctl.flush_health_changes() {
+                    error!(error = %format!("{e:#}"), "applying held-back health changes");
+                }
+            }
             Some((request, reply)) = calls.recv() => {
                 let new = unresolved_backends(&request, &file, fleet_node.as_ref(), &ctl);
                 if !new.is_empty()
@@ -431,21 +437,29 @@ pub async fn run(opts: Options) -> Result<()> {
                 };
                 let _ = reply.send(response);
                 probers.sync(&ctl);
-                let _ = addrs_tx.send(backend_addrs(ctl.desired()));
+                publish_addrs(&addrs_tx, &ctl);
             }
             Some(result) = results.recv() => {
                 let probers::Result { service, backend, report } = result;
-                let applied = match report {
+                // Whether the result may have changed what the node serves.
+                let changed = match report {
                     probers::Report::Probe(report) => {
                         probe_durations.observe(&service, backend, report.latency);
-                        ctl.record_probe(&service, backend, report).map(drop)
+                        ctl.record_probe(&service, backend, report).map(|c| c.is_some())
                     }
-                    probers::Report::Agent(answer) => ctl.record_agent(&service, backend, answer),
+                    probers::Report::Agent(answer) => {
+                        ctl.record_agent(&service, backend, answer).map(|()| true)
+                    }
                 };
-                if let Err(e) = applied {
+                if let Err(e) = &changed {
                     error!(error = %format!("{e:#}"), "applying a probe or agent result");
                 }
                 probers.update(&ctl, &service, backend);
+                // A result that changes no state costs O(1): the node's
+                // decisions (O(backends)) stand.
+                if matches!(changed, Ok(false)) {
+                    continue;
+                }
             }
             Some((page, reply)) = asks.recv() => {
                 let status = node.status(&ctl);
@@ -484,6 +498,7 @@ pub async fn run(opts: Options) -> Result<()> {
                     Ok(done) => done.iter().for_each(log_repair),
                     Err(e) => error!(error = %format!("{e:#}"), "repairing the data plane; retrying in 1 s"),
                 }
+                ctl.save_history();
                 // Agents' answers and load feedback held back by their
                 // service's rebuild limit.
                 if let Err(e) = ctl.apply_weight_changes() {
@@ -506,7 +521,7 @@ pub async fn run(opts: Options) -> Result<()> {
                     f.on_event(&mut ctl, event);
                 }
                 probers.sync(&ctl);
-                let _ = addrs_tx.send(backend_addrs(ctl.desired()));
+                publish_addrs(&addrs_tx, &ctl);
             }
             _ = hup.recv() => {
                 match reload(&mut ctl, &mut file, fleet_node.as_mut()) {
@@ -514,7 +529,7 @@ pub async fn run(opts: Options) -> Result<()> {
                     Err(e) => error!(error = %format!("{e:#}"), "reload refused; running configuration unchanged"),
                 }
                 probers.sync(&ctl);
-                let _ = addrs_tx.send(backend_addrs(ctl.desired()));
+                publish_addrs(&addrs_tx, &ctl);
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -671,6 +686,19 @@ async fn forward_kernel_log(log: KernelLog) {
 /// Resolves the backends' next hops again whenever the list of backends
 /// changes, the kernel reports a neighbour or route change, and every
 /// [`MAC_REFRESH`] regardless, and sends what it finds to the control loop.
+/// Tells the next-hop task the backends' addresses, if they changed: it
+/// resolves them all again on every change it is told of.
+fn publish_addrs(addrs: &watch::Sender<Vec<IpAddr>>, ctl: &Controller) {
+    let now = backend_addrs(ctl.desired());
+    addrs.send_if_modified(|cur| {
+        let changed = *cur != now;
+        if changed {
+            *cur = now;
+        }
+        changed
+    });
+}
+
 async fn refresh_macs(
     mut addrs: watch::Receiver<Vec<IpAddr>>,
     out: mpsc::Sender<neighbor::Resolution>,

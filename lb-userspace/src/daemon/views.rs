@@ -156,11 +156,7 @@ pub(super) fn services(ctl: &Controller) -> Vec<ServiceRow> {
             },
             affinity: format!("{:?}", s.config.affinity).to_lowercase(),
             backends: s.backends.len(),
-            in_table: s
-                .backends
-                .iter()
-                .filter(|(ip, b)| ctl.table_weight(&s.config.name, **ip, b) > 0)
-                .count(),
+            in_table: s.in_table,
             digest: super::controller::digest_text(s.digest),
             rebuilds: s.rebuilds,
             panic: s.panic,

@@ -99,8 +99,11 @@ fn run() -> Result<()> {
         Ok(backend(&h, "198.18.0.11")["health"] == "down"
             && backend(&h, "198.18.0.12")["health"] == "down")
     })?;
+    // The table follows within the 100 ms that coalesce health changes.
+    d.wait_until("the table in panic", WAIT, |d| {
+        Ok(d.cli(&["service", "list"])?[0]["panic"] == true)
+    })?;
     let svc = d.cli(&["service", "list"])?;
-    assert_eq!(svc[0]["panic"], true, "{svc}");
     assert_eq!(
         svc[0]["in_table"], 2,
         "panic keeps every ready backend: {svc}"
@@ -319,6 +322,11 @@ fn run() -> Result<()> {
         transitions >= 4,
         "backend-1 went down and up twice: {transitions}"
     );
+    // Health history is saved within a second of a change.
+    d.wait_until("the health history saved", WAIT, |d| {
+        let state: Value = serde_json::from_slice(&std::fs::read(d.dir.join("state.json"))?)?;
+        Ok(state["history"]["web"]["198.18.0.11"]["transitions"] == transitions)
+    })?;
     d.kill(libc::SIGKILL)?;
     let at_kill = ok.load(Ordering::Relaxed);
     d.wait_until("traffic flowing without a daemon", WAIT, |_| {
