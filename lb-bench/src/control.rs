@@ -11,9 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, ensure};
 use lb::{
-    dataplane::Capacity,
+    dataplane::{Capacity, Copies},
     maglev::{self, Candidate},
 };
 use lb_common::{limits::DEFAULT_RING_SIZE, wire::IPPROTO_TCP};
@@ -73,8 +73,12 @@ pub struct Timing {
     pub build_ci_ns: Option<(f64, f64)>,
     /// Writing the table into the kernel's rings map (the reference), ns.
     pub publish: Summary,
-    /// `build_ns / publish.median`.
-    pub build_over_publish: Option<f64>,
+    /// Writing a one-backend change (one backend leaving, then coming
+    /// back) as the daemon does: only the slots that move, into the
+    /// inactive copy, the flip, then the same into the other copy, ns.
+    pub delta: Summary,
+    /// The slots that change move, written into each copy.
+    pub delta_slots: usize,
 }
 
 /// Everything the control-plane part measured.
@@ -207,8 +211,9 @@ fn criterion_median(dir: &Path, backends: u32) -> Option<(f64, (f64, f64))> {
     ))
 }
 
-/// Time to write a table of `n` backends into the kernel, `rounds` times.
-fn publish_times(lab: &mut Lab, n: u32, rounds: usize) -> Result<Summary> {
+/// Time to write a table of `n` backends into the kernel, `rounds` times,
+/// whole and as the delta of one backend leaving or coming back.
+fn publish_times(lab: &mut Lab, n: u32, rounds: usize) -> Result<(Summary, Summary, usize)> {
     let members: Vec<(u32, u32)> = (0..n).map(|id| (id, 1)).collect();
     for id in 0..n {
         let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 16, 0)) + id);
@@ -222,7 +227,38 @@ fn publish_times(lab: &mut Lab, n: u32, rounds: usize) -> Result<Summary> {
         lab.dp.publish_service(&key, 0, 0, 0, &ring)?;
         samples.push(duration_ns(start.elapsed()));
     }
-    Summary::of(&samples).context("no publish samples")
+    let whole = Summary::of(&samples).context("no publish samples")?;
+    // Written whole: `fewer` live, `ring` in the other copy. Then `ring`
+    // live and in both, as after the daemon's second publish of a table.
+    let fewer = lab.service(0, key, 0, &members[..members.len() - 1])?;
+    let slots = ring.iter().zip(&fewer).filter(|(a, b)| a != b).count();
+    let level = Copies {
+        live: Some(&fewer),
+        standby: Some(&ring),
+    };
+    ensure!(
+        lab.dp.publish_service_delta(&key, 0, 0, 0, &ring, level)?,
+        "the copies were not levelled"
+    );
+    let (mut both, mut next) = (&ring, &fewer);
+    let mut samples = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let known = Copies {
+            live: Some(both),
+            standby: Some(both),
+        };
+        let start = Instant::now();
+        let synced = lab.dp.publish_service_delta(&key, 0, 0, 0, next, known)?;
+        samples.push(duration_ns(start.elapsed()));
+        ensure!(synced, "the other copy was not brought up to date");
+        (both, next) = (next, both);
+    }
+    ensure!(
+        lab.dp.live_ring(&key)? == *both,
+        "the live table is not the one written last"
+    );
+    let delta = Summary::of(&samples).context("no delta samples")?;
+    Ok((whole, delta, slots))
 }
 
 fn duration_ns(d: Duration) -> f64 {
@@ -250,14 +286,15 @@ pub(crate) fn run(quick: bool, criterion: Option<&Path>) -> Result<ControlResult
     };
     let mut timing = Vec::new();
     for &n in &BACKEND_COUNTS {
-        let publish = publish_times(&mut lab, n, rounds)?;
+        let (publish, delta, delta_slots) = publish_times(&mut lab, n, rounds)?;
         let build = criterion.and_then(|dir| criterion_median(dir, n));
         timing.push(Timing {
             backends: n,
             build_ns: build.map(|b| b.0),
             build_ci_ns: build.map(|b| b.1),
-            build_over_publish: build.map(|b| b.0 / publish.median),
             publish,
+            delta,
+            delta_slots,
         });
     }
     if timing.iter().all(|t| t.build_ns.is_none()) {

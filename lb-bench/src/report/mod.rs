@@ -970,13 +970,19 @@ fn control(out: &mut String, c: &ControlResults) {
         out,
         "### Build time\n\n\
          Building a table (criterion, `lb-userspace/benches/maglev.rs`, median \
-         with its 95 % interval) next to the reference: writing the same table \
-         into the kernel's rings map the way the daemon does (`Dataplane::\
-         publish_service`: every slot of the inactive copy in one \
-         BPF_MAP_UPDATE_BATCH; median of the runs here). Before batching, with \
-         one map update per slot, the write took 56–80 ms on this machine \
-         (`cargo xtask bench --quick`, commit a5069de).\n\n\
-         | backends | build | write into the kernel | build / write |\n| --- | --- | --- | --- |"
+         with its 95 % interval) next to writing it into the kernel's rings map \
+         (`Dataplane::publish_service_delta`, median of the runs here): whole (every \
+         slot of the inactive copy in one BPF_MAP_UPDATE_BATCH, as a new service \
+         or a restarted daemon's first change is written), and a one-backend \
+         change (one backend leaving, then coming back) as the daemon writes it: \
+         only the slots that move, into the inactive copy, the flip, then the \
+         same slots into the other copy so both hold the table. The last column \
+         adds the build to the change's write: the daemon's side of a one-backend \
+         change, but for its bookkeeping (the table's digest among it). Before \
+         batching, with one map update per slot, the whole write took 56–80 ms on \
+         this machine (`cargo xtask bench --quick`, commit a5069de).\n\n\
+         | backends | build | whole table write | one-backend change write (slots a copy) | build + change write |\n\
+         | --- | --- | --- | --- | --- |"
     );
     for t in &c.timing {
         let build = match (t.build_ns, t.build_ci_ns) {
@@ -987,33 +993,21 @@ fn control(out: &mut String, c: &ControlResults) {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {:.1} ms (±{}) | {} |",
+            "| {} | {} | {:.1} ms (±{}) | {:.3} ms (±{}, {}) | {} |",
             t.backends,
             build,
             t.publish.median / 1e6,
             pct(t.publish.spread / 2.0),
-            t.build_over_publish
-                .map_or("—".to_owned(), |r| format!("{r:.2}"))
+            t.delta.median / 1e6,
+            pct(t.delta.spread / 2.0),
+            thousands(t.delta_slots as u64),
+            t.build_ns.map_or("—".to_owned(), |b| format!(
+                "{:.2} ms",
+                (b + t.delta.median) / 1e6
+            ))
         );
     }
     out.push('\n');
-    let writes_dominate = c
-        .timing
-        .iter()
-        .filter_map(|t| t.build_over_publish)
-        .all(|r| r < 1.0);
-    if c.timing.iter().any(|t| t.build_over_publish.is_some()) && writes_dominate {
-        let _ = writeln!(
-            out,
-            "Where lb loses: a rebuild spends more time writing the table than \
-             computing it, because the daemon writes every slot of the new copy \
-             (double buffering: the copy it writes holds the table from two \
-             changes ago). Writing only the slots that changed (Katran computes \
-             such deltas and updates in place) would cut the write after one \
-             backend change to about the moved share shown above, at the price \
-             of a second copy of every table in the daemon or of the atomic flip.\n"
-        );
-    }
     if let Some(q) = c
         .quality
         .iter()

@@ -65,9 +65,9 @@ pub(super) fn render(out: &mut String, r: &ReactionResults) {
          stable ({} successes in a row): one that dies again sooner is damped, and needs \
          twice the successes per recent flap to return.\n\n\
          `set-weight` returns only once the new table is live. Its time is the \
-         CLI's process start and round trip, the rebuild, and writing all 65,537 \
-         slots of the new copy (see Build time). Where lb loses: Katran-style delta \
-         writes (only the slots that change) would shorten the write.\n",
+         CLI's process start and round trip, the rebuild, and writing the slots \
+         that move (into the inactive copy, and after the flip into the other \
+         one; see Build time).\n",
         list.join(", "),
         lb::health::STABLE_SUCCESSES
     );

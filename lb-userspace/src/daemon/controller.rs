@@ -31,7 +31,7 @@ use super::runtime::{Admin, History, Override, Runtime, ServiceIds};
 use crate::{
     agent,
     config::{self, Affinity, Desired, Mode, Via},
-    dataplane::{Dataplane, Prefix, SourceEntries},
+    dataplane::{Copies, Dataplane, Prefix, SourceEntries},
     feedback,
     fleet::state::{AgreedHealth, FleetState, HealthView, Overrides},
     health::{self, Health, Tracker},
@@ -218,6 +218,9 @@ pub struct ServiceState {
     pub ring: Arc<[u32]>,
     /// Its backends that hold slots in the live table.
     pub in_table: usize,
+    /// The inactive table copy holds `ring` too, so a change writes only
+    /// the slots it moves.
+    standby_synced: bool,
     /// Flags and idle timeout the live service entry carries.
     published: Option<(u32, u32)>,
     /// The new-flow limit last written to the data plane for its id.
@@ -604,6 +607,7 @@ impl Controller {
                     config: cfg.clone(),
                     id: live.id,
                     in_table: holding_slots(&ring, &backends),
+                    standby_synced: false,
                     backends,
                     ring: ring.into(),
                     published: Some((live.flags, live.idle_timeout)),
@@ -1115,6 +1119,7 @@ impl Controller {
                         backends: BTreeMap::new(),
                         ring: Arc::from([]),
                         in_table: 0,
+                        standby_synced: false,
                         published: None,
                         limit_written: None,
                         digest: 0,
@@ -1346,6 +1351,7 @@ impl Controller {
                 Some(cur) => {
                     old.ring = cur.ring.clone();
                     old.in_table = cur.in_table;
+                    old.standby_synced = cur.standby_synced;
                     old.published = cur.published;
                     old.limit_written = cur.limit_written;
                     old.digest = cur.digest;
@@ -1362,6 +1368,7 @@ impl Controller {
                 None => {
                     old.ring = Arc::from([]);
                     old.in_table = 0;
+                    old.standby_synced = false;
                     old.published = None;
                     old.limit_written = None;
                     for b in old.backends.values_mut() {
@@ -1430,13 +1437,26 @@ impl Controller {
             } else {
                 moved(&svc.ring, &ring)
             };
-            self.dp
-                .publish_service(&key, id, flags, idle_timeout, &ring)?;
+            let live = svc.ring.clone();
+            let known = Copies {
+                live: (!live.is_empty()).then_some(&live[..]),
+                standby: svc.standby_synced.then_some(&live[..]),
+            };
+            // Until it succeeds, what the inactive copy holds is unknown.
+            self.services
+                .get_mut(name)
+                .context("no such service")?
+                .standby_synced = false;
+            let synced =
+                self.dp
+                    .publish_service_delta(&key, id, flags, idle_timeout, &ring, known)?;
+            let svc = &self.services[name];
             let addr_of: BTreeMap<u32, IpAddr> =
                 svc.backends.iter().map(|(ip, b)| (b.id, *ip)).collect();
             let d = digest(&ring, &addr_of);
             let svc = self.services.get_mut(name).context("no such service")?;
             svc.in_table = holding_slots(&ring, &svc.backends);
+            svc.standby_synced = synced;
             svc.ring = ring.into();
             svc.published = Some((flags, idle_timeout));
             svc.digest = d;

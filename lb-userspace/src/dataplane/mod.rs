@@ -46,6 +46,7 @@ use lb_common::{
     },
     maps as names, ring_index,
 };
+use tracing::warn;
 
 /// `CLOCK_MONOTONIC` in whole seconds from the coarse clock: what the
 /// daemon writes as the data plane's clock ([`ConntrackSettings::now`]).
@@ -82,6 +83,16 @@ impl KernelLogLevel {
 
 /// The compiled XDP object, embedded so `lb` ships as one file.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// What a service's two table copies hold, as far as the caller knows
+/// ([`Dataplane::publish_service_delta`]); `None`: unknown.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Copies<'a> {
+    /// The live copy.
+    pub live: Option<&'a [u32]>,
+    /// The inactive copy.
+    pub standby: Option<&'a [u32]>,
+}
 
 /// Map capacities, fixed when the object is loaded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -824,7 +835,8 @@ impl Dataplane {
     /// Creates or updates a service and makes `ring` its live table: the ring
     /// goes into the inactive copy first, then the service entry flips to it
     /// in one map update. `ring` holds backend ids (or `NO_BACKEND`);
-    /// `idle_timeout` is [`ServiceValue::idle_timeout`].
+    /// `idle_timeout` is [`ServiceValue::idle_timeout`]. Writes every slot:
+    /// see [`Self::publish_service_delta`] for a change to a known table.
     pub fn publish_service(
         &mut self,
         key: &ServiceKey,
@@ -833,6 +845,29 @@ impl Dataplane {
         idle_timeout: u32,
         ring: &[u32],
     ) -> Result<()> {
+        let unknown = Copies::default();
+        self.publish_service_delta(key, id, flags, idle_timeout, ring, unknown)
+            .map(drop)
+    }
+
+    /// As [`Self::publish_service`], writing only the slots that differ
+    /// from what the copies are `known` to hold: into the inactive copy
+    /// before the flip, then the same slots into the copy that was live, so
+    /// that both hold `ring` and the next change writes only its own slots.
+    /// A packet that read the entry before the flip may still be reading
+    /// that copy: it sees each slot whole, old or new, and both name
+    /// backends that are up (a change writes its new backends before the
+    /// table and takes its old ones down after). Returns whether both
+    /// copies now hold `ring`: the next call's `known.standby`.
+    pub fn publish_service_delta(
+        &mut self,
+        key: &ServiceKey,
+        id: u32,
+        flags: u32,
+        idle_timeout: u32,
+        ring: &[u32],
+        known: Copies<'_>,
+    ) -> Result<bool> {
         ensure!(
             id < self.capacity.max_services,
             "service id {id} beyond capacity {}",
@@ -850,7 +885,8 @@ impl Dataplane {
         }
         // A new service starts on copy 0 (it was inactive: nothing read it).
         let next = current.map_or(0, |cur| 1 - (cur.active_ring & 1));
-        self.write_ring(id, next, ring)?;
+        self.write_ring(id, next, ring, known.standby)
+            .context("writing the table")?;
         let value = ServiceValue {
             id,
             flags,
@@ -870,25 +906,56 @@ impl Dataplane {
         if delta != 0 {
             self.adjust_vip(key, delta)?;
         }
-        Ok(())
+        // The table is live: a failure to bring the other copy up to date
+        // only costs the next change a whole write.
+        let (Some(cur), Some(live)) = (current, known.live) else {
+            return Ok(false);
+        };
+        match self.write_ring(id, cur.active_ring & 1, ring, Some(live)) {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                warn!(service = id, error = %format!("{e:#}"), "bringing the standby table copy up to date");
+                Ok(false)
+            }
+        }
     }
 
-    /// Writes `ring` into table copy `copy` of service `id`: one batch
-    /// update, or one update per slot on kernels without batches.
-    fn write_ring(&mut self, id: u32, copy: u32, ring: &[u32]) -> Result<()> {
+    /// Writes `ring` into table copy `copy` of service `id`: the slots that
+    /// differ from `was` (what the copy holds, if known), else every slot;
+    /// one batch update, or one update per slot on kernels without
+    /// batches. Returns the slots written.
+    fn write_ring(
+        &mut self,
+        id: u32,
+        copy: u32,
+        ring: &[u32],
+        was: Option<&[u32]>,
+    ) -> Result<usize> {
         let first = ring_index(id, copy, self.capacity.ring_size, 0);
-        let indexes: Vec<u32> = (first..first + self.capacity.ring_size).collect();
-        match batch::update_u32s(self.rings.map(), &indexes, ring) {
-            Ok(()) => return Ok(()),
-            Err(e) if batch::unsupported(&e) => {}
-            Err(e) => return Err(e).context("writing the table"),
+        let (indexes, values): (Vec<u32>, Vec<u32>) = match was.filter(|w| w.len() == ring.len()) {
+            Some(was) => ring
+                .iter()
+                .zip(was)
+                .zip(first..)
+                .filter(|((new, old), _)| new != old)
+                .map(|((new, _), index)| (index, *new))
+                .unzip(),
+            None => ((first..).zip(ring.iter().copied())).unzip(),
+        };
+        if indexes.is_empty() {
+            return Ok(0);
         }
-        for (&index, backend) in indexes.iter().zip(ring) {
+        match batch::update_u32s(self.rings.map(), &indexes, &values) {
+            Ok(()) => return Ok(indexes.len()),
+            Err(e) if batch::unsupported(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+        for (&index, backend) in indexes.iter().zip(&values) {
             self.rings
                 .set(index, backend, 0)
                 .with_context(|| format!("writing ring slot {index}"))?;
         }
-        Ok(())
+        Ok(indexes.len())
     }
 
     /// Removes a service; its packets pass to the kernel from then on.

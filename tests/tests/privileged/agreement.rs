@@ -3,6 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use lb::dataplane::Copies;
 use lb_common::{
     FlowKey, addr_bytes, hash::flow_hash, limits::DEFAULT_RING_SIZE, maps::PROG_LB, wire::*,
 };
@@ -138,4 +139,68 @@ fn kernel_and_user_space_pick_the_same_backend() {
     // Every backend got traffic, so the check covered the whole table.
     assert!(hits.iter().all(|&h| h > 0), "{hits:?}");
     eprintln!("agreement: {checked} packets checked, per-backend hits {hits:?}");
+}
+
+/// A change written as a delta (only the slots that differ from what the
+/// copies hold) leaves both table copies holding the new table: each is
+/// read back live, the second by publishing the same table again, which
+/// writes nothing and flips to the other copy.
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn delta_writes_leave_both_copies_holding_the_table() {
+    require_root();
+    const RING: u32 = 4_099;
+    let mut lab = Lab::new(RING).expect("load");
+    let members: Vec<(u32, u32)> = (0..20u32).map(|i| (i, 1)).collect();
+    for &(id, _) in &members {
+        lab.backend(
+            id,
+            IpAddr::V4(Ipv4Addr::new(198, 18, 0, 10 + id as u8)),
+            true,
+            1,
+        )
+        .unwrap();
+    }
+    let key = service_key(IpAddr::V4(Ipv4Addr::new(198, 18, 1, 1)), 80, IPPROTO_TCP);
+    // Written whole into copy 0; copy 1 is unknown.
+    let mut table = lab.service(0, key, 0, &members).unwrap();
+    let mut rng = Rng(0x05ee_d0fd_e17a);
+    let mut standby_known = false;
+    for round in 0..40 {
+        let mut next = table.clone();
+        for _ in 0..rng.next() % 300 {
+            next[(rng.next() % u64::from(RING)) as usize] = (rng.next() % 20) as u32;
+        }
+        // Every tenth change without the live copy known: the copy that
+        // was live is then not brought up to date, and says so.
+        let live_known = round % 10 != 9;
+        let known = Copies {
+            live: live_known.then_some(&table[..]),
+            standby: standby_known.then_some(&table[..]),
+        };
+        let synced = lab
+            .dp
+            .publish_service_delta(&key, 0, 0, 0, &next, known)
+            .unwrap();
+        assert_eq!(synced, live_known, "round {round}");
+        assert_eq!(lab.dp.live_ring(&key).unwrap(), next, "round {round}");
+        if synced {
+            let same = Copies {
+                live: Some(&next[..]),
+                standby: Some(&next[..]),
+            };
+            assert!(
+                lab.dp
+                    .publish_service_delta(&key, 0, 0, 0, &next, same)
+                    .unwrap()
+            );
+            assert_eq!(
+                lab.dp.live_ring(&key).unwrap(),
+                next,
+                "round {round}: the other copy"
+            );
+        }
+        standby_known = synced;
+        table = next;
+    }
 }
