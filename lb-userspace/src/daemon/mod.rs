@@ -683,9 +683,6 @@ async fn forward_kernel_log(log: KernelLog) {
     }
 }
 
-/// Resolves the backends' next hops again whenever the list of backends
-/// changes, the kernel reports a neighbour or route change, and every
-/// [`MAC_REFRESH`] regardless, and sends what it finds to the control loop.
 /// Tells the next-hop task the backends' addresses, if they changed: it
 /// resolves them all again on every change it is told of.
 fn publish_addrs(addrs: &watch::Sender<Vec<IpAddr>>, ctl: &Controller) {
@@ -699,6 +696,9 @@ fn publish_addrs(addrs: &watch::Sender<Vec<IpAddr>>, ctl: &Controller) {
     });
 }
 
+/// Resolves the backends' next hops again whenever the list of backends
+/// changes, the kernel reports a neighbour or route change, and every
+/// [`MAC_REFRESH`] regardless, and sends what it finds to the control loop.
 async fn refresh_macs(
     mut addrs: watch::Receiver<Vec<IpAddr>>,
     out: mpsc::Sender<neighbor::Resolution>,
