@@ -90,6 +90,9 @@ pub struct BackendState {
 /// one rebuild per gap, while a change after a quiet spell applies at once.
 pub const HEALTH_REBUILD_GAP: Duration = Duration::from_millis(100);
 
+/// How long after a failed rebuild for health the daemon tries again.
+pub const HEALTH_RETRY: Duration = Duration::from_secs(1);
+
 /// A change asked from the backend's side (its agent, its latency): what
 /// the tables follow, and what is asked, which waits for its service's
 /// next chance to rebuild (see [`ServiceState::adjust_interval`]).
@@ -236,9 +239,9 @@ pub struct ServiceState {
     adjusted: Option<Instant>,
     /// When its table and backends were last brought in line with its state.
     synced: Option<Instant>,
-    /// Its backends' health changed since, and waits for the next rebuild
-    /// ([`HEALTH_REBUILD_GAP`]).
-    health_pending: bool,
+    /// When a change of its backends' health held back since is to be
+    /// applied ([`HEALTH_REBUILD_GAP`], [`HEALTH_RETRY`]).
+    health_due: Option<Instant>,
 }
 
 impl ServiceState {
@@ -617,7 +620,7 @@ impl Controller {
                     panic: false,
                     adjusted: None,
                     synced: None,
-                    health_pending: false,
+                    health_due: None,
                 },
             );
             self.desired.services.insert(name.clone(), cfg.clone());
@@ -1127,7 +1130,7 @@ impl Controller {
                         panic: false,
                         adjusted: None,
                         synced: None,
-                        health_pending: false,
+                        health_due: None,
                     }
                 }
             };
@@ -1476,7 +1479,7 @@ impl Controller {
         }
         let svc = self.services.get_mut(name).context("no such service")?;
         svc.synced = Some(Instant::now());
-        svc.health_pending = false;
+        svc.health_due = None;
         Ok(moved_slots)
     }
 
@@ -1582,44 +1585,52 @@ impl Controller {
     /// probe results costs each service at most one rebuild a gap.
     fn health_changed(&mut self, service: &str) -> Result<()> {
         let svc = self.services.get_mut(service).context("no such service")?;
-        if svc.synced.is_some_and(|t| t.elapsed() < HEALTH_REBUILD_GAP) {
-            svc.health_pending = true;
+        if let Some(t) = svc.synced.filter(|t| t.elapsed() < HEALTH_REBUILD_GAP) {
+            svc.health_due.get_or_insert(t + HEALTH_REBUILD_GAP);
             return Ok(());
         }
-        self.sync(service, None)?;
-        self.history_unsaved = true;
-        Ok(())
+        self.rebuild_for_health(service)
+    }
+
+    /// Rebuilds `service`'s table for its backends' health; if that fails,
+    /// tries again [`HEALTH_RETRY`] later.
+    fn rebuild_for_health(&mut self, service: &str) -> Result<()> {
+        match self.sync(service, None) {
+            Ok(_) => {
+                self.history_unsaved = true;
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(svc) = self.services.get_mut(service) {
+                    svc.health_due = Some(Instant::now() + HEALTH_RETRY);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// When the next held-back health change is due
     /// ([`Self::flush_health_changes`]), if any is waiting.
     pub fn health_changes_due(&self) -> Option<Instant> {
-        self.services
-            .values()
-            .filter(|s| s.health_pending)
-            .map(|s| {
-                s.synced
-                    .map_or_else(Instant::now, |t| t + HEALTH_REBUILD_GAP)
-            })
-            .min()
+        self.services.values().filter_map(|s| s.health_due).min()
     }
 
-    /// Rebuilds the tables of the services whose health changes were held
-    /// back and whose gap has passed.
-    pub fn flush_health_changes(&mut self) -> Result<()> {
+    /// Rebuilds the tables of the services whose held-back health changes
+    /// are due. A service whose rebuild fails is said so, and tried again
+    /// later; the others are rebuilt regardless.
+    pub fn flush_health_changes(&mut self) {
+        let now = Instant::now();
         let due: Vec<String> = self
             .services
             .iter()
-            .filter(|(_, s)| {
-                s.health_pending && s.synced.is_none_or(|t| t.elapsed() >= HEALTH_REBUILD_GAP)
-            })
+            .filter(|(_, s)| s.health_due.is_some_and(|t| t <= now))
             .map(|(n, _)| n.clone())
             .collect();
         for name in &due {
-            self.sync(name, None)?;
+            if let Err(e) = self.rebuild_for_health(name) {
+                error!(service = %name, error = %format!("{e:#}"), "applying held-back health changes; retrying in 1 s");
+            }
         }
-        self.history_unsaved |= !due.is_empty();
-        Ok(())
     }
 
     /// Saves the health history if changes since the last save left it

@@ -395,9 +395,7 @@ pub async fn run(opts: Options) -> Result<()> {
         let health_due = ctl.health_changes_due();
         tokio::select! {
             _ = tokio::time::sleep_until(health_due.unwrap_or_else(Instant::now).into()), if health_due.is_some() => {
-                if let Err(e) = ctl.flush_health_changes() {
-                    error!(error = %format!("{e:#}"), "applying held-back health changes");
-                }
+                ctl.flush_health_changes();
             }
             Some((request, reply)) = calls.recv() => {
                 let new = unresolved_backends(&request, &file, fleet_node.as_ref(), &ctl);

@@ -935,3 +935,44 @@ fn a_change_that_fails_part_way_is_undone_whole() {
         "{t:?}"
     );
 }
+
+/// A health change whose rebuild keeps failing (the tables' map frozen
+/// under the daemon) is tried again once a second, not in a loop: the
+/// daemon goes on answering, and says so about once a second.
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn a_rebuild_that_keeps_failing_is_retried_once_a_second() {
+    require_root();
+    // Three backends, so that one down leaves the service out of panic
+    // and its table must change.
+    let lan = Lan::build(3, &["198.18.1.1/32"]).unwrap();
+    let mut servers = lan.serve_names(80).unwrap();
+    let d = Daemon::start(&lan.lb, "retry", &web_config(3)).unwrap();
+    d.wait_until("every backend in the table", WAIT, |d| {
+        Ok(d.cli(&["service", "list"])?[0]["in_table"] == 3)
+    })
+    .unwrap();
+    d.freeze_map(lb_common::maps::RINGS).unwrap();
+    drop(servers.remove(0));
+    d.wait_until("backend-1 probed down", WAIT, |d| {
+        Ok(backend(&d.cli(&["health"])?, "198.18.0.11")["health"] == "down")
+    })
+    .unwrap();
+    let retries = |d: &Daemon| d.log().matches("retrying in 1 s").count();
+    let first = retries(&d);
+    let start = std::time::Instant::now();
+    // Answering meanwhile.
+    while start.elapsed() < Duration::from_secs(3) {
+        d.cli(&["status"]).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let during = retries(&d) - first;
+    assert!(
+        (1..=5).contains(&during),
+        "{during} retries in 3 s: {}",
+        d.log()
+    );
+    // The table is as it was: nothing half-applied.
+    let svc = d.cli(&["service", "list"]).unwrap();
+    assert_eq!(svc[0]["in_table"], 3, "{svc}");
+}
