@@ -395,6 +395,12 @@ fn digest(ring: &[u32], addr_of: &BTreeMap<u32, IpAddr>) -> u64 {
     h
 }
 
+/// [`digest`] of `ring`, a table of `backends`.
+fn table_digest(ring: &[u32], backends: &BTreeMap<IpAddr, BackendState>) -> u64 {
+    let addr_of: BTreeMap<u32, IpAddr> = backends.iter().map(|(ip, b)| (b.id, *ip)).collect();
+    digest(ring, &addr_of)
+}
+
 /// How many of `backends` hold slots in `ring`.
 fn holding_slots(ring: &[u32], backends: &BTreeMap<IpAddr, BackendState>) -> usize {
     let ids = backends
@@ -1453,11 +1459,8 @@ impl Controller {
             let synced =
                 self.dp
                     .publish_service_delta(&key, id, flags, idle_timeout, &ring, known)?;
-            let svc = &self.services[name];
-            let addr_of: BTreeMap<u32, IpAddr> =
-                svc.backends.iter().map(|(ip, b)| (b.id, *ip)).collect();
-            let d = digest(&ring, &addr_of);
             let svc = self.services.get_mut(name).context("no such service")?;
+            let d = table_digest(&ring, &svc.backends);
             svc.in_table = holding_slots(&ring, &svc.backends);
             svc.standby_synced = synced;
             svc.ring = ring.into();
@@ -1466,9 +1469,7 @@ impl Controller {
             svc.rebuilds += 1;
             info!(service = %name, slots_moved = moved_slots, digest = %digest_text(d), "table rebuilt");
         } else if svc.digest == 0 {
-            let addr_of: BTreeMap<u32, IpAddr> =
-                svc.backends.iter().map(|(ip, b)| (b.id, *ip)).collect();
-            let d = digest(&svc.ring, &addr_of);
+            let d = table_digest(&svc.ring, &svc.backends);
             self.services
                 .get_mut(name)
                 .context("no such service")?

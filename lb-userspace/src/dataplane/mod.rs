@@ -912,7 +912,7 @@ impl Dataplane {
             return Ok(false);
         };
         match self.write_ring(id, cur.active_ring & 1, ring, Some(live)) {
-            Ok(_) => Ok(true),
+            Ok(()) => Ok(true),
             Err(e) => {
                 warn!(service = id, error = %format!("{e:#}"), "bringing the standby table copy up to date");
                 Ok(false)
@@ -923,14 +923,8 @@ impl Dataplane {
     /// Writes `ring` into table copy `copy` of service `id`: the slots that
     /// differ from `was` (what the copy holds, if known), else every slot;
     /// one batch update, or one update per slot on kernels without
-    /// batches. Returns the slots written.
-    fn write_ring(
-        &mut self,
-        id: u32,
-        copy: u32,
-        ring: &[u32],
-        was: Option<&[u32]>,
-    ) -> Result<usize> {
+    /// batches.
+    fn write_ring(&mut self, id: u32, copy: u32, ring: &[u32], was: Option<&[u32]>) -> Result<()> {
         let first = ring_index(id, copy, self.capacity.ring_size, 0);
         let (indexes, values): (Vec<u32>, Vec<u32>) = match was.filter(|w| w.len() == ring.len()) {
             Some(was) => ring
@@ -943,10 +937,10 @@ impl Dataplane {
             None => ((first..).zip(ring.iter().copied())).unzip(),
         };
         if indexes.is_empty() {
-            return Ok(0);
+            return Ok(());
         }
         match batch::update_u32s(self.rings.map(), &indexes, &values) {
-            Ok(()) => return Ok(indexes.len()),
+            Ok(()) => return Ok(()),
             Err(e) if batch::unsupported(&e) => {}
             Err(e) => return Err(e.into()),
         }
@@ -955,7 +949,7 @@ impl Dataplane {
                 .set(index, backend, 0)
                 .with_context(|| format!("writing ring slot {index}"))?;
         }
-        Ok(indexes.len())
+        Ok(())
     }
 
     /// Removes a service; its packets pass to the kernel from then on.
