@@ -13,17 +13,24 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use lb::{
-    dataplane::{Capacity, Copies},
+    dataplane::Capacity,
     maglev::{self, Candidate},
 };
-use lb_common::{limits::DEFAULT_RING_SIZE, wire::IPPROTO_TCP};
+use lb_common::{
+    limits::{DEFAULT_RING_SIZE, NO_BACKEND},
+    wire::IPPROTO_TCP,
+};
 use lb_tests::lab::{Lab, service_key};
 use serde::{Deserialize, Serialize};
 
 use crate::stats::Summary;
 
 /// Backend counts the quality and timing figures are given for.
-pub(crate) const BACKEND_COUNTS: [u32; 3] = [10, 100, 1000];
+pub(crate) const BACKEND_COUNTS: [u32; 3] = [10, 100, LARGEST_COUNT];
+
+/// The largest backend count, also measured in the smallest table size
+/// (every service's before sizes followed the backend count).
+const LARGEST_COUNT: u32 = 1000;
 
 /// Weights cycled over the backends for the weighted-share figure: a
 /// spread of 1 to 4, as an operator mixing server generations might use.
@@ -74,10 +81,9 @@ pub struct Timing {
     /// Writing the table into the kernel's rings map (the reference), ns.
     pub publish: Summary,
     /// Writing a one-backend change (one backend leaving, then coming
-    /// back) as the daemon does: only the slots that move, into the
-    /// inactive copy, the flip, then the same into the other copy, ns.
+    /// back) as the daemon does: a store per slot that moves, in place, ns.
     pub delta: Summary,
-    /// The slots that change move, written into each copy.
+    /// The slots that change moves, and stores.
     pub delta_slots: usize,
 }
 
@@ -211,50 +217,49 @@ fn criterion_median(dir: &Path, backends: u32) -> Option<(f64, (f64, f64))> {
     ))
 }
 
-/// Time to write a table of `n` backends into the kernel, `rounds` times,
-/// whole and as the delta of one backend leaving or coming back.
+/// Time to write a table of `n` backends into the kernel, `rounds` times:
+/// whole (over a table with no backend, so every slot is stored), and as
+/// the change of one backend leaving or coming back (only the slots that
+/// move are stored). Returns both and the slots such a change stores.
 fn publish_times(lab: &mut Lab, n: u32, rounds: usize) -> Result<(Summary, Summary, usize)> {
     let members: Vec<(u32, u32)> = (0..n).map(|id| (id, 1)).collect();
     for id in 0..n {
         let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 16, 0)) + id);
         lab.backend(id, ip.into(), true, 1)?;
     }
+    lab.ring_size = maglev::table_size(n as usize);
     let key = service_key(Ipv4Addr::new(198, 18, 1, 1).into(), 80, IPPROTO_TCP);
     let ring = lab.service(0, key, 0, &members)?;
+    let empty = vec![NO_BACKEND; ring.len()];
     let mut samples = Vec::with_capacity(rounds);
     for _ in 0..rounds {
+        lab.dp.publish_service(&key, 0, 0, 0, &empty)?;
         let start = Instant::now();
-        lab.dp.publish_service(&key, 0, 0, 0, &ring)?;
+        let stored = lab.dp.publish_service(&key, 0, 0, 0, &ring)?;
         samples.push(duration_ns(start.elapsed()));
+        ensure!(
+            stored == ring.len(),
+            "{stored} of {} slots stored",
+            ring.len()
+        );
     }
     let whole = Summary::of(&samples).context("no publish samples")?;
-    // Written whole: `fewer` live, `ring` in the other copy. Then `ring`
-    // live and in both, as after the daemon's second publish of a table.
     let fewer = lab.service(0, key, 0, &members[..members.len() - 1])?;
     let slots = ring.iter().zip(&fewer).filter(|(a, b)| a != b).count();
-    let level = Copies {
-        live: Some(&fewer),
-        standby: Some(&ring),
-    };
-    ensure!(
-        lab.dp.publish_service_delta(&key, 0, 0, 0, &ring, level)?,
-        "the copies were not levelled"
-    );
-    let (mut both, mut next) = (&ring, &fewer);
+    let (mut from, mut to) = (&fewer, &ring);
     let mut samples = Vec::with_capacity(rounds);
     for _ in 0..rounds {
-        let known = Copies {
-            live: Some(both),
-            standby: Some(both),
-        };
         let start = Instant::now();
-        let synced = lab.dp.publish_service_delta(&key, 0, 0, 0, next, known)?;
+        let stored = lab.dp.publish_service(&key, 0, 0, 0, to)?;
         samples.push(duration_ns(start.elapsed()));
-        ensure!(synced, "the other copy was not brought up to date");
-        (both, next) = (next, both);
+        ensure!(
+            stored == slots,
+            "{stored} slots stored for a change of {slots}"
+        );
+        (from, to) = (to, from);
     }
     ensure!(
-        lab.dp.live_ring(&key)? == *both,
+        lab.dp.live_ring(&key)? == *from,
         "the live table is not the one written last"
     );
     let delta = Summary::of(&samples).context("no delta samples")?;
@@ -269,15 +274,18 @@ fn duration_ns(d: Duration) -> f64 {
 pub(crate) fn run(quick: bool, criterion: Option<&Path>) -> Result<ControlResults> {
     let quality = BACKEND_COUNTS
         .iter()
-        .map(|&n| quality(n, DEFAULT_RING_SIZE))
+        .map(|&n| quality(n, maglev::table_size(n as usize)))
+        .chain(std::iter::once(quality(LARGEST_COUNT, DEFAULT_RING_SIZE)))
         .collect::<Result<Vec<_>>>()?;
+    let max_backends = *BACKEND_COUNTS.iter().max().unwrap_or(&1);
     let mut lab = Lab {
         dp: lb::dataplane::Dataplane::load(Capacity {
             max_services: 1,
-            max_backends: *BACKEND_COUNTS.iter().max().unwrap_or(&1),
+            max_backends,
             conntrack_entries: 1024,
-            ring_size: DEFAULT_RING_SIZE,
+            ring_slots: Capacity::ring_slots_for(1, max_backends, None)?,
         })?,
+        ring_size: 0,
     };
     let rounds = if quick {
         PUBLISH_ROUNDS_QUICK

@@ -25,7 +25,7 @@ use lb::{
         store::Store,
     },
 };
-use lb_common::{maps::SERVICES, wire::IPPROTO_TCP};
+use lb_common::wire::IPPROTO_TCP;
 use lb_tests::{daemon::Daemon, lab::service_key};
 use serde::Serialize;
 
@@ -235,7 +235,7 @@ fn changes(runs: usize) -> Result<(Summary, Summary)> {
         let watches = fleet
             .daemons
             .iter()
-            .map(|d| Watch::start(&d.pins.join(SERVICES), key))
+            .map(|d| Watch::start(&d.pins, key))
             .collect::<Result<Vec<_>>>()?;
         let weight = (2 + i % 2).to_string();
         let issued = Instant::now();
@@ -243,7 +243,7 @@ fn changes(runs: usize) -> Result<(Summary, Summary)> {
         returned.push(ms(issued.elapsed()));
         let mut last = issued;
         for w in watches {
-            last = last.max(w.flipped()?);
+            last = last.max(w.changed()?);
         }
         live.push(ms(last - issued));
     }

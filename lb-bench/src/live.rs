@@ -150,7 +150,11 @@ pub(crate) fn run(plan: Plan) -> Result<LiveResults> {
             max_services: dataplane::MEASURED.len() as u32,
             max_backends: BACKENDS * dataplane::MEASURED.len() as u32,
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
-            ring_size: DEFAULT_RING_SIZE,
+            ring_slots: Capacity::ring_slots_for(
+                dataplane::MEASURED.len() as u32,
+                BACKENDS * dataplane::MEASURED.len() as u32,
+                Some(DEFAULT_RING_SIZE),
+            )?,
         },
         None,
     )?;

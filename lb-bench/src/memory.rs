@@ -14,8 +14,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use lb::dataplane::Capacity;
 use lb::netns::{Netns, PrivateBpffs};
-use lb_common::limits::{DEFAULT_RING_SIZE, RING_COPIES};
+use lb_common::limits::DEFAULT_RING_SIZE;
 use serde::Serialize;
 
 /// Service counts measured.
@@ -49,7 +50,14 @@ pub struct Footprint {
     pub maps_by_name_kib: BTreeMap<String, u64>,
     /// Of `maps_kib`, the rings map (every service's Maglev tables), KiB.
     pub rings_kib: u64,
-    /// The Maglev tables' own size, KiB (the reference).
+    /// The rings map's slots at 4 bytes each, KiB: its capacity, tables
+    /// and room for tables of new sizes.
+    pub slots_kib: u64,
+    /// `rings_kib / slots_kib`: what the kernel charges for a slot over its
+    /// 4 bytes.
+    pub rings_over_slots: f64,
+    /// The live Maglev tables' own size, KiB (one per service, 65,537 slots
+    /// for 8 backends).
     pub tables_kib: u64,
     /// `rings_kib / tables_kib`.
     pub rings_over_tables: f64,
@@ -197,8 +205,9 @@ fn measure(lb: &Path, services: u32) -> Result<Footprint> {
     let maps = map_memory(pid)?;
     let maps_kib = maps.values().sum::<u64>();
     let rings_kib = maps.get(RINGS_NAME).copied().unwrap_or(0);
-    let tables_kib =
-        u64::from(services) * u64::from(RING_COPIES) * u64::from(DEFAULT_RING_SIZE) * 4 / 1024;
+    let tables_kib = u64::from(services) * u64::from(DEFAULT_RING_SIZE) * 4 / 1024;
+    let slots = Capacity::ring_slots_for(services, services * BACKENDS_PER_SERVICE, None)?;
+    let slots_kib = u64::from(slots) * 4 / 1024;
     drop(daemon);
     Ok(Footprint {
         services,
@@ -208,6 +217,8 @@ fn measure(lb: &Path, services: u32) -> Result<Footprint> {
         maps_kib,
         maps_by_name_kib: maps,
         rings_kib,
+        slots_kib,
+        rings_over_slots: rings_kib as f64 / slots_kib as f64,
         tables_kib,
         rings_over_tables: rings_kib as f64 / tables_kib as f64,
         start_ms,

@@ -5,21 +5,22 @@
 //! A real `lb daemon` runs in the namespace tests' segment (`Lan`) with the
 //! configuration an operator first writes (every setting at its default),
 //! in front of three backends serving HTTP. "Live" is the moment the
-//! service's entry in the kernel's services map points at the other table
-//! copy: from the next packet on, the XDP program reads the new table. A
-//! thread watches that entry through the daemon's pinned map.
+//! service's table in the kernel's rings map changes: from the next packet
+//! on, the XDP program reads the new slots. A thread watches the table
+//! through the daemon's pinned maps.
 
 use std::{
     net::{IpAddr, Ipv4Addr},
-    path::{Path, PathBuf},
+    path::Path,
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, ensure};
-use aya::maps::{HashMap, Map, MapData};
-use lb::{config::HealthFile, demo::server::NameServer, health::STABLE_SUCCESSES};
-use lb_common::{ServiceKey, ServiceValue, maps::SERVICES, wire::IPPROTO_TCP};
+use lb::{
+    config::HealthFile, dataplane::PinnedTables, demo::server::NameServer, health::STABLE_SUCCESSES,
+};
+use lb_common::{ServiceKey, wire::IPPROTO_TCP};
 use lb_tests::{
     daemon::{Daemon, WEB_PORT, WEB_VIP, default_web_config},
     lab::service_key,
@@ -38,9 +39,9 @@ const BACKENDS: u8 = 3;
 const SUBJECT: &str = "198.18.0.11";
 /// Its weights, alternated by the set-weight runs.
 const WEIGHTS: [u32; 2] = [2, 1];
-/// How often the watcher reads the services map.
+/// How often the watcher reads the table.
 const WATCH_POLL: Duration = Duration::from_micros(50);
-/// Longest wait for a flip: a readmission takes `rise` probes at the
+/// Longest wait for a change: a readmission takes `rise` probes at the
 /// default interval, an eviction `fall` at the fast one.
 const FLIP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -105,7 +106,7 @@ pub(crate) fn run(plan: Plan) -> Result<ReactionResults> {
     )?;
     let defaults = HealthFile::default();
     // Between runs: until slow start has ended, the daemon rebuilds the
-    // table as weights ramp (every flip watched must be the one caused);
+    // table as weights ramp (every change watched must be the one caused);
     // until a readmitted backend is stable, its next death counts as a flap
     // and damping doubles the successes it needs to return. Each run starts
     // from a stable backend, as a first failure in production does.
@@ -115,18 +116,17 @@ pub(crate) fn run(plan: Plan) -> Result<ReactionResults> {
         + defaults.interval;
     d.wait_in_table(BACKENDS.into(), FLIP_TIMEOUT)?;
     std::thread::sleep(settle);
-    let services = d.pins.join(SERVICES);
     let key = service_key(IpAddr::V4(VIP), PORT, IPPROTO_TCP);
 
     let (mut returned, mut live, mut margin) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..plan.weight_changes {
         let weight = WEIGHTS[i % WEIGHTS.len()].to_string();
         eprintln!("reaction: set-weight {}/{}", i + 1, plan.weight_changes);
-        let watch = Watch::start(&services, key)?;
+        let watch = Watch::start(&d.pins, key)?;
         let issued = Instant::now();
         d.cli(&["backend", "set-weight", "web", SUBJECT, &weight])?;
         let done = Instant::now();
-        let flipped = watch.flipped()?;
+        let flipped = watch.changed()?;
         returned.push(ms(done - issued));
         live.push(ms(flipped - issued));
         margin.push(ms_signed(done, flipped));
@@ -139,22 +139,22 @@ pub(crate) fn run(plan: Plan) -> Result<ReactionResults> {
         // sequence of fractions of the interval).
         let phase = (i as f64 * 0.618_034).fract();
         std::thread::sleep(defaults.interval.mul_f64(phase));
-        let watch = Watch::start(&services, key)?;
+        let watch = Watch::start(&d.pins, key)?;
         servers[0] = None;
         let dead = Instant::now();
-        evictions.push(ms(watch.flipped()? - dead));
+        evictions.push(ms(watch.changed()? - dead));
         let health = d.cli(&["health"])?;
         ensure!(
             health
                 .as_array()
                 .and_then(|rows| rows.iter().find(|r| r["address"] == SUBJECT))
                 .is_some_and(|r| r["health"] == "down"),
-            "the table flipped but {SUBJECT} is not down: {health}"
+            "the table changed but {SUBJECT} is not down: {health}"
         );
-        let watch = Watch::start(&services, key)?;
+        let watch = Watch::start(&d.pins, key)?;
         servers[0] = Some(NameServer::start(&lan.backends[0].ns, "backend-1", PORT)?);
         let back = Instant::now();
-        readmissions.push(ms(watch.flipped()? - back));
+        readmissions.push(ms(watch.changed()? - back));
         std::thread::sleep(settle);
     }
     let of = |v: &[f64]| Summary::of(v).context("nothing measured");
@@ -190,21 +190,20 @@ fn ms_signed(later: Instant, earlier: Instant) -> f64 {
     }
 }
 
-/// A thread watching one service's live table copy until it changes.
+/// A thread watching one service's live table until it changes.
 pub(crate) struct Watch {
     thread: JoinHandle<Result<Instant>>,
 }
 
 impl Watch {
-    /// Reads the service's live copy now, then watches it from a thread.
-    pub(crate) fn start(pin: &Path, key: ServiceKey) -> Result<Watch> {
-        let before = live_copy(&open(pin)?, &key)?;
-        let pin: PathBuf = pin.to_owned();
+    /// Reads the service's live table now, then watches it from a thread.
+    pub(crate) fn start(pins: &Path, key: ServiceKey) -> Result<Watch> {
+        let tables = PinnedTables::open(pins)?;
+        let before = tables.table(&key)?;
         let thread = std::thread::spawn(move || {
-            let services = open(&pin)?;
             let deadline = Instant::now() + FLIP_TIMEOUT;
             loop {
-                if live_copy(&services, &key)? != before {
+                if tables.table(&key)? != before {
                     return Ok(Instant::now());
                 }
                 ensure!(
@@ -217,24 +216,10 @@ impl Watch {
         Ok(Watch { thread })
     }
 
-    /// When the live copy changed.
-    pub(crate) fn flipped(self) -> Result<Instant> {
+    /// When the live table changed.
+    pub(crate) fn changed(self) -> Result<Instant> {
         self.thread
             .join()
             .map_err(|_| anyhow::anyhow!("the watcher panicked"))?
     }
-}
-
-type Services = HashMap<MapData, ServiceKey, ServiceValue>;
-
-fn open(pin: &Path) -> Result<Services> {
-    let data = MapData::from_pin(pin).with_context(|| format!("opening {}", pin.display()))?;
-    Ok(Services::try_from(Map::HashMap(data))?)
-}
-
-fn live_copy(services: &Services, key: &ServiceKey) -> Result<u32> {
-    Ok(services
-        .get(key, 0)
-        .context("the service is not in the map")?
-        .active_ring)
 }

@@ -4,23 +4,62 @@
 //! control plane may resize maps at load time (before the program is loaded)
 //! when its configuration asks for more.
 
-/// Default Maglev table size: a prime (Maglev needs M prime so that every
-/// `skip` in `1..M` generates a full permutation), and the size the Maglev paper
-/// and Katran use, large enough that 1000 backends each own ~65 slots.
-pub const DEFAULT_RING_SIZE: u32 = 65_537;
+/// The Maglev table sizes a service's table takes, smallest first: primes
+/// (Maglev needs M prime so that every `skip` in `1..M` generates a full
+/// permutation), each about twice the one before. A service takes the
+/// smallest that holds [`SLOTS_PER_BACKEND`] slots for each of its
+/// backends, or the largest; the operator may fix one size instead. The
+/// smallest is the size the Maglev paper and Katran use: a service of up
+/// to 655 backends never changes size, so adding one moves only its share
+/// of flows (a change of size remaps nearly every flow the connection
+/// table does not hold). Every node computes the same size from the same
+/// backends.
+pub const TABLE_SIZES: [u32; 7] = [
+    65_537, 131_101, 262_147, 524_309, 1_048_583, 2_097_169, 4_194_301,
+];
 
-/// Copies of each service's Maglev table: one live, one being written, so a
-/// rebuild never exposes a half-written table (write the inactive copy, then flip).
-pub const RING_COPIES: u32 = 2;
+/// The smallest table size, a service's unless it has more than 655 backends.
+pub const DEFAULT_RING_SIZE: u32 = TABLE_SIZES[0];
+
+/// The largest table size.
+pub const MAX_TABLE_SIZE: u32 = TABLE_SIZES[TABLE_SIZES.len() - 1];
+
+/// Slots per backend a table is sized for: the Maglev paper asks for
+/// M > 100·N, which keeps the flows one backend's leaving moves, and each
+/// backend's share, within about a percent of ideal.
+pub const SLOTS_PER_BACKEND: u32 = 100;
+
+/// Table slots in one element of the rings map. The kernel rounds an array
+/// element up to 8 bytes, so a 4-byte slot per element would take 8; two
+/// per element take exactly their own size.
+pub const RING_CHUNK_SLOTS: u32 = 2;
+
+/// Spare slots of the rings map per backend slot, beyond a table of the
+/// smallest size per service: every table larger than the smallest holds
+/// fewer than `2 * SLOTS_PER_BACKEND + 1` slots per backend (the sizes
+/// about double), and a table replaced by one of another size keeps its
+/// space for a moment ([`RING_RETIRE_GRACE_MS`]), so twice that.
+pub const SPARE_RING_SLOTS_PER_BACKEND: u32 = 2 * (2 * SLOTS_PER_BACKEND + 1);
+
+/// How long the space of a table replaced by one elsewhere in the rings
+/// map stays untouched: a packet that read the service just before the
+/// switch may still read that table. XDP programs run for microseconds;
+/// this is thousands of times that.
+pub const RING_RETIRE_GRACE_MS: u64 = 1_000;
 
 /// Default number of service slots (service ids are `0..MAX_SERVICES`).
-/// The rings map holds `MAX_SERVICES * RING_COPIES * ring_size` u32 entries:
-/// 64 * 2 * 65537 * 4 B = 32 MiB by default.
+/// The rings map holds a table of the smallest size for each and one more,
+/// plus [`SPARE_RING_SLOTS_PER_BACKEND`] slots per backend: 65 * 65,537 +
+/// 402 * 4,096 slots of 4 B, 23 MiB by default.
 pub const DEFAULT_MAX_SERVICES: u32 = 64;
 
 /// Default number of backend slots. A backend id names one (service, backend)
 /// membership, so the same server in two services takes two ids.
 pub const DEFAULT_MAX_BACKENDS: u32 = 4_096;
+
+/// Default slots of the rings map (see [`DEFAULT_MAX_SERVICES`]).
+pub const DEFAULT_RING_SLOTS: u32 = (DEFAULT_MAX_SERVICES + 1) * DEFAULT_RING_SIZE
+    + SPARE_RING_SLOTS_PER_BACKEND * DEFAULT_MAX_BACKENDS;
 
 /// Default connection-table capacity, in entries (64 bytes each: 32 MiB).
 /// A flow may only live in two buckets, so a table holds about half its

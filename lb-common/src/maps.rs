@@ -9,7 +9,8 @@ pub const SERVICE_SLOTS: &str = "LB_SERVICE_SLOTS";
 pub const VIPS: &str = "LB_VIPS";
 /// VIP filter: word index → u64 bitmap over [`crate::hash::vip_filter_bit`] (array).
 pub const VIP_FILTER: &str = "LB_VIP_FILTER";
-/// Maglev tables: u32 index → backend id (array), see [`crate::ring_index`].
+/// Maglev tables: element → [`crate::RingChunk`] of backend ids (array,
+/// memory-mappable), see [`crate::ring_position`].
 pub const RINGS: &str = "LB_RINGS";
 /// Backends: backend id → [`crate::BackendValue`] (array).
 pub const BACKENDS: &str = "LB_BACKENDS";

@@ -112,12 +112,17 @@ pub struct ServiceKey {
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
 pub struct ServiceValue {
-    /// Dense id: index of the service's rings and counters.
+    /// Dense id: index of the service's counters and slot.
     pub id: u32,
     /// `SERVICE_F_*` bits.
     pub flags: u32,
-    /// Which ring copy (0 or 1) is live; flipped after the other is written.
-    pub active_ring: u32,
+    /// First slot of the service's Maglev table in `LB_RINGS`: slot `s` is
+    /// at [`ring_position`]`(ring_offset, s)`. User space rewrites slots in
+    /// place, and moves the table only when its size changes.
+    pub ring_offset: u32,
+    /// Slots of the table (a prime); 0 when it has none, and every packet
+    /// is dropped as having no backend.
+    pub ring_size: u32,
     /// Seconds a flow of this service may stay idle before its
     /// connection-table entry lapses; 0 takes the protocol's default from
     /// [`ConntrackSettings`].
@@ -484,9 +489,6 @@ pub fn flow_buckets(hash: u32, buckets: u32) -> [u32; 2] {
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
 pub struct Settings {
-    /// Maglev table size (prime); the stride of `LB_RINGS`. Zero means "not
-    /// configured yet": every service packet is dropped as having no backend.
-    pub ring_size: u32,
     /// The operator's cap on the largest IP packet sent toward backends
     /// (the `mtu` setting); 0: none, the egress interface's own MTU
     /// ([`Interface::mtu`]) alone. Encapsulation beyond the smaller of the
@@ -869,15 +871,25 @@ pub struct ProbeTunnel {
     pub gue_port: u16,
 }
 
-/// Index of a ring slot in `LB_RINGS`: each service owns [`crate::limits::RING_COPIES`]
-/// consecutive tables of `ring_size` slots.
+/// One element of `LB_RINGS`: [`crate::limits::RING_CHUNK_SLOTS`]
+/// consecutive table slots, each a backend id or [`crate::limits::NO_BACKEND`].
+pub type RingChunk = [u32; crate::limits::RING_CHUNK_SLOTS as usize];
+
+/// Where slot `slot` of the table starting at slot `offset` is in
+/// `LB_RINGS`: the element, and the slot within it. The elements are
+/// contiguous, so user space, which maps the array, sees slot
+/// `offset + slot` of one flat `[u32]`.
 #[inline(always)]
-pub const fn ring_index(service_id: u32, copy: u32, ring_size: u32, slot: u32) -> u32 {
-    (service_id * crate::limits::RING_COPIES + copy) * ring_size + slot
+pub const fn ring_position(offset: u32, slot: u32) -> (u32, usize) {
+    let index = offset + slot;
+    (
+        index / crate::limits::RING_CHUNK_SLOTS,
+        (index % crate::limits::RING_CHUNK_SLOTS) as usize,
+    )
 }
 
 const _: () = assert!(size_of::<ServiceKey>() == 20);
-const _: () = assert!(size_of::<ServiceValue>() == 16);
+const _: () = assert!(size_of::<ServiceValue>() == 20);
 const _: () = assert!(size_of::<AddrKey>() == 20);
 const _: () = assert!(size_of::<SourceKey>() == 17);
 const _: () = assert!(size_of::<BackendValue>() == 32 && align_of::<BackendValue>() == 8);
@@ -887,8 +899,9 @@ const _: () = assert!(align_of::<AddrKey>() == 4);
 const _: () = assert!(size_of::<FlowValue>() == 20);
 // One cache line an entry.
 const _: () = assert!(size_of::<FlowEntry>() == 64 && align_of::<FlowEntry>() == 8);
-const _: () = assert!(size_of::<ServiceSlot>() == 36);
-const _: () = assert!(size_of::<Settings>() == 40);
+const _: () = assert!(size_of::<ServiceSlot>() == 40);
+const _: () = assert!(size_of::<RingChunk>() == 8);
+const _: () = assert!(size_of::<Settings>() == 36);
 const _: () = assert!(size_of::<Interface>() == 16);
 const _: () = assert!(size_of::<IcmpBudget>() == 8);
 const _: () = assert!(crate::limits::INTERFACE_SLOTS.is_power_of_two());

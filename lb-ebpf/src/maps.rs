@@ -12,13 +12,15 @@ use aya_ebpf::{
 use lb_common::{
     AclKey, Addr, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter,
     FlowEntry, FlowKey, FlowValue, IcmpBudget, IcmpKind, Interface, LimitedSource, ProbeTunnel,
-    ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings, SourceDrops, SourceKey,
-    SourceLimit, SourceRateBucket, counters::DecapCounter, flow_buckets, hash::vip_filter_bit,
-    interface_slot, limits, limits::CONNTRACK_WAYS, vip_answers_echo,
+    RingChunk, ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings, SourceDrops,
+    SourceKey, SourceLimit, SourceRateBucket, counters::DecapCounter, flow_buckets,
+    hash::vip_filter_bit, interface_slot, limits, limits::CONNTRACK_WAYS, ring_position,
+    vip_answers_echo,
 };
 
 /// Services. Not preallocated, so an update replaces the element under RCU and
-/// a reader never sees a recycled one (this is what makes the ring flip atomic).
+/// a reader never sees a recycled one (this is what makes a move of a table
+/// to other slots atomic).
 #[map]
 static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::with_max_entries(limits::DEFAULT_MAX_SERVICES, BPF_F_NO_PREALLOC);
@@ -40,11 +42,13 @@ static LB_VIPS: HashMap<AddrKey, u32> =
 #[map]
 static LB_VIP_FILTER: Array<u64> = Array::with_max_entries(limits::VIP_FILTER_WORDS, 0);
 
-/// Maglev tables, `RING_COPIES` per service, indexed with `lb_common::ring_index`.
+/// Maglev tables, one per service, at the slots its value names
+/// (`lb_common::ring_position`). Memory-mappable: user space writes the
+/// slots a change moves with plain stores, in place.
 #[map]
-static LB_RINGS: Array<u32> = Array::with_max_entries(
-    limits::DEFAULT_MAX_SERVICES * limits::RING_COPIES * limits::DEFAULT_RING_SIZE,
-    0,
+static LB_RINGS: Array<RingChunk> = Array::with_max_entries(
+    limits::DEFAULT_RING_SLOTS.div_ceil(limits::RING_CHUNK_SLOTS),
+    BPF_F_MMAPABLE,
 );
 
 /// Backends by id.
@@ -193,10 +197,16 @@ pub(crate) fn may_be_vip(addr: &Addr) -> bool {
     LB_VIP_FILTER.get(word).is_some_and(|w| w & mask != 0)
 }
 
-/// The backend id in ring slot `index`.
+/// The backend id in slot `slot` of the table starting at `offset`.
 #[inline(always)]
-pub(crate) fn ring_slot(index: u32) -> Option<u32> {
-    LB_RINGS.get(index).copied()
+pub(crate) fn ring_slot(offset: u32, slot: u32) -> Option<u32> {
+    let (element, lane) = ring_position(offset, slot);
+    // `lane` is below RING_CHUNK_SLOTS, the chunk's length: the bounds
+    // check folds away.
+    LB_RINGS
+        .get(element)
+        .and_then(|chunk| chunk.get(lane))
+        .copied()
 }
 
 /// A whole copy of the backend with id `id`: `None` if the id is out of

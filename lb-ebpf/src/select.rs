@@ -11,7 +11,6 @@ use lb_common::{
     SERVICE_F_SOURCE_LISTS, ServiceValue,
     hash::{bucket_hash, flow_hash, source_hash},
     limits::NO_BACKEND,
-    ring_index,
     wire::{IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -233,19 +232,11 @@ pub(crate) fn select_backend(
 /// The backend `service`'s live Maglev table gives `flow`, and its value.
 #[inline(always)]
 fn maglev(flow: &FlowKey, service: &ServiceValue) -> Result<(u32, BackendValue), Counter> {
-    // Only a miss needs the settings (the table's size).
-    let ring_size = maps::settings().ok_or(Counter::DropNoBackend)?.ring_size;
-    if ring_size == 0 {
+    if service.ring_size == 0 {
         return Err(Counter::DropNoBackend);
     }
-    let slot = flow_hash(flow, service.flags & SERVICE_F_AFFINITY != 0) % ring_size;
-    let id = maps::ring_slot(ring_index(
-        service.id,
-        service.active_ring & 1,
-        ring_size,
-        slot,
-    ))
-    .ok_or(Counter::DropNoBackend)?;
+    let slot = flow_hash(flow, service.flags & SERVICE_F_AFFINITY != 0) % service.ring_size;
+    let id = maps::ring_slot(service.ring_offset, slot).ok_or(Counter::DropNoBackend)?;
     if id == NO_BACKEND {
         return Err(Counter::DropNoBackend);
     }

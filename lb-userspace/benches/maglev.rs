@@ -1,5 +1,5 @@
 //! Maglev table build time for 10, 100 and 1000 equally weighted backends
-//! in a table of the default size. `cargo xtask bench` runs this and puts
+//! in a table of the size the daemon gives that many (`maglev::table_size`). `cargo xtask bench` runs this and puts
 //! criterion's median in BENCHMARKS.md, next to the time it takes to write
 //! the same table into the kernel.
 
@@ -7,7 +7,7 @@ use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use lb::maglev::{self, Candidate};
-use lb_common::{FAMILY_V4, limits::DEFAULT_RING_SIZE};
+use lb_common::FAMILY_V4;
 
 /// Backend counts; lb-bench reads the results by these ids.
 const BACKENDS: [u32; 3] = [10, 100, 1000];
@@ -33,8 +33,9 @@ fn maglev_build(c: &mut Criterion) {
             .iter()
             .map(|k| Candidate { key: k, weight: 1 })
             .collect();
+        let size = maglev::table_size(n as usize);
         group.bench_with_input(BenchmarkId::from_parameter(n), &candidates, |b, c| {
-            b.iter(|| maglev::build(black_box(c), DEFAULT_RING_SIZE));
+            b.iter(|| maglev::build(black_box(c), size));
         });
     }
     group.finish();

@@ -169,6 +169,9 @@ pub struct ServiceRow {
     pub backends: usize,
     /// Backends with table slots.
     pub in_table: usize,
+    /// Slots of its Maglev table.
+    #[serde(default)]
+    pub table_size: usize,
     /// Table digest (equal on every node computing the same table).
     pub digest: String,
     /// Tables published by this daemon.

@@ -605,8 +605,8 @@ fn run(cli: Cli) -> Result<()> {
             let rows: Vec<ServiceRow> = serde_json::from_value(v.clone()).unwrap_or_default();
             table(
                 &[
-                    "NAME", "SERVICE", "MODE", "AFFINITY", "BACKENDS", "IN TABLE", "DIGEST",
-                    "REBUILDS",
+                    "NAME", "SERVICE", "MODE", "AFFINITY", "BACKENDS", "IN TABLE", "SLOTS",
+                    "DIGEST", "REBUILDS",
                 ],
                 rows.iter().map(|r| {
                     vec![
@@ -616,6 +616,7 @@ fn run(cli: Cli) -> Result<()> {
                         r.affinity.clone(),
                         r.backends.to_string(),
                         r.in_table.to_string(),
+                        r.table_size.to_string(),
                         r.digest.clone(),
                         r.rebuilds.to_string(),
                     ]

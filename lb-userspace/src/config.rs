@@ -41,8 +41,6 @@ pub fn check_weight(weight: Option<u32>) -> anyhow::Result<()> {
         _ => Ok(()),
     }
 }
-/// Largest table size accepted (Maglev tables beyond this buy nothing but memory).
-pub const MAX_TABLE_SIZE: u32 = 4_194_301;
 /// Default socket of the control API.
 pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
 /// Default file where runtime changes (weights, drain, maintenance) persist.
@@ -134,9 +132,10 @@ pub struct SettingsFile {
     /// `auto` (driver mode where the driver has it), `native` or `generic`.
     #[serde(default)]
     pub xdp_mode: XdpModeSetting,
-    /// Maglev table size (prime).
-    #[serde(default = "default_table_size")]
-    pub table_size: u32,
+    /// Maglev table size (prime) of every service; unset, each service's
+    /// from its backends ([`crate::maglev::table_size`]).
+    #[serde(default)]
+    pub table_size: Option<u32>,
     /// Service slots in the maps.
     #[serde(default = "default_max_services")]
     pub max_services: u32,
@@ -187,7 +186,7 @@ impl Default for SettingsFile {
         SettingsFile {
             interfaces: Vec::new(),
             xdp_mode: XdpModeSetting::default(),
-            table_size: default_table_size(),
+            table_size: None,
             max_services: default_max_services(),
             max_backends: default_max_backends(),
             conntrack_entries: default_conntrack(),
@@ -210,9 +209,6 @@ fn default_gue_port() -> u16 {
     lb_common::limits::DEFAULT_GUE_PORT
 }
 
-fn default_table_size() -> u32 {
-    limits::DEFAULT_RING_SIZE
-}
 fn default_max_services() -> u32 {
     limits::DEFAULT_MAX_SERVICES
 }
@@ -619,8 +615,11 @@ pub struct Settings {
     pub interfaces: Vec<String>,
     /// XDP attach mode.
     pub xdp_mode: XdpModeSetting,
-    /// Map capacities and table size.
+    /// Map capacities.
     pub capacity: Capacity,
+    /// The operator's Maglev table size for every service; `None`: each
+    /// service's from its backend count.
+    pub table_size: Option<u32>,
     /// Connection-table entries each CPU may add per second (0: no limit).
     pub conntrack_inserts_per_cpu: u32,
     /// Idle timeouts (TCP, UDP) and the closed-TCP timeout, whole seconds.
@@ -1303,21 +1302,25 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
             );
         }
     }
-    if !is_prime(s.table_size) || s.table_size > MAX_TABLE_SIZE {
+    if let Some(size) = s.table_size
+        && (!is_prime(size) || size > limits::MAX_TABLE_SIZE)
+    {
         e.push(
             None,
             "settings.table_size",
             format!(
-                "{} is not a prime up to {MAX_TABLE_SIZE} (the default is 65537)",
-                s.table_size
+                "{size} is not a prime up to {} (unset, each service's table is sized \
+                 from its backends)",
+                limits::MAX_TABLE_SIZE
             ),
         );
     }
+    let ring_slots = Capacity::ring_slots_for(s.max_services, s.max_backends, s.table_size);
     let capacity = Capacity {
         max_services: s.max_services,
         max_backends: s.max_backends,
         conntrack_entries: s.conntrack_entries,
-        ring_size: s.table_size,
+        ring_slots: *ring_slots.as_ref().unwrap_or(&0),
     };
     for (field, v) in [
         ("settings.max_services", s.max_services),
@@ -1328,12 +1331,8 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
             e.push(None, field, "must be at least 1");
         }
     }
-    if capacity.ring_entries().is_err() {
-        e.push(
-            None,
-            "settings.max_services",
-            "max_services x table_size x 2 must fit in 32 bits",
-        );
+    if let Err(err) = ring_slots {
+        e.push(None, "settings.max_services", format!("{err:#}"));
     }
     if s.max_services >= VIP_ECHO_UNIT {
         // The VIP set counts a VIP's services below this unit.
@@ -1649,7 +1648,9 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
                 );
             }
         }
-        if backends.len() > s.table_size as usize {
+        if s.table_size
+            .is_some_and(|size| backends.len() > size as usize)
+        {
             e.push(
                 at,
                 format!("{field}.backend"),
@@ -1721,6 +1722,7 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
             interfaces: s.interfaces.clone(),
             xdp_mode: s.xdp_mode,
             capacity,
+            table_size: s.table_size,
             conntrack_inserts_per_cpu: s.conntrack_inserts_per_cpu,
             conntrack_timeouts: ConntrackTimeouts {
                 tcp_idle: timeout_secs(s.tcp_idle_timeout),
@@ -2074,7 +2076,7 @@ address = "198.18.0.11"
             (Duration::from_secs(2), Duration::from_secs(1))
         );
         assert_eq!(h.thresholds, Thresholds { rise: 2, fall: 3 });
-        assert_eq!(d.settings.capacity.ring_size, 65_537);
+        assert_eq!(d.settings.table_size, None, "sized from the backends");
         assert_eq!(
             d.services["web"]
                 .backends

@@ -451,7 +451,7 @@ const PROBE_CAPACITY: Capacity = Capacity {
     max_services: 1,
     max_backends: 1,
     conntrack_entries: 64,
-    ring_size: 2,
+    ring_slots: lb_common::limits::RING_CHUNK_SLOTS,
 };
 
 fn try_native(name: &str) -> Result<()> {

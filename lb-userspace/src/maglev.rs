@@ -7,7 +7,10 @@
 //! only claims a slot while it holds fewer than `k * weight / max_weight`
 //! slots, so shares follow weights to within a slot per backend.
 
-use lb_common::hash::hash_bytes;
+use lb_common::{
+    hash::hash_bytes,
+    limits::{MAX_TABLE_SIZE, SLOTS_PER_BACKEND, TABLE_SIZES},
+};
 
 /// Seeds of the two permutation hashes (offset and skip); arbitrary but fixed,
 /// since changing them reshuffles every table.
@@ -59,6 +62,18 @@ pub fn is_prime(n: u32) -> bool {
         d += 1;
     }
     true
+}
+
+/// The table size of a service of `backends` backends: the smallest of
+/// [`TABLE_SIZES`] with [`SLOTS_PER_BACKEND`] slots for each, else the
+/// largest. Counted over every configured backend, whatever its health, so
+/// that a table changes size only when backends are added or removed.
+pub fn table_size(backends: usize) -> u32 {
+    let wanted = (backends as u64).saturating_mul(u64::from(SLOTS_PER_BACKEND));
+    TABLE_SIZES
+        .into_iter()
+        .find(|&size| u64::from(size) >= wanted)
+        .unwrap_or(MAX_TABLE_SIZE)
 }
 
 /// Builds a table of `size` slots. Each slot holds an index into `candidates`,
@@ -127,6 +142,30 @@ pub fn build(candidates: &[Candidate<'_>], size: u32) -> Result<Vec<Option<u32>>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn table_sizes_are_primes_each_at_most_twice_the_last() {
+        for pair in TABLE_SIZES.windows(2) {
+            assert!(pair[0] < pair[1] && u64::from(pair[1]) < 2 * u64::from(pair[0]) + 2 * 1024);
+        }
+        assert!(TABLE_SIZES.into_iter().all(is_prime));
+    }
+
+    #[test]
+    fn a_table_holds_a_hundred_slots_per_backend_up_to_the_largest() {
+        assert_eq!(table_size(0), TABLE_SIZES[0]);
+        assert_eq!(table_size(655), TABLE_SIZES[0]);
+        assert_eq!(table_size(656), TABLE_SIZES[1]);
+        assert_eq!(table_size(1_000), TABLE_SIZES[1]);
+        for n in [1, 100, 1_000, 4_096, 20_000, 41_943] {
+            let size = table_size(n);
+            assert!(u64::from(size) >= 100 * n as u64, "{n}: {size}");
+            // The smallest that does.
+            let i = TABLE_SIZES.iter().position(|&s| s == size).unwrap();
+            assert!(i == 0 || u64::from(TABLE_SIZES[i - 1]) < 100 * n as u64);
+        }
+        assert_eq!(table_size(usize::MAX), MAX_TABLE_SIZE);
+    }
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 

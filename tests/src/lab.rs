@@ -148,12 +148,13 @@ pub fn test_run_repeated(prog: &mut Xdp, frame: &[u8], repeat: u32) -> Result<Ve
 pub struct Lab {
     /// The data plane under test.
     pub dp: Dataplane,
+    /// Slots of the tables [`Lab::service`] builds.
+    pub ring_size: u32,
 }
 
 /// The settings every lab runs with.
-pub fn lab_settings(ring_size: u32) -> Settings {
+pub fn lab_settings() -> Settings {
     Settings {
-        ring_size,
         mtu: MTU,
         tunnel_src_v4: TUNNEL_SRC_V4,
         tunnel_src_v4_hash_mask: TUNNEL_SRC_V4_MASK,
@@ -164,29 +165,32 @@ pub fn lab_settings(ring_size: u32) -> Settings {
     }
 }
 
-/// Small capacities keep each lab's maps a few MiB.
+/// Small capacities keep each lab's maps a few MiB; room for tables of
+/// `ring_size` slots.
 pub fn lab_capacity(ring_size: u32) -> Capacity {
+    const MAX_SERVICES: u32 = 16;
     Capacity {
-        max_services: 16,
+        max_services: MAX_SERVICES,
         max_backends: 256,
         conntrack_entries: 65_536,
-        ring_size,
+        ring_slots: (MAX_SERVICES + 1) * ring_size,
     }
 }
 
 impl Lab {
     /// Loads the object with a table of `ring_size` slots and lab settings.
     pub fn new(ring_size: u32) -> Result<Lab> {
-        Lab::with_capacity(lab_capacity(ring_size))
+        Lab::with_capacity(lab_capacity(ring_size), ring_size)
     }
 
     /// Loads the object with `capacity` (for labs that need more services
-    /// or backends than [`lab_capacity`] gives) and lab settings.
-    pub fn with_capacity(capacity: Capacity) -> Result<Lab> {
+    /// or backends than [`lab_capacity`] gives), tables of `ring_size`
+    /// slots and lab settings.
+    pub fn with_capacity(capacity: Capacity, ring_size: u32) -> Result<Lab> {
         let mut dp = Dataplane::load(capacity)?;
-        dp.set_settings(lab_settings(capacity.ring_size))?;
+        dp.set_settings(lab_settings())?;
         dp.set_interface(&lab_interface(MTU))?;
-        Ok(Lab { dp })
+        Ok(Lab { dp, ring_size })
     }
 
     /// Registers a second interface ([`Segment`]) with port
@@ -279,8 +283,7 @@ impl Lab {
             .zip(members)
             .map(|(k, &(_, weight))| Candidate { key: k, weight })
             .collect();
-        let size = self.dp.capacity().ring_size;
-        let ring: Vec<u32> = maglev::build(&candidates, size)?
+        let ring: Vec<u32> = maglev::build(&candidates, self.ring_size)?
             .into_iter()
             .map(|slot| slot.map_or(NO_BACKEND, |i| members[i as usize].0))
             .collect();

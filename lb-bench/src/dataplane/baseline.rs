@@ -6,9 +6,11 @@
 //! (services, VIPs, rings, backends, settings) with this tree's types, and
 //! read through its counters. A revision whose layout of one of those maps
 //! differs is refused with the map named, rather than given tables it would
-//! misread; backends of a revision before their seal, and settings of one
-//! before `gue`, are written in that layout, and per-service counters of one
-//! before per-service drops are read in theirs. The VIP filter and the
+//! misread; backends of a revision before their seal, settings of one
+//! before `gue`, and the services and tables of one before tables were
+//! packed (two copies of one size per service, [`Tables::Copies`]) are
+//! written in that layout, and per-service counters of one before
+//! per-service drops are read in theirs. The VIP filter and the
 //! service slots are kept too where the revision has them, and so is the
 //! connection table's bucket count, which a revision with buckets in an
 //! array reads from its settings (the rest of those settings stays at the
@@ -19,7 +21,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, ensure};
 use aya::{
     Ebpf,
     maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray},
@@ -27,9 +29,12 @@ use aya::{
 };
 use lb::dataplane::Capacity;
 use lb_common::{
-    AddrKey, BackendValue, ConntrackSettings, Counter, Interface, ServiceKey, ServiceSlot,
-    ServiceStats, ServiceValue, Settings, hash::vip_filter_bit, interface_slot, maps as names,
-    ring_index,
+    AddrKey, BackendValue, ConntrackSettings, Counter, Interface, RingChunk, ServiceKey,
+    ServiceSlot, ServiceStats, ServiceValue, Settings,
+    hash::vip_filter_bit,
+    interface_slot,
+    limits::{DEFAULT_RING_SIZE, RING_CHUNK_SLOTS},
+    maps as names, ring_position,
 };
 use lb_tests::lab::{MTU, lab_interface};
 
@@ -39,16 +44,12 @@ use super::harness::take;
 pub(crate) struct Baseline {
     ebpf: Ebpf,
     fd: ProgramFd,
-    capacity: Capacity,
-    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    tables: Tables,
     vips: HashMap<MapData, AddrKey, u32>,
     /// The VIP filter, in revisions that have one.
     vip_filter: Option<Array<MapData, u64>>,
-    /// The service slots, in revisions that have them.
-    service_slots: Option<Array<MapData, ServiceSlot>>,
-    rings: Array<MapData, u32>,
     backends: Prefixed<BackendValue, UNSEALED_BACKEND>,
-    settings: Prefixed<Settings, SETTINGS_BEFORE_GUE>,
+    settings: BaselineSettings,
     counters: PerCpuArray<MapData, u64>,
     service_stats: ServiceCounters,
 }
@@ -57,12 +58,62 @@ pub(crate) struct Baseline {
 /// last field.
 const UNSEALED_BACKEND: usize = 28;
 
-/// Bytes of the settings before `gue_port`: this tree's [`Settings`] but
-/// its last two fields.
-const SETTINGS_BEFORE_GUE: usize = 36;
+/// The services map, service slots and rings map of the baseline.
+enum Tables {
+    /// This tree's layout: a table per service, packed, where its value says.
+    Current {
+        services: HashMap<MapData, ServiceKey, ServiceValue>,
+        /// In revisions that have them.
+        slots: Option<Array<MapData, ServiceSlot>>,
+        rings: Array<MapData, RingChunk>,
+    },
+    /// Before tables were packed: two copies of the settings' size per
+    /// service, one u32 slot per element, the live copy named by the value.
+    Copies {
+        services: HashMap<MapData, ServiceKey, CopiesValue>,
+        slots: Option<Array<MapData, CopiesSlot>>,
+        rings: Array<MapData, u32>,
+    },
+}
+
+/// A service's value before tables were packed.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CopiesValue {
+    id: u32,
+    flags: u32,
+    active_ring: u32,
+    idle_timeout: u32,
+}
+
+/// A service slot before tables were packed.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CopiesSlot {
+    key: ServiceKey,
+    value: CopiesValue,
+}
+
+// SAFETY: plain integers with no padding (20 + 16 bytes, 4-aligned).
+unsafe impl aya::Pod for CopiesValue {}
+// SAFETY: as above.
+unsafe impl aya::Pod for CopiesSlot {}
+
+/// Copies of a table per service before tables were packed.
+const TABLE_COPIES: u32 = 2;
+
+/// The baseline's settings: this tree's, or before tables were packed the
+/// table size first and then this tree's fields, all (`Copies`) or but
+/// the last two (`BeforeGue`, a revision from before `gue_port`).
+enum BaselineSettings {
+    Current(Array<MapData, Settings>),
+    Copies(Array<MapData, [u8; 4 + size_of::<Settings>()]>),
+    BeforeGue(Array<MapData, [u8; size_of::<Settings>()]>),
+}
 
 /// An array of the baseline whose values are this tree's `V`, or, in a
 /// revision from before fields were appended to `V`, its first `N` bytes.
+/// (Settings have a type of their own, [`BaselineSettings`].)
 enum Prefixed<V: aya::Pod, const N: usize> {
     /// This tree's layout.
     Current(Array<MapData, V>),
@@ -166,8 +217,21 @@ impl Baseline {
     /// Loads the object at `path` with `capacity`.
     pub(crate) fn load(path: &Path, capacity: Capacity) -> Result<Baseline> {
         let object = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut ebpf = capacity
-            .loader()?
+        let rings_value = aya_obj::Object::parse(&object)
+            .context("parsing the baseline object")?
+            .maps
+            .get(names::RINGS)
+            .with_context(|| format!("map {} missing from {OBJECT}", names::RINGS))?
+            .value_size() as usize;
+        let copies = rings_value == size_of::<u32>();
+        let mut loader = capacity.loader()?;
+        if copies {
+            loader.map_max_entries(
+                names::RINGS,
+                capacity.max_services * TABLE_COPIES * DEFAULT_RING_SIZE,
+            );
+        }
+        let mut ebpf = loader
             .load(&object)
             .with_context(|| format!("loading the baseline object {}", path.display()))?;
         let prog: &mut Xdp = ebpf
@@ -193,16 +257,37 @@ impl Baseline {
                 .set(interface_slot(iface.ifindex), iface, 0)
                 .context("writing the baseline's interface")?;
         }
+        let tables = if copies {
+            Tables::Copies {
+                services: take(&mut ebpf, OBJECT, names::SERVICES)?,
+                slots: take_if_any(&mut ebpf, names::SERVICE_SLOTS)?,
+                rings: take(&mut ebpf, OBJECT, names::RINGS)?,
+            }
+        } else {
+            Tables::Current {
+                services: take(&mut ebpf, OBJECT, names::SERVICES)?,
+                slots: take_if_any(&mut ebpf, names::SERVICE_SLOTS)?,
+                rings: take(&mut ebpf, OBJECT, names::RINGS)?,
+            }
+        };
+        let settings = {
+            let (map, value_size) = take_sized(&mut ebpf, names::SETTINGS)?;
+            let layout = || format!("map {} of {OBJECT} has another layout", names::SETTINGS);
+            if !copies {
+                BaselineSettings::Current(Array::try_from(map).with_context(layout)?)
+            } else if value_size == size_of::<Settings>() {
+                BaselineSettings::BeforeGue(Array::try_from(map).with_context(layout)?)
+            } else {
+                BaselineSettings::Copies(Array::try_from(map).with_context(layout)?)
+            }
+        };
         Ok(Baseline {
             fd,
-            capacity,
-            services: take(&mut ebpf, OBJECT, names::SERVICES)?,
+            tables,
             vips: take(&mut ebpf, OBJECT, names::VIPS)?,
             vip_filter: take_if_any(&mut ebpf, names::VIP_FILTER)?,
-            service_slots: take_if_any(&mut ebpf, names::SERVICE_SLOTS)?,
-            rings: take(&mut ebpf, OBJECT, names::RINGS)?,
             backends: Prefixed::take(&mut ebpf, names::BACKENDS)?,
-            settings: Prefixed::take(&mut ebpf, names::SETTINGS)?,
+            settings,
             counters: take(&mut ebpf, OBJECT, names::COUNTERS)?,
             service_stats: ServiceCounters::take(&mut ebpf)?,
             ebpf,
@@ -225,7 +310,24 @@ impl Baseline {
 
     /// Writes the settings the current object has.
     pub(crate) fn set_settings(&mut self, settings: Settings) -> Result<()> {
-        self.settings.set(0, settings)
+        // SAFETY: `Settings` is plain integers (aya::Pod), read as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&raw const settings).cast::<u8>(), size_of::<Settings>())
+        };
+        // The table size first, then this tree's fields (truncated).
+        let mut copies = [0; 4 + size_of::<Settings>()];
+        copies[..4].copy_from_slice(&DEFAULT_RING_SIZE.to_ne_bytes());
+        copies[4..].copy_from_slice(bytes);
+        match &mut self.settings {
+            BaselineSettings::Current(a) => a.set(0, settings, 0)?,
+            BaselineSettings::Copies(a) => a.set(0, copies, 0)?,
+            BaselineSettings::BeforeGue(a) => {
+                let mut old = [0; size_of::<Settings>()];
+                old.copy_from_slice(&copies[..size_of::<Settings>()]);
+                a.set(0, old, 0)?;
+            }
+        }
+        Ok(())
     }
 
     /// Writes backend `id` as the current object has it.
@@ -234,21 +336,81 @@ impl Baseline {
     }
 
     /// Gives the service `key` the value and live table the current object
-    /// has: the table first, in the copy the value names (the baseline
-    /// forwards nothing while it is being configured, so any copy will do).
+    /// has: the table first, where the value names it (the same capacities
+    /// give the same places), or in a revision before tables were packed in
+    /// the service's first copy (the baseline forwards nothing while it is
+    /// being configured, so any copy will do).
     pub(crate) fn set_service(
         &mut self,
         key: &ServiceKey,
         value: ServiceValue,
         ring: &[u32],
     ) -> Result<()> {
-        let first = ring_index(value.id, value.active_ring & 1, self.capacity.ring_size, 0);
-        let indexes: Vec<u32> = (first..first + self.capacity.ring_size).collect();
-        lb::dataplane::update_u32s(self.rings.map(), &indexes, ring)
-            .context("writing the baseline's table")?;
-        self.services.insert(key, value, 0)?;
-        if let Some(slots) = &mut self.service_slots {
-            slots.set(value.id, ServiceSlot { key: *key, value }, 0)?;
+        ensure!(
+            ring.len() == value.ring_size as usize,
+            "a table of {} slots for a service of {}",
+            ring.len(),
+            value.ring_size
+        );
+        match &mut self.tables {
+            Tables::Current {
+                services,
+                slots,
+                rings,
+            } => {
+                // Whole elements: a table may start or end mid-element.
+                let (first, _) = ring_position(value.ring_offset, 0);
+                let (last, _) = ring_position(value.ring_offset, value.ring_size - 1);
+                for element in first..=last {
+                    let mut chunk = rings.get(&element, 0).unwrap_or_default();
+                    for (lane, slot) in chunk.iter_mut().enumerate() {
+                        let index = element * RING_CHUNK_SLOTS + lane as u32;
+                        if let Some(s) = index.checked_sub(value.ring_offset)
+                            && let Some(&backend) = ring.get(s as usize)
+                        {
+                            *slot = backend;
+                        }
+                    }
+                    rings
+                        .set(element, chunk, 0)
+                        .context("writing the baseline's table")?;
+                }
+                services.insert(key, value, 0)?;
+                if let Some(slots) = slots {
+                    slots.set(value.id, ServiceSlot { key: *key, value }, 0)?;
+                }
+            }
+            Tables::Copies {
+                services,
+                slots,
+                rings,
+            } => {
+                ensure!(
+                    value.ring_size == DEFAULT_RING_SIZE,
+                    "a revision before packed tables has tables of {DEFAULT_RING_SIZE} slots only"
+                );
+                let first = value.id * TABLE_COPIES * DEFAULT_RING_SIZE;
+                let indexes: Vec<u32> = (first..first + DEFAULT_RING_SIZE).collect();
+                lb::dataplane::update_u32s(rings.map(), &indexes, ring)
+                    .context("writing the baseline's table")?;
+                let old = CopiesValue {
+                    id: value.id,
+                    flags: value.flags,
+                    active_ring: 0,
+                    idle_timeout: value.idle_timeout,
+                };
+                services.insert(key, old, 0)?;
+                if let Some(slots) = slots {
+                    slots.set(
+                        value.id,
+                        CopiesSlot {
+                            key: *key,
+                            value: old,
+                        },
+                        0,
+                    )?;
+                }
+            }
         }
         if let Some(filter) = &mut self.vip_filter {
             let (word, bit) = vip_filter_bit(&key.addr);

@@ -21,7 +21,9 @@ use lb_bench_ebpf::{
 };
 use std::{net::IpAddr, path::Path};
 
-use lb_common::{ConntrackSettings, Counter, ServiceKey, ServiceStats, maps::PROG_LB};
+use lb_common::{
+    ConntrackSettings, Counter, ServiceKey, ServiceStats, limits::DEFAULT_RING_SIZE, maps::PROG_LB,
+};
 use lb_tests::lab::{LB_MAC, Lab, lab_settings};
 
 use super::baseline::Baseline;
@@ -183,11 +185,12 @@ impl Harness {
     /// given, configured alike.
     pub(crate) fn load(capacity: Capacity, baseline: Option<(&str, &Path)>) -> Result<Harness> {
         // The packet tests' lab: the same settings, so the same paths.
-        let mut lab = Lab::with_capacity(capacity).context("loading lb's object")?;
+        let mut lab =
+            Lab::with_capacity(capacity, DEFAULT_RING_SIZE).context("loading lb's object")?;
         let baseline = match baseline {
             Some((_, path)) => {
                 let mut b = Baseline::load(path, capacity)?;
-                b.set_settings(lab_settings(capacity.ring_size))?;
+                b.set_settings(lab_settings())?;
                 Some(b)
             }
             None => None,

@@ -679,7 +679,11 @@ fn run_matrix(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<Vec<G
             max_services,
             max_backends: MAX_BACKENDS,
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
-            ring_size: DEFAULT_RING_SIZE,
+            ring_slots: Capacity::ring_slots_for(
+                max_services,
+                MAX_BACKENDS,
+                Some(DEFAULT_RING_SIZE),
+            )?,
         },
         baseline,
     )?;
@@ -738,7 +742,11 @@ fn run_source_lists(plan: &Plan) -> Result<Vec<GroupResult>> {
             max_services: MEASURED.len() as u32,
             max_backends: MAX_BACKENDS,
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
-            ring_size: DEFAULT_RING_SIZE,
+            ring_slots: Capacity::ring_slots_for(
+                MEASURED.len() as u32,
+                MAX_BACKENDS,
+                Some(DEFAULT_RING_SIZE),
+            )?,
         },
         None,
     )?;
@@ -871,7 +879,11 @@ fn run_many_flows(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<V
             max_services: MEASURED.len() as u32,
             max_backends: MAX_BACKENDS,
             conntrack_entries,
-            ring_size: DEFAULT_RING_SIZE,
+            ring_slots: Capacity::ring_slots_for(
+                MEASURED.len() as u32,
+                MAX_BACKENDS,
+                Some(DEFAULT_RING_SIZE),
+            )?,
         },
         baseline,
     )?;

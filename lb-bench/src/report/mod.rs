@@ -935,26 +935,30 @@ fn details(out: &mut String, d: &DataplaneResults) {
 
 fn control(out: &mut String, c: &ControlResults) {
     let _ = writeln!(out, "## Control plane: Maglev tables\n");
-    if let Some(q) = c.quality.first() {
+    if !c.quality.is_empty() {
         let _ = writeln!(
             out,
-            "### Table quality ({} slots)\n\n\
+            "### Table quality\n\n\
              Exact, from the tables themselves: a slot is a share of the flow-hash \
-             space. Equal weights: the largest and smallest backend's slots over the \
+             space. Each table is the size the daemon gives a service of that many \
+             backends (`maglev::table_size`: the smallest prime of a fixed list with \
+             100 slots per backend); the last row is 1,000 backends in the smallest \
+             table, every service's size before sizes followed the backend count. \
+             Equal weights: the largest and smallest backend's slots over the \
              mean (ideal 1). Weights 1, 2, 3, 4 cycled over the backends: the largest \
              and mean relative error of a backend's share against its weight's share \
              (ideal 0). One backend leaving (averaged over four of them): the \
              fraction of flows that change backend, next to the ideal 1/N (only the \
              leaving backend's flows).\n\n\
-             | backends | max / mean | min / mean | weighted: max error | weighted: mean error | moved when one leaves | ideal 1/N | moved / ideal |\n\
-             | --- | --- | --- | --- | --- | --- | --- | --- |",
-            thousands(u64::from(q.table_size))
+             | backends | slots | max / mean | min / mean | weighted: max error | weighted: mean error | moved when one leaves | ideal 1/N | moved / ideal |\n\
+             | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
         );
         for q in &c.quality {
             let _ = writeln!(
                 out,
-                "| {} | {:.3} | {:.3} | {:.2} % | {:.2} % | {:.3} % | {:.3} % | {:.2} |",
+                "| {} | {} | {:.3} | {:.3} | {:.2} % | {:.2} % | {:.3} % | {:.3} % | {:.2} |",
                 q.backends,
+                thousands(u64::from(q.table_size)),
                 q.max_over_mean,
                 q.min_over_mean,
                 q.weighted_max_error * 100.0,
@@ -971,17 +975,16 @@ fn control(out: &mut String, c: &ControlResults) {
         "### Build time\n\n\
          Building a table (criterion, `lb-userspace/benches/maglev.rs`, median \
          with its 95 % interval) next to writing it into the kernel's rings map \
-         (`Dataplane::publish_service_delta`, median of the runs here): whole (every \
-         slot of the inactive copy in one BPF_MAP_UPDATE_BATCH, as a new service \
-         or a restarted daemon's first change is written), and a one-backend \
-         change (one backend leaving, then coming back) as the daemon writes it: \
-         only the slots that move, into the inactive copy, the flip, then the \
-         same slots into the other copy so both hold the table. The last column \
+         (`Dataplane::publish_service`, median of the runs here; the map is \
+         mapped into the daemon, and a slot is one store): whole (every slot \
+         stored, as for a new service or a table of a new size), and a \
+         one-backend change (one backend leaving, then coming back) as the \
+         daemon writes it: a store per slot that moves, in place. The last column \
          adds the build to the change's write: the daemon's side of a one-backend \
          change, but for its bookkeeping (the table's digest among it). Before \
          batching, with one map update per slot, the whole write took 56–80 ms on \
          this machine (`cargo xtask bench --quick`, commit a5069de).\n\n\
-         | backends | build | whole table write | one-backend change write (slots a copy) | build + change write |\n\
+         | backends | build | whole table write | one-backend change write (slots stored) | build + change write |\n\
          | --- | --- | --- | --- | --- |"
     );
     for t in &c.timing {
@@ -1011,6 +1014,7 @@ fn control(out: &mut String, c: &ControlResults) {
     if let Some(q) = c
         .quality
         .iter()
+        .filter(|q| q.table_size == lb::maglev::table_size(q.backends as usize))
         .max_by(|a, b| a.moved_over_ideal.total_cmp(&b.moved_over_ideal))
         && q.moved_over_ideal > 1.5
     {
@@ -1039,21 +1043,24 @@ fn memory(out: &mut String, m: &MemoryResults, control: Option<&ControlResults>)
          capacities at their defaults; measured once it answers `lb status`. \
          Map memory is what the kernel charges for the daemon's maps \
          (`memlock`; the connection table's 524,288 entries, 32 MiB, are most of it at \
-         few services); the rings map holds every service's Maglev tables, \
-         next to the reference: the tables' own size, services × 2 copies × \
-         65,537 slots × 4 bytes.\n\n\
-         | services | resident | peak resident | map memory | rings map | tables alone | rings / tables | start to answering |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- |"
+         few services); the rings map holds every service's Maglev table, \
+         next to its slots at 4 bytes each (a table per service and one more, and \
+         room per backend for tables of a new size: `Capacity::ring_slots_for`) \
+         and to the live tables alone (one of 65,537 slots per service).\n\n\
+         | services | resident | peak resident | map memory | rings map | its slots × 4 B | rings / slots | live tables | rings / live tables | start to answering |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
     for f in &m.daemons {
         let _ = writeln!(
             out,
-            "| {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.2} | {:.1} s |",
+            "| {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.3} | {:.1} MiB | {:.2} | {:.1} s |",
             f.services,
             f.rss_kib as f64 / 1024.0,
             f.rss_peak_kib as f64 / 1024.0,
             f.maps_kib as f64 / 1024.0,
             f.rings_kib as f64 / 1024.0,
+            f.slots_kib as f64 / 1024.0,
+            f.rings_over_slots,
             f.tables_kib as f64 / 1024.0,
             f.rings_over_tables,
             f.start_ms / 1e3
@@ -1085,14 +1092,11 @@ fn memory(out: &mut String, m: &MemoryResults, control: Option<&ControlResults>)
             f.services,
             list.join(", ")
         );
-        if f.rings_over_tables > 1.5 {
+        if f.rings_over_slots > 1.05 {
             let _ = writeln!(
                 out,
-                "\nWhere lb loses: the rings map takes {:.1}× the tables' size, because \
-                 the kernel rounds every array element up to 8 bytes and each slot \
-                 is a 4-byte element. Packing slots (one value per table copy, or two \
-                 slots per element) would halve it.",
-                f.rings_over_tables
+                "\nWhere lb loses: the rings map takes {:.2}× its slots' size.",
+                f.rings_over_slots
             );
         }
         if let Some(first) = m.daemons.first()

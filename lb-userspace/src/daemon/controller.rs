@@ -31,7 +31,7 @@ use super::runtime::{Admin, History, Override, Runtime, ServiceIds};
 use crate::{
     agent,
     config::{self, Affinity, Desired, Mode, Via},
-    dataplane::{Copies, Dataplane, Prefix, SourceEntries},
+    dataplane::{Dataplane, Prefix, SourceEntries},
     feedback,
     fleet::state::{AgreedHealth, FleetState, HealthView, Overrides},
     health::{self, Health, Tracker},
@@ -221,9 +221,6 @@ pub struct ServiceState {
     pub ring: Arc<[u32]>,
     /// Its backends that hold slots in the live table.
     pub in_table: usize,
-    /// The inactive table copy holds `ring` too, so a change writes only
-    /// the slots it moves.
-    standby_synced: bool,
     /// Flags and idle timeout the live service entry carries.
     published: Option<(u32, u32)>,
     /// The new-flow limit last written to the data plane for its id.
@@ -616,7 +613,6 @@ impl Controller {
                     config: cfg.clone(),
                     id: live.id,
                     in_table: holding_slots(&ring, &backends),
-                    standby_synced: false,
                     backends,
                     ring: ring.into(),
                     published: Some((live.flags, live.idle_timeout)),
@@ -1038,7 +1034,12 @@ impl Controller {
                 Candidate { key, weight }
             })
             .collect();
-        let slots = maglev::build(&candidates, self.dp.capacity().ring_size)?;
+        let size = self
+            .desired
+            .settings
+            .table_size
+            .unwrap_or_else(|| maglev::table_size(svc.backends.len()));
+        let slots = maglev::build(&candidates, size)?;
         let ids: Vec<u32> = keys.iter().map(|(ip, _)| svc.backends[ip].id).collect();
         Ok(slots
             .into_iter()
@@ -1128,7 +1129,6 @@ impl Controller {
                         backends: BTreeMap::new(),
                         ring: Arc::from([]),
                         in_table: 0,
-                        standby_synced: false,
                         published: None,
                         limit_written: None,
                         digest: 0,
@@ -1360,7 +1360,6 @@ impl Controller {
                 Some(cur) => {
                     old.ring = cur.ring.clone();
                     old.in_table = cur.in_table;
-                    old.standby_synced = cur.standby_synced;
                     old.published = cur.published;
                     old.limit_written = cur.limit_written;
                     old.digest = cur.digest;
@@ -1377,7 +1376,6 @@ impl Controller {
                 None => {
                     old.ring = Arc::from([]);
                     old.in_table = 0;
-                    old.standby_synced = false;
                     old.published = None;
                     old.limit_written = None;
                     for b in old.backends.values_mut() {
@@ -1446,23 +1444,11 @@ impl Controller {
             } else {
                 moved(&svc.ring, &ring)
             };
-            let live = svc.ring.clone();
-            let known = Copies {
-                live: (!live.is_empty()).then_some(&live[..]),
-                standby: svc.standby_synced.then_some(&live[..]),
-            };
-            // Until it succeeds, what the inactive copy holds is unknown.
-            self.services
-                .get_mut(name)
-                .context("no such service")?
-                .standby_synced = false;
-            let synced =
-                self.dp
-                    .publish_service_delta(&key, id, flags, idle_timeout, &ring, known)?;
+            self.dp
+                .publish_service(&key, id, flags, idle_timeout, &ring)?;
             let svc = self.services.get_mut(name).context("no such service")?;
             let d = table_digest(&ring, &svc.backends);
             svc.in_table = holding_slots(&ring, &svc.backends);
-            svc.standby_synced = synced;
             svc.ring = ring.into();
             svc.published = Some((flags, idle_timeout));
             svc.digest = d;

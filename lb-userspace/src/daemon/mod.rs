@@ -160,7 +160,6 @@ impl ConfigFile {
 
 fn dataplane_settings(d: &Desired) -> lb_common::Settings {
     lb_common::Settings {
-        ring_size: d.settings.capacity.ring_size,
         mtu: d.settings.mtu.unwrap_or(0),
         tunnel_src_v4: d.settings.tunnel_source_v4.0,
         tunnel_src_v4_hash_mask: d.settings.tunnel_source_v4.1,

@@ -28,7 +28,7 @@ pub(super) fn snapshot(
     started: Instant,
 ) -> Result<Value> {
     let settings = &ctl.desired().settings;
-    let table_size = f64::from(settings.capacity.ring_size);
+    let table_size = |service: &str| ctl.services().get(service).map_or(0, |s| s.ring.len());
     // `lb stats`' rows: the services' drops, the backends with their
     // rates, and every outcome's count and rate, in one read of the counters
     // and the connection table.
@@ -56,7 +56,7 @@ pub(super) fn snapshot(
         .map(|row| {
             let key = Key::Backend(row.service.clone(), row.address);
             let mut v = serde_json::to_value(&row)?;
-            v["share"] = json!(row.slots as f64 / table_size);
+            v["share"] = json!(row.slots as f64 / table_size(&row.service).max(1) as f64);
             v["history"] = serde_json::to_value(history.packet_series(&key))?;
             Ok(v)
         })

@@ -1,8 +1,7 @@
-//! The batch operations aya does not wrap: BPF_MAP_UPDATE_BATCH for array
-//! maps (a Maglev table of 65,537 slots in one system call instead of one
-//! per slot) and BPF_MAP_LOOKUP_BATCH (the connection table in a few calls
-//! instead of two per entry, a live table read back in a few instead of
-//! one per slot).
+//! The batch operations aya does not wrap: BPF_MAP_UPDATE_BATCH for u32
+//! arrays (the benchmark's baseline objects' Maglev tables, 65,537 slots in
+//! one system call instead of one per slot) and BPF_MAP_LOOKUP_BATCH (the
+//! connection table in a few calls instead of two per entry).
 
 use std::{
     io,
@@ -71,22 +70,6 @@ pub fn update_u32s(map: &MapData, keys: &[u32], values: &[u32]) -> io::Result<()
 /// none is seen twice.
 pub(super) fn lookup_all<K: aya::Pod, V: aya::Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
     lookup_from(map, None, usize::MAX)
-}
-
-/// `count` elements of the u32 array `map` from index `first`, in as many
-/// calls as [`LOOKUP_CHUNK`] needs: a Maglev table of 65,537 slots in 8
-/// calls instead of 65,537.
-pub(super) fn lookup_u32s(map: &MapData, first: u32, count: u32) -> io::Result<Vec<u32>> {
-    // An array's batch token is the last index read: start before `first`.
-    let before = first.checked_sub(1);
-    let got: Vec<(u32, u32)> = lookup_from(map, before, count as usize)?;
-    if got.len() != count as usize || got.iter().zip(first..).any(|((k, _), i)| *k != i) {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("{} of {count} elements from index {first}", got.len()),
-        ));
-    }
-    Ok(got.into_iter().map(|(_, v)| v).collect())
 }
 
 /// Up to `limit` (key, value)s of `map` after batch token `token` (`None`:

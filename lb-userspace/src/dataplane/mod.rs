@@ -1,13 +1,16 @@
 //! The one owner of the eBPF object and its maps. Every write to the kernel
-//! goes through here, in an order that keeps the data plane consistent:
-//! a Maglev table is written to the inactive copy before the service flips
-//! to it, so no packet ever sees a half-written table.
+//! goes through here, in an order that keeps the data plane consistent: a
+//! change to a Maglev table stores each slot it moves whole, in place,
+//! after the backends it adds are written and before those it removes are
+//! taken down; a table of a new size is written whole before the service
+//! names it. No packet sees a backend that is not written yet or gone.
 
 mod batch;
 mod decap;
 mod link;
 mod pins;
 mod probe_encap;
+mod rings;
 mod source_limits;
 mod source_lists;
 
@@ -18,10 +21,14 @@ pub use decap::{
 };
 pub use link::read as read_interface;
 pub use probe_encap::ProbeEncapsulator;
+pub use rings::Region;
 pub use source_limits::LimitedPrefix;
 pub use source_lists::{SourceEntries, SourceList};
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
@@ -35,18 +42,18 @@ use aya::{
 };
 use lb_common::{
     AclKey, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter,
-    FlowEntry, FlowKey, FlowValue, Interface, LimitedSource, SERVICE_F_ECHO, ServiceKey,
+    FlowEntry, FlowKey, FlowValue, Interface, LimitedSource, RingChunk, SERVICE_F_ECHO, ServiceKey,
     ServiceSlot, ServiceStats, ServiceValue, Settings, SourceDrops, SourceLimit, VIP_ECHO_UNIT,
     flow_buckets,
     hash::{bucket_hash, vip_filter_bit},
     interface_slot,
     limits::{
         CONNTRACK_BUCKET_GROUP, CONNTRACK_WAYS, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS,
-        DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, MAX_PORTS, RING_COPIES, VIP_FILTER_WORDS,
+        DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, DEFAULT_RING_SLOTS, MAX_PORTS, RING_CHUNK_SLOTS,
+        SPARE_RING_SLOTS_PER_BACKEND, VIP_FILTER_WORDS,
     },
-    maps as names, ring_index,
+    maps as names,
 };
-use tracing::warn;
 
 /// `CLOCK_MONOTONIC` in whole seconds from the coarse clock: what the
 /// daemon writes as the data plane's clock ([`ConntrackSettings::now`]).
@@ -84,16 +91,6 @@ impl KernelLogLevel {
 /// The compiled XDP object, embedded so `lb` ships as one file.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
-/// What a service's two table copies hold, as far as the caller knows
-/// ([`Dataplane::publish_service_delta`]); `None`: unknown.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Copies<'a> {
-    /// The live copy.
-    pub live: Option<&'a [u32]>,
-    /// The inactive copy.
-    pub standby: Option<&'a [u32]>,
-}
-
 /// Map capacities, fixed when the object is loaded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacity {
@@ -104,8 +101,9 @@ pub struct Capacity {
     /// Connection-table entries, rounded up to whole groups of buckets
     /// ([`Capacity::conntrack_buckets`]).
     pub conntrack_entries: u32,
-    /// Maglev table size (prime).
-    pub ring_size: u32,
+    /// Slots of the rings map, where every service's Maglev table is
+    /// ([`Capacity::ring_slots_for`]).
+    pub ring_slots: u32,
 }
 
 impl Default for Capacity {
@@ -114,23 +112,40 @@ impl Default for Capacity {
             max_services: DEFAULT_MAX_SERVICES,
             max_backends: DEFAULT_MAX_BACKENDS,
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
-            ring_size: DEFAULT_RING_SIZE,
+            ring_slots: DEFAULT_RING_SLOTS,
         }
     }
 }
 
 impl Capacity {
-    /// Entries of the rings map: every service's copies of its table.
-    pub fn ring_entries(&self) -> Result<u32> {
-        self.max_services
-            .checked_mul(RING_COPIES)
-            .and_then(|n| n.checked_mul(self.ring_size))
-            .with_context(|| {
-                format!(
-                    "{} services x {} slots x {RING_COPIES} copies exceeds the rings map's u32 index",
-                    self.max_services, self.ring_size
-                )
-            })
+    /// Slots of the rings map for `max_services` services and
+    /// `max_backends` backends. Every table of `table_size` slots, when the
+    /// operator fixes one: one per service, and one more for a service
+    /// replaced by another while the old one's slots are held back. Else
+    /// one of the smallest size per service, and room per backend for the
+    /// larger tables and their replacements
+    /// ([`SPARE_RING_SLOTS_PER_BACKEND`]).
+    pub fn ring_slots_for(
+        max_services: u32,
+        max_backends: u32,
+        table_size: Option<u32>,
+    ) -> Result<u32> {
+        match table_size {
+            Some(size) => max_services
+                .checked_add(1)
+                .and_then(|n| n.checked_mul(size)),
+            None => max_services
+                .checked_add(1)
+                .and_then(|n| n.checked_mul(DEFAULT_RING_SIZE))
+                .zip(SPARE_RING_SLOTS_PER_BACKEND.checked_mul(max_backends))
+                .and_then(|(tables, spare)| tables.checked_add(spare)),
+        }
+        .with_context(|| {
+            format!(
+                "the tables of {max_services} services and {max_backends} backends \
+                 exceed the rings map's 2^32 slots"
+            )
+        })
     }
 
     /// Buckets of the connection table: `conntrack_entries` rounded up to
@@ -164,7 +179,7 @@ impl Capacity {
             (names::SERVICE_STATS, self.max_services),
             (names::SOURCE_DROPS, self.max_services),
             (names::SOURCE_LIMITS, self.max_services),
-            (names::RINGS, self.ring_entries()?),
+            (names::RINGS, self.ring_slots.div_ceil(RING_CHUNK_SLOTS)),
             (names::BACKENDS, self.max_backends),
             (names::BACKEND_STATS, self.max_backends),
             (names::CONNTRACK, self.conntrack_table_entries()?),
@@ -189,7 +204,8 @@ pub struct Dataplane {
     service_slots: Array<MapData, ServiceSlot>,
     vips: HashMap<MapData, AddrKey, u32>,
     vip_filter: Array<MapData, u64>,
-    rings: Array<MapData, u32>,
+    rings: rings::RingMemory,
+    ring_space: rings::RingSpace,
     backends: Array<MapData, BackendValue>,
     conntrack: Array<MapData, FlowEntry>,
     conntrack_settings: Array<MapData, ConntrackSettings>,
@@ -249,6 +265,41 @@ pub(crate) fn ifindex(name: &str) -> u32 {
     }
 }
 
+/// The tables of a data plane pinned by another process (a running
+/// daemon's), read where its program reads them.
+pub struct PinnedTables {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    rings: rings::RingMemory,
+}
+
+impl PinnedTables {
+    /// Opens the services and rings maps pinned in `pin_dir`.
+    pub fn open(pin_dir: &Path) -> Result<PinnedTables> {
+        let open = |name: &str| {
+            let path = pin_dir.join(name);
+            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
+        };
+        Ok(PinnedTables {
+            services: HashMap::try_from(aya::maps::Map::HashMap(open(names::SERVICES)?))?,
+            rings: rings::RingMemory::open(&open(names::RINGS)?)?,
+        })
+    }
+
+    /// The live table of service `key`.
+    pub fn table(&self, key: &ServiceKey) -> Result<Vec<u32>> {
+        let value = self.services.get(key, 0).context("no such service")?;
+        self.rings.read(table_region(&value))
+    }
+}
+
+/// The slots of the rings map a service's table takes.
+fn table_region(value: &ServiceValue) -> Region {
+    Region {
+        offset: value.ring_offset,
+        len: value.ring_size,
+    }
+}
+
 fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -266,7 +317,7 @@ const UNUSED_LB_CAPACITY: Capacity = Capacity {
     max_services: 1,
     max_backends: 1,
     conntrack_entries: 1,
-    ring_size: 2,
+    ring_slots: RING_CHUNK_SLOTS,
 };
 
 /// Every map of the load balancer (the decapsulator's are its own,
@@ -462,11 +513,6 @@ impl Dataplane {
         log: KernelLogLevel,
         migration: &pins::Migration,
     ) -> Result<Self> {
-        ensure!(
-            crate::maglev::is_prime(capacity.ring_size),
-            "ring size {} is not prime",
-            capacity.ring_size
-        );
         // Backends being migrated get a new map, pinned once it is filled.
         let pin_paths: Vec<(&str, PathBuf)> = pins
             .map(|dir| {
@@ -494,7 +540,10 @@ impl Dataplane {
             service_slots: take(&mut ebpf, names::SERVICE_SLOTS)?,
             vips: take(&mut ebpf, names::VIPS)?,
             vip_filter: take(&mut ebpf, names::VIP_FILTER)?,
-            rings: take(&mut ebpf, names::RINGS)?,
+            rings: rings::RingMemory::open(
+                take::<Array<MapData, RingChunk>>(&mut ebpf, names::RINGS)?.map(),
+            )?,
+            ring_space: rings::RingSpace::new(0),
             backends: take(&mut ebpf, names::BACKENDS)?,
             conntrack: take(&mut ebpf, names::CONNTRACK)?,
             conntrack_settings: take(&mut ebpf, names::CONNTRACK_SETTINGS)?,
@@ -513,9 +562,10 @@ impl Dataplane {
             ebpf,
             capacity,
         };
-        // Until the controller configures it, the data plane knows its table
-        // size but forwards nothing (no services).
+        // Until the controller configures it, the data plane forwards
+        // nothing (no services).
         dp.set_settings(Settings::default())?;
+        dp.ring_space = dp.adopted_ring_space()?;
         // Adopted connection-table settings keep their policy and clock; the
         // table's size is always this one's.
         let ct = dp
@@ -775,9 +825,8 @@ impl Dataplane {
             .context("listing services")
     }
 
-    /// Writes the settings; the ring size is always the loaded capacity's.
-    pub fn set_settings(&mut self, mut settings: Settings) -> Result<()> {
-        settings.ring_size = self.capacity.ring_size;
+    /// Writes the settings.
+    pub fn set_settings(&mut self, settings: Settings) -> Result<()> {
         self.settings
             .set(0, settings, 0)
             .context("writing settings")
@@ -832,11 +881,18 @@ impl Dataplane {
         }
     }
 
-    /// Creates or updates a service and makes `ring` its live table: the ring
-    /// goes into the inactive copy first, then the service entry flips to it
-    /// in one map update. `ring` holds backend ids (or `NO_BACKEND`);
-    /// `idle_timeout` is [`ServiceValue::idle_timeout`]. Writes every slot:
-    /// see [`Self::publish_service_delta`] for a change to a known table.
+    /// Creates or updates a service and makes `ring` its live table;
+    /// returns the slots it stored. `ring` holds backend ids (or
+    /// `NO_BACKEND`); `idle_timeout` is [`ServiceValue::idle_timeout`].
+    ///
+    /// A table of the size the service's has is changed in place, one
+    /// store per slot that differs: a packet reads each slot whole, old or
+    /// new, and both name backends that are up (a change writes its new
+    /// backends before the table and takes its old ones down after). A
+    /// table of another size, or a new service's, is written whole into
+    /// free slots, and the service entry then names it, in one map update;
+    /// the old table's slots are held back for packets that read the entry
+    /// just before ([`lb_common::limits::RING_RETIRE_GRACE_MS`]).
     pub fn publish_service(
         &mut self,
         key: &ServiceKey,
@@ -844,61 +900,55 @@ impl Dataplane {
         flags: u32,
         idle_timeout: u32,
         ring: &[u32],
-    ) -> Result<()> {
-        let unknown = Copies::default();
-        self.publish_service_delta(key, id, flags, idle_timeout, ring, unknown)
-            .map(drop)
-    }
-
-    /// As [`Self::publish_service`], writing only the slots that differ
-    /// from what the copies are `known` to hold: into the inactive copy
-    /// before the flip, then the same slots into the copy that was live, so
-    /// that both hold `ring` and the next change writes only its own slots.
-    /// A packet that read the entry before the flip may still be reading
-    /// that copy: it sees each slot whole, old or new, and both name
-    /// backends that are up (a change writes its new backends before the
-    /// table and takes its old ones down after). Returns whether both
-    /// copies now hold `ring`: the next call's `known.standby`.
-    pub fn publish_service_delta(
-        &mut self,
-        key: &ServiceKey,
-        id: u32,
-        flags: u32,
-        idle_timeout: u32,
-        ring: &[u32],
-        known: Copies<'_>,
-    ) -> Result<bool> {
+    ) -> Result<usize> {
         ensure!(
             id < self.capacity.max_services,
             "service id {id} beyond capacity {}",
             self.capacity.max_services
         );
-        ensure!(
-            ring.len() == self.capacity.ring_size as usize,
-            "table has {} slots, the data plane {}",
-            ring.len(),
-            self.capacity.ring_size
-        );
+        let size = u32::try_from(ring.len())
+            .ok()
+            .filter(|&n| n > 0)
+            .with_context(|| format!("a table of {} slots", ring.len()))?;
         let current = self.service(key)?;
         if let Some(cur) = current {
             ensure!(cur.id == id, "service id changed from {} to {id}", cur.id);
         }
-        // A new service starts on copy 0 (it was inactive: nothing read it).
-        let next = current.map_or(0, |cur| 1 - (cur.active_ring & 1));
-        self.write_ring(id, next, ring, known.standby)
-            .context("writing the table")?;
+        let now = Instant::now();
+        let (region, moved) = match current.filter(|cur| cur.ring_size == size) {
+            Some(cur) => (table_region(&cur), false),
+            None => (self.ring_space.allocate(size, key, now)?, true),
+        };
+        let stored = match self.rings.write(region, ring) {
+            Ok(n) => n,
+            Err(e) if moved => {
+                self.ring_space.retire(region, Some(*key), now);
+                return Err(e.context("writing the table"));
+            }
+            Err(e) => return Err(e.context("writing the table")),
+        };
         let value = ServiceValue {
             id,
             flags,
-            active_ring: next,
+            ring_offset: region.offset,
+            ring_size: size,
             idle_timeout,
         };
-        // The slot after the entry: both only ever name the live copy. A
+        if current == Some(value) {
+            return Ok(stored);
+        }
+        if let Err(e) = self.services.insert(key, value, 0) {
+            if moved {
+                self.ring_space.retire(region, Some(*key), now);
+            }
+            return Err(e).context("publishing the service");
+        }
+        // The slot after the entry: both only ever name the live table. A
         // packet reading the slot mid-write sees each field whole.
-        self.services
-            .insert(key, value, 0)
-            .context("publishing the service")?;
         self.set_service_slot(id, ServiceSlot { key: *key, value })?;
+        if let Some(cur) = current.filter(|_| moved) {
+            self.ring_space.retire(table_region(&cur), Some(*key), now);
+        }
         let delta = match current {
             None => vip_share(flags),
             Some(cur) => vip_share(flags) - vip_share(cur.flags),
@@ -906,50 +956,22 @@ impl Dataplane {
         if delta != 0 {
             self.adjust_vip(key, delta)?;
         }
-        // The table is live: a failure to bring the other copy up to date
-        // only costs the next change a whole write.
-        let (Some(cur), Some(live)) = (current, known.live) else {
-            return Ok(false);
-        };
-        match self.write_ring(id, cur.active_ring & 1, ring, Some(live)) {
-            Ok(()) => Ok(true),
-            Err(e) => {
-                warn!(service = id, error = %format!("{e:#}"), "bringing the standby table copy up to date");
-                Ok(false)
-            }
-        }
+        Ok(stored)
     }
 
-    /// Writes `ring` into table copy `copy` of service `id`: the slots that
-    /// differ from `was` (what the copy holds, if known), else every slot;
-    /// one batch update, or one update per slot on kernels without
-    /// batches.
-    fn write_ring(&mut self, id: u32, copy: u32, ring: &[u32], was: Option<&[u32]>) -> Result<()> {
-        let first = ring_index(id, copy, self.capacity.ring_size, 0);
-        let (indexes, values): (Vec<u32>, Vec<u32>) = match was.filter(|w| w.len() == ring.len()) {
-            Some(was) => ring
-                .iter()
-                .zip(was)
-                .zip(first..)
-                .filter(|((new, old), _)| new != old)
-                .map(|((new, _), index)| (index, *new))
-                .unzip(),
-            None => ((first..).zip(ring.iter().copied())).unzip(),
-        };
-        if indexes.is_empty() {
-            return Ok(());
+    /// The rings map's space, with the tables of the services the maps
+    /// hold (adopted from pins) in use.
+    fn adopted_ring_space(&self) -> Result<rings::RingSpace> {
+        let mut space = rings::RingSpace::new(self.rings.len());
+        for entry in &self.services {
+            let (_, value) = entry.context("reading the services")?;
+            if value.ring_size > 0 {
+                space
+                    .reserve(table_region(&value))
+                    .with_context(|| format!("adopting the table of service {}", value.id))?;
+            }
         }
-        match batch::update_u32s(self.rings.map(), &indexes, &values) {
-            Ok(()) => return Ok(()),
-            Err(e) if batch::unsupported(&e) => {}
-            Err(e) => return Err(e.into()),
-        }
-        for (&index, backend) in indexes.iter().zip(&values) {
-            self.rings
-                .set(index, backend, 0)
-                .with_context(|| format!("writing ring slot {index}"))?;
-        }
-        Ok(())
+        Ok(space)
     }
 
     /// Removes a service; its packets pass to the kernel from then on.
@@ -966,6 +988,8 @@ impl Dataplane {
         self.set_service_slot(value.id, slot)?;
         self.set_service_slot(value.id, ServiceSlot::default())?;
         self.services.remove(key).context("removing the service")?;
+        self.ring_space
+            .retire(table_region(&value), None, Instant::now());
         self.adjust_vip(key, -vip_share(value.flags))
     }
 
@@ -1040,20 +1064,17 @@ impl Dataplane {
         Ok(())
     }
 
-    /// The live table of a service, as the kernel reads it: a few batch
-    /// reads, or one read per slot on kernels without batches.
+    /// The live table of a service, as the kernel reads it.
     pub fn live_ring(&self, key: &ServiceKey) -> Result<Vec<u32>> {
         let svc = self.service(key)?.context("no such service")?;
-        let size = self.capacity.ring_size;
-        let first = ring_index(svc.id, svc.active_ring & 1, size, 0);
-        match batch::lookup_u32s(self.rings.map(), first, size) {
-            Ok(ring) => return Ok(ring),
-            Err(e) if batch::unsupported(&e) => {}
-            Err(e) => return Err(e).context("reading the live table"),
-        }
-        (first..first + size)
-            .map(|index| Ok(self.rings.get(&index, 0)?))
-            .collect()
+        self.rings
+            .read(table_region(&svc))
+            .context("reading the live table")
+    }
+
+    /// Slots of the rings map neither holding a live table nor held back.
+    pub fn free_ring_slots(&self) -> u64 {
+        self.ring_space.free_slots()
     }
 
     /// The connection-table entry of a flow.
@@ -1201,6 +1222,16 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_default_rings_map_is_sized_by_the_rule_for_the_default_capacities() {
+        assert_eq!(
+            Capacity::ring_slots_for(DEFAULT_MAX_SERVICES, DEFAULT_MAX_BACKENDS, None).unwrap(),
+            DEFAULT_RING_SLOTS
+        );
+        assert_eq!(Capacity::ring_slots_for(3, 99, Some(7)).unwrap(), 28);
+        assert!(Capacity::ring_slots_for(u32::MAX, 1, None).is_err());
+    }
+
     /// The kernel/user ABI, checked without root: every map the object
     /// defines has the key and value sizes of lb-common's types and its
     /// default capacity, and none goes unchecked (aya's own sections aside).
@@ -1236,8 +1267,8 @@ mod tests {
             (
                 names::RINGS,
                 u32s,
-                u32s,
-                DEFAULT_MAX_SERVICES * RING_COPIES * DEFAULT_RING_SIZE,
+                size_of::<RingChunk>(),
+                DEFAULT_RING_SLOTS.div_ceil(RING_CHUNK_SLOTS),
             ),
             (
                 names::BACKENDS,

@@ -411,12 +411,15 @@ impl World {
     /// Loads the data plane, publishes the services, seeds the connection
     /// table and changes the backend set under it.
     pub fn new() -> Result<World> {
-        let mut lab = Lab::with_capacity(Capacity {
-            max_services: MAX_SERVICES,
-            max_backends: MAX_BACKENDS,
-            conntrack_entries: CONNTRACK_ENTRIES,
-            ring_size: RING,
-        })?;
+        let mut lab = Lab::with_capacity(
+            Capacity {
+                max_services: MAX_SERVICES,
+                max_backends: MAX_BACKENDS,
+                conntrack_entries: CONNTRACK_ENTRIES,
+                ring_slots: (MAX_SERVICES + 1) * RING,
+            },
+            RING,
+        )?;
         let segment = lab.add_segment()?;
         let mut w = World {
             lab,

@@ -1,9 +1,11 @@
 //! Agreement: for thousands of random flows, the backend the XDP program
-//! picks is the one user space computes from the same table and hash.
+//! picks is the one user space computes from the same table and hash; and a
+//! table changed in place, or moved by a change of size, reads back as
+//! written.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use lb::dataplane::Copies;
+use lb::maglev::is_prime;
 use lb_common::{
     FlowKey, addr_bytes, hash::flow_hash, limits::DEFAULT_RING_SIZE, maps::PROG_LB, wire::*,
 };
@@ -33,6 +35,8 @@ impl Rng {
 fn kernel_and_user_space_pick_the_same_backend() {
     require_root();
     let mut lab = Lab::new(DEFAULT_RING_SIZE).expect("load");
+    // Tables of two sizes, so each packet's slot comes from its own.
+    const SMALL: u32 = 4_099;
     let vip4 = IpAddr::V4(Ipv4Addr::new(198, 18, 1, 1));
     let vip6 = IpAddr::V6(Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 1));
     // Ten IPv4 backends weighted 1..=10, seven IPv6 ones of equal weight.
@@ -61,14 +65,15 @@ fn kernel_and_user_space_pick_the_same_backend() {
     let key4 = service_key(vip4, 80, IPPROTO_TCP);
     let key6 = service_key(vip6, 443, IPPROTO_TCP);
     let built4 = lab.service(0, key4, 0, &members4).unwrap();
+    lab.ring_size = SMALL;
     let built6 = lab.service(1, key6, 0, &members6).unwrap();
     // User space's view: the table as the kernel holds it (and as built).
     let live4 = lab.dp.live_ring(&key4).unwrap();
     let live6 = lab.dp.live_ring(&key6).unwrap();
     assert_eq!(live4, built4);
     assert_eq!(live6, built6);
-    // A new table goes to the other copy, and reads back from there; then
-    // the first one again.
+    // A change is stored in place and reads back; then the first table
+    // again.
     let fewer = lab.service(1, key6, 0, &members6[1..]).unwrap();
     assert_ne!(fewer, built6);
     assert_eq!(lab.dp.live_ring(&key6).unwrap(), fewer);
@@ -130,7 +135,7 @@ fn kernel_and_user_space_pick_the_same_backend() {
                 family: fam,
                 _pad: [0; 2],
             };
-            let user = live[(flow_hash(&flow, false) % DEFAULT_RING_SIZE) as usize];
+            let user = live[(flow_hash(&flow, false) % live.len() as u32) as usize];
             assert_eq!(kernel, user, "flow {client}:{sport} -> {vip}:{dport}");
             hits[kernel as usize] += 1;
             checked += 1;
@@ -141,13 +146,13 @@ fn kernel_and_user_space_pick_the_same_backend() {
     eprintln!("agreement: {checked} packets checked, per-backend hits {hits:?}");
 }
 
-/// A change written as a delta (only the slots that differ from what the
-/// copies hold) leaves both table copies holding the new table: each is
-/// read back live, the second by publishing the same table again, which
-/// writes nothing and flips to the other copy.
+/// A change stores only the slots that differ, in place: the table stays
+/// where it is and reads back as written. A table of another size is
+/// written whole elsewhere, and the one it replaced is held back: undoing
+/// the change takes it back, storing only what differs.
 #[test]
 #[ignore = "needs root: cargo xtask test runs it"]
-fn delta_writes_leave_both_copies_holding_the_table() {
+fn changes_are_stored_in_place_and_a_new_size_moves_the_table() {
     require_root();
     const RING: u32 = 4_099;
     let mut lab = Lab::new(RING).expect("load");
@@ -162,45 +167,42 @@ fn delta_writes_leave_both_copies_holding_the_table() {
         .unwrap();
     }
     let key = service_key(IpAddr::V4(Ipv4Addr::new(198, 18, 1, 1)), 80, IPPROTO_TCP);
-    // Written whole into copy 0; copy 1 is unknown.
     let mut table = lab.service(0, key, 0, &members).unwrap();
+    let home = lab.dp.service(&key).unwrap().unwrap().ring_offset;
     let mut rng = Rng(0x05ee_d0fd_e17a);
-    let mut standby_known = false;
     for round in 0..40 {
         let mut next = table.clone();
         for _ in 0..rng.next() % 300 {
             next[(rng.next() % u64::from(RING)) as usize] = (rng.next() % 20) as u32;
         }
-        // Every tenth change without the live copy known: the copy that
-        // was live is then not brought up to date, and says so.
-        let live_known = round % 10 != 9;
-        let known = Copies {
-            live: live_known.then_some(&table[..]),
-            standby: standby_known.then_some(&table[..]),
-        };
-        let synced = lab
-            .dp
-            .publish_service_delta(&key, 0, 0, 0, &next, known)
-            .unwrap();
-        assert_eq!(synced, live_known, "round {round}");
+        let differ = table.iter().zip(&next).filter(|(a, b)| a != b).count();
+        let stored = lab.dp.publish_service(&key, 0, 0, 0, &next).unwrap();
+        assert_eq!(stored, differ, "round {round}");
         assert_eq!(lab.dp.live_ring(&key).unwrap(), next, "round {round}");
-        if synced {
-            let same = Copies {
-                live: Some(&next[..]),
-                standby: Some(&next[..]),
-            };
-            assert!(
-                lab.dp
-                    .publish_service_delta(&key, 0, 0, 0, &next, same)
-                    .unwrap()
-            );
-            assert_eq!(
-                lab.dp.live_ring(&key).unwrap(),
-                next,
-                "round {round}: the other copy"
-            );
-        }
-        standby_known = synced;
+        let value = lab.dp.service(&key).unwrap().unwrap();
+        assert_eq!((value.ring_offset, value.ring_size), (home, RING));
         table = next;
     }
+
+    // Another size: written whole, elsewhere.
+    let larger = (RING + 1..).find(|&n| is_prime(n)).unwrap();
+    lab.ring_size = larger;
+    let free = lab.dp.free_ring_slots();
+    let moved = lab.service(0, key, 0, &members).unwrap();
+    let value = lab.dp.service(&key).unwrap().unwrap();
+    assert_eq!(value.ring_size, larger);
+    assert_ne!(value.ring_offset, home);
+    assert_eq!(lab.dp.live_ring(&key).unwrap(), moved);
+    // The old table's slots are held back, not freed.
+    assert_eq!(lab.dp.free_ring_slots(), free - u64::from(larger));
+
+    // Undone: back where it was, with only the slots the last table lacks
+    // stored.
+    let mut undo = table.clone();
+    undo[0] = (undo[0] + 1) % 20;
+    let stored = lab.dp.publish_service(&key, 0, 0, 0, &undo).unwrap();
+    assert_eq!(stored, 1, "the old slots held the old table");
+    let value = lab.dp.service(&key).unwrap().unwrap();
+    assert_eq!((value.ring_offset, value.ring_size), (home, RING));
+    assert_eq!(lab.dp.live_ring(&key).unwrap(), undo);
 }

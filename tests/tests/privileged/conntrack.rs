@@ -86,7 +86,7 @@ fn setup(proto: u8) -> (Lab, lb_common::ServiceKey) {
 /// The same with `capacity`, `ct` and the service's own idle timeout
 /// `idle` (0: the protocol's default).
 fn setup_with(capacity: Capacity, proto: u8, ct: ConntrackSettings, idle: u32) -> Lab {
-    let mut lab = Lab::with_capacity(capacity).unwrap();
+    let mut lab = Lab::with_capacity(capacity, RING).unwrap();
     for id in 1..=3u32 {
         lab.backend(id, ip([198, 18, 0, 10 + id as u8]), true, 1)
             .unwrap();

@@ -826,7 +826,7 @@ fn ipip_encapsulates_toward_the_backend_in_both_families() {
         .dp
         .set_interface(&lab::lab_interface(lab::MTU))
         .unwrap();
-    let mut capped = lab::lab_settings(RING);
+    let mut capped = lab::lab_settings();
     capped.mtu = 1400;
     f.lab.dp.set_settings(capped).unwrap();
     f.case(
@@ -962,14 +962,14 @@ fn packets_too_big_for_the_tunnel_are_answered_with_the_mtu_to_use() {
         assert!(bad.is_empty(), "{what}: {bad:?}");
     }
     // The MTU told is the interface's or the cap, whichever is lower.
-    let mut capped = lab::lab_settings(RING);
+    let mut capped = lab::lab_settings();
     capped.mtu = 1400;
     f.lab.dp.set_settings(capped).unwrap();
     let frame = sized(v4(VIP4_IPIP), 43003, 1400, &[], true);
     let out = f.case("IPv4 under a cap", &frame, TX, Counter::ReplyTooBig);
     let bad = packet::too_big_reply_problems(&frame, &out, ETH_HLEN, 1400 - IPV4_HLEN as u32);
     assert!(bad.is_empty(), "under a cap: {bad:?}");
-    f.lab.dp.set_settings(lab::lab_settings(RING)).unwrap();
+    f.lab.dp.set_settings(lab::lab_settings()).unwrap();
 
     // A CPU sends at most ICMP_ERRORS_PER_CPU a second: then drops.
     let frame = sized(v4(VIP4_IPIP), 43004, 1500, &[], true);
