@@ -63,6 +63,9 @@ pub struct Footprint {
     pub rings_over_tables: f64,
     /// From spawn until it answered `lb status`, ms.
     pub start_ms: f64,
+    /// The daemon's own account of its start (`lb status`'s `startup`):
+    /// each phase, ms.
+    pub startup_ms: BTreeMap<String, f64>,
 }
 
 /// The memory part's results.
@@ -193,6 +196,15 @@ fn measure(lb: &Path, services: u32) -> Result<Footprint> {
         std::thread::sleep(POLL);
     }
     let start_ms = start.elapsed().as_secs_f64() * 1e3;
+    let answer = Command::new(lb)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--json", "status"])
+        .output()?;
+    let answer: serde_json::Value =
+        serde_json::from_slice(&answer.stdout).context("reading `lb --json status`")?;
+    let startup_ms = serde_json::from_value(answer["startup"].clone())
+        .context("reading the daemon's startup phases")?;
     let pid = daemon.0.id();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let field = |name: &str| -> u64 {
@@ -222,6 +234,7 @@ fn measure(lb: &Path, services: u32) -> Result<Footprint> {
         tables_kib,
         rings_over_tables: rings_kib as f64 / tables_kib as f64,
         start_ms,
+        startup_ms,
     })
 }
 

@@ -596,7 +596,16 @@ fn run(cli: Cli) -> Result<()> {
             let mut out = String::new();
             if let Value::Object(m) = v {
                 for (k, v) in m {
-                    out += &format!("{k:<16} {}\n", v.to_string().trim_matches('"'));
+                    let text = match v {
+                        // `startup`: its phases on one line.
+                        Value::Object(o) => o
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        v => v.to_string().trim_matches('"').to_owned(),
+                    };
+                    out += &format!("{k:<16} {text}\n");
                 }
             }
             out

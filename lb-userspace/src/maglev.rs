@@ -113,7 +113,10 @@ pub fn build(candidates: &[Candidate<'_>], size: u32) -> Result<Vec<Option<u32>>
         .unwrap_or(1);
 
     let mut table = vec![UNCLAIMED; size as usize];
-    let mut next = vec![0u64; order.len()];
+    // Each backend's place in its permutation, `(offset + j * skip) % m`
+    // for its j-th preference, stepped by adding `skip` (a division per
+    // probe was most of a build).
+    let mut cursor: Vec<u64> = perms.iter().map(|&(offset, _)| offset).collect();
     let mut held = vec![0u64; order.len()];
     let mut filled = 0u64;
     let mut pass = 0u64;
@@ -123,14 +126,20 @@ pub fn build(candidates: &[Candidate<'_>], size: u32) -> Result<Vec<Option<u32>>
             let weight = u64::from(candidates[i].weight);
             // Claim while below this pass's quota of k * w / w_max slots.
             while held[turn] * max_weight < pass * weight && filled < m {
-                let (offset, skip) = perms[turn];
-                let mut slot = (offset + next[turn] * skip) % m;
+                let skip = perms[turn].1;
+                let step = |slot: u64| {
+                    if slot + skip >= m {
+                        slot + skip - m
+                    } else {
+                        slot + skip
+                    }
+                };
+                let mut slot = cursor[turn];
                 while table[slot as usize] != UNCLAIMED {
-                    next[turn] += 1;
-                    slot = (offset + next[turn] * skip) % m;
+                    slot = step(slot);
                 }
                 table[slot as usize] = i as u32;
-                next[turn] += 1;
+                cursor[turn] = step(slot);
                 held[turn] += 1;
                 filled += 1;
             }
@@ -261,8 +270,67 @@ mod tests {
         }
     }
 
+    /// The weighted fill as first written: the permutation by its formula.
+    fn reference(candidates: &[Candidate<'_>], size: u32) -> Vec<Option<u32>> {
+        let mut order: Vec<usize> = (0..candidates.len())
+            .filter(|&i| candidates[i].weight > 0)
+            .collect();
+        if order.is_empty() {
+            return vec![None; size as usize];
+        }
+        order.sort_by(|&a, &b| candidates[a].key.cmp(candidates[b].key));
+        let m = u64::from(size);
+        let perm = |i: usize| {
+            let key = candidates[i].key;
+            let offset = u64::from(hash_bytes(OFFSET_SEED, key)) % m;
+            let skip = u64::from(hash_bytes(SKIP_SEED, key)) % (m - 1) + 1;
+            (offset, skip)
+        };
+        let max_weight = order
+            .iter()
+            .map(|&i| u64::from(candidates[i].weight))
+            .max()
+            .unwrap_or(1);
+        let mut table = vec![UNCLAIMED; size as usize];
+        let (mut next, mut held) = (vec![0u64; order.len()], vec![0u64; order.len()]);
+        let (mut filled, mut pass) = (0u64, 0u64);
+        while filled < m {
+            pass += 1;
+            for (turn, &i) in order.iter().enumerate() {
+                let weight = u64::from(candidates[i].weight);
+                while held[turn] * max_weight < pass * weight && filled < m {
+                    let (offset, skip) = perm(i);
+                    let mut slot = (offset + next[turn] * skip) % m;
+                    while table[slot as usize] != UNCLAIMED {
+                        next[turn] += 1;
+                        slot = (offset + next[turn] * skip) % m;
+                    }
+                    table[slot as usize] = i as u32;
+                    next[turn] += 1;
+                    held[turn] += 1;
+                    filled += 1;
+                }
+            }
+        }
+        table.into_iter().map(Some).collect()
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// The build steps through each permutation by adding `skip`; the
+        /// paper defines its j-th entry as `(offset + j * skip) % M`. Both
+        /// give the same table (a different one would move flows between
+        /// versions and nodes).
+        #[test]
+        fn stepping_through_permutations_is_the_papers_formula(
+            weights in proptest::collection::vec(0u32..5, 1..30),
+            size in prop::sample::select(vec![251u32, 4_099, 65_537]),
+        ) {
+            let k = keys(weights.len());
+            let c: Vec<_> = k.iter().zip(&weights).map(|(k, w)| Candidate { key: k, weight: *w }).collect();
+            prop_assert_eq!(build(&c, size).unwrap(), reference(&c, size));
+        }
 
         #[test]
         fn weighted_shares_follow_weights(weights in proptest::collection::vec(1u32..20, 1..40)) {

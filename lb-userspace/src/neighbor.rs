@@ -300,17 +300,27 @@ impl Resolver {
 /// makes the kernel resolve them (it reports nothing: the answer is the
 /// neighbour table).
 async fn trigger(hops: impl Iterator<Item = IpAddr>) {
+    let hops: BTreeSet<IpAddr> = hops.collect();
     let (mut v4, mut v6) = (None, None);
     for hop in hops {
         let (socket, any) = match hop {
             IpAddr::V4(_) => (&mut v4, SocketAddr::from(([0u8; 4], 0))),
             IpAddr::V6(_) => (&mut v6, SocketAddr::from(([0u16; 8], 0))),
         };
-        if socket.is_none() {
-            *socket = tokio::net::UdpSocket::bind(any).await.ok();
-        }
-        if let Some(s) = socket {
-            let _ = s.send_to(b"", (hop, DISCARD_PORT)).await;
+        // A datagram to a neighbour being resolved is held, and charged
+        // to its socket, until the neighbour answers or fails (seconds):
+        // a few hundred fill a socket. Waiting for room would hold the
+        // daemon's start up for as long (48 s for 4,096 unanswered
+        // backends), so a full socket is replaced by a fresh one.
+        for _ in 0..2 {
+            if socket.is_none() {
+                *socket = tokio::net::UdpSocket::bind(any).await.ok();
+            }
+            let Some(s) = socket.as_ref() else { break };
+            match s.try_send_to(b"", SocketAddr::new(hop, DISCARD_PORT)) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => *socket = None,
+                _ => break,
+            }
         }
     }
 }

@@ -1092,6 +1092,37 @@ fn memory(out: &mut String, m: &MemoryResults, control: Option<&ControlResults>)
             f.services,
             list.join(", ")
         );
+        // The daemon's phases, in the order it runs them.
+        const PHASES: [&str; 8] = [
+            "config",
+            "load",
+            "state",
+            "fleet",
+            "next_hops",
+            "tables",
+            "attach",
+            "serve",
+        ];
+        let phases: Vec<String> = PHASES
+            .iter()
+            .filter_map(|p| {
+                Some(format!(
+                    "{p} {:.0} ms",
+                    f.startup_ms.get(&format!("{p}_ms"))?
+                ))
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "\nWhere the start went at {} services, by the daemon's own account \
+             (`lb status`'s `startup`; next hops include waiting for backends that \
+             never answer, up to 500 ms): {}; {:.0} ms in all, of the {:.1} s from \
+             spawn to answering.",
+            f.services,
+            phases.join(", "),
+            f.startup_ms.get("total_ms").copied().unwrap_or(0.0),
+            f.start_ms / 1e3
+        );
         if f.rings_over_slots > 1.05 {
             let _ = writeln!(
                 out,

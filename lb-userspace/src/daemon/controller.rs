@@ -368,26 +368,49 @@ fn source_entries<'a>(services: impl Iterator<Item = &'a ServiceState>) -> Sourc
 }
 
 /// FNV-1a over the table as backend addresses (`NO_BACKEND` as 0xff bytes).
+///
+/// Byte by byte that is 17 dependent multiplications a slot, a millisecond
+/// or more a table, so it is computed a slot at a time instead: a step
+/// `h' = (h ^ b) * P` is `h * P + ((h & 0xff ^ b) - (h & 0xff)) * P`, and
+/// the low byte of `h'` depends on the low byte of `h` alone. So a slot's
+/// 17 bytes take `h` to `h * P^17 + c`, where `c` depends only on the
+/// backend and the low byte of `h`: one multiplication and an addition a
+/// slot, with `c` computed the first time each pair is met.
 fn digest(ring: &[u32], addr_of: &BTreeMap<u32, IpAddr>) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0100_0000_01b3;
-    // Each id's bytes once, indexed by id: a slot costs no map lookup.
+    /// Bytes of a slot: the address, then the family.
+    const SLOT_BYTES: u32 = 17;
+    const LOW_BYTES: usize = 256;
+    // Backends densely numbered by id; the last number is every slot
+    // without one (no backend, or an id without an address).
     let ids = addr_of
         .keys()
         .next_back()
         .map_or(0, |&max| max as usize + 1);
-    let mut bytes_of = vec![[0xff; 17]; ids];
-    for (&id, ip) in addr_of {
+    let unknown = addr_of.len();
+    let mut dense = vec![unknown; ids];
+    let mut bytes_of = vec![[0xff; SLOT_BYTES as usize]; unknown + 1];
+    for (n, (&id, ip)) in addr_of.iter().enumerate() {
         let (a, f) = addr_bytes(*ip);
-        bytes_of[id as usize][..16].copy_from_slice(&a);
-        bytes_of[id as usize][16] = f;
+        bytes_of[n][..16].copy_from_slice(&a);
+        bytes_of[n][16] = f;
+        dense[id as usize] = n;
     }
+    let scale = PRIME.wrapping_pow(SLOT_BYTES);
+    let mut step: Vec<Option<u64>> = vec![None; (unknown + 1) * LOW_BYTES];
     let mut h = OFFSET;
     for &id in ring {
-        let bytes = bytes_of.get(id as usize).unwrap_or(&[0xff; 17]);
-        for &byte in bytes {
-            h = (h ^ u64::from(byte)).wrapping_mul(PRIME);
-        }
+        let n = dense.get(id as usize).copied().unwrap_or(unknown);
+        let low = (h & 0xff) as usize;
+        let c = *step[n * LOW_BYTES + low].get_or_insert_with(|| {
+            let start = low as u64;
+            let end = bytes_of[n]
+                .iter()
+                .fold(start, |x, &byte| (x ^ u64::from(byte)).wrapping_mul(PRIME));
+            end.wrapping_sub(start.wrapping_mul(scale))
+        });
+        h = h.wrapping_mul(scale).wrapping_add(c);
     }
     h
 }

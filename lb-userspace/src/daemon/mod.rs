@@ -267,9 +267,43 @@ async fn serve_connection(mut stream: UnixStream, calls: mpsc::Sender<Call>) {
     }
 }
 
+/// How the daemon's start went, for `lb status`: where the time went
+/// before it answered, phase by phase.
+pub(super) struct Startup {
+    /// When it began answering.
+    pub(super) answering: Instant,
+    /// Each phase (in order) and how long it took.
+    pub(super) phases: Vec<(&'static str, Duration)>,
+}
+
+impl Startup {
+    /// The phases in milliseconds, and their total.
+    pub(super) fn to_json(&self) -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        // Tenths of a millisecond.
+        let ms = |d: Duration| serde_json::json!((d.as_secs_f64() * 1e4).round() / 10.0);
+        for (name, took) in &self.phases {
+            out.insert(format!("{name}_ms"), ms(*took));
+        }
+        out.insert(
+            "total_ms".into(),
+            ms(self.phases.iter().map(|(_, took)| *took).sum()),
+        );
+        serde_json::Value::Object(out)
+    }
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(opts: Options) -> Result<()> {
+    let mut phase = Instant::now();
+    let mut phases = Vec::new();
+    let mut timed = |name: &'static str| {
+        let now = Instant::now();
+        phases.push((name, now - phase));
+        phase = now;
+    };
     let (mut file, local) = ConfigFile::read(&opts.config)?;
+    timed("config");
     let settings = local.settings.clone();
     // The XDP program's own lines cost ring-buffer writes per dropped
     // packet: only a daemon logging at debug level asks for them.
@@ -280,15 +314,20 @@ pub async fn run(opts: Options) -> Result<()> {
         KernelLogLevel::Off
     };
     let (mut dp, adopted) = Dataplane::load_pinned(settings.capacity, &opts.pin_dir, level)?;
+    timed("load");
     if kernel_debug {
         tokio::spawn(forward_kernel_log(dp.kernel_log()?));
     }
     let mut runtime = Runtime::load(&settings.state_file)?;
+    timed("state");
     // A fleet node's services come from etcd (or, unreachable, its cache).
     let fleet_start = match &settings.fleet {
         Some(f) => Some(fleet::start(f, file.text(), local.clone(), runtime.fleet.clone()).await),
         None => None,
     };
+    if fleet_start.is_some() {
+        timed("fleet");
+    }
     let desired = fleet_start.as_ref().map_or(local, |s| s.desired.clone());
     let fleet_health = fleet_start.as_ref().map(|s| {
         if let Some(state) = &s.state {
@@ -300,7 +339,9 @@ pub async fn run(opts: Options) -> Result<()> {
     dp.set_conntrack_settings(conntrack_settings(&desired))?;
     let resolver = neighbor::Resolver::open()?;
     let hops = resolver.resolve_all(backend_addrs(&desired)).await;
+    timed("next_hops");
     let (mut ctl, report) = Controller::new(dp, desired, runtime, hops, fleet_health)?;
+    timed("tables");
     for iface in &settings.interfaces {
         let pin = opts.pin_dir.join(format!("link-{iface}"));
         let port = settings
@@ -320,6 +361,7 @@ pub async fn run(opts: Options) -> Result<()> {
             );
         }
     }
+    timed("attach");
     info!(
         adopted,
         services = ctl.services().len(),
@@ -387,7 +429,11 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let started = Instant::now();
+    timed("serve");
+    let startup = Startup {
+        answering: Instant::now(),
+        phases,
+    };
     let mut ramp = tokio::time::interval(SLOW_START_TICK);
     let mut repair = tokio::time::interval(REPAIR_TICK);
     loop {
@@ -423,7 +469,7 @@ pub async fn run(opts: Options) -> Result<()> {
                         .map_err(|e| e.context("reload refused; running configuration unchanged"))
                         .and_then(|report| Ok(serde_json::to_value(report)?)),
                     Some(f) if FleetNode::handles(&request) => f.handle(&mut ctl, &node, request).await,
-                    _ => views::handle(&mut ctl, &mut node, &mut file, request, started, &opts, &history),
+                    _ => views::handle(&mut ctl, &mut node, &mut file, request, &startup, &opts, &history),
                 };
                 if let (Some((service, address)), Err(_)) = (&trusted, &result) {
                     ctl.trust_first_probe(service, *address, false);
@@ -465,7 +511,7 @@ pub async fn run(opts: Options) -> Result<()> {
                         let fleet = fleet_node.as_ref().map(FleetNode::gauges);
                         metrics::render(&ctl, &status, fleet, &mut probe_durations)
                     }
-                    http::Page::Status => status::snapshot(&ctl, &status, &history, started)
+                    http::Page::Status => status::snapshot(&ctl, &status, &history, startup.answering)
                         .map(|v| v.to_string()),
                 };
                 match answer {

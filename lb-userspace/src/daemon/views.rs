@@ -1,7 +1,7 @@
 //! Answers to the control API, from the controller's state and the data
 //! plane's counters.
 
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use anyhow::{Context as _, Result, bail};
 use lb_common::{BACKEND_F_UP, FlowKey, addr_bytes, hash::flow_hash, limits::NO_BACKEND};
@@ -30,7 +30,7 @@ pub(super) fn handle(
     node: &mut Node,
     file: &mut ConfigFile,
     request: Request,
-    started: Instant,
+    startup: &super::Startup,
     opts: &Options,
     history: &History,
 ) -> Result<Value> {
@@ -39,7 +39,8 @@ pub(super) fn handle(
             let d = ctl.desired();
             json!({
                 "version": env!("CARGO_PKG_VERSION"),
-                "uptime_seconds": started.elapsed().as_secs(),
+                "uptime_seconds": startup.answering.elapsed().as_secs(),
+                "startup": startup.to_json(),
                 "config": opts.config,
                 "pin_dir": opts.pin_dir,
                 "interfaces": d.settings.interfaces,

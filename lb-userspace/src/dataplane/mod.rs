@@ -42,7 +42,7 @@ use aya::{
 };
 use lb_common::{
     AclKey, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter,
-    FlowEntry, FlowKey, FlowValue, Interface, LimitedSource, RingChunk, SERVICE_F_ECHO, ServiceKey,
+    FlowEntry, FlowKey, FlowValue, Interface, LimitedSource, SERVICE_F_ECHO, ServiceKey,
     ServiceSlot, ServiceStats, ServiceValue, Settings, SourceDrops, SourceLimit, VIP_ECHO_UNIT,
     flow_buckets,
     hash::{bucket_hash, vip_filter_bit},
@@ -281,7 +281,7 @@ impl PinnedTables {
         };
         Ok(PinnedTables {
             services: HashMap::try_from(aya::maps::Map::HashMap(open(names::SERVICES)?))?,
-            rings: rings::RingMemory::open(&open(names::RINGS)?)?,
+            rings: rings::RingMemory::open(open(names::RINGS)?)?,
         })
     }
 
@@ -540,9 +540,13 @@ impl Dataplane {
             service_slots: take(&mut ebpf, names::SERVICE_SLOTS)?,
             vips: take(&mut ebpf, names::VIPS)?,
             vip_filter: take(&mut ebpf, names::VIP_FILTER)?,
-            rings: rings::RingMemory::open(
-                take::<Array<MapData, RingChunk>>(&mut ebpf, names::RINGS)?.map(),
-            )?,
+            rings: rings::RingMemory::open(match ebpf.take_map(names::RINGS) {
+                Some(aya::maps::Map::Array(data)) => data,
+                _ => bail!(
+                    "map {} missing from the eBPF object, or not an array",
+                    names::RINGS
+                ),
+            })?,
             ring_space: rings::RingSpace::new(0),
             backends: take(&mut ebpf, names::BACKENDS)?,
             conntrack: take(&mut ebpf, names::CONNTRACK)?,
@@ -1238,7 +1242,7 @@ mod tests {
     #[test]
     fn the_objects_maps_are_the_shapes_lb_common_declares() {
         use lb_common::{
-            IcmpBudget, IcmpKind, ProbeTunnel, SourceKey, SourceRateBucket,
+            IcmpBudget, IcmpKind, ProbeTunnel, RingChunk, SourceKey, SourceRateBucket,
             counters::DecapCounter,
             limits::{
                 INTERFACE_SLOTS, LIMITED_SOURCE_SLOTS, MAX_ACL_PREFIXES, MAX_ADDRESSES,

@@ -183,15 +183,17 @@ impl RingSpace {
     }
 }
 
-/// The rings map, mapped into this process.
+/// The rings map, mapped into this process. Its fd stays open with the
+/// mapping, so the map is the process's as other maps are (fdinfo, tools).
 pub(super) struct RingMemory {
     map: MmapMut,
     slots: u32,
+    _fd: MapData,
 }
 
 impl RingMemory {
     /// Maps `map`, an array of [`RingChunk`]s created memory-mappable.
-    pub(super) fn open(map: &MapData) -> Result<RingMemory> {
+    pub(super) fn open(map: MapData) -> Result<RingMemory> {
         let info = map.info().context("reading the rings map's shape")?;
         ensure!(
             info.value_size() as usize == size_of::<RingChunk>(),
@@ -206,13 +208,17 @@ impl RingMemory {
         // SAFETY: the map's memory lives as long as the mapping; the
         // program reads it concurrently, which is why it is only ever
         // touched through atomics (`Self::slots`).
-        let map = unsafe {
+        let mapped = unsafe {
             MmapOptions::new()
                 .len(slots as usize * size_of::<u32>())
                 .map_mut(map.fd().as_fd().as_raw_fd())
         }
         .context("mapping the rings map (created without BPF_F_MMAPABLE?)")?;
-        Ok(RingMemory { map, slots })
+        Ok(RingMemory {
+            map: mapped,
+            slots,
+            _fd: map,
+        })
     }
 
     /// Slots in the map.
