@@ -198,7 +198,7 @@ fn run(cli: &Cli) -> Result<()> {
     }
     if wanted(cli, "memory") {
         results.memory = match &cli.lb {
-            Some(lb) => Some(memory::run(lb, cli.quick)?),
+            Some(lb) => Some(memory::run(lb)?),
             None => {
                 eprintln!("memory: skipped (no --lb binary given)");
                 None

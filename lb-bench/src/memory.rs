@@ -20,10 +20,7 @@ use lb_common::limits::DEFAULT_RING_SIZE;
 use serde::Serialize;
 
 /// Service counts measured.
-pub(crate) const SERVICE_COUNTS: [u32; 3] = [1, 64, 512];
-/// With `--quick`: a daemon with 512 services takes minutes to write its
-/// tables, more than a quick run has.
-pub(crate) const SERVICE_COUNTS_QUICK: [u32; 2] = [1, 64];
+const SERVICE_COUNTS: [u32; 3] = [1, 64, 512];
 /// Backends per service (health check `none`: always up).
 const BACKENDS_PER_SERVICE: u32 = 8;
 /// How long a daemon may take to load and write every table.
@@ -76,13 +73,8 @@ pub struct MemoryResults {
 }
 
 /// Runs a daemon per service count and measures it.
-pub(crate) fn run(lb: &Path, quick: bool) -> Result<MemoryResults> {
-    let counts: &[u32] = if quick {
-        &SERVICE_COUNTS_QUICK
-    } else {
-        &SERVICE_COUNTS
-    };
-    let daemons = counts
+pub(crate) fn run(lb: &Path) -> Result<MemoryResults> {
+    let daemons = SERVICE_COUNTS
         .iter()
         .map(|&n| {
             eprintln!("memory: daemon with {n} services");

@@ -275,7 +275,7 @@ impl Resolver {
                 break;
             }
             if !triggered {
-                trigger(pending.values().map(|(hop, _, _)| *hop)).await;
+                trigger(pending.values().map(|(hop, _, _)| *hop));
                 triggered = true;
             }
             tokio::time::sleep(RESOLVE_POLL).await;
@@ -299,7 +299,7 @@ impl Resolver {
 /// Sends an empty datagram to the discard port of each of `hops`, which
 /// makes the kernel resolve them (it reports nothing: the answer is the
 /// neighbour table).
-async fn trigger(hops: impl Iterator<Item = IpAddr>) {
+fn trigger(hops: impl Iterator<Item = IpAddr>) {
     let hops: BTreeSet<IpAddr> = hops.collect();
     let (mut v4, mut v6) = (None, None);
     for hop in hops {
@@ -311,13 +311,16 @@ async fn trigger(hops: impl Iterator<Item = IpAddr>) {
         // to its socket, until the neighbour answers or fails (seconds):
         // a few hundred fill a socket. Waiting for room would hold the
         // daemon's start up for as long (48 s for 4,096 unanswered
-        // backends), so a full socket is replaced by a fresh one.
+        // backends), so the socket does not block, and a full one is
+        // replaced by a fresh one.
         for _ in 0..2 {
             if socket.is_none() {
-                *socket = tokio::net::UdpSocket::bind(any).await.ok();
+                *socket = std::net::UdpSocket::bind(any)
+                    .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                    .ok();
             }
             let Some(s) = socket.as_ref() else { break };
-            match s.try_send_to(b"", SocketAddr::new(hop, DISCARD_PORT)) {
+            match s.send_to(b"", SocketAddr::new(hop, DISCARD_PORT)) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => *socket = None,
                 _ => break,
             }

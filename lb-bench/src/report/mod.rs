@@ -1066,18 +1066,6 @@ fn memory(out: &mut String, m: &MemoryResults, control: Option<&ControlResults>)
             f.start_ms / 1e3
         );
     }
-    let largest = crate::memory::SERVICE_COUNTS
-        .iter()
-        .max()
-        .copied()
-        .unwrap_or(0);
-    if m.daemons.iter().all(|f| f.services < largest) {
-        let _ = writeln!(
-            out,
-            "\nA daemon with {largest} services is measured by the full run only: it \
-             takes minutes to write its tables."
-        );
-    }
     if let Some(f) = m.daemons.last() {
         let mut maps: Vec<(&String, &u64)> = f.maps_by_name_kib.iter().collect();
         maps.sort_by(|a, b| b.1.cmp(a.1));
