@@ -126,10 +126,10 @@ pub(crate) fn run(plan: Plan) -> Result<ReactionResults> {
         let issued = Instant::now();
         d.cli(&["backend", "set-weight", "web", SUBJECT, &weight])?;
         let done = Instant::now();
-        let flipped = watch.changed()?;
+        let changed = watch.changed()?;
         returned.push(ms(done - issued));
-        live.push(ms(flipped - issued));
-        margin.push(ms_signed(done, flipped));
+        live.push(ms(changed - issued));
+        margin.push(ms_signed(done, changed));
     }
 
     let (mut evictions, mut readmissions) = (Vec::new(), Vec::new());

@@ -996,7 +996,7 @@ fn control(out: &mut String, c: &ControlResults) {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {:.1} ms (±{}) | {:.3} ms (±{}, {}) | {} |",
+            "| {} | {} | {:.3} ms (±{}) | {:.3} ms (±{}, {}) | {} |",
             t.backends,
             build,
             t.publish.median / 1e6,
@@ -1024,8 +1024,9 @@ fn control(out: &mut String, c: &ControlResults) {
              the ideal at {} backends, about {} slots each): the table is filled \
              by permutation turns, so taking one backend out shifts where the \
              others' turns land. The paper accepts this for near-even shares \
-             (Eisenbud et al., NSDI 2016, §3.4); the fewer slots per backend, the \
-             larger the effect.\n",
+             (Eisenbud et al., NSDI 2016, §3.4). More slots per backend reduce it \
+             only slowly (the last two rows: twice the slots); they do bring each \
+             share closer to its weight.\n",
             q.moved_over_ideal,
             q.backends,
             q.table_size / q.backends
@@ -1046,7 +1047,10 @@ fn memory(out: &mut String, m: &MemoryResults, control: Option<&ControlResults>)
          few services); the rings map holds every service's Maglev table, \
          next to its slots at 4 bytes each (a table per service and one more, and \
          room per backend for tables of a new size: `Capacity::ring_slots_for`) \
-         and to the live tables alone (one of 65,537 slots per service).\n\n\
+         and to the live tables alone (one of 65,537 slots per service). The \
+         daemon maps the rings map to write it, so its resident set counts the \
+         pages of the map it has touched: the same memory as the map's, counted \
+         in both columns.\n\n\
          | services | resident | peak resident | map memory | rings map | its slots × 4 B | rings / slots | live tables | rings / live tables | start to answering |\n\
          | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );

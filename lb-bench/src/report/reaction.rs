@@ -18,9 +18,9 @@ pub(super) fn render(out: &mut String, r: &ReactionResults) {
         out,
         "## Control plane: how fast changes reach the data plane\n\n\
          A real `lb daemon` with every setting at its default, in front of 3 backends \
-         in namespaces. \"Live\" is the moment the service's entry in the kernel's \
-         services map points at the new table copy (a thread watches the daemon's \
-         pinned map every 50 µs): the next packet uses the new table. Health settings: \
+         in namespaces. \"Live\" is the moment the service's table in the kernel's \
+         rings map changes (a thread reads it through the daemon's pinned maps \
+         every 50 µs): the next packet uses the new slots. Health settings: \
          the defaults ({}).\n\n\
          | what | median | min | max | runs |\n| --- | --- | --- | --- | --- |",
         r.health
@@ -65,9 +65,8 @@ pub(super) fn render(out: &mut String, r: &ReactionResults) {
          stable ({} successes in a row): one that dies again sooner is damped, and needs \
          twice the successes per recent flap to return.\n\n\
          `set-weight` returns only once the new table is live. Its time is the \
-         CLI's process start and round trip, the rebuild, and writing the slots \
-         that move (into the inactive copy, and after the flip into the other \
-         one; see Build time).\n",
+         CLI's process start and round trip, the rebuild, and storing the slots \
+         that move, in place (see Build time).\n",
         list.join(", "),
         lb::health::STABLE_SUCCESSES
     );
