@@ -947,12 +947,14 @@ impl Dataplane {
             }
             return Err(e).context("publishing the service");
         }
-        // The slot after the entry: both only ever name the live table. A
-        // packet reading the slot mid-write sees each field whole.
-        self.set_service_slot(id, ServiceSlot { key: *key, value })?;
+        // The entry names the new table: the old one's slots are held back
+        // from here on, whatever fails next.
         if let Some(cur) = current.filter(|_| moved) {
             self.ring_space.retire(table_region(&cur), Some(*key), now);
         }
+        // The slot after the entry: both only ever name the live table. A
+        // packet reading the slot mid-write sees each field whole.
+        self.set_service_slot(id, ServiceSlot { key: *key, value })?;
         let delta = match current {
             None => vip_share(flags),
             Some(cur) => vip_share(flags) - vip_share(cur.flags),
