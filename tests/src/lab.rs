@@ -1,7 +1,10 @@
 //! A loaded data plane for packet tests: services, backends, and one frame at
 //! a time through a program with BPF_PROG_TEST_RUN.
 
-use std::net::IpAddr;
+use std::{
+    net::IpAddr,
+    os::fd::{AsRawFd as _, BorrowedFd},
+};
 
 use anyhow::{Context as _, Result};
 use aya::{
@@ -140,6 +143,56 @@ pub fn test_run_repeated(prog: &mut Xdp, frame: &[u8], repeat: u32) -> Result<Ve
     out.truncate(result.data_size_out as usize);
     Ok(Verdict {
         action: result.return_value,
+        out,
+    })
+}
+
+/// Runs `frame` once through the program `prog` (an fd of it, so that
+/// another thread can run it while the [`Lab`] that loaded it is changed).
+pub fn test_run_fd(prog: BorrowedFd<'_>, frame: &[u8]) -> Result<Verdict> {
+    /// `enum bpf_cmd`'s `BPF_PROG_TEST_RUN`.
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    /// The test-run part of `union bpf_attr` (linux/bpf.h), up to
+    /// `duration`: the kernel accepts an attribute shorter than its own.
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestRunAttr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+    }
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: u32::try_from(frame.len())?,
+        data_size_out: u32::try_from(out.len())?,
+        data_in: frame.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        ..TestRunAttr::default()
+    };
+    // SAFETY: `attr` points at `frame` and `out`, which outlive the call,
+    // with their lengths; the kernel writes at most `data_size_out` bytes
+    // into `out`, and the results into `attr`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &raw mut attr,
+            size_of::<TestRunAttr>() as u32,
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error()).context("BPF_PROG_TEST_RUN");
+    }
+    out.truncate(attr.data_size_out as usize);
+    Ok(Verdict {
+        action: attr.retval,
         out,
     })
 }

@@ -206,3 +206,145 @@ fn changes_are_stored_in_place_and_a_new_size_moves_the_table() {
     assert_eq!((value.ring_offset, value.ring_size), (home, RING));
     assert_eq!(lab.dp.live_ring(&key).unwrap(), undo);
 }
+
+/// Under traffic (another thread running new flows through the program
+/// without pause), 100 random changes (weights, backends added and
+/// removed, and every 25th a table of another size, which moves it) never
+/// send a packet to a backend outside the table before the change or after
+/// it: each packet is checked against the tables of the changes under way
+/// while it ran. A change writes its new backends first, then the table in
+/// place, then takes the old ones down, as the daemon does.
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn changes_under_traffic_send_packets_only_to_the_tables_before_and_after() {
+    use std::{
+        collections::BTreeSet,
+        os::fd::AsFd as _,
+        sync::{
+            Arc,
+            atomic::{AtomicBool, AtomicU64, Ordering},
+        },
+    };
+
+    require_root();
+    const RING: u32 = 4_099;
+    const BACKENDS: u32 = 16;
+    const CHANGES: u64 = 100;
+    let other_size = (RING + 1..).find(|&n| is_prime(n)).unwrap();
+    let mut lab = Lab::new(other_size).expect("load");
+    lab.ring_size = RING;
+    let ip = |id: u32| IpAddr::V4(Ipv4Addr::new(198, 18, 0, 10 + id as u8));
+    let key = service_key(IpAddr::V4(Ipv4Addr::new(198, 18, 1, 1)), 80, IPPROTO_TCP);
+    let mut rng = Rng(0x7ab1_e5ca_1e00);
+    let mut members: Vec<(u32, u32)> = (0..8).map(|id| (id, 1)).collect();
+    for &(id, _) in &members {
+        lab.backend(id, ip(id), true, 1).unwrap();
+    }
+    let first = lab.service(0, key, 0, &members).unwrap();
+    let holders = |t: &[u32]| -> BTreeSet<u32> { t.iter().copied().collect() };
+    // tables[i]: the backends holding slots after change i (0: before any).
+    let mut tables = vec![holders(&first)];
+    // Odd while change (epoch + 1) / 2 is being written.
+    let epoch = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let prog = lab
+        .dp
+        .program(PROG_LB)
+        .unwrap()
+        .fd()
+        .unwrap()
+        .try_clone()
+        .unwrap();
+    let traffic = {
+        let (epoch, stop) = (epoch.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut rng = Rng(0x0dd_ba11);
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let r = rng.next();
+                let client = Ipv4Addr::new(198, 18, 2 + (r >> 56) as u8 % 2, (r >> 48) as u8);
+                let seg = packet::tcp(
+                    client.into(),
+                    Ipv4Addr::new(198, 18, 1, 1).into(),
+                    (r as u16) | 1024,
+                    80,
+                    TCP_SYN,
+                    b"",
+                );
+                let frame = packet::ethernet(
+                    LB_MAC,
+                    ROUTER_MAC,
+                    &[],
+                    ETH_P_IP,
+                    &Ipv4::new(client.octets(), [198, 18, 1, 1], IPPROTO_TCP).build(&seg),
+                );
+                let before = epoch.load(Ordering::SeqCst);
+                let v = lb_tests::lab::test_run_fd(prog.as_fd(), &frame).unwrap();
+                let after = epoch.load(Ordering::SeqCst);
+                let backend = (v.action == TX).then(|| backend_of_mac(&v.out[0..6]));
+                seen.push((before, after, backend));
+            }
+            seen
+        })
+    };
+    for change in 1..=CHANGES {
+        let before: BTreeSet<u32> = members.iter().map(|m| m.0).collect();
+        // Weights anew; one backend in or out (at least two stay).
+        for m in &mut members {
+            m.1 = 1 + (rng.next() % 4) as u32;
+        }
+        let id = (rng.next() % u64::from(BACKENDS)) as u32;
+        match members.iter().position(|m| m.0 == id) {
+            Some(i) if members.len() > 2 => {
+                members.remove(i);
+            }
+            Some(_) => {}
+            None => members.push((id, 1)),
+        }
+        if change % 25 == 0 {
+            lab.ring_size = if lab.ring_size == RING {
+                other_size
+            } else {
+                RING
+            };
+        }
+        let after: BTreeSet<u32> = members.iter().map(|m| m.0).collect();
+        epoch.store(2 * change - 1, Ordering::SeqCst);
+        for &id in after.difference(&before) {
+            lab.backend(id, ip(id), true, 1).unwrap();
+        }
+        let table = lab.service(0, key, 0, &members).unwrap();
+        for &id in before.difference(&after) {
+            lab.backend(id, ip(id), false, 1).unwrap();
+        }
+        epoch.store(2 * change, Ordering::SeqCst);
+        tables.push(holders(&table));
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let seen = traffic.join().unwrap();
+    let mut by_backend = vec![0usize; BACKENDS as usize];
+    let mut dropped = 0;
+    let mut during = 0;
+    for &(before, after, backend) in &seen {
+        // The tables a packet may have read: from the last one complete
+        // when it started to the first complete when it ended.
+        let (from, to) = (before / 2, after.div_ceil(2));
+        during += usize::from(before % 2 == 1 || after != before);
+        let Some(b) = backend else {
+            dropped += 1;
+            continue;
+        };
+        assert!(
+            (from..=to).any(|t| tables[t as usize].contains(&b)),
+            "backend {b} took a packet sent during tables {from}..={to}"
+        );
+        by_backend[b as usize] += 1;
+    }
+    eprintln!(
+        "changes under traffic: {} packets, {during} during a change, {dropped} dropped, by backend {by_backend:?}",
+        seen.len()
+    );
+    assert!(during > 0, "no packet ran while a change was written");
+    assert!(seen.len() > 1_000, "too little traffic: {}", seen.len());
+}
