@@ -1078,6 +1078,11 @@ impl Controller {
                 "table size and capacities cannot change under a running data plane: stop lb, remove its pin directory and start it again (forwarding stops meanwhile)"
             );
         }
+        if desired.settings.table_size != self.desired.settings.table_size {
+            bail!(
+                "table_size changes at a restart (systemctl restart lb): the tables are resized then, the pinned data plane kept"
+            );
+        }
         let mut report = ChangeReport::default();
         let mut service_ids = IdPool::new(cap.max_services, self.services.values().map(|s| s.id));
         let mut backend_ids = IdPool::new(

@@ -119,26 +119,26 @@ impl Default for Capacity {
 
 impl Capacity {
     /// Slots of the rings map for `max_services` services and
-    /// `max_backends` backends. Every table of `table_size` slots, when the
-    /// operator fixes one: one per service, and one more for a service
-    /// replaced by another while the old one's slots are held back. Else
-    /// one of the smallest size per service, and room per backend for the
-    /// larger tables and their replacements
-    /// ([`SPARE_RING_SLOTS_PER_BACKEND`]).
+    /// `max_backends` backends: a table of the smallest size per service
+    /// and one more (for a service replaced by another while the old one's
+    /// slots are held back), and room per backend for larger tables and
+    /// their replacements ([`SPARE_RING_SLOTS_PER_BACKEND`]). With every
+    /// table fixed at `table_size` slots by the operator, at least a table
+    /// of that size per service and one more. The smallest size, fixed or
+    /// not, gives the same map: setting or unsetting it takes a restart,
+    /// not new pins.
     pub fn ring_slots_for(
         max_services: u32,
         max_backends: u32,
         table_size: Option<u32>,
     ) -> Result<u32> {
+        let tables = |size: u32| max_services.checked_add(1)?.checked_mul(size);
+        let sized = tables(DEFAULT_RING_SIZE)
+            .zip(SPARE_RING_SLOTS_PER_BACKEND.checked_mul(max_backends))
+            .and_then(|(tables, spare)| tables.checked_add(spare));
         match table_size {
-            Some(size) => max_services
-                .checked_add(1)
-                .and_then(|n| n.checked_mul(size)),
-            None => max_services
-                .checked_add(1)
-                .and_then(|n| n.checked_mul(DEFAULT_RING_SIZE))
-                .zip(SPARE_RING_SLOTS_PER_BACKEND.checked_mul(max_backends))
-                .and_then(|(tables, spare)| tables.checked_add(spare)),
+            Some(size) => sized.zip(tables(size)).map(|(a, b)| a.max(b)),
+            None => sized,
         }
         .with_context(|| {
             format!(
@@ -1234,7 +1234,21 @@ mod tests {
             Capacity::ring_slots_for(DEFAULT_MAX_SERVICES, DEFAULT_MAX_BACKENDS, None).unwrap(),
             DEFAULT_RING_SLOTS
         );
-        assert_eq!(Capacity::ring_slots_for(3, 99, Some(7)).unwrap(), 28);
+        let sized = Capacity::ring_slots_for(3, 99, None).unwrap();
+        assert_eq!(
+            sized,
+            4 * DEFAULT_RING_SIZE + 99 * SPARE_RING_SLOTS_PER_BACKEND
+        );
+        // Fixing the smallest size, or a smaller one, changes nothing.
+        assert_eq!(
+            Capacity::ring_slots_for(3, 99, Some(DEFAULT_RING_SIZE)).unwrap(),
+            sized
+        );
+        assert_eq!(Capacity::ring_slots_for(3, 99, Some(7)).unwrap(), sized);
+        assert_eq!(
+            Capacity::ring_slots_for(3, 99, Some(1_048_583)).unwrap(),
+            4 * 1_048_583
+        );
         assert!(Capacity::ring_slots_for(u32::MAX, 1, None).is_err());
     }
 

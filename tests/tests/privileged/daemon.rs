@@ -1025,3 +1025,42 @@ fn five_hundred_and_twelve_services_start_within_seconds() {
         status["startup"]
     );
 }
+
+/// `table_size` changes at a restart, not under a running daemon: `lb
+/// apply` refuses it whole, and a restart with it unset adopts the pins and
+/// moves the table to the size its backends give, both backends serving.
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn table_size_changes_at_a_restart_keeping_the_pins() {
+    require_root();
+    let lan = Lan::build(2, &["198.18.1.1/32"]).unwrap();
+    let _servers = lan.serve_names(80).unwrap();
+    let mut d = Daemon::start(&lan.lb, "size", &web_config(2)).unwrap();
+    d.wait_in_table(2, WAIT).unwrap();
+    let size =
+        |d: &Daemon| Ok::<_, anyhow::Error>(d.cli(&["service", "list"])?[0]["table_size"].clone());
+    assert_eq!(size(&d).unwrap(), 4_099);
+    let original = std::fs::read_to_string(&d.config).unwrap();
+    let unset = original.replace("table_size = 4099\n", "");
+    assert_ne!(unset, original);
+
+    let file = d.dir.join("unset.toml");
+    std::fs::write(&file, &unset).unwrap();
+    let (code, err) = d
+        .cli_fails(&["apply", "-f", file.to_str().unwrap_or_default()])
+        .unwrap();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("table_size changes at a restart"), "{err}");
+    assert_eq!(size(&d).unwrap(), 4_099, "nothing changed");
+
+    d.kill(libc::SIGTERM).unwrap();
+    std::fs::write(&d.config, &unset).unwrap();
+    d.spawn().unwrap();
+    assert!(d.log().contains("adopted live service"), "{}", d.log());
+    d.wait_until("the table at its backends' size", WAIT, |d| {
+        Ok(size(d)? == 65_537)
+    })
+    .unwrap();
+    d.wait_in_table(2, WAIT).unwrap();
+    assert_eq!(tally(&lan, 20).unwrap().len(), 2, "both backends serve");
+}
