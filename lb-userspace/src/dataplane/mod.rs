@@ -923,14 +923,18 @@ impl Dataplane {
             Some(cur) => (table_region(&cur), false),
             None => (self.ring_space.allocate(size, key, now)?, true),
         };
-        let stored = match self.rings.write(region, ring) {
-            Ok(n) => n,
-            Err(e) if moved => {
-                self.ring_space.retire(region, Some(*key), now);
-                return Err(e.context("writing the table"));
+        // A region taken for this change goes back (held, as packets never
+        // read it) if the change fails before the entry names it.
+        let give_back = |space: &mut rings::RingSpace| {
+            if moved {
+                space.retire(region, Some(*key), now);
             }
-            Err(e) => return Err(e.context("writing the table")),
         };
+        let stored = self
+            .rings
+            .write(region, ring)
+            .inspect_err(|_| give_back(&mut self.ring_space))
+            .context("writing the table")?;
         let value = ServiceValue {
             id,
             flags,
@@ -941,12 +945,10 @@ impl Dataplane {
         if current == Some(value) {
             return Ok(stored);
         }
-        if let Err(e) = self.services.insert(key, value, 0) {
-            if moved {
-                self.ring_space.retire(region, Some(*key), now);
-            }
-            return Err(e).context("publishing the service");
-        }
+        self.services
+            .insert(key, value, 0)
+            .inspect_err(|_| give_back(&mut self.ring_space))
+            .context("publishing the service")?;
         // The entry names the new table: the old one's slots are held back
         // from here on, whatever fails next.
         if let Some(cur) = current.filter(|_| moved) {

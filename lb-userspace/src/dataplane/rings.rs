@@ -137,7 +137,7 @@ impl RingSpace {
                     "no room for a table of {len} slots in the rings map: {} of its {} slots \
                      free (largest range {}), {held} held for a second by tables just \
                      replaced; a larger max_services or max_backends makes it larger",
-                    self.free.values().map(|&l| u64::from(l)).sum::<u64>(),
+                    self.free_slots(),
                     self.slots,
                     self.free.values().max().unwrap_or(&0),
                 )
