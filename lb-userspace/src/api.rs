@@ -243,6 +243,10 @@ pub struct BackendRow {
     /// `slow start`, `health` or `neighbour`.
     #[serde(default)]
     pub weight_set_by: String,
+    /// Registered by its host's `lb agent` (see docs/agent.md): `Some(true)`
+    /// while that host is leaving; `None` when configured by an operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registered: Option<bool>,
     /// Per-second rates from the daemon's counter history.
     #[serde(default)]
     pub rates: Option<Rates>,
@@ -491,8 +495,27 @@ pub struct FleetStatus {
     pub leader: Option<String>,
     /// Every node seen since this daemon started, alive or not.
     pub nodes: Vec<FleetNodeRow>,
+    /// Backends registered by their hosts' agents, as the applied state
+    /// holds them (refused ones are among the problems).
+    #[serde(default)]
+    pub registered: Vec<RegistrationRow>,
     /// Data under the prefix refused or ignored, with why.
     pub problems: Vec<String>,
+}
+
+/// One registration in `lb fleet status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegistrationRow {
+    /// The service it registers for.
+    pub service: String,
+    /// The backend's address.
+    pub address: IpAddr,
+    /// The host's name.
+    pub host: String,
+    /// Its weight.
+    pub weight: u32,
+    /// Leaving (its agent drains it).
+    pub draining: bool,
 }
 
 /// Reads one request from a connection, bounded in size.

@@ -54,6 +54,14 @@ enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// Run on a backend host: keep it registered with the lb fleet while
+    /// its local check passes; on SIGTERM drain it, wait for its flows to
+    /// end, deregister and exit 0 (docs/agent.md).
+    Agent {
+        /// The agent's file (see examples/lb-agent.toml).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Validate a configuration file without touching anything.
     CheckConfig {
         /// Configuration file.
@@ -511,6 +519,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Daemon { config, pin_dir } => {
             log_to_stderr();
             runtime()?.block_on(daemon::run(daemon::Options { config, pin_dir }))
+        }
+        Command::Agent { config } => {
+            log_to_stderr();
+            runtime()?.block_on(crate::host_agent::run(&config))
         }
         Command::CheckConfig { file } => {
             let d = daemon::load_config(&file)?;
@@ -980,6 +992,21 @@ fn fleet_text(s: &FleetStatus) -> String {
             ]
         }),
     );
+    if !s.registered.is_empty() {
+        out += "\nregistered by their hosts (lb agent):\n";
+        out += &table(
+            &["SERVICE", "BACKEND", "HOST", "WEIGHT", "STATE"],
+            s.registered.iter().map(|r| {
+                vec![
+                    r.service.clone(),
+                    r.address.to_string(),
+                    r.host.clone(),
+                    r.weight.to_string(),
+                    if r.draining { "leaving" } else { "serving" }.into(),
+                ]
+            }),
+        );
+    }
     if !s.problems.is_empty() {
         out += "\nproblems under the prefix:\n";
         for p in &s.problems {
@@ -1159,7 +1186,7 @@ fn backend_table(v: &Value, health: bool) -> String {
                     r.service.clone(),
                     r.address.to_string(),
                     r.health.clone(),
-                    format!("{:?}", r.admin).to_lowercase(),
+                    admin_cell(r),
                     format!("{}s", r.since_seconds),
                     match (&r.last_probe_ok, &r.last_probe_error) {
                         (Some(true), _) => "ok".into(),
@@ -1186,7 +1213,7 @@ fn backend_table(v: &Value, health: bool) -> String {
                     r.address.to_string(),
                     format!("{}{}", r.weight, if r.weight_overridden { "*" } else { "" }),
                     format!("{:.1} {}", r.table_weight, r.weight_set_by),
-                    format!("{:?}", r.admin).to_lowercase(),
+                    admin_cell(r),
                     r.health.clone(),
                     r.slots.to_string(),
                     match (&r.mac, &r.unattached_interface) {
@@ -1200,6 +1227,16 @@ fn backend_table(v: &Value, health: bool) -> String {
                 ]
             }),
         )
+    }
+}
+
+/// A backend's operator state, and whether its host registered it.
+fn admin_cell(r: &BackendRow) -> String {
+    let admin = format!("{:?}", r.admin).to_lowercase();
+    match r.registered {
+        None => admin,
+        Some(false) => format!("{admin} (registered)"),
+        Some(true) => format!("{admin} (leaving)"),
     }
 }
 

@@ -750,6 +750,9 @@ pub struct Service {
     pub new_flow_limit: Option<NewFlowLimit>,
     /// Backends by address.
     pub backends: BTreeMap<IpAddr, u32>,
+    /// Backends among them that registered themselves (`lb agent`, see
+    /// [`crate::fleet::registry`]), with whether they are leaving.
+    pub registered: BTreeMap<IpAddr, bool>,
 }
 
 /// A validated new-flow limit per source prefix.
@@ -1093,6 +1096,94 @@ impl Errors<'_> {
     }
 }
 
+/// Validates a `[fleet]` table read from a file other than a node's (an
+/// agent's, see [`crate::host_agent`]), its lines counted in `text`.
+pub fn fleet_of(f: &Spanned<FleetFile>, text: &str) -> Result<Fleet, ConfigErrors> {
+    let mut e = Errors {
+        text,
+        node_text: text,
+        list: Vec::new(),
+    };
+    let fleet = validate_fleet(f.get_ref(), f.span().start, &mut e);
+    if e.list.is_empty() {
+        Ok(fleet)
+    } else {
+        Err(ConfigErrors(e.list))
+    }
+}
+
+/// Validates a `[fleet]` table (a node's, or an agent's, see
+/// [`crate::host_agent`]), its problems pushed at `at` in the node's text.
+fn validate_fleet(f: &FleetFile, at: usize, e: &mut Errors<'_>) -> Fleet {
+    if f.endpoints.is_empty() {
+        e.push_node(at, "fleet.endpoints", "name at least one etcd endpoint");
+    }
+    let tls = f.endpoints.iter().any(|ep| ep.starts_with("https://"));
+    for ep in &f.endpoints {
+        if !ep.starts_with("http://") && !ep.starts_with("https://") {
+            e.push_node(
+                at,
+                "fleet.endpoints",
+                format!("{ep:?}: write it as http://host:port or https://host:port"),
+            );
+        } else if tls != ep.starts_with("https://") {
+            e.push_node(
+                at,
+                "fleet.endpoints",
+                "use https:// for every endpoint or for none",
+            );
+        }
+    }
+    if tls && f.ca_file.is_none() {
+        e.push_node(
+            at,
+            "fleet.ca_file",
+            "https:// endpoints need the CA that signed etcd's certificate",
+        );
+    }
+    if !tls && (f.ca_file.is_some() || f.cert_file.is_some()) {
+        e.push_node(at, "fleet.ca_file", "TLS files are for https:// endpoints");
+    }
+    if f.cert_file.is_some() != f.key_file.is_some() {
+        e.push_node(
+            at,
+            "fleet.cert_file",
+            "give cert_file and key_file together",
+        );
+    }
+    if !f.prefix.starts_with('/') || f.prefix.ends_with('/') || f.prefix.len() < 2 {
+        e.push_node(
+            at,
+            "fleet.prefix",
+            format!(
+                "{:?}: start with '/', end without one, e.g. \"/lb\"",
+                f.prefix
+            ),
+        );
+    }
+    let node = f.node.clone().unwrap_or_else(host_name);
+    if !valid_name(&node) {
+        e.push_node(
+            at,
+            "fleet.node",
+            format!("{node:?}: use letters, digits, '-', '_' or '.'"),
+        );
+    }
+    if !(LEASE_RANGE.0..=LEASE_RANGE.1).contains(&f.lease) {
+        e.push_node(at, "fleet.lease", "must be between 1s and 60s");
+    }
+    Fleet {
+        endpoints: f.endpoints.clone(),
+        prefix: f.prefix.clone(),
+        node,
+        lease: f.lease,
+        tls: f.ca_file.clone().filter(|_| tls).map(|ca_file| FleetTls {
+            ca_file,
+            identity: f.cert_file.clone().zip(f.key_file.clone()),
+        }),
+    }
+}
+
 /// Service and node names: letters, digits, `-`, `_`, `.`.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -1425,77 +1516,10 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
             bird_socket: a.bird_socket.clone(),
         }
     });
-    let fleet = file.fleet.as_ref().map(|f| {
-        let at = f.span().start;
-        let f = f.get_ref();
-        if f.endpoints.is_empty() {
-            e.push_node(at, "fleet.endpoints", "name at least one etcd endpoint");
-        }
-        let tls = f.endpoints.iter().any(|ep| ep.starts_with("https://"));
-        for ep in &f.endpoints {
-            if !ep.starts_with("http://") && !ep.starts_with("https://") {
-                e.push_node(
-                    at,
-                    "fleet.endpoints",
-                    format!("{ep:?}: write it as http://host:port or https://host:port"),
-                );
-            } else if tls != ep.starts_with("https://") {
-                e.push_node(
-                    at,
-                    "fleet.endpoints",
-                    "use https:// for every endpoint or for none",
-                );
-            }
-        }
-        if tls && f.ca_file.is_none() {
-            e.push_node(
-                at,
-                "fleet.ca_file",
-                "https:// endpoints need the CA that signed etcd's certificate",
-            );
-        }
-        if !tls && (f.ca_file.is_some() || f.cert_file.is_some()) {
-            e.push_node(at, "fleet.ca_file", "TLS files are for https:// endpoints");
-        }
-        if f.cert_file.is_some() != f.key_file.is_some() {
-            e.push_node(
-                at,
-                "fleet.cert_file",
-                "give cert_file and key_file together",
-            );
-        }
-        if !f.prefix.starts_with('/') || f.prefix.ends_with('/') || f.prefix.len() < 2 {
-            e.push_node(
-                at,
-                "fleet.prefix",
-                format!(
-                    "{:?}: start with '/', end without one, e.g. \"/lb\"",
-                    f.prefix
-                ),
-            );
-        }
-        let node = f.node.clone().unwrap_or_else(host_name);
-        if !valid_name(&node) {
-            e.push_node(
-                at,
-                "fleet.node",
-                format!("{node:?}: use letters, digits, '-', '_' or '.'"),
-            );
-        }
-        if !(LEASE_RANGE.0..=LEASE_RANGE.1).contains(&f.lease) {
-            e.push_node(at, "fleet.lease", "must be between 1s and 60s");
-        }
-        Fleet {
-            endpoints: f.endpoints.clone(),
-            prefix: f.prefix.clone(),
-            node,
-            lease: f.lease,
-            tls: f.ca_file.clone().filter(|_| tls).map(|ca_file| FleetTls {
-                ca_file,
-                identity: f.cert_file.clone().zip(f.key_file.clone()),
-            }),
-        }
-    });
+    let fleet = file
+        .fleet
+        .as_ref()
+        .map(|f| validate_fleet(f.get_ref(), f.span().start, &mut e));
 
     let mut services = BTreeMap::new();
     let mut keys = BTreeSet::new();
@@ -1677,6 +1701,7 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
                     allow,
                     new_flow_limit,
                     backends,
+                    registered: BTreeMap::new(),
                 },
             );
         }

@@ -20,6 +20,8 @@
 //! - [`cli`]: the command line (daemon, operator commands, demo).
 //! - [`dataplane`]: the one owner of the eBPF object and its maps.
 //! - [`decap`]: `lb decap`, the decapsulator backends of `ipip` services run.
+//! - [`host_agent`]: `lb agent`, which registers a backend host with the
+//!   fleet and drains it on the way out.
 //! - [`netns`]: network namespaces, for the demo and the tests.
 //! - [`doctor`]: `lb doctor`, host and backend checks with their fixes.
 //! - [`demo`]: `lb demo`, the product end to end on an embedded default.
@@ -40,6 +42,7 @@ pub mod doctor;
 pub mod feedback;
 pub mod fleet;
 pub mod health;
+pub mod host_agent;
 pub mod maglev;
 pub mod neighbor;
 pub mod netns;

@@ -80,6 +80,8 @@ pub struct BackendState {
     /// Its weight by its probes' latency, when the service has load
     /// feedback.
     pub feedback: FeedbackState,
+    /// Registered by its host's `lb agent`: `Some(draining)`.
+    pub registered: Option<bool>,
     /// What the data plane holds for it.
     written: Option<BackendValue>,
 }
@@ -202,6 +204,7 @@ impl BackendState {
             ramp_percent: 100,
             agent: AgentState::default(),
             feedback: FeedbackState::default(),
+            registered: None,
             written: None,
         }
     }
@@ -796,6 +799,8 @@ impl Controller {
     /// `ready`, its agent's (operator commands win over the agent).
     pub fn admin(&self, service: &str, ip: IpAddr, b: &BackendState) -> Admin {
         match self.runtime.get(service, ip).admin {
+            // A leaving host drains, whatever its agent check says.
+            Admin::Ready if b.registered == Some(true) => Admin::Drain,
             Admin::Ready => b.agent.view.applied.admin,
             operator => operator,
         }
@@ -1169,7 +1174,8 @@ impl Controller {
                 }
             };
             for (ip, weight) in &cfg.backends {
-                let b = match prev.and_then(|s| s.backends.get(ip)) {
+                let registered = cfg.registered.get(ip).copied();
+                let mut b = match prev.and_then(|s| s.backends.get(ip)) {
                     Some(b) => {
                         if b.configured_weight != *weight {
                             report.changes.push(format!(
@@ -1210,6 +1216,12 @@ impl Controller {
                         BackendState::new(id, generation, *weight, Tracker::checking(trust))
                     }
                 };
+                if registered == Some(true) && b.registered != Some(true) {
+                    report.changes.push(format!(
+                        "service {name}: backend {ip} is leaving (its agent drains it)"
+                    ));
+                }
+                b.registered = registered;
                 state.backends.insert(*ip, b);
             }
             if let Some(p) = prev {

@@ -26,11 +26,12 @@ use super::{
     runtime::{Admin, Override},
 };
 use crate::{
-    api::{FleetNodeRow, FleetStatus, Request},
+    api::{FleetNodeRow, FleetStatus, RegistrationRow, Request},
     config::{self, Desired, Fleet},
     config_edit,
     fleet::{
         agree,
+        registry::{self, Registrations},
         state::{FleetState, Guard, NodeReport, Overrides, Snapshot},
         store::{self, Event, Store, WriteError},
     },
@@ -70,7 +71,7 @@ pub(crate) async fn start(
         let store = Store::connect(fleet).await?;
         let snapshot = store.read().await?;
         let state = snapshot.state.map_err(|e| anyhow!("refused: {e}"))?;
-        let desired = config::parse_fleet(node_text, &state.services)
+        let (desired, _) = desired_of(node_text, &state.services, &state.registered)
             .map_err(|e| anyhow!("the fleet's services are invalid here:\n{e}"))?;
         anyhow::Ok((state, desired, store))
     };
@@ -84,9 +85,9 @@ pub(crate) async fn start(
         Err(e) => {
             warn!(error = %format!("{e:#}"), "cannot read the fleet's state at start; using the state applied last");
             let cached = cache.and_then(|state| {
-                config::parse_fleet(node_text, &state.services)
+                desired_of(node_text, &state.services, &state.registered)
                     .ok()
-                    .map(|d| (state, d))
+                    .map(|(d, _)| (state, d))
             });
             match cached {
                 Some((state, desired)) => Start {
@@ -136,6 +137,11 @@ pub(crate) struct FleetNode {
     trust_start: bool,
     /// Why the fleet's newest state is refused, while it is.
     refused: Option<String>,
+    /// Registrations the applied state holds that this node refused, with
+    /// why.
+    refused_registrations: Vec<String>,
+    /// Flows pinned to each draining registered backend, as last counted.
+    draining_flows: BTreeMap<String, BTreeMap<IpAddr, u64>>,
     /// Every node seen, with when.
     seen: BTreeMap<String, (NodeReport, SystemTime)>,
 }
@@ -169,6 +175,8 @@ impl FleetNode {
             synced: start.fresh,
             trust_start: adopted && start.state.is_some(),
             refused: None,
+            refused_registrations: Vec::new(),
+            draining_flows: BTreeMap::new(),
             seen: BTreeMap::new(),
         };
         (node, events)
@@ -177,8 +185,8 @@ impl FleetNode {
     /// Validates a new text of the node's own file with the fleet's
     /// services (a reload), and keeps it.
     pub(crate) fn with_node_text(&mut self, text: &str) -> Result<Desired> {
-        let services = self.applied.as_ref().map_or("", |s| s.services.as_str());
-        let desired = config::parse_fleet(text, services)
+        let state = self.applied.clone().unwrap_or_default();
+        let (desired, _) = desired_of(text, &state.services, &state.registered)
             .map_err(|e| anyhow!("the file is invalid with the fleet's services:\n{e}"))?;
         self.node_text = text.to_string();
         Ok(desired)
@@ -241,12 +249,22 @@ impl FleetNode {
             ctl.set_own_eviction(false)?;
             return Ok(None);
         }
-        let desired = config::parse_fleet(&self.node_text, &state.services).map_err(|e| {
-            anyhow!(
-                "the fleet's services (revision {}) are invalid:\n{e}",
-                state.revision
-            )
-        })?;
+        let (desired, refused) = desired_of(&self.node_text, &state.services, &state.registered)
+            .map_err(|e| {
+                anyhow!(
+                    "the fleet's services (revision {}) are invalid:\n{e}",
+                    state.revision
+                )
+            })?;
+        if refused != self.refused_registrations {
+            for why in refused
+                .iter()
+                .filter(|r| !self.refused_registrations.contains(r))
+            {
+                warn!(reason = %why, "registration refused");
+            }
+            self.refused_registrations = refused;
+        }
         if let Err(e) = validate_overrides(&state.overrides, &desired) {
             bail!(
                 "the fleet's overrides (revision {}) are invalid: {e}",
@@ -306,7 +324,10 @@ impl FleetNode {
             Request::Edit { edit, .. } => edit.apply_to(&self.applied.as_ref()?.services).ok()?,
             _ => return None,
         };
-        config::parse_fleet(&self.node_text, &services).ok()
+        let registered = &self.applied.as_ref()?.registered;
+        desired_of(&self.node_text, &services, registered)
+            .ok()
+            .map(|(d, _)| d)
     }
 
     /// Requests a fleet node answers itself: changes to the fleet's state
@@ -389,7 +410,7 @@ impl FleetNode {
         dry_run: bool,
     ) -> Result<Value> {
         let base = self.base()?;
-        let desired = config::parse_fleet(&self.node_text, &services)
+        let (desired, _) = desired_of(&self.node_text, &services, &base.registered)
             .map_err(|e| anyhow!("the fleet's services would be invalid, nothing changed:\n{e}"))?;
         if dry_run {
             return Ok(serde_json::to_value(super::apply(ctl, desired, true)?)?);
@@ -499,6 +520,7 @@ impl FleetNode {
             drained: ctl.node_drained(),
             bgp: Vec::new(),
             bgp_error: None,
+            draining_flows: self.draining_flows.clone(),
         };
         self.report.send_if_modified(|r| {
             let changed = r.as_ref() != Some(&report);
@@ -507,11 +529,38 @@ impl FleetNode {
         });
     }
 
+    /// Counts the flows the connection table pins to each draining
+    /// registered backend, for this node's report (a leaving agent waits
+    /// for them to end). Reads the table only while one is draining.
+    pub(crate) fn count_draining_flows(&mut self, ctl: &Controller) -> Result<()> {
+        let draining: Vec<(&String, IpAddr, u32)> = ctl
+            .services()
+            .iter()
+            .flat_map(|(name, s)| {
+                s.backends
+                    .iter()
+                    .filter(|(_, b)| b.registered == Some(true))
+                    .map(move |(ip, b)| (name, *ip, b.id))
+            })
+            .collect();
+        let mut counts: BTreeMap<String, BTreeMap<IpAddr, u64>> = BTreeMap::new();
+        if !draining.is_empty() {
+            let active = super::flows::Table::read(ctl)?.active_by_backend();
+            for (name, ip, id) in draining {
+                let n = active.get(&id).copied().unwrap_or(0);
+                counts.entry(name.clone()).or_default().insert(ip, n);
+            }
+        }
+        self.draining_flows = counts;
+        Ok(())
+    }
+
     /// The node's fleet figures for the metrics.
     pub(crate) fn gauges(&self) -> super::metrics::FleetGauges {
         super::metrics::FleetGauges {
             applied_revision: self.applied.as_ref().map_or(0, |s| s.revision),
             etcd_reachable: self.unreachable.is_none(),
+            registrations_refused: self.refused_registrations.len(),
         }
     }
 
@@ -604,6 +653,7 @@ impl FleetNode {
             })
             .collect();
         let mut problems: Vec<String> = latest.map(|s| s.problems.clone()).unwrap_or_default();
+        problems.extend(self.refused_registrations.iter().cloned());
         if let Some(r) = &self.refused {
             problems.insert(0, format!("refused, last good state kept: {r}"));
         }
@@ -615,6 +665,20 @@ impl FleetNode {
             applied,
             leader,
             nodes,
+            registered: self
+                .applied
+                .iter()
+                .flat_map(|s| &s.registered)
+                .flat_map(|(service, m)| {
+                    m.values().map(|r| RegistrationRow {
+                        service: service.clone(),
+                        address: r.address,
+                        host: r.host.clone(),
+                        weight: r.weight,
+                        draining: r.draining,
+                    })
+                })
+                .collect(),
             problems,
         }
     }
@@ -627,17 +691,26 @@ fn digests(ctl: &Controller) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Overrides must name services and backends the services have.
+/// The desired state a node builds from the fleet's: its own file with
+/// the fleet's services and the registrations they admit; with why each
+/// refused registration was refused.
+pub(crate) fn desired_of(
+    node_text: &str,
+    services: &str,
+    registered: &Registrations,
+) -> Result<(Desired, Vec<String>), config::ConfigErrors> {
+    let mut desired = config::parse_fleet(node_text, services)?;
+    let refused = registry::admit(&mut desired, registered);
+    Ok((desired, refused))
+}
+
+/// Overrides must name services that exist. One may name a backend its
+/// service does not have now: a registered backend whose lease lapsed,
+/// whose operator state stays for when it registers again.
 fn validate_overrides(overrides: &Overrides, desired: &Desired) -> Result<()> {
-    for (svc, m) in overrides {
-        let s = desired
-            .services
-            .get(svc)
-            .with_context(|| format!("service {svc:?} does not exist"))?;
-        for ip in m.keys() {
-            if !s.backends.contains_key(ip) {
-                bail!("service {svc} has no backend {ip}");
-            }
+    for svc in overrides.keys() {
+        if !desired.services.contains_key(svc) {
+            bail!("service {svc:?} does not exist");
         }
     }
     Ok(())

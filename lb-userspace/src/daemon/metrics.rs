@@ -72,6 +72,8 @@ pub(crate) struct FleetGauges {
     pub applied_revision: i64,
     /// etcd answers.
     pub etcd_reachable: bool,
+    /// Registrations in the applied state this node refused.
+    pub registrations_refused: usize,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -197,6 +199,12 @@ pub(crate) fn render(
             "fleet_etcd_reachable",
             "1 while etcd answers",
             i64::from(f.etcd_reachable),
+        );
+        gauge(
+            &mut r,
+            "fleet_registrations_refused",
+            "Registrations of backends (lb agent) in the fleet's state that this node refuses; lb fleet status says why",
+            f.registrations_refused as i64,
         );
     }
     let svc_packets = register(

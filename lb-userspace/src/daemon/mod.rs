@@ -554,6 +554,11 @@ pub async fn run(opts: Options) -> Result<()> {
                     }
                 }
                 node.observe_flows(&ctl);
+                if let Some(f) = fleet_node.as_mut()
+                    && let Err(e) = f.count_draining_flows(&ctl)
+                {
+                    error!(error = %format!("{e:#}"), "counting the flows of leaving backends");
+                }
                 match history::Sample::read(&ctl) {
                     Ok(sample) => history.push(sample),
                     Err(e) => error!(error = %format!("{e:#}"), "reading the counters for their history"),

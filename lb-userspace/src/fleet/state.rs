@@ -10,16 +10,18 @@
 //! | `P/health` | the leader | the agreed health view and slow-start steps, JSON |
 //! | `P/leader` | the leader, under its lease | its node name |
 //! | `P/nodes/NAME` | node NAME, under its lease | its status, JSON ([`NodeReport`]) |
+//! | `P/registered/SERVICE/ADDRESS` | `lb agent` on the backend, under its lease | the backend's registration, JSON ([`Registration`]) |
 //!
-//! The first three are the desired state: a node's tables are a function of
-//! them (and of its own settings), and the state's revision is the newest
-//! `mod_revision` among them. Anything else under the prefix is reported,
-//! never applied.
+//! The services, overrides, health and registrations are the desired
+//! state: a node's tables are a function of them (and of its own settings),
+//! and the state's revision is the newest `mod_revision` among them.
+//! Anything else under the prefix is reported, never applied.
 
 use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
+use super::registry::{Registration, Registrations};
 use crate::{api::VipRow, bird::Protocol, daemon::runtime::Override};
 
 /// Largest value lb accepts under the prefix; a larger one is refused as
@@ -60,6 +62,10 @@ pub struct FleetState {
     pub overrides_revision: i64,
     /// `P/health`.
     pub health: AgreedHealth,
+    /// `P/registered/...`: backends that registered themselves, as read
+    /// (admitted or refused by each node against its services).
+    #[serde(default)]
+    pub registered: Registrations,
 }
 
 /// What a node publishes about itself under `P/nodes/NAME`.
@@ -83,6 +89,10 @@ pub struct NodeReport {
     pub bgp: Vec<Protocol>,
     /// Why its BIRD could not be asked, if it announces.
     pub bgp_error: Option<String>,
+    /// Flows its connection table still pins to each draining registered
+    /// backend (what a leaving agent waits on): service → address → flows.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub draining_flows: BTreeMap<String, BTreeMap<IpAddr, u64>>,
 }
 
 /// A write's guard: the `mod_revision` each operator-written key had when
@@ -142,6 +152,8 @@ pub enum Key {
     Leader,
     /// `P/nodes/NAME`.
     Node(String),
+    /// `P/registered/SERVICE/ADDRESS`.
+    Registered(String, IpAddr),
     /// Anything else.
     Unknown,
 }
@@ -184,6 +196,16 @@ impl Keys {
         format!("{}/nodes/{name}", self.prefix)
     }
 
+    /// `P/registered/`: every registration.
+    pub fn registrations(&self) -> String {
+        format!("{}/registered/", self.prefix)
+    }
+
+    /// `P/registered/SERVICE/ADDRESS`.
+    pub fn registration(&self, service: &str, address: IpAddr) -> String {
+        format!("{}/registered/{service}/{address}", self.prefix)
+    }
+
     /// What `key` is.
     pub fn classify(&self, key: &str) -> Key {
         let Some(rest) = key
@@ -197,10 +219,21 @@ impl Keys {
             "overrides" => Key::Overrides,
             "health" => Key::Health,
             "leader" => Key::Leader,
-            _ => match rest.strip_prefix("nodes/") {
-                Some(name) if crate::config::valid_name(name) => Key::Node(name.to_string()),
-                _ => Key::Unknown,
-            },
+            _ => {
+                if let Some(name) = rest.strip_prefix("nodes/") {
+                    if crate::config::valid_name(name) {
+                        return Key::Node(name.to_string());
+                    }
+                } else if let Some((service, address)) = rest
+                    .strip_prefix("registered/")
+                    .and_then(|r| r.split_once('/'))
+                    && crate::config::valid_name(service)
+                    && let Ok(ip) = address.parse()
+                {
+                    return Key::Registered(service.to_string(), ip);
+                }
+                Key::Unknown
+            }
         }
     }
 }
@@ -290,6 +323,21 @@ pub fn decode(keys: &Keys, revision: i64, entries: &[Entry]) -> Snapshot {
                     .push(format!("{}: names node {:?}", e.key, r.name)),
                 Err(err) => snapshot.problems.push(format!("{}: {err}", e.key)),
             },
+            Key::Registered(service, ip) => {
+                match serde_json::from_slice::<Registration>(&e.value) {
+                    Ok(r) if r.address == ip => {
+                        state.registered.entry(service).or_default().insert(ip, r);
+                        state.revision = state.revision.max(e.mod_revision);
+                    }
+                    Ok(r) => snapshot.problems.push(format!(
+                        "{}: registration refused: names {}",
+                        e.key, r.address
+                    )),
+                    Err(err) => snapshot
+                        .problems
+                        .push(format!("{}: registration refused: {err}", e.key)),
+                }
+            }
             Key::Unknown => snapshot
                 .problems
                 .push(format!("{}: not a key lb writes; ignored", e.key)),
@@ -323,6 +371,16 @@ mod tests {
         assert_eq!(k.classify("/lb/nodes/a/b"), Key::Unknown);
         assert_eq!(k.classify("/lbx/services"), Key::Unknown);
         assert_eq!(k.classify("/lb/whatever"), Key::Unknown);
+        assert_eq!(
+            k.classify("/lb/registered/web/2001:2::11"),
+            Key::Registered("web".into(), "2001:2::11".parse().unwrap())
+        );
+        assert_eq!(
+            k.classify(&k.registration("web", "198.18.0.11".parse().unwrap())),
+            Key::Registered("web".into(), "198.18.0.11".parse().unwrap())
+        );
+        assert_eq!(k.classify("/lb/registered/web/nope"), Key::Unknown);
+        assert_eq!(k.classify("/lb/registered/web"), Key::Unknown);
     }
 
     #[test]
@@ -349,14 +407,26 @@ mod tests {
                 entry("/lb/nodes/lb1", &report, 9),
                 entry("/lb/nodes/lb2", "{not json", 9),
                 entry("/lb/stray", "x", 3),
+                entry(
+                    "/lb/registered/web/198.18.0.12",
+                    r#"{"address":"198.18.0.12","weight":2,"host":"b","version":"1"}"#,
+                    8,
+                ),
+                entry(
+                    "/lb/registered/web/198.18.0.13",
+                    r#"{"address":"198.18.0.14","weight":2,"host":"b","version":"1"}"#,
+                    8,
+                ),
+                entry("/lb/registered/web/198.18.0.15", "{", 8),
             ],
         );
         let state = s.state.unwrap();
-        assert_eq!(state.revision, 7);
+        assert_eq!(state.revision, 8);
+        assert_eq!(state.registered["web"].len(), 1);
+        assert_eq!(s.problems.len(), 4, "{:?}", s.problems);
         assert_eq!((state.services_revision, state.overrides_revision), (5, 7));
         assert_eq!(s.leader.as_deref(), Some("lb1"));
         assert_eq!(s.nodes.keys().collect::<Vec<_>>(), ["lb1"]);
-        assert_eq!(s.problems.len(), 2, "{:?}", s.problems);
     }
 
     #[test]

@@ -22,6 +22,7 @@ use tracing::{info, warn};
 
 use super::{
     agree::{self, Ramps},
+    registry,
     state::{self, Entry, Guard, Keys, NodeReport, Snapshot},
 };
 use crate::{bird, config};
@@ -406,9 +407,17 @@ impl Leader {
         let Ok(services) = config::service_backends(&state.services) else {
             return Ok(());
         };
+        // Registered backends are voted on as configured ones are (a
+        // registration for no service has no verdict).
+        let registered = registry::addresses(&state.registered);
         let backends: BTreeMap<String, Vec<std::net::IpAddr>> = services
             .iter()
-            .map(|(n, (ips, _))| (n.clone(), ips.clone()))
+            .map(|(n, (ips, _))| {
+                let mut ips = ips.clone();
+                let extra = registered.get(n).into_iter().flatten();
+                ips.extend(extra.filter(|ip| !ips.contains(ip)).collect::<Vec<_>>());
+                (n.clone(), ips)
+            })
             .collect();
         let slow_start: BTreeMap<String, Duration> = services
             .iter()

@@ -7,6 +7,7 @@
 )]
 
 mod acl;
+mod agent;
 mod agreement;
 mod announce;
 mod backends;

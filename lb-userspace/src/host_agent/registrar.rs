@@ -1,0 +1,206 @@
+//! The agent's registration in etcd: one key per service it serves,
+//! `P/registered/SERVICE/ADDRESS`, all under one lease with the fleet's
+//! TTL. Kept alive on every check that passes; revoked (which deletes the
+//! keys) when a check fails or the agent leaves. Any etcd error drops the
+//! connection and the lease: the next step starts over, and a lease that
+//! was not revoked lapses by itself.
+
+use std::net::IpAddr;
+
+use anyhow::{Context as _, Result, anyhow};
+use etcd_client::{LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp};
+use tokio::time::timeout;
+use tracing::{info, warn};
+
+use super::settings::Settings;
+use crate::{
+    config::{self, Fleet},
+    fleet::{
+        registry::Registration,
+        store::{CALL_TIMEOUT, Store},
+    },
+};
+
+/// The registration, held or not.
+pub struct Registrar {
+    fleet: Fleet,
+    address: IpAddr,
+    services: Vec<String>,
+    weight: u32,
+    store: Option<Store>,
+    held: Option<Held>,
+}
+
+/// A lease this agent holds, with its keys written.
+struct Held {
+    id: i64,
+    keeper: LeaseKeeper,
+    answers: LeaseKeepAliveStream,
+    /// What the keys say now (`None`: not written yet).
+    draining: Option<bool>,
+    /// etcd's revision of the last write of the keys.
+    revision: i64,
+}
+
+impl Registrar {
+    /// Nothing held yet.
+    pub fn new(s: &Settings) -> Registrar {
+        Registrar {
+            fleet: s.fleet.clone(),
+            address: s.address,
+            services: s.services.clone(),
+            weight: s.weight,
+            store: None,
+            held: None,
+        }
+    }
+
+    /// Whether the keys are written under a live lease (as of the last
+    /// step).
+    pub fn registered(&self) -> bool {
+        self.held.as_ref().is_some_and(|h| h.draining.is_some())
+    }
+
+    /// Registers, or keeps the registration alive, saying whether the
+    /// backend is leaving.
+    pub async fn hold(&mut self, draining: bool) -> Result<()> {
+        let result = self.try_hold(draining).await;
+        if result.is_err() {
+            self.store = None;
+            self.held = None;
+        }
+        result
+    }
+
+    async fn try_hold(&mut self, draining: bool) -> Result<()> {
+        let store = self.store().await?;
+        let mut client = store.client();
+        if let Some(h) = &mut self.held {
+            timeout(CALL_TIMEOUT, h.keeper.keep_alive())
+                .await
+                .map_err(|_| anyhow!("no answer within {CALL_TIMEOUT:?}"))?
+                .context("renewing the lease")?;
+            let answer = timeout(CALL_TIMEOUT, h.answers.message())
+                .await
+                .map_err(|_| anyhow!("no answer within {CALL_TIMEOUT:?}"))?
+                .context("renewing the lease")?;
+            if answer.is_none_or(|a| a.ttl() <= 0) {
+                warn!("the registration's lease lapsed: registering again");
+                self.held = None;
+            }
+        }
+        if self.held.is_none() {
+            let ttl = self.fleet.lease.as_secs().max(1) as i64;
+            let id = timeout(CALL_TIMEOUT, client.lease_grant(ttl, None))
+                .await
+                .map_err(|_| anyhow!("no answer within {CALL_TIMEOUT:?}"))?
+                .context("granting the registration's lease")?
+                .id();
+            let (keeper, answers) = timeout(CALL_TIMEOUT, client.lease_keep_alive(id))
+                .await
+                .map_err(|_| anyhow!("no answer within {CALL_TIMEOUT:?}"))?
+                .context("keeping the lease alive")?;
+            self.held = Some(Held {
+                id,
+                keeper,
+                answers,
+                draining: None,
+                revision: 0,
+            });
+        }
+        let h = self.held.as_mut().context("no lease")?;
+        if h.draining == Some(draining) {
+            return Ok(());
+        }
+        let ops = self
+            .services
+            .iter()
+            .map(|service| {
+                let r = Registration {
+                    address: self.address,
+                    weight: self.weight,
+                    draining,
+                    host: self.fleet.node.clone(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                };
+                let key = store.keys().registration(service, self.address);
+                let value = serde_json::to_string(&r)?;
+                Ok(TxnOp::put(
+                    key,
+                    value,
+                    Some(PutOptions::new().with_lease(h.id)),
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let written = timeout(CALL_TIMEOUT, client.txn(Txn::new().and_then(ops)))
+            .await
+            .map_err(|_| anyhow!("no answer within {CALL_TIMEOUT:?}"))?
+            .context("writing the registration")?;
+        h.revision = written.header().map_or(0, etcd_client::ResponseHeader::revision);
+        h.draining = Some(draining);
+        info!(
+            services = ?self.services,
+            draining,
+            revision = h.revision,
+            "registration written"
+        );
+        Ok(())
+    }
+
+    async fn store(&mut self) -> Result<Store> {
+        if let Some(s) = &self.store {
+            return Ok(s.clone());
+        }
+        let s = Store::connect(&self.fleet).await?;
+        self.store = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Deregisters: revokes the lease, which deletes the keys.
+    pub async fn leave(&mut self) -> Result<()> {
+        let Some(h) = self.held.take() else {
+            return Ok(());
+        };
+        let store = self.store().await?;
+        timeout(CALL_TIMEOUT, store.client().lease_revoke(h.id))
+            .await
+            .map_err(|_| anyhow!("no answer within {CALL_TIMEOUT:?}"))?
+            .context("revoking the registration's lease")?;
+        info!("deregistered");
+        Ok(())
+    }
+
+    /// Flows the live lb nodes still pin to this backend, summed over its
+    /// services; `None` while a node has not applied (and counted) the
+    /// latest registration.
+    pub async fn flows_left(&mut self) -> Result<Option<u64>> {
+        let revision = self.held.as_ref().map_or(0, |h| h.revision);
+        let store = self.store().await?;
+        let snapshot = store.read().await?;
+        // A service the fleet does not have refuses the registration on
+        // every node: nothing to wait for there.
+        let known = snapshot
+            .state
+            .as_ref()
+            .ok()
+            .and_then(|s| config::service_backends(&s.services).ok())
+            .unwrap_or_default();
+        let mut total = 0;
+        for report in snapshot.nodes.values() {
+            if report.revision < revision {
+                return Ok(None);
+            }
+            for service in self.services.iter().filter(|s| known.contains_key(*s)) {
+                let counted = report
+                    .draining_flows
+                    .get(service)
+                    .and_then(|m| m.get(&self.address));
+                match counted {
+                    Some(n) => total += n,
+                    None => return Ok(None),
+                }
+            }
+        }
+        Ok(Some(total))
+    }
+}

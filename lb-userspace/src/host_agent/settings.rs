@@ -1,0 +1,278 @@
+//! The agent's file (`examples/lb-agent.toml`), validated whole: every
+//! problem reported at once, with its line, as `lb check-config` does for
+//! the daemon's.
+
+use std::{net::IpAddr, path::Path, time::Duration};
+
+use anyhow::{Context as _, Result, anyhow};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::config::{self, ConfigError, ConfigErrors, Fleet, FleetFile, MAX_WEIGHT};
+
+/// The agent's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// This backend's address, as lb reaches it.
+    pub address: IpAddr,
+    /// The lb services it serves, by name.
+    pub services: Vec<String>,
+    /// Its weight in each.
+    pub weight: u32,
+    /// Longest wait, on SIGTERM, for lb to report its flows ended.
+    pub drain_timeout: Duration,
+    /// What must pass for it to stay registered.
+    pub check: Check,
+    /// The fleet's etcd; `fleet.node` names this host, and `fleet.lease`
+    /// is the registration's TTL.
+    pub fleet: Fleet,
+}
+
+/// The local check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Check {
+    /// What is checked.
+    pub kind: CheckKind,
+    /// Between checks.
+    pub interval: Duration,
+    /// Longest a check may take.
+    pub timeout: Duration,
+}
+
+/// One kind of local check.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CheckKind {
+    /// The port accepts a TCP connection on the backend's address.
+    Port(u16),
+    /// An HTTP GET of the path on the port answers 200.
+    Http {
+        /// The port.
+        port: u16,
+        /// The path.
+        path: String,
+    },
+    /// The command exits 0.
+    Command(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    address: Spanned<String>,
+    services: Spanned<Vec<String>>,
+    #[serde(default = "default_weight")]
+    weight: Spanned<u32>,
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    drain_timeout: Duration,
+    check: Spanned<CheckFile>,
+    fleet: Spanned<FleetFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckFile {
+    port: Option<u16>,
+    http_path: Option<String>,
+    command: Option<Vec<String>>,
+    #[serde(default = "default_check_interval", with = "humantime_serde")]
+    interval: Duration,
+    #[serde(default = "default_check_timeout", with = "humantime_serde")]
+    timeout: Duration,
+}
+
+fn default_weight() -> Spanned<u32> {
+    Spanned::new(0..0, 1)
+}
+/// Long enough for most requests to finish; an orchestrator's own grace
+/// period (Kubernetes: 30 s) may need this raised.
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_check_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_check_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// Reads and validates the agent's file.
+pub fn read(path: &Path) -> Result<Settings> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    parse(&text).map_err(|e| anyhow!("{}: invalid:\n{e}", path.display()))
+}
+
+/// Validates the agent's file text.
+pub fn parse(text: &str) -> Result<Settings, ConfigErrors> {
+    let file: File = config::from_toml(text, "file")?;
+    let mut errors = Vec::new();
+    let mut push = |at: &std::ops::Range<usize>, field: &str, message: String| {
+        errors.push(ConfigError {
+            line: Some(text[..at.start.min(text.len())].matches('\n').count() + 1),
+            field: field.into(),
+            message,
+        });
+    };
+    let address = file.address.get_ref().parse::<IpAddr>();
+    match &address {
+        Ok(ip) if !config::usable(*ip) => {
+            push(
+                &file.address.span(),
+                "address",
+                "not a unicast address".into(),
+            );
+        }
+        Ok(_) => {}
+        Err(_) => push(
+            &file.address.span(),
+            "address",
+            format!("{:?} is not an IP address", file.address.get_ref()),
+        ),
+    }
+    if file.services.get_ref().is_empty() {
+        push(
+            &file.services.span(),
+            "services",
+            "name at least one service this host serves".into(),
+        );
+    }
+    for s in file.services.get_ref() {
+        if !config::valid_name(s) {
+            push(
+                &file.services.span(),
+                "services",
+                format!("{s:?}: a service name is letters, digits, '-', '_' or '.'"),
+            );
+        }
+    }
+    if *file.weight.get_ref() > MAX_WEIGHT {
+        push(
+            &file.weight.span(),
+            "weight",
+            config::weight_range_error(file.weight.get_ref()),
+        );
+    }
+    let c = file.check.get_ref();
+    let kind = match (c.port, &c.http_path, &c.command) {
+        (Some(port), None, None) => Some(CheckKind::Port(port)),
+        (Some(port), Some(path), None) if path.starts_with('/') => Some(CheckKind::Http {
+            port,
+            path: path.clone(),
+        }),
+        (Some(_), Some(path), None) => {
+            push(
+                &file.check.span(),
+                "check.http_path",
+                format!("{path:?}: a path starts with '/'"),
+            );
+            None
+        }
+        (None, None, Some(cmd)) if !cmd.is_empty() => Some(CheckKind::Command(cmd.clone())),
+        _ => {
+            push(
+                &file.check.span(),
+                "check",
+                "give port (with http_path for an HTTP check), or command".into(),
+            );
+            None
+        }
+    };
+    if c.interval.is_zero() || c.timeout.is_zero() {
+        push(
+            &file.check.span(),
+            "check",
+            "interval and timeout must be above zero".into(),
+        );
+    }
+    let fleet = config::fleet_of(&file.fleet, text);
+    if let Ok(f) = &fleet
+        && c.interval >= f.lease
+    {
+        push(
+            &file.check.span(),
+            "check.interval",
+            format!(
+                "checks every {:?} cannot keep a {:?} lease alive: check more often than fleet.lease",
+                c.interval, f.lease
+            ),
+        );
+    }
+    let fleet = match fleet {
+        Ok(f) => Some(f),
+        Err(e) => {
+            errors.extend(e.0);
+            None
+        }
+    };
+    match (address, kind, fleet) {
+        (Ok(address), Some(kind), Some(fleet)) if errors.is_empty() => Ok(Settings {
+            address,
+            services: file.services.get_ref().clone(),
+            weight: *file.weight.get_ref(),
+            drain_timeout: file.drain_timeout,
+            check: Check {
+                kind,
+                interval: c.interval,
+                timeout: c.timeout,
+            },
+            fleet,
+        }),
+        _ => Err(ConfigErrors(errors)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../../examples/lb-agent.toml");
+
+    #[test]
+    fn the_example_is_valid() {
+        let s = parse(EXAMPLE).unwrap();
+        assert_eq!(s.services, ["web"]);
+        assert!(matches!(s.check.kind, CheckKind::Http { port: 80, .. }));
+        assert_eq!(s.fleet.prefix, "/lb");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line() {
+        let text = r#"
+address = "224.0.0.1"
+services = ["bad name"]
+weight = 70000
+[check]
+port = 80
+command = ["true"]
+[fleet]
+endpoints = ["localhost:2379"]
+"#;
+        let e = parse(text).unwrap_err().to_string();
+        for needle in [
+            "unicast",
+            "service name",
+            "weight",
+            "give port",
+            "http://host:port",
+        ] {
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+        assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn a_check_slower_than_the_lease_is_refused() {
+        let text = r#"
+address = "198.18.0.11"
+services = ["web"]
+[check]
+port = 80
+interval = "5s"
+[fleet]
+endpoints = ["http://198.18.0.250:2379"]
+lease = "3s"
+"#;
+        let e = parse(text).unwrap_err().to_string();
+        assert!(e.contains("check more often"), "{e}");
+    }
+}

@@ -1,0 +1,327 @@
+//! Backends that join and leave on their own: real etcd, two real lb
+//! nodes, echo servers on four backend hosts each running a real
+//! `lb agent`, and long-lived TCP connections from a client behind the
+//! router. No operator command adds or removes a backend.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    daemon::{Daemon, lb_binary},
+    edge::{
+        ECHO_PORT, EchoServer, Edge, Etcd, FLEET_PREFIX, Sessions, backend_v4, fleet_node_config,
+        fleet_services, node_v4,
+    },
+    require_root,
+};
+use serde_json::Value;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+const NODES: usize = 2;
+const HOSTS: usize = 4;
+/// The registrations' TTL (the agents' `fleet.lease`).
+const LEASE: Duration = Duration::from_secs(2);
+/// What joining may take: the lease's worth of etcd and watch latency, the
+/// agent's first check, and the nodes' two probes (`rise`, 200 ms apart).
+const JOIN: Duration = Duration::from_secs(5);
+/// Connections held open across scale-out and scale-in.
+const SESSIONS: usize = 100;
+
+/// `lb agent` on one backend host: killed by PID on drop.
+struct Agent {
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl Agent {
+    fn start(edge: &Edge, host: usize) -> Agent {
+        let etcd = edge.etcd.as_ref().unwrap();
+        let dir = std::env::temp_dir().join(format!("lbt-{}-agent{host}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("agent.toml");
+        std::fs::write(&config, agent_config(etcd, host)).unwrap();
+        let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+        let child = lb::netns::spawn_in(
+            &edge.backends[host].name,
+            Command::new(lb_binary().unwrap())
+                .args(["agent", "--config"])
+                .arg(&config)
+                .stderr(log),
+        )
+        .unwrap();
+        Agent {
+            child: Some(child),
+            dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on the PID of a child this test started and
+            // has not reaped.
+            unsafe { libc::kill(c.id() as i32, signal) };
+        }
+    }
+
+    /// Its exit status, once it has exited.
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().unwrap())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: as in `signal`.
+            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn agent_config(etcd: &Etcd, host: usize) -> String {
+    format!(
+        r#"address = "{}"
+services = ["echo"]
+drain_timeout = "60s"
+
+[check]
+port = {ECHO_PORT}
+interval = "200ms"
+timeout = "150ms"
+
+[fleet]
+endpoints = ["{}"]
+prefix = "{FLEET_PREFIX}"
+node = "host{host}"
+lease = "{}s"
+"#,
+        backend_v4(host),
+        etcd.endpoint(),
+        LEASE.as_secs()
+    )
+}
+
+/// The backends node `d` has for `echo`, as `lb backend list` gives them.
+fn backends(d: &Daemon) -> Vec<Value> {
+    d.cli(&["backend", "list", "echo"])
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn row(d: &Daemon, host: usize) -> Option<Value> {
+    let addr = backend_v4(host).to_string();
+    backends(d).into_iter().find(|r| r["address"] == addr)
+}
+
+/// Waits until every node's table holds `n` backends; returns how long.
+fn wait_in_tables(daemons: &[Daemon], n: usize, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    for d in daemons {
+        let left = timeout.saturating_sub(start.elapsed());
+        d.wait_in_table(n, left).unwrap();
+    }
+    start.elapsed()
+}
+
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn backends_register_with_agents_and_leave_without_breaking_a_connection() {
+    require_root();
+    let mut edge = Edge::build(NODES, HOSTS, &[VIP]).unwrap();
+    edge.start_etcd(false).unwrap();
+    let mut servers: Vec<Option<EchoServer>> = edge
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| Some(EchoServer::start(ns, &format!("backend-{}", i + 1)).unwrap()))
+        .collect();
+    let daemons: Vec<Daemon> = edge
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let etcd = edge.etcd.as_ref().unwrap();
+            // Closed connections lapse quickly, so a drain ends soon after
+            // its last connection does.
+            let config = fleet_node_config(i, n.bird.as_ref().unwrap(), etcd).replacen(
+                "[settings]\n",
+                "[settings]\ntcp_closed_timeout = \"1s\"\n",
+                1,
+            );
+            Daemon::start(&n.ns, &format!("agent{i}"), &config).unwrap()
+        })
+        .collect();
+    // The fleet's service has no backend an operator typed.
+    let services = daemons[0].dir.join("services.toml");
+    std::fs::write(&services, fleet_services(VIP, 0)).unwrap();
+    daemons[0]
+        .cli(&["fleet", "import", services.to_str().unwrap()])
+        .unwrap();
+
+    // Three hosts start their agents: all three join every node's table.
+    let mut agents: Vec<Agent> = (0..3).map(|h| Agent::start(&edge, h)).collect();
+    let t = wait_in_tables(&daemons, 3, Duration::from_secs(10));
+    eprintln!("three agents registered and admitted on both nodes within {t:?}");
+    for d in &daemons {
+        for h in 0..3 {
+            let r = row(d, h).unwrap();
+            assert_eq!(r["registered"], false, "{r}");
+        }
+    }
+    let status = daemons[1].cli(&["fleet", "status"]).unwrap();
+    assert_eq!(
+        status["registered"].as_array().unwrap().len(),
+        3,
+        "{status}"
+    );
+    let all: Vec<Ipv4Addr> = (0..NODES).map(node_v4).collect();
+    edge.wait_paths(VIP, &all, Duration::from_secs(30)).unwrap();
+
+    let to = SocketAddr::new(VIP.into(), ECHO_PORT);
+    let mut sessions = Sessions::open(&edge.client, to, SESSIONS).unwrap();
+    let spread = sessions.spread();
+    assert_eq!(
+        spread.len(),
+        3,
+        "traffic spreads over the three: {spread:?}"
+    );
+
+    // A fourth host joins within the lease plus the rise time, and no
+    // connection fails while it does.
+    let start = Instant::now();
+    agents.push(Agent::start(&edge, 3));
+    let t = wait_in_tables(&daemons, 4, JOIN);
+    eprintln!("a fourth host joined within {t:?} of its agent starting");
+    let (ok, bad) = sessions.check();
+    assert!(bad.is_empty(), "{ok} fine, broken: {bad:#?}");
+    let newer = Sessions::open(&edge.client, to, 40).unwrap();
+    assert!(
+        newer.spread().contains_key("backend-4"),
+        "new connections reach the new host: {:?}",
+        newer.spread()
+    );
+    drop(newer);
+    assert!(start.elapsed() < JOIN + Duration::from_secs(5));
+
+    // SIGTERM to host 0's agent under long-lived connections: it drains
+    // (no new flow, every old one kept) and waits.
+    let draining = spread.get("backend-1").copied().unwrap_or(0);
+    assert!(draining > 0, "{spread:?}");
+    agents[0].signal(libc::SIGTERM);
+    for d in &daemons {
+        d.wait_until("host 0 draining", Duration::from_secs(5), |d| {
+            Ok(row(d, 0).is_some_and(|r| r["registered"] == true && r["admin"] == "drain"))
+        })
+        .unwrap();
+    }
+    let newer = Sessions::open(&edge.client, to, 40).unwrap();
+    assert!(
+        !newer.spread().contains_key("backend-1"),
+        "a leaving host takes no new connection: {:?}",
+        newer.spread()
+    );
+    drop(newer);
+    for _ in 0..5 {
+        let (ok, bad) = sessions.check();
+        assert!(bad.is_empty(), "{ok} fine, broken while draining: {bad:#?}");
+        assert!(
+            agents[0].exited().is_none(),
+            "the agent left with {draining} connections open: {}",
+            agents[0].log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // The connections end (their clients close them): then it leaves.
+    let closed = Instant::now();
+    drop(sessions);
+    let status = loop {
+        if let Some(s) = agents[0].exited() {
+            break s;
+        }
+        assert!(
+            closed.elapsed() < Duration::from_secs(15),
+            "the agent did not leave after its connections ended: {}",
+            agents[0].log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status}: {}", agents[0].log());
+    eprintln!(
+        "host 0 drained {draining} connections, none broken, and left {:?} after they closed",
+        closed.elapsed()
+    );
+    wait_in_tables(&daemons, 3, Duration::from_secs(2));
+    for d in &daemons {
+        assert!(row(d, 0).is_none(), "host 0 deregistered");
+    }
+
+    // SIGKILL host 1's agent and stop its server: it leaves every node
+    // within the lease.
+    let mut sessions = Sessions::open(&edge.client, to, 30).unwrap();
+    let killed = Instant::now();
+    agents[1].signal(libc::SIGKILL);
+    servers[1] = None;
+    for d in &daemons {
+        let left = (LEASE + Duration::from_secs(2)).saturating_sub(killed.elapsed());
+        d.wait_until("host 1 gone", left, |d| Ok(row(d, 1).is_none()))
+            .unwrap();
+    }
+    eprintln!(
+        "a killed host left both nodes within {:?}",
+        killed.elapsed()
+    );
+    let broken = sessions.broken();
+    assert!(
+        broken.iter().all(|b| b.first == "backend-2"),
+        "only the dead host's connections break: {broken:#?}"
+    );
+
+    // Registrations lb cannot take are refused and counted, and change
+    // nothing else: for a service that does not exist, of the wrong
+    // family, and one that is not JSON.
+    let etcd = edge.etcd.as_ref().unwrap();
+    etcd.client(|mut c| async move {
+        for (key, value) in [
+            (
+                "registered/nope/198.18.0.30",
+                r#"{"address":"198.18.0.30","weight":1,"host":"x","version":"0"}"#,
+            ),
+            (
+                "registered/echo/2001:2::30",
+                r#"{"address":"2001:2::30","weight":1,"host":"x","version":"0"}"#,
+            ),
+            ("registered/echo/198.18.0.31", "{not json"),
+        ] {
+            c.put(format!("{FLEET_PREFIX}/{key}"), value, None).await?;
+        }
+        anyhow::Ok(())
+    })
+    .unwrap();
+    for (d, node) in daemons.iter().zip(&edge.nodes) {
+        d.wait_until("bad registrations counted", Duration::from_secs(3), |_| {
+            let m = lb_tests::daemon::metrics_in(&node.ns)?;
+            Ok(m.contains("lb_fleet_registrations_refused 2"))
+        })
+        .unwrap();
+        let problems = d.cli(&["fleet", "status"]).unwrap()["problems"].to_string();
+        for needle in ["no such service", "family", "198.18.0.31"] {
+            assert!(problems.contains(needle), "{needle}: {problems}");
+        }
+        assert_eq!(d.cli(&["service", "list"]).unwrap()[0]["in_table"], 2);
+    }
+    for a in &agents[2..] {
+        assert!(a.child.is_some(), "{}", a.log());
+    }
+}
