@@ -240,7 +240,8 @@ pub struct BackendRow {
     #[serde(default)]
     pub table_weight: f64,
     /// What sets the table weight now: `config`, `operator`, `agent`,
-    /// `slow start`, `health` or `neighbour`.
+    /// `load` (its host's `lb agent`), `feedback`, `slow start`, `health`
+    /// or `neighbour`.
     #[serde(default)]
     pub weight_set_by: String,
     /// Registered by its host's `lb agent` (see docs/agent.md): `Some(true)`
@@ -514,6 +515,8 @@ pub struct RegistrationRow {
     pub host: String,
     /// Its weight.
     pub weight: u32,
+    /// The percent of it its host's load leaves it.
+    pub percent: u32,
     /// Leaving (its agent drains it).
     pub draining: bool,
 }

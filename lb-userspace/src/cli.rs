@@ -1001,7 +1001,7 @@ fn fleet_text(s: &FleetStatus) -> String {
                     r.service.clone(),
                     r.address.to_string(),
                     r.host.clone(),
-                    r.weight.to_string(),
+                    format!("{} ({}%)", r.weight, r.percent),
                     if r.draining { "leaving" } else { "serving" }.into(),
                 ]
             }),

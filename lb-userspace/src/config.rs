@@ -751,8 +751,17 @@ pub struct Service {
     /// Backends by address.
     pub backends: BTreeMap<IpAddr, u32>,
     /// Backends among them that registered themselves (`lb agent`, see
-    /// [`crate::fleet::registry`]), with whether they are leaving.
-    pub registered: BTreeMap<IpAddr, bool>,
+    /// [`crate::fleet::registry`]).
+    pub registered: BTreeMap<IpAddr, Registered>,
+}
+
+/// What a backend's registration says beyond its address and weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Registered {
+    /// Leaving: drained until its agent deregisters it.
+    pub draining: bool,
+    /// The percent of its weight its host's load leaves it.
+    pub percent: u32,
 }
 
 /// A validated new-flow limit per source prefix.

@@ -80,8 +80,8 @@ pub struct BackendState {
     /// Its weight by its probes' latency, when the service has load
     /// feedback.
     pub feedback: FeedbackState,
-    /// Registered by its host's `lb agent`: `Some(draining)`.
-    pub registered: Option<bool>,
+    /// What its host's `lb agent` registered, if it did.
+    pub registered: Option<config::Registered>,
     /// What the data plane holds for it.
     written: Option<BackendValue>,
 }
@@ -800,7 +800,7 @@ impl Controller {
     pub fn admin(&self, service: &str, ip: IpAddr, b: &BackendState) -> Admin {
         match self.runtime.get(service, ip).admin {
             // A leaving host drains, whatever its agent check says.
-            Admin::Ready if b.registered == Some(true) => Admin::Drain,
+            Admin::Ready if b.registered.is_some_and(|r| r.draining) => Admin::Drain,
             Admin::Ready => b.agent.view.applied.admin,
             operator => operator,
         }
@@ -813,7 +813,9 @@ impl Controller {
         if self.runtime.get(service, ip).weight.is_some() {
             feedback::FULL
         } else {
-            b.agent.view.applied.percent * b.feedback.percent.applied / feedback::FULL
+            let load = b.registered.map_or(feedback::FULL, |r| r.percent);
+            b.agent.view.applied.percent * b.feedback.percent.applied / feedback::FULL * load
+                / feedback::FULL
         }
     }
 
@@ -1012,6 +1014,8 @@ impl Controller {
             "operator"
         } else if b.agent.view.applied.percent < agent::MAX_PERCENT {
             "agent"
+        } else if b.registered.is_some_and(|r| r.percent < feedback::FULL) {
+            "load"
         } else if b.feedback.percent.applied < feedback::FULL {
             "feedback"
         } else {
@@ -1216,7 +1220,8 @@ impl Controller {
                         BackendState::new(id, generation, *weight, Tracker::checking(trust))
                     }
                 };
-                if registered == Some(true) && b.registered != Some(true) {
+                let leaving = |r: Option<config::Registered>| r.is_some_and(|r| r.draining);
+                if leaving(registered) && !leaving(b.registered) {
                     report.changes.push(format!(
                         "service {name}: backend {ip} is leaving (its agent drains it)"
                     ));

@@ -539,7 +539,7 @@ impl FleetNode {
             .flat_map(|(name, s)| {
                 s.backends
                     .iter()
-                    .filter(|(_, b)| b.registered == Some(true))
+                    .filter(|(_, b)| b.registered.is_some_and(|r| r.draining))
                     .map(move |(ip, b)| (name, *ip, b.id))
             })
             .collect();
@@ -675,6 +675,7 @@ impl FleetNode {
                         address: r.address,
                         host: r.host.clone(),
                         weight: r.weight,
+                        percent: r.percent,
                         draining: r.draining,
                     })
                 })

@@ -230,7 +230,7 @@ pub(super) fn backends(
                 active_flows: active.get(&b.id).copied().unwrap_or(0),
                 table_weight,
                 weight_set_by: set_by.to_string(),
-                registered: b.registered,
+                registered: b.registered.map(|r| r.draining),
                 rates: history.rates(&Key::Backend(name.clone(), *ip)),
             });
         }

@@ -18,7 +18,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{self, Desired, MAX_WEIGHT};
+use crate::config::{self, Desired, MAX_WEIGHT, Registered};
 
 /// What an agent writes for one service it serves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +28,9 @@ pub struct Registration {
     pub address: IpAddr,
     /// Its weight (0 to [`MAX_WEIGHT`]).
     pub weight: u32,
+    /// The percent of that weight its host's load leaves it (1 to 100).
+    #[serde(default = "full")]
+    pub percent: u32,
     /// Leaving: no new flows, its flows stay until they end (SIGTERM).
     #[serde(default)]
     pub draining: bool,
@@ -36,6 +39,13 @@ pub struct Registration {
     /// The agent's lb version.
     pub version: String,
 }
+
+fn full() -> u32 {
+    FULL_PERCENT
+}
+
+/// The percent of an unloaded backend.
+pub const FULL_PERCENT: u32 = 100;
 
 /// Registrations: service → backend address → registration.
 pub type Registrations = BTreeMap<String, BTreeMap<IpAddr, Registration>>;
@@ -64,6 +74,8 @@ pub fn admit(desired: &mut Desired, registered: &Registrations) -> Vec<String> {
                     Some(format!("not of the VIP's family ({})", svc.vip))
                 } else if r.weight > MAX_WEIGHT {
                     Some(config::weight_range_error(r.weight))
+                } else if !(1..=FULL_PERCENT).contains(&r.percent) {
+                    Some(format!("load percent {}: from 1 to 100", r.percent))
                 } else if memberships >= s.capacity.max_backends as usize {
                     Some(format!(
                         "settings.capacity.max_backends ({}) are all taken",
@@ -84,7 +96,13 @@ pub fn admit(desired: &mut Desired, registered: &Registrations) -> Vec<String> {
                 svc.backends.insert(*ip, r.weight);
                 memberships += 1;
             }
-            svc.registered.insert(*ip, r.draining);
+            svc.registered.insert(
+                *ip,
+                Registered {
+                    draining: r.draining,
+                    percent: r.percent,
+                },
+            );
         }
     }
     refused
@@ -122,6 +140,7 @@ weight = 3
         Registration {
             address: ip.parse().unwrap(),
             weight,
+            percent: FULL_PERCENT,
             draining: false,
             host: "h".into(),
             version: "0".into(),

@@ -2,6 +2,7 @@
 //! the lb fleet while its local check passes (docs/agent.md).
 //!
 //! - [`settings`]: the agent's file.
+//! - [`load`]: the share of its weight the host's load leaves it.
 //! - [`registrar`]: the registration in etcd, under a lease the agent
 //!   keeps alive; a host that dies leaves when the lease lapses.
 //!
@@ -12,25 +13,36 @@
 //! etcd that is away for a while costs the registration only once its
 //! lease lapses.
 
+pub mod load;
 pub mod registrar;
 pub mod settings;
 
 use std::{
     path::Path,
     process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
-use tokio::signal::unix::{SignalKind, signal};
+use anyhow::{Context as _, Result};
+use tokio::{
+    io::AsyncWriteExt as _,
+    signal::unix::{SignalKind, signal},
+};
 use tracing::{info, warn};
 
 use crate::{config::Probe, probe};
+use load::LoadSettings;
 use registrar::Registrar;
 use settings::{Check, CheckKind, Settings};
 
 /// How often a leaving agent asks the fleet whether its flows ended.
 const DRAIN_POLL: Duration = Duration::from_millis(500);
+/// Longest an agent-check answer may take to send.
+const AGENT_WRITE: Duration = Duration::from_secs(1);
 
 /// Runs the agent with the file at `path` until SIGTERM or SIGINT.
 pub async fn run(path: &Path) -> Result<()> {
@@ -38,6 +50,11 @@ pub async fn run(path: &Path) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut registrar = Registrar::new(&s);
+    let mut meter = s.load.clone().map(Meter::new);
+    let report = Arc::new(Report::default());
+    if let Some(port) = s.load.as_ref().and_then(|l| l.agent_port) {
+        serve_agent_check(port, report.clone()).await?;
+    }
     let mut tick = tokio::time::interval(s.check.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut passing: Option<bool> = None;
@@ -47,6 +64,13 @@ pub async fn run(path: &Path) -> Result<()> {
             _ = tick.tick() => {}
             _ = term.recv() => break,
             _ = int.recv() => break,
+        }
+        if let Some(m) = meter.as_mut()
+            && let Some(p) = m.sample()
+            && p != report.percent()
+        {
+            info!(percent = p, "weight by load");
+            report.percent.store(p, Ordering::Relaxed);
         }
         let result = check(&s.check, &s).await;
         let ok = result.is_ok();
@@ -58,7 +82,7 @@ pub async fn run(path: &Path) -> Result<()> {
             passing = Some(ok);
         }
         let step = if ok {
-            registrar.hold(false).await
+            registrar.hold(false, report.percent()).await
         } else {
             registrar.leave().await
         };
@@ -67,8 +91,9 @@ pub async fn run(path: &Path) -> Result<()> {
         }
     }
     info!("stopping: draining this backend before deregistering");
+    report.draining.store(true, Ordering::Relaxed);
     if registrar.registered() {
-        drain(&mut registrar, &s).await;
+        drain(&mut registrar, &s, report.percent()).await;
     }
     if let Err(e) = registrar.leave().await {
         warn!(error = %format!("{e:#}"), "deregistering; the lease lapses by itself");
@@ -77,14 +102,121 @@ pub async fn run(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What the agent reports of its host: the share of its weight, and
+/// whether it is leaving.
+struct Report {
+    percent: AtomicU32,
+    draining: AtomicBool,
+}
+
+impl Default for Report {
+    fn default() -> Self {
+        Report {
+            percent: AtomicU32::new(load::FULL),
+            draining: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Report {
+    fn percent(&self) -> u32 {
+        self.percent.load(Ordering::Relaxed)
+    }
+
+    /// The agent-check line (see [`crate::agent`]).
+    fn line(&self) -> String {
+        let state = if self.draining.load(Ordering::Relaxed) {
+            "drain"
+        } else {
+            "ready"
+        };
+        format!("{}% {state}\n", self.percent())
+    }
+}
+
+/// Answers every connection to `port` with the agent-check line, for a
+/// standalone lb whose service has `[service.agent]`.
+async fn serve_agent_check(port: u16, report: Arc<Report>) -> Result<()> {
+    // Both families where the host has IPv6, else IPv4 alone.
+    let listener =
+        match tokio::net::TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, port)).await {
+            Ok(l) => l,
+            Err(_) => tokio::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port))
+                .await
+                .with_context(|| format!("listening for agent checks on port {port}"))?,
+        };
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                continue;
+            };
+            let line = report.line();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(AGENT_WRITE, conn.write_all(line.as_bytes())).await;
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Samples the host's load every `interval`.
+struct Meter {
+    settings: LoadSettings,
+    cpu: Option<load::CpuTimes>,
+    last: Option<Instant>,
+}
+
+impl Meter {
+    fn new(settings: LoadSettings) -> Meter {
+        Meter {
+            settings,
+            cpu: None,
+            last: None,
+        }
+    }
+
+    /// The percent the host's load leaves, when a new reading is due and
+    /// can be taken.
+    fn sample(&mut self) -> Option<u32> {
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < self.settings.interval)
+        {
+            return None;
+        }
+        self.last = Some(Instant::now());
+        let mut busy: f64 = 0.0;
+        if self.settings.cpu {
+            let now = std::fs::read_to_string("/proc/stat")
+                .ok()
+                .and_then(|t| load::cpu_times(&t))?;
+            let before = self.cpu.replace(now);
+            busy = busy.max(load::cpu_busy(before?, now)?);
+        }
+        if let Some((port, full)) = self.settings.connections {
+            let established: u64 = ["/proc/net/tcp", "/proc/net/tcp6"]
+                .iter()
+                .filter_map(|p| std::fs::read_to_string(p).ok())
+                .map(|t| load::established_to(&t, port))
+                .sum();
+            busy = busy.max(established as f64 / full as f64);
+        }
+        Some(load::percent(
+            busy,
+            self.settings.min_percent,
+            self.settings.step,
+        ))
+    }
+}
+
 /// Marks the backend draining and waits until the fleet's nodes report
 /// none of its flows left, or `drain_timeout`; keeps the lease alive
 /// meanwhile.
-async fn drain(registrar: &mut Registrar, s: &Settings) {
+async fn drain(registrar: &mut Registrar, s: &Settings, percent: u32) {
     let deadline = Instant::now() + s.drain_timeout;
     let mut last: Option<u64> = None;
     loop {
-        match registrar.hold(true).await {
+        match registrar.hold(true, percent).await {
             Ok(()) => match registrar.flows_left().await {
                 Ok(Some(0)) => {
                     info!("every lb node reports no flow left");

@@ -36,8 +36,9 @@ struct Held {
     id: i64,
     keeper: LeaseKeeper,
     answers: LeaseKeepAliveStream,
-    /// What the keys say now (`None`: not written yet).
-    draining: Option<bool>,
+    /// What the keys say now, draining and percent (`None`: not written
+    /// yet).
+    written: Option<(bool, u32)>,
     /// etcd's revision of the last write of the keys.
     revision: i64,
 }
@@ -58,13 +59,13 @@ impl Registrar {
     /// Whether the keys are written under a live lease (as of the last
     /// step).
     pub fn registered(&self) -> bool {
-        self.held.as_ref().is_some_and(|h| h.draining.is_some())
+        self.held.as_ref().is_some_and(|h| h.written.is_some())
     }
 
     /// Registers, or keeps the registration alive, saying whether the
-    /// backend is leaving.
-    pub async fn hold(&mut self, draining: bool) -> Result<()> {
-        let result = self.try_hold(draining).await;
+    /// backend is leaving and the percent of its weight its load leaves.
+    pub async fn hold(&mut self, draining: bool, percent: u32) -> Result<()> {
+        let result = self.try_hold(draining, percent).await;
         if result.is_err() {
             self.store = None;
             self.held = None;
@@ -72,7 +73,7 @@ impl Registrar {
         result
     }
 
-    async fn try_hold(&mut self, draining: bool) -> Result<()> {
+    async fn try_hold(&mut self, draining: bool, percent: u32) -> Result<()> {
         let store = self.store().await?;
         let mut client = store.client();
         if let Some(h) = &mut self.held {
@@ -104,12 +105,12 @@ impl Registrar {
                 id,
                 keeper,
                 answers,
-                draining: None,
+                written: None,
                 revision: 0,
             });
         }
         let h = self.held.as_mut().context("no lease")?;
-        if h.draining == Some(draining) {
+        if h.written == Some((draining, percent)) {
             return Ok(());
         }
         let ops = self
@@ -119,6 +120,7 @@ impl Registrar {
                 let r = Registration {
                     address: self.address,
                     weight: self.weight,
+                    percent,
                     draining,
                     host: self.fleet.node.clone(),
                     version: env!("CARGO_PKG_VERSION").into(),
@@ -136,11 +138,14 @@ impl Registrar {
             .await
             .map_err(|_| anyhow!("no answer within {CALL_TIMEOUT:?}"))?
             .context("writing the registration")?;
-        h.revision = written.header().map_or(0, etcd_client::ResponseHeader::revision);
-        h.draining = Some(draining);
+        h.revision = written
+            .header()
+            .map_or(0, etcd_client::ResponseHeader::revision);
+        h.written = Some((draining, percent));
         info!(
             services = ?self.services,
             draining,
+            percent,
             revision = h.revision,
             "registration written"
         );

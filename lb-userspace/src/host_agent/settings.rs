@@ -8,6 +8,7 @@ use anyhow::{Context as _, Result, anyhow};
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::load::{self, LoadSettings};
 use crate::config::{self, ConfigError, ConfigErrors, Fleet, FleetFile, MAX_WEIGHT};
 
 /// The agent's settings.
@@ -23,6 +24,8 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// What must pass for it to stay registered.
     pub check: Check,
+    /// What its weight follows, if anything: the host's load.
+    pub load: Option<LoadSettings>,
     /// The fleet's etcd; `fleet.node` names this host, and `fleet.lease`
     /// is the registration's TTL.
     pub fleet: Fleet,
@@ -65,7 +68,33 @@ struct File {
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     drain_timeout: Duration,
     check: Spanned<CheckFile>,
+    load: Option<Spanned<LoadFile>>,
     fleet: Spanned<FleetFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoadFile {
+    #[serde(default)]
+    cpu: bool,
+    connections: Option<u64>,
+    #[serde(default = "default_min_percent")]
+    min_percent: u32,
+    #[serde(default = "default_step")]
+    step: u32,
+    #[serde(default = "default_load_interval", with = "humantime_serde")]
+    interval: Duration,
+    agent_port: Option<u16>,
+}
+
+fn default_min_percent() -> u32 {
+    load::DEFAULT_MIN_PERCENT
+}
+fn default_step() -> u32 {
+    load::DEFAULT_STEP
+}
+fn default_load_interval() -> Duration {
+    load::DEFAULT_INTERVAL
 }
 
 #[derive(Debug, Deserialize)]
@@ -184,6 +213,47 @@ pub fn parse(text: &str) -> Result<Settings, ConfigErrors> {
             "interval and timeout must be above zero".into(),
         );
     }
+    let load = file.load.as_ref().map(|l| {
+        let span = l.span();
+        let l = l.get_ref();
+        if !l.cpu && l.connections.is_none() {
+            push(
+                &span,
+                "load",
+                "weigh by cpu = true, connections = N, or both".into(),
+            );
+        }
+        if l.connections == Some(0) {
+            push(&span, "load.connections", "must be above zero".into());
+        }
+        let port = match &kind {
+            Some(CheckKind::Port(p) | CheckKind::Http { port: p, .. }) => Some(*p),
+            _ => None,
+        };
+        if l.connections.is_some() && port.is_none() {
+            push(
+                &span,
+                "load.connections",
+                "counts connections to the check's port: give check.port".into(),
+            );
+        }
+        for (field, v) in [("load.min_percent", l.min_percent), ("load.step", l.step)] {
+            if !(1..=100).contains(&v) {
+                push(&span, field, format!("{v}: a percent from 1 to 100"));
+            }
+        }
+        if l.interval.is_zero() {
+            push(&span, "load.interval", "must be above zero".into());
+        }
+        LoadSettings {
+            cpu: l.cpu,
+            connections: l.connections.zip(port).map(|(n, p)| (p, n)),
+            min_percent: l.min_percent,
+            step: l.step,
+            interval: l.interval,
+            agent_port: l.agent_port,
+        }
+    });
     let fleet = config::fleet_of(&file.fleet, text);
     if let Ok(f) = &fleet
         && c.interval >= f.lease
@@ -215,6 +285,7 @@ pub fn parse(text: &str) -> Result<Settings, ConfigErrors> {
                 interval: c.interval,
                 timeout: c.timeout,
             },
+            load,
             fleet,
         }),
         _ => Err(ConfigErrors(errors)),
@@ -258,6 +329,27 @@ endpoints = ["localhost:2379"]
             assert!(e.contains(needle), "{needle}: {e}");
         }
         assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn load_settings_are_checked() {
+        let base = "address = \"198.18.0.11\"\nservices = [\"web\"]\n[check]\ncommand = [\"true\"]\n\
+                    [fleet]\nendpoints = [\"http://198.18.0.250:2379\"]\n";
+        let e = parse(&format!(
+            "{base}[load]\nconnections = 10\nmin_percent = 0\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("give check.port") && e.contains("load.min_percent"),
+            "{e}"
+        );
+        let e = parse(&format!("{base}[load]\n")).unwrap_err().to_string();
+        assert!(e.contains("cpu = true"), "{e}");
+        let s = parse(&format!("{base}[load]\ncpu = true\nagent_port = 9300\n")).unwrap();
+        let l = s.load.unwrap();
+        assert!(l.cpu && l.connections.is_none());
+        assert_eq!((l.min_percent, l.step, l.agent_port), (10, 10, Some(9300)));
     }
 
     #[test]

@@ -39,11 +39,16 @@ struct Agent {
 
 impl Agent {
     fn start(edge: &Edge, host: usize) -> Agent {
+        Agent::start_with(edge, host, "")
+    }
+
+    /// With `extra` appended to its file (a `[load]` table).
+    fn start_with(edge: &Edge, host: usize, extra: &str) -> Agent {
         let etcd = edge.etcd.as_ref().unwrap();
         let dir = std::env::temp_dir().join(format!("lbt-{}-agent{host}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("agent.toml");
-        std::fs::write(&config, agent_config(etcd, host)).unwrap();
+        std::fs::write(&config, agent_config(etcd, host) + extra).unwrap();
         let log = std::fs::File::create(dir.join("agent.log")).unwrap();
         let child = lb::netns::spawn_in(
             &edge.backends[host].name,
@@ -111,6 +116,48 @@ lease = "{}s"
     )
 }
 
+/// Starts `n` lb nodes on `hosts` backend hosts with echo servers, one
+/// etcd, and the fleet's service `echo` with no backend typed in.
+fn fleet(nodes: usize, hosts: usize) -> (Edge, Vec<EchoServer>, Vec<Daemon>) {
+    let mut edge = Edge::build(nodes, hosts, &[VIP]).unwrap();
+    edge.start_etcd(false).unwrap();
+    let servers = edge
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| EchoServer::start(ns, &format!("backend-{}", i + 1)).unwrap())
+        .collect();
+    let daemons: Vec<Daemon> = edge
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let etcd = edge.etcd.as_ref().unwrap();
+            // Closed connections lapse quickly, so a drain ends soon after
+            // its last connection does.
+            let config = fleet_node_config(i, n.bird.as_ref().unwrap(), etcd).replacen(
+                "[settings]\n",
+                "[settings]\ntcp_closed_timeout = \"1s\"\n",
+                1,
+            );
+            Daemon::start(&n.ns, &format!("agent{i}"), &config).unwrap()
+        })
+        .collect();
+    let services = daemons[0].dir.join("services.toml");
+    std::fs::write(&services, fleet_services(VIP, 0)).unwrap();
+    daemons[0]
+        .cli(&["fleet", "import", services.to_str().unwrap()])
+        .unwrap();
+    (edge, servers, daemons)
+}
+
+/// Waits until the router has a path to the VIP through every node (a
+/// node announces it once it has a backend to serve it with).
+fn wait_announced(edge: &Edge) {
+    let all: Vec<Ipv4Addr> = (0..edge.nodes.len()).map(node_v4).collect();
+    edge.wait_paths(VIP, &all, Duration::from_secs(30)).unwrap();
+}
+
 /// The backends node `d` has for `echo`, as `lb backend list` gives them.
 fn backends(d: &Daemon) -> Vec<Value> {
     d.cli(&["backend", "list", "echo"])
@@ -139,36 +186,8 @@ fn wait_in_tables(daemons: &[Daemon], n: usize, timeout: Duration) -> Duration {
 #[ignore = "needs root: cargo xtask test runs it"]
 fn backends_register_with_agents_and_leave_without_breaking_a_connection() {
     require_root();
-    let mut edge = Edge::build(NODES, HOSTS, &[VIP]).unwrap();
-    edge.start_etcd(false).unwrap();
-    let mut servers: Vec<Option<EchoServer>> = edge
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, ns)| Some(EchoServer::start(ns, &format!("backend-{}", i + 1)).unwrap()))
-        .collect();
-    let daemons: Vec<Daemon> = edge
-        .nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            let etcd = edge.etcd.as_ref().unwrap();
-            // Closed connections lapse quickly, so a drain ends soon after
-            // its last connection does.
-            let config = fleet_node_config(i, n.bird.as_ref().unwrap(), etcd).replacen(
-                "[settings]\n",
-                "[settings]\ntcp_closed_timeout = \"1s\"\n",
-                1,
-            );
-            Daemon::start(&n.ns, &format!("agent{i}"), &config).unwrap()
-        })
-        .collect();
-    // The fleet's service has no backend an operator typed.
-    let services = daemons[0].dir.join("services.toml");
-    std::fs::write(&services, fleet_services(VIP, 0)).unwrap();
-    daemons[0]
-        .cli(&["fleet", "import", services.to_str().unwrap()])
-        .unwrap();
+    let (edge, servers, daemons) = fleet(NODES, HOSTS);
+    let mut servers: Vec<Option<EchoServer>> = servers.into_iter().map(Some).collect();
 
     // Three hosts start their agents: all three join every node's table.
     let mut agents: Vec<Agent> = (0..3).map(|h| Agent::start(&edge, h)).collect();
@@ -186,9 +205,6 @@ fn backends_register_with_agents_and_leave_without_breaking_a_connection() {
         3,
         "{status}"
     );
-    let all: Vec<Ipv4Addr> = (0..NODES).map(node_v4).collect();
-    edge.wait_paths(VIP, &all, Duration::from_secs(30)).unwrap();
-
     let to = SocketAddr::new(VIP.into(), ECHO_PORT);
     let mut sessions = Sessions::open(&edge.client, to, SESSIONS).unwrap();
     let spread = sessions.spread();
@@ -324,4 +340,89 @@ fn backends_register_with_agents_and_leave_without_breaking_a_connection() {
     for a in &agents[2..] {
         assert!(a.child.is_some(), "{}", a.log());
     }
+}
+
+/// A busy process that runs until dropped (killed by PID).
+struct Burner(Child);
+
+impl Drop for Burner {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the PID of a child this test started.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
+}
+
+/// The table weight node `d` gives host `host`, and what sets it.
+fn table_weight(d: &Daemon, host: usize) -> (f64, String) {
+    let r = row(d, host).unwrap();
+    (
+        r["table_weight"].as_f64().unwrap(),
+        r["weight_set_by"].as_str().unwrap().to_string(),
+    )
+}
+
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn busy_hosts_report_less_of_their_weight_and_take_fewer_new_flows() {
+    require_root();
+    let (edge, _servers, daemons) = fleet(1, 3);
+    let d = &daemons[0];
+    // Host 0 reports no load; host 1 counts its connections (20 are full
+    // load); host 2 its CPU.
+    let _agents = [
+        Agent::start(&edge, 0),
+        Agent::start_with(
+            &edge,
+            1,
+            "\n[load]\nconnections = 20\nstep = 10\ninterval = \"200ms\"\n",
+        ),
+        Agent::start_with(&edge, 2, "\n[load]\ncpu = true\ninterval = \"500ms\"\n"),
+    ];
+    d.wait_in_table(3, Duration::from_secs(10)).unwrap();
+    wait_announced(&edge);
+
+    // Ten connections held to host 1 directly: half its capacity.
+    let direct = SocketAddr::new(backend_v4(1).into(), ECHO_PORT);
+    let held = Sessions::open(&edge.client, direct, 10).unwrap();
+    d.wait_until("host 1 at half weight", Duration::from_secs(5), |d| {
+        let (w, by) = table_weight(d, 1);
+        Ok((w - 0.5).abs() < 1e-9 && by == "load")
+    })
+    .unwrap();
+    assert_eq!(table_weight(d, 0), (1.0, "config".into()));
+
+    // Every CPU busy in host 2's namespace: it reports the floor.
+    let cpus = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+    let _burners: Vec<Burner> = (0..cpus)
+        .map(|_| {
+            Burner(
+                lb::netns::spawn_in(
+                    &edge.backends[2].name,
+                    Command::new("sh").args(["-c", "while :; do :; done"]),
+                )
+                .unwrap(),
+            )
+        })
+        .collect();
+    d.wait_until("host 2 reports its load", Duration::from_secs(10), |d| {
+        Ok(table_weight(d, 2).0 <= 0.3)
+    })
+    .unwrap();
+    let slots: Vec<u64> = (0..3)
+        .map(|h| row(d, h).unwrap()["slots"].as_u64().unwrap())
+        .collect();
+    assert!(
+        slots[2] < slots[1] && slots[1] < slots[0],
+        "slots follow the reported load: {slots:?}"
+    );
+    let to = SocketAddr::new(VIP.into(), ECHO_PORT);
+    let spread = Sessions::open(&edge.client, to, 90).unwrap().spread();
+    let on = |name: &str| spread.get(name).copied().unwrap_or(0);
+    assert!(
+        on("backend-3") < on("backend-1") && on("backend-2") < on("backend-1"),
+        "busier hosts take fewer new flows: {spread:?}"
+    );
+    eprintln!("new flows by host with host 1 at 50 % and host 2's CPU busy: {spread:?}");
+    drop(held);
 }
