@@ -61,6 +61,18 @@ enum Command {
         /// The agent's file (see examples/lb-agent.toml).
         #[arg(long, short)]
         config: PathBuf,
+        /// Put the host's setup right where it fails: the VIP on lo, the
+        /// ARP settings of dsr-l2, rp_filter and the decapsulator of
+        /// ipip/gue (`lb doctor --backend` checks the same).
+        #[arg(long)]
+        fix: bool,
+        /// Check the setup and the local check once, say what the agent
+        /// would register, and exit (non-zero when not ready).
+        #[arg(long)]
+        once: bool,
+        /// With --once: change nothing; say what --fix would do.
+        #[arg(long, requires = "once")]
+        dry_run: bool,
     },
     /// Validate a configuration file without touching anything.
     CheckConfig {
@@ -520,9 +532,15 @@ fn run(cli: Cli) -> Result<()> {
             log_to_stderr();
             runtime()?.block_on(daemon::run(daemon::Options { config, pin_dir }))
         }
-        Command::Agent { config } => {
+        Command::Agent {
+            config,
+            fix,
+            once,
+            dry_run,
+        } => {
             log_to_stderr();
-            runtime()?.block_on(crate::host_agent::run(&config))
+            let options = crate::host_agent::Options { fix, once, dry_run };
+            runtime()?.block_on(crate::host_agent::run(&config, &options))
         }
         Command::CheckConfig { file } => {
             let d = daemon::load_config(&file)?;

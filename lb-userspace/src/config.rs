@@ -1006,6 +1006,23 @@ pub fn service_backends(
         .collect())
 }
 
+/// Each service's VIP and forwarding mode, read from a fleet's services
+/// text without a node's settings (what a backend host's agent needs to
+/// set itself up); services whose VIP does not parse are left out.
+pub fn service_fronts(
+    services_text: &str,
+) -> Result<BTreeMap<String, (IpAddr, Mode)>, ConfigErrors> {
+    let file: ServicesFile = from_toml(services_text, "fleet services")?;
+    Ok(file
+        .services
+        .iter()
+        .filter_map(|s| {
+            let s = s.get_ref();
+            Some((s.name.clone(), (s.vip.parse().ok()?, s.mode)))
+        })
+        .collect())
+}
+
 pub(crate) fn from_toml<T: serde::de::DeserializeOwned>(
     text: &str,
     what: &str,

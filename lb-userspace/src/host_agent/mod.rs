@@ -3,6 +3,8 @@
 //!
 //! - [`settings`]: the agent's file.
 //! - [`load`]: the share of its weight the host's load leaves it.
+//! - [`setup`]: the host's side of its services (VIP on `lo`, ARP,
+//!   decapsulator), checked and put right.
 //! - [`registrar`]: the registration in etcd, under a lease the agent
 //!   keeps alive; a host that dies leaves when the lease lapses.
 //!
@@ -16,6 +18,7 @@
 pub mod load;
 pub mod registrar;
 pub mod settings;
+pub mod setup;
 
 use std::{
     path::Path,
@@ -34,7 +37,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use crate::{config::Probe, probe};
+use crate::{config::Probe, doctor, probe};
 use load::LoadSettings;
 use registrar::Registrar;
 use settings::{Check, CheckKind, Settings};
@@ -44,9 +47,28 @@ const DRAIN_POLL: Duration = Duration::from_millis(500);
 /// Longest an agent-check answer may take to send.
 const AGENT_WRITE: Duration = Duration::from_secs(1);
 
-/// Runs the agent with the file at `path` until SIGTERM or SIGINT.
-pub async fn run(path: &Path) -> Result<()> {
+/// How `lb agent` runs.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Put the host's setup right where it fails (VIP on `lo`, ARP
+    /// settings, the decapsulator).
+    pub fix: bool,
+    /// Check (and with `fix`, set up) once, say what it found, and exit.
+    pub once: bool,
+    /// With `once`: change nothing, say what would be done.
+    pub dry_run: bool,
+}
+
+/// How often the host's setup is checked again while the agent runs.
+const SETUP_RECHECK: Duration = Duration::from_secs(10);
+
+/// Runs the agent with the file at `path`: once, or until SIGTERM or
+/// SIGINT.
+pub async fn run(path: &Path, options: &Options) -> Result<()> {
     let s = settings::read(path)?;
+    if options.once {
+        return once(&s, options).await;
+    }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut registrar = Registrar::new(&s);
@@ -58,12 +80,19 @@ pub async fn run(path: &Path) -> Result<()> {
     let mut tick = tokio::time::interval(s.check.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut passing: Option<bool> = None;
+    let mut set_up = SetUp::default();
     info!(address = %s.address, services = ?s.services, host = %s.fleet.node, "agent started");
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = term.recv() => break,
             _ = int.recv() => break,
+        }
+        if !set_up.holds(&mut registrar, options.fix).await {
+            if let Err(e) = registrar.leave().await {
+                warn!(error = %format!("{e:#}"), "etcd: retrying on the next check");
+            }
+            continue;
         }
         if let Some(m) = meter.as_mut()
             && let Some(p) = m.sample()
@@ -99,6 +128,104 @@ pub async fn run(path: &Path) -> Result<()> {
         warn!(error = %format!("{e:#}"), "deregistering; the lease lapses by itself");
     }
     info!("deregistered; exiting");
+    Ok(())
+}
+
+/// The host's setup as last checked.
+#[derive(Default)]
+struct SetUp {
+    checked: Option<Instant>,
+    passes: bool,
+    /// What was last logged.
+    reported: Option<bool>,
+}
+
+impl SetUp {
+    /// Whether the host is set up for its services, checked again every
+    /// [`SETUP_RECHECK`] (with `fix`, put right where it is not).
+    async fn holds(&mut self, registrar: &mut Registrar, fix: bool) -> bool {
+        if self.checked.is_some_and(|t| t.elapsed() < SETUP_RECHECK) {
+            return self.passes;
+        }
+        let served = match registrar.served().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "reading the fleet's services; retrying");
+                return self.passes;
+            }
+        };
+        self.checked = Some(Instant::now());
+        if fix {
+            for f in setup::fixes(&served) {
+                match setup::apply(&f).await {
+                    Ok(()) => info!(fix = %f, "set up"),
+                    Err(e) => warn!(fix = %f, error = %format!("{e:#}"), "setting up"),
+                }
+            }
+        }
+        let findings = setup::findings(&served);
+        let passes = setup::passes(&findings);
+        if self.reported != Some(passes) {
+            self.reported = Some(passes);
+            if passes {
+                info!("the host is set up for its services");
+            } else {
+                for f in findings.iter().filter(|f| f.level == doctor::Level::Fail) {
+                    warn!(check = %f.check, detail = %f.detail, fix = ?f.fix, "not set up: not registering (--fix puts it right)");
+                }
+            }
+        }
+        self.passes = passes;
+        passes
+    }
+}
+
+/// `lb agent --once`: checks the setup (putting it right with `fix`, or
+/// saying what that would do with `dry_run`) and the local check, and
+/// says what the agent would register.
+async fn once(s: &Settings, options: &Options) -> Result<()> {
+    let mut registrar = Registrar::new(s);
+    let served = registrar.served().await?;
+    for name in s.services.iter().filter(|n| !served.contains_key(*n)) {
+        println!(
+            "service {name}: not among the fleet's services (a registration would be refused)"
+        );
+    }
+    let mut findings = setup::findings(&served);
+    print!("{}", doctor::render(&findings));
+    let fixes = setup::fixes(&served);
+    if options.fix || options.dry_run {
+        for f in &fixes {
+            if options.dry_run {
+                println!("would: {f}");
+            } else {
+                setup::apply(f).await?;
+                println!("did: {f}");
+            }
+        }
+        if !options.dry_run && !fixes.is_empty() {
+            findings = setup::findings(&served);
+            print!("{}", doctor::render(&findings));
+        }
+    }
+    let check = check(&s.check, s).await;
+    match &check {
+        Ok(()) => println!("local check: passes"),
+        Err(why) => println!("local check: fails: {why}"),
+    }
+    let ready = setup::passes(&findings) && check.is_ok();
+    println!(
+        "{} register {} for {} (weight {}) under a {:?} lease at {}",
+        if ready { "would" } else { "would not" },
+        s.address,
+        s.services.join(", "),
+        s.weight,
+        s.fleet.lease,
+        s.fleet.endpoints.join(", ")
+    );
+    if !ready && !options.dry_run {
+        anyhow::bail!("this host is not ready to take traffic");
+    }
     Ok(())
 }
 

@@ -5,14 +5,14 @@
 //! connection and the lease: the next step starts over, and a lease that
 //! was not revoked lapses by itself.
 
-use std::net::IpAddr;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::{Context as _, Result, anyhow};
 use etcd_client::{LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp};
 use tokio::time::timeout;
 use tracing::{info, warn};
 
-use super::settings::Settings;
+use super::{settings::Settings, setup::Served};
 use crate::{
     config::{self, Fleet},
     fleet::{
@@ -173,6 +173,26 @@ impl Registrar {
             .context("revoking the registration's lease")?;
         info!("deregistered");
         Ok(())
+    }
+
+    /// The VIP and mode of each service this host serves, as the fleet's
+    /// services have them (a service they lack is left out).
+    pub async fn served(&mut self) -> Result<BTreeMap<String, Served>> {
+        let store = self.store().await?;
+        let snapshot = store.read().await?;
+        let state = snapshot
+            .state
+            .map_err(|e| anyhow!("the fleet's state is refused: {e}"))?;
+        let fronts = config::service_fronts(&state.services)
+            .map_err(|e| anyhow!("the fleet's services: {e}"))?;
+        Ok(self
+            .services
+            .iter()
+            .filter_map(|name| {
+                let &(vip, mode) = fronts.get(name)?;
+                Some((name.clone(), Served { vip, mode }))
+            })
+            .collect())
     }
 
     /// Flows the live lb nodes still pin to this backend, summed over its

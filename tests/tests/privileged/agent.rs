@@ -7,6 +7,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     process::{Child, Command},
+    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
@@ -42,11 +43,39 @@ impl Agent {
         Agent::start_with(edge, host, "")
     }
 
+    /// `lb agent --once ARGS` in host `host`'s namespace: whether it
+    /// succeeded, and what it printed.
+    fn once(edge: &Edge, host: usize, args: &[&str]) -> (bool, String) {
+        let a = Agent::config_only(edge, host);
+        let out = edge.backends[host]
+            .spawn_process(
+                Command::new(lb_binary().unwrap())
+                    .args(["agent", "--once", "--config"])
+                    .arg(a.dir.join("agent.toml"))
+                    .args(args)
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped()),
+            )
+            .unwrap()
+            .wait_with_output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    }
+
+    /// The agent's directory and file, without starting it.
+    fn config_only(edge: &Edge, host: usize) -> Agent {
+        let etcd = edge.etcd.as_ref().unwrap();
+        let dir = agent_dir(host);
+        std::fs::write(dir.join("agent.toml"), agent_config(etcd, host)).unwrap();
+        Agent { child: None, dir }
+    }
+
     /// With `extra` appended to its file (a `[load]` table).
     fn start_with(edge: &Edge, host: usize, extra: &str) -> Agent {
         let etcd = edge.etcd.as_ref().unwrap();
-        let dir = std::env::temp_dir().join(format!("lbt-{}-agent{host}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = agent_dir(host);
         let config = dir.join("agent.toml");
         std::fs::write(&config, agent_config(etcd, host) + extra).unwrap();
         let log = std::fs::File::create(dir.join("agent.log")).unwrap();
@@ -91,6 +120,15 @@ impl Drop for Agent {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A fresh directory for an agent's file and log (tests run in parallel).
+fn agent_dir(host: usize) -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("lbt-{}-{n}-hostagent{host}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 fn agent_config(etcd: &Etcd, host: usize) -> String {
@@ -425,4 +463,78 @@ fn busy_hosts_report_less_of_their_weight_and_take_fewer_new_flows() {
     );
     eprintln!("new flows by host with host 1 at 50 % and host 2's CPU busy: {spread:?}");
     drop(held);
+}
+
+/// Whether host `host` holds the VIP on `lo`, and its ARP settings.
+fn host_setup(edge: &Edge, host: usize) -> (bool, String) {
+    edge.backends[host]
+        .run(|| {
+            let out = Command::new("ip")
+                .args(["-4", "addr", "show", "dev", "lo"])
+                .output()?;
+            let on_lo = String::from_utf8_lossy(&out.stdout).contains(&format!("{VIP}/32"));
+            let read =
+                |k: &str| std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/all/{k}"));
+            Ok((
+                on_lo,
+                format!(
+                    "{}/{}",
+                    read("arp_ignore")?.trim(),
+                    read("arp_announce")?.trim()
+                ),
+            ))
+        })
+        .unwrap()
+}
+
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn a_host_not_set_up_for_its_service_is_not_registered_until_fixed() {
+    require_root();
+    let (edge, _servers, daemons) = fleet(1, 1);
+    let d = &daemons[0];
+    // Host 0 as a fresh machine: no VIP on lo, default ARP settings.
+    let ns = &edge.backends[0];
+    ns.ip(&["addr", "del", &format!("{VIP}/32"), "dev", "lo"])
+        .unwrap();
+    ns.sysctl("net.ipv4.conf.all.arp_ignore", "0").unwrap();
+    ns.sysctl("net.ipv4.conf.all.arp_announce", "0").unwrap();
+
+    // A dry run says what it would do, and does nothing.
+    let (ok, text) = Agent::once(&edge, 0, &["--dry-run"]);
+    assert!(ok, "{text}");
+    let add = format!("would: add {VIP}/32 to lo");
+    for needle in [
+        add.as_str(),
+        "would: sysctl net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2",
+        "would not register",
+    ] {
+        assert!(text.contains(needle), "{needle}: {text}");
+    }
+    assert_eq!(host_setup(&edge, 0), (false, "0/0".into()));
+    let (ok, text) = Agent::once(&edge, 0, &[]);
+    assert!(!ok, "not ready, so --once fails: {text}");
+
+    // The agent does not register a host that would drop lb's packets.
+    let agent = Agent::start(&edge, 0);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(row(d, 0).is_none(), "registered while not set up");
+    assert!(agent.log().contains("not set up"), "{}", agent.log());
+    drop(agent);
+
+    // --fix puts it right; then the agent registers it.
+    let (ok, text) = Agent::once(&edge, 0, &["--fix"]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("did: add") && text.contains("would register"),
+        "{text}"
+    );
+    assert_eq!(host_setup(&edge, 0), (true, "1/2".into()));
+    let _agent = Agent::start(&edge, 0);
+    d.wait_in_table(1, Duration::from_secs(10)).unwrap();
+    wait_announced(&edge);
+    let spread = Sessions::open(&edge.client, SocketAddr::new(VIP.into(), ECHO_PORT), 5)
+        .unwrap()
+        .spread();
+    assert_eq!(spread.get("backend-1"), Some(&5), "{spread:?}");
 }
