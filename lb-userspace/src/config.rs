@@ -57,6 +57,9 @@ pub struct File {
     pub announce: Option<Spanned<AnnounceFile>>,
     /// Fleet mode: the services live in etcd; off (standalone) when absent.
     pub fleet: Option<Spanned<FleetFile>>,
+    /// A standalone daemon's port for `lb agent` registrations; off when
+    /// absent.
+    pub registration: Option<Spanned<RegistrationFile>>,
     /// Services, in any order.
     #[serde(default, rename = "service")]
     pub services: Vec<Spanned<ServiceFile>>,
@@ -71,6 +74,19 @@ pub struct AnnounceFile {
     /// BIRD's control socket, for `lb node status` and `lb doctor`.
     #[serde(default = "default_bird_socket")]
     pub bird_socket: PathBuf,
+}
+
+/// `[registration]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrationFile {
+    /// Address and port to listen on.
+    pub listen: String,
+    /// The shared secret agents sign with.
+    pub secret_file: PathBuf,
+    /// How long a registration lasts unless renewed.
+    #[serde(default = "default_lease", with = "humantime_serde")]
+    pub lease: Duration,
 }
 
 /// `[fleet]`.
@@ -642,6 +658,20 @@ pub struct Settings {
     pub announce: Option<Announce>,
     /// Fleet mode; `None` when standalone.
     pub fleet: Option<Fleet>,
+    /// A standalone daemon's registration port; `None` when it has none.
+    pub registration: Option<RegistrationPort>,
+}
+
+/// A standalone daemon's port for `lb agent` registrations
+/// ([`crate::registration`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistrationPort {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// The shared secret's file.
+    pub secret_file: PathBuf,
+    /// How long a registration lasts unless renewed.
+    pub lease: Duration,
 }
 
 /// Connection-table timeouts, whole seconds (what the data plane keeps).
@@ -1524,6 +1554,33 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
         }
     };
 
+    let registration = file.registration.as_ref().map(|r| {
+        let at = r.span().start;
+        let r = r.get_ref();
+        if file.fleet.is_some() {
+            e.push_node(
+                at,
+                "registration",
+                "in a fleet, agents register through etcd ([fleet] in their file): remove [registration]",
+            );
+        }
+        let listen = r.listen.parse().unwrap_or_else(|_| {
+            e.push_node(
+                at,
+                "registration.listen",
+                format!("{:?}: write it as address:port", r.listen),
+            );
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        });
+        if !(LEASE_RANGE.0..=LEASE_RANGE.1).contains(&r.lease) {
+            e.push_node(at, "registration.lease", "must be between 1s and 60s");
+        }
+        RegistrationPort {
+            listen,
+            secret_file: r.secret_file.clone(),
+            lease: r.lease,
+        }
+    });
     let announce = file.announce.as_ref().map(|a| {
         let at = a.span().start;
         let a = a.get_ref();
@@ -1789,13 +1846,14 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
             gue_port: s.gue_port,
             announce,
             fleet,
+            registration,
         },
         services,
     })
 }
 
 /// The host's name, the default node name of a fleet.
-fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most buf.len() bytes into buf.
     if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {

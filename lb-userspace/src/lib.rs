@@ -20,6 +20,8 @@
 //! - [`cli`]: the command line (daemon, operator commands, demo).
 //! - [`dataplane`]: the one owner of the eBPF object and its maps.
 //! - [`decap`]: `lb decap`, the decapsulator backends of `ipip` services run.
+//! - [`registration`]: registrations signed for a standalone daemon's
+//!   port (pure).
 //! - [`host_agent`]: `lb agent`, which registers a backend host with the
 //!   fleet and drains it on the way out.
 //! - [`netns`]: network namespaces, for the demo and the tests.
@@ -48,4 +50,5 @@ pub mod neighbor;
 pub mod netns;
 pub mod probe;
 pub mod probe_path;
+pub mod registration;
 pub mod routes;

@@ -27,13 +27,19 @@ use lb_common::{
 use serde::Serialize;
 use tracing::{error, info, warn};
 
-use super::runtime::{Admin, History, Override, Runtime, ServiceIds};
+use super::{
+    registrations::HeldRegistrations,
+    runtime::{Admin, History, Override, Runtime, ServiceIds},
+};
 use crate::{
     agent,
     config::{self, Affinity, Desired, Mode, Via},
     dataplane::{Dataplane, Prefix, SourceEntries},
     feedback,
-    fleet::state::{AgreedHealth, FleetState, HealthView, Overrides},
+    fleet::{
+        registry::Refused,
+        state::{AgreedHealth, FleetState, HealthView, Overrides},
+    },
     health::{self, Health, Tracker},
     maglev::{self, Candidate},
     neighbor::{NextHop, Resolution},
@@ -294,6 +300,11 @@ pub struct Controller {
     /// Health changes since the state file was last saved
     /// ([`Controller::save_history`]).
     history_unsaved: bool,
+    /// The operator's desired state without registrations, when a
+    /// standalone daemon admits some ([`Controller::configured`]).
+    configured: Option<Desired>,
+    /// Registrations not admitted at the last apply.
+    registrations_refused: Vec<Refused>,
 }
 
 /// A backend's next hop as the data plane takes it.
@@ -494,6 +505,8 @@ impl Controller {
             fleet_health,
             source_entries: SourceEntries::new(),
             history_unsaved: false,
+            configured: None,
+            registrations_refused: Vec::new(),
         };
         c.source_entries = c.dp.source_entries()?;
         for (ip, why) in &c.unresolved {
@@ -944,6 +957,30 @@ impl Controller {
     /// The runtime state (ids, overrides, the node's state, the fleet cache).
     pub fn runtime(&self) -> &Runtime {
         &self.runtime
+    }
+
+    /// The operator's desired state, before a standalone daemon's
+    /// registrations were admitted into it.
+    pub fn configured(&self) -> &Desired {
+        self.configured.as_ref().unwrap_or(&self.desired)
+    }
+
+    /// Records the operator's desired state just applied, and the
+    /// registrations it did not admit.
+    pub fn set_configured(&mut self, configured: Desired, refused: Vec<Refused>) {
+        self.configured = Some(configured);
+        self.registrations_refused = refused;
+    }
+
+    /// Registrations the services did not admit, as of the last apply.
+    pub fn registrations_refused(&self) -> &[Refused] {
+        &self.registrations_refused
+    }
+
+    /// Replaces the standalone registrations held (applied, and saved, by
+    /// the next [`Controller::apply`]); returns those held before.
+    pub fn set_registered(&mut self, held: HeldRegistrations) -> HeldRegistrations {
+        std::mem::replace(&mut self.runtime.registered, held)
     }
 
     /// Keeps the fleet state last applied in the state file, for a restart

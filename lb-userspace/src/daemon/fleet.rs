@@ -701,7 +701,10 @@ pub(crate) fn desired_of(
     registered: &Registrations,
 ) -> Result<(Desired, Vec<String>), config::ConfigErrors> {
     let mut desired = config::parse_fleet(node_text, services)?;
-    let refused = registry::admit(&mut desired, registered);
+    let refused = registry::admit(&mut desired, registered)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     Ok((desired, refused))
 }
 

@@ -154,6 +154,7 @@ pub(crate) fn render(
     ctl: &Controller,
     node: &NodeStatus,
     fleet: Option<FleetGauges>,
+    registration: Option<super::registrations::Gauges>,
     durations: &mut ProbeDurations,
 ) -> Result<String> {
     let mut r = Registry::with_prefix("lb");
@@ -206,6 +207,27 @@ pub(crate) fn render(
             "Registrations of backends (lb agent) in the fleet's state that this node refuses; lb fleet status says why",
             f.registrations_refused as i64,
         );
+    }
+    if let Some(g) = registration {
+        gauge(
+            &mut r,
+            "registrations",
+            "Backends registered through this daemon's registration port",
+            g.held as i64,
+        );
+        let refused = register(
+            &mut r,
+            "registration_requests_refused",
+            "Registration requests and registrations refused, by reason (signature, stale, malformed, payload, admission)",
+            Counters::<ReasonLabels>::default(),
+        );
+        for (reason, n) in g.refused {
+            refused
+                .get_or_create(&ReasonLabels {
+                    reason: reason.to_string(),
+                })
+                .inc_by(n);
+        }
     }
     let svc_packets = register(
         &mut r,

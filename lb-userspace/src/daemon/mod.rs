@@ -23,6 +23,7 @@ mod http;
 mod metrics;
 mod node;
 mod probers;
+pub mod registrations;
 pub mod runtime;
 mod status;
 mod views;
@@ -53,7 +54,7 @@ use crate::{
     config::{self, Desired, XdpModeSetting},
     config_edit::Edit,
     dataplane::{Dataplane, KernelLog, KernelLogLevel, Repair},
-    fleet::store::Event as FleetEvent,
+    fleet::{registry, store::Event as FleetEvent},
     neighbor,
 };
 use controller::Controller;
@@ -319,6 +320,10 @@ pub async fn run(opts: Options) -> Result<()> {
         tokio::spawn(forward_kernel_log(dp.kernel_log()?));
     }
     let mut runtime = Runtime::load(&settings.state_file)?;
+    match &settings.registration {
+        Some(port) => registrations::renew_all(&mut runtime.registered, port.lease),
+        None => runtime.registered.clear(),
+    }
     timed("state");
     // A fleet node's services come from etcd (or, unreachable, its cache).
     let fleet_start = match &settings.fleet {
@@ -328,7 +333,12 @@ pub async fn run(opts: Options) -> Result<()> {
     if fleet_start.is_some() {
         timed("fleet");
     }
-    let desired = fleet_start.as_ref().map_or(local, |s| s.desired.clone());
+    let configured = fleet_start.as_ref().map_or(local, |s| s.desired.clone());
+    let mut desired = configured.clone();
+    let refused = registry::admit(
+        &mut desired,
+        &registrations::registrations_of(&runtime.registered),
+    );
     let fleet_health = fleet_start.as_ref().map(|s| {
         if let Some(state) = &s.state {
             runtime.overrides = state.overrides.clone();
@@ -341,6 +351,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let hops = resolver.resolve_all(backend_addrs(&desired)).await;
     timed("next_hops");
     let (mut ctl, report) = Controller::new(dp, desired, runtime, hops, fleet_health)?;
+    ctl.set_configured(configured, refused);
     timed("tables");
     for iface in &settings.interfaces {
         let pin = opts.pin_dir.join(format!("link-{iface}"));
@@ -392,6 +403,16 @@ pub async fn run(opts: Options) -> Result<()> {
             }
         }
     });
+
+    // Kept even without a port, so its receiver waits instead of ending.
+    let (registration_tx, mut registration_requests) = mpsc::channel(64);
+    let mut registration_port = match &settings.registration {
+        Some(port) => {
+            let refused = registrations::start(port, registration_tx.clone()).await?;
+            Some((registrations::Port::new(port.lease), refused))
+        }
+        None => None,
+    };
 
     let (ask_tx, mut asks) = mpsc::channel::<http::Ask>(16);
     if let Some(addr) = settings.metrics.addr() {
@@ -504,12 +525,23 @@ pub async fn run(opts: Options) -> Result<()> {
                     continue;
                 }
             }
+            Some(request) = registration_requests.recv() => {
+                let registrations::Request { message, reply } = request;
+                if let Some((port, _)) = registration_port.as_mut() {
+                    let _ = reply.send(port.receive(&mut ctl, message));
+                }
+                probers.sync(&ctl);
+                publish_addrs(&addrs_tx, &ctl);
+            }
             Some((page, reply)) = asks.recv() => {
                 let status = node.status(&ctl);
                 let answer = match page {
                     http::Page::Metrics => {
                         let fleet = fleet_node.as_ref().map(FleetNode::gauges);
-                        metrics::render(&ctl, &status, fleet, &mut probe_durations)
+                        let registration = registration_port
+                            .as_ref()
+                            .map(|(port, refused)| port.gauges(&ctl, refused));
+                        metrics::render(&ctl, &status, fleet, registration, &mut probe_durations)
                     }
                     http::Page::Status => status::snapshot(&ctl, &status, &history, startup.answering)
                         .map(|v| v.to_string()),
@@ -554,6 +586,16 @@ pub async fn run(opts: Options) -> Result<()> {
                     }
                 }
                 node.observe_flows(&ctl);
+                if let Some((port, _)) = registration_port.as_mut() {
+                    match port.expire(&mut ctl) {
+                        Ok(true) => {
+                            probers.sync(&ctl);
+                            publish_addrs(&addrs_tx, &ctl);
+                        }
+                        Ok(false) => {}
+                        Err(e) => error!(error = %format!("{e:#}"), "removing lapsed registrations"),
+                    }
+                }
                 if let Some(f) = fleet_node.as_mut()
                     && let Err(e) = f.count_draining_flows(&ctl)
                 {
@@ -645,11 +687,17 @@ pub(crate) fn apply(
         || now.metrics != new.metrics
         || now.announce != new.announce
         || now.fleet != new.fleet
+        || now.registration != new.registration
     {
         bail!(
-            "interfaces, xdp_mode, socket, state_file, metrics, [announce] and [fleet] only change with a daemon restart"
+            "interfaces, xdp_mode, socket, state_file, metrics, [announce], [fleet] and [registration] only change with a daemon restart"
         );
     }
+    // A standalone daemon's registrations join the operator's services.
+    let configured = desired.clone();
+    let mut desired = desired;
+    let held = registrations::registrations_of(&ctl.runtime().registered);
+    let refused = registry::admit(&mut desired, &held);
     if dry_run {
         return ctl.apply(desired, true);
     }
@@ -669,7 +717,34 @@ pub(crate) fn apply(
              `lb reload` writes the running configuration again"
         ));
     }
+    if applied.is_ok() {
+        for r in refused
+            .iter()
+            .filter(|r| !ctl.registrations_refused().contains(r))
+        {
+            warn!(reason = %r, "registration refused");
+        }
+        ctl.set_configured(configured, refused);
+    }
     applied
+}
+
+/// Makes `held` the standalone registrations and applies the operator's
+/// services with them; returns the registrations not admitted. On failure
+/// the registrations held before stay.
+pub(crate) fn apply_registrations(
+    ctl: &mut Controller,
+    held: registrations::HeldRegistrations,
+) -> Result<Vec<registry::Refused>> {
+    let previous = ctl.set_registered(held);
+    let configured = ctl.configured().clone();
+    match apply(ctl, configured, false) {
+        Ok(_) => Ok(ctl.registrations_refused().to_vec()),
+        Err(e) => {
+            ctl.set_registered(previous);
+            Err(e)
+        }
+    }
 }
 
 /// Writes the data plane's settings and the connection table's.

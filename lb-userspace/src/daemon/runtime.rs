@@ -78,6 +78,10 @@ pub struct Runtime {
     /// unreachable still has it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet: Option<FleetState>,
+    /// A standalone daemon's registrations from `lb agent`s
+    /// (`[registration]`), kept so a restart keeps their backends.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub registered: super::registrations::HeldRegistrations,
 }
 
 /// The operator's word on the node as a whole.

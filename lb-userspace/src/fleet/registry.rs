@@ -50,19 +50,44 @@ pub const FULL_PERCENT: u32 = 100;
 /// Registrations: service → backend address → registration.
 pub type Registrations = BTreeMap<String, BTreeMap<IpAddr, Registration>>;
 
+/// A registration a node does not admit, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Its service.
+    pub service: String,
+    /// Its address.
+    pub address: IpAddr,
+    /// Why.
+    pub why: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "registration of {} for service {:?}: {}",
+            self.address, self.service, self.why
+        )
+    }
+}
+
 /// Admits `registered` into `desired`, in key order, so that every node
 /// admits the same ones. A backend the services already list stays as the
 /// operator configured it (its weight wins) and is marked registered.
 /// Admitted backends are marked in their service's
 /// [`config::Service::registered`]. Returns why each other registration was
 /// refused.
-pub fn admit(desired: &mut Desired, registered: &Registrations) -> Vec<String> {
+pub fn admit(desired: &mut Desired, registered: &Registrations) -> Vec<Refused> {
     let mut refused = Vec::new();
     let s = &desired.settings;
     let mut memberships: usize = desired.services.values().map(|v| v.backends.len()).sum();
     for (service, backends) in registered {
         for (ip, r) in backends {
-            let why = |what: &str| format!("registration of {ip} for service {service:?}: {what}");
+            let why = |what: &str| Refused {
+                service: service.clone(),
+                address: *ip,
+                why: what.to_string(),
+            };
             let Some(svc) = desired.services.get_mut(service) else {
                 refused.push(why("no such service"));
                 continue;
@@ -199,12 +224,13 @@ weight = 3
             .collect();
         assert_eq!(joined, ["198.18.0.15", "198.18.0.16", "198.18.0.17"]);
         assert_eq!(refused.len(), 5, "{refused:#?}");
-        for (needle, text) in [
-            ("no such service", &refused),
-            ("family", &refused),
-            ("unicast", &refused),
-            ("weight", &refused),
-            ("max_backends", &refused),
+        let text: Vec<String> = refused.iter().map(ToString::to_string).collect();
+        for needle in [
+            "no such service",
+            "family",
+            "unicast",
+            "weight",
+            "max_backends",
         ] {
             assert!(
                 text.iter().any(|r| r.contains(needle)),

@@ -7,6 +7,8 @@
 //!   decapsulator), checked and put right.
 //! - [`registrar`]: the registration in etcd, under a lease the agent
 //!   keeps alive; a host that dies leaves when the lease lapses.
+//! - [`direct`]: the registration with a standalone daemon's port,
+//!   signed with a shared secret.
 //!
 //! On SIGTERM or SIGINT the agent drains its backend (the registration
 //! says so), waits until every live lb node reports no flow left on it or
@@ -15,6 +17,7 @@
 //! etcd that is away for a while costs the registration only once its
 //! lease lapses.
 
+pub mod direct;
 pub mod load;
 pub mod registrar;
 pub mod settings;
@@ -40,7 +43,7 @@ use tracing::{info, warn};
 use crate::{config::Probe, doctor, probe};
 use load::LoadSettings;
 use registrar::Registrar;
-use settings::{Check, CheckKind, Settings};
+use settings::{Check, CheckKind, Settings, Target};
 
 /// How often a leaving agent asks the fleet whether its flows ended.
 const DRAIN_POLL: Duration = Duration::from_millis(500);
@@ -81,7 +84,7 @@ pub async fn run(path: &Path, options: &Options) -> Result<()> {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut passing: Option<bool> = None;
     let mut set_up = SetUp::default();
-    info!(address = %s.address, services = ?s.services, host = %s.fleet.node, "agent started");
+    info!(address = %s.address, services = ?s.services, host = %s.host, "agent started");
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -214,14 +217,16 @@ async fn once(s: &Settings, options: &Options) -> Result<()> {
         Err(why) => println!("local check: fails: {why}"),
     }
     let ready = setup::passes(&findings) && check.is_ok();
+    let at = match &s.target {
+        Target::Fleet(f) => format!("under a {:?} lease at {}", f.lease, f.endpoints.join(", ")),
+        Target::Daemon(d) => format!("with the lb at {}", d.address),
+    };
     println!(
-        "{} register {} for {} (weight {}) under a {:?} lease at {}",
+        "{} register {} for {} (weight {}) {at}",
         if ready { "would" } else { "would not" },
         s.address,
         s.services.join(", "),
         s.weight,
-        s.fleet.lease,
-        s.fleet.endpoints.join(", ")
     );
     if !ready && !options.dry_run {
         anyhow::bail!("this host is not ready to take traffic");

@@ -1,4 +1,7 @@
-//! The agent's registration in etcd: one key per service it serves,
+//! Where the agent's registration lives: the fleet's etcd ([`Etcd`]), or a
+//! standalone daemon's registration port ([`super::direct`]).
+//!
+//! In etcd: one key per service it serves,
 //! `P/registered/SERVICE/ADDRESS`, all under one lease with the fleet's
 //! TTL. Kept alive on every check that passes; revoked (which deletes the
 //! keys) when a check fails or the agent leaves. Any etcd error drops the
@@ -12,18 +15,108 @@ use etcd_client::{LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp};
 use tokio::time::timeout;
 use tracing::{info, warn};
 
-use super::{settings::Settings, setup::Served};
+use super::{
+    direct::Direct,
+    settings::{Settings, Target},
+    setup::Served,
+};
 use crate::{
     config::{self, Fleet},
     fleet::{
-        registry::Registration,
+        registry::{FULL_PERCENT, Registration},
         store::{CALL_TIMEOUT, Store},
     },
 };
 
-/// The registration, held or not.
-pub struct Registrar {
+/// The registration, held or not, wherever it lives (one per agent: the
+/// variants' sizes do not matter).
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per agent, never moved in a loop"
+)]
+pub enum Registrar {
+    /// In the fleet's etcd.
+    Etcd(Etcd),
+    /// With a standalone daemon.
+    Direct(Direct),
+}
+
+impl Registrar {
+    /// Nothing held yet.
+    pub fn new(s: &Settings) -> Registrar {
+        match &s.target {
+            Target::Fleet(fleet) => Registrar::Etcd(Etcd::new(s, fleet)),
+            Target::Daemon(daemon) => {
+                let registrations = s
+                    .services
+                    .iter()
+                    .map(|service| (service.clone(), registration(s, false, FULL_PERCENT)))
+                    .collect();
+                Registrar::Direct(Direct::new(daemon.clone(), registrations))
+            }
+        }
+    }
+
+    /// Whether the host is registered (as of the last step).
+    pub fn registered(&self) -> bool {
+        match self {
+            Registrar::Etcd(e) => e.registered(),
+            Registrar::Direct(d) => d.registered(),
+        }
+    }
+
+    /// Registers, or keeps the registration alive, saying whether the
+    /// backend is leaving and the percent of its weight its load leaves.
+    pub async fn hold(&mut self, draining: bool, percent: u32) -> Result<()> {
+        match self {
+            Registrar::Etcd(e) => e.hold(draining, percent).await,
+            Registrar::Direct(d) => d.hold(draining, percent).await,
+        }
+    }
+
+    /// Deregisters.
+    pub async fn leave(&mut self) -> Result<()> {
+        match self {
+            Registrar::Etcd(e) => e.leave().await,
+            Registrar::Direct(d) => d.leave().await,
+        }
+    }
+
+    /// Flows the load balancers still pin to this backend; `None` while
+    /// they have not all counted since it began draining.
+    pub async fn flows_left(&mut self) -> Result<Option<u64>> {
+        match self {
+            Registrar::Etcd(e) => e.flows_left().await,
+            Registrar::Direct(d) => Ok(d.flows_left()),
+        }
+    }
+
+    /// The VIP and mode of each service this host serves (a service the
+    /// load balancers lack is left out).
+    pub async fn served(&mut self) -> Result<BTreeMap<String, Served>> {
+        match self {
+            Registrar::Etcd(e) => e.served().await,
+            Registrar::Direct(d) => d.served().await,
+        }
+    }
+}
+
+/// What the agent registers for each service.
+fn registration(s: &Settings, draining: bool, percent: u32) -> Registration {
+    Registration {
+        address: s.address,
+        weight: s.weight,
+        percent,
+        draining,
+        host: s.host.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    }
+}
+
+/// The registration in the fleet's etcd.
+pub struct Etcd {
     fleet: Fleet,
+    host: String,
     address: IpAddr,
     services: Vec<String>,
     weight: u32,
@@ -43,11 +136,12 @@ struct Held {
     revision: i64,
 }
 
-impl Registrar {
+impl Etcd {
     /// Nothing held yet.
-    pub fn new(s: &Settings) -> Registrar {
-        Registrar {
-            fleet: s.fleet.clone(),
+    pub fn new(s: &Settings, fleet: &Fleet) -> Etcd {
+        Etcd {
+            fleet: fleet.clone(),
+            host: s.host.clone(),
             address: s.address,
             services: s.services.clone(),
             weight: s.weight,
@@ -122,7 +216,7 @@ impl Registrar {
                     weight: self.weight,
                     percent,
                     draining,
-                    host: self.fleet.node.clone(),
+                    host: self.host.clone(),
                     version: env!("CARGO_PKG_VERSION").into(),
                 };
                 let key = store.keys().registration(service, self.address);

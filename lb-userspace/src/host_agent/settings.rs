@@ -8,11 +8,15 @@ use anyhow::{Context as _, Result, anyhow};
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::direct::Daemon;
 use super::load::{self, LoadSettings};
-use crate::config::{self, ConfigError, ConfigErrors, Fleet, FleetFile, MAX_WEIGHT};
+use crate::{
+    config::{self, ConfigError, ConfigErrors, Fleet, FleetFile, MAX_WEIGHT},
+    registration::Secret,
+};
 
 /// The agent's settings.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     /// This backend's address, as lb reaches it.
     pub address: IpAddr,
@@ -26,9 +30,20 @@ pub struct Settings {
     pub check: Check,
     /// What its weight follows, if anything: the host's load.
     pub load: Option<LoadSettings>,
-    /// The fleet's etcd; `fleet.node` names this host, and `fleet.lease`
-    /// is the registration's TTL.
-    pub fleet: Fleet,
+    /// This host's name, for operators.
+    pub host: String,
+    /// Where it registers.
+    pub target: Target,
+}
+
+/// Where an agent registers.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// The fleet's etcd (`[fleet]`): `fleet.lease` is the registration's
+    /// TTL.
+    Fleet(Fleet),
+    /// A standalone lb daemon's registration port (`[lb]`).
+    Daemon(Daemon),
 }
 
 /// The local check.
@@ -69,7 +84,16 @@ struct File {
     drain_timeout: Duration,
     check: Spanned<CheckFile>,
     load: Option<Spanned<LoadFile>>,
-    fleet: Spanned<FleetFile>,
+    fleet: Option<Spanned<FleetFile>>,
+    lb: Option<Spanned<LbFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LbFile {
+    address: String,
+    secret_file: std::path::PathBuf,
+    host: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -254,28 +278,68 @@ pub fn parse(text: &str) -> Result<Settings, ConfigErrors> {
             agent_port: l.agent_port,
         }
     });
-    let fleet = config::fleet_of(&file.fleet, text);
-    if let Ok(f) = &fleet
-        && c.interval >= f.lease
-    {
-        push(
-            &file.check.span(),
-            "check.interval",
-            format!(
-                "checks every {:?} cannot keep a {:?} lease alive: check more often than fleet.lease",
-                c.interval, f.lease
-            ),
-        );
-    }
-    let fleet = match fleet {
-        Ok(f) => Some(f),
-        Err(e) => {
-            errors.extend(e.0);
+    let target = match (&file.fleet, &file.lb) {
+        (Some(f), None) => match config::fleet_of(f, text) {
+            Ok(f) => {
+                if c.interval >= f.lease {
+                    push(
+                        &file.check.span(),
+                        "check.interval",
+                        format!(
+                            "checks every {:?} cannot keep a {:?} lease alive: check more often than fleet.lease",
+                            c.interval, f.lease
+                        ),
+                    );
+                }
+                Some((f.node.clone(), Target::Fleet(f)))
+            }
+            Err(e) => {
+                errors.extend(e.0);
+                None
+            }
+        },
+        (None, Some(lb)) => {
+            let span = lb.span();
+            let l = lb.get_ref();
+            let address = l
+                .address
+                .parse()
+                .map_err(|_| format!("{:?}: write it as address:port", l.address));
+            let secret = Secret::read(&l.secret_file).map_err(|e| format!("{e:#}"));
+            let host = l.host.clone().unwrap_or_else(config::host_name);
+            if !config::valid_name(&host) {
+                push(
+                    &span,
+                    "lb.host",
+                    format!("{host:?}: use letters, digits, '-', '_' or '.'"),
+                );
+            }
+            match (address, secret) {
+                (Ok(address), Ok(secret)) => {
+                    Some((host, Target::Daemon(Daemon { address, secret })))
+                }
+                (address, secret) => {
+                    if let Err(e) = address {
+                        push(&span, "lb.address", e);
+                    }
+                    if let Err(e) = secret {
+                        push(&span, "lb.secret_file", e);
+                    }
+                    None
+                }
+            }
+        }
+        _ => {
+            push(
+                &(0..0),
+                "fleet",
+                "give [fleet] (register in the fleet's etcd) or [lb] (a standalone lb's registration port), one of them".into(),
+            );
             None
         }
     };
-    match (address, kind, fleet) {
-        (Ok(address), Some(kind), Some(fleet)) if errors.is_empty() => Ok(Settings {
+    match (address, kind, target) {
+        (Ok(address), Some(kind), Some((host, target))) if errors.is_empty() => Ok(Settings {
             address,
             services: file.services.get_ref().clone(),
             weight: *file.weight.get_ref(),
@@ -286,7 +350,8 @@ pub fn parse(text: &str) -> Result<Settings, ConfigErrors> {
                 timeout: c.timeout,
             },
             load,
-            fleet,
+            host,
+            target,
         }),
         _ => Err(ConfigErrors(errors)),
     }
@@ -303,7 +368,7 @@ mod tests {
         let s = parse(EXAMPLE).unwrap();
         assert_eq!(s.services, ["web"]);
         assert!(matches!(s.check.kind, CheckKind::Http { port: 80, .. }));
-        assert_eq!(s.fleet.prefix, "/lb");
+        assert!(matches!(&s.target, Target::Fleet(f) if f.prefix == "/lb"));
     }
 
     #[test]

@@ -43,6 +43,26 @@ impl Agent {
         Agent::start_with(edge, host, "")
     }
 
+    /// An agent with its whole file given.
+    fn start_file(edge: &Edge, host: usize, file: &str) -> Agent {
+        let dir = agent_dir(host);
+        let config = dir.join("agent.toml");
+        std::fs::write(&config, file).unwrap();
+        let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+        let child = lb::netns::spawn_in(
+            &edge.backends[host].name,
+            Command::new(lb_binary().unwrap())
+                .args(["agent", "--config"])
+                .arg(&config)
+                .stderr(log),
+        )
+        .unwrap();
+        Agent {
+            child: Some(child),
+            dir,
+        }
+    }
+
     /// `lb agent --once ARGS` in host `host`'s namespace: whether it
     /// succeeded, and what it printed.
     fn once(edge: &Edge, host: usize, args: &[&str]) -> (bool, String) {
@@ -537,4 +557,165 @@ fn a_host_not_set_up_for_its_service_is_not_registered_until_fixed() {
         .unwrap()
         .spread();
     assert_eq!(spread.get("backend-1"), Some(&5), "{spread:?}");
+}
+
+/// The standalone node's registration port.
+const REGISTRATION_PORT: u16 = 9190;
+
+/// An agent's file registering host `host` for `service` straight with the
+/// standalone node, signed with the secret in `secret_file`.
+fn direct_agent(host: usize, service: &str, secret_file: &std::path::Path) -> String {
+    format!(
+        r#"address = "{}"
+services = ["{service}"]
+drain_timeout = "60s"
+
+[check]
+port = {ECHO_PORT}
+interval = "200ms"
+timeout = "150ms"
+
+[lb]
+address = "{}:{REGISTRATION_PORT}"
+secret_file = "{}"
+host = "host{host}"
+"#,
+        backend_v4(host),
+        node_v4(0),
+        secret_file.display()
+    )
+}
+
+/// A refusal count from the node's metrics.
+fn refused(edge: &Edge, reason: &str) -> u64 {
+    let m = lb_tests::daemon::metrics_in(&edge.nodes[0].ns).unwrap();
+    let line = format!("lb_registration_requests_refused_total{{reason=\"{reason}\"}} ");
+    m.lines()
+        .find_map(|l| l.strip_prefix(line.as_str()))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn a_standalone_lb_takes_signed_registrations_and_refuses_the_rest() {
+    require_root();
+    let edge = Edge::build(1, 3, &[VIP]).unwrap();
+    let _servers: Vec<EchoServer> = edge
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| EchoServer::start(ns, &format!("backend-{}", i + 1)).unwrap())
+        .collect();
+    let dir = agent_dir(99);
+    let (secret, wrong) = (dir.join("secret"), dir.join("wrong"));
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::write(&wrong, "fedcba9876543210fedcba9876543210\n").unwrap();
+    let config = lb_tests::edge::node_config(VIP, 0, edge.nodes[0].bird.as_ref().unwrap())
+        .replacen(
+            "[settings]\n",
+            "[settings]\ntcp_closed_timeout = \"1s\"\n",
+            1,
+        )
+        + &format!(
+            "\n[registration]\nlisten = \"{}:{REGISTRATION_PORT}\"\nsecret_file = \"{}\"\nlease = \"2s\"\n",
+            node_v4(0),
+            secret.display()
+        );
+    let mut d = Daemon::start(&edge.nodes[0].ns, "standalone", &config).unwrap();
+
+    // Two hosts register with the right secret: both take traffic.
+    let mut agents = vec![
+        Agent::start_file(&edge, 0, &direct_agent(0, "echo", &secret)),
+        Agent::start_file(&edge, 1, &direct_agent(1, "echo", &secret)),
+    ];
+    let t = d.wait_in_table(2, Duration::from_secs(10)).unwrap();
+    eprintln!("two hosts registered with the standalone node within {t:?}");
+    wait_announced(&edge);
+    let to = SocketAddr::new(VIP.into(), ECHO_PORT);
+    let mut sessions = Sessions::open(&edge.client, to, 40).unwrap();
+    assert_eq!(sessions.spread().len(), 2, "{:?}", sessions.spread());
+
+    // A wrong secret, a service that does not exist, and bytes that are
+    // not a request: refused, counted, and nothing applied.
+    let _wrong = Agent::start_file(&edge, 2, &direct_agent(2, "echo", &wrong));
+    let _nope = Agent::start_file(&edge, 2, &direct_agent(2, "nope", &secret));
+    edge.backends[2]
+        .run(move || {
+            use std::io::Write as _;
+            let mut s = std::net::TcpStream::connect((node_v4(0), REGISTRATION_PORT))?;
+            s.write_all(b"not a request\n")?;
+            Ok(())
+        })
+        .unwrap();
+    d.wait_until("refusals counted", Duration::from_secs(5), |_| {
+        Ok(refused(&edge, "signature") > 0
+            && refused(&edge, "admission") > 0
+            && refused(&edge, "malformed") > 0)
+    })
+    .unwrap();
+    assert!(row(&d, 2).is_none(), "a refused host joined");
+    assert_eq!(d.cli(&["service", "list"]).unwrap()[0]["in_table"], 2);
+
+    // The daemon restarts while the agents are stopped: the registered
+    // backends stay (kept in its state file) and no connection breaks.
+    for a in &agents {
+        a.signal(libc::SIGSTOP);
+    }
+    d.kill(libc::SIGKILL).unwrap();
+    d.spawn().unwrap();
+    assert_eq!(
+        d.cli(&["service", "list"]).unwrap()[0]["in_table"],
+        2,
+        "registrations kept across a restart"
+    );
+    let (ok, bad) = sessions.check();
+    assert!(
+        bad.is_empty(),
+        "{ok} fine, broken across the restart: {bad:#?}"
+    );
+    for a in &agents {
+        a.signal(libc::SIGCONT);
+    }
+
+    // SIGTERM: host 0 drains under its connections, then leaves.
+    agents[0].signal(libc::SIGTERM);
+    d.wait_until("host 0 draining", Duration::from_secs(5), |d| {
+        Ok(row(d, 0).is_some_and(|r| r["admin"] == "drain" && r["registered"] == true))
+    })
+    .unwrap();
+    let (ok, bad) = sessions.check();
+    assert!(bad.is_empty(), "{ok} fine, broken while draining: {bad:#?}");
+    assert!(agents[0].exited().is_none(), "left with connections open");
+    drop(sessions);
+    let closed = Instant::now();
+    let status = loop {
+        if let Some(s) = agents[0].exited() {
+            break s;
+        }
+        assert!(
+            closed.elapsed() < Duration::from_secs(15),
+            "the agent did not leave: {}",
+            agents[0].log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status}: {}", agents[0].log());
+    d.wait_until("host 0 gone", Duration::from_secs(2), |d| {
+        Ok(row(d, 0).is_none())
+    })
+    .unwrap();
+
+    // SIGKILL: host 1 leaves when its registration lapses.
+    let killed = Instant::now();
+    agents[1].signal(libc::SIGKILL);
+    d.wait_until("host 1 gone", Duration::from_secs(5), |d| {
+        Ok(row(d, 1).is_none())
+    })
+    .unwrap();
+    eprintln!(
+        "a killed host left the standalone node within {:?}",
+        killed.elapsed()
+    );
+    agents.clear();
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,0 +1,334 @@
+//! A standalone daemon's registration port (`[registration]`): `lb agent`s
+//! without etcd register their hosts here, signed with a shared secret
+//! ([`crate::registration`]).
+//!
+//! A registration lasts `lease` unless renewed; it is admitted into its
+//! service as a fleet node admits one from etcd
+//! ([`crate::fleet::registry::admit`]), and kept in the state file, so a
+//! restarted daemon keeps its registered backends (with a fresh lease,
+//! for their agents to renew) instead of re-hashing their flows. Requests
+//! that fail the signature, the clock or the format are refused and
+//! counted; nothing they carry is applied.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, oneshot},
+};
+use tracing::{info, warn};
+
+use super::{controller::Controller, flows};
+use crate::{
+    config::RegistrationPort,
+    fleet::registry::{Registration, Registrations},
+    registration::{self, Answer, MAX_LINE, Message, Refusal, Secret},
+};
+
+/// How long a connection may take to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A registration as the daemon holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    /// What the agent said last.
+    pub registration: Registration,
+    /// When it lapses unless renewed, milliseconds since the Unix epoch.
+    pub expires_ms: u64,
+}
+
+/// Held registrations: service → address → registration.
+pub type HeldRegistrations = BTreeMap<String, BTreeMap<IpAddr, Held>>;
+
+/// One verified request, handed to the control loop.
+pub(crate) struct Request {
+    pub message: Message,
+    pub reply: oneshot::Sender<Answer>,
+}
+
+/// Requests refused before the control loop sees them, by reason.
+#[derive(Debug, Default)]
+pub(crate) struct Refused {
+    counts: [AtomicU64; 4],
+}
+
+impl Refused {
+    const REASONS: [Refusal; 4] = [
+        Refusal::Malformed,
+        Refusal::Signature,
+        Refusal::Payload,
+        Refusal::Stale,
+    ];
+
+    fn count(&self, r: Refusal) {
+        if let Some(i) = Self::REASONS.iter().position(|x| *x == r) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Each reason's label and count.
+    pub(crate) fn counts(&self) -> Vec<(&'static str, u64)> {
+        Self::REASONS
+            .iter()
+            .zip(&self.counts)
+            .map(|(r, c)| (r.label(), c.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
+/// The port's figures for the metrics.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Gauges {
+    /// Registrations held.
+    pub held: usize,
+    /// Requests refused, by reason (`admission` for registrations a
+    /// service could not take).
+    pub refused: Vec<(&'static str, u64)>,
+}
+
+/// Reads the secret and binds the port; requests go to `tx`.
+pub(crate) async fn start(
+    port: &RegistrationPort,
+    tx: mpsc::Sender<Request>,
+) -> Result<Arc<Refused>> {
+    let secret = Secret::read(&port.secret_file).context("[registration] secret_file")?;
+    let listener = TcpListener::bind(port.listen)
+        .await
+        .with_context(|| format!("binding [registration] listen {}", port.listen))?;
+    info!(listen = %port.listen, lease = ?port.lease, "taking registrations from lb agents");
+    let refused = Arc::new(Refused::default());
+    let counts = refused.clone();
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    let (secret, tx, counts) = (secret.clone(), tx.clone(), counts.clone());
+                    tokio::spawn(async move {
+                        if let Err(why) = serve(stream, &secret, &tx, &counts).await {
+                            warn!(%peer, reason = %why, "registration request refused");
+                        }
+                    });
+                }
+                Err(e) => warn!(error = %e, "accepting a registration connection"),
+            }
+        }
+    });
+    Ok(refused)
+}
+
+/// Answers one connection.
+async fn serve(
+    stream: TcpStream,
+    secret: &Secret,
+    tx: &mpsc::Sender<Request>,
+    refused: &Refused,
+) -> Result<(), String> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read).take(MAX_LINE as u64);
+    let read = tokio::time::timeout(READ_TIMEOUT, reader.read_line(&mut line)).await;
+    let answer = match read {
+        Ok(Ok(_)) if line.ends_with('\n') => {
+            match registration::verify(secret, line.trim_end(), SystemTime::now()) {
+                Ok(message) => {
+                    let (reply, answer) = oneshot::channel();
+                    tx.send(Request { message, reply })
+                        .await
+                        .map_err(|_| "the daemon is stopping".to_string())?;
+                    answer
+                        .await
+                        .map_err(|_| "the daemon is stopping".to_string())?
+                }
+                Err(r) => {
+                    refused.count(r);
+                    Answer {
+                        rejected: Some(r.to_string()),
+                        ..Answer::default()
+                    }
+                }
+            }
+        }
+        _ => {
+            refused.count(Refusal::Malformed);
+            Answer {
+                rejected: Some(Refusal::Malformed.to_string()),
+                ..Answer::default()
+            }
+        }
+    };
+    let mut text = serde_json::to_string(&answer).map_err(|e| e.to_string())?;
+    text.push('\n');
+    let _ = write.write_all(text.as_bytes()).await;
+    match answer.rejected {
+        Some(why) => Err(why),
+        None => Ok(()),
+    }
+}
+
+/// The registrations a daemon holds, and what became of them.
+#[derive(Debug, Default)]
+pub(crate) struct Port {
+    lease: Duration,
+    /// Registrations a service could not take, so far.
+    pub admission_refused: u64,
+}
+
+impl Port {
+    /// The port of a daemon with `lease`.
+    pub(crate) fn new(lease: Duration) -> Port {
+        Port {
+            lease,
+            admission_refused: 0,
+        }
+    }
+
+    /// Takes a verified request: renews, changes or removes its
+    /// registrations and applies the result; answers with what was refused,
+    /// the flows left on draining ones, and the services' VIPs and modes.
+    pub(crate) fn receive(&mut self, ctl: &mut Controller, message: Message) -> Answer {
+        let mut answer = Answer::default();
+        for service in message.registrations.keys() {
+            if let Some(s) = ctl.desired().services.get(service) {
+                answer.services.insert(service.clone(), (s.vip, s.mode));
+            }
+        }
+        if message.query {
+            return answer;
+        }
+        let now = registration::millis(SystemTime::now());
+        let expires_ms = now + self.lease.as_millis() as u64;
+        let mut held = ctl.runtime().registered.clone();
+        for (service, r) in &message.registrations {
+            let entry = held.entry(service.clone()).or_default();
+            if message.leave {
+                entry.remove(&r.address);
+            } else {
+                entry.insert(
+                    r.address,
+                    Held {
+                        registration: r.clone(),
+                        expires_ms,
+                    },
+                );
+            }
+        }
+        held.retain(|_, m| !m.is_empty());
+        // A renewal changes only when it lapses: kept in memory (a
+        // restarted daemon renews every registration anyway), no rebuild.
+        if registrations_of(&held) == registrations_of(&ctl.runtime().registered) {
+            ctl.set_registered(held);
+            return self.with_flows(ctl, &message, answer);
+        }
+        match super::apply_registrations(ctl, held) {
+            Ok(refused) => {
+                let mine: Vec<String> = refused
+                    .iter()
+                    .filter(|x| {
+                        message
+                            .registrations
+                            .get(&x.service)
+                            .is_some_and(|r| r.address == x.address)
+                    })
+                    .map(ToString::to_string)
+                    .collect();
+                self.admission_refused += mine.len() as u64;
+                answer.refused = mine;
+            }
+            Err(e) => answer.rejected = Some(format!("{e:#}")),
+        }
+        self.with_flows(ctl, &message, answer)
+    }
+
+    /// `answer` with the flows left on each draining registration of
+    /// `message`.
+    fn with_flows(&self, ctl: &Controller, message: &Message, mut answer: Answer) -> Answer {
+        for (service, r) in &message.registrations {
+            if r.draining && !message.leave {
+                let flows = flows_on(ctl, service, r.address);
+                answer.flows.insert(service.clone(), flows);
+            }
+        }
+        answer
+    }
+
+    /// Drops the registrations whose lease lapsed, and applies that;
+    /// returns whether any did.
+    pub(crate) fn expire(&mut self, ctl: &mut Controller) -> Result<bool> {
+        let now = registration::millis(SystemTime::now());
+        let mut held = ctl.runtime().registered.clone();
+        let before: usize = held.values().map(BTreeMap::len).sum();
+        for m in held.values_mut() {
+            m.retain(|ip, h| {
+                let live = h.expires_ms > now;
+                if !live {
+                    info!(backend = %ip, host = %h.registration.host, "registration lapsed");
+                }
+                live
+            });
+        }
+        held.retain(|_, m| !m.is_empty());
+        if held.values().map(BTreeMap::len).sum::<usize>() == before {
+            return Ok(false);
+        }
+        super::apply_registrations(ctl, held)?;
+        Ok(true)
+    }
+
+    /// The figures for the metrics.
+    pub(crate) fn gauges(&self, ctl: &Controller, refused: &Refused) -> Gauges {
+        let mut counts = refused.counts();
+        counts.push(("admission", self.admission_refused));
+        Gauges {
+            held: ctl.runtime().registered.values().map(BTreeMap::len).sum(),
+            refused: counts,
+        }
+    }
+}
+
+/// The registrations `held` as the admission takes them.
+pub(crate) fn registrations_of(held: &HeldRegistrations) -> Registrations {
+    held.iter()
+        .map(|(s, m)| {
+            let regs = m
+                .iter()
+                .map(|(ip, h)| (*ip, h.registration.clone()))
+                .collect();
+            (s.clone(), regs)
+        })
+        .collect()
+}
+
+/// Gives registrations held in a state file a fresh lease: their agents
+/// renew them within it if they still run.
+pub(crate) fn renew_all(held: &mut HeldRegistrations, lease: Duration) {
+    let expires_ms = registration::millis(SystemTime::now()) + lease.as_millis() as u64;
+    for h in held.values_mut().flat_map(BTreeMap::values_mut) {
+        h.expires_ms = expires_ms;
+    }
+}
+
+/// Flows the connection table pins to `address` of `service`.
+fn flows_on(ctl: &Controller, service: &str, address: IpAddr) -> u64 {
+    let Some(id) = ctl
+        .services()
+        .get(service)
+        .and_then(|s| s.backends.get(&address))
+        .map(|b| b.id)
+    else {
+        return 0;
+    };
+    flows::Table::read(ctl)
+        .map(|t| t.active_by_backend().get(&id).copied().unwrap_or(0))
+        .unwrap_or(u64::MAX)
+}

@@ -1,0 +1,143 @@
+//! Registration straight with a standalone lb daemon's registration port
+//! (`[lb]` in the agent's file), signed with the shared secret
+//! ([`crate::registration`]). The daemon's lease lapses unless each check
+//! renews it; the answers carry the flows left while draining and the
+//! services' VIPs and modes.
+
+use std::{collections::BTreeMap, net::SocketAddr, time::SystemTime};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::TcpStream,
+    time::timeout,
+};
+use tracing::warn;
+
+use super::setup::Served;
+use crate::{
+    fleet::{registry::Registration, store::CALL_TIMEOUT},
+    registration::{self, Answer, MAX_LINE, Message, Secret},
+};
+
+/// The daemon to register with.
+#[derive(Debug, Clone)]
+pub struct Daemon {
+    /// Its registration port.
+    pub address: SocketAddr,
+    /// The shared secret.
+    pub secret: Secret,
+}
+
+/// The registration with one daemon.
+pub struct Direct {
+    daemon: Daemon,
+    registrations: BTreeMap<String, Registration>,
+    registered: bool,
+    /// The last answer's flows, while draining.
+    flows: Option<u64>,
+    /// The last refusals, to log each once.
+    refused: Vec<String>,
+}
+
+impl Direct {
+    /// Nothing registered yet.
+    pub fn new(daemon: Daemon, registrations: BTreeMap<String, Registration>) -> Direct {
+        Direct {
+            daemon,
+            registrations,
+            registered: false,
+            flows: None,
+            refused: Vec::new(),
+        }
+    }
+
+    /// Whether the last registration was taken.
+    pub fn registered(&self) -> bool {
+        self.registered
+    }
+
+    /// Registers or renews.
+    pub async fn hold(&mut self, draining: bool, percent: u32) -> Result<()> {
+        for r in self.registrations.values_mut() {
+            r.draining = draining;
+            r.percent = percent;
+        }
+        let answer = self.send(false, false).await?;
+        if let Some(why) = answer.rejected {
+            self.registered = false;
+            bail!("the daemon rejects the request: {why}");
+        }
+        if answer.refused != self.refused {
+            for why in &answer.refused {
+                warn!(reason = %why, "the daemon refuses the registration");
+            }
+            self.refused = answer.refused.clone();
+        }
+        self.registered = answer.refused.len() < self.registrations.len();
+        self.flows = (draining && answer.flows.len() == self.registrations.len())
+            .then(|| answer.flows.values().sum());
+        if !self.registered {
+            bail!("every registration refused");
+        }
+        Ok(())
+    }
+
+    /// Deregisters.
+    pub async fn leave(&mut self) -> Result<()> {
+        if !self.registered {
+            return Ok(());
+        }
+        let answer = self.send(true, false).await?;
+        self.registered = false;
+        match answer.rejected {
+            Some(why) => bail!("the daemon rejects the request: {why}"),
+            None => Ok(()),
+        }
+    }
+
+    /// Flows left, as the last renewal while draining answered.
+    pub fn flows_left(&self) -> Option<u64> {
+        self.flows
+    }
+
+    /// The services' VIPs and modes, as the daemon has them.
+    pub async fn served(&mut self) -> Result<BTreeMap<String, Served>> {
+        let answer = self.send(false, true).await?;
+        if let Some(why) = answer.rejected {
+            bail!("the daemon rejects the request: {why}");
+        }
+        Ok(answer
+            .services
+            .into_iter()
+            .map(|(name, (vip, mode))| (name, Served { vip, mode }))
+            .collect())
+    }
+
+    async fn send(&self, leave: bool, query: bool) -> Result<Answer> {
+        let message = Message {
+            time_ms: registration::millis(SystemTime::now()),
+            leave,
+            query,
+            registrations: self.registrations.clone(),
+        };
+        let line = registration::sign(&self.daemon.secret, &message)?;
+        let exchange = async {
+            let mut stream = TcpStream::connect(self.daemon.address).await?;
+            stream.write_all(line.as_bytes()).await?;
+            let mut reply = String::new();
+            BufReader::new(stream)
+                .take(MAX_LINE as u64)
+                .read_line(&mut reply)
+                .await?;
+            anyhow::Ok(reply)
+        };
+        let reply = timeout(CALL_TIMEOUT, exchange)
+            .await
+            .map_err(|_| anyhow!("no answer within {CALL_TIMEOUT:?}"))?
+            .with_context(|| format!("registering with {}", self.daemon.address))?;
+        let answer: Answer = serde_json::from_str(&reply)
+            .with_context(|| format!("the answer of {}", self.daemon.address))?;
+        Ok(answer)
+    }
+}
