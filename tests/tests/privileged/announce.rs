@@ -95,6 +95,11 @@ fn nodes_announce_what_they_serve_and_withdrawals_reset_nothing() {
         announce_checks.iter().all(|f| f["level"] == "ok"),
         "{doctor}"
     );
+    // A node announces once it can serve; health changes that follow
+    // within a rebuild gap land together at its end.
+    for d in &daemons {
+        d.wait_in_table(BACKENDS, Duration::from_secs(2)).unwrap();
+    }
     let digests: Vec<_> = daemons
         .iter()
         .map(|d| d.cli(&["service", "list"]).unwrap()[0]["digest"].clone())
