@@ -5,9 +5,13 @@
 //! One request per TCP connection: a line `MAC PAYLOAD`, where `PAYLOAD`
 //! is JSON ([`Message`]) and `MAC` is the hex HMAC-SHA256 of the payload's
 //! bytes under the shared secret both sides read from a file. The daemon
-//! answers one JSON line ([`Answer`]). A message older or newer than
-//! [`MAX_SKEW`] is refused, so a captured one can be replayed only within
-//! that window, where it merely renews what its sender last said.
+//! answers one line `MAC ANSWER` ([`Answer`]), its MAC over the request's
+//! MAC and the answer, so an answer cannot be forged nor replayed to
+//! another request (the agent acts on it: it stops draining at zero flows,
+//! and sets the VIPs it names up on `lo`). A message more than
+//! [`MAX_SKEW`] from the daemon's clock, or not newer than the last from
+//! its sender for the same registration, is refused: a captured one cannot
+//! be replayed.
 
 use std::{
     collections::BTreeMap,
@@ -29,9 +33,9 @@ pub const MIN_SECRET: usize = 16;
 /// How far a message's clock may be from the daemon's.
 pub const MAX_SKEW: Duration = Duration::from_secs(30);
 
-/// What an agent says.
+/// What an agent says (fields a daemon does not know are ignored, for
+/// agents newer than it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Message {
     /// When it was sent, milliseconds since the Unix epoch.
     pub time_ms: u64,
@@ -130,33 +134,73 @@ pub fn millis(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The request line for `message` (with its newline).
-pub fn sign(secret: &Secret, message: &Message) -> Result<String> {
-    let payload = serde_json::to_string(message)?;
-    let tag = hmac::sign(&secret.0, payload.as_bytes());
-    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    Ok(format!("{hex} {payload}\n"))
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Checks a request line (without its newline) at time `now`.
-pub fn verify(secret: &Secret, line: &str, now: SystemTime) -> Result<Message, Refusal> {
-    let (hex, payload) = line.split_once(' ').ok_or(Refusal::Malformed)?;
-    if hex.len() % 2 != 0 {
-        return Err(Refusal::Malformed);
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
     }
-    let tag = (0..hex.len())
+    (0..text.len())
         .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-        .collect::<Option<Vec<u8>>>()
-        .ok_or(Refusal::Malformed)?;
-    // Constant-time: a wrong guess learns nothing of the right tag.
-    hmac::verify(&secret.0, payload.as_bytes(), &tag).map_err(|_| Refusal::Signature)?;
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// `MAC TEXT` with the MAC over `bound` and `text`.
+fn signed_line(secret: &Secret, bound: &str, text: &str) -> String {
+    let tag = hmac::sign(&secret.0, format!("{bound}{text}").as_bytes());
+    format!("{} {text}\n", hex(tag.as_ref()))
+}
+
+/// Splits `MAC TEXT` and checks the MAC over `bound` and `TEXT`
+/// (constant-time: a wrong guess learns nothing of the right MAC).
+fn checked<'a>(secret: &Secret, bound: &str, line: &'a str) -> Result<(&'a str, &'a str), Refusal> {
+    let (mac, text) = line.split_once(' ').ok_or(Refusal::Malformed)?;
+    let tag = unhex(mac).ok_or(Refusal::Malformed)?;
+    hmac::verify(&secret.0, format!("{bound}{text}").as_bytes(), &tag)
+        .map_err(|_| Refusal::Signature)?;
+    Ok((mac, text))
+}
+
+/// The request line for `message` (with its newline), and its MAC (which
+/// its answer is bound to).
+pub fn sign(secret: &Secret, message: &Message) -> Result<(String, String)> {
+    let line = signed_line(secret, "", &serde_json::to_string(message)?);
+    let mac = line
+        .split_once(' ')
+        .map(|(m, _)| m.to_string())
+        .unwrap_or_default();
+    Ok((line, mac))
+}
+
+/// The answer line to the request with MAC `request_mac`.
+pub fn sign_answer(secret: &Secret, request_mac: &str, answer: &Answer) -> Result<String> {
+    Ok(signed_line(
+        secret,
+        request_mac,
+        &serde_json::to_string(answer)?,
+    ))
+}
+
+/// Checks an answer line (without its newline) to the request with MAC
+/// `request_mac`.
+pub fn verify_answer(secret: &Secret, request_mac: &str, line: &str) -> Result<Answer, Refusal> {
+    let (_, text) = checked(secret, request_mac, line)?;
+    serde_json::from_str(text).map_err(|_| Refusal::Payload)
+}
+
+/// Checks a request line (without its newline) at time `now`; the message
+/// and its MAC.
+pub fn verify(secret: &Secret, line: &str, now: SystemTime) -> Result<(Message, String), Refusal> {
+    let (mac, payload) = checked(secret, "", line)?;
     let message: Message = serde_json::from_str(payload).map_err(|_| Refusal::Payload)?;
     let skew = millis(now).abs_diff(message.time_ms);
     if u128::from(skew) > MAX_SKEW.as_millis() {
         return Err(Refusal::Stale);
     }
-    Ok(message)
+    Ok((message, mac.to_string()))
 }
 
 #[cfg(test)]
@@ -190,9 +234,9 @@ mod tests {
         let key = secret("0123456789abcdef0123");
         let now = SystemTime::now();
         let m = message(now);
-        let line = sign(&key, &m).unwrap();
+        let (line, mac) = sign(&key, &m).unwrap();
         let line = line.trim_end();
-        assert_eq!(verify(&key, line, now), Ok(m.clone()));
+        assert_eq!(verify(&key, line, now), Ok((m.clone(), mac.clone())));
 
         let other = secret("0123456789abcdef0124");
         assert_eq!(verify(&other, line, now), Err(Refusal::Signature));

@@ -526,9 +526,9 @@ pub async fn run(opts: Options) -> Result<()> {
                 }
             }
             Some(request) = registration_requests.recv() => {
-                let registrations::Request { message, reply } = request;
+                let registrations::Request { message, peer, reply } = request;
                 if let Some((port, _)) = registration_port.as_mut() {
-                    let _ = reply.send(port.receive(&mut ctl, message));
+                    let _ = reply.send(port.receive(&mut ctl, message, peer));
                 }
                 probers.sync(&ctl);
                 publish_addrs(&addrs_tx, &ctl);

@@ -54,6 +54,8 @@ pub type HeldRegistrations = BTreeMap<String, BTreeMap<IpAddr, Held>>;
 /// One verified request, handed to the control loop.
 pub(crate) struct Request {
     pub message: Message,
+    /// The address it came from.
+    pub peer: IpAddr,
     pub reply: oneshot::Sender<Answer>,
 }
 
@@ -93,7 +95,8 @@ pub(crate) struct Gauges {
     /// Registrations held.
     pub held: usize,
     /// Requests refused, by reason (`admission` for registrations a
-    /// service could not take).
+    /// service could not take, `sender` for a host registering another's
+    /// address or a replayed request).
     pub refused: Vec<(&'static str, u64)>,
 }
 
@@ -115,7 +118,7 @@ pub(crate) async fn start(
                 Ok((stream, peer)) => {
                     let (secret, tx, counts) = (secret.clone(), tx.clone(), counts.clone());
                     tokio::spawn(async move {
-                        if let Err(why) = serve(stream, &secret, &tx, &counts).await {
+                        if let Err(why) = serve(stream, peer.ip(), &secret, &tx, &counts).await {
                             warn!(%peer, reason = %why, "registration request refused");
                         }
                     });
@@ -130,6 +133,7 @@ pub(crate) async fn start(
 /// Answers one connection.
 async fn serve(
     stream: TcpStream,
+    peer: IpAddr,
     secret: &Secret,
     tx: &mpsc::Sender<Request>,
     refused: &Refused,
@@ -138,14 +142,21 @@ async fn serve(
     let mut line = String::new();
     let mut reader = BufReader::new(read).take(MAX_LINE as u64);
     let read = tokio::time::timeout(READ_TIMEOUT, reader.read_line(&mut line)).await;
+    // What the answer is bound to: the request's MAC, as sent.
+    let mut bound = line.split_once(' ').map_or("", |(m, _)| m).to_string();
     let answer = match read {
         Ok(Ok(_)) if line.ends_with('\n') => {
             match registration::verify(secret, line.trim_end(), SystemTime::now()) {
-                Ok(message) => {
+                Ok((message, mac)) => {
+                    bound = mac;
                     let (reply, answer) = oneshot::channel();
-                    tx.send(Request { message, reply })
-                        .await
-                        .map_err(|_| "the daemon is stopping".to_string())?;
+                    tx.send(Request {
+                        message,
+                        peer,
+                        reply,
+                    })
+                    .await
+                    .map_err(|_| "the daemon is stopping".to_string())?;
                     answer
                         .await
                         .map_err(|_| "the daemon is stopping".to_string())?
@@ -167,8 +178,7 @@ async fn serve(
             }
         }
     };
-    let mut text = serde_json::to_string(&answer).map_err(|e| e.to_string())?;
-    text.push('\n');
+    let text = registration::sign_answer(secret, &bound, &answer).map_err(|e| e.to_string())?;
     let _ = write.write_all(text.as_bytes()).await;
     match answer.rejected {
         Some(why) => Err(why),
@@ -182,6 +192,12 @@ pub(crate) struct Port {
     lease: Duration,
     /// Registrations a service could not take, so far.
     pub admission_refused: u64,
+    /// Requests from an address other than the one they register, or not
+    /// newer than the last for the same registration, so far.
+    refused_senders: u64,
+    /// When the last request for each registration was sent: an older or
+    /// equal one is a replay, or out of order.
+    last_sent: BTreeMap<(String, IpAddr), u64>,
 }
 
 impl Port {
@@ -189,15 +205,53 @@ impl Port {
     pub(crate) fn new(lease: Duration) -> Port {
         Port {
             lease,
-            admission_refused: 0,
+            ..Port::default()
         }
+    }
+
+    /// Why `message` from `peer` is refused whole, if it is: a host
+    /// registers its own address only (the one it connects from), and each
+    /// request must be newer than the last for the same registration.
+    fn sender_refusal(&mut self, message: &Message, peer: IpAddr) -> Option<String> {
+        let peer = canonical(peer);
+        if let Some(r) = message.registrations.values().find(|r| r.address != peer) {
+            return Some(format!(
+                "{} registers {}: a host registers its own address only",
+                peer, r.address
+            ));
+        }
+        let replayed = message.registrations.iter().any(|(s, r)| {
+            self.last_sent
+                .get(&(s.clone(), r.address))
+                .is_some_and(|&last| message.time_ms <= last)
+        });
+        if replayed {
+            return Some("not newer than the last request: replayed or out of order".into());
+        }
+        if !message.query {
+            for (s, r) in &message.registrations {
+                self.last_sent
+                    .insert((s.clone(), r.address), message.time_ms);
+            }
+        }
+        None
     }
 
     /// Takes a verified request: renews, changes or removes its
     /// registrations and applies the result; answers with what was refused,
     /// the flows left on draining ones, and the services' VIPs and modes.
-    pub(crate) fn receive(&mut self, ctl: &mut Controller, message: Message) -> Answer {
+    pub(crate) fn receive(
+        &mut self,
+        ctl: &mut Controller,
+        message: Message,
+        peer: IpAddr,
+    ) -> Answer {
         let mut answer = Answer::default();
+        if let Some(why) = self.sender_refusal(&message, peer) {
+            self.refused_senders += 1;
+            answer.rejected = Some(why);
+            return answer;
+        }
         for service in message.registrations.keys() {
             if let Some(s) = ctl.desired().services.get(service) {
                 answer.services.insert(service.clone(), (s.vip, s.mode));
@@ -228,25 +282,13 @@ impl Port {
         // restarted daemon renews every registration anyway), no rebuild.
         if registrations_of(&held) == registrations_of(&ctl.runtime().registered) {
             ctl.set_registered(held);
-            return self.with_flows(ctl, &message, answer);
-        }
-        match super::apply_registrations(ctl, held) {
-            Ok(refused) => {
-                let mine: Vec<String> = refused
-                    .iter()
-                    .filter(|x| {
-                        message
-                            .registrations
-                            .get(&x.service)
-                            .is_some_and(|r| r.address == x.address)
-                    })
-                    .map(ToString::to_string)
-                    .collect();
-                self.admission_refused += mine.len() as u64;
-                answer.refused = mine;
+        } else {
+            match super::apply_registrations(ctl, held) {
+                Ok(refused) => self.admission_refused += mine(&refused, &message).len() as u64,
+                Err(e) => answer.rejected = Some(format!("{e:#}")),
             }
-            Err(e) => answer.rejected = Some(format!("{e:#}")),
         }
+        answer.refused = mine(ctl.registrations_refused(), &message);
         self.with_flows(ctl, &message, answer)
     }
 
@@ -289,10 +331,33 @@ impl Port {
     pub(crate) fn gauges(&self, ctl: &Controller, refused: &Refused) -> Gauges {
         let mut counts = refused.counts();
         counts.push(("admission", self.admission_refused));
+        counts.push(("sender", self.refused_senders));
         Gauges {
             held: ctl.runtime().registered.values().map(BTreeMap::len).sum(),
             refused: counts,
         }
+    }
+}
+
+/// The refusals of `message`'s own registrations among `refused`.
+fn mine(refused: &[crate::fleet::registry::Refused], message: &Message) -> Vec<String> {
+    refused
+        .iter()
+        .filter(|x| {
+            message
+                .registrations
+                .get(&x.service)
+                .is_some_and(|r| r.address == x.address)
+        })
+        .map(ToString::to_string)
+        .collect()
+}
+
+/// An IPv4 peer as an IPv4 address, whichever socket family took it.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
     }
 }
 
@@ -328,6 +393,7 @@ fn flows_on(ctl: &Controller, service: &str, address: IpAddr) -> u64 {
     else {
         return 0;
     };
+    // Unreadable: never zero, so a drain does not end on a failed read.
     flows::Table::read(ctl)
         .map(|t| t.active_by_backend().get(&id).copied().unwrap_or(0))
         .unwrap_or(u64::MAX)

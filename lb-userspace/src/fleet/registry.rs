@@ -20,9 +20,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{self, Desired, MAX_WEIGHT, Registered};
 
-/// What an agent writes for one service it serves.
+/// What an agent writes for one service it serves. Fields it does not
+/// know are ignored: an agent newer than the nodes still registers during a
+/// rolling upgrade.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Registration {
     /// The backend's address, as the key names it.
     pub address: IpAddr,
@@ -92,6 +93,12 @@ pub fn admit(desired: &mut Desired, registered: &Registrations) -> Vec<Refused> 
                 refused.push(why("no such service"));
                 continue;
             };
+            // Checked for a backend the operator lists too: it scales the
+            // weight there as well.
+            if !(1..=FULL_PERCENT).contains(&r.percent) {
+                refused.push(why(&format!("load percent {}: from 1 to 100", r.percent)));
+                continue;
+            }
             if !svc.backends.contains_key(ip) {
                 let problem = if !config::usable(*ip) {
                     Some("not a unicast address".to_string())
@@ -99,8 +106,6 @@ pub fn admit(desired: &mut Desired, registered: &Registrations) -> Vec<Refused> 
                     Some(format!("not of the VIP's family ({})", svc.vip))
                 } else if r.weight > MAX_WEIGHT {
                     Some(config::weight_range_error(r.weight))
-                } else if !(1..=FULL_PERCENT).contains(&r.percent) {
-                    Some(format!("load percent {}: from 1 to 100", r.percent))
                 } else if memberships >= s.capacity.max_backends as usize {
                     Some(format!(
                         "settings.capacity.max_backends ({}) are all taken",
@@ -237,6 +242,16 @@ weight = 3
                 "{needle}: {text:#?}"
             );
         }
+    }
+
+    #[test]
+    fn a_load_percent_out_of_range_is_refused_for_a_configured_backend_too() {
+        let mut d = config::parse(FILE).unwrap();
+        let mut r = reg("198.18.0.11", 1);
+        r.percent = 1_000;
+        let refused = admit(&mut d, &registrations(&[("web", r)]));
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(d.services["web"].registered.is_empty());
     }
 
     #[test]

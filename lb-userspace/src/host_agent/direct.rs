@@ -38,6 +38,9 @@ pub struct Direct {
     flows: Option<u64>,
     /// The last refusals, to log each once.
     refused: Vec<String>,
+    /// When the last request was sent: each is sent later than the one
+    /// before (the daemon refuses one that is not, as a replay).
+    last_ms: u64,
 }
 
 impl Direct {
@@ -49,6 +52,7 @@ impl Direct {
             registered: false,
             flows: None,
             refused: Vec::new(),
+            last_ms: 0,
         }
     }
 
@@ -75,8 +79,12 @@ impl Direct {
             self.refused = answer.refused.clone();
         }
         self.registered = answer.refused.len() < self.registrations.len();
-        self.flows = (draining && answer.flows.len() == self.registrations.len())
-            .then(|| answer.flows.values().sum());
+        self.flows = (draining && answer.flows.len() == self.registrations.len()).then(|| {
+            answer
+                .flows
+                .values()
+                .fold(0u64, |a, &n| a.saturating_add(n))
+        });
         if !self.registered {
             bail!("every registration refused");
         }
@@ -114,14 +122,15 @@ impl Direct {
             .collect())
     }
 
-    async fn send(&self, leave: bool, query: bool) -> Result<Answer> {
+    async fn send(&mut self, leave: bool, query: bool) -> Result<Answer> {
+        self.last_ms = registration::millis(SystemTime::now()).max(self.last_ms + 1);
         let message = Message {
-            time_ms: registration::millis(SystemTime::now()),
+            time_ms: self.last_ms,
             leave,
             query,
             registrations: self.registrations.clone(),
         };
-        let line = registration::sign(&self.daemon.secret, &message)?;
+        let (line, mac) = registration::sign(&self.daemon.secret, &message)?;
         let exchange = async {
             let mut stream = TcpStream::connect(self.daemon.address).await?;
             stream.write_all(line.as_bytes()).await?;
@@ -136,8 +145,7 @@ impl Direct {
             .await
             .map_err(|_| anyhow!("no answer within {CALL_TIMEOUT:?}"))?
             .with_context(|| format!("registering with {}", self.daemon.address))?;
-        let answer: Answer = serde_json::from_str(&reply)
-            .with_context(|| format!("the answer of {}", self.daemon.address))?;
-        Ok(answer)
+        registration::verify_answer(&self.daemon.secret, &mac, reply.trim_end())
+            .map_err(|e| anyhow!("the answer of {}: {e}", self.daemon.address))
     }
 }

@@ -90,12 +90,30 @@ pub fn established_to(table: &str, port: u16) -> u64 {
 }
 
 /// The percent of its weight a host at `load` (0.0 idle to 1.0 or more,
-/// fully loaded) reports: `100 - load`, rounded down to `step`, never below
+/// fully loaded) reports: `100 - load`, to the nearest `step`, never below
 /// `min_percent`.
 pub fn percent(load: f64, min_percent: u32, step: u32) -> u32 {
     let free = ((1.0 - load.clamp(0.0, 1.0)) * 100.0).round() as u32;
-    let stepped = if step > 1 { free / step * step } else { free };
+    let stepped = if step > 1 {
+        (free + step / 2) / step * step
+    } else {
+        free
+    };
     stepped.clamp(min_percent.min(FULL), FULL)
+}
+
+/// The percent to report after `current` at `load`: [`percent`], but only
+/// once the free share is a whole `step` away from `current`, so a load
+/// hovering at a step's edge does not flip the report (each change
+/// rebuilds every node's table).
+pub fn next(current: u32, load: f64, min_percent: u32, step: u32) -> u32 {
+    let wanted = percent(load, min_percent, step);
+    let free = (1.0 - load.clamp(0.0, 1.0)) * 100.0;
+    if wanted != current && (free - f64::from(current)).abs() >= f64::from(step.max(1)) {
+        wanted
+    } else {
+        current
+    }
 }
 
 #[cfg(test)]
@@ -135,9 +153,23 @@ mod tests {
     }
 
     #[test]
+    fn the_report_moves_only_a_whole_step_away() {
+        // From 50: a free share of 56 or 45 keeps it; 61 or 39 moves it.
+        assert_eq!(next(50, 0.44, 10, 10), 50);
+        assert_eq!(next(50, 0.55, 10, 10), 50);
+        assert_eq!(next(50, 0.39, 10, 10), 60);
+        assert_eq!(next(50, 0.61, 10, 10), 40);
+        // The bounds are reached.
+        assert_eq!(next(20, 0.995, 10, 10), 10);
+        assert_eq!(next(90, 0.0, 10, 10), 100);
+        assert_eq!(next(100, 0.06, 10, 10), 100);
+    }
+
+    #[test]
     fn percent_follows_free_capacity_in_steps_within_bounds() {
         assert_eq!(percent(0.0, 10, 10), 100);
-        assert_eq!(percent(0.04, 10, 10), 90, "rounded down to the step");
+        assert_eq!(percent(0.04, 10, 10), 100, "to the nearest step");
+        assert_eq!(percent(0.14, 10, 10), 90);
         assert_eq!(percent(0.5, 10, 10), 50);
         assert_eq!(percent(0.97, 10, 10), 10, "never below the floor");
         assert_eq!(percent(3.0, 10, 10), 10);

@@ -47,6 +47,9 @@ use settings::{Check, CheckKind, Settings, Target};
 
 /// How often a leaving agent asks the fleet whether its flows ended.
 const DRAIN_POLL: Duration = Duration::from_millis(500);
+/// Failed local checks in a row that deregister the host (lb's own probes
+/// take `fall = 3` by default too).
+const CHECK_FALL: u32 = 3;
 /// Longest an agent-check answer may take to send.
 const AGENT_WRITE: Duration = Duration::from_secs(1);
 
@@ -83,6 +86,7 @@ pub async fn run(path: &Path, options: &Options) -> Result<()> {
     let mut tick = tokio::time::interval(s.check.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut passing: Option<bool> = None;
+    let mut failures = 0u32;
     let mut set_up = SetUp::default();
     info!(address = %s.address, services = ?s.services, host = %s.host, "agent started");
     loop {
@@ -105,11 +109,13 @@ pub async fn run(path: &Path, options: &Options) -> Result<()> {
             report.percent.store(p, Ordering::Relaxed);
         }
         let result = check(&s.check, &s).await;
-        let ok = result.is_ok();
+        failures = if result.is_ok() { 0 } else { failures + 1 };
+        // One failed check is not enough to cut the host's connections.
+        let ok = failures < CHECK_FALL;
         if passing != Some(ok) {
             match &result {
                 Ok(()) => info!("local check passes: registering"),
-                Err(why) => warn!(reason = %why, "local check fails: deregistering"),
+                Err(why) => warn!(reason = %why, failures, "local check fails: deregistering"),
             }
             passing = Some(ok);
         }
@@ -124,7 +130,9 @@ pub async fn run(path: &Path, options: &Options) -> Result<()> {
     }
     info!("stopping: draining this backend before deregistering");
     report.draining.store(true, Ordering::Relaxed);
-    if registrar.registered() {
+    // Registered, or meant to be and held back only by a failed etcd
+    // step: the drain writes the registration again, draining.
+    if registrar.registered() || (passing == Some(true) && set_up.passes) {
         drain(&mut registrar, &s, report.percent()).await;
     }
     if let Err(e) = registrar.leave().await {
@@ -296,6 +304,8 @@ struct Meter {
     settings: LoadSettings,
     cpu: Option<load::CpuTimes>,
     last: Option<Instant>,
+    /// The percent reported.
+    current: u32,
 }
 
 impl Meter {
@@ -304,6 +314,7 @@ impl Meter {
             settings,
             cpu: None,
             last: None,
+            current: load::FULL,
         }
     }
 
@@ -333,11 +344,13 @@ impl Meter {
                 .sum();
             busy = busy.max(established as f64 / full as f64);
         }
-        Some(load::percent(
+        self.current = load::next(
+            self.current,
             busy,
             self.settings.min_percent,
             self.settings.step,
-        ))
+        );
+        Some(self.current)
     }
 }
 

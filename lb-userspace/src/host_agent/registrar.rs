@@ -8,7 +8,7 @@
 //! connection and the lease: the next step starts over, and a lease that
 //! was not revoked lapses by itself.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result, anyhow};
 use etcd_client::{LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp};
@@ -116,10 +116,9 @@ fn registration(s: &Settings, draining: bool, percent: u32) -> Registration {
 /// The registration in the fleet's etcd.
 pub struct Etcd {
     fleet: Fleet,
-    host: String,
-    address: IpAddr,
+    /// What each key holds, but for draining and percent.
+    template: Registration,
     services: Vec<String>,
-    weight: u32,
     store: Option<Store>,
     held: Option<Held>,
 }
@@ -141,10 +140,8 @@ impl Etcd {
     pub fn new(s: &Settings, fleet: &Fleet) -> Etcd {
         Etcd {
             fleet: fleet.clone(),
-            host: s.host.clone(),
-            address: s.address,
+            template: registration(s, false, FULL_PERCENT),
             services: s.services.clone(),
-            weight: s.weight,
             store: None,
             held: None,
         }
@@ -212,14 +209,11 @@ impl Etcd {
             .iter()
             .map(|service| {
                 let r = Registration {
-                    address: self.address,
-                    weight: self.weight,
                     percent,
                     draining,
-                    host: self.host.clone(),
-                    version: env!("CARGO_PKG_VERSION").into(),
+                    ..self.template.clone()
                 };
-                let key = store.keys().registration(service, self.address);
+                let key = store.keys().registration(service, r.address);
                 let value = serde_json::to_string(&r)?;
                 Ok(TxnOp::put(
                     key,
@@ -298,12 +292,15 @@ impl Etcd {
         let snapshot = store.read().await?;
         // A service the fleet does not have refuses the registration on
         // every node: nothing to wait for there.
-        let known = snapshot
+        // Unreadable: not known to be over.
+        let Some(known) = snapshot
             .state
             .as_ref()
             .ok()
             .and_then(|s| config::service_backends(&s.services).ok())
-            .unwrap_or_default();
+        else {
+            return Ok(None);
+        };
         let mut total = 0;
         for report in snapshot.nodes.values() {
             if report.revision < revision {
@@ -313,7 +310,7 @@ impl Etcd {
                 let counted = report
                     .draining_flows
                     .get(service)
-                    .and_then(|m| m.get(&self.address));
+                    .and_then(|m| m.get(&self.template.address));
                 match counted {
                     Some(n) => total += n,
                     None => return Ok(None),

@@ -622,10 +622,13 @@ fn a_standalone_lb_takes_signed_registrations_and_refuses_the_rest() {
     let mut sessions = Sessions::open(&edge.client, to, 40).unwrap();
     assert_eq!(sessions.spread().len(), 2, "{:?}", sessions.spread());
 
-    // A wrong secret, a service that does not exist, and bytes that are
-    // not a request: refused, counted, and nothing applied.
+    // A wrong secret, a service that does not exist, a host registering
+    // another's address, and bytes that are not a request: refused,
+    // counted, and nothing applied.
     let _wrong = Agent::start_file(&edge, 2, &direct_agent(2, "echo", &wrong));
     let _nope = Agent::start_file(&edge, 2, &direct_agent(2, "nope", &secret));
+    // Host 2 registering host 0's address, with the right secret.
+    let _other = Agent::start_file(&edge, 2, &direct_agent(0, "echo", &secret));
     edge.backends[2]
         .run(move || {
             use std::io::Write as _;
@@ -637,7 +640,8 @@ fn a_standalone_lb_takes_signed_registrations_and_refuses_the_rest() {
     d.wait_until("refusals counted", Duration::from_secs(5), |_| {
         Ok(refused(&edge, "signature") > 0
             && refused(&edge, "admission") > 0
-            && refused(&edge, "malformed") > 0)
+            && refused(&edge, "malformed") > 0
+            && refused(&edge, "sender") > 0)
     })
     .unwrap();
     assert!(row(&d, 2).is_none(), "a refused host joined");
