@@ -110,8 +110,9 @@ pub async fn run(path: &Path, options: &Options) -> Result<()> {
         }
         let result = check(&s.check, &s).await;
         failures = if result.is_ok() { 0 } else { failures + 1 };
-        // One failed check is not enough to cut the host's connections.
-        let ok = failures < CHECK_FALL;
+        // A host registers on a passing check; once registered, one failed
+        // check is not enough to cut its connections.
+        let ok = result.is_ok() || (passing == Some(true) && failures < CHECK_FALL);
         if passing != Some(ok) {
             match &result {
                 Ok(()) => info!("local check passes: registering"),
