@@ -593,8 +593,12 @@ fn a_standalone_lb_takes_signed_registrations_and_refuses_the_rest() {
         .enumerate()
         .map(|(i, ns)| EchoServer::start(ns, &format!("backend-{}", i + 1)).unwrap())
         .collect();
-    let dir = agent_dir(99);
-    let (secret, wrong) = (dir.join("secret"), dir.join("wrong"));
+    // The secrets' directory, removed on every exit path (as an agent's).
+    let keys = Agent {
+        child: None,
+        dir: agent_dir(99),
+    };
+    let (secret, wrong) = (keys.dir.join("secret"), keys.dir.join("wrong"));
     std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
     std::fs::write(&wrong, "fedcba9876543210fedcba9876543210\n").unwrap();
     let config = lb_tests::edge::node_config(VIP, 0, edge.nodes[0].bird.as_ref().unwrap())
@@ -707,6 +711,4 @@ fn a_standalone_lb_takes_signed_registrations_and_refuses_the_rest() {
         "a killed host left the standalone node within {:?}",
         killed.elapsed()
     );
-    agents.clear();
-    let _ = std::fs::remove_dir_all(&dir);
 }
