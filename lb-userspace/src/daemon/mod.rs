@@ -54,7 +54,7 @@ use crate::{
     config::{self, Desired, XdpModeSetting},
     config_edit::Edit,
     dataplane::{Dataplane, KernelLog, KernelLogLevel, Repair},
-    fleet::{registry, store::Event as FleetEvent},
+    fleet::registry,
     neighbor,
 };
 use controller::Controller;
@@ -334,11 +334,7 @@ pub async fn run(opts: Options) -> Result<()> {
         timed("fleet");
     }
     let configured = fleet_start.as_ref().map_or(local, |s| s.desired.clone());
-    let mut desired = configured.clone();
-    let refused = registry::admit(
-        &mut desired,
-        &registrations::registrations_of(&runtime.registered),
-    );
+    let (desired, admitted) = admit_registrations(configured, &runtime.registered);
     let fleet_health = fleet_start.as_ref().map(|s| {
         if let Some(state) = &s.state {
             runtime.overrides = state.overrides.clone();
@@ -351,7 +347,9 @@ pub async fn run(opts: Options) -> Result<()> {
     let hops = resolver.resolve_all(backend_addrs(&desired)).await;
     timed("next_hops");
     let (mut ctl, report) = Controller::new(dp, desired, runtime, hops, fleet_health)?;
-    ctl.set_configured(configured, refused);
+    if let Some((configured, refused)) = admitted {
+        ctl.set_configured(configured, refused);
+    }
     timed("tables");
     for iface in &settings.interfaces {
         let pin = opts.pin_dir.join(format!("link-{iface}"));
@@ -404,14 +402,16 @@ pub async fn run(opts: Options) -> Result<()> {
         }
     });
 
-    // Kept even without a port, so its receiver waits instead of ending.
-    let (registration_tx, mut registration_requests) = mpsc::channel(64);
-    let mut registration_port = match &settings.registration {
+    let (mut registration_port, mut registration_requests) = match &settings.registration {
         Some(port) => {
-            let refused = registrations::start(port, registration_tx.clone()).await?;
-            Some((registrations::Port::new(port.lease), refused))
+            let (tx, rx) = mpsc::channel(64);
+            let refused = registrations::start(port, tx).await?;
+            (
+                Some((registrations::Port::new(port.lease), refused)),
+                Some(rx),
+            )
         }
-        None => None,
+        None => (None, None),
     };
 
     let (ask_tx, mut asks) = mpsc::channel::<http::Ask>(16);
@@ -525,7 +525,7 @@ pub async fn run(opts: Options) -> Result<()> {
                     continue;
                 }
             }
-            Some(request) = registration_requests.recv() => {
+            Some(request) = next_of(&mut registration_requests) => {
                 let registrations::Request { message, peer, reply } = request;
                 if let Some((port, _)) = registration_port.as_mut() {
                     let _ = reply.send(port.receive(&mut ctl, message, peer));
@@ -606,7 +606,7 @@ pub async fn run(opts: Options) -> Result<()> {
                     Err(e) => error!(error = %format!("{e:#}"), "reading the counters for their history"),
                 }
             }
-            Some(event) = next_event(&mut fleet_events) => {
+            Some(event) = next_of(&mut fleet_events) => {
                 if let Some(f) = fleet_node.as_mut() {
                     f.on_event(&mut ctl, event);
                 }
@@ -663,9 +663,10 @@ fn update_node(node: &mut node::Node, ctl: &Controller, fleet: Option<&FleetNode
     }
 }
 
-/// The fleet session's next event; never, for a standalone node.
-async fn next_event(events: &mut Option<mpsc::Receiver<FleetEvent>>) -> Option<FleetEvent> {
-    match events {
+/// The next message of a channel the daemon may not have (a fleet
+/// session's events, a registration port's requests); never, without one.
+async fn next_of<T>(receiver: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match receiver {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
@@ -693,11 +694,7 @@ pub(crate) fn apply(
             "interfaces, xdp_mode, socket, state_file, metrics, [announce], [fleet] and [registration] only change with a daemon restart"
         );
     }
-    // A standalone daemon's registrations join the operator's services.
-    let configured = desired.clone();
-    let mut desired = desired;
-    let held = registrations::registrations_of(&ctl.runtime().registered);
-    let refused = registry::admit(&mut desired, &held);
+    let (desired, admitted) = admit_registrations(desired, &ctl.runtime().registered);
     if dry_run {
         return ctl.apply(desired, true);
     }
@@ -717,7 +714,9 @@ pub(crate) fn apply(
              `lb reload` writes the running configuration again"
         ));
     }
-    if applied.is_ok() {
+    if applied.is_ok()
+        && let Some((configured, refused)) = admitted
+    {
         for r in refused
             .iter()
             .filter(|r| !ctl.registrations_refused().contains(r))
@@ -727,6 +726,23 @@ pub(crate) fn apply(
         ctl.set_configured(configured, refused);
     }
     applied
+}
+
+/// A standalone daemon's registrations admitted into the operator's
+/// services: the state to apply and, with a registration port, the
+/// operator's own with the registrations refused, to record once it
+/// applies. A fleet node's registrations came with the fleet's state
+/// ([`fleet::desired_of`]), so its state is applied as it is.
+fn admit_registrations(
+    configured: Desired,
+    held: &registrations::HeldRegistrations,
+) -> (Desired, Option<(Desired, Vec<registry::Refused>)>) {
+    if configured.settings.registration.is_none() {
+        return (configured, None);
+    }
+    let mut desired = configured.clone();
+    let refused = registry::admit(&mut desired, &registrations::registrations_of(held));
+    (desired, Some((configured, refused)))
 }
 
 /// Makes `held` the standalone registrations and applies the operator's

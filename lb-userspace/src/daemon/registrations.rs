@@ -293,13 +293,25 @@ impl Port {
     }
 
     /// `answer` with the flows left on each draining registration of
-    /// `message`.
+    /// `message`, from one read of the connection table.
     fn with_flows(&self, ctl: &Controller, message: &Message, mut answer: Answer) -> Answer {
-        for (service, r) in &message.registrations {
-            if r.draining && !message.leave {
-                let flows = flows_on(ctl, service, r.address);
-                answer.flows.insert(service.clone(), flows);
-            }
+        if message.leave || !message.registrations.values().any(|r| r.draining) {
+            return answer;
+        }
+        let active = flows::Table::read(ctl).map(|t| t.active_by_backend()).ok();
+        for (service, r) in message.registrations.iter().filter(|(_, r)| r.draining) {
+            let id = ctl
+                .services()
+                .get(service)
+                .and_then(|s| s.backends.get(&r.address))
+                .map(|b| b.id);
+            let flows = match (id, &active) {
+                (None, _) => 0,
+                (Some(id), Some(active)) => active.get(&id).copied().unwrap_or(0),
+                // Unreadable: never zero, so a drain does not end on a failed read.
+                (Some(_), None) => u64::MAX,
+            };
+            answer.flows.insert(service.clone(), flows);
         }
         answer
     }
@@ -381,20 +393,4 @@ pub(crate) fn renew_all(held: &mut HeldRegistrations, lease: Duration) {
     for h in held.values_mut().flat_map(BTreeMap::values_mut) {
         h.expires_ms = expires_ms;
     }
-}
-
-/// Flows the connection table pins to `address` of `service`.
-fn flows_on(ctl: &Controller, service: &str, address: IpAddr) -> u64 {
-    let Some(id) = ctl
-        .services()
-        .get(service)
-        .and_then(|s| s.backends.get(&address))
-        .map(|b| b.id)
-    else {
-        return 0;
-    };
-    // Unreadable: never zero, so a drain does not end on a failed read.
-    flows::Table::read(ctl)
-        .map(|t| t.active_by_backend().get(&id).copied().unwrap_or(0))
-        .unwrap_or(u64::MAX)
 }

@@ -168,14 +168,8 @@ impl Etcd {
         let store = self.store().await?;
         let mut client = store.client();
         if let Some(h) = &mut self.held {
-            timeout(CALL_TIMEOUT, h.keeper.keep_alive())
-                .await
-                .map_err(|_| anyhow!("no answer within {CALL_TIMEOUT:?}"))?
-                .context("renewing the lease")?;
-            let answer = timeout(CALL_TIMEOUT, h.answers.message())
-                .await
-                .map_err(|_| anyhow!("no answer within {CALL_TIMEOUT:?}"))?
-                .context("renewing the lease")?;
+            within("renewing the lease", h.keeper.keep_alive()).await?;
+            let answer = within("renewing the lease", h.answers.message()).await?;
             if answer.is_none_or(|a| a.ttl() <= 0) {
                 warn!("the registration's lease lapsed: registering again");
                 self.held = None;
@@ -183,15 +177,14 @@ impl Etcd {
         }
         if self.held.is_none() {
             let ttl = self.fleet.lease.as_secs().max(1) as i64;
-            let id = timeout(CALL_TIMEOUT, client.lease_grant(ttl, None))
-                .await
-                .map_err(|_| anyhow!("no answer within {CALL_TIMEOUT:?}"))?
-                .context("granting the registration's lease")?
-                .id();
-            let (keeper, answers) = timeout(CALL_TIMEOUT, client.lease_keep_alive(id))
-                .await
-                .map_err(|_| anyhow!("no answer within {CALL_TIMEOUT:?}"))?
-                .context("keeping the lease alive")?;
+            let id = within(
+                "granting the registration's lease",
+                client.lease_grant(ttl, None),
+            )
+            .await?
+            .id();
+            let (keeper, answers) =
+                within("keeping the lease alive", client.lease_keep_alive(id)).await?;
             self.held = Some(Held {
                 id,
                 keeper,
@@ -222,10 +215,11 @@ impl Etcd {
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
-        let written = timeout(CALL_TIMEOUT, client.txn(Txn::new().and_then(ops)))
-            .await
-            .map_err(|_| anyhow!("no answer within {CALL_TIMEOUT:?}"))?
-            .context("writing the registration")?;
+        let written = within(
+            "writing the registration",
+            client.txn(Txn::new().and_then(ops)),
+        )
+        .await?;
         h.revision = written
             .header()
             .map_or(0, etcd_client::ResponseHeader::revision);
@@ -255,10 +249,11 @@ impl Etcd {
             return Ok(());
         };
         let store = self.store().await?;
-        timeout(CALL_TIMEOUT, store.client().lease_revoke(h.id))
-            .await
-            .map_err(|_| anyhow!("no answer within {CALL_TIMEOUT:?}"))?
-            .context("revoking the registration's lease")?;
+        within(
+            "revoking the registration's lease",
+            store.client().lease_revoke(h.id),
+        )
+        .await?;
         info!("deregistered");
         Ok(())
     }
@@ -319,4 +314,19 @@ impl Etcd {
         }
         Ok(Some(total))
     }
+}
+
+/// Awaits one etcd call for at most [`CALL_TIMEOUT`]; either failure names
+/// the step.
+async fn within<T, E>(
+    step: &'static str,
+    call: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    timeout(CALL_TIMEOUT, call)
+        .await
+        .map_err(|_| anyhow!("{step}: no answer within {CALL_TIMEOUT:?}"))?
+        .context(step)
 }
