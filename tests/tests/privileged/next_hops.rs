@@ -103,3 +103,56 @@ fn a_backend_whose_next_hop_fails_leaves_the_table_until_it_resolves() {
     let t = tally(&lan, 60).unwrap();
     assert_eq!(t.len(), 2, "both backends serve again: {t:?}");
 }
+
+/// An address on the backends' segment that no host holds: resolving its
+/// next hop waits the whole half second, then fails.
+const SILENT: &str = "198.18.0.99";
+
+/// Adding a backend waits for its next hop, but the control loop does not:
+/// `lb status` keeps answering meanwhile (before, every call queued behind
+/// the resolution).
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn the_daemon_answers_while_a_new_backends_next_hop_resolves() {
+    require_root();
+    let lan = Lan::build(2, &["198.18.1.1/32"]).unwrap();
+    let _servers = lan.serve_names(WEB_PORT).unwrap();
+    let config = web_config(2).replace("check = \"http\"", "check = \"none\"");
+    let d = Daemon::start(&lan.lb, "silent", &config).unwrap();
+    d.wait_until(
+        "both backends in the table",
+        WAIT,
+        |d| Ok(in_table(d)? == 2),
+    )
+    .unwrap();
+
+    std::thread::scope(|scope| {
+        let add = scope.spawn(|| d.cli(&["backend", "add", "web", SILENT]));
+        // The add reaches the daemon first.
+        std::thread::sleep(Duration::from_millis(50));
+        let mut answered_meanwhile = 0;
+        while !add.is_finished() {
+            d.cli(&["status"]).unwrap();
+            answered_meanwhile += u32::from(!add.is_finished());
+        }
+        add.join().unwrap().unwrap();
+        assert!(
+            answered_meanwhile >= 5,
+            "`lb status` answered {answered_meanwhile} times while the add resolved its next hop"
+        );
+    });
+    // Added, out of the table until its next hop resolves.
+    let rows = d.cli(&["backend", "list"]).unwrap();
+    let row = rows
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["address"] == SILENT))
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert!(
+        row["next_hop_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(SILENT)),
+        "{row}"
+    );
+    assert_eq!(in_table(&d).unwrap(), 2);
+}
