@@ -1026,7 +1026,11 @@ fn control(out: &mut String, c: &ControlResults) {
              others' turns land. The paper accepts this for near-even shares \
              (Eisenbud et al., NSDI 2016, §3.4). More slots per backend reduce it \
              only slowly (the last two rows: twice the slots); they do bring each \
-             share closer to its weight.\n",
+             share closer to its weight. The controller's goal of at most 1.5× the \
+             ideal at 1,000 backends is therefore not met: sizing the table from \
+             the backend count (100 slots each) was meant to meet it and does not, \
+             and meeting it would take a different fill, which would change every \
+             table in a fleet.\n",
             q.moved_over_ideal,
             q.backends,
             q.table_size / q.backends
