@@ -143,8 +143,9 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Writes `config` (with `socket` and `state_file` pointing into a fresh
-    /// directory) and starts `lb daemon` in `ns`; returns once it answers.
+    /// Writes `config` (with `socket`, and `state_file` unless it sets one,
+    /// pointing into a fresh directory) and starts `lb daemon` in `ns`;
+    /// returns once it answers.
     pub fn start(ns: &Netns, tag: &str, config: &str) -> Result<Daemon> {
         Self::start_with_env(ns, tag, config, &[])
     }
@@ -175,12 +176,16 @@ impl Daemon {
         let dir = std::env::temp_dir().join(format!("lbt-{}-{n}-{tag}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("lb.sock");
+        // A state file the test chose stays.
+        let state_file = match config.contains("\nstate_file = ") {
+            true => String::new(),
+            false => format!("state_file = \"{}\"\n", dir.join("state.json").display()),
+        };
         let full = config.replacen(
             "[settings]\n",
             &format!(
-                "[settings]\nsocket = \"{}\"\nstate_file = \"{}\"\n",
-                socket.display(),
-                dir.join("state.json").display()
+                "[settings]\nsocket = \"{}\"\n{state_file}",
+                socket.display()
             ),
             1,
         );

@@ -167,8 +167,11 @@ impl Runtime {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let tmp = path.with_extension("tmp");
-        super::durable::write_synced(&tmp, &serde_json::to_vec_pretty(self)?)
-            .with_context(|| format!("writing {}", tmp.display()))?;
+        if let Err(e) = super::durable::write_synced(&tmp, &serde_json::to_vec_pretty(self)?) {
+            // A part written to a full disk would only take what room is left.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(anyhow::Error::new(e).context(format!("writing {}", tmp.display())));
+        }
         if path.exists() {
             let previous = previous_copy(path);
             std::fs::rename(path, &previous)

@@ -940,6 +940,113 @@ fn a_change_that_fails_part_way_is_undone_whole() {
 /// under the daemon, so taking the dead backend down fails after the table
 /// dropped it) is tried again once a second, not in a loop: the daemon
 /// goes on answering, and says so about once a second.
+/// A tmpfs of the test's own, small enough to fill; unmounted on every
+/// exit path.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: std::path::PathBuf, size: &str) -> Result<SmallDisk> {
+        std::fs::create_dir_all(&dir)?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()?;
+        if !status.success() {
+            let _ = std::fs::remove_dir(&dir);
+            bail!("mounting a tmpfs on {}: {status}", dir.display());
+        }
+        Ok(SmallDisk(dir))
+    }
+
+    /// Writes `name` until the disk is full.
+    fn fill(&self, name: &str) -> Result<()> {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(self.0.join(name))?;
+        let block = [0u8; 4096];
+        loop {
+            match f.write_all(&block).and_then(|()| f.sync_all()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let unmounted = std::process::Command::new("umount")
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            let _ = std::process::Command::new("umount")
+                .arg("--lazy")
+                .arg(&self.0)
+                .status();
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// The state file's disk fills up: a change that cannot be saved is
+/// refused whole (the backend and the table as before, no partial file
+/// left to take the last room), the daemon keeps serving, and once there
+/// is room again changes are saved and survive a restart.
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn a_full_state_disk_refuses_changes_whole_and_keeps_serving() {
+    require_root();
+    let lan = Lan::build(2, &["198.18.1.1/32"]).unwrap();
+    let _servers = lan.serve_names(80).unwrap();
+    let disk = SmallDisk::mount(
+        std::env::temp_dir().join(format!("lbt-{}-disk", std::process::id())),
+        "64k",
+    )
+    .unwrap();
+    let state = disk.0.join("state.json");
+    let config = web_config(2).replacen(
+        "[settings]\n",
+        &format!("[settings]\nstate_file = \"{}\"\n", state.display()),
+        1,
+    );
+    let mut d = Daemon::start(&lan.lb, "disk", &config).unwrap();
+    d.wait_until("both backends in the table", WAIT, |d| {
+        Ok(d.cli(&["service", "list"])?[0]["in_table"] == 2)
+    })
+    .unwrap();
+    let weight = |d: &Daemon| -> Result<Value> {
+        Ok(backend(&d.cli(&["backend", "list"])?, "198.18.0.11")["weight"].clone())
+    };
+    // The digest: an undone change wrote the table twice, but as it was.
+    let before = (weight(&d).unwrap(), digest(&d).unwrap().0);
+
+    disk.fill("filler").unwrap();
+    let (_, err) = d
+        .cli_fails(&["backend", "set-weight", "web", "198.18.0.11", "3"])
+        .unwrap();
+    assert!(
+        err.contains("No space left") && err.contains("nothing changed"),
+        "{err}"
+    );
+    assert_eq!(
+        (weight(&d).unwrap(), digest(&d).unwrap().0),
+        before,
+        "the weight and the table as they were"
+    );
+    assert!(!disk.0.join("state.tmp").exists(), "no partial file left");
+    let t = tally(&lan, 40).unwrap();
+    assert_eq!(t.len(), 2, "both backends still serve: {t:?}");
+
+    std::fs::remove_file(disk.0.join("filler")).unwrap();
+    d.cli(&["backend", "set-weight", "web", "198.18.0.11", "3"])
+        .unwrap();
+    d.kill(libc::SIGTERM).unwrap();
+    d.spawn().unwrap();
+    assert_eq!(weight(&d).unwrap(), 3, "the change was saved");
+    drop(d);
+}
+
 #[test]
 #[ignore = "needs root: cargo xtask test runs it"]
 fn a_rebuild_that_keeps_failing_is_retried_once_a_second() {
