@@ -83,6 +83,10 @@ pub enum Refusal {
     /// Sent too long ago or too far ahead.
     #[error("clock skew over {MAX_SKEW:?}")]
     Stale,
+    /// More connections open, from its address or in all, than the port
+    /// takes: closed unread.
+    #[error("too many connections open")]
+    Busy,
 }
 
 impl Refusal {
@@ -93,6 +97,7 @@ impl Refusal {
             Refusal::Signature => "signature",
             Refusal::Payload => "payload",
             Refusal::Stale => "stale",
+            Refusal::Busy => "busy",
         }
     }
 }

@@ -38,6 +38,12 @@ use crate::{
 
 /// How long a connection may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections open at once from one address: an agent sends one request
+/// at a time, so a host holding more is not an agent.
+const MAX_OPEN_PER_PEER: usize = 4;
+/// Connections open at once in all: each holds a task until its request
+/// arrives or [`READ_TIMEOUT`] passes.
+const MAX_OPEN: usize = 256;
 
 /// A registration as the daemon holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,15 +68,16 @@ pub(crate) struct Request {
 /// Requests refused before the control loop sees them, by reason.
 #[derive(Debug, Default)]
 pub(crate) struct Refused {
-    counts: [AtomicU64; 4],
+    counts: [AtomicU64; 5],
 }
 
 impl Refused {
-    const REASONS: [Refusal; 4] = [
+    const REASONS: [Refusal; 5] = [
         Refusal::Malformed,
         Refusal::Signature,
         Refusal::Payload,
         Refusal::Stale,
+        Refusal::Busy,
     ];
 
     fn count(&self, r: Refusal) {
@@ -112,12 +119,19 @@ pub(crate) async fn start(
     info!(listen = %port.listen, lease = ?port.lease, "taking registrations from lb agents");
     let refused = Arc::new(Refused::default());
     let counts = refused.clone();
+    let open = OpenConnections::default();
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
+                    let Some(held) = open.take(peer.ip()) else {
+                        counts.count(Refusal::Busy);
+                        warn!(%peer, "registration connection closed: too many open");
+                        continue;
+                    };
                     let (secret, tx, counts) = (secret.clone(), tx.clone(), counts.clone());
                     tokio::spawn(async move {
+                        let _held = held;
                         if let Err(why) = serve(stream, peer.ip(), &secret, &tx, &counts).await {
                             warn!(%peer, reason = %why, "registration request refused");
                         }
@@ -128,6 +142,53 @@ pub(crate) async fn start(
         }
     });
     Ok(refused)
+}
+
+/// The registration port's open connections, by peer.
+#[derive(Clone, Default)]
+struct OpenConnections(Arc<std::sync::Mutex<BTreeMap<IpAddr, usize>>>);
+
+impl OpenConnections {
+    /// Counts a connection from `peer` open until the guard drops, unless
+    /// that would pass [`MAX_OPEN_PER_PEER`] or [`MAX_OPEN`].
+    fn take(&self, peer: IpAddr) -> Option<OpenConnection> {
+        let mut open = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let total: usize = open.values().sum();
+        let mine = open.get(&peer).copied().unwrap_or(0);
+        if mine >= MAX_OPEN_PER_PEER || total >= MAX_OPEN {
+            return None;
+        }
+        *open.entry(peer).or_default() += 1;
+        Some(OpenConnection {
+            open: self.clone(),
+            peer,
+        })
+    }
+}
+
+/// One open connection, counted until dropped.
+struct OpenConnection {
+    open: OpenConnections,
+    peer: IpAddr,
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        let mut open = self
+            .open
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// Answers one connection.
@@ -392,5 +453,39 @@ pub(crate) fn renew_all(held: &mut HeldRegistrations, lease: Duration) {
     let expires_ms = registration::millis(SystemTime::now()) + lease.as_millis() as u64;
     for h in held.values_mut().flat_map(BTreeMap::values_mut) {
         h.expires_ms = expires_ms;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    fn peer(n: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(198, 18, 0, n))
+    }
+
+    #[test]
+    fn connections_are_bounded_per_peer_and_in_all_and_freed_when_they_end() {
+        let open = OpenConnections::default();
+        let mine: Vec<_> = (0..MAX_OPEN_PER_PEER)
+            .map(|_| open.take(peer(1)).unwrap())
+            .collect();
+        assert!(open.take(peer(1)).is_none(), "one more from the same host");
+        assert!(open.take(peer(2)).is_some(), "another host is not held up");
+        drop(mine);
+        assert!(
+            open.0.lock().unwrap().is_empty(),
+            "ended connections are forgotten"
+        );
+
+        let all: Vec<_> = (0..MAX_OPEN)
+            .map(|i| open.take(peer((i / MAX_OPEN_PER_PEER) as u8)).unwrap())
+            .collect();
+        assert!(open.take(peer(255)).is_none(), "one more in all");
+        assert_eq!(open.0.lock().unwrap().len(), MAX_OPEN / MAX_OPEN_PER_PEER);
+        drop(all);
+        assert!(open.take(peer(255)).is_some());
     }
 }

@@ -651,6 +651,30 @@ fn a_standalone_lb_takes_signed_registrations_and_refuses_the_rest() {
     assert!(row(&d, 2).is_none(), "a refused host joined");
     assert_eq!(d.cli(&["service", "list"]).unwrap()[0]["in_table"], 2);
 
+    // A host holding connections open without a request: past four at once
+    // (its agents' among them), the next is closed unread, and counted.
+    let closed_unread = edge.backends[2]
+        .run(move || {
+            use std::io::Read as _;
+            let mut held = Vec::new();
+            for _ in 0..8 {
+                let mut s = std::net::TcpStream::connect((node_v4(0), REGISTRATION_PORT))?;
+                // A held connection stays silent for the port's 2 s.
+                s.set_read_timeout(Some(Duration::from_millis(200)))?;
+                match s.read(&mut [0u8; 64]) {
+                    Ok(0) => return Ok(held.len()),
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                        return Ok(held.len());
+                    }
+                    _ => held.push(s),
+                }
+            }
+            anyhow::bail!("eight connections held open at once")
+        })
+        .unwrap();
+    assert!(closed_unread <= 4, "{closed_unread} held before one closed");
+    assert!(refused(&edge, "busy") > 0);
+
     // The daemon restarts while the agents are stopped: the registered
     // backends stay (kept in its state file) and no connection breaks.
     for a in &agents {
