@@ -1352,6 +1352,8 @@ impl Controller {
         // lists, stale ones out once none does (removed services' too).
         let sources = source_entries(next.values().map(|(s, _)| s));
         self.add_source_entries(&sources)?;
+        // Backends the operator removed: their overrides go with them.
+        let mut deleted = BTreeSet::new();
         for (name, (state, ring)) in next {
             let old = self.services.remove(&name);
             self.services.insert(name.clone(), state);
@@ -1366,16 +1368,20 @@ impl Controller {
                 for (ip, b) in removed {
                     info!(service = %name, backend = %ip, "backend removed");
                     self.release_backend(&b)?;
+                    if b.registered.is_none() {
+                        deleted.insert((name.clone(), ip));
+                    }
                 }
             }
         }
         self.remove_source_entries(&sources)?;
         self.forget_refused_flows(relisted)?;
+        // A registered backend whose lease lapsed keeps its override, inert,
+        // for when it registers again (as in a fleet): an operator's drain
+        // outlives the agent's restart.
         let services = &self.services;
         self.runtime.retain(|svc, ip| {
-            services
-                .get(svc)
-                .is_some_and(|s| s.backends.contains_key(&ip))
+            services.contains_key(svc) && !deleted.contains(&(svc.to_string(), ip))
         });
         self.persist()
     }

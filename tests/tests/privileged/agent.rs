@@ -724,7 +724,10 @@ fn a_standalone_lb_takes_signed_registrations_and_refuses_the_rest() {
     })
     .unwrap();
 
-    // SIGKILL: host 1 leaves when its registration lapses.
+    // SIGKILL: host 1 leaves when its registration lapses. The operator
+    // had drained it: registering again, it is still drained.
+    let host1 = backend_v4(1).to_string();
+    d.cli(&["backend", "drain", "echo", &host1]).unwrap();
     let killed = Instant::now();
     agents[1].signal(libc::SIGKILL);
     d.wait_until("host 1 gone", Duration::from_secs(5), |d| {
@@ -735,4 +738,11 @@ fn a_standalone_lb_takes_signed_registrations_and_refuses_the_rest() {
         "a killed host left the standalone node within {:?}",
         killed.elapsed()
     );
+    let _again = Agent::start_file(&edge, 1, &direct_agent(1, "echo", &secret));
+    d.wait_until("host 1 back", Duration::from_secs(10), |d| {
+        Ok(row(d, 1).is_some())
+    })
+    .unwrap();
+    let back = row(&d, 1).unwrap();
+    assert_eq!(back["admin"], "drain", "the operator's drain held: {back}");
 }
