@@ -33,14 +33,13 @@ use std::{
     net::IpAddr,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    pin::Pin,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::programs::XdpMode;
-use futures_util::{FutureExt as _, StreamExt as _, stream::FuturesUnordered};
+use futures_util::{FutureExt as _, StreamExt as _, future::BoxFuture, stream::FuturesUnordered};
 use sd_notify::NotifyState;
 use tokio::{
     io::{AsyncWriteExt as _, Interest, unix::AsyncFd},
@@ -243,20 +242,14 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
 
 type Call = (Request, oneshot::Sender<Response>);
 
-/// A call waiting for the next hops of the backends it adds (none when it
-/// adds no unresolved one), with them.
-type ResolvingCall = Pin<
-    Box<
-        dyn Future<
-                Output = (
-                    Request,
-                    oneshot::Sender<Response>,
-                    Vec<IpAddr>,
-                    Option<neighbor::Resolution>,
-                ),
-            > + Send,
-    >,
->;
+/// A call, with the next hops of the backends it adds resolved (`None`
+/// when it adds no unresolved one).
+struct ResolvedCall {
+    request: Request,
+    reply: oneshot::Sender<Response>,
+    new: Vec<IpAddr>,
+    hops: Option<neighbor::Resolution>,
+}
 
 async fn serve_connection(mut stream: UnixStream, calls: mpsc::Sender<Call>) {
     let response = match tokio::time::timeout(api::TIMEOUT, api::read_request(&mut stream)).await {
@@ -473,7 +466,7 @@ pub async fn run(opts: Options) -> Result<()> {
     };
     let mut ramp = tokio::time::interval(SLOW_START_TICK);
     let mut repair = tokio::time::interval(REPAIR_TICK);
-    let mut resolving: FuturesUnordered<ResolvingCall> = FuturesUnordered::new();
+    let mut resolving: FuturesUnordered<BoxFuture<'static, ResolvedCall>> = FuturesUnordered::new();
     loop {
         let health_due = ctl.health_changes_due();
         tokio::select! {
@@ -487,15 +480,16 @@ pub async fn run(opts: Options) -> Result<()> {
                 // silent one): off the loop, so probes, scrapes, upkeep and
                 // other calls go on. A client waits for each answer, so its
                 // own calls keep their order.
-                resolving.push(Box::pin(async move {
-                    let hops = match new.is_empty() {
-                        true => None,
-                        false => Some(resolver.resolve_all(new.clone()).await),
+                resolving.push(async move {
+                    let hops = if new.is_empty() {
+                        None
+                    } else {
+                        Some(resolver.resolve_all(new.clone()).await)
                     };
-                    (request, reply, new, hops)
-                }));
+                    ResolvedCall { request, reply, new, hops }
+                }.boxed());
             }
-            Some((request, reply, new, hops)) = resolving.next(), if !resolving.is_empty() => {
+            Some(ResolvedCall { request, reply, new, hops }) = resolving.next(), if !resolving.is_empty() => {
                 if let Some(hops) = hops
                     && let Err(e) = ctl.set_next_hops(hops)
                 {

@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::Result;
-use lb::demo::server::http_get;
+use lb::demo::server::{NameServer, http_get};
 use lb_tests::{
     daemon::{Daemon, WEB_PORT, WEB_VIP, metrics_in, web_config},
     lan::Lan,
@@ -49,21 +49,27 @@ fn in_table(d: &Daemon) -> Result<u64> {
         .unwrap_or(0))
 }
 
-#[test]
-#[ignore = "needs root: cargo xtask test runs it"]
-fn a_backend_whose_next_hop_fails_leaves_the_table_until_it_resolves() {
-    require_root();
+/// Two backends serving their names behind a daemon with health checks
+/// off (only the next hop can take a backend out), both in the table.
+fn two_backends(tag: &str) -> (Lan, Vec<NameServer>, Daemon) {
     let lan = Lan::build(2, &["198.18.1.1/32"]).unwrap();
-    let _servers = lan.serve_names(WEB_PORT).unwrap();
-    // No health checks: only the next hop can take a backend out.
+    let servers = lan.serve_names(WEB_PORT).unwrap();
     let config = web_config(2).replace("check = \"http\"", "check = \"none\"");
-    let d = Daemon::start(&lan.lb, "hops", &config).unwrap();
+    let d = Daemon::start(&lan.lb, tag, &config).unwrap();
     d.wait_until(
         "both backends in the table",
         WAIT,
         |d| Ok(in_table(d)? == 2),
     )
     .unwrap();
+    (lan, servers, d)
+}
+
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn a_backend_whose_next_hop_fails_leaves_the_table_until_it_resolves() {
+    require_root();
+    let (lan, _servers, d) = two_backends("hops");
 
     // Backend 2's host goes away, and the load balancer's neighbour entry
     // for it with it (as when it ages out): resolving it again fails.
@@ -115,16 +121,7 @@ const SILENT: &str = "198.18.0.99";
 #[ignore = "needs root: cargo xtask test runs it"]
 fn the_daemon_answers_while_a_new_backends_next_hop_resolves() {
     require_root();
-    let lan = Lan::build(2, &["198.18.1.1/32"]).unwrap();
-    let _servers = lan.serve_names(WEB_PORT).unwrap();
-    let config = web_config(2).replace("check = \"http\"", "check = \"none\"");
-    let d = Daemon::start(&lan.lb, "silent", &config).unwrap();
-    d.wait_until(
-        "both backends in the table",
-        WAIT,
-        |d| Ok(in_table(d)? == 2),
-    )
-    .unwrap();
+    let (_lan, _servers, d) = two_backends("silent");
 
     std::thread::scope(|scope| {
         let add = scope.spawn(|| d.cli(&["backend", "add", "web", SILENT]));
