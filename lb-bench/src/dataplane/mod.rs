@@ -35,7 +35,7 @@ use lb::dataplane::{Capacity, SourceList};
 use lb_bench_ebpf::{FRAME_LEN, ResetConfig};
 use lb_common::{
     Counter, FAMILY_V4, FAMILY_V6, SERVICE_F_ALLOW_LIST, SERVICE_F_DENY_LIST, SERVICE_F_IPIP,
-    SERVICE_F_SOURCE_LIMIT, SourceLimit,
+    SERVICE_F_SOURCE_LIMIT, ServiceKey, SourceLimit,
     limits::{DEFAULT_CONNTRACK_ENTRIES, DEFAULT_RING_SIZE, MAX_SOURCE_LIMIT},
     wire::{IPPROTO_TCP, IPV4_HLEN, IPV6_HLEN},
 };
@@ -324,24 +324,72 @@ fn service_flags(mode: Mode) -> u32 {
     }
 }
 
+/// A set of the four measured services (`MEASURED`, in its order): the
+/// id of the first and the port they all serve. The source-lists groups
+/// measure two sets side by side, one with lists and one without.
+#[derive(Clone, Copy)]
+struct ServiceSet {
+    first: u32,
+    port: u16,
+}
+
+impl ServiceSet {
+    /// The measured services of every group: ids 0 to 3, port 80.
+    const PLAIN: ServiceSet = ServiceSet {
+        first: 0,
+        port: SERVICE_PORT,
+    };
+    /// The same services with source lists and limits, in the
+    /// source-lists groups: the next four ids, the next port.
+    const LISTED: ServiceSet = ServiceSet {
+        first: MEASURED.len() as u32,
+        port: SERVICE_PORT + 1,
+    };
+
+    /// Each service's id, family and mode.
+    fn each(self) -> impl Iterator<Item = (u32, Family, Mode)> {
+        (self.first..)
+            .zip(MEASURED)
+            .map(|(sid, (f, m))| (sid, f, m))
+    }
+
+    /// The key of the service of `family` and `mode` in the set.
+    fn key(self, family: Family, mode: Mode) -> ServiceKey {
+        service_key(frames::vip(family, mode), self.port, IPPROTO_TCP)
+    }
+}
+
 /// Gives each measured service `backends` fresh backends (generation
 /// `generation`, so entries from an earlier group become misses) and
 /// publishes its table. Returns the first service's table.
 pub(crate) fn configure(h: &mut Harness, backends: u32, generation: u32) -> Result<Vec<u32>> {
+    configure_set(h, ServiceSet::PLAIN, backends, generation)
+}
+
+/// [`configure`] for the services of `set`.
+fn configure_set(
+    h: &mut Harness,
+    set: ServiceSet,
+    backends: u32,
+    generation: u32,
+) -> Result<Vec<u32>> {
     let mut first = Vec::new();
-    for (sid, &(family, mode)) in MEASURED.iter().enumerate() {
-        let sid = sid as u32;
-        let members: Vec<(u32, u32)> = (0..backends).map(|j| (sid * backends + j, 1)).collect();
+    for (sid, family, mode) in set.each() {
+        let members = members(sid, backends);
         for &(id, _) in &members {
             h.backend(id, backend_ip(family, id), true, generation)?;
         }
-        let key = service_key(frames::vip(family, mode), SERVICE_PORT, IPPROTO_TCP);
-        let ring = h.service(sid, key, service_flags(mode), &members)?;
+        let ring = h.service(sid, set.key(family, mode), service_flags(mode), &members)?;
         if first.is_empty() {
             first = ring;
         }
     }
     Ok(first)
+}
+
+/// Service `sid`'s `backends` backends, of weight 1.
+fn members(sid: u32, backends: u32) -> Vec<(u32, u32)> {
+    (0..backends).map(|j| (sid * backends + j, 1)).collect()
 }
 
 /// Publishes services `MEASURED.len()..total`, all with `ring`: they make
@@ -417,8 +465,8 @@ fn prime_reference() -> Option<(Program, Expect)> {
 }
 
 /// Fresh flows with the insert budget spent, SYNs and other packets, to
-/// the measured service `sid`.
-fn flood_cases(sid: u32, family: Family, mode: Mode) -> [Case; 2] {
+/// the measured service `sid` on `port`.
+fn flood_cases(sid: u32, family: Family, mode: Mode, port: u16) -> [Case; 2] {
     let vip = frames::vip(family, mode);
     [(Path::FloodSyn, TCP_SYN), (Path::FloodNewFlow, TCP_ACK)].map(|(path, flags)| Case {
         path,
@@ -426,7 +474,7 @@ fn flood_cases(sid: u32, family: Family, mode: Mode) -> [Case; 2] {
         mode: Some(mode),
         program: Program::Lb,
         method: Method::Reset(Flows::Fresh),
-        template: frames::template(vip, SERVICE_PORT, flags),
+        template: frames::template(vip, port, flags),
         expect: expect_forward(sid, family, mode, true),
         prime: None,
         flows: 0,
@@ -523,66 +571,7 @@ fn floor_cases() -> Vec<Case> {
 /// Every path of lb for one group of the matrix.
 fn matrix_cases(h: &mut Harness) -> Result<Vec<Case>> {
     let mut cases = floor_cases();
-    for (sid, &(family, mode)) in MEASURED.iter().enumerate() {
-        let sid = sid as u32;
-        let vip = frames::vip(family, mode);
-        let ack = frames::template(vip, SERVICE_PORT, TCP_ACK);
-        let syn = frames::template(vip, SERVICE_PORT, TCP_SYN);
-        // The MAC rewrite leaves a frame that takes the same path again (to
-        // backends at lb's own MAC: `Harness::backend`), so dsr-l2 runs
-        // directly; an encapsulated frame must be reset.
-        let stable = |index: u32| match mode {
-            Mode::DsrL2 => Method::Direct(index),
-            Mode::Ipip => Method::Reset(Flows::One(index)),
-        };
-        let established = h.fresh_flows(1)?;
-        cases.push(Case {
-            path: Path::Established,
-            family: Some(family),
-            mode: Some(mode),
-            program: Program::Lb,
-            method: stable(established),
-            template: ack,
-            expect: expect_forward(sid, family, mode, false),
-            prime: prime_lb(sid, family, mode),
-            flows: 1,
-        });
-        cases.push(Case {
-            path: Path::NewFlow,
-            family: Some(family),
-            mode: Some(mode),
-            program: Program::Lb,
-            method: Method::Reset(Flows::Fresh),
-            template: ack,
-            expect: expect_forward(sid, family, mode, true),
-            prime: None,
-            flows: 0,
-        });
-        cases.extend(flood_cases(sid, family, mode));
-        let syn_flow = h.fresh_flows(1)?;
-        cases.push(Case {
-            path: Path::Syn,
-            family: Some(family),
-            mode: Some(mode),
-            program: Program::Lb,
-            method: stable(syn_flow),
-            template: syn,
-            expect: expect_forward(sid, family, mode, true),
-            prime: None,
-            flows: 1,
-        });
-        cases.push(Case {
-            path: Path::SynNewFlow,
-            family: Some(family),
-            mode: Some(mode),
-            program: Program::Lb,
-            method: Method::Reset(Flows::Fresh),
-            template: syn,
-            expect: expect_forward(sid, family, mode, true),
-            prime: None,
-            flows: 0,
-        });
-    }
+    cases.extend(service_cases(h, ServiceSet::PLAIN)?);
     for family in Family::ALL {
         cases.push(Case {
             path: Path::NotService,
@@ -622,6 +611,72 @@ fn matrix_cases(h: &mut Harness) -> Result<Vec<Case>> {
         flows: 1,
     });
     cases.extend(reference_cases(h)?);
+    Ok(cases)
+}
+
+/// The paths of the services of `set`: established, new flow, the floods,
+/// SYN and SYN of a new flow, for each.
+fn service_cases(h: &mut Harness, set: ServiceSet) -> Result<Vec<Case>> {
+    let mut cases = Vec::new();
+    for (sid, family, mode) in set.each() {
+        let vip = frames::vip(family, mode);
+        let ack = frames::template(vip, set.port, TCP_ACK);
+        let syn = frames::template(vip, set.port, TCP_SYN);
+        // The MAC rewrite leaves a frame that takes the same path again (to
+        // backends at lb's own MAC: `Harness::backend`), so dsr-l2 runs
+        // directly; an encapsulated frame must be reset.
+        let stable = |index: u32| match mode {
+            Mode::DsrL2 => Method::Direct(index),
+            Mode::Ipip => Method::Reset(Flows::One(index)),
+        };
+        let established = h.fresh_flows(1)?;
+        cases.push(Case {
+            path: Path::Established,
+            family: Some(family),
+            mode: Some(mode),
+            program: Program::Lb,
+            method: stable(established),
+            template: ack,
+            expect: expect_forward(sid, family, mode, false),
+            prime: prime_lb(sid, family, mode),
+            flows: 1,
+        });
+        cases.push(Case {
+            path: Path::NewFlow,
+            family: Some(family),
+            mode: Some(mode),
+            program: Program::Lb,
+            method: Method::Reset(Flows::Fresh),
+            template: ack,
+            expect: expect_forward(sid, family, mode, true),
+            prime: None,
+            flows: 0,
+        });
+        cases.extend(flood_cases(sid, family, mode, set.port));
+        let syn_flow = h.fresh_flows(1)?;
+        cases.push(Case {
+            path: Path::Syn,
+            family: Some(family),
+            mode: Some(mode),
+            program: Program::Lb,
+            method: stable(syn_flow),
+            template: syn,
+            expect: expect_forward(sid, family, mode, true),
+            prime: None,
+            flows: 1,
+        });
+        cases.push(Case {
+            path: Path::SynNewFlow,
+            family: Some(family),
+            mode: Some(mode),
+            program: Program::Lb,
+            method: Method::Reset(Flows::Fresh),
+            template: syn,
+            expect: expect_forward(sid, family, mode, true),
+            prime: None,
+            flows: 0,
+        });
+    }
     Ok(cases)
 }
 
@@ -727,70 +782,78 @@ fn run_matrix(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<Vec<G
     Ok(groups)
 }
 
-/// The matrix cases of the measured services with `SOURCE_LISTS_BACKENDS`
-/// backends, in two groups in one run: without source lists, then with a
-/// deny list and an allow list of `plan.source_prefixes` prefixes each on
-/// every measured service (the benchmark's clients in the allow list, in
-/// none of the deny list's) and a new-flow limit per client address that
-/// no run reaches. lb's object only: the baseline has neither.
+/// The measured services' paths with `SOURCE_LISTS_BACKENDS` backends
+/// each, without source lists and with them, interleaved in the same
+/// rounds: two sets of the four services side by side in one program, the
+/// second with a deny list and an allow list of `plan.source_prefixes`
+/// prefixes each (the benchmark's clients in the allow list, in none of
+/// the deny list's) and a new-flow limit per client address that no run
+/// reaches. Reported as two groups, without then with, sharing the
+/// floors. lb's object only: the baseline has neither.
 fn run_source_lists(plan: &Plan) -> Result<Vec<GroupResult>> {
     if plan.source_prefixes == 0 {
         return Ok(Vec::new());
     }
+    let services = 2 * MEASURED.len() as u32;
     let mut h = Harness::load(
         Capacity {
-            max_services: MEASURED.len() as u32,
+            max_services: services,
             max_backends: MAX_BACKENDS,
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
-            ring_slots: Capacity::ring_slots_for(
-                MEASURED.len() as u32,
-                MAX_BACKENDS,
-                Some(DEFAULT_RING_SIZE),
-            )?,
+            ring_slots: Capacity::ring_slots_for(services, MAX_BACKENDS, Some(DEFAULT_RING_SIZE))?,
         },
         None,
     )?;
-    let mut groups = Vec::new();
-    for prefixes in [0, plan.source_prefixes] {
-        let started = Instant::now();
-        if prefixes == 0 {
-            configure(&mut h, SOURCE_LISTS_BACKENDS, 1)?;
-        } else {
-            add_source_lists(&mut h, prefixes)?;
-        }
-        let mut cases = matrix_cases(&mut h)?;
-        cases
-            .retain(|c| plan.paths.is_empty() || c.path.is_floor() || plan.paths.contains(&c.path));
-        let samples = measure(&mut h, &mut cases, plan.repeat, plan.rounds)?;
-        eprintln!(
-            "data plane: {prefixes} source prefixes per list: {:.1?}",
-            started.elapsed()
-        );
-        let mut g = group_result(
-            &cases,
-            &samples,
-            (
-                MEASURED.len() as u32,
-                SOURCE_LISTS_BACKENDS,
-                0,
-                DEFAULT_CONNTRACK_ENTRIES,
-                plan.repeat,
-            ),
-        );
-        g.source_prefixes = prefixes;
-        groups.push(g);
-    }
-    Ok(groups)
+    let started = Instant::now();
+    configure_set(&mut h, ServiceSet::PLAIN, SOURCE_LISTS_BACKENDS, 1)?;
+    configure_set(&mut h, ServiceSet::LISTED, SOURCE_LISTS_BACKENDS, 1)?;
+    add_source_lists(&mut h, ServiceSet::LISTED, plan.source_prefixes)?;
+    let wanted = |c: &Case| plan.paths.is_empty() || plan.paths.contains(&c.path);
+    let floors = floor_cases();
+    let mut cases = floors.clone();
+    cases.extend(
+        service_cases(&mut h, ServiceSet::PLAIN)?
+            .into_iter()
+            .filter(wanted),
+    );
+    let plain = cases.len();
+    cases.extend(
+        service_cases(&mut h, ServiceSet::LISTED)?
+            .into_iter()
+            .filter(wanted),
+    );
+    let samples = measure(&mut h, &mut cases, plan.repeat, plan.rounds)?;
+    eprintln!(
+        "data plane: without and with {} source prefixes per list: {:.1?}",
+        plan.source_prefixes,
+        started.elapsed()
+    );
+    let shape = (
+        MEASURED.len() as u32,
+        SOURCE_LISTS_BACKENDS,
+        0,
+        DEFAULT_CONNTRACK_ENTRIES,
+        plan.repeat,
+    );
+    let without = group_result(&cases[..plain], &samples[..plain], shape);
+    // The listed services' cases with the floors they are measured against.
+    let listed = (0..floors.len()).chain(plain..cases.len());
+    let (listed_cases, listed_samples): (Vec<Case>, Vec<Vec<Sample>>) = listed
+        .map(|i| (cases[i].clone(), samples[i].clone()))
+        .unzip();
+    let mut with = group_result(&listed_cases, &listed_samples, shape);
+    with.source_prefixes = plan.source_prefixes;
+    Ok(vec![without, with])
 }
 
-/// Gives every measured service a new-flow limit per client address and a
-/// deny list and an allow list of `prefixes` prefixes each, the benchmark's clients (`frames::client_net`)
-/// the allow list's first: the deny list's are single addresses in a range
-/// no client is in, the allow list's others likewise elsewhere. Then
-/// republishes the services with the flags that make the program read them.
-fn add_source_lists(h: &mut Harness, prefixes: u32) -> Result<()> {
-    for (sid, &(family, mode)) in MEASURED.iter().enumerate() {
-        let sid = sid as u32;
+/// Gives every service of `set` a new-flow limit per client address and a
+/// deny list and an allow list of `prefixes` prefixes each, the
+/// benchmark's clients (`frames::client_net`) the allow list's first: the
+/// deny list's are single addresses in a range no client is in, the allow
+/// list's others likewise elsewhere. Then republishes the services with
+/// the flags that make the program read them.
+fn add_source_lists(h: &mut Harness, set: ServiceSet, prefixes: u32) -> Result<()> {
+    for (sid, family, mode) in set.each() {
         for i in 0..prefixes {
             let (deny, allow) = match family {
                 Family::Ipv4 => (
@@ -816,9 +879,6 @@ fn add_source_lists(h: &mut Harness, prefixes: u32) -> Result<()> {
             h.lab.dp.set_source_entry(sid, deny, SourceList::Deny)?;
             h.lab.dp.set_source_entry(sid, allow, SourceList::Allow)?;
         }
-        let members: Vec<(u32, u32)> = (0..SOURCE_LISTS_BACKENDS)
-            .map(|j| (sid * SOURCE_LISTS_BACKENDS + j, 1))
-            .collect();
         // A limit per client address no run reaches (a fresh flow's index
         // picks its source address every 65,536 flows), so every path is
         // the one without it plus the limit's work.
@@ -828,12 +888,16 @@ fn add_source_lists(h: &mut Harness, prefixes: u32) -> Result<()> {
         };
         let limit = SourceLimit::new(MAX_SOURCE_LIMIT, MAX_SOURCE_LIMIT, family_tag, host_bits);
         h.lab.dp.set_source_limit(sid, Some(&limit))?;
-        let key = service_key(frames::vip(family, mode), SERVICE_PORT, IPPROTO_TCP);
         let flags = service_flags(mode)
             | SERVICE_F_DENY_LIST
             | SERVICE_F_ALLOW_LIST
             | SERVICE_F_SOURCE_LIMIT;
-        h.service(sid, key, flags, &members)?;
+        h.service(
+            sid,
+            set.key(family, mode),
+            flags,
+            &members(sid, SOURCE_LISTS_BACKENDS),
+        )?;
     }
     Ok(())
 }
@@ -979,7 +1043,7 @@ fn run_many_flows(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<V
         // The flood against as many established flows, like for like.
         if group + 1 == plan.many_flows.len() {
             for (sid, &(family, mode)) in MEASURED.iter().enumerate() {
-                cases.extend(flood_cases(sid as u32, family, mode));
+                cases.extend(flood_cases(sid as u32, family, mode, SERVICE_PORT));
             }
         }
         let mut cases = with_baseline(&h, cases);

@@ -322,14 +322,14 @@ fn source_lists(out: &mut String, d: &DataplaneResults) {
     let _ = writeln!(
         out,
         "### With source lists and new-flow limits\n\n\
-         The four measured services with {} backends each, measured without source \
-         lists and then, in the same run, with a deny list and an allow list of {} \
-         prefixes each on every service (the clients in the allow list, in none of \
-         the deny list's) and a new-flow limit per client address that no run \
-         reaches: one trie lookup for each new flow and a limit check for each \
-         TCP SYN without an entry, nothing for established flows. Each cell is \
-         with / without (median ns with both in brackets). \
-         Goal: ≤ {SOURCE_LISTS_GOAL}×.\n\n\
+         The four measured services with {} backends each, twice in one program, \
+         interleaved in the same rounds: once without source lists, and once (on \
+         another port) with a deny list and an allow list of {} prefixes each on \
+         every service (the clients in the allow list, in none of the deny list's) \
+         and a new-flow limit per client address that no run reaches: one trie \
+         lookup for each new flow and a limit check for each TCP SYN without an \
+         entry, nothing for established flows. Each cell is with / without \
+         (median ns with both in brackets). Goal: ≤ {SOURCE_LISTS_GOAL}×.\n\n\
          | path | IPv4 dsr-l2 | IPv4 ipip | IPv6 dsr-l2 | IPv6 ipip |\n\
          | --- | --- | --- | --- | --- |",
         with.backends,
