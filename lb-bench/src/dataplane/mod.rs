@@ -363,33 +363,31 @@ impl ServiceSet {
 /// `generation`, so entries from an earlier group become misses) and
 /// publishes its table. Returns the first service's table.
 pub(crate) fn configure(h: &mut Harness, backends: u32, generation: u32) -> Result<Vec<u32>> {
-    configure_set(h, ServiceSet::PLAIN, backends, generation)
+    configure_set(h, ServiceSet::PLAIN, backends, generation, 0)
 }
 
-/// [`configure`] for the services of `set`.
+/// [`configure`] for the services of `set`, published with `extra_flags`
+/// besides their mode's.
 fn configure_set(
     h: &mut Harness,
     set: ServiceSet,
     backends: u32,
     generation: u32,
+    extra_flags: u32,
 ) -> Result<Vec<u32>> {
     let mut first = Vec::new();
     for (sid, family, mode) in set.each() {
-        let members = members(sid, backends);
+        let members: Vec<(u32, u32)> = (0..backends).map(|j| (sid * backends + j, 1)).collect();
         for &(id, _) in &members {
             h.backend(id, backend_ip(family, id), true, generation)?;
         }
-        let ring = h.service(sid, set.key(family, mode), service_flags(mode), &members)?;
+        let flags = service_flags(mode) | extra_flags;
+        let ring = h.service(sid, set.key(family, mode), flags, &members)?;
         if first.is_empty() {
             first = ring;
         }
     }
     Ok(first)
-}
-
-/// Service `sid`'s `backends` backends, of weight 1.
-fn members(sid: u32, backends: u32) -> Vec<(u32, u32)> {
-    (0..backends).map(|j| (sid * backends + j, 1)).collect()
 }
 
 /// Publishes services `MEASURED.len()..total`, all with `ring`: they make
@@ -805,9 +803,17 @@ fn run_source_lists(plan: &Plan) -> Result<Vec<GroupResult>> {
         None,
     )?;
     let started = Instant::now();
-    configure_set(&mut h, ServiceSet::PLAIN, SOURCE_LISTS_BACKENDS, 1)?;
-    configure_set(&mut h, ServiceSet::LISTED, SOURCE_LISTS_BACKENDS, 1)?;
+    configure_set(&mut h, ServiceSet::PLAIN, SOURCE_LISTS_BACKENDS, 1, 0)?;
+    // The lists and limits first: the flags make the program read them.
     add_source_lists(&mut h, ServiceSet::LISTED, plan.source_prefixes)?;
+    let guarded = SERVICE_F_DENY_LIST | SERVICE_F_ALLOW_LIST | SERVICE_F_SOURCE_LIMIT;
+    configure_set(
+        &mut h,
+        ServiceSet::LISTED,
+        SOURCE_LISTS_BACKENDS,
+        1,
+        guarded,
+    )?;
     let wanted = |c: &Case| plan.paths.is_empty() || plan.paths.contains(&c.path);
     let floors = floor_cases();
     let mut cases = floors.clone();
@@ -850,10 +856,10 @@ fn run_source_lists(plan: &Plan) -> Result<Vec<GroupResult>> {
 /// deny list and an allow list of `prefixes` prefixes each, the
 /// benchmark's clients (`frames::client_net`) the allow list's first: the
 /// deny list's are single addresses in a range no client is in, the allow
-/// list's others likewise elsewhere. Then republishes the services with
-/// the flags that make the program read them.
+/// list's others likewise elsewhere. The services' flags, published after,
+/// make the program read them.
 fn add_source_lists(h: &mut Harness, set: ServiceSet, prefixes: u32) -> Result<()> {
-    for (sid, family, mode) in set.each() {
+    for (sid, family, _) in set.each() {
         for i in 0..prefixes {
             let (deny, allow) = match family {
                 Family::Ipv4 => (
@@ -888,16 +894,6 @@ fn add_source_lists(h: &mut Harness, set: ServiceSet, prefixes: u32) -> Result<(
         };
         let limit = SourceLimit::new(MAX_SOURCE_LIMIT, MAX_SOURCE_LIMIT, family_tag, host_bits);
         h.lab.dp.set_source_limit(sid, Some(&limit))?;
-        let flags = service_flags(mode)
-            | SERVICE_F_DENY_LIST
-            | SERVICE_F_ALLOW_LIST
-            | SERVICE_F_SOURCE_LIMIT;
-        h.service(
-            sid,
-            set.key(family, mode),
-            flags,
-            &members(sid, SOURCE_LISTS_BACKENDS),
-        )?;
     }
     Ok(())
 }
@@ -1042,8 +1038,8 @@ fn run_many_flows(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<V
         let repeat = plan.repeat.max(count);
         // The flood against as many established flows, like for like.
         if group + 1 == plan.many_flows.len() {
-            for (sid, &(family, mode)) in MEASURED.iter().enumerate() {
-                cases.extend(flood_cases(sid as u32, family, mode, SERVICE_PORT));
+            for (sid, family, mode) in ServiceSet::PLAIN.each() {
+                cases.extend(flood_cases(sid, family, mode, SERVICE_PORT));
             }
         }
         let mut cases = with_baseline(&h, cases);
