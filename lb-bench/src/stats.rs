@@ -45,6 +45,18 @@ impl Summary {
             n,
         })
     }
+
+    /// Summarises the per-round ratios `a[i] / b[i]` of two figures measured
+    /// in the same rounds: pairing each round with itself takes out what
+    /// disturbed both alike (another tenant, a frequency change), which the
+    /// ratio of two medians keeps. `None` when the rounds do not pair up.
+    pub fn of_ratios(a: &[f64], b: &[f64]) -> Option<Summary> {
+        if a.len() != b.len() || b.iter().any(|&x| x <= 0.0) {
+            return None;
+        }
+        let ratios: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+        Summary::of(&ratios)
+    }
 }
 
 #[cfg(test)]
@@ -62,6 +74,15 @@ mod tests {
     fn even_count_averages_the_middle_pair() {
         let s = Summary::of(&[4.0, 1.0, 2.0, 3.0]).unwrap();
         assert_eq!(s.median, 2.5);
+    }
+
+    #[test]
+    fn ratios_pair_rounds() {
+        // Round 2 disturbed both figures alike: pairing leaves 2× each round.
+        let s = Summary::of_ratios(&[2.0, 8.0, 4.0], &[1.0, 4.0, 2.0]).unwrap();
+        assert_eq!((s.min, s.median, s.max), (2.0, 2.0, 2.0));
+        assert_eq!(Summary::of_ratios(&[1.0], &[1.0, 2.0]), None);
+        assert_eq!(Summary::of_ratios(&[1.0], &[0.0]), None);
     }
 
     #[test]

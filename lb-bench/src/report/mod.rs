@@ -19,6 +19,7 @@ use crate::{
         frames::{Family, Mode},
     },
     memory::MemoryResults,
+    stats::Summary,
 };
 
 /// One-minute load average above which the report warns that the machine
@@ -328,8 +329,10 @@ fn source_lists(out: &mut String, d: &DataplaneResults) {
          every service (the clients in the allow list, in none of the deny list's) \
          and a new-flow limit per client address that no run reaches: one trie \
          lookup for each new flow and a limit check for each TCP SYN without an \
-         entry, nothing for established flows. Each cell is with / without \
-         (median ns with both in brackets). Goal: ≤ {SOURCE_LISTS_GOAL}×.\n\n\
+         entry, nothing for established flows. Each cell is with / without: the \
+         median of the per-round ratios (each round measured both, so what disturbed \
+         a round disturbed both), their range and the median ns with both in \
+         brackets. Goal: ≤ {SOURCE_LISTS_GOAL}×.\n\n\
          | path | IPv4 dsr-l2 | IPv4 ipip | IPv6 dsr-l2 | IPv6 ipip |\n\
          | --- | --- | --- | --- | --- |",
         with.backends,
@@ -352,11 +355,19 @@ fn source_lists(out: &mut String, d: &DataplaneResults) {
                     with.case(path, Some(f), Some(m)),
                     without.case(path, Some(f), Some(m)),
                 ) {
-                    (Some(a), Some(b)) => {
-                        let r = a.summary.median / b.summary.median;
-                        worst = worst.max(r);
-                        format!("{:.2}× ({} ns)", r, ns(a.summary.median))
-                    }
+                    (Some(a), Some(b)) => match Summary::of_ratios(&a.ns, &b.ns) {
+                        Some(r) => {
+                            worst = worst.max(r.median);
+                            format!(
+                                "{:.2}× ({:.2}–{:.2}, {} ns)",
+                                r.median,
+                                r.min,
+                                r.max,
+                                ns(a.summary.median)
+                            )
+                        }
+                        None => "—".to_owned(),
+                    },
                     _ => "—".to_owned(),
                 }
             })
