@@ -351,24 +351,23 @@ fn source_lists(out: &mut String, d: &DataplaneResults) {
         let cells: Vec<String> = MEASURED_ORDER
             .iter()
             .map(|&(f, m)| {
-                match (
-                    with.case(path, Some(f), Some(m)),
-                    without.case(path, Some(f), Some(m)),
-                ) {
-                    (Some(a), Some(b)) => match Summary::of_ratios(&a.ns, &b.ns) {
-                        Some(r) => {
-                            worst = worst.max(r.median);
-                            format!(
-                                "{:.2}× ({:.2}–{:.2}, {} ns)",
-                                r.median,
-                                r.min,
-                                r.max,
-                                ns(a.summary.median)
-                            )
-                        }
-                        None => "—".to_owned(),
-                    },
-                    _ => "—".to_owned(),
+                let a = with.case(path, Some(f), Some(m));
+                let b = without.case(path, Some(f), Some(m));
+                match a
+                    .zip(b)
+                    .and_then(|(a, b)| Some((a, Summary::of_ratios(&a.ns, &b.ns)?)))
+                {
+                    Some((a, r)) => {
+                        worst = worst.max(r.median);
+                        format!(
+                            "{:.2}× ({:.2}–{:.2}, {} ns)",
+                            r.median,
+                            r.min,
+                            r.max,
+                            ns(a.summary.median)
+                        )
+                    }
+                    None => "—".to_owned(),
                 }
             })
             .collect();
