@@ -886,8 +886,9 @@ fn add_source_lists(h: &mut Harness, set: ServiceSet, prefixes: u32) -> Result<(
             h.lab.dp.set_source_entry(sid, allow, SourceList::Allow)?;
         }
         // A limit per client address no run reaches (a fresh flow's index
-        // picks its source address every 65,536 flows), so every path is
-        // the one without it plus the limit's work.
+        // is written into its source address's last two bytes, so each of
+        // 65,536 addresses opens one flow in 65,536), so every path is the
+        // one without it plus the limit's work, a cold bucket a new flow.
         let (family_tag, host_bits) = match family {
             Family::Ipv4 => (FAMILY_V4, 32),
             Family::Ipv6 => (FAMILY_V6, 128),
@@ -1039,7 +1040,7 @@ fn run_many_flows(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<V
         // The flood against as many established flows, like for like.
         if group + 1 == plan.many_flows.len() {
             for (sid, family, mode) in ServiceSet::PLAIN.each() {
-                cases.extend(flood_cases(sid, family, mode, SERVICE_PORT));
+                cases.extend(flood_cases(sid, family, mode, ServiceSet::PLAIN.port));
             }
         }
         let mut cases = with_baseline(&h, cases);
