@@ -41,7 +41,7 @@ pub struct Override {
 }
 
 /// Where the state file at `path` keeps its previous copy.
-fn previous_copy(path: &Path) -> PathBuf {
+pub fn previous_copy(path: &Path) -> PathBuf {
     path.with_extension("prev")
 }
 

@@ -440,13 +440,13 @@ fn a_failed_node_is_withdrawn_at_once_and_returns_only_converged_resetting_nothi
         .unwrap();
     fleet.edge.nodes[2].stop_bird();
     std::fs::remove_dir_all(&fleet.daemons[2].pins).unwrap();
-    // The state file and the previous copy a save keeps, which a daemon
-    // starts from when the file is gone.
-    for file in ["state.json", "state.prev"] {
-        match std::fs::remove_file(fleet.daemons[2].dir.join(file)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => panic!("{file}: {e}"),
-            _ => {}
-        }
+    let state = fleet.daemons[2].dir.join("state.json");
+    std::fs::remove_file(&state).unwrap();
+    // And the previous copy a save keeps, which a daemon starts from when
+    // the file is gone.
+    match std::fs::remove_file(lb::daemon::runtime::previous_copy(&state)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => panic!("previous copy: {e}"),
+        _ => {}
     }
     fleet.edge.nodes[2]
         .block(lb_tests::edge::ETCD_V4, None)
