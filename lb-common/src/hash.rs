@@ -133,9 +133,24 @@ const FILTER_MULTIPLIER: u32 = 0x9e37_79b1;
 /// [`flow_hash`]: the address's words folded, then one multiplication.
 #[inline(always)]
 pub fn vip_filter_bit(addr: &Addr) -> (u32, u64) {
-    let folded = word(addr, 0) ^ word(addr, 1) ^ word(addr, 2) ^ word(addr, 3);
+    vip_filter_bit_of_fold(word(addr, 0) ^ word(addr, 1) ^ word(addr, 2) ^ word(addr, 3))
+}
+
+/// [`vip_filter_bit`] from the XOR of the address's four 4-byte words,
+/// each read little-endian ([`fold_halves`]; an IPv4 address is its one
+/// word): what the data plane computes straight from the packet's bytes.
+#[inline(always)]
+pub fn vip_filter_bit_of_fold(folded: u32) -> (u32, u64) {
     let bit = folded.wrapping_mul(FILTER_MULTIPLIER) >> (32 - VIP_FILTER_BITS_LOG2);
     (bit >> 6, 1 << (bit & 63))
+}
+
+/// The XOR of an address's four little-endian 4-byte words, from its two
+/// little-endian 8-byte halves.
+#[inline(always)]
+pub fn fold_halves(lo: u64, hi: u64) -> u32 {
+    let x = lo ^ hi;
+    x as u32 ^ (x >> 32) as u32
 }
 
 /// The same mixing over arbitrary bytes with a caller's seed, for user space
@@ -278,6 +293,23 @@ mod tests {
         }
         bits.sort_unstable();
         assert!(bits.windows(2).all(|w| w[0] != w[1]));
+    }
+
+    #[test]
+    fn the_filter_bit_folded_from_the_packet_is_the_addresses() {
+        // What the data plane folds from the packet's bytes (two 8-byte
+        // halves of an IPv6 address, the one word of an IPv4 address) picks
+        // the bit user space set for the address.
+        for k in sample_keys(4096) {
+            let a = k.src;
+            let half = |i: usize| u64::from_le_bytes(a[8 * i..8 * i + 8].try_into().unwrap());
+            let folded = fold_halves(half(0), half(1));
+            assert_eq!(vip_filter_bit_of_fold(folded), vip_filter_bit(&a));
+            let mut v4 = [0u8; 16];
+            v4[..4].copy_from_slice(&a[..4]);
+            let word = u32::from_le_bytes(a[..4].try_into().unwrap());
+            assert_eq!(vip_filter_bit_of_fold(word), vip_filter_bit(&v4));
+        }
     }
 
     #[test]

@@ -40,7 +40,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use lb_common::{
     AddrKey, Counter, FlowKey, Interface, SERVICE_F_GUE, SERVICE_F_TUNNEL, ServiceValue,
-    wire::{ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
+    wire::{ETH_P_IP, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
 };
 
 use crate::{
@@ -159,12 +159,12 @@ fn receiving_interface(ctx: &XdpContext) -> Result<&'static Interface, Counter> 
     }
 }
 
-/// A problem on a packet to a VIP address, sent to this interface's MAC,
-/// is ours to drop and count; on any other packet it is the kernel's
-/// business, so the packet passes untouched.
+/// A problem on a packet to a VIP address (`dst`), sent to this
+/// interface's MAC, is ours to drop and count; on any other packet it is
+/// the kernel's business, so the packet passes untouched.
 #[inline(always)]
-fn ours_or_pass(ctx: &XdpContext, ip: &Ip, c: Counter) -> Counter {
-    if !(maps::may_be_vip(&ip.dst) && maps::is_vip(&vip_key(ip))) {
+fn ours_or_pass(ctx: &XdpContext, dst: &AddrKey, c: Counter) -> Counter {
+    if !maps::is_vip(dst) {
         Counter::PassNotService
     } else if let Err(foreign) = receiving_interface(ctx) {
         foreign
@@ -176,16 +176,33 @@ fn ours_or_pass(ctx: &XdpContext, ip: &Ip, c: Counter) -> Counter {
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> Result<Counter, Counter> {
     let (ethertype, l3_off) = parse::ethernet(ctx)?;
-    let limit = parse::limit(ctx);
-    let ip = match ethertype {
-        ETH_P_IP => parse::ipv4(ctx, l3_off, limit, false)?,
-        ETH_P_IPV6 => parse::ipv6(ctx, l3_off, limit, false)?,
-        _ => return Ok(Counter::PassNotIp),
+    // The destination before the rest of the header: most of what a host
+    // receives is not for a VIP, and passes after one read of the VIP
+    // filter, whatever else its header holds. Every step below is for
+    // packets to a VIP, or to an address the filter cannot tell from one.
+    let Some(folded) = parse::destination_fold(ctx, ethertype, l3_off)? else {
+        return Ok(Counter::PassNotIp);
     };
+    if !maps::may_be_vip(folded) {
+        return Ok(Counter::PassNotService);
+    }
+    let limit = parse::limit(ctx);
+    // `destination_fold` knows no other EtherType.
+    let ip = if ethertype == ETH_P_IP {
+        parse::ipv4(ctx, l3_off, limit, false)
+    } else {
+        parse::ipv6(ctx, l3_off, limit, false)
+    };
+    // A malformed header is ours only on a packet to a VIP (the
+    // destination is there: `destination_fold` read it).
+    let ip = ip.map_err(|c| match parse::destination(ctx, ethertype, l3_off) {
+        Some(dst) => ours_or_pass(ctx, &dst, c),
+        None => c,
+    })?;
     // Fragments: see docs/dataplane.md. Non-first fragments carry no ports,
     // so the rule keys on the VIP address alone.
     if ip.fragment {
-        return Ok(ours_or_pass(ctx, &ip, Counter::DropFragment));
+        return Ok(ours_or_pass(ctx, &vip_key(&ip), Counter::DropFragment));
     }
     match ip.proto {
         IPPROTO_TCP | IPPROTO_UDP => balance_flow(ctx, &ip),
@@ -201,11 +218,8 @@ fn balance(ctx: &XdpContext) -> Result<Counter, Counter> {
 /// A TCP or UDP packet: to its service's backend, or passed if no service.
 #[inline(always)]
 fn balance_flow(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
-    if !maps::may_be_vip(&ip.dst) {
-        return Ok(Counter::PassNotService);
-    }
     let iface = receiving_interface(ctx)?;
-    let ports = parse::ports(ctx, ip).map_err(|c| ours_or_pass(ctx, ip, c))?;
+    let ports = parse::ports(ctx, ip).map_err(|c| ours_or_pass(ctx, &vip_key(ip), c))?;
     let flow = FlowKey {
         src: ip.src,
         dst: ip.dst,
@@ -294,7 +308,7 @@ fn relay_icmp(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
     let (inner, ports) = match parse::quoted(ctx, ip) {
         Ok(q) => q,
         Err(Counter::DropMalformedIcmp) => {
-            return Err(ours_or_pass(ctx, ip, Counter::DropMalformedIcmp));
+            return Err(ours_or_pass(ctx, &vip_key(ip), Counter::DropMalformedIcmp));
         }
         Err(_) => return Ok(Counter::PassOtherProtocol),
     };
@@ -334,7 +348,7 @@ fn charged(service: &ServiceValue, outcome: Result<Counter, Counter>) -> Result<
 /// any other is the kernel's.
 #[inline(always)]
 fn answer_echo(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
-    if !(maps::may_be_vip(&ip.dst) && maps::answers_echo(&vip_key(ip))) {
+    if !maps::answers_echo(&vip_key(ip)) {
         return Ok(Counter::PassOtherProtocol);
     }
     receiving_interface(ctx)?;

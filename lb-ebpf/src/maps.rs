@@ -14,7 +14,7 @@ use lb_common::{
     FlowEntry, FlowKey, FlowValue, IcmpBudget, IcmpKind, Interface, LimitedSource, ProbeTunnel,
     RingChunk, ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings, SourceDrops,
     SourceKey, SourceLimit, SourceRateBucket, counters::DecapCounter, flow_buckets,
-    hash::vip_filter_bit, interface_slot, limits, limits::CONNTRACK_WAYS, ring_position,
+    hash::vip_filter_bit_of_fold, interface_slot, limits, limits::CONNTRACK_WAYS, ring_position,
     vip_answers_echo,
 };
 
@@ -190,10 +190,12 @@ pub(crate) fn answers_echo(key: &AddrKey) -> bool {
         .is_some_and(|v| vip_answers_echo(unsafe { *v }))
 }
 
-/// Whether `addr` may be a VIP address: `false` proves it is none.
+/// Whether the address whose words fold to `folded`
+/// ([`parse::destination_fold`](crate::parse::destination_fold)) may be a
+/// VIP address: `false` proves it is none.
 #[inline(always)]
-pub(crate) fn may_be_vip(addr: &Addr) -> bool {
-    let (word, mask) = vip_filter_bit(addr);
+pub(crate) fn may_be_vip(folded: u32) -> bool {
+    let (word, mask) = vip_filter_bit_of_fold(folded);
     LB_VIP_FILTER.get(word).is_some_and(|w| w & mask != 0)
 }
 

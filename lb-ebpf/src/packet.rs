@@ -160,6 +160,24 @@ pub(crate) fn bytes_at<const N: usize>(ctx: &XdpContext, off: usize) -> Option<*
     ptr_at::<[u8; N]>(ctx, off).map(|p| p as *const [u8; N])
 }
 
+/// The 8 bytes at `off` as one little-endian word (the BPF target's
+/// order), if the packet holds them.
+#[inline(always)]
+pub(crate) fn load_u64(ctx: &XdpContext, off: usize) -> Option<u64> {
+    let p = ptr_at::<u64>(ctx, off)? as usize;
+    // SAFETY: ptr_at checked that the 8 bytes lie inside the packet.
+    Some(unsafe { read_u64(p) })
+}
+
+/// The 4 bytes at `off` as one little-endian word, if the packet holds
+/// them.
+#[inline(always)]
+pub(crate) fn load_u32(ctx: &XdpContext, off: usize) -> Option<u32> {
+    let p = ptr_at::<u32>(ctx, off)? as usize;
+    // SAFETY: as for `load_u64`, for 4 bytes.
+    Some(unsafe { read_u32(p) })
+}
+
 /// Big-endian u16 at `off`.
 #[inline(always)]
 pub(crate) fn load_be16(ctx: &XdpContext, off: usize) -> Option<u16> {

@@ -5,13 +5,14 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    Addr, Counter, FAMILY_V4, FAMILY_V6,
+    Addr, AddrKey, Counter, FAMILY_V4, FAMILY_V6,
+    hash::fold_halves,
     limits::{MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS},
     same_words,
     wire::*,
 };
 
-use crate::packet::{frame_len, load, load_be16};
+use crate::packet::{frame_len, load, load_be16, load_u32, load_u64};
 
 /// The network layer of a packet.
 #[derive(Clone, Copy)]
@@ -298,6 +299,47 @@ pub(crate) fn quoted(ctx: &XdpContext, ip: &Ip) -> Result<(Ip, Ports), Counter> 
 
 /// Offset of the source address in an IPv6 header (the destination follows).
 pub(crate) const IPV6_ADDRS_OFF: usize = 8;
+
+/// Offset of the destination address in an IPv4 header.
+const IPV4_DST_OFF: usize = 16;
+
+/// The destination address of the IP packet of EtherType `ethertype` at
+/// `l3_off`, folded for the VIP filter
+/// ([`vip_filter_bit_of_fold`](lb_common::hash::vip_filter_bit_of_fold))
+/// straight from the packet's words, before anything else of its header
+/// is read: `Err` with the malformed counter of its family if the frame
+/// ends before it, `Ok(None)` if the EtherType is no IP. Nothing else is
+/// checked; [`ipv4`] and [`ipv6`] do that.
+#[inline(always)]
+pub(crate) fn destination_fold(
+    ctx: &XdpContext,
+    ethertype: u16,
+    l3_off: usize,
+) -> Result<Option<u32>, Counter> {
+    let dst = l3_off + IPV6_ADDRS_OFF + 16;
+    match ethertype {
+        ETH_P_IP => load_u32(ctx, l3_off + IPV4_DST_OFF)
+            .map(Some)
+            .ok_or(Counter::DropMalformedIpv4),
+        ETH_P_IPV6 => match (load_u64(ctx, dst), load_u64(ctx, dst + 8)) {
+            (Some(lo), Some(hi)) => Ok(Some(fold_halves(lo, hi))),
+            _ => Err(Counter::DropMalformedIpv6),
+        },
+        _ => Ok(None),
+    }
+}
+
+/// The destination of the IP packet of EtherType `ethertype` (IPv4 or
+/// IPv6) at `l3_off`, for a packet [`destination_fold`] read: what a
+/// malformed header is judged by.
+#[inline(always)]
+pub(crate) fn destination(ctx: &XdpContext, ethertype: u16, l3_off: usize) -> Option<AddrKey> {
+    Some(if ethertype == ETH_P_IP {
+        AddrKey::from_bytes(v4_addr(load(ctx, l3_off + IPV4_DST_OFF)?), FAMILY_V4)
+    } else {
+        AddrKey::from_bytes(load(ctx, l3_off + IPV6_ADDRS_OFF + 16)?, FAMILY_V6)
+    })
+}
 
 /// The MAC the frame was sent to.
 #[inline(always)]

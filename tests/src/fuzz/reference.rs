@@ -18,8 +18,10 @@
 //!
 //! Where the program may legitimately differ, the reference allows both
 //! outcomes and says why: a message cut before its ICMP type byte
-//! (`icmp`), and a frame not sent to the LB's MAC whose destination falls
-//! in the VIP filter without being a VIP.
+//! (`icmp`), and a packet whose destination falls in the VIP filter
+//! without being a VIP ([`classify`]): it passes either way, but by the
+//! rules after the filter, with their counter (and, not sent to the LB's
+//! MAC, possibly as foreign).
 //! IP and transport checksums are not verified, as the program does not
 //! verify them (backends' kernels do); nor is the UDP length.
 
@@ -153,18 +155,36 @@ pub fn classify(frame: &[u8], cfg: &impl Services) -> Class {
     let Some((ethertype, l3)) = link(frame) else {
         return Class::Reject(vec![Counter::DropMalformedEthernet]);
     };
-    let ip = match ethertype {
-        ETH_P_IP => ipv4(frame, l3, frame.len(), false)
-            .ok_or(Class::Reject(vec![Counter::DropMalformedIpv4])),
-        ETH_P_IPV6 => ipv6(frame, l3, frame.len(), false)
-            .ok_or(Class::Reject(vec![Counter::DropMalformedIpv6])),
+    let (family, malformed) = match ethertype {
+        ETH_P_IP => (FAMILY_V4, Counter::DropMalformedIpv4),
+        ETH_P_IPV6 => (FAMILY_V6, Counter::DropMalformedIpv6),
         _ => return Class::Pass(vec![Counter::PassNotIp]),
     };
-    let ip = match ip {
-        Ok(ip) => ip,
-        Err(class) => return class,
+    // The destination is read before the rest of the header: a frame
+    // that ends before it is malformed whatever it is addressed to.
+    let Some(dst) = destination(frame, l3, family) else {
+        return Class::Reject(vec![malformed]);
     };
-    let class = network(frame, &ip, cfg);
+    let to_vip = cfg.is_vip(&dst);
+    let ip = if family == FAMILY_V4 {
+        ipv4(frame, l3, frame.len(), false)
+    } else {
+        ipv6(frame, l3, frame.len(), false)
+    };
+    let class = match ip {
+        Some(ip) => network(frame, &ip, cfg),
+        None => ours_or_pass(to_vip, malformed),
+    };
+    // A packet to no VIP passes at the VIP filter as `pass_not_service`,
+    // or, where the filter cannot tell its destination from a VIP's, by
+    // the rules after it (which pass it too).
+    let class = match class {
+        Class::Pass(mut allowed) if !to_vip => {
+            allowed.push(Counter::PassNotService);
+            Class::Pass(allowed)
+        }
+        other => other,
+    };
     if frame[..6] == LB_MAC {
         return class;
     }
@@ -192,6 +212,25 @@ pub fn classify(frame: &[u8], cfg: &impl Services) -> Class {
         Class::Echo(_) => Class::Pass(vec![Counter::PassForeignMac]),
     }
 }
+
+/// The destination of the IP packet of `family` at `l3`, if the frame
+/// holds it (its place is all that is relied on).
+fn destination(f: &[u8], l3: usize, family: u8) -> Option<AddrKey> {
+    let addr = if family == FAMILY_V4 {
+        addr4(f.get(l3 + IPV4_DST_OFF..l3 + IPV4_DST_OFF + 4)?)
+    } else {
+        addr6(f.get(l3 + IPV6_DST_OFF..l3 + IPV6_DST_OFF + 16)?)
+    };
+    Some(AddrKey {
+        addr,
+        family,
+        _pad: [0; 3],
+    })
+}
+
+/// Offsets of the destination address in an IPv4 and an IPv6 header.
+const IPV4_DST_OFF: usize = 16;
+const IPV6_DST_OFF: usize = 24;
 
 /// Whether counter `c` records a frame passed to the kernel.
 fn passes(c: Counter) -> bool {

@@ -331,12 +331,20 @@ fn non_service_traffic_passes_untouched() {
         PASS,
         Counter::PassOtherProtocol,
     );
-    let gre = Ipv4::new([198, 18, 0, 99], [198, 18, 0, 2], IPPROTO_GRE).build(&[0u8; 8]);
+    let gre = Ipv4::new([198, 18, 0, 99], VIP4_DSR, IPPROTO_GRE).build(&[0u8; 8]);
     f.case(
-        "a GRE packet",
+        "a GRE packet to a VIP",
         &packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IP, &gre),
         PASS,
         Counter::PassOtherProtocol,
+    );
+    // To the host: passed at the VIP filter, before its protocol is read.
+    let gre = Ipv4::new([198, 18, 0, 99], [198, 18, 0, 2], IPPROTO_GRE).build(&[0u8; 8]);
+    f.case(
+        "a GRE packet to the host",
+        &packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IP, &gre),
+        PASS,
+        Counter::PassNotService,
     );
     let other6 = tcp6(
         CLIENT6,
@@ -1318,6 +1326,38 @@ fn malformed_fragmented_and_backendless_packets_are_dropped_and_counted() {
     let mut ihl = tcp4(CLIENT4, VIP4_DSR, 1, HTTP, TCP_SYN, &[]);
     ihl[ETH_HLEN] = 0x44;
     f.case("IPv4 IHL 4", &ihl, DROP, Counter::DropMalformedIpv4);
+    // To the host, a malformed IP header is the kernel's: the destination
+    // is read, and found to be no VIP's, before the rest of the header.
+    let mut ihl_host = tcp4(CLIENT4, [198, 18, 0, 2], 1, 22, TCP_SYN, &[]);
+    ihl_host[ETH_HLEN] = 0x44;
+    f.case(
+        "IPv4 IHL 4 to the host",
+        &ihl_host,
+        PASS,
+        Counter::PassNotService,
+    );
+    let mut version_host = tcp6(
+        CLIENT6,
+        Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2),
+        1,
+        22,
+        TCP_SYN,
+        &[],
+    );
+    version_host[ETH_HLEN] = 0x40;
+    f.case(
+        "IPv6 version 4 to the host",
+        &version_host,
+        PASS,
+        Counter::PassNotService,
+    );
+    // Too short to hold the destination: malformed whatever it was for.
+    f.case(
+        "IPv6 cut before its destination",
+        &version_host[..ETH_HLEN + 30],
+        DROP,
+        Counter::DropMalformedIpv6,
+    );
     let mut ihl15 = tcp4(CLIENT4, VIP4_DSR, 1, HTTP, TCP_SYN, &[]);
     ihl15[ETH_HLEN] = 0x4f;
     f.case(
@@ -1548,7 +1588,7 @@ fn icmp_errors_quoting_a_service_flow_go_to_its_backend() {
         "ICMP error about the host's own flow",
         &packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IP, &icmp),
         PASS,
-        Counter::PassOtherProtocol,
+        Counter::PassNotService,
     );
 
     // Quoting a packet cut inside its IP header, sent to a VIP.
