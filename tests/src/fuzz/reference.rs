@@ -180,7 +180,9 @@ pub fn classify(frame: &[u8], cfg: &impl Services) -> Class {
     // the rules after it (which pass it too).
     let class = match class {
         Class::Pass(mut allowed) if !to_vip => {
-            allowed.push(Counter::PassNotService);
+            if !allowed.contains(&Counter::PassNotService) {
+                allowed.push(Counter::PassNotService);
+            }
             Class::Pass(allowed)
         }
         other => other,
@@ -592,8 +594,8 @@ mod tests {
         assert_eq!(classify(&f, &One), Class::Echo(Echo { l3, l4, end }));
         assert_eq!(
             classify(&frame([198, 18, 9, 9], ICMP_ECHO_REQUEST, b""), &One),
-            Class::Pass(vec![Counter::PassOtherProtocol]),
-            "not a VIP"
+            Class::Pass(vec![Counter::PassOtherProtocol, Counter::PassNotService]),
+            "not a VIP: passed at the filter, or after it"
         );
         assert_eq!(
             classify(&frame(VIP, ICMP_ECHO_REPLY, b""), &One),
@@ -682,8 +684,15 @@ mod tests {
         ihl[ETH_HLEN] = 0x44;
         assert_eq!(
             classify(&ihl, &One),
+            Class::Pass(vec![Counter::PassForeignMac]),
+            "a malformed IP header to a VIP in another host's frame passes"
+        );
+        let mut cut = other(tcp_frame(VIP, TCP_ACK));
+        cut.truncate(ETH_HLEN + IPV4_HLEN - 1);
+        assert_eq!(
+            classify(&cut, &One),
             Class::Reject(vec![Counter::DropMalformedIpv4]),
-            "a malformed IP header is dropped whatever the MAC"
+            "a frame cut before its destination is dropped whatever the MAC"
         );
     }
 }

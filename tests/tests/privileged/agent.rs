@@ -248,6 +248,9 @@ fn backends_register_with_agents_and_leave_without_breaking_a_connection() {
         3,
         "{status}"
     );
+    // A node announces the VIP once it has a backend; the router may take
+    // a moment longer to install the route than the tables took to fill.
+    wait_announced(&edge);
     let to = SocketAddr::new(VIP.into(), ECHO_PORT);
     let mut sessions = Sessions::open(&edge.client, to, SESSIONS).unwrap();
     let spread = sessions.spread();
