@@ -63,15 +63,18 @@ pub(crate) fn ethernet(ctx: &XdpContext) -> Result<(u16, usize), Counter> {
     Ok((ethertype, off))
 }
 
-/// The 16-byte form of an IPv4 address. Built from words: zeroing a byte
-/// array and then writing four bytes makes LLVM call `memset` for the
-/// other twelve, a byte loop on every packet.
+/// The 16-byte form of an IPv4 address. Built from two 8-byte halves, the
+/// shape an IPv6 address is loaded in: zeroing a byte array and then
+/// writing four bytes makes LLVM call `memset` for the other twelve, a
+/// byte loop on every packet, and where the two families' addresses meet
+/// in different shapes LLVM takes them apart byte by byte.
 #[inline(always)]
 fn v4_addr(b: [u8; 4]) -> Addr {
-    let words = [u32::from_ne_bytes(b), 0, 0, 0];
-    // SAFETY: [u32; 4] and [u8; 16] have the same size, and any bytes are
-    // a valid [u8; 16]; the words' native order keeps the bytes in place.
-    unsafe { core::mem::transmute::<[u32; 4], Addr>(words) }
+    let halves = [u64::from(u32::from_ne_bytes(b)), 0];
+    // SAFETY: [u64; 2] and [u8; 16] have the same size, and any bytes are
+    // a valid [u8; 16]; the native (little-endian) order keeps the four
+    // bytes first.
+    unsafe { core::mem::transmute::<[u64; 2], Addr>(halves) }
 }
 
 /// Parses an IPv4 header at `l3_off`, bounded by `limit` (the frame length, or
