@@ -9,6 +9,10 @@ pub const VLAN_HLEN: usize = 4;
 pub const IPV4_HLEN: usize = 20;
 /// IPv6 fixed header length.
 pub const IPV6_HLEN: usize = 40;
+/// Offset of the destination address in an IPv4 header.
+pub const IPV4_DST_OFF: usize = 16;
+/// Offset of the destination address in an IPv6 header.
+pub const IPV6_DST_OFF: usize = 24;
 /// TCP header length without options.
 pub const TCP_HLEN: usize = 20;
 /// UDP header length.

@@ -13,7 +13,7 @@ use lb_common::{
     limits::{GUE_SOURCE_PORT_BASE, GUE_SOURCE_PORT_MASK},
     wire::{
         DEFAULT_TTL, ETH_HLEN, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, IPV4_DF, IPV4_HLEN,
-        IPV6_HLEN, UDP_HLEN, VLAN_HLEN,
+        IPV6_DST_OFF, IPV6_HLEN, UDP_HLEN, VLAN_HLEN,
     },
 };
 
@@ -289,7 +289,7 @@ pub(crate) fn encapsulate(
         let head = ipv6_head(choice.hash, len - IPV6_HLEN as u16, proto);
         store(ctx, ip.l3_off, head).ok_or(Counter::DropEncapFailed)?;
         store(ctx, ip.l3_off + IPV6_ADDRS_OFF, src).ok_or(Counter::DropEncapFailed)?;
-        store(ctx, ip.l3_off + IPV6_ADDRS_OFF + 16, backend.addr).ok_or(Counter::DropEncapFailed)
+        store(ctx, ip.l3_off + IPV6_DST_OFF, backend.addr).ok_or(Counter::DropEncapFailed)
     }
 }
 

@@ -20,7 +20,7 @@ use lb_common::{
     wire::{
         DEFAULT_TTL, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_FRAG_NEEDED, ICMP_HLEN,
         ICMP_QUOTE_LEN, ICMPV6_ECHO_REPLY, ICMPV6_PKT_TOOBIG, IPPROTO_ICMP, IPPROTO_ICMPV6,
-        IPV4_DF, IPV4_HLEN, IPV6_HLEN,
+        IPV4_DF, IPV4_HLEN, IPV6_DST_OFF, IPV6_HLEN,
     },
 };
 
@@ -108,7 +108,7 @@ pub(crate) fn reply_too_big(
         .ok_or(Counter::DropEncapFailed)?;
         // From the VIP, to the client.
         store(ctx, ip.l3_off + IPV6_ADDRS_OFF, ip.dst).ok_or(Counter::DropEncapFailed)?;
-        store(ctx, ip.l3_off + IPV6_ADDRS_OFF + 16, ip.src).ok_or(Counter::DropEncapFailed)?;
+        store(ctx, ip.l3_off + IPV6_DST_OFF, ip.src).ok_or(Counter::DropEncapFailed)?;
         // The pseudo-header (RFC 8200 §8.1): addresses, length, next header.
         let mut pseudo = [0u32; 10];
         // SAFETY: [u8; 16] and [u32; 4] have the same size.
@@ -224,7 +224,7 @@ pub(crate) fn reply_echo(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> 
         store(ctx, ip.l3_off + IPV6_HOP_LIMIT_OFF, DEFAULT_TTL)
             .ok_or(Counter::DropMalformedIpv6)?;
         store(ctx, ip.l3_off + IPV6_ADDRS_OFF, ip.dst).ok_or(Counter::DropMalformedIpv6)?;
-        store(ctx, ip.l3_off + IPV6_ADDRS_OFF + 16, ip.src).ok_or(Counter::DropMalformedIpv6)?;
+        store(ctx, ip.l3_off + IPV6_DST_OFF, ip.src).ok_or(Counter::DropMalformedIpv6)?;
     }
     return_to_sender(ctx)?;
     Ok(Counter::ReplyEcho)

@@ -137,7 +137,7 @@ pub(crate) fn ipv6(
     // whole 40-byte header first would move every byte twice.
     let h = load::<[u8; IPV6_ADDRS_OFF]>(ctx, l3_off).ok_or(Counter::DropMalformedIpv6)?;
     let src = load::<Addr>(ctx, l3_off + IPV6_ADDRS_OFF).ok_or(Counter::DropMalformedIpv6)?;
-    let dst = load::<Addr>(ctx, l3_off + IPV6_ADDRS_OFF + 16).ok_or(Counter::DropMalformedIpv6)?;
+    let dst = load::<Addr>(ctx, l3_off + IPV6_DST_OFF).ok_or(Counter::DropMalformedIpv6)?;
     if h[0] >> 4 != 6 {
         return Err(Counter::DropMalformedIpv6);
     }
@@ -300,11 +300,9 @@ pub(crate) fn quoted(ctx: &XdpContext, ip: &Ip) -> Result<(Ip, Ports), Counter> 
     ))
 }
 
-/// Offset of the source address in an IPv6 header (the destination follows).
+/// Offset of the source address in an IPv6 header (the destination, at
+/// `IPV6_DST_OFF`, follows).
 pub(crate) const IPV6_ADDRS_OFF: usize = 8;
-
-/// Offset of the destination address in an IPv4 header.
-const IPV4_DST_OFF: usize = 16;
 
 /// The destination address of the IP packet of EtherType `ethertype` at
 /// `l3_off`, folded for the VIP filter
@@ -319,7 +317,7 @@ pub(crate) fn destination_fold(
     ethertype: u16,
     l3_off: usize,
 ) -> Result<Option<u32>, Counter> {
-    let dst = l3_off + IPV6_ADDRS_OFF + 16;
+    let dst = l3_off + IPV6_DST_OFF;
     match ethertype {
         ETH_P_IP => load_u32(ctx, l3_off + IPV4_DST_OFF)
             .map(Some)
@@ -340,7 +338,7 @@ pub(crate) fn destination(ctx: &XdpContext, ethertype: u16, l3_off: usize) -> Op
     Some(if ethertype == ETH_P_IP {
         AddrKey::from_bytes(v4_addr(load(ctx, l3_off + IPV4_DST_OFF)?), FAMILY_V4)
     } else {
-        AddrKey::from_bytes(load(ctx, l3_off + IPV6_ADDRS_OFF + 16)?, FAMILY_V6)
+        AddrKey::from_bytes(load(ctx, l3_off + IPV6_DST_OFF)?, FAMILY_V6)
     })
 }
 

@@ -18,7 +18,7 @@ use lb_common::{
     limits::{PROBE_MARK_BASE, PROBE_MARKS},
     wire::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, IPV4_DF,
-        IPV4_HLEN, IPV6_HLEN, UDP_HLEN,
+        IPV4_HLEN, IPV6_DST_OFF, IPV6_HLEN, UDP_HLEN,
     },
 };
 
@@ -109,7 +109,7 @@ fn put_in_tunnel(ctx: &TcContext, tunnel: &ProbeTunnel, mark: u32) -> Result<(),
         ctx.store(ETH_HLEN, &head, 0).map_err(|_| ())?;
         ctx.store(ETH_HLEN + IPV6_ADDRS_OFF, &tunnel.src, 0)
             .map_err(|_| ())?;
-        ctx.store(ETH_HLEN + IPV6_ADDRS_OFF + 16, &tunnel.dst, 0)
+        ctx.store(ETH_HLEN + IPV6_DST_OFF, &tunnel.dst, 0)
             .map_err(|_| ())
     }
 }

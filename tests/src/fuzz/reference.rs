@@ -230,10 +230,6 @@ fn destination(f: &[u8], l3: usize, family: u8) -> Option<AddrKey> {
     })
 }
 
-/// Offsets of the destination address in an IPv4 and an IPv6 header.
-const IPV4_DST_OFF: usize = 16;
-const IPV6_DST_OFF: usize = 24;
-
 /// Whether counter `c` records a frame passed to the kernel.
 fn passes(c: Counter) -> bool {
     matches!(
