@@ -1,17 +1,16 @@
 //! The hashes of a flow, each one implementation compiled into the XDP
 //! program and into user space, so `lb explain` and the tests compute
-//! exactly what the kernel does: [`flow_hash`] (MurmurHash3's 32-bit mixing)
-//! picks the Maglev slot, [`bucket_hash`] (64-bit multiplications, cheaper in
-//! BPF) the connection-table buckets. Written without loops or slices so the
-//! verifier sees straight-line code.
+//! exactly what the kernel does: [`bucket_hash`] (64-bit multiplications,
+//! cheap in BPF) places a flow in the connection table and, through
+//! [`flow_hash`], picks its Maglev slot; [`hash_bytes`] (MurmurHash3's
+//! mixing) orders each backend's Maglev permutation in user space. Written
+//! without loops or slices so the verifier sees straight-line code.
 
 use crate::{
     limits::VIP_FILTER_BITS_LOG2,
     types::{Addr, FlowKey},
 };
 
-/// Seed of the flow hash (arbitrary; changing it reshuffles every flow).
-const FLOW_SEED: u32 = 0x5bd1_e995;
 /// MurmurHash3 x86_32 block constants.
 const C1: u32 = 0xcc9e_2d51;
 const C2: u32 = 0x1b87_3593;
@@ -47,26 +46,51 @@ pub(crate) fn word(a: &Addr, i: usize) -> u32 {
     u32::from_le(words[i])
 }
 
-#[inline(always)]
-fn mix_addr(h: u32, a: &Addr) -> u32 {
-    let h = mix(h, word(a, 0));
-    let h = mix(h, word(a, 1));
-    let h = mix(h, word(a, 2));
-    mix(h, word(a, 3))
-}
+/// Which version of [`flow_hash`] this is. Every node of a fleet must pick
+/// a flow's Maglev slot the same way, so it goes into each table's digest
+/// (which the fleet compares): a node whose hash differs from the others'
+/// shows as different tables. Raise it whenever [`flow_hash`] changes.
+/// Version 1 was MurmurHash3 over the 5-tuple (or the client address).
+pub const FLOW_HASH_VERSION: u64 = 2;
 
-/// Hash of a flow: of the client address alone when `client_affinity`,
-/// otherwise of the 5-tuple. Its remainder by the ring size is the Maglev slot.
+/// Hash that picks a flow's Maglev slot (its remainder by the table size):
+/// of the client address alone when `client_affinity`, otherwise the
+/// flow's [`bucket_hash`], which the data plane computes for every packet
+/// anyway, so a new flow's pick costs no second hash of the 5-tuple.
 #[inline(always)]
 pub fn flow_hash(key: &FlowKey, client_affinity: bool) -> u32 {
-    let h = mix_addr(FLOW_SEED, &key.src);
+    flow_hash_of_bucket(bucket_hash(key), key, client_affinity)
+}
+
+/// [`flow_hash`] given the flow's [`bucket_hash`] `bucket`, as the data
+/// plane has it.
+#[inline(always)]
+pub fn flow_hash_of_bucket(bucket: u32, key: &FlowKey, client_affinity: bool) -> u32 {
     if client_affinity {
-        return finish(h, 16);
+        client_hash(&key.src)
+    } else {
+        bucket
     }
-    let h = mix_addr(h, &key.dst);
-    let h = mix(h, (u32::from(key.sport) << 16) | u32::from(key.dport));
-    let h = mix(h, (u32::from(key.family) << 8) | u32::from(key.proto));
-    finish(h, 40)
+}
+
+/// Seed of the client hash (arbitrary).
+const CLIENT_SEED: u64 = 0x3c6e_f372_fe94_f82b;
+
+/// Hash of a client address: the bucket hash's folding over its two
+/// 8-byte halves.
+#[inline(always)]
+fn client_hash(src: &Addr) -> u32 {
+    let (lo, hi) = halves(src);
+    finish64(fold(fold(CLIENT_SEED, lo), hi))
+}
+
+/// An address's two little-endian 8-byte halves.
+#[inline(always)]
+fn halves(a: &Addr) -> (u64, u64) {
+    (
+        u64::from(word(a, 0)) | (u64::from(word(a, 1)) << 32),
+        u64::from(word(a, 2)) | (u64::from(word(a, 3)) << 32),
+    )
 }
 
 /// Seed of the bucket hash (arbitrary).
@@ -84,14 +108,14 @@ pub(crate) fn fold(h: u64, w: u64) -> u64 {
     h ^ (h >> 32)
 }
 
-/// Hash of a flow's 5-tuple that places it in the connection table and
-/// seals its entry ([`flow_buckets`](crate::flow_buckets)). Five 64-bit
-/// multiplications over the key's words, where [`flow_hash`] takes twenty
+/// Hash of a flow's 5-tuple that places it in the connection table, seals
+/// its entry ([`flow_buckets`](crate::flow_buckets)) and, without client
+/// affinity, picks its Maglev slot ([`flow_hash`]). Five 64-bit
+/// multiplications over the key's words, where MurmurHash3 takes twenty
 /// 32-bit ones and twenty rotations, which BPF lacks and spells in three
-/// instructions each: a connection-table hit needs no other hash, and
-/// MurmurHash3 was a third of an established packet's time in the program.
-/// [`flow_hash`] stays the Maglev slot's, so a flow keeps its backend across
-/// lb versions and nodes.
+/// instructions each: MurmurHash3 was a third of an established packet's
+/// time in the program, and the Maglev slot's MurmurHash3 a third of a
+/// SYN's.
 #[inline(always)]
 pub fn bucket_hash(key: &FlowKey) -> u32 {
     let h = fold(BUCKET_SEED, key.word(0));
@@ -117,8 +141,7 @@ const SOURCE_SEED: u64 = 0x6a09_e667_f3bc_c909;
 /// The bucket hash's folding, over the service and the prefix's words.
 #[inline(always)]
 pub fn source_hash(service_id: u32, prefix: &Addr) -> u32 {
-    let lo = u64::from(word(prefix, 0)) | (u64::from(word(prefix, 1)) << 32);
-    let hi = u64::from(word(prefix, 2)) | (u64::from(word(prefix, 3)) << 32);
+    let (lo, hi) = halves(prefix);
     let h = fold(SOURCE_SEED, u64::from(service_id));
     let h = fold(h, lo);
     finish64(fold(h, hi))
@@ -130,7 +153,7 @@ const FILTER_MULTIPLIER: u32 = 0x9e37_79b1;
 /// The VIP filter's bit for `addr`: (word index, bit mask). A clear bit
 /// proves the address is no VIP, at the price of one array read; a set bit
 /// sends the packet on to the service lookup. Deliberately cheaper than
-/// [`flow_hash`]: the address's words folded, then one multiplication.
+/// [`bucket_hash`]: the address's words folded, then one multiplication.
 #[inline(always)]
 pub fn vip_filter_bit(addr: &Addr) -> (u32, u64) {
     vip_filter_bit_of_fold(word(addr, 0) ^ word(addr, 1) ^ word(addr, 2) ^ word(addr, 3))
@@ -278,6 +301,34 @@ mod tests {
         }
         let max = *load.iter().max().unwrap();
         assert!(max < 40, "a bucket got {max} of 65,536 flows");
+    }
+
+    #[test]
+    fn maglev_slots_spread_flows_and_clients() {
+        // One client's 65,536 ports over a table of 1,021 slots (a prime,
+        // as the tables' sizes are): about 64 each; and 65,536 clients of
+        // one /16 the same with client affinity. A uniform hash's least and
+        // most loaded of 1,021 slots would hold about 40 and 90 (these
+        // inputs: 38 to 90, and 42 to 91).
+        const SLOTS: u32 = 1021;
+        let base = sample_keys(1).next().unwrap();
+        for affinity in [false, true] {
+            let mut load = [0u32; SLOTS as usize];
+            for i in 0..65536u32 {
+                let mut k = base;
+                if affinity {
+                    k.src[2..4].copy_from_slice(&(i as u16).to_be_bytes());
+                } else {
+                    k.sport = i as u16;
+                }
+                load[(flow_hash(&k, affinity) % SLOTS) as usize] += 1;
+            }
+            let (min, max) = (load.iter().min().unwrap(), load.iter().max().unwrap());
+            assert!(
+                *min >= 30 && *max <= 100,
+                "affinity {affinity}: slots got {min} to {max} flows"
+            );
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use lb_common::{
     ACL_DENY, BACKEND_F_UP, BackendValue, ConntrackSettings, Counter, FLOW_F_CLOSED, FlowEntry,
     FlowKey, FlowValue, SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST, SERVICE_F_SOURCE_LIMIT,
     SERVICE_F_SOURCE_LISTS, ServiceValue,
-    hash::{bucket_hash, flow_hash, source_hash},
+    hash::{bucket_hash, flow_hash_of_bucket, source_hash},
     limits::NO_BACKEND,
     wire::{IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -141,8 +141,8 @@ pub(crate) fn select_backend(
         0
     };
     let now = ct.now;
-    // The bucket hash finds the flow's entry; the Maglev hash (the client
-    // address's alone with client affinity) is left to misses.
+    // The bucket hash finds the flow's entry and, on a miss, its Maglev
+    // slot (the client address's own hash with client affinity).
     let bucket = bucket_hash(flow);
     // A SYN reads its entry only to spare a rewrite; with the insert budget
     // spent there will be no write, so it skips the lookup: a flood of SYNs
@@ -191,7 +191,7 @@ pub(crate) fn select_backend(
         }
     };
     let (id, backend) =
-        maglev(flow, &service).inspect_err(|_| maps::count_service_drop(service.id))?;
+        maglev(flow, bucket, &service).inspect_err(|_| maps::count_service_drop(service.id))?;
     if remember {
         match at.hit {
             // Writing an entry costs more than updating one in place: a SYN
@@ -229,13 +229,19 @@ pub(crate) fn select_backend(
     Ok((service, choice))
 }
 
-/// The backend `service`'s live Maglev table gives `flow`, and its value.
+/// The backend `service`'s live Maglev table gives `flow` (whose
+/// [`bucket_hash`] is `bucket`), and its value.
 #[inline(always)]
-fn maglev(flow: &FlowKey, service: &ServiceValue) -> Result<(u32, BackendValue), Counter> {
+fn maglev(
+    flow: &FlowKey,
+    bucket: u32,
+    service: &ServiceValue,
+) -> Result<(u32, BackendValue), Counter> {
     if service.ring_size == 0 {
         return Err(Counter::DropNoBackend);
     }
-    let slot = flow_hash(flow, service.flags & SERVICE_F_AFFINITY != 0) % service.ring_size;
+    let affinity = service.flags & SERVICE_F_AFFINITY != 0;
+    let slot = flow_hash_of_bucket(bucket, flow, affinity) % service.ring_size;
     let id = maps::ring_slot(service.ring_offset, slot).ok_or(Counter::DropNoBackend)?;
     if id == NO_BACKEND {
         return Err(Counter::DropNoBackend);

@@ -22,7 +22,7 @@ use anyhow::{Context as _, Result, bail};
 use lb_common::{
     BACKEND_F_UP, BackendValue, FlowKey, SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST,
     SERVICE_F_DENY_LIST, SERVICE_F_ECHO, SERVICE_F_GUE, SERVICE_F_IPIP, SERVICE_F_SOURCE_LIMIT,
-    ServiceKey, SourceLimit, addr_bytes, addr_ip, limits::NO_BACKEND,
+    ServiceKey, SourceLimit, addr_bytes, addr_ip, hash::FLOW_HASH_VERSION, limits::NO_BACKEND,
 };
 use serde::Serialize;
 use tracing::{error, info, warn};
@@ -381,7 +381,10 @@ fn source_entries<'a>(services: impl Iterator<Item = &'a ServiceState>) -> Sourc
         .collect()
 }
 
-/// FNV-1a over the table as backend addresses (`NO_BACKEND` as 0xff bytes).
+/// FNV-1a over the flow hash's version ([`FLOW_HASH_VERSION`], 8 bytes
+/// little-endian), then the table as backend addresses (`NO_BACKEND` as
+/// 0xff bytes): what a flow gets, so nodes that would send one flow to
+/// different backends differ, whether in their tables or in their hash.
 ///
 /// Byte by byte that is 17 dependent multiplications a slot, a millisecond
 /// or more a table, so it is computed a slot at a time instead: a step
@@ -413,7 +416,10 @@ fn digest(ring: &[u32], addr_of: &BTreeMap<u32, IpAddr>) -> u64 {
     }
     let scale = PRIME.wrapping_pow(SLOT_BYTES);
     let mut step: Vec<Option<u64>> = vec![None; (unknown + 1) * LOW_BYTES];
-    let mut h = OFFSET;
+    let mut h = FLOW_HASH_VERSION
+        .to_le_bytes()
+        .iter()
+        .fold(OFFSET, |h, &byte| (h ^ u64::from(byte)).wrapping_mul(PRIME));
     for &id in ring {
         let n = dense.get(id as usize).copied().unwrap_or(unknown);
         let low = (h & 0xff) as usize;
@@ -2062,10 +2068,14 @@ impl Controller {
 mod tests {
     use super::*;
 
-    /// The digest by its definition: each slot's backend address and
-    /// family (all ones for none), FNV-1a over them all.
+    /// The digest by its definition: the flow hash's version, then each
+    /// slot's backend address and family (all ones for none), FNV-1a over
+    /// them all.
     fn digest_by_definition(ring: &[u32], addr_of: &BTreeMap<u32, IpAddr>) -> u64 {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in FLOW_HASH_VERSION.to_le_bytes() {
+            h = (h ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
         for id in ring {
             let bytes = addr_of.get(id).map_or([0xff; 17], |ip| {
                 let (a, f) = addr_bytes(*ip);

@@ -18,7 +18,7 @@ use std::{
 use anyhow::{Result, bail};
 use aya::maps::{Array, Map, MapData};
 use lb::demo::server::{NameServer, http_get};
-use lb_common::{BackendValue, FlowEntry, FlowKey, FlowValue, addr_bytes, hash::flow_hash};
+use lb_common::{BackendValue, FlowEntry, FlowKey, FlowValue, addr_bytes, hash::hash_bytes};
 use lb_tests::{
     daemon::{Daemon, default_web_config, web_config},
     lan::Lan,
@@ -697,7 +697,7 @@ fn a_restart_replaces_a_resized_connection_table_and_refuses_resized_tables() {
     assert_eq!(tally(&lan, 20).unwrap().len(), 2, "both backends serve");
 
     // An entry this version cannot read, as an earlier version placed and
-    // sealed it (by the Maglev hash): dropped once the new program runs.
+    // sealed it (by its Maglev hash): dropped once the new program runs.
     d.kill(libc::SIGKILL).unwrap();
     let pin = d.pins.join(lb_common::maps::CONNTRACK);
     let table = || {
@@ -723,7 +723,7 @@ fn a_restart_replaces_a_resized_connection_table_and_refuses_resized_tables() {
     let old = FlowEntry {
         key,
         value,
-        seal: FlowEntry::seal(flow_hash(&key, false), &value),
+        seal: FlowEntry::seal(murmur_flow_hash(&key), &value),
     };
     assert!(!old.is_readable());
     let last = table().len() - 1;
@@ -1170,4 +1170,18 @@ fn table_size_changes_at_a_restart_keeping_the_pins() {
     .unwrap();
     d.wait_in_table(2, WAIT).unwrap();
     assert_eq!(tally(&lan, 20).unwrap().len(), 2, "both backends serve");
+}
+
+/// The Maglev slot's hash up to `FLOW_HASH_VERSION` 1, which versions
+/// before the bucket hash also sealed connection-table entries with:
+/// MurmurHash3 (x86_32) of the 5-tuple's words (the addresses, then the
+/// ports, then the family and protocol), seeded 0x5bd1e995.
+fn murmur_flow_hash(key: &FlowKey) -> u32 {
+    const SEED: u32 = 0x5bd1_e995;
+    let mut bytes = Vec::with_capacity(40);
+    bytes.extend_from_slice(&key.src);
+    bytes.extend_from_slice(&key.dst);
+    bytes.extend_from_slice(&((u32::from(key.sport) << 16) | u32::from(key.dport)).to_le_bytes());
+    bytes.extend_from_slice(&((u32::from(key.family) << 8) | u32::from(key.proto)).to_le_bytes());
+    hash_bytes(SEED, &bytes)
 }
