@@ -13,6 +13,8 @@
 //!   run one frame through a program with BPF_PROG_TEST_RUN.
 //! - [`fuzz`]: the packet fuzzer: seeded frame generator, reference
 //!   classifier, and the properties every verdict of `lb_xdp` must keep.
+//! - [`legacy`]: what earlier versions wrote into pinned maps (their hash
+//!   and seals), for upgrade tests and the benchmark's baselines.
 //!
 //! Network namespaces come from `lb::netns`, which the demo uses too.
 
@@ -22,6 +24,7 @@ pub use lb::demo::edge;
 pub mod fuzz;
 pub mod lab;
 pub mod lan;
+pub mod legacy;
 pub mod packet;
 
 /// Fails the test unless it runs as root. The tests that need root (the

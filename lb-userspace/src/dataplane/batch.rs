@@ -1,14 +1,16 @@
 //! The batch operations aya does not wrap: BPF_MAP_UPDATE_BATCH for u32
 //! arrays (the benchmark's baseline objects' Maglev tables, 65,537 slots in
 //! one system call instead of one per slot) and BPF_MAP_LOOKUP_BATCH (the
-//! connection table in a few calls instead of two per entry).
+//! connection table and the pinned backends in a few calls instead of one
+//! or two per element).
 
 use std::{
     io,
     os::fd::{AsFd as _, AsRawFd as _},
 };
 
-use aya::maps::MapData;
+use anyhow::Context as _;
+use aya::maps::{Array, IterableMap as _, MapData};
 
 /// `BPF_MAP_LOOKUP_BATCH` (enum bpf_cmd, linux/bpf.h; kernel 5.6+).
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
@@ -68,8 +70,25 @@ pub fn update_u32s(map: &MapData, keys: &[u32], values: &[u32]) -> io::Result<()
 /// (the caller's types must be the map's: aya checked them when it opened
 /// the map). Entries added or removed meanwhile may or may not be seen;
 /// none is seen twice.
-pub(super) fn lookup_all<K: aya::Pod, V: aya::Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
+fn lookup_all<K: aya::Pod, V: aya::Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
     lookup_from(map, None, usize::MAX)
+}
+
+/// Every element of `array` with its index: one batch walk (its cost
+/// follows the capacity, not the elements in use), or one read per element
+/// on kernels without batches. `what` names the array in errors.
+pub(super) fn array_all<V: aya::Pod>(
+    array: &Array<MapData, V>,
+    what: &str,
+) -> anyhow::Result<Vec<(u32, V)>> {
+    match lookup_all(array.map()) {
+        Ok(all) => Ok(all),
+        Err(e) if unsupported(&e) => (0..array.len())
+            .map(|i| array.get(&i, 0).map(|v| (i, v)))
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("reading {what}")),
+        Err(e) => Err(e).with_context(|| format!("reading {what}")),
+    }
 }
 
 /// Up to `limit` (key, value)s of `map` after batch token `token` (`None`:
@@ -129,7 +148,7 @@ fn lookup_from<K: aya::Pod, V: aya::Pod>(
 
 /// Whether `e` says the kernel has no batch operations for the map (older
 /// than 5.6): the caller falls back to one update per element.
-pub(super) fn unsupported(e: &io::Error) -> bool {
+fn unsupported(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS | ENOTSUPP)

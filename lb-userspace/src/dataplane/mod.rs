@@ -502,7 +502,7 @@ impl Dataplane {
         std::fs::rename(&fresh, &path).context("replacing the pinned backends")?;
         tracing::info!(
             backends = backends.len(),
-            "carried the pinned backends over to this version's layout (sealed values)"
+            "carried the pinned backends over to this version's layout and seal"
         );
         Ok(())
     }
@@ -1136,14 +1136,7 @@ impl Dataplane {
     /// walk over the whole array (its cost follows the capacity, not the
     /// entries in use), or one read per element on kernels without batches.
     fn conntrack_all(&self) -> Result<Vec<(u32, FlowEntry)>> {
-        match batch::lookup_all(self.conntrack.map()) {
-            Ok(all) => Ok(all),
-            Err(e) if batch::unsupported(&e) => (0..self.conntrack.len())
-                .map(|i| self.conntrack.get(&i, 0).map(|e| (i, e)))
-                .collect::<Result<_, _>>()
-                .context("reading the connection table"),
-            Err(e) => Err(e).context("reading the connection table"),
-        }
+        batch::array_all(&self.conntrack, "the connection table")
     }
 
     /// Every connection-table entry in use (see [`Self::conntrack_all`] for

@@ -7,7 +7,8 @@
 //! desired state (services, VIPs, tables, backends, source lists) is
 //! refused, all of it checked before anything changes, with the way out in
 //! the error; but the backends of a version before their seal
-//! ([`LEGACY_BACKEND_BYTES`]) are carried over ([`Migration`]). Maps that only hold what the programs or the daemon derive
+//! ([`LEGACY_BACKEND_BYTES`]) or with another seal are carried over
+//! ([`Migration`]). Maps that only hold what the programs or the daemon derive
 //! again (connection table, counters, settings, the VIP filter) are
 //! replaced, with a warning that says what is lost: an upgrade that changes
 //! their layout, or a new connection-table size, needs no stop.
@@ -18,7 +19,7 @@ use anyhow::{Context as _, Result, bail};
 use aya::maps::MapData;
 use lb_common::{BackendValue, maps as names};
 
-use super::{Capacity, EBPF_OBJECT};
+use super::{Capacity, EBPF_OBJECT, batch};
 
 /// What a map's contents are, for what adopting a pin of another shape means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,8 +120,30 @@ const LEGACY_BACKEND_BYTES: u32 = 28;
 /// by id, to write (sealed) into a new map that replaces the old pin.
 #[derive(Debug, Default)]
 pub(super) struct Migration {
-    /// Backends of a pinned map without seals, by id.
+    /// Backends of a pinned map without seals or sealed another way, by id.
     pub backends: Option<Vec<(u32, BackendValue)>>,
+}
+
+/// The backends of the pinned map at `path`, of this version's layout, if
+/// any of them is not whole by this version's seal: sealed by another
+/// version (no packet program writes backends, and no daemon runs while
+/// this one starts, so none is caught mid-write), whose program, still
+/// attached, reads them. This version's program gets them, sealed its way,
+/// in a map of its own ([`Migration`]); `None` when the pin can be adopted
+/// as it is.
+fn resealed_backends(path: &Path) -> Result<Option<Vec<(u32, BackendValue)>>> {
+    let map = MapData::from_pin(path).context("opening the pinned backends")?;
+    let array: aya::maps::Array<MapData, BackendValue> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(map))?;
+    let all = batch::array_all(&array, "the pinned backends")?;
+    let written: Vec<(u32, BackendValue)> = all
+        .into_iter()
+        .filter(|(_, b)| *b != BackendValue::default())
+        .collect();
+    Ok(written
+        .iter()
+        .any(|(_, b)| !b.is_whole())
+        .then_some(written))
 }
 
 /// Reads every backend of the pinned map at `path`, of the layout before
@@ -158,8 +181,9 @@ fn legacy_backends(path: &Path) -> Result<Vec<(u32, BackendValue)>> {
 /// Makes the pins of `maps` under `dir` adoptable by this object with `capacity`:
 /// refuses (changing nothing) if a map of desired state has another shape,
 /// else removes the pins of derived maps that do, so they are created anew.
-/// Backends of the layout before the seal are read for the caller to carry
-/// over; their pin stays until the new map replaces it.
+/// Backends of the layout before the seal, or sealed by another version,
+/// are read for the caller to carry over; their pin stays until the new
+/// map replaces it.
 pub(super) fn reconcile(dir: &Path, maps: &[&str], capacity: &Capacity) -> Result<Migration> {
     let object = aya_obj::Object::parse(EBPF_OBJECT).context("parsing the eBPF object")?;
     let mut refused = Vec::new();
@@ -172,6 +196,9 @@ pub(super) fn reconcile(dir: &Path, maps: &[&str], capacity: &Capacity) -> Resul
         }
         let (have, want) = (pinned(&path, name)?, wanted(&object, name, capacity)?);
         if have == want {
+            if name == names::BACKENDS {
+                migration.backends = resealed_backends(&path)?;
+            }
             continue;
         }
         let differences = have.differences(&want);

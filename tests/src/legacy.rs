@@ -1,0 +1,44 @@
+//! What earlier versions of lb wrote into pinned maps, for the tests of
+//! their upgrade paths and for the benchmark's baseline objects: computed
+//! here as those versions did, since this version's code no longer does.
+
+use lb_common::{BackendValue, FlowKey, hash::hash_bytes};
+
+/// The Maglev slot's hash up to `FLOW_HASH_VERSION` 1, which those versions
+/// also sealed connection-table entries with: MurmurHash3 (x86_32) of the
+/// 5-tuple's words (the addresses, then the ports, then the family and
+/// protocol), seeded 0x5bd1e995.
+pub fn murmur_flow_hash(key: &FlowKey) -> u32 {
+    const SEED: u32 = 0x5bd1_e995;
+    let ports = (u32::from(key.sport) << 16) | u32::from(key.dport);
+    let kind = (u32::from(key.family) << 8) | u32::from(key.proto);
+    let mut bytes = Vec::with_capacity(40);
+    bytes.extend_from_slice(&key.src);
+    bytes.extend_from_slice(&key.dst);
+    bytes.extend_from_slice(&ports.to_le_bytes());
+    bytes.extend_from_slice(&kind.to_le_bytes());
+    hash_bytes(SEED, &bytes)
+}
+
+/// `b` sealed as lb sealed backends from their seal's introduction
+/// (843bb42) until the seal became independent products: the bucket hash's
+/// chain of folds over the first 28 bytes as four words, then its
+/// finaliser.
+pub fn chain_sealed(b: &BackendValue) -> BackendValue {
+    const SEED: u64 = 0x6a09_e667_f3bc_c909;
+    const MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
+    const FINISH: u64 = 0x94d0_49bb_1331_11eb;
+    let fold = |h: u64, w: u64| {
+        let h = (h ^ w).wrapping_mul(MULTIPLIER);
+        h ^ (h >> 32)
+    };
+    // SAFETY: a BackendValue is 32 bytes of plain integers, 8-aligned.
+    let w = unsafe { std::mem::transmute::<BackendValue, [u64; 4]>(*b) };
+    let generation = u64::from_le(w[3]) & u64::from(u32::MAX);
+    let h = fold(fold(fold(fold(SEED, w[0]), w[1]), w[2]), generation);
+    let h = (h ^ (h >> 29)).wrapping_mul(FINISH);
+    BackendValue {
+        seal: (h ^ (h >> 32)) as u32,
+        ..*b
+    }
+}
