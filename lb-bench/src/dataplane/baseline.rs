@@ -6,7 +6,8 @@
 //! (services, VIPs, rings, backends, settings) with this tree's types, and
 //! read through its counters. A revision whose layout of one of those maps
 //! differs is refused with the map named, rather than given tables it would
-//! misread; backends of a revision before their seal, settings of one
+//! misread; backends of a revision before their seal (or with its
+//! earlier form, [`SEAL_OF_PRODUCTS`]), settings of one
 //! before `gue`, and the services and tables of one before tables were
 //! packed (two copies of one size per service, [`Tables::Copies`]) are
 //! written in that layout, and per-service counters of one before
@@ -19,9 +20,9 @@
 //! to. Maps added since (and the connection table, which only the programs
 //! touch) are the baseline's own business.
 
-use std::path::Path;
+use std::{path::Path, process::Command};
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
     Ebpf,
     maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray},
@@ -36,7 +37,10 @@ use lb_common::{
     limits::{DEFAULT_RING_SIZE, RING_CHUNK_SLOTS},
     maps as names, ring_position,
 };
-use lb_tests::lab::{MTU, lab_interface};
+use lb_tests::{
+    lab::{MTU, lab_interface},
+    legacy,
+};
 
 use super::harness::take;
 
@@ -49,6 +53,9 @@ pub(crate) struct Baseline {
     /// The VIP filter, in revisions that have one.
     vip_filter: Option<Array<MapData, u64>>,
     backends: Prefixed<BackendValue, UNSEALED_BACKEND>,
+    /// The revision seals backends as a chain of folds
+    /// ([`legacy::chain_sealed`]), not as this tree does.
+    chain_seal: bool,
     settings: BaselineSettings,
     counters: PerCpuArray<MapData, u64>,
     service_stats: ServiceCounters,
@@ -57,6 +64,27 @@ pub(crate) struct Baseline {
 /// Bytes of a backend before the seal: this tree's [`BackendValue`] but its
 /// last field.
 const UNSEALED_BACKEND: usize = 28;
+
+/// The commit from which backends are sealed as this tree seals them
+/// (independent products); a revision with sealed backends that does not
+/// contain it seals them as a chain of folds, which the map's layout does
+/// not tell.
+const SEAL_OF_PRODUCTS: &str = "5ede07ca3c3a5888af5cf7522a573cf99719425f";
+
+/// Whether git revision `rev` contains commit `ancestor`.
+fn contains(rev: &str, ancestor: &str) -> Result<bool> {
+    let status = Command::new("git")
+        .args(["merge-base", "--is-ancestor", ancestor, rev])
+        .status()
+        .context("running git merge-base")?;
+    match status.code() {
+        Some(0) => Ok(true),
+        Some(1) => Ok(false),
+        _ => bail!(
+            "git merge-base --is-ancestor {ancestor} {rev} failed ({status}): is {ancestor} in this repository?"
+        ),
+    }
+}
 
 /// The services map, service slots and rings map of the baseline.
 enum Tables {
@@ -215,7 +243,7 @@ const OBJECT: &str = "the baseline object";
 
 impl Baseline {
     /// Loads the object at `path` with `capacity`.
-    pub(crate) fn load(path: &Path, capacity: Capacity) -> Result<Baseline> {
+    pub(crate) fn load(rev: &str, path: &Path, capacity: Capacity) -> Result<Baseline> {
         let object = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let rings_value = aya_obj::Object::parse(&object)
             .context("parsing the baseline object")?
@@ -281,12 +309,16 @@ impl Baseline {
                 BaselineSettings::Copies(Array::try_from(map).with_context(layout)?)
             }
         };
+        let backends = Prefixed::take(&mut ebpf, names::BACKENDS)?;
+        let chain_seal =
+            matches!(backends, Prefixed::Current(_)) && !contains(rev, SEAL_OF_PRODUCTS)?;
         Ok(Baseline {
             fd,
             tables,
             vips: take(&mut ebpf, OBJECT, names::VIPS)?,
             vip_filter: take_if_any(&mut ebpf, names::VIP_FILTER)?,
-            backends: Prefixed::take(&mut ebpf, names::BACKENDS)?,
+            backends,
+            chain_seal,
             settings,
             counters: take(&mut ebpf, OBJECT, names::COUNTERS)?,
             service_stats: ServiceCounters::take(&mut ebpf)?,
@@ -330,9 +362,15 @@ impl Baseline {
         Ok(())
     }
 
-    /// Writes backend `id` as the current object has it.
+    /// Writes backend `id` as the current object has it, sealed the
+    /// revision's way.
     pub(crate) fn set_backend(&mut self, id: u32, backend: BackendValue) -> Result<()> {
-        self.backends.set(id, backend.sealed())
+        let value = if self.chain_seal {
+            legacy::chain_sealed(&backend)
+        } else {
+            backend.sealed()
+        };
+        self.backends.set(id, value)
     }
 
     /// Gives the service `key` the value and live table the current object

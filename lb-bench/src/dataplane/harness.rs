@@ -188,8 +188,8 @@ impl Harness {
         let mut lab =
             Lab::with_capacity(capacity, DEFAULT_RING_SIZE).context("loading lb's object")?;
         let baseline = match baseline {
-            Some((_, path)) => {
-                let mut b = Baseline::load(path, capacity)?;
+            Some((rev, path)) => {
+                let mut b = Baseline::load(rev, path, capacity)?;
                 b.set_settings(lab_settings())?;
                 Some(b)
             }
