@@ -9,7 +9,7 @@ use lb_common::{
     ACL_DENY, BACKEND_F_UP, BackendValue, ConntrackSettings, Counter, FLOW_F_CLOSED, FlowEntry,
     FlowKey, FlowValue, SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST, SERVICE_F_SOURCE_LIMIT,
     SERVICE_F_SOURCE_LISTS, ServiceValue,
-    hash::{bucket_hash, flow_hash_of_bucket, source_hash},
+    hash::{bucket_hash, flow_hash_of_bucket, maglev_slot, source_hash},
     limits::NO_BACKEND,
     wire::{IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -241,7 +241,10 @@ fn maglev(
         return Err(Counter::DropNoBackend);
     }
     let affinity = service.flags & SERVICE_F_AFFINITY != 0;
-    let slot = flow_hash_of_bucket(bucket, flow, affinity) % service.ring_size;
+    let slot = maglev_slot(
+        flow_hash_of_bucket(bucket, flow, affinity),
+        service.ring_size,
+    );
     let id = maps::ring_slot(service.ring_offset, slot).ok_or(Counter::DropNoBackend)?;
     if id == NO_BACKEND {
         return Err(Counter::DropNoBackend);

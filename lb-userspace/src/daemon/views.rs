@@ -4,7 +4,11 @@
 use std::time::SystemTime;
 
 use anyhow::{Context as _, Result, bail};
-use lb_common::{BACKEND_F_UP, FlowKey, addr_bytes, hash::flow_hash, limits::NO_BACKEND};
+use lb_common::{
+    BACKEND_F_UP, FlowKey, addr_bytes,
+    hash::{flow_hash, maglev_slot},
+    limits::NO_BACKEND,
+};
 use serde_json::{Value, json};
 
 use super::{
@@ -346,7 +350,7 @@ fn explain(ctl: &Controller, service: &str, client: std::net::IpAddr, port: u16)
     let affinity = s.config.affinity == config::Affinity::Client;
     let hash = flow_hash(&flow, affinity);
     let size = s.ring.len() as u32;
-    let slot = hash % size.max(1);
+    let slot = maglev_slot(hash, size);
     let by_id = |id: u32| {
         s.backends
             .iter()

@@ -31,7 +31,7 @@ use lb_common::{
     AddrKey, BACKEND_F_UP, BackendValue, Counter, FAMILY_V4, FlowKey, FlowValue,
     SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST, SERVICE_F_DENY_LIST, SERVICE_F_ECHO, SERVICE_F_GUE,
     SERVICE_F_IPIP, SERVICE_F_SOURCE_LIMIT, SERVICE_F_TUNNEL, ServiceKey, SourceLimit, addr_ip,
-    hash::{bucket_hash, flow_hash},
+    hash::{bucket_hash, flow_hash, maglev_slot},
     limits::{DEFAULT_GUE_PORT, GUE_SOURCE_PORT_BASE, GUE_SOURCE_PORT_MASK, NO_BACKEND},
     maps::PROG_LB,
     wire::*,
@@ -1087,7 +1087,7 @@ impl World {
     fn table_pick(&self, hit: &Hit) -> Option<u32> {
         let svc = &self.services[hit.service];
         let affinity = svc.spec.flags & SERVICE_F_AFFINITY != 0;
-        let slot = flow_hash(&hit.flow, affinity) % svc.ring.len() as u32;
+        let slot = maglev_slot(flow_hash(&hit.flow, affinity), svc.ring.len() as u32);
         let id = svc.ring[slot as usize];
         self.valid(id, None).then_some(id)
     }

@@ -7,7 +7,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb::maglev::is_prime;
 use lb_common::{
-    FlowKey, addr_bytes, hash::flow_hash, limits::DEFAULT_RING_SIZE, maps::PROG_LB, wire::*,
+    FlowKey, addr_bytes,
+    hash::{flow_hash, maglev_slot},
+    limits::DEFAULT_RING_SIZE,
+    maps::PROG_LB,
+    wire::*,
 };
 use lb_tests::{
     lab::{LB_MAC, Lab, ROUTER_MAC, TX, backend_of_mac, service_key},
@@ -135,7 +139,7 @@ fn kernel_and_user_space_pick_the_same_backend() {
                 family: fam,
                 _pad: [0; 2],
             };
-            let user = live[(flow_hash(&flow, false) % live.len() as u32) as usize];
+            let user = live[maglev_slot(flow_hash(&flow, false), live.len() as u32) as usize];
             assert_eq!(kernel, user, "flow {client}:{sport} -> {vip}:{dport}");
             hits[kernel as usize] += 1;
             checked += 1;

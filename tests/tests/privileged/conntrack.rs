@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use lb::dataplane::Capacity;
 use lb_common::{
     ConntrackSettings, FLOW_F_CLOSED, FlowKey, FlowValue, addr_bytes, flow_buckets,
-    hash::{bucket_hash, flow_hash},
+    hash::{bucket_hash, flow_hash, maglev_slot},
     limits::CONNTRACK_WAYS,
     maps::PROG_LB,
     wire::*,
@@ -73,7 +73,10 @@ fn send(lab: &mut Lab, sport: u16, proto: u8, flags: u8) -> u32 {
 }
 
 fn slot_owner(ring: &[u32], sport: u16, proto: u8) -> u32 {
-    ring[(flow_hash(&flow(CLIENT, sport, proto), false) % ring.len() as u32) as usize]
+    ring[maglev_slot(
+        flow_hash(&flow(CLIENT, sport, proto), false),
+        ring.len() as u32,
+    ) as usize]
 }
 
 /// Backends 1..=3 of one service at 198.18.0.11..13.

@@ -9,7 +9,7 @@ use lb_common::{
     SERVICE_F_ALLOW_LIST, SERVICE_F_DENY_LIST, SERVICE_F_ECHO, SERVICE_F_GUE, SERVICE_F_IPIP,
     SERVICE_F_SOURCE_LIMIT, ServiceKey, SourceLimit, addr_bytes,
     counters::DecapCounter,
-    hash::flow_hash,
+    hash::{flow_hash, maglev_slot},
     limits::{
         DEFAULT_GUE_PORT, ECHO_REPLIES_PER_CPU, GUE_SOURCE_PORT_BASE, GUE_SOURCE_PORT_MASK,
         ICMP_ERRORS_PER_CPU,
@@ -221,7 +221,7 @@ impl Fixture {
     /// The backend user space computes for a flow of service `svc`.
     fn expected(&self, svc: usize, flow: &FlowKey, affinity: bool) -> u32 {
         let ring = &self.rings[svc];
-        ring[(flow_hash(flow, affinity) % ring.len() as u32) as usize]
+        ring[maglev_slot(flow_hash(flow, affinity), ring.len() as u32) as usize]
     }
 }
 
