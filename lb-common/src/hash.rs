@@ -46,11 +46,12 @@ pub(crate) fn word(a: &Addr, i: usize) -> u32 {
     u32::from_le(words[i])
 }
 
-/// Which version of [`flow_hash`] this is. Every node of a fleet must pick
-/// a flow's Maglev slot the same way, so it goes into each table's digest
-/// (which the fleet compares): a node whose hash differs from the others'
-/// shows as different tables. Raise it whenever [`flow_hash`] changes.
-/// Version 1 was MurmurHash3 over the 5-tuple (or the client address).
+/// Which version of [`flow_hash`] and [`maglev_slot`] this is. Every node
+/// of a fleet must pick a flow's Maglev slot the same way, so it goes into
+/// each table's digest (which the fleet compares): a node that picks
+/// differently shows as different tables. Raise it whenever either
+/// changes. Version 1 was MurmurHash3 over the 5-tuple (or the client
+/// address), its remainder by the table's size the slot.
 pub const FLOW_HASH_VERSION: u64 = 2;
 
 /// Hash that picks a flow's Maglev slot ([`maglev_slot`]):
@@ -321,7 +322,7 @@ mod tests {
         // as the tables' sizes are): about 64 each; and 65,536 clients of
         // one /16 the same with client affinity. A uniform hash's least and
         // most loaded of 1,021 slots would hold about 40 and 90 (these
-        // inputs: 38 to 90, and 42 to 91).
+        // inputs: 40 to 94, and 39 to 89).
         const SLOTS: u32 = 1021;
         let base = sample_keys(1).next().unwrap();
         for affinity in [false, true] {

@@ -8,8 +8,8 @@
 //! refused, all of it checked before anything changes, with the way out in
 //! the error; but the backends of a version before their seal
 //! ([`LEGACY_BACKEND_BYTES`]) or with another seal are carried over
-//! ([`Migration`]). Maps that only hold what the programs or the daemon derive
-//! again (connection table, counters, settings, the VIP filter) are
+//! ([`Migration`]). Maps that only hold what the programs or the daemon
+//! derive again (connection table, counters, settings, the VIP filter) are
 //! replaced, with a warning that says what is lost: an upgrade that changes
 //! their layout, or a new connection-table size, needs no stop.
 
