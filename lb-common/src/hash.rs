@@ -169,7 +169,8 @@ const FILTER_MULTIPLIER: u32 = 0x9e37_79b1;
 /// [`bucket_hash`]: the address's words folded, then one multiplication.
 #[inline(always)]
 pub fn vip_filter_bit(addr: &Addr) -> (u32, u64) {
-    vip_filter_bit_of_fold(word(addr, 0) ^ word(addr, 1) ^ word(addr, 2) ^ word(addr, 3))
+    let (lo, hi) = halves(addr);
+    vip_filter_bit_of_fold(fold_halves(lo, hi))
 }
 
 /// [`vip_filter_bit`] from the XOR of the address's four 4-byte words,

@@ -317,15 +317,17 @@ pub(crate) fn destination_fold(
     ethertype: u16,
     l3_off: usize,
 ) -> Result<Option<u32>, Counter> {
-    let dst = l3_off + IPV6_DST_OFF;
     match ethertype {
         ETH_P_IP => load_u32(ctx, l3_off + IPV4_DST_OFF)
             .map(Some)
             .ok_or(Counter::DropMalformedIpv4),
-        ETH_P_IPV6 => match (load_u64(ctx, dst), load_u64(ctx, dst + 8)) {
-            (Some(lo), Some(hi)) => Ok(Some(fold_halves(lo, hi))),
-            _ => Err(Counter::DropMalformedIpv6),
-        },
+        ETH_P_IPV6 => {
+            let dst = l3_off + IPV6_DST_OFF;
+            match (load_u64(ctx, dst), load_u64(ctx, dst + 8)) {
+                (Some(lo), Some(hi)) => Ok(Some(fold_halves(lo, hi))),
+                _ => Err(Counter::DropMalformedIpv6),
+            }
+        }
         _ => Ok(None),
     }
 }

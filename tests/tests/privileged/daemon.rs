@@ -742,9 +742,11 @@ fn a_restart_replaces_a_resized_connection_table_and_refuses_resized_tables() {
         let map = MapData::from_pin(&pin).unwrap();
         Array::<MapData, BackendValue>::try_from(Map::Array(map)).unwrap()
     };
-    let sealed: Vec<BackendValue> = (0..backends().len())
-        .map(|id| backends().get(&id, 0).unwrap())
-        .collect();
+    let every_backend = || -> Vec<BackendValue> {
+        let all = backends();
+        (0..all.len()).map(|id| all.get(&id, 0).unwrap()).collect()
+    };
+    let sealed = every_backend();
     assert!(sealed.iter().filter(|b| b.is_whole()).count() >= 2);
     const LEGACY: usize = 28;
     let mut legacy = Array::<MapData, [u8; LEGACY]>::create(sealed.len() as u32, 0).unwrap();
@@ -764,9 +766,7 @@ fn a_restart_replaces_a_resized_connection_table_and_refuses_resized_tables() {
     d.spawn().unwrap();
     let log = d.log();
     assert!(log.contains("carried the pinned backends over"), "{log}");
-    let carried: Vec<BackendValue> = (0..backends().len())
-        .map(|id| backends().get(&id, 0).unwrap())
-        .collect();
+    let carried = every_backend();
     assert_eq!(carried, sealed, "every backend carried over, sealed");
     assert_eq!(digest(&d).unwrap().0, before.0, "the tables were kept");
     assert_eq!(tally(&lan, 20).unwrap().len(), 2, "both backends serve");
@@ -790,9 +790,7 @@ fn a_restart_replaces_a_resized_connection_table_and_refuses_resized_tables() {
         carried_before + 1,
         "{log}"
     );
-    let resealed: Vec<BackendValue> = (0..backends().len())
-        .map(|id| backends().get(&id, 0).unwrap())
-        .collect();
+    let resealed = every_backend();
     assert_eq!(resealed, sealed, "every backend resealed");
     assert_eq!(digest(&d).unwrap().0, before.0, "the tables were kept");
     assert_eq!(tally(&lan, 20).unwrap().len(), 2, "both backends serve");
