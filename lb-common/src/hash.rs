@@ -51,8 +51,9 @@ pub(crate) fn word(a: &Addr, i: usize) -> u32 {
 /// each table's digest (which the fleet compares): a node that picks
 /// differently shows as different tables. Raise it whenever either
 /// changes. Version 1 was MurmurHash3 over the 5-tuple (or the client
-/// address), its remainder by the table's size the slot.
-pub const FLOW_HASH_VERSION: u64 = 2;
+/// address), its remainder by the table's size the slot; version 2 the
+/// bucket hash as a chain of folds over the key's words.
+pub const FLOW_HASH_VERSION: u64 = 3;
 
 /// Hash that picks a flow's Maglev slot ([`maglev_slot`]):
 /// of the client address alone when `client_affinity`, otherwise the
@@ -106,15 +107,24 @@ fn halves(a: &Addr) -> (u64, u64) {
     )
 }
 
-/// Seed of the bucket hash (arbitrary).
-const BUCKET_SEED: u64 = 0x2545_f491_4f6c_dd1d;
-/// The bucket hash's multiplier per word: 2^64 / golden ratio, odd.
+/// The folds' multiplier, and the bucket hash's last: 2^64 / golden
+/// ratio, odd.
 const BUCKET_MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
-/// The bucket hash's finaliser multiplier (SplitMix64's second).
+/// The finaliser's multiplier (SplitMix64's second).
 const BUCKET_FINISH: u64 = 0x94d0_49bb_1331_11eb;
+/// The bucket hash's multiplier of each of the key's five words (odd; the
+/// golden ratio's, SplitMix64's first, xxHash64's primes 2, 3 and 5).
+const BUCKET_WORD_MULTIPLIERS: [u64; 5] = [
+    0x9e37_79b9_7f4a_7c15,
+    0xbf58_476d_1ce4_e5b9,
+    0xc2b2_ae3d_27d4_eb4f,
+    0x1656_67b1_9e37_79f9,
+    0x27d4_eb2f_1656_67c5,
+];
 
-/// One word into the bucket hash: a multiplication, which carries each bit
-/// of `h ^ w` only upward, then a shift that brings the upper half down.
+/// One word into the client and source hashes: a multiplication, which
+/// carries each bit of `h ^ w` only upward, then a shift that brings the
+/// upper half down.
 #[inline(always)]
 pub(crate) fn fold(h: u64, w: u64) -> u64 {
     let h = (h ^ w).wrapping_mul(BUCKET_MULTIPLIER);
@@ -123,20 +133,24 @@ pub(crate) fn fold(h: u64, w: u64) -> u64 {
 
 /// Hash of a flow's 5-tuple that places it in the connection table, seals
 /// its entry ([`flow_buckets`](crate::flow_buckets)) and, without client
-/// affinity, picks its Maglev slot ([`flow_hash`]). Five 64-bit
-/// multiplications over the key's words, where MurmurHash3 takes twenty
-/// 32-bit ones and twenty rotations, which BPF lacks and spells in three
-/// instructions each: MurmurHash3 was a third of an established packet's
-/// time in the program, and the Maglev slot's MurmurHash3 a third of a
-/// SYN's.
+/// affinity, picks its Maglev slot ([`flow_hash`]). Each of the key's five
+/// words multiplied by its own constant and the products XORed: the
+/// multiplications are independent, so the CPU runs them side by side,
+/// where a chain of folds (each word into the hash of the ones before, up
+/// to [`FLOW_HASH_VERSION`] 2) waited for each in turn and held a quarter
+/// of an established packet's time in the program. A product's bit
+/// reaches only the bits above it, so the sum's upper half is folded down
+/// and multiplied once more before the finaliser: every input bit then
+/// flips each output bit about half the time (tested).
 #[inline(always)]
 pub fn bucket_hash(key: &FlowKey) -> u32 {
-    let h = fold(BUCKET_SEED, key.word(0));
-    let h = fold(h, key.word(1));
-    let h = fold(h, key.word(2));
-    let h = fold(h, key.word(3));
-    let h = fold(h, key.word(4));
-    finish64(h)
+    let m = BUCKET_WORD_MULTIPLIERS;
+    let h = key.word(0).wrapping_mul(m[0])
+        ^ key.word(1).wrapping_mul(m[1])
+        ^ key.word(2).wrapping_mul(m[2])
+        ^ key.word(3).wrapping_mul(m[3])
+        ^ key.word(4).wrapping_mul(m[4]);
+    finish64((h ^ (h >> 32)).wrapping_mul(BUCKET_MULTIPLIER))
 }
 
 /// The bucket hash's finaliser, down to 32 bits.

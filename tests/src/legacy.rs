@@ -20,25 +20,36 @@ pub fn murmur_flow_hash(key: &FlowKey) -> u32 {
     hash_bytes(SEED, &bytes)
 }
 
-/// `b` sealed as lb sealed backends from their seal's introduction
-/// (843bb42) until the seal became independent products: the bucket hash's
-/// chain of folds over the first 28 bytes as four words, then its
-/// finaliser.
-pub fn chain_sealed(b: &BackendValue) -> BackendValue {
-    const SEED: u64 = 0x6a09_e667_f3bc_c909;
+/// The chain of folds lb hashed with up to `FLOW_HASH_VERSION` 2: each
+/// word into the hash of the ones before from `seed`, then a finaliser.
+fn chain(seed: u64, words: &[u64]) -> u32 {
     const MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
     const FINISH: u64 = 0x94d0_49bb_1331_11eb;
-    let fold = |h: u64, w: u64| {
+    let h = words.iter().fold(seed, |h, &w| {
         let h = (h ^ w).wrapping_mul(MULTIPLIER);
         h ^ (h >> 32)
-    };
+    });
+    let h = (h ^ (h >> 29)).wrapping_mul(FINISH);
+    (h ^ (h >> 32)) as u32
+}
+
+/// The bucket hash of `FLOW_HASH_VERSION` 2, which placed and sealed
+/// connection-table entries: the chain over the key's five words.
+pub fn chain_bucket_hash(key: &FlowKey) -> u32 {
+    // SAFETY: a FlowKey is 40 bytes of plain integers, 8-aligned.
+    let words = unsafe { std::mem::transmute::<FlowKey, [u64; 5]>(*key) };
+    chain(0x2545_f491_4f6c_dd1d, &words)
+}
+
+/// `b` sealed as lb sealed backends from their seal's introduction
+/// (843bb42) until the seal became independent products: the chain over
+/// the first 28 bytes as four words.
+pub fn chain_sealed(b: &BackendValue) -> BackendValue {
     // SAFETY: a BackendValue is 32 bytes of plain integers, 8-aligned.
     let w = unsafe { std::mem::transmute::<BackendValue, [u64; 4]>(*b) };
     let generation = u64::from_le(w[3]) & u64::from(u32::MAX);
-    let h = fold(fold(fold(fold(SEED, w[0]), w[1]), w[2]), generation);
-    let h = (h ^ (h >> 29)).wrapping_mul(FINISH);
     BackendValue {
-        seal: (h ^ (h >> 32)) as u32,
+        seal: chain(0x6a09_e667_f3bc_c909, &[w[0], w[1], w[2], generation]),
         ..*b
     }
 }

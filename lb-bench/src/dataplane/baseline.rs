@@ -429,7 +429,7 @@ impl Baseline {
                 );
                 let first = value.id * TABLE_COPIES * DEFAULT_RING_SIZE;
                 let indexes: Vec<u32> = (first..first + DEFAULT_RING_SIZE).collect();
-                lb::dataplane::update_u32s(rings.map(), &indexes, ring)
+                lb::dataplane::update_array(rings.map(), &indexes, ring)
                     .context("writing the baseline's table")?;
                 let old = CopiesValue {
                     id: value.id,

@@ -369,8 +369,14 @@ pub async fn run(opts: Options) -> Result<()> {
             .attach(iface, port, xdp_mode(settings.xdp_mode), Some(&pin))?;
         info!(interface = %iface, mode = ?settings.xdp_mode, pinned = %pin.display(), "attached");
     }
+    // This version's program now runs in place of the previous one.
+    if let Some(late) = ctl.dataplane_mut().conntrack_carry_late()? {
+        info!(
+            late,
+            "carried the connection-table entries the previous program wrote since"
+        );
+    }
     if adopted {
-        // This version's program now runs in place of the previous one.
         let dropped = ctl.dataplane_mut().conntrack_clear_unreadable()?;
         if dropped > 0 {
             warn!(

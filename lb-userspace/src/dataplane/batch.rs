@@ -1,8 +1,8 @@
-//! The batch operations aya does not wrap: BPF_MAP_UPDATE_BATCH for u32
-//! arrays (the benchmark's baseline objects' Maglev tables, 65,537 slots in
-//! one system call instead of one per slot) and BPF_MAP_LOOKUP_BATCH (the
-//! connection table and the pinned backends in a few calls instead of one
-//! or two per element).
+//! The batch operations aya does not wrap: BPF_MAP_UPDATE_BATCH for arrays
+//! (the benchmark's baseline objects' Maglev tables, 65,537 slots in one
+//! system call instead of one per slot; a connection table carried into a
+//! new one) and BPF_MAP_LOOKUP_BATCH (the connection table and the pinned
+//! backends in a few calls instead of one or two per element).
 
 use std::{
     io,
@@ -34,14 +34,19 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Writes `values[i]` at `keys[i]` of the u32 array `map`, in one call.
-/// On error the kernel may have written a prefix of the elements; callers
-/// write only where no reader looks (the inactive table copy).
-pub fn update_u32s(map: &MapData, keys: &[u32], values: &[u32]) -> io::Result<()> {
+/// Writes `values[i]` at `keys[i]` of the array `map`, whose values are
+/// `V`, in one call. On error the kernel may have written a prefix of the
+/// elements; callers write only where no reader looks (the inactive table
+/// copy, a map not yet pinned or attached).
+pub fn update_array<V: aya::Pod>(map: &MapData, keys: &[u32], values: &[V]) -> io::Result<()> {
     if keys.len() != values.len() {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
     }
     let count = u32::try_from(keys.len()).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let info = map.info().map_err(io::Error::other)?;
+    if (info.key_size(), info.value_size()) != (4, size_of::<V>() as u32) {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
     let mut attr = BatchAttr {
         keys: keys.as_ptr() as u64,
         values: values.as_ptr() as u64,
@@ -50,8 +55,8 @@ pub fn update_u32s(map: &MapData, keys: &[u32], values: &[u32]) -> io::Result<()
         ..BatchAttr::default()
     };
     // SAFETY: `attr` points at `keys` and `values`, which outlive the call
-    // and hold `count` u32s each (the map's key and value size); the kernel
-    // writes back only into `attr`.
+    // and hold `count` elements each of the map's key and value size
+    // (checked above); the kernel writes back only into `attr`.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -88,6 +93,25 @@ pub(super) fn array_all<V: aya::Pod>(
             .collect::<Result<_, _>>()
             .with_context(|| format!("reading {what}")),
         Err(e) => Err(e).with_context(|| format!("reading {what}")),
+    }
+}
+
+/// Writes each (index, value) of `entries` into `array`: one batch call,
+/// or one write per element on kernels without batches. `what` names the
+/// array in errors.
+pub(super) fn array_write<V: aya::Pod>(
+    array: &mut Array<MapData, V>,
+    entries: &[(u32, V)],
+    what: &str,
+) -> anyhow::Result<()> {
+    let (keys, values): (Vec<u32>, Vec<V>) = entries.iter().copied().unzip();
+    match update_array(array.map(), &keys, &values) {
+        Ok(()) => Ok(()),
+        Err(e) if unsupported(&e) => entries
+            .iter()
+            .try_for_each(|&(i, v)| array.set(i, v, 0))
+            .with_context(|| format!("writing {what}")),
+        Err(e) => Err(e).with_context(|| format!("writing {what}")),
     }
 }
 

@@ -6,6 +6,7 @@
 //! names it. No packet sees a backend that is not written yet or gone.
 
 mod batch;
+mod conntrack_carry;
 mod decap;
 mod link;
 mod pins;
@@ -14,7 +15,7 @@ mod rings;
 mod source_limits;
 mod source_lists;
 
-pub use batch::update_u32s;
+pub use batch::update_array;
 pub use decap::{
     DEFAULT_DECAP_PIN_DIR, DecapTables, Decapsulator, Prefix, detach, pinned_interfaces,
     read_pinned, remove_pinned,
@@ -221,6 +222,9 @@ pub struct Dataplane {
     source_limits: Array<MapData, SourceLimit>,
     limited_sources: PerCpuArray<MapData, LimitedSource>,
     attachments: std::collections::BTreeMap<String, Attachment>,
+    /// The previous connection table while its entries are carried over
+    /// ([`Dataplane::conntrack_carry_late`]).
+    carried_conntrack: Option<conntrack_carry::PinnedTable>,
 }
 
 /// Bytes of a map or program name the kernel keeps (BPF_OBJ_NAME_LEN - 1).
@@ -446,6 +450,17 @@ fn attach_xdp(prog: &mut Xdp, iface: &str, mode: XdpMode, pin: Option<&Path>) ->
     Ok(link)
 }
 
+/// Pins `map` at `dir`/`name` in place of the pin there, in one rename: a
+/// crash before it leaves the old pin to migrate again.
+fn repin(dir: &Path, name: &str, map: &MapData) -> Result<()> {
+    // bpffs refuses names with dots.
+    let fresh = dir.join(format!("{name}_MIGRATING"));
+    let _ = std::fs::remove_file(&fresh);
+    map.pin(&fresh)
+        .with_context(|| format!("pinning the migrated {name}"))?;
+    std::fs::rename(&fresh, dir.join(name)).with_context(|| format!("replacing the pin {name}"))
+}
+
 impl Dataplane {
     /// Loads the embedded object with `capacity` and verifies both programs
     /// in the kernel. Nothing is attached and nothing is pinned.
@@ -476,35 +491,63 @@ impl Dataplane {
                 let _ = std::fs::remove_file(dir.join(name));
             }
         }
-        let migration = pins::reconcile(dir, &ALL_MAPS, &capacity)?;
+        let mut migration = pins::reconcile(dir, &ALL_MAPS, &capacity)?;
         let mut dp = Self::load_with(capacity, Some(dir), log, &migration)?;
         if let Some(backends) = &migration.backends {
             dp.carry_backends(dir, backends)?;
+        }
+        if let Some(table) = migration.conntrack.take() {
+            dp.carry_conntrack(dir, table)?;
         }
         Ok((dp, adopted))
     }
 
     /// Writes `backends`, read from the pin of an earlier layout, into this
-    /// object's new map, and pins that map in the old one's place in one
-    /// rename: a crash before it leaves the old pin to migrate again.
+    /// object's new map, and pins that map in the old one's place.
     fn carry_backends(&mut self, dir: &Path, backends: &[(u32, BackendValue)]) -> Result<()> {
         for (id, b) in backends {
             self.set_backend(*id, b)?;
         }
-        let path = dir.join(names::BACKENDS);
-        // bpffs refuses names with dots.
-        let fresh = dir.join(format!("{}_MIGRATING", names::BACKENDS));
-        let _ = std::fs::remove_file(&fresh);
-        self.backends
-            .map()
-            .pin(&fresh)
-            .context("pinning the migrated backends")?;
-        std::fs::rename(&fresh, &path).context("replacing the pinned backends")?;
+        repin(dir, names::BACKENDS, self.backends.map())?;
         tracing::info!(
             backends = backends.len(),
             "carried the pinned backends over to this version's layout and seal"
         );
         Ok(())
+    }
+
+    /// Writes the entries of the pinned connection table `old` into this
+    /// object's new table, placed by this version's hash, and pins it in
+    /// the old one's place. `old` stays open for
+    /// [`Dataplane::conntrack_carry_late`].
+    fn carry_conntrack(&mut self, dir: &Path, old: conntrack_carry::PinnedTable) -> Result<()> {
+        let (placed, displaced) =
+            conntrack_carry::place_all(old.entries(), self.capacity.conntrack_buckets());
+        batch::array_write(&mut self.conntrack, &placed, "the new connection table")?;
+        repin(dir, names::CONNTRACK, self.conntrack.map())?;
+        tracing::info!(
+            entries = placed.len(),
+            displaced,
+            "carried the pinned connection table over to this version's size and hash"
+        );
+        self.carried_conntrack = Some(old);
+        Ok(())
+    }
+
+    /// Once this version's program runs in place of the previous one,
+    /// carries the entries the previous program wrote or refreshed in its
+    /// connection table since [`Dataplane::load_pinned`] read it, over this
+    /// table's entries of the same flows (which this program made when
+    /// their packets missed), and lets that table go. How many, or `None`
+    /// when no table was carried over.
+    pub fn conntrack_carry_late(&mut self) -> Result<Option<usize>> {
+        let Some(old) = self.carried_conntrack.take() else {
+            return Ok(None);
+        };
+        let late = old.changed()?;
+        let buckets = self.capacity.conntrack_buckets();
+        conntrack_carry::place_live(&mut self.conntrack, buckets, &late)?;
+        Ok(Some(late.len()))
     }
 
     fn load_with(
@@ -513,12 +556,16 @@ impl Dataplane {
         log: KernelLogLevel,
         migration: &pins::Migration,
     ) -> Result<Self> {
-        // Backends being migrated get a new map, pinned once it is filled.
+        // Maps being migrated get a new map, pinned once it is filled.
+        let migrating = |name: &str| {
+            (name == names::BACKENDS && migration.backends.is_some())
+                || (name == names::CONNTRACK && migration.conntrack.is_some())
+        };
         let pin_paths: Vec<(&str, PathBuf)> = pins
             .map(|dir| {
                 ALL_MAPS
                     .iter()
-                    .filter(|n| !(**n == names::BACKENDS && migration.backends.is_some()))
+                    .filter(|n| !migrating(n))
                     .map(|n| (*n, dir.join(n)))
                     .collect()
             })
@@ -563,6 +610,7 @@ impl Dataplane {
             source_limits: take(&mut ebpf, names::SOURCE_LIMITS)?,
             limited_sources: take(&mut ebpf, names::LIMITED_SOURCES)?,
             attachments: Default::default(),
+            carried_conntrack: None,
             ebpf,
             capacity,
         };

@@ -8,10 +8,14 @@
 //! refused, all of it checked before anything changes, with the way out in
 //! the error; but the backends of a version before their seal
 //! ([`LEGACY_BACKEND_BYTES`]) or with another seal are carried over
-//! ([`Migration`]). Maps that only hold what the programs or the daemon
-//! derive again (connection table, counters, settings, the VIP filter) are
-//! replaced, with a warning that says what is lost: an upgrade that changes
-//! their layout, or a new connection-table size, needs no stop.
+//! ([`Migration`]), and so are the connection table's entries when the
+//! table has another size or was filled by the previous version's hash
+//! (the flows' backends, which the Maglev tables would not give them all
+//! again). Maps that only hold what the programs or the daemon derive
+//! again (counters, settings, the VIP filter, a connection table of
+//! another layout) are replaced, with a warning that says what is lost: an
+//! upgrade that changes their layout, or a new connection-table size,
+//! needs no stop.
 
 use std::path::Path;
 
@@ -19,7 +23,7 @@ use anyhow::{Context as _, Result, bail};
 use aya::maps::MapData;
 use lb_common::{BackendValue, maps as names};
 
-use super::{Capacity, EBPF_OBJECT, batch};
+use super::{Capacity, EBPF_OBJECT, batch, conntrack_carry::PinnedTable};
 
 /// What a map's contents are, for what adopting a pin of another shape means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,12 +120,16 @@ fn pinned(path: &Path, name: &str) -> Result<Shape> {
 /// generation, in [`BackendValue`]'s order): lb up to commit 843bb42.
 const LEGACY_BACKEND_BYTES: u32 = 28;
 
-/// Desired state carried over from pins of an earlier layout: the backends
-/// by id, to write (sealed) into a new map that replaces the old pin.
-#[derive(Debug, Default)]
+/// State carried over from pins of an earlier layout or configuration,
+/// into new maps that replace the old pins.
+#[derive(Default)]
 pub(super) struct Migration {
-    /// Backends of a pinned map without seals or sealed another way, by id.
+    /// Backends of a pinned map without seals or sealed another way, by id,
+    /// to write sealed.
     pub backends: Option<Vec<(u32, BackendValue)>>,
+    /// A pinned connection table of another size, or whose entries the
+    /// previous version's hash placed, to carry into a new one.
+    pub conntrack: Option<PinnedTable>,
 }
 
 /// The backends of the pinned map at `path`, of this version's layout, if
@@ -182,8 +190,9 @@ fn legacy_backends(path: &Path) -> Result<Vec<(u32, BackendValue)>> {
 /// refuses (changing nothing) if a map of desired state has another shape,
 /// else removes the pins of derived maps that do, so they are created anew.
 /// Backends of the layout before the seal, or sealed by another version,
-/// are read for the caller to carry over; their pin stays until the new
-/// map replaces it.
+/// and a connection table of another size or filled by the previous
+/// version's hash, are read for the caller to carry over; their pins stay
+/// until the new maps replace them.
 pub(super) fn reconcile(dir: &Path, maps: &[&str], capacity: &Capacity) -> Result<Migration> {
     let object = aya_obj::Object::parse(EBPF_OBJECT).context("parsing the eBPF object")?;
     let mut refused = Vec::new();
@@ -199,9 +208,24 @@ pub(super) fn reconcile(dir: &Path, maps: &[&str], capacity: &Capacity) -> Resul
             if name == names::BACKENDS {
                 migration.backends = resealed_backends(&path)?;
             }
+            if name == names::CONNTRACK {
+                let table = PinnedTable::open(&path)?;
+                if table.placed_by_previous_hash() {
+                    migration.conntrack = Some(table);
+                }
+            }
             continue;
         }
         let differences = have.differences(&want);
+        if name == names::CONNTRACK
+            && (Shape {
+                max_entries: want.max_entries,
+                ..have
+            }) == want
+        {
+            migration.conntrack = Some(PinnedTable::open(&path)?);
+            continue;
+        }
         if name == names::BACKENDS
             && have.value_size == LEGACY_BACKEND_BYTES
             && (Shape {

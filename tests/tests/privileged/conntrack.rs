@@ -8,9 +8,13 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use lb::dataplane::Capacity;
+use aya::maps::{Array, Map, MapData};
+use lb::{
+    dataplane::{Capacity, Dataplane, KernelLogLevel},
+    netns::PrivateBpffs,
+};
 use lb_common::{
-    ConntrackSettings, FLOW_F_CLOSED, FlowKey, FlowValue, addr_bytes, flow_buckets,
+    ConntrackSettings, FLOW_F_CLOSED, FlowEntry, FlowKey, FlowValue, addr_bytes, flow_buckets,
     hash::{bucket_hash, flow_hash, maglev_slot},
     limits::CONNTRACK_WAYS,
     maps::PROG_LB,
@@ -571,4 +575,100 @@ fn a_new_flow_in_full_buckets_replaces_the_least_recently_seen_entry() {
     let mut want = vec![true; ways + 1];
     want[1] = false;
     assert_eq!(kept, want, "entries held, flow by flow");
+}
+
+/// A pin directory on a bpffs of its own, unmounted and removed on drop.
+struct Pins {
+    bpffs: Option<PrivateBpffs>,
+    dir: std::path::PathBuf,
+}
+
+impl Pins {
+    fn new(tag: &str) -> Pins {
+        let dir = std::env::temp_dir().join(format!("lbt-{}-{tag}", std::process::id()));
+        Pins {
+            bpffs: Some(PrivateBpffs::mount(&dir).unwrap()),
+            dir,
+        }
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        self.dir.join("lb")
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        self.bpffs.take();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The connection table pinned under `pins`.
+fn pinned_table(pins: &std::path::Path) -> Array<MapData, FlowEntry> {
+    let map = MapData::from_pin(pins.join(lb_common::maps::CONNTRACK)).unwrap();
+    Array::try_from(Map::Array(map)).unwrap()
+}
+
+/// A restart with another table size carries the table over in two steps:
+/// what the previous program's table holds when the new data plane loads,
+/// and, once the new program runs, what the previous program wrote
+/// meanwhile (it keeps its table until it is replaced). A late entry
+/// replaces the one the new program made when the flow's packet missed:
+/// the previous table has the backend the connection is on.
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn entries_the_previous_program_writes_while_its_table_is_carried_follow_it() {
+    require_root();
+    let pins = Pins::new("carry");
+    let capacity = |entries| Capacity {
+        conntrack_entries: entries,
+        ..lab_capacity(RING)
+    };
+    let value = |backend| FlowValue {
+        backend,
+        generation: 1,
+        last_seen: 7,
+        flags: 0,
+        service: 0,
+    };
+    let (early, late) = (
+        flow(CLIENT, 40000, IPPROTO_TCP),
+        flow(CLIENT, 40001, IPPROTO_TCP),
+    );
+    let (_previous, _) =
+        Dataplane::load_pinned(capacity(4096), &pins.path(), KernelLogLevel::Off).unwrap();
+    let put = |table: &mut Array<MapData, FlowEntry>, key: &FlowKey, v: FlowValue| {
+        let at = flow_buckets(bucket_hash(key), table.len() / CONNTRACK_WAYS)[0];
+        table
+            .set(at, FlowEntry::new(*key, v, bucket_hash(key)), 0)
+            .unwrap();
+    };
+    let mut old_writer = pinned_table(&pins.path());
+    put(&mut old_writer, &early, value(1));
+
+    let (mut next, _) =
+        Dataplane::load_pinned(capacity(8192), &pins.path(), KernelLogLevel::Off).unwrap();
+    let mut new_table = pinned_table(&pins.path());
+    assert_eq!(new_table.len(), 8192);
+    assert_eq!(next.conntrack(&early).unwrap(), Some(value(1)));
+    assert_eq!(next.conntrack(&late).unwrap(), None);
+    // Before the new program replaces it, the previous one pins `late` to
+    // backend 2; the new one, missing it, then pins it to backend 3.
+    put(&mut old_writer, &late, value(2));
+    put(&mut new_table, &late, value(3));
+    assert_eq!(next.conntrack(&late).unwrap(), Some(value(3)));
+
+    assert_eq!(next.conntrack_carry_late().unwrap(), Some(1));
+    assert_eq!(next.conntrack(&late).unwrap(), Some(value(2)));
+    assert_eq!(next.conntrack(&early).unwrap(), Some(value(1)));
+    let copies = next
+        .conntrack_dump()
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| k.same_flow(&late))
+        .count();
+    assert_eq!(copies, 1, "one entry per flow");
+    // Once only.
+    assert_eq!(next.conntrack_carry_late().unwrap(), None);
 }

@@ -18,7 +18,9 @@ use std::{
 use anyhow::{Result, bail};
 use aya::maps::{Array, Map, MapData};
 use lb::demo::server::{NameServer, http_get};
-use lb_common::{BackendValue, FlowEntry, FlowKey, FlowValue, addr_bytes};
+use lb_common::{
+    BackendValue, FlowEntry, FlowKey, FlowValue, addr_bytes, flow_buckets, hash::bucket_hash,
+};
 use lb_tests::{
     daemon::{Daemon, default_web_config, web_config},
     lan::Lan,
@@ -642,15 +644,16 @@ fn services_and_backends_added_and_removed_at_run_time() {
     );
 }
 
-/// A restart with another connection-table size replaces that table (its
-/// entries are the data plane's own) and adopts everything else; another
-/// service capacity is refused, naming the map, and leaves the pins as they
-/// were for the configuration that made them. Pins of earlier layouts: a
-/// connection table's unreadable entries are dropped, backends without
-/// seals carried over.
+/// A restart with another connection-table size carries that table's
+/// entries into a new one and adopts everything else; another service
+/// capacity is refused, naming the map, and leaves the pins as they were
+/// for the configuration that made them. Pins of earlier versions: entries
+/// the previous version's hash placed are carried over, older ones
+/// dropped, and backends without seals or with the earlier seal carried
+/// over.
 #[test]
 #[ignore = "needs root: cargo xtask test runs it"]
-fn a_restart_replaces_a_resized_connection_table_and_refuses_resized_tables() {
+fn a_restart_carries_a_resized_connection_table_over_and_refuses_resized_tables() {
     require_root();
     let lan = Lan::build(2, &["198.18.1.1/32"]).unwrap();
     let _servers = lan.serve_names(80).unwrap();
@@ -660,6 +663,49 @@ fn a_restart_replaces_a_resized_connection_table_and_refuses_resized_tables() {
     let original = std::fs::read_to_string(&d.config).unwrap();
     let before = digest(&d).unwrap();
 
+    let pin = d.pins.join(lb_common::maps::CONNTRACK);
+    let table = || {
+        let map = MapData::from_pin(&pin).unwrap();
+        Array::<MapData, FlowEntry>::try_from(Map::Array(map)).unwrap()
+    };
+    // The flow's entry where this version's data plane looks for it: one
+    // of its two buckets' ways.
+    let found = |key: &FlowKey| -> Option<FlowEntry> {
+        let t = table();
+        let buckets = t.len() / lb_common::limits::CONNTRACK_WAYS;
+        let ways = flow_buckets(bucket_hash(key), buckets)
+            .into_iter()
+            .flat_map(|b| b..b + lb_common::limits::CONNTRACK_WAYS);
+        ways.map(|i| t.get(&i, 0).unwrap())
+            .find(|e| e.key.same_flow(key) && e.is_readable())
+    };
+    let client = |sport: u16| {
+        let (src, _) = addr_bytes(IpAddr::V4(Ipv4Addr::new(198, 18, 2, 9)));
+        let (dst, family) = addr_bytes(IpAddr::V4(VIP));
+        FlowKey {
+            src,
+            dst,
+            sport: sport.to_be(),
+            dport: 80u16.to_be(),
+            proto: 6,
+            family,
+            _pad: [0; 2],
+        }
+    };
+    let value = FlowValue {
+        backend: 1,
+        generation: 1,
+        ..FlowValue::default()
+    };
+    // An entry of this version, where its program placed it.
+    let kept = client(40001);
+    let buckets = table().len() / lb_common::limits::CONNTRACK_WAYS;
+    let at = flow_buckets(bucket_hash(&kept), buckets)[0];
+    table()
+        .set(at, FlowEntry::new(kept, value, bucket_hash(&kept)), 0)
+        .unwrap();
+    assert_eq!(found(&kept).map(|e| e.value), Some(value));
+
     d.kill(libc::SIGKILL).unwrap();
     let resized = original.replace("conntrack_entries = 4096", "conntrack_entries = 8192");
     assert_ne!(resized, original);
@@ -667,13 +713,14 @@ fn a_restart_replaces_a_resized_connection_table_and_refuses_resized_tables() {
     d.spawn().unwrap();
     let log = d.log();
     assert!(
-        log.contains("replacing the pinned map LB_CONNTRACK")
-            && log.contains("entries: pinned 4096, needed 8192"),
+        log.contains("carried the pinned connection table over"),
         "{log}"
     );
     assert!(log.contains("adopted live service"), "{log}");
     let stats = d.cli(&["conntrack", "stats"]).unwrap();
     assert_eq!(stats["capacity"], 8192, "{stats}");
+    assert_eq!(table().len(), 8192);
+    assert_eq!(found(&kept).map(|e| e.value), Some(value), "carried over");
     let after = digest(&d).unwrap();
     assert_eq!(after.0, before.0, "the adopted table changed");
     assert_eq!(tally(&lan, 20).unwrap().len(), 2, "both backends serve");
@@ -696,30 +743,11 @@ fn a_restart_replaces_a_resized_connection_table_and_refuses_resized_tables() {
     assert_eq!(digest(&d).unwrap().0, before.0);
     assert_eq!(tally(&lan, 20).unwrap().len(), 2, "both backends serve");
 
-    // An entry this version cannot read, as an earlier version placed and
-    // sealed it (by its Maglev hash): dropped once the new program runs.
+    // An entry this version cannot read, as a version before the previous
+    // one placed and sealed it (by its Maglev hash): dropped once the new
+    // program runs.
     d.kill(libc::SIGKILL).unwrap();
-    let pin = d.pins.join(lb_common::maps::CONNTRACK);
-    let table = || {
-        let map = MapData::from_pin(&pin).unwrap();
-        Array::<MapData, FlowEntry>::try_from(Map::Array(map)).unwrap()
-    };
-    let (src, _) = addr_bytes(IpAddr::V4(Ipv4Addr::new(198, 18, 2, 9)));
-    let (dst, family) = addr_bytes(IpAddr::V4(VIP));
-    let key = FlowKey {
-        src,
-        dst,
-        sport: 40000u16.to_be(),
-        dport: 80u16.to_be(),
-        proto: 6,
-        family,
-        _pad: [0; 2],
-    };
-    let value = FlowValue {
-        backend: 1,
-        generation: 1,
-        ..FlowValue::default()
-    };
+    let key = client(40000);
     let old = FlowEntry {
         key,
         value,
@@ -732,6 +760,41 @@ fn a_restart_replaces_a_resized_connection_table_and_refuses_resized_tables() {
     let log = d.log();
     assert!(log.contains("entries this version cannot read"), "{log}");
     assert_eq!(table().get(&last, 0).unwrap(), FlowEntry::default());
+    assert_eq!(
+        found(&kept).map(|e| e.value),
+        Some(value),
+        "adopted in place"
+    );
+    assert_eq!(tally(&lan, 20).unwrap().len(), 2, "both backends serve");
+
+    // An entry the previous version placed and sealed by its hash: carried
+    // into a new table where this version's program finds it.
+    d.kill(libc::SIGKILL).unwrap();
+    let carried_before = d
+        .log()
+        .matches("carried the pinned connection table over")
+        .count();
+    let previous = client(40002);
+    let buckets = table().len() / lb_common::limits::CONNTRACK_WAYS;
+    let at = flow_buckets(legacy::chain_bucket_hash(&previous), buckets)[0];
+    let old = FlowEntry::new(previous, value, legacy::chain_bucket_hash(&previous));
+    assert!(!old.is_readable());
+    table().set(at, old, 0).unwrap();
+    assert_eq!(found(&previous), None);
+    d.spawn().unwrap();
+    let log = d.log();
+    assert_eq!(
+        log.matches("carried the pinned connection table over")
+            .count(),
+        carried_before + 1,
+        "{log}"
+    );
+    assert_eq!(
+        found(&previous).map(|e| e.value),
+        Some(value),
+        "carried over"
+    );
+    assert_eq!(found(&kept).map(|e| e.value), Some(value), "carried over");
     assert_eq!(tally(&lan, 20).unwrap().len(), 2, "both backends serve");
 
     // Backends pinned by a version before their seal (28-byte values):
