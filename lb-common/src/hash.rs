@@ -7,7 +7,7 @@
 //! without loops or slices so the verifier sees straight-line code.
 
 use crate::{
-    limits::VIP_FILTER_BITS_LOG2,
+    limits::{SERVICE_INDEX_BITS, VIP_FILTER_BITS_LOG2},
     types::{Addr, FlowKey},
 };
 
@@ -172,6 +172,31 @@ pub fn source_hash(service_id: u32, prefix: &Addr) -> u32 {
     let h = fold(SOURCE_SEED, u64::from(service_id));
     let h = fold(h, lo);
     finish64(fold(h, hi))
+}
+
+/// The service index's multipliers of a key's two address halves and of
+/// its port and protocol (odd: SplitMix64's first, xxHash64's primes 2
+/// and 3).
+const SERVICE_INDEX_MULTIPLIERS: [u64; 3] = [
+    0xbf58_476d_1ce4_e5b9,
+    0xc2b2_ae3d_27d4_eb4f,
+    0x1656_67b1_9e37_79f9,
+];
+
+/// The element of the service index (`LB_SERVICE_INDEX`) of the service at
+/// `addr` (16-byte form), `port` (network order) and `proto`: three
+/// independent products XORed, folded and multiplied once more, the top
+/// bits; where the services hash spends a jhash of the whole 20-byte key
+/// before its bucket walk and key compare.
+#[inline(always)]
+pub fn service_index(addr: &Addr, port: u16, proto: u8) -> u32 {
+    let (lo, hi) = halves(addr);
+    let m = SERVICE_INDEX_MULTIPLIERS;
+    let h = lo.wrapping_mul(m[0])
+        ^ hi.wrapping_mul(m[1])
+        ^ (u64::from(port) | (u64::from(proto) << 16)).wrapping_mul(m[2]);
+    let h = (h ^ (h >> 32)).wrapping_mul(BUCKET_MULTIPLIER);
+    (h >> (64 - SERVICE_INDEX_BITS)) as u32
 }
 
 /// Multiplier of the VIP filter's Fibonacci hashing (2^32 / golden ratio).
@@ -381,6 +406,26 @@ mod tests {
         for (bucket, (lo, hi)) in span.iter().enumerate() {
             assert!(hi - lo > SLOTS / 2, "bucket {bucket}: slots {lo} to {hi}");
         }
+    }
+
+    #[test]
+    fn the_service_index_spreads_a_block_of_vips_and_ports() {
+        // 256 VIPs of a /24, each on ports 80 and 443, TCP and UDP: 1,024
+        // keys over 4,096 elements of two ways. A uniform hash leaves about
+        // 9 keys without a way (Poisson(0.25) beyond two); these leave 5,
+        // and the products XORed without the last multiplication left 16.
+        let mut load = [0u8; crate::limits::SERVICE_INDEX_ELEMENTS as usize];
+        for i in 0..256u32 {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&[198, 18, 0, i as u8]);
+            for port in [80u16, 443] {
+                for proto in [6, 17] {
+                    load[service_index(&a, port.to_be(), proto) as usize] += 1;
+                }
+            }
+        }
+        let crowded: u32 = load.iter().map(|&n| u32::from(n.saturating_sub(2))).sum();
+        assert!(crowded <= 12, "{crowded} keys without a way");
     }
 
     #[test]

@@ -101,6 +101,21 @@ pub const VIP_FILTER_BITS_LOG2: u32 = 16;
 /// 64-bit words of the VIP filter.
 pub const VIP_FILTER_WORDS: u32 = 1 << (VIP_FILTER_BITS_LOG2 - 6);
 
+/// log2 of the elements of the service index (`LB_SERVICE_INDEX`): 4,096
+/// elements of [`SERVICE_INDEX_WAYS`] ids each (32 KiB), so up to a few
+/// thousand services each find a place; a service that finds none is still
+/// found, by the services hash.
+pub const SERVICE_INDEX_BITS: u32 = 12;
+
+/// Elements of the service index.
+pub const SERVICE_INDEX_ELEMENTS: u32 = 1 << SERVICE_INDEX_BITS;
+
+/// Service ids per element of the service index.
+pub const SERVICE_INDEX_WAYS: usize = 2;
+
+/// An empty way of the service index (no service has this id).
+pub const NO_SERVICE: u32 = u32::MAX;
+
 /// Slots of the interface table (`LB_INTERFACES`), a power of two. An
 /// interface lives in slot [`crate::interface_slot`] of its index; user space
 /// refuses to attach to two interfaces whose indexes share a slot (their

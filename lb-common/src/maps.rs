@@ -5,6 +5,9 @@
 pub const SERVICES: &str = "LB_SERVICES";
 /// Live services by id: [`crate::ServiceValue::id`] → [`crate::ServiceSlot`] (array).
 pub const SERVICE_SLOTS: &str = "LB_SERVICE_SLOTS";
+/// Service ids by a hash of their key: [`crate::hash::service_index`] →
+/// [`crate::ServiceIndexEntry`] (array).
+pub const SERVICE_INDEX: &str = "LB_SERVICE_INDEX";
 /// VIP addresses with at least one service: [`crate::AddrKey`] → u32 (hash).
 pub const VIPS: &str = "LB_VIPS";
 /// VIP filter: word index → u64 bitmap over [`crate::hash::vip_filter_bit`] (array).

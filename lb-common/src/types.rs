@@ -4,7 +4,7 @@
 
 use core::{mem::size_of, net::IpAddr};
 
-use crate::limits::{CONNTRACK_BUCKET_GROUP, CONNTRACK_WAYS};
+use crate::limits::{CONNTRACK_BUCKET_GROUP, CONNTRACK_WAYS, NO_SERVICE, SERVICE_INDEX_WAYS};
 
 /// Address family tag for IPv4 in keys and values (not the libc `AF_*` value).
 pub const FAMILY_V4: u8 = 4;
@@ -127,6 +127,28 @@ pub struct ServiceValue {
     /// connection-table entry lapses; 0 takes the protocol's default from
     /// [`ConntrackSettings`].
     pub idle_timeout: u32,
+}
+
+/// An element of `LB_SERVICE_INDEX`: ids of services whose key hashes
+/// here ([`crate::hash::service_index`]), [`NO_SERVICE`] where none. A
+/// new flow finds its service through the index with two array reads (this
+/// element, then the id's [`ServiceSlot`], whose key must match the flow)
+/// instead of a hash lookup. User space rewrites elements in place, so an
+/// id read may be stale: the slot's key decides, and a flow whose service
+/// the index does not name takes the services hash.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ServiceIndexEntry {
+    /// Service ids.
+    pub ids: [u32; SERVICE_INDEX_WAYS],
+}
+
+impl Default for ServiceIndexEntry {
+    fn default() -> Self {
+        ServiceIndexEntry {
+            ids: [NO_SERVICE; SERVICE_INDEX_WAYS],
+        }
+    }
 }
 
 /// A live service by id: its key with its value. Element of
@@ -915,6 +937,7 @@ const _: () = assert!(size_of::<FlowValue>() == 20);
 // One cache line an entry.
 const _: () = assert!(size_of::<FlowEntry>() == 64 && align_of::<FlowEntry>() == 8);
 const _: () = assert!(size_of::<ServiceSlot>() == 40);
+const _: () = assert!(size_of::<ServiceIndexEntry>() == 8);
 const _: () = assert!(size_of::<RingChunk>() == 8);
 const _: () = assert!(size_of::<Settings>() == 36);
 const _: () = assert!(size_of::<Interface>() == 16);
@@ -950,6 +973,7 @@ mod pod {
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for FlowEntry {}
     unsafe impl aya::Pod for ServiceSlot {}
+    unsafe impl aya::Pod for ServiceIndexEntry {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for Interface {}
     unsafe impl aya::Pod for IcmpBudget {}

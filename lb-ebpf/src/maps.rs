@@ -12,10 +12,14 @@ use aya_ebpf::{
 use lb_common::{
     AclKey, Addr, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter,
     FlowEntry, FlowKey, FlowValue, IcmpBudget, IcmpKind, Interface, LimitedSource, ProbeTunnel,
-    RingChunk, ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings, SourceDrops,
-    SourceKey, SourceLimit, SourceRateBucket, counters::DecapCounter, flow_buckets,
-    hash::vip_filter_bit_of_fold, interface_slot, limits, limits::CONNTRACK_WAYS, ring_position,
-    vip_answers_echo,
+    RingChunk, ServiceIndexEntry, ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings,
+    SourceDrops, SourceKey, SourceLimit, SourceRateBucket,
+    counters::DecapCounter,
+    flow_buckets,
+    hash::{service_index, vip_filter_bit_of_fold},
+    interface_slot, limits,
+    limits::{CONNTRACK_WAYS, NO_SERVICE},
+    ring_position, vip_answers_echo,
 };
 
 /// Services. Not preallocated, so an update replaces the element under RCU and
@@ -31,6 +35,15 @@ static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
 #[map]
 static LB_SERVICE_SLOTS: Array<ServiceSlot> =
     Array::with_max_entries(limits::DEFAULT_MAX_SERVICES, 0);
+
+/// Service ids by a hash of their key, for packets without a
+/// connection-table entry (new flows, floods): the index's element and the
+/// id's slot instead of a hash lookup. User space keeps it, and where a
+/// service finds no way, or a packet reads an element mid-write, the
+/// services hash answers.
+#[map]
+static LB_SERVICE_INDEX: Array<ServiceIndexEntry> =
+    Array::with_max_entries(limits::SERVICE_INDEX_ELEMENTS, 0);
 
 /// VIP addresses, to tell "for a VIP but malformed or fragmented" from "not ours".
 #[map]
@@ -161,10 +174,28 @@ static LB_PROBE_TUNNELS: HashMap<u32, ProbeTunnel> =
 
 /// The service for `key`, copied out of the map.
 #[inline(always)]
-pub(crate) fn service(key: &ServiceKey) -> Option<ServiceValue> {
+fn service(key: &ServiceKey) -> Option<ServiceValue> {
     // SAFETY: the map is not preallocated, so the element stays valid under
     // RCU for the duration of the program; we copy it immediately.
     unsafe { LB_SERVICES.get(key).copied() }
+}
+
+/// The service `flow` was sent to, copied: the id the service index names
+/// whose slot's key is the flow's destination, else the services hash's.
+#[inline(always)]
+pub(crate) fn service_of(flow: &FlowKey) -> Option<ServiceValue> {
+    if let Some(e) = LB_SERVICE_INDEX.get(service_index(&flow.dst, flow.dport, flow.proto)) {
+        // A loop of two, which LLVM unrolls.
+        for id in e.ids {
+            if id != NO_SERVICE
+                && let Some(slot) = service_slot(id)
+                && slot.serves(flow)
+            {
+                return Some(slot.value);
+            }
+        }
+    }
+    service(&flow.service_key())
 }
 
 /// The slot of service `id`, in place. User space rewrites a slot in place;

@@ -180,7 +180,7 @@ pub(crate) fn select_backend(
     let service = match slotted {
         Some(service) => service,
         None => {
-            let service = maps::service(&flow.service_key()).ok_or(Counter::PassNotService)?;
+            let service = maps::service_of(flow).ok_or(Counter::PassNotService)?;
             // Before the Maglev lookup and any write: a refused source
             // costs no state, and a denied one no place among the
             // limited service's recent sources.

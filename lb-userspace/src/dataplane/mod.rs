@@ -12,6 +12,7 @@ mod link;
 mod pins;
 mod probe_encap;
 mod rings;
+mod service_index;
 mod source_limits;
 mod source_lists;
 
@@ -43,9 +44,9 @@ use aya::{
 };
 use lb_common::{
     AclKey, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter,
-    FlowEntry, FlowKey, FlowValue, Interface, LimitedSource, SERVICE_F_ECHO, ServiceKey,
-    ServiceSlot, ServiceStats, ServiceValue, Settings, SourceDrops, SourceLimit, VIP_ECHO_UNIT,
-    flow_buckets,
+    FlowEntry, FlowKey, FlowValue, Interface, LimitedSource, SERVICE_F_ECHO, ServiceIndexEntry,
+    ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings, SourceDrops, SourceLimit,
+    VIP_ECHO_UNIT, flow_buckets,
     hash::{bucket_hash, vip_filter_bit},
     interface_slot,
     limits::{
@@ -203,6 +204,9 @@ pub struct Dataplane {
     capacity: Capacity,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     service_slots: Array<MapData, ServiceSlot>,
+    service_index_map: Array<MapData, ServiceIndexEntry>,
+    /// What `service_index_map` holds.
+    service_index: service_index::ServiceIndex,
     vips: HashMap<MapData, AddrKey, u32>,
     vip_filter: Array<MapData, u64>,
     rings: rings::RingMemory,
@@ -326,9 +330,10 @@ const UNUSED_LB_CAPACITY: Capacity = Capacity {
 
 /// Every map of the load balancer (the decapsulator's are its own,
 /// [`decap`]).
-const ALL_MAPS: [&str; 21] = [
+const ALL_MAPS: [&str; 22] = [
     names::SERVICES,
     names::SERVICE_SLOTS,
+    names::SERVICE_INDEX,
     names::VIPS,
     names::VIP_FILTER,
     names::RINGS,
@@ -585,6 +590,8 @@ impl Dataplane {
         let mut dp = Dataplane {
             services: take(&mut ebpf, names::SERVICES)?,
             service_slots: take(&mut ebpf, names::SERVICE_SLOTS)?,
+            service_index_map: take(&mut ebpf, names::SERVICE_INDEX)?,
+            service_index: Default::default(),
             vips: take(&mut ebpf, names::VIPS)?,
             vip_filter: take(&mut ebpf, names::VIP_FILTER)?,
             rings: rings::RingMemory::open(match ebpf.take_map(names::RINGS) {
@@ -1003,8 +1010,10 @@ impl Dataplane {
             self.ring_space.retire(table_region(&cur), Some(*key), now);
         }
         // The slot after the entry: both only ever name the live table. A
-        // packet reading the slot mid-write sees each field whole.
+        // packet reading the slot mid-write sees each field whole. The
+        // index after the slot it leads to.
         self.set_service_slot(id, ServiceSlot { key: *key, value })?;
+        self.index_service(id, Some(*key))?;
         let delta = match current {
             None => vip_share(flags),
             Some(cur) => vip_share(flags) - vip_share(cur.flags),
@@ -1043,6 +1052,7 @@ impl Dataplane {
         slot.key.family = 0;
         self.set_service_slot(value.id, slot)?;
         self.set_service_slot(value.id, ServiceSlot::default())?;
+        self.index_service(value.id, None)?;
         self.services.remove(key).context("removing the service")?;
         self.ring_space
             .retire(table_region(&value), None, Instant::now());
@@ -1055,8 +1065,21 @@ impl Dataplane {
             .with_context(|| format!("writing the slot of service {id}"))
     }
 
-    /// Writes every service slot from the services map: the live ones with
-    /// their service, the others empty.
+    /// Writes the elements of the service index that change now that
+    /// service `id` has `key` (`None`: no service has it). A packet that
+    /// reads an element mid-write checks each id it reads against the id's
+    /// slot, and takes the services hash when none serves it.
+    fn index_service(&mut self, id: u32, key: Option<ServiceKey>) -> Result<()> {
+        for (i, e) in self.service_index.set(id, key) {
+            self.service_index_map
+                .set(i, e, 0)
+                .context("writing the service index")?;
+        }
+        Ok(())
+    }
+
+    /// Writes every service slot, and the service index, from the services
+    /// map: the live ones with their service, the others empty.
     fn rebuild_service_slots(&mut self) -> Result<()> {
         let mut slots = vec![ServiceSlot::default(); self.capacity.max_services as usize];
         for entry in &self.services {
@@ -1065,8 +1088,24 @@ impl Dataplane {
                 *slot = ServiceSlot { key, value };
             }
         }
+        let mut index = service_index::ServiceIndex::default();
         for (id, slot) in slots.into_iter().enumerate() {
             self.set_service_slot(id as u32, slot)?;
+            if slot.key.family != 0 {
+                index.set(id as u32, Some(slot.key));
+            }
+        }
+        batch::array_write(
+            &mut self.service_index_map,
+            &index.elements(),
+            "the service index",
+        )?;
+        self.service_index = index;
+        if self.service_index.overflow() > 0 {
+            tracing::debug!(
+                services = self.service_index.overflow(),
+                "services without a place in the service index take the services hash"
+            );
         }
         Ok(())
     }
@@ -1312,7 +1351,7 @@ mod tests {
         /// An LPM trie's key: the prefix length, then the data.
         const PREFIX_LEN: usize = size_of::<u32>();
         let u32s = size_of::<u32>();
-        let want: [(&str, usize, usize, u32); 26] = [
+        let want: [(&str, usize, usize, u32); 27] = [
             (
                 names::SERVICES,
                 size_of::<ServiceKey>(),
@@ -1324,6 +1363,12 @@ mod tests {
                 u32s,
                 size_of::<ServiceSlot>(),
                 DEFAULT_MAX_SERVICES,
+            ),
+            (
+                names::SERVICE_INDEX,
+                u32s,
+                size_of::<ServiceIndexEntry>(),
+                lb_common::limits::SERVICE_INDEX_ELEMENTS,
             ),
             (names::VIPS, size_of::<AddrKey>(), u32s, MAX_ADDRESSES),
             (names::VIP_FILTER, u32s, size_of::<u64>(), VIP_FILTER_WORDS),

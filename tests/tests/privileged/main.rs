@@ -26,6 +26,7 @@ mod next_hops;
 mod package;
 mod probes;
 mod readme;
+mod service_index;
 mod status_page;
 mod systemd;
 mod topology;
