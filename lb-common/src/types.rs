@@ -156,9 +156,11 @@ impl Default for ServiceIndexEntry {
 /// which no packet has) when no service has the id.
 ///
 /// A packet of an established flow finds its service here, from the id its
-/// connection-table entry keeps, with an array read instead of a hash
-/// lookup; the key must match the flow's destination, so an entry outliving
-/// its service (or a reused id) is never taken for another service.
+/// connection-table entry keeps, and a new flow from the id the service
+/// index gives ([`ServiceIndexEntry`]), with an array read instead of a
+/// hash lookup; the key must match the flow's destination, so an entry
+/// outliving its service (or a reused id, or a stale index) is never taken
+/// for another service.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
 pub struct ServiceSlot {

@@ -29,9 +29,10 @@ use lb_common::{
 static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::with_max_entries(limits::DEFAULT_MAX_SERVICES, BPF_F_NO_PREALLOC);
 
-/// Live services by id, for packets whose connection-table entry names
-/// their service: an array read instead of a hash lookup on the path most
-/// packets take. User space keeps it equal to `LB_SERVICES`.
+/// Live services by id, for packets whose connection-table entry or the
+/// service index names their service: an array read instead of a hash
+/// lookup on the path most packets take. User space keeps it equal to
+/// `LB_SERVICES`.
 #[map]
 static LB_SERVICE_SLOTS: Array<ServiceSlot> =
     Array::with_max_entries(limits::DEFAULT_MAX_SERVICES, 0);

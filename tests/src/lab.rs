@@ -20,9 +20,10 @@ use lb_common::{
     AddrKey, BACKEND_F_UP, BackendValue, Counter, Interface, ServiceKey, Settings, addr_bytes,
     limits::{DEFAULT_GUE_PORT, NO_BACKEND},
     maps::PROG_LB,
+    wire::{ETH_P_IP, IPPROTO_TCP},
 };
 
-use crate::packet::Mac;
+use crate::packet::{self, Ipv4, Mac};
 
 /// XDP actions (enum xdp_action, include/uapi/linux/bpf.h).
 pub const DROP: u32 = 1;
@@ -37,6 +38,15 @@ pub const REDIRECT: u32 = 4;
 pub const LB_MAC: Mac = [0x02, 0, 0, 0, 0, 0x01];
 /// MAC of the client's next hop (the router in front of the LB).
 pub const ROUTER_MAC: Mac = [0x02, 0, 0, 0, 0, 0xfe];
+/// A TCP segment without payload from `src`:`sport` to `dst`:`dport`
+/// with `flags`, in an IPv4 frame from the router to the load balancer.
+pub fn tcp4_frame(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let (s, d) = (IpAddr::from(src), IpAddr::from(dst));
+    let seg = packet::tcp(s, d, sport, dport, flags, b"");
+    let ip = Ipv4::new(src, dst, IPPROTO_TCP).build(&seg);
+    packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IP, &ip)
+}
+
 /// The MTU the lab configures, as the receiving interface's and as the cap.
 pub const MTU: u32 = 1500;
 /// The index of the interface BPF_PROG_TEST_RUN delivers frames on without

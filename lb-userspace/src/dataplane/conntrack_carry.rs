@@ -57,11 +57,12 @@ impl PinnedTable {
     /// since the table was opened, resealed.
     pub(super) fn changed(&self) -> Result<Vec<FlowEntry>> {
         let now = batch::array_all(&self.table, "the previous connection table")?;
-        let before: HashMap<u32, FlowEntry> = self.snapshot.iter().copied().collect();
+        // Both reads list every element, in order of index.
         Ok(now
             .iter()
-            .filter(|(i, e)| before.get(i) != Some(e))
-            .filter_map(|(_, e)| resealed(e))
+            .zip(&self.snapshot)
+            .filter(|(now, before)| now != before)
+            .filter_map(|((_, e), _)| resealed(e))
             .collect())
     }
 }

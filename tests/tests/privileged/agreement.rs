@@ -14,7 +14,7 @@ use lb_common::{
     wire::*,
 };
 use lb_tests::{
-    lab::{LB_MAC, Lab, ROUTER_MAC, TX, backend_of_mac, service_key},
+    lab::{LB_MAC, Lab, ROUTER_MAC, TX, backend_of_mac, service_key, tcp4_frame},
     packet::{self, Ipv4},
     require_root,
 };
@@ -267,20 +267,12 @@ fn changes_under_traffic_send_packets_only_to_the_tables_before_and_after() {
             while !stop.load(Ordering::Relaxed) {
                 let r = rng.next();
                 let client = Ipv4Addr::new(198, 18, 2 + (r >> 56) as u8 % 2, (r >> 48) as u8);
-                let seg = packet::tcp(
-                    client.into(),
-                    Ipv4Addr::new(198, 18, 1, 1).into(),
+                let frame = tcp4_frame(
+                    client.octets(),
+                    [198, 18, 1, 1],
                     (r as u16) | 1024,
                     80,
                     TCP_SYN,
-                    b"",
-                );
-                let frame = packet::ethernet(
-                    LB_MAC,
-                    ROUTER_MAC,
-                    &[],
-                    ETH_P_IP,
-                    &Ipv4::new(client.octets(), [198, 18, 1, 1], IPPROTO_TCP).build(&seg),
                 );
                 let before = epoch.load(Ordering::SeqCst);
                 let v = lb_tests::lab::test_run_fd(prog.as_fd(), &frame).unwrap();

@@ -14,8 +14,7 @@ use lb_common::{
     wire::*,
 };
 use lb_tests::{
-    lab::{LB_MAC, Lab, PASS, ROUTER_MAC, TX, backend_of_mac, service_key},
-    packet::{self, Ipv4},
+    lab::{Lab, PASS, TX, backend_of_mac, service_key, tcp4_frame},
     require_root,
 };
 
@@ -36,21 +35,7 @@ fn element(port: u16) -> u32 {
 /// Where a SYN from a new client port to `VIP`:`port` goes: the backend,
 /// or `None` if it passed.
 fn syn(lab: &mut Lab, sport: u16, port: u16) -> Option<u32> {
-    let l4 = packet::tcp(
-        IpAddr::V4(Ipv4Addr::from(CLIENT)),
-        vip(),
-        sport,
-        port,
-        TCP_SYN,
-        b"",
-    );
-    let frame = packet::ethernet(
-        LB_MAC,
-        ROUTER_MAC,
-        &[],
-        ETH_P_IP,
-        &Ipv4::new(CLIENT, VIP, IPPROTO_TCP).build(&l4),
-    );
+    let frame = tcp4_frame(CLIENT, VIP, sport, port, TCP_SYN);
     let v = lab.run(PROG_LB, &frame).unwrap();
     match v.action {
         TX => Some(backend_of_mac(&v.out[0..6])),
