@@ -107,20 +107,21 @@ fn halves(a: &Addr) -> (u64, u64) {
     )
 }
 
-/// The folds' multiplier, and the bucket hash's last: 2^64 / golden
-/// ratio, odd.
-const BUCKET_MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
-/// The finaliser's multiplier (SplitMix64's second).
-const BUCKET_FINISH: u64 = 0x94d0_49bb_1331_11eb;
-/// The bucket hash's multiplier of each of the key's five words (odd; the
-/// golden ratio's, SplitMix64's first, xxHash64's primes 2, 3 and 5).
-const BUCKET_WORD_MULTIPLIERS: [u64; 5] = [
+/// Odd 64-bit multipliers for words hashed side by side, each word by its
+/// own (the golden ratio's, SplitMix64's first, xxHash64's primes 2, 3 and
+/// 5): the bucket hash's, the service index's, the backend seal's.
+pub(crate) const WORD_MULTIPLIERS: [u64; 5] = [
     0x9e37_79b9_7f4a_7c15,
     0xbf58_476d_1ce4_e5b9,
     0xc2b2_ae3d_27d4_eb4f,
     0x1656_67b1_9e37_79f9,
     0x27d4_eb2f_1656_67c5,
 ];
+/// The folds' multiplier, and the bucket hash's last: 2^64 / golden
+/// ratio.
+const BUCKET_MULTIPLIER: u64 = WORD_MULTIPLIERS[0];
+/// The finaliser's multiplier (SplitMix64's second).
+pub(crate) const BUCKET_FINISH: u64 = 0x94d0_49bb_1331_11eb;
 
 /// One word into the client and source hashes: a multiplication, which
 /// carries each bit of `h ^ w` only upward, then a shift that brings the
@@ -144,7 +145,7 @@ pub(crate) fn fold(h: u64, w: u64) -> u64 {
 /// flips each output bit about half the time (tested).
 #[inline(always)]
 pub fn bucket_hash(key: &FlowKey) -> u32 {
-    let m = BUCKET_WORD_MULTIPLIERS;
+    let m = WORD_MULTIPLIERS;
     let h = key.word(0).wrapping_mul(m[0])
         ^ key.word(1).wrapping_mul(m[1])
         ^ key.word(2).wrapping_mul(m[2])
@@ -174,15 +175,6 @@ pub fn source_hash(service_id: u32, prefix: &Addr) -> u32 {
     finish64(fold(h, hi))
 }
 
-/// The service index's multipliers of a key's two address halves and of
-/// its port and protocol (odd: SplitMix64's first, xxHash64's primes 2
-/// and 3).
-const SERVICE_INDEX_MULTIPLIERS: [u64; 3] = [
-    0xbf58_476d_1ce4_e5b9,
-    0xc2b2_ae3d_27d4_eb4f,
-    0x1656_67b1_9e37_79f9,
-];
-
 /// The element of the service index (`LB_SERVICE_INDEX`) of the service at
 /// `addr` (16-byte form), `port` (network order) and `proto`: three
 /// independent products XORed, folded and multiplied once more, the top
@@ -191,10 +183,10 @@ const SERVICE_INDEX_MULTIPLIERS: [u64; 3] = [
 #[inline(always)]
 pub fn service_index(addr: &Addr, port: u16, proto: u8) -> u32 {
     let (lo, hi) = halves(addr);
-    let m = SERVICE_INDEX_MULTIPLIERS;
-    let h = lo.wrapping_mul(m[0])
-        ^ hi.wrapping_mul(m[1])
-        ^ (u64::from(port) | (u64::from(proto) << 16)).wrapping_mul(m[2]);
+    let m = WORD_MULTIPLIERS;
+    let h = lo.wrapping_mul(m[1])
+        ^ hi.wrapping_mul(m[2])
+        ^ (u64::from(port) | (u64::from(proto) << 16)).wrapping_mul(m[3]);
     let h = (h ^ (h >> 32)).wrapping_mul(BUCKET_MULTIPLIER);
     (h >> (64 - SERVICE_INDEX_BITS)) as u32
 }

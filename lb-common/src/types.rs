@@ -344,14 +344,11 @@ impl BackendValue {
 /// Seed of [`BackendValue`]'s seal (arbitrary): an all-zero value, never
 /// written, has no zero seal.
 const BACKEND_SEAL_SEED: u64 = 0x6a09_e667_f3bc_c909;
-/// The seal's multiplier of each word (odd; the golden ratio's, xxHash64's
-/// second and fifth primes, SplitMix64's second).
-const BACKEND_SEAL_MULTIPLIERS: [u64; 4] = [
-    0x9e37_79b9_7f4a_7c15,
-    0xc2b2_ae3d_27d4_eb4f,
-    0x1656_67b1_9e37_79f9,
-    0x94d0_49bb_1331_11eb,
-];
+/// The seal's multiplier of each word (odd).
+const BACKEND_SEAL_MULTIPLIERS: [u64; 4] = {
+    use crate::hash::{BUCKET_FINISH, WORD_MULTIPLIERS as M};
+    [M[0], M[2], M[3], BUCKET_FINISH]
+};
 
 /// A flow as the client sent it. Key of [`FlowEntry`] and input of the
 /// hash. Aligned (the layout is unchanged) so the data plane copies its

@@ -370,13 +370,14 @@ pub async fn run(opts: Options) -> Result<()> {
         info!(interface = %iface, mode = ?settings.xdp_mode, pinned = %pin.display(), "attached");
     }
     // This version's program now runs in place of the previous one.
+    // A carried table holds only entries this version reads; an adopted
+    // one may hold older versions' entries, which are dropped.
     if let Some(late) = ctl.dataplane_mut().conntrack_carry_late()? {
         info!(
             late,
             "carried the connection-table entries the previous program wrote since"
         );
-    }
-    if adopted {
+    } else if adopted {
         let dropped = ctl.dataplane_mut().conntrack_clear_unreadable()?;
         if dropped > 0 {
             warn!(

@@ -42,7 +42,7 @@ impl PinnedTable {
     pub(super) fn placed_by_previous_hash(&self) -> bool {
         self.snapshot
             .iter()
-            .any(|(_, e)| !e.is_free() && !e.is_readable() && resealed(e).is_some())
+            .any(|(_, e)| !e.is_free() && !e.is_readable() && of_previous_version(e))
     }
 
     /// The entries to carry, resealed ([`resealed`]).
@@ -90,14 +90,19 @@ fn previous_bucket_hash(key: &FlowKey) -> u32 {
 /// caught mid-write, or one of an older version (whose flow follows the
 /// Maglev tables).
 fn resealed(e: &FlowEntry) -> Option<FlowEntry> {
-    let whole =
-        e.is_readable() || FlowEntry::is_sealed(previous_bucket_hash(&e.key), &e.value, e.seal);
+    let whole = e.is_readable() || of_previous_version(e);
     (!e.is_free() && whole).then(|| FlowEntry::new(e.key, e.value, bucket_hash(&e.key)))
+}
+
+/// Whether `e` was written whole by the previous version (sealed by its
+/// hash).
+fn of_previous_version(e: &FlowEntry) -> bool {
+    FlowEntry::is_sealed(previous_bucket_hash(&e.key), &e.value, e.seal)
 }
 
 /// The indices of `flow`'s ways in a table of `buckets` buckets, in the
 /// order the data plane reads them (its two buckets' ways alternating).
-fn ways_of(flow: &FlowKey, buckets: u32) -> [u32; WAYS] {
+pub(super) fn ways_of(flow: &FlowKey, buckets: u32) -> [u32; WAYS] {
     let [a, b] = flow_buckets(bucket_hash(flow), buckets);
     std::array::from_fn(|i| if i % 2 == 0 { a } else { b } + (i / 2) as u32)
 }

@@ -46,8 +46,8 @@ use lb_common::{
     AclKey, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter,
     FlowEntry, FlowKey, FlowValue, Interface, LimitedSource, SERVICE_F_ECHO, ServiceIndexEntry,
     ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings, SourceDrops, SourceLimit,
-    VIP_ECHO_UNIT, flow_buckets,
-    hash::{bucket_hash, vip_filter_bit},
+    VIP_ECHO_UNIT,
+    hash::vip_filter_bit,
     interface_slot,
     limits::{
         CONNTRACK_BUCKET_GROUP, CONNTRACK_WAYS, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS,
@@ -1088,13 +1088,14 @@ impl Dataplane {
                 *slot = ServiceSlot { key, value };
             }
         }
-        let mut index = service_index::ServiceIndex::default();
+        let mut live = std::collections::BTreeMap::new();
         for (id, slot) in slots.into_iter().enumerate() {
             self.set_service_slot(id as u32, slot)?;
             if slot.key.family != 0 {
-                index.set(id as u32, Some(slot.key));
+                live.insert(id as u32, slot.key);
             }
         }
+        let index = service_index::ServiceIndex::new(live);
         batch::array_write(
             &mut self.service_index_map,
             &index.elements(),
@@ -1180,14 +1181,12 @@ impl Dataplane {
     /// Where `flow`'s entry is in the table, and the entry: one read for
     /// each entry of its two buckets at most.
     fn conntrack_find(&self, flow: &FlowKey) -> Result<Option<(u32, FlowEntry)>> {
-        let hash = bucket_hash(flow);
-        let [a, b] = flow_buckets(hash, self.capacity.conntrack_buckets());
-        for index in (0..CONNTRACK_WAYS).flat_map(|way| [a + way, b + way]) {
+        for index in conntrack_carry::ways_of(flow, self.capacity.conntrack_buckets()) {
             let e = self
                 .conntrack
                 .get(&index, 0)
                 .context("reading the connection table")?;
-            if e.key.same_flow(flow) && FlowEntry::is_sealed(hash, &e.value, e.seal) {
+            if e.key.same_flow(flow) && e.is_readable() {
                 return Ok(Some((index, e)));
             }
         }

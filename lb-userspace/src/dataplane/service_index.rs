@@ -21,14 +21,17 @@ pub(super) struct ServiceIndex {
 
 impl Default for ServiceIndex {
     fn default() -> Self {
-        ServiceIndex {
-            services: BTreeMap::new(),
-            elements: build(&BTreeMap::new()),
-        }
+        Self::new(BTreeMap::new())
     }
 }
 
 impl ServiceIndex {
+    /// The index of `services` (id → key).
+    pub(super) fn new(services: BTreeMap<u32, ServiceKey>) -> Self {
+        let elements = build(&services);
+        ServiceIndex { services, elements }
+    }
+
     /// Every element, for a map written whole.
     pub(super) fn elements(&self) -> Vec<(u32, ServiceIndexEntry)> {
         (0..).zip(self.elements.iter().copied()).collect()
