@@ -164,15 +164,27 @@ pub(crate) fn finish64(h: u64) -> u32 {
 /// Seed of the source hash (arbitrary).
 const SOURCE_SEED: u64 = 0x6a09_e667_f3bc_c909;
 
-/// Hash of a source prefix of service `service_id`: its bucket in the
-/// table of recent sources and its slot in the sample of limited ones.
-/// The bucket hash's folding, over the service and the prefix's words.
+/// Hash of a source prefix of service `service_id`, the bucket hash's
+/// folding over the service and the prefix's words: the low half places
+/// the prefix (its bucket in the table of recent sources, its slot in the
+/// sample of limited ones), the high half is its [`source_tag`].
 #[inline(always)]
-pub fn source_hash(service_id: u32, prefix: &Addr) -> u32 {
+pub fn source_hash(service_id: u32, prefix: &Addr) -> u64 {
     let (lo, hi) = halves(prefix);
     let h = fold(SOURCE_SEED, u64::from(service_id));
     let h = fold(h, lo);
-    finish64(fold(h, hi))
+    let h = fold(h, hi);
+    let h = (h ^ (h >> 29)).wrapping_mul(BUCKET_FINISH);
+    h ^ (h >> 32)
+}
+
+/// The tag a [`source_hash`] leaves in its way of the table of recent
+/// sources in place of the service and prefix: the hash's high half with
+/// the low bit set, as 0 marks an empty way. Two sources share a way's
+/// time only if they share a bucket and these 31 bits.
+#[inline(always)]
+pub fn source_tag(hash: u64) -> u32 {
+    (hash >> 32) as u32 | 1
 }
 
 /// The element of the service index (`LB_SERVICE_INDEX`) of the service at

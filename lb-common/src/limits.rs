@@ -176,11 +176,13 @@ pub const MAX_LIST_PREFIXES: u32 = 65_536;
 pub const MAX_ACL_PREFIXES: u32 = 2 * MAX_LIST_PREFIXES;
 
 /// Buckets of each CPU's table of recent sources (`LB_SOURCE_RATES`), a
-/// power of two: with [`SOURCE_RATE_WAYS`] ways, 16,384 sources a CPU in
-/// 512 KiB.
-pub const SOURCE_RATE_BUCKETS: u32 = 8_192;
-/// Sources a bucket of that table holds: two 32-byte ways, one cache line.
-pub const SOURCE_RATE_WAYS: usize = 2;
+/// power of two: with [`SOURCE_RATE_WAYS`] ways, 2,048 sources a CPU in
+/// 32 KiB. Small on purpose: every new source of a flood of spoofed ones
+/// reads a bucket no packet has touched lately, and a table this size
+/// stays in the caches where one of 512 KiB did not (docs/dataplane.md).
+pub const SOURCE_RATE_BUCKETS: u32 = 512;
+/// Sources a bucket of that table holds: four 16-byte ways, one cache line.
+pub const SOURCE_RATE_WAYS: usize = 4;
 /// Slots of each CPU's sample of limited sources (`LB_LIMITED_SOURCES`), a
 /// power of two.
 pub const LIMITED_SOURCE_SLOTS: u32 = 256;

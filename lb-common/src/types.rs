@@ -786,10 +786,10 @@ impl SourceLimit {
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
 pub struct SourceRate {
-    /// The source prefix (the address masked by the limit).
-    pub prefix: Addr,
-    /// The service id plus one; 0: an empty way.
-    pub service: u32,
+    /// The service's and prefix's [`crate::hash::source_tag`]; 0: an
+    /// empty way. A tag, not the 20 bytes it stands for: four ways fit a
+    /// cache line, and the table a quarter of the memory.
+    pub tag: u32,
     /// Padding, zero.
     pub _pad: u32,
     /// When the prefix's next new flow is due, in nanoseconds of
@@ -797,26 +797,40 @@ pub struct SourceRate {
     pub due_ns: u64,
 }
 
-impl SourceRate {
-    /// Whether this way holds `prefix` of service `service_id`.
-    #[inline(always)]
-    pub fn holds(&self, service_id: u32, prefix: &Addr) -> bool {
-        self.service == service_id + 1 && same_words(&self.prefix, prefix)
-    }
-}
-
 /// A bucket of each CPU's table of recent sources (`LB_SOURCE_RATES`, per
-/// CPU, indexed by [`crate::hash::source_hash`] modulo
+/// CPU, indexed by the low half of [`crate::hash::source_hash`] modulo
 /// [`limits::SOURCE_RATE_BUCKETS`](crate::limits::SOURCE_RATE_BUCKETS)),
 /// one cache line. A source not in its bucket takes the way due earliest:
 /// a way due in the past is as good as empty (the source would be admitted
 /// with a full burst either way), so a source loses its state early only
-/// when both ways hold sources being limited.
+/// when every way holds a source being limited.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
 pub struct SourceRateBucket {
     /// The ways.
     pub ways: [SourceRate; crate::limits::SOURCE_RATE_WAYS],
+}
+
+impl SourceRateBucket {
+    /// The way of the source tagged `tag` (a [`crate::hash::source_tag`]),
+    /// and whether it holds that source already: its own way if it has
+    /// one, else the way due earliest, which it is to take. The ways in a
+    /// fixed order, so the data plane and its tests agree.
+    #[inline(always)]
+    pub fn way_for(&self, tag: u32) -> (usize, bool) {
+        let mut earliest = 0;
+        let mut i = 0;
+        while i < crate::limits::SOURCE_RATE_WAYS {
+            if self.ways[i].tag == tag {
+                return (i, true);
+            }
+            if self.ways[i].due_ns < self.ways[earliest].due_ns {
+                earliest = i;
+            }
+            i += 1;
+        }
+        (earliest, false)
+    }
 }
 
 /// A source prefix whose new flows were limited, in one slot of each CPU's
@@ -953,9 +967,11 @@ const _: () = assert!(size_of::<ProbeTunnel>() == 36);
 const _: () = assert!(size_of::<AclKey>() == 21 && align_of::<AclKey>() == 1);
 const _: () = assert!(size_of::<SourceDrops>() == 24);
 const _: () = assert!(size_of::<SourceLimit>() == 32);
-const _: () = assert!(size_of::<SourceRate>() == 32);
-// One cache line a bucket.
+const _: () = assert!(size_of::<SourceRate>() == 16);
+// One cache line a bucket; masks index the ways and buckets.
 const _: () = assert!(size_of::<SourceRateBucket>() == 64);
+const _: () = assert!(crate::limits::SOURCE_RATE_WAYS.is_power_of_two());
+const _: () = assert!(crate::limits::SOURCE_RATE_BUCKETS.is_power_of_two());
 const _: () = assert!(size_of::<LimitedSource>() == 32);
 
 #[cfg(feature = "user")]
@@ -1014,6 +1030,42 @@ mod tests {
     fn value(b: [u8; 32]) -> BackendValue {
         // SAFETY: any bits are a valid BackendValue.
         unsafe { core::mem::transmute(b) }
+    }
+
+    #[test]
+    fn a_source_finds_its_own_way_else_takes_the_way_due_earliest() {
+        let way = |tag, due_ns| SourceRate {
+            tag,
+            _pad: 0,
+            due_ns,
+        };
+        let mut b = SourceRateBucket::default();
+        assert_eq!(b.way_for(7), (0, false), "an empty bucket: the first way");
+        b.ways = [way(3, 50), way(5, 20), way(7, 90), way(9, 40)];
+        for (i, w) in b.ways.iter().enumerate() {
+            assert_eq!(b.way_for(w.tag), (i, true));
+        }
+        assert_eq!(b.way_for(11), (1, false), "the way due earliest");
+        b.ways[3] = SourceRate::default();
+        assert_eq!(b.way_for(11), (3, false), "an empty way is due earliest");
+    }
+
+    #[test]
+    fn source_tags_are_never_empty_and_tell_services_and_prefixes_apart() {
+        use crate::hash::{source_hash, source_tag};
+        let a: Addr = [198, 18, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mut b = a;
+        b[3] = 2;
+        let hashes = [source_hash(1, &a), source_hash(1, &b), source_hash(2, &a)];
+        for h in hashes {
+            assert_ne!(source_tag(h), 0);
+        }
+        for (i, x) in hashes.iter().enumerate() {
+            for y in &hashes[i + 1..] {
+                assert_ne!(x >> 32, y >> 32, "tags");
+                assert_ne!(*x as u32, *y as u32, "places");
+            }
+        }
     }
 
     #[test]

@@ -552,40 +552,25 @@ pub(crate) fn source_limit(service_id: u32) -> Option<SourceLimit> {
     LB_SOURCE_LIMITS.get(service_id).copied()
 }
 
-/// Takes a new flow of service `service_id` from source prefix `prefix`
-/// (hashed to `hash`) at `now_ns` under `limit`: whether it is admitted.
-/// The prefix's way in its bucket of this CPU's table, or the way due
-/// earliest, is read and written in place.
+/// Takes a new flow from the source prefix placed at `place` and tagged
+/// `tag` ([`lb_common::hash::source_hash`]) at `now_ns` under `limit`:
+/// whether it is admitted. The prefix's way in its bucket of this CPU's
+/// table, or the way due earliest, is read and written in place.
 #[inline(always)]
-pub(crate) fn take_source_rate(
-    limit: &SourceLimit,
-    service_id: u32,
-    prefix: &Addr,
-    hash: u32,
-    now_ns: u64,
-) -> bool {
-    let Some(b) = LB_SOURCE_RATES.get_ptr_mut(hash & (limits::SOURCE_RATE_BUCKETS - 1)) else {
+pub(crate) fn take_source_rate(limit: &SourceLimit, place: u32, tag: u32, now_ns: u64) -> bool {
+    let Some(b) = LB_SOURCE_RATES.get_ptr_mut(place & (limits::SOURCE_RATE_BUCKETS - 1)) else {
         return true;
     };
     // SAFETY: a per-CPU value: no other program touches it meanwhile.
-    let ways = unsafe { &mut (*b).ways };
-    // Two ways spelled out: no loop for the verifier to bound.
-    let (i, known) = if ways[0].holds(service_id, prefix) {
-        (0, true)
-    } else if ways[1].holds(service_id, prefix) {
-        (1, true)
-    } else {
-        (usize::from(ways[1].due_ns < ways[0].due_ns), false)
-    };
-    // `& 1`: in bounds for the compiler too, so no panic branch.
-    let way = &mut ways[i & 1];
+    let bucket = unsafe { &mut *b };
+    let (i, known) = bucket.way_for(tag);
+    // The mask: in bounds for the compiler too, so no panic branch.
+    let way = &mut bucket.ways[i & (limits::SOURCE_RATE_WAYS - 1)];
     if !known {
-        way.prefix = *prefix;
-        way.service = service_id + 1;
+        way.tag = tag;
         way.due_ns = 0;
     }
-    let due = way.due_ns;
-    match limit.admit(due, now_ns) {
+    match limit.admit(way.due_ns, now_ns) {
         Some(next) => {
             way.due_ns = next;
             true
@@ -594,17 +579,17 @@ pub(crate) fn take_source_rate(
     }
 }
 
-/// Counts a new flow of service `service_id` from `prefix` (hashed to
-/// `hash`) dropped by its limit, and samples the prefix: it keeps its slot
+/// Counts a new flow of service `service_id` from `prefix` (placed at
+/// `place`) dropped by its limit, and samples the prefix: it keeps its slot
 /// while it goes on being limited, and gives it up after a quiet spell.
 #[inline(always)]
-pub(crate) fn count_limited_source(service_id: u32, prefix: &Addr, hash: u32, now: u32) {
+pub(crate) fn count_limited_source(service_id: u32, prefix: &Addr, place: u32, now: u32) {
     if let Some(s) = LB_SOURCE_DROPS.get_ptr_mut(service_id) {
         // SAFETY: per-CPU value.
         unsafe { (*s).limited += 1 };
     }
     count_service_drop(service_id);
-    let Some(slot) = LB_LIMITED_SOURCES.get_ptr_mut(hash & (limits::LIMITED_SOURCE_SLOTS - 1))
+    let Some(slot) = LB_LIMITED_SOURCES.get_ptr_mut(place & (limits::LIMITED_SOURCE_SLOTS - 1))
     else {
         return;
     };

@@ -9,7 +9,7 @@ use lb_common::{
     ACL_DENY, BACKEND_F_UP, BackendValue, ConntrackSettings, Counter, FLOW_F_CLOSED, FlowEntry,
     FlowKey, FlowValue, SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST, SERVICE_F_SOURCE_LIMIT,
     SERVICE_F_SOURCE_LISTS, ServiceValue,
-    hash::{bucket_hash, flow_hash_of_bucket, maglev_slot, source_hash},
+    hash::{bucket_hash, flow_hash_of_bucket, maglev_slot, source_hash, source_tag},
     limits::NO_BACKEND,
     wire::{IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -103,16 +103,17 @@ fn within_limit(
     };
     let prefix = limit.prefix_of(&flow.src);
     let hash = source_hash(service.id, &prefix);
+    let place = hash as u32;
     // The kernel's coarse clock (its last tick), not the data plane's
     // whole seconds, which would hold a limit whose burst is below its rate
     // to one flow a second; not `bpf_ktime_get_ns`, which cost 35-45 ns a
     // SYN in the benchmark against next to nothing for this.
     // SAFETY: a helper without arguments.
     let now_ns = unsafe { bpf_ktime_get_coarse_ns() };
-    if maps::take_source_rate(&limit, service.id, &prefix, hash, now_ns) {
+    if maps::take_source_rate(&limit, place, source_tag(hash), now_ns) {
         return Ok(());
     }
-    maps::count_limited_source(service.id, &prefix, hash, ct.now);
+    maps::count_limited_source(service.id, &prefix, place, ct.now);
     Err(Counter::DropRateLimited)
 }
 
