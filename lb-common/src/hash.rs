@@ -334,18 +334,28 @@ mod tests {
                 bytes[bit / 8] ^= 1 << (bit % 8);
                 // SAFETY: any 40 bytes are a FlowKey.
                 let other: FlowKey = unsafe { core::mem::transmute(bytes) };
-                let d = bucket_hash(k) ^ bucket_hash(&other);
-                for (o, f) in flips.iter_mut().enumerate() {
-                    *f += (d >> o) & 1;
-                }
+                count_flips(&mut flips, u64::from(bucket_hash(k) ^ bucket_hash(&other)));
             }
-            for (o, f) in flips.iter().enumerate() {
-                let p = f64::from(*f) / keys.len() as f64;
-                assert!(
-                    (0.4..0.6).contains(&p),
-                    "input bit {bit}, output bit {o}: {p}"
-                );
-            }
+            assert_avalanche(&flips, keys.len(), bit);
+        }
+    }
+
+    /// Adds each bit of the difference `d` to its count in `flips`.
+    fn count_flips(flips: &mut [u32], d: u64) {
+        for (o, f) in flips.iter_mut().enumerate() {
+            *f += ((d >> o) & 1) as u32;
+        }
+    }
+
+    /// Strict avalanche: flipping input bit `bit` of each of `n` inputs
+    /// flipped each output bit (`flips`) in 40 to 60 % of them.
+    fn assert_avalanche(flips: &[u32], n: usize, bit: usize) {
+        for (o, f) in flips.iter().enumerate() {
+            let p = f64::from(*f) / n as f64;
+            assert!(
+                (0.4..0.6).contains(&p),
+                "input bit {bit}, output bit {o}: {p}"
+            );
         }
     }
 
@@ -366,18 +376,12 @@ mod tests {
                 } else {
                     p[(bit - 32) / 8] ^= 1 << (bit % 8);
                 }
-                let d = source_hash(*service, prefix) ^ source_hash(s, &p);
-                for (o, f) in flips.iter_mut().enumerate() {
-                    *f += ((d >> o) & 1) as u32;
-                }
-            }
-            for (o, f) in flips.iter().enumerate() {
-                let p = f64::from(*f) / inputs.len() as f64;
-                assert!(
-                    (0.4..0.6).contains(&p),
-                    "input bit {bit}, output bit {o}: {p}"
+                count_flips(
+                    &mut flips,
+                    source_hash(*service, prefix) ^ source_hash(s, &p),
                 );
             }
+            assert_avalanche(&flips, inputs.len(), bit);
         }
     }
 
