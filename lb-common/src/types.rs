@@ -787,8 +787,8 @@ impl SourceLimit {
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
 pub struct SourceRate {
     /// The service's and prefix's [`crate::hash::source_tag`]; 0: an
-    /// empty way. A tag, not the 20 bytes it stands for: four ways fit a
-    /// cache line, and the table a quarter of the memory.
+    /// empty way. A tag, not the 20 bytes it stands for, so that four
+    /// ways fit a cache line.
     pub tag: u32,
     /// Padding, zero.
     pub _pad: u32,
