@@ -175,6 +175,18 @@ pub const MAX_LIST_PREFIXES: u32 = 65_536;
 /// An LPM trie takes memory only for what it holds.
 pub const MAX_ACL_PREFIXES: u32 = 2 * MAX_LIST_PREFIXES;
 
+/// Buckets of the source lists' directory of blocks (`LB_SOURCE_BLOCKS`),
+/// a power of two: with [`SOURCE_BLOCK_WAYS`] ways, 32,768 blocks in
+/// 512 KiB, which every service's blocks share (a service whose blocks do
+/// not all fit is answered by the trie alone).
+pub const SOURCE_BLOCK_BUCKETS: u32 = 8_192;
+/// Blocks a bucket of the directory holds: four 16-byte ways, one cache
+/// line.
+pub const SOURCE_BLOCK_WAYS: usize = 4;
+/// The longest block of the directory: a block is the first bits of an
+/// address, at most its first 8 bytes (one word).
+pub const SOURCE_BLOCK_MAX_BITS: u8 = 64;
+
 /// Buckets of each CPU's table of recent sources (`LB_SOURCE_RATES`), a
 /// power of two: with [`SOURCE_RATE_WAYS`] ways, 2,048 sources a CPU in
 /// 32 KiB. Small on purpose: every new source of a flood of spoofed ones

@@ -47,6 +47,12 @@ pub const ACL: &str = "LB_ACL";
 pub const SOURCE_DROPS: &str = "LB_SOURCE_DROPS";
 /// Services' new-flow limits per source: service id → [`crate::SourceLimit`] (array).
 pub const SOURCE_LIMITS: &str = "LB_SOURCE_LIMITS";
+/// The source lists' directory of blocks, by service id →
+/// [`crate::SourceShape`] (array).
+pub const SOURCE_SHAPES: &str = "LB_SOURCE_SHAPES";
+/// The source lists' directory of blocks: bucket →
+/// [`crate::SourceBlockBucket`] (array).
+pub const SOURCE_BLOCKS: &str = "LB_SOURCE_BLOCKS";
 /// Each CPU's recent sources of limited services: bucket →
 /// [`crate::SourceRateBucket`] (per-CPU array).
 pub const SOURCE_RATES: &str = "LB_SOURCE_RATES";

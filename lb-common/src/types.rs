@@ -833,6 +833,152 @@ impl SourceRateBucket {
     }
 }
 
+/// A service's entry in the source lists' directory of blocks
+/// (`LB_SOURCE_SHAPES`, by service id), one word so that the data plane
+/// reads it whole, twice: before the block's bucket and after it. A word
+/// changed in between means user space rebuilt the service's blocks
+/// meanwhile, and the trie answers instead.
+///
+/// A service's blocks are the first `len` bits of its sources, `len` per
+/// family being the shortest prefix of that family in its lists: every
+/// prefix then lies inside one block, so a block holding none is in no
+/// list. The directory holds each block that holds a prefix: with the
+/// list of a prefix of exactly `len` bits that is alone in it, else
+/// [`BLOCK_MIXED`] (asked of the trie).
+#[repr(C, align(4))]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct SourceShape {
+    /// Bumped at each rebuild: blocks of another generation never match.
+    pub generation: u8,
+    /// 1: the service's blocks are all in the directory; 0: ask the trie.
+    pub ready: u8,
+    /// Bits of a block: IPv4, then IPv6.
+    pub len: [u8; 2],
+}
+
+impl SourceShape {
+    /// The bits of a block of `family`.
+    #[inline(always)]
+    pub fn len_of(&self, family: u8) -> u8 {
+        if family == FAMILY_V4 {
+            self.len[0]
+        } else {
+            self.len[1]
+        }
+    }
+}
+
+/// A block of the directory: no list holds it whole (some prefix inside
+/// it is longer), so the trie answers for its sources.
+pub const BLOCK_MIXED: u8 = 3;
+/// Bit position of a block's list ([`ACL_DENY`], [`ACL_ALLOW`] or
+/// [`BLOCK_MIXED`]) in its [`SourceBlock::head`].
+const BLOCK_LIST_SHIFT: u32 = 56;
+/// The bits of a [`SourceBlock::head`] that name the block, all but its list.
+const BLOCK_NAME_MASK: u64 = (1 << BLOCK_LIST_SHIFT) - 1;
+
+/// One way of a bucket of the directory of blocks.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct SourceBlock {
+    /// [`SourceBlock::head_of`] the block's service, generation, family
+    /// and length, with its list in the top byte; 0: an empty way.
+    pub head: u64,
+    /// The block: the address's first 8 bytes as a little-endian word
+    /// (the BPF target's order), the bits past the block's length clear.
+    pub block: u64,
+}
+
+impl SourceBlock {
+    /// The head of a block of service `service_id` (plus one, so no head
+    /// is 0), of its `generation`, of `family` and `len` bits, without its
+    /// list.
+    #[inline(always)]
+    pub fn head_of(service_id: u32, generation: u8, family: u8, len: u8) -> u64 {
+        u64::from(service_id.wrapping_add(1))
+            | u64::from(generation) << 32
+            | u64::from(family) << 40
+            | u64::from(len) << 48
+    }
+
+    /// The way for block `block` under `head` ([`SourceBlock::head_of`])
+    /// with `list`.
+    #[inline(always)]
+    pub fn new(head: u64, block: u64, list: u8) -> Self {
+        SourceBlock {
+            head: head | u64::from(list) << BLOCK_LIST_SHIFT,
+            block,
+        }
+    }
+
+    /// The block's list.
+    #[inline(always)]
+    pub fn list(&self) -> u8 {
+        (self.head >> BLOCK_LIST_SHIFT) as u8
+    }
+
+    /// The service id this way holds a block of, if any.
+    pub fn service(&self) -> Option<u32> {
+        (self.head != 0).then(|| (self.head as u32).wrapping_sub(1))
+    }
+
+    /// The generation of this way's block.
+    pub fn generation(&self) -> u8 {
+        (self.head >> 32) as u8
+    }
+
+    /// The first `len` bits of `addr` (at most
+    /// [`limits::SOURCE_BLOCK_MAX_BITS`](crate::limits::SOURCE_BLOCK_MAX_BITS)),
+    /// as [`SourceBlock::block`] holds them.
+    #[inline(always)]
+    pub fn of(addr: &Addr, len: u8) -> u64 {
+        let first = u64::from_le_bytes([
+            addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7],
+        ]);
+        let len = u32::from(if len > crate::limits::SOURCE_BLOCK_MAX_BITS {
+            crate::limits::SOURCE_BLOCK_MAX_BITS
+        } else {
+            len
+        });
+        // The mask in network order, read as the address's word is.
+        let mask = if len == 0 {
+            0
+        } else {
+            (u64::MAX << (64 - len)).swap_bytes()
+        };
+        first & mask
+    }
+}
+
+/// A bucket of the directory of blocks (`LB_SOURCE_BLOCKS`, indexed by
+/// [`crate::hash::source_block_bucket`]), one cache line. User space
+/// places a block in its bucket's first empty way, and a service whose
+/// blocks do not all find one is answered by the trie.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct SourceBlockBucket {
+    /// The ways.
+    pub ways: [SourceBlock; crate::limits::SOURCE_BLOCK_WAYS],
+}
+
+impl SourceBlockBucket {
+    /// The list of `block` under `head` ([`SourceBlock::head_of`]), if this
+    /// bucket holds it. The ways in a fixed order, so the data plane and
+    /// its tests agree.
+    #[inline(always)]
+    pub fn find(&self, head: u64, block: u64) -> Option<u8> {
+        let mut i = 0;
+        while i < crate::limits::SOURCE_BLOCK_WAYS {
+            let w = &self.ways[i];
+            if w.head & BLOCK_NAME_MASK == head && w.block == block {
+                return Some(w.list());
+            }
+            i += 1;
+        }
+        None
+    }
+}
+
 /// A source prefix whose new flows were limited, in one slot of each CPU's
 /// sample of them (`LB_LIMITED_SOURCES`, per CPU, indexed by
 /// [`crate::hash::source_hash`] modulo
@@ -973,6 +1119,13 @@ const _: () = assert!(size_of::<SourceRateBucket>() == 64);
 const _: () = assert!(crate::limits::SOURCE_RATE_WAYS.is_power_of_two());
 const _: () = assert!(crate::limits::SOURCE_RATE_BUCKETS.is_power_of_two());
 const _: () = assert!(size_of::<LimitedSource>() == 32);
+const _: () = assert!(size_of::<SourceShape>() == 4);
+const _: () = assert!(size_of::<SourceBlock>() == 16);
+// One cache line a bucket; masks index the buckets.
+const _: () = assert!(size_of::<SourceBlockBucket>() == 64);
+const _: () = assert!(crate::limits::SOURCE_BLOCK_BUCKETS.is_power_of_two());
+// A block's list fits the head's top byte, above its name.
+const _: () = assert!(ACL_DENY < 256 && ACL_ALLOW < 256 && BLOCK_MIXED as u32 > ACL_ALLOW);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -1002,6 +1155,8 @@ mod pod {
     unsafe impl aya::Pod for SourceLimit {}
     unsafe impl aya::Pod for SourceRateBucket {}
     unsafe impl aya::Pod for LimitedSource {}
+    unsafe impl aya::Pod for SourceShape {}
+    unsafe impl aya::Pod for SourceBlockBucket {}
 }
 
 #[cfg(test)]
@@ -1321,5 +1476,56 @@ mod tests {
         );
         assert_eq!(SourceLimit::new(1, 1, FAMILY_V6, 0).prefix_of(&b), [0; 16]);
         assert_eq!(SourceLimit::new(1, 1, FAMILY_V6, 128).prefix_of(&b), b);
+    }
+
+    #[test]
+    fn a_block_is_the_first_bits_of_an_address() {
+        let a = [0x20, 1, 0, 2, 0, 0xc, 0xab, 0xcd, 9, 9, 9, 9, 9, 9, 9, 9];
+        let first = |bytes: [u8; 8]| u64::from_le_bytes(bytes);
+        assert_eq!(SourceBlock::of(&a, 0), 0);
+        assert_eq!(
+            SourceBlock::of(&a, 48),
+            first([0x20, 1, 0, 2, 0, 0xc, 0, 0])
+        );
+        assert_eq!(
+            SourceBlock::of(&a, 52),
+            first([0x20, 1, 0, 2, 0, 0xc, 0xa0, 0])
+        );
+        assert_eq!(
+            SourceBlock::of(&a, 64),
+            first([0x20, 1, 0, 2, 0, 0xc, 0xab, 0xcd])
+        );
+        // Past 64 bits: the first 64.
+        assert_eq!(SourceBlock::of(&a, 128), SourceBlock::of(&a, 64));
+        let mut v4 = [0u8; 16];
+        v4[..4].copy_from_slice(&[198, 19, 7, 9]);
+        assert_eq!(SourceBlock::of(&v4, 16), first([198, 19, 0, 0, 0, 0, 0, 0]));
+        assert_eq!(SourceBlock::of(&v4, 31), first([198, 19, 7, 8, 0, 0, 0, 0]));
+    }
+
+    #[test]
+    fn a_bucket_finds_a_block_by_its_whole_name() {
+        let head = SourceBlock::head_of(7, 3, FAMILY_V4, 16);
+        let mut bucket = SourceBlockBucket::default();
+        bucket.ways[2] = SourceBlock::new(head, 0xc613, ACL_ALLOW as u8);
+        assert_eq!(bucket.find(head, 0xc613), Some(ACL_ALLOW as u8));
+        assert_eq!(bucket.ways[2].service(), Some(7));
+        assert_eq!(bucket.ways[2].generation(), 3);
+        // Another block, service, generation, family or length: not found.
+        assert_eq!(bucket.find(head, 0xc612), None);
+        for other in [
+            SourceBlock::head_of(8, 3, FAMILY_V4, 16),
+            SourceBlock::head_of(7, 4, FAMILY_V4, 16),
+            SourceBlock::head_of(7, 3, FAMILY_V6, 16),
+            SourceBlock::head_of(7, 3, FAMILY_V4, 15),
+        ] {
+            assert_eq!(bucket.find(other, 0xc613), None);
+        }
+        // An empty way names no block, not even service 0's empty block.
+        assert_eq!(SourceBlock::default().service(), None);
+        assert_eq!(
+            SourceBlockBucket::default().find(SourceBlock::head_of(0, 0, 0, 0), 0),
+            None
+        );
     }
 }

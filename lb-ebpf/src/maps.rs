@@ -10,13 +10,14 @@ use aya_ebpf::{
     maps::{Array, DevMap, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
 };
 use lb_common::{
-    AclKey, Addr, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter,
-    FlowEntry, FlowKey, FlowValue, IcmpBudget, IcmpKind, Interface, LimitedSource, ProbeTunnel,
-    RingChunk, ServiceIndexEntry, ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings,
-    SourceDrops, SourceKey, SourceLimit, SourceRateBucket,
+    AclKey, Addr, AddrKey, BLOCK_MIXED, BackendStats, BackendValue, ConntrackSettings,
+    ConntrackStats, Counter, FlowEntry, FlowKey, FlowValue, IcmpBudget, IcmpKind, Interface,
+    LimitedSource, ProbeTunnel, RingChunk, ServiceIndexEntry, ServiceKey, ServiceSlot,
+    ServiceStats, ServiceValue, Settings, SourceBlock, SourceBlockBucket, SourceDrops, SourceKey,
+    SourceLimit, SourceRateBucket, SourceShape,
     counters::DecapCounter,
     flow_buckets,
-    hash::{service_index, vip_filter_bit_of_fold},
+    hash::{service_index, source_block_bucket, vip_filter_bit_of_fold},
     interface_slot, limits,
     limits::{CONNTRACK_WAYS, NO_SERVICE},
     ring_position, vip_answers_echo,
@@ -125,6 +126,18 @@ static LB_BACKEND_STATS: PerCpuArray<BackendStats> =
 #[map]
 static LB_ACL: LpmTrie<AclKey, u32> =
     LpmTrie::with_max_entries(limits::MAX_ACL_PREFIXES, BPF_F_NO_PREALLOC);
+
+/// The source lists' directory: each service's block length per family and
+/// whether its blocks are all in `LB_SOURCE_BLOCKS`, by service id.
+#[map]
+static LB_SOURCE_SHAPES: Array<SourceShape> =
+    Array::with_max_entries(limits::DEFAULT_MAX_SERVICES, 0);
+
+/// The source lists' directory of blocks: a new flow's list in one array
+/// read where the trie walks a node a level (docs/dataplane.md).
+#[map]
+static LB_SOURCE_BLOCKS: Array<SourceBlockBucket> =
+    Array::with_max_entries(limits::SOURCE_BLOCK_BUCKETS, 0);
 
 /// Per-service drops by source: its lists and its new-flow limit.
 #[map]
@@ -527,6 +540,35 @@ pub(crate) fn source_list(service_id: u32, src: Addr, family: u8) -> Option<u32>
         },
     );
     LB_ACL.get(key).copied()
+}
+
+/// What the directory of blocks says of `src` (of `family`) for service
+/// `service_id`: `Some` of its list (`None`: in no list) when it knows,
+/// `None` when the trie must answer (the service's blocks are not all
+/// there, the source's block is [`BLOCK_MIXED`], or user space rebuilt the
+/// service's blocks while this read them).
+#[inline(always)]
+pub(crate) fn source_block(service_id: u32, family: u8, src: &Addr) -> Option<Option<u32>> {
+    let shape_at = LB_SOURCE_SHAPES.get_ptr(service_id)?;
+    // SAFETY (all three reads): array elements, never freed. Volatile, so
+    // the bucket is read between the two reads of the shape.
+    let shape = unsafe { ptr::read_volatile(shape_at) };
+    if shape.ready == 0 {
+        return None;
+    }
+    let len = shape.len_of(family);
+    let head = SourceBlock::head_of(service_id, shape.generation, family, len);
+    let block = SourceBlock::of(src, len);
+    let bucket = LB_SOURCE_BLOCKS.get_ptr(source_block_bucket(head, block))?;
+    let found = unsafe { ptr::read_volatile(bucket) }.find(head, block);
+    // Unchanged: the bucket was read while these blocks were the service's.
+    if unsafe { ptr::read_volatile(shape_at) } != shape {
+        return None;
+    }
+    match found {
+        Some(BLOCK_MIXED) => None,
+        found => Some(found.map(u32::from)),
+    }
 }
 
 /// Counts a packet of service `service_id` dropped by its source lists:

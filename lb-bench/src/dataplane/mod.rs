@@ -896,7 +896,8 @@ fn add_source_lists(h: &mut Harness, set: ServiceSet, prefixes: u32) -> Result<(
         let limit = SourceLimit::new(MAX_SOURCE_LIMIT, MAX_SOURCE_LIMIT, family_tag, host_bits);
         h.lab.dp.set_source_limit(sid, Some(&limit))?;
     }
-    Ok(())
+    // As the daemon does after a change to the lists.
+    h.lab.dp.settle_source_blocks()
 }
 
 /// Where the source-lists groups' denied addresses start: no client's.

@@ -327,9 +327,11 @@ fn source_lists(out: &mut String, d: &DataplaneResults) {
          interleaved in the same rounds: once without source lists, and once (on \
          another port) with a deny list and an allow list of {} prefixes each on \
          every service (the clients in the allow list, in none of the deny list's) \
-         and a new-flow limit per client address that no run reaches: one trie \
-         lookup for each new flow and a limit check for each TCP SYN without an \
-         entry, nothing for established flows. Each cell is with / without: the \
+         and a new-flow limit per client address that no run reaches: one read of \
+         the lists' directory of blocks for each new flow (the clients' /16 or /48 \
+         is a block the allow list holds whole, so the trie is not walked) and a \
+         limit check for each TCP SYN without an entry, nothing for established \
+         flows. Each cell is with / without: the \
          median of the per-round ratios (each round measured both, so what disturbed \
          a round disturbed both), their range and the median ns with both in \
          brackets. Goal: ≤ {SOURCE_LISTS_GOAL}×.\n\n\

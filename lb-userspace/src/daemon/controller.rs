@@ -544,7 +544,9 @@ impl Controller {
         Ok(())
     }
 
-    /// Removes the kernel's prefixes `wanted` does not name.
+    /// Removes the kernel's prefixes `wanted` does not name, the last step
+    /// of a change to the lists: then places the changed services' blocks
+    /// in the lists' directory, which the trie stood in for meanwhile.
     fn remove_source_entries(&mut self, wanted: &SourceEntries) -> Result<()> {
         let stale: Vec<(u32, Prefix)> = self
             .source_entries
@@ -556,7 +558,7 @@ impl Controller {
             self.dp.remove_source_entry(id, prefix)?;
             self.source_entries.remove(&(id, prefix));
         }
-        Ok(())
+        self.dp.settle_source_blocks()
     }
 
     /// Removes the connection-table entries of the flows of services `ids`

@@ -13,6 +13,7 @@ mod pins;
 mod probe_encap;
 mod rings;
 mod service_index;
+mod source_blocks;
 mod source_limits;
 mod source_lists;
 
@@ -45,8 +46,8 @@ use aya::{
 use lb_common::{
     AclKey, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter,
     FlowEntry, FlowKey, FlowValue, Interface, LimitedSource, SERVICE_F_ECHO, ServiceIndexEntry,
-    ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings, SourceDrops, SourceLimit,
-    VIP_ECHO_UNIT,
+    ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings, SourceBlockBucket, SourceDrops,
+    SourceLimit, SourceShape, VIP_ECHO_UNIT,
     hash::vip_filter_bit,
     interface_slot,
     limits::{
@@ -174,13 +175,14 @@ impl Capacity {
 
     /// The entries of every map whose size is a capacity, by map name: what
     /// the loader overrides in the object.
-    pub fn map_entries(&self) -> Result<[(&'static str, u32); 9]> {
+    pub fn map_entries(&self) -> Result<[(&'static str, u32); 10]> {
         Ok([
             (names::SERVICES, self.max_services),
             (names::SERVICE_SLOTS, self.max_services),
             (names::SERVICE_STATS, self.max_services),
             (names::SOURCE_DROPS, self.max_services),
             (names::SOURCE_LIMITS, self.max_services),
+            (names::SOURCE_SHAPES, self.max_services),
             (names::RINGS, self.ring_slots.div_ceil(RING_CHUNK_SLOTS)),
             (names::BACKENDS, self.max_backends),
             (names::BACKEND_STATS, self.max_backends),
@@ -222,6 +224,11 @@ pub struct Dataplane {
     service_stats: PerCpuArray<MapData, ServiceStats>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
     acl: LpmTrie<MapData, AclKey, u32>,
+    source_shapes: Array<MapData, SourceShape>,
+    source_blocks_map: Array<MapData, SourceBlockBucket>,
+    /// What `source_shapes` and `source_blocks_map` hold, and the trie's
+    /// entries they are built from.
+    source_blocks: source_blocks::SourceBlocks,
     source_drops: PerCpuArray<MapData, SourceDrops>,
     source_limits: Array<MapData, SourceLimit>,
     limited_sources: PerCpuArray<MapData, LimitedSource>,
@@ -330,7 +337,7 @@ const UNUSED_LB_CAPACITY: Capacity = Capacity {
 
 /// Every map of the load balancer (the decapsulator's are its own,
 /// [`decap`]).
-const ALL_MAPS: [&str; 22] = [
+const ALL_MAPS: [&str; 24] = [
     names::SERVICES,
     names::SERVICE_SLOTS,
     names::SERVICE_INDEX,
@@ -349,6 +356,8 @@ const ALL_MAPS: [&str; 22] = [
     names::SERVICE_STATS,
     names::BACKEND_STATS,
     names::ACL,
+    names::SOURCE_SHAPES,
+    names::SOURCE_BLOCKS,
     names::SOURCE_DROPS,
     names::SOURCE_LIMITS,
     names::SOURCE_RATES,
@@ -613,6 +622,9 @@ impl Dataplane {
             service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
             acl: take(&mut ebpf, names::ACL)?,
+            source_shapes: take(&mut ebpf, names::SOURCE_SHAPES)?,
+            source_blocks_map: take(&mut ebpf, names::SOURCE_BLOCKS)?,
+            source_blocks: source_blocks::SourceBlocks::new(Default::default()),
             source_drops: take(&mut ebpf, names::SOURCE_DROPS)?,
             source_limits: take(&mut ebpf, names::SOURCE_LIMITS)?,
             limited_sources: take(&mut ebpf, names::LIMITED_SOURCES)?,
@@ -636,6 +648,7 @@ impl Dataplane {
         // slots or the filter, whose pins lack them: derive both, always.
         dp.rebuild_service_slots()?;
         dp.rebuild_vip_filter()?;
+        dp.rebuild_source_blocks()?;
         Ok(dp)
     }
 
@@ -1339,18 +1352,20 @@ mod tests {
     #[test]
     fn the_objects_maps_are_the_shapes_lb_common_declares() {
         use lb_common::{
-            IcmpBudget, IcmpKind, ProbeTunnel, RingChunk, SourceKey, SourceRateBucket,
+            IcmpBudget, IcmpKind, ProbeTunnel, RingChunk, SourceBlockBucket, SourceKey,
+            SourceRateBucket, SourceShape,
             counters::DecapCounter,
             limits::{
                 INTERFACE_SLOTS, LIMITED_SOURCE_SLOTS, MAX_ACL_PREFIXES, MAX_ADDRESSES,
-                MAX_DECAP_SOURCES, PROBE_MARKS, SOURCE_RATE_BUCKETS, VIP_FILTER_WORDS,
+                MAX_DECAP_SOURCES, PROBE_MARKS, SOURCE_BLOCK_BUCKETS, SOURCE_RATE_BUCKETS,
+                VIP_FILTER_WORDS,
             },
         };
         use std::mem::size_of;
         /// An LPM trie's key: the prefix length, then the data.
         const PREFIX_LEN: usize = size_of::<u32>();
         let u32s = size_of::<u32>();
-        let want: [(&str, usize, usize, u32); 27] = [
+        let want: [(&str, usize, usize, u32); 29] = [
             (
                 names::SERVICES,
                 size_of::<ServiceKey>(),
@@ -1448,6 +1463,18 @@ mod tests {
                 PREFIX_LEN + size_of::<AclKey>(),
                 u32s,
                 MAX_ACL_PREFIXES,
+            ),
+            (
+                names::SOURCE_SHAPES,
+                u32s,
+                size_of::<SourceShape>(),
+                DEFAULT_MAX_SERVICES,
+            ),
+            (
+                names::SOURCE_BLOCKS,
+                u32s,
+                size_of::<SourceBlockBucket>(),
+                SOURCE_BLOCK_BUCKETS,
             ),
             (
                 names::SOURCE_DROPS,

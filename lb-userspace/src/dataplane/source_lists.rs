@@ -7,10 +7,13 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::lpm_trie::Key;
-use lb_common::{ACL_ALLOW, ACL_DENY, AclKey, SourceKey, addr_ip};
+use lb_common::{
+    ACL_ALLOW, ACL_DENY, AclKey, SourceBlockBucket, SourceKey, SourceShape, addr_ip,
+    limits::SOURCE_BLOCK_BUCKETS,
+};
 use serde::{Deserialize, Serialize};
 
-use super::{Dataplane, Prefix};
+use super::{Dataplane, Prefix, batch, source_blocks::SourceBlocks};
 
 /// Which of a service's source lists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -32,7 +35,7 @@ impl SourceList {
     }
 
     /// The trie's value for a prefix of this list.
-    fn value(self) -> u32 {
+    pub(super) fn value(self) -> u32 {
         match self {
             SourceList::Deny => ACL_DENY,
             SourceList::Allow => ACL_ALLOW,
@@ -72,13 +75,16 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Puts `prefix` of service `service_id` in the trie as `list`'s.
+    /// Puts `prefix` of service `service_id` in the trie as `list`'s. The
+    /// trie answers for the service until
+    /// [`Dataplane::settle_source_blocks`] places its blocks again.
     pub fn set_source_entry(
         &mut self,
         service_id: u32,
         prefix: Prefix,
         list: SourceList,
     ) -> Result<()> {
+        self.retire_source_blocks(service_id)?;
         self.acl
             .insert(&key(service_id, prefix), list.value(), 0)
             .with_context(|| {
@@ -88,16 +94,108 @@ impl Dataplane {
                     prefix.1,
                     list.name()
                 )
-            })
+            })?;
+        self.source_blocks.note(service_id, prefix, Some(list));
+        Ok(())
     }
 
-    /// Takes `prefix` of service `service_id` out of the trie.
+    /// Takes `prefix` of service `service_id` out of the trie; as
+    /// [`Dataplane::set_source_entry`] for the directory of blocks.
     pub fn remove_source_entry(&mut self, service_id: u32, prefix: Prefix) -> Result<()> {
+        self.retire_source_blocks(service_id)?;
         self.acl.remove(&key(service_id, prefix)).with_context(|| {
             format!(
                 "removing {}/{} from the source lists of service {service_id}",
                 prefix.0, prefix.1
             )
-        })
+        })?;
+        self.source_blocks.note(service_id, prefix, None);
+        Ok(())
+    }
+
+    /// Hands service `service_id`'s new flows to the trie, before its
+    /// entries change.
+    fn retire_source_blocks(&mut self, service_id: u32) -> Result<()> {
+        if let Some(shape) = self.source_blocks.retire(service_id) {
+            self.write_source_shape(service_id, shape)?;
+        }
+        Ok(())
+    }
+
+    fn write_source_shape(&mut self, service_id: u32, shape: SourceShape) -> Result<()> {
+        self.source_shapes
+            .set(service_id, shape, 0)
+            .with_context(|| format!("writing the source blocks' shape of service {service_id}"))?;
+        self.source_blocks.wrote_shape(service_id, shape);
+        Ok(())
+    }
+
+    fn write_source_buckets(&mut self, buckets: &[(u32, SourceBlockBucket)]) -> Result<()> {
+        batch::array_write(&mut self.source_blocks_map, buckets, "the source blocks")?;
+        for &(at, bucket) in buckets {
+            self.source_blocks.wrote_bucket(at, bucket);
+        }
+        Ok(())
+    }
+
+    /// Places the blocks of every service whose entries changed since
+    /// theirs were placed (see `source_blocks`): its new blocks, then the
+    /// shape that names them, then its old blocks out. Until then the trie
+    /// answers for it; a service whose blocks do not fit stays with the
+    /// trie.
+    pub fn settle_source_blocks(&mut self) -> Result<()> {
+        for id in self.source_blocks.stale() {
+            let (buckets, shape) = self.source_blocks.place(id);
+            self.write_source_buckets(&buckets)?;
+            if shape != self.source_blocks.shape(id) {
+                self.write_source_shape(id, shape)?;
+            }
+            let swept = self.source_blocks.sweep(id);
+            self.write_source_buckets(&swept)?;
+            self.source_blocks.settled(id);
+            if shape.ready == 0 && self.source_entries_of(id) {
+                tracing::warn!(
+                    service = id,
+                    "the source lists' directory has no room for this service's blocks: \
+                     its new flows take the trie"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the directory of blocks answers for service `service_id`
+    /// (as the kernel's map says), rather than the trie alone.
+    pub fn source_blocks_ready(&self, service_id: u32) -> Result<bool> {
+        let shape = self
+            .source_shapes
+            .get(&service_id, 0)
+            .with_context(|| format!("reading the source blocks' shape of service {service_id}"))?;
+        Ok(shape.ready != 0)
+    }
+
+    /// Whether service `id` has source-list entries.
+    fn source_entries_of(&self, id: u32) -> bool {
+        self.source_blocks.has_entries(id)
+    }
+
+    /// Empties the directory of blocks (every service to the trie), then
+    /// places every service's blocks from the trie's entries: what an
+    /// adopted directory held is not trusted.
+    pub(super) fn rebuild_source_blocks(&mut self) -> Result<()> {
+        let shapes: Vec<(u32, SourceShape)> = (0..self.capacity.max_services)
+            .map(|id| (id, SourceShape::default()))
+            .collect();
+        batch::array_write(
+            &mut self.source_shapes,
+            &shapes,
+            "the source blocks' shapes",
+        )?;
+        let empty: Vec<(u32, SourceBlockBucket)> = (0..SOURCE_BLOCK_BUCKETS)
+            .map(|at| (at, SourceBlockBucket::default()))
+            .collect();
+        batch::array_write(&mut self.source_blocks_map, &empty, "the source blocks")?;
+        self.source_blocks = SourceBlocks::new(self.source_entries()?);
+        self.settle_source_blocks()
     }
 }

@@ -476,6 +476,9 @@ impl World {
                 SourceList::Allow => SERVICE_F_ALLOW_LIST,
             };
         }
+        // The directory of blocks answers for `tcp4-dsr` (one /32 denied,
+        // its block); the others' blocks are mixed, so the trie answers.
+        self.lab.dp.settle_source_blocks()?;
         for &(i, rate, burst, prefix) in SOURCE_LIMITS {
             let family = self.services[i].key.family;
             let limit = SourceLimit::new(rate, burst, family, prefix);

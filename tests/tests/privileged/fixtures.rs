@@ -1855,6 +1855,7 @@ fn source_lists_drop_new_flows_from_denied_and_unlisted_sources() {
                 .set_source_entry(svc as u32, parse(prefix), *list)
                 .unwrap();
         }
+        f.lab.dp.settle_source_blocks().unwrap();
         f.republish(svc, flags);
     };
     // An established flow from CLIENT4 before any list.
@@ -1910,6 +1911,23 @@ fn source_lists_drop_new_flows_from_denied_and_unlisted_sources() {
     );
     let other = tcp4([198, 18, 3, 7], VIP4_DSR, 40000, HTTP, TCP_SYN, &[]);
     f.case("outside the deny list", &other, TX, Counter::ForwardDsr);
+    // Those answers came from the directory of blocks: one /24, its block.
+    assert!(f.lab.dp.source_blocks_ready(SVC_TCP4 as u32).unwrap());
+    // An entry changing hands the service to the trie until its blocks
+    // are placed again, and the answers stay the same.
+    f.lab
+        .dp
+        .set_source_entry(SVC_TCP4 as u32, parse("198.18.9.0/24"), SourceList::Allow)
+        .unwrap();
+    assert!(!f.lab.dp.source_blocks_ready(SVC_TCP4 as u32).unwrap());
+    let new_syn2 = tcp4(CLIENT4, VIP4_DSR, 40004, HTTP, TCP_SYN, &[]);
+    f.case("denied, by the trie", &new_syn2, DROP, Counter::DropDenied);
+    f.lab
+        .dp
+        .remove_source_entry(SVC_TCP4 as u32, parse("198.18.9.0/24"))
+        .unwrap();
+    f.lab.dp.settle_source_blocks().unwrap();
+    assert!(f.lab.dp.source_blocks_ready(SVC_TCP4 as u32).unwrap());
 
     // An allow list around it: the longest prefix decides, and deny wins
     // because user space leaves out allow prefixes inside deny ones.
@@ -1917,6 +1935,23 @@ fn source_lists_drop_new_flows_from_denied_and_unlisted_sources() {
         .dp
         .remove_source_entry(SVC_TCP4 as u32, parse("198.18.2.0/24"))
         .unwrap();
+    // An allow list of whole blocks: the directory says which.
+    set_lists(
+        &mut f,
+        SVC_TCP4,
+        SERVICE_F_ALLOW_LIST,
+        &[("198.18.0.0/16", SourceList::Allow)],
+    );
+    assert!(f.lab.dp.source_blocks_ready(SVC_TCP4 as u32).unwrap());
+    let allowed = tcp4(CLIENT4, VIP4_DSR, 40005, HTTP, TCP_SYN, &[]);
+    f.case(
+        "allowed by a whole block",
+        &allowed,
+        TX,
+        Counter::ForwardDsr,
+    );
+    let unlisted = tcp4([198, 19, 0, 8], VIP4_DSR, 40005, HTTP, TCP_SYN, &[]);
+    f.case("in no block", &unlisted, DROP, Counter::DropNotAllowed);
     set_lists(
         &mut f,
         SVC_TCP4,
@@ -1942,10 +1977,10 @@ fn source_lists_drop_new_flows_from_denied_and_unlisted_sources() {
         Counter::DropNotAllowed,
     );
     let stats = f.lab.dp.source_drops(SVC_TCP4 as u32).unwrap();
-    assert_eq!((stats.denied, stats.not_allowed), (4, 1));
+    assert_eq!((stats.denied, stats.not_allowed), (5, 2));
     assert_eq!(
         f.lab.dp.service_stats(SVC_TCP4 as u32).unwrap().drops,
-        5,
+        7,
         "every refused packet is the service's drop too"
     );
 
