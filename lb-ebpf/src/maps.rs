@@ -2,7 +2,10 @@
 //! name is the map name user space opens); capacities are the defaults from
 //! `lb_common::limits`, which user space may raise at load time.
 
-use core::ptr::{self, NonNull};
+use core::{
+    arch::asm,
+    ptr::{self, NonNull},
+};
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
@@ -542,6 +545,16 @@ pub(crate) fn source_list(service_id: u32, src: Addr, family: u8) -> Option<u32>
     LB_ACL.get(key).copied()
 }
 
+/// Keeps LLVM from moving memory accesses across it: the BPF target has no
+/// fence instruction (LLVM cannot select `compiler_fence`), and an empty
+/// assembly block that may touch memory orders them just as well. Emits
+/// nothing.
+#[inline(always)]
+fn compiler_barrier() {
+    // SAFETY: no instruction.
+    unsafe { asm!("", options(nostack, preserves_flags)) };
+}
+
 /// What the directory of blocks says of `src` (of `family`) for service
 /// `service_id`: `Some` of its list (`None`: in no list) when it knows,
 /// `None` when the trie must answer (the service's blocks are not all
@@ -549,20 +562,27 @@ pub(crate) fn source_list(service_id: u32, src: Addr, family: u8) -> Option<u32>
 /// service's blocks while this read them).
 #[inline(always)]
 pub(crate) fn source_block(service_id: u32, family: u8, src: &Addr) -> Option<Option<u32>> {
-    let shape_at = LB_SOURCE_SHAPES.get_ptr(service_id)?;
-    // SAFETY (all three reads): array elements, never freed. Volatile, so
-    // the bucket is read between the two reads of the shape.
-    let shape = unsafe { ptr::read_volatile(shape_at) };
+    // The shape as one word: one load each time (its fields are bytes,
+    // which a volatile read of the struct would load one by one).
+    let shape_at = LB_SOURCE_SHAPES.get_ptr(service_id)? as *const u32;
+    // SAFETY (both shape reads): an array element, 4-aligned, never freed.
+    let word = unsafe { ptr::read_volatile(shape_at) };
+    // SAFETY: `SourceShape` is four bytes with no invalid bit pattern.
+    let shape: SourceShape = unsafe { core::mem::transmute(word) };
     if shape.ready == 0 {
         return None;
     }
     let len = shape.len_of(family);
     let head = SourceBlock::head_of(service_id, shape.generation, family, len);
     let block = SourceBlock::of(src, len);
-    let bucket = LB_SOURCE_BLOCKS.get_ptr(source_block_bucket(head, block))?;
-    let found = unsafe { ptr::read_volatile(bucket) }.find(head, block);
+    let bucket = LB_SOURCE_BLOCKS.get(source_block_bucket(head, block))?;
+    // The bucket read between the two reads of the shape, in place: only
+    // the ways up to the block's.
+    compiler_barrier();
+    let found = bucket.find(head, block);
+    compiler_barrier();
     // Unchanged: the bucket was read while these blocks were the service's.
-    if unsafe { ptr::read_volatile(shape_at) } != shape {
+    if unsafe { ptr::read_volatile(shape_at) } != word {
         return None;
     }
     match found {
