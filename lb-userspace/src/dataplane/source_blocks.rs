@@ -116,20 +116,22 @@ impl SourceBlocks {
         self.shapes.get(&id).copied().unwrap_or_default()
     }
 
-    /// The shape to write before service `id`'s entries change, if its
-    /// blocks are ready: the same, not ready.
-    pub(super) fn retire(&self, id: u32) -> Option<SourceShape> {
+    /// Service `id`'s entries are about to change: it is stale (even if
+    /// the change fails part way), and if its blocks are ready, the shape
+    /// to write first: the same, not ready.
+    pub(super) fn retire(&mut self, id: u32) -> Option<SourceShape> {
+        self.stale.insert(id);
         let shape = self.shape(id);
         (shape.ready != 0).then_some(SourceShape { ready: 0, ..shape })
     }
 
-    /// Service `id`'s `prefix` is now in `list` (`None`: in none).
+    /// Service `id`'s `prefix` is now in `list` (`None`: in none), after
+    /// [`SourceBlocks::retire`].
     pub(super) fn note(&mut self, id: u32, prefix: Prefix, list: Option<SourceList>) {
         match list {
             Some(l) => self.entries.insert((id, prefix), l),
             None => self.entries.remove(&(id, prefix)),
         };
-        self.stale.insert(id);
     }
 
     /// Whether service `id` has entries.
@@ -390,6 +392,7 @@ mod tests {
             ways: [SourceBlock::new(SourceBlock::head_of(9, 0, FAMILY_V6, 1), 1, 1); 4],
         };
         d.wrote_bucket(at, full);
+        assert_eq!(d.retire(5), None, "nothing placed yet");
         d.note(5, v4([198, 18, 0, 0], 16), Some(SourceList::Allow));
         settle(&mut d);
         assert_eq!(d.shape(5).ready, 0);

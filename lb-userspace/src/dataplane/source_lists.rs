@@ -153,7 +153,7 @@ impl Dataplane {
             let swept = self.source_blocks.sweep(id);
             self.write_source_buckets(&swept)?;
             self.source_blocks.settled(id);
-            if shape.ready == 0 && self.source_entries_of(id) {
+            if shape.ready == 0 && self.source_blocks.has_entries(id) {
                 tracing::warn!(
                     service = id,
                     "the source lists' directory has no room for this service's blocks: \
@@ -172,11 +172,6 @@ impl Dataplane {
             .get(&service_id, 0)
             .with_context(|| format!("reading the source blocks' shape of service {service_id}"))?;
         Ok(shape.ready != 0)
-    }
-
-    /// Whether service `id` has source-list entries.
-    fn source_entries_of(&self, id: u32) -> bool {
-        self.source_blocks.has_entries(id)
     }
 
     /// Empties the directory of blocks (every service to the trie), then
