@@ -97,6 +97,10 @@ pub(super) struct SourceBlocks {
     entries: SourceEntries,
     /// Services whose entries changed since their blocks were placed.
     stale: BTreeSet<u32>,
+    /// The last generation [`SourceBlocks::place`] gave each service: a
+    /// placement whose writes failed part way leaves ways of its own
+    /// generation, which the next placement must not take for its own.
+    generations: BTreeMap<u32, u8>,
 }
 
 impl SourceBlocks {
@@ -108,6 +112,7 @@ impl SourceBlocks {
             shapes: BTreeMap::new(),
             stale: entries.keys().map(|(id, _)| *id).collect(),
             entries,
+            generations: BTreeMap::new(),
         }
     }
 
@@ -156,8 +161,10 @@ impl SourceBlocks {
     /// way of each block's bucket: the buckets to write, then the shape
     /// that names them. Not ready, and no bucket, when the service has no
     /// entries or a block finds no empty way.
-    pub(super) fn place(&self, id: u32) -> (Vec<(u32, SourceBlockBucket)>, SourceShape) {
-        let generation = self.shape(id).generation.wrapping_add(1);
+    pub(super) fn place(&mut self, id: u32) -> (Vec<(u32, SourceBlockBucket)>, SourceShape) {
+        let last = self.generations.get(&id).copied().unwrap_or_default();
+        let generation = last.wrapping_add(1);
+        self.generations.insert(id, generation);
         let plan = plan(self.of(id));
         let not_ready = SourceShape {
             generation,
@@ -206,7 +213,10 @@ impl SourceBlocks {
             .collect()
     }
 
-    /// Bucket `at` now holds `bucket`.
+    /// Bucket `at` now holds `bucket`. The record may run ahead of the
+    /// kernel, never behind: ways a write fills are recorded before it, ways
+    /// it empties after it, so every way the kernel may hold is known, kept
+    /// from other blocks and swept in the end.
     pub(super) fn wrote_bucket(&mut self, at: u32, bucket: SourceBlockBucket) {
         self.buckets[at as usize] = bucket;
     }
@@ -401,6 +411,34 @@ mod tests {
             d.buckets[at as usize], full,
             "another service's ways untouched"
         );
+    }
+
+    #[test]
+    fn a_placement_that_failed_leaves_nothing_the_next_one_answers_with() {
+        let mut d = SourceBlocks::new([((2, v4([198, 18, 2, 0], 24)), SourceList::Deny)].into());
+        // Placed and recorded, but the writes failed: no shape names it.
+        let (buckets, failed) = d.place(2);
+        for (at, b) in buckets {
+            d.wrote_bucket(at, b);
+        }
+        // The lists change; the next placement succeeds.
+        d.retire(2);
+        d.note(2, v4([198, 18, 2, 0], 24), None);
+        d.note(2, v4([198, 18, 3, 0], 24), Some(SourceList::Allow));
+        settle(&mut d);
+        assert_ne!(d.shape(2).generation, failed.generation);
+        assert_eq!(d.lookup(2, IpAddr::from([198, 18, 2, 9])), Some(None));
+        assert_eq!(
+            d.lookup(2, IpAddr::from([198, 18, 3, 9])),
+            Some(Some(ACL_ALLOW))
+        );
+        let left: Vec<_> = d
+            .buckets
+            .iter()
+            .flat_map(|b| b.ways)
+            .filter(|w| w.head != 0)
+            .collect();
+        assert_eq!(left.len(), 1, "only the placed block: {left:?}");
     }
 
     fn prefix() -> impl Strategy<Value = Prefix> {

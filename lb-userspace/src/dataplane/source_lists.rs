@@ -130,10 +130,25 @@ impl Dataplane {
         Ok(())
     }
 
-    fn write_source_buckets(&mut self, buckets: &[(u32, SourceBlockBucket)]) -> Result<()> {
+    /// Writes `buckets`, which fill ways (`fill`) or empty them, and records
+    /// them as [`SourceBlocks::wrote_bucket`] asks: before a write that
+    /// fills, after one that empties.
+    fn write_source_buckets(
+        &mut self,
+        buckets: &[(u32, SourceBlockBucket)],
+        fill: bool,
+    ) -> Result<()> {
+        let record = |blocks: &mut SourceBlocks| {
+            for &(at, bucket) in buckets {
+                blocks.wrote_bucket(at, bucket);
+            }
+        };
+        if fill {
+            record(&mut self.source_blocks);
+        }
         batch::array_write(&mut self.source_blocks_map, buckets, "the source blocks")?;
-        for &(at, bucket) in buckets {
-            self.source_blocks.wrote_bucket(at, bucket);
+        if !fill {
+            record(&mut self.source_blocks);
         }
         Ok(())
     }
@@ -146,12 +161,12 @@ impl Dataplane {
     pub fn settle_source_blocks(&mut self) -> Result<()> {
         for id in self.source_blocks.stale() {
             let (buckets, shape) = self.source_blocks.place(id);
-            self.write_source_buckets(&buckets)?;
+            self.write_source_buckets(&buckets, true)?;
             if shape != self.source_blocks.shape(id) {
                 self.write_source_shape(id, shape)?;
             }
             let swept = self.source_blocks.sweep(id);
-            self.write_source_buckets(&swept)?;
+            self.write_source_buckets(&swept, false)?;
             self.source_blocks.settled(id);
             if shape.ready == 0 && self.source_blocks.has_entries(id) {
                 tracing::warn!(
