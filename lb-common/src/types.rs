@@ -935,11 +935,7 @@ impl SourceBlock {
         let first = u64::from_le_bytes([
             addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7],
         ]);
-        let len = u32::from(if len > crate::limits::SOURCE_BLOCK_MAX_BITS {
-            crate::limits::SOURCE_BLOCK_MAX_BITS
-        } else {
-            len
-        });
+        let len = u32::from(len.min(crate::limits::SOURCE_BLOCK_MAX_BITS));
         // The mask in network order, read as the address's word is.
         let mask = if len == 0 {
             0

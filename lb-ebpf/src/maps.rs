@@ -532,9 +532,19 @@ pub(crate) fn count_service_drop(service_id: u32) {
 }
 
 /// The list (`ACL_DENY`, `ACL_ALLOW`) of service `service_id`'s longest
-/// prefix holding `src` (of `family`), if any.
+/// prefix holding `src` (of `family`), if any: from the directory of
+/// blocks when it knows, else from the trie.
 #[inline(always)]
-pub(crate) fn source_list(service_id: u32, src: Addr, family: u8) -> Option<u32> {
+pub(crate) fn source_list(service_id: u32, family: u8, src: &Addr) -> Option<u32> {
+    match source_block(service_id, family, src) {
+        Some(list) => list,
+        None => source_list_in_trie(service_id, family, *src),
+    }
+}
+
+/// [`source_list`] by the trie's longest match.
+#[inline(always)]
+fn source_list_in_trie(service_id: u32, family: u8, src: Addr) -> Option<u32> {
     let key = Key::new(
         AclKey::prefix_len(8 * core::mem::size_of::<Addr>() as u32),
         AclKey {
@@ -561,7 +571,7 @@ fn compiler_barrier() {
 /// there, the source's block is [`BLOCK_MIXED`], or user space rebuilt the
 /// service's blocks while this read them).
 #[inline(always)]
-pub(crate) fn source_block(service_id: u32, family: u8, src: &Addr) -> Option<Option<u32>> {
+fn source_block(service_id: u32, family: u8, src: &Addr) -> Option<Option<u32>> {
     // The shape as one word: one load each time (its fields are bytes,
     // which a volatile read of the struct would load one by one).
     let shape_at = LB_SOURCE_SHAPES.get_ptr(service_id)? as *const u32;

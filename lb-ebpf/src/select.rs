@@ -74,11 +74,7 @@ fn admits(service: &ServiceValue, flow: &FlowKey) -> Result<(), Counter> {
     if service.flags & SERVICE_F_SOURCE_LISTS == 0 {
         return Ok(());
     }
-    let list = match maps::source_block(service.id, flow.family, &flow.src) {
-        Some(list) => list,
-        None => maps::source_list(service.id, flow.src, flow.family),
-    };
-    let refused = match list {
+    let refused = match maps::source_list(service.id, flow.family, &flow.src) {
         Some(ACL_DENY) => Counter::DropDenied,
         None if service.flags & SERVICE_F_ALLOW_LIST != 0 => Counter::DropNotAllowed,
         _ => return Ok(()),

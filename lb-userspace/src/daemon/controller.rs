@@ -295,8 +295,6 @@ pub struct Controller {
     /// successful probe (`--trust-first-probe`), by service.
     trusted_first_probe: BTreeSet<(String, IpAddr)>,
     fleet_health: Option<FleetHealth>,
-    /// The source-list prefixes in the kernel's trie.
-    source_entries: SourceEntries,
     /// Health changes since the state file was last saved
     /// ([`Controller::save_history`]).
     history_unsaved: bool,
@@ -509,12 +507,10 @@ impl Controller {
             next_hops_lost: 0,
             trusted_first_probe: BTreeSet::new(),
             fleet_health,
-            source_entries: SourceEntries::new(),
             history_unsaved: false,
             configured: None,
             registrations_refused: Vec::new(),
         };
-        c.source_entries = c.dp.source_entries()?;
         for (ip, why) in &c.unresolved {
             warn!(backend = %ip, reason = %why, "next hop unresolved: out of the tables until it resolves");
         }
@@ -536,9 +532,8 @@ impl Controller {
     /// other list.
     fn add_source_entries(&mut self, wanted: &SourceEntries) -> Result<()> {
         for (&(id, prefix), &list) in wanted {
-            if self.source_entries.get(&(id, prefix)) != Some(&list) {
+            if self.dp.written_source_entries().get(&(id, prefix)) != Some(&list) {
                 self.dp.set_source_entry(id, prefix, list)?;
-                self.source_entries.insert((id, prefix), list);
             }
         }
         Ok(())
@@ -549,14 +544,14 @@ impl Controller {
     /// in the lists' directory, which the trie stood in for meanwhile.
     fn remove_source_entries(&mut self, wanted: &SourceEntries) -> Result<()> {
         let stale: Vec<(u32, Prefix)> = self
-            .source_entries
+            .dp
+            .written_source_entries()
             .keys()
             .filter(|k| !wanted.contains_key(k))
             .copied()
             .collect();
         for (id, prefix) in stale {
             self.dp.remove_source_entry(id, prefix)?;
-            self.source_entries.remove(&(id, prefix));
         }
         self.dp.settle_source_blocks()
     }

@@ -29,13 +29,13 @@ const FAMILIES: [u8; 2] = [FAMILY_V4, FAMILY_V6];
 
 /// One service's blocks.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub(super) struct Plan {
+struct Plan {
     /// Bits of a block, per family ([`SourceShape::len`]).
-    pub(super) len: [u8; 2],
+    len: [u8; 2],
     /// Each block: its family, the block ([`SourceBlock::block`]) and its
     /// list ([`lb_common::ACL_DENY`], [`lb_common::ACL_ALLOW`] or
     /// [`BLOCK_MIXED`]).
-    pub(super) blocks: Vec<(u8, u64, u8)>,
+    blocks: Vec<(u8, u64, u8)>,
 }
 
 /// The blocks of a service whose lists hold `entries`, as the trie holds
@@ -45,8 +45,7 @@ pub(super) struct Plan {
 /// any other block that holds a prefix is mixed. The longest match in the
 /// trie then agrees with the directory for every source: a source whose
 /// block is not listed is in no prefix.
-pub(super) fn plan<'a>(entries: impl IntoIterator<Item = (&'a Prefix, &'a SourceList)>) -> Plan {
-    let mut by_family: [Vec<(u64, u8, u8)>; 2] = Default::default();
+fn plan<'a>(entries: impl IntoIterator<Item = (&'a Prefix, &'a SourceList)>) -> Plan {
     let mut plan = Plan::default();
     let entries: Vec<_> = entries
         .into_iter()
@@ -76,13 +75,12 @@ pub(super) fn plan<'a>(entries: impl IntoIterator<Item = (&'a Prefix, &'a Source
                 .and_modify(|l| *l = BLOCK_MIXED)
                 .or_insert(whole);
         }
-        by_family[i] = blocks.into_iter().map(|(b, l)| (b, l, family)).collect();
+        plan.blocks.extend(
+            blocks
+                .into_iter()
+                .map(|(block, list)| (family, block, list)),
+        );
     }
-    plan.blocks = by_family
-        .into_iter()
-        .flatten()
-        .map(|(block, list, family)| (family, block, list))
-        .collect();
     plan
 }
 
@@ -137,6 +135,11 @@ impl SourceBlocks {
             Some(l) => self.entries.insert((id, prefix), l),
             None => self.entries.remove(&(id, prefix)),
         };
+    }
+
+    /// The trie's entries, as written.
+    pub(super) fn entries(&self) -> &SourceEntries {
+        &self.entries
     }
 
     /// Whether service `id` has entries.

@@ -75,6 +75,13 @@ impl Dataplane {
         Ok(out)
     }
 
+    /// Every prefix of the trie as this data plane wrote it (or read it
+    /// back when it loaded): [`Dataplane::source_entries`] without the
+    /// walk of the trie.
+    pub fn written_source_entries(&self) -> &SourceEntries {
+        self.source_blocks.entries()
+    }
+
     /// Puts `prefix` of service `service_id` in the trie as `list`'s. The
     /// trie answers for the service until
     /// [`Dataplane::settle_source_blocks`] places its blocks again.
@@ -162,9 +169,7 @@ impl Dataplane {
         for id in self.source_blocks.stale() {
             let (buckets, shape) = self.source_blocks.place(id);
             self.write_source_buckets(&buckets, true)?;
-            if shape != self.source_blocks.shape(id) {
-                self.write_source_shape(id, shape)?;
-            }
+            self.write_source_shape(id, shape)?;
             let swept = self.source_blocks.sweep(id);
             self.write_source_buckets(&swept, false)?;
             self.source_blocks.settled(id);
