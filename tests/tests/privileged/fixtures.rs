@@ -1929,13 +1929,12 @@ fn source_lists_drop_new_flows_from_denied_and_unlisted_sources() {
     f.lab.dp.settle_source_blocks().unwrap();
     assert!(f.lab.dp.source_blocks_ready(SVC_TCP4 as u32).unwrap());
 
-    // An allow list around it: the longest prefix decides, and deny wins
-    // because user space leaves out allow prefixes inside deny ones.
+    // The deny list out, and an allow list of whole blocks: the directory
+    // says which.
     f.lab
         .dp
         .remove_source_entry(SVC_TCP4 as u32, parse("198.18.2.0/24"))
         .unwrap();
-    // An allow list of whole blocks: the directory says which.
     set_lists(
         &mut f,
         SVC_TCP4,
@@ -1952,6 +1951,8 @@ fn source_lists_drop_new_flows_from_denied_and_unlisted_sources() {
     );
     let unlisted = tcp4([198, 19, 0, 8], VIP4_DSR, 40005, HTTP, TCP_SYN, &[]);
     f.case("in no block", &unlisted, DROP, Counter::DropNotAllowed);
+    // An allow list around a deny: the longest prefix decides, and deny
+    // wins because user space leaves out allow prefixes inside deny ones.
     set_lists(
         &mut f,
         SVC_TCP4,
