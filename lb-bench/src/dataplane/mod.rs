@@ -120,6 +120,8 @@ const MAX_BACKENDS: u32 = 4096;
 /// buckets, which overflow before the table is full (at 1.1 a few flows in a
 /// million lost their entries; docs/dataplane.md).
 const CONNTRACK_HEADROOM: f64 = 2.0;
+/// The turns the many-flows groups' services take to fill the table.
+pub(crate) const FILL_TURNS: u32 = 16;
 /// The many-flows cycles' step between consecutive flows (in the order they
 /// were put in the table): a prime, so coprime with every count measured
 /// that it does not divide, and large enough that consecutive entries of a
@@ -956,12 +958,17 @@ fn run_many_flows(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<V
         // The one-flow baselines, through the wrapper like the cycles, once.
         let baselines = group == 0;
         let mut cases = floor_cases();
+        // Each measured service's cases, and where its flows start.
+        let mut measured = Vec::new();
         for (sid, &(family, mode)) in MEASURED.iter().enumerate() {
             let sid = sid as u32;
             let template = frames::template(frames::vip(family, mode), SERVICE_PORT, TCP_ACK);
             let one = h.fresh_flows(1)?;
+            let base = h.fresh_flows(count)?;
+            let (_, cycle) = fill_and_cycle(base, count);
+            let mut own = Vec::new();
             if baselines {
-                cases.push(Case {
+                own.push(Case {
                     path: Path::Established,
                     family: Some(family),
                     mode: Some(mode),
@@ -973,21 +980,7 @@ fn run_many_flows(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<V
                     flows: 1,
                 });
             }
-            // Every flow of the cycle goes into the table first, in order,
-            // each a Maglev lookup, which the counters prove.
-            let base = h.fresh_flows(count)?;
-            let (fill, cycle) = fill_and_cycle(base, count);
-            for program in h.lb_programs() {
-                h.run(
-                    program,
-                    fill,
-                    &template,
-                    count,
-                    &expect_forward(sid, family, mode, true),
-                )
-                .with_context(|| format!("filling the table with {count} flows"))?;
-            }
-            cases.push(Case {
+            own.push(Case {
                 path: Path::Established,
                 family: Some(family),
                 mode: Some(mode),
@@ -998,7 +991,36 @@ fn run_many_flows(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<V
                 prime: None,
                 flows: u64::from(count),
             });
+            measured.push((sid, family, mode, template, base, own));
         }
+        // Every flow goes into the table first, each a Maglev lookup, which
+        // the counters prove: the services by turns, each turn the next
+        // part of every service's flows, in order. Filled one service after
+        // another, the later services' flows would meet fuller buckets, more
+        // of them past the first line a lookup reads, and the services would
+        // not be measured alike.
+        for turn in 0..FILL_TURNS {
+            let at =
+                |turn: u32| (u64::from(count) * u64::from(turn) / u64::from(FILL_TURNS)) as u32;
+            let (start, end) = (at(turn), at(turn + 1));
+            if start == end {
+                continue;
+            }
+            for &(sid, family, mode, template, base, _) in &measured {
+                let (fill, _) = fill_and_cycle(base + start, end - start);
+                for program in h.lb_programs() {
+                    h.run(
+                        program,
+                        fill,
+                        &template,
+                        end - start,
+                        &expect_forward(sid, family, mode, true),
+                    )
+                    .with_context(|| format!("filling the table with {count} flows"))?;
+                }
+            }
+        }
+        cases.extend(measured.into_iter().flat_map(|(.., own)| own));
         // The reference lookup, over as many flows, put in the same way.
         let template = frames::template(frames::not_a_vip(Family::Ipv4), SERVICE_PORT, TCP_ACK);
         let one = h.fresh_flows(1)?;

@@ -637,7 +637,9 @@ fn many_flows(out: &mut String, d: &DataplaneResults) {
          Established flows cycled through, so that the connection table's \
          entries (and the pages holding them) are no longer in cache: each \
          flow is first put in the table, in order (every one a Maglev lookup, \
-         which the counters prove), then every run visits each flow at least \
+         which the counters prove; the services' flows by turns, {} turns \
+         each, so that every service meets a table as full as the others \
+         do), then every run visits each flow at least \
          once and every iteration must hit. The runs stride through the flows \
          ({} flows apart in the order they were put in), as real traffic does \
          not follow that order, in which a table that places entries as they \
@@ -646,6 +648,7 @@ fn many_flows(out: &mut String, d: &DataplaneResults) {
          sized so that no flow is evicted. Ratio to the \
          parse-and-swap floor (median ns); all through the reset wrapper, which \
          writes the flow into the frame.\n",
+        crate::dataplane::FILL_TURNS,
         thousands(u64::from(crate::dataplane::CYCLE_STRIDE)),
         g0.backends,
         thousands(u64::from(g0.conntrack_entries))
