@@ -999,10 +999,10 @@ fn run_many_flows(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<V
         // another, the later services' flows would meet fuller buckets, more
         // of them past the first line a lookup reads, and the services would
         // not be measured alike.
+        // Where turn `t`'s part of a service's flows starts.
+        let part_start = |t: u32| (u64::from(count) * u64::from(t) / u64::from(FILL_TURNS)) as u32;
         for turn in 0..FILL_TURNS {
-            let at =
-                |turn: u32| (u64::from(count) * u64::from(turn) / u64::from(FILL_TURNS)) as u32;
-            let (start, end) = (at(turn), at(turn + 1));
+            let (start, end) = (part_start(turn), part_start(turn + 1));
             if start == end {
                 continue;
             }
