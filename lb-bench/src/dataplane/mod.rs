@@ -909,21 +909,27 @@ const DENIED_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xd, 0, 0, 0, 0, 0);
 const OTHER_ALLOWED_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 204, 0);
 const OTHER_ALLOWED_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xe, 0, 0, 0, 0, 0);
 
-/// The many-flows groups' runs over `count` flows from `base`: the fill,
-/// which visits them in the order of their indexes, and the timed cycle,
-/// which strides through them. Visited in the fill's order, consecutive
-/// flows of a table that places entries as they come (an LRU hash hands out
-/// its preallocated elements in order) would sit next to each other in
-/// memory, unlike those of real traffic.
-fn fill_and_cycle(base: u32, count: u32) -> (Method, Method) {
-    let run = |stride| {
-        Method::Reset(Flows::Cycle {
-            base,
-            count,
-            stride,
-        })
-    };
-    (run(1), run(CYCLE_STRIDE))
+/// The many-flows groups' fill of `count` flows from `base`: it visits them
+/// in the order of their indexes.
+fn fill(base: u32, count: u32) -> Method {
+    Method::Reset(Flows::Cycle {
+        base,
+        count,
+        stride: 1,
+    })
+}
+
+/// The many-flows groups' timed cycle through `count` flows from `base`: it
+/// strides through them. Visited in the fill's order, consecutive flows of a
+/// table that places entries as they come (an LRU hash hands out its
+/// preallocated elements in order) would sit next to each other in memory,
+/// unlike those of real traffic.
+fn cycle(base: u32, count: u32) -> Method {
+    Method::Reset(Flows::Cycle {
+        base,
+        count,
+        stride: CYCLE_STRIDE,
+    })
 }
 
 fn run_many_flows(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<Vec<GroupResult>> {
@@ -965,7 +971,6 @@ fn run_many_flows(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<V
             let template = frames::template(frames::vip(family, mode), SERVICE_PORT, TCP_ACK);
             let one = h.fresh_flows(1)?;
             let base = h.fresh_flows(count)?;
-            let (_, cycle) = fill_and_cycle(base, count);
             let mut own = Vec::new();
             if baselines {
                 own.push(Case {
@@ -985,7 +990,7 @@ fn run_many_flows(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<V
                 family: Some(family),
                 mode: Some(mode),
                 program: Program::Lb,
-                method: cycle,
+                method: cycle(base, count),
                 template,
                 expect: expect_forward(sid, family, mode, false),
                 prime: None,
@@ -1007,11 +1012,10 @@ fn run_many_flows(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<V
                 continue;
             }
             for &(sid, family, mode, template, base, _) in &measured {
-                let (fill, _) = fill_and_cycle(base + start, end - start);
                 for program in h.lb_programs() {
                     h.run(
                         program,
-                        fill,
+                        fill(base + start, end - start),
                         &template,
                         end - start,
                         &expect_forward(sid, family, mode, true),
@@ -1038,10 +1042,9 @@ fn run_many_flows(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<V
             });
         }
         let base = h.fresh_flows(count)?;
-        let (fill, cycle) = fill_and_cycle(base, count);
         h.run(
             Program::LruInsert,
-            fill,
+            fill(base, count),
             &template,
             count,
             &expect_reference(LruCounter::Inserted),
@@ -1052,7 +1055,7 @@ fn run_many_flows(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<V
             family: Some(Family::Ipv4),
             mode: None,
             program: Program::LruLookup,
-            method: cycle,
+            method: cycle(base, count),
             template,
             expect: expect_reference(LruCounter::Hit),
             prime: None,
