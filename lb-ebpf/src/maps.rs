@@ -319,13 +319,23 @@ pub(crate) fn conntrack_lookup(ct: &ConntrackSettings, flow: &FlowKey, hash: u32
     let [a, b] = flow_buckets(hash, ct.buckets);
     // The second bucket's first line requested before the first bucket's
     // compare: an entry is most often in the first way of either bucket,
-    // and a cold one then costs one wait for both lines, not two. Its
-    // pointer is the walk's second, looked up once.
+    // and a cold one then costs one wait for both lines, not two.
     let Some(first_b) = LB_CONNTRACK.get_ptr_mut(b).and_then(NonNull::new) else {
         return Lookup::NONE;
     };
     // SAFETY: an array element, never freed; the value is not used.
     unsafe { ptr::read_volatile(first_b.as_ptr() as *const u64) };
+    let Some(first_a) = LB_CONNTRACK.get_ptr_mut(a).and_then(NonNull::new) else {
+        return Lookup::NONE;
+    };
+    // Those two ways first, without the walk's bookkeeping of free and old
+    // entries, which only a flow that needs a place pays for.
+    if let Some(found) = found_at(first_a, flow, hash) {
+        return found;
+    }
+    if let Some(found) = found_at(first_b, flow, hash) {
+        return found;
+    }
     // Nullable pointers for "none yet", and `NonNull` in `Lookup`, never
     // `Option<*mut _>`: LLVM leaves the payload of such a `None` undefined,
     // and the verifier refuses to spill a register never set. Scalars, not
@@ -343,27 +353,22 @@ pub(crate) fn conntrack_lookup(ct: &ConntrackSettings, flow: &FlowKey, hash: u32
     for i in 0..2 * CONNTRACK_WAYS {
         let in_a = i & 1 == 0;
         let index = if in_a { a + (i >> 1) } else { b + (i >> 1) };
-        let p = if i == 1 {
-            first_b
-        } else {
-            let Some(p) = LB_CONNTRACK.get_ptr_mut(index).and_then(NonNull::new) else {
-                return Lookup::NONE;
-            };
-            p
+        let p = match i {
+            0 => first_a,
+            1 => first_b,
+            _ => {
+                let Some(p) = LB_CONNTRACK.get_ptr_mut(index).and_then(NonNull::new) else {
+                    return Lookup::NONE;
+                };
+                if let Some(found) = found_at(p, flow, hash) {
+                    return found;
+                }
+                p
+            }
         };
         // SAFETY: an array element, never freed; other CPUs may rewrite
         // it meanwhile, which the seal detects.
         let e = unsafe { p.as_ref() };
-        if e.key.same_flow(flow) {
-            let value = e.value;
-            // Torn (being rewritten, or cleared by user space): a miss, and
-            // the place to write the flow again.
-            let hit = FlowEntry::is_sealed(hash, &value, e.seal).then_some((p, value));
-            return Lookup {
-                hit,
-                victim: Some(p),
-            };
-        }
         if e.is_free() {
             if in_a {
                 if free_a.is_null() {
@@ -393,6 +398,26 @@ pub(crate) fn conntrack_lookup(ct: &ConntrackSettings, flow: &FlowKey, hash: u32
         hit: None,
         victim: NonNull::new(victim),
     }
+}
+
+/// The lookup's answer if the entry at `p` is `flow`'s (bucket hash
+/// `hash`): a hit if it was read whole; if torn (being rewritten, or
+/// cleared by user space), a miss with the entry as the place to write the
+/// flow again.
+#[inline(always)]
+fn found_at(p: NonNull<FlowEntry>, flow: &FlowKey, hash: u32) -> Option<Lookup> {
+    // SAFETY: an array element, never freed; other CPUs may rewrite it
+    // meanwhile, which the seal detects.
+    let e = unsafe { p.as_ref() };
+    if !e.key.same_flow(flow) {
+        return None;
+    }
+    let value = e.value;
+    let hit = FlowEntry::is_sealed(hash, &value, e.seal).then_some((p, value));
+    Some(Lookup {
+        hit,
+        victim: Some(p),
+    })
 }
 
 /// The connection-table policy (all zero, no limits and no aging, until
