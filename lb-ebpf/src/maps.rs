@@ -303,7 +303,8 @@ pub(crate) struct Lookup {
 }
 
 impl Lookup {
-    /// Nothing found and nowhere to write: no table, or a lookup skipped.
+    /// Nothing found and nowhere to write: a lookup skipped, or an index
+    /// past the array (a table smaller than user space said).
     pub(crate) const NONE: Lookup = Lookup {
         hit: None,
         victim: None,
@@ -313,21 +314,22 @@ impl Lookup {
 /// Looks `flow`, whose bucket hash is `hash`, up in its two buckets.
 #[inline(always)]
 pub(crate) fn conntrack_lookup(ct: &ConntrackSettings, flow: &FlowKey, hash: u32) -> Lookup {
-    if ct.buckets == 0 {
-        return Lookup::NONE;
-    }
+    // Without a table (`ct.buckets` 0, before user space sizes it) both
+    // buckets are in the first group, whose entries are free: nothing is
+    // found, and `conntrack_put` writes nothing. Checked there, not here, so
+    // that a hit's path has one way out fewer.
     let [a, b] = flow_buckets(hash, ct.buckets);
+    let (Some(first_a), Some(first_b)) = (
+        LB_CONNTRACK.get_ptr_mut(a).and_then(NonNull::new),
+        LB_CONNTRACK.get_ptr_mut(b).and_then(NonNull::new),
+    ) else {
+        return Lookup::NONE;
+    };
     // The second bucket's first line requested before the first bucket's
     // compare: an entry is most often in the first way of either bucket,
     // and a cold one then costs one wait for both lines, not two.
-    let Some(first_b) = LB_CONNTRACK.get_ptr_mut(b).and_then(NonNull::new) else {
-        return Lookup::NONE;
-    };
     // SAFETY: an array element, never freed; the value is not used.
     unsafe { ptr::read_volatile(first_b.as_ptr() as *const u64) };
-    let Some(first_a) = LB_CONNTRACK.get_ptr_mut(a).and_then(NonNull::new) else {
-        return Lookup::NONE;
-    };
     // Those two ways first, without the walk's bookkeeping of free and old
     // entries, which only a flow that needs a place pays for.
     if let Some(found) = found_at(first_a, flow, hash) {
@@ -454,6 +456,9 @@ pub(crate) fn conntrack_put(
     value: &FlowValue,
     hash: u32,
 ) {
+    if ct.buckets == 0 {
+        return;
+    }
     let Some(stats) = LB_CONNTRACK_STATS.get_ptr_mut(0) else {
         return;
     };
@@ -470,8 +475,7 @@ pub(crate) fn conntrack_put(
         }
         stats.window_inserts += 1;
     }
-    // No table, or a lookup skipped because the budget was spent (refused
-    // above).
+    // A lookup skipped because the budget was spent (refused above).
     let Some(p) = at.victim else {
         return;
     };
