@@ -354,11 +354,11 @@ pub(crate) fn conntrack_lookup(ct: &ConntrackSettings, flow: &FlowKey, hash: u32
     // first way, so most hits come in the first few cache lines read.
     for i in 0..2 * CONNTRACK_WAYS {
         let in_a = i & 1 == 0;
-        let index = if in_a { a + (i >> 1) } else { b + (i >> 1) };
         let p = match i {
             0 => first_a,
             1 => first_b,
             _ => {
+                let index = if in_a { a + (i >> 1) } else { b + (i >> 1) };
                 let Some(p) = LB_CONNTRACK.get_ptr_mut(index).and_then(NonNull::new) else {
                     return Lookup::NONE;
                 };
