@@ -143,8 +143,6 @@ fn tunnel_source(base: [u8; 4], mask: u32, hash: u32) -> u32 {
 
 /// The first byte of an IPv4 header without options: version 4, 5 words.
 const IPV4_VERSION_IHL: u8 = 0x45;
-/// The index of the checksum among an IPv4 header's 16-bit words.
-const IPV4_CHECKSUM_WORD: usize = 5;
 
 /// The outer header's identification and flags words, from the inner
 /// header's flags word (RFC 2003 §3.1): DF copied; without DF, a random
@@ -160,8 +158,13 @@ fn outer_id_and_flags(inner_flags: u16) -> (u16, u16) {
     (if id == 0 { 1 } else { id }, 0)
 }
 
-/// A 20-byte IPv4 header as its ten 16-bit words (host order), checksum
-/// filled in: no options, TTL 64, fragment offset 0, addresses host order.
+/// A 20-byte IPv4 header, checksum filled in: no options, TTL 64, fragment
+/// offset 0; `len`, `id` and `flags` host order, the addresses as on the
+/// wire. Built as the five 32-bit words it is stored as (its bytes read
+/// little-endian), so that no field but the three numbers is byte-swapped:
+/// the Internet checksum of byte-swapped words is the byte-swapped checksum
+/// (RFC 1071 §2(B)), which lands in the right order when stored the same
+/// way.
 #[inline(always)]
 pub(crate) fn ipv4_header(
     tos: u8,
@@ -169,23 +172,26 @@ pub(crate) fn ipv4_header(
     id: u16,
     flags: u16,
     proto: u8,
-    src: u32,
-    dst: u32,
-) -> [u16; 10] {
-    let mut h: [u16; IPV4_HLEN / 2] = [
-        u16::from_be_bytes([IPV4_VERSION_IHL, tos]),
-        len,
-        id,
-        flags,
-        u16::from_be_bytes([DEFAULT_TTL, proto]),
-        0,
-        (src >> 16) as u16,
-        src as u16,
-        (dst >> 16) as u16,
-        dst as u16,
+    src: [u8; 4],
+    dst: [u8; 4],
+) -> [u32; 5] {
+    let mut h = [
+        u32::from_le_bytes([IPV4_VERSION_IHL, tos, 0, 0]) | u32::from(len.to_be()) << 16,
+        u32::from(id.to_be()) | u32::from(flags.to_be()) << 16,
+        // The checksum's half, zero for now.
+        u32::from_le_bytes([DEFAULT_TTL, proto, 0, 0]),
+        u32::from_le_bytes(src),
+        u32::from_le_bytes(dst),
     ];
-    h[IPV4_CHECKSUM_WORD] = checksum::ipv4_header(&h);
+    let sum: u64 = h.iter().map(|&w| u64::from(w)).sum();
+    h[2] |= u32::from(checksum::fold(sum)) << 16;
     h
+}
+
+/// An IPv4 address kept in an `Addr` (its first 4 bytes).
+#[inline(always)]
+pub(crate) fn first_word(a: &Addr) -> [u8; 4] {
+    [a[0], a[1], a[2], a[3]]
 }
 
 /// Which tunnel a packet goes in.
@@ -268,11 +274,17 @@ pub(crate) fn encapsulate(
             settings.tunnel_src_v4_hash_mask,
             choice.hash,
         );
-        let a = &backend.addr;
-        let dst = u32::from_be_bytes([a[0], a[1], a[2], a[3]]);
         let (id, flags) = outer_id_and_flags(inner_flags);
-        let h = ipv4_header(tos, len, id, flags, proto, src, dst);
-        store(ctx, ip.l3_off, h.map(u16::to_be)).ok_or(Counter::DropEncapFailed)
+        let h = ipv4_header(
+            tos,
+            len,
+            id,
+            flags,
+            proto,
+            src.to_be_bytes(),
+            first_word(&backend.addr),
+        );
+        store(ctx, ip.l3_off, h).ok_or(Counter::DropEncapFailed)
     } else {
         let mut src: Addr = settings.tunnel_src_v6;
         let last = tunnel_source(

@@ -26,7 +26,7 @@ use lb_common::{
 
 use crate::{
     checksum,
-    forward::{L2Header, adjust_head, ipv4_header, return_to_sender},
+    forward::{L2Header, adjust_head, first_word, ipv4_header, return_to_sender},
     maps,
     packet::{bytes_at, frame_len, load, store},
     parse::{IPV6_ADDRS_OFF, Ip},
@@ -89,11 +89,10 @@ pub(crate) fn reply_too_big(
             [ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0, 0, 0, m0, m1],
         )
         .ok_or(Counter::DropEncapFailed)?;
-        let src = u32::from_be_bytes([ip.dst[0], ip.dst[1], ip.dst[2], ip.dst[3]]);
-        let dst = u32::from_be_bytes([ip.src[0], ip.src[1], ip.src[2], ip.src[3]]);
         let len = (IPV4_HLEN + ICMP_MESSAGE_LEN) as u16;
+        let (src, dst) = (first_word(&ip.dst), first_word(&ip.src));
         let h = ipv4_header(0, len, 0, IPV4_DF, IPPROTO_ICMP, src, dst);
-        store(ctx, ip.l3_off, h.map(u16::to_be)).ok_or(Counter::DropEncapFailed)?;
+        store(ctx, ip.l3_off, h).ok_or(Counter::DropEncapFailed)?;
         let sum = message_sum(ctx, icmp_off, 0)?;
         store(ctx, icmp_off + 2, checksum::fold(sum)).ok_or(Counter::DropEncapFailed)?;
     } else {

@@ -23,7 +23,7 @@ use lb_common::{
 };
 
 use crate::{
-    forward::{gue_udp_header, ipv4_header, ipv6_head},
+    forward::{first_word, gue_udp_header, ipv4_header, ipv6_head},
     maps,
     parse::IPV6_ADDRS_OFF,
 };
@@ -93,17 +93,16 @@ fn put_in_tunnel(ctx: &TcContext, tunnel: &ProbeTunnel, mark: u32) -> Result<(),
         ctx.store(ETH_HLEN + ip_hlen, &udp, 0).map_err(|_| ())?;
     }
     if v4 {
-        let addr = |a: &[u8; 16]| u32::from_be_bytes([a[0], a[1], a[2], a[3]]);
         let h = ipv4_header(
             0,
             len,
             0,
             IPV4_DF,
             proto,
-            addr(&tunnel.src),
-            addr(&tunnel.dst),
+            first_word(&tunnel.src),
+            first_word(&tunnel.dst),
         );
-        ctx.store(ETH_HLEN, &h.map(u16::to_be), 0).map_err(|_| ())
+        ctx.store(ETH_HLEN, &h, 0).map_err(|_| ())
     } else {
         let head = ipv6_head(mark, len - IPV6_HLEN as u16, proto);
         ctx.store(ETH_HLEN, &head, 0).map_err(|_| ())?;
