@@ -20,7 +20,7 @@ use lb_common::{
 use crate::{
     checksum,
     packet::{load, store},
-    parse::{IPV6_ADDRS_OFF, Ip},
+    parse::{IPV6_ADDRS_OFF, Ip, v4_bytes},
     select::Choice,
 };
 
@@ -143,6 +143,9 @@ fn tunnel_source(base: [u8; 4], mask: u32, hash: u32) -> u32 {
 
 /// The first byte of an IPv4 header without options: version 4, 5 words.
 const IPV4_VERSION_IHL: u8 = 0x45;
+/// The 32-bit word of an IPv4 header whose upper half (as stored, read
+/// little-endian) is the checksum.
+const IPV4_CHECKSUM_WORD: usize = 2;
 
 /// The outer header's identification and flags words, from the inner
 /// header's flags word (RFC 2003 §3.1): DF copied; without DF, a random
@@ -178,20 +181,14 @@ pub(crate) fn ipv4_header(
     let mut h = [
         u32::from_le_bytes([IPV4_VERSION_IHL, tos, 0, 0]) | u32::from(len.to_be()) << 16,
         u32::from(id.to_be()) | u32::from(flags.to_be()) << 16,
-        // The checksum's half, zero for now.
+        // `IPV4_CHECKSUM_WORD`: the checksum zero for now.
         u32::from_le_bytes([DEFAULT_TTL, proto, 0, 0]),
         u32::from_le_bytes(src),
         u32::from_le_bytes(dst),
     ];
     let sum: u64 = h.iter().map(|&w| u64::from(w)).sum();
-    h[2] |= u32::from(checksum::fold(sum)) << 16;
+    h[IPV4_CHECKSUM_WORD] |= u32::from(checksum::fold(sum)) << 16;
     h
-}
-
-/// An IPv4 address kept in an `Addr` (its first 4 bytes).
-#[inline(always)]
-pub(crate) fn first_word(a: &Addr) -> [u8; 4] {
-    [a[0], a[1], a[2], a[3]]
 }
 
 /// Which tunnel a packet goes in.
@@ -282,7 +279,7 @@ pub(crate) fn encapsulate(
             flags,
             proto,
             src.to_be_bytes(),
-            first_word(&backend.addr),
+            v4_bytes(&backend.addr),
         );
         store(ctx, ip.l3_off, h).ok_or(Counter::DropEncapFailed)
     } else {

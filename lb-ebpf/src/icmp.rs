@@ -26,10 +26,10 @@ use lb_common::{
 
 use crate::{
     checksum,
-    forward::{L2Header, adjust_head, first_word, ipv4_header, return_to_sender},
+    forward::{L2Header, adjust_head, ipv4_header, return_to_sender},
     maps,
     packet::{bytes_at, frame_len, load, store},
-    parse::{IPV6_ADDRS_OFF, Ip},
+    parse::{IPV6_ADDRS_OFF, Ip, v4_bytes},
 };
 
 /// What the ICMP checksum covers after the IP header: the ICMP header and
@@ -90,7 +90,7 @@ pub(crate) fn reply_too_big(
         )
         .ok_or(Counter::DropEncapFailed)?;
         let len = (IPV4_HLEN + ICMP_MESSAGE_LEN) as u16;
-        let (src, dst) = (first_word(&ip.dst), first_word(&ip.src));
+        let (src, dst) = (v4_bytes(&ip.dst), v4_bytes(&ip.src));
         let h = ipv4_header(0, len, 0, IPV4_DF, IPPROTO_ICMP, src, dst);
         store(ctx, ip.l3_off, h).ok_or(Counter::DropEncapFailed)?;
         let sum = message_sum(ctx, icmp_off, 0)?;

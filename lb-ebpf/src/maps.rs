@@ -354,6 +354,7 @@ pub(crate) fn conntrack_lookup(ct: &ConntrackSettings, flow: &FlowKey, hash: u32
     // first way, so most hits come in the first few cache lines read.
     for i in 0..2 * CONNTRACK_WAYS {
         let in_a = i & 1 == 0;
+        // The two first ways were compared above.
         let p = match i {
             0 => first_a,
             1 => first_b,
@@ -445,8 +446,8 @@ pub(crate) fn may_insert(ct: &ConntrackSettings) -> bool {
 }
 
 /// Pins `flow` (bucket hash `hash`) to a backend in the entry `at` found
-/// for it, if this CPU's insert budget (`ct`) allows; accounts the insert or
-/// the refusal. Not pinning only means the flow follows the Maglev table,
+/// for it, if there is a table (`ct.buckets`, see [`conntrack_lookup`]) and
+/// this CPU's insert budget allows; accounts the insert or the refusal. Not pinning only means the flow follows the Maglev table,
 /// as it does anyway while the table does not change.
 #[inline(always)]
 pub(crate) fn conntrack_put(

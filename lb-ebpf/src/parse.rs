@@ -77,6 +77,13 @@ fn v4_addr(b: [u8; 4]) -> Addr {
     unsafe { core::mem::transmute::<[u64; 2], Addr>(halves) }
 }
 
+/// The four bytes of an IPv4 address in its 16-byte form (the inverse of
+/// [`v4_addr`]).
+#[inline(always)]
+pub(crate) fn v4_bytes(a: &Addr) -> [u8; 4] {
+    [a[0], a[1], a[2], a[3]]
+}
+
 /// Parses an IPv4 header at `l3_off`, bounded by `limit` (the frame length, or
 /// the end of the enclosing packet for a quoted one). A quoted header may be
 /// cut short by the ICMP sender, so `quoted` skips the total-length check.

@@ -23,9 +23,9 @@ use lb_common::{
 };
 
 use crate::{
-    forward::{first_word, gue_udp_header, ipv4_header, ipv6_head},
+    forward::{gue_udp_header, ipv4_header, ipv6_head},
     maps,
-    parse::IPV6_ADDRS_OFF,
+    parse::{IPV6_ADDRS_OFF, v4_bytes},
 };
 
 /// Puts a probe in its backend's tunnel; passes every other packet.
@@ -99,8 +99,8 @@ fn put_in_tunnel(ctx: &TcContext, tunnel: &ProbeTunnel, mark: u32) -> Result<(),
             0,
             IPV4_DF,
             proto,
-            first_word(&tunnel.src),
-            first_word(&tunnel.dst),
+            v4_bytes(&tunnel.src),
+            v4_bytes(&tunnel.dst),
         );
         ctx.store(ETH_HLEN, &h, 0).map_err(|_| ())
     } else {
