@@ -15,7 +15,10 @@
 //! on, and a flow that missed the connection table on the first iteration
 //! hits it on every later one. [`PROG_RESET`] restores the input frame
 //! (and, optionally, gives each iteration its own flow) before it tail-calls
-//! the program under test through [`MAP_TARGET`].
+//! the program under test through [`MAP_TARGET`]. It lets its own stores
+//! settle first: a frame a NIC wrote has none pending, and a word load
+//! that straddles two stores still in the CPU's store buffer waits for
+//! them, which would charge a program for how wide its loads are.
 #![no_std]
 
 use core::mem::size_of;

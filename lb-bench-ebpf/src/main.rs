@@ -10,6 +10,10 @@
 //! map operation.
 #![no_std]
 #![no_main]
+// The locked add in `reset`: BPF inline assembly is unstable in Rust.
+#![feature(asm_experimental_arch)]
+
+use core::arch::asm;
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -271,7 +275,18 @@ fn reset(ctx: &XdpContext) -> Option<()> {
         config.port_off,
         config.port_base.wrapping_add((index >> 16) as u16),
     )?;
-    s.iterations += 1;
+    // A locked add: the x86 JIT's `lock add` waits for every store above
+    // to leave the store buffer, so the program under test reads a frame
+    // at rest, as a NIC's DMA leaves it.
+    // SAFETY: a per-CPU u64, 8-aligned, only ever accessed here.
+    unsafe {
+        asm!(
+            "lock *(u64 *)({p} + 0) += {v}",
+            p = in(reg) &mut s.iterations as *mut u64,
+            v = in(reg) 1u64,
+            options(nostack),
+        )
+    };
     Some(())
 }
 
