@@ -275,10 +275,12 @@ fn reset(ctx: &XdpContext) -> Option<()> {
         config.port_off,
         config.port_base.wrapping_add((index >> 16) as u16),
     )?;
-    // A locked add: the x86 JIT's `lock add` waits for every store above
-    // to leave the store buffer, so the program under test reads a frame
-    // at rest, as a NIC's DMA leaves it.
-    // SAFETY: a per-CPU u64, 8-aligned, only ever accessed here.
+    // Counted with a locked add: the x86 JIT's `lock add` waits for every
+    // store above to leave the store buffer, so the program under test
+    // reads a frame at rest, as a NIC's DMA leaves it (see the library's
+    // docs). Assembly that may write memory: LLVM keeps the stores above it.
+    // SAFETY: this CPU's u64, 8-aligned; no other program runs on it
+    // meanwhile.
     unsafe {
         asm!(
             "lock *(u64 *)({p} + 0) += {v}",

@@ -770,12 +770,13 @@ fn method(out: &mut String, d: &DataplaneResults) {
          the connection table from the second iteration on. `bench_reset` moves \
          the head back, restores the input frame from a map \
          (`bpf_xdp_store_bytes`), writes the iteration's flow into the source \
-         address and port, and waits for those stores to reach the cache (a \
-         locked add: a load that straddles two stores still in the store buffer \
-         waits for both, which no frame from a NIC makes a program do, and which \
-         cost lb's word loads 5-10 % in the check of the method below, the \
-         baseline's byte loads nothing), then tail-calls the program under \
-         test. It runs the \
+         address and port, waits for those stores to leave the CPU's store \
+         buffer (a locked add), then tail-calls the program under test. \
+         Without the wait, a word load that straddles two stores still in the \
+         buffer waits for both, which no frame from a NIC makes a program do: \
+         lb measured 5-10 % slower through the wrapper than directly (the \
+         check of the method below), the baseline, which loads bytes, not. \
+         It runs the \
          ipip paths, the new flows (a never-seen flow every iteration) and the \
          many-flows cycles. Its own cost, measured in the same round in front \
          of XDP_PASS, is taken off: `wrapper(path) − wrapper(XDP_PASS) + \
