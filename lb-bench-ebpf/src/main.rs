@@ -287,8 +287,8 @@ fn reset(ctx: &XdpContext) -> Option<()> {
             p = in(reg) &mut s.iterations as *mut u64,
             v = in(reg) 1u64,
             options(nostack),
-        )
-    };
+        );
+    }
     Some(())
 }
 
