@@ -447,8 +447,9 @@ pub(crate) fn may_insert(ct: &ConntrackSettings) -> bool {
 
 /// Pins `flow` (bucket hash `hash`) to a backend in the entry `at` found
 /// for it, if there is a table (`ct.buckets`, see [`conntrack_lookup`]) and
-/// this CPU's insert budget allows; accounts the insert or the refusal. Not pinning only means the flow follows the Maglev table,
-/// as it does anyway while the table does not change.
+/// this CPU's insert budget allows; accounts the insert or the refusal. Not
+/// pinning only means the flow follows the Maglev table, as it does anyway
+/// while the table does not change.
 #[inline(always)]
 pub(crate) fn conntrack_put(
     ct: &ConntrackSettings,
