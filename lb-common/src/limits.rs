@@ -54,14 +54,16 @@ pub const RING_RETIRE_GRACE_MS: u64 = 1_000;
 pub const DEFAULT_MAX_SERVICES: u32 = 64;
 
 /// Default number of backend slots. A backend id names one (service, backend)
-/// membership, so the same server in two services takes two ids.
+/// membership, so the same server in two services takes two ids. At most
+/// [`crate::MAX_FLOW_BACKEND_IDS`]: a connection-table entry names its
+/// backend in 16 bits.
 pub const DEFAULT_MAX_BACKENDS: u32 = 4_096;
 
 /// Default slots of the rings map (see [`DEFAULT_MAX_SERVICES`]).
 pub const DEFAULT_RING_SLOTS: u32 = (DEFAULT_MAX_SERVICES + 1) * DEFAULT_RING_SIZE
     + SPARE_RING_SLOTS_PER_BACKEND * DEFAULT_MAX_BACKENDS;
 
-/// Default connection-table capacity, in entries (64 bytes each: 32 MiB).
+/// Default connection-table capacity, in entries (32 bytes each: 16 MiB).
 /// A flow may only live in two buckets, so a table holds about half its
 /// entries before a new flow replaces an entry early (docs/dataplane.md):
 /// this holds some 260,000 flows.
@@ -69,13 +71,13 @@ pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 524_288;
 
 /// Entries in one bucket of the connection table (its ways). A flow's entry
 /// can only be in one of its two buckets; a new flow whose buckets are both
-/// full replaces their least recently seen entry. A bucket is four adjacent
+/// full replaces their least recently seen entry. A bucket is two adjacent
 /// 64-byte cache lines. (Eight ways would overflow later, but the verifier
 /// gives up on a walk of sixteen entries: docs/dataplane.md.)
 pub const CONNTRACK_WAYS: u32 = 4;
 
-/// Buckets in a group: a flow's two buckets are in the same group of 4 KiB
-/// (16 buckets of four 64-byte entries), so both are mostly in one page.
+/// Buckets in a group: a flow's two buckets are in the same group of 2 KiB
+/// (16 buckets of four 32-byte entries), so both are in one page.
 /// The table holds whole groups. A power of two.
 pub const CONNTRACK_BUCKET_GROUP: u32 = 16;
 

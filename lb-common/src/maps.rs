@@ -17,7 +17,8 @@ pub const VIP_FILTER: &str = "LB_VIP_FILTER";
 pub const RINGS: &str = "LB_RINGS";
 /// Backends: backend id → [`crate::BackendValue`] (array).
 pub const BACKENDS: &str = "LB_BACKENDS";
-/// Connection table: [`crate::FlowKey`] → [`crate::FlowValue`] (LRU hash).
+/// Connection table: buckets of [`crate::FlowEntry`] (array; see
+/// [`crate::flow_buckets`]).
 pub const CONNTRACK: &str = "LB_CONNTRACK";
 /// Connection-table policy: index 0 → [`crate::ConntrackSettings`] (array).
 pub const CONNTRACK_SETTINGS: &str = "LB_CONNTRACK_SETTINGS";

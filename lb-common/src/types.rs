@@ -408,15 +408,17 @@ impl FlowKey {
 /// [`ConntrackSettings::closed_timeout`].
 pub const FLOW_F_CLOSED: u32 = 1 << 0;
 
-/// Where a flow went. Value of [`FlowEntry`].
+/// Where a flow went: a [`FlowEntry`]'s value, taken apart.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
 pub struct FlowValue {
     /// Backend id.
     pub backend: u32,
-    /// The backend's [`BackendValue::generation`] when the flow was pinned.
+    /// The backend's [`BackendValue::generation`] when the flow was pinned
+    /// (its [`FLOW_GENERATION_MASK`] bits, read from an entry).
     pub generation: u32,
-    /// The flow's last packet, as [`ConntrackSettings::now`] said then.
+    /// The flow's last packet, as [`ConntrackSettings::now`] said then
+    /// (its [`FLOW_SEEN_MASK`] bits, read from an entry).
     pub last_seen: u32,
     /// `FLOW_F_*` bits.
     pub flags: u32,
@@ -435,69 +437,163 @@ impl FlowValue {
         } else {
             idle
         };
-        timeout != 0 && now.wrapping_sub(self.last_seen) > timeout
+        // In the entry's bits, as `last_seen` is kept.
+        timeout != 0 && now.wrapping_sub(self.last_seen) & FLOW_SEEN_MASK > timeout
     }
 }
 
 /// One connection-table entry: an element of `LB_CONNTRACK`, an array of
-/// buckets of [`CONNTRACK_WAYS`] entries ([`flow_buckets`]). An
-/// all-zero entry (family 0) is free. Any CPU may rewrite an entry while
-/// another reads it, and user space clears entries in place, so each entry
-/// carries a seal over its flow hash and the fields that pick the backend: a
-/// torn read fails [`FlowEntry::is_sealed`] and counts as a miss.
+/// buckets of [`CONNTRACK_WAYS`] entries ([`flow_buckets`]), 32 bytes. It
+/// holds the client's side of the flow and the service's id; the VIP,
+/// protocol and family are the service's ([`FlowEntry::key`]), which is
+/// what lets an entry fit half a cache line: a table of the same entries
+/// spans half the pages, which new flows and flows out of cache pay for
+/// (`bench/levers.md`). An entry whose `service` is 0 is free. Any CPU may
+/// rewrite an entry while another reads it, and user space clears entries
+/// in place, so each entry carries a seal over its flow's bucket hash (of
+/// the whole 5-tuple) and the fields that pick the backend: a torn read, or
+/// the entry of another flow from the same client address and port, fails
+/// [`FlowEntry::sealed_value`].
 #[repr(C, align(8))]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
 pub struct FlowEntry {
-    /// The flow.
-    pub key: FlowKey,
-    /// Where it goes. `last_seen` and `flags` are updated in place and are
-    /// outside the seal: a torn update of either only ages the entry wrongly.
-    pub value: FlowValue,
-    /// [`FlowEntry::seal`] of the rest.
+    /// Client address, network order.
+    pub src: Addr,
+    /// Client port, network order.
+    pub sport: u16,
+    /// The flow's service id + 1; 0: a free entry.
+    pub service: u16,
+    /// Backend id.
+    pub backend: u16,
+    /// The low bits ([`FLOW_GENERATION_MASK`]) of the backend's
+    /// [`BackendValue::generation`] when the flow was pinned.
+    pub generation: u16,
+    /// [`FlowEntry::seal`] of the flow and the three fields before.
     pub seal: u32,
+    /// The flow's last packet ([`FLOW_SEEN_MASK`] bits of
+    /// [`ConntrackSettings::now`]), and [`FLOW_SEEN_CLOSED`] once a TCP FIN
+    /// or RST was seen. Updated in place, outside the seal: a torn update
+    /// only ages the entry wrongly.
+    pub seen: u32,
 }
+
+/// [`FlowEntry::seen`]'s flag for a closed TCP connection.
+pub const FLOW_SEEN_CLOSED: u32 = 1 << 31;
+/// [`FlowEntry::seen`]'s bits of the last-seen second: 68 years of uptime.
+pub const FLOW_SEEN_MASK: u32 = !FLOW_SEEN_CLOSED;
+/// The bits of a backend's generation an entry keeps: an entry is taken for
+/// its backend's after 65,536 reuses of the backend's id while it stands.
+pub const FLOW_GENERATION_MASK: u32 = 0xffff;
+/// Service ids an entry can name (it stores the id + 1 in 16 bits).
+pub const MAX_FLOW_SERVICE_IDS: u32 = 0xffff;
+/// Backend ids an entry can name (16 bits).
+pub const MAX_FLOW_BACKEND_IDS: u32 = 0x1_0000;
 
 impl FlowEntry {
     /// The entry pinning `key`, whose [`bucket_hash`](crate::hash::bucket_hash)
-    /// is `hash`, to `value`.
+    /// is `hash`, to `value` (its service and backend ids below
+    /// [`MAX_FLOW_SERVICE_IDS`] and [`MAX_FLOW_BACKEND_IDS`], which the
+    /// capacities' validation ensures).
     #[inline(always)]
-    pub fn new(key: FlowKey, value: FlowValue, hash: u32) -> Self {
+    pub fn new(key: &FlowKey, value: &FlowValue, hash: u32) -> Self {
+        let closed = if value.flags & FLOW_F_CLOSED != 0 {
+            FLOW_SEEN_CLOSED
+        } else {
+            0
+        };
         FlowEntry {
-            key,
-            value,
-            seal: Self::seal(hash, &value),
+            src: key.src,
+            sport: key.sport,
+            service: value.service.wrapping_add(1) as u16,
+            backend: value.backend as u16,
+            generation: (value.generation & FLOW_GENERATION_MASK) as u16,
+            seal: Self::seal(hash, value),
+            seen: (value.last_seen & FLOW_SEEN_MASK) | closed,
         }
     }
 
     /// The seal of an entry of a flow hashing to `hash` with `value`. Each
     /// field is multiplied by its own odd constant, so fields from two
     /// different entries do not cancel out as small ids would under XOR.
+    /// The generation counts as the entry keeps it.
     #[inline(always)]
     pub fn seal(hash: u32, value: &FlowValue) -> u32 {
         hash ^ value.backend.wrapping_mul(0x9e37_79b1)
-            ^ value.generation.wrapping_mul(0x85eb_ca6b)
+            ^ (value.generation & FLOW_GENERATION_MASK).wrapping_mul(0x85eb_ca6b)
             ^ value.service.wrapping_mul(0xc2b2_ae35)
     }
 
-    /// Whether `value`, as read from this entry of a flow hashing to `hash`,
-    /// was written whole with the seal read.
+    /// Whether the entry is from `flow`'s client address and port: then it
+    /// is `flow`'s if [`FlowEntry::sealed_value`] says so.
     #[inline(always)]
-    pub fn is_sealed(hash: u32, value: &FlowValue, seal: u32) -> bool {
-        Self::seal(hash, value) == seal
+    pub fn same_client(&self, flow: &FlowKey) -> bool {
+        let w = self.words();
+        // The port is the low half of both third words.
+        let port = (w[2] ^ flow.word(4)) & 0xffff;
+        (w[0] ^ flow.word(0)) | (w[1] ^ flow.word(1)) | port == 0
     }
 
-    /// Whether the entry holds no flow (never written, or cleared): a
-    /// flow's family is never 0.
+    /// The entry's value if it was read whole and is the entry of the flow
+    /// whose bucket hash is `hash` (the client's side compared first).
+    #[inline(always)]
+    pub fn sealed_value(&self, hash: u32) -> Option<FlowValue> {
+        let value = self.value();
+        (Self::seal(hash, &value) == self.seal).then_some(value)
+    }
+
+    /// The entry's value, unsealed: the ids and the time taken apart.
+    #[inline(always)]
+    pub fn value(&self) -> FlowValue {
+        // From the two last words, which the data plane then reads whole.
+        let w = self.words();
+        let seen = (w[3] >> 32) as u32;
+        FlowValue {
+            backend: (w[2] >> 32) as u32 & 0xffff,
+            generation: (w[2] >> 48) as u32,
+            last_seen: seen & FLOW_SEEN_MASK,
+            flags: if seen & FLOW_SEEN_CLOSED != 0 {
+                FLOW_F_CLOSED
+            } else {
+                0
+            },
+            service: ((w[2] >> 16) as u32 & 0xffff).wrapping_sub(1),
+        }
+    }
+
+    /// Whether the entry holds no flow (never written, or cleared).
     #[inline(always)]
     pub fn is_free(&self) -> bool {
-        self.key.family == 0
+        self.service == 0
     }
 
-    /// Whether an entry read whole (a copy) is sealed: written whole, by a
-    /// version that hashes flows as this one does. User space only; the
-    /// data plane has the hash already.
-    pub fn is_readable(&self) -> bool {
-        Self::is_sealed(crate::hash::bucket_hash(&self.key), &self.value, self.seal)
+    /// The flow of an entry in use, whose service has `service` as its key.
+    pub fn key(&self, service: &ServiceKey) -> FlowKey {
+        FlowKey {
+            src: self.src,
+            dst: service.addr,
+            sport: self.sport,
+            dport: service.port,
+            proto: service.proto,
+            family: service.family,
+            _pad: [0; 2],
+        }
+    }
+
+    /// Whether an entry read whole (a copy), of a service whose key is
+    /// `service`, is sealed: written whole, by a version that hashes flows
+    /// as this one does. User space only; the data plane has the hash
+    /// already.
+    pub fn is_readable(&self, service: &ServiceKey) -> bool {
+        self.sealed_value(crate::hash::bucket_hash(&self.key(service)))
+            .is_some()
+    }
+
+    /// The entry as four 64-bit words, the shape the data plane compares
+    /// and takes apart.
+    #[inline(always)]
+    fn words(&self) -> [u64; 4] {
+        // SAFETY: 32 bytes aligned to 8 with no padding (see the asserts).
+        unsafe { core::mem::transmute::<FlowEntry, [u64; 4]>(*self) }
     }
 }
 
@@ -505,9 +601,9 @@ impl FlowEntry {
 /// flow whose 5-tuple hashes to `hash` may live in, in a table of `buckets`
 /// buckets (a multiple of [`CONNTRACK_BUCKET_GROUP`]). A new entry goes to
 /// the less loaded of the two: with two choices, a bucket fills long after
-/// it would with one. Both buckets are in one group of 4 KiB, mostly one
-/// page, so a lookup in a table far larger than the TLB's reach costs one
-/// page walk, not two. The first bucket is the hash scaled (`(hash *
+/// it would with one. Both buckets are in one group of 2 KiB, one page, so
+/// a lookup in a table far larger than the TLB's reach costs one page
+/// walk, not two. The first bucket is the hash scaled (`(hash *
 /// buckets) >> 32`, no division); the second is another of its group, from
 /// the hash multiplied by an odd constant.
 #[inline(always)]
@@ -1089,8 +1185,8 @@ const _: () = assert!(size_of::<FlowKey>() == 40);
 const _: () = assert!(align_of::<FlowKey>() == 8 && align_of::<ServiceKey>() == 4);
 const _: () = assert!(align_of::<AddrKey>() == 4);
 const _: () = assert!(size_of::<FlowValue>() == 20);
-// One cache line an entry.
-const _: () = assert!(size_of::<FlowEntry>() == 64 && align_of::<FlowEntry>() == 8);
+// Two entries a cache line.
+const _: () = assert!(size_of::<FlowEntry>() == 32 && align_of::<FlowEntry>() == 8);
 const _: () = assert!(size_of::<ServiceSlot>() == 40);
 const _: () = assert!(size_of::<ServiceIndexEntry>() == 8);
 const _: () = assert!(size_of::<RingChunk>() == 8);
@@ -1294,6 +1390,45 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_gives_back_its_flow_and_value() {
+        let flow = FlowKey {
+            src: [0x20, 1, 0, 2, 0, 0xc, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7],
+            dst: [0x20, 1, 0, 2, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            sport: 40_000u16.to_be(),
+            dport: 443u16.to_be(),
+            proto: 6,
+            family: FAMILY_V6,
+            _pad: [0; 2],
+        };
+        let value = FlowValue {
+            backend: 0xfffe,
+            generation: 0x1_2345,
+            last_seen: 0x8000_0007,
+            flags: FLOW_F_CLOSED,
+            service: 0xfffe,
+        };
+        let hash = crate::hash::bucket_hash(&flow);
+        let e = FlowEntry::new(&flow, &value, hash);
+        assert!(!e.is_free() && e.same_client(&flow));
+        let kept = FlowValue {
+            generation: 0x2345,
+            last_seen: 7,
+            ..value
+        };
+        assert_eq!(e.sealed_value(hash), Some(kept));
+        assert_eq!(e.key(&flow.service_key()), flow);
+        assert!(e.is_readable(&flow.service_key()));
+        // Another port of the same client, or another flow's hash.
+        let other = FlowKey {
+            sport: 40_001u16.to_be(),
+            ..flow
+        };
+        assert!(!e.same_client(&other));
+        assert_eq!(e.sealed_value(hash ^ 1), None);
+        assert!(FlowEntry::default().is_free());
+    }
+
+    #[test]
     fn the_seal_changes_with_each_field_it_covers() {
         let value = FlowValue {
             backend: 1,
@@ -1303,11 +1438,8 @@ mod tests {
             service: 3,
         };
         let seal = FlowEntry::seal(7, &value);
-        assert!(FlowEntry::is_sealed(7, &value, seal));
-        assert!(
-            !FlowEntry::is_sealed(8, &value, seal),
-            "another flow's hash"
-        );
+        assert!(FlowEntry::seal(7, &value) == seal);
+        assert!(FlowEntry::seal(8, &value) != seal, "another flow's hash");
         // Fields of another entry, alone or swapped: small ids that XOR
         // alone would cancel (1 ^ 2 == 2 ^ 1).
         for other in [
@@ -1329,7 +1461,7 @@ mod tests {
                 ..value
             },
         ] {
-            assert!(!FlowEntry::is_sealed(7, &other, seal), "{other:?}");
+            assert!(FlowEntry::seal(7, &other) != seal, "{other:?}");
         }
         // Refreshed in place, outside the seal.
         let refreshed = FlowValue {
@@ -1337,7 +1469,7 @@ mod tests {
             flags: FLOW_F_CLOSED,
             ..value
         };
-        assert!(FlowEntry::is_sealed(7, &refreshed, seal));
+        assert!(FlowEntry::seal(7, &refreshed) == seal);
     }
 
     #[test]

@@ -14,8 +14,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     AclKey, Addr, AddrKey, BLOCK_MIXED, BackendStats, BackendValue, ConntrackSettings,
-    ConntrackStats, Counter, FlowEntry, FlowKey, FlowValue, IcmpBudget, IcmpKind, Interface,
-    LimitedSource, ProbeTunnel, RingChunk, ServiceIndexEntry, ServiceKey, ServiceSlot,
+    ConntrackStats, Counter, FLOW_SEEN_MASK, FlowEntry, FlowKey, FlowValue, IcmpBudget, IcmpKind,
+    Interface, LimitedSource, ProbeTunnel, RingChunk, ServiceIndexEntry, ServiceKey, ServiceSlot,
     ServiceStats, ServiceValue, Settings, SourceBlock, SourceBlockBucket, SourceDrops, SourceKey,
     SourceLimit, SourceRateBucket, SourceShape,
     counters::DecapCounter,
@@ -384,8 +384,8 @@ pub(crate) fn conntrack_lookup(ct: &ConntrackSettings, flow: &FlowKey, hash: u32
                 }
                 frees_b += 1;
             }
-        } else if oldest.is_null() || e.value.last_seen < oldest_seen {
-            oldest_seen = e.value.last_seen;
+        } else if oldest.is_null() || e.seen & FLOW_SEEN_MASK < oldest_seen {
+            oldest_seen = e.seen & FLOW_SEEN_MASK;
             oldest = p.as_ptr();
         }
     }
@@ -403,20 +403,19 @@ pub(crate) fn conntrack_lookup(ct: &ConntrackSettings, flow: &FlowKey, hash: u32
     }
 }
 
-/// The lookup's answer if the entry at `p` is `flow`'s (bucket hash
-/// `hash`): a hit if it was read whole; if torn (being rewritten, or
-/// cleared by user space), a miss with the entry as the place to write the
-/// flow again.
+/// The lookup's answer if the entry at `p` is from `flow`'s client (bucket
+/// hash `hash`): a hit if it is sealed for the flow; if not (torn, being
+/// rewritten or cleared by user space, or the entry of the client's flow to
+/// another service), a miss with the entry as the place to write the flow.
 #[inline(always)]
 fn found_at(p: NonNull<FlowEntry>, flow: &FlowKey, hash: u32) -> Option<Lookup> {
     // SAFETY: an array element, never freed; other CPUs may rewrite it
     // meanwhile, which the seal detects.
     let e = unsafe { p.as_ref() };
-    if !e.key.same_flow(flow) {
+    if !e.same_client(flow) {
         return None;
     }
-    let value = e.value;
-    let hit = FlowEntry::is_sealed(hash, &value, e.seal).then_some((p, value));
+    let hit = e.sealed_value(hash).map(|value| (p, value));
     Some(Lookup {
         hit,
         victim: Some(p),
@@ -484,7 +483,7 @@ pub(crate) fn conntrack_put(
     stats.inserts += 1;
     // SAFETY: an array element, never freed. Another CPU writing the same
     // entry at once leaves it torn, which the seal tells readers.
-    unsafe { *p.as_ptr() = FlowEntry::new(*flow, *value, hash) };
+    unsafe { *p.as_ptr() = FlowEntry::new(flow, value, hash) };
 }
 
 /// The data-plane settings.

@@ -6,9 +6,10 @@ use core::ptr::NonNull;
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 
 use lb_common::{
-    ACL_DENY, BACKEND_F_UP, BackendValue, ConntrackSettings, Counter, FLOW_F_CLOSED, FlowEntry,
-    FlowKey, FlowValue, SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST, SERVICE_F_SOURCE_LIMIT,
-    SERVICE_F_SOURCE_LISTS, ServiceValue,
+    ACL_DENY, BACKEND_F_UP, BackendValue, ConntrackSettings, Counter, FLOW_F_CLOSED,
+    FLOW_GENERATION_MASK, FLOW_SEEN_CLOSED, FLOW_SEEN_MASK, FlowEntry, FlowKey, FlowValue,
+    SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST, SERVICE_F_SOURCE_LIMIT, SERVICE_F_SOURCE_LISTS,
+    ServiceValue,
     hash::{bucket_hash, flow_hash_of_bucket, maglev_slot, source_hash, source_tag},
     limits::NO_BACKEND,
     wire::{IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -34,7 +35,8 @@ pub(crate) struct Choice {
 /// still names the backend it was pinned to (same generation).
 #[inline(always)]
 fn stands(pinned: &FlowValue, backend: &BackendValue) -> bool {
-    backend.flags & BACKEND_F_UP != 0 && backend.generation == pinned.generation
+    backend.flags & BACKEND_F_UP != 0
+        && backend.generation & FLOW_GENERATION_MASK == pinned.generation
 }
 
 /// Whether `entry` of `flow`, a flow of `service`, has lapsed by the
@@ -201,7 +203,7 @@ pub(crate) fn select_backend(
             // only refreshes it, and reopens it if it was closed.
             Some((p, old))
                 if old.backend == id
-                    && old.generation == backend.generation
+                    && old.generation == backend.generation & FLOW_GENERATION_MASK
                     && old.service == service.id
                     && !lapsed(ct, &service, flow, &old) =>
             {
@@ -266,13 +268,16 @@ fn maglev(
 /// most once a second per flow.
 #[inline(always)]
 fn refresh(p: NonNull<FlowEntry>, seen: &FlowValue, now: u32, flags: u32) {
+    let now = now & FLOW_SEEN_MASK;
     if seen.last_seen != now || flags != seen.flags {
+        let closed = if flags & FLOW_F_CLOSED != 0 {
+            FLOW_SEEN_CLOSED
+        } else {
+            0
+        };
         // SAFETY: an array element, never freed. Were it rewritten for
         // another flow meanwhile, this would only touch that flow's time and
         // flags, which the seal leaves out, never its backend.
-        unsafe {
-            (*p.as_ptr()).value.last_seen = now;
-            (*p.as_ptr()).value.flags = flags;
-        }
+        unsafe { (*p.as_ptr()).seen = now | closed };
     }
 }

@@ -21,7 +21,10 @@ use crate::{
     health::Thresholds,
     maglev::is_prime,
 };
-use lb_common::{VIP_ECHO_UNIT, limits};
+use lb_common::{MAX_FLOW_BACKEND_IDS, MAX_FLOW_SERVICE_IDS, VIP_ECHO_UNIT, limits};
+
+// A connection-table entry names its service by id + 1 in 16 bits.
+const _: () = assert!(VIP_ECHO_UNIT - 1 <= MAX_FLOW_SERVICE_IDS);
 
 /// Largest weight: keeps `pass * weight` far from overflow in the builder and
 /// is more resolution than any operator needs.
@@ -1481,6 +1484,14 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
     if let Err(err) = ring_slots {
         e.push(None, "settings.max_services", format!("{err:#}"));
     }
+    if s.max_backends > MAX_FLOW_BACKEND_IDS {
+        // A connection-table entry names its backend in 16 bits.
+        e.push(
+            None,
+            "settings.max_backends",
+            format!("must be at most {MAX_FLOW_BACKEND_IDS}"),
+        );
+    }
     if s.max_services >= VIP_ECHO_UNIT {
         // The VIP set counts a VIP's services below this unit.
         e.push(
@@ -2453,6 +2464,11 @@ address = "198.18.0.11"
             "services past the VIP set's count",
             "[settings]\ninterfaces=[\"e\"]\nmax_services=65536\ntable_size=13\n",
             "settings.max_services: must be below 65536",
+        ),
+        (
+            "backends past a connection-table entry's ids",
+            "[settings]\ninterfaces=[\"e\"]\nmax_backends=65537\ntable_size=13\n",
+            "settings.max_backends: must be at most 65536",
         ),
         (
             "too many services",

@@ -2,7 +2,7 @@
 //! their upgrade paths and for the benchmark's baseline objects: computed
 //! here as those versions did, since this version's code no longer does.
 
-use lb_common::{BackendValue, FlowKey, hash::hash_bytes};
+use lb_common::{BackendValue, FlowKey, FlowValue, hash::hash_bytes};
 
 /// The Maglev slot's hash up to `FLOW_HASH_VERSION` 1, which those versions
 /// also sealed connection-table entries with: MurmurHash3 (x86_32) of the
@@ -52,4 +52,30 @@ pub fn chain_sealed(b: &BackendValue) -> BackendValue {
         seal: chain(0x6a09_e667_f3bc_c909, &[w[0], w[1], w[2], generation]),
         ..*b
     }
+}
+
+/// A connection-table entry as versions before 32-byte entries wrote it
+/// (64 bytes: the whole flow, its value, a seal over the flow's `hash`, the
+/// backend, the whole generation and the service), sealed by `hash`.
+pub fn whole_flow_entry(key: &FlowKey, value: &FlowValue, hash: u32) -> [u8; 64] {
+    let seal = hash
+        ^ value.backend.wrapping_mul(0x9e37_79b1)
+        ^ value.generation.wrapping_mul(0x85eb_ca6b)
+        ^ value.service.wrapping_mul(0xc2b2_ae35);
+    // SAFETY: a FlowKey is 40 bytes of plain integers with explicit padding.
+    let key: [u8; 40] = unsafe { std::mem::transmute(*key) };
+    let mut out = [0u8; 64];
+    out[..40].copy_from_slice(&key);
+    let words = [
+        value.backend,
+        value.generation,
+        value.last_seen,
+        value.flags,
+        value.service,
+        seal,
+    ];
+    for (chunk, w) in out[40..].chunks_exact_mut(4).zip(words) {
+        chunk.copy_from_slice(&w.to_ne_bytes());
+    }
+    out
 }

@@ -1068,7 +1068,7 @@ fn memory(out: &mut String, m: &MemoryResults, control: Option<&ControlResults>)
          `none`), `max_services` equal to the services configured and the other \
          capacities at their defaults; measured once it answers `lb status`. \
          Map memory is what the kernel charges for the daemon's maps \
-         (`memlock`; the connection table's 524,288 entries, 32 MiB, are most of it at \
+         (`memlock`; the connection table's 524,288 entries, 16 MiB, are the largest part at \
          few services); the rings map holds every service's Maglev table, \
          next to its slots at 4 bytes each (a table per service and one more, and \
          room per backend for tables of a new size: `Capacity::ring_slots_for`) \

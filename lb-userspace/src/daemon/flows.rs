@@ -10,8 +10,8 @@ use std::{
 
 use anyhow::{Result, bail};
 use lb_common::{
-    BACKEND_F_UP, BackendValue, FLOW_F_CLOSED, FlowKey, FlowValue, ServiceKey, addr_ip,
-    wire::IPPROTO_TCP,
+    BACKEND_F_UP, BackendValue, FLOW_F_CLOSED, FLOW_GENERATION_MASK, FLOW_SEEN_MASK, FlowKey,
+    FlowValue, ServiceKey, addr_ip, wire::IPPROTO_TCP,
 };
 
 use super::controller::{Controller, ServiceState, service_key};
@@ -67,7 +67,7 @@ pub(super) fn judge(
     if value.lapsed(now, idle_timeout(t, &svc.config), t.tcp_closed) {
         FlowState::Lapsed
     } else if backend.flags & BACKEND_F_UP == 0
-        || backend.generation != value.generation
+        || backend.generation & FLOW_GENERATION_MASK != value.generation
         || value.service != svc.id
     {
         FlowState::Stale
@@ -194,7 +194,7 @@ pub(super) fn list(
             .to_owned(),
             backend: address,
             state: f.state.name().to_owned(),
-            idle_seconds: now.wrapping_sub(f.value.last_seen),
+            idle_seconds: now.wrapping_sub(f.value.last_seen) & FLOW_SEEN_MASK,
         });
     }
     rows.sort_by(|a, b| (&a.service, &a.client).cmp(&(&b.service, &b.client)));

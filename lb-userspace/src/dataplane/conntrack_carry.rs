@@ -1,75 +1,157 @@
 //! Carrying a pinned connection table's entries into a new table, so that
 //! established flows keep their backends across a restart with another
 //! table size, or an upgrade that hashes flows another way (whose Maglev
-//! slots differ too, so a dropped entry would move its flow). The pinned
-//! table is read before this version's program is loaded, and its entries,
-//! placed by this version's hash, are written into a new map that is pinned
-//! in its place ([`super::Dataplane::load_pinned`]); the previous program
-//! goes on using the old table until this one replaces it, and the entries
-//! it wrote meanwhile are carried once it has
+//! slots differ too, so a dropped entry would move its flow) or lays the
+//! entries out another way. The pinned table is read before this version's
+//! program is loaded, and its flows, placed by this version's hash, are
+//! written into a new map that is pinned in its place
+//! ([`super::Dataplane::load_pinned`]); the previous program goes on using
+//! the old table until this one replaces it, and the entries it wrote
+//! meanwhile are carried once it has
 //! ([`super::Dataplane::conntrack_carry_late`]).
 
 use std::{collections::HashMap, path::Path};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, Map, MapData};
-use lb_common::{FlowEntry, FlowKey, flow_buckets, hash::bucket_hash, limits::CONNTRACK_WAYS};
+use lb_common::{
+    FlowEntry, FlowKey, FlowValue, ServiceKey, flow_buckets, hash::bucket_hash,
+    limits::CONNTRACK_WAYS,
+};
 
 use super::batch;
 
 /// The ways of a flow's two buckets.
 const WAYS: usize = 2 * CONNTRACK_WAYS as usize;
 
+/// A flow carried over: its key, and its value as its entry held it.
+pub(super) type Carried = (FlowKey, FlowValue);
+
+/// The services' keys by id, which complete a [`FlowEntry`]'s flow.
+pub(super) type ServiceKeys = HashMap<u32, ServiceKey>;
+
+/// The entry of versions whose entries held the whole flow (64 bytes):
+/// read from their pinned tables, to carry.
+#[repr(C, align(8))]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub(super) struct WholeFlowEntry {
+    key: FlowKey,
+    value: FlowValue,
+    seal: u32,
+}
+
+// SAFETY: plain #[repr(C)] integers with no padding (the assert).
+unsafe impl aya::Pod for WholeFlowEntry {}
+
+/// Bytes of a [`WholeFlowEntry`]: a pinned table of them is carried.
+pub(super) const WHOLE_FLOW_ENTRY_BYTES: u32 = 64;
+const _: () = assert!(size_of::<WholeFlowEntry>() == WHOLE_FLOW_ENTRY_BYTES as usize);
+
+impl WholeFlowEntry {
+    /// The seal of such an entry of a flow hashing to `hash`: as
+    /// [`FlowEntry::seal`], over the whole generation.
+    fn seal(hash: u32, value: &FlowValue) -> u32 {
+        hash ^ value.backend.wrapping_mul(0x9e37_79b1)
+            ^ value.generation.wrapping_mul(0x85eb_ca6b)
+            ^ value.service.wrapping_mul(0xc2b2_ae35)
+    }
+
+    /// Its flow, if written whole by a version that sealed with this
+    /// version's hash or the one before; `None` for a free entry or one
+    /// caught mid-write.
+    fn carried(&self) -> Option<Carried> {
+        let sealed = |hash| Self::seal(hash, &self.value) == self.seal;
+        let whole = sealed(bucket_hash(&self.key)) || sealed(previous_bucket_hash(&self.key));
+        (self.key.family != 0 && whole).then_some((self.key, self.value))
+    }
+}
+
+/// A pinned table's elements, in either layout.
+enum Elements {
+    /// This version's entries, completed by the services' keys.
+    Client(
+        Array<MapData, FlowEntry>,
+        Vec<(u32, FlowEntry)>,
+        ServiceKeys,
+    ),
+    /// Entries holding the whole flow.
+    Whole(Array<MapData, WholeFlowEntry>, Vec<(u32, WholeFlowEntry)>),
+}
+
 /// A pinned connection table whose entries are carried into a new one.
 pub(super) struct PinnedTable {
-    /// Held open past its pin's replacement, for the late entries.
-    table: Array<MapData, FlowEntry>,
-    /// Its elements when first read, by index.
-    snapshot: Vec<(u32, FlowEntry)>,
+    /// Held open past its pin's replacement, for the late entries, with
+    /// its elements when first read, by index.
+    elements: Elements,
+}
+
+/// The flow of `e`, an entry of this version's layout, if it is in use,
+/// written whole and its service known.
+fn carried(e: &FlowEntry, services: &ServiceKeys) -> Option<Carried> {
+    let service = services.get(&e.value().service)?;
+    let key = e.key(service);
+    let value = e.sealed_value(bucket_hash(&key))?;
+    (!e.is_free()).then_some((key, value))
 }
 
 impl PinnedTable {
-    /// Opens the pinned table at `path` and reads every element.
-    pub(super) fn open(path: &Path) -> Result<Self> {
+    /// Opens the pinned table at `path` and reads every element: entries
+    /// of this version's layout, whose flows `services` completes, or of
+    /// the whole-flow layout.
+    pub(super) fn open(path: &Path, services: ServiceKeys) -> Result<Self> {
         let map = MapData::from_pin(path).context("opening the pinned connection table")?;
-        let table = Array::try_from(Map::Array(map))?;
-        let snapshot = batch::array_all(&table, "the pinned connection table")?;
-        Ok(PinnedTable { table, snapshot })
+        let whole = map.info()?.value_size() == WHOLE_FLOW_ENTRY_BYTES;
+        let what = "the pinned connection table";
+        let elements = if whole {
+            let table = Array::try_from(Map::Array(map))?;
+            let snapshot = batch::array_all(&table, what)?;
+            Elements::Whole(table, snapshot)
+        } else {
+            let table = Array::try_from(Map::Array(map))?;
+            let snapshot = batch::array_all(&table, what)?;
+            Elements::Client(table, snapshot, services)
+        };
+        Ok(PinnedTable { elements })
     }
 
-    /// Whether an entry in use was placed by the previous version's hash:
-    /// this version's program would not find it where it is.
-    pub(super) fn placed_by_previous_hash(&self) -> bool {
-        self.snapshot
-            .iter()
-            .any(|(_, e)| !e.is_free() && !e.is_readable() && of_previous_version(e))
+    /// The flows to carry.
+    pub(super) fn entries(&self) -> Vec<Carried> {
+        match &self.elements {
+            Elements::Client(_, snapshot, services) => snapshot
+                .iter()
+                .filter_map(|(_, e)| carried(e, services))
+                .collect(),
+            Elements::Whole(_, snapshot) => {
+                snapshot.iter().filter_map(|(_, e)| e.carried()).collect()
+            }
+        }
     }
 
-    /// The entries to carry, resealed ([`resealed`]).
-    pub(super) fn entries(&self) -> Vec<FlowEntry> {
-        self.snapshot
-            .iter()
-            .filter_map(|(_, e)| resealed(e))
-            .collect()
-    }
-
-    /// The entries to carry that the previous program wrote or refreshed
-    /// since the table was opened, resealed.
-    pub(super) fn changed(&self) -> Result<Vec<FlowEntry>> {
-        let now = batch::array_all(&self.table, "the previous connection table")?;
+    /// The flows to carry whose entries the previous program wrote or
+    /// refreshed since the table was opened.
+    pub(super) fn changed(&self) -> Result<Vec<Carried>> {
+        let what = "the previous connection table";
         // Both reads list every element, in order of index.
-        Ok(now
-            .iter()
-            .zip(&self.snapshot)
-            .filter(|(now, before)| now != before)
-            .filter_map(|((_, e), _)| resealed(e))
-            .collect())
+        Ok(match &self.elements {
+            Elements::Client(table, snapshot, services) => batch::array_all(table, what)?
+                .iter()
+                .zip(snapshot)
+                .filter(|(now, before)| now != before)
+                .filter_map(|((_, e), _)| carried(e, services))
+                .collect(),
+            Elements::Whole(table, snapshot) => batch::array_all(table, what)?
+                .iter()
+                .zip(snapshot)
+                .filter(|(now, before)| now != before)
+                .filter_map(|((_, e), _)| e.carried())
+                .collect(),
+        })
     }
 }
 
 /// The bucket hash up to `FLOW_HASH_VERSION` 2, which placed and sealed
-/// the entries of the version before this one: the key's five words
-/// folded into a seed one after the other, then the finaliser.
+/// the entries of the version before the one before this: the key's five
+/// words folded into a seed one after the other, then the finaliser.
 fn previous_bucket_hash(key: &FlowKey) -> u32 {
     const SEED: u64 = 0x2545_f491_4f6c_dd1d;
     const MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -85,21 +167,6 @@ fn previous_bucket_hash(key: &FlowKey) -> u32 {
     (h ^ (h >> 32)) as u32
 }
 
-/// `e` sealed by this version's hash, if it is an entry in use written
-/// whole by this version or the previous one; `None` for a free entry, one
-/// caught mid-write, or one of an older version (whose flow follows the
-/// Maglev tables).
-fn resealed(e: &FlowEntry) -> Option<FlowEntry> {
-    let whole = e.is_readable() || of_previous_version(e);
-    (!e.is_free() && whole).then(|| FlowEntry::new(e.key, e.value, bucket_hash(&e.key)))
-}
-
-/// Whether `e` was written whole by the previous version (sealed by its
-/// hash).
-fn of_previous_version(e: &FlowEntry) -> bool {
-    FlowEntry::is_sealed(previous_bucket_hash(&e.key), &e.value, e.seal)
-}
-
 /// The indices of `flow`'s ways in a table of `buckets` buckets, in the
 /// order the data plane reads them (its two buckets' ways alternating).
 pub(super) fn ways_of(flow: &FlowKey, buckets: u32) -> [u32; WAYS] {
@@ -107,12 +174,19 @@ pub(super) fn ways_of(flow: &FlowKey, buckets: u32) -> [u32; WAYS] {
     std::array::from_fn(|i| if i % 2 == 0 { a } else { b } + (i / 2) as u32)
 }
 
+/// Whether `e` is the entry of `flow`, whose bucket hash is `hash`.
+pub(super) fn holds(e: &FlowEntry, flow: &FlowKey, hash: u32) -> bool {
+    e.same_client(flow) && e.sealed_value(hash).is_some()
+}
+
 /// Which of `ways` (the elements at [`ways_of`]) an entry of `flow` is
 /// written to, by the data plane's rule (`conntrack_lookup` in lb-ebpf's
-/// maps): the flow's own entry; else the first free way of the bucket with
-/// more free ways, the first bucket on a tie; else the least recently seen.
+/// maps): the flow's client's own entry (the data plane writes over it
+/// whether or not it is sealed for the flow); else the first free way of
+/// the bucket with more free ways, the first bucket on a tie; else the
+/// least recently seen.
 fn way_for(ways: &[FlowEntry; WAYS], flow: &FlowKey) -> usize {
-    if let Some(own) = ways.iter().position(|e| e.key.same_flow(flow)) {
+    if let Some(own) = ways.iter().position(|e| e.same_client(flow)) {
         return own;
     }
     let free = |bucket: usize| (bucket..WAYS).step_by(2).filter(|&i| ways[i].is_free());
@@ -121,37 +195,34 @@ fn way_for(ways: &[FlowEntry; WAYS], flow: &FlowKey) -> usize {
     free(bucket).next().unwrap_or_else(|| {
         // No free way: the first least recently seen.
         (0..WAYS)
-            .min_by_key(|&i| ways[i].value.last_seen)
+            .min_by_key(|&i| ways[i].value().last_seen)
             .unwrap_or(0)
     })
 }
 
-/// Places `entries` into an empty table of `buckets` buckets by the data
+/// Places `flows` into an empty table of `buckets` buckets by the data
 /// plane's rule, least recently seen first, so that where they do not all
 /// fit the most recently seen stay: the elements to write, by index, and
-/// how many entries were displaced.
-pub(super) fn place_all(
-    mut entries: Vec<FlowEntry>,
-    buckets: u32,
-) -> (Vec<(u32, FlowEntry)>, usize) {
-    entries.sort_by_key(|e| e.value.last_seen);
+/// how many flows were displaced.
+pub(super) fn place_all(mut flows: Vec<Carried>, buckets: u32) -> (Vec<(u32, FlowEntry)>, usize) {
+    flows.sort_by_key(|(_, v)| v.last_seen);
     let mut table: HashMap<u32, FlowEntry> = HashMap::new();
     let mut displaced = 0;
-    for e in entries {
-        let at = ways_of(&e.key, buckets);
+    for (key, value) in flows {
+        let at = ways_of(&key, buckets);
         let ways = at.map(|i| table.get(&i).copied().unwrap_or_default());
-        let way = way_for(&ways, &e.key);
+        let way = way_for(&ways, &key);
         if !ways[way].is_free() {
             displaced += 1;
         }
-        table.insert(at[way], e);
+        table.insert(at[way], FlowEntry::new(&key, &value, bucket_hash(&key)));
     }
     let mut out: Vec<(u32, FlowEntry)> = table.into_iter().collect();
     out.sort_unstable_by_key(|&(i, _)| i);
     (out, displaced)
 }
 
-/// Writes `entries` into the live `table` of `buckets` buckets, each where
+/// Writes `flows` into the live `table` of `buckets` buckets, each where
 /// the data plane would: over its flow's own entry if it has one (this
 /// version's program pinned the flow afresh when it missed, and the old
 /// table has the backend the connection is on), else in a free or the
@@ -159,16 +230,17 @@ pub(super) fn place_all(
 pub(super) fn place_live(
     table: &mut Array<MapData, FlowEntry>,
     buckets: u32,
-    entries: &[FlowEntry],
+    flows: &[Carried],
 ) -> Result<()> {
-    for e in entries {
-        let at = ways_of(&e.key, buckets);
+    for (key, value) in flows {
+        let at = ways_of(key, buckets);
         let mut ways = [FlowEntry::default(); WAYS];
         for (way, &i) in ways.iter_mut().zip(&at) {
             *way = table.get(&i, 0).context("reading the connection table")?;
         }
+        let entry = FlowEntry::new(key, value, bucket_hash(key));
         table
-            .set(at[way_for(&ways, &e.key)], *e, 0)
+            .set(at[way_for(&ways, key)], entry, 0)
             .context("writing the connection table")?;
     }
     Ok(())
@@ -232,20 +304,51 @@ mod tests {
     }
 
     #[test]
-    fn entries_of_this_and_the_previous_version_are_carried_resealed() {
+    fn whole_flow_entries_of_this_and_the_previous_hash_are_carried() {
         let f = flow("198.18.2.9".parse().unwrap(), 40000);
         let v = value(3, 10);
-        let now = FlowEntry::new(f, v, bucket_hash(&f));
-        let before = FlowEntry::new(f, v, previous_bucket_hash(&f));
-        assert!(!before.is_readable());
-        assert_eq!(resealed(&now), Some(now));
-        assert_eq!(resealed(&before), Some(now));
-        let torn = FlowEntry {
-            seal: now.seal ^ 1,
-            ..now
+        // A generation past the entry's 16 bits, which the seal of this
+        // layout covered whole.
+        let v = FlowValue {
+            generation: 0x1_0002,
+            ..v
         };
-        assert_eq!(resealed(&torn), None);
-        assert_eq!(resealed(&FlowEntry::default()), None);
+        let whole = |hash| WholeFlowEntry {
+            key: f,
+            value: v,
+            seal: WholeFlowEntry::seal(hash, &v),
+        };
+        assert_eq!(whole(bucket_hash(&f)).carried(), Some((f, v)));
+        assert_eq!(whole(previous_bucket_hash(&f)).carried(), Some((f, v)));
+        let torn = WholeFlowEntry {
+            seal: whole(bucket_hash(&f)).seal ^ 1,
+            ..whole(bucket_hash(&f))
+        };
+        assert_eq!(torn.carried(), None);
+        assert_eq!(WholeFlowEntry::default().carried(), None);
+    }
+
+    #[test]
+    fn entries_are_carried_with_their_services_keys() {
+        let f = flow("2001:2::9".parse().unwrap(), 40000);
+        let v = FlowValue {
+            service: 7,
+            ..value(3, 10)
+        };
+        let e = FlowEntry::new(&f, &v, bucket_hash(&f));
+        let services = HashMap::from([(7, f.service_key())]);
+        assert_eq!(carried(&e, &services), Some((f, v)));
+        // A service gone, or another's key: not carried.
+        assert_eq!(carried(&e, &HashMap::new()), None);
+        let other = FlowKey {
+            dport: 8443u16.to_be(),
+            ..f
+        };
+        assert_eq!(
+            carried(&e, &HashMap::from([(7, other.service_key())])),
+            None
+        );
+        assert_eq!(carried(&FlowEntry::default(), &services), None);
     }
 
     #[test]
@@ -253,7 +356,7 @@ mod tests {
         let f = flow("198.18.2.9".parse().unwrap(), 40000);
         let other = |i: u16, seen: u32| {
             let k = flow("198.18.3.3".parse().unwrap(), i);
-            FlowEntry::new(k, value(1, seen), bucket_hash(&k))
+            FlowEntry::new(&k, &value(1, seen), bucket_hash(&k))
         };
         let mut ways = [FlowEntry::default(); WAYS];
         // Empty: the first way of the first bucket.
@@ -270,7 +373,7 @@ mod tests {
         }
         assert_eq!(way_for(&ways, &f), 2);
         // The flow's own entry wins over everything.
-        ways[6] = FlowEntry::new(f, value(2, 9), bucket_hash(&f));
+        ways[6] = FlowEntry::new(&f, &value(2, 9), bucket_hash(&f));
         assert_eq!(way_for(&ways, &f), 6);
     }
 
@@ -281,30 +384,40 @@ mod tests {
             buckets_log2 in 4u32..8,
         ) {
             let buckets = 1 << buckets_log2;
-            let entries: Vec<FlowEntry> = flows
+            let entries: Vec<WholeFlowEntry> = flows
                 .iter()
                 .enumerate()
                 .map(|(n, &(src, sport))| {
-                    let f = flow(std::net::Ipv4Addr::from(src).into(), sport);
-                    FlowEntry::new(f, value(n as u32, n as u32 % 50), previous_bucket_hash(&f))
+                    let key = flow(std::net::Ipv4Addr::from(src).into(), sport);
+                    let value = value(n as u32, n as u32 % 50);
+                    let seal = WholeFlowEntry::seal(previous_bucket_hash(&key), &value);
+                    WholeFlowEntry { key, value, seal }
                 })
                 .collect();
-            let carried: Vec<FlowEntry> = entries.iter().filter_map(resealed).collect();
+            let carried: Vec<Carried> = entries.iter().filter_map(WholeFlowEntry::carried).collect();
             prop_assert_eq!(carried.len(), entries.len());
-            let (placed, displaced) = place_all(carried, buckets);
+            let (placed, displaced) = place_all(carried.clone(), buckets);
             prop_assert_eq!(placed.len() + displaced, entries.len());
             prop_assert!(placed.iter().all(|&(i, _)| i < buckets * CONNTRACK_WAYS));
             let table: HashMap<u32, FlowEntry> = placed.iter().copied().collect();
-            for (_, e) in &placed {
+            let mut found = 0;
+            for (key, value) in &carried {
                 // The data plane's lookup: the flow's ways, its entry
                 // sealed by this version's hash.
-                let found = ways_of(&e.key, buckets)
+                let hash = bucket_hash(key);
+                let hits: Vec<FlowValue> = ways_of(key, buckets)
                     .iter()
                     .filter_map(|i| table.get(i))
-                    .filter(|w| w.key.same_flow(&e.key) && w.is_readable())
-                    .count();
-                prop_assert_eq!(found, 1);
+                    .filter(|w| holds(w, key, hash))
+                    .filter_map(|w| w.sealed_value(hash))
+                    .collect();
+                prop_assert!(hits.len() <= 1);
+                if let Some(hit) = hits.first() {
+                    prop_assert_eq!(hit.backend, value.backend);
+                    found += 1;
+                }
             }
+            prop_assert_eq!(found, placed.len());
         }
     }
 }

@@ -176,6 +176,17 @@ impl Capacity {
     /// The entries of every map whose size is a capacity, by map name: what
     /// the loader overrides in the object.
     pub fn map_entries(&self) -> Result<[(&'static str, u32); 10]> {
+        // A connection-table entry names its service (by id + 1) and its
+        // backend in 16 bits each; the configuration says so first.
+        ensure!(
+            self.max_services <= lb_common::MAX_FLOW_SERVICE_IDS
+                && self.max_backends <= lb_common::MAX_FLOW_BACKEND_IDS,
+            "{} services and {} backends: a connection-table entry names at most {} and {}",
+            self.max_services,
+            self.max_backends,
+            lb_common::MAX_FLOW_SERVICE_IDS,
+            lb_common::MAX_FLOW_BACKEND_IDS
+        );
         Ok([
             (names::SERVICES, self.max_services),
             (names::SERVICE_SLOTS, self.max_services),
@@ -1188,7 +1199,7 @@ impl Dataplane {
 
     /// The connection-table entry of a flow.
     pub fn conntrack(&self, flow: &FlowKey) -> Result<Option<FlowValue>> {
-        Ok(self.conntrack_find(flow)?.map(|(_, e)| e.value))
+        Ok(self.conntrack_find(flow)?.map(|(_, e)| e.value()))
     }
 
     /// Where `flow`'s entry is in the table, and the entry: one read for
@@ -1199,7 +1210,7 @@ impl Dataplane {
                 .conntrack
                 .get(&index, 0)
                 .context("reading the connection table")?;
-            if e.key.same_flow(flow) && e.is_readable() {
+            if conntrack_carry::holds(&e, flow, lb_common::hash::bucket_hash(flow)) {
                 return Ok(Some((index, e)));
             }
         }
@@ -1212,10 +1223,16 @@ impl Dataplane {
     /// version's program replaced the previous one, so that nothing writes
     /// such entries again. Their flows' next packets take the Maglev tables.
     pub fn conntrack_clear_unreadable(&mut self) -> Result<usize> {
+        let services = self.service_keys_by_id()?;
         let unreadable: Vec<u32> = self
             .conntrack_all()?
             .into_iter()
-            .filter(|(_, e)| !e.is_free() && !e.is_readable())
+            .filter(|(_, e)| {
+                !e.is_free()
+                    && !services
+                        .get(&e.value().service)
+                        .is_some_and(|service| e.is_readable(service))
+            })
             .map(|(i, _)| i)
             .collect();
         for &index in &unreadable {
@@ -1239,14 +1256,28 @@ impl Dataplane {
     }
 
     /// Every connection-table entry in use (see [`Self::conntrack_all`] for
-    /// the cost). An entry caught mid-write by the data plane is left out.
+    /// the cost), its flow completed by its service's key. An entry caught
+    /// mid-write by the data plane, or of a service no longer in its slot,
+    /// is left out.
     pub fn conntrack_dump(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
+        let services = self.service_keys_by_id()?;
         Ok(self
             .conntrack_all()?
             .into_iter()
-            .map(|(_, e)| e)
-            .filter(|e| !e.is_free() && e.is_readable())
-            .map(|e| (e.key, e.value))
+            .filter_map(|(_, e)| {
+                let key = e.key(services.get(&e.value().service)?);
+                Some((key, e.sealed_value(lb_common::hash::bucket_hash(&key))?))
+            })
+            .collect())
+    }
+
+    /// The keys of the services in the slots, by id: what completes a
+    /// connection-table entry's flow ([`FlowEntry::key`]).
+    fn service_keys_by_id(&self) -> Result<conntrack_carry::ServiceKeys> {
+        Ok(batch::array_all(&self.service_slots, "the service slots")?
+            .into_iter()
+            .filter(|(_, slot)| slot.key.family != 0)
+            .map(|(id, slot)| (id, slot.key))
             .collect())
     }
 

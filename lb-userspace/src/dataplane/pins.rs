@@ -9,10 +9,12 @@
 //! the error; but the backends of a version before their seal
 //! ([`LEGACY_BACKEND_BYTES`]) or with another seal are carried over
 //! ([`Migration`]), and so are the connection table's entries when the
-//! table has another size or was filled by the previous version's hash
-//! (the flows' backends, which the Maglev tables would not give them all
-//! again). Maps that only hold what the programs or the daemon derive
-//! again (counters, settings, the VIP filter, a connection table of
+//! table has another size or holds whole flows (the 64-byte entries of
+//! versions before entries held the client's side only, sealed by this
+//! version's hash or the one before): the flows' backends, which the
+//! Maglev tables would not give them all again. Maps that only hold what
+//! the programs or the daemon derive again (counters, settings, the VIP
+//! filter, a connection table of
 //! another layout) are replaced, with a warning that says what is lost: an
 //! upgrade that changes their layout, or a new connection-table size,
 //! needs no stop.
@@ -21,9 +23,12 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::MapData;
-use lb_common::{BackendValue, maps as names};
+use lb_common::{BackendValue, ServiceKey, ServiceValue, maps as names};
 
-use super::{Capacity, EBPF_OBJECT, batch, conntrack_carry::PinnedTable};
+use super::{
+    Capacity, EBPF_OBJECT, batch,
+    conntrack_carry::{PinnedTable, ServiceKeys, WHOLE_FLOW_ENTRY_BYTES},
+};
 
 /// What a map's contents are, for what adopting a pin of another shape means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,8 +132,8 @@ pub(super) struct Migration {
     /// Backends of a pinned map without seals or sealed another way, by id,
     /// to write sealed.
     pub backends: Option<Vec<(u32, BackendValue)>>,
-    /// A pinned connection table of another size, or whose entries the
-    /// previous version's hash placed, to carry into a new one.
+    /// A pinned connection table of another size or of whole-flow entries,
+    /// to carry into a new one.
     pub conntrack: Option<PinnedTable>,
 }
 
@@ -152,6 +157,27 @@ fn resealed_backends(path: &Path) -> Result<Option<Vec<(u32, BackendValue)>>> {
         .iter()
         .any(|(_, b)| !b.is_whole())
         .then_some(written))
+}
+
+/// The keys of the services pinned under `dir`, by id (none without a
+/// pin): what completes a pinned connection table's flows. Read from the
+/// services hash, which every version pinned (the slots came later), and
+/// which is desired state, adopted as it is or refused.
+fn pinned_service_keys(dir: &Path) -> Result<ServiceKeys> {
+    let path = dir.join(names::SERVICES);
+    if !path.exists() {
+        return Ok(ServiceKeys::new());
+    }
+    let map = MapData::from_pin(&path).context("opening the pinned services")?;
+    let services: aya::maps::HashMap<MapData, ServiceKey, ServiceValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map))?;
+    services
+        .iter()
+        .map(|kv| {
+            let (key, value) = kv.context("reading the pinned services")?;
+            Ok((value.id, key))
+        })
+        .collect()
 }
 
 /// Reads every backend of the pinned map at `path`, of the layout before
@@ -190,8 +216,8 @@ fn legacy_backends(path: &Path) -> Result<Vec<(u32, BackendValue)>> {
 /// refuses (changing nothing) if a map of desired state has another shape,
 /// else removes the pins of derived maps that do, so they are created anew.
 /// Backends of the layout before the seal, or sealed by another version,
-/// and a connection table of another size or filled by the previous
-/// version's hash, are read for the caller to carry over; their pins stay
+/// and a connection table of another size or of whole-flow entries, are
+/// read for the caller to carry over; their pins stay
 /// until the new maps replace them.
 pub(super) fn reconcile(dir: &Path, maps: &[&str], capacity: &Capacity) -> Result<Migration> {
     let object = aya_obj::Object::parse(EBPF_OBJECT).context("parsing the eBPF object")?;
@@ -208,22 +234,21 @@ pub(super) fn reconcile(dir: &Path, maps: &[&str], capacity: &Capacity) -> Resul
             if name == names::BACKENDS {
                 migration.backends = resealed_backends(&path)?;
             }
-            if name == names::CONNTRACK {
-                let table = PinnedTable::open(&path)?;
-                if table.placed_by_previous_hash() {
-                    migration.conntrack = Some(table);
-                }
-            }
+            // Tables of this layout hold no entry of an earlier hash.
             continue;
         }
         let differences = have.differences(&want);
+        // Another size, or whole-flow entries (then perhaps placed by the
+        // hash before this one).
         if name == names::CONNTRACK
             && (Shape {
                 max_entries: want.max_entries,
+                value_size: want.value_size,
                 ..have
             }) == want
+            && (have.value_size == want.value_size || have.value_size == WHOLE_FLOW_ENTRY_BYTES)
         {
-            migration.conntrack = Some(PinnedTable::open(&path)?);
+            migration.conntrack = Some(PinnedTable::open(&path, pinned_service_keys(dir)?)?);
             continue;
         }
         if name == names::BACKENDS

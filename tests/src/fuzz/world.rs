@@ -28,9 +28,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use anyhow::{Context as _, Result, bail, ensure};
 use lb::dataplane::{Capacity, SourceList};
 use lb_common::{
-    AddrKey, BACKEND_F_UP, BackendValue, Counter, FAMILY_V4, FlowKey, FlowValue,
-    SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST, SERVICE_F_DENY_LIST, SERVICE_F_ECHO, SERVICE_F_GUE,
-    SERVICE_F_IPIP, SERVICE_F_SOURCE_LIMIT, SERVICE_F_TUNNEL, ServiceKey, SourceLimit, addr_ip,
+    AddrKey, BACKEND_F_UP, BackendValue, Counter, FAMILY_V4, FLOW_GENERATION_MASK, FlowKey,
+    FlowValue, SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST, SERVICE_F_DENY_LIST, SERVICE_F_ECHO,
+    SERVICE_F_GUE, SERVICE_F_IPIP, SERVICE_F_SOURCE_LIMIT, SERVICE_F_TUNNEL, ServiceKey,
+    SourceLimit, addr_ip,
     hash::{bucket_hash, flow_hash, maglev_slot},
     limits::{DEFAULT_GUE_PORT, GUE_SOURCE_PORT_BASE, GUE_SOURCE_PORT_MASK, NO_BACKEND},
     maps::PROG_LB,
@@ -1099,7 +1100,9 @@ impl World {
     fn valid(&self, id: u32, generation: Option<u32>) -> bool {
         id != NO_BACKEND
             && self.backends.get(&id).is_some_and(|b| {
-                b.flags & BACKEND_F_UP != 0 && generation.is_none_or(|g| g == b.generation)
+                // An entry keeps the generation's low bits.
+                b.flags & BACKEND_F_UP != 0
+                    && generation.is_none_or(|g| g == b.generation & FLOW_GENERATION_MASK)
             })
     }
 
@@ -1197,9 +1200,10 @@ impl World {
         // The lab ages nothing: an entry is its (backend, generation).
         let pin = |e: Option<FlowValue>| e.map(|e| (e.backend, e.generation));
         let (before, after) = (pin(entry_before), pin(self.entry(&hit.flow)));
-        let chosen = self
-            .chosen(hit, entry_before)
-            .map(|id| (id, self.backends.get(&id).map_or(0, |b| b.generation)));
+        let chosen = self.chosen(hit, entry_before).map(|id| {
+            let generation = self.backends.get(&id).map_or(0, |b| b.generation);
+            (id, generation & FLOW_GENERATION_MASK)
+        });
         let chose = matches!(
             observed,
             Outcome::Tx(_)

@@ -16,7 +16,7 @@ use lb::{
 use lb_common::{
     ConntrackSettings, FLOW_F_CLOSED, FlowEntry, FlowKey, FlowValue, addr_bytes, flow_buckets,
     hash::{bucket_hash, flow_hash, maglev_slot},
-    limits::CONNTRACK_WAYS,
+    limits::{CONNTRACK_WAYS, NO_BACKEND},
     maps::PROG_LB,
     wire::*,
 };
@@ -636,12 +636,17 @@ fn entries_the_previous_program_writes_while_its_table_is_carried_follow_it() {
         flow(CLIENT, 40000, IPPROTO_TCP),
         flow(CLIENT, 40001, IPPROTO_TCP),
     );
-    let (_previous, _) =
+    let (mut previous, _) =
         Dataplane::load_pinned(capacity(4096), &pins.path(), KernelLogLevel::Off).unwrap();
+    // The flows' service, id 0: an entry holds the client's side, and the
+    // service completes its flow.
+    previous
+        .publish_service(&early.service_key(), 0, 0, 0, &[NO_BACKEND; RING as usize])
+        .unwrap();
     let put = |table: &mut Array<MapData, FlowEntry>, key: &FlowKey, v: FlowValue| {
         let at = flow_buckets(bucket_hash(key), table.len() / CONNTRACK_WAYS)[0];
         table
-            .set(at, FlowEntry::new(*key, v, bucket_hash(key)), 0)
+            .set(at, FlowEntry::new(key, &v, bucket_hash(key)), 0)
             .unwrap();
     };
     let mut old_writer = pinned_table(&pins.path());

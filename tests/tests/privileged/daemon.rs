@@ -668,16 +668,17 @@ fn a_restart_carries_a_resized_connection_table_over_and_refuses_resized_tables(
         let map = MapData::from_pin(&pin).unwrap();
         Array::<MapData, FlowEntry>::try_from(Map::Array(map)).unwrap()
     };
-    // The flow's entry where this version's data plane looks for it: one
-    // of its two buckets' ways.
-    let found = |key: &FlowKey| -> Option<FlowEntry> {
+    // The flow's value where this version's data plane looks for it: one
+    // of its two buckets' ways, of the flow's client, sealed for the flow.
+    let found = |key: &FlowKey| -> Option<FlowValue> {
         let t = table();
         let buckets = t.len() / lb_common::limits::CONNTRACK_WAYS;
         let ways = flow_buckets(bucket_hash(key), buckets)
             .into_iter()
             .flat_map(|b| b..b + lb_common::limits::CONNTRACK_WAYS);
         ways.map(|i| t.get(&i, 0).unwrap())
-            .find(|e| e.key.same_flow(key) && e.is_readable())
+            .filter(|e| e.same_client(key))
+            .find_map(|e| e.sealed_value(bucket_hash(key)))
     };
     let client = |sport: u16| {
         let (src, _) = addr_bytes(IpAddr::V4(Ipv4Addr::new(198, 18, 2, 9)));
@@ -702,9 +703,9 @@ fn a_restart_carries_a_resized_connection_table_over_and_refuses_resized_tables(
     let buckets = table().len() / lb_common::limits::CONNTRACK_WAYS;
     let at = flow_buckets(bucket_hash(&kept), buckets)[0];
     table()
-        .set(at, FlowEntry::new(kept, value, bucket_hash(&kept)), 0)
+        .set(at, FlowEntry::new(&kept, &value, bucket_hash(&kept)), 0)
         .unwrap();
-    assert_eq!(found(&kept).map(|e| e.value), Some(value));
+    assert_eq!(found(&kept), Some(value));
 
     d.kill(libc::SIGKILL).unwrap();
     let resized = original.replace("conntrack_entries = 4096", "conntrack_entries = 8192");
@@ -720,7 +721,7 @@ fn a_restart_carries_a_resized_connection_table_over_and_refuses_resized_tables(
     let stats = d.cli(&["conntrack", "stats"]).unwrap();
     assert_eq!(stats["capacity"], 8192, "{stats}");
     assert_eq!(table().len(), 8192);
-    assert_eq!(found(&kept).map(|e| e.value), Some(value), "carried over");
+    assert_eq!(found(&kept), Some(value), "carried over");
     let after = digest(&d).unwrap();
     assert_eq!(after.0, before.0, "the adopted table changed");
     assert_eq!(tally(&lan, 20).unwrap().len(), 2, "both backends serve");
@@ -743,44 +744,55 @@ fn a_restart_carries_a_resized_connection_table_over_and_refuses_resized_tables(
     assert_eq!(digest(&d).unwrap().0, before.0);
     assert_eq!(tally(&lan, 20).unwrap().len(), 2, "both backends serve");
 
-    // An entry this version cannot read, as a version before the previous
-    // one placed and sealed it (by its Maglev hash): dropped once the new
-    // program runs.
+    // An entry this version cannot read, sealed by another hash (a version
+    // that hashed flows by their Maglev hash): dropped once the new program
+    // runs.
     d.kill(libc::SIGKILL).unwrap();
     let key = client(40000);
     let old = FlowEntry {
-        key,
-        value,
         seal: FlowEntry::seal(legacy::murmur_flow_hash(&key), &value),
+        ..FlowEntry::new(&key, &value, bucket_hash(&key))
     };
-    assert!(!old.is_readable());
+    assert!(!old.is_readable(&key.service_key()));
     let last = table().len() - 1;
     table().set(last, old, 0).unwrap();
     d.spawn().unwrap();
     let log = d.log();
     assert!(log.contains("entries this version cannot read"), "{log}");
     assert_eq!(table().get(&last, 0).unwrap(), FlowEntry::default());
-    assert_eq!(
-        found(&kept).map(|e| e.value),
-        Some(value),
-        "adopted in place"
-    );
+    assert_eq!(found(&kept), Some(value), "adopted in place");
     assert_eq!(tally(&lan, 20).unwrap().len(), 2, "both backends serve");
 
-    // An entry the previous version placed and sealed by its hash: carried
-    // into a new table where this version's program finds it.
+    // A table of the previous layout (64-byte entries holding the whole
+    // flow), with an entry sealed by its hash and one by the hash before:
+    // both carried into a new table where this version's program finds
+    // them, though a generation past 16 bits.
     d.kill(libc::SIGKILL).unwrap();
     let carried_before = d
         .log()
         .matches("carried the pinned connection table over")
         .count();
     let previous = client(40002);
-    let buckets = table().len() / lb_common::limits::CONNTRACK_WAYS;
-    let at = flow_buckets(legacy::chain_bucket_hash(&previous), buckets)[0];
-    let old = FlowEntry::new(previous, value, legacy::chain_bucket_hash(&previous));
-    assert!(!old.is_readable());
-    table().set(at, old, 0).unwrap();
-    assert_eq!(found(&previous), None);
+    let wide = FlowValue {
+        generation: 0x1_0001,
+        ..value
+    };
+    // The same map but for its entries' size (flags: memory-mappable).
+    let flags = MapData::from_pin(&pin).unwrap().info().unwrap().map_flags();
+    let mut whole = Array::<MapData, [u8; 64]>::create(table().len(), flags).unwrap();
+    whole
+        .set(
+            1,
+            legacy::whole_flow_entry(&kept, &value, bucket_hash(&kept)),
+            0,
+        )
+        .unwrap();
+    let hash = legacy::chain_bucket_hash(&previous);
+    whole
+        .set(2, legacy::whole_flow_entry(&previous, &wide, hash), 0)
+        .unwrap();
+    std::fs::remove_file(&pin).unwrap();
+    whole.pin(&pin).unwrap();
     d.spawn().unwrap();
     let log = d.log();
     assert_eq!(
@@ -789,12 +801,12 @@ fn a_restart_carries_a_resized_connection_table_over_and_refuses_resized_tables(
         carried_before + 1,
         "{log}"
     );
-    assert_eq!(
-        found(&previous).map(|e| e.value),
-        Some(value),
-        "carried over"
-    );
-    assert_eq!(found(&kept).map(|e| e.value), Some(value), "carried over");
+    let kept_bits = FlowValue {
+        generation: 1,
+        ..value
+    };
+    assert_eq!(found(&previous), Some(kept_bits), "carried over");
+    assert_eq!(found(&kept), Some(value), "carried over");
     assert_eq!(tally(&lan, 20).unwrap().len(), 2, "both backends serve");
 
     // Backends pinned by a version before their seal (28-byte values):
