@@ -138,7 +138,9 @@ impl Table {
         }
         Ok(Table {
             flows,
-            entries: all.len(),
+            // Entries of removed services too, which the dump cannot
+            // complete.
+            entries: ctl.dataplane().conntrack_in_use()?,
         })
     }
 
@@ -206,20 +208,15 @@ pub(super) fn list(
 /// connections stay where they are unless the table moved them.
 pub(super) fn flush(ctl: &mut Controller, service: Option<&str>) -> Result<usize> {
     check_service(ctl, service)?;
-    let keys: Vec<FlowKey> = match service {
-        Some(s) => Table::read(ctl)?
-            .flows
-            .into_iter()
-            .filter(|f| f.service == s)
-            .map(|f| f.key)
-            .collect(),
-        None => ctl
-            .dataplane()
-            .conntrack_dump()?
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect(),
+    let Some(service) = service else {
+        return ctl.dataplane_mut().conntrack_clear_in_use();
     };
+    let keys: Vec<FlowKey> = Table::read(ctl)?
+        .flows
+        .into_iter()
+        .filter(|f| f.service == service)
+        .map(|f| f.key)
+        .collect();
     ctl.dataplane_mut().conntrack_remove(&keys)
 }
 

@@ -1281,6 +1281,32 @@ impl Dataplane {
             .collect())
     }
 
+    /// How many entries are in use, those whose flows
+    /// [`Self::conntrack_dump`] cannot complete (of a removed service)
+    /// included.
+    pub fn conntrack_in_use(&self) -> Result<usize> {
+        Ok(self
+            .conntrack_all()?
+            .iter()
+            .filter(|(_, e)| !e.is_free())
+            .count())
+    }
+
+    /// Frees every entry in use; returns how many. Their flows' next
+    /// packets take the Maglev table.
+    pub fn conntrack_clear_in_use(&mut self) -> Result<usize> {
+        let in_use: Vec<u32> = self
+            .conntrack_all()?
+            .into_iter()
+            .filter(|(_, e)| !e.is_free())
+            .map(|(i, _)| i)
+            .collect();
+        for &index in &in_use {
+            self.conntrack_clear(index)?;
+        }
+        Ok(in_use.len())
+    }
+
     /// Removes the entries of `flows` (those still there); returns how many
     /// it removed. The flows' next packets take the Maglev table. An entry
     /// the data plane replaces between the read and the clearing write (a
