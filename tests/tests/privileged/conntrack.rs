@@ -677,3 +677,43 @@ fn entries_the_previous_program_writes_while_its_table_is_carried_follow_it() {
     // Once only.
     assert_eq!(next.conntrack_carry_late().unwrap(), None);
 }
+
+/// An entry of a removed service holds its client's side only, and no slot
+/// completes its flow: the dump leaves it out, but it counts as in use and
+/// a full flush clears it.
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn a_full_flush_clears_the_entries_of_removed_services_too() {
+    require_root();
+    let pins = Pins::new("flush");
+    let (mut dp, _) =
+        Dataplane::load_pinned(lab_capacity(RING), &pins.path(), KernelLogLevel::Off).unwrap();
+    let (served, orphan) = (
+        flow(CLIENT, 40000, IPPROTO_TCP),
+        flow(CLIENT, 40001, IPPROTO_TCP),
+    );
+    dp.publish_service(&served.service_key(), 0, 0, 0, &[NO_BACKEND; RING as usize])
+        .unwrap();
+    let mut table = pinned_table(&pins.path());
+    let buckets = table.len() / CONNTRACK_WAYS;
+    // Service 1 was never published (or was removed): its slot is empty.
+    for (key, service) in [(served, 0), (orphan, 1)] {
+        let value = FlowValue {
+            backend: 1,
+            generation: 1,
+            last_seen: 7,
+            flags: 0,
+            service,
+        };
+        let at = flow_buckets(bucket_hash(&key), buckets)[0];
+        table
+            .set(at, FlowEntry::new(&key, &value, bucket_hash(&key)), 0)
+            .unwrap();
+    }
+    let dumped = dp.conntrack_dump().unwrap();
+    assert_eq!(dumped.len(), 1);
+    assert!(dumped[0].0.same_flow(&served));
+    assert_eq!(dp.conntrack_in_use().unwrap(), 2);
+    assert_eq!(dp.conntrack_clear_in_use().unwrap(), 2);
+    assert_eq!(dp.conntrack_in_use().unwrap(), 0);
+}
