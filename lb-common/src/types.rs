@@ -496,11 +496,6 @@ impl FlowEntry {
     /// capacities' validation ensures).
     #[inline(always)]
     pub fn new(key: &FlowKey, value: &FlowValue, hash: u32) -> Self {
-        let closed = if value.flags & FLOW_F_CLOSED != 0 {
-            FLOW_SEEN_CLOSED
-        } else {
-            0
-        };
         FlowEntry {
             src: key.src,
             sport: key.sport,
@@ -508,19 +503,44 @@ impl FlowEntry {
             backend: value.backend as u16,
             generation: (value.generation & FLOW_GENERATION_MASK) as u16,
             seal: Self::seal(hash, value),
-            seen: (value.last_seen & FLOW_SEEN_MASK) | closed,
+            seen: Self::seen_of(value.last_seen, value.flags),
         }
     }
 
-    /// The seal of an entry of a flow hashing to `hash` with `value`. Each
-    /// field is multiplied by its own odd constant, so fields from two
-    /// different entries do not cancel out as small ids would under XOR.
-    /// The generation counts as the entry keeps it.
+    /// [`FlowEntry::seen`] for a flow last seen at `last_seen` with
+    /// `FLOW_F_*` `flags`.
+    #[inline(always)]
+    pub fn seen_of(last_seen: u32, flags: u32) -> u32 {
+        let closed = if flags & FLOW_F_CLOSED != 0 {
+            FLOW_SEEN_CLOSED
+        } else {
+            0
+        };
+        (last_seen & FLOW_SEEN_MASK) | closed
+    }
+
+    /// The seal of an entry of a flow hashing to `hash` with `value`, the
+    /// generation as the entry keeps it ([`FlowEntry::seal_fields`]).
     #[inline(always)]
     pub fn seal(hash: u32, value: &FlowValue) -> u32 {
-        hash ^ value.backend.wrapping_mul(0x9e37_79b1)
-            ^ (value.generation & FLOW_GENERATION_MASK).wrapping_mul(0x85eb_ca6b)
-            ^ value.service.wrapping_mul(0xc2b2_ae35)
+        Self::seal_fields(
+            hash,
+            value.backend,
+            value.generation & FLOW_GENERATION_MASK,
+            value.service,
+        )
+    }
+
+    /// The seal over a flow's bucket hash and the fields that pick its
+    /// backend, which the 64-byte entries of earlier versions also used
+    /// (over the whole generation). Each field is multiplied by its own odd
+    /// constant, so fields from two different entries do not cancel out as
+    /// small ids would under XOR.
+    #[inline(always)]
+    pub fn seal_fields(hash: u32, backend: u32, generation: u32, service: u32) -> u32 {
+        hash ^ backend.wrapping_mul(0x9e37_79b1)
+            ^ generation.wrapping_mul(0x85eb_ca6b)
+            ^ service.wrapping_mul(0xc2b2_ae35)
     }
 
     /// Whether the entry is from `flow`'s client address and port: then it

@@ -7,9 +7,8 @@ use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 
 use lb_common::{
     ACL_DENY, BACKEND_F_UP, BackendValue, ConntrackSettings, Counter, FLOW_F_CLOSED,
-    FLOW_GENERATION_MASK, FLOW_SEEN_CLOSED, FLOW_SEEN_MASK, FlowEntry, FlowKey, FlowValue,
-    SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST, SERVICE_F_SOURCE_LIMIT, SERVICE_F_SOURCE_LISTS,
-    ServiceValue,
+    FLOW_GENERATION_MASK, FLOW_SEEN_MASK, FlowEntry, FlowKey, FlowValue, SERVICE_F_AFFINITY,
+    SERVICE_F_ALLOW_LIST, SERVICE_F_SOURCE_LIMIT, SERVICE_F_SOURCE_LISTS, ServiceValue,
     hash::{bucket_hash, flow_hash_of_bucket, maglev_slot, source_hash, source_tag},
     limits::NO_BACKEND,
     wire::{IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -270,14 +269,9 @@ fn maglev(
 fn refresh(p: NonNull<FlowEntry>, seen: &FlowValue, now: u32, flags: u32) {
     let now = now & FLOW_SEEN_MASK;
     if seen.last_seen != now || flags != seen.flags {
-        let closed = if flags & FLOW_F_CLOSED != 0 {
-            FLOW_SEEN_CLOSED
-        } else {
-            0
-        };
         // SAFETY: an array element, never freed. Were it rewritten for
         // another flow meanwhile, this would only touch that flow's time and
         // flags, which the seal leaves out, never its backend.
-        unsafe { (*p.as_ptr()).seen = now | closed };
+        unsafe { (*p.as_ptr()).seen = FlowEntry::seen_of(now, flags) };
     }
 }

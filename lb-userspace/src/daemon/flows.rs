@@ -114,7 +114,7 @@ impl Table {
             .collect();
         let t = ctl.desired().settings.conntrack_timeouts;
         let now = monotonic_seconds();
-        let all = ctl.dataplane().conntrack_dump()?;
+        let (all, in_use) = ctl.dataplane().conntrack_dump_counted()?;
         let mut backends = BTreeMap::new();
         let mut flows = Vec::new();
         for &(key, value) in &all {
@@ -140,7 +140,7 @@ impl Table {
             flows,
             // Entries of removed services too, which the dump cannot
             // complete.
-            entries: ctl.dataplane().conntrack_in_use()?,
+            entries: in_use,
         })
     }
 

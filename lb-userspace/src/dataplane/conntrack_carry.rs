@@ -15,7 +15,7 @@ use std::{collections::HashMap, path::Path};
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, Map, MapData};
 use lb_common::{
-    FlowEntry, FlowKey, FlowValue, ServiceKey, flow_buckets, hash::bucket_hash,
+    FlowEntry, FlowKey, FlowValue, ServiceKey, ServiceValue, flow_buckets, hash::bucket_hash,
     limits::CONNTRACK_WAYS,
 };
 
@@ -29,6 +29,30 @@ pub(super) type Carried = (FlowKey, FlowValue);
 
 /// The services' keys by id, which complete a [`FlowEntry`]'s flow.
 pub(super) type ServiceKeys = HashMap<u32, ServiceKey>;
+
+/// The keys of the services in `services` (the services hash), by id.
+pub(super) fn service_keys_by_id(
+    services: &aya::maps::HashMap<MapData, ServiceKey, ServiceValue>,
+) -> Result<ServiceKeys> {
+    services
+        .iter()
+        .map(|kv| {
+            let (key, value) = kv.context("reading the services")?;
+            Ok((value.id, key))
+        })
+        .collect()
+}
+
+/// The flow of `e`, an entry of this version's layout, if it is in use,
+/// its service is in `services` and it is sealed for the flow that
+/// service completes: what the data plane would find.
+pub(super) fn carried(e: &FlowEntry, services: &ServiceKeys) -> Option<Carried> {
+    if e.is_free() {
+        return None;
+    }
+    let key = e.key(services.get(&e.value().service)?);
+    Some((key, e.sealed_value(bucket_hash(&key))?))
+}
 
 /// The entry of versions whose entries held the whole flow (64 bytes):
 /// read from their pinned tables, to carry.
@@ -48,12 +72,10 @@ pub(super) const WHOLE_FLOW_ENTRY_BYTES: u32 = 64;
 const _: () = assert!(size_of::<WholeFlowEntry>() == WHOLE_FLOW_ENTRY_BYTES as usize);
 
 impl WholeFlowEntry {
-    /// The seal of such an entry of a flow hashing to `hash`: as
-    /// [`FlowEntry::seal`], over the whole generation.
-    fn seal(hash: u32, value: &FlowValue) -> u32 {
-        hash ^ value.backend.wrapping_mul(0x9e37_79b1)
-            ^ value.generation.wrapping_mul(0x85eb_ca6b)
-            ^ value.service.wrapping_mul(0xc2b2_ae35)
+    /// The seal of such an entry of a flow hashing to `hash`: over the
+    /// whole generation.
+    fn seal(hash: u32, v: &FlowValue) -> u32 {
+        FlowEntry::seal_fields(hash, v.backend, v.generation, v.service)
     }
 
     /// Its flow, if written whole by a version that sealed with this
@@ -66,32 +88,45 @@ impl WholeFlowEntry {
     }
 }
 
-/// A pinned table's elements, in either layout.
-enum Elements {
+/// A pinned table held open past its pin's replacement, for the late
+/// entries, with its elements when first read, by index.
+pub(super) struct Snapshot<T: aya::Pod> {
+    table: Array<MapData, T>,
+    first: Vec<(u32, T)>,
+}
+
+impl<T: aya::Pod + PartialEq> Snapshot<T> {
+    fn open(map: MapData) -> Result<Self> {
+        let table = Array::try_from(Map::Array(map))?;
+        let first = batch::array_all(&table, "the pinned connection table")?;
+        Ok(Snapshot { table, first })
+    }
+
+    /// The flows `carry` finds in the elements as first read.
+    fn entries(&self, carry: impl Fn(&T) -> Option<Carried>) -> Vec<Carried> {
+        self.first.iter().filter_map(|(_, e)| carry(e)).collect()
+    }
+
+    /// The flows `carry` finds in the elements changed since.
+    fn changed(&self, carry: impl Fn(&T) -> Option<Carried>) -> Result<Vec<Carried>> {
+        let now = batch::array_all(&self.table, "the previous connection table")?;
+        // Both reads list every element, in order of index.
+        Ok(now
+            .iter()
+            .zip(&self.first)
+            .filter(|(now, before)| now != before)
+            .filter_map(|((_, e), _)| carry(e))
+            .collect())
+    }
+}
+
+/// A pinned connection table whose entries are carried into a new one, in
+/// either layout.
+pub(super) enum PinnedTable {
     /// This version's entries, completed by the services' keys.
-    Client(
-        Array<MapData, FlowEntry>,
-        Vec<(u32, FlowEntry)>,
-        ServiceKeys,
-    ),
+    Client(Snapshot<FlowEntry>, ServiceKeys),
     /// Entries holding the whole flow.
-    Whole(Array<MapData, WholeFlowEntry>, Vec<(u32, WholeFlowEntry)>),
-}
-
-/// A pinned connection table whose entries are carried into a new one.
-pub(super) struct PinnedTable {
-    /// Held open past its pin's replacement, for the late entries, with
-    /// its elements when first read, by index.
-    elements: Elements,
-}
-
-/// The flow of `e`, an entry of this version's layout, if it is in use,
-/// written whole and its service known.
-fn carried(e: &FlowEntry, services: &ServiceKeys) -> Option<Carried> {
-    let service = services.get(&e.value().service)?;
-    let key = e.key(service);
-    let value = e.sealed_value(bucket_hash(&key))?;
-    (!e.is_free()).then_some((key, value))
+    Whole(Snapshot<WholeFlowEntry>),
 }
 
 impl PinnedTable {
@@ -100,52 +135,28 @@ impl PinnedTable {
     /// the whole-flow layout.
     pub(super) fn open(path: &Path, services: ServiceKeys) -> Result<Self> {
         let map = MapData::from_pin(path).context("opening the pinned connection table")?;
-        let whole = map.info()?.value_size() == WHOLE_FLOW_ENTRY_BYTES;
-        let what = "the pinned connection table";
-        let elements = if whole {
-            let table = Array::try_from(Map::Array(map))?;
-            let snapshot = batch::array_all(&table, what)?;
-            Elements::Whole(table, snapshot)
+        Ok(if map.info()?.value_size() == WHOLE_FLOW_ENTRY_BYTES {
+            PinnedTable::Whole(Snapshot::open(map)?)
         } else {
-            let table = Array::try_from(Map::Array(map))?;
-            let snapshot = batch::array_all(&table, what)?;
-            Elements::Client(table, snapshot, services)
-        };
-        Ok(PinnedTable { elements })
+            PinnedTable::Client(Snapshot::open(map)?, services)
+        })
     }
 
     /// The flows to carry.
     pub(super) fn entries(&self) -> Vec<Carried> {
-        match &self.elements {
-            Elements::Client(_, snapshot, services) => snapshot
-                .iter()
-                .filter_map(|(_, e)| carried(e, services))
-                .collect(),
-            Elements::Whole(_, snapshot) => {
-                snapshot.iter().filter_map(|(_, e)| e.carried()).collect()
-            }
+        match self {
+            PinnedTable::Client(t, services) => t.entries(|e| carried(e, services)),
+            PinnedTable::Whole(t) => t.entries(WholeFlowEntry::carried),
         }
     }
 
     /// The flows to carry whose entries the previous program wrote or
     /// refreshed since the table was opened.
     pub(super) fn changed(&self) -> Result<Vec<Carried>> {
-        let what = "the previous connection table";
-        // Both reads list every element, in order of index.
-        Ok(match &self.elements {
-            Elements::Client(table, snapshot, services) => batch::array_all(table, what)?
-                .iter()
-                .zip(snapshot)
-                .filter(|(now, before)| now != before)
-                .filter_map(|((_, e), _)| carried(e, services))
-                .collect(),
-            Elements::Whole(table, snapshot) => batch::array_all(table, what)?
-                .iter()
-                .zip(snapshot)
-                .filter(|(now, before)| now != before)
-                .filter_map(|((_, e), _)| e.carried())
-                .collect(),
-        })
+        match self {
+            PinnedTable::Client(t, services) => t.changed(|e| carried(e, services)),
+            PinnedTable::Whole(t) => t.changed(WholeFlowEntry::carried),
+        }
     }
 }
 

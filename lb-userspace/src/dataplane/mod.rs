@@ -1223,16 +1223,11 @@ impl Dataplane {
     /// version's program replaced the previous one, so that nothing writes
     /// such entries again. Their flows' next packets take the Maglev tables.
     pub fn conntrack_clear_unreadable(&mut self) -> Result<usize> {
-        let services = self.service_keys_by_id()?;
+        let services = conntrack_carry::service_keys_by_id(&self.services)?;
         let unreadable: Vec<u32> = self
             .conntrack_all()?
             .into_iter()
-            .filter(|(_, e)| {
-                !e.is_free()
-                    && !services
-                        .get(&e.value().service)
-                        .is_some_and(|service| e.is_readable(service))
-            })
+            .filter(|(_, e)| !e.is_free() && conntrack_carry::carried(e, &services).is_none())
             .map(|(i, _)| i)
             .collect();
         for &index in &unreadable {
@@ -1257,39 +1252,23 @@ impl Dataplane {
 
     /// Every connection-table entry in use (see [`Self::conntrack_all`] for
     /// the cost), its flow completed by its service's key. An entry caught
-    /// mid-write by the data plane, or of a service no longer in its slot,
-    /// is left out.
+    /// mid-write by the data plane, or of a service no longer there, is
+    /// left out.
     pub fn conntrack_dump(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
-        let services = self.service_keys_by_id()?;
-        Ok(self
-            .conntrack_all()?
-            .into_iter()
-            .filter_map(|(_, e)| {
-                let key = e.key(services.get(&e.value().service)?);
-                Some((key, e.sealed_value(lb_common::hash::bucket_hash(&key))?))
-            })
-            .collect())
+        Ok(self.conntrack_dump_counted()?.0)
     }
 
-    /// The keys of the services in the slots, by id: what completes a
-    /// connection-table entry's flow ([`FlowEntry::key`]).
-    fn service_keys_by_id(&self) -> Result<conntrack_carry::ServiceKeys> {
-        Ok(batch::array_all(&self.service_slots, "the service slots")?
-            .into_iter()
-            .filter(|(_, slot)| slot.key.family != 0)
-            .map(|(id, slot)| (id, slot.key))
-            .collect())
-    }
-
-    /// How many entries are in use, those whose flows
-    /// [`Self::conntrack_dump`] cannot complete (of a removed service)
-    /// included.
-    pub fn conntrack_in_use(&self) -> Result<usize> {
-        Ok(self
-            .conntrack_all()?
+    /// [`Self::conntrack_dump`], and how many entries are in use, those it
+    /// leaves out included: one read of the table.
+    pub fn conntrack_dump_counted(&self) -> Result<(Vec<(FlowKey, FlowValue)>, usize)> {
+        let services = conntrack_carry::service_keys_by_id(&self.services)?;
+        let all = self.conntrack_all()?;
+        let in_use = all.iter().filter(|(_, e)| !e.is_free()).count();
+        let flows = all
             .iter()
-            .filter(|(_, e)| !e.is_free())
-            .count())
+            .filter_map(|(_, e)| conntrack_carry::carried(e, &services))
+            .collect();
+        Ok((flows, in_use))
     }
 
     /// Frees every entry in use; returns how many. Their flows' next

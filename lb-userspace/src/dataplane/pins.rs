@@ -23,11 +23,11 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::MapData;
-use lb_common::{BackendValue, ServiceKey, ServiceValue, maps as names};
+use lb_common::{BackendValue, maps as names};
 
 use super::{
     Capacity, EBPF_OBJECT, batch,
-    conntrack_carry::{PinnedTable, ServiceKeys, WHOLE_FLOW_ENTRY_BYTES},
+    conntrack_carry::{PinnedTable, ServiceKeys, WHOLE_FLOW_ENTRY_BYTES, service_keys_by_id},
 };
 
 /// What a map's contents are, for what adopting a pin of another shape means.
@@ -169,15 +169,7 @@ fn pinned_service_keys(dir: &Path) -> Result<ServiceKeys> {
         return Ok(ServiceKeys::new());
     }
     let map = MapData::from_pin(&path).context("opening the pinned services")?;
-    let services: aya::maps::HashMap<MapData, ServiceKey, ServiceValue> =
-        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map))?;
-    services
-        .iter()
-        .map(|kv| {
-            let (key, value) = kv.context("reading the pinned services")?;
-            Ok((value.id, key))
-        })
-        .collect()
+    service_keys_by_id(&aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map))?)
 }
 
 /// Reads every backend of the pinned map at `path`, of the layout before
