@@ -76,6 +76,10 @@ pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 524_288;
 /// gives up on a walk of sixteen entries: docs/dataplane.md.)
 pub const CONNTRACK_WAYS: u32 = 4;
 
+/// Entries of the connection table in one 64-byte cache line: a bucket's
+/// second line starts at this way.
+pub const CONNTRACK_WAYS_PER_LINE: u32 = 2;
+
 /// Buckets in a group: a flow's two buckets are in the same group of 2 KiB
 /// (16 buckets of four 32-byte entries), so both are in one page.
 /// The table holds whole groups. A power of two.

@@ -1207,6 +1207,10 @@ const _: () = assert!(align_of::<AddrKey>() == 4);
 const _: () = assert!(size_of::<FlowValue>() == 20);
 // Two entries a cache line.
 const _: () = assert!(size_of::<FlowEntry>() == 32 && align_of::<FlowEntry>() == 8);
+const _: () = assert!(
+    size_of::<FlowEntry>() as u32 * crate::limits::CONNTRACK_WAYS_PER_LINE == 64
+        && crate::limits::CONNTRACK_WAYS == 2 * crate::limits::CONNTRACK_WAYS_PER_LINE
+);
 const _: () = assert!(size_of::<ServiceSlot>() == 40);
 const _: () = assert!(size_of::<ServiceIndexEntry>() == 8);
 const _: () = assert!(size_of::<RingChunk>() == 8);

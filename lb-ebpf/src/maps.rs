@@ -22,7 +22,7 @@ use lb_common::{
     flow_buckets,
     hash::{service_index, source_block_bucket, vip_filter_bit_of_fold},
     interface_slot, limits,
-    limits::{CONNTRACK_WAYS, NO_SERVICE},
+    limits::{CONNTRACK_WAYS, CONNTRACK_WAYS_PER_LINE, NO_SERVICE},
     ring_position, vip_answers_echo,
 };
 
@@ -312,8 +312,15 @@ impl Lookup {
 }
 
 /// Looks `flow`, whose bucket hash is `hash`, up in its two buckets.
+/// `opening`: the packet most likely opens a flow (a TCP SYN), whose miss
+/// reads both buckets whole.
 #[inline(always)]
-pub(crate) fn conntrack_lookup(ct: &ConntrackSettings, flow: &FlowKey, hash: u32) -> Lookup {
+pub(crate) fn conntrack_lookup(
+    ct: &ConntrackSettings,
+    flow: &FlowKey,
+    hash: u32,
+    opening: bool,
+) -> Lookup {
     // Without a table (`ct.buckets` 0, before user space sizes it) both
     // buckets are in the first group, whose entries are free: nothing is
     // found, and `conntrack_put` writes nothing. Checked there, not here, so
@@ -330,6 +337,18 @@ pub(crate) fn conntrack_lookup(ct: &ConntrackSettings, flow: &FlowKey, hash: u32
     // and a cold one then costs one wait for both lines, not two.
     // SAFETY: an array element, never freed; the value is not used.
     unsafe { ptr::read_volatile(first_b.as_ptr() as *const u64) };
+    // A miss then reads both buckets' second lines too: requested now, they
+    // come in with the first touch's page walk, not after it. Not for other
+    // packets, most often hits in a first line, which would pay the loads
+    // for nothing.
+    if opening {
+        for first in [a, b] {
+            if let Some(p) = LB_CONNTRACK.get_ptr(first + CONNTRACK_WAYS_PER_LINE) {
+                // SAFETY: as above.
+                unsafe { ptr::read_volatile(p as *const u64) };
+            }
+        }
+    }
     // Those two ways first, without the walk's bookkeeping of free and old
     // entries, which only a flow that needs a place pays for.
     if let Some(found) = found_at(first_a, flow, hash) {

@@ -153,7 +153,7 @@ pub(crate) fn select_backend(
     let at = if syn && !maps::may_insert(ct) {
         Lookup::NONE
     } else {
-        maps::conntrack_lookup(ct, flow, bucket)
+        maps::conntrack_lookup(ct, flow, bucket, syn)
     };
     // The entry's service, if its slot still serves the flow.
     let slotted = at
