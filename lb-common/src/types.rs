@@ -1207,6 +1207,7 @@ const _: () = assert!(align_of::<AddrKey>() == 4);
 const _: () = assert!(size_of::<FlowValue>() == 20);
 // Two entries a cache line.
 const _: () = assert!(size_of::<FlowEntry>() == 32 && align_of::<FlowEntry>() == 8);
+// A bucket is two lines; the lookup requests its second (`conntrack_lookup`).
 const _: () = assert!(
     size_of::<FlowEntry>() as u32 * crate::limits::CONNTRACK_WAYS_PER_LINE == 64
         && crate::limits::CONNTRACK_WAYS == 2 * crate::limits::CONNTRACK_WAYS_PER_LINE

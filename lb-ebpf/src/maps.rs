@@ -337,10 +337,10 @@ pub(crate) fn conntrack_lookup(
     // and a cold one then costs one wait for both lines, not two.
     // SAFETY: an array element, never freed; the value is not used.
     unsafe { ptr::read_volatile(first_b.as_ptr() as *const u64) };
-    // A miss then reads both buckets' second lines too: requested now, they
-    // come in with the first touch's page walk, not after it. Not for other
-    // packets, most often hits in a first line, which would pay the loads
-    // for nothing.
+    // A SYN most often opens a flow, whose miss reads both buckets' second
+    // lines too: requested now, they come in with the first touch's page
+    // walk, not after it. Other packets are most often hits in a first
+    // line, which would pay the loads for nothing.
     if opening {
         for first in [a, b] {
             if let Some(p) = LB_CONNTRACK.get_ptr(first + CONNTRACK_WAYS_PER_LINE) {
