@@ -4,7 +4,9 @@
 
 use core::{mem::size_of, net::IpAddr};
 
-use crate::limits::{CONNTRACK_BUCKET_GROUP, CONNTRACK_WAYS, NO_SERVICE, SERVICE_INDEX_WAYS};
+use crate::limits::{
+    CONNTRACK_BUCKET_GROUP, CONNTRACK_WAYS, CONNTRACK_WAYS_PER_LINE, NO_SERVICE, SERVICE_INDEX_WAYS,
+};
 
 /// Address family tag for IPv4 in keys and values (not the libc `AF_*` value).
 pub const FAMILY_V4: u8 = 4;
@@ -1209,8 +1211,8 @@ const _: () = assert!(size_of::<FlowValue>() == 20);
 const _: () = assert!(size_of::<FlowEntry>() == 32 && align_of::<FlowEntry>() == 8);
 // A bucket is two lines; the lookup requests its second (`conntrack_lookup`).
 const _: () = assert!(
-    size_of::<FlowEntry>() as u32 * crate::limits::CONNTRACK_WAYS_PER_LINE == 64
-        && crate::limits::CONNTRACK_WAYS == 2 * crate::limits::CONNTRACK_WAYS_PER_LINE
+    size_of::<FlowEntry>() as u32 * CONNTRACK_WAYS_PER_LINE == 64
+        && CONNTRACK_WAYS == 2 * CONNTRACK_WAYS_PER_LINE
 );
 const _: () = assert!(size_of::<ServiceSlot>() == 40);
 const _: () = assert!(size_of::<ServiceIndexEntry>() == 8);
