@@ -1224,16 +1224,21 @@ impl Dataplane {
     /// such entries again. Their flows' next packets take the Maglev tables.
     pub fn conntrack_clear_unreadable(&mut self) -> Result<usize> {
         let services = conntrack_carry::service_keys_by_id(&self.services)?;
-        let unreadable: Vec<u32> = self
+        self.conntrack_clear_in_use_if(|e| conntrack_carry::carried(e, &services).is_none())
+    }
+
+    /// Frees every entry in use that `clear` picks; returns how many.
+    fn conntrack_clear_in_use_if(&mut self, clear: impl Fn(&FlowEntry) -> bool) -> Result<usize> {
+        let picked: Vec<u32> = self
             .conntrack_all()?
             .into_iter()
-            .filter(|(_, e)| !e.is_free() && conntrack_carry::carried(e, &services).is_none())
+            .filter(|(_, e)| !e.is_free() && clear(e))
             .map(|(i, _)| i)
             .collect();
-        for &index in &unreadable {
+        for &index in &picked {
             self.conntrack_clear(index)?;
         }
-        Ok(unreadable.len())
+        Ok(picked.len())
     }
 
     /// Frees entry `index` in place.
@@ -1274,16 +1279,7 @@ impl Dataplane {
     /// Frees every entry in use; returns how many. Their flows' next
     /// packets take the Maglev table.
     pub fn conntrack_clear_in_use(&mut self) -> Result<usize> {
-        let in_use: Vec<u32> = self
-            .conntrack_all()?
-            .into_iter()
-            .filter(|(_, e)| !e.is_free())
-            .map(|(i, _)| i)
-            .collect();
-        for &index in &in_use {
-            self.conntrack_clear(index)?;
-        }
-        Ok(in_use.len())
+        self.conntrack_clear_in_use_if(|_| true)
     }
 
     /// Removes the entries of `flows` (those still there); returns how many
