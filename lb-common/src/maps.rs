@@ -57,6 +57,9 @@ pub const SOURCE_BLOCKS: &str = "LB_SOURCE_BLOCKS";
 /// Each CPU's recent sources of limited services: bucket →
 /// [`crate::SourceRateBucket`] (per-CPU array).
 pub const SOURCE_RATES: &str = "LB_SOURCE_RATES";
+/// Each CPU's last reading of the coarse clock: 0 → [`crate::CoarseClock`]
+/// (per-CPU array).
+pub const COARSE_CLOCK: &str = "LB_COARSE_CLOCK";
 /// Each CPU's sample of limited sources: slot → [`crate::LimitedSource`]
 /// (per-CPU array).
 pub const LIMITED_SOURCES: &str = "LB_LIMITED_SOURCES";

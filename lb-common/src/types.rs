@@ -900,6 +900,21 @@ impl SourceLimit {
     }
 }
 
+/// Each CPU's reading of the kernel's coarse clock and the jiffy it was
+/// read in. Value of `LB_COARSE_CLOCK` (per CPU, one entry). Both advance
+/// in the same tick, so while `jiffies` stays the same the reading stands:
+/// the data plane reads `jiffies` (an inlined load) for every new flow a
+/// limit checks, and the clock (a helper call) once a tick.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct CoarseClock {
+    /// The kernel's `jiffies` when `ns` was read; 0: never read (jiffies
+    /// start far from 0).
+    pub jiffies: u64,
+    /// `bpf_ktime_get_coarse_ns` then.
+    pub ns: u64,
+}
+
 /// One source prefix's due time under its service's [`SourceLimit`].
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
@@ -1238,6 +1253,7 @@ const _: () = assert!(size_of::<SourceRateBucket>() == 64);
 const _: () = assert!(crate::limits::SOURCE_RATE_WAYS.is_power_of_two());
 const _: () = assert!(crate::limits::SOURCE_RATE_BUCKETS.is_power_of_two());
 const _: () = assert!(size_of::<LimitedSource>() == 32);
+const _: () = assert!(size_of::<CoarseClock>() == 16);
 const _: () = assert!(size_of::<SourceShape>() == 4);
 const _: () = assert!(size_of::<SourceBlock>() == 16);
 // One cache line a bucket; masks index the buckets.

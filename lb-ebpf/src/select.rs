@@ -3,8 +3,6 @@
 
 use core::ptr::NonNull;
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
-
 use lb_common::{
     ACL_DENY, BACKEND_F_UP, BackendValue, ConntrackSettings, Counter, FLOW_F_CLOSED,
     FLOW_GENERATION_MASK, FLOW_SEEN_MASK, FlowEntry, FlowKey, FlowValue, SERVICE_F_AFFINITY,
@@ -110,8 +108,7 @@ fn within_limit(
     // whole seconds, which would hold a limit whose burst is below its rate
     // to one flow a second; not `bpf_ktime_get_ns`, which cost 35-45 ns a
     // SYN in the benchmark against next to nothing for this.
-    // SAFETY: a helper without arguments.
-    let now_ns = unsafe { bpf_ktime_get_coarse_ns() };
+    let now_ns = maps::coarse_now_ns();
     if maps::take_source_rate(&limit, place, source_tag(hash), now_ns) {
         return Ok(());
     }

@@ -348,7 +348,7 @@ const UNUSED_LB_CAPACITY: Capacity = Capacity {
 
 /// Every map of the load balancer (the decapsulator's are its own,
 /// [`decap`]).
-const ALL_MAPS: [&str; 24] = [
+const ALL_MAPS: [&str; 25] = [
     names::SERVICES,
     names::SERVICE_SLOTS,
     names::SERVICE_INDEX,
@@ -372,6 +372,7 @@ const ALL_MAPS: [&str; 24] = [
     names::SOURCE_DROPS,
     names::SOURCE_LIMITS,
     names::SOURCE_RATES,
+    names::COARSE_CLOCK,
     names::LIMITED_SOURCES,
 ];
 
@@ -1384,8 +1385,8 @@ mod tests {
     #[test]
     fn the_objects_maps_are_the_shapes_lb_common_declares() {
         use lb_common::{
-            IcmpBudget, IcmpKind, ProbeTunnel, RingChunk, SourceBlockBucket, SourceKey,
-            SourceRateBucket, SourceShape,
+            CoarseClock, IcmpBudget, IcmpKind, ProbeTunnel, RingChunk, SourceBlockBucket,
+            SourceKey, SourceRateBucket, SourceShape,
             counters::DecapCounter,
             limits::{
                 INTERFACE_SLOTS, LIMITED_SOURCE_SLOTS, MAX_ACL_PREFIXES, MAX_ADDRESSES,
@@ -1397,7 +1398,7 @@ mod tests {
         /// An LPM trie's key: the prefix length, then the data.
         const PREFIX_LEN: usize = size_of::<u32>();
         let u32s = size_of::<u32>();
-        let want: [(&str, usize, usize, u32); 29] = [
+        let want: [(&str, usize, usize, u32); 30] = [
             (
                 names::SERVICES,
                 size_of::<ServiceKey>(),
@@ -1526,6 +1527,7 @@ mod tests {
                 size_of::<SourceRateBucket>(),
                 SOURCE_RATE_BUCKETS,
             ),
+            (names::COARSE_CLOCK, u32s, size_of::<CoarseClock>(), 1),
             (
                 names::LIMITED_SOURCES,
                 u32s,
