@@ -698,7 +698,7 @@ pub(crate) fn source_limit(service_id: u32) -> Option<SourceLimit> {
 /// `jiffies` next to nothing, and both advance in the same tick.
 #[inline(always)]
 pub(crate) fn coarse_now_ns() -> u64 {
-    // SAFETY: helpers without arguments.
+    // SAFETY (both helpers): no arguments.
     let jiffies = unsafe { bpf_jiffies64() };
     let Some(c) = LB_COARSE_CLOCK.get_ptr_mut(0) else {
         return unsafe { bpf_ktime_get_coarse_ns() };

@@ -107,7 +107,7 @@ fn within_limit(
     // The kernel's coarse clock (its last tick), not the data plane's
     // whole seconds, which would hold a limit whose burst is below its rate
     // to one flow a second; not `bpf_ktime_get_ns`, which cost 35-45 ns a
-    // SYN in the benchmark against next to nothing for this.
+    // SYN in the benchmark.
     let now_ns = maps::coarse_now_ns();
     if maps::take_source_rate(&limit, place, source_tag(hash), now_ns) {
         return Ok(());
