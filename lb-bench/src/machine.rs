@@ -1,8 +1,10 @@
 //! The machine a run measured: every figure is only meaningful next to it.
 
-use std::process::Command;
+use std::{process::Command, time::Instant};
 
 use serde::Serialize;
+
+use crate::procs;
 
 /// CPU, cores, kernel and how busy the machine was.
 #[derive(Clone, Debug, Serialize)]
@@ -25,6 +27,9 @@ pub struct Machine {
     pub loadavg_start: String,
     /// /proc/loadavg when the run ended (filled in at the end).
     pub loadavg_end: String,
+    /// The share of the pinned CPU's time that other work took while the
+    /// data plane was measured on it ([`OthersOnCpu`]), when that part ran.
+    pub others_on_pinned_cpu: Option<f64>,
 }
 
 fn read(path: &str) -> String {
@@ -65,6 +70,37 @@ pub(crate) fn describe(pinned_cpu: usize) -> Machine {
         ebpf_rustc,
         loadavg_start: loadavg(),
         loadavg_end: String::new(),
+        others_on_pinned_cpu: None,
+    }
+}
+
+/// What else ran on the CPU this process measures on: that CPU's busy
+/// time less this process's, over the wall time. Unlike the load average,
+/// it leaves out the benchmark's own thread and the build before it.
+pub(crate) struct OthersOnCpu {
+    cpu: usize,
+    busy_ns: u64,
+    own_ns: u64,
+    at: Instant,
+}
+
+impl OthersOnCpu {
+    /// Starts counting on CPU `cpu`.
+    pub(crate) fn start(cpu: usize) -> Self {
+        OthersOnCpu {
+            cpu,
+            busy_ns: procs::cpu_busy_ns(cpu),
+            own_ns: procs::process_cpu_ns(std::process::id()),
+            at: Instant::now(),
+        }
+    }
+
+    /// Their share of the CPU since [`OthersOnCpu::start`], 0 to 1.
+    pub(crate) fn share(&self) -> f64 {
+        let busy = procs::cpu_busy_ns(self.cpu).saturating_sub(self.busy_ns);
+        let own = procs::process_cpu_ns(std::process::id()).saturating_sub(self.own_ns);
+        let wall = self.at.elapsed().as_nanos().max(1) as f64;
+        (busy.saturating_sub(own) as f64 / wall).clamp(0.0, 1.0)
     }
 }
 

@@ -188,7 +188,9 @@ fn run(cli: &Cli) -> Result<()> {
             .baseline_rev
             .as_deref()
             .zip(cli.baseline_object.as_deref());
+        let others = machine::OthersOnCpu::start(cpu);
         results.dataplane = Some(dataplane::run(&plan(cli), baseline)?);
+        results.machine.others_on_pinned_cpu = Some(others.share());
     }
     if wanted(cli, "live") {
         results.live = Some(live::run(live::Plan::new(cli.quick))?);

@@ -146,8 +146,19 @@ fn process_group(pid: u32) -> Option<u32> {
 /// CPU time the whole machine spent busy (not idle or waiting for I/O),
 /// ns, from /proc/stat.
 pub(crate) fn machine_busy_ns() -> u64 {
+    busy_ns("cpu ")
+}
+
+/// CPU time CPU `cpu` spent busy, ns, from /proc/stat.
+pub(crate) fn cpu_busy_ns(cpu: usize) -> u64 {
+    busy_ns(&format!("cpu{cpu} "))
+}
+
+/// Busy time of /proc/stat's line starting with `prefix`, ns (0 without
+/// it).
+fn busy_ns(prefix: &str) -> u64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+    let Some(line) = stat.lines().find(|l| l.starts_with(prefix)) else {
         return 0;
     };
     let ticks: Vec<u64> = line
@@ -179,5 +190,6 @@ mod tests {
         assert!(process_group(pid).is_some());
         assert!(process_cpu_ns(pid) > 0);
         assert!(machine_busy_ns() > 0);
+        assert!(cpu_busy_ns(0) > 0);
     }
 }

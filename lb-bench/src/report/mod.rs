@@ -22,9 +22,9 @@ use crate::{
     stats::Summary,
 };
 
-/// One-minute load average above which the report warns that the machine
-/// was shared during the run.
-const BUSY_LOADAVG: f64 = 0.5;
+/// The share of the pinned CPU that other work may take while the data
+/// plane is measured before the report warns that the machine was shared.
+const BUSY_SHARE: f64 = 0.05;
 
 /// The issue's goals, as ratios to the parse-and-swap floor.
 const GOALS: [(Path, f64); 4] = [
@@ -123,13 +123,6 @@ fn cell(c: Option<&CaseResult>) -> String {
     }
 }
 
-fn loadavg_1min(s: &str) -> f64 {
-    s.split_whitespace()
-        .next()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn header(out: &mut String, r: &Results) {
     let m = &r.machine;
     let mut command = "cargo xtask bench".to_owned();
@@ -162,15 +155,23 @@ fn header(out: &mut String, r: &Results) {
         "| load average | {} at the start, {} at the end |\n",
         m.loadavg_start, m.loadavg_end
     );
-    let busy = loadavg_1min(&m.loadavg_start).max(loadavg_1min(&m.loadavg_end));
-    if busy > BUSY_LOADAVG {
+    if let Some(others) = m.others_on_pinned_cpu {
         let _ = writeln!(
             out,
-            "> **The machine was shared during this run** (load average {busy:.2}): other \
-             work competed for the CPUs and their caches, so the figures are noisier \
-             (see the spread columns) and likely higher than on an idle machine. Make \
-             the figures of record with `cargo xtask bench` on an idle machine.\n"
+            "Other work took {:.1} % of CPU {} while the data plane was measured on it \
+             (its busy time in /proc/stat less this process's).\n",
+            100.0 * others,
+            m.pinned_cpu
         );
+        if others > BUSY_SHARE {
+            let _ = writeln!(
+                out,
+                "> **The machine was shared during this run**: other work competed for \
+                 the measured CPU and its caches, so the figures are noisier (see the \
+                 spread columns) and likely higher than on an idle machine. Make the \
+                 figures of record with `cargo xtask bench` on an idle machine.\n"
+            );
+        }
     }
     if r.quick {
         let _ = writeln!(
