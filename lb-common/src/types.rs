@@ -901,10 +901,9 @@ impl SourceLimit {
 }
 
 /// Each CPU's reading of the kernel's coarse clock and the jiffy it was
-/// read in. Value of `LB_COARSE_CLOCK` (per CPU, one entry). Both advance
-/// in the same tick, so while `jiffies` stays the same the reading stands:
-/// the data plane reads `jiffies` (an inlined load) for every new flow a
-/// limit checks, and the clock (a helper call) once a tick.
+/// read in, which the data plane keeps so that it calls the clock's helper
+/// once a tick (docs/dataplane.md). Value of `LB_COARSE_CLOCK` (per CPU,
+/// one entry).
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
 pub struct CoarseClock {
