@@ -144,6 +144,66 @@ impl Counter {
     }
 }
 
+impl Counter {
+    /// The way a packet forwarded under this counter left, if it is one of
+    /// the forward counters: those the data plane counts in the backend's
+    /// [`crate::BackendStats`] only, not in `LB_COUNTERS`, so that a
+    /// forwarded packet costs one counters update. User space adds the
+    /// backends' counts to them.
+    pub const fn forward_way(self) -> Option<ForwardWay> {
+        match self {
+            Counter::ForwardDsr => Some(ForwardWay::Dsr),
+            Counter::ForwardIpip => Some(ForwardWay::Ipip),
+            Counter::ForwardGue => Some(ForwardWay::Gue),
+            Counter::RedirectBackend => Some(ForwardWay::Redirect),
+            Counter::ForwardIcmpError => Some(ForwardWay::IcmpError),
+            _ => None,
+        }
+    }
+}
+
+/// How a packet left for its backend: the index into
+/// [`crate::BackendStats::forwarded`], one per forward [`Counter`].
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ForwardWay {
+    /// [`Counter::ForwardDsr`].
+    Dsr = 0,
+    /// [`Counter::ForwardIpip`].
+    Ipip = 1,
+    /// [`Counter::ForwardGue`].
+    Gue = 2,
+    /// [`Counter::RedirectBackend`].
+    Redirect = 3,
+    /// [`Counter::ForwardIcmpError`].
+    IcmpError = 4,
+}
+
+impl ForwardWay {
+    /// Number of ways.
+    pub const COUNT: usize = 5;
+
+    /// Every way, in index order.
+    pub const ALL: [ForwardWay; Self::COUNT] = [
+        ForwardWay::Dsr,
+        ForwardWay::Ipip,
+        ForwardWay::Gue,
+        ForwardWay::Redirect,
+        ForwardWay::IcmpError,
+    ];
+
+    /// The global counter this way's packets are counted under.
+    pub const fn counter(self) -> Counter {
+        match self {
+            ForwardWay::Dsr => Counter::ForwardDsr,
+            ForwardWay::Ipip => Counter::ForwardIpip,
+            ForwardWay::Gue => Counter::ForwardGue,
+            ForwardWay::Redirect => Counter::RedirectBackend,
+            ForwardWay::IcmpError => Counter::ForwardIcmpError,
+        }
+    }
+}
+
 /// What the decapsulation program did with a packet; index into `LB_DECAP_COUNTERS`.
 #[repr(u32)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -189,5 +249,23 @@ impl DecapCounter {
             DecapCounter::DropForeignSource => "drop_foreign_source",
             DecapCounter::DropNotVip => "drop_not_vip",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_forward_counter_is_one_way_and_each_way_one_forward_counter() {
+        for (i, way) in ForwardWay::ALL.iter().enumerate() {
+            assert_eq!(*way as usize, i, "ALL is in index order");
+            assert_eq!(way.counter().forward_way(), Some(*way));
+        }
+        let forwards = Counter::ALL
+            .iter()
+            .filter(|c| c.forward_way().is_some())
+            .count();
+        assert_eq!(forwards, ForwardWay::COUNT);
     }
 }

@@ -20,5 +20,5 @@ pub mod maps;
 pub mod types;
 pub mod wire;
 
-pub use counters::Counter;
+pub use counters::{Counter, ForwardWay};
 pub use types::*;

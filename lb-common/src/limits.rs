@@ -59,6 +59,13 @@ pub const DEFAULT_MAX_SERVICES: u32 = 64;
 /// backend in 16 bits.
 pub const DEFAULT_MAX_BACKENDS: u32 = 4_096;
 
+/// Entries of the per-backend counters map for these capacities: one per
+/// backend id, then the counts user space keeps of the backends it
+/// released, one entry per service id and one for removed services.
+pub const fn backend_stats_entries(max_backends: u32, max_services: u32) -> u32 {
+    max_backends + max_services + 1
+}
+
 /// Default slots of the rings map (see [`DEFAULT_MAX_SERVICES`]).
 pub const DEFAULT_RING_SLOTS: u32 = (DEFAULT_MAX_SERVICES + 1) * DEFAULT_RING_SIZE
     + SPARE_RING_SLOTS_PER_BACKEND * DEFAULT_MAX_BACKENDS;

@@ -37,9 +37,16 @@ pub const EGRESS: &str = "LB_EGRESS";
 pub const ICMP_BUDGET: &str = "LB_ICMP_BUDGET";
 /// Global reasons: [`crate::Counter`] → u64 (per-CPU array).
 pub const COUNTERS: &str = "LB_COUNTERS";
-/// Per-service counters: service id → [`crate::ServiceStats`] (per-CPU array).
-pub const SERVICE_STATS: &str = "LB_SERVICE_STATS";
-/// Per-backend counters: backend id → [`crate::BackendStats`] (per-CPU array).
+/// Per-service counters (packets, bytes, Maglev lookups, drops; per-CPU
+/// array) of versions before a forward was counted in its backend's
+/// counters only: what a pin of that name holds.
+pub const FORMER_SERVICE_STATS: &str = "LB_SERVICE_STATS";
+/// Per-service drops (packets matched to the service and then dropped):
+/// service id → u64 (per-CPU array).
+pub const SERVICE_DROPS: &str = "LB_SERVICE_DROPS";
+/// Per-backend counters: backend id → [`crate::BackendStats`] (per-CPU
+/// array), and after the backends the counts user space keeps of backends
+/// it released (docs/dataplane.md).
 pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
 /// Services' source lists: `lpm_trie::Key<`[`crate::AclKey`]`>` →
 /// [`crate::ACL_DENY`] or [`crate::ACL_ALLOW`] (LPM trie).

@@ -4,8 +4,12 @@
 
 use core::{mem::size_of, net::IpAddr};
 
-use crate::limits::{
-    CONNTRACK_BUCKET_GROUP, CONNTRACK_WAYS, CONNTRACK_WAYS_PER_LINE, NO_SERVICE, SERVICE_INDEX_WAYS,
+use crate::{
+    counters::ForwardWay,
+    limits::{
+        CONNTRACK_BUCKET_GROUP, CONNTRACK_WAYS, CONNTRACK_WAYS_PER_LINE, NO_SERVICE,
+        SERVICE_INDEX_WAYS,
+    },
 };
 
 /// Address family tag for IPv4 in keys and values (not the libc `AF_*` value).
@@ -1135,45 +1139,44 @@ impl LimitedSource {
     }
 }
 
-/// Per-service counters (per CPU). Value of `LB_SERVICE_STATS`.
-#[repr(C)]
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
-pub struct ServiceStats {
-    /// Packets forwarded.
-    pub packets: u64,
-    /// Bytes forwarded, as received (before encapsulation).
-    pub bytes: u64,
-    /// Flows that took a Maglev lookup (connection-table miss or TCP SYN).
-    pub new_flows: u64,
-    /// Packets matched to the service and then dropped: no backend in
-    /// rotation, too big to encapsulate, or no way out to the backend. The
-    /// reason is in the global counters; drops before a packet is matched
-    /// (malformed headers, fragments) are there only.
-    pub drops: u64,
-}
-
-impl ServiceStats {
-    /// The sum of per-CPU values.
-    pub fn total<'a>(per_cpu: impl IntoIterator<Item = &'a ServiceStats>) -> ServiceStats {
-        per_cpu
-            .into_iter()
-            .fold(ServiceStats::default(), |a, s| ServiceStats {
-                packets: a.packets + s.packets,
-                bytes: a.bytes + s.bytes,
-                new_flows: a.new_flows + s.new_flows,
-                drops: a.drops + s.drops,
-            })
-    }
-}
-
-/// Per-backend counters (per CPU). Value of `LB_BACKEND_STATS`.
+/// Per-backend counters (per CPU). Value of `LB_BACKEND_STATS`: the one
+/// counters update of a forwarded packet. A service's forwards are the sum
+/// of its backends', and the global forward counters the sum of all
+/// backends'; user space adds them up (see docs/dataplane.md).
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
 pub struct BackendStats {
-    /// Packets forwarded to the backend.
-    pub packets: u64,
-    /// Bytes forwarded, as received.
+    /// Packets forwarded to the backend, by [`ForwardWay`].
+    pub forwarded: [u64; ForwardWay::COUNT],
+    /// Bytes forwarded, as received (before encapsulation).
     pub bytes: u64,
+    /// Flows that took a Maglev lookup (connection-table miss or TCP SYN)
+    /// and were forwarded to the backend.
+    pub new_flows: u64,
+}
+
+impl BackendStats {
+    /// Packets forwarded, every way.
+    pub fn packets(&self) -> u64 {
+        self.forwarded.iter().sum()
+    }
+
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &BackendStats) {
+        for (a, b) in self.forwarded.iter_mut().zip(other.forwarded) {
+            *a += b;
+        }
+        self.bytes += other.bytes;
+        self.new_flows += other.new_flows;
+    }
+
+    /// The sum of `stats` (per-CPU values, or backends).
+    pub fn total<'a>(stats: impl IntoIterator<Item = &'a BackendStats>) -> BackendStats {
+        stats.into_iter().fold(BackendStats::default(), |mut a, s| {
+            a.add(s);
+            a
+        })
+    }
 }
 
 /// How lb's probes to one backend of an `ipip` or `gue` service are put in
@@ -1240,8 +1243,7 @@ const _: () = assert!(crate::limits::MAX_PORTS <= (u8::MAX >> BACKEND_PORT_SHIFT
 const _: () = assert!(BACKEND_F_UP < 1 << BACKEND_PORT_SHIFT);
 const _: () = assert!(size_of::<ConntrackSettings>() == 24);
 const _: () = assert!(size_of::<ConntrackStats>() == 32);
-const _: () = assert!(size_of::<ServiceStats>() == 32);
-const _: () = assert!(size_of::<BackendStats>() == 16);
+const _: () = assert!(size_of::<BackendStats>() == 56);
 const _: () = assert!(size_of::<ProbeTunnel>() == 36);
 const _: () = assert!(size_of::<AclKey>() == 21 && align_of::<AclKey>() == 1);
 const _: () = assert!(size_of::<SourceDrops>() == 24);
@@ -1281,7 +1283,6 @@ mod pod {
     unsafe impl aya::Pod for IcmpBudget {}
     unsafe impl aya::Pod for ConntrackSettings {}
     unsafe impl aya::Pod for ConntrackStats {}
-    unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for ProbeTunnel {}
     unsafe impl aya::Pod for AclKey {}

@@ -39,7 +39,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use lb_common::{
-    AddrKey, Counter, FlowKey, Interface, SERVICE_F_GUE, SERVICE_F_TUNNEL, ServiceValue,
+    AddrKey, Counter, FlowKey, ForwardWay, Interface, SERVICE_F_GUE, SERVICE_F_TUNNEL,
+    ServiceValue,
     wire::{ETH_P_IP, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
 };
 
@@ -59,7 +60,10 @@ pub(crate) fn lb_xdp(ctx: XdpContext) -> u32 {
     let counter = match balance(&ctx) {
         Ok(c) | Err(c) => c,
     };
-    maps::count(counter);
+    // A forward is counted once, in its backend's stats (`deliver`).
+    if counter.forward_way().is_none() {
+        maps::count(counter);
+    }
     let action = action(counter);
     if action == xdp_action::XDP_DROP {
         log_drop(&ctx, counter);
@@ -246,6 +250,8 @@ fn deliver(
     relayed: bool,
 ) -> Result<Counter, Counter> {
     let out = egress(iface, choice)?;
+    // As received, before any tunnel header.
+    let bytes = frame_len(ctx) as u64;
     match forward(ctx, ip, &out, service, choice) {
         // Never for relayed ICMP errors: never an error about an error
         // (RFC 1122 §3.2.2), so those are only dropped.
@@ -255,13 +261,15 @@ fn deliver(
         }
         done => done?,
     }
-    Ok(match (out.redirect, relayed, tunnel(service)) {
-        (Some(_), _, _) => Counter::RedirectBackend,
-        (None, true, _) => Counter::ForwardIcmpError,
-        (None, false, None) => Counter::ForwardDsr,
-        (None, false, Some(Tunnel::Ipip)) => Counter::ForwardIpip,
-        (None, false, Some(Tunnel::Gue)) => Counter::ForwardGue,
-    })
+    let way = match (out.redirect, relayed, tunnel(service)) {
+        (Some(_), _, _) => ForwardWay::Redirect,
+        (None, true, _) => ForwardWay::IcmpError,
+        (None, false, None) => ForwardWay::Dsr,
+        (None, false, Some(Tunnel::Ipip)) => ForwardWay::Ipip,
+        (None, false, Some(Tunnel::Gue)) => ForwardWay::Gue,
+    };
+    maps::count_forward(choice.id, way, bytes, choice.new_flow);
+    Ok(way.counter())
 }
 
 /// Where a frame to a backend leaves: the interface, and the port to
@@ -356,7 +364,7 @@ fn answer_echo(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
 }
 
 /// Sends the packet to the chosen backend by the service's mode, out of
-/// `out`, and counts it in the service's and backend's stats.
+/// `out`.
 #[inline(always)]
 fn forward(
     ctx: &XdpContext,
@@ -365,7 +373,6 @@ fn forward(
     service: &ServiceValue,
     choice: &Choice,
 ) -> Result<(), Counter> {
-    let bytes = frame_len(ctx) as u64;
     if let Some(t) = tunnel(service) {
         let settings = maps::settings().ok_or(Counter::DropNoBackend)?;
         forward::encapsulate(ctx, ip, choice, out.iface, settings, t)?;
@@ -378,7 +385,6 @@ fn forward(
         // Detached since `egress` found it.
         return Err(Counter::DropNoEgress);
     }
-    maps::count_forward(service.id, choice.id, bytes, choice.new_flow);
     Ok(())
 }
 

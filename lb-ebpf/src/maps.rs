@@ -15,9 +15,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     AclKey, Addr, AddrKey, BLOCK_MIXED, BackendStats, BackendValue, CoarseClock, ConntrackSettings,
-    ConntrackStats, Counter, FLOW_SEEN_MASK, FlowEntry, FlowKey, FlowValue, IcmpBudget, IcmpKind,
-    Interface, LimitedSource, ProbeTunnel, RingChunk, ServiceIndexEntry, ServiceKey, ServiceSlot,
-    ServiceStats, ServiceValue, Settings, SourceBlock, SourceBlockBucket, SourceDrops, SourceKey,
+    ConntrackStats, Counter, FLOW_SEEN_MASK, FlowEntry, FlowKey, FlowValue, ForwardWay, IcmpBudget,
+    IcmpKind, Interface, LimitedSource, ProbeTunnel, RingChunk, ServiceIndexEntry, ServiceKey,
+    ServiceSlot, ServiceValue, Settings, SourceBlock, SourceBlockBucket, SourceDrops, SourceKey,
     SourceLimit, SourceRateBucket, SourceShape,
     counters::DecapCounter,
     flow_buckets,
@@ -116,15 +116,18 @@ static LB_ICMP_BUDGET: PerCpuArray<IcmpBudget> = PerCpuArray::with_max_entries(I
 #[map]
 static LB_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
-/// Per-service counters.
+/// Per-service drops.
 #[map]
-static LB_SERVICE_STATS: PerCpuArray<ServiceStats> =
+static LB_SERVICE_DROPS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(limits::DEFAULT_MAX_SERVICES, 0);
 
-/// Per-backend counters.
+/// Per-backend counters: a forwarded packet's only counters update. User
+/// space sizes it with room after the backends for counts it keeps.
 #[map]
-static LB_BACKEND_STATS: PerCpuArray<BackendStats> =
-    PerCpuArray::with_max_entries(limits::DEFAULT_MAX_BACKENDS, 0);
+static LB_BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entries(
+    limits::backend_stats_entries(limits::DEFAULT_MAX_BACKENDS, limits::DEFAULT_MAX_SERVICES),
+    0,
+);
 
 /// Services' source lists: each prefix with the list it is in.
 #[map]
@@ -570,22 +573,17 @@ pub(crate) fn count(c: Counter) {
     }
 }
 
-/// Accounts a forwarded packet to its service and backend.
+/// Accounts a forwarded packet to its backend: the service's and the
+/// global forward counts are sums of these, which user space adds up.
 #[inline(always)]
-pub(crate) fn count_forward(service_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
-    if let Some(s) = LB_SERVICE_STATS.get_ptr_mut(service_id) {
-        // SAFETY: per-CPU value.
-        unsafe {
-            (*s).packets += 1;
-            (*s).bytes += bytes;
-            (*s).new_flows += u64::from(new_flow);
-        }
-    }
+pub(crate) fn count_forward(backend_id: u32, way: ForwardWay, bytes: u64, new_flow: bool) {
     if let Some(b) = LB_BACKEND_STATS.get_ptr_mut(backend_id) {
-        // SAFETY: per-CPU value.
+        // SAFETY: per-CPU value. `way` indexes `forwarded` within bounds
+        // (an enum of `ForwardWay::COUNT` values).
         unsafe {
-            (*b).packets += 1;
+            (*b).forwarded[way as usize] += 1;
             (*b).bytes += bytes;
+            (*b).new_flows += u64::from(new_flow);
         }
     }
 }
@@ -593,9 +591,9 @@ pub(crate) fn count_forward(service_id: u32, backend_id: u32, bytes: u64, new_fl
 /// Counts a drop of a packet matched to service `service_id`.
 #[inline(always)]
 pub(crate) fn count_service_drop(service_id: u32) {
-    if let Some(s) = LB_SERVICE_STATS.get_ptr_mut(service_id) {
+    if let Some(d) = LB_SERVICE_DROPS.get_ptr_mut(service_id) {
         // SAFETY: per-CPU value.
-        unsafe { (*s).drops += 1 };
+        unsafe { *d += 1 };
     }
 }
 

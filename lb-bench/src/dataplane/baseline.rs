@@ -28,10 +28,10 @@ use aya::{
     maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray},
     programs::{ProgramFd, Xdp},
 };
-use lb::dataplane::Capacity;
+use lb::dataplane::{Capacity, ServiceStats};
 use lb_common::{
-    AddrKey, BackendValue, ConntrackSettings, Counter, Interface, RingChunk, ServiceKey,
-    ServiceSlot, ServiceStats, ServiceValue, Settings,
+    AddrKey, BackendStats, BackendValue, ConntrackSettings, Counter, ForwardWay, Interface,
+    RingChunk, ServiceKey, ServiceSlot, ServiceValue, Settings,
     hash::vip_filter_bit,
     interface_slot,
     limits::{DEFAULT_RING_SIZE, RING_CHUNK_SLOTS},
@@ -177,46 +177,76 @@ impl<V: aya::Pod, const N: usize> Prefixed<V, N> {
     }
 }
 
-/// The baseline's per-service counters: this tree's layout, or that of a
-/// revision before per-service drops (packets, bytes and new flows only).
+/// The baseline's forward counters: per service (packets, bytes, new flows
+/// and drops, or before per-service drops the first three), or, from the
+/// revision that counts a forward once, per backend as this tree does.
 enum ServiceCounters {
-    Current(PerCpuArray<MapData, ServiceStats>),
+    WithDrops(PerCpuArray<MapData, [u64; 4]>),
     BeforeDrops(PerCpuArray<MapData, [u64; 3]>),
+    PerBackend(PerCpuArray<MapData, BackendStats>),
 }
 
 impl ServiceCounters {
     fn take(ebpf: &mut Ebpf) -> Result<Self> {
-        let name = names::SERVICE_STATS;
+        if ebpf.map(names::FORMER_SERVICE_STATS).is_none() {
+            return Ok(ServiceCounters::PerBackend(take(
+                ebpf,
+                OBJECT,
+                names::BACKEND_STATS,
+            )?));
+        }
+        let name = names::FORMER_SERVICE_STATS;
         let (map, value_size) = take_sized(ebpf, name)?;
         let layout = || format!("map {name} of {OBJECT} has another layout");
         Ok(if value_size == size_of::<[u64; 3]>() {
             ServiceCounters::BeforeDrops(PerCpuArray::try_from(map).with_context(layout)?)
         } else {
-            ServiceCounters::Current(PerCpuArray::try_from(map).with_context(layout)?)
+            ServiceCounters::WithDrops(PerCpuArray::try_from(map).with_context(layout)?)
         })
     }
 
-    fn total(&self, id: u32) -> Result<ServiceStats> {
-        Ok(match self {
-            ServiceCounters::Current(a) => ServiceStats::total(a.get(&id, 0)?.iter()),
-            ServiceCounters::BeforeDrops(a) => {
-                let per_cpu: Vec<ServiceStats> = a
-                    .get(&id, 0)?
-                    .iter()
-                    .map(|&[packets, bytes, new_flows]| ServiceStats {
-                        packets,
-                        bytes,
-                        new_flows,
-                        drops: 0,
-                    })
-                    .collect();
-                ServiceStats::total(&per_cpu)
+    /// Service `id`'s forwards (its backends are `members`); drops only
+    /// where the revision counts them per service.
+    fn total(&self, id: u32, members: &[u32]) -> Result<ServiceStats> {
+        let mut sum = ServiceStats::default();
+        let mut add = |[packets, bytes, new_flows, drops]: [u64; 4]| {
+            sum.packets += packets;
+            sum.bytes += bytes;
+            sum.new_flows += new_flows;
+            sum.drops += drops;
+        };
+        match self {
+            ServiceCounters::WithDrops(a) => a.get(&id, 0)?.iter().for_each(|&v| add(v)),
+            ServiceCounters::BeforeDrops(a) => a
+                .get(&id, 0)?
+                .iter()
+                .for_each(|&[p, b, n]| add([p, b, n, 0])),
+            ServiceCounters::PerBackend(a) => {
+                for b in members {
+                    for s in a.get(b, 0)?.iter() {
+                        add([s.packets(), s.bytes, s.new_flows, 0]);
+                    }
+                }
             }
-        })
+        }
+        Ok(sum)
+    }
+
+    /// Packets forwarded to `backends` by each way, in revisions that
+    /// count forwards per backend only (else none: `LB_COUNTERS` has them).
+    fn forwarded(&self, backends: &[u32]) -> Result<[u64; ForwardWay::COUNT]> {
+        let mut sum = BackendStats::default();
+        if let ServiceCounters::PerBackend(a) = self {
+            for b in backends {
+                for s in a.get(b, 0)?.iter() {
+                    sum.add(s);
+                }
+            }
+        }
+        Ok(sum.forwarded)
     }
 }
 
-/// Map `name` of the baseline, with its value size (0 unless an array).
 fn take_sized(ebpf: &mut Ebpf, name: &str) -> Result<(aya::maps::Map, usize)> {
     let map = ebpf
         .take_map(name)
@@ -461,24 +491,27 @@ impl Baseline {
     }
 
     /// Global counters summed over CPUs, in `Counter::ALL` order: those the
-    /// baseline has (a counter added since reads as zero).
-    pub(crate) fn counters(&self) -> Result<Vec<(Counter, u64)>> {
+    /// baseline has (a counter added since reads as zero), the forward ones
+    /// with those of `backends` where it counts them per backend.
+    pub(crate) fn counters(&self, backends: &[u32]) -> Result<Vec<(Counter, u64)>> {
         let have = self.counters.map().info()?.max_entries();
+        let forwarded = self.service_stats.forwarded(backends)?;
         Counter::ALL
             .iter()
             .map(|&c| {
-                let n = if (c as u32) < have {
+                let n: u64 = if (c as u32) < have {
                     self.counters.get(&(c as u32), 0)?.iter().sum()
                 } else {
                     0
                 };
-                Ok((c, n))
+                Ok((c, n + c.forward_way().map_or(0, |w| forwarded[w as usize])))
             })
             .collect()
     }
 
-    /// Counters of service `id`, summed over CPUs.
-    pub(crate) fn service_stats(&self, id: u32) -> Result<ServiceStats> {
-        self.service_stats.total(id)
+    /// Counters of service `id`, whose backends are `members`, summed over
+    /// CPUs.
+    pub(crate) fn service_stats(&self, id: u32, members: &[u32]) -> Result<ServiceStats> {
+        self.service_stats.total(id, members)
     }
 }

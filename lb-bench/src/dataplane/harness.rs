@@ -13,17 +13,15 @@ use aya::{
     maps::{Array, MapData, PerCpuArray, PerCpuValues, ProgramArray},
     programs::{ProgramFd, TestRun as _, TestRunOptions, Xdp},
 };
-use lb::dataplane::Capacity;
+use lb::dataplane::{Capacity, ServiceStats};
 use lb_bench_ebpf::{
     FRAME_LEN, LruCounter, MAP_LRU, MAP_LRU_COUNTERS, MAP_RESET_CONFIG, MAP_RESET_STATE,
     MAP_SINK_COUNT, MAP_TARGET, PROG_LRU_INSERT, PROG_LRU_LOOKUP, PROG_PASS, PROG_RESET, PROG_SINK,
     PROG_SWAP, ResetConfig, ResetState, TARGET_SLOT,
 };
-use std::{net::IpAddr, path::Path};
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
-use lb_common::{
-    ConntrackSettings, Counter, ServiceKey, ServiceStats, limits::DEFAULT_RING_SIZE, maps::PROG_LB,
-};
+use lb_common::{ConntrackSettings, Counter, ServiceKey, limits::DEFAULT_RING_SIZE, maps::PROG_LB};
 use lb_tests::lab::{LB_MAC, Lab, lab_settings};
 
 use super::baseline::Baseline;
@@ -152,6 +150,9 @@ pub(crate) struct Harness {
     nr_cpus: usize,
     /// The next flow index no run has used.
     fresh: u32,
+    /// Each service's backends, by service id: the service's forward
+    /// counts are theirs.
+    members: BTreeMap<u32, Vec<u32>>,
 }
 
 /// Map `name` of `object` (which the messages name) as a `T`.
@@ -229,6 +230,7 @@ impl Harness {
             bench_fds,
             nr_cpus,
             fresh: 0,
+            members: BTreeMap::new(),
         })
     }
 
@@ -255,6 +257,8 @@ impl Harness {
         members: &[(u32, u32)],
     ) -> Result<Vec<u32>> {
         let ring = self.lab.service(id, key, flags, members)?;
+        self.members
+            .insert(id, members.iter().map(|&(b, _)| b).collect());
         self.mirror_service(&key, &ring)?;
         Ok(ring)
     }
@@ -480,9 +484,10 @@ impl Harness {
             _ => None,
         };
         let stats = |id| -> Result<ServiceStats> {
+            let members = self.members.get(&id).map_or(&[][..], Vec::as_slice);
             match baseline {
-                Some(b) => b.service_stats(id),
-                None => self.lab.dp.service_stats(id),
+                Some(b) => b.service_stats(id, members),
+                None => self.lab.dp.service_stats(id, members),
             }
         };
         let (new_flows, packets) = match expect.new_flows {
@@ -494,7 +499,10 @@ impl Harness {
         };
         Ok(Snapshot {
             counters: match baseline {
-                Some(b) => b.counters()?,
+                Some(b) => {
+                    let all: Vec<u32> = self.members.values().flatten().copied().collect();
+                    b.counters(&all)?
+                }
                 None => self.lab.dp.counters()?,
             },
             lru,

@@ -34,7 +34,7 @@ use super::{
 use crate::{
     agent,
     config::{self, Affinity, Desired, Mode, Via},
-    dataplane::{Dataplane, Prefix, SourceEntries},
+    dataplane::{Dataplane, Prefix, ServiceStats, SourceEntries},
     feedback,
     fleet::{
         registry::Refused,
@@ -462,6 +462,14 @@ fn moved(old: &[u32], new: &[u32]) -> usize {
     old.iter().zip(new).filter(|(a, b)| a != b).count()
 }
 
+/// The backends (with their services' ids) and services a change
+/// released, by id.
+#[derive(Default)]
+struct Released {
+    backends: Vec<(u32, u32)>,
+    services: Vec<u32>,
+}
+
 /// Lowest free ids below a capacity.
 struct IdPool(BTreeSet<u32>);
 
@@ -669,8 +677,10 @@ impl Controller {
             );
             self.desired.services.insert(name.clone(), cfg.clone());
         }
+        let mut removed = Vec::new();
         for key in self.dp.service_keys()? {
             if !wanted.contains(&key) {
+                removed.extend(self.dp.service(&key)?.map(|v| v.id));
                 self.dp.remove_service(&key)?;
                 info!(
                     ?key,
@@ -678,7 +688,8 @@ impl Controller {
                 );
             }
         }
-        // Backend slots nobody holds must not honour old flows.
+        // Backend slots nobody holds must not honour old flows; their counts
+        // are kept with the removed services'.
         let held: BTreeSet<u32> = self
             .services
             .values()
@@ -690,7 +701,11 @@ impl Controller {
                 if v.flags != 0 {
                     self.dp.set_backend(id, &BackendValue { flags: 0, ..v })?;
                 }
+                self.dp.release_backend_stats(id, None)?;
             }
+        }
+        for id in removed {
+            self.dp.release_service_stats(id)?;
         }
         Ok(())
     }
@@ -703,6 +718,12 @@ impl Controller {
     /// The services.
     pub fn services(&self) -> &BTreeMap<String, ServiceState> {
         &self.services
+    }
+
+    /// Counters of service `s`: its drops and its backends' forwards.
+    pub fn service_stats(&self, s: &ServiceState) -> Result<ServiceStats> {
+        let backends: Vec<u32> = s.backends.values().map(|b| b.id).collect();
+        self.dp.service_stats(s.id, &backends)
     }
 
     /// The data plane (for counters).
@@ -1343,12 +1364,15 @@ impl Controller {
         relisted: &BTreeSet<u32>,
     ) -> Result<()> {
         // Services going away: out of the data plane, then their backends.
+        let mut released = Released::default();
         for name in gone {
             if let Some(old) = self.services.remove(name) {
                 self.dp.remove_service(&service_key(&old.config))?;
                 for b in old.backends.values() {
                     self.release_backend(b)?;
+                    released.backends.push((b.id, old.id));
                 }
+                released.services.push(old.id);
             }
         }
         // Source lists: new prefixes in before a service's flags name its
@@ -1368,9 +1392,11 @@ impl Controller {
                     .into_iter()
                     .filter(|(ip, _)| !kept.contains_key(ip))
                     .collect();
+                let service = self.services[&name].id;
                 for (ip, b) in removed {
                     info!(service = %name, backend = %ip, "backend removed");
                     self.release_backend(&b)?;
+                    released.backends.push((b.id, service));
                     if b.registered.is_none() {
                         deleted.insert((name.clone(), ip));
                     }
@@ -1386,7 +1412,30 @@ impl Controller {
         self.runtime.retain(|svc, ip| {
             services.contains_key(svc) && !deleted.contains(&(svc.to_string(), ip))
         });
-        self.persist()
+        self.persist()?;
+        self.keep_counts(&released);
+        Ok(())
+    }
+
+    /// Moves the counts of backends and services a committed change
+    /// released to where they are kept ([`Dataplane::release_backend_stats`]).
+    /// Only once the change is whole: one undone would have its backends
+    /// back with their counts. A failure leaves the counts with the id, for
+    /// its next holder, and is not the change's.
+    fn keep_counts(&mut self, released: &Released) {
+        let moved = released
+            .backends
+            .iter()
+            .try_for_each(|&(id, service)| self.dp.release_backend_stats(id, Some(service)))
+            .and_then(|()| {
+                released
+                    .services
+                    .iter()
+                    .try_for_each(|&id| self.dp.release_service_stats(id))
+            });
+        if let Err(e) = moved {
+            warn!(error = %format!("{e:#}"), "counts of released backends not kept apart");
+        }
     }
 
     /// Runs `change`, which writes the data plane. If it fails, puts the

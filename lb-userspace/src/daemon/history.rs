@@ -58,7 +58,7 @@ impl Sample {
         let dp = ctl.dataplane();
         let mut counts = BTreeMap::new();
         for (name, s) in ctl.services() {
-            let st = dp.service_stats(s.id)?;
+            let st = ctl.service_stats(s)?;
             counts.insert(
                 Key::Service(name.clone()),
                 Counts {
@@ -73,7 +73,7 @@ impl Sample {
                 counts.insert(
                     Key::Backend(name.clone(), *ip),
                     Counts {
-                        packets: st.packets,
+                        packets: st.packets(),
                         bytes: st.bytes,
                         ..Counts::default()
                     },

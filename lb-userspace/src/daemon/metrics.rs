@@ -406,7 +406,7 @@ pub(crate) fn render(
         let l = ServiceLabels {
             service: name.clone(),
         };
-        let st = ctl.dataplane().service_stats(s.id)?;
+        let st = ctl.service_stats(s)?;
         svc_packets.get_or_create(&l).inc_by(st.packets);
         svc_bytes.get_or_create(&l).inc_by(st.bytes);
         svc_flows.get_or_create(&l).inc_by(st.new_flows);
@@ -438,7 +438,7 @@ pub(crate) fn render(
                 backend: ip.to_string(),
             };
             let st = ctl.dataplane().backend_stats(b.id)?;
-            b_packets.get_or_create(&l).inc_by(st.packets);
+            b_packets.get_or_create(&l).inc_by(st.packets());
             b_bytes.get_or_create(&l).inc_by(st.bytes);
             b_up.get_or_create(&l).set(i64::from(ctl.is_up(name, *ip)));
             b_weight

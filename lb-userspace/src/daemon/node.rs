@@ -104,7 +104,7 @@ impl Node {
         let total: u64 = ctl
             .services()
             .values()
-            .filter_map(|s| ctl.dataplane().service_stats(s.id).ok())
+            .filter_map(|s| ctl.service_stats(s).ok())
             .map(|s| s.new_flows)
             .sum();
         if total != self.new_flows {

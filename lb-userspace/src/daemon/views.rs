@@ -229,7 +229,7 @@ pub(super) fn backends(
                 last_probe_error: probe.and_then(|p| (!p.ok).then_some(p.detail)),
                 transitions: b.transitions,
                 probe_failures: b.probe_failures,
-                packets: stats.packets,
+                packets: stats.packets(),
                 bytes: stats.bytes,
                 active_flows: active.get(&b.id).copied().unwrap_or(0),
                 table_weight,
@@ -265,7 +265,7 @@ fn source_lists(ctl: &Controller, only: Option<&str>) -> Vec<SourceRow> {
 pub(super) fn stats(ctl: &Controller, history: &History) -> Result<Stats> {
     let mut services = Vec::new();
     for (name, s) in ctl.services() {
-        let st = ctl.dataplane().service_stats(s.id)?;
+        let st = ctl.service_stats(s)?;
         let lists = ctl.dataplane().source_drops(s.id)?;
         services.push(ServiceStatsRow {
             name: name.clone(),

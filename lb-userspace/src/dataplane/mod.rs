@@ -16,6 +16,7 @@ mod service_index;
 mod source_blocks;
 mod source_limits;
 mod source_lists;
+mod stats;
 
 pub use batch::update_array;
 pub use decap::{
@@ -27,6 +28,7 @@ pub use probe_encap::ProbeEncapsulator;
 pub use rings::Region;
 pub use source_limits::LimitedPrefix;
 pub use source_lists::{SourceEntries, SourceList};
+pub use stats::ServiceStats;
 
 use std::{
     path::{Path, PathBuf},
@@ -46,14 +48,14 @@ use aya::{
 use lb_common::{
     AclKey, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter,
     FlowEntry, FlowKey, FlowValue, Interface, LimitedSource, SERVICE_F_ECHO, ServiceIndexEntry,
-    ServiceKey, ServiceSlot, ServiceStats, ServiceValue, Settings, SourceBlockBucket, SourceDrops,
-    SourceLimit, SourceShape, VIP_ECHO_UNIT,
+    ServiceKey, ServiceSlot, ServiceValue, Settings, SourceBlockBucket, SourceDrops, SourceLimit,
+    SourceShape, VIP_ECHO_UNIT,
     hash::vip_filter_bit,
     interface_slot,
     limits::{
-        CONNTRACK_BUCKET_GROUP, CONNTRACK_WAYS, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS,
-        DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, DEFAULT_RING_SLOTS, MAX_PORTS, RING_CHUNK_SLOTS,
-        SPARE_RING_SLOTS_PER_BACKEND, VIP_FILTER_WORDS,
+        self, CONNTRACK_BUCKET_GROUP, CONNTRACK_WAYS, DEFAULT_CONNTRACK_ENTRIES,
+        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, DEFAULT_RING_SLOTS,
+        MAX_PORTS, RING_CHUNK_SLOTS, SPARE_RING_SLOTS_PER_BACKEND, VIP_FILTER_WORDS,
     },
     maps as names,
 };
@@ -190,13 +192,16 @@ impl Capacity {
         Ok([
             (names::SERVICES, self.max_services),
             (names::SERVICE_SLOTS, self.max_services),
-            (names::SERVICE_STATS, self.max_services),
+            (names::SERVICE_DROPS, self.max_services),
             (names::SOURCE_DROPS, self.max_services),
             (names::SOURCE_LIMITS, self.max_services),
             (names::SOURCE_SHAPES, self.max_services),
             (names::RINGS, self.ring_slots.div_ceil(RING_CHUNK_SLOTS)),
             (names::BACKENDS, self.max_backends),
-            (names::BACKEND_STATS, self.max_backends),
+            (
+                names::BACKEND_STATS,
+                limits::backend_stats_entries(self.max_backends, self.max_services),
+            ),
             (names::CONNTRACK, self.conntrack_table_entries()?),
         ])
     }
@@ -232,8 +237,7 @@ pub struct Dataplane {
     interfaces: Array<MapData, Interface>,
     egress: DevMap<MapData>,
     counters: PerCpuArray<MapData, u64>,
-    service_stats: PerCpuArray<MapData, ServiceStats>,
-    backend_stats: PerCpuArray<MapData, BackendStats>,
+    stats: stats::Stats,
     acl: LpmTrie<MapData, AclKey, u32>,
     source_shapes: Array<MapData, SourceShape>,
     source_blocks_map: Array<MapData, SourceBlockBucket>,
@@ -364,7 +368,7 @@ const ALL_MAPS: [&str; 25] = [
     names::EGRESS,
     names::ICMP_BUDGET,
     names::COUNTERS,
-    names::SERVICE_STATS,
+    names::SERVICE_DROPS,
     names::BACKEND_STATS,
     names::ACL,
     names::SOURCE_SHAPES,
@@ -511,9 +515,16 @@ impl Dataplane {
         })?;
         let adopted = dir.join(names::SERVICES).exists();
         // Daemons before `lb decap` pinned the decapsulator's maps with
-        // their own; they are `lb decap`'s now, under its directory.
+        // their own; they are `lb decap`'s now, under its directory. The
+        // per-service counters of versions before per-backend forward
+        // counts are gone: their counts start again, as any counters of
+        // another layout do.
         if adopted {
-            for name in [names::DECAP_ADDRS, names::DECAP_COUNTERS] {
+            for name in [
+                names::DECAP_ADDRS,
+                names::DECAP_COUNTERS,
+                names::FORMER_SERVICE_STATS,
+            ] {
                 let _ = std::fs::remove_file(dir.join(name));
             }
         }
@@ -631,8 +642,12 @@ impl Dataplane {
             interfaces: take(&mut ebpf, names::INTERFACES)?,
             egress: take(&mut ebpf, names::EGRESS)?,
             counters: take(&mut ebpf, names::COUNTERS)?,
-            service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
-            backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
+            stats: stats::Stats::open(
+                take(&mut ebpf, names::BACKEND_STATS)?,
+                take(&mut ebpf, names::SERVICE_DROPS)?,
+                &capacity,
+                pins.is_some(),
+            )?,
             acl: take(&mut ebpf, names::ACL)?,
             source_shapes: take(&mut ebpf, names::SOURCE_SHAPES)?,
             source_blocks_map: take(&mut ebpf, names::SOURCE_BLOCKS)?,
@@ -946,7 +961,9 @@ impl Dataplane {
         );
         self.backends
             .set(id, backend.sealed(), 0)
-            .with_context(|| format!("writing backend {id}"))
+            .with_context(|| format!("writing backend {id}"))?;
+        self.stats.note_backend(id);
+        Ok(())
     }
 
     /// Reads backend `id`, as it was given to [`Dataplane::set_backend`]
@@ -1299,31 +1316,45 @@ impl Dataplane {
         Ok(removed)
     }
 
-    /// Global counters summed over CPUs, in `Counter::ALL` order.
+    /// Global counters summed over CPUs, in `Counter::ALL` order; the
+    /// forward counters, which the data plane keeps per backend, summed
+    /// over backends too.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
+        let forwarded = self.stats.forwarded()?;
         Counter::ALL
             .iter()
             .map(|&c| {
                 let per_cpu = self.counters.get(&(c as u32), 0)?;
-                Ok((c, per_cpu.iter().sum()))
+                let backends = c.forward_way().map_or(0, |w| forwarded[w as usize]);
+                Ok((c, per_cpu.iter().sum::<u64>() + backends))
             })
             .collect()
     }
 
-    /// Counters of service `id`, summed over CPUs.
-    pub fn service_stats(&self, id: u32) -> Result<ServiceStats> {
-        Ok(ServiceStats::total(self.service_stats.get(&id, 0)?.iter()))
+    /// Counters of service `id`, whose backends are `backends`: its
+    /// drops, and its backends' forwards with those of the backends it
+    /// had ([`Dataplane::release_backend_stats`]).
+    pub fn service_stats(&self, id: u32, backends: &[u32]) -> Result<ServiceStats> {
+        self.stats.service(id, backends)
     }
 
     /// Counters of backend `id`, summed over CPUs.
     pub fn backend_stats(&self, id: u32) -> Result<BackendStats> {
-        let per_cpu = self.backend_stats.get(&id, 0)?;
-        Ok(per_cpu
-            .iter()
-            .fold(BackendStats::default(), |a, s| BackendStats {
-                packets: a.packets + s.packets,
-                bytes: a.bytes + s.bytes,
-            }))
+        self.stats.backend(id)
+    }
+
+    /// Keeps the counts of backend `id`, released (its flags cleared) from
+    /// service `service` (`None`: from none the caller knows), with that
+    /// service's; the id's next holder starts from zero.
+    pub fn release_backend_stats(&mut self, id: u32, service: Option<u32>) -> Result<()> {
+        self.stats.release_backend(id, service)
+    }
+
+    /// Keeps the counts of service `id`, removed with its backends
+    /// released, in the global counters only; the id's next holder starts
+    /// from zero.
+    pub fn release_service_stats(&mut self, id: u32) -> Result<()> {
+        self.stats.release_service(id)
     }
 }
 
@@ -1461,16 +1492,16 @@ mod tests {
             ),
             (names::COUNTERS, u32s, size_of::<u64>(), Counter::COUNT),
             (
-                names::SERVICE_STATS,
+                names::SERVICE_DROPS,
                 u32s,
-                size_of::<ServiceStats>(),
+                size_of::<u64>(),
                 DEFAULT_MAX_SERVICES,
             ),
             (
                 names::BACKEND_STATS,
                 u32s,
                 size_of::<BackendStats>(),
-                DEFAULT_MAX_BACKENDS,
+                limits::backend_stats_entries(DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES),
             ),
             (
                 names::DECAP_ADDRS,

@@ -49,7 +49,7 @@ fn holds(name: &str) -> Holds {
              which send each to the backend it had unless a table changed since",
         ),
         names::COUNTERS
-        | names::SERVICE_STATS
+        | names::SERVICE_DROPS
         | names::BACKEND_STATS
         | names::SOURCE_DROPS
         | names::DECAP_COUNTERS => Holds::Derived("its counters start again from zero"),

@@ -1234,7 +1234,7 @@ impl World {
             self.runs
         );
         for (i, svc) in self.services.iter().enumerate() {
-            let stats = self.lab.dp.service_stats(i as u32)?;
+            let stats = self.lab.dp.service_stats(i as u32, &svc.members)?;
             let (packets, bytes) = self.forwarded.get(&(i as u32)).copied().unwrap_or_default();
             let drops = self.dropped.get(&(i as u32)).copied().unwrap_or_default();
             ensure!(
@@ -1261,9 +1261,9 @@ impl World {
             let stats = self.lab.dp.backend_stats(id)?;
             let packets = self.to_backend.get(&id).copied().unwrap_or_default();
             ensure!(
-                stats.packets == packets,
+                stats.packets() == packets,
                 "backend {id}: counted {} packets, forwarded {packets}",
-                stats.packets
+                stats.packets()
             );
         }
         Ok(())

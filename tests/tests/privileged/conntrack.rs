@@ -85,6 +85,9 @@ fn slot_owner(ring: &[u32], sport: u16, proto: u8) -> u32 {
 
 /// Backends 1..=3 of one service at 198.18.0.11..13.
 /// Backends 1..=3 of one service, no aging and no insert budget.
+/// The service's backends, by id.
+const BACKENDS: [u32; 3] = [1, 2, 3];
+
 fn setup(proto: u8) -> (Lab, lb_common::ServiceKey) {
     let lab = setup_with(lab_capacity(RING), proto, ConntrackSettings::default(), 0);
     (lab, service_key(ip(VIP), PORT, proto))
@@ -94,7 +97,7 @@ fn setup(proto: u8) -> (Lab, lb_common::ServiceKey) {
 /// `idle` (0: the protocol's default).
 fn setup_with(capacity: Capacity, proto: u8, ct: ConntrackSettings, idle: u32) -> Lab {
     let mut lab = Lab::with_capacity(capacity, RING).unwrap();
-    for id in 1..=3u32 {
+    for id in BACKENDS {
         lab.backend(id, ip([198, 18, 0, 10 + id as u8]), true, 1)
             .unwrap();
     }
@@ -178,7 +181,7 @@ fn udp_flows_stick_too() {
     for _ in 0..3 {
         assert_eq!(send(&mut lab, sport, IPPROTO_UDP, 0), a);
     }
-    let stats = lab.dp.service_stats(0).unwrap();
+    let stats = lab.dp.service_stats(0, &BACKENDS).unwrap();
     assert_eq!(
         (stats.packets, stats.new_flows),
         (4, 1),
@@ -213,7 +216,7 @@ fn inserts(lab: &Lab) -> (u64, u64) {
 }
 
 fn new_flows(lab: &Lab) -> u64 {
-    lab.dp.service_stats(0).unwrap().new_flows
+    lab.dp.service_stats(0, &BACKENDS).unwrap().new_flows
 }
 
 #[test]

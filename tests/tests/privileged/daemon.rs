@@ -19,7 +19,8 @@ use anyhow::{Result, bail};
 use aya::maps::{Array, Map, MapData};
 use lb::demo::server::{NameServer, http_get};
 use lb_common::{
-    BackendValue, FlowEntry, FlowKey, FlowValue, addr_bytes, flow_buckets, hash::bucket_hash,
+    BackendValue, Counter, FlowEntry, FlowKey, FlowValue, addr_bytes, flow_buckets,
+    hash::bucket_hash,
 };
 use lb_tests::{
     daemon::{Daemon, default_web_config, web_config},
@@ -564,8 +565,44 @@ fn services_and_backends_added_and_removed_at_run_time() {
     assert_eq!(code, 1);
     assert!(err.contains("no service named \"nope\""), "{err}");
 
+    // Counts outlive their backend: the service's and the global forward
+    // counts keep a removed backend's (the data plane counts a forward in
+    // its backend's counters only), and the next holder of its id starts
+    // from zero.
+    let forwards = |stats: &Value| -> u64 {
+        Counter::ALL
+            .iter()
+            .filter(|c| c.forward_way().is_some())
+            .map(|c| stats["reasons"][c.name()].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let web_packets = |stats: &Value| -> u64 {
+        stats["services"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["name"] == "web"))
+            .and_then(|r| r["packets"].as_u64())
+            .unwrap_or_else(|| panic!("no web row: {stats}"))
+    };
+    let gone_packets = backend(&d.cli(&["backend", "list"]).unwrap(), "198.18.0.11")["packets"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(gone_packets > 0, "198.18.0.11 served the tallies");
+    let before = d.cli(&["stats"]).unwrap();
     d.cli(&["backend", "del", "web", "198.18.0.11"]).unwrap();
     assert!(!file().contains("198.18.0.11"), "{}", file());
+    let after = d.cli(&["stats"]).unwrap();
+    assert!(
+        web_packets(&after) >= web_packets(&before),
+        "{before}\n{after}"
+    );
+    assert!(forwards(&after) >= forwards(&before), "{before}\n{after}");
+    d.cli(&["backend", "add", "web", "198.18.0.14"]).unwrap();
+    assert_eq!(
+        backend(&d.cli(&["backend", "list"]).unwrap(), "198.18.0.14")["packets"],
+        0,
+        "a new backend counts from zero, whichever id it took"
+    );
+    d.cli(&["backend", "del", "web", "198.18.0.14"]).unwrap();
     let t = tally(&lan, 60).unwrap();
     assert!(
         !t.contains_key("backend-1"),
