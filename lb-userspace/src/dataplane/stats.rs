@@ -57,12 +57,15 @@ impl Stats {
         adopted: bool,
     ) -> Result<Stats> {
         let mut in_use = BTreeSet::new();
-        for i in (0..backends.len()).filter(|_| adopted) {
-            let per_cpu = backends
-                .get(&i, 0)
-                .context("reading the backend counters")?;
-            if per_cpu.iter().any(|s| *s != BackendStats::default()) {
-                in_use.insert(i);
+        // Fresh maps hold nothing.
+        if adopted {
+            for i in 0..backends.len() {
+                let per_cpu = backends
+                    .get(&i, 0)
+                    .context("reading the backend counters")?;
+                if per_cpu.iter().any(|s| *s != BackendStats::default()) {
+                    in_use.insert(i);
+                }
             }
         }
         Ok(Stats {
