@@ -46,10 +46,10 @@ use aya::{
     },
 };
 use lb_common::{
-    AclKey, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter,
-    FlowEntry, FlowKey, FlowValue, Interface, LimitedSource, SERVICE_F_ECHO, ServiceIndexEntry,
-    ServiceKey, ServiceSlot, ServiceValue, Settings, SourceBlockBucket, SourceDrops, SourceLimit,
-    SourceShape, VIP_ECHO_UNIT,
+    AclKey, AddrKey, BACKEND_F_UP, BackendStats, BackendValue, ConntrackSettings, ConntrackStats,
+    Counter, FlowEntry, FlowKey, FlowValue, Interface, LimitedSource, SERVICE_F_ECHO,
+    ServiceIndexEntry, ServiceKey, ServiceSlot, ServiceValue, Settings, SourceBlockBucket,
+    SourceDrops, SourceLimit, SourceShape, VIP_ECHO_UNIT,
     hash::vip_filter_bit,
     interface_slot,
     limits::{
@@ -676,6 +676,15 @@ impl Dataplane {
         dp.rebuild_service_slots()?;
         dp.rebuild_vip_filter()?;
         dp.rebuild_source_blocks()?;
+        // Adopted backends in service count from now on, whether or not
+        // they had counts yet.
+        if pins.is_some() {
+            for (id, b) in batch::array_all(&dp.backends, "the adopted backends")? {
+                if b.flags & BACKEND_F_UP != 0 {
+                    dp.stats.note_backend(id);
+                }
+            }
+        }
         Ok(dp)
     }
 

@@ -42,8 +42,9 @@ pub(super) struct Stats {
     service_drops: PerCpuArray<MapData, u64>,
     max_backends: u32,
     max_services: u32,
-    /// Entries that may hold counts: backend ids written in this process,
-    /// entries counts were moved to, and what [`Stats::open`] found.
+    /// Entries that may hold counts (every one that does): backend ids
+    /// written in this process or adopted in service, entries counts were
+    /// moved to, and what [`Stats::open`] found.
     in_use: BTreeSet<u32>,
 }
 
@@ -135,6 +136,9 @@ impl Stats {
 
     /// Moves the counts of entry `from` onto entry `to`, and zeroes `from`.
     fn fold(&mut self, from: u32, to: u32) -> Result<()> {
+        if !self.in_use.contains(&from) {
+            return Ok(());
+        }
         let moved = self.backends.get(&from, 0)?;
         if moved.iter().all(|s| *s == BackendStats::default()) {
             return Ok(());

@@ -14,14 +14,18 @@ use lb::{
     netns::PrivateBpffs,
 };
 use lb_common::{
-    ConntrackSettings, FLOW_F_CLOSED, FlowEntry, FlowKey, FlowValue, addr_bytes, flow_buckets,
+    ConntrackSettings, Counter, FLOW_F_CLOSED, FlowEntry, FlowKey, FlowValue, addr_bytes,
+    flow_buckets,
     hash::{bucket_hash, flow_hash, maglev_slot},
     limits::{CONNTRACK_WAYS, NO_BACKEND},
     maps::PROG_LB,
     wire::*,
 };
 use lb_tests::{
-    lab::{LB_MAC, Lab, ROUTER_MAC, TX, backend_of_mac, lab_capacity, service_key},
+    lab::{
+        LB_MAC, Lab, MTU, ROUTER_MAC, TX, backend_of_mac, lab_capacity, lab_interface,
+        lab_settings, service_key,
+    },
     packet::{self, Ipv4},
     require_root,
 };
@@ -83,11 +87,11 @@ fn slot_owner(ring: &[u32], sport: u16, proto: u8) -> u32 {
     ) as usize]
 }
 
-/// Backends 1..=3 of one service at 198.18.0.11..13.
-/// Backends 1..=3 of one service, no aging and no insert budget.
 /// The service's backends, by id.
 const BACKENDS: [u32; 3] = [1, 2, 3];
 
+/// Backends 1..=3 of one service at 198.18.0.11..13.
+/// Backends 1..=3 of one service, no aging and no insert budget.
 fn setup(proto: u8) -> (Lab, lb_common::ServiceKey) {
     let lab = setup_with(lab_capacity(RING), proto, ConntrackSettings::default(), 0);
     (lab, service_key(ip(VIP), PORT, proto))
@@ -719,4 +723,37 @@ fn a_full_flush_clears_the_entries_of_removed_services_too() {
     assert_eq!(in_use, 2);
     assert_eq!(dp.conntrack_clear_in_use().unwrap(), 2);
     assert_eq!(dp.conntrack_dump_counted().unwrap().1, 0);
+}
+
+/// The data plane counts a forward in its backend's counters only: a
+/// backend adopted from the pins before it had forwarded anything is
+/// counted, in the global counters too, once it does.
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn an_adopted_backend_without_counts_is_counted_once_it_forwards() {
+    require_root();
+    let pins = Pins::new("counts");
+    let load = || {
+        let (dp, adopted) =
+            Dataplane::load_pinned(lab_capacity(RING), &pins.path(), KernelLogLevel::Off).unwrap();
+        let mut lab = Lab {
+            dp,
+            ring_size: RING,
+        };
+        lab.dp.set_settings(lab_settings()).unwrap();
+        lab.dp.set_interface(&lab_interface(MTU)).unwrap();
+        (lab, adopted)
+    };
+    let (mut lab, adopted) = load();
+    assert!(!adopted);
+    lab.backend(1, ip([198, 18, 0, 11]), true, 1).unwrap();
+    let key = service_key(ip(VIP), PORT, IPPROTO_TCP);
+    lab.service(0, key, 0, &[(1, 1)]).unwrap();
+    drop(lab);
+    let (mut lab, adopted) = load();
+    assert!(adopted);
+    assert_eq!(send(&mut lab, 40000, IPPROTO_TCP, TCP_SYN), 1);
+    assert_eq!(lab.counter(Counter::ForwardDsr).unwrap(), 1);
+    assert_eq!(lab.dp.backend_stats(1).unwrap().packets(), 1);
+    assert_eq!(lab.dp.service_stats(0, &[1]).unwrap().packets, 1);
 }
