@@ -324,9 +324,12 @@ fn backends_register_with_agents_and_leave_without_breaking_a_connection() {
         "host 0 drained {draining} connections, none broken, and left {:?} after they closed",
         closed.elapsed()
     );
-    wait_in_tables(&daemons, 3, Duration::from_secs(2));
+    // Its deregistration reaches every node through etcd's watch.
     for d in &daemons {
-        assert!(row(d, 0).is_none(), "host 0 deregistered");
+        d.wait_until("host 0 deregistered", Duration::from_secs(3), |d| {
+            Ok(row(d, 0).is_none())
+        })
+        .unwrap();
     }
 
     // SIGKILL host 1's agent and stop its server: it leaves every node
@@ -372,15 +375,17 @@ fn backends_register_with_agents_and_leave_without_breaking_a_connection() {
     })
     .unwrap();
     for (d, node) in daemons.iter().zip(&edge.nodes) {
-        d.wait_until("bad registrations counted", Duration::from_secs(3), |_| {
+        // The node may apply a snapshot taken between the writes: wait for
+        // all three.
+        d.wait_until("bad registrations counted", Duration::from_secs(3), |d| {
             let m = lb_tests::daemon::metrics_in(&node.ns)?;
-            Ok(m.contains("lb_fleet_registrations_refused 2"))
+            let problems = d.cli(&["fleet", "status"])?["problems"].to_string();
+            Ok(m.contains("lb_fleet_registrations_refused 2")
+                && ["no such service", "family", "198.18.0.31"]
+                    .iter()
+                    .all(|needle| problems.contains(needle)))
         })
         .unwrap();
-        let problems = d.cli(&["fleet", "status"]).unwrap()["problems"].to_string();
-        for needle in ["no such service", "family", "198.18.0.31"] {
-            assert!(problems.contains(needle), "{needle}: {problems}");
-        }
         assert_eq!(d.cli(&["service", "list"]).unwrap()[0]["in_table"], 2);
     }
     for a in &agents[2..] {
@@ -465,7 +470,10 @@ fn busy_hosts_report_less_of_their_weight_and_take_fewer_new_flows() {
         "slots follow the reported load: {slots:?}"
     );
     let to = SocketAddr::new(VIP.into(), ECHO_PORT);
-    let spread = Sessions::open(&edge.client, to, 90).unwrap().spread();
+    // Shares of about 0.56, 0.28 and 0.17: with 240 sessions backend 2
+    // reaches backend 1's count about once in a million runs (90 gave
+    // one in a thousand).
+    let spread = Sessions::open(&edge.client, to, 240).unwrap().spread();
     let on = |name: &str| spread.get(name).copied().unwrap_or(0);
     assert!(
         on("backend-3") < on("backend-1") && on("backend-2") < on("backend-1"),

@@ -133,8 +133,10 @@ fn the_daemon_answers_while_a_new_backends_next_hop_resolves() {
             answered_meanwhile += u32::from(!add.is_finished());
         }
         add.join().unwrap().unwrap();
+        // A status call queued behind the resolution would return only
+        // after it, and count nothing.
         assert!(
-            answered_meanwhile >= 5,
+            answered_meanwhile >= 2,
             "`lb status` answered {answered_meanwhile} times while the add resolved its next hop"
         );
     });

@@ -245,14 +245,15 @@ fn agents_set_weights_and_states_and_rebuild_at_most_once_an_interval() {
 
     // Two agents changing their answer every time (two changes a second
     // between them, never back to the last one) rebuild the table at most
-    // once a second.
+    // once a second (unlimited, about twelve in the six seconds; one more
+    // allowed for a rebuild of a health check's, which is not theirs).
     agents[0].say(&["up 100%", "up 75%", "up 50%", "up 25%"]);
     agents[1].say(&["up 25%", "up 50%", "up 75%", "up 100%"]);
     let (start, before) = (Instant::now(), rebuilds(&d));
     std::thread::sleep(6 * INTERVAL);
     let (seconds, rebuilt) = (start.elapsed().as_secs_f64(), rebuilds(&d) - before);
     assert!(
-        rebuilt >= 3 && rebuilt as f64 <= seconds / INTERVAL.as_secs_f64() + 1.0,
+        rebuilt >= 3 && rebuilt as f64 <= seconds / INTERVAL.as_secs_f64() + 2.0,
         "{rebuilt} rebuilds in {seconds:.1} s"
     );
 
@@ -305,18 +306,16 @@ fn a_backend_whose_checks_answer_slowly_gets_fewer_new_flows_within_bounds() {
 
     // 30 ms slower than backend 1: (F + 50) / (F + 30 + 50), about 0.65.
     // The latency is smoothed, so the weight falls under 0.75 a probe or
-    // two before the latency reaches the delay: wait for both.
+    // two before the latency reaches the delay: wait for both, in one row
+    // (a slow probe of either backend moves the next).
     checks[1].delay(Duration::from_millis(30));
     d.wait_until("backend 2 weighed by its latency", WAIT, |d| {
         let r = row(d, two)?;
         let weight = r["table_weight"].as_f64().unwrap_or_default();
         let latency = r["feedback"]["latency_ms"].as_f64().unwrap_or_default();
-        Ok(r["weight_set_by"] == "feedback" && weight < 0.75 && latency >= 25.0)
+        Ok(r["weight_set_by"] == "feedback" && (0.5..0.75).contains(&weight) && latency >= 25.0)
     })
     .unwrap();
-    let r = row(&d, two).unwrap();
-    let weight = r["table_weight"].as_f64().unwrap();
-    assert!((0.5..0.75).contains(&weight), "{r}");
 
     // 150 ms slower: under the bound, so 40 %; the table and new flows
     // follow.
