@@ -46,10 +46,10 @@ use aya::{
     },
 };
 use lb_common::{
-    AclKey, AddrKey, BACKEND_F_UP, BackendStats, BackendValue, ConntrackSettings, ConntrackStats,
-    Counter, FlowEntry, FlowKey, FlowValue, Interface, LimitedSource, SERVICE_F_ECHO,
-    ServiceIndexEntry, ServiceKey, ServiceSlot, ServiceValue, Settings, SourceBlockBucket,
-    SourceDrops, SourceLimit, SourceShape, VIP_ECHO_UNIT,
+    AclKey, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter,
+    FlowEntry, FlowKey, FlowValue, Interface, LimitedSource, SERVICE_F_ECHO, ServiceIndexEntry,
+    ServiceKey, ServiceSlot, ServiceValue, Settings, SourceBlockBucket, SourceDrops, SourceLimit,
+    SourceShape, VIP_ECHO_UNIT,
     hash::vip_filter_bit,
     interface_slot,
     limits::{
@@ -619,6 +619,13 @@ impl Dataplane {
         xdp_program(&mut ebpf, names::PROG_LB)?
             .load()
             .context("the kernel refused program lb_xdp")?;
+        let backends = take(&mut ebpf, names::BACKENDS)?;
+        let stats = stats::Stats::open(
+            take(&mut ebpf, names::BACKEND_STATS)?,
+            take(&mut ebpf, names::SERVICE_DROPS)?,
+            &capacity,
+            pins.map(|_| &backends),
+        )?;
         let mut dp = Dataplane {
             services: take(&mut ebpf, names::SERVICES)?,
             service_slots: take(&mut ebpf, names::SERVICE_SLOTS)?,
@@ -634,7 +641,7 @@ impl Dataplane {
                 ),
             })?,
             ring_space: rings::RingSpace::new(0),
-            backends: take(&mut ebpf, names::BACKENDS)?,
+            backends,
             conntrack: take(&mut ebpf, names::CONNTRACK)?,
             conntrack_settings: take(&mut ebpf, names::CONNTRACK_SETTINGS)?,
             conntrack_stats: take(&mut ebpf, names::CONNTRACK_STATS)?,
@@ -642,12 +649,7 @@ impl Dataplane {
             interfaces: take(&mut ebpf, names::INTERFACES)?,
             egress: take(&mut ebpf, names::EGRESS)?,
             counters: take(&mut ebpf, names::COUNTERS)?,
-            stats: stats::Stats::open(
-                take(&mut ebpf, names::BACKEND_STATS)?,
-                take(&mut ebpf, names::SERVICE_DROPS)?,
-                &capacity,
-                pins.is_some(),
-            )?,
+            stats,
             acl: take(&mut ebpf, names::ACL)?,
             source_shapes: take(&mut ebpf, names::SOURCE_SHAPES)?,
             source_blocks_map: take(&mut ebpf, names::SOURCE_BLOCKS)?,
@@ -676,15 +678,6 @@ impl Dataplane {
         dp.rebuild_service_slots()?;
         dp.rebuild_vip_filter()?;
         dp.rebuild_source_blocks()?;
-        // Adopted backends in service count from now on, whether or not
-        // they had counts yet.
-        if pins.is_some() {
-            for (id, b) in batch::array_all(&dp.backends, "the adopted backends")? {
-                if b.flags & BACKEND_F_UP != 0 {
-                    dp.stats.note_backend(id);
-                }
-            }
-        }
         Ok(dp)
     }
 

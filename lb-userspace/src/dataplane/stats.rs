@@ -14,10 +14,10 @@
 use std::collections::BTreeSet;
 
 use anyhow::{Context as _, Result};
-use aya::maps::{MapData, PerCpuArray, PerCpuValues};
-use lb_common::{BackendStats, ForwardWay};
+use aya::maps::{Array, MapData, PerCpuArray, PerCpuValues};
+use lb_common::{BACKEND_F_UP, BackendStats, BackendValue, ForwardWay};
 
-use super::Capacity;
+use super::{Capacity, batch};
 
 /// A service's counters, summed over CPUs and over its backends.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
@@ -42,30 +42,36 @@ pub(super) struct Stats {
     service_drops: PerCpuArray<MapData, u64>,
     max_backends: u32,
     max_services: u32,
-    /// Entries that may hold counts (every one that does): backend ids
-    /// written in this process or adopted in service, entries counts were
-    /// moved to, and what [`Stats::open`] found.
+    /// Entries that may hold counts (every one that does): what
+    /// [`Stats::open`] found, backend ids written in this process, and
+    /// entries counts were moved to.
     in_use: BTreeSet<u32>,
 }
 
 impl Stats {
-    /// Opens the maps: fresh, or with `adopted` pinned ones whose counts
-    /// are looked for.
+    /// Opens the maps: fresh, or pinned ones adopted with `adopted`, the
+    /// adopted backends. In use from then on: the entries holding counts,
+    /// and the backends in service, whether or not they had counts yet.
     pub(super) fn open(
         backends: PerCpuArray<MapData, BackendStats>,
         service_drops: PerCpuArray<MapData, u64>,
         capacity: &Capacity,
-        adopted: bool,
+        adopted: Option<&Array<MapData, BackendValue>>,
     ) -> Result<Stats> {
         let mut in_use = BTreeSet::new();
         // Fresh maps hold nothing.
-        if adopted {
+        if let Some(adopted) = adopted {
             for i in 0..backends.len() {
                 let per_cpu = backends
                     .get(&i, 0)
                     .context("reading the backend counters")?;
                 if per_cpu.iter().any(|s| *s != BackendStats::default()) {
                     in_use.insert(i);
+                }
+            }
+            for (id, b) in batch::array_all(adopted, "the adopted backends")? {
+                if b.flags & BACKEND_F_UP != 0 {
+                    in_use.insert(id);
                 }
             }
         }

@@ -90,8 +90,8 @@ fn slot_owner(ring: &[u32], sport: u16, proto: u8) -> u32 {
 /// The service's backends, by id.
 const BACKENDS: [u32; 3] = [1, 2, 3];
 
-/// Backends 1..=3 of one service at 198.18.0.11..13.
-/// Backends 1..=3 of one service, no aging and no insert budget.
+/// Backends 1..=3 of one service at 198.18.0.11..13, no aging and no
+/// insert budget.
 fn setup(proto: u8) -> (Lab, lb_common::ServiceKey) {
     let lab = setup_with(lab_capacity(RING), proto, ConntrackSettings::default(), 0);
     (lab, service_key(ip(VIP), PORT, proto))
