@@ -85,9 +85,14 @@ struct Cli {
     /// Data plane: only these paths in the matrix groups (the floors always).
     #[arg(long, value_delimiter = ',', value_enum)]
     paths: Vec<dataplane::Path>,
-    /// Data plane: timed rounds per case, in place of the plan's.
+    /// Data plane: timed rounds per case, in place of the plan's (in each
+    /// load of the many-flows groups).
     #[arg(long)]
     rounds: Option<usize>,
+    /// Data plane: loads of the many-flows groups (objects loaded afresh
+    /// each time), in place of the plan's.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    many_flows_loads: Option<u16>,
     /// Data plane: prefixes per source list in the source-lists groups
     /// (0: none).
     #[arg(long)]
@@ -153,6 +158,9 @@ fn plan(cli: &Cli) -> dataplane::Plan {
     if let Some(rounds) = cli.rounds {
         plan.rounds = rounds;
         plan.many_flows_rounds = rounds;
+    }
+    if let Some(loads) = cli.many_flows_loads {
+        plan.many_flows_loads = usize::from(loads);
     }
     if let Some(prefixes) = cli.source_prefixes {
         plan.source_prefixes = prefixes;

@@ -54,8 +54,16 @@ pub struct Plan {
     pub repeat: u32,
     /// Timed runs per case (after one warm-up run).
     pub rounds: usize,
-    /// The same for the many-flows groups, whose runs are much longer.
+    /// The same for the many-flows groups, whose runs are much longer, in
+    /// each of their loads.
     pub many_flows_rounds: usize,
+    /// Times the many-flows groups are measured, each time on objects
+    /// loaded afresh: where the kernel places a large table's pages moves
+    /// a cold flow's cost more from one load to the next than from one
+    /// round to the next (the same cycle took 161 ns in one run and 341 in
+    /// the next, lb's and the baseline's alike), so the medians are over
+    /// the rounds of every load.
+    pub many_flows_loads: usize,
     /// Backends per measured service, one group each.
     pub backends: Vec<u32>,
     /// Services in the table, one group each (4 is the measured ones alone).
@@ -79,7 +87,8 @@ impl Plan {
         Plan {
             repeat: if quick { 100_000 } else { 1_000_000 },
             rounds: if quick { 5 } else { 9 },
-            many_flows_rounds: if quick { 3 } else { 5 },
+            many_flows_rounds: 3,
+            many_flows_loads: if quick { 1 } else { 3 },
             backends: vec![1, 100, 1000],
             services: vec![MEASURED.len() as u32, 512],
             many_flows: vec![10_000, 1_000_000],
@@ -943,151 +952,183 @@ fn run_many_flows(plan: &Plan, baseline: Option<BaselineObject<'_>>) -> Result<V
     // flow of every case at once. Both objects get the same size.
     let per_cpu = f64::from(most) * MEASURED.len() as f64 * CONNTRACK_HEADROOM;
     let conntrack_entries = (per_cpu * nr_cpus as f64) as u32;
-    eprintln!("data plane: loading with a {conntrack_entries}-entry connection table");
-    let mut h = Harness::load(
-        Capacity {
-            max_services: MEASURED.len() as u32,
-            max_backends: MAX_BACKENDS,
-            conntrack_entries,
-            ring_slots: Capacity::ring_slots_for(
-                MEASURED.len() as u32,
-                MAX_BACKENDS,
-                Some(DEFAULT_RING_SIZE),
-            )?,
-        },
-        baseline,
-    )?;
-    configure(&mut h, plan.many_flows_backends, 1)?;
-    let mut groups = Vec::new();
-    for (group, &count) in plan.many_flows.iter().enumerate() {
-        let started = Instant::now();
-        // The one-flow baselines, through the wrapper like the cycles, once.
-        let baselines = group == 0;
-        let mut cases = floor_cases();
-        // Each measured service's cases, and where its flows start.
-        let mut measured = Vec::new();
-        for (sid, &(family, mode)) in MEASURED.iter().enumerate() {
-            let sid = sid as u32;
-            let template = frames::template(frames::vip(family, mode), SERVICE_PORT, TCP_ACK);
-            let one = h.fresh_flows(1)?;
-            let base = h.fresh_flows(count)?;
-            let mut own = Vec::new();
-            if baselines {
-                own.push(Case {
-                    path: Path::Established,
-                    family: Some(family),
-                    mode: Some(mode),
-                    program: Program::Lb,
-                    method: Method::Reset(Flows::One(one)),
-                    template,
-                    expect: expect_forward(sid, family, mode, false),
-                    prime: prime_lb(sid, family, mode),
-                    flows: 1,
-                });
+    let capacity = Capacity {
+        max_services: MEASURED.len() as u32,
+        max_backends: MAX_BACKENDS,
+        conntrack_entries,
+        ring_slots: Capacity::ring_slots_for(
+            MEASURED.len() as u32,
+            MAX_BACKENDS,
+            Some(DEFAULT_RING_SIZE),
+        )?,
+    };
+    // Each group's cases (as the first load built them; every load builds
+    // the same), its samples from every load, and its repeat count.
+    let mut measured: Vec<(Vec<Case>, Vec<Vec<Sample>>, u32)> = Vec::new();
+    for load in 0..plan.many_flows_loads {
+        eprintln!(
+            "data plane: load {} of {}, with a {conntrack_entries}-entry connection table",
+            load + 1,
+            plan.many_flows_loads
+        );
+        let mut h = Harness::load(capacity, baseline)?;
+        configure(&mut h, plan.many_flows_backends, 1)?;
+        for (group, &count) in plan.many_flows.iter().enumerate() {
+            let started = Instant::now();
+            let (cases, samples, repeat) = measure_many_flows(&mut h, plan, group, count)?;
+            eprintln!(
+                "data plane: {count} established flows per service: {:.1?}",
+                started.elapsed()
+            );
+            match measured.get_mut(group) {
+                Some((_, all, _)) => {
+                    for (all, more) in all.iter_mut().zip(samples) {
+                        all.extend(more);
+                    }
+                }
+                None => measured.push((cases, samples, repeat)),
             }
+        }
+    }
+    Ok(measured
+        .into_iter()
+        .zip(&plan.many_flows)
+        .map(|((cases, samples, repeat), &count)| {
+            group_result(
+                &cases,
+                &samples,
+                (
+                    MEASURED.len() as u32,
+                    plan.many_flows_backends,
+                    count,
+                    conntrack_entries,
+                    repeat,
+                ),
+            )
+        })
+        .collect())
+}
+
+/// One many-flows group on `h`: every service's `count` flows put in the
+/// table, then its cases measured over the plan's rounds. Returns the
+/// cases, their samples and the repeat count.
+fn measure_many_flows(
+    h: &mut Harness,
+    plan: &Plan,
+    group: usize,
+    count: u32,
+) -> Result<(Vec<Case>, Vec<Vec<Sample>>, u32)> {
+    // The one-flow baselines, through the wrapper like the cycles, once.
+    let baselines = group == 0;
+    let mut cases = floor_cases();
+    // Each measured service's cases, and where its flows start.
+    let mut measured = Vec::new();
+    for (sid, &(family, mode)) in MEASURED.iter().enumerate() {
+        let sid = sid as u32;
+        let template = frames::template(frames::vip(family, mode), SERVICE_PORT, TCP_ACK);
+        let one = h.fresh_flows(1)?;
+        let base = h.fresh_flows(count)?;
+        let mut own = Vec::new();
+        if baselines {
             own.push(Case {
                 path: Path::Established,
                 family: Some(family),
                 mode: Some(mode),
                 program: Program::Lb,
-                method: cycle(base, count),
-                template,
-                expect: expect_forward(sid, family, mode, false),
-                prime: None,
-                flows: u64::from(count),
-            });
-            measured.push((sid, family, mode, template, base, own));
-        }
-        // Every flow goes into the table first, each a Maglev lookup, which
-        // the counters prove: the services by turns, each turn the next
-        // part of every service's flows, in order. Filled one service after
-        // another, the later services' flows would meet fuller buckets, more
-        // of them past the first line a lookup reads, and the services would
-        // not be measured alike.
-        // Where turn `t`'s part of a service's flows starts.
-        let part_start = |t: u32| (u64::from(count) * u64::from(t) / u64::from(FILL_TURNS)) as u32;
-        for turn in 0..FILL_TURNS {
-            let (start, end) = (part_start(turn), part_start(turn + 1));
-            if start == end {
-                continue;
-            }
-            for &(sid, family, mode, template, base, _) in &measured {
-                for program in h.lb_programs() {
-                    h.run(
-                        program,
-                        fill(base + start, end - start),
-                        &template,
-                        end - start,
-                        &expect_forward(sid, family, mode, true),
-                    )
-                    .with_context(|| format!("filling the table with {count} flows"))?;
-                }
-            }
-        }
-        cases.extend(measured.into_iter().flat_map(|(.., own)| own));
-        // The reference lookup, over as many flows, put in the same way.
-        let template = frames::template(frames::not_a_vip(Family::Ipv4), SERVICE_PORT, TCP_ACK);
-        let one = h.fresh_flows(1)?;
-        if baselines {
-            cases.push(Case {
-                path: Path::RefLookup,
-                family: Some(Family::Ipv4),
-                mode: None,
-                program: Program::LruLookup,
                 method: Method::Reset(Flows::One(one)),
                 template,
-                expect: expect_reference(LruCounter::Hit),
-                prime: prime_reference(),
+                expect: expect_forward(sid, family, mode, false),
+                prime: prime_lb(sid, family, mode),
                 flows: 1,
             });
         }
-        let base = h.fresh_flows(count)?;
-        h.run(
-            Program::LruInsert,
-            fill(base, count),
-            &template,
-            count,
-            &expect_reference(LruCounter::Inserted),
-        )
-        .with_context(|| format!("filling the reference table with {count} flows"))?;
+        own.push(Case {
+            path: Path::Established,
+            family: Some(family),
+            mode: Some(mode),
+            program: Program::Lb,
+            method: cycle(base, count),
+            template,
+            expect: expect_forward(sid, family, mode, false),
+            prime: None,
+            flows: u64::from(count),
+        });
+        measured.push((sid, family, mode, template, base, own));
+    }
+    // Every flow goes into the table first, each a Maglev lookup, which
+    // the counters prove: the services by turns, each turn the next
+    // part of every service's flows, in order. Filled one service after
+    // another, the later services' flows would meet fuller buckets, more
+    // of them past the first line a lookup reads, and the services would
+    // not be measured alike.
+    // Where turn `t`'s part of a service's flows starts.
+    let part_start = |t: u32| (u64::from(count) * u64::from(t) / u64::from(FILL_TURNS)) as u32;
+    for turn in 0..FILL_TURNS {
+        let (start, end) = (part_start(turn), part_start(turn + 1));
+        if start == end {
+            continue;
+        }
+        for &(sid, family, mode, template, base, _) in &measured {
+            for program in h.lb_programs() {
+                h.run(
+                    program,
+                    fill(base + start, end - start),
+                    &template,
+                    end - start,
+                    &expect_forward(sid, family, mode, true),
+                )
+                .with_context(|| format!("filling the table with {count} flows"))?;
+            }
+        }
+    }
+    cases.extend(measured.into_iter().flat_map(|(.., own)| own));
+    // The reference lookup, over as many flows, put in the same way.
+    let template = frames::template(frames::not_a_vip(Family::Ipv4), SERVICE_PORT, TCP_ACK);
+    let one = h.fresh_flows(1)?;
+    if baselines {
         cases.push(Case {
             path: Path::RefLookup,
             family: Some(Family::Ipv4),
             mode: None,
             program: Program::LruLookup,
-            method: cycle(base, count),
+            method: Method::Reset(Flows::One(one)),
             template,
             expect: expect_reference(LruCounter::Hit),
-            prime: None,
-            flows: u64::from(count),
+            prime: prime_reference(),
+            flows: 1,
         });
-        // At least one pass over every flow per run.
-        let repeat = plan.repeat.max(count);
-        // The flood against as many established flows, like for like.
-        if group + 1 == plan.many_flows.len() {
-            for (sid, family, mode) in ServiceSet::PLAIN.each() {
-                cases.extend(flood_cases(sid, family, mode, ServiceSet::PLAIN.port));
-            }
-        }
-        let mut cases = with_baseline(&h, cases);
-        let samples = measure(&mut h, &mut cases, repeat, plan.many_flows_rounds)?;
-        eprintln!(
-            "data plane: {count} established flows per service: {:.1?}",
-            started.elapsed()
-        );
-        groups.push(group_result(
-            &cases,
-            &samples,
-            (
-                MEASURED.len() as u32,
-                plan.many_flows_backends,
-                count,
-                conntrack_entries,
-                repeat,
-            ),
-        ));
     }
-    Ok(groups)
+    let base = h.fresh_flows(count)?;
+    h.run(
+        Program::LruInsert,
+        fill(base, count),
+        &template,
+        count,
+        &expect_reference(LruCounter::Inserted),
+    )
+    .with_context(|| format!("filling the reference table with {count} flows"))?;
+    cases.push(Case {
+        path: Path::RefLookup,
+        family: Some(Family::Ipv4),
+        mode: None,
+        program: Program::LruLookup,
+        method: cycle(base, count),
+        template,
+        expect: expect_reference(LruCounter::Hit),
+        prime: None,
+        flows: u64::from(count),
+    });
+    // At least one pass over every flow per run.
+    let repeat = plan.repeat.max(count);
+    // The flood against as many established flows, like for like.
+    if group + 1 == plan.many_flows.len() {
+        for (sid, family, mode) in ServiceSet::PLAIN.each() {
+            cases.extend(flood_cases(sid, family, mode, ServiceSet::PLAIN.port));
+        }
+    }
+    let mut cases = with_baseline(h, cases);
+    let samples = measure(h, &mut cases, repeat, plan.many_flows_rounds)?;
+    Ok((cases, samples, repeat))
 }
 
 /// One warm-up run of every case, then `rounds` timed runs of every case,

@@ -760,11 +760,13 @@ fn method(out: &mut String, d: &DataplaneResults) {
          lb's object): `bench_pass` returns XDP_PASS; `bench_swap` parses \
          Ethernet, IPv4 or IPv6 and TCP with bounds checks, swaps the MACs and \
          returns XDP_TX. Built by the same toolchain as lb.\n\
-         - **Rounds**: every case once to warm up, then {} rounds ({} in the \
-         many-flows groups); in each round \
+         - **Rounds**: every case once to warm up, then {} rounds; in each round \
          every case of the group runs once, in an order that rotates every round. \
-         min, median and spread ((max − min) / median) are over the rounds; \
-         ratios divide medians.\n\
+         The many-flows groups are measured {} times, each on objects loaded \
+         afresh (where a large table's pages land moves a cold flow's cost more \
+         from one load to the next than from one round to the next), {} rounds \
+         each. min, median and spread ((max − min) / median) are over the \
+         rounds (of every load); ratios divide medians.\n\
          - **Reset wrapper**: with a repeat count the kernel runs the program \
          again on what the previous iteration left, so an encapsulated frame \
          would no longer be addressed to a service, and a new flow would be in \
@@ -804,6 +806,7 @@ fn method(out: &mut String, d: &DataplaneResults) {
             .collect::<Vec<_>>()
             .join(" and "),
         d.plan.rounds,
+        d.plan.many_flows_loads,
         d.plan.many_flows_rounds
     );
 }
