@@ -46,7 +46,7 @@ use crate::{
         frames::{self, Family, Mode, SERVICE_PORT},
         harness::{Harness, Program},
     },
-    procs::Group,
+    procs::{ExitedEarly, Group},
     stats::Summary,
 };
 
@@ -258,7 +258,7 @@ fn measure(
                     .xdp(program)?
                     .attach(FWD_IF, mode)
                     .with_context(|| format!("attaching {label} ({mode_label})"))?;
-                let sample = one_run(h, program, &gen_ns.name, config, plan);
+                let sample = retried(|| one_run(h, program, &gen_ns.name, config, plan));
                 h.xdp(program)?.detach(link)?;
                 samples[p * MODES.len() + m].push(
                     sample.with_context(|| format!("{label} ({mode_label}), round {round}"))?,
@@ -267,6 +267,29 @@ fn measure(
         }
     }
     Ok(samples)
+}
+
+/// Attempts at a run whose generator dies: flat out, trafgen can still die
+/// of EAGAIN on its TX ring (see [`start_trafgen`]) now and then.
+const RUN_ATTEMPTS: u32 = 3;
+
+/// `run` again, up to [`RUN_ATTEMPTS`] times, while trafgen is what failed:
+/// a failed attempt yields no sample, so the retry biases none.
+fn retried(mut run: impl FnMut() -> Result<RunSample>) -> Result<RunSample> {
+    let mut attempt = 1;
+    loop {
+        match run() {
+            Err(e)
+                if attempt < RUN_ATTEMPTS
+                    && e.downcast_ref::<ExitedEarly>()
+                        .is_some_and(|x| x.name == TRAFGEN) =>
+            {
+                eprintln!("live: {e:#}; again (attempt {attempt} of {RUN_ATTEMPTS} failed)");
+                attempt += 1;
+            }
+            done => return done,
+        }
+    }
 }
 
 /// Counters at one moment.

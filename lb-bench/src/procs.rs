@@ -2,9 +2,10 @@
 //! CPU time they and the machine spend.
 
 use std::{
+    fmt,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
@@ -50,7 +51,12 @@ impl Group {
             && let Some(status) = child.try_wait()?
         {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            bail!("{} exited early ({status}): {}", self.name, log.trim());
+            return Err(ExitedEarly {
+                name: self.name.clone(),
+                status,
+                log: log.trim().to_owned(),
+            }
+            .into());
         }
         Ok(())
     }
@@ -101,6 +107,29 @@ fn signal_group(child: &Child, signal: i32) {
     // which is not yet reaped, so its ID is not reused.
     unsafe { libc::kill(-(child.id() as i32), signal) };
 }
+
+/// A group's leader that exited before it was stopped: a caller may tell
+/// it from other failures and start the program again.
+#[derive(Debug)]
+pub(crate) struct ExitedEarly {
+    /// The program, as the group was started.
+    pub(crate) name: String,
+    status: ExitStatus,
+    /// Its standard error.
+    log: String,
+}
+
+impl fmt::Display for ExitedEarly {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} exited early ({}): {}",
+            self.name, self.status, self.log
+        )
+    }
+}
+
+impl std::error::Error for ExitedEarly {}
 
 impl Drop for Group {
     fn drop(&mut self) {
