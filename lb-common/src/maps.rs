@@ -20,11 +20,16 @@ pub const BACKENDS: &str = "LB_BACKENDS";
 /// Connection table: buckets of [`crate::FlowEntry`] (array; see
 /// [`crate::flow_buckets`]).
 pub const CONNTRACK: &str = "LB_CONNTRACK";
-/// Connection-table policy: index 0 → [`crate::ConntrackSettings`] (array).
+/// Connection-table policy: index 0 → [`crate::ConntrackSettings`] (array);
+/// the program reads its copy in [`GLOBALS`].
 pub const CONNTRACK_SETTINGS: &str = "LB_CONNTRACK_SETTINGS";
 /// Connection-table accounting: index 0 → [`crate::ConntrackStats`] (per-CPU array).
 pub const CONNTRACK_STATS: &str = "LB_CONNTRACK_STATS";
-/// Data-plane settings: index 0 → [`crate::Settings`] (array).
+/// The program's global variable of [`crate::Globals`] (the kernel's global
+/// data: a one-entry array, never pinned, one for each loaded object).
+pub const GLOBALS: &str = ".data.lb_globals";
+/// Data-plane settings: index 0 → [`crate::Settings`] (array); the program
+/// reads its copy in [`GLOBALS`].
 pub const SETTINGS: &str = "LB_SETTINGS";
 /// Interfaces the load balancer is attached to: [`crate::interface_slot`]
 /// → [`crate::Interface`] (array).

@@ -769,13 +769,41 @@ pub struct ConntrackSettings {
     /// Default idle timeout of UDP flows, seconds (0: never lapse).
     pub udp_idle_timeout: u32,
     /// The data plane's clock: whole seconds of `CLOCK_MONOTONIC`, written
-    /// by user space every second. One array read on the packet path
+    /// by user space every second. One load on the packet path
     /// instead of a clock helper call; while nothing writes it, nothing
     /// lapses.
     pub now: u32,
     /// Buckets of `LB_CONNTRACK` (its entries / [`CONNTRACK_WAYS`]), which
     /// user space writes when it loads the table. 0: no connection table.
     pub buckets: u32,
+}
+
+/// The data plane's singletons as one global variable of the program (its
+/// section [`crate::maps::GLOBALS`]), which the program reads at a fixed
+/// address instead of through a map lookup. User space writes it whole.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct Globals {
+    /// The connection-table policy (also kept in `LB_CONNTRACK_SETTINGS`).
+    pub conntrack: ConntrackSettings,
+    /// The settings (also kept in `LB_SETTINGS`).
+    pub settings: Settings,
+}
+
+impl Globals {
+    /// All zero: no connection table, no settings.
+    pub const ZERO: Globals = Globals {
+        conntrack: ConntrackSettings {
+            inserts_per_cpu: 0,
+            closed_timeout: 0,
+            tcp_idle_timeout: 0,
+            udp_idle_timeout: 0,
+            now: 0,
+            buckets: 0,
+        },
+        // SAFETY: plain integers and byte arrays; zero is valid for each.
+        settings: unsafe { core::mem::zeroed() },
+    };
 }
 
 /// One CPU's connection-table accounting. Value of `LB_CONNTRACK_STATS`
@@ -1242,6 +1270,7 @@ const _: () = assert!(crate::limits::INTERFACE_SLOTS.is_power_of_two());
 const _: () = assert!(crate::limits::MAX_PORTS <= (u8::MAX >> BACKEND_PORT_SHIFT) as u32);
 const _: () = assert!(BACKEND_F_UP < 1 << BACKEND_PORT_SHIFT);
 const _: () = assert!(size_of::<ConntrackSettings>() == 24);
+const _: () = assert!(size_of::<Globals>() == 60);
 const _: () = assert!(size_of::<ConntrackStats>() == 32);
 const _: () = assert!(size_of::<BackendStats>() == 56);
 const _: () = assert!(size_of::<ProbeTunnel>() == 36);
@@ -1269,6 +1298,7 @@ mod pod {
     //! no implicit padding (the size asserts above pin the layout).
     use super::*;
     unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for Globals {}
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for SourceKey {}

@@ -60,11 +60,11 @@ pub(crate) fn reply_too_big(
             return Err(Counter::DropTooBig);
         }
     }
-    let now = maps::conntrack_settings().map_or(0, |ct| ct.now);
+    let now = maps::conntrack_settings().now;
     if !maps::take_icmp_budget(IcmpKind::TooBig, now) {
         return Err(Counter::DropTooBig);
     }
-    let mtu = maps::settings().ok_or(Counter::DropTooBig)?.mtu_of(iface);
+    let mtu = maps::settings().mtu_of(iface);
     let next_hop_mtu = mtu.saturating_sub(overhead as u32);
     let ip_hlen = if v4 { IPV4_HLEN } else { IPV6_HLEN };
     let mut l2 = L2Header::load(ctx, ip.l3_off).ok_or(Counter::DropMalformedEthernet)?;
@@ -172,7 +172,7 @@ pub(crate) fn reply_echo(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> 
     if ip.l4_off + ICMP_HLEN > ip.end {
         return Err(Counter::DropMalformedIcmp);
     }
-    let now = maps::conntrack_settings().map_or(0, |ct| ct.now);
+    let now = maps::conntrack_settings().now;
     if !maps::take_icmp_budget(IcmpKind::Echo, now) {
         return Err(Counter::DropEchoLimit);
     }

@@ -233,7 +233,7 @@ fn balance_flow(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
         family: ip.family,
         _pad: [0; 2],
     };
-    let ct = maps::conntrack_settings().ok_or(Counter::DropNoBackend)?;
+    let ct = maps::conntrack_settings();
     let (service, choice) = select::select_backend(ct, &flow, ports.tcp_flags, true)?;
     charged(&service, deliver(ctx, ip, iface, &service, &choice, false))
 }
@@ -332,7 +332,7 @@ fn relay_icmp(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
         family: inner.family,
         _pad: [0; 2],
     };
-    let ct = maps::conntrack_settings().ok_or(Counter::DropNoBackend)?;
+    let ct = maps::conntrack_settings();
     let (service, choice) = match select::select_backend(ct, &flow, 0, false) {
         Err(Counter::PassNotService) => return Ok(Counter::PassOtherProtocol),
         other => other?,
@@ -374,8 +374,7 @@ fn forward(
     choice: &Choice,
 ) -> Result<(), Counter> {
     if let Some(t) = tunnel(service) {
-        let settings = maps::settings().ok_or(Counter::DropNoBackend)?;
-        forward::encapsulate(ctx, ip, choice, out.iface, settings, t)?;
+        forward::encapsulate(ctx, ip, choice, out.iface, maps::settings(), t)?;
     } else {
         forward::rewrite_macs(ctx, choice, out.iface)?;
     }

@@ -15,10 +15,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     AclKey, Addr, AddrKey, BLOCK_MIXED, BackendStats, BackendValue, CoarseClock, ConntrackSettings,
-    ConntrackStats, Counter, FLOW_SEEN_MASK, FlowEntry, FlowKey, FlowValue, ForwardWay, IcmpBudget,
-    IcmpKind, Interface, LimitedSource, ProbeTunnel, RingChunk, ServiceIndexEntry, ServiceKey,
-    ServiceSlot, ServiceValue, Settings, SourceBlock, SourceBlockBucket, SourceDrops, SourceKey,
-    SourceLimit, SourceRateBucket, SourceShape,
+    ConntrackStats, Counter, FLOW_SEEN_MASK, FlowEntry, FlowKey, FlowValue, ForwardWay, Globals,
+    IcmpBudget, IcmpKind, Interface, LimitedSource, ProbeTunnel, RingChunk, ServiceIndexEntry,
+    ServiceKey, ServiceSlot, ServiceValue, Settings, SourceBlock, SourceBlockBucket, SourceDrops,
+    SourceKey, SourceLimit, SourceRateBucket, SourceShape,
     counters::DecapCounter,
     flow_buckets,
     hash::{service_index, source_block_bucket, vip_filter_bit_of_fold},
@@ -87,7 +87,19 @@ static LB_BACKENDS: Array<BackendValue> = Array::with_max_entries(limits::DEFAUL
 static LB_CONNTRACK: Array<FlowEntry> =
     Array::with_max_entries(limits::DEFAULT_CONNTRACK_ENTRIES, BPF_F_MMAPABLE);
 
-/// Connection-table policy, one entry.
+/// The settings and the connection-table policy, as the program reads
+/// them: a global variable (the kernel's global data, a one-entry array
+/// that user space writes as `lb_common::maps::GLOBALS`), whose address
+/// the program holds as a constant. A map lookup took a bounds check and a
+/// pointer on every packet. Exported, so LLVM cannot take the initial
+/// value for what it holds.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = ".data.lb_globals")]
+static mut LB_GLOBALS: Globals = Globals::ZERO;
+
+/// Connection-table policy, one entry: the pinned record of
+/// [`LB_GLOBALS`]'s, which a restarted daemon adopts and a program of an
+/// earlier version reads.
 #[map]
 static LB_CONNTRACK_SETTINGS: Array<ConntrackSettings> = Array::with_max_entries(1, 0);
 
@@ -95,7 +107,8 @@ static LB_CONNTRACK_SETTINGS: Array<ConntrackSettings> = Array::with_max_entries
 #[map]
 static LB_CONNTRACK_STATS: PerCpuArray<ConntrackStats> = PerCpuArray::with_max_entries(1, 0);
 
-/// Settings, one entry.
+/// Settings, one entry: the pinned record of [`LB_GLOBALS`]'s, which a
+/// program of an earlier version reads.
 #[map]
 static LB_SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
@@ -461,13 +474,20 @@ fn found_at(p: NonNull<FlowEntry>, flow: &FlowKey, hash: u32) -> Option<Lookup> 
     })
 }
 
-/// The connection-table policy (all zero, no limits and no aging, until
-/// user space writes it). Array elements are never freed, so the reference
-/// lives as long as the program; user space rewrites the entry in place,
-/// one field at a time, which is fine for each of them.
+/// The connection-table policy (all zero, no table, no limits and no
+/// aging, until user space writes it).
 #[inline(always)]
-pub(crate) fn conntrack_settings() -> Option<&'static ConntrackSettings> {
-    LB_CONNTRACK_SETTINGS.get(0)
+pub(crate) fn conntrack_settings() -> &'static ConntrackSettings {
+    &globals().conntrack
+}
+
+/// The program's singletons ([`LB_GLOBALS`]).
+#[inline(always)]
+fn globals() -> &'static Globals {
+    // SAFETY: the program never writes it, and it lives as long as the
+    // program; user space rewrites it in place, and each field the program
+    // reads is one aligned word, read whole.
+    unsafe { &*ptr::addr_of!(LB_GLOBALS) }
 }
 
 /// Whether this CPU's insert budget (`ct`) allows another entry in the
@@ -525,10 +545,10 @@ pub(crate) fn conntrack_put(
     unsafe { *p.as_ptr() = FlowEntry::new(flow, value, hash) };
 }
 
-/// The data-plane settings.
+/// The data-plane settings (all zero until user space writes them).
 #[inline(always)]
-pub(crate) fn settings() -> Option<&'static Settings> {
-    LB_SETTINGS.get(0)
+pub(crate) fn settings() -> &'static Settings {
+    &globals().settings
 }
 
 /// The interface with index `ifindex`, if user space registered it. User

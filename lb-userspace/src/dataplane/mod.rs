@@ -47,9 +47,9 @@ use aya::{
 };
 use lb_common::{
     AclKey, AddrKey, BackendStats, BackendValue, ConntrackSettings, ConntrackStats, Counter,
-    FlowEntry, FlowKey, FlowValue, Interface, LimitedSource, SERVICE_F_ECHO, ServiceIndexEntry,
-    ServiceKey, ServiceSlot, ServiceValue, Settings, SourceBlockBucket, SourceDrops, SourceLimit,
-    SourceShape, VIP_ECHO_UNIT,
+    FlowEntry, FlowKey, FlowValue, Globals, Interface, LimitedSource, SERVICE_F_ECHO,
+    ServiceIndexEntry, ServiceKey, ServiceSlot, ServiceValue, Settings, SourceBlockBucket,
+    SourceDrops, SourceLimit, SourceShape, VIP_ECHO_UNIT,
     hash::vip_filter_bit,
     interface_slot,
     limits::{
@@ -234,6 +234,9 @@ pub struct Dataplane {
     conntrack_settings: Array<MapData, ConntrackSettings>,
     conntrack_stats: PerCpuArray<MapData, ConntrackStats>,
     settings: Array<MapData, Settings>,
+    /// The program's global variable of singletons, and what it holds.
+    globals_map: Array<MapData, Globals>,
+    globals: Globals,
     interfaces: Array<MapData, Interface>,
     egress: DevMap<MapData>,
     counters: PerCpuArray<MapData, u64>,
@@ -646,6 +649,8 @@ impl Dataplane {
             conntrack_settings: take(&mut ebpf, names::CONNTRACK_SETTINGS)?,
             conntrack_stats: take(&mut ebpf, names::CONNTRACK_STATS)?,
             settings: take(&mut ebpf, names::SETTINGS)?,
+            globals_map: take(&mut ebpf, names::GLOBALS)?,
+            globals: Globals::ZERO,
             interfaces: take(&mut ebpf, names::INTERFACES)?,
             egress: take(&mut ebpf, names::EGRESS)?,
             counters: take(&mut ebpf, names::COUNTERS)?,
@@ -926,20 +931,38 @@ impl Dataplane {
             .context("listing services")
     }
 
-    /// Writes the settings.
+    /// Writes the settings: the program's copy ([`Globals`]) and the pinned
+    /// record.
     pub fn set_settings(&mut self, settings: Settings) -> Result<()> {
         self.settings
             .set(0, settings, 0)
-            .context("writing settings")
+            .context("writing settings")?;
+        self.set_globals(Globals {
+            settings,
+            ..self.globals
+        })
     }
 
-    /// Writes the connection-table policy; the bucket count is always the
-    /// loaded table's.
+    /// Writes the program's global variable of singletons.
+    fn set_globals(&mut self, globals: Globals) -> Result<()> {
+        self.globals_map
+            .set(0, globals, 0)
+            .context("writing the program's global settings")?;
+        self.globals = globals;
+        Ok(())
+    }
+
+    /// Writes the connection-table policy, the program's copy and the pinned
+    /// record; the bucket count is always the loaded table's.
     pub fn set_conntrack_settings(&mut self, mut settings: ConntrackSettings) -> Result<()> {
         settings.buckets = self.capacity.conntrack_buckets();
         self.conntrack_settings
             .set(0, settings, 0)
-            .context("writing the connection-table settings")
+            .context("writing the connection-table settings")?;
+        self.set_globals(Globals {
+            conntrack: settings,
+            ..self.globals
+        })
     }
 
     /// The connection table's accounting, per CPU.
@@ -1584,6 +1607,12 @@ mod tests {
             assert_eq!(map.value_size() as usize, value, "{name}: value bytes");
             assert_eq!(map.max_entries(), entries, "{name}: entries");
         }
+        let globals = object
+            .maps
+            .get(names::GLOBALS)
+            .unwrap_or_else(|| panic!("{} missing", names::GLOBALS));
+        assert_eq!(globals.value_size() as usize, size_of::<Globals>());
+        assert_eq!(globals.max_entries(), 1);
         for name in object.maps.keys() {
             let aya_own = name.starts_with('.') || name.starts_with("AYA_");
             assert!(
