@@ -791,19 +791,10 @@ pub struct Globals {
 }
 
 impl Globals {
-    /// All zero: no connection table, no settings.
-    pub const ZERO: Globals = Globals {
-        conntrack: ConntrackSettings {
-            inserts_per_cpu: 0,
-            closed_timeout: 0,
-            tcp_idle_timeout: 0,
-            udp_idle_timeout: 0,
-            now: 0,
-            buckets: 0,
-        },
-        // SAFETY: plain integers and byte arrays; zero is valid for each.
-        settings: unsafe { core::mem::zeroed() },
-    };
+    /// All zero: no connection table, no settings (the program's initial
+    /// value; `Default` is not `const`).
+    // SAFETY: plain integers and byte arrays; zero is valid for each.
+    pub const ZERO: Globals = unsafe { core::mem::zeroed() };
 }
 
 /// One CPU's connection-table accounting. Value of `LB_CONNTRACK_STATS`
@@ -1298,7 +1289,6 @@ mod pod {
     //! no implicit padding (the size asserts above pin the layout).
     use super::*;
     unsafe impl aya::Pod for ServiceKey {}
-    unsafe impl aya::Pod for Globals {}
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for SourceKey {}
@@ -1312,6 +1302,7 @@ mod pod {
     unsafe impl aya::Pod for Interface {}
     unsafe impl aya::Pod for IcmpBudget {}
     unsafe impl aya::Pod for ConntrackSettings {}
+    unsafe impl aya::Pod for Globals {}
     unsafe impl aya::Pod for ConntrackStats {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for ProbeTunnel {}

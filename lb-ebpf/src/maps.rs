@@ -92,7 +92,8 @@ static LB_CONNTRACK: Array<FlowEntry> =
 /// that user space writes as `lb_common::maps::GLOBALS`), whose address
 /// the program holds as a constant. A map lookup took a bounds check and a
 /// pointer on every packet. Exported, so LLVM cannot take the initial
-/// value for what it holds.
+/// value for what it holds. The section is `lb_common::maps::GLOBALS`
+/// (an attribute takes no constant; the object's contract test checks it).
 #[unsafe(no_mangle)]
 #[unsafe(link_section = ".data.lb_globals")]
 static mut LB_GLOBALS: Globals = Globals::ZERO;
