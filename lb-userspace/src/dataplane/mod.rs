@@ -899,7 +899,8 @@ impl Dataplane {
 
     /// Pins the maps named in `which` under `dir`, found among the maps the
     /// loaded programs use (the kernel keeps only the first
-    /// [`KERNEL_NAME_LEN`] bytes of a map's name).
+    /// [`KERNEL_NAME_LEN`] bytes of a map's name), or among the records
+    /// this data plane holds that no program reads.
     fn pin_maps(&mut self, dir: &Path, which: &[&str]) -> Result<()> {
         let ids = self
             .program(names::PROG_LB)?
@@ -907,6 +908,12 @@ impl Dataplane {
             .map_ids()?
             .unwrap_or_default();
         for name in which {
+            if let Some(record) = self.record(name) {
+                record
+                    .pin(dir.join(name))
+                    .with_context(|| format!("pinning {name}"))?;
+                continue;
+            }
             let short = &name[..name.len().min(KERNEL_NAME_LEN)];
             let id = ids
                 .iter()
@@ -921,6 +928,17 @@ impl Dataplane {
                 .with_context(|| format!("pinning {name}"))?;
         }
         Ok(())
+    }
+
+    /// Map `name` if it is a record of what the program reads from
+    /// [`Globals`]: the program does not use it, user space keeps it for
+    /// a restarted daemon and for a program of an earlier version.
+    fn record(&self, name: &str) -> Option<&MapData> {
+        match name {
+            names::SETTINGS => Some(self.settings.map()),
+            names::CONNTRACK_SETTINGS => Some(self.conntrack_settings.map()),
+            _ => None,
+        }
     }
 
     /// The keys of every live service.
