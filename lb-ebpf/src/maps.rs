@@ -88,12 +88,12 @@ static LB_CONNTRACK: Array<FlowEntry> =
     Array::with_max_entries(limits::DEFAULT_CONNTRACK_ENTRIES, BPF_F_MMAPABLE);
 
 /// The settings and the connection-table policy, as the program reads
-/// them: a global variable (the kernel's global data, a one-entry array
-/// that user space writes as `lb_common::maps::GLOBALS`), whose address
-/// the program holds as a constant. A map lookup took a bounds check and a
-/// pointer on every packet. Exported, so LLVM cannot take the initial
-/// value for what it holds. The section is `lb_common::maps::GLOBALS`
-/// (an attribute takes no constant; the object's contract test checks it).
+/// them: a global variable (the kernel's global data), whose address the
+/// program holds as a constant, where a map lookup took a bounds check and
+/// a pointer on every packet. To user space it is a one-entry array named
+/// by its section, `lb_common::maps::GLOBALS` (an attribute takes no
+/// constant; the object's contract test checks the two agree). Exported,
+/// so LLVM cannot take the initial value for what it holds.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = ".data.lb_globals")]
 static mut LB_GLOBALS: Globals = Globals::ZERO;
