@@ -45,7 +45,7 @@ const PUBLISH_ROUNDS_QUICK: usize = 3;
 pub(crate) const CRITERION_GROUP: &str = "maglev_build";
 
 /// Table quality for one backend count.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Quality {
     /// Backends in the table.
     pub backends: u32,
@@ -70,7 +70,7 @@ pub struct Quality {
 }
 
 /// Build and write times for one backend count.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Timing {
     /// Backends in the table.
     pub backends: u32,
@@ -88,7 +88,7 @@ pub struct Timing {
 }
 
 /// Everything the control-plane part measured.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ControlResults {
     /// Table quality by backend count.
     pub quality: Vec<Quality>,

@@ -27,7 +27,7 @@ use lb::{
 };
 use lb_common::wire::IPPROTO_TCP;
 use lb_tests::{daemon::Daemon, lab::service_key};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     reaction::{Watch, ms},
@@ -52,7 +52,7 @@ const ETCD_BACKENDS: [usize; 2] = [100, 1_000];
 const BENCH_PREFIX: &str = "/lb-bench";
 
 /// How much to measure.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct Plan {
     /// Node failures with BFD.
     pub bfd_failures: usize,
@@ -86,7 +86,7 @@ impl Plan {
 }
 
 /// Node failures under one kind of timer.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Failures {
     /// How the sessions detect a dead peer.
     pub timers: String,
@@ -99,7 +99,7 @@ pub struct Failures {
 }
 
 /// etcd at one backend count.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EtcdRun {
     /// Backends in the service.
     pub backends: usize,
@@ -114,7 +114,7 @@ pub struct EtcdRun {
 }
 
 /// The part's results.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FleetResults {
     /// How much was measured.
     pub plan: Plan,

@@ -38,7 +38,7 @@ use lb_common::{
     Counter,
     limits::{DEFAULT_CONNTRACK_ENTRIES, DEFAULT_RING_SIZE},
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     dataplane::{
@@ -74,7 +74,7 @@ const TRAFGEN: &str = "trafgen";
 const TX_RING: &str = "128KiB";
 
 /// How much to measure.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct Plan {
     /// Runs of each (program, mode), interleaved.
     pub rounds: usize,
@@ -100,12 +100,12 @@ impl Plan {
 }
 
 /// What one (program, mode) forwarded over its runs.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LiveResult {
     /// `lb` or `swap floor`.
-    pub program: &'static str,
+    pub program: String,
     /// `native` or `generic`.
-    pub mode: &'static str,
+    pub mode: String,
     /// Frames back at the generator per second.
     pub forwarded_pps: Summary,
     /// Frames trafgen sent per second.
@@ -115,7 +115,7 @@ pub struct LiveResult {
 }
 
 /// The live part's results.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LiveResults {
     /// How it was measured.
     pub plan: Plan,
@@ -217,8 +217,8 @@ fn summarise(program: &'static str, mode: &'static str, runs: &[RunSample]) -> R
             .with_context(|| format!("{program} ({mode}): no runs"))
     };
     Ok(LiveResult {
-        program,
-        mode,
+        program: program.to_owned(),
+        mode: mode.to_owned(),
         forwarded_pps: of(|r| r.forwarded_pps)?,
         offered_pps: of(|r| r.offered_pps)?,
         program_ns: of(|r| r.program_ns)?,

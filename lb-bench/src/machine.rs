@@ -2,12 +2,12 @@
 
 use std::{process::Command, time::Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::procs;
 
 /// CPU, cores, kernel and how busy the machine was.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Machine {
     /// `model name` from /proc/cpuinfo.
     pub cpu: String,

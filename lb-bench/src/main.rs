@@ -40,7 +40,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use clap::Parser;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// lb's benchmarks: data-plane cost per packet, Maglev quality, memory.
 #[derive(Debug, Parser)]
@@ -55,6 +55,14 @@ struct Cli {
     /// Where to write the raw results.
     #[arg(long, default_value = "bench/results.json")]
     json: PathBuf,
+    /// Measure nothing: render the report at `--out` from these raw results
+    /// of an earlier run, with this build's report code and levers (after
+    /// an edit to bench/levers.md or to the report, say). Needs no root.
+    #[arg(long, value_name = "RESULTS", conflicts_with_all = [
+        "quick", "lb", "criterion", "baseline_object", "only", "backends", "services",
+        "many_flows", "paths", "rounds", "many_flows_loads", "source_prefixes",
+    ])]
+    render: Option<PathBuf>,
     /// The `lb` binary, for the daemon's memory (skipped without it).
     #[arg(long)]
     lb: Option<PathBuf>,
@@ -100,10 +108,10 @@ struct Cli {
 }
 
 /// Everything one run measured.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Results {
     /// `lb-bench`'s version.
-    pub version: &'static str,
+    pub version: String,
     /// When the run started, UTC (RFC 3339).
     pub started: String,
     /// Whether this was a `--quick` run.
@@ -169,6 +177,9 @@ fn plan(cli: &Cli) -> dataplane::Plan {
 }
 
 fn run(cli: &Cli) -> Result<()> {
+    if let Some(from) = &cli.render {
+        return rerender(from, &cli.out);
+    }
     // SAFETY: geteuid has no preconditions.
     ensure!(
         unsafe { libc::geteuid() } == 0,
@@ -178,7 +189,7 @@ fn run(cli: &Cli) -> Result<()> {
     let cpu = machine::online_cpus() - 1;
     machine::pin_to(cpu).context("pinning to one CPU")?;
     let mut results = Results {
-        version: env!("CARGO_PKG_VERSION"),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
         started: machine::now_utc(),
         quick: cli.quick,
         machine: machine::describe(cpu),
@@ -242,9 +253,61 @@ fn run(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
+/// Writes the report at `out` from the raw results at `from`.
+fn rerender(from: &Path, out: &Path) -> Result<()> {
+    let results = read_results(from)?;
+    write(out, &report::render(&results))?;
+    eprintln!("wrote {} from {}", out.display(), from.display());
+    Ok(())
+}
+
+/// The raw results at `path`, as a run of this version wrote them.
+fn read_results(path: &Path) -> Result<Results> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not the raw results of a run of this lb-bench",
+            path.display()
+        )
+    })
+}
+
 fn write(path: &Path, text: &str) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The report of record is what its raw results render to with this
+    /// build's report code and levers: a change to either that was not
+    /// followed by `cargo xtask bench --render` (or a whole run) fails here,
+    /// at the first line that differs.
+    #[test]
+    fn the_report_of_record_renders_from_its_results() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let results = read_results(&root.join("bench/results.json")).unwrap();
+        let rendered = report::render(&results);
+        let committed = std::fs::read_to_string(root.join("BENCHMARKS.md")).unwrap();
+        let mut committed_lines = committed.lines();
+        for (i, line) in rendered.lines().enumerate() {
+            assert_eq!(
+                committed_lines.next(),
+                Some(line),
+                "BENCHMARKS.md line {} is not what bench/results.json renders to: \
+                 run `cargo xtask bench --render`",
+                i + 1
+            );
+        }
+        assert_eq!(
+            committed_lines.next(),
+            None,
+            "BENCHMARKS.md runs on past its rendering: run `cargo xtask bench --render`"
+        );
+    }
 }

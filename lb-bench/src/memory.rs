@@ -17,7 +17,7 @@ use anyhow::{Context as _, Result, bail};
 use lb::dataplane::Capacity;
 use lb::netns::{Netns, PrivateBpffs};
 use lb_common::limits::DEFAULT_RING_SIZE;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Service counts measured.
 const SERVICE_COUNTS: [u32; 3] = [1, 64, 512];
@@ -31,7 +31,7 @@ const RINGS_NAME: &str = lb_common::maps::RINGS;
 const POLL: Duration = Duration::from_millis(100);
 
 /// One daemon's memory.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Footprint {
     /// Services configured (and `max_services`).
     pub services: u32,
@@ -66,7 +66,7 @@ pub struct Footprint {
 }
 
 /// The memory part's results.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MemoryResults {
     /// One per service count.
     pub daemons: Vec<Footprint>,

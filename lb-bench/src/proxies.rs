@@ -35,7 +35,7 @@ use lb_tests::{
     daemon::{Daemon, WEB_PORT, WEB_VIP, default_web_config},
     lan::Lan,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     dataplane::harness::BENCH_OBJECT,
@@ -60,7 +60,7 @@ const MAX_PROXY_CONNECTIONS: u32 = 4096;
 const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 
 /// How much to measure.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct Plan {
     /// Runs of each system, interleaved.
     pub rounds: usize,
@@ -83,7 +83,7 @@ impl Plan {
 }
 
 /// A load balancer under test.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum System {
     /// lb's daemon, XDP in native (driver) mode on the veth.
     LbNative,
@@ -120,7 +120,7 @@ impl System {
 }
 
 /// One run's figures.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct Run {
     /// Requests answered per second, at the client.
     pub requests_per_s: f64,
@@ -137,12 +137,12 @@ pub struct Run {
 }
 
 /// One system's results.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SystemResult {
     /// Which.
     pub system: System,
     /// Its name in the report.
-    pub label: &'static str,
+    pub label: String,
     /// Versions of what ran (proxies only).
     pub version: String,
     /// Requests per second.
@@ -162,7 +162,7 @@ pub struct SystemResult {
 }
 
 /// The comparison's results.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ProxyResults {
     /// How it was measured.
     pub plan: Plan,
@@ -256,7 +256,7 @@ fn summarise(system: System, runs: Vec<Run>) -> Result<SystemResult> {
     };
     Ok(SystemResult {
         system,
-        label: system.label(),
+        label: system.label().to_owned(),
         version: match system {
             System::Haproxy => version("haproxy", &["-v"]),
             System::Nginx => version("nginx", &["-v"]),

@@ -26,7 +26,7 @@ use lb_tests::{
     lab::service_key,
     lan::Lan,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::stats::Summary;
 
@@ -46,7 +46,7 @@ const WATCH_POLL: Duration = Duration::from_micros(50);
 const FLIP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How much to measure.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct Plan {
     /// `set-weight` commands timed.
     pub weight_changes: usize,
@@ -72,7 +72,7 @@ impl Plan {
 }
 
 /// The part's results.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ReactionResults {
     /// How much was measured.
     pub plan: Plan,

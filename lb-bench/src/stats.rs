@@ -1,9 +1,9 @@
 //! Summaries of repeated measurements: min, median, max and spread.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What several interleaved measurements of one figure came to.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     /// The smallest sample: the least disturbed run.
     pub min: f64,

@@ -27,7 +27,7 @@ use lb_tests::{
     daemon::{Daemon, metrics_in},
     lan::Lan,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{procs::process_cpu_ns, reaction::ms, stats::Summary};
 
@@ -62,7 +62,7 @@ const SETTLE: Duration = Duration::from_secs(120);
 pub(crate) const STATUS_P99_GOAL_MS: f64 = 50.0;
 
 /// How much to measure.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct Plan {
     /// Services.
     pub services: usize,
@@ -88,7 +88,7 @@ impl Plan {
 }
 
 /// The part's results.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StormResults {
     /// How much was measured.
     pub plan: Plan,

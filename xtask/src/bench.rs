@@ -4,7 +4,8 @@
 //! Steps: setup, with the benchmarks' own packages; build `lb` (the memory part runs the real daemon); the
 //! criterion bench of the Maglev builder; then `lb-bench` (needs root: it
 //! loads XDP programs), which measures the rest and writes both files,
-//! taking the build times from criterion's estimates.
+//! taking the build times from criterion's estimates. With `--render`,
+//! only the last step's report, from the results already there.
 
 use std::path::Path;
 
@@ -93,4 +94,21 @@ pub(crate) fn run(
     }
     driver.args(driver_args);
     exec::run(&mut driver)
+}
+
+/// Writes `BENCHMARKS.md` again from `bench/results.json`, measuring
+/// nothing: the report of record after an edit to the report's code or to
+/// `bench/levers.md`, which the driver builds in.
+pub(crate) fn render(root: &Path) -> Result<()> {
+    // The driver's build script builds the eBPF objects.
+    setup::run()?;
+    exec::run(
+        exec::cargo()
+            .current_dir(root)
+            .args(["run", "--release", "--package", DRIVER, "--"])
+            .arg("--render")
+            .arg(root.join(RESULTS))
+            .arg("--out")
+            .arg(root.join(REPORT)),
+    )
 }

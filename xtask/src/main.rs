@@ -75,6 +75,11 @@ enum Task {
         /// --services 4 --many-flows 0 --rounds 21` for an A/B of one group).
         #[arg(last = true)]
         driver_args: Vec<String>,
+        /// Measure nothing: write BENCHMARKS.md again from
+        /// bench/results.json with the current report code and
+        /// bench/levers.md, after an edit to either (no root needed).
+        #[arg(long, conflicts_with_all = ["quick", "baseline", "only", "driver_args"])]
+        render: bool,
     },
     /// Run setup, then cargo fmt --check, cargo test and cargo clippy.
     Test {
@@ -110,7 +115,14 @@ fn main() -> ExitCode {
             baseline,
             only,
             driver_args,
-        } => bench::run(&root, quick, baseline.as_deref(), &only, &driver_args),
+            render,
+        } => {
+            if render {
+                bench::render(&root)
+            } else {
+                bench::run(&root, quick, baseline.as_deref(), &only, &driver_args)
+            }
+        }
         Task::Demo { keep, fleet } => demo::run(&root, keep, fleet),
         Task::Fuzz { frames, seed } => fuzz::run(&root, frames, seed),
         Task::Package => package::run(&root).map(drop),

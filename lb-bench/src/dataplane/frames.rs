@@ -18,7 +18,7 @@ use lb_tests::{
     lab::{LB_MAC, ROUTER_MAC},
     packet,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// TCP flags of a packet in an established connection.
 pub(crate) const TCP_ACK: u8 = 0x10;
@@ -40,7 +40,7 @@ pub(crate) const NOT_A_VIP_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 250, 1);
 pub(crate) const NOT_A_VIP_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xfa, 0, 0, 0, 0, 1);
 
 /// IP version of a measured path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Family {
     /// IPv4.
@@ -63,7 +63,7 @@ impl Family {
 }
 
 /// Forwarding mode of a measured service.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// MAC rewrite.

@@ -40,7 +40,7 @@ use lb_common::{
     wire::{IPPROTO_TCP, IPV4_HLEN, IPV6_HLEN},
 };
 use lb_tests::lab::{PASS, TX, service_key};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::stats::Summary;
 use frames::{Family, Mode, SERVICE_PORT, TCP_ACK, TCP_SYN};
@@ -48,7 +48,7 @@ use harness::{Expect, Flows, Harness, Method, Program, Sample};
 use lb_bench_ebpf::LruCounter;
 
 /// How much to measure.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Plan {
     /// Iterations per BPF_PROG_TEST_RUN.
     pub repeat: u32,
@@ -138,7 +138,7 @@ pub(crate) const FILL_TURNS: u32 = 16;
 pub(crate) const CYCLE_STRIDE: u16 = 7919;
 
 /// What a case measures.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Path {
     /// Floor: XDP_PASS and nothing else.
@@ -222,7 +222,7 @@ struct Case {
 }
 
 /// A case's figures.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CaseResult {
     /// What it measures.
     pub path: Path,
@@ -233,7 +233,7 @@ pub struct CaseResult {
     /// Measured on the baseline object.
     pub baseline: bool,
     /// `direct` or `reset wrapper`.
-    pub method: &'static str,
+    pub method: String,
     /// Distinct flows the iterations carried.
     pub flows: u64,
     /// Per round, ns per iteration as timed (the wrapper included).
@@ -251,7 +251,7 @@ pub struct CaseResult {
 }
 
 /// One configuration's cases.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct GroupResult {
     /// Services in the table.
     pub services: u32,
@@ -286,7 +286,7 @@ impl GroupResult {
 }
 
 /// Everything the data-plane benchmark measured.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DataplaneResults {
     /// What was run.
     pub plan: Plan,
@@ -1237,7 +1237,8 @@ fn summarise(cases: &[Case], samples: &[Vec<Sample>]) -> Vec<CaseResult> {
                 method: match case.method {
                     Method::Direct(_) => "direct",
                     Method::Reset(_) => "reset wrapper",
-                },
+                }
+                .to_owned(),
                 flows: case.flows,
                 raw_ns,
                 kernel_ns: samples[i].iter().map(|s| s.kernel_ns).collect(),
