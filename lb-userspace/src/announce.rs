@@ -10,7 +10,9 @@
 //! 3. in a fleet, the node has converged: it applied the fleet's newest
 //!    state, and every service on the VIP has the table most live nodes at
 //!    that revision have (a node whose view drifted, or that is back from an
-//!    outage and not caught up, would send ECMP-moved flows elsewhere);
+//!    outage and not caught up, would send ECMP-moved flows elsewhere). A
+//!    node that has been in step since it started keeps that standing
+//!    through [`CONVERGENCE_GRACE`] out of step ([`ConvergenceGrace`]);
 //! 4. at least one service on the VIP has a backend in rotation on its own
 //!    probes' word (panic mode, which keeps failing backends in the table,
 //!    does not count: a VIP whose every backend fails is withdrawn, so the
@@ -23,6 +25,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
@@ -117,6 +120,42 @@ pub fn decide(node: NodeView, services: &[ServiceView]) -> Vec<Decision> {
         .collect()
 }
 
+/// How long a node that has been in step with the fleet may be out of step
+/// (behind its newest state, or a table unlike most nodes') and still count
+/// as converged. A fleet change reaches the nodes some milliseconds apart,
+/// and more while a new fleet's backends come up; a withdrawal for that long
+/// would move the flows that ECMP hashes onto the node away and back, each
+/// time the routers rehash, which costs more than serving them from the
+/// previous table for a moment.
+pub const CONVERGENCE_GRACE: Duration = Duration::from_secs(1);
+
+/// Rule 3's grace: whether a node counts as in step with the fleet. A node
+/// that has not been in step since it started (back from an outage, or
+/// refused the fleet's state from the start) never does until it is; one
+/// that has, does through a spell out of step shorter than
+/// [`CONVERGENCE_GRACE`].
+#[derive(Debug, Default)]
+pub struct ConvergenceGrace {
+    /// In step at some time since the node started.
+    was_in_step: bool,
+    /// When the current spell out of step began.
+    out_since: Option<Instant>,
+}
+
+impl ConvergenceGrace {
+    /// Whether the node counts as in step at `now`, being in step
+    /// (`in_step`) or not.
+    pub fn counts_in_step(&mut self, now: Instant, in_step: bool) -> bool {
+        if in_step {
+            self.was_in_step = true;
+            self.out_since = None;
+            return true;
+        }
+        let since = *self.out_since.get_or_insert(now);
+        self.was_in_step && now.saturating_duration_since(since) < CONVERGENCE_GRACE
+    }
+}
+
 /// The VIPs the decisions announce.
 pub fn announced(decisions: &[Decision]) -> BTreeSet<IpAddr> {
     decisions
@@ -129,6 +168,39 @@ pub fn announced(decisions: &[Decision]) -> BTreeSet<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_never_in_step_is_out_of_step_at_once() {
+        let mut grace = ConvergenceGrace::default();
+        let t0 = Instant::now();
+        assert!(!grace.counts_in_step(t0, false));
+        assert!(!grace.counts_in_step(t0 + CONVERGENCE_GRACE / 2, false));
+        assert!(grace.counts_in_step(t0 + CONVERGENCE_GRACE, true));
+    }
+
+    #[test]
+    fn a_short_spell_out_of_step_is_excused_and_a_long_one_is_not() {
+        let mut grace = ConvergenceGrace::default();
+        let t0 = Instant::now();
+        assert!(grace.counts_in_step(t0, true));
+        let out = t0 + Duration::from_secs(10);
+        assert!(grace.counts_in_step(out, false), "the spell's start");
+        let almost = out + CONVERGENCE_GRACE - Duration::from_millis(1);
+        assert!(grace.counts_in_step(almost, false), "within the grace");
+        assert!(
+            !grace.counts_in_step(out + CONVERGENCE_GRACE, false),
+            "the grace is over"
+        );
+        assert!(
+            !grace.counts_in_step(out + 2 * CONVERGENCE_GRACE, false),
+            "and stays over while the spell lasts"
+        );
+        // Back in step: the next spell has a grace of its own.
+        let back = out + 3 * CONVERGENCE_GRACE;
+        assert!(grace.counts_in_step(back, true));
+        assert!(grace.counts_in_step(back + CONVERGENCE_GRACE / 2, false));
+        assert!(!grace.counts_in_step(back + 2 * CONVERGENCE_GRACE, false));
+    }
 
     const SERVING: NodeView = NodeView {
         drained: false,

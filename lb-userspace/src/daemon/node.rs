@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use super::{controller::Controller, fleet::Convergence};
 use crate::{
-    announce::{self, Decision, NodeView, ServiceView},
+    announce::{self, ConvergenceGrace, Decision, NodeView, ServiceView},
     api::{NodeStatus, VipRow},
     config::Announce,
     routes::{self, Installed, VipRoutes},
@@ -26,6 +26,8 @@ pub(crate) struct Node {
     decisions: Vec<Decision>,
     /// The fleet's word at the last update.
     convergence: Convergence,
+    /// Short spells out of step with the fleet excused.
+    grace: ConvergenceGrace,
     /// New flows over every service, and when that count last grew (or the
     /// node was drained, whichever is later).
     new_flows: u64,
@@ -52,6 +54,7 @@ impl Node {
             installed,
             decisions: Vec::new(),
             convergence: Convergence::default(),
+            grace: ConvergenceGrace::default(),
             new_flows: 0,
             quiet_since: Instant::now(),
         })
@@ -61,11 +64,16 @@ impl Node {
     /// changed and hands the result to the route keeper.
     pub(crate) fn update(&mut self, ctl: &Controller, convergence: &Convergence) {
         self.convergence = convergence.clone();
+        let in_step = !convergence.behind && convergence.differing.is_empty();
+        // Out of step but within the grace (asked every time: being in
+        // step is what starts the grace's standing).
+        let counts_in_step = self.grace.counts_in_step(Instant::now(), in_step);
+        let excused = counts_in_step && !in_step;
         let interfaces = &ctl.desired().settings.interfaces;
         let view = NodeView {
             drained: ctl.node_drained(),
             attached: interfaces.iter().all(|i| ctl.dataplane().attached(i)),
-            converged: !convergence.behind,
+            converged: excused || !convergence.behind,
         };
         let services: Vec<ServiceView> = ctl
             .services()
@@ -74,7 +82,7 @@ impl Node {
                 name: name.clone(),
                 vip: s.config.vip,
                 in_rotation: ctl.in_rotation(name),
-                agreed: !convergence.differing.contains(name),
+                agreed: excused || !convergence.differing.contains(name),
             })
             .collect();
         let decisions = announce::decide(view, &services);
