@@ -11,8 +11,9 @@
 //!    state, and every service on the VIP has the table most live nodes at
 //!    that revision have (a node whose view drifted, or that is back from an
 //!    outage and not caught up, would send ECMP-moved flows elsewhere). A
-//!    node that has been in step since it started keeps that standing
-//!    through [`CONVERGENCE_GRACE`] out of step ([`ConvergenceGrace`]);
+//!    node that has been in step at some time since it started keeps that
+//!    standing through [`CONVERGENCE_GRACE`] out of step
+//!    ([`ConvergenceGrace`]);
 //! 4. at least one service on the VIP has a backend in rotation on its own
 //!    probes' word (panic mode, which keeps failing backends in the table,
 //!    does not count: a VIP whose every backend fails is withdrawn, so the
