@@ -64,16 +64,20 @@ impl Node {
     /// changed and hands the result to the route keeper.
     pub(crate) fn update(&mut self, ctl: &Controller, convergence: &Convergence) {
         self.convergence = convergence.clone();
+        // The fleet's word as the rule takes it: in step while the grace
+        // counts the node so (asked every time: being in step is what
+        // gives the node its standing).
         let in_step = !convergence.behind && convergence.differing.is_empty();
-        // Out of step but within the grace (asked every time: being in
-        // step is what starts the grace's standing).
-        let counts_in_step = self.grace.counts_in_step(Instant::now(), in_step);
-        let excused = counts_in_step && !in_step;
+        let convergence = if self.grace.counts_in_step(Instant::now(), in_step) {
+            &Convergence::default()
+        } else {
+            convergence
+        };
         let interfaces = &ctl.desired().settings.interfaces;
         let view = NodeView {
             drained: ctl.node_drained(),
             attached: interfaces.iter().all(|i| ctl.dataplane().attached(i)),
-            converged: excused || !convergence.behind,
+            converged: !convergence.behind,
         };
         let services: Vec<ServiceView> = ctl
             .services()
@@ -82,7 +86,7 @@ impl Node {
                 name: name.clone(),
                 vip: s.config.vip,
                 in_rotation: ctl.in_rotation(name),
-                agreed: excused || !convergence.differing.contains(name),
+                agreed: !convergence.differing.contains(name),
             })
             .collect();
         let decisions = announce::decide(view, &services);
