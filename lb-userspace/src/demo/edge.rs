@@ -597,20 +597,45 @@ impl Edge {
         Ok(hops)
     }
 
-    /// Waits until the router's next hops for `vip` are exactly `nodes`.
+    /// The router's route to `vip` as `ip route` prints it.
+    fn route_text(&self, vip: Ipv4Addr) -> Result<String> {
+        let out = Command::new("ip")
+            .args(["-n", &self.router.name, "route", "show", "exact"])
+            .arg(format!("{vip}/32"))
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Waits until the router's next hops for `vip` are exactly `nodes`:
+    /// how long that took.
     pub fn wait_paths(
         &self,
         vip: Ipv4Addr,
         nodes: &[Ipv4Addr],
         timeout: Duration,
     ) -> Result<Duration> {
+        self.wait_route(vip, nodes, timeout).map(|(t, _)| t)
+    }
+
+    /// [`Edge::wait_paths`], and the route as `ip route` printed it then:
+    /// read after the next hops, it must name each node too, so what is
+    /// shown never misses a next hop that went and came back in between.
+    pub fn wait_route(
+        &self,
+        vip: Ipv4Addr,
+        nodes: &[Ipv4Addr],
+        timeout: Duration,
+    ) -> Result<(Duration, String)> {
         let mut want = nodes.to_vec();
         want.sort();
         let start = Instant::now();
         loop {
             let now = self.paths(vip)?;
             if now == want {
-                return Ok(start.elapsed());
+                let text = self.route_text(vip)?;
+                if want.iter().all(|n| text.contains(&format!("via {n} "))) {
+                    return Ok((start.elapsed(), text));
+                }
             }
             if start.elapsed() > timeout {
                 bail!(

@@ -159,21 +159,12 @@ impl FleetDemo {
             },
         )?;
         let all: Vec<Ipv4Addr> = (0..NODES).map(node_v4).collect();
-        let t = self.edge()?.wait_paths(VIP, &all, EVENT_TIMEOUT)?;
+        let (t, route) = self.edge()?.wait_route(VIP, &all, EVENT_TIMEOUT)?;
         println!(
             "  every node announced {VIP} {} ms after start; the router's route:",
             t.as_millis()
         );
-        let route = Command::new("ip")
-            .args([
-                "-n",
-                &self.edge()?.router.name,
-                "route",
-                "show",
-                &VIP.to_string(),
-            ])
-            .output()?;
-        for line in String::from_utf8_lossy(&route.stdout).lines() {
+        for line in route.lines() {
             println!("    {line}");
         }
         check_interrupted()?;
