@@ -68,10 +68,8 @@ pub(crate) fn run(
             dir.join(Path::new(RESULTS).file_name().unwrap_or_default()),
         )
     };
-    let mut driver = exec::cargo();
+    let mut driver = driver(root);
     driver
-        .current_dir(root)
-        .args(["run", "--release", "--package", DRIVER, "--"])
         .arg("--out")
         .arg(&report)
         .arg("--json")
@@ -103,12 +101,19 @@ pub(crate) fn render(root: &Path) -> Result<()> {
     // The driver's build script builds the eBPF objects.
     setup::run()?;
     exec::run(
-        exec::cargo()
-            .current_dir(root)
-            .args(["run", "--release", "--package", DRIVER, "--"])
+        driver(root)
             .arg("--render")
             .arg(root.join(RESULTS))
             .arg("--out")
             .arg(root.join(REPORT)),
     )
+}
+
+/// `cargo run` of the benchmark driver, its own arguments to follow.
+fn driver(root: &Path) -> std::process::Command {
+    let mut driver = exec::cargo();
+    driver
+        .current_dir(root)
+        .args(["run", "--release", "--package", DRIVER, "--"]);
+    driver
 }

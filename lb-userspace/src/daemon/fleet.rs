@@ -46,6 +46,13 @@ pub(crate) struct Convergence {
     pub differing: BTreeSet<String>,
 }
 
+impl Convergence {
+    /// Caught up, and every table the fleet's.
+    pub(crate) fn in_step(&self) -> bool {
+        !self.behind && self.differing.is_empty()
+    }
+}
+
 /// What a fleet node starts from, read before its controller exists.
 pub(crate) struct Start {
     /// The desired state: the node's file with the fleet's services.

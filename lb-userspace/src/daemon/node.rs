@@ -67,7 +67,7 @@ impl Node {
         // The fleet's word as the rule takes it: in step while the grace
         // counts the node so (asked every time: being in step is what
         // gives the node its standing).
-        let in_step = !convergence.behind && convergence.differing.is_empty();
+        let in_step = convergence.in_step();
         let convergence = if self.grace.counts_in_step(Instant::now(), in_step) {
             &Convergence::default()
         } else {
