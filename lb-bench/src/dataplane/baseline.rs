@@ -17,8 +17,10 @@
 //! array reads from its settings (the rest of those settings stays at the
 //! defaults, as in the current object), and so is the receiving interface,
 //! which a revision with an interface table forwards only frames addressed
-//! to. Maps added since (and the connection table, which only the programs
-//! touch) are the baseline's own business.
+//! to. A revision that reads its settings and bucket count from a global
+//! variable ([`Globals`]) gets them there as well as in their maps. Maps
+//! added since (and the connection table, which only the programs touch)
+//! are the baseline's own business.
 
 use std::{path::Path, process::Command};
 
@@ -30,8 +32,8 @@ use aya::{
 };
 use lb::dataplane::{Capacity, ServiceStats};
 use lb_common::{
-    AddrKey, BackendStats, BackendValue, ConntrackSettings, Counter, ForwardWay, Interface,
-    RingChunk, ServiceKey, ServiceSlot, ServiceValue, Settings,
+    AddrKey, BackendStats, BackendValue, ConntrackSettings, Counter, ForwardWay, Globals,
+    Interface, RingChunk, ServiceKey, ServiceSlot, ServiceValue, Settings,
     hash::vip_filter_bit,
     interface_slot,
     limits::{DEFAULT_RING_SIZE, RING_CHUNK_SLOTS},
@@ -57,6 +59,9 @@ pub(crate) struct Baseline {
     /// ([`legacy::chain_sealed`]), not as this tree does.
     chain_seal: bool,
     settings: BaselineSettings,
+    /// The global variable the revision reads its settings and bucket
+    /// count from, in revisions that have one, and what it holds.
+    globals: Option<(Array<MapData, Globals>, Globals)>,
     counters: PerCpuArray<MapData, u64>,
     service_stats: ServiceCounters,
 }
@@ -301,14 +306,26 @@ impl Baseline {
         let fd = prog.fd()?.try_clone()?;
         // Without its bucket count such a revision has no table, and every
         // packet would take the Maglev lookup.
+        let conntrack = ConntrackSettings {
+            buckets: capacity.conntrack_buckets(),
+            ..ConntrackSettings::default()
+        };
         if let Some(mut ct) = take_if_any(&mut ebpf, names::CONNTRACK_SETTINGS)? {
-            let settings = ConntrackSettings {
-                buckets: capacity.conntrack_buckets(),
-                ..ConntrackSettings::default()
-            };
-            ct.set(0, settings, 0)
+            ct.set(0, conntrack, 0)
                 .context("writing the baseline's connection-table settings")?;
         }
+        let globals = match take_if_any::<Globals>(&mut ebpf, names::GLOBALS)? {
+            Some(mut map) => {
+                let globals = Globals {
+                    conntrack,
+                    ..Globals::default()
+                };
+                map.set(0, globals, 0)
+                    .context("writing the baseline's global settings")?;
+                Some((map, globals))
+            }
+            None => None,
+        };
         if let Some(mut interfaces) = take_if_any::<Interface>(&mut ebpf, names::INTERFACES)? {
             let iface = lab_interface(MTU);
             interfaces
@@ -350,6 +367,7 @@ impl Baseline {
             backends,
             chain_seal,
             settings,
+            globals,
             counters: take(&mut ebpf, OBJECT, names::COUNTERS)?,
             service_stats: ServiceCounters::take(&mut ebpf)?,
             ebpf,
@@ -388,6 +406,11 @@ impl Baseline {
                 old.copy_from_slice(&copies[..size_of::<Settings>()]);
                 a.set(0, old, 0)?;
             }
+        }
+        if let Some((map, globals)) = &mut self.globals {
+            globals.settings = settings;
+            map.set(0, *globals, 0)
+                .context("writing the baseline's global settings")?;
         }
         Ok(())
     }
