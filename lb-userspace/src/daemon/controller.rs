@@ -1318,12 +1318,27 @@ impl Controller {
                 .any(|b| b.health.state() == Health::Checking)
             {
                 let mut checked = state.clone();
-                for b in checked.backends.values_mut() {
+                let mut passing = Vec::new();
+                for (ip, b) in &mut checked.backends {
                     if b.health.state() == Health::Checking {
                         b.health = Tracker::new(Health::Up);
+                        passing.push(*ip);
                     }
                 }
-                let ring = self.build_ring(&checked)?;
+                // In a fleet the agreed view may already hold them down (the
+                // other nodes are checking them too): once they pass, it
+                // holds them up, as it does a backend it does not name.
+                let agreed = self.fleet_health.clone();
+                if let Some(m) = self
+                    .fleet_health
+                    .as_mut()
+                    .and_then(|f| f.agreed.get_mut(name))
+                {
+                    m.retain(|ip, _| !passing.contains(ip));
+                }
+                let ring = self.build_ring(&checked);
+                self.fleet_health = agreed;
+                let ring = ring?;
                 report
                     .slots_when_checked
                     .insert(name.clone(), moved_from_now(&ring));
