@@ -38,7 +38,7 @@ use crate::{
     feedback,
     fleet::{
         registry::Refused,
-        state::{AgreedHealth, FleetState, HealthView, Overrides},
+        state::{Agreed, AgreedHealth, FleetState, HealthView, Overrides},
     },
     health::{self, Health, Tracker},
     maglev::{self, Candidate},
@@ -1140,6 +1140,38 @@ impl Controller {
             .collect())
     }
 
+    /// The table `svc` would have once its checking backends pass their
+    /// probes. In a fleet the agreed view may already hold them down (the
+    /// other nodes are checking them too); once they pass it holds them up,
+    /// so for this build it counts them as a backend it does not name yet.
+    fn ring_once_checked(&mut self, svc: &ServiceState) -> Result<Vec<u32>> {
+        let mut checked = svc.clone();
+        let mut passing = Vec::new();
+        for (ip, b) in &mut checked.backends {
+            if b.health.state() == Health::Checking {
+                b.health = Tracker::new(Health::Up);
+                passing.push(*ip);
+            }
+        }
+        // Their verdicts set aside for this one build, not a copy of the
+        // whole view: at start every backend of every service is checking.
+        let name = &svc.config.name;
+        let set_aside: Vec<_> = self
+            .agreed_of(name)
+            .map(|m| passing.iter().filter_map(|ip| m.remove_entry(ip)).collect())
+            .unwrap_or_default();
+        let ring = self.build_ring(&checked);
+        if let Some(m) = self.agreed_of(name) {
+            m.extend(set_aside);
+        }
+        ring
+    }
+
+    /// The fleet's agreed verdicts on the backends of `service`, if any.
+    fn agreed_of(&mut self, service: &str) -> Option<&mut BTreeMap<IpAddr, Agreed>> {
+        self.fleet_health.as_mut()?.agreed.get_mut(service)
+    }
+
     /// Makes the running state equal `desired`. With `dry_run`, only reports.
     pub fn apply(&mut self, desired: Desired, dry_run: bool) -> Result<ChangeReport> {
         let cap = self.dp.capacity();
@@ -1317,28 +1349,7 @@ impl Controller {
                 .values()
                 .any(|b| b.health.state() == Health::Checking)
             {
-                let mut checked = state.clone();
-                let mut passing = Vec::new();
-                for (ip, b) in &mut checked.backends {
-                    if b.health.state() == Health::Checking {
-                        b.health = Tracker::new(Health::Up);
-                        passing.push(*ip);
-                    }
-                }
-                // In a fleet the agreed view may already hold them down (the
-                // other nodes are checking them too): once they pass, it
-                // holds them up, as it does a backend it does not name.
-                let agreed = self.fleet_health.clone();
-                if let Some(m) = self
-                    .fleet_health
-                    .as_mut()
-                    .and_then(|f| f.agreed.get_mut(name))
-                {
-                    m.retain(|ip, _| !passing.contains(ip));
-                }
-                let ring = self.build_ring(&checked);
-                self.fleet_health = agreed;
-                let ring = ring?;
+                let ring = self.ring_once_checked(&state)?;
                 report
                     .slots_when_checked
                     .insert(name.clone(), moved_from_now(&ring));
