@@ -837,14 +837,16 @@ fn losses(out: &mut String, d: &DataplaneResults) {
     many_flows_loss(out, d);
     let _ = writeln!(
         out,
-        "- **Common to every lb path**: lb reads headers with unaligned loads, and \
-         LLVM's BPF backend turns each into single-byte loads and shifts (the \
-         `allows-misaligned-mem-access` target feature would avoid it, but \
-         aya-build fixes the eBPF crate's rustflags, and as a function \
-         attribute it changed nothing); the floor's parse pays the same, lb \
-         simply reads more. The floor does no map lookup, lb does at least five \
-         on every service packet (service, settings, connection-table settings, \
-         connection table, backend) plus three per-CPU counter updates.\n"
+        "- **Common to every lb path**: the floor reads its headers with byte \
+         loads and does no map lookup. lb reads its headers in 8- and 4-byte \
+         words (LLVM's BPF backend would split an unaligned load into single \
+         bytes, so the words are read by `asm!`), and its settings from the \
+         program's global variable; a packet of an established flow still \
+         makes five array reads (the VIP filter, the receiving interface, the \
+         connection table, the service's slot, the backend) and one per-CPU \
+         counters update, and `ipip` one helper call (`bpf_xdp_adjust_head`, \
+         7-9 ns on a kernel that returns from it through SRSO's safe return \
+         thunk: bench/levers.md).\n"
     );
 }
 
@@ -896,11 +898,11 @@ fn many_flows_loss(out: &mut String, d: &DataplaneResults) {
 fn why(path: Path) -> &'static str {
     match path {
         Path::Established => {
-            "A hit costs the VIP filter, the connection-table settings, the \
-             service's slot and the backend (array reads), the bucket hash and \
-             the connection-table lookup (its entry among the eight of its two \
-             buckets), the entry's age check, and the counters: several map \
-             accesses the floor does not make."
+            "A hit costs the VIP filter, the receiving interface, the service's \
+             slot and the backend (array reads), the bucket hash and the \
+             connection-table lookup (the first ways of its two buckets, then \
+             the rest), the entry's age and seal checks, and the backend's \
+             counters: map accesses the floor does not make."
         }
         Path::NewFlow => {
             "On top of a miss in the connection table (eight entries read, in \
