@@ -268,4 +268,16 @@ mod tests {
             .count();
         assert_eq!(forwards, ForwardWay::COUNT);
     }
+
+    /// docs/dataplane.md says every packet ends with one of the counters in
+    /// its table: so the table has a row for each.
+    #[test]
+    fn the_docs_table_lists_every_counter() {
+        extern crate std;
+        let docs = include_str!("../../docs/dataplane.md");
+        for c in Counter::ALL {
+            let row = std::format!("| `{}` |", c.name());
+            assert!(docs.contains(&row), "docs/dataplane.md lacks {row}");
+        }
+    }
 }
