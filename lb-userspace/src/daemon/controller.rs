@@ -526,14 +526,34 @@ impl Controller {
         c.adopt(&desired)?;
         let report = c.apply(desired, false)?;
         // Lists may have changed while no daemon ran.
-        let listed = c
+        c.forget_flows_the_lists_refuse()?;
+        Ok((c, report))
+    }
+
+    /// Once this version's program runs, carries the connection-table
+    /// entries the previous program wrote since the table was carried over
+    /// ([`Dataplane::conntrack_carry_late`]): how many, or `None` when no
+    /// table was. Those entries were never checked against the lists, which
+    /// may have changed while no daemon ran, so the flows they refuse are
+    /// forgotten again.
+    pub fn carry_late_flows(&mut self) -> Result<Option<usize>> {
+        let late = self.dp.conntrack_carry_late()?;
+        if late.is_some_and(|n| n > 0) {
+            self.forget_flows_the_lists_refuse()?;
+        }
+        Ok(late)
+    }
+
+    /// Removes the entries of flows from sources their service's lists
+    /// refuse.
+    fn forget_flows_the_lists_refuse(&mut self) -> Result<usize> {
+        let listed = self
             .services
             .values()
             .filter(|s| !(s.config.deny.is_empty() && s.config.allow.is_empty()))
             .map(|s| s.id)
             .collect();
-        c.forget_refused_flows(&listed)?;
-        Ok((c, report))
+        self.forget_refused_flows(&listed)
     }
 
     /// Writes the prefixes of `wanted` the kernel lacks or holds for the

@@ -372,7 +372,7 @@ pub async fn run(opts: Options) -> Result<()> {
     // This version's program now runs in place of the previous one.
     // A carried table holds only entries this version reads; an adopted
     // one may hold older versions' entries, which are dropped.
-    if let Some(late) = ctl.dataplane_mut().conntrack_carry_late()? {
+    if let Some(late) = ctl.carry_late_flows()? {
         info!(
             late,
             "carried the connection-table entries the previous program wrote since"

@@ -685,6 +685,85 @@ fn entries_the_previous_program_writes_while_its_table_is_carried_follow_it() {
     assert_eq!(next.conntrack_carry_late().unwrap(), None);
 }
 
+/// The previous program's late entries were never checked against the
+/// lists, which may have changed while no daemon ran (here a deny prefix
+/// added): the late carry forgets the flows they refuse, as the start did
+/// for the entries carried first.
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn a_late_carry_forgets_the_flows_of_sources_the_lists_now_refuse() {
+    use lb::{
+        config,
+        daemon::{controller::Controller, runtime::Runtime},
+        neighbor::Resolution,
+    };
+
+    require_root();
+    let pins = Pins::new("carry-lists");
+    const DENIED: [u8; 4] = [198, 18, 2, 10];
+    let desired = config::parse(
+        "[settings]\ninterfaces = ['lbt0']\nmax_services = 4\nmax_backends = 16\n\
+         conntrack_entries = 8192\n\n[[service]]\nname = 'web'\nvip = '198.18.1.1'\n\
+         port = 80\nprotocol = 'tcp'\ndeny = ['198.18.2.10/32']\n\
+         [[service.backend]]\naddress = '198.18.0.11'\n",
+    )
+    .unwrap();
+    let capacity = desired.settings.capacity;
+    let (allowed, denied) = (
+        flow(CLIENT, 40000, IPPROTO_TCP),
+        flow(DENIED, 40000, IPPROTO_TCP),
+    );
+    let (mut previous, _) = Dataplane::load_pinned(
+        Capacity {
+            conntrack_entries: 4096,
+            ..capacity
+        },
+        &pins.path(),
+        KernelLogLevel::Off,
+    )
+    .unwrap();
+    // The service as the previous daemon left it, id 0, before the deny
+    // prefix was added.
+    let service = 0;
+    previous
+        .publish_service(
+            &allowed.service_key(),
+            service,
+            0,
+            0,
+            &[NO_BACKEND; RING as usize],
+        )
+        .unwrap();
+    let mut old_writer = pinned_table(&pins.path());
+    let (next, _) = Dataplane::load_pinned(capacity, &pins.path(), KernelLogLevel::Off).unwrap();
+    let (mut ctl, _) = Controller::new(
+        next,
+        desired,
+        Runtime::default(),
+        Resolution::default(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(ctl.services()["web"].id, service, "adopted");
+    let value = FlowValue {
+        backend: 0,
+        generation: 1,
+        last_seen: 7,
+        flags: 0,
+        service,
+    };
+    // Before the new program replaces it, the previous one pins both.
+    for key in [&allowed, &denied] {
+        let at = flow_buckets(bucket_hash(key), old_writer.len() / CONNTRACK_WAYS)[0];
+        let entry = FlowEntry::new(key, &value, bucket_hash(key));
+        old_writer.set(at, entry, 0).unwrap();
+    }
+
+    assert_eq!(ctl.carry_late_flows().unwrap(), Some(2));
+    assert_eq!(ctl.dataplane().conntrack(&allowed).unwrap(), Some(value));
+    assert_eq!(ctl.dataplane().conntrack(&denied).unwrap(), None);
+}
+
 /// An entry of a removed service holds its client's side only, and no slot
 /// completes its flow: the dump leaves it out, but it counts as in use and
 /// a full flush clears it.
