@@ -41,6 +41,29 @@ pub fn require_root() {
     );
 }
 
+/// A directory of the test's own under the system's temporary directory,
+/// removed with everything in it when dropped: for files a test's
+/// configuration names (a state file), never the host's defaults.
+pub struct Scratch {
+    /// The directory.
+    pub dir: std::path::PathBuf,
+}
+
+impl Scratch {
+    /// Creates `lbt-<pid>-<tag>`.
+    pub fn new(tag: &str) -> std::io::Result<Scratch> {
+        let dir = std::env::temp_dir().join(format!("lbt-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Scratch { dir })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Serializes the tests that run `lb demo`: the demo's namespaces and
 /// directory have fixed names, so two demos cannot run at once.
 pub fn demo_lock() -> std::sync::MutexGuard<'static, ()> {

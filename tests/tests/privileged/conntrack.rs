@@ -22,6 +22,7 @@ use lb_common::{
     wire::*,
 };
 use lb_tests::{
+    Scratch,
     lab::{
         LB_MAC, Lab, MTU, ROUTER_MAC, TX, backend_of_mac, lab_capacity, lab_interface,
         lab_settings, service_key,
@@ -700,13 +701,15 @@ fn a_late_carry_forgets_the_flows_of_sources_the_lists_now_refuse() {
 
     require_root();
     let pins = Pins::new("carry-lists");
+    let scratch = Scratch::new("carry-lists-state").unwrap();
     const DENIED: [u8; 4] = [198, 18, 2, 10];
-    let desired = config::parse(
+    let desired = config::parse(&format!(
         "[settings]\ninterfaces = ['lbt0']\nmax_services = 4\nmax_backends = 16\n\
-         conntrack_entries = 8192\n\n[[service]]\nname = 'web'\nvip = '198.18.1.1'\n\
-         port = 80\nprotocol = 'tcp'\ndeny = ['198.18.2.10/32']\n\
+         conntrack_entries = 8192\nstate_file = '{}'\n\n[[service]]\nname = 'web'\n\
+         vip = '198.18.1.1'\nport = 80\nprotocol = 'tcp'\ndeny = ['198.18.2.10/32']\n\
          [[service.backend]]\naddress = '198.18.0.11'\n",
-    )
+        scratch.dir.join("state.json").display()
+    ))
     .unwrap();
     let capacity = desired.settings.capacity;
     let (allowed, denied) = (

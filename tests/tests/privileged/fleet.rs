@@ -8,6 +8,7 @@ use std::{
 };
 
 use lb_tests::{
+    Scratch,
     daemon::Daemon,
     edge::{
         ECHO_PORT, EchoServer, Edge, FLEET_PREFIX, Sessions, backend_v4, fleet_node_config,
@@ -699,11 +700,13 @@ fn a_change_counts_the_slots_of_a_backend_the_fleet_holds_down_while_it_checks()
     };
 
     require_root();
+    let scratch = Scratch::new("checked-slots").unwrap();
     let config_with = |backends: &[&str]| {
-        let mut text = String::from(
-            "[settings]\ninterfaces = ['lbt0']\n\n[[service]]\nname = 'echo'\n\
-             vip = '198.18.1.1'\nport = 7\nprotocol = 'tcp'\n\
+        let mut text = format!(
+            "[settings]\ninterfaces = ['lbt0']\nstate_file = '{}'\n\n[[service]]\n\
+             name = 'echo'\nvip = '198.18.1.1'\nport = 7\nprotocol = 'tcp'\n\
              [service.health]\nrise = 1\n",
+            scratch.dir.join("state.json").display()
         );
         for b in backends {
             text.push_str(&format!("[[service.backend]]\naddress = '{b}'\n"));
