@@ -34,7 +34,7 @@ use super::{
 use crate::{
     agent,
     config::{self, Affinity, Desired, Mode, Via},
-    dataplane::{Dataplane, Prefix, ServiceStats, SourceEntries},
+    dataplane::{Dataplane, Prefix, ServiceStats, SourceEntries, insertion_order},
     feedback,
     fleet::{
         registry::Refused,
@@ -557,9 +557,9 @@ impl Controller {
     }
 
     /// Writes the prefixes of `wanted` the kernel lacks or holds for the
-    /// other list.
+    /// other list, inner prefixes first.
     fn add_source_entries(&mut self, wanted: &SourceEntries) -> Result<()> {
-        for (&(id, prefix), &list) in wanted {
+        for (&(id, prefix), &list) in insertion_order(wanted) {
             if self.dp.written_source_entries().get(&(id, prefix)) != Some(&list) {
                 self.dp.set_source_entry(id, prefix, list)?;
             }

@@ -27,7 +27,7 @@ pub use link::read as read_interface;
 pub use probe_encap::ProbeEncapsulator;
 pub use rings::Region;
 pub use source_limits::LimitedPrefix;
-pub use source_lists::{SourceEntries, SourceList};
+pub use source_lists::{SourceEntries, SourceList, insertion_order};
 pub use stats::ServiceStats;
 
 use std::{

@@ -46,6 +46,18 @@ impl SourceList {
 /// The trie's prefixes: (service id, prefix) → the list it stands for.
 pub type SourceEntries = BTreeMap<(u32, Prefix), SourceList>;
 
+/// `entries` in the order to add them to a trie that still answers for the
+/// lists they replace: each prefix after every prefix inside it. Added the
+/// other way, a wide new `allow` could be the longest match for a source
+/// that a narrower new `deny` inside it, not written yet, and the old lists
+/// both refuse. A prefix inside another starts at or after it and, at the
+/// same address, is longer, so the map's order reversed is that order.
+pub fn insertion_order(
+    entries: &SourceEntries,
+) -> impl Iterator<Item = (&(u32, Prefix), &SourceList)> {
+    entries.iter().rev()
+}
+
 fn key(service_id: u32, (ip, len): Prefix) -> Key<AclKey> {
     Key::new(
         AclKey::prefix_len(u32::from(len)),
@@ -212,5 +224,63 @@ impl Dataplane {
         batch::array_write(&mut self.source_blocks_map, &empty, "the source blocks")?;
         self.source_blocks = SourceBlocks::new(self.source_entries()?);
         self.settle_source_blocks()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// `outer` holds `inner` (a prefix of the same family, as long or
+    /// shorter, whose bits `inner`'s address starts with).
+    fn holds((outer, olen): Prefix, (inner, ilen): Prefix) -> bool {
+        let bits = |ip: IpAddr| match ip {
+            IpAddr::V4(a) => (u128::from(a.to_bits()), 32),
+            IpAddr::V6(a) => (a.to_bits(), 128),
+        };
+        let ((o, of), (i, fi)) = (bits(outer), bits(inner));
+        let mask = |len: u8| (!0u128).checked_shl(u32::from(of - len)).unwrap_or(0);
+        of == fi && olen <= ilen && i & mask(olen) == o & mask(olen)
+    }
+
+    fn prefix() -> impl Strategy<Value = Prefix> {
+        // Few distinct top bits, so that prefixes nest often.
+        prop_oneof![
+            (0u32..4, 0u8..=32).prop_map(|(top, len)| {
+                let a = (0xc612_0000 | top << 8)
+                    & (!0u32).checked_shl(32 - u32::from(len)).unwrap_or(0);
+                (IpAddr::V4(Ipv4Addr::from_bits(a)), len)
+            }),
+            (0u128..4, 0u8..=128).prop_map(|(top, len)| {
+                let a = (0x2001_0002_u128 << 96 | top << 64)
+                    & (!0u128).checked_shl(128 - u32::from(len)).unwrap_or(0);
+                (IpAddr::V6(Ipv6Addr::from_bits(a)), len)
+            }),
+        ]
+    }
+
+    proptest! {
+        /// Every prefix is added after every other prefix of its service
+        /// inside it.
+        #[test]
+        fn each_prefix_comes_after_the_prefixes_inside_it(
+            entries in proptest::collection::vec((0u32..2, prefix()), 1..40),
+        ) {
+            let entries: SourceEntries =
+                entries.into_iter().map(|k| (k, SourceList::Deny)).collect();
+            let order: Vec<_> = insertion_order(&entries).map(|(k, _)| *k).collect();
+            for (i, &(id, outer)) in order.iter().enumerate() {
+                for &(later_id, later) in &order[i + 1..] {
+                    prop_assert!(
+                        !(id == later_id && holds(outer, later)),
+                        "{outer:?} added before {later:?}, which it holds"
+                    );
+                }
+            }
+        }
     }
 }
