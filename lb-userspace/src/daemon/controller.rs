@@ -1518,7 +1518,8 @@ impl Controller {
     /// the change managed to write (each write is recorded as it succeeds),
     /// so only that is written again, in the order of any change: services
     /// the change added out, then each service's gains, table and losses,
-    /// then backends the change added released.
+    /// then backends the change added released, and the flows of sources
+    /// the restored lists refuse forgotten.
     fn restore(
         &mut self,
         services: BTreeMap<String, ServiceState>,
@@ -1538,6 +1539,19 @@ impl Controller {
             }
         }
         let sources = source_entries(services.values());
+        // The change's lists were live from its service's sync on: the
+        // flows they admitted that the lists put back refuse go again.
+        let relisted: BTreeSet<u32> = services
+            .iter()
+            .filter(|(name, old)| {
+                now.get(*name).is_some_and(|cur| {
+                    cur.id == old.id
+                        && (&cur.config.deny, &cur.config.allow)
+                            != (&old.config.deny, &old.config.allow)
+                })
+            })
+            .map(|(_, old)| old.id)
+            .collect();
         self.add_source_entries(&sources)?;
         for (name, mut old) in services {
             let ring = old.ring.to_vec();
@@ -1577,7 +1591,9 @@ impl Controller {
                 self.release_backend(b)?;
             }
         }
-        self.remove_source_entries(&sources)
+        self.remove_source_entries(&sources)?;
+        self.forget_refused_flows(&relisted)?;
+        Ok(())
     }
 
     fn release_backend(&mut self, b: &BackendState) -> Result<()> {
