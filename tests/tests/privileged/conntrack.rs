@@ -10,7 +10,10 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use aya::maps::{Array, Map, MapData};
 use lb::{
+    config,
+    daemon::{controller::Controller, runtime::Runtime},
     dataplane::{Capacity, Dataplane, KernelLogLevel},
+    neighbor::Resolution,
     netns::PrivateBpffs,
 };
 use lb_common::{
@@ -618,6 +621,31 @@ fn pinned_table(pins: &std::path::Path) -> Array<MapData, FlowEntry> {
     Array::try_from(Map::Array(map)).unwrap()
 }
 
+/// Writes `key`'s entry pinning it to `v` in the first way of its first
+/// bucket of `table`, as a program would.
+fn put(table: &mut Array<MapData, FlowEntry>, key: &FlowKey, v: FlowValue) {
+    let at = flow_buckets(bucket_hash(key), table.len() / CONNTRACK_WAYS)[0];
+    table
+        .set(at, FlowEntry::new(key, &v, bucket_hash(key)), 0)
+        .unwrap();
+}
+
+/// A source the lists of [`listed_config`] may deny.
+const DENIED: [u8; 4] = [198, 18, 2, 10];
+
+/// A configuration of one service, `web` (the flows of [`flow`]), denying
+/// `deny` (TOML strings), with its state file at `state_file`.
+fn listed_config(state_file: &std::path::Path, deny: &str) -> config::Desired {
+    config::parse(&format!(
+        "[settings]\ninterfaces = ['lbt0']\nmax_services = 4\nmax_backends = 16\n\
+         conntrack_entries = 8192\nstate_file = '{}'\n\n[[service]]\nname = 'web'\n\
+         vip = '198.18.1.1'\nport = 80\nprotocol = 'tcp'\ndeny = [{deny}]\n\
+         [[service.backend]]\naddress = '198.18.0.11'\n",
+        state_file.display()
+    ))
+    .unwrap()
+}
+
 /// A restart with another table size carries the table over in two steps:
 /// what the previous program's table holds when the new data plane loads,
 /// and, once the new program runs, what the previous program wrote
@@ -651,12 +679,6 @@ fn entries_the_previous_program_writes_while_its_table_is_carried_follow_it() {
     previous
         .publish_service(&early.service_key(), 0, 0, 0, &[NO_BACKEND; RING as usize])
         .unwrap();
-    let put = |table: &mut Array<MapData, FlowEntry>, key: &FlowKey, v: FlowValue| {
-        let at = flow_buckets(bucket_hash(key), table.len() / CONNTRACK_WAYS)[0];
-        table
-            .set(at, FlowEntry::new(key, &v, bucket_hash(key)), 0)
-            .unwrap();
-    };
     let mut old_writer = pinned_table(&pins.path());
     put(&mut old_writer, &early, value(1));
 
@@ -693,24 +715,10 @@ fn entries_the_previous_program_writes_while_its_table_is_carried_follow_it() {
 #[test]
 #[ignore = "needs root: cargo xtask test runs it"]
 fn a_late_carry_forgets_the_flows_of_sources_the_lists_now_refuse() {
-    use lb::{
-        config,
-        daemon::{controller::Controller, runtime::Runtime},
-        neighbor::Resolution,
-    };
-
     require_root();
     let pins = Pins::new("carry-lists");
     let scratch = Scratch::new("carry-lists-state").unwrap();
-    const DENIED: [u8; 4] = [198, 18, 2, 10];
-    let desired = config::parse(&format!(
-        "[settings]\ninterfaces = ['lbt0']\nmax_services = 4\nmax_backends = 16\n\
-         conntrack_entries = 8192\nstate_file = '{}'\n\n[[service]]\nname = 'web'\n\
-         vip = '198.18.1.1'\nport = 80\nprotocol = 'tcp'\ndeny = ['198.18.2.10/32']\n\
-         [[service.backend]]\naddress = '198.18.0.11'\n",
-        scratch.dir.join("state.json").display()
-    ))
-    .unwrap();
+    let desired = listed_config(&scratch.dir.join("state.json"), "'198.18.2.10/32'");
     let capacity = desired.settings.capacity;
     let (allowed, denied) = (
         flow(CLIENT, 40000, IPPROTO_TCP),
@@ -756,11 +764,8 @@ fn a_late_carry_forgets_the_flows_of_sources_the_lists_now_refuse() {
         service,
     };
     // Before the new program replaces it, the previous one pins both.
-    for key in [&allowed, &denied] {
-        let at = flow_buckets(bucket_hash(key), old_writer.len() / CONNTRACK_WAYS)[0];
-        let entry = FlowEntry::new(key, &value, bucket_hash(key));
-        old_writer.set(at, entry, 0).unwrap();
-    }
+    put(&mut old_writer, &allowed, value);
+    put(&mut old_writer, &denied, value);
 
     assert_eq!(ctl.carry_late_flows().unwrap(), Some(2));
     assert_eq!(ctl.dataplane().conntrack(&allowed).unwrap(), Some(value));
@@ -774,28 +779,12 @@ fn a_late_carry_forgets_the_flows_of_sources_the_lists_now_refuse() {
 #[test]
 #[ignore = "needs root: cargo xtask test runs it"]
 fn a_failed_change_to_the_lists_forgets_the_flows_it_admitted() {
-    use lb::{
-        config,
-        daemon::{controller::Controller, runtime::Runtime},
-        neighbor::Resolution,
-    };
-
     require_root();
     let pins = Pins::new("undo-lists");
     let scratch = Scratch::new("undo-lists-state").unwrap();
     let state_dir = scratch.dir.join("state");
-    const DENIED: [u8; 4] = [198, 18, 2, 10];
-    let config_with = |deny: &str| {
-        config::parse(&format!(
-            "[settings]\ninterfaces = ['lbt0']\nmax_services = 4\nmax_backends = 16\n\
-             conntrack_entries = 8192\nstate_file = '{}'\n\n[[service]]\nname = 'web'\n\
-             vip = '198.18.1.1'\nport = 80\nprotocol = 'tcp'\ndeny = [{deny}]\n\
-             [[service.backend]]\naddress = '198.18.0.11'\n",
-            state_dir.join("state.json").display()
-        ))
-        .unwrap()
-    };
-    let listed = config_with("'198.18.2.10/32'");
+    let state_file = state_dir.join("state.json");
+    let listed = listed_config(&state_file, "'198.18.2.10/32'");
     let (dp, _) =
         Dataplane::load_pinned(listed.settings.capacity, &pins.path(), KernelLogLevel::Off)
             .unwrap();
@@ -814,13 +803,12 @@ fn a_failed_change_to_the_lists_forgets_the_flows_it_admitted() {
         flags: 0,
         service: ctl.services()["web"].id,
     };
-    let mut table = pinned_table(&pins.path());
-    let at = flow_buckets(bucket_hash(&denied), table.len() / CONNTRACK_WAYS)[0];
-    let entry = FlowEntry::new(&denied, &value, bucket_hash(&denied));
-    table.set(at, entry, 0).unwrap();
+    put(&mut pinned_table(&pins.path()), &denied, value);
     assert_eq!(ctl.dataplane().conntrack(&denied).unwrap(), Some(value));
 
-    let e = ctl.apply(config_with(""), false).unwrap_err();
+    let e = ctl
+        .apply(listed_config(&state_file, ""), false)
+        .unwrap_err();
     assert!(format!("{e:#}").contains("nothing changed"), "{e:#}");
     assert_eq!(
         ctl.services()["web"].config.deny.len(),
