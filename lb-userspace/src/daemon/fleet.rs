@@ -63,6 +63,9 @@ pub(crate) struct Start {
     pub fresh: bool,
     /// The connection that read it, kept for this node's writes.
     pub store: Option<Store>,
+    /// etcd answered with a state this node refuses: the cached state is
+    /// one the fleet may have moved past.
+    pub refused: bool,
 }
 
 /// Reads the fleet's state for a starting daemon: from etcd, or, when etcd
@@ -74,13 +77,17 @@ pub(crate) async fn start(
     node: Desired,
     cache: Option<FleetState>,
 ) -> Start {
+    // Err(refused, why).
     let read = async {
-        let store = Store::connect(fleet).await?;
-        let snapshot = store.read().await?;
-        let state = snapshot.state.map_err(|e| anyhow!("refused: {e}"))?;
+        let unreachable = |e: anyhow::Error| (false, e);
+        let store = Store::connect(fleet).await.map_err(unreachable)?;
+        let snapshot = store.read().await.map_err(unreachable)?;
+        let state = snapshot
+            .state
+            .map_err(|e| (true, anyhow!("refused: {e}")))?;
         let (desired, _) = desired_of(node_text, &state.services, &state.registered)
-            .map_err(|e| anyhow!("the fleet's services are invalid here:\n{e}"))?;
-        anyhow::Ok((state, desired, store))
+            .map_err(|e| (true, anyhow!("the fleet's services are invalid here:\n{e}")))?;
+        Ok((state, desired, store))
     };
     match read.await {
         Ok((state, desired, store)) => Start {
@@ -88,8 +95,9 @@ pub(crate) async fn start(
             state: Some(state),
             fresh: true,
             store: Some(store),
+            refused: false,
         },
-        Err(e) => {
+        Err((refused, e)) => {
             warn!(error = %format!("{e:#}"), "cannot read the fleet's state at start; using the state applied last");
             let cached = cache.and_then(|state| {
                 desired_of(node_text, &state.services, &state.registered)
@@ -102,12 +110,14 @@ pub(crate) async fn start(
                     state: Some(state),
                     fresh: false,
                     store: None,
+                    refused,
                 },
                 None => Start {
                     desired: node,
                     state: None,
                     fresh: false,
                     store: None,
+                    refused,
                 },
             }
         }
@@ -138,9 +148,10 @@ pub(crate) struct FleetNode {
     unreachable: Option<String>,
     /// Applied a read from etcd since the daemon started.
     synced: bool,
-    /// Before the first read: whether the state applied at start counts as
-    /// converged (a daemon restarted over a live data plane and its cached
-    /// state; not a fresh host).
+    /// Before the first read applied or refused: whether the state applied
+    /// at start counts as converged (a daemon restarted over a live data
+    /// plane and its cached state, etcd out of reach; not a fresh host, nor
+    /// one that refuses what etcd holds).
     trust_start: bool,
     /// Why the fleet's newest state is refused, while it is.
     refused: Option<String>,
@@ -180,7 +191,7 @@ impl FleetNode {
             latest: None,
             unreachable: None,
             synced: start.fresh,
-            trust_start: adopted && start.state.is_some(),
+            trust_start: adopted && start.state.is_some() && !start.refused,
             refused: None,
             refused_registrations: Vec::new(),
             draining_flows: BTreeMap::new(),
@@ -317,6 +328,11 @@ impl FleetNode {
             );
         }
         if !self.synced {
+            if let Some(why) = &self.refused {
+                bail!(
+                    "this node refuses the fleet's state ({why}) and has applied none since it started: make the change on a node that applied it"
+                );
+            }
             bail!("this node has not read the fleet's state yet; retry in a moment");
         }
         Ok(self.applied.clone().unwrap_or_default())
@@ -362,7 +378,7 @@ impl FleetNode {
         match request {
             Request::Apply { config, dry_run } => {
                 let services = config_edit::services_only(&config)?;
-                self.change_services(ctl, services, dry_run).await
+                self.change_services(ctl, services, dry_run, false).await
             }
             Request::FleetImport { config, replace } => {
                 let base = self.base()?;
@@ -373,12 +389,12 @@ impl FleetNode {
                     );
                 }
                 let services = config_edit::services_only(&config)?;
-                self.change_services(ctl, services, false).await
+                self.change_services(ctl, services, false, false).await
             }
             Request::Edit { edit, dry_run } => {
                 let base = self.base()?;
                 let text = edit.apply_to(&base.services)?;
-                self.change_services(ctl, text, dry_run).await
+                self.change_services(ctl, text, dry_run, true).await
             }
             Request::SetWeight {
                 service,
@@ -410,11 +426,14 @@ impl FleetNode {
 
     /// Makes `services` the fleet's services (with the overrides of
     /// backends that remain), or with `dry_run` reports what would change.
+    /// `edit`: `services` is an edit of the state this node applied, not a
+    /// whole replacement.
     async fn change_services(
         &mut self,
         ctl: &mut Controller,
         services: String,
         dry_run: bool,
+        edit: bool,
     ) -> Result<Value> {
         let base = self.base()?;
         let (desired, _) = desired_of(&self.node_text, &services, &base.registered)
@@ -433,7 +452,7 @@ impl FleetNode {
         }
         overrides.retain(|_, m| !m.is_empty());
         let overrides = (overrides != base.overrides).then_some(overrides);
-        self.write(ctl, &base, Some(&services), overrides.as_ref())
+        self.write(ctl, &base, Some(&services), overrides.as_ref(), edit)
             .await
     }
 
@@ -462,27 +481,38 @@ impl FleetNode {
             entry.insert(backend, o);
         }
         overrides.retain(|_, m| !m.is_empty());
-        let v = self.write(ctl, &base, None, Some(&overrides)).await?;
+        let v = self.write(ctl, &base, None, Some(&overrides), true).await?;
         let moved = v["slots_moved"][service].as_u64().unwrap_or(0);
         Ok(json!({ "slots_moved": moved, "revision": v["revision"] }))
     }
 
     /// One guarded write, then this node applies the result at once (the
-    /// other nodes through their watch).
+    /// other nodes through their watch). `edit`: computed from `base` (an
+    /// edit or an override), not a whole replacement of the services.
     async fn write(
         &mut self,
         ctl: &mut Controller,
         base: &FleetState,
         services: Option<&str>,
         overrides: Option<&Overrides>,
+        edit: bool,
     ) -> Result<Value> {
-        let store = self.store().await?;
         // A write over data this node refused replaces it: guard it by what
-        // etcd holds, not by the last good state.
+        // etcd holds, not by the last good state. Not an edit of the last
+        // good state over a state other nodes applied: it would undo that
+        // state's changes.
         let guard = match (&self.refused, &self.latest) {
-            (Some(_), Some(latest)) => latest.raw,
+            (Some(why), Some(latest)) => {
+                if edit && let Some(revision) = latest.applied_elsewhere(&self.settings.node) {
+                    bail!(
+                        "this node refuses the fleet's state at revision {revision}, which other nodes applied ({why}): an edit made here would be based on the state before it and undo its changes; make it on a node that applied it, or replace the services whole (`lb apply -f`)"
+                    );
+                }
+                latest.raw
+            }
             _ => Guard::of(base),
         };
+        let store = self.store().await?;
         match store.write(guard, services, overrides).await {
             Ok(revision) => {
                 let report = self.refresh(ctl).await?.unwrap_or_default();
@@ -573,7 +603,10 @@ impl FleetNode {
 
     /// Whether this node's tables are the fleet's.
     pub(crate) fn convergence(&self, ctl: &Controller) -> Convergence {
-        if !self.synced {
+        // The state applied at start is trusted until the fleet's is read:
+        // refused (this node's settings cannot hold it), it is judged as a
+        // synced node's refusal is, by what the other nodes applied.
+        if !self.synced && self.refused.is_none() {
             return Convergence {
                 behind: !self.trust_start,
                 differing: BTreeSet::new(),
@@ -803,3 +836,4 @@ fn overrides_comment(overrides: &Overrides) -> String {
     }
     out
 }
+

@@ -133,6 +133,19 @@ pub struct Snapshot {
     pub problems: Vec<String>,
 }
 
+impl Snapshot {
+    /// The revision of its state if a live node other than `me` applied it:
+    /// then it is the fleet's state, though `me` may refuse it (its own
+    /// settings cannot hold it), not bad data every node refuses.
+    pub fn applied_elsewhere(&self, me: &str) -> Option<i64> {
+        let revision = self.state.as_ref().ok()?.revision;
+        self.nodes
+            .values()
+            .any(|r| r.name != me && r.revision >= revision)
+            .then_some(revision)
+    }
+}
+
 /// The key names under a prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {
@@ -361,6 +374,38 @@ mod tests {
             value: value.as_bytes().to_vec(),
             mod_revision: rev,
         }
+    }
+
+    #[test]
+    fn a_state_is_the_fleets_once_another_node_applied_it() {
+        let report = |name: &str, revision| NodeReport {
+            name: name.into(),
+            revision,
+            ..NodeReport::default()
+        };
+        let state = FleetState {
+            revision: 100,
+            ..FleetState::default()
+        };
+        let mut snapshot = Snapshot {
+            revision: 120,
+            state: Ok(state),
+            raw: Guard::default(),
+            nodes: [("lb3".into(), report("lb3", 90))].into(),
+            leader: None,
+            problems: Vec::new(),
+        };
+        // Only this node, behind: nobody applied it yet.
+        assert_eq!(snapshot.applied_elsewhere("lb3"), None);
+        // Another node behind too.
+        snapshot.nodes.insert("lb2".into(), report("lb2", 90));
+        assert_eq!(snapshot.applied_elsewhere("lb3"), None);
+        // Another node at it.
+        snapshot.nodes.insert("lb1".into(), report("lb1", 100));
+        assert_eq!(snapshot.applied_elsewhere("lb3"), Some(100));
+        // Bad data: no state anybody applied.
+        snapshot.state = Err("invalid".into());
+        assert_eq!(snapshot.applied_elsewhere("lb3"), None);
     }
 
     #[test]

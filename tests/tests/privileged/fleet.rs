@@ -630,6 +630,33 @@ fn nodes_that_disagree_on_a_backends_health_keep_identical_tables() {
         "{fleet_status}"
     );
     eprintln!("a node that cannot hold the fleet's state withdrew");
+    // An edit made there would be based on the state before the fourth
+    // backend, and undo it: refused, and the fleet keeps its state.
+    let third = backend_v4(2).to_string();
+    let (_, e) = fleet.daemons[2]
+        .cli_fails(&["backend", "del", "echo", &third])
+        .unwrap();
+    assert!(e.contains("other nodes applied"), "{e}");
+    let listed = fleet.daemons[0].cli(&["backend", "list", "echo"]).unwrap();
+    for b in [fourth, &third] {
+        assert!(listed.to_string().contains(b), "{b}: {listed}");
+    }
+    // Restarted over its pinned data plane, it starts from the state it
+    // applied last, which the fleet has moved past: it stays withdrawn.
+    fleet.daemons[2].kill(libc::SIGKILL).unwrap();
+    fleet.daemons[2].spawn().unwrap();
+    let start = Instant::now();
+    while start.elapsed() < WITHHELD_FOR {
+        assert_eq!(
+            fleet.edge.paths(VIP).unwrap(),
+            [node_v4(0), node_v4(1)],
+            "restarted, a node that cannot hold the fleet's state announced"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = fleet.daemons[2].cli(&["node", "status"]).unwrap();
+    assert_eq!(status["vips"][0]["withheld"], "not-converged", "{status}");
+    eprintln!("restarted over its data plane, it stayed withdrawn");
     fleet.daemons[0]
         .cli(&["backend", "del", "echo", fourth])
         .unwrap();
