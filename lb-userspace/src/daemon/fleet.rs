@@ -441,16 +441,17 @@ impl FleetNode {
         if dry_run {
             return Ok(serde_json::to_value(super::apply(ctl, desired, true)?)?);
         }
-        let mut overrides = base.overrides.clone();
-        for (svc, m) in &mut overrides {
-            m.retain(|ip, _| {
-                desired
-                    .services
-                    .get(svc)
-                    .is_some_and(|s| s.backends.contains_key(ip))
-            });
-        }
-        overrides.retain(|_, m| !m.is_empty());
+        // As configured, without registrations: a registered backend is no
+        // backend the change removes.
+        let configured = |text: &str| {
+            config::parse_fleet(&self.node_text, text)
+                .map_err(|e| anyhow!("the fleet's services are invalid here:\n{e}"))
+        };
+        let overrides = overrides_kept(
+            &base.overrides,
+            &configured(&base.services)?,
+            &configured(&services)?,
+        );
         let overrides = (overrides != base.overrides).then_some(overrides);
         self.write(ctl, &base, Some(&services), overrides.as_ref(), edit)
             .await
@@ -735,6 +736,26 @@ fn digests(ctl: &Controller) -> BTreeMap<String, String> {
 /// The desired state a node builds from the fleet's: its own file with
 /// the fleet's services and the registrations they admit; with why each
 /// refused registration was refused.
+/// The overrides that outlive a change of the fleet's services from `old`
+/// to `new` (both as configured, without registrations). Those of the
+/// backends the change removes go with them, and those of the services it
+/// removes; a registered backend's stay, inert while its lease has lapsed
+/// or this node refuses it, as a standalone daemon keeps them.
+fn overrides_kept(overrides: &Overrides, old: &Desired, new: &Desired) -> Overrides {
+    let mut kept = overrides.clone();
+    kept.retain(|svc, m| {
+        let Some(now) = new.services.get(svc) else {
+            return false;
+        };
+        let before = old.services.get(svc);
+        m.retain(|ip, _| {
+            now.backends.contains_key(ip) || !before.is_some_and(|b| b.backends.contains_key(ip))
+        });
+        !m.is_empty()
+    });
+    kept
+}
+
 pub(crate) fn desired_of(
     node_text: &str,
     services: &str,
@@ -837,3 +858,49 @@ fn overrides_comment(overrides: &Overrides) -> String {
     out
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_edit_keeps_the_overrides_of_backends_it_does_not_remove() {
+        const NODE: &str = "[settings]\ninterfaces = ['eth0']\n[fleet]\nendpoints = ['http://198.18.0.2:2379']\nnode = 'lb1'\n";
+        let services = |backends: &[&str]| {
+            let mut text = String::from(
+                "[[service]]\nname = 'web'\nvip = '198.18.1.1'\nport = 80\nprotocol = 'tcp'\n",
+            );
+            for b in backends {
+                text.push_str(&format!("[[service.backend]]\naddress = '{b}'\n"));
+            }
+            config::parse_fleet(NODE, &text).unwrap()
+        };
+        let drained = Override {
+            admin: Admin::Drain,
+            ..Override::default()
+        };
+        // .11 and .12 configured; .13 a registered backend (its lease
+        // lapsed, or refused here); an inert override of a gone service.
+        let overrides: Overrides = [
+            (
+                "web".to_string(),
+                ["198.18.0.11", "198.18.0.12", "198.18.0.13"]
+                    .map(|ip| (ip.parse().unwrap(), drained))
+                    .into(),
+            ),
+            (
+                "gone".to_string(),
+                [("198.18.0.14".parse().unwrap(), drained)].into(),
+            ),
+        ]
+        .into();
+        let old = services(&["198.18.0.11", "198.18.0.12"]);
+        // Removing .12: its override goes, the registered one's stays.
+        let kept = overrides_kept(&overrides, &old, &services(&["198.18.0.11"]));
+        let web: Vec<String> = kept["web"].keys().map(ToString::to_string).collect();
+        assert_eq!(web, ["198.18.0.11", "198.18.0.13"]);
+        assert!(!kept.contains_key("gone"));
+        // No change to the backends: every override of the service stays.
+        let same = overrides_kept(&overrides, &old, &old);
+        assert_eq!(same["web"], overrides["web"]);
+    }
+}
