@@ -77,7 +77,8 @@ pub(crate) async fn start(
     node: Desired,
     cache: Option<FleetState>,
 ) -> Start {
-    // Err(refused, why).
+    // An error says whether etcd answered, with a state this node refuses,
+    // and why.
     let read = async {
         let unreachable = |e: anyhow::Error| (false, e);
         let store = Store::connect(fleet).await.map_err(unreachable)?;
@@ -733,9 +734,6 @@ fn digests(ctl: &Controller) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// The desired state a node builds from the fleet's: its own file with
-/// the fleet's services and the registrations they admit; with why each
-/// refused registration was refused.
 /// The overrides that outlive a change of the fleet's services from `old`
 /// to `new` (both as configured, without registrations). Those of the
 /// backends the change removes go with them, and those of the services it
@@ -756,6 +754,9 @@ fn overrides_kept(overrides: &Overrides, old: &Desired, new: &Desired) -> Overri
     kept
 }
 
+/// The desired state a node builds from the fleet's: its own file with
+/// the fleet's services and the registrations they admit; with why each
+/// refused registration was refused.
 pub(crate) fn desired_of(
     node_text: &str,
     services: &str,
