@@ -816,6 +816,16 @@ impl Service {
             .map(|l| lb_common::SourceLimit::new(l.rate, l.burst, family, l.prefix))
     }
 
+    /// Whether the service has a source list, deny or allow.
+    pub fn has_lists(&self) -> bool {
+        !(self.deny.is_empty() && self.allow.is_empty())
+    }
+
+    /// Whether `other` has the same source lists.
+    pub fn same_lists(&self, other: &Service) -> bool {
+        (&self.deny, &self.allow) == (&other.deny, &other.allow)
+    }
+
     /// The source-list trie's entries this service needs: every deny
     /// prefix, and every allow prefix no deny prefix holds, so that the
     /// longest match gives deny-wins.

@@ -1275,15 +1275,6 @@ fn summarise(cases: &[Case], samples: &[Vec<Sample>]) -> Vec<CaseResult> {
 mod tests {
     use super::*;
 
-    /// A file removed when dropped, on every exit path of the test.
-    struct Removed(std::path::PathBuf);
-
-    impl Drop for Removed {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-
     #[test]
     #[ignore = "needs root: loads XDP programs"]
     fn this_trees_object_as_its_own_baseline_keeps_its_flows_in_its_connection_table() {
@@ -1292,10 +1283,9 @@ mod tests {
         // gets it there: without it, the baseline had no table, every
         // established flow took a Maglev lookup, and the harness refused
         // the run.
-        let object = Removed(
-            std::env::temp_dir().join(format!("lb-bench-baseline-{}.o", std::process::id())),
-        );
-        std::fs::write(&object.0, lb::dataplane::EBPF_OBJECT).unwrap();
+        let scratch = lb_tests::Scratch::new("bench-baseline").unwrap();
+        let object = scratch.dir.join("lb-ebpf.o");
+        std::fs::write(&object, lb::dataplane::EBPF_OBJECT).unwrap();
         let plan = Plan {
             repeat: 1000,
             rounds: 1,
@@ -1306,7 +1296,7 @@ mod tests {
             source_prefixes: 0,
             ..Plan::new(true)
         };
-        let groups = run_matrix(&plan, Some(("HEAD", &object.0))).unwrap();
+        let groups = run_matrix(&plan, Some(("HEAD", &object))).unwrap();
         let baseline = &groups[0].baseline;
         for path in [Path::Established, Path::Syn] {
             for (family, mode) in MEASURED {

@@ -550,7 +550,7 @@ impl Controller {
         let listed = self
             .services
             .values()
-            .filter(|s| !(s.config.deny.is_empty() && s.config.allow.is_empty()))
+            .filter(|s| s.config.has_lists())
             .map(|s| s.id)
             .collect();
         self.forget_refused_flows(&listed)
@@ -1244,7 +1244,7 @@ impl Controller {
                             .changes
                             .push(format!("service {name}: load feedback changed"));
                     }
-                    if (&s.config.deny, &s.config.allow) != (&cfg.deny, &cfg.allow) {
+                    if !s.config.same_lists(cfg) {
                         relisted.insert(s.id);
                         report.changes.push(format!(
                             "service {name}: source lists now deny {} and allow {} prefixes",
@@ -1544,11 +1544,8 @@ impl Controller {
         let relisted: BTreeSet<u32> = services
             .iter()
             .filter(|(name, old)| {
-                now.get(*name).is_some_and(|cur| {
-                    cur.id == old.id
-                        && (&cur.config.deny, &cur.config.allow)
-                            != (&old.config.deny, &old.config.allow)
-                })
+                now.get(*name)
+                    .is_some_and(|cur| cur.id == old.id && !cur.config.same_lists(&old.config))
             })
             .map(|(_, old)| old.id)
             .collect();

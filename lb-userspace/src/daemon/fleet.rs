@@ -103,23 +103,15 @@ pub(crate) async fn start(
             let cached = cache.and_then(|state| {
                 desired_of(node_text, &state.services, &state.registered)
                     .ok()
-                    .map(|(d, _)| (state, d))
+                    .map(|(d, _)| (d, state))
             });
-            match cached {
-                Some((state, desired)) => Start {
-                    desired,
-                    state: Some(state),
-                    fresh: false,
-                    store: None,
-                    refused,
-                },
-                None => Start {
-                    desired: node,
-                    state: None,
-                    fresh: false,
-                    store: None,
-                    refused,
-                },
+            let (desired, state) = cached.map_or((node, None), |(d, state)| (d, Some(state)));
+            Start {
+                desired,
+                state,
+                fresh: false,
+                store: None,
+                refused,
             }
         }
     }
