@@ -327,6 +327,16 @@ pub struct FleetHealth {
     pub own_eviction: bool,
 }
 
+/// What a fleet's state sets beside the services (see
+/// [`Controller::set_fleet`]).
+#[derive(Debug, Clone, Default)]
+pub struct FleetInputs {
+    /// Operator overrides.
+    pub overrides: Overrides,
+    /// Agreed health (`None`: a node's own probes, before any fleet state).
+    pub health: Option<FleetHealth>,
+}
+
 /// A table digest as the CLI, metrics and the fleet show it.
 pub fn digest_text(digest: u64) -> String {
     format!("{digest:016x}")
@@ -959,9 +969,36 @@ impl Controller {
 
     /// A fleet node's operator overrides and agreed health, as the fleet's
     /// state holds them; [`Controller::apply`] then builds the tables.
-    pub fn set_fleet(&mut self, overrides: Overrides, health: FleetHealth) {
-        self.runtime.overrides = overrides;
-        self.fleet_health = Some(health);
+    /// Returns the ones they replace, for [`Controller::put_fleet_back`].
+    pub fn set_fleet(&mut self, overrides: Overrides, health: FleetHealth) -> FleetInputs {
+        FleetInputs {
+            overrides: std::mem::replace(&mut self.runtime.overrides, overrides),
+            health: self.fleet_health.replace(health),
+        }
+    }
+
+    /// Puts back what [`Controller::set_fleet`] replaced, once the change it
+    /// came with failed: a fleet state is applied whole or not at all. The
+    /// failed change's undo wrote the tables as they were, but the backends'
+    /// states under the new overrides and health: the services holding such
+    /// a backend are written again.
+    pub fn put_fleet_back(&mut self, previous: FleetInputs) -> Result<()> {
+        self.runtime.overrides = previous.overrides;
+        self.fleet_health = previous.health;
+        let stale: Vec<String> = self
+            .services
+            .iter()
+            .filter(|(name, s)| {
+                s.backends
+                    .iter()
+                    .any(|(ip, b)| b.written != Some(self.backend_value(name, *ip, b)))
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            self.sync(&name, None)?;
+        }
+        Ok(())
     }
 
     /// Whether a fleet node evicts on its own probes too (etcd unreachable);

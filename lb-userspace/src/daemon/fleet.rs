@@ -282,8 +282,20 @@ impl FleetNode {
                 state.revision
             );
         }
-        ctl.set_fleet(state.overrides.clone(), health_of(Some(&state), false));
-        let report = super::apply(ctl, desired, false)?;
+        let previous = ctl.set_fleet(state.overrides.clone(), health_of(Some(&state), false));
+        let report = match super::apply(ctl, desired, false) {
+            Ok(report) => report,
+            // The last good state whole: its overrides and health too.
+            Err(e) => {
+                return Err(match ctl.put_fleet_back(previous) {
+                    Ok(()) => e,
+                    Err(undo) => e.context(format!(
+                        "putting the last good overrides and agreed health back failed too \
+                         ({undo:#}): some backends follow the refused state's until one is applied"
+                    )),
+                });
+            }
+        };
         info!(
             revision = state.revision,
             changes = report.changes.len(),

@@ -664,6 +664,56 @@ fn nodes_that_disagree_on_a_backends_health_keep_identical_tables() {
         .edge
         .wait_paths(VIP, &all, Duration::from_secs(5))
         .unwrap();
+
+    // A state that fails part way on node 2 (its state file cannot be
+    // written: a directory where it was) is undone whole, the overrides it
+    // came with too: node 2 keeps serving its last good state, backend 2
+    // not drained. Once the file can be written, the state is applied.
+    let state_file = fleet.daemons[2].dir.join("state.json");
+    std::fs::remove_file(&state_file).unwrap();
+    std::fs::create_dir_all(state_file.join("in-the-way")).unwrap();
+    let admin_on_2 = |fleet: &Fleet| -> Value {
+        let rows = fleet.daemons[2].cli(&["backend", "list", "echo"]).unwrap();
+        let row = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["address"] == third);
+        row.unwrap()["admin"].clone()
+    };
+    let drained = fleet.daemons[0]
+        .cli(&["backend", "drain", "echo", &third])
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let status = fleet.daemons[2].cli(&["fleet", "status"]).unwrap();
+        if status["revision"].as_i64() >= drained["revision"].as_i64() {
+            assert!(
+                status["problems"].to_string().contains("refused"),
+                "{status}"
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "node 2 never read the drain"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        admin_on_2(&fleet),
+        "ready",
+        "a failed state's drain stayed installed"
+    );
+    std::fs::remove_dir_all(&state_file).unwrap();
+    let start = Instant::now();
+    while admin_on_2(&fleet) != "drain" {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "node 2 never applied the drain"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Every metric name (`lb_...`) the example Grafana dashboard's queries and
