@@ -624,24 +624,13 @@ impl FleetNode {
         }
         let applied = self.applied.as_ref().map_or(0, |s| s.revision);
         let me = self.settings.node.as_str();
-        // Refused data is no newer state when every node refuses it (all
-        // keep the last good one); a state other nodes applied is, even if
-        // this node refused it (its own settings cannot hold it).
-        let newest_read = self
-            .latest
-            .as_ref()
-            .filter(|_| self.refused.is_none())
-            .and_then(|s| s.state.as_ref().ok())
-            .map_or(applied, |s| s.revision);
-        let newest_applied = self
+        let others = self
             .latest
             .iter()
             .flat_map(|s| s.nodes.values())
             .filter(|r| r.name != me)
-            .map(|r| r.revision)
-            .max()
-            .unwrap_or(0);
-        let newest = newest_read.max(newest_applied);
+            .map(|r| r.revision);
+        let behind = behind(applied, self.refused.is_some(), others);
         let mine = digests(ctl);
         let mut tables: Vec<agree::Tables<'_>> = vec![(me, applied, &mine)];
         if let Some(s) = &self.latest {
@@ -653,7 +642,7 @@ impl FleetNode {
             );
         }
         Convergence {
-            behind: applied < newest,
+            behind,
             differing: agree::digest_outliers(&tables)
                 .remove(me)
                 .unwrap_or_default()
@@ -863,9 +852,33 @@ fn overrides_comment(overrides: &Overrides) -> String {
     out
 }
 
+/// Whether a fleet node that applied the state at revision `applied` is
+/// behind the fleet, given the revisions the other live nodes report. One
+/// that applied the state it read last holds the newest there is: a higher
+/// revision in a report is a stale one (the state's revision, the newest of
+/// its keys', goes back when a registration that held it expires). One
+/// that `refused` it is behind when another node applied a newer state: that
+/// state is the fleet's, though this node's settings cannot hold it. Data
+/// that every node refuses is no newer state: all keep the last good one.
+fn behind(applied: i64, refused: bool, others: impl IntoIterator<Item = i64>) -> bool {
+    refused && others.into_iter().any(|r| r > applied)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_node_that_refused_the_state_it_read_is_behind() {
+        // Applied what it read: other nodes' reports still name the
+        // revision before an expired registration took it back.
+        assert!(!behind(8, false, [10, 10]));
+        // Refused it, which other nodes applied.
+        assert!(behind(8, true, [8, 10]));
+        // Refused it, as every node did: bad data.
+        assert!(!behind(8, true, [8, 8]));
+        assert!(!behind(8, true, []));
+    }
 
     #[test]
     fn an_edit_keeps_the_overrides_of_backends_it_does_not_remove() {
