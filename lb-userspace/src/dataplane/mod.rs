@@ -1280,7 +1280,7 @@ impl Dataplane {
 
     /// Clears the entries in use that this version cannot read (their seal
     /// does not match: placed by an earlier version, whose hash put them
-    /// elsewhere, or caught mid-write); returns how many. Run after this
+    /// elsewhere); returns how many. Run after this
     /// version's program replaced the previous one, so that nothing writes
     /// such entries again. Their flows' next packets take the Maglev tables.
     pub fn conntrack_clear_unreadable(&mut self) -> Result<usize> {
@@ -1288,18 +1288,33 @@ impl Dataplane {
         self.conntrack_clear_in_use_if(|e| conntrack_carry::carried(e, &services).is_none())
     }
 
-    /// Frees every entry in use that `clear` picks; returns how many.
+    /// Frees every entry in use that `clear` picks; returns how many. The
+    /// data plane writes the table meanwhile, and a walk of a large one
+    /// takes seconds: each picked entry is read again just before it is
+    /// cleared, and kept if it no longer is picked (a flow placed there
+    /// since, or an entry that was caught mid-write). What is left is a
+    /// write between that read and the clearing one: that flow's next
+    /// packet makes its entry again.
     fn conntrack_clear_in_use_if(&mut self, clear: impl Fn(&FlowEntry) -> bool) -> Result<usize> {
-        let picked: Vec<u32> = self
+        let picked = |e: &FlowEntry| !e.is_free() && clear(e);
+        let candidates: Vec<u32> = self
             .conntrack_all()?
             .into_iter()
-            .filter(|(_, e)| !e.is_free() && clear(e))
+            .filter(|(_, e)| picked(e))
             .map(|(i, _)| i)
             .collect();
-        for &index in &picked {
-            self.conntrack_clear(index)?;
+        let mut cleared = 0;
+        for index in candidates {
+            let now = self
+                .conntrack
+                .get(&index, 0)
+                .context("reading the connection table")?;
+            if picked(&now) {
+                self.conntrack_clear(index)?;
+                cleared += 1;
+            }
         }
-        Ok(picked.len())
+        Ok(cleared)
     }
 
     /// Frees entry `index` in place.
