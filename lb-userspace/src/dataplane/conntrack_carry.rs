@@ -237,7 +237,10 @@ pub(super) fn place_all(mut flows: Vec<Carried>, buckets: u32) -> (Vec<(u32, Flo
 /// the data plane would: over its flow's own entry if it has one (this
 /// version's program pinned the flow afresh when it missed, and the old
 /// table has the backend the connection is on), else in a free or the
-/// least recently seen way.
+/// least recently seen way. The program runs meanwhile, and an array has
+/// no compare-and-swap from user space: an entry it writes into the chosen
+/// way between the reads and the write is lost, and that flow's next
+/// packet makes it again (as after [`super::Dataplane::conntrack_remove`]).
 pub(super) fn place_live(
     table: &mut Array<MapData, FlowEntry>,
     buckets: u32,
