@@ -588,30 +588,24 @@ fn a_new_flow_in_full_buckets_replaces_the_least_recently_seen_entry() {
     assert_eq!(kept, want, "entries held, flow by flow");
 }
 
-/// A pin directory on a bpffs of its own, unmounted and removed on drop.
+/// A pin directory on a bpffs of its own, unmounted and removed on drop
+/// (fields drop in order: the bpffs before its directory).
 struct Pins {
-    bpffs: Option<PrivateBpffs>,
-    dir: std::path::PathBuf,
+    bpffs: PrivateBpffs,
+    _scratch: Scratch,
 }
 
 impl Pins {
     fn new(tag: &str) -> Pins {
-        let dir = std::env::temp_dir().join(format!("lbt-{}-{tag}", std::process::id()));
+        let scratch = Scratch::new(tag).unwrap();
         Pins {
-            bpffs: Some(PrivateBpffs::mount(&dir).unwrap()),
-            dir,
+            bpffs: PrivateBpffs::mount(&scratch.dir).unwrap(),
+            _scratch: scratch,
         }
     }
 
     fn path(&self) -> std::path::PathBuf {
-        self.dir.join("lb")
-    }
-}
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        self.bpffs.take();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.bpffs.path().join("lb")
     }
 }
 

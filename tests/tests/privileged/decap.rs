@@ -21,6 +21,7 @@ use lb_common::{
     wire::{IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP},
 };
 use lb_tests::{
+    Scratch,
     daemon::lb_in as lb,
     lab::{Lab, service_key},
     lan::{CLIENT_V4, Lan},
@@ -98,10 +99,12 @@ fn run() -> Result<()> {
         .run(|| lab.dp.attach("eth0", 1, aya::programs::XdpMode::Skb, None))?;
     let _servers = lan.serve_names(PORT)?;
 
-    let dir = std::env::temp_dir().join(format!("lbt-{}-decap", std::process::id()));
-    let bpffs = PrivateBpffs::mount(&dir.join("bpffs"))?;
+    let scratch = Scratch::new("decap")?;
+    // Dropped before the scratch directory goes: it unpins whatever is
+    // left (detaching the program).
+    let bpffs = PrivateBpffs::mount(&scratch.dir.join("bpffs"))?;
     let pins = bpffs.path().join("decap");
-    let file = dir.join("decap.toml");
+    let file = scratch.dir.join("decap.toml");
     std::fs::write(
         &file,
         format!(
@@ -113,11 +116,7 @@ fn run() -> Result<()> {
             b.v4, b.v6
         ),
     )?;
-    let result = exercise(&lan, &file, &pins);
-    // Unpins whatever is left (detaching the program), then the files go.
-    drop(bpffs);
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    exercise(&lan, &file, &pins)
 }
 
 fn exercise(lan: &Lan, file: &std::path::Path, pins: &std::path::Path) -> Result<()> {

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use lb_tests::{daemon::lb_binary, require_root};
+use lb_tests::{Scratch, daemon::lb_binary, require_root};
 
 #[test]
 #[ignore = "needs root and the package cargo xtask package builds: cargo xtask test runs it"]
@@ -48,10 +48,8 @@ fn package() -> Result<PathBuf> {
 
 fn run() -> Result<()> {
     let deb = package()?;
-    let root = std::env::temp_dir().join(format!("lbt-dpkg-{}", std::process::id()));
-    let result = install_and_remove(&deb, &root);
-    let _ = std::fs::remove_dir_all(&root);
-    result
+    let root = Scratch::new("dpkg")?;
+    install_and_remove(&deb, &root.dir)
 }
 
 fn dpkg(root: &Path, args: &[&str]) -> Result<Output> {

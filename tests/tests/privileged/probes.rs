@@ -11,6 +11,7 @@ use std::time::Duration;
 use lb::netns::PrivateBpffs;
 use lb::probe_path::PROBE_MARK_BASE;
 use lb_tests::{
+    Scratch,
     daemon::{Daemon, WEB_PORT, lb_in, web_config},
     lan::Lan,
     require_root,
@@ -140,15 +141,16 @@ fn a_tunnel_backend_without_its_decapsulator_fails_probes_through_the_vip() {
     )
     .unwrap();
     let _servers = lan.serve_names(WEB_PORT).unwrap();
-    let dir = std::env::temp_dir().join(format!("lbt-{}-probe-tunnel", std::process::id()));
-    let bpffs = PrivateBpffs::mount(&dir.join("bpffs")).unwrap();
+    let scratch = Scratch::new("probe-tunnel").unwrap();
+    // Dropped (unmounted) before the scratch directory, on every exit path.
+    let bpffs = PrivateBpffs::mount(&scratch.dir.join("bpffs")).unwrap();
     // Each backend's `lb decap`: its file and its pins.
     let decaps: Vec<_> = lan
         .backends
         .iter()
         .enumerate()
         .map(|(i, b)| {
-            let file = dir.join(format!("decap{i}.toml"));
+            let file = scratch.dir.join(format!("decap{i}.toml"));
             std::fs::write(
                 &file,
                 format!(
@@ -202,35 +204,28 @@ fn a_tunnel_backend_without_its_decapsulator_fails_probes_through_the_vip() {
     ) + &service("ipip4", VIP4, "ipip", v4)
         + &service("ipip6", VIP6, "ipip", v6)
         + &service("gue4", GUE4, "gue", v4);
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let d = Daemon::start(&lan.lb, "via-tunnel", &config).unwrap();
-        let services = [("ipip4", v4), ("ipip6", v6), ("gue4", v4)];
-        for (name, [one, two]) in services {
-            wait_for(&d, name, one, "up");
-            wait_for(&d, name, two, "up");
-        }
-        // The probes reached the backends in their tunnels.
-        let decapsulated = decap(1, "status")["counters"]["decapsulated"]
-            .as_u64()
-            .unwrap_or(0);
-        assert!(decapsulated > 0, "backend 2 decapsulated no probe");
-
-        // Backend 1 without its decapsulator still holds the VIPs and
-        // answers at its address, but no tunnel packet reaches its stack.
-        decap(0, "remove");
-        for (name, [one, two]) in services {
-            wait_for(&d, name, one, "down");
-            assert_eq!(health(&d, name, two), "up", "{name} {two}");
-        }
-        decap(0, "apply");
-        for (name, [one, _]) in services {
-            wait_for(&d, name, one, "up");
-        }
-        drop(d);
-    }));
-    drop(bpffs);
-    let _ = std::fs::remove_dir_all(&dir);
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
+    let d = Daemon::start(&lan.lb, "via-tunnel", &config).unwrap();
+    let services = [("ipip4", v4), ("ipip6", v6), ("gue4", v4)];
+    for (name, [one, two]) in services {
+        wait_for(&d, name, one, "up");
+        wait_for(&d, name, two, "up");
     }
+    // The probes reached the backends in their tunnels.
+    let decapsulated = decap(1, "status")["counters"]["decapsulated"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(decapsulated > 0, "backend 2 decapsulated no probe");
+
+    // Backend 1 without its decapsulator still holds the VIPs and
+    // answers at its address, but no tunnel packet reaches its stack.
+    decap(0, "remove");
+    for (name, [one, two]) in services {
+        wait_for(&d, name, one, "down");
+        assert_eq!(health(&d, name, two), "up", "{name} {two}");
+    }
+    decap(0, "apply");
+    for (name, [one, _]) in services {
+        wait_for(&d, name, one, "up");
+    }
+    drop(d);
 }

@@ -15,6 +15,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use lb::demo::server::http_get;
 use lb_tests::{
+    Scratch,
     daemon::{Daemon, lb_binary, web_config},
     lan::Lan,
     require_root,
@@ -39,46 +40,43 @@ fn the_unit_and_its_man_page_pass_systemd_analyze_verify() {
 
 fn run_verify() -> Result<()> {
     let lb = lb_binary()?;
-    let dir = std::env::temp_dir().join(format!("lbt-unit-{}", std::process::id()));
+    let scratch = Scratch::new("unit")?;
+    let dir = &scratch.dir;
     let man = dir.join("man/man8");
     std::fs::create_dir_all(&man)?;
-    let result = (|| {
-        let page = Command::new(&lb).arg("man").output()?;
-        ensure!(page.status.success(), "lb man failed");
-        std::fs::write(man.join("lb.8"), &page.stdout)?;
-        let shown = Command::new("man")
-            .arg("-l")
-            .arg(man.join("lb.8"))
-            .output()?;
-        let text = String::from_utf8_lossy(&shown.stdout);
-        ensure!(
-            shown.status.success() && text.contains("reload") && text.contains("daemon"),
-            "man -l shows no lb(8):\n{text}"
-        );
-        // The unit names /usr/bin/lb, where the package installs it; here
-        // it is the binary just built.
-        let unit = dir.join("lb.service");
-        std::fs::write(
-            &unit,
-            UNIT.replace("/usr/bin/lb", &lb.display().to_string()),
-        )?;
-        let verify = Command::new("systemd-analyze")
-            .arg("verify")
-            .arg(&unit)
-            .env("MANPATH", dir.join("man"))
-            .output()
-            .context("running systemd-analyze (the systemd package)")?;
-        let said = String::from_utf8_lossy(&verify.stderr);
-        // Warnings count: systemd ignores a misspelt setting with one.
-        ensure!(
-            verify.status.success() && said.trim().is_empty(),
-            "systemd-analyze verify: {}\n{said}",
-            verify.status
-        );
-        Ok(())
-    })();
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    let page = Command::new(&lb).arg("man").output()?;
+    ensure!(page.status.success(), "lb man failed");
+    std::fs::write(man.join("lb.8"), &page.stdout)?;
+    let shown = Command::new("man")
+        .arg("-l")
+        .arg(man.join("lb.8"))
+        .output()?;
+    let text = String::from_utf8_lossy(&shown.stdout);
+    ensure!(
+        shown.status.success() && text.contains("reload") && text.contains("daemon"),
+        "man -l shows no lb(8):\n{text}"
+    );
+    // The unit names /usr/bin/lb, where the package installs it; here
+    // it is the binary just built.
+    let unit = dir.join("lb.service");
+    std::fs::write(
+        &unit,
+        UNIT.replace("/usr/bin/lb", &lb.display().to_string()),
+    )?;
+    let verify = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .env("MANPATH", dir.join("man"))
+        .output()
+        .context("running systemd-analyze (the systemd package)")?;
+    let said = String::from_utf8_lossy(&verify.stderr);
+    // Warnings count: systemd ignores a misspelt setting with one.
+    ensure!(
+        verify.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify: {}\n{said}",
+        verify.status
+    );
+    Ok(())
 }
 
 #[test]
@@ -93,95 +91,90 @@ fn run_as_the_unit() -> Result<()> {
     ensure!(!caps.is_empty(), "the unit sets no CapabilityBoundingSet");
     let lan = Lan::build(2, &["198.18.1.1/32"])?;
     let _servers = lan.serve_names(80)?;
-    let dir = std::env::temp_dir().join(format!("lbt-notify-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let notify_path = dir.join("notify");
+    let scratch = Scratch::new("notify")?;
+    let notify_path = scratch.dir.join("notify");
     let notify = UnixDatagram::bind(&notify_path)?;
     notify.set_read_timeout(Some(WAIT))?;
-    let result = (|| {
-        let bounding = std::iter::once("-all".to_string())
-            .chain(
-                caps.iter()
-                    .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase())),
-            )
-            .collect::<Vec<_>>()
-            .join(",");
-        let bounding = format!("--bounding-set={bounding}");
-        let notify_env = notify_path.display().to_string();
-        let mut d = Daemon::start_under(
-            &lan.lb,
-            "unit",
-            &web_config(2),
-            &[("NOTIFY_SOCKET", &notify_env)],
-            &["setpriv", &bounding, "--no-new-privs", "--"],
-        )?;
-        let said = receive(&notify)?;
-        ensure!(said.contains("READY=1"), "{said}");
-        ensure!(said.contains("STATUS=serving 1 services"), "{said}");
+    let bounding = std::iter::once("-all".to_string())
+        .chain(
+            caps.iter()
+                .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase())),
+        )
+        .collect::<Vec<_>>()
+        .join(",");
+    let bounding = format!("--bounding-set={bounding}");
+    let notify_env = notify_path.display().to_string();
+    let mut d = Daemon::start_under(
+        &lan.lb,
+        "unit",
+        &web_config(2),
+        &[("NOTIFY_SOCKET", &notify_env)],
+        &["setpriv", &bounding, "--no-new-privs", "--"],
+    )?;
+    let said = receive(&notify)?;
+    ensure!(said.contains("READY=1"), "{said}");
+    ensure!(said.contains("STATUS=serving 1 services"), "{said}");
 
-        // Exactly the unit's capabilities are in effect, and they suffice.
-        let pid = d.pid().context("no daemon")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let effective = status
-            .lines()
-            .find_map(|l| l.strip_prefix("CapEff:"))
-            .map(str::trim)
-            .and_then(|h| u64::from_str_radix(h, 16).ok())
-            .context("no CapEff")?;
-        let expected = caps
-            .iter()
-            .map(|c| 1u64 << cap_number(c))
-            .fold(0, |a, b| a | b);
-        ensure!(
-            effective == expected,
-            "CapEff {effective:x}, the unit's set is {expected:x}"
-        );
-        d.wait_in_table(2, WAIT)?;
-        let vip = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 1, 1)), 80);
-        let seen = lan.client.run(|| {
-            let mut seen = std::collections::BTreeSet::new();
-            for _ in 0..40 {
-                seen.insert(http_get(vip)?);
-            }
-            Ok(seen)
-        })?;
-        ensure!(seen.len() == 2, "both backends serve: {seen:?}");
+    // Exactly the unit's capabilities are in effect, and they suffice.
+    let pid = d.pid().context("no daemon")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(str::trim)
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .context("no CapEff")?;
+    let expected = caps
+        .iter()
+        .map(|c| 1u64 << cap_number(c))
+        .fold(0, |a, b| a | b);
+    ensure!(
+        effective == expected,
+        "CapEff {effective:x}, the unit's set is {expected:x}"
+    );
+    d.wait_in_table(2, WAIT)?;
+    let vip = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 1, 1)), 80);
+    let seen = lan.client.run(|| {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..40 {
+            seen.insert(http_get(vip)?);
+        }
+        Ok(seen)
+    })?;
+    ensure!(seen.len() == 2, "both backends serve: {seen:?}");
 
-        // `systemctl reload`: a broken file is refused with a non-zero exit
-        // and changes nothing; a good one is applied.
-        let running = std::fs::read_to_string(&d.config)?;
-        std::fs::write(&d.config, running.replace("port = 80", "port = 0"))?;
-        let (code, err) = d.cli_fails(&["reload"])?;
-        ensure!(code != 0 && err.contains("reload refused"), "{code}: {err}");
-        let with_weight = running.replacen(
-            "address = \"198.18.0.11\"\n",
-            "address = \"198.18.0.11\"\nweight = 3\n",
-            1,
-        );
-        ensure!(
-            with_weight != running,
-            "no backend to reweigh in:\n{running}"
-        );
-        std::fs::write(&d.config, with_weight)?;
-        let report = d.cli(&["reload"])?;
-        ensure!(
-            report["changes"].as_array().is_some_and(|c| !c.is_empty()),
-            "{report}"
-        );
-        let rows = d.cli(&["backend", "list"])?;
-        let weight = rows
-            .as_array()
-            .and_then(|r| r.iter().find(|b| b["address"] == "198.18.0.11"))
-            .map(|b| b["weight"].clone());
-        ensure!(weight == Some(3.into()), "{rows}");
+    // `systemctl reload`: a broken file is refused with a non-zero exit
+    // and changes nothing; a good one is applied.
+    let running = std::fs::read_to_string(&d.config)?;
+    std::fs::write(&d.config, running.replace("port = 80", "port = 0"))?;
+    let (code, err) = d.cli_fails(&["reload"])?;
+    ensure!(code != 0 && err.contains("reload refused"), "{code}: {err}");
+    let with_weight = running.replacen(
+        "address = \"198.18.0.11\"\n",
+        "address = \"198.18.0.11\"\nweight = 3\n",
+        1,
+    );
+    ensure!(
+        with_weight != running,
+        "no backend to reweigh in:\n{running}"
+    );
+    std::fs::write(&d.config, with_weight)?;
+    let report = d.cli(&["reload"])?;
+    ensure!(
+        report["changes"].as_array().is_some_and(|c| !c.is_empty()),
+        "{report}"
+    );
+    let rows = d.cli(&["backend", "list"])?;
+    let weight = rows
+        .as_array()
+        .and_then(|r| r.iter().find(|b| b["address"] == "198.18.0.11"))
+        .map(|b| b["weight"].clone());
+    ensure!(weight == Some(3.into()), "{rows}");
 
-        d.kill(libc::SIGTERM)?;
-        let said = receive(&notify)?;
-        ensure!(said.contains("STOPPING=1"), "{said}");
-        Ok(())
-    })();
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    d.kill(libc::SIGTERM)?;
+    let said = receive(&notify)?;
+    ensure!(said.contains("STOPPING=1"), "{said}");
+    Ok(())
 }
 
 /// The next notification the daemon sent.
