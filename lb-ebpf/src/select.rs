@@ -134,7 +134,9 @@ pub(crate) fn select_backend(
     tcp_flags: u8,
     remember: bool,
 ) -> Result<(ServiceValue, Choice), Counter> {
-    let syn = flow.proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // SYN with RST or FIN opens nothing: it is no SYN here.
+    let syn =
+        flow.proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN;
     let closing = if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         FLOW_F_CLOSED
     } else {
@@ -175,12 +177,25 @@ pub(crate) fn select_backend(
         };
         return Ok((service, choice));
     }
-    // A SYN on a flow with an entry (a retransmission) has its service too,
-    // and was admitted when the entry was made.
-    let service = match slotted {
+    // A SYN on a flow whose entry stands (a retransmission) was admitted
+    // when the entry was made. One after the connection closed opens a new
+    // one, and a flow whose entry lapsed is a new flow again: both are
+    // checked, and counted by the new-flow limit.
+    let admitted = match (at.hit, slotted) {
+        (Some((_, e)), Some(service))
+            if !lapsed(ct, &service, flow, &e) && !(syn && e.flags & FLOW_F_CLOSED != 0) =>
+        {
+            Some(service)
+        }
+        _ => None,
+    };
+    let service = match admitted {
         Some(service) => service,
         None => {
-            let service = maps::service_of(flow).ok_or(Counter::PassNotService)?;
+            let service = match slotted {
+                Some(service) => service,
+                None => maps::service_of(flow).ok_or(Counter::PassNotService)?,
+            };
             // Before the Maglev lookup and any write: a refused source
             // costs no state, and a denied one no place among the
             // limited service's recent sources.

@@ -78,7 +78,8 @@ pub struct Hit {
     /// The client's flow: for an ICMP error, the flow the quoted reply
     /// belongs to, turned around (client to VIP).
     pub flow: FlowKey,
-    /// A TCP SYN without ACK (starts a connection: the table is re-read).
+    /// A TCP SYN without ACK, RST or FIN (starts a connection: the table is
+    /// re-read).
     pub syn: bool,
     /// An ICMP error relayed to the flow's backend (creates no state).
     pub icmp: bool,
@@ -410,7 +411,8 @@ fn transport(f: &[u8], ip: &Ip, cfg: &impl Services, to_vip: bool) -> Class {
     let Some(service) = cfg.service(&key) else {
         return Class::Pass(vec![Counter::PassNotService]);
     };
-    let syn = ip.proto == IPPROTO_TCP && seg[TCP_FLAGS_BYTE] & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let opening = TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN;
+    let syn = ip.proto == IPPROTO_TCP && seg[TCP_FLAGS_BYTE] & opening == TCP_SYN;
     let dont_fragment =
         ip.family == FAMILY_V6 || u16::from_be_bytes([f[ip.l3 + 6], f[ip.l3 + 7]]) & IPV4_DF != 0;
     Class::Service(Hit {

@@ -28,10 +28,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use anyhow::{Context as _, Result, bail, ensure};
 use lb::dataplane::{Capacity, SourceList};
 use lb_common::{
-    AddrKey, BACKEND_F_UP, BackendValue, Counter, FAMILY_V4, FLOW_GENERATION_MASK, FlowKey,
-    FlowValue, SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST, SERVICE_F_DENY_LIST, SERVICE_F_ECHO,
-    SERVICE_F_GUE, SERVICE_F_IPIP, SERVICE_F_SOURCE_LIMIT, SERVICE_F_TUNNEL, ServiceKey,
-    SourceLimit, addr_ip,
+    AddrKey, BACKEND_F_UP, BackendValue, Counter, FAMILY_V4, FLOW_F_CLOSED, FLOW_GENERATION_MASK,
+    FlowKey, FlowValue, SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST, SERVICE_F_DENY_LIST,
+    SERVICE_F_ECHO, SERVICE_F_GUE, SERVICE_F_IPIP, SERVICE_F_SOURCE_LIMIT, SERVICE_F_TUNNEL,
+    ServiceKey, SourceLimit, addr_ip,
     hash::{bucket_hash, flow_hash, maglev_slot},
     limits::{DEFAULT_GUE_PORT, GUE_SOURCE_PORT_BASE, GUE_SOURCE_PORT_MASK, NO_BACKEND},
     maps::PROG_LB,
@@ -1170,14 +1170,16 @@ impl World {
 
     /// Whether `hit` may be dropped by its service's new-flow limit: the
     /// service has one, the packet opens a flow (a SYN or UDP, no relayed
-    /// ICMP error), and it has no entry of its service to find it by (any
-    /// entry of the service, even one whose backend is gone: the program
-    /// then takes the service from the entry's slot).
+    /// ICMP error), and it has no entry of its service that stands (any
+    /// entry of the service, even one whose backend is gone, but not for a
+    /// SYN one its connection's FIN or RST closed; the lab ages nothing).
     fn may_limit(&self, hit: &Hit, entry: Option<FlowValue>) -> bool {
         self.services[hit.service].source_flags & SERVICE_F_SOURCE_LIMIT != 0
             && !hit.icmp
             && (hit.syn || hit.flow.proto == IPPROTO_UDP)
-            && entry.is_none_or(|e| e.service != hit.service as u32)
+            && entry.is_none_or(|e| {
+                e.service != hit.service as u32 || (hit.syn && e.flags & FLOW_F_CLOSED != 0)
+            })
     }
 
     /// The backend the flow goes to: the pinned one, else the table's pick.

@@ -2145,6 +2145,50 @@ fn new_flow_limits_drop_a_prefixs_new_flows_past_its_burst_until_it_refills() {
         Counter::DropRateLimited,
     );
 
+    // A SYN after its connection's RST opens a new connection: counted,
+    // though the closed entry is still there.
+    limit(
+        &mut f,
+        SVC_TCP4,
+        Some(SourceLimit::new(1, 1, FAMILY_V4, 32)),
+    );
+    let closer = [198, 18, 4, 7];
+    f.case("a connection", &syn(closer, 42000), TX, Counter::ForwardDsr);
+    let rst = tcp4(closer, VIP4_DSR, 42000, HTTP, TCP_RST, &[]);
+    f.case("its RST", &rst, TX, Counter::ForwardDsr);
+    f.cases(
+        "SYNs reopening it",
+        &syn(closer, 42000),
+        50,
+        DROP,
+        Counter::DropRateLimited,
+    );
+    // A UDP flow whose entry lapsed is a new flow again.
+    let udp_idle_at = |f: &mut Fixture, now| {
+        let settings = ConntrackSettings {
+            now,
+            udp_idle_timeout: 30,
+            ..ConntrackSettings::default()
+        };
+        f.lab.dp.set_conntrack_settings(settings).unwrap();
+    };
+    udp_idle_at(&mut f, 1);
+    let idle = [198, 18, 4, 8];
+    let from = |src: [u8; 4]| {
+        let seg = packet::udp(v4(src), v4(VIP4_DSR), 5400, DNS, b"query");
+        let ip = Ipv4::new(src, VIP4_DSR, IPPROTO_UDP).build(&seg);
+        packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IP, &ip)
+    };
+    f.case("UDP: a flow", &from(idle), TX, Counter::ForwardDsr);
+    udp_idle_at(&mut f, 40);
+    f.case(
+        "UDP: the flow after its entry lapsed",
+        &from(idle),
+        DROP,
+        Counter::DropRateLimited,
+    );
+    f.set_clock(1);
+
     // IPv6 by /64.
     limit(
         &mut f,
