@@ -30,8 +30,10 @@ pub enum Health {
     /// Failing: out of rotation, its flows re-hash.
     Down,
     /// New, not proven yet: out of rotation until its first `rise`
-    /// successes (up), or a failure (down). Not counted by the panic rule:
-    /// a backend nobody has seen work is no sign the probes are wrong.
+    /// successes (up), or a failure (down). Not counted by the panic rule
+    /// (nor is one that went down from here without ever being up, see
+    /// [`Tracker::proven`]): a backend nobody has seen work is no sign the
+    /// probes are wrong.
     Checking,
 }
 
@@ -72,13 +74,16 @@ pub struct Tracker {
     state: Health,
     /// Consecutive results that disagree with `state`.
     streak: u32,
-    /// Consecutive successes while up.
+    /// Successes in a row while up, kept at [`STABLE_SUCCESSES`] or more
+    /// once reached: stable until it goes down.
     up_run: u32,
     /// Flap damping: each return to down before the backend was stable
     /// doubles the successes it needs to come back.
     penalty: u32,
     /// While checking, one success is enough.
     trust_first_probe: bool,
+    /// Up at some time since it was tracked.
+    proven: bool,
 }
 
 impl Tracker {
@@ -91,10 +96,11 @@ impl Tracker {
             up_run: 0,
             penalty: 0,
             trust_first_probe,
+            proven: false,
         }
     }
 
-    /// A tracker in `state` with no disagreeing results.
+    /// A tracker in `state` with no disagreeing results (proven if up).
     pub fn new(state: Health) -> Self {
         Tracker {
             state,
@@ -104,6 +110,7 @@ impl Tracker {
             up_run: STABLE_SUCCESSES,
             penalty: 0,
             trust_first_probe: false,
+            proven: state == Health::Up,
         }
     }
 
@@ -120,6 +127,14 @@ impl Tracker {
     /// The current state.
     pub fn state(&self) -> Health {
         self.state
+    }
+
+    /// Whether the backend has been up since it was tracked: only then do
+    /// its failures count as a sign the probes may be wrong (the panic
+    /// rule), and only then does panic put it in the table. A backend added
+    /// while its server is not answering yet fails from its first probe.
+    pub fn proven(&self) -> bool {
+        self.proven
     }
 
     /// Whether results are disagreeing with the state (probe faster then).
@@ -146,6 +161,10 @@ impl Tracker {
             }
             return None;
         }
+        // A failure while up, before it was stable, ends the run.
+        if self.state == Health::Up && self.up_run < STABLE_SUCCESSES {
+            self.up_run = 0;
+        }
         self.streak += 1;
         let needed = match self.state {
             Health::Up => t.fall.max(1),
@@ -165,6 +184,7 @@ impl Tracker {
             }
             Health::Down | Health::Checking => {
                 self.up_run = 0;
+                self.proven = true;
                 Health::Up
             }
         };
@@ -280,9 +300,46 @@ mod tests {
         assert_eq!(t.record(false, T), Some(Health::Down));
     }
 
+    #[test]
+    fn only_successes_in_a_row_forgive_a_flap() {
+        let mut tr = Tracker::new(Health::Up);
+        let mut run = |results: &[bool]| {
+            for ok in results {
+                tr.record(*ok, T);
+            }
+        };
+        // Down (stable before: no flap), up, down again (a flap), up.
+        run(&[false, false, false, true, true, false, false, false]);
+        run(&[true; 4]);
+        // Ten successes, each followed by a failure, then down.
+        for _ in 0..STABLE_SUCCESSES {
+            run(&[true, false]);
+        }
+        run(&[false, false]);
+        assert_eq!(tr.state(), Health::Down);
+        assert_eq!(tr.rise_needed(T), T.rise << 2, "a second flap");
+    }
+
+    #[test]
+    fn a_backend_is_proven_once_it_has_been_up() {
+        let mut tr = Tracker::checking(false);
+        assert!(!tr.proven());
+        tr.record(false, T);
+        assert_eq!(tr.state(), Health::Down);
+        assert!(!tr.proven(), "failed from its first probe");
+        tr.record(true, T);
+        tr.record(true, T);
+        assert!(tr.proven());
+        tr.record(false, T);
+        tr.record(false, T);
+        tr.record(false, T);
+        assert_eq!(tr.state(), Health::Down);
+        assert!(tr.proven(), "down after being up");
+        assert!(Tracker::new(Health::Up).proven());
+        assert!(!Tracker::new(Health::Down).proven());
+    }
+
     proptest! {
-        /// Whatever the results, the state changes exactly when the last
-        /// `fall` (or `rise`) results all disagreed with the previous state.
         /// Whatever the results, the state changes exactly when the last
         /// `fall` results failed, or the last `rise_needed` (rise, doubled
         /// per recent flap, at most 8x) succeeded.

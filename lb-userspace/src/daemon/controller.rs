@@ -784,13 +784,22 @@ impl Controller {
 
     /// Whether `svc`'s probes are not to be trusted now: O(backends), so
     /// worked out once a rebuild ([`Self::refresh_panic`]), not once a
-    /// backend.
+    /// backend. The rule counts the backends that would take flows if they
+    /// passed and have passed before: one that never has, or that its
+    /// operator, agent or weight keeps out, says nothing of the probes.
     fn panic_of(&self, svc: &ServiceState) -> bool {
         let name = &svc.config.name;
         let ready = svc.backends.iter().filter(|(ip, b)| {
             self.admin(name, **ip, b) == Admin::Ready
                 && !b.agent.view.applied.down
-                && b.health.state() != Health::Checking
+                && b.health.proven()
+                && self
+                    .runtime
+                    .get(name, **ip)
+                    .weight
+                    .unwrap_or(b.configured_weight)
+                    > 0
+                && self.scale_percent(name, **ip, b) > 0
         });
         let (mut ready_count, mut healthy) = (0, 0);
         for (ip, b) in ready {
@@ -857,9 +866,11 @@ impl Controller {
     }
 
     /// Whether a backend counts as healthy: its agent does not say down,
-    /// and it passes probes or its service is in `panic`.
+    /// and it passes probes, or its service is in `panic` and it has passed
+    /// them before (panic never gives flows to a backend nobody saw work).
     fn healthy(&self, service: &str, ip: IpAddr, b: &BackendState, panic: bool) -> bool {
-        !b.agent.view.applied.down && (panic || self.probe_up(service, ip, b))
+        !b.agent.view.applied.down
+            && ((panic && b.health.proven()) || self.probe_up(service, ip, b))
     }
 
     /// A backend's operator state: the operator's, or while that is
@@ -881,8 +892,19 @@ impl Controller {
             feedback::FULL
         } else {
             let load = b.registered.map_or(feedback::FULL, |r| r.percent);
-            b.agent.view.applied.percent * b.feedback.percent.applied / feedback::FULL * load
-                / feedback::FULL
+            let factors = [
+                b.agent.view.applied.percent,
+                b.feedback.percent.applied,
+                load,
+            ];
+            let scaled = factors[0] * factors[1] / feedback::FULL * factors[2] / feedback::FULL;
+            // A share below one percent is still a share: only a factor of
+            // 0 (an agent saying 0%) takes the backend out.
+            if factors.iter().all(|&f| f > 0) {
+                scaled.max(1)
+            } else {
+                scaled
+            }
         }
     }
 

@@ -931,6 +931,7 @@ fn ping(lan: &Lan, count: u32) -> bool {
 fn a_vip_answers_ping_only_when_a_service_asks() {
     require_root();
     let lan = Lan::build(1, &["198.18.1.1/32"]).unwrap();
+    let _servers = lan.serve_names(80).unwrap();
     let d = Daemon::start(&lan.lb, "echo", &web_config(1)).unwrap();
     d.wait_in_table(1, WAIT).unwrap();
     let replies = |d: &Daemon| -> u64 {

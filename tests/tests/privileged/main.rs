@@ -24,6 +24,7 @@ mod interfaces;
 mod limits;
 mod next_hops;
 mod package;
+mod panic_rule;
 mod probes;
 mod readme;
 mod service_index;
