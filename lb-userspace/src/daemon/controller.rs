@@ -274,6 +274,24 @@ pub struct ChangeReport {
     /// the slots that move, from the table now, once those pass.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub slots_when_checked: BTreeMap<String, usize>,
+    /// Registered backends left out for want of a backend id, which a
+    /// backend this change removed frees once the change is written:
+    /// service and address (see [`Controller::apply`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deferred: Vec<(String, IpAddr)>,
+}
+
+impl ChangeReport {
+    /// This report followed by `later`'s, of a change made right after.
+    pub fn then(mut self, later: ChangeReport) -> ChangeReport {
+        self.changes.extend(later.changes);
+        for (service, moved) in later.slots_moved {
+            *self.slots_moved.entry(service).or_default() += moved;
+        }
+        self.slots_when_checked = later.slots_when_checked;
+        self.deferred = later.deferred;
+        self
+    }
 }
 
 /// Owner of the data plane's contents.
@@ -493,9 +511,12 @@ impl IdPool {
     }
 
     fn take(&mut self, what: &str) -> Result<u32> {
-        self.0
-            .pop_first()
+        self.next()
             .with_context(|| format!("no free {what} id: raise the capacity in [settings]"))
+    }
+
+    fn next(&mut self) -> Option<u32> {
+        self.0.pop_first()
     }
 }
 
@@ -1349,6 +1370,7 @@ impl Controller {
                     }
                 }
             };
+            let mut deferred = Vec::new();
             for (ip, weight) in &cfg.backends {
                 let registered = cfg.registered.get(ip).copied();
                 let mut b = match prev.and_then(|s| s.backends.get(ip)) {
@@ -1376,6 +1398,21 @@ impl Controller {
                         }
                     }
                     None => {
+                        // The ids of backends this change removes are free
+                        // only once it is written: a registered backend
+                        // (admitted against the capacity the change leaves)
+                        // waits for the next change instead of failing this
+                        // one, which `daemon::apply` makes at once.
+                        let Some(id) = backend_ids.next() else {
+                            if registered.is_none() {
+                                backend_ids.take("backend")?;
+                            }
+                            report.changes.push(format!(
+                                "service {name}: backend {ip} registered; it waits for the id a backend removed now frees"
+                            ));
+                            deferred.push(*ip);
+                            continue;
+                        };
                         let unresolved = if self.hops.contains_key(ip) {
                             ""
                         } else {
@@ -1384,7 +1421,6 @@ impl Controller {
                         report.changes.push(format!(
                             "service {name}: backend {ip} added (weight {weight}); it takes flows once its probes pass{unresolved}"
                         ));
-                        let id = backend_ids.take("backend")?;
                         // A new holder of the id: its predecessor's flows must miss.
                         let generation = self.dp.backend(id)?.generation.wrapping_add(1);
                         // Out of the table until its probes pass.
@@ -1400,6 +1436,11 @@ impl Controller {
                 }
                 b.registered = registered;
                 state.backends.insert(*ip, b);
+            }
+            for ip in deferred {
+                state.config.backends.remove(&ip);
+                state.config.registered.remove(&ip);
+                report.deferred.push((name.clone(), ip));
             }
             if let Some(p) = prev {
                 for ip in p
@@ -1452,6 +1493,13 @@ impl Controller {
         }
 
         self.atomically(|c| c.commit(&gone, next, &relisted))?;
+        let mut desired = desired;
+        for (name, ip) in &report.deferred {
+            if let Some(svc) = desired.services.get_mut(name) {
+                svc.backends.remove(ip);
+                svc.registered.remove(ip);
+            }
+        }
         self.desired = desired;
         for line in &report.changes {
             info!(change = %line, "config applied");

@@ -737,7 +737,19 @@ pub(crate) fn apply(
     let after = (dataplane_settings(&desired), conntrack_settings(&desired));
     // The settings first, and back as they were if the services cannot
     // follow (which undo their own writes): all or nothing.
-    let applied = write_settings(ctl, after).and_then(|()| ctl.apply(desired, false));
+    let applied = write_settings(ctl, after).and_then(|()| ctl.apply(desired.clone(), false));
+    // Registered backends that waited for the ids this change freed take
+    // them now. The change stands if this fails: they wait for the next.
+    let applied = match applied {
+        Ok(report) if !report.deferred.is_empty() => match ctl.apply(desired, false) {
+            Ok(then) => Ok(report.then(then)),
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "registered backends still wait for a backend id");
+                Ok(report)
+            }
+        },
+        other => other,
+    };
     if let Err(e) = &applied
         && let Err(undo) = write_settings(ctl, before)
     {

@@ -377,10 +377,20 @@ impl Port {
         answer
     }
 
+    /// Forgets the send times a replay check no longer needs: a request
+    /// sent before `now` less [`registration::MAX_SKEW`] is refused for its
+    /// skew anyway. Without this the table keeps one entry for every
+    /// (service, address) ever named.
+    fn forget_old_senders(&mut self, now_ms: u64) {
+        let oldest = now_ms.saturating_sub(registration::MAX_SKEW.as_millis() as u64);
+        self.last_sent.retain(|_, sent| *sent >= oldest);
+    }
+
     /// Drops the registrations whose lease lapsed, and applies that;
     /// returns whether any did.
     pub(crate) fn expire(&mut self, ctl: &mut Controller) -> Result<bool> {
         let now = registration::millis(SystemTime::now());
+        self.forget_old_senders(now);
         let mut held = ctl.runtime().registered.clone();
         let before: usize = held.values().map(BTreeMap::len).sum();
         for m in held.values_mut() {
@@ -487,5 +497,40 @@ mod tests {
         assert_eq!(open.0.lock().unwrap().len(), MAX_OPEN / MAX_OPEN_PER_PEER);
         drop(all);
         assert!(open.take(peer(255)).is_some());
+    }
+
+    #[test]
+    fn send_times_are_kept_only_while_a_replay_could_pass_the_skew_check() {
+        let mut port = Port::new(Duration::from_secs(3));
+        let skew = registration::MAX_SKEW.as_millis() as u64;
+        let sent = |port: &mut Port, service: &str, time_ms| {
+            let r = Registration {
+                address: peer(1),
+                weight: 1,
+                percent: 100,
+                draining: false,
+                host: "h".into(),
+                version: "0".into(),
+            };
+            let message = Message {
+                time_ms,
+                leave: false,
+                query: false,
+                registrations: BTreeMap::from([(service.to_string(), r)]),
+            };
+            port.sender_refusal(&message, peer(1))
+        };
+        let start = 1_000_000;
+        for i in 0..1000 {
+            assert_eq!(sent(&mut port, &format!("s{i}"), start), None);
+        }
+        assert_eq!(sent(&mut port, "fresh", start + skew), None);
+        assert!(sent(&mut port, "fresh", start + skew).is_some(), "a replay");
+        port.forget_old_senders(start + skew + 1);
+        assert_eq!(port.last_sent.len(), 1, "only the fresh one is kept");
+        assert!(
+            sent(&mut port, "fresh", start + skew).is_some(),
+            "still a replay"
+        );
     }
 }

@@ -281,13 +281,16 @@ pub fn parse(text: &str) -> Result<Settings, ConfigErrors> {
     let target = match (&file.fleet, &file.lb) {
         (Some(f), None) => match config::fleet_of(f, text) {
             Ok(f) => {
-                if c.interval >= f.lease {
+                // The keep-alive follows each check, which takes up to its
+                // timeout; etcd's lease is whole seconds.
+                let ttl = Duration::from_secs(f.lease.as_secs().max(1));
+                if c.interval + c.timeout >= ttl {
                     push(
                         &file.check.span(),
                         "check.interval",
                         format!(
-                            "checks every {:?} cannot keep a {:?} lease alive: check more often than fleet.lease",
-                            c.interval, f.lease
+                            "checks every {:?}, each taking up to {:?}, cannot keep a {ttl:?} lease alive: check more often than fleet.lease, or with a shorter timeout",
+                            c.interval, c.timeout
                         ),
                     );
                 }
@@ -431,5 +434,16 @@ lease = "3s"
 "#;
         let e = parse(text).unwrap_err().to_string();
         assert!(e.contains("check more often"), "{e}");
+        // Fast enough, but a check may take its whole timeout before the
+        // keep-alive, and the lease is whole seconds (2500ms: 2s).
+        let slow = text
+            .replace("interval = \"5s\"", "interval = \"1s\"\ntimeout = \"2s\"")
+            .replace("lease = \"3s\"", "lease = \"2500ms\"");
+        let e = parse(&slow).unwrap_err().to_string();
+        assert!(e.contains("check more often"), "{e}");
+        let fine = slow
+            .replace("timeout = \"2s\"", "timeout = \"500ms\"")
+            .replace("2500ms", "3s");
+        assert!(parse(&fine).is_ok());
     }
 }

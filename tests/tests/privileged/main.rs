@@ -11,6 +11,7 @@ mod agent;
 mod agreement;
 mod announce;
 mod backends;
+mod capacity;
 mod conntrack;
 mod daemon;
 mod decap;
