@@ -988,7 +988,9 @@ fn fleet_text(s: &FleetStatus) -> String {
                 .iter()
                 .map(|(svc, d)| {
                     let mark = if n.disagreeing.contains(svc) { "!" } else { "" };
-                    format!("{svc}={}{mark}", &d[..d.len().min(SHORT_DIGEST)])
+                    // By characters: a report is another node's data.
+                    let short: String = d.chars().take(SHORT_DIGEST).collect();
+                    format!("{svc}={short}{mark}")
                 })
                 .collect();
             vec![

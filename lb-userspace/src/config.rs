@@ -1392,8 +1392,22 @@ fn host_mask(prefix_in_word: u8) -> u32 {
 
 /// Whether `ip` can be a host's unicast address.
 pub(crate) fn usable(ip: IpAddr) -> bool {
+    unusable(ip).is_none()
+}
+
+/// Why `ip` cannot be a host's unicast address, if it cannot. An
+/// IPv4-mapped IPv6 address is the IPv4 host's as a socket sees it, never
+/// on the wire: a VIP written so would serve nothing, beside its IPv4
+/// service.
+pub(crate) fn unusable(ip: IpAddr) -> Option<&'static str> {
     let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
-    !(ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() || broadcast)
+    if matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some()) {
+        Some("an IPv4-mapped IPv6 address: write the IPv4 address")
+    } else if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() || broadcast {
+        Some("not a unicast address")
+    } else {
+        None
+    }
 }
 
 impl Settings {
@@ -1530,6 +1544,14 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
         None => Listen::Default,
         Some("off") => Listen::Off,
         Some(m) => match m.parse::<SocketAddr>() {
+            Ok(a) if a.port() == 0 => {
+                e.push(
+                    None,
+                    "settings.metrics",
+                    format!("{m:?}: port 0 would listen on a port nobody knows"),
+                );
+                Listen::Off
+            }
             Ok(a) => Listen::At(a),
             Err(_) => {
                 e.push(
@@ -1593,6 +1615,13 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
             );
             SocketAddr::from(([0, 0, 0, 0], 0))
         });
+        if listen.port() == 0 && r.listen.parse::<SocketAddr>().is_ok() {
+            e.push_node(
+                at,
+                "registration.listen",
+                format!("{:?}: port 0 would listen on a port no agent knows", r.listen),
+            );
+        }
         if !(LEASE_RANGE.0..=LEASE_RANGE.1).contains(&r.lease) {
             e.push_node(at, "registration.lease", "must be between 1s and 60s");
         }
@@ -1646,8 +1675,8 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
         }
         let vip = match svc.vip.parse::<IpAddr>() {
             Ok(ip) if usable(ip) => Some(ip),
-            Ok(_) => {
-                e.push(at, format!("{field}.vip"), "not a unicast address");
+            Ok(ip) => {
+                e.push(at, format!("{field}.vip"), unusable(ip).unwrap_or_default());
                 None
             }
             Err(_) => {
@@ -1746,7 +1775,8 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
             let bfield = format!("{field}.backend[{i}]");
             match b.address.parse::<IpAddr>() {
                 Ok(ip) if !usable(ip) => {
-                    e.push(bat, format!("{bfield}.address"), "not a unicast address");
+                    let why = unusable(ip).unwrap_or_default();
+                    e.push(bat, format!("{bfield}.address"), why);
                 }
                 Ok(ip) if vip.is_some_and(|v| v.is_ipv4() != ip.is_ipv4()) => e.push(
                     bat,
@@ -2324,6 +2354,16 @@ address = "198.18.0.11"
             "multicast VIP",
             "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"224.0.0.1\"\nport=80\nprotocol=\"tcp\"\n",
             "service[a].vip: not a unicast address",
+        ),
+        (
+            "IPv4-mapped VIP",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"::ffff:198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n",
+            "service[a].vip: an IPv4-mapped IPv6 address: write the IPv4 address",
+        ),
+        (
+            "metrics on port 0",
+            "[settings]\ninterfaces=[\"e\"]\nmetrics = \"127.0.0.1:0\"\n",
+            "settings.metrics: \"127.0.0.1:0\": port 0 would listen",
         ),
         (
             "port 0",

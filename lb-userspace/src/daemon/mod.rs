@@ -31,7 +31,7 @@ mod views;
 use std::{
     collections::BTreeSet,
     net::IpAddr,
-    os::unix::fs::PermissionsExt as _,
+    os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
@@ -145,13 +145,15 @@ impl ConfigFile {
         }
         let result = change();
         if result.is_ok() {
+            // Live from here: the next edit builds on this text, whether or
+            // not the file could take it.
+            self.text = text;
             durable::rename_synced(&tmp, &self.path).with_context(|| {
                 format!(
                     "the change is live, but replacing {} failed: save the running configuration by hand",
                     self.path.display()
                 )
             })?;
-            self.text = text;
         } else {
             let _ = std::fs::remove_file(&tmp);
         }
@@ -204,11 +206,15 @@ fn unresolved_backends(
             .and_then(|text| config::parse(&text).ok()),
         _ => None,
     };
+    // Only backends the change adds: one already configured whose MAC is
+    // unknown (its route moved to an interface lb is not on) is out of the
+    // tables, and must not hold up unrelated changes.
+    let configured: BTreeSet<IpAddr> = backend_addrs(ctl.desired()).into_iter().collect();
     proposed
         .map(|d| {
             backend_addrs(&d)
                 .into_iter()
-                .filter(|ip| !ctl.has_mac(*ip))
+                .filter(|ip| !ctl.has_mac(*ip) && !configured.contains(ip))
                 .collect()
         })
         .unwrap_or_default()
@@ -228,9 +234,17 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             bail!("another daemon is serving {}", path.display());
+        }
+        // Only a stale socket is ours to remove: never a file the setting
+        // names by mistake (the state file, say).
+        if !meta.file_type().is_socket() {
+            bail!(
+                "{} is not a socket: settings.socket must name a path of its own",
+                path.display()
+            );
         }
         std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
@@ -305,6 +319,9 @@ impl Startup {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(opts: Options) -> Result<()> {
+    // SIGHUP's default action ends the process: a reload asked for while
+    // the daemon starts waits for it to serve instead.
+    let mut hup = signal(SignalKind::hangup())?;
     let mut phase = Instant::now();
     let mut phases = Vec::new();
     let mut timed = |name: &'static str| {
@@ -463,7 +480,6 @@ pub async fn run(opts: Options) -> Result<()> {
     if let Err(e) = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&ready)]) {
         warn!(error = %e, "telling systemd the daemon is ready");
     }
-    let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     timed("serve");
@@ -926,3 +942,23 @@ pub(crate) struct ProbeControl {
 
 /// Keeps the type in one place for `probers`.
 pub(crate) type SharedControl = Arc<ProbeControl>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_live_change_is_what_the_next_edit_builds_on_even_if_the_file_refused_it() {
+        let dir = std::env::temp_dir().join(format!("lb-config-file-{}", std::process::id()));
+        // A non-empty directory where the file is: the rename fails.
+        std::fs::create_dir_all(dir.join("lb.toml/in-the-way")).unwrap();
+        let mut file = ConfigFile {
+            path: dir.join("lb.toml"),
+            text: "old".into(),
+        };
+        let e = file.replace("new".into(), || Ok(())).unwrap_err();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(format!("{e:#}").contains("the change is live"), "{e:#}");
+        assert_eq!(file.text(), "new");
+    }
+}

@@ -128,5 +128,13 @@ fn run() -> Result<()> {
         "{}",
         d.cli(&["backend", "list"])?
     );
+
+    // Configured all the same (a reload takes the file as it is): out of
+    // the table, and no hold on changes that do not add it.
+    let unattached = format!("[[service.backend]]\naddress = \"{UNATTACHED}\"\n");
+    std::fs::write(&d.config, before + &unattached)?;
+    d.cli(&["reload"])?;
+    d.cli(&["acl", "add", "web", "198.18.200.0/24", "--deny"])?;
+    assert_eq!(d.cli(&["service", "list"])?[0]["in_table"], 2);
     Ok(())
 }
