@@ -3,7 +3,7 @@
 //! the network namespace of the socket it is made on, the caller's, where
 //! sysfs answers for the namespace it was mounted in.
 
-use std::{ffi::CString, os::fd::AsRawFd as _};
+use std::{ffi::CString, os::fd::AsRawFd as _, path::Path};
 
 use anyhow::{Context as _, Result, bail};
 use lb_common::Interface;
@@ -66,6 +66,13 @@ pub fn read(name: &str) -> Result<Interface> {
         port: 0,
         _pad: 0,
     })
+}
+
+/// Whether `name` is a bond in the caller's network namespace: the bonding
+/// driver lists its bonds under /proc/net/bonding, which (unlike sysfs)
+/// answers for the reading process's namespace.
+pub(super) fn is_bond(name: &str) -> bool {
+    Path::new("/proc/net/bonding").join(name).exists()
 }
 
 #[cfg(test)]

@@ -457,6 +457,24 @@ fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
 /// Attaches `prog` to `iface`, or switches the link pinned at `pin` to it
 /// (atomically: no packet sees the interface without a program), and
 /// returns the link, pinned at `pin` if given.
+/// The mode lb attaches to `iface` in, asked for `mode`. In driver mode the
+/// bond driver runs the program on each of its slaves, whose frames carry
+/// the slave's index, and lb knows the bond's alone: every frame would pass
+/// untouched. So on a bond "auto" (which the kernel makes driver mode there)
+/// means generic mode, in which the program runs on the bond, and driver
+/// mode is refused.
+fn mode_on(iface: &str, mode: XdpMode, bond: bool) -> Result<XdpMode> {
+    match (bond, mode) {
+        (true, XdpMode::Default) => Ok(XdpMode::Skb),
+        (true, XdpMode::Driver | XdpMode::Hardware) => bail!(
+            "{iface} is a bond: in driver mode its slaves run the program, on frames lb does \
+             not take for the bond's; use xdp_mode = \"generic\" (or \"auto\", which is generic \
+             on a bond)"
+        ),
+        _ => Ok(mode),
+    }
+}
+
 fn attach_xdp(prog: &mut Xdp, iface: &str, mode: XdpMode, pin: Option<&Path>) -> Result<FdLink> {
     let id = match pin {
         Some(path) if path.exists() => {
@@ -723,6 +741,7 @@ impl Dataplane {
             (1..=MAX_PORTS).contains(&u32::from(port)),
             "port {port} of {iface} is outside 1 to {MAX_PORTS}"
         );
+        let mode = mode_on(iface, mode, link::is_bond(iface))?;
         let info = Interface {
             port,
             ..link::read(iface)?
@@ -1419,6 +1438,21 @@ impl Dataplane {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bond_is_attached_in_generic_mode_and_driver_mode_on_it_is_refused() {
+        assert_eq!(
+            mode_on("bond0", XdpMode::Default, true).unwrap(),
+            XdpMode::Skb
+        );
+        assert_eq!(mode_on("bond0", XdpMode::Skb, true).unwrap(), XdpMode::Skb);
+        let e = mode_on("bond0", XdpMode::Driver, true).unwrap_err();
+        assert!(format!("{e:#}").contains("bond0 is a bond"), "{e:#}");
+        for mode in [XdpMode::Default, XdpMode::Skb, XdpMode::Driver] {
+            assert_eq!(mode_on("eth0", mode, false).unwrap(), mode);
+        }
+        assert!(!link::is_bond("lo"));
+    }
 
     /// Fewer instructions than this in `lb_xdp`'s own function, and the
     /// packet path lives behind a call. The path is some 4,800 today; the
