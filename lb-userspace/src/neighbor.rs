@@ -62,10 +62,14 @@ impl Resolution {
     /// same backends finds: a next hop's neighbour entry failing, going or
     /// changing its MAC, an awaited one becoming usable, a route added or
     /// removed (but lb's own). Other neighbour updates (a probe confirming
-    /// a stale entry, lb's own resolution starting) are not.
+    /// a stale entry, lb's own resolution starting) are not. An overrun
+    /// (the socket's buffer overflowed, in a burst of changes) may have
+    /// lost any of those: it counts as one.
     pub fn affected_by(&self, message: &NetlinkMessage<RouteNetlinkMessage>) -> bool {
-        let NetlinkPayload::InnerMessage(m) = &message.payload else {
-            return false;
+        let m = match &message.payload {
+            NetlinkPayload::InnerMessage(m) => m,
+            NetlinkPayload::Overrun(_) => return true,
+            _ => return false,
         };
         match m {
             RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n) => {
@@ -344,6 +348,16 @@ fn ifname(index: u32) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_overrun_may_have_lost_a_change_that_matters() {
+        let message = |payload| {
+            NetlinkMessage::new(rtnetlink::packet_core::NetlinkHeader::default(), payload)
+        };
+        let none = Resolution::default();
+        assert!(none.affected_by(&message(NetlinkPayload::Overrun(Vec::new()))));
+        assert!(!none.affected_by(&message(NetlinkPayload::Noop)));
+    }
 
     #[test]
     fn failed_and_incomplete_entries_are_not_used() {

@@ -13,7 +13,7 @@
 
 use std::{collections::BTreeSet, net::IpAddr, time::Duration};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use futures_util::TryStreamExt as _;
 use rtnetlink::{
     Handle,
@@ -176,17 +176,28 @@ impl VipRoutes {
     }
 
     /// Makes the table's routes equal `wanted`: adds first, then removes.
+    /// Every one is tried: a route that cannot be added must not keep a
+    /// VIP announced that should be withdrawn. Fails with every failure.
     pub async fn sync(&self, wanted: &BTreeSet<IpAddr>) -> Result<()> {
         let now = self.list().await?;
+        let mut failed = Vec::new();
         for vip in wanted.difference(&now) {
-            self.add(*vip).await?;
-            info!(vip = %vip, table = self.table, "announced");
+            match self.add(*vip).await {
+                Ok(()) => info!(vip = %vip, table = self.table, "announced"),
+                Err(e) => failed.push(format!("{e:#}")),
+            }
         }
         for vip in now.difference(wanted) {
-            self.del(*vip).await?;
-            info!(vip = %vip, table = self.table, "withdrawn");
+            match self.del(*vip).await {
+                Ok(()) => info!(vip = %vip, table = self.table, "withdrawn"),
+                Err(e) => failed.push(format!("{e:#}")),
+            }
         }
-        Ok(())
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            bail!("{}", failed.join("; "))
+        }
     }
 }
 

@@ -2182,7 +2182,13 @@ impl Controller {
             .values()
             .flat_map(|s| s.backends.keys().copied())
             .collect();
+        // What the change resolved for stays (a change resolves the backends
+        // it adds before it applies); the rest follows the configuration,
+        // so addresses a dry run or a removed backend left are forgotten.
+        let keep = |ip: &IpAddr| configured.contains(ip) || found.hops.contains_key(ip);
         self.unresolved.retain(|ip, _| configured.contains(ip));
+        self.hops.retain(|ip, _| keep(ip));
+        self.unattached.retain(|ip, _| keep(ip));
         let mut changed = BTreeSet::new();
         for (ip, why) in found.unresolved {
             if self.hops.remove(&ip).is_some() {
