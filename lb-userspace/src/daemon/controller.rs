@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, anyhow, bail};
 use lb_common::{
     BACKEND_F_UP, BackendValue, FlowKey, SERVICE_F_AFFINITY, SERVICE_F_ALLOW_LIST,
     SERVICE_F_DENY_LIST, SERVICE_F_ECHO, SERVICE_F_GUE, SERVICE_F_IPIP, SERVICE_F_SOURCE_LIMIT,
@@ -511,12 +511,15 @@ impl IdPool {
     }
 
     fn take(&mut self, what: &str) -> Result<u32> {
-        self.next()
-            .with_context(|| format!("no free {what} id: raise the capacity in [settings]"))
+        self.next().ok_or_else(|| Self::exhausted(what))
     }
 
     fn next(&mut self) -> Option<u32> {
         self.0.pop_first()
+    }
+
+    fn exhausted(what: &str) -> anyhow::Error {
+        anyhow!("no free {what} id: raise the capacity in [settings]")
     }
 }
 
@@ -810,18 +813,10 @@ impl Controller {
     /// operator, agent or weight keeps out, says nothing of the probes.
     fn panic_of(&self, svc: &ServiceState) -> bool {
         let name = &svc.config.name;
-        let ready = svc.backends.iter().filter(|(ip, b)| {
-            self.admin(name, **ip, b) == Admin::Ready
-                && !b.agent.view.applied.down
-                && b.health.proven()
-                && self
-                    .runtime
-                    .get(name, **ip)
-                    .weight
-                    .unwrap_or(b.configured_weight)
-                    > 0
-                && self.scale_percent(name, **ip, b) > 0
-        });
+        let ready = svc
+            .backends
+            .iter()
+            .filter(|(ip, b)| b.health.proven() && self.wanted(name, **ip, b));
         let (mut ready_count, mut healthy) = (0, 0);
         for (ip, b) in ready {
             ready_count += 1;
@@ -999,15 +994,21 @@ impl Controller {
         s.backends
             .iter()
             .filter(|(ip, b)| {
-                let o = self.runtime.get(service, **ip);
-                self.admin(service, **ip, b) == Admin::Ready
-                    && !b.agent.view.applied.down
+                self.wanted(service, **ip, b)
                     && self.probe_up(service, **ip, b)
                     && self.hops.contains_key(*ip)
-                    && o.weight.unwrap_or(b.configured_weight) > 0
-                    && self.scale_percent(service, **ip, b) > 0
             })
             .count()
+    }
+
+    /// Whether a backend would take new flows if its probes passed: its
+    /// operator and agent want it, and its weight is above 0.
+    fn wanted(&self, service: &str, ip: IpAddr, b: &BackendState) -> bool {
+        let weight = self.runtime.get(service, ip).weight;
+        self.admin(service, ip, b) == Admin::Ready
+            && !b.agent.view.applied.down
+            && weight.unwrap_or(b.configured_weight) > 0
+            && self.scale_percent(service, ip, b) > 0
     }
 
     /// A fleet node's operator overrides and agreed health, as the fleet's
@@ -1403,15 +1404,16 @@ impl Controller {
                         // (admitted against the capacity the change leaves)
                         // waits for the next change instead of failing this
                         // one, which `daemon::apply` makes at once.
-                        let Some(id) = backend_ids.next() else {
-                            if registered.is_none() {
-                                backend_ids.take("backend")?;
+                        let id = match backend_ids.next() {
+                            Some(id) => id,
+                            None if registered.is_some() => {
+                                report.changes.push(format!(
+                                    "service {name}: backend {ip} registered; it waits for the id a backend removed now frees"
+                                ));
+                                deferred.push(*ip);
+                                continue;
                             }
-                            report.changes.push(format!(
-                                "service {name}: backend {ip} registered; it waits for the id a backend removed now frees"
-                            ));
-                            deferred.push(*ip);
-                            continue;
+                            None => return Err(IdPool::exhausted("backend")),
                         };
                         let unresolved = if self.hops.contains_key(ip) {
                             ""
