@@ -53,7 +53,7 @@ use crate::{
     api::{self, Request, Response},
     config::{self, Desired, XdpModeSetting},
     config_edit::Edit,
-    dataplane::{Dataplane, KernelLog, KernelLogLevel, Repair},
+    dataplane::{self, Dataplane, KernelLog, KernelLogLevel, Repair},
     fleet::registry,
     neighbor,
 };
@@ -332,6 +332,12 @@ pub async fn run(opts: Options) -> Result<()> {
     let (mut file, local) = ConfigFile::read(&opts.config)?;
     timed("config");
     let settings = local.settings.clone();
+    // Every interface before anything is written: one that cannot be
+    // attached refuses the start with the pins and tables untouched, not
+    // after the first interfaces forward with the new tables.
+    for iface in &settings.interfaces {
+        dataplane::check_interface(iface, xdp_mode(settings.xdp_mode))?;
+    }
     // The XDP program's own lines cost ring-buffer writes per dropped
     // packet: only a daemon logging at debug level asks for them.
     let kernel_debug = tracing::enabled!(target: KERNEL_LOG_TARGET, tracing::Level::DEBUG);

@@ -457,6 +457,14 @@ fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
 /// Attaches `prog` to `iface`, or switches the link pinned at `pin` to it
 /// (atomically: no packet sees the interface without a program), and
 /// returns the link, pinned at `pin` if given.
+/// Whether lb can attach to `iface` in `mode` (see [`Dataplane::attach`]):
+/// an Ethernet interface of the caller's network namespace, not a bond in
+/// driver mode. Checks, writes nothing.
+pub fn check_interface(iface: &str, mode: XdpMode) -> Result<()> {
+    link::read(iface)?;
+    mode_on(iface, mode, link::is_bond(iface)).map(drop)
+}
+
 /// The mode lb attaches to `iface` in, asked for `mode`. In driver mode the
 /// bond driver runs the program on each of its slaves, whose frames carry
 /// the slave's index, and lb knows the bond's alone: every frame would pass

@@ -926,6 +926,38 @@ fn ping(lan: &Lan, count: u32) -> bool {
         .is_ok()
 }
 
+/// An interface that does not exist refuses the start before anything is
+/// written: no pins, no program on the interfaces named before it.
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn a_missing_interface_refuses_the_start_with_nothing_attached() {
+    require_root();
+    let lan = Lan::build(1, &["198.18.1.1/32"]).unwrap();
+    let _servers = lan.serve_names(80).unwrap();
+    let mut d = Daemon::start(&lan.lb, "bad-iface", &web_config(1)).unwrap();
+    d.wait_in_table(1, WAIT).unwrap();
+    // A fresh start: the daemon gone, its pins (and with its link pin, its
+    // program) removed.
+    d.kill(libc::SIGKILL).unwrap();
+    std::fs::remove_dir_all(&d.pins).unwrap();
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    let typo = text.replace(
+        "interfaces = [\"eth0\"]",
+        "interfaces = [\"eth0\", \"eht1\"]",
+    );
+    assert_ne!(typo, text);
+    std::fs::write(&d.config, typo).unwrap();
+    let err = d.spawn().unwrap_err().to_string();
+    assert!(err.contains("no interface eht1"), "{err}");
+    assert!(!d.pins.exists(), "pins written before the refusal");
+    let link = std::process::Command::new("ip")
+        .args(["-n", &lan.lb.name, "-d", "link", "show", "eth0"])
+        .output()
+        .unwrap();
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(link.contains("eth0") && !link.contains("xdp"), "{link}");
+}
+
 #[test]
 #[ignore = "needs root: cargo xtask test runs it"]
 fn a_vip_answers_ping_only_when_a_service_asks() {
