@@ -4,15 +4,19 @@
 //! renews it; the answers carry the flows left while draining and the
 //! services' VIPs and modes.
 
-use std::{collections::BTreeMap, net::SocketAddr, time::SystemTime};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    time::SystemTime,
+};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
-    net::TcpStream,
+    net::{TcpSocket, TcpStream},
     time::timeout,
 };
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::setup::Served;
 use crate::{
@@ -131,8 +135,9 @@ impl Direct {
             registrations: self.registrations.clone(),
         };
         let (line, mac) = registration::sign(&self.daemon.secret, &message)?;
+        let source = self.registrations.values().next().map(|r| r.address);
         let exchange = async {
-            let mut stream = TcpStream::connect(self.daemon.address).await?;
+            let mut stream = connect_from(source, self.daemon.address).await?;
             stream.write_all(line.as_bytes()).await?;
             let mut reply = String::new();
             BufReader::new(stream)
@@ -148,4 +153,23 @@ impl Direct {
         registration::verify_answer(&self.daemon.secret, &mac, reply.trim_end())
             .map_err(|e| anyhow!("the answer of {}: {e}", self.daemon.address))
     }
+}
+
+/// A connection to `daemon` from `source`, the address the host registers,
+/// where the host has it: the daemon takes a registration only from the
+/// address it names, and on a host with several addresses the route to the
+/// daemon may leave from another. Where `source` is not the host's own (a
+/// bind fails), the kernel picks, and the daemon says if it minds.
+async fn connect_from(source: Option<IpAddr>, daemon: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = if daemon.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(source) = source.filter(|s| s.is_ipv4() == daemon.is_ipv4())
+        && let Err(e) = socket.bind(SocketAddr::new(source, 0))
+    {
+        debug!(address = %source, error = %e, "registering from the kernel's choice of address");
+    }
+    socket.connect(daemon).await
 }
