@@ -160,9 +160,14 @@ pub(crate) fn select_backend(
         .and_then(|(_, e)| maps::service_slot(e.service))
         .filter(|slot| slot.serves(flow))
         .map(|slot| slot.value);
+    // The entry, if it stands: its slot still serves the flow, and it has
+    // not lapsed.
+    let standing = match (at.hit, slotted) {
+        (Some((p, e)), Some(service)) if !lapsed(ct, &service, flow, &e) => Some((p, e, service)),
+        _ => None,
+    };
     if !syn
-        && let (Some((p, pinned)), Some(service)) = (at.hit, slotted)
-        && !lapsed(ct, &service, flow, &pinned)
+        && let Some((p, pinned, service)) = standing
         && let Some(backend) = maps::backend(pinned.backend)
         && stands(&pinned, &backend)
     {
@@ -181,14 +186,9 @@ pub(crate) fn select_backend(
     // when the entry was made. One after the connection closed opens a new
     // one, and a flow whose entry lapsed is a new flow again: both are
     // checked, and counted by the new-flow limit.
-    let admitted = match (at.hit, slotted) {
-        (Some((_, e)), Some(service))
-            if !lapsed(ct, &service, flow, &e) && !(syn && e.flags & FLOW_F_CLOSED != 0) =>
-        {
-            Some(service)
-        }
-        _ => None,
-    };
+    let admitted = standing
+        .filter(|(_, e, _)| !(syn && e.flags & FLOW_F_CLOSED != 0))
+        .map(|(_, _, service)| service);
     let service = match admitted {
         Some(service) => service,
         None => {
