@@ -1607,21 +1607,15 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
                 "in a fleet, agents register through etcd ([fleet] in their file): remove [registration]",
             );
         }
-        let listen = r.listen.parse().unwrap_or_else(|_| {
-            e.push_node(
-                at,
-                "registration.listen",
-                format!("{:?}: write it as address:port", r.listen),
-            );
+        let refused = |e: &mut Errors<'_>, why: &str| {
+            e.push_node(at, "registration.listen", format!("{:?}: {why}", r.listen));
             SocketAddr::from(([0, 0, 0, 0], 0))
-        });
-        if listen.port() == 0 && r.listen.parse::<SocketAddr>().is_ok() {
-            e.push_node(
-                at,
-                "registration.listen",
-                format!("{:?}: port 0 would listen on a port no agent knows", r.listen),
-            );
-        }
+        };
+        let listen = match r.listen.parse::<SocketAddr>() {
+            Ok(a) if a.port() == 0 => refused(&mut e, "port 0 would listen on a port no agent knows"),
+            Ok(a) => a,
+            Err(_) => refused(&mut e, "write it as address:port"),
+        };
         if !(LEASE_RANGE.0..=LEASE_RANGE.1).contains(&r.lease) {
             e.push_node(at, "registration.lease", "must be between 1s and 60s");
         }
