@@ -142,6 +142,17 @@ impl Tracker {
         self.streak > 0
     }
 
+    /// Sets the verdict aside: [`Health::Checking`] until one probe passes
+    /// (or down at one failure), as for a new backend trusted on its first
+    /// probe. For a backend leaving maintenance, whose probes were paused
+    /// while its server was likely stopped or changed. Its flap penalty and
+    /// whether it was ever up are kept.
+    pub fn recheck(&mut self) {
+        self.state = Health::Checking;
+        self.streak = 0;
+        self.trust_first_probe = true;
+    }
+
     /// Records one probe result; returns the new state if it changed.
     pub fn record(&mut self, ok: bool, t: Thresholds) -> Option<Health> {
         if self.state == Health::Checking && !ok {
@@ -337,6 +348,23 @@ mod tests {
         assert!(tr.proven(), "down after being up");
         assert!(Tracker::new(Health::Up).proven());
         assert!(!Tracker::new(Health::Down).proven());
+    }
+
+    #[test]
+    fn a_rechecked_backend_takes_no_flow_until_a_probe_passes() {
+        let mut tr = Tracker::new(Health::Up);
+        tr.recheck();
+        assert_eq!(tr.state(), Health::Checking);
+        assert!(tr.proven(), "it was up before");
+        assert_eq!(tr.record(true, T), Some(Health::Up), "one pass is enough");
+        let mut tr = Tracker::new(Health::Up);
+        tr.recheck();
+        assert_eq!(
+            tr.record(false, T),
+            Some(Health::Down),
+            "one failure is down"
+        );
+        assert_eq!(tr.rise_needed(T), T.rise);
     }
 
     proptest! {

@@ -1015,9 +1015,37 @@ impl Controller {
     /// state holds them; [`Controller::apply`] then builds the tables.
     /// Returns the ones they replace, for [`Controller::put_fleet_back`].
     pub fn set_fleet(&mut self, overrides: Overrides, health: FleetHealth) -> FleetInputs {
+        let overrides = std::mem::replace(&mut self.runtime.overrides, overrides);
+        self.recheck_left_maintenance(&overrides);
         FleetInputs {
-            overrides: std::mem::replace(&mut self.runtime.overrides, overrides),
+            overrides,
             health: self.fleet_health.replace(health),
+        }
+    }
+
+    /// Sets aside the verdict of every backend that was in maintenance
+    /// under `before` and is not now: its probes were paused, and its
+    /// server was likely stopped or changed meanwhile, so it takes no flow
+    /// until a probe passes again ([`Tracker::recheck`]; the prober probes
+    /// it at once).
+    fn recheck_left_maintenance(&mut self, before: &Overrides) {
+        let was_in_maintenance = |name: &str, ip: &IpAddr| {
+            before
+                .get(name)
+                .and_then(|m| m.get(ip))
+                .is_some_and(|o| o.admin == Admin::Maintenance)
+        };
+        for (name, svc) in &mut self.services {
+            for (ip, b) in &mut svc.backends {
+                if was_in_maintenance(name, ip)
+                    && self.runtime.get(name, *ip).admin != Admin::Maintenance
+                {
+                    b.health.recheck();
+                    b.ramp_started = None;
+                    b.ramp_percent = 100;
+                    b.since = SystemTime::now();
+                }
+            }
         }
     }
 
@@ -2163,7 +2191,9 @@ impl Controller {
         let mut o = self.runtime.get(service, ip);
         change(&mut o);
         let moved = self.atomically(|c| {
+            let before = c.runtime.overrides.clone();
             c.runtime.set(service, ip, o);
+            c.recheck_left_maintenance(&before);
             let moved = c.sync(service, None)?;
             c.persist()?;
             Ok(moved)

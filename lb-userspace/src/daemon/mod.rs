@@ -944,6 +944,9 @@ pub(crate) struct ProbeControl {
     pub up: std::sync::atomic::AtomicBool,
     /// Do not probe (maintenance).
     pub paused: std::sync::atomic::AtomicBool,
+    /// Probe now: the backend left maintenance, and takes no flow until a
+    /// probe passes.
+    pub resumed: tokio::sync::Notify,
 }
 
 /// Keeps the type in one place for `probers`.

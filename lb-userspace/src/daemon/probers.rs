@@ -156,10 +156,10 @@ impl Task {
     /// Tells the task whether its backend is up and whether it is in
     /// maintenance.
     fn pass_state(&self, ctl: &Controller, service: &str, ip: IpAddr) {
-        let admin = ctl.override_of(service, ip).admin;
-        self.control
-            .paused
-            .store(admin == Admin::Maintenance, Ordering::Relaxed);
+        let paused = ctl.override_of(service, ip).admin == Admin::Maintenance;
+        if self.control.paused.swap(paused, Ordering::Relaxed) && !paused {
+            self.control.resumed.notify_one();
+        }
         self.control
             .up
             .store(ctl.is_up(service, ip), Ordering::Relaxed);
@@ -254,6 +254,9 @@ async fn probe_loop(
         } else {
             check.interval
         };
-        tokio::time::sleep(jittered(base, &mut state)).await;
+        tokio::select! {
+            () = tokio::time::sleep(jittered(base, &mut state)) => {}
+            () = control.resumed.notified() => {}
+        }
     }
 }

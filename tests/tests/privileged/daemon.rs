@@ -402,7 +402,22 @@ fn run() -> Result<()> {
         "down",
         "{health}"
     );
+    // Its server stops during maintenance, as for an upgrade. Leaving
+    // maintenance does not bring back the verdict from before: the backend
+    // takes no flow until a probe passes again.
+    servers[1] = None;
     d.cli(&["backend", "enable", "web", "198.18.0.12"])?;
+    let health = d.cli(&["health"])?;
+    assert_ne!(backend(&health, "198.18.0.12")["health"], "up", "{health}");
+    d.wait_until("the stopped backend down", WAIT, |d| {
+        Ok(backend(&d.cli(&["health"])?, "198.18.0.12")["health"] == "down")
+    })?;
+    let t = tally(&lan, 40)?;
+    assert_eq!(t.get("backend-1"), Some(&40), "{t:?}");
+    servers[1] = Some(NameServer::start(&lan.backends[1].ns, "backend-2", 80)?);
+    d.wait_until("backend-2 back, its slow start over", WAIT, |d| {
+        Ok(backend(&d.cli(&["backend", "list"])?, "198.18.0.12")["weight_set_by"] == "config")
+    })?;
 
     // A corrupt state file and previous copy (a hand edit, a lying disk):
     // the restarted daemon starts anyway, from the pinned maps and the
