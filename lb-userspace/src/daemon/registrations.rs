@@ -17,7 +17,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result};
@@ -50,8 +50,12 @@ const MAX_OPEN: usize = 256;
 pub struct Held {
     /// What the agent said last.
     pub registration: Registration,
-    /// When it lapses unless renewed, milliseconds since the Unix epoch.
-    pub expires_ms: u64,
+    /// When it lapses unless renewed, on the monotonic clock: a step of the
+    /// wall clock (NTP, an operator) neither ends every lease at once nor
+    /// stretches them. Not saved: a restarted daemon gives each held
+    /// registration a fresh lease ([`renew_all`]).
+    #[serde(skip, default = "Instant::now")]
+    pub lapses: Instant,
 }
 
 /// Held registrations: service → address → registration.
@@ -321,8 +325,7 @@ impl Port {
         if message.query {
             return answer;
         }
-        let now = registration::millis(SystemTime::now());
-        let expires_ms = now + self.lease.as_millis() as u64;
+        let lapses = Instant::now() + self.lease;
         let mut held = ctl.runtime().registered.clone();
         for (service, r) in &message.registrations {
             let entry = held.entry(service.clone()).or_default();
@@ -333,7 +336,7 @@ impl Port {
                     r.address,
                     Held {
                         registration: r.clone(),
-                        expires_ms,
+                        lapses,
                     },
                 );
             }
@@ -389,13 +392,13 @@ impl Port {
     /// Drops the registrations whose lease lapsed, and applies that;
     /// returns whether any did.
     pub(crate) fn expire(&mut self, ctl: &mut Controller) -> Result<bool> {
-        let now = registration::millis(SystemTime::now());
-        self.forget_old_senders(now);
+        self.forget_old_senders(registration::millis(SystemTime::now()));
+        let now = Instant::now();
         let mut held = ctl.runtime().registered.clone();
         let before: usize = held.values().map(BTreeMap::len).sum();
         for m in held.values_mut() {
             m.retain(|ip, h| {
-                let live = h.expires_ms > now;
+                let live = h.lapses > now;
                 if !live {
                     info!(backend = %ip, host = %h.registration.host, "registration lapsed");
                 }
@@ -460,9 +463,9 @@ pub(crate) fn registrations_of(held: &HeldRegistrations) -> Registrations {
 /// Gives registrations held in a state file a fresh lease: their agents
 /// renew them within it if they still run.
 pub(crate) fn renew_all(held: &mut HeldRegistrations, lease: Duration) {
-    let expires_ms = registration::millis(SystemTime::now()) + lease.as_millis() as u64;
+    let lapses = Instant::now() + lease;
     for h in held.values_mut().flat_map(BTreeMap::values_mut) {
-        h.expires_ms = expires_ms;
+        h.lapses = lapses;
     }
 }
 
@@ -497,6 +500,16 @@ mod tests {
         assert_eq!(open.0.lock().unwrap().len(), MAX_OPEN / MAX_OPEN_PER_PEER);
         drop(all);
         assert!(open.take(peer(255)).is_some());
+    }
+
+    #[test]
+    fn a_state_file_from_before_monotonic_leases_still_loads() {
+        let text = r#"{"registration": {"address": "198.18.0.1", "weight": 1,
+            "host": "h", "version": "0"}, "expires_ms": 1700000000000}"#;
+        let held: Held = serde_json::from_str(text).unwrap();
+        assert_eq!(held.registration.address, peer(1));
+        let saved = serde_json::to_value(&held).unwrap();
+        assert!(saved.get("lapses").is_none() && saved.get("expires_ms").is_none());
     }
 
     #[test]
