@@ -201,6 +201,50 @@ impl VipRoutes {
     }
 }
 
+/// Withdraws lb's VIP routes from every table but `kept` (all of them
+/// when `None`): those a previous daemon left in a table `[announce]` no
+/// longer names, or when it no longer has `[announce]`. Left there, a BIRD
+/// still learning that table would go on announcing VIPs no daemon decides
+/// on. Run once at start; returns the routes withdrawn.
+pub async fn withdraw_elsewhere(kept: Option<u32>) -> Result<Vec<(u32, IpAddr)>> {
+    let (connection, handle, _) = rtnetlink::new_connection_with_strict_check()
+        .context("opening a netlink socket for the VIP routes")?;
+    let task = tokio::spawn(connection);
+    let result = async {
+        let mut stale = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            // Every table: the header's table unspecified, no attribute.
+            let mut all = RouteMessage::default();
+            all.header.address_family = family;
+            all.header.protocol = RouteProtocol::Other(ROUTE_PROTOCOL);
+            all.header.kind = RouteType::BlackHole;
+            let mut dump = handle.route().get(all).execute();
+            while let Some(m) = dump.try_next().await.context("listing lb's VIP routes")? {
+                let table = table_of(&m);
+                if Some(table) != kept
+                    && let Some(vip) = vip_of(&m, table)
+                {
+                    stale.push((table, vip));
+                }
+            }
+        }
+        let mut withdrawn = Vec::new();
+        for (table, vip) in stale {
+            let routes = VipRoutes {
+                handle: handle.clone(),
+                table,
+            };
+            routes.del(vip).await?;
+            info!(vip = %vip, table, "withdrawn: [announce] no longer names this table");
+            withdrawn.push((table, vip));
+        }
+        Ok(withdrawn)
+    }
+    .await;
+    task.abort();
+    result
+}
+
 /// What the route keeper last did, for `lb node status`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Installed {

@@ -40,6 +40,12 @@ impl Node {
     pub(crate) fn start(announce: Option<Announce>) -> Result<Node> {
         let (wanted, wanted_rx) = watch::channel(None);
         let (installed_tx, installed) = watch::channel(Installed::default());
+        let kept = announce.as_ref().map(|a| a.table);
+        tokio::spawn(async move {
+            if let Err(e) = routes::withdraw_elsewhere(kept).await {
+                warn!(error = %format!("{e:#}"), "withdrawing VIP routes from tables [announce] no longer names");
+            }
+        });
         if let Some(a) = &announce {
             let routes = VipRoutes::open(a.table)?;
             tokio::spawn(routes::keep(routes, wanted_rx, installed_tx));

@@ -195,4 +195,23 @@ fn nodes_announce_what_they_serve_and_withdrawals_reset_nothing() {
     assert_eq!(vip_state(&daemons[1]), (true, serde_json::Value::Null));
     assert_eq!(edge.paths(VIP).unwrap(), both);
     assert_all_alive(&mut sessions, "node 1's daemon restarted");
+
+    // Restarted without `[announce]`, a daemon withdraws the route its
+    // predecessor left: BIRD still learns that table, and nothing would
+    // decide on the VIP any more.
+    daemons[1].kill(libc::SIGTERM).unwrap();
+    let text = std::fs::read_to_string(&daemons[1].config).unwrap();
+    let start = text.find("[announce]").unwrap();
+    let end = start + text[start..].find("\n\n").unwrap();
+    std::fs::write(
+        &daemons[1].config,
+        format!("{}{}", &text[..start], &text[end..]),
+    )
+    .unwrap();
+    daemons[1].spawn().unwrap();
+    let t = edge.wait_paths(VIP, &[node_v4(0)], CONVERGED).unwrap();
+    eprintln!("a restart without [announce]: withdrawn within {t:?}");
+    assert!(edge.announced(1).unwrap().is_empty());
+    assert!(daemons[1].log().contains("no longer names this table"));
+    assert_all_alive(&mut sessions, "node 1 no longer announcing");
 }
