@@ -223,11 +223,15 @@ pub enum DecapCounter {
     /// A tunnel packet whose inner packet is not addressed to a VIP
     /// configured here: dropped.
     DropNotVip = 5,
+    /// The tunnel's path marked congestion (outer ECN CE) on a packet
+    /// whose transport does not do ECN (inner not-ECT): dropped, as RFC
+    /// 6040 asks, since the inner packet cannot carry the mark.
+    DropCongestedNotEct = 6,
 }
 
 impl DecapCounter {
     /// Number of decap counters.
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 7;
 
     /// Every counter, in index order.
     pub const ALL: [DecapCounter; Self::COUNT as usize] = [
@@ -237,6 +241,7 @@ impl DecapCounter {
         DecapCounter::DropMalformed,
         DecapCounter::DropForeignSource,
         DecapCounter::DropNotVip,
+        DecapCounter::DropCongestedNotEct,
     ];
 
     /// Stable snake_case name, for `lb decap status` and JSON.
@@ -248,6 +253,7 @@ impl DecapCounter {
             DecapCounter::DropMalformed => "drop_malformed",
             DecapCounter::DropForeignSource => "drop_foreign_source",
             DecapCounter::DropNotVip => "drop_not_vip",
+            DecapCounter::DropCongestedNotEct => "drop_congested_not_ect",
         }
     }
 }

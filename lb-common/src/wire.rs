@@ -92,3 +92,57 @@ pub const TCP_FIN: u8 = 0x01;
 pub const TCP_RST: u8 = 0x04;
 /// TCP flag ACK.
 pub const TCP_ACK: u8 = 0x10;
+
+/// The ECN field (RFC 3168): the low two bits of the IPv4 TOS byte and of
+/// the IPv6 traffic class.
+pub const ECN_MASK: u8 = 0b11;
+/// ECN: the transport does not support ECN.
+pub const ECN_NOT_ECT: u8 = 0b00;
+/// ECN: ECN-capable transport, ECT(1).
+pub const ECN_ECT1: u8 = 0b01;
+/// ECN: ECN-capable transport, ECT(0).
+pub const ECN_ECT0: u8 = 0b10;
+/// ECN: congestion experienced.
+pub const ECN_CE: u8 = 0b11;
+
+/// The inner header's ECN field once a tunnel's outer header carrying
+/// `outer` is stripped from an inner one carrying `inner` (RFC 6040 §4.2,
+/// the table of Figure 4): congestion marked on the tunnel's path (outer
+/// CE) is carried over, and so is ECT(1) over ECT(0). `None`: the packet
+/// must be dropped, as its transport cannot carry the congestion the path
+/// marked (outer CE over a not-ECT inner). Only the ECN bits of either
+/// argument are read.
+pub const fn ecn_decapsulated(outer: u8, inner: u8) -> Option<u8> {
+    match (outer & ECN_MASK, inner & ECN_MASK) {
+        (ECN_CE, ECN_NOT_ECT) => None,
+        (ECN_CE, _) => Some(ECN_CE),
+        (ECN_ECT1, ECN_ECT0) => Some(ECN_ECT1),
+        (_, inner) => Some(inner),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ecn_decapsulation_follows_rfc_6040_figure_4() {
+        // Rows: inner Not-ECT, ECT(0), ECT(1), CE; columns: outer in the
+        // same order. 0xff: drop.
+        const DROP: u8 = 0xff;
+        let order = [ECN_NOT_ECT, ECN_ECT0, ECN_ECT1, ECN_CE];
+        let table = [
+            [ECN_NOT_ECT, ECN_NOT_ECT, ECN_NOT_ECT, DROP],
+            [ECN_ECT0, ECN_ECT0, ECN_ECT1, ECN_CE],
+            [ECN_ECT1, ECN_ECT1, ECN_ECT1, ECN_CE],
+            [ECN_CE, ECN_CE, ECN_CE, ECN_CE],
+        ];
+        for (row, inner) in order.iter().enumerate() {
+            for (col, outer) in order.iter().enumerate() {
+                // The DSCP bits around them are ignored.
+                let got = ecn_decapsulated(0xa8 | outer, 0xb8 | inner).unwrap_or(DROP);
+                assert_eq!(got, table[row][col], "inner {inner:#b}, outer {outer:#b}");
+            }
+        }
+    }
+}

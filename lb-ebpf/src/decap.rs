@@ -10,15 +10,27 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
     AddrKey,
     counters::DecapCounter,
-    wire::{ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, UDP_HLEN},
+    wire::{
+        ECN_MASK, ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, UDP_HLEN,
+        ecn_decapsulated,
+    },
 };
 
 use crate::{
+    checksum,
     forward::{L2Header, adjust_head},
     maps,
-    packet::load,
+    packet::{load, store},
     parse,
 };
+
+/// Offset of the header checksum in an IPv4 header.
+const IPV4_CHECKSUM_OFF: usize = 10;
+/// Where the ECN field sits in the second byte of an IP header: the TOS
+/// byte's low bits (IPv4), the traffic class's low bits, which are that
+/// byte's bits 4 and 5 (IPv6).
+const ECN_SHIFT_V4: u8 = 0;
+const ECN_SHIFT_V6: u8 = 4;
 
 /// Decapsulates if the packet is a tunnel packet for this host.
 #[inline(always)]
@@ -29,7 +41,8 @@ pub(crate) fn decapsulate(ctx: &XdpContext) -> (u32, DecapCounter) {
     let action = match counter {
         DecapCounter::DropMalformed
         | DecapCounter::DropForeignSource
-        | DecapCounter::DropNotVip => xdp_action::XDP_DROP,
+        | DecapCounter::DropNotVip
+        | DecapCounter::DropCongestedNotEct => xdp_action::XDP_DROP,
         DecapCounter::PassNotTunnel | DecapCounter::PassNotLocal | DecapCounter::Decapsulated => {
             xdp_action::XDP_PASS
         }
@@ -89,6 +102,7 @@ fn try_decapsulate(ctx: &XdpContext) -> Result<DecapCounter, DecapCounter> {
     if !maps::is_decap_vip(&AddrKey::from_bytes(inner.dst, inner.family)) {
         return Err(DecapCounter::DropNotVip);
     }
+    carry_ecn(ctx, l3_off, inner_off, ip_in_ip == IPPROTO_IPIP)?;
     // The inner family equals the outer one, so the EtherType stays; move
     // the link-layer header up to the inner packet.
     let outer_len = inner_off - l3_off;
@@ -97,4 +111,41 @@ fn try_decapsulate(ctx: &XdpContext) -> Result<DecapCounter, DecapCounter> {
         .ok_or(DecapCounter::DropMalformed)?;
     adjust_head(ctx, outer_len as i32).map_err(|_| DecapCounter::DropMalformed)?;
     Ok(DecapCounter::Decapsulated)
+}
+
+/// Carries the outer header's ECN marks over to the inner header at
+/// `inner_off` ([`ecn_decapsulated`], RFC 6040 §4.2): congestion marked on
+/// the tunnel's path reaches the transport instead of vanishing with the
+/// outer header. An IPv4 inner header's checksum follows its TOS byte.
+#[inline(always)]
+fn carry_ecn(
+    ctx: &XdpContext,
+    outer_off: usize,
+    inner_off: usize,
+    v4: bool,
+) -> Result<(), DecapCounter> {
+    let malformed = DecapCounter::DropMalformed;
+    let shift = if v4 { ECN_SHIFT_V4 } else { ECN_SHIFT_V6 };
+    let [_, outer] = load::<[u8; 2]>(ctx, outer_off).ok_or(malformed)?;
+    let [first, second] = load::<[u8; 2]>(ctx, inner_off).ok_or(malformed)?;
+    let was = (second >> shift) & ECN_MASK;
+    let ecn = ecn_decapsulated(outer >> shift, was).ok_or(DecapCounter::DropCongestedNotEct)?;
+    if ecn == was {
+        return Ok(());
+    }
+    let marked = (second & !(ECN_MASK << shift)) | (ecn << shift);
+    // Both bytes, where they were read: the verifier then sees the store
+    // through the pointer the load checked.
+    store(ctx, inner_off, [first, marked]).ok_or(malformed)?;
+    if v4 {
+        let off = inner_off + IPV4_CHECKSUM_OFF;
+        let check = load::<[u8; 2]>(ctx, off).ok_or(malformed)?;
+        let check = checksum::replace(
+            u16::from_be_bytes(check),
+            u16::from_be_bytes([first, second]),
+            u16::from_be_bytes([first, marked]),
+        );
+        store(ctx, off, check.to_be_bytes()).ok_or(malformed)?;
+    }
+    Ok(())
 }

@@ -238,12 +238,15 @@ pub(crate) fn encapsulate(
         return Err(Counter::DropTooBig);
     }
     let mut l2 = L2Header::load(ctx, ip.l3_off).ok_or(Counter::DropMalformedEthernet)?;
-    // RFC 2003 §3.1: the outer TOS and DF are copied from the inner header.
+    // The outer TOS and DF (RFC 2003 §3.1), or traffic class (RFC 2473
+    // §6.5), are the inner header's: its ECN field too, so congestion on
+    // the tunnel's path can be marked (RFC 6040 §4.1, normal mode).
     let (tos, inner_flags) = if ip.family == FAMILY_V4 {
         let h = load::<[u8; 8]>(ctx, ip.l3_off).ok_or(Counter::DropMalformedIpv4)?;
         (h[1], u16::from_be_bytes([h[6], h[7]]))
     } else {
-        (0, 0)
+        let [h0, h1] = load::<[u8; 2]>(ctx, ip.l3_off).ok_or(Counter::DropMalformedIpv6)?;
+        ((h0 << 4) | (h1 >> 4), 0)
     };
     adjust_head(ctx, -(outer_len as i32))?;
     l2.macs = Macs {
@@ -295,23 +298,23 @@ pub(crate) fn encapsulate(
         src[14] = last[2];
         src[15] = last[3];
         // The flow label carries the flow hash so ECMP on the way spreads tunnels.
-        let head = ipv6_head(choice.hash, len - IPV6_HLEN as u16, proto);
+        let head = ipv6_head(tos, choice.hash, len - IPV6_HLEN as u16, proto);
         store(ctx, ip.l3_off, head).ok_or(Counter::DropEncapFailed)?;
         store(ctx, ip.l3_off + IPV6_ADDRS_OFF, src).ok_or(Counter::DropEncapFailed)?;
         store(ctx, ip.l3_off + IPV6_DST_OFF, backend.addr).ok_or(Counter::DropEncapFailed)
     }
 }
 
-/// The first 8 bytes of an IPv6 header (the addresses follow): flow label
-/// `label`'s low 20 bits, `payload_len` bytes after the header, next
-/// header `proto`, hop limit 64.
+/// The first 8 bytes of an IPv6 header (the addresses follow): traffic
+/// class `class`, flow label `label`'s low 20 bits, `payload_len` bytes
+/// after the header, next header `proto`, hop limit 64.
 #[inline(always)]
-pub(crate) fn ipv6_head(label: u32, payload_len: u16, proto: u8) -> [u8; 8] {
+pub(crate) fn ipv6_head(class: u8, label: u32, payload_len: u16, proto: u8) -> [u8; 8] {
     let label = label & FLOW_LABEL_MASK;
     let [p0, p1] = payload_len.to_be_bytes();
     [
-        0x60,
-        (label >> 16) as u8,
+        0x60 | (class >> 4),
+        (class << 4) | (label >> 16) as u8,
         (label >> 8) as u8,
         label as u8,
         p0,

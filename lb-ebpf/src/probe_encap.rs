@@ -104,7 +104,7 @@ fn put_in_tunnel(ctx: &TcContext, tunnel: &ProbeTunnel, mark: u32) -> Result<(),
         );
         ctx.store(ETH_HLEN, &h, 0).map_err(|_| ())
     } else {
-        let head = ipv6_head(mark, len - IPV6_HLEN as u16, proto);
+        let head = ipv6_head(0, mark, len - IPV6_HLEN as u16, proto);
         ctx.store(ETH_HLEN, &head, 0).map_err(|_| ())?;
         ctx.store(ETH_HLEN + IPV6_ADDRS_OFF, &tunnel.src, 0)
             .map_err(|_| ())?;

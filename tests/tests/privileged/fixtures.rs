@@ -648,6 +648,12 @@ fn assert_tunnelled_from(
         IpAddr::V6(b) => {
             let outer = &out[l3..l3 + IPV6_HLEN];
             assert_eq!(outer[0] >> 4, 6, "{what}: version");
+            let class = |h: &[u8]| (h[0] << 4) | (h[1] >> 4);
+            assert_eq!(
+                class(outer),
+                class(&input[l3..]),
+                "{what}: traffic class copied, ECN with it"
+            );
             let inner_len = input.len() - l3;
             assert_eq!(
                 u16::from_be_bytes([outer[4], outer[5]]) as usize,
@@ -765,7 +771,10 @@ fn ipip_encapsulates_toward_the_backend_in_both_families() {
         want,
     );
 
-    let frame = tcp6(CLIENT6, VIP6_IPIP, 41002, HTTP, TCP_SYN, &[]);
+    // Traffic class 0xb9: DSCP EF and ECT(1), for the outer header to copy.
+    let mut frame = tcp6(CLIENT6, VIP6_IPIP, 41002, HTTP, TCP_SYN, &[]);
+    frame[ETH_HLEN] |= 0x0b;
+    frame[ETH_HLEN + 1] |= 0x90;
     let want = f.expected(
         SVC_IPIP6,
         &flow(
@@ -1784,6 +1793,63 @@ fn decap_strips_tunnels_from_accepted_sources_to_local_endpoints_and_vips_only()
         DROP,
         DecapCounter::DropNotVip,
     );
+
+    // Congestion marked on the tunnel's path (outer CE) reaches the inner
+    // packet (RFC 6040): ECT becomes CE, the IPv4 checksum following; a
+    // packet whose transport does not do ECN is dropped.
+    let ecn = |outer_tos: u8, inner_tos: u8| {
+        let inner = Ipv4 {
+            tos: inner_tos,
+            ..Ipv4::new(CLIENT4, VIP4_IPIP, IPPROTO_TCP)
+        }
+        .build(&packet::tcp(
+            v4(CLIENT4),
+            v4(VIP4_IPIP),
+            1,
+            HTTP,
+            TCP_SYN,
+            b"x",
+        ));
+        let outer = Ipv4 {
+            tos: outer_tos,
+            ..Ipv4::new([198, 18, 255, 7], me4, IPPROTO_IPIP)
+        }
+        .build(&inner);
+        packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IP, &outer)
+    };
+    let out = count(
+        "IPIP marked CE over ECT(0)",
+        &ecn(0xb8 | ECN_CE, 0xb8 | ECN_ECT0),
+        PASS,
+        DecapCounter::Decapsulated,
+    );
+    let inner_out = &out[ETH_HLEN..];
+    assert_eq!(inner_out[1], 0xb8 | ECN_CE, "CE carried over, DSCP kept");
+    assert!(packet::ipv4_header_valid(&inner_out[..IPV4_HLEN]));
+    let plain_ect = ecn(0xb8 | ECN_ECT0, 0xb8 | ECN_ECT0);
+    let out = count(
+        "IPIP not marked",
+        &plain_ect,
+        PASS,
+        DecapCounter::Decapsulated,
+    );
+    assert_eq!(&out[ETH_HLEN..], &plain_ect[ETH_HLEN + IPV4_HLEN..]);
+    count(
+        "IPIP marked CE over not-ECT",
+        &ecn(ECN_CE, ECN_NOT_ECT),
+        DROP,
+        DecapCounter::DropCongestedNotEct,
+    );
+    let mut marked6 = ip6ip6(lab::TUNNEL_SRC_V6, &inner6);
+    marked6[ETH_HLEN + 1] |= ECN_CE << 4;
+    marked6[ETH_HLEN + IPV6_HLEN + 1] |= ECN_ECT1 << 4;
+    let out = count(
+        "IP6IP6 marked CE over ECT(1)",
+        &marked6,
+        PASS,
+        DecapCounter::Decapsulated,
+    );
+    assert_eq!((out[ETH_HLEN + 1] >> 4) & ECN_MASK, ECN_CE);
 
     let elsewhere = ipip([198, 18, 255, 7], [198, 18, 0, 99], &inner);
     let out = count(
