@@ -1863,13 +1863,14 @@ impl Controller {
         ip: IpAddr,
         report: ProbeReport,
     ) -> Result<Option<Health>> {
-        let check = &self
-            .services
-            .get(service)
-            .context("no such service")?
-            .config
-            .health;
-        let (thresholds, slow_start) = (check.thresholds, check.slow_start);
+        let svc = self.services.get(service).context("no such service")?;
+        let (thresholds, slow_start) = (svc.config.health.thresholds, svc.config.health.slow_start);
+        // A down backend the table still holds (panic kept it) has taken
+        // its whole share all along: it comes up without a slow start.
+        let serving = svc
+            .backends
+            .get(&ip)
+            .is_some_and(|b| svc.ring.contains(&b.id));
         let b = self.backend_mut(service, ip)?;
         if report.ok {
             b.feedback.latency = Some(feedback::smooth(b.feedback.latency, report.latency));
@@ -1890,9 +1891,11 @@ impl Controller {
                 }
                 Health::Up => {
                     // Recovered or proven new: ramp up (an adopted backend
-                    // is never ramped).
-                    b.ramp_started = Some(Instant::now());
-                    b.ramp_percent = health::slow_start_percent(Duration::ZERO, slow_start);
+                    // is never ramped, nor one that was serving).
+                    if !serving {
+                        b.ramp_started = Some(Instant::now());
+                        b.ramp_percent = health::slow_start_percent(Duration::ZERO, slow_start);
+                    }
                     info!(service, backend = %ip, "backend up");
                 }
             }

@@ -21,10 +21,15 @@ const SERVICE: &str = "echo";
 /// The service with `backends` (address, weight), probed with rise 1 and
 /// fall 1, its state file in `scratch`.
 fn config_with(scratch: &Scratch, backends: &[(&str, u32)]) -> Desired {
+    config_with_health(scratch, backends, "")
+}
+
+/// [`config_with`], with `health` added to the service's health table.
+fn config_with_health(scratch: &Scratch, backends: &[(&str, u32)], health: &str) -> Desired {
     let mut text = format!(
         "[settings]\ninterfaces = ['lbt0']\nstate_file = '{}'\n\n[[service]]\n\
          name = '{SERVICE}'\nvip = '198.18.1.1'\nport = 7\nprotocol = 'tcp'\n\
-         [service.health]\nrise = 1\nfall = 1\n",
+         [service.health]\nrise = 1\nfall = 1\n{health}\n",
         scratch.dir.join("state.json").display()
     );
     for (b, weight) in backends {
@@ -140,4 +145,55 @@ fn a_backend_of_weight_zero_does_not_count_for_panic() {
         "one of two backends that count passes"
     );
     assert_eq!(ctl.services()[SERVICE].in_table, 1);
+}
+
+/// Slow start ramps up a backend that was out of the table. One that panic
+/// kept in it took its whole share all along: it comes up at full weight.
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn a_backend_panic_kept_serving_comes_up_without_a_slow_start() {
+    require_root();
+    let scratch = Scratch::new("panic-slow-start").unwrap();
+    let backends = [("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)];
+    let desired = config_with_health(&scratch, &backends, "slow_start = '60s'");
+    let dp = Dataplane::load(desired.settings.capacity).unwrap();
+    let hops = hops(&desired);
+    let (mut ctl, _) =
+        Controller::new(dp, desired.clone(), Runtime::default(), hops, None).unwrap();
+    let ramping = |ctl: &Controller, b: &str| {
+        let ip: IpAddr = b.parse().unwrap();
+        ctl.services()[SERVICE].backends[&ip].ramp_started.is_some()
+    };
+    for (b, _) in backends {
+        probe(&mut ctl, b, true);
+    }
+    // One of three down: no panic, out of the table; back, it ramps.
+    probe(&mut ctl, "198.18.0.11", false);
+    ctl.apply(desired.clone(), false).unwrap();
+    assert!(!ctl.in_panic(SERVICE));
+    assert_eq!(ctl.services()[SERVICE].in_table, 2);
+    // Passing probes until it is up: each flap doubles the passes needed.
+    let bring_up = |ctl: &mut Controller, b: &str| {
+        for _ in 0..16 {
+            if ctl.is_up(SERVICE, b.parse().unwrap()) {
+                return;
+            }
+            probe(ctl, b, true);
+        }
+        panic!("{b} never came up");
+    };
+    bring_up(&mut ctl, "198.18.0.11");
+    assert!(ramping(&ctl, "198.18.0.11"), "back from out of the table");
+
+    // Every one down: panic keeps them; back, none ramps.
+    for (b, _) in backends {
+        probe(&mut ctl, b, false);
+    }
+    ctl.apply(desired.clone(), false).unwrap();
+    assert!(ctl.in_panic(SERVICE));
+    assert_eq!(ctl.services()[SERVICE].in_table, 3);
+    for (b, _) in backends {
+        bring_up(&mut ctl, b);
+        assert!(!ramping(&ctl, b), "{b} served all along");
+    }
 }
