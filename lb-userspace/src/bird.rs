@@ -95,12 +95,20 @@ pub fn parse_protocols(reply: &[(String, String)]) -> Vec<Protocol> {
         .iter()
         .filter(|(code, _)| code == PROTOCOL_ROW)
         .filter_map(|(_, text)| {
-            let mut words = text.split_whitespace();
+            let mut words = text.split_whitespace().peekable();
             let name = words.next()?.to_string();
             let proto = words.next()?.to_string();
             let _table = words.next()?;
             let state = words.next()?.to_string();
-            let _since = words.next()?;
+            // `timeformat protocol` sets the since column's words: one
+            // (`05:56:44.045`, `Dec06`) or two (`iso long`: a date and a
+            // time). Each has a digit; the info's first word (a BGP state,
+            // `Socket:`, `Error:`) has none.
+            words.next_if(|w| w.bytes().any(|b| b.is_ascii_digit()))?;
+            while words
+                .next_if(|w| w.bytes().any(|b| b.is_ascii_digit()))
+                .is_some()
+            {}
             let info = words.collect::<Vec<_>>().join(" ");
             Some(Protocol {
                 name,
@@ -153,5 +161,22 @@ mod tests {
         assert_eq!(p[3].info, "Active Socket: Connection refused");
         assert!(!p[3].established());
         assert!(!p[1].established());
+    }
+
+    #[test]
+    fn reads_the_info_whatever_the_since_columns_time_format() {
+        for since in [
+            "2026-12-06 05:56:48",
+            "06-12-2026 05:56:48",
+            "Dec06",
+            "05:56:48",
+        ] {
+            let row = format!("upstream   BGP        ---        up     {since}  Established   ");
+            let reply = vec![("1002".to_string(), row)];
+            let p = parse_protocols(&reply);
+            assert_eq!(p.len(), 1, "{since}");
+            assert_eq!(p[0].info, "Established", "{since}");
+            assert!(p[0].established(), "{since}");
+        }
     }
 }
