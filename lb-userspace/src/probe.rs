@@ -43,6 +43,11 @@ pub struct ThroughVip {
     /// For an IPv4 VIP, once the backend's next hop is known: the interface
     /// and MAC to ask whether it answers ARP for the VIP ([`crate::arp`]).
     pub arp: Option<(String, [u8; 6])>,
+    /// The backend's next hop is known, so its probe route exists. Without
+    /// it a marked probe would follow the host's own route to the VIP
+    /// (toward the routers, perhaps to another node and another backend):
+    /// it fails unsent instead.
+    pub routed: bool,
 }
 
 /// How long a backend has to answer ARP for the VIP (it must not): on a
@@ -89,6 +94,9 @@ async fn attempt(
 ) -> Result<(), String> {
     // Where packets go, and the mark that routes them there.
     let (to, mark) = match through {
+        Some(t) if !t.routed => {
+            return Err("no route through the VIP: the backend's next hop is not resolved".into());
+        }
         Some(t) => (SocketAddr::new(t.vip, addr.port()), Some(t.mark)),
         None => (addr, None),
     };

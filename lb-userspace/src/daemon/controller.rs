@@ -934,15 +934,17 @@ impl Controller {
         if s.config.health.via == Via::Address {
             return Ok(None);
         }
+        let hop = self.next_hop_on(ip);
         // A tunnelled backend's ARP does not decide where clients' packets go.
-        let arp = self
-            .next_hop_on(ip)
+        let arp = hop
             .filter(|_| s.config.vip.is_ipv4() && s.config.mode == Mode::DsrL2)
             .map(|(hop, dev)| (dev.to_string(), hop.mac));
         Ok(probe_path::mark(b.id).map(|mark| ThroughVip {
             vip: s.config.vip,
             mark,
             arp,
+            // As `probe_paths` gives it a route.
+            routed: hop.is_some(),
         }))
     }
 

@@ -127,6 +127,33 @@ fn a_backend_without_the_vip_fails_probes_through_the_vip() {
     drop(d);
 }
 
+/// A backend whose next hop does not resolve (no host answers ARP for
+/// it) has no probe route: its probe fails unsent. Sent anyway, the marked
+/// probe would follow the host's own route to the VIP, here to another
+/// backend that holds it, and pass for a backend nobody reaches.
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn a_backend_without_a_next_hop_fails_probes_through_the_vip_unsent() {
+    require_root();
+    let lan = Lan::build(2, &[&format!("{VIP4}/32")]).unwrap();
+    let _servers = lan.serve_names(WEB_PORT).unwrap();
+    let absent = "198.18.0.19";
+    let config = web_config(2).replacen("check = \"http\"", "check = \"http\"\nvia = \"vip\"", 1)
+        + &format!("\n[[service.backend]]\naddress = \"{absent}\"\n");
+    lan.lb
+        .ip(&["route", "add", &format!("{VIP4}/32"), "via", "198.18.0.12"])
+        .unwrap();
+    let d = Daemon::start(&lan.lb, "via-vip-unresolved", &config).unwrap();
+    wait_for(&d, "web", "198.18.0.11", "up");
+    wait_for(&d, "web", "198.18.0.12", "up");
+    wait_for(&d, "web", absent, "down");
+    // Many probe intervals (200 ms) later, still down, and for that reason.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(health(&d, "web", absent), "down");
+    let detail = d.cli(&["backend", "list"]).unwrap().to_string();
+    assert!(detail.contains("next hop is not resolved"), "{detail}");
+}
+
 #[test]
 #[ignore = "needs root: cargo xtask test runs it"]
 fn a_tunnel_backend_without_its_decapsulator_fails_probes_through_the_vip() {
