@@ -279,7 +279,7 @@ impl Resolver {
                 break;
             }
             if !triggered {
-                trigger(pending.values().map(|(hop, _, _)| *hop));
+                trigger(pending.values().map(|(hop, index, _)| (*hop, *index)));
                 triggered = true;
             }
             tokio::time::sleep(RESOLVE_POLL).await;
@@ -300,13 +300,26 @@ impl Resolver {
     }
 }
 
-/// Sends an empty datagram to the discard port of each of `hops`, which
-/// makes the kernel resolve them (it reports nothing: the answer is the
-/// neighbour table).
-fn trigger(hops: impl Iterator<Item = IpAddr>) {
-    let hops: BTreeSet<IpAddr> = hops.collect();
+/// Where a datagram to next hop `hop`, reached by interface `index`, is
+/// sent: its discard port, on that interface for a link-local IPv6
+/// address (an IPv6 router's usual address), which without its scope is
+/// refused (EINVAL) and never resolved.
+fn discard_address(hop: IpAddr, index: u32) -> SocketAddr {
+    match hop {
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => {
+            SocketAddr::V6(std::net::SocketAddrV6::new(v6, DISCARD_PORT, 0, index))
+        }
+        _ => SocketAddr::new(hop, DISCARD_PORT),
+    }
+}
+
+/// Sends an empty datagram to the discard port of each of `hops` (address,
+/// interface index), which makes the kernel resolve them (it reports
+/// nothing: the answer is the neighbour table).
+fn trigger(hops: impl Iterator<Item = (IpAddr, u32)>) {
+    let hops: BTreeSet<(IpAddr, u32)> = hops.collect();
     let (mut v4, mut v6) = (None, None);
-    for hop in hops {
+    for (hop, index) in hops {
         let (socket, any) = match hop {
             IpAddr::V4(_) => (&mut v4, SocketAddr::from(([0u8; 4], 0))),
             IpAddr::V6(_) => (&mut v6, SocketAddr::from(([0u16; 8], 0))),
@@ -324,7 +337,7 @@ fn trigger(hops: impl Iterator<Item = IpAddr>) {
                     .ok();
             }
             let Some(s) = socket.as_ref() else { break };
-            match s.send_to(b"", SocketAddr::new(hop, DISCARD_PORT)) {
+            match s.send_to(b"", discard_address(hop, index)) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => *socket = None,
                 _ => break,
             }
@@ -357,6 +370,22 @@ mod tests {
         let none = Resolution::default();
         assert!(none.affected_by(&message(NetlinkPayload::Overrun(Vec::new()))));
         assert!(!none.affected_by(&message(NetlinkPayload::Noop)));
+    }
+
+    #[test]
+    fn a_link_local_next_hop_is_resolved_on_its_interface() {
+        let router: IpAddr = "fe80::1".parse().unwrap();
+        match discard_address(router, 7) {
+            SocketAddr::V6(a) => assert_eq!((a.scope_id(), a.port()), (7, DISCARD_PORT)),
+            v4 => panic!("{v4}"),
+        }
+        let global: IpAddr = "2001:2::1".parse().unwrap();
+        match discard_address(global, 7) {
+            SocketAddr::V6(a) => assert_eq!(a.scope_id(), 0),
+            v4 => panic!("{v4}"),
+        }
+        let v4: IpAddr = "198.18.0.1".parse().unwrap();
+        assert_eq!(discard_address(v4, 7), SocketAddr::new(v4, DISCARD_PORT));
     }
 
     #[test]

@@ -155,3 +155,76 @@ fn the_daemon_answers_while_a_new_backends_next_hop_resolves() {
     );
     assert_eq!(in_table(&d).unwrap(), 2);
 }
+
+/// An IPv6 backend routed through a router's link-local address (how IPv6
+/// routers are usually known) resolves: the datagram that makes the kernel
+/// resolve a next hop goes out on the route's interface, which a
+/// link-local address needs.
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn a_next_hop_at_a_link_local_address_resolves() {
+    require_root();
+    let lan = Lan::build(1, &[]).unwrap();
+    let (router, backend) = ("fe80::99", "2001:2:9::1");
+    let b1 = &lan.backends[0].ns;
+    b1.ip(&["addr", "add", "fe80::99/64", "dev", "eth0", "nodad"])
+        .unwrap();
+    b1.ip(&[
+        "addr",
+        "add",
+        &format!("{backend}/128"),
+        "dev",
+        "lo",
+        "nodad",
+    ])
+    .unwrap();
+    lan.lb
+        .ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{backend}/128"),
+            "via",
+            router,
+            "dev",
+            "eth0",
+        ])
+        .unwrap();
+    // Another interface the host's routes name for that address: a
+    // link-local address means nothing without its interface, and sent
+    // without it, a datagram to the router follows them.
+    for args in [
+        &[
+            "link",
+            "add",
+            "lbt-other",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "lbt-peer",
+        ][..],
+        &["link", "set", "lbt-other", "up"],
+        &["link", "set", "lbt-peer", "up"],
+        &["-6", "route", "add", "fe80::99/128", "dev", "lbt-other"],
+    ] {
+        lan.lb.ip(args).unwrap();
+    }
+    let config = web_config(1).replace("check = \"http\"", "check = \"none\"")
+        + &format!(
+            "\n[[service]]\nname = \"web6\"\nvip = \"2001:2:1::1\"\nport = {WEB_PORT}\n\
+             protocol = \"tcp\"\n[service.health]\ncheck = \"none\"\n\
+             [[service.backend]]\naddress = \"{backend}\"\n"
+        );
+    let d = Daemon::start(&lan.lb, "link-local", &config).unwrap();
+    d.wait_until("the backend's next hop resolved", WAIT, |d| {
+        let rows = d.cli(&["backend", "list"])?;
+        let row = rows
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["address"] == backend))
+            .cloned()
+            .unwrap_or(Value::Null);
+        Ok(row["mac"] == lb::netns::mac_string(&lan.backends[0].mac))
+    })
+    .unwrap();
+}
