@@ -205,8 +205,8 @@ impl VipRoutes {
 /// when `None`): those a previous daemon left in a table `[announce]` no
 /// longer names, or when it no longer has `[announce]`. Left there, a BIRD
 /// still learning that table would go on announcing VIPs no daemon decides
-/// on. Run once at start; returns the routes withdrawn.
-pub async fn withdraw_elsewhere(kept: Option<u32>) -> Result<Vec<(u32, IpAddr)>> {
+/// on. Run once at start.
+pub async fn withdraw_elsewhere(kept: Option<u32>) -> Result<()> {
     let (connection, handle, _) = rtnetlink::new_connection_with_strict_check()
         .context("opening a netlink socket for the VIP routes")?;
     let task = tokio::spawn(connection);
@@ -228,7 +228,6 @@ pub async fn withdraw_elsewhere(kept: Option<u32>) -> Result<Vec<(u32, IpAddr)>>
                 }
             }
         }
-        let mut withdrawn = Vec::new();
         for (table, vip) in stale {
             let routes = VipRoutes {
                 handle: handle.clone(),
@@ -236,9 +235,8 @@ pub async fn withdraw_elsewhere(kept: Option<u32>) -> Result<Vec<(u32, IpAddr)>>
             };
             routes.del(vip).await?;
             info!(vip = %vip, table, "withdrawn: [announce] no longer names this table");
-            withdrawn.push((table, vip));
         }
-        Ok(withdrawn)
+        Ok(())
     }
     .await;
     task.abort();

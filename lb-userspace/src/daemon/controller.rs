@@ -1867,12 +1867,8 @@ impl Controller {
     ) -> Result<Option<Health>> {
         let svc = self.services.get(service).context("no such service")?;
         let (thresholds, slow_start) = (svc.config.health.thresholds, svc.config.health.slow_start);
-        // A down backend the table still holds (panic kept it) has taken
-        // its whole share all along: it comes up without a slow start.
-        let serving = svc
-            .backends
-            .get(&ip)
-            .is_some_and(|b| svc.ring.contains(&b.id));
+        // The live table, shared: read only if the backend comes up.
+        let ring = Arc::clone(&svc.ring);
         let b = self.backend_mut(service, ip)?;
         if report.ok {
             b.feedback.latency = Some(feedback::smooth(b.feedback.latency, report.latency));
@@ -1892,9 +1888,10 @@ impl Controller {
                     warn!(service, backend = %ip, probe = %detail, "backend down");
                 }
                 Health::Up => {
-                    // Recovered or proven new: ramp up (an adopted backend
-                    // is never ramped, nor one that was serving).
-                    if !serving {
+                    // Recovered or proven new: ramp up. An adopted backend
+                    // is never ramped, nor one the table still holds (panic
+                    // kept it): it has taken its whole share all along.
+                    if !ring.contains(&b.id) {
                         b.ramp_started = Some(Instant::now());
                         b.ramp_percent = health::slow_start_percent(Duration::ZERO, slow_start);
                     }
