@@ -142,15 +142,17 @@ impl Tracker {
         self.streak > 0
     }
 
-    /// Sets the verdict aside: [`Health::Checking`] until one probe passes
-    /// (or down at one failure), as for a new backend trusted on its first
-    /// probe. For a backend leaving maintenance, whose probes were paused
-    /// while its server was likely stopped or changed. Its flap penalty and
-    /// whether it was ever up are kept.
+    /// Sets the verdict aside: [`Health::Checking`], as a new backend, for
+    /// one leaving maintenance, whose probes were paused while its server
+    /// was likely stopped or changed. Nobody has seen it work since, so it
+    /// is not proven (the panic rule neither counts nor keeps it) until it
+    /// is up again: after one passing probe if it was up before, else
+    /// after its `rise` (its flap penalty kept); down at one failure.
     pub fn recheck(&mut self) {
+        self.trust_first_probe = self.state == Health::Up;
         self.state = Health::Checking;
         self.streak = 0;
-        self.trust_first_probe = true;
+        self.proven = false;
     }
 
     /// Records one probe result; returns the new state if it changed.
@@ -355,8 +357,13 @@ mod tests {
         let mut tr = Tracker::new(Health::Up);
         tr.recheck();
         assert_eq!(tr.state(), Health::Checking);
-        assert!(tr.proven(), "it was up before");
-        assert_eq!(tr.record(true, T), Some(Health::Up), "one pass is enough");
+        assert!(!tr.proven(), "not seen working since");
+        assert_eq!(
+            tr.record(true, T),
+            Some(Health::Up),
+            "one pass, as it was up"
+        );
+        assert!(tr.proven());
         let mut tr = Tracker::new(Health::Up);
         tr.recheck();
         assert_eq!(
@@ -365,6 +372,17 @@ mod tests {
             "one failure is down"
         );
         assert_eq!(tr.rise_needed(T), T.rise);
+        // Down (after a flap) before maintenance: its rise, doubled, again.
+        let mut tr = Tracker::checking(false);
+        tr.record(true, T);
+        tr.record(true, T);
+        for _ in 0..T.fall {
+            tr.record(false, T);
+        }
+        assert_eq!(tr.state(), Health::Down);
+        tr.recheck();
+        assert_eq!(tr.state(), Health::Checking);
+        assert_eq!(tr.rise_needed(T), T.rise << 1);
     }
 
     proptest! {

@@ -931,7 +931,8 @@ impl Controller {
     pub fn probe_route(&self, service: &str, ip: IpAddr) -> Result<Option<ThroughVip>> {
         let s = self.services.get(service).context("no such service")?;
         let b = s.backends.get(&ip).context("no such backend")?;
-        if s.config.health.via == Via::Address {
+        // As `probe_paths`: no probe, no route through the VIP.
+        if s.config.health.via == Via::Address || s.config.health.kind == config::Probe::None {
             return Ok(None);
         }
         let hop = self.next_hop_on(ip);

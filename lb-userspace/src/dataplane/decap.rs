@@ -141,9 +141,12 @@ impl Maps {
         })
     }
 
+    /// The counters' totals. A map pinned by an older version holds fewer
+    /// (until `lb decap apply` replaces it): those it lacks read 0.
     fn counters(&self) -> Result<[u64; DecapCounter::COUNT as usize]> {
         let mut out = [0; DecapCounter::COUNT as usize];
-        for (i, v) in out.iter_mut().enumerate() {
+        let held = self.counters.len() as usize;
+        for (i, v) in out.iter_mut().enumerate().take(held) {
             *v = self
                 .counters
                 .get(&(i as u32), 0)

@@ -185,15 +185,23 @@ fn a_backend_panic_kept_serving_comes_up_without_a_slow_start() {
     bring_up(&mut ctl, "198.18.0.11");
     assert!(ramping(&ctl, "198.18.0.11"), "back from out of the table");
 
-    // Every one down: panic keeps them; back, none ramps.
+    // Every one down: panic keeps them; the two that bring it to an end
+    // come up without a ramp. The table then leaves out the third, which
+    // ramps as any backend back from outside it.
     for (b, _) in backends {
         probe(&mut ctl, b, false);
     }
     ctl.apply(desired.clone(), false).unwrap();
     assert!(ctl.in_panic(SERVICE));
     assert_eq!(ctl.services()[SERVICE].in_table, 3);
-    for (b, _) in backends {
+    let (kept, last) = (["198.18.0.11", "198.18.0.12"], "198.18.0.13");
+    for b in kept {
         bring_up(&mut ctl, b);
         assert!(!ramping(&ctl, b), "{b} served all along");
     }
+    ctl.apply(desired, false).unwrap();
+    assert!(!ctl.in_panic(SERVICE));
+    assert_eq!(ctl.services()[SERVICE].in_table, 2);
+    bring_up(&mut ctl, last);
+    assert!(ramping(&ctl, last), "back from out of the table");
 }
