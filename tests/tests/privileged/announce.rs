@@ -182,6 +182,11 @@ fn nodes_announce_what_they_serve_and_withdrawals_reset_nothing() {
         daemons[1].cli(&["backend", "enable", "echo", &b]).unwrap();
     }
     edge.wait_paths(VIP, &both, CONVERGED).unwrap();
+    // Each backend is back once a probe passes: node 1 announces with the
+    // first. Its table whole before its daemon dies below.
+    daemons[1]
+        .wait_in_table(BACKENDS, Duration::from_secs(2))
+        .unwrap();
 
     // A killed daemon leaves its route, and the data plane forwarding: the
     // router keeps both paths and no connection notices.
