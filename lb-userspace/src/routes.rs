@@ -50,28 +50,52 @@ fn route(vip: IpAddr, table: u32) -> RouteMessage {
         IpAddr::V4(_) => (AddressFamily::Inet, 32),
         IpAddr::V6(_) => (AddressFamily::Inet6, 128),
     };
-    let mut m = filter(family, table);
+    let mut m = filter(family, Some(table));
     m.header.destination_prefix_length = len;
     m.attributes
         .push(RouteAttribute::Destination(RouteAddress::from(vip)));
     m
 }
 
-/// A dump request for lb's routes of one family in `table`.
-fn filter(family: AddressFamily, table: u32) -> RouteMessage {
+/// A dump request for lb's routes of one family in `table`, or in every
+/// table: table, protocol and type are what make a route one of lb's.
+fn filter(family: AddressFamily, table: Option<u32>) -> RouteMessage {
     let mut m = RouteMessage::default();
     m.header.address_family = family;
-    set_selectors(&mut m, table);
+    m.header.protocol = RouteProtocol::Other(ROUTE_PROTOCOL);
+    m.header.kind = RouteType::BlackHole;
+    if let Some(table) = table {
+        // Tables above 255 exist only as the attribute; the header says so.
+        m.header.table = u8::try_from(table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
+        m.attributes.push(RouteAttribute::Table(table));
+    }
     m
 }
 
-/// Table, protocol and type: what makes a route one of lb's.
-fn set_selectors(message: &mut RouteMessage, table: u32) {
-    message.header.protocol = RouteProtocol::Other(ROUTE_PROTOCOL);
-    message.header.kind = RouteType::BlackHole;
-    // Tables above 255 exist only as the attribute; the header says so.
-    message.header.table = u8::try_from(table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
-    message.attributes.push(RouteAttribute::Table(table));
+/// lb's VIP routes in `table`, or in every table: (table, VIP).
+async fn routes_in(handle: &Handle, table: Option<u32>) -> Result<Vec<(u32, IpAddr)>> {
+    let mut found = Vec::new();
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        // With strict checking the kernel filters the dump by table,
+        // protocol and type; `vip_of` checks again for older kernels.
+        let mut dump = handle.route().get(filter(family, table)).execute();
+        while let Some(m) = dump.try_next().await.context("listing lb's VIP routes")? {
+            let of = table_of(&m);
+            if table.is_none_or(|t| t == of) {
+                found.extend(vip_of(&m, of).map(|vip| (of, vip)));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// A netlink connection, served by a task on the current tokio runtime
+/// until its last handle is dropped.
+fn connect() -> Result<Handle> {
+    let (connection, handle, _) = rtnetlink::new_connection_with_strict_check()
+        .context("opening a netlink socket for the VIP routes")?;
+    tokio::spawn(connection);
+    Ok(handle)
 }
 
 /// The table a dumped route is in (above 255 only in its attribute).
@@ -112,13 +136,12 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
 }
 
 impl VipRoutes {
-    /// Opens a netlink connection (served by a task on the current tokio
-    /// runtime) for the VIP routes of `table`.
+    /// Opens a netlink connection for the VIP routes of `table`.
     pub fn open(table: u32) -> Result<VipRoutes> {
-        let (connection, handle, _) = rtnetlink::new_connection_with_strict_check()
-            .context("opening a netlink socket for the VIP routes")?;
-        tokio::spawn(connection);
-        Ok(VipRoutes { handle, table })
+        Ok(VipRoutes {
+            handle: connect()?,
+            table,
+        })
     }
 
     /// The table these routes live in.
@@ -128,24 +151,10 @@ impl VipRoutes {
 
     /// The VIPs with a route in the table now.
     pub async fn list(&self) -> Result<BTreeSet<IpAddr>> {
-        let mut found = BTreeSet::new();
-        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-            // With strict checking the kernel filters the dump by table,
-            // protocol and type; `vip_of` checks again for older kernels.
-            let mut dump = self
-                .handle
-                .route()
-                .get(filter(family, self.table))
-                .execute();
-            while let Some(m) = dump
-                .try_next()
-                .await
-                .with_context(|| format!("listing routing table {}", self.table))?
-            {
-                found.extend(vip_of(&m, self.table));
-            }
-        }
-        Ok(found)
+        let found = routes_in(&self.handle, Some(self.table))
+            .await
+            .with_context(|| format!("routing table {}", self.table))?;
+        Ok(found.into_iter().map(|(_, vip)| vip).collect())
     }
 
     /// Announces `vip` (idempotent).
@@ -207,40 +216,19 @@ impl VipRoutes {
 /// still learning that table would go on announcing VIPs no daemon decides
 /// on. Run once at start.
 pub async fn withdraw_elsewhere(kept: Option<u32>) -> Result<()> {
-    let (connection, handle, _) = rtnetlink::new_connection_with_strict_check()
-        .context("opening a netlink socket for the VIP routes")?;
-    let task = tokio::spawn(connection);
-    let result = async {
-        let mut stale = Vec::new();
-        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-            // Every table: the header's table unspecified, no attribute.
-            let mut all = RouteMessage::default();
-            all.header.address_family = family;
-            all.header.protocol = RouteProtocol::Other(ROUTE_PROTOCOL);
-            all.header.kind = RouteType::BlackHole;
-            let mut dump = handle.route().get(all).execute();
-            while let Some(m) = dump.try_next().await.context("listing lb's VIP routes")? {
-                let table = table_of(&m);
-                if Some(table) != kept
-                    && let Some(vip) = vip_of(&m, table)
-                {
-                    stale.push((table, vip));
-                }
-            }
+    let handle = connect()?;
+    for (table, vip) in routes_in(&handle, None).await? {
+        if Some(table) == kept {
+            continue;
         }
-        for (table, vip) in stale {
-            let routes = VipRoutes {
-                handle: handle.clone(),
-                table,
-            };
-            routes.del(vip).await?;
-            info!(vip = %vip, table, "withdrawn: [announce] no longer names this table");
-        }
-        Ok(())
+        let routes = VipRoutes {
+            handle: handle.clone(),
+            table,
+        };
+        routes.del(vip).await?;
+        info!(vip = %vip, table, "withdrawn: [announce] no longer names this table");
     }
-    .await;
-    task.abort();
-    result
+    Ok(())
 }
 
 /// What the route keeper last did, for `lb node status`.
