@@ -17,7 +17,16 @@
 //! 4. at least one service on the VIP has a backend in rotation on its own
 //!    probes' word (panic mode, which keeps failing backends in the table,
 //!    does not count: a VIP whose every backend fails is withdrawn, so the
-//!    routers can send its clients elsewhere).
+//!    routers can send its clients elsewhere);
+//! 5. no service on the VIP is *settling*: a backend it wants still awaits
+//!    its probes' first verdict (new, or back from maintenance), or a table
+//!    change is held back. Unlike the others this rule only holds a VIP
+//!    back: a route already announced stays. A node that announces with
+//!    part of its table sends the flows the routers move to it (when its
+//!    route appears, they rehash) to other backends than its neighbours
+//!    would; a moment's wait costs nothing. The wait is bounded
+//!    ([`SettleClock`]): a backend whose probes hang does not keep a VIP
+//!    withdrawn.
 //!
 //! A VIP that several services share (ports, protocols) is announced while
 //! any of them can serve: one broken service must not take its siblings down.
@@ -53,6 +62,8 @@ pub struct ServiceView {
     pub in_rotation: usize,
     /// Its table is the fleet's (always, standalone).
     pub agreed: bool,
+    /// Its table is about to change: rule 5, as [`SettleClock`] counts it.
+    pub settling: bool,
 }
 
 /// Why a VIP is not announced.
@@ -67,6 +78,9 @@ pub enum Withheld {
     NotConverged,
     /// No service on the VIP has a backend in rotation.
     NoBackendInRotation,
+    /// A service's table is still settling (rule 5): not announced yet, but
+    /// a route already announced stays.
+    Settling,
 }
 
 impl Withheld {
@@ -77,7 +91,14 @@ impl Withheld {
             Withheld::NotAttached => "an interface lacks the XDP program",
             Withheld::NotConverged => "not converged with the fleet",
             Withheld::NoBackendInRotation => "no backend in rotation",
+            Withheld::Settling => "backends awaiting their first probe verdict",
         }
+    }
+
+    /// Whether a route already announced stays while the VIP is withheld
+    /// for this reason.
+    pub fn keeps_route(self) -> bool {
+        self == Withheld::Settling
     }
 }
 
@@ -94,16 +115,17 @@ pub struct Decision {
 
 /// Decides every VIP of `services`.
 pub fn decide(node: NodeView, services: &[ServiceView]) -> Vec<Decision> {
-    let mut by_vip: BTreeMap<IpAddr, (Vec<String>, usize, bool)> = BTreeMap::new();
+    let mut by_vip: BTreeMap<IpAddr, (Vec<String>, usize, bool, bool)> = BTreeMap::new();
     for s in services {
-        let entry = by_vip.entry(s.vip).or_insert((Vec::new(), 0, true));
+        let entry = by_vip.entry(s.vip).or_insert((Vec::new(), 0, true, false));
         entry.0.push(s.name.clone());
         entry.1 += s.in_rotation;
         entry.2 &= s.agreed;
+        entry.3 |= s.settling;
     }
     by_vip
         .into_iter()
-        .map(|(vip, (names, in_rotation, agreed))| Decision {
+        .map(|(vip, (names, in_rotation, agreed, settling))| Decision {
             vip,
             services: names,
             withheld: if node.drained {
@@ -114,6 +136,8 @@ pub fn decide(node: NodeView, services: &[ServiceView]) -> Vec<Decision> {
                 Some(Withheld::NotConverged)
             } else if in_rotation == 0 {
                 Some(Withheld::NoBackendInRotation)
+            } else if settling {
+                Some(Withheld::Settling)
             } else {
                 None
             },
@@ -157,13 +181,59 @@ impl ConvergenceGrace {
     }
 }
 
-/// The VIPs the decisions announce.
-pub fn announced(decisions: &[Decision]) -> BTreeSet<IpAddr> {
-    decisions
-        .iter()
-        .filter(|d| d.withheld.is_none())
-        .map(|d| d.vip)
-        .collect()
+/// Rule 5's clock: how long a service has been settling, so that a wait
+/// for backends whose probes hang ends. A service counts as settling for
+/// at most its limit in one spell; the spell ends when it settles.
+#[derive(Debug, Default)]
+pub struct SettleClock {
+    /// When each service's current spell began.
+    since: BTreeMap<String, Instant>,
+}
+
+impl SettleClock {
+    /// Whether `service`, `settling` or not at `now`, counts as settling:
+    /// through the first `limit` of a spell.
+    pub fn counts_settling(
+        &mut self,
+        service: &str,
+        now: Instant,
+        settling: bool,
+        limit: Duration,
+    ) -> bool {
+        if !settling {
+            self.since.remove(service);
+            return false;
+        }
+        let since = *self.since.entry(service.to_string()).or_insert(now);
+        now.saturating_duration_since(since) < limit
+    }
+
+    /// Forgets services no longer configured.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.since.retain(|s, _| keep(s));
+    }
+}
+
+/// What the route keeper is to make of the announce table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routes {
+    /// VIPs to announce.
+    pub announce: BTreeSet<IpAddr>,
+    /// VIPs whose route stays if it is there, and is not added if not.
+    pub keep: BTreeSet<IpAddr>,
+}
+
+/// The routes the decisions call for.
+pub fn routes(decisions: &[Decision]) -> Routes {
+    let mut routes = Routes::default();
+    for d in decisions {
+        match d.withheld {
+            None => routes.announce.insert(d.vip),
+            Some(w) if w.keeps_route() => routes.keep.insert(d.vip),
+            Some(_) => false,
+        };
+    }
+    routes
 }
 
 #[cfg(test)]
@@ -215,6 +285,7 @@ mod tests {
             vip: vip.parse().unwrap(),
             in_rotation,
             agreed: true,
+            settling: false,
         }
     }
 
@@ -231,7 +302,7 @@ mod tests {
         assert_eq!(d[0].withheld, None);
         assert_eq!(d[1].withheld, Some(Withheld::NoBackendInRotation));
         assert_eq!(
-            announced(&d).into_iter().collect::<Vec<_>>(),
+            routes(&d).announce.into_iter().collect::<Vec<_>>(),
             ["198.18.1.1".parse::<IpAddr>().unwrap()]
         );
     }
@@ -266,7 +337,7 @@ mod tests {
         ] {
             let d = decide(node, &services);
             assert!(d.iter().all(|d| d.withheld == Some(reason)), "{d:?}");
-            assert!(announced(&d).is_empty());
+            assert_eq!(routes(&d), Routes::default());
         }
     }
 
@@ -282,6 +353,57 @@ mod tests {
         let d = decide(SERVING, &services);
         assert_eq!(d[0].withheld, Some(Withheld::NotConverged));
         assert_eq!(d[1].withheld, None);
+    }
+
+    #[test]
+    fn a_settling_service_holds_its_vip_back_but_keeps_a_route_already_there() {
+        let mut web = svc("web", "198.18.1.1", 1);
+        web.settling = true;
+        let services = [
+            web,
+            svc("web-tls", "198.18.1.1", 2),
+            svc("dns", "198.18.1.2", 1),
+        ];
+        let d = decide(SERVING, &services);
+        assert_eq!(d[0].withheld, Some(Withheld::Settling));
+        assert_eq!(d[1].withheld, None);
+        let vip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            routes(&d),
+            Routes {
+                announce: [vip("198.18.1.2")].into(),
+                keep: [vip("198.18.1.1")].into(),
+            }
+        );
+        // The other rules come first: they withdraw.
+        let mut idle = svc("web", "198.18.1.1", 0);
+        idle.settling = true;
+        let d = decide(SERVING, &[idle]);
+        assert_eq!(d[0].withheld, Some(Withheld::NoBackendInRotation));
+        assert_eq!(routes(&d), Routes::default());
+    }
+
+    #[test]
+    fn settling_counts_for_at_most_its_limit_a_spell() {
+        let mut clock = SettleClock::default();
+        let limit = Duration::from_secs(5);
+        let t0 = Instant::now();
+        assert!(!clock.counts_settling("web", t0, false, limit));
+        assert!(clock.counts_settling("web", t0, true, limit));
+        let almost = t0 + limit - Duration::from_millis(1);
+        assert!(clock.counts_settling("web", almost, true, limit));
+        assert!(
+            clock.counts_settling("dns", almost, true, limit),
+            "each service has its own spell"
+        );
+        assert!(!clock.counts_settling("web", t0 + limit, true, limit));
+        assert!(!clock.counts_settling("web", t0 + 2 * limit, true, limit));
+        // Settled, then settling again: a new spell.
+        let again = t0 + 3 * limit;
+        assert!(!clock.counts_settling("web", again, false, limit));
+        assert!(clock.counts_settling("web", again, true, limit));
+        clock.retain(|s| s != "web");
+        assert!(clock.counts_settling("web", again + limit * 2, true, limit));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use clap::{CommandFactory as _, Parser, Subcommand};
 use serde_json::Value;
 
 use crate::{
+    announce::Withheld,
     api::{
         self, AgentRow, BackendRow, ConntrackStatsView, FleetStatus, FlowRow, NodeStatus, Request,
         ServiceRow, SourceRow, Stats,
@@ -1044,8 +1045,12 @@ const ROUTES_FOLLOW: Duration = Duration::from_secs(2);
 fn set_drained(socket: &std::path::Path, drained: bool) -> Result<NodeStatus> {
     let mut status = node_status(socket, Request::SetNodeDrained { drained })?;
     let start = Instant::now();
+    // A VIP whose reason keeps its route (settling) is in line either way.
     let settled = |s: &NodeStatus| {
-        s.announce_table.is_none() || s.vips.iter().all(|v| v.announced == v.withheld.is_none())
+        s.announce_table.is_none()
+            || s.vips.iter().all(|v| {
+                v.withheld.is_some_and(Withheld::keeps_route) || v.announced == v.withheld.is_none()
+            })
     };
     while !settled(&status) && start.elapsed() < ROUTES_FOLLOW {
         std::thread::sleep(Duration::from_millis(20));

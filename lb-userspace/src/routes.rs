@@ -28,6 +28,8 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::announce::Routes;
+
 /// The protocol number of lb's routes (`ip route show proto 108`), one no
 /// routing daemon in rtnetlink.h uses.
 pub const ROUTE_PROTOCOL: u8 = 108;
@@ -184,19 +186,23 @@ impl VipRoutes {
         }
     }
 
-    /// Makes the table's routes equal `wanted`: adds first, then removes.
-    /// Every one is tried: a route that cannot be added must not keep a
-    /// VIP announced that should be withdrawn. Fails with every failure.
-    pub async fn sync(&self, wanted: &BTreeSet<IpAddr>) -> Result<()> {
+    /// Makes the table's routes equal `wanted.announce`, less those of
+    /// `wanted.keep` that are not there: adds first, then removes. Every
+    /// one is tried: a route that cannot be added must not keep a VIP
+    /// announced that should be withdrawn. Fails with every failure.
+    pub async fn sync(&self, wanted: &Routes) -> Result<()> {
         let now = self.list().await?;
         let mut failed = Vec::new();
-        for vip in wanted.difference(&now) {
+        for vip in wanted.announce.difference(&now) {
             match self.add(*vip).await {
                 Ok(()) => info!(vip = %vip, table = self.table, "announced"),
                 Err(e) => failed.push(format!("{e:#}")),
             }
         }
-        for vip in now.difference(wanted) {
+        for vip in now
+            .iter()
+            .filter(|v| !wanted.announce.contains(v) && !wanted.keep.contains(v))
+        {
             match self.del(*vip).await {
                 Ok(()) => info!(vip = %vip, table = self.table, "withdrawn"),
                 Err(e) => failed.push(format!("{e:#}")),
@@ -240,12 +246,12 @@ pub struct Installed {
     pub error: Option<String>,
 }
 
-/// Keeps the table equal to `wanted` until `wanted`'s sender is dropped:
-/// at once on every change, and every [`RESYNC`] regardless. Publishes what
-/// the table holds on `installed`.
+/// Keeps the table in line with `wanted` ([`VipRoutes::sync`]) until
+/// `wanted`'s sender is dropped: at once on every change, and every
+/// [`RESYNC`] regardless. Publishes what the table holds on `installed`.
 pub async fn keep(
     routes: VipRoutes,
-    mut wanted: watch::Receiver<Option<BTreeSet<IpAddr>>>,
+    mut wanted: watch::Receiver<Option<Routes>>,
     installed: watch::Sender<Installed>,
 ) {
     loop {

@@ -1004,6 +1004,35 @@ impl Controller {
             .count()
     }
 
+    /// Whether `service`'s table is about to change (rule 5 of
+    /// [`crate::announce`]): a backend it wants still awaits its probes'
+    /// first verdict (new, or back from maintenance), or a change of its
+    /// backends' health is held back.
+    pub fn settling(&self, service: &str) -> bool {
+        let Some(s) = self.services.get(service) else {
+            return false;
+        };
+        s.health_due.is_some()
+            || s.backends
+                .iter()
+                .any(|(ip, b)| b.health.state() == Health::Checking && self.wanted(service, *ip, b))
+    }
+
+    /// How long `service` may settle ([`Self::settling`]) when its
+    /// backends' probes answer in time: the first probe within its interval
+    /// (the prober starts at a random point of half of it, jittered), then
+    /// `rise` probes, each within its timeout and a fast interval apart
+    /// (jittered up to 10 %, here a whole one), and the rebuild gap.
+    pub fn settle_limit(&self, service: &str) -> Duration {
+        let Some(s) = self.services.get(service) else {
+            return Duration::ZERO;
+        };
+        let h = &s.config.health;
+        h.interval
+            + (h.timeout + 2 * h.fast_interval) * h.thresholds.rise.max(1)
+            + HEALTH_REBUILD_GAP
+    }
+
     /// Whether a backend would take new flows if its probes passed: its
     /// operator and agent want it, and its weight is above 0.
     fn wanted(&self, service: &str, ip: IpAddr, b: &BackendState) -> bool {

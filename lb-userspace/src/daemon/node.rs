@@ -2,7 +2,7 @@
 //! when `[announce]` is configured), its drain, and how long since a new
 //! flow last arrived.
 
-use std::{collections::BTreeSet, net::IpAddr, time::Instant};
+use std::time::Instant;
 
 use anyhow::Result;
 use tokio::sync::watch;
@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use super::{controller::Controller, fleet::Convergence};
 use crate::{
-    announce::{self, ConvergenceGrace, Decision, NodeView, ServiceView},
+    announce::{self, ConvergenceGrace, Decision, NodeView, Routes, ServiceView, SettleClock},
     api::{NodeStatus, VipRow},
     config::Announce,
     routes::{self, Installed, VipRoutes},
@@ -19,8 +19,9 @@ use crate::{
 /// The daemon's view of the node.
 pub(crate) struct Node {
     announce: Option<Announce>,
-    /// What the route keeper is to install; `None` until the first decision.
-    wanted: watch::Sender<Option<BTreeSet<IpAddr>>>,
+    /// What the route keeper is to make of the table; `None` until the
+    /// first decision.
+    wanted: watch::Sender<Option<Routes>>,
     /// What it did.
     installed: watch::Receiver<Installed>,
     decisions: Vec<Decision>,
@@ -28,6 +29,8 @@ pub(crate) struct Node {
     convergence: Convergence,
     /// Short spells out of step with the fleet excused.
     grace: ConvergenceGrace,
+    /// How long each service has been settling.
+    settle: SettleClock,
     /// New flows over every service, and when that count last grew (or the
     /// node was drained, whichever is later).
     new_flows: u64,
@@ -61,6 +64,7 @@ impl Node {
             decisions: Vec::new(),
             convergence: Convergence::default(),
             grace: ConvergenceGrace::default(),
+            settle: SettleClock::default(),
             new_flows: 0,
             quiet_since: Instant::now(),
         })
@@ -73,8 +77,9 @@ impl Node {
         // The fleet's word as the rule takes it: in step while the grace
         // counts the node so (asked every time: being in step is what
         // gives the node its standing).
+        let now = Instant::now();
         let in_step = convergence.in_step();
-        let convergence = if self.grace.counts_in_step(Instant::now(), in_step) {
+        let convergence = if self.grace.counts_in_step(now, in_step) {
             &Convergence::default()
         } else {
             convergence
@@ -85,6 +90,7 @@ impl Node {
             attached: interfaces.iter().all(|i| ctl.dataplane().attached(i)),
             converged: !convergence.behind,
         };
+        self.settle.retain(|name| ctl.services().contains_key(name));
         let services: Vec<ServiceView> = ctl
             .services()
             .iter()
@@ -93,6 +99,12 @@ impl Node {
                 vip: s.config.vip,
                 in_rotation: ctl.in_rotation(name),
                 agreed: !convergence.differing.contains(name),
+                settling: self.settle.counts_settling(
+                    name,
+                    now,
+                    ctl.settling(name),
+                    ctl.settle_limit(name),
+                ),
             })
             .collect();
         let decisions = announce::decide(view, &services);
@@ -109,7 +121,7 @@ impl Node {
             }
             self.decisions = decisions;
         }
-        let target = Some(announce::announced(&self.decisions));
+        let target = Some(announce::routes(&self.decisions));
         self.wanted.send_if_modified(|wanted| {
             let changed = *wanted != target;
             *wanted = target;

@@ -177,16 +177,38 @@ fn nodes_announce_what_they_serve_and_withdrawals_reset_nothing() {
         (false, "no-backend-in-rotation".into())
     );
     assert_all_alive(&mut sessions, "node 1 without backends");
+    // Node 1's probes of the last backend go unanswered as the backends
+    // leave maintenance: that one awaits its first verdict until they time
+    // out. Node 1 announces only once every backend has one: with a table
+    // about to change, the flows the router moves back to it could go to
+    // other backends than node 0 sends them to.
+    edge.nodes[1]
+        .block(backend_v4(BACKENDS - 1), Some(ECHO_PORT))
+        .unwrap();
     for i in 0..BACKENDS {
         let b = backend_v4(i).to_string();
         daemons[1].cli(&["backend", "enable", "echo", &b]).unwrap();
     }
-    edge.wait_paths(VIP, &both, CONVERGED).unwrap();
-    // Each backend is back once a probe passes: node 1 announces with the
-    // first. Its table whole before its daemon dies below.
     daemons[1]
-        .wait_in_table(BACKENDS, Duration::from_secs(2))
+        .wait_until("node 1's route", CONVERGED, |d| Ok(vip_state(d).0))
         .unwrap();
+    let health = daemons[1].cli(&["health"]).unwrap();
+    assert!(
+        health
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["health"] != "checking"),
+        "announced while a backend awaited its first verdict: {health}"
+    );
+    // Its probes answered again, the last backend rises; no connection
+    // has sent anything in between. The table whole before its daemon
+    // dies below.
+    edge.nodes[1].unblock().unwrap();
+    daemons[1]
+        .wait_in_table(BACKENDS, Duration::from_secs(5))
+        .unwrap();
+    edge.wait_paths(VIP, &both, CONVERGED).unwrap();
 
     // A killed daemon leaves its route, and the data plane forwarding: the
     // router keeps both paths and no connection notices.
