@@ -18,7 +18,7 @@ use rtnetlink::{
     packet_route::{
         AddressFamily, RouteNetlinkMessage,
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
-        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteVia},
     },
 };
 use tokio::time::Instant;
@@ -191,8 +191,13 @@ impl Resolver {
         let (mut gateway, mut oif) = (None, None);
         for a in route.attributes {
             match a {
-                RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(IpAddr::V4(g)),
-                RouteAttribute::Gateway(RouteAddress::Inet6(g)) => gateway = Some(IpAddr::V6(g)),
+                RouteAttribute::Gateway(RouteAddress::Inet(g))
+                | RouteAttribute::Via(RouteVia::Inet(g)) => gateway = Some(IpAddr::V4(g)),
+                // RFC 5549's IPv4 route through an IPv6 router (`via inet6`,
+                // as BGP unnumbered fabrics install them): its frames go to
+                // that router's MAC, which neighbour discovery gives.
+                RouteAttribute::Gateway(RouteAddress::Inet6(g))
+                | RouteAttribute::Via(RouteVia::Inet6(g)) => gateway = Some(IpAddr::V6(g)),
                 RouteAttribute::Oif(index) => oif = Some(index),
                 _ => {}
             }

@@ -35,7 +35,7 @@ use rtnetlink::{
     Handle, IpVersion, RouteMessageBuilder,
     packet_route::{
         AddressFamily,
-        route::{RouteProtocol, RouteType},
+        route::{RouteAttribute, RouteProtocol, RouteType, RouteVia},
         rule::{RuleAction, RuleAttribute, RuleMessage},
     },
 };
@@ -194,6 +194,21 @@ impl Paths {
                     .destination_prefix(vip, 128);
                 if reachable {
                     to.gateway(hop).output_interface(index).onlink().build()
+                } else {
+                    to.kind(RouteType::Unreachable).build()
+                }
+            }
+            // An IPv4 VIP through an IPv6 router (RFC 5549), as the
+            // backend's own route goes.
+            (IpAddr::V4(vip), IpAddr::V6(hop)) => {
+                let to = in_table(RouteMessageBuilder::<Ipv4Addr>::new(), p.mark)
+                    .destination_prefix(vip, 32);
+                if reachable {
+                    let mut route = to.output_interface(index).onlink().build();
+                    route
+                        .attributes
+                        .push(RouteAttribute::Via(RouteVia::Inet6(hop)));
+                    route
                 } else {
                     to.kind(RouteType::Unreachable).build()
                 }

@@ -228,3 +228,46 @@ fn a_next_hop_at_a_link_local_address_resolves() {
     })
     .unwrap();
 }
+
+/// An IPv4 backend behind an IPv6 router (RFC 5549: `via inet6`, the
+/// routes of BGP unnumbered fabrics): its next hop is that router, resolved
+/// by neighbour discovery; its probes through the VIP go the same way, and
+/// clients reach it.
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn an_ipv4_backend_behind_an_ipv6_router_serves() {
+    require_root();
+    let lan = Lan::build(1, &["198.18.1.1/32"]).unwrap();
+    let _servers = lan.serve_names(WEB_PORT).unwrap();
+    let (router, backend) = ("fe80::99", "198.18.9.1");
+    let host = &lan.backends[0];
+    host.ns
+        .ip(&["addr", "add", "fe80::99/64", "dev", "eth0", "nodad"])
+        .unwrap();
+    host.ns
+        .ip(&["addr", "add", &format!("{backend}/32"), "dev", "lo"])
+        .unwrap();
+    lan.lb
+        .ip(&[
+            "route",
+            "add",
+            &format!("{backend}/32"),
+            "via",
+            "inet6",
+            router,
+            "dev",
+            "eth0",
+        ])
+        .unwrap();
+    // Probed through the VIP (the default), over HTTP.
+    let config = web_config(1).replace("198.18.0.11", backend);
+    let d = Daemon::start(&lan.lb, "rfc5549", &config).unwrap();
+    d.wait_until("the backend in the table", WAIT, |d| Ok(in_table(d)? == 1))
+        .unwrap();
+    let rows = d.cli(&["backend", "list"]).unwrap();
+    assert_eq!(rows[0]["address"], backend, "{rows}");
+    assert_eq!(rows[0]["mac"], lb::netns::mac_string(&host.mac), "{rows}");
+    assert_eq!(rows[0]["health"], "up", "{rows}");
+    let t = tally(&lan, 20).unwrap();
+    assert_eq!(t.get("backend-1"), Some(&20), "{t:?}");
+}
