@@ -24,8 +24,8 @@
 //!    back: a route already announced stays. A node that announces with
 //!    part of its table sends the flows the routers move to it (when its
 //!    route appears, they rehash) to other backends than its neighbours
-//!    would; a moment's wait costs nothing. The wait is bounded
-//!    ([`SettleClock`]): a backend whose probes hang does not keep a VIP
+//!    would; a moment's wait costs nothing. Each wait is bounded
+//!    ([`SettleClock`]): probes that answer too slowly do not keep a VIP
 //!    withdrawn.
 //!
 //! A VIP that several services share (ports, protocols) is announced while
@@ -78,9 +78,6 @@ pub enum Withheld {
     NotConverged,
     /// No service on the VIP has a backend in rotation.
     NoBackendInRotation,
-    /// A service's table is still settling (rule 5): not announced yet, but
-    /// a route already announced stays.
-    Settling,
 }
 
 impl Withheld {
@@ -91,16 +88,12 @@ impl Withheld {
             Withheld::NotAttached => "an interface lacks the XDP program",
             Withheld::NotConverged => "not converged with the fleet",
             Withheld::NoBackendInRotation => "no backend in rotation",
-            Withheld::Settling => "backends awaiting their first probe verdict",
         }
     }
-
-    /// Whether a route already announced stays while the VIP is withheld
-    /// for this reason.
-    pub fn keeps_route(self) -> bool {
-        self == Withheld::Settling
-    }
 }
+
+/// Why a VIP is settling, in words (rule 5).
+pub const SETTLING: &str = "table settling: first probe verdicts pending, or a rebuild held back";
 
 /// The decision for one VIP.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,8 +102,12 @@ pub struct Decision {
     pub vip: IpAddr,
     /// Services on it, by name.
     pub services: Vec<String>,
-    /// Why it is not announced; `None` when it is.
+    /// Why it is not announced; `None` when it can be.
     pub withheld: Option<Withheld>,
+    /// It can be, but a service on it is settling (rule 5): no route is
+    /// added for it yet, and one already there stays.
+    #[serde(default)]
+    pub settling: bool,
 }
 
 /// Decides every VIP of `services`.
@@ -125,10 +122,8 @@ pub fn decide(node: NodeView, services: &[ServiceView]) -> Vec<Decision> {
     }
     by_vip
         .into_iter()
-        .map(|(vip, (names, in_rotation, agreed, settling))| Decision {
-            vip,
-            services: names,
-            withheld: if node.drained {
+        .map(|(vip, (names, in_rotation, agreed, settling))| {
+            let withheld = if node.drained {
                 Some(Withheld::Drained)
             } else if !node.attached {
                 Some(Withheld::NotAttached)
@@ -136,11 +131,15 @@ pub fn decide(node: NodeView, services: &[ServiceView]) -> Vec<Decision> {
                 Some(Withheld::NotConverged)
             } else if in_rotation == 0 {
                 Some(Withheld::NoBackendInRotation)
-            } else if settling {
-                Some(Withheld::Settling)
             } else {
                 None
-            },
+            };
+            Decision {
+                vip,
+                services: names,
+                withheld,
+                settling: settling && withheld.is_none(),
+            }
         })
         .collect()
 }
@@ -181,31 +180,45 @@ impl ConvergenceGrace {
     }
 }
 
-/// Rule 5's clock: how long a service has been settling, so that a wait
-/// for backends whose probes hang ends. A service counts as settling for
-/// at most its limit in one spell; the spell ends when it settles.
+/// What a service's table waits on before it settles (rule 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Pending {
+    /// A backend's first probe verdict (new, or back from maintenance).
+    Verdict(IpAddr),
+    /// A rebuild held back by the rebuild gap, or retried after a failure.
+    Rebuild,
+}
+
+/// Rule 5's clock: how long each thing a service's table waits on has been
+/// pending, so that a wait for probes that answer too slowly ends. Each is
+/// timed from when it was first seen pending, and forgotten once it is not.
 #[derive(Debug, Default)]
 pub struct SettleClock {
-    /// When each service's current spell began.
-    since: BTreeMap<String, Instant>,
+    since: BTreeMap<String, BTreeMap<Pending, Instant>>,
 }
 
 impl SettleClock {
-    /// Whether `service`, `settling` or not at `now`, counts as settling:
-    /// through the first `limit` of a spell.
+    /// Whether `service`, whose table waits on `pending` at `now` (each
+    /// with how long it may), counts as settling: while any has waited
+    /// less than its limit.
     pub fn counts_settling(
         &mut self,
         service: &str,
         now: Instant,
-        settling: bool,
-        limit: Duration,
+        pending: &[(Pending, Duration)],
     ) -> bool {
-        if !settling {
+        if pending.is_empty() {
             self.since.remove(service);
             return false;
         }
-        let since = *self.since.entry(service.to_string()).or_insert(now);
-        now.saturating_duration_since(since) < limit
+        let since = self.since.entry(service.to_string()).or_default();
+        since.retain(|p, _| pending.iter().any(|(q, _)| q == p));
+        let mut settling = false;
+        for (p, limit) in pending {
+            let t = *since.entry(*p).or_insert(now);
+            settling |= now.saturating_duration_since(t) < *limit;
+        }
+        settling
     }
 
     /// Forgets services no longer configured.
@@ -226,12 +239,12 @@ pub struct Routes {
 /// The routes the decisions call for.
 pub fn routes(decisions: &[Decision]) -> Routes {
     let mut routes = Routes::default();
-    for d in decisions {
-        match d.withheld {
-            None => routes.announce.insert(d.vip),
-            Some(w) if w.keeps_route() => routes.keep.insert(d.vip),
-            Some(_) => false,
-        };
+    for d in decisions.iter().filter(|d| d.withheld.is_none()) {
+        if d.settling {
+            routes.keep.insert(d.vip);
+        } else {
+            routes.announce.insert(d.vip);
+        }
     }
     routes
 }
@@ -365,8 +378,8 @@ mod tests {
             svc("dns", "198.18.1.2", 1),
         ];
         let d = decide(SERVING, &services);
-        assert_eq!(d[0].withheld, Some(Withheld::Settling));
-        assert_eq!(d[1].withheld, None);
+        assert_eq!((d[0].withheld, d[0].settling), (None, true));
+        assert_eq!((d[1].withheld, d[1].settling), (None, false));
         let vip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(
             routes(&d),
@@ -380,30 +393,42 @@ mod tests {
         idle.settling = true;
         let d = decide(SERVING, &[idle]);
         assert_eq!(d[0].withheld, Some(Withheld::NoBackendInRotation));
+        assert!(!d[0].settling);
         assert_eq!(routes(&d), Routes::default());
     }
 
     #[test]
-    fn settling_counts_for_at_most_its_limit_a_spell() {
+    fn each_pending_verdict_counts_for_at_most_its_own_limit() {
         let mut clock = SettleClock::default();
+        let (a, b) = (
+            Pending::Verdict("198.18.0.11".parse().unwrap()),
+            Pending::Verdict("198.18.0.12".parse().unwrap()),
+        );
         let limit = Duration::from_secs(5);
         let t0 = Instant::now();
-        assert!(!clock.counts_settling("web", t0, false, limit));
-        assert!(clock.counts_settling("web", t0, true, limit));
+        assert!(!clock.counts_settling("web", t0, &[]));
+        assert!(clock.counts_settling("web", t0, &[(a, limit)]));
         let almost = t0 + limit - Duration::from_millis(1);
-        assert!(clock.counts_settling("web", almost, true, limit));
+        assert!(clock.counts_settling("web", almost, &[(a, limit)]));
         assert!(
-            clock.counts_settling("dns", almost, true, limit),
-            "each service has its own spell"
+            clock.counts_settling("dns", almost, &[(a, limit)]),
+            "each service times its own"
         );
-        assert!(!clock.counts_settling("web", t0 + limit, true, limit));
-        assert!(!clock.counts_settling("web", t0 + 2 * limit, true, limit));
-        // Settled, then settling again: a new spell.
-        let again = t0 + 3 * limit;
-        assert!(!clock.counts_settling("web", again, false, limit));
-        assert!(clock.counts_settling("web", again, true, limit));
+        // B, pending from late in A's wait, has its whole limit.
+        assert!(clock.counts_settling("web", almost, &[(a, limit), (b, limit)]));
+        let later = t0 + limit + Duration::from_secs(1);
+        assert!(clock.counts_settling("web", later, &[(a, limit), (b, limit)]));
+        let over = almost + limit;
+        assert!(!clock.counts_settling("web", over, &[(a, limit), (b, limit)]));
+        // A verdict given, then pending again: timed afresh.
+        assert!(!clock.counts_settling("web", over, &[(b, limit)]));
+        assert!(clock.counts_settling("web", over, &[(a, limit), (b, limit)]));
+        let rebuild = [(Pending::Rebuild, Duration::from_millis(100))];
+        assert!(!clock.counts_settling("web", over, &[]));
+        assert!(clock.counts_settling("web", over, &rebuild));
+        assert!(!clock.counts_settling("web", over + limit, &rebuild));
         clock.retain(|s| s != "web");
-        assert!(clock.counts_settling("web", again + limit * 2, true, limit));
+        assert!(clock.counts_settling("web", over + limit, &rebuild));
     }
 
     #[test]

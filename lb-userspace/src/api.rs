@@ -429,6 +429,11 @@ pub struct VipRow {
     pub services: Vec<String>,
     /// Why the node does not announce it, if it does not.
     pub withheld: Option<Withheld>,
+    /// It can be announced, but its table is settling: no route is added
+    /// yet, and one already there stays (docs/fleet.md, rule 5). Apart
+    /// from `withheld`, which older nodes read in the fleet's reports.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub settling: bool,
     /// Its route is in the announce table now.
     pub announced: bool,
 }

@@ -15,7 +15,6 @@ use clap::{CommandFactory as _, Parser, Subcommand};
 use serde_json::Value;
 
 use crate::{
-    announce::Withheld,
     api::{
         self, AgentRow, BackendRow, ConntrackStatsView, FleetStatus, FlowRow, NodeStatus, Request,
         ServiceRow, SourceRow, Stats,
@@ -1045,12 +1044,8 @@ const ROUTES_FOLLOW: Duration = Duration::from_secs(2);
 fn set_drained(socket: &std::path::Path, drained: bool) -> Result<NodeStatus> {
     let mut status = node_status(socket, Request::SetNodeDrained { drained })?;
     let start = Instant::now();
-    // A VIP whose reason keeps its route (settling) is in line either way.
     let settled = |s: &NodeStatus| {
-        s.announce_table.is_none()
-            || s.vips.iter().all(|v| {
-                v.withheld.is_some_and(Withheld::keeps_route) || v.announced == v.withheld.is_none()
-            })
+        s.announce_table.is_none() || s.vips.iter().all(|v| v.announced == v.withheld.is_none())
     };
     while !settled(&status) && start.elapsed() < ROUTES_FOLLOW {
         std::thread::sleep(Duration::from_millis(20));
@@ -1097,7 +1092,12 @@ fn node_text(s: &NodeStatus) -> String {
                 v.vip.to_string(),
                 v.services.join(","),
                 if v.announced { "yes" } else { "no" }.into(),
-                v.withheld.map_or("-", |w| w.describe()).into(),
+                match (v.withheld, v.settling) {
+                    (Some(w), _) => w.describe(),
+                    (None, true) if !v.announced => crate::announce::SETTLING,
+                    (None, _) => "-",
+                }
+                .into(),
             ]
         }),
     );

@@ -30,6 +30,13 @@ const _: () = assert!(VIP_ECHO_UNIT - 1 <= MAX_FLOW_SERVICE_IDS);
 /// is more resolution than any operator needs.
 pub const MAX_WEIGHT: u32 = 65_535;
 
+/// Longest probe or agent interval (and so timeout): an hour. Longer
+/// checks would leave a dead backend in rotation for hours, and bounded
+/// times keep the daemon's arithmetic on them from overflowing.
+pub const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
+/// Largest `rise` and `fall`.
+pub const MAX_RISE_FALL: u32 = 100;
+
 /// The one wording of a weight outside its range, for the CLI, the control
 /// API and the fleet alike.
 pub fn weight_range_error(weight: impl fmt::Display) -> String {
@@ -1913,8 +1920,12 @@ fn validate_agent(a: &AgentFile, at: Option<usize>, field: &str, e: &mut Errors<
     if a.port == 0 {
         e.push(at, format!("{field}.port"), "port 0 cannot be asked");
     }
-    if a.interval.is_zero() {
-        e.push(at, format!("{field}.interval"), "must be positive");
+    if a.interval.is_zero() || a.interval > MAX_CHECK_INTERVAL {
+        e.push(
+            at,
+            format!("{field}.interval"),
+            "must be positive and at most an hour",
+        );
     }
     if a.timeout.is_zero() || a.timeout > a.interval {
         e.push(
@@ -1948,19 +1959,23 @@ fn validate_health(
 ) -> Option<HealthCheck> {
     let field = format!("{field}.health");
     let errors_before = e.list.len();
-    if h.rise == 0 || h.fall == 0 {
+    if !(1..=MAX_RISE_FALL).contains(&h.rise) || !(1..=MAX_RISE_FALL).contains(&h.fall) {
         e.push(
             at,
             format!("{field}.rise/fall"),
-            "rise and fall must be at least 1",
+            format!("rise and fall must be from 1 to {MAX_RISE_FALL}"),
         );
     }
-    if h.interval.is_zero() || h.fast_interval.is_zero() {
+    let positive_within = |d: Duration| !d.is_zero() && d <= MAX_CHECK_INTERVAL;
+    if !positive_within(h.interval) || !positive_within(h.fast_interval) {
         e.push(
             at,
             format!("{field}.interval"),
-            "intervals must be positive",
+            "intervals must be positive and at most an hour",
         );
+    }
+    if h.slow_start > MAX_CHECK_INTERVAL {
+        e.push(at, format!("{field}.slow_start"), "at most an hour");
     }
     if h.timeout.is_zero() || h.timeout > h.interval {
         e.push(
@@ -2467,7 +2482,27 @@ address = "198.18.0.11"
         (
             "rise 0",
             "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[service.health]\nrise=0\n",
-            "rise and fall must be at least 1",
+            "rise and fall must be from 1 to 100",
+        ),
+        (
+            "rise too large",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[service.health]\nrise=4000000000\n",
+            "rise and fall must be from 1 to 100",
+        ),
+        (
+            "interval of centuries",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[service.health]\nfast_interval=\"300000000000y\"\n",
+            "service[a].health.interval: intervals must be positive and at most an hour",
+        ),
+        (
+            "slow start of a day",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[service.health]\nslow_start=\"1d\"\n",
+            "service[a].health.slow_start: at most an hour",
+        ),
+        (
+            "agent interval of a day",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[service.agent]\nport=5555\ninterval=\"1d\"\n",
+            "service[a].agent.interval: must be positive and at most an hour",
         ),
         (
             "GUE port 0",

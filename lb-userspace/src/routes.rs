@@ -186,8 +186,8 @@ impl VipRoutes {
         }
     }
 
-    /// Makes the table's routes equal `wanted.announce`, less those of
-    /// `wanted.keep` that are not there: adds first, then removes. Every
+    /// Makes the table's routes `wanted.announce`, plus those of
+    /// `wanted.keep` that are there already: adds first, then removes. Every
     /// one is tried: a route that cannot be added must not keep a VIP
     /// announced that should be withdrawn. Fails with every failure.
     pub async fn sync(&self, wanted: &Routes) -> Result<()> {

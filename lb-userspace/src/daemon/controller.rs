@@ -33,6 +33,7 @@ use super::{
 };
 use crate::{
     agent,
+    announce::Pending,
     config::{self, Affinity, Desired, Mode, Via},
     dataplane::{Dataplane, Prefix, ServiceStats, SourceEntries, insertion_order},
     feedback,
@@ -1004,33 +1005,40 @@ impl Controller {
             .count()
     }
 
-    /// Whether `service`'s table is about to change (rule 5 of
-    /// [`crate::announce`]): a backend it wants still awaits its probes'
-    /// first verdict (new, or back from maintenance), or a change of its
-    /// backends' health is held back.
-    pub fn settling(&self, service: &str) -> bool {
+    /// What `service`'s table waits on before it settles (rule 5 of
+    /// [`crate::announce`]), each with how long it may when probes answer
+    /// in time: a backend it wants that awaits its first verdict (new, or
+    /// back from maintenance), for its first probe (within an interval:
+    /// the prober starts at a random point of half of it, jittered), then
+    /// the passes it needs (`rise`, more after flaps), each within its
+    /// timeout and a fast interval apart (jittered up to 10 %, here a whole
+    /// one), and the rebuild gap; and a change of its backends' health
+    /// held back, for the gap and a retry.
+    pub fn pending(&self, service: &str) -> Vec<(Pending, Duration)> {
         let Some(s) = self.services.get(service) else {
-            return false;
+            return Vec::new();
         };
-        s.health_due.is_some()
-            || s.backends
-                .iter()
-                .any(|(ip, b)| b.health.state() == Health::Checking && self.wanted(service, *ip, b))
-    }
-
-    /// How long `service` may settle ([`Self::settling`]) when its
-    /// backends' probes answer in time: the first probe within its interval
-    /// (the prober starts at a random point of half of it, jittered), then
-    /// `rise` probes, each within its timeout and a fast interval apart
-    /// (jittered up to 10 %, here a whole one), and the rebuild gap.
-    pub fn settle_limit(&self, service: &str) -> Duration {
-        let Some(s) = self.services.get(service) else {
-            return Duration::ZERO;
-        };
+        // Configuration bounds the times (an hour) and `rise` (100);
+        // saturating all the same, as a bound on a wait.
         let h = &s.config.health;
-        h.interval
-            + (h.timeout + 2 * h.fast_interval) * h.thresholds.rise.max(1)
-            + HEALTH_REBUILD_GAP
+        let probe = h.timeout.saturating_add(h.fast_interval.saturating_mul(2));
+        let mut pending: Vec<_> = s
+            .backends
+            .iter()
+            .filter(|(ip, b)| b.health.state() == Health::Checking && self.wanted(service, **ip, b))
+            .map(|(ip, b)| {
+                let passes = probe.saturating_mul(b.health.rise_needed(h.thresholds));
+                let limit = h
+                    .interval
+                    .saturating_add(passes)
+                    .saturating_add(HEALTH_REBUILD_GAP);
+                (Pending::Verdict(*ip), limit)
+            })
+            .collect();
+        if s.health_due.is_some() {
+            pending.push((Pending::Rebuild, HEALTH_REBUILD_GAP + HEALTH_RETRY));
+        }
+        pending
     }
 
     /// Whether a backend would take new flows if its probes passed: its

@@ -99,12 +99,7 @@ impl Node {
                 vip: s.config.vip,
                 in_rotation: ctl.in_rotation(name),
                 agreed: !convergence.differing.contains(name),
-                settling: self.settle.counts_settling(
-                    name,
-                    now,
-                    ctl.settling(name),
-                    ctl.settle_limit(name),
-                ),
+                settling: self.settle.counts_settling(name, now, &ctl.pending(name)),
             })
             .collect();
         let decisions = announce::decide(view, &services);
@@ -175,6 +170,7 @@ impl Node {
                     vip: d.vip,
                     services: d.services.clone(),
                     withheld: d.withheld,
+                    settling: d.settling,
                     announced: installed.vips.contains(&d.vip),
                 })
                 .collect(),

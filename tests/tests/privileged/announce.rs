@@ -178,10 +178,13 @@ fn nodes_announce_what_they_serve_and_withdrawals_reset_nothing() {
     );
     assert_all_alive(&mut sessions, "node 1 without backends");
     // Node 1's probes of the last backend go unanswered as the backends
-    // leave maintenance: that one awaits its first verdict until they time
-    // out. Node 1 announces only once every backend has one: with a table
-    // about to change, the flows the router moves back to it could go to
-    // other backends than node 0 sends them to.
+    // leave maintenance: that one awaits its first verdict until its probe
+    // times out. Node 1 is drained meanwhile, so that nothing else holds
+    // its route back once it is undrained: it announces only once every
+    // backend has its verdict. With a table about to change, the flows the
+    // router moves back to it could go to other backends than node 0 sends
+    // them to.
+    daemons[1].cli(&["node", "drain"]).unwrap();
     edge.nodes[1]
         .block(backend_v4(BACKENDS - 1), Some(ECHO_PORT))
         .unwrap();
@@ -189,6 +192,7 @@ fn nodes_announce_what_they_serve_and_withdrawals_reset_nothing() {
         let b = backend_v4(i).to_string();
         daemons[1].cli(&["backend", "enable", "echo", &b]).unwrap();
     }
+    daemons[1].cli(&["node", "undrain"]).unwrap();
     daemons[1]
         .wait_until("node 1's route", CONVERGED, |d| Ok(vip_state(d).0))
         .unwrap();
