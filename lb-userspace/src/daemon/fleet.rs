@@ -193,14 +193,20 @@ impl FleetNode {
         (node, events)
     }
 
-    /// Validates a new text of the node's own file with the fleet's
-    /// services (a reload), and keeps it.
-    pub(crate) fn with_node_text(&mut self, text: &str) -> Result<Desired> {
+    /// What a new text of the node's own file (a reload) makes with the
+    /// fleet's services; [`FleetNode::keep_node_text`] once it is applied.
+    pub(crate) fn with_node_text(&self, text: &str) -> Result<Desired> {
         let state = self.applied.clone().unwrap_or_default();
         let (desired, _) = desired_of(text, &state.services, &state.registered)
             .map_err(|e| anyhow!("the file is invalid with the fleet's services:\n{e}"))?;
-        self.node_text = text.to_string();
         Ok(desired)
+    }
+
+    /// Builds the fleet's states with `text` from now on: a reload's,
+    /// once applied. A refused reload's text is never kept, or every
+    /// fleet state after it would be built with what was refused.
+    pub(crate) fn keep_node_text(&mut self, text: &str) {
+        self.node_text = text.to_string();
     }
 
     /// Applies what the session read, or notes that etcd is unreachable

@@ -695,11 +695,14 @@ fn reload(
     fleet: Option<&mut FleetNode>,
 ) -> Result<controller::ChangeReport> {
     let (read, desired) = ConfigFile::read(&file.path)?;
-    let desired = match fleet {
+    let desired = match &fleet {
         Some(f) => f.with_node_text(read.text())?,
         None => desired,
     };
     let report = apply(ctl, desired, false)?;
+    if let Some(f) = fleet {
+        f.keep_node_text(read.text());
+    }
     *file = read;
     Ok(report)
 }

@@ -211,6 +211,38 @@ fn one_desired_state_changes_everywhere_and_refuses_conflicts_and_bad_data() {
         "set-weight: CLI returned after {returned:?}, live on all {NODES} nodes after {live:?}"
     );
 
+    // A reload node 2 refuses (a setting only a restart changes) leaves
+    // it following the fleet as before: a change through node 0 is live
+    // there too. (Its refused file had been kept for building the fleet's
+    // states, which it then refused one after the other.)
+    let own_file = fleet.daemons[2].config.clone();
+    let text = std::fs::read_to_string(&own_file).unwrap();
+    let metrics = format!("metrics = \"{}\"", lb::demo::edge::METRICS);
+    assert!(text.contains(&metrics), "{text}");
+    std::fs::write(
+        &own_file,
+        text.replace(&metrics, "metrics = \"127.0.0.1:9109\""),
+    )
+    .unwrap();
+    let refused = fleet.daemons[2].cli(&["reload"]).unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("only change with a daemon restart"),
+        "{refused:#}"
+    );
+    std::fs::write(&own_file, &text).unwrap();
+    fleet.set_weight(0, 0, 4).unwrap();
+    let start = Instant::now();
+    while fleet.weight(2, 0) != 4 {
+        assert!(
+            start.elapsed() < PROPAGATION,
+            "node 2 stopped following the fleet after a refused reload"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    fleet.wait_agreed(PROPAGATION);
+
     // Changes back to back through one node all land: a snapshot its watch
     // read before its own write never undoes that write on it.
     for round in 0..BACK_TO_BACK {
