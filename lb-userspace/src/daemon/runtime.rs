@@ -32,12 +32,25 @@ pub enum Admin {
 /// One backend's overrides.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Override {
-    /// Weight replacing the configured one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Weight replacing the configured one, at most
+    /// [`crate::config::MAX_WEIGHT`]: read from a state file or the fleet's
+    /// overrides, where a hand may have written it, a larger one refuses
+    /// the whole document, as any other bad data there.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "weight_in_range"
+    )]
     pub weight: Option<u32>,
     /// Operator state.
     #[serde(default)]
     pub admin: Admin,
+}
+
+fn weight_in_range<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let weight = Option::<u32>::deserialize(d)?;
+    crate::config::check_weight(weight).map_err(serde::de::Error::custom)?;
+    Ok(weight)
 }
 
 /// Where the state file at `path` keeps its previous copy.
@@ -215,6 +228,26 @@ impl Runtime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_weight_out_of_range_is_refused_when_read() {
+        let read = |w: u64| {
+            serde_json::from_str::<Runtime>(&format!(
+                r#"{{"overrides": {{"web": {{"198.18.0.11": {{"weight": {w}}}}}}}}}"#
+            ))
+        };
+        let ip: IpAddr = "198.18.0.11".parse().unwrap();
+        assert_eq!(read(65_535).unwrap().get("web", ip).weight, Some(65_535));
+        let e = read(429_497).unwrap_err().to_string();
+        assert!(e.contains("429497"), "{e}");
+        assert!(read(1 << 40).is_err());
+        assert_eq!(
+            serde_json::from_str::<Override>(r#"{"admin": "drain"}"#)
+                .unwrap()
+                .weight,
+            None
+        );
+    }
 
     #[test]
     fn round_trips_and_forgets_defaults() {
