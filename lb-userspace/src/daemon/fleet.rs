@@ -449,9 +449,17 @@ impl FleetNode {
         let base = self.base()?;
         let (desired, _) = desired_of(&self.node_text, &services, &base.registered)
             .map_err(|e| anyhow!("the fleet's services would be invalid, nothing changed:\n{e}"))?;
+        // Planned here first (the dry run's checks): a state this node
+        // cannot apply, such as a backend that replaces another at
+        // `max_backends` (the removed one's id is free only once the
+        // change is written), would be refused by every node like it once
+        // in etcd, while the operator was told nothing changed.
+        let planned = super::apply(ctl, desired, true);
         if dry_run {
-            return Ok(serde_json::to_value(super::apply(ctl, desired, true)?)?);
+            return Ok(serde_json::to_value(planned?)?);
         }
+        planned
+            .map_err(|e| e.context("this node could not apply these services; nothing written"))?;
         // As configured, without registrations: a registered backend is no
         // backend the change removes.
         let configured = |text: &str| {
@@ -527,7 +535,10 @@ impl FleetNode {
         let store = self.store().await?;
         match store.write(guard, services, overrides).await {
             Ok(revision) => {
-                let report = self.refresh(ctl).await?.unwrap_or_default();
+                let report = self.refresh(ctl).await.with_context(|| {
+                    format!("written to the fleet at revision {revision}, but this node did not apply it")
+                })?;
+                let report = report.unwrap_or_default();
                 let mut v = serde_json::to_value(report)?;
                 v["revision"] = json!(revision);
                 Ok(v)

@@ -697,6 +697,33 @@ fn nodes_that_disagree_on_a_backends_health_keep_identical_tables() {
         .wait_paths(VIP, &all, Duration::from_secs(5))
         .unwrap();
 
+    // Through node 2, at its capacity again, a change that replaces a
+    // backend with another needs a fourth id while the third is still in
+    // use: node 2 cannot apply it, so it writes nothing (once in etcd,
+    // every node like it would refuse it while the operator heard that
+    // nothing changed).
+    fleet.wait_agreed(PROPAGATION);
+    let before = fleet.applied();
+    let swap = fleet.daemons[2].dir.join("swap.toml");
+    std::fs::write(
+        &swap,
+        fleet_services(VIP, BACKENDS).replace(&third, "198.18.0.98"),
+    )
+    .unwrap();
+    let (_, e) = fleet.daemons[2]
+        .cli_fails(&["fleet", "import", "--replace", swap.to_str().unwrap()])
+        .unwrap();
+    assert!(
+        e.contains("nothing written") && e.contains("no free backend id"),
+        "{e}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        fleet.applied(),
+        before,
+        "the refused change reached the fleet"
+    );
+
     // A state that fails part way on node 2 (its state file cannot be
     // written: a directory where it was) is undone whole, the overrides it
     // came with too: node 2 keeps serving its last good state, backend 2
