@@ -1820,8 +1820,19 @@ impl Controller {
             } else {
                 moved(&svc.ring, &ring)
             };
-            self.dp
-                .publish_service(&key, id, flags, idle_timeout, &ring)?;
+            if let Err(e) = self
+                .dp
+                .publish_service(&key, id, flags, idle_timeout, &ring)
+            {
+                // Part of it may be live (a table of the same size is
+                // rewritten in place before the entry; the slot follows the
+                // entry): the next sync, an undo's included, writes the
+                // table whole rather than trust that nothing changed.
+                if let Some(svc) = self.services.get_mut(name) {
+                    svc.published = None;
+                }
+                return Err(e);
+            }
             let svc = self.services.get_mut(name).context("no such service")?;
             let d = table_digest(&ring, &svc.backends);
             svc.in_table = holding_slots(&ring, &svc.backends);
