@@ -29,7 +29,7 @@ pub(crate) struct Node {
     convergence: Convergence,
     /// Short spells out of step with the fleet excused.
     grace: ConvergenceGrace,
-    /// How long each service has been settling.
+    /// How long what each service's table waits on has been pending.
     settle: SettleClock,
     /// New flows over every service, and when that count last grew (or the
     /// node was drained, whichever is later).
