@@ -1493,8 +1493,15 @@ impl Controller {
                         ));
                         // A new holder of the id: its predecessor's flows must miss.
                         let generation = self.dp.backend(id)?.generation.wrapping_add(1);
-                        // Out of the table until its probes pass.
-                        let trust = self.trusted_first_probe.remove(&(name.clone(), *ip));
+                        // Out of the table until its probes pass. A plan (a
+                        // fleet write's, before it reaches etcd) leaves the
+                        // operator's trust for the change it plans.
+                        let key = (name.clone(), *ip);
+                        let trust = if dry_run {
+                            self.trusted_first_probe.contains(&key)
+                        } else {
+                            self.trusted_first_probe.remove(&key)
+                        };
                         BackendState::new(id, generation, *weight, Tracker::checking(trust))
                     }
                 };

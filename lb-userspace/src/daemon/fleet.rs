@@ -780,13 +780,18 @@ pub(crate) fn desired_of(
     Ok((desired, refused))
 }
 
-/// Overrides must name services that exist. One may name a backend its
-/// service does not have now: a registered backend whose lease lapsed,
-/// whose operator state stays for when it registers again.
+/// Overrides must name services that exist, with weights in range. One
+/// may name a backend its service does not have now: a registered backend
+/// whose lease lapsed, whose operator state stays for when it registers
+/// again.
 fn validate_overrides(overrides: &Overrides, desired: &Desired) -> Result<()> {
-    for svc in overrides.keys() {
+    for (svc, backends) in overrides {
         if !desired.services.contains_key(svc) {
             bail!("service {svc:?} does not exist");
+        }
+        for (ip, o) in backends {
+            config::check_weight(o.weight)
+                .with_context(|| format!("service {svc}, backend {ip}"))?;
         }
     }
     Ok(())
@@ -937,5 +942,22 @@ mod tests {
         // No change to the backends: every override of the service stays.
         let same = overrides_kept(&overrides, &old, &old);
         assert_eq!(same["web"], overrides["web"]);
+        // Overrides as the fleet holds them: services that exist, weights
+        // in range (a hand may have written them).
+        let mut checked = same.clone();
+        assert!(validate_overrides(&checked, &old).is_ok());
+        checked.get_mut("web").unwrap().insert(
+            "198.18.0.11".parse().unwrap(),
+            Override {
+                weight: Some(429_497),
+                ..drained
+            },
+        );
+        let e = validate_overrides(&checked, &old).unwrap_err();
+        assert!(format!("{e:#}").contains("backend 198.18.0.11"), "{e:#}");
+        assert!(
+            validate_overrides(&overrides, &old).is_err(),
+            "a gone service"
+        );
     }
 }

@@ -33,24 +33,13 @@ pub enum Admin {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Override {
     /// Weight replacing the configured one, at most
-    /// [`crate::config::MAX_WEIGHT`]: read from a state file or the fleet's
-    /// overrides, where a hand may have written it, a larger one refuses
-    /// the whole document, as any other bad data there.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "weight_in_range"
-    )]
+    /// [`crate::config::MAX_WEIGHT`] (checked where one is read: the API,
+    /// the fleet's overrides, the state file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
     /// Operator state.
     #[serde(default)]
     pub admin: Admin,
-}
-
-fn weight_in_range<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
-    let weight = Option::<u32>::deserialize(d)?;
-    crate::config::check_weight(weight).map_err(serde::de::Error::custom)?;
-    Ok(weight)
 }
 
 /// Where the state file at `path` keeps its previous copy.
@@ -129,6 +118,27 @@ pub struct ServiceIds {
 impl Runtime {
     /// Reads the state file; a missing file is an empty state.
     pub fn load(path: &Path) -> Result<Runtime> {
+        Self::load_whole(path).map(Runtime::without_bad_weights)
+    }
+
+    /// A weight out of range, which only a hand can have written there,
+    /// is dropped (the configured one applies) rather than the whole
+    /// file: the table weight (weight × ramp × scale) would wrap.
+    fn without_bad_weights(mut self) -> Runtime {
+        for (service, backends) in &mut self.overrides {
+            for (ip, o) in backends.iter_mut() {
+                if let Err(e) = crate::config::check_weight(o.weight) {
+                    error!(%service, backend = %ip, error = %e, "the state file's weight is dropped");
+                    o.weight = None;
+                }
+            }
+            backends.retain(|_, o| *o != Override::default());
+        }
+        self.overrides.retain(|_, m| !m.is_empty());
+        self
+    }
+
+    fn load_whole(path: &Path) -> Result<Runtime> {
         let previous = previous_copy(path);
         match read(path)? {
             Some(Ok(r)) => return Ok(r),
@@ -230,23 +240,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_weight_out_of_range_is_refused_when_read() {
-        let read = |w: u64| {
-            serde_json::from_str::<Runtime>(&format!(
-                r#"{{"overrides": {{"web": {{"198.18.0.11": {{"weight": {w}}}}}}}}}"#
-            ))
-        };
-        let ip: IpAddr = "198.18.0.11".parse().unwrap();
-        assert_eq!(read(65_535).unwrap().get("web", ip).weight, Some(65_535));
-        let e = read(429_497).unwrap_err().to_string();
-        assert!(e.contains("429497"), "{e}");
-        assert!(read(1 << 40).is_err());
-        assert_eq!(
-            serde_json::from_str::<Override>(r#"{"admin": "drain"}"#)
-                .unwrap()
-                .weight,
-            None
-        );
+    fn a_state_files_weight_out_of_range_is_dropped_alone() {
+        let dir = std::env::temp_dir().join(format!("lb-runtime-w-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.json");
+        std::fs::write(
+            &path,
+            r#"{"overrides": {"web": {
+                "198.18.0.11": {"weight": 429497},
+                "198.18.0.12": {"weight": 429497, "admin": "drain"},
+                "198.18.0.13": {"weight": 65535}}},
+              "node": {"drained": true}}"#,
+        )
+        .unwrap();
+        let r = Runtime::load(&path).unwrap();
+        let at = |last: u8| r.get("web", IpAddr::from([198, 18, 0, last]));
+        assert_eq!(at(11), Override::default());
+        assert_eq!((at(12).weight, at(12).admin), (None, Admin::Drain));
+        assert_eq!(at(13).weight, Some(65_535));
+        assert!(r.node.drained, "the rest of the file stands");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1116,6 +1116,26 @@ impl Dataplane {
             .insert(key, value, 0)
             .inspect_err(|_| give_back(&mut self.ring_space))
             .context("publishing the service")?;
+        // The VIP set counts the entry's flags: at once, and the entry put
+        // back if it cannot, so that the two never disagree whatever fails
+        // next (an undo works its change out from the entry).
+        let delta = match current {
+            None => vip_share(flags),
+            Some(cur) => vip_share(flags) - vip_share(cur.flags),
+        };
+        if delta != 0
+            && let Err(e) = self.adjust_vip(key, delta)
+        {
+            let put_back = match current {
+                Some(cur) => self.services.insert(key, cur, 0),
+                None => self.services.remove(key),
+            };
+            if let Err(back) = put_back {
+                tracing::warn!(error = %back, "putting a service's entry back after a failed change");
+            }
+            give_back(&mut self.ring_space);
+            return Err(e);
+        }
         // The entry names the new table: the old one's slots are held back
         // from here on, whatever fails next.
         if let Some(cur) = current.filter(|_| moved) {
@@ -1126,13 +1146,6 @@ impl Dataplane {
         // index after the slot it leads to.
         self.set_service_slot(id, ServiceSlot { key: *key, value })?;
         self.index_service(id, Some(*key))?;
-        let delta = match current {
-            None => vip_share(flags),
-            Some(cur) => vip_share(flags) - vip_share(cur.flags),
-        };
-        if delta != 0 {
-            self.adjust_vip(key, delta)?;
-        }
         Ok(stored)
     }
 
