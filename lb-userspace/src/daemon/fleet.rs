@@ -307,7 +307,15 @@ impl FleetNode {
             changes = report.changes.len(),
             "fleet state applied"
         );
-        ctl.cache_fleet_state(state.clone())?;
+        // Live from here, whatever the state file says: one that cannot be
+        // written now gets it with its next save, and calling a live state
+        // refused would make the node count itself behind the fleet.
+        if let Err(e) = ctl.cache_fleet_state(state.clone()) {
+            warn!(
+                error = %format!("{e:#}"),
+                "fleet state applied but not saved yet: a restart before the next save starts from the one before"
+            );
+        }
         self.applied = Some(state);
         self.synced = true;
         Ok(Some(report))
