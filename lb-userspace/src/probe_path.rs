@@ -180,13 +180,21 @@ impl Paths {
     async fn add_route(&self, p: &ProbePath, reachable: bool) -> Result<()> {
         let index = ifindex(&p.dev)?;
         let route = match (p.vip, p.next_hop) {
-            (IpAddr::V4(vip), IpAddr::V4(hop)) => {
+            (IpAddr::V4(vip), hop) => {
                 let to = in_table(RouteMessageBuilder::<Ipv4Addr>::new(), p.mark)
                     .destination_prefix(vip, 32);
-                if reachable {
-                    to.gateway(hop).output_interface(index).onlink().build()
-                } else {
-                    to.kind(RouteType::Unreachable).build()
+                match hop {
+                    _ if !reachable => to.kind(RouteType::Unreachable).build(),
+                    IpAddr::V4(hop) => to.gateway(hop).output_interface(index).onlink().build(),
+                    // Through an IPv6 router (RFC 5549), as the backend's
+                    // own route goes.
+                    IpAddr::V6(hop) => {
+                        let mut route = to.output_interface(index).onlink().build();
+                        route
+                            .attributes
+                            .push(RouteAttribute::Via(RouteVia::Inet6(hop)));
+                        route
+                    }
                 }
             }
             (IpAddr::V6(vip), IpAddr::V6(hop)) => {
@@ -194,21 +202,6 @@ impl Paths {
                     .destination_prefix(vip, 128);
                 if reachable {
                     to.gateway(hop).output_interface(index).onlink().build()
-                } else {
-                    to.kind(RouteType::Unreachable).build()
-                }
-            }
-            // An IPv4 VIP through an IPv6 router (RFC 5549), as the
-            // backend's own route goes.
-            (IpAddr::V4(vip), IpAddr::V6(hop)) => {
-                let to = in_table(RouteMessageBuilder::<Ipv4Addr>::new(), p.mark)
-                    .destination_prefix(vip, 32);
-                if reachable {
-                    let mut route = to.output_interface(index).onlink().build();
-                    route
-                        .attributes
-                        .push(RouteAttribute::Via(RouteVia::Inet6(hop)));
-                    route
                 } else {
                     to.kind(RouteType::Unreachable).build()
                 }
