@@ -13,6 +13,8 @@
 //!   run one frame through a program with BPF_PROG_TEST_RUN.
 //! - [`fuzz`]: the packet fuzzer: seeded frame generator, reference
 //!   classifier, and the properties every verdict of `lb_xdp` must keep.
+//! - [`responder`]: a server whose answers and delay a test sets (agents,
+//!   health-check targets).
 //! - [`legacy`]: what earlier versions wrote into pinned maps (their hash
 //!   and seals), for upgrade tests and the benchmark's baselines.
 //!
@@ -26,6 +28,7 @@ pub mod lab;
 pub mod lan;
 pub mod legacy;
 pub mod packet;
+pub mod responder;
 
 /// Fails the test unless it runs as root. The tests that need root (the
 /// kernel, namespaces) are `#[ignore]`d with that reason, so a plain

@@ -33,7 +33,6 @@ use std::{
     net::IpAddr,
     os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -558,7 +557,10 @@ pub async fn run(opts: Options) -> Result<()> {
                 publish_addrs(&addrs_tx, &ctl);
             }
             Some(result) = results.recv() => {
-                let probers::Result { service, backend, report } = result;
+                if probers.is_stale(&result) {
+                    continue;
+                }
+                let probers::Result { service, backend, report, .. } = result;
                 // Whether the result may have changed what the node serves.
                 let changed = match report {
                     probers::Report::Probe(report) => {
@@ -937,23 +939,6 @@ async fn refresh_macs(
         }
     }
 }
-
-/// Shared between the controller and a probe task.
-#[derive(Debug, Default)]
-pub(crate) struct ProbeControl {
-    /// The backend's health state is up. A probe whose result disagrees
-    /// with it starts a transition: the prober switches to the fast
-    /// interval at once, without waiting for the controller.
-    pub up: std::sync::atomic::AtomicBool,
-    /// Do not probe (maintenance).
-    pub paused: std::sync::atomic::AtomicBool,
-    /// Probe now: the backend left maintenance, and takes no flow until a
-    /// probe passes.
-    pub resumed: tokio::sync::Notify,
-}
-
-/// Keeps the type in one place for `probers`.
-pub(crate) type SharedControl = Arc<ProbeControl>;
 
 #[cfg(test)]
 mod tests {

@@ -8,7 +8,10 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     hash::{Hash as _, Hasher as _},
     net::{IpAddr, SocketAddr},
-    sync::atomic::Ordering,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -18,7 +21,6 @@ use tokio::{
 };
 
 use super::{
-    SharedControl,
     controller::{Controller, ProbeReport},
     runtime::Admin,
 };
@@ -37,6 +39,9 @@ pub(super) struct Result {
     pub backend: IpAddr,
     /// The outcome.
     pub report: Report,
+    /// For a probe, the task that ran it and the [`ProbeControl::epoch`] it
+    /// began in: see [`Probers::is_stale`].
+    probed_in: Option<(SharedControl, u64)>,
 }
 
 /// What a task found.
@@ -55,6 +60,27 @@ struct Checks {
     /// Its health probes go through the VIP, or to its address.
     through: Option<probe::ThroughVip>,
 }
+
+/// Shared between the controller and a probe task.
+#[derive(Debug, Default)]
+struct ProbeControl {
+    /// The backend's health state is up. A probe whose result disagrees
+    /// with it starts a transition: the prober switches to the fast
+    /// interval at once, without waiting for the controller.
+    up: AtomicBool,
+    /// Do not probe (maintenance).
+    paused: AtomicBool,
+    /// Changes whenever `paused` does. A probe reports the epoch it began
+    /// in, and the controller drops its result if the epoch has changed
+    /// since: a probe begun before maintenance, answered by the server
+    /// since stopped, must not count once the backend leaves it.
+    epoch: AtomicU64,
+    /// Probe now: the backend left maintenance, and takes no flow until a
+    /// probe passes.
+    resumed: tokio::sync::Notify,
+}
+
+type SharedControl = Arc<ProbeControl>;
 
 struct Task {
     checks: Checks,
@@ -150,6 +176,21 @@ impl Probers {
             task.pass_state(ctl, service, ip);
         }
     }
+
+    /// Whether `result` is a probe's that no longer speaks for its backend:
+    /// its task has been replaced (the checks changed) or stopped, or the
+    /// backend entered or left maintenance after the probe began.
+    pub(super) fn is_stale(&self, result: &Result) -> bool {
+        let Some((control, epoch)) = &result.probed_in else {
+            return false;
+        };
+        self.tasks
+            .get(&(result.service.clone(), result.backend))
+            .is_none_or(|t| {
+                !Arc::ptr_eq(&t.control, control)
+                    || t.control.epoch.load(Ordering::SeqCst) != *epoch
+            })
+    }
 }
 
 impl Task {
@@ -157,8 +198,14 @@ impl Task {
     /// maintenance.
     fn pass_state(&self, ctl: &Controller, service: &str, ip: IpAddr) {
         let paused = ctl.override_of(service, ip).admin == Admin::Maintenance;
-        if self.control.paused.swap(paused, Ordering::Relaxed) && !paused {
-            self.control.resumed.notify_one();
+        // SeqCst, and the epoch after the flag: a probe that read the new
+        // epoch reads the new flag too, so none runs in maintenance under
+        // an epoch that outlives it.
+        if self.control.paused.swap(paused, Ordering::SeqCst) != paused {
+            self.control.epoch.fetch_add(1, Ordering::SeqCst);
+            if !paused {
+                self.control.resumed.notify_one();
+            }
         }
         self.control
             .up
@@ -203,6 +250,7 @@ async fn agent_loop(service: String, ip: IpAddr, check: AgentCheck, out: mpsc::S
             service: service.clone(),
             backend: ip,
             report: Report::Agent(answer),
+            probed_in: None,
         };
         if out.send(result).await.is_err() {
             return;
@@ -225,7 +273,8 @@ async fn probe_loop(
     tokio::time::sleep(jittered(check.interval / 2, &mut state)).await;
     loop {
         let mut in_transition = false;
-        if !control.paused.load(Ordering::Relaxed) {
+        let epoch = control.epoch.load(Ordering::SeqCst);
+        if !control.paused.load(Ordering::SeqCst) {
             let report = match probe::run(&check.kind, addr, through.as_ref(), check.timeout).await
             {
                 Ok(latency) => ProbeReport {
@@ -244,6 +293,7 @@ async fn probe_loop(
                 service: service.clone(),
                 backend: ip,
                 report: Report::Probe(report),
+                probed_in: Some((control.clone(), epoch)),
             };
             if out.send(result).await.is_err() {
                 return;

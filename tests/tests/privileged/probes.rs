@@ -4,10 +4,12 @@
 //! and IPv6 services alike, each probe reaching the one backend it checks
 //! by lb's policy rule and route. One that answers ARP for the VIP fails
 //! too. An `ipip` or `gue` backend whose decapsulator is removed fails its
-//! probes, which lb puts in the tunnel as it does clients' packets.
+//! probes, which lb puts in the tunnel as it does clients' packets. A
+//! probe begun before a backend's maintenance does not count after it.
 
 use std::time::Duration;
 
+use lb::demo::edge::fast_health;
 use lb::netns::PrivateBpffs;
 use lb::probe_path::PROBE_MARK_BASE;
 use lb_tests::{
@@ -15,6 +17,7 @@ use lb_tests::{
     daemon::{Daemon, WEB_PORT, lb_in, web_config},
     lan::Lan,
     require_root,
+    responder::Responder,
 };
 use serde_json::Value;
 
@@ -23,6 +26,10 @@ const VIP6: &str = "2001:2:1::1";
 /// The `gue` service's VIP.
 const GUE4: &str = "198.18.1.5";
 const WAIT: Duration = Duration::from_secs(10);
+/// The port of the health checks a [`Responder`] answers.
+const CHECK_PORT: u16 = 8080;
+const HTTP_OK: &str = "HTTP/1.0 200 OK\r\nContent-Length: 0\r\n";
+const HTTP_UNAVAILABLE: &str = "HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n";
 
 /// Backend `addr`'s health in service `service`.
 fn health(d: &Daemon, service: &str, addr: &str) -> String {
@@ -45,6 +52,66 @@ fn wait_for(d: &Daemon, service: &str, addr: &str, want: &str) {
         Ok(health(d, service, addr) == want)
     })
     .unwrap();
+}
+
+/// Leaving maintenance sets a backend's verdict aside until a probe passes
+/// (its server was likely stopped or changed meanwhile), and only a probe
+/// begun since counts: one still under way from before maintenance was
+/// answered by the server as it was. Here that answer passes and every
+/// later one fails, and the backend must go from checking to down without
+/// having been up.
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn a_probe_begun_before_maintenance_does_not_count_after_it() {
+    require_root();
+    let lan = Lan::build(2, &[&format!("{VIP4}/32")]).unwrap();
+    let _servers = lan.serve_names(WEB_PORT).unwrap();
+    let checks: Vec<Responder> = lan
+        .backends
+        .iter()
+        .map(|h| Responder::start(&h.ns, CHECK_PORT, HTTP_OK))
+        .collect::<anyhow::Result<_>>()
+        .unwrap();
+    // A timeout well above the delay below.
+    let slow = "\n[service.health]\ncheck = \"http\"\nport = 8080\ninterval = \"1s\"\n\
+                fast_interval = \"100ms\"\ntimeout = \"1s\"\nrise = 2\nfall = 2\n\
+                slow_start = \"0s\"\n";
+    let config = web_config(2).replacen(&fast_health("http"), slow, 1);
+    assert!(config.contains("port = 8080"), "{config}");
+    let d = Daemon::start(&lan.lb, "stale-probe", &config).unwrap();
+    let two = "198.18.0.12";
+    wait_for(&d, "web", two, "up");
+    let transitions = |d: &Daemon| {
+        let rows = d.cli(&["health"]).unwrap();
+        rows.as_array()
+            .and_then(|a| a.iter().find(|r| r["address"] == two))
+            .and_then(|r| r["transitions"].as_u64())
+            .unwrap_or_default()
+    };
+    let before = transitions(&d);
+
+    // A probe of backend 2 under way, its answer (a pass) 600 ms away.
+    checks[1].delay(Duration::from_millis(600));
+    let accepted = checks[1].accepted();
+    d.wait_until("a slow probe under way", WAIT, |_| {
+        Ok(checks[1].accepted() > accepted)
+    })
+    .unwrap();
+    // Within those 600 ms, maintenance; the server's checks fail from now
+    // on, and answer at once; back from maintenance.
+    d.cli(&["backend", "maintenance", "web", two]).unwrap();
+    checks[1].say(&[HTTP_UNAVAILABLE]);
+    checks[1].delay(Duration::ZERO);
+    d.cli(&["backend", "enable", "web", two]).unwrap();
+    assert_eq!(health(&d, "web", two), "checking");
+    // The late pass arrives, then the first probe begun since fails.
+    wait_for(&d, "web", two, "down");
+    assert_eq!(
+        transitions(&d),
+        before + 1,
+        "backend 2 was up after maintenance on a probe from before it"
+    );
+    drop(d);
 }
 
 #[test]

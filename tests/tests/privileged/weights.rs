@@ -8,25 +8,18 @@
 
 use std::{
     collections::BTreeMap,
-    io::{ErrorKind, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    thread::JoinHandle,
+    io::Write as _,
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
-use lb::{
-    demo::{edge::fast_health, server::http_get},
-    netns::Netns,
-};
+use lb::demo::{edge::fast_health, server::http_get};
 use lb_tests::{
     daemon::{Daemon, WEB_PORT, WEB_VIP, web_config},
     lan::Lan,
     require_root,
+    responder::Responder,
 };
 use serde_json::Value;
 
@@ -40,81 +33,6 @@ const INTERVAL: Duration = Duration::from_secs(1);
 const WAIT: Duration = Duration::from_secs(10);
 /// Backend 1, whose agent the test drives.
 const ONE: &str = "198.18.0.11";
-
-/// A server on a backend that answers each connection, after `delay`, with
-/// the next of its lines (round robin) and closes: an agent, or with an
-/// HTTP status line a health-check target.
-struct Responder {
-    lines: Arc<Mutex<(Vec<String>, usize)>>,
-    delay_ms: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Result<()>>>,
-}
-
-impl Responder {
-    fn start(ns: &Netns, port: u16, line: &str) -> Result<Responder> {
-        let lines = Arc::new(Mutex::new((vec![line.to_string()], 0)));
-        let delay_ms = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (said, delay, flag) = (lines.clone(), delay_ms.clone(), stop.clone());
-        let (ready, bound) = std::sync::mpsc::channel();
-        let thread = ns.spawn(move || {
-            let listener = TcpListener::bind(("0.0.0.0", port))?;
-            listener.set_nonblocking(true)?;
-            let _ = ready.send(());
-            while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut s, _)) => {
-                        let line = {
-                            let mut l = said.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-                            let (lines, next) = &mut *l;
-                            let line = lines[*next % lines.len()].clone();
-                            *next += 1;
-                            line
-                        };
-                        std::thread::sleep(Duration::from_millis(delay.load(Ordering::Relaxed)));
-                        let _ = s.write_all(format!("{line}\n").as_bytes());
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Ok(())
-        });
-        bound
-            .recv_timeout(WAIT)
-            .with_context(|| format!("the responder in {} did not start", ns.name))?;
-        Ok(Responder {
-            lines,
-            delay_ms,
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    /// Answers `delay` late from now on.
-    fn delay(&self, delay: Duration) {
-        self.delay_ms
-            .store(delay.as_millis() as u64, Ordering::Relaxed);
-    }
-
-    /// Answers `lines` from now on, in turn.
-    fn say(&self, lines: &[&str]) {
-        let mut l = self.lines.lock().unwrap();
-        *l = (lines.iter().map(ToString::to_string).collect(), 0);
-    }
-}
-
-impl Drop for Responder {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 /// Backend `addr`'s row of `lb backend list`.
 fn row(d: &Daemon, addr: &str) -> Result<Value> {
