@@ -90,7 +90,10 @@ impl Responder {
 
     /// Answers `lines` from now on, in turn.
     pub fn say(&self, lines: &[&str]) {
-        let mut l = self.lines.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut l = self
+            .lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         *l = (lines.iter().map(ToString::to_string).collect(), 0);
     }
 

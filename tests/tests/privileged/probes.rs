@@ -54,6 +54,55 @@ fn wait_for(d: &Daemon, service: &str, addr: &str, want: &str) {
     .unwrap();
 }
 
+/// `web_config(backends)` with HTTP checks of [`CHECK_PORT`] (rise 2, fall
+/// 2) every `interval`, their timeout.
+fn responder_checks(backends: u8, interval: &str) -> String {
+    let checks = format!(
+        "\n[service.health]\ncheck = \"http\"\nport = {CHECK_PORT}\ninterval = \"{interval}\"\n\
+         fast_interval = \"100ms\"\ntimeout = \"{interval}\"\nrise = 2\nfall = 2\n\
+         slow_start = \"0s\"\n"
+    );
+    let config = web_config(backends).replacen(&fast_health("http"), &checks, 1);
+    assert!(config.contains(&checks), "{config}");
+    config
+}
+
+/// A backend added with `--trust-first-probe` enters the table on its
+/// first passing probe, where one added without needs `rise` (2) passes in
+/// a row: both answer their checks pass, fail, pass, fail..., so the first
+/// is up from its first probe on (one failure is not `fall`) and the
+/// second never.
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn a_backend_added_trusting_its_first_probe_is_up_on_one_pass() {
+    require_root();
+    let lan = Lan::build(3, &[&format!("{VIP4}/32")]).unwrap();
+    let _servers = lan.serve_names(WEB_PORT).unwrap();
+    let checks: Vec<Responder> = lan
+        .backends
+        .iter()
+        .map(|h| Responder::start(&h.ns, CHECK_PORT, HTTP_OK))
+        .collect::<anyhow::Result<_>>()
+        .unwrap();
+    checks[1].say(&[HTTP_OK, HTTP_UNAVAILABLE]);
+    checks[2].say(&[HTTP_OK, HTTP_UNAVAILABLE]);
+    let d = Daemon::start(&lan.lb, "trust", &responder_checks(1, "200ms")).unwrap();
+    let (trusted, checked) = ("198.18.0.12", "198.18.0.13");
+    wait_for(&d, "web", "198.18.0.11", "up");
+    d.cli(&["backend", "add", "web", trusted, "--trust-first-probe"])
+        .unwrap();
+    d.cli(&["backend", "add", "web", checked]).unwrap();
+    // Three passes and two failures each, recorded before the sixth
+    // probe began: settled for good.
+    d.wait_until("six probes of each", WAIT, |_| {
+        Ok(checks[1].accepted() >= 6 && checks[2].accepted() >= 6)
+    })
+    .unwrap();
+    assert_eq!(health(&d, "web", trusted), "up");
+    assert_eq!(health(&d, "web", checked), "down");
+    drop(d);
+}
+
 /// Leaving maintenance sets a backend's verdict aside until a probe passes
 /// (its server was likely stopped or changed meanwhile), and only a probe
 /// begun since counts: one still under way from before maintenance was
@@ -73,11 +122,7 @@ fn a_probe_begun_before_maintenance_does_not_count_after_it() {
         .collect::<anyhow::Result<_>>()
         .unwrap();
     // A timeout well above the delay below.
-    let slow = "\n[service.health]\ncheck = \"http\"\nport = 8080\ninterval = \"1s\"\n\
-                fast_interval = \"100ms\"\ntimeout = \"1s\"\nrise = 2\nfall = 2\n\
-                slow_start = \"0s\"\n";
-    let config = web_config(2).replacen(&fast_health("http"), slow, 1);
-    assert!(config.contains("port = 8080"), "{config}");
+    let config = responder_checks(2, "1s");
     let d = Daemon::start(&lan.lb, "stale-probe", &config).unwrap();
     let two = "198.18.0.12";
     wait_for(&d, "web", two, "up");
