@@ -111,6 +111,7 @@ impl ConfigFile {
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let desired =
             config::parse(&text).map_err(|e| anyhow!("{} is invalid:\n{e}", path.display()))?;
+        runtime::check_apart_from(&desired.settings.state_file, path)?;
         let file = ConfigFile {
             path: path.to_path_buf(),
             text,

@@ -10,7 +10,7 @@ use std::{
     time::SystemTime,
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
@@ -45,6 +45,47 @@ pub struct Override {
 /// Where the state file at `path` keeps its previous copy.
 pub fn previous_copy(path: &Path) -> PathBuf {
     path.with_extension("prev")
+}
+
+/// Where the state file at `path` is written before it replaces the file.
+fn temporary_copy(path: &Path) -> PathBuf {
+    path.with_extension("tmp")
+}
+
+/// Refuses a state file at `path` that would write over the configuration
+/// file `config`: the file, its temporary or its previous copy being the
+/// configuration (a typo, a link). Loading would set the configuration
+/// aside as a corrupt state file, and saving would put JSON in its place.
+pub fn check_apart_from(path: &Path, config: &Path) -> Result<()> {
+    let config =
+        std::fs::canonicalize(config).with_context(|| format!("reading {}", config.display()))?;
+    for written in [
+        path.to_path_buf(),
+        temporary_copy(path),
+        previous_copy(path),
+    ] {
+        if real_path(&written) == config {
+            bail!(
+                "state_file {} would write over the configuration file {} ({} is one of the files it writes): name another file",
+                path.display(),
+                config.display(),
+                written.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `path` through its real directory, and through the link if it is one:
+/// a file that does not exist yet has no real path of its own.
+fn real_path(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path)
+        .or_else(|_| {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            let real_dir = std::fs::canonicalize(dir.unwrap_or(Path::new(".")))?;
+            Ok::<_, std::io::Error>(real_dir.join(path.file_name().unwrap_or_default()))
+        })
+        .unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// The state file at `path`: `None` if there is none, else what it parses
@@ -189,7 +230,7 @@ impl Runtime {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let tmp = path.with_extension("tmp");
+        let tmp = temporary_copy(path);
         if let Err(e) = super::durable::write_synced(&tmp, &serde_json::to_vec_pretty(self)?) {
             // A part written to a full disk would only take what room is left.
             let _ = std::fs::remove_file(&tmp);
@@ -238,6 +279,36 @@ impl Runtime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_state_file_that_would_write_over_the_configuration_is_refused() {
+        let dir = std::env::temp_dir().join(format!("lb-runtime-c-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        let config = dir.join("lb.toml");
+        std::fs::write(&config, "").unwrap();
+        std::os::unix::fs::symlink(&config, dir.join("link.json")).unwrap();
+        // A configuration named as a state file's previous copy.
+        let prev = dir.join("state.prev");
+        std::fs::write(&prev, "").unwrap();
+        let refused = [
+            (config.clone(), &config),
+            (dir.join("sub/../lb.toml"), &config),
+            (dir.join("link.json"), &config),
+            (dir.join("state.json"), &prev),
+        ];
+        for (state, config) in &refused {
+            let e = check_apart_from(state, config).unwrap_err().to_string();
+            assert!(e.contains("would write over the configuration file"), "{e}");
+        }
+        for state in [
+            dir.join("state.json"),
+            dir.join("sub/lb.toml"),
+            dir.join("no/dir.json"),
+        ] {
+            check_apart_from(&state, &config).unwrap();
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn a_state_files_weight_out_of_range_is_dropped_alone() {
