@@ -23,7 +23,9 @@ pub enum Counter {
     DropMalformedIpv6 = 5,
     /// Truncated or invalid TCP/UDP header on a packet to a VIP address: dropped.
     DropMalformedL4 = 6,
-    /// ICMP error to a VIP address whose quoted packet is truncated: dropped.
+    /// ICMP error to a VIP address whose quoted packet is truncated or no IP
+    /// header, or an echo request lb answers shorter than its echo header:
+    /// dropped.
     DropMalformedIcmp = 7,
     /// IP fragment addressed to a VIP address: dropped (see docs/dataplane.md).
     DropFragment = 8,
