@@ -149,7 +149,13 @@ impl Tracker {
     /// is up again: after one passing probe if it was up before, else
     /// after its `rise` (its flap penalty kept); down at one failure.
     pub fn recheck(&mut self) {
-        self.trust_first_probe = self.state == Health::Up;
+        // Checking already (set aside again before any probe, or new):
+        // the trust it had stands.
+        self.trust_first_probe = match self.state {
+            Health::Up => true,
+            Health::Checking => self.trust_first_probe,
+            Health::Down => false,
+        };
         self.state = Health::Checking;
         self.streak = 0;
         self.proven = false;
@@ -383,6 +389,18 @@ mod tests {
         tr.recheck();
         assert_eq!(tr.state(), Health::Checking);
         assert_eq!(tr.rise_needed(T), T.rise << 1);
+        // Set aside twice before any probe (out of maintenance, in and out
+        // again): it was up, so one pass still does; a new backend keeps
+        // whatever trust it was added with.
+        let mut tr = Tracker::new(Health::Up);
+        tr.recheck();
+        tr.recheck();
+        assert_eq!(tr.rise_needed(T), 1);
+        for trust in [false, true] {
+            let mut tr = Tracker::checking(trust);
+            tr.recheck();
+            assert_eq!(tr.rise_needed(T), if trust { 1 } else { T.rise });
+        }
     }
 
     proptest! {

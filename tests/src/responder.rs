@@ -58,8 +58,10 @@ impl Responder {
                             *next += 1;
                             line
                         };
-                        let delay = Duration::from_millis(delay.load(Ordering::Relaxed));
-                        count.fetch_add(1, Ordering::Relaxed);
+                        // Counted before its delay is read: a connection
+                        // counted after a test set the delay answers late.
+                        count.fetch_add(1, Ordering::SeqCst);
+                        let delay = Duration::from_millis(delay.load(Ordering::SeqCst));
                         std::thread::sleep(delay);
                         let _ = s.write_all(format!("{line}\n").as_bytes());
                     }
@@ -85,7 +87,7 @@ impl Responder {
     /// keeps the delay it was accepted with).
     pub fn delay(&self, delay: Duration) {
         self.delay_ms
-            .store(delay.as_millis() as u64, Ordering::Relaxed);
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// Answers `lines` from now on, in turn.
@@ -99,7 +101,7 @@ impl Responder {
 
     /// Connections accepted so far.
     pub fn accepted(&self) -> u64 {
-        self.accepted.load(Ordering::Relaxed)
+        self.accepted.load(Ordering::SeqCst)
     }
 }
 

@@ -56,15 +56,21 @@ fn temporary_copy(path: &Path) -> PathBuf {
 /// file `config`: the file, its temporary or its previous copy being the
 /// configuration (a typo, a link). Loading would set the configuration
 /// aside as a corrupt state file, and saving would put JSON in its place.
+/// Files are compared by device and inode, so any path to the same file
+/// counts; a file that does not exist yet is not the configuration.
 pub fn check_apart_from(path: &Path, config: &Path) -> Result<()> {
-    let config =
-        std::fs::canonicalize(config).with_context(|| format!("reading {}", config.display()))?;
+    use std::os::unix::fs::MetadataExt as _;
+    let file_id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let Some(config_id) = file_id(config) else {
+        // Read already, but gone or not a file of its own: nothing to keep.
+        return Ok(());
+    };
     for written in [
         path.to_path_buf(),
         temporary_copy(path),
         previous_copy(path),
     ] {
-        if real_path(&written) == config {
+        if file_id(&written) == Some(config_id) {
             bail!(
                 "state_file {} would write over the configuration file {} ({} is one of the files it writes): name another file",
                 path.display(),
@@ -74,18 +80,6 @@ pub fn check_apart_from(path: &Path, config: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// `path` through its real directory, and through the link if it is one:
-/// a file that does not exist yet has no real path of its own.
-fn real_path(path: &Path) -> PathBuf {
-    std::fs::canonicalize(path)
-        .or_else(|_| {
-            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-            let real_dir = std::fs::canonicalize(dir.unwrap_or(Path::new(".")))?;
-            Ok::<_, std::io::Error>(real_dir.join(path.file_name().unwrap_or_default()))
-        })
-        .unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// The state file at `path`: `None` if there is none, else what it parses
@@ -287,6 +281,7 @@ mod tests {
         let config = dir.join("lb.toml");
         std::fs::write(&config, "").unwrap();
         std::os::unix::fs::symlink(&config, dir.join("link.json")).unwrap();
+        std::fs::hard_link(&config, dir.join("hard.json")).unwrap();
         // A configuration named as a state file's previous copy.
         let prev = dir.join("state.prev");
         std::fs::write(&prev, "").unwrap();
@@ -294,6 +289,7 @@ mod tests {
             (config.clone(), &config),
             (dir.join("sub/../lb.toml"), &config),
             (dir.join("link.json"), &config),
+            (dir.join("hard.json"), &config),
             (dir.join("state.json"), &prev),
         ];
         for (state, config) in &refused {

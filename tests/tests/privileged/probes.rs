@@ -86,7 +86,9 @@ fn a_backend_added_trusting_its_first_probe_is_up_on_one_pass() {
         .unwrap();
     checks[1].say(&[HTTP_OK, HTTP_UNAVAILABLE]);
     checks[2].say(&[HTTP_OK, HTTP_UNAVAILABLE]);
-    let d = Daemon::start(&lan.lb, "trust", &responder_checks(1, "200ms")).unwrap();
+    // An interval and timeout long enough that no probe times out on a
+    // loaded machine, which would shift the pass, fail turns.
+    let d = Daemon::start(&lan.lb, "trust", &responder_checks(1, "1s")).unwrap();
     let (trusted, checked) = ("198.18.0.12", "198.18.0.13");
     wait_for(&d, "web", "198.18.0.11", "up");
     d.cli(&["backend", "add", "web", trusted, "--trust-first-probe"])
@@ -122,7 +124,7 @@ fn a_probe_begun_before_maintenance_does_not_count_after_it() {
         .collect::<anyhow::Result<_>>()
         .unwrap();
     // A timeout well above the delay below.
-    let config = responder_checks(2, "1s");
+    let config = responder_checks(2, "3s");
     let d = Daemon::start(&lan.lb, "stale-probe", &config).unwrap();
     let two = "198.18.0.12";
     wait_for(&d, "web", two, "up");
@@ -135,14 +137,16 @@ fn a_probe_begun_before_maintenance_does_not_count_after_it() {
     };
     let before = transitions(&d);
 
-    // A probe of backend 2 under way, its answer (a pass) 600 ms away.
-    checks[1].delay(Duration::from_millis(600));
+    // A probe of backend 2 under way, its answer (a pass) 2 s away: time
+    // for three CLI calls, each a process start and, for two, a state-file
+    // sync.
+    checks[1].delay(Duration::from_secs(2));
     let accepted = checks[1].accepted();
     d.wait_until("a slow probe under way", WAIT, |_| {
         Ok(checks[1].accepted() > accepted)
     })
     .unwrap();
-    // Within those 600 ms, maintenance; the server's checks fail from now
+    // Within those 2 s, maintenance; the server's checks fail from now
     // on, and answer at once; back from maintenance.
     d.cli(&["backend", "maintenance", "web", two]).unwrap();
     checks[1].say(&[HTTP_UNAVAILABLE]);
