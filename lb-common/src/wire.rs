@@ -60,6 +60,11 @@ pub const IPV4_MF: u16 = 0x2000;
 pub const IPV4_DF: u16 = 0x4000;
 /// IPv4 flags/fragment-offset field: the offset bits.
 pub const IPV4_FRAG_OFFSET: u16 = 0x1fff;
+/// IPv6 fragment header's offset-and-flags field (RFC 8200 §4.5): the
+/// offset bits (the two bits below them are reserved).
+pub const IPV6_FRAG_OFFSET: u16 = 0xfff8;
+/// IPv6 fragment header's offset-and-flags field: "more fragments".
+pub const IPV6_FRAG_M: u16 = 0x0001;
 /// Default TTL of the outer header we build (RFC 1700's recommended 64).
 pub const DEFAULT_TTL: u8 = 64;
 

@@ -179,11 +179,13 @@ pub(crate) fn ipv6(
         // Every extension header starts with next-header and length bytes;
         // the fragment header's offset and M flag follow (RFC 8200 §4.5).
         let e = load::<[u8; 4]>(ctx, off).ok_or(Counter::DropMalformedIpv6)?;
+        let mut data_follows = false;
         let len = if next == IPPROTO_FRAGMENT {
-            // Fragment offset is the top 13 bits, M the lowest bit.
-            if u16::from_be_bytes([e[2], e[3]]) & 0xfff9 != 0 {
-                fragment = true;
-            }
+            let field = u16::from_be_bytes([e[2], e[3]]);
+            fragment |= field & (IPV6_FRAG_OFFSET | IPV6_FRAG_M) != 0;
+            // A later fragment's header is followed by the original
+            // packet's data, not by its headers.
+            data_follows = field & IPV6_FRAG_OFFSET != 0;
             8
         } else {
             (e[1] as usize + 1) * 8
@@ -192,6 +194,9 @@ pub(crate) fn ipv6(
         off += len;
         if off > end {
             return Err(Counter::DropMalformedIpv6);
+        }
+        if data_follows {
+            break;
         }
     }
     Ok(Ip {

@@ -123,9 +123,6 @@ impl Ip {
     }
 }
 
-/// Fragment offset and "more fragments" bits of the IPv6 fragment header's
-/// third and fourth bytes (RFC 8200 §4.5); the two bits between are reserved.
-const IPV6_FRAG_OFFSET_AND_M: u16 = 0xfff9;
 /// IPv6 extension-header length unit (RFC 8200 §4.3: 8-octet units, not
 /// counting the first 8 octets).
 const IPV6_EXT_UNIT: usize = 8;
@@ -356,9 +353,10 @@ fn ipv6(f: &[u8], l3: usize, limit: usize, quoted: bool) -> Option<Ip> {
         if rest.len() < IPV6_EXT_UNIT {
             return None;
         }
+        let field = be16(rest, 2);
         let len = if next == IPPROTO_FRAGMENT {
             // An atomic fragment (offset 0, M clear) is a whole packet.
-            if be16(rest, 2) & IPV6_FRAG_OFFSET_AND_M != 0 {
+            if field & (IPV6_FRAG_OFFSET | IPV6_FRAG_M) != 0 {
                 fragment = true;
             }
             IPV6_EXT_UNIT
@@ -368,8 +366,13 @@ fn ipv6(f: &[u8], l3: usize, limit: usize, quoted: bool) -> Option<Ip> {
         if len > rest.len() {
             return None;
         }
+        let data_follows = next == IPPROTO_FRAGMENT && field & IPV6_FRAG_OFFSET != 0;
         next = rest[0];
         off += len;
+        // A later fragment carries the original packet's data from here.
+        if data_follows {
+            break;
+        }
     }
     Some(Ip {
         family: FAMILY_V6,

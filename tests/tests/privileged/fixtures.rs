@@ -1451,6 +1451,23 @@ fn malformed_fragmented_and_backendless_packets_are_dropped_and_counted() {
         DROP,
         Counter::DropFragment,
     );
+    // A later fragment whose first header in the original packet was a
+    // destination-options header: its data (here a length byte far past
+    // the packet) is no header, and the packet is a fragment, not malformed.
+    let ext = packet::ipv6_fragment_header(IPPROTO_DSTOPTS, 4, true);
+    let ip = packet::ipv6(
+        CLIENT6.octets(),
+        VIP6_DSR.octets(),
+        IPPROTO_FRAGMENT,
+        &ext,
+        &[0xff; 16],
+    );
+    f.case(
+        "IPv6 later fragment, its data after a fragment header",
+        &packet::ethernet(LB_MAC, ROUTER_MAC, &[], ETH_P_IPV6, &ip),
+        DROP,
+        Counter::DropFragment,
+    );
     let chain: Vec<u8> = (0..5)
         .flat_map(|_| packet::ipv6_opts_header(IPPROTO_DSTOPTS))
         .collect();
