@@ -912,10 +912,19 @@ impl SourceLimit {
     /// Whether a new flow at `now_ns` (`CLOCK_MONOTONIC`) from a source
     /// whose next flow is due at `due_ns` (0: never seen) is admitted, and if so the source's next
     /// due time. A refused flow leaves the due time as it was.
+    ///
+    /// This limit never sets a due time further ahead than its burst and
+    /// one interval. One that is was set under a stricter limit since
+    /// changed (or by a removed service whose id is reused): the source
+    /// counts as having spent its burst under this limit, not as owing the
+    /// old one's debt (an hour's, after a rate of 1 with a burst of 3,600).
     #[inline(always)]
     pub fn admit(&self, due_ns: u64, now_ns: u64) -> Option<u64> {
         let due = if due_ns > now_ns { due_ns } else { now_ns };
-        if due - now_ns > self.tolerance_ns {
+        let ahead = due - now_ns;
+        if ahead > self.tolerance_ns + self.interval_ns {
+            Some(now_ns + self.tolerance_ns + self.interval_ns)
+        } else if ahead > self.tolerance_ns {
             None
         } else {
             Some(due + self.interval_ns)
@@ -1652,6 +1661,31 @@ mod tests {
             }
         }
         assert!((9_900..=10_020).contains(&admitted), "{admitted} in 10 s");
+    }
+
+    /// A source limited under a strict limit is not held to it once the
+    /// limit is raised: its first flow under the new one is admitted, and
+    /// it then has the new rate, its burst spent.
+    #[test]
+    fn a_raised_source_limit_does_not_keep_the_old_ones_debt() {
+        let strict = SourceLimit::new(1, 3_600, FAMILY_V4, 32);
+        let mut due = 0;
+        for _ in 0..strict.burst() {
+            due = strict.admit(due, NS_PER_SEC).unwrap();
+        }
+        assert_eq!(strict.admit(due, NS_PER_SEC), None, "its burst spent");
+        let raised = SourceLimit::new(50, 100, FAMILY_V4, 32);
+        let now = 2 * NS_PER_SEC;
+        let next = raised
+            .admit(due, now)
+            .expect("admitted under the raised limit");
+        assert_eq!(next, now + raised.tolerance_ns + raised.interval_ns);
+        assert_eq!(
+            raised.admit(next, now),
+            None,
+            "its burst spent under the new one"
+        );
+        assert!(raised.admit(next, now + raised.interval_ns).is_some());
     }
 
     #[test]
