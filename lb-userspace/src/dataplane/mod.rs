@@ -1452,7 +1452,9 @@ impl Dataplane {
     /// released, in the global counters only; the id's next holder starts
     /// from zero.
     pub fn release_service_stats(&mut self, id: u32) -> Result<()> {
-        self.stats.release_service(id)
+        self.stats.release_service(id)?;
+        self.forget_source_counts(id)
+            .with_context(|| format!("forgetting the source counts of removed service {id}"))
     }
 }
 

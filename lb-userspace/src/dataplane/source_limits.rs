@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result};
+use aya::maps::PerCpuValues;
 use lb_common::{Addr, LimitedSource, SourceDrops, SourceLimit};
 
 use super::Dataplane;
@@ -44,6 +45,39 @@ impl Dataplane {
                 not_allowed: a.not_allowed + s.not_allowed,
                 limited: a.limited + s.limited,
             }))
+    }
+
+    /// Forgets what released service `id` counted by source, its drops by
+    /// reason and its sampled prefixes, so the next holder of the id
+    /// starts from nothing instead of showing them as its own. A sample
+    /// another service's packet writes into a slot between its read and
+    /// its write here may be lost: samples are a bounded, best-effort view.
+    pub(super) fn forget_source_counts(&mut self, id: u32) -> Result<()> {
+        let cpus = self.source_drops.get(&id, 0)?.len();
+        self.source_drops.set(
+            id,
+            PerCpuValues::try_from(vec![SourceDrops::default(); cpus])?,
+            0,
+        )?;
+        let holder = id + 1;
+        for i in 0..self.limited_sources.len() {
+            let slots = self.limited_sources.get(&i, 0)?;
+            if slots.iter().any(|s| s.service == holder) {
+                let kept: Vec<LimitedSource> = slots
+                    .iter()
+                    .map(|s| {
+                        if s.service == holder {
+                            LimitedSource::default()
+                        } else {
+                            *s
+                        }
+                    })
+                    .collect();
+                self.limited_sources
+                    .set(i, PerCpuValues::try_from(kept)?, 0)?;
+            }
+        }
+        Ok(())
     }
 
     /// The sampled limited prefixes, each merged over the CPUs that hold

@@ -192,5 +192,17 @@ fn a_flooding_client_is_limited_while_another_is_served() {
         .run(|| flood(vip, Duration::from_millis(500)))
         .unwrap();
     assert_eq!(stats(&d).0["limited"].as_u64().unwrap(), before);
+
+    // The service removed and added again, under its old id: it starts
+    // from nothing, not with its predecessor's drops and sampled sources.
+    let none = d.dir.join("none.toml");
+    let settings = running.split("[[service]]").next().unwrap().to_string();
+    std::fs::write(&none, settings).unwrap();
+    d.cli(&["apply", "-f", none.to_str().unwrap()]).unwrap();
+    d.cli(&["apply", "-f", unlimited.to_str().unwrap()])
+        .unwrap();
+    let (row, sources) = stats(&d);
+    assert_eq!(row["limited"].as_u64(), Some(0), "{row}");
+    assert_eq!(sources.as_array().map(Vec::len), Some(0), "{sources}");
     drop(d);
 }
