@@ -45,6 +45,7 @@ pub mod feedback;
 pub mod fleet;
 pub mod health;
 pub mod host_agent;
+pub mod listen;
 pub mod maglev;
 pub mod neighbor;
 pub mod netns;

@@ -58,9 +58,7 @@ pub(super) type Ask = (Page, oneshot::Sender<String>);
 pub(super) async fn serve(listener: TcpListener, asks: mpsc::Sender<Ask>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+        let (stream, _) = crate::listen::accept(&listener, "http").await;
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::debug!("http: connection cap reached, closing a connection");
             continue;

@@ -229,6 +229,9 @@ fn backend_addrs(d: &Desired) -> Vec<IpAddr> {
     set.into_iter().collect()
 }
 
+/// The mask the control socket is created under: mode 0600.
+const SOCKET_UMASK: libc::mode_t = 0o177;
+
 /// Binds the control socket, mode 0600: only root can use the API.
 fn bind_socket(path: &Path) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
@@ -248,8 +251,15 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
         }
         std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    // Created 0600 (the umask for the bind alone), not chmod-ed after:
+    // a connection made to a socket others may use stays open once the
+    // mode is tightened.
+    // SAFETY: umask only swaps the process's mask; it is put back below.
+    let umask = unsafe { libc::umask(SOCKET_UMASK) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(umask) };
+    let listener = bound.with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
 }

@@ -27,7 +27,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::{mpsc, oneshot},
 };
-use tracing::{info, warn};
+use tracing::{debug, info};
 
 use super::{controller::Controller, flows};
 use crate::{
@@ -125,24 +125,24 @@ pub(crate) async fn start(
     let counts = refused.clone();
     let open = OpenConnections::default();
     tokio::spawn(async move {
+        // Refusals are counted by reason (the metrics, `lb node status`),
+        // and logged at debug level only: anyone who reaches the port can
+        // cause them, and at warn they would flood the log and push the
+        // status page's events out.
         loop {
-            match listener.accept().await {
-                Ok((stream, peer)) => {
-                    let Some(held) = open.take(peer.ip()) else {
-                        counts.count(Refusal::Busy);
-                        warn!(%peer, "registration connection closed: too many open");
-                        continue;
-                    };
-                    let (secret, tx, counts) = (secret.clone(), tx.clone(), counts.clone());
-                    tokio::spawn(async move {
-                        let _held = held;
-                        if let Err(why) = serve(stream, peer.ip(), &secret, &tx, &counts).await {
-                            warn!(%peer, reason = %why, "registration request refused");
-                        }
-                    });
+            let (stream, peer) = crate::listen::accept(&listener, "registration").await;
+            let Some(held) = open.take(peer.ip()) else {
+                counts.count(Refusal::Busy);
+                debug!(%peer, "registration connection closed: too many open");
+                continue;
+            };
+            let (secret, tx, counts) = (secret.clone(), tx.clone(), counts.clone());
+            tokio::spawn(async move {
+                let _held = held;
+                if let Err(why) = serve(stream, peer.ip(), &secret, &tx, &counts).await {
+                    debug!(%peer, reason = %why, "registration request refused");
                 }
-                Err(e) => warn!(error = %e, "accepting a registration connection"),
-            }
+            });
         }
     });
     Ok(refused)

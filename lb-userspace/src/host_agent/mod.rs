@@ -288,9 +288,7 @@ async fn serve_agent_check(port: u16, report: Arc<Report>) -> Result<()> {
         };
     tokio::spawn(async move {
         loop {
-            let Ok((mut conn, _)) = listener.accept().await else {
-                continue;
-            };
+            let (mut conn, _) = crate::listen::accept(&listener, "agent check").await;
             let line = report.line();
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(AGENT_WRITE, conn.write_all(line.as_bytes())).await;
