@@ -16,6 +16,8 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use lb::netns::Netns;
 
+use crate::lan::Lan;
+
 /// How long the responder takes to start, at most.
 const START: Duration = Duration::from_secs(10);
 /// How often an idle responder checks whether to stop.
@@ -81,6 +83,14 @@ impl Responder {
             stop,
             thread: Some(thread),
         })
+    }
+
+    /// One responder on `port` of each of `lan`'s backends, in order.
+    pub fn on_backends(lan: &Lan, port: u16, line: &str) -> Result<Vec<Responder>> {
+        lan.backends
+            .iter()
+            .map(|h| Responder::start(&h.ns, port, line))
+            .collect()
     }
 
     /// Answers `delay` late from now on (a connection accepted already

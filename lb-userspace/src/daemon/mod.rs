@@ -31,7 +31,7 @@ mod views;
 use std::{
     collections::BTreeSet,
     net::IpAddr,
-    os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
+    os::unix::fs::FileTypeExt as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -252,16 +252,14 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
         std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
     // Created 0600 (the umask for the bind alone), not chmod-ed after:
-    // a connection made to a socket others may use stays open once the
-    // mode is tightened.
+    // a connection made while others could use the socket would stay open
+    // once the mode was tightened.
     // SAFETY: umask only swaps the process's mask; it is put back below.
     let umask = unsafe { libc::umask(SOCKET_UMASK) };
     let bound = UnixListener::bind(path);
     // SAFETY: as above.
     unsafe { libc::umask(umask) };
-    let listener = bound.with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    bound.with_context(|| format!("binding {}", path.display()))
 }
 
 type Call = (Request, oneshot::Sender<Response>);

@@ -72,6 +72,11 @@ fn run() -> Result<()> {
     let mut servers: Vec<Option<NameServer>> = lan.serve_names(80)?.into_iter().map(Some).collect();
     let mut d = Daemon::start(&lan.lb, "daemon", &web_config(2))?;
     d.wait_in_table(2, WAIT)?;
+    // The API is root's alone, from its creation (the test runs under
+    // umask 022).
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&d.socket)?.permissions());
+    assert_eq!(mode & 0o777, 0o600, "control socket mode {mode:o}");
     let t = tally(&lan, 60)?;
     assert_eq!(t.len(), 2, "both backends serve: {t:?}");
 

@@ -78,12 +78,7 @@ fn a_backend_added_trusting_its_first_probe_is_up_on_one_pass() {
     require_root();
     let lan = Lan::build(3, &[&format!("{VIP4}/32")]).unwrap();
     let _servers = lan.serve_names(WEB_PORT).unwrap();
-    let checks: Vec<Responder> = lan
-        .backends
-        .iter()
-        .map(|h| Responder::start(&h.ns, CHECK_PORT, HTTP_OK))
-        .collect::<anyhow::Result<_>>()
-        .unwrap();
+    let checks = Responder::on_backends(&lan, CHECK_PORT, HTTP_OK).unwrap();
     checks[1].say(&[HTTP_OK, HTTP_UNAVAILABLE]);
     checks[2].say(&[HTTP_OK, HTTP_UNAVAILABLE]);
     // An interval and timeout long enough that no probe times out on a
@@ -117,12 +112,7 @@ fn a_probe_begun_before_maintenance_does_not_count_after_it() {
     require_root();
     let lan = Lan::build(2, &[&format!("{VIP4}/32")]).unwrap();
     let _servers = lan.serve_names(WEB_PORT).unwrap();
-    let checks: Vec<Responder> = lan
-        .backends
-        .iter()
-        .map(|h| Responder::start(&h.ns, CHECK_PORT, HTTP_OK))
-        .collect::<anyhow::Result<_>>()
-        .unwrap();
+    let checks = Responder::on_backends(&lan, CHECK_PORT, HTTP_OK).unwrap();
     // A timeout well above the delay below.
     let config = responder_checks(2, "3s");
     let d = Daemon::start(&lan.lb, "stale-probe", &config).unwrap();

@@ -94,12 +94,7 @@ fn agents_set_weights_and_states_and_rebuild_at_most_once_an_interval() {
     require_root();
     let lan = Lan::build(2, &["198.18.1.1/32"]).unwrap();
     let _servers = lan.serve_names(WEB_PORT).unwrap();
-    let agents: Vec<Responder> = lan
-        .backends
-        .iter()
-        .map(|h| Responder::start(&h.ns, AGENT_PORT, "up 100%"))
-        .collect::<Result<_>>()
-        .unwrap();
+    let agents = Responder::on_backends(&lan, AGENT_PORT, "up 100%").unwrap();
     let config = web_config(2)
         + &format!(
             "\n[service.agent]\nport = {AGENT_PORT}\ninterval = \"{}s\"\ntimeout = \"500ms\"\n",
@@ -202,12 +197,7 @@ fn a_backend_whose_checks_answer_slowly_gets_fewer_new_flows_within_bounds() {
     let lan = Lan::build(2, &["198.18.1.1/32"]).unwrap();
     let _servers = lan.serve_names(WEB_PORT).unwrap();
     let ok = "HTTP/1.0 200 OK\r\nContent-Length: 0\r\n";
-    let checks: Vec<Responder> = lan
-        .backends
-        .iter()
-        .map(|h| Responder::start(&h.ns, CHECK_PORT, ok))
-        .collect::<Result<_>>()
-        .unwrap();
+    let checks = Responder::on_backends(&lan, CHECK_PORT, ok).unwrap();
     // web_config's service with HTTP checks on CHECK_PORT every 300 ms (a
     // timeout well above the delays below) and load feedback, its
     // tolerance at the default 50 ms.
