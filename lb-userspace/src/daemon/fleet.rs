@@ -613,7 +613,7 @@ impl FleetNode {
             .collect();
         let mut counts: BTreeMap<String, BTreeMap<IpAddr, u64>> = BTreeMap::new();
         if !draining.is_empty() {
-            let active = super::flows::Table::read(ctl)?.active_by_backend();
+            let active = super::flows::active(ctl)?;
             for (name, ip, id) in draining {
                 let n = active.get(&id).copied().unwrap_or(0);
                 counts.entry(name.clone()).or_default().insert(ip, n);

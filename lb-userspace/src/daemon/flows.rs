@@ -6,9 +6,10 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use lb_common::{
     BACKEND_F_UP, BackendValue, FLOW_F_CLOSED, FLOW_GENERATION_MASK, FLOW_SEEN_MASK, FlowKey,
     FlowValue, ServiceKey, addr_ip, wire::IPPROTO_TCP,
@@ -151,6 +152,50 @@ impl Table {
             *counts.entry(f.value.backend).or_default() += 1;
         }
         counts
+    }
+}
+
+/// Each backend's active flows (the entries that pin a flow to it), from
+/// one read of the whole table.
+pub(super) fn active(ctl: &Controller) -> Result<BTreeMap<u32, u64>> {
+    Ok(Table::read(ctl)?.active_by_backend())
+}
+
+/// How old the HTTP pages' view of the table may be.
+pub(super) const PAGE_SUMMARY_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// What the HTTP pages show of the table: its counts and each backend's
+/// active flows, from one read of it.
+pub(super) struct Summary {
+    /// `lb conntrack stats`.
+    pub stats: ConntrackStatsView,
+    /// Active flows by backend id.
+    pub active: BTreeMap<u32, u64>,
+}
+
+impl Summary {
+    /// The summary in `slot`, read again if it is older than
+    /// [`PAGE_SUMMARY_MAX_AGE`]. A page request costs a read of the whole
+    /// table (half a million entries by default) in the daemon's loop:
+    /// this bounds what anyone who reaches the pages can make it read.
+    pub(super) fn cached<'a>(
+        slot: &'a mut Option<(Instant, Summary)>,
+        ctl: &Controller,
+    ) -> Result<&'a Summary> {
+        if slot
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() >= PAGE_SUMMARY_MAX_AGE)
+        {
+            let table = Table::read(ctl)?;
+            let summary = Summary {
+                stats: stats(ctl, &table)?,
+                active: table.active_by_backend(),
+            };
+            *slot = Some((Instant::now(), summary));
+        }
+        slot.as_ref()
+            .map(|(_, s)| s)
+            .context("internal: no flow summary")
     }
 }
 

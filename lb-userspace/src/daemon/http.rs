@@ -58,7 +58,7 @@ pub(super) type Ask = (Page, oneshot::Sender<String>);
 pub(super) async fn serve(listener: TcpListener, asks: mpsc::Sender<Ask>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, _) = crate::listen::accept(&listener, "http").await;
+        let (stream, _) = crate::listen::accept("http", || listener.accept()).await;
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::debug!("http: connection cap reached, closing a connection");
             continue;

@@ -156,6 +156,7 @@ pub(crate) fn render(
     fleet: Option<FleetGauges>,
     registration: Option<super::registrations::Gauges>,
     durations: &mut ProbeDurations,
+    flows: &super::flows::Summary,
 ) -> Result<String> {
     let mut r = Registry::with_prefix("lb");
     r.register(
@@ -359,8 +360,7 @@ pub(crate) fn render(
         "Packets seen by the data plane, by outcome",
         Counters::<ReasonLabels>::default(),
     );
-    let flows = super::flows::Table::read(ctl)?;
-    let ct = super::flows::stats(ctl, &flows)?;
+    let ct = &flows.stats;
     gauge(
         &mut r,
         "conntrack_entries",
@@ -400,7 +400,7 @@ pub(crate) fn render(
         Counter::<u64>::default(),
     )
     .inc_by(ctl.next_hops_lost());
-    let active = flows.active_by_backend();
+    let active = &flows.active;
 
     for (name, s) in ctl.services() {
         let l = ServiceLabels {

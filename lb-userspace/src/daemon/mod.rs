@@ -254,6 +254,8 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
     // Created 0600 (the umask for the bind alone), not chmod-ed after:
     // a connection made while others could use the socket would stay open
     // once the mode was tightened.
+    // The mask is the whole process's, but nothing else creates files
+    // meanwhile: every file the daemon writes is written from this task.
     // SAFETY: umask only swaps the process's mask; it is put back below.
     let umask = unsafe { libc::umask(SOCKET_UMASK) };
     let bound = UnixListener::bind(path);
@@ -440,12 +442,8 @@ pub async fn run(opts: Options) -> Result<()> {
     let (call_tx, mut calls) = mpsc::channel::<Call>(64);
     tokio::spawn(async move {
         loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    tokio::spawn(serve_connection(stream, call_tx.clone()));
-                }
-                Err(e) => warn!(error = %e, "accepting a control connection"),
-            }
+            let (stream, _) = crate::listen::accept("control", || listener.accept()).await;
+            tokio::spawn(serve_connection(stream, call_tx.clone()));
         }
     });
 
@@ -478,6 +476,9 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     let mut history = history::History::default();
     let mut probe_durations = metrics::ProbeDurations::default();
+    // The HTTP pages' view of the connection table, read at most once a
+    // second (flows::Summary::cached).
+    let mut page_flows = None;
 
     let (probe_tx, mut results) = mpsc::channel(1024);
     let mut probers = probers::Probers::new(probe_tx);
@@ -600,17 +601,17 @@ pub async fn run(opts: Options) -> Result<()> {
             }
             Some((page, reply)) = asks.recv() => {
                 let status = node.status(&ctl);
-                let answer = match page {
+                let answer = flows::Summary::cached(&mut page_flows, &ctl).and_then(|flows| match page {
                     http::Page::Metrics => {
                         let fleet = fleet_node.as_ref().map(FleetNode::gauges);
                         let registration = registration_port
                             .as_ref()
                             .map(|(port, refused)| port.gauges(&ctl, refused));
-                        metrics::render(&ctl, &status, fleet, registration, &mut probe_durations)
+                        metrics::render(&ctl, &status, fleet, registration, &mut probe_durations, flows)
                     }
-                    http::Page::Status => status::snapshot(&ctl, &status, &history, startup.answering)
+                    http::Page::Status => status::snapshot(&ctl, &status, &history, startup.answering, flows)
                         .map(|v| v.to_string()),
-                };
+                });
                 match answer {
                     Ok(text) => { let _ = reply.send(text); }
                     Err(e) => error!(error = %format!("{e:#}"), page = ?page, "answering an HTTP request"),
@@ -645,7 +646,7 @@ pub async fn run(opts: Options) -> Result<()> {
                     error!(error = %format!("{e:#}"), "applying weight changes");
                 }
                 if ctl.weighs_by_flows() {
-                    let active = flows::Table::read(&ctl).map(|t| t.active_by_backend());
+                    let active = flows::active(&ctl);
                     if let Err(e) = active.and_then(|a| ctl.observe_active_flows(&a)) {
                         error!(error = %format!("{e:#}"), "weighing backends by their active flows");
                     }

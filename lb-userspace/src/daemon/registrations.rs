@@ -130,7 +130,7 @@ pub(crate) async fn start(
         // cause them, and at warn they would flood the log and push the
         // status page's events out.
         loop {
-            let (stream, peer) = crate::listen::accept(&listener, "registration").await;
+            let (stream, peer) = crate::listen::accept("registration", || listener.accept()).await;
             let Some(held) = open.take(peer.ip()) else {
                 counts.count(Refusal::Busy);
                 debug!(%peer, "registration connection closed: too many open");
@@ -362,7 +362,7 @@ impl Port {
         if message.leave || !message.registrations.values().any(|r| r.draining) {
             return answer;
         }
-        let active = flows::Table::read(ctl).map(|t| t.active_by_backend()).ok();
+        let active = flows::active(ctl).ok();
         for (service, r) in message.registrations.iter().filter(|(_, r)| r.draining) {
             let id = ctl
                 .services()

@@ -26,13 +26,14 @@ pub(super) fn snapshot(
     node: &NodeStatus,
     history: &History,
     started: Instant,
+    flows: &super::flows::Summary,
 ) -> Result<Value> {
     let settings = &ctl.desired().settings;
     let table_size = |service: &str| ctl.services().get(service).map_or(0, |s| s.ring.len());
     // `lb stats`' rows: the services' drops, the backends with their
     // rates, and every outcome's count and rate, in one read of the counters
     // and the connection table.
-    let stats = views::stats(ctl, history)?;
+    let stats = views::stats(ctl, history, &flows.active)?;
     let services: Vec<Value> = views::services(ctl)
         .into_iter()
         .map(|row| {

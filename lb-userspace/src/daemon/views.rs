@@ -1,7 +1,7 @@
 //! Answers to the control API, from the controller's state and the data
 //! plane's counters.
 
-use std::time::SystemTime;
+use std::{collections::BTreeMap, time::SystemTime};
 
 use anyhow::{Context as _, Result, bail};
 use lb_common::{
@@ -62,7 +62,8 @@ pub(super) fn handle(
             {
                 bail!("no service named {s:?} (see `lb service list`)");
             }
-            serde_json::to_value(backends(ctl, service.as_deref(), history)?)?
+            let active = flows::active(ctl)?;
+            serde_json::to_value(backends(ctl, service.as_deref(), history, &active)?)?
         }
         Request::SourceLists { service } => {
             if let Some(s) = &service
@@ -72,8 +73,10 @@ pub(super) fn handle(
             }
             serde_json::to_value(source_lists(ctl, service.as_deref()))?
         }
-        Request::Health => serde_json::to_value(backends(ctl, None, history)?)?,
-        Request::Stats => serde_json::to_value(stats(ctl, history)?)?,
+        Request::Health => {
+            serde_json::to_value(backends(ctl, None, history, &flows::active(ctl)?)?)?
+        }
+        Request::Stats => serde_json::to_value(stats(ctl, history, &flows::active(ctl)?)?)?,
         Request::SetWeight {
             service,
             backend,
@@ -178,14 +181,15 @@ fn fmt_ip(ip: std::net::IpAddr) -> String {
     }
 }
 
-/// `lb backend list`, of one service or all.
+/// `lb backend list`, of one service or all, with each backend's `active`
+/// flows by id.
 pub(super) fn backends(
     ctl: &Controller,
     only: Option<&str>,
     history: &History,
+    active: &BTreeMap<u32, u64>,
 ) -> Result<Vec<BackendRow>> {
     let now = SystemTime::now();
-    let active = flows::Table::read(ctl)?.active_by_backend();
     let mut rows = Vec::new();
     for (name, s) in ctl.services() {
         if only.is_some_and(|o| o != name) {
@@ -261,8 +265,12 @@ fn source_lists(ctl: &Controller, only: Option<&str>) -> Vec<SourceRow> {
     rows
 }
 
-/// `lb stats`.
-pub(super) fn stats(ctl: &Controller, history: &History) -> Result<Stats> {
+/// `lb stats`, with each backend's `active` flows by id.
+pub(super) fn stats(
+    ctl: &Controller,
+    history: &History,
+    active: &BTreeMap<u32, u64>,
+) -> Result<Stats> {
     let mut services = Vec::new();
     for (name, s) in ctl.services() {
         let st = ctl.service_stats(s)?;
@@ -279,7 +287,7 @@ pub(super) fn stats(ctl: &Controller, history: &History) -> Result<Stats> {
             rates: history.rates(&Key::Service(name.clone())),
         });
     }
-    let reasons: std::collections::BTreeMap<String, u64> = ctl
+    let reasons: BTreeMap<String, u64> = ctl
         .dataplane()
         .counters()?
         .into_iter()
@@ -291,7 +299,7 @@ pub(super) fn stats(ctl: &Controller, history: &History) -> Result<Stats> {
         .collect();
     Ok(Stats {
         services,
-        backends: backends(ctl, None, history)?,
+        backends: backends(ctl, None, history, active)?,
         reasons,
         reason_rates,
         limited_sources: limited_sources(ctl, TOP_LIMITED_SOURCES)?,

@@ -288,7 +288,7 @@ async fn serve_agent_check(port: u16, report: Arc<Report>) -> Result<()> {
         };
     tokio::spawn(async move {
         loop {
-            let (mut conn, _) = crate::listen::accept(&listener, "agent check").await;
+            let (mut conn, _) = crate::listen::accept("agent check", || listener.accept()).await;
             let line = report.line();
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(AGENT_WRITE, conn.write_all(line.as_bytes())).await;

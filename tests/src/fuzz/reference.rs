@@ -123,6 +123,10 @@ impl Ip {
     }
 }
 
+/// The IPv6 fragment header's offset bits and its M flag (RFC 8200 §4.5),
+/// read here from the RFC rather than taken from the program's constants.
+const FRAG_OFFSET_BITS: u16 = 0xfff8;
+const FRAG_MORE: u16 = 0x0001;
 /// IPv6 extension-header length unit (RFC 8200 §4.3: 8-octet units, not
 /// counting the first 8 octets).
 const IPV6_EXT_UNIT: usize = 8;
@@ -356,7 +360,7 @@ fn ipv6(f: &[u8], l3: usize, limit: usize, quoted: bool) -> Option<Ip> {
         let field = be16(rest, 2);
         let len = if next == IPPROTO_FRAGMENT {
             // An atomic fragment (offset 0, M clear) is a whole packet.
-            if field & (IPV6_FRAG_OFFSET | IPV6_FRAG_M) != 0 {
+            if field & (FRAG_OFFSET_BITS | FRAG_MORE) != 0 {
                 fragment = true;
             }
             IPV6_EXT_UNIT
@@ -366,7 +370,7 @@ fn ipv6(f: &[u8], l3: usize, limit: usize, quoted: bool) -> Option<Ip> {
         if len > rest.len() {
             return None;
         }
-        let data_follows = next == IPPROTO_FRAGMENT && field & IPV6_FRAG_OFFSET != 0;
+        let data_follows = next == IPPROTO_FRAGMENT && field & FRAG_OFFSET_BITS != 0;
         next = rest[0];
         off += len;
         // A later fragment carries the original packet's data from here.
