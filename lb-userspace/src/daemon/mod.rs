@@ -251,11 +251,10 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
         }
         std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
-    // Created 0600 (the umask for the bind alone), not chmod-ed after:
-    // a connection made while others could use the socket would stay open
-    // once the mode was tightened.
-    // The mask is the whole process's, but nothing else creates files
-    // meanwhile: every file the daemon writes is written from this task.
+    // Created 0600 under a mask for the bind alone, not chmod-ed after: a
+    // connection made while others could use the socket would stay open
+    // once the mode was tightened. The mask is the whole process's, but
+    // every file the daemon writes is written from this task.
     // SAFETY: umask only swaps the process's mask; it is put back below.
     let umask = unsafe { libc::umask(SOCKET_UMASK) };
     let bound = UnixListener::bind(path);
