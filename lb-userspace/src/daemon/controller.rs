@@ -1613,6 +1613,12 @@ impl Controller {
         let mut deleted = BTreeSet::new();
         for (name, (state, ring)) in next {
             let old = self.services.remove(&name);
+            if old.is_none() {
+                // A new service's id may still hold counts nobody released:
+                // a change that failed after writing it, or a crash between
+                // a removal and its release. Its holder starts from zero.
+                self.dp.release_service_stats(state.id)?;
+            }
             self.services.insert(name.clone(), state);
             self.sync(&name, Some(ring))?;
             if let Some(old) = old {
