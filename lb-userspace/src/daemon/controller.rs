@@ -39,7 +39,7 @@ use crate::{
     feedback,
     fleet::{
         registry::Refused,
-        state::{Agreed, AgreedHealth, FleetState, HealthView, Overrides},
+        state::{Agreed, AgreedHealth, Awaiting, FleetState, HealthView, Overrides},
     },
     health::{self, Health, Tracker},
     maglev::{self, Candidate},
@@ -1130,21 +1130,33 @@ impl Controller {
         Ok(())
     }
 
-    /// What this node's own probes say of every backend they probe
-    /// (maintenance pauses probes: those are left out).
-    pub fn own_view(&self) -> HealthView {
-        self.services
-            .iter()
-            .map(|(name, s)| {
-                let view = s
-                    .backends
-                    .iter()
-                    .filter(|(ip, _)| self.runtime.get(name, **ip).admin != Admin::Maintenance)
-                    .map(|(ip, b)| (*ip, b.health.state() == Health::Up))
-                    .collect();
-                (name.clone(), view)
-            })
-            .collect()
+    /// What this node's own probes say of every backend they probe, and
+    /// the backends they have no verdict on yet (maintenance pauses probes:
+    /// those are in neither).
+    pub fn own_view(&self) -> (HealthView, Awaiting) {
+        let mut view = HealthView::new();
+        let mut awaiting = Awaiting::new();
+        for (name, s) in &self.services {
+            let (verdicts, awaited) = (
+                view.entry(name.clone()).or_default(),
+                awaiting.entry(name.clone()).or_default(),
+            );
+            for (ip, b) in &s.backends {
+                if self.runtime.get(name, *ip).admin == Admin::Maintenance {
+                    continue;
+                }
+                match b.health.state() {
+                    Health::Checking => {
+                        awaited.insert(*ip);
+                    }
+                    state => {
+                        verdicts.insert(*ip, state == Health::Up);
+                    }
+                }
+            }
+        }
+        awaiting.retain(|_, s| !s.is_empty());
+        (view, awaiting)
     }
 
     /// The runtime state (ids, overrides, the node's state, the fleet cache).

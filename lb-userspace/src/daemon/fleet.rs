@@ -578,12 +578,14 @@ impl FleetNode {
 
     /// This node's report, handed to the session when it changes.
     pub(crate) fn publish(&self, ctl: &Controller, node: &Node) {
+        let (health, awaiting) = ctl.own_view();
         let report = NodeReport {
             name: self.settings.node.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
             revision: self.applied.as_ref().map_or(0, |s| s.revision),
             digests: digests(ctl),
-            health: ctl.own_view(),
+            health,
+            awaiting,
             vips: node.status(ctl).vips,
             drained: ctl.node_drained(),
             bgp: Vec::new(),
@@ -657,13 +659,14 @@ impl FleetNode {
             .map(|r| r.revision);
         let behind = behind(applied, self.refused.is_some(), others);
         let mine = digests(ctl);
-        let mut tables: Vec<agree::Tables<'_>> = vec![(me, applied, &mine)];
+        let (_, awaiting) = ctl.own_view();
+        let mut tables: Vec<agree::Tables<'_>> = vec![(me, applied, &mine, &awaiting)];
         if let Some(s) = &self.latest {
             tables.extend(
                 s.nodes
                     .values()
                     .filter(|r| r.name != me)
-                    .map(|r| (r.name.as_str(), r.revision, &r.digests)),
+                    .map(|r| (r.name.as_str(), r.revision, &r.digests, &r.awaiting)),
             );
         }
         Convergence {
@@ -697,7 +700,7 @@ impl FleetNode {
         let tables: Vec<agree::Tables<'_>> = seen
             .iter()
             .filter(|(n, _)| live.contains(n) || **n == self.settings.node)
-            .map(|(n, (r, _))| (n.as_str(), r.revision, &r.digests))
+            .map(|(n, (r, _))| (n.as_str(), r.revision, &r.digests, &r.awaiting))
             .collect();
         let outliers = agree::digest_outliers(&tables);
         let nodes = seen

@@ -19,31 +19,45 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::state::{Agreed, AgreedHealth, HealthView};
+use super::state::{Agreed, AgreedHealth, Awaiting, NodeReport};
 use crate::health::{SLOW_START_STEPS, slow_start_percent};
 
 /// Up (`true`) or down per service and backend.
 pub type Verdicts = BTreeMap<String, BTreeMap<IpAddr, bool>>;
 
 /// The majority verdict on every backend of `backends` (service → its
-/// backends) from the live nodes' `views`. A backend no node reports on yet
-/// is up, as a new backend is on a single node.
-pub fn majority(backends: &BTreeMap<String, Vec<IpAddr>>, views: &[&HealthView]) -> Verdicts {
+/// backends) from the live nodes' `reports`. Only verdicts count: a node
+/// still awaiting its probes' first verdict on a backend does not vote, so
+/// nodes that just started cannot outvote those that see it work. A backend
+/// no node has a verdict on is out while any node awaits one (nobody has
+/// seen it work yet, as a new backend on a single node), and in when no
+/// node reports on it at all.
+pub fn majority(backends: &BTreeMap<String, Vec<IpAddr>>, reports: &[&NodeReport]) -> Verdicts {
     backends
         .iter()
         .map(|(service, ips)| {
             let verdicts = ips
                 .iter()
                 .map(|ip| {
-                    let reports = views
-                        .iter()
-                        .filter_map(|v| v.get(service).and_then(|m| m.get(ip)));
                     let (mut total, mut down) = (0usize, 0usize);
-                    for up in reports {
+                    for up in reports
+                        .iter()
+                        .filter_map(|r| r.health.get(service).and_then(|m| m.get(ip)))
+                    {
                         total += 1;
                         down += usize::from(!up);
                     }
-                    (*ip, down * 2 <= total)
+                    let awaited = || {
+                        reports
+                            .iter()
+                            .any(|r| r.awaiting.get(service).is_some_and(|s| s.contains(ip)))
+                    };
+                    let up = if total == 0 {
+                        !awaited()
+                    } else {
+                        down * 2 <= total
+                    };
+                    (*ip, up)
                 })
                 .collect();
             (service.clone(), verdicts)
@@ -116,20 +130,26 @@ impl Ramps {
 }
 
 /// A node's tables as it reports them: its name, the revision they are
-/// built from, and a digest per service.
-pub type Tables<'a> = (&'a str, i64, &'a BTreeMap<String, String>);
+/// built from, a digest per service, and the backends its probes await a
+/// first verdict on.
+pub type Tables<'a> = (&'a str, i64, &'a BTreeMap<String, String>, &'a Awaiting);
 
 /// The services each node holds a different table for than a strict
 /// majority of the nodes at the same revision do. Nodes at different
-/// revisions are not compared (one of them is catching up); with no strict
+/// revisions are not compared (one of them is catching up), nor a node's
+/// table of a service it awaits a verdict on (it will change once the
+/// verdict comes; the node holds its VIP back meanwhile); with no strict
 /// majority (two nodes that differ) nobody is singled out.
 pub fn digest_outliers(nodes: &[Tables<'_>]) -> BTreeMap<String, Vec<String>> {
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (name, revision, digests) in nodes {
+    for (name, revision, digests, awaiting) in nodes {
         let peers: Vec<&Tables<'_>> = nodes.iter().filter(|n| n.1 == *revision).collect();
         for (service, mine) in *digests {
+            if awaiting.contains_key(service) {
+                continue;
+            }
             let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-            for p in &peers {
+            for p in peers.iter().filter(|p| !p.3.contains_key(service)) {
                 if let Some(d) = p.2.get(service) {
                     *counts.entry(d.as_str()).or_default() += 1;
                 }
@@ -157,11 +177,25 @@ mod tests {
         IpAddr::from([198, 18, 0, last])
     }
 
-    fn view(entries: &[(u8, bool)]) -> HealthView {
-        BTreeMap::from([(
-            "web".to_string(),
-            entries.iter().map(|(l, up)| (ip(*l), *up)).collect(),
-        )])
+    /// A node's report: its verdicts, and the backends it awaits one on.
+    fn view(entries: &[(u8, bool)]) -> NodeReport {
+        NodeReport {
+            health: BTreeMap::from([(
+                "web".to_string(),
+                entries.iter().map(|(l, up)| (ip(*l), *up)).collect(),
+            )]),
+            ..NodeReport::default()
+        }
+    }
+
+    fn awaiting(entries: &[(u8, bool)], awaited: &[u8]) -> NodeReport {
+        NodeReport {
+            awaiting: BTreeMap::from([(
+                "web".to_string(),
+                awaited.iter().map(|l| ip(*l)).collect(),
+            )]),
+            ..view(entries)
+        }
     }
 
     fn backends(lasts: &[u8]) -> BTreeMap<String, Vec<IpAddr>> {
@@ -177,7 +211,7 @@ mod tests {
             view(&[(11, true), (12, false), (13, true)]),
             view(&[(11, true), (12, true), (13, true)]),
         ];
-        let refs: Vec<&HealthView> = views.iter().collect();
+        let refs: Vec<&NodeReport> = views.iter().collect();
         let v = &majority(&b, &refs)["web"];
         assert_eq!((v[&ip(11)], v[&ip(12)], v[&ip(13)]), (true, false, true));
         // Two nodes that disagree keep the backend (no strict majority).
@@ -192,7 +226,7 @@ mod tests {
     #[test]
     fn majority_ignores_order_and_counts_only_reporting_nodes() {
         let b = backends(&[11]);
-        let silent = HealthView::new();
+        let silent = NodeReport::default();
         let down = view(&[(11, false)]);
         for views in [vec![&silent, &down], vec![&down, &silent]] {
             assert!(!majority(&b, &views)["web"][&ip(11)]);
@@ -200,20 +234,65 @@ mod tests {
     }
 
     #[test]
+    fn nodes_awaiting_a_first_verdict_do_not_vote() {
+        let b = backends(&[11, 12]);
+        // Two nodes just started (no verdict yet) and one that sees both
+        // work: its word stands, where two "down" votes would empty every
+        // node's table.
+        let started = awaiting(&[], &[11, 12]);
+        let serving = view(&[(11, true), (12, true)]);
+        let v = &majority(&b, &[&started, &started, &serving])["web"];
+        assert!(v[&ip(11)] && v[&ip(12)]);
+        // A verdict of down among them still evicts.
+        let dead = view(&[(11, false), (12, true)]);
+        assert!(!majority(&b, &[&started, &started, &dead])["web"][&ip(11)]);
+        // Nobody has a verdict but some node awaits one: out, as a new
+        // backend on a single node, until a node sees it work.
+        let v = &majority(&b, &[&started, &NodeReport::default()])["web"];
+        assert!(!v[&ip(11)] && !v[&ip(12)]);
+        // A verdict on one backend decides nothing for another.
+        let v = &majority(&b, &[&started, &awaiting(&[(11, true)], &[12])])["web"];
+        assert!(v[&ip(11)] && !v[&ip(12)]);
+    }
+
+    #[test]
     fn the_odd_table_out_is_named_and_other_revisions_are_not_compared() {
         let d = |x: &str| BTreeMap::from([("web".to_string(), x.to_string())]);
         let (a, b, c, old) = (d("aa"), d("aa"), d("bb"), d("cc"));
+        let none = Awaiting::new();
         let nodes = [
-            ("lb1", 5, &a),
-            ("lb2", 5, &b),
-            ("lb3", 5, &c),
-            ("lb4", 4, &old),
+            ("lb1", 5, &a, &none),
+            ("lb2", 5, &b, &none),
+            ("lb3", 5, &c, &none),
+            ("lb4", 4, &old, &none),
         ];
         let out = digest_outliers(&nodes);
         assert_eq!(out.keys().collect::<Vec<_>>(), ["lb3"]);
         assert_eq!(out["lb3"], ["web"]);
         // Two nodes that differ: no majority, nobody singled out.
         assert!(digest_outliers(&nodes[1..3]).is_empty());
+    }
+
+    #[test]
+    fn tables_awaiting_a_verdict_are_not_compared() {
+        let d = |x: &str| BTreeMap::from([("web".to_string(), x.to_string())]);
+        let (serving, fresh) = (d("aa"), d("bb"));
+        let (none, checking) = (Awaiting::new(), awaiting(&[], &[11]).awaiting);
+        // Two nodes just started, their tables still without the backends
+        // they check: the one serving node is no outlier, nor are they.
+        let nodes = [
+            ("lb1", 5, &serving, &none),
+            ("lb2", 5, &fresh, &checking),
+            ("lb3", 5, &fresh, &checking),
+        ];
+        assert!(digest_outliers(&nodes).is_empty());
+        // Once they have their verdicts, tables are compared again.
+        let nodes = [
+            ("lb1", 5, &serving, &none),
+            ("lb2", 5, &fresh, &none),
+            ("lb3", 5, &fresh, &none),
+        ];
+        assert_eq!(digest_outliers(&nodes)["lb1"], ["web"]);
     }
 
     #[test]

@@ -17,7 +17,10 @@
 //! and the state's revision is the newest `mod_revision` among them.
 //! Anything else under the prefix is reported, never applied.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +49,11 @@ pub type AgreedHealth = BTreeMap<String, BTreeMap<IpAddr, Agreed>>;
 
 /// A node's own probe view: service → backend → up.
 pub type HealthView = BTreeMap<String, BTreeMap<IpAddr, bool>>;
+
+/// Backends a node's probes have not given their first verdict on yet
+/// (new, rechecked after maintenance, or every backend of a daemon started
+/// without a table to adopt): service → addresses.
+pub type Awaiting = BTreeMap<String, BTreeSet<IpAddr>>;
 
 /// The desired state as read, before validation against a node's settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,8 +87,12 @@ pub struct NodeReport {
     pub revision: i64,
     /// Table digest per service.
     pub digests: BTreeMap<String, String>,
-    /// Its own probes' view.
+    /// Its own probes' view, of the backends they have a verdict on.
     pub health: HealthView,
+    /// The backends its probes have no verdict on yet. (Versions before
+    /// this field report them down in `health`.)
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub awaiting: Awaiting,
     /// Its VIPs, announced or why not.
     pub vips: Vec<VipRow>,
     /// Drained by its operator.

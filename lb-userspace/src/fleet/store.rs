@@ -423,8 +423,8 @@ impl Leader {
             .iter()
             .map(|(n, (_, slow))| (n.clone(), *slow))
             .collect();
-        let views: Vec<&state::HealthView> = snap.nodes.values().map(|r| &r.health).collect();
-        let verdicts = agree::majority(&backends, &views);
+        let reports: Vec<&state::NodeReport> = snap.nodes.values().collect();
+        let verdicts = agree::majority(&backends, &reports);
         let health = self
             .ramps
             .step(&state.health, &verdicts, &slow_start, Instant::now());

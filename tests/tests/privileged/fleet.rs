@@ -137,6 +137,19 @@ impl Fleet {
         }
     }
 
+    /// Takes node `i`'s daemon (stopped) to a fresh host: no pinned data
+    /// plane, no state file, nor the previous copy a save keeps, which a
+    /// daemon starts from when the file is gone.
+    fn forget(&self, i: usize) {
+        std::fs::remove_dir_all(&self.daemons[i].pins).unwrap();
+        let state = self.daemons[i].dir.join("state.json");
+        std::fs::remove_file(&state).unwrap();
+        match std::fs::remove_file(lb::daemon::runtime::previous_copy(&state)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => panic!("previous copy: {e}"),
+            _ => {}
+        }
+    }
+
     /// Node `node`'s Prometheus metrics.
     fn metrics(&self, node: usize) -> String {
         lb_tests::daemon::metrics_in(&self.edge.nodes[node].ns).unwrap()
@@ -472,15 +485,7 @@ fn a_failed_node_is_withdrawn_at_once_and_returns_only_converged_resetting_nothi
         .wait_paths(VIP, &survivors, Duration::from_secs(5))
         .unwrap();
     fleet.edge.nodes[2].stop_bird();
-    std::fs::remove_dir_all(&fleet.daemons[2].pins).unwrap();
-    let state = fleet.daemons[2].dir.join("state.json");
-    std::fs::remove_file(&state).unwrap();
-    // And the previous copy a save keeps, which a daemon starts from when
-    // the file is gone.
-    match std::fs::remove_file(lb::daemon::runtime::previous_copy(&state)) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => panic!("previous copy: {e}"),
-        _ => {}
-    }
+    fleet.forget(2);
     fleet.edge.nodes[2]
         .block(lb_tests::edge::ETCD_V4, None)
         .unwrap();
@@ -532,6 +537,65 @@ fn a_failed_node_is_withdrawn_at_once_and_returns_only_converged_resetting_nothi
     );
     eprintln!("fresh host: announced {t:?} after etcd became reachable, converged");
     assert_all_alive(&mut sessions, "node 2 back (fresh host)");
+
+    // Two hosts restart at once, fresh. Until their probes give a first
+    // verdict they have none to vote: were their backends counted down,
+    // they would outvote node 0, which sees every backend work, and the
+    // agreed view would put node 0 in panic mode and withdraw the VIP from
+    // every node.
+    // Probes of every 4 s take a fresh node some 2 s to their first verdict
+    // (the first waits half an interval): that long, they have none.
+    let slow = fleet.daemons[0].dir.join("slow-checks.toml");
+    let text = fleet_services(VIP, BACKENDS).replace("interval = \"200ms\"", "interval = \"4s\"");
+    std::fs::write(&slow, text).unwrap();
+    fleet.daemons[0]
+        .cli(&["fleet", "import", "--replace", slow.to_str().unwrap()])
+        .unwrap();
+    fleet.wait_agreed(PROPAGATION * 5);
+    let restarted = [1, 2];
+    for i in restarted {
+        fleet.daemons[i].kill(libc::SIGKILL).unwrap();
+        fleet.edge.nodes[i].link(false).unwrap();
+    }
+    fleet
+        .edge
+        .wait_paths(VIP, &[node_v4(0)], Duration::from_secs(5))
+        .unwrap();
+    for i in restarted {
+        fleet.edge.nodes[i].stop_bird();
+        fleet.forget(i);
+        fleet.edge.nodes[i].link(true).unwrap();
+        fleet.edge.nodes[i].start_bird(i).unwrap();
+        fleet.daemons[i].spawn().unwrap();
+    }
+    let start = Instant::now();
+    loop {
+        let service = &fleet.daemons[0].cli(&["service", "list"]).unwrap()[0];
+        assert_eq!(
+            (service["panic"].as_bool(), service["in_table"].as_u64()),
+            (Some(false), Some(BACKENDS as u64)),
+            "node 0 while two nodes restart: {service}"
+        );
+        let paths = fleet.edge.paths(VIP).unwrap();
+        assert!(paths.contains(&node_v4(0)), "node 0 withdrawn: {paths:?}");
+        if paths == all
+            && restarted
+                .iter()
+                .all(|&i| converged_with_the_rest(&fleet, i))
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < SESSION_UP,
+            "the restarted nodes did not come back: routes {paths:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "two fresh hosts at once: node 0 kept its table, announced {:?} after",
+        start.elapsed()
+    );
+    assert_all_alive(&mut sessions, "nodes 1 and 2 back (fresh hosts)");
 }
 
 /// Runs over TLS to etcd, with client certificates (`[fleet] ca_file`,
