@@ -242,20 +242,32 @@ impl FleetNode {
                 for (name, r) in &snapshot.nodes {
                     self.seen.insert(name.clone(), (r.clone(), now));
                 }
-                let result = self.apply(ctl, &snapshot);
-                self.latest = Some(*snapshot);
-                match result {
-                    Ok(_) => self.refused = None,
-                    Err(e) => {
-                        let why = format!("{e:#}");
-                        if self.refused.as_ref() != Some(&why) {
-                            error!(error = %why, "the fleet's state is refused; keeping the last good state");
-                        }
-                        self.refused = Some(why);
-                    }
+                let _ = self.take(ctl, *snapshot);
+            }
+        }
+    }
+
+    /// Applies `snapshot` and keeps it as the newest read. A state refused
+    /// (bad data, or more than this node can hold) is noted, and its agreed
+    /// view with it: the node then also evicts on its own probes, as while
+    /// etcd is unreachable, until it applies a state.
+    fn take(&mut self, ctl: &mut Controller, snapshot: Snapshot) -> Result<Option<ChangeReport>> {
+        let result = self.apply(ctl, &snapshot);
+        self.latest = Some(snapshot);
+        match &result {
+            Ok(_) => self.refused = None,
+            Err(e) => {
+                let why = format!("{e:#}");
+                if self.refused.as_ref() != Some(&why) {
+                    error!(error = %why, "the fleet's state is refused; keeping the last good state, evicting on this node's own probes");
+                }
+                self.refused = Some(why);
+                if let Err(e) = ctl.set_own_eviction(true) {
+                    error!(error = %format!("{e:#}"), "evicting on this node's own probes");
                 }
             }
         }
+        result
     }
 
     /// Applies a snapshot's state if it is new; returns what changed.
@@ -325,9 +337,7 @@ impl FleetNode {
     async fn refresh(&mut self, ctl: &mut Controller) -> Result<Option<ChangeReport>> {
         let store = self.store().await?;
         let snapshot = store.read().await?;
-        let report = self.apply(ctl, &snapshot)?;
-        self.latest = Some(snapshot);
-        Ok(report)
+        self.take(ctl, snapshot)
     }
 
     async fn store(&mut self) -> Result<Store> {
@@ -474,12 +484,15 @@ impl FleetNode {
             config::parse_fleet(&self.node_text, text)
                 .map_err(|e| anyhow!("the fleet's services are invalid here:\n{e}"))
         };
+        // Over data this node cannot read, the last good overrides (kept)
+        // replace what is there, which may be what was bad.
+        let now = self.overrides_now(&base);
         let overrides = overrides_kept(
-            &base.overrides,
+            now.unwrap_or(&base.overrides),
             &configured(&base.services)?,
             &configured(&services)?,
         );
-        let overrides = (overrides != base.overrides).then_some(overrides);
+        let overrides = (now != Some(&overrides)).then_some(overrides);
         self.write(ctl, &base, Some(&services), overrides.as_ref(), edit)
             .await
     }
@@ -499,7 +512,14 @@ impl FleetNode {
         if !known.backends.contains_key(&backend) {
             bail!("service {service} has no backend {backend} (see `lb backend list`)");
         }
-        let mut overrides = base.overrides.clone();
+        let mut overrides = self
+            .overrides_now(&base)
+            .context(
+                "the fleet's state in etcd cannot be read (see `lb fleet status`): an override \
+                 written now would replace overrides nobody can see; replace the services \
+                 whole first (`lb apply -f`)",
+            )?
+            .clone();
         let entry = overrides.entry(service.to_string()).or_default();
         let mut o = entry.get(&backend).copied().unwrap_or_default();
         change(&mut o);
@@ -512,6 +532,18 @@ impl FleetNode {
         let v = self.write(ctl, &base, None, Some(&overrides), true).await?;
         let moved = v["slots_moved"][service].as_u64().unwrap_or(0);
         Ok(json!({ "slots_moved": moved, "revision": v["revision"] }))
+    }
+
+    /// The overrides a write starts from. While this node refuses the
+    /// fleet's state, its writes replace what etcd holds (they are guarded
+    /// by it), so they start from etcd's overrides rather than the last
+    /// good state's, which would undo those written since; `None` when
+    /// etcd's cannot be read.
+    fn overrides_now<'a>(&'a self, base: &'a FleetState) -> Option<&'a Overrides> {
+        match (&self.refused, &self.latest) {
+            (Some(_), Some(latest)) => latest.state.as_ref().ok().map(|s| &s.overrides),
+            _ => Some(&base.overrides),
+        }
     }
 
     /// One guarded write, then this node applies the result at once (the
@@ -562,8 +594,7 @@ impl FleetNode {
                     );
                 // Catch up, so a retry is based on the newest state.
                 if let Some(s) = now {
-                    let _ = self.apply(ctl, &s);
-                    self.latest = Some(s);
+                    let _ = self.take(ctl, s);
                 }
                 bail!(
                     "conflict: another change to the fleet landed first ({what}); nothing changed: check the new state and retry"

@@ -274,6 +274,23 @@ pub struct Entry {
     pub mod_revision: i64,
 }
 
+/// Why an agreed view lb would never write is refused: a percent of a
+/// backend's weight outside 1-100 (the ramp's steps; more would overflow
+/// the weights its table is built from, and 0 would take it out unseen).
+fn out_of_range(health: &AgreedHealth) -> Option<String> {
+    health.iter().find_map(|(service, backends)| {
+        backends
+            .iter()
+            .find(|(_, a)| !(1..=100).contains(&a.percent))
+            .map(|(ip, a)| {
+                format!(
+                    "service {service}, backend {ip}: percent {} is not 1-100",
+                    a.percent
+                )
+            })
+    })
+}
+
 /// Decodes a read of the prefix. A desired key that is not what lb writes
 /// (not UTF-8, not the JSON it should be, too large) refuses the whole
 /// desired state: the node keeps the last good one. A node report that does
@@ -329,10 +346,13 @@ pub fn decode(keys: &Keys, revision: i64, entries: &[Entry]) -> Snapshot {
                 Err(err) => refused.push(format!("{}: {err}", e.key)),
             },
             Key::Health => match serde_json::from_slice(&e.value) {
-                Ok(h) => {
-                    state.health = h;
-                    state.revision = state.revision.max(e.mod_revision);
-                }
+                Ok(h) => match out_of_range(&h) {
+                    None => {
+                        state.health = h;
+                        state.revision = state.revision.max(e.mod_revision);
+                    }
+                    Some(why) => refused.push(format!("{}: {why}", e.key)),
+                },
                 Err(err) => refused.push(format!("{}: {err}", e.key)),
             },
             Key::Leader => match text {
@@ -495,6 +515,16 @@ mod tests {
             entry(
                 "/lb/health",
                 r#"{"web":{"198.18.0.11":{"up":true,"percent":100,"x":1}}}"#,
+                2,
+            ),
+            entry(
+                "/lb/health",
+                r#"{"web":{"198.18.0.11":{"up":true,"percent":100000}}}"#,
+                2,
+            ),
+            entry(
+                "/lb/health",
+                r#"{"web":{"198.18.0.11":{"up":true,"percent":0}}}"#,
                 2,
             ),
             entry("/lb/services", &big, 2),

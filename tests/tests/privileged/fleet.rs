@@ -334,10 +334,43 @@ fn one_desired_state_changes_everywhere_and_refuses_conflicts_and_bad_data() {
     };
     eprintln!("bad keys reported: {problems}");
     assert_eq!(fleet.digests(), before, "the last good state is kept");
+    // The agreed view is refused with the state, so every node evicts a
+    // backend its own probes lose meanwhile, and takes it back once they
+    // pass again. (Nodes that refused once kept a dead backend.)
+    for n in &fleet.edge.nodes {
+        n.block(backend_v4(0), Some(ECHO_PORT)).unwrap();
+    }
+    for d in &fleet.daemons {
+        d.wait_in_table(BACKENDS - 1, Duration::from_secs(5))
+            .unwrap();
+    }
+    for n in &fleet.edge.nodes {
+        n.unblock().unwrap();
+    }
+    for d in &fleet.daemons {
+        d.wait_in_table(BACKENDS, Duration::from_secs(5)).unwrap();
+    }
+    assert_eq!(fleet.digests(), before, "the last good state is back");
     let mut sessions = fleet.sessions(50);
     assert!(
         sessions.check().1.is_empty(),
         "forwarding with the last good state"
+    );
+    // Overrides set meanwhile, through two nodes that both refuse the
+    // state: each starts from what etcd holds, so neither undoes the other.
+    // (Each once started from its last good state and undid the other's.)
+    let (drained, weighted) = (backend_v4(1).to_string(), backend_v4(2).to_string());
+    let weight_before = fleet.weight(0, 2);
+    write_while_refused(|| fleet.daemons[0].cli(&["backend", "drain", "echo", &drained]));
+    write_while_refused(|| fleet.set_weight(1, 2, 5));
+    let overrides = fleet_overrides(&fleet);
+    assert_eq!(
+        (
+            overrides["echo"][&drained]["admin"].as_str(),
+            overrides["echo"][&weighted]["weight"].as_u64()
+        ),
+        (Some("drain"), Some(5)),
+        "{overrides}"
     );
     // An operator's write replaces the bad data.
     let services = fleet.daemons[0].dir.join("services.toml");
@@ -348,6 +381,21 @@ fn one_desired_state_changes_everywhere_and_refuses_conflicts_and_bad_data() {
     fleet.wait_agreed(PROPAGATION);
     let s = fleet.daemons[2].cli(&["fleet", "status"]).unwrap();
     assert!(!s["problems"].to_string().contains("refused"), "{s}");
+    assert_eq!(fleet_overrides(&fleet), overrides, "the overrides kept");
+    let rows = fleet.daemons[2].cli(&["backend", "list", "echo"]).unwrap();
+    let row = |addr: &str| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["address"] == addr)
+    };
+    assert_eq!(row(&drained).unwrap()["admin"], "drain", "{rows}");
+    assert_eq!(fleet.weight(2, 2), 5);
+    fleet.daemons[0]
+        .cli(&["backend", "enable", "echo", &drained])
+        .unwrap();
+    fleet.set_weight(0, 2, weight_before).unwrap();
+    fleet.wait_agreed(PROPAGATION);
 
     // etcd stopped under traffic: forwarding unaffected, writes refused
     // clearly, and every node converges again once it is back.
@@ -417,6 +465,35 @@ const WITHHELD_FOR: Duration = Duration::from_secs(2);
 /// out (`fleet::store::CALL_TIMEOUT`, at start and again in its session),
 /// slower on a loaded machine.
 const ETCD_DOWN_NOTICED: Duration = Duration::from_secs(15);
+
+/// Runs a fleet write through a node that refuses the fleet's state until
+/// it lands without a conflict (a node's write right after another node's
+/// can be guarded by what it read before that). It lands, and the node
+/// says it could not apply the state it wrote.
+fn write_while_refused(mut write: impl FnMut() -> anyhow::Result<Value>) {
+    for _ in 0..20 {
+        let e = write().unwrap_err().to_string();
+        if !e.contains("conflict") {
+            assert!(e.contains("but this node did not apply it"), "{e}");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("a write conflicted 20 times in a row");
+}
+
+/// The fleet's overrides as etcd holds them.
+fn fleet_overrides(fleet: &Fleet) -> Value {
+    let etcd = fleet.edge.etcd.as_ref().unwrap();
+    let raw = etcd
+        .client(|mut c| async move {
+            let r = c.get(format!("{FLEET_PREFIX}/overrides"), None).await?;
+            Ok(r.kvs().first().map(|kv| kv.value().to_vec()))
+        })
+        .unwrap()
+        .expect("no overrides in etcd");
+    serde_json::from_slice(&raw).unwrap()
+}
 
 fn assert_all_alive(sessions: &mut Sessions, step: &str) {
     let (ok, bad) = sessions.check();
