@@ -316,7 +316,8 @@ pub struct FlowRow {
     pub client: String,
     /// tcp or udp.
     pub protocol: String,
-    /// The backend the entry names, if it is still one of the service's.
+    /// The backend the entry was made for, if it is still one of the
+    /// service's (not a backend given its id since).
     pub backend: Option<IpAddr>,
     /// established, closing (a FIN or RST seen), lapsed (idle past its
     /// timeout) or stale (its backend down or gone): only the first two

@@ -831,7 +831,15 @@ fn run(cli: Cli) -> Result<()> {
                     v["slot"],
                     v["table_backend"].as_str().unwrap_or("no backend"),
                     weights.join(", "),
-                    v["conntrack_backend"].as_str().unwrap_or("no entry"),
+                    match (
+                        v["conntrack_backend"].as_str(),
+                        v["conntrack_state"].as_str()
+                    ) {
+                        (Some(b), Some(state)) => format!("{b} ({state})"),
+                        // An entry that no longer pins the flow.
+                        (None, Some(state)) => format!("{state} entry, not followed"),
+                        _ => "no entry".into(),
+                    },
                     v["backend"].as_str().unwrap_or("nowhere"),
                     v["reason"].as_str().unwrap_or_default(),
                 )

@@ -221,10 +221,14 @@ pub(super) fn list(
         if service.is_some_and(|s| s != f.service) {
             continue;
         }
+        // The backend the entry was made for: a backend given its id since
+        // (another generation) is not it.
         let address = ctl.services()[&f.service]
             .backends
             .iter()
-            .find(|(_, b)| b.id == f.value.backend)
+            .find(|(_, b)| {
+                b.id == f.value.backend && b.generation & FLOW_GENERATION_MASK == f.value.generation
+            })
             .map(|(ip, _)| *ip);
         if backend.is_some_and(|b| Some(b) != address) {
             continue;
