@@ -127,12 +127,28 @@ impl ConfigFile {
     /// Makes `text` the running configuration with `change`, then the
     /// file's content. The new text is written beside the file first, so a
     /// file that cannot be written refuses the change before anything
-    /// changes; the rename that follows a successful change is atomic.
+    /// changes; the rename that follows a successful change is atomic. A
+    /// file edited since it was loaded refuses the change too: writing
+    /// over it would drop those edits unseen.
     pub(crate) fn replace<T>(
         &mut self,
         text: String,
         change: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
+        let is_file = std::fs::metadata(&self.path).is_ok_and(|m| m.is_file());
+        if let Some(on_disk) = is_file
+            .then(|| std::fs::read_to_string(&self.path).ok())
+            .flatten()
+            && on_disk != self.text
+            && on_disk != text
+        {
+            bail!(
+                "{} was edited since lb loaded it, and this change would write over those edits: \
+                 apply them first (`lb reload`, which `lb check-config` checks) or undo them; \
+                 nothing changed",
+                self.path.display()
+            );
+        }
         let tmp = self.path.with_extension("lb-new");
         durable::write_synced(&tmp, text.as_bytes()).with_context(|| {
             format!(

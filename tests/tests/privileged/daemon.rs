@@ -589,6 +589,22 @@ fn services_and_backends_added_and_removed_at_run_time() {
         .unwrap();
     assert_eq!(code, 1);
     assert!(err.contains("no service named \"nope\""), "{err}");
+    // The file edited by hand and not reloaded yet: an edit through lb
+    // would write over it, so it is refused, the hand edit kept, until the
+    // file is reloaded.
+    let edited = file() + "# a hand edit, not reloaded yet\n";
+    std::fs::write(&d.config, &edited).unwrap();
+    let (code, err) = d
+        .cli_fails(&["backend", "del", "web", "198.18.0.13"])
+        .unwrap();
+    assert_eq!(code, 1);
+    assert!(err.contains("was edited since lb loaded it"), "{err}");
+    assert_eq!(file(), edited);
+    assert_eq!(in_table(&d).unwrap(), 3, "nothing changed");
+    d.cli(&["reload"]).unwrap();
+    d.cli(&["backend", "add", "web", "198.18.0.14"]).unwrap();
+    assert!(file().contains("# a hand edit"), "{}", file());
+    d.cli(&["backend", "del", "web", "198.18.0.14"]).unwrap();
 
     // Counts outlive their backend: the service's and the global forward
     // counts keep a removed backend's (the data plane counts a forward in
