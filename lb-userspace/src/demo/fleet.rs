@@ -7,7 +7,6 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
-    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -17,11 +16,12 @@ use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
 use super::{
-    POLL, check_interrupted,
+    POLL, as_demo_daemon, check_interrupted,
     edge::{
         CLIENT_V4, ECHO_PORT, EchoServer, Edge, Sessions, backend_name, backend_v4,
         fleet_node_config, fleet_services, node_v4,
     },
+    stop_daemon,
 };
 use crate::{api, netns::PrivateBpffs};
 
@@ -37,9 +37,6 @@ const CONNECTIONS: usize = 240;
 const VICTIM: usize = 2;
 /// Longest wait for BGP sessions and tables.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a node's daemon gets to exit on SIGTERM.
-const STOP_GRACE: Duration = Duration::from_secs(5);
-
 /// One node's daemon and its files.
 struct NodeDaemon {
     child: Option<Child>,
@@ -55,16 +52,8 @@ impl NodeDaemon {
 
     /// Stops the daemon: SIGKILL (a crash) or SIGTERM with a grace period.
     fn stop(&mut self, kill: bool) {
-        if let Some(mut child) = self.child.take() {
-            let signal = if kill { libc::SIGKILL } else { libc::SIGTERM };
-            // SAFETY: kill(2) on the PID of a child we started and have not reaped.
-            unsafe { libc::kill(child.id() as libc::pid_t, signal) };
-            let deadline = Instant::now() + STOP_GRACE;
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(POLL);
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            stop_daemon(child, if kill { libc::SIGKILL } else { libc::SIGTERM });
         }
     }
 }
@@ -341,15 +330,14 @@ impl FleetDemo {
         std::fs::write(dir.join("lb.toml"), config)?;
         let bpffs = PrivateBpffs::mount(&dir.join("bpffs"))?;
         let child = node.ns.spawn_process(
-            Command::new(lb)
+            as_demo_daemon(&mut Command::new(lb))
                 .args(["daemon", "--config"])
                 .arg(dir.join("lb.toml"))
                 .arg("--pin-dir")
                 .arg(bpffs.path().join("lb"))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(std::fs::File::create(dir.join("daemon.log"))?)
-                .process_group(0),
+                .stderr(std::fs::File::create(dir.join("daemon.log"))?),
         )?;
         self.daemons.push(NodeDaemon {
             child: Some(child),

@@ -126,6 +126,8 @@ pub fn run(opts: &Options) -> Result<()> {
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        // A closed terminal tears down as Ctrl-C does.
+        libc::signal(libc::SIGHUP, on_signal as *const () as libc::sighandler_t);
     }
     let lb = std::env::current_exe().context("finding the lb binary")?;
     if opts.fleet {
@@ -303,17 +305,14 @@ impl Demo {
         let log = std::fs::File::create(self.dir.join("daemon.log"))?;
         let topo = self.topo()?;
         let child = topo.lb.spawn_process(
-            Command::new(&self.lb)
+            as_demo_daemon(&mut Command::new(&self.lb))
                 .args(["daemon", "--config"])
                 .arg(&config)
                 .arg("--pin-dir")
                 .arg(self.pin_dir())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(log)
-                // Its own process group: Ctrl-C reaches the demo, which
-                // stops the daemon itself, in order.
-                .process_group(0),
+                .stderr(log),
         )?;
         let pid = child.id();
         self.daemon = Some(child);
@@ -464,21 +463,49 @@ impl Demo {
     }
 }
 
-/// How long the daemon gets to exit on SIGTERM before SIGKILL.
+/// How long a daemon gets to exit on SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Makes `cmd` one of the demo's daemons: in its own process group (Ctrl-C
+/// reaches the demo, which stops it in order), and sent SIGTERM should the
+/// demo die first (killed, or its terminal gone), so none outlives it.
+/// The thread that spawns it must live as long as the demo (the main one).
+fn as_demo_daemon(cmd: &mut Command) -> &mut Command {
+    cmd.process_group(0);
+    // SAFETY: prctl(2) is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    cmd
+}
+
+/// Stops a daemon the demo started with `signal`, then SIGKILL after
+/// [`STOP_GRACE`]. One that has exited already (and been reaped by a
+/// `try_wait`) gets no signal: its PID may be another process's by now.
+fn stop_daemon(mut child: Child, signal: libc::c_int) {
+    if matches!(child.try_wait(), Ok(None)) {
+        // SAFETY: kill(2) on the PID of a child we started and have not
+        // reaped (only this process reaps it, and it was running just now).
+        unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        let deadline = Instant::now() + STOP_GRACE;
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(POLL);
+        }
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
 
 impl Drop for Demo {
     fn drop(&mut self) {
-        if let Some(mut child) = self.daemon.take() {
-            // SAFETY: kill(2) on the PID of the child we started and have
-            // not reaped.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-            let deadline = Instant::now() + STOP_GRACE;
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(POLL);
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.daemon.take() {
+            stop_daemon(child, libc::SIGTERM);
         }
         self.servers.clear();
         // Unpinning the link detaches the program; then the mount goes.

@@ -55,29 +55,33 @@ fn the_demo_runs_end_to_end_and_is_interrupted_cleanly() {
     assert_eq!(text.matches("300 answered, 0 failed").count(), 3);
     assert_nothing_left();
 
-    // Ctrl-C in the middle: exit 1, a clear message, nothing left.
-    let mut child = Command::new(lb_binary().unwrap())
-        .arg("demo")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    for line in lines.by_ref() {
-        if line.unwrap().starts_with("[4/7]") {
-            break;
+    // Ctrl-C in the middle, or its terminal closed (SIGHUP): exit 1, a
+    // clear message, nothing left. (SIGHUP once killed the demo outright,
+    // leaving its daemon running and its namespaces behind.)
+    for signal in [libc::SIGINT, libc::SIGHUP] {
+        let mut child = Command::new(lb_binary().unwrap())
+            .arg("demo")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        for line in lines.by_ref() {
+            if line.unwrap().starts_with("[4/7]") {
+                break;
+            }
         }
+        // Keep reading: a closed pipe would fail the demo's next print.
+        let rest = std::thread::spawn(move || lines.count());
+        // SAFETY: kill(2) on the PID of the child we started.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let out = child.wait_with_output().unwrap();
+        rest.join().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "signal {signal}: {err}");
+        assert!(err.contains("interrupted"), "signal {signal}: {err}");
+        assert_nothing_left();
     }
-    // Keep reading: a closed pipe would fail the demo's next print.
-    let rest = std::thread::spawn(move || lines.count());
-    // SAFETY: kill(2) on the PID of the child we started.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let out = child.wait_with_output().unwrap();
-    rest.join().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("interrupted"), "{err}");
-    assert_nothing_left();
 }
 
 #[test]
