@@ -7,9 +7,14 @@
 
 use std::{fs::File, io::Write as _, path::Path};
 
-/// Writes `bytes` to `path` (created or truncated) and flushes them.
+/// Writes `bytes` to `path`, a new file (whatever was there is removed
+/// first, so a link planted there is not followed), and flushes them.
 pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut file = File::create(path)?;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut file = File::options().write(true).create_new(true).open(path)?;
     file.write_all(bytes)?;
     file.sync_all()
 }
@@ -35,7 +40,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let (path, tmp) = (dir.join("state.json"), dir.join("state.tmp"));
         std::fs::write(&path, b"old").unwrap();
+        // A link where the new content goes is replaced, not followed.
+        std::os::unix::fs::symlink(&path, &tmp).unwrap();
         write_synced(&tmp, b"new").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
         rename_synced(&tmp, &path).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"new");
         assert!(!tmp.exists());

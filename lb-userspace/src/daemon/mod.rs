@@ -31,7 +31,7 @@ mod views;
 use std::{
     collections::BTreeSet,
     net::IpAddr,
-    os::unix::fs::FileTypeExt as _,
+    os::unix::fs::{FileTypeExt as _, MetadataExt as _},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -129,7 +129,8 @@ impl ConfigFile {
     /// file that cannot be written refuses the change before anything
     /// changes; the rename that follows a successful change is atomic. A
     /// file edited since it was loaded refuses the change too: writing
-    /// over it would drop those edits unseen.
+    /// over it would drop those edits unseen. A link is followed, so the
+    /// file it names is replaced (with its mode and owner), not the link.
     pub(crate) fn replace<T>(
         &mut self,
         text: String,
@@ -149,22 +150,31 @@ impl ConfigFile {
                 self.path.display()
             );
         }
-        let tmp = self.path.with_extension("lb-new");
-        durable::write_synced(&tmp, text.as_bytes()).with_context(|| {
-            format!(
+        let target = std::fs::canonicalize(&self.path).unwrap_or_else(|_| self.path.clone());
+        let tmp = target.with_extension("lb-new");
+        let written = durable::write_synced(&tmp, text.as_bytes()).and_then(|()| {
+            match std::fs::metadata(&target) {
+                Ok(meta) => {
+                    std::fs::set_permissions(&tmp, meta.permissions())?;
+                    std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid()))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e),
+            }
+        });
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(anyhow::Error::new(e).context(format!(
                 "cannot write beside {} (the change would be lost at the next restart); nothing changed",
-                self.path.display()
-            )
-        })?;
-        if let Ok(meta) = std::fs::metadata(&self.path) {
-            let _ = std::fs::set_permissions(&tmp, meta.permissions());
+                target.display()
+            )));
         }
         let result = change();
         if result.is_ok() {
             // Live from here: the next edit builds on this text, whether or
             // not the file could take it.
             self.text = text;
-            durable::rename_synced(&tmp, &self.path).with_context(|| {
+            durable::rename_synced(&tmp, &target).with_context(|| {
                 format!(
                     "the change is live, but replacing {} failed: save the running configuration by hand",
                     self.path.display()

@@ -8,6 +8,7 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -30,6 +31,8 @@ use lb_tests::{
 use serde_json::Value;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+/// An unprivileged user and group (nobody, nogroup) to own a file.
+const NOBODY: u32 = 65534;
 const WAIT: Duration = Duration::from_secs(10);
 
 fn vip() -> SocketAddr {
@@ -74,8 +77,7 @@ fn run() -> Result<()> {
     d.wait_in_table(2, WAIT)?;
     // The API is root's alone, from its creation (the test runs under
     // umask 022).
-    let mode =
-        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&d.socket)?.permissions());
+    let mode = std::fs::metadata(&d.socket)?.permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "control socket mode {mode:o}");
     let t = tally(&lan, 60)?;
     assert_eq!(t.len(), 2, "both backends serve: {t:?}");
@@ -602,8 +604,23 @@ fn services_and_backends_added_and_removed_at_run_time() {
     assert_eq!(file(), edited);
     assert_eq!(in_table(&d).unwrap(), 3, "nothing changed");
     d.cli(&["reload"]).unwrap();
+    // A configuration that is a link (as configuration management makes
+    // them): the file it names is rewritten, keeping its mode and owner,
+    // and the link stays.
+    let real = d.dir.join("managed.toml");
+    std::fs::rename(&d.config, &real).unwrap();
+    std::os::unix::fs::symlink(&real, &d.config).unwrap();
+    std::os::unix::fs::chown(&real, Some(NOBODY), Some(NOBODY)).unwrap();
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o640)).unwrap();
     d.cli(&["backend", "add", "web", "198.18.0.14"]).unwrap();
     assert!(file().contains("# a hand edit"), "{}", file());
+    assert!(file().contains("198.18.0.14"), "{}", file());
+    assert!(std::fs::symlink_metadata(&d.config).unwrap().is_symlink());
+    let meta = std::fs::metadata(&real).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o777),
+        (NOBODY, NOBODY, 0o640)
+    );
     d.cli(&["backend", "del", "web", "198.18.0.14"]).unwrap();
 
     // Counts outlive their backend: the service's and the global forward
