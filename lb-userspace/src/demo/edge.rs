@@ -13,6 +13,7 @@
 use std::{
     io::{BufRead as _, BufReader, ErrorKind, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::unix::fs::DirBuilderExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -68,13 +69,33 @@ pub struct Bird {
     dir: PathBuf,
 }
 
+/// A new directory `name` in the temporary directory, for root alone
+/// (mode 0700): one a crashed run left there is removed first, and one
+/// that appears meanwhile (another user's, planted) is an error, never
+/// used, since its files would be written as root.
+fn private_dir(name: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(name);
+    match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != ErrorKind::NotFound => {
+            return Err(
+                anyhow::Error::new(e).context(format!("removing a stale {}", dir.display()))
+            );
+        }
+        _ => {}
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
 impl Bird {
     /// Starts `bird` in the foreground in `ns` with `config`, logging to a
     /// file in a fresh directory; returns once its control socket answers.
     pub fn start(ns: &Netns, tag: &str, config: &str) -> Result<Bird> {
         // Named after the namespace, which is unique: tests run in parallel.
-        let dir = std::env::temp_dir().join(format!("{}-bird-{tag}", ns.name));
-        std::fs::create_dir_all(&dir)?;
+        let dir = private_dir(&format!("{}-bird-{tag}", ns.name))?;
         let conf = dir.join("bird.conf");
         std::fs::write(&conf, config.replace("log syslog all;", "log stderr all;"))?;
         let socket = dir.join("bird.ctl");
@@ -276,8 +297,7 @@ impl Etcd {
     /// fresh directory; with `tls`, on `https://` with client certificates
     /// checked.
     pub fn start(ns: Netns, tls: bool) -> Result<Etcd> {
-        let dir = std::env::temp_dir().join(format!("{}-etcd", ns.name));
-        std::fs::create_dir_all(&dir)?;
+        let dir = private_dir(&format!("{}-etcd", ns.name))?;
         let mut etcd = Etcd {
             child: None,
             tls: None,
