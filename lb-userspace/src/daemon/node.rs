@@ -124,13 +124,22 @@ impl Node {
         });
     }
 
-    /// Notes the node's new-flow count (sampled about once a second).
+    /// Notes the node's count of new flows (sampled about once a second),
+    /// those its services dropped included: no backend in rotation, refused
+    /// by a source list or a new-flow limit. Each is traffic the routers
+    /// still send here.
     pub(crate) fn observe_flows(&mut self, ctl: &Controller) {
         let total: u64 = ctl
             .services()
             .values()
-            .filter_map(|s| ctl.service_stats(s).ok())
-            .map(|s| s.new_flows)
+            .map(|s| {
+                let forwarded = ctl.service_stats(s).map_or(0, |st| st.new_flows + st.drops);
+                let refused = ctl
+                    .dataplane()
+                    .source_drops(s.id)
+                    .map_or(0, |d| d.denied + d.not_allowed + d.limited);
+                forwarded + refused
+            })
             .sum();
         if total != self.new_flows {
             self.new_flows = total;
