@@ -5,7 +5,7 @@
 //! a file system may commit the rename before the data: an empty or torn
 //! file, which stops the daemon from starting).
 
-use std::{fs::File, io::Write as _, path::Path};
+use std::{fs::File, io::Write as _, os::unix::fs::MetadataExt as _, path::Path};
 
 /// Writes `bytes` to `path`, a new file (whatever was there is removed
 /// first, so a link planted there is not followed), and flushes them.
@@ -17,6 +17,34 @@ pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut file = File::options().write(true).create_new(true).open(path)?;
     file.write_all(bytes)?;
     file.sync_all()
+}
+
+/// [`write_synced`], the new file then given `like`'s mode and owner if
+/// `like` exists (a file it replaces keeps them). Another owner than the
+/// writer's takes CAP_CHOWN, which the daemon's unit does not grant: the
+/// error says so rather than leave the file to another owner.
+pub(crate) fn write_synced_like(path: &Path, bytes: &[u8], like: &Path) -> std::io::Result<()> {
+    write_synced(path, bytes)?;
+    let like = match std::fs::metadata(like) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    std::fs::set_permissions(path, like.permissions())?;
+    let new = std::fs::metadata(path)?;
+    if (new.uid(), new.gid()) != (like.uid(), like.gid()) {
+        std::os::unix::fs::chown(path, Some(like.uid()), Some(like.gid())).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "giving it the owner of the file it replaces (uid {}, gid {}): {e}",
+                    like.uid(),
+                    like.gid()
+                ),
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// Renames `from` over `to`, then flushes `to`'s directory, which holds the

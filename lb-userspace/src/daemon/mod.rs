@@ -31,7 +31,7 @@ mod views;
 use std::{
     collections::BTreeSet,
     net::IpAddr,
-    os::unix::fs::{FileTypeExt as _, MetadataExt as _},
+    os::unix::fs::FileTypeExt as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -124,6 +124,17 @@ impl ConfigFile {
         &self.text
     }
 
+    /// Whether the file holds other text than what runs and than `text`:
+    /// edited by hand since it was loaded. (A file that cannot be read, or
+    /// is no regular file, holds no edit to keep.)
+    fn edited_on_disk(&self, text: &str) -> bool {
+        std::fs::metadata(&self.path)
+            .is_ok_and(|m| m.is_file())
+            .then(|| std::fs::read_to_string(&self.path).ok())
+            .flatten()
+            .is_some_and(|on_disk| on_disk != self.text && on_disk != text)
+    }
+
     /// Makes `text` the running configuration with `change`, then the
     /// file's content. The new text is written beside the file first, so a
     /// file that cannot be written refuses the change before anything
@@ -136,13 +147,7 @@ impl ConfigFile {
         text: String,
         change: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
-        let is_file = std::fs::metadata(&self.path).is_ok_and(|m| m.is_file());
-        if let Some(on_disk) = is_file
-            .then(|| std::fs::read_to_string(&self.path).ok())
-            .flatten()
-            && on_disk != self.text
-            && on_disk != text
-        {
+        if self.edited_on_disk(&text) {
             bail!(
                 "{} was edited since lb loaded it, and this change would write over those edits: \
                  apply them first (`lb reload`, which `lb check-config` checks) or undo them; \
@@ -152,17 +157,7 @@ impl ConfigFile {
         }
         let target = std::fs::canonicalize(&self.path).unwrap_or_else(|_| self.path.clone());
         let tmp = target.with_extension("lb-new");
-        let written = durable::write_synced(&tmp, text.as_bytes()).and_then(|()| {
-            match std::fs::metadata(&target) {
-                Ok(meta) => {
-                    std::fs::set_permissions(&tmp, meta.permissions())?;
-                    std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid()))
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(e),
-            }
-        });
-        if let Err(e) = written {
+        if let Err(e) = durable::write_synced_like(&tmp, text.as_bytes(), &target) {
             let _ = std::fs::remove_file(&tmp);
             return Err(anyhow::Error::new(e).context(format!(
                 "cannot write beside {} (the change would be lost at the next restart); nothing changed",
