@@ -14,8 +14,8 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, PutOptions,
-    TlsOptions, Txn, TxnOp, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity,
+    LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
 };
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
@@ -270,6 +270,45 @@ impl Bgp {
     }
 }
 
+/// Keeps this node's lease alive, renewed every third of it, in a task of
+/// its own: the session's loop makes etcd calls of up to [`CALL_TIMEOUT`]
+/// each between its waits, and a lapsed lease would make the node leave
+/// the fleet. Returns why it stopped.
+async fn keep_alive(
+    mut keeper: LeaseKeeper,
+    mut kept: LeaseKeepAliveStream,
+    lease: Duration,
+) -> anyhow::Error {
+    let mut renew = tokio::time::interval(lease / 3);
+    let mut last_kept = Instant::now();
+    loop {
+        tokio::select! {
+            _ = renew.tick() => {
+                if last_kept.elapsed() > lease {
+                    return anyhow!("this node's lease lapsed: etcd did not answer keep-alives for {lease:?}");
+                }
+                if let Err(e) = keeper.keep_alive().await {
+                    return anyhow::Error::new(e).context("renewing this node's lease");
+                }
+            }
+            answer = kept.message() => match answer {
+                Ok(Some(a)) if a.ttl() > 0 => last_kept = Instant::now(),
+                Ok(_) => return anyhow!("this node's lease expired"),
+                Err(e) => return anyhow::Error::new(e).context("renewing this node's lease"),
+            },
+        }
+    }
+}
+
+/// A task aborted when its session ends, however it ends.
+struct Aborting<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for Aborting<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// One connected session; returns `Ok` only when the daemon is gone.
 async fn connected(s: &mut Session, bgp: &mut Bgp) -> Result<()> {
     let store = Store::connect(&s.fleet).await?;
@@ -281,8 +320,8 @@ async fn connected(s: &mut Session, bgp: &mut Bgp) -> Result<()> {
         .map_err(|_| anyhow!("etcd did not grant a lease within {CALL_TIMEOUT:?}"))?
         .context("granting this node's lease")?
         .id();
-    let (mut keeper, mut kept) = leases.keep_alive(lease).await?;
-    let mut last_kept = Instant::now();
+    let (keeper, kept) = leases.keep_alive(lease).await?;
+    let mut keeping = Aborting(tokio::spawn(keep_alive(keeper, kept, s.fleet.lease)));
     let snapshot = store.read().await?;
     let mut watch = store
         .client
@@ -306,7 +345,6 @@ async fn connected(s: &mut Session, bgp: &mut Bgp) -> Result<()> {
     let mut leader = Leader::default();
     let mut published: Option<NodeReport> = None;
     let mut snapshot = snapshot;
-    let mut renew = tokio::time::interval(s.fleet.lease / 3);
     let mut tick = tokio::time::interval(RAMP_TICK);
     loop {
         leader.act(&store, &node, lease, &snapshot).await?;
@@ -356,17 +394,8 @@ async fn connected(s: &mut Session, bgp: &mut Bgp) -> Result<()> {
                     if changed.is_err() { return Ok(()); }
                     break;
                 }
-                _ = renew.tick() => {
-                    if last_kept.elapsed() > s.fleet.lease {
-                        bail!("this node's lease lapsed: etcd did not answer keep-alives for {:?}", s.fleet.lease);
-                    }
-                    keeper.keep_alive().await.context("renewing this node's lease")?;
-                }
-                answer = kept.message() => {
-                    match answer.context("renewing this node's lease")? {
-                        Some(a) if a.ttl() > 0 => last_kept = Instant::now(),
-                        _ => bail!("this node's lease expired"),
-                    }
+                stopped = &mut keeping.0 => {
+                    return Err(stopped.unwrap_or_else(|e| anyhow!("the lease's keep-alive task: {e}")));
                 }
                 _ = tick.tick() => {
                     let bgp_due = s.bird_socket.is_some() && bgp.read.is_none_or(|t| t.elapsed() >= BGP_POLL);
