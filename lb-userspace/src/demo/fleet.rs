@@ -107,7 +107,11 @@ pub(super) fn run(lb: &Path) -> Result<()> {
         edge: None,
         dir,
     };
-    demo.show(lb)
+    let result = demo.show(lb);
+    drop(demo);
+    result?;
+    println!("\ndone: every namespace, process and mount the fleet demo made is removed");
+    Ok(())
 }
 
 impl FleetDemo {
@@ -306,7 +310,6 @@ impl FleetDemo {
                 unexplained.len()
             );
         }
-        println!("\ndone: every namespace, process and mount the fleet demo made is removed");
         Ok(())
     }
 

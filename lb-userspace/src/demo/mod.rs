@@ -143,6 +143,18 @@ pub fn run(opts: &Options) -> Result<()> {
         .and_then(|()| if opts.keep { demo.keep() } else { Ok(()) });
     drop(demo);
     result?;
+    // The teardown reports its failures as it goes; done means none was left.
+    let left = leftovers();
+    if !left.is_empty() || Path::new(DIR).exists() {
+        bail!(
+            "the demo could not remove everything it made: namespaces {left:?}, {DIR} {}",
+            if Path::new(DIR).exists() {
+                "still there"
+            } else {
+                "removed"
+            }
+        );
+    }
     println!("\ndone: every namespace, mount and process the demo made is removed");
     Ok(())
 }
