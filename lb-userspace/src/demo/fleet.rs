@@ -91,13 +91,16 @@ fn step(n: usize, what: &str) {
 /// Runs the fleet demo (signal handlers are set by the caller).
 pub(super) fn run(lb: &Path) -> Result<()> {
     let dir = PathBuf::from(DIR);
-    if dir.exists() {
-        bail!(
-            "{} exists: another fleet demo runs, or one was killed (remove it and its lbt* namespaces)",
-            dir.display()
-        );
+    // Made here or refused, at once: two fleet demos never share it.
+    if let Err(e) = std::fs::create_dir(&dir) {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            bail!(
+                "{} exists: another fleet demo runs, or one was killed (remove it and its lbt* namespaces)",
+                dir.display()
+            );
+        }
+        return Err(anyhow::Error::new(e).context(format!("creating {}", dir.display())));
     }
-    std::fs::create_dir_all(&dir)?;
     let mut demo = FleetDemo {
         rt: tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -21,7 +21,10 @@ pub mod topology;
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
-    os::unix::process::CommandExt as _,
+    os::{
+        fd::AsRawFd as _,
+        unix::{fs::OpenOptionsExt as _, process::CommandExt as _},
+    },
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicBool, Ordering},
@@ -75,6 +78,31 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// The single demo's lock, held for its whole run: a second demo started
+/// meanwhile would remove the first one's namespaces and files, whose
+/// names are fixed. The kernel lets go of it however the demo exits; the
+/// empty file stays in /run (root's alone, emptied at boot).
+const LOCK: &str = "/run/lb-demo.lock";
+
+/// Takes [`LOCK`], or says that another demo holds it.
+fn lock_demo() -> Result<std::fs::File> {
+    let file = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(LOCK)
+        .with_context(|| format!("opening {LOCK}"))?;
+    // SAFETY: flock(2) on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            bail!("another lb demo is running (it holds {LOCK}): stop it with Ctrl-C first");
+        }
+        return Err(anyhow::Error::new(e).context(format!("locking {LOCK}")));
+    }
+    Ok(file)
 }
 
 fn check_interrupted() -> Result<()> {
@@ -133,6 +161,7 @@ pub fn run(opts: &Options) -> Result<()> {
     if opts.fleet {
         return fleet::run(&lb);
     }
+    let _lock = lock_demo()?;
     println!(
         "lb demo: {VIP}:{PORT}/tcp (dsr-l2) over {} backends, run by `lb daemon`\n",
         BACKENDS.len()
@@ -182,12 +211,9 @@ impl Demo {
             1,
             "building the topology: client, load balancer, 3 backends in namespaces",
         );
-        let removed = topology::remove_leftovers(
-            Path::new(DIR).join("lb.sock").exists() && {
-                // A live socket means a demo (kept) is running right now.
-                std::os::unix::net::UnixStream::connect(Path::new(DIR).join("lb.sock")).is_ok()
-            },
-        )?;
+        // No other demo runs (the caller holds the lock): what one left is
+        // a killed demo's.
+        let removed = topology::remove_leftovers()?;
         if removed > 0 {
             println!("  removed {removed} namespaces an interrupted demo left behind");
         }

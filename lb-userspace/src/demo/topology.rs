@@ -4,7 +4,7 @@
 
 use std::{net::Ipv4Addr, path::Path};
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 
 use crate::netns::{self, Netns};
 
@@ -111,18 +111,9 @@ pub fn leftovers() -> Vec<String> {
 }
 
 /// Deletes namespaces a killed demo left behind (they are the demo's by
-/// name); fails if a demo is still running.
-pub fn remove_leftovers(running: bool) -> Result<usize> {
+/// name). Only while holding the demo's lock: a running demo's are alike.
+pub fn remove_leftovers() -> Result<usize> {
     let names = leftovers();
-    if names.is_empty() {
-        return Ok(0);
-    }
-    if running {
-        bail!(
-            "another lb demo is running (namespaces {}): stop it with Ctrl-C first",
-            names.join(", ")
-        );
-    }
     for n in &names {
         netns::ip(&["netns", "del", n])?;
     }

@@ -3,8 +3,8 @@
 //! leave nothing behind, also when interrupted with Ctrl-C.
 
 use std::{
-    io::{BufRead as _, BufReader},
-    process::{Command, Stdio},
+    io::{BufRead as _, BufReader, Lines},
+    process::{Child, ChildStdout, Command, Output, Stdio},
 };
 
 use lb_tests::{daemon::lb_binary, require_root};
@@ -59,28 +59,84 @@ fn the_demo_runs_end_to_end_and_is_interrupted_cleanly() {
     // clear message, nothing left. (SIGHUP once killed the demo outright,
     // leaving its daemon running and its namespaces behind.)
     for signal in [libc::SIGINT, libc::SIGHUP] {
-        let mut child = Command::new(lb_binary().unwrap())
-            .arg("demo")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        for line in lines.by_ref() {
-            if line.unwrap().starts_with("[4/7]") {
-                break;
-            }
-        }
-        // Keep reading: a closed pipe would fail the demo's next print.
-        let rest = std::thread::spawn(move || lines.count());
-        // SAFETY: kill(2) on the PID of the child we started.
-        unsafe { libc::kill(child.id() as i32, signal) };
-        let out = child.wait_with_output().unwrap();
-        rest.join().unwrap();
+        let (demo, mut lines) = Running::start(&[]);
+        lines
+            .by_ref()
+            .map(Result::unwrap)
+            .find(|l| l.starts_with("[4/7]"));
+        let out = demo.stop(signal, lines);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "signal {signal}: {err}");
         assert!(err.contains("interrupted"), "signal {signal}: {err}");
         assert_nothing_left();
+    }
+
+    // A second demo while one is still building its topology (before its
+    // daemon's socket exists): refused at once, the first one untouched.
+    // (It once removed the first one's namespaces and directory.)
+    let (first, mut lines) = Running::start(&["--keep"]);
+    lines
+        .by_ref()
+        .map(Result::unwrap)
+        .find(|l| l.starts_with("[1/7]"));
+    let (ok, second) = demo_output(&[]);
+    assert!(!ok, "a second demo ran: {second}");
+    assert!(second.contains("another lb demo is running"), "{second}");
+    let mut read = Vec::new();
+    for line in lines.by_ref().map(Result::unwrap) {
+        let kept = line.contains("stays up until Ctrl-C");
+        read.push(line);
+        if kept {
+            break;
+        }
+    }
+    let out = first.stop(libc::SIGINT, lines);
+    assert!(
+        read.iter().any(|l| l.contains("300 answered, 0 failed")),
+        "the first demo, beside the refused one: {read:?}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_nothing_left();
+}
+
+/// A demo the test runs, its output piped: interrupted and waited for if
+/// the test fails before it stops it, so that none outlives the test.
+struct Running(Option<Child>);
+
+impl Running {
+    /// `lb demo ARGS`, and the lines it prints.
+    fn start(args: &[&str]) -> (Running, Lines<BufReader<ChildStdout>>) {
+        let mut child = Command::new(lb_binary().unwrap())
+            .arg("demo")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        (Running(Some(child)), lines)
+    }
+
+    /// Sends `signal` and waits for the demo to exit, reading the rest of
+    /// its `lines` meanwhile (a closed pipe would fail its next print).
+    fn stop(mut self, signal: libc::c_int, lines: Lines<BufReader<ChildStdout>>) -> Output {
+        let child = self.0.take().unwrap();
+        let rest = std::thread::spawn(move || lines.count());
+        // SAFETY: kill(2) on the PID of the child we started, not reaped.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let out = child.wait_with_output().unwrap();
+        rest.join().unwrap();
+        out
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            // SAFETY: as in `stop`.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            let _ = child.wait();
+        }
     }
 }
 
