@@ -25,7 +25,10 @@ use lb_common::{
     AddrKey, SOURCE_FAMILY_BITS, SourceKey, addr_ip, counters::DecapCounter, maps as names,
 };
 
-use super::{EBPF_OBJECT, UNUSED_LB_CAPACITY, attach_xdp, ensure_bpffs, pins, take, xdp_program};
+use super::{
+    EBPF_OBJECT, UNUSED_LB_CAPACITY, attach_xdp, ensure_bpffs, load_program, pins, take,
+    xdp_program,
+};
 
 /// Where `lb decap` pins its maps and links by default.
 pub const DEFAULT_DECAP_PIN_DIR: &str = "/sys/fs/bpf/lb-decap";
@@ -262,9 +265,8 @@ impl Decapsulator {
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (maps could not be created)")?;
-        xdp_program(&mut ebpf, names::PROG_DECAP)?
-            .load()
-            .with_context(|| format!("the kernel refused program {}", names::PROG_DECAP))?;
+        let prog = xdp_program(&mut ebpf, names::PROG_DECAP)?;
+        load_program(names::PROG_DECAP, || prog.load())?;
         let maps = Maps::take(&mut ebpf)?;
         Ok(Decapsulator {
             ebpf,

@@ -454,6 +454,30 @@ fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
         .with_context(|| format!("program {name} is not XDP"))
 }
 
+/// Loads program `name` into the kernel with `load` (its `load`). Again
+/// when the verifier gave up for a signal that came in meanwhile (EAGAIN:
+/// it stops for any pending signal, and `lb_xdp` keeps it busy for
+/// seconds, long enough for a child's exit or a reload signal to land), as
+/// libbpf does.
+pub(crate) fn load_program(
+    name: &str,
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<()> {
+    /// Loads tried before an EAGAIN is an error.
+    const ATTEMPTS: usize = 5;
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            loaded => return loaded.with_context(|| format!("the kernel refused program {name}")),
+        }
+    }
+}
+
 /// Attaches `prog` to `iface`, or switches the link pinned at `pin` to it
 /// (atomically: no packet sees the interface without a program), and
 /// returns the link, pinned at `pin` if given.
@@ -645,9 +669,8 @@ impl Dataplane {
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (maps could not be created)")?;
-        xdp_program(&mut ebpf, names::PROG_LB)?
-            .load()
-            .context("the kernel refused program lb_xdp")?;
+        let prog = xdp_program(&mut ebpf, names::PROG_LB)?;
+        load_program(names::PROG_LB, || prog.load())?;
         let backends = take(&mut ebpf, names::BACKENDS)?;
         let stats = stats::Stats::open(
             take(&mut ebpf, names::BACKEND_STATS)?,

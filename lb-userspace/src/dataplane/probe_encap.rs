@@ -17,7 +17,7 @@ use aya::{
 };
 use lb_common::{ProbeTunnel, maps as names};
 
-use super::{EBPF_OBJECT, UNUSED_LB_CAPACITY, ifindex, take};
+use super::{EBPF_OBJECT, UNUSED_LB_CAPACITY, ifindex, load_program, take};
 
 /// The encapsulator's maps (created afresh with it: nothing is adopted).
 #[cfg(test)]
@@ -40,9 +40,8 @@ impl ProbeEncapsulator {
             .loader()?
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (maps could not be created)")?;
-        program(&mut ebpf)?
-            .load()
-            .with_context(|| format!("the kernel refused program {}", names::PROG_PROBE_ENCAP))?;
+        let prog = program(&mut ebpf)?;
+        load_program(names::PROG_PROBE_ENCAP, || prog.load())?;
         let tunnels = take(&mut ebpf, names::PROBE_TUNNELS)?;
         Ok(ProbeEncapsulator {
             ebpf,
