@@ -139,7 +139,19 @@ pub struct Daemon {
     pub dir: PathBuf,
     ns: String,
     env: Vec<(String, String)>,
-    wrapper: Vec<String>,
+    confinement: Confinement,
+}
+
+/// What a systemd unit's sandbox does to the daemon, for tests that run it
+/// as the unit would without a systemd to start it.
+#[derive(Debug, Clone, Default)]
+pub struct Confinement {
+    /// A program and its arguments that run `lb daemon ...`, such as
+    /// `setpriv` dropping capabilities.
+    pub wrapper: Vec<String>,
+    /// The only address families socket(2) may open
+    /// (`RestrictAddressFamilies=`), if limited.
+    pub socket_families: Option<Vec<libc::c_int>>,
 }
 
 impl Daemon {
@@ -157,18 +169,17 @@ impl Daemon {
         config: &str,
         env: &[(&str, &str)],
     ) -> Result<Daemon> {
-        Self::start_under(ns, tag, config, env, &[])
+        Self::start_under(ns, tag, config, env, &Confinement::default())
     }
 
-    /// As [`Daemon::start_with_env`], run through `wrapper` (a program and
-    /// its arguments, before `lb daemon ...`), such as `setpriv` dropping
-    /// capabilities.
+    /// As [`Daemon::start_with_env`], confined as a systemd unit confines
+    /// it.
     pub fn start_under(
         ns: &Netns,
         tag: &str,
         config: &str,
         env: &[(&str, &str)],
-        wrapper: &[&str],
+        confinement: &Confinement,
     ) -> Result<Daemon> {
         // Unique per daemon: tests that share a tag run in parallel.
         static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -204,10 +215,7 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            wrapper: wrapper
-                .iter()
-                .map(std::string::ToString::to_string)
-                .collect(),
+            confinement: confinement.clone(),
         };
         d.spawn()?;
         Ok(d)
@@ -222,7 +230,7 @@ impl Daemon {
         // Only the network namespace: `ip netns exec` would also give the
         // daemon a private /sys without the bpffs its pins live on.
         let lb = lb_binary()?;
-        let mut command = match self.wrapper.split_first() {
+        let mut command = match self.confinement.wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
                 c.args(args).arg(&lb);
@@ -230,6 +238,9 @@ impl Daemon {
             }
             None => Command::new(&lb),
         };
+        if let Some(families) = &self.confinement.socket_families {
+            crate::seccomp::restrict_socket_families(&mut command, families);
+        }
         let child = spawn_in(
             &self.ns,
             command

@@ -15,6 +15,7 @@
 //!   classifier, and the properties every verdict of `lb_xdp` must keep.
 //! - [`responder`]: a server whose answers and delay a test sets (agents,
 //!   health-check targets).
+//! - [`seccomp`]: a unit's `RestrictAddressFamilies=` for a child process.
 //! - [`legacy`]: what earlier versions wrote into pinned maps (their hash
 //!   and seals), for upgrade tests and the benchmark's baselines.
 //!
@@ -29,6 +30,7 @@ pub mod lan;
 pub mod legacy;
 pub mod packet;
 pub mod responder;
+pub mod seccomp;
 
 /// Fails the test unless it runs as root. The tests that need root (the
 /// kernel, namespaces) are `#[ignore]`d with that reason, so a plain
