@@ -78,6 +78,11 @@ pub struct BackendState {
     pub transitions: u64,
     /// Failed probes so far.
     pub probe_failures: u64,
+    /// The counts above as the state file held them at start: the metrics
+    /// count from there, so a restart reads as a counter reset rather than
+    /// as the restored totals counted anew (failures since the last
+    /// transition are not in the file).
+    pub restored: History,
     /// When it recovered, while its slow start lasts.
     pub ramp_started: Option<Instant>,
     /// Percent of its weight it has in the table (slow start step).
@@ -188,9 +193,13 @@ impl BackendState {
     /// It with the history a previous daemon kept.
     fn with_history(self, h: &History) -> Self {
         BackendState {
-            since: SystemTime::UNIX_EPOCH + Duration::from_secs(h.since),
+            // A hand-edited `since` past what the clock can hold keeps now.
+            since: SystemTime::UNIX_EPOCH
+                .checked_add(Duration::from_secs(h.since))
+                .unwrap_or(self.since),
             transitions: h.transitions,
             probe_failures: h.probe_failures,
+            restored: *h,
             ..self
         }
     }
@@ -207,6 +216,7 @@ impl BackendState {
             since: SystemTime::now(),
             transitions: 0,
             probe_failures: 0,
+            restored: History::default(),
             ramp_started: None,
             ramp_percent: 100,
             agent: AgentState::default(),
@@ -679,6 +689,9 @@ impl Controller {
     /// Builds state for the desired services the kernel already serves.
     fn adopt(&mut self, desired: &Desired) -> Result<()> {
         let mut wanted = BTreeSet::new();
+        // Backends an adopted service's table names that the configuration
+        // dropped meanwhile: their counts stay the service's.
+        let mut dropped_from = BTreeMap::new();
         for (name, cfg) in &desired.services {
             let key = service_key(cfg);
             wanted.insert(key);
@@ -695,7 +708,11 @@ impl Controller {
             let mut backends = BTreeMap::new();
             for (ip, id) in ids {
                 let Ok(v) = self.dp.backend(id) else { continue };
-                if (v.addr, v.family) != addr_bytes(ip) || !cfg.backends.contains_key(&ip) {
+                if (v.addr, v.family) != addr_bytes(ip) {
+                    continue;
+                }
+                if !cfg.backends.contains_key(&ip) {
+                    dropped_from.insert(id, live.id);
                     continue;
                 }
                 let health = if v.flags & BACKEND_F_UP != 0 {
@@ -744,7 +761,7 @@ impl Controller {
             }
         }
         // Backend slots nobody holds must not honour old flows; their counts
-        // are kept with the removed services'.
+        // are kept with their service's, or the removed services'.
         let held: BTreeSet<u32> = self
             .services
             .values()
@@ -756,7 +773,8 @@ impl Controller {
                 if v.flags != 0 {
                     self.dp.set_backend(id, &BackendValue { flags: 0, ..v })?;
                 }
-                self.dp.release_backend_stats(id, None)?;
+                self.dp
+                    .release_backend_stats(id, dropped_from.get(&id).copied())?;
             }
         }
         for id in removed {
@@ -2393,6 +2411,22 @@ impl Controller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restored_history_is_kept_and_a_since_past_the_clock_is_now() {
+        let fresh = BackendState::new(0, 0, 1, Tracker::new(Health::Up));
+        let now = fresh.since;
+        let h = History {
+            since: u64::MAX,
+            transitions: 3,
+            probe_failures: 9,
+        };
+        let b = fresh.clone().with_history(&h);
+        assert_eq!((b.since, b.restored), (now, h));
+        assert_eq!((b.transitions, b.probe_failures), (3, 9));
+        let b = fresh.with_history(&History { since: 60, ..h });
+        assert_eq!(b.since, SystemTime::UNIX_EPOCH + Duration::from_secs(60));
+    }
 
     /// The digest by its definition: the flow hash's version, then each
     /// slot's backend address and family (all ones for none), FNV-1a over

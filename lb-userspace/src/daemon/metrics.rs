@@ -120,13 +120,14 @@ impl ProbeDurations {
     }
 
     /// Forgets backends that are no longer configured, so their series end.
-    fn retain(&mut self, ctl: &Controller) {
+    pub(crate) fn retain(&mut self, ctl: &Controller) {
         let family = &self.family;
         self.seen.retain(|l| {
             let live = ctl
                 .services()
                 .get(&l.service)
-                .is_some_and(|s| s.backends.keys().any(|ip| ip.to_string() == l.backend));
+                .zip(l.backend.parse::<IpAddr>().ok())
+                .is_some_and(|(s, ip)| s.backends.contains_key(&ip));
             if !live {
                 family.remove(l);
             }
@@ -219,7 +220,7 @@ pub(crate) fn render(
         let refused = register(
             &mut r,
             "registration_requests_refused",
-            "Registration requests and registrations refused, by reason (signature, stale, malformed, payload, admission)",
+            "Registration requests and registrations refused, by reason (malformed, signature, payload, stale, busy, sender, admission)",
             Counters::<ReasonLabels>::default(),
         );
         for (reason, n) in g.refused {
@@ -333,13 +334,13 @@ pub(crate) fn render(
     let b_fail = register(
         &mut r,
         "backend_probe_failures",
-        "Failed health probes",
+        "Failed health probes since the daemon started",
         Counters::<BackendLabels>::default(),
     );
     let b_trans = register(
         &mut r,
         "backend_transitions",
-        "Health state changes",
+        "Health state changes since the daemon started",
         Counters::<BackendLabels>::default(),
     );
     let b_latency = register(
@@ -466,8 +467,12 @@ pub(crate) fn render(
                         .inc_by(changes);
                 }
             }
-            b_fail.get_or_create(&l).inc_by(b.probe_failures);
-            b_trans.get_or_create(&l).inc_by(b.transitions);
+            b_fail
+                .get_or_create(&l)
+                .inc_by(b.probe_failures - b.restored.probe_failures);
+            b_trans
+                .get_or_create(&l)
+                .inc_by(b.transitions - b.restored.transitions);
             b_flows
                 .get_or_create(&l)
                 .set(active.get(&b.id).copied().unwrap_or(0) as i64);

@@ -660,6 +660,9 @@ pub async fn run(opts: Options) -> Result<()> {
                     Err(e) => error!(error = %format!("{e:#}"), "repairing the data plane; retrying in 1 s"),
                 }
                 ctl.save_history();
+                // Unscraped, the histograms of removed backends would pile
+                // up (registrations come and go).
+                probe_durations.retain(&ctl);
                 // Agents' answers and load feedback held back by their
                 // service's rebuild limit.
                 if let Err(e) = ctl.apply_weight_changes() {

@@ -195,6 +195,12 @@ pub(super) fn backends(
         if only.is_some_and(|o| o != name) {
             continue;
         }
+        // One pass over the table, not one per backend: a table is at
+        // least a hundred slots a backend.
+        let mut slots = BTreeMap::<u32, usize>::new();
+        for &id in s.ring.iter() {
+            *slots.entry(id).or_default() += 1;
+        }
         for (ip, b) in &s.backends {
             let o = ctl.override_of(name, *ip);
             let stats = ctl.dataplane().backend_stats(b.id)?;
@@ -222,7 +228,7 @@ pub(super) fn backends(
                 } else {
                     format!("{:?}", b.health.state()).to_lowercase()
                 },
-                slots: s.ring.iter().filter(|&&id| id == b.id).count(),
+                slots: slots.get(&b.id).copied().unwrap_or(0),
                 mac: (kernel.flags & BACKEND_F_UP != 0 || ctl.has_mac(*ip))
                     .then(|| crate::netns::mac_string(&kernel.mac)),
                 unattached_interface: ctl.unattached_interface(*ip),

@@ -377,6 +377,11 @@ fn run() -> Result<()> {
         kept_since >= since,
         "since {kept_since} s, was {since} s before"
     );
+    // The metrics count from the restart, as counters a scraper reads as
+    // reset: not the restored totals counted again.
+    let metrics = lb_tests::daemon::metrics_in(&lan.lb)?;
+    let line = "lb_backend_transitions_total{service=\"web\",backend=\"198.18.0.11\"} 0";
+    assert!(metrics.lines().any(|l| l == line), "{metrics}");
     // Its stderr is a file, not a terminal: plain text, no colour codes.
     assert!(!d.log().contains('\x1b'), "ANSI escapes in the log file");
 
@@ -449,6 +454,30 @@ fn run() -> Result<()> {
     assert!(set_aside, "the corrupt file is kept beside");
     let t = tally(&lan, 40)?;
     assert_eq!(t.values().sum::<usize>(), 40, "{t:?}");
+
+    // A backend taken out of the file while the daemon was down: the
+    // service's counts keep what it forwarded, as a removal at run time
+    // does (they never go back).
+    let web_packets = |d: &Daemon| -> Result<u64> {
+        let stats = d.cli(&["stats"])?;
+        stats["services"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["name"] == "web"))
+            .and_then(|r| r["packets"].as_u64())
+            .ok_or_else(|| anyhow::anyhow!("no web row: {stats}"))
+    };
+    let before = web_packets(&d)?;
+    d.kill(libc::SIGTERM)?;
+    let running = std::fs::read_to_string(&d.config)?;
+    let fewer = running.replace("[[service.backend]]\naddress = \"198.18.0.12\"\n", "");
+    assert_ne!(fewer, running);
+    std::fs::write(&d.config, fewer)?;
+    d.spawn()?;
+    let after = web_packets(&d)?;
+    assert!(
+        after >= before,
+        "web's packets went from {before} to {after}"
+    );
     Ok(())
 }
 

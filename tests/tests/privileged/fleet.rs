@@ -418,6 +418,19 @@ fn one_desired_state_changes_everywhere_and_refuses_conflicts_and_bad_data() {
     ] {
         assert!(metrics.contains(line), "metrics lack {line:?}:\n{metrics}");
     }
+    // ...and docs/operations.md's table names every family it has.
+    let docs = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/operations.md"
+    ))
+    .unwrap();
+    for family in metrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let name = family.split(' ').next().unwrap_or_default();
+        assert!(
+            docs.contains(&format!("`{name}`")),
+            "docs/operations.md does not document {name}"
+        );
+    }
     for name in dashboard_metrics() {
         let sample =
             |l: &str| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} "));
