@@ -42,8 +42,9 @@ pub struct Direct {
     flows: Option<u64>,
     /// The last refusals, to log each once.
     refused: Vec<String>,
-    /// When the last request was sent: each is sent later than the one
-    /// before (the daemon refuses one that is not, as a replay).
+    /// When the last request the daemon did not reject was sent: each is
+    /// sent later than that one (the daemon refuses one that is not, as a
+    /// replay).
     last_ms: u64,
 }
 
@@ -89,7 +90,9 @@ impl Direct {
                 .values()
                 .fold(0u64, |a, &n| a.saturating_add(n))
         });
-        if !self.registered {
+        // Draining, a registration the daemon refuses pins no flow (its
+        // answer counts none): the drain is over, not failing.
+        if !self.registered && !draining {
             bail!("every registration refused");
         }
         Ok(())
@@ -127,9 +130,9 @@ impl Direct {
     }
 
     async fn send(&mut self, leave: bool, query: bool) -> Result<Answer> {
-        self.last_ms = registration::millis(SystemTime::now()).max(self.last_ms + 1);
+        let time_ms = registration::millis(SystemTime::now()).max(self.last_ms + 1);
         let message = Message {
-            time_ms: self.last_ms,
+            time_ms,
             leave,
             query,
             registrations: self.registrations.clone(),
@@ -146,12 +149,27 @@ impl Direct {
                 .await?;
             anyhow::Ok(reply)
         };
+        // Sent: unless the daemon says it rejected it, it may have taken it.
+        self.last_ms = time_ms;
         let reply = timeout(CALL_TIMEOUT, exchange)
             .await
             .map_err(|_| anyhow!("no answer within {CALL_TIMEOUT:?}"))?
             .with_context(|| format!("registering with {}", self.daemon.address))?;
-        registration::verify_answer(&self.daemon.secret, &mac, reply.trim_end())
-            .map_err(|e| anyhow!("the answer of {}: {e}", self.daemon.address))
+        if reply.is_empty() {
+            bail!(
+                "{} closed the connection without answering (busy, or stopping)",
+                self.daemon.address
+            );
+        }
+        let answer = registration::verify_answer(&self.daemon.secret, &mac, reply.trim_end())
+            .map_err(|e| anyhow!("the answer of {}: {e}", self.daemon.address))?;
+        if answer.rejected.is_some() {
+            // Not taken, so not to be outdone: a request sent while this
+            // host's clock ran ahead must not hold the next ones there
+            // once it is set right.
+            self.last_ms = 0;
+        }
+        Ok(answer)
     }
 }
 
@@ -172,4 +190,67 @@ async fn connect_from(source: Option<IpAddr>, daemon: SocketAddr) -> std::io::Re
         debug!(address = %source, error = %e, "registering from the kernel's choice of address");
     }
     socket.connect(daemon).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::registry::FULL_PERCENT;
+    use tokio::net::TcpListener;
+
+    /// A registration port that checks requests as the daemon does
+    /// (signature and clock, [`registration::verify`]) and takes every one
+    /// that passes; the number of connections it answers.
+    async fn daemon_port(secret: Secret, connections: usize) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            for _ in 0..connections {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (read, mut write) = stream.into_split();
+                let mut line = String::new();
+                BufReader::new(read).read_line(&mut line).await.unwrap();
+                let mac = line.split_once(' ').map_or("", |(m, _)| m).to_string();
+                let answer = match registration::verify(&secret, line.trim_end(), SystemTime::now())
+                {
+                    Ok(_) => Answer::default(),
+                    Err(r) => Answer {
+                        rejected: Some(r.to_string()),
+                        ..Answer::default()
+                    },
+                };
+                let text = registration::sign_answer(&secret, &mac, &answer).unwrap();
+                write.write_all(text.as_bytes()).await.unwrap();
+            }
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn a_clock_set_back_from_ahead_is_taken_at_once() {
+        let secret = || Secret::new(b"0123456789abcdef0123").unwrap();
+        let address = daemon_port(secret(), 2).await;
+        let registration = Registration {
+            address: "127.0.0.1".parse().unwrap(),
+            weight: 1,
+            percent: FULL_PERCENT,
+            draining: false,
+            host: "h".into(),
+            version: "0".into(),
+        };
+        let mut direct = Direct::new(
+            Daemon {
+                address,
+                secret: secret(),
+            },
+            [("web".to_string(), registration)].into(),
+        );
+        // The last request went out an hour ahead, as from a host whose
+        // clock ran ahead until NTP stepped it back.
+        direct.last_ms = registration::millis(SystemTime::now()) + 3_600_000;
+        let err = direct.hold(false, FULL_PERCENT).await.unwrap_err();
+        assert!(err.to_string().contains("clock skew"), "{err:#}");
+        direct.hold(false, FULL_PERCENT).await.unwrap();
+        assert!(direct.registered());
+    }
 }
