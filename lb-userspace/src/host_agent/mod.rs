@@ -97,7 +97,7 @@ pub async fn run(path: &Path, options: &Options) -> Result<()> {
         }
         if !set_up.holds(&mut registrar, options.fix).await {
             if let Err(e) = registrar.leave().await {
-                warn!(error = %format!("{e:#}"), "etcd: retrying on the next check");
+                warn!(error = %format!("{e:#}"), "registering: retrying on the next check");
             }
             continue;
         }
@@ -126,7 +126,7 @@ pub async fn run(path: &Path, options: &Options) -> Result<()> {
             registrar.leave().await
         };
         if let Err(e) = step {
-            warn!(error = %format!("{e:#}"), "etcd: retrying on the next check");
+            warn!(error = %format!("{e:#}"), "registering: retrying on the next check");
         }
     }
     info!("stopping: draining this backend before deregistering");
@@ -134,7 +134,11 @@ pub async fn run(path: &Path, options: &Options) -> Result<()> {
     // Registered, or meant to be and held back only by a failed etcd
     // step: the drain writes the registration again, draining.
     if registrar.registered() || (passing == Some(true) && set_up.passes) {
-        drain(&mut registrar, &s, report.percent()).await;
+        tokio::select! {
+            () = drain(&mut registrar, &s, report.percent()) => {}
+            _ = term.recv() => warn!("a second signal: deregistering without waiting for the flows"),
+            _ = int.recv() => warn!("a second signal: deregistering without waiting for the flows"),
+        }
     }
     if let Err(e) = registrar.leave().await {
         warn!(error = %format!("{e:#}"), "deregistering; the lease lapses by itself");
@@ -357,7 +361,8 @@ impl Meter {
 /// none of its flows left, or `drain_timeout`; keeps the lease alive
 /// meanwhile.
 async fn drain(registrar: &mut Registrar, s: &Settings, percent: u32) {
-    let deadline = Instant::now() + s.drain_timeout;
+    // None: a timeout past what the clock holds, which is no timeout.
+    let deadline = Instant::now().checked_add(s.drain_timeout);
     let mut last: Option<u64> = None;
     loop {
         match registrar.hold(true, percent).await {
@@ -377,9 +382,11 @@ async fn drain(registrar: &mut Registrar, s: &Settings, percent: u32) {
                 }
                 Err(e) => warn!(error = %format!("{e:#}"), "reading the fleet's reports"),
             },
-            Err(e) => warn!(error = %format!("{e:#}"), "etcd: retrying"),
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "renewing the draining registration: retrying");
+            }
         }
-        if Instant::now() >= deadline {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
             warn!(
                 flows = ?last,
                 timeout = ?s.drain_timeout,
@@ -419,13 +426,16 @@ pub async fn check(c: &Check, s: &Settings) -> Result<(), String> {
         .map_err(|e| format!("{addr}: {e}"))
 }
 
-/// Runs `argv`, killed after `limit`.
+/// Runs `argv`, killed after `limit` with what it started: it runs in a
+/// process group of its own, so a script's children (a `curl` without a
+/// timeout) do not outlive it, one more each check.
 async fn command(argv: &[String], limit: Duration) -> Result<(), String> {
     let mut child = tokio::process::Command::new(&argv[0])
         .args(&argv[1..])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("{}: {e}", argv[0]))?;
@@ -433,6 +443,51 @@ async fn command(argv: &[String], limit: Duration) -> Result<(), String> {
         Ok(Ok(status)) if status.success() => Ok(()),
         Ok(Ok(status)) => Err(format!("{}: {status}", argv[0])),
         Ok(Err(e)) => Err(format!("{}: {e}", argv[0])),
-        Err(_) => Err(format!("{}: still running after {limit:?}", argv[0])),
+        Err(_) => {
+            if let Some(pid) = child.id() {
+                // SAFETY: kill(2) of the group this child leads; the child
+                // is not reaped yet, so its PID (the group's id) is not
+                // reused.
+                unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+            }
+            Err(format!("{}: still running after {limit:?}", argv[0]))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether a process runs with exactly `argv`.
+    fn running(argv: &[&str]) -> bool {
+        let wanted: Vec<u8> = argv
+            .iter()
+            .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+            .collect();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == wanted))
+    }
+
+    #[tokio::test]
+    async fn a_command_past_its_limit_is_killed_with_what_it_started() {
+        // A time no other process sleeps for.
+        let time = format!("97.{}", std::process::id());
+        let script = format!("sleep {time} & wait");
+        let argv = ["sh", "-c", &script].map(String::from);
+        let err = command(&argv, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(err.contains("still running"), "{err}");
+        let gone = Instant::now();
+        while running(&["sleep", &time]) {
+            assert!(
+                gone.elapsed() < Duration::from_secs(2),
+                "its sleep outlived it"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

@@ -189,7 +189,15 @@ pub fn parse(text: &str) -> Result<Settings, ConfigErrors> {
             "name at least one service this host serves".into(),
         );
     }
+    let mut named = std::collections::BTreeSet::new();
     for s in file.services.get_ref() {
+        if !named.insert(s) {
+            push(
+                &file.services.span(),
+                "services",
+                format!("{s:?} is named twice"),
+            );
+        }
         if !config::valid_name(s) {
             push(
                 &file.services.span(),
@@ -284,7 +292,7 @@ pub fn parse(text: &str) -> Result<Settings, ConfigErrors> {
                 // The keep-alive follows each check, which takes up to its
                 // timeout; etcd's lease is whole seconds.
                 let ttl = Duration::from_secs(f.lease.as_secs().max(1));
-                if c.interval + c.timeout >= ttl {
+                if c.interval.saturating_add(c.timeout) >= ttl {
                     push(
                         &file.check.span(),
                         "check.interval",
@@ -378,7 +386,7 @@ mod tests {
     fn every_problem_is_reported_with_its_line() {
         let text = r#"
 address = "224.0.0.1"
-services = ["bad name"]
+services = ["bad name", "web", "web"]
 weight = 70000
 [check]
 port = 80
@@ -390,6 +398,7 @@ endpoints = ["localhost:2379"]
         for needle in [
             "unicast",
             "service name",
+            "\"web\" is named twice",
             "weight",
             "give port",
             "http://host:port",
@@ -441,6 +450,12 @@ lease = "3s"
             .replace("lease = \"3s\"", "lease = \"2500ms\"");
         let e = parse(&slow).unwrap_err().to_string();
         assert!(e.contains("check more often"), "{e}");
+        // Durations past what an Instant holds are refused, not a panic.
+        let huge = text.replace(
+            "interval = \"5s\"",
+            "interval = \"400000000000years\"\ntimeout = \"400000000000years\"",
+        );
+        assert!(parse(&huge).is_err());
         let fine = slow
             .replace("timeout = \"2s\"", "timeout = \"500ms\"")
             .replace("2500ms", "3s");

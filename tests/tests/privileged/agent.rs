@@ -641,7 +641,7 @@ fn a_standalone_lb_takes_signed_registrations_and_refuses_the_rest() {
     // another's address, and bytes that are not a request: refused,
     // counted, and nothing applied.
     let _wrong = Agent::start_file(&edge, 2, &direct_agent(2, "echo", &wrong));
-    let _nope = Agent::start_file(&edge, 2, &direct_agent(2, "nope", &secret));
+    let mut nope = Agent::start_file(&edge, 2, &direct_agent(2, "nope", &secret));
     // Host 2 registering host 0's address, with the right secret.
     let _other = Agent::start_file(&edge, 2, &direct_agent(0, "echo", &secret));
     edge.backends[2]
@@ -661,6 +661,22 @@ fn a_standalone_lb_takes_signed_registrations_and_refuses_the_rest() {
     .unwrap();
     assert!(row(&d, 2).is_none(), "a refused host joined");
     assert_eq!(d.cli(&["service", "list"]).unwrap()[0]["in_table"], 2);
+    // Stopped, the refused host has nothing to drain: it leaves at once,
+    // not after its 60 s drain_timeout.
+    nope.signal(libc::SIGTERM);
+    let stopping = Instant::now();
+    let status = loop {
+        if let Some(s) = nope.exited() {
+            break s;
+        }
+        assert!(
+            stopping.elapsed() < Duration::from_secs(5),
+            "a host the daemon refuses waited to drain:\n{}",
+            nope.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}: {}", nope.log());
 
     // A host holding connections open without a request: past four at once
     // (its agents' among them), the next is closed unread, and counted.
@@ -749,11 +765,45 @@ fn a_standalone_lb_takes_signed_registrations_and_refuses_the_rest() {
         "a killed host left the standalone node within {:?}",
         killed.elapsed()
     );
-    let _again = Agent::start_file(&edge, 1, &direct_agent(1, "echo", &secret));
+    let mut again = Agent::start_file(&edge, 1, &direct_agent(1, "echo", &secret));
     d.wait_until("host 1 back", Duration::from_secs(10), |d| {
         Ok(row(d, 1).is_some())
     })
     .unwrap();
     let back = row(&d, 1).unwrap();
     assert_eq!(back["admin"], "drain", "the operator's drain held: {back}");
+
+    // A second signal ends a drain that waits for connections: the agent
+    // deregisters at once.
+    d.cli(&["backend", "enable", "echo", &host1]).unwrap();
+    // With no backend in rotation the VIP was withdrawn.
+    d.wait_in_table(1, Duration::from_secs(5)).unwrap();
+    wait_announced(&edge);
+    let sessions = Sessions::open(&edge.client, to, 10).unwrap();
+    assert_eq!(sessions.spread().get("backend-2"), Some(&10));
+    again.signal(libc::SIGTERM);
+    d.wait_until("host 1 draining", Duration::from_secs(5), |d| {
+        Ok(row(d, 1).is_some_and(|r| r["admin"] == "drain"))
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(again.exited().is_none(), "left with connections open");
+    again.signal(libc::SIGINT);
+    let second = Instant::now();
+    let status = loop {
+        if let Some(s) = again.exited() {
+            break s;
+        }
+        assert!(
+            second.elapsed() < Duration::from_secs(5),
+            "a second signal did not end the drain: {}",
+            again.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}: {}", again.log());
+    d.wait_until("host 1 gone", Duration::from_secs(2), |d| {
+        Ok(row(d, 1).is_none())
+    })
+    .unwrap();
 }
