@@ -6,6 +6,7 @@
 use std::{ffi::CString, os::fd::AsRawFd as _, path::Path};
 
 use anyhow::{Context as _, Result, bail};
+use aya::programs::XdpMode;
 use lb_common::Interface;
 
 /// `ARPHRD_ETHER` (include/uapi/linux/if_arp.h): an Ethernet link.
@@ -65,6 +66,57 @@ pub fn read(name: &str) -> Result<Interface> {
         // Given by the attachment.
         port: 0,
         _pad: 0,
+    })
+}
+
+/// The mode of the XDP program attached to interface `ifindex`, if one is
+/// (IFLA_XDP_ATTACHED, through rtnetlink's packet types on a blocking
+/// socket: the attach path is not async). `None` for none, or one the
+/// kernel reports as neither generic, driver nor hardware.
+pub(super) fn xdp_mode_attached(ifindex: u32) -> Result<Option<XdpMode>> {
+    use rtnetlink::{
+        packet_core::{NLM_F_REQUEST, NetlinkMessage, NetlinkPayload},
+        packet_route::{
+            RouteNetlinkMessage,
+            link::{LinkAttribute, LinkMessage, LinkXdp, XdpAttached},
+        },
+        sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE},
+    };
+    let mut link = LinkMessage::default();
+    link.header.index = ifindex;
+    let mut request = NetlinkMessage::from(RouteNetlinkMessage::GetLink(link));
+    request.header.flags = NLM_F_REQUEST;
+    request.finalize();
+    let mut buf = vec![0u8; request.header.length as usize];
+    request.serialize(&mut buf);
+    let mut socket = Socket::new(NETLINK_ROUTE).context("opening a netlink socket")?;
+    socket.bind_auto().context("binding a netlink socket")?;
+    socket
+        .connect(&SocketAddr::new(0, 0))
+        .context("connecting a netlink socket")?;
+    socket.send(&buf, 0).context("asking for the link")?;
+    // One link's message: a page holds it, stats included.
+    let mut reply = Vec::with_capacity(64 * 1024);
+    socket.recv(&mut reply, 0).context("reading the link")?;
+    let message =
+        NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply).context("parsing the link")?;
+    let link = match message.payload {
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => link,
+        NetlinkPayload::Error(e) => bail!("reading link {ifindex}: {e}"),
+        other => bail!("reading link {ifindex}: unexpected answer {other:?}"),
+    };
+    let attached = link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
+            LinkXdp::Attached(a) => Some(*a),
+            _ => None,
+        }),
+        _ => None,
+    });
+    Ok(match attached {
+        Some(XdpAttached::SocketBuffer) => Some(XdpMode::Skb),
+        Some(XdpAttached::Driver) => Some(XdpMode::Driver),
+        Some(XdpAttached::Hardware) => Some(XdpMode::Hardware),
+        _ => None,
     })
 }
 

@@ -478,9 +478,6 @@ pub(crate) fn load_program(
     }
 }
 
-/// Attaches `prog` to `iface`, or switches the link pinned at `pin` to it
-/// (atomically: no packet sees the interface without a program), and
-/// returns the link, pinned at `pin` if given.
 /// Whether lb can attach to `iface` in `mode` (see [`Dataplane::attach`]):
 /// an Ethernet interface of the caller's network namespace, not a bond in
 /// driver mode. Checks, writes nothing.
@@ -507,7 +504,34 @@ fn mode_on(iface: &str, mode: XdpMode, bond: bool) -> Result<XdpMode> {
     }
 }
 
+/// Attaches `prog` to `iface`, or switches the link pinned at `pin` to it
+/// (atomically: no packet sees the interface without a program), and
+/// returns the link, pinned at `pin` if given. A pinned link keeps the mode
+/// it was made in: when `mode` names another, the link is removed and the
+/// program attached afresh, packets of that moment passing to the kernel.
 fn attach_xdp(prog: &mut Xdp, iface: &str, mode: XdpMode, pin: Option<&Path>) -> Result<FdLink> {
+    if let Some(path) = pin.filter(|p| p.exists())
+        && mode != XdpMode::Default
+    {
+        let ifindex = link::read(iface)?.ifindex;
+        let attached = link::xdp_mode_attached(ifindex)
+            .with_context(|| format!("reading the XDP mode of {iface}"))?;
+        if let Some(attached) = attached.filter(|a| *a != mode) {
+            tracing::warn!(
+                interface = iface,
+                from = ?attached,
+                to = ?mode,
+                "the XDP mode changed: attaching afresh (packets pass to the kernel for that moment)"
+            );
+            let link: FdLink = PinnedLink::from_pin(path)
+                .with_context(|| format!("opening pinned link {}", path.display()))?
+                .into();
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing the pinned link {}", path.display()))?;
+            // Its last reference: the program leaves the interface.
+            drop(link);
+        }
+    }
     let id = match pin {
         Some(path) if path.exists() => {
             let link: FdLink = PinnedLink::from_pin(path)

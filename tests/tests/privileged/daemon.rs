@@ -1426,4 +1426,42 @@ fn table_size_changes_at_a_restart_keeping_the_pins() {
     .unwrap();
     d.wait_in_table(2, WAIT).unwrap();
     assert_eq!(tally(&lan, 20).unwrap().len(), 2, "both backends serve");
+
+    // Another xdp_mode at a restart: the pinned link keeps the mode it was
+    // made in, so the program is attached afresh in the new one.
+    let xdp_mode = || -> u64 {
+        let out = lan
+            .lb
+            .spawn_process(
+                std::process::Command::new("ip")
+                    .args(["-j", "-d", "link", "show", "dev", "eth0"])
+                    .stdout(std::process::Stdio::piped()),
+            )
+            .unwrap()
+            .wait_with_output()
+            .unwrap();
+        let links: Value = serde_json::from_slice(&out.stdout).unwrap();
+        links[0]["xdp"]["mode"].as_u64().unwrap_or(0)
+    };
+    // iproute2's XDP_ATTACHED_* (if_link.h).
+    let (driver, generic) = (1, 2);
+    assert_eq!(xdp_mode(), generic);
+    for (from, setting, mode) in [
+        ("generic", "native", driver),
+        ("native", "generic", generic),
+    ] {
+        d.kill(libc::SIGTERM).unwrap();
+        let running = std::fs::read_to_string(&d.config).unwrap();
+        let changed = running.replace(
+            &format!("xdp_mode = \"{from}\""),
+            &format!("xdp_mode = \"{setting}\""),
+        );
+        assert_ne!(changed, running);
+        std::fs::write(&d.config, changed).unwrap();
+        d.spawn().unwrap();
+        assert_eq!(xdp_mode(), mode, "xdp_mode = {setting:?}: {}", d.log());
+    }
+    // Back in generic mode (a veth's), it forwards.
+    d.wait_in_table(2, WAIT).unwrap();
+    assert_eq!(tally(&lan, 20).unwrap().len(), 2, "both backends serve");
 }
