@@ -284,7 +284,17 @@ impl Resolver {
                 break;
             }
             if !triggered {
-                trigger(pending.values().map(|(hop, index, _)| (*hop, *index)));
+                // One backend behind each next hop: a datagram to it takes
+                // the route `route` found, so the kernel resolves that hop
+                // on that interface. One to the hop itself would take the
+                // hop's own route, which may leave by another interface
+                // (an onlink gateway, policy routing): the entry waited
+                // for would never appear.
+                let mut behind = BTreeMap::new();
+                for (ip, (hop, index, _)) in &pending {
+                    behind.entry((*hop, *index)).or_insert(*ip);
+                }
+                trigger(behind.into_iter().map(|((_, index), ip)| (ip, index)));
                 triggered = true;
             }
             tokio::time::sleep(RESOLVE_POLL).await;
@@ -305,27 +315,25 @@ impl Resolver {
     }
 }
 
-/// Where a datagram to next hop `hop`, reached by interface `index`, is
-/// sent: its discard port, on that interface for a link-local IPv6
-/// address (an IPv6 router's usual address), which without its scope is
-/// refused (EINVAL) and never resolved.
-fn discard_address(hop: IpAddr, index: u32) -> SocketAddr {
-    match hop {
+/// Where a datagram to `addr`, reached by interface `index`, is sent: its
+/// discard port, on that interface for a link-local IPv6 address, which
+/// without its scope is refused (EINVAL) and never resolved.
+fn discard_address(addr: IpAddr, index: u32) -> SocketAddr {
+    match addr {
         IpAddr::V6(v6) if v6.is_unicast_link_local() => {
             SocketAddr::V6(std::net::SocketAddrV6::new(v6, DISCARD_PORT, 0, index))
         }
-        _ => SocketAddr::new(hop, DISCARD_PORT),
+        _ => SocketAddr::new(addr, DISCARD_PORT),
     }
 }
 
-/// Sends an empty datagram to the discard port of each of `hops` (address,
-/// interface index), which makes the kernel resolve them (it reports
-/// nothing: the answer is the neighbour table).
-fn trigger(hops: impl Iterator<Item = (IpAddr, u32)>) {
-    let hops: BTreeSet<(IpAddr, u32)> = hops.collect();
+/// Sends an empty datagram to the discard port of each of `addrs` (address,
+/// interface index of its route), which makes the kernel resolve their
+/// next hops (it reports nothing: the answer is the neighbour table).
+fn trigger(addrs: impl Iterator<Item = (IpAddr, u32)>) {
     let (mut v4, mut v6) = (None, None);
-    for (hop, index) in hops {
-        let (socket, any) = match hop {
+    for (addr, index) in addrs {
+        let (socket, any) = match addr {
             IpAddr::V4(_) => (&mut v4, SocketAddr::from(([0u8; 4], 0))),
             IpAddr::V6(_) => (&mut v6, SocketAddr::from(([0u16; 8], 0))),
         };
@@ -342,7 +350,7 @@ fn trigger(hops: impl Iterator<Item = (IpAddr, u32)>) {
                     .ok();
             }
             let Some(s) = socket.as_ref() else { break };
-            match s.send_to(b"", discard_address(hop, index)) {
+            match s.send_to(b"", discard_address(addr, index)) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => *socket = None,
                 _ => break,
             }

@@ -110,6 +110,50 @@ fn a_backend_whose_next_hop_fails_leaves_the_table_until_it_resolves() {
     assert_eq!(t.len(), 2, "both backends serve again: {t:?}");
 }
 
+/// A backend behind a gateway reached onlink by the backends' interface,
+/// while the gateway's own address is routed out of another: its next hop
+/// resolves on the backends' interface (before, the kernel was asked to
+/// resolve the gateway by a datagram to it, which took the other
+/// interface, and the backend waited for good).
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn a_gateway_whose_own_route_leaves_elsewhere_resolves_where_the_backend_is() {
+    require_root();
+    let lan = Lan::build(2, &["198.18.1.1/32"]).unwrap();
+    let _servers = lan.serve_names(WEB_PORT).unwrap();
+    const GATEWAY: &str = "198.18.0.77";
+    // Backend 2's host is also the gateway to it.
+    lan.backends[1]
+        .ns
+        .ip(&["addr", "add", &format!("{GATEWAY}/32"), "dev", "eth0"])
+        .unwrap();
+    // On the load balancer, the gateway's own address leads out of a link
+    // of its own, where nobody answers.
+    for args in [
+        &[
+            "link", "add", "aside0", "type", "veth", "peer", "name", "aside1",
+        ][..],
+        &["link", "set", "aside0", "up"],
+        &["link", "set", "aside1", "up"],
+        &["route", "add", &format!("{GATEWAY}/32"), "dev", "aside0"],
+        &[
+            "route", "replace", LOST, "via", GATEWAY, "dev", "eth0", "onlink",
+        ],
+    ] {
+        lan.lb.ip(args).unwrap();
+    }
+    let config = web_config(2).replace("check = \"http\"", "check = \"none\"");
+    let d = Daemon::start(&lan.lb, "onlink", &config).unwrap();
+    d.wait_until(
+        "both backends in the table",
+        WAIT,
+        |d| Ok(in_table(d)? == 2),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}: {}", lost_row(&d).unwrap()));
+    let t = tally(&lan, 60).unwrap();
+    assert_eq!(t.len(), 2, "both backends serve: {t:?}");
+}
+
 /// An address on the backends' segment that no host holds: resolving its
 /// next hop waits the whole half second, then fails.
 const SILENT: &str = "198.18.0.99";
