@@ -178,18 +178,20 @@ impl Paths {
     /// Adds (or replaces) `p`'s route; an `unreachable` one unless
     /// `reachable`.
     async fn add_route(&self, p: &ProbePath, reachable: bool) -> Result<()> {
-        let index = ifindex(&p.dev)?;
+        // An unreachable route names no interface: one that is gone still
+        // gets it.
+        let index = || ifindex(&p.dev);
         let route = match (p.vip, p.next_hop) {
             (IpAddr::V4(vip), hop) => {
                 let to = in_table(RouteMessageBuilder::<Ipv4Addr>::new(), p.mark)
                     .destination_prefix(vip, 32);
                 match hop {
                     _ if !reachable => to.kind(RouteType::Unreachable).build(),
-                    IpAddr::V4(hop) => to.gateway(hop).output_interface(index).onlink().build(),
+                    IpAddr::V4(hop) => to.gateway(hop).output_interface(index()?).onlink().build(),
                     // Through an IPv6 router (RFC 5549), as the backend's
                     // own route goes.
                     IpAddr::V6(hop) => {
-                        let mut route = to.output_interface(index).onlink().build();
+                        let mut route = to.output_interface(index()?).onlink().build();
                         route
                             .attributes
                             .push(RouteAttribute::Via(RouteVia::Inet6(hop)));
@@ -201,7 +203,7 @@ impl Paths {
                 let to = in_table(RouteMessageBuilder::<Ipv6Addr>::new(), p.mark)
                     .destination_prefix(vip, 128);
                 if reachable {
-                    to.gateway(hop).output_interface(index).onlink().build()
+                    to.gateway(hop).output_interface(index()?).onlink().build()
                 } else {
                     to.kind(RouteType::Unreachable).build()
                 }
@@ -217,12 +219,18 @@ impl Paths {
             .with_context(|| format!("adding the probe route of {} via {}", p.vip, p.next_hop))
     }
 
-    /// Removes lb's routes from the table of `key`.
+    /// Removes lb's routes from the table of `key`, `unreachable` ones
+    /// included (a dump under strict checking lists only the type asked
+    /// for; unspecified asks for every type).
     async fn flush_table(&self, (mark, v6): Key) -> Result<()> {
         let filter = if v6 {
-            in_table(RouteMessageBuilder::<Ipv6Addr>::new(), mark).build()
+            in_table(RouteMessageBuilder::<Ipv6Addr>::new(), mark)
+                .kind(RouteType::Unspec)
+                .build()
         } else {
-            in_table(RouteMessageBuilder::<Ipv4Addr>::new(), mark).build()
+            in_table(RouteMessageBuilder::<Ipv4Addr>::new(), mark)
+                .kind(RouteType::Unspec)
+                .build()
         };
         let mut dump = self.handle.route().get(filter).execute();
         let mut found = Vec::new();
@@ -272,23 +280,49 @@ impl Paths {
     /// paths emptied, every wanted route added (or replaced), the missing
     /// rules added, and the rules (and tables) of paths no longer wanted
     /// removed. Tunnel paths get `unreachable` routes while the
-    /// encapsulator fails, and its error is returned last.
+    /// encapsulator fails, and so does a path whose route is refused: its
+    /// probes fail rather than leave by the main table, where they may
+    /// reach another node or backend and pass for this one. One path's
+    /// failure does not hold the others back; the first error is returned
+    /// once every path was tried.
     async fn sync(&mut self, wanted: &BTreeSet<ProbePath>) -> Result<()> {
-        let encapsulated = self.encapsulate(wanted);
+        let mut failed = self.encapsulate(wanted).err();
+        let encapsulated = failed.is_none();
+        let mut fail = |e: anyhow::Error| {
+            failed.get_or_insert(e);
+        };
         let stale: BTreeSet<Key> = match &self.installed {
             Some(installed) => installed.difference(wanted).map(ProbePath::key).collect(),
             None => wanted.iter().map(ProbePath::key).collect(),
         };
         for key in stale {
-            self.flush_table(key).await?;
+            if let Err(e) = self.flush_table(key).await {
+                fail(e);
+            }
         }
+        // The paths whose table has their route, reachable or not: only
+        // those get a rule.
+        let mut routed = BTreeSet::new();
         for p in wanted {
-            let reachable = p.tunnel.is_none() || encapsulated.is_ok();
-            self.add_route(p, reachable).await?;
+            let reachable = p.tunnel.is_none() || encapsulated;
+            let mut added = self.add_route(p, reachable).await;
+            if let Err(e) = added {
+                fail(e);
+                added = self.add_route(p, false).await;
+            }
+            match added {
+                Ok(()) => {
+                    routed.insert(p.key());
+                }
+                Err(e) => fail(e),
+            }
         }
         let rules = self.rules().await?;
         let have: BTreeSet<Key> = rules.iter().map(|(k, _)| *k).collect();
-        for p in wanted.iter().filter(|p| !have.contains(&p.key())) {
+        for p in wanted
+            .iter()
+            .filter(|p| !have.contains(&p.key()) && routed.contains(&p.key()))
+        {
             let add = self
                 .handle
                 .rule()
@@ -297,27 +331,37 @@ impl Paths {
                 .priority(RULE_PRIORITY)
                 .fw_mark(p.mark)
                 .table_id(p.mark);
-            if p.vip.is_ipv6() {
+            let added = if p.vip.is_ipv6() {
                 add.v6().execute().await
             } else {
                 add.v4().execute().await
+            };
+            match added.with_context(|| format!("adding the probe rule of mark {:#x}", p.mark)) {
+                Ok(()) => {
+                    info!(vip = %p.vip, via = %p.next_hop, dev = %p.dev, mark = %format!("{:#x}", p.mark), "probe path added");
+                }
+                Err(e) => fail(e),
             }
-            .with_context(|| format!("adding the probe rule of mark {:#x}", p.mark))?;
-            info!(vip = %p.vip, via = %p.next_hop, dev = %p.dev, mark = %format!("{:#x}", p.mark), "probe path added");
         }
         let keys: BTreeSet<Key> = wanted.iter().map(ProbePath::key).collect();
         for (key, rule) in rules.into_iter().filter(|(k, _)| !keys.contains(k)) {
-            self.handle
+            let removed = self
+                .handle
                 .rule()
                 .del(rule)
                 .execute()
                 .await
-                .with_context(|| format!("removing the probe rule of mark {:#x}", key.0))?;
-            self.flush_table(key).await?;
-            info!(mark = %format!("{:#x}", key.0), "probe path removed");
+                .with_context(|| format!("removing the probe rule of mark {:#x}", key.0));
+            match removed {
+                Ok(()) => match self.flush_table(key).await {
+                    Ok(()) => info!(mark = %format!("{:#x}", key.0), "probe path removed"),
+                    Err(e) => fail(e),
+                },
+                Err(e) => fail(e),
+            }
         }
         self.installed = Some(wanted.clone());
-        encapsulated
+        failed.map_or(Ok(()), Err)
     }
 }
 

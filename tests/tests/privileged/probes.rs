@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use lb::demo::edge::fast_health;
 use lb::netns::PrivateBpffs;
-use lb::probe_path::PROBE_MARK_BASE;
+use lb::probe_path::{PROBE_MARK_BASE, ProbePath};
 use lb_tests::{
     Scratch,
     daemon::{Daemon, WEB_PORT, lb_in, web_config},
@@ -361,4 +361,78 @@ fn a_tunnel_backend_without_its_decapsulator_fails_probes_through_the_vip() {
         wait_for(&d, name, one, "up");
     }
     drop(d);
+}
+
+/// One path whose route the kernel refuses (its interface is gone) holds
+/// no other back: the others get their rule and route, and it gets an
+/// `unreachable` route with its rule, so its probes fail rather than leave
+/// by the main table. Paths no longer wanted leave nothing behind,
+/// `unreachable` routes included.
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn a_probe_path_that_cannot_be_routed_holds_no_other_back() {
+    require_root();
+    let ns = lb::netns::Netns::new("paths").unwrap();
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+    ])
+    .unwrap();
+    ns.ip(&["link", "set", "eth0", "up"]).unwrap();
+    let path = |mark: u32, dev: &str| ProbePath {
+        mark,
+        vip: VIP4.parse().unwrap(),
+        next_hop: "198.18.0.11".parse().unwrap(),
+        dev: dev.into(),
+        tunnel: None,
+    };
+    let (gone, good) = (PROBE_MARK_BASE + 1, PROBE_MARK_BASE + 2);
+    let show = |args: &[&str]| -> String {
+        let out = std::process::Command::new("ip")
+            .args(["-n", ns.name.as_str()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let table = |mark: u32| show(&["route", "show", "table", &mark.to_string()]);
+    let rules = || show(&["rule", "show"]);
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let start = std::time::Instant::now();
+        while !done() {
+            assert!(start.elapsed() < WAIT, "{what}:\n{}", rules());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let good_rule = format!("fwmark {good:#x} lookup {good}");
+    let gone_rule = format!("fwmark {gone:#x} lookup {gone}");
+    ns.run(|| {
+        // Its worker thread is made here, so it is in the namespace too.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let (tx, rx) =
+            tokio::sync::watch::channel([path(gone, "nosuch0"), path(good, "eth0")].into());
+        let keeper = rt.spawn(lb::probe_path::keep(rx));
+        wait("the good path's rule", &|| rules().contains(&good_rule));
+        assert!(
+            table(good).contains("via 198.18.0.11 dev eth0"),
+            "{}",
+            table(good)
+        );
+        assert!(rules().contains(&gone_rule), "{}", rules());
+        assert!(table(gone).contains("unreachable"), "{}", table(gone));
+        // Neither wanted any more: no rule, no route.
+        tx.send(Default::default())?;
+        wait("the rules gone", &|| {
+            !rules().contains(&good_rule) && !rules().contains(&gone_rule)
+        });
+        wait("the routes gone", &|| {
+            table(good).is_empty() && table(gone).is_empty()
+        });
+        drop(tx);
+        rt.block_on(keeper)?;
+        Ok(())
+    })
+    .unwrap();
 }
