@@ -142,6 +142,9 @@ enum Command {
     },
     /// Check this host before lb attaches (--config or --interface), or as a
     /// backend (--backend VIP); prints the command that fixes each problem.
+    /// In auto or native mode it attaches lb's program in driver mode for a
+    /// moment, to see whether the driver takes it, on an interface without
+    /// a program (some drivers reset the link for it).
     Doctor {
         /// The daemon's configuration: its interfaces, XDP mode and backends' VIPs.
         #[arg(long, short)]
@@ -149,9 +152,10 @@ enum Command {
         /// An interface to check (instead of the configuration's).
         #[arg(long = "interface")]
         interfaces: Vec<String>,
-        /// XDP mode the interfaces are to run in.
-        #[arg(long, default_value = "auto", value_parser = config_word::<XdpModeSetting>)]
-        xdp_mode: XdpModeSetting,
+        /// XDP mode the interfaces are to run in [default: the
+        /// configuration's, else auto].
+        #[arg(long, value_parser = config_word::<XdpModeSetting>)]
+        xdp_mode: Option<XdpModeSetting>,
         /// This host is a backend of a service with this VIP.
         #[arg(long = "backend")]
         backend_vips: Vec<std::net::IpAddr>,
@@ -586,7 +590,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let mut request = doctor::Request {
                 interfaces,
-                xdp_mode,
+                xdp_mode: xdp_mode.unwrap_or_default(),
                 pin_dir: None,
                 backend_vips,
                 backend_mode: mode,
@@ -597,7 +601,7 @@ fn run(cli: Cli) -> Result<()> {
                 if request.interfaces.is_empty() {
                     request.interfaces = d.settings.interfaces.clone();
                 }
-                request.xdp_mode = d.settings.xdp_mode;
+                request.xdp_mode = xdp_mode.unwrap_or(d.settings.xdp_mode);
                 request.announce = d.settings.announce.clone();
             }
             if request.interfaces.is_empty() && request.backend_vips.is_empty() {

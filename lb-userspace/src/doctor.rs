@@ -108,9 +108,10 @@ pub struct BackendFacts {
     pub vip: Option<IpAddr>,
     /// The VIP is on a loopback interface.
     pub vip_on_lo: bool,
-    /// `net.ipv4.conf.all.arp_ignore`.
+    /// Effective `arp_ignore` (the kernel takes the larger of `all`'s and
+    /// the interface's), on the up Ethernet interface where it is lowest.
     pub arp_ignore: u32,
-    /// `net.ipv4.conf.all.arp_announce`.
+    /// Effective `arp_announce`, likewise.
     pub arp_announce: u32,
     /// Effective rp_filter where decapsulated packets arrive (max of `all`
     /// and the interface's).
@@ -215,6 +216,7 @@ pub fn assess_interface(f: &InterfaceFacts, mode: XdpModeSetting) -> Vec<Finding
             format!("{driver} has no native XDP: generic mode, several times slower"),
             "use a NIC whose driver has XDP (ixgbe, i40e, ice, mlx5, virtio_net, ...)",
         ),
+        (None, None) if driver == VETH => veth_mode(n, mode),
         (None, None) => ok(format!("{n}: xdp mode"), "not probed"),
     });
     if f.lro {
@@ -398,6 +400,26 @@ fn sysctl(path: &str) -> u32 {
         .unwrap_or(0)
 }
 
+/// ARP setting `key` as the kernel applies it (the larger of `all`'s and
+/// the interface's) on the up Ethernet interface of `links` (`ip -j -d
+/// link` entries) where it is lowest: the one that would answer ARP for
+/// the VIP first. `all`'s alone on a host without one.
+fn weakest_arp(links: &[Value], key: &str) -> u32 {
+    let all = sysctl(&format!("net/ipv4/conf/all/{key}"));
+    links
+        .iter()
+        .filter(|l| {
+            l.get("link_type").and_then(Value::as_str) == Some("ether")
+                && l.get("flags")
+                    .and_then(Value::as_array)
+                    .is_some_and(|f| f.iter().any(|x| x == "UP"))
+        })
+        .filter_map(|l| l.get("ifname")?.as_str())
+        .map(|name| all.max(sysctl(&format!("net/ipv4/conf/{name}/{key}"))))
+        .min()
+        .unwrap_or(all)
+}
+
 /// The name of the XDP program attached to `link` (an `ip -j -d link` entry).
 fn attached_program(link: &Value) -> Option<String> {
     let xdp = link.get("xdp")?;
@@ -529,8 +551,8 @@ pub fn backend_facts(vip: IpAddr) -> BackendFacts {
     BackendFacts {
         vip: Some(vip),
         vip_on_lo,
-        arp_ignore: sysctl("net/ipv4/conf/all/arp_ignore"),
-        arp_announce: sysctl("net/ipv4/conf/all/arp_announce"),
+        arp_ignore: weakest_arp(&links, "arp_ignore"),
+        arp_announce: weakest_arp(&links, "arp_announce"),
         rp_filter: sysctl("net/ipv4/conf/all/rp_filter")
             .max(sysctl(&format!("net/ipv4/conf/{tunnel}/rp_filter"))),
         decap_attached,
@@ -579,6 +601,14 @@ pub fn assess_announce(f: &AnnounceFacts) -> Vec<Finding> {
             "bgp",
             "BIRD has no BGP session: nothing carries the VIPs to the routers",
             "add one `protocol bgp` per router (examples/bird-lb-node.conf)",
+        ));
+    }
+    if !f.sessions.is_empty() && !f.sessions.iter().any(crate::bird::Protocol::established) {
+        out.push(problem(
+            Level::Fail,
+            "bgp",
+            "no BGP session is established: nothing carries the VIPs to the routers",
+            "see each session below",
         ));
     }
     for s in &f.sessions {
@@ -640,7 +670,7 @@ pub fn assess_announce(f: &AnnounceFacts) -> Vec<Finding> {
                 format!("export {session}"),
                 format!("not exported: {}", missing.join(", ")),
                 format!(
-                    "export lb's kernel protocol in `protocol bgp {session}`: `export where proto = \"lb_vips4\";` (examples/bird-lb-node.conf)"
+                    "export lb's kernel protocols in `protocol bgp {session}`: `export where proto = \"lb_vips4\";` in its ipv4 channel, `\"lb_vips6\"` in its ipv6 one (examples/bird-lb-node.conf)"
                 ),
             )
         });
@@ -693,7 +723,9 @@ pub fn announce_facts(a: &crate::config::Announce) -> AnnounceFacts {
         }
         for s in facts.sessions.iter().filter(|s| s.established()) {
             let reply =
-                crate::bird::command(&a.bird_socket, &format!("show route export {}", s.name))
+                // Quoted: BIRD's names may hold '-', '.' or ':' quoted,
+                // which its replies print bare.
+                crate::bird::command(&a.bird_socket, &format!("show route export '{}'", s.name))
                     .await
                     .unwrap_or_default();
             let exported = facts
@@ -718,8 +750,14 @@ pub fn check(r: &Request) -> Vec<Finding> {
         out.extend(assess_host(&host_facts(pins)));
     }
     for i in &r.interfaces {
-        // Probed in generic mode too: the report says when native would work.
-        out.extend(assess_interface(&interface_facts(i, true), r.xdp_mode));
+        // Not probed in generic mode: a trial attach in driver mode resets
+        // the link on some drivers (ixgbe, i40e), a live NIC's included,
+        // and generic mode does not need the driver's support.
+        let probe_native = r.xdp_mode != XdpModeSetting::Generic;
+        out.extend(assess_interface(
+            &interface_facts(i, probe_native),
+            r.xdp_mode,
+        ));
     }
     for vip in &r.backend_vips {
         out.extend(assess_backend(&backend_facts(*vip), r.backend_mode));
@@ -805,12 +843,27 @@ mod announce_tests {
             assess_announce(&unexported).last().unwrap().level,
             Level::Fail
         );
+        // No session up: nothing reaches the routers, whatever else holds.
         let idle = AnnounceFacts {
             sessions: vec![session("Active")],
             exported: vec![],
+            ..good.clone()
+        };
+        let f = levels(&assess_announce(&idle));
+        assert!(
+            f.contains(&Level::Warn) && f.contains(&Level::Fail),
+            "{f:?}"
+        );
+        // One of two up: the other is warned of, the announcement holds.
+        let one_up = AnnounceFacts {
+            sessions: vec![session("Active"), session("Established")],
             ..good
         };
-        assert!(levels(&assess_announce(&idle)).contains(&Level::Warn));
+        let f = levels(&assess_announce(&one_up));
+        assert!(
+            f.contains(&Level::Warn) && !f.contains(&Level::Fail),
+            "{f:?}"
+        );
     }
 }
 

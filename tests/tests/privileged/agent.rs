@@ -530,6 +530,15 @@ fn a_host_not_set_up_for_its_service_is_not_registered_until_fixed() {
         assert!(text.contains(needle), "{needle}: {text}");
     }
     assert_eq!(host_setup(&edge, 0), (false, "0/0".into()));
+    // Set on the interface alone, the ARP settings are as good: the kernel
+    // takes the larger of `all`'s and the interface's.
+    ns.sysctl("net.ipv4.conf.eth0.arp_ignore", "1").unwrap();
+    ns.sysctl("net.ipv4.conf.eth0.arp_announce", "2").unwrap();
+    let (ok, text) = Agent::once(&edge, 0, &["--dry-run"]);
+    assert!(ok && !text.contains("sysctl"), "{text}");
+    assert!(text.contains(&add), "{text}");
+    ns.sysctl("net.ipv4.conf.eth0.arp_ignore", "0").unwrap();
+    ns.sysctl("net.ipv4.conf.eth0.arp_announce", "0").unwrap();
     let (ok, text) = Agent::once(&edge, 0, &[]);
     assert!(!ok, "not ready, so --once fails: {text}");
 
