@@ -263,7 +263,16 @@ pub(crate) struct Port {
     /// When the last request for each registration was sent: an older or
     /// equal one is a replay, or out of order.
     last_sent: BTreeMap<(String, IpAddr), u64>,
+    /// Active flows by backend id, as last read for a draining request,
+    /// and when: draining agents ask every half second each, and a read
+    /// covers the whole connection table in the daemon's loop.
+    active: Option<(Instant, BTreeMap<u32, u64>)>,
 }
+
+/// How old the active flows a draining request is answered with may be.
+/// A read from before a drain applied could miss flows pinned since, so a
+/// request that changes registrations reads afresh.
+const ACTIVE_MAX_AGE: Duration = Duration::from_secs(1);
 
 impl Port {
     /// The port of a daemon with `lease`.
@@ -347,6 +356,7 @@ impl Port {
         if registrations_of(&held) == registrations_of(&ctl.runtime().registered) {
             ctl.set_registered(held);
         } else {
+            self.active = None;
             match super::apply_registrations(ctl, held) {
                 Ok(refused) => self.admission_refused += mine(&refused, &message).len() as u64,
                 Err(e) => answer.rejected = Some(format!("{e:#}")),
@@ -357,12 +367,20 @@ impl Port {
     }
 
     /// `answer` with the flows left on each draining registration of
-    /// `message`, from one read of the connection table.
-    fn with_flows(&self, ctl: &Controller, message: &Message, mut answer: Answer) -> Answer {
+    /// `message`, from one read of the connection table at most
+    /// [`ACTIVE_MAX_AGE`] old.
+    fn with_flows(&mut self, ctl: &Controller, message: &Message, mut answer: Answer) -> Answer {
         if message.leave || !message.registrations.values().any(|r| r.draining) {
             return answer;
         }
-        let active = flows::active(ctl).ok();
+        if self
+            .active
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() >= ACTIVE_MAX_AGE)
+        {
+            self.active = flows::active(ctl).ok().map(|a| (Instant::now(), a));
+        }
+        let active = self.active.as_ref().map(|(_, a)| a);
         for (service, r) in message.registrations.iter().filter(|(_, r)| r.draining) {
             let id = ctl
                 .services()
