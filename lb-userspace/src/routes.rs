@@ -159,15 +159,24 @@ impl VipRoutes {
         Ok(found.into_iter().map(|(_, vip)| vip).collect())
     }
 
-    /// Announces `vip` (idempotent).
+    /// Announces `vip`. A route to it already in the table that lb did not
+    /// make (another protocol, type or tool) is left as it is, and said so:
+    /// lb touches no route it did not make.
     pub async fn add(&self, vip: IpAddr) -> Result<()> {
-        self.handle
+        match self
+            .handle
             .route()
             .add(route(vip, self.table))
-            .replace()
             .execute()
             .await
-            .with_context(|| format!("adding the route of {vip} to table {}", self.table))
+        {
+            Err(e) if errno(&e) == Some(libc::EEXIST) => bail!(
+                "adding the route of {vip} to table {}: a route to it that lb did not make is \
+                 there, and stays (remove it, or give [announce] a table of lb's own)",
+                self.table
+            ),
+            r => r.with_context(|| format!("adding the route of {vip} to table {}", self.table)),
+        }
     }
 
     /// Withdraws `vip` (idempotent).

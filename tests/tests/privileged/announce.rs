@@ -246,3 +246,49 @@ fn nodes_announce_what_they_serve_and_withdrawals_reset_nothing() {
     assert!(daemons[1].log().contains("no longer names this table"));
     assert_all_alive(&mut sessions, "node 1 no longer announcing");
 }
+
+/// A route to a VIP in the announce table that lb did not make stays as it
+/// is: lb's route of that VIP is refused, said so, and the table's other
+/// VIPs are announced and withdrawn as ever.
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn a_route_lb_did_not_make_stays() {
+    require_root();
+    let ns = lb::netns::Netns::new("routes").unwrap();
+    const TABLE: &str = "100";
+    let (theirs, ours) = ("198.18.1.1", "198.18.1.2");
+    ns.ip(&[
+        "route", "add", theirs, "dev", "lo", "table", TABLE, "proto", "static",
+    ])
+    .unwrap();
+    let table = || {
+        let out = std::process::Command::new("ip")
+            .args(["-n", ns.name.as_str(), "route", "show", "table", TABLE])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ns.run(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let routes = lb::routes::VipRoutes::open(TABLE.parse()?)?;
+            let both = lb::announce::Routes {
+                announce: [theirs.parse()?, ours.parse()?].into(),
+                keep: Default::default(),
+            };
+            let err = routes.sync(&both).await.unwrap_err().to_string();
+            assert!(err.contains("lb did not make"), "{err}");
+            let t = table();
+            assert!(t.contains(&format!("{theirs} dev lo proto static")), "{t}");
+            assert!(t.contains(&format!("blackhole {ours} proto 108")), "{t}");
+            routes.sync(&lb::announce::Routes::default()).await?;
+            let t = table();
+            assert!(t.contains(&format!("{theirs} dev lo proto static")), "{t}");
+            assert!(!t.contains(ours), "{t}");
+            anyhow::Ok(())
+        })
+    })
+    .unwrap();
+}
