@@ -66,6 +66,10 @@ pub struct Answer {
     /// set itself up for).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub services: BTreeMap<String, (IpAddr, Mode)>,
+    /// The daemon's lease in milliseconds, so an agent can tell whether its
+    /// checks renew in time (absent from older daemons).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
 }
 
 /// Why a request is refused before any of it is read as a registration.

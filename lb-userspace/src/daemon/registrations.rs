@@ -320,7 +320,10 @@ impl Port {
         message: Message,
         peer: IpAddr,
     ) -> Answer {
-        let mut answer = Answer::default();
+        let mut answer = Answer {
+            lease_ms: Some(u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX)),
+            ..Answer::default()
+        };
         if let Some(why) = self.sender_refusal(&message, peer) {
             self.refused_senders += 1;
             answer.rejected = Some(why);

@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -42,6 +42,8 @@ pub struct Direct {
     flows: Option<u64>,
     /// The last refusals, to log each once.
     refused: Vec<String>,
+    /// The daemon's lease, as its last answer gave it.
+    lease: Option<Duration>,
     /// When the last request the daemon did not reject was sent: each is
     /// sent later than that one (the daemon refuses one that is not, as a
     /// replay).
@@ -57,6 +59,7 @@ impl Direct {
             registered: false,
             flows: None,
             refused: Vec::new(),
+            lease: None,
             last_ms: 0,
         }
     }
@@ -111,6 +114,11 @@ impl Direct {
         }
     }
 
+    /// The daemon's lease, once an answer gave it.
+    pub fn lease(&self) -> Option<Duration> {
+        self.lease
+    }
+
     /// Flows left, as the last renewal while draining answered.
     pub fn flows_left(&self) -> Option<u64> {
         self.flows
@@ -163,6 +171,9 @@ impl Direct {
         }
         let answer = registration::verify_answer(&self.daemon.secret, &mac, reply.trim_end())
             .map_err(|e| anyhow!("the answer of {}: {e}", self.daemon.address))?;
+        if let Some(ms) = answer.lease_ms {
+            self.lease = Some(Duration::from_millis(ms));
+        }
         if answer.rejected.is_some() {
             // Not taken, so not to be outdone: a request sent while this
             // host's clock ran ahead must not hold the next ones there

@@ -87,6 +87,7 @@ pub async fn run(path: &Path, options: &Options) -> Result<()> {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut passing: Option<bool> = None;
     let mut failures = 0u32;
+    let mut lease_warned = false;
     let mut set_up = SetUp::default();
     info!(address = %s.address, services = ?s.services, host = %s.host, "agent started");
     loop {
@@ -127,6 +128,21 @@ pub async fn run(path: &Path, options: &Options) -> Result<()> {
         };
         if let Err(e) = step {
             warn!(error = %format!("{e:#}"), "registering: retrying on the next check");
+        }
+        // Renewed once a check, which may take its timeout: a lease as
+        // short lapses between checks, and the backend leaves and rejoins
+        // the tables each time.
+        if let Some(lease) = registrar.daemon_lease()
+            && s.check.interval.saturating_add(s.check.timeout) >= lease
+            && !lease_warned
+        {
+            lease_warned = true;
+            warn!(
+                interval = ?s.check.interval,
+                timeout = ?s.check.timeout,
+                ?lease,
+                "the daemon's lease lapses between checks: check more often than its [registration] lease, or with a shorter timeout"
+            );
         }
     }
     info!("stopping: draining this backend before deregistering");

@@ -8,7 +8,7 @@
 //! connection and the lease: the next step starts over, and a lease that
 //! was not revoked lapses by itself.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Context as _, Result, anyhow};
 use etcd_client::{LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp};
@@ -88,6 +88,15 @@ impl Registrar {
         match self {
             Registrar::Etcd(e) => e.flows_left().await,
             Registrar::Direct(d) => Ok(d.flows_left()),
+        }
+    }
+
+    /// A standalone daemon's lease, once it answered with it (a fleet's is
+    /// in the agent's file, checked when it is read).
+    pub fn daemon_lease(&self) -> Option<Duration> {
+        match self {
+            Registrar::Etcd(_) => None,
+            Registrar::Direct(d) => d.lease(),
         }
     }
 
