@@ -114,6 +114,21 @@ impl Agent {
     fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.as_mut().and_then(|c| c.try_wait().unwrap())
     }
+
+    /// Waits for it to exit successfully within `limit`; fails the test
+    /// with `why_not` and its log otherwise. How long it took.
+    fn exits_within(&mut self, limit: Duration, why_not: &str) -> Duration {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.exited() {
+                break s;
+            }
+            assert!(start.elapsed() < limit, "{why_not}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "{status}: {}", self.log());
+        start.elapsed()
+    }
 }
 
 impl Drop for Agent {
@@ -306,23 +321,13 @@ fn backends_register_with_agents_and_leave_without_breaking_a_connection() {
         std::thread::sleep(Duration::from_millis(300));
     }
     // The connections end (their clients close them): then it leaves.
-    let closed = Instant::now();
     drop(sessions);
-    let status = loop {
-        if let Some(s) = agents[0].exited() {
-            break s;
-        }
-        assert!(
-            closed.elapsed() < Duration::from_secs(15),
-            "the agent did not leave after its connections ended: {}",
-            agents[0].log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(status.success(), "{status}: {}", agents[0].log());
+    let left = agents[0].exits_within(
+        Duration::from_secs(15),
+        "the agent did not leave after its connections ended",
+    );
     eprintln!(
-        "host 0 drained {draining} connections, none broken, and left {:?} after they closed",
-        closed.elapsed()
+        "host 0 drained {draining} connections, none broken, and left {left:?} after they closed"
     );
     // Its deregistration reaches every node through etcd's watch.
     for d in &daemons {
@@ -679,19 +684,10 @@ fn a_standalone_lb_takes_signed_registrations_and_refuses_the_rest() {
     // Stopped, the refused host has nothing to drain: it leaves at once,
     // not after its 60 s drain_timeout.
     nope.signal(libc::SIGTERM);
-    let stopping = Instant::now();
-    let status = loop {
-        if let Some(s) = nope.exited() {
-            break s;
-        }
-        assert!(
-            stopping.elapsed() < Duration::from_secs(5),
-            "a host the daemon refuses waited to drain:\n{}",
-            nope.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "{status}: {}", nope.log());
+    nope.exits_within(
+        Duration::from_secs(5),
+        "a host the daemon refuses waited to drain",
+    );
 
     // A host holding connections open without a request: past four at once
     // (its agents' among them), the next is closed unread, and counted.
@@ -748,19 +744,7 @@ fn a_standalone_lb_takes_signed_registrations_and_refuses_the_rest() {
     assert!(bad.is_empty(), "{ok} fine, broken while draining: {bad:#?}");
     assert!(agents[0].exited().is_none(), "left with connections open");
     drop(sessions);
-    let closed = Instant::now();
-    let status = loop {
-        if let Some(s) = agents[0].exited() {
-            break s;
-        }
-        assert!(
-            closed.elapsed() < Duration::from_secs(15),
-            "the agent did not leave: {}",
-            agents[0].log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(status.success(), "{status}: {}", agents[0].log());
+    agents[0].exits_within(Duration::from_secs(15), "the agent did not leave");
     d.wait_until("host 0 gone", Duration::from_secs(2), |d| {
         Ok(row(d, 0).is_none())
     })
@@ -804,19 +788,10 @@ fn a_standalone_lb_takes_signed_registrations_and_refuses_the_rest() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(again.exited().is_none(), "left with connections open");
     again.signal(libc::SIGINT);
-    let second = Instant::now();
-    let status = loop {
-        if let Some(s) = again.exited() {
-            break s;
-        }
-        assert!(
-            second.elapsed() < Duration::from_secs(5),
-            "a second signal did not end the drain: {}",
-            again.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "{status}: {}", again.log());
+    again.exits_within(
+        Duration::from_secs(5),
+        "a second signal did not end the drain",
+    );
     d.wait_until("host 1 gone", Duration::from_secs(2), |d| {
         Ok(row(d, 1).is_none())
     })
