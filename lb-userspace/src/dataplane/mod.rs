@@ -507,54 +507,81 @@ fn mode_on(iface: &str, mode: XdpMode, bond: bool) -> Result<XdpMode> {
 /// Attaches `prog` to `iface`, or switches the link pinned at `pin` to it
 /// (atomically: no packet sees the interface without a program), and
 /// returns the link, pinned at `pin` if given. A pinned link keeps the mode
-/// it was made in: when `mode` names another, the link is removed and the
-/// program attached afresh, packets of that moment passing to the kernel.
+/// it was made in: when `mode` names another (not `auto`, which takes what
+/// is there), the link is removed and the program attached afresh, packets
+/// of that moment passing to the kernel; if the new mode is refused, the
+/// program goes back in the old one, said so, rather than leave the
+/// interface without it.
 fn attach_xdp(prog: &mut Xdp, iface: &str, mode: XdpMode, pin: Option<&Path>) -> Result<FdLink> {
     if let Some(path) = pin.filter(|p| p.exists())
         && mode != XdpMode::Default
+        && let Some(old) = attached_mode(iface).filter(|old| *old != mode)
     {
-        let ifindex = link::read(iface)?.ifindex;
-        let attached = link::xdp_mode_attached(ifindex)
-            .with_context(|| format!("reading the XDP mode of {iface}"))?;
-        if let Some(attached) = attached.filter(|a| *a != mode) {
-            tracing::warn!(
+        tracing::warn!(
+            interface = iface,
+            from = ?old,
+            to = ?mode,
+            "the XDP mode changed: attaching afresh (packets pass to the kernel for that moment)"
+        );
+        let link: FdLink = PinnedLink::from_pin(path)
+            .with_context(|| format!("opening pinned link {}", path.display()))?
+            .into();
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the pinned link {}", path.display()))?;
+        // Its last reference: the program leaves the interface.
+        drop(link);
+        return attach_pinned(prog, iface, mode, path).or_else(|e| {
+            tracing::error!(
                 interface = iface,
-                from = ?attached,
-                to = ?mode,
-                "the XDP mode changed: attaching afresh (packets pass to the kernel for that moment)"
+                error = %format!("{e:#}"),
+                "the new XDP mode is refused: attached in the old one ({old:?}) instead"
             );
-            let link: FdLink = PinnedLink::from_pin(path)
-                .with_context(|| format!("opening pinned link {}", path.display()))?
-                .into();
-            std::fs::remove_file(path)
-                .with_context(|| format!("removing the pinned link {}", path.display()))?;
-            // Its last reference: the program leaves the interface.
-            drop(link);
-        }
+            attach_pinned(prog, iface, old, path)
+        });
     }
-    let id = match pin {
+    match pin {
         Some(path) if path.exists() => {
             let link: FdLink = PinnedLink::from_pin(path)
                 .with_context(|| format!("opening pinned link {}", path.display()))?
                 .into();
             let link = XdpLink::try_from(link).context("pinned link is not an XDP link")?;
-            prog.attach_to_link(link)
-                .with_context(|| format!("switching {iface}'s pinned link to the new program"))?
+            let id = prog
+                .attach_to_link(link)
+                .with_context(|| format!("switching {iface}'s pinned link to the new program"))?;
+            Ok(prog.take_link(id)?.try_into()?)
         }
-        _ => prog
-            .attach(iface, mode)
-            .with_context(|| format!("attaching to {iface} ({mode:?})"))?,
-    };
-    let mut link: FdLink = prog.take_link(id)?.try_into()?;
-    if let Some(path) = pin
-        && !path.exists()
-    {
-        link = link
-            .pin(path)
-            .with_context(|| format!("pinning the link at {}", path.display()))?
-            .into();
+        Some(path) => attach_pinned(prog, iface, mode, path),
+        None => {
+            let id = prog
+                .attach(iface, mode)
+                .with_context(|| format!("attaching to {iface} ({mode:?})"))?;
+            Ok(prog.take_link(id)?.try_into()?)
+        }
     }
-    Ok(link)
+}
+
+/// Attaches `prog` to `iface` in `mode`, the link pinned at `path`.
+fn attach_pinned(prog: &mut Xdp, iface: &str, mode: XdpMode, path: &Path) -> Result<FdLink> {
+    let id = prog
+        .attach(iface, mode)
+        .with_context(|| format!("attaching to {iface} ({mode:?})"))?;
+    let link: FdLink = prog.take_link(id)?.try_into()?;
+    Ok(link
+        .pin(path)
+        .with_context(|| format!("pinning the link at {}", path.display()))?
+        .into())
+}
+
+/// The mode of the program attached to `iface`; `None` for none, or when
+/// it cannot be read (said so: the program is then switched in place).
+fn attached_mode(iface: &str) -> Option<XdpMode> {
+    match link::read(iface).and_then(|l| link::xdp_mode_attached(l.ifindex)) {
+        Ok(mode) => mode,
+        Err(e) => {
+            tracing::warn!(interface = iface, error = %format!("{e:#}"), "reading the XDP mode; switching programs in place");
+            None
+        }
+    }
 }
 
 /// Pins `map` at `dir`/`name` in place of the pin there, in one rename: a

@@ -1461,6 +1461,25 @@ fn table_size_changes_at_a_restart_keeping_the_pins() {
         d.spawn().unwrap();
         assert_eq!(xdp_mode(), mode, "xdp_mode = {setting:?}: {}", d.log());
     }
+    // Native mode refused (a veth takes no native program while its peer's
+    // MTU exceeds a page): the program goes back in generic mode, said so.
+    let (switch, port) = lan.lb_port();
+    switch.ip(&["link", "set", port, "mtu", "9000"]).unwrap();
+    d.kill(libc::SIGTERM).unwrap();
+    let running = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(
+        &d.config,
+        running.replace("xdp_mode = \"generic\"", "xdp_mode = \"native\""),
+    )
+    .unwrap();
+    d.spawn().unwrap();
+    assert_eq!(xdp_mode(), generic, "{}", d.log());
+    assert!(
+        d.log().contains("the new XDP mode is refused"),
+        "{}",
+        d.log()
+    );
+    switch.ip(&["link", "set", port, "mtu", "1500"]).unwrap();
     // Back in generic mode (a veth's), it forwards.
     d.wait_in_table(2, WAIT).unwrap();
     assert_eq!(tally(&lan, 20).unwrap().len(), 2, "both backends serve");
