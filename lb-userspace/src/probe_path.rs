@@ -53,6 +53,16 @@ pub use lb_common::limits::{PROBE_MARK_BASE, PROBE_MARKS};
 /// Priority of lb's probe rules: ahead of the `main` table's (32766), where
 /// the host's route to the VIP, if any, would win.
 pub const RULE_PRIORITY: u32 = 100;
+/// Priority of lb's catch-all probe rule, right behind the backends' own:
+/// a probe whose table holds no route (the kernel takes a route with its
+/// interface, until the next sync makes it `unreachable`) is refused there
+/// instead of passing on to the main table, where the VIP's route may
+/// reach another node or backend and pass the probe.
+const CATCH_ALL_PRIORITY: u32 = RULE_PRIORITY + 1;
+/// The bits that make a mark one of lb's probe marks ([`PROBE_MARK_BASE`]
+/// under this mask).
+const PROBE_MARK_MASK: u32 = !(PROBE_MARKS - 1);
+const _: () = assert!(PROBE_MARKS.is_power_of_two() && PROBE_MARK_BASE & !PROBE_MARK_MASK == 0);
 /// How often the rules and routes are compared with what should be there
 /// even when nothing changed, so one removed by hand comes back.
 const RESYNC: Duration = Duration::from_secs(5);
@@ -173,6 +183,50 @@ impl Paths {
             }
         }
         Ok(found)
+    }
+
+    /// Makes lb's catch-all probe rule ([`CATCH_ALL_PRIORITY`]) of both
+    /// families present, or absent.
+    async fn keep_catch_all(&self, present: bool) -> Result<()> {
+        for version in [IpVersion::V4, IpVersion::V6] {
+            let mut dump = self.handle.rule().get(version.clone()).execute();
+            let mut found = Vec::new();
+            while let Some(rule) = dump.try_next().await.context("listing the policy rules")? {
+                if is_catch_all(&rule) {
+                    found.push(rule);
+                }
+            }
+            if present && found.is_empty() {
+                let mut add = self
+                    .handle
+                    .rule()
+                    .add()
+                    .action(RuleAction::Unreachable)
+                    .priority(CATCH_ALL_PRIORITY)
+                    .fw_mark(PROBE_MARK_BASE);
+                add.message_mut()
+                    .attributes
+                    .push(RuleAttribute::FwMask(PROBE_MARK_MASK));
+                // No table: the rule refuses, it looks nothing up.
+                add.message_mut().header.table = 0;
+                match version {
+                    IpVersion::V4 => add.v4().execute().await,
+                    IpVersion::V6 => add.v6().execute().await,
+                }
+                .context("adding the catch-all probe rule")?;
+            }
+            if !present {
+                for rule in found {
+                    self.handle
+                        .rule()
+                        .del(rule)
+                        .execute()
+                        .await
+                        .context("removing the catch-all probe rule")?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Adds (or replaces) `p`'s route; an `unreachable` one unless
@@ -360,9 +414,29 @@ impl Paths {
                 Err(e) => fail(e),
             }
         }
+        if let Err(e) = self.keep_catch_all(!wanted.is_empty()).await {
+            fail(e);
+        }
         self.installed = Some(wanted.clone());
         failed.map_or(Ok(()), Err)
     }
+}
+
+/// Whether `rule` is lb's catch-all probe rule.
+fn is_catch_all(rule: &RuleMessage) -> bool {
+    let (mut mark, mut mask, mut priority) = (None, None, None);
+    for a in &rule.attributes {
+        match a {
+            RuleAttribute::FwMark(m) => mark = Some(*m),
+            RuleAttribute::FwMask(m) => mask = Some(*m),
+            RuleAttribute::Priority(p) => priority = Some(*p),
+            _ => {}
+        }
+    }
+    rule.header.action == RuleAction::Unreachable
+        && priority == Some(CATCH_ALL_PRIORITY)
+        && mark == Some(PROBE_MARK_BASE)
+        && mask == Some(PROBE_MARK_MASK)
 }
 
 /// `route` in lb's table `mark`, as lb's.

@@ -79,6 +79,12 @@ fn install(filter: &[libc::sock_filter]) -> io::Result<()> {
         len: filter.len() as u16,
         filter: filter.as_ptr().cast_mut(),
     };
+    // Without CAP_SYS_ADMIN a filter needs no_new_privs (a plain `cargo
+    // test`); the daemon runs under `setpriv --no-new-privs` anyway.
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
     // SAFETY: `prog` points into `filter`, alive for the call; the kernel
     // copies the program.
     if unsafe {

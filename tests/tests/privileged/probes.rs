@@ -189,8 +189,18 @@ fn a_backend_without_the_vip_fails_probes_through_the_vip() {
         .collect::<String>();
     let ours = format!("fwmark {:#x}", PROBE_MARK_BASE >> 16);
     assert_eq!(
-        rules.lines().filter(|l| l.contains(&ours)).count(),
+        rules
+            .lines()
+            .filter(|l| l.contains(&ours) && l.contains("lookup"))
+            .count(),
         4,
+        "{rules}"
+    );
+    // Behind them, one per family refusing any other probe mark.
+    let catch_all = format!("fwmark {PROBE_MARK_BASE:#x}/0xffff0000 unreachable");
+    assert_eq!(
+        rules.lines().filter(|l| l.contains(&catch_all)).count(),
+        2,
         "{rules}"
     );
 
@@ -422,10 +432,15 @@ fn a_probe_path_that_cannot_be_routed_holds_no_other_back() {
         );
         assert!(rules().contains(&gone_rule), "{}", rules());
         assert!(table(gone).contains("unreachable"), "{}", table(gone));
+        // A table that lost its route (its interface went down, before the
+        // next sync): the catch-all behind refuses the probe.
+        let catch_all = format!("fwmark {PROBE_MARK_BASE:#x}/0xffff0000 unreachable");
+        assert!(rules().contains(&catch_all), "{}", rules());
         // Neither wanted any more: no rule, no route.
         tx.send(Default::default())?;
         wait("the rules gone", &|| {
-            !rules().contains(&good_rule) && !rules().contains(&gone_rule)
+            let r = rules();
+            !r.contains(&good_rule) && !r.contains(&gone_rule) && !r.contains(&catch_all)
         });
         wait("the routes gone", &|| {
             table(good).is_empty() && table(gone).is_empty()
