@@ -125,17 +125,39 @@ impl ProbePath {
     }
 }
 
+/// What a rule matches and where it goes, as lb's rules say it.
+#[derive(Default)]
+struct RuleFields {
+    mark: Option<u32>,
+    mask: Option<u32>,
+    table: Option<u32>,
+    priority: Option<u32>,
+}
+
+impl RuleFields {
+    fn of(rule: &RuleMessage) -> RuleFields {
+        let mut f = RuleFields::default();
+        for a in &rule.attributes {
+            match a {
+                RuleAttribute::FwMark(m) => f.mark = Some(*m),
+                RuleAttribute::FwMask(m) => f.mask = Some(*m),
+                RuleAttribute::Table(t) => f.table = Some(*t),
+                RuleAttribute::Priority(p) => f.priority = Some(*p),
+                _ => {}
+            }
+        }
+        f
+    }
+}
+
 /// Whether `rule` is one of lb's probe rules: its key if so.
 fn probe_rule(rule: &RuleMessage) -> Option<Key> {
-    let (mut mark, mut table, mut priority) = (None, None, None);
-    for a in &rule.attributes {
-        match a {
-            RuleAttribute::FwMark(m) => mark = Some(*m),
-            RuleAttribute::Table(t) => table = Some(*t),
-            RuleAttribute::Priority(p) => priority = Some(*p),
-            _ => {}
-        }
-    }
+    let RuleFields {
+        mark,
+        table,
+        priority,
+        ..
+    } = RuleFields::of(rule);
     let mark = mark?;
     let ours = priority == Some(RULE_PRIORITY)
         && table == Some(mark)
@@ -424,19 +446,11 @@ impl Paths {
 
 /// Whether `rule` is lb's catch-all probe rule.
 fn is_catch_all(rule: &RuleMessage) -> bool {
-    let (mut mark, mut mask, mut priority) = (None, None, None);
-    for a in &rule.attributes {
-        match a {
-            RuleAttribute::FwMark(m) => mark = Some(*m),
-            RuleAttribute::FwMask(m) => mask = Some(*m),
-            RuleAttribute::Priority(p) => priority = Some(*p),
-            _ => {}
-        }
-    }
+    let f = RuleFields::of(rule);
     rule.header.action == RuleAction::Unreachable
-        && priority == Some(CATCH_ALL_PRIORITY)
-        && mark == Some(PROBE_MARK_BASE)
-        && mask == Some(PROBE_MARK_MASK)
+        && f.priority == Some(CATCH_ALL_PRIORITY)
+        && f.mark == Some(PROBE_MARK_BASE)
+        && f.mask == Some(PROBE_MARK_MASK)
 }
 
 /// `route` in lb's table `mark`, as lb's.
