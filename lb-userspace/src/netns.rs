@@ -22,6 +22,12 @@ pub fn ip(args: &[&str]) -> Result<()> {
 
 /// Runs `program` with `args`, failing with its stderr.
 pub fn run(program: &str, args: &[&str]) -> Result<()> {
+    output(program, args).map(drop)
+}
+
+/// Runs `program` with `args`: what it printed, or a failure with its
+/// stderr.
+pub fn output(program: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(program)
         .args(args)
         .output()
@@ -33,7 +39,7 @@ pub fn run(program: &str, args: &[&str]) -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A network namespace, deleted on drop.
@@ -69,9 +75,14 @@ impl Netns {
 
     /// Runs `ip -n <ns> args`.
     pub fn ip(&self, args: &[&str]) -> Result<()> {
+        self.ip_output(args).map(drop)
+    }
+
+    /// Runs `ip -n <ns> args`: what it printed.
+    pub fn ip_output(&self, args: &[&str]) -> Result<String> {
         let mut full = vec!["-n", self.name.as_str()];
         full.extend_from_slice(args);
-        ip(&full)
+        output("ip", &full)
     }
 
     /// Runs a command inside the namespace (`ip netns exec`).

@@ -261,13 +261,7 @@ fn a_route_lb_did_not_make_stays() {
         "route", "add", theirs, "dev", "lo", "table", TABLE, "proto", "static",
     ])
     .unwrap();
-    let table = || {
-        let out = std::process::Command::new("ip")
-            .args(["-n", ns.name.as_str(), "route", "show", "table", TABLE])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let table = || ns.ip_output(&["route", "show", "table", TABLE]).unwrap();
     ns.run(|| {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -1032,11 +1032,7 @@ fn a_missing_interface_refuses_the_start_with_nothing_attached() {
     let err = d.spawn().unwrap_err().to_string();
     assert!(err.contains("no interface eht1"), "{err}");
     assert!(!d.pins.exists(), "pins written before the refusal");
-    let link = std::process::Command::new("ip")
-        .args(["-n", &lan.lb.name, "-d", "link", "show", "eth0"])
-        .output()
-        .unwrap();
-    let link = String::from_utf8_lossy(&link.stdout);
+    let link = lan.lb.ip_output(&["-d", "link", "show", "eth0"]).unwrap();
     assert!(link.contains("eth0") && !link.contains("xdp"), "{link}");
 }
 
@@ -1432,15 +1428,9 @@ fn table_size_changes_at_a_restart_keeping_the_pins() {
     let xdp_mode = || -> u64 {
         let out = lan
             .lb
-            .spawn_process(
-                std::process::Command::new("ip")
-                    .args(["-j", "-d", "link", "show", "dev", "eth0"])
-                    .stdout(std::process::Stdio::piped()),
-            )
-            .unwrap()
-            .wait_with_output()
+            .ip_output(&["-j", "-d", "link", "show", "dev", "eth0"])
             .unwrap();
-        let links: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let links: Value = serde_json::from_str(&out).unwrap();
         links[0]["xdp"]["mode"].as_u64().unwrap_or(0)
     };
     // iproute2's XDP_ATTACHED_* (if_link.h).

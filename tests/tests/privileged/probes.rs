@@ -179,13 +179,7 @@ fn a_backend_without_the_vip_fails_probes_through_the_vip() {
     // One rule per backend, to its own table.
     let rules = ["-4", "-6"]
         .iter()
-        .map(|family| {
-            let out = std::process::Command::new("ip")
-                .args(["-n", lan.lb.name.as_str(), family, "rule", "show"])
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        })
+        .map(|family| lan.lb.ip_output(&[family, "rule", "show"]).unwrap())
         .collect::<String>();
     let ours = format!("fwmark {:#x}", PROBE_MARK_BASE >> 16);
     assert_eq!(
@@ -396,16 +390,11 @@ fn a_probe_path_that_cannot_be_routed_holds_no_other_back() {
         tunnel: None,
     };
     let (gone, good) = (PROBE_MARK_BASE + 1, PROBE_MARK_BASE + 2);
-    let show = |args: &[&str]| -> String {
-        let out = std::process::Command::new("ip")
-            .args(["-n", ns.name.as_str()])
-            .args(args)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
+    let table = |mark: u32| {
+        ns.ip_output(&["route", "show", "table", &mark.to_string()])
+            .unwrap()
     };
-    let table = |mark: u32| show(&["route", "show", "table", &mark.to_string()]);
-    let rules = || show(&["rule", "show"]);
+    let rules = || ns.ip_output(&["rule", "show"]).unwrap();
     let wait = |what: &str, done: &dyn Fn() -> bool| {
         let start = std::time::Instant::now();
         while !done() {
