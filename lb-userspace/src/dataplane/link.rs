@@ -1,6 +1,7 @@
 //! What the data plane keeps of an interface it is attached to (its index,
-//! MAC and MTU), read with the ioctls `ifconfig` uses. An ioctl answers for
-//! the network namespace of the socket it is made on, the caller's, where
+//! MAC and MTU), read with the ioctls `ifconfig` uses, and the mode of the
+//! XDP program on it, read over rtnetlink. An ioctl or netlink socket
+//! answers for the network namespace it is made in, the caller's, where
 //! sysfs answers for the namespace it was mounted in.
 
 use std::{ffi::CString, os::fd::AsRawFd as _, path::Path};
@@ -95,7 +96,7 @@ pub(super) fn xdp_mode_attached(ifindex: u32) -> Result<Option<XdpMode>> {
         .connect(&SocketAddr::new(0, 0))
         .context("connecting a netlink socket")?;
     socket.send(&buf, 0).context("asking for the link")?;
-    // One link's message: a page holds it, stats included.
+    // One link's message, stats included: well within 64 KiB.
     let mut reply = Vec::with_capacity(64 * 1024);
     socket.recv(&mut reply, 0).context("reading the link")?;
     let message =
