@@ -53,8 +53,13 @@ pub struct Resolution {
     /// The backends without one, and why: no route, or their next hop's
     /// neighbour entry failed or was not answered in time.
     pub unresolved: BTreeMap<IpAddr, String>,
-    /// The next hops of those whose neighbour entry was not usable.
-    waiting: BTreeSet<IpAddr>,
+    /// The next hops of those whose neighbour entry was not usable, with
+    /// the index of the interface they are resolved on.
+    waiting: BTreeSet<(IpAddr, u32)>,
+    /// The interface index each backend's next hop is resolved on: an
+    /// address may be a neighbour on several (a router's `fe80::1` on each
+    /// VLAN), whose other entries change nothing here.
+    hop_indexes: BTreeMap<IpAddr, u32>,
 }
 
 impl Resolution {
@@ -78,10 +83,13 @@ impl Resolution {
                 };
                 let gone = matches!(m, RouteNetlinkMessage::DelNeighbour(_));
                 let usable = entry.usable().filter(|_| !gone);
-                self.hops
-                    .values()
-                    .any(|h| h.addr == addr && usable != Some(h.mac))
-                    || (usable.is_some() && self.waiting.contains(&addr))
+                let index = n.header.ifindex;
+                self.hops.iter().any(|(ip, h)| {
+                    h.addr == addr
+                        // Hops put in by hand (tests) name no interface.
+                        && self.hop_indexes.get(ip).is_none_or(|&i| i == index)
+                        && usable != Some(h.mac)
+                }) || (usable.is_some() && self.waiting.contains(&(addr, index)))
             }
             RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => {
                 r.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL)
@@ -278,6 +286,7 @@ impl Resolver {
                 };
                 let (addr, dev) = (*hop, dev.clone());
                 out.hops.insert(*ip, NextHop { mac, addr, dev });
+                out.hop_indexes.insert(*ip, *index);
                 false
             });
             if pending.is_empty() || Instant::now() >= deadline {
@@ -300,7 +309,7 @@ impl Resolver {
             tokio::time::sleep(RESOLVE_POLL).await;
         }
         for (ip, (hop, index, dev)) in pending {
-            out.waiting.insert(hop);
+            out.waiting.insert((hop, index));
             let state = match table.get(&(index, hop)).map(|n| n.state) {
                 Some(NeighbourState::Failed) => "failed",
                 Some(NeighbourState::Incomplete) => "not answered yet",
@@ -383,6 +392,44 @@ mod tests {
         let none = Resolution::default();
         assert!(none.affected_by(&message(NetlinkPayload::Overrun(Vec::new()))));
         assert!(!none.affected_by(&message(NetlinkPayload::Noop)));
+    }
+
+    #[test]
+    fn a_neighbour_change_counts_on_the_hops_interface_only() {
+        use rtnetlink::packet_route::neighbour::{NeighbourAttribute, NeighbourMessage};
+        let router: IpAddr = "fe80::1".parse().unwrap();
+        let backend: IpAddr = "2001:2::11".parse().unwrap();
+        let mac = [2, 0, 0, 0, 0, 1];
+        let mut r = Resolution::default();
+        r.hops.insert(
+            backend,
+            NextHop {
+                mac,
+                addr: router,
+                dev: "eth0".into(),
+            },
+        );
+        r.hop_indexes.insert(backend, 2);
+        // The same router on another interface, with another MAC.
+        let entry = |index: u32, mac: [u8; 6]| {
+            let mut n = NeighbourMessage::default();
+            n.header.ifindex = index;
+            n.header.state = NeighbourState::Reachable;
+            n.attributes = vec![
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(
+                    "fe80::1".parse().unwrap(),
+                )),
+                NeighbourAttribute::LinkLayerAddress(mac.to_vec()),
+            ];
+            NetlinkMessage::new(
+                rtnetlink::packet_core::NetlinkHeader::default(),
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(n)),
+            )
+        };
+        let other = [2, 0, 0, 0, 0, 2];
+        assert!(!r.affected_by(&entry(3, other)));
+        assert!(r.affected_by(&entry(2, other)));
+        assert!(!r.affected_by(&entry(2, mac)));
     }
 
     #[test]
