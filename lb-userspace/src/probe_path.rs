@@ -193,60 +193,60 @@ impl Paths {
         })
     }
 
-    /// lb's probe rules now, with their keys.
-    async fn rules(&self) -> Result<Vec<(Key, RuleMessage)>> {
-        let mut found = Vec::new();
+    /// lb's rules now, from one listing: the probe rules with their keys,
+    /// and the catch-all rules (with whether each is IPv6's).
+    async fn rules(&self) -> Result<(Vec<(Key, RuleMessage)>, Vec<(bool, RuleMessage)>)> {
+        let (mut probe, mut catch_all) = (Vec::new(), Vec::new());
         for version in [IpVersion::V4, IpVersion::V6] {
+            let v6 = version == IpVersion::V6;
             let mut dump = self.handle.rule().get(version).execute();
             while let Some(rule) = dump.try_next().await.context("listing the policy rules")? {
                 if let Some(key) = probe_rule(&rule) {
-                    found.push((key, rule));
+                    probe.push((key, rule));
+                } else if is_catch_all(&rule) {
+                    catch_all.push((v6, rule));
                 }
             }
         }
-        Ok(found)
+        Ok((probe, catch_all))
     }
 
     /// Makes lb's catch-all probe rule ([`CATCH_ALL_PRIORITY`]) of both
-    /// families present, or absent.
-    async fn keep_catch_all(&self, present: bool) -> Result<()> {
-        for version in [IpVersion::V4, IpVersion::V6] {
-            let mut dump = self.handle.rule().get(version.clone()).execute();
-            let mut found = Vec::new();
-            while let Some(rule) = dump.try_next().await.context("listing the policy rules")? {
-                if is_catch_all(&rule) {
-                    found.push(rule);
-                }
-            }
-            if present && found.is_empty() {
-                let mut add = self
-                    .handle
+    /// families present, or absent; `found` are those there now.
+    async fn keep_catch_all(&self, present: bool, found: Vec<(bool, RuleMessage)>) -> Result<()> {
+        if !present {
+            for (_, rule) in found {
+                self.handle
                     .rule()
-                    .add()
-                    .action(RuleAction::Unreachable)
-                    .priority(CATCH_ALL_PRIORITY)
-                    .fw_mark(PROBE_MARK_BASE);
-                add.message_mut()
-                    .attributes
-                    .push(RuleAttribute::FwMask(PROBE_MARK_MASK));
-                // No table: the rule refuses, it looks nothing up.
-                add.message_mut().header.table = 0;
-                match version {
-                    IpVersion::V4 => add.v4().execute().await,
-                    IpVersion::V6 => add.v6().execute().await,
-                }
-                .context("adding the catch-all probe rule")?;
+                    .del(rule)
+                    .execute()
+                    .await
+                    .context("removing the catch-all probe rule")?;
             }
-            if !present {
-                for rule in found {
-                    self.handle
-                        .rule()
-                        .del(rule)
-                        .execute()
-                        .await
-                        .context("removing the catch-all probe rule")?;
-                }
+            return Ok(());
+        }
+        for v6 in [false, true] {
+            if found.iter().any(|(f, _)| *f == v6) {
+                continue;
             }
+            let mut add = self
+                .handle
+                .rule()
+                .add()
+                .action(RuleAction::Unreachable)
+                .priority(CATCH_ALL_PRIORITY)
+                .fw_mark(PROBE_MARK_BASE);
+            add.message_mut()
+                .attributes
+                .push(RuleAttribute::FwMask(PROBE_MARK_MASK));
+            // No table: the rule refuses, it looks nothing up.
+            add.message_mut().header.table = 0;
+            if v6 {
+                add.v6().execute().await
+            } else {
+                add.v4().execute().await
+            }
+            .context("adding the catch-all probe rule")?;
         }
         Ok(())
     }
@@ -393,7 +393,7 @@ impl Paths {
                 Err(e) => fail(e),
             }
         }
-        let rules = self.rules().await?;
+        let (rules, catch_all) = self.rules().await?;
         let have: BTreeSet<Key> = rules.iter().map(|(k, _)| *k).collect();
         for p in wanted
             .iter()
@@ -436,7 +436,7 @@ impl Paths {
                 Err(e) => fail(e),
             }
         }
-        if let Err(e) = self.keep_catch_all(!wanted.is_empty()).await {
+        if let Err(e) = self.keep_catch_all(!wanted.is_empty(), catch_all).await {
             fail(e);
         }
         self.installed = Some(wanted.clone());
