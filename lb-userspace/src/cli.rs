@@ -247,6 +247,11 @@ enum NodeCommand {
     },
     /// Announce again the VIPs this node can serve.
     Undrain,
+    /// With no daemon running: withdraw every VIP route lb left in the
+    /// kernel's tables, so that BIRD stops announcing this node. Refused
+    /// while a daemon answers on --socket (`lb node drain` is for a running
+    /// one). A daemon started later announces again as its rules decide.
+    Withdraw,
 }
 
 #[derive(Subcommand)]
@@ -883,6 +888,25 @@ fn run(cli: Cli) -> Result<()> {
             let status = set_drained(&cli.socket, false)?;
             print(cli.json, serde_json::to_value(&status)?, |_| {
                 node_text(&status)
+            })
+        }
+        Command::Node(NodeCommand::Withdraw) => {
+            if std::os::unix::net::UnixStream::connect(&cli.socket).is_ok() {
+                anyhow::bail!(
+                    "a daemon listens on {}: `lb node drain` withdraws its VIPs and keeps them \
+                     withdrawn (`lb node withdraw` is for a node whose daemon is gone)",
+                    cli.socket.display()
+                );
+            }
+            let withdrawn = runtime()?.block_on(crate::routes::withdraw_all_but(None))?;
+            print(cli.json, serde_json::to_value(&withdrawn)?, |_| {
+                if withdrawn.is_empty() {
+                    return "no VIP route of lb's to withdraw\n".to_owned();
+                }
+                withdrawn
+                    .iter()
+                    .map(|w| format!("withdrawn {} (table {})\n", w.vip, w.table))
+                    .collect()
             })
         }
         Command::Node(NodeCommand::Drain {

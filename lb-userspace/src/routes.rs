@@ -225,13 +225,24 @@ impl VipRoutes {
     }
 }
 
-/// Withdraws lb's VIP routes from every table but `kept` (all of them
-/// when `None`): those a previous daemon left in a table `[announce]` no
-/// longer names, or when it no longer has `[announce]`. Left there, a BIRD
+/// A VIP route withdrawn by [`withdraw_all_but`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Withdrawn {
+    /// The routing table it was in.
+    pub table: u32,
+    /// Its VIP.
+    pub vip: IpAddr,
+}
+
+/// Withdraws lb's VIP routes (protocol 108) from every table but `kept`
+/// (all of them when `None`), and says which. The daemon runs it once at
+/// start for the routes a previous daemon left in a table `[announce]` no
+/// longer names, or all of them without `[announce]`: left there, a BIRD
 /// still learning that table would go on announcing VIPs no daemon decides
-/// on. Run once at start.
-pub async fn withdraw_elsewhere(kept: Option<u32>) -> Result<()> {
+/// on. `lb node withdraw` runs it with `None` for a daemon that is gone.
+pub async fn withdraw_all_but(kept: Option<u32>) -> Result<Vec<Withdrawn>> {
     let handle = connect()?;
+    let mut withdrawn = Vec::new();
     for (table, vip) in routes_in(&handle, None).await? {
         if Some(table) == kept {
             continue;
@@ -241,9 +252,9 @@ pub async fn withdraw_elsewhere(kept: Option<u32>) -> Result<()> {
             table,
         };
         routes.del(vip).await?;
-        info!(vip = %vip, table, "withdrawn: [announce] no longer names this table");
+        withdrawn.push(Withdrawn { table, vip });
     }
-    Ok(())
+    Ok(withdrawn)
 }
 
 /// What the route keeper last did, for `lb node status`.

@@ -45,8 +45,15 @@ impl Node {
         let (installed_tx, installed) = watch::channel(Installed::default());
         let kept = announce.as_ref().map(|a| a.table);
         tokio::spawn(async move {
-            if let Err(e) = routes::withdraw_elsewhere(kept).await {
-                warn!(error = %format!("{e:#}"), "withdrawing VIP routes from tables [announce] no longer names");
+            match routes::withdraw_all_but(kept).await {
+                Ok(withdrawn) => {
+                    for w in withdrawn {
+                        info!(vip = %w.vip, table = w.table, "withdrawn: [announce] no longer names this table");
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "withdrawing VIP routes from tables [announce] no longer names");
+                }
             }
         });
         if let Some(a) = &announce {

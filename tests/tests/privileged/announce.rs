@@ -9,7 +9,7 @@ use std::{
 };
 
 use lb_tests::{
-    daemon::Daemon,
+    daemon::{Daemon, lb_in},
     edge::{ECHO_PORT, EchoServer, Edge, Sessions, backend_v4, node_config, node_v4},
     require_root,
 };
@@ -226,6 +226,27 @@ fn nodes_announce_what_they_serve_and_withdrawals_reset_nothing() {
     assert_eq!(vip_state(&daemons[1]), (true, serde_json::Value::Null));
     assert_eq!(edge.paths(VIP).unwrap(), both);
     assert_all_alive(&mut sessions, "node 1's daemon restarted");
+
+    // `lb node withdraw` is for a node whose daemon is gone: refused while
+    // one listens, it then removes the route the dead daemon left, and the
+    // router sends everything to node 0, to the same backends.
+    let socket = daemons[1].socket.to_str().unwrap().to_owned();
+    let withdraw = ["--socket", socket.as_str(), "node", "withdraw"];
+    let refused = lb_in(&edge.nodes[1].ns, &withdraw).unwrap_err();
+    assert!(refused.to_string().contains("lb node drain"), "{refused:#}");
+    assert_eq!(edge.paths(VIP).unwrap(), both);
+    daemons[1].kill(libc::SIGKILL).unwrap();
+    let withdrawn = lb_in(&edge.nodes[1].ns, &withdraw).unwrap();
+    assert_eq!(withdrawn.as_array().unwrap().len(), 1, "{withdrawn}");
+    assert_eq!(withdrawn[0]["vip"], VIP.to_string(), "{withdrawn}");
+    let t = edge.wait_paths(VIP, &[node_v4(0)], CONVERGED).unwrap();
+    eprintln!("lb node withdraw: withdrawn from the router within {t:?}");
+    assert!(edge.announced(1).unwrap().is_empty());
+    assert_all_alive(&mut sessions, "node 1 withdrawn by hand");
+    // A daemon started again announces as its rules decide.
+    daemons[1].spawn().unwrap();
+    edge.wait_paths(VIP, &both, CONVERGED).unwrap();
+    assert_all_alive(&mut sessions, "node 1 back");
 
     // Restarted without `[announce]`, a daemon withdraws the route its
     // predecessor left: BIRD still learns that table, and nothing would
