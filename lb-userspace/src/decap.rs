@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow};
+use aya::programs::XdpMode;
 use lb_common::{
     counters::DecapCounter,
     limits::{DEFAULT_GUE_PORT, MAX_ADDRESSES, MAX_DECAP_SOURCES},
@@ -206,22 +207,37 @@ pub fn apply(config: &DecapConfig, dir: &Path) -> Result<Applied> {
     }
     let mut decap = Decapsulator::load_pinned(dir)?;
     let before = decap.tables()?;
-    let had = dataplane::pinned_interfaces(dir)?;
+    // The interfaces it runs on and their modes: a failure part way puts
+    // back the mode of those this apply switched, and detaches the others.
+    let had: BTreeMap<String, Option<XdpMode>> = dataplane::pinned_interfaces(dir)?
+        .into_iter()
+        .map(|iface| {
+            let mode = dataplane::attached_mode(&iface);
+            (iface, mode)
+        })
+        .collect();
     decap.set_tables(&config.tables)?;
     let mode = xdp_mode(config.xdp_mode);
     for (i, iface) in config.interfaces.iter().enumerate() {
         if let Err(e) = decap.attach(iface, mode, Some(dir)) {
+            let mut left = Vec::new();
             for done in &config.interfaces[..i] {
-                if !had.contains(done) {
-                    let _ = dataplane::detach(dir, done);
+                let undone = match had.get(done) {
+                    None => dataplane::detach(dir, done),
+                    Some(Some(old)) if *old != mode => decap.attach(done, *old, Some(dir)),
+                    Some(_) => Ok(()),
+                };
+                if let Err(u) = undone {
+                    left.push(format!("{done}: {u:#}"));
                 }
             }
-            let restored = decap.set_tables(&before);
-            return Err(match restored {
-                Ok(()) => e.context("nothing changed"),
-                Err(r) => e.context(format!(
-                    "and restoring the previous addresses failed: {r:#}"
-                )),
+            if let Err(r) = decap.set_tables(&before) {
+                left.push(format!("restoring the previous addresses: {r:#}"));
+            }
+            return Err(if left.is_empty() {
+                e.context("nothing changed")
+            } else {
+                e.context(format!("and undoing the rest failed: {}", left.join("; ")))
             });
         }
     }
@@ -229,7 +245,7 @@ pub fn apply(config: &DecapConfig, dir: &Path) -> Result<Applied> {
         attached: config.interfaces.clone(),
         detached: Vec::new(),
     };
-    for iface in had {
+    for iface in had.into_keys() {
         if !config.interfaces.contains(&iface) {
             dataplane::detach(dir, &iface)?;
             applied.detached.push(iface);

@@ -574,7 +574,7 @@ fn attach_pinned(prog: &mut Xdp, iface: &str, mode: XdpMode, path: &Path) -> Res
 
 /// The mode of the program attached to `iface`; `None` for none, or when
 /// it cannot be read (said so: the program is then switched in place).
-fn attached_mode(iface: &str) -> Option<XdpMode> {
+pub(crate) fn attached_mode(iface: &str) -> Option<XdpMode> {
     match link::read(iface).and_then(|l| link::xdp_mode_attached(l.ifindex)) {
         Ok(mode) => mode,
         Err(e) => {

@@ -119,6 +119,52 @@ fn run() -> Result<()> {
     exercise(&lan, &file, &pins)
 }
 
+/// A file that switches eth0 to native mode and adds an interface where
+/// native mode is refused (a veth takes no native program while its peer's
+/// MTU exceeds a page): refused as a whole, eth0 back in generic mode.
+fn refused_mode_changes_nothing(lan: &Lan, file: &str, pins: &str) -> Result<()> {
+    let ns = &lan.backends[0].ns;
+    let xdp_mode = |iface: &str| -> Result<u64> {
+        let out = ns.ip_output(&["-j", "-d", "link", "show", "dev", iface])?;
+        let links: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(links[0]["xdp"]["mode"].as_u64().unwrap_or(0))
+    };
+    // iproute2's XDP_ATTACHED_* (if_link.h).
+    const GENERIC: u64 = 2;
+    ensure!(xdp_mode("eth0")? == GENERIC);
+    ns.ip(&["link", "add", "xd0", "type", "veth", "peer", "name", "xd1"])?;
+    let tried = (|| {
+        ns.ip(&["link", "set", "xd1", "mtu", "9000"])?;
+        ns.ip(&["link", "set", "xd0", "up"])?;
+        ns.ip(&["link", "set", "xd1", "up"])?;
+        let both = std::path::Path::new(file).with_file_name("both.toml");
+        std::fs::write(
+            &both,
+            std::fs::read_to_string(file)?
+                .replace("[\"eth0\"]", "[\"eth0\", \"xd0\"]")
+                .replace("\"generic\"", "\"native\""),
+        )?;
+        let both = both.to_str().unwrap();
+        let refused = lb(ns, &["decap", "apply", "-f", both, "--pin-dir", pins])
+            .err()
+            .context("applied with native mode refused on xd0")?;
+        ensure!(
+            format!("{refused:#}").contains("nothing changed"),
+            "{refused:#}"
+        );
+        ensure!(xdp_mode("eth0")? == GENERIC, "eth0 left in another mode");
+        ensure!(xdp_mode("xd0")? == 0, "xd0 left attached");
+        let status = lb(ns, &["decap", "status", "--pin-dir", pins])?;
+        ensure!(
+            status["interfaces"] == serde_json::json!(["eth0"]),
+            "{status}"
+        );
+        Ok(())
+    })();
+    ns.ip(&["link", "del", "xd0"])?;
+    tried
+}
+
 fn exercise(lan: &Lan, file: &std::path::Path, pins: &std::path::Path) -> Result<()> {
     let b = &lan.backends[0];
     let (file, pins) = (file.to_str().unwrap(), pins.to_str().unwrap());
@@ -129,6 +175,7 @@ fn exercise(lan: &Lan, file: &std::path::Path, pins: &std::path::Path) -> Result
     );
     // Applying again switches the pinned program in place.
     lb(&b.ns, &["decap", "apply", "-f", file, "--pin-dir", pins])?;
+    refused_mode_changes_nothing(lan, file, pins)?;
 
     for vip in [
         IpAddr::V4(VIP4),
