@@ -137,8 +137,9 @@ pub(crate) struct FleetNode {
     applied: Option<FleetState>,
     /// The newest read of the prefix.
     latest: Option<Snapshot>,
-    /// Why etcd is unreachable, while it is.
-    unreachable: Option<String>,
+    /// Why etcd is unreachable, while it is, and whether the node was
+    /// behind the fleet (refusing its newest state) when it became so.
+    unreachable: Option<(String, bool)>,
     /// Applied a read from etcd since the daemon started.
     synced: bool,
     /// Before the first read applied or refused: whether the state applied
@@ -214,10 +215,19 @@ impl FleetNode {
     pub(crate) fn on_event(&mut self, ctl: &mut Controller, event: Event) {
         match event {
             Event::Unreachable(why) => {
-                if self.unreachable.as_ref() != Some(&why) {
-                    warn!(error = %why, "etcd unreachable: forwarding with the state applied last; this node evicts on its own probes until etcd is back");
-                }
-                self.unreachable = Some(why);
+                let behind = match self.unreachable.take() {
+                    Some((was, behind)) => {
+                        if was != why {
+                            warn!(error = %why, "etcd still unreachable");
+                        }
+                        behind
+                    }
+                    None => {
+                        warn!(error = %why, "etcd unreachable: forwarding with the state applied last; this node evicts on its own probes until etcd is back");
+                        self.convergence(ctl).behind
+                    }
+                };
+                self.unreachable = Some((why, behind));
                 if let Err(e) = ctl.set_own_eviction(true) {
                     error!(error = %format!("{e:#}"), "evicting on this node's own probes");
                 }
@@ -351,7 +361,7 @@ impl FleetNode {
 
     /// The state writes are based on: the one this node applied.
     fn base(&self) -> Result<FleetState> {
-        if let Some(why) = &self.unreachable {
+        if let Some((why, _)) = &self.unreachable {
             bail!(
                 "etcd is unreachable ({why}): fleet changes are refused until it is back; forwarding continues with the state applied last"
             );
@@ -676,9 +686,15 @@ impl FleetNode {
                 differing: BTreeSet::new(),
             };
         }
-        // etcd trouble never withdraws: keep serving what was applied.
-        if self.unreachable.is_some() {
-            return Convergence::default();
+        // etcd trouble withdraws no node for its tables (which differ from
+        // the others' as each evicts on its own probes), but a node behind
+        // the fleet, refusing its newest state, stays withdrawn: its tables
+        // are ones the others have moved past.
+        if let Some((_, behind)) = &self.unreachable {
+            return Convergence {
+                behind: *behind,
+                differing: BTreeSet::new(),
+            };
         }
         let applied = self.applied.as_ref().map_or(0, |s| s.revision);
         let me = self.settings.node.as_str();
@@ -754,7 +770,7 @@ impl FleetNode {
         FleetStatus {
             node: self.settings.node.clone(),
             prefix: self.settings.prefix.clone(),
-            etcd_error: self.unreachable.clone(),
+            etcd_error: self.unreachable.as_ref().map(|(why, _)| why.clone()),
             revision,
             applied,
             leader,

@@ -400,6 +400,12 @@ pub async fn run(opts: Options) -> Result<()> {
     let fleet_health = fleet_start.as_ref().map(|s| {
         if let Some(state) = &s.state {
             runtime.overrides = state.overrides.clone();
+            // Read from etcd: the state applied last from now on. Left to
+            // the session, an unchanged first read would never cache it,
+            // and a later start without etcd would go back to an older one.
+            if s.fresh {
+                runtime.fleet = Some(state.clone());
+            }
         }
         fleet::health_of(s.state.as_ref(), !s.fresh)
     });

@@ -104,26 +104,33 @@ impl Fleet {
 
     /// The revision each node applied.
     fn applied(&self) -> Vec<Value> {
-        self.daemons
-            .iter()
-            .map(|d| d.cli(&["fleet", "status"]).unwrap()["applied"].clone())
-            .collect()
+        (0..NODES).map(|i| self.applied_by(i)).collect()
+    }
+
+    fn applied_by(&self, node: usize) -> Value {
+        self.daemons[node].cli(&["fleet", "status"]).unwrap()["applied"].clone()
     }
 
     fn digests(&self) -> Vec<Value> {
-        self.daemons
-            .iter()
-            .map(|d| d.cli(&["service", "list"]).unwrap()[0]["digest"].clone())
-            .collect()
+        (0..NODES).map(|i| self.digest_of(i)).collect()
+    }
+
+    fn digest_of(&self, node: usize) -> Value {
+        self.daemons[node].cli(&["service", "list"]).unwrap()[0]["digest"].clone()
     }
 
     /// Waits until every node has applied the same revision with the same
     /// table; returns how long that took.
     fn wait_agreed(&self, timeout: Duration) -> Duration {
+        self.wait_agreed_among(&(0..NODES).collect::<Vec<_>>(), timeout)
+    }
+
+    /// [`Fleet::wait_agreed`] among the nodes `nodes` alone.
+    fn wait_agreed_among(&self, nodes: &[usize], timeout: Duration) -> Duration {
         let start = Instant::now();
         loop {
-            let revisions = self.applied();
-            let digests = self.digests();
+            let revisions: Vec<Value> = nodes.iter().map(|&i| self.applied_by(i)).collect();
+            let digests: Vec<Value> = nodes.iter().map(|&i| self.digest_of(i)).collect();
             if revisions.windows(2).all(|w| w[0] == w[1])
                 && digests.windows(2).all(|w| w[0] == w[1])
             {
@@ -550,6 +557,13 @@ fn a_failed_node_is_withdrawn_at_once_and_returns_only_converged_resetting_nothi
     );
     assert_all_alive(&mut sessions, "node 2 failed");
 
+    // A change while it is down: the survivors apply it, and their
+    // connections stay on their backends.
+    let weight_before = fleet.weight(0, 0);
+    let changed = fleet.set_weight(0, 0, weight_before + 1).unwrap();
+    fleet.wait_agreed_among(&[0, 1], PROPAGATION);
+    assert_all_alive(&mut sessions, "a weight changed with node 2 down");
+
     // It comes back: link up, BIRD restarted, the daemon restarted over its
     // pinned data plane. It is announced once converged, and nothing resets.
     fleet.edge.nodes[2].link(true).unwrap();
@@ -565,6 +579,22 @@ fn a_failed_node_is_withdrawn_at_once_and_returns_only_converged_resetting_nothi
         "node 2 back (daemon restarted): announced {t:?} after its daemon answered, converged"
     );
     assert_all_alive(&mut sessions, "node 2 back");
+    // The state it read at start is the one it applied last, kept for a
+    // start without etcd (the fleet's first read after it, the same state,
+    // changes nothing, and once cached nothing else).
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(fleet.daemons[2].dir.join("state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        state["fleet"]["revision"], changed["revision"],
+        "the fleet state cached at start"
+    );
+    // Back to the table the connections opened with: the fresh host below
+    // holds none of their entries.
+    fleet.set_weight(0, 0, weight_before).unwrap();
+    fleet.wait_agreed(PROPAGATION);
+    assert_all_alive(&mut sessions, "the weight back");
 
     // The host restarts: a fresh data plane, no state file, and at first no
     // way to etcd. It stays withdrawn until it has read the fleet's state.
@@ -843,9 +873,34 @@ fn nodes_that_disagree_on_a_backends_health_keep_identical_tables() {
     let status = fleet.daemons[2].cli(&["node", "status"]).unwrap();
     assert_eq!(status["vips"][0]["withheld"], "not-converged", "{status}");
     eprintln!("restarted over its data plane, it stayed withdrawn");
-    fleet.daemons[0]
-        .cli(&["backend", "del", "echo", fourth])
-        .unwrap();
+    // etcd stops: the nodes in step keep announcing, and node 2, whose
+    // tables the fleet moved past, stays withdrawn (it announced as soon as
+    // it noticed, with the tables of before the fourth backend).
+    fleet.edge.etcd.as_mut().unwrap().stop();
+    let start = Instant::now();
+    while fleet.daemons[2].cli(&["fleet", "status"]).unwrap()["etcd_error"].is_null() {
+        assert!(start.elapsed() < ETCD_DOWN_NOTICED, "etcd down not noticed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let start = Instant::now();
+    while start.elapsed() < WITHHELD_FOR {
+        assert_eq!(
+            fleet.edge.paths(VIP).unwrap(),
+            [node_v4(0), node_v4(1)],
+            "etcd down, a node that cannot hold the fleet's state announced"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    fleet.edge.etcd.as_mut().unwrap().spawn().unwrap();
+    eprintln!("etcd down, it stayed withdrawn");
+    let start = Instant::now();
+    while let Err(e) = fleet.daemons[0].cli(&["backend", "del", "echo", fourth]) {
+        assert!(
+            start.elapsed() < ETCD_DOWN_NOTICED,
+            "etcd never back: {e:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     fleet
         .edge
         .wait_paths(VIP, &all, Duration::from_secs(5))
