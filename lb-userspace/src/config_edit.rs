@@ -194,7 +194,12 @@ impl Edit {
     }
 }
 
-/// The configuration spelling of a unit enum (`dsr-l2`, `tcp`, ...).
+/// Whether a configuration file has the top-level table `name`.
+pub fn has_table(text: &str, name: &str) -> bool {
+    text.parse::<DocumentMut>()
+        .is_ok_and(|doc| doc.contains_key(name))
+}
+
 /// The `[[service]]` tables of a configuration file, and nothing else: what
 /// a fleet keeps in etcd (`lb fleet import`, `lb apply` on a fleet node).
 pub fn services_only(text: &str) -> Result<String> {
@@ -220,6 +225,7 @@ pub fn standalone(node_text: &str, services_text: &str) -> Result<String> {
     Ok(format!("{}\n{services_text}", doc.to_string().trim_end()))
 }
 
+/// The configuration spelling of a unit enum (`dsr-l2`, `tcp`, ...).
 fn enum_str(v: &impl Serialize) -> Result<String> {
     match serde_json::to_value(v)? {
         serde_json::Value::String(s) => Ok(s),

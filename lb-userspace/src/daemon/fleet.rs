@@ -117,6 +117,28 @@ pub(crate) async fn start(
     }
 }
 
+/// The services `lb apply -f` on a fleet node writes for the whole fleet:
+/// the file's `[[service]]` tables. A node's own file (`[fleet]`) is
+/// refused, as is a file without services while the fleet has some: read
+/// as services alone, either would remove every service of every node.
+fn services_to_apply(config: &str, base: &FleetState) -> Result<String> {
+    if config_edit::has_table(config, "fleet") {
+        bail!(
+            "the file has [fleet]: it is a node's own file, whose settings change with `lb reload` \
+             on that node; `lb apply -f` on a fleet node takes [[service]] tables for the whole fleet"
+        );
+    }
+    let services = config_edit::services_only(config)?;
+    if !config_edit::has_table(config, "service") && !base.services.trim().is_empty() {
+        bail!(
+            "the file has no [[service]] table: applied to the fleet it would remove every service \
+             (revision {}); nothing changed. `lb service del` removes services one by one",
+            base.revision
+        );
+    }
+    Ok(services)
+}
+
 /// The agreed health a state gives the controller.
 pub(crate) fn health_of(state: Option<&FleetState>, own_eviction: bool) -> FleetHealth {
     FleetHealth {
@@ -416,7 +438,7 @@ impl FleetNode {
     ) -> Result<Value> {
         match request {
             Request::Apply { config, dry_run } => {
-                let services = config_edit::services_only(&config)?;
+                let services = services_to_apply(&config, &self.base()?)?;
                 self.change_services(ctl, services, dry_run, false).await
             }
             Request::FleetImport { config, replace } => {

@@ -231,6 +231,30 @@ fn one_desired_state_changes_everywhere_and_refuses_conflicts_and_bad_data() {
         "set-weight: CLI returned after {returned:?}, live on all {NODES} nodes after {live:?}"
     );
 
+    // `lb apply -f` with a node's own file (no services: the fleet would
+    // lose all of them) is refused, as is a file with no [[service]].
+    let before = fleet.applied();
+    let own = fleet.daemons[0].config.to_str().unwrap().to_owned();
+    let settings_only = fleet.daemons[0].dir.join("settings-only.toml");
+    std::fs::write(&settings_only, "[settings]\ninterfaces = [\"eth0\"]\n").unwrap();
+    for (file, why) in [
+        (own.as_str(), "the file has [fleet]"),
+        (settings_only.to_str().unwrap(), "no [[service]] table"),
+    ] {
+        let (_, e) = fleet.daemons[0].cli_fails(&["apply", "-f", file]).unwrap();
+        assert!(e.contains(why), "{e}");
+    }
+    assert_eq!(fleet.applied(), before, "a refused apply changed the fleet");
+    assert_eq!(
+        fleet.daemons[0]
+            .cli(&["service", "list"])
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
     // A reload node 2 refuses (a setting only a restart changes) leaves
     // it following the fleet as before: a change through node 0 is live
     // there too. (Its refused file had been kept for building the fleet's
