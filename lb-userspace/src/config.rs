@@ -1853,6 +1853,18 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
             );
         }
     }
+    let vips: BTreeSet<IpAddr> = services.values().map(|svc| svc.vip).collect();
+    if vips.len() > limits::MAX_ADDRESSES as usize {
+        e.push(
+            None,
+            "service.vip",
+            format!(
+                "{} distinct VIPs, more than the {} lb holds (services share a VIP on other ports)",
+                vips.len(),
+                limits::MAX_ADDRESSES
+            ),
+        );
+    }
     if file.services.len() > s.max_services as usize {
         e.push(
             None,
@@ -2666,6 +2678,29 @@ address = "198.18.0.11"
         let err = parse(&config(full + 1)).unwrap_err().to_string();
         assert!(
             err.contains("service.deny: 65537 prefixes in the services' deny lists, more than the 65536 lb holds"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn more_vips_than_the_vip_set_holds_are_refused() {
+        let config = |n: u32| {
+            let services: String = (0..n)
+                .map(|i| {
+                    format!(
+                        "[[service]]\nname=\"s{i}\"\nvip=\"198.18.{}.{}\"\nport=80\nprotocol=\"tcp\"\n",
+                        i >> 8,
+                        i & 0xff
+                    )
+                })
+                .collect();
+            format!("[settings]\ninterfaces=[\"e\"]\nmax_services=2000\n{services}")
+        };
+        let full = limits::MAX_ADDRESSES;
+        assert_eq!(parse(&config(full)).unwrap().services.len(), full as usize);
+        let err = parse(&config(full + 1)).unwrap_err().to_string();
+        assert!(
+            err.contains("service.vip: 1025 distinct VIPs, more than the 1024 lb holds"),
             "{err}"
         );
     }
