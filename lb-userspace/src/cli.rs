@@ -304,9 +304,17 @@ enum ServiceCommand {
         /// none (5-tuple) or client (client address only).
         #[arg(long, default_value = "none", value_parser = config_word::<Affinity>)]
         affinity: Affinity,
-        /// Health probe: tcp, http, udp or none (edit the file for its details).
+        /// Health probe: tcp, http, https, udp or none (edit the file for
+        /// the rest of its settings).
         #[arg(long, default_value = "tcp", value_parser = config_word::<CheckKind>)]
         check: CheckKind,
+        /// The probe's request payload: `--check udp` needs it (`tcp`: optional).
+        #[arg(long)]
+        send: Option<String>,
+        /// The prefix the probe's reply must start with: `--check udp`
+        /// needs it (`tcp`: optional).
+        #[arg(long)]
+        expect: Option<String>,
         /// Show the changes, change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -752,6 +760,8 @@ fn run(cli: Cli) -> Result<()> {
             mode,
             affinity,
             check,
+            send,
+            expect,
             dry_run,
         }) => {
             let edit = Edit::AddService {
@@ -762,6 +772,8 @@ fn run(cli: Cli) -> Result<()> {
                 mode,
                 affinity,
                 check,
+                send,
+                expect,
             };
             change(Request::Edit { edit, dry_run }, dry_run)
         }

@@ -34,6 +34,12 @@ pub enum Edit {
         affinity: Affinity,
         /// Health probe kind.
         check: CheckKind,
+        /// The probe's request payload (`udp`: required).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        send: Option<String>,
+        /// The reply's expected prefix (`udp`: required).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expect: Option<String>,
     },
     /// Removes a service and its backends.
     DelService {
@@ -117,6 +123,8 @@ impl Edit {
                 mode,
                 affinity,
                 check,
+                send,
+                expect,
             } => {
                 if find_service(&doc, name).is_some() {
                     bail!("service {name:?} already exists (see `lb service list`)");
@@ -130,6 +138,11 @@ impl Edit {
                 t.insert("affinity", value(enum_str(affinity)?));
                 let mut health = Table::new();
                 health.insert("check", value(enum_str(check)?));
+                for (key, text) in [("send", send), ("expect", expect)] {
+                    if let Some(text) = text {
+                        health.insert(key, value(text.as_str()));
+                    }
+                }
                 t.insert("health", Item::Table(health));
                 services_mut(&mut doc)?.push(t);
             }
@@ -443,7 +456,9 @@ address = "198.18.0.11"
             protocol: Protocol::Udp,
             mode: Mode::Ipip,
             affinity: Affinity::Client,
-            check: CheckKind::None,
+            check: CheckKind::Udp,
+            send: Some("ping".into()),
+            expect: Some("pong".into()),
         };
         let text = add.apply_to(BASE).unwrap();
         let d = config::parse(&text).unwrap();
@@ -452,6 +467,13 @@ address = "198.18.0.11"
         assert_eq!(dns.mode, Mode::Ipip);
         assert_eq!(dns.affinity, Affinity::Client);
         assert!(dns.backends.is_empty());
+        assert_eq!(
+            dns.health.kind,
+            config::Probe::Udp {
+                send: b"ping".to_vec(),
+                expect: b"pong".to_vec()
+            }
+        );
         assert!(
             add.apply_to(&text)
                 .unwrap_err()
@@ -476,6 +498,8 @@ address = "198.18.0.11"
             mode: Mode::DsrL2,
             affinity: Affinity::None,
             check: CheckKind::Tcp,
+            send: None,
+            expect: None,
         }
         .apply_to("[settings]\ninterfaces = [\"eth0\"]\n")
         .unwrap();
