@@ -35,7 +35,7 @@ use crate::{
     agent,
     announce::Pending,
     config::{self, Affinity, Desired, Mode, Via},
-    dataplane::{Dataplane, Prefix, ServiceStats, SourceEntries, insertion_order},
+    dataplane::{Capacity, Dataplane, Prefix, ServiceStats, SourceEntries, insertion_order},
     feedback,
     fleet::{
         registry::Refused,
@@ -1374,7 +1374,19 @@ impl Controller {
     /// Makes the running state equal `desired`. With `dry_run`, only reports.
     pub fn apply(&mut self, desired: Desired, dry_run: bool) -> Result<ChangeReport> {
         let cap = self.dp.capacity();
-        if desired.settings.capacity != cap {
+        let wanted = desired.settings.capacity;
+        if wanted
+            == (Capacity {
+                conntrack_entries: wanted.conntrack_entries,
+                ..cap
+            })
+            && wanted.conntrack_entries != cap.conntrack_entries
+        {
+            bail!(
+                "conntrack_entries changes at a restart (systemctl restart lb): the table is resized then, its entries carried over"
+            );
+        }
+        if wanted != cap {
             bail!(
                 "table size and capacities cannot change under a running data plane: stop lb, remove its pin directory and start it again (forwarding stops meanwhile)"
             );

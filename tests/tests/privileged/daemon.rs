@@ -831,10 +831,16 @@ fn a_restart_carries_a_resized_connection_table_over_and_refuses_resized_tables(
         .unwrap();
     assert_eq!(found(&kept), Some(value));
 
-    d.kill(libc::SIGKILL).unwrap();
     let resized = original.replace("conntrack_entries = 4096", "conntrack_entries = 8192");
     assert_ne!(resized, original);
     std::fs::write(&d.config, &resized).unwrap();
+    // A reload says what resizes the table: a restart, the pins kept.
+    let err = d.cli(&["reload"]).unwrap_err().to_string();
+    assert!(
+        err.contains("conntrack_entries changes at a restart"),
+        "{err}"
+    );
+    d.kill(libc::SIGKILL).unwrap();
     d.spawn().unwrap();
     let log = d.log();
     assert!(
