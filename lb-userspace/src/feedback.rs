@@ -35,7 +35,9 @@ pub fn percent(own: Duration, fastest: Duration, tolerance: Duration, min_percen
     if own <= fastest {
         return FULL;
     }
-    let share = (fastest + tolerance).as_secs_f64() / (own + tolerance).as_secs_f64().max(1e-9);
+    // Saturating: the tolerance is the operator's, up to Duration's end.
+    let share = fastest.saturating_add(tolerance).as_secs_f64()
+        / own.saturating_add(tolerance).as_secs_f64().max(1e-9);
     ((share * f64::from(FULL)).round() as u32).clamp(min_percent.min(FULL), FULL)
 }
 
@@ -89,6 +91,8 @@ mod tests {
         // Far slower: the bound.
         assert_eq!(percent(300 * MS, MS, t, 50), 50);
         assert_eq!(percent(1300 * MS, MS, t, 0), 4);
+        // A tolerance near Duration's end: about full weight, no overflow.
+        assert_eq!(percent(300 * MS, MS, Duration::MAX, 50), 100);
     }
 
     #[test]
