@@ -3,10 +3,15 @@
 //! the current one (same toolchain, target, flags), so the benchmark can run
 //! both objects side by side.
 //!
-//! Objects are cached by commit under the target directory; a worktree lives
-//! only while its object builds.
+//! Objects are cached by commit and compiler (the nightly rustc and
+//! bpf-linker versions) under the target directory; a worktree lives only
+//! while its object builds, and one an interrupted run left is removed by
+//! the next.
 
-use std::path::{Path, PathBuf};
+use std::{
+    hash::{DefaultHasher, Hash as _, Hasher as _},
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result, ensure};
 
@@ -34,17 +39,14 @@ pub(crate) fn object(root: &Path, rev: &str) -> Result<(String, PathBuf)> {
     .trim()
     .to_owned();
     let dir = build::target_dir(root).join("baseline");
-    let cached = dir.join(format!("{commit}.o"));
+    let cached = dir.join(format!("{commit}-{}.o", compiler()?));
     if cached.is_file() {
         eprintln!("baseline {commit}: {}", cached.display());
         return Ok((commit, cached));
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    remove_leftover_worktrees(root, &dir)?;
     let worktree = dir.join(format!("worktree-{commit}"));
-    if worktree.exists() {
-        // Left by an interrupted build.
-        remove_worktree(root, &worktree)?;
-    }
     exec::run(
         exec::command("git")
             .current_dir(root)
@@ -56,8 +58,12 @@ pub(crate) fn object(root: &Path, rev: &str) -> Result<(String, PathBuf)> {
     let removed = remove_worktree(root, &worktree);
     let built = built?;
     removed?;
-    std::fs::copy(&built, &cached)
-        .with_context(|| format!("copying {} to {}", built.display(), cached.display()))?;
+    // Copied, then renamed: a copy cut short is never taken for an object.
+    let partial = cached.with_extension("partial");
+    std::fs::copy(&built, &partial)
+        .with_context(|| format!("copying {} to {}", built.display(), partial.display()))?;
+    std::fs::rename(&partial, &cached)
+        .with_context(|| format!("renaming {} to {}", partial.display(), cached.display()))?;
     eprintln!("baseline {commit}: {}", cached.display());
     Ok((commit, cached))
 }
@@ -88,6 +94,33 @@ fn build_object(worktree: &Path, target_dir: &Path) -> Result<PathBuf> {
         object.display()
     );
     Ok(object)
+}
+
+/// A short digest of the compiler that builds the objects (the nightly
+/// rustc and its LLVM, and bpf-linker): an object cached under another one
+/// is not the same build as the current object's.
+fn compiler() -> Result<String> {
+    let rustc = exec::query(exec::command("rustup").args(["run", TOOLCHAIN, "rustc", "-vV"]))?;
+    let linker = exec::query(exec::command("bpf-linker").arg("--version"))?;
+    let mut hasher = DefaultHasher::new();
+    (rustc, linker).hash(&mut hasher);
+    Ok(format!("{:016x}", hasher.finish()))
+}
+
+/// Removes the worktrees of builds an interrupted run left under `dir`.
+fn remove_leftover_worktrees(root: &Path, dir: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    for entry in entries {
+        let path = entry?.path();
+        let leftover = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("worktree-"));
+        if leftover {
+            remove_worktree(root, &path)?;
+        }
+    }
+    Ok(())
 }
 
 fn remove_worktree(root: &Path, worktree: &Path) -> Result<()> {

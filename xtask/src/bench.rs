@@ -33,10 +33,11 @@ pub(crate) fn run(
     only: &[String],
     driver_args: &[String],
 ) -> Result<()> {
+    // Built first: it runs setup, which the baseline's build needs too.
+    let lb = build::build(root, false)?;
     let baseline = baseline
         .map(|rev| baseline::object(root, rev))
         .transpose()?;
-    let lb = build::build(root, false)?;
     setup::bench()?;
     let criterion = build::target_dir(root).join("criterion");
 

@@ -5,7 +5,7 @@
 //! Debian packages.
 
 use std::fs;
-use std::os::unix::fs::symlink;
+use std::os::unix::fs::{PermissionsExt as _, symlink};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -32,8 +32,10 @@ const LLVM_PREFIX_DIR: &str = "bpf-linker-llvm";
 /// etcd-client's build runs, `ping` (an operator's check of a VIP that
 /// answers echo), headless Chromium with its WebDriver server (the status
 /// page's test opens the page in a real browser), and `systemd-analyze`
-/// and `man` (the unit's and the man page's test). Installing bird2 or
-/// etcd-server starts no daemon here: tests start them.
+/// and `man` (the unit's and the man page's test). Packages are installed
+/// with services held back ([`HeldServices`]): bird2, etcd-server, nginx
+/// and haproxy would otherwise start on the host, where nothing uses them
+/// (tests start their own in namespaces).
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -278,6 +280,7 @@ fn ensure_debian_packages(packages: &[&'static str]) -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
     .with_context(fix)?;
+    let _held = HeldServices::hold()?;
     exec::run(
         exec::command("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
@@ -285,6 +288,42 @@ fn ensure_debian_packages(packages: &[&'static str]) -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
     .with_context(fix)
+}
+
+/// Debian's hook that packages ask before starting a service
+/// (invoke-rc.d): exit status 101 means "not now".
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+
+/// Holds back the services packages start as they are installed, for as
+/// long as it lives: a `policy-rc.d` that refuses every start, removed on
+/// drop. A hook the host already has is left as it is.
+struct HeldServices(bool);
+
+impl HeldServices {
+    fn hold() -> Result<HeldServices> {
+        let path = Path::new(POLICY_RC_D);
+        if path.exists() {
+            return Ok(HeldServices(false));
+        }
+        fs::write(
+            path,
+            "#!/bin/sh\n# cargo xtask setup: no service starts while it installs\nexit 101\n",
+        )
+        .with_context(|| format!("writing {POLICY_RC_D}"))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {POLICY_RC_D} executable"))?;
+        Ok(HeldServices(true))
+    }
+}
+
+impl Drop for HeldServices {
+    fn drop(&mut self) {
+        if self.0
+            && let Err(e) = fs::remove_file(POLICY_RC_D)
+        {
+            eprintln!("setup: removing {POLICY_RC_D}: {e}");
+        }
+    }
 }
 
 fn missing_debian_packages(packages: &[&'static str]) -> Result<Vec<&'static str>> {

@@ -93,7 +93,7 @@ pub(crate) fn run(root: &Path, test_args: &[String]) -> ExitCode {
     if totals.ignored > 0 {
         eprintln!("error: {} test(s) ignored", totals.ignored);
     }
-    println!("{}", totals.summary());
+    println!("{}", totals.summary(failed_steps));
     if failed_steps > 0 || totals.failed > 0 || nothing_ran || totals.ignored > 0 {
         ExitCode::FAILURE
     } else {
@@ -156,12 +156,16 @@ impl AddAssign for Counts {
 }
 
 impl Counts {
-    /// The machine-readable summary; ignored tests show only when there are
-    /// some.
-    fn summary(&self) -> String {
+    /// The machine-readable summary; ignored tests and failed steps (a
+    /// build, fmt, clippy, a test binary that died without its result
+    /// line) show only when there are some.
+    fn summary(&self, failed_steps: u32) -> String {
         let mut line = format!("xtask test: {} passed, {} failed", self.passed, self.failed);
         if self.ignored > 0 {
             line.push_str(&format!(", {} skipped", self.ignored));
+        }
+        if failed_steps > 0 {
+            line.push_str(&format!(", {failed_steps} steps failed"));
         }
         line
     }
@@ -250,15 +254,19 @@ mod tests {
             failed: 1,
             ignored: 0,
         };
-        assert_eq!(counts.summary(), "xtask test: 5 passed, 1 failed");
+        assert_eq!(counts.summary(0), "xtask test: 5 passed, 1 failed");
         counts += Counts {
             passed: 1,
             failed: 0,
             ignored: 2,
         };
         assert_eq!(
-            counts.summary(),
+            counts.summary(0),
             "xtask test: 6 passed, 1 failed, 2 skipped"
+        );
+        assert_eq!(
+            counts.summary(2),
+            "xtask test: 6 passed, 1 failed, 2 skipped, 2 steps failed"
         );
     }
 }
