@@ -636,6 +636,13 @@ impl FleetNode {
                 self.store = None;
                 Err(e.context("writing the fleet's state to etcd; nothing changed"))
             }
+            Err(e @ WriteError::Unanswered) => {
+                self.store = None;
+                bail!(
+                    "{e}: the change may have landed or not; `lb fleet status` shows the fleet's revision (this one was based on {}) once etcd answers",
+                    base.revision
+                )
+            }
         }
     }
 

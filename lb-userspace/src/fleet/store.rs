@@ -35,6 +35,10 @@ const RETRY: Duration = Duration::from_secs(1);
 const RAMP_TICK: Duration = Duration::from_millis(250);
 /// How often the session asks BIRD for the BGP sessions it reports.
 const BGP_POLL: Duration = Duration::from_secs(2);
+/// The longest the session goes without reading the prefix, whatever its
+/// watch says: a watch on a member cut off from the others can stay open
+/// and silent, where a (linearizable) read fails.
+const RESYNC: Duration = Duration::from_secs(5);
 
 /// What the session tells the daemon.
 #[derive(Debug)]
@@ -61,6 +65,9 @@ pub enum WriteError {
     /// etcd could not be reached.
     #[error("etcd: {0:#}")]
     Unreachable(anyhow::Error),
+    /// Sent, but no answer came in time: etcd may yet have applied it.
+    #[error("etcd: no answer within {CALL_TIMEOUT:?}")]
+    Unanswered,
 }
 
 fn compare(key: String, revision: i64) -> Compare {
@@ -89,7 +96,10 @@ impl Store {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(CALL_TIMEOUT)
             .with_keep_alive(Duration::from_secs(1), CALL_TIMEOUT)
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive_while_idle(true)
+            // Streams (the watch, lease renewals) on a member without a
+            // leader are refused rather than left open and silent.
+            .with_require_leader(true);
         if let Some(tls) = &fleet.tls {
             options = options.with_tls(tls_options(tls)?);
         }
@@ -167,7 +177,7 @@ impl Store {
         let mut kv = self.client.kv_client();
         let response = tokio::time::timeout(CALL_TIMEOUT, kv.txn(txn))
             .await
-            .map_err(|_| WriteError::Unreachable(anyhow!("no answer within {CALL_TIMEOUT:?}")))?
+            .map_err(|_| WriteError::Unanswered)?
             .map_err(|e| WriteError::Unreachable(e.into()))?;
         if !response.succeeded() {
             return Err(WriteError::Conflict(
@@ -320,22 +330,26 @@ async fn connected(s: &mut Session, bgp: &mut Bgp) -> Result<()> {
         .map_err(|_| anyhow!("etcd did not grant a lease within {CALL_TIMEOUT:?}"))?
         .context("granting this node's lease")?
         .id();
-    let (keeper, kept) = leases.keep_alive(lease).await?;
+    let (keeper, kept) = tokio::time::timeout(CALL_TIMEOUT, leases.keep_alive(lease))
+        .await
+        .map_err(|_| anyhow!("etcd did not renew the lease within {CALL_TIMEOUT:?}"))??;
     let mut keeping = Aborting(tokio::spawn(keep_alive(keeper, kept, s.fleet.lease)));
     let snapshot = store.read().await?;
-    let mut watch = store
-        .client
-        .watch_client()
-        .watch(
+    let mut watch_client = store.client.watch_client();
+    let mut watch = tokio::time::timeout(
+        CALL_TIMEOUT,
+        watch_client.watch(
             store.keys.all(),
             Some(
                 WatchOptions::new()
                     .with_prefix()
                     .with_start_revision(snapshot.revision + 1),
             ),
-        )
-        .await
-        .context("watching the fleet's prefix")?;
+        ),
+    )
+    .await
+    .map_err(|_| anyhow!("etcd did not start the watch within {CALL_TIMEOUT:?}"))?
+    .context("watching the fleet's prefix")?;
     info!(
         node,
         lease,
@@ -346,6 +360,7 @@ async fn connected(s: &mut Session, bgp: &mut Bgp) -> Result<()> {
     let mut published: Option<NodeReport> = None;
     let mut snapshot = snapshot;
     let mut tick = tokio::time::interval(RAMP_TICK);
+    let mut read_at = Instant::now();
     loop {
         leader.act(&store, &node, lease, &snapshot).await?;
         if s.events
@@ -399,11 +414,12 @@ async fn connected(s: &mut Session, bgp: &mut Bgp) -> Result<()> {
                 }
                 _ = tick.tick() => {
                     let bgp_due = s.bird_socket.is_some() && bgp.read.is_none_or(|t| t.elapsed() >= BGP_POLL);
-                    if leader.ramps.ramping() || bgp_due { break; }
+                    if leader.ramps.ramping() || bgp_due || read_at.elapsed() >= RESYNC { break; }
                 }
             }
         }
         snapshot = store.read().await?;
+        read_at = Instant::now();
     }
 }
 
