@@ -216,6 +216,31 @@ impl SourceBlocks {
             .collect()
     }
 
+    /// The buckets to write to empty the ways of every stale service whose
+    /// shape is not ready, before any is placed: no packet reads them, and
+    /// left until each service's own sweep they would take room its new
+    /// blocks need (a service would need ways for its blocks twice over).
+    pub(super) fn sweep_unready(&self) -> Vec<(u32, SourceBlockBucket)> {
+        let unready: BTreeSet<u32> = self
+            .stale
+            .iter()
+            .copied()
+            .filter(|&id| self.shape(id).ready == 0)
+            .collect();
+        (0..)
+            .zip(&self.buckets)
+            .filter_map(|(i, b)| {
+                let mut swept = *b;
+                for w in &mut swept.ways {
+                    if w.service().is_some_and(|id| unready.contains(&id)) {
+                        *w = SourceBlock::default();
+                    }
+                }
+                (swept != *b).then_some((i, swept))
+            })
+            .collect()
+    }
+
     /// Bucket `at` now holds `bucket`. The record may run ahead of the
     /// kernel, never behind: ways a write fills are recorded before it, ways
     /// it empties after it, so every way the kernel may hold is known, kept
@@ -292,6 +317,9 @@ mod tests {
 
     /// Places and sweeps every stale service, as the data plane's writes do.
     fn settle(d: &mut SourceBlocks) {
+        for (at, b) in d.sweep_unready() {
+            d.wrote_bucket(at, b);
+        }
         for id in d.stale() {
             let (buckets, shape) = d.place(id);
             for (at, b) in buckets {
@@ -393,6 +421,39 @@ mod tests {
         // No entries left: not ready, and no way holds the service.
         assert_eq!(d.shape(3).ready, 0);
         assert!(d.buckets.iter().flat_map(|b| b.ways).all(|w| w.head == 0));
+    }
+
+    /// xorshift32's start for [`a_change_needs_room_for_the_service_s_blocks_once`].
+    const SCATTER_SEED: u32 = 2;
+
+    #[test]
+    fn a_change_needs_room_for_the_service_s_blocks_once() {
+        // Scattered blocks enough that a placement beside the old ones
+        // overflows some bucket, where one alone fits (the seed is one
+        // where it does).
+        let mut x = SCATTER_SEED;
+        let entries: SourceEntries = (0..2_450)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                let [a, b, ..] = x.to_be_bytes();
+                ((4, v4([10, a, b, 0], 24)), SourceList::Deny)
+            })
+            .collect();
+        let mut d = SourceBlocks::new(entries);
+        d.retire(4);
+        settle(&mut d);
+        assert_eq!(d.shape(4).ready, 1, "the first placement fits");
+        let retired = d.retire(4).unwrap();
+        d.wrote_shape(4, retired);
+        d.note(4, v4([10, 200, 0, 0], 24), Some(SourceList::Allow));
+        settle(&mut d);
+        assert_eq!(d.shape(4).ready, 1, "the change's placement fits too");
+        assert_eq!(
+            d.lookup(4, IpAddr::from([10, 200, 0, 1])),
+            Some(Some(ACL_ALLOW))
+        );
     }
 
     #[test]

@@ -178,6 +178,8 @@ impl Dataplane {
     /// answers for it; a service whose blocks do not fit stays with the
     /// trie.
     pub fn settle_source_blocks(&mut self) -> Result<()> {
+        let swept = self.source_blocks.sweep_unready();
+        self.write_source_buckets(&swept, false)?;
         for id in self.source_blocks.stale() {
             let (buckets, shape) = self.source_blocks.place(id);
             self.write_source_buckets(&buckets, true)?;
