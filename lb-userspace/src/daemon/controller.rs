@@ -530,7 +530,11 @@ impl IdPool {
     }
 
     fn exhausted(what: &str) -> anyhow::Error {
-        anyhow!("no free {what} id: raise the capacity in [settings]")
+        anyhow!(
+            "no free {what} id: the ids of what this change removes are free only once it is \
+             made, so at capacity remove first and add in a second change (or raise the \
+             capacity in [settings], which takes a restart with the pins removed)"
+        )
     }
 }
 
@@ -1125,10 +1129,7 @@ impl Controller {
             })
             .map(|(name, _)| name.clone())
             .collect();
-        for name in stale {
-            self.sync(&name, None)?;
-        }
-        Ok(())
+        self.sync_each(stale)
     }
 
     /// Whether a fleet node evicts on its own probes too (etcd unreachable);
@@ -1142,10 +1143,7 @@ impl Controller {
         }
         f.own_eviction = on;
         let names: Vec<String> = self.services.keys().cloned().collect();
-        for name in names {
-            self.sync(&name, None)?;
-        }
-        Ok(())
+        self.sync_each(names)
     }
 
     /// What this node's own probes say of every backend they probe, and
@@ -1655,11 +1653,19 @@ impl Controller {
         let mut deleted = BTreeSet::new();
         for (name, (state, ring)) in next {
             let old = self.services.remove(&name);
+            // A new service's or backend's id may still hold counts nobody
+            // released: a change that failed after writing it, a crash
+            // between a removal and its release, a release that failed. Its
+            // holder starts from zero.
             if old.is_none() {
-                // A new service's id may still hold counts nobody released:
-                // a change that failed after writing it, or a crash between
-                // a removal and its release. Its holder starts from zero.
                 self.dp.release_service_stats(state.id)?;
+            }
+            let held: BTreeSet<u32> = old
+                .iter()
+                .flat_map(|o| o.backends.values().map(|b| b.id))
+                .collect();
+            for b in state.backends.values().filter(|b| !held.contains(&b.id)) {
+                self.dp.release_backend_stats(b.id, None)?;
             }
             self.services.insert(name.clone(), state);
             self.sync(&name, Some(ring))?;
@@ -1698,21 +1704,19 @@ impl Controller {
     /// Moves the counts of backends and services a committed change
     /// released to where they are kept ([`Dataplane::release_backend_stats`]).
     /// Only once the change is whole: one undone would have its backends
-    /// back with their counts. A failure leaves the counts with the id, for
-    /// its next holder, and is not the change's.
+    /// back with their counts. A failure leaves that id's counts with it
+    /// (its next holder starts from zero regardless), is said so, and is
+    /// not the change's; the others are moved all the same.
     fn keep_counts(&mut self, released: &Released) {
-        let moved = released
-            .backends
-            .iter()
-            .try_for_each(|&(id, service)| self.dp.release_backend_stats(id, Some(service)))
-            .and_then(|()| {
-                released
-                    .services
-                    .iter()
-                    .try_for_each(|&id| self.dp.release_service_stats(id))
-            });
-        if let Err(e) = moved {
-            warn!(error = %format!("{e:#}"), "counts of released backends not kept apart");
+        for &(id, service) in &released.backends {
+            if let Err(e) = self.dp.release_backend_stats(id, Some(service)) {
+                warn!(backend_id = id, error = %format!("{e:#}"), "counts of a released backend not kept apart");
+            }
+        }
+        for &id in &released.services {
+            if let Err(e) = self.dp.release_service_stats(id) {
+                warn!(service_id = id, error = %format!("{e:#}"), "counts of a released service not kept apart");
+            }
         }
     }
 
@@ -1738,8 +1742,8 @@ impl Controller {
                 error!(error = %format!("{failed:#}"), undo = %format!("{undo:#}"), "change failed part way, and undoing it failed too");
                 Err(failed.context(format!(
                     "the change failed part way, and undoing what it had written failed too \
-                     ({undo:#}): the data plane may be half changed; `lb reload` writes the \
-                     running configuration again"
+                     ({undo:#}): the data plane may be half changed; a restart of lb (`systemctl \
+                     restart lb`) adopts it and writes the running configuration again"
                 )))
             }
         }
@@ -1751,7 +1755,10 @@ impl Controller {
     /// so only that is written again, in the order of any change: services
     /// the change added out, then each service's gains, table and losses,
     /// then backends the change added released, and the flows of sources
-    /// the restored lists refuse forgotten.
+    /// the restored lists refuse forgotten. Memory holds every service of
+    /// `services` before any write, and each step is tried whatever an
+    /// earlier one's failure: a failed undo leaves no service unknown to
+    /// the daemon (unprobed, its VIP withdrawn). Returns the first failure.
     fn restore(
         &mut self,
         services: BTreeMap<String, ServiceState>,
@@ -1764,12 +1771,6 @@ impl Controller {
             .values()
             .flat_map(|s| s.backends.values().map(|b| b.id))
             .collect();
-        for cur in now.values().filter(|c| !old_services.contains(&c.id)) {
-            let key = service_key(&cur.config);
-            if self.dp.service(&key)?.is_some_and(|v| v.id == cur.id) {
-                self.dp.remove_service(&key)?;
-            }
-        }
         let sources = source_entries(services.values());
         // The change's lists were live from its service's sync on: the
         // flows they admitted that the lists put back refuse go again.
@@ -1781,9 +1782,9 @@ impl Controller {
             })
             .map(|(_, old)| old.id)
             .collect();
-        self.add_source_entries(&sources)?;
+        let mut rings = Vec::new();
         for (name, mut old) in services {
-            let ring = old.ring.to_vec();
+            rings.push((name.clone(), old.ring.to_vec()));
             match now.get(&name).filter(|cur| cur.id == old.id) {
                 // What the kernel holds now.
                 Some(cur) => {
@@ -1812,17 +1813,41 @@ impl Controller {
                     }
                 }
             }
-            self.services.insert(name.clone(), old);
-            self.sync(&name, Some(ring))?;
+            self.services.insert(name, old);
+        }
+        let mut first: Option<anyhow::Error> = None;
+        let mut note = |r: Result<()>| {
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        };
+        for cur in now.values().filter(|c| !old_services.contains(&c.id)) {
+            let key = service_key(&cur.config);
+            note(match self.dp.service(&key) {
+                Ok(Some(v)) if v.id == cur.id => self.dp.remove_service(&key),
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            });
+        }
+        note(self.add_source_entries(&sources));
+        for (name, ring) in rings {
+            let synced = self.sync(&name, Some(ring));
+            if synced.is_err()
+                && let Some(svc) = self.services.get_mut(&name)
+            {
+                // Tried again from memory with the held-back health changes.
+                svc.health_due = Some(Instant::now() + HEALTH_RETRY);
+            }
+            note(synced.map(drop));
         }
         for b in now.values().flat_map(|s| s.backends.values()) {
             if !old_backends.contains(&b.id) && b.written.is_some() {
-                self.release_backend(b)?;
+                note(self.release_backend(b));
             }
         }
-        self.remove_source_entries(&sources)?;
-        self.forget_refused_flows(&relisted)?;
-        Ok(())
+        note(self.remove_source_entries(&sources));
+        note(self.forget_refused_flows(&relisted).map(drop));
+        first.map_or(Ok(()), Err)
     }
 
     fn release_backend(&mut self, b: &BackendState) -> Result<()> {
@@ -2024,18 +2049,27 @@ impl Controller {
     /// Rebuilds `service`'s table for its backends' health; if that fails,
     /// tries again [`HEALTH_RETRY`] later.
     fn rebuild_for_health(&mut self, service: &str) -> Result<()> {
-        match self.sync(service, None) {
-            Ok(_) => {
-                self.history_unsaved = true;
-                Ok(())
-            }
-            Err(e) => {
-                if let Some(svc) = self.services.get_mut(service) {
+        self.sync_each([service.to_string()])?;
+        self.history_unsaved = true;
+        Ok(())
+    }
+
+    /// Syncs each of `names` with what memory says, every one whatever
+    /// another's failure: one that fails is tried again [`HEALTH_RETRY`]
+    /// later ([`Self::flush_health_changes`]), since memory already holds
+    /// what its table lacks and no later change need touch it. Returns the
+    /// first failure.
+    fn sync_each(&mut self, names: impl IntoIterator<Item = String>) -> Result<()> {
+        let mut first = None;
+        for name in names {
+            if let Err(e) = self.sync(&name, None) {
+                if let Some(svc) = self.services.get_mut(&name) {
                     svc.health_due = Some(Instant::now() + HEALTH_RETRY);
                 }
-                Err(e)
+                first.get_or_insert(e.context(format!("service {name}")));
             }
         }
+        first.map_or(Ok(()), Err)
     }
 
     /// When the next held-back health change is due
@@ -2188,8 +2222,7 @@ impl Controller {
                 info!(service, backend = %ip, from = %format!("{from}%"), to = %format!("{to}%"), latency = ?latency, active_flows = %flows, cause = "feedback", "weight change");
             }
         }
-        self.sync(service, None)?;
-        Ok(())
+        self.sync_each([service.to_string()])
     }
 
     /// Moves recovered backends to their next slow-start step and rebuilds
@@ -2216,10 +2249,7 @@ impl Controller {
                 }
             }
         }
-        for name in changed {
-            self.sync(&name, None)?;
-        }
-        Ok(())
+        self.sync_each(changed)
     }
 
     /// Records what backend `ip`'s agent answered (`Ok`: the line and what
@@ -2359,10 +2389,7 @@ impl Controller {
             .filter(|(_, s)| s.backends.keys().any(|ip| changed.contains(ip)))
             .map(|(n, _)| n.clone())
             .collect();
-        for n in names {
-            self.sync(&n, None)?;
-        }
-        Ok(())
+        self.sync_each(names)
     }
 
     /// Why backend `ip` has no next hop, if it has none.

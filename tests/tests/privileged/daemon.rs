@@ -1344,6 +1344,41 @@ fn a_rebuild_that_keeps_failing_is_retried_once_a_second() {
     assert_eq!(svc[0]["in_table"], 2, "{svc}");
 }
 
+/// A next hop that changes while the backends map refuses writes is tried
+/// again each second, as a health rebuild is: given up after one try, the
+/// table would send that backend's flows to its old MAC for good.
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn a_next_hop_change_that_fails_is_retried() {
+    require_root();
+    let lan = Lan::build(2, &["198.18.1.1/32"]).unwrap();
+    // No probes: the new MAC reaches nobody, and a probe failing there
+    // would bring retries of its own.
+    let config = web_config(2).replace("check = \"http\"", "check = \"none\"");
+    let d = Daemon::start(&lan.lb, "hop-retry", &config).unwrap();
+    d.wait_in_table(2, WAIT).unwrap();
+    d.freeze_map(lb_common::maps::BACKENDS).unwrap();
+    let retries = |d: &Daemon| d.log().matches("retrying in 1 s").count();
+    assert_eq!(retries(&d), 0, "{}", d.log());
+    lan.lb
+        .ip(&[
+            "neigh",
+            "replace",
+            "198.18.0.12",
+            "lladdr",
+            "02:00:00:00:00:99",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
+    d.wait_until("the failed next-hop write retried", WAIT, |d| {
+        Ok(retries(d) >= 2)
+    })
+    .unwrap();
+}
+
 /// A daemon with 512 services (two backends each, no health checks)
 /// answers with every table published within 9 s: three times the memory
 /// benchmark's figure for 512 services (BENCHMARKS.md, Memory), a bound
