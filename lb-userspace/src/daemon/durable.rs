@@ -48,14 +48,23 @@ pub(crate) fn write_synced_like(path: &Path, bytes: &[u8], like: &Path) -> std::
 }
 
 /// Renames `from` over `to`, then flushes `to`'s directory, which holds the
-/// rename.
+/// rename. Once renamed, `to` holds the new content whatever the flush
+/// does: a flush that fails is said so, not returned, since a caller told
+/// of a failure would take the new content for not written.
 pub(crate) fn rename_synced(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::rename(from, to)?;
     let dir = match to.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    File::open(dir)?.sync_all()
+    if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::warn!(
+            file = %to.display(),
+            error = %e,
+            "written, but flushing its directory failed: a power loss may bring back the file before"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
