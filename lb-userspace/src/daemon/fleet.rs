@@ -317,15 +317,6 @@ impl FleetNode {
                     state.revision
                 )
             })?;
-        if refused != self.refused_registrations {
-            for why in refused
-                .iter()
-                .filter(|r| !self.refused_registrations.contains(r))
-            {
-                warn!(reason = %why, "registration refused");
-            }
-            self.refused_registrations = refused;
-        }
         if let Err(e) = validate_overrides(&state.overrides, &desired) {
             bail!(
                 "the fleet's overrides (revision {}) are invalid: {e}",
@@ -359,6 +350,16 @@ impl FleetNode {
                 error = %format!("{e:#}"),
                 "fleet state applied but not saved yet: a restart before the next save starts from the one before"
             );
+        }
+        // The applied state's refusals, shown beside its tables.
+        if refused != self.refused_registrations {
+            for why in refused
+                .iter()
+                .filter(|r| !self.refused_registrations.contains(r))
+            {
+                warn!(reason = %why, "registration refused");
+            }
+            self.refused_registrations = refused;
         }
         self.applied = Some(state);
         self.synced = true;
