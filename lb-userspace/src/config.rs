@@ -1091,9 +1091,15 @@ pub(crate) fn from_toml<T: serde::de::DeserializeOwned>(
 /// promises every problem at once. When `e` is such a report and more
 /// fields are missing, the list of all of them replaces it.
 fn every_missing_field(e: ConfigErrors, text: &str) -> ConfigErrors {
-    let missing = missing_fields(text);
+    let mut missing = missing_fields(text);
     let first_missing = e.0.iter().any(|c| c.message.starts_with("missing field"));
     if first_missing && missing.len() > 1 {
+        // serde's report stays when the list does not have it (a field
+        // the list does not track).
+        let untracked =
+            e.0.into_iter()
+                .filter(|c| !missing.iter().any(|m| m.message == c.message));
+        missing.splice(0..0, untracked.collect::<Vec<_>>());
         ConfigErrors(missing)
     } else {
         e
@@ -2726,6 +2732,20 @@ address = "198.18.0.11"
             "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nprotocol=\"tcp\"\n",
         );
         assert!(one.unwrap_err().to_string().starts_with("line "));
+        // One the list does not track is reported with the rest.
+        let e = parse(
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nprotocol=\"tcp\"\n\
+             [service.new_flow_limit]\nburst=5\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "missing field `rate`",
+            "service[a]: missing field `vip`",
+            "service[a]: missing field `port`",
+        ] {
+            assert!(e.contains(want), "{want:?} not in:\n{e}");
+        }
     }
 
     #[test]
