@@ -377,6 +377,10 @@ struct AclChange {
     prefix: String,
     #[command(flatten)]
     list: ListChoice,
+    /// `del --allow`: remove the list's last prefix all the same, which
+    /// admits every source.
+    #[arg(long)]
+    open: bool,
     /// Show the changes, change nothing.
     #[arg(long)]
     dry_run: bool,
@@ -384,11 +388,14 @@ struct AclChange {
 
 impl AclChange {
     /// The request making the change: adding the prefix, or removing it.
-    fn request(self, add: bool) -> Request {
-        Request::Edit {
-            edit: Edit::source(add, self.service, self.list.list(), self.prefix),
-            dry_run: self.dry_run,
+    fn request(self, add: bool) -> Result<Request> {
+        if add && self.open {
+            anyhow::bail!("--open is for `lb acl del --allow` (the allow list's last prefix)");
         }
+        Ok(Request::Edit {
+            edit: Edit::source(add, self.service, self.list.list(), self.prefix, self.open),
+            dry_run: self.dry_run,
+        })
     }
 }
 
@@ -819,11 +826,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Acl(AclCommand::Add(c)) => {
             let dry_run = c.dry_run;
-            change(c.request(true), dry_run)
+            change(c.request(true)?, dry_run)
         }
         Command::Acl(AclCommand::Del(c)) => {
             let dry_run = c.dry_run;
-            change(c.request(false), dry_run)
+            change(c.request(false)?, dry_run)
         }
         Command::Explain { client, service } => {
             let v = call(Request::Explain {

@@ -83,6 +83,10 @@ pub enum Edit {
         list: SourceList,
         /// `address/length`, as listed (compared as a prefix when it parses).
         prefix: String,
+        /// The allow list's last prefix may go, which opens the service to
+        /// every source.
+        #[serde(default)]
+        open: bool,
     },
 }
 
@@ -91,8 +95,15 @@ const SERVICE: &str = "service";
 const BACKEND: &str = "backend";
 
 impl Edit {
-    /// Adding `prefix` to service `service`'s `list` (`add`), or removing it.
-    pub fn source(add: bool, service: String, list: SourceList, prefix: String) -> Edit {
+    /// Adding `prefix` to service `service`'s `list` (`add`), or removing
+    /// it (`open`: even the allow list's last prefix).
+    pub fn source(
+        add: bool,
+        service: String,
+        list: SourceList,
+        prefix: String,
+        open: bool,
+    ) -> Edit {
         if add {
             Edit::AddSource {
                 service,
@@ -104,6 +115,7 @@ impl Edit {
                 service,
                 list,
                 prefix,
+                open,
             }
         }
     }
@@ -192,6 +204,7 @@ impl Edit {
                 service,
                 list,
                 prefix,
+                open,
             } => {
                 let prefixes = source_list_mut(&mut doc, service, *list)?;
                 let i = find_prefix(prefixes, prefix).with_context(|| {
@@ -200,6 +213,15 @@ impl Edit {
                         list.name()
                     )
                 })?;
+                // An empty allow list admits every source: a service kept
+                // private must not open by the removal of one prefix.
+                if *list == SourceList::Allow && prefixes.len() == 1 && !open {
+                    bail!(
+                        "{prefix} is the last prefix of service {service:?}'s allow list: without \
+                         it every source is admitted. Give --open to remove it all the same, or \
+                         add the prefixes to keep first"
+                    );
+                }
                 prefixes.remove(i);
             }
         }
@@ -359,7 +381,7 @@ address = "198.18.0.11"
     #[test]
     fn adds_and_removes_source_prefixes_keeping_comments() {
         let edit = |add: bool, list: SourceList, prefix: &str| {
-            Edit::source(add, "web".into(), list, prefix.into())
+            Edit::source(add, "web".into(), list, prefix.into(), false)
         };
         let text = edit(true, SourceList::Deny, "198.18.2.0/24")
             .apply_to(BASE)
@@ -388,6 +410,36 @@ address = "198.18.0.11"
             .apply_to(&text)
             .unwrap_err();
         assert!(err.to_string().contains("has no 198.18.2.0/24"), "{err}");
+        // The allow list's last prefix goes only with `open`: without it,
+        // every source is admitted.
+        let err = edit(false, SourceList::Allow, "198.18.0.0/16")
+            .apply_to(&text)
+            .unwrap_err();
+        assert!(err.to_string().contains("--open"), "{err}");
+        let wider = edit(true, SourceList::Allow, "198.19.0.0/16")
+            .apply_to(&text)
+            .unwrap();
+        let narrower = edit(false, SourceList::Allow, "198.18.0.0/16")
+            .apply_to(&wider)
+            .unwrap();
+        assert_eq!(
+            config::parse(&narrower).unwrap().services["web"].allow,
+            [prefix("198.19.0.0/16")].into()
+        );
+        let open = Edit::source(
+            false,
+            "web".into(),
+            SourceList::Allow,
+            "198.18.0.0/16".into(),
+            true,
+        )
+        .apply_to(&text)
+        .unwrap();
+        assert!(
+            config::parse(&open).unwrap().services["web"]
+                .allow
+                .is_empty()
+        );
         let err = Edit::AddSource {
             service: "nope".into(),
             list: SourceList::Allow,

@@ -113,6 +113,13 @@ fn denied_and_unlisted_clients_are_refused_and_bad_prefixes_change_nothing() {
     d.cli(&["acl", "add", "web", "198.18.5.0/24", "--allow"])
         .unwrap();
     assert!(!served(), "a client outside the allow list is served");
+    // Its last prefix goes only with --open: without it, every source is
+    // admitted.
+    let (_, err) = d
+        .cli_fails(&["acl", "del", "web", "198.18.5.0/24", "--allow"])
+        .unwrap();
+    assert!(err.contains("--open"), "{err}");
+    assert!(!served(), "the refused removal opened the service");
     assert!(
         stats(&d)["not_allowed"].as_u64().unwrap() > 0,
         "{}",
