@@ -249,8 +249,9 @@ enum NodeCommand {
     Undrain,
     /// With no daemon running: withdraw every VIP route lb left in the
     /// kernel's tables, so that BIRD stops announcing this node. Refused
-    /// while a daemon answers on --socket (`lb node drain` is for a running
-    /// one). A daemon started later announces again as its rules decide.
+    /// while a daemon listens on --socket (give its `settings.socket` when
+    /// not the default; `lb node drain` is for a running one). A daemon
+    /// started later announces again as its rules decide.
     Withdraw,
 }
 

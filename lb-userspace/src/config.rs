@@ -1134,12 +1134,20 @@ fn missing_fields(text: &str) -> Vec<ConfigError> {
     if let Some(f) = doc.get("fleet").and_then(toml::Value::as_table) {
         need(f, "fleet", &["endpoints"]);
     }
+    if let Some(r) = doc.get("registration").and_then(toml::Value::as_table) {
+        need(r, "registration", &["listen", "secret_file"]);
+    }
     for (i, svc) in tables(doc.get("service")).iter().enumerate() {
         let field = match svc.get("name").and_then(toml::Value::as_str) {
             Some(name) => format!("service[{name}]"),
             None => format!("service[{i}]"),
         };
         need(svc, &field, &["name", "vip", "port", "protocol"]);
+        for (table, keys) in [("agent", &["port"][..]), ("new_flow_limit", &["rate"][..])] {
+            if let Some(t) = svc.get(table).and_then(toml::Value::as_table) {
+                need(t, &format!("{field}.{table}"), keys);
+            }
+        }
         for (j, b) in tables(svc.get("backend")).iter().enumerate() {
             need(b, &format!("{field}.backend[{j}]"), &["address"]);
         }
@@ -2732,20 +2740,23 @@ address = "198.18.0.11"
             "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nprotocol=\"tcp\"\n",
         );
         assert!(one.unwrap_err().to_string().starts_with("line "));
-        // One the list does not track is reported with the rest.
+        // Those of nested tables too, a service's port and its agent's
+        // (one message) each with its own field.
         let e = parse(
             "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nprotocol=\"tcp\"\n\
-             [service.new_flow_limit]\nburst=5\n",
+             [service.agent]\nsend=\"x\"\n[service.new_flow_limit]\nburst=5\n",
         )
         .unwrap_err()
         .to_string();
         for want in [
-            "missing field `rate`",
+            "service[a].agent: missing field `port`",
+            "service[a].new_flow_limit: missing field `rate`",
             "service[a]: missing field `vip`",
             "service[a]: missing field `port`",
         ] {
             assert!(e.contains(want), "{want:?} not in:\n{e}");
         }
+        assert_eq!(e.lines().count(), 4, "{e}");
     }
 
     #[test]

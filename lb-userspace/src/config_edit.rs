@@ -229,6 +229,15 @@ impl Edit {
     }
 }
 
+/// How many `[[service]]` tables a configuration file has.
+pub fn service_count(text: &str) -> usize {
+    text.parse::<DocumentMut>().map_or(0, |doc| {
+        doc.get(SERVICE)
+            .and_then(Item::as_array_of_tables)
+            .map_or(0, toml_edit::ArrayOfTables::len)
+    })
+}
+
 /// Whether a configuration file has the top-level table `name`.
 pub fn has_table(text: &str, name: &str) -> bool {
     text.parse::<DocumentMut>()

@@ -221,10 +221,21 @@ pub fn apply(config: &DecapConfig, dir: &Path) -> Result<Applied> {
     for (i, iface) in config.interfaces.iter().enumerate() {
         if let Err(e) = decap.attach(iface, mode, Some(dir)) {
             let mut left = Vec::new();
-            for done in &config.interfaces[..i] {
+            // The failed one too: a switch of mode that failed both ways
+            // has taken its program away.
+            for (j, done) in config.interfaces[..=i].iter().enumerate() {
                 let undone = match had.get(done) {
+                    None if j == i => Ok(()),
                     None => dataplane::detach(dir, done),
-                    Some(Some(old)) if *old != mode => decap.attach(done, *old, Some(dir)),
+                    Some(Some(old)) if *old != mode => decap
+                        .attach(done, *old, Some(dir))
+                        .and_then(|()| match dataplane::attached_mode(done) {
+                            Some(now) if now == *old => Ok(()),
+                            now => Err(anyhow!("left in {now:?}, not {old:?}")),
+                        }),
+                    Some(None) if mode != XdpMode::Default => Err(anyhow!(
+                        "its mode before could not be read: left as the new file says"
+                    )),
                     Some(_) => Ok(()),
                 };
                 if let Err(u) = undone {

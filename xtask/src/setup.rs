@@ -34,8 +34,8 @@ const LLVM_PREFIX_DIR: &str = "bpf-linker-llvm";
 /// page's test opens the page in a real browser), and `systemd-analyze`
 /// and `man` (the unit's and the man page's test). Packages are installed
 /// with services held back ([`HeldServices`]): bird2, etcd-server, nginx
-/// and haproxy would otherwise start on the host, where nothing uses them
-/// (tests start their own in namespaces).
+/// and haproxy would otherwise start on the host as they are installed,
+/// where nothing uses them (tests start their own in namespaces).
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -294,22 +294,26 @@ fn ensure_debian_packages(packages: &[&'static str]) -> Result<()> {
 /// (invoke-rc.d): exit status 101 means "not now".
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
+/// Marks the `policy-rc.d` [`HeldServices`] writes, so that one an
+/// interrupted setup left is known for its own.
+const HELD_MARKER: &str = "# cargo xtask setup: no service starts while it installs";
+
 /// Holds back the services packages start as they are installed, for as
 /// long as it lives: a `policy-rc.d` that refuses every start, removed on
-/// drop. A hook the host already has is left as it is.
+/// drop (the units stay enabled, for a boot to start). A hook the host
+/// already has is left as it is; one an interrupted setup left is taken
+/// over, and removed.
 struct HeldServices(bool);
 
 impl HeldServices {
     fn hold() -> Result<HeldServices> {
         let path = Path::new(POLICY_RC_D);
         if path.exists() {
-            return Ok(HeldServices(false));
+            let ours = fs::read_to_string(path).is_ok_and(|t| t.contains(HELD_MARKER));
+            return Ok(HeldServices(ours));
         }
-        fs::write(
-            path,
-            "#!/bin/sh\n# cargo xtask setup: no service starts while it installs\nexit 101\n",
-        )
-        .with_context(|| format!("writing {POLICY_RC_D}"))?;
+        fs::write(path, format!("#!/bin/sh\n{HELD_MARKER}\nexit 101\n"))
+            .with_context(|| format!("writing {POLICY_RC_D}"))?;
         fs::set_permissions(path, fs::Permissions::from_mode(0o755))
             .with_context(|| format!("making {POLICY_RC_D} executable"))?;
         Ok(HeldServices(true))

@@ -1665,7 +1665,10 @@ impl Controller {
                 .flat_map(|o| o.backends.values().map(|b| b.id))
                 .collect();
             for b in state.backends.values().filter(|b| !held.contains(&b.id)) {
-                self.dp.release_backend_stats(b.id, None)?;
+                // Counts only: not the change's to fail for.
+                if let Err(e) = self.dp.release_backend_stats(b.id, None) {
+                    warn!(backend_id = b.id, error = %format!("{e:#}"), "a new backend id keeps counts it had");
+                }
             }
             self.services.insert(name.clone(), state);
             self.sync(&name, Some(ring))?;
@@ -1757,8 +1760,11 @@ impl Controller {
     /// then backends the change added released, and the flows of sources
     /// the restored lists refuse forgotten. Memory holds every service of
     /// `services` before any write, and each step is tried whatever an
-    /// earlier one's failure: a failed undo leaves no service unknown to
-    /// the daemon (unprobed, its VIP withdrawn). Returns the first failure.
+    /// earlier one's failure: a failed undo leaves none of them unknown to
+    /// the daemon (unprobed, its VIP withdrawn), and their tables are tried
+    /// again a second later. A service the change added that cannot be
+    /// taken out stays in the kernel until a restart. Returns the first
+    /// failure.
     fn restore(
         &mut self,
         services: BTreeMap<String, ServiceState>,

@@ -129,7 +129,7 @@ fn services_to_apply(config: &str, base: &FleetState) -> Result<String> {
         );
     }
     let services = config_edit::services_only(config)?;
-    if !config_edit::has_table(config, "service") && !base.services.trim().is_empty() {
+    if config_edit::service_count(config) == 0 && !base.services.trim().is_empty() {
         bail!(
             "the file has no [[service]] table: applied to the fleet it would remove every service \
              (revision {}); nothing changed. `lb service del` removes services one by one",

@@ -1358,7 +1358,11 @@ fn a_next_hop_change_that_fails_is_retried() {
     let d = Daemon::start(&lan.lb, "hop-retry", &config).unwrap();
     d.wait_in_table(2, WAIT).unwrap();
     d.freeze_map(lb_common::maps::BACKENDS).unwrap();
-    let retries = |d: &Daemon| d.log().matches("retrying in 1 s").count();
+    let retries = |d: &Daemon| {
+        d.log()
+            .matches("applying held-back health changes; retrying in 1 s")
+            .count()
+    };
     assert_eq!(retries(&d), 0, "{}", d.log());
     lan.lb
         .ip(&[

@@ -237,9 +237,12 @@ fn one_desired_state_changes_everywhere_and_refuses_conflicts_and_bad_data() {
     let own = fleet.daemons[0].config.to_str().unwrap().to_owned();
     let settings_only = fleet.daemons[0].dir.join("settings-only.toml");
     std::fs::write(&settings_only, "[settings]\ninterfaces = [\"eth0\"]\n").unwrap();
+    let empty_list = fleet.daemons[0].dir.join("empty-list.toml");
+    std::fs::write(&empty_list, "service = []\n").unwrap();
     for (file, why) in [
         (own.as_str(), "the file has [fleet]"),
         (settings_only.to_str().unwrap(), "no [[service]] table"),
+        (empty_list.to_str().unwrap(), "no [[service]] table"),
     ] {
         let (_, e) = fleet.daemons[0].cli_fails(&["apply", "-f", file]).unwrap();
         assert!(e.contains(why), "{e}");
