@@ -21,7 +21,7 @@ use crate::{
     health::Thresholds,
     maglev::is_prime,
 };
-use lb_common::{MAX_FLOW_BACKEND_IDS, MAX_FLOW_SERVICE_IDS, VIP_ECHO_UNIT, limits};
+use lb_common::{MAX_FLOW_BACKEND_IDS, MAX_FLOW_SERVICE_IDS, VIP_ECHO_UNIT, limits, wire};
 
 // A connection-table entry names its service by id + 1 in 16 bits.
 const _: () = assert!(VIP_ECHO_UNIT - 1 <= MAX_FLOW_SERVICE_IDS);
@@ -36,6 +36,9 @@ pub const MAX_WEIGHT: u32 = 65_535;
 pub const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
 /// Largest `rise` and `fall`.
 pub const MAX_RISE_FALL: u32 = 100;
+/// IPv6's minimum link MTU (RFC 8200 §5): the least a tunnel toward an
+/// IPv6 service's backends may leave.
+const IPV6_MIN_MTU: u32 = 1_280;
 
 /// The one wording of a weight outside its range, for the CLI, the control
 /// API and the fleet alike.
@@ -539,8 +542,8 @@ impl Protocol {
     /// The IP protocol number.
     pub fn number(self) -> u8 {
         match self {
-            Protocol::Tcp => lb_common::wire::IPPROTO_TCP,
-            Protocol::Udp => lb_common::wire::IPPROTO_UDP,
+            Protocol::Tcp => wire::IPPROTO_TCP,
+            Protocol::Udp => wire::IPPROTO_UDP,
         }
     }
 }
@@ -1867,6 +1870,31 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
             );
         }
     }
+    // An IPv6 client is told the tunnel's MTU when its packet does not fit;
+    // below IPv6's minimum it never sends one small enough (RFC 8201 §4).
+    if let Some(mtu) = s.mtu {
+        for svc in services.values().filter(|svc| svc.vip.is_ipv6()) {
+            let overhead = match svc.mode {
+                Mode::DsrL2 => continue,
+                Mode::Ipip => wire::IPV6_HLEN,
+                Mode::Gue => wire::IPV6_HLEN + wire::UDP_HLEN,
+            } as u32;
+            if mtu < IPV6_MIN_MTU + overhead {
+                e.push(
+                    None,
+                    "settings.mtu",
+                    format!(
+                        "{mtu} leaves service {}'s IPv6 tunnel ({overhead} bytes) less than \
+                         IPv6's minimum MTU of {IPV6_MIN_MTU}, which clients never go below: \
+                         at least {}",
+                        svc.name,
+                        IPV6_MIN_MTU + overhead
+                    ),
+                );
+                break;
+            }
+        }
+    }
     let vips: BTreeSet<IpAddr> = services.values().map(|svc| svc.vip).collect();
     if vips.len() > limits::MAX_ADDRESSES as usize {
         e.push(
@@ -2574,6 +2602,11 @@ address = "198.18.0.11"
             "backends past a connection-table entry's ids",
             "[settings]\ninterfaces=[\"e\"]\nmax_backends=65537\ntable_size=13\n",
             "settings.max_backends: must be at most 65536",
+        ),
+        (
+            "IPv6 tunnel below IPv6's minimum MTU",
+            "[settings]\ninterfaces=[\"e\"]\nmtu=1300\n[[service]]\nname=\"a\"\nvip=\"2001:2:1::1\"\nport=80\nprotocol=\"tcp\"\nmode=\"gue\"\n",
+            "settings.mtu: 1300 leaves service a's IPv6 tunnel (48 bytes) less than IPv6's minimum MTU of 1280, which clients never go below: at least 1328",
         ),
         (
             "too many services",
