@@ -518,6 +518,19 @@ fn default_fast_interval() -> Duration {
 fn default_timeout() -> Duration {
     Duration::from_secs(1)
 }
+
+/// A check's timeout outside (0, interval], with both values: an unset
+/// timeout is [`default_timeout`]'s, which an interval written alone may
+/// fall below.
+fn timeout_error(timeout: Duration, interval: Duration) -> String {
+    let show = |d: Duration| humantime_serde::re::humantime::format_duration(d).to_string();
+    format!(
+        "must be positive and at most the interval (timeout {}, interval {}; unset, the timeout is {})",
+        show(timeout),
+        show(interval),
+        show(default_timeout())
+    )
+}
 fn default_slow_start() -> Duration {
     Duration::from_secs(8)
 }
@@ -1369,11 +1382,14 @@ fn validate_new_flow_limit(
 ) -> NewFlowLimit {
     let max = limits::MAX_SOURCE_LIMIT;
     let burst = l.burst.unwrap_or(l.rate);
+    // An unset burst is the rate's: said once, of the rate.
     for (name, value, what) in [
-        ("rate", l.rate, "new flows a second"),
-        ("burst", burst, "new flows at once"),
+        ("rate", Some(l.rate), "new flows a second"),
+        ("burst", l.burst, "new flows at once"),
     ] {
-        if value == 0 || value > max {
+        if let Some(value) = value
+            && (value == 0 || value > max)
+        {
             e.push(
                 at,
                 format!("{field}.{name}"),
@@ -1985,7 +2001,7 @@ fn validate_agent(a: &AgentFile, at: Option<usize>, field: &str, e: &mut Errors<
         e.push(
             at,
             format!("{field}.timeout"),
-            "must be positive and at most the interval",
+            timeout_error(a.timeout, a.interval),
         );
     }
     if a.step > crate::agent::MAX_PERCENT {
@@ -2035,7 +2051,7 @@ fn validate_health(
         e.push(
             at,
             format!("{field}.timeout"),
-            "must be positive and at most the interval",
+            timeout_error(h.timeout, h.interval),
         );
     }
     let kind = match h.check {
@@ -2501,12 +2517,12 @@ address = "198.18.0.11"
         (
             "timeout above interval",
             "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[service.health]\ninterval=\"1s\"\ntimeout=\"2s\"\n",
-            "health.timeout: must be positive and at most the interval",
+            "health.timeout: must be positive and at most the interval (timeout 2s, interval 1s; unset, the timeout is 1s)",
         ),
         (
             "agent timeout above interval",
             "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n[service.agent]\nport=10000\ninterval=\"1s\"\ntimeout=\"2s\"\n",
-            "service[a].agent.timeout: must be positive and at most the interval",
+            "service[a].agent.timeout: must be positive and at most the interval (timeout 2s, interval 1s; unset, the timeout is 1s)",
         ),
         (
             "agent step above 100",
@@ -2726,6 +2742,24 @@ address = "198.18.0.11"
         assert!(
             err.contains("service.deny: 65537 prefixes in the services' deny lists, more than the 65536 lb holds"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn errors_of_defaulted_fields_say_where_the_value_comes_from() {
+        let service = "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\n";
+        // An unset burst is the rate's: only the rate is wrong.
+        let e = parse(&format!("{service}new_flow_limit={{rate=0}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("burst"), "{e}");
+        // An interval written alone, under the default timeout.
+        let e = parse(&format!("{service}[service.health]\ninterval=\"500ms\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("(timeout 1s, interval 500ms; unset, the timeout is 1s)"),
+            "{e}"
         );
     }
 
