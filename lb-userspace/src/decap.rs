@@ -220,28 +220,17 @@ pub fn apply(config: &DecapConfig, dir: &Path) -> Result<Applied> {
     let mode = xdp_mode(config.xdp_mode);
     for (i, iface) in config.interfaces.iter().enumerate() {
         if let Err(e) = decap.attach(iface, mode, Some(dir)) {
-            let mut left = Vec::new();
             // The failed one too: a switch of mode that failed both ways
             // has taken its program away.
-            for (j, done) in config.interfaces[..=i].iter().enumerate() {
-                let undone = match had.get(done) {
-                    None if j == i => Ok(()),
-                    None => dataplane::detach(dir, done),
-                    Some(Some(old)) if *old != mode => decap
-                        .attach(done, *old, Some(dir))
-                        .and_then(|()| match dataplane::attached_mode(done) {
-                            Some(now) if now == *old => Ok(()),
-                            now => Err(anyhow!("left in {now:?}, not {old:?}")),
-                        }),
-                    Some(None) if mode != XdpMode::Default => Err(anyhow!(
-                        "its mode before could not be read: left as the new file says"
-                    )),
-                    Some(_) => Ok(()),
-                };
-                if let Err(u) = undone {
-                    left.push(format!("{done}: {u:#}"));
-                }
-            }
+            let mut left: Vec<String> = config.interfaces[..=i]
+                .iter()
+                .enumerate()
+                .filter_map(|(j, done)| {
+                    let attached = j < i;
+                    let undone = put_back(&mut decap, dir, done, had.get(done), mode, attached);
+                    undone.err().map(|u| format!("{done}: {u:#}"))
+                })
+                .collect();
             if let Err(r) = decap.set_tables(&before) {
                 left.push(format!("restoring the previous addresses: {r:#}"));
             }
@@ -263,6 +252,34 @@ pub fn apply(config: &DecapConfig, dir: &Path) -> Result<Applied> {
         }
     }
     Ok(applied)
+}
+
+/// Undoes what a failed [`apply`] did to `iface`, which ran in `had`
+/// before it (`None`: not at all; `Some(None)`: in a mode that could not
+/// be read) and which `apply` tried to attach in `mode` (`attached`: did).
+fn put_back(
+    decap: &mut Decapsulator,
+    dir: &Path,
+    iface: &str,
+    had: Option<&Option<XdpMode>>,
+    mode: XdpMode,
+    attached: bool,
+) -> Result<()> {
+    match had {
+        None if attached => dataplane::detach(dir, iface),
+        None => Ok(()),
+        Some(Some(old)) if *old != mode => {
+            decap.attach(iface, *old, Some(dir))?;
+            match dataplane::attached_mode(iface) {
+                Some(now) if now == *old => Ok(()),
+                now => Err(anyhow!("left in {now:?}, not {old:?}")),
+            }
+        }
+        Some(None) if mode != XdpMode::Default => Err(anyhow!(
+            "its mode before could not be read: left as the new file says"
+        )),
+        Some(_) => Ok(()),
+    }
 }
 
 /// The decapsulator pinned under a directory, as `lb decap status` shows it.

@@ -1837,14 +1837,7 @@ impl Controller {
         }
         note(self.add_source_entries(&sources));
         for (name, ring) in rings {
-            let synced = self.sync(&name, Some(ring));
-            if synced.is_err()
-                && let Some(svc) = self.services.get_mut(&name)
-            {
-                // Tried again from memory with the held-back health changes.
-                svc.health_due = Some(Instant::now() + HEALTH_RETRY);
-            }
-            note(synced.map(drop));
+            note(self.sync_or_retry(&name, Some(ring)));
         }
         for b in now.values().flat_map(|s| s.backends.values()) {
             if !old_backends.contains(&b.id) && b.written.is_some() {
@@ -2068,14 +2061,23 @@ impl Controller {
     fn sync_each(&mut self, names: impl IntoIterator<Item = String>) -> Result<()> {
         let mut first = None;
         for name in names {
-            if let Err(e) = self.sync(&name, None) {
-                if let Some(svc) = self.services.get_mut(&name) {
-                    svc.health_due = Some(Instant::now() + HEALTH_RETRY);
-                }
+            if let Err(e) = self.sync_or_retry(&name, None) {
                 first.get_or_insert(e.context(format!("service {name}")));
             }
         }
         first.map_or(Ok(()), Err)
+    }
+
+    /// [`Self::sync`]s `name`; if that fails, tries again from memory
+    /// [`HEALTH_RETRY`] later, with the held-back health changes.
+    fn sync_or_retry(&mut self, name: &str, ring: Option<Vec<u32>>) -> Result<()> {
+        let synced = self.sync(name, ring);
+        if synced.is_err()
+            && let Some(svc) = self.services.get_mut(name)
+        {
+            svc.health_due = Some(Instant::now() + HEALTH_RETRY);
+        }
+        synced.map(drop)
     }
 
     /// When the next held-back health change is due

@@ -551,22 +551,21 @@ fn attach_xdp(prog: &mut Xdp, iface: &str, mode: XdpMode, pin: Option<&Path>) ->
             Ok(prog.take_link(id)?.try_into()?)
         }
         Some(path) => attach_pinned(prog, iface, mode, path),
-        None => {
-            let id = prog
-                .attach(iface, mode)
-                .with_context(|| format!("attaching to {iface} ({mode:?})"))?;
-            Ok(prog.take_link(id)?.try_into()?)
-        }
+        None => attach_fresh(prog, iface, mode),
     }
+}
+
+/// Attaches `prog` to `iface` in `mode`: a new link.
+fn attach_fresh(prog: &mut Xdp, iface: &str, mode: XdpMode) -> Result<FdLink> {
+    let id = prog
+        .attach(iface, mode)
+        .with_context(|| format!("attaching to {iface} ({mode:?})"))?;
+    Ok(prog.take_link(id)?.try_into()?)
 }
 
 /// Attaches `prog` to `iface` in `mode`, the link pinned at `path`.
 fn attach_pinned(prog: &mut Xdp, iface: &str, mode: XdpMode, path: &Path) -> Result<FdLink> {
-    let id = prog
-        .attach(iface, mode)
-        .with_context(|| format!("attaching to {iface} ({mode:?})"))?;
-    let link: FdLink = prog.take_link(id)?.try_into()?;
-    Ok(link
+    Ok(attach_fresh(prog, iface, mode)?
         .pin(path)
         .with_context(|| format!("pinning the link at {}", path.display()))?
         .into())
