@@ -34,7 +34,8 @@ pub enum Counter {
     /// twice): dropped.
     DropNoBackend = 9,
     /// Encapsulation would exceed the MTU, and no ICMP error is sent (IPv4
-    /// without DF, the CPU's ICMP budget spent): dropped.
+    /// without DF, a source that names no single host, the CPU's ICMP
+    /// budget spent): dropped.
     DropTooBig = 10,
     /// The kernel refused to grow or cut the packet (for a tunnel header or
     /// an ICMP error): dropped.

@@ -29,7 +29,7 @@ use crate::{
     forward::{L2Header, adjust_head, ipv4_header, return_to_sender},
     maps,
     packet::{bytes_at, frame_len, load, store},
-    parse::{IPV6_ADDRS_OFF, Ip, v4_bytes},
+    parse::{IPV6_ADDRS_OFF, Ip, source_is_unicast, v4_bytes},
 };
 
 /// What the ICMP checksum covers after the IP header: the ICMP header and
@@ -38,10 +38,10 @@ const ICMP_MESSAGE_LEN: usize = ICMP_HLEN + ICMP_QUOTE_LEN;
 
 /// Answers a TCP or UDP packet that arrived on `iface` and does not fit
 /// in its MTU once the tunnel's `overhead` bytes are added with an ICMP
-/// error carrying the MTU less that overhead. `Err(DropTooBig)` when no error is due (IPv4
-/// without DF: XDP cannot fragment, and such a sender expects
-/// fragmentation, not an error) or this CPU's budget is spent; the packet
-/// is then dropped.
+/// error carrying the MTU less that overhead. `Err(DropTooBig)` when no
+/// error is due (IPv4 without DF: XDP cannot fragment, and such a sender
+/// expects fragmentation, not an error; a source that is no single host)
+/// or this CPU's budget is spent; the packet is then dropped.
 #[inline(always)]
 pub(crate) fn reply_too_big(
     ctx: &XdpContext,
@@ -59,6 +59,9 @@ pub(crate) fn reply_too_big(
         if u16::from_be_bytes([h[6], h[7]]) & IPV4_DF == 0 {
             return Err(Counter::DropTooBig);
         }
+    }
+    if !source_is_unicast(ip) {
+        return Err(Counter::DropTooBig);
     }
     let now = maps::conntrack_settings().now;
     if !maps::take_icmp_budget(IcmpKind::TooBig, now) {

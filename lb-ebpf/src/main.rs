@@ -353,10 +353,11 @@ fn charged(service: &ServiceValue, outcome: Result<Counter, Counter>) -> Result<
 }
 
 /// An echo request to a VIP whose service answers echo is answered here;
-/// any other is the kernel's.
+/// any other is the kernel's, which drops one from a source that is no
+/// single host (multicast, broadcast, ...) as a martian.
 #[inline(always)]
 fn answer_echo(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
-    if !maps::answers_echo(&vip_key(ip)) {
+    if !maps::answers_echo(&vip_key(ip)) || !parse::source_is_unicast(ip) {
         return Ok(Counter::PassOtherProtocol);
     }
     receiving_interface(ctx)?;

@@ -77,6 +77,26 @@ fn v4_addr(b: [u8; 4]) -> Addr {
     unsafe { core::mem::transmute::<[u64; 2], Addr>(halves) }
 }
 
+/// Whether `ip`'s source names a single host, the only kind an ICMP
+/// message of ours may answer (RFC 1812 §4.3.2.7, RFC 4443 §2.4 (e)): not
+/// unspecified, loopback, multicast, nor (IPv4) broadcast or class E. A
+/// reply to such a source would go to a group, to no one, or be spoofed
+/// at a third party; the kernel drops these sources as martians, and so
+/// never answers them either.
+#[inline(always)]
+pub(crate) fn source_is_unicast(ip: &Ip) -> bool {
+    let s = &ip.src;
+    if ip.family == FAMILY_V4 {
+        !matches!(s[0], 0 | 127 | 224..)
+    } else {
+        // SAFETY: [u8; 16] and [u64; 2] have the same size. Two words,
+        // not sixteen bytes: `::` and `::1` are the first word zero and the
+        // second, read big-endian, at most one.
+        let [high, low] = unsafe { core::mem::transmute::<Addr, [u64; 2]>(*s) };
+        s[0] != 0xff && !(high == 0 && u64::from_be(low) <= 1)
+    }
+}
+
 /// The four bytes of an IPv4 address in its 16-byte form (the inverse of
 /// [`v4_addr`]).
 #[inline(always)]

@@ -920,25 +920,51 @@ fn gue_encapsulates_in_udp_toward_the_backend_in_both_families() {
 /// An `ip_len`-byte TCP segment of the client's to `vip`, behind `vlans`,
 /// with DF set if `df` (IPv4).
 fn sized(vip: IpAddr, sport: u16, ip_len: usize, vlans: &[u16], df: bool) -> Vec<u8> {
-    let (client, hlen) = match vip {
-        IpAddr::V4(_) => (v4(CLIENT4), IPV4_HLEN),
-        IpAddr::V6(_) => (IpAddr::V6(CLIENT6), IPV6_HLEN),
+    let client = match vip {
+        IpAddr::V4(_) => v4(CLIENT4),
+        IpAddr::V6(_) => IpAddr::V6(CLIENT6),
     };
+    sized_from(client, vip, sport, ip_len, vlans, df)
+}
+
+/// [`sized`], from `client`.
+fn sized_from(
+    client: IpAddr,
+    vip: IpAddr,
+    sport: u16,
+    ip_len: usize,
+    vlans: &[u16],
+    df: bool,
+) -> Vec<u8> {
+    let hlen = if vip.is_ipv4() { IPV4_HLEN } else { IPV6_HLEN };
     let data = vec![0x5a; ip_len - hlen - TCP_HLEN];
     let seg = packet::tcp(client, vip, sport, HTTP, TCP_ACK, &data);
-    let (ethertype, ip) = match vip {
-        IpAddr::V4(v) => {
-            let mut h = Ipv4::new(CLIENT4, v.octets(), IPPROTO_TCP);
+    let (ethertype, ip) = match (client, vip) {
+        (IpAddr::V4(c), IpAddr::V4(v)) => {
+            let mut h = Ipv4::new(c.octets(), v.octets(), IPPROTO_TCP);
             h.frag = if df { IPV4_DF } else { 0 };
             (ETH_P_IP, h.build(&seg))
         }
-        IpAddr::V6(v) => (
+        (IpAddr::V6(c), IpAddr::V6(v)) => (
             ETH_P_IPV6,
-            packet::ipv6(CLIENT6.octets(), v.octets(), IPPROTO_TCP, &[], &seg),
+            packet::ipv6(c.octets(), v.octets(), IPPROTO_TCP, &[], &seg),
         ),
+        _ => unreachable!("one family"),
     };
     packet::ethernet(LB_MAC, ROUTER_MAC, vlans, ethertype, &ip)
 }
+
+/// Sources that name no single host (RFC 1812 §4.3.2.7, RFC 4443 §2.4):
+/// lb's ICMP messages never answer them.
+const NOT_ONE_HOST: [&str; 7] = [
+    "224.0.0.1",
+    "255.255.255.255",
+    "0.0.0.0",
+    "127.0.0.1",
+    "ff02::1",
+    "::",
+    "::1",
+];
 
 #[test]
 #[ignore = "needs root: cargo xtask test runs it"]
@@ -993,6 +1019,17 @@ fn packets_too_big_for_the_tunnel_are_answered_with_the_mtu_to_use() {
     let bad = packet::too_big_reply_problems(&frame, &out, ETH_HLEN, 1400 - IPV4_HLEN as u32);
     assert!(bad.is_empty(), "under a cap: {bad:?}");
     f.lab.dp.set_settings(lab::lab_settings()).unwrap();
+    // Never to a source that is no single host, nor from the budget.
+    for (i, src) in NOT_ONE_HOST.into_iter().enumerate() {
+        let src: IpAddr = src.parse().unwrap();
+        let vip = if src.is_ipv4() {
+            v4(VIP4_IPIP)
+        } else {
+            IpAddr::V6(VIP6_IPIP)
+        };
+        let frame = sized_from(src, vip, 43020 + i as u16, 1500, &[], true);
+        f.case(&format!("from {src}"), &frame, DROP, Counter::DropTooBig);
+    }
 
     // A CPU sends at most ICMP_ERRORS_PER_CPU a second: then drops.
     let frame = sized(v4(VIP4_IPIP), 43004, 1500, &[], true);
@@ -1074,6 +1111,18 @@ fn echo_requests_to_a_vip_that_asks_are_answered() {
         };
         let bad = packet::echo_reply_problems(&frame, &out, l3, l3 + ip_hlen, frame.len());
         assert!(bad.is_empty(), "{what}: {bad:?}");
+    }
+    // The kernel's, which drops them, from a source that is no single host.
+    for src in NOT_ONE_HOST {
+        let src: IpAddr = src.parse().unwrap();
+        let vip = if src.is_ipv4() { vip4 } else { vip6 };
+        let frame = echo(src, vip, 9, &[]);
+        f.case(
+            &format!("from {src}"),
+            &frame,
+            PASS,
+            Counter::PassOtherProtocol,
+        );
     }
     // Not a request, not addressed to lb's MAC, or to another address.
     let mut reply = echo(c4, vip4, 4, &[]);
