@@ -326,6 +326,41 @@ impl PinnedTables {
 }
 
 /// The slots of the rings map a service's table takes.
+/// The values a service's slot takes, one write each, as its service
+/// goes from `cur` to `new`. A packet reads the slot's fields as separate
+/// loads and may read some before a write and the rest after it. Written
+/// at once, a new table's offset and size could be read one from each
+/// value: one table indexed by the other's size, past its end into
+/// another service's table. So a moving table first keeps the old offset
+/// at the smaller size, then names the new table at that size, then takes
+/// the new size; and a new service's slot is written with its family
+/// cleared first (no flow matches it), the same value, then whole. Any
+/// mix of two consecutive values that serves a flow names a part of one
+/// of this service's tables, both live until the old one's hold ends.
+fn slot_writes(key: ServiceKey, cur: Option<ServiceValue>, new: ServiceValue) -> Vec<ServiceSlot> {
+    let slot = |value| ServiceSlot { key, value };
+    let Some(cur) = cur else {
+        let mut hidden = slot(new);
+        hidden.key.family = 0;
+        return vec![hidden, slot(new)];
+    };
+    if cur.ring_offset == new.ring_offset {
+        return vec![slot(new)];
+    }
+    let least = cur.ring_size.min(new.ring_size);
+    vec![
+        slot(ServiceValue {
+            ring_size: least,
+            ..cur
+        }),
+        slot(ServiceValue {
+            ring_size: least,
+            ..new
+        }),
+        slot(new),
+    ]
+}
+
 fn table_region(value: &ServiceValue) -> Region {
     Region {
         offset: value.ring_offset,
@@ -1217,7 +1252,9 @@ impl Dataplane {
         // The slot after the entry: both only ever name the live table. A
         // packet reading the slot mid-write sees each field whole. The
         // index after the slot it leads to.
-        self.set_service_slot(id, ServiceSlot { key: *key, value })?;
+        for step in slot_writes(*key, current, value) {
+            self.set_service_slot(id, step)?;
+        }
         self.index_service(id, Some(*key))?;
         Ok(stored)
     }
@@ -1533,6 +1570,66 @@ impl Dataplane {
 
 #[cfg(test)]
 mod tests {
+    /// Every slot a packet can read while a service is published, each
+    /// field from one of two consecutive writes, either serves no flow or
+    /// names a part of one of the service's tables.
+    #[test]
+    fn a_slot_read_mid_change_never_names_another_services_table() {
+        let key = ServiceKey {
+            family: lb_common::FAMILY_V4,
+            ..ServiceKey::default()
+        };
+        let value = |ring_offset, ring_size| ServiceValue {
+            id: 3,
+            flags: 0,
+            ring_offset,
+            ring_size,
+            idle_timeout: 0,
+        };
+        for (cur, new) in [
+            (None, value(70_000, 13)),
+            (Some(value(0, 65_537)), value(200_000, 131_101)),
+            (Some(value(200_000, 131_101)), value(0, 65_537)),
+            (Some(value(70_000, 13)), value(70_000, 13)),
+        ] {
+            let before = cur.map_or(ServiceSlot::default(), |value| ServiceSlot { key, value });
+            let mut seen = vec![before];
+            seen.extend(slot_writes(key, cur, new));
+            assert_eq!(seen.last(), Some(&ServiceSlot { key, value: new }));
+            let tables = [cur, Some(new)];
+            let fits = |offset, size| {
+                tables
+                    .iter()
+                    .flatten()
+                    .any(|t| t.ring_offset == offset && size <= t.ring_size)
+            };
+            for pair in seen.windows(2) {
+                for (f, o, z) in mixes(pair) {
+                    assert!(
+                        f.key.family == 0 || fits(o.value.ring_offset, z.value.ring_size),
+                        "{cur:?} to {new:?}: offset {} with size {}",
+                        o.value.ring_offset,
+                        z.value.ring_size
+                    );
+                }
+            }
+        }
+    }
+
+    /// Each way of taking the family, the offset and the size from either
+    /// of two slots.
+    fn mixes(pair: &[ServiceSlot]) -> Vec<(ServiceSlot, ServiceSlot, ServiceSlot)> {
+        let mut all = Vec::new();
+        for &f in pair {
+            for &o in pair {
+                for &z in pair {
+                    all.push((f, o, z));
+                }
+            }
+        }
+        all
+    }
+
     use super::*;
 
     #[test]
