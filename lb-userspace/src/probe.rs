@@ -209,6 +209,13 @@ async fn connect(addr: SocketAddr, mark: Option<u32>) -> Result<TcpStream, Strin
     if let Some(mark) = mark {
         set_mark(&socket, mark)?;
     }
+    // Closed with a reset, as HAProxy closes its checks: a probe that
+    // closed first would leave its port in TIME_WAIT for a minute, and a
+    // service's probes through the VIP share one address pair, so some
+    // hundred probes a second would take every local port.
+    socket
+        .set_zero_linger()
+        .map_err(|e| format!("socket: {e}"))?;
     socket
         .connect(addr)
         .await
@@ -246,10 +253,14 @@ async fn read_until(
     let mut buf = vec![0u8; MAX_RESPONSE];
     let mut len = 0;
     while !enough(&buf[..len]) && len < buf.len() {
-        let n = s
-            .read(&mut buf[len..])
-            .await
-            .map_err(|e| format!("read: {e}"))?;
+        let n = match s.read(&mut buf[len..]).await {
+            Ok(n) => n,
+            // TLS closed without close_notify, which many servers do
+            // after an HTTP/1.0 response: the end, as for plain TCP. A
+            // check cut short fails on what it lacks.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => return Err(format!("read: {e}")),
+        };
         if n == 0 {
             break;
         }
@@ -272,8 +283,13 @@ async fn http(
     s.write_all(request.as_bytes())
         .await
         .map_err(|e| format!("send: {e}"))?;
-    // The status line, or with a body to find, all of the response.
-    let response = read_until(&mut s, |got| body.is_none() && got.contains(&b'\n')).await?;
+    // The status line, or with a body to find, up to it (a server that
+    // keeps the connection open anyway does not hold the check).
+    let response = read_until(&mut s, |got| match body {
+        None => got.contains(&b'\n'),
+        Some(want) => contains(response_body(got), want.as_bytes()),
+    })
+    .await?;
     let got = parse_status(&response).ok_or("no HTTP status line")?;
     if got != status {
         return Err(format!("status {got}, expected {status}"));
@@ -447,9 +463,20 @@ mod tests {
         }
     }
 
+    /// How a test server ends its answer.
+    #[derive(Clone, Copy)]
+    enum Ending {
+        /// Shuts the stream down (TLS: close_notify first).
+        Shutdown,
+        /// Drops it: TLS ends without close_notify.
+        Abrupt,
+        /// Keeps it open, HTTP/1.0 or not.
+        Held,
+    }
+
     /// A loopback HTTP/1.0 server answering every request with 204 and
-    /// `body`, over TLS with `tls`.
-    async fn http_server(tls: Option<tokio_rustls::TlsAcceptor>) -> SocketAddr {
+    /// `body`, over TLS with `tls`, ended as `ending` says.
+    async fn http_server(tls: Option<tokio_rustls::TlsAcceptor>, ending: Ending) -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -463,7 +490,12 @@ mod tests {
                         let _ = s
                             .write_all(b"HTTP/1.0 204 No Content\r\n\r\nbackend-1 ready")
                             .await;
-                        let _ = s.shutdown().await;
+                        let _ = s.flush().await;
+                        match ending {
+                            Ending::Shutdown => drop(s.shutdown().await),
+                            Ending::Abrupt => {}
+                            Ending::Held => tokio::time::sleep(10 * T).await,
+                        }
                     };
                     match tls {
                         None => answer(Box::new(s)).await,
@@ -484,7 +516,7 @@ mod tests {
 
     #[tokio::test]
     async fn http_checks_the_status_and_the_body() {
-        let addr = http_server(None).await;
+        let addr = http_server(None, Ending::Shutdown).await;
         assert!(
             run(&http("/", 204, None, None), addr, None, T)
                 .await
@@ -523,7 +555,8 @@ mod tests {
         .with_no_client_auth()
         .with_single_cert(vec![ca.cert.der().clone()], key)
         .unwrap();
-        let addr = http_server(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server)))).await;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let addr = http_server(Some(acceptor.clone()), Ending::Shutdown).await;
         let dir = std::env::temp_dir().join(format!("lb-probe-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let ca_file = dir.join("ca.pem");
@@ -567,6 +600,13 @@ mod tests {
         assert!(e.starts_with("reading CA file"), "{e}");
         // Plain HTTP to a TLS server fails too.
         assert!(ok(http("/", 204, None, None)).await.is_err());
+        // The body is found whether the server ends without close_notify
+        // or keeps the connection open.
+        for ending in [Ending::Abrupt, Ending::Held] {
+            let addr = http_server(Some(acceptor.clone()), ending).await;
+            let p = http("/", 204, Some("ready"), tls(None, TlsRoots::Insecure));
+            assert_eq!(run(&p, addr, None, T).await.map(|_| ()), Ok(()));
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

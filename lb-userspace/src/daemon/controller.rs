@@ -1285,9 +1285,16 @@ impl Controller {
     fn backend_value(&self, service: &str, ip: IpAddr, b: &BackendState) -> BackendValue {
         let (addr, family) = addr_bytes(ip);
         let hop = self.hops.get(&ip).copied();
-        let up = self.admin(service, ip, b) != Admin::Maintenance
-            && self.healthy(service, ip, b, self.in_panic(service))
-            && hop.is_some();
+        // A drained backend stays up whatever its probes say: it gets no
+        // new flow, and a server shutting down gracefully closes its
+        // listener (failing probes) while it finishes the connections it
+        // has, which must not re-hash elsewhere to be reset.
+        let up = hop.is_some()
+            && match self.admin(service, ip, b) {
+                Admin::Maintenance => false,
+                Admin::Drain => true,
+                Admin::Ready => self.healthy(service, ip, b, self.in_panic(service)),
+            };
         BackendValue {
             addr,
             mac: hop.map_or([0; 6], |h| h.mac),
@@ -2270,14 +2277,18 @@ impl Controller {
         ip: IpAddr,
         answer: Result<(String, agent::Reply), String>,
     ) -> Result<()> {
-        let step = self
+        let Some(step) = self
             .services
             .get(service)
             .context("no such service")?
             .config
             .agent
             .as_ref()
-            .map_or(0, |a| a.step);
+            .map(|a| a.step)
+        else {
+            // Asked before a reload took the agent check away.
+            return Ok(());
+        };
         let b = self.backend_mut(service, ip)?;
         let failed_before = matches!(b.agent.last, Some((Err(_), _)));
         match &answer {

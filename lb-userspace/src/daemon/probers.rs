@@ -12,7 +12,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::{
@@ -39,9 +39,9 @@ pub(super) struct Result {
     pub backend: IpAddr,
     /// The outcome.
     pub report: Report,
-    /// For a probe, the task that ran it and the [`ProbeControl::epoch`] it
-    /// began in: see [`Probers::is_stale`].
-    probed_in: Option<(SharedControl, u64)>,
+    /// The task that ran the probe or asked the agent, and the
+    /// [`ProbeControl::epoch`] it began in: see [`Probers::is_stale`].
+    probed_in: (SharedControl, u64),
 }
 
 /// What a task found.
@@ -155,6 +155,7 @@ impl Probers {
                         service.clone(),
                         ip,
                         agent.clone(),
+                        control.clone(),
                         self.out.clone(),
                     )));
                 }
@@ -177,13 +178,12 @@ impl Probers {
         }
     }
 
-    /// Whether `result` is a probe's that no longer speaks for its backend:
-    /// its task has been replaced (the checks changed) or stopped, or the
+    /// Whether `result` is a probe's or an agent's that no longer speaks
+    /// for its backend: its task has been replaced (the checks changed, the
+    /// backend was removed and perhaps added again) or stopped, or the
     /// backend entered or left maintenance after the probe began.
     pub(super) fn is_stale(&self, result: &Result) -> bool {
-        let Some((control, epoch)) = &result.probed_in else {
-            return false;
-        };
+        let (control, epoch) = &result.probed_in;
         self.tasks
             .get(&(result.service.clone(), result.backend))
             .is_none_or(|t| {
@@ -230,6 +230,14 @@ fn jittered(base: Duration, state: &mut u64) -> Duration {
     base * permille as u32 / 1000
 }
 
+/// A uniform point of `interval`, for a task's first sleep: tasks started
+/// together (at start, or a service's after a reload changed its checks)
+/// spread over the whole interval at once.
+fn first_delay(interval: Duration, state: &mut u64) -> Duration {
+    jittered(interval, state);
+    interval * (*state % 1000) as u32 / 1000
+}
+
 /// A jitter state of its own for each task: the same backend's probe and
 /// agent tasks, and different backends, do not run in step.
 fn jitter_seed(service: &str, ip: IpAddr, task: &str) -> u64 {
@@ -240,17 +248,24 @@ fn jitter_seed(service: &str, ip: IpAddr, task: &str) -> u64 {
 
 /// Asks the backend's agent every interval, whatever its state: an agent
 /// may bring a backend it took out back.
-async fn agent_loop(service: String, ip: IpAddr, check: AgentCheck, out: mpsc::Sender<Result>) {
+async fn agent_loop(
+    service: String,
+    ip: IpAddr,
+    check: AgentCheck,
+    control: SharedControl,
+    out: mpsc::Sender<Result>,
+) {
     let mut state = jitter_seed(&service, ip, "agent");
     let addr = SocketAddr::new(ip, check.port);
-    tokio::time::sleep(jittered(check.interval / 2, &mut state)).await;
+    tokio::time::sleep(first_delay(check.interval, &mut state)).await;
     loop {
+        let epoch = control.epoch.load(Ordering::SeqCst);
         let answer = probe::ask_agent(addr, check.send.as_deref(), check.timeout).await;
         let result = Result {
             service: service.clone(),
             backend: ip,
             report: Report::Agent(answer),
-            probed_in: None,
+            probed_in: (control.clone(), epoch),
         };
         if out.send(result).await.is_err() {
             return;
@@ -269,12 +284,12 @@ async fn probe_loop(
     let mut state = jitter_seed(&service, ip, "probe");
     let (check, through) = (checks.health, checks.through);
     let addr = SocketAddr::new(ip, check.port);
-    // Start at a random point of the first interval.
-    tokio::time::sleep(jittered(check.interval / 2, &mut state)).await;
+    tokio::time::sleep(first_delay(check.interval, &mut state)).await;
     loop {
         let mut in_transition = false;
         let epoch = control.epoch.load(Ordering::SeqCst);
         if !control.paused.load(Ordering::SeqCst) {
+            let started = Instant::now();
             let report = match probe::run(&check.kind, addr, through.as_ref(), check.timeout).await
             {
                 Ok(latency) => ProbeReport {
@@ -282,9 +297,11 @@ async fn probe_loop(
                     latency,
                     detail: String::new(),
                 },
+                // As long as it took: a refused connection fails at once,
+                // a timeout at its timeout.
                 Err(detail) => ProbeReport {
                     ok: false,
-                    latency: check.timeout,
+                    latency: started.elapsed().min(check.timeout),
                     detail,
                 },
             };
@@ -293,7 +310,7 @@ async fn probe_loop(
                 service: service.clone(),
                 backend: ip,
                 report: Report::Probe(report),
-                probed_in: Some((control.clone(), epoch)),
+                probed_in: (control.clone(), epoch),
             };
             if out.send(result).await.is_err() {
                 return;

@@ -508,6 +508,100 @@ fn eviction_under_default_health_settings_is_bounded() {
     );
 }
 
+/// A drained backend whose server stops listening, as a server shutting
+/// down gracefully does while it finishes what it has, fails its probes
+/// but keeps its connections: they are not re-hashed to another backend,
+/// which would reset them.
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn a_drained_backend_keeps_its_connections_once_its_server_stops_listening() {
+    require_root();
+    drained_and_closing().unwrap();
+}
+
+fn drained_and_closing() -> Result<()> {
+    use std::io::{ErrorKind, Read as _, Write as _};
+    let lan = Lan::build(2, &["198.18.1.1/32"])?;
+    let mut servers = lan.serve_names(80)?;
+    let d = Daemon::start(&lan.lb, "drained-closing", &web_config(2))?;
+    d.wait_in_table(2, WAIT)?;
+    // backend-1's server becomes one that answers each connection on a
+    // thread of its own, and can stop listening while those last.
+    drop(servers.remove(0));
+    let listening = Arc::new(AtomicBool::new(true));
+    let flag = listening.clone();
+    let server = lan.backends[0].ns.spawn(move || -> Result<()> {
+        let listener = std::net::TcpListener::bind(("::", 80))?;
+        listener.set_nonblocking(true)?;
+        while flag.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    std::thread::spawn(move || -> std::io::Result<()> {
+                        s.set_nonblocking(false)?;
+                        s.set_read_timeout(Some(4 * WAIT))?;
+                        let _ = s.read(&mut [0u8; 256])?;
+                        s.write_all(b"HTTP/1.0 200 OK\r\n\r\nbackend-1\n")
+                    });
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    });
+    let health_of_first = |d: &Daemon| -> Result<String> {
+        let h = d.cli(&["health"])?;
+        Ok(backend(&h, "198.18.0.11")["health"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string())
+    };
+    d.wait_until("backend-1 up", WAIT, |d| Ok(health_of_first(d)? == "up"))?;
+    // Connections held open; those on backend-1 kept.
+    let held = lan.client.run(|| {
+        (0..16)
+            .map(|_| Ok(std::net::TcpStream::connect_timeout(&vip(), WAIT)?))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let mut on_first = Vec::new();
+    for s in held {
+        let explained = d.cli(&["explain", &s.local_addr()?.to_string(), "web"])?;
+        if explained["backend"] == "198.18.0.11" {
+            on_first.push(s);
+        }
+    }
+    assert!(!on_first.is_empty(), "none of 16 connections on backend-1");
+    d.cli(&["backend", "drain", "web", "198.18.0.11"])?;
+    listening.store(false, Ordering::Relaxed);
+    match server.join() {
+        Ok(r) => r?,
+        Err(_) => bail!("backend-1's server panicked"),
+    }
+    d.wait_until("backend-1 probed down", WAIT, |d| {
+        Ok(health_of_first(d)? == "down")
+    })?;
+    let count = on_first.len();
+    let answers = lan.client.run(move || {
+        on_first
+            .into_iter()
+            .map(|mut s| {
+                s.set_read_timeout(Some(WAIT))?;
+                s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+                let mut a = String::new();
+                s.read_to_string(&mut a)?;
+                Ok(a)
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    for a in &answers {
+        assert!(a.ends_with("backend-1\n"), "answered by {a:?}");
+    }
+    eprintln!("{count} connections on a drained backend probed down all finished on it");
+    Ok(())
+}
+
 /// `lb service|backend add|del`: each change is live at once, written to the
 /// configuration file (so a reload keeps it), refused whole when it names
 /// something missing or duplicated; and with `LB_LOG=debug` the XDP
