@@ -323,17 +323,51 @@ fn server_name(tls: &Tls, addr: SocketAddr) -> Result<ServerName<'static>, Strin
     }
 }
 
-/// The client configuration for `roots`, built once per daemon (a CA file
-/// is read again when the daemon restarts).
+/// The client configurations built so far, by the roots they trust.
+static BUILT: LazyLock<Mutex<HashMap<TlsRoots, Arc<ClientConfig>>>> = LazyLock::new(Mutex::default);
+
+/// Reads every CA file the https checks of `desired` name, afresh: a file
+/// that cannot be read or holds no certificate refuses the configuration
+/// (at start, at a reload or a run-time change, in `check-config`) instead
+/// of failing every probe, and a rotated file is in use from the reload
+/// that reads it.
+pub fn load_ca_files(desired: &crate::config::Desired) -> anyhow::Result<()> {
+    for (name, service) in &desired.services {
+        if let Probe::Http {
+            tls:
+                Some(Tls {
+                    roots: roots @ TlsRoots::File(_),
+                    ..
+                }),
+            ..
+        } = &service.health.kind
+        {
+            let config =
+                build_client_config(roots).map_err(|e| anyhow::anyhow!("service {name}: {e}"))?;
+            BUILT
+                .lock()
+                .map_err(|_| anyhow::anyhow!("TLS configuration lock poisoned"))?
+                .insert(roots.clone(), config);
+        }
+    }
+    Ok(())
+}
+
+/// The client configuration for `roots`, built once (a CA file is read
+/// again by [`load_ca_files`]).
 fn client_config(roots: &TlsRoots) -> Result<Arc<ClientConfig>, String> {
-    static BUILT: LazyLock<Mutex<HashMap<TlsRoots, Arc<ClientConfig>>>> =
-        LazyLock::new(Mutex::default);
     let mut built = BUILT
         .lock()
         .map_err(|_| "TLS configuration lock poisoned")?;
     if let Some(c) = built.get(roots) {
         return Ok(c.clone());
     }
+    let config = build_client_config(roots)?;
+    built.insert(roots.clone(), config.clone());
+    Ok(config)
+}
+
+fn build_client_config(roots: &TlsRoots) -> Result<Arc<ClientConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -364,9 +398,7 @@ fn client_config(roots: &TlsRoots) -> Result<Arc<ClientConfig>, String> {
             builder.with_root_certificates(store).with_no_client_auth()
         }
     };
-    let config = Arc::new(config);
-    built.insert(roots.clone(), config.clone());
-    Ok(config)
+    Ok(Arc::new(config))
 }
 
 /// `insecure = true`: any certificate is accepted; the handshake's
@@ -598,6 +630,23 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.starts_with("reading CA file"), "{e}");
+        // CA files are read by the configuration that names them: a
+        // missing one refuses it, a good one serves the probes after.
+        let config = |ca: &std::path::Path| {
+            crate::config::parse(&format!(
+                "[settings]\ninterfaces = [\"eth0\"]\n[[service]]\nname = \"web\"\n\
+                 vip = \"198.18.1.1\"\nport = 443\nprotocol = \"tcp\"\n\
+                 [service.health]\ncheck = \"https\"\nca_file = {:?}\n",
+                ca.display().to_string()
+            ))
+            .unwrap()
+        };
+        let e = load_ca_files(&config(&dir.join("none.pem"))).unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with("service web: reading CA file"),
+            "{e:#}"
+        );
+        load_ca_files(&config(&ca_file)).unwrap();
         // Plain HTTP to a TLS server fails too.
         assert!(ok(http("/", 204, None, None)).await.is_err());
         // The body is found whether the server ends without close_notify
