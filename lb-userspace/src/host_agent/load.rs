@@ -90,8 +90,9 @@ pub fn established_to(table: &str, port: u16) -> u64 {
 }
 
 /// The percent of its weight a host at `load` (0.0 idle to 1.0 or more,
-/// fully loaded) reports: `100 - load`, to the nearest `step`, never below
-/// `min_percent`.
+/// fully loaded) reports: `100 - load`, to the nearest multiple of `step`
+/// or 100 (which a step that does not divide 100 never reaches), never
+/// below `min_percent`.
 pub fn percent(load: f64, min_percent: u32, step: u32) -> u32 {
     let free = ((1.0 - load.clamp(0.0, 1.0)) * 100.0).round() as u32;
     let stepped = if step > 1 {
@@ -99,17 +100,25 @@ pub fn percent(load: f64, min_percent: u32, step: u32) -> u32 {
     } else {
         free
     };
-    stepped.clamp(min_percent.min(FULL), FULL)
+    let nearest = if FULL - free < stepped.abs_diff(free) {
+        FULL
+    } else {
+        stepped
+    };
+    nearest.clamp(min_percent.min(FULL), FULL)
 }
 
 /// The percent to report after `current` at `load`: [`percent`], but only
 /// once the free share is a whole `step` away from `current`, so a load
 /// hovering at a step's edge does not flip the report (each change
-/// rebuilds every node's table).
+/// rebuilds every node's table). 100 and the floor are reached from
+/// anywhere: from the floor, the free share may never get a whole step
+/// above it (a floor of 95 with steps of 10).
 pub fn next(current: u32, load: f64, min_percent: u32, step: u32) -> u32 {
     let wanted = percent(load, min_percent, step);
     let free = (1.0 - load.clamp(0.0, 1.0)) * 100.0;
-    if wanted != current && (free - f64::from(current)).abs() >= f64::from(step.max(1)) {
+    let bound = wanted == FULL || wanted == min_percent.min(FULL);
+    if wanted != current && (bound || (free - f64::from(current)).abs() >= f64::from(step.max(1))) {
         wanted
     } else {
         current
@@ -163,6 +172,13 @@ mod tests {
         assert_eq!(next(20, 0.995, 10, 10), 10);
         assert_eq!(next(90, 0.0, 10, 10), 100);
         assert_eq!(next(100, 0.06, 10, 10), 100);
+        // Even when they are less than a step away.
+        assert_eq!(next(95, 0.0, 95, 10), 100);
+        assert_eq!(next(100, 1.0, 95, 10), 95);
+        assert_eq!(next(10, 0.0, 10, 100), 100);
+        assert_eq!(next(90, 0.0, 10, 30), 100);
+        // Elsewhere a load at a step's edge still holds.
+        assert_eq!(next(90, 0.06, 10, 10), 90);
     }
 
     #[test]
@@ -175,5 +191,8 @@ mod tests {
         assert_eq!(percent(3.0, 10, 10), 10);
         assert_eq!(percent(0.33, 5, 1), 67);
         assert_eq!(percent(f64::NAN, 10, 10), 10);
+        // A step that does not divide 100 still reaches it.
+        assert_eq!(percent(0.0, 10, 30), 100);
+        assert_eq!(percent(0.1, 10, 30), 90);
     }
 }

@@ -284,28 +284,61 @@ impl Report {
         self.percent.load(Ordering::Relaxed)
     }
 
-    /// The agent-check line (see [`crate::agent`]).
+    /// The agent-check line (see [`crate::agent`]): the state alone. The
+    /// load goes in the registration, which lb multiplies the weight by;
+    /// a percent here too would count it twice (50 % load: a quarter).
     fn line(&self) -> String {
-        let state = if self.draining.load(Ordering::Relaxed) {
-            "drain"
+        if self.draining.load(Ordering::Relaxed) {
+            "drain\n".into()
         } else {
-            "ready"
-        };
-        format!("{}% {state}\n", self.percent())
+            "ready\n".into()
+        }
     }
 }
+
+/// A listener on `port` of every address: both families where the host
+/// has IPv6 (IPV6_V6ONLY cleared, whatever `net.ipv6.bindv6only` says), else
+/// IPv4 alone.
+fn listen_any(port: u16) -> std::io::Result<tokio::net::TcpListener> {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+    let listen = |socket: tokio::net::TcpSocket, addr: SocketAddr| {
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    let dual = tokio::net::TcpSocket::new_v6().and_then(|socket| {
+        let off: libc::c_int = 0;
+        // SAFETY: a valid socket descriptor and an int option of that size.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                (&raw const off).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        listen(socket, (Ipv6Addr::UNSPECIFIED, port).into())
+    });
+    dual.or_else(|_| {
+        listen(
+            tokio::net::TcpSocket::new_v4()?,
+            (Ipv4Addr::UNSPECIFIED, port).into(),
+        )
+    })
+}
+
+/// Connections waiting to be accepted by the agent-check listener.
+const LISTEN_BACKLOG: u32 = 128;
 
 /// Answers every connection to `port` with the agent-check line, for a
 /// standalone lb whose service has `[service.agent]`.
 async fn serve_agent_check(port: u16, report: Arc<Report>) -> Result<()> {
-    // Both families where the host has IPv6, else IPv4 alone.
     let listener =
-        match tokio::net::TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, port)).await {
-            Ok(l) => l,
-            Err(_) => tokio::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port))
-                .await
-                .with_context(|| format!("listening for agent checks on port {port}"))?,
-        };
+        listen_any(port).with_context(|| format!("listening for agent checks on port {port}"))?;
     tokio::spawn(async move {
         loop {
             let (mut conn, _) = crate::listen::accept("agent check", || listener.accept()).await;

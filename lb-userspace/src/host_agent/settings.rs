@@ -117,6 +117,10 @@ fn default_min_percent() -> u32 {
 fn default_step() -> u32 {
     load::DEFAULT_STEP
 }
+/// The longest interval or timeout the agent takes: longer ones say
+/// nothing useful, and the timer arithmetic overflows on absurd ones.
+const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+
 fn default_load_interval() -> Duration {
     load::DEFAULT_INTERVAL
 }
@@ -245,6 +249,13 @@ pub fn parse(text: &str) -> Result<Settings, ConfigErrors> {
             "interval and timeout must be above zero".into(),
         );
     }
+    if c.interval > MAX_INTERVAL || c.timeout > MAX_INTERVAL {
+        push(
+            &file.check.span(),
+            "check",
+            format!("interval and timeout must be at most {MAX_INTERVAL:?}"),
+        );
+    }
     let load = file.load.as_ref().map(|l| {
         let span = l.span();
         let l = l.get_ref();
@@ -274,8 +285,12 @@ pub fn parse(text: &str) -> Result<Settings, ConfigErrors> {
                 push(&span, field, format!("{v}: a percent from 1 to 100"));
             }
         }
-        if l.interval.is_zero() {
-            push(&span, "load.interval", "must be above zero".into());
+        if l.interval.is_zero() || l.interval > MAX_INTERVAL {
+            push(
+                &span,
+                "load.interval",
+                format!("must be above zero and at most {MAX_INTERVAL:?}"),
+            );
         }
         LoadSettings {
             cpu: l.cpu,
@@ -456,6 +471,14 @@ lease = "3s"
             "interval = \"400000000000years\"\ntimeout = \"400000000000years\"",
         );
         assert!(parse(&huge).is_err());
+        // And so are they with an lb target, which has no lease.
+        let standalone = huge.replace(
+            "[fleet]\nendpoints = [\"http://198.18.0.250:2379\"]\nlease = \"3s\"\n",
+            "[lb]\naddress = \"198.18.0.1:9200\"\nsecret_file = \"/etc/lb/secret\"\n",
+        );
+        assert_ne!(standalone, huge);
+        let e = parse(&standalone).unwrap_err().to_string();
+        assert!(e.contains("at most 3600s"), "{e}");
         let fine = slow
             .replace("timeout = \"2s\"", "timeout = \"500ms\"")
             .replace("2500ms", "3s");
