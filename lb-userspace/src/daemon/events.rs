@@ -23,9 +23,12 @@ use tracing_subscriber::{
 
 /// Events kept.
 pub(crate) const KEPT: usize = 100;
-/// The daemon's modules: the XDP program's log lines and the crates lb
-/// uses are not events.
-const DAEMON_TARGET: &str = concat!(env!("CARGO_CRATE_NAME"), "::daemon");
+/// lb's own modules (the daemon's, and what it runs: routes, the fleet,
+/// the data plane, next hops): the crates lb uses are not events.
+const LB_TARGET: &str = env!("CARGO_CRATE_NAME");
+/// The XDP program's log lines, whose target `LB_TARGET` is a prefix of:
+/// not events either.
+const KERNEL_TARGET: &str = "lb_ebpf";
 
 /// One event.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -49,15 +52,17 @@ pub(crate) fn recent() -> Vec<EventRow> {
         .unwrap_or_default()
 }
 
-/// The layer that keeps them; it sees only the daemon's lines at info and
-/// above, whatever `LB_LOG` lets through to stderr.
+/// The layer that keeps them; it sees only lb's lines at info and above,
+/// whatever `LB_LOG` lets through to stderr.
 pub(crate) fn layer<S: Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>>()
 -> impl Layer<S> {
     Recorder.with_filter(daemon_lines())
 }
 
 fn daemon_lines<S>() -> impl Filter<S> {
-    Targets::new().with_target(DAEMON_TARGET, Level::INFO)
+    Targets::new()
+        .with_target(LB_TARGET, Level::INFO)
+        .with_target(KERNEL_TARGET, tracing::level_filters::LevelFilter::OFF)
 }
 
 struct Recorder;
@@ -76,7 +81,11 @@ impl<S: Subscriber> Layer<S> for Recorder {
         };
         if let Ok(mut recent) = RECENT.lock() {
             if recent.len() == KEPT {
-                recent.pop_front();
+                // The oldest info line goes first: routine lines (slow
+                // start steps, rebuilds) must not push out the warnings
+                // an operator opens the page for.
+                let oldest = recent.iter().position(|r| r.level == "info").unwrap_or(0);
+                recent.remove(oldest);
             }
             recent.push_back(row);
         }
@@ -119,12 +128,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keeps_the_daemons_lines_at_info_and_above_with_their_fields() {
+    fn keeps_lbs_lines_at_info_and_above_with_their_fields_warnings_longest() {
         let subscriber = tracing_subscriber::registry().with(layer());
         tracing::subscriber::with_default(subscriber, || {
             tracing::warn!(target: "lb::daemon::controller", service = "web", backend = %"198.18.0.11", "backend down");
             tracing::debug!(target: "lb::daemon::controller", "not an event");
             tracing::info!(target: "lb_ebpf", "the XDP program's line");
+            tracing::info!(target: "aya", "a crate's line");
+            tracing::info!(target: "lb::routes", "announced");
             for i in 0..KEPT {
                 tracing::info!(target: "lb::daemon", i, "filler");
             }
@@ -139,9 +150,11 @@ mod tests {
                 .iter()
                 .all(|e| !e.text.contains("XDP") && e.text != "not an event")
         );
-        // The oldest kept is the second filler line: the warning and the
-        // first filler line fell out.
-        assert_eq!(events[KEPT - 1].text, "filler i=1");
+        assert!(events.iter().all(|e| e.text != "a crate's line"));
+        // The oldest kept is the warning: the routes' line and the first
+        // two filler lines fell out before it.
+        assert_eq!(events[KEPT - 1].level, "warn");
+        assert_eq!(events[KEPT - 2].text, "filler i=2");
 
         let subscriber = tracing_subscriber::registry().with(layer());
         tracing::subscriber::with_default(subscriber, || {

@@ -531,6 +531,12 @@ pub async fn run(opts: Options) -> Result<()> {
     };
     let mut ramp = tokio::time::interval(SLOW_START_TICK);
     let mut repair = tokio::time::interval(REPAIR_TICK);
+    // After a stall (a large reload, a conntrack flush), one tick, not a
+    // burst of them: each repairs everything, and each takes a history
+    // sample, whose rates would then span milliseconds.
+    for tick in [&mut ramp, &mut repair] {
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
     let mut resolving: FuturesUnordered<BoxFuture<'static, ResolvedCall>> = FuturesUnordered::new();
     loop {
         let health_due = ctl.health_changes_due();

@@ -145,6 +145,41 @@ async fn in_browser(client: &Client, servers: &mut [Option<NameServer>]) -> Resu
         wide.as_array().is_some_and(Vec::is_empty),
         "wider than a phone: {wide}"
     );
+    // A table scrolled sideways stays where it was across polls, though
+    // each poll builds the page anew.
+    let scrolled = eval(
+        client,
+        "const box = document.querySelector('section.service .scroll'); \
+         box.scrollLeft = 40; window.lbPolledBox = box; return box.scrollLeft;",
+    )
+    .await?;
+    ensure!(
+        scrolled.as_f64().is_some_and(|x| x > 0.0),
+        "the table does not scroll at a phone's width: {scrolled}"
+    );
+    let polled = Instant::now();
+    while eval(
+        client,
+        "return document.querySelector('section.service .scroll') === window.lbPolledBox;",
+    )
+    .await?
+        == Value::Bool(true)
+    {
+        ensure!(
+            polled.elapsed() < Duration::from_secs(10),
+            "no poll in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = eval(
+        client,
+        "return document.querySelector('section.service .scroll').scrollLeft;",
+    )
+    .await?;
+    ensure!(
+        after == scrolled,
+        "the table's scroll went from {scrolled} to {after} at a poll"
+    );
     Ok(shot)
 }
 
