@@ -94,9 +94,10 @@ struct Cli {
     #[arg(long, value_delimiter = ',', value_enum)]
     paths: Vec<dataplane::Path>,
     /// Data plane: timed rounds per case, in place of the plan's (in each
-    /// load of the many-flows groups).
-    #[arg(long)]
-    rounds: Option<usize>,
+    /// load of the many-flows groups). At least one: without a round
+    /// every median is undefined.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    rounds: Option<u16>,
     /// Data plane: loads of the many-flows groups (objects loaded afresh
     /// each time), in place of the plan's.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
@@ -164,8 +165,8 @@ fn plan(cli: &Cli) -> dataplane::Plan {
     }
     plan.paths.clone_from(&cli.paths);
     if let Some(rounds) = cli.rounds {
-        plan.rounds = rounds;
-        plan.many_flows_rounds = rounds;
+        plan.rounds = rounds.into();
+        plan.many_flows_rounds = rounds.into();
     }
     if let Some(loads) = cli.many_flows_loads {
         plan.many_flows_loads = usize::from(loads);
