@@ -54,15 +54,57 @@ pub struct ThroughVip {
 /// segment an answer takes well under a millisecond.
 const ARP_WAIT: Duration = Duration::from_millis(50);
 
+/// Why a probe failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// What went wrong, for the operator.
+    pub detail: String,
+    /// Nothing came back from the backend's host: no answer in time, or no
+    /// way to reach it. Otherwise the host answered (refused the
+    /// connection, answered wrongly): it is alive, whatever its server
+    /// does.
+    pub silent: bool,
+}
+
+impl Failure {
+    fn silent(detail: String) -> Failure {
+        Failure {
+            detail,
+            silent: true,
+        }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(detail: String) -> Failure {
+        Failure {
+            detail,
+            silent: false,
+        }
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(detail: &str) -> Failure {
+        detail.to_string().into()
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
 /// Runs one probe of `kind` against the backend at `addr` (at its address,
-/// or `through` its service's VIP); `Ok(latency)` or the reason it failed.
+/// or `through` its service's VIP); `Ok(latency)` or why it failed.
 /// HTTP's `Host` and TLS's server name stay the backend's either way.
 pub async fn run(
     kind: &Probe,
     addr: SocketAddr,
     through: Option<&ThroughVip>,
     limit: Duration,
-) -> Result<Duration, String> {
+) -> Result<Duration, Failure> {
     let start = Instant::now();
     let outcome = timeout(limit, attempt(kind, addr, through)).await;
     match outcome {
@@ -78,12 +120,13 @@ pub async fn run(
                 return Err(format!(
                     "answers ARP for the VIP {vip}: set net.ipv4.conf.all.arp_ignore = 1 \
                      and arp_announce = 2 on the backend (lb doctor --backend)"
-                ));
+                )
+                .into());
             }
             Ok(latency)
         }
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(format!("no answer within {limit:?}")),
+        Err(_) => Err(Failure::silent(format!("no answer within {limit:?}"))),
     }
 }
 
@@ -91,11 +134,13 @@ async fn attempt(
     kind: &Probe,
     addr: SocketAddr,
     through: Option<&ThroughVip>,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     // Where packets go, and the mark that routes them there.
     let (to, mark) = match through {
         Some(t) if !t.routed => {
-            return Err("no route through the VIP: the backend's next hop is not resolved".into());
+            return Err(Failure::silent(
+                "no route through the VIP: the backend's next hop is not resolved".into(),
+            ));
         }
         Some(t) => (SocketAddr::new(t.vip, addr.port()), Some(t.mark)),
         None => (addr, None),
@@ -125,7 +170,7 @@ async fn attempt(
         } => {
             let s = connect(to, mark).await?;
             match tls {
-                None => http(s, addr, path, *status, body.as_deref()).await,
+                None => Ok(http(s, addr, path, *status, body.as_deref()).await?),
                 Some(tls) => {
                     let config = client_config(&tls.roots)?;
                     let name = server_name(tls, addr)?;
@@ -133,7 +178,7 @@ async fn attempt(
                         .connect(name, s)
                         .await
                         .map_err(|e| format!("TLS: {e}"))?;
-                    http(s, addr, path, *status, body.as_deref()).await
+                    Ok(http(s, addr, path, *status, body.as_deref()).await?)
                 }
             }
         }
@@ -175,7 +220,7 @@ pub async fn ask_agent(
     limit: Duration,
 ) -> Result<(String, agent::Reply), String> {
     let exchange = async {
-        let mut s = connect(addr, None).await?;
+        let mut s = connect(addr, None).await.map_err(|f| f.detail)?;
         if let Some(send) = send {
             s.write_all(send).await.map_err(|e| format!("send: {e}"))?;
         }
@@ -199,7 +244,9 @@ pub async fn ask_agent(
         .unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
 }
 
-async fn connect(addr: SocketAddr, mark: Option<u32>) -> Result<TcpStream, String> {
+/// A connection to `addr`. A refusal is the host's answer; any other
+/// failure to connect is silence.
+async fn connect(addr: SocketAddr, mark: Option<u32>) -> Result<TcpStream, Failure> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {
@@ -216,10 +263,10 @@ async fn connect(addr: SocketAddr, mark: Option<u32>) -> Result<TcpStream, Strin
     socket
         .set_zero_linger()
         .map_err(|e| format!("socket: {e}"))?;
-    socket
-        .connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))
+    socket.connect(addr).await.map_err(|e| Failure {
+        detail: format!("connect: {e}"),
+        silent: e.kind() != std::io::ErrorKind::ConnectionRefused,
+    })
 }
 
 /// Marks every packet `socket` sends with `mark`, which the policy rules of
@@ -328,11 +375,22 @@ static BUILT: LazyLock<Mutex<HashMap<TlsRoots, Arc<ClientConfig>>>> = LazyLock::
 
 /// Reads every CA file the https checks of `desired` name, afresh: a file
 /// that cannot be read or holds no certificate refuses the configuration
-/// (at start, at a reload or a run-time change, in `check-config`) instead
-/// of failing every probe, and a rotated file is in use from the reload
-/// that reads it.
-pub fn load_ca_files(desired: &crate::config::Desired) -> anyhow::Result<()> {
+/// (at start, at a reload, in `check-config`) instead of failing every
+/// probe, and a rotated file is in use from the reload that reads it.
+/// With `running`, only the checks that differ from its are read: a
+/// change to other services (a registration, a fleet revision, `lb
+/// backend del`) is not refused for a file it does not touch.
+pub fn load_ca_files(
+    desired: &crate::config::Desired,
+    running: Option<&crate::config::Desired>,
+) -> anyhow::Result<()> {
     for (name, service) in &desired.services {
+        let unchanged = running
+            .and_then(|r| r.services.get(name))
+            .is_some_and(|r| r.health == service.health);
+        if unchanged {
+            continue;
+        }
         if let Probe::Http {
             tls:
                 Some(Tls {
@@ -562,13 +620,15 @@ mod tests {
         assert_eq!(
             run(&http("/", 200, None, None), addr, None, T)
                 .await
-                .unwrap_err(),
+                .unwrap_err()
+                .detail,
             "status 204, expected 200"
         );
         assert_eq!(
             run(&http("/", 204, Some("starting"), None), addr, None, T)
                 .await
-                .unwrap_err(),
+                .unwrap_err()
+                .detail,
             "the body does not contain \"starting\""
         );
     }
@@ -617,9 +677,12 @@ mod tests {
             .is_ok()
         );
         let wrong_name = ok(http("/", 204, None, tls(Some("other.test"), trusted))).await;
-        assert!(wrong_name.unwrap_err().starts_with("TLS: "));
+        assert!(wrong_name.unwrap_err().detail.starts_with("TLS: "));
         let untrusted = ok(http("/", 204, None, tls(None, TlsRoots::System))).await;
-        assert!(untrusted.unwrap_err().starts_with("TLS: "), "self-signed");
+        assert!(
+            untrusted.unwrap_err().detail.starts_with("TLS: "),
+            "self-signed"
+        );
         assert!(
             ok(http("/", 204, None, tls(None, TlsRoots::Insecure)))
                 .await
@@ -628,7 +691,8 @@ mod tests {
         let missing = TlsRoots::File(dir.join("none.pem"));
         let e = ok(http("/", 204, None, tls(None, missing)))
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .detail;
         assert!(e.starts_with("reading CA file"), "{e}");
         // CA files are read by the configuration that names them: a
         // missing one refuses it, a good one serves the probes after.
@@ -641,12 +705,15 @@ mod tests {
             ))
             .unwrap()
         };
-        let e = load_ca_files(&config(&dir.join("none.pem"))).unwrap_err();
+        let e = load_ca_files(&config(&dir.join("none.pem")), None).unwrap_err();
         assert!(
             format!("{e:#}").starts_with("service web: reading CA file"),
             "{e:#}"
         );
-        load_ca_files(&config(&ca_file)).unwrap();
+        load_ca_files(&config(&ca_file), None).unwrap();
+        // Against a running configuration, only changed checks are read.
+        let missing = config(&dir.join("none.pem"));
+        load_ca_files(&missing, Some(&missing)).unwrap();
         // Plain HTTP to a TLS server fails too.
         assert!(ok(http("/", 204, None, None)).await.is_err());
         // The body is found whether the server ends without close_notify
@@ -716,11 +783,15 @@ mod tests {
         assert_eq!(
             run(&tcp(Some("PING\r\n"), Some("+PONG")), hung_addr, None, t)
                 .await
-                .unwrap_err(),
+                .unwrap_err()
+                .detail,
             "no answer within 300ms"
         );
         let http_hung = run(&http("/", 200, None, None), hung_addr, None, t).await;
-        assert_eq!(http_hung.unwrap_err(), "no answer within 300ms");
+        assert_eq!(
+            http_hung.unwrap_err(),
+            Failure::silent("no answer within 300ms".into())
+        );
 
         let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let echo_addr = echo.local_addr().unwrap();
@@ -745,7 +816,8 @@ mod tests {
         assert_eq!(
             run(&tcp(Some("HELLO\r\n"), Some("+PONG")), echo_addr, None, T)
                 .await
-                .unwrap_err(),
+                .unwrap_err()
+                .detail,
             "unexpected reply"
         );
     }
@@ -781,11 +853,16 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap();
-        assert!(
-            run(&tcp(None, None), closed, None, T)
-                .await
-                .unwrap_err()
-                .starts_with("connect")
-        );
+        // Refused: the host answered, as a server that stopped listening
+        // has it; a timeout is silence.
+        let refused = run(&tcp(None, None), closed, None, T).await.unwrap_err();
+        assert!(refused.detail.starts_with("connect"), "{refused}");
+        assert!(!refused.silent);
+        let unbound = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let unreachable = run(&udp_bad, unbound, None, T).await.unwrap_err();
+        assert!(!unreachable.silent, "an ICMP port unreachable answers");
     }
 }

@@ -57,6 +57,9 @@ pub struct ProbeReport {
     pub latency: Duration,
     /// Error text when it failed.
     pub detail: String,
+    /// The backend's host answered (passed, refused the connection,
+    /// answered wrongly), as opposed to silence.
+    pub answered: bool,
 }
 
 /// A backend of a service, as the controller tracks it.
@@ -1090,6 +1093,8 @@ impl Controller {
     /// server was likely stopped or changed meanwhile, so it takes no flow
     /// until a probe passes again ([`Tracker::recheck`]; the prober probes
     /// it at once).
+    /// A backend entering maintenance is down from then on (the page and
+    /// `lb health` say so), so its `since` starts there too.
     fn recheck_left_maintenance(&mut self, before: &Overrides) {
         let was_in_maintenance = |name: &str, ip: &IpAddr| {
             before
@@ -1099,12 +1104,14 @@ impl Controller {
         };
         for (name, svc) in &mut self.services {
             for (ip, b) in &mut svc.backends {
-                if was_in_maintenance(name, ip)
-                    && self.runtime.get(name, *ip).admin != Admin::Maintenance
-                {
+                let was = was_in_maintenance(name, ip);
+                let is = self.runtime.get(name, *ip).admin == Admin::Maintenance;
+                if was && !is {
                     b.health.recheck();
                     b.ramp_started = None;
                     b.ramp_percent = 100;
+                }
+                if was != is {
                     b.since = SystemTime::now();
                 }
             }
@@ -1285,15 +1292,18 @@ impl Controller {
     fn backend_value(&self, service: &str, ip: IpAddr, b: &BackendState) -> BackendValue {
         let (addr, family) = addr_bytes(ip);
         let hop = self.hops.get(&ip).copied();
-        // A drained backend stays up whatever its probes say: it gets no
-        // new flow, and a server shutting down gracefully closes its
-        // listener (failing probes) while it finishes the connections it
-        // has, which must not re-hash elsewhere to be reset.
+        // A drained backend whose probes fail stays up while its host
+        // answers them: it gets no new flow, and a server shutting down
+        // gracefully stops listening (refusing probes) or answers 503
+        // while it finishes the connections it has, which must not
+        // re-hash elsewhere to be reset. A host gone silent is down, as
+        // any other, so its flows move rather than vanish into it.
+        let healthy = self.healthy(service, ip, b, self.in_panic(service));
         let up = hop.is_some()
             && match self.admin(service, ip, b) {
                 Admin::Maintenance => false,
-                Admin::Drain => true,
-                Admin::Ready => self.healthy(service, ip, b, self.in_panic(service)),
+                Admin::Drain => healthy || b.last_probe.as_ref().is_some_and(|(p, _)| p.answered),
+                Admin::Ready => healthy,
             };
         BackendValue {
             addr,

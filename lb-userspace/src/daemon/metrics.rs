@@ -18,7 +18,7 @@ use prometheus_client::{
     registry::{Metric, Registry},
 };
 
-use super::controller::Controller;
+use super::{controller::Controller, runtime::Admin};
 use crate::api::NodeStatus;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -441,7 +441,10 @@ pub(crate) fn render(
             let st = ctl.dataplane().backend_stats(b.id)?;
             b_packets.get_or_create(&l).inc_by(st.packets());
             b_bytes.get_or_create(&l).inc_by(st.bytes);
-            b_up.get_or_create(&l).set(i64::from(ctl.is_up(name, *ip)));
+            // In maintenance probes stop, and the last verdict says
+            // nothing: down, as the status page and `lb health` show it.
+            let up = ctl.is_up(name, *ip) && ctl.admin(name, *ip, b) != Admin::Maintenance;
+            b_up.get_or_create(&l).set(i64::from(up));
             b_weight
                 .get_or_create(&l)
                 .set(i64::from(ctl.table_weight(name, *ip, b)));

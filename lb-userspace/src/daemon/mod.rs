@@ -112,7 +112,7 @@ impl ConfigFile {
         let desired =
             config::parse(&text).map_err(|e| anyhow!("{} is invalid:\n{e}", path.display()))?;
         runtime::check_apart_from(&desired.settings.state_file, path)?;
-        crate::probe::load_ca_files(&desired)?;
+        crate::probe::load_ca_files(&desired, None)?;
         let file = ConfigFile {
             path: path.to_path_buf(),
             text,
@@ -799,7 +799,7 @@ pub(crate) fn apply(
             "interfaces, xdp_mode, socket, state_file, metrics, [announce], [fleet] and [registration] only change with a daemon restart"
         );
     }
-    crate::probe::load_ca_files(&desired)?;
+    crate::probe::load_ca_files(&desired, Some(ctl.desired()))?;
     let (desired, admitted) = admit_registrations(desired, &ctl.runtime().registered);
     if dry_run {
         return ctl.apply(desired, true);

@@ -296,13 +296,15 @@ async fn probe_loop(
                     ok: true,
                     latency,
                     detail: String::new(),
+                    answered: true,
                 },
                 // As long as it took: a refused connection fails at once,
                 // a timeout at its timeout.
-                Err(detail) => ProbeReport {
+                Err(failure) => ProbeReport {
                     ok: false,
                     latency: started.elapsed().min(check.timeout),
-                    detail,
+                    detail: failure.detail,
+                    answered: !failure.silent,
                 },
             };
             in_transition = report.ok != control.up.load(Ordering::Relaxed);

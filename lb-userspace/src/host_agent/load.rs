@@ -111,14 +111,15 @@ pub fn percent(load: f64, min_percent: u32, step: u32) -> u32 {
 /// The percent to report after `current` at `load`: [`percent`], but only
 /// once the free share is a whole `step` away from `current`, so a load
 /// hovering at a step's edge does not flip the report (each change
-/// rebuilds every node's table). 100 and the floor are reached from
-/// anywhere: from the floor, the free share may never get a whole step
-/// above it (a floor of 95 with steps of 10).
+/// rebuilds every node's table); or, when the report it would take is
+/// nearer than a step (100, or the floor), once the free share is as far
+/// away as that report: from a floor of 95 with steps of 10, the free
+/// share never gets a whole step above it.
 pub fn next(current: u32, load: f64, min_percent: u32, step: u32) -> u32 {
     let wanted = percent(load, min_percent, step);
     let free = (1.0 - load.clamp(0.0, 1.0)) * 100.0;
-    let bound = wanted == FULL || wanted == min_percent.min(FULL);
-    if wanted != current && (bound || (free - f64::from(current)).abs() >= f64::from(step.max(1))) {
+    let needed = step.max(1).min(wanted.abs_diff(current));
+    if wanted != current && (free - f64::from(current)).abs() >= f64::from(needed) {
         wanted
     } else {
         current
@@ -177,8 +178,13 @@ mod tests {
         assert_eq!(next(100, 1.0, 95, 10), 95);
         assert_eq!(next(10, 0.0, 10, 100), 100);
         assert_eq!(next(90, 0.0, 10, 30), 100);
-        // Elsewhere a load at a step's edge still holds.
+        // Elsewhere a load at a step's edge still holds, and so does one
+        // between the floor and 100 when they are the only reports.
         assert_eq!(next(90, 0.06, 10, 10), 90);
+        assert_eq!(next(95, 0.04, 95, 10), 95);
+        assert_eq!(next(100, 0.02, 95, 10), 100);
+        assert_eq!(next(100, 0.51, 10, 100), 100);
+        assert_eq!(next(10, 0.49, 10, 100), 10);
     }
 
     #[test]

@@ -414,6 +414,15 @@ fn run() -> Result<()> {
         "down",
         "{health}"
     );
+    // Down since it entered maintenance, not since its last transition;
+    // and so in the metrics.
+    let since = backend(&health, "198.18.0.12")["since_seconds"].as_u64();
+    assert!(since.is_some_and(|s| s < 5), "{health}");
+    let text = scrape(&[b"GET /metrics HTTP/1.0\r\n\r\n"])?;
+    assert!(
+        text.contains("lb_backend_up{service=\"web\",backend=\"198.18.0.12\"} 0"),
+        "{text}"
+    );
     // Its server stops during maintenance, as for an upgrade. Leaving
     // maintenance does not bring back the verdict from before: the backend
     // takes no flow until a probe passes again.

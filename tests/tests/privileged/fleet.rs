@@ -1115,6 +1115,7 @@ fn a_change_counts_the_slots_of_a_backend_the_fleet_holds_down_while_it_checks()
         ok: true,
         latency: Duration::from_millis(1),
         detail: String::new(),
+        answered: true,
     };
     ctl.record_probe("echo", held.parse().unwrap(), pass.clone())
         .unwrap();

@@ -63,6 +63,7 @@ fn probe(ctl: &mut Controller, ip: &str, ok: bool) {
         ok,
         latency: Duration::from_millis(1),
         detail: String::new(),
+        answered: true,
     };
     let ip: IpAddr = ip.parse().unwrap();
     ctl.record_probe(SERVICE, ip, report).unwrap();
