@@ -153,6 +153,11 @@ async fn attempt(
                 s.write_all(send).await.map_err(|e| format!("send: {e}"))?;
             }
             let Some(expect) = expect else {
+                if send.is_some() {
+                    // Nothing read back to say it arrived: closed the usual
+                    // way, so that the reset does not discard what is sent.
+                    graceful_close(&s)?;
+                }
                 return Ok(());
             };
             let reply = read_until(&mut s, |got| got.len() >= expect.len()).await?;
@@ -267,6 +272,30 @@ async fn connect(addr: SocketAddr, mark: Option<u32>) -> Result<TcpStream, Failu
         detail: format!("connect: {e}"),
         silent: e.kind() != std::io::ErrorKind::ConnectionRefused,
     })
+}
+
+/// Undoes the reset on close [`connect`] sets: the socket's unsent data
+/// goes out before the close.
+fn graceful_close(socket: &impl AsRawFd) -> Result<(), String> {
+    let linger = libc::linger {
+        l_onoff: 0,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket descriptor and a linger option of that size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(format!("socket: {}", std::io::Error::last_os_error()))
+    }
 }
 
 /// Marks every packet `socket` sends with `mark`, which the policy rules of

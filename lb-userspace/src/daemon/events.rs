@@ -26,9 +26,6 @@ pub(crate) const KEPT: usize = 100;
 /// lb's own modules (the daemon's, and what it runs: routes, the fleet,
 /// the data plane, next hops): the crates lb uses are not events.
 const LB_TARGET: &str = env!("CARGO_CRATE_NAME");
-/// The XDP program's log lines, whose target `LB_TARGET` is a prefix of:
-/// not events either.
-const KERNEL_TARGET: &str = "lb_ebpf";
 
 /// One event.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -62,7 +59,12 @@ pub(crate) fn layer<S: Subscriber + for<'a> tracing_subscriber::registry::Lookup
 fn daemon_lines<S>() -> impl Filter<S> {
     Targets::new()
         .with_target(LB_TARGET, Level::INFO)
-        .with_target(KERNEL_TARGET, tracing::level_filters::LevelFilter::OFF)
+        // The XDP program's lines, whose target `LB_TARGET` is a prefix
+        // of, are not events either.
+        .with_target(
+            super::KERNEL_LOG_TARGET,
+            tracing::level_filters::LevelFilter::OFF,
+        )
 }
 
 struct Recorder;
@@ -81,11 +83,18 @@ impl<S: Subscriber> Layer<S> for Recorder {
         };
         if let Ok(mut recent) = RECENT.lock() {
             if recent.len() == KEPT {
-                // The oldest info line goes first: routine lines (slow
-                // start steps, rebuilds) must not push out the warnings
-                // an operator opens the page for.
-                let oldest = recent.iter().position(|r| r.level == "info").unwrap_or(0);
-                recent.remove(oldest);
+                // The oldest info line goes first while warnings and errors
+                // hold less than half: routine lines (slow start steps,
+                // rebuilds) must not push out the warnings an operator
+                // opens the page for, nor old warnings the info lines that
+                // followed them ("backend up" after "backend down").
+                let warnings = recent.iter().filter(|r| r.level != "info").count();
+                let oldest = if warnings < KEPT / 2 {
+                    recent.iter().position(|r| r.level == "info")
+                } else {
+                    None
+                };
+                recent.remove(oldest.unwrap_or(0));
             }
             recent.push_back(row);
         }
@@ -165,5 +174,16 @@ mod tests {
             "backend down service=web backend=198.18.0.11"
         );
         assert_eq!(recent()[0].level, "warn");
+
+        // Warnings hold at most half once full: the line after them stays.
+        let subscriber = tracing_subscriber::registry().with(layer());
+        tracing::subscriber::with_default(subscriber, || {
+            for i in 0..KEPT {
+                tracing::warn!(target: "lb::daemon", i, "backend down");
+            }
+            tracing::info!(target: "lb::daemon", "backend up");
+            tracing::warn!(target: "lb::daemon", "backend down again");
+        });
+        assert_eq!(recent()[1].text, "backend up");
     }
 }

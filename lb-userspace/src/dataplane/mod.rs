@@ -325,29 +325,37 @@ impl PinnedTables {
     }
 }
 
-/// The slots of the rings map a service's table takes.
-/// The values a service's slot takes, one write each, as its service
-/// goes from `cur` to `new`. A packet reads the slot's fields as separate
-/// loads and may read some before a write and the rest after it. Written
-/// at once, a new table's offset and size could be read one from each
-/// value: one table indexed by the other's size, past its end into
+/// The values a service slot takes, one write each, to go from `from` (as
+/// the slot holds it) to `to`. A packet reads the slot's fields as
+/// separate loads and may read some before a write and the rest after it.
+/// Written at once, a new table's offset and size could be read one from
+/// each value: one table indexed by the other's size, past its end into
 /// another service's table. So a moving table first keeps the old offset
 /// at the smaller size, then names the new table at that size, then takes
-/// the new size; and a new service's slot is written with its family
-/// cleared first (no flow matches it), the same value, then whole. Any
-/// mix of two consecutive values that serves a flow names a part of one
-/// of this service's tables, both live until the old one's hold ends.
-fn slot_writes(key: ServiceKey, cur: Option<ServiceValue>, new: ServiceValue) -> Vec<ServiceSlot> {
-    let slot = |value| ServiceSlot { key, value };
-    let Some(cur) = cur else {
-        let mut hidden = slot(new);
+/// the new size; and a slot taken by another key (a new service, an empty
+/// slot) has the old key's family cleared (no flow matches it), then
+/// takes the new value under a cleared family, then the new key. Any mix of two consecutive values that serves a flow names
+/// a part of one of its service's tables, both live until the old one's
+/// hold ends.
+fn slot_writes(from: ServiceSlot, to: ServiceSlot) -> Vec<ServiceSlot> {
+    if from == to {
+        return Vec::new();
+    }
+    if from.key != to.key || from.key.family == 0 {
+        let (mut gone, mut hidden) = (from, to);
+        gone.key.family = 0;
         hidden.key.family = 0;
-        return vec![hidden, slot(new)];
-    };
+        let steps = [gone, hidden, to];
+        // The old key hidden first, unless it already is.
+        let first = usize::from(from.key.family == 0);
+        return steps[first..].to_vec();
+    }
+    let (cur, new) = (from.value, to.value);
     if cur.ring_offset == new.ring_offset {
-        return vec![slot(new)];
+        return vec![to];
     }
     let least = cur.ring_size.min(new.ring_size);
+    let slot = |value| ServiceSlot { key: to.key, value };
     vec![
         slot(ServiceValue {
             ring_size: least,
@@ -357,10 +365,11 @@ fn slot_writes(key: ServiceKey, cur: Option<ServiceValue>, new: ServiceValue) ->
             ring_size: least,
             ..new
         }),
-        slot(new),
+        to,
     ]
 }
 
+/// The slots of the rings map a service's table takes.
 fn table_region(value: &ServiceValue) -> Region {
     Region {
         offset: value.ring_offset,
@@ -1217,7 +1226,14 @@ impl Dataplane {
             ring_size: size,
             idle_timeout,
         };
-        if current == Some(value) {
+        // As the slot holds it: after a change that failed part way, it
+        // may be one of the steps below rather than the entry.
+        let slot_now = self
+            .service_slots
+            .get(&id, 0)
+            .with_context(|| format!("reading the slot of service {id}"))?;
+        let slot = ServiceSlot { key: *key, value };
+        if current == Some(value) && slot_now == slot {
             return Ok(stored);
         }
         self.services
@@ -1252,7 +1268,7 @@ impl Dataplane {
         // The slot after the entry: both only ever name the live table. A
         // packet reading the slot mid-write sees each field whole. The
         // index after the slot it leads to.
-        for step in slot_writes(*key, current, value) {
+        for step in slot_writes(slot_now, slot) {
             self.set_service_slot(id, step)?;
         }
         self.index_service(id, Some(*key))?;
@@ -1325,7 +1341,11 @@ impl Dataplane {
         }
         let mut live = std::collections::BTreeMap::new();
         for (id, slot) in slots.into_iter().enumerate() {
-            self.set_service_slot(id as u32, slot)?;
+            // From what the pinned slot holds, which packets read meanwhile.
+            let now = self.service_slots.get(&(id as u32), 0)?;
+            for step in slot_writes(now, slot) {
+                self.set_service_slot(id as u32, step)?;
+            }
             if slot.key.family != 0 {
                 live.insert(id as u32, slot.key);
             }
@@ -1579,35 +1599,46 @@ mod tests {
             family: lb_common::FAMILY_V4,
             ..ServiceKey::default()
         };
-        let value = |ring_offset, ring_size| ServiceValue {
-            id: 3,
-            flags: 0,
-            ring_offset,
-            ring_size,
-            idle_timeout: 0,
+        let other = ServiceKey { port: 1, ..key };
+        let slot = |key, ring_offset, ring_size| ServiceSlot {
+            key,
+            value: ServiceValue {
+                id: 3,
+                flags: 0,
+                ring_offset,
+                ring_size,
+                idle_timeout: 0,
+            },
         };
-        for (cur, new) in [
-            (None, value(70_000, 13)),
-            (Some(value(0, 65_537)), value(200_000, 131_101)),
-            (Some(value(200_000, 131_101)), value(0, 65_537)),
-            (Some(value(70_000, 13)), value(70_000, 13)),
+        for (from, to) in [
+            (ServiceSlot::default(), slot(key, 70_000, 13)),
+            (slot(key, 0, 65_537), slot(key, 200_000, 131_101)),
+            (slot(key, 200_000, 131_101), slot(key, 0, 65_537)),
+            (slot(key, 70_000, 13), slot(key, 70_000, 13)),
+            (slot(other, 0, 65_537), slot(key, 70_000, 13)),
+            // A change that failed part way: the slot at its first step.
+            (slot(key, 0, 13), slot(key, 0, 65_537)),
         ] {
-            let before = cur.map_or(ServiceSlot::default(), |value| ServiceSlot { key, value });
-            let mut seen = vec![before];
-            seen.extend(slot_writes(key, cur, new));
-            assert_eq!(seen.last(), Some(&ServiceSlot { key, value: new }));
-            let tables = [cur, Some(new)];
-            let fits = |offset, size| {
-                tables
+            let mut seen = vec![from];
+            seen.extend(slot_writes(from, to));
+            assert_eq!(seen.last(), Some(&to));
+            // A packet serves the key it reads (the family from one write,
+            // the rest from either) from a table that key has.
+            let fits = |key: ServiceKey, offset, size| {
+                [from, to]
                     .iter()
-                    .flatten()
-                    .any(|t| t.ring_offset == offset && size <= t.ring_size)
+                    .filter(|t| t.key == key)
+                    .any(|t| t.value.ring_offset == offset && size <= t.value.ring_size)
             };
             for pair in seen.windows(2) {
-                for (f, o, z) in mixes(pair) {
+                for [f, k, o, z] in mixes(pair) {
+                    let read = ServiceKey {
+                        family: f.key.family,
+                        ..k.key
+                    };
                     assert!(
-                        f.key.family == 0 || fits(o.value.ring_offset, z.value.ring_size),
-                        "{cur:?} to {new:?}: offset {} with size {}",
+                        read.family == 0 || fits(read, o.value.ring_offset, z.value.ring_size),
+                        "{from:?} to {to:?}: key {read:?}, offset {} with size {}",
                         o.value.ring_offset,
                         z.value.ring_size
                     );
@@ -1616,16 +1647,21 @@ mod tests {
         }
     }
 
-    /// Each way of taking the family, the offset and the size from either
-    /// of two slots.
-    fn mixes(pair: &[ServiceSlot]) -> Vec<(ServiceSlot, ServiceSlot, ServiceSlot)> {
-        let mut all = Vec::new();
-        for &f in pair {
-            for &o in pair {
-                for &z in pair {
-                    all.push((f, o, z));
-                }
-            }
+    /// Each way of taking the family, the rest of the key, the offset
+    /// and the size from either of two slots.
+    fn mixes(pair: &[ServiceSlot]) -> Vec<[ServiceSlot; 4]> {
+        let mut all = vec![[ServiceSlot::default(); 4]];
+        for part in 0..4 {
+            all = all
+                .into_iter()
+                .flat_map(|m| {
+                    pair.iter().map(move |&s| {
+                        let mut m = m;
+                        m[part] = s;
+                        m
+                    })
+                })
+                .collect();
         }
         all
     }

@@ -284,14 +284,17 @@ impl Report {
         self.percent.load(Ordering::Relaxed)
     }
 
-    /// The agent-check line (see [`crate::agent`]): the state alone. The
-    /// load goes in the registration, which lb multiplies the weight by;
-    /// a percent here too would count it twice (50 % load: a quarter).
+    /// The agent-check line (see [`crate::agent`]): the state, at 100 %.
+    /// The load goes in the registration, which lb multiplies the weight
+    /// by; the load here too would count it twice (50 % load: a quarter).
+    /// 100 % rather than none, which lb reads as "keep the last percent":
+    /// after an upgrade from an agent that sent its load here, that would
+    /// stay applied for good.
     fn line(&self) -> String {
         if self.draining.load(Ordering::Relaxed) {
-            "drain\n".into()
+            "100% drain\n".into()
         } else {
-            "ready\n".into()
+            "100% ready\n".into()
         }
     }
 }
