@@ -357,10 +357,13 @@ fn charged(service: &ServiceValue, outcome: Result<Counter, Counter>) -> Result<
 /// single host (multicast, broadcast, ...) as a martian.
 #[inline(always)]
 fn answer_echo(ctx: &XdpContext, ip: &Ip) -> Result<Counter, Counter> {
-    if !maps::answers_echo(&vip_key(ip)) || !parse::source_is_unicast(ip) {
+    if !maps::answers_echo(&vip_key(ip)) {
         return Ok(Counter::PassOtherProtocol);
     }
     receiving_interface(ctx)?;
+    if !parse::source_is_unicast(ip) {
+        return Ok(Counter::PassOtherProtocol);
+    }
     icmp::reply_echo(ctx, ip)
 }
 

@@ -152,12 +152,9 @@ async fn attempt(
             if let Some(send) = send {
                 s.write_all(send).await.map_err(|e| format!("send: {e}"))?;
             }
+            // Without `expect`, the reset on close may cut what was sent
+            // short: the server may see the reset first.
             let Some(expect) = expect else {
-                if send.is_some() {
-                    // Nothing read back to say it arrived: closed the usual
-                    // way, so that the reset does not discard what is sent.
-                    graceful_close(&s)?;
-                }
                 return Ok(());
             };
             let reply = read_until(&mut s, |got| got.len() >= expect.len()).await?;
@@ -201,13 +198,13 @@ async fn attempt(
             if let Some(mark) = mark {
                 set_mark(&s, mark)?;
             }
-            s.connect(to).await.map_err(|e| format!("connect: {e}"))?;
-            s.send(send).await.map_err(|e| format!("send: {e}"))?;
+            s.connect(to).await.map_err(|e| io_failure("connect", &e))?;
+            s.send(send).await.map_err(|e| io_failure("send", &e))?;
             let mut buf = vec![0u8; MAX_RESPONSE];
             let n = s
                 .recv(&mut buf)
                 .await
-                .map_err(|e| format!("receive: {e}"))?;
+                .map_err(|e| io_failure("receive", &e))?;
             if buf[..n].starts_with(expect) {
                 Ok(())
             } else {
@@ -268,56 +265,51 @@ async fn connect(addr: SocketAddr, mark: Option<u32>) -> Result<TcpStream, Failu
     socket
         .set_zero_linger()
         .map_err(|e| format!("socket: {e}"))?;
-    socket.connect(addr).await.map_err(|e| Failure {
-        detail: format!("connect: {e}"),
-        silent: e.kind() != std::io::ErrorKind::ConnectionRefused,
-    })
+    socket
+        .connect(addr)
+        .await
+        .map_err(|e| io_failure("connect", &e))
 }
 
-/// Undoes the reset on close [`connect`] sets: the socket's unsent data
-/// goes out before the close.
-fn graceful_close(socket: &impl AsRawFd) -> Result<(), String> {
-    let linger = libc::linger {
-        l_onoff: 0,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket descriptor and a linger option of that size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(format!("socket: {}", std::io::Error::last_os_error()))
+/// A failed exchange with the backend: its host's answer when it refused
+/// or reset (a TCP reset, an ICMP port unreachable), else silence (no
+/// route, no neighbour, a host unreachable from a router).
+fn io_failure(what: &str, e: &std::io::Error) -> Failure {
+    use std::io::ErrorKind::{ConnectionRefused, ConnectionReset};
+    Failure {
+        detail: format!("{what}: {e}"),
+        silent: !matches!(e.kind(), ConnectionRefused | ConnectionReset),
     }
 }
 
 /// Marks every packet `socket` sends with `mark`, which the policy rules of
 /// [`crate::probe_path`] route by (needs CAP_NET_ADMIN).
 fn set_mark(socket: &impl AsRawFd, mark: u32) -> Result<(), String> {
-    // SAFETY: a valid socket descriptor and a u32 option of that size.
+    set_option(socket, libc::SOL_SOCKET, libc::SO_MARK, &mark)
+        .map_err(|e| format!("marking the probe socket: {e}"))
+}
+
+/// Sets a socket option the socket types lb uses do not offer.
+pub(crate) fn set_option<T>(
+    socket: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> std::io::Result<()> {
+    // SAFETY: a valid socket descriptor, and a value of the size given.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_MARK,
-            (&raw const mark).cast(),
-            std::mem::size_of::<u32>() as libc::socklen_t,
+            level,
+            name,
+            std::ptr::from_ref(value).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if rc == 0 {
         Ok(())
     } else {
-        Err(format!(
-            "marking the probe socket: {}",
-            std::io::Error::last_os_error()
-        ))
+        Err(std::io::Error::last_os_error())
     }
 }
 

@@ -75,6 +75,9 @@ pub struct BackendState {
     pub health: Tracker,
     /// Last probe and when it finished.
     pub last_probe: Option<(ProbeReport, SystemTime)>,
+    /// Failed probes in a row that found its host silent (see
+    /// [`ProbeReport::answered`]).
+    pub silent_probes: u32,
     /// When the health state last changed.
     pub since: SystemTime,
     /// Health transitions so far.
@@ -216,6 +219,7 @@ impl BackendState {
             configured_weight,
             health,
             last_probe: None,
+            silent_probes: 0,
             since: SystemTime::now(),
             transitions: 0,
             probe_failures: 0,
@@ -1296,13 +1300,21 @@ impl Controller {
         // answers them: it gets no new flow, and a server shutting down
         // gracefully stops listening (refusing probes) or answers 503
         // while it finishes the connections it has, which must not
-        // re-hash elsewhere to be reset. A host gone silent is down, as
-        // any other, so its flows move rather than vanish into it.
+        // re-hash elsewhere to be reset. A host silent for `fall` probes
+        // in a row is down, as any other, so its flows move rather than
+        // vanish into it; so is one its agent says is down.
         let healthy = self.healthy(service, ip, b, self.in_panic(service));
+        let answers = || {
+            let fall = self
+                .services
+                .get(service)
+                .map_or(1, |s| s.config.health.thresholds.fall);
+            !b.agent.view.applied.down && b.silent_probes < fall
+        };
         let up = hop.is_some()
             && match self.admin(service, ip, b) {
                 Admin::Maintenance => false,
-                Admin::Drain => healthy || b.last_probe.as_ref().is_some_and(|(p, _)| p.answered),
+                Admin::Drain => healthy || answers(),
                 Admin::Ready => healthy,
             };
         BackendValue {
@@ -2020,6 +2032,11 @@ impl Controller {
         } else {
             b.probe_failures += 1;
         }
+        b.silent_probes = if report.answered {
+            0
+        } else {
+            b.silent_probes.saturating_add(1)
+        };
         let changed = b.health.record(report.ok, thresholds);
         let detail = report.detail.clone();
         b.last_probe = Some((report, SystemTime::now()));
@@ -2044,9 +2061,23 @@ impl Controller {
                 }
             }
             self.health_changed(service)?;
+        } else if self.up_flag_moved(service, ip) {
+            // No state change, but what the data plane holds changes (a
+            // drained backend's host fell silent, or answers again).
+            self.health_changed(service)?;
         }
         self.reweigh(service)?;
         Ok(changed)
+    }
+
+    /// Whether backend `ip` of `service` would be written with another up
+    /// flag than it was.
+    fn up_flag_moved(&self, service: &str, ip: IpAddr) -> bool {
+        let Some(b) = self.services.get(service).and_then(|s| s.backends.get(&ip)) else {
+            return false;
+        };
+        let want = self.backend_value(service, ip, b).flags & BACKEND_F_UP;
+        b.written.is_some_and(|w| w.flags & BACKEND_F_UP != want)
     }
 
     /// Brings `service`'s table in line with its backends' health: at

@@ -175,7 +175,8 @@ mod tests {
         );
         assert_eq!(recent()[0].level, "warn");
 
-        // Warnings hold at most half once full: the line after them stays.
+        // Once warnings hold half, the oldest line goes whatever its level:
+        // the info line after a run of warnings stays.
         let subscriber = tracing_subscriber::registry().with(layer());
         tracing::subscriber::with_default(subscriber, || {
             for i in 0..KEPT {

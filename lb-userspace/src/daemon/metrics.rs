@@ -443,7 +443,7 @@ pub(crate) fn render(
             b_bytes.get_or_create(&l).inc_by(st.bytes);
             // In maintenance probes stop, and the last verdict says
             // nothing: down, as the status page and `lb health` show it.
-            let up = ctl.is_up(name, *ip) && ctl.admin(name, *ip, b) != Admin::Maintenance;
+            let up = ctl.is_up(name, *ip) && ctl.override_of(name, *ip).admin != Admin::Maintenance;
             b_up.get_or_create(&l).set(i64::from(up));
             b_weight
                 .get_or_create(&l)

@@ -747,6 +747,9 @@ fn reload(
         Some(f) => f.with_node_text(read.text())?,
         None => desired,
     };
+    // Every CA file again, unchanged checks' too: a reload is how a
+    // rotated file comes into use (a fleet node's own file names none).
+    crate::probe::load_ca_files(&desired, None)?;
     let report = apply(ctl, desired, false)?;
     if let Some(f) = fleet {
         f.keep_node_text(read.text());

@@ -334,9 +334,9 @@ impl PinnedTables {
 /// at the smaller size, then names the new table at that size, then takes
 /// the new size; and a slot taken by another key (a new service, an empty
 /// slot) has the old key's family cleared (no flow matches it), then
-/// takes the new value under a cleared family, then the new key. Any mix of two consecutive values that serves a flow names
-/// a part of one of its service's tables, both live until the old one's
-/// hold ends.
+/// takes the new value under a cleared family, then the new key. Any mix
+/// of two consecutive values that serves a flow names a part of one of its
+/// service's tables, both live until the old one's hold ends.
 fn slot_writes(from: ServiceSlot, to: ServiceSlot) -> Vec<ServiceSlot> {
     if from == to {
         return Vec::new();
@@ -1202,6 +1202,13 @@ impl Dataplane {
         if let Some(cur) = current {
             ensure!(cur.id == id, "service id changed from {} to {id}", cur.id);
         }
+        // As the slot holds it: after a change that failed part way, it
+        // may be one of the steps of `slot_writes` rather than the entry.
+        // Read before a region is taken, which a failure would not give back.
+        let slot_now = self
+            .service_slots
+            .get(&id, 0)
+            .with_context(|| format!("reading the slot of service {id}"))?;
         let now = Instant::now();
         let (region, moved) = match current.filter(|cur| cur.ring_size == size) {
             Some(cur) => (table_region(&cur), false),
@@ -1226,12 +1233,6 @@ impl Dataplane {
             ring_size: size,
             idle_timeout,
         };
-        // As the slot holds it: after a change that failed part way, it
-        // may be one of the steps below rather than the entry.
-        let slot_now = self
-            .service_slots
-            .get(&id, 0)
-            .with_context(|| format!("reading the slot of service {id}"))?;
         let slot = ServiceSlot { key: *key, value };
         if current == Some(value) && slot_now == slot {
             return Ok(stored);

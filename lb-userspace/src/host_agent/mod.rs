@@ -311,19 +311,7 @@ fn listen_any(port: u16) -> std::io::Result<tokio::net::TcpListener> {
     };
     let dual = tokio::net::TcpSocket::new_v6().and_then(|socket| {
         let off: libc::c_int = 0;
-        // SAFETY: a valid socket descriptor and an int option of that size.
-        let rc = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&socket),
-                libc::IPPROTO_IPV6,
-                libc::IPV6_V6ONLY,
-                (&raw const off).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        crate::probe::set_option(&socket, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &off)?;
         listen(socket, (Ipv6Addr::UNSPECIFIED, port).into())
     });
     dual.or_else(|_| {

@@ -91,10 +91,11 @@ pub struct Hit {
     /// Not sent to the LB's MAC (another host's, broadcast, multicast):
     /// never forwarded (see [`classify`]).
     pub foreign_destination: bool,
-    /// The sender forbids fragmenting it on the way: IPv4 with DF, and
-    /// every IPv6 packet (RFC 8200: only sources fragment). Such a packet
-    /// too big for a tunnel is answered with an ICMP error.
-    pub dont_fragment: bool,
+    /// Too big for a tunnel, it is answered with an ICMP error: the sender
+    /// forbids fragmenting it on the way (IPv4 with DF, and every IPv6
+    /// packet: RFC 8200, only sources fragment), and its source names one
+    /// host ([`names_one_host`]).
+    pub error_due: bool,
 }
 
 /// The network layer as the reference reads it.
@@ -214,6 +215,22 @@ pub fn classify(frame: &[u8], cfg: &impl Services) -> Class {
             ..hit
         }),
         Class::Echo(_) => Class::Pass(vec![Counter::PassForeignMac]),
+    }
+}
+
+/// Whether `src` names a single host, the only source lb's ICMP messages
+/// answer (RFC 1812 §4.3.2.7, RFC 4443 §2.4): not unspecified, loopback,
+/// multicast, nor IPv4 broadcast or class E. An echo request from any
+/// other is the kernel's.
+fn names_one_host(family: u8, src: &Addr) -> bool {
+    if family == FAMILY_V4 {
+        let a = std::net::Ipv4Addr::new(src[0], src[1], src[2], src[3]);
+        let this_network = a.octets()[0] == 0;
+        let class_e = a.octets()[0] >= 240;
+        !(this_network || a.is_loopback() || a.is_multicast() || a.is_broadcast() || class_e)
+    } else {
+        let a = std::net::Ipv6Addr::from(*src);
+        !(a.is_unspecified() || a.is_loopback() || a.is_multicast())
     }
 }
 
@@ -422,6 +439,7 @@ fn transport(f: &[u8], ip: &Ip, cfg: &impl Services, to_vip: bool) -> Class {
     let syn = ip.proto == IPPROTO_TCP && seg[TCP_FLAGS_BYTE] & opening == TCP_SYN;
     let dont_fragment =
         ip.family == FAMILY_V6 || u16::from_be_bytes([f[ip.l3 + 6], f[ip.l3 + 7]]) & IPV4_DF != 0;
+    let error_due = dont_fragment && names_one_host(ip.family, &ip.src);
     Class::Service(Hit {
         service,
         flow: FlowKey {
@@ -438,7 +456,7 @@ fn transport(f: &[u8], ip: &Ip, cfg: &impl Services, to_vip: bool) -> Class {
         l3_off: ip.l3,
         ip_len: ip.end - ip.l3,
         foreign_destination: false,
-        dont_fragment,
+        error_due,
     })
 }
 
@@ -475,7 +493,7 @@ fn icmp(f: &[u8], ip: &Ip, cfg: &impl Services, to_vip: bool) -> Class {
             msg[0] == ICMPV6_ECHO_REQUEST && msg[1] == 0,
         )
     };
-    if echo && cfg.answers_echo(&ip.dst_key()) {
+    if echo && cfg.answers_echo(&ip.dst_key()) && names_one_host(ip.family, &ip.src) {
         // Identifier and sequence are part of the message.
         if msg.len() < ICMP_HLEN {
             return Class::Reject(vec![Counter::DropMalformedIcmp]);
@@ -546,7 +564,7 @@ fn icmp(f: &[u8], ip: &Ip, cfg: &impl Services, to_vip: bool) -> Class {
         l3_off: ip.l3,
         ip_len: ip.end - ip.l3,
         foreign_destination: false,
-        dont_fragment: false,
+        error_due: false,
     })
 }
 

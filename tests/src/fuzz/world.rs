@@ -1148,7 +1148,7 @@ impl World {
                 // Answered unless it may be fragmented on the way, or is
                 // itself an error, or the CPU's ICMP budget is spent.
                 v = vec![Outcome::Drop(Counter::DropTooBig)];
-                if hit.dont_fragment && !hit.icmp {
+                if hit.error_due && !hit.icmp {
                     v.push(Outcome::Reply);
                 }
             }
