@@ -733,6 +733,11 @@ impl Controller {
                 };
                 let mut b =
                     BackendState::new(id, v.generation, cfg.backends[&ip], Tracker::new(health));
+                if health == Health::Down {
+                    // Down with its flows moved: a drained one stays so
+                    // until its host answers a probe.
+                    b.silent_probes = u32::MAX;
+                }
                 if let Some(h) = self.runtime.history.get(name).and_then(|m| m.get(&ip)) {
                     b = b.with_history(h);
                 }
@@ -1114,6 +1119,8 @@ impl Controller {
                     b.health.recheck();
                     b.ramp_started = None;
                     b.ramp_percent = 100;
+                    // Nor is its host taken to answer until it does.
+                    b.silent_probes = u32::MAX;
                 }
                 if was != is {
                     b.since = SystemTime::now();
@@ -2071,9 +2078,18 @@ impl Controller {
     }
 
     /// Whether backend `ip` of `service` would be written with another up
-    /// flag than it was.
+    /// flag than it was, and no rebuild of the service is due already
+    /// (held back, or a failed one's retry), which would write it: each
+    /// probe result must not start a rebuild of its own.
     fn up_flag_moved(&self, service: &str, ip: IpAddr) -> bool {
-        let Some(b) = self.services.get(service).and_then(|s| s.backends.get(&ip)) else {
+        let Some(svc) = self
+            .services
+            .get(service)
+            .filter(|s| s.health_due.is_none())
+        else {
+            return false;
+        };
+        let Some(b) = svc.backends.get(&ip) else {
             return false;
         };
         let want = self.backend_value(service, ip, b).flags & BACKEND_F_UP;

@@ -111,18 +111,21 @@ pub fn percent(load: f64, min_percent: u32, step: u32) -> u32 {
 /// The percent to report after `current` at `load`: [`percent`], but only
 /// once the free share is a whole `step` away from `current`, so a load
 /// hovering at a step's edge does not flip the report (each change
-/// rebuilds every node's table). Toward 100 or the floor, half a step
-/// (or half the way there, if nearer) is enough: the free share rarely
-/// gets a whole step above the report below 100 (an idle host is never
-/// quite idle), or above a floor of 95 with steps of 10.
+/// rebuilds every node's table). From a report between them toward 100
+/// or the floor, half a step (or half the way, if nearer) is enough: an
+/// idle host is never quite idle, so the free share rarely gets a whole
+/// step above the report below 100. Between 100 and the floor themselves
+/// (a floor of 95 with steps of 10), three quarters of the way: a band in
+/// the middle holds either.
 pub fn next(current: u32, load: f64, min_percent: u32, step: u32) -> u32 {
     let wanted = percent(load, min_percent, step);
     let free = (1.0 - load.clamp(0.0, 1.0)) * 100.0;
-    let bound = wanted == FULL || wanted == min_percent.min(FULL);
-    let needed = if bound {
-        f64::from(step.max(1).min(wanted.abs_diff(current))) / 2.0
-    } else {
-        f64::from(step.max(1))
+    let is_bound = |p: u32| p == FULL || p == min_percent.min(FULL);
+    let way = f64::from(wanted.abs_diff(current));
+    let needed = match (is_bound(current), is_bound(wanted)) {
+        (true, true) => way * 3.0 / 4.0,
+        (false, true) => way.min(f64::from(step.max(1))) / 2.0,
+        _ => f64::from(step.max(1)),
     };
     if wanted != current && (free - f64::from(current)).abs() >= needed {
         wanted
@@ -189,6 +192,10 @@ mod tests {
         assert_eq!(next(95, 0.04, 95, 10), 95);
         assert_eq!(next(100, 0.02, 95, 10), 100);
         assert_eq!(next(10, 0.49, 10, 100), 10);
+        assert_eq!(next(100, 0.51, 10, 100), 100);
+        assert_eq!(next(10, 0.45, 10, 100), 10);
+        assert_eq!(next(100, 0.03, 95, 10), 100);
+        assert_eq!(next(95, 0.02, 95, 10), 95);
         // A host nearly idle gets back to 100.
         assert_eq!(next(90, 0.03, 10, 10), 100);
         assert_eq!(next(100, 0.07, 10, 10), 100);
