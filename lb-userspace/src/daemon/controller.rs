@@ -2251,7 +2251,10 @@ impl Controller {
     /// Records each backend's active flows (by backend id, from the
     /// connection table) for the services that weigh by them, and weighs
     /// those services' backends again.
-    pub fn observe_active_flows(&mut self, active: &BTreeMap<u32, u64>) -> Result<()> {
+    pub(super) fn observe_active_flows(
+        &mut self,
+        active: &super::flows::ActiveFlows,
+    ) -> Result<()> {
         let names: Vec<String> = self
             .services
             .iter()
@@ -2261,7 +2264,7 @@ impl Controller {
         for name in names {
             let svc = self.services.get_mut(&name).context("no such service")?;
             for b in svc.backends.values_mut() {
-                b.feedback.flows = Some(active.get(&b.id).copied().unwrap_or(0));
+                b.feedback.flows = Some(active.of(b));
             }
             self.reweigh(&name)?;
         }

@@ -21,7 +21,8 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use super::{
-    controller::{ChangeReport, Controller, FleetHealth, digest_text},
+    controller::{BackendState, ChangeReport, Controller, FleetHealth, digest_text},
+    flows::SummaryCache,
     node::Node,
     runtime::{Admin, Override},
 };
@@ -477,7 +478,14 @@ impl FleetNode {
             }
             Request::FleetStatus => Ok(serde_json::to_value(self.status(ctl, node))?),
             Request::FleetExport => {
-                let base = self.applied.clone().unwrap_or_default();
+                // Whatever etcd's state now (an export is how a node leaves
+                // a fleet that is down), but never an empty one standing in
+                // for a state this node never had.
+                let Some(base) = self.applied.clone() else {
+                    bail!(
+                        "this node has applied no fleet state (none read from etcd or its cache since it started): nothing to export"
+                    );
+                };
                 let mut text = config_edit::standalone(&self.node_text, &base.services)?;
                 text += &overrides_comment(&base.overrides);
                 Ok(json!({ "config": text, "revision": base.revision }))
@@ -673,23 +681,29 @@ impl FleetNode {
     /// Counts the flows the connection table pins to each draining
     /// registered backend, for this node's report (a leaving agent waits
     /// for them to end). Reads the table only while one is draining.
-    pub(crate) fn count_draining_flows(&mut self, ctl: &Controller) -> Result<()> {
-        let draining: Vec<(&String, IpAddr, u32)> = ctl
+    pub(super) fn count_draining_flows(
+        &mut self,
+        ctl: &Controller,
+        summary: &mut SummaryCache,
+    ) -> Result<()> {
+        let draining: Vec<(&String, IpAddr, &BackendState)> = ctl
             .services()
             .iter()
             .flat_map(|(name, s)| {
                 s.backends
                     .iter()
                     .filter(|(_, b)| b.registered.is_some_and(|r| r.draining))
-                    .map(move |(ip, b)| (name, *ip, b.id))
+                    .map(move |(ip, b)| (name, *ip, b))
             })
             .collect();
         let mut counts: BTreeMap<String, BTreeMap<IpAddr, u64>> = BTreeMap::new();
         if !draining.is_empty() {
-            let active = super::flows::active(ctl)?;
-            for (name, ip, id) in draining {
-                let n = active.get(&id).copied().unwrap_or(0);
-                counts.entry(name.clone()).or_default().insert(ip, n);
+            let active = &summary.get(ctl)?.active;
+            for (name, ip, b) in draining {
+                counts
+                    .entry(name.clone())
+                    .or_default()
+                    .insert(ip, active.of(b));
             }
         }
         self.draining_flows = counts;

@@ -15,7 +15,7 @@ use lb_common::{
     FlowValue, ServiceKey, addr_ip, wire::IPPROTO_TCP,
 };
 
-use super::controller::{Controller, ServiceState, service_key};
+use super::controller::{BackendState, Controller, ServiceState, service_key};
 use crate::{
     api::{ConntrackStatsView, FlowRow},
     config::{self, ConntrackTimeouts, Protocol},
@@ -145,57 +145,81 @@ impl Table {
         })
     }
 
-    /// Flows each backend (by id) holds: entries that pin a flow to it.
-    pub(super) fn active_by_backend(&self) -> BTreeMap<u32, u64> {
+    /// The flows each backend holds: entries that pin a flow to it.
+    fn active_by_backend(&self) -> ActiveFlows {
         let mut counts = BTreeMap::new();
         for f in self.flows.iter().filter(|f| f.state.pins()) {
-            *counts.entry(f.value.backend).or_default() += 1;
+            // Pinned, so of the generation the backend's id has now.
+            counts
+                .entry(f.value.backend)
+                .or_insert((f.value.generation, 0))
+                .1 += 1;
         }
-        counts
+        ActiveFlows(counts)
     }
 }
 
-/// Each backend's active flows (the entries that pin a flow to it), from
-/// one read of the whole table.
-pub(super) fn active(ctl: &Controller) -> Result<BTreeMap<u32, u64>> {
-    Ok(Table::read(ctl)?.active_by_backend())
+/// Each backend's active flows (the entries that pin a flow to it), by
+/// backend id, with the generation they were counted for: a backend given
+/// a freed id since is another generation, and none of them are its.
+#[derive(Debug, Default)]
+pub(super) struct ActiveFlows(BTreeMap<u32, (u32, u64)>);
+
+impl ActiveFlows {
+    /// The flows pinned to backend `b`.
+    pub(super) fn of(&self, b: &BackendState) -> u64 {
+        match self.0.get(&b.id) {
+            Some(&(generation, n)) if generation == b.generation & FLOW_GENERATION_MASK => n,
+            _ => 0,
+        }
+    }
 }
 
-/// How old the HTTP pages' view of the table may be.
-pub(super) const PAGE_SUMMARY_MAX_AGE: Duration = Duration::from_secs(1);
+/// How old a summary of the table may be when it is used again.
+const SUMMARY_MAX_AGE: Duration = Duration::from_secs(1);
 
-/// What the HTTP pages show of the table: its counts and each backend's
-/// active flows, from one read of it.
+/// What the daemon shows and uses of the table: its counts and each
+/// backend's active flows, from one read of it.
 pub(super) struct Summary {
     /// `lb conntrack stats`.
     pub stats: ConntrackStatsView,
-    /// Active flows by backend id.
-    pub active: BTreeMap<u32, u64>,
+    /// Active flows by backend.
+    pub active: ActiveFlows,
 }
 
-impl Summary {
-    /// The summary in `slot`, read again if it is older than
-    /// [`PAGE_SUMMARY_MAX_AGE`]. A page request costs a read of the whole
-    /// table (half a million entries by default) in the daemon's loop:
-    /// this bounds what anyone who reaches the pages can make it read.
-    pub(super) fn cached<'a>(
-        slot: &'a mut Option<(Instant, Summary)>,
-        ctl: &Controller,
-    ) -> Result<&'a Summary> {
-        if slot
+/// The table's summary, shared by all that count flows (the pages, `lb
+/// backend list`, `lb health`, `lb stats`, `drain --wait`, weighing by
+/// flows, leaving backends): a read of the whole table (half a million
+/// entries by default) runs in the daemon's loop, so it is read at most
+/// once a [`SUMMARY_MAX_AGE`] however many ask, and what anyone who
+/// reaches the pages or the socket can make it read is bounded.
+#[derive(Default)]
+pub(super) struct SummaryCache(Option<(Instant, Summary)>);
+
+impl SummaryCache {
+    /// The summary, read again if it is older than [`SUMMARY_MAX_AGE`].
+    pub(super) fn get(&mut self, ctl: &Controller) -> Result<&Summary> {
+        if self
+            .0
             .as_ref()
-            .is_none_or(|(at, _)| at.elapsed() >= PAGE_SUMMARY_MAX_AGE)
+            .is_none_or(|(at, _)| at.elapsed() >= SUMMARY_MAX_AGE)
         {
             let table = Table::read(ctl)?;
             let summary = Summary {
                 stats: stats(ctl, &table)?,
                 active: table.active_by_backend(),
             };
-            *slot = Some((Instant::now(), summary));
+            self.0 = Some((Instant::now(), summary));
         }
-        slot.as_ref()
+        self.0
+            .as_ref()
             .map(|(_, s)| s)
             .context("internal: no flow summary")
+    }
+
+    /// Forgets the summary (the table was flushed): the next asker reads it.
+    pub(super) fn forget(&mut self) {
+        self.0 = None;
     }
 }
 
@@ -260,13 +284,8 @@ pub(super) fn flush(ctl: &mut Controller, service: Option<&str>) -> Result<usize
     let Some(service) = service else {
         return ctl.dataplane_mut().conntrack_clear_in_use();
     };
-    let keys: Vec<FlowKey> = Table::read(ctl)?
-        .flows
-        .into_iter()
-        .filter(|f| f.service == service)
-        .map(|f| f.key)
-        .collect();
-    ctl.dataplane_mut().conntrack_remove(&keys)
+    let key = service_key(&ctl.services()[service].config);
+    ctl.dataplane_mut().conntrack_clear_service(&key)
 }
 
 /// Occupancy by state, inserts and refusals, and whether the insert budget

@@ -476,9 +476,7 @@ pub(crate) fn render(
             b_trans
                 .get_or_create(&l)
                 .inc_by(b.transitions - b.restored.transitions);
-            b_flows
-                .get_or_create(&l)
-                .set(active.get(&b.id).copied().unwrap_or(0) as i64);
+            b_flows.get_or_create(&l).set(active.of(b) as i64);
             if let Some((p, _)) = &b.last_probe {
                 b_latency.get_or_create(&l).set(p.latency.as_secs_f64());
             }

@@ -91,9 +91,11 @@ pub(crate) fn xdp_mode(m: XdpModeSetting) -> XdpMode {
     }
 }
 
-/// Reads and validates a configuration file.
+/// Reads and validates a configuration file, its CA files included.
 pub fn load_config(path: &Path) -> Result<Desired> {
-    Ok(ConfigFile::read(path)?.1)
+    let (_, desired) = ConfigFile::read(path)?;
+    crate::probe::load_ca_files(&desired, None)?;
+    Ok(desired)
 }
 
 /// The configuration file and the text the daemon runs. The file always
@@ -105,14 +107,14 @@ pub(crate) struct ConfigFile {
 }
 
 impl ConfigFile {
-    /// Reads and validates the file.
+    /// Reads and validates the file (its CA files are the caller's to
+    /// read: a fleet node's reload reads them for the fleet's services).
     fn read(path: &Path) -> Result<(ConfigFile, Desired)> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let desired =
             config::parse(&text).map_err(|e| anyhow!("{} is invalid:\n{e}", path.display()))?;
         runtime::check_apart_from(&desired.settings.state_file, path)?;
-        crate::probe::load_ca_files(&desired, None)?;
         let file = ConfigFile {
             path: path.to_path_buf(),
             text,
@@ -255,14 +257,20 @@ fn backend_addrs(d: &Desired) -> Vec<IpAddr> {
 const SOCKET_UMASK: libc::mode_t = 0o177;
 
 /// Binds the control socket, mode 0600: only root can use the API.
+/// An error while a daemon answers on `path`.
+fn refuse_if_served(path: &Path) -> Result<()> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        bail!("another daemon is serving {}", path.display());
+    }
+    Ok(())
+}
+
 fn bind_socket(path: &Path) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    refuse_if_served(path)?;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!("another daemon is serving {}", path.display());
-        }
         // Only a stale socket is ours to remove: never a file the setting
         // names by mistake (the state file, say).
         if !meta.file_type().is_socket() {
@@ -322,9 +330,11 @@ async fn serve_connection(mut stream: UnixStream, calls: mpsc::Sender<Call>) {
     }
 }
 
-/// How the daemon's start went, for `lb status`: where the time went
-/// before it answered, phase by phase.
+/// How the daemon's start went, for `lb status`: what it was started
+/// with, and where the time went before it answered, phase by phase.
 pub(super) struct Startup {
+    /// The daemon's options.
+    pub(super) options: Options,
     /// When it began answering.
     pub(super) answering: Instant,
     /// Each phase (in order) and how long it took.
@@ -361,6 +371,7 @@ pub async fn run(opts: Options) -> Result<()> {
         phase = now;
     };
     let (mut file, local) = ConfigFile::read(&opts.config)?;
+    crate::probe::load_ca_files(&local, None)?;
     timed("config");
     let settings = local.settings.clone();
     // Every interface before anything is written: one that cannot be
@@ -377,6 +388,11 @@ pub async fn run(opts: Options) -> Result<()> {
     } else {
         KernelLogLevel::Off
     };
+    // Refused here, before the pins, the links or the routes are touched,
+    // while another daemon runs on the same pins or socket; the socket is
+    // bound only once the program is attached, so it is checked now too.
+    let _claim = Dataplane::claim_pin_dir(&opts.pin_dir)?;
+    refuse_if_served(&settings.socket)?;
     let (mut dp, adopted) = Dataplane::load_pinned(settings.capacity, &opts.pin_dir, level)?;
     timed("load");
     if kernel_debug {
@@ -478,6 +494,12 @@ pub async fn run(opts: Options) -> Result<()> {
         Some(port) => {
             let (tx, rx) = mpsc::channel(64);
             let refused = registrations::start(port, tx).await?;
+            // The leases restored at start ran through the tables' build
+            // and the attach: each gets a whole lease from the moment its
+            // agent can renew it, so a restart keeps registered backends.
+            let mut held = ctl.runtime().registered.clone();
+            registrations::renew_all(&mut held, port.lease);
+            ctl.set_registered(held);
             (
                 Some((registrations::Port::new(port.lease), refused)),
                 Some(rx),
@@ -503,9 +525,8 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     let mut history = history::History::default();
     let mut probe_durations = metrics::ProbeDurations::default();
-    // The HTTP pages' view of the connection table, read at most once a
-    // second (flows::Summary::cached).
-    let mut page_flows = None;
+    // The connection table's counts, read at most once a second.
+    let mut summary = flows::SummaryCache::default();
 
     let (probe_tx, mut results) = mpsc::channel(1024);
     let mut probers = probers::Probers::new(probe_tx);
@@ -526,6 +547,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     timed("serve");
     let startup = Startup {
+        options: opts.clone(),
         answering: Instant::now(),
         phases,
     };
@@ -586,7 +608,7 @@ pub async fn run(opts: Options) -> Result<()> {
                         .map_err(|e| e.context("reload refused; running configuration unchanged"))
                         .and_then(|report| Ok(serde_json::to_value(report)?)),
                     Some(f) if FleetNode::handles(&request) => f.handle(&mut ctl, &node, request).await,
-                    _ => views::handle(&mut ctl, &mut node, &mut file, request, &startup, &opts, &history),
+                    _ => views::handle(&mut ctl, &mut node, &mut file, request, &startup, &history, &mut summary),
                 };
                 if let (Some((service, address)), Err(_)) = (&trusted, &result) {
                     ctl.trust_first_probe(service, *address, false);
@@ -627,14 +649,14 @@ pub async fn run(opts: Options) -> Result<()> {
             Some(request) = next_of(&mut registration_requests) => {
                 let registrations::Request { message, peer, reply } = request;
                 if let Some((port, _)) = registration_port.as_mut() {
-                    let _ = reply.send(port.receive(&mut ctl, message, peer));
+                    let _ = reply.send(port.receive(&mut ctl, message, peer, &mut summary));
                 }
                 probers.sync(&ctl);
                 publish_addrs(&addrs_tx, &ctl);
             }
             Some((page, reply)) = asks.recv() => {
                 let status = node.status(&ctl);
-                let answer = flows::Summary::cached(&mut page_flows, &ctl).and_then(|flows| match page {
+                let answer = summary.get(&ctl).and_then(|flows| match page {
                     http::Page::Metrics => {
                         let fleet = fleet_node.as_ref().map(FleetNode::gauges);
                         let registration = registration_port
@@ -682,8 +704,8 @@ pub async fn run(opts: Options) -> Result<()> {
                     error!(error = %format!("{e:#}"), "applying weight changes");
                 }
                 if ctl.weighs_by_flows() {
-                    let active = flows::active(&ctl);
-                    if let Err(e) = active.and_then(|a| ctl.observe_active_flows(&a)) {
+                    let active = summary.get(&ctl);
+                    if let Err(e) = active.and_then(|s| ctl.observe_active_flows(&s.active)) {
                         error!(error = %format!("{e:#}"), "weighing backends by their active flows");
                     }
                 }
@@ -699,7 +721,7 @@ pub async fn run(opts: Options) -> Result<()> {
                     }
                 }
                 if let Some(f) = fleet_node.as_mut()
-                    && let Err(e) = f.count_draining_flows(&ctl)
+                    && let Err(e) = f.count_draining_flows(&ctl, &mut summary)
                 {
                     error!(error = %format!("{e:#}"), "counting the flows of leaving backends");
                 }
@@ -750,7 +772,7 @@ fn reload(
     // Every CA file again, unchanged checks' too: a reload is how a
     // rotated file comes into use (a fleet node's own file names none).
     crate::probe::load_ca_files(&desired, None)?;
-    let report = apply(ctl, desired, false)?;
+    let report = apply_with_ca_files_read(ctl, desired, false)?;
     if let Some(f) = fleet {
         f.keep_node_text(read.text());
     }
@@ -787,6 +809,16 @@ pub(crate) fn apply(
     desired: Desired,
     dry_run: bool,
 ) -> Result<controller::ChangeReport> {
+    crate::probe::load_ca_files(&desired, Some(ctl.desired()))?;
+    apply_with_ca_files_read(ctl, desired, dry_run)
+}
+
+/// [`apply`] once the CA files `desired` needs are read.
+fn apply_with_ca_files_read(
+    ctl: &mut Controller,
+    desired: Desired,
+    dry_run: bool,
+) -> Result<controller::ChangeReport> {
     let now = &ctl.desired().settings;
     let new = &desired.settings;
     if now.interfaces != new.interfaces
@@ -802,7 +834,6 @@ pub(crate) fn apply(
             "interfaces, xdp_mode, socket, state_file, metrics, [announce], [fleet] and [registration] only change with a daemon restart"
         );
     }
-    crate::probe::load_ca_files(&desired, Some(ctl.desired()))?;
     let (desired, admitted) = admit_registrations(desired, &ctl.runtime().registered);
     if dry_run {
         return ctl.apply(desired, true);

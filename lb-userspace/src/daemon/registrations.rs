@@ -29,7 +29,7 @@ use tokio::{
 };
 use tracing::{debug, info};
 
-use super::{controller::Controller, flows};
+use super::{controller::Controller, flows::SummaryCache};
 use crate::{
     config::RegistrationPort,
     fleet::registry::{Registration, Registrations},
@@ -263,16 +263,7 @@ pub(crate) struct Port {
     /// When the last request for each registration was sent: an older or
     /// equal one is a replay, or out of order.
     last_sent: BTreeMap<(String, IpAddr), u64>,
-    /// Active flows by backend id, as last read for a draining request,
-    /// and when: draining agents ask every half second each, and a read
-    /// covers the whole connection table in the daemon's loop.
-    active: Option<(Instant, BTreeMap<u32, u64>)>,
 }
-
-/// How old the active flows a draining request is answered with may be.
-/// A read from before a drain applied could miss flows pinned since, so a
-/// request that changes registrations reads afresh.
-const ACTIVE_MAX_AGE: Duration = Duration::from_secs(1);
 
 impl Port {
     /// The port of a daemon with `lease`.
@@ -314,11 +305,12 @@ impl Port {
     /// Takes a verified request: renews, changes or removes its
     /// registrations and applies the result; answers with what was refused,
     /// the flows left on draining ones, and the services' VIPs and modes.
-    pub(crate) fn receive(
+    pub(super) fn receive(
         &mut self,
         ctl: &mut Controller,
         message: Message,
         peer: IpAddr,
+        summary: &mut SummaryCache,
     ) -> Answer {
         let mut answer = Answer {
             lease_ms: Some(u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX)),
@@ -359,46 +351,16 @@ impl Port {
         if registrations_of(&held) == registrations_of(&ctl.runtime().registered) {
             ctl.set_registered(held);
         } else {
-            self.active = None;
+            // A read from before a drain applied could miss flows pinned
+            // since: the answer reads afresh.
+            summary.forget();
             match super::apply_registrations(ctl, held) {
                 Ok(refused) => self.admission_refused += mine(&refused, &message).len() as u64,
                 Err(e) => answer.rejected = Some(format!("{e:#}")),
             }
         }
         answer.refused = mine(ctl.registrations_refused(), &message);
-        self.with_flows(ctl, &message, answer)
-    }
-
-    /// `answer` with the flows left on each draining registration of
-    /// `message`, from one read of the connection table at most
-    /// [`ACTIVE_MAX_AGE`] old.
-    fn with_flows(&mut self, ctl: &Controller, message: &Message, mut answer: Answer) -> Answer {
-        if message.leave || !message.registrations.values().any(|r| r.draining) {
-            return answer;
-        }
-        if self
-            .active
-            .as_ref()
-            .is_none_or(|(at, _)| at.elapsed() >= ACTIVE_MAX_AGE)
-        {
-            self.active = flows::active(ctl).ok().map(|a| (Instant::now(), a));
-        }
-        let active = self.active.as_ref().map(|(_, a)| a);
-        for (service, r) in message.registrations.iter().filter(|(_, r)| r.draining) {
-            let id = ctl
-                .services()
-                .get(service)
-                .and_then(|s| s.backends.get(&r.address))
-                .map(|b| b.id);
-            let flows = match (id, &active) {
-                (None, _) => 0,
-                (Some(id), Some(active)) => active.get(&id).copied().unwrap_or(0),
-                // Unreadable: never zero, so a drain does not end on a failed read.
-                (Some(_), None) => u64::MAX,
-            };
-            answer.flows.insert(service.clone(), flows);
-        }
-        answer
+        with_flows(ctl, &message, answer, summary)
     }
 
     /// Forgets the send times a replay check no longer needs: a request
@@ -479,6 +441,34 @@ pub(crate) fn registrations_of(held: &HeldRegistrations) -> Registrations {
             (s.clone(), regs)
         })
         .collect()
+}
+
+/// `answer` with the flows left on each draining registration of
+/// `message`, from the table's summary (at most a second old).
+fn with_flows(
+    ctl: &Controller,
+    message: &Message,
+    mut answer: Answer,
+    summary: &mut SummaryCache,
+) -> Answer {
+    if message.leave || !message.registrations.values().any(|r| r.draining) {
+        return answer;
+    }
+    let active = summary.get(ctl).ok().map(|s| &s.active);
+    for (service, r) in message.registrations.iter().filter(|(_, r)| r.draining) {
+        let backend = ctl
+            .services()
+            .get(service)
+            .and_then(|s| s.backends.get(&r.address));
+        let flows = match (backend, active) {
+            (None, _) => 0,
+            (Some(b), Some(active)) => active.of(b),
+            // Unreadable: never zero, so a drain does not end on a failed read.
+            (Some(_), None) => u64::MAX,
+        };
+        answer.flows.insert(service.clone(), flows);
+    }
+    answer
 }
 
 /// Gives registrations held in a state file a fresh lease: their agents

@@ -12,9 +12,9 @@ use lb_common::{
 use serde_json::{Value, json};
 
 use super::{
-    ConfigFile, Options,
+    ConfigFile,
     controller::{AgentState, Controller, ServiceState},
-    flows::{self, FlowState},
+    flows::{self, ActiveFlows, FlowState, SummaryCache},
     history::{History, Key},
     node::Node,
     runtime::Admin,
@@ -35,8 +35,8 @@ pub(super) fn handle(
     file: &mut ConfigFile,
     request: Request,
     startup: &super::Startup,
-    opts: &Options,
     history: &History,
+    summary: &mut SummaryCache,
 ) -> Result<Value> {
     Ok(match request {
         Request::Status => {
@@ -45,8 +45,8 @@ pub(super) fn handle(
                 "version": env!("CARGO_PKG_VERSION"),
                 "uptime_seconds": startup.answering.elapsed().as_secs(),
                 "startup": startup.to_json(),
-                "config": opts.config,
-                "pin_dir": opts.pin_dir,
+                "config": startup.options.config,
+                "pin_dir": startup.options.pin_dir,
                 "interfaces": d.settings.interfaces,
                 "xdp_mode": d.settings.xdp_mode,
                 "table_size": d.settings.table_size.map_or_else(|| json!("per service, from its backends"), |size| json!(size)),
@@ -62,8 +62,8 @@ pub(super) fn handle(
             {
                 bail!("no service named {s:?} (see `lb service list`)");
             }
-            let active = flows::active(ctl)?;
-            serde_json::to_value(backends(ctl, service.as_deref(), history, &active)?)?
+            let active = &summary.get(ctl)?.active;
+            serde_json::to_value(backends(ctl, service.as_deref(), history, active)?)?
         }
         Request::SourceLists { service } => {
             if let Some(s) = &service
@@ -74,9 +74,9 @@ pub(super) fn handle(
             serde_json::to_value(source_lists(ctl, service.as_deref()))?
         }
         Request::Health => {
-            serde_json::to_value(backends(ctl, None, history, &flows::active(ctl)?)?)?
+            serde_json::to_value(backends(ctl, None, history, &summary.get(ctl)?.active)?)?
         }
-        Request::Stats => serde_json::to_value(stats(ctl, history, &flows::active(ctl)?)?)?,
+        Request::Stats => serde_json::to_value(stats(ctl, history, &summary.get(ctl)?.active)?)?,
         Request::SetWeight {
             service,
             backend,
@@ -114,12 +114,12 @@ pub(super) fn handle(
             serde_json::to_value(flows::list(ctl, service.as_deref(), backend)?)?
         }
         Request::ConntrackFlush { service } => {
-            let removed = flows::flush(ctl, service.as_deref())?;
+            let removed = flows::flush(ctl, service.as_deref());
+            summary.forget();
+            let removed = removed?;
             json!({ "removed": removed })
         }
-        Request::ConntrackStats => {
-            serde_json::to_value(flows::stats(ctl, &flows::Table::read(ctl)?)?)?
-        }
+        Request::ConntrackStats => serde_json::to_value(&summary.get(ctl)?.stats)?,
         Request::SetNodeDrained { drained } => {
             node.set_drained(ctl, drained)?;
             serde_json::to_value(node.status(ctl))?
@@ -187,7 +187,7 @@ pub(super) fn backends(
     ctl: &Controller,
     only: Option<&str>,
     history: &History,
-    active: &BTreeMap<u32, u64>,
+    active: &ActiveFlows,
 ) -> Result<Vec<BackendRow>> {
     let now = SystemTime::now();
     let mut rows = Vec::new();
@@ -241,7 +241,7 @@ pub(super) fn backends(
                 probe_failures: b.probe_failures,
                 packets: stats.packets(),
                 bytes: stats.bytes,
-                active_flows: active.get(&b.id).copied().unwrap_or(0),
+                active_flows: active.of(b),
                 table_weight,
                 weight_set_by: set_by.to_string(),
                 registered: b.registered.map(|r| r.draining),
@@ -271,12 +271,8 @@ fn source_lists(ctl: &Controller, only: Option<&str>) -> Vec<SourceRow> {
     rows
 }
 
-/// `lb stats`, with each backend's `active` flows by id.
-pub(super) fn stats(
-    ctl: &Controller,
-    history: &History,
-    active: &BTreeMap<u32, u64>,
-) -> Result<Stats> {
+/// `lb stats`, with each backend's `active` flows.
+pub(super) fn stats(ctl: &Controller, history: &History, active: &ActiveFlows) -> Result<Stats> {
     let mut services = Vec::new();
     for (name, s) in ctl.services() {
         let st = ctl.service_stats(s)?;

@@ -31,6 +31,7 @@ pub use source_lists::{SourceEntries, SourceList, insertion_order};
 pub use stats::ServiceStats;
 
 use std::{
+    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     time::Instant,
 };
@@ -643,6 +644,33 @@ impl Dataplane {
     /// in the kernel. Nothing is attached and nothing is pinned.
     pub fn load(capacity: Capacity) -> Result<Self> {
         Self::load_with(capacity, None, KernelLogLevel::Off, &Default::default())
+    }
+
+    /// Claims `dir` for this process until the returned file is dropped (or
+    /// the process ends): one daemon per pin directory, refused before it
+    /// touches the pins, the routes or the links of the one serving. The
+    /// claim is an `flock` on the directory itself, so a daemon that died
+    /// leaves none behind; it does not stop [`Dataplane::load_pinned`] by
+    /// itself, which an upgrade test calls twice on one directory.
+    pub fn claim_pin_dir(dir: &Path) -> Result<std::fs::File> {
+        ensure_bpffs(dir)?;
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!(
+                "creating {} (is bpffs mounted on /sys/fs/bpf?)",
+                dir.display()
+            )
+        })?;
+        let claim =
+            std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(claim.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                bail!("another lb daemon runs on the pins in {}", dir.display());
+            }
+            return Err(e).with_context(|| format!("locking {}", dir.display()));
+        }
+        Ok(claim)
     }
 
     /// Loads with every map pinned under `dir`: maps already pinned there
@@ -1527,6 +1555,15 @@ impl Dataplane {
     /// packets take the Maglev table.
     pub fn conntrack_clear_in_use(&mut self) -> Result<usize> {
         self.conntrack_clear_in_use_if(|_| true)
+    }
+
+    /// Frees every readable entry of the service whose key is `service`;
+    /// returns how many. Their flows' next packets take the Maglev table.
+    pub fn conntrack_clear_service(&mut self, service: &ServiceKey) -> Result<usize> {
+        let services = conntrack_carry::service_keys_by_id(&self.services)?;
+        self.conntrack_clear_in_use_if(|e| {
+            conntrack_carry::carried(e, &services).is_some_and(|(k, _)| k.service_key() == *service)
+        })
     }
 
     /// Removes the entries of `flows` (those still there); returns how many

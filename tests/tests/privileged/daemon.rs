@@ -24,7 +24,7 @@ use lb_common::{
     hash::bucket_hash,
 };
 use lb_tests::{
-    daemon::{Daemon, default_web_config, web_config},
+    daemon::{Daemon, default_web_config, lb_binary, web_config},
     lan::Lan,
     legacy, require_root,
 };
@@ -81,6 +81,25 @@ fn run() -> Result<()> {
     assert_eq!(mode & 0o777, 0o600, "control socket mode {mode:o}");
     let t = tally(&lan, 60)?;
     assert_eq!(t.len(), 2, "both backends serve: {t:?}");
+
+    // A second daemon on the same pins is refused before it touches them,
+    // the links or the routes; the first serves on.
+    let second = lb::netns::spawn_in(
+        &lan.lb.name,
+        std::process::Command::new(lb_binary()?)
+            .args(["daemon", "--config"])
+            .arg(&d.config)
+            .arg("--pin-dir")
+            .arg(&d.pins)
+            .stderr(std::process::Stdio::piped()),
+    )?
+    .wait_with_output()?;
+    let refusal = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success() && refusal.contains("another lb daemon runs on the pins"),
+        "{refusal}"
+    );
+    assert_eq!(tally(&lan, 20)?.len(), 2, "the first daemon still serves");
 
     // A backend whose server dies is evicted; new flows go to the other.
     servers[0] = None;
