@@ -239,10 +239,10 @@ enum NodeCommand {
         #[arg(long)]
         wait: bool,
         /// With --wait: how long without a new flow counts as drained.
-        #[arg(long, default_value = "5s", value_parser = duration)]
+        #[arg(long, default_value = "5s", value_parser = duration, requires = "wait")]
         quiet: Duration,
         /// With --wait: give up after this long.
-        #[arg(long, default_value = "5m", value_parser = duration)]
+        #[arg(long, default_value = "5m", value_parser = duration, requires = "wait")]
         timeout: Duration,
     },
     /// Announce again the VIPs this node can serve.
@@ -299,7 +299,7 @@ enum ServiceCommand {
         name: String,
         /// VIP:PORT/PROTO, e.g. 198.18.1.1:80/tcp or [2001:2:1::53]:53/udp.
         endpoint: Endpoint,
-        /// dsr-l2 or ipip.
+        /// dsr-l2, ipip or gue.
         #[arg(long, default_value = "dsr-l2", value_parser = config_word::<Mode>)]
         mode: Mode,
         /// none (5-tuple) or client (client address only).
@@ -570,12 +570,19 @@ fn run(cli: Cli) -> Result<()> {
         Command::CheckConfig { file } => {
             let d = daemon::load_config(&file)?;
             let backends: usize = d.services.values().map(|s| s.backends.len()).sum();
-            println!(
-                "{}: valid ({} services, {backends} backends)",
-                file.display(),
-                d.services.len()
-            );
-            Ok(())
+            let services = d.services.len();
+            let v = serde_json::json!({
+                "file": file,
+                "valid": true,
+                "services": services,
+                "backends": backends,
+            });
+            print(cli.json, v, |_| {
+                format!(
+                    "{}: valid ({services} services, {backends} backends)\n",
+                    file.display()
+                )
+            })
         }
         Command::Demo { keep, fleet } => crate::demo::run(&crate::demo::Options { keep, fleet }),
         Command::Decap(DecapCommand::Apply { file, pin_dir }) => {
@@ -598,8 +605,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Decap(DecapCommand::Remove { pin_dir }) => {
             crate::dataplane::remove_pinned(&pin_dir)?;
-            println!("lb_decap removed ({} unpinned)", pin_dir.display());
-            Ok(())
+            print(cli.json, serde_json::json!({ "removed": pin_dir }), |_| {
+                format!("lb_decap removed ({} unpinned)\n", pin_dir.display())
+            })
         }
         Command::Doctor {
             config,
@@ -666,11 +674,13 @@ fn run(cli: Cli) -> Result<()> {
             out
         }),
         Command::Service(ServiceCommand::List) => print(cli.json, call(Request::Services)?, |v| {
-            let rows: Vec<ServiceRow> = serde_json::from_value(v.clone()).unwrap_or_default();
+            let Ok(rows) = serde_json::from_value::<Vec<ServiceRow>>(v.clone()) else {
+                return format!("{v}\n");
+            };
             table(
                 &[
-                    "NAME", "SERVICE", "MODE", "AFFINITY", "BACKENDS", "IN TABLE", "SLOTS",
-                    "DIGEST", "REBUILDS",
+                    "NAME", "SERVICE", "MODE", "AFFINITY", "BACKENDS", "IN TABLE", "PROBES",
+                    "SLOTS", "DIGEST", "REBUILDS",
                 ],
                 rows.iter().map(|r| {
                     vec![
@@ -680,6 +690,9 @@ fn run(cli: Cli) -> Result<()> {
                         r.affinity.clone(),
                         r.backends.to_string(),
                         r.in_table.to_string(),
+                        // Panic: every backend in the table whatever its
+                        // probes say (docs/operations.md).
+                        if r.panic { "panic" } else { "ok" }.to_owned(),
                         r.table_size.to_string(),
                         r.digest.clone(),
                         r.rebuilds.to_string(),
@@ -817,7 +830,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Acl(AclCommand::List { service }) => {
             print(cli.json, call(Request::SourceLists { service })?, |v| {
-                let rows: Vec<SourceRow> = serde_json::from_value(v.clone()).unwrap_or_default();
+                let Ok(rows) = serde_json::from_value::<Vec<SourceRow>>(v.clone()) else {
+                    return format!("{v}\n");
+                };
                 table(
                     &["SERVICE", "LIST", "PREFIX"],
                     rows.iter()
@@ -973,9 +988,9 @@ fn run(cli: Cli) -> Result<()> {
                 return print(cli.json, v, stats_text);
             }
             if cli.json {
-                println!("{v}");
+                write_out(&format!("{v}\n"))?;
             } else {
-                print!("\x1b[2J\x1b[H{}", stats_text(&v));
+                write_out(&format!("\x1b[2J\x1b[H{}", stats_text(&v)))?;
             }
             std::thread::sleep(Duration::from_secs(1));
         },
@@ -1171,13 +1186,26 @@ fn node_text(s: &NodeStatus) -> String {
     out
 }
 
+/// Prints `v` as JSON, or as `human` renders it. Each renderer shows `v`
+/// as it came when it cannot read it (a daemon of another version), never
+/// an empty table.
 fn print(json: bool, v: Value, human: impl FnOnce(&Value) -> String) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        write_out(&format!("{}\n", serde_json::to_string_pretty(&v)?))
     } else {
-        print!("{}", human(&v));
+        write_out(&human(&v))
     }
-    Ok(())
+}
+
+/// Writes `text` to stdout. A reader that went away (`lb conntrack list |
+/// head`) ends the command quietly, as it ends `cat`, not with a panic.
+fn write_out(text: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        written => Ok(written?),
+    }
 }
 
 /// What `apply` or an edit changed (or would change), and the slots moved.
@@ -1208,6 +1236,14 @@ fn change_report(v: &Value, dry_run: bool) -> String {
                 "service {svc}: {n} table slots move once its new backends pass their checks\n"
             );
         }
+    }
+    // Each a (service, address) pair.
+    for d in v["deferred"].as_array().into_iter().flatten() {
+        out += &format!(
+            "service {}: registered backend {} waits for a backend id this change frees\n",
+            d[0].as_str().unwrap_or_default(),
+            d[1].as_str().unwrap_or_default()
+        );
     }
     out
 }
@@ -1247,7 +1283,9 @@ fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
 }
 
 fn backend_table(v: &Value, health: bool) -> String {
-    let rows: Vec<BackendRow> = serde_json::from_value(v.clone()).unwrap_or_default();
+    let Ok(rows) = serde_json::from_value::<Vec<BackendRow>>(v.clone()) else {
+        return format!("{v}\n");
+    };
     if health {
         table(
             &[
@@ -1377,7 +1415,9 @@ fn wait_for_no_flows(
 }
 
 fn flow_table(v: &Value) -> String {
-    let rows: Vec<FlowRow> = serde_json::from_value(v.clone()).unwrap_or_default();
+    let Ok(rows) = serde_json::from_value::<Vec<FlowRow>>(v.clone()) else {
+        return format!("{v}\n");
+    };
     table(
         &["SERVICE", "CLIENT", "PROTO", "BACKEND", "STATE", "IDLE"],
         rows.iter().map(|r| {
