@@ -30,6 +30,12 @@ pub fn run(program: &str, args: &[&str]) -> Result<()> {
 pub fn output(program: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(program)
         .args(args)
+        // In a process group of its own, out of the terminal's reach: a
+        // Ctrl-C (the demo's first, or a second one during teardown) must
+        // not kill an `ip netns del` or `umount` half way, nor an `ip netns
+        // add` after the namespace exists but before its owner does. A
+        // caller that handles the signal (the demo) acts on it after.
+        .process_group(0)
         .output()
         .with_context(|| format!("running {program}"))?;
     if !out.status.success() {
@@ -42,6 +48,12 @@ pub fn output(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// What the names [`Netns::new`] gives start with: `lbt<pid>-`, this
+/// process's own.
+pub fn name_prefix() -> String {
+    format!("lbt{}-", std::process::id())
+}
+
 /// A network namespace, deleted on drop.
 pub struct Netns {
     /// Its name under /run/netns.
@@ -52,7 +64,7 @@ impl Netns {
     /// Creates a namespace named `lbt<pid>-<n><role>` with loopback up.
     pub fn new(role: &str) -> Result<Netns> {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let name = format!("lbt{}-{n}{role}", std::process::id());
+        let name = format!("{}{n}{role}", name_prefix());
         ip(&["netns", "add", &name])?;
         let ns = Netns { name };
         ns.ip(&["link", "set", "lo", "up"])?;

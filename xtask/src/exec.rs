@@ -53,11 +53,55 @@ fn path_with_cargo_bin() -> Option<OsString> {
 }
 
 /// Runs `cmd` after echoing it, with stdout and stderr passed through, and
-/// fails unless it exits successfully.
+/// fails unless it exits successfully. xtask waits for it whatever the
+/// terminal sends (see [`IgnoredSignals`]).
 pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let shown = echo(cmd);
-    let status = cmd.status().with_context(|| not_started(&shown))?;
+    // Started before the signals are ignored: an ignored disposition
+    // survives exec, and the child must still get Ctrl-C.
+    let mut child = cmd.spawn().with_context(|| not_started(&shown))?;
+    let status = {
+        let _ignored = IgnoredSignals::new();
+        child.wait()
+    }
+    .with_context(|| format!("could not wait for `{shown}`"))?;
     check(&shown, status)
+}
+
+/// Signals xtask ignores while [`run`] waits: the terminal's Ctrl-C and
+/// hang-up, and a plain `kill`. The terminal's reach the child too (they go
+/// to the whole foreground process group), which may take a while to act on
+/// them (`lb demo` tears its namespaces down first): xtask stays to wait for
+/// it and report how it ended, as system(3) does, rather than hand the
+/// prompt back while it still runs.
+const IGNORED: [libc::c_int; 3] = [libc::SIGHUP, libc::SIGINT, libc::SIGTERM];
+
+/// [`IGNORED`] ignored until dropped, which puts back what they were.
+struct IgnoredSignals {
+    previous: [libc::sighandler_t; IGNORED.len()],
+}
+
+impl IgnoredSignals {
+    fn new() -> IgnoredSignals {
+        IgnoredSignals {
+            // SAFETY: signal(2) with a valid number and SIG_IGN installs no
+            // handler and touches no memory of ours.
+            previous: IGNORED.map(|sig| unsafe { libc::signal(sig, libc::SIG_IGN) }),
+        }
+    }
+}
+
+impl Drop for IgnoredSignals {
+    fn drop(&mut self) {
+        for (sig, previous) in IGNORED.into_iter().zip(self.previous) {
+            if previous != libc::SIG_ERR {
+                // SAFETY: puts back the disposition signal(2) reported for
+                // `sig`: the default or SIG_IGN, as xtask installs no
+                // handlers.
+                unsafe { libc::signal(sig, previous) };
+            }
+        }
+    }
 }
 
 /// Runs `cmd` after echoing it, copying its stdout to ours unchanged as it

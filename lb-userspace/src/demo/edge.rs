@@ -24,6 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::{as_demo_daemon, check_interrupted};
 use crate::{
     config::{Fleet, FleetTls},
     netns::{self, Netns, spawn_in},
@@ -102,7 +103,7 @@ impl Bird {
         let log = std::fs::File::create(dir.join("bird.log"))?;
         let child = spawn_in(
             &ns.name,
-            Command::new("bird")
+            as_demo_daemon(&mut Command::new("bird"))
                 .arg("-f")
                 .arg("-c")
                 .arg(&conf)
@@ -114,6 +115,7 @@ impl Bird {
         let bird = Bird { child, socket, dir };
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::os::unix::net::UnixStream::connect(&bird.socket).is_err() {
+            check_interrupted()?;
             if Instant::now() > deadline {
                 bail!("bird in {} did not start: {}", ns.name, bird.log());
             }
@@ -354,7 +356,7 @@ impl Etcd {
                 .arg(self.dir.join("ca.pem"))
                 .arg("--client-cert-auth");
         }
-        let child = spawn_in(&self.ns.name, &mut cmd)?;
+        let child = spawn_in(&self.ns.name, as_demo_daemon(&mut cmd))?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -368,6 +370,7 @@ impl Etcd {
             {
                 return Ok(());
             }
+            check_interrupted()?;
             if Instant::now() > deadline {
                 bail!("etcd did not start: {}", self.log());
             }
@@ -657,6 +660,7 @@ impl Edge {
                     return Ok((start.elapsed(), text));
                 }
             }
+            check_interrupted()?;
             if start.elapsed() > timeout {
                 bail!(
                     "the router's paths to {vip} are {now:?}, not {want:?}, after {timeout:?}; router BIRD: {}",

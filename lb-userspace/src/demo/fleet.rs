@@ -21,9 +21,12 @@ use super::{
         CLIENT_V4, ECHO_PORT, EchoServer, Edge, Sessions, backend_name, backend_v4,
         fleet_node_config, fleet_services, node_v4,
     },
-    stop_daemon,
+    log_tail, stop_daemon,
 };
-use crate::{api, netns::PrivateBpffs};
+use crate::{
+    api,
+    netns::{self, PrivateBpffs},
+};
 
 /// Where the fleet demo keeps each node's configuration, socket, state,
 /// log and bpffs.
@@ -41,6 +44,8 @@ const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
 struct NodeDaemon {
     child: Option<Child>,
     socket: PathBuf,
+    /// Its stderr.
+    log: PathBuf,
     /// Unmounted (unpinning, so detaching) after the daemon is gone.
     bpffs: Option<PrivateBpffs>,
 }
@@ -113,9 +118,60 @@ pub(super) fn run(lb: &Path) -> Result<()> {
     let result = demo.show(lb);
     drop(demo);
     result?;
+    // The teardown reports its failures as it goes; done means none was left.
+    let left = leftovers(Path::new(DIR));
+    if !left.is_empty() {
+        bail!(
+            "the fleet demo could not remove everything it made: {}",
+            left.join(", ")
+        );
+    }
     println!("\ndone: every namespace, process and mount the fleet demo made is removed");
     Ok(())
 }
+
+/// What the fleet demo made and is still there: its namespaces (this
+/// process's, by name), the temporary directories of its BIRDs and etcd
+/// (named after them), mounts under `dir`, and `dir` itself.
+fn leftovers(dir: &Path) -> Vec<String> {
+    let prefix = netns::name_prefix();
+    let names = |under: &Path| -> Vec<String> {
+        std::fs::read_dir(under)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.starts_with(&prefix))
+            .collect()
+    };
+    let mut left: Vec<String> = names(Path::new(NETNS_DIR))
+        .into_iter()
+        .map(|n| format!("namespace {n}"))
+        .collect();
+    let tmp = std::env::temp_dir();
+    left.extend(
+        names(&tmp)
+            .into_iter()
+            .map(|n| format!("directory {}", tmp.join(n).display())),
+    );
+    let mounts = std::fs::read_to_string(MOUNTS).unwrap_or_default();
+    left.extend(
+        mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|m| Path::new(m).starts_with(dir))
+            .map(|m| format!("mount {m}")),
+    );
+    if dir.exists() {
+        left.push(format!("directory {}", dir.display()));
+    }
+    left
+}
+
+/// Where `ip netns` keeps the namespaces' names.
+const NETNS_DIR: &str = "/run/netns";
+/// The mount table.
+const MOUNTS: &str = "/proc/mounts";
 
 impl FleetDemo {
     fn edge(&self) -> Result<&Edge> {
@@ -217,6 +273,13 @@ impl FleetDemo {
                 Ok(s[0]["digest"].as_str().unwrap_or_default().to_string())
             })
             .collect::<Result<_>>()?;
+        // The weight is in force once the table is rebuilt with it, so the
+        // tables must be equal by now.
+        if digests.iter().any(String::is_empty) || digests.windows(2).any(|w| w[0] != w[1]) {
+            bail!(
+                "with the new weight in force on every node, their table digests are not all equal: {digests:?} (\"\" is a node that reported none)"
+            );
+        }
         println!(
             "  the CLI returned in {} ms; live on all {NODES} nodes after {} ms; digests {}",
             returned.as_millis(),
@@ -248,11 +311,13 @@ impl FleetDemo {
             "  {} of {CONNECTIONS} connections still answer from their backend",
             CONNECTIONS - broken.len()
         );
-        // A connection lb{VICTIM} carried reaches another node with no
-        // connection-table entry there: it goes where the table says. The
-        // weight change of step 4 moved some table slots, so connections
-        // opened before it on those slots now meet another backend, which
-        // resets them. Each broken one must be such a case.
+        // A connection that reaches a node with no connection-table entry
+        // for it (lb{VICTIM}'s, and any the ECMP rehash on fewer next hops
+        // moved between the others) goes where the table says. The weight
+        // change of step 4 moved some table slots, so connections opened
+        // before it on those slots now meet another backend, which resets
+        // them. Each broken one must be on such a slot: that is what is
+        // checked, not which node carried it.
         let mut unexplained = Vec::new();
         for b in &broken {
             let why = self.daemons[0].call(
@@ -273,7 +338,7 @@ impl FleetDemo {
             }
         }
         println!(
-            "  {} broke: opened before step 4's weight change on table slots it moved, and carried by lb{VICTIM}, the only node with their connection-table entry",
+            "  {} broke, each opened before step 4's weight change on a table slot it moved to another backend: a node without its connection-table entry (lb{VICTIM}'s flows, or ones ECMP rehashed) follows the table",
             broken.len() - unexplained.len()
         );
         check_interrupted()?;
@@ -335,6 +400,7 @@ impl FleetDemo {
         );
         std::fs::write(dir.join("lb.toml"), config)?;
         let bpffs = PrivateBpffs::mount(&dir.join("bpffs"))?;
+        let log = dir.join("daemon.log");
         let child = node.ns.spawn_process(
             as_demo_daemon(&mut Command::new(lb))
                 .args(["daemon", "--config"])
@@ -343,11 +409,12 @@ impl FleetDemo {
                 .arg(bpffs.path().join("lb"))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(std::fs::File::create(dir.join("daemon.log"))?),
+                .stderr(std::fs::File::create(&log)?),
         )?;
         self.daemons.push(NodeDaemon {
             child: Some(child),
             socket,
+            log,
             bpffs: Some(bpffs),
         });
         self.wait(&format!("lb{i}'s daemon to answer"), |d| {
@@ -356,14 +423,22 @@ impl FleetDemo {
         Ok(())
     }
 
-    /// Polls `done` until it holds; fails after [`EVENT_TIMEOUT`] or on Ctrl-C.
+    /// Polls `done` until it holds; fails after [`EVENT_TIMEOUT`], on
+    /// Ctrl-C, or with its log's last lines once a daemon has exited.
     fn wait(
-        &self,
+        &mut self,
         what: &str,
         mut done: impl FnMut(&FleetDemo) -> Result<bool>,
     ) -> Result<Duration> {
         let start = Instant::now();
         loop {
+            for (i, d) in self.daemons.iter_mut().enumerate() {
+                if let Some(c) = d.child.as_mut()
+                    && let Some(status) = c.try_wait()?
+                {
+                    bail!("lb{i}'s daemon exited ({status}):\n{}", log_tail(&d.log));
+                }
+            }
             if done(self)? {
                 return Ok(start.elapsed());
             }

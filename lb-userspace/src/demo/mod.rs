@@ -279,7 +279,7 @@ impl Demo {
         step(5, &format!("killing {}'s server", victim.name));
         self.servers[VICTIM] = None;
         let killed = Instant::now();
-        self.wait_for_health(IpAddr::V4(victim.addr), "down")?;
+        self.wait_for_slots(IpAddr::V4(victim.addr), false)?;
         println!(
             "  the health checker evicted {} {} ms after its server died",
             victim.name,
@@ -291,7 +291,7 @@ impl Demo {
         let ns = &self.topo()?.backends[VICTIM];
         self.servers[VICTIM] = Some(NameServer::start(ns, victim.name, PORT)?);
         let restarted = Instant::now();
-        self.wait_for_health(IpAddr::V4(victim.addr), "up")?;
+        self.wait_for_slots(IpAddr::V4(victim.addr), true)?;
         println!(
             "  re-admitted {} ms after its server came back (rise 2)",
             restarted.elapsed().as_millis()
@@ -417,19 +417,29 @@ impl Demo {
         }
     }
 
-    fn wait_for_health(&mut self, backend: IpAddr, want: &str) -> Result<()> {
-        self.wait(&format!("{backend} to be {want}"), |d| {
-            let rows: Vec<BackendRow> = serde_json::from_value(d.call(&Request::Health)?)?;
+    /// Waits until `backend` owns table slots (`in_table`) or none. The
+    /// table, not the health the probes report, since its rebuild may
+    /// follow a health change by up to [`HEALTH_REBUILD_GAP`]: what the next
+    /// round sees is the table.
+    ///
+    /// [`HEALTH_REBUILD_GAP`]: crate::daemon::controller::HEALTH_REBUILD_GAP
+    fn wait_for_slots(&mut self, backend: IpAddr, in_table: bool) -> Result<()> {
+        let what = if in_table {
+            "back in the table"
+        } else {
+            "out of the table"
+        };
+        self.wait(&format!("{backend} to be {what}"), |d| {
+            let rows: Vec<BackendRow> =
+                serde_json::from_value(d.call(&Request::Backends { service: None })?)?;
             Ok(rows
                 .iter()
-                .any(|r| r.address == backend && r.health == want))
+                .any(|r| r.address == backend && (r.slots > 0) == in_table))
         })
     }
 
     fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
+        log_tail(&self.dir.join("daemon.log"))
     }
 
     /// Sends a round of connections and prints the spread; `out` are the
@@ -501,13 +511,24 @@ impl Demo {
     }
 }
 
+/// Lines of a daemon's log shown when it fails.
+const LOG_TAIL_LINES: usize = 15;
+
+/// The last [`LOG_TAIL_LINES`] lines of the log at `path`.
+fn log_tail(path: &Path) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+}
+
 /// How long a daemon gets to exit on SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
-/// Makes `cmd` one of the demo's daemons: in its own process group (Ctrl-C
-/// reaches the demo, which stops it in order), and sent SIGTERM should the
-/// demo die first (killed, or its terminal gone), so none outlives it.
-/// The thread that spawns it must live as long as the demo (the main one).
+/// Makes `cmd` one of the demo's daemons (lb, BIRD, etcd): in its own
+/// process group (Ctrl-C reaches the demo, which stops it in order), and
+/// sent SIGTERM should the demo die first (killed, or its terminal gone),
+/// so none outlives it. The thread that spawns it must live as long as the
+/// daemon should (the demo's main one, a test's own).
 fn as_demo_daemon(cmd: &mut Command) -> &mut Command {
     cmd.process_group(0);
     // SAFETY: prctl(2) is async-signal-safe.

@@ -51,10 +51,15 @@ impl NameServer {
                 stop,
                 thread: Some(thread),
             }),
-            Err(_) => match thread.join() {
-                Ok(Err(e)) => Err(e).context(format!("name server in {}", ns.name)),
-                _ => bail!("name server in {} did not start", ns.name),
-            },
+            Err(_) => {
+                // A thread that binds late would serve on: stop it, or the
+                // join never returns.
+                stop.store(true, Ordering::Relaxed);
+                match thread.join() {
+                    Ok(Err(e)) => Err(e).context(format!("name server in {}", ns.name)),
+                    _ => bail!("name server in {} did not start", ns.name),
+                }
+            }
         }
     }
 }
