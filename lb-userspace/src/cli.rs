@@ -933,16 +933,21 @@ fn run(cli: Cli) -> Result<()> {
                     cli.socket.display()
                 );
             }
-            let withdrawn = runtime()?.block_on(crate::routes::withdraw_all_but(None))?;
-            print(cli.json, serde_json::to_value(&withdrawn)?, |_| {
-                if withdrawn.is_empty() {
-                    return "no VIP route of lb's to withdraw\n".to_owned();
-                }
-                withdrawn
-                    .iter()
-                    .map(|w| format!("withdrawn {} (table {})\n", w.vip, w.table))
-                    .collect()
-            })
+            let mut withdrawn = Vec::new();
+            let result = runtime()?.block_on(crate::routes::withdraw_all_but(None, &mut withdrawn));
+            // What was withdrawn, then what was not.
+            if result.is_ok() || !withdrawn.is_empty() {
+                print(cli.json, serde_json::to_value(&withdrawn)?, |_| {
+                    if withdrawn.is_empty() {
+                        return "no VIP route of lb's to withdraw\n".to_owned();
+                    }
+                    withdrawn
+                        .iter()
+                        .map(|w| format!("withdrawn {} (table {})\n", w.vip, w.table))
+                        .collect()
+                })?;
+            }
+            result
         }
         Command::Node(NodeCommand::Drain {
             wait,
@@ -1338,7 +1343,10 @@ fn backend_table(v: &Value, health: bool) -> String {
                     match (&r.mac, &r.unattached_interface) {
                         (Some(mac), _) => mac.clone(),
                         (None, Some(dev)) => format!("via {dev} (not attached)"),
-                        (None, None) => "unresolved".into(),
+                        (None, None) => match &r.next_hop_error {
+                            Some(why) => format!("unresolved: {why}"),
+                            None => "unresolved".into(),
+                        },
                     },
                     r.active_flows.to_string(),
                     r.packets.to_string(),
@@ -1374,31 +1382,60 @@ fn agent_cell(a: &AgentRow) -> String {
     cell
 }
 
+/// The flows every live node of the fleet pins to `backend` of `service`,
+/// from their reports; `None` while one has not counted them (it has not
+/// applied the drain yet).
+fn fleet_flows_left(
+    call: &dyn Fn(Request) -> Result<Value>,
+    service: &str,
+    backend: std::net::IpAddr,
+) -> Result<Option<u64>> {
+    let status: FleetStatus = serde_json::from_value(call(Request::FleetStatus)?)
+        .context("reading the fleet's status")?;
+    let mut total = 0;
+    for node in status.nodes.iter().filter(|n| n.alive) {
+        let counted = node.report.draining_flows.get(service);
+        match counted.and_then(|by_address| by_address.get(&backend)) {
+            Some(n) => total += n,
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(total))
+}
+
 /// How often `lb backend drain --wait` asks.
 const DRAIN_POLL: Duration = Duration::from_secs(1);
 
-/// Waits until the connection table pins no flow to `backend` of `service`,
-/// saying how many are left as they go; an error after `timeout`.
+/// Waits until no connection table pins a flow to `backend` of
+/// `service` (on a fleet node, every live node's), saying how many are
+/// left as they go; an error after `timeout`.
 fn wait_for_no_flows(
     call: &dyn Fn(Request) -> Result<Value>,
     service: &str,
     backend: std::net::IpAddr,
     timeout: Duration,
 ) -> Result<()> {
+    let fleet = call(Request::Status)?["fleet"] != "standalone";
     let start = Instant::now();
     let mut last = None;
     loop {
-        let rows: Vec<BackendRow> = serde_json::from_value(call(Request::Backends {
-            service: Some(service.to_owned()),
-        })?)?;
-        let left = rows
-            .iter()
-            .find(|r| r.address == backend)
-            .map(|r| r.active_flows)
-            .with_context(|| format!("{backend} is no longer a backend of {service}"))?;
-        if left == 0 {
+        let left = if fleet {
+            fleet_flows_left(call, service, backend)?
+        } else {
+            let rows: Vec<BackendRow> = serde_json::from_value(call(Request::Backends {
+                service: Some(service.to_owned()),
+            })?)?;
+            let row = rows.iter().find(|r| r.address == backend);
+            Some(
+                row.map(|r| r.active_flows)
+                    .with_context(|| format!("{backend} is no longer a backend of {service}"))?,
+            )
+        };
+        if left == Some(0) {
             return Ok(());
         }
+        // Not counted yet: a live node has not applied the drain.
+        let left = left.map_or("an uncounted number of".to_owned(), |n| n.to_string());
         if start.elapsed() >= timeout {
             anyhow::bail!(
                 "{left} flow(s) still on {backend} after {}: they end when their clients \
@@ -1406,7 +1443,7 @@ fn wait_for_no_flows(
                 humantime_serde::re::humantime::format_duration(timeout)
             );
         }
-        if last != Some(left) {
+        if last.as_deref() != Some(left.as_str()) {
             eprintln!("waiting for {left} flow(s) on {backend} to end");
             last = Some(left);
         }

@@ -175,8 +175,15 @@ pub(crate) struct FleetNode {
     /// Registrations the applied state holds that this node refused, with
     /// why.
     refused_registrations: Vec<String>,
-    /// Flows pinned to each draining registered backend, as last counted.
+    /// Flows pinned to each draining backend, as last counted.
     draining_flows: BTreeMap<String, BTreeMap<IpAddr, u64>>,
+    /// Each draining backend, by service, address, id and generation, and
+    /// whether it is known to hold no flow. A draining backend takes no
+    /// new flow, so once none is left none comes back: the table is not
+    /// read for it again (an operator may leave a backend drained for
+    /// days). Known only from a count on a later tick than the one that
+    /// first saw it draining, whose read may predate the drain.
+    drained_empty: BTreeMap<(String, IpAddr, u32, u32), bool>,
     /// Every node seen, with when.
     seen: BTreeMap<String, (NodeReport, SystemTime)>,
 }
@@ -212,6 +219,7 @@ impl FleetNode {
             refused: None,
             refused_registrations: Vec::new(),
             draining_flows: BTreeMap::new(),
+            drained_empty: BTreeMap::new(),
             seen: BTreeMap::new(),
         };
         (node, events)
@@ -679,8 +687,10 @@ impl FleetNode {
     }
 
     /// Counts the flows the connection table pins to each draining
-    /// registered backend, for this node's report (a leaving agent waits
-    /// for them to end). Reads the table only while one is draining.
+    /// backend (a registered one leaving, or one the operator drained),
+    /// for this node's report: a leaving agent and `lb backend drain
+    /// --wait` wait for every node's to end. Reads the table only while a
+    /// draining backend may still hold flows. Called once a repair tick.
     pub(super) fn count_draining_flows(
         &mut self,
         ctl: &Controller,
@@ -692,19 +702,36 @@ impl FleetNode {
             .flat_map(|(name, s)| {
                 s.backends
                     .iter()
-                    .filter(|(_, b)| b.registered.is_some_and(|r| r.draining))
+                    .filter(move |(ip, b)| {
+                        b.registered.is_some_and(|r| r.draining)
+                            || ctl.admin(name, **ip, b) == Admin::Drain
+                    })
                     .map(move |(ip, b)| (name, *ip, b))
             })
             .collect();
+        let key =
+            |name: &String, ip: IpAddr, b: &BackendState| (name.clone(), ip, b.id, b.generation);
+        let before = std::mem::take(&mut self.drained_empty);
+        let known = |k: &(String, IpAddr, u32, u32)| before.get(k).copied();
+        let read = draining
+            .iter()
+            .any(|&(name, ip, b)| known(&key(name, ip, b)) != Some(true));
+        let active = if read {
+            Some(&summary.get(ctl)?.active)
+        } else {
+            None
+        };
         let mut counts: BTreeMap<String, BTreeMap<IpAddr, u64>> = BTreeMap::new();
-        if !draining.is_empty() {
-            let active = &summary.get(ctl)?.active;
-            for (name, ip, b) in draining {
-                counts
-                    .entry(name.clone())
-                    .or_default()
-                    .insert(ip, active.of(b));
-            }
+        for (name, ip, b) in draining {
+            let k = key(name, ip, b);
+            let flows = match (known(&k), active) {
+                (Some(true), _) | (_, None) => 0,
+                (_, Some(active)) => active.of(b),
+            };
+            // Seen before: this tick's read is from after the drain.
+            let empty = known(&k).is_some() && flows == 0;
+            self.drained_empty.insert(k, empty);
+            counts.entry(name.clone()).or_default().insert(ip, flows);
         }
         self.draining_flows = counts;
         Ok(())

@@ -101,8 +101,10 @@ pub struct NodeReport {
     pub bgp: Vec<Protocol>,
     /// Why its BIRD could not be asked, if it announces.
     pub bgp_error: Option<String>,
-    /// Flows its connection table still pins to each draining registered
-    /// backend (what a leaving agent waits on): service → address → flows.
+    /// Flows its connection table still pins to each draining backend,
+    /// registered and leaving or drained by the operator (what a leaving
+    /// agent and `lb backend drain --wait` wait on): service → address →
+    /// flows.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub draining_flows: BTreeMap<String, BTreeMap<IpAddr, u64>>,
 }

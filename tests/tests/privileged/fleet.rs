@@ -500,6 +500,44 @@ fn one_desired_state_changes_everywhere_and_refuses_conflicts_and_bad_data() {
         "etcd back: a write landed and every node agreed {t:?} later; {ok} connections never noticed"
     );
     assert!(sessions.check().1.is_empty());
+
+    // `backend drain --wait` waits for the flows of every node, not only
+    // those of the node it runs on: ECMP spreads the connections over all.
+    // Every connection stays open until it is counted: no count moves.
+    let draining = backend_v4(0).to_string();
+    let flows_on = |node: usize| -> u64 {
+        let rows = fleet.daemons[node]
+            .cli(&["backend", "list", "echo"])
+            .unwrap();
+        let row = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["address"] == draining);
+        row.unwrap()["active_flows"].as_u64().unwrap()
+    };
+    let held = fleet.sessions(50);
+    // The nodes' counts are at most a second old.
+    std::thread::sleep(Duration::from_millis(1100));
+    let per_node: Vec<u64> = (0..NODES).map(flows_on).collect();
+    let (code, said) = fleet.daemons[0]
+        .cli_fails(&["backend", "drain", "echo", &draining, "--wait", "5s"])
+        .unwrap();
+    let total: u64 = per_node.iter().sum();
+    assert!(
+        code == 1 && said.contains(&format!("{total} flow(s) still on {draining}")),
+        "flows per node {per_node:?}: {said}"
+    );
+    assert!(
+        per_node[1..].iter().any(|&n| n > 0),
+        "no other node holds a flow on {draining}: {per_node:?}"
+    );
+    drop((held, sessions));
+    fleet.daemons[0]
+        .cli(&["backend", "drain", "echo", &draining, "--wait", "60s"])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!((0..NODES).map(flows_on).sum::<u64>(), 0);
 }
 
 /// Long-lived connections held through node failures.
