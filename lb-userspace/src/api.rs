@@ -551,11 +551,23 @@ pub async fn call(socket: &Path, request: &Request) -> Result<serde_json::Value>
         })?;
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
+    // The daemon would close the connection on it unread: a bare "broken
+    // pipe" here.
+    if line.len() as u64 > MAX_REQUEST {
+        bail!(
+            "the request is {} bytes, more than the daemon takes ({MAX_REQUEST}): put a configuration this large in the daemon's file and run `lb reload`",
+            line.len()
+        );
+    }
     s.write_all(&line).await?;
     let mut answer = Vec::new();
     tokio::time::timeout(TIMEOUT, s.read_to_end(&mut answer))
         .await
-        .context("the daemon did not answer in time")??;
+        .with_context(|| {
+            format!(
+                "the daemon did not answer within {TIMEOUT:?}: a change it was asked for may still apply (see `lb service list`, `lb backend list`)"
+            )
+        })??;
     let response: Response =
         serde_json::from_slice(&answer).context("malformed response from the daemon")?;
     match response.error {

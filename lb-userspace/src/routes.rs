@@ -37,7 +37,7 @@ pub const ROUTE_PROTOCOL: u8 = 108;
 /// How often the table is compared with what should be announced even when
 /// nothing changed, so a route removed by hand comes back and a failed
 /// netlink call is retried.
-const RESYNC: Duration = Duration::from_secs(1);
+pub(crate) const RESYNC: Duration = Duration::from_secs(1);
 
 /// A handle on one routing table's VIP routes.
 #[derive(Clone)]
@@ -240,9 +240,11 @@ pub struct Withdrawn {
 /// longer names, or all of them without `[announce]`: left there, a BIRD
 /// still learning that table would go on announcing VIPs no daemon decides
 /// on. `lb node withdraw` runs it with `None` for a daemon that is gone.
-pub async fn withdraw_all_but(kept: Option<u32>) -> Result<Vec<Withdrawn>> {
+/// A route that cannot be withdrawn does not stop the others: the error,
+/// after them all, names each that failed (`withdrawn` has the rest).
+pub async fn withdraw_all_but(kept: Option<u32>, withdrawn: &mut Vec<Withdrawn>) -> Result<()> {
     let handle = connect()?;
-    let mut withdrawn = Vec::new();
+    let mut failed = Vec::new();
     for (table, vip) in routes_in(&handle, None).await? {
         if Some(table) == kept {
             continue;
@@ -251,10 +253,15 @@ pub async fn withdraw_all_but(kept: Option<u32>) -> Result<Vec<Withdrawn>> {
             handle: handle.clone(),
             table,
         };
-        routes.del(vip).await?;
-        withdrawn.push(Withdrawn { table, vip });
+        match routes.del(vip).await {
+            Ok(()) => withdrawn.push(Withdrawn { table, vip }),
+            Err(e) => failed.push(format!("{vip} in table {table}: {e:#}")),
+        }
     }
-    Ok(withdrawn)
+    if !failed.is_empty() {
+        bail!("withdrawing {}", failed.join("; "));
+    }
+    Ok(())
 }
 
 /// What the route keeper last did, for `lb node status`.
@@ -280,8 +287,13 @@ pub async fn keep(
         let target = wanted.borrow_and_update().clone();
         if let Some(target) = target {
             let result = routes.sync(&target).await;
-            let listed = routes.list().await.unwrap_or_default();
-            let error = result.err().map(|e| format!("{e:#}"));
+            // Unlisted, the table is not known to be empty: the last list
+            // stands, and the error says why.
+            let (listed, list_error) = match routes.list().await {
+                Ok(listed) => (Some(listed), None),
+                Err(e) => (None, Some(format!("listing the VIP routes: {e:#}"))),
+            };
+            let error = result.err().map(|e| format!("{e:#}")).or(list_error);
             installed.send_if_modified(|old| {
                 if old.error != error
                     && let Some(e) = &error
@@ -289,7 +301,7 @@ pub async fn keep(
                     warn!(error = %e, "syncing the VIP routes; retrying every second");
                 }
                 let new = Installed {
-                    vips: listed,
+                    vips: listed.unwrap_or_else(|| old.vips.clone()),
                     error,
                 };
                 let changed = *old != new;

@@ -240,20 +240,26 @@ pub(super) fn list(
 ) -> Result<Vec<FlowRow>> {
     check_service(ctl, service)?;
     let now = monotonic_seconds();
+    // Each backend by the id and generation its entries name: a backend
+    // given an id since (another generation) is not the one they were made
+    // for.
+    let addresses: BTreeMap<(&str, u32, u32), IpAddr> = ctl
+        .services()
+        .iter()
+        .flat_map(|(name, s)| {
+            s.backends.iter().map(move |(ip, b)| {
+                let id = (name.as_str(), b.id, b.generation & FLOW_GENERATION_MASK);
+                (id, *ip)
+            })
+        })
+        .collect();
     let mut rows = Vec::new();
     for f in Table::read(ctl)?.flows {
         if service.is_some_and(|s| s != f.service) {
             continue;
         }
-        // The backend the entry was made for: a backend given its id since
-        // (another generation) is not it.
-        let address = ctl.services()[&f.service]
-            .backends
-            .iter()
-            .find(|(_, b)| {
-                b.id == f.value.backend && b.generation & FLOW_GENERATION_MASK == f.value.generation
-            })
-            .map(|(ip, _)| *ip);
+        let id = (f.service.as_str(), f.value.backend, f.value.generation);
+        let address = addresses.get(&id).copied();
         if backend.is_some_and(|b| Some(b) != address) {
             continue;
         }

@@ -44,16 +44,25 @@ impl Node {
         let (wanted, wanted_rx) = watch::channel(None);
         let (installed_tx, installed) = watch::channel(Installed::default());
         let kept = announce.as_ref().map(|a| a.table);
+        // Until it succeeds: a route left behind would go on being
+        // announced by a BIRD that still learns its table.
         tokio::spawn(async move {
-            match routes::withdraw_all_but(kept).await {
-                Ok(withdrawn) => {
-                    for w in withdrawn {
-                        info!(vip = %w.vip, table = w.table, "withdrawn: [announce] no longer names this table");
+            let mut warned = false;
+            loop {
+                let mut withdrawn = Vec::new();
+                let result = routes::withdraw_all_but(kept, &mut withdrawn).await;
+                for w in withdrawn {
+                    info!(vip = %w.vip, table = w.table, "withdrawn: [announce] no longer names this table");
+                }
+                match result {
+                    Ok(()) => break,
+                    Err(e) if !warned => {
+                        warn!(error = %format!("{e:#}"), "withdrawing VIP routes from tables [announce] no longer names; retrying every second");
+                        warned = true;
                     }
+                    Err(_) => {}
                 }
-                Err(e) => {
-                    warn!(error = %format!("{e:#}"), "withdrawing VIP routes from tables [announce] no longer names");
-                }
+                tokio::time::sleep(routes::RESYNC).await;
             }
         });
         if let Some(a) = &announce {

@@ -304,8 +304,26 @@ fn a_backend_holding_more_than_its_share_of_flows_gets_fewer_new_ones() {
     let share = table_share(&d, ONE);
     assert!((share - 0.55 / 1.55).abs() < 0.01, "table share {share}");
 
+    // `lb conntrack list` names each, on backend 1.
+    let listed = |backend: &str| -> Vec<Value> {
+        let rows = d.cli(&["conntrack", "list", "web", "--backend", backend]);
+        rows.unwrap().as_array().unwrap().clone()
+    };
+    let rows = listed(ONE);
+    assert_eq!(rows.len(), 100, "{rows:?}");
+    assert!(
+        rows.iter().all(|r| r["backend"] == ONE
+            && r["state"] == "established"
+            && r["protocol"] == "tcp"
+            && r["client"].as_str().unwrap().starts_with("198.18.")),
+        "{rows:?}"
+    );
+    assert!(listed(two).is_empty());
+
     // Its flows gone (flushed): its weight again.
-    d.cli(&["conntrack", "flush", "web"]).unwrap();
+    let flushed = d.cli(&["conntrack", "flush", "web"]).unwrap();
+    assert_eq!(flushed["removed"], 100, "{flushed}");
+    assert!(listed(ONE).is_empty());
     wait_for_backend(&d, ONE, "ready", 1.0, "config");
     drop(held);
     drop(d);
