@@ -132,6 +132,29 @@ pub enum Request {
     ConntrackStats,
 }
 
+impl Request {
+    /// Whether answering it changes nothing. Any other request may change
+    /// what the connection table's counts mean (a drain, a timeout, a
+    /// backend), so the daemon reads the table afresh after it.
+    pub fn is_view(&self) -> bool {
+        matches!(
+            self,
+            Request::Status
+                | Request::Services
+                | Request::Backends { .. }
+                | Request::SourceLists { .. }
+                | Request::Stats
+                | Request::Health
+                | Request::Node
+                | Request::FleetStatus
+                | Request::FleetExport
+                | Request::Explain { .. }
+                | Request::Conntrack { .. }
+                | Request::ConntrackStats
+        )
+    }
+}
+
 /// The daemon's answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Response {

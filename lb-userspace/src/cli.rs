@@ -731,7 +731,9 @@ fn run(cli: Cli) -> Result<()> {
                 admin: Admin::Drain,
             })?;
             if let Some(timeout) = wait {
-                wait_for_no_flows(&call, &service, backend, timeout)?;
+                // On a fleet node, the revision the drain was written in.
+                let revision = v["revision"].as_i64();
+                wait_for_no_flows(&call, &service, backend, revision, timeout)?;
             }
             print(cli.json, v, moved)
         }
@@ -1245,7 +1247,7 @@ fn change_report(v: &Value, dry_run: bool) -> String {
     // Each a (service, address) pair.
     for d in v["deferred"].as_array().into_iter().flatten() {
         out += &format!(
-            "service {}: registered backend {} waits for a backend id this change frees\n",
+            "service {}: registered backend {} waits for a backend id\n",
             d[0].as_str().unwrap_or_default(),
             d[1].as_str().unwrap_or_default()
         );
@@ -1383,59 +1385,67 @@ fn agent_cell(a: &AgentRow) -> String {
 }
 
 /// The flows every live node of the fleet pins to `backend` of `service`,
-/// from their reports; `None` while one has not counted them (it has not
-/// applied the drain yet).
+/// from their reports; `Err` with the nodes that have not counted them
+/// since they applied `revision` (the drain's) while there are any.
 fn fleet_flows_left(
     call: &dyn Fn(Request) -> Result<Value>,
     service: &str,
     backend: std::net::IpAddr,
-) -> Result<Option<u64>> {
+    revision: i64,
+) -> Result<std::result::Result<u64, String>> {
     let status: FleetStatus = serde_json::from_value(call(Request::FleetStatus)?)
         .context("reading the fleet's status")?;
     let mut total = 0;
+    let mut uncounted = Vec::new();
     for node in status.nodes.iter().filter(|n| n.alive) {
         let counted = node.report.draining_flows.get(service);
         match counted.and_then(|by_address| by_address.get(&backend)) {
-            Some(n) => total += n,
-            None => return Ok(None),
+            Some(n) if node.report.revision >= revision => total += n,
+            _ => uncounted.push(node.name.clone()),
         }
     }
-    Ok(Some(total))
+    Ok(if uncounted.is_empty() {
+        Ok(total)
+    } else {
+        Err(uncounted.join(", "))
+    })
 }
 
 /// How often `lb backend drain --wait` asks.
 const DRAIN_POLL: Duration = Duration::from_secs(1);
 
 /// Waits until no connection table pins a flow to `backend` of
-/// `service` (on a fleet node, every live node's), saying how many are
-/// left as they go; an error after `timeout`.
+/// `service` (on a fleet node, that of every live node that applied
+/// `revision`, the drain's), saying how many are left as they go; an error
+/// after `timeout`.
 fn wait_for_no_flows(
     call: &dyn Fn(Request) -> Result<Value>,
     service: &str,
     backend: std::net::IpAddr,
+    revision: Option<i64>,
     timeout: Duration,
 ) -> Result<()> {
-    let fleet = call(Request::Status)?["fleet"] != "standalone";
     let start = Instant::now();
     let mut last = None;
     loop {
-        let left = if fleet {
-            fleet_flows_left(call, service, backend)?
+        let left = if let Some(revision) = revision {
+            fleet_flows_left(call, service, backend, revision)?
         } else {
             let rows: Vec<BackendRow> = serde_json::from_value(call(Request::Backends {
                 service: Some(service.to_owned()),
             })?)?;
             let row = rows.iter().find(|r| r.address == backend);
-            Some(
-                row.map(|r| r.active_flows)
-                    .with_context(|| format!("{backend} is no longer a backend of {service}"))?,
-            )
+            Ok(row
+                .map(|r| r.active_flows)
+                .with_context(|| format!("{backend} is no longer a backend of {service}"))?)
         };
-        if left == Some(0) {
+        if matches!(left, Ok(0)) {
             return Ok(());
         }
-        // Not counted yet: a live node has not applied the drain.
-        let left = left.map_or("an uncounted number of".to_owned(), |n| n.to_string());
+        let left = match left {
+            Ok(n) => n.to_string(),
+            Err(uncounted) => format!("an unknown number of (not yet counted by {uncounted})"),
+        };
         if start.elapsed() >= timeout {
             anyhow::bail!(
                 "{left} flow(s) still on {backend} after {}: they end when their clients \

@@ -126,13 +126,19 @@ struct Neighbour {
 }
 
 impl Neighbour {
-    /// The MAC frames may go to: any entry with one but a failed or
-    /// incomplete resolution (a stale entry is confirmed by the kernel as
-    /// soon as it sends to it, and fails if nobody answers).
+    /// The MAC frames may go to: an entry resolved, or set by hand (a stale
+    /// entry is confirmed by the kernel as soon as it sends to it, and
+    /// fails if nobody answers). Not a failed or incomplete resolution, nor
+    /// a `noarp` entry, which holds the interface's own or the broadcast
+    /// address.
     fn usable(&self) -> Option<[u8; 6]> {
         match self.state {
-            NeighbourState::Failed | NeighbourState::Incomplete => None,
-            _ => self.mac,
+            NeighbourState::Reachable
+            | NeighbourState::Stale
+            | NeighbourState::Delay
+            | NeighbourState::Probe
+            | NeighbourState::Permanent => self.mac,
+            _ => None,
         }
     }
 }

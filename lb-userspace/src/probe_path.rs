@@ -310,7 +310,19 @@ impl Paths {
         };
         let mut dump = self.handle.route().get(filter).execute();
         let mut found = Vec::new();
-        while let Some(m) = dump.try_next().await.context("listing a probe table")? {
+        loop {
+            let m = match dump.try_next().await {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                // A table that does not exist yet (strict checking says so
+                // of a filtered dump): nothing to remove.
+                Err(rtnetlink::Error::NetlinkError(e))
+                    if e.code.is_some_and(|c| -c.get() == libc::ENOENT) =>
+                {
+                    break;
+                }
+                Err(e) => return Err(e).context("listing a probe table"),
+            };
             // Strict checking filters the dump; older kernels do not.
             if m.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL) && table_of(&m) == mark {
                 found.push(m);
@@ -351,8 +363,10 @@ impl Paths {
         encapsulator.attach(&devs)
     }
 
-    /// Makes lb's probe rules and routes equal `wanted`: the encapsulator
-    /// first (so no tunnel path's route precedes it), the tables of changed
+    /// Makes lb's probe rules and routes equal `wanted`: the catch-all rule
+    /// first when anything is wanted (a marked probe whose own rule is not
+    /// there yet fails rather than leave by the main table), the
+    /// encapsulator (so no tunnel path's route precedes it), the tables of changed
     /// paths emptied, every wanted route added (or replaced), the missing
     /// rules added, and the rules (and tables) of paths no longer wanted
     /// removed. Tunnel paths get `unreachable` routes while the
@@ -362,6 +376,10 @@ impl Paths {
     /// failure does not hold the others back; the first error is returned
     /// once every path was tried.
     async fn sync(&mut self, wanted: &BTreeSet<ProbePath>) -> Result<()> {
+        let (rules, catch_all) = self.rules().await?;
+        if !wanted.is_empty() {
+            self.keep_catch_all(true, catch_all.clone()).await?;
+        }
         let mut failed = self.encapsulate(wanted).err();
         let encapsulated = failed.is_none();
         let mut fail = |e: anyhow::Error| {
@@ -393,7 +411,6 @@ impl Paths {
                 Err(e) => fail(e),
             }
         }
-        let (rules, catch_all) = self.rules().await?;
         let have: BTreeSet<Key> = rules.iter().map(|(k, _)| *k).collect();
         for p in wanted
             .iter()
@@ -436,7 +453,9 @@ impl Paths {
                 Err(e) => fail(e),
             }
         }
-        if let Err(e) = self.keep_catch_all(!wanted.is_empty(), catch_all).await {
+        if wanted.is_empty()
+            && let Err(e) = self.keep_catch_all(false, catch_all).await
+        {
             fail(e);
         }
         self.installed = Some(wanted.clone());

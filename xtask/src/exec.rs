@@ -8,6 +8,7 @@
 use std::env;
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Read, Write};
+use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
 
@@ -65,16 +66,22 @@ pub(crate) fn run(cmd: &mut Command) -> Result<()> {
         child.wait()
     }
     .with_context(|| format!("could not wait for `{shown}`"))?;
+    // Killed by the terminal's signal, as xtask would have been: it ends
+    // the same way, not with a step failed and the next one started.
+    if let Some(signal) = status.signal().filter(|s| IGNORED.contains(s)) {
+        // SAFETY: raise(3) with a valid signal number, now at its default.
+        unsafe { libc::raise(signal) };
+    }
     check(&shown, status)
 }
 
 /// Signals xtask ignores while [`run`] waits: the terminal's Ctrl-C and
-/// hang-up, and a plain `kill`. The terminal's reach the child too (they go
-/// to the whole foreground process group), which may take a while to act on
-/// them (`lb demo` tears its namespaces down first): xtask stays to wait for
-/// it and report how it ended, as system(3) does, rather than hand the
-/// prompt back while it still runs.
-const IGNORED: [libc::c_int; 3] = [libc::SIGHUP, libc::SIGINT, libc::SIGTERM];
+/// hang-up. They reach the child too (they go to the whole foreground
+/// process group), which may take a while to act on them (`lb demo` tears
+/// its namespaces down first): xtask stays to wait for it and report how it
+/// ended, as system(3) does, rather than hand the prompt back while it
+/// still runs.
+const IGNORED: [libc::c_int; 2] = [libc::SIGHUP, libc::SIGINT];
 
 /// [`IGNORED`] ignored until dropped, which puts back what they were.
 struct IgnoredSignals {

@@ -12,7 +12,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
-    time::SystemTime,
+    time::{Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -177,13 +177,11 @@ pub(crate) struct FleetNode {
     refused_registrations: Vec<String>,
     /// Flows pinned to each draining backend, as last counted.
     draining_flows: BTreeMap<String, BTreeMap<IpAddr, u64>>,
-    /// Each draining backend, by service, address, id and generation, and
-    /// whether it is known to hold no flow. A draining backend takes no
-    /// new flow, so once none is left none comes back: the table is not
-    /// read for it again (an operator may leave a backend drained for
-    /// days). Known only from a count on a later tick than the one that
-    /// first saw it draining, whose read may predate the drain.
-    drained_empty: BTreeMap<(String, IpAddr, u32, u32), bool>,
+    /// When this node first saw each draining backend (service, address,
+    /// id, generation) draining: a count from a read that began before
+    /// then may miss flows pinned just before the drain, so none is
+    /// reported for it until a later read.
+    draining_since: BTreeMap<(String, IpAddr, u32, u32), Instant>,
     /// Every node seen, with when.
     seen: BTreeMap<String, (NodeReport, SystemTime)>,
 }
@@ -219,7 +217,7 @@ impl FleetNode {
             refused: None,
             refused_registrations: Vec::new(),
             draining_flows: BTreeMap::new(),
-            drained_empty: BTreeMap::new(),
+            draining_since: BTreeMap::new(),
             seen: BTreeMap::new(),
         };
         (node, events)
@@ -689,8 +687,9 @@ impl FleetNode {
     /// Counts the flows the connection table pins to each draining
     /// backend (a registered one leaving, or one the operator drained),
     /// for this node's report: a leaving agent and `lb backend drain
-    /// --wait` wait for every node's to end. Reads the table only while a
-    /// draining backend may still hold flows. Called once a repair tick.
+    /// --wait` wait for every node's to end; a backend is left out until a
+    /// read of the table that began after this node saw it draining.
+    /// Reads the table only while one is draining.
     pub(super) fn count_draining_flows(
         &mut self,
         ctl: &Controller,
@@ -709,29 +708,27 @@ impl FleetNode {
                     .map(move |(ip, b)| (name, *ip, b))
             })
             .collect();
+        let now = Instant::now();
         let key =
             |name: &String, ip: IpAddr, b: &BackendState| (name.clone(), ip, b.id, b.generation);
-        let before = std::mem::take(&mut self.drained_empty);
-        let known = |k: &(String, IpAddr, u32, u32)| before.get(k).copied();
-        let read = draining
+        let since: BTreeMap<_, _> = draining
             .iter()
-            .any(|&(name, ip, b)| known(&key(name, ip, b)) != Some(true));
-        let active = if read {
-            Some(&summary.get(ctl)?.active)
-        } else {
-            None
-        };
+            .map(|&(name, ip, b)| {
+                let k = key(name, ip, b);
+                let seen = self.draining_since.get(&k).copied().unwrap_or(now);
+                (k, seen)
+            })
+            .collect();
+        self.draining_since = since;
         let mut counts: BTreeMap<String, BTreeMap<IpAddr, u64>> = BTreeMap::new();
-        for (name, ip, b) in draining {
-            let k = key(name, ip, b);
-            let flows = match (known(&k), active) {
-                (Some(true), _) | (_, None) => 0,
-                (_, Some(active)) => active.of(b),
-            };
-            // Seen before: this tick's read is from after the drain.
-            let empty = known(&k).is_some() && flows == 0;
-            self.drained_empty.insert(k, empty);
-            counts.entry(name.clone()).or_default().insert(ip, flows);
+        if !draining.is_empty() {
+            let s = summary.get(ctl)?;
+            for (name, ip, b) in draining {
+                if s.read_at > self.draining_since[&key(name, ip, b)] {
+                    let flows = s.active.of(b);
+                    counts.entry(name.clone()).or_default().insert(ip, flows);
+                }
+            }
         }
         self.draining_flows = counts;
         Ok(())

@@ -181,6 +181,8 @@ const SUMMARY_MAX_AGE: Duration = Duration::from_secs(1);
 /// What the daemon shows and uses of the table: its counts and each
 /// backend's active flows, from one read of it.
 pub(super) struct Summary {
+    /// When the read began: it misses no flow pinned before.
+    pub read_at: Instant,
     /// `lb conntrack stats`.
     pub stats: ConntrackStatsView,
     /// Active flows by backend.
@@ -204,12 +206,14 @@ impl SummaryCache {
             .as_ref()
             .is_none_or(|(at, _)| at.elapsed() >= SUMMARY_MAX_AGE)
         {
+            let read_at = Instant::now();
             let table = Table::read(ctl)?;
             let summary = Summary {
+                read_at,
                 stats: stats(ctl, &table)?,
                 active: table.active_by_backend(),
             };
-            self.0 = Some((Instant::now(), summary));
+            self.0 = Some((read_at, summary));
         }
         self.0
             .as_ref()
@@ -217,7 +221,7 @@ impl SummaryCache {
             .context("internal: no flow summary")
     }
 
-    /// Forgets the summary (the table was flushed): the next asker reads it.
+    /// Forgets the summary (after a change): the next asker reads it.
     pub(super) fn forget(&mut self) {
         self.0 = None;
     }

@@ -256,7 +256,6 @@ fn backend_addrs(d: &Desired) -> Vec<IpAddr> {
 /// The mask the control socket is created under: mode 0600.
 const SOCKET_UMASK: libc::mode_t = 0o177;
 
-/// Binds the control socket, mode 0600: only root can use the API.
 /// An error while a daemon answers on `path`.
 fn refuse_if_served(path: &Path) -> Result<()> {
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -265,6 +264,7 @@ fn refuse_if_served(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Binds the control socket, mode 0600: only root can use the API.
 fn bind_socket(path: &Path) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -399,9 +399,9 @@ pub async fn run(opts: Options) -> Result<()> {
         tokio::spawn(forward_kernel_log(dp.kernel_log()?));
     }
     let mut runtime = Runtime::load(&settings.state_file)?;
-    match &settings.registration {
-        Some(port) => registrations::renew_all(&mut runtime.registered, port.lease),
-        None => runtime.registered.clear(),
+    // Held registrations get their leases once the port opens.
+    if settings.registration.is_none() {
+        runtime.registered.clear();
     }
     timed("state");
     // A fleet node's services come from etcd (or, unreachable, its cache).
@@ -529,7 +529,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut summary = flows::SummaryCache::default();
 
     let (probe_tx, mut results) = mpsc::channel(1024);
-    let mut probers = probers::Probers::new(probe_tx);
+    let mut probers = probers::Probers::new(probe_tx, &ctl);
     probers.sync(&ctl);
 
     let (addrs_tx, addrs_rx) = watch::channel(backend_addrs(ctl.desired()));
@@ -601,6 +601,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 // Nothing half-applied: a change that adds a backend lb
                 // cannot reach through its interfaces is refused whole.
                 let unattached: Vec<String> = new.iter().filter_map(|ip| ctl.unattached(*ip)).collect();
+                let view = request.is_view();
                 let result = match fleet_node.as_mut() {
                     _ if !unattached.is_empty() => Err(anyhow!("{}", unattached.join("\n"))),
                     _ if request == Request::Reload => reload(&mut ctl, &mut file, fleet_node.as_mut())
@@ -612,6 +613,11 @@ pub async fn run(opts: Options) -> Result<()> {
                 };
                 if let (Some((service, address)), Err(_)) = (&trusted, &result) {
                     ctl.trust_first_probe(service, *address, false);
+                }
+                // A count read before a drain could miss flows pinned just
+                // before it: `drain --wait` asks next.
+                if !view {
+                    summary.forget();
                 }
                 let response = match result {
                     Ok(data) => Response { error: None, data },

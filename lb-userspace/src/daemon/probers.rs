@@ -98,9 +98,10 @@ pub(super) struct Probers {
 
 impl Probers {
     /// No tasks yet; results go to `out`. Starts the keeper of the probe
-    /// paths.
-    pub(super) fn new(out: mpsc::Sender<Result>) -> Self {
-        let (paths, wanted) = watch::channel(BTreeSet::new());
+    /// paths with those `ctl` needs: its first sync must not take away the
+    /// paths a previous daemon left for them.
+    pub(super) fn new(out: mpsc::Sender<Result>, ctl: &Controller) -> Self {
+        let (paths, wanted) = watch::channel(ctl.probe_paths());
         tokio::spawn(probe_path::keep(wanted));
         Probers {
             tasks: BTreeMap::new(),

@@ -114,9 +114,7 @@ pub(super) fn handle(
             serde_json::to_value(flows::list(ctl, service.as_deref(), backend)?)?
         }
         Request::ConntrackFlush { service } => {
-            let removed = flows::flush(ctl, service.as_deref());
-            summary.forget();
-            let removed = removed?;
+            let removed = flows::flush(ctl, service.as_deref())?;
             json!({ "removed": removed })
         }
         Request::ConntrackStats => serde_json::to_value(&summary.get(ctl)?.stats)?,

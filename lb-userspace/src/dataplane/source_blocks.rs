@@ -8,11 +8,13 @@
 //!
 //! A rebuild never lets the data plane read a wrong answer. A change of a
 //! service's entries first marks its blocks not ready (the trie answers);
-//! [`SourceBlocks::place`] then writes the service's blocks under its next
-//! generation into empty ways, the shape that names that generation
-//! follows, and only then does [`SourceBlocks::sweep`] empty the ways of the
-//! old one. The data plane reads the shape before and after the bucket, so
-//! a packet that raced the sweep asks the trie.
+//! [`SourceBlocks::sweep_unready`] empties the ways of every service not
+//! ready, which no packet reads; [`SourceBlocks::place`] then writes the
+//! service's blocks under its next generation into empty ways, the shape
+//! that names that generation follows, and [`SourceBlocks::sweep`] empties
+//! what a failed placement left of other generations. The data plane reads
+//! the shape before and after the bucket, so a packet that raced a rewrite
+//! asks the trie.
 
 use std::collections::{BTreeMap, BTreeSet};
 
