@@ -449,8 +449,10 @@ enum BackendCommand {
         service: String,
         /// Backend address.
         backend: std::net::IpAddr,
-        /// Return once the connection table pins no flow to the backend; give
-        /// up (exit 1, with the count left) after TIMEOUT (default 5m).
+        /// Return once the connection table pins no flow to the backend (on a
+        /// fleet node, no live node's); give up (exit 1, with the count left)
+        /// after TIMEOUT (default 5m). Put it after the backend, or write
+        /// --wait=TIMEOUT: its value is optional.
         #[arg(long, value_name = "TIMEOUT", num_args = 0..=1, default_missing_value = "5m", value_parser = duration)]
         wait: Option<Duration>,
     },

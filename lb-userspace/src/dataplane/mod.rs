@@ -458,6 +458,17 @@ fn is_bpffs(path: &Path) -> Result<bool> {
     Ok(st.f_type as i64 == BPF_FS_MAGIC)
 }
 
+/// Creates the pin directory `dir` on a bpf filesystem ([`ensure_bpffs`]).
+fn make_pin_dir(dir: &Path) -> Result<()> {
+    ensure_bpffs(dir)?;
+    std::fs::create_dir_all(dir).with_context(|| {
+        format!(
+            "creating {} (is bpffs mounted on /sys/fs/bpf?)",
+            dir.display()
+        )
+    })
+}
+
 /// Makes sure `dir` can be created on a bpf filesystem: mounts bpffs on
 /// /sys/fs/bpf when nothing is mounted there (as systemd does at boot on
 /// most distributions; some hosts, these test machines among them, lack it).
@@ -653,13 +664,7 @@ impl Dataplane {
     /// leaves none behind; it does not stop [`Dataplane::load_pinned`] by
     /// itself, which an upgrade test calls twice on one directory.
     pub fn claim_pin_dir(dir: &Path) -> Result<std::fs::File> {
-        ensure_bpffs(dir)?;
-        std::fs::create_dir_all(dir).with_context(|| {
-            format!(
-                "creating {} (is bpffs mounted on /sys/fs/bpf?)",
-                dir.display()
-            )
-        })?;
+        make_pin_dir(dir)?;
         let claim =
             std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
         // SAFETY: flock on a descriptor this function owns.
@@ -681,13 +686,7 @@ impl Dataplane {
         dir: &Path,
         log: KernelLogLevel,
     ) -> Result<(Self, bool)> {
-        ensure_bpffs(dir)?;
-        std::fs::create_dir_all(dir).with_context(|| {
-            format!(
-                "creating {} (is bpffs mounted on /sys/fs/bpf?)",
-                dir.display()
-            )
-        })?;
+        make_pin_dir(dir)?;
         let adopted = dir.join(names::SERVICES).exists();
         // Daemons before `lb decap` pinned the decapsulator's maps with
         // their own; they are `lb decap`'s now, under its directory. The
