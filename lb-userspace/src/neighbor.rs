@@ -18,7 +18,7 @@ use rtnetlink::{
     packet_route::{
         AddressFamily, RouteNetlinkMessage,
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
-        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteVia},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType, RouteVia},
     },
 };
 use tokio::time::Instant;
@@ -202,6 +202,11 @@ impl Resolver {
             Ok(None) | Err(rtnetlink::Error::NetlinkError(_)) => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("asking for the route to {backend}")),
         };
+        // An unreachable, prohibit or blackhole route, or a local address,
+        // comes back by `lo`: no next hop frames could go to.
+        if route.header.kind != RouteType::Unicast {
+            return Ok(None);
+        }
         let (mut gateway, mut oif) = (None, None);
         for a in route.attributes {
             match a {
