@@ -196,29 +196,25 @@ pub(super) struct Summary {
 /// once a [`SUMMARY_MAX_AGE`] however many ask, and what anyone who
 /// reaches the pages or the socket can make it read is bounded.
 #[derive(Default)]
-pub(super) struct SummaryCache(Option<(Instant, Summary)>);
+pub(super) struct SummaryCache(Option<Summary>);
 
 impl SummaryCache {
     /// The summary, read again if it is older than [`SUMMARY_MAX_AGE`].
     pub(super) fn get(&mut self, ctl: &Controller) -> Result<&Summary> {
-        if self
+        let stale = self
             .0
             .as_ref()
-            .is_none_or(|(at, _)| at.elapsed() >= SUMMARY_MAX_AGE)
-        {
+            .is_none_or(|s| s.read_at.elapsed() >= SUMMARY_MAX_AGE);
+        if stale {
             let read_at = Instant::now();
             let table = Table::read(ctl)?;
-            let summary = Summary {
+            self.0 = Some(Summary {
                 read_at,
                 stats: stats(ctl, &table)?,
                 active: table.active_by_backend(),
-            };
-            self.0 = Some((read_at, summary));
+            });
         }
-        self.0
-            .as_ref()
-            .map(|(_, s)| s)
-            .context("internal: no flow summary")
+        self.0.as_ref().context("internal: no flow summary")
     }
 
     /// Forgets the summary (after a change): the next asker reads it.
