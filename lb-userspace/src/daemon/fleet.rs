@@ -709,27 +709,25 @@ impl FleetNode {
             })
             .collect();
         let now = Instant::now();
-        let key =
-            |name: &String, ip: IpAddr, b: &BackendState| (name.clone(), ip, b.id, b.generation);
-        let since: BTreeMap<_, _> = draining
-            .iter()
-            .map(|&(name, ip, b)| {
-                let k = key(name, ip, b);
-                let seen = self.draining_since.get(&k).copied().unwrap_or(now);
-                (k, seen)
-            })
-            .collect();
-        self.draining_since = since;
+        // Read after `now`: a fresh read counts a backend first seen now.
+        let summary = match draining.is_empty() {
+            true => None,
+            false => Some(summary.get(ctl)?),
+        };
+        let mut since = BTreeMap::new();
         let mut counts: BTreeMap<String, BTreeMap<IpAddr, u64>> = BTreeMap::new();
-        if !draining.is_empty() {
-            let s = summary.get(ctl)?;
-            for (name, ip, b) in draining {
-                if s.read_at > self.draining_since[&key(name, ip, b)] {
-                    let flows = s.active.of(b);
-                    counts.entry(name.clone()).or_default().insert(ip, flows);
-                }
+        for (name, ip, b) in draining {
+            let key = (name.clone(), ip, b.id, b.generation);
+            let seen = self.draining_since.get(&key).copied().unwrap_or(now);
+            since.insert(key, seen);
+            if let Some(s) = summary.filter(|s| s.read_at > seen) {
+                counts
+                    .entry(name.clone())
+                    .or_default()
+                    .insert(ip, s.active.of(b));
             }
         }
+        self.draining_since = since;
         self.draining_flows = counts;
         Ok(())
     }
