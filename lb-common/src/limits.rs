@@ -184,9 +184,11 @@ pub const PROBE_MARKS: u32 = 0x1_0000;
 /// Prefixes in all the services' deny lists together, and as many in their
 /// allow lists.
 pub const MAX_LIST_PREFIXES: u32 = 65_536;
-/// Prefixes the source lists' trie (`LB_ACL`) holds: both kinds of list.
-/// An LPM trie takes memory only for what it holds.
-pub const MAX_ACL_PREFIXES: u32 = 2 * MAX_LIST_PREFIXES;
+/// Prefixes the source lists' trie (`LB_ACL`) holds: both kinds of list,
+/// twice, as a change writes the new lists beside the old before taking
+/// the old out (so that no source is admitted that both refuse). An LPM
+/// trie takes memory only for what it holds.
+pub const MAX_ACL_PREFIXES: u32 = 4 * MAX_LIST_PREFIXES;
 
 /// Buckets of the source lists' directory of blocks (`LB_SOURCE_BLOCKS`),
 /// a power of two: with [`SOURCE_BLOCK_WAYS`] ways, 32,768 blocks in

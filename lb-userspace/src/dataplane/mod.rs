@@ -39,7 +39,10 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMap, HashMap, IterableMap as _, MapData, PerCpuArray, lpm_trie::LpmTrie},
+    maps::{
+        Array, DevMap, HashMap, IterableMap as _, MapData, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -710,7 +713,29 @@ impl Dataplane {
         if let Some(table) = migration.conntrack.take() {
             dp.carry_conntrack(dir, table)?;
         }
+        if let Some(prefixes) = &migration.source_lists {
+            dp.carry_source_lists(dir, prefixes)?;
+        }
         Ok((dp, adopted))
+    }
+
+    /// Writes `prefixes`, read from a pinned trie of another capacity, into
+    /// this object's new trie, pins it in the old one's place, and places
+    /// their blocks again (the load placed them from the empty trie). The
+    /// program that runs meanwhile reads the old trie.
+    fn carry_source_lists(&mut self, dir: &Path, prefixes: &[(Key<AclKey>, u32)]) -> Result<()> {
+        for (key, list) in prefixes {
+            self.acl
+                .insert(key, list, 0)
+                .context("carrying a source-list prefix over")?;
+        }
+        repin(dir, names::ACL, self.acl.map())?;
+        self.rebuild_source_blocks()?;
+        tracing::info!(
+            prefixes = prefixes.len(),
+            "carried the pinned source lists over to this version's capacity"
+        );
+        Ok(())
     }
 
     /// Writes `backends`, read from the pin of an earlier layout, into this
@@ -771,6 +796,7 @@ impl Dataplane {
         let migrating = |name: &str| {
             (name == names::BACKENDS && migration.backends.is_some())
                 || (name == names::CONNTRACK && migration.conntrack.is_some())
+                || (name == names::ACL && migration.source_lists.is_some())
         };
         let pin_paths: Vec<(&str, PathBuf)> = pins
             .map(|dir| {

@@ -8,7 +8,8 @@
 //! refused, all of it checked before anything changes, with the way out in
 //! the error; but the backends of a version before their seal
 //! ([`LEGACY_BACKEND_BYTES`]) or with another seal are carried over
-//! ([`Migration`]), and so are the connection table's entries when the
+//! ([`Migration`]), so are the source lists of a trie of another capacity,
+//! and so are the connection table's entries when the
 //! table has another size or holds whole flows (the 64-byte entries of
 //! versions before entries held the client's side only, sealed by this
 //! version's hash or the one before): the flows' backends, which the
@@ -22,8 +23,8 @@
 use std::path::Path;
 
 use anyhow::{Context as _, Result, bail};
-use aya::maps::MapData;
-use lb_common::{BackendValue, maps as names};
+use aya::maps::{LpmTrie, MapData, lpm_trie::Key};
+use lb_common::{AclKey, BackendValue, maps as names};
 
 use super::{
     Capacity, EBPF_OBJECT, batch,
@@ -135,6 +136,18 @@ pub(super) struct Migration {
     /// A pinned connection table of another size or of whole-flow entries,
     /// to carry into a new one.
     pub conntrack: Option<PinnedTable>,
+    /// The source lists of a pinned trie of another capacity (the prefix
+    /// length and key, the list), to write into a new one.
+    pub source_lists: Option<Vec<(Key<AclKey>, u32)>>,
+}
+
+/// Every prefix of the pinned source-list trie at `path`.
+fn pinned_source_lists(path: &Path) -> Result<Vec<(Key<AclKey>, u32)>> {
+    let map = MapData::from_pin(path).context("opening the pinned source lists")?;
+    let trie: LpmTrie<MapData, AclKey, u32> = LpmTrie::try_from(aya::maps::Map::LpmTrie(map))?;
+    trie.iter()
+        .map(|e| e.context("reading the pinned source lists"))
+        .collect()
 }
 
 /// The backends of the pinned map at `path`, of this version's layout, if
@@ -208,7 +221,8 @@ fn legacy_backends(path: &Path) -> Result<Vec<(u32, BackendValue)>> {
 /// refuses (changing nothing) if a map of desired state has another shape,
 /// else removes the pins of derived maps that do, so they are created anew.
 /// Backends of the layout before the seal, or sealed by another version,
-/// and a connection table of another size or of whole-flow entries, are
+/// source lists in a trie of another capacity, and a connection table of
+/// another size or of whole-flow entries, are
 /// read for the caller to carry over; their pins stay
 /// until the new maps replace them.
 pub(super) fn reconcile(dir: &Path, maps: &[&str], capacity: &Capacity) -> Result<Migration> {
@@ -241,6 +255,17 @@ pub(super) fn reconcile(dir: &Path, maps: &[&str], capacity: &Capacity) -> Resul
             && (have.value_size == want.value_size || have.value_size == WHOLE_FLOW_ENTRY_BYTES)
         {
             migration.conntrack = Some(PinnedTable::open(&path, pinned_service_keys(dir)?)?);
+            continue;
+        }
+        // A capacity of its own since old and new lists may be side by side
+        // during a change: no prefix may be lost to a restart.
+        if name == names::ACL
+            && (Shape {
+                max_entries: want.max_entries,
+                ..have
+            }) == want
+        {
+            migration.source_lists = Some(pinned_source_lists(&path)?);
             continue;
         }
         if name == names::BACKENDS

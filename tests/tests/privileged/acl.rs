@@ -2,7 +2,8 @@
 //! --deny` refuses a client (its open connection too: the daemon removes
 //! its entry, so its next packet is checked), `lb acl del` lets it back,
 //! an allow list without it refuses it, bad prefixes are refused with
-//! nothing changed, and the lists outlive a daemon restart.
+//! nothing changed, and the lists outlive a daemon restart (and one that
+//! finds them pinned by a version of a smaller capacity).
 
 use std::{
     io::{Read as _, Write as _},
@@ -10,7 +11,9 @@ use std::{
     time::Duration,
 };
 
+use aya::maps::{LpmTrie, Map, MapData};
 use lb::demo::server::http_get;
+use lb_common::{AclKey, limits::MAX_ACL_PREFIXES};
 use lb_tests::{
     daemon::{Daemon, WEB_PORT, WEB_VIP, web_config},
     lan::{CLIENT_V4, Lan},
@@ -104,6 +107,35 @@ fn denied_and_unlisted_clients_are_refused_and_bad_prefixes_change_nothing() {
     d.wait_in_table(2, WAIT).unwrap();
     assert_eq!(lists(&d), one);
     assert!(!served(), "a denied client is served after a restart");
+
+    // A trie pinned by a version of half this one's capacity: its prefixes
+    // are carried into a trie of this capacity, not refused.
+    d.kill(libc::SIGTERM).unwrap();
+    let pin = d.pins.join(lb_common::maps::ACL);
+    let trie = |pin: &std::path::Path| {
+        LpmTrie::<MapData, AclKey, u32>::try_from(Map::LpmTrie(MapData::from_pin(pin).unwrap()))
+            .unwrap()
+    };
+    let pinned: Vec<_> = trie(&pin).iter().map(Result::unwrap).collect();
+    assert_eq!(pinned.len(), 1);
+    let flags = MapData::from_pin(&pin).unwrap().info().unwrap().map_flags();
+    let mut earlier = LpmTrie::<MapData, AclKey, u32>::create(MAX_ACL_PREFIXES / 2, flags).unwrap();
+    for (key, list) in &pinned {
+        earlier.insert(key, list, 0).unwrap();
+    }
+    std::fs::remove_file(&pin).unwrap();
+    earlier.pin(&pin).unwrap();
+    d.spawn().unwrap();
+    d.wait_in_table(2, WAIT).unwrap();
+    let log = d.log();
+    assert!(
+        log.contains("carried the pinned source lists over"),
+        "{log}"
+    );
+    let info = MapData::from_pin(&pin).unwrap().info().unwrap();
+    assert_eq!(info.max_entries(), MAX_ACL_PREFIXES);
+    assert_eq!(lists(&d), one);
+    assert!(!served(), "a denied client is served after the carry");
 
     // Gone from the list: served again.
     d.cli(&["acl", "del", "web", &client, "--deny"]).unwrap();
