@@ -1826,7 +1826,7 @@ impl Controller {
             .collect();
         let mut rings = Vec::new();
         for (name, mut old) in services {
-            rings.push((name.clone(), old.ring.to_vec()));
+            rings.push((name.clone(), old.ring.to_vec(), old.health_due));
             match now.get(&name).filter(|cur| cur.id == old.id) {
                 // What the kernel holds now.
                 Some(cur) => {
@@ -1872,8 +1872,17 @@ impl Controller {
             });
         }
         note(self.add_source_entries(&sources));
-        for (name, ring) in rings {
+        for (name, ring, due) in rings {
             note(self.sync_or_retry(&name, Some(ring)));
+            // The table put back predates a held-back health change (or a
+            // failed rebuild's retry) that the backends just written
+            // already show: it stays due, or a backend gone down would
+            // keep its slots, dropping their new flows, until the next.
+            if let Some(due) = due
+                && let Some(svc) = self.services.get_mut(&name)
+            {
+                svc.health_due = Some(svc.health_due.map_or(due, |d| d.min(due)));
+            }
         }
         for b in now.values().flat_map(|s| s.backends.values()) {
             if !old_backends.contains(&b.id) && b.written.is_some() {
