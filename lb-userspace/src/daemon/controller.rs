@@ -710,12 +710,18 @@ impl Controller {
                 continue;
             };
             let ring = self.dp.live_ring(&key)?;
-            let ids = match self.runtime.ids.get(name) {
-                Some(ids) => ids.backends.clone(),
-                // No state file (lost, or corrupt and set aside): the live
-                // table names the backends that serve.
-                None => self.backends_in(&ring, cfg)?,
-            };
+            let mut ids = self
+                .runtime
+                .ids
+                .get(name)
+                .map(|ids| ids.backends.clone())
+                .unwrap_or_default();
+            // Without a state file (lost, or corrupt and set aside), or one
+            // saved before the last table (a crash between the two), the
+            // live table names the backends that serve.
+            for (ip, id) in self.backends_in(&ring, cfg)? {
+                ids.entry(ip).or_insert(id);
+            }
             let mut backends = BTreeMap::new();
             for (ip, id) in ids {
                 let Ok(v) = self.dp.backend(id) else { continue };

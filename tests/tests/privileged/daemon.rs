@@ -469,7 +469,7 @@ fn run() -> Result<()> {
     d.spawn()?;
     assert_eq!(
         digest(&d)?,
-        (live, 0),
+        (live.clone(), 0),
         "the live table was adopted as it was"
     );
     assert!(d.log().contains("the state file is corrupt"), "{}", d.log());
@@ -482,6 +482,20 @@ fn run() -> Result<()> {
     assert!(set_aside, "the corrupt file is kept beside");
     let t = tally(&lan, 40)?;
     assert_eq!(t.values().sum::<usize>(), 40, "{t:?}");
+
+    // A state file without a configured backend's id, as a crash between a
+    // table's write and the file's leaves it: the live table names the
+    // backend, which is adopted with its id, not added again.
+    d.kill(libc::SIGKILL)?;
+    let path = d.dir.join("state.json");
+    let mut state: Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    let ids = state["ids"]["web"]["backends"]
+        .as_object_mut()
+        .ok_or_else(|| anyhow::anyhow!("no ids of web"))?;
+    assert!(ids.remove("198.18.0.12").is_some(), "{state}");
+    std::fs::write(&path, serde_json::to_vec(&state)?)?;
+    d.spawn()?;
+    assert_eq!(digest(&d)?, (live, 0), "the backend was added again");
 
     // A backend taken out of the file while the daemon was down: the
     // service's counts keep what it forwarded, as a removal at run time
