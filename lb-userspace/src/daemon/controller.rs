@@ -1272,9 +1272,10 @@ impl Controller {
 
     /// The weight a backend takes in its table now, slow start, agent and
     /// load feedback included, and what sets it: `operator` (drain,
-    /// maintenance or a weight override), `agent` (its state, `down` or a
-    /// percent), `health` (down), `neighbour` (no MAC), `slow start`,
-    /// `feedback` (its latency) or `config`.
+    /// maintenance or a weight override), `leaving` (a registered host
+    /// that is leaving), `agent` (its state, `down` or a percent), `health`
+    /// (down), `neighbour` (no MAC), `slow start`, `load` (its registered
+    /// host's), `feedback` (its latency) or `config`.
     pub fn effective_weight(&self, service: &str, ip: IpAddr, b: &BackendState) -> (f64, &str) {
         let o = self.runtime.get(service, ip);
         let ramp = self.ramp_percent(service, ip, b);
@@ -1284,6 +1285,8 @@ impl Controller {
             / 100.0;
         let by = if o.admin != Admin::Ready {
             "operator"
+        } else if b.registered.is_some_and(|r| r.draining) {
+            "leaving"
         } else if b.agent.view.applied.admin != Admin::Ready || b.agent.view.applied.down {
             "agent"
         } else if !self.healthy(service, ip, b, self.in_panic(service)) {

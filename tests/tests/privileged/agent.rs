@@ -302,6 +302,7 @@ fn backends_register_with_agents_and_leave_without_breaking_a_connection() {
             Ok(row(d, 0).is_some_and(|r| r["registered"] == true && r["admin"] == "drain"))
         })
         .unwrap();
+        assert_eq!(table_weight(d, 0), (0.0, "leaving".into()));
     }
     let newer = Sessions::open(&edge.client, to, 40).unwrap();
     assert!(
