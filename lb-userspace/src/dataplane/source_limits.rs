@@ -26,11 +26,22 @@ pub struct LimitedPrefix {
 
 impl Dataplane {
     /// Writes service `id`'s limit, or clears it. Written before the
-    /// service's flags name it, as the controller orders it.
+    /// service's flags name it, as the controller orders it. A new prefix
+    /// length forgets the service's sampled prefixes, which were masked
+    /// with the old one and would be shown with the new.
     pub fn set_source_limit(&mut self, id: u32, limit: Option<&SourceLimit>) -> Result<()> {
+        let limit = limit.copied().unwrap_or_default();
+        let before = self
+            .source_limits
+            .get(&id, 0)
+            .with_context(|| format!("reading the new-flow limit of service {id}"))?;
         self.source_limits
-            .set(id, limit.copied().unwrap_or_default(), 0)
-            .with_context(|| format!("writing the new-flow limit of service {id}"))
+            .set(id, limit, 0)
+            .with_context(|| format!("writing the new-flow limit of service {id}"))?;
+        if before.mask != limit.mask {
+            self.forget_limited_prefixes(id)?;
+        }
+        Ok(())
     }
 
     /// Packets of service `id` dropped by its source lists and its limit,
@@ -59,6 +70,11 @@ impl Dataplane {
             PerCpuValues::try_from(vec![SourceDrops::default(); cpus])?,
             0,
         )?;
+        self.forget_limited_prefixes(id)
+    }
+
+    /// Empties the sample's slots that hold prefixes of service `id`.
+    fn forget_limited_prefixes(&mut self, id: u32) -> Result<()> {
         let holder = id + 1;
         for i in 0..self.limited_sources.len() {
             let slots = self.limited_sources.get(&i, 0)?;

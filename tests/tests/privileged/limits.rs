@@ -209,6 +209,18 @@ fn a_flooding_client_is_limited_while_another_is_served() {
     assert!(err.contains("service[web].new_flow_limit.rate: 0"), "{err}");
     assert_eq!(std::fs::read_to_string(&d.config).unwrap(), running);
 
+    // The limit's prefix changed: the sampled prefixes, masked with the
+    // old one, are forgotten rather than shown with the new length.
+    let wider = d.dir.join("wider.toml");
+    std::fs::write(
+        &wider,
+        running.replace("burst = 50 }", "burst = 50, prefix = 24 }"),
+    )
+    .unwrap();
+    d.cli(&["apply", "-f", wider.to_str().unwrap()]).unwrap();
+    let sources = stats(&d).1;
+    assert_eq!(sources.as_array().map(Vec::len), Some(0), "{sources}");
+
     // Without a limit, a flood is not limited at all.
     let unlimited = d.dir.join("unlimited.toml");
     std::fs::write(&unlimited, running.replace(LIMIT, "")).unwrap();
