@@ -80,8 +80,12 @@ pub struct InterfaceFacts {
     /// Name of an XDP program attached to it now, if any.
     pub attached: Option<String>,
     /// A trial attach in driver (native) mode worked; `None` if not tried
-    /// (a program is attached already).
+    /// (a program is attached already) or lb's program did not load.
     pub native: Option<bool>,
+    /// Why the trial could not attach at all: lb's program did not load
+    /// (no CAP_BPF, a verifier that refuses it), which says nothing of the
+    /// driver.
+    pub load_error: Option<String>,
     /// Large receive offload is on.
     pub lro: bool,
     /// Generic receive offload is on.
@@ -109,12 +113,14 @@ pub struct BackendFacts {
     /// The VIP is on a loopback interface.
     pub vip_on_lo: bool,
     /// Effective `arp_ignore` (the kernel takes the larger of `all`'s and
-    /// the interface's), on the up Ethernet interface where it is lowest.
+    /// the interface's), on an up Ethernet interface where it lets the host
+    /// answer ARP for the VIP, else where it is lowest.
     pub arp_ignore: u32,
     /// Effective `arp_announce`, likewise.
     pub arp_announce: u32,
     /// Effective rp_filter where decapsulated packets arrive (max of `all`
-    /// and the interface's).
+    /// and the interface's); 0 for an IPv6 VIP, which IPv4's rp_filter
+    /// never filters (IPv6 has none).
     pub rp_filter: u32,
     /// lb's decapsulator is attached to an interface.
     pub decap_attached: bool,
@@ -215,6 +221,15 @@ pub fn assess_interface(f: &InterfaceFacts, mode: XdpModeSetting) -> Vec<Finding
             format!("{n}: xdp mode"),
             format!("{driver} has no native XDP: generic mode, several times slower"),
             "use a NIC whose driver has XDP (ixgbe, i40e, ice, mlx5, virtio_net, ...)",
+        ),
+        (None, None) if f.load_error.is_some() => problem(
+            Level::Fail,
+            format!("{n}: xdp mode"),
+            format!(
+                "lb's XDP program did not load, so native XDP was not tried: {}",
+                f.load_error.as_deref().unwrap_or_default()
+            ),
+            "run as root (CAP_BPF, CAP_NET_ADMIN) on a kernel lb supports; lb cannot attach either",
         ),
         (None, None) if driver == VETH => veth_mode(n, mode),
         (None, None) => ok(format!("{n}: xdp mode"), "not probed"),
@@ -330,6 +345,26 @@ fn assess_decap(b: &BackendFacts, vip: IpAddr, mode: Mode) -> Finding {
     }
 }
 
+/// Whether an effective `arp_ignore` keeps the host from answering ARP for
+/// a VIP on `lo`: 1 and 2 answer only for the asking interface's addresses,
+/// 8 for none. 3 still answers for a global-scope address (the VIP is one),
+/// and the kernel answers all under 4-7 (reserved) and above 8.
+pub fn arp_ignore_suppresses(value: u32) -> bool {
+    matches!(value, 1 | 2 | 8)
+}
+
+/// Whether an effective `arp_announce` keeps the VIP out of the host's ARP
+/// requests: only 2 (the kernel takes values above 2 as 0).
+pub fn arp_announce_suppresses(value: u32) -> bool {
+    value == 2
+}
+
+/// Whether an effective rp_filter lets decapsulated packets from clients
+/// in: all but 1 (strict).
+pub fn rp_filter_lets_in(value: u32) -> bool {
+    value != 1
+}
+
 /// Judges a backend host for a service of `mode`.
 pub fn assess_backend(b: &BackendFacts, mode: Mode) -> Vec<Finding> {
     let Some(vip) = b.vip else {
@@ -351,7 +386,7 @@ pub fn assess_backend(b: &BackendFacts, mode: Mode) -> Vec<Finding> {
         )
     }];
     if vip.is_ipv4() && mode == Mode::DsrL2 {
-        out.push(if b.arp_ignore >= 1 && b.arp_announce >= 2 {
+        out.push(if arp_ignore_suppresses(b.arp_ignore) && arp_announce_suppresses(b.arp_announce) {
             ok(format!("{vip}: arp"), "ARP for the VIP is suppressed")
         } else {
             problem(
@@ -367,7 +402,10 @@ pub fn assess_backend(b: &BackendFacts, mode: Mode) -> Vec<Finding> {
     }
     if matches!(mode, Mode::Ipip | Mode::Gue) {
         out.push(assess_decap(b, vip, mode));
-        out.push(if b.rp_filter == 1 {
+    }
+    // IPv4's rp_filter never sees an IPv6 VIP's packets.
+    if vip.is_ipv4() && matches!(mode, Mode::Ipip | Mode::Gue) {
+        out.push(if !rp_filter_lets_in(b.rp_filter) {
             problem(
                 Level::Fail,
                 format!("{vip}: rp_filter"),
@@ -393,7 +431,9 @@ fn command_output(program: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn sysctl(path: &str) -> u32 {
+/// The value of the sysctl at `path` under `/proc/sys`; 0 when it cannot be
+/// read (absent: the kernel's default, or no such interface).
+pub fn sysctl(path: &str) -> u32 {
     std::fs::read_to_string(Path::new("/proc/sys").join(path))
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -401,12 +441,13 @@ fn sysctl(path: &str) -> u32 {
 }
 
 /// ARP setting `key` as the kernel applies it (the larger of `all`'s and
-/// the interface's) on the up Ethernet interface of `links` (`ip -j -d
-/// link` entries) where it is lowest: the one that would answer ARP for
-/// the VIP first. `all`'s alone on a host without one.
-fn weakest_arp(links: &[Value], key: &str) -> u32 {
+/// the interface's) on the up Ethernet interfaces of `links` (`ip -j -d
+/// link` entries): the first where it is not `enough` (that interface
+/// answers ARP for the VIP), else the lowest. `all`'s alone on a host
+/// without one.
+fn weakest_arp(links: &[Value], key: &str, enough: fn(u32) -> bool) -> u32 {
     let all = sysctl(&format!("net/ipv4/conf/all/{key}"));
-    links
+    let values: Vec<u32> = links
         .iter()
         .filter(|l| {
             l.get("link_type").and_then(Value::as_str) == Some("ether")
@@ -416,7 +457,14 @@ fn weakest_arp(links: &[Value], key: &str) -> u32 {
         })
         .filter_map(|l| l.get("ifname")?.as_str())
         .map(|name| all.max(sysctl(&format!("net/ipv4/conf/{name}/{key}"))))
-        .min()
+        .collect();
+    // Not monotonic (arp_ignore 3 answers where 2 does not): the lowest
+    // could hide a failing one.
+    values
+        .iter()
+        .copied()
+        .find(|v| !enough(*v))
+        .or_else(|| values.iter().copied().min())
         .unwrap_or(all)
 }
 
@@ -453,7 +501,14 @@ pub fn interface_facts(name: &str, probe_native: bool) -> InterfaceFacts {
         };
     };
     let attached = attached_program(&l);
-    let native = (probe_native && attached.is_none()).then(|| try_native(name).is_ok());
+    let (native, load_error) = if probe_native && attached.is_none() {
+        match try_native(name) {
+            Ok(native) => (Some(native), None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        }
+    } else {
+        (None, None)
+    };
     InterfaceFacts {
         name: name.into(),
         exists: true,
@@ -463,6 +518,7 @@ pub fn interface_facts(name: &str, probe_native: bool) -> InterfaceFacts {
         }),
         attached,
         native,
+        load_error,
         lro: offload(name, "large-receive-offload"),
         gro: offload(name, "generic-receive-offload"),
     }
@@ -476,14 +532,16 @@ const PROBE_CAPACITY: Capacity = Capacity {
     ring_slots: lb_common::limits::RING_CHUNK_SLOTS,
 };
 
-fn try_native(name: &str) -> Result<()> {
+/// Whether the driver of `name` takes lb's program in native mode; an
+/// error when the program does not load, which says nothing of the driver.
+fn try_native(name: &str) -> Result<bool> {
     let mut dp = Dataplane::load(PROBE_CAPACITY)?;
     let prog = dp.program(PROG_LB)?;
-    let id = prog
-        .attach(name, XdpMode::Driver)
-        .context("native attach")?;
+    let Ok(id) = prog.attach(name, XdpMode::Driver) else {
+        return Ok(false);
+    };
     prog.detach(id).context("detaching the trial program")?;
-    Ok(())
+    Ok(true)
 }
 
 /// Gathers the host's facts for pins under `pin_dir`.
@@ -551,10 +609,14 @@ pub fn backend_facts(vip: IpAddr) -> BackendFacts {
     BackendFacts {
         vip: Some(vip),
         vip_on_lo,
-        arp_ignore: weakest_arp(&links, "arp_ignore"),
-        arp_announce: weakest_arp(&links, "arp_announce"),
-        rp_filter: sysctl("net/ipv4/conf/all/rp_filter")
-            .max(sysctl(&format!("net/ipv4/conf/{tunnel}/rp_filter"))),
+        arp_ignore: weakest_arp(&links, "arp_ignore", arp_ignore_suppresses),
+        arp_announce: weakest_arp(&links, "arp_announce", arp_announce_suppresses),
+        rp_filter: if vip.is_ipv4() {
+            sysctl("net/ipv4/conf/all/rp_filter")
+                .max(sysctl(&format!("net/ipv4/conf/{tunnel}/rp_filter")))
+        } else {
+            0
+        },
         decap_attached,
         decap_tables: dataplane::read_pinned(Path::new(DEFAULT_DECAP_PIN_DIR))
             .ok()
@@ -878,6 +940,7 @@ mod tests {
             driver: Some("ixgbe".into()),
             attached: None,
             native: Some(true),
+            load_error: None,
             lro: false,
             gro: false,
         }
@@ -936,6 +999,24 @@ mod tests {
             levels(&assess_interface(&other, XdpModeSetting::Auto)),
             [Level::Fail]
         );
+    }
+
+    #[test]
+    fn a_program_that_does_not_load_fails_apart_from_the_driver() {
+        let unloaded = InterfaceFacts {
+            native: None,
+            load_error: Some("loading the program: Operation not permitted".into()),
+            gro: true,
+            ..iface()
+        };
+        for mode in [XdpModeSetting::Auto, XdpModeSetting::Native] {
+            let f = assess_interface(&unloaded, mode);
+            // Failed, with the error, and no GRO warning: the driver's
+            // mode is unknown, not generic.
+            assert_eq!(levels(&f), [Level::Fail]);
+            assert!(f[0].detail.contains("Operation not permitted"), "{f:?}");
+            assert!(!f[0].detail.contains("no native XDP"), "{f:?}");
+        }
     }
 
     #[test]
@@ -1044,6 +1125,58 @@ mod tests {
                  # see docs/decap.md"
             )
         );
+    }
+
+    #[test]
+    fn ipv4_rp_filter_is_not_judged_for_an_ipv6_vip() {
+        let vip: IpAddr = "2001:db8::1".parse().unwrap();
+        let strict = BackendFacts {
+            vip: Some(vip),
+            vip_on_lo: true,
+            rp_filter: 1,
+            kernel_tunnel_up: true,
+            ..Default::default()
+        };
+        for mode in [Mode::Ipip, Mode::Gue] {
+            let f = assess_backend(&strict, mode);
+            assert!(f.iter().all(|f| !f.check.ends_with(": rp_filter")), "{f:?}");
+        }
+        let v4 = BackendFacts {
+            vip: Some("198.18.1.1".parse().unwrap()),
+            ..strict
+        };
+        let f = assess_backend(&v4, Mode::Ipip);
+        assert_eq!(f.last().unwrap().check, "198.18.1.1: rp_filter");
+        assert_eq!(f.last().unwrap().level, Level::Fail);
+    }
+
+    #[test]
+    fn only_arp_settings_the_kernel_obeys_for_a_vip_on_lo_pass() {
+        let facts = |arp_ignore, arp_announce| BackendFacts {
+            vip: Some("198.18.1.1".parse().unwrap()),
+            vip_on_lo: true,
+            arp_ignore,
+            arp_announce,
+            ..Default::default()
+        };
+        for (ignore, announce, level) in [
+            (1, 2, Level::Ok),
+            (2, 2, Level::Ok),
+            (8, 2, Level::Ok),
+            (0, 2, Level::Fail),
+            // 3 still answers for a global-scope VIP; 4-7 answer all.
+            (3, 2, Level::Fail),
+            (5, 2, Level::Fail),
+            (1, 1, Level::Fail),
+            // Above 2 the kernel announces as with 0.
+            (1, 3, Level::Fail),
+        ] {
+            let f = assess_backend(&facts(ignore, announce), Mode::DsrL2);
+            assert_eq!(
+                f[1].level, level,
+                "arp_ignore {ignore} arp_announce {announce}"
+            );
+        }
     }
 
     #[test]

@@ -59,12 +59,17 @@ pub fn flow_percent(active: u64, share: f64, tolerance: u64, min_percent: u32) -
 /// changes under `step` points wait; within `step` of 100 counts as 100,
 /// and 100 and the lower bound `min_percent` are always reached.
 pub fn next(applied: u32, wanted: u32, step: u32, min_percent: u32) -> u32 {
+    // The bound before the snap to 100: a bound within `step` of 100
+    // would otherwise never be reached.
+    if wanted == min_percent {
+        return wanted;
+    }
     let wanted = if FULL - wanted.min(FULL) < step {
         FULL
     } else {
         wanted
     };
-    if wanted.abs_diff(applied) >= step || wanted == FULL || wanted == min_percent {
+    if wanted.abs_diff(applied) >= step || wanted == FULL {
         wanted
     } else {
         applied
@@ -114,6 +119,11 @@ mod tests {
         assert_eq!(next(97, 100, 5, 50), 100);
         assert_eq!(next(52, 50, 5, 50), 50);
         assert_eq!(next(52, 51, 5, 50), 52);
+        // A bound within the step of 100 is reached too, from either side.
+        assert_eq!(next(100, 97, 5, 97), 97);
+        assert_eq!(next(99, 97, 5, 97), 97);
+        assert_eq!(next(100, 98, 5, 97), 100);
+        assert_eq!(next(97, 100, 5, 97), 100);
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod settings;
 pub mod setup;
 
 use std::{
+    collections::BTreeMap,
     path::Path,
     process::Stdio,
     sync::{
@@ -170,6 +171,11 @@ struct SetUp {
     passes: bool,
     /// What was last logged.
     reported: Option<bool>,
+    /// Fixes that applied but did not put the host right (a decap file
+    /// without the VIP): not applied again, which would change nothing.
+    futile: Vec<setup::Fix>,
+    /// The last error of each fix that failed, warned of once.
+    failed: Vec<(setup::Fix, String)>,
 }
 
 impl SetUp {
@@ -188,12 +194,7 @@ impl SetUp {
         };
         self.checked = Some(Instant::now());
         if fix {
-            for f in setup::fixes(&served) {
-                match setup::apply(&f).await {
-                    Ok(()) => info!(fix = %f, "set up"),
-                    Err(e) => warn!(fix = %f, error = %format!("{e:#}"), "setting up"),
-                }
-            }
+            self.fix(&served).await;
         }
         let findings = setup::findings(&served);
         let passes = setup::passes(&findings);
@@ -207,8 +208,52 @@ impl SetUp {
                 }
             }
         }
+        if passes {
+            // Drift later is put right afresh.
+            self.futile.clear();
+            self.failed.clear();
+        }
         self.passes = passes;
         passes
+    }
+
+    /// Applies the fixes `served` needs, but those that did not help
+    /// before; says once of each that fails or does not help.
+    async fn fix(&mut self, served: &BTreeMap<String, setup::Served>) {
+        let mut applied = Vec::new();
+        for f in setup::fixes(served) {
+            if self.futile.contains(&f) {
+                continue;
+            }
+            match setup::apply(&f).await {
+                Ok(()) => {
+                    self.failed.retain(|(x, _)| *x != f);
+                    applied.push(f);
+                }
+                // Retried on the next check (it may pass then: a VIP held
+                // back until ARP is put right by hand), said once.
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    if !self.failed.iter().any(|(x, was)| *x == f && *was == e) {
+                        warn!(fix = %f, error = %e, "setting up");
+                        self.failed.retain(|(x, _)| *x != f);
+                        self.failed.push((f, e));
+                    }
+                }
+            }
+        }
+        if applied.is_empty() {
+            return;
+        }
+        let still = setup::fixes(served);
+        for f in applied {
+            if still.contains(&f) {
+                warn!(fix = %f, "set up, but the check still fails: not applying it again until the host passes");
+                self.futile.push(f);
+            } else {
+                info!(fix = %f, "set up");
+            }
+        }
     }
 }
 
