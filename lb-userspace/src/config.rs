@@ -1275,8 +1275,16 @@ fn validate_fleet(f: &FleetFile, at: usize, e: &mut Errors<'_>) -> Fleet {
             format!("{node:?}: use letters, digits, '-', '_' or '.'"),
         );
     }
-    if !(LEASE_RANGE.0..=LEASE_RANGE.1).contains(&f.lease) {
-        e.push_node(at, "fleet.lease", "must be between 1s and 60s");
+    // etcd's leases count whole seconds.
+    if !(LEASE_RANGE.0..=LEASE_RANGE.1).contains(&f.lease) || f.lease.subsec_nanos() != 0 {
+        e.push_node(
+            at,
+            "fleet.lease",
+            format!(
+                "{} is not a whole number of seconds from 1s to 60s",
+                humantime_serde::re::humantime::format_duration(f.lease)
+            ),
+        );
     }
     Fleet {
         endpoints: f.endpoints.clone(),
@@ -1430,6 +1438,48 @@ fn host_mask(prefix_in_word: u8) -> u32 {
     }
 }
 
+/// Refuses a tunnel source prefix `text` (`base`, the bits under `mask` of
+/// its last 32 from each flow's hash) with an address that cannot be a
+/// packet's source. Its first and last suffice: each non-unicast block
+/// (0.0.0.0, 127/8, 224/4, 255.255.255.255, `::`, `::1`, ff00::/8,
+/// ::ffff:0:0/96) lies at one end of every prefix that holds part of it.
+fn validate_tunnel_source(text: &str, base: IpAddr, mask: u32, e: &mut Errors<'_>) {
+    let (field, example) = if base.is_ipv4() {
+        ("settings.tunnel_source_v4", "198.18.255.0/24")
+    } else {
+        ("settings.tunnel_source_v6", "2001:2:ff::/112")
+    };
+    let with_last = |last: u32| match base {
+        IpAddr::V4(_) => IpAddr::from(last.to_be_bytes()),
+        IpAddr::V6(a) => {
+            let mut octets = a.octets();
+            octets[12..].copy_from_slice(&last.to_be_bytes());
+            IpAddr::from(octets)
+        }
+    };
+    let last = match base {
+        IpAddr::V4(a) => u32::from(a),
+        IpAddr::V6(a) => {
+            let [.., b0, b1, b2, b3] = a.octets();
+            u32::from_be_bytes([b0, b1, b2, b3])
+        }
+    };
+    if let Some(bad) = [last & !mask, last | mask]
+        .into_iter()
+        .map(with_last)
+        .find(|ip| !usable(*ip))
+    {
+        e.push(
+            None,
+            field,
+            format!(
+                "{text:?} holds {bad}, which cannot be a packet's source: use a unicast \
+                 prefix such as \"{example}\""
+            ),
+        );
+    }
+}
+
 /// Whether `ip` can be a host's unicast address.
 pub(crate) fn usable(ip: IpAddr) -> bool {
     unusable(ip).is_none()
@@ -1546,7 +1596,28 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
         }
     }
     if let Err(err) = ring_slots {
-        e.push(None, "settings.max_services", format!("{err:#}"));
+        match s.table_size {
+            // The tables sized from the backends fit: the fixed size is too large.
+            Some(size)
+                if Capacity::ring_slots_for(s.max_services, s.max_backends, None).is_ok() =>
+            {
+                e.push(
+                    None,
+                    "settings.table_size",
+                    format!(
+                        "{size} slots in each of {} tables (max_services {}, and a spare) \
+                         exceed the rings map's 2^32 slots: lower table_size or max_services",
+                        s.max_services.saturating_add(1),
+                        s.max_services
+                    ),
+                );
+            }
+            _ => e.push(
+                None,
+                "settings.max_services/max_backends",
+                format!("{err:#}"),
+            ),
+        }
     }
     if s.max_backends > MAX_FLOW_BACKEND_IDS {
         // A connection-table entry names its backend in 16 bits.
@@ -1597,7 +1668,10 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
                 e.push(
                     None,
                     "settings.metrics",
-                    format!("{m:?} is not host:port (e.g. \"127.0.0.1:9108\") or \"off\""),
+                    format!(
+                        "{m:?} is not an IP address and port (e.g. \"127.0.0.1:9108\"; \
+                         not a host name) or \"off\""
+                    ),
                 );
                 Listen::Off
             }
@@ -1610,9 +1684,13 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
             "port 0 cannot be a destination: use 1-65535 (6080 by default)",
         );
     }
-    let v4 = match s.tunnel_source_v4.as_deref().map(parse_prefix) {
+    let v4 = match s.tunnel_source_v4.as_deref().map(|t| (t, parse_prefix(t))) {
         None => ([0; 4], 0),
-        Some(Some((IpAddr::V4(a), p))) if p <= 32 => (a.octets(), host_mask(p)),
+        Some((t, Some((IpAddr::V4(a), p)))) if p <= 32 => {
+            let mask = host_mask(p);
+            validate_tunnel_source(t, a.into(), mask, &mut e);
+            (a.octets(), mask)
+        }
         Some(_) => {
             e.push(
                 None,
@@ -1622,10 +1700,12 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
             ([0; 4], 0)
         }
     };
-    let v6 = match s.tunnel_source_v6.as_deref().map(parse_prefix) {
+    let v6 = match s.tunnel_source_v6.as_deref().map(|t| (t, parse_prefix(t))) {
         None => ([0; 16], 0),
-        Some(Some((IpAddr::V6(a), p))) if (96..=128).contains(&p) => {
-            (a.octets(), host_mask(p - 96))
+        Some((t, Some((IpAddr::V6(a), p)))) if (96..=128).contains(&p) => {
+            let mask = host_mask(p - 96);
+            validate_tunnel_source(t, a.into(), mask, &mut e);
+            (a.octets(), mask)
         }
         Some(_) => {
             e.push(
@@ -1689,7 +1769,11 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
         .map(|f| validate_fleet(f.get_ref(), f.span().start, &mut e));
 
     let mut services = BTreeMap::new();
+    // Every service's name, valid or not: `services` holds the valid ones alone.
+    let mut names = BTreeSet::new();
     let mut keys = BTreeSet::new();
+    // The first service tunnelling IPv4, and IPv6, packets (ipip or gue).
+    let mut tunnelled: [Option<&ServiceFile>; 2] = [None, None];
     let mut memberships = 0usize;
     // Prefixes in the deny lists and the allow lists, over every service.
     let mut list_prefixes = [0usize; 2];
@@ -1704,7 +1788,7 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
                 "use letters, digits, '-', '_' or '.'",
             );
         }
-        if services.contains_key(&svc.name) {
+        if !names.insert(&svc.name) {
             e.push(at, format!("{field}.name"), "another service has this name");
         }
         let vip = match svc.vip.parse::<IpAddr>() {
@@ -1722,6 +1806,11 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
                 None
             }
         };
+        if let Some(vip) = vip
+            && svc.mode != Mode::DsrL2
+        {
+            tunnelled[usize::from(vip.is_ipv6())].get_or_insert(svc);
+        }
         if svc.port == 0 {
             e.push(
                 at,
@@ -1886,6 +1975,38 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
             );
         }
     }
+    // Unset, the data plane's outer source is 0.0.0.0 or ::, which nothing
+    // on the way delivers and no backend's decapsulator accepts.
+    for ((field, unset, family, example), svc) in [
+        (
+            "settings.tunnel_source_v4",
+            s.tunnel_source_v4.is_none(),
+            "IPv4",
+            "198.18.255.0/24",
+        ),
+        (
+            "settings.tunnel_source_v6",
+            s.tunnel_source_v6.is_none(),
+            "IPv6",
+            "2001:2:ff::/112",
+        ),
+    ]
+    .into_iter()
+    .zip(tunnelled)
+    {
+        if let (true, Some(svc)) = (unset, svc) {
+            let mode = if svc.mode == Mode::Gue { "gue" } else { "ipip" };
+            e.push(
+                None,
+                field,
+                format!(
+                    "service {} tunnels to its backends ({mode}) and needs an outer {family} \
+                     source: set a prefix its backends accept, such as \"{example}\"",
+                    svc.name
+                ),
+            );
+        }
+    }
     // An IPv6 client is told the tunnel's MTU when its packet does not fit;
     // below IPv6's minimum it never sends one small enough (RFC 8201 §4).
     if let Some(mtu) = s.mtu {
@@ -1974,8 +2095,16 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
     })
 }
 
-/// The host's name, the default node name of a fleet.
+/// The host's name when this process first asked, the default node name of
+/// a fleet. Kept: every reload parses the node's file again, and a daemon
+/// whose host was renamed since it started stays the node it registered as.
 pub(crate) fn host_name() -> String {
+    HOST_NAME.get_or_init(read_host_name).clone()
+}
+
+static HOST_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn read_host_name() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most buf.len() bytes into buf.
     if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
@@ -2581,13 +2710,28 @@ address = "198.18.0.11"
         ),
         (
             "bad metrics address",
-            "[settings]\ninterfaces=[\"e\"]\nmetrics=\"localhost\"\n",
-            "settings.metrics: \"localhost\" is not host:port (e.g.",
+            "[settings]\ninterfaces=[\"e\"]\nmetrics=\"localhost:9108\"\n",
+            "settings.metrics: \"localhost:9108\" is not an IP address and port (e.g.",
         ),
         (
             "bad tunnel prefix",
             "[settings]\ninterfaces=[\"e\"]\ntunnel_source_v4=\"2001:2::/64\"\n",
             "settings.tunnel_source_v4: expected an IPv4 prefix",
+        ),
+        (
+            "tunnel source not unicast",
+            "[settings]\ninterfaces=[\"e\"]\ntunnel_source_v4=\"224.0.0.0/24\"\n",
+            "settings.tunnel_source_v4: \"224.0.0.0/24\" holds 224.0.0.0, which cannot be a packet's source",
+        ),
+        (
+            "tunnel without a tunnel source",
+            "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=80\nprotocol=\"tcp\"\nmode=\"ipip\"\n",
+            "settings.tunnel_source_v4: service a tunnels to its backends (ipip) and needs an outer IPv4 source",
+        ),
+        (
+            "tables past the rings map",
+            "[settings]\ninterfaces=[\"e\"]\nmax_services=1024\ntable_size=4194301\n",
+            "settings.table_size: 4194301 slots in each of 1025 tables (max_services 1024, and a spare) exceed the rings map's 2^32 slots",
         ),
         (
             "reserved routing table",
@@ -2610,6 +2754,11 @@ address = "198.18.0.11"
             "line 6: service: with [fleet], services live in etcd",
         ),
         (
+            "fleet lease in milliseconds",
+            "[settings]\ninterfaces=[\"e\"]\n[fleet]\nendpoints=[\"http://198.18.0.254:2379\"]\nnode=\"lb1\"\nlease=\"1500ms\"\n",
+            "line 3: fleet.lease: 1s 500ms is not a whole number of seconds from 1s to 60s",
+        ),
+        (
             "services past the VIP set's count",
             "[settings]\ninterfaces=[\"e\"]\nmax_services=65536\ntable_size=13\n",
             "settings.max_services: must be below 65536",
@@ -2621,7 +2770,7 @@ address = "198.18.0.11"
         ),
         (
             "IPv6 tunnel below IPv6's minimum MTU",
-            "[settings]\ninterfaces=[\"e\"]\nmtu=1300\n[[service]]\nname=\"a\"\nvip=\"2001:2:1::1\"\nport=80\nprotocol=\"tcp\"\nmode=\"gue\"\n",
+            "[settings]\ninterfaces=[\"e\"]\nmtu=1300\ntunnel_source_v6=\"2001:2:ff::/112\"\n[[service]]\nname=\"a\"\nvip=\"2001:2:1::1\"\nport=80\nprotocol=\"tcp\"\nmode=\"gue\"\n",
             "settings.mtu: 1300 leaves service a's IPv6 tunnel (48 bytes) less than IPv6's minimum MTU of 1280, which clients never go below: at least 1328",
         ),
         (
@@ -2841,6 +2990,130 @@ address = "198.18.0.11"
                 .contains("128 interfaces; lb attaches to at most 127"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_defaulted_node_name_is_the_host_name_read_once() {
+        let f: FleetFile = toml::from_str("endpoints=[\"http://198.18.0.254:2379\"]\n").unwrap();
+        let mut e = Errors {
+            text: "",
+            node_text: "",
+            list: Vec::new(),
+        };
+        let node = validate_fleet(&f, 0, &mut e).node;
+        // Kept, not read again: a reload after the host is renamed names
+        // the node the daemon started as, so [fleet] does not change.
+        assert_eq!(HOST_NAME.get(), Some(&node));
+        assert_eq!(validate_fleet(&f, 0, &mut e).node, node);
+    }
+
+    #[test]
+    fn tunnelled_services_need_a_unicast_tunnel_source_of_their_family() {
+        let config = |sources: &str, vip: &str, mode: &str| {
+            format!(
+                "[settings]\ninterfaces=[\"e\"]\n{sources}[[service]]\nname=\"a\"\n\
+                 vip=\"{vip}\"\nport=80\nprotocol=\"tcp\"\nmode=\"{mode}\"\n"
+            )
+        };
+        let v4 = "tunnel_source_v4=\"198.18.255.0/24\"\n";
+        let v6 = "tunnel_source_v6=\"2001:2:ff::/112\"\n";
+        assert!(parse(&config("", "198.18.1.1", "dsr-l2")).is_ok());
+        assert!(parse(&config(v4, "198.18.1.1", "ipip")).is_ok());
+        assert!(parse(&config(v6, "2001:2:1::1", "gue")).is_ok());
+        // The other family's source is no source.
+        let e = parse(&config(v4, "2001:2:1::1", "gue"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("settings.tunnel_source_v6: service a tunnels to its backends (gue)"),
+            "{e}"
+        );
+        assert_eq!(e.lines().count(), 1, "{e}");
+        // Reported with the service's other problems.
+        let both = config("", "198.18.1.1", "ipip").replace("port=80", "port=0");
+        assert_eq!(parse(&both).unwrap_err().0.len(), 2);
+        // Every address of the prefix is some flow's source.
+        for (field, prefix, bad) in [
+            ("v4", "0.0.0.0/24", "0.0.0.0"),
+            ("v4", "255.255.255.255/32", "255.255.255.255"),
+            ("v4", "128.0.0.0/1", "255.255.255.255"),
+            ("v4", "64.0.0.0/2", "127.255.255.255"),
+            ("v4", "239.0.0.0/8", "239.0.0.0"),
+            ("v6", "::/96", "::"),
+            ("v6", "::1/128", "::1"),
+            ("v6", "ff02::/112", "ff02::"),
+            ("v6", "::ffff:198.18.255.0/120", "::ffff:198.18.255.0"),
+        ] {
+            let text =
+                format!("[settings]\ninterfaces=[\"e\"]\ntunnel_source_{field}=\"{prefix}\"\n");
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!(
+                    "settings.tunnel_source_{field}: \"{prefix}\" holds {bad},"
+                )),
+                "{prefix}: {e}"
+            );
+        }
+        for (field, prefix) in [("v4", "198.18.255.7/32"), ("v6", "2001:2:ff::/96")] {
+            let text =
+                format!("[settings]\ninterfaces=[\"e\"]\ntunnel_source_{field}=\"{prefix}\"\n");
+            assert!(parse(&text).is_ok(), "{prefix}");
+        }
+    }
+
+    #[test]
+    fn a_duplicate_name_is_reported_beside_the_services_other_problems() {
+        let text = "[settings]\ninterfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"x\"\nport=80\n\
+                    protocol=\"tcp\"\n[[service]]\nname=\"a\"\nvip=\"198.18.1.1\"\nport=81\nprotocol=\"tcp\"\n";
+        let e = parse(text).unwrap_err().to_string();
+        assert!(
+            e.contains("service[a].vip: \"x\" is not an IP address"),
+            "{e}"
+        );
+        assert!(
+            e.contains("line 8: service[a].name: another service has this name"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_rings_overflow_names_the_settings_that_cause_it() {
+        let e = parse("[settings]\ninterfaces=[\"e\"]\nmax_services=1024\ntable_size=4194301\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("settings.table_size: 4194301 slots"), "{e}");
+        assert!(!e.contains("settings.max_services"), "{e}");
+        // The tables sized from the backends overflow by themselves.
+        let e = parse("[settings]\ninterfaces=[\"e\"]\nmax_services=65535\ntable_size=13\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("settings.max_services/max_backends: the tables of 65535 services"),
+            "{e}"
+        );
+        assert!(!e.contains("settings.table_size"), "{e}");
+    }
+
+    #[test]
+    fn a_fleet_lease_is_whole_seconds() {
+        let node = |lease: &str| {
+            format!(
+                "[settings]\ninterfaces=[\"e\"]\n[fleet]\nendpoints=[\"http://198.18.0.254:2379\"]\n\
+                 node=\"lb1\"\nlease=\"{lease}\"\n"
+            )
+        };
+        assert_eq!(
+            parse(&node("2s")).unwrap().settings.fleet.unwrap().lease,
+            Duration::from_secs(2)
+        );
+        for lease in ["1500ms", "500ms", "61s"] {
+            let e = parse(&node(lease)).unwrap_err().to_string();
+            assert!(
+                e.contains("fleet.lease:")
+                    && e.contains("is not a whole number of seconds from 1s to 60s"),
+                "{lease}: {e}"
+            );
+        }
     }
 
     #[test]

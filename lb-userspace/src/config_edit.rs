@@ -367,6 +367,7 @@ mod tests {
     const BASE: &str = r#"# operator's comment, kept
 [settings]
 interfaces = ["eth0"]
+tunnel_source_v6 = "2001:2:ff::/112"
 
 [[service]]
 name = "web"   # the site
