@@ -371,6 +371,10 @@ pub struct FleetInputs {
     pub overrides: Overrides,
     /// Agreed health (`None`: a node's own probes, before any fleet state).
     pub health: Option<FleetHealth>,
+    /// Backends whose maintenance the new overrides began or ended, as
+    /// they were before ([`Controller::set_fleet`] sets their verdicts
+    /// aside).
+    rechecked: Vec<(String, IpAddr, BackendState)>,
 }
 
 /// A table digest as the CLI, metrics and the fleet show it.
@@ -1096,10 +1100,11 @@ impl Controller {
     /// Returns the ones they replace, for [`Controller::put_fleet_back`].
     pub fn set_fleet(&mut self, overrides: Overrides, health: FleetHealth) -> FleetInputs {
         let overrides = std::mem::replace(&mut self.runtime.overrides, overrides);
-        self.recheck_left_maintenance(&overrides);
+        let rechecked = self.recheck_left_maintenance(&overrides);
         FleetInputs {
             overrides,
             health: self.fleet_health.replace(health),
+            rechecked,
         }
     }
 
@@ -1109,8 +1114,13 @@ impl Controller {
     /// until a probe passes again ([`Tracker::recheck`]; the prober probes
     /// it at once).
     /// A backend entering maintenance is down from then on (the page and
-    /// `lb health` say so), so its `since` starts there too.
-    fn recheck_left_maintenance(&mut self, before: &Overrides) {
+    /// `lb health` say so), so its `since` starts there too. Returns those
+    /// backends as they were.
+    fn recheck_left_maintenance(
+        &mut self,
+        before: &Overrides,
+    ) -> Vec<(String, IpAddr, BackendState)> {
+        let mut changed = Vec::new();
         let was_in_maintenance = |name: &str, ip: &IpAddr| {
             before
                 .get(name)
@@ -1121,6 +1131,9 @@ impl Controller {
             for (ip, b) in &mut svc.backends {
                 let was = was_in_maintenance(name, ip);
                 let is = self.runtime.get(name, *ip).admin == Admin::Maintenance;
+                if was != is {
+                    changed.push((name.clone(), *ip, b.clone()));
+                }
                 if was && !is {
                     b.health.recheck();
                     b.ramp_started = None;
@@ -1133,6 +1146,7 @@ impl Controller {
                 }
             }
         }
+        changed
     }
 
     /// Puts back what [`Controller::set_fleet`] replaced, once the change it
@@ -1143,6 +1157,21 @@ impl Controller {
     pub fn put_fleet_back(&mut self, previous: FleetInputs) -> Result<()> {
         self.runtime.overrides = previous.overrides;
         self.fleet_health = previous.health;
+        // Their verdicts, as the refused state found them.
+        for (name, ip, was) in previous.rechecked {
+            if let Some(b) = self
+                .services
+                .get_mut(&name)
+                .and_then(|s| s.backends.get_mut(&ip))
+                .filter(|b| b.id == was.id)
+            {
+                b.health = was.health;
+                b.ramp_started = was.ramp_started;
+                b.ramp_percent = was.ramp_percent;
+                b.silent_probes = was.silent_probes;
+                b.since = was.since;
+            }
+        }
         let stale: Vec<String> = self
             .services
             .iter()

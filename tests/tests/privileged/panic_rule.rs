@@ -1,18 +1,20 @@
 //! The controller on a real data plane (no daemon or namespace), fed probe
 //! results as its probers would feed them. The panic rule: panic keeps
 //! backends whose probes may be wrong in the table; it counts and keeps
-//! only backends that could take flows and have been seen to work. And a
-//! held-back health change outlives the undo of a failed change.
+//! only backends that could take flows and have been seen to work. And
+//! what a failed change's undo keeps: a held-back health change, and the
+//! verdicts of backends a refused fleet state took out of maintenance.
 
 use std::{net::IpAddr, time::Duration};
 
 use lb::{
     config::{self, Desired},
     daemon::{
-        controller::{Controller, HEALTH_REBUILD_GAP, ProbeReport},
-        runtime::Runtime,
+        controller::{Controller, FleetHealth, HEALTH_REBUILD_GAP, ProbeReport},
+        runtime::{Admin, Override, Runtime},
     },
     dataplane::Dataplane,
+    fleet::state::Overrides,
     neighbor::{NextHop, Resolution},
 };
 use lb_tests::{Scratch, require_root};
@@ -265,4 +267,56 @@ fn a_health_change_held_back_outlives_the_undo_of_a_failed_change() {
         "the dead backend is out"
     );
     assert!(ctl.health_changes_due().is_none());
+}
+
+/// A fleet state that takes a backend out of maintenance sets its verdict
+/// aside until a probe passes. Refused (its change failed), it leaves the
+/// backend as it found it: still in maintenance, its verdict and `since`
+/// kept.
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn a_refused_fleet_state_leaves_the_verdicts_it_found() {
+    require_root();
+    let scratch = Scratch::new("undo-fleet").unwrap();
+    let state = Scratch {
+        dir: scratch.dir.join("state"),
+    };
+    std::fs::create_dir_all(&state.dir).unwrap();
+    let backends = [("198.18.0.11", 1), ("198.18.0.12", 1)];
+    let desired = config_with(&state, &backends);
+    let dp = Dataplane::load(desired.settings.capacity).unwrap();
+    let hops = hops(&desired);
+    let (mut ctl, _) =
+        Controller::new(dp, desired.clone(), Runtime::default(), hops, None).unwrap();
+    for (b, _) in backends {
+        probe(&mut ctl, b, true);
+    }
+    let health = || FleetHealth {
+        agreed: Default::default(),
+        own_eviction: false,
+    };
+    let ip: IpAddr = "198.18.0.11".parse().unwrap();
+    let mut maintenance = Overrides::new();
+    maintenance.entry(SERVICE.into()).or_default().insert(
+        ip,
+        Override {
+            admin: Admin::Maintenance,
+            ..Default::default()
+        },
+    );
+    ctl.set_fleet(maintenance, health());
+    ctl.apply(desired.clone(), false).unwrap();
+    let found = ctl.services()[SERVICE].backends[&ip].clone();
+
+    // The next state ends it, but its change fails when it saves.
+    let previous = ctl.set_fleet(Overrides::new(), health());
+    std::fs::remove_dir_all(&state.dir).unwrap();
+    std::fs::write(&state.dir, "").unwrap();
+    ctl.apply(desired, false).unwrap_err();
+    std::fs::remove_file(&state.dir).unwrap();
+    ctl.put_fleet_back(previous).unwrap();
+    let kept = &ctl.services()[SERVICE].backends[&ip];
+    assert_eq!(kept.health, found.health);
+    assert_eq!(kept.silent_probes, found.silent_probes);
+    assert_eq!(kept.since, found.since);
 }
