@@ -204,19 +204,28 @@ async fn connect_from(source: Option<IpAddr>, daemon: SocketAddr) -> std::io::Re
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    };
+
     use crate::fleet::registry::FULL_PERCENT;
     use tokio::net::TcpListener;
 
     /// A registration port that checks requests as the daemon does
-    /// (signature and clock, [`registration::verify`]) and takes every one
-    /// that passes; the number of connections it answers.
-    async fn daemon_port(secret: Secret, connections: usize) -> SocketAddr {
+    /// (signature and clock, [`registration::verify`]), takes every one
+    /// that passes, counting them in `taken`, and answers with `lease_ms`.
+    pub(in crate::host_agent) async fn daemon_port(
+        secret: Secret,
+        lease_ms: Option<u64>,
+        taken: Arc<AtomicU32>,
+    ) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         tokio::spawn(async move {
-            for _ in 0..connections {
+            loop {
                 let (stream, _) = listener.accept().await.unwrap();
                 let (read, mut write) = stream.into_split();
                 let mut line = String::new();
@@ -224,7 +233,13 @@ mod tests {
                 let mac = line.split_once(' ').map_or("", |(m, _)| m).to_string();
                 let answer = match registration::verify(&secret, line.trim_end(), SystemTime::now())
                 {
-                    Ok(_) => Answer::default(),
+                    Ok(_) => {
+                        taken.fetch_add(1, Ordering::Relaxed);
+                        Answer {
+                            lease_ms,
+                            ..Answer::default()
+                        }
+                    }
                     Err(r) => Answer {
                         rejected: Some(r.to_string()),
                         ..Answer::default()
@@ -237,10 +252,8 @@ mod tests {
         address
     }
 
-    #[tokio::test]
-    async fn a_clock_set_back_from_ahead_is_taken_at_once() {
-        let secret = || Secret::new(b"0123456789abcdef0123").unwrap();
-        let address = daemon_port(secret(), 2).await;
+    /// A direct registrar of `127.0.0.1` for service `web`, to `address`.
+    pub(in crate::host_agent) fn registrar(address: SocketAddr, secret: Secret) -> Direct {
         let registration = Registration {
             address: "127.0.0.1".parse().unwrap(),
             weight: 1,
@@ -249,13 +262,17 @@ mod tests {
             host: "h".into(),
             version: "0".into(),
         };
-        let mut direct = Direct::new(
-            Daemon {
-                address,
-                secret: secret(),
-            },
+        Direct::new(
+            Daemon { address, secret },
             [("web".to_string(), registration)].into(),
-        );
+        )
+    }
+
+    #[tokio::test]
+    async fn a_clock_set_back_from_ahead_is_taken_at_once() {
+        let secret = || Secret::new(b"0123456789abcdef0123").unwrap();
+        let address = daemon_port(secret(), None, Arc::default()).await;
+        let mut direct = registrar(address, secret());
         // The last request went out an hour ahead, as from a host whose
         // clock ran ahead until NTP stepped it back.
         direct.last_ms = registration::millis(SystemTime::now()) + 3_600_000;

@@ -15,7 +15,9 @@
 //! `drain_timeout` passes, then deregisters and exits 0. Between its
 //! checks it holds nothing: every step is retried on the next tick, so an
 //! etcd that is away for a while costs the registration only once its
-//! lease lapses.
+//! lease lapses. A registration its checks made is renewed every third of
+//! the lease ([`KeepAlive`]), however long a check, the setup check or the
+//! load sampling take.
 
 pub mod direct;
 pub mod load;
@@ -25,6 +27,7 @@ pub mod setup;
 
 use std::{
     collections::BTreeMap,
+    future::Future,
     path::Path,
     process::Stdio,
     sync::{
@@ -79,8 +82,10 @@ pub async fn run(path: &Path, options: &Options) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut registrar = Registrar::new(&s);
-    let mut meter = s.load.clone().map(Meter::new);
     let report = Arc::new(Report::default());
+    if let Some(load) = &s.load {
+        spawn_meter(Meter::new(load.clone()), report.clone());
+    }
     if let Some(port) = s.load.as_ref().and_then(|l| l.agent_port) {
         serve_agent_check(port, report.clone()).await?;
     }
@@ -88,29 +93,28 @@ pub async fn run(path: &Path, options: &Options) -> Result<()> {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut passing: Option<bool> = None;
     let mut failures = 0u32;
-    let mut lease_warned = false;
     let mut set_up = SetUp::default();
+    let mut keep = KeepAlive::new();
     info!(address = %s.address, services = ?s.services, host = %s.host, "agent started");
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+        // The interval may be longer than a daemon's lease.
+        let next = async {
+            tokio::select! {
+                _ = tick.tick() => true,
+                _ = term.recv() => false,
+                _ = int.recv() => false,
+            }
+        };
+        if !keep.alongside(&mut registrar, next).await {
+            break;
         }
-        if !set_up.holds(&mut registrar, options.fix).await {
+        if !set_up.holds(&mut registrar, &mut keep, options.fix).await {
             if let Err(e) = registrar.leave().await {
                 warn!(error = %format!("{e:#}"), "registering: retrying on the next check");
             }
             continue;
         }
-        if let Some(m) = meter.as_mut()
-            && let Some(p) = m.sample()
-            && p != report.percent()
-        {
-            info!(percent = p, "weight by load");
-            report.percent.store(p, Ordering::Relaxed);
-        }
-        let result = check(&s.check, &s).await;
+        let result = keep.alongside(&mut registrar, check(&s.check, &s)).await;
         failures = if result.is_ok() { 0 } else { failures + 1 };
         // A host registers on a passing check; once registered, one failed
         // check is not enough to cut its connections.
@@ -122,28 +126,15 @@ pub async fn run(path: &Path, options: &Options) -> Result<()> {
             }
             passing = Some(ok);
         }
+        let percent = report.percent();
         let step = if ok {
-            registrar.hold(false, report.percent()).await
+            registrar.hold(false, percent).await
         } else {
             registrar.leave().await
         };
+        keep.held(percent);
         if let Err(e) = step {
             warn!(error = %format!("{e:#}"), "registering: retrying on the next check");
-        }
-        // Renewed once a check, which may take its timeout: a lease as
-        // short lapses between checks, and the backend leaves and rejoins
-        // the tables each time.
-        if let Some(lease) = registrar.daemon_lease()
-            && s.check.interval.saturating_add(s.check.timeout) >= lease
-            && !lease_warned
-        {
-            lease_warned = true;
-            warn!(
-                interval = ?s.check.interval,
-                timeout = ?s.check.timeout,
-                ?lease,
-                "the daemon's lease lapses between checks: check more often than its [registration] lease, or with a shorter timeout"
-            );
         }
     }
     info!("stopping: draining this backend before deregistering");
@@ -180,11 +171,15 @@ struct SetUp {
 
 impl SetUp {
     /// Whether the host is set up for its services, checked again every
-    /// [`SETUP_RECHECK`] (with `fix`, put right where it is not).
-    async fn holds(&mut self, registrar: &mut Registrar, fix: bool) -> bool {
+    /// [`SETUP_RECHECK`] (with `fix`, put right where it is not), the
+    /// registration kept alive meanwhile.
+    async fn holds(&mut self, registrar: &mut Registrar, keep: &mut KeepAlive, fix: bool) -> bool {
         if self.checked.is_some_and(|t| t.elapsed() < SETUP_RECHECK) {
             return self.passes;
         }
+        // The read takes up to CALL_TIMEOUT, and no renewal goes out
+        // meanwhile: renewed first, the lease has all its time left.
+        keep.renew(registrar).await;
         let served = match registrar.served().await {
             Ok(s) => s,
             Err(e) => {
@@ -193,10 +188,25 @@ impl SetUp {
             }
         };
         self.checked = Some(Instant::now());
-        if fix {
-            self.fix(&served).await;
-        }
-        let findings = setup::findings(&served);
+        // The findings and fixes fork `ip`, read /proc and load the
+        // decapsulator, all blocking: on a thread of their own, or the
+        // keep-alive would wait for them.
+        let mut this = std::mem::take(self);
+        let runtime = tokio::runtime::Handle::current();
+        let examined = tokio::task::spawn_blocking(move || {
+            if fix {
+                runtime.block_on(this.fix(&served));
+            }
+            let findings = setup::findings(&served);
+            (this, findings)
+        });
+        let findings = match keep.alongside(registrar, examined).await {
+            Ok((this, findings)) => {
+                *self = this;
+                findings
+            }
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
         let passes = setup::passes(&findings);
         if self.reported != Some(passes) {
             self.reported = Some(passes);
@@ -387,11 +397,38 @@ async fn serve_agent_check(port: u16, report: Arc<Report>) -> Result<()> {
     Ok(())
 }
 
-/// Samples the host's load every `interval`.
+/// Samples the host's load every `interval` into `report`, in a task of
+/// its own and on a blocking thread: `/proc/net/tcp{,6}` on a host with
+/// many sockets takes a while to read, and nothing need wait for it.
+fn spawn_meter(mut meter: Meter, report: Arc<Report>) {
+    tokio::spawn(async move {
+        loop {
+            let interval = meter.settings.interval;
+            let sampled = tokio::task::spawn_blocking(move || {
+                let p = meter.sample();
+                (meter, p)
+            })
+            .await;
+            let Ok((m, p)) = sampled else {
+                warn!("sampling the host's load failed: its weight stays as it is");
+                return;
+            };
+            meter = m;
+            if let Some(p) = p
+                && p != report.percent()
+            {
+                info!(percent = p, "weight by load");
+                report.percent.store(p, Ordering::Relaxed);
+            }
+            tokio::time::sleep(interval).await;
+        }
+    });
+}
+
+/// Samples the host's load.
 struct Meter {
     settings: LoadSettings,
     cpu: Option<load::CpuTimes>,
-    last: Option<Instant>,
     /// The percent reported.
     current: u32,
 }
@@ -401,21 +438,13 @@ impl Meter {
         Meter {
             settings,
             cpu: None,
-            last: None,
             current: load::FULL,
         }
     }
 
-    /// The percent the host's load leaves, when a new reading is due and
-    /// can be taken.
+    /// The percent the host's load leaves, when a reading can be taken
+    /// (CPU time needs two).
     fn sample(&mut self) -> Option<u32> {
-        if self
-            .last
-            .is_some_and(|t| t.elapsed() < self.settings.interval)
-        {
-            return None;
-        }
-        self.last = Some(Instant::now());
         let mut busy: f64 = 0.0;
         if self.settings.cpu {
             let now = std::fs::read_to_string("/proc/stat")
@@ -440,6 +469,84 @@ impl Meter {
         );
         Some(self.current)
     }
+}
+
+/// Renews what the registrar holds every [`keep_alive_period`] of its
+/// lease while the agent is busy with something else: a check may hang to
+/// its timeout and the setup take its time, and a renewal once a check
+/// only would let a short lease lapse (every node would drop the backend
+/// and re-hash its flows).
+struct KeepAlive {
+    /// The last renewal, or step that renewed (or tried to).
+    last: Instant,
+    /// The percent the registration was last held with (a daemon's
+    /// renewal carries it).
+    percent: u32,
+}
+
+impl KeepAlive {
+    fn new() -> KeepAlive {
+        KeepAlive {
+            last: Instant::now(),
+            percent: load::FULL,
+        }
+    }
+
+    /// A check's step just renewed (or left) with `percent`.
+    fn held(&mut self, percent: u32) {
+        self.last = Instant::now();
+        self.percent = percent;
+    }
+
+    /// Renews what is registered now; a failure waits for the next
+    /// renewal or check.
+    async fn renew(&mut self, registrar: &mut Registrar) {
+        self.last = Instant::now();
+        if let Err(e) = registrar.renew(false, self.percent).await {
+            warn!(error = %format!("{e:#}"), "renewing the registration: retrying");
+        }
+    }
+
+    /// Runs `work`, renewing whenever a renewal is due until it is done.
+    /// A renewal under way is finished, not dropped: an etcd answer left
+    /// unread would be taken for the next renewal's.
+    async fn alongside<T>(
+        &mut self,
+        registrar: &mut Registrar,
+        work: impl Future<Output = T>,
+    ) -> T {
+        let done = tokio::sync::Notify::new();
+        let work = async {
+            let out = work.await;
+            done.notify_one();
+            out
+        };
+        let keep = async {
+            loop {
+                // The lease may be learnt (from a daemon's answer) on the way.
+                let due = registrar.lease().map(|l| self.last + keep_alive_period(l));
+                let wait = async {
+                    match due {
+                        Some(at) => tokio::time::sleep_until(at.into()).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    () = done.notified() => return,
+                    () = wait => self.renew(registrar).await,
+                }
+            }
+        };
+        tokio::join!(work, keep).0
+    }
+}
+
+/// Between renewals of a `lease`: a third, so one renewal lost or slow
+/// (an etcd call may take [`crate::fleet::store::CALL_TIMEOUT`]) still
+/// leaves the next in time, as lb nodes renew theirs.
+fn keep_alive_period(lease: Duration) -> Duration {
+    lease / 3
 }
 
 /// Marks the backend draining and waits until the fleet's nodes report
@@ -554,6 +661,38 @@ mod tests {
             .unwrap()
             .flatten()
             .any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == wanted))
+    }
+
+    #[test]
+    fn the_lease_is_renewed_every_third_of_it() {
+        assert_eq!(
+            keep_alive_period(Duration::from_secs(3)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            keep_alive_period(Duration::from_secs(1)),
+            Duration::from_nanos(333_333_333)
+        );
+    }
+
+    #[tokio::test]
+    async fn slow_work_does_not_hold_the_renewal_back() {
+        let secret = || crate::registration::Secret::new(b"0123456789abcdef0123").unwrap();
+        let requests = Arc::new(AtomicU32::new(0));
+        let address = direct::tests::daemon_port(secret(), Some(300), requests.clone()).await;
+        let mut registrar = Registrar::Direct(direct::tests::registrar(address, secret()));
+        let mut keep = KeepAlive::new();
+        let slow = |ms| tokio::time::sleep(Duration::from_millis(ms));
+        // Not registered: nothing to keep alive.
+        keep.alongside(&mut registrar, slow(250)).await;
+        assert_eq!(requests.load(Ordering::Relaxed), 0);
+        registrar.hold(false, load::FULL).await.unwrap();
+        keep.held(load::FULL);
+        // A check hanging past the lease (300 ms: renewed every 100 ms).
+        keep.alongside(&mut registrar, slow(650)).await;
+        let renewals = requests.load(Ordering::Relaxed) - 1;
+        assert!(renewals >= 3, "{renewals} renewals in 650 ms");
+        assert!(registrar.registered());
     }
 
     #[tokio::test]

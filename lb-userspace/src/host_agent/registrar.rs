@@ -3,8 +3,9 @@
 //!
 //! In etcd: one key per service it serves,
 //! `P/registered/SERVICE/ADDRESS`, all under one lease with the fleet's
-//! TTL. Kept alive on every check that passes; revoked (which deletes the
-//! keys) when a check fails or the agent leaves. Any etcd error drops the
+//! TTL. Kept alive on every check that passes and, between, every third
+//! of the lease ([`Registrar::renew`]); revoked (which deletes the keys)
+//! when a check fails or the agent leaves. Any etcd error drops the
 //! connection and the lease: the next step starts over, and a lease that
 //! was not revoked lapses by itself.
 
@@ -74,6 +75,20 @@ impl Registrar {
         }
     }
 
+    /// Keeps what is registered alive and nothing more: etcd's lease alone
+    /// is renewed; a daemon's registration, which is renewed by sending it
+    /// again, is sent with `draining` and `percent` (as last held). Nothing
+    /// registered, nothing sent: the agent registers only on its checks.
+    pub async fn renew(&mut self, draining: bool, percent: u32) -> Result<()> {
+        if !self.registered() {
+            return Ok(());
+        }
+        match self {
+            Registrar::Etcd(e) => e.renew().await,
+            Registrar::Direct(d) => d.hold(draining, percent).await,
+        }
+    }
+
     /// Deregisters.
     pub async fn leave(&mut self) -> Result<()> {
         match self {
@@ -91,11 +106,11 @@ impl Registrar {
         }
     }
 
-    /// A standalone daemon's lease, once it answered with it (a fleet's is
-    /// in the agent's file, checked when it is read).
-    pub fn daemon_lease(&self) -> Option<Duration> {
+    /// The registration's lease: a fleet's from the agent's file, a
+    /// standalone daemon's once it answered with it.
+    pub fn lease(&self) -> Option<Duration> {
         match self {
-            Registrar::Etcd(_) => None,
+            Registrar::Etcd(e) => Some(e.lease()),
             Registrar::Direct(d) => d.lease(),
         }
     }
@@ -144,6 +159,15 @@ struct Held {
     revision: i64,
 }
 
+impl Held {
+    /// Renews the lease: whether it was still alive.
+    async fn keep_alive(&mut self) -> Result<bool> {
+        within("renewing the lease", self.keeper.keep_alive()).await?;
+        let answer = within("renewing the lease", self.answers.message()).await?;
+        Ok(answer.is_some_and(|a| a.ttl() > 0))
+    }
+}
+
 impl Etcd {
     /// Nothing held yet.
     pub fn new(s: &Settings, fleet: &Fleet) -> Etcd {
@@ -176,16 +200,14 @@ impl Etcd {
     async fn try_hold(&mut self, draining: bool, percent: u32) -> Result<()> {
         let store = self.store().await?;
         let mut client = store.client();
-        if let Some(h) = &mut self.held {
-            within("renewing the lease", h.keeper.keep_alive()).await?;
-            let answer = within("renewing the lease", h.answers.message()).await?;
-            if answer.is_none_or(|a| a.ttl() <= 0) {
-                warn!("the registration's lease lapsed: registering again");
-                self.held = None;
-            }
+        if let Some(h) = &mut self.held
+            && !h.keep_alive().await?
+        {
+            warn!("the registration's lease lapsed: registering again");
+            self.held = None;
         }
         if self.held.is_none() {
-            let ttl = self.fleet.lease.as_secs().max(1) as i64;
+            let ttl = self.lease().as_secs() as i64;
             let id = within(
                 "granting the registration's lease",
                 client.lease_grant(ttl, None),
@@ -241,6 +263,32 @@ impl Etcd {
             "registration written"
         );
         Ok(())
+    }
+
+    /// The lease's TTL (etcd's are whole seconds).
+    fn lease(&self) -> Duration {
+        Duration::from_secs(self.fleet.lease.as_secs().max(1))
+    }
+
+    /// Renews the lease held, writing nothing; a lapsed one is dropped,
+    /// taken again by the next [`Etcd::hold`].
+    pub async fn renew(&mut self) -> Result<()> {
+        let Some(h) = &mut self.held else {
+            return Ok(());
+        };
+        match h.keep_alive().await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                warn!("the registration's lease lapsed: registering again on the next check");
+                self.held = None;
+                Ok(())
+            }
+            Err(e) => {
+                self.store = None;
+                self.held = None;
+                Err(e)
+            }
+        }
     }
 
     async fn store(&mut self) -> Result<Store> {

@@ -304,8 +304,9 @@ pub fn parse(text: &str) -> Result<Settings, ConfigErrors> {
     let target = match (&file.fleet, &file.lb) {
         (Some(f), None) => match config::fleet_of(f, text) {
             Ok(f) => {
-                // The keep-alive follows each check, which takes up to its
-                // timeout; etcd's lease is whole seconds.
+                // Renewals do not wait for checks, but a check slower than
+                // the lease is a mistake in the file: a host then stays
+                // registered for several leases after its service stops.
                 let ttl = Duration::from_secs(f.lease.as_secs().max(1));
                 if c.interval.saturating_add(c.timeout) >= ttl {
                     push(
