@@ -142,9 +142,8 @@ enum Command {
     },
     /// Check this host before lb attaches (--config or --interface), or as a
     /// backend (--backend VIP); prints the command that fixes each problem.
-    /// In auto or native mode it attaches lb's program in driver mode for a
-    /// moment, to see whether the driver takes it, on an interface without
-    /// a program (some drivers reset the link for it).
+    /// Without --probe-native it changes nothing: the driver's XDP support is
+    /// read from the kernel (Linux 6.3 and later).
     Doctor {
         /// The daemon's configuration: its interfaces, XDP mode and backends' VIPs.
         #[arg(long, short)]
@@ -165,6 +164,12 @@ enum Command {
         /// bpffs directory where the daemon pins.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// Attach lb's program in driver mode for a moment, on each
+        /// interface without a program, to see whether the driver takes it.
+        /// Some drivers (ixgbe, i40e) reset the link for it, dropping
+        /// traffic for that moment: not on a host in service.
+        #[arg(long)]
+        probe_native: bool,
     },
     /// The decapsulator a backend of `ipip` and `gue` services runs (docs/decap.md).
     #[command(subcommand)]
@@ -618,11 +623,13 @@ fn run(cli: Cli) -> Result<()> {
             backend_vips,
             mode,
             pin_dir,
+            probe_native,
         } => {
             let mut request = doctor::Request {
                 interfaces,
                 xdp_mode: xdp_mode.unwrap_or_default(),
                 pin_dir: None,
+                probe_native,
                 backend_vips,
                 backend_mode: mode,
                 announce: None,

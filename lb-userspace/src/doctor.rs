@@ -1,8 +1,8 @@
 //! `lb doctor`: checks a host before lb attaches to it, or a backend before
 //! it takes traffic, and says for each problem the command that fixes it.
 //!
-//! Gathering facts (commands, /proc, a trial attach) is kept apart from
-//! judging them: [`assess_interface`], [`assess_host`] and
+//! Gathering facts (commands, /proc, netlink; a trial attach only when
+//! asked, `--probe-native`) is kept apart from judging them: [`assess_interface`], [`assess_host`] and
 //! [`assess_backend`] are pure and tested on their own.
 
 use std::{net::IpAddr, path::Path, process::Command};
@@ -15,8 +15,10 @@ use serde_json::Value;
 
 use crate::{
     config::{Mode, XdpModeSetting},
-    dataplane::{self, Capacity, DEFAULT_DECAP_PIN_DIR, Dataplane, DecapTables},
+    daemon,
+    dataplane::{self, Capacity, DEFAULT_DECAP_PIN_DIR, DEFAULT_PIN_DIR, Dataplane, DecapTables},
     decap::DEFAULT_DECAP_FILE,
+    xdp_features::{self, NETDEV_XDP_ACT_BASIC},
 };
 
 /// How serious a finding is.
@@ -79,9 +81,23 @@ pub struct InterfaceFacts {
     pub driver: Option<String>,
     /// Name of an XDP program attached to it now, if any.
     pub attached: Option<String>,
-    /// A trial attach in driver (native) mode worked; `None` if not tried
-    /// (a program is attached already) or lb's program did not load.
-    pub native: Option<bool>,
+    /// Why the daemon refuses it in the configured mode, by its own rule
+    /// ([`dataplane::check_interface`]): not an Ethernet interface of this
+    /// network namespace, a bond in driver mode.
+    pub refused: Option<String>,
+    /// Why the daemon's rules keep driver mode off it while they take
+    /// generic mode (a bond): `auto` means generic there.
+    pub no_driver_mode: Option<String>,
+    /// The driver's XDP features as the kernel reports them
+    /// (`NETDEV_XDP_ACT_*`, [`xdp_features`], Linux 6.3 and later), read
+    /// without touching the link; `None` when the kernel does not report
+    /// them.
+    pub xdp_features: Option<u64>,
+    /// A trial attach in driver (native) mode worked; `None` if not tried:
+    /// only with `--probe-native` (some drivers reset the link for it), on
+    /// an interface without a program where driver mode is allowed, and
+    /// not when lb's program did not load.
+    pub trial: Option<bool>,
     /// Why the trial could not attach at all: lb's program did not load
     /// (no CAP_BPF, a verifier that refuses it), which says nothing of the
     /// driver.
@@ -95,10 +111,18 @@ pub struct InterfaceFacts {
 /// Host-wide facts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HostFacts {
-    /// A bpffs is mounted at the pin directory's parent.
-    pub bpffs: bool,
-    /// Where pins go.
-    pub pin_root: String,
+    /// Where the daemon pins (`--pin-dir`).
+    pub pin_dir: String,
+    /// A bpffs is mounted on /sys/fs/bpf (the daemon mounts one there when
+    /// the pin directory is under it and none is).
+    pub bpffs_root: bool,
+    /// The pin directory, or its nearest ancestor that exists, and whether
+    /// that is on a bpffs: the directory the daemon makes lands on it.
+    pub pin_fs: (String, bool),
+    /// Whether the pin directory's parent is on a bpffs; `None` when it
+    /// does not exist. Outside /sys/fs/bpf the daemon refuses a parent
+    /// that is not.
+    pub parent_bpffs: Option<bool>,
     /// Kernel version (major, minor).
     pub kernel: (u32, u32),
     /// RLIMIT_MEMLOCK in bytes; `None` is unlimited.
@@ -154,6 +178,9 @@ const MEMCG_ACCOUNTING: (u32, u32) = (5, 11);
 /// The veth driver's name, as ethtool reports it.
 const VETH: &str = "veth";
 
+/// Where the daemon mounts bpffs when a pin directory under it has none.
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
 /// A veth runs native XDP, but delivers a frame sent with XDP_TX only to a
 /// peer that runs an XDP program itself, and native XDP loses the checksum
 /// a local sender left to offload (measured by `cargo xtask bench`): on a
@@ -175,7 +202,8 @@ fn veth_mode(n: &str, mode: XdpModeSetting) -> Finding {
     }
 }
 
-/// Judges one interface for `mode`.
+/// Judges one interface for `mode`, by the daemon's rules: the mode it
+/// attaches in there is the one judged.
 pub fn assess_interface(f: &InterfaceFacts, mode: XdpModeSetting) -> Vec<Finding> {
     let n = &f.name;
     if !f.exists {
@@ -188,51 +216,114 @@ pub fn assess_interface(f: &InterfaceFacts, mode: XdpModeSetting) -> Vec<Finding
     }
     let mut out = Vec::new();
     let driver = f.driver.as_deref().unwrap_or("unknown driver");
-    out.push(match (&f.attached, f.native) {
-        (Some(p), _) if p == PROG_LB => ok(
-            format!("{n}: xdp"),
-            format!("lb is attached already ({driver})"),
-        ),
-        (Some(p), _) => problem(
+    // A trial attach, when one was made, says more than the features (a
+    // driver may refuse lb's program for its MTU, say).
+    let native = f
+        .trial
+        .or(f.xdp_features.map(|x| x & NETDEV_XDP_ACT_BASIC != 0));
+    let how = if f.trial.is_some() {
+        "a trial attach"
+    } else {
+        "the kernel's xdp_features"
+    };
+    // Where the daemon's rules keep driver mode off, `auto` is generic
+    // (`native` is refused there).
+    let generic_only = f.no_driver_mode.is_some() && mode != XdpModeSetting::Native;
+    let probe = "lb doctor --probe-native   # attaches lb's program in driver mode for a moment: \
+                 some drivers (ixgbe, i40e) reset the link for it, dropping traffic";
+    out.push(if let Some(why) = &f.refused {
+        problem(
             Level::Fail,
             format!("{n}: xdp"),
-            format!("another XDP program ({p}) is attached"),
-            format!("ip link set dev {n} xdp off   # if nothing else needs it"),
-        ),
-        (None, Some(true)) if driver == VETH => veth_mode(n, mode),
-        (None, Some(true)) if mode == XdpModeSetting::Generic => problem(
-            Level::Warn,
-            format!("{n}: xdp mode"),
-            format!("{driver} supports native XDP but generic mode is configured"),
-            "set xdp_mode = \"native\" (or \"auto\") in [settings] for driver-speed forwarding",
-        ),
-        (None, Some(true)) => ok(
-            format!("{n}: xdp mode"),
-            format!("{driver} supports native XDP"),
-        ),
-        (None, Some(false)) if mode == XdpModeSetting::Native => problem(
-            Level::Fail,
-            format!("{n}: xdp mode"),
-            format!("{driver} refused native XDP, which the configuration requires"),
-            "set xdp_mode = \"auto\" or \"generic\" in [settings]",
-        ),
-        (None, Some(false)) => problem(
-            Level::Warn,
-            format!("{n}: xdp mode"),
-            format!("{driver} has no native XDP: generic mode, several times slower"),
-            "use a NIC whose driver has XDP (ixgbe, i40e, ice, mlx5, virtio_net, ...)",
-        ),
-        (None, None) if f.load_error.is_some() => problem(
-            Level::Fail,
-            format!("{n}: xdp mode"),
-            format!(
-                "lb's XDP program did not load, so native XDP was not tried: {}",
-                f.load_error.as_deref().unwrap_or_default()
+            format!("lb daemon refuses {n}: {why}"),
+            if f.no_driver_mode.is_some() {
+                "set xdp_mode = \"auto\" or \"generic\" in [settings]".to_string()
+            } else {
+                format!(
+                    "ip -d link show dev {n}   # lb attaches to Ethernet interfaces of its \
+                     network namespace: name one in settings.interfaces"
+                )
+            },
+        )
+    } else {
+        match (&f.attached, native) {
+            (Some(p), _) if p == PROG_LB => ok(
+                format!("{n}: xdp"),
+                format!("lb is attached already ({driver})"),
             ),
-            "run as root (CAP_BPF, CAP_NET_ADMIN) on a kernel lb supports; lb cannot attach either",
-        ),
-        (None, None) if driver == VETH => veth_mode(n, mode),
-        (None, None) => ok(format!("{n}: xdp mode"), "not probed"),
+            (Some(p), _) => problem(
+                Level::Fail,
+                format!("{n}: xdp"),
+                format!("another XDP program ({p}) is attached"),
+                format!("ip link set dev {n} xdp off   # if nothing else needs it"),
+            ),
+            _ if generic_only => ok(
+                format!("{n}: xdp mode"),
+                format!(
+                    "generic, the mode lb attaches to {n} in ({})",
+                    f.no_driver_mode
+                        .as_deref()
+                        .unwrap_or_default()
+                        .split(';')
+                        .next()
+                        .unwrap_or_default()
+                ),
+            ),
+            _ if f.load_error.is_some() => problem(
+                Level::Fail,
+                format!("{n}: xdp mode"),
+                format!(
+                    "lb's XDP program did not load, so native XDP was not tried: {}",
+                    f.load_error.as_deref().unwrap_or_default()
+                ),
+                "run as root (CAP_BPF, CAP_NET_ADMIN) on a kernel lb supports; lb cannot attach either",
+            ),
+            (None, Some(true) | None) if driver == VETH => veth_mode(n, mode),
+            (None, Some(true)) if mode == XdpModeSetting::Generic => problem(
+                Level::Warn,
+                format!("{n}: xdp mode"),
+                format!("{driver} supports native XDP ({how}) but generic mode is configured"),
+                "set xdp_mode = \"native\" (or \"auto\") in [settings] for driver-speed forwarding",
+            ),
+            (None, Some(true)) => ok(
+                format!("{n}: xdp mode"),
+                format!("{driver} supports native XDP ({how})"),
+            ),
+            (None, Some(false)) if mode == XdpModeSetting::Native => problem(
+                Level::Fail,
+                format!("{n}: xdp mode"),
+                format!("{driver} has no native XDP ({how}), which the configuration requires"),
+                if f.trial.is_some() {
+                    "set xdp_mode = \"auto\" or \"generic\" in [settings]".to_string()
+                } else {
+                    format!(
+                        "set xdp_mode = \"auto\" or \"generic\" in [settings]; a driver built \
+                         outside the kernel may not report its features: {probe}"
+                    )
+                },
+            ),
+            (None, Some(false)) => problem(
+                Level::Warn,
+                format!("{n}: xdp mode"),
+                format!(
+                    "{driver} has no native XDP ({how}): generic mode, several times slower"
+                ),
+                "use a NIC whose driver has XDP (ixgbe, i40e, ice, mlx5, virtio_net, ...)",
+            ),
+            (None, None) if mode == XdpModeSetting::Generic => ok(
+                format!("{n}: xdp mode"),
+                "generic; the driver's native XDP not checked",
+            ),
+            (None, None) => problem(
+                Level::Warn,
+                format!("{n}: xdp mode"),
+                format!(
+                    "not probed: whether {driver} has native XDP is unknown (this kernel does \
+                     not report xdp_features, Linux 6.3 and later do)"
+                ),
+                probe,
+            ),
+        }
     });
     if f.lro {
         out.push(problem(
@@ -242,7 +333,7 @@ pub fn assess_interface(f: &InterfaceFacts, mode: XdpModeSetting) -> Vec<Finding
             format!("ethtool -K {n} lro off"),
         ));
     }
-    let generic = mode == XdpModeSetting::Generic || f.native == Some(false);
+    let generic = mode == XdpModeSetting::Generic || generic_only || native == Some(false);
     if f.gro && generic {
         out.push(problem(
             Level::Warn,
@@ -254,21 +345,70 @@ pub fn assess_interface(f: &InterfaceFacts, mode: XdpModeSetting) -> Vec<Finding
     out
 }
 
-/// Judges the host.
-pub fn assess_host(h: &HostFacts) -> Vec<Finding> {
-    let mut out = vec![if h.bpffs {
-        ok("bpffs", format!("mounted at {}", h.pin_root))
-    } else {
+/// Judges where the daemon pins, as it does ([`Dataplane::claim_pin_dir`]):
+/// under /sys/fs/bpf it mounts bpffs there when nothing is; elsewhere it
+/// refuses a parent not on a bpffs; and the directory it makes must land on
+/// one.
+fn assess_bpffs(h: &HostFacts) -> Finding {
+    let dir = Path::new(&h.pin_dir);
+    let under_root = dir.starts_with(BPFFS_ROOT);
+    let (near, near_bpffs) = (&h.pin_fs.0, h.pin_fs.1);
+    let own = format!(
+        "pin under {BPFFS_ROOT} (the daemon's default, {DEFAULT_PIN_DIR}), or on a bpffs of its \
+         own: mkdir DIR && mount -t bpf bpf DIR with a new, empty DIR, then --pin-dir DIR/lb"
+    );
+    if under_root && !h.bpffs_root {
         problem(
             Level::Warn,
             "bpffs",
-            format!(
-                "nothing mounted at {} (lb daemon mounts it itself)",
-                h.pin_root
-            ),
-            format!("mount -t bpf bpf {}", h.pin_root),
+            format!("nothing is mounted on {BPFFS_ROOT} (lb daemon mounts bpffs there itself)"),
+            format!("mount -t bpf bpf {BPFFS_ROOT}"),
         )
-    }];
+    } else if !under_root && h.parent_bpffs == Some(false) {
+        problem(
+            Level::Fail,
+            "bpffs",
+            format!(
+                "{} is not on a bpffs: lb daemon refuses to pin in {}",
+                dir.parent().unwrap_or(dir).display(),
+                h.pin_dir
+            ),
+            own,
+        )
+    } else if !near_bpffs && under_root {
+        problem(
+            Level::Fail,
+            "bpffs",
+            format!(
+                "{near} is not on a bpffs (another filesystem is mounted there): pinning in {} \
+                 would fail",
+                h.pin_dir
+            ),
+            format!("findmnt -T {near}   # then pin where bpffs is, such as {DEFAULT_PIN_DIR}"),
+        )
+    } else if !near_bpffs {
+        problem(
+            Level::Fail,
+            "bpffs",
+            format!(
+                "{near} is not on a bpffs: pinning in {} would fail",
+                h.pin_dir
+            ),
+            own,
+        )
+    } else if *near == h.pin_dir {
+        ok("bpffs", format!("{} is on bpffs", h.pin_dir))
+    } else {
+        ok(
+            "bpffs",
+            format!("{near} is on bpffs (lb daemon makes {} there)", h.pin_dir),
+        )
+    }
+}
+
+/// Judges the host.
+pub fn assess_host(h: &HostFacts) -> Vec<Finding> {
+    let mut out = vec![assess_bpffs(h)];
     out.push(if h.kernel >= MEMCG_ACCOUNTING || h.memlock.is_none() {
         ok(
             "memlock",
@@ -490,10 +630,14 @@ fn offload(name: &str, feature: &str) -> bool {
     })
 }
 
-/// Gathers an interface's facts. With `probe_native`, tries attaching lb's
-/// program in driver mode for a moment (detached at once; it forwards
-/// nothing, having no services) when no program is attached.
-pub fn interface_facts(name: &str, probe_native: bool) -> InterfaceFacts {
+/// Gathers an interface's facts for `mode`: the daemon's own rules for it
+/// ([`dataplane::check_interface`]), and the driver's XDP features as the
+/// kernel reports them, which touches nothing. With `probe_native`, also
+/// tries attaching lb's program in driver mode for a moment (detached at
+/// once; it forwards nothing, having no services) when no program is
+/// attached and the daemon's rules allow driver mode: some drivers (ixgbe,
+/// i40e) reset the link for it.
+pub fn interface_facts(name: &str, mode: XdpModeSetting, probe_native: bool) -> InterfaceFacts {
     let Some(l) = link(name) else {
         return InterfaceFacts {
             name: name.into(),
@@ -501,14 +645,26 @@ pub fn interface_facts(name: &str, probe_native: bool) -> InterfaceFacts {
         };
     };
     let attached = attached_program(&l);
-    let (native, load_error) = if probe_native && attached.is_none() {
-        match try_native(name) {
-            Ok(native) => (Some(native), None),
-            Err(e) => (None, Some(format!("{e:#}"))),
-        }
-    } else {
-        (None, None)
-    };
+    let rule = |mode| dataplane::check_interface(name, mode).map_err(|e| format!("{e:#}"));
+    let refused = rule(daemon::xdp_mode(mode)).err();
+    let no_driver_mode = rule(XdpMode::Driver)
+        .err()
+        .filter(|_| rule(XdpMode::Skb).is_ok());
+    let (trial, load_error) =
+        if probe_native && attached.is_none() && refused.is_none() && no_driver_mode.is_none() {
+            match try_native(name) {
+                Ok(native) => (Some(native), None),
+                Err(e) => (None, Some(format!("{e:#}"))),
+            }
+        } else {
+            (None, None)
+        };
+    let xdp_features = std::ffi::CString::new(name)
+        .ok()
+        // SAFETY: if_nametoindex only reads the NUL-terminated name.
+        .map(|c| unsafe { libc::if_nametoindex(c.as_ptr()) })
+        .filter(|i| *i != 0)
+        .and_then(|i| xdp_features::read(i).ok().flatten());
     InterfaceFacts {
         name: name.into(),
         exists: true,
@@ -517,7 +673,10 @@ pub fn interface_facts(name: &str, probe_native: bool) -> InterfaceFacts {
                 .find_map(|l| l.strip_prefix("driver: ").map(str::to_string))
         }),
         attached,
-        native,
+        refused,
+        no_driver_mode,
+        xdp_features,
+        trial,
         load_error,
         lro: offload(name, "large-receive-offload"),
         gro: offload(name, "generic-receive-offload"),
@@ -544,15 +703,26 @@ fn try_native(name: &str) -> Result<bool> {
     Ok(true)
 }
 
-/// Gathers the host's facts for pins under `pin_dir`.
+/// Whether `path` is on a bpf filesystem ([`dataplane::is_bpffs`]); not
+/// when that cannot be asked.
+fn on_bpffs(path: &Path) -> bool {
+    dataplane::is_bpffs(path).unwrap_or(false)
+}
+
+/// Gathers the host's facts for pins in `pin_dir`.
 pub fn host_facts(pin_dir: &Path) -> HostFacts {
-    let pin_root = pin_dir.parent().unwrap_or(pin_dir).to_path_buf();
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    let bpffs = mounts.lines().any(|l| {
-        let mut f = l.split_whitespace();
-        let (_, at, kind) = (f.next(), f.next(), f.next());
-        kind == Some("bpf") && at.map(Path::new) == Some(pin_root.as_path())
-    });
+    let near = pin_dir
+        .ancestors()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let parent = pin_dir.parent().filter(|p| !p.as_os_str().is_empty());
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut parts = release
         .trim()
@@ -572,8 +742,10 @@ pub fn host_facts(pin_dir: &Path) -> HostFacts {
         None
     };
     HostFacts {
-        bpffs,
-        pin_root: pin_root.display().to_string(),
+        pin_dir: pin_dir.display().to_string(),
+        bpffs_root: on_bpffs(Path::new(BPFFS_ROOT)),
+        pin_fs: (near.display().to_string(), on_bpffs(near)),
+        parent_bpffs: parent.filter(|p| p.exists()).map(on_bpffs),
         kernel,
         memlock,
     }
@@ -634,6 +806,10 @@ pub struct Request {
     pub xdp_mode: XdpModeSetting,
     /// Where the daemon pins (checks the bpffs mount); only with interfaces.
     pub pin_dir: Option<std::path::PathBuf>,
+    /// Try lb's program in driver mode on interfaces without a program
+    /// (`--probe-native`): some drivers reset the link for it. Without it
+    /// the driver's XDP support is read from the kernel, touching nothing.
+    pub probe_native: bool,
     /// VIPs this host serves as a backend, and their services' mode.
     pub backend_vips: Vec<IpAddr>,
     /// Mode of the services the VIPs belong to.
@@ -812,12 +988,10 @@ pub fn check(r: &Request) -> Vec<Finding> {
         out.extend(assess_host(&host_facts(pins)));
     }
     for i in &r.interfaces {
-        // Not probed in generic mode: a trial attach in driver mode resets
-        // the link on some drivers (ixgbe, i40e), a live NIC's included,
-        // and generic mode does not need the driver's support.
-        let probe_native = r.xdp_mode != XdpModeSetting::Generic;
+        // A trial attach only when asked: in driver mode it resets the
+        // link on some drivers (ixgbe, i40e), a live NIC's included.
         out.extend(assess_interface(
-            &interface_facts(i, probe_native),
+            &interface_facts(i, r.xdp_mode, r.probe_native),
             r.xdp_mode,
         ));
     }
@@ -939,7 +1113,11 @@ mod tests {
             exists: true,
             driver: Some("ixgbe".into()),
             attached: None,
-            native: Some(true),
+            refused: None,
+            no_driver_mode: None,
+            // BASIC, REDIRECT, NDO_XMIT: as ixgbe reports them.
+            xdp_features: Some(NETDEV_XDP_ACT_BASIC | 0b110),
+            trial: None,
             load_error: None,
             lro: false,
             gro: false,
@@ -979,18 +1157,39 @@ mod tests {
         let f = assess_interface(&gro, XdpModeSetting::Generic);
         assert_eq!(levels(&f), [Level::Warn, Level::Warn]);
         assert_eq!(f[1].fix.as_deref(), Some("ethtool -K eth0 gro off"));
-        let no_native = InterfaceFacts {
-            native: Some(false),
-            ..iface()
-        };
-        assert_eq!(
-            levels(&assess_interface(&no_native, XdpModeSetting::Native)),
-            [Level::Fail]
-        );
-        assert_eq!(
-            levels(&assess_interface(&no_native, XdpModeSetting::Auto)),
-            [Level::Warn]
-        );
+        // No native XDP, as the kernel reports it or as a trial found.
+        for no_native in [
+            InterfaceFacts {
+                xdp_features: Some(0),
+                ..iface()
+            },
+            InterfaceFacts {
+                trial: Some(false),
+                ..iface()
+            },
+        ] {
+            assert_eq!(
+                levels(&assess_interface(&no_native, XdpModeSetting::Native)),
+                [Level::Fail]
+            );
+            assert_eq!(
+                levels(&assess_interface(&no_native, XdpModeSetting::Auto)),
+                [Level::Warn]
+            );
+            // Generic then: GRO matters.
+            let gro = InterfaceFacts {
+                gro: true,
+                ..no_native
+            };
+            assert_eq!(
+                levels(&assess_interface(&gro, XdpModeSetting::Auto)),
+                [Level::Warn, Level::Warn]
+            );
+        }
+        // The features say whether native XDP is there, in generic mode too.
+        let f = assess_interface(&iface(), XdpModeSetting::Generic);
+        assert_eq!(levels(&f), [Level::Warn]);
+        assert!(f[0].detail.contains("xdp_features"), "{f:?}");
         let other = InterfaceFacts {
             attached: Some("xdp_firewall".into()),
             ..iface()
@@ -1003,19 +1202,22 @@ mod tests {
 
     #[test]
     fn a_program_that_does_not_load_fails_apart_from_the_driver() {
-        let unloaded = InterfaceFacts {
-            native: None,
-            load_error: Some("loading the program: Operation not permitted".into()),
-            gro: true,
-            ..iface()
-        };
-        for mode in [XdpModeSetting::Auto, XdpModeSetting::Native] {
-            let f = assess_interface(&unloaded, mode);
-            // Failed, with the error, and no GRO warning: the driver's
-            // mode is unknown, not generic.
-            assert_eq!(levels(&f), [Level::Fail]);
-            assert!(f[0].detail.contains("Operation not permitted"), "{f:?}");
-            assert!(!f[0].detail.contains("no native XDP"), "{f:?}");
+        for xdp_features in [None, Some(NETDEV_XDP_ACT_BASIC)] {
+            let unloaded = InterfaceFacts {
+                xdp_features,
+                trial: None,
+                load_error: Some("loading the program: Operation not permitted".into()),
+                gro: true,
+                ..iface()
+            };
+            for mode in [XdpModeSetting::Auto, XdpModeSetting::Native] {
+                let f = assess_interface(&unloaded, mode);
+                // Failed, with the error, and no GRO warning: the driver's
+                // mode is unknown or native, not generic.
+                assert_eq!(levels(&f), [Level::Fail]);
+                assert!(f[0].detail.contains("Operation not permitted"), "{f:?}");
+                assert!(!f[0].detail.contains("no native XDP"), "{f:?}");
+            }
         }
     }
 
@@ -1042,22 +1244,190 @@ mod tests {
     }
 
     #[test]
-    fn host_checks() {
+    fn a_driver_whose_xdp_is_unknown_is_not_probed_unless_asked() {
+        // A kernel before 6.3 reports no features, and without
+        // --probe-native nothing was attached to find out.
+        let unknown = InterfaceFacts {
+            xdp_features: None,
+            gro: true,
+            ..iface()
+        };
+        for mode in [XdpModeSetting::Auto, XdpModeSetting::Native] {
+            let f = assess_interface(&unknown, mode);
+            // Said, with how to find out, and no GRO warning: the mode is
+            // unknown, not generic.
+            assert_eq!(levels(&f), [Level::Warn], "{f:?}");
+            assert!(f[0].detail.contains("not probed"), "{f:?}");
+            let fix = f[0].fix.as_deref().unwrap();
+            assert!(
+                fix.contains("--probe-native") && fix.contains("reset the link"),
+                "{fix}"
+            );
+        }
+        let f = assess_interface(&unknown, XdpModeSetting::Generic);
+        assert_eq!(levels(&f), [Level::Ok, Level::Warn], "{f:?}");
+        // A trial, when asked for, answers it.
+        let tried = InterfaceFacts {
+            trial: Some(true),
+            ..unknown
+        };
+        let f = assess_interface(&tried, XdpModeSetting::Auto);
+        assert_eq!(levels(&f), [Level::Ok], "{f:?}");
+        assert!(f[0].detail.contains("trial attach"), "{f:?}");
+        // An interface with a program: judged by it, whatever is known.
+        let attached = InterfaceFacts {
+            attached: Some(PROG_LB.into()),
+            xdp_features: None,
+            ..iface()
+        };
+        assert_eq!(
+            levels(&assess_interface(&attached, XdpModeSetting::Auto)),
+            [Level::Ok]
+        );
+    }
+
+    /// The reason `dataplane::check_interface` gives for a bond in driver
+    /// mode.
+    const BOND: &str = "bond0 is a bond: in driver mode its slaves run the program, on frames \
+                        lb does not take for the bond's; use xdp_mode = \"generic\" (or \"auto\", \
+                        which is generic on a bond)";
+
+    #[test]
+    fn a_bond_is_judged_in_the_mode_the_daemon_attaches_it_in() {
+        // The bond reports its slaves' native XDP, but the daemon keeps
+        // driver mode off it: generic in auto, refused in native.
+        let bond = InterfaceFacts {
+            name: "bond0".into(),
+            driver: Some("bonding".into()),
+            no_driver_mode: Some(BOND.into()),
+            gro: true,
+            ..iface()
+        };
+        for mode in [XdpModeSetting::Auto, XdpModeSetting::Generic] {
+            let f = assess_interface(&bond, mode);
+            // Generic, so GRO is warned of; no "generic is configured but
+            // native is there".
+            assert_eq!(levels(&f), [Level::Ok, Level::Warn], "{mode:?}: {f:?}");
+            assert!(f[0].detail.starts_with("generic"), "{f:?}");
+            assert_eq!(f[1].check, "bond0: gro");
+        }
+        let native = InterfaceFacts {
+            refused: Some(BOND.into()),
+            ..bond
+        };
+        let f = assess_interface(&native, XdpModeSetting::Native);
+        assert_eq!(levels(&f), [Level::Fail], "{f:?}");
+        assert!(f[0].detail.contains("is a bond"), "{f:?}");
+        assert_eq!(
+            f[0].fix.as_deref(),
+            Some("set xdp_mode = \"auto\" or \"generic\" in [settings]")
+        );
+    }
+
+    #[test]
+    fn an_interface_the_daemon_refuses_fails() {
+        // lo is no Ethernet interface: the daemon's rule refuses it, in
+        // every mode, where doctor used to find nothing wrong.
+        if link("lo").is_none() {
+            return; // no `ip` here
+        }
+        for mode in [
+            XdpModeSetting::Auto,
+            XdpModeSetting::Native,
+            XdpModeSetting::Generic,
+        ] {
+            let facts = interface_facts("lo", mode, false);
+            assert!(facts.exists);
+            assert_eq!(facts.trial, None);
+            assert_eq!(facts.no_driver_mode, None);
+            let f = assess_interface(&facts, mode);
+            assert_eq!(f[0].level, Level::Fail, "{f:?}");
+            assert!(f[0].detail.contains("not an Ethernet interface"), "{f:?}");
+        }
+    }
+
+    #[test]
+    fn bpffs_is_judged_where_the_daemon_pins() {
         let good = HostFacts {
-            bpffs: true,
-            pin_root: "/sys/fs/bpf".into(),
+            pin_dir: DEFAULT_PIN_DIR.into(),
+            bpffs_root: true,
+            pin_fs: ("/sys/fs/bpf".into(), true),
+            parent_bpffs: Some(true),
             kernel: (6, 1),
             memlock: Some(8 << 20),
         };
-        assert_eq!(levels(&assess_host(&good)), [Level::Ok, Level::Ok]);
+        let f = assess_host(&good);
+        assert_eq!(levels(&f), [Level::Ok, Level::Ok]);
+        assert!(
+            f[0].detail.contains("lb daemon makes /sys/fs/bpf/lb"),
+            "{f:?}"
+        );
+        // A pin directory deeper in /sys/fs/bpf needs no bpffs of its own
+        // (one there would hide the pins already in it).
+        let deep = HostFacts {
+            pin_dir: "/sys/fs/bpf/prod/lb".into(),
+            pin_fs: ("/sys/fs/bpf/prod/lb".into(), true),
+            ..good.clone()
+        };
+        assert_eq!(levels(&assess_host(&deep)), [Level::Ok, Level::Ok]);
+        let unmade = HostFacts {
+            pin_fs: ("/sys/fs/bpf".into(), true),
+            parent_bpffs: None,
+            ..deep.clone()
+        };
+        assert_eq!(levels(&assess_host(&unmade)), [Level::Ok, Level::Ok]);
+        // Nothing on /sys/fs/bpf: the daemon mounts it there, not deeper.
         let old = HostFacts {
-            bpffs: false,
+            bpffs_root: false,
+            pin_fs: ("/sys/fs/bpf".into(), false),
+            parent_bpffs: None,
             kernel: (5, 4),
-            ..good
+            ..deep.clone()
         };
         let f = assess_host(&old);
         assert_eq!(levels(&f), [Level::Warn, Level::Fail]);
         assert_eq!(f[0].fix.as_deref(), Some("mount -t bpf bpf /sys/fs/bpf"));
+        // Another filesystem on /sys/fs/bpf/prod: pins there fail.
+        let other = HostFacts {
+            pin_fs: ("/sys/fs/bpf/prod".into(), false),
+            ..deep
+        };
+        let f = assess_host(&other);
+        assert_eq!(f[0].level, Level::Fail);
+        assert!(f[0].fix.as_deref().unwrap().starts_with("findmnt"), "{f:?}");
+        // Outside /sys/fs/bpf, the daemon refuses a parent not on bpffs...
+        let outside = HostFacts {
+            pin_dir: "/run/lb/pins".into(),
+            pin_fs: ("/run/lb".into(), false),
+            parent_bpffs: Some(false),
+            ..good.clone()
+        };
+        let f = assess_host(&outside);
+        assert_eq!(f[0].level, Level::Fail);
+        assert!(f[0].detail.contains("refuses"), "{f:?}");
+        // ...even where the pin directory is a bpffs itself...
+        let mounted = HostFacts {
+            pin_fs: ("/run/lb/pins".into(), true),
+            ..outside.clone()
+        };
+        assert_eq!(assess_host(&mounted)[0].level, Level::Fail);
+        // ...and takes one that is (the demo's private bpffs).
+        let private = HostFacts {
+            pin_fs: ("/run/lb".into(), true),
+            parent_bpffs: Some(true),
+            ..outside
+        };
+        assert_eq!(assess_host(&private)[0].level, Level::Ok);
+    }
+
+    #[test]
+    fn host_facts_find_the_nearest_existing_directory() {
+        let h = host_facts(Path::new("/nonexistent-lb-doctor/prod/lb"));
+        assert_eq!(h.pin_fs.0, "/");
+        assert_eq!(h.parent_bpffs, None);
+        let h = host_facts(Path::new("/proc/lb"));
+        assert_eq!(h.pin_fs, ("/proc".into(), false));
+        assert_eq!(h.parent_bpffs, Some(false));
     }
 
     #[test]

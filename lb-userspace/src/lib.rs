@@ -26,6 +26,8 @@
 //!   fleet and drains it on the way out.
 //! - [`netns`]: network namespaces, for the demo and the tests.
 //! - [`doctor`]: `lb doctor`, host and backend checks with their fixes.
+//! - [`xdp_features`]: a NIC's XDP features, read passively through
+//!   generic netlink.
 //! - [`demo`]: `lb demo`, the product end to end on an embedded default.
 
 pub mod agent;
@@ -53,3 +55,4 @@ pub mod probe;
 pub mod probe_path;
 pub mod registration;
 pub mod routes;
+pub mod xdp_features;

@@ -449,7 +449,10 @@ const BPFFS: &str = "/sys/fs/bpf";
 /// `statfs` magic of a bpf filesystem (include/uapi/linux/magic.h).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-fn is_bpffs(path: &Path) -> Result<bool> {
+/// Whether `path` is on a bpf filesystem (statfs); an error when it cannot
+/// be asked (no such path, a name with a NUL). `lb doctor` judges pin
+/// directories with it, as the daemon makes them.
+pub(crate) fn is_bpffs(path: &Path) -> Result<bool> {
     use std::os::unix::ffi::OsStrExt as _;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
     // SAFETY: statfs writes into the zeroed struct we pass; c is a valid C string.
