@@ -104,6 +104,9 @@ pub fn load_config(path: &Path) -> Result<Desired> {
 pub(crate) struct ConfigFile {
     path: PathBuf,
     text: String,
+    /// What the file held when lb last read or wrote it: `text`, unless
+    /// a change went live and its text could not be saved.
+    saved: String,
 }
 
 impl ConfigFile {
@@ -117,6 +120,7 @@ impl ConfigFile {
         runtime::check_apart_from(&desired.settings.state_file, path)?;
         let file = ConfigFile {
             path: path.to_path_buf(),
+            saved: text.clone(),
             text,
         };
         Ok((file, desired))
@@ -127,15 +131,20 @@ impl ConfigFile {
         &self.text
     }
 
-    /// Whether the file holds other text than what runs and than `text`:
-    /// edited by hand since it was loaded. (A file that cannot be read, or
-    /// is no regular file, holds no edit to keep.)
+    /// Whether the file holds other text than lb last read or wrote there
+    /// and than `text`: edited by hand since. (A file that cannot be read,
+    /// or is no regular file, holds no edit to keep.)
     fn edited_on_disk(&self, text: &str) -> bool {
         std::fs::metadata(&self.path)
             .is_ok_and(|m| m.is_file())
             .then(|| std::fs::read_to_string(&self.path).ok())
             .flatten()
-            .is_some_and(|on_disk| on_disk != self.text && on_disk != text)
+            .is_some_and(|on_disk| on_disk != self.saved && on_disk != text)
+    }
+
+    /// Whether a change runs that the file lacks (its save failed).
+    fn unsaved(&self) -> bool {
+        self.text != self.saved
     }
 
     /// Makes `text` the running configuration with `change`, then the
@@ -174,10 +183,12 @@ impl ConfigFile {
             self.text = text;
             durable::rename_synced(&tmp, &target).with_context(|| {
                 format!(
-                    "the change is live, but replacing {} failed: save the running configuration by hand",
+                    "the change is live, but replacing {} failed: the next change saves it, \
+                     and `lb reload` would take the file as it is",
                     self.path.display()
                 )
             })?;
+            self.saved = self.text.clone();
         } else {
             let _ = std::fs::remove_file(&tmp);
         }
@@ -771,6 +782,12 @@ fn reload(
     fleet: Option<&mut FleetNode>,
 ) -> Result<controller::ChangeReport> {
     let (read, desired) = ConfigFile::read(&file.path)?;
+    if file.unsaved() && read.text != file.text {
+        warn!(
+            file = %file.path.display(),
+            "reloading a file that lacks changes made at run time (their save failed): they are undone"
+        );
+    }
     let desired = match &fleet {
         Some(f) => f.with_node_text(read.text())?,
         None => desired,
@@ -1039,10 +1056,22 @@ mod tests {
         let mut file = ConfigFile {
             path: dir.join("lb.toml"),
             text: "old".into(),
+            saved: "old".into(),
         };
         let e = file.replace("new".into(), || Ok(())).unwrap_err();
-        let _ = std::fs::remove_dir_all(&dir);
         assert!(format!("{e:#}").contains("the change is live"), "{e:#}");
         assert_eq!(file.text(), "new");
+        assert!(file.unsaved());
+        // The file as lb last saved it is no hand edit: the next change
+        // goes through, and saves both.
+        std::fs::remove_dir_all(dir.join("lb.toml")).unwrap();
+        std::fs::write(dir.join("lb.toml"), "old").unwrap();
+        file.replace("newer".into(), || Ok(())).unwrap();
+        assert!(!file.unsaved());
+        assert_eq!(
+            std::fs::read_to_string(dir.join("lb.toml")).unwrap(),
+            "newer"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
