@@ -257,8 +257,8 @@ pub(super) fn reconcile(dir: &Path, maps: &[&str], capacity: &Capacity) -> Resul
             migration.conntrack = Some(PinnedTable::open(&path, pinned_service_keys(dir)?)?);
             continue;
         }
-        // A capacity of its own since old and new lists may be side by side
-        // during a change: no prefix may be lost to a restart.
+        // Source lists of another capacity (the trie grew to hold old and
+        // new lists side by side during a change): carried over.
         if name == names::ACL
             && (Shape {
                 max_entries: want.max_entries,

@@ -210,6 +210,39 @@ fn a_backend_panic_kept_serving_comes_up_without_a_slow_start() {
     assert!(ramping(&ctl, last), "back from out of the table");
 }
 
+/// A controller over `backends`, each probed up once, its state file in a
+/// directory of `scratch` that [`saves_fail`] can take away.
+fn controller_with_all_up(
+    scratch: &Scratch,
+    backends: &[(&str, u32)],
+) -> (Controller, Desired, Scratch) {
+    let state = Scratch {
+        dir: scratch.dir.join("state"),
+    };
+    std::fs::create_dir_all(&state.dir).unwrap();
+    let desired = config_with(&state, backends);
+    let dp = Dataplane::load(desired.settings.capacity).unwrap();
+    let hops = hops(&desired);
+    let (mut ctl, _) =
+        Controller::new(dp, desired.clone(), Runtime::default(), hops, None).unwrap();
+    for (b, _) in backends {
+        probe(&mut ctl, b, true);
+    }
+    (ctl, desired, state)
+}
+
+/// With `fail`, puts a file where the state file's directory `state` is,
+/// so a change fails when it saves; without, the directory back.
+fn saves_fail(state: &Scratch, fail: bool) {
+    if fail {
+        std::fs::remove_dir_all(&state.dir).unwrap();
+        std::fs::write(&state.dir, "").unwrap();
+    } else {
+        std::fs::remove_file(&state.dir).unwrap();
+        std::fs::create_dir_all(&state.dir).unwrap();
+    }
+}
+
 /// A backend that goes down within the gap after a rebuild waits for the
 /// next one ([`HEALTH_REBUILD_GAP`]). A change that fails meanwhile puts
 /// the table from before it back, which still holds the backend: the
@@ -219,21 +252,8 @@ fn a_backend_panic_kept_serving_comes_up_without_a_slow_start() {
 fn a_health_change_held_back_outlives_the_undo_of_a_failed_change() {
     require_root();
     let scratch = Scratch::new("undo-held-back").unwrap();
-    // The state file's directory, which becomes a file to make the change
-    // fail when it saves.
-    let state = Scratch {
-        dir: scratch.dir.join("state"),
-    };
-    std::fs::create_dir_all(&state.dir).unwrap();
     let backends = [("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)];
-    let desired = config_with(&state, &backends);
-    let dp = Dataplane::load(desired.settings.capacity).unwrap();
-    let hops = hops(&desired);
-    let (mut ctl, _) =
-        Controller::new(dp, desired.clone(), Runtime::default(), hops, None).unwrap();
-    for (b, _) in backends {
-        probe(&mut ctl, b, true);
-    }
+    let (mut ctl, desired, state) = controller_with_all_up(&scratch, &backends);
     ctl.apply(desired.clone(), false).unwrap();
     assert_eq!(ctl.services()[SERVICE].in_table, 3);
     // Right after that rebuild: held back.
@@ -244,16 +264,14 @@ fn a_health_change_held_back_outlives_the_undo_of_a_failed_change() {
     );
     assert_eq!(ctl.services()[SERVICE].in_table, 3);
 
-    std::fs::remove_dir_all(&state.dir).unwrap();
-    std::fs::write(&state.dir, "").unwrap();
+    saves_fail(&state, true);
     let reweighed = config_with(
         &state,
         &[("198.18.0.11", 1), ("198.18.0.12", 2), ("198.18.0.13", 1)],
     );
     let err = ctl.apply(reweighed, false).unwrap_err();
     assert!(format!("{err:#}").contains("nothing changed"), "{err:#}");
-    std::fs::remove_file(&state.dir).unwrap();
-    std::fs::create_dir_all(&state.dir).unwrap();
+    saves_fail(&state, false);
     assert_eq!(ctl.services()[SERVICE].in_table, 3, "the table from before");
     assert!(
         ctl.health_changes_due().is_some(),
@@ -278,19 +296,8 @@ fn a_health_change_held_back_outlives_the_undo_of_a_failed_change() {
 fn a_refused_fleet_state_leaves_the_verdicts_it_found() {
     require_root();
     let scratch = Scratch::new("undo-fleet").unwrap();
-    let state = Scratch {
-        dir: scratch.dir.join("state"),
-    };
-    std::fs::create_dir_all(&state.dir).unwrap();
-    let backends = [("198.18.0.11", 1), ("198.18.0.12", 1)];
-    let desired = config_with(&state, &backends);
-    let dp = Dataplane::load(desired.settings.capacity).unwrap();
-    let hops = hops(&desired);
-    let (mut ctl, _) =
-        Controller::new(dp, desired.clone(), Runtime::default(), hops, None).unwrap();
-    for (b, _) in backends {
-        probe(&mut ctl, b, true);
-    }
+    let (mut ctl, desired, state) =
+        controller_with_all_up(&scratch, &[("198.18.0.11", 1), ("198.18.0.12", 1)]);
     let health = || FleetHealth {
         agreed: Default::default(),
         own_eviction: false,
@@ -310,10 +317,9 @@ fn a_refused_fleet_state_leaves_the_verdicts_it_found() {
 
     // The next state ends it, but its change fails when it saves.
     let previous = ctl.set_fleet(Overrides::new(), health());
-    std::fs::remove_dir_all(&state.dir).unwrap();
-    std::fs::write(&state.dir, "").unwrap();
+    saves_fail(&state, true);
     ctl.apply(desired, false).unwrap_err();
-    std::fs::remove_file(&state.dir).unwrap();
+    saves_fail(&state, false);
     ctl.put_fleet_back(previous).unwrap();
     let kept = &ctl.services()[SERVICE].backends[&ip];
     assert_eq!(kept.health, found.health);
