@@ -93,6 +93,9 @@ pub struct InterfaceFacts {
     /// without touching the link; `None` when the kernel does not report
     /// them.
     pub xdp_features: Option<u64>,
+    /// Why they could not be read (a netlink error), which says nothing
+    /// of the kernel's age.
+    pub features_error: Option<String>,
     /// A trial attach in driver (native) mode worked; `None` if not tried:
     /// only with `--probe-native` (some drivers reset the link for it), on
     /// an interface without a program where driver mode is allowed, and
@@ -317,10 +320,16 @@ pub fn assess_interface(f: &InterfaceFacts, mode: XdpModeSetting) -> Vec<Finding
             (None, None) => problem(
                 Level::Warn,
                 format!("{n}: xdp mode"),
-                format!(
-                    "not probed: whether {driver} has native XDP is unknown (this kernel does \
-                     not report xdp_features, Linux 6.3 and later do)"
-                ),
+                match &f.features_error {
+                    Some(e) => format!(
+                        "not probed: whether {driver} has native XDP is unknown (reading its \
+                         xdp_features failed: {e})"
+                    ),
+                    None => format!(
+                        "not probed: whether {driver} has native XDP is unknown (this kernel \
+                         does not report xdp_features, Linux 6.3 and later do)"
+                    ),
+                },
                 probe,
             ),
         }
@@ -664,7 +673,12 @@ pub fn interface_facts(name: &str, mode: XdpModeSetting, probe_native: bool) -> 
         // SAFETY: if_nametoindex only reads the NUL-terminated name.
         .map(|c| unsafe { libc::if_nametoindex(c.as_ptr()) })
         .filter(|i| *i != 0)
-        .and_then(|i| xdp_features::read(i).ok().flatten());
+        .map(xdp_features::read);
+    let (xdp_features, features_error) = match xdp_features {
+        Some(Ok(features)) => (features, None),
+        Some(Err(e)) => (None, Some(format!("{e:#}"))),
+        None => (None, None),
+    };
     InterfaceFacts {
         name: name.into(),
         exists: true,
@@ -676,6 +690,7 @@ pub fn interface_facts(name: &str, mode: XdpModeSetting, probe_native: bool) -> 
         refused,
         no_driver_mode,
         xdp_features,
+        features_error,
         trial,
         load_error,
         lro: offload(name, "large-receive-offload"),
@@ -1117,6 +1132,7 @@ mod tests {
             no_driver_mode: None,
             // BASIC, REDIRECT, NDO_XMIT: as ixgbe reports them.
             xdp_features: Some(NETDEV_XDP_ACT_BASIC | 0b110),
+            features_error: None,
             trial: None,
             load_error: None,
             lro: false,
@@ -1266,6 +1282,17 @@ mod tests {
         }
         let f = assess_interface(&unknown, XdpModeSetting::Generic);
         assert_eq!(levels(&f), [Level::Ok, Level::Warn], "{f:?}");
+        // Features that could not be read say why, not that the kernel is
+        // too old.
+        let unread = InterfaceFacts {
+            features_error: Some("Operation not permitted".into()),
+            ..unknown.clone()
+        };
+        let f = assess_interface(&unread, XdpModeSetting::Auto);
+        assert!(
+            f[0].detail.contains("xdp_features failed: Operation not permitted"),
+            "{f:?}"
+        );
         // A trial, when asked for, answers it.
         let tried = InterfaceFacts {
             trial: Some(true),

@@ -689,7 +689,8 @@ impl Controller {
             .collect();
         let mut found = BTreeMap::new();
         for id in ids {
-            let v = self.dp.backend(id)?;
+            // Unreadable, it names no backend to adopt.
+            let Ok(v) = self.dp.backend(id) else { continue };
             if let Some(ip) = cfg
                 .backends
                 .keys()

@@ -131,15 +131,16 @@ impl ConfigFile {
         &self.text
     }
 
-    /// Whether the file holds other text than lb last read or wrote there
-    /// and than `text`: edited by hand since. (A file that cannot be read,
+    /// Whether the file holds other text than lb last read or wrote there,
+    /// than what runs (saved by hand after lb could not) and than `text`:
+    /// edited by hand since. (A file that cannot be read,
     /// or is no regular file, holds no edit to keep.)
     fn edited_on_disk(&self, text: &str) -> bool {
         std::fs::metadata(&self.path)
             .is_ok_and(|m| m.is_file())
             .then(|| std::fs::read_to_string(&self.path).ok())
             .flatten()
-            .is_some_and(|on_disk| on_disk != self.saved && on_disk != text)
+            .is_some_and(|on_disk| ![&self.saved, &self.text, text].contains(&&*on_disk))
     }
 
     /// Whether a change runs that the file lacks (its save failed).

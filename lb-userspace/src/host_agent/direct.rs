@@ -1,7 +1,8 @@
 //! Registration straight with a standalone lb daemon's registration port
 //! (`[lb]` in the agent's file), signed with the shared secret
-//! ([`crate::registration`]). The daemon's lease lapses unless each check
-//! renews it; the answers carry the flows left while draining and the
+//! ([`crate::registration`]). The daemon's lease lapses unless the agent
+//! renews it (each check, and every third of the lease between); the
+//! answers carry the flows left while draining and the
 //! services' VIPs and modes.
 
 use std::{

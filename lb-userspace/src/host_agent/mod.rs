@@ -71,6 +71,9 @@ pub struct Options {
 
 /// How often the host's setup is checked again while the agent runs.
 const SETUP_RECHECK: Duration = Duration::from_secs(10);
+/// How long a fix that applied but did not help waits before it is
+/// applied again.
+const FUTILE_RETRY: Duration = Duration::from_secs(60);
 
 /// Runs the agent with the file at `path`: once, or until SIGTERM or
 /// SIGINT.
@@ -163,8 +166,9 @@ struct SetUp {
     /// What was last logged.
     reported: Option<bool>,
     /// Fixes that applied but did not put the host right (a decap file
-    /// without the VIP): not applied again, which would change nothing.
-    futile: Vec<setup::Fix>,
+    /// without the VIP), and when: applied again only after
+    /// [`FUTILE_RETRY`] (the operator may have mended what they read).
+    futile: Vec<(setup::Fix, Instant)>,
     /// The last error of each fix that failed, warned of once.
     failed: Vec<(setup::Fix, String)>,
 }
@@ -232,7 +236,11 @@ impl SetUp {
     async fn fix(&mut self, served: &BTreeMap<String, setup::Served>) {
         let mut applied = Vec::new();
         for f in setup::fixes(served) {
-            if self.futile.contains(&f) {
+            if self
+                .futile
+                .iter()
+                .any(|(x, at)| *x == f && at.elapsed() < FUTILE_RETRY)
+            {
                 continue;
             }
             match setup::apply(&f).await {
@@ -257,11 +265,14 @@ impl SetUp {
         }
         let still = setup::fixes(served);
         for f in applied {
-            if still.contains(&f) {
-                warn!(fix = %f, "set up, but the check still fails: not applying it again until the host passes");
-                self.futile.push(f);
-            } else {
+            if !still.contains(&f) {
+                self.futile.retain(|(x, _)| *x != f);
                 info!(fix = %f, "set up");
+            } else if let Some((_, at)) = self.futile.iter_mut().find(|(x, _)| *x == f) {
+                *at = Instant::now();
+            } else {
+                warn!(fix = %f, "set up, but the check still fails: applying it again only once a minute until the host passes");
+                self.futile.push((f, Instant::now()));
             }
         }
     }
@@ -410,7 +421,9 @@ fn spawn_meter(mut meter: Meter, report: Arc<Report>) {
             })
             .await;
             let Ok((m, p)) = sampled else {
-                warn!("sampling the host's load failed: its weight stays as it is");
+                // A low figure must not stick with nothing to lower it.
+                warn!("sampling the host's load failed: its whole weight from now on");
+                report.percent.store(load::FULL, Ordering::Relaxed);
                 return;
             };
             meter = m;

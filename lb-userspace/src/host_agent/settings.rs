@@ -313,7 +313,7 @@ pub fn parse(text: &str) -> Result<Settings, ConfigErrors> {
                         &file.check.span(),
                         "check.interval",
                         format!(
-                            "checks every {:?}, each taking up to {:?}, cannot keep a {ttl:?} lease alive: check more often than fleet.lease, or with a shorter timeout",
+                            "checks every {:?}, each taking up to {:?}, outlast a {ttl:?} lease: a host whose service stopped would stay registered for several leases; check more often than fleet.lease, or with a shorter timeout",
                             c.interval, c.timeout
                         ),
                     );
