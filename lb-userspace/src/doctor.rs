@@ -1290,7 +1290,8 @@ mod tests {
         };
         let f = assess_interface(&unread, XdpModeSetting::Auto);
         assert!(
-            f[0].detail.contains("xdp_features failed: Operation not permitted"),
+            f[0].detail
+                .contains("xdp_features failed: Operation not permitted"),
             "{f:?}"
         );
         // A trial, when asked for, answers it.
