@@ -724,8 +724,10 @@ impl Controller {
             // Without a state file (lost, or corrupt and set aside), or one
             // saved before the last table (a crash between the two), the
             // live table names the backends that serve.
-            for (ip, id) in self.backends_in(&ring, cfg)? {
-                ids.entry(ip).or_insert(id);
+            if cfg.backends.keys().any(|ip| !ids.contains_key(ip)) {
+                for (ip, id) in self.backends_in(&ring, cfg)? {
+                    ids.entry(ip).or_insert(id);
+                }
             }
             let mut backends = BTreeMap::new();
             for (ip, id) in ids {

@@ -131,14 +131,7 @@ fn a_backend_of_weight_zero_does_not_count_for_panic() {
         ("198.18.0.13", 0),
         ("198.18.0.14", 0),
     ];
-    let desired = config_with(&scratch, &backends);
-    let dp = Dataplane::load(desired.settings.capacity).unwrap();
-    let hops = hops(&desired);
-    let (mut ctl, _) =
-        Controller::new(dp, desired.clone(), Runtime::default(), hops, None).unwrap();
-    for (b, _) in backends {
-        probe(&mut ctl, b, true);
-    }
+    let (mut ctl, desired, _state) = controller_with_all_up(&scratch, &backends);
     // The weight-0 backends switched off, then one weighted backend dies.
     for b in ["198.18.0.13", "198.18.0.14", "198.18.0.11"] {
         probe(&mut ctl, b, false);
