@@ -568,7 +568,8 @@ fn keep_alive_period(lease: Duration) -> Duration {
 async fn drain(registrar: &mut Registrar, s: &Settings, percent: u32) {
     // None: a timeout past what the clock holds, which is no timeout.
     let deadline = Instant::now().checked_add(s.drain_timeout);
-    let mut last: Option<u64> = None;
+    // The count last said (`Some(None)`: that it is not known yet).
+    let mut last: Option<Option<u64>> = None;
     loop {
         match registrar.hold(true, percent).await {
             Ok(()) => match registrar.flows_left().await {
@@ -577,12 +578,12 @@ async fn drain(registrar: &mut Registrar, s: &Settings, percent: u32) {
                     return;
                 }
                 Ok(left) => {
-                    if left != last {
+                    if last != Some(left) {
                         match left {
                             Some(n) => info!(flows = n, "waiting for flows to end"),
                             None => info!("waiting for every lb node to apply the drain"),
                         }
-                        last = left;
+                        last = Some(left);
                     }
                 }
                 Err(e) => warn!(error = %format!("{e:#}"), "reading the fleet's reports"),
@@ -593,7 +594,7 @@ async fn drain(registrar: &mut Registrar, s: &Settings, percent: u32) {
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             warn!(
-                flows = ?last,
+                flows = ?last.flatten(),
                 timeout = ?s.drain_timeout,
                 "drain timeout: deregistering with flows left (they re-hash to other backends)"
             );

@@ -337,7 +337,7 @@ impl Etcd {
 
     /// Flows the live lb nodes still pin to this backend, summed over its
     /// services; `None` while a node has not applied (and counted) the
-    /// latest registration.
+    /// latest registration, or while no node reports at all.
     pub async fn flows_left(&mut self) -> Result<Option<u64>> {
         let revision = self.held.as_ref().map_or(0, |h| h.revision);
         let store = self.store().await?;
@@ -353,6 +353,13 @@ impl Etcd {
         else {
             return Ok(None);
         };
+        let serves_known = self.services.iter().any(|s| known.contains_key(s));
+        // No live node: nobody has counted, which is not "none left" (the
+        // nodes may be cut off from etcd, or restarting, and still forward
+        // on what they hold).
+        if serves_known && snapshot.nodes.is_empty() {
+            return Ok(None);
+        }
         let mut total = 0;
         for report in snapshot.nodes.values() {
             if report.revision < revision {

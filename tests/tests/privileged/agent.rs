@@ -397,6 +397,38 @@ fn backends_register_with_agents_and_leave_without_breaking_a_connection() {
     for a in &agents[2..] {
         assert!(a.child.is_some(), "{}", a.log());
     }
+
+    // Every node cut off from etcd (stopped, their reports gone as when
+    // their leases lapse): nobody counts a leaving host's flows, which is
+    // not "none left" (the nodes may still forward them), so it waits.
+    for d in &daemons {
+        d.signal(libc::SIGSTOP);
+    }
+    let cut_off = etcd.client(|mut c| async move {
+        for i in 0..NODES {
+            c.delete(format!("{FLEET_PREFIX}/nodes/lb{i}"), None)
+                .await?;
+        }
+        anyhow::Ok(())
+    });
+    let waited = cut_off.map(|()| {
+        agents[2].signal(libc::SIGTERM);
+        std::thread::sleep(Duration::from_secs(3));
+        agents[2].exited().is_none()
+    });
+    for d in &daemons {
+        d.signal(libc::SIGCONT);
+    }
+    assert!(
+        waited.unwrap(),
+        "a host left while no node reported its flows: {}",
+        agents[2].log()
+    );
+    assert!(
+        agents[2].log().contains("waiting for every lb node"),
+        "{}",
+        agents[2].log()
+    );
 }
 
 /// A busy process that runs until dropped (killed by PID).
