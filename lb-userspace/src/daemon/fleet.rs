@@ -830,6 +830,7 @@ impl FleetNode {
             .collect();
         let mut problems: Vec<String> = latest.map(|s| s.problems.clone()).unwrap_or_default();
         problems.extend(self.refused_registrations.iter().cloned());
+        problems.extend(agree::digest_splits(&tables));
         if let Some(r) = &self.refused {
             problems.insert(0, format!("refused, last good state kept: {r}"));
         }

@@ -14,7 +14,7 @@
 //! clock and written with the verdict, so every node ramps in lockstep.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -134,36 +134,80 @@ impl Ramps {
 /// first verdict on.
 pub type Tables<'a> = (&'a str, i64, &'a BTreeMap<String, String>, &'a Awaiting);
 
+/// Which nodes hold which table (digest) of `service` among `nodes` at
+/// `revision`, leaving out nodes that await a verdict on its backends.
+fn holders<'a>(
+    nodes: &[Tables<'a>],
+    revision: i64,
+    service: &str,
+) -> BTreeMap<&'a str, Vec<&'a str>> {
+    let mut out: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (name, _, digests, _) in nodes
+        .iter()
+        .filter(|n| n.1 == revision && !n.3.contains_key(service))
+    {
+        if let Some(d) = digests.get(service) {
+            out.entry(d.as_str()).or_default().push(name);
+        }
+    }
+    out
+}
+
+/// The table a strict majority of `holders` hold, if any.
+fn majority_table<'a>(holders: &BTreeMap<&'a str, Vec<&str>>) -> Option<&'a str> {
+    let total: usize = holders.values().map(Vec::len).sum();
+    holders
+        .iter()
+        .find(|(_, n)| n.len() * 2 > total)
+        .map(|(d, _)| *d)
+}
+
 /// The services each node holds a different table for than a strict
 /// majority of the nodes at the same revision do. Nodes at different
 /// revisions are not compared (one of them is catching up), nor a node's
 /// table of a service it awaits a verdict on (it will change once the
 /// verdict comes; the node holds its VIP back meanwhile); with no strict
-/// majority (two nodes that differ) nobody is singled out.
+/// majority (two nodes that differ) nobody is singled out: that is a
+/// [`digest_splits`].
 pub fn digest_outliers(nodes: &[Tables<'_>]) -> BTreeMap<String, Vec<String>> {
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (name, revision, digests, awaiting) in nodes {
-        let peers: Vec<&Tables<'_>> = nodes.iter().filter(|n| n.1 == *revision).collect();
         for (service, mine) in *digests {
             if awaiting.contains_key(service) {
                 continue;
             }
-            let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-            for p in peers.iter().filter(|p| !p.3.contains_key(service)) {
-                if let Some(d) = p.2.get(service) {
-                    *counts.entry(d.as_str()).or_default() += 1;
-                }
-            }
-            let total: usize = counts.values().sum();
-            let majority = counts
-                .iter()
-                .find(|(_, n)| **n * 2 > total)
-                .map(|(d, _)| *d);
-            if majority.is_some_and(|d| d != mine) {
+            if majority_table(&holders(nodes, *revision, service)).is_some_and(|d| d != mine) {
                 out.entry(name.to_string())
                     .or_default()
                     .push(service.clone());
             }
+        }
+    }
+    out
+}
+
+/// Services whose nodes at one revision hold different tables with none
+/// held by a strict majority (two nodes that differ, an even split), each
+/// said in a line naming the nodes by table. No node is withheld for it
+/// (which one would be wrong?), so it is shown instead.
+pub fn digest_splits(nodes: &[Tables<'_>]) -> Vec<String> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for (_, revision, digests, _) in nodes {
+        for service in digests.keys() {
+            if !seen.insert((*revision, service.as_str())) {
+                continue;
+            }
+            let holders = holders(nodes, *revision, service);
+            if holders.len() < 2 || majority_table(&holders).is_some() {
+                continue;
+            }
+            let groups: Vec<String> = holders.values().map(|n| n.join(", ")).collect();
+            out.push(format!(
+                "service {service} at revision {revision}: no table is held by a strict \
+                 majority of the nodes ({} hold different ones)",
+                groups.join(" / ")
+            ));
         }
     }
     out
@@ -269,8 +313,32 @@ mod tests {
         let out = digest_outliers(&nodes);
         assert_eq!(out.keys().collect::<Vec<_>>(), ["lb3"]);
         assert_eq!(out["lb3"], ["web"]);
-        // Two nodes that differ: no majority, nobody singled out.
+        // Two nodes that differ: no majority, nobody singled out, and the
+        // split said.
+        assert!(digest_splits(&nodes).is_empty());
         assert!(digest_outliers(&nodes[1..3]).is_empty());
+        assert_eq!(
+            digest_splits(&nodes[1..3]),
+            [
+                "service web at revision 5: no table is held by a strict majority of the \
+              nodes (lb2 / lb3 hold different ones)"
+            ]
+        );
+        // An even split of four.
+        let nodes = [
+            ("lb1", 5, &a, &none),
+            ("lb2", 5, &b, &none),
+            ("lb3", 5, &c, &none),
+            ("lb4", 5, &c, &none),
+        ];
+        assert!(digest_outliers(&nodes).is_empty());
+        assert_eq!(
+            digest_splits(&nodes).len(),
+            1,
+            "{:?}",
+            digest_splits(&nodes)
+        );
+        assert!(digest_splits(&nodes)[0].contains("(lb1, lb2 / lb3, lb4 hold"));
     }
 
     #[test]
