@@ -145,6 +145,10 @@ pub struct Snapshot {
     pub leader: Option<String>,
     /// Keys that are refused or not lb's, with why.
     pub problems: Vec<String>,
+    /// When the agreed view (`P/health`) is all that refuses the state:
+    /// the rest of it, decoded, for the leader to write a fresh view over
+    /// the bad one (nodes refuse the state meanwhile, as for any bad key).
+    pub health_refused: Option<FleetState>,
 }
 
 impl Snapshot {
@@ -308,7 +312,10 @@ pub fn decode(keys: &Keys, revision: i64, entries: &[Entry]) -> Snapshot {
         nodes: BTreeMap::new(),
         leader: None,
         problems: Vec::new(),
+        health_refused: None,
     };
+    // Refusals of the agreed view, kept apart: the leader repairs those.
+    let mut health_refusals = Vec::new();
     for e in entries {
         let kind = keys.classify(&e.key);
         // Valid or not, a write over these keys is guarded by what is there.
@@ -324,7 +331,8 @@ pub fn decode(keys: &Keys, revision: i64, entries: &[Entry]) -> Snapshot {
                 e.value.len()
             );
             match kind {
-                Key::Services | Key::Overrides | Key::Health => refused.push(why),
+                Key::Services | Key::Overrides => refused.push(why),
+                Key::Health => health_refusals.push(why),
                 _ => snapshot.problems.push(why),
             }
             continue;
@@ -353,9 +361,9 @@ pub fn decode(keys: &Keys, revision: i64, entries: &[Entry]) -> Snapshot {
                         state.health = h;
                         state.revision = state.revision.max(e.mod_revision);
                     }
-                    Some(why) => refused.push(format!("{}: {why}", e.key)),
+                    Some(why) => health_refusals.push(format!("{}: {why}", e.key)),
                 },
-                Err(err) => refused.push(format!("{}: {err}", e.key)),
+                Err(err) => health_refusals.push(format!("{}: {err}", e.key)),
             },
             Key::Leader => match text {
                 Ok(name) => snapshot.leader = Some(name.to_string()),
@@ -390,9 +398,13 @@ pub fn decode(keys: &Keys, revision: i64, entries: &[Entry]) -> Snapshot {
                 .push(format!("{}: not a key lb writes; ignored", e.key)),
         }
     }
-    snapshot.state = if refused.is_empty() {
+    snapshot.state = if refused.is_empty() && health_refusals.is_empty() {
         Ok(state)
     } else {
+        if refused.is_empty() {
+            snapshot.health_refused = Some(state);
+        }
+        refused.extend(health_refusals);
         Err(refused.join("; "))
     };
     snapshot
@@ -428,6 +440,7 @@ mod tests {
             nodes: [("lb3".into(), report("lb3", 90))].into(),
             leader: None,
             problems: Vec::new(),
+            health_refused: None,
         };
         // Only this node, behind: nobody applied it yet.
         assert_eq!(snapshot.applied_elsewhere("lb3"), None);

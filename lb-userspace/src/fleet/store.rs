@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity,
     LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
@@ -191,17 +191,21 @@ impl Store {
 
     /// The leader's write of the agreed view, guarded by its leadership.
     async fn write_health(&self, node: &str, health: &state::AgreedHealth) -> Result<bool> {
+        let text = serde_json::to_string(health)?;
+        // Every node would refuse it: keep the view there is.
+        ensure!(
+            text.len() <= state::MAX_VALUE,
+            "the agreed view would take {} bytes, over the {}-byte limit of a key",
+            text.len(),
+            state::MAX_VALUE
+        );
         let txn = Txn::new()
             .when(vec![Compare::value(
                 self.keys.leader(),
                 CompareOp::Equal,
                 node,
             )])
-            .and_then(vec![TxnOp::put(
-                self.keys.health(),
-                serde_json::to_string(health)?,
-                None,
-            )]);
+            .and_then(vec![TxnOp::put(self.keys.health(), text, None)]);
         let mut kv = self.client.kv_client();
         let r = tokio::time::timeout(CALL_TIMEOUT, kv.txn(txn))
             .await
@@ -362,7 +366,14 @@ async fn connected(s: &mut Session, bgp: &mut Bgp) -> Result<()> {
     let mut tick = tokio::time::interval(RAMP_TICK);
     let mut read_at = Instant::now();
     loop {
-        leader.act(&store, &node, lease, &snapshot).await?;
+        // A leader's failed write (a slow etcd, a view too large) is tried
+        // again at the next read, at the latest after `RESYNC`: reads and
+        // the watch, not the leader's writes, say whether etcd is in reach,
+        // and ending the session would have this node evict on its own
+        // probes meanwhile.
+        if let Err(e) = leader.act(&store, &node, lease, &snapshot).await {
+            warn!(node, error = %format!("{e:#}"), "the fleet leader's write failed; retrying at the next read");
+        }
         if s.events
             .send(Event::Snapshot(Box::new(snapshot.clone())))
             .await
@@ -443,7 +454,9 @@ impl Leader {
             self.leading = mine;
             self.ramps = Ramps::default();
         }
-        let Ok(state) = &snap.state else {
+        // A bad agreed view alone refuses the state on every node, and only
+        // the leader writes that key: it writes a fresh view over it.
+        let Some(state) = snap.state.as_ref().ok().or(snap.health_refused.as_ref()) else {
             return Ok(());
         };
         if !mine {
@@ -473,7 +486,11 @@ impl Leader {
         let health = self
             .ramps
             .step(&state.health, &verdicts, &slow_start, Instant::now());
-        if health != state.health && !store.write_health(node, &health).await? {
+        let repair = snap.health_refused.is_some();
+        if repair {
+            warn!(node, "writing a fresh agreed view over the refused one");
+        }
+        if (repair || health != state.health) && !store.write_health(node, &health).await? {
             warn!(
                 node,
                 "lost the fleet's leadership while writing the agreed view"

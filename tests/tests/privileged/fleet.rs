@@ -431,6 +431,37 @@ fn one_desired_state_changes_everywhere_and_refuses_conflicts_and_bad_data() {
     fleet.set_weight(0, 2, weight_before).unwrap();
     fleet.wait_agreed(PROPAGATION);
 
+    // A bad agreed view alone (which only the leader writes): the leader
+    // writes a fresh one over it, and the nodes take the state again.
+    // (Every node once refused the state until someone used etcdctl.)
+    etcd.client(|mut c| async move {
+        c.put(format!("{FLEET_PREFIX}/health"), "{not json", None)
+            .await?;
+        Ok(())
+    })
+    .unwrap();
+    let start = Instant::now();
+    loop {
+        let health = fleet_key(&fleet, "health");
+        if serde_json::from_slice::<Value>(&health).is_ok() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the bad agreed view stayed: {}",
+            String::from_utf8_lossy(&health)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for d in &fleet.daemons {
+        d.wait_until("the state taken again", Duration::from_secs(3), |d| {
+            let s = d.cli(&["fleet", "status"])?;
+            Ok(!s["problems"].to_string().contains("refused"))
+        })
+        .unwrap();
+    }
+    fleet.wait_agreed(PROPAGATION);
+
     // etcd stopped under traffic: forwarding unaffected, writes refused
     // clearly, and every node converges again once it is back.
     fleet.edge.etcd.as_mut().unwrap().stop();
@@ -569,15 +600,19 @@ fn write_while_refused(mut write: impl FnMut() -> anyhow::Result<Value>) {
 
 /// The fleet's overrides as etcd holds them.
 fn fleet_overrides(fleet: &Fleet) -> Value {
+    serde_json::from_slice(&fleet_key(fleet, "overrides")).unwrap()
+}
+
+/// The value of the fleet's key `name` (under the prefix) in etcd.
+fn fleet_key(fleet: &Fleet, name: &str) -> Vec<u8> {
     let etcd = fleet.edge.etcd.as_ref().unwrap();
-    let raw = etcd
-        .client(|mut c| async move {
-            let r = c.get(format!("{FLEET_PREFIX}/overrides"), None).await?;
-            Ok(r.kvs().first().map(|kv| kv.value().to_vec()))
-        })
-        .unwrap()
-        .expect("no overrides in etcd");
-    serde_json::from_slice(&raw).unwrap()
+    let key = format!("{FLEET_PREFIX}/{name}");
+    etcd.client(|mut c| async move {
+        let r = c.get(key.clone(), None).await?;
+        Ok(r.kvs().first().map(|kv| kv.value().to_vec()))
+    })
+    .unwrap()
+    .unwrap_or_else(|| panic!("no {name} in etcd"))
 }
 
 fn assert_all_alive(sessions: &mut Sessions, step: &str) {
