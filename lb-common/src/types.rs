@@ -915,9 +915,11 @@ impl SourceLimit {
     ///
     /// This limit never sets a due time further ahead than its burst and
     /// one interval. One that is was set under a stricter limit since
-    /// changed (or by a removed service whose id is reused): the source
-    /// counts as having spent its burst under this limit, not as owing the
-    /// old one's debt (an hour's, after a rate of 1 with a burst of 3,600).
+    /// changed (or by a removed service whose id is reused): the flow is
+    /// admitted and the source left as having just spent its burst under
+    /// this limit, not owing the old one's debt (an hour's, after a rate of
+    /// 1 with a burst of 3,600). Refusing it instead would leave the old
+    /// due time in place, since a refusal writes nothing.
     #[inline(always)]
     pub fn admit(&self, due_ns: u64, now_ns: u64) -> Option<u64> {
         let due = if due_ns > now_ns { due_ns } else { now_ns };

@@ -866,9 +866,13 @@ impl Dataplane {
             ebpf,
             capacity,
         };
-        // Until the controller configures it, the data plane forwards
-        // nothing (no services).
-        dp.set_settings(Settings::default())?;
+        // The adopted settings (none on a fresh load) stand until the
+        // controller writes its own: a program of a version before
+        // 1042d79, still attached, reads them from the pinned record, and
+        // the start may wait on etcd before the controller writes; zeroed,
+        // it would send tunnelled packets from 0.0.0.0 meanwhile.
+        let adopted = dp.settings.get(&0, 0).context("reading the settings")?;
+        dp.set_settings(adopted)?;
         dp.ring_space = dp.adopted_ring_space()?;
         // Adopted connection-table settings keep their policy and clock; the
         // table's size is always this one's.
