@@ -107,8 +107,11 @@ pub struct InterfaceFacts {
     pub load_error: Option<String>,
     /// Large receive offload is on.
     pub lro: bool,
-    /// Generic receive offload is on.
-    pub gro: bool,
+    /// The devices under it (a bond's slaves, a VLAN's parent, down to
+    /// the ones that receive from the wire) that merge packets with GRO:
+    /// the kernel skips GRO only on the device running a generic-mode
+    /// program, so those below merge what it then sees.
+    pub gro_below: Vec<String>,
 }
 
 /// Host-wide facts.
@@ -343,13 +346,19 @@ pub fn assess_interface(f: &InterfaceFacts, mode: XdpModeSetting) -> Vec<Finding
         ));
     }
     let generic = mode == XdpModeSetting::Generic || generic_only || native == Some(false);
-    if f.gro && generic {
-        out.push(problem(
-            Level::Warn,
-            format!("{n}: gro"),
-            "generic XDP runs after GRO: merged packets exceed the MTU when forwarded",
-            format!("ethtool -K {n} gro off"),
-        ));
+    if generic {
+        for lower in &f.gro_below {
+            out.push(problem(
+                Level::Warn,
+                format!("{lower}: gro"),
+                format!(
+                    "{lower} (under {n}) merges packets (GRO) before generic XDP on {n} sees \
+                     them: merged packets exceed the MTU when forwarded (the kernel skips GRO \
+                     only on the device running the program)"
+                ),
+                format!("ethtool -K {lower} gro off"),
+            ));
+        }
     }
     out
 }
@@ -694,8 +703,45 @@ pub fn interface_facts(name: &str, mode: XdpModeSetting, probe_native: bool) -> 
         trial,
         load_error,
         lro: offload(name, "large-receive-offload"),
-        gro: offload(name, "generic-receive-offload"),
+        gro_below: devices_below(name)
+            .into_iter()
+            .filter(|d| offload(d, "generic-receive-offload"))
+            .collect(),
     }
+}
+
+/// The devices that receive from the wire under `name`: its lower devices
+/// (`/sys/class/net/NAME/lower_*`), theirs, and so on down to those with
+/// none; empty for a device with none itself. GRO runs there.
+fn devices_below(name: &str) -> Vec<String> {
+    let lowers = |dev: &str| -> Vec<String> {
+        std::fs::read_dir(format!("/sys/class/net/{dev}"))
+            .map(|dir| {
+                dir.flatten()
+                    .filter_map(|e| {
+                        let n = e.file_name().into_string().ok()?;
+                        n.strip_prefix("lower_").map(str::to_string)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut out = Vec::new();
+    let mut todo = lowers(name);
+    // The kernel links no device below itself: this ends.
+    while let Some(dev) = todo.pop() {
+        if out.contains(&dev) {
+            continue;
+        }
+        let below = lowers(&dev);
+        if below.is_empty() {
+            out.push(dev);
+        } else {
+            todo.extend(below);
+        }
+    }
+    out.sort();
+    out
 }
 
 /// The smallest maps the object loads with: the trial attach forwards nothing.
@@ -1136,7 +1182,7 @@ mod tests {
             trial: None,
             load_error: None,
             lro: false,
-            gro: false,
+            gro_below: Vec::new(),
         }
     }
 
@@ -1164,15 +1210,17 @@ mod tests {
         };
         let f = assess_interface(&lro, XdpModeSetting::Auto);
         assert_eq!(f[1].fix.as_deref(), Some("ethtool -K eth0 lro off"));
-        // GRO only matters in generic mode.
+        // GRO below the interface only matters in generic mode (on the
+        // interface itself the kernel skips it then).
         let gro = InterfaceFacts {
-            gro: true,
+            gro_below: vec!["eth1".into()],
             ..iface()
         };
         assert_eq!(assess_interface(&gro, XdpModeSetting::Auto).len(), 1);
         let f = assess_interface(&gro, XdpModeSetting::Generic);
         assert_eq!(levels(&f), [Level::Warn, Level::Warn]);
-        assert_eq!(f[1].fix.as_deref(), Some("ethtool -K eth0 gro off"));
+        assert_eq!(f[1].check, "eth1: gro");
+        assert_eq!(f[1].fix.as_deref(), Some("ethtool -K eth1 gro off"));
         // No native XDP, as the kernel reports it or as a trial found.
         for no_native in [
             InterfaceFacts {
@@ -1194,7 +1242,7 @@ mod tests {
             );
             // Generic then: GRO matters.
             let gro = InterfaceFacts {
-                gro: true,
+                gro_below: vec!["eth1".into()],
                 ..no_native
             };
             assert_eq!(
@@ -1223,7 +1271,7 @@ mod tests {
                 xdp_features,
                 trial: None,
                 load_error: Some("loading the program: Operation not permitted".into()),
-                gro: true,
+                gro_below: vec!["eth1".into()],
                 ..iface()
             };
             for mode in [XdpModeSetting::Auto, XdpModeSetting::Native] {
@@ -1265,7 +1313,7 @@ mod tests {
         // --probe-native nothing was attached to find out.
         let unknown = InterfaceFacts {
             xdp_features: None,
-            gro: true,
+            gro_below: vec!["eth1".into()],
             ..iface()
         };
         for mode in [XdpModeSetting::Auto, XdpModeSetting::Native] {
@@ -1328,7 +1376,7 @@ mod tests {
             name: "bond0".into(),
             driver: Some("bonding".into()),
             no_driver_mode: Some(BOND.into()),
-            gro: true,
+            gro_below: vec!["eth1".into()],
             ..iface()
         };
         for mode in [XdpModeSetting::Auto, XdpModeSetting::Generic] {
@@ -1337,7 +1385,7 @@ mod tests {
             // native is there".
             assert_eq!(levels(&f), [Level::Ok, Level::Warn], "{mode:?}: {f:?}");
             assert!(f[0].detail.starts_with("generic"), "{f:?}");
-            assert_eq!(f[1].check, "bond0: gro");
+            assert_eq!(f[1].check, "eth1: gro");
         }
         let native = InterfaceFacts {
             refused: Some(BOND.into()),
