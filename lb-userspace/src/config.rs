@@ -2007,30 +2007,10 @@ fn validate(file: &File, node_text: &str, text: &str) -> Result<Desired, ConfigE
             );
         }
     }
-    // An IPv6 client is told the tunnel's MTU when its packet does not fit;
-    // below IPv6's minimum it never sends one small enough (RFC 8201 §4).
-    if let Some(mtu) = s.mtu {
-        for svc in services.values().filter(|svc| svc.vip.is_ipv6()) {
-            let overhead = match svc.mode {
-                Mode::DsrL2 => continue,
-                Mode::Ipip => wire::IPV6_HLEN,
-                Mode::Gue => wire::IPV6_HLEN + wire::UDP_HLEN,
-            } as u32;
-            if mtu < IPV6_MIN_MTU + overhead {
-                e.push(
-                    None,
-                    "settings.mtu",
-                    format!(
-                        "{mtu} leaves service {}'s IPv6 tunnel ({overhead} bytes) less than \
-                         IPv6's minimum MTU of {IPV6_MIN_MTU}, which clients never go below: \
-                         at least {}",
-                        svc.name,
-                        IPV6_MIN_MTU + overhead
-                    ),
-                );
-                break;
-            }
-        }
+    if let Some(mtu) = s.mtu
+        && let Some(short) = ipv6_tunnel_short_of(mtu, services.values())
+    {
+        e.push(None, "settings.mtu", format!("{mtu} leaves {short}"));
     }
     let vips: BTreeSet<IpAddr> = services.values().map(|svc| svc.vip).collect();
     if vips.len() > limits::MAX_ADDRESSES as usize {
@@ -2294,6 +2274,35 @@ fn validate_health(
         slow_start: h.slow_start,
         via,
     })
+}
+
+/// The first of `services` whose IPv6 tunnel an MTU of `mtu` leaves less
+/// than IPv6's minimum MTU, said as "service NAME's IPv6 tunnel ...": its
+/// clients are told the tunnel's MTU when a packet does not fit, and below
+/// the minimum they never send one small enough (RFC 8201 §4), so its
+/// full-size packets are lost. `None` when every one fits.
+pub fn ipv6_tunnel_short_of<'a>(
+    mtu: u32,
+    services: impl IntoIterator<Item = &'a Service>,
+) -> Option<String> {
+    services
+        .into_iter()
+        .filter(|svc| svc.vip.is_ipv6())
+        .find_map(|svc| {
+            let overhead = match svc.mode {
+                Mode::DsrL2 => return None,
+                Mode::Ipip => wire::IPV6_HLEN,
+                Mode::Gue => wire::IPV6_HLEN + wire::UDP_HLEN,
+            } as u32;
+            (mtu < IPV6_MIN_MTU + overhead).then(|| {
+                format!(
+                    "service {}'s IPv6 tunnel ({overhead} bytes) less than IPv6's minimum MTU \
+                     of {IPV6_MIN_MTU}, which clients never go below: at least {}",
+                    svc.name,
+                    IPV6_MIN_MTU + overhead
+                )
+            })
+        })
 }
 
 #[cfg(test)]

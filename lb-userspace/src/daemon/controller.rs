@@ -339,6 +339,9 @@ pub struct Controller {
     configured: Option<Desired>,
     /// Registrations not admitted at the last apply.
     registrations_refused: Vec<Refused>,
+    /// The interfaces' MTUs too small for an IPv6 tunnel, as last warned
+    /// of ([`Controller::warn_short_tunnel_mtus`]).
+    short_mtus: BTreeSet<String>,
 }
 
 /// A backend's next hop as the data plane takes it.
@@ -578,6 +581,7 @@ impl Controller {
             history_unsaved: false,
             configured: None,
             registrations_refused: Vec::new(),
+            short_mtus: BTreeSet::new(),
         };
         for (ip, why) in &c.unresolved {
             warn!(backend = %ip, reason = %why, "next hop unresolved: out of the tables until it resolves");
@@ -841,6 +845,34 @@ impl Controller {
     /// The operator override of a backend.
     pub fn override_of(&self, service: &str, ip: IpAddr) -> Override {
         self.runtime.get(service, ip)
+    }
+
+    /// Warns of each attached interface whose MTU (capped by
+    /// `settings.mtu`) leaves an IPv6 tunnel less than IPv6's minimum MTU,
+    /// once, until that changes: the configuration refuses such a
+    /// `settings.mtu`, but an interface's own MTU is only known here (and
+    /// changes under the daemon). The daemon calls it every second.
+    pub fn warn_short_tunnel_mtus(&mut self) {
+        let cap = self.desired.settings.mtu.unwrap_or(u32::MAX);
+        let short: BTreeSet<String> = self
+            .dp
+            .interface_mtus()
+            .into_iter()
+            .filter_map(|(iface, mtu)| {
+                let short =
+                    config::ipv6_tunnel_short_of(mtu.min(cap), self.desired.services.values())?;
+                Some(format!(
+                    "{iface}: an MTU of {} leaves {short}",
+                    mtu.min(cap)
+                ))
+            })
+            .collect();
+        for line in short.difference(&self.short_mtus) {
+            warn!(
+                "{line}: full-size packets of its IPv6 clients are lost; raise the interface's MTU"
+            );
+        }
+        self.short_mtus = short;
     }
 
     /// Whether a backend's next hop is known, on an attached interface.

@@ -712,6 +712,7 @@ pub async fn run(opts: Options) -> Result<()> {
                     Ok(done) => done.iter().for_each(log_repair),
                     Err(e) => error!(error = %format!("{e:#}"), "repairing the data plane; retrying in 1 s"),
                 }
+                ctl.warn_short_tunnel_mtus();
                 ctl.save_history();
                 // Unscraped, the histograms of removed backends would pile
                 // up (registrations come and go).

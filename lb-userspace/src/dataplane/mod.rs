@@ -1021,6 +1021,16 @@ impl Dataplane {
         })
     }
 
+    /// The MTU of each interface the program is attached to, as last
+    /// written to the interface table.
+    pub fn interface_mtus(&self) -> Vec<(String, u32)> {
+        self.attachments
+            .iter()
+            .filter(|(_, a)| !a.gone && a.written.ifindex != 0)
+            .map(|(name, a)| (name.clone(), a.written.mtu))
+            .collect()
+    }
+
     /// Repairs what happened to the data plane under the daemon, and says
     /// what it did: an interface removed and re-created (which detaches XDP)
     /// is attached again; a removed link pin is pinned again from the link

@@ -347,6 +347,16 @@ fn a_tunnel_backend_without_its_decapsulator_fails_probes_through_the_vip() {
         wait_for(&d, name, one, "up");
         wait_for(&d, name, two, "up");
     }
+    // An interface MTU that leaves the IPv6 tunnel less than IPv6's
+    // minimum MTU (clients are told 1260 and never go below 1280): said.
+    lan.lb.ip(&["link", "set", "eth0", "mtu", "1300"]).unwrap();
+    d.wait_until("the short MTU said", Duration::from_secs(3), |d| {
+        Ok(d.log()
+            .contains("eth0: an MTU of 1300 leaves service ipip6's IPv6 tunnel"))
+    })
+    .unwrap();
+    lan.lb.ip(&["link", "set", "eth0", "mtu", "1500"]).unwrap();
+
     // The probes reached the backends in their tunnels.
     let decapsulated = decap(1, "status")["counters"]["decapsulated"]
         .as_u64()
