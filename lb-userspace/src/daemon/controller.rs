@@ -342,6 +342,9 @@ pub struct Controller {
     /// The interfaces' MTUs too small for an IPv6 tunnel, as last warned
     /// of ([`Controller::warn_short_tunnel_mtus`]).
     short_mtus: BTreeSet<String>,
+    /// In a fleet, the backends some live node has seen pass, by service
+    /// ([`Controller::set_fleet_proven`]).
+    fleet_proven: BTreeMap<String, BTreeSet<IpAddr>>,
 }
 
 /// A backend's next hop as the data plane takes it.
@@ -582,6 +585,7 @@ impl Controller {
             configured: None,
             registrations_refused: Vec::new(),
             short_mtus: BTreeSet::new(),
+            fleet_proven: BTreeMap::new(),
         };
         for (ip, why) in &c.unresolved {
             warn!(backend = %ip, reason = %why, "next hop unresolved: out of the tables until it resolves");
@@ -896,13 +900,59 @@ impl Controller {
         let ready = svc
             .backends
             .iter()
-            .filter(|(ip, b)| b.health.proven() && self.wanted(name, **ip, b));
+            .filter(|(ip, b)| self.proven(name, **ip, b) && self.wanted(name, **ip, b));
         let (mut ready_count, mut healthy) = (0, 0);
         for (ip, b) in ready {
             ready_count += 1;
             healthy += usize::from(self.probe_up(name, *ip, b));
         }
         health::panic(ready_count, healthy)
+    }
+
+    /// Whether a backend has been seen to work, which the panic rule asks:
+    /// by this node's probes, or in a fleet by some live node's, so that
+    /// every node counts and keeps the same backends (a node restarted or
+    /// new during an outage has seen none of the dead ones pass).
+    fn proven(&self, service: &str, ip: IpAddr, b: &BackendState) -> bool {
+        b.health.proven()
+            || (self.fleet_health.is_some()
+                && self
+                    .fleet_proven
+                    .get(service)
+                    .is_some_and(|s| s.contains(&ip)))
+    }
+
+    /// Sets the backends some live node of the fleet has seen pass
+    /// (their reports: up now, or down after passing), and rebuilds the
+    /// services whose set changed.
+    pub fn set_fleet_proven(&mut self, proven: BTreeMap<String, BTreeSet<IpAddr>>) -> Result<()> {
+        let changed: Vec<String> = self
+            .services
+            .keys()
+            .filter(|n| self.fleet_proven.get(*n) != proven.get(*n))
+            .cloned()
+            .collect();
+        self.fleet_proven = proven;
+        self.sync_each(changed)
+    }
+
+    /// The backends this node's probes see down after seeing them pass,
+    /// by service, for its report ([`Controller::set_fleet_proven`] on the
+    /// others).
+    pub fn proven_down(&self) -> BTreeMap<String, BTreeSet<IpAddr>> {
+        self.services
+            .iter()
+            .map(|(name, s)| {
+                let down = s
+                    .backends
+                    .iter()
+                    .filter(|(_, b)| b.health.proven() && b.health.state() == Health::Down)
+                    .map(|(ip, _)| *ip)
+                    .collect::<BTreeSet<_>>();
+                (name.clone(), down)
+            })
+            .filter(|(_, down)| !down.is_empty())
+            .collect()
     }
 
     /// Works out whether `service` is in panic before its table is rebuilt,
@@ -966,7 +1016,7 @@ impl Controller {
     /// them before (panic never gives flows to a backend nobody saw work).
     fn healthy(&self, service: &str, ip: IpAddr, b: &BackendState, panic: bool) -> bool {
         !b.agent.view.applied.down
-            && ((panic && b.health.proven()) || self.probe_up(service, ip, b))
+            && ((panic && self.proven(service, ip, b)) || self.probe_up(service, ip, b))
     }
 
     /// A backend's operator state: the operator's, or while that is

@@ -292,6 +292,15 @@ impl FleetNode {
     /// etcd is unreachable, until it applies a state.
     fn take(&mut self, ctl: &mut Controller, snapshot: Snapshot) -> Result<Option<ChangeReport>> {
         let result = self.apply(ctl, &snapshot);
+        // What the live nodes have seen work, for the panic rule: reports
+        // change without the state, so every snapshot sets it.
+        let mut proven: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
+        for (service, ip) in snapshot.nodes.values().flat_map(NodeReport::proven) {
+            proven.entry(service.clone()).or_default().insert(ip);
+        }
+        if let Err(e) = ctl.set_fleet_proven(proven) {
+            error!(error = %format!("{e:#}"), "rebuilding tables for the backends the fleet has seen work");
+        }
         self.latest = Some(snapshot);
         match &result {
             Ok(_) => self.refused = None,
@@ -676,6 +685,7 @@ impl FleetNode {
             bgp: Vec::new(),
             bgp_error: None,
             draining_flows: self.draining_flows.clone(),
+            proven_down: ctl.proven_down(),
         };
         self.report.send_if_modified(|r| {
             let changed = r.as_ref() != Some(&report);

@@ -107,6 +107,28 @@ pub struct NodeReport {
     /// flows.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub draining_flows: BTreeMap<String, BTreeMap<IpAddr, u64>>,
+    /// The backends its probes see down after seeing them pass (those up
+    /// have passed too): every node's panic rule counts and keeps the
+    /// backends any live node has seen work. (Versions before this field
+    /// count only their own.)
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub proven_down: BTreeMap<String, BTreeSet<IpAddr>>,
+}
+
+impl NodeReport {
+    /// The backends this node has seen pass, by service: up in its view,
+    /// or down after passing.
+    pub fn proven(&self) -> impl Iterator<Item = (&String, IpAddr)> {
+        let up = self
+            .health
+            .iter()
+            .flat_map(|(s, m)| m.iter().filter(|(_, up)| **up).map(move |(ip, _)| (s, *ip)));
+        let down = self
+            .proven_down
+            .iter()
+            .flat_map(|(s, ips)| ips.iter().map(move |ip| (s, *ip)));
+        up.chain(down)
+    }
 }
 
 /// A write's guard: the `mod_revision` each operator-written key had when

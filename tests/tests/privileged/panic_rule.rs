@@ -5,7 +5,11 @@
 //! what a failed change's undo keeps: a held-back health change, and the
 //! verdicts of backends a refused fleet state took out of maintenance.
 
-use std::{net::IpAddr, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    time::Duration,
+};
 
 use lb::{
     config::{self, Desired},
@@ -14,7 +18,7 @@ use lb::{
         runtime::{Admin, Override, Runtime},
     },
     dataplane::Dataplane,
-    fleet::state::Overrides,
+    fleet::state::{Agreed, Overrides},
     neighbor::{NextHop, Resolution},
 };
 use lb_tests::{Scratch, require_root};
@@ -318,4 +322,53 @@ fn a_refused_fleet_state_leaves_the_verdicts_it_found() {
     assert_eq!(kept.health, found.health);
     assert_eq!(kept.silent_probes, found.silent_probes);
     assert_eq!(kept.since, found.since);
+}
+
+/// In a fleet, the panic rule counts and keeps the backends any live node
+/// has seen work: a node restarted during an outage, which has seen only
+/// the live backend pass, goes into panic with the others and keeps the
+/// same backends in its table. (It kept one where they kept four.)
+#[test]
+#[ignore = "needs root: cargo xtask test runs it"]
+fn in_a_fleet_panic_counts_the_backends_other_nodes_saw_work() {
+    require_root();
+    let scratch = Scratch::new("panic-fleet").unwrap();
+    let all = ["198.18.0.11", "198.18.0.12", "198.18.0.13", "198.18.0.14"];
+    let backends: Vec<(&str, u32)> = all.iter().map(|b| (*b, 1)).collect();
+    let desired = config_with(&scratch, &backends);
+    let dp = Dataplane::load(desired.settings.capacity).unwrap();
+    let hops = hops(&desired);
+    // The fleet agrees three are down; this node has just started.
+    let agreed: BTreeMap<IpAddr, Agreed> = all
+        .iter()
+        .map(|b| {
+            let up = *b == all[0];
+            (b.parse().unwrap(), Agreed { up, percent: 100 })
+        })
+        .collect();
+    let health = FleetHealth {
+        agreed: [(SERVICE.to_string(), agreed)].into(),
+        own_eviction: false,
+    };
+    let (mut ctl, _) =
+        Controller::new(dp, desired.clone(), Runtime::default(), hops, Some(health)).unwrap();
+    probe(&mut ctl, all[0], true);
+    for b in &all[1..] {
+        probe(&mut ctl, b, false);
+    }
+    ctl.apply(desired.clone(), false).unwrap();
+    assert!(!ctl.in_panic(SERVICE), "it has seen only the live one work");
+    assert_eq!(ctl.services()[SERVICE].in_table, 1);
+
+    // The other nodes' reports: all four seen to work.
+    let proven: BTreeSet<IpAddr> = all.iter().map(|b| b.parse().unwrap()).collect();
+    ctl.set_fleet_proven([(SERVICE.to_string(), proven)].into())
+        .unwrap();
+    assert!(ctl.in_panic(SERVICE), "one of four proven backends passes");
+    assert_eq!(ctl.services()[SERVICE].in_table, 4, "panic keeps all four");
+    // Its own report names the ones it has seen pass and then fail.
+    assert!(ctl.proven_down().is_empty());
+    probe(&mut ctl, all[0], false);
+    let down: BTreeSet<IpAddr> = [all[0].parse().unwrap()].into();
+    assert_eq!(ctl.proven_down(), [(SERVICE.to_string(), down)].into());
 }
