@@ -12,7 +12,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -148,6 +148,9 @@ pub(crate) fn health_of(state: Option<&FleetState>, own_eviction: bool) -> Fleet
     }
 }
 
+/// How long `lb fleet status` lists a node no longer live.
+const GONE_NODES_KEPT: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// The daemon's link to the fleet.
 pub(crate) struct FleetNode {
     settings: Fleet,
@@ -281,6 +284,10 @@ impl FleetNode {
                 for (name, r) in &snapshot.nodes {
                     self.seen.insert(name.clone(), (r.clone(), now));
                 }
+                // A node gone that long was most likely taken out of the
+                // fleet: `lb fleet status` stops listing it.
+                self.seen
+                    .retain(|_, (_, when)| when.elapsed().map_or(true, |d| d < GONE_NODES_KEPT));
                 let _ = self.take(ctl, *snapshot);
             }
         }
