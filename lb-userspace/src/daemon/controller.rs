@@ -852,8 +852,9 @@ impl Controller {
     }
 
     /// Warns of each attached interface whose MTU (capped by
-    /// `settings.mtu`) leaves an IPv6 tunnel less than IPv6's minimum MTU,
-    /// once, until that changes: the configuration refuses such a
+    /// `settings.mtu`) leaves an IPv6 tunnel whose backends are routed by
+    /// it less than IPv6's minimum MTU, once, until that changes, and says
+    /// when it no longer does: the configuration refuses such a
     /// `settings.mtu`, but an interface's own MTU is only known here (and
     /// changes under the daemon). The daemon calls it every second.
     pub fn warn_short_tunnel_mtus(&mut self) {
@@ -862,19 +863,24 @@ impl Controller {
             .dp
             .interface_mtus()
             .into_iter()
-            .filter_map(|(iface, mtu)| {
-                let short =
-                    config::ipv6_tunnel_short_of(mtu.min(cap), self.desired.services.values())?;
-                Some(format!(
-                    "{iface}: an MTU of {} leaves {short}",
-                    mtu.min(cap)
-                ))
+            .filter_map(|(iface, port, mtu)| {
+                let mtu = mtu.min(cap);
+                let routed_here = self.desired.services.values().filter(|svc| {
+                    svc.backends
+                        .keys()
+                        .any(|ip| self.hops.get(ip).is_some_and(|h| h.port == port))
+                });
+                let short = config::ipv6_tunnel_short_of(mtu, routed_here)?;
+                Some(format!("{iface}: an MTU of {mtu} leaves {short}"))
             })
             .collect();
         for line in short.difference(&self.short_mtus) {
             warn!(
                 "{line}: full-size packets of its IPv6 clients are lost; raise the interface's MTU"
             );
+        }
+        for line in self.short_mtus.difference(&short) {
+            info!(was = %line, "an interface's MTU no longer leaves an IPv6 tunnel short");
         }
         self.short_mtus = short;
     }

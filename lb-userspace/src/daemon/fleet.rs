@@ -298,9 +298,9 @@ impl FleetNode {
     /// view with it: the node then also evicts on its own probes, as while
     /// etcd is unreachable, until it applies a state.
     fn take(&mut self, ctl: &mut Controller, snapshot: Snapshot) -> Result<Option<ChangeReport>> {
-        let result = self.apply(ctl, &snapshot);
         // What the live nodes have seen work, for the panic rule: reports
-        // change without the state, so every snapshot sets it.
+        // change without the state, so every snapshot sets it, before the
+        // state's tables are built.
         let mut proven: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
         for (service, ip) in snapshot.nodes.values().flat_map(NodeReport::proven) {
             proven.entry(service.clone()).or_default().insert(ip);
@@ -308,6 +308,7 @@ impl FleetNode {
         if let Err(e) = ctl.set_fleet_proven(proven) {
             error!(error = %format!("{e:#}"), "rebuilding tables for the backends the fleet has seen work");
         }
+        let result = self.apply(ctl, &snapshot);
         self.latest = Some(snapshot);
         match &result {
             Ok(_) => self.refused = None,

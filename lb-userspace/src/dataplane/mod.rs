@@ -1021,13 +1021,13 @@ impl Dataplane {
         })
     }
 
-    /// The MTU of each interface the program is attached to, as last
-    /// written to the interface table.
-    pub fn interface_mtus(&self) -> Vec<(String, u32)> {
+    /// Each interface the program is attached to, with its port and MTU
+    /// as last written to the interface table.
+    pub fn interface_mtus(&self) -> Vec<(String, u8, u32)> {
         self.attachments
             .iter()
             .filter(|(_, a)| !a.gone && a.written.ifindex != 0)
-            .map(|(name, a)| (name.clone(), a.written.mtu))
+            .map(|(name, a)| (name.clone(), a.written.port, a.written.mtu))
             .collect()
     }
 

@@ -568,6 +568,49 @@ mod tests {
         ] {
             let s = decode(&k, 3, &[entry("/lb/services", "", 1), bad.clone()]);
             assert!(s.state.is_err(), "{} accepted", bad.key);
+            // The rest of the state, for the leader's repair, only when the
+            // agreed view is all that is bad.
+            assert_eq!(
+                s.health_refused.is_some(),
+                bad.key == "/lb/health",
+                "{}",
+                bad.key
+            );
         }
+        // A bad agreed view beside other bad data: nothing to repair it with.
+        let s = decode(
+            &k,
+            3,
+            &[
+                entry("/lb/services", "", 1),
+                entry("/lb/overrides", "{", 2),
+                entry("/lb/health", "{", 2),
+            ],
+        );
+        assert!(s.state.is_err() && s.health_refused.is_none());
+    }
+
+    #[test]
+    fn a_report_names_the_backends_its_node_has_seen_work() {
+        let ip = |last: u8| IpAddr::from([198, 18, 0, last]);
+        let report: NodeReport = serde_json::from_str(
+            r#"{"name":"lb1","version":"0","revision":1,"digests":{},
+                "health":{"web":{"198.18.0.11":true,"198.18.0.12":false}},
+                "vips":[],"drained":false,"bgp":[],"bgp_error":null,
+                "proven_down":{"web":["198.18.0.13"]}}"#,
+        )
+        .unwrap();
+        let proven: Vec<(&String, IpAddr)> = report.proven().collect();
+        let web = "web".to_string();
+        assert_eq!(proven, [(&web, ip(11)), (&web, ip(13))]);
+        // An earlier version's report, without the field, still reads.
+        let old = r#"{"name":"lb1","version":"0","revision":1,"digests":{},"health":{},
+                "vips":[],"drained":false,"bgp":[],"bgp_error":null}"#;
+        assert!(
+            serde_json::from_str::<NodeReport>(old)
+                .unwrap()
+                .proven_down
+                .is_empty()
+        );
     }
 }

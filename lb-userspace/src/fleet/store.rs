@@ -361,18 +361,31 @@ async fn connected(s: &mut Session, bgp: &mut Bgp) -> Result<()> {
         "joined the fleet"
     );
     let mut leader = Leader::default();
+    // The leader's step's last error, said once until it changes.
+    let mut leader_failing: Option<String> = None;
     let mut published: Option<NodeReport> = None;
     let mut snapshot = snapshot;
     let mut tick = tokio::time::interval(RAMP_TICK);
     let mut read_at = Instant::now();
     loop {
-        // A leader's failed write (a slow etcd, a view too large) is tried
-        // again at the next read, at the latest after `RESYNC`: reads and
-        // the watch, not the leader's writes, say whether etcd is in reach,
-        // and ending the session would have this node evict on its own
-        // probes meanwhile.
-        if let Err(e) = leader.act(&store, &node, lease, &snapshot).await {
-            warn!(node, error = %format!("{e:#}"), "the fleet leader's write failed; retrying at the next read");
+        // A failed campaign or agreed-view write (a slow etcd, a view too
+        // large) is tried again at the next read, at the latest after
+        // `RESYNC`: ending the session would have this node evict on its
+        // own probes meanwhile. Reads, the watch, this node's report and
+        // its lease still end it when they fail.
+        match leader.act(&store, &node, lease, &snapshot).await {
+            Ok(()) => {
+                if leader_failing.take().is_some() {
+                    info!(node, "the leader's step works again");
+                }
+            }
+            Err(e) => {
+                let why = format!("{e:#}");
+                if leader_failing.as_ref() != Some(&why) {
+                    warn!(node, error = %why, "retrying at the next read");
+                }
+                leader_failing = Some(why);
+            }
         }
         if s.events
             .send(Event::Snapshot(Box::new(snapshot.clone())))
@@ -440,12 +453,23 @@ async fn connected(s: &mut Session, bgp: &mut Bgp) -> Result<()> {
 struct Leader {
     ramps: Ramps,
     leading: bool,
+    /// The last agreed view read that the nodes took: the ramps a fresh
+    /// view written over a refused one go on from.
+    last_view: state::AgreedHealth,
 }
 
 impl Leader {
     async fn act(&mut self, store: &Store, node: &str, lease: i64, snap: &Snapshot) -> Result<()> {
         let mine = snap.leader.as_deref() == Some(node);
-        if snap.leader.is_none() && store.campaign(node, lease).await? {
+        if let Ok(state) = &snap.state {
+            self.last_view.clone_from(&state.health);
+        }
+        if snap.leader.is_none()
+            && store
+                .campaign(node, lease)
+                .await
+                .context("campaigning for the fleet's leadership")?
+        {
             info!(node, "became the fleet's leader");
             // The next snapshot (the watch sees the key) does the work.
             return Ok(());
@@ -483,18 +507,29 @@ impl Leader {
             .collect();
         let reports: Vec<&state::NodeReport> = snap.nodes.values().collect();
         let verdicts = agree::majority(&backends, &reports);
+        let repair = snap.health_refused.is_some();
+        let previous = if repair {
+            &self.last_view
+        } else {
+            &state.health
+        };
         let health = self
             .ramps
-            .step(&state.health, &verdicts, &slow_start, Instant::now());
-        let repair = snap.health_refused.is_some();
-        if repair {
-            warn!(node, "writing a fresh agreed view over the refused one");
+            .step(previous, &verdicts, &slow_start, Instant::now());
+        if !repair && health == state.health {
+            return Ok(());
         }
-        if (repair || health != state.health) && !store.write_health(node, &health).await? {
+        if !store
+            .write_health(node, &health)
+            .await
+            .context("writing the agreed view")?
+        {
             warn!(
                 node,
                 "lost the fleet's leadership while writing the agreed view"
             );
+        } else if repair {
+            warn!(node, "wrote a fresh agreed view over the refused one");
         }
         Ok(())
     }

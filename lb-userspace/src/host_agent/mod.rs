@@ -46,7 +46,7 @@ use tracing::{info, warn};
 
 use crate::{config::Probe, doctor, probe};
 use load::LoadSettings;
-use registrar::Registrar;
+use registrar::{FlowsLeft, Registrar};
 use settings::{Check, CheckKind, Settings, Target};
 
 /// How often a leaving agent asks the fleet whether its flows ended.
@@ -568,20 +568,25 @@ fn keep_alive_period(lease: Duration) -> Duration {
 async fn drain(registrar: &mut Registrar, s: &Settings, percent: u32) {
     // None: a timeout past what the clock holds, which is no timeout.
     let deadline = Instant::now().checked_add(s.drain_timeout);
-    // The count last said (`Some(None)`: that it is not known yet).
-    let mut last: Option<Option<u64>> = None;
+    // What was last said.
+    let mut last: Option<FlowsLeft> = None;
     loop {
         match registrar.hold(true, percent).await {
             Ok(()) => match registrar.flows_left().await {
-                Ok(Some(0)) => {
+                Ok(FlowsLeft::Counted(0)) => {
                     info!("every lb node reports no flow left");
                     return;
                 }
                 Ok(left) => {
                     if last != Some(left) {
                         match left {
-                            Some(n) => info!(flows = n, "waiting for flows to end"),
-                            None => info!("waiting for every lb node to apply the drain"),
+                            FlowsLeft::Counted(n) => info!(flows = n, "waiting for flows to end"),
+                            FlowsLeft::Uncounted => {
+                                info!("waiting for every lb node to apply the drain");
+                            }
+                            FlowsLeft::NoNodes => warn!(
+                                "no lb node reports (cut off from etcd, or restarting): waiting for their count, at most drain_timeout"
+                            ),
                         }
                         last = Some(left);
                     }
@@ -594,7 +599,7 @@ async fn drain(registrar: &mut Registrar, s: &Settings, percent: u32) {
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             warn!(
-                flows = ?last.flatten(),
+                left = ?last,
                 timeout = ?s.drain_timeout,
                 "drain timeout: deregistering with flows left (they re-hash to other backends)"
             );

@@ -29,6 +29,18 @@ use crate::{
     },
 };
 
+/// What the lb nodes say of a leaving backend's flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowsLeft {
+    /// Every live node counted them since the drain: this many in all.
+    Counted(u64),
+    /// Some node has not applied (and counted) the drain yet.
+    Uncounted,
+    /// No lb node reports at all: cut off from etcd, or all restarting,
+    /// and maybe still forwarding them.
+    NoNodes,
+}
+
 /// The registration, held or not, wherever it lives (one per agent: the
 /// variants' sizes do not matter).
 #[expect(
@@ -97,12 +109,14 @@ impl Registrar {
         }
     }
 
-    /// Flows the load balancers still pin to this backend; `None` while
-    /// they have not all counted since it began draining.
-    pub async fn flows_left(&mut self) -> Result<Option<u64>> {
+    /// Flows the load balancers still pin to this backend, as far as they
+    /// have counted since it began draining.
+    pub async fn flows_left(&mut self) -> Result<FlowsLeft> {
         match self {
             Registrar::Etcd(e) => e.flows_left().await,
-            Registrar::Direct(d) => Ok(d.flows_left()),
+            Registrar::Direct(d) => Ok(d
+                .flows_left()
+                .map_or(FlowsLeft::Uncounted, FlowsLeft::Counted)),
         }
     }
 
@@ -336,9 +350,8 @@ impl Etcd {
     }
 
     /// Flows the live lb nodes still pin to this backend, summed over its
-    /// services; `None` while a node has not applied (and counted) the
-    /// latest registration, or while no node reports at all.
-    pub async fn flows_left(&mut self) -> Result<Option<u64>> {
+    /// services.
+    pub async fn flows_left(&mut self) -> Result<FlowsLeft> {
         let revision = self.held.as_ref().map_or(0, |h| h.revision);
         let store = self.store().await?;
         let snapshot = store.read().await?;
@@ -351,19 +364,19 @@ impl Etcd {
             .ok()
             .and_then(|s| config::service_backends(&s.services).ok())
         else {
-            return Ok(None);
+            return Ok(FlowsLeft::Uncounted);
         };
         let serves_known = self.services.iter().any(|s| known.contains_key(s));
         // No live node: nobody has counted, which is not "none left" (the
         // nodes may be cut off from etcd, or restarting, and still forward
         // on what they hold).
         if serves_known && snapshot.nodes.is_empty() {
-            return Ok(None);
+            return Ok(FlowsLeft::NoNodes);
         }
         let mut total = 0;
         for report in snapshot.nodes.values() {
             if report.revision < revision {
-                return Ok(None);
+                return Ok(FlowsLeft::Uncounted);
             }
             for service in self.services.iter().filter(|s| known.contains_key(*s)) {
                 let counted = report
@@ -372,11 +385,11 @@ impl Etcd {
                     .and_then(|m| m.get(&self.template.address));
                 match counted {
                     Some(n) => total += n,
-                    None => return Ok(None),
+                    None => return Ok(FlowsLeft::Uncounted),
                 }
             }
         }
-        Ok(Some(total))
+        Ok(FlowsLeft::Counted(total))
     }
 }
 

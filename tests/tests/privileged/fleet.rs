@@ -406,12 +406,22 @@ fn one_desired_state_changes_everywhere_and_refuses_conflicts_and_bad_data() {
         (Some("drain"), Some(5)),
         "{overrides}"
     );
-    // An operator's write replaces the bad data.
+    // An operator's write replaces the bad data. Retried on a conflict, as
+    // the message says: the last override went through node 1, whose write
+    // node 0's watch may not have brought in yet.
     let services = fleet.daemons[0].dir.join("services.toml");
     std::fs::write(&services, fleet_services(VIP, BACKENDS)).unwrap();
-    fleet.daemons[0]
-        .cli(&["fleet", "import", "--replace", services.to_str().unwrap()])
-        .unwrap();
+    let import =
+        || fleet.daemons[0].cli(&["fleet", "import", "--replace", services.to_str().unwrap()]);
+    let mut conflicts = 0;
+    while let Err(e) = import() {
+        conflicts += 1;
+        assert!(
+            e.to_string().contains("conflict") && conflicts < 20,
+            "{e:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     fleet.wait_agreed(PROPAGATION);
     let s = fleet.daemons[2].cli(&["fleet", "status"]).unwrap();
     assert!(!s["problems"].to_string().contains("refused"), "{s}");

@@ -350,12 +350,19 @@ fn a_tunnel_backend_without_its_decapsulator_fails_probes_through_the_vip() {
     // An interface MTU that leaves the IPv6 tunnel less than IPv6's
     // minimum MTU (clients are told 1260 and never go below 1280): said.
     lan.lb.ip(&["link", "set", "eth0", "mtu", "1300"]).unwrap();
+    let said = "eth0: an MTU of 1300 leaves service ipip6's IPv6 tunnel";
     d.wait_until("the short MTU said", Duration::from_secs(3), |d| {
-        Ok(d.log()
-            .contains("eth0: an MTU of 1300 leaves service ipip6's IPv6 tunnel"))
+        Ok(d.log().contains(said))
     })
     .unwrap();
+    // Once, not at each second's check.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(d.log().matches(said).count(), 1, "{}", d.log());
     lan.lb.ip(&["link", "set", "eth0", "mtu", "1500"]).unwrap();
+    d.wait_until("the MTU said to be enough", Duration::from_secs(3), |d| {
+        Ok(d.log().contains("no longer leaves an IPv6 tunnel short"))
+    })
+    .unwrap();
 
     // The probes reached the backends in their tunnels.
     let decapsulated = decap(1, "status")["counters"]["decapsulated"]
