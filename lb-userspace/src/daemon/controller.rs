@@ -921,11 +921,10 @@ impl Controller {
     /// new during an outage has seen none of the dead ones pass).
     fn proven(&self, service: &str, ip: IpAddr, b: &BackendState) -> bool {
         b.health.proven()
-            || (self.fleet_health.is_some()
-                && self
-                    .fleet_proven
-                    .get(service)
-                    .is_some_and(|s| s.contains(&ip)))
+            || self
+                .fleet_proven
+                .get(service)
+                .is_some_and(|s| s.contains(&ip))
     }
 
     /// Sets the backends some live node of the fleet has seen pass

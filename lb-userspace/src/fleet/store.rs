@@ -382,7 +382,7 @@ async fn connected(s: &mut Session, bgp: &mut Bgp) -> Result<()> {
             Err(e) => {
                 let why = format!("{e:#}");
                 if leader_failing.as_ref() != Some(&why) {
-                    warn!(node, error = %why, "retrying at the next read");
+                    warn!(node, error = %why, "the fleet leader's step failed: retrying at the next read");
                 }
                 leader_failing = Some(why);
             }
