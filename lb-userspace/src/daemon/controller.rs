@@ -865,10 +865,14 @@ impl Controller {
             .into_iter()
             .filter_map(|(iface, port, mtu)| {
                 let mtu = mtu.min(cap);
+                // IPv6 services alone can fall short: the others' backends
+                // are not looked up each second.
                 let routed_here = self.desired.services.values().filter(|svc| {
-                    svc.backends
-                        .keys()
-                        .any(|ip| self.hops.get(ip).is_some_and(|h| h.port == port))
+                    svc.vip.is_ipv6()
+                        && svc
+                            .backends
+                            .keys()
+                            .any(|ip| self.hops.get(ip).is_some_and(|h| h.port == port))
                 });
                 let short = config::ipv6_tunnel_short_of(mtu, routed_here)?;
                 Some(format!("{iface}: an MTU of {mtu} leaves {short}"))

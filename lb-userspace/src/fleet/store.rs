@@ -453,17 +453,14 @@ async fn connected(s: &mut Session, bgp: &mut Bgp) -> Result<()> {
 struct Leader {
     ramps: Ramps,
     leading: bool,
-    /// The last agreed view read that the nodes took: the ramps a fresh
-    /// view written over a refused one go on from.
+    /// The last agreed view read while leading that the nodes took: the
+    /// ramps a fresh view written over a refused one go on from.
     last_view: state::AgreedHealth,
 }
 
 impl Leader {
     async fn act(&mut self, store: &Store, node: &str, lease: i64, snap: &Snapshot) -> Result<()> {
         let mine = snap.leader.as_deref() == Some(node);
-        if let Ok(state) = &snap.state {
-            self.last_view.clone_from(&state.health);
-        }
         if snap.leader.is_none()
             && store
                 .campaign(node, lease)
@@ -477,6 +474,7 @@ impl Leader {
         if mine != self.leading {
             self.leading = mine;
             self.ramps = Ramps::default();
+            self.last_view = state::AgreedHealth::new();
         }
         // A bad agreed view alone refuses the state on every node, and only
         // the leader writes that key: it writes a fresh view over it.
@@ -485,6 +483,10 @@ impl Leader {
         };
         if !mine {
             return Ok(());
+        }
+        // Kept by the leader alone: other nodes never repair.
+        if let Ok(taken) = &snap.state {
+            self.last_view.clone_from(&taken.health);
         }
         let Ok(services) = config::service_backends(&state.services) else {
             return Ok(());
